@@ -1,0 +1,190 @@
+//! `shadowfd map`.
+
+use super::access::{self, Access};
+use super::{CliResult, Common, Target, sigbus};
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use shadowfd::{Share, Source};
+use std::time::Instant;
+
+#[derive(Clone, Copy, ValueEnum, Debug)]
+enum ShareArg {
+    Shared,
+    Private,
+}
+
+#[derive(Args)]
+pub struct MapArgs {
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    common: Common,
+    /// seq | random:FRACTION | first | strided[:STRIDE] | none
+    #[arg(long, default_value = "seq", value_name = "PATTERN")]
+    access: Access,
+    /// Check every touched page against the source.
+    #[arg(long)]
+    verify: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// MAP_SHARED or MAP_PRIVATE.
+    #[arg(long, value_enum, default_value = "shared")]
+    share: ShareArg,
+    /// Seed for random access.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    path: String,
+    mode: shadowfd::Mode,
+    size: u64,
+    access: String,
+    share: &'static str,
+    pages_touched: u64,
+    open_us: f64,
+    access_us: f64,
+    faults: u64,
+    bytes_filled: u64,
+    chunks_filled: u64,
+    readahead_chunks: u64,
+    resident_bytes: u64,
+    fill_p50_us: Option<f64>,
+    fill_p99_us: Option<f64>,
+    errors: u64,
+    poisoned_pages: u64,
+    source_changed: bool,
+    verified: Option<bool>,
+    mismatch_offset: Option<u64>,
+}
+
+/// Compares the touched pages of `map` with `src`; the first differing offset.
+fn verify(map: &[u8], pages: &[u64], page: u64, src: &dyn Source) -> std::io::Result<Option<u64>> {
+    let mut buf = vec![0u8; page as usize];
+    for &p in pages {
+        let off = p * page;
+        let n = (map.len() as u64 - off).min(page) as usize;
+        let mut done = 0;
+        while done < n {
+            match src.read_at(&mut buf[done..n], off + done as u64)? {
+                0 => return Ok(Some(off + done as u64)),
+                k => done += k,
+            }
+        }
+        let got = &map[off as usize..off as usize + n];
+        if let Some(i) = got.iter().zip(&buf[..n]).position(|(a, b)| a != b) {
+            return Ok(Some(off + i as u64));
+        }
+    }
+    Ok(None)
+}
+
+pub fn run(a: MapArgs) -> CliResult {
+    let engine = a.common.engine()?;
+    let shadow = a.target.open(&engine)?;
+    let share = match a.share {
+        ShareArg::Shared => Share::Shared,
+        ShareArg::Private => Share::Private,
+    };
+    let map = shadow.map(share)?;
+    sigbus::watch(&map);
+    let page = shadowfd::page_size() as u64;
+    let pages = a.access.pages(map.len() as u64, page, a.seed);
+    let t = Instant::now();
+    std::hint::black_box(access::touch(&map, &pages, page));
+    let access_us = t.elapsed().as_secs_f64() * 1e6;
+    let stats = shadow.stats();
+    let resident_bytes = shadow.resident_bytes()?;
+    let (verified, mismatch_offset) = if a.verify {
+        let src = shadowfd::FileSource::open(&a.target.path)?;
+        let m = verify(&map, &pages, page, &src)?;
+        (Some(m.is_none()), m)
+    } else {
+        (None, None)
+    };
+    let r = Report {
+        path: shadow.name().to_string(),
+        mode: shadow.mode(),
+        size: shadow.size(),
+        access: a.access.to_string(),
+        share: match share {
+            Share::Shared => "shared",
+            Share::Private => "private",
+        },
+        pages_touched: pages.len() as u64,
+        open_us: shadow.open_time().as_secs_f64() * 1e6,
+        access_us,
+        faults: stats.faults,
+        bytes_filled: stats.bytes_filled,
+        chunks_filled: stats.chunks_filled,
+        readahead_chunks: stats.readahead_chunks,
+        resident_bytes,
+        fill_p50_us: stats.fill_p50_us,
+        fill_p99_us: stats.fill_p99_us,
+        errors: stats.errors,
+        poisoned_pages: stats.poisoned_pages,
+        source_changed: stats.source_changed,
+        verified,
+        mismatch_offset,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        print_human(&r);
+    }
+    if verified == Some(false) {
+        return Err(format!(
+            "verification failed: the mapping differs from the source at offset {}",
+            mismatch_offset.unwrap_or(0)
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn print_human(r: &Report) {
+    use shadowfd::config::format_size as h;
+    println!(
+        "{}: {} shadow, {} ({} bytes)",
+        r.path,
+        r.mode,
+        h(r.size),
+        r.size
+    );
+    println!(
+        "  access      {} ({}), {} pages touched",
+        r.access, r.share, r.pages_touched
+    );
+    println!("  open        {:.1} us", r.open_us);
+    println!("  access      {:.1} us", r.access_us);
+    println!("  faults      {}", r.faults);
+    println!(
+        "  filled      {} in {} chunks ({} read ahead)",
+        h(r.bytes_filled),
+        r.chunks_filled,
+        r.readahead_chunks
+    );
+    println!("  resident    {}", h(r.resident_bytes));
+    if let (Some(p50), Some(p99)) = (r.fill_p50_us, r.fill_p99_us) {
+        println!("  fill time   p50 {p50:.1} us, p99 {p99:.1} us");
+    }
+    if r.errors > 0 || r.poisoned_pages > 0 {
+        println!(
+            "  errors      {} ({} pages poisoned)",
+            r.errors, r.poisoned_pages
+        );
+    }
+    if r.source_changed {
+        println!("  warning     the source changed after open");
+    }
+    match r.verified {
+        Some(true) => println!("  verified    every touched byte equals the source"),
+        Some(false) => println!(
+            "  verified    MISMATCH at offset {}",
+            r.mismatch_offset.unwrap_or(0)
+        ),
+        None => {}
+    }
+}

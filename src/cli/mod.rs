@@ -1,0 +1,131 @@
+//! Command-line interface: argument parsing, shared options, error reporting.
+
+mod access;
+mod cat;
+mod map;
+mod probe;
+mod sigbus;
+
+use clap::{Args, Parser, Subcommand};
+use shadowfd::config::parse_size;
+use shadowfd::{Config, Engine, Mode, Shadow, StalePolicy};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Lazy, sealed, host-mmappable shadows of files.
+#[derive(Parser)]
+#[command(name = "shadowfd", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Say whether userfaultfd can be used here, how, and which mode `auto` picks.
+    Probe(probe::ProbeArgs),
+    /// Write a file's bytes to stdout, read through a mapping of its shadow.
+    Cat(cat::CatArgs),
+    /// Shadow a file, map it, touch it, and report what happened.
+    Map(map::MapArgs),
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s)
+}
+
+/// Options shared by every command that opens a shadow. Flags win over the
+/// `SHADOWFD_*` environment variables, which win over the defaults.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Common {
+    /// auto | lazy | eager  [env: SHADOWFD_MODE] [default: auto]
+    #[arg(long, value_name = "MODE")]
+    pub mode: Option<Mode>,
+    /// Eager size cap, e.g. 512M, 2G, 1GiB  [env: SHADOWFD_MAX_SIZE] [default: 256M]
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    pub max_size: Option<u64>,
+    /// Memory bound for the eager cap and lazy resident bytes
+    /// [env: SHADOWFD_MEMORY_BUDGET] [default: half of MemAvailable]
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    pub memory_budget: Option<u64>,
+    /// Lazy fill unit, a multiple of the page size  [env: SHADOWFD_CHUNK] [default: 256K]
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    pub chunk: Option<u64>,
+    /// Fault-service worker threads  [env: SHADOWFD_WORKERS] [default: CPUs]
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Largest sequential readahead window, 0 for none  [env: SHADOWFD_READAHEAD] [default: 8M]
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    pub readahead: Option<u64>,
+    /// detect | strict: what lazy fills do once the source changed  [env: SHADOWFD_STALE]
+    #[arg(long, value_name = "POLICY")]
+    pub stale: Option<StalePolicy>,
+}
+
+impl Common {
+    /// The configuration: defaults, then environment, then flags.
+    pub fn config(&self) -> shadowfd::Result<Config> {
+        let mut c = Config::from_env()?;
+        if let Some(b) = self.memory_budget {
+            c.memory_budget = b;
+            if self.max_size.is_none() && std::env::var_os("SHADOWFD_MAX_SIZE").is_none() {
+                c.max_size = shadowfd::config::DEFAULT_MAX_SIZE.min(b);
+            }
+        }
+        if let Some(m) = self.mode {
+            c.mode = m;
+        }
+        if let Some(v) = self.max_size {
+            c.max_size = v;
+        }
+        if let Some(v) = self.chunk {
+            c.chunk_size = v;
+        }
+        if let Some(v) = self.workers {
+            c.workers = v;
+        }
+        if let Some(v) = self.readahead {
+            c.readahead = v;
+        }
+        if let Some(v) = self.stale {
+            c.stale = v;
+        }
+        Ok(c)
+    }
+
+    pub fn engine(&self) -> shadowfd::Result<Engine> {
+        Engine::new(self.config()?)
+    }
+}
+
+/// Where the bytes come from: a host path.
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// The file to shadow.
+    pub path: PathBuf,
+}
+
+impl Target {
+    pub fn open(&self, engine: &Engine) -> shadowfd::Result<Shadow> {
+        engine.open_path(&self.path)
+    }
+}
+
+/// A failure to report: message to stderr, exit code 1.
+pub type CliResult = Result<(), Box<dyn std::error::Error>>;
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Probe(a) => probe::run(a),
+        Cmd::Cat(a) => cat::run(a),
+        Cmd::Map(a) => map::run(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shadowfd: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

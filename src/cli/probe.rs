@@ -1,0 +1,48 @@
+//! `shadowfd probe`.
+
+use super::CliResult;
+use clap::Args;
+
+#[derive(Args)]
+pub struct ProbeArgs {
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: ProbeArgs) -> CliResult {
+    let p = shadowfd::uffd::probe();
+    let auto = if p.lazy_usable { "lazy" } else { "eager" };
+    if a.json {
+        let mut v = serde_json::to_value(&p)?;
+        v["auto_mode"] = auto.into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    match p.access {
+        Some(acc) => println!("userfaultfd: available via {acc:?}"),
+        None => println!("userfaultfd: not available"),
+    }
+    for at in &p.attempts {
+        match &at.error {
+            None => println!("  {:?}: ok", at.method),
+            Some(e) => println!("  {:?}: {e}", at.method),
+        }
+    }
+    if p.access.is_some() {
+        println!("features: {}", p.feature_names.join(" "));
+    }
+    println!(
+        "lazy shadows: {}",
+        if p.lazy_usable {
+            "usable"
+        } else {
+            "not usable"
+        }
+    );
+    if let Some(r) = &p.reason {
+        println!("  why: {r}");
+    }
+    println!("auto mode would choose: {auto}");
+    Ok(())
+}

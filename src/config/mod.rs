@@ -1,0 +1,260 @@
+//! Configuration: modes, limits and tuning, from defaults, the environment
+//! (`SHADOWFD_*`) and, in the CLI, flags (which win over the environment).
+
+mod memory;
+mod size;
+
+pub use memory::{mem_available, mem_total};
+pub use size::{format_size, parse_size, suggest_size};
+
+use crate::error::{Error, Result};
+use serde::Serialize;
+use std::str::FromStr;
+
+/// Default eager size cap: what sandboxes use today.
+pub const DEFAULT_MAX_SIZE: u64 = 256 << 20;
+/// Default fill chunk. Measured here (DEVELOPERS.md, docs/benchmarks.md): 4 KiB
+/// fills run at 0.28 GB/s, 64 KiB at 1.8 GB/s, 256 KiB at 3.4 GB/s; a random
+/// 4 KiB touch still fills only 256 KiB.
+pub const DEFAULT_CHUNK: u64 = 32 << 10;
+/// Default upper bound of the sequential readahead window.
+pub const DEFAULT_READAHEAD: u64 = 8 << 20;
+/// Largest accepted chunk.
+pub const MAX_CHUNK: u64 = 64 << 20;
+/// Largest accepted worker count.
+pub const MAX_WORKERS: usize = 256;
+
+/// How shadows are populated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Lazy where userfaultfd works, eager otherwise.
+    Auto,
+    /// Filled on first touch through userfaultfd; fails where it is unavailable.
+    Lazy,
+    /// Copied whole at open time, bounded by the size cap.
+    Eager,
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Mode::Auto),
+            "lazy" => Ok(Mode::Lazy),
+            "eager" => Ok(Mode::Eager),
+            _ => Err("expected auto, lazy or eager".into()),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Auto => "auto",
+            Mode::Lazy => "lazy",
+            Mode::Eager => "eager",
+        })
+    }
+}
+
+/// What a lazy shadow does when its source changes after open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StalePolicy {
+    /// Keep filling from the source; record the change (staleness API, stats).
+    Detect,
+    /// Once a change is seen, poison every further fill: torn data is never served.
+    Strict,
+}
+
+impl FromStr for StalePolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "detect" => Ok(StalePolicy::Detect),
+            "strict" => Ok(StalePolicy::Strict),
+            _ => Err("expected detect or strict".into()),
+        }
+    }
+}
+
+/// Everything a [`crate::Engine`] needs to know. Build it with
+/// [`Config::from_env`] (defaults plus `SHADOWFD_*`), adjust fields, and the
+/// engine calls [`Config::validate`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// `SHADOWFD_MODE`; default `auto`.
+    pub mode: Mode,
+    /// Eager size cap in bytes (`SHADOWFD_MAX_SIZE`; default 256 MiB).
+    pub max_size: u64,
+    /// Memory bound (`SHADOWFD_MEMORY_BUDGET`; default half of `MemAvailable`):
+    /// the eager cap may not exceed it, and lazy shadows of one engine may not
+    /// hold more resident bytes than it.
+    pub memory_budget: u64,
+    /// Lazy fill unit in bytes (`SHADOWFD_CHUNK`; default 256 KiB).
+    pub chunk_size: u64,
+    /// Fault-service workers (`SHADOWFD_WORKERS`; default: number of CPUs).
+    pub workers: usize,
+    /// Largest sequential readahead window in bytes (`SHADOWFD_READAHEAD`;
+    /// default 8 MiB; 0 turns readahead off).
+    pub readahead: u64,
+    /// Lazy staleness policy (`SHADOWFD_STALE`; default `detect`).
+    pub stale: StalePolicy,
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .min(MAX_WORKERS)
+}
+
+impl Default for Config {
+    /// Defaults, with no environment applied. The memory budget is half of
+    /// `MemAvailable` at the time of the call.
+    fn default() -> Self {
+        let memory_budget = mem_available().unwrap_or(1 << 30) / 2;
+        Config {
+            mode: Mode::Auto,
+            max_size: DEFAULT_MAX_SIZE.min(memory_budget),
+            memory_budget,
+            chunk_size: DEFAULT_CHUNK,
+            workers: default_workers(),
+            readahead: DEFAULT_READAHEAD,
+            stale: StalePolicy::Detect,
+        }
+    }
+}
+
+fn env_var(name: &'static str) -> Result<Option<String>> {
+    match std::env::var(name) {
+        Ok(v) => Ok(Some(v)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(v)) => Err(Error::Config {
+            what: name,
+            value: v.to_string_lossy().into_owned(),
+            why: "not valid UTF-8".into(),
+        }),
+    }
+}
+
+fn parse_with<T>(
+    what: &'static str,
+    value: &str,
+    f: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<T> {
+    f(value).map_err(|why| Error::Config {
+        what,
+        value: value.to_string(),
+        why,
+    })
+}
+
+impl Config {
+    /// Defaults overridden by the `SHADOWFD_*` environment variables. Not yet
+    /// validated: call [`Config::validate`] after applying your own overrides.
+    pub fn from_env() -> Result<Self> {
+        let mut c = Config::default();
+        let mut max_size_set = false;
+        if let Some(v) = env_var("SHADOWFD_MEMORY_BUDGET")? {
+            c.memory_budget = parse_with("SHADOWFD_MEMORY_BUDGET", &v, parse_size)?;
+        }
+        if let Some(v) = env_var("SHADOWFD_MODE")? {
+            c.mode = parse_with("SHADOWFD_MODE", &v, str::parse)?;
+        }
+        if let Some(v) = env_var("SHADOWFD_MAX_SIZE")? {
+            c.max_size = parse_with("SHADOWFD_MAX_SIZE", &v, parse_size)?;
+            max_size_set = true;
+        }
+        if let Some(v) = env_var("SHADOWFD_CHUNK")? {
+            c.chunk_size = parse_with("SHADOWFD_CHUNK", &v, parse_size)?;
+        }
+        if let Some(v) = env_var("SHADOWFD_WORKERS")? {
+            c.workers = parse_with("SHADOWFD_WORKERS", &v, |s| {
+                s.trim().parse::<usize>().map_err(|e| e.to_string())
+            })?;
+        }
+        if let Some(v) = env_var("SHADOWFD_READAHEAD")? {
+            c.readahead = parse_with("SHADOWFD_READAHEAD", &v, parse_size)?;
+        }
+        if let Some(v) = env_var("SHADOWFD_STALE")? {
+            c.stale = parse_with("SHADOWFD_STALE", &v, str::parse)?;
+        }
+        if !max_size_set {
+            c.max_size = DEFAULT_MAX_SIZE.min(c.memory_budget);
+        }
+        Ok(c)
+    }
+
+    /// Checks every value; the error names the value, the limit and the fix.
+    pub fn validate(&self) -> Result<()> {
+        let page = crate::page_size() as u64;
+        let err = |what: &'static str, value: u64, why: String| Error::Config {
+            what,
+            value: value.to_string(),
+            why,
+        };
+        if let Some(avail) = mem_available() {
+            if self.memory_budget > avail {
+                return Err(err(
+                    "memory budget",
+                    self.memory_budget,
+                    format!(
+                        "{} is more than this machine's MemAvailable of {} bytes ({}); \
+                         set --memory-budget / SHADOWFD_MEMORY_BUDGET lower",
+                        format_size(self.memory_budget),
+                        avail,
+                        format_size(avail)
+                    ),
+                ));
+            }
+        }
+        if self.memory_budget < page {
+            return Err(err(
+                "memory budget",
+                self.memory_budget,
+                format!("must be at least one page ({page} bytes)"),
+            ));
+        }
+        if self.max_size > self.memory_budget {
+            return Err(err(
+                "size cap (--max-size / SHADOWFD_MAX_SIZE)",
+                self.max_size,
+                format!(
+                    "{} is over the memory bound of {} bytes ({}), which is half of \
+                     MemAvailable unless --memory-budget / SHADOWFD_MEMORY_BUDGET sets it; \
+                     choose a cap at or below the bound",
+                    format_size(self.max_size),
+                    self.memory_budget,
+                    format_size(self.memory_budget)
+                ),
+            ));
+        }
+        if self.chunk_size == 0 || self.chunk_size % page != 0 || self.chunk_size > MAX_CHUNK {
+            return Err(err(
+                "chunk size (--chunk / SHADOWFD_CHUNK)",
+                self.chunk_size,
+                format!(
+                    "must be a non-zero multiple of the page size ({page} bytes) and at most {}",
+                    format_size(MAX_CHUNK)
+                ),
+            ));
+        }
+        if self.workers == 0 || self.workers > MAX_WORKERS {
+            return Err(err(
+                "worker count (--workers / SHADOWFD_WORKERS)",
+                self.workers as u64,
+                format!("must be between 1 and {MAX_WORKERS}"),
+            ));
+        }
+        if self.readahead > self.memory_budget {
+            return Err(err(
+                "readahead (--readahead / SHADOWFD_READAHEAD)",
+                self.readahead,
+                "must not exceed the memory budget".into(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,162 @@
+//! The engine: validated configuration, the mode decision, and (in lazy
+//! mode) the fault service that every lazy shadow of this engine shares.
+
+use crate::config::{Config, Mode};
+use crate::config::{format_size, suggest_size};
+use crate::error::{Error, Result};
+use crate::fault::{LazyShadow, Service};
+use crate::shadow::{EagerShadow, Kind, Shadow};
+use crate::source::{FileKind, FileSource, Source};
+use crate::stats::Stats;
+use crate::uffd::{Probe, Uffd};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+/// Opens shadows. Cheap to keep around; share it with `&`.
+///
+/// Dropping the engine does not stop its fault service while shadows or
+/// mappings it made are alive: they hold the service, so their unfilled pages
+/// keep being served and never turn into zeros. The service stops when the
+/// last of them is dropped.
+pub struct Engine {
+    config: Config,
+    mode: Mode,
+    probe: Option<Probe>,
+    service: Option<Arc<Service>>,
+}
+
+impl Engine {
+    /// Validates `config` and resolves the mode: `Lazy` needs a usable
+    /// userfaultfd (else an error saying why and what to change), `Auto`
+    /// uses it where it can and falls back to `Eager`.
+    pub fn new(config: Config) -> Result<Engine> {
+        config.validate()?;
+        let (mode, probe, service) = match config.mode {
+            Mode::Eager => (Mode::Eager, None, None),
+            Mode::Lazy | Mode::Auto => match Uffd::open() {
+                Ok(uffd) => {
+                    let p = crate::uffd::probe();
+                    (Mode::Lazy, Some(p), Some(Service::start(uffd, &config)?))
+                }
+                Err(p) if config.mode == Mode::Lazy => {
+                    return Err(Error::LazyUnavailable(describe_failure(&p)));
+                }
+                Err(p) => (Mode::Eager, Some(p), None),
+            },
+        };
+        Ok(Engine {
+            config,
+            mode,
+            probe,
+            service,
+        })
+    }
+
+    /// The mode shadows of this engine get (`Lazy` or `Eager`).
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// What the userfaultfd probe found (not run in eager mode).
+    pub fn probe(&self) -> Option<&Probe> {
+        self.probe.as_ref()
+    }
+
+    /// Opens the host file at `path` (symlinks followed) and shadows it.
+    pub fn open_path(&self, path: impl AsRef<Path>) -> Result<Shadow> {
+        let path = path.as_ref();
+        let src = FileSource::open(path).map_err(|e| Error::Open {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        self.open(src)
+    }
+
+    /// Shadows `source`. Non-regular sources are refused. Eager shadows over
+    /// the size cap are refused with the way to raise it.
+    pub fn open(&self, source: impl Source + 'static) -> Result<Shadow> {
+        self.open_arc(Arc::new(source))
+    }
+
+    /// Like [`Engine::open`] for a shared source.
+    pub fn open_arc(&self, source: Arc<dyn Source>) -> Result<Shadow> {
+        let t0 = Instant::now();
+        let name = source.name();
+        let mut meta = source.metadata().map_err(|e| Error::Open {
+            path: name.clone().into(),
+            source: e,
+        })?;
+        if meta.kind != FileKind::Regular {
+            return Err(Error::NotRegular {
+                what: name,
+                kind: meta.kind.as_str(),
+            });
+        }
+        let kind = match &self.service {
+            Some(service) => Kind::Lazy(LazyShadow::open(
+                service.clone(),
+                source,
+                meta,
+                &self.config,
+            )?),
+            None => {
+                let cap = self.config.max_size;
+                if meta.size > cap {
+                    return Err(Error::TooLarge {
+                        what: name,
+                        size: meta.size,
+                        size_h: format_size(meta.size),
+                        cap,
+                        cap_h: format_size(cap),
+                        suggest: suggest_size(meta.size),
+                    });
+                }
+                let memfd = crate::eager::snapshot(&*source, &mut meta)?;
+                Kind::Eager(EagerShadow {
+                    name,
+                    source,
+                    meta,
+                    memfd,
+                })
+            }
+        };
+        Ok(Shadow {
+            kind,
+            open_time: t0.elapsed(),
+        })
+    }
+
+    /// Counters over every lazy shadow of this engine (zeros in eager mode).
+    pub fn stats(&self) -> Stats {
+        match &self.service {
+            Some(s) => s
+                .core
+                .counters
+                .snapshot(s.core.resident.load(Ordering::Relaxed)),
+            None => Stats::default(),
+        }
+    }
+}
+
+fn describe_failure(p: &Probe) -> String {
+    let mut s = p
+        .reason
+        .clone()
+        .unwrap_or_else(|| "userfaultfd is unusable".into());
+    let tried: Vec<String> = p
+        .attempts
+        .iter()
+        .filter_map(|a| a.error.as_ref().map(|e| format!("{:?}: {e}", a.method)))
+        .collect();
+    if !tried.is_empty() {
+        s.push_str(&format!(" [tried: {}]", tried.join("; ")));
+    }
+    s.push_str(". Use --mode eager or --mode auto to run without it.");
+    s
+}

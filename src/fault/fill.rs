@@ -1,0 +1,116 @@
+//! Reading one chunk from the source and installing it. Nothing here touches
+//! registered memory: bytes go into the worker's heap buffer, then through
+//! `UFFDIO_COPY`.
+
+use super::service::Core;
+use crate::source::{ReadFail, Source, read_full};
+use std::io;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+/// A byte range `[start, end)` of the shadow that could not be filled.
+pub(crate) type BadRange = (u64, u64, String);
+
+fn guarded_read(src: &dyn Source, buf: &mut [u8], offset: u64) -> Result<(), ReadFail> {
+    match catch_unwind(AssertUnwindSafe(|| read_full(src, buf, offset))) {
+        Ok(r) => r,
+        Err(_) => Err(ReadFail::Error {
+            done: 0,
+            error: io::Error::other("the source panicked while reading"),
+        }),
+    }
+}
+
+fn describe(fail: &ReadFail, at: u64, size: u64) -> String {
+    match fail {
+        ReadFail::Error { error, .. } => format!("source read error at offset {at}: {error}"),
+        ReadFail::Eof { .. } => format!(
+            "the source ended before offset {at} (recorded size {size}): it shrank or read short"
+        ),
+    }
+}
+
+/// Reads `off..end` of the source into `data` (page-rounded; the tail past
+/// `end` is zeroed, as in any mapping of a file's last page). After a failure,
+/// reads page by page so that exactly the failing pages are reported in
+/// `bad`. Returns the page-aligned runs that were read successfully.
+pub(crate) fn read_chunk(
+    src: &dyn Source,
+    data: &mut [u8],
+    off: u64,
+    end: u64,
+    page: u64,
+    size: u64,
+    bad: &mut Vec<BadRange>,
+) -> Vec<(u64, u64)> {
+    let span_end = off + data.len() as u64;
+    let n = (end - off) as usize;
+    data[n..].fill(0);
+    let done = match guarded_read(src, &mut data[..n], off) {
+        Ok(()) => return vec![(off, span_end)],
+        Err(ReadFail::Error { done, .. } | ReadFail::Eof { done }) => done as u64,
+    };
+    let mut good: Vec<(u64, u64)> = Vec::new();
+    let mut p = off + done / page * page;
+    if p > off {
+        good.push((off, p));
+    }
+    while p < end {
+        let plen = page.min(end - p);
+        let i = (p - off) as usize;
+        match guarded_read(src, &mut data[i..i + plen as usize], p) {
+            Ok(()) => match good.last_mut() {
+                Some(last) if last.1 == p => last.1 = p + page,
+                _ => good.push((p, p + page)),
+            },
+            Err(fail) => {
+                let at = match &fail {
+                    ReadFail::Error { done, .. } | ReadFail::Eof { done } => p + *done as u64,
+                };
+                bad.push((p, p + page, describe(&fail, at, size)));
+            }
+        }
+        p += page;
+    }
+    if let Some(last) = good.last_mut() {
+        last.1 = last.1.min(span_end);
+    }
+    good
+}
+
+/// Copies the good runs into the fill mapping at `fill_addr`. A copy that
+/// fails leaves its run unfilled and reported in `bad`. Returns the bytes
+/// installed.
+pub(crate) fn install(
+    core: &Core,
+    fill_addr: u64,
+    data: &[u8],
+    off: u64,
+    good: &[(u64, u64)],
+    bad: &mut Vec<BadRange>,
+) -> u64 {
+    let mut installed = 0;
+    for &(a, b) in good {
+        let src = &data[(a - off) as usize..(b - off) as usize];
+        // SAFETY: `fill_addr + a .. + b` lies in the shadow's fill mapping,
+        // registered with `core.uffd`; `src` is the caller's heap buffer,
+        // which is never registered.
+        match unsafe { core.uffd.copy(fill_addr + a, src) } {
+            Ok(()) => installed += b - a,
+            Err(e) => bad.push((a, b, format!("UFFDIO_COPY at offset {a} failed: {e}"))),
+        }
+    }
+    installed
+}
+
+/// Expands bad ranges to their pages (page offsets within the shadow).
+pub(crate) fn bad_pages(bad: &[BadRange], page: u64) -> Vec<(u64, String)> {
+    let mut out = Vec::new();
+    for (a, b, reason) in bad {
+        let mut p = a / page * page;
+        while p < *b {
+            out.push((p, reason.clone()));
+            p += page;
+        }
+    }
+    out
+}

@@ -1,0 +1,472 @@
+//! Per-shadow state of a lazy shadow: the memfd, its registered fill mapping,
+//! the chunk table, poisoned pages and the consumer mappings to wake.
+
+use super::fill::{self, BadRange};
+use super::readahead::Readahead;
+use super::service::{Core, Job, Service};
+use crate::config::{Config, StalePolicy};
+use crate::error::{Error, Result};
+use crate::shadow::RawMap;
+use crate::shadow::memfd::{LAZY_SEALS, Memfd};
+use crate::source::{Source, SourceMeta};
+use crate::stats::Counters;
+use parking_lot::{Condvar, Mutex, RwLock};
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChunkState {
+    Empty = 0,
+    Filling = 1,
+    /// Resolved: every page is installed or recorded in `bad`.
+    Filled = 2,
+}
+
+pub(crate) struct LazyShadow {
+    pub name: String,
+    pub source: Arc<dyn Source>,
+    pub meta: SourceMeta,
+    pub memfd: Memfd,
+    pub size: u64,
+    pub chunk: u64,
+    stale: StalePolicy,
+    /// The engine's own registered MAP_SHARED mapping: the target of every
+    /// UFFDIO_COPY. Never read or written by any thread.
+    fill_map: Option<RawMap>,
+    states: Box<[AtomicU8]>,
+    /// Pages that could not be filled, with the reason.
+    bad: Mutex<BTreeMap<u64, String>>,
+    /// Consumer mappings (start, registered length) to wake and poison.
+    mappings: RwLock<Vec<(u64, u64)>>,
+    done_lock: Mutex<()>,
+    done_cv: Condvar,
+    pub readahead: Mutex<Readahead>,
+    pub counters: Counters,
+    resident: AtomicU64,
+    changed: AtomicBool,
+    pub last_error: Mutex<Option<String>>,
+    pub service: Arc<Service>,
+}
+
+/// A consumer mapping's registration; unregisters on drop.
+pub(crate) struct Registration {
+    shadow: Arc<LazyShadow>,
+    start: u64,
+    len: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let core = &self.shadow.service.core;
+        let _ = core.uffd.unregister(self.start, self.len);
+        core.remove_region(self.start);
+        self.shadow
+            .mappings
+            .write()
+            .retain(|&(s, _)| s != self.start);
+    }
+}
+
+const STALE_BEFORE: &str = "the source changed since open (stale policy strict)";
+const STALE_DURING: &str = "the source changed during the fill (stale policy strict)";
+
+/// Bytes read and installed at once by prefetch, populate and materialize.
+pub(crate) const RUN_BYTES: u64 = 1 << 20;
+
+/// How many chunks make one run.
+pub(crate) fn run_chunks(chunk: u64) -> u64 {
+    (RUN_BYTES / chunk).max(1)
+}
+
+fn round_up(n: u64, to: u64) -> u64 {
+    n.div_ceil(to) * to
+}
+
+impl LazyShadow {
+    /// Creates the sparse memfd, maps and registers its fill mapping, then
+    /// seals it. Nothing is read from the source.
+    pub fn open(
+        service: Arc<Service>,
+        source: Arc<dyn Source>,
+        meta: SourceMeta,
+        cfg: &Config,
+    ) -> Result<Arc<LazyShadow>> {
+        let name = source.name();
+        let size = meta.size;
+        let memfd = Memfd::create(&name, size)?;
+        let core = &service.core;
+        let chunk = cfg.chunk_size;
+        let nchunks = size.div_ceil(chunk);
+        let fill_map = if size > 0 {
+            let len = round_up(size, core.page);
+            let m = RawMap::new(
+                memfd.as_fd(),
+                len as usize,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+            )
+            .map_err(|e| Error::sys("mmap lazy memfd", e))?;
+            m.advise(libc::MADV_DONTFORK)
+                .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
+            core.uffd
+                .register(m.addr(), len)
+                .map_err(|e| Error::sys("UFFDIO_REGISTER of the fill mapping", e))?;
+            Some(m)
+        } else {
+            None
+        };
+        // Sealed only now: F_SEAL_FUTURE_WRITE keeps UFFDIO_COPY working but
+        // stops write(2) and new writable mappings.
+        memfd.add_seals(LAZY_SEALS)?;
+        let max_window = cfg.readahead / chunk;
+        Ok(Arc::new(LazyShadow {
+            name,
+            source,
+            meta,
+            memfd,
+            size,
+            chunk,
+            stale: cfg.stale,
+            fill_map,
+            states: (0..nchunks).map(|_| AtomicU8::new(0)).collect(),
+            bad: Mutex::new(BTreeMap::new()),
+            mappings: RwLock::new(Vec::new()),
+            done_lock: Mutex::new(()),
+            done_cv: Condvar::new(),
+            readahead: Mutex::new(Readahead::new(max_window, nchunks)),
+            counters: Counters::default(),
+            resident: AtomicU64::new(0),
+            changed: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            service,
+        }))
+    }
+
+    pub fn nchunks(&self) -> u64 {
+        self.states.len() as u64
+    }
+
+    pub fn state(&self, c: u64) -> ChunkState {
+        match self.states[c as usize].load(Ordering::Acquire) {
+            0 => ChunkState::Empty,
+            1 => ChunkState::Filling,
+            _ => ChunkState::Filled,
+        }
+    }
+
+    /// Empty -> Filling; true if this caller now owns the fill.
+    pub fn claim(&self, c: u64) -> bool {
+        self.states[c as usize]
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident.load(Ordering::Relaxed)
+    }
+
+    pub fn source_changed(&self) -> bool {
+        self.changed.load(Ordering::Relaxed)
+    }
+
+    pub fn bad_pages(&self) -> BTreeMap<u64, String> {
+        self.bad.lock().clone()
+    }
+
+    /// Whether every chunk is filled and no page is poisoned.
+    pub fn fully_filled(&self) -> bool {
+        (0..self.nchunks()).all(|c| self.state(c) == ChunkState::Filled)
+            && self.bad.lock().is_empty()
+    }
+
+    /// Byte range of chunks `run`, clipped to the shadow's size.
+    fn run_range(&self, run: &Range<u64>) -> (u64, u64) {
+        (
+            run.start * self.chunk,
+            (run.end * self.chunk).min(self.size),
+        )
+    }
+
+    /// Claims consecutive empty chunks from `start`, at most up to `end`.
+    fn claim_run(&self, start: u64, end: u64) -> Option<Range<u64>> {
+        if !self.claim(start) {
+            return None;
+        }
+        let mut e = start + 1;
+        while e < end && self.claim(e) {
+            e += 1;
+        }
+        Some(start..e)
+    }
+
+    /// Fills whatever chunks of `range` are still empty, in runs of at most
+    /// `run_chunks`, with `buf` (at least `run_chunks` chunks long).
+    pub fn fill_empty(
+        &self,
+        core: &Core,
+        range: Range<u64>,
+        run_chunks: u64,
+        buf: &mut [u8],
+        prefetch: bool,
+    ) {
+        let mut c = range.start;
+        while c < range.end {
+            match self.claim_run(c, range.end.min(c + run_chunks)) {
+                Some(run) => {
+                    c = run.end;
+                    self.fill(core, run, buf, prefetch);
+                }
+                None => c += 1,
+            }
+        }
+    }
+
+    fn record_error(&self, core_counters: &Counters, msg: String) {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        core_counters.errors.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock() = Some(msg);
+    }
+
+    /// Compares the source with its recorded metadata; true if it changed.
+    fn check_changed(&self) -> bool {
+        if self.changed.load(Ordering::Relaxed) {
+            return true;
+        }
+        let changed = match self.source.metadata() {
+            Ok(now) => now != self.meta,
+            Err(_) => true,
+        };
+        if changed {
+            self.changed.store(true, Ordering::Relaxed);
+        }
+        changed
+    }
+
+    /// Fills the chunks `run`, which the caller has claimed (state Filling), then
+    /// publishes it and wakes every waiter. `buf` is the caller's own heap
+    /// buffer of at least `run` chunks. For prefetch, a full budget gives the
+    /// chunk back (Empty) instead of poisoning it.
+    pub fn fill(&self, core: &Core, run: Range<u64>, buf: &mut [u8], prefetch: bool) {
+        let t0 = std::time::Instant::now();
+        let (off, end) = self.run_range(&run);
+        let page = core.page;
+        let span = round_up(end - off, page);
+        let strict = self.stale == StalePolicy::Strict;
+        let mut bad: Vec<BadRange> = Vec::new();
+        let mut installed = 0u64;
+        if strict && self.check_changed() {
+            bad.push((off, end, STALE_BEFORE.into()));
+        } else if !core.reserve(span) {
+            if prefetch {
+                for c in run {
+                    self.states[c as usize].store(0, Ordering::Release);
+                }
+                self.wake_all(core, off, span);
+                return;
+            }
+            let resident = core.resident.load(Ordering::Relaxed);
+            let e = Error::Budget {
+                what: self.name.clone(),
+                budget: core.budget,
+                resident,
+            };
+            bad.push((off, end, e.to_string()));
+        } else {
+            let data = &mut buf[..span as usize];
+            let good = fill::read_chunk(&*self.source, data, off, end, page, self.size, &mut bad);
+            if strict && self.check_changed() {
+                bad = vec![(off, end, STALE_DURING.into())];
+            } else {
+                if !strict {
+                    self.check_changed();
+                }
+                installed = fill::install(core, self.fill_addr(), data, off, &good, &mut bad);
+            }
+            core.release(span - installed);
+        }
+        let bad_pages = fill::bad_pages(&bad, page);
+        if !bad_pages.is_empty() {
+            let first = &bad_pages[0].1;
+            self.record_error(&core.counters, format!("{}: {first}", self.name));
+            let n = bad_pages.len() as u64;
+            self.counters.poisoned_pages.fetch_add(n, Ordering::Relaxed);
+            core.counters.poisoned_pages.fetch_add(n, Ordering::Relaxed);
+            let mut b = self.bad.lock();
+            for (p, r) in &bad_pages {
+                b.insert(*p, r.clone());
+            }
+        }
+        self.resident.fetch_add(installed, Ordering::Relaxed);
+        let ns = t0.elapsed().as_nanos() as u64;
+        let nchunks = run.end - run.start;
+        for ctr in [&self.counters, &core.counters] {
+            ctr.chunks_filled.fetch_add(nchunks, Ordering::Relaxed);
+            ctr.bytes_filled.fetch_add(installed, Ordering::Relaxed);
+            if prefetch {
+                ctr.readahead_chunks.fetch_add(nchunks, Ordering::Relaxed);
+            }
+            ctr.fill_latency.record(ns);
+        }
+        // Publish before waking: a fault message read after this sees Filled.
+        for c in run {
+            self.states[c as usize].store(2, Ordering::Release);
+        }
+        if !bad_pages.is_empty() {
+            for &(start, len) in self.mappings.read().iter() {
+                for (p, _) in bad_pages.iter().filter(|(p, _)| *p < len) {
+                    let _ = core.uffd.poison(start + p, page);
+                }
+            }
+        }
+        self.wake_all(core, off, span);
+    }
+
+    /// Wakes `off..off+span` in every consumer mapping and every thread
+    /// waiting in `populate`.
+    fn wake_all(&self, core: &super::service::Core, off: u64, span: u64) {
+        for &(start, len) in self.mappings.read().iter() {
+            if off < len {
+                let _ = core.uffd.wake(start + off, span.min(len - off));
+            }
+        }
+        let _g = self.done_lock.lock();
+        self.done_cv.notify_all();
+    }
+
+    /// A new `MAP_SHARED` consumer mapping: a duplicate of the fill mapping,
+    /// since a fresh shared mapping of a memfd sealed with
+    /// `F_SEAL_FUTURE_WRITE` lacks `VM_MAYWRITE` and cannot be registered.
+    pub fn shared_mapping(&self) -> Result<RawMap> {
+        let fill = self
+            .fill_map
+            .as_ref()
+            .expect("non-empty lazy shadow has a fill mapping");
+        fill.duplicate_shared()
+            .map_err(|e| Error::sys("mremap a shared consumer mapping", e))
+    }
+
+    fn fill_addr(&self) -> u64 {
+        self.fill_map.as_ref().map_or(0, |m| m.addr())
+    }
+
+    /// A fault at `offset` of the mapping at `start` hit a filled chunk.
+    pub fn answer_filled(&self, start: u64, offset: u64) {
+        let core = &self.service.core;
+        if self.bad.lock().contains_key(&offset) {
+            let _ = core.uffd.poison(start + offset, core.page);
+        } else {
+            let _ = core.uffd.wake(start + offset, core.page);
+        }
+    }
+
+    /// Registers a consumer mapping of this shadow with the engine.
+    pub fn register(self: &Arc<Self>, map: &RawMap) -> Result<Registration> {
+        let core = &self.service.core;
+        let len = round_up(map.len() as u64, core.page);
+        map.advise(libc::MADV_DONTFORK)
+            .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
+        self.mappings.write().push((map.addr(), len));
+        core.add_region(map.addr(), len, Arc::downgrade(self));
+        let reg = Registration {
+            shadow: self.clone(),
+            start: map.addr(),
+            len,
+        };
+        core.uffd
+            .register(map.addr(), len)
+            .map_err(|e| Error::sys("UFFDIO_REGISTER of a consumer mapping", e))?;
+        Ok(reg)
+    }
+
+    /// Fills every chunk overlapping `offset..offset+len`, in this thread
+    /// where possible, and waits for chunks other threads are filling.
+    /// Errors if any page in the range could not be filled.
+    pub fn populate(&self, offset: u64, len: u64) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(Error::Range {
+                offset,
+                len,
+                size: self.size,
+            });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let core = &self.service.core;
+        let (first, last) = (offset / self.chunk, (offset + len - 1) / self.chunk);
+        let run_chunks = run_chunks(self.chunk);
+        let mut buf = vec![0u8; (run_chunks.min(last - first + 1) * self.chunk) as usize];
+        self.fill_empty(
+            core,
+            first..last + 1,
+            run_chunks.min(last - first + 1),
+            &mut buf,
+            false,
+        );
+        for c in first..=last {
+            loop {
+                if let Some(run) = self.claim_run(c, c + 1) {
+                    self.fill(core, run, &mut buf, false);
+                }
+                match self.state(c) {
+                    ChunkState::Filled => break,
+                    ChunkState::Empty => continue,
+                    ChunkState::Filling => {
+                        let mut g = self.done_lock.lock();
+                        if self.state(c) == ChunkState::Filling {
+                            self.done_cv.wait(&mut g);
+                        }
+                    }
+                }
+            }
+        }
+        self.check_bad(offset, offset + len)
+    }
+
+    /// Fills the whole shadow using this thread and the idle workers.
+    pub fn materialize(self: &Arc<Self>) -> Result<()> {
+        let n = self.nchunks();
+        let run = run_chunks(self.chunk);
+        // Let the workers help from the far end while this thread goes forward.
+        let mut c = n;
+        while c > n / 2 {
+            let start = c.saturating_sub(run).max(n / 2);
+            let _ = self
+                .service
+                .core
+                .prefetch_tx
+                .send(Job::Prefetch(Arc::downgrade(self), start..c));
+            c = start;
+        }
+        self.populate(0, self.size)
+    }
+
+    fn check_bad(&self, from: u64, to: u64) -> Result<()> {
+        let bad = self.bad.lock();
+        let page = self.service.core.page;
+        if let Some((p, reason)) = bad.range(from / page * page..to).next() {
+            return Err(Error::Unfillable {
+                what: self.name.clone(),
+                offset: *p,
+                end: (*p + page).min(self.size),
+                reason: reason.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LazyShadow {
+    fn drop(&mut self) {
+        let core = &self.service.core;
+        if let Some(m) = &self.fill_map {
+            let _ = core
+                .uffd
+                .unregister(m.addr(), round_up(m.len() as u64, core.page));
+        }
+        core.release(self.resident.load(Ordering::Relaxed));
+    }
+}

@@ -1,0 +1,121 @@
+//! Where a shadow's bytes come from.
+//!
+//! The engine only ever sees a [`Source`]: positional reads plus metadata. A
+//! host file ([`FileSource`]) is the first backend; a file inside a disk image
+//! or a callback into an in-process kernel fits the same trait.
+
+mod file;
+
+pub use file::FileSource;
+
+use serde::Serialize;
+use std::io;
+
+/// What kind of file a source is. Only regular files can be shadowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileKind {
+    Regular,
+    Directory,
+    Symlink,
+    Other,
+}
+
+impl FileKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileKind::Regular => "regular file",
+            FileKind::Directory => "directory",
+            FileKind::Symlink => "symbolic link",
+            FileKind::Other => "special file",
+        }
+    }
+}
+
+/// A point in time, as stored in an inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub struct Timestamp {
+    pub sec: i64,
+    pub nsec: i64,
+}
+
+/// A source's metadata: what staleness compares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SourceMeta {
+    pub size: u64,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    /// Identity of the container (the device of a host file, or the image
+    /// file's device and inode for a file inside an image).
+    pub device: u64,
+    /// Identity of the file within its container (inode number).
+    pub inode: u64,
+    pub kind: FileKind,
+}
+
+/// A readable, fixed-identity file that a shadow copies from.
+///
+/// Implementations must be safe to call from several threads at once: the
+/// fault service reads different chunks in parallel.
+pub trait Source: Send + Sync {
+    /// Reads up to `buf.len()` bytes at `offset`, like `pread(2)`. Returns the
+    /// count read; 0 means end of file. Short reads are allowed.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+
+    /// The source's metadata as it is now. Returns an error of kind
+    /// [`io::ErrorKind::NotFound`] once the source is gone (deleted or
+    /// replaced by another file).
+    fn metadata(&self) -> io::Result<SourceMeta>;
+
+    /// A short human name for messages, such as the path.
+    fn name(&self) -> String;
+}
+
+impl<S: Source + ?Sized> Source for std::sync::Arc<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        (**self).read_at(buf, offset)
+    }
+    fn metadata(&self) -> io::Result<SourceMeta> {
+        (**self).metadata()
+    }
+    fn name(&self) -> String {
+        (**self).name()
+    }
+}
+
+impl<S: Source + ?Sized> Source for Box<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        (**self).read_at(buf, offset)
+    }
+    fn metadata(&self) -> io::Result<SourceMeta> {
+        (**self).metadata()
+    }
+    fn name(&self) -> String {
+        (**self).name()
+    }
+}
+
+/// How [`read_full`] stopped early.
+#[derive(Debug)]
+pub enum ReadFail {
+    /// The source returned an error; `done` bytes were read before it.
+    Error { done: usize, error: io::Error },
+    /// The source reported end of file after `done` bytes.
+    Eof { done: usize },
+}
+
+/// Reads exactly `buf.len()` bytes at `offset`, looping over short reads and
+/// retrying `EINTR`. End of file before the buffer is full is a failure:
+/// missing bytes are never replaced by zeros.
+pub fn read_full(src: &dyn Source, buf: &mut [u8], offset: u64) -> Result<(), ReadFail> {
+    let mut done = 0;
+    while done < buf.len() {
+        match src.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => return Err(ReadFail::Eof { done }),
+            Ok(n) => done += n.min(buf.len() - done),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(ReadFail::Error { done, error }),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,142 @@
+//! Counters kept by the fault service, per shadow and per engine.
+
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+const SUB: usize = 4; // sub-buckets per power of two: about 19% resolution
+const BUCKETS: usize = 63 * SUB; // bucket_of(u64::MAX) == BUCKETS - 1
+
+/// A lock-free log-linear histogram of durations in nanoseconds.
+pub(crate) struct Latency {
+    buckets: Box<[AtomicU64]>,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency {
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+fn bucket_of(ns: u64) -> usize {
+    if ns < SUB as u64 {
+        return ns as usize;
+    }
+    let exp = 63 - ns.leading_zeros() as usize; // >= 2
+    let mant = ((ns >> (exp - 2)) & (SUB as u64 - 1)) as usize;
+    ((exp - 1) * SUB + mant).min(BUCKETS - 1)
+}
+
+fn bucket_floor(i: usize) -> u64 {
+    if i < SUB {
+        return i as u64;
+    }
+    let exp = i / SUB + 1;
+    let mant = (i % SUB) as u64;
+    (1u64 << exp) + (mant << (exp - 2))
+}
+
+impl Latency {
+    pub(crate) fn record(&self, ns: u64) {
+        self.buckets[bucket_of(ns)].fetch_add(1, Relaxed);
+    }
+
+    /// The `q` quantile (0..=1) in nanoseconds: the lower edge of its bucket.
+    pub(crate) fn quantile(&self, q: f64) -> Option<u64> {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(bucket_floor(i));
+            }
+        }
+        None
+    }
+}
+
+/// Live counters.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub faults: AtomicU64,
+    pub bytes_filled: AtomicU64,
+    pub chunks_filled: AtomicU64,
+    pub readahead_chunks: AtomicU64,
+    pub poisoned_pages: AtomicU64,
+    pub errors: AtomicU64,
+    pub fill_latency: Latency,
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self, resident_bytes: u64) -> Stats {
+        let us = |q| self.fill_latency.quantile(q).map(|ns| ns as f64 / 1000.0);
+        Stats {
+            faults: self.faults.load(Relaxed),
+            bytes_filled: self.bytes_filled.load(Relaxed),
+            chunks_filled: self.chunks_filled.load(Relaxed),
+            readahead_chunks: self.readahead_chunks.load(Relaxed),
+            poisoned_pages: self.poisoned_pages.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+            fill_p50_us: us(0.5),
+            fill_p99_us: us(0.99),
+            resident_bytes,
+            last_error: None,
+            source_changed: false,
+        }
+    }
+}
+
+/// A snapshot of a shadow's or an engine's counters.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Stats {
+    /// Page faults handed to the fault service.
+    pub faults: u64,
+    /// Bytes installed from the source.
+    pub bytes_filled: u64,
+    /// Chunks filled (by faults, prefetch, populate or materialize).
+    pub chunks_filled: u64,
+    /// Chunks filled ahead of use by sequential readahead.
+    pub readahead_chunks: u64,
+    /// Pages poisoned because they could not be filled (SIGBUS on access).
+    pub poisoned_pages: u64,
+    /// Failed fills: source errors, short reads, budget, strict staleness.
+    pub errors: u64,
+    /// Median time to fill one chunk, in microseconds.
+    pub fill_p50_us: Option<f64>,
+    /// 99th percentile of the chunk fill time, in microseconds.
+    pub fill_p99_us: Option<f64>,
+    /// Bytes of the shadow(s) present in memory.
+    pub resident_bytes: u64,
+    /// The most recent error, for people.
+    pub last_error: Option<String>,
+    /// The source changed after the shadow was opened.
+    pub source_changed: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_are_within_a_bucket() {
+        let l = Latency::default();
+        for v in 1..=1000u64 {
+            l.record(v * 1000);
+        }
+        let p50 = l.quantile(0.5).unwrap();
+        assert!((400_000..=500_000).contains(&p50), "{p50}");
+        let p99 = l.quantile(0.99).unwrap();
+        assert!((800_000..=990_000).contains(&p99), "{p99}");
+        assert_eq!(bucket_of(u64::MAX), BUCKETS - 1);
+        for i in 0..BUCKETS - 1 {
+            assert!(bucket_floor(i) < bucket_floor(i + 1));
+            assert_eq!(bucket_of(bucket_floor(i)), i);
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! A typed userfaultfd handle above the raw ABI in [`sys`], plus the
+//! capability probe. This is the only module that talks to userfaultfd.
+
+mod probe;
+pub(crate) mod sys;
+
+pub use probe::{Access, Attempt, Probe, probe};
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+/// Features the engine asks for when the kernel has them.
+pub(crate) const WANTED_FEATURES: u64 =
+    sys::UFFD_FEATURE_MISSING_SHMEM | sys::UFFD_FEATURE_EXACT_ADDRESS | sys::UFFD_FEATURE_POISON;
+/// Features without which lazy shadows cannot work.
+/// POISON is required so that a source read error reaches the consumer as
+/// SIGBUS; without it the only alternatives are zeros or a hung thread.
+pub(crate) const REQUIRED_FEATURES: u64 =
+    sys::UFFD_FEATURE_MISSING_SHMEM | sys::UFFD_FEATURE_POISON;
+
+/// A page-fault event read from the userfaultfd.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fault {
+    pub address: u64,
+}
+
+/// An open, API-negotiated userfaultfd.
+#[derive(Debug)]
+pub struct Uffd {
+    fd: OwnedFd,
+    features: u64,
+    access: Access,
+}
+
+impl Uffd {
+    /// Opens a userfaultfd the way `probe` found to work, non-blocking and
+    /// close-on-exec, and negotiates `WANTED_FEATURES & offered`.
+    pub fn open() -> Result<Uffd, Probe> {
+        let p = probe();
+        let Some(access) = p.access else {
+            return Err(p);
+        };
+        let fd = match probe::create(access) {
+            Ok(fd) => fd,
+            Err(_) => return Err(p),
+        };
+        let features = p.features & WANTED_FEATURES;
+        match sys::api(fd.as_fd(), features) {
+            Ok(_) => Ok(Uffd {
+                fd,
+                features,
+                access,
+            }),
+            Err(_) => Err(p),
+        }
+    }
+
+    /// Negotiated features (`UFFD_FEATURE_*` bits).
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Whether `UFFDIO_POISON` was offered.
+    pub fn has_poison(&self) -> bool {
+        self.features & sys::UFFD_FEATURE_POISON != 0
+    }
+
+    /// How this descriptor was obtained.
+    pub fn access(&self) -> Access {
+        self.access
+    }
+
+    pub(crate) fn register(&self, start: u64, len: u64) -> io::Result<u64> {
+        sys::register_missing(self.fd.as_fd(), start, len)
+    }
+
+    pub(crate) fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
+        sys::unregister(self.fd.as_fd(), start, len)
+    }
+
+    pub(crate) fn wake(&self, start: u64, len: u64) -> io::Result<()> {
+        sys::wake(self.fd.as_fd(), start, len)
+    }
+
+    /// Installs `src` at `dst`, resuming after partial copies and retrying
+    /// EAGAIN (the address space changed under the copy). Pages that are
+    /// already present (EEXIST) are skipped: someone else filled them.
+    /// Does not wake waiters.
+    ///
+    /// # Safety
+    /// `dst..dst+src.len()` must lie in a range registered with this uffd by
+    /// this crate, and `src` must not be registered memory (the copy would
+    /// fault into ourselves).
+    pub(crate) unsafe fn copy(&self, dst: u64, src: &[u8]) -> io::Result<()> {
+        let page = crate::page_size() as u64;
+        let mut done = 0u64;
+        let len = src.len() as u64;
+        while done < len {
+            // SAFETY: forwarded from the caller; `src[done..]` is in bounds.
+            let r = unsafe {
+                sys::copy(
+                    self.fd.as_fd(),
+                    dst + done,
+                    src.as_ptr().add(done as usize),
+                    len - done,
+                    sys::UFFDIO_COPY_MODE_DONTWAKE,
+                )
+            };
+            match r {
+                Ok(n) => done += n,
+                Err((e, n)) => {
+                    done += n;
+                    match e.raw_os_error() {
+                        Some(libc::EAGAIN) => continue,
+                        // The page at `dst + done` is present already: skip it.
+                        Some(libc::EEXIST) => done = (done / page + 1) * page,
+                        _ => return Err(e),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Poisons `len` bytes at `start` and wakes waiters there. Pages already
+    /// present are left alone.
+    pub(crate) fn poison(&self, start: u64, len: u64) -> io::Result<()> {
+        let page = crate::page_size() as u64;
+        let mut at = start;
+        while at < start + len {
+            match sys::poison(self.fd.as_fd(), at, start + len - at, 0) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => at += page,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads up to `out.len()` page faults without blocking. Events other than
+    /// page faults are not requested and are skipped if they ever appear.
+    pub(crate) fn read_faults(
+        &self,
+        raw: &mut [sys::uffd_msg],
+        out: &mut Vec<Fault>,
+    ) -> io::Result<()> {
+        let bytes = std::mem::size_of_val(raw);
+        // SAFETY: `raw` is a writable buffer of `bytes` bytes of plain-old-data structs.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), raw.as_mut_ptr().cast(), bytes) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let count = n as usize / std::mem::size_of::<sys::uffd_msg>();
+        out.extend(
+            raw[..count]
+                .iter()
+                .filter(|m| m.event == sys::UFFD_EVENT_PAGEFAULT)
+                .map(|m| Fault { address: m.arg1 }),
+        );
+        Ok(())
+    }
+}
+
+impl AsFd for Uffd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// Renders `UFFD_FEATURE_*` bits as names.
+pub fn feature_names(bits: u64) -> Vec<&'static str> {
+    sys::FEATURE_NAMES
+        .iter()
+        .filter(|(b, _)| bits & b != 0)
+        .map(|(_, n)| *n)
+        .collect()
+}
