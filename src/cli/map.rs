@@ -98,8 +98,8 @@ pub fn run(a: MapArgs) -> CliResult {
     let stats = shadow.stats();
     let resident_bytes = shadow.resident_bytes()?;
     let (verified, mismatch_offset) = if a.verify {
-        let src = shadowfd::FileSource::open(&a.target.path)?;
-        let m = verify(&map, &pages, page, &src)?;
+        let src = a.target.source()?;
+        let m = verify(&map, &pages, page, &*src)?;
         (Some(m.is_none()), m)
     } else {
         (None, None)

@@ -8,8 +8,9 @@ mod sigbus;
 
 use clap::{Args, Parser, Subcommand};
 use shadowfd::config::parse_size;
-use shadowfd::{Config, Engine, Mode, Shadow, StalePolicy};
+use shadowfd::{Config, Engine, FileSource, Mode, Shadow, Source, StalePolicy};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::process::ExitCode;
 
 /// Lazy, sealed, host-mmappable shadows of files.
@@ -106,8 +107,17 @@ pub struct Target {
 }
 
 impl Target {
+    /// A fresh source for the target (each call opens it anew).
+    pub fn source(&self) -> shadowfd::Result<Arc<dyn Source>> {
+        let src = FileSource::open(&self.path).map_err(|e| shadowfd::Error::Open {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        Ok(Arc::new(src))
+    }
+
     pub fn open(&self, engine: &Engine) -> shadowfd::Result<Shadow> {
-        engine.open_path(&self.path)
+        engine.open_arc(self.source()?)
     }
 }
 
