@@ -3,7 +3,7 @@
 
 use super::fill::{self, BadRange};
 use super::readahead::Readahead;
-use super::service::{Core, Job, Service};
+use super::service::{Core, Service};
 use crate::config::{Config, StalePolicy};
 use crate::error::{Error, Result};
 use crate::shadow::RawMap;
@@ -136,7 +136,7 @@ impl LazyShadow {
             mappings: RwLock::new(Vec::new()),
             done_lock: Mutex::new(()),
             done_cv: Condvar::new(),
-            readahead: Mutex::new(Readahead::new(max_window, nchunks)),
+            readahead: Mutex::new(Readahead::new(max_window, run_chunks(chunk), nchunks)),
             counters: Counters::default(),
             resident: AtomicU64::new(0),
             changed: AtomicBool::new(false),
@@ -191,7 +191,7 @@ impl LazyShadow {
     }
 
     /// Claims consecutive empty chunks from `start`, at most up to `end`.
-    fn claim_run(&self, start: u64, end: u64) -> Option<Range<u64>> {
+    pub fn claim_run(&self, start: u64, end: u64) -> Option<Range<u64>> {
         if !self.claim(start) {
             return None;
         }
@@ -429,18 +429,8 @@ impl LazyShadow {
     /// Fills the whole shadow using this thread and the idle workers.
     pub fn materialize(self: &Arc<Self>) -> Result<()> {
         let n = self.nchunks();
-        let run = run_chunks(self.chunk);
-        // Let the workers help from the far end while this thread goes forward.
-        let mut c = n;
-        while c > n / 2 {
-            let start = c.saturating_sub(run).max(n / 2);
-            let _ = self
-                .service
-                .core
-                .prefetch_tx
-                .send(Job::Prefetch(Arc::downgrade(self), start..c));
-            c = start;
-        }
+        // The workers take the second half while this thread does the first.
+        self.service.core.prefetch(self, n / 2..n);
         self.populate(0, self.size)
     }
 
