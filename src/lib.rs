@@ -22,6 +22,7 @@ mod eager;
 mod engine;
 mod error;
 mod fault;
+pub mod remote;
 pub mod shadow;
 pub mod source;
 mod stats;
@@ -30,7 +31,8 @@ pub mod uffd;
 pub use config::{Config, Mode, StalePolicy};
 pub use engine::Engine;
 pub use error::{Error, Result};
-pub use shadow::{Mapping, Shadow, Share, Staleness};
+pub use remote::RemoteMapping;
+pub use shadow::{Mapping, Served, Shadow, Share, Staleness};
 pub use source::{FileSource, Source, SourceMeta};
 pub use stats::Stats;
 

@@ -10,12 +10,13 @@ use crate::shadow::RawMap;
 use crate::shadow::memfd::{LAZY_SEALS, Memfd};
 use crate::source::{Source, SourceMeta};
 use crate::stats::Counters;
+use crate::uffd::Uffd;
 use parking_lot::{Condvar, Mutex, RwLock};
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::os::fd::AsFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ChunkState {
@@ -39,8 +40,8 @@ pub(crate) struct LazyShadow {
     states: Box<[AtomicU8]>,
     /// Pages that could not be filled, with the reason.
     bad: Mutex<BTreeMap<u64, String>>,
-    /// Consumer mappings (start, registered length) to wake and poison.
-    mappings: RwLock<Vec<(u64, u64)>>,
+    /// Consumer mappings to wake and poison, local and remote.
+    mappings: RwLock<Vec<Consumer>>,
     done_lock: Mutex<()>,
     done_cv: Condvar,
     pub readahead: Mutex<Readahead>,
@@ -49,6 +50,22 @@ pub(crate) struct LazyShadow {
     changed: AtomicBool,
     pub last_error: Mutex<Option<String>>,
     pub service: Arc<Service>,
+    me: Weak<LazyShadow>,
+}
+
+/// A registered consumer range: in this process (through the engine's
+/// userfaultfd) or in another one (through the userfaultfd it sent us).
+pub(crate) struct Consumer {
+    pub start: u64,
+    pub len: u64,
+    /// `None`: the engine's own userfaultfd.
+    pub remote: Option<Arc<Uffd>>,
+}
+
+impl Consumer {
+    fn uffd<'a>(&'a self, core: &'a Core) -> &'a Uffd {
+        self.remote.as_deref().unwrap_or(&core.uffd)
+    }
 }
 
 /// A consumer mapping's registration; unregisters on drop.
@@ -66,7 +83,7 @@ impl Drop for Registration {
         self.shadow
             .mappings
             .write()
-            .retain(|&(s, _)| s != self.start);
+            .retain(|m| m.remote.is_some() || m.start != self.start);
     }
 }
 
@@ -122,7 +139,7 @@ impl LazyShadow {
         // stops write(2) and new writable mappings.
         memfd.add_seals(LAZY_SEALS)?;
         let max_window = cfg.readahead / chunk;
-        Ok(Arc::new(LazyShadow {
+        Ok(Arc::new_cyclic(|me| LazyShadow {
             name,
             source,
             meta,
@@ -142,7 +159,12 @@ impl LazyShadow {
             changed: AtomicBool::new(false),
             last_error: Mutex::new(None),
             service,
+            me: me.clone(),
         }))
+    }
+
+    pub fn weak(&self) -> Weak<LazyShadow> {
+        self.me.clone()
     }
 
     pub fn nchunks(&self) -> u64 {
@@ -315,9 +337,9 @@ impl LazyShadow {
             self.states[c as usize].store(2, Ordering::Release);
         }
         if !bad_pages.is_empty() {
-            for &(start, len) in self.mappings.read().iter() {
-                for (p, _) in bad_pages.iter().filter(|(p, _)| *p < len) {
-                    let _ = core.uffd.poison(start + p, page);
+            for m in self.mappings.read().iter() {
+                for (p, _) in bad_pages.iter().filter(|(p, _)| *p < m.len) {
+                    let _ = m.uffd(core).poison(m.start + p, page);
                 }
             }
         }
@@ -327,9 +349,9 @@ impl LazyShadow {
     /// Wakes `off..off+span` in every consumer mapping and every thread
     /// waiting in `populate`.
     fn wake_all(&self, core: &super::service::Core, off: u64, span: u64) {
-        for &(start, len) in self.mappings.read().iter() {
-            if off < len {
-                let _ = core.uffd.wake(start + off, span.min(len - off));
+        for m in self.mappings.read().iter() {
+            if off < m.len {
+                let _ = m.uffd(core).wake(m.start + off, span.min(m.len - off));
             }
         }
         let _g = self.done_lock.lock();
@@ -352,14 +374,75 @@ impl LazyShadow {
         self.fill_map.as_ref().map_or(0, |m| m.addr())
     }
 
-    /// A fault at `offset` of the mapping at `start` hit a filled chunk.
-    pub fn answer_filled(&self, start: u64, offset: u64) {
-        let core = &self.service.core;
-        if self.bad.lock().contains_key(&offset) {
-            let _ = core.uffd.poison(start + offset, core.page);
-        } else {
-            let _ = core.uffd.wake(start + offset, core.page);
+    /// Answers a fault at `offset` of the consumer range at `start`
+    /// (registered with `uffd`). Returns the chunks to fill if it claimed
+    /// them; otherwise the fault is answered already, or will be woken by
+    /// whoever is filling its chunk.
+    pub fn on_fault(
+        &self,
+        core: &Core,
+        uffd: &Uffd,
+        start: u64,
+        offset: u64,
+    ) -> Option<Range<u64>> {
+        self.counters.faults.fetch_add(1, Ordering::Relaxed);
+        core.counters.faults.fetch_add(1, Ordering::Relaxed);
+        let chunk = offset / self.chunk;
+        let plan = self.readahead.lock().on_fault(chunk);
+        let mut mine = None;
+        loop {
+            match self.state(chunk) {
+                ChunkState::Empty => {
+                    if let Some(r) = self.claim_run(chunk, plan.now.end) {
+                        mine = Some(r);
+                        break;
+                    }
+                }
+                // The filler wakes every consumer once it is done.
+                ChunkState::Filling => break,
+                ChunkState::Filled => {
+                    if self.bad.lock().contains_key(&offset) {
+                        let _ = uffd.poison(start + offset, core.page);
+                    } else {
+                        let _ = uffd.wake(start + offset, core.page);
+                    }
+                    break;
+                }
+            }
         }
+        for a in plan.ahead {
+            core.prefetch(self, a);
+        }
+        mine
+    }
+
+    /// Adds a consumer range registered with another process's userfaultfd;
+    /// returns a key for [`LazyShadow::remove_remote`].
+    pub fn add_remote(&self, uffd: Arc<Uffd>, start: u64, len: u64) -> usize {
+        let key = Arc::as_ptr(&uffd) as usize;
+        self.mappings.write().push(Consumer {
+            start,
+            len,
+            remote: Some(uffd),
+        });
+        key
+    }
+
+    pub fn remove_remote(&self, key: usize) {
+        self.mappings.write().retain(|m| {
+            m.remote
+                .as_ref()
+                .is_none_or(|u| Arc::as_ptr(u) as usize != key)
+        });
+    }
+
+    /// How many consumer ranges in other processes are attached.
+    pub fn remote_consumers(&self) -> usize {
+        self.mappings
+            .read()
+            .iter()
+            .filter(|m| m.remote.is_some())
+            .count()
     }
 
     /// Registers a consumer mapping of this shadow with the engine.
@@ -368,7 +451,11 @@ impl LazyShadow {
         let len = round_up(map.len() as u64, core.page);
         map.advise(libc::MADV_DONTFORK)
             .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
-        self.mappings.write().push((map.addr(), len));
+        self.mappings.write().push(Consumer {
+            start: map.addr(),
+            len,
+            remote: None,
+        });
         core.add_region(map.addr(), len, Arc::downgrade(self));
         let reg = Registration {
             shadow: self.clone(),

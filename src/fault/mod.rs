@@ -18,6 +18,7 @@
 mod fill;
 mod lazy;
 mod readahead;
+pub(crate) mod remote;
 mod service;
 
 pub(crate) use lazy::{LazyShadow, Registration};

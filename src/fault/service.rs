@@ -8,7 +8,7 @@
 //! channels to whichever worker is free; an eventfd tells sleeping workers
 //! that a channel has work.
 
-use super::lazy::{ChunkState, LazyShadow, run_chunks};
+use super::lazy::{LazyShadow, run_chunks};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::stats::Counters;
@@ -107,14 +107,12 @@ impl Core {
     }
 
     /// Queues chunks for readahead, in runs.
-    pub fn prefetch(&self, shadow: &Arc<LazyShadow>, range: Range<u64>) {
+    pub fn prefetch(&self, shadow: &LazyShadow, range: Range<u64>) {
         let run = run_chunks(shadow.chunk);
         let mut c = range.start;
         while c < range.end {
             let e = range.end.min(c + run);
-            let _ = self
-                .prefetch_tx
-                .send(Job::Prefetch(Arc::downgrade(shadow), c..e));
+            let _ = self.prefetch_tx.send(Job::Prefetch(shadow.weak(), c..e));
             c = e;
         }
         eventfd_signal(self.work.as_fd());
@@ -129,10 +127,8 @@ impl Core {
         Some((*start, r.shadow.upgrade()?))
     }
 
-    /// Answers one fault message. Returns the chunks to fill if this call
-    /// claimed them (one chunk for a random fault, a run from the faulting
-    /// chunk on when the access is sequential); otherwise the fault is already
-    /// answered or will be woken by whoever is filling its chunk.
+    /// Answers one fault message on the engine's userfaultfd. Returns the
+    /// chunks to fill if this call claimed them.
     fn on_fault(&self, f: Fault) -> Option<(Arc<LazyShadow>, Range<u64>)> {
         let page_addr = f.address & !(self.page - 1);
         let Some((start, shadow)) = self.lookup(page_addr) else {
@@ -140,32 +136,8 @@ impl Core {
             let _ = self.uffd.wake(page_addr, self.page);
             return None;
         };
-        self.counters.faults.fetch_add(1, Ordering::Relaxed);
-        shadow.counters.faults.fetch_add(1, Ordering::Relaxed);
-        let offset = page_addr - start;
-        let chunk = offset / shadow.chunk;
-        let plan = shadow.readahead.lock().on_fault(chunk);
-        let mut mine = None;
-        loop {
-            match shadow.state(chunk) {
-                ChunkState::Empty => {
-                    if let Some(r) = shadow.claim_run(chunk, plan.now.end) {
-                        mine = Some((shadow.clone(), r));
-                        break;
-                    }
-                }
-                // The filler wakes every mapping once it is done.
-                ChunkState::Filling => break,
-                ChunkState::Filled => {
-                    shadow.answer_filled(start, offset);
-                    break;
-                }
-            }
-        }
-        for a in plan.ahead {
-            self.prefetch(&shadow, a);
-        }
-        mine
+        let run = shadow.on_fault(self, &self.uffd, start, page_addr - start)?;
+        Some((shadow, run))
     }
 }
 

@@ -252,12 +252,67 @@ impl Shadow {
         }
     }
 
+    /// Hands this shadow to a consumer process on the other end of `stream`,
+    /// which calls [`crate::RemoteMapping::receive`]. An eager or
+    /// materialized shadow is sent as a read-only descriptor and needs
+    /// nothing more. For a lazy one, the consumer registers its mapping with a
+    /// userfaultfd of its own and sends it back; a thread then serves its
+    /// faults, filling the same page cache as local mappings, until the
+    /// consumer closes the connection (or dies), and then forgets it.
+    pub fn serve(&self, stream: std::os::unix::net::UnixStream) -> Result<Served> {
+        use crate::remote::wire::{self, Frame, OFFER};
+        let lazy = !self.is_materialized();
+        let ro = self.memfd().reopen_readonly()?;
+        let offer = Frame {
+            kind: OFFER,
+            a: self.size(),
+            b: u64::from(lazy),
+            c: 0,
+        };
+        wire::send(&stream, &offer, Some(ro.as_fd()))?;
+        drop(ro);
+        let thread = match (&self.kind, lazy && self.size() > 0) {
+            (Kind::Lazy(l), true) => Some(crate::fault::remote::attach(l.clone(), stream)?),
+            _ => None,
+        };
+        Ok(Served { thread })
+    }
+
+    /// How many consumers in other processes this shadow is serving.
+    pub fn remote_consumers(&self) -> usize {
+        match &self.kind {
+            Kind::Eager(_) => 0,
+            Kind::Lazy(l) => l.remote_consumers(),
+        }
+    }
+
     /// Offsets of pages that could not be filled, with the reason (lazy only).
     pub fn poisoned_pages(&self) -> Vec<(u64, String)> {
         match &self.kind {
             Kind::Eager(_) => Vec::new(),
             Kind::Lazy(l) => l.bad_pages().into_iter().collect(),
         }
+    }
+}
+
+/// A consumer being served by [`Shadow::serve`].
+#[derive(Debug)]
+pub struct Served {
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Served {
+    /// Waits until the consumer has disconnected and its range is forgotten.
+    /// Returns at once for eager or materialized shadows.
+    pub fn wait(self) {
+        if let Some(t) = self.thread {
+            let _ = t.join();
+        }
+    }
+
+    /// Whether the consumer is still attached.
+    pub fn is_active(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 }
 

@@ -55,6 +55,16 @@ impl Uffd {
         }
     }
 
+    /// Wraps a userfaultfd received from another process, which negotiated
+    /// `features` (as it says) and registered its own ranges.
+    pub(crate) fn from_fd(fd: OwnedFd, features: u64) -> Uffd {
+        Uffd {
+            fd,
+            features,
+            access: Access::Syscall,
+        }
+    }
+
     /// Negotiated features (`UFFD_FEATURE_*` bits).
     pub fn features(&self) -> u64 {
         self.features
