@@ -49,7 +49,7 @@ pub struct Common {
     /// [env: SHADOWFD_MEMORY_BUDGET] [default: half of MemAvailable]
     #[arg(long, value_name = "SIZE", value_parser = size_arg)]
     pub memory_budget: Option<u64>,
-    /// Lazy fill unit, a multiple of the page size  [env: SHADOWFD_CHUNK] [default: 256K]
+    /// Lazy fill unit, a multiple of the page size  [env: SHADOWFD_CHUNK] [default: 4K]
     #[arg(long, value_name = "SIZE", value_parser = size_arg)]
     pub chunk: Option<u64>,
     /// Fault-service worker threads  [env: SHADOWFD_WORKERS] [default: CPUs]
