@@ -36,10 +36,7 @@ impl Engine {
         let (mode, probe, service) = match config.mode {
             Mode::Eager => (Mode::Eager, None, None),
             Mode::Lazy | Mode::Auto => match Uffd::open() {
-                Ok(uffd) => {
-                    let p = crate::uffd::probe();
-                    (Mode::Lazy, Some(p), Some(Service::start(uffd, &config)?))
-                }
+                Ok((uffd, p)) => (Mode::Lazy, Some(p), Some(Service::start(uffd, &config)?)),
                 Err(p) if config.mode == Mode::Lazy => {
                     return Err(Error::LazyUnavailable(describe_failure(&p)));
                 }

@@ -282,6 +282,15 @@ impl LazyShadow {
         if strict && self.check_changed() {
             bad.push((off, end, STALE_BEFORE.into()));
         } else if !core.reserve(span) {
+            if !prefetch && run.end - run.start > 1 {
+                // Give back all but the faulting chunk and try with that alone.
+                for c in run.start + 1..run.end {
+                    self.states[c as usize].store(0, Ordering::Release);
+                }
+                let rest = (run.start + 1) * self.chunk;
+                self.wake_all(core, rest, span - (rest - off));
+                return self.fill(core, run.start..run.start + 1, buf, prefetch);
+            }
             if prefetch {
                 for c in run {
                     self.states[c as usize].store(0, Ordering::Release);

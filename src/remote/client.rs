@@ -62,7 +62,7 @@ impl RemoteMapping {
                 _stream: stream,
             });
         }
-        let uffd = Uffd::open().map_err(|p| {
+        let (uffd, _) = Uffd::open().map_err(|p| {
             Error::LazyUnavailable(p.reason.unwrap_or_else(|| "userfaultfd is unusable".into()))
         })?;
         let page = crate::page_size() as u64;

@@ -33,25 +33,35 @@ pub struct Uffd {
 }
 
 impl Uffd {
-    /// Opens a userfaultfd the way `probe` found to work, non-blocking and
-    /// close-on-exec, and negotiates `WANTED_FEATURES & offered`.
-    pub fn open() -> Result<Uffd, Probe> {
-        let p = probe();
-        let Some(access) = p.access else {
-            return Err(p);
-        };
-        let fd = match probe::create(access) {
-            Ok(fd) => fd,
-            Err(_) => return Err(p),
+    /// Opens a userfaultfd fit for lazy shadows, the way [`probe`] found to
+    /// work, non-blocking and close-on-exec, negotiating the wanted features
+    /// the kernel offers. Returns the probe too; on failure, the probe says
+    /// why.
+    pub fn open() -> Result<(Uffd, Probe), Probe> {
+        let mut p = probe();
+        let access = match p.access {
+            Some(a) if p.lazy_usable => a,
+            _ => return Err(p),
         };
         let features = p.features & WANTED_FEATURES;
-        match sys::api(fd.as_fd(), features) {
-            Ok(_) => Ok(Uffd {
-                fd,
-                features,
-                access,
-            }),
-            Err(_) => Err(p),
+        let opened = probe::create(access).and_then(|fd| {
+            sys::api(fd.as_fd(), features)?;
+            Ok(fd)
+        });
+        match opened {
+            Ok(fd) => Ok((
+                Uffd {
+                    fd,
+                    features,
+                    access,
+                },
+                p,
+            )),
+            Err(e) => {
+                p.lazy_usable = false;
+                p.reason = Some(format!("opening the engine's userfaultfd failed: {e}"));
+                Err(p)
+            }
         }
     }
 
