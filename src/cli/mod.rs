@@ -11,8 +11,8 @@ use shadowfd::config::parse_size;
 use shadowfd::source::ImageSource;
 use shadowfd::{Config, Engine, FileSource, Mode, Shadow, Source, StalePolicy};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 /// Lazy, sealed, host-mmappable shadows of files.
 #[derive(Parser)]

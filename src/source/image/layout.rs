@@ -218,7 +218,11 @@ impl Geometry {
             return corrupt(format!("block group {group} has an invalid inode table"));
         }
         let mut raw = vec![0u8; self.inode_size as usize];
-        read_exact(f, &mut raw, table * self.block_size + index * u64::from(self.inode_size))?;
+        read_exact(
+            f,
+            &mut raw,
+            table * self.block_size + index * u64::from(self.inode_size),
+        )?;
         Ok(Inode::parse(ino, &raw))
     }
 
@@ -369,7 +373,11 @@ impl Geometry {
         let mut data = vec![0u8; (inode.size.div_ceil(bs) * bs) as usize];
         for r in &runs {
             let at = (r.logical * bs) as usize;
-            read_exact(f, &mut data[at..at + (r.len * bs) as usize], r.physical * bs)?;
+            read_exact(
+                f,
+                &mut data[at..at + (r.len * bs) as usize],
+                r.physical * bs,
+            )?;
         }
         Ok(data)
     }
@@ -405,7 +413,11 @@ impl Geometry {
 
     /// Walks `components` (plain names, no `.`, `..` or symlinks) from the
     /// root directory; returns the final inode.
-    pub fn resolve<'a>(&self, f: &File, components: impl IntoIterator<Item = &'a [u8]>) -> LResult<Inode> {
+    pub fn resolve<'a>(
+        &self,
+        f: &File,
+        components: impl IntoIterator<Item = &'a [u8]>,
+    ) -> LResult<Inode> {
         let mut inode = self.inode(f, ROOT_INO)?;
         for name in components {
             let ino = self.lookup(f, &inode, name)?;
@@ -455,7 +467,9 @@ impl Inode {
         } else {
             0
         };
-        let extra = |off: usize| (off + 4 <= 128 + extra_isize && off + 4 <= raw.len()).then(|| u32_at(raw, off));
+        let extra = |off: usize| {
+            (off + 4 <= 128 + extra_isize && off + 4 <= raw.len()).then(|| u32_at(raw, off))
+        };
         Inode {
             ino,
             mode: u16_at(raw, 0x0),

@@ -37,7 +37,10 @@ pub enum ImageAccess {
     Direct,
     /// A dedicated thread owns the `ext4-view` handle and serves every read.
     /// Serialised and slower (random reads seek from the file's start); kept
-    /// to measure against [`ImageAccess::Direct`].
+    /// to measure against [`ImageAccess::Direct`]. For measurement only: it
+    /// inherits `ext4-view` 1.0.0's gaps, where unwritten (preallocated)
+    /// extents read as their stale on-disk bytes and block-mapped files with
+    /// holes in their indirect blocks fail to read.
     Thread,
 }
 
@@ -417,7 +420,11 @@ impl ImageSource {
     /// Works out whether the path still names our inode in the image as it
     /// is now.
     fn recheck(&self) -> io::Result<Verdict> {
-        match resolve(&self.image, &self.image_path.display().to_string(), &self.inner) {
+        match resolve(
+            &self.image,
+            &self.image_path.display().to_string(),
+            &self.inner,
+        ) {
             Ok(f) if f.inode.ino == self.ino => Ok(Verdict::Same(f.geo)),
             Ok(_) => Ok(Verdict::Gone(format!(
                 "{} now names another file in the image",
@@ -479,9 +486,16 @@ fn resolve(image: &File, img: &str, inner: &[u8]) -> Result<Found, Fail> {
         Ok(()) => return Err(not_ext("no ext superblock magic at byte 1080".into())),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
             let len = image.metadata().map(|m| m.len()).unwrap_or(0);
-            return Err(not_ext(format!("it is only {len} bytes, too small to hold a superblock")));
+            return Err(not_ext(format!(
+                "it is only {len} bytes, too small to hold a superblock"
+            )));
         }
-        Err(e) => return Err(Fail::Image(e.kind(), format!("reading the image failed: {e}"))),
+        Err(e) => {
+            return Err(Fail::Image(
+                e.kind(),
+                format!("reading the image failed: {e}"),
+            ));
+        }
     }
     let geo = Geometry::read(image).map_err(|e| {
         let (k, r) = image_fail(e, img);
@@ -514,7 +528,7 @@ fn resolve(image: &File, img: &str, inner: &[u8]) -> Result<Found, Fail> {
             format!(
                 "the filesystem was not cleanly unmounted: its journal needs recovery, so the \
                  blocks in the image may be out of date. Unmount it cleanly, or replay the \
-                 journal with `e2fsck -E journal_only {img}` (on a copy if it is in use)"
+                 journal with `e2fsck -y -E journal_only {img}` (on a copy if it is in use)"
             ),
         ));
     }
@@ -522,7 +536,9 @@ fn resolve(image: &File, img: &str, inner: &[u8]) -> Result<Found, Fail> {
         .try_clone()
         .map_err(|e| Fail::Image(e.kind(), format!("cannot reopen the image: {e}")))?;
     let fs = ext4_view::Ext4::load(Box::new(Pread(clone))).map_err(|e| ext4_fail(e, img, inner))?;
-    let canonical = fs.canonicalize(inner).map_err(|e| ext4_fail(e, img, inner))?;
+    let canonical = fs
+        .canonicalize(inner)
+        .map_err(|e| ext4_fail(e, img, inner))?;
     let names = canonical.components().filter_map(|c| match c {
         ext4_view::Component::Normal(n) => Some(n),
         _ => None,
@@ -541,7 +557,9 @@ fn resolve(image: &File, img: &str, inner: &[u8]) -> Result<Found, Fail> {
             }
         })?;
     // Both readers must agree on what they found.
-    let md = fs.metadata(&canonical).map_err(|e| ext4_fail(e, img, inner))?;
+    let md = fs
+        .metadata(&canonical)
+        .map_err(|e| ext4_fail(e, img, inner))?;
     let theirs = md.file_type();
     let same_kind = match inode.kind() {
         FileKind::Regular => theirs.is_regular_file(),
@@ -604,7 +622,10 @@ fn ext4_fail(e: ext4_view::Ext4Error, img: &str, inner: &[u8]) -> Fail {
              read without keys. Copy the file out of the mounted, unlocked filesystem"
                 .into(),
         ),
-        E::Io(inner) => Fail::Image(io::ErrorKind::Other, format!("reading the image failed: {inner}")),
+        E::Io(inner) => Fail::Image(
+            io::ErrorKind::Other,
+            format!("reading the image failed: {inner}"),
+        ),
         E::Incompatible(i) => Fail::Image(
             io::ErrorKind::Unsupported,
             format!(
@@ -617,12 +638,19 @@ fn ext4_fail(e: ext4_view::Ext4Error, img: &str, inner: &[u8]) -> Fail {
             io::ErrorKind::InvalidData,
             format!("the filesystem is corrupt: {c}. Check it with `e2fsck -fn {img}`"),
         ),
-        other => Fail::Image(io::ErrorKind::Other, format!("reading the image failed: {other}")),
+        other => Fail::Image(
+            io::ErrorKind::Other,
+            format!("reading the image failed: {other}"),
+        ),
     }
 }
 
 fn later(a: Timestamp, b: Timestamp) -> Timestamp {
-    if (a.sec, a.nsec) >= (b.sec, b.nsec) { a } else { b }
+    if (a.sec, a.nsec) >= (b.sec, b.nsec) {
+        a
+    } else {
+        b
+    }
 }
 
 fn gone(why: impl Into<String>) -> io::Error {

@@ -9,6 +9,7 @@ use super::Pread;
 use crossbeam_channel::{Sender, bounded};
 use std::fs::File;
 use std::io;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::thread::JoinHandle;
 
 struct Request {
@@ -45,7 +46,11 @@ impl ThreadReader {
                     }
                 };
                 for mut req in rx {
-                    let r = read(&mut file, &mut req.buf, req.offset);
+                    // ext4-view can panic on some sparse files; keep serving.
+                    let r = catch_unwind(AssertUnwindSafe(|| {
+                        read(&mut file, &mut req.buf, req.offset)
+                    }))
+                    .unwrap_or_else(|_| Err(io::Error::other("ext4-view panicked while reading")));
                     let _ = req.reply.send((req.buf, r));
                 }
             })?;
@@ -67,7 +72,11 @@ impl ThreadReader {
             reply,
         };
         let dead = || io::Error::other("the ext4 reader thread is gone");
-        self.tx.as_ref().ok_or_else(dead)?.send(req).map_err(|_| dead())?;
+        self.tx
+            .as_ref()
+            .ok_or_else(dead)?
+            .send(req)
+            .map_err(|_| dead())?;
         let (data, r) = answer.recv().map_err(|_| dead())?;
         let n = r?;
         buf[..n].copy_from_slice(&data[..n]);
@@ -77,7 +86,8 @@ impl ThreadReader {
 
 fn read(file: &mut ext4_view::File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     if file.position() != offset {
-        file.seek_to(offset).map_err(|e| io::Error::other(e.to_string()))?;
+        file.seek_to(offset)
+            .map_err(|e| io::Error::other(e.to_string()))?;
     }
     let mut done = 0;
     while done < buf.len() {
