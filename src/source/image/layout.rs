@@ -540,3 +540,62 @@ impl Runs {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_decode_epoch_bits_and_nanoseconds() {
+        assert_eq!(timestamp(5, None), Timestamp { sec: 5, nsec: 0 });
+        // Negative 32-bit seconds are before 1970.
+        assert_eq!(timestamp(u32::MAX, None).sec, -1);
+        // Epoch bits extend the range past 2038; the rest is nanoseconds.
+        let t = timestamp(0, Some(1 | (999_999_999 << 2)));
+        assert_eq!(
+            t,
+            Timestamp {
+                sec: 1 << 32,
+                nsec: 999_999_999
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_feature_bits_are_reported() {
+        assert_eq!(unknown_incompat(0x2 | 0x40 | 0x80), Vec::<u32>::new());
+        assert_eq!(
+            unknown_incompat(0x8000),
+            Vec::<u32>::new(),
+            "listed, not unknown"
+        );
+        assert_eq!(unknown_incompat(0x2 | 0x100_0000), vec![0x100_0000]);
+    }
+
+    #[test]
+    fn runs_merge_clip_and_reject_overlaps() {
+        let mut r = Runs {
+            runs: Vec::new(),
+            nblocks: 10,
+        };
+        r.push(1, 0, 100, 2).unwrap();
+        r.push(1, 2, 102, 3).unwrap();
+        r.push(1, 6, 200, 9).unwrap();
+        assert_eq!(
+            r.runs,
+            vec![
+                Run {
+                    logical: 0,
+                    physical: 100,
+                    len: 5
+                },
+                Run {
+                    logical: 6,
+                    physical: 200,
+                    len: 4
+                },
+            ]
+        );
+        assert!(matches!(r.push(1, 7, 300, 1), Err(LayoutError::Corrupt(_))));
+    }
+}
