@@ -115,13 +115,26 @@ const FILES: &[(&str, &str)] = &[
 ];
 
 /// Filesystem flavours: extents (ext4) and block maps (ext2, ext3 with a
-/// journal), 1 KiB and 4 KiB blocks.
+/// journal); 1 KiB, 4 KiB and 64 KiB blocks; bigalloc clusters.
 const VARIANTS: &[(&str, &[&str])] = &[
     ("ext4-4k", &["mkfs.ext4", "-b", "4096"]),
     ("ext4-1k", &["mkfs.ext4", "-b", "1024"]),
     ("ext3-4k", &["mkfs.ext3", "-b", "4096"]),
     ("ext2-1k", &["mkfs.ext2", "-b", "1024"]),
     ("ext2-4k", &["mkfs.ext2", "-b", "4096"]),
+    ("ext2-64k", &["mkfs.ext2", "-b", "65536"]),
+    (
+        "ext4-bigalloc",
+        &[
+            "mkfs.ext4",
+            "-b",
+            "4096",
+            "-O",
+            "bigalloc,metadata_csum_seed",
+            "-C",
+            "65536",
+        ],
+    ),
 ];
 
 fn run(cmd: &mut Command) -> Output {
@@ -450,6 +463,53 @@ fn files_over_256_mib_lazy_and_eager() {
             &sh.map(Share::Private).unwrap(),
             &host,
             &format!("{name} eager"),
+        );
+    }
+}
+
+#[test]
+fn files_over_4_gib_keep_their_high_size_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    fs::create_dir(&tree).unwrap();
+    let size = 5 * 1024 * MIB + 77;
+    let islands = [
+        (0, 4096),
+        (4096 * MIB - 10, 20),
+        (4500 * MIB, 65536),
+        (size - 77, 77),
+    ];
+    let host = tree.join("over4g.bin");
+    sparse(&host, size, &islands);
+    let hf = File::open(&host).unwrap();
+    let eng = engine(Mode::Lazy);
+    for (name, tool) in [
+        ("ext4-4k", &["mkfs.ext4", "-b", "4096"][..]),
+        ("ext2-4k", &["mkfs.ext2", "-b", "4096"][..]),
+    ] {
+        let img = dir.path().join(format!("{name}.img"));
+        mkfs(tool, &[], &tree, &img, "32M");
+        let src = ImageSource::open(&img, "/over4g.bin").unwrap();
+        assert_eq!(src.metadata().unwrap().size, size, "{name}");
+        let sh = eng
+            .open(ImageSource::open(&img, "/over4g.bin").unwrap())
+            .unwrap();
+        let map = sh.map(Share::Private).unwrap();
+        for &(off, len) in &islands {
+            // The island plus a page of hole on each side.
+            let a = off.saturating_sub(4096);
+            let b = (off + len as u64 + 4096).min(size);
+            let mut want = vec![0u8; (b - a) as usize];
+            hf.read_exact_at(&mut want, a).unwrap();
+            assert_eq!(read_exact(&src, a, want.len()), want, "{name} read_at {a}");
+            assert!(
+                map[a as usize..b as usize] == want[..],
+                "{name} mapping at {a}"
+            );
+        }
+        assert!(
+            sh.resident_bytes().unwrap() < 256 * MIB,
+            "{name}: only touched pages filled"
         );
     }
 }
