@@ -515,6 +515,46 @@ fn files_over_4_gib_keep_their_high_size_bits() {
 }
 
 #[test]
+fn lookups_in_hash_indexed_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    fs::create_dir_all(tree.join("many")).unwrap();
+    for i in 0..600u64 {
+        fs::write(
+            tree.join(format!("many/entry-with-a-long-name-{i:05}")),
+            pattern(i, i as usize),
+        )
+        .unwrap();
+    }
+    for (name, tool) in [
+        ("ext4-1k", &["mkfs.ext4", "-b", "1024"][..]),
+        ("ext2-4k", &["mkfs.ext2", "-b", "4096"][..]),
+    ] {
+        let img = dir.path().join(format!("{name}.img"));
+        mkfs(tool, &[], &tree, &img, "32M");
+        // Rebuild the directory as an htree (hash-indexed) directory.
+        let out = Command::new("e2fsck")
+            .args(["-fyD"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(out.status.code().is_some_and(|c| c <= 1), "{out:?}");
+        let dump = debugfs(&img, false, "htree_dump /many");
+        assert!(
+            dump.contains("Number of entries"),
+            "{name}: /many is not indexed:\n{dump}"
+        );
+        for i in [0u64, 1, 299, 599] {
+            let p = format!("/many/entry-with-a-long-name-{i:05}");
+            let src = ImageSource::open(&img, &p).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(read_all(&src, i), pattern(i, i as usize), "{name} {p}");
+        }
+        let e = ImageSource::open(&img, "/many/entry-with-a-long-name-00600").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+    }
+}
+
+#[test]
 fn unwritten_extents_read_as_zeros() {
     let dir = tempfile::tempdir().unwrap();
     let tree = dir.path().join("tree");
@@ -676,7 +716,7 @@ fn cli_errors_name_the_image_the_path_and_the_fix() {
     let e = cli_fails(&["cat", "/x"], &fx.tree.join("small.txt"));
     assert_has(&e, &["small.txt: not an ext2/ext3/ext4", "too small"]);
     let e = cli_fails(&["cat", "/x"], &fx.tree.join("nested"));
-    assert_has(&e, &["nested: is not a regular file or block device"]);
+    assert_has(&e, &["nested: not a regular file or block device"]);
     let e = cli_fails(&["cat", "/x"], &fx.tree.join("no-such.img"));
     assert_has(
         &e,

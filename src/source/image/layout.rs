@@ -122,8 +122,10 @@ pub(super) struct Geometry {
     inodes_count: u32,
     inodes_per_group: u32,
     inode_size: u32,
-    /// First block of each group's inode table.
-    inode_tables: Vec<u64>,
+    groups: u64,
+    /// Byte offset of the group descriptor table, and one descriptor's size.
+    gdt_at: u64,
+    desc_size: u64,
     pub incompat: u32,
 }
 
@@ -177,29 +179,18 @@ impl Geometry {
         if groups > u64::from(u32::MAX) {
             return corrupt("too many block groups");
         }
-        // The descriptor table starts in the block after the superblock.
+        // The descriptor table starts in the block after the superblock;
+        // descriptors are read one at a time, when an inode needs one.
         let gdt_at = (first_data_block + 1) * block_size;
-        let mut gdt = vec![0u8; (groups * desc_size) as usize];
-        read_exact(f, &mut gdt, gdt_at)?;
-        let inode_tables = gdt
-            .chunks_exact(desc_size as usize)
-            .map(|d| {
-                let lo = u64::from(u32_at(d, 0x8));
-                let hi = if desc_size >= 64 {
-                    u64::from(u32_at(d, 0x28))
-                } else {
-                    0
-                };
-                hi << 32 | lo
-            })
-            .collect();
         Ok(Geometry {
             block_size,
             blocks_count,
             inodes_count,
             inodes_per_group,
             inode_size,
-            inode_tables,
+            groups,
+            gdt_at,
+            desc_size,
             incompat,
         })
     }
@@ -211,9 +202,10 @@ impl Geometry {
         }
         let group = (ino - 1) / self.inodes_per_group;
         let index = u64::from((ino - 1) % self.inodes_per_group);
-        let Some(&table) = self.inode_tables.get(group as usize) else {
+        if u64::from(group) >= self.groups {
             return corrupt(format!("inode {ino} lies in a missing block group"));
-        };
+        }
+        let table = self.inode_table(f, group)?;
         if table == 0 || table >= self.blocks_count {
             return corrupt(format!("block group {group} has an invalid inode table"));
         }
@@ -224,6 +216,20 @@ impl Geometry {
             table * self.block_size + index * u64::from(self.inode_size),
         )?;
         Ok(Inode::parse(ino, &raw))
+    }
+
+    /// The first block of `group`'s inode table, from its descriptor.
+    fn inode_table(&self, f: &File, group: u32) -> LResult<u64> {
+        let mut d = [0u8; 64];
+        let d = &mut d[..self.desc_size.min(64) as usize];
+        read_exact(f, d, self.gdt_at + u64::from(group) * self.desc_size)?;
+        let lo = u64::from(u32_at(d, 0x8));
+        let hi = if d.len() >= 64 {
+            u64::from(u32_at(d, 0x28))
+        } else {
+            0
+        };
+        Ok(hi << 32 | lo)
     }
 
     fn check_block(&self, what: &str, ino: u32, start: u64, len: u64) -> LResult<()> {
@@ -366,36 +372,26 @@ impl Geometry {
         Ok(())
     }
 
-    /// Reads a whole (small) file, holes as zeros: used for directories.
-    fn read_all(&self, f: &File, inode: &Inode) -> LResult<Vec<u8>> {
-        let runs = self.runs(f, inode)?;
-        let bs = self.block_size;
-        let mut data = vec![0u8; (inode.size.div_ceil(bs) * bs) as usize];
-        for r in &runs {
-            let at = (r.logical * bs) as usize;
-            read_exact(
-                f,
-                &mut data[at..at + (r.len * bs) as usize],
-                r.physical * bs,
-            )?;
-        }
-        Ok(data)
-    }
-
     /// Finds `name` in directory `dir` by a linear scan of its entries (an
     /// htree directory keeps every entry in such a linear layout too).
     pub fn lookup(&self, f: &File, dir: &Inode, name: &[u8]) -> LResult<u32> {
         if dir.kind() != FileKind::Directory {
             return Err(LayoutError::NotADirectory);
         }
-        let data = self.read_all(f, dir)?;
-        for block in data.chunks(self.block_size as usize) {
+        let mut buf = vec![0u8; self.block_size as usize];
+        let blocks = self
+            .runs(f, dir)?
+            .into_iter()
+            .flat_map(|r| r.physical..r.physical + r.len);
+        for b in blocks {
+            read_exact(f, &mut buf, b * self.block_size)?;
+            let block = buf.as_slice();
             let mut at = 0usize;
             while at + 8 <= block.len() {
                 let ino = u32_at(block, at);
                 let mut rec_len = usize::from(u16_at(block, at + 4));
-                if rec_len == 0 || rec_len == 65535 {
-                    // A 64 KiB block's single entry.
+                if block.len() == 65536 && (rec_len == 0 || rec_len == 65535) {
+                    // How a 64 KiB block's single entry spells 65536.
                     rec_len = block.len();
                 }
                 let name_len = usize::from(block[at + 6]);

@@ -257,8 +257,8 @@ impl ImageSource {
         if !ft.is_file() && !ft.is_block_device() {
             return Err(at_image(
                 io::ErrorKind::InvalidInput,
-                "is not a regular file or block device, so it cannot be a filesystem image; \
-                 pass the image file with --image and the path inside it as PATH"
+                "not a regular file or block device, so not a filesystem image; pass \
+                 the image file with --image and the path inside it as PATH"
                     .into(),
             ));
         }
