@@ -130,7 +130,7 @@ pub(super) struct Geometry {
 }
 
 impl Geometry {
-    /// Reads the superblock and the group descriptor table.
+    /// Reads the superblock (group descriptors are read when needed).
     pub fn read(f: &File) -> LResult<Geometry> {
         let mut sb = [0u8; 1024];
         read_exact(f, &mut sb, SUPERBLOCK_AT)?;
