@@ -8,6 +8,7 @@ mod sigbus;
 
 use clap::{Args, Parser, Subcommand};
 use shadowfd::config::parse_size;
+use shadowfd::source::ImageSource;
 use shadowfd::{Config, Engine, FileSource, Mode, Shadow, Source, StalePolicy};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -99,16 +100,26 @@ impl Common {
     }
 }
 
-/// Where the bytes come from: a host path.
+/// Where the bytes come from: a host path, or a path inside an ext2/3/4 image.
 #[derive(Args, Debug, Clone)]
 pub struct Target {
-    /// The file to shadow.
+    /// The file to shadow (with --image: its path inside the image).
     pub path: PathBuf,
+    /// Read PATH from inside this ext2/ext3/ext4 image file, in user space.
+    #[arg(long, value_name = "IMG")]
+    pub image: Option<PathBuf>,
 }
 
 impl Target {
     /// A fresh source for the target (each call opens it anew).
     pub fn source(&self) -> shadowfd::Result<Arc<dyn Source>> {
+        if let Some(img) = &self.image {
+            let src = ImageSource::open(img, &self.path).map_err(|e| shadowfd::Error::Open {
+                path: e.location().into(),
+                source: std::io::Error::new(e.kind(), e.reason()),
+            })?;
+            return Ok(Arc::new(src));
+        }
         let src = FileSource::open(&self.path).map_err(|e| shadowfd::Error::Open {
             path: self.path.clone(),
             source: e,

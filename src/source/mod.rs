@@ -5,8 +5,10 @@
 //! or a callback into an in-process kernel fits the same trait.
 
 mod file;
+pub mod image;
 
 pub use file::FileSource;
+pub use image::{ImageAccess, ImageError, ImageSource};
 
 use serde::Serialize;
 use std::io;

@@ -1,0 +1,1055 @@
+//! Shadows of files inside ext2/ext3/ext4 images: real images made by
+//! `mkfs.* -d` from trees built here, read back through the library (lazy
+//! and eager engines, both access strategies) and the `shadowfd` binary, and
+//! compared byte for byte with the originals.
+
+use shadowfd::shadow::Field;
+use shadowfd::source::{FileKind, ImageAccess, ImageSource, Source};
+use shadowfd::{Config, Engine, Error, Mode, Share, Staleness};
+use std::fs::{self, File};
+use std::io::ErrorKind;
+use std::os::unix::fs::{FileExt, MetadataExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use tempfile::TempDir;
+
+const MIB: u64 = 1 << 20;
+/// The mtime the tree's regular files get before mkfs copies them.
+const TREE_MTIME: i64 = 1_234_567_890;
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn set_mtime(p: &Path, sec: i64) {
+    let f = File::options().write(true).open(p).unwrap();
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(sec as u64);
+    f.set_times(fs::FileTimes::new().set_modified(t).set_accessed(t))
+        .unwrap();
+}
+
+/// A sparse file of `size` bytes holding `islands` (offset, length) of
+/// pattern data; holes everywhere else.
+fn sparse(p: &Path, size: u64, islands: &[(u64, usize)]) {
+    let f = File::create(p).unwrap();
+    f.set_len(size).unwrap();
+    for (i, &(off, len)) in islands.iter().enumerate() {
+        f.write_all_at(&pattern(100 + i as u64, len), off).unwrap();
+    }
+}
+
+/// The test tree: small, empty, odd-sized, big, nested, sparse, symlinked
+/// files, a directory and a fifo.
+fn make_tree(root: &Path) {
+    fs::create_dir_all(root.join("nested/deep/er")).unwrap();
+    fs::create_dir_all(root.join("emptydir")).unwrap();
+    fs::write(root.join("small.txt"), b"hello from inside an image\n").unwrap();
+    fs::write(root.join("empty"), b"").unwrap();
+    fs::write(root.join("odd.bin"), pattern(1, 4097 + 1024 + 3)).unwrap();
+    fs::write(root.join("big.bin"), pattern(2, 3 * MIB as usize + 123)).unwrap();
+    fs::write(root.join("nested/deep/er/file.bin"), pattern(3, 200_000)).unwrap();
+    // More than four islands: an extent tree deeper than the inode's root.
+    sparse(
+        &root.join("sparse.bin"),
+        24 * MIB + 5,
+        &[
+            (0, 10_000),
+            (MIB + 17, 70_000),
+            (5 * MIB - 3, 4),
+            (8 * MIB, MIB as usize),
+            (12 * MIB + 4096, 8192),
+            (16 * MIB + 100, 100),
+            (20 * MIB, 65536),
+            (24 * MIB, 5),
+        ],
+    );
+    for f in [
+        "small.txt",
+        "empty",
+        "odd.bin",
+        "big.bin",
+        "nested/deep/er/file.bin",
+        "sparse.bin",
+    ] {
+        set_mtime(&root.join(f), TREE_MTIME);
+    }
+    symlink("nested/deep/er/file.bin", root.join("link-rel")).unwrap();
+    symlink("/big.bin", root.join("nested/abs")).unwrap();
+    symlink("../../small.txt", root.join("nested/deep/up")).unwrap();
+    symlink("nested/deep", root.join("dirlink")).unwrap();
+    symlink("loop-b", root.join("loop-a")).unwrap();
+    symlink("loop-a", root.join("loop-b")).unwrap();
+    symlink("nowhere", root.join("dangling")).unwrap();
+    let fifo = std::ffi::CString::new(root.join("fifo").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `fifo` is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+}
+
+/// Paths to read inside the image, and the host file each must equal.
+const FILES: &[(&str, &str)] = &[
+    ("/small.txt", "small.txt"),
+    ("/empty", "empty"),
+    ("/odd.bin", "odd.bin"),
+    ("/big.bin", "big.bin"),
+    ("/nested/deep/er/file.bin", "nested/deep/er/file.bin"),
+    ("/sparse.bin", "sparse.bin"),
+    ("/link-rel", "nested/deep/er/file.bin"),
+    ("/nested/abs", "big.bin"),
+    ("/nested/deep/up", "small.txt"),
+    ("/dirlink/er/file.bin", "nested/deep/er/file.bin"),
+    ("nested/deep/er/file.bin", "nested/deep/er/file.bin"),
+    (
+        "/nested/./deep/../deep/er//file.bin",
+        "nested/deep/er/file.bin",
+    ),
+];
+
+/// Filesystem flavours: extents (ext4) and block maps (ext2, ext3 with a
+/// journal); 1 KiB, 4 KiB and 64 KiB blocks; bigalloc clusters.
+const VARIANTS: &[(&str, &[&str])] = &[
+    ("ext4-4k", &["mkfs.ext4", "-b", "4096"]),
+    ("ext4-1k", &["mkfs.ext4", "-b", "1024"]),
+    ("ext3-4k", &["mkfs.ext3", "-b", "4096"]),
+    ("ext2-1k", &["mkfs.ext2", "-b", "1024"]),
+    ("ext2-4k", &["mkfs.ext2", "-b", "4096"]),
+    ("ext2-64k", &["mkfs.ext2", "-b", "65536"]),
+    (
+        "ext4-bigalloc",
+        &[
+            "mkfs.ext4",
+            "-b",
+            "4096",
+            "-O",
+            "bigalloc,metadata_csum_seed",
+            "-C",
+            "65536",
+        ],
+    ),
+];
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `mkfs -q -F [extra] -d tree img size`.
+fn mkfs(tool: &[&str], extra: &[&str], tree: &Path, img: &Path, size: &str) {
+    run(Command::new(tool[0])
+        .args(&tool[1..])
+        .args(extra)
+        .args(["-q", "-F", "-d"])
+        .arg(tree)
+        .arg(img)
+        .arg(size));
+}
+
+/// `debugfs [-w] -R request img`; returns stdout.
+fn debugfs(img: &Path, write: bool, request: &str) -> String {
+    let mut c = Command::new("debugfs");
+    if write {
+        c.arg("-w");
+    }
+    let out = run(c.arg("-R").arg(request).arg(img));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+struct Fixture {
+    _dir: TempDir,
+    tree: PathBuf,
+    images: Vec<(&'static str, PathBuf)>,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    make_tree(&tree);
+    let images = VARIANTS
+        .iter()
+        .map(|&(name, tool)| {
+            let img = dir.path().join(format!("{name}.img"));
+            mkfs(tool, &[], &tree, &img, "64M");
+            (name, img)
+        })
+        .collect();
+    Fixture {
+        _dir: dir,
+        tree,
+        images,
+    }
+}
+
+fn engine(mode: Mode) -> Engine {
+    Engine::new(Config {
+        mode,
+        ..Config::default()
+    })
+    .unwrap()
+}
+
+/// Reads all of `src` with `read_at` calls of an odd size.
+fn read_all(src: &dyn Source, size: u64) -> Vec<u8> {
+    let mut out = vec![0u8; size as usize];
+    let mut off = 0usize;
+    while off < out.len() {
+        let end = (off + 77_777).min(out.len());
+        let n = src.read_at(&mut out[off..end], off as u64).unwrap();
+        assert!(
+            n > 0,
+            "{}: read_at returned 0 at {off} of {size}",
+            src.name()
+        );
+        off += n;
+    }
+    let mut probe = [0u8; 16];
+    assert_eq!(
+        src.read_at(&mut probe, size).unwrap(),
+        0,
+        "no bytes past the end"
+    );
+    out
+}
+
+/// Reads `len` bytes at `off` exactly.
+fn read_exact(src: &dyn Source, off: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        let n = src.read_at(&mut buf[done..], off + done as u64).unwrap();
+        assert!(n > 0, "{}: short at {}", src.name(), off + done as u64);
+        done += n;
+    }
+    buf
+}
+
+/// Offsets that cross block, run and hole edges, plus pseudo-random ones.
+fn probe_points(size: u64) -> Vec<(u64, usize)> {
+    let mut v = vec![
+        (0, 1),
+        (1023, 2),
+        (4095, 4098),
+        (MIB - 1, 3),
+        (MIB + 16, 70_002),
+    ];
+    let r = pattern(7, 64 * 8);
+    for c in r.chunks_exact(16) {
+        let off = u64::from_le_bytes(c[..8].try_into().unwrap()) % size.max(1);
+        let len = (u64::from_le_bytes(c[8..].try_into().unwrap()) % 300_000) as usize + 1;
+        v.push((off, len));
+    }
+    v.into_iter()
+        .filter(|&(o, _)| o < size)
+        .map(|(o, l)| (o, l.min((size - o) as usize)))
+        .collect()
+}
+
+#[test]
+fn files_read_back_through_the_library() {
+    let fx = fixture();
+    let lazy = engine(Mode::Lazy);
+    let eager = engine(Mode::Eager);
+    for (variant, img) in &fx.images {
+        for &(inner, host) in FILES {
+            let what = format!("{variant} {inner}");
+            let want = fs::read(fx.tree.join(host)).unwrap();
+            let hm = fs::metadata(fx.tree.join(host)).unwrap();
+            let src = ImageSource::open(img, inner).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let meta = src.metadata().unwrap();
+            assert_eq!(meta.kind, FileKind::Regular, "{what}");
+            assert_eq!(meta.size, want.len() as u64, "{what}");
+            assert_eq!(
+                meta.mtime.sec,
+                hm.mtime(),
+                "{what}: mtime comes from the inode"
+            );
+            assert_eq!(meta.inode, u64::from(src.inode_in_image()), "{what}");
+            assert_eq!(read_all(&src, meta.size), want, "{what}: read_at");
+            for (off, len) in probe_points(meta.size) {
+                assert_eq!(
+                    read_exact(&src, off, len),
+                    &want[off as usize..off as usize + len],
+                    "{what}: read_at({off}, {len})"
+                );
+            }
+            if want.is_empty() {
+                continue;
+            }
+            for (mode, eng) in [("lazy", &lazy), ("eager", &eager)] {
+                let sh = eng
+                    .open(ImageSource::open(img, inner).unwrap())
+                    .unwrap_or_else(|e| panic!("{what} {mode}: {e}"));
+                assert_eq!(sh.size(), want.len() as u64);
+                let map = sh.map(Share::Private).unwrap();
+                assert!(map[..] == want[..], "{what}: {mode} mapping differs");
+                assert_eq!(sh.poisoned_pages(), vec![], "{what} {mode}");
+                assert_eq!(
+                    sh.staleness().unwrap(),
+                    Staleness::Unchanged,
+                    "{what} {mode}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn block_maps_are_really_exercised() {
+    // The images must hold what the other tests claim to cover: an extent
+    // tree deeper than the inode (ext4) and double-indirect blocks (ext2 1K).
+    let fx = fixture();
+    let img = |v: &str| &fx.images.iter().find(|(n, _)| *n == v).unwrap().1;
+    let stat = debugfs(img("ext4-4k"), false, "stat /sparse.bin");
+    assert!(stat.contains("(ETB0)"), "no extent tree block:\n{stat}");
+    let stat = debugfs(img("ext2-1k"), false, "stat /sparse.bin");
+    assert!(stat.contains("(DIND)"), "no double-indirect block:\n{stat}");
+    // Holes read as zeros and islands as data, through both map kinds.
+    let want = fs::read(fx.tree.join("sparse.bin")).unwrap();
+    for v in ["ext4-4k", "ext2-1k"] {
+        let src = ImageSource::open(img(v), "/sparse.bin").unwrap();
+        let ext = src.extents();
+        assert!(ext.len() >= 8, "{v}: {ext:?}");
+        let mapped: u64 = ext.iter().map(|e| e.2).sum();
+        assert!(
+            mapped < 2 * MIB + 512 * 1024,
+            "{v}: holes were mapped: {mapped}"
+        );
+        assert_eq!(read_exact(&src, 2 * MIB, 4096), vec![0u8; 4096]);
+        assert_eq!(read_all(&src, want.len() as u64), want);
+    }
+}
+
+#[test]
+fn thread_access_reads_the_same_bytes() {
+    let fx = fixture();
+    let lazy = engine(Mode::Lazy);
+    for (variant, img) in &fx.images {
+        // ext4-view 1.0.0 cannot read block-mapped files with holes in their
+        // indirect blocks, so the sparse file is read through extents only.
+        let mut files = vec![
+            ("/link-rel", "nested/deep/er/file.bin"),
+            ("/odd.bin", "odd.bin"),
+        ];
+        if variant.starts_with("ext4") {
+            files.push(("/sparse.bin", "sparse.bin"));
+        }
+        for (inner, host) in files {
+            let want = fs::read(fx.tree.join(host)).unwrap();
+            let t = ImageSource::open_with(img, inner, ImageAccess::Thread).unwrap();
+            for (off, len) in probe_points(want.len() as u64) {
+                assert_eq!(
+                    read_exact(&t, off, len),
+                    &want[off as usize..off as usize + len],
+                    "{variant} {inner}: thread read_at({off}, {len})"
+                );
+            }
+            let sh = lazy.open(t).unwrap();
+            let map = sh.map(Share::Shared).unwrap();
+            assert!(
+                map[..] == want[..],
+                "{variant} {inner}: thread-backed lazy mapping"
+            );
+        }
+    }
+}
+
+/// Compares a mapping with a host file piece by piece (no second copy).
+fn assert_same_as_file(map: &[u8], host: &Path, what: &str) {
+    let f = File::open(host).unwrap();
+    assert_eq!(
+        map.len() as u64,
+        f.metadata().unwrap().len(),
+        "{what}: size"
+    );
+    let mut buf = vec![0u8; 8 * MIB as usize];
+    let mut off = 0usize;
+    while off < map.len() {
+        let n = buf.len().min(map.len() - off);
+        f.read_exact_at(&mut buf[..n], off as u64).unwrap();
+        if map[off..off + n] != buf[..n] {
+            let i = map[off..off + n]
+                .iter()
+                .zip(&buf[..n])
+                .position(|(a, b)| a != b);
+            panic!("{what}: differs at {}", off + i.unwrap());
+        }
+        off += n;
+    }
+}
+
+#[test]
+fn files_over_256_mib_lazy_and_eager() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    fs::create_dir(&tree).unwrap();
+    let size = 300 * MIB + 1234;
+    let host = tree.join("huge.bin");
+    sparse(
+        &host,
+        size,
+        &[
+            (0, 100_000),
+            (100 * MIB - 7, 300_000),
+            (200 * MIB, 2 * MIB as usize),
+            (299 * MIB + 5, 4096),
+            (size - 1234, 1234),
+        ],
+    );
+    assert!(
+        fs::metadata(&host).unwrap().blocks() * 512 < 16 * MIB,
+        "the host file is sparse"
+    );
+    for (name, tool) in [
+        ("ext4-4k", &["mkfs.ext4", "-b", "4096"][..]),
+        ("ext2-1k", &["mkfs.ext2", "-b", "1024"][..]),
+    ] {
+        let img = dir.path().join(format!("{name}.img"));
+        mkfs(tool, &[], &tree, &img, "64M");
+        assert!(
+            fs::metadata(&img).unwrap().blocks() * 512 < 64 * MIB,
+            "{name}: mkfs -d kept the file sparse"
+        );
+        if name == "ext2-1k" {
+            let stat = debugfs(&img, false, "stat /huge.bin");
+            assert!(
+                stat.contains("(TIND)"),
+                "{name}: no triple-indirect block:\n{stat}"
+            );
+        }
+        let lazy = engine(Mode::Lazy);
+        let sh = lazy
+            .open(ImageSource::open(&img, "/huge.bin").unwrap())
+            .unwrap();
+        assert_eq!(sh.size(), size);
+        assert_same_as_file(
+            &sh.map(Share::Private).unwrap(),
+            &host,
+            &format!("{name} lazy"),
+        );
+        drop(sh);
+
+        let capped = engine(Mode::Eager);
+        let e = capped
+            .open(ImageSource::open(&img, "/huge.bin").unwrap())
+            .unwrap_err();
+        assert!(matches!(e, Error::TooLarge { .. }), "{name}: {e}");
+        assert!(e.to_string().contains("--max-size"), "{e}");
+        let eager = Engine::new(Config {
+            mode: Mode::Eager,
+            max_size: 512 * MIB,
+            ..Config::default()
+        })
+        .unwrap();
+        let sh = eager
+            .open(ImageSource::open(&img, "/huge.bin").unwrap())
+            .unwrap();
+        assert_same_as_file(
+            &sh.map(Share::Private).unwrap(),
+            &host,
+            &format!("{name} eager"),
+        );
+    }
+}
+
+#[test]
+fn files_over_4_gib_keep_their_high_size_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    fs::create_dir(&tree).unwrap();
+    let size = 5 * 1024 * MIB + 77;
+    let islands = [
+        (0, 4096),
+        (4096 * MIB - 10, 20),
+        (4500 * MIB, 65536),
+        (size - 77, 77),
+    ];
+    let host = tree.join("over4g.bin");
+    sparse(&host, size, &islands);
+    let hf = File::open(&host).unwrap();
+    let eng = engine(Mode::Lazy);
+    for (name, tool) in [
+        ("ext4-4k", &["mkfs.ext4", "-b", "4096"][..]),
+        ("ext2-4k", &["mkfs.ext2", "-b", "4096"][..]),
+    ] {
+        let img = dir.path().join(format!("{name}.img"));
+        mkfs(tool, &[], &tree, &img, "32M");
+        let src = ImageSource::open(&img, "/over4g.bin").unwrap();
+        assert_eq!(src.metadata().unwrap().size, size, "{name}");
+        let sh = eng
+            .open(ImageSource::open(&img, "/over4g.bin").unwrap())
+            .unwrap();
+        let map = sh.map(Share::Private).unwrap();
+        for &(off, len) in &islands {
+            // The island plus a page of hole on each side.
+            let a = off.saturating_sub(4096);
+            let b = (off + len as u64 + 4096).min(size);
+            let mut want = vec![0u8; (b - a) as usize];
+            hf.read_exact_at(&mut want, a).unwrap();
+            assert_eq!(read_exact(&src, a, want.len()), want, "{name} read_at {a}");
+            assert!(
+                map[a as usize..b as usize] == want[..],
+                "{name} mapping at {a}"
+            );
+        }
+        assert!(
+            sh.resident_bytes().unwrap() < 256 * MIB,
+            "{name}: only touched pages filled"
+        );
+    }
+}
+
+#[test]
+fn lookups_in_hash_indexed_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    fs::create_dir_all(tree.join("many")).unwrap();
+    for i in 0..600u64 {
+        fs::write(
+            tree.join(format!("many/entry-with-a-long-name-{i:05}")),
+            pattern(i, i as usize),
+        )
+        .unwrap();
+    }
+    for (name, tool) in [
+        ("ext4-1k", &["mkfs.ext4", "-b", "1024"][..]),
+        ("ext2-4k", &["mkfs.ext2", "-b", "4096"][..]),
+    ] {
+        let img = dir.path().join(format!("{name}.img"));
+        mkfs(tool, &[], &tree, &img, "32M");
+        // Rebuild the directory as an htree (hash-indexed) directory.
+        let out = Command::new("e2fsck")
+            .args(["-fyD"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(out.status.code().is_some_and(|c| c <= 1), "{out:?}");
+        let dump = debugfs(&img, false, "htree_dump /many");
+        assert!(
+            dump.contains("Number of entries"),
+            "{name}: /many is not indexed:\n{dump}"
+        );
+        for i in [0u64, 1, 299, 599] {
+            let p = format!("/many/entry-with-a-long-name-{i:05}");
+            let src = ImageSource::open(&img, &p).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(read_all(&src, i), pattern(i, i as usize), "{name} {p}");
+        }
+        let e = ImageSource::open(&img, "/many/entry-with-a-long-name-00600").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+    }
+}
+
+#[test]
+fn unwritten_extents_read_as_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    fs::create_dir(&tree).unwrap();
+    fs::write(tree.join("junk"), vec![0xA5u8; MIB as usize]).unwrap();
+    sparse(&tree.join("pre.bin"), MIB, &[(MIB - 4096, 4096)]);
+    let img = dir.path().join("pre.img");
+    mkfs(&["mkfs.ext4", "-b", "4096"], &[], &tree, &img, "16M");
+    // Free the junk's blocks (their bytes stay), then preallocate blocks
+    // 0..63 of pre.bin: unwritten extents over blocks full of 0xA5.
+    debugfs(&img, true, "rm /junk");
+    debugfs(&img, true, "fallocate /pre.bin 0 63");
+    let stat = debugfs(&img, false, "stat /pre.bin");
+    assert!(stat.contains("[u]"), "no unwritten extent:\n{stat}");
+    let bmap = debugfs(&img, false, "bmap /pre.bin 0");
+    let block: u64 = bmap.split_whitespace().next().unwrap().parse().unwrap();
+    let mut raw = vec![0u8; 4096];
+    File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut raw, block * 4096)
+        .unwrap();
+    assert!(
+        raw.iter().any(|&b| b != 0),
+        "the preallocated block should hold stale bytes"
+    );
+
+    // (ImageAccess::Thread would return the stale 0xA5 bytes: ext4-view
+    // 1.0.0 does not treat unwritten extents as holes.)
+    let want = fs::read(tree.join("pre.bin")).unwrap();
+    let src = ImageSource::open(&img, "/pre.bin").unwrap();
+    assert!(
+        read_all(&src, MIB) == want,
+        "unwritten blocks must read as zeros"
+    );
+    let sh = engine(Mode::Lazy)
+        .open(ImageSource::open(&img, "/pre.bin").unwrap())
+        .unwrap();
+    assert!(sh.map(Share::Private).unwrap()[..] == want[..]);
+}
+
+fn shadowfd(args: &[&str], img: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shadowfd"))
+        .args(args)
+        .arg("--image")
+        .arg(img)
+        .env_remove("SHADOWFD_MODE")
+        .env_remove("SHADOWFD_MAX_SIZE")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn cli_cat_and_map_read_files_in_images() {
+    let fx = fixture();
+    for (variant, img) in &fx.images {
+        for &(inner, host) in &[
+            ("/sparse.bin", "sparse.bin"),
+            ("/link-rel", "nested/deep/er/file.bin"),
+            ("/small.txt", "small.txt"),
+            ("/odd.bin", "odd.bin"),
+        ] {
+            let want = fs::read(fx.tree.join(host)).unwrap();
+            for mode in ["lazy", "eager"] {
+                let out = shadowfd(&["cat", inner, "--mode", mode], img);
+                assert!(
+                    out.status.success(),
+                    "{variant} {inner} {mode}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                assert!(out.stdout == want, "{variant} {inner} {mode}: bytes differ");
+            }
+        }
+    }
+    let img = &fx.images[0].1;
+    let out = shadowfd(
+        &[
+            "map", "/big.bin", "--access", "seq", "--verify", "--json", "--mode", "lazy",
+        ],
+        img,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["verified"], serde_json::json!(true), "{j}");
+    assert_eq!(j["size"], serde_json::json!(3 * MIB + 123), "{j}");
+    assert_eq!(j["errors"], serde_json::json!(0), "{j}");
+}
+
+/// Runs the binary, expects failure, returns stderr.
+fn cli_fails(args: &[&str], img: &Path) -> String {
+    let out = shadowfd(args, img);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "{args:?} --image {img:?} should fail"
+    );
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    assert!(out.stdout.is_empty(), "{args:?}: wrote to stdout");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.starts_with("shadowfd: error: "), "{err}");
+    err
+}
+
+fn assert_has(text: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(text.contains(p), "{p:?} missing from: {text}");
+    }
+}
+
+#[test]
+fn cli_errors_name_the_image_the_path_and_the_fix() {
+    let fx = fixture();
+    let img = &fx.images[0].1;
+    let i = img.display().to_string();
+    let e = cli_fails(&["cat", "/nested/missing.txt"], img);
+    assert_has(
+        &e,
+        &[
+            &format!("{i}:/nested/missing.txt"),
+            "no such file",
+            "debugfs -R 'ls -l /nested'",
+        ],
+    );
+    let e = cli_fails(&["cat", "/nested"], img);
+    assert_has(
+        &e,
+        &[&format!("{i}:/nested"), "not a regular file (directory)"],
+    );
+    let e = cli_fails(&["cat", "/dirlink"], img);
+    assert_has(&e, &[&format!("{i}:/dirlink"), "(directory)"]);
+    let e = cli_fails(&["map", "/fifo", "--json"], img);
+    assert_has(
+        &e,
+        &[&format!("{i}:/fifo"), "not a regular file (special file)"],
+    );
+    let e = cli_fails(&["cat", "/small.txt/x"], img);
+    assert_has(&e, &[&format!("{i}:/small.txt/x"), "not a directory"]);
+    let e = cli_fails(&["cat", "/loop-a"], img);
+    assert_has(
+        &e,
+        &[&format!("{i}:/loop-a"), "too many levels of symbolic links"],
+    );
+    let e = cli_fails(&["cat", "/dangling"], img);
+    assert_has(&e, &[&format!("{i}:/dangling"), "no such file"]);
+
+    // Not an image at all.
+    let e = cli_fails(&["cat", "/x"], &fx.tree.join("big.bin"));
+    assert_has(
+        &e,
+        &[
+            "big.bin: not an ext2/ext3/ext4 filesystem image",
+            "magic",
+            "mkfs.ext4",
+        ],
+    );
+    let e = cli_fails(&["cat", "/x"], &fx.tree.join("small.txt"));
+    assert_has(&e, &["small.txt: not an ext2/ext3/ext4", "too small"]);
+    let e = cli_fails(&["cat", "/x"], &fx.tree.join("nested"));
+    assert_has(&e, &["nested: not a regular file or block device"]);
+    let e = cli_fails(&["cat", "/x"], &fx.tree.join("no-such.img"));
+    assert_has(
+        &e,
+        &["no-such.img: cannot open the image file", "No such file"],
+    );
+}
+
+#[test]
+fn library_errors_have_kinds_and_messages() {
+    let fx = fixture();
+    let img = &fx.images[3].1;
+    let i = img.display().to_string();
+    let e = ImageSource::open(img, "/missing").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert_eq!(e.location(), format!("{i}:/missing"));
+    assert!(
+        e.to_string()
+            .starts_with(&format!("{i}:/missing: no such file")),
+        "{e}"
+    );
+    let io: std::io::Error = e.into();
+    assert_eq!(io.kind(), ErrorKind::NotFound);
+    assert_eq!(
+        ImageSource::open(img, "/small.txt/x").unwrap_err().kind(),
+        ErrorKind::NotADirectory
+    );
+    let e = ImageSource::open(fx.tree.join("odd.bin"), "/x").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidData);
+
+    // Directories and special files open, with the right kind; the engine
+    // refuses them.
+    let eng = engine(Mode::Lazy);
+    for (p, kind) in [
+        ("/emptydir", FileKind::Directory),
+        ("/", FileKind::Directory),
+        ("/fifo", FileKind::Other),
+    ] {
+        let src = ImageSource::open(img, p).unwrap();
+        assert_eq!(src.metadata().unwrap().kind, kind, "{p}");
+        let e = eng.open(src).unwrap_err();
+        assert!(matches!(e, Error::NotRegular { .. }), "{p}: {e}");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("{i}:{p} is not a regular file")),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn unsupported_images_are_refused_with_the_feature_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    make_tree(&tree);
+
+    let img = dir.path().join("inline.img");
+    mkfs(&["mkfs.ext4"], &["-O", "inline_data"], &tree, &img, "16M");
+    let e = cli_fails(&["cat", "/small.txt"], &img);
+    assert_has(
+        &e,
+        &[
+            "inline.img: ",
+            "features shadowfd cannot read: inline_data",
+            "debugfs -R 'dump /small.txt OUT'",
+        ],
+    );
+    assert_eq!(
+        ImageSource::open(&img, "/small.txt").unwrap_err().kind(),
+        ErrorKind::Unsupported
+    );
+
+    let img = dir.path().join("nofiletype.img");
+    mkfs(&["mkfs.ext2"], &["-O", "^filetype"], &tree, &img, "16M");
+    let e = cli_fails(&["cat", "/small.txt"], &img);
+    assert_has(
+        &e,
+        &["nofiletype.img: the filesystem is not supported", "debugfs"],
+    );
+
+    // fscrypt: the per-file flag set on a real file of an encrypt-enabled image.
+    let img = dir.path().join("crypt.img");
+    mkfs(&["mkfs.ext4"], &["-O", "encrypt"], &tree, &img, "16M");
+    debugfs(&img, true, "sif /big.bin flags 0x80800");
+    let e = cli_fails(&["cat", "/big.bin"], &img);
+    assert_has(&e, &["crypt.img:/big.bin: ", "encrypted (fscrypt)"]);
+    // Its neighbours still read.
+    let out = shadowfd(&["cat", "/small.txt"], &img);
+    assert!(out.status.success());
+    assert_eq!(out.stdout, b"hello from inside an image\n");
+
+    // A journal that needs recovery: refused until the advised command ran.
+    let img = dir.path().join("dirty.img");
+    mkfs(&["mkfs.ext4"], &[], &tree, &img, "16M");
+    debugfs(&img, true, "feature needs_recovery");
+    let e = cli_fails(&["cat", "/small.txt"], &img);
+    let fix = format!("e2fsck -y -E journal_only {}", img.display());
+    assert_has(&e, &["journal needs recovery", &fix]);
+    run(Command::new("e2fsck")
+        .args(["-y", "-E", "journal_only"])
+        .arg(&img));
+    let out = shadowfd(&["cat", "/small.txt"], &img);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn inode_number(img: &Path, p: &str) -> u64 {
+    let stat = debugfs(img, false, &format!("stat {p}"));
+    let rest = stat.split("Inode: ").nth(1).unwrap();
+    rest.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn staleness_follows_the_inode_and_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    make_tree(&tree);
+    let img = dir.path().join("s.img");
+    mkfs(&["mkfs.ext4", "-b", "4096"], &[], &tree, &img, "32M");
+    set_mtime(&img, 1_700_000_000);
+    let im = fs::metadata(&img).unwrap();
+
+    let small = ImageSource::open(&img, "/small.txt").unwrap();
+    let big = ImageSource::open(&img, "/nested/abs").unwrap();
+    let deep = ImageSource::open(&img, "/link-rel").unwrap();
+    let m = small.metadata().unwrap();
+    assert_eq!(m.inode, inode_number(&img, "/small.txt"));
+    assert_eq!(
+        big.metadata().unwrap().inode,
+        inode_number(&img, "/big.bin")
+    );
+    assert_eq!(small.image_identity(), (im.dev(), im.ino()));
+    assert_eq!(
+        m.device,
+        big.metadata().unwrap().device,
+        "one image, one device identity"
+    );
+    assert_eq!(m.mtime.sec, TREE_MTIME);
+    // ctime: the later of the inode's ctime (mkfs time) and the image's mtime.
+    assert!(m.ctime.sec >= 1_700_000_000, "{m:?}");
+    assert_eq!(small.metadata().unwrap(), m, "metadata is stable");
+
+    let eng = engine(Mode::Lazy);
+    let sh_small = eng
+        .open(ImageSource::open(&img, "/small.txt").unwrap())
+        .unwrap();
+    let sh_big = eng
+        .open(ImageSource::open(&img, "/big.bin").unwrap())
+        .unwrap();
+    assert_eq!(sh_small.staleness().unwrap(), Staleness::Unchanged);
+
+    // The image's own mtime moving counts as a change (ctime).
+    set_mtime(&img, 2_000_000_000);
+    assert_eq!(
+        sh_small.staleness().unwrap(),
+        Staleness::Changed(vec![Field::Ctime])
+    );
+    assert_eq!(small.metadata().unwrap().ctime.sec, 2_000_000_000);
+
+    // The inode changing inside the image.
+    debugfs(&img, true, "sif /small.txt size 3");
+    let now = small.metadata().unwrap();
+    assert_eq!(now.size, 3);
+    match sh_small.staleness().unwrap() {
+        Staleness::Changed(f) => assert!(f.contains(&Field::Size), "{f:?}"),
+        s => panic!("{s:?}"),
+    }
+
+    // The path now names another inode: gone.
+    debugfs(&img, true, "unlink /big.bin");
+    debugfs(&img, true, "ln /odd.bin /big.bin");
+    assert_eq!(sh_big.staleness().unwrap(), Staleness::Gone);
+    assert_eq!(
+        big.metadata().unwrap_err().kind(),
+        ErrorKind::NotFound,
+        "through the symlink too"
+    );
+    // The path no longer resolves: gone.
+    debugfs(&img, true, "rm /nested/deep/er/file.bin");
+    let e = deep.metadata().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert!(e.to_string().contains("no longer in the image"), "{e}");
+
+    // The image replaced by another file (rename over it): gone.
+    let copy = dir.path().join("copy.img");
+    fs::copy(&img, &copy).unwrap();
+    fs::rename(&copy, &img).unwrap();
+    assert_eq!(small.metadata().unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(sh_small.staleness().unwrap(), Staleness::Gone);
+
+    // The image deleted: gone.
+    let again = ImageSource::open(&img, "/small.txt").unwrap();
+    assert!(again.metadata().is_ok());
+    fs::remove_file(&img).unwrap();
+    let e = again.metadata().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert!(e.to_string().contains("was deleted"), "{e}");
+}
+
+/// Not a test of behaviour: the access-strategy figures quoted in
+/// docs/images.md. Run with
+/// `cargo test --release --test image -- --ignored --nocapture access_strategy_figures`.
+#[test]
+#[ignore]
+fn access_strategy_figures() {
+    use std::time::Instant;
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    fs::create_dir(&tree).unwrap();
+    let size = 256 * MIB;
+    {
+        let f = File::create(tree.join("data.bin")).unwrap();
+        let chunk = pattern(9, 8 * MIB as usize);
+        for i in 0..size / (8 * MIB) {
+            f.write_all_at(&chunk, i * 8 * MIB).unwrap();
+        }
+    }
+    let img = dir.path().join("a.img");
+    mkfs(&["mkfs.ext4", "-b", "4096"], &[], &tree, &img, "400M");
+    let host = tree.join("data.bin");
+    let chunk = 256 * 1024usize;
+    let n = (size / chunk as u64) as usize;
+    let order: Vec<u64> = {
+        let r = pattern(11, n * 8);
+        let mut v: Vec<u64> = (0..n as u64).collect();
+        for i in (1..n).rev() {
+            let j = (u64::from_le_bytes(r[i * 8..i * 8 + 8].try_into().unwrap()) % (i as u64 + 1))
+                as usize;
+            v.swap(i, j);
+        }
+        v
+    };
+    type MakeSource<'a> = Box<dyn Fn() -> Box<dyn Source> + 'a>;
+    let sources: Vec<(&str, MakeSource)> = vec![
+        (
+            "host file",
+            Box::new(|| Box::new(shadowfd::FileSource::open(&host).unwrap())),
+        ),
+        (
+            "image direct",
+            Box::new(|| Box::new(ImageSource::open(&img, "/data.bin").unwrap())),
+        ),
+        (
+            "image thread",
+            Box::new(|| {
+                Box::new(ImageSource::open_with(&img, "/data.bin", ImageAccess::Thread).unwrap())
+            }),
+        ),
+    ];
+    // Same footing for both files: written back, dropped from the page cache,
+    // then read back in large reads (so both get the same folio sizes).
+    for p in [&img, &host] {
+        let f = File::open(p).unwrap();
+        f.sync_all().unwrap();
+        // SAFETY: posix_fadvise only takes the descriptor and a range.
+        let r = unsafe {
+            libc::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                0,
+                0,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+        assert_eq!(r, 0);
+        let _ = fs::read(p).unwrap();
+    }
+    // Each figure is the best of ROUNDS runs, the sources interleaved, so
+    // that load from elsewhere on the machine hurts all of them alike.
+    const ROUNDS: usize = 5;
+    let tests = [
+        "read_at seq, 1 thread",
+        "read_at random, 1 thread",
+        "read_at seq, 2 threads",
+        "lazy map + touch, seq",
+    ];
+    let mut best = vec![[0f64; 4]; sources.len()];
+    let mut sums = Vec::new();
+    for _ in 0..ROUNDS {
+        for (k, (_, make)) in sources.iter().enumerate() {
+            let src = make();
+            for (t_i, seq) in [(0, true), (1, false)] {
+                let chunks: Vec<u64> = if seq {
+                    (0..n as u64).collect()
+                } else {
+                    order[..n / 4].to_vec()
+                };
+                let bytes = (chunks.len() * chunk) as f64;
+                let t = Instant::now();
+                for c in chunks {
+                    let got = read_exact(&*src, c * chunk as u64, chunk);
+                    sums.push(got[0]);
+                }
+                best[k][t_i] = best[k][t_i].max(bytes / t.elapsed().as_secs_f64() / 1e6);
+            }
+            let t = Instant::now();
+            std::thread::scope(|sc| {
+                for w in 0..2u64 {
+                    let src = &src;
+                    sc.spawn(move || {
+                        for c in (w..n as u64).step_by(2) {
+                            let _ = read_exact(&**src, c * chunk as u64, chunk);
+                        }
+                    });
+                }
+            });
+            best[k][2] = best[k][2].max(size as f64 / t.elapsed().as_secs_f64() / 1e6);
+            let eng = engine(Mode::Lazy);
+            let t = Instant::now();
+            let sh = eng.open_arc(std::sync::Arc::from(make())).unwrap();
+            let map = sh.map(Share::Private).unwrap();
+            let mut sum = 0u8;
+            for p in map.chunks(4096) {
+                sum = sum.wrapping_add(p[0]);
+            }
+            best[k][3] = best[k][3].max(size as f64 / t.elapsed().as_secs_f64() / 1e6);
+            sums.push(sum);
+        }
+    }
+    std::hint::black_box(&sums);
+    println!(
+        "{size} bytes, 256 KiB reads, page cache warm; best of {ROUNDS}; MB/s (ratio to host)"
+    );
+    for (t_i, t) in tests.iter().enumerate() {
+        let host = best[0][t_i];
+        let row: Vec<String> = sources
+            .iter()
+            .enumerate()
+            .map(|(k, (name, _))| {
+                format!("{name}: {:.0} ({:.2}x)", best[k][t_i], best[k][t_i] / host)
+            })
+            .collect();
+        println!("{t:26} {}", row.join("  "));
+    }
+}
