@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing, shared options, error reporting.
 
 mod access;
+mod bench;
 mod cat;
 mod map;
 mod probe;
@@ -10,8 +11,8 @@ use clap::{Args, Parser, Subcommand};
 use shadowfd::config::parse_size;
 use shadowfd::{Config, Engine, FileSource, Mode, Shadow, Source, StalePolicy};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 /// Lazy, sealed, host-mmappable shadows of files.
 #[derive(Parser)]
@@ -29,6 +30,8 @@ enum Cmd {
     Cat(cat::CatArgs),
     /// Shadow a file, map it, touch it, and report what happened.
     Map(map::MapArgs),
+    /// Eager vs lazy side by side, with the page cache and FUSE as references.
+    Bench(bench::BenchArgs),
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -130,6 +133,7 @@ pub fn main() -> ExitCode {
         Cmd::Probe(a) => probe::run(a),
         Cmd::Cat(a) => cat::run(a),
         Cmd::Map(a) => map::run(a),
+        Cmd::Bench(a) => bench::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
