@@ -70,8 +70,10 @@ fn ratio(x: f64) -> String {
         format!("{x:.0}×")
     } else if x >= 10.0 {
         format!("{x:.1}×")
-    } else {
+    } else if x >= 0.01 {
         format!("{x:.2}×")
+    } else {
+        format!("{x:.1e}×")
     }
 }
 
@@ -85,18 +87,25 @@ fn headline(r: &Report) -> String {
     };
     let mut parts = Vec::new();
     if let Some(t) = r.targets.first().and_then(|t| t.measured) {
-        parts.push(format!("lazy open {} faster than eager", ratio(t)));
+        parts.push(format!("open {} faster", ratio(t)));
     }
     if let Some(x) = find("random:0.01", "total_lazy_over_eager") {
         parts.push(format!("random:0.01 total {} faster", ratio(1.0 / x)));
     }
     if let Some(x) = find("seq", "total_lazy_over_eager") {
-        parts.push(format!("seq total lazy/eager {}", ratio(x)));
+        parts.push(format!("seq total {} of eager", ratio(x)));
+    }
+    let mut line = String::new();
+    if !parts.is_empty() {
+        line = format!("lazy vs eager: {}", parts.join(", "));
     }
     if let Some(x) = find("seq", "total_speedup_lazy_vs_fuse") {
-        parts.push(format!("seq lazy {} faster than fuse2fs", ratio(x)));
+        if !line.is_empty() {
+            line.push_str("  ·  ");
+        }
+        line.push_str(&format!("lazy vs fuse2fs: seq {} faster", ratio(x)));
     }
-    parts.join("  ·  ")
+    line
 }
 
 type DrawResult<T> = Result<T, Box<dyn std::error::Error>>;

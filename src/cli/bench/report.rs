@@ -225,8 +225,10 @@ fn fmt_ratio(x: f64) -> String {
         format!("{x:.0}×")
     } else if x >= 10.0 {
         format!("{x:.1}×")
-    } else {
+    } else if x >= 0.01 {
         format!("{x:.2}×")
+    } else {
+        format!("{x:.1e}×")
     }
 }
 
@@ -401,5 +403,6 @@ mod tests {
         assert_eq!(fmt_us(1_234_000.0), "1.23 s");
         assert_eq!(fmt_ratio(1234.4), "1234×");
         assert_eq!(fmt_ratio(0.5), "0.50×");
+        assert_eq!(fmt_ratio(0.0022), "2.2e-3×");
     }
 }
