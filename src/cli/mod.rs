@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing, shared options, error reporting.
 
 mod access;
+mod bench;
 mod cat;
 mod map;
 mod probe;
@@ -30,6 +31,8 @@ enum Cmd {
     Cat(cat::CatArgs),
     /// Shadow a file, map it, touch it, and report what happened.
     Map(map::MapArgs),
+    /// Eager vs lazy side by side, with the page cache and FUSE as references.
+    Bench(bench::BenchArgs),
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -141,6 +144,7 @@ pub fn main() -> ExitCode {
         Cmd::Probe(a) => probe::run(a),
         Cmd::Cat(a) => cat::run(a),
         Cmd::Map(a) => map::run(a),
+        Cmd::Bench(a) => bench::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

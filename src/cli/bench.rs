@@ -1,0 +1,708 @@
+//! `shadowfd bench`: eager and lazy shadows side by side in one run, with a
+//! plain `mmap` of the host file (the page cache) and an `mmap` through a
+//! `fuse2fs` mount as references. See docs/benchmarks.md.
+
+mod data;
+mod filemap;
+mod fuse;
+mod interrupt;
+mod plot;
+mod report;
+
+use super::access::{self, Access};
+use super::{CliResult, Target, size_arg};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use report::{Cell, Ratio, Report, Sample, Skip};
+use shadowfd::config::format_size;
+use shadowfd::{Config, Engine, Mode, Share, Source};
+use std::fs::File;
+use std::io::IsTerminal;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// How the file is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchMode {
+    /// Eager shadow: copied whole into a memfd at open.
+    Eager,
+    /// Lazy shadow: filled through userfaultfd on first touch.
+    Lazy,
+    /// mmap of the host file itself (page cache; warm).
+    Native,
+    /// mmap of the file through a read-only fuse2fs mount of an ext4 image.
+    Fuse,
+}
+
+impl BenchMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchMode::Eager => "eager",
+            BenchMode::Lazy => "lazy",
+            BenchMode::Native => "native",
+            BenchMode::Fuse => "fuse",
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Size of the generated file, e.g. 64M, 1G.
+    #[arg(long, default_value = "256M", value_parser = size_arg, value_name = "SIZE")]
+    size: u64,
+    /// Repetitions of every pattern under every mode.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    reps: usize,
+    /// Access patterns, comma-separated: seq, random:FRACTION, first,
+    /// strided[:STRIDE], none.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "seq,random:0.01,first,strided",
+        value_name = "PATTERNS"
+    )]
+    patterns: Vec<Access>,
+    /// Modes, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "eager,lazy,native,fuse",
+        value_name = "MODES"
+    )]
+    modes: Vec<BenchMode>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Also draw the results as an SVG chart into this file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Seed of the data and of the random pattern (rep r uses SEED + r).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where the work directory (data, image, mount point) goes
+    /// [default: the temp directory].
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Lazy fill unit  [env: SHADOWFD_CHUNK]
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    chunk: Option<u64>,
+    /// Largest lazy readahead window, 0 for none  [env: SHADOWFD_READAHEAD]
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    readahead: Option<u64>,
+    /// Fault-service worker threads  [env: SHADOWFD_WORKERS]
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+    /// Memory bound (must hold the eager copy)  [env: SHADOWFD_MEMORY_BUDGET]
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    memory_budget: Option<u64>,
+}
+
+/// Where eager and lazy shadows read their bytes from. [`DataSource::source`]
+/// is the only place the bench makes a [`Source`], so another backend (such
+/// as a file inside a disk image) plugs in here.
+enum DataSource {
+    HostFile(Target),
+}
+
+impl DataSource {
+    /// A fresh source (opened anew; timed as part of the shadow's open).
+    fn source(&self) -> shadowfd::Result<Arc<dyn Source>> {
+        match self {
+            DataSource::HostFile(t) => t.source(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            DataSource::HostFile(_) => "host file, warm in the page cache".into(),
+        }
+    }
+}
+
+/// Everything one run needs.
+struct Ctx {
+    data: DataSource,
+    host_file: PathBuf,
+    fuse_file: Option<PathBuf>,
+    eager: Option<Engine>,
+    lazy: Option<Engine>,
+    page: u64,
+}
+
+/// Minor + major page faults of the calling thread so far.
+fn thread_faults() -> u64 {
+    // SAFETY: getrusage writes one rusage struct to a live, zeroed local.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_THREAD is valid on Linux.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
+        return 0;
+    }
+    (ru.ru_minflt + ru.ru_majflt) as u64
+}
+
+fn us(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e6
+}
+
+/// Opens a shadow through `engine`, maps it, touches `pages`.
+fn run_shadow(
+    engine: &Engine,
+    data: &DataSource,
+    pages: &[u64],
+    page: u64,
+) -> Result<Sample, String> {
+    let f0 = thread_faults();
+    let t0 = Instant::now();
+    let shadow = data
+        .source()
+        .and_then(|s| engine.open_arc(s))
+        .map_err(|e| e.to_string())?;
+    let open_us = us(t0);
+    let t1 = Instant::now();
+    let map = shadow.map(Share::Shared).map_err(|e| e.to_string())?;
+    std::hint::black_box(access::touch(&map, pages, page));
+    let access_us = us(t1);
+    let page_faults = thread_faults() - f0;
+    let faults = shadow.stats().faults;
+    let resident_bytes = shadow.resident_bytes().map_err(|e| e.to_string())?;
+    let t2 = Instant::now();
+    drop(map);
+    drop(shadow);
+    Ok(Sample {
+        open_us,
+        access_us,
+        close_us: us(t2),
+        resident_bytes,
+        faults,
+        page_faults,
+    })
+}
+
+/// Opens `path`, maps it, touches `pages`: the page cache reference.
+fn run_mmap(path: &Path, pages: &[u64], page: u64) -> Result<Sample, String> {
+    let err = |e: std::io::Error| format!("{}: {e}", path.display());
+    let f0 = thread_faults();
+    let t0 = Instant::now();
+    let file = File::open(path).map_err(err)?;
+    let len = file.metadata().map_err(err)?.len() as usize;
+    let open_us = us(t0);
+    let t1 = Instant::now();
+    let map = filemap::FileMap::new(&file, len).map_err(err)?;
+    std::hint::black_box(access::touch(&map, pages, page));
+    let access_us = us(t1);
+    let page_faults = thread_faults() - f0;
+    let resident_bytes = map.resident_bytes().map_err(err)?;
+    let t2 = Instant::now();
+    drop(map);
+    drop(file);
+    Ok(Sample {
+        open_us,
+        access_us,
+        close_us: us(t2),
+        resident_bytes,
+        faults: page_faults,
+        page_faults,
+    })
+}
+
+fn run_one(ctx: &Ctx, mode: BenchMode, pages: &[u64]) -> Result<Sample, String> {
+    let p = ctx.page;
+    match mode {
+        BenchMode::Eager => run_shadow(
+            ctx.eager.as_ref().expect("eager engine"),
+            &ctx.data,
+            pages,
+            p,
+        ),
+        BenchMode::Lazy => run_shadow(ctx.lazy.as_ref().expect("lazy engine"), &ctx.data, pages, p),
+        BenchMode::Native => run_mmap(&ctx.host_file, pages, p),
+        BenchMode::Fuse => {
+            let f = ctx.fuse_file.as_ref().expect("fuse mount");
+            drop_cache(f)?;
+            run_mmap(f, pages, p)
+        }
+    }
+}
+
+/// Drops the clean page cache pages of `path` (untimed), so that a run
+/// through the FUSE mount starts cold like a fresh shadow: the kernel keeps
+/// a FUSE file's pages across opens otherwise.
+fn drop_cache(path: &Path) -> Result<(), String> {
+    let err = |e: std::io::Error| format!("dropping the page cache of {}: {e}", path.display());
+    let f = File::open(path).map_err(err)?;
+    // SAFETY: fadvise on a descriptor we own; it only drops clean cache pages.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if r != 0 {
+        return Err(err(std::io::Error::from_raw_os_error(r)));
+    }
+    Ok(())
+}
+
+/// Bytes of the file that `pages` cover.
+fn touched_bytes(pages: &[u64], page: u64, size: u64) -> u64 {
+    pages
+        .iter()
+        .map(|&p| size.saturating_sub(p * page).min(page))
+        .sum()
+}
+
+fn machine() -> report::Machine {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let loadavg = std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    report::Machine {
+        nproc: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu,
+        kernel,
+        mem_total_bytes: shadowfd::config::mem_total(),
+        loadavg_at_start: loadavg,
+    }
+}
+
+/// The engines' configuration: defaults, `SHADOWFD_*`, then the flags.
+fn base_config(a: &BenchArgs) -> Result<Config, String> {
+    let mut c = Config::from_env().map_err(|e| e.to_string())?;
+    if let Some(b) = a.memory_budget {
+        c.memory_budget = b;
+    }
+    if let Some(v) = a.chunk {
+        c.chunk_size = v;
+    }
+    if let Some(v) = a.readahead {
+        c.readahead = v;
+    }
+    if let Some(v) = a.workers {
+        c.workers = v;
+    }
+    Ok(c)
+}
+
+fn check_args(a: &BenchArgs) -> Result<(), String> {
+    if a.reps == 0 {
+        return Err("--reps 0: at least one repetition is needed; use --reps 5 or more".into());
+    }
+    if a.size == 0 {
+        return Err("--size 0: the file must hold at least one byte; try --size 256M".into());
+    }
+    if a.patterns.is_empty() || a.modes.is_empty() {
+        return Err("--patterns and --modes need at least one entry each".into());
+    }
+    let mut seen = Vec::new();
+    for m in &a.modes {
+        if seen.contains(m) {
+            return Err(format!("--modes lists {} twice", m.name()));
+        }
+        seen.push(*m);
+    }
+    if let Some(p) = &a.plot {
+        if p.extension().and_then(|e| e.to_str()) != Some("svg") {
+            return Err(format!(
+                "--plot {}: the chart is SVG; give a file name ending in .svg",
+                p.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn progress(quiet: bool, total: u64) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    pb
+}
+
+pub fn run(a: BenchArgs) -> CliResult {
+    check_args(&a)?;
+    interrupt::install();
+    let quiet = a.json || !std::io::stderr().is_terminal();
+    let root = a.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let page = shadowfd::page_size() as u64;
+    let pb = progress(quiet, (a.reps * a.patterns.len() * a.modes.len()) as u64);
+
+    let mut notes = fuse::clean_stale(&root);
+    let mut skipped: Vec<Skip> = Vec::new();
+
+    // Engines first: a configuration error is reported before any work.
+    let base = base_config(&a)?;
+    let eager = if a.modes.contains(&BenchMode::Eager) {
+        let mut c = base.clone();
+        c.mode = Mode::Eager;
+        if a.size > c.memory_budget {
+            return Err(format!(
+                "--size {} is more than the memory budget of {}: the eager copy must fit; \
+                 choose a smaller --size or raise --memory-budget",
+                format_size(a.size),
+                format_size(c.memory_budget)
+            )
+            .into());
+        }
+        c.max_size = a.size;
+        Some(Engine::new(c)?)
+    } else {
+        None
+    };
+    let lazy = if a.modes.contains(&BenchMode::Lazy) {
+        let mut c = base.clone();
+        c.mode = Mode::Lazy;
+        match Engine::new(c) {
+            Ok(e) => Some(e),
+            Err(e @ shadowfd::Error::LazyUnavailable(_)) => {
+                skipped.push(Skip {
+                    mode: "lazy",
+                    reason: e.to_string(),
+                });
+                None
+            }
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        None
+    };
+
+    let work = data::Workdir::create(&root)?;
+    let data_dir = work.path().join("data");
+    std::fs::create_dir(&data_dir)?;
+    let host_file = data_dir.join("bench.bin");
+    pb.set_message(format!("writing {} of random data", format_size(a.size)));
+    data::write_random(&host_file, a.size, a.seed)
+        .map_err(|e| format!("writing {}: {e}", host_file.display()))?;
+    interrupt::check()?;
+
+    let mut mount = None;
+    if a.modes.contains(&BenchMode::Fuse) {
+        pb.set_message("building the ext4 image and mounting it with fuse2fs");
+        match fuse_setup(work.path(), &data_dir, a.size) {
+            Ok(m) => mount = Some(m),
+            Err(reason) => {
+                interrupt::check()?;
+                notes.push(format!("fuse skipped: {reason}"));
+                skipped.push(Skip {
+                    mode: "fuse",
+                    reason,
+                });
+            }
+        }
+    }
+    data::warm(&host_file)?;
+    if mount.is_some() {
+        data::warm(&work.path().join("image.ext4"))?;
+    }
+    interrupt::check()?;
+
+    let ctx = Ctx {
+        data: DataSource::HostFile(Target {
+            path: host_file.clone(),
+        }),
+        host_file,
+        fuse_file: mount.as_ref().map(|m| m.mountpoint().join("bench.bin")),
+        eager,
+        lazy,
+        page,
+    };
+    let data_desc = ctx.data.describe();
+    let runnable = |m: BenchMode| !skipped.iter().any(|s| s.mode == m.name());
+
+    // samples[pattern][mode][rep]
+    let mut samples = vec![vec![Vec::<Sample>::new(); a.modes.len()]; a.patterns.len()];
+    let mut touched = vec![(0u64, 0u64); a.patterns.len()];
+    let n = a.modes.len();
+    for rep in 0..a.reps {
+        for (pi, pat) in a.patterns.iter().enumerate() {
+            let pages = pat.pages(a.size, page, a.seed.wrapping_add(rep as u64));
+            touched[pi] = (pages.len() as u64, touched_bytes(&pages, page, a.size));
+            for k in 0..n {
+                let mi = (k + rep) % n;
+                let mode = a.modes[mi];
+                pb.set_message(format!("rep {}/{} {pat} {}", rep + 1, a.reps, mode.name()));
+                if runnable(mode) {
+                    interrupt::check()?;
+                    let s = run_one(&ctx, mode, &pages)
+                        .map_err(|e| format!("{pat} under {}: {e}", mode.name()))?;
+                    samples[pi][mi].push(s);
+                }
+                pb.inc(1);
+            }
+        }
+    }
+    pb.set_message("cleaning up");
+    drop(ctx);
+    if let Some(mut m) = mount.take() {
+        let mp = m.mountpoint().to_path_buf();
+        m.unmount()?;
+        if fuse::is_mounted(&mp) {
+            return Err(format!("{} is still mounted after unmount", mp.display()).into());
+        }
+    }
+    drop(work);
+    pb.finish_and_clear();
+
+    let pattern_names: Vec<String> = a.patterns.iter().map(|p| p.to_string()).collect();
+    let mut rows = Vec::new();
+    for (pi, name) in pattern_names.iter().enumerate() {
+        for (mi, m) in a.modes.iter().enumerate() {
+            let cell = Cell {
+                pattern: name,
+                mode: m.name(),
+                pages_touched: touched[pi].0,
+                touched_bytes: touched[pi].1,
+                samples: &samples[pi][mi],
+            };
+            rows.extend(report::row(&cell));
+        }
+    }
+    let get = |pi: usize, m: BenchMode, f: fn(&Sample) -> f64| -> Option<Vec<f64>> {
+        let mi = a.modes.iter().position(|&x| x == m)?;
+        let s = &samples[pi][mi];
+        (!s.is_empty()).then(|| s.iter().map(f).collect())
+    };
+    let open = |s: &Sample| s.open_us;
+    let total = |s: &Sample| s.total_us();
+    let mut ratios = Vec::new();
+    let mut push = |pi: usize, name: &'static str, num: Option<Vec<f64>>, den: Option<Vec<f64>>| {
+        if let (Some(n), Some(d)) = (num, den) {
+            if let Some((value, min, max)) = report::paired(&n, &d) {
+                ratios.push(Ratio {
+                    pattern: pattern_names[pi].clone(),
+                    name,
+                    value,
+                    min,
+                    max,
+                });
+            }
+        }
+    };
+    use BenchMode::*;
+    for pi in 0..a.patterns.len() {
+        push(
+            pi,
+            "open_speedup_lazy_vs_eager",
+            get(pi, Eager, open),
+            get(pi, Lazy, open),
+        );
+        push(
+            pi,
+            "total_lazy_over_eager",
+            get(pi, Lazy, total),
+            get(pi, Eager, total),
+        );
+        push(
+            pi,
+            "total_speedup_lazy_vs_fuse",
+            get(pi, Fuse, total),
+            get(pi, Lazy, total),
+        );
+        push(
+            pi,
+            "total_lazy_over_native",
+            get(pi, Lazy, total),
+            get(pi, Native, total),
+        );
+    }
+    // Open does not depend on the pattern: pool every pattern's pairs.
+    let pooled_open = {
+        let (mut n, mut d) = (Vec::new(), Vec::new());
+        for pi in 0..a.patterns.len() {
+            if let (Some(e), Some(l)) = (get(pi, Eager, open), get(pi, Lazy, open)) {
+                n.extend(e);
+                d.extend(l);
+            }
+        }
+        report::paired(&n, &d).map(|x| x.0)
+    };
+    let targets = targets(&a, &ratios, pooled_open);
+
+    notes.extend(standing_notes(&a, mount_was_used(&skipped, &a.modes)));
+    let r = Report {
+        rows,
+        ratios,
+        targets,
+        skipped,
+        machine: machine(),
+        config: report::RunConfig {
+            size: a.size,
+            reps: a.reps,
+            seed: a.seed,
+            patterns: pattern_names,
+            modes: a.modes.iter().map(|m| m.name()).collect(),
+            data: data_desc,
+            chunk_size: base.chunk_size,
+            readahead: base.readahead,
+            workers: base.workers,
+            page_size: page,
+        },
+        notes,
+    };
+    if let Some(p) = &a.plot {
+        plot::draw(&r, p).map_err(|e| format!("--plot {}: {e}", p.display()))?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        report::print_human(&r);
+        if let Some(p) = &a.plot {
+            println!();
+            println!("chart written to {}", p.display());
+        }
+    }
+    Ok(())
+}
+
+fn mount_was_used(skipped: &[Skip], modes: &[BenchMode]) -> bool {
+    modes.contains(&BenchMode::Fuse) && !skipped.iter().any(|s| s.mode == "fuse")
+}
+
+/// Builds the image, makes the mount point and mounts it.
+fn fuse_setup(work: &Path, data_dir: &Path, size: u64) -> Result<fuse::FuseMount, String> {
+    if let Some(why) = fuse::unavailable() {
+        return Err(why);
+    }
+    let image = work.join("image.ext4");
+    fuse::build_image(data_dir, &image, size)?;
+    let mnt = work.join("mnt");
+    std::fs::create_dir(&mnt).map_err(|e| format!("create {}: {e}", mnt.display()))?;
+    let m = fuse::FuseMount::mount(&image, &mnt, &work.join("fuse2fs.log"))?;
+    let f = m.mountpoint().join("bench.bin");
+    let len = std::fs::metadata(&f)
+        .map_err(|e| format!("{} on the mount: {e}", f.display()))?
+        .len();
+    if len != size {
+        return Err(format!(
+            "{} on the mount has {len} bytes, not {size}",
+            f.display()
+        ));
+    }
+    Ok(m)
+}
+
+/// The targets of docs/benchmarks.md, with what this run measured.
+fn targets(a: &BenchArgs, ratios: &[Ratio], pooled_open: Option<f64>) -> Vec<report::Target> {
+    let find = |pat: &Access, name: &str| {
+        let p = pat.to_string();
+        ratios
+            .iter()
+            .find(|r| r.pattern == p && r.name == name)
+            .map(|r| r.value)
+    };
+    let t =
+        |name: &str, op: &'static str, target: f64, goal: Option<f64>, measured: Option<f64>| {
+            report::Target {
+                name: name.into(),
+                op,
+                target,
+                goal,
+                measured,
+                met: measured.map(|m| if op == ">=" { m >= target } else { m <= target }),
+                note: None,
+            }
+        };
+    let mut out = Vec::new();
+    let mut open = t(
+        "lazy open >= 100x faster than eager (at 256 MiB)",
+        ">=",
+        100.0,
+        None,
+        pooled_open,
+    );
+    if a.size != 256 << 20 {
+        open.note = Some(format!(
+            "measured at {}; the target is stated at 256 MiB",
+            format_size(a.size)
+        ));
+    }
+    out.push(open);
+    out.push(t(
+        "random:0.01 total >= 10x faster lazy than eager",
+        ">=",
+        10.0,
+        None,
+        find(&Access::Random(0.01), "total_lazy_over_eager").map(|x| 1.0 / x),
+    ));
+    out.push(t(
+        "seq total: lazy <= 1.0x eager",
+        "<=",
+        1.0,
+        Some(0.5),
+        find(&Access::Seq, "total_lazy_over_eager"),
+    ));
+    out.push(t(
+        "seq total: lazy >= 2x faster than fuse2fs",
+        ">=",
+        2.0,
+        None,
+        find(&Access::Seq, "total_speedup_lazy_vs_fuse"),
+    ));
+    let mut fault = t(
+        "lazy 4 KiB fault latency <= 1.5x raw UFFDIO_COPY round trip",
+        "<=",
+        1.5,
+        None,
+        None,
+    );
+    fault.note = Some("measured by `cargo bench --bench fault`, not by this command".into());
+    out.push(fault);
+    for x in &mut out {
+        if x.measured.is_none() && x.note.is_none() {
+            x.note =
+                Some("not measured in this run (pattern or mode not selected, or skipped)".into());
+        }
+    }
+    out
+}
+
+fn standing_notes(a: &BenchArgs, fuse_used: bool) -> Vec<String> {
+    let mut n = vec![
+        "the source file is written, fsynced and read once before the first run: it is warm in \
+         the host page cache for every mode"
+            .to_string(),
+        "open = open(2) of the source + shadow creation (eager: the whole copy); access = mmap + \
+         touching one byte per selected page; total = open + access; close (unmap + drop) is \
+         reported separately in the JSON"
+            .to_string(),
+        "faults: userfaultfd faults served (lazy; 0 for eager) or, for native and fuse, the \
+         touching thread's page faults; pgfaults: the touching thread's minor+major page faults \
+         (getrusage RUSAGE_THREAD) in every mode"
+            .to_string(),
+        "resident: the shadow memfd's allocated bytes (eager, lazy), or the file's pages present \
+         in the page cache by mincore (native: the whole file, shared with every reader; fuse: the \
+         FUSE inode's cache)"
+            .to_string(),
+        format!(
+            "MB/s = bytes of the touched pages / total time; ratios are medians of per-rep ratios \
+             (each rep runs every mode back to back); random pages use seed {} + rep",
+            a.seed
+        ),
+    ];
+    if fuse_used {
+        n.push(
+            "fuse: fuse2fs -o ro serves an ext4 image (built with mkfs.ext4 -d, warm in the host \
+             page cache); the kernel keeps a FUSE file's pages across opens, so the bench drops them \
+             (posix_fadvise DONTNEED, untimed) before every fuse run: each run reads through the \
+             daemon, as a fresh shadow reads its source"
+                .into(),
+        );
+    }
+    n
+}

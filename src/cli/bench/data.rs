@@ -1,0 +1,131 @@
+//! The benchmark's own data: a private work directory and a file of seeded
+//! random bytes in it, written, synced and read once so that it is warm in
+//! the host page cache before the first run.
+
+use super::super::access::Rng;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Prefix of the work directories `bench` creates (and of nothing else).
+pub const PREFIX: &str = "shadowfd-bench-";
+
+/// A directory under the temp root, removed with everything in it on drop.
+pub struct Workdir {
+    path: PathBuf,
+}
+
+impl Workdir {
+    /// Creates `ROOT/shadowfd-bench-PID-N` for the first free N.
+    pub fn create(root: &Path) -> io::Result<Workdir> {
+        let pid = std::process::id();
+        for n in 0..1000 {
+            let path = root.join(format!("{PREFIX}{pid}-{n}"));
+            match std::fs::create_dir(&path) {
+                Ok(()) => return Ok(Workdir { path }),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("cannot create a work directory in {}: {e}", root.display()),
+                    ));
+                }
+            }
+        }
+        Err(io::Error::other(format!(
+            "no free work directory name under {}",
+            root.display()
+        )))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Workdir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            if e.kind() != io::ErrorKind::NotFound {
+                eprintln!(
+                    "shadowfd: warning: could not remove {}: {e}",
+                    self.path.display()
+                );
+            }
+        }
+    }
+}
+
+/// The PID a work directory name was made by, if the name is one of ours.
+pub fn owner_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(PREFIX)?;
+    let (pid, n) = rest.split_once('-')?;
+    n.parse::<u32>().ok()?;
+    pid.parse().ok()
+}
+
+/// Whether a process with this PID exists.
+pub fn pid_alive(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Writes `size` bytes from a splitmix64 stream seeded with `seed` to `path`,
+/// then syncs it (so that writeback does not run during the measurements).
+pub fn write_random(path: &Path, size: u64, seed: u64) -> io::Result<()> {
+    let mut f = File::create(path)?;
+    let mut rng = Rng::new(seed);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        for w in buf[..n.next_multiple_of(8)].chunks_exact_mut(8) {
+            w.copy_from_slice(&rng.next().to_le_bytes());
+        }
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.sync_all()
+}
+
+/// Reads `path` to the end, so that its pages are in the page cache.
+pub fn warm(path: &Path) -> io::Result<()> {
+    let mut f = File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    while f.read(&mut buf)? > 0 {}
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_file_is_seeded_and_sized() {
+        let w = Workdir::create(&std::env::temp_dir()).unwrap();
+        let (a, b, c) = (w.path().join("a"), w.path().join("b"), w.path().join("c"));
+        write_random(&a, 12_345, 9).unwrap();
+        write_random(&b, 12_345, 9).unwrap();
+        write_random(&c, 12_345, 10).unwrap();
+        let (a, b, c) = (
+            std::fs::read(a).unwrap(),
+            std::fs::read(b).unwrap(),
+            std::fs::read(c).unwrap(),
+        );
+        assert_eq!(a.len(), 12_345);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let dir = w.path().to_path_buf();
+        let name = dir.file_name().unwrap().to_str().unwrap().to_string();
+        assert_eq!(owner_pid(&name), Some(std::process::id()));
+        drop(w);
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn owner_pid_only_matches_our_names() {
+        assert_eq!(owner_pid("shadowfd-bench-42-0"), Some(42));
+        assert_eq!(owner_pid("shadowfd-bench-42"), None);
+        assert_eq!(owner_pid("other-42-0"), None);
+        assert_eq!(owner_pid("shadowfd-bench-x-0"), None);
+    }
+}

@@ -1,0 +1,144 @@
+//! `shadowfd bench` end to end: the JSON report's shape and contents, the
+//! chart file, the cleanup of the work directory and FUSE mount, and errors
+//! for bad input. Small sizes: this checks behaviour, not speed.
+
+use std::path::Path;
+use std::process::Command;
+
+fn bench(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_shadowfd"))
+        .arg("bench")
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("run shadowfd bench")
+}
+
+fn fuse_mounts_under(dir: &Path) -> Vec<String> {
+    let d = dir.to_string_lossy().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&d))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn json_report_covers_every_pattern_and_mode_and_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("chart.svg");
+    let out = bench(
+        dir.path(),
+        &[
+            "--size",
+            "2M",
+            "--reps",
+            "2",
+            "--json",
+            "--plot",
+            svg.to_str().unwrap(),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let rows = v["rows"].as_array().unwrap();
+    let skipped: Vec<&str> = v["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["mode"].as_str().unwrap())
+        .collect();
+    let patterns = ["seq", "random:0.01", "first", "strided:65536"];
+    for p in patterns {
+        for m in ["eager", "lazy", "native", "fuse"] {
+            let found = rows.iter().any(|r| r["pattern"] == p && r["mode"] == m);
+            assert!(
+                found || skipped.contains(&m),
+                "no row for {p}/{m} and {m} not reported as skipped"
+            );
+        }
+    }
+    for s in v["skipped"].as_array().unwrap() {
+        assert!(!s["reason"].as_str().unwrap().is_empty());
+    }
+    for r in rows {
+        for k in [
+            "open_us",
+            "access_us",
+            "total_us",
+            "resident_bytes",
+            "faults",
+        ] {
+            assert!(r[k].is_number(), "{k} missing in {r}");
+        }
+        assert_eq!(r["reps"], 2);
+        let (o, a, t) = (
+            r["open_us"].as_f64().unwrap(),
+            r["access_us"].as_f64().unwrap(),
+            r["total_us"].as_f64().unwrap(),
+        );
+        assert!(o > 0.0 && a > 0.0 && t > 0.0, "{r}");
+        let s = &r["spread"]["total_us"];
+        assert!(s["min"].as_f64().unwrap() <= t && t <= s["max"].as_f64().unwrap());
+    }
+    let row = |p: &str, m: &str| {
+        rows.iter()
+            .find(|r| r["pattern"] == p && r["mode"] == m)
+            .unwrap_or_else(|| panic!("row {p}/{m}"))
+    };
+    // Eager copies everything; lazy `first` fills one chunk through one fault.
+    assert_eq!(row("first", "eager")["resident_bytes"], 2 << 20);
+    assert_eq!(row("first", "eager")["faults"], 0);
+    if !skipped.contains(&"lazy") {
+        let chunk = v["config"]["chunk_size"].as_u64().unwrap();
+        assert_eq!(row("first", "lazy")["faults"], 1);
+        assert_eq!(
+            row("first", "lazy")["resident_bytes"].as_u64().unwrap(),
+            chunk.min(2 << 20)
+        );
+        assert_eq!(row("seq", "lazy")["resident_bytes"], 2 << 20);
+        assert!(
+            v["ratios"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["name"] == "total_lazy_over_eager")
+        );
+    }
+    assert!(v["machine"]["nproc"].as_u64().unwrap() >= 1);
+    assert!(!v["notes"].as_array().unwrap().is_empty());
+    let chart = std::fs::read_to_string(&svg).expect("chart written");
+    assert!(chart.starts_with("<svg") && chart.contains("total time"));
+    // Nothing left behind: no mount, no work directory.
+    assert!(fuse_mounts_under(dir.path()).is_empty());
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != "chart.svg")
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn bad_input_is_refused_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, needle) in [
+        (vec!["--reps", "0"], "--reps 0"),
+        (vec!["--size", "0"], "--size 0"),
+        (vec!["--plot", "x.png"], ".svg"),
+        (vec!["--modes", "lazy,lazy"], "twice"),
+        (vec!["--patterns", "walk"], "random:FRACTION"),
+        (vec!["--modes", "zfs"], "eager"),
+    ] {
+        let out = bench(dir.path(), &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} accepted");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
