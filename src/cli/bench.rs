@@ -34,6 +34,10 @@ pub enum BenchMode {
     Native,
     /// mmap of the file through a read-only fuse2fs mount of an ext4 image.
     Fuse,
+    /// Eager shadow of the same file inside the ext4 image, read in user space.
+    EagerImage,
+    /// Lazy shadow of the same file inside the ext4 image, read in user space.
+    LazyImage,
 }
 
 impl BenchMode {
@@ -43,7 +47,21 @@ impl BenchMode {
             BenchMode::Lazy => "lazy",
             BenchMode::Native => "native",
             BenchMode::Fuse => "fuse",
+            BenchMode::EagerImage => "eager-image",
+            BenchMode::LazyImage => "lazy-image",
         }
+    }
+
+    fn is_eager(self) -> bool {
+        matches!(self, BenchMode::Eager | BenchMode::EagerImage)
+    }
+
+    fn is_lazy(self) -> bool {
+        matches!(self, BenchMode::Lazy | BenchMode::LazyImage)
+    }
+
+    fn needs_image(self) -> bool {
+        matches!(self, BenchMode::Fuse | BenchMode::EagerImage | BenchMode::LazyImage)
     }
 }
 
@@ -73,6 +91,10 @@ pub struct BenchArgs {
         value_name = "MODES"
     )]
     modes: Vec<BenchMode>,
+    /// Also shadow the file from inside an ext4 image that the bench builds,
+    /// read in user space (adds the eager-image and lazy-image modes).
+    #[arg(long)]
+    image: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -105,19 +127,24 @@ pub struct BenchArgs {
 /// as a file inside a disk image) plugs in here.
 enum DataSource {
     HostFile(Target),
+    /// The same file inside the bench's ext4 image (`Target::image` is set).
+    Image(Target),
 }
 
 impl DataSource {
     /// A fresh source (opened anew; timed as part of the shadow's open).
     fn source(&self) -> shadowfd::Result<Arc<dyn Source>> {
         match self {
-            DataSource::HostFile(t) => t.source(),
+            DataSource::HostFile(t) | DataSource::Image(t) => t.source(),
         }
     }
 
     fn describe(&self) -> String {
         match self {
             DataSource::HostFile(_) => "host file, warm in the page cache".into(),
+            DataSource::Image(_) => {
+                "the same file inside an ext4 image (image warm in the page cache)".into()
+            }
         }
     }
 }
@@ -125,6 +152,7 @@ impl DataSource {
 /// Everything one run needs.
 struct Ctx {
     data: DataSource,
+    image_data: Option<DataSource>,
     host_file: PathBuf,
     fuse_file: Option<PathBuf>,
     eager: Option<Engine>,
@@ -218,6 +246,11 @@ fn run_one(ctx: &Ctx, mode: BenchMode, pages: &[u64]) -> Result<Sample, String> 
             p,
         ),
         BenchMode::Lazy => run_shadow(ctx.lazy.as_ref().expect("lazy engine"), &ctx.data, pages, p),
+        BenchMode::EagerImage | BenchMode::LazyImage => {
+            let engine = if mode.is_eager() { &ctx.eager } else { &ctx.lazy };
+            let data = ctx.image_data.as_ref().expect("image built");
+            run_shadow(engine.as_ref().expect("engine"), data, pages, p)
+        }
         BenchMode::Native => run_mmap(&ctx.host_file, pages, p),
         BenchMode::Fuse => {
             let f = ctx.fuse_file.as_ref().expect("fuse mount");
@@ -334,7 +367,14 @@ fn progress(quiet: bool, total: u64) -> ProgressBar {
     pb
 }
 
-pub fn run(a: BenchArgs) -> CliResult {
+pub fn run(mut a: BenchArgs) -> CliResult {
+    if a.image {
+        for m in [BenchMode::EagerImage, BenchMode::LazyImage] {
+            if !a.modes.contains(&m) {
+                a.modes.push(m);
+            }
+        }
+    }
     check_args(&a)?;
     interrupt::install();
     let quiet = a.json || !std::io::stderr().is_terminal();
@@ -347,7 +387,7 @@ pub fn run(a: BenchArgs) -> CliResult {
 
     // Engines first: a configuration error is reported before any work.
     let base = base_config(&a)?;
-    let eager = if a.modes.contains(&BenchMode::Eager) {
+    let eager = if a.modes.iter().any(|m| m.is_eager()) {
         let mut c = base.clone();
         c.mode = Mode::Eager;
         if a.size > c.memory_budget {
@@ -364,16 +404,18 @@ pub fn run(a: BenchArgs) -> CliResult {
     } else {
         None
     };
-    let lazy = if a.modes.contains(&BenchMode::Lazy) {
+    let lazy = if a.modes.iter().any(|m| m.is_lazy()) {
         let mut c = base.clone();
         c.mode = Mode::Lazy;
         match Engine::new(c) {
             Ok(e) => Some(e),
             Err(e @ shadowfd::Error::LazyUnavailable(_)) => {
-                skipped.push(Skip {
-                    mode: "lazy",
-                    reason: e.to_string(),
-                });
+                for m in a.modes.iter().filter(|m| m.is_lazy()) {
+                    skipped.push(Skip {
+                        mode: m.name(),
+                        reason: e.to_string(),
+                    });
+                }
                 None
             }
             Err(e) => return Err(e.into()),
@@ -391,10 +433,28 @@ pub fn run(a: BenchArgs) -> CliResult {
         .map_err(|e| format!("writing {}: {e}", host_file.display()))?;
     interrupt::check()?;
 
+    let image = work.path().join("image.ext4");
+    let mut image_built = false;
+    if a.modes.iter().any(|m| m.needs_image()) {
+        pb.set_message("building the ext4 image");
+        match fuse::build_image(&data_dir, &image, a.size) {
+            Ok(()) => image_built = true,
+            Err(reason) => {
+                interrupt::check()?;
+                notes.push(format!("image modes skipped: {reason}"));
+                for m in a.modes.iter().filter(|m| m.needs_image()) {
+                    skipped.push(Skip {
+                        mode: m.name(),
+                        reason: reason.clone(),
+                    });
+                }
+            }
+        }
+    }
     let mut mount = None;
-    if a.modes.contains(&BenchMode::Fuse) {
-        pb.set_message("building the ext4 image and mounting it with fuse2fs");
-        match fuse_setup(work.path(), &data_dir, a.size) {
+    if a.modes.contains(&BenchMode::Fuse) && image_built {
+        pb.set_message("mounting the ext4 image with fuse2fs");
+        match fuse_setup(work.path(), &image, a.size) {
             Ok(m) => mount = Some(m),
             Err(reason) => {
                 interrupt::check()?;
@@ -407,14 +467,21 @@ pub fn run(a: BenchArgs) -> CliResult {
         }
     }
     data::warm(&host_file)?;
-    if mount.is_some() {
-        data::warm(&work.path().join("image.ext4"))?;
+    if image_built {
+        data::warm(&image)?;
     }
     interrupt::check()?;
 
     let ctx = Ctx {
         data: DataSource::HostFile(Target {
             path: host_file.clone(),
+            image: None,
+        }),
+        image_data: image_built.then(|| {
+            DataSource::Image(Target {
+                path: PathBuf::from("/bench.bin"),
+                image: Some(image.clone()),
+            })
         }),
         host_file,
         fuse_file: mount.as_ref().map(|m| m.mountpoint().join("bench.bin")),
@@ -516,6 +583,12 @@ pub fn run(a: BenchArgs) -> CliResult {
         );
         push(
             pi,
+            "total_lazy_image_over_lazy",
+            get(pi, LazyImage, total),
+            get(pi, Lazy, total),
+        );
+        push(
+            pi,
             "total_lazy_over_native",
             get(pi, Lazy, total),
             get(pi, Native, total),
@@ -574,16 +647,14 @@ fn mount_was_used(skipped: &[Skip], modes: &[BenchMode]) -> bool {
     modes.contains(&BenchMode::Fuse) && !skipped.iter().any(|s| s.mode == "fuse")
 }
 
-/// Builds the image, makes the mount point and mounts it.
-fn fuse_setup(work: &Path, data_dir: &Path, size: u64) -> Result<fuse::FuseMount, String> {
+/// Makes the mount point and mounts the image there.
+fn fuse_setup(work: &Path, image: &Path, size: u64) -> Result<fuse::FuseMount, String> {
     if let Some(why) = fuse::unavailable() {
         return Err(why);
     }
-    let image = work.join("image.ext4");
-    fuse::build_image(data_dir, &image, size)?;
     let mnt = work.join("mnt");
     std::fs::create_dir(&mnt).map_err(|e| format!("create {}: {e}", mnt.display()))?;
-    let m = fuse::FuseMount::mount(&image, &mnt, &work.join("fuse2fs.log"))?;
+    let m = fuse::FuseMount::mount(image, &mnt, &work.join("fuse2fs.log"))?;
     let f = m.mountpoint().join("bench.bin");
     let len = std::fs::metadata(&f)
         .map_err(|e| format!("{} on the mount: {e}", f.display()))?

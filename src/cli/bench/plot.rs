@@ -38,6 +38,8 @@ fn color(mode: &str) -> RGBColor {
         "lazy" => RGBColor(41, 128, 185),
         "native" => RGBColor(127, 140, 141),
         "fuse" => RGBColor(142, 68, 173),
+        "eager-image" => RGBColor(243, 180, 120),
+        "lazy-image" => RGBColor(133, 193, 233),
         _ => RGBColor(39, 174, 96),
     }
 }
