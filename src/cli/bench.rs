@@ -61,7 +61,10 @@ impl BenchMode {
     }
 
     fn needs_image(self) -> bool {
-        matches!(self, BenchMode::Fuse | BenchMode::EagerImage | BenchMode::LazyImage)
+        matches!(
+            self,
+            BenchMode::Fuse | BenchMode::EagerImage | BenchMode::LazyImage
+        )
     }
 }
 
@@ -247,7 +250,11 @@ fn run_one(ctx: &Ctx, mode: BenchMode, pages: &[u64]) -> Result<Sample, String> 
         ),
         BenchMode::Lazy => run_shadow(ctx.lazy.as_ref().expect("lazy engine"), &ctx.data, pages, p),
         BenchMode::EagerImage | BenchMode::LazyImage => {
-            let engine = if mode.is_eager() { &ctx.eager } else { &ctx.lazy };
+            let engine = if mode.is_eager() {
+                &ctx.eager
+            } else {
+                &ctx.lazy
+            };
             let data = ctx.image_data.as_ref().expect("image built");
             run_shadow(engine.as_ref().expect("engine"), data, pages, p)
         }

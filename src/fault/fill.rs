@@ -77,9 +77,9 @@ pub(crate) fn read_chunk(
     good
 }
 
-/// Copies the good runs into the fill mapping at `fill_addr`. A copy that
-/// fails leaves its run unfilled and reported in `bad`. Returns the bytes
-/// installed.
+/// Copies the good runs into the fill mapping at `fill_addr`. A page whose
+/// copy fails is reported in `bad` and the copy goes on after it. Returns the
+/// bytes installed.
 pub(crate) fn install(
     core: &Core,
     fill_addr: u64,
@@ -88,15 +88,35 @@ pub(crate) fn install(
     good: &[(u64, u64)],
     bad: &mut Vec<BadRange>,
 ) -> u64 {
+    let page = core.page;
     let mut installed = 0;
     for &(a, b) in good {
-        let src = &data[(a - off) as usize..(b - off) as usize];
-        // SAFETY: `fill_addr + a .. + b` lies in the shadow's fill mapping,
-        // registered with `core.uffd`; `src` is the caller's heap buffer,
-        // which is never registered.
-        match unsafe { core.uffd.copy(fill_addr + a, src) } {
-            Ok(()) => installed += b - a,
-            Err(e) => bad.push((a, b, format!("UFFDIO_COPY at offset {a} failed: {e}"))),
+        let mut at = a;
+        while at < b {
+            let src = &data[(at - off) as usize..(b - off) as usize];
+            // SAFETY: `fill_addr + at .. + b` lies in the shadow's fill
+            // mapping, registered with `core.uffd`; `src` is the caller's heap
+            // buffer, which is never registered.
+            match unsafe { core.uffd.copy(fill_addr + at, src) } {
+                Ok(()) => {
+                    installed += b - at;
+                    at = b;
+                }
+                Err((e, done)) => {
+                    installed += done;
+                    let p = at + done;
+                    let why = if e.raw_os_error() == Some(libc::EEXIST) {
+                        format!(
+                            "the page at offset {p} was already present: something filled the \
+                             memfd outside shadowfd, so its bytes cannot be trusted"
+                        )
+                    } else {
+                        format!("UFFDIO_COPY at offset {p} failed: {e}")
+                    };
+                    bad.push((p, p + page, why));
+                    at = p + page;
+                }
+            }
         }
     }
     installed

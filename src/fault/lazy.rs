@@ -15,6 +15,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::os::fd::AsFd;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -37,6 +38,10 @@ pub(crate) struct LazyShadow {
     /// The engine's own registered MAP_SHARED mapping: the target of every
     /// UFFDIO_COPY. Never read or written by any thread.
     fill_map: Option<RawMap>,
+    /// A registered PROT_NONE MAP_SHARED mapping made before sealing, which
+    /// shared consumer mappings are duplicated from (see `shared_mapping`).
+    /// PROT_NONE, so `mlockall` does not populate it or its duplicates.
+    template: Option<RawMap>,
     states: Box<[AtomicU8]>,
     /// Pages that could not be filled, with the reason.
     bad: Mutex<BTreeMap<u64, String>>,
@@ -90,12 +95,53 @@ impl Drop for Registration {
 const STALE_BEFORE: &str = "the source changed since open (stale policy strict)";
 const STALE_DURING: &str = "the source changed during the fill (stale policy strict)";
 
+/// Why chunks are being filled: decides what the memory budget allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Why {
+    /// A thread is waiting on the first chunk of the run.
+    Fault,
+    /// Readahead: nobody is waiting; a full budget gives the chunks back.
+    Prefetch,
+    /// `populate`/`materialize`: the caller asked for these bytes.
+    Populate,
+}
+
 /// Bytes read and installed at once by prefetch, populate and materialize.
 pub(crate) const RUN_BYTES: u64 = 1 << 20;
 
 /// How many chunks make one run.
 pub(crate) fn run_chunks(chunk: u64) -> u64 {
     (RUN_BYTES / chunk).max(1)
+}
+
+/// A zeroed chunk table (all Empty). Allocated zeroed, so that the kernel
+/// hands out zero pages lazily and opening a huge sparse source costs no
+/// more than a small one until its chunks are touched.
+fn zeroed_states(n: usize) -> Box<[AtomicU8]> {
+    let zeros: Box<[u8]> = vec![0u8; n].into_boxed_slice();
+    let len = zeros.len();
+    let ptr = Box::into_raw(zeros) as *mut u8;
+    // SAFETY: AtomicU8 has the same size, alignment and bit validity as u8
+    // (documented), so a boxed [u8] of `len` zeros is a valid boxed
+    // [AtomicU8] of `len` Empty states; the allocation's layout is unchanged.
+    unsafe {
+        Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+            ptr.cast::<AtomicU8>(),
+            len,
+        ))
+    }
+}
+
+/// Registers `map` (PROT_NONE) with `uffd`, then makes it PROT_READ. In this
+/// order no access, `mlockall(MCL_FUTURE)` population or forked child can
+/// reach the memfd through it unregistered; the mremap duplicate and mmap of
+/// a locked mapping would otherwise be populated with zero pages.
+pub(crate) fn register_readable(uffd: &Uffd, map: &RawMap, what: &str) -> Result<()> {
+    let len = map.len().div_ceil(crate::page_size()) * crate::page_size();
+    uffd.register(map.addr(), len as u64)
+        .map_err(|e| Error::sys(format!("UFFDIO_REGISTER of {what}"), e))?;
+    map.protect(libc::PROT_READ)
+        .map_err(|e| Error::sys(format!("mprotect {what} readable"), e))
 }
 
 fn round_up(n: u64, to: u64) -> u64 {
@@ -117,23 +163,26 @@ impl LazyShadow {
         let core = &service.core;
         let chunk = cfg.chunk_size;
         let nchunks = size.div_ceil(chunk);
-        let fill_map = if size > 0 {
-            let len = round_up(size, core.page);
-            let m = RawMap::new(
-                memfd.as_fd(),
-                len as usize,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-            )
-            .map_err(|e| Error::sys("mmap lazy memfd", e))?;
-            m.advise(libc::MADV_DONTFORK)
-                .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
+        let (fill_map, template) = if size > 0 {
+            let len = round_up(size, core.page) as usize;
+            let shared = || {
+                let m = RawMap::new(memfd.as_fd(), len, libc::PROT_NONE, libc::MAP_SHARED)
+                    .map_err(|e| Error::sys("mmap lazy memfd", e))?;
+                m.advise(libc::MADV_DONTFORK)
+                    .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
+                Ok::<_, Error>(m)
+            };
+            let (fill, template) = (shared()?, shared()?);
+            register_readable(&core.uffd, &fill, "the fill mapping")?;
+            // The template stays PROT_NONE but is registered too: an access
+            // that ignores protections (ptrace, /proc/pid/mem) is then served
+            // like any fault instead of leaving a zero page behind.
             core.uffd
-                .register(m.addr(), len)
-                .map_err(|e| Error::sys("UFFDIO_REGISTER of the fill mapping", e))?;
-            Some(m)
+                .register(template.addr(), len as u64)
+                .map_err(|e| Error::sys("UFFDIO_REGISTER of the template mapping", e))?;
+            (Some(fill), Some(template))
         } else {
-            None
+            (None, None)
         };
         // Sealed only now: F_SEAL_FUTURE_WRITE keeps UFFDIO_COPY working but
         // stops write(2) and new writable mappings.
@@ -148,7 +197,8 @@ impl LazyShadow {
             chunk,
             stale: cfg.stale,
             fill_map,
-            states: (0..nchunks).map(|_| AtomicU8::new(0)).collect(),
+            template,
+            states: zeroed_states(nchunks as usize),
             bad: Mutex::new(BTreeMap::new()),
             mappings: RwLock::new(Vec::new()),
             done_lock: Mutex::new(()),
@@ -232,14 +282,14 @@ impl LazyShadow {
         range: Range<u64>,
         run_chunks: u64,
         buf: &mut [u8],
-        prefetch: bool,
+        why: Why,
     ) {
         let mut c = range.start;
         while c < range.end {
             match self.claim_run(c, range.end.min(c + run_chunks)) {
                 Some(run) => {
                     c = run.end;
-                    self.fill(core, run, buf, prefetch);
+                    self.fill(core, run, buf, why);
                 }
                 None => c += 1,
             }
@@ -257,9 +307,11 @@ impl LazyShadow {
         if self.changed.load(Ordering::Relaxed) {
             return true;
         }
-        let changed = match self.source.metadata() {
-            Ok(now) => now != self.meta,
-            Err(_) => true,
+        // A panicking backend must not take a fault-service thread down.
+        let now = catch_unwind(AssertUnwindSafe(|| self.source.fill_metadata()));
+        let changed = match now {
+            Ok(Ok(now)) => now != self.meta,
+            Ok(Err(_)) | Err(_) => true,
         };
         if changed {
             self.changed.store(true, Ordering::Relaxed);
@@ -271,7 +323,10 @@ impl LazyShadow {
     /// publishes it and wakes every waiter. `buf` is the caller's own heap
     /// buffer of at least `run` chunks. For prefetch, a full budget gives the
     /// chunk back (Empty) instead of poisoning it.
-    pub fn fill(&self, core: &Core, run: Range<u64>, buf: &mut [u8], prefetch: bool) {
+    pub fn fill(&self, core: &Core, run: Range<u64>, buf: &mut [u8], why: Why) {
+        let prefetch = why == Why::Prefetch;
+        // A fault needs its first chunk; the rest of its run is a guess.
+        let speculative = prefetch || (why == Why::Fault && run.end - run.start > 1);
         let t0 = std::time::Instant::now();
         let (off, end) = self.run_range(&run);
         let page = core.page;
@@ -281,7 +336,7 @@ impl LazyShadow {
         let mut installed = 0u64;
         if strict && self.check_changed() {
             bad.push((off, end, STALE_BEFORE.into()));
-        } else if !core.reserve(span) {
+        } else if !core.reserve(span, speculative) {
             if !prefetch && run.end - run.start > 1 {
                 // Give back all but the faulting chunk and try with that alone.
                 for c in run.start + 1..run.end {
@@ -289,7 +344,7 @@ impl LazyShadow {
                 }
                 let rest = (run.start + 1) * self.chunk;
                 self.wake_all(core, rest, span - (rest - off));
-                return self.fill(core, run.start..run.start + 1, buf, prefetch);
+                return self.fill(core, run.start..run.start + 1, buf, why);
             }
             if prefetch {
                 for c in run {
@@ -367,15 +422,15 @@ impl LazyShadow {
         self.done_cv.notify_all();
     }
 
-    /// A new `MAP_SHARED` consumer mapping: a duplicate of the fill mapping,
-    /// since a fresh shared mapping of a memfd sealed with
+    /// A new `MAP_SHARED` consumer mapping, still PROT_NONE: a duplicate of
+    /// the template, since a fresh shared mapping of a memfd sealed with
     /// `F_SEAL_FUTURE_WRITE` lacks `VM_MAYWRITE` and cannot be registered.
     pub fn shared_mapping(&self) -> Result<RawMap> {
-        let fill = self
-            .fill_map
+        let t = self
+            .template
             .as_ref()
-            .expect("non-empty lazy shadow has a fill mapping");
-        fill.duplicate_shared()
+            .expect("non-empty lazy shadow has a template mapping");
+        t.duplicate_shared()
             .map_err(|e| Error::sys("mremap a shared consumer mapping", e))
     }
 
@@ -454,7 +509,8 @@ impl LazyShadow {
             .count()
     }
 
-    /// Registers a consumer mapping of this shadow with the engine.
+    /// Registers a consumer mapping of this shadow (made PROT_NONE) with the
+    /// engine, then makes it readable.
     pub fn register(self: &Arc<Self>, map: &RawMap) -> Result<Registration> {
         let core = &self.service.core;
         let len = round_up(map.len() as u64, core.page);
@@ -471,9 +527,7 @@ impl LazyShadow {
             start: map.addr(),
             len,
         };
-        core.uffd
-            .register(map.addr(), len)
-            .map_err(|e| Error::sys("UFFDIO_REGISTER of a consumer mapping", e))?;
+        register_readable(&core.uffd, map, "a consumer mapping")?;
         Ok(reg)
     }
 
@@ -500,12 +554,12 @@ impl LazyShadow {
             first..last + 1,
             run_chunks.min(last - first + 1),
             &mut buf,
-            false,
+            Why::Populate,
         );
         for c in first..=last {
             loop {
                 if let Some(run) = self.claim_run(c, c + 1) {
-                    self.fill(core, run, &mut buf, false);
+                    self.fill(core, run, &mut buf, Why::Populate);
                 }
                 match self.state(c) {
                     ChunkState::Filled => break,
@@ -548,7 +602,7 @@ impl LazyShadow {
 impl Drop for LazyShadow {
     fn drop(&mut self) {
         let core = &self.service.core;
-        if let Some(m) = &self.fill_map {
+        for m in [&self.fill_map, &self.template].into_iter().flatten() {
             let _ = core
                 .uffd
                 .unregister(m.addr(), round_up(m.len() as u64, core.page));

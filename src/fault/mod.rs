@@ -21,5 +21,5 @@ mod readahead;
 pub(crate) mod remote;
 mod service;
 
-pub(crate) use lazy::{LazyShadow, Registration};
+pub(crate) use lazy::{LazyShadow, Registration, register_readable};
 pub(crate) use service::Service;

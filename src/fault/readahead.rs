@@ -60,10 +60,18 @@ impl Readahead {
             now: c..c + 1,
             ahead: Vec::new(),
         };
-        if self.max_window == 0 || !self.is_sequential(c) {
+        if self.max_window == 0 {
+            return single;
+        }
+        if self.last == Some(c) {
+            // Another thread, or a retry, on the chunk just planned: no news.
+            return single;
+        }
+        if !self.is_sequential(c) {
             self.last = Some(c);
             self.window = 0;
             self.marker = None;
+            self.next = c + 1;
             return single;
         }
         let now = c..(c + self.run).min(self.nchunks);

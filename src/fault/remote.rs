@@ -1,6 +1,6 @@
 //! Serving a consumer in another process through the userfaultfd it sent.
 
-use super::lazy::{LazyShadow, run_chunks};
+use super::lazy::{LazyShadow, Why, run_chunks};
 use crate::error::{Error, Result};
 use crate::remote::wire::{self, ATTACH, Frame, READY};
 use crate::uffd::{Uffd, sys::uffd_msg};
@@ -12,7 +12,15 @@ use std::thread::JoinHandle;
 /// Takes the consumer's ATTACH, registers its range with the shadow, answers
 /// READY, and starts the thread that serves its faults until it disconnects.
 pub(crate) fn attach(shadow: Arc<LazyShadow>, stream: UnixStream) -> Result<JoinHandle<()>> {
+    // A consumer that never answers must not block the caller for ever.
+    let timeout = Some(std::time::Duration::from_secs(30));
+    stream
+        .set_read_timeout(timeout)
+        .map_err(|e| Error::sys("set the consumer socket timeout", e))?;
     let (f, fd) = wire::recv(&stream)?;
+    stream
+        .set_read_timeout(None)
+        .map_err(|e| Error::sys("clear the consumer socket timeout", e))?;
     let page = shadow.service.core.page;
     let want_len = shadow.size.div_ceil(page) * page;
     let bad = |why: &str| {
@@ -33,23 +41,37 @@ pub(crate) fn attach(shadow: Arc<LazyShadow>, stream: UnixStream) -> Result<Join
     }
     let (start, len) = (f.a, f.b);
     let key = shadow.add_remote(uffd.clone(), start, len);
+    // Start serving before saying READY: a consumer told READY must never be
+    // left with nobody reading its faults. The thread holds its own handles.
+    let (tshadow, tstream) = (shadow.clone(), stream.try_clone());
+    let spawned = tstream
+        .map_err(|e| Error::sys("clone the consumer socket", e))
+        .and_then(|tstream| {
+            std::thread::Builder::new()
+                .name("shadowfd-remote".into())
+                .spawn(move || {
+                    serve(&tshadow, &uffd, &tstream, start, len);
+                    tshadow.remove_remote(key);
+                })
+                .map_err(|e| Error::sys("spawn a remote-consumer thread", e))
+        });
+    let thread = match spawned {
+        Ok(t) => t,
+        Err(e) => {
+            shadow.remove_remote(key);
+            return Err(e);
+        }
+    };
     let ready = Frame {
         kind: READY,
         a: 0,
         b: 0,
         c: 0,
     };
-    if let Err(e) = wire::send(&stream, &ready, None) {
-        shadow.remove_remote(key);
-        return Err(e);
-    }
-    std::thread::Builder::new()
-        .name("shadowfd-remote".into())
-        .spawn(move || {
-            serve(&shadow, &uffd, &stream, start, len);
-            shadow.remove_remote(key);
-        })
-        .map_err(|e| Error::sys("spawn a remote-consumer thread", e))
+    // If READY cannot be sent the consumer is gone; the thread sees the
+    // hang-up and forgets it.
+    wire::send(&stream, &ready, None)?;
+    Ok(thread)
 }
 
 /// Serves faults from one consumer until its connection closes or its
@@ -94,7 +116,7 @@ fn serve(shadow: &LazyShadow, uffd: &Uffd, stream: &UnixStream, start: u64, len:
                 continue;
             }
             if let Some(r) = shadow.on_fault(core, uffd, start, page_addr - start) {
-                shadow.fill(core, r, &mut buf, false);
+                shadow.fill(core, r, &mut buf, Why::Fault);
             }
         }
     }

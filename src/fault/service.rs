@@ -8,7 +8,7 @@
 //! channels to whichever worker is free; an eventfd tells sleeping workers
 //! that a channel has work.
 
-use super::lazy::{LazyShadow, run_chunks};
+use super::lazy::{LazyShadow, Why, run_chunks};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::stats::Counters;
@@ -86,10 +86,18 @@ pub(crate) struct Core {
 
 impl Core {
     /// Reserves `n` bytes of the memory budget; false if it would overflow.
-    pub fn reserve(&self, n: u64) -> bool {
+    /// Speculative fills (readahead, and the part of a sequential fault's run
+    /// beyond the faulting chunk) may only use the first half of the budget,
+    /// so that they can never take the bytes a demand fault needs.
+    pub fn reserve(&self, n: u64, speculative: bool) -> bool {
+        let limit = if speculative {
+            self.budget / 2
+        } else {
+            self.budget
+        };
         self.resident
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
-                r.checked_add(n).filter(|&t| t <= self.budget)
+                r.checked_add(n).filter(|&t| t <= limit)
             })
             .is_ok()
     }
@@ -208,6 +216,11 @@ fn worker(core: Arc<Core>, chunk: u64) {
     let mut raw = vec![uffd_msg::default(); BATCH];
     let mut faults = Vec::with_capacity(BATCH);
     while !core.stopping.load(Ordering::Relaxed) {
+        // Claimed faults first: a thread is waiting on each.
+        if let Ok(job) = core.fault_rx.try_recv() {
+            run_job(&core, job, run, &mut buf);
+            continue;
+        }
         faults.clear();
         match core.uffd.read_faults(&mut raw, &mut faults) {
             Ok(()) if !faults.is_empty() => {
@@ -223,7 +236,7 @@ fn worker(core: Arc<Core>, chunk: u64) {
                     }
                 }
                 if let Some((s, r)) = mine {
-                    s.fill(&core, r, &mut buf, false);
+                    s.fill(&core, r, &mut buf, Why::Fault);
                 }
                 continue;
             }
@@ -231,10 +244,6 @@ fn worker(core: Arc<Core>, chunk: u64) {
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(_) => return,
-        }
-        if let Ok(job) = core.fault_rx.try_recv() {
-            run_job(&core, job, run, &mut buf);
-            continue;
         }
         if let Ok(job) = core.prefetch_rx.try_recv() {
             run_job(&core, job, run, &mut buf);
@@ -256,10 +265,10 @@ fn worker(core: Arc<Core>, chunk: u64) {
 
 fn run_job(core: &Core, job: Job, run: u64, buf: &mut [u8]) {
     match job {
-        Job::Fault(s, r) => s.fill(core, r, buf, false),
+        Job::Fault(s, r) => s.fill(core, r, buf, Why::Fault),
         Job::Prefetch(w, r) => {
             if let Some(s) = w.upgrade() {
-                s.fill_empty(core, r, run, buf, true);
+                s.fill_empty(core, r, run, buf, Why::Prefetch);
             }
         }
     }

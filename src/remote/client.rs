@@ -51,7 +51,12 @@ impl RemoteMapping {
                 _stream: stream,
             });
         }
-        let map = RawMap::new(memfd.as_fd(), len, libc::PROT_READ, libc::MAP_PRIVATE)
+        let prot = if lazy {
+            libc::PROT_NONE
+        } else {
+            libc::PROT_READ
+        };
+        let map = RawMap::new(memfd.as_fd(), len, prot, libc::MAP_PRIVATE)
             .map_err(|e| Error::sys("mmap the received shadow", e))?;
         drop(memfd);
         if !lazy {
@@ -69,8 +74,7 @@ impl RemoteMapping {
         let reg_len = (len as u64).div_ceil(page) * page;
         map.advise(libc::MADV_DONTFORK)
             .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
-        uffd.register(map.addr(), reg_len)
-            .map_err(|e| Error::sys("UFFDIO_REGISTER of the remote mapping", e))?;
+        crate::fault::register_readable(&uffd, &map, "the remote mapping")?;
         let attach = Frame {
             kind: ATTACH,
             a: map.addr(),

@@ -76,6 +76,18 @@ impl RawMap {
         self.ptr.as_ptr()
     }
 
+    /// `mprotect(prot)` over the whole range.
+    pub(crate) fn protect(&self, prot: i32) -> io::Result<()> {
+        // SAFETY: the range is exactly our own mapping; changing its
+        // protection does not invalidate any reference (none is handed out
+        // before the mapping is PROT_READ).
+        let r = unsafe { libc::mprotect(self.ptr.as_ptr().cast(), self.len, prot) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// `madvise(advice)` over the whole range.
     pub(crate) fn advise(&self, advice: i32) -> io::Result<()> {
         // SAFETY: the range is exactly our own mapping; the advices we use
@@ -137,10 +149,14 @@ impl Mapping {
 impl std::ops::Deref for Mapping {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: the range is mapped PROT_READ for the life of `self`, the
-        // memfd behind it is sealed against writes, and lazy pages are filled
-        // exactly once before any read of them returns; so the bytes are
-        // immutable while borrowed. An empty mapping yields an empty slice.
+        // SAFETY: the range is mapped PROT_READ for the life of `self` and no
+        // code in this crate writes through any mapping of the memfd; the
+        // memfd is sealed against writes (an eager one fully; a lazy one
+        // against write(2) and new writable mappings, while the engine's own
+        // mappings keep VM_MAYWRITE, so only unsafe code calling mprotect on
+        // them could write); and a lazy page is filled exactly once before
+        // any read of it returns. So the bytes are immutable while borrowed.
+        // An empty mapping yields an empty slice.
         unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len()) }
     }
 }

@@ -102,9 +102,14 @@ impl Shadow {
             Share::Shared => libc::MAP_SHARED,
             Share::Private => libc::MAP_PRIVATE,
         };
+        // Lazy mappings start PROT_NONE and become readable once registered.
+        let prot = match self.kind {
+            Kind::Eager(_) => libc::PROT_READ,
+            Kind::Lazy(_) => libc::PROT_NONE,
+        };
         let map = match (&self.kind, share) {
             (Kind::Lazy(l), Share::Shared) => l.shared_mapping()?,
-            _ => RawMap::new(self.memfd().as_fd(), size as usize, libc::PROT_READ, flags)
+            _ => RawMap::new(self.memfd().as_fd(), size as usize, prot, flags)
                 .map_err(|e| Error::sys(format!("mmap shadow of {}", self.name()), e))?,
         };
         let registration = match &self.kind {

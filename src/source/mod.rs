@@ -69,6 +69,15 @@ pub trait Source: Send + Sync {
     /// replaced by another file).
     fn metadata(&self) -> io::Result<SourceMeta>;
 
+    /// The metadata a lazy shadow checks on every fill, to see whether the
+    /// bytes may have changed. Defaults to [`Source::metadata`]; a backend
+    /// may answer more cheaply by leaving out what only tells whether the
+    /// source is still reachable by name (a host file answers with one
+    /// `fstat` and skips the `stat` of its path).
+    fn fill_metadata(&self) -> io::Result<SourceMeta> {
+        self.metadata()
+    }
+
     /// A short human name for messages, such as the path.
     fn name(&self) -> String;
 }
@@ -79,6 +88,9 @@ impl<S: Source + ?Sized> Source for std::sync::Arc<S> {
     }
     fn metadata(&self) -> io::Result<SourceMeta> {
         (**self).metadata()
+    }
+    fn fill_metadata(&self) -> io::Result<SourceMeta> {
+        (**self).fill_metadata()
     }
     fn name(&self) -> String {
         (**self).name()
@@ -91,6 +103,9 @@ impl<S: Source + ?Sized> Source for Box<S> {
     }
     fn metadata(&self) -> io::Result<SourceMeta> {
         (**self).metadata()
+    }
+    fn fill_metadata(&self) -> io::Result<SourceMeta> {
+        (**self).fill_metadata()
     }
     fn name(&self) -> String {
         (**self).name()

@@ -103,16 +103,17 @@ impl Uffd {
     }
 
     /// Installs `src` at `dst`, resuming after partial copies and retrying
-    /// EAGAIN (the address space changed under the copy). Pages that are
-    /// already present (EEXIST) are skipped: someone else filled them.
-    /// Does not wake waiters.
+    /// EAGAIN (the address space changed under the copy). Does not wake
+    /// waiters. On failure, returns the error and the bytes installed before
+    /// it. EEXIST is a failure: chunks are claimed exclusively, so a present
+    /// page means something filled the memfd outside the protocol, and its
+    /// bytes cannot be vouched for.
     ///
     /// # Safety
     /// `dst..dst+src.len()` must lie in a range registered with this uffd by
     /// this crate, and `src` must not be registered memory (the copy would
     /// fault into ourselves).
-    pub(crate) unsafe fn copy(&self, dst: u64, src: &[u8]) -> io::Result<()> {
-        let page = crate::page_size() as u64;
+    pub(crate) unsafe fn copy(&self, dst: u64, src: &[u8]) -> Result<(), (io::Error, u64)> {
         let mut done = 0u64;
         let len = src.len() as u64;
         while done < len {
@@ -130,11 +131,8 @@ impl Uffd {
                 Ok(n) => done += n,
                 Err((e, n)) => {
                     done += n;
-                    match e.raw_os_error() {
-                        Some(libc::EAGAIN) => continue,
-                        // The page at `dst + done` is present already: skip it.
-                        Some(libc::EEXIST) => done = (done / page + 1) * page,
-                        _ => return Err(e),
+                    if e.raw_os_error() != Some(libc::EAGAIN) {
+                        return Err((e, done));
                     }
                 }
             }
@@ -142,17 +140,26 @@ impl Uffd {
         Ok(())
     }
 
-    /// Poisons `len` bytes at `start` and wakes waiters there. Pages already
-    /// present are left alone.
+    /// Poisons `len` bytes at `start` and wakes waiters there. A page whose
+    /// marker is present already (poisoned by an earlier answer) is woken
+    /// instead: a thread may have started waiting on it after that answer's
+    /// wake. Any other failure also ends in a wake, so no thread is left
+    /// waiting; it faults again and is answered again.
     pub(crate) fn poison(&self, start: u64, len: u64) -> io::Result<()> {
         let page = crate::page_size() as u64;
         let mut at = start;
         while at < start + len {
             match sys::poison(self.fd.as_fd(), at, start + len - at, 0) {
                 Ok(_) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => at += page,
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
-                Err(e) => return Err(e),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    let _ = self.wake(at, page);
+                    at += page;
+                }
+                Err(e) => {
+                    let _ = self.wake(at, start + len - at);
+                    return Err(e);
+                }
             }
         }
         Ok(())
