@@ -6,7 +6,8 @@
 //! one worker, done), which is what a random 4 KiB fault costs most. Further
 //! claimed faults from the same batch, and readahead, go through crossbeam
 //! channels to whichever worker is free; an eventfd tells sleeping workers
-//! that a channel has work.
+//! that a channel has work. Workers sleep in epoll with the userfaultfd
+//! added `EPOLLEXCLUSIVE`, so one fault wakes one worker, not the pool.
 
 use super::lazy::{LazyShadow, Why, run_chunks};
 use crate::config::Config;
@@ -181,9 +182,10 @@ impl Service {
         for i in 0..cfg.workers {
             let c = core.clone();
             let chunk = cfg.chunk_size;
+            let sleep = Sleep::new(&core)?;
             let t = std::thread::Builder::new()
                 .name(format!("shadowfd-fault{i}"))
-                .spawn(move || worker(c, chunk))
+                .spawn(move || worker(c, chunk, sleep))
                 .map_err(|e| Error::sys("spawn a fault-service thread", e))?;
             service.threads.lock().push(t);
         }
@@ -210,7 +212,58 @@ impl Drop for Service {
 
 /// One fault-service thread: reads faults and fills chunks inline; runs
 /// queued jobs when no fault is pending; sleeps in poll otherwise.
-fn worker(core: Arc<Core>, chunk: u64) {
+/// Where an idle worker sleeps: an epoll set over the userfaultfd, the work
+/// eventfd and the stop eventfd. The userfaultfd is added with
+/// `EPOLLEXCLUSIVE`, so a fault wakes one sleeping worker, not all of them.
+struct Sleep {
+    ep: OwnedFd,
+}
+
+const EV_UFFD: u64 = 0;
+const EV_WORK: u64 = 1;
+const EV_STOP: u64 = 2;
+
+impl Sleep {
+    fn new(core: &Core) -> Result<Sleep> {
+        // SAFETY: epoll_create1 with a valid flag; returns a new fd or -1.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::sys("epoll_create1", std::io::Error::last_os_error()));
+        }
+        // SAFETY: epoll_create1 just returned this descriptor; we own it.
+        let ep = unsafe { OwnedFd::from_raw_fd(fd) };
+        let add = |target: BorrowedFd<'_>, events: u32, tag: u64| {
+            let mut ev = libc::epoll_event { events, u64: tag };
+            // SAFETY: `ev` is a live epoll_event; both descriptors are open.
+            let r = unsafe {
+                libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, target.as_raw_fd(), &mut ev)
+            };
+            if r < 0 {
+                return Err(Error::sys("epoll_ctl", std::io::Error::last_os_error()));
+            }
+            Ok(())
+        };
+        let exclusive = (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32;
+        add(core.uffd.as_fd(), exclusive, EV_UFFD)?;
+        add(core.work.as_fd(), libc::EPOLLIN as u32, EV_WORK)?;
+        add(core.stop.as_fd(), libc::EPOLLIN as u32, EV_STOP)?;
+        Ok(Sleep { ep })
+    }
+
+    /// Blocks until a fault, queued work or the stop signal.
+    fn wait(&self, core: &Core) {
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 3];
+        // SAFETY: `evs` is a live array of 3 epoll_event structs.
+        let n = unsafe { libc::epoll_wait(self.ep.as_raw_fd(), evs.as_mut_ptr(), 3, -1) };
+        for ev in evs.iter().take(n.max(0) as usize) {
+            if ev.u64 == EV_WORK {
+                eventfd_drain(core.work.as_fd());
+            }
+        }
+    }
+}
+
+fn worker(core: Arc<Core>, chunk: u64, sleep: Sleep) {
     let run = run_chunks(chunk);
     let mut buf = vec![0u8; (run * chunk) as usize];
     let mut raw = vec![uffd_msg::default(); BATCH];
@@ -249,17 +302,7 @@ fn worker(core: Arc<Core>, chunk: u64) {
             run_job(&core, job, run, &mut buf);
             continue;
         }
-        let mut fds =
-            [core.uffd.as_fd(), core.work.as_fd(), core.stop.as_fd()].map(|fd| libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
-        // SAFETY: `fds` is a live array of three pollfd structs.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if n > 0 && fds[1].revents != 0 {
-            eventfd_drain(core.work.as_fd());
-        }
+        sleep.wait(&core);
     }
 }
 
