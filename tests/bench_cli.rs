@@ -37,6 +37,7 @@ fn json_report_covers_every_pattern_and_mode_and_cleans_up() {
             "--reps",
             "2",
             "--json",
+            "--image",
             "--plot",
             svg.to_str().unwrap(),
         ],
@@ -53,7 +54,7 @@ fn json_report_covers_every_pattern_and_mode_and_cleans_up() {
         .collect();
     let patterns = ["seq", "random:0.01", "first", "strided:65536"];
     for p in patterns {
-        for m in ["eager", "lazy", "native", "fuse"] {
+        for m in ["eager", "lazy", "native", "fuse", "eager-image", "lazy-image"] {
             let found = rows.iter().any(|r| r["pattern"] == p && r["mode"] == m);
             assert!(
                 found || skipped.contains(&m),
@@ -100,6 +101,11 @@ fn json_report_covers_every_pattern_and_mode_and_cleans_up() {
             chunk.min(2 << 20)
         );
         assert_eq!(row("seq", "lazy")["resident_bytes"], 2 << 20);
+        if !skipped.contains(&"lazy-image") {
+            // The same file read from inside the image fills the same pages.
+            assert_eq!(row("seq", "lazy-image")["resident_bytes"], 2 << 20);
+            assert_eq!(row("first", "lazy-image")["faults"], 1);
+        }
         assert!(
             v["ratios"]
                 .as_array()
