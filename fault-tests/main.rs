@@ -5,7 +5,10 @@
 
 mod support;
 
+mod bad_config;
+mod budget;
 mod eio;
+mod huge;
 mod inflight;
 mod lifetime;
 mod panic_source;
@@ -13,3 +16,4 @@ mod restricted;
 mod short;
 mod slow;
 mod stale;
+mod stress;

@@ -62,9 +62,11 @@ pub struct Injected {
     path: PathBuf,
     plan: RwLock<Plan>,
     log: Mutex<Vec<ReadRec>>,
-    /// Page index -> times a byte of that page was delivered.
-    delivered: Mutex<BTreeMap<u64, u32>>,
+    /// Page index -> bytes of that page delivered by successful reads.
+    delivered: Mutex<BTreeMap<u64, u64>>,
     page: u64,
+    /// The file's size at open: a page holds `min(page, size - start)` bytes.
+    size_at_open: u64,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
 }
@@ -75,8 +77,11 @@ fn overlaps(r: &Range<u64>, a: u64, b: u64) -> bool {
 
 impl Injected {
     pub fn open(path: &Path, plan: Plan) -> Arc<Injected> {
+        let inner = FileSource::open(path).expect("open test source");
+        let size_at_open = inner.metadata().expect("stat test source").size;
         Arc::new(Injected {
-            inner: FileSource::open(path).expect("open test source"),
+            inner,
+            size_at_open,
             path: path.to_path_buf(),
             plan: RwLock::new(plan),
             log: Mutex::new(Vec::new()),
@@ -110,17 +115,22 @@ impl Injected {
         self.log.lock().len()
     }
 
-    /// Page index -> times any byte of it was delivered by a successful read.
-    pub fn delivered(&self) -> BTreeMap<u64, u32> {
+    /// Page index -> bytes of it delivered by successful reads.
+    pub fn delivered(&self) -> BTreeMap<u64, u64> {
         self.delivered.lock().clone()
     }
 
-    /// Pages delivered more than once: (page index, times).
-    pub fn reread_pages(&self) -> Vec<(u64, u32)> {
+    /// Pages of which more bytes were delivered than they hold, i.e. read
+    /// more than once: (page index, bytes delivered).
+    pub fn reread_pages(&self) -> Vec<(u64, u64)> {
         self.delivered
             .lock()
             .iter()
-            .filter(|&(_, &n)| n > 1)
+            .filter(|&(&p, &n)| {
+                n > self
+                    .page
+                    .min(self.size_at_open.saturating_sub(p * self.page))
+            })
             .map(|(&p, &n)| (p, n))
             .collect()
     }
@@ -140,12 +150,13 @@ impl Injected {
             },
         });
         if let Ok(n) = result {
-            if *n > 0 {
-                let mut d = self.delivered.lock();
-                let (first, last) = (offset / self.page, (offset + *n as u64 - 1) / self.page);
-                for p in first..=last {
-                    *d.entry(p).or_insert(0) += 1;
-                }
+            let (mut a, b) = (offset, offset + *n as u64);
+            let mut d = self.delivered.lock();
+            while a < b {
+                let p = a / self.page;
+                let e = b.min((p + 1) * self.page);
+                *d.entry(p).or_insert(0) += e - a;
+                a = e;
             }
         }
     }
