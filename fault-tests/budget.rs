@@ -51,39 +51,41 @@ fn check_budget_error(err: &Error, offset: u64) {
 
 #[test]
 fn fills_beyond_the_budget_are_refused_and_named() {
-    let Some(engine) = lazy_engine("budget", cfg()) else {
-        return;
-    };
-    let dir = tempdir();
-    let path = write_file(dir.path(), "src", ID, size());
-    let s = engine.open_path(&path).unwrap();
-    for c in 0..FITS {
-        s.populate(c * CHUNK, CHUNK).unwrap();
-        assert!(s.resident_bytes().unwrap() <= BUDGET);
-    }
-    check_budget_error(&s.populate(FITS * CHUNK, 1).unwrap_err(), FITS * CHUNK);
-    assert_eq!(s.resident_bytes().unwrap(), BUDGET, "memfd blocks");
-    assert_eq!(engine.stats().resident_bytes, BUDGET);
-    let bad: Vec<u64> = s.poisoned_pages().iter().map(|(p, _)| *p).collect();
-    let want: Vec<u64> = (FITS * CHUNK..(FITS + 1) * CHUNK)
-        .step_by(page() as usize)
-        .collect();
-    assert_eq!(bad, want, "exactly the refused chunk is poisoned");
-    // What fit is intact.
-    let mut buf = vec![0u8; BUDGET as usize];
-    s.read_at(&mut buf, 0).unwrap();
-    assert_bytes(&buf, ID, 0, "the chunks within the budget");
-    // The budget is per engine: another shadow cannot fill either...
-    let other = engine.open_path(&path).unwrap();
-    check_budget_error(&other.populate(0, 1).unwrap_err(), 0);
-    // ...until the first one is dropped and gives its memory back.
-    drop(s);
-    assert_eq!(engine.stats().resident_bytes, 0);
-    other.populate(CHUNK, CHUNK).unwrap();
-    assert_eq!(engine.stats().resident_bytes, CHUNK);
-    let st = other.stats();
-    assert_eq!(st.poisoned_pages, CHUNK / page(), "{st:?}");
-    assert!(st.last_error.unwrap().contains("--memory-budget"));
+    bounded("fills_beyond_the_budget_are_refused_and_named", || {
+        let Some(engine) = lazy_engine("budget", cfg()) else {
+            return;
+        };
+        let dir = tempdir();
+        let path = write_file(dir.path(), "src", ID, size());
+        let s = engine.open_path(&path).unwrap();
+        for c in 0..FITS {
+            s.populate(c * CHUNK, CHUNK).unwrap();
+            assert!(s.resident_bytes().unwrap() <= BUDGET);
+        }
+        check_budget_error(&s.populate(FITS * CHUNK, 1).unwrap_err(), FITS * CHUNK);
+        assert_eq!(s.resident_bytes().unwrap(), BUDGET, "memfd blocks");
+        assert_eq!(engine.stats().resident_bytes, BUDGET);
+        let bad: Vec<u64> = s.poisoned_pages().iter().map(|(p, _)| *p).collect();
+        let want: Vec<u64> = (FITS * CHUNK..(FITS + 1) * CHUNK)
+            .step_by(page() as usize)
+            .collect();
+        assert_eq!(bad, want, "exactly the refused chunk is poisoned");
+        // What fit is intact.
+        let mut buf = vec![0u8; BUDGET as usize];
+        s.read_at(&mut buf, 0).unwrap();
+        assert_bytes(&buf, ID, 0, "the chunks within the budget");
+        // The budget is per engine: another shadow cannot fill either...
+        let other = engine.open_path(&path).unwrap();
+        check_budget_error(&other.populate(0, 1).unwrap_err(), 0);
+        // ...until the first one is dropped and gives its memory back.
+        drop(s);
+        assert_eq!(engine.stats().resident_bytes, 0);
+        other.populate(CHUNK, CHUNK).unwrap();
+        assert_eq!(engine.stats().resident_bytes, CHUNK);
+        let st = other.stats();
+        assert_eq!(st.poisoned_pages, CHUNK / page(), "{st:?}");
+        assert!(st.last_error.unwrap().contains("--memory-budget"));
+    });
 }
 
 #[test]

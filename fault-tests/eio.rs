@@ -31,79 +31,84 @@ fn eio_plan() -> Plan {
 
 #[test]
 fn populate_names_the_bad_page_and_nothing_else_is_lost() {
-    let Some(engine) = lazy_engine("eio", lazy_config()) else {
-        return;
-    };
-    let dir = tempdir();
-    let path = write_file(dir.path(), "src", ID, size());
-    let clean = write_file(dir.path(), "other", ID + 1, 3 << 20);
-    let src = Injected::open(&path, eio_plan());
-    let shadow = engine.open_arc(src.clone()).unwrap();
-    let (p0, p1) = (BAD_PAGE * page(), (BAD_PAGE + 1) * page());
+    bounded(
+        "populate_names_the_bad_page_and_nothing_else_is_lost",
+        || {
+            let Some(engine) = lazy_engine("eio", lazy_config()) else {
+                return;
+            };
+            let dir = tempdir();
+            let path = write_file(dir.path(), "src", ID, size());
+            let clean = write_file(dir.path(), "other", ID + 1, 3 << 20);
+            let src = Injected::open(&path, eio_plan());
+            let shadow = engine.open_arc(src.clone()).unwrap();
+            let (p0, p1) = (BAD_PAGE * page(), (BAD_PAGE + 1) * page());
 
-    // The bad page alone: an error that names its byte range and the cause.
-    let err = shadow.populate(bad_byte(), 1).unwrap_err();
-    assert!(
-        matches!(err, Error::Unfillable { offset, end, .. } if offset == p0 && end == p1),
-        "{err:?}"
+            // The bad page alone: an error that names its byte range and the cause.
+            let err = shadow.populate(bad_byte(), 1).unwrap_err();
+            assert!(
+                matches!(err, Error::Unfillable { offset, end, .. } if offset == p0 && end == p1),
+                "{err:?}"
+            );
+            let msg = err.to_string();
+            for want in [
+                &format!("{p0}..{p1}"),
+                "Input/output error",
+                "SIGBUS",
+                &src.path().display().to_string(),
+            ] {
+                assert!(msg.contains(want), "{msg:?} lacks {want:?}");
+            }
+
+            // Everything: the same page, and only it, is reported.
+            let err = shadow.populate(0, size()).unwrap_err();
+            assert!(
+                matches!(err, Error::Unfillable { offset, .. } if offset == p0),
+                "{err:?}"
+            );
+            let bad = shadow.poisoned_pages();
+            assert_eq!(
+                bad.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+                vec![p0],
+                "{bad:?}"
+            );
+            assert!(bad[0].1.contains("Input/output error"), "{bad:?}");
+
+            // Every other byte is exact, through read_at and through a mapping.
+            let mut before = vec![0u8; p0 as usize];
+            assert_eq!(shadow.read_at(&mut before, 0).unwrap(), p0 as usize);
+            assert_bytes(&before, ID, 0, "bytes before the bad page");
+            let mut after = vec![0u8; (size() - p1) as usize];
+            assert_eq!(shadow.read_at(&mut after, p1).unwrap(), after.len());
+            assert_bytes(&after, ID, p1, "bytes after the bad page");
+            let mut across = vec![0u8; 3 * page() as usize];
+            assert!(shadow.read_at(&mut across, p0 - page()).is_err());
+            for share in [Share::Shared, Share::Private] {
+                let map = shadow.map(share).unwrap();
+                assert_bytes(&map[..p0 as usize], ID, 0, "mapping before the bad page");
+                assert_bytes(&map[p1 as usize..], ID, p1, "mapping after the bad page");
+            }
+
+            // Recorded for people and counters.
+            let st = shadow.stats();
+            assert_eq!(st.poisoned_pages, 1, "{st:?}");
+            assert!(st.errors >= 1, "{st:?}");
+            let last = st.last_error.expect("last_error set");
+            assert!(last.contains(&p0.to_string()), "{last}");
+            assert!(!shadow.is_materialized());
+            assert!(
+                shadow.fd().is_err(),
+                "an incomplete lazy shadow handed out its fd"
+            );
+
+            // The engine keeps serving: another shadow, read whole through a mapping.
+            let other = engine.open_path(&clean).unwrap();
+            let m = other.map(Share::Shared).unwrap();
+            assert_bytes(&m, ID + 1, 0, "another shadow of the same engine");
+            assert_eq!(other.stats().errors, 0);
+            assert_eq!(engine.stats().poisoned_pages, 1);
+        },
     );
-    let msg = err.to_string();
-    for want in [
-        &format!("{p0}..{p1}"),
-        "Input/output error",
-        "SIGBUS",
-        &src.path().display().to_string(),
-    ] {
-        assert!(msg.contains(want), "{msg:?} lacks {want:?}");
-    }
-
-    // Everything: the same page, and only it, is reported.
-    let err = shadow.populate(0, size()).unwrap_err();
-    assert!(
-        matches!(err, Error::Unfillable { offset, .. } if offset == p0),
-        "{err:?}"
-    );
-    let bad = shadow.poisoned_pages();
-    assert_eq!(
-        bad.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
-        vec![p0],
-        "{bad:?}"
-    );
-    assert!(bad[0].1.contains("Input/output error"), "{bad:?}");
-
-    // Every other byte is exact, through read_at and through a mapping.
-    let mut before = vec![0u8; p0 as usize];
-    assert_eq!(shadow.read_at(&mut before, 0).unwrap(), p0 as usize);
-    assert_bytes(&before, ID, 0, "bytes before the bad page");
-    let mut after = vec![0u8; (size() - p1) as usize];
-    assert_eq!(shadow.read_at(&mut after, p1).unwrap(), after.len());
-    assert_bytes(&after, ID, p1, "bytes after the bad page");
-    let mut across = vec![0u8; 3 * page() as usize];
-    assert!(shadow.read_at(&mut across, p0 - page()).is_err());
-    for share in [Share::Shared, Share::Private] {
-        let map = shadow.map(share).unwrap();
-        assert_bytes(&map[..p0 as usize], ID, 0, "mapping before the bad page");
-        assert_bytes(&map[p1 as usize..], ID, p1, "mapping after the bad page");
-    }
-
-    // Recorded for people and counters.
-    let st = shadow.stats();
-    assert_eq!(st.poisoned_pages, 1, "{st:?}");
-    assert!(st.errors >= 1, "{st:?}");
-    let last = st.last_error.expect("last_error set");
-    assert!(last.contains(&p0.to_string()), "{last}");
-    assert!(!shadow.is_materialized());
-    assert!(
-        shadow.fd().is_err(),
-        "an incomplete lazy shadow handed out its fd"
-    );
-
-    // The engine keeps serving: another shadow, read whole through a mapping.
-    let other = engine.open_path(&clean).unwrap();
-    let m = other.map(Share::Shared).unwrap();
-    assert_bytes(&m, ID + 1, 0, "another shadow of the same engine");
-    assert_eq!(other.stats().errors, 0);
-    assert_eq!(engine.stats().poisoned_pages, 1);
 }
 
 #[test]

@@ -35,11 +35,14 @@ fn mappings_outlive_the_engine_and_the_shadow() {
     drop(shadow);
     drop(engine);
     // Half through one mapping, all through the other: both kinds of pages
-    // (filled by the other mapping's fault, or never filled) are right.
-    let half = size as usize / 2;
-    assert_bytes(&private[..half], ID, 0, "private mapping, engine dropped");
-    assert_bytes(&shared, ID, 0, "shared mapping, engine dropped");
-    assert_bytes(&private, ID, 0, "private mapping, engine dropped");
+    // (filled by the other mapping's fault, or never filled) are right. A
+    // dead service would leave the touch hanging: bounded.
+    with_timeout(60, "touching mappings after the drops", move || {
+        let half = size as usize / 2;
+        assert_bytes(&private[..half], ID, 0, "private mapping, engine dropped");
+        assert_bytes(&shared, ID, 0, "shared mapping, engine dropped");
+        assert_bytes(&private, ID, 0, "private mapping, engine dropped");
+    });
     assert!(src.reread_pages().is_empty());
     assert_eq!(src.delivered().len() as u64, size.div_ceil(page()));
 }
@@ -53,13 +56,19 @@ fn shadow_outlives_the_engine() {
     let path = write_file(dir.path(), "src", ID, 1 << 20);
     let shadow = engine.open_path(&path).unwrap();
     drop(engine);
-    let m = shadow.map(Share::Shared).unwrap();
-    assert_bytes(&m[..4096], ID, 0, "first page");
-    shadow.populate(0, 1 << 19).unwrap();
-    assert_shadow_is(&shadow, ID, "read_at after the engine was dropped");
-    assert_bytes(&m, ID, 0, "mapping after the engine was dropped");
-    shadow.materialize().unwrap();
-    assert!(shadow.is_materialized());
+    with_timeout(
+        60,
+        "using the shadow after the engine was dropped",
+        move || {
+            let m = shadow.map(Share::Shared).unwrap();
+            assert_bytes(&m[..4096], ID, 0, "first page");
+            shadow.populate(0, 1 << 19).unwrap();
+            assert_shadow_is(&shadow, ID, "read_at after the engine was dropped");
+            assert_bytes(&m, ID, 0, "mapping after the engine was dropped");
+            shadow.materialize().unwrap();
+            assert!(shadow.is_materialized());
+        },
+    );
 }
 
 fn dropped_child() {

@@ -7,6 +7,7 @@ mod support;
 
 mod bad_config;
 mod budget;
+mod consumers;
 mod eio;
 mod huge;
 mod inflight;

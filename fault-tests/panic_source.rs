@@ -35,59 +35,63 @@ fn one_worker() -> Config {
 
 #[test]
 fn panicking_read_is_poisoned_and_the_worker_survives() {
-    let Some(engine) = lazy_engine("panicking source", one_worker()) else {
-        return;
-    };
-    let dir = tempdir();
-    let path = write_file(dir.path(), "src", ID, size());
-    let other = write_file(dir.path(), "other", ID + 1, 1 << 20);
-    let s = engine.open_arc(Injected::open(&path, plan())).unwrap();
-    let map = s.map(Share::Shared).unwrap();
-    // A fault on a neighbour in the same chunk: the single worker runs the
-    // fill, the source panics inside it, only the panicking page is lost.
-    assert_bytes(
-        &map[((BAD_PAGE - 1) * page()) as usize..(BAD_PAGE * page()) as usize],
-        ID,
-        (BAD_PAGE - 1) * page(),
-        "the neighbour of the panicking page",
-    );
-    let bad: Vec<u64> = s.poisoned_pages().iter().map(|(p, _)| *p).collect();
-    assert_eq!(bad, vec![BAD_PAGE * page()]);
-    // The worker is still there: every other page comes through faults.
-    let p0 = (BAD_PAGE * page()) as usize;
-    assert_bytes(&map[..p0], ID, 0, "pages before");
-    assert_bytes(
-        &map[p0 + page() as usize..],
-        ID,
-        p0 as u64 + page(),
-        "pages after",
-    );
-    // Populate in this thread: the panic is contained here too.
-    let err = s.populate(0, size()).unwrap_err();
-    assert!(
-        matches!(&err, Error::Unfillable { offset, reason, .. }
-            if *offset == BAD_PAGE * page() && reason.contains("panicked")),
-        "{err:?}"
-    );
-    // And another shadow is served by the same single worker.
-    let o = engine.open_path(&other).unwrap();
-    let om = o.map(Share::Private).unwrap();
-    assert_bytes(&om, ID + 1, 0, "another shadow after the panic");
-    assert!(s.stats().last_error.unwrap().contains("panicked"));
+    bounded("panicking_read_is_poisoned_and_the_worker_survives", || {
+        let Some(engine) = lazy_engine("panicking source", one_worker()) else {
+            return;
+        };
+        let dir = tempdir();
+        let path = write_file(dir.path(), "src", ID, size());
+        let other = write_file(dir.path(), "other", ID + 1, 1 << 20);
+        let s = engine.open_arc(Injected::open(&path, plan())).unwrap();
+        let map = s.map(Share::Shared).unwrap();
+        // A fault on a neighbour in the same chunk: the single worker runs the
+        // fill, the source panics inside it, only the panicking page is lost.
+        assert_bytes(
+            &map[((BAD_PAGE - 1) * page()) as usize..(BAD_PAGE * page()) as usize],
+            ID,
+            (BAD_PAGE - 1) * page(),
+            "the neighbour of the panicking page",
+        );
+        let bad: Vec<u64> = s.poisoned_pages().iter().map(|(p, _)| *p).collect();
+        assert_eq!(bad, vec![BAD_PAGE * page()]);
+        // The worker is still there: every other page comes through faults.
+        let p0 = (BAD_PAGE * page()) as usize;
+        assert_bytes(&map[..p0], ID, 0, "pages before");
+        assert_bytes(
+            &map[p0 + page() as usize..],
+            ID,
+            p0 as u64 + page(),
+            "pages after",
+        );
+        // Populate in this thread: the panic is contained here too.
+        let err = s.populate(0, size()).unwrap_err();
+        assert!(
+            matches!(&err, Error::Unfillable { offset, reason, .. }
+                if *offset == BAD_PAGE * page() && reason.contains("panicked")),
+            "{err:?}"
+        );
+        // And another shadow is served by the same single worker.
+        let o = engine.open_path(&other).unwrap();
+        let om = o.map(Share::Private).unwrap();
+        assert_bytes(&om, ID + 1, 0, "another shadow after the panic");
+        assert!(s.stats().last_error.unwrap().contains("panicked"));
+    });
 }
 
 #[test]
 fn panic_in_populate_thread_is_contained() {
-    let Some(engine) = lazy_engine("panicking source populate", lazy_config()) else {
-        return;
-    };
-    let dir = tempdir();
-    let path = write_file(dir.path(), "src", ID, size());
-    let s = engine.open_arc(Injected::open(&path, plan())).unwrap();
-    let err = s.populate(BAD_PAGE * page(), 1).unwrap_err();
-    assert!(err.to_string().contains("panicked"), "{err}");
-    assert_eq!(s.poisoned_pages().len(), 1);
-    s.populate(0, BAD_PAGE * page()).unwrap();
+    bounded("panic_in_populate_thread_is_contained", || {
+        let Some(engine) = lazy_engine("panicking source populate", lazy_config()) else {
+            return;
+        };
+        let dir = tempdir();
+        let path = write_file(dir.path(), "src", ID, size());
+        let s = engine.open_arc(Injected::open(&path, plan())).unwrap();
+        let err = s.populate(BAD_PAGE * page(), 1).unwrap_err();
+        assert!(err.to_string().contains("panicked"), "{err}");
+        assert_eq!(s.poisoned_pages().len(), 1);
+        s.populate(0, BAD_PAGE * page()).unwrap();
+    });
 }
 
 fn panic_child() {

@@ -21,57 +21,61 @@ fn size() -> u64 {
 
 #[test]
 fn short_reads_are_completed_not_zero_filled() {
-    let dir = tempdir();
-    let path = write_file(dir.path(), "src", ID, size() - 77);
-    let plan = Plan {
-        max_read: Some(777), // never a page, never aligned
-        ..Plan::default()
-    };
-    // Eager.
-    let eager = Engine::new(eager_config()).unwrap();
-    let s = eager.open_arc(Injected::open(&path, plan.clone())).unwrap();
-    assert_shadow_is(&s, ID, "eager shadow over short reads");
-    // Lazy, through populate, read_at and a mapping.
-    let Some(engine) = lazy_engine("short reads", lazy_config()) else {
-        return;
-    };
-    let src = Injected::open(&path, plan.clone());
-    let s = engine.open_arc(src.clone()).unwrap();
-    let map = s.map(Share::Private).unwrap();
-    assert_bytes(&map, ID, 0, "lazy mapping over short reads");
-    assert_shadow_is(&s, ID, "lazy shadow over short reads");
-    let st = s.stats();
-    assert_eq!((st.errors, st.poisoned_pages), (0, 0), "{st:?}");
-    assert!(
-        src.log()
-            .iter()
-            .all(|r| r.result.as_ref().is_ok_and(|&n| n <= 777))
-    );
-    assert!(src.calls() as u64 >= s.size() / 777);
+    bounded("short_reads_are_completed_not_zero_filled", || {
+        let dir = tempdir();
+        let path = write_file(dir.path(), "src", ID, size() - 77);
+        let plan = Plan {
+            max_read: Some(777), // never a page, never aligned
+            ..Plan::default()
+        };
+        // Eager.
+        let eager = Engine::new(eager_config()).unwrap();
+        let s = eager.open_arc(Injected::open(&path, plan.clone())).unwrap();
+        assert_shadow_is(&s, ID, "eager shadow over short reads");
+        // Lazy, through populate, read_at and a mapping.
+        let Some(engine) = lazy_engine("short reads", lazy_config()) else {
+            return;
+        };
+        let src = Injected::open(&path, plan.clone());
+        let s = engine.open_arc(src.clone()).unwrap();
+        let map = s.map(Share::Private).unwrap();
+        assert_bytes(&map, ID, 0, "lazy mapping over short reads");
+        assert_shadow_is(&s, ID, "lazy shadow over short reads");
+        let st = s.stats();
+        assert_eq!((st.errors, st.poisoned_pages), (0, 0), "{st:?}");
+        assert!(
+            src.log()
+                .iter()
+                .all(|r| r.result.as_ref().is_ok_and(|&n| n <= 777))
+        );
+        assert!(src.calls() as u64 >= s.size() / 777);
+    });
 }
 
 #[test]
 fn interrupted_reads_are_retried() {
-    let Some(engine) = lazy_engine("EINTR", lazy_config()) else {
-        return;
-    };
-    let dir = tempdir();
-    let path = write_file(dir.path(), "src", ID, size());
-    let mut plan = Plan::default();
-    plan.interrupt.insert(0, 3);
-    plan.interrupt.insert(5 * page(), 2);
-    let src = Injected::open(&path, plan);
-    let s = engine.open_arc(src.clone()).unwrap();
-    s.populate(0, page()).unwrap();
-    let map = s.map(Share::Shared).unwrap();
-    assert_bytes(&map, ID, 0, "after EINTR");
-    assert_eq!(s.stats().errors, 0);
-    let eintr = src
-        .log()
-        .iter()
-        .filter(|r| r.result.as_ref().is_err_and(|e| e.contains("Interrupted")))
-        .count();
-    assert_eq!(eintr, 3, "EINTR at offset 0 injected 3 times");
+    bounded("interrupted_reads_are_retried", || {
+        let Some(engine) = lazy_engine("EINTR", lazy_config()) else {
+            return;
+        };
+        let dir = tempdir();
+        let path = write_file(dir.path(), "src", ID, size());
+        let mut plan = Plan::default();
+        plan.interrupt.insert(0, 3);
+        plan.interrupt.insert(5 * page(), 2);
+        let src = Injected::open(&path, plan);
+        let s = engine.open_arc(src.clone()).unwrap();
+        s.populate(0, page()).unwrap();
+        let map = s.map(Share::Shared).unwrap();
+        assert_bytes(&map, ID, 0, "after EINTR");
+        assert_eq!(s.stats().errors, 0);
+        let eintr = src
+            .log()
+            .iter()
+            .filter(|r| r.result.as_ref().is_err_and(|e| e.contains("Interrupted")))
+            .count();
+        assert_eq!(eintr, 3, "EINTR at offset 0 injected 3 times");
+    });
 }
 
 /// The source claims more bytes than it has: reads end at `eof`.
@@ -88,33 +92,35 @@ fn early_eof_plan() -> Plan {
 
 #[test]
 fn early_end_of_data_is_poisoned_and_recorded() {
-    let Some(engine) = lazy_engine("early EOF", lazy_config()) else {
-        return;
-    };
-    let dir = tempdir();
-    let path = write_file(dir.path(), "src", ID, size());
-    let s = engine
-        .open_arc(Injected::open(&path, early_eof_plan()))
-        .unwrap();
-    let err = s.populate(0, size()).unwrap_err();
-    assert!(
-        matches!(err, Error::Unfillable { offset, .. } if offset == 40 * page()),
-        "{err:?}"
-    );
-    let msg = err.to_string();
-    assert!(msg.contains("ended before offset"), "{msg}");
-    assert!(msg.contains(&eof_at().to_string()), "{msg}"); // where the data ended
-    // Exactly the pages from the one holding the end of data onwards; the
-    // partial page 40 is refused too (its tail would have been zeros).
-    let bad: Vec<u64> = s.poisoned_pages().iter().map(|(p, _)| p / page()).collect();
-    assert_eq!(bad, (40..NPAGES).collect::<Vec<_>>());
-    let mut head = vec![0u8; (40 * page()) as usize];
-    assert_eq!(s.read_at(&mut head, 0).unwrap(), head.len());
-    assert_bytes(&head, ID, 0, "pages before the end of data");
-    let st = s.stats();
-    assert!(st.errors >= 1, "{st:?}");
-    assert_eq!(st.poisoned_pages, NPAGES - 40, "{st:?}");
-    assert!(st.last_error.unwrap().contains("ended before offset"));
+    bounded("early_end_of_data_is_poisoned_and_recorded", || {
+        let Some(engine) = lazy_engine("early EOF", lazy_config()) else {
+            return;
+        };
+        let dir = tempdir();
+        let path = write_file(dir.path(), "src", ID, size());
+        let s = engine
+            .open_arc(Injected::open(&path, early_eof_plan()))
+            .unwrap();
+        let err = s.populate(0, size()).unwrap_err();
+        assert!(
+            matches!(err, Error::Unfillable { offset, .. } if offset == 40 * page()),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("ended before offset"), "{msg}");
+        assert!(msg.contains(&eof_at().to_string()), "{msg}"); // where the data ended
+        // Exactly the pages from the one holding the end of data onwards; the
+        // partial page 40 is refused too (its tail would have been zeros).
+        let bad: Vec<u64> = s.poisoned_pages().iter().map(|(p, _)| p / page()).collect();
+        assert_eq!(bad, (40..NPAGES).collect::<Vec<_>>());
+        let mut head = vec![0u8; (40 * page()) as usize];
+        assert_eq!(s.read_at(&mut head, 0).unwrap(), head.len());
+        assert_bytes(&head, ID, 0, "pages before the end of data");
+        let st = s.stats();
+        assert!(st.errors >= 1, "{st:?}");
+        assert_eq!(st.poisoned_pages, NPAGES - 40, "{st:?}");
+        assert!(st.last_error.unwrap().contains("ended before offset"));
+    });
 }
 
 #[test]
@@ -177,38 +183,40 @@ fn eager_open_fails_when_truncated_during_the_copy() {
 
 #[test]
 fn lazy_file_truncated_after_open() {
-    let Some(engine) = lazy_engine("truncated", lazy_config()) else {
-        return;
-    };
-    let dir = tempdir();
-    let path = write_file(dir.path(), "src", ID, size());
-    let src = Injected::clean(&path);
-    let s = engine.open_arc(src).unwrap();
-    s.populate(0, 4 * page()).unwrap(); // chunk 0 is in before the cut
-    let cut = 20 * page() + 10;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(cut)
-        .unwrap();
-    match s.staleness().unwrap() {
-        Staleness::Changed(f) => assert!(f.contains(&shadowfd::shadow::Field::Size), "{f:?}"),
-        other => panic!("staleness after truncation: {other:?}"),
-    }
-    let err = s.populate(0, size()).unwrap_err();
-    assert!(
-        matches!(err, Error::Unfillable { offset, .. } if offset == 20 * page()),
-        "{err:?}"
-    );
-    let bad: Vec<u64> = s.poisoned_pages().iter().map(|(p, _)| p / page()).collect();
-    assert_eq!(bad, (20..NPAGES).collect::<Vec<_>>());
-    let mut head = vec![0u8; (20 * page()) as usize];
-    assert_eq!(s.read_at(&mut head, 0).unwrap(), head.len());
-    assert_bytes(&head, ID, 0, "pages before the cut");
-    let st = s.stats();
-    assert!(st.errors >= 1 && st.source_changed, "{st:?}");
-    assert_eq!(s.meta().kind, FileKind::Regular);
+    bounded("lazy_file_truncated_after_open", || {
+        let Some(engine) = lazy_engine("truncated", lazy_config()) else {
+            return;
+        };
+        let dir = tempdir();
+        let path = write_file(dir.path(), "src", ID, size());
+        let src = Injected::clean(&path);
+        let s = engine.open_arc(src).unwrap();
+        s.populate(0, 4 * page()).unwrap(); // chunk 0 is in before the cut
+        let cut = 20 * page() + 10;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
+        match s.staleness().unwrap() {
+            Staleness::Changed(f) => assert!(f.contains(&shadowfd::shadow::Field::Size), "{f:?}"),
+            other => panic!("staleness after truncation: {other:?}"),
+        }
+        let err = s.populate(0, size()).unwrap_err();
+        assert!(
+            matches!(err, Error::Unfillable { offset, .. } if offset == 20 * page()),
+            "{err:?}"
+        );
+        let bad: Vec<u64> = s.poisoned_pages().iter().map(|(p, _)| p / page()).collect();
+        assert_eq!(bad, (20..NPAGES).collect::<Vec<_>>());
+        let mut head = vec![0u8; (20 * page()) as usize];
+        assert_eq!(s.read_at(&mut head, 0).unwrap(), head.len());
+        assert_bytes(&head, ID, 0, "pages before the cut");
+        let st = s.stats();
+        assert!(st.errors >= 1 && st.source_changed, "{st:?}");
+        assert_eq!(s.meta().kind, FileKind::Regular);
+    });
 }
 
 fn truncated_child() {

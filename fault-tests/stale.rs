@@ -43,91 +43,97 @@ fn assert_changed(s: &shadowfd::Shadow) {
 
 #[test]
 fn detect_reports_the_change_and_keeps_filling() {
-    let Some(engine) = lazy_engine("stale detect", cfg(StalePolicy::Detect)) else {
-        return;
-    };
-    let dir = tempdir();
-    let path = write_file(dir.path(), "src", OLD, size());
-    let s = engine.open_path(&path).unwrap();
-    s.populate(0, CHUNK).unwrap();
-    assert_eq!(s.staleness().unwrap(), Staleness::Unchanged);
-    assert!(!s.stats().source_changed);
-    rewrite(&path, NEW, 0, size() as usize);
-    assert_changed(&s);
-    // Chunk 3 is filled from the source as it is now, and the change is seen.
-    s.populate(3 * CHUNK, CHUNK).unwrap();
-    let st = s.stats();
-    assert!(st.source_changed, "{st:?}");
-    assert_eq!((st.errors, st.poisoned_pages), (0, 0), "{st:?}");
-    let map = s.map(Share::Shared).unwrap();
-    assert_bytes(&map[..CHUNK as usize], OLD, 0, "filled before the change");
-    assert_bytes(
-        &map[3 * CHUNK as usize..4 * CHUNK as usize],
-        NEW,
-        3 * CHUNK,
-        "filled after the change (detect keeps filling)",
-    );
+    bounded("detect_reports_the_change_and_keeps_filling", || {
+        let Some(engine) = lazy_engine("stale detect", cfg(StalePolicy::Detect)) else {
+            return;
+        };
+        let dir = tempdir();
+        let path = write_file(dir.path(), "src", OLD, size());
+        let s = engine.open_path(&path).unwrap();
+        s.populate(0, CHUNK).unwrap();
+        assert_eq!(s.staleness().unwrap(), Staleness::Unchanged);
+        assert!(!s.stats().source_changed);
+        rewrite(&path, NEW, 0, size() as usize);
+        assert_changed(&s);
+        // Chunk 3 is filled from the source as it is now, and the change is seen.
+        s.populate(3 * CHUNK, CHUNK).unwrap();
+        let st = s.stats();
+        assert!(st.source_changed, "{st:?}");
+        assert_eq!((st.errors, st.poisoned_pages), (0, 0), "{st:?}");
+        let map = s.map(Share::Shared).unwrap();
+        assert_bytes(&map[..CHUNK as usize], OLD, 0, "filled before the change");
+        assert_bytes(
+            &map[3 * CHUNK as usize..4 * CHUNK as usize],
+            NEW,
+            3 * CHUNK,
+            "filled after the change (detect keeps filling)",
+        );
+    });
 }
 
 #[test]
 fn strict_refuses_fills_after_the_change() {
-    let Some(engine) = lazy_engine("stale strict", cfg(StalePolicy::Strict)) else {
-        return;
-    };
-    let dir = tempdir();
-    let path = write_file(dir.path(), "src", OLD, size());
-    let src = Injected::clean(&path);
-    let s = engine.open_arc(src.clone()).unwrap();
-    s.populate(0, CHUNK).unwrap();
-    rewrite(&path, NEW, 0, size() as usize);
-    let calls = src.calls();
-    let err = s.populate(3 * CHUNK, 1).unwrap_err();
-    assert!(
-        matches!(&err, Error::Unfillable { offset, reason, .. }
-            if *offset == 3 * CHUNK && reason.contains("changed since open")),
-        "{err:?}"
-    );
-    assert_eq!(src.calls(), calls, "strict read the changed source anyway");
-    let bad: Vec<u64> = s.poisoned_pages().iter().map(|(p, _)| *p).collect();
-    let want: Vec<u64> = (3 * CHUNK..4 * CHUNK).step_by(page() as usize).collect();
-    assert_eq!(bad, want);
-    let st = s.stats();
-    assert!(st.source_changed && st.errors >= 1, "{st:?}");
-    assert!(st.last_error.unwrap().contains("stale policy strict"));
-    assert_changed(&s);
-    // What was filled before the change stays, with the old bytes.
-    let mut head = vec![0u8; CHUNK as usize];
-    s.read_at(&mut head, 0).unwrap();
-    assert_bytes(&head, OLD, 0, "filled before the change");
+    bounded("strict_refuses_fills_after_the_change", || {
+        let Some(engine) = lazy_engine("stale strict", cfg(StalePolicy::Strict)) else {
+            return;
+        };
+        let dir = tempdir();
+        let path = write_file(dir.path(), "src", OLD, size());
+        let src = Injected::clean(&path);
+        let s = engine.open_arc(src.clone()).unwrap();
+        s.populate(0, CHUNK).unwrap();
+        rewrite(&path, NEW, 0, size() as usize);
+        let calls = src.calls();
+        let err = s.populate(3 * CHUNK, 1).unwrap_err();
+        assert!(
+            matches!(&err, Error::Unfillable { offset, reason, .. }
+                if *offset == 3 * CHUNK && reason.contains("changed since open")),
+            "{err:?}"
+        );
+        assert_eq!(src.calls(), calls, "strict read the changed source anyway");
+        let bad: Vec<u64> = s.poisoned_pages().iter().map(|(p, _)| *p).collect();
+        let want: Vec<u64> = (3 * CHUNK..4 * CHUNK).step_by(page() as usize).collect();
+        assert_eq!(bad, want);
+        let st = s.stats();
+        assert!(st.source_changed && st.errors >= 1, "{st:?}");
+        assert!(st.last_error.unwrap().contains("stale policy strict"));
+        assert_changed(&s);
+        // What was filled before the change stays, with the old bytes.
+        let mut head = vec![0u8; CHUNK as usize];
+        s.read_at(&mut head, 0).unwrap();
+        assert_bytes(&head, OLD, 0, "filled before the change");
+    });
 }
 
 #[test]
 fn strict_refuses_a_fill_torn_by_a_change_mid_read() {
-    let Some(engine) = lazy_engine("stale torn", cfg(StalePolicy::Strict)) else {
-        return;
-    };
-    let dir = tempdir();
-    let path = write_file(dir.path(), "src", OLD, size());
-    let p2 = path.clone();
-    // The file is rewritten inside the read of chunk 5, after the policy's
-    // check at the start of the fill: the bytes read are new, the fill torn.
-    let plan = Plan {
-        hook: Some((
-            5 * CHUNK,
-            Arc::new(move || rewrite(&p2, NEW, 0, size() as usize)),
-        )),
-        ..Plan::default()
-    };
-    let s = engine.open_arc(Injected::open(&path, plan)).unwrap();
-    s.populate(0, CHUNK).unwrap();
-    let err = s.populate(5 * CHUNK, CHUNK).unwrap_err();
-    assert!(
-        matches!(&err, Error::Unfillable { offset, reason, .. }
-            if *offset == 5 * CHUNK && reason.contains("during the fill")),
-        "{err:?}"
-    );
-    assert_eq!(s.poisoned_pages().len() as u64, CHUNK / page());
-    assert!(s.stats().source_changed);
+    bounded("strict_refuses_a_fill_torn_by_a_change_mid_read", || {
+        let Some(engine) = lazy_engine("stale torn", cfg(StalePolicy::Strict)) else {
+            return;
+        };
+        let dir = tempdir();
+        let path = write_file(dir.path(), "src", OLD, size());
+        let p2 = path.clone();
+        // The file is rewritten inside the read of chunk 5, after the policy's
+        // check at the start of the fill: the bytes read are new, the fill torn.
+        let plan = Plan {
+            hook: Some((
+                5 * CHUNK,
+                Arc::new(move || rewrite(&p2, NEW, 0, size() as usize)),
+            )),
+            ..Plan::default()
+        };
+        let s = engine.open_arc(Injected::open(&path, plan)).unwrap();
+        s.populate(0, CHUNK).unwrap();
+        let err = s.populate(5 * CHUNK, CHUNK).unwrap_err();
+        assert!(
+            matches!(&err, Error::Unfillable { offset, reason, .. }
+                if *offset == 5 * CHUNK && reason.contains("during the fill")),
+            "{err:?}"
+        );
+        assert_eq!(s.poisoned_pages().len() as u64, CHUNK / page());
+        assert!(s.stats().source_changed);
+    });
 }
 
 fn strict_child() {
@@ -235,30 +241,32 @@ fn eager_copy_of_a_source_that_never_settles_fails() {
 
 #[test]
 fn lazy_source_deleted_after_open() {
-    let dir = tempdir();
-    let path = write_file(dir.path(), "src", OLD, size());
-    for policy in [StalePolicy::Detect, StalePolicy::Strict] {
-        let Some(engine) = lazy_engine("stale gone", cfg(policy)) else {
-            return;
-        };
-        let copy = dir.path().join(format!("{policy:?}"));
-        std::fs::copy(&path, &copy).unwrap();
-        let s = engine.open_path(&copy).unwrap();
-        std::fs::remove_file(&copy).unwrap();
-        assert_eq!(s.staleness().unwrap(), Staleness::Gone);
-        let r = s.populate(0, size());
-        match policy {
-            // The open descriptor still reads the old bytes: served exactly.
-            StalePolicy::Detect => {
-                r.unwrap();
-                assert_shadow_is(&s, OLD, "detect after the source was deleted");
+    bounded("lazy_source_deleted_after_open", || {
+        let dir = tempdir();
+        let path = write_file(dir.path(), "src", OLD, size());
+        for policy in [StalePolicy::Detect, StalePolicy::Strict] {
+            let Some(engine) = lazy_engine("stale gone", cfg(policy)) else {
+                return;
+            };
+            let copy = dir.path().join(format!("{policy:?}"));
+            std::fs::copy(&path, &copy).unwrap();
+            let s = engine.open_path(&copy).unwrap();
+            std::fs::remove_file(&copy).unwrap();
+            assert_eq!(s.staleness().unwrap(), Staleness::Gone);
+            let r = s.populate(0, size());
+            match policy {
+                // The open descriptor still reads the old bytes: served exactly.
+                StalePolicy::Detect => {
+                    r.unwrap();
+                    assert_shadow_is(&s, OLD, "detect after the source was deleted");
+                }
+                StalePolicy::Strict => {
+                    let e = r.unwrap_err();
+                    assert!(e.to_string().contains("changed since open"), "{e}");
+                    assert_eq!(s.poisoned_pages().len() as u64, NPAGES);
+                }
             }
-            StalePolicy::Strict => {
-                let e = r.unwrap_err();
-                assert!(e.to_string().contains("changed since open"), "{e}");
-                assert_eq!(s.poisoned_pages().len() as u64, NPAGES);
-            }
+            assert!(s.stats().source_changed);
         }
-        assert!(s.stats().source_changed);
-    }
+    });
 }

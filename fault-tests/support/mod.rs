@@ -171,3 +171,9 @@ pub fn run(cmd: std::process::Command) -> child::Outcome {
     assert!(!o.timed_out, "command timed out\n{}", o.describe());
     o
 }
+
+/// Runs a test body with a time bound (2 minutes): a regression that leaves
+/// a consumer blocked in a fault fails the test instead of hanging the run.
+pub fn bounded(what: &str, body: impl FnOnce() + Send + 'static) {
+    with_timeout(120, what, body)
+}
