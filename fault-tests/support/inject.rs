@@ -46,6 +46,10 @@ pub struct Plan {
     pub hook: Option<(u64, Hook)>,
     /// `metadata()` reports this size instead of the file's.
     pub report_size: Option<u64>,
+    /// `metadata()` panics (once set: e.g. after the shadow was opened).
+    pub panic_metadata: bool,
+    /// `metadata()` fails with EIO.
+    pub eio_metadata: bool,
 }
 
 /// One `read_at` call as seen by the source.
@@ -244,8 +248,18 @@ impl Source for Injected {
     }
 
     fn metadata(&self) -> io::Result<SourceMeta> {
+        let (panics, fails, size) = {
+            let p = self.plan.read();
+            (p.panic_metadata, p.eio_metadata, p.report_size)
+        };
+        if panics {
+            panic!("injected panic in metadata()");
+        }
+        if fails {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         let mut m = self.inner.metadata()?;
-        if let Some(s) = self.plan.read().report_size {
+        if let Some(s) = size {
             m.size = s;
         }
         Ok(m)
