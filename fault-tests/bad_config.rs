@@ -257,9 +257,9 @@ fn cli_refuses_bad_values_naming_them() {
         &["size cap", &(128u64 << 20).to_string(), "memory bound"],
     );
     cli_refuses(
-        &["cat", "--memory-budget", "4M", p],
+        &["cat", "--memory-budget", "4M", "--readahead", "8M", p],
         &[],
-        &["readahead", "--readahead", "memory budget"],
+        &["readahead", "--readahead", "\"8388608\"", "memory budget"],
     );
     cli_refuses(
         &["map", "--access", "random:2", p],

@@ -268,3 +268,37 @@ fn a_forked_child_does_not_inherit_a_lazy_mapping() {
     );
     assert_eq!(o.last("parent").as_deref(), Some("ok"));
 }
+
+#[test]
+fn kernel_mode_reads_of_a_lazy_mapping_are_served() {
+    // write(2) from a lazy mapping makes the kernel take the fault. With a
+    // userfaultfd that handles kernel faults (not UFFD_USER_MODE_ONLY), the
+    // syscall waits for the fill and copies the right bytes.
+    bounded("kernel_mode_reads_of_a_lazy_mapping_are_served", || {
+        let p = shadowfd::uffd::probe();
+        if p.access == Some(shadowfd::uffd::Access::SyscallUserModeOnly) {
+            eprintln!(
+                "SKIPPED kernel-mode reads: only UFFD_USER_MODE_ONLY is available here, \
+                 which refuses them by design"
+            );
+            return;
+        }
+        let Some(engine) = lazy_engine("kernel-mode reads", cfg()) else {
+            return;
+        };
+        let dir = tempdir();
+        let size = 1 << 20;
+        let path = write_file(dir.path(), "src", ID, size);
+        let s = engine.open_path(&path).unwrap();
+        let map = s.map(Share::Private).unwrap();
+        let out_path = dir.path().join("out");
+        let out = std::fs::File::create(&out_path).unwrap();
+        // SAFETY: write(2) reads `size` bytes of the mapping, which is mapped
+        // (read-only) for its whole length.
+        let n = unsafe { libc::write(out.as_raw_fd(), map.as_ptr().cast(), size as usize) };
+        assert_eq!(n, size as isize, "{}", std::io::Error::last_os_error());
+        drop(out);
+        let got = std::fs::read(&out_path).unwrap();
+        assert_bytes(&got, ID, 0, "bytes written by the kernel from the mapping");
+    });
+}

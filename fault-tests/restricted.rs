@@ -122,7 +122,7 @@ fn library_falls_back_under_seccomp() {
         child::begin();
         let errno: i32 = param("ERRNO").parse().unwrap();
         // The same filter as for the CLI, on this process, before any engine.
-        seccomp::install_here(errno).expect("install seccomp filter");
+        seccomp::install_here(seccomp::Rules::none(errno)).expect("install seccomp filter");
         let auto = Engine::new(Config {
             mode: Mode::Auto,
             ..Config::default()
@@ -174,4 +174,140 @@ fn library_falls_back_under_seccomp() {
         assert!(lazy.contains("lazy mode is not available"), "{lazy}");
         assert!(lazy.contains("--mode eager"), "{lazy}");
     }
+}
+
+#[test]
+fn devnode_is_used_when_the_syscall_is_denied() {
+    use seccomp::{Rules, SyscallRule};
+    if !seccomp::supported() {
+        eprintln!("SKIPPED devnode scenario: no BPF filter written for this architecture");
+        return;
+    }
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+    {
+        eprintln!("SKIPPED devnode scenario: /dev/userfaultfd cannot be opened here ({e})");
+        return;
+    }
+    if !lazy_available("devnode scenario") {
+        return;
+    }
+    let rules = Rules {
+        errno: libc::EPERM,
+        syscall: SyscallRule::Deny,
+        devnode: false,
+    };
+    let dir = tempdir();
+    let path = write_file(dir.path(), "src", ID, (3 << 20) + 5);
+    let p = path.to_str().unwrap();
+    let with = |args: &[&str]| {
+        let mut c = cli(args);
+        seccomp::restrict(&mut c, rules);
+        run(c)
+    };
+    let o = with(&["probe", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["access"], "devnode", "{v}");
+    assert_eq!(v["lazy_usable"], true, "{v}");
+    let first = v["attempts"][0]["error"].as_str().unwrap_or_default();
+    assert!(first.contains("Operation not permitted"), "{v}");
+    let o = with(&["map", "--mode", "lazy", "--json", "--verify", p]);
+    assert!(o.status.success(), "{}", o.describe());
+    let v: serde_json::Value = serde_json::from_str(o.stdout.trim()).unwrap();
+    assert_eq!(
+        (&v["mode"], &v["verified"]),
+        (&"lazy".into(), &true.into()),
+        "{v}"
+    );
+    assert!(v["bytes_filled"].as_u64().unwrap() >= 3 << 20, "{v}");
+}
+
+#[test]
+fn user_mode_only_userfaultfd_works_and_kernel_reads_are_refused() {
+    use crate::support::child::{self, param};
+    use crate::test_name;
+    use seccomp::{Rules, SyscallRule};
+    use shadowfd::{Config, Engine, Mode, Share};
+    let rules = Rules {
+        errno: libc::EPERM,
+        syscall: SyscallRule::DenyUnlessUserModeOnly,
+        devnode: true,
+    };
+    if child::role().is_some() {
+        child::begin();
+        seccomp::install_here(rules).expect("install seccomp filter");
+        let p = shadowfd::uffd::probe();
+        child::report("access", format!("{:?}", p.access));
+        let engine = Engine::new(Config {
+            mode: Mode::Lazy,
+            readahead: 0,
+            ..lazy_config()
+        })
+        .unwrap();
+        let s = engine.open_path(param("PATH")).unwrap();
+        let map = s.map(Share::Shared).unwrap();
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two descriptors into a live array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let pg = page() as usize;
+        let send = |off: usize| {
+            // SAFETY: write(2) reads `pg` bytes of the mapping, which is
+            // mapped for its whole length; the kernel may fail the access.
+            let n = unsafe { libc::write(fds[1], map.as_ptr().add(off).cast(), pg) };
+            if n < 0 {
+                std::io::Error::last_os_error().to_string()
+            } else {
+                let mut buf = vec![0u8; n as usize];
+                // SAFETY: reads back what was written into a buffer of that size.
+                let r = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len()) };
+                assert_eq!(r, n);
+                match first_mismatch(ID, off as u64, &buf) {
+                    None => format!("ok {n}"),
+                    Some(at) => format!("mismatch {at}"),
+                }
+            }
+        };
+        // A kernel-mode access to an unfilled page: refused (documented).
+        child::report("kernel-unfilled", send(10 * pg));
+        // Touched in user mode first, then the kernel may read it.
+        assert_bytes(
+            &map[20 * pg..21 * pg],
+            ID,
+            (20 * pg) as u64,
+            "user-mode touch",
+        );
+        child::report("kernel-touched", send(20 * pg));
+        s.populate((30 * pg) as u64, pg as u64).unwrap();
+        child::report("kernel-populated", send(30 * pg));
+        assert_bytes(&map, ID, 0, "the whole mapping in user mode");
+        child::report("user", "ok");
+        return;
+    }
+    if !seccomp::supported() {
+        eprintln!("SKIPPED user-mode-only scenario: no BPF filter written for this architecture");
+        return;
+    }
+    if !lazy_available("user-mode-only scenario") {
+        return;
+    }
+    let dir = tempdir();
+    let path = write_file(dir.path(), "src", ID, 1 << 20);
+    let o = child::spawn(
+        &test_name!(user_mode_only_userfaultfd_works_and_kernel_reads_are_refused),
+        "umo",
+        &[("PATH", path.display().to_string())],
+    );
+    assert!(o.status.success(), "{}", o.describe());
+    assert_eq!(
+        o.last("access").as_deref(),
+        Some("Some(SyscallUserModeOnly)")
+    );
+    let unfilled = o.last("kernel-unfilled").unwrap();
+    assert!(unfilled.contains("Bad address"), "{unfilled}");
+    let pg = page().to_string();
+    assert_eq!(o.last("kernel-touched"), Some(format!("ok {pg}")));
+    assert_eq!(o.last("kernel-populated"), Some(format!("ok {pg}")));
+    assert_eq!(o.last("user").as_deref(), Some("ok"));
 }

@@ -1,23 +1,33 @@
-//! A restricted kernel, as containers make it: a seccomp filter, installed in
-//! a child before `exec`, that fails `userfaultfd(2)` and the
-//! `USERFAULTFD_IOC_NEW` ioctl on `/dev/userfaultfd` with a chosen errno.
-//! (Containers usually lack the device node; blocking its ioctl is the
-//! same for a process that runs as root here and could open it.)
+//! A restricted kernel, as containers make it: a seccomp filter, installed
+//! in a child before `exec` (or on a child test process itself), that fails
+//! `userfaultfd(2)` and/or the `USERFAULTFD_IOC_NEW` ioctl on
+//! `/dev/userfaultfd` with a chosen errno. (Containers usually lack the
+//! device node; blocking its ioctl is the same for a process that runs as
+//! root here and could open it.)
 //!
-//! The BPF program, hand-written:
+//! The BPF program is hand-written from [`Rules`]:
 //!
 //! ```text
-//! 0  ld  [arch]
-//! 1  jeq NATIVE_ARCH ? 3 : 2
-//! 2  ret KILL_PROCESS                  (another ABI: refuse)
-//! 3  ld  [nr]
-//! 4  jeq __NR_userfaultfd ? 5 : 6
-//! 5  ret ERRNO(errno)
-//! 6  jeq __NR_ioctl ? 7 : 10
-//! 7  ld  [args[1] low 32 bits]
-//! 8  jeq USERFAULTFD_IOC_NEW ? 9 : 10
-//! 9  ret ERRNO(errno)
-//! 10 ret ALLOW
+//!     ld  [arch]
+//!     jeq NATIVE_ARCH ? +1 : +0
+//!     ret KILL_PROCESS                       another ABI: refuse
+//!     ld  [nr]
+//!   syscall rule Deny:
+//!     jeq __NR_userfaultfd ? +0 : +1
+//!     ret ERRNO(errno)
+//!   syscall rule DenyUnlessUserModeOnly:
+//!     jeq __NR_userfaultfd ? +0 : +4
+//!     ld  [args[0] low 32 bits]              the flags
+//!     jset UFFD_USER_MODE_ONLY ? +1 : +0
+//!     ret ERRNO(errno)
+//!     ret ALLOW
+//!   devnode rule:
+//!     jeq __NR_ioctl ? +0 : +4
+//!     ld  [args[1] low 32 bits]              the request
+//!     jeq USERFAULTFD_IOC_NEW ? +0 : +1
+//!     ret ERRNO(errno)
+//!     ret ALLOW
+//!     ret ALLOW
 //! ```
 
 use std::os::unix::process::CommandExt;
@@ -31,15 +41,18 @@ const NATIVE_ARCH: u32 = 0xC000_00B7; // AUDIT_ARCH_AARCH64
 /// `_IO(0xAA, 0x00)`.
 const USERFAULTFD_IOC_NEW: u32 = 0xAA << 8;
 
-// Offsets in `struct seccomp_data` (little-endian: the low half of args[1]).
+// Offsets in `struct seccomp_data` (little-endian: low halves of args).
 const OFF_NR: u32 = 0;
 const OFF_ARCH: u32 = 4;
+const OFF_ARG0_LO: u32 = 16;
 const OFF_ARG1_LO: u32 = 16 + 8;
+
+const UFFD_USER_MODE_ONLY: u32 = 1;
 
 const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
 const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+const JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
 const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
-
 fn stmt(code: u16, k: u32) -> libc::sock_filter {
     libc::sock_filter {
         code,
@@ -58,26 +71,71 @@ pub fn supported() -> bool {
     cfg!(any(target_arch = "x86_64", target_arch = "aarch64"))
 }
 
+/// What happens to `userfaultfd(2)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyscallRule {
+    Allow,
+    Deny,
+    /// Denied unless the flags ask for `UFFD_USER_MODE_ONLY`.
+    DenyUnlessUserModeOnly,
+}
+
+/// A filter: the errno, the syscall rule, and whether the devnode ioctl is denied.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules {
+    pub errno: i32,
+    pub syscall: SyscallRule,
+    pub devnode: bool,
+}
+
+impl Rules {
+    /// Everything denied: no userfaultfd at all.
+    pub fn none(errno: i32) -> Rules {
+        Rules {
+            errno,
+            syscall: SyscallRule::Deny,
+            devnode: true,
+        }
+    }
+}
+
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn program(errno: i32) -> Vec<libc::sock_filter> {
-    let deny = libc::SECCOMP_RET_ERRNO | (errno as u32 & libc::SECCOMP_RET_DATA);
-    vec![
+fn program(r: Rules) -> Vec<libc::sock_filter> {
+    let deny = libc::SECCOMP_RET_ERRNO | (r.errno as u32 & libc::SECCOMP_RET_DATA);
+    let allow = libc::SECCOMP_RET_ALLOW;
+    let mut v = vec![
         stmt(LD_W_ABS, OFF_ARCH),
         jump(JEQ_K, NATIVE_ARCH, 1, 0),
         stmt(RET_K, libc::SECCOMP_RET_KILL_PROCESS),
         stmt(LD_W_ABS, OFF_NR),
-        jump(JEQ_K, libc::SYS_userfaultfd as u32, 0, 1),
-        stmt(RET_K, deny),
-        jump(JEQ_K, libc::SYS_ioctl as u32, 0, 3),
-        stmt(LD_W_ABS, OFF_ARG1_LO),
-        jump(JEQ_K, USERFAULTFD_IOC_NEW, 0, 1),
-        stmt(RET_K, deny),
-        stmt(RET_K, libc::SECCOMP_RET_ALLOW),
-    ]
+    ];
+    let uffd = libc::SYS_userfaultfd as u32;
+    match r.syscall {
+        SyscallRule::Allow => {}
+        SyscallRule::Deny => v.extend([jump(JEQ_K, uffd, 0, 1), stmt(RET_K, deny)]),
+        SyscallRule::DenyUnlessUserModeOnly => v.extend([
+            jump(JEQ_K, uffd, 0, 4),
+            stmt(LD_W_ABS, OFF_ARG0_LO),
+            jump(JSET_K, UFFD_USER_MODE_ONLY, 1, 0),
+            stmt(RET_K, deny),
+            stmt(RET_K, allow),
+        ]),
+    }
+    if r.devnode {
+        v.extend([
+            jump(JEQ_K, libc::SYS_ioctl as u32, 0, 4),
+            stmt(LD_W_ABS, OFF_ARG1_LO),
+            jump(JEQ_K, USERFAULTFD_IOC_NEW, 0, 1),
+            stmt(RET_K, deny),
+            stmt(RET_K, allow),
+        ]);
+    }
+    v.push(stmt(RET_K, allow));
+    v
 }
 
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-fn program(_errno: i32) -> Vec<libc::sock_filter> {
+fn program(_r: Rules) -> Vec<libc::sock_filter> {
     unreachable!("seccomp test filter: unsupported architecture")
 }
 
@@ -110,7 +168,12 @@ fn apply(filter: &[libc::sock_filter], flags: libc::c_ulong) -> std::io::Result<
 
 /// Makes `cmd`'s process deny userfaultfd with `errno` (before `exec`).
 pub fn deny_userfaultfd(cmd: &mut Command, errno: i32) {
-    let filter = program(errno);
+    restrict(cmd, Rules::none(errno));
+}
+
+/// Applies `rules` to `cmd`'s process (before `exec`).
+pub fn restrict(cmd: &mut Command, rules: Rules) {
+    let filter = program(rules);
     // SAFETY: the closure runs in the forked child before exec; `apply`
     // makes only async-signal-safe system calls on memory the closure owns
     // and allocates nothing.
@@ -119,8 +182,8 @@ pub fn deny_userfaultfd(cmd: &mut Command, errno: i32) {
     }
 }
 
-/// Makes this whole process deny userfaultfd with `errno` from now on.
-pub fn install_here(errno: i32) -> std::io::Result<()> {
+/// Applies `rules` to this whole process (all threads) from now on.
+pub fn install_here(rules: Rules) -> std::io::Result<()> {
     const SECCOMP_FILTER_FLAG_TSYNC: libc::c_ulong = 1;
-    apply(&program(errno), SECCOMP_FILTER_FLAG_TSYNC)
+    apply(&program(rules), SECCOMP_FILTER_FLAG_TSYNC)
 }
