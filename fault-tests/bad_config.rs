@@ -320,3 +320,25 @@ fn cli_refuses_bad_values_naming_them() {
         &["not a regular file", "directory"],
     );
 }
+
+#[test]
+#[ignore = "BUG: FileSource::open opens with a blocking open(2), so a FIFO target blocks \
+            until a writer appears (forever) instead of being refused as not a regular file"]
+fn a_fifo_target_is_refused_not_waited_on() {
+    let dir = tempdir();
+    let fifo = dir.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let o = child::run(
+        cli(&["cat", fifo.to_str().unwrap()]),
+        std::time::Duration::from_secs(10),
+    );
+    assert!(
+        !o.timed_out,
+        "`shadowfd cat FIFO` still waits after 10 s (killed)\n{}",
+        o.describe()
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", o.describe());
+    assert!(o.stderr.contains("not a regular file"), "{}", o.stderr);
+}
