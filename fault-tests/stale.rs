@@ -310,3 +310,23 @@ fn eager_copy_retry_respects_the_size_cap() {
         ),
     }
 }
+
+#[test]
+fn a_change_seen_while_filling_is_remembered() {
+    bounded("a_change_seen_while_filling_is_remembered", || {
+        let Some(engine) = lazy_engine("stale remembered", cfg(StalePolicy::Detect)) else {
+            return;
+        };
+        let dir = tempdir();
+        let path = write_file(dir.path(), "src", OLD, size());
+        let src = Injected::clean(&path);
+        let s = engine.open_arc(src.clone()).unwrap();
+        // The source briefly reports another size while a chunk is filled...
+        src.set(|p| p.report_size = Some(size() + 1));
+        s.populate(0, 1).unwrap();
+        // ...then looks as it did at open: the change is still reported.
+        src.set(|p| p.report_size = None);
+        assert_eq!(s.staleness().unwrap(), Staleness::Changed(Vec::new()));
+        assert!(s.stats().source_changed);
+    });
+}
