@@ -185,3 +185,230 @@ fn random_work_on_many_shadows_stays_exact() {
         drop(engines);
     });
 }
+
+/// Bad pages of the faulty stress shadow, from the seed.
+fn bad_pages(seed: u64, npages: u64) -> std::collections::BTreeSet<u64> {
+    let mut rng = Rng::new(seed ^ 0xBAD);
+    (0..12).map(|_| rng.below(npages)).collect()
+}
+
+#[test]
+fn random_work_with_bad_pages_errors_exactly_there() {
+    let seed = content::seed_for("stress bad pages");
+    bounded(
+        "random_work_with_bad_pages_errors_exactly_there",
+        move || {
+            let cfg = Config {
+                chunk_size: 16 << 10,
+                workers: 3,
+                ..lazy_config()
+            };
+            let Some(engine) = lazy_engine("stress bad pages", cfg) else {
+                return;
+            };
+            let dir = tempdir();
+            let id = 0xBAD5;
+            let size: u64 = (6 << 20) + 1234;
+            let npages = size.div_ceil(page());
+            let bad = Arc::new(bad_pages(seed, npages));
+            let path = write_file(dir.path(), "src", id, size);
+            let plan = Plan {
+                eio: bad
+                    .iter()
+                    .map(|p| p * page() + 17..p * page() + 18)
+                    .collect(),
+                eio_partial: true,
+                max_read: Some(20_000),
+                ..Plan::default()
+            };
+            let src = Injected::open(&path, plan);
+            let shadow = Arc::new(engine.open_arc(src.clone()).unwrap());
+            let maps = Arc::new([
+                shadow.map(Share::Shared).unwrap(),
+                shadow.map(Share::Private).unwrap(),
+            ]);
+            let deadline = Instant::now() + Duration::from_millis(1500);
+            let hs: Vec<_> = (0..6u64)
+                .map(|t| {
+                    let (shadow, maps, bad) = (shadow.clone(), maps.clone(), bad.clone());
+                    std::thread::spawn(move || {
+                        let seed = seed ^ ((t + 1) << 40);
+                        let mut rng = Rng::new(seed);
+                        let mut buf = vec![0u8; 96 << 10];
+                        while Instant::now() < deadline {
+                            let off = rng.below(size);
+                            let len = (1 + rng.below(96 << 10)).min(size - off);
+                            let (fp, lp) = (off / page(), (off + len - 1) / page());
+                            let first_bad = bad.range(fp..=lp).next().copied();
+                            match rng.below(3) {
+                                0 => {
+                                    // Mappings: only ranges without a bad page
+                                    // (this process must not take the SIGBUS).
+                                    if first_bad.is_none() {
+                                        let m = &maps[rng.below(2) as usize];
+                                        let got = &m[off as usize..(off + len) as usize];
+                                        check(got, id, off, seed, "mapping near bad pages");
+                                    }
+                                }
+                                1 => match (shadow.populate(off, len), first_bad) {
+                                    (Ok(()), None) => {}
+                                    (Err(shadowfd::Error::Unfillable { offset, .. }), Some(b))
+                                        if offset == b * page() => {}
+                                    (r, b) => panic!(
+                                        "seed {seed:#x}: populate({off}, {len}) = {r:?}, \
+                                     first bad page {b:?}"
+                                    ),
+                                },
+                                _ => {
+                                    let r = shadow.read_at(&mut buf[..len as usize], off);
+                                    match (r, first_bad) {
+                                        (Ok(n), None) => {
+                                            assert_eq!(n as u64, len, "seed {seed:#x}");
+                                            check(
+                                                &buf[..n],
+                                                id,
+                                                off,
+                                                seed,
+                                                "read_at near bad pages",
+                                            );
+                                        }
+                                        (Err(_), Some(_)) => {}
+                                        (r, b) => panic!(
+                                            "seed {seed:#x}: read_at({off}, {len}) = {r:?}, \
+                                         first bad page {b:?}"
+                                        ),
+                                    }
+                                }
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for h in hs {
+                h.join().unwrap();
+            }
+            // Settle everything, then the poisoned set is exactly the bad pages.
+            assert!(shadow.materialize().is_err(), "seed {seed:#x}");
+            let got: Vec<u64> = shadow
+                .poisoned_pages()
+                .iter()
+                .map(|(p, _)| p / page())
+                .collect();
+            let want: Vec<u64> = bad.iter().copied().collect();
+            assert_eq!(got, want, "seed {seed:#x}: poisoned pages");
+            let st = shadow.stats();
+            assert_eq!(
+                st.poisoned_pages,
+                want.len() as u64,
+                "seed {seed:#x}: {st:?}"
+            );
+            assert!(!shadow.is_materialized() && shadow.fd().is_err());
+        },
+    );
+}
+
+fn sigbus_child() {
+    use crate::support::child::{self, param, param_u64};
+    child::begin();
+    let seed = param_u64("SEED");
+    let size = param_u64("SIZE");
+    let id = param_u64("ID");
+    let npages = size.div_ceil(page());
+    let bad = bad_pages(seed, npages);
+    let engine = shadowfd::Engine::new(Config {
+        chunk_size: 16 << 10,
+        workers: 3,
+        ..lazy_config()
+    })
+    .unwrap();
+    let plan = Plan {
+        eio: bad
+            .iter()
+            .map(|p| p * page() + 17..p * page() + 18)
+            .collect(),
+        ..Plan::default()
+    };
+    let shadow = engine
+        .open_arc(Injected::open(param("PATH").as_ref(), plan))
+        .unwrap();
+    let share = if seed % 2 == 0 {
+        Share::Shared
+    } else {
+        Share::Private
+    };
+    let map = Arc::new(shadow.map(share).unwrap());
+    child::watch_sigbus(&map);
+    let hs: Vec<_> = (0..8u64)
+        .map(|t| {
+            let map = map.clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(seed ^ ((t + 1) << 40));
+                for _ in 0..2000 {
+                    let p = rng.below(npages);
+                    let off = p * page();
+                    let end = (off + page()).min(size);
+                    let got = &map[off as usize..end as usize];
+                    if let Some(at) = first_mismatch(id, off, got) {
+                        child::report("bad", format!("{p} {at}"));
+                        std::process::abort();
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    child::report("end", "no SIGBUS");
+}
+
+#[test]
+fn concurrent_consumers_get_sigbus_only_on_bad_pages() {
+    use crate::support::child;
+    use crate::test_name;
+    if child::role().is_some() {
+        return sigbus_child();
+    }
+    if !lazy_available("stress sigbus") {
+        return;
+    }
+    let base = content::seed_for("stress sigbus");
+    let dir = tempdir();
+    let id = 0x5B05;
+    let size: u64 = (2 << 20) + 99;
+    let path = write_file(dir.path(), "src", id, size);
+    for k in 0..4 {
+        let seed = base.wrapping_add(k);
+        let o = child::spawn(
+            &test_name!(concurrent_consumers_get_sigbus_only_on_bad_pages),
+            "sigbus",
+            &[
+                ("PATH", path.display().to_string()),
+                ("SEED", seed.to_string()),
+                ("SIZE", size.to_string()),
+                ("ID", id.to_string()),
+            ],
+        );
+        let bad = bad_pages(seed, size.div_ceil(page()));
+        assert!(
+            o.values("bad").is_empty(),
+            "seed {seed:#x}: wrong bytes\n{}",
+            o.describe()
+        );
+        assert_eq!(
+            o.signal(),
+            Some(libc::SIGBUS),
+            "seed {seed:#x}\n{}",
+            o.describe()
+        );
+        let at = o.numbers("sigbus");
+        assert!(!at.is_empty(), "seed {seed:#x}\n{}", o.describe());
+        for a in at {
+            assert!(
+                bad.contains(&(a / page())),
+                "seed {seed:#x}: SIGBUS at offset {a}, page {} is not bad ({bad:?})",
+                a / page()
+            );
+        }
+    }
+}
