@@ -139,7 +139,7 @@ fn incomplete_shadow_never_hands_out_its_descriptor() {
             .open_arc(Injected::open(
                 &path,
                 Plan {
-                    eio: vec![bad..bad + 1],
+                    eio: bytes_at(&[bad]),
                     ..Plan::default()
                 },
             ))

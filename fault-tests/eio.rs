@@ -24,7 +24,7 @@ fn bad_byte() -> u64 {
 
 fn eio_plan() -> Plan {
     Plan {
-        eio: vec![bad_byte()..bad_byte() + 1],
+        eio: bytes_at(&[bad_byte()]),
         ..Plan::default()
     }
 }

@@ -78,7 +78,7 @@ fn dropped_child() {
     let src = Injected::open(
         param("PATH").as_ref(),
         Plan {
-            eio: vec![bad..bad + 1],
+            eio: bytes_at(&[bad]),
             ..Plan::default()
         },
     );

@@ -20,7 +20,7 @@ fn size() -> u64 {
 
 fn plan() -> Plan {
     Plan {
-        panic: vec![BAD_PAGE * page() + 7..BAD_PAGE * page() + 8],
+        panic: bytes_at(&[BAD_PAGE * page() + 7]),
         ..Plan::default()
     }
 }

@@ -46,7 +46,7 @@ fn short_reads_are_completed_not_zero_filled() {
         assert!(
             src.log()
                 .iter()
-                .all(|r| r.result.as_ref().is_ok_and(|&n| n <= 777))
+                .all(|r| r.result.as_ref().is_ok_and(|&n| n <= r.len.min(777)))
         );
         assert!(src.calls() as u64 >= s.size() / 777);
     });

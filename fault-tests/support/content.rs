@@ -89,7 +89,7 @@ pub fn base_seed() -> u64 {
             };
             v.unwrap_or_else(|_| panic!("FAULT_SEED={s:?} is not a number"))
         }
-        Err(_) => 0x5EED_0F_FA17,
+        Err(_) => 0x005E_ED0F_FA17,
     }
 }
 

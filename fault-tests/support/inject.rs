@@ -52,6 +52,11 @@ pub struct Plan {
     pub eio_metadata: bool,
 }
 
+/// One-byte ranges at `offsets`, for [`Plan::eio`] and [`Plan::panic`].
+pub fn bytes_at(offsets: &[u64]) -> Vec<Range<u64>> {
+    offsets.iter().map(|&o| o..o + 1).collect()
+}
+
 /// One `read_at` call as seen by the source.
 #[derive(Debug, Clone)]
 pub struct ReadRec {

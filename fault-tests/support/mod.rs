@@ -9,7 +9,7 @@ use shadowfd::{Config, Engine, Mode, Shadow};
 use std::time::Duration;
 
 pub use content::{Rng, byte_at, bytes, first_mismatch, write_file};
-pub use inject::{Gate, Injected, Plan};
+pub use inject::{Gate, Injected, Plan, bytes_at};
 
 /// The page size as u64.
 pub fn page() -> u64 {

@@ -74,7 +74,6 @@ pub fn supported() -> bool {
 /// What happens to `userfaultfd(2)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyscallRule {
-    Allow,
     Deny,
     /// Denied unless the flags ask for `UFFD_USER_MODE_ONLY`.
     DenyUnlessUserModeOnly,
@@ -111,7 +110,6 @@ fn program(r: Rules) -> Vec<libc::sock_filter> {
     ];
     let uffd = libc::SYS_userfaultfd as u32;
     match r.syscall {
-        SyscallRule::Allow => {}
         SyscallRule::Deny => v.extend([jump(JEQ_K, uffd, 0, 1), stmt(RET_K, deny)]),
         SyscallRule::DenyUnlessUserModeOnly => v.extend([
             jump(JEQ_K, uffd, 0, 4),
