@@ -221,7 +221,8 @@ fn devnode_is_used_when_the_syscall_is_denied() {
         (&"lazy".into(), &true.into()),
         "{v}"
     );
-    assert!(v["bytes_filled"].as_u64().unwrap() >= 3 << 20, "{v}");
+    // Served by the fault service (a fault is counted before it is answered).
+    assert!(v["faults"].as_u64().unwrap() >= 1, "{v}");
 }
 
 #[test]
