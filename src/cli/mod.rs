@@ -10,8 +10,8 @@ use clap::{Args, Parser, Subcommand};
 use shadowfd::config::parse_size;
 use shadowfd::{Config, Engine, FileSource, Mode, Shadow, Source, StalePolicy};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 /// Lazy, sealed, host-mmappable shadows of files.
 #[derive(Parser)]
