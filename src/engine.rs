@@ -6,7 +6,7 @@ use crate::config::{format_size, suggest_size};
 use crate::error::{Error, Result};
 use crate::fault::{LazyShadow, Service};
 use crate::shadow::{EagerShadow, Kind, Shadow};
-use crate::source::{FileKind, FileSource, Source};
+use crate::source::{FileKind, FileSource, Source, SourceMeta};
 use crate::stats::Stats;
 use crate::uffd::{Probe, Uffd};
 use std::path::Path;
@@ -104,17 +104,20 @@ impl Engine {
             )?),
             None => {
                 let cap = self.config.max_size;
-                if meta.size > cap {
-                    return Err(Error::TooLarge {
-                        what: name,
-                        size: meta.size,
-                        size_h: format_size(meta.size),
-                        cap,
-                        cap_h: format_size(cap),
-                        suggest: suggest_size(meta.size),
-                    });
-                }
-                let memfd = crate::eager::snapshot(&*source, &mut meta)?;
+                let check = |m: &SourceMeta| {
+                    if m.size > cap {
+                        return Err(Error::TooLarge {
+                            what: name.clone(),
+                            size: m.size,
+                            size_h: format_size(m.size),
+                            cap,
+                            cap_h: format_size(cap),
+                            suggest: suggest_size(m.size),
+                        });
+                    }
+                    Ok(())
+                };
+                let memfd = crate::eager::snapshot(&*source, &mut meta, check)?;
                 Kind::Eager(EagerShadow {
                     name,
                     source,

@@ -54,7 +54,14 @@ fn json_report_covers_every_pattern_and_mode_and_cleans_up() {
         .collect();
     let patterns = ["seq", "random:0.01", "first", "strided:65536"];
     for p in patterns {
-        for m in ["eager", "lazy", "native", "fuse", "eager-image", "lazy-image"] {
+        for m in [
+            "eager",
+            "lazy",
+            "native",
+            "fuse",
+            "eager-image",
+            "lazy-image",
+        ] {
             let found = rows.iter().any(|r| r["pattern"] == p && r["mode"] == m);
             assert!(
                 found || skipped.contains(&m),

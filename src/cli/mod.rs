@@ -47,20 +47,20 @@ pub struct Common {
     #[arg(long, value_name = "MODE")]
     pub mode: Option<Mode>,
     /// Eager size cap, e.g. 512M, 2G, 1GiB  [env: SHADOWFD_MAX_SIZE] [default: 256M]
-    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, allow_negative_numbers = true)]
     pub max_size: Option<u64>,
     /// Memory bound for the eager cap and lazy resident bytes
     /// [env: SHADOWFD_MEMORY_BUDGET] [default: half of MemAvailable]
-    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, allow_negative_numbers = true)]
     pub memory_budget: Option<u64>,
     /// Lazy fill unit, a multiple of the page size  [env: SHADOWFD_CHUNK] [default: 4K]
-    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, allow_negative_numbers = true)]
     pub chunk: Option<u64>,
     /// Fault-service worker threads  [env: SHADOWFD_WORKERS] [default: CPUs]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub workers: Option<usize>,
     /// Largest sequential readahead window, 0 for none  [env: SHADOWFD_READAHEAD] [default: 8M]
-    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, allow_negative_numbers = true)]
     pub readahead: Option<u64>,
     /// detect | strict: what lazy fills do once the source changed  [env: SHADOWFD_STALE]
     #[arg(long, value_name = "POLICY")]

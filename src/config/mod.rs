@@ -24,6 +24,8 @@ pub const DEFAULT_CHUNK: u64 = 4 << 10;
 pub const DEFAULT_READAHEAD: u64 = 8 << 20;
 /// Largest accepted chunk.
 pub const MAX_CHUNK: u64 = 64 << 20;
+/// Largest accepted readahead window.
+pub const MAX_READAHEAD: u64 = 1 << 30;
 /// Largest accepted worker count.
 pub const MAX_WORKERS: usize = 256;
 
@@ -251,11 +253,27 @@ impl Config {
                 format!("must be between 1 and {MAX_WORKERS}"),
             ));
         }
-        if self.readahead > self.memory_budget {
+        if self.chunk_size > self.memory_budget {
+            return Err(err(
+                "chunk size (--chunk / SHADOWFD_CHUNK)",
+                self.chunk_size,
+                format!(
+                    "is larger than the memory budget of {} bytes ({}): no chunk could ever be \
+                     filled; choose a smaller chunk or raise --memory-budget",
+                    self.memory_budget,
+                    format_size(self.memory_budget)
+                ),
+            ));
+        }
+        if self.readahead > MAX_READAHEAD {
             return Err(err(
                 "readahead (--readahead / SHADOWFD_READAHEAD)",
                 self.readahead,
-                "must not exceed the memory budget".into(),
+                format!(
+                    "must be at most {}; readahead never uses more than half of the memory \
+                     budget anyway",
+                    format_size(MAX_READAHEAD)
+                ),
             ));
         }
         Ok(())

@@ -15,10 +15,20 @@ const ATTEMPTS: u32 = 3;
 
 /// Copies `source` (whose metadata at open is `meta`) into a new sealed
 /// memfd. `meta` is updated to the metadata the snapshot corresponds to.
-pub(crate) fn snapshot(source: &dyn Source, meta: &mut SourceMeta) -> Result<Memfd> {
+/// `check` vets the size before every attempt (the size cap): a source that
+/// grows while it is copied is checked again before the retry.
+pub(crate) fn snapshot(
+    source: &dyn Source,
+    meta: &mut SourceMeta,
+    check: impl Fn(&SourceMeta) -> Result<()>,
+) -> Result<Memfd> {
     let name = source.name();
     let mut buf = vec![0u8; COPY_CHUNK.min(meta.size as usize).max(1)];
     for _ in 0..ATTEMPTS {
+        check(meta)?;
+        if buf.len() < COPY_CHUNK.min(meta.size as usize) {
+            buf.resize(COPY_CHUNK.min(meta.size as usize), 0);
+        }
         let memfd = Memfd::create(&name, meta.size)?;
         copy_into(source, &memfd, meta.size, &mut buf, &name)?;
         let after = source.metadata().map_err(|e| Error::SourceRead {

@@ -236,7 +236,12 @@ impl Sleep {
             let mut ev = libc::epoll_event { events, u64: tag };
             // SAFETY: `ev` is a live epoll_event; both descriptors are open.
             let r = unsafe {
-                libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, target.as_raw_fd(), &mut ev)
+                libc::epoll_ctl(
+                    ep.as_raw_fd(),
+                    libc::EPOLL_CTL_ADD,
+                    target.as_raw_fd(),
+                    &mut ev,
+                )
             };
             if r < 0 {
                 return Err(Error::sys("epoll_ctl", std::io::Error::last_os_error()));

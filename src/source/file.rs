@@ -45,10 +45,16 @@ pub(crate) fn meta_of(m: &std::fs::Metadata) -> SourceMeta {
 
 impl FileSource {
     /// Opens `path` read-only (following symlinks). Any file type opens;
-    /// shadows refuse non-regular ones with a clear error.
+    /// shadows refuse non-regular ones with a clear error. The open is
+    /// non-blocking, so a FIFO or device is refused instead of waited on
+    /// (regular files ignore the flag).
     pub fn open(path: impl AsRef<Path>) -> io::Result<FileSource> {
+        use std::os::unix::fs::OpenOptionsExt;
         let path = path.as_ref().to_path_buf();
-        let file = File::open(&path)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)?;
         Ok(FileSource { file, path })
     }
 
