@@ -167,7 +167,10 @@ pub fn draw(r: &Report, path: &Path) -> DrawResult<()> {
         (20, 6),
         ("sans-serif", 12).into_font().color(&RGBColor(90, 90, 90)),
     ))?;
-    let (left, right) = body.split_horizontally(W * 3 / 4);
+    // The open panel needs room for one labelled bar per mode.
+    let modes = r.config.modes.len() as u32;
+    let split = if modes > 4 { W * 5 / 8 } else { W * 3 / 4 };
+    let (left, right) = body.split_horizontally(split);
     draw_totals(r, &left)?;
     draw_open(r, &right)?;
     root.present()?;
@@ -338,7 +341,7 @@ where
         })
         .y_label_formatter(&|v| short_us(*v))
         .x_desc("mode")
-        .label_style(("sans-serif", 14))
+        .label_style(("sans-serif", if opens.len() > 4 { 11 } else { 14 }))
         .axis_desc_style(("sans-serif", 15))
         .light_line_style(RGBColor(235, 235, 235))
         .bold_line_style(RGBColor(200, 200, 200))
