@@ -1,4 +1,6 @@
-//! Scenario 6: a consumer *process* killed while its faults are in flight.
+//! Consumers in other processes. Scenario 6: a consumer *process* killed
+//! while its faults are in flight; also the plain cases (lazy through the
+//! consumer's own userfaultfd, eager and materialized as descriptors).
 //!
 //! The consumer is this test binary re-executed (`remote::consumer_child`,
 //! ignored in normal runs): it receives a lazy shadow over a Unix socket with
@@ -27,7 +29,7 @@ fn consumer_child() {
     // owns it.
     let stream = unsafe { UnixStream::from_raw_fd(fd) };
     let map = RemoteMapping::receive(stream).unwrap();
-    assert!(map.is_lazy());
+    println!("lazy={}", map.is_lazy());
     let page = shadowfd::page_size();
     let pages: Vec<usize> = match std::env::var(PAGES_VAR) {
         Ok(s) => s.split(',').map(|x| x.parse().unwrap()).collect(),
@@ -89,6 +91,65 @@ impl Source for Slow {
     }
     fn name(&self) -> String {
         self.inner.name()
+    }
+}
+
+/// Serves one consumer process to the end; its stdout.
+fn serve_one(shadow: &shadowfd::Shadow) -> String {
+    let (child, sock) = spawn_consumer(None);
+    let served = shadow.serve(sock).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && text.contains("consumer ok"),
+        "consumer failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    served.wait();
+    assert_eq!(
+        shadow.remote_consumers(),
+        0,
+        "a finished consumer is forgotten"
+    );
+    text
+}
+
+#[test]
+fn a_consumer_process_maps_a_lazy_shadow_through_its_own_userfaultfd() {
+    if !lazy_available("remote consumers") {
+        return;
+    }
+    let dir = tempdir();
+    let size = (5 << 20) + 321;
+    let path = write_file(dir.path(), "src", ID, size);
+    let engine = Engine::new(lazy_config()).unwrap();
+    let shadow = engine.open_path(&path).unwrap();
+    let out = serve_one(&shadow);
+    assert!(out.contains("lazy=true"), "{out}");
+    let st = shadow.stats();
+    assert!(
+        st.faults > 0,
+        "the consumer's faults were served here: {st:?}"
+    );
+    assert_eq!(st.bytes_filled, size.div_ceil(4096) * 4096);
+    // Pages filled for the consumer are in the shared page cache.
+    let local = shadow.map(Share::Shared).unwrap();
+    assert_bytes(&local, ID, 0, "local mapping after a remote consumer");
+}
+
+#[test]
+fn eager_and_materialized_shadows_are_sent_as_plain_descriptors() {
+    let dir = tempdir();
+    let path = write_file(dir.path(), "src", ID, 3 << 20);
+    let eager = Engine::new(crate::support::eager_config()).unwrap();
+    let out = serve_one(&eager.open_path(&path).unwrap());
+    assert!(out.contains("lazy=false"), "{out}");
+    if lazy_available("materialized remote consumers") {
+        let lazy = Engine::new(lazy_config()).unwrap();
+        let s = lazy.open_path(&path).unwrap();
+        s.materialize().unwrap();
+        let out = serve_one(&s);
+        assert!(out.contains("lazy=false"), "{out}");
     }
 }
 

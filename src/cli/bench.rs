@@ -10,7 +10,7 @@ mod plot;
 mod report;
 
 use super::access::{self, Access};
-use super::{CliResult, Target, size_arg};
+use super::{CliResult, Target, Tuning, size_arg};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use report::{Cell, Ratio, Report, Sample, Skip};
@@ -111,18 +111,9 @@ pub struct BenchArgs {
     /// [default: the temp directory].
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
-    /// Lazy fill unit  [env: SHADOWFD_CHUNK]
-    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
-    chunk: Option<u64>,
-    /// Largest lazy readahead window, 0 for none  [env: SHADOWFD_READAHEAD]
-    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
-    readahead: Option<u64>,
-    /// Fault-service worker threads  [env: SHADOWFD_WORKERS]
-    #[arg(long, value_name = "N")]
-    workers: Option<usize>,
-    /// Memory bound (must hold the eager copy)  [env: SHADOWFD_MEMORY_BUDGET]
-    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
-    memory_budget: Option<u64>,
+    /// Engine tuning (the memory budget must hold the eager copy).
+    #[command(flatten)]
+    tuning: Tuning,
 }
 
 /// Where eager and lazy shadows read their bytes from. [`DataSource::source`]
@@ -316,20 +307,7 @@ fn machine() -> report::Machine {
 
 /// The engines' configuration: defaults, `SHADOWFD_*`, then the flags.
 fn base_config(a: &BenchArgs) -> Result<Config, String> {
-    let mut c = Config::from_env().map_err(|e| e.to_string())?;
-    if let Some(b) = a.memory_budget {
-        c.memory_budget = b;
-    }
-    if let Some(v) = a.chunk {
-        c.chunk_size = v;
-    }
-    if let Some(v) = a.readahead {
-        c.readahead = v;
-    }
-    if let Some(v) = a.workers {
-        c.workers = v;
-    }
-    Ok(c)
+    a.tuning.config().map_err(|e| e.to_string())
 }
 
 fn check_args(a: &BenchArgs) -> Result<(), String> {
@@ -569,37 +547,23 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         }
     };
     use BenchMode::*;
-    for pi in 0..a.patterns.len() {
-        push(
-            pi,
-            "open_speedup_lazy_vs_eager",
-            get(pi, Eager, open),
-            get(pi, Lazy, open),
-        );
-        push(
-            pi,
-            "total_lazy_over_eager",
-            get(pi, Lazy, total),
-            get(pi, Eager, total),
-        );
-        push(
-            pi,
-            "total_speedup_lazy_vs_fuse",
-            get(pi, Fuse, total),
-            get(pi, Lazy, total),
-        );
-        push(
-            pi,
+    // (name, numerator, denominator): each ratio is num/den per repetition.
+    type Term = (BenchMode, fn(&Sample) -> f64);
+    let wanted: [(&'static str, Term, Term); 5] = [
+        ("open_speedup_lazy_vs_eager", (Eager, open), (Lazy, open)),
+        ("total_lazy_over_eager", (Lazy, total), (Eager, total)),
+        ("total_speedup_lazy_vs_fuse", (Fuse, total), (Lazy, total)),
+        (
             "total_lazy_image_over_lazy",
-            get(pi, LazyImage, total),
-            get(pi, Lazy, total),
-        );
-        push(
-            pi,
-            "total_lazy_over_native",
-            get(pi, Lazy, total),
-            get(pi, Native, total),
-        );
+            (LazyImage, total),
+            (Lazy, total),
+        ),
+        ("total_lazy_over_native", (Lazy, total), (Native, total)),
+    ];
+    for pi in 0..a.patterns.len() {
+        for (name, (nm, nf), (dm, df)) in wanted {
+            push(pi, name, get(pi, nm, nf), get(pi, dm, df));
+        }
     }
     // Open does not depend on the pattern: pool every pattern's pairs.
     let pooled_open = {

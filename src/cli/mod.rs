@@ -49,6 +49,13 @@ pub struct Common {
     /// Eager size cap, e.g. 512M, 2G, 1GiB  [env: SHADOWFD_MAX_SIZE] [default: 256M]
     #[arg(long, value_name = "SIZE", value_parser = size_arg, allow_negative_numbers = true)]
     pub max_size: Option<u64>,
+    #[command(flatten)]
+    pub tuning: Tuning,
+}
+
+/// Memory and lazy-engine tuning, shared by `Common` and `bench`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Tuning {
     /// Memory bound for the eager cap and lazy resident bytes
     /// [env: SHADOWFD_MEMORY_BUDGET] [default: half of MemAvailable]
     #[arg(long, value_name = "SIZE", value_parser = size_arg, allow_negative_numbers = true)]
@@ -67,21 +74,15 @@ pub struct Common {
     pub stale: Option<StalePolicy>,
 }
 
-impl Common {
-    /// The configuration: defaults, then environment, then flags.
+impl Tuning {
+    /// Defaults, then the environment, then these flags (not yet validated).
     pub fn config(&self) -> shadowfd::Result<Config> {
         let mut c = Config::from_env()?;
         if let Some(b) = self.memory_budget {
             c.memory_budget = b;
-            if self.max_size.is_none() && std::env::var_os("SHADOWFD_MAX_SIZE").is_none() {
+            if std::env::var_os("SHADOWFD_MAX_SIZE").is_none() {
                 c.max_size = shadowfd::config::DEFAULT_MAX_SIZE.min(b);
             }
-        }
-        if let Some(m) = self.mode {
-            c.mode = m;
-        }
-        if let Some(v) = self.max_size {
-            c.max_size = v;
         }
         if let Some(v) = self.chunk {
             c.chunk_size = v;
@@ -94,6 +95,20 @@ impl Common {
         }
         if let Some(v) = self.stale {
             c.stale = v;
+        }
+        Ok(c)
+    }
+}
+
+impl Common {
+    /// The configuration: defaults, then environment, then flags.
+    pub fn config(&self) -> shadowfd::Result<Config> {
+        let mut c = self.tuning.config()?;
+        if let Some(m) = self.mode {
+            c.mode = m;
+        }
+        if let Some(v) = self.max_size {
+            c.max_size = v;
         }
         Ok(c)
     }

@@ -29,14 +29,8 @@ pub(crate) fn meta_of(m: &std::fs::Metadata) -> SourceMeta {
     };
     SourceMeta {
         size: m.size(),
-        mtime: Timestamp {
-            sec: m.mtime(),
-            nsec: m.mtime_nsec(),
-        },
-        ctime: Timestamp {
-            sec: m.ctime(),
-            nsec: m.ctime_nsec(),
-        },
+        mtime: Timestamp::mtime_of(m),
+        ctime: Timestamp::ctime_of(m),
         device: m.dev(),
         inode: m.ino(),
         kind,

@@ -41,6 +41,26 @@ pub struct Timestamp {
     pub nsec: i64,
 }
 
+impl Timestamp {
+    /// The modification time of a host file.
+    pub fn mtime_of(m: &std::fs::Metadata) -> Timestamp {
+        use std::os::unix::fs::MetadataExt;
+        Timestamp {
+            sec: m.mtime(),
+            nsec: m.mtime_nsec(),
+        }
+    }
+
+    /// The status-change time of a host file.
+    pub fn ctime_of(m: &std::fs::Metadata) -> Timestamp {
+        use std::os::unix::fs::MetadataExt;
+        Timestamp {
+            sec: m.ctime(),
+            nsec: m.ctime_nsec(),
+        }
+    }
+}
+
 /// A source's metadata: what staleness compares.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SourceMeta {

@@ -3,7 +3,7 @@
 //! fastest to the slowest repetition; right, open time per mode. The
 //! headline ratios are written under the title.
 
-use super::report::{Report, median};
+use super::report::{Report, fmt_ratio, median};
 use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
 use plotters::prelude::*;
 use std::ops::Range;
@@ -67,18 +67,6 @@ fn log_span(lo: f64, hi: f64) -> Range<f64> {
     lo..hi
 }
 
-fn ratio(x: f64) -> String {
-    if x >= 100.0 {
-        format!("{x:.0}×")
-    } else if x >= 10.0 {
-        format!("{x:.1}×")
-    } else if x >= 0.01 {
-        format!("{x:.2}×")
-    } else {
-        format!("{x:.1e}×")
-    }
-}
-
 /// The one-line summary of the ratios the targets are stated in.
 fn headline(r: &Report) -> String {
     let find = |pat: &str, name: &str| {
@@ -89,13 +77,13 @@ fn headline(r: &Report) -> String {
     };
     let mut parts = Vec::new();
     if let Some(t) = r.targets.first().and_then(|t| t.measured) {
-        parts.push(format!("open {} faster", ratio(t)));
+        parts.push(format!("open {} faster", fmt_ratio(t)));
     }
     if let Some(x) = find("random:0.01", "total_lazy_over_eager") {
-        parts.push(format!("random:0.01 total {} faster", ratio(1.0 / x)));
+        parts.push(format!("random:0.01 total {} faster", fmt_ratio(1.0 / x)));
     }
     if let Some(x) = find("seq", "total_lazy_over_eager") {
-        parts.push(format!("seq total {} of eager", ratio(x)));
+        parts.push(format!("seq total {} of eager", fmt_ratio(x)));
     }
     let mut line = String::new();
     if !parts.is_empty() {
@@ -105,7 +93,7 @@ fn headline(r: &Report) -> String {
         if !line.is_empty() {
             line.push_str("  ·  ");
         }
-        line.push_str(&format!("lazy vs fuse2fs: seq {} faster", ratio(x)));
+        line.push_str(&format!("lazy vs fuse2fs: seq {} faster", fmt_ratio(x)));
     }
     line
 }

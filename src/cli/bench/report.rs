@@ -220,7 +220,8 @@ pub fn fmt_us(us: f64) -> String {
     }
 }
 
-fn fmt_ratio(x: f64) -> String {
+/// A ratio for people: `1157×`, `7.3×`, `0.62×`, `2.3e-3×`.
+pub fn fmt_ratio(x: f64) -> String {
     if x >= 100.0 {
         format!("{x:.0}×")
     } else if x >= 10.0 {

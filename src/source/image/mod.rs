@@ -110,14 +110,8 @@ impl Stamp {
     fn of(m: &std::fs::Metadata) -> Stamp {
         Stamp {
             size: m.size(),
-            mtime: Timestamp {
-                sec: m.mtime(),
-                nsec: m.mtime_nsec(),
-            },
-            ctime: Timestamp {
-                sec: m.ctime(),
-                nsec: m.ctime_nsec(),
-            },
+            mtime: Timestamp::mtime_of(m),
+            ctime: Timestamp::ctime_of(m),
         }
     }
 }
