@@ -83,6 +83,17 @@ impl Engine {
 
     /// Like [`Engine::open`] for a shared source.
     pub fn open_arc(&self, source: Arc<dyn Source>) -> Result<Shadow> {
+        self.open_with_progress(source, &|_, _| {})
+    }
+
+    /// Like [`Engine::open_arc`], calling `progress(bytes_done, total)` as an
+    /// eager copy goes on (every MiB), for people waiting on a big file. A
+    /// lazy open reads nothing and never calls it.
+    pub fn open_with_progress(
+        &self,
+        source: Arc<dyn Source>,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<Shadow> {
         let t0 = Instant::now();
         let name = source.name();
         let mut meta = source.metadata().map_err(|e| Error::Open {
@@ -117,7 +128,7 @@ impl Engine {
                     }
                     Ok(())
                 };
-                let memfd = crate::eager::snapshot(&*source, &mut meta, check)?;
+                let memfd = crate::eager::snapshot(&*source, &mut meta, check, progress)?;
                 Kind::Eager(EagerShadow {
                     name,
                     source,

@@ -107,9 +107,10 @@ pub struct Stats {
     pub poisoned_pages: u64,
     /// Failed fills: source errors, short reads, budget, strict staleness.
     pub errors: u64,
-    /// Median time to fill one chunk, in microseconds.
+    /// Median time of one fill (one chunk for a random fault; a run of up
+    /// to 1 MiB for sequential access, readahead and populate), in µs.
     pub fill_p50_us: Option<f64>,
-    /// 99th percentile of the chunk fill time, in microseconds.
+    /// 99th percentile of the fill time, in microseconds.
     pub fill_p99_us: Option<f64>,
     /// Bytes of the shadow(s) present in memory.
     pub resident_bytes: u64,

@@ -7,7 +7,7 @@ mod filemap;
 mod fuse;
 mod interrupt;
 mod plot;
-mod report;
+pub(super) mod report;
 
 use super::access::{self, Access};
 use super::{CliResult, Target, Tuning, size_arg};

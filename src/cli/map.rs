@@ -145,6 +145,7 @@ pub fn run(a: MapArgs) -> CliResult {
 }
 
 fn print_human(r: &Report) {
+    use super::bench::report::fmt_us;
     use shadowfd::config::format_size as h;
     println!(
         "{}: {} shadow, {} ({} bytes)",
@@ -157,8 +158,8 @@ fn print_human(r: &Report) {
         "  access      {} ({}), {} pages touched",
         r.access, r.share, r.pages_touched
     );
-    println!("  open        {:.1} us", r.open_us);
-    println!("  access      {:.1} us", r.access_us);
+    println!("  open        {}", fmt_us(r.open_us));
+    println!("  access      {}", fmt_us(r.access_us));
     println!("  faults      {}", r.faults);
     println!(
         "  filled      {} in {} chunks ({} read ahead)",
@@ -168,7 +169,7 @@ fn print_human(r: &Report) {
     );
     println!("  resident    {}", h(r.resident_bytes));
     if let (Some(p50), Some(p99)) = (r.fill_p50_us, r.fill_p99_us) {
-        println!("  fill time   p50 {p50:.1} us, p99 {p99:.1} us");
+        println!("  fill time   p50 {}, p99 {}", fmt_us(p50), fmt_us(p99));
     }
     if r.errors > 0 || r.poisoned_pages > 0 {
         println!(

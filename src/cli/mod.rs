@@ -145,8 +145,34 @@ impl Target {
         Ok(Arc::new(src))
     }
 
+    /// Opens the shadow; a long eager copy shows a progress bar on stderr
+    /// when stderr is a terminal.
     pub fn open(&self, engine: &Engine) -> shadowfd::Result<Shadow> {
-        engine.open_arc(self.source()?)
+        use std::io::IsTerminal;
+        let source = self.source()?;
+        if !std::io::stderr().is_terminal() || engine.mode() != Mode::Eager {
+            return engine.open_arc(source);
+        }
+        let bar = indicatif::ProgressBar::hidden();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "copying {msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(source.name());
+        let started = std::time::Instant::now();
+        let r = engine.open_with_progress(source, &|done, total| {
+            // Only copies that take a while get a bar.
+            if bar.is_hidden() && started.elapsed() > std::time::Duration::from_millis(500) {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            }
+            bar.set_length(total);
+            bar.set_position(done);
+        });
+        bar.finish_and_clear();
+        r
     }
 }
 

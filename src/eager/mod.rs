@@ -21,6 +21,7 @@ pub(crate) fn snapshot(
     source: &dyn Source,
     meta: &mut SourceMeta,
     check: impl Fn(&SourceMeta) -> Result<()>,
+    progress: &dyn Fn(u64, u64),
 ) -> Result<Memfd> {
     let name = source.name();
     let mut buf = vec![0u8; COPY_CHUNK.min(meta.size as usize).max(1)];
@@ -30,7 +31,7 @@ pub(crate) fn snapshot(
             buf.resize(COPY_CHUNK.min(meta.size as usize), 0);
         }
         let memfd = Memfd::create(&name, meta.size)?;
-        copy_into(source, &memfd, meta.size, &mut buf, &name)?;
+        copy_into(source, &memfd, meta.size, &mut buf, &name, progress)?;
         let after = source.metadata().map_err(|e| Error::SourceRead {
             what: name.clone(),
             offset: meta.size,
@@ -48,7 +49,14 @@ pub(crate) fn snapshot(
     })
 }
 
-fn copy_into(src: &dyn Source, memfd: &Memfd, size: u64, buf: &mut [u8], name: &str) -> Result<()> {
+fn copy_into(
+    src: &dyn Source,
+    memfd: &Memfd,
+    size: u64,
+    buf: &mut [u8],
+    name: &str,
+    progress: &dyn Fn(u64, u64),
+) -> Result<()> {
     let mut off = 0u64;
     while off < size {
         let n = (size - off).min(buf.len() as u64) as usize;
@@ -73,6 +81,7 @@ fn copy_into(src: &dyn Source, memfd: &Memfd, size: u64, buf: &mut [u8], name: &
             .write_all_at(&buf[..n], off)
             .map_err(|e| Error::sys(format!("write to the memfd at offset {off}"), e))?;
         off += n as u64;
+        progress(off, size);
     }
     Ok(())
 }
