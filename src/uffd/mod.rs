@@ -29,7 +29,8 @@ pub(crate) struct Fault {
 pub struct Uffd {
     fd: OwnedFd,
     features: u64,
-    access: Access,
+    /// `None` for a userfaultfd received from another process.
+    access: Option<Access>,
 }
 
 impl Uffd {
@@ -53,7 +54,7 @@ impl Uffd {
                 Uffd {
                     fd,
                     features,
-                    access,
+                    access: Some(access),
                 },
                 p,
             )),
@@ -71,7 +72,7 @@ impl Uffd {
         Uffd {
             fd,
             features,
-            access: Access::Syscall,
+            access: None,
         }
     }
 
@@ -85,8 +86,9 @@ impl Uffd {
         self.features & sys::UFFD_FEATURE_POISON != 0
     }
 
-    /// How this descriptor was obtained.
-    pub fn access(&self) -> Access {
+    /// How this descriptor was obtained (`None`: received from another
+    /// process).
+    pub fn access(&self) -> Option<Access> {
         self.access
     }
 
