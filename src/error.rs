@@ -18,7 +18,8 @@ pub enum Error {
     #[error(
         "{what} is {size} bytes ({size_h}), over the eager size cap of {cap} bytes ({cap_h}). \
          Raise the cap with `--max-size SIZE` or the SHADOWFD_MAX_SIZE environment variable \
-         (e.g. --max-size {suggest}), or use a lazy shadow (`--mode lazy`)"
+         (e.g. --max-size {suggest}; the cap may not exceed the memory budget, which \
+         `--memory-budget` sets), or use a lazy shadow (`--mode lazy`)"
     )]
     TooLarge {
         what: String,

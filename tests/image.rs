@@ -1053,3 +1053,69 @@ fn access_strategy_figures() {
         println!("{t:26} {}", row.join("  "));
     }
 }
+
+/// Crafted and damaged images get a clean, quick error: a map that loops back
+/// on itself, and an image cut short. 1 KiB blocks with bigalloc read right.
+#[test]
+fn crafted_maps_and_truncated_images_are_refused_quickly() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("t");
+    std::fs::create_dir(&tree).unwrap();
+    // 300 KiB with 1 KiB blocks: direct, single and double indirect blocks.
+    let data = pattern(77, 300 << 10);
+    std::fs::write(tree.join("f"), &data).unwrap();
+
+    // Double-indirect block whose first pointer points back at itself.
+    let img = dir.path().join("loop.img");
+    mkfs(&["mkfs.ext2"], &["-b", "1024"], &tree, &img, "8M");
+    let stat = debugfs(&img, false, "stat /f");
+    let dind: u64 = stat
+        .split("(DIND):")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no DIND block in: {stat}"));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&(dind as u32).to_le_bytes(), dind * 1024)
+            .unwrap();
+    }
+    let t = std::time::Instant::now();
+    let err = cli_fails(&["cat", "/f"], &img);
+    assert_has(&err, &["corrupt", "used twice", "e2fsck"]);
+    assert!(t.elapsed() < std::time::Duration::from_secs(10));
+
+    // An image shorter than its superblock says.
+    let img = dir.path().join("short.img");
+    mkfs(&["mkfs.ext4"], &[], &tree, &img, "8M");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let err = cli_fails(&["cat", "/f"], &img);
+    assert_has(&err, &["truncated"]);
+
+    // 1 KiB blocks with bigalloc: the descriptor table is at byte 2048
+    // although s_first_data_block is 0.
+    let img = dir.path().join("bigalloc1k.img");
+    mkfs(
+        &["mkfs.ext4"],
+        &["-b", "1024", "-O", "bigalloc", "-C", "16384"],
+        &tree,
+        &img,
+        "64M",
+    );
+    let out = shadowfd(&["cat", "/f"], &img);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stdout == data,
+        "bigalloc 1 KiB image read back differently"
+    );
+}

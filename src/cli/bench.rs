@@ -328,6 +328,14 @@ fn check_args(a: &BenchArgs) -> Result<(), String> {
         seen.push(*m);
     }
     if let Some(p) = &a.plot {
+        let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
+        if parent.is_some_and(|d| !d.is_dir()) {
+            return Err(format!(
+                "--plot {}: the directory {} does not exist",
+                p.display(),
+                parent.map(|d| d.display().to_string()).unwrap_or_default()
+            ));
+        }
         if p.extension().and_then(|e| e.to_str()) != Some("svg") {
             return Err(format!(
                 "--plot {}: the chart is SVG; give a file name ending in .svg",
@@ -363,7 +371,11 @@ pub fn run(mut a: BenchArgs) -> CliResult {
     check_args(&a)?;
     interrupt::install();
     let quiet = a.json || !std::io::stderr().is_terminal();
+    // Absolute and free of symlinks: the mount table names mounts that way,
+    // and cleanup compares against it.
     let root = a.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let root = std::fs::canonicalize(&root)
+        .map_err(|e| format!("--dir {}: {e}; give an existing directory", root.display()))?;
     let page = shadowfd::page_size() as u64;
     let pb = progress(quiet, (a.reps * a.patterns.len() * a.modes.len()) as u64);
 
@@ -372,18 +384,20 @@ pub fn run(mut a: BenchArgs) -> CliResult {
 
     // Engines first: a configuration error is reported before any work.
     let base = base_config(&a)?;
+    // Eager copies the whole file, and a full lazy scan fills all of it: both
+    // must fit in the memory budget, or the run would end in SIGBUS.
+    if a.modes.iter().any(|m| m.is_eager() || m.is_lazy()) && a.size > base.memory_budget {
+        return Err(format!(
+            "--size {} is more than the memory budget of {}: eager and lazy shadows of the \
+             whole file must fit; choose a smaller --size or raise --memory-budget",
+            format_size(a.size),
+            format_size(base.memory_budget)
+        )
+        .into());
+    }
     let eager = if a.modes.iter().any(|m| m.is_eager()) {
         let mut c = base.clone();
         c.mode = Mode::Eager;
-        if a.size > c.memory_budget {
-            return Err(format!(
-                "--size {} is more than the memory budget of {}: the eager copy must fit; \
-                 choose a smaller --size or raise --memory-budget",
-                format_size(a.size),
-                format_size(c.memory_budget)
-            )
-            .into());
-        }
         c.max_size = a.size;
         Some(Engine::new(c)?)
     } else {

@@ -177,7 +177,9 @@ impl Config {
         }
         if let Some(v) = env_var("SHADOWFD_WORKERS")? {
             c.workers = parse_with("SHADOWFD_WORKERS", &v, |s| {
-                s.trim().parse::<usize>().map_err(|e| e.to_string())
+                s.trim()
+                    .parse::<usize>()
+                    .map_err(|_| format!("expected a whole number from 1 to {MAX_WORKERS}"))
             })?;
         }
         if let Some(v) = env_var("SHADOWFD_READAHEAD")? {

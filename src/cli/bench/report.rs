@@ -63,7 +63,7 @@ pub struct Ratio {
     pub pattern: String,
     /// `open_speedup_lazy_vs_eager` (eager open / lazy open),
     /// `total_lazy_over_eager`, `total_speedup_lazy_vs_fuse` (fuse total /
-    /// lazy total) or `total_lazy_over_native`.
+    /// lazy total), `total_lazy_image_over_lazy` or `total_lazy_over_native`.
     pub name: &'static str,
     /// Median of the per-repetition ratios.
     pub value: f64,
@@ -304,6 +304,7 @@ pub fn print_human(r: &Report) {
                 "total_lazy_over_eager" => "total, lazy/eager",
                 "total_speedup_lazy_vs_fuse" => "total, fuse/lazy (lazy speedup)",
                 "total_lazy_over_native" => "total, lazy/native",
+                "total_lazy_image_over_lazy" => "total, lazy-image/lazy",
                 n => n,
             };
             println!(

@@ -148,6 +148,21 @@ impl Geometry {
         if is64 {
             blocks_count |= u64::from(u32_at(&sb, 0x150)) << 32;
         }
+        // Every block must exist in the image: this bounds all block
+        // arithmetic and every map walk by the image's real size. (Seeking
+        // to the end also sizes a block device; the reads use pread, so the
+        // file offset does not matter.)
+        let image_len = {
+            use std::io::{Seek, SeekFrom};
+            let mut handle = f;
+            handle.seek(SeekFrom::End(0))?
+        };
+        if blocks_count > image_len / block_size {
+            return corrupt(format!(
+                "the superblock counts {blocks_count} blocks of {block_size} bytes, but the image \
+                 holds only {image_len} bytes (was it truncated?)"
+            ));
+        }
         let inodes_count = u32_at(&sb, 0x0);
         let first_data_block = u64::from(u32_at(&sb, 0x14));
         let blocks_per_group = u64::from(u32_at(&sb, 0x20));
@@ -179,9 +194,11 @@ impl Geometry {
         if groups > u64::from(u32::MAX) {
             return corrupt("too many block groups");
         }
-        // The descriptor table starts in the block after the superblock;
-        // descriptors are read one at a time, when an inode needs one.
-        let gdt_at = (first_data_block + 1) * block_size;
+        // The descriptor table starts in the block after the one holding the
+        // superblock (byte 1024): block 2 with 1 KiB blocks, block 1
+        // otherwise, whatever s_first_data_block says (it is 0 with bigalloc
+        // even for 1 KiB blocks). Descriptors are read when an inode needs one.
+        let gdt_at = (SUPERBLOCK_AT / block_size + 1) * block_size;
         Ok(Geometry {
             block_size,
             blocks_count,
@@ -260,6 +277,9 @@ impl Geometry {
         let mut out = Runs {
             runs: Vec::new(),
             nblocks,
+            mapped: 0,
+            limit: self.blocks_count,
+            visited: std::collections::HashSet::new(),
         };
         if inode.flags & FLAG_EXTENTS != 0 {
             self.walk_extents(f, inode.ino, &inode.block, None, &mut out)?;
@@ -289,10 +309,18 @@ impl Geometry {
         if 12 + entries * 12 > node.len() {
             return corrupt(format!("inode {ino}: extent node holds too many entries"));
         }
+        let mut prev: Option<u64> = None;
         for e in node[12..12 + entries * 12].chunks_exact(12) {
             let logical = u64::from(u32_at(e, 0));
+            if prev.is_some_and(|p| logical <= p) {
+                return corrupt(format!("inode {ino}: extent entries out of order"));
+            }
+            prev = Some(logical);
             if depth == 0 {
                 let raw_len = u16_at(e, 4);
+                if raw_len == 0 {
+                    return corrupt(format!("inode {ino}: zero-length extent"));
+                }
                 if raw_len > EXTENT_INIT_MAX {
                     // Unwritten: allocated but reads as zeros, i.e. a hole.
                     continue;
@@ -307,6 +335,7 @@ impl Geometry {
                 if logical >= out.nblocks {
                     break;
                 }
+                out.visit(ino, child)?;
                 let block = self.read_block(f, child)?;
                 self.walk_extents(f, ino, &block, Some(depth - 1), out)?;
             }
@@ -350,6 +379,7 @@ impl Geometry {
         out: &mut Runs,
     ) -> LResult<()> {
         self.check_block("indirect block", ino, block, 1)?;
+        out.visit(ino, block)?;
         let per = self.block_size / 4;
         let child_span = per.pow(level - 1);
         let data = self.read_block(f, block)?;
@@ -509,9 +539,24 @@ pub(super) struct Run {
 struct Runs {
     runs: Vec<Run>,
     nblocks: u64,
+    /// Blocks mapped so far, and the most a sound map can have (the
+    /// filesystem's block count): a crafted map cannot make us allocate or
+    /// walk more than the image holds.
+    mapped: u64,
+    limit: u64,
+    /// Index and indirect blocks seen: each may be used once, which keeps a
+    /// crafted map with shared nodes or loops from taking exponential time.
+    visited: std::collections::HashSet<u64>,
 }
 
 impl Runs {
+    fn visit(&mut self, ino: u32, block: u64) -> LResult<()> {
+        if !self.visited.insert(block) {
+            return corrupt(format!("inode {ino}: map block {block} is used twice"));
+        }
+        Ok(())
+    }
+
     /// Appends a mapped piece, clipped to the file size and merged with the
     /// previous one when both halves are contiguous.
     fn push(&mut self, ino: u32, logical: u64, physical: u64, len: u64) -> LResult<()> {
@@ -519,6 +564,13 @@ impl Runs {
             return Ok(());
         }
         let len = len.min(self.nblocks - logical);
+        self.mapped += len;
+        if self.mapped > self.limit {
+            return corrupt(format!(
+                "inode {ino}: the block map covers more blocks than the filesystem's {}",
+                self.limit
+            ));
+        }
         if let Some(last) = self.runs.last_mut() {
             if logical < last.logical + last.len {
                 return corrupt(format!("inode {ino}: overlapping or unsorted block map"));
@@ -573,6 +625,9 @@ mod tests {
         let mut r = Runs {
             runs: Vec::new(),
             nblocks: 10,
+            mapped: 0,
+            limit: 1000,
+            visited: Default::default(),
         };
         r.push(1, 0, 100, 2).unwrap();
         r.push(1, 2, 102, 3).unwrap();
@@ -593,5 +648,20 @@ mod tests {
             ]
         );
         assert!(matches!(r.push(1, 7, 300, 1), Err(LayoutError::Corrupt(_))));
+    }
+
+    #[test]
+    fn maps_may_not_cover_more_than_the_filesystem_or_reuse_map_blocks() {
+        let mut r = Runs {
+            runs: Vec::new(),
+            nblocks: u64::MAX,
+            mapped: 0,
+            limit: 8,
+            visited: Default::default(),
+        };
+        r.push(1, 0, 100, 8).unwrap();
+        assert!(matches!(r.push(1, 8, 300, 1), Err(LayoutError::Corrupt(_))));
+        r.visit(1, 5).unwrap();
+        assert!(matches!(r.visit(1, 5), Err(LayoutError::Corrupt(_))));
     }
 }

@@ -128,6 +128,8 @@ struct State {
     /// The image's stamp when `verdict` was worked out.
     stamp: Stamp,
     verdict: Verdict,
+    /// The last full answer of `metadata()`, and the image stamp it was for.
+    last: Option<(Stamp, SourceMeta)>,
 }
 
 /// A regular file inside an ext2/ext3/ext4 image file (or block device).
@@ -325,6 +327,7 @@ impl ImageSource {
             state: Mutex::new(State {
                 stamp: Stamp::of(&st),
                 verdict: Verdict::Same(geo),
+                last: None,
             }),
             image,
             image_path,
@@ -424,17 +427,30 @@ impl ImageSource {
                 "{} now names another file in the image",
                 self.name
             ))),
-            Err(Fail::Path(io::ErrorKind::NotFound, _)) => Ok(Verdict::Gone(format!(
-                "{} is no longer in the image",
+            // The path no longer resolves: missing, a component that is no
+            // longer a directory, a symlink loop, ...
+            Err(Fail::Path(_, why)) => Ok(Verdict::Gone(format!(
+                "{} is no longer in the image: {why}",
                 self.name
             ))),
-            Err(Fail::Image(io::ErrorKind::InvalidData, why)) => Ok(Verdict::Gone(format!(
-                "{} no longer holds a readable filesystem: {why}",
-                self.image_path.display()
-            ))),
-            Err(Fail::Image(kind, why) | Fail::Path(kind, why)) => {
+            // A genuine I/O error on the image file is reported as such.
+            Err(Fail::Image(kind, why))
+                if !matches!(
+                    kind,
+                    io::ErrorKind::InvalidData
+                        | io::ErrorKind::Unsupported
+                        | io::ErrorKind::UnexpectedEof
+                ) =>
+            {
                 Err(io::Error::new(kind, format!("{}: {why}", self.name)))
             }
+            // Corrupt, cut short, or now needing journal recovery (a
+            // read-write mount): the file we copied can no longer be found
+            // in a filesystem we can read.
+            Err(Fail::Image(_, why)) => Ok(Verdict::Gone(format!(
+                "{} no longer holds a filesystem we can read: {why}",
+                self.image_path.display()
+            ))),
         }
     }
 }
@@ -691,14 +707,29 @@ impl Source for ImageSource {
         if !inode.in_use() {
             return Err(gone(format!("{} was deleted from the image", self.name)));
         }
-        Ok(SourceMeta {
+        let meta = SourceMeta {
             size: inode.size,
             mtime: inode.mtime,
             ctime: later(inode.ctime, stamp.mtime),
             device: self.identity,
             inode: u64::from(self.ino),
             kind: inode.kind(),
-        })
+        };
+        state.last = Some((stamp, meta.clone()));
+        Ok(meta)
+    }
+
+    /// One `fstat` of the image while it is unchanged: the bytes of a file
+    /// inside it cannot change unless the image is written, which moves its
+    /// size or mtime. Otherwise, the full check.
+    fn fill_metadata(&self) -> io::Result<SourceMeta> {
+        let stamp = Stamp::of(&self.image.metadata()?);
+        if let Some((at, meta)) = &self.state.lock().last {
+            if *at == stamp {
+                return Ok(meta.clone());
+            }
+        }
+        self.metadata()
     }
 
     fn name(&self) -> String {
