@@ -1119,3 +1119,29 @@ fn crafted_maps_and_truncated_images_are_refused_quickly() {
         "bigalloc 1 KiB image read back differently"
     );
 }
+
+/// An image that no longer holds a readable filesystem (cut short, as a
+/// half-copied image is) reports its shadows as gone, not as an error.
+#[test]
+fn staleness_says_gone_when_the_image_stops_parsing() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("t");
+    std::fs::create_dir(&tree).unwrap();
+    let data = pattern(78, 64 << 10);
+    std::fs::write(tree.join("f"), &data).unwrap();
+    let img = dir.path().join("i.img");
+    mkfs(&["mkfs.ext4"], &[], &tree, &img, "8M");
+    let src = shadowfd::source::ImageSource::open(&img, "/f").unwrap();
+    let shadow = engine(Mode::Eager).open(src).unwrap();
+    assert_eq!(shadow.staleness().unwrap(), shadowfd::Staleness::Unchanged);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    assert_eq!(shadow.staleness().unwrap(), shadowfd::Staleness::Gone);
+    // The snapshot keeps its bytes.
+    let map = shadow.map(shadowfd::Share::Private).unwrap();
+    assert!(map[..] == data[..]);
+}
