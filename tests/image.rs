@@ -1054,16 +1054,22 @@ fn access_strategy_figures() {
     }
 }
 
+/// A temp dir holding a tree `t` with one file `f` of `len` seeded bytes.
+fn one_file_tree(seed: u64, len: usize) -> (TempDir, PathBuf, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("t");
+    std::fs::create_dir(&tree).unwrap();
+    let data = pattern(seed, len);
+    std::fs::write(tree.join("f"), &data).unwrap();
+    (dir, tree, data)
+}
+
 /// Crafted and damaged images get a clean, quick error: a map that loops back
 /// on itself, and an image cut short. 1 KiB blocks with bigalloc read right.
 #[test]
 fn crafted_maps_and_truncated_images_are_refused_quickly() {
-    let dir = tempfile::tempdir().unwrap();
-    let tree = dir.path().join("t");
-    std::fs::create_dir(&tree).unwrap();
     // 300 KiB with 1 KiB blocks: direct, single and double indirect blocks.
-    let data = pattern(77, 300 << 10);
-    std::fs::write(tree.join("f"), &data).unwrap();
+    let (dir, tree, data) = one_file_tree(77, 300 << 10);
 
     // Double-indirect block whose first pointer points back at itself.
     let img = dir.path().join("loop.img");
@@ -1124,11 +1130,7 @@ fn crafted_maps_and_truncated_images_are_refused_quickly() {
 /// half-copied image is) reports its shadows as gone, not as an error.
 #[test]
 fn staleness_says_gone_when_the_image_stops_parsing() {
-    let dir = tempfile::tempdir().unwrap();
-    let tree = dir.path().join("t");
-    std::fs::create_dir(&tree).unwrap();
-    let data = pattern(78, 64 << 10);
-    std::fs::write(tree.join("f"), &data).unwrap();
+    let (dir, tree, data) = one_file_tree(78, 64 << 10);
     let img = dir.path().join("i.img");
     mkfs(&["mkfs.ext4"], &[], &tree, &img, "8M");
     let src = shadowfd::source::ImageSource::open(&img, "/f").unwrap();

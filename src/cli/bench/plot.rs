@@ -262,19 +262,20 @@ where
         chart.draw_series(rows.iter().map(|&(pi, x)| {
             let mid = x0(pi) + bw / 2.0;
             let top = x.spread.total_us.max.max(x.total_us) * 1.25;
-            Text::new(
-                short_us(x.total_us),
-                (mid, top),
-                ("sans-serif", 11).into_font().color(&BLACK).pos(
-                    plotters::style::text_anchor::Pos::new(
-                        plotters::style::text_anchor::HPos::Center,
-                        plotters::style::text_anchor::VPos::Bottom,
-                    ),
-                ),
-            )
+            value_label(short_us(x.total_us), (mid, top))
         }))?;
     }
     Ok(())
+}
+
+/// A small value printed centred above a bar whose top is at `at`.
+fn value_label<'a>(text: String, at: (f64, f64)) -> Text<'a, (f64, f64), String> {
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+    let style = ("sans-serif", 11)
+        .into_font()
+        .color(&BLACK)
+        .pos(Pos::new(HPos::Center, VPos::Bottom));
+    Text::new(text, at, style)
 }
 
 fn draw_open<DB: DrawingBackend>(
@@ -346,18 +347,12 @@ where
             BLACK.stroke_width(1),
         )
     }))?;
-    chart.draw_series(opens.iter().enumerate().map(|(i, x)| {
-        Text::new(
-            short_us(x.1),
-            (i as f64 + 0.5, x.3.max(x.1) * 1.25),
-            ("sans-serif", 11).into_font().color(&BLACK).pos(
-                plotters::style::text_anchor::Pos::new(
-                    plotters::style::text_anchor::HPos::Center,
-                    plotters::style::text_anchor::VPos::Bottom,
-                ),
-            ),
-        )
-    }))?;
+    chart.draw_series(
+        opens
+            .iter()
+            .enumerate()
+            .map(|(i, x)| value_label(short_us(x.1), (i as f64 + 0.5, x.3.max(x.1) * 1.25))),
+    )?;
     Ok(())
 }
 
