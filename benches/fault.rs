@@ -156,8 +156,8 @@ impl RawRegion {
         )?;
         // SAFETY: the descriptor was just created and is owned only here.
         let memfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        // SAFETY: ftruncate on our own memfd.
         check(
+            // SAFETY: ftruncate on our own memfd.
             unsafe { libc::ftruncate(memfd.as_raw_fd(), len as i64) } as _,
             "ftruncate",
         )?;
@@ -173,8 +173,8 @@ impl RawRegion {
             features: 0,
             ioctls: 0,
         };
-        // SAFETY: `api` is a live uffdio_api for the handshake.
         check(
+            // SAFETY: `api` is a live uffdio_api for the handshake.
             unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API as _, &mut api) } as _,
             "UFFDIO_API",
         )?;
@@ -200,8 +200,8 @@ impl RawRegion {
             mode: UFFDIO_REGISTER_MODE_MISSING,
             ioctls: 0,
         };
-        // SAFETY: `reg` is a live uffdio_register over our own mapping.
         check(
+            // SAFETY: `reg` is a live uffdio_register over our own mapping.
             unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) } as _,
             "UFFDIO_REGISTER",
         )?;

@@ -1,7 +1,197 @@
-//! The `shadowfd` command-line tool.
+//! The `shadowfd` command-line tool: argument parsing, shared options, error reporting.
 
-mod cli;
+mod access;
+mod bench;
+mod cat;
+mod map;
+mod probe;
+mod sigbus;
 
-fn main() -> std::process::ExitCode {
-    cli::main()
+use clap::{Args, Parser, Subcommand};
+use shadowfd::config::parse_size;
+use shadowfd::source::ImageSource;
+use shadowfd::{Config, Engine, FileSource, Mode, Shadow, Source, StalePolicy};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Lazy, sealed, host-mmappable shadows of files.
+#[derive(Parser)]
+#[command(name = "shadowfd", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Say whether userfaultfd can be used here, how, and which mode `auto` picks.
+    Probe(probe::ProbeArgs),
+    /// Write a file's bytes to stdout, read through a mapping of its shadow.
+    Cat(cat::CatArgs),
+    /// Shadow a file, map it, touch it, and report what happened.
+    Map(map::MapArgs),
+    /// Eager vs lazy side by side, with the page cache and FUSE as references.
+    Bench(bench::BenchArgs),
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s)
+}
+
+/// Options shared by every command that opens a shadow. Flags win over the
+/// `SHADOWFD_*` environment variables, which win over the defaults.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Common {
+    /// auto | lazy | eager  [env: SHADOWFD_MODE] [default: auto]
+    #[arg(long, value_name = "MODE")]
+    pub mode: Option<Mode>,
+    /// Eager size cap, e.g. 512M, 2G, 1GiB  [env: SHADOWFD_MAX_SIZE] [default: 256M]
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, allow_negative_numbers = true)]
+    pub max_size: Option<u64>,
+    #[command(flatten)]
+    pub tuning: Tuning,
+}
+
+/// Memory and lazy-engine tuning, shared by `Common` and `bench`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Tuning {
+    /// Memory bound for the eager cap and lazy resident bytes
+    /// [env: SHADOWFD_MEMORY_BUDGET] [default: half of MemAvailable]
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, allow_negative_numbers = true)]
+    pub memory_budget: Option<u64>,
+    /// Lazy fill unit, a multiple of the page size  [env: SHADOWFD_CHUNK] [default: 4K]
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, allow_negative_numbers = true)]
+    pub chunk: Option<u64>,
+    /// Fault-service worker threads  [env: SHADOWFD_WORKERS] [default: CPUs]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub workers: Option<usize>,
+    /// Largest sequential readahead window, 0 for none  [env: SHADOWFD_READAHEAD] [default: 8M]
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, allow_negative_numbers = true)]
+    pub readahead: Option<u64>,
+    /// detect | strict: what lazy fills do once the source changed  [env: SHADOWFD_STALE]
+    #[arg(long, value_name = "POLICY")]
+    pub stale: Option<StalePolicy>,
+}
+
+impl Tuning {
+    /// Defaults, then the environment, then these flags (not yet validated).
+    pub fn config(&self) -> shadowfd::Result<Config> {
+        let mut c = Config::from_env()?;
+        if let Some(b) = self.memory_budget {
+            c.memory_budget = b;
+            if std::env::var_os("SHADOWFD_MAX_SIZE").is_none() {
+                c.max_size = shadowfd::config::DEFAULT_MAX_SIZE.min(b);
+            }
+        }
+        if let Some(v) = self.chunk {
+            c.chunk_size = v;
+        }
+        if let Some(v) = self.workers {
+            c.workers = v;
+        }
+        if let Some(v) = self.readahead {
+            c.readahead = v;
+        }
+        if let Some(v) = self.stale {
+            c.stale = v;
+        }
+        Ok(c)
+    }
+}
+
+impl Common {
+    /// The configuration: defaults, then environment, then flags.
+    pub fn config(&self) -> shadowfd::Result<Config> {
+        let mut c = self.tuning.config()?;
+        if let Some(m) = self.mode {
+            c.mode = m;
+        }
+        if let Some(v) = self.max_size {
+            c.max_size = v;
+        }
+        Ok(c)
+    }
+
+    pub fn engine(&self) -> shadowfd::Result<Engine> {
+        Engine::new(self.config()?)
+    }
+}
+
+/// Where the bytes come from: a host path, or a path inside an ext2/3/4 image.
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// The file to shadow (with --image: its path inside the image).
+    pub path: PathBuf,
+    /// Read PATH from inside this ext2/ext3/ext4 image file, in user space.
+    #[arg(long, value_name = "IMG")]
+    pub image: Option<PathBuf>,
+}
+
+impl Target {
+    /// A fresh source for the target (each call opens it anew).
+    pub fn source(&self) -> shadowfd::Result<Arc<dyn Source>> {
+        if let Some(img) = &self.image {
+            let src = ImageSource::open(img, &self.path).map_err(|e| shadowfd::Error::Open {
+                path: e.location().into(),
+                source: std::io::Error::new(e.kind(), e.reason()),
+            })?;
+            return Ok(Arc::new(src));
+        }
+        let src = FileSource::open(&self.path).map_err(|e| shadowfd::Error::Open {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        Ok(Arc::new(src))
+    }
+
+    /// Opens the shadow; a long eager copy shows a progress bar on stderr
+    /// when stderr is a terminal.
+    pub fn open(&self, engine: &Engine) -> shadowfd::Result<Shadow> {
+        use std::io::IsTerminal;
+        let source = self.source()?;
+        if !std::io::stderr().is_terminal() || engine.mode() != Mode::Eager {
+            return engine.open_arc(source);
+        }
+        let bar = indicatif::ProgressBar::hidden();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "copying {msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(source.name());
+        let started = std::time::Instant::now();
+        let r = engine.open_with_progress(source, &|done, total| {
+            // Only copies that take a while get a bar.
+            if bar.is_hidden() && started.elapsed() > std::time::Duration::from_millis(500) {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            }
+            bar.set_length(total);
+            bar.set_position(done);
+        });
+        bar.finish_and_clear();
+        r
+    }
+}
+
+/// A failure to report: message to stderr, exit code 1.
+pub type CliResult = Result<(), Box<dyn std::error::Error>>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Probe(a) => probe::run(a),
+        Cmd::Cat(a) => cat::run(a),
+        Cmd::Map(a) => map::run(a),
+        Cmd::Bench(a) => bench::run(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shadowfd: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -8,7 +8,6 @@ pub use memory::{mem_available, mem_total};
 pub use size::{format_size, parse_size, suggest_size};
 
 use crate::error::{Error, Result};
-use serde::Serialize;
 use std::str::FromStr;
 
 /// Default eager size cap: what sandboxes use today.
@@ -30,8 +29,9 @@ pub const MAX_READAHEAD: u64 = 1 << 30;
 pub const MAX_WORKERS: usize = 256;
 
 /// How shadows are populated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 pub enum Mode {
     /// Lazy where userfaultfd works, eager otherwise.
     Auto,
@@ -64,8 +64,9 @@ impl std::fmt::Display for Mode {
 }
 
 /// What a lazy shadow does when its source changes after open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 pub enum StalePolicy {
     /// Keep filling from the source; record the change (staleness API, stats).
     Detect,
@@ -87,7 +88,8 @@ impl FromStr for StalePolicy {
 /// Everything a [`crate::Engine`] needs to know. Build it with
 /// [`Config::from_env`] (defaults plus `SHADOWFD_*`), adjust fields, and the
 /// engine calls [`Config::validate`].
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Config {
     /// `SHADOWFD_MODE`; default `auto`.
     pub mode: Mode,

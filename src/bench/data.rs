@@ -2,7 +2,7 @@
 //! random bytes in it, written, synced and read once so that it is warm in
 //! the host page cache before the first run.
 
-use super::super::access::Rng;
+use crate::access::Rng;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 //! `shadowfd cat`.
 
-use super::{CliResult, Common, Target, sigbus};
+use crate::{CliResult, Common, Target, sigbus};
 use clap::Args;
 use shadowfd::Share;
 use std::io::Write;

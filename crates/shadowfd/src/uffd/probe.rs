@@ -1,15 +1,15 @@
 //! Can this process use userfaultfd, how, and with which features?
 
 use super::sys;
-use serde::Serialize;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 
 const DEVNODE: &str = "/dev/userfaultfd";
 
 /// How a userfaultfd descriptor is obtained.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Access {
     /// `userfaultfd(2)` with no flags: handles user- and kernel-mode faults.
     Syscall,
@@ -23,7 +23,8 @@ pub enum Access {
 }
 
 /// One way of opening a userfaultfd that the probe tried.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Attempt {
     pub method: Access,
     /// `null` on success, else the error.
@@ -31,7 +32,8 @@ pub struct Attempt {
 }
 
 /// What the probe found.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Probe {
     /// The first method that worked, if any.
     pub access: Option<Access>,

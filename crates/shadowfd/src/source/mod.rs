@@ -5,17 +5,19 @@
 //! or a callback into an in-process kernel fits the same trait.
 
 mod file;
+#[cfg(feature = "image")]
 pub mod image;
 
 pub use file::FileSource;
+#[cfg(feature = "image")]
 pub use image::{ImageAccess, ImageError, ImageSource};
 
-use serde::Serialize;
 use std::io;
 
 /// What kind of file a source is. Only regular files can be shadowed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 pub enum FileKind {
     Regular,
     Directory,
@@ -35,7 +37,8 @@ impl FileKind {
 }
 
 /// A point in time, as stored in an inode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Timestamp {
     pub sec: i64,
     pub nsec: i64,
@@ -62,7 +65,8 @@ impl Timestamp {
 }
 
 /// A source's metadata: what staleness compares.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct SourceMeta {
     pub size: u64,
     pub mtime: Timestamp,

@@ -1,7 +1,7 @@
 //! `shadowfd map`.
 
-use super::access::{self, Access};
-use super::{CliResult, Common, Target, sigbus};
+use crate::access::{self, Access};
+use crate::{CliResult, Common, Target, sigbus};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use shadowfd::{Share, Source};
@@ -145,7 +145,7 @@ pub fn run(a: MapArgs) -> CliResult {
 }
 
 fn print_human(r: &Report) {
-    use super::bench::report::fmt_us;
+    use crate::bench::report::fmt_us;
     use shadowfd::config::format_size as h;
     println!(
         "{}: {} shadow, {} ({} bytes)",

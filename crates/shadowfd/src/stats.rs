@@ -1,6 +1,5 @@
 //! Counters kept by the fault service, per shadow and per engine.
 
-use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 const SUB: usize = 4; // sub-buckets per power of two: about 19% resolution
@@ -93,7 +92,8 @@ impl Counters {
 }
 
 /// A snapshot of a shadow's or an engine's counters.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Stats {
     /// Page faults handed to the fault service.
     pub faults: u64,

@@ -9,8 +9,8 @@ mod interrupt;
 mod plot;
 pub(super) mod report;
 
-use super::access::{self, Access};
-use super::{CliResult, Target, Tuning, size_arg};
+use crate::access::{self, Access};
+use crate::{CliResult, Target, Tuning, size_arg};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use report::{Cell, Ratio, Report, Sample, Skip};

@@ -1,6 +1,6 @@
 //! `shadowfd probe`.
 
-use super::CliResult;
+use crate::CliResult;
 use clap::Args;
 
 #[derive(Args)]

@@ -1,11 +1,11 @@
 //! Staleness: is a shadow still what its source holds?
 
 use crate::source::{Source, SourceMeta};
-use serde::Serialize;
 
 /// A metadata field that differs from what was recorded at open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 pub enum Field {
     Size,
     Mtime,
@@ -16,8 +16,12 @@ pub enum Field {
 }
 
 /// The answer of [`crate::Shadow::staleness`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "state", content = "fields", rename_all = "lowercase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(
+    feature = "serde",
+    serde(tag = "state", content = "fields", rename_all = "lowercase")
+)]
 pub enum Staleness {
     /// The source's metadata is as it was when the shadow was made.
     Unchanged,
