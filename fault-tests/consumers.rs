@@ -275,8 +275,8 @@ fn kernel_mode_reads_of_a_lazy_mapping_are_served() {
     // userfaultfd that handles kernel faults (not UFFD_USER_MODE_ONLY), the
     // syscall waits for the fill and copies the right bytes.
     bounded("kernel_mode_reads_of_a_lazy_mapping_are_served", || {
-        let p = shadowfd::uffd::probe();
-        if p.access == Some(shadowfd::uffd::Access::SyscallUserModeOnly) {
+        let p = shadowfd::probe();
+        if p.access == Some(shadowfd::Access::SyscallUserModeOnly) {
             eprintln!(
                 "SKIPPED kernel-mode reads: only UFFD_USER_MODE_ONLY is available here, \
                  which refuses them by design"

@@ -97,7 +97,7 @@ impl Source for Slow {
 /// Serves one consumer process to the end; its stdout.
 fn serve_one(shadow: &shadowfd::Shadow) -> String {
     let (child, sock) = spawn_consumer(None);
-    let served = shadow.serve(sock).unwrap();
+    let served = shadowfd::remote::serve(shadow, sock).unwrap();
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
@@ -177,7 +177,7 @@ fn a_consumer_process_killed_mid_fault_is_forgotten_and_others_are_served() {
     let mut victims: Vec<_> = (0..2)
         .map(|_| {
             let (child, sock) = spawn_consumer(None);
-            (child, shadow.serve(sock).unwrap())
+            (child, shadowfd::remote::serve(&shadow, sock).unwrap())
         })
         .collect();
     let t = Instant::now();
@@ -206,7 +206,7 @@ fn a_consumer_process_killed_mid_fault_is_forgotten_and_others_are_served() {
     // The engine keeps serving: a new consumer process and a local mapping
     // read the right bytes, including pages the victims were waiting on.
     let (child, sock) = spawn_consumer(Some("0,1,2,511,1023"));
-    let served = shadow.serve(sock).unwrap();
+    let served = shadowfd::remote::serve(&shadow, sock).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains("consumer ok"),

@@ -239,7 +239,7 @@ fn user_mode_only_userfaultfd_works_and_kernel_reads_are_refused() {
     if child::role().is_some() {
         child::begin();
         seccomp::install_here(rules).expect("install seccomp filter");
-        let p = shadowfd::uffd::probe();
+        let p = shadowfd::probe();
         child::report("access", format!("{:?}", p.access));
         let engine = Engine::new(Config {
             mode: Mode::Lazy,

@@ -109,10 +109,7 @@ pub fn run(a: MapArgs) -> CliResult {
         mode: shadow.mode(),
         size: shadow.size(),
         access: a.access.to_string(),
-        share: match share {
-            Share::Shared => "shared",
-            Share::Private => "private",
-        },
+        share: share.as_str(),
         pages_touched: pages.len() as u64,
         open_us: shadow.open_time().as_secs_f64() * 1e6,
         access_us,

@@ -11,7 +11,7 @@ pub struct ProbeArgs {
 }
 
 pub fn run(a: ProbeArgs) -> CliResult {
-    let p = shadowfd::uffd::probe();
+    let p = shadowfd::probe();
     let auto = if p.lazy_usable { "lazy" } else { "eager" };
     if a.json {
         let mut v = serde_json::to_value(&p)?;

@@ -35,7 +35,7 @@ pub fn eager_config() -> Config {
 /// Whether lazy shadows work here. If not, says so on stderr (the caller
 /// then skips): the only reason this suite skips anything.
 pub fn lazy_available(test: &str) -> bool {
-    let p = shadowfd::uffd::probe();
+    let p = shadowfd::probe();
     if !p.lazy_usable {
         eprintln!(
             "SKIPPED {test}: lazy shadows need userfaultfd with MISSING_SHMEM and POISON, \

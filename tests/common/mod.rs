@@ -43,7 +43,7 @@ pub fn engine(mode: Mode) -> Engine {
 /// Whether this kernel lets us use lazy shadows; tests that need them skip
 /// (with a message) where it does not.
 pub fn lazy_available() -> bool {
-    let p = shadowfd::uffd::probe();
+    let p = shadowfd::probe();
     if !p.lazy_usable {
         eprintln!(
             "SKIP: lazy shadows unavailable on this kernel: {}",

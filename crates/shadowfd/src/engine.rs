@@ -4,11 +4,12 @@
 use crate::config::{Config, Mode};
 use crate::config::{format_size, suggest_size};
 use crate::error::{Error, Result};
-use crate::fault::{LazyShadow, Service};
+use crate::fault::Service;
+use crate::shadow::lazy::LazyShadow;
 use crate::shadow::{EagerShadow, Kind, Shadow};
 use crate::source::{FileKind, FileSource, Source, SourceMeta};
 use crate::stats::Stats;
-use crate::uffd::{Probe, Uffd};
+use crate::sys::{Probe, Uffd};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -103,7 +104,7 @@ impl Engine {
         if meta.kind != FileKind::Regular {
             return Err(Error::NotRegular {
                 what: name,
-                kind: meta.kind.as_str(),
+                kind: meta.kind,
             });
         }
         let kind = match &self.service {

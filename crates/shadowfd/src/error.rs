@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 /// Errors returned by shadowfd.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("{path}: {source}")]
     Open {
@@ -13,8 +14,11 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("{what} is not a regular file ({kind}); only regular files can be shadowed")]
-    NotRegular { what: String, kind: &'static str },
+    #[error("{what} is not a regular file ({}); only regular files can be shadowed", kind.as_str())]
+    NotRegular {
+        what: String,
+        kind: crate::source::FileKind,
+    },
     #[error(
         "{what} is {size} bytes ({size_h}), over the eager size cap of {cap} bytes ({cap_h}). \
          Raise the cap with `--max-size SIZE` or the SHADOWFD_MAX_SIZE environment variable \
@@ -80,6 +84,17 @@ pub enum Error {
     SourceChanged { what: String, attempts: u32 },
     #[error("range {offset}+{len} is outside the shadow of {size} bytes")]
     Range { offset: u64, len: u64, size: u64 },
+    #[error(
+        "{what} {value:#x} is not a multiple of the page size ({page} bytes); \
+         round it down to a page boundary"
+    )]
+    Align {
+        what: &'static str,
+        value: u64,
+        page: u64,
+    },
+    #[error("shadowfd remote protocol: {what}")]
+    Protocol { what: String },
     #[error("{context}: {source}")]
     Sys {
         context: String,

@@ -13,9 +13,15 @@
 //! # Ok::<(), shadowfd::Error>(())
 //! ```
 //!
-//! Layout: [`source`] (where bytes come from), [`shadow`] (the shadow object
-//! and its mappings), `eager` (the copy-at-open path), `fault` (the
-//! userfaultfd fault service), [`config`], [`uffd`] (the kernel interface).
+//! Layers, each importing only those above it in this list
+//! (docs/design.md):
+//! 1. `sys`: the raw layer (userfaultfd ABI and handle, memfd, mmap,
+//!    eventfd/epoll);
+//! 2. [`config`], [`source`] (where bytes come from) and the error type;
+//! 3. `fault`: the fault service (workers, region table, chunk states),
+//!    which knows shadows only through a narrow trait;
+//! 4. [`shadow`]: eager and lazy shadows and their mappings;
+//! 5. the [`Engine`]; 6. [`remote`]: consumers in other processes.
 
 pub mod config;
 mod eager;
@@ -26,15 +32,16 @@ pub mod remote;
 pub mod shadow;
 pub mod source;
 mod stats;
-pub mod uffd;
+mod sys;
 
 pub use config::{Config, Mode, StalePolicy};
 pub use engine::Engine;
 pub use error::{Error, Result};
 pub use remote::RemoteMapping;
-pub use shadow::{Mapping, Served, Shadow, Share, Staleness};
+pub use shadow::{MapOptions, Mapping, Registration, Shadow, Share, Staleness};
 pub use source::{FileSource, Source, SourceMeta};
 pub use stats::Stats;
+pub use sys::{Access, Advice, Attempt, Probe, UncheckedAdvice, feature_names, probe};
 
 /// The system page size.
 pub fn page_size() -> usize {

@@ -69,6 +69,8 @@ pub(crate) struct Counters {
     pub readahead_chunks: AtomicU64,
     pub poisoned_pages: AtomicU64,
     pub errors: AtomicU64,
+    pub unknown_faults: AtomicU64,
+    pub healed_pages: AtomicU64,
     pub fill_latency: Latency,
 }
 
@@ -82,6 +84,8 @@ impl Counters {
             readahead_chunks: self.readahead_chunks.load(Relaxed),
             poisoned_pages: self.poisoned_pages.load(Relaxed),
             errors: self.errors.load(Relaxed),
+            unknown_faults: self.unknown_faults.load(Relaxed),
+            healed_pages: self.healed_pages.load(Relaxed),
             fill_p50_us: us(0.5),
             fill_p99_us: us(0.99),
             resident_bytes,
@@ -94,6 +98,7 @@ impl Counters {
 /// A snapshot of a shadow's or an engine's counters.
 #[derive(Debug, Clone, Default, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct Stats {
     /// Page faults handed to the fault service.
     pub faults: u64,
@@ -107,6 +112,14 @@ pub struct Stats {
     pub poisoned_pages: u64,
     /// Failed fills: source errors, short reads, budget, strict staleness.
     pub errors: u64,
+    /// Faults on addresses no shadow had registered (a range being torn
+    /// down, or a peer's stray range). Each is ended with SIGBUS (or a wake
+    /// if the range is gone), never retried for ever.
+    pub unknown_faults: u64,
+    /// Pages found in the memfd before the engine filled them (planted by
+    /// another process's `fallocate` or unregistered touch) and overwritten
+    /// with the source's bytes before any consumer mapped them.
+    pub healed_pages: u64,
     /// Median time of one fill (one chunk for a random fault; a run of up
     /// to 1 MiB for sequential access, readahead and populate), in µs.
     pub fill_p50_us: Option<f64>,

@@ -5,8 +5,8 @@
 //! and the copy is retried if the source changes while it is being read.
 
 use crate::error::{Error, Result};
-use crate::shadow::memfd::{EAGER_SEALS, Memfd};
 use crate::source::{ReadFail, Source, SourceMeta, read_full};
+use crate::sys::memfd::{EAGER_SEALS, Memfd};
 
 /// Copy unit: large enough to amortise syscalls, small enough to stay in cache.
 const COPY_CHUNK: usize = 1 << 20;

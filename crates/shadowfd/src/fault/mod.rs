@@ -1,25 +1,72 @@
-//! The fault service: where a lazy shadow's page faults are served.
+//! The fault service: where every page fault of a lazy shadow is served.
 //!
-//! One userfaultfd per engine. A reader thread ([`service`]) reads fault
-//! messages in batches and maps each address to its shadow and chunk; a pool
-//! of workers fills chunks from the source with `UFFDIO_COPY` ([`fill`]);
-//! sequential access is detected and read ahead ([`readahead`]). Per-shadow
-//! state (chunk table, poisoned pages, registered mappings) is in [`lazy`].
+//! One userfaultfd per engine, read by a pool of workers ([`service`]). A
+//! worker that reads a fault looks its address up in the region table, which
+//! maps each registered range to the [`FaultTarget`] it shows, and hands the
+//! fault to that target. The target either answers at once (the chunk is
+//! filled: map it; bad: poison it) or claims the chunk and returns
+//! [`Work`], which the worker runs itself; further work of the same batch,
+//! and readahead, go through queues to the other workers.
+//!
+//! The service knows shadows only through [`FaultTarget`]; the chunk state
+//! table they keep is [`chunks::ChunkTable`].
 //!
 //! Rules the code keeps:
-//! - No thread of the service ever reads or writes registered memory: source
-//!   bytes go into worker-owned heap buffers and reach the shadow only through
-//!   `UFFDIO_COPY`.
-//! - Every fault message is answered: filled and woken, woken because the
-//!   chunk was already filled, or poisoned.
+//! - No thread of the service reads or writes registered memory.
+//! - Every fault message is answered: mapped, poisoned, or left to the thread
+//!   filling its chunk, which answers every waiter when it is done. A fault
+//!   on an address no region covers is poisoned (SIGBUS), never woken into
+//!   a retry loop.
 //! - The userfaultfd outlives every registered range: shadows and mappings
 //!   hold the service alive, so no page can fall through to zeros.
 
-mod fill;
-mod lazy;
-mod readahead;
-pub(crate) mod remote;
+pub(crate) mod chunks;
 mod service;
 
-pub(crate) use lazy::{LazyShadow, Registration, register_readable};
-pub(crate) use service::Service;
+pub(crate) use service::{Core, Service};
+
+use crate::sys::Uffd;
+use std::ops::Range;
+
+/// Why chunks are being filled: decides what the memory budget allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Why {
+    /// A thread is waiting on the first chunk of the run.
+    Fault,
+    /// Readahead: nobody is waiting; a full budget gives the chunks back.
+    Prefetch,
+    /// `populate`/`materialize`: the caller asked for these bytes.
+    Populate,
+}
+
+/// Chunks of a target to fill. For `Why::Fault` they are claimed already;
+/// for `Why::Prefetch` the worker claims whichever are still empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Work {
+    pub chunks: Range<u64>,
+    pub why: Why,
+}
+
+/// A fault as the service hands it to its target.
+pub(crate) struct Hit<'a> {
+    /// The userfaultfd the faulting range is registered with.
+    pub uffd: &'a Uffd,
+    /// Page-aligned faulting address.
+    pub addr: u64,
+    /// Byte offset in the target that `addr` shows.
+    pub offset: u64,
+    /// Bytes from `addr` to the end of the registered range.
+    pub limit: u64,
+    /// The range is one of the target's own internal mappings, reached
+    /// only by kernel-mediated access (`/proc/PID/mem`, `process_vm_readv`),
+    /// not a consumer range that is answered when a fill completes.
+    pub internal: bool,
+}
+
+/// What the fault service needs of a shadow: answer a fault, run work.
+pub(crate) trait FaultTarget: Send + Sync {
+    /// Answers `hit`, or claims chunks and returns the work to fill them.
+    fn on_fault(&self, core: &Core, hit: Hit<'_>) -> Option<Work>;
+    /// Runs `work` (from [`FaultTarget::on_fault`] or queued readahead).
+    fn run(&self, core: &Core, work: Work);
+}

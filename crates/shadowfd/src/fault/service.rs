@@ -1,24 +1,24 @@
-//! The fault-service thread pool and the region table.
+//! The fault-service thread pool, the region table and the memory budget.
 //!
-//! Every worker is also a reader: idle workers all wait in `poll(2)` on the
-//! userfaultfd, and the one that reads a fault message fills that chunk
-//! itself. This saves a thread hand-off on every fault (the faulting thread,
-//! one worker, done), which is what a random 4 KiB fault costs most. Further
-//! claimed faults from the same batch, and readahead, go through crossbeam
-//! channels to whichever worker is free; an eventfd tells sleeping workers
-//! that a channel has work. Workers sleep in epoll with the userfaultfd
-//! added `EPOLLEXCLUSIVE`, so one fault wakes one worker, not the pool.
+//! Every worker is also a reader: idle workers all sleep in epoll on the
+//! userfaultfd (added `EPOLLEXCLUSIVE`, so one fault wakes one worker, not
+//! the pool), and the one that reads a fault message serves it itself. This
+//! saves a thread hand-off on every fault (the faulting thread, one worker,
+//! done). Further claimed faults from the same batch, and readahead, go
+//! through crossbeam channels to whichever worker is free; an eventfd tells
+//! sleeping workers that a channel has work.
 
-use super::lazy::{LazyShadow, Why, run_chunks};
+use super::{FaultTarget, Hit, Work};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::stats::Counters;
-use crate::uffd::{Fault, Uffd, sys::uffd_msg};
+use crate::sys::event::{Epoll, eventfd, eventfd_drain, eventfd_signal};
+use crate::sys::uffd_abi::uffd_msg;
+use crate::sys::{Fault, Uffd};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Mutex, RwLock};
 use std::collections::BTreeMap;
-use std::ops::Range;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
@@ -26,43 +26,25 @@ use std::thread::JoinHandle;
 /// Fault messages read at once.
 const BATCH: usize = 32;
 
-/// A registered address range and the shadow it shows (from offset 0).
+/// A registered address range and what it shows.
 struct Region {
     len: u64,
-    shadow: Weak<LazyShadow>,
+    /// Offset in the target of the range's first byte.
+    offset: u64,
+    internal: bool,
+    target: Weak<dyn FaultTarget>,
 }
 
-pub(crate) enum Job {
-    /// Chunks someone is waiting for; already marked `Filling`.
-    Fault(Arc<LazyShadow>, Range<u64>),
-    /// Chunks read ahead; claimed (Empty -> Filling) by the worker.
-    Prefetch(Weak<LazyShadow>, Range<u64>),
+/// Work queued for any free worker. Claimed faults hold their target (a
+/// thread waits on them); readahead does not keep a shadow alive.
+struct Job {
+    target: Held,
+    work: Work,
 }
 
-fn eventfd() -> Result<OwnedFd> {
-    // SAFETY: eventfd(2) with valid flags; returns a new descriptor or -1.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(Error::sys("eventfd", std::io::Error::last_os_error()));
-    }
-    // SAFETY: eventfd just returned this descriptor; we are its only owner.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn eventfd_signal(fd: BorrowedFd<'_>) {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live u64 to an eventfd.
-    unsafe {
-        libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8);
-    }
-}
-
-fn eventfd_drain(fd: BorrowedFd<'_>) {
-    let mut v: u64 = 0;
-    // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
-    unsafe {
-        libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8);
-    }
+enum Held {
+    Strong(Arc<dyn FaultTarget>),
+    Weak(Weak<dyn FaultTarget>),
 }
 
 /// State shared by the service threads and the shadows.
@@ -107,46 +89,81 @@ impl Core {
         self.resident.fetch_sub(n, Ordering::AcqRel);
     }
 
-    pub fn add_region(&self, start: u64, len: u64, shadow: Weak<LazyShadow>) {
-        self.regions.write().insert(start, Region { len, shadow });
+    /// Records that `start..start+len`, registered with the engine's
+    /// userfaultfd, shows `target` from `offset`. Call before registering.
+    /// `internal`: see [`Hit::internal`].
+    pub fn add_region(
+        &self,
+        start: u64,
+        len: u64,
+        offset: u64,
+        internal: bool,
+        target: Weak<dyn FaultTarget>,
+    ) {
+        let r = Region {
+            len,
+            offset,
+            internal,
+            target,
+        };
+        self.regions.write().insert(start, r);
     }
 
+    /// Forgets a range. Call after unregistering it.
     pub fn remove_region(&self, start: u64) {
         self.regions.write().remove(&start);
     }
 
-    /// Queues chunks for readahead, in runs.
-    pub fn prefetch(&self, shadow: &LazyShadow, range: Range<u64>) {
-        let run = run_chunks(shadow.chunk);
-        let mut c = range.start;
-        while c < range.end {
-            let e = range.end.min(c + run);
-            let _ = self.prefetch_tx.send(Job::Prefetch(shadow.weak(), c..e));
-            c = e;
-        }
+    /// Queues `work` (readahead) for any free worker.
+    pub fn prefetch(&self, target: Weak<dyn FaultTarget>, work: Work) {
+        let target = Held::Weak(target);
+        let _ = self.prefetch_tx.send(Job { target, work });
         eventfd_signal(self.work.as_fd());
     }
 
-    fn lookup(&self, addr: u64) -> Option<(u64, Arc<LazyShadow>)> {
+    /// The target at `addr`, the offset it shows there and the bytes left
+    /// in the range.
+    fn lookup(&self, addr: u64) -> Option<(Arc<dyn FaultTarget>, Hit<'_>)> {
         let regions = self.regions.read();
         let (start, r) = regions.range(..=addr).next_back()?;
         if addr >= start + r.len {
             return None;
         }
-        Some((*start, r.shadow.upgrade()?))
+        let into = addr - start;
+        let hit = Hit {
+            uffd: &self.uffd,
+            addr,
+            offset: r.offset + into,
+            limit: r.len - into,
+            internal: r.internal,
+        };
+        Some((r.target.upgrade()?, hit))
+    }
+
+    /// Ends a fault that no registered region explains: SIGBUS for the
+    /// faulting thread if the range is still registered, a wake if it is
+    /// gone (the thread then finds the range unregistered). Never a plain
+    /// wake of a registered range, which would fault again for ever.
+    /// Returns false if even the poison failed.
+    pub fn refuse(&self, uffd: &Uffd, page_addr: u64) -> bool {
+        self.counters.unknown_faults.fetch_add(1, Ordering::Relaxed);
+        if uffd.poison(page_addr, self.page).is_err() {
+            let _ = uffd.wake(page_addr, self.page);
+            return false;
+        }
+        true
     }
 
     /// Answers one fault message on the engine's userfaultfd. Returns the
-    /// chunks to fill if this call claimed them.
-    fn on_fault(&self, f: Fault) -> Option<(Arc<LazyShadow>, Range<u64>)> {
-        let page_addr = f.address & !(self.page - 1);
-        let Some((start, shadow)) = self.lookup(page_addr) else {
-            // A range being torn down, or a stale message: let the thread retry.
-            let _ = self.uffd.wake(page_addr, self.page);
+    /// target and work to run if the target claimed chunks.
+    fn on_fault(&self, f: Fault) -> Option<(Arc<dyn FaultTarget>, Work)> {
+        let addr = f.address & !(self.page - 1);
+        let Some((target, hit)) = self.lookup(addr) else {
+            let _ = self.refuse(&self.uffd, addr);
             return None;
         };
-        let run = shadow.on_fault(self, &self.uffd, start, page_addr - start)?;
-        Some((shadow, run))
+        let work = target.on_fault(self, hit)?;
+        Some((target, work))
     }
 }
 
@@ -167,8 +184,8 @@ impl Service {
             fault_rx,
             prefetch_tx,
             prefetch_rx,
-            work: eventfd()?,
-            stop: eventfd()?,
+            work: eventfd().map_err(|e| Error::sys("eventfd", e))?,
+            stop: eventfd().map_err(|e| Error::sys("eventfd", e))?,
             stopping: AtomicBool::new(false),
             counters: Counters::default(),
             resident: AtomicU64::new(0),
@@ -181,11 +198,10 @@ impl Service {
         });
         for i in 0..cfg.workers {
             let c = core.clone();
-            let chunk = cfg.chunk_size;
             let sleep = Sleep::new(&core)?;
             let t = std::thread::Builder::new()
                 .name(format!("shadowfd-fault{i}"))
-                .spawn(move || worker(c, chunk, sleep))
+                .spawn(move || worker(c, sleep))
                 .map_err(|e| Error::sys("spawn a fault-service thread", e))?;
             service.threads.lock().push(t);
         }
@@ -210,73 +226,49 @@ impl Drop for Service {
     }
 }
 
-/// One fault-service thread: reads faults and fills chunks inline; runs
-/// queued jobs when no fault is pending; sleeps in poll otherwise.
-/// Where an idle worker sleeps: an epoll set over the userfaultfd, the work
-/// eventfd and the stop eventfd. The userfaultfd is added with
-/// `EPOLLEXCLUSIVE`, so a fault wakes one sleeping worker, not all of them.
-struct Sleep {
-    ep: OwnedFd,
-}
-
 const EV_UFFD: u64 = 0;
 const EV_WORK: u64 = 1;
 const EV_STOP: u64 = 2;
 
+/// Where an idle worker sleeps: an epoll set over the userfaultfd (added
+/// `EPOLLEXCLUSIVE`, so that a fault wakes one sleeping worker, not all of
+/// them), the work eventfd and the stop eventfd.
+struct Sleep {
+    ep: Epoll,
+}
+
 impl Sleep {
     fn new(core: &Core) -> Result<Sleep> {
-        // SAFETY: epoll_create1 with a valid flag; returns a new fd or -1.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(Error::sys("epoll_create1", std::io::Error::last_os_error()));
-        }
-        // SAFETY: epoll_create1 just returned this descriptor; we own it.
-        let ep = unsafe { OwnedFd::from_raw_fd(fd) };
-        let add = |target: BorrowedFd<'_>, events: u32, tag: u64| {
-            let mut ev = libc::epoll_event { events, u64: tag };
-            // SAFETY: `ev` is a live epoll_event; both descriptors are open.
-            let r = unsafe {
-                libc::epoll_ctl(
-                    ep.as_raw_fd(),
-                    libc::EPOLL_CTL_ADD,
-                    target.as_raw_fd(),
-                    &mut ev,
-                )
-            };
-            if r < 0 {
-                return Err(Error::sys("epoll_ctl", std::io::Error::last_os_error()));
-            }
-            Ok(())
-        };
+        let e = |e| Error::sys("epoll set-up for a fault-service thread", e);
+        let ep = Epoll::new().map_err(e)?;
         let exclusive = (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32;
-        add(core.uffd.as_fd(), exclusive, EV_UFFD)?;
-        add(core.work.as_fd(), libc::EPOLLIN as u32, EV_WORK)?;
-        add(core.stop.as_fd(), libc::EPOLLIN as u32, EV_STOP)?;
+        ep.add(core.uffd.as_fd(), exclusive, EV_UFFD).map_err(e)?;
+        ep.add(core.work.as_fd(), libc::EPOLLIN as u32, EV_WORK)
+            .map_err(e)?;
+        ep.add(core.stop.as_fd(), libc::EPOLLIN as u32, EV_STOP)
+            .map_err(e)?;
         Ok(Sleep { ep })
     }
 
     /// Blocks until a fault, queued work or the stop signal.
     fn wait(&self, core: &Core) {
-        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 3];
-        // SAFETY: `evs` is a live array of 3 epoll_event structs.
-        let n = unsafe { libc::epoll_wait(self.ep.as_raw_fd(), evs.as_mut_ptr(), 3, -1) };
-        for ev in evs.iter().take(n.max(0) as usize) {
-            if ev.u64 == EV_WORK {
-                eventfd_drain(core.work.as_fd());
-            }
+        let mut tags = [0u64; 3];
+        let n = self.ep.wait(&mut tags, -1);
+        if tags[..n].contains(&EV_WORK) {
+            eventfd_drain(core.work.as_fd());
         }
     }
 }
 
-fn worker(core: Arc<Core>, chunk: u64, sleep: Sleep) {
-    let run = run_chunks(chunk);
-    let mut buf = vec![0u8; (run * chunk) as usize];
+/// One fault-service thread: serves the faults it reads itself, runs queued
+/// jobs when no fault is pending, and sleeps in epoll otherwise.
+fn worker(core: Arc<Core>, sleep: Sleep) {
     let mut raw = vec![uffd_msg::default(); BATCH];
     let mut faults = Vec::with_capacity(BATCH);
     while !core.stopping.load(Ordering::Relaxed) {
         // Claimed faults first: a thread is waiting on each.
         if let Ok(job) = core.fault_rx.try_recv() {
-            run_job(&core, job, run, &mut buf);
+            run_job(&core, job);
             continue;
         }
         faults.clear();
@@ -284,17 +276,18 @@ fn worker(core: Arc<Core>, chunk: u64, sleep: Sleep) {
             Ok(()) if !faults.is_empty() => {
                 let mut mine = None;
                 for f in &faults {
-                    if let Some((s, c)) = core.on_fault(*f) {
+                    if let Some((target, work)) = core.on_fault(*f) {
                         if mine.is_none() {
-                            mine = Some((s, c));
+                            mine = Some((target, work));
                         } else {
-                            let _ = core.fault_tx.send(Job::Fault(s, c));
+                            let target = Held::Strong(target);
+                            let _ = core.fault_tx.send(Job { target, work });
                             eventfd_signal(core.work.as_fd());
                         }
                     }
                 }
-                if let Some((s, r)) = mine {
-                    s.fill(&core, r, &mut buf, Why::Fault);
+                if let Some((target, work)) = mine {
+                    target.run(&core, work);
                 }
                 continue;
             }
@@ -304,20 +297,19 @@ fn worker(core: Arc<Core>, chunk: u64, sleep: Sleep) {
             Err(_) => return,
         }
         if let Ok(job) = core.prefetch_rx.try_recv() {
-            run_job(&core, job, run, &mut buf);
+            run_job(&core, job);
             continue;
         }
         sleep.wait(&core);
     }
 }
 
-fn run_job(core: &Core, job: Job, run: u64, buf: &mut [u8]) {
-    match job {
-        Job::Fault(s, r) => s.fill(core, r, buf, Why::Fault),
-        Job::Prefetch(w, r) => {
-            if let Some(s) = w.upgrade() {
-                s.fill_empty(core, r, run, buf, Why::Prefetch);
-            }
-        }
+fn run_job(core: &Core, job: Job) {
+    let target = match job.target {
+        Held::Strong(t) => Some(t),
+        Held::Weak(w) => w.upgrade(),
+    };
+    if let Some(t) = target {
+        t.run(core, job.work);
     }
 }

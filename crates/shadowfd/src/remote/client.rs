@@ -1,9 +1,9 @@
 //! The consumer side: map a shadow served by an engine in another process.
 
-use super::wire::{self, ATTACH, Frame, OFFER, READY};
+use super::wire::{self, ATTACH, ERROR, Frame, HELLO, OFFER, READY, VERSION};
 use crate::error::{Error, Result};
-use crate::shadow::RawMap;
-use crate::uffd::Uffd;
+use crate::sys::mmap::RawMap;
+use crate::sys::{Advice, Uffd};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 
@@ -23,23 +23,49 @@ pub struct RemoteMapping {
     _stream: UnixStream,
 }
 
-fn protocol(what: &str) -> Error {
-    Error::sys(
-        "shadowfd remote protocol",
-        std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string()),
-    )
+fn protocol(what: impl Into<String>) -> Error {
+    Error::Protocol { what: what.into() }
+}
+
+fn expect(
+    stream: &UnixStream,
+    kind: u64,
+    what: &str,
+) -> Result<(Frame, Option<std::os::fd::OwnedFd>)> {
+    let (f, fd) = wire::recv(stream)?;
+    if f.kind == ERROR {
+        return Err(protocol(format!(
+            "the engine refused the consumer (code {}) while {what}",
+            f.a
+        )));
+    }
+    if f.kind != kind {
+        return Err(protocol(format!(
+            "unexpected frame kind {} while {what}",
+            f.kind
+        )));
+    }
+    Ok((f, fd))
 }
 
 impl RemoteMapping {
-    /// Receives a shadow from [`crate::Shadow::serve`] on the other end of
-    /// `stream`, maps it read-only (`MAP_PRIVATE`) and, if it is lazy,
-    /// registers the mapping and hands the server its userfaultfd. Returns
-    /// once faults are served.
+    /// Receives a shadow from [`super::serve`] on the other end of `stream`,
+    /// maps it read-only (`MAP_PRIVATE`) and, if it is lazy, registers the
+    /// mapping with a userfaultfd made here, which the engine serves.
+    /// Returns once faults are served.
     pub fn receive(stream: UnixStream) -> Result<RemoteMapping> {
-        let (offer, fd) = wire::recv(&stream)?;
-        if offer.kind != OFFER {
-            return Err(protocol("expected an offer"));
-        }
+        stream
+            .set_read_timeout(Some(super::PEER_TIMEOUT))
+            .map_err(|e| Error::sys("set the engine socket timeout", e))?;
+        let uffd = Uffd::open().ok().map(|(u, _)| u);
+        let hello = Frame {
+            kind: HELLO,
+            a: VERSION,
+            b: 0,
+            c: uffd.as_ref().map_or(0, Uffd::features),
+        };
+        wire::send(&stream, &hello, uffd.as_ref().map(|u| u.as_fd()))?;
+        let (offer, fd) = expect(&stream, OFFER, "waiting for the shadow")?;
         let memfd = fd.ok_or_else(|| protocol("the offer carried no descriptor"))?;
         let len = usize::try_from(offer.a).map_err(|_| protocol("size does not fit"))?;
         let lazy = offer.b == 1;
@@ -56,7 +82,7 @@ impl RemoteMapping {
         } else {
             libc::PROT_READ
         };
-        let map = RawMap::new(memfd.as_fd(), len, prot, libc::MAP_PRIVATE)
+        let map = RawMap::new(memfd.as_fd(), 0, len, prot, libc::MAP_PRIVATE)
             .map_err(|e| Error::sys("mmap the received shadow", e))?;
         drop(memfd);
         if !lazy {
@@ -67,25 +93,27 @@ impl RemoteMapping {
                 _stream: stream,
             });
         }
-        let (uffd, _) = Uffd::open().map_err(|p| {
-            Error::LazyUnavailable(p.reason.unwrap_or_else(|| "userfaultfd is unusable".into()))
+        let uffd = uffd.ok_or_else(|| {
+            protocol("the engine sent a lazy shadow to a consumer without a userfaultfd")
         })?;
         let page = crate::page_size() as u64;
         let reg_len = (len as u64).div_ceil(page) * page;
-        map.advise(libc::MADV_DONTFORK)
+        map.advise(Advice::DontFork)
             .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
-        crate::fault::register_readable(&uffd, &map, "the remote mapping")?;
+        uffd.register(map.addr(), reg_len)
+            .map_err(|e| Error::sys("UFFDIO_REGISTER of the remote mapping", e))?;
         let attach = Frame {
             kind: ATTACH,
             a: map.addr(),
             b: reg_len,
-            c: uffd.features(),
+            c: 0,
         };
-        wire::send(&stream, &attach, Some(uffd.as_fd()))?;
-        let (ready, _) = wire::recv(&stream)?;
-        if ready.kind != READY {
-            return Err(protocol("the server refused the mapping"));
-        }
+        wire::send(&stream, &attach, None)?;
+        expect(&stream, READY, "attaching")?;
+        // SAFETY: nothing refers into the mapping yet; every fault on it is
+        // now served.
+        unsafe { map.protect(libc::PROT_READ) }
+            .map_err(|e| Error::sys("mprotect the remote mapping readable", e))?;
         Ok(RemoteMapping {
             map: Some(map),
             len,
@@ -114,7 +142,7 @@ impl std::ops::Deref for RemoteMapping {
         match &self.map {
             // SAFETY: `len` bytes are mapped PROT_READ for the life of
             // `self`; the memfd is sealed against writes and lazy pages are
-            // filled once before any read of them returns.
+            // mapped only once filled.
             Some(m) => unsafe { std::slice::from_raw_parts(m.as_ptr(), self.len) },
             None => &[],
         }

@@ -2,20 +2,24 @@
 //!
 //! A sandbox usually maps shadows in a *guest* process, not in the process
 //! that holds the engine. For an eager or materialized shadow the memfd can
-//! simply be passed over a Unix socket. A lazy one cannot: any unregistered
-//! touch of it would read zeros (docs/shadows.md). So the consumer process
-//! makes its own userfaultfd, registers its mapping with it, and passes that
-//! userfaultfd back over the socket (`SCM_RIGHTS`); the engine then serves
-//! the consumer's faults through it, acting on the consumer's memory.
+//! simply be passed over a Unix socket. For a lazy one, the consumer process
+//! makes its own userfaultfd and sends it first; it then receives the memfd,
+//! maps it `PROT_NONE`, registers the mapping for MISSING and MINOR faults
+//! and says where; the engine serves the consumer's faults through that
+//! userfaultfd, acting on the consumer's memory.
 //!
-//! Server side: [`crate::Shadow::serve`] on one end of a connected
-//! `UnixStream`. Consumer side: [`RemoteMapping::receive`] on the other end.
+//! A consumer that abuses the descriptor (maps it unregistered, `read`s it,
+//! reopens it and `fallocate`s it) spoils only its own view: every
+//! registered range faults on every page it has not been given by the
+//! engine, and the engine overwrites planted pages before it maps them
+//! (docs/security.md).
 //!
-//! The protocol trusts the consumer to use this module: a process that maps
-//! the received memfd without registering it would read zeros, and leave zero
-//! pages behind for everyone.
+//! Engine side: [`serve`] on one end of a connected `UnixStream`. Consumer
+//! side: [`RemoteMapping::receive`] on the other end.
 
 mod client;
+mod server;
 pub(crate) mod wire;
 
 pub use client::RemoteMapping;
+pub use server::{PEER_TIMEOUT, Served, serve};

@@ -1,5 +1,7 @@
 //! The small framed protocol between an engine and a remote consumer: fixed
-//! 40-byte frames, each optionally carrying one descriptor.
+//! 40-byte frames (five little-endian u64: magic, kind, a, b, c), each
+//! optionally carrying one descriptor (`SCM_RIGHTS`). docs/remote.md has the
+//! exchange.
 
 use crate::error::{Error, Result};
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
@@ -10,12 +12,30 @@ use std::os::unix::net::UnixStream;
 const MAGIC: u64 = u64::from_le_bytes(*b"SHADOWFD");
 pub const FRAME: usize = 40;
 
-/// Server to consumer: the memfd (`a` = size, `b` = 1 if lazy).
+/// The protocol version this crate speaks. Version 1 (unversioned, the
+/// server spoke first and sent the memfd before anything else) is refused.
+pub const VERSION: u64 = 2;
+
+/// Consumer to server, first: `a` = protocol version, `c` = the features its
+/// userfaultfd negotiated; carries that userfaultfd if it could make one.
+pub const HELLO: u64 = 4;
+/// Server to consumer: the read-only memfd (`a` = size, `b` = 1 if lazy,
+/// `c` = protocol version).
 pub const OFFER: u64 = 1;
-/// Consumer to server: its userfaultfd (`a` = address, `b` = length, `c` = features).
+/// Consumer to server: where it mapped and registered the shadow
+/// (`a` = address, `b` = length).
 pub const ATTACH: u64 = 2;
 /// Server to consumer: faults are now served.
 pub const READY: u64 = 3;
+/// Either way, before closing: `a` = one of the `E_*` codes.
+pub const ERROR: u64 = 5;
+
+/// Malformed or unexpected frame.
+pub const E_PROTOCOL: u64 = 1;
+/// Unsupported protocol version.
+pub const E_VERSION: u64 = 2;
+/// A lazy shadow needs a userfaultfd with MINOR_SHMEM and POISON.
+pub const E_NO_UFFD: u64 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Frame {

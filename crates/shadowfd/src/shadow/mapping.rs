@@ -1,12 +1,17 @@
-//! Read-only mappings of a shadow, as RAII handles.
+//! Read-only mappings of a shadow: [`MapOptions`] makes them, [`Mapping`]
+//! owns one, [`Registration`] covers a mapping the caller made itself.
 
-use crate::fault::Registration;
-use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use super::{Kind, Shadow};
+use crate::error::{Error, Result};
+use crate::shadow::lazy;
+use crate::sys::mmap::RawMap;
+use crate::sys::{Advice, UncheckedAdvice};
+use std::os::fd::AsFd;
 use std::ptr::NonNull;
 
-/// How a [`Mapping`] shares pages with the shadow.
+/// How a mapping shares pages with the shadow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Share {
     /// `MAP_SHARED`: pages are the shadow's page cache.
     #[default]
@@ -16,97 +21,209 @@ pub enum Share {
     Private,
 }
 
-/// An owned `mmap` region, unmapped on drop.
-#[derive(Debug)]
-pub(crate) struct RawMap {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: RawMap is an address range owned by this handle; the kernel object
-// behind it may be used from any thread.
-unsafe impl Send for RawMap {}
-// SAFETY: as above; shared access is read-only through `&self`.
-unsafe impl Sync for RawMap {}
-
-impl RawMap {
-    /// Maps `len` (> 0) bytes of `fd` at offset 0.
-    pub(crate) fn new(fd: BorrowedFd<'_>, len: usize, prot: i32, flags: i32) -> io::Result<RawMap> {
-        assert!(len > 0, "RawMap::new of zero length");
-        // SAFETY: a fresh mapping chosen by the kernel (addr NULL) cannot alias
-        // any Rust object; fd is open for the call's duration.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd.as_raw_fd(), 0) };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
+impl Share {
+    /// `"shared"` or `"private"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Share::Shared => "shared",
+            Share::Private => "private",
         }
-        Ok(RawMap {
-            ptr: NonNull::new(p.cast()).expect("mmap returned NULL without MAP_FIXED"),
-            len,
-        })
-    }
-
-    /// A second `MAP_SHARED` mapping of the same pages (`mremap` with an old
-    /// size of 0). It keeps the original's `VM_MAYWRITE`, so it can be
-    /// registered with userfaultfd after `F_SEAL_FUTURE_WRITE`, and it comes
-    /// unregistered (the engine does not request `UFFD_FEATURE_EVENT_REMAP`).
-    pub(crate) fn duplicate_shared(&self) -> io::Result<RawMap> {
-        // SAFETY: `self` is a live shared mapping of `len` bytes; old size 0
-        // with MREMAP_MAYMOVE creates a new range chosen by the kernel and
-        // leaves the original untouched.
-        let p =
-            unsafe { libc::mremap(self.ptr.as_ptr().cast(), 0, self.len, libc::MREMAP_MAYMOVE) };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(RawMap {
-            ptr: NonNull::new(p.cast()).expect("mremap returned NULL"),
-            len: self.len,
-        })
-    }
-
-    pub(crate) fn addr(&self) -> u64 {
-        self.ptr.as_ptr() as u64
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.len
-    }
-
-    pub(crate) fn as_ptr(&self) -> *const u8 {
-        self.ptr.as_ptr()
-    }
-
-    /// `mprotect(prot)` over the whole range.
-    pub(crate) fn protect(&self, prot: i32) -> io::Result<()> {
-        // SAFETY: the range is exactly our own mapping; changing its
-        // protection does not invalidate any reference (none is handed out
-        // before the mapping is PROT_READ).
-        let r = unsafe { libc::mprotect(self.ptr.as_ptr().cast(), self.len, prot) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// `madvise(advice)` over the whole range.
-    pub(crate) fn advise(&self, advice: i32) -> io::Result<()> {
-        // SAFETY: the range is exactly our own mapping; the advices we use
-        // (MADV_DONTFORK) do not change its contents.
-        let r = unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, advice) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
     }
 }
 
-impl Drop for RawMap {
-    fn drop(&mut self) {
-        // SAFETY: we own this range since `new`; nothing borrows it once the
-        // owning handle is being dropped.
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+/// Options for mapping (part of) a shadow, in the manner of memmap2's
+/// `MmapOptions`: `shadow.map_options().offset(o).len(n).share(s).map()`.
+///
+/// - `offset` must be a multiple of the page size; `len` defaults to the
+///   rest of the shadow and may end mid-page only at the shadow's end.
+/// - Every lazy mapping is registered with the engine before any of its
+///   bytes can be read, and unregistered when dropped.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct MapOptions<'a> {
+    shadow: &'a Shadow,
+    offset: u64,
+    len: Option<u64>,
+    share: Share,
+}
+
+impl<'a> MapOptions<'a> {
+    pub(crate) fn new(shadow: &'a Shadow) -> Self {
+        MapOptions {
+            shadow,
+            offset: 0,
+            len: None,
+            share: Share::Shared,
         }
+    }
+
+    /// Offset in the shadow of the mapping's first byte (page-aligned).
+    pub fn offset(mut self, offset: u64) -> Self {
+        self.offset = offset;
+        self
+    }
+
+    /// Length in bytes (default: from `offset` to the end of the shadow).
+    pub fn len(mut self, len: u64) -> Self {
+        self.len = Some(len);
+        self
+    }
+
+    /// `MAP_SHARED` (the default) or `MAP_PRIVATE`.
+    pub fn share(mut self, share: Share) -> Self {
+        self.share = share;
+        self
+    }
+
+    /// Validates offset and length; returns (len, page-rounded len).
+    fn span(&self) -> Result<(u64, u64)> {
+        let size = self.shadow.size();
+        let len = self.len.unwrap_or(size.saturating_sub(self.offset));
+        check_span(size, self.offset, len)?;
+        let page = crate::page_size() as u64;
+        Ok((len, len.div_ceil(page) * page))
+    }
+
+    /// Maps at an address the kernel picks.
+    pub fn map(self) -> Result<Mapping> {
+        // SAFETY: no fixed address: the kernel picks a fresh range.
+        unsafe { self.map_at(None) }
+    }
+
+    /// Maps at exactly `addr` (`MAP_FIXED` semantics), replacing the
+    /// caller's reservation there. When the [`Mapping`] is dropped the range
+    /// is unregistered and becomes a `PROT_NONE` anonymous reservation again;
+    /// releasing the reservation stays the caller's job.
+    ///
+    /// # Safety
+    /// `addr` must be page-aligned, and `addr..addr+len` (page-rounded) must
+    /// be address space the caller reserved (e.g. with `mmap(PROT_NONE)`),
+    /// that no Rust reference points into and that no other thread touches
+    /// until this returns.
+    pub unsafe fn map_fixed(self, addr: NonNull<u8>) -> Result<Mapping> {
+        if addr.as_ptr() as usize % crate::page_size() != 0 {
+            return Err(Error::Align {
+                what: "fixed mapping address",
+                value: addr.as_ptr() as u64,
+                page: crate::page_size() as u64,
+            });
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.map_at(Some(addr.as_ptr())) }
+    }
+
+    /// # Safety
+    /// As [`MapOptions::map_fixed`] when `at` is given.
+    unsafe fn map_at(self, at: Option<*mut u8>) -> Result<Mapping> {
+        let (len, maplen) = self.span()?;
+        if len == 0 {
+            return Ok(Mapping {
+                registration: None,
+                map: None,
+                len: 0,
+            });
+        }
+        let shadow = self.shadow;
+        let flags = match self.share {
+            Share::Shared => libc::MAP_SHARED,
+            Share::Private => libc::MAP_PRIVATE,
+        };
+        let fd = shadow.memfd().as_fd();
+        let e = |e| Error::sys(format!("mmap the shadow of {}", shadow.name()), e);
+        let l = lazy_of(shadow);
+        // Lazy mappings start PROT_NONE and become readable once registered.
+        let prot = if l.is_some() {
+            libc::PROT_NONE
+        } else {
+            libc::PROT_READ
+        };
+        let map = match (l, self.share, at) {
+            // SAFETY: forwarded from the caller (fixed) or a fresh range.
+            (Some(l), Share::Shared, at) => unsafe {
+                l.shared_mapping(self.offset, maplen as usize, at)?
+            },
+            (_, _, Some(a)) => {
+                // SAFETY: the caller owns the fixed range (map_fixed's contract).
+                unsafe { RawMap::new_fixed(a, fd, self.offset, maplen as usize, prot, flags) }
+                    .map_err(e)?
+            }
+            (_, _, None) => {
+                RawMap::new(fd, self.offset, maplen as usize, prot, flags).map_err(e)?
+            }
+        };
+        let registration = match l {
+            None => None,
+            Some(l) => {
+                map.advise(Advice::DontFork)
+                    .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
+                let reg = l.register(map.addr(), maplen, self.offset)?;
+                // SAFETY: nothing refers into the new mapping yet; it becomes
+                // readable only now that every fault on it is served.
+                unsafe { map.protect(libc::PROT_READ) }
+                    .map_err(|e| Error::sys("mprotect a registered mapping readable", e))?;
+                Some(Registration { inner: Some(reg) })
+            }
+        };
+        Ok(Mapping {
+            registration,
+            map: Some(map),
+            len: len as usize,
+        })
+    }
+}
+
+fn lazy_of(shadow: &Shadow) -> Option<&std::sync::Arc<lazy::LazyShadow>> {
+    match &shadow.kind {
+        Kind::Lazy(l) => Some(l),
+        Kind::Eager(_) => None,
+    }
+}
+
+/// Checks `offset..offset+len` against a shadow of `size` bytes.
+pub(crate) fn check_span(size: u64, offset: u64, len: u64) -> Result<()> {
+    let page = crate::page_size() as u64;
+    if offset % page != 0 {
+        return Err(Error::Align {
+            what: "mapping offset",
+            value: offset,
+            page,
+        });
+    }
+    if offset.checked_add(len).is_none_or(|e| e > size) {
+        return Err(Error::Range { offset, len, size });
+    }
+    Ok(())
+}
+
+/// The registration of a lazy consumer range with the engine: while it
+/// lives, faults on the range are served. Dropping it unregisters the range
+/// (and nothing else: who unmaps is said where it was made).
+///
+/// For an eager shadow there is nothing to register and this is empty.
+pub struct Registration {
+    inner: Option<lazy::Registration>,
+}
+
+impl Registration {
+    pub(crate) fn none() -> Registration {
+        Registration { inner: None }
+    }
+
+    pub(crate) fn lazy(r: lazy::Registration) -> Registration {
+        Registration { inner: Some(r) }
+    }
+
+    /// Whether a range is registered (false for eager shadows).
+    pub fn is_registered(&self) -> bool {
+        self.inner.is_some()
+    }
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration")
+            .field("registered", &self.is_registered())
+            .finish()
     }
 }
 
@@ -116,7 +233,7 @@ impl Drop for RawMap {
 /// userfaultfd while it lives, so first touches are filled from the source
 /// (and a page that could not be read raises `SIGBUS`, as an I/O error under
 /// any file mapping does). It is excluded from `fork(2)` children
-/// (`MADV_DONTFORK`): a child would see the pages unregistered, as zeros.
+/// (`MADV_DONTFORK`): a child would see the pages unregistered.
 ///
 /// The bytes never change while mapped: the memfd is sealed against writes,
 /// and a lazy page is filled once before any access to it completes.
@@ -124,19 +241,19 @@ pub struct Mapping {
     // Field order is drop order: unregister before unmapping.
     pub(crate) registration: Option<Registration>,
     pub(crate) map: Option<RawMap>,
-    /// The shadow's size; the mapping itself may be rounded up to a page.
+    /// Requested length; the mapping itself is rounded up to a page.
     pub(crate) len: usize,
 }
 
 impl Mapping {
-    /// Start address (dangling for an empty shadow).
+    /// Start address (dangling for an empty mapping).
     pub fn as_ptr(&self) -> *const u8 {
         self.map
             .as_ref()
             .map_or(NonNull::dangling().as_ptr(), |m| m.as_ptr())
     }
 
-    /// Length in bytes (the source size).
+    /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len
     }
@@ -144,19 +261,47 @@ impl Mapping {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Whether faults on this mapping are served by the engine (lazy).
+    pub fn is_lazy(&self) -> bool {
+        self.registration
+            .as_ref()
+            .is_some_and(Registration::is_registered)
+    }
+
+    /// `madvise(2)` with advice that cannot change what the mapping shows.
+    pub fn advise(&self, advice: Advice) -> Result<()> {
+        match &self.map {
+            Some(m) => m.advise(advice).map_err(|e| Error::sys("madvise", e)),
+            None => Ok(()),
+        }
+    }
+
+    /// `madvise(2)` with advice that can.
+    ///
+    /// # Safety
+    /// No `&[u8]` borrowed from this mapping may be live across the call,
+    /// and the caller accepts what the advice does (see
+    /// [`UncheckedAdvice`]); `DoFork` in particular lets a forked child see
+    /// a lazy mapping unregistered.
+    pub unsafe fn advise_unchecked(&self, advice: UncheckedAdvice) -> Result<()> {
+        match &self.map {
+            // SAFETY: forwarded from the caller.
+            Some(m) => unsafe { m.advise_unchecked(advice) }.map_err(|e| Error::sys("madvise", e)),
+            None => Ok(()),
+        }
+    }
 }
 
 impl std::ops::Deref for Mapping {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         // SAFETY: the range is mapped PROT_READ for the life of `self` and no
-        // code in this crate writes through any mapping of the memfd; the
-        // memfd is sealed against writes (an eager one fully; a lazy one
-        // against write(2) and new writable mappings, while the engine's own
-        // mappings keep VM_MAYWRITE, so only unsafe code calling mprotect on
-        // them could write); and a lazy page is filled exactly once before
-        // any read of it returns. So the bytes are immutable while borrowed.
-        // An empty mapping yields an empty slice.
+        // code in this crate writes through it; the memfd is sealed against
+        // writes (an eager one fully; a lazy one against write(2) and new
+        // writable mappings, and the engine writes a lazy page only before
+        // any consumer range can map it). So the bytes are immutable while
+        // borrowed. An empty mapping yields an empty slice.
         unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len()) }
     }
 }
@@ -166,7 +311,7 @@ impl std::fmt::Debug for Mapping {
         f.debug_struct("Mapping")
             .field("ptr", &self.as_ptr())
             .field("len", &self.len())
-            .field("lazy", &self.registration.is_some())
+            .field("lazy", &self.is_lazy())
             .finish()
     }
 }

@@ -1,21 +1,21 @@
 //! The shadow object: a sealed memfd holding a copy of a source, filled
 //! eagerly at open or lazily on first touch, and the ways to consume it.
 
+pub(crate) mod lazy;
 mod mapping;
-pub(crate) mod memfd;
 mod stale;
 
-pub(crate) use mapping::RawMap;
-pub use mapping::{Mapping, Share};
+pub use mapping::{MapOptions, Mapping, Registration, Share};
 pub use stale::{Field, Staleness};
 
 use crate::config::Mode;
 use crate::error::{Error, Result};
-use crate::fault::LazyShadow;
 use crate::source::{Source, SourceMeta};
 use crate::stats::Stats;
-use memfd::Memfd;
+use crate::sys::memfd::Memfd;
+use lazy::LazyShadow;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,7 +81,7 @@ impl Shadow {
         self.open_time
     }
 
-    fn memfd(&self) -> &Memfd {
+    pub(crate) fn memfd(&self) -> &Memfd {
         match &self.kind {
             Kind::Eager(e) => &e.memfd,
             Kind::Lazy(l) => &l.memfd,
@@ -89,38 +89,97 @@ impl Shadow {
     }
 
     /// Maps the whole shadow read-only. Empty shadows give an empty mapping.
+    /// Shorthand for `self.map_options().share(share).map()`.
     pub fn map(&self, share: Share) -> Result<Mapping> {
-        let size = self.size();
-        if size == 0 {
-            return Ok(Mapping {
-                registration: None,
-                map: None,
-                len: 0,
+        self.map_options().share(share).map()
+    }
+
+    /// Options for a mapping at an offset, of a length, shared or private,
+    /// at a fixed address: see [`MapOptions`].
+    pub fn map_options(&self) -> MapOptions<'_> {
+        MapOptions::new(self)
+    }
+
+    /// The descriptor to `mmap` the shadow with yourself, for
+    /// [`Shadow::register`]. For a lazy shadow it is not a copy of the
+    /// source: `read(2)` of it, or a mapping of it that is not registered,
+    /// sees zeros where nothing was filled yet (only that reader is affected:
+    /// registered mappings never see such pages). Hand it to nobody;
+    /// [`Shadow::reopen_readonly`] is the descriptor for other processes.
+    pub fn mapping_fd(&self) -> BorrowedFd<'_> {
+        self.memfd().as_fd()
+    }
+
+    /// Registers a mapping the caller made of [`Shadow::mapping_fd`]:
+    /// `len` bytes at `addr`, showing the shadow from `offset` (both
+    /// page-aligned; `len` may end mid-page only at the shadow's end). From
+    /// now on, faults on it are served. For an eager shadow there is nothing
+    /// to do and the registration is empty.
+    ///
+    /// Any page-table entry the range had is dropped first (`MADV_DONTNEED`),
+    /// so a page touched before registration is faulted and checked again.
+    /// A `MAP_SHARED` range of a lazy shadow cannot be registered by the
+    /// kernel once the memfd is sealed, so it is replaced in place by an
+    /// equivalent shared mapping that can (same address, offset, length and
+    /// `PROT_READ`).
+    ///
+    /// Dropping the [`Registration`] unregisters the range; the caller
+    /// unmaps it, after dropping the registration (an address range
+    /// unmapped first may be reused by another mapping, which the drop
+    /// would then unregister).
+    ///
+    /// # Safety
+    /// `addr..addr+len` (page-rounded) must be a read-only mapping the
+    /// caller made of this shadow's descriptor at `offset`, that no Rust
+    /// reference points into and that no other thread touches until this
+    /// returns. Private pages written through it are discarded.
+    pub unsafe fn register(
+        &self,
+        addr: NonNull<u8>,
+        len: u64,
+        offset: u64,
+    ) -> Result<Registration> {
+        mapping::check_span(self.size(), offset, len)?;
+        let page = crate::page_size() as u64;
+        if addr.as_ptr() as u64 % page != 0 {
+            return Err(Error::Align {
+                what: "registered address",
+                value: addr.as_ptr() as u64,
+                page,
             });
         }
-        let flags = match share {
-            Share::Shared => libc::MAP_SHARED,
-            Share::Private => libc::MAP_PRIVATE,
+        let Kind::Lazy(l) = &self.kind else {
+            return Ok(Registration::none());
         };
-        // Lazy mappings start PROT_NONE and become readable once registered.
-        let prot = match self.kind {
-            Kind::Eager(_) => libc::PROT_READ,
-            Kind::Lazy(_) => libc::PROT_NONE,
-        };
-        let map = match (&self.kind, share) {
-            (Kind::Lazy(l), Share::Shared) => l.shared_mapping()?,
-            _ => RawMap::new(self.memfd().as_fd(), size as usize, prot, flags)
-                .map_err(|e| Error::sys(format!("mmap shadow of {}", self.name()), e))?,
-        };
-        let registration = match &self.kind {
-            Kind::Eager(_) => None,
-            Kind::Lazy(l) => Some(l.register(&map)?),
-        };
-        Ok(Mapping {
-            registration,
-            map: Some(map),
-            len: size as usize,
-        })
+        if len == 0 {
+            return Ok(Registration::none());
+        }
+        let maplen = len.div_ceil(page) * page;
+        let start = addr.as_ptr() as u64;
+        match l.register(start, maplen, offset) {
+            Ok(reg) => {
+                // SAFETY: the caller vouches nobody borrows or touches the
+                // range; dropping its page-table entries makes every page
+                // fault (and be checked) again.
+                crate::sys::mmap::madvise(addr.as_ptr(), maplen as usize, libc::MADV_DONTNEED)
+                    .map_err(|e| Error::sys("madvise(MADV_DONTNEED) of a registered range", e))?;
+                Ok(Registration::lazy(reg))
+            }
+            Err(Error::Sys { source, .. }) if source.raw_os_error() == Some(libc::EPERM) => {
+                // A shared mapping made after sealing: replace it.
+                // SAFETY: the caller owns the range and nothing borrows it.
+                let dup =
+                    unsafe { l.shared_mapping(offset, maplen as usize, Some(addr.as_ptr()))? };
+                let reg = l.register(start, maplen, offset)?;
+                // SAFETY: as above; it becomes readable once registered.
+                unsafe { dup.protect(libc::PROT_READ) }
+                    .map_err(|e| Error::sys("mprotect a registered mapping readable", e))?;
+                // The caller owns and unmaps the range.
+                std::mem::forget(dup);
+                Ok(Registration::lazy(reg))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Makes `offset..offset+len` present, for `read()`-style consumers and
@@ -257,32 +316,6 @@ impl Shadow {
         }
     }
 
-    /// Hands this shadow to a consumer process on the other end of `stream`,
-    /// which calls [`crate::RemoteMapping::receive`]. An eager or
-    /// materialized shadow is sent as a read-only descriptor and needs
-    /// nothing more. For a lazy one, the consumer registers its mapping with a
-    /// userfaultfd of its own and sends it back; a thread then serves its
-    /// faults, filling the same page cache as local mappings, until the
-    /// consumer closes the connection (or dies), and then forgets it.
-    pub fn serve(&self, stream: std::os::unix::net::UnixStream) -> Result<Served> {
-        use crate::remote::wire::{self, Frame, OFFER};
-        let lazy = !self.is_materialized();
-        let ro = self.memfd().reopen_readonly()?;
-        let offer = Frame {
-            kind: OFFER,
-            a: self.size(),
-            b: u64::from(lazy),
-            c: 0,
-        };
-        wire::send(&stream, &offer, Some(ro.as_fd()))?;
-        drop(ro);
-        let thread = match (&self.kind, lazy && self.size() > 0) {
-            (Kind::Lazy(l), true) => Some(crate::fault::remote::attach(l.clone(), stream)?),
-            _ => None,
-        };
-        Ok(Served { thread })
-    }
-
     /// How many consumers in other processes this shadow is serving.
     pub fn remote_consumers(&self) -> usize {
         match &self.kind {
@@ -297,27 +330,6 @@ impl Shadow {
             Kind::Eager(_) => Vec::new(),
             Kind::Lazy(l) => l.bad_pages().into_iter().collect(),
         }
-    }
-}
-
-/// A consumer being served by [`Shadow::serve`].
-#[derive(Debug)]
-pub struct Served {
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Served {
-    /// Waits until the consumer has disconnected and its range is forgotten.
-    /// Returns at once for eager or materialized shadows.
-    pub fn wait(self) {
-        if let Some(t) = self.thread {
-            let _ = t.join();
-        }
-    }
-
-    /// Whether the consumer is still attached.
-    pub fn is_active(&self) -> bool {
-        self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 }
 

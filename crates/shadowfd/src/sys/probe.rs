@@ -1,6 +1,7 @@
 //! Can this process use userfaultfd, how, and with which features?
 
-use super::sys;
+use super::uffd::{REQUIRED_FEATURES, feature_names};
+use super::uffd_abi as sys;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -143,18 +144,18 @@ pub fn probe() -> Probe {
             };
         }
     };
-    let missing = super::REQUIRED_FEATURES & !features;
+    let missing = REQUIRED_FEATURES & !features;
     let reason = (missing != 0).then(|| {
         format!(
             "the kernel's userfaultfd lacks {} (MISSING_SHMEM needs Linux 4.11+, POISON Linux 6.6+; \
              without POISON a source read error could not be reported as SIGBUS); eager shadows still work",
-            super::feature_names(missing).join(", ")
+            feature_names(missing).join(", ")
         )
     });
     Probe {
         access: Some(access),
         features,
-        feature_names: super::feature_names(features),
+        feature_names: feature_names(features),
         attempts,
         lazy_usable: reason.is_none(),
         reason,

@@ -1,8 +1,7 @@
-//! Reading one chunk from the source and installing it. Nothing here touches
-//! registered memory: bytes go into the worker's heap buffer, then through
-//! `UFFDIO_COPY`.
+//! Reading one run of chunks from the source into the memfd, through the
+//! shadow's unregistered writable alias: one copy, from the source straight
+//! into the page cache. Nothing here touches registered memory.
 
-use super::service::Core;
 use crate::source::{ReadFail, Source, read_full};
 use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -75,51 +74,6 @@ pub(crate) fn read_chunk(
         last.1 = last.1.min(span_end);
     }
     good
-}
-
-/// Copies the good runs into the fill mapping at `fill_addr`. A page whose
-/// copy fails is reported in `bad` and the copy goes on after it. Returns the
-/// bytes installed.
-pub(crate) fn install(
-    core: &Core,
-    fill_addr: u64,
-    data: &[u8],
-    off: u64,
-    good: &[(u64, u64)],
-    bad: &mut Vec<BadRange>,
-) -> u64 {
-    let page = core.page;
-    let mut installed = 0;
-    for &(a, b) in good {
-        let mut at = a;
-        while at < b {
-            let src = &data[(at - off) as usize..(b - off) as usize];
-            // SAFETY: `fill_addr + at .. + b` lies in the shadow's fill
-            // mapping, registered with `core.uffd`; `src` is the caller's heap
-            // buffer, which is never registered.
-            match unsafe { core.uffd.copy(fill_addr + at, src) } {
-                Ok(()) => {
-                    installed += b - at;
-                    at = b;
-                }
-                Err((e, done)) => {
-                    installed += done;
-                    let p = at + done;
-                    let why = if e.raw_os_error() == Some(libc::EEXIST) {
-                        format!(
-                            "the page at offset {p} was already present: something filled the \
-                             memfd outside shadowfd, so its bytes cannot be trusted"
-                        )
-                    } else {
-                        format!("UFFDIO_COPY at offset {p} failed: {e}")
-                    };
-                    bad.push((p, p + page, why));
-                    at = p + page;
-                }
-            }
-        }
-    }
-    installed
 }
 
 /// Expands bad ranges to their pages (page offsets within the shadow).

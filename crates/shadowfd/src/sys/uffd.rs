@@ -1,22 +1,31 @@
-//! A typed userfaultfd handle above the raw ABI in [`sys`], plus the
-//! capability probe. This is the only module that talks to userfaultfd.
+//! A typed userfaultfd handle above the raw ABI in [`super::uffd_abi`].
+//! With the probe, this is the only module that issues userfaultfd calls.
 
-mod probe;
-pub(crate) mod sys;
-
-pub use probe::{Access, Attempt, Probe, probe};
-
+use super::probe::{self, Probe, probe};
+use super::uffd_abi as sys;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 /// Features the engine asks for when the kernel has them.
-pub(crate) const WANTED_FEATURES: u64 =
-    sys::UFFD_FEATURE_MISSING_SHMEM | sys::UFFD_FEATURE_EXACT_ADDRESS | sys::UFFD_FEATURE_POISON;
+pub(crate) const WANTED_FEATURES: u64 = sys::UFFD_FEATURE_MISSING_SHMEM
+    | sys::UFFD_FEATURE_MINOR_SHMEM
+    | sys::UFFD_FEATURE_EXACT_ADDRESS
+    | sys::UFFD_FEATURE_POISON;
 /// Features without which lazy shadows cannot work.
-/// POISON is required so that a source read error reaches the consumer as
-/// SIGBUS; without it the only alternatives are zeros or a hung thread.
+/// - POISON, so that a source read error reaches the consumer as SIGBUS;
+///   without it the only alternatives are zeros or a hung thread.
+/// - MINOR_SHMEM, so that a page that appears in the memfd without the
+///   engine having filled it (another process's `fallocate`, or its
+///   unregistered touch) still faults in every consumer mapping, and is
+///   checked before it is mapped (docs/security.md).
 pub(crate) const REQUIRED_FEATURES: u64 =
-    sys::UFFD_FEATURE_MISSING_SHMEM | sys::UFFD_FEATURE_POISON;
+    sys::UFFD_FEATURE_MISSING_SHMEM | sys::UFFD_FEATURE_MINOR_SHMEM | sys::UFFD_FEATURE_POISON;
+
+/// Registration mode of every consumer range: a fault for a page absent from
+/// the memfd (MISSING) and for a page present there but not yet mapped in
+/// this range (MINOR).
+pub(crate) const CONSUMER_MODE: u64 =
+    sys::UFFDIO_REGISTER_MODE_MISSING | sys::UFFDIO_REGISTER_MODE_MINOR;
 
 /// A page-fault event read from the userfaultfd.
 #[derive(Debug, Clone, Copy)]
@@ -26,11 +35,9 @@ pub(crate) struct Fault {
 
 /// An open, API-negotiated userfaultfd.
 #[derive(Debug)]
-pub struct Uffd {
+pub(crate) struct Uffd {
     fd: OwnedFd,
     features: u64,
-    /// `None` for a userfaultfd received from another process.
-    access: Option<Access>,
 }
 
 impl Uffd {
@@ -38,7 +45,7 @@ impl Uffd {
     /// work, non-blocking and close-on-exec, negotiating the wanted features
     /// the kernel offers. Returns the probe too; on failure, the probe says
     /// why.
-    pub fn open() -> Result<(Uffd, Probe), Probe> {
+    pub(crate) fn open() -> Result<(Uffd, Probe), Probe> {
         let mut p = probe();
         let access = match p.access {
             Some(a) if p.lazy_usable => a,
@@ -50,14 +57,7 @@ impl Uffd {
             Ok(fd)
         });
         match opened {
-            Ok(fd) => Ok((
-                Uffd {
-                    fd,
-                    features,
-                    access: Some(access),
-                },
-                p,
-            )),
+            Ok(fd) => Ok((Uffd { fd, features }, p)),
             Err(e) => {
                 p.lazy_usable = false;
                 p.reason = Some(format!("opening the engine's userfaultfd failed: {e}"));
@@ -69,31 +69,73 @@ impl Uffd {
     /// Wraps a userfaultfd received from another process, which negotiated
     /// `features` (as it says) and registered its own ranges.
     pub(crate) fn from_fd(fd: OwnedFd, features: u64) -> Uffd {
-        Uffd {
-            fd,
-            features,
-            access: None,
-        }
+        Uffd { fd, features }
     }
 
     /// Negotiated features (`UFFD_FEATURE_*` bits).
-    pub fn features(&self) -> u64 {
+    pub(crate) fn features(&self) -> u64 {
         self.features
     }
 
-    /// Whether `UFFDIO_POISON` was offered.
-    pub fn has_poison(&self) -> bool {
-        self.features & sys::UFFD_FEATURE_POISON != 0
+    /// Whether every feature lazy shadows need was negotiated.
+    pub(crate) fn has_lazy_features(&self) -> bool {
+        self.features & REQUIRED_FEATURES == REQUIRED_FEATURES
     }
 
-    /// How this descriptor was obtained (`None`: received from another
-    /// process).
-    pub fn access(&self) -> Option<Access> {
-        self.access
-    }
-
+    /// Registers `start..start+len` for MISSING and MINOR faults
+    /// ([`CONSUMER_MODE`]). Fails with `EPERM` on a shared mapping made after
+    /// `F_SEAL_FUTURE_WRITE` (it lacks `VM_MAYWRITE`).
     pub(crate) fn register(&self, start: u64, len: u64) -> io::Result<u64> {
-        sys::register_missing(self.fd.as_fd(), start, len)
+        let ioctls = sys::register(self.fd.as_fd(), start, len, CONSUMER_MODE)?;
+        if ioctls & sys::UFFDIO_CONTINUE_BIT == 0 {
+            let _ = sys::unregister(self.fd.as_fd(), start, len);
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "UFFDIO_CONTINUE is not available on this range",
+            ));
+        }
+        Ok(ioctls)
+    }
+
+    /// Registers `start..start+len` for MISSING faults only: the engine's
+    /// fill alias, whose present pages map without a fault.
+    pub(crate) fn register_missing(&self, start: u64, len: u64) -> io::Result<u64> {
+        sys::register(
+            self.fd.as_fd(),
+            start,
+            len,
+            sys::UFFDIO_REGISTER_MODE_MISSING,
+        )
+    }
+
+    /// Maps the memfd's pages of `start..start+len` (all present in its page
+    /// cache) into the registered range and wakes the threads waiting there.
+    /// A page already mapped (`EEXIST`) is skipped and woken. Returns the
+    /// first other error.
+    pub(crate) fn continue_range(&self, start: u64, len: u64) -> io::Result<()> {
+        let page = crate::page_size() as u64;
+        let end = start + len;
+        let mut at = start;
+        while at < end {
+            match sys::continue_range(self.fd.as_fd(), at, end - at, 0) {
+                Ok(_) => return Ok(()),
+                Err((e, n)) => {
+                    at += n;
+                    match e.raw_os_error() {
+                        Some(libc::EAGAIN) => {}
+                        Some(libc::EEXIST) => {
+                            let _ = self.wake(at, page);
+                            at += page;
+                        }
+                        _ => {
+                            let _ = self.wake(at, end - at);
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
@@ -102,44 +144,6 @@ impl Uffd {
 
     pub(crate) fn wake(&self, start: u64, len: u64) -> io::Result<()> {
         sys::wake(self.fd.as_fd(), start, len)
-    }
-
-    /// Installs `src` at `dst`, resuming after partial copies and retrying
-    /// EAGAIN (the address space changed under the copy). Does not wake
-    /// waiters. On failure, returns the error and the bytes installed before
-    /// it. EEXIST is a failure: chunks are claimed exclusively, so a present
-    /// page means something filled the memfd outside the protocol, and its
-    /// bytes cannot be vouched for.
-    ///
-    /// # Safety
-    /// `dst..dst+src.len()` must lie in a range registered with this uffd by
-    /// this crate, and `src` must not be registered memory (the copy would
-    /// fault into ourselves).
-    pub(crate) unsafe fn copy(&self, dst: u64, src: &[u8]) -> Result<(), (io::Error, u64)> {
-        let mut done = 0u64;
-        let len = src.len() as u64;
-        while done < len {
-            // SAFETY: forwarded from the caller; `src[done..]` is in bounds.
-            let r = unsafe {
-                sys::copy(
-                    self.fd.as_fd(),
-                    dst + done,
-                    src.as_ptr().add(done as usize),
-                    len - done,
-                    sys::UFFDIO_COPY_MODE_DONTWAKE,
-                )
-            };
-            match r {
-                Ok(n) => done += n,
-                Err((e, n)) => {
-                    done += n;
-                    if e.raw_os_error() != Some(libc::EAGAIN) {
-                        return Err((e, done));
-                    }
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Poisons `len` bytes at `start` and wakes waiters there. A page whose

@@ -63,6 +63,8 @@ pub const FEATURE_NAMES: &[(u64, &str)] = &[
 ];
 
 pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+pub const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
+pub const UFFDIO_CONTINUE_MODE_DONTWAKE: u64 = 1 << 0;
 pub const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1 << 0;
 pub const UFFDIO_POISON_MODE_DONTWAKE: u64 = 1 << 0;
 
@@ -71,11 +73,14 @@ const _UFFDIO_REGISTER: u8 = 0x00;
 const _UFFDIO_UNREGISTER: u8 = 0x01;
 const _UFFDIO_WAKE: u8 = 0x02;
 const _UFFDIO_COPY: u8 = 0x03;
+const _UFFDIO_CONTINUE: u8 = 0x07;
 const _UFFDIO_POISON: u8 = 0x08;
 const _UFFDIO_API: u8 = 0x3F;
 /// Bit of `uffdio_register.ioctls` that says UFFDIO_POISON works on the range.
 pub const UFFDIO_POISON_BIT: u64 = 1 << _UFFDIO_POISON;
 pub const UFFDIO_COPY_BIT: u64 = 1 << _UFFDIO_COPY;
+/// Bit of `uffdio_register.ioctls` that says UFFDIO_CONTINUE works on the range.
+pub const UFFDIO_CONTINUE_BIT: u64 = 1 << _UFFDIO_CONTINUE;
 
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
@@ -112,6 +117,14 @@ pub struct uffdio_copy {
 
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
+pub struct uffdio_continue {
+    pub range: uffdio_range,
+    pub mode: u64,
+    pub mapped: i64,
+}
+
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
 pub struct uffdio_poison {
     pub range: uffdio_range,
     pub mode: u64,
@@ -139,6 +152,7 @@ const _: () = assert!(std::mem::size_of::<uffd_msg>() == 32);
 const _: () = assert!(std::mem::size_of::<uffdio_copy>() == 40);
 const _: () = assert!(std::mem::size_of::<uffdio_register>() == 32);
 const _: () = assert!(std::mem::size_of::<uffdio_poison>() == 32);
+const _: () = assert!(std::mem::size_of::<uffdio_continue>() == 32);
 
 const UFFDIO_API: libc::c_ulong =
     nix::request_code_readwrite!(UFFDIO, _UFFDIO_API, std::mem::size_of::<uffdio_api>()) as _;
@@ -156,6 +170,11 @@ const UFFDIO_WAKE: libc::c_ulong =
     nix::request_code_read!(UFFDIO, _UFFDIO_WAKE, std::mem::size_of::<uffdio_range>()) as _;
 const UFFDIO_COPY: libc::c_ulong =
     nix::request_code_readwrite!(UFFDIO, _UFFDIO_COPY, std::mem::size_of::<uffdio_copy>()) as _;
+const UFFDIO_CONTINUE: libc::c_ulong = nix::request_code_readwrite!(
+    UFFDIO,
+    _UFFDIO_CONTINUE,
+    std::mem::size_of::<uffdio_continue>()
+) as _;
 const UFFDIO_POISON: libc::c_ulong =
     nix::request_code_readwrite!(UFFDIO, _UFFDIO_POISON, std::mem::size_of::<uffdio_poison>()) as _;
 /// `USERFAULTFD_IOC_NEW` on `/dev/userfaultfd`: `_IO(0xAA, 0x00)`.
@@ -200,11 +219,12 @@ pub fn api(fd: BorrowedFd<'_>, features: u64) -> io::Result<uffdio_api> {
     Ok(arg)
 }
 
-/// `UFFDIO_REGISTER` in MISSING mode; returns the ioctls allowed on the range.
-pub fn register_missing(fd: BorrowedFd<'_>, start: u64, len: u64) -> io::Result<u64> {
+/// `UFFDIO_REGISTER` in `mode` (`UFFDIO_REGISTER_MODE_*` bits); returns the
+/// ioctls allowed on the range.
+pub fn register(fd: BorrowedFd<'_>, start: u64, len: u64, mode: u64) -> io::Result<u64> {
     let mut arg = uffdio_register {
         range: uffdio_range { start, len },
-        mode: UFFDIO_REGISTER_MODE_MISSING,
+        mode,
         ioctls: 0,
     };
     // SAFETY: `arg` is a live uffdio_register; the kernel only inspects the range, not the memory.
@@ -257,6 +277,30 @@ pub unsafe fn copy(
         return Err((err, done));
     }
     Ok(arg.copy as u64)
+}
+
+/// `UFFDIO_CONTINUE`: maps the page-cache pages of `start..start+len` into
+/// the registered range. Returns the bytes mapped; on failure the error and
+/// the bytes mapped before it.
+pub fn continue_range(
+    fd: BorrowedFd<'_>,
+    start: u64,
+    len: u64,
+    mode: u64,
+) -> Result<u64, (io::Error, u64)> {
+    let mut arg = uffdio_continue {
+        range: uffdio_range { start, len },
+        mode,
+        mapped: 0,
+    };
+    // SAFETY: `arg` is a live uffdio_continue; the kernel validates the range
+    // and maps only pages already in the page cache.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_CONTINUE, &mut arg) };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        return Err((err, arg.mapped.max(0) as u64));
+    }
+    Ok(arg.mapped.max(0) as u64)
 }
 
 /// `UFFDIO_POISON`: the next access to the range raises SIGBUS.

@@ -1,0 +1,716 @@
+//! A lazy shadow: a sized, empty memfd filled chunk by chunk on first touch.
+//!
+//! How a byte reaches a consumer (docs/design.md, docs/security.md):
+//! 1. Every consumer range is registered for MISSING *and* MINOR faults, so
+//!    no page of the memfd is mapped into it without a fault, whether or not
+//!    the page is in the page cache already.
+//! 2. A fault on an unfilled chunk claims it ([`ChunkTable`]), reads the
+//!    source straight into the memfd through `alias`, an unregistered
+//!    writable mapping made before sealing, publishes the chunk `Filled`, and
+//!    maps it into every consumer range with `UFFDIO_CONTINUE` (which also
+//!    wakes the waiting threads); bad pages are poisoned instead.
+//! 3. A fault on a filled chunk is answered with `UFFDIO_CONTINUE` at once.
+//!
+//! Only the engine decides what is `Filled`, and it writes every byte of a
+//! chunk before publishing it. A page another process planted in the memfd
+//! (`fallocate`, or an unregistered touch that leaves a zero page) is
+//! overwritten by the fill like any other; until then every consumer range
+//! faults on it. After `F_SEAL_FUTURE_WRITE|GROW|SHRINK` nobody but the
+//! alias can change a page, and `PUNCH_HOLE` is refused, so a filled page
+//! stays what the source held.
+
+mod fill;
+mod readahead;
+
+use crate::config::{Config, StalePolicy};
+use crate::error::{Error, Result};
+use crate::fault::chunks::{ChunkState, ChunkTable};
+use crate::fault::{Core, FaultTarget, Hit, Service, Why, Work};
+use crate::source::{Source, SourceMeta};
+use crate::stats::Counters;
+use crate::sys::memfd::{LAZY_SEALS, Memfd};
+use crate::sys::mmap::RawMap;
+use crate::sys::{Advice, Uffd};
+use fill::BadRange;
+use parking_lot::{Condvar, Mutex, RwLock};
+use readahead::Readahead;
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::os::fd::AsFd;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+pub(crate) struct LazyShadow {
+    pub name: String,
+    pub source: Arc<dyn Source>,
+    pub meta: SourceMeta,
+    pub memfd: Memfd,
+    pub size: u64,
+    pub chunk: u64,
+    stale: StalePolicy,
+    /// The engine's writable `MAP_SHARED` mapping of the whole memfd, made
+    /// before sealing and never registered: the only way bytes get into the
+    /// memfd. Written only by the thread that claimed a chunk.
+    alias: Option<RawMap>,
+    /// A `PROT_NONE` `MAP_SHARED` mapping made before sealing, never
+    /// registered, which shared consumer mappings are duplicated from (a
+    /// fresh shared mapping of a sealed memfd lacks `VM_MAYWRITE` and cannot
+    /// be registered).
+    template: Option<RawMap>,
+    chunks: ChunkTable,
+    /// Pages that could not be filled, with the reason.
+    bad: Mutex<BTreeMap<u64, String>>,
+    /// Consumer ranges to map and poison into, local and remote.
+    consumers: RwLock<Vec<Consumer>>,
+    next_id: AtomicU64,
+    done_lock: Mutex<()>,
+    done_cv: Condvar,
+    readahead: Mutex<Readahead>,
+    pub counters: Counters,
+    resident: AtomicU64,
+    changed: AtomicBool,
+    pub last_error: Mutex<Option<String>>,
+    pub service: Arc<Service>,
+    me: Weak<LazyShadow>,
+}
+
+/// A registered consumer range: in this process (through the engine's
+/// userfaultfd) or in another one (through the userfaultfd it sent us).
+struct Consumer {
+    id: u64,
+    start: u64,
+    len: u64,
+    /// Offset in the shadow of the range's first byte.
+    offset: u64,
+    /// `None`: the engine's own userfaultfd.
+    remote: Option<Arc<Uffd>>,
+}
+
+impl Consumer {
+    fn uffd<'a>(&'a self, core: &'a Core) -> &'a Uffd {
+        self.remote.as_deref().unwrap_or(&core.uffd)
+    }
+
+    /// The part of shadow bytes `a..b` this range shows, as (address, len).
+    fn overlap(&self, a: u64, b: u64) -> Option<(u64, u64)> {
+        let (lo, hi) = (a.max(self.offset), b.min(self.offset + self.len));
+        (lo < hi).then(|| (self.start + (lo - self.offset), hi - lo))
+    }
+}
+
+/// A consumer range's registration with the engine's userfaultfd;
+/// unregisters on drop.
+pub(crate) struct Registration {
+    shadow: Arc<LazyShadow>,
+    start: u64,
+    len: u64,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let core = &self.shadow.service.core;
+        let _ = core.uffd.unregister(self.start, self.len);
+        core.remove_region(self.start);
+        self.shadow.remove_consumer(self.id);
+    }
+}
+
+const STALE_BEFORE: &str = "the source changed since open (stale policy strict)";
+const STALE_DURING: &str = "the source changed during the fill (stale policy strict)";
+
+/// Bytes read and installed at once by prefetch, populate and materialize,
+/// and mapped at once into a consumer range that faults on filled chunks.
+pub(crate) const RUN_BYTES: u64 = 1 << 20;
+
+/// How many chunks make one run.
+pub(crate) fn run_chunks(chunk: u64) -> u64 {
+    (RUN_BYTES / chunk).max(1)
+}
+
+fn round_up(n: u64, to: u64) -> u64 {
+    n.div_ceil(to) * to
+}
+
+/// A `PROT_NONE` `MAP_SHARED` mapping of the whole memfd (so that
+/// `mlockall(MCL_FUTURE)` does not populate it), excluded from `fork`
+/// children.
+fn whole_shared(memfd: &Memfd, len: usize) -> Result<RawMap> {
+    let m = RawMap::new(memfd.as_fd(), 0, len, libc::PROT_NONE, libc::MAP_SHARED)
+        .map_err(|e| Error::sys("mmap lazy memfd", e))?;
+    m.advise(Advice::DontFork)
+        .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
+    Ok(m)
+}
+
+impl LazyShadow {
+    /// Creates the sparse memfd and its alias and template mappings,
+    /// registers both, then seals the memfd. Nothing is read from the source.
+    pub fn open(
+        service: Arc<Service>,
+        source: Arc<dyn Source>,
+        meta: SourceMeta,
+        cfg: &Config,
+    ) -> Result<Arc<LazyShadow>> {
+        let name = source.name();
+        let size = meta.size;
+        let memfd = Memfd::create(&name, size)?;
+        let core = &service.core;
+        let chunk = cfg.chunk_size;
+        let nchunks = size.div_ceil(chunk);
+        let (alias, template) = if size > 0 {
+            let len = round_up(size, core.page) as usize;
+            (
+                Some(whole_shared(&memfd, len)?),
+                Some(whole_shared(&memfd, len)?),
+            )
+        } else {
+            (None, None)
+        };
+        let shadow = Arc::new_cyclic(|me| LazyShadow {
+            name,
+            source,
+            meta,
+            memfd,
+            size,
+            chunk,
+            stale: cfg.stale,
+            alias,
+            template,
+            chunks: ChunkTable::new(nchunks),
+            bad: Mutex::new(BTreeMap::new()),
+            consumers: RwLock::new(Vec::new()),
+            next_id: AtomicU64::new(1),
+            done_lock: Mutex::new(()),
+            done_cv: Condvar::new(),
+            readahead: Mutex::new(Readahead::new(
+                cfg.readahead / chunk,
+                run_chunks(chunk),
+                nchunks,
+            )),
+            counters: Counters::default(),
+            resident: AtomicU64::new(0),
+            changed: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            service: service.clone(),
+            me: me.clone(),
+        });
+        if let (Some(alias), Some(template)) = (&shadow.alias, &shadow.template) {
+            // Both are registered, and in the region table, so that an
+            // access that ignores their protection (/proc/PID/mem,
+            // process_vm_readv) is served like a consumer's fault instead of
+            // reading a hole as zeros. The alias is registered for MISSING
+            // faults only: the fill makes its pages present before writing
+            // them, so its own writes never fault.
+            let len = round_up(size, core.page);
+            let (a, t) = (alias.addr(), template.addr());
+            core.add_region(a, len, 0, true, shadow.target());
+            core.add_region(t, len, 0, true, shadow.target());
+            core.uffd
+                .register_missing(a, len)
+                .map_err(|e| Error::sys("UFFDIO_REGISTER of the fill alias", e))?;
+            core.uffd
+                .register(t, len)
+                .map_err(|e| Error::sys("UFFDIO_REGISTER of the template mapping", e))?;
+            // SAFETY: the alias was just made; nothing refers into it.
+            unsafe { alias.protect(libc::PROT_READ | libc::PROT_WRITE) }
+                .map_err(|e| Error::sys("mprotect the fill alias writable", e))?;
+        }
+        // Sealed only now: F_SEAL_FUTURE_WRITE stops write(2) and new
+        // writable mappings; the alias made before it keeps writing.
+        shadow.memfd.add_seals(LAZY_SEALS)?;
+        Ok(shadow)
+    }
+
+    fn target(&self) -> Weak<dyn FaultTarget> {
+        self.me.clone()
+    }
+
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident.load(Ordering::Relaxed)
+    }
+
+    pub fn source_changed(&self) -> bool {
+        self.changed.load(Ordering::Relaxed)
+    }
+
+    pub fn bad_pages(&self) -> BTreeMap<u64, String> {
+        self.bad.lock().clone()
+    }
+
+    /// Whether every chunk is filled and no page is poisoned.
+    pub fn fully_filled(&self) -> bool {
+        self.chunks.all_filled() && self.bad.lock().is_empty()
+    }
+
+    /// Byte range of chunks `run`, clipped to the shadow's size.
+    fn run_range(&self, run: &Range<u64>) -> (u64, u64) {
+        (
+            run.start * self.chunk,
+            (run.end * self.chunk).min(self.size),
+        )
+    }
+
+    /// Fills whatever chunks of `range` are still empty, in runs of at most
+    /// `run_chunks`.
+    fn fill_empty(&self, core: &Core, range: Range<u64>, run_chunks: u64, why: Why) {
+        let mut c = range.start;
+        while c < range.end {
+            match self.chunks.claim_run(c, range.end.min(c + run_chunks)) {
+                Some(run) => {
+                    c = run.end;
+                    self.fill(core, run, why);
+                }
+                None => c += 1,
+            }
+        }
+    }
+
+    fn record_error(&self, core_counters: &Counters, msg: String) {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        core_counters.errors.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock() = Some(msg);
+    }
+
+    /// Compares the source with its recorded metadata; true if it changed.
+    fn check_changed(&self) -> bool {
+        if self.changed.load(Ordering::Relaxed) {
+            return true;
+        }
+        // A panicking backend must not take a fault-service thread down.
+        let now = catch_unwind(AssertUnwindSafe(|| self.source.fill_metadata()));
+        let changed = match now {
+            Ok(Ok(now)) => now != self.meta,
+            Ok(Err(_)) | Err(_) => true,
+        };
+        if changed {
+            self.changed.store(true, Ordering::Relaxed);
+        }
+        changed
+    }
+
+    /// Counts the pages of `off..off+span` already in the memfd although
+    /// their chunks were never filled: planted by someone else. They are
+    /// overwritten by the fill like any page.
+    fn count_planted(&self, core: &Core, off: u64, span: u64) {
+        let Some(alias) = &self.alias else { return };
+        let pages = (span / core.page) as usize;
+        let mut vec = vec![0u8; pages];
+        // SAFETY: the range lies inside the alias mapping (off + span is
+        // within its page-rounded length); `vec` has one byte per page.
+        let r = unsafe {
+            libc::mincore(
+                alias.as_ptr().add(off as usize).cast(),
+                span as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        if r == 0 {
+            let n = vec.iter().filter(|v| **v & 1 != 0).count() as u64;
+            if n > 0 {
+                self.counters.healed_pages.fetch_add(n, Ordering::Relaxed);
+                core.counters.healed_pages.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Fills the chunks `run`, which the caller has claimed (Filling), then
+    /// publishes them and answers every consumer range: filled pages are
+    /// mapped (`UFFDIO_CONTINUE`), bad ones poisoned. For prefetch, a full
+    /// budget gives the chunks back (Empty) instead of poisoning them.
+    fn fill(&self, core: &Core, run: Range<u64>, why: Why) {
+        let prefetch = why == Why::Prefetch;
+        // A fault needs its first chunk; the rest of its run is a guess.
+        let speculative = prefetch || (why == Why::Fault && run.end - run.start > 1);
+        let t0 = std::time::Instant::now();
+        let (off, end) = self.run_range(&run);
+        let page = core.page;
+        let span = round_up(end - off, page);
+        let strict = self.stale == StalePolicy::Strict;
+        let mut bad: Vec<BadRange> = Vec::new();
+        let mut good_bytes = 0u64;
+        let mut reserved = 0u64;
+        if strict && self.check_changed() {
+            bad.push((off, end, STALE_BEFORE.into()));
+        } else if !core.reserve(span, speculative) {
+            if !prefetch && run.end - run.start > 1 {
+                // Give back all but the faulting chunk and try with that alone.
+                let rest = run.start + 1..run.end;
+                self.give_back(core, rest);
+                return self.fill(core, run.start..run.start + 1, why);
+            }
+            if prefetch {
+                return self.give_back(core, run);
+            }
+            let resident = core.resident.load(Ordering::Relaxed);
+            let e = Error::Budget {
+                what: self.name.clone(),
+                budget: core.budget,
+                resident,
+            };
+            bad.push((off, end, e.to_string()));
+        } else {
+            reserved = span;
+            self.count_planted(core, off, span);
+            // Present pages: the alias is registered for MISSING faults, and
+            // its writes must not fault into the service itself.
+            if let Err(e) = self.memfd.allocate(off, end - off) {
+                bad.push((off, end, format!("fallocate of the memfd failed: {e}")));
+            }
+        }
+        if reserved > 0 && bad.is_empty() {
+            let alias = self
+                .alias
+                .as_ref()
+                .expect("a non-empty shadow has an alias");
+            // SAFETY: `off..off+span` lies in the alias (page-rounded to the
+            // memfd's size). The chunks are claimed by this thread, so no
+            // other thread writes these bytes, and no Rust reference to them
+            // exists: consumer ranges read the memfd's pages only through
+            // other mappings, and are given them only after `publish`.
+            let data = unsafe {
+                std::slice::from_raw_parts_mut(alias.as_ptr().add(off as usize), span as usize)
+            };
+            let good = fill::read_chunk(&*self.source, data, off, end, page, self.size, &mut bad);
+            good_bytes = good.iter().map(|(a, b)| b - a).sum();
+            if strict && self.check_changed() {
+                bad = vec![(off, end, STALE_DURING.into())];
+                good_bytes = 0;
+            } else if !strict {
+                self.check_changed();
+            }
+        }
+        let bad_pages = fill::bad_pages(&bad, page);
+        if !bad_pages.is_empty() {
+            let first = &bad_pages[0].1;
+            self.record_error(&core.counters, format!("{}: {first}", self.name));
+            let n = bad_pages.len() as u64;
+            self.counters.poisoned_pages.fetch_add(n, Ordering::Relaxed);
+            core.counters.poisoned_pages.fetch_add(n, Ordering::Relaxed);
+            let mut b = self.bad.lock();
+            for (p, r) in &bad_pages {
+                b.insert(*p, r.clone());
+            }
+        }
+        self.resident.fetch_add(reserved, Ordering::Relaxed);
+        let ns = t0.elapsed().as_nanos() as u64;
+        let nchunks = run.end - run.start;
+        for ctr in [&self.counters, &core.counters] {
+            ctr.chunks_filled.fetch_add(nchunks, Ordering::Relaxed);
+            ctr.bytes_filled.fetch_add(good_bytes, Ordering::Relaxed);
+            if prefetch {
+                ctr.readahead_chunks.fetch_add(nchunks, Ordering::Relaxed);
+            }
+            ctr.fill_latency.record(ns);
+        }
+        // Publish before answering: a fault message read after this sees
+        // Filled and is answered by whoever reads it.
+        self.chunks.publish(run);
+        self.answer_all(core, off, off + span, &bad_pages);
+    }
+
+    /// Returns claimed chunks to Empty and wakes whoever waits on them: they
+    /// fault again and claim the chunks themselves.
+    fn give_back(&self, core: &Core, run: Range<u64>) {
+        let (off, end) = self.run_range(&run);
+        self.chunks.release(run);
+        let end = round_up(end, core.page);
+        for m in self.consumers.read().iter() {
+            if let Some((addr, len)) = m.overlap(off, end) {
+                let _ = m.uffd(core).wake(addr, len);
+            }
+        }
+        self.notify();
+    }
+
+    fn notify(&self) {
+        let _g = self.done_lock.lock();
+        self.done_cv.notify_all();
+    }
+
+    /// Maps filled bytes `a..b` into every consumer range that shows them
+    /// (waking its waiting threads) and poisons the bad pages there.
+    fn answer_all(&self, core: &Core, a: u64, b: u64, bad: &[(u64, String)]) {
+        let page = core.page;
+        for m in self.consumers.read().iter() {
+            let Some((addr, len)) = m.overlap(a, b) else {
+                continue;
+            };
+            let uffd = m.uffd(core);
+            // Runs of good pages between the bad ones.
+            let mut at = addr;
+            let end = addr + len;
+            let to_addr = |off: u64| m.start + off - m.offset;
+            for (p, _) in bad {
+                let pa = to_addr(*p);
+                if *p < m.offset || pa < at || pa >= end {
+                    continue;
+                }
+                if pa > at {
+                    let _ = uffd.continue_range(at, pa - at);
+                }
+                let _ = uffd.poison(pa, page);
+                at = pa + page;
+            }
+            if at < end {
+                let _ = uffd.continue_range(at, end - at);
+            }
+        }
+        self.notify();
+    }
+
+    /// Answers a fault on a filled chunk: poisons a bad page, or maps the
+    /// run of filled chunks from the faulting page (up to [`RUN_BYTES`], the
+    /// end of the range and the next bad page).
+    fn answer_filled(&self, core: &Core, hit: &Hit<'_>) {
+        let page = core.page;
+        let bad = self.bad.lock();
+        if bad.contains_key(&hit.offset) {
+            drop(bad);
+            let _ = hit.uffd.poison(hit.addr, page);
+            return;
+        }
+        let c = hit.offset / self.chunk;
+        let filled = self.chunks.filled_until(c, c + run_chunks(self.chunk));
+        let mut end = round_up((filled * self.chunk).min(self.size), page);
+        end = end.min(hit.offset + hit.limit);
+        if let Some((p, _)) = bad.range(hit.offset..end).next() {
+            end = *p;
+        }
+        drop(bad);
+        let len = end.max(hit.offset + page) - hit.offset;
+        if hit.uffd.continue_range(hit.addr, len).is_err() {
+            // The page is not in the memfd after all: nothing can be vouched for.
+            let _ = core.refuse(hit.uffd, hit.addr);
+        }
+    }
+
+    /// Registers `start..start+len` of this process, a mapping of the memfd
+    /// from `offset`, with the engine's userfaultfd. The caller made it
+    /// `PROT_NONE`, or vouches that nobody touches it until this returns.
+    pub fn register(self: &Arc<Self>, start: u64, len: u64, offset: u64) -> Result<Registration> {
+        let core = &self.service.core;
+        let id = self.add_consumer(None, start, len, offset);
+        core.add_region(start, len, offset, false, self.target());
+        let reg = Registration {
+            shadow: self.clone(),
+            start,
+            len,
+            id,
+        };
+        core.uffd
+            .register(start, len)
+            .map_err(|e| Error::sys("UFFDIO_REGISTER of a consumer mapping", e))?;
+        Ok(reg)
+    }
+
+    /// A new `MAP_SHARED` consumer mapping of `len` bytes from `offset`,
+    /// still `PROT_NONE` and unregistered: a duplicate of the template. At
+    /// `at` (replacing what is there) or where the kernel picks.
+    ///
+    /// # Safety
+    /// With `at`, the caller owns that range and nothing borrows it.
+    pub unsafe fn shared_mapping(
+        &self,
+        offset: u64,
+        len: usize,
+        at: Option<*mut u8>,
+    ) -> Result<RawMap> {
+        let t = self.template.as_ref().ok_or(Error::Range {
+            offset,
+            len: len as u64,
+            size: 0,
+        })?;
+        // SAFETY: forwarded from the caller.
+        unsafe { t.duplicate_shared(offset as usize, len, at) }
+            .map_err(|e| Error::sys("mremap a shared consumer mapping", e))
+    }
+
+    fn add_consumer(&self, remote: Option<Arc<Uffd>>, start: u64, len: u64, offset: u64) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.consumers.write().push(Consumer {
+            id,
+            start,
+            len,
+            offset,
+            remote,
+        });
+        id
+    }
+
+    fn remove_consumer(&self, id: u64) {
+        self.consumers.write().retain(|m| m.id != id);
+    }
+
+    /// Adds a consumer range registered with another process's userfaultfd;
+    /// returns a key for [`LazyShadow::remove_remote`].
+    pub fn add_remote(&self, uffd: Arc<Uffd>, start: u64, len: u64) -> u64 {
+        self.add_consumer(Some(uffd), start, len, 0)
+    }
+
+    pub fn remove_remote(&self, key: u64) {
+        self.remove_consumer(key);
+    }
+
+    /// How many consumer ranges in other processes are attached.
+    pub fn remote_consumers(&self) -> usize {
+        self.consumers
+            .read()
+            .iter()
+            .filter(|m| m.remote.is_some())
+            .count()
+    }
+
+    /// Fills every chunk overlapping `offset..offset+len`, in this thread
+    /// where possible, and waits for chunks other threads are filling.
+    /// Errors if any page in the range could not be filled.
+    pub fn populate(&self, offset: u64, len: u64) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(Error::Range {
+                offset,
+                len,
+                size: self.size,
+            });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let core = &self.service.core;
+        let (first, last) = (offset / self.chunk, (offset + len - 1) / self.chunk);
+        let run = run_chunks(self.chunk).min(last - first + 1);
+        self.fill_empty(core, first..last + 1, run, Why::Populate);
+        for c in first..=last {
+            loop {
+                if let Some(run) = self.chunks.claim_run(c, c + 1) {
+                    self.fill(core, run, Why::Populate);
+                }
+                match self.chunks.get(c) {
+                    ChunkState::Filled => break,
+                    ChunkState::Empty => continue,
+                    ChunkState::Filling => {
+                        let mut g = self.done_lock.lock();
+                        if self.chunks.get(c) == ChunkState::Filling {
+                            self.done_cv.wait(&mut g);
+                        }
+                    }
+                }
+            }
+        }
+        self.check_bad(offset, offset + len)
+    }
+
+    /// Fills the whole shadow using this thread and the idle workers.
+    pub fn materialize(&self) -> Result<()> {
+        let n = self.chunks.len();
+        // The workers take the second half while this thread does the first.
+        let core = &self.service.core;
+        let run = run_chunks(self.chunk);
+        let mut c = n / 2;
+        while c < n {
+            let e = n.min(c + run);
+            let work = Work {
+                chunks: c..e,
+                why: Why::Prefetch,
+            };
+            core.prefetch(self.target(), work);
+            c = e;
+        }
+        self.populate(0, self.size)
+    }
+
+    fn check_bad(&self, from: u64, to: u64) -> Result<()> {
+        let bad = self.bad.lock();
+        let page = self.service.core.page;
+        if let Some((p, reason)) = bad.range(from / page * page..to).next() {
+            return Err(Error::Unfillable {
+                what: self.name.clone(),
+                offset: *p,
+                end: (*p + page).min(self.size),
+                reason: reason.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl LazyShadow {
+    /// A kernel-mediated access to the alias or the template: fill (or wait
+    /// for) the page here, then map it (template) or let the access retry
+    /// on the now present page (alias, registered MISSING only).
+    fn serve_internal(&self, core: &Core, hit: &Hit<'_>) {
+        let len = core.page.min(self.size - hit.offset);
+        if self.populate(hit.offset, len).is_err() {
+            let _ = core.refuse(hit.uffd, hit.addr);
+        } else if hit.uffd.continue_range(hit.addr, core.page).is_err() {
+            let _ = hit.uffd.wake(hit.addr, core.page);
+        }
+    }
+}
+
+impl FaultTarget for LazyShadow {
+    fn on_fault(&self, core: &Core, hit: Hit<'_>) -> Option<Work> {
+        self.counters.faults.fetch_add(1, Ordering::Relaxed);
+        core.counters.faults.fetch_add(1, Ordering::Relaxed);
+        if hit.offset >= self.size {
+            let _ = core.refuse(hit.uffd, hit.addr);
+            return None;
+        }
+        if hit.internal {
+            self.serve_internal(core, &hit);
+            return None;
+        }
+        let chunk = hit.offset / self.chunk;
+        let plan = self.readahead.lock().on_fault(chunk);
+        let mut mine = None;
+        loop {
+            match self.chunks.get(chunk) {
+                ChunkState::Empty => {
+                    if let Some(r) = self.chunks.claim_run(chunk, plan.now.end) {
+                        mine = Some(r);
+                        break;
+                    }
+                }
+                // The filler answers every consumer range once it is done.
+                ChunkState::Filling => break,
+                ChunkState::Filled => {
+                    self.answer_filled(core, &hit);
+                    break;
+                }
+            }
+        }
+        for a in plan.ahead {
+            let work = Work {
+                chunks: a,
+                why: Why::Prefetch,
+            };
+            core.prefetch(self.target(), work);
+        }
+        mine.map(|chunks| Work {
+            chunks,
+            why: Why::Fault,
+        })
+    }
+
+    fn run(&self, core: &Core, work: Work) {
+        match work.why {
+            Why::Prefetch => {
+                self.fill_empty(core, work.chunks, run_chunks(self.chunk), Why::Prefetch)
+            }
+            why => self.fill(core, work.chunks, why),
+        }
+    }
+}
+
+impl Drop for LazyShadow {
+    fn drop(&mut self) {
+        let core = &self.service.core;
+        for m in [&self.alias, &self.template].into_iter().flatten() {
+            let _ = core
+                .uffd
+                .unregister(m.addr(), round_up(self.size, core.page));
+            core.remove_region(m.addr());
+        }
+        core.release(self.resident.load(Ordering::Relaxed));
+    }
+}

@@ -1,0 +1,283 @@
+//! Owned `mmap` regions and typed `madvise` advice.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr::NonNull;
+
+/// `madvise(2)` advice that cannot change the bytes a live `&[u8]` over a
+/// read-only mapping of a shadow sees. Use it with
+/// [`crate::Mapping::advise`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Advice {
+    /// `MADV_NORMAL`.
+    Normal,
+    /// `MADV_RANDOM`.
+    Random,
+    /// `MADV_SEQUENTIAL`.
+    Sequential,
+    /// `MADV_WILLNEED`.
+    WillNeed,
+    /// `MADV_DONTFORK`: children of `fork(2)` do not inherit the range.
+    DontFork,
+    /// `MADV_DONTDUMP`: the range is left out of core dumps.
+    DontDump,
+    /// `MADV_HUGEPAGE`.
+    HugePage,
+    /// `MADV_NOHUGEPAGE`.
+    NoHugePage,
+    /// `MADV_POPULATE_READ`: fault the range in now (lazy pages are filled
+    /// from the source before the call returns).
+    PopulateRead,
+}
+
+impl Advice {
+    fn raw(self) -> libc::c_int {
+        match self {
+            Advice::Normal => libc::MADV_NORMAL,
+            Advice::Random => libc::MADV_RANDOM,
+            Advice::Sequential => libc::MADV_SEQUENTIAL,
+            Advice::WillNeed => libc::MADV_WILLNEED,
+            Advice::DontFork => libc::MADV_DONTFORK,
+            Advice::DontDump => libc::MADV_DONTDUMP,
+            Advice::HugePage => libc::MADV_HUGEPAGE,
+            Advice::NoHugePage => libc::MADV_NOHUGEPAGE,
+            Advice::PopulateRead => libc::MADV_POPULATE_READ,
+        }
+    }
+}
+
+/// `madvise(2)` advice that can change or discard what a mapping shows, or
+/// undo a protection the library relies on. Only through `unsafe`
+/// ([`crate::Mapping::advise_unchecked`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UncheckedAdvice {
+    /// `MADV_DONTNEED`: drops the range's page-table entries; a private
+    /// mapping's written pages are lost.
+    DontNeed,
+    /// `MADV_DOFORK`: undoes `MADV_DONTFORK`; a forked child would see a lazy
+    /// mapping unregistered.
+    DoFork,
+    /// `MADV_PAGEOUT`.
+    PageOut,
+    /// `MADV_COLD`.
+    Cold,
+}
+
+impl UncheckedAdvice {
+    fn raw(self) -> libc::c_int {
+        match self {
+            UncheckedAdvice::DontNeed => libc::MADV_DONTNEED,
+            UncheckedAdvice::DoFork => libc::MADV_DOFORK,
+            UncheckedAdvice::PageOut => libc::MADV_PAGEOUT,
+            UncheckedAdvice::Cold => libc::MADV_COLD,
+        }
+    }
+}
+
+/// An owned `mmap` region, unmapped on drop.
+#[derive(Debug)]
+pub(crate) struct RawMap {
+    ptr: NonNull<u8>,
+    len: usize,
+    /// A fixed mapping goes back to a `PROT_NONE` reservation on drop.
+    fixed: bool,
+}
+
+// SAFETY: RawMap is an address range owned by this handle; the kernel object
+// behind it may be used from any thread.
+unsafe impl Send for RawMap {}
+// SAFETY: as above; shared access through `&self` never writes the range.
+unsafe impl Sync for RawMap {}
+
+fn mapped(p: *mut libc::c_void, len: usize, fixed: bool) -> io::Result<RawMap> {
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let ptr = NonNull::new(p.cast()).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    Ok(RawMap { ptr, len, fixed })
+}
+
+impl RawMap {
+    /// Maps `len` (> 0) bytes of `fd` from `offset` (page-aligned) at an
+    /// address the kernel picks.
+    pub(crate) fn new(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        prot: i32,
+        flags: i32,
+    ) -> io::Result<RawMap> {
+        assert!(len > 0, "RawMap::new of zero length");
+        // SAFETY: a fresh mapping chosen by the kernel (addr NULL, no
+        // MAP_FIXED) cannot alias any Rust object; fd is open for the call.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                flags,
+                fd.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        mapped(p, len, false)
+    }
+
+    /// Maps `len` bytes of `fd` from `offset` at exactly `addr`, replacing
+    /// whatever the caller had reserved there (`MAP_FIXED`). On drop the range
+    /// becomes a `PROT_NONE` anonymous reservation again, so the caller's
+    /// reservation survives the mapping.
+    ///
+    /// # Safety
+    /// `addr..addr+len` must be page-aligned address space the caller owns
+    /// (reserved with `mmap`), that no Rust reference points into and that no
+    /// other thread uses until this call returns.
+    pub(crate) unsafe fn new_fixed(
+        addr: *mut u8,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        prot: i32,
+        flags: i32,
+    ) -> io::Result<RawMap> {
+        // SAFETY: the caller owns the range and nothing borrows it.
+        let p = unsafe {
+            libc::mmap(
+                addr.cast(),
+                len,
+                prot,
+                flags | libc::MAP_FIXED,
+                fd.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        mapped(p, len, true)
+    }
+
+    /// A second `MAP_SHARED` mapping of `len` bytes of the same pages from
+    /// `offset`, at `at` (replacing what is there, `MREMAP_FIXED`) or where
+    /// the kernel picks. It keeps the original's `VM_MAYWRITE`, so it can be
+    /// registered with userfaultfd after `F_SEAL_FUTURE_WRITE`, and it comes
+    /// unregistered.
+    ///
+    /// # Safety
+    /// With `at`, the same contract as [`RawMap::new_fixed`].
+    pub(crate) unsafe fn duplicate_shared(
+        &self,
+        offset: usize,
+        len: usize,
+        at: Option<*mut u8>,
+    ) -> io::Result<RawMap> {
+        if offset.checked_add(len).is_none_or(|e| e > self.len) || len == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: `self` is a live shared mapping and `offset..offset+len`
+        // lies inside it; an old size of 0 creates a new mapping of the same
+        // pages and leaves the original untouched. A fixed target is owned by
+        // the caller (contract above).
+        let p = unsafe {
+            let old = self.ptr.as_ptr().add(offset).cast();
+            match at {
+                None => libc::mremap(old, 0, len, libc::MREMAP_MAYMOVE),
+                Some(a) => libc::mremap(
+                    old,
+                    0,
+                    len,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    a.cast::<libc::c_void>(),
+                ),
+            }
+        };
+        mapped(p, len, at.is_some())
+    }
+
+    pub(crate) fn addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// `mprotect(prot)` over the whole range.
+    ///
+    /// # Safety
+    /// No live reference into the range may be invalidated: making it
+    /// inaccessible under a `&[u8]`, or writable where other code assumes the
+    /// bytes never change, breaks those borrows.
+    pub(crate) unsafe fn protect(&self, prot: i32) -> io::Result<()> {
+        // SAFETY: the range is exactly our own mapping; the caller vouches
+        // for the borrows.
+        let r = unsafe { libc::mprotect(self.ptr.as_ptr().cast(), self.len, prot) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// `madvise(advice)` over the whole range.
+    pub(crate) fn advise(&self, advice: Advice) -> io::Result<()> {
+        madvise(self.as_ptr(), self.len, advice.raw())
+    }
+
+    /// `madvise(advice)` over the whole range, for advice that can change
+    /// what the range shows.
+    ///
+    /// # Safety
+    /// No live reference into the range may depend on the contents the
+    /// advice discards (see [`UncheckedAdvice`]).
+    pub(crate) unsafe fn advise_unchecked(&self, advice: UncheckedAdvice) -> io::Result<()> {
+        madvise(self.as_ptr(), self.len, advice.raw())
+    }
+}
+
+pub(crate) fn madvise(addr: *mut u8, len: usize, advice: libc::c_int) -> io::Result<()> {
+    // SAFETY: madvise validates the range; the callers pass a range they own
+    // and hold to their own contract about the advice.
+    let r = unsafe { libc::madvise(addr.cast(), len, advice) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes `addr..addr+len` a `PROT_NONE` anonymous reservation (`MAP_FIXED`).
+///
+/// # Safety
+/// The range must be owned by the caller and not borrowed.
+pub(crate) unsafe fn reserve_fixed(addr: *mut u8, len: usize) -> io::Result<()> {
+    // SAFETY: forwarded from the caller.
+    let p = unsafe {
+        libc::mmap(
+            addr.cast(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Drop for RawMap {
+    fn drop(&mut self) {
+        if self.fixed {
+            // SAFETY: we own this range since `new_fixed`; nothing borrows it
+            // once its handle is dropped. The caller's reservation is kept.
+            if unsafe { reserve_fixed(self.ptr.as_ptr(), self.len) }.is_ok() {
+                return;
+            }
+        }
+        // SAFETY: we own this range since `new`; nothing borrows it once the
+        // owning handle is being dropped.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
