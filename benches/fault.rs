@@ -313,7 +313,7 @@ impl<'a> LazyRegion<'a> {
         }
     }
     fn open(engine: &Engine, path: &Path) -> (Shadow, Mapping) {
-        let s = engine.open_path(path).expect("lazy open");
+        let s = engine.open(path).expect("lazy open");
         let m = s.map(Share::Shared).expect("map");
         (s, m)
     }

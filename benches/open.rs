@@ -23,10 +23,10 @@ fn open_latency(c: &mut Criterion) {
     for (size, path) in &files {
         let label = format!("{}M", size / MIB);
         g.bench_with_input(BenchmarkId::new("eager", &label), path, |b, p| {
-            b.iter_with_large_drop(|| eager.open_path(p).expect("eager open"))
+            b.iter_with_large_drop(|| eager.open(p).expect("eager open"))
         });
         g.bench_with_input(BenchmarkId::new("lazy", &label), path, |b, p| {
-            b.iter_with_large_drop(|| lazy.open_path(p).expect("lazy open"))
+            b.iter_with_large_drop(|| lazy.open(p).expect("lazy open"))
         });
     }
     g.finish();

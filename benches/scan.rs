@@ -16,7 +16,7 @@ const SIZE: u64 = 64 * MIB;
 /// Opens, maps and touches one byte of every page; the drop is not timed.
 fn scan(engine: &Engine, path: &Path, page: usize) -> Duration {
     let t = Instant::now();
-    let shadow = engine.open_path(path).expect("open");
+    let shadow = engine.open(path).expect("open");
     let map = shadow.map(Share::Shared).expect("map");
     let mut sum = 0u64;
     for i in (0..map.len()).step_by(page) {

@@ -5,7 +5,17 @@
 //! what is allowed; the CLI exits non-zero; nothing panics.
 
 use crate::support::*;
-use shadowfd::config::{mem_available, parse_size};
+use shadowfd::config::Size;
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    s.parse::<Size>().map(|s| s.0)
+}
+
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
 use shadowfd::{Config, Engine, Error, Mode};
 
 fn refused(cfg: Config, wants: &[&str]) {
@@ -27,9 +37,10 @@ fn refused(cfg: Config, wants: &[&str]) {
 }
 
 fn base() -> Config {
-    Config {
-        mode: Mode::Eager, // so that refusals never depend on userfaultfd
-        ..Config::default()
+    {
+        let mut c = Config::default();
+        c.mode = Mode::Eager; // so that refusals never depend on userfaultfd
+        c
     }
 }
 
@@ -37,9 +48,10 @@ fn base() -> Config {
 fn library_refuses_bad_values_naming_them() {
     let pg = page().to_string();
     refused(
-        Config {
-            workers: 0,
-            ..base()
+        {
+            let mut c = base();
+            c.workers = 0;
+            c
         },
         &[
             "worker count",
@@ -50,16 +62,18 @@ fn library_refuses_bad_values_naming_them() {
         ],
     );
     refused(
-        Config {
-            workers: 100_000,
-            ..base()
+        {
+            let mut c = base();
+            c.workers = 100_000;
+            c
         },
         &["worker count", "\"100000\"", "between 1 and 256"],
     );
     refused(
-        Config {
-            chunk_size: 1000,
-            ..base()
+        {
+            let mut c = base();
+            c.chunk_size = 1000;
+            c
         },
         &[
             "chunk size",
@@ -70,24 +84,27 @@ fn library_refuses_bad_values_naming_them() {
         ],
     );
     refused(
-        Config {
-            chunk_size: 0,
-            ..base()
+        {
+            let mut c = base();
+            c.chunk_size = 0;
+            c
         },
         &["chunk size", "\"0\"", "non-zero"],
     );
     refused(
-        Config {
-            chunk_size: 128 << 20,
-            ..base()
+        {
+            let mut c = base();
+            c.chunk_size = 128 << 20;
+            c
         },
         &["chunk size", &(128u64 << 20).to_string(), "at most 64 MiB"],
     );
     let b = base();
     refused(
-        Config {
-            max_size: b.memory_budget + page(),
-            ..b.clone()
+        {
+            let mut c = b.clone();
+            c.max_size = b.memory_budget + page();
+            c
         },
         &[
             "size cap",
@@ -99,10 +116,11 @@ fn library_refuses_bad_values_naming_them() {
     if let Some(avail) = mem_available() {
         let too_much = avail * 2;
         refused(
-            Config {
-                memory_budget: too_much,
-                max_size: 1 << 20,
-                ..base()
+            {
+                let mut c = base();
+                c.memory_budget = too_much;
+                c.max_size = 1 << 20;
+                c
             },
             &[
                 "memory budget",
@@ -113,17 +131,19 @@ fn library_refuses_bad_values_naming_them() {
         );
     }
     refused(
-        Config {
-            memory_budget: 100,
-            max_size: 0,
-            ..base()
+        {
+            let mut c = base();
+            c.memory_budget = 100;
+            c.max_size = 0;
+            c
         },
         &["memory budget", "\"100\"", "at least one page"],
     );
     refused(
-        Config {
-            readahead: 2 << 30,
-            ..base()
+        {
+            let mut c = base();
+            c.readahead = 2 << 30;
+            c
         },
         &[
             "readahead",
@@ -133,11 +153,12 @@ fn library_refuses_bad_values_naming_them() {
         ],
     );
     refused(
-        Config {
-            memory_budget: 4 << 20,
-            max_size: 1 << 20,
-            chunk_size: 8 << 20,
-            ..base()
+        {
+            let mut c = base();
+            c.memory_budget = 4 << 20;
+            c.max_size = 1 << 20;
+            c.chunk_size = 8 << 20;
+            c
         },
         &[
             "chunk size",
@@ -146,18 +167,20 @@ fn library_refuses_bad_values_naming_them() {
         ],
     );
     // The good neighbours of those values are accepted.
-    Config {
-        workers: 1,
-        chunk_size: page(),
-        ..base()
+    {
+        let mut c = base();
+        c.workers = 1;
+        c.chunk_size = page();
+        c
     }
     .validate()
     .unwrap();
-    Config {
-        memory_budget: 4 << 20,
-        max_size: 4 << 20,
-        readahead: 0,
-        ..base()
+    {
+        let mut c = base();
+        c.memory_budget = 4 << 20;
+        c.max_size = 4 << 20;
+        c.readahead = 0;
+        c
     }
     .validate()
     .unwrap();
@@ -359,12 +382,13 @@ fn a_fifo_target_is_refused_not_waited_on() {
 
 #[test]
 fn a_chunk_larger_than_the_budget_is_refused() {
-    let cfg = Config {
-        memory_budget: 16 << 10,
-        max_size: 16 << 10,
-        readahead: 0,
-        chunk_size: 32 << 10,
-        ..base()
+    let cfg = {
+        let mut c = base();
+        c.memory_budget = 16 << 10;
+        c.max_size = 16 << 10;
+        c.readahead = 0;
+        c.chunk_size = 32 << 10;
+        c
     };
     let e = cfg
         .validate()

@@ -18,12 +18,13 @@ const CHUNK: u64 = 64 << 10;
 const FITS: u64 = BUDGET / CHUNK; // chunks that fit
 
 fn cfg() -> Config {
-    Config {
-        memory_budget: BUDGET,
-        max_size: BUDGET, // validate(): the eager cap may not exceed the budget
-        chunk_size: CHUNK,
-        readahead: 0, // nothing filled ahead: exactly the touched chunks count
-        ..lazy_config()
+    {
+        let mut c = lazy_config();
+        c.memory_budget = BUDGET;
+        c.max_size = BUDGET; // validate(): the eager cap may not exceed the budget
+        c.chunk_size = CHUNK;
+        c.readahead = 0; // nothing filled ahead: exactly the touched chunks count
+        c
     }
 }
 
@@ -57,7 +58,7 @@ fn fills_beyond_the_budget_are_refused_and_named() {
         };
         let dir = tempdir();
         let path = write_file(dir.path(), "src", ID, size());
-        let s = engine.open_path(&path).unwrap();
+        let s = engine.open(&path).unwrap();
         for c in 0..FITS {
             s.populate(c * CHUNK, CHUNK).unwrap();
             assert!(s.resident_bytes().unwrap() <= BUDGET);
@@ -75,7 +76,7 @@ fn fills_beyond_the_budget_are_refused_and_named() {
         s.read_at(&mut buf, 0).unwrap();
         assert_bytes(&buf, ID, 0, "the chunks within the budget");
         // The budget is per engine: another shadow cannot fill either...
-        let other = engine.open_path(&path).unwrap();
+        let other = engine.open(&path).unwrap();
         check_budget_error(&other.populate(0, 1).unwrap_err(), 0);
         // ...until the first one is dropped and gives its memory back.
         drop(s);
@@ -96,8 +97,8 @@ fn concurrent_fills_never_exceed_the_budget() {
     let seed = content::seed_for("budget concurrent");
     let dir = tempdir();
     let path = write_file(dir.path(), "src", ID, size());
-    let a = Arc::new(engine.open_path(&path).unwrap());
-    let b = Arc::new(engine.open_path(&path).unwrap());
+    let a = Arc::new(engine.open(&path).unwrap());
+    let b = Arc::new(engine.open(&path).unwrap());
     let done = Arc::new(AtomicBool::new(false));
     let peak = Arc::new(AtomicU64::new(0));
     let monitor = {
@@ -159,7 +160,7 @@ fn concurrent_fills_never_exceed_the_budget() {
 fn budget_child() {
     child::begin();
     let engine = Engine::new(cfg()).unwrap();
-    let s = engine.open_path(param("PATH")).unwrap();
+    let s = engine.open(param("PATH")).unwrap();
     let map = s.map(Share::Shared).unwrap();
     child::watch_sigbus(&map);
     for c in 0..size() / CHUNK {

@@ -21,9 +21,10 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 const ID: u64 = 0xC0C0;
 
 fn cfg() -> Config {
-    Config {
-        readahead: 0,
-        ..lazy_config()
+    {
+        let mut c = lazy_config();
+        c.readahead = 0;
+        c
     }
 }
 
@@ -84,7 +85,7 @@ fn materialized_shadow_serves_unregistered_consumers() {
         let size = (5 << 20) + 321;
         let path = write_file(dir.path(), "src", ID, size);
         let src = Injected::clean(&path);
-        let s = engine.open_arc(src.clone()).unwrap();
+        let s = engine.open(src.clone()).unwrap();
         // Before: the descriptor is withheld (it would show zeros).
         assert!(matches!(s.fd(), Err(Error::NotMaterialized { .. })));
         assert!(matches!(
@@ -116,10 +117,7 @@ fn materialized_shadow_serves_unregistered_consumers() {
         }
         assert!(src.reread_pages().is_empty());
         // Eager: the same promises.
-        let e = Engine::new(eager_config())
-            .unwrap()
-            .open_path(&path)
-            .unwrap();
+        let e = Engine::new(eager_config()).unwrap().open(&path).unwrap();
         plain_mmap_matches(e.fd().unwrap(), size as usize, ID, "eager fd()");
         assert_unwritable(e.fd().unwrap(), "eager memfd");
         assert!(e.seals().unwrap() & libc::F_SEAL_WRITE != 0);
@@ -136,7 +134,7 @@ fn incomplete_shadow_never_hands_out_its_descriptor() {
         let path = write_file(dir.path(), "src", ID, 1 << 20);
         let bad = 77 * page();
         let s = engine
-            .open_arc(Injected::open(
+            .open(Injected::open(
                 &path,
                 Plan {
                     eio: bytes_at(&[bad]),
@@ -170,7 +168,7 @@ fn private_and_shared_mappings_share_one_fill() {
         let size = 2 << 20;
         let path = write_file(dir.path(), "src", ID, size);
         let src = Injected::clean(&path);
-        let s = engine.open_arc(src.clone()).unwrap();
+        let s = engine.open(src.clone()).unwrap();
         let private = s.map(Share::Private).unwrap();
         let shared = s.map(Share::Shared).unwrap();
         let half = size as usize / 2;
@@ -199,7 +197,7 @@ fn empty_sources_work_in_both_modes() {
             engines.push(e);
         }
         for engine in engines {
-            let s = engine.open_path(&path).unwrap();
+            let s = engine.open(&path).unwrap();
             assert_eq!(s.size(), 0);
             let m = s.map(Share::Shared).unwrap();
             assert!(m.is_empty());
@@ -217,7 +215,7 @@ fn empty_sources_work_in_both_modes() {
 fn fork_child() {
     child::begin();
     let engine = Engine::new(cfg()).unwrap();
-    let s = engine.open_path(param("PATH")).unwrap();
+    let s = engine.open(param("PATH")).unwrap();
     let map = s.map(Share::Private).unwrap();
     assert_bytes(&map[..4096], ID, 0, "parent's view");
     let addr = map.as_ptr() as usize;
@@ -289,7 +287,7 @@ fn kernel_mode_reads_of_a_lazy_mapping_are_served() {
         let dir = tempdir();
         let size = 1 << 20;
         let path = write_file(dir.path(), "src", ID, size);
-        let s = engine.open_path(&path).unwrap();
+        let s = engine.open(&path).unwrap();
         let map = s.map(Share::Private).unwrap();
         let out_path = dir.path().join("out");
         let out = std::fs::File::create(&out_path).unwrap();

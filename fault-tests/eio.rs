@@ -8,7 +8,7 @@
 use crate::support::child::{self, param, param_u64};
 use crate::support::*;
 use crate::test_name;
-use shadowfd::{Config, Engine, Error, Share};
+use shadowfd::{Engine, Error, Share};
 
 const ID: u64 = 0xE10;
 const NPAGES: u64 = 64;
@@ -41,7 +41,7 @@ fn populate_names_the_bad_page_and_nothing_else_is_lost() {
             let path = write_file(dir.path(), "src", ID, size());
             let clean = write_file(dir.path(), "other", ID + 1, 3 << 20);
             let src = Injected::open(&path, eio_plan());
-            let shadow = engine.open_arc(src.clone()).unwrap();
+            let shadow = engine.open(src.clone()).unwrap();
             let (p0, p1) = (BAD_PAGE * page(), (BAD_PAGE + 1) * page());
 
             // The bad page alone: an error that names its byte range and the cause.
@@ -102,7 +102,7 @@ fn populate_names_the_bad_page_and_nothing_else_is_lost() {
             );
 
             // The engine keeps serving: another shadow, read whole through a mapping.
-            let other = engine.open_path(&clean).unwrap();
+            let other = engine.open(&clean).unwrap();
             let m = other.map(Share::Shared).unwrap();
             assert_bytes(&m, ID + 1, 0, "another shadow of the same engine");
             assert_eq!(other.stats().errors, 0);
@@ -121,7 +121,7 @@ fn eager_open_fails_naming_the_offset() {
         eio_partial: true,
         ..eio_plan()
     };
-    let err = engine.open_arc(Injected::open(&path, plan)).unwrap_err();
+    let err = engine.open(Injected::open(&path, plan)).unwrap_err();
     assert!(
         matches!(err, Error::SourceRead { offset, .. } if offset == bad_byte()),
         "{err:?}"
@@ -130,9 +130,7 @@ fn eager_open_fails_naming_the_offset() {
     assert!(msg.contains("Input/output error"), "{msg}");
     assert!(msg.contains(&format!("offset {}", bad_byte())), "{msg}");
     // A source that fails a whole read: the error names where that read began.
-    let err = engine
-        .open_arc(Injected::open(&path, eio_plan()))
-        .unwrap_err();
+    let err = engine.open(Injected::open(&path, eio_plan())).unwrap_err();
     assert!(
         matches!(err, Error::SourceRead { offset: 0, .. }),
         "{err:?}"
@@ -141,9 +139,10 @@ fn eager_open_fails_naming_the_offset() {
 
 fn eio_child() {
     child::begin();
-    let cfg = Config {
-        readahead: param_u64("READAHEAD"),
-        ..lazy_config()
+    let cfg = {
+        let mut c = lazy_config();
+        c.readahead = param_u64("READAHEAD");
+        c
     };
     let engine = Engine::new(cfg).unwrap();
     let plan = Plan {
@@ -151,7 +150,7 @@ fn eio_child() {
         ..eio_plan()
     };
     let src = Injected::open(param("PATH").as_ref(), plan);
-    let shadow = engine.open_arc(src).unwrap();
+    let shadow = engine.open(src).unwrap();
     let share = match param("SHARE").as_str() {
         "shared" => Share::Shared,
         _ => Share::Private,
@@ -227,7 +226,7 @@ fn later_mapping_child() {
     child::begin();
     let engine = Engine::new(lazy_config()).unwrap();
     let src = Injected::open(param("PATH").as_ref(), eio_plan());
-    let shadow = engine.open_arc(src).unwrap();
+    let shadow = engine.open(src).unwrap();
     // The page is found bad by populate, before any mapping exists...
     let e = shadow.populate(0, size()).unwrap_err();
     child::report("populate", e.to_string().replace('\n', " "));

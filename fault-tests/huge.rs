@@ -6,7 +6,7 @@
 //! of 16 GiB on a machine with less free memory than that.
 
 use crate::support::*;
-use shadowfd::{Config, Engine, Error, Share};
+use shadowfd::{Engine, Error, Share};
 use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt;
 
@@ -19,10 +19,11 @@ const MARKERS: u64 = 48;
 fn sparse_16gib_source_costs_only_what_is_touched() {
     bounded("sparse_16gib_source_costs_only_what_is_touched", || {
         let seed = content::seed_for("huge");
-        let cfg = Config {
-            chunk_size: CHUNK,
-            readahead: 0,
-            ..lazy_config()
+        let cfg = {
+            let mut c = lazy_config();
+            c.chunk_size = CHUNK;
+            c.readahead = 0;
+            c
         };
         let Some(engine) = lazy_engine("huge sparse", cfg) else {
             return;
@@ -42,7 +43,7 @@ fn sparse_16gib_source_costs_only_what_is_touched() {
                 .unwrap();
         }
         drop(f);
-        let s = engine.open_path(&path).unwrap();
+        let s = engine.open(&path).unwrap();
         assert_eq!(s.size(), SIZE);
         assert_eq!(s.resident_bytes().unwrap(), 0, "open filled something");
         let map = s.map(Share::Private).unwrap();
@@ -97,7 +98,7 @@ fn sparse_16gib_source_costs_only_what_is_touched() {
         }
         // An eager shadow of it is refused up front, saying how to proceed.
         let eager = Engine::new(eager_config()).unwrap();
-        let err = eager.open_path(&path).unwrap_err();
+        let err = eager.open(&path).unwrap_err();
         assert!(matches!(err, Error::TooLarge { .. }), "{err:?}");
         let msg = err.to_string();
         for want in [

@@ -12,7 +12,7 @@
 use crate::support::child;
 use crate::support::*;
 use crate::test_name;
-use shadowfd::{Config, Engine, Share};
+use shadowfd::{Engine, Share};
 use std::time::Duration;
 
 const ID: u64 = 0x1F1;
@@ -20,11 +20,12 @@ const CHUNK: u64 = 32 << 10;
 
 #[test]
 fn fault_completes_after_its_shadow_and_engine_are_dropped() {
-    let cfg = Config {
-        chunk_size: CHUNK,
-        readahead: 0,
-        workers: 2,
-        ..lazy_config()
+    let cfg = {
+        let mut c = lazy_config();
+        c.chunk_size = CHUNK;
+        c.readahead = 0;
+        c.workers = 2;
+        c
     };
     let Some(engine) = lazy_engine("in-flight drop", cfg) else {
         return;
@@ -42,8 +43,8 @@ fn fault_completes_after_its_shadow_and_engine_are_dropped() {
             ..Plan::default()
         },
     );
-    let shadow = engine.open_arc(src.clone()).unwrap();
-    let other = engine.open_path(&other_path).unwrap();
+    let shadow = engine.open(src.clone()).unwrap();
+    let other = engine.open(&other_path).unwrap();
     let map = shadow.map(Share::Shared).unwrap();
 
     // The consumer owns the mapping and blocks in a fault on the held chunk.
@@ -96,12 +97,13 @@ fn threads_child() {
     let dir = tempdir();
     let path = write_file(dir.path(), "src", ID, 1 << 20);
     child::report("before", service_threads().len());
-    let engine = Engine::new(Config {
-        workers: 3,
-        ..lazy_config()
+    let engine = Engine::new({
+        let mut c = lazy_config();
+        c.workers = 3;
+        c
     })
     .unwrap();
-    let s = engine.open_path(&path).unwrap();
+    let s = engine.open(&path).unwrap();
     let m = s.map(Share::Shared).unwrap();
     // A new thread names itself once it runs: wait for the names to appear.
     settle(|n| n == 3);

@@ -13,9 +13,10 @@ use shadowfd::{Config, Engine, Share};
 const ID: u64 = 0x11FE;
 
 fn cfg() -> Config {
-    Config {
-        readahead: 0, // nothing is filled ahead: every page below is a real fault
-        ..lazy_config()
+    {
+        let mut c = lazy_config();
+        c.readahead = 0; // nothing is filled ahead: every page below is a real fault
+        c
     }
 }
 
@@ -28,7 +29,7 @@ fn mappings_outlive_the_engine_and_the_shadow() {
     let size = (3 << 20) + 5;
     let path = write_file(dir.path(), "src", ID, size);
     let src = Injected::clean(&path);
-    let shadow = engine.open_arc(src.clone()).unwrap();
+    let shadow = engine.open(src.clone()).unwrap();
     let shared = shadow.map(Share::Shared).unwrap();
     let private = shadow.map(Share::Private).unwrap();
     assert_eq!(src.calls(), 0, "something was read before any touch");
@@ -54,7 +55,7 @@ fn shadow_outlives_the_engine() {
     };
     let dir = tempdir();
     let path = write_file(dir.path(), "src", ID, 1 << 20);
-    let shadow = engine.open_path(&path).unwrap();
+    let shadow = engine.open(&path).unwrap();
     drop(engine);
     with_timeout(
         60,
@@ -82,7 +83,7 @@ fn dropped_child() {
             ..Plan::default()
         },
     );
-    let shadow = engine.open_arc(src).unwrap();
+    let shadow = engine.open(src).unwrap();
     let map = shadow.map(Share::Private).unwrap();
     drop(shadow);
     drop(engine);

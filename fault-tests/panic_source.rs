@@ -26,13 +26,12 @@ fn plan() -> Plan {
 }
 
 fn one_worker() -> Config {
-    Config {
-        workers: 1,
-        readahead: 0,
-        // Several pages a chunk: the panicking page shares a fill with others.
-        chunk_size: 32 << 10,
-        ..lazy_config()
-    }
+    let mut c = lazy_config();
+    c.workers = 1;
+    c.readahead = 0;
+    // Several pages a chunk: the panicking page shares a fill with others.
+    c.chunk_size = 32 << 10;
+    c
 }
 
 #[test]
@@ -44,7 +43,7 @@ fn panicking_read_is_poisoned_and_the_worker_survives() {
         let dir = tempdir();
         let path = write_file(dir.path(), "src", ID, size());
         let other = write_file(dir.path(), "other", ID + 1, 1 << 20);
-        let s = engine.open_arc(Injected::open(&path, plan())).unwrap();
+        let s = engine.open(Injected::open(&path, plan())).unwrap();
         let map = s.map(Share::Shared).unwrap();
         // A fault on a neighbour in the same chunk: the single worker runs the
         // fill, the source panics inside it, only the panicking page is lost.
@@ -73,7 +72,7 @@ fn panicking_read_is_poisoned_and_the_worker_survives() {
             "{err:?}"
         );
         // And another shadow is served by the same single worker.
-        let o = engine.open_path(&other).unwrap();
+        let o = engine.open(&other).unwrap();
         let om = o.map(Share::Private).unwrap();
         assert_bytes(&om, ID + 1, 0, "another shadow after the panic");
         assert!(s.stats().last_error.unwrap().contains("panicked"));
@@ -88,7 +87,7 @@ fn panic_in_populate_thread_is_contained() {
         };
         let dir = tempdir();
         let path = write_file(dir.path(), "src", ID, size());
-        let s = engine.open_arc(Injected::open(&path, plan())).unwrap();
+        let s = engine.open(Injected::open(&path, plan())).unwrap();
         let err = s.populate(BAD_PAGE * page(), 1).unwrap_err();
         assert!(err.to_string().contains("panicked"), "{err}");
         assert_eq!(s.poisoned_pages().len(), 1);
@@ -100,7 +99,7 @@ fn panic_child() {
     child::begin();
     let engine = Engine::new(one_worker()).unwrap();
     let s = engine
-        .open_arc(Injected::open(param("PATH").as_ref(), plan()))
+        .open(Injected::open(param("PATH").as_ref(), plan()))
         .unwrap();
     let map = s.map(Share::Shared).unwrap();
     child::watch_sigbus(&map);
@@ -150,7 +149,7 @@ fn panicking_metadata_during_a_fault_fill_is_answered() {
         let path = write_file(dir.path(), "src", ID, size());
         let other = write_file(dir.path(), "other", ID + 1, 1 << 20);
         let src = Injected::clean(&path);
-        let s = engine.open_arc(src.clone()).unwrap();
+        let s = engine.open(src.clone()).unwrap();
         let map = s.map(Share::Shared).unwrap();
         src.set(|p| p.panic_metadata = true);
         // Touch page 0 from a helper thread, so a hang shows as a timeout.
@@ -167,7 +166,7 @@ fn panicking_metadata_during_a_fault_fill_is_answered() {
             ),
         }
         // The single worker still serves other shadows.
-        let o = engine.open_path(&other).unwrap();
+        let o = engine.open(&other).unwrap();
         assert_bytes(&o.map(Share::Private).unwrap(), ID + 1, 0, "another shadow");
     });
 }
@@ -183,7 +182,7 @@ fn panicking_metadata_during_populate_leaves_no_chunk_stuck() {
             let dir = tempdir();
             let path = write_file(dir.path(), "src", ID, size());
             let src = Injected::clean(&path);
-            let s = std::sync::Arc::new(engine.open_arc(src.clone()).unwrap());
+            let s = std::sync::Arc::new(engine.open(src.clone()).unwrap());
             src.set(|p| p.panic_metadata = true);
             // The panic may reach the populate caller (it is the source's own
             // panic, in the caller's thread)...
@@ -222,7 +221,7 @@ fn failing_metadata_does_not_stop_detect_fills() {
         let dir = tempdir();
         let path = write_file(dir.path(), "src", ID, size());
         let src = Injected::clean(&path);
-        let s = engine.open_arc(src.clone()).unwrap();
+        let s = engine.open(src.clone()).unwrap();
         src.set(|p| p.eio_metadata = true);
         // detect: the fill goes on (the bytes read are the source's); the
         // failed check counts as a change.

@@ -9,7 +9,7 @@
 
 use crate::support::content::write_file;
 use crate::support::{assert_bytes, lazy_available, lazy_config, tempdir};
-use shadowfd::{Config, Engine, RemoteMapping, Share, Source, SourceMeta};
+use shadowfd::{Engine, RemoteMapping, Share, Source, SourceMeta};
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
@@ -123,7 +123,7 @@ fn a_consumer_process_maps_a_lazy_shadow_through_its_own_userfaultfd() {
     let size = (5 << 20) + 321;
     let path = write_file(dir.path(), "src", ID, size);
     let engine = Engine::new(lazy_config()).unwrap();
-    let shadow = engine.open_path(&path).unwrap();
+    let shadow = engine.open(&path).unwrap();
     let out = serve_one(&shadow);
     assert!(out.contains("lazy=true"), "{out}");
     let st = shadow.stats();
@@ -142,11 +142,11 @@ fn eager_and_materialized_shadows_are_sent_as_plain_descriptors() {
     let dir = tempdir();
     let path = write_file(dir.path(), "src", ID, 3 << 20);
     let eager = Engine::new(crate::support::eager_config()).unwrap();
-    let out = serve_one(&eager.open_path(&path).unwrap());
+    let out = serve_one(&eager.open(&path).unwrap());
     assert!(out.contains("lazy=false"), "{out}");
     if lazy_available("materialized remote consumers") {
         let lazy = Engine::new(lazy_config()).unwrap();
-        let s = lazy.open_path(&path).unwrap();
+        let s = lazy.open(&path).unwrap();
         s.materialize().unwrap();
         let out = serve_one(&s);
         assert!(out.contains("lazy=false"), "{out}");
@@ -161,9 +161,10 @@ fn a_consumer_process_killed_mid_fault_is_forgotten_and_others_are_served() {
     let dir = tempdir();
     let size = 4u64 << 20;
     let path = write_file(dir.path(), "src", ID, size);
-    let engine = Engine::new(Config {
-        readahead: 0,
-        ..lazy_config()
+    let engine = Engine::new({
+        let mut c = lazy_config();
+        c.readahead = 0;
+        c
     })
     .unwrap();
     let shadow = engine

@@ -123,13 +123,14 @@ fn library_falls_back_under_seccomp() {
         let errno: i32 = param("ERRNO").parse().unwrap();
         // The same filter as for the CLI, on this process, before any engine.
         seccomp::install_here(seccomp::Rules::none(errno)).expect("install seccomp filter");
-        let auto = Engine::new(Config {
-            mode: Mode::Auto,
-            ..Config::default()
+        let auto = Engine::new({
+            let mut c = Config::default();
+            c.mode = Mode::Auto;
+            c
         })
         .unwrap();
         child::report("auto-mode", auto.mode());
-        let s = auto.open_path(param("PATH")).unwrap();
+        let s = auto.open(param("PATH")).unwrap();
         child::report("shadow-mode", s.mode());
         let mut buf = vec![0u8; s.size() as usize];
         s.read_at(&mut buf, 0).unwrap();
@@ -137,9 +138,10 @@ fn library_falls_back_under_seccomp() {
             "mismatch",
             first_mismatch(ID, 0, &buf).map_or("none".into(), |o| o.to_string()),
         );
-        match Engine::new(Config {
-            mode: Mode::Lazy,
-            ..Config::default()
+        match Engine::new({
+            let mut c = Config::default();
+            c.mode = Mode::Lazy;
+            c
         }) {
             Ok(_) => child::report("lazy", "accepted"),
             Err(e) => child::report("lazy", e.to_string().replace('\n', " ")),
@@ -230,7 +232,7 @@ fn user_mode_only_userfaultfd_works_and_kernel_reads_are_refused() {
     use crate::support::child::{self, param};
     use crate::test_name;
     use seccomp::{Rules, SyscallRule};
-    use shadowfd::{Config, Engine, Mode, Share};
+    use shadowfd::{Engine, Mode, Share};
     let rules = Rules {
         errno: libc::EPERM,
         syscall: SyscallRule::DenyUnlessUserModeOnly,
@@ -241,13 +243,14 @@ fn user_mode_only_userfaultfd_works_and_kernel_reads_are_refused() {
         seccomp::install_here(rules).expect("install seccomp filter");
         let p = shadowfd::probe();
         child::report("access", format!("{:?}", p.access));
-        let engine = Engine::new(Config {
-            mode: Mode::Lazy,
-            readahead: 0,
-            ..lazy_config()
+        let engine = Engine::new({
+            let mut c = lazy_config();
+            c.mode = Mode::Lazy;
+            c.readahead = 0;
+            c
         })
         .unwrap();
-        let s = engine.open_path(param("PATH")).unwrap();
+        let s = engine.open(param("PATH")).unwrap();
         let map = s.map(Share::Shared).unwrap();
         let mut fds = [0; 2];
         // SAFETY: pipe writes two descriptors into a live array.

@@ -30,14 +30,14 @@ fn short_reads_are_completed_not_zero_filled() {
         };
         // Eager.
         let eager = Engine::new(eager_config()).unwrap();
-        let s = eager.open_arc(Injected::open(&path, plan.clone())).unwrap();
+        let s = eager.open(Injected::open(&path, plan.clone())).unwrap();
         assert_shadow_is(&s, ID, "eager shadow over short reads");
         // Lazy, through populate, read_at and a mapping.
         let Some(engine) = lazy_engine("short reads", lazy_config()) else {
             return;
         };
         let src = Injected::open(&path, plan.clone());
-        let s = engine.open_arc(src.clone()).unwrap();
+        let s = engine.open(src.clone()).unwrap();
         let map = s.map(Share::Private).unwrap();
         assert_bytes(&map, ID, 0, "lazy mapping over short reads");
         assert_shadow_is(&s, ID, "lazy shadow over short reads");
@@ -64,7 +64,7 @@ fn interrupted_reads_are_retried() {
         plan.interrupt.insert(0, 3);
         plan.interrupt.insert(5 * page(), 2);
         let src = Injected::open(&path, plan);
-        let s = engine.open_arc(src.clone()).unwrap();
+        let s = engine.open(src.clone()).unwrap();
         s.populate(0, page()).unwrap();
         let map = s.map(Share::Shared).unwrap();
         assert_bytes(&map, ID, 0, "after EINTR");
@@ -99,7 +99,7 @@ fn early_end_of_data_is_poisoned_and_recorded() {
         let dir = tempdir();
         let path = write_file(dir.path(), "src", ID, size());
         let s = engine
-            .open_arc(Injected::open(&path, early_eof_plan()))
+            .open(Injected::open(&path, early_eof_plan()))
             .unwrap();
         let err = s.populate(0, size()).unwrap_err();
         assert!(
@@ -129,7 +129,7 @@ fn eager_open_fails_on_early_end_of_data() {
     let path = write_file(dir.path(), "src", ID, size());
     let engine = Engine::new(eager_config()).unwrap();
     let err = engine
-        .open_arc(Injected::open(&path, early_eof_plan()))
+        .open(Injected::open(&path, early_eof_plan()))
         .unwrap_err();
     assert!(
         matches!(err, Error::SourceShort { at, size: sz, .. } if at == eof_at() && sz == size()),
@@ -145,7 +145,7 @@ fn eager_open_fails_on_early_end_of_data() {
             ..Plan::default()
         },
     );
-    let err = engine.open_arc(lying).unwrap_err();
+    let err = engine.open(lying).unwrap_err();
     assert!(
         matches!(err, Error::SourceShort { at, .. } if at == size()),
         "{err:?}"
@@ -174,7 +174,7 @@ fn eager_open_fails_when_truncated_during_the_copy() {
         ..Plan::default()
     };
     let engine = Engine::new(eager_config()).unwrap();
-    let err = engine.open_arc(Injected::open(&path, plan)).unwrap_err();
+    let err = engine.open(Injected::open(&path, plan)).unwrap_err();
     assert!(
         matches!(err, Error::SourceShort { at, .. } if at == cut),
         "{err:?}"
@@ -190,7 +190,7 @@ fn lazy_file_truncated_after_open() {
         let dir = tempdir();
         let path = write_file(dir.path(), "src", ID, size());
         let src = Injected::clean(&path);
-        let s = engine.open_arc(src).unwrap();
+        let s = engine.open(src).unwrap();
         s.populate(0, 4 * page()).unwrap(); // chunk 0 is in before the cut
         let cut = 20 * page() + 10;
         std::fs::OpenOptions::new()
@@ -223,7 +223,7 @@ fn truncated_child() {
     child::begin();
     let engine = Engine::new(lazy_config()).unwrap();
     let path = param("PATH");
-    let s = engine.open_arc(Injected::clean(path.as_ref())).unwrap();
+    let s = engine.open(Injected::clean(path.as_ref())).unwrap();
     let map = s.map(Share::Shared).unwrap();
     child::watch_sigbus(&map);
     std::fs::OpenOptions::new()

@@ -7,7 +7,7 @@
 //! stop the other chunks from being served.
 
 use crate::support::*;
-use shadowfd::{Config, Share};
+use shadowfd::Share;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
@@ -18,11 +18,12 @@ const THREADS: usize = 24;
 #[test]
 fn many_threads_fault_a_slow_source_at_once() {
     let seed = content::seed_for("slow");
-    let cfg = Config {
-        chunk_size: CHUNK,
-        readahead: 0, // exact counting: only touched chunks are read
-        workers: 4,
-        ..lazy_config()
+    let cfg = {
+        let mut c = lazy_config();
+        c.chunk_size = CHUNK;
+        c.readahead = 0; // exact counting: only touched chunks are read
+        c.workers = 4;
+        c
     };
     let Some(engine) = lazy_engine("slow source", cfg) else {
         return;
@@ -37,7 +38,7 @@ fn many_threads_fault_a_slow_source_at_once() {
             ..Plan::default()
         },
     );
-    let shadow = Arc::new(engine.open_arc(src.clone()).unwrap());
+    let shadow = Arc::new(engine.open(src.clone()).unwrap());
     let shared = Arc::new(shadow.map(Share::Shared).unwrap());
     let npages = size.div_ceil(page());
     let checked = with_timeout(120, "24 threads faulting a slow source", move || {
@@ -94,11 +95,12 @@ fn many_threads_fault_a_slow_source_at_once() {
 
 #[test]
 fn a_stuck_read_does_not_block_other_chunks() {
-    let cfg = Config {
-        chunk_size: CHUNK,
-        readahead: 0,
-        workers: 2,
-        ..lazy_config()
+    let cfg = {
+        let mut c = lazy_config();
+        c.chunk_size = CHUNK;
+        c.readahead = 0;
+        c.workers = 2;
+        c
     };
     let Some(engine) = lazy_engine("stuck read", cfg) else {
         return;
@@ -114,7 +116,7 @@ fn a_stuck_read_does_not_block_other_chunks() {
             ..Plan::default()
         },
     );
-    let shadow = Arc::new(engine.open_arc(src.clone()).unwrap());
+    let shadow = Arc::new(engine.open(src.clone()).unwrap());
     let map = Arc::new(shadow.map(Share::Shared).unwrap());
     // A consumer faults chunk 0, whose read is held at the gate...
     let m = map.clone();

@@ -26,11 +26,12 @@ fn size() -> u64 {
 }
 
 fn cfg(stale: StalePolicy) -> Config {
-    Config {
-        stale,
-        chunk_size: CHUNK,
-        readahead: 0,
-        ..lazy_config()
+    {
+        let mut c = lazy_config();
+        c.stale = stale;
+        c.chunk_size = CHUNK;
+        c.readahead = 0;
+        c
     }
 }
 
@@ -49,7 +50,7 @@ fn detect_reports_the_change_and_keeps_filling() {
         };
         let dir = tempdir();
         let path = write_file(dir.path(), "src", OLD, size());
-        let s = engine.open_path(&path).unwrap();
+        let s = engine.open(&path).unwrap();
         s.populate(0, CHUNK).unwrap();
         assert_eq!(s.staleness().unwrap(), Staleness::Unchanged);
         assert!(!s.stats().source_changed);
@@ -80,7 +81,7 @@ fn strict_refuses_fills_after_the_change() {
         let dir = tempdir();
         let path = write_file(dir.path(), "src", OLD, size());
         let src = Injected::clean(&path);
-        let s = engine.open_arc(src.clone()).unwrap();
+        let s = engine.open(src.clone()).unwrap();
         s.populate(0, CHUNK).unwrap();
         rewrite(&path, NEW, 0, size() as usize);
         let calls = src.calls();
@@ -123,7 +124,7 @@ fn strict_refuses_a_fill_torn_by_a_change_mid_read() {
             )),
             ..Plan::default()
         };
-        let s = engine.open_arc(Injected::open(&path, plan)).unwrap();
+        let s = engine.open(Injected::open(&path, plan)).unwrap();
         s.populate(0, CHUNK).unwrap();
         let err = s.populate(5 * CHUNK, CHUNK).unwrap_err();
         assert!(
@@ -140,7 +141,7 @@ fn strict_child() {
     child::begin();
     let engine = Engine::new(cfg(StalePolicy::Strict)).unwrap();
     let path = param("PATH");
-    let s = engine.open_path(&path).unwrap();
+    let s = engine.open(&path).unwrap();
     let map = s.map(Share::Private).unwrap();
     child::watch_sigbus(&map);
     child::touch_page(&map, OLD, 0);
@@ -175,7 +176,7 @@ fn eager_snapshot_keeps_the_old_bytes_and_reports_stale() {
     let dir = tempdir();
     let path = write_file(dir.path(), "src", OLD, size());
     let engine = Engine::new(eager_config()).unwrap();
-    let s = engine.open_path(&path).unwrap();
+    let s = engine.open(&path).unwrap();
     assert_eq!(s.staleness().unwrap(), Staleness::Unchanged);
     rewrite(&path, NEW, 0, size() as usize);
     assert_changed(&s);
@@ -199,7 +200,7 @@ fn eager_copy_torn_by_a_change_is_retried() {
     };
     let src = Injected::open(&path, plan);
     let engine = Engine::new(eager_config()).unwrap();
-    let s = engine.open_arc(src.clone()).unwrap();
+    let s = engine.open(src.clone()).unwrap();
     assert_shadow_is(&s, NEW, "eager copy after a torn first attempt");
     assert_eq!(s.staleness().unwrap(), Staleness::Unchanged);
     // Two copies: the torn one (3 reads), then a clean one (3 reads).
@@ -250,7 +251,7 @@ fn lazy_source_deleted_after_open() {
             };
             let copy = dir.path().join(format!("{policy:?}"));
             std::fs::copy(&path, &copy).unwrap();
-            let s = engine.open_path(&copy).unwrap();
+            let s = engine.open(&copy).unwrap();
             std::fs::remove_file(&copy).unwrap();
             assert_eq!(s.staleness().unwrap(), Staleness::Gone);
             let r = s.populate(0, size());
@@ -265,6 +266,7 @@ fn lazy_source_deleted_after_open() {
                     assert!(e.to_string().contains("changed since open"), "{e}");
                     assert_eq!(s.poisoned_pages().len() as u64, NPAGES);
                 }
+                p => unreachable!("no such policy in this test: {p:?}"),
             }
             assert!(s.stats().source_changed);
         }
@@ -290,12 +292,13 @@ fn eager_copy_retry_respects_the_size_cap() {
         )),
         ..Plan::default()
     };
-    let cfg = Config {
-        max_size: 1 << 20,
-        ..eager_config()
+    let cfg = {
+        let mut c = eager_config();
+        c.max_size = 1 << 20;
+        c
     };
     let engine = Engine::new(cfg).unwrap();
-    match engine.open_arc(Injected::open(&path, plan)) {
+    match engine.open(Injected::open(&path, plan)) {
         Err(Error::TooLarge { size, cap, .. }) => {
             assert_eq!((size, cap), (grown, 1 << 20));
         }
@@ -317,7 +320,7 @@ fn a_change_seen_while_filling_is_remembered() {
         let dir = tempdir();
         let path = write_file(dir.path(), "src", OLD, size());
         let src = Injected::clean(&path);
-        let s = engine.open_arc(src.clone()).unwrap();
+        let s = engine.open(src.clone()).unwrap();
         // The source briefly reports another size while a chunk is filled...
         src.set(|p| p.report_size = Some(size() + 1));
         s.populate(0, 1).unwrap();

@@ -9,7 +9,7 @@
 //! seeded (`FAULT_SEED` overrides); the seed is in every failure message.
 
 use crate::support::*;
-use shadowfd::{Config, Mapping, Shadow, Share};
+use shadowfd::{Mapping, Shadow, Share};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,11 +42,12 @@ fn random_work_on_many_shadows_stays_exact() {
     let seed = content::seed_for("stress");
     let mut engines = Vec::new();
     for (chunk, readahead) in [(16 << 10, 8 << 20), (128 << 10, 2 << 20), (4 << 10, 0)] {
-        let cfg = Config {
-            chunk_size: chunk,
-            readahead,
-            workers: 3,
-            ..lazy_config()
+        let cfg = {
+            let mut c = lazy_config();
+            c.chunk_size = chunk;
+            c.readahead = readahead;
+            c.workers = 3;
+            c
         };
         match lazy_engine("stress", cfg) {
             Some(e) => engines.push(e),
@@ -74,7 +75,7 @@ fn random_work_on_many_shadows_stays_exact() {
             },
         };
         let src = Injected::open(&path, plan);
-        let shadow = engines[(i % 3) as usize].open_arc(src.clone()).unwrap();
+        let shadow = engines[(i % 3) as usize].open(src.clone()).unwrap();
         let shared = shadow.map(Share::Shared).unwrap();
         let private = shadow.map(Share::Private).unwrap();
         items.push(Item {
@@ -198,10 +199,11 @@ fn random_work_with_bad_pages_errors_exactly_there() {
     bounded(
         "random_work_with_bad_pages_errors_exactly_there",
         move || {
-            let cfg = Config {
-                chunk_size: 16 << 10,
-                workers: 3,
-                ..lazy_config()
+            let cfg = {
+                let mut c = lazy_config();
+                c.chunk_size = 16 << 10;
+                c.workers = 3;
+                c
             };
             let Some(engine) = lazy_engine("stress bad pages", cfg) else {
                 return;
@@ -222,7 +224,7 @@ fn random_work_with_bad_pages_errors_exactly_there() {
                 ..Plan::default()
             };
             let src = Injected::open(&path, plan);
-            let shadow = Arc::new(engine.open_arc(src.clone()).unwrap());
+            let shadow = Arc::new(engine.open(src.clone()).unwrap());
             let maps = Arc::new([
                 shadow.map(Share::Shared).unwrap(),
                 shadow.map(Share::Private).unwrap(),
@@ -315,10 +317,11 @@ fn sigbus_child() {
     let id = param_u64("ID");
     let npages = size.div_ceil(page());
     let bad = bad_pages(seed, npages);
-    let engine = shadowfd::Engine::new(Config {
-        chunk_size: 16 << 10,
-        workers: 3,
-        ..lazy_config()
+    let engine = shadowfd::Engine::new({
+        let mut c = lazy_config();
+        c.chunk_size = 16 << 10;
+        c.workers = 3;
+        c
     })
     .unwrap();
     let plan = Plan {
@@ -329,7 +332,7 @@ fn sigbus_child() {
         ..Plan::default()
     };
     let shadow = engine
-        .open_arc(Injected::open(param("PATH").as_ref(), plan))
+        .open(Injected::open(param("PATH").as_ref(), plan))
         .unwrap();
     let share = if seed % 2 == 0 {
         Share::Shared

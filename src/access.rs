@@ -38,7 +38,7 @@ impl FromStr for Access {
                 )),
             },
             ("strided", None) => Ok(Access::Strided(DEFAULT_STRIDE)),
-            ("strided", Some(n)) => match shadowfd::config::parse_size(n) {
+            ("strided", Some(n)) => match crate::units::parse_size(n) {
                 Ok(x) if x > 0 => Ok(Access::Strided(x)),
                 _ => Err(format!("strided:{n}: the stride must be a size above zero")),
             },

@@ -10,11 +10,11 @@ mod plot;
 pub(super) mod report;
 
 use crate::access::{self, Access};
+use crate::units::format_size;
 use crate::{CliResult, Target, Tuning, size_arg};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use report::{Cell, Ratio, Report, Sample, Skip};
-use shadowfd::config::format_size;
 use shadowfd::{Config, Engine, Mode, Share, Source};
 use std::fs::File;
 use std::io::IsTerminal;
@@ -180,7 +180,7 @@ fn run_shadow(
     let t0 = Instant::now();
     let shadow = data
         .source()
-        .and_then(|s| engine.open_arc(s))
+        .and_then(|s| engine.open(s))
         .map_err(|e| e.to_string())?;
     let open_us = us(t0);
     let t1 = Instant::now();
@@ -300,7 +300,7 @@ fn machine() -> report::Machine {
         nproc: std::thread::available_parallelism().map_or(1, |n| n.get()),
         cpu,
         kernel,
-        mem_total_bytes: shadowfd::config::mem_total(),
+        mem_total_bytes: crate::units::mem_total(),
         loadavg_at_start: loadavg,
     }
 }

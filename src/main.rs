@@ -6,14 +6,15 @@ mod cat;
 mod map;
 mod probe;
 mod sigbus;
+mod units;
 
 use clap::{Args, Parser, Subcommand};
-use shadowfd::config::parse_size;
 use shadowfd::source::ImageSource;
 use shadowfd::{Config, Engine, FileSource, Mode, Shadow, Source, StalePolicy};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use units::parse_size;
 
 /// Lazy, sealed, host-mmappable shadows of files.
 #[derive(Parser)]
@@ -151,7 +152,7 @@ impl Target {
         use std::io::IsTerminal;
         let source = self.source()?;
         if !std::io::stderr().is_terminal() || engine.mode() != Mode::Eager {
-            return engine.open_arc(source);
+            return engine.open(source);
         }
         let bar = indicatif::ProgressBar::hidden();
         bar.set_style(
@@ -163,14 +164,15 @@ impl Target {
         );
         bar.set_message(source.name());
         let started = std::time::Instant::now();
-        let r = engine.open_with_progress(source, &|done, total| {
+        let progress = |done, total| {
             // Only copies that take a while get a bar.
             if bar.is_hidden() && started.elapsed() > std::time::Duration::from_millis(500) {
                 bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
             }
             bar.set_length(total);
             bar.set_position(done);
-        });
+        };
+        let r = engine.open_options().progress(&progress).open(source);
         bar.finish_and_clear();
         r
     }

@@ -143,7 +143,7 @@ pub fn run(a: MapArgs) -> CliResult {
 
 fn print_human(r: &Report) {
     use crate::bench::report::fmt_us;
-    use shadowfd::config::format_size as h;
+    use crate::units::format_size as h;
     println!(
         "{}: {} shadow, {} ({} bytes)",
         r.path,

@@ -25,7 +25,7 @@ fn bytes_are_identical_at_awkward_sizes() {
     for (i, &n) in SIZES.iter().enumerate() {
         let data = pattern(n, i as u64);
         let path = file_with(dir.path(), &format!("f{n}"), &data);
-        let shadow = engine.open_path(&path).unwrap();
+        let shadow = engine.open(&path).unwrap();
         assert_eq!(shadow.mode(), Mode::Eager);
         assert_eq!(shadow.size(), n as u64);
         for share in [Share::Shared, Share::Private] {
@@ -50,7 +50,7 @@ fn seals_are_set_and_writes_are_refused_everywhere() {
     let data = pattern(10_000, 3);
     let path = file_with(dir.path(), "f", &data);
     let engine = engine(Mode::Eager);
-    let shadow = engine.open_path(&path).unwrap();
+    let shadow = engine.open(&path).unwrap();
     let want = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
     assert_eq!(shadow.seals().unwrap() & want, want);
 
@@ -96,7 +96,7 @@ fn staleness_sees_size_mtime_and_deletion() {
     let data = pattern(8192, 4);
 
     let p = file_with(dir.path(), "grow", &data);
-    let s = engine.open_path(&p).unwrap();
+    let s = engine.open(&p).unwrap();
     assert_eq!(s.staleness().unwrap(), Staleness::Unchanged);
     std::fs::OpenOptions::new()
         .append(true)
@@ -112,7 +112,7 @@ fn staleness_sees_size_mtime_and_deletion() {
     assert_eq!(first_diff(&s.map(Share::Shared).unwrap(), &data), None);
 
     let p = file_with(dir.path(), "touch", &data);
-    let s = engine.open_path(&p).unwrap();
+    let s = engine.open(&p).unwrap();
     let f = std::fs::File::options().write(true).open(&p).unwrap();
     f.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000))
         .unwrap();
@@ -125,13 +125,13 @@ fn staleness_sees_size_mtime_and_deletion() {
     }
 
     let p = file_with(dir.path(), "gone", &data);
-    let s = engine.open_path(&p).unwrap();
+    let s = engine.open(&p).unwrap();
     std::fs::remove_file(&p).unwrap();
     assert_eq!(s.staleness().unwrap(), Staleness::Gone);
     assert_eq!(first_diff(&s.map(Share::Private).unwrap(), &data), None);
 
     let p = file_with(dir.path(), "replaced", &data);
-    let s = engine.open_path(&p).unwrap();
+    let s = engine.open(&p).unwrap();
     let q = file_with(dir.path(), "other", &data);
     std::fs::rename(&q, &p).unwrap();
     assert_eq!(s.staleness().unwrap(), Staleness::Gone);
@@ -141,12 +141,13 @@ fn staleness_sees_size_mtime_and_deletion() {
 fn over_the_cap_is_refused_with_both_ways_to_raise_it() {
     let dir = tempfile::tempdir().unwrap();
     let p = file_with(dir.path(), "big", &pattern(3 << 20, 5));
-    let engine = Engine::new(Config {
-        max_size: 1 << 20,
-        ..config(Mode::Eager)
+    let engine = Engine::new({
+        let mut c = config(Mode::Eager);
+        c.max_size = 1 << 20;
+        c
     })
     .unwrap();
-    let e = engine.open_path(&p).unwrap_err();
+    let e = engine.open(&p).unwrap_err();
     assert!(matches!(e, Error::TooLarge { .. }), "{e:?}");
     let msg = e.to_string();
     for needle in [
@@ -159,12 +160,13 @@ fn over_the_cap_is_refused_with_both_ways_to_raise_it() {
         assert!(msg.contains(needle), "{needle:?} missing from: {msg}");
     }
     // At the cap exactly, it works.
-    let engine = Engine::new(Config {
-        max_size: 3 << 20,
-        ..config(Mode::Eager)
+    let engine = Engine::new({
+        let mut c = config(Mode::Eager);
+        c.max_size = 3 << 20;
+        c
     })
     .unwrap();
-    assert_eq!(engine.open_path(&p).unwrap().size(), 3 << 20);
+    assert_eq!(engine.open(&p).unwrap().size(), 3 << 20);
 }
 
 #[test]
@@ -172,15 +174,15 @@ fn bad_sources_get_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(Mode::Eager);
     let missing = dir.path().join("nope");
-    let e = engine.open_path(&missing).unwrap_err().to_string();
+    let e = engine.open(&missing).unwrap_err().to_string();
     assert!(e.contains("nope") && e.contains("No such file"), "{e}");
-    let e = engine.open_path(dir.path()).unwrap_err().to_string();
+    let e = engine.open(dir.path()).unwrap_err().to_string();
     assert!(
         e.contains("not a regular file") && e.contains("directory"),
         "{e}"
     );
     let empty = file_with(dir.path(), "empty", b"");
-    let s = engine.open_path(&empty).unwrap();
+    let s = engine.open(&empty).unwrap();
     assert_eq!(s.size(), 0);
     assert!(s.map(Share::Shared).unwrap().is_empty());
 }
@@ -191,37 +193,42 @@ fn configuration_is_validated() {
     let base = config(Mode::Eager);
     let cases: Vec<(Config, &str)> = vec![
         (
-            Config {
-                workers: 0,
-                ..base.clone()
+            {
+                let mut c = base.clone();
+                c.workers = 0;
+                c
             },
             "worker count",
         ),
         (
-            Config {
-                chunk_size: page + 1,
-                ..base.clone()
+            {
+                let mut c = base.clone();
+                c.chunk_size = page + 1;
+                c
             },
             "chunk size",
         ),
         (
-            Config {
-                chunk_size: 0,
-                ..base.clone()
+            {
+                let mut c = base.clone();
+                c.chunk_size = 0;
+                c
             },
             "chunk size",
         ),
         (
-            Config {
-                max_size: base.memory_budget + 1,
-                ..base.clone()
+            {
+                let mut c = base.clone();
+                c.max_size = base.memory_budget + 1;
+                c
             },
             "size cap",
         ),
         (
-            Config {
-                memory_budget: u64::MAX / 2,
-                ..base.clone()
+            {
+                let mut c = base.clone();
+                c.memory_budget = u64::MAX / 2;
+                c
             },
             "MemAvailable",
         ),

@@ -83,7 +83,7 @@ fn a_panicking_source_metadata_does_not_stop_the_engine() {
             calls: AtomicU64::new(0),
         })
         .unwrap();
-    let sb = engine.open_path(&b).unwrap();
+    let sb = engine.open(&b).unwrap();
     let ma = Arc::new(sa.map(Share::Shared).unwrap());
     let mb = Arc::new(sb.map(Share::Shared).unwrap());
     let a_ok = touch_finishes(&ma, 0, 5);
@@ -113,7 +113,7 @@ fn random_touches_after_a_scan_fill_only_their_chunks() {
         .unwrap();
     let engine = lazy_engine(|c| c.workers = 2);
     let run = |scan_first: bool| -> u64 {
-        let s = engine.open_path(&path).unwrap();
+        let s = engine.open(&path).unwrap();
         let m = s.map(Share::Shared).unwrap();
         if scan_first {
             for off in (40 << 20..44 << 20).step_by(4096) {
@@ -151,7 +151,7 @@ fn random_touches_after_a_scan_stay_within_the_budget() {
             c.readahead = 2 << 20;
             c.workers = 2;
         });
-        let s = engine.open_path(&path).unwrap();
+        let s = engine.open(&path).unwrap();
         let m = s.map(Share::Shared).unwrap();
         if scan {
             for off in (900 << 20..902 << 20).step_by(4096) {
@@ -200,7 +200,7 @@ fn under_mlockall_future_lazy_shadows_read_the_source() {
         assert_eq!(r, 0, "mlockall: {}", io::Error::last_os_error());
         let data = std::fs::read(&path).unwrap();
         let engine = lazy_engine(|c| c.readahead = 0);
-        let s = engine.open_path(&path).unwrap();
+        let s = engine.open(&path).unwrap();
         for share in [Share::Shared, Share::Private] {
             let m = s.map(share).unwrap();
             assert_eq!(first_diff(&m, &data), None, "{share:?} under mlockall");
@@ -232,7 +232,7 @@ fn proc_self_mem_reads_of_engine_mappings_leave_no_zero_pages() {
     let data = pattern(1 << 20, 10);
     let path = file_with(dir.path(), "f", &data);
     let engine = lazy_engine(|c| c.readahead = 0);
-    let s = engine.open_path(&path).unwrap();
+    let s = engine.open(&path).unwrap();
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
     let name = format!("shadowfd:{}", path.display());
     let addrs: Vec<u64> = maps
@@ -295,7 +295,7 @@ fn opening_a_huge_sparse_source_costs_no_memory() {
         .unwrap();
     let engine = lazy_engine(|_| {});
     let before = rss_kib();
-    let s = engine.open_path(&path).unwrap();
+    let s = engine.open(&path).unwrap();
     let grew_mib = rss_kib().saturating_sub(before) / 1024;
     assert!(
         grew_mib < 16,

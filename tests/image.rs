@@ -197,9 +197,10 @@ fn fixture() -> Fixture {
 }
 
 fn engine(mode: Mode) -> Engine {
-    Engine::new(Config {
-        mode,
-        ..Config::default()
+    Engine::new({
+        let mut c = Config::default();
+        c.mode = mode;
+        c
     })
     .unwrap()
 }
@@ -450,10 +451,11 @@ fn files_over_256_mib_lazy_and_eager() {
             .unwrap_err();
         assert!(matches!(e, Error::TooLarge { .. }), "{name}: {e}");
         assert!(e.to_string().contains("--max-size"), "{e}");
-        let eager = Engine::new(Config {
-            mode: Mode::Eager,
-            max_size: 512 * MIB,
-            ..Config::default()
+        let eager = Engine::new({
+            let mut c = Config::default();
+            c.mode = Mode::Eager;
+            c.max_size = 512 * MIB;
+            c
         })
         .unwrap();
         let sh = eager
@@ -1027,7 +1029,7 @@ fn access_strategy_figures() {
             best[k][2] = best[k][2].max(size as f64 / t.elapsed().as_secs_f64() / 1e6);
             let eng = engine(Mode::Lazy);
             let t = Instant::now();
-            let sh = eng.open_arc(std::sync::Arc::from(make())).unwrap();
+            let sh = eng.open(make()).unwrap();
             let map = sh.map(Share::Private).unwrap();
             let mut sum = 0u8;
             for p in map.chunks(4096) {

@@ -29,7 +29,7 @@ fn bytes_are_identical_at_awkward_sizes_in_both_sharing_kinds() {
         let data = pattern(n, 100 + i as u64);
         let path = file_with(dir.path(), &format!("f{n}"), &data);
         for share in [Share::Shared, Share::Private] {
-            let shadow = engine.open_path(&path).unwrap();
+            let shadow = engine.open(&path).unwrap();
             assert_eq!(shadow.mode(), Mode::Lazy);
             let map = shadow.map(share).unwrap();
             assert_eq!(first_diff(&map, &data), None, "size {n} {share:?}");
@@ -52,7 +52,7 @@ fn many_threads_fault_the_same_and_different_pages() {
         c.readahead = 0;
         c.workers = 4;
     });
-    let shadow = engine.open_path(&path).unwrap();
+    let shadow = engine.open(&path).unwrap();
     let shared = Arc::new(shadow.map(Share::Shared).unwrap());
     let private = Arc::new(shadow.map(Share::Private).unwrap());
     let threads = 16;
@@ -103,7 +103,7 @@ fn nothing_is_read_before_first_touch_and_a_random_touch_fills_little() {
     let data = pattern(n, 8);
     let path = file_with(dir.path(), "f", &data);
     let engine = lazy_engine(|_| {});
-    let shadow = engine.open_path(&path).unwrap();
+    let shadow = engine.open(&path).unwrap();
     assert_eq!(shadow.resident_bytes().unwrap(), 0);
     let map = shadow.map(Share::Private).unwrap();
     assert_eq!(shadow.stats().bytes_filled, 0);
@@ -125,7 +125,7 @@ fn populated_and_materialized_shadows_read_right_unregistered() {
     let data = pattern(n, 9);
     let path = file_with(dir.path(), "f", &data);
     let engine = lazy_engine(|_| {});
-    let shadow = engine.open_path(&path).unwrap();
+    let shadow = engine.open(&path).unwrap();
 
     // The raw descriptor is withheld while pages are unfilled.
     assert!(matches!(shadow.fd(), Err(Error::NotMaterialized { .. })));
@@ -194,7 +194,7 @@ fn detect_policy_keeps_filling_and_reports_the_change() {
     let data = pattern(n, 10);
     let path = file_with(dir.path(), "f", &data);
     let engine = lazy_engine(|c| c.readahead = 0);
-    let shadow = engine.open_path(&path).unwrap();
+    let shadow = engine.open(&path).unwrap();
     let map = shadow.map(Share::Shared).unwrap();
     assert_eq!(map[0], data[0]);
     assert_eq!(shadow.staleness().unwrap(), Staleness::Unchanged);
@@ -221,7 +221,7 @@ fn strict_policy_refuses_fills_after_a_change() {
         c.readahead = 0;
         c.stale = StalePolicy::Strict;
     });
-    let shadow = engine.open_path(&path).unwrap();
+    let shadow = engine.open(&path).unwrap();
     shadow.populate(0, 4096).unwrap();
     rewrite_in_place(&path, 2 << 20, &pattern(4096, 13));
     let e = shadow.populate(2 << 20, 4096).unwrap_err();
@@ -247,7 +247,7 @@ fn mappings_outlive_the_engine_and_the_shadow_without_zeros() {
     let data = pattern(n, 14);
     let path = file_with(dir.path(), "f", &data);
     let engine = lazy_engine(|c| c.readahead = 0);
-    let shadow = engine.open_path(&path).unwrap();
+    let shadow = engine.open(&path).unwrap();
     let shared = shadow.map(Share::Shared).unwrap();
     let private = shadow.map(Share::Private).unwrap();
     assert_eq!(shared[0], data[0]);
@@ -268,8 +268,8 @@ fn engine_stats_add_up_over_shadows() {
     let engine = lazy_engine(|c| c.readahead = 0);
     let a = file_with(dir.path(), "a", &pattern(1 << 20, 15));
     let b = file_with(dir.path(), "b", &pattern(1 << 20, 16));
-    let sa = engine.open_path(&a).unwrap();
-    let sb = engine.open_path(&b).unwrap();
+    let sa = engine.open(&a).unwrap();
+    let sb = engine.open(&b).unwrap();
     sa.populate(0, 1 << 20).unwrap();
     sb.populate(0, 4096).unwrap();
     let e = engine.stats();

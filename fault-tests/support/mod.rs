@@ -18,17 +18,19 @@ pub fn page() -> u64 {
 
 /// A lazy configuration independent of `SHADOWFD_*` in the environment.
 pub fn lazy_config() -> Config {
-    Config {
-        mode: Mode::Lazy,
-        workers: 2,
-        ..Config::default()
+    {
+        let mut c = Config::default();
+        c.mode = Mode::Lazy;
+        c.workers = 2;
+        c
     }
 }
 
 pub fn eager_config() -> Config {
-    Config {
-        mode: Mode::Eager,
-        ..Config::default()
+    {
+        let mut c = Config::default();
+        c.mode = Mode::Eager;
+        c
     }
 }
 

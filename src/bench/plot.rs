@@ -106,7 +106,7 @@ pub fn draw(r: &Report, path: &Path) -> DrawResult<()> {
     let m = &r.machine;
     let title = format!(
         "shadowfd bench: {} file, {} reps ({} CPUs, {}, Linux {})",
-        shadowfd::config::format_size(r.config.size),
+        crate::units::format_size(r.config.size),
         r.config.reps,
         m.nproc,
         m.cpu,

@@ -1,8 +1,8 @@
 //! Turning samples into the report: medians and spread per pattern × mode,
 //! ratios (paired per repetition), the targets, the table and the JSON.
 
+use crate::units::format_size;
 use serde::Serialize;
-use shadowfd::config::format_size;
 
 /// One run of one pattern under one mode.
 #[derive(Debug, Clone, Copy)]

@@ -30,9 +30,10 @@ pub fn file_with(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
 
 /// A configuration for tests: `mode`, defaults otherwise, no environment.
 pub fn config(mode: Mode) -> Config {
-    Config {
-        mode,
-        ..Config::default()
+    {
+        let mut c = Config::default();
+        c.mode = mode;
+        c
     }
 }
 

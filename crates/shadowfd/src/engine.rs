@@ -66,35 +66,24 @@ impl Engine {
         self.probe.as_ref()
     }
 
-    /// Opens the host file at `path` (symlinks followed) and shadows it.
-    pub fn open_path(&self, path: impl AsRef<Path>) -> Result<Shadow> {
-        let path = path.as_ref();
-        let src = FileSource::open(path).map_err(|e| Error::Open {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        self.open(src)
+    /// Shadows `source`: any [`Source`] (an `Arc<dyn Source>` too), or a
+    /// host path, opened as a [`FileSource`] (symlinks followed).
+    /// Non-regular sources are refused. Eager shadows over the size cap are
+    /// refused with the way to raise it. Shorthand for
+    /// `self.open_options().open(source)`.
+    pub fn open(&self, source: impl IntoSource) -> Result<Shadow> {
+        self.open_options().open(source)
     }
 
-    /// Shadows `source`. Non-regular sources are refused. Eager shadows over
-    /// the size cap are refused with the way to raise it.
-    pub fn open(&self, source: impl Source + 'static) -> Result<Shadow> {
-        self.open_arc(Arc::new(source))
+    /// Options for [`Engine::open`]: progress reporting.
+    pub fn open_options(&self) -> OpenOptions<'_> {
+        OpenOptions {
+            engine: self,
+            progress: None,
+        }
     }
 
-    /// Like [`Engine::open`] for a shared source.
-    pub fn open_arc(&self, source: Arc<dyn Source>) -> Result<Shadow> {
-        self.open_with_progress(source, &|_, _| {})
-    }
-
-    /// Like [`Engine::open_arc`], calling `progress(bytes_done, total)` as an
-    /// eager copy goes on (every MiB), for people waiting on a big file. A
-    /// lazy open reads nothing and never calls it.
-    pub fn open_with_progress(
-        &self,
-        source: Arc<dyn Source>,
-        progress: &dyn Fn(u64, u64),
-    ) -> Result<Shadow> {
+    fn open_source(&self, source: Arc<dyn Source>, progress: &dyn Fn(u64, u64)) -> Result<Shadow> {
         let t0 = Instant::now();
         let name = source.name();
         let mut meta = source.metadata().map_err(|e| Error::Open {
@@ -153,6 +142,86 @@ impl Engine {
                 .snapshot(s.core.resident.load(Ordering::Relaxed)),
             None => Stats::default(),
         }
+    }
+}
+
+/// Options for opening a shadow; from [`Engine::open_options`].
+#[must_use]
+pub struct OpenOptions<'a> {
+    engine: &'a Engine,
+    progress: Option<&'a dyn Fn(u64, u64)>,
+}
+
+impl<'a> OpenOptions<'a> {
+    /// Calls `progress(bytes_done, total)` as an eager copy goes on (every
+    /// MiB), for people waiting on a big file. A lazy open reads nothing
+    /// and never calls it.
+    pub fn progress(mut self, progress: &'a dyn Fn(u64, u64)) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    /// Opens `source` (see [`Engine::open`]).
+    pub fn open(self, source: impl IntoSource) -> Result<Shadow> {
+        let source = source.into_source()?;
+        self.engine
+            .open_source(source, self.progress.unwrap_or(&|_, _| {}))
+    }
+}
+
+/// What [`Engine::open`] accepts: any [`Source`], or a host path.
+pub trait IntoSource {
+    /// The source, opened.
+    fn into_source(self) -> Result<Arc<dyn Source>>;
+}
+
+impl<S: Source + 'static> IntoSource for S {
+    fn into_source(self) -> Result<Arc<dyn Source>> {
+        Ok(Arc::new(self))
+    }
+}
+
+fn open_file(path: &Path) -> Result<Arc<dyn Source>> {
+    let src = FileSource::open(path).map_err(|e| Error::Open {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    Ok(Arc::new(src))
+}
+
+impl IntoSource for &Path {
+    fn into_source(self) -> Result<Arc<dyn Source>> {
+        open_file(self)
+    }
+}
+
+impl IntoSource for &std::path::PathBuf {
+    fn into_source(self) -> Result<Arc<dyn Source>> {
+        open_file(self)
+    }
+}
+
+impl IntoSource for std::path::PathBuf {
+    fn into_source(self) -> Result<Arc<dyn Source>> {
+        open_file(&self)
+    }
+}
+
+impl IntoSource for &str {
+    fn into_source(self) -> Result<Arc<dyn Source>> {
+        open_file(Path::new(self))
+    }
+}
+
+impl IntoSource for String {
+    fn into_source(self) -> Result<Arc<dyn Source>> {
+        open_file(Path::new(&self))
+    }
+}
+
+impl IntoSource for &String {
+    fn into_source(self) -> Result<Arc<dyn Source>> {
+        open_file(Path::new(self))
     }
 }
 

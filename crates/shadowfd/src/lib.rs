@@ -7,9 +7,18 @@
 //! ```no_run
 //! use shadowfd::{Config, Engine, Share};
 //! let engine = Engine::new(Config::from_env()?)?;
-//! let shadow = engine.open_path("/usr/lib/x86_64-linux-gnu/libc.so.6")?;
-//! let map = shadow.map(Share::Private)?;
+//! let shadow = engine.open("/usr/lib/x86_64-linux-gnu/libc.so.6")?;
+//! // The whole file, MAP_SHARED:
+//! let map = shadow.map(Share::Shared)?;
 //! assert_eq!(&map[..4], b"\x7fELF");
+//! // One page-aligned range, MAP_PRIVATE, as ld.so maps a segment:
+//! let seg = shadow
+//!     .map_options()
+//!     .offset(4096)
+//!     .len(8192)
+//!     .share(Share::Private)
+//!     .map()?;
+//! assert_eq!(&seg[..], &map[4096..4096 + 8192]);
 //! # Ok::<(), shadowfd::Error>(())
 //! ```
 //!
@@ -35,7 +44,7 @@ mod stats;
 mod sys;
 
 pub use config::{Config, Mode, StalePolicy};
-pub use engine::Engine;
+pub use engine::{Engine, IntoSource, OpenOptions};
 pub use error::{Error, Result};
 pub use remote::RemoteMapping;
 pub use shadow::{MapOptions, Mapping, Registration, Shadow, Share, Staleness};

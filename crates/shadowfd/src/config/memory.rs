@@ -13,8 +13,3 @@ fn meminfo(key: &str) -> Option<u64> {
 pub fn mem_available() -> Option<u64> {
     meminfo("MemAvailable")
 }
-
-/// `MemTotal` in bytes.
-pub fn mem_total() -> Option<u64> {
-    meminfo("MemTotal")
-}

@@ -4,8 +4,9 @@
 mod memory;
 mod size;
 
-pub use memory::{mem_available, mem_total};
-pub use size::{format_size, parse_size, suggest_size};
+pub(crate) use memory::mem_available;
+pub use size::Size;
+pub(crate) use size::{format_size, parse_size, suggest_size};
 
 use crate::error::{Error, Result};
 use std::str::FromStr;
@@ -32,6 +33,7 @@ pub const MAX_WORKERS: usize = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
+#[non_exhaustive]
 pub enum Mode {
     /// Lazy where userfaultfd works, eager otherwise.
     Auto,
@@ -67,6 +69,7 @@ impl std::fmt::Display for Mode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
+#[non_exhaustive]
 pub enum StalePolicy {
     /// Keep filling from the source; record the change (staleness API, stats).
     Detect,
@@ -90,6 +93,7 @@ impl FromStr for StalePolicy {
 /// engine calls [`Config::validate`].
 #[derive(Debug, Clone)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct Config {
     /// `SHADOWFD_MODE`; default `auto`.
     pub mode: Mode,

@@ -1,10 +1,30 @@
 //! Human-readable sizes: `512M`, `2G`, `1GiB`, `1.5G`, `4096`.
 
+/// A byte count as configuration spells it: parses `512M`, `2G`, `1GiB`,
+/// `1.5G`, `4096` ([`std::str::FromStr`]) and displays for people
+/// (`300.0 MiB`, `4 KiB`, `17 B`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Size(pub u64);
+
+impl std::str::FromStr for Size {
+    /// Why the text is not a size, and what is accepted.
+    type Err = String;
+    fn from_str(s: &str) -> Result<Size, String> {
+        parse_size(s).map(Size)
+    }
+}
+
+impl std::fmt::Display for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&format_size(self.0))
+    }
+}
+
 /// Parses a size. `K`, `M`, `G`, `T` and `KiB`, `MiB`, `GiB`, `TiB` are powers
 /// of 1024; `KB`, `MB`, `GB`, `TB` are powers of 1000; a trailing `B` and
 /// surrounding spaces are allowed; case does not matter. The result is rounded
 /// down to a whole byte.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     if t.is_empty() {
         return Err("empty size; expected e.g. 512M, 2G, 1GiB or a number of bytes".into());
@@ -53,7 +73,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// Formats bytes for people: `300.0 MiB`, `4 KiB`, `17 B`.
-pub fn format_size(n: u64) -> String {
+pub(crate) fn format_size(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut i = 0;
@@ -69,7 +89,7 @@ pub fn format_size(n: u64) -> String {
 }
 
 /// The shortest exact `--max-size` spelling at or above `n` (`512M`, `3G`).
-pub fn suggest_size(n: u64) -> String {
+pub(crate) fn suggest_size(n: u64) -> String {
     for (unit, m) in [("G", 1u64 << 30), ("M", 1 << 20), ("K", 1 << 10)] {
         if n >= m {
             return format!("{}{unit}", n.div_ceil(m));

@@ -6,6 +6,7 @@ use crate::source::{Source, SourceMeta};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
+#[non_exhaustive]
 pub enum Field {
     Size,
     Mtime,
@@ -22,6 +23,7 @@ pub enum Field {
     feature = "serde",
     serde(tag = "state", content = "fields", rename_all = "lowercase")
 )]
+#[non_exhaustive]
 pub enum Staleness {
     /// The source's metadata is as it was when the shadow was made.
     Unchanged,

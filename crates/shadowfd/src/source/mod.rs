@@ -18,6 +18,7 @@ use std::io;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
+#[non_exhaustive]
 pub enum FileKind {
     Regular,
     Directory,
@@ -138,7 +139,7 @@ impl<S: Source + ?Sized> Source for Box<S> {
 
 /// How [`read_full`] stopped early.
 #[derive(Debug)]
-pub enum ReadFail {
+pub(crate) enum ReadFail {
     /// The source returned an error; `done` bytes were read before it.
     Error { done: usize, error: io::Error },
     /// The source reported end of file after `done` bytes.
@@ -148,7 +149,7 @@ pub enum ReadFail {
 /// Reads exactly `buf.len()` bytes at `offset`, looping over short reads and
 /// retrying `EINTR`. End of file before the buffer is full is a failure:
 /// missing bytes are never replaced by zeros.
-pub fn read_full(src: &dyn Source, buf: &mut [u8], offset: u64) -> Result<(), ReadFail> {
+pub(crate) fn read_full(src: &dyn Source, buf: &mut [u8], offset: u64) -> Result<(), ReadFail> {
     let mut done = 0;
     while done < buf.len() {
         match src.read_at(&mut buf[done..], offset + done as u64) {

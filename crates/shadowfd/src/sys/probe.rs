@@ -11,6 +11,7 @@ const DEVNODE: &str = "/dev/userfaultfd";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
 pub enum Access {
     /// `userfaultfd(2)` with no flags: handles user- and kernel-mode faults.
     Syscall,
@@ -26,6 +27,7 @@ pub enum Access {
 /// One way of opening a userfaultfd that the probe tried.
 #[derive(Debug, Clone)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct Attempt {
     pub method: Access,
     /// `null` on success, else the error.
@@ -35,6 +37,7 @@ pub struct Attempt {
 /// What the probe found.
 #[derive(Debug, Clone)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct Probe {
     /// The first method that worked, if any.
     pub access: Option<Access>,
