@@ -48,7 +48,14 @@ pub fn lazy_available() -> bool {
     if !p.lazy_usable {
         eprintln!(
             "SKIP: lazy shadows unavailable on this kernel: {}",
-            p.reason.unwrap_or_default()
+            p.reason.as_deref().unwrap_or_default()
+        );
+        // CI sets this: there, a kernel without lazy shadows is a failure,
+        // not a reason to skip.
+        assert!(
+            std::env::var_os("SHADOWFD_REQUIRE_LAZY").is_none_or(|v| v != "1"),
+            "SHADOWFD_REQUIRE_LAZY=1 and lazy shadows are unavailable: {:?}",
+            p.reason
         );
     }
     p.lazy_usable
