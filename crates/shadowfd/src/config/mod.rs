@@ -13,12 +13,11 @@ use std::str::FromStr;
 
 /// Default eager size cap: what sandboxes use today.
 pub const DEFAULT_MAX_SIZE: u64 = 256 << 20;
-/// Default fill chunk: one page. A random fault costs about 16 µs here, most
-/// of it the fault/wake round trip; a 16 KiB chunk costs about twice that, and
-/// a 32 KiB one 2.3 times, paying off only if the neighbouring pages get used.
-/// Sequential access does not depend on the chunk: it is detected and filled
-/// in 1 MiB runs plus a readahead window (a 256 MiB scan took 110-130 ms at
-/// every chunk size from 4 KiB to 256 KiB; an eager copy and touch, 190 ms).
+/// Default fill chunk: one page. A random fault costs mostly the fault/wake
+/// round trip, and a larger chunk pays off only if the neighbouring pages get
+/// used; sequential access does not depend on the chunk (it is detected and
+/// filled in 1 MiB runs plus a readahead window). Figures:
+/// docs/benchmarks.md.
 pub const DEFAULT_CHUNK: u64 = 4 << 10;
 /// Default upper bound of the sequential readahead window.
 pub const DEFAULT_READAHEAD: u64 = 8 << 20;

@@ -314,3 +314,36 @@ pub fn poison(fd: BorrowedFd<'_>, start: u64, len: u64, mode: u64) -> io::Result
     check(unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_POISON, &mut arg) })?;
     Ok(arg.updated.max(0) as u64)
 }
+
+/// The values `include/uapi/linux/userfaultfd.h` gives these names (the
+/// `_IOWR`/`_IOR` encodings on x86-64 and arm64, and the feature bits), so a
+/// typo in a number or a struct layout fails here, not in the kernel.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_header() {
+        assert_eq!(UFFDIO_API, 0xc018_aa3f);
+        assert_eq!(UFFDIO_REGISTER, 0xc020_aa00);
+        assert_eq!(UFFDIO_UNREGISTER, 0x8010_aa01);
+        assert_eq!(UFFDIO_WAKE, 0x8010_aa02);
+        assert_eq!(UFFDIO_COPY, 0xc028_aa03);
+        assert_eq!(UFFDIO_CONTINUE, 0xc020_aa07);
+        assert_eq!(UFFDIO_POISON, 0xc020_aa08);
+        assert_eq!(USERFAULTFD_IOC_NEW, 0xaa00);
+    }
+
+    #[test]
+    fn feature_and_mode_bits_match_the_kernel_header() {
+        assert_eq!(UFFD_FEATURE_MISSING_SHMEM, 0x20);
+        assert_eq!(UFFD_FEATURE_THREAD_ID, 0x100);
+        assert_eq!(UFFD_FEATURE_MINOR_SHMEM, 0x400);
+        assert_eq!(UFFD_FEATURE_EXACT_ADDRESS, 0x800);
+        assert_eq!(UFFD_FEATURE_POISON, 0x4000);
+        assert_eq!(UFFDIO_REGISTER_MODE_MISSING, 1);
+        assert_eq!(UFFDIO_REGISTER_MODE_MINOR, 4);
+        assert_eq!(UFFD_EVENT_PAGEFAULT, 0x12);
+        assert_eq!(UFFD_PAGEFAULT_FLAG_MINOR, 4);
+    }
+}
