@@ -35,9 +35,14 @@ fn size() -> u64 {
 fn check_budget_error(err: &Error, offset: u64) {
     match err {
         Error::Unfillable {
-            offset: o, reason, ..
+            offset: o, cause, ..
         } => {
             assert_eq!(*o, offset, "{err}");
+            assert!(
+                matches!(cause, shadowfd::Cause::Budget { budget: BUDGET, .. }),
+                "{cause:?}"
+            );
+            let reason = cause.to_string();
             for want in [
                 &format!("memory budget of {BUDGET} bytes"),
                 "--memory-budget",

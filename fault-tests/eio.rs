@@ -72,7 +72,20 @@ fn populate_names_the_bad_page_and_nothing_else_is_lost() {
                 vec![p0],
                 "{bad:?}"
             );
-            assert!(bad[0].1.contains("Input/output error"), "{bad:?}");
+            assert!(
+                matches!(
+                    bad[0].1,
+                    shadowfd::Cause::SourceRead {
+                        errno: Some(libc::EIO),
+                        ..
+                    }
+                ),
+                "{bad:?}"
+            );
+            assert!(
+                bad[0].1.to_string().contains("Input/output error"),
+                "{bad:?}"
+            );
 
             // Every other byte is exact, through read_at and through a mapping.
             let mut before = vec![0u8; p0 as usize];

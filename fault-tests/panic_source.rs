@@ -67,8 +67,8 @@ fn panicking_read_is_poisoned_and_the_worker_survives() {
         // Populate in this thread: the panic is contained here too.
         let err = s.populate(0, size()).unwrap_err();
         assert!(
-            matches!(&err, Error::Unfillable { offset, reason, .. }
-                if *offset == BAD_PAGE * page() && reason.contains("panicked")),
+            matches!(&err, Error::Unfillable { offset, cause, .. }
+                if *offset == BAD_PAGE * page() && cause.to_string().contains("panicked")),
             "{err:?}"
         );
         // And another shadow is served by the same single worker.

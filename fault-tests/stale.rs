@@ -87,8 +87,8 @@ fn strict_refuses_fills_after_the_change() {
         let calls = src.calls();
         let err = s.populate(3 * CHUNK, 1).unwrap_err();
         assert!(
-            matches!(&err, Error::Unfillable { offset, reason, .. }
-                if *offset == 3 * CHUNK && reason.contains("changed since open")),
+            matches!(&err, Error::Unfillable { offset, cause, .. }
+                if *offset == 3 * CHUNK && cause.to_string().contains("changed since open")),
             "{err:?}"
         );
         assert_eq!(src.calls(), calls, "strict read the changed source anyway");
@@ -128,8 +128,8 @@ fn strict_refuses_a_fill_torn_by_a_change_mid_read() {
         s.populate(0, CHUNK).unwrap();
         let err = s.populate(5 * CHUNK, CHUNK).unwrap_err();
         assert!(
-            matches!(&err, Error::Unfillable { offset, reason, .. }
-                if *offset == 5 * CHUNK && reason.contains("during the fill")),
+            matches!(&err, Error::Unfillable { offset, cause, .. }
+                if *offset == 5 * CHUNK && cause.to_string().contains("during the fill")),
             "{err:?}"
         );
         assert_eq!(s.poisoned_pages().len() as u64, CHUNK / page());

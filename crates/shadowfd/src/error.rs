@@ -54,23 +54,14 @@ pub enum Error {
     )]
     SourceShort { what: String, at: u64, size: u64 },
     #[error(
-        "{what}: the bytes at {offset}..{end} could not be filled ({reason}); a mapping \
+        "{what}: the bytes at {offset}..{end} could not be filled ({cause}); a mapping \
          raises SIGBUS there"
     )]
     Unfillable {
         what: String,
         offset: u64,
         end: u64,
-        reason: String,
-    },
-    #[error(
-        "{what}: the lazy memory budget of {budget} bytes is used up ({resident} bytes resident). \
-         Raise it with `--memory-budget SIZE` or SHADOWFD_MEMORY_BUDGET"
-    )]
-    Budget {
-        what: String,
-        budget: u64,
-        resident: u64,
+        cause: Cause,
     },
     #[error(
         "{what}: this lazy shadow is not materialized; its descriptor would show zeros for \
@@ -101,6 +92,50 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+}
+
+/// Why a page of a lazy shadow could not be filled: the cause in
+/// [`Error::Unfillable`] and [`crate::Shadow::poisoned_pages`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Cause {
+    /// The source's read failed at `offset`.
+    #[error("source read error at offset {offset}: {message}")]
+    SourceRead {
+        offset: u64,
+        /// The OS error number, when the source gave one.
+        errno: Option<i32>,
+        message: String,
+    },
+    /// The source ended at `offset`, before its recorded `size`.
+    #[error(
+        "the source ended before offset {offset} (recorded size {size}): it shrank or read short"
+    )]
+    SourceShort { offset: u64, size: u64 },
+    /// The source panicked while reading.
+    #[error("source read error: the source panicked while reading")]
+    SourcePanicked,
+    /// The source changed under `--stale strict`: since open, or during the
+    /// fill itself.
+    #[error(
+        "the source changed {} (stale policy strict)",
+        if *during_fill { "during the fill" } else { "since open" }
+    )]
+    SourceChanged { during_fill: bool },
+    /// The lazy memory budget had no room for the `needed` bytes.
+    #[error(
+        "the lazy memory budget of {budget} bytes is used up ({resident} bytes resident, \
+         {needed} more needed). Raise it with `--memory-budget SIZE` or \
+         SHADOWFD_MEMORY_BUDGET"
+    )]
+    Budget {
+        budget: u64,
+        resident: u64,
+        needed: u64,
+    },
+    /// The memfd's pages could not be allocated.
+    #[error("allocating the shadow's memory failed: {message}")]
+    Allocate { errno: Option<i32>, message: String },
 }
 
 impl Error {

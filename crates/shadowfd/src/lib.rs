@@ -45,7 +45,7 @@ mod sys;
 
 pub use config::{Config, Mode, StalePolicy};
 pub use engine::{Engine, IntoSource, OpenOptions};
-pub use error::{Error, Result};
+pub use error::{Cause, Error, Result};
 pub use remote::RemoteMapping;
 pub use shadow::{MapOptions, Mapping, Registration, Shadow, Share, Staleness};
 pub use source::{FileSource, Source, SourceMeta};

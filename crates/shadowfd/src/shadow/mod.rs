@@ -325,7 +325,7 @@ impl Shadow {
     }
 
     /// Offsets of pages that could not be filled, with the reason (lazy only).
-    pub fn poisoned_pages(&self) -> Vec<(u64, String)> {
+    pub fn poisoned_pages(&self) -> Vec<(u64, crate::Cause)> {
         match &self.kind {
             Kind::Eager(_) => Vec::new(),
             Kind::Lazy(l) => l.bad_pages().into_iter().collect(),

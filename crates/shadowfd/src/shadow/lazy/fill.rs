@@ -2,29 +2,39 @@
 //! shadow's unregistered writable alias: one copy, from the source straight
 //! into the page cache. Nothing here touches registered memory.
 
+use crate::error::Cause;
 use crate::source::{ReadFail, Source, read_full};
-use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 /// A byte range `[start, end)` of the shadow that could not be filled.
-pub(crate) type BadRange = (u64, u64, String);
+pub(crate) type BadRange = (u64, u64, Cause);
 
-fn guarded_read(src: &dyn Source, buf: &mut [u8], offset: u64) -> Result<(), ReadFail> {
+/// A read that failed, or `None` for a panic.
+type Failed = Option<ReadFail>;
+
+fn guarded_read(src: &dyn Source, buf: &mut [u8], offset: u64) -> Result<(), Failed> {
     match catch_unwind(AssertUnwindSafe(|| read_full(src, buf, offset))) {
-        Ok(r) => r,
-        Err(_) => Err(ReadFail::Error {
-            done: 0,
-            error: io::Error::other("the source panicked while reading"),
-        }),
+        Ok(r) => r.map_err(Some),
+        Err(_) => Err(None),
     }
 }
 
-fn describe(fail: &ReadFail, at: u64, size: u64) -> String {
+fn done_of(fail: &Failed) -> usize {
     match fail {
-        ReadFail::Error { error, .. } => format!("source read error at offset {at}: {error}"),
-        ReadFail::Eof { .. } => format!(
-            "the source ended before offset {at} (recorded size {size}): it shrank or read short"
-        ),
+        Some(ReadFail::Error { done, .. } | ReadFail::Eof { done }) => *done,
+        None => 0,
+    }
+}
+
+fn describe(fail: &Failed, at: u64, size: u64) -> Cause {
+    match fail {
+        Some(ReadFail::Error { error, .. }) => Cause::SourceRead {
+            offset: at,
+            errno: error.raw_os_error(),
+            message: error.to_string(),
+        },
+        Some(ReadFail::Eof { .. }) => Cause::SourceShort { offset: at, size },
+        None => Cause::SourcePanicked,
     }
 }
 
@@ -46,7 +56,7 @@ pub(crate) fn read_chunk(
     data[n..].fill(0);
     let done = match guarded_read(src, &mut data[..n], off) {
         Ok(()) => return vec![(off, span_end)],
-        Err(ReadFail::Error { done, .. } | ReadFail::Eof { done }) => done as u64,
+        Err(fail) => done_of(&fail) as u64,
     };
     let mut good: Vec<(u64, u64)> = Vec::new();
     let mut p = off + done / page * page;
@@ -62,9 +72,7 @@ pub(crate) fn read_chunk(
                 _ => good.push((p, p + page)),
             },
             Err(fail) => {
-                let at = match &fail {
-                    ReadFail::Error { done, .. } | ReadFail::Eof { done } => p + *done as u64,
-                };
+                let at = p + done_of(&fail) as u64;
                 bad.push((p, p + page, describe(&fail, at, size)));
             }
         }
@@ -77,7 +85,7 @@ pub(crate) fn read_chunk(
 }
 
 /// Expands bad ranges to their pages (page offsets within the shadow).
-pub(crate) fn bad_pages(bad: &[BadRange], page: u64) -> Vec<(u64, String)> {
+pub(crate) fn bad_pages(bad: &[BadRange], page: u64) -> Vec<(u64, Cause)> {
     let mut out = Vec::new();
     for (a, b, reason) in bad {
         let mut p = a / page * page;

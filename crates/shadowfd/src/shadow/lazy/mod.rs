@@ -23,7 +23,7 @@ mod fill;
 mod readahead;
 
 use crate::config::{Config, StalePolicy};
-use crate::error::{Error, Result};
+use crate::error::{Cause, Error, Result};
 use crate::fault::chunks::{ChunkState, ChunkTable};
 use crate::fault::{Core, FaultTarget, Hit, Service, Why, Work};
 use crate::source::{Source, SourceMeta};
@@ -60,7 +60,7 @@ pub(crate) struct LazyShadow {
     template: Option<RawMap>,
     chunks: ChunkTable,
     /// Pages that could not be filled, with the reason.
-    bad: Mutex<BTreeMap<u64, String>>,
+    bad: Mutex<BTreeMap<u64, Cause>>,
     /// Consumer ranges to map and poison into, local and remote.
     consumers: RwLock<Vec<Consumer>>,
     next_id: AtomicU64,
@@ -117,8 +117,8 @@ impl Drop for Registration {
     }
 }
 
-const STALE_BEFORE: &str = "the source changed since open (stale policy strict)";
-const STALE_DURING: &str = "the source changed during the fill (stale policy strict)";
+const STALE_BEFORE: Cause = Cause::SourceChanged { during_fill: false };
+const STALE_DURING: Cause = Cause::SourceChanged { during_fill: true };
 
 /// Bytes read and installed at once by prefetch, populate and materialize,
 /// and mapped at once into a consumer range that faults on filled chunks.
@@ -235,7 +235,7 @@ impl LazyShadow {
         self.changed.load(Ordering::Relaxed)
     }
 
-    pub fn bad_pages(&self) -> BTreeMap<u64, String> {
+    pub fn bad_pages(&self) -> BTreeMap<u64, Cause> {
         self.bad.lock().clone()
     }
 
@@ -332,7 +332,7 @@ impl LazyShadow {
         let mut good_bytes = 0u64;
         let mut reserved = 0u64;
         if strict && self.check_changed() {
-            bad.push((off, end, STALE_BEFORE.into()));
+            bad.push((off, end, STALE_BEFORE));
         } else if !core.reserve(span, speculative) {
             if !prefetch && run.end - run.start > 1 {
                 // Give back all but the faulting chunk and try with that alone.
@@ -344,19 +344,23 @@ impl LazyShadow {
                 return self.give_back(core, run);
             }
             let resident = core.resident.load(Ordering::Relaxed);
-            let e = Error::Budget {
-                what: self.name.clone(),
+            let cause = Cause::Budget {
                 budget: core.budget,
                 resident,
+                needed: span,
             };
-            bad.push((off, end, e.to_string()));
+            bad.push((off, end, cause));
         } else {
             reserved = span;
             self.count_planted(core, off, span);
             // Present pages: the alias is registered for MISSING faults, and
             // its writes must not fault into the service itself.
             if let Err(e) = self.memfd.allocate(off, end - off) {
-                bad.push((off, end, format!("fallocate of the memfd failed: {e}")));
+                let cause = Cause::Allocate {
+                    errno: e.raw_os_error(),
+                    message: e.to_string(),
+                };
+                bad.push((off, end, cause));
             }
         }
         if reserved > 0 && bad.is_empty() {
@@ -375,7 +379,7 @@ impl LazyShadow {
             let good = fill::read_chunk(&*self.source, data, off, end, page, self.size, &mut bad);
             good_bytes = good.iter().map(|(a, b)| b - a).sum();
             if strict && self.check_changed() {
-                bad = vec![(off, end, STALE_DURING.into())];
+                bad = vec![(off, end, STALE_DURING)];
                 good_bytes = 0;
             } else if !strict {
                 self.check_changed();
@@ -431,7 +435,7 @@ impl LazyShadow {
 
     /// Maps filled bytes `a..b` into every consumer range that shows them
     /// (waking its waiting threads) and poisons the bad pages there.
-    fn answer_all(&self, core: &Core, a: u64, b: u64, bad: &[(u64, String)]) {
+    fn answer_all(&self, core: &Core, a: u64, b: u64, bad: &[(u64, Cause)]) {
         let page = core.page;
         for m in self.consumers.read().iter() {
             let Some((addr, len)) = m.overlap(a, b) else {
@@ -622,12 +626,12 @@ impl LazyShadow {
     fn check_bad(&self, from: u64, to: u64) -> Result<()> {
         let bad = self.bad.lock();
         let page = self.service.core.page;
-        if let Some((p, reason)) = bad.range(from / page * page..to).next() {
+        if let Some((p, cause)) = bad.range(from / page * page..to).next() {
             return Err(Error::Unfillable {
                 what: self.name.clone(),
                 offset: *p,
                 end: (*p + page).min(self.size),
-                reason: reason.clone(),
+                cause: cause.clone(),
             });
         }
         Ok(())
