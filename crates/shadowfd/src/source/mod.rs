@@ -107,35 +107,28 @@ pub trait Source: Send + Sync {
     fn name(&self) -> String;
 }
 
-impl<S: Source + ?Sized> Source for std::sync::Arc<S> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        (**self).read_at(buf, offset)
-    }
-    fn metadata(&self) -> io::Result<SourceMeta> {
-        (**self).metadata()
-    }
-    fn fill_metadata(&self) -> io::Result<SourceMeta> {
-        (**self).fill_metadata()
-    }
-    fn name(&self) -> String {
-        (**self).name()
-    }
+/// A pointer to a source is a source (`Arc<dyn Source>`, `Box<dyn Source>`).
+macro_rules! forward_source {
+    ($($ptr:ident)::+) => {
+        impl<S: Source + ?Sized> Source for $($ptr)::+<S> {
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+                (**self).read_at(buf, offset)
+            }
+            fn metadata(&self) -> io::Result<SourceMeta> {
+                (**self).metadata()
+            }
+            fn fill_metadata(&self) -> io::Result<SourceMeta> {
+                (**self).fill_metadata()
+            }
+            fn name(&self) -> String {
+                (**self).name()
+            }
+        }
+    };
 }
 
-impl<S: Source + ?Sized> Source for Box<S> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        (**self).read_at(buf, offset)
-    }
-    fn metadata(&self) -> io::Result<SourceMeta> {
-        (**self).metadata()
-    }
-    fn fill_metadata(&self) -> io::Result<SourceMeta> {
-        (**self).fill_metadata()
-    }
-    fn name(&self) -> String {
-        (**self).name()
-    }
-}
+forward_source!(std::sync::Arc);
+forward_source!(Box);
 
 /// How [`read_full`] stopped early.
 #[derive(Debug)]

@@ -110,50 +110,45 @@ impl RawMap {
         flags: i32,
     ) -> io::Result<RawMap> {
         assert!(len > 0, "RawMap::new of zero length");
-        // SAFETY: a fresh mapping chosen by the kernel (addr NULL, no
-        // MAP_FIXED) cannot alias any Rust object; fd is open for the call.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                flags,
-                fd.as_raw_fd(),
-                offset as libc::off_t,
-            )
-        };
-        mapped(p, len, false)
+        // SAFETY: no fixed address: a fresh mapping chosen by the kernel
+        // cannot alias any Rust object.
+        unsafe { Self::map(None, fd, offset, len, prot, flags) }
     }
 
-    /// Maps `len` bytes of `fd` from `offset` at exactly `addr`, replacing
-    /// whatever the caller had reserved there (`MAP_FIXED`). On drop the range
-    /// becomes a `PROT_NONE` anonymous reservation again, so the caller's
-    /// reservation survives the mapping.
+    /// Maps `len` bytes of `fd` from `offset`: at exactly `at`, replacing
+    /// whatever the caller had reserved there (`MAP_FIXED`), or where the
+    /// kernel picks. On drop a fixed range becomes a `PROT_NONE` anonymous
+    /// reservation again, so the caller's reservation survives the mapping.
     ///
     /// # Safety
-    /// `addr..addr+len` must be page-aligned address space the caller owns
-    /// (reserved with `mmap`), that no Rust reference points into and that no
-    /// other thread uses until this call returns.
-    pub(crate) unsafe fn new_fixed(
-        addr: *mut u8,
+    /// With `at`: `at..at+len` must be page-aligned address space the caller
+    /// owns (reserved with `mmap`), that no Rust reference points into and
+    /// that no other thread uses until this call returns.
+    pub(crate) unsafe fn map(
+        at: Option<*mut u8>,
         fd: BorrowedFd<'_>,
         offset: u64,
         len: usize,
         prot: i32,
         flags: i32,
     ) -> io::Result<RawMap> {
-        // SAFETY: the caller owns the range and nothing borrows it.
+        let (addr, fixed) = match at {
+            Some(a) => (a.cast(), libc::MAP_FIXED),
+            None => (std::ptr::null_mut(), 0),
+        };
+        // SAFETY: the kernel validates the arguments; a fixed target is owned
+        // by the caller (contract above); fd is open for the call.
         let p = unsafe {
             libc::mmap(
-                addr.cast(),
+                addr,
                 len,
                 prot,
-                flags | libc::MAP_FIXED,
+                flags | fixed,
                 fd.as_raw_fd(),
                 offset as libc::off_t,
             )
         };
-        mapped(p, len, true)
+        mapped(p, len, at.is_some())
     }
 
     /// A second `MAP_SHARED` mapping of `len` bytes of the same pages from
@@ -163,7 +158,7 @@ impl RawMap {
     /// unregistered.
     ///
     /// # Safety
-    /// With `at`, the same contract as [`RawMap::new_fixed`].
+    /// With `at`, the same contract as [`RawMap::map`].
     pub(crate) unsafe fn duplicate_shared(
         &self,
         offset: usize,
@@ -268,7 +263,7 @@ pub(crate) unsafe fn reserve_fixed(addr: *mut u8, len: usize) -> io::Result<()> 
 impl Drop for RawMap {
     fn drop(&mut self) {
         if self.fixed {
-            // SAFETY: we own this range since `new_fixed`; nothing borrows it
+            // SAFETY: we own this range since `map`; nothing borrows it
             // once its handle is dropped. The caller's reservation is kept.
             if unsafe { reserve_fixed(self.ptr.as_ptr(), self.len) }.is_ok() {
                 return;
