@@ -30,8 +30,27 @@ use std::time::{Duration, Instant};
 
 // ---- contents ----
 
+/// The 8 bytes of content word `w` (bytes `8w..8w+8`) as a little-endian
+/// u64, for `key = id * K` as in [`byte_at`].
+fn content_word(key: u64, w: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let h = mix(key ^ w);
+    if h.wrapping_sub(ONES) & !h & HIGHS == 0 {
+        return h; // no zero byte
+    }
+    let mut b = h.to_le_bytes();
+    for x in &mut b {
+        if *x == 0 {
+            *x = 0x5A;
+        }
+    }
+    u64::from_le_bytes(b)
+}
+
 /// The bytes of content `id` at `off`, as [`super::content::fill`] gives
-/// them, computed one 8-byte word at a time.
+/// them, computed one 8-byte word at a time (fast enough in debug builds
+/// for files of hundreds of MiB).
 pub fn fill_fast(id: u64, off: u64, buf: &mut [u8]) {
     let mut i = 0usize;
     while i < buf.len() && (off + i as u64) % 8 != 0 {
@@ -40,12 +59,15 @@ pub fn fill_fast(id: u64, off: u64, buf: &mut [u8]) {
     }
     let key = id.wrapping_mul(0xA24B_AED4_963E_E407);
     let first_word = (off + i as u64) >> 3;
-    for (word, out) in (first_word..).zip(buf[i..].chunks_mut(8)) {
-        let h = mix(key ^ word).to_le_bytes();
-        for (d, s) in out.iter_mut().zip(h) {
-            *d = if s == 0 { 0x5A } else { s };
-        }
+    let mut words = buf[i..].chunks_exact_mut(8);
+    let mut w = first_word;
+    for out in &mut words {
+        out.copy_from_slice(&content_word(key, w).to_le_bytes());
+        w += 1;
     }
+    let tail = words.into_remainder();
+    let n = tail.len();
+    tail.copy_from_slice(&content_word(key, w).to_le_bytes()[..n]);
 }
 
 /// Writes `size` bytes of content `id` to `dir/name` (no zero byte in it).
@@ -175,6 +197,33 @@ pub fn memfds_of(pid: u32) -> Vec<Found> {
         }
     }
     out
+}
+
+/// Waits until the memory the memfds of process `pid` hold (their
+/// `st_blocks`) has not changed for `quiet`, so that no fill is in flight;
+/// false if that did not happen within `timeout`.
+pub fn wait_memfds_quiet(pid: u32, quiet: Duration, timeout: Duration) -> bool {
+    let blocks = || -> u64 {
+        memfds_of(pid)
+            .iter()
+            .filter_map(|f| std::fs::metadata(&f.path).ok())
+            .map(|m| m.blocks())
+            .sum()
+    };
+    let deadline = Instant::now() + timeout;
+    let mut last = blocks();
+    let mut since = Instant::now();
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = blocks();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= quiet {
+            return true;
+        }
+    }
+    false
 }
 
 /// One line of `/proc/PID/maps`.
