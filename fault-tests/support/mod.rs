@@ -1,5 +1,6 @@
 //! Helpers shared by the scenarios.
 
+pub mod attack;
 pub mod child;
 pub mod content;
 pub mod inject;
