@@ -35,16 +35,15 @@
 
 use crate::support::attack::{
     Attack, Check, MapRange, Proc, attack, attack_memfd, cpu_time, memfd_maps, memfds_of, pass_fd,
-    peek_fds, role_command, wait_memfds_quiet, write_content,
+    role_command, wait_memfds_quiet, write_content,
 };
 use crate::support::child::{self, Outcome, param, param_u64};
 use crate::support::{cli, lazy_available, lazy_config, tempdir};
 use crate::test_name;
-use shadowfd::{Config, Engine, RemoteMapping, Share};
+use shadowfd::{Engine, RemoteMapping, Share};
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The file `cat` streams: large enough that most of it is still unfilled
@@ -346,8 +345,8 @@ fn check_all(name: &str, map: &[u8], id: u64, size: u64) {
 fn served_engine() {
     let (id, size) = (param_u64("ID"), param_u64("SIZE"));
     let engine = Engine::new(lazy_config()).expect("lazy engine");
-    let shadow = engine.open_path(param("PATH")).expect("open the shadow");
-    match shadow.serve(inherited_socket("SOCK_A")) {
+    let shadow = engine.open(param("PATH")).expect("open the shadow");
+    match shadowfd::remote::serve(&shadow, inherited_socket("SOCK_A")) {
         Ok(served) => {
             child::report("serve-a", "ok");
             served.wait();
@@ -355,7 +354,7 @@ fn served_engine() {
         Err(e) => child::report("serve-a", format!("refused: {e}")),
     }
     child::report("a-gone", "");
-    let served = shadow.serve(inherited_socket("SOCK_B")).expect("serve B");
+    let served = shadowfd::remote::serve(&shadow, inherited_socket("SOCK_B")).expect("serve B");
     child::report("serve-b", "ok");
     served.wait();
     for (name, share) in [
@@ -368,26 +367,19 @@ fn served_engine() {
     child::report("stats", format!("{:?}", shadow.stats()));
 }
 
-/// Consumer A: keeps a copy of the descriptor it is served (peeked before
-/// the real receive, or else found among its mappings), completes the
-/// handshake like any consumer, then attacks its copy.
+/// Consumer A: completes the handshake like any consumer (the consumer
+/// speaks first in protocol version 2, so nothing can be peeked before it),
+/// then finds the memfd among its mappings and attacks it.
 fn consumer_a() {
     let how = Attack::parse(&param("ATTACK"));
     let sock = inherited_socket("SOCK");
-    let peeked = peek_fds(&sock);
-    child::report("peeked", peeked.len());
     let map = RemoteMapping::receive(sock).expect("receive the shadow");
     child::report("lazy", map.is_lazy());
-    let target = match peeked.first() {
-        Some(fd) => Path::new("/proc/self/fd").join(fd.as_raw_fd().to_string()),
-        None => {
-            memfds_of(std::process::id())
-                .into_iter()
-                .next()
-                .expect("no memfd among this consumer's descriptors or mappings")
-                .path
-        }
-    };
+    let target = memfds_of(std::process::id())
+        .into_iter()
+        .next()
+        .expect("no memfd among this consumer's descriptors or mappings")
+        .path;
     child::report("memfd", target.display());
     attack_memfd(&target, how);
     child::report("attacked", how.name());
@@ -525,12 +517,13 @@ const READ_CPU: Duration = Duration::from_secs(1);
 /// stdin to close.
 fn mapped_engine() {
     let id = param_u64("ID");
-    let engine = Engine::new(Config {
-        readahead: 0,
-        ..lazy_config()
+    let engine = Engine::new({
+        let mut c = lazy_config();
+        c.readahead = 0;
+        c
     })
     .expect("lazy engine");
-    let shadow = engine.open_path(param("PATH")).expect("open the shadow");
+    let shadow = engine.open(param("PATH")).expect("open the shadow");
     let shared = shadow.map(Share::Shared).expect("shared mapping");
     let private = shadow.map(Share::Private).expect("private mapping");
     let head = (1usize << 20).min(shared.len());

@@ -18,9 +18,8 @@ use super::child::{self, Outcome};
 use super::content::{byte_at, mix};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -645,36 +644,4 @@ impl Drop for Proc {
             let _ = self.child.wait();
         }
     }
-}
-
-/// Descriptors carried by the next message on `sock`, received with
-/// `MSG_PEEK`: the kernel installs copies and leaves the message (and its
-/// descriptors) for the next real receive. This is how a consumer keeps the
-/// descriptor a protocol hands it, whatever the protocol does with it next.
-pub fn peek_fds(sock: &UnixStream) -> Vec<OwnedFd> {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-    let mut buf = [0u8; 64];
-    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-    let mut space = nix::cmsg_space!([RawFd; 8]);
-    let Ok(msg) = recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_PEEK | MsgFlags::MSG_CMSG_CLOEXEC,
-    ) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    if let Ok(cmsgs) = msg.cmsgs() {
-        for c in cmsgs {
-            if let ControlMessageOwned::ScmRights(fds) = c {
-                for fd in fds {
-                    // SAFETY: SCM_RIGHTS installed this descriptor in our
-                    // table for us; nothing else owns it.
-                    out.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                }
-            }
-        }
-    }
-    out
 }
