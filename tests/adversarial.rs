@@ -1,0 +1,214 @@
+//! Issue 12, "Hardening from an adversarial run": each failure found there,
+//! reproduced with real files, processes and filesystems, and the promise
+//! that replaced it.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// What a finished `shadowfd` run left behind.
+struct Run {
+    code: Option<i32>,
+    signal: Option<i32>,
+    stdout: Vec<u8>,
+    stderr: String,
+    /// The child's peak resident set (its own `ru_maxrss`), in bytes.
+    max_rss: u64,
+}
+
+#[allow(dead_code)] // used by later tests in this file
+impl Run {
+    fn out(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    #[track_caller]
+    fn fails_with(&self, needles: &[&str]) {
+        assert_eq!(
+            (self.code, self.signal),
+            (Some(1), None),
+            "expected exit 1; stderr: {}",
+            self.stderr
+        );
+        for n in needles {
+            assert!(
+                self.stderr.contains(n),
+                "{n:?} missing from stderr: {}",
+                self.stderr
+            );
+        }
+        assert!(!self.stderr.contains("panicked"), "{}", self.stderr);
+    }
+
+    #[track_caller]
+    fn succeeds(&self) {
+        assert_eq!(
+            (self.code, self.signal),
+            (Some(0), None),
+            "stderr: {}",
+            self.stderr
+        );
+    }
+}
+
+fn cli(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_shadowfd"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SHADOWFD_") {
+            c.env_remove(k);
+        }
+    }
+    c.args(args);
+    c
+}
+
+/// Runs `c` to completion with output in files, and reaps it with `wait4`
+/// so that its own peak RSS is known (not that of other tests' children).
+/// A run that outlives `limit_s` is killed and fails the test.
+fn run(mut c: Command, limit_s: u64) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::fs::File::create(dir.path().join("out")).unwrap();
+    let err = std::fs::File::create(dir.path().join("err")).unwrap();
+    // Reaped below with wait4, which std's Child cannot do.
+    #[allow(clippy::zombie_processes)]
+    let child = c
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let t = std::time::Instant::now();
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                if t.elapsed().as_secs() >= limit_s {
+                    // SAFETY: `pid` is our unreaped child (reaped only below,
+                    // after `done` is set), so the number cannot be reused.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    return true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            false
+        })
+    };
+    let mut status = 0;
+    // SAFETY: rusage is plain data that wait4 fills in.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; `status` and `ru` are valid for writes.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let killed = watchdog.join().unwrap();
+    let st = std::process::ExitStatus::from_raw(status);
+    let stderr = std::fs::read_to_string(dir.path().join("err")).unwrap();
+    assert!(
+        !killed,
+        "still running after {limit_s} s (a hang); stderr: {stderr}"
+    );
+    Run {
+        code: st.code(),
+        signal: st.signal(),
+        stdout: std::fs::read(dir.path().join("out")).unwrap(),
+        stderr,
+        max_rss: ru.ru_maxrss as u64 * 1024,
+    }
+}
+
+/// A sparse file of `size` bytes (nothing allocated).
+fn sparse(dir: &Path, name: &str, size: u64) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+    p
+}
+
+const TIB15: u64 = 15 << 40;
+
+// ---- 1. Patterns stream ----------------------------------------------------
+
+/// `seq`, `strided:4K` and `random:0.5` over a 15 TiB sparse file used to
+/// abort building a 32 GB page list before touching anything. Now they
+/// stream: touching runs until the 8 MiB budget is used up, and the run ends
+/// with the budget's SIGBUS explained (exit 1), in a few MiB of memory.
+#[test]
+fn patterns_over_a_15_tib_file_stream_in_bounded_memory() {
+    if !common::lazy_available() {
+        eprintln!("SKIPPED patterns_over_a_15_tib_file...: needs lazy shadows");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = sparse(dir.path(), "huge", TIB15);
+    let p = f.to_str().unwrap();
+    for access in ["seq", "strided:4K", "random:0.5"] {
+        let r = run(
+            cli(&[
+                "map",
+                "--mode",
+                "lazy",
+                "--memory-budget",
+                "8M",
+                "--access",
+                access,
+                p,
+            ]),
+            120,
+        );
+        assert!(
+            !r.stderr.contains("memory allocation"),
+            "{access}: {}",
+            r.stderr
+        );
+        r.fails_with(&["could not be filled at offset", "memory budget"]);
+        assert!(
+            r.max_rss < 64 << 20,
+            "{access}: peak RSS {} bytes with an 8 MiB budget",
+            r.max_rss
+        );
+    }
+}
+
+/// Sparse patterns over 15 TiB finish, and the process's peak memory is
+/// bounded by the pages they touch (plus a fixed allowance for the program).
+#[test]
+fn sparse_patterns_over_15_tib_finish_with_memory_bounded_by_pages_touched() {
+    if !common::lazy_available() {
+        eprintln!("SKIPPED sparse_patterns_over_15_tib...: needs lazy shadows");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = sparse(dir.path(), "huge", TIB15);
+    let p = f.to_str().unwrap();
+    for (access, pages) in [("random:0.000001", 4027u64), ("strided:1G", 15 << 10)] {
+        let r = run(
+            cli(&["map", "--mode", "lazy", "--json", "--access", access, p]),
+            120,
+        );
+        r.succeeds();
+        let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+        assert_eq!(v["pages_touched"], pages, "{access}: {v}");
+        assert_eq!(v["size"], TIB15);
+        let name = access.split(':').next().unwrap();
+        assert!(v["access"].as_str().unwrap().starts_with(name), "{v}");
+        let filled = v["resident_bytes"].as_u64().unwrap();
+        assert_eq!(filled, pages * 4096, "{access}: {v}");
+        // A touched page counts in RSS up to three times (the consumer's
+        // mapping, the engine's fill mapping of the memfd, and the page of
+        // the chunk-state table that records it when touches are sparse);
+        // one more page each for slack, plus the program itself.
+        let bound = 4 * pages * 4096 + (32 << 20);
+        eprintln!(
+            "{access}: {pages} pages touched, {filled} bytes resident, peak RSS {} bytes",
+            r.max_rss
+        );
+        assert!(
+            r.max_rss <= bound,
+            "{access}: peak RSS {} over {bound}",
+            r.max_rss
+        );
+    }
+}
