@@ -212,3 +212,30 @@ fn sparse_patterns_over_15_tib_finish_with_memory_bounded_by_pages_touched() {
         );
     }
 }
+
+// ---- 2. An image that is a FIFO --------------------------------------------
+
+/// `--image FIFO` used to block for ever in open(2), waiting for a writer.
+/// It is refused by its type now, without reading, whatever the command.
+#[test]
+fn an_image_that_is_a_fifo_is_refused_not_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("image.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let img = fifo.to_str().unwrap();
+    for cmd in ["cat", "map"] {
+        for mode in ["eager", "lazy"] {
+            let r = run(cli(&[cmd, "--mode", mode, "--image", img, "/f"]), 30);
+            r.fails_with(&[img, "not a regular file or block device (a FIFO)"]);
+            assert!(r.stdout.is_empty());
+        }
+    }
+    // A directory is refused the same way, naming what it is.
+    let r = run(
+        cli(&["cat", "--image", dir.path().to_str().unwrap(), "/f"]),
+        30,
+    );
+    r.fails_with(&["not a regular file or block device (a directory)"]);
+}

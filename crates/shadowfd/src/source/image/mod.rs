@@ -243,20 +243,63 @@ impl ImageSource {
             kind,
             reason,
         };
-        let image = File::open(&image_path)
-            .map_err(|e| at_image(e.kind(), format!("cannot open the image file: {e}")))?;
+        // Non-blocking, so that a FIFO (or a terminal, a socket's path...)
+        // is refused by its type below instead of waited on: opening a FIFO
+        // for reading blocks until a writer comes, and reading it blocks too.
+        let image = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&image_path)
+                .map_err(|e| {
+                    let reason = if e.raw_os_error() == Some(libc::ENXIO) {
+                        "it is a socket or a device with nothing behind it, not a filesystem \
+                         image; pass the image file with --image and the path inside it as PATH"
+                            .to_string()
+                    } else {
+                        format!("cannot open the image file: {e}")
+                    };
+                    at_image(e.kind(), reason)
+                })?
+        };
         let st = image
             .metadata()
             .map_err(|e| at_image(e.kind(), format!("cannot stat the image file: {e}")))?;
         let ft = st.file_type();
         use std::os::unix::fs::FileTypeExt;
         if !ft.is_file() && !ft.is_block_device() {
+            let kind = if ft.is_fifo() {
+                "a FIFO"
+            } else if ft.is_dir() {
+                "a directory"
+            } else if ft.is_char_device() {
+                "a character device"
+            } else if ft.is_socket() {
+                "a socket"
+            } else {
+                "a special file"
+            };
             return Err(at_image(
                 io::ErrorKind::InvalidInput,
-                "not a regular file or block device, so not a filesystem image; pass \
-                 the image file with --image and the path inside it as PATH"
-                    .into(),
+                format!(
+                    "not a regular file or block device ({kind}), so not a filesystem \
+                     image; pass the image file with --image and the path inside it as PATH"
+                ),
             ));
+        }
+        // Regular files and block devices ignore O_NONBLOCK; clear it anyway
+        // so the descriptor reads as an ordinary one.
+        {
+            use std::os::fd::AsRawFd;
+            let fd = image.as_raw_fd();
+            // SAFETY: fcntl on a descriptor we own; F_GETFL/F_SETFL take and
+            // return plain integers.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+            if flags >= 0 {
+                // SAFETY: as above.
+                unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) };
+            }
         }
         let found = resolve(&image, &img, &inner).map_err(|f| match f {
             Fail::Image(kind, reason) => at_image(kind, reason),
