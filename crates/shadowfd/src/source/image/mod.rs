@@ -14,6 +14,7 @@
 //! on every [`Source::metadata`] call; the image file's own mtime counts as
 //! a change too (see [`ImageSource`]).
 
+mod crc32c;
 mod layout;
 mod threaded;
 
@@ -504,7 +505,10 @@ fn image_fail(e: LayoutError, img: &str) -> (io::ErrorKind, String) {
         LayoutError::Io(e) => (e.kind(), format!("reading the image failed: {e}")),
         LayoutError::Corrupt(why) => (
             io::ErrorKind::InvalidData,
-            format!("the filesystem is corrupt: {why}. Check it with `e2fsck -fn {img}`"),
+            format!(
+                "the filesystem is corrupt: {why}. Run e2fsck to check it: `e2fsck -fn {img}` \
+                 (read-only; repair a copy with `e2fsck -fy`)"
+            ),
         ),
         LayoutError::Unsupported(why) => (io::ErrorKind::Unsupported, why),
         LayoutError::NotFound => (io::ErrorKind::NotFound, "not found".into()),
@@ -591,7 +595,7 @@ fn resolve(image: &File, img: &str, inner: &[u8]) -> Result<Found, Fail> {
     let fs = ext4_view::Ext4::load(Box::new(Pread(clone))).map_err(|e| ext4_fail(e, img, inner))?;
     let canonical = fs
         .canonicalize(inner)
-        .map_err(|e| ext4_fail(e, img, inner))?;
+        .map_err(|e| long_symlink(image, &geo, &e).unwrap_or_else(|| ext4_fail(e, img, inner)))?;
     let names = canonical.components().filter_map(|c| match c {
         ext4_view::Component::Normal(n) => Some(n),
         _ => None,
@@ -640,6 +644,43 @@ fn resolve(image: &File, img: &str, inner: &[u8]) -> Result<Found, Fail> {
     })
 }
 
+/// `ext4-view` calls a symlink whose target has a component over 255 bytes
+/// corrupt. It is not: such a link is valid and resolves to nothing, as on
+/// a mounted filesystem (`ENAMETOOLONG`). The path is at fault, not the image.
+/// `None` when `e` is something else, or the target is really malformed.
+fn long_symlink(image: &File, geo: &Geometry, e: &ext4_view::Ext4Error) -> Option<Fail> {
+    let ext4_view::Ext4Error::Corrupt(c) = e else {
+        return None;
+    };
+    // The message is "inode N has an invalid symlink path".
+    let text = c.to_string();
+    let ino: u32 = text
+        .strip_prefix("inode ")?
+        .strip_suffix(" has an invalid symlink path")?
+        .parse()
+        .ok()?;
+    let inode = geo.inode(image, ino).ok()?;
+    let target = geo.symlink_target(image, &inode).ok()?;
+    if target.contains(&0) {
+        return None;
+    }
+    let longest = target.split(|&b| b == b'/').map(<[u8]>::len).max()?;
+    if longest <= 255 {
+        return None;
+    }
+    let shown: String = show(&target).chars().take(48).collect();
+    Some(Fail::Path(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "the path runs through a symbolic link (inode {ino}) to \"{shown}...\" ({} bytes), \
+             which has a component of {longest} bytes: longer than the 255 bytes a name may \
+             have, so the link leads nowhere (File name too long), as it would on a mounted \
+             filesystem. The image is fine; name the file by a path without that link",
+            target.len()
+        ),
+    ))
+}
+
 /// Maps an `ext4-view` error to a failure with a message and a fix.
 fn ext4_fail(e: ext4_view::Ext4Error, img: &str, inner: &[u8]) -> Fail {
     use ext4_view::Ext4Error as E;
@@ -667,7 +708,9 @@ fn ext4_fail(e: ext4_view::Ext4Error, img: &str, inner: &[u8]) -> Fail {
         ),
         E::MalformedPath | E::NotAbsolute => path(
             io::ErrorKind::InvalidInput,
-            "not a valid path inside an ext filesystem (empty component or NUL byte?)".into(),
+            "not a valid path inside an ext filesystem (a NUL byte, or a component over \
+             the 255 bytes a name may have?)"
+                .into(),
         ),
         E::Encrypted => path(
             io::ErrorKind::Unsupported,
@@ -689,7 +732,10 @@ fn ext4_fail(e: ext4_view::Ext4Error, img: &str, inner: &[u8]) -> Fail {
         ),
         E::Corrupt(c) => Fail::Image(
             io::ErrorKind::InvalidData,
-            format!("the filesystem is corrupt: {c}. Check it with `e2fsck -fn {img}`"),
+            format!(
+                "the filesystem is corrupt: {c}. Run e2fsck to check it: `e2fsck -fn {img}` \
+                 (read-only; repair a copy with `e2fsck -fy`)"
+            ),
         ),
         other => Fail::Image(
             io::ErrorKind::Other,
