@@ -1342,3 +1342,262 @@ fn a_symlink_with_an_overlong_component_is_not_corruption() {
     let out = shadowfd(&["cat", "/ok"], &img);
     assert!(out.status.success() && out.stdout == data);
 }
+
+/// One image the fuzz test mutates: its pristine bytes, the files in it
+/// and their contents, and the blocks worth mutating.
+struct FuzzBase {
+    name: &'static str,
+    bytes: Vec<u8>,
+    block: usize,
+    /// Non-zero blocks that hold no file data: superblock, descriptors,
+    /// bitmaps, inodes, directories, extent blocks, the journal's header...
+    meta_blocks: Vec<usize>,
+}
+
+/// `(path, contents)` of the files the fuzz test reads.
+fn fuzz_files(tree: &Path) -> Vec<(&'static str, Vec<u8>)> {
+    ["/small.txt", "/frag", "/d/nested.bin", "/link"]
+        .into_iter()
+        .map(|p| (p, fs::read(tree.join(&p[1..])).unwrap()))
+        .collect()
+}
+
+fn fuzz_base(name: &'static str, mkfs_args: &[&str], tree: &Path, dir: &Path) -> FuzzBase {
+    let img = dir.join(format!("{name}.img"));
+    mkfs(&["mkfs.ext4"], mkfs_args, tree, &img, "8M");
+    let bytes = fs::read(&img).unwrap();
+    let block: usize = if mkfs_args.contains(&"1024") {
+        1024
+    } else {
+        4096
+    };
+    let mut data = std::collections::HashSet::new();
+    for p in ["/small.txt", "/frag", "/d/nested.bin"] {
+        let stat = debugfs(&img, false, &format!("stat {p}"));
+        let etbs: Vec<usize> = stat
+            .split("(ETB")
+            .skip(1)
+            .filter_map(|s| {
+                s.split_once("):")?
+                    .1
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()
+            })
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        for b in debugfs(&img, false, &format!("blocks {p}")).split_whitespace() {
+            let b: usize = b.parse().unwrap();
+            if !etbs.contains(&b) {
+                data.insert(b);
+            }
+        }
+    }
+    let meta_blocks = (0..bytes.len() / block)
+        .filter(|b| !data.contains(b))
+        .filter(|&b| bytes[b * block..(b + 1) * block].iter().any(|&x| x != 0))
+        .collect();
+    FuzzBase {
+        name,
+        bytes,
+        block,
+        meta_blocks,
+    }
+}
+
+/// What reading `path` from the image gave.
+enum Got {
+    Bytes(Vec<u8>),
+    Error(String),
+    Panic(String),
+}
+
+/// Opens `path` in `img` and reads it whole (at most `cap` bytes) through
+/// the library, in-process; a panic is caught and reported.
+fn fuzz_read(img: &Path, path: &str, cap: u64) -> Got {
+    let r = std::panic::catch_unwind(|| -> Result<Vec<u8>, String> {
+        let src = ImageSource::open(img, path).map_err(|e| e.to_string())?;
+        let size = src.metadata().map_err(|e| e.to_string())?.size;
+        let mut out = vec![0u8; size.min(cap) as usize];
+        let mut off = 0;
+        while off < out.len() {
+            let end = (off + 65_536).min(out.len());
+            match src.read_at(&mut out[off..end], off as u64) {
+                Ok(0) => return Err(format!("read_at: end of data at {off} of {size}")),
+                Ok(n) => off += n,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(out)
+    });
+    match r {
+        Ok(Ok(b)) => Got::Bytes(b),
+        Ok(Err(e)) => Got::Error(e),
+        Err(p) => Got::Panic(
+            p.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default(),
+        ),
+    }
+}
+
+/// What `debugfs -R 'cat PATH'` prints, at most `cap` bytes.
+fn debugfs_cat(img: &Path, path: &str, cap: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut child = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {path}"))
+        .arg(img)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = Vec::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .take(cap as u64)
+        .read_to_end(&mut out)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    out
+}
+
+/// Seeded mutations of real images (bytes flipped or overwritten in their
+/// metadata blocks), each read back through the library. Every case must
+/// end in one of: the original bytes; a clean error (a message, no panic);
+/// or, when e2fsck -fn finds nothing wrong with the mutated image, exactly
+/// what debugfs reads. `FUZZ_SEED` picks another sequence, `FUZZ_CASES`
+/// another count (default 400).
+#[test]
+fn fuzzed_images_give_exact_bytes_a_clean_error_or_what_debugfs_reads() {
+    let seed: u64 = std::env::var("FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x12_2024);
+    let cases: usize = std::env::var("FUZZ_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(400);
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("t");
+    fs::create_dir_all(tree.join("d")).unwrap();
+    fs::write(
+        tree.join("small.txt"),
+        b"a small file inside a fuzzed image\n",
+    )
+    .unwrap();
+    let islands: Vec<(u64, usize)> = (0..9).map(|i| (i * 64 * 1024 + 100, 5000)).collect();
+    sparse(&tree.join("frag"), 9 * 64 * 1024, &islands);
+    fs::write(tree.join("d/nested.bin"), pattern(9, 70_000)).unwrap();
+    symlink("d/nested.bin", tree.join("link")).unwrap();
+    let files = fuzz_files(&tree);
+    let bases = [
+        fuzz_base("ext4-4k", &["-b", "4096"], &tree, dir.path()),
+        fuzz_base("ext4-1k", &["-b", "1024"], &tree, dir.path()),
+    ];
+    const CAP: u64 = 64 << 20;
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let work = dir.path().to_path_buf();
+    std::thread::spawn(move || {
+        let mut rng = seed;
+        let mut next = move || {
+            rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = rng;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        let mut tally = [0usize; 3]; // exact, clean error, agrees with debugfs
+        let mut failures = Vec::new();
+        let started = std::time::Instant::now();
+        for case in 0..cases {
+            let base = &bases[case % bases.len()];
+            let mut bytes = base.bytes.clone();
+            let mut what = Vec::new();
+            for _ in 0..1 + next() % 3 {
+                let b = base.meta_blocks[(next() % base.meta_blocks.len() as u64) as usize];
+                // Headers and early entries matter most: half the hits land
+                // in a block's first 256 bytes.
+                let span = if next() % 2 == 0 { 256 } else { base.block };
+                let at = b * base.block + (next() % span as u64) as usize;
+                let old = bytes[at];
+                bytes[at] = if next() % 2 == 0 {
+                    old ^ (1 << (next() % 8))
+                } else {
+                    next() as u8
+                };
+                what.push(format!(
+                    "byte {at} (block {b}) {old:#04x}->{:#04x}",
+                    bytes[at]
+                ));
+            }
+            let img = work.join(format!("case-{}.img", base.name));
+            fs::write(&img, &bytes).unwrap();
+            let mut fsck: Option<bool> = None;
+            for (path, want) in &files {
+                let verdict = match fuzz_read(&img, path, CAP) {
+                    Got::Bytes(b) if b == *want => {
+                        tally[0] += 1;
+                        continue;
+                    }
+                    Got::Error(e) if !e.trim().is_empty() => {
+                        tally[1] += 1;
+                        continue;
+                    }
+                    Got::Error(_) => "an empty error message".to_string(),
+                    Got::Panic(p) => format!("a panic: {p}"),
+                    Got::Bytes(b) => {
+                        let clean = *fsck.get_or_insert_with(|| e2fsck_clean(&img));
+                        if clean && debugfs_cat(&img, path, CAP as usize) == b {
+                            tally[2] += 1;
+                            continue;
+                        }
+                        let at = b.iter().zip(want).position(|(x, y)| x != y);
+                        format!(
+                            "{} bytes differing from the file at {at:?} (file {} bytes); \
+                             e2fsck -fn {}",
+                            b.len(),
+                            want.len(),
+                            if clean {
+                                "finds nothing, but debugfs reads otherwise"
+                            } else {
+                                "finds errors"
+                            }
+                        )
+                    }
+                };
+                let keep = work.join(format!("failed-{case}.img"));
+                let _ = fs::copy(&img, &keep);
+                failures.push(format!(
+                    "case {case} ({}; {}): {path}: {verdict}",
+                    base.name,
+                    what.join(", ")
+                ));
+            }
+        }
+        eprintln!(
+            "fuzz seed {seed:#x}: {cases} cases ({} reads) in {:.1} s: {} exact, {} clean \
+             errors, {} equal to debugfs on an image e2fsck finds clean, {} failures",
+            cases * files.len(),
+            started.elapsed().as_secs_f64(),
+            tally[0],
+            tally[1],
+            tally[2],
+            failures.len()
+        );
+        let _ = tx.send(failures);
+    });
+    let failures = rx
+        .recv_timeout(std::time::Duration::from_secs(300))
+        .expect("the fuzz loop hung (no result after 300 s)");
+    assert!(
+        failures.is_empty(),
+        "seed {seed:#x}: {} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
