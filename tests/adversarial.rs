@@ -239,3 +239,49 @@ fn an_image_that_is_a_fifo_is_refused_not_waited_on() {
     );
     r.fails_with(&["not a regular file or block device (a directory)"]);
 }
+
+// ---- 4. Files whose size lies ------------------------------------------------
+
+/// `cat /proc/meminfo` used to print nothing and exit 0 (procfs says the
+/// file has 0 bytes); a sysfs attribute (4096 bytes said, a few there) failed
+/// lazily with a generic message. Both are refused at open now, in every
+/// mode, naming the filesystem and the fix; never an empty success.
+#[test]
+fn files_on_pseudo_filesystems_are_refused_never_shadowed_empty() {
+    let sysfs = [
+        "/sys/kernel/uevent_seqnum",
+        "/sys/power/state",
+        "/sys/kernel/mm/transparent_hugepage/enabled",
+    ]
+    .into_iter()
+    .find(|p| std::fs::File::open(p).is_ok())
+    .expect("no readable sysfs attribute: is /sys mounted?");
+    for (path, fs) in [
+        ("/proc/meminfo", "procfs"),
+        ("/proc/self/status", "procfs"),
+        (sysfs, "sysfs"),
+    ] {
+        for mode in ["eager", "lazy", "auto"] {
+            for cmd in ["cat", "map"] {
+                let r = run(cli(&[cmd, "--mode", mode, path]), 30);
+                r.fails_with(&[path, fs, "pseudo filesystem", "Copy the contents"]);
+                assert!(r.stdout.is_empty(), "{cmd} {path}: {}", r.out());
+            }
+        }
+        let e = shadowfd::FileSource::open(path).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::Unsupported, "{e}");
+    }
+}
+
+/// A socket used to be reported as "No such device or address".
+#[test]
+fn a_socket_is_refused_as_not_a_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let p = sock.to_str().unwrap();
+    for cmd in ["cat", "map"] {
+        let r = run(cli(&[cmd, p]), 30);
+        r.fails_with(&[p, "not a regular file (a socket)"]);
+    }
+}
