@@ -116,6 +116,13 @@ pub struct BenchArgs {
     tuning: Tuning,
 }
 
+impl BenchArgs {
+    /// Whether `--json` was given: failures are then reported in JSON too.
+    pub fn json(&self) -> bool {
+        self.json
+    }
+}
+
 /// Where eager and lazy shadows read their bytes from. [`DataSource::source`]
 /// is the only place the bench makes a [`Source`], so another backend (such
 /// as a file inside a disk image) plugs in here.

@@ -36,6 +36,13 @@ pub struct MapArgs {
     seed: u64,
 }
 
+impl MapArgs {
+    /// Whether `--json` was given: failures are then reported in JSON too.
+    pub fn json(&self) -> bool {
+        self.json
+    }
+}
+
 #[derive(Serialize)]
 struct Report {
     path: String,
@@ -86,6 +93,18 @@ fn verify(
     Ok(None)
 }
 
+/// A failure whose JSON report is already on stdout.
+#[derive(Debug)]
+pub struct ReportedInJson(pub String);
+
+impl std::fmt::Display for ReportedInJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ReportedInJson {}
+
 pub fn run(a: MapArgs) -> CliResult {
     let engine = a.common.engine()?;
     let shadow = a.target.open(&engine)?;
@@ -95,6 +114,9 @@ pub fn run(a: MapArgs) -> CliResult {
     };
     let map = shadow.map(share)?;
     sigbus::watch(&map);
+    if a.json {
+        sigbus::report_in_json();
+    }
     let page = shadowfd::page_size() as u64;
     // The pattern streams: no list of pages is built, so a pattern over a
     // huge mapping costs memory only for the pages it touches.
@@ -147,11 +169,17 @@ pub fn run(a: MapArgs) -> CliResult {
         print_human(&r);
     }
     if verified == Some(false) {
-        return Err(format!(
+        let msg = format!(
             "verification failed: the mapping differs from the source at offset {}",
             mismatch_offset.unwrap_or(0)
-        )
-        .into());
+        );
+        // With --json the report above already says so (`verified: false`,
+        // `mismatch_offset`): no second JSON object.
+        return Err(if a.json {
+            Box::new(ReportedInJson(msg))
+        } else {
+            msg.into()
+        });
     }
     Ok(())
 }

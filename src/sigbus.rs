@@ -11,13 +11,15 @@
 //! `kill`) gets the default action: the process dies by SIGBUS, as it would
 //! without the handler.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 static BASE: AtomicUsize = AtomicUsize::new(0);
 static LEN: AtomicUsize = AtomicUsize::new(0);
 /// Bytes of the mapping already written to stdout, plus one; 0 when the
 /// command does not stream the mapping to stdout.
 static WRITTEN: AtomicUsize = AtomicUsize::new(0);
+/// Whether the message also goes to stdout as `{"error": ...}` (`--json`).
+static JSON: AtomicBool = AtomicBool::new(false);
 
 /// Marks `map` as the mapping whose SIGBUS is explained.
 pub fn watch(map: &[u8]) {
@@ -41,6 +43,11 @@ pub fn watch(map: &[u8]) {
 /// touches the mapping's pages in order, so that they are all filled.
 pub fn set_written(n: usize) {
     WRITTEN.store(n + 1, Ordering::SeqCst);
+}
+
+/// Also reports a SIGBUS on stdout as one JSON object with an `error` field.
+pub fn report_in_json() {
+    JSON.store(true, Ordering::SeqCst);
 }
 
 fn fmt_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
@@ -110,13 +117,24 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut l
         write_all_raw(1, pending);
     }
     let mut num = [0u8; 20];
-    let parts: [&[u8]; 3] = [
-        b"shadowfd: error: the shadow could not be filled at offset ",
-        fmt_u64(off as u64, &mut num),
-        b" (the source failed to read there, changed under a strict policy, or the memory budget ran out; raise it with --memory-budget); the page raises SIGBUS for every consumer\n",
+    let num = fmt_u64(off as u64, &mut num);
+    // The message holds no character that JSON would need escaped.
+    let msg: [&[u8]; 3] = [
+        b"the shadow could not be filled at offset ",
+        num,
+        b" (the source failed to read there, changed under a strict policy, or the memory budget ran out; raise it with --memory-budget); the page raises SIGBUS for every consumer",
     ];
-    for p in parts {
+    write_all_raw(2, b"shadowfd: error: ");
+    for p in msg {
         write_all_raw(2, p);
+    }
+    write_all_raw(2, b"\n");
+    if JSON.load(Ordering::SeqCst) {
+        write_all_raw(1, b"{\"error\":\"");
+        for p in msg {
+            write_all_raw(1, p);
+        }
+        write_all_raw(1, b"\"}\n");
     }
     // SAFETY: _exit is async-signal-safe and never returns.
     unsafe { libc::_exit(1) }

@@ -389,3 +389,178 @@ fn a_sigbus_outside_the_mapping_gets_the_default_action() {
     );
     assert!(err.is_empty(), "{err}");
 }
+
+// ---- 6. CLI errors ------------------------------------------------------------
+
+/// Parses stdout as exactly one JSON object carrying an `error` string.
+#[track_caller]
+fn json_error(stdout: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON object ({e}): {}",
+            String::from_utf8_lossy(stdout)
+        )
+    });
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error field: {v}"))
+        .to_string()
+}
+
+/// `map --json` used to print nothing on stdout when it failed. Every
+/// failure now prints one JSON object with an `error` field, and exits
+/// non-zero: a bad path, a directory, an over-cap eager file, a usage error
+/// and a SIGBUS in the mapping.
+#[test]
+fn map_json_failures_print_a_json_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = common::file_with(dir.path(), "f", &common::pattern(3 << 20, 8));
+    let p = f.to_str().unwrap();
+    let missing = dir.path().join("missing");
+    let m = missing.to_str().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (vec!["map", "--json", m], 1, "No such file"),
+        (vec!["map", "--json", d], 1, "not a regular file"),
+        (
+            vec!["map", "--json", "--mode", "eager", "--max-size", "1M", p],
+            1,
+            "over the eager size cap",
+        ),
+        (vec!["map", "--json", "--workers", "-1", p], 2, "--workers"),
+        (vec!["map", "--json", "--access", "walk", p], 2, "walk"),
+    ];
+    for (args, code, needle) in cases {
+        let r = run(cli(&args), 30);
+        assert_eq!(r.code, Some(code), "{args:?}: {}", r.stderr);
+        let e = json_error(&r.stdout);
+        assert!(e.contains(needle), "{args:?}: {e}");
+        assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    }
+    if common::lazy_available() {
+        let r = run(
+            cli(&[
+                "map",
+                "--json",
+                "--mode",
+                "lazy",
+                "--memory-budget",
+                "1M",
+                p,
+            ]),
+            30,
+        );
+        r.fails_with(&["could not be filled at offset"]);
+        let e = json_error(&r.stdout);
+        assert!(e.contains("could not be filled at offset"), "{e}");
+        assert!(e.contains("--memory-budget"), "{e}");
+    }
+}
+
+/// An invalid `SHADOWFD_MODE=banana` used to abort even with `--mode eager`:
+/// a flag wins, so its variable is not read at all; without the flag the
+/// variable is refused, named.
+#[test]
+fn flags_win_over_malformed_environment_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = common::file_with(dir.path(), "f", &common::pattern(10_000, 9));
+    let p = f.to_str().unwrap();
+    let cases: &[(&str, &[&str])] = &[
+        ("SHADOWFD_MODE", &["--mode", "eager"]),
+        ("SHADOWFD_MAX_SIZE", &["--max-size", "1M"]),
+        ("SHADOWFD_MEMORY_BUDGET", &["--memory-budget", "64M"]),
+        ("SHADOWFD_CHUNK", &["--chunk", "4K"]),
+        ("SHADOWFD_WORKERS", &["--workers", "2"]),
+        ("SHADOWFD_READAHEAD", &["--readahead", "1M"]),
+        ("SHADOWFD_STALE", &["--stale", "detect"]),
+    ];
+    for (var, flag) in cases {
+        let mut args = vec!["cat", "--mode", "eager"];
+        if *var == "SHADOWFD_MODE" {
+            args.truncate(1);
+        }
+        args.extend_from_slice(flag);
+        args.push(p);
+        let mut c = cli(&args);
+        c.env(var, "banana");
+        let r = run(c, 30);
+        r.succeeds();
+        assert_eq!(r.stdout.len(), 10_000, "{var}");
+        // Without the flag the variable is read, and refused by name.
+        let mut c = cli(&["cat", "--mode", "eager", p]);
+        if *var == "SHADOWFD_MODE" {
+            c = cli(&["cat", p]);
+        }
+        c.env(var, "banana");
+        run(c, 30).fails_with(&[var, "banana"]);
+    }
+}
+
+/// `--workers -1` used to say "invalid digit found in string": the
+/// accepted range is named now, for every out-of-range value.
+#[test]
+fn worker_counts_out_of_range_name_the_range() {
+    for bad in ["-1", "0", "257", "banana", "1.5"] {
+        let r = run(cli(&["cat", "--workers", bad, "/dev/null"]), 30);
+        // A malformed number is a usage error (2); 0 and 257 parse and are
+        // refused with the rest of the configuration (1).
+        let code = if bad == "0" || bad == "257" { 1 } else { 2 };
+        assert_eq!(r.code, Some(code), "{bad}: {}", r.stderr);
+        for want in ["--workers", bad, "1", "256"] {
+            assert!(r.stderr.contains(want), "{bad}: {want:?}: {}", r.stderr);
+        }
+        assert!(!r.stderr.contains("invalid digit"), "{}", r.stderr);
+    }
+}
+
+/// Budget errors name `--memory-budget`, whichever way they arise.
+#[test]
+fn budget_errors_name_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = common::file_with(dir.path(), "f", &common::pattern(10_000, 10));
+    let p = f.to_str().unwrap();
+    for budget in ["1K", "100T"] {
+        let r = run(cli(&["cat", "--memory-budget", budget, p]), 30);
+        r.fails_with(&["--memory-budget", "SHADOWFD_MEMORY_BUDGET"]);
+    }
+    let r = run(
+        cli(&[
+            "cat",
+            "--mode",
+            "eager",
+            "--max-size",
+            "8M",
+            "--memory-budget",
+            "4M",
+            p,
+        ]),
+        30,
+    );
+    r.fails_with(&["--memory-budget", "8388608"]);
+}
+
+/// Where lazy shadows work, the over-cap error suggests one (the seccomp
+/// scenario in fault-tests/restricted.rs checks that it does not where they
+/// cannot be made).
+#[test]
+fn the_over_cap_error_suggests_lazy_where_lazy_works() {
+    if !common::lazy_available() {
+        eprintln!("SKIPPED the_over_cap_error_suggests_lazy...: needs lazy shadows");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = common::file_with(dir.path(), "f", &common::pattern(2 << 20, 11));
+    let r = run(
+        cli(&[
+            "cat",
+            "--mode",
+            "eager",
+            "--max-size",
+            "1M",
+            f.to_str().unwrap(),
+        ]),
+        30,
+    );
+    r.fails_with(&["--max-size", "--mode lazy"]);
+    assert!(!r.stderr.contains("not possible"), "{}", r.stderr);
+}

@@ -655,7 +655,14 @@ fn cli_fails(args: &[&str], img: &Path) -> String {
         "{args:?} --image {img:?} should fail"
     );
     assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-    assert!(out.stdout.is_empty(), "{args:?}: wrote to stdout");
+    if args.contains(&"--json") {
+        // With --json, the failure is on stdout too, as one JSON object.
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: stdout is not JSON ({e})"));
+        assert!(v["error"].is_string(), "{args:?}: {v}");
+    } else {
+        assert!(out.stdout.is_empty(), "{args:?}: wrote to stdout");
+    }
     assert!(!err.contains("panicked"), "{err}");
     assert!(err.starts_with("shadowfd: error: "), "{err}");
     err

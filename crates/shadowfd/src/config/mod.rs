@@ -162,6 +162,19 @@ impl Config {
     /// Defaults overridden by the `SHADOWFD_*` environment variables. Not yet
     /// validated: call [`Config::validate`] after applying your own overrides.
     pub fn from_env() -> Result<Self> {
+        Config::from_env_except(&[])
+    }
+
+    /// Like [`Config::from_env`], but leaves the variables named in `skip`
+    /// unread: a caller whose own setting wins (a command-line flag) does
+    /// not fail on a malformed variable it would override anyway.
+    pub fn from_env_except(skip: &[&str]) -> Result<Self> {
+        let env_var = |name: &'static str| -> Result<Option<String>> {
+            if skip.contains(&name) {
+                return Ok(None);
+            }
+            env_var(name)
+        };
         let mut c = Config::default();
         let mut max_size_set = false;
         if let Some(v) = env_var("SHADOWFD_MEMORY_BUDGET")? {
@@ -207,7 +220,7 @@ impl Config {
         if let Some(avail) = mem_available() {
             if self.memory_budget > avail {
                 return Err(err(
-                    "memory budget",
+                    "memory budget (--memory-budget / SHADOWFD_MEMORY_BUDGET)",
                     self.memory_budget,
                     format!(
                         "{} is more than this machine's MemAvailable of {} bytes ({}); \
@@ -221,9 +234,12 @@ impl Config {
         }
         if self.memory_budget < page {
             return Err(err(
-                "memory budget",
+                "memory budget (--memory-budget / SHADOWFD_MEMORY_BUDGET)",
                 self.memory_budget,
-                format!("must be at least one page ({page} bytes)"),
+                format!(
+                    "must be at least one page ({page} bytes); set --memory-budget / \
+                     SHADOWFD_MEMORY_BUDGET higher"
+                ),
             ));
         }
         if self.max_size > self.memory_budget {
