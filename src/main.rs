@@ -68,7 +68,7 @@ pub struct Common {
 #[derive(Args, Debug, Clone, Default)]
 pub struct Tuning {
     /// Memory bound for the eager cap and lazy resident bytes
-    /// [env: SHADOWFD_MEMORY_BUDGET] [default: half of MemAvailable]
+    /// [env: SHADOWFD_MEMORY_BUDGET] [default: 1/4 of MemAvailable or the memory cgroup's headroom, whichever is smaller]
     #[arg(long, value_name = "SIZE", value_parser = size_arg, allow_negative_numbers = true)]
     pub memory_budget: Option<u64>,
     /// Lazy fill unit, a multiple of the page size  [env: SHADOWFD_CHUNK] [default: 4K]

@@ -564,3 +564,117 @@ fn the_over_cap_error_suggests_lazy_where_lazy_works() {
     r.fails_with(&["--max-size", "--mode lazy"]);
     assert!(!r.stderr.contains("not possible"), "{}", r.stderr);
 }
+
+// ---- 7. The default budget follows the memory cgroup ---------------------
+
+/// A memory cgroup (v2 or the v1 memory controller) made for one child
+/// process under the test's own; removed on drop.
+struct Cgroup {
+    dir: std::path::PathBuf,
+    procs: std::path::PathBuf,
+}
+
+impl Cgroup {
+    /// A child cgroup of ours limited to `limit` bytes, if this system
+    /// lets us make one.
+    fn create(limit: u64) -> Result<Cgroup, String> {
+        let text = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+        let name = format!("shadowfd-test-{}", std::process::id());
+        for line in text.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (_, ctrls, path) = (parts.next(), parts.next().unwrap_or(""), parts.next());
+            let Some(path) = path else { continue };
+            let (root, limit_file) = if ctrls.split(',').any(|c| c == "memory") {
+                ("/sys/fs/cgroup/memory", "memory.limit_in_bytes")
+            } else if ctrls.is_empty() && Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+                ("/sys/fs/cgroup", "memory.max")
+            } else {
+                continue;
+            };
+            let dir = Path::new(root)
+                .join(path.trim_start_matches('/'))
+                .join(&name);
+            if std::fs::create_dir(&dir).is_err() {
+                continue;
+            }
+            let cg = Cgroup {
+                procs: dir.join("cgroup.procs"),
+                dir: dir.clone(),
+            };
+            if std::fs::write(dir.join(limit_file), limit.to_string()).is_ok() {
+                return Ok(cg);
+            }
+        }
+        Err(format!(
+            "no writable memory cgroup for this process ({text:?})"
+        ))
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// The default budget used to be half of MemAvailable whatever the memory
+/// cgroup allowed: under a 512 MiB limit on a machine with gigabytes free,
+/// a 300 MiB eager cap was accepted and a fill could take the cgroup to its
+/// OOM killer. The default is now a quarter of the tighter of the two, so
+/// the same cap is refused, naming a bound of at most 128 MiB.
+#[test]
+fn the_default_budget_follows_the_memory_cgroup() {
+    use std::os::unix::process::CommandExt;
+    let cg = match Cgroup::create(512 << 20) {
+        Ok(cg) => cg,
+        Err(why) => {
+            eprintln!("SKIPPED the_default_budget_follows_the_memory_cgroup: {why}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let f = common::file_with(dir.path(), "f", &common::pattern(100_000, 12));
+    let mut c = cli(&[
+        "cat",
+        "--mode",
+        "eager",
+        "--max-size",
+        "300M",
+        f.to_str().unwrap(),
+    ]);
+    let procs = std::ffi::CString::new(cg.procs.to_str().unwrap()).unwrap();
+    // SAFETY: only async-signal-safe calls (open, write, close) between fork
+    // and exec: the child moves itself into the cgroup.
+    unsafe {
+        c.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+            libc::close(fd);
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let r = run(c, 30);
+    r.fails_with(&["300 MiB", "memory bound of", "cgroup", "--memory-budget"]);
+    let bound: u64 = r
+        .stderr
+        .split("memory bound of ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no bound named: {}", r.stderr));
+    eprintln!("budget under a 512 MiB cgroup: {bound} bytes");
+    assert!(bound <= 128 << 20, "bound {bound}");
+    assert!(
+        bound > 64 << 20,
+        "bound {bound}: the cgroup is nearly empty"
+    );
+    // An explicit budget under the limit still works in it.
+    drop(r);
+}

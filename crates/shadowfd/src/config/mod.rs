@@ -4,7 +4,7 @@
 mod memory;
 mod size;
 
-pub use memory::{mem_available, mem_total};
+pub use memory::{DEFAULT_BUDGET_DIVISOR, default_budget, headroom, mem_available, mem_total};
 pub use size::{format_size, parse_size, suggest_size};
 
 use crate::error::{Error, Result};
@@ -95,7 +95,9 @@ pub struct Config {
     pub mode: Mode,
     /// Eager size cap in bytes (`SHADOWFD_MAX_SIZE`; default 256 MiB).
     pub max_size: u64,
-    /// Memory bound (`SHADOWFD_MEMORY_BUDGET`; default half of `MemAvailable`):
+    /// Memory bound (`SHADOWFD_MEMORY_BUDGET`; default a quarter of the
+    /// tighter of `MemAvailable` and the memory cgroup's headroom, see
+    /// [`default_budget`]):
     /// the eager cap may not exceed it, and lazy shadows of one engine may not
     /// hold more resident bytes than it.
     pub memory_budget: u64,
@@ -118,10 +120,11 @@ fn default_workers() -> usize {
 }
 
 impl Default for Config {
-    /// Defaults, with no environment applied. The memory budget is half of
-    /// `MemAvailable` at the time of the call.
+    /// Defaults, with no environment applied. The memory budget is a quarter
+    /// of the tighter of `MemAvailable` and the memory cgroup's [`headroom`]
+    /// at the time of the call.
     fn default() -> Self {
-        let memory_budget = mem_available().unwrap_or(1 << 30) / 2;
+        let memory_budget = default_budget();
         Config {
             mode: Mode::Auto,
             max_size: DEFAULT_MAX_SIZE.min(memory_budget),
@@ -247,9 +250,10 @@ impl Config {
                 "size cap (--max-size / SHADOWFD_MAX_SIZE)",
                 self.max_size,
                 format!(
-                    "{} is over the memory bound of {} bytes ({}), which is half of \
-                     MemAvailable unless --memory-budget / SHADOWFD_MEMORY_BUDGET sets it; \
-                     choose a cap at or below the bound",
+                    "{} is over the memory bound of {} bytes ({}), which is a quarter of \
+                     MemAvailable or of the memory cgroup's headroom, whichever is smaller, \
+                     unless --memory-budget / SHADOWFD_MEMORY_BUDGET sets it; choose a cap at \
+                     or below the bound, or raise the budget",
                     format_size(self.max_size),
                     self.memory_budget,
                     format_size(self.memory_budget)
