@@ -18,7 +18,6 @@ struct Run {
     max_rss: u64,
 }
 
-#[allow(dead_code)] // used by later tests in this file
 impl Run {
     fn out(&self) -> String {
         String::from_utf8_lossy(&self.stdout).into_owned()
