@@ -90,6 +90,36 @@ fn check_one(errno: i32, strerror: &str, path: &Path) {
     assert!(!o.stderr.contains("panicked"), "{case}\n{}", o.stderr);
 }
 
+/// In the eager fallback (userfaultfd denied), the over-cap error used to
+/// suggest `--mode lazy`, which then failed. It says lazy is not possible
+/// here instead, and still suggests raising the cap.
+#[test]
+fn over_cap_in_the_eager_fallback_does_not_suggest_lazy() {
+    if !seccomp::supported() {
+        eprintln!("SKIPPED seccomp scenario: no BPF filter written for this architecture");
+        return;
+    }
+    let dir = tempdir();
+    let path = write_file(dir.path(), "src", ID, 2 << 20);
+    let p = path.to_str().unwrap();
+    for mode in ["auto", "eager"] {
+        let o = restricted(&["cat", "--mode", mode, "--max-size", "1M", p], libc::EPERM);
+        assert_eq!(o.status.code(), Some(1), "{mode}\n{}", o.describe());
+        for want in ["over the eager size cap", "--max-size", "not possible here"] {
+            assert!(
+                o.stderr.contains(want),
+                "{mode}: lacks {want:?}\n{}",
+                o.stderr
+            );
+        }
+        assert!(
+            !o.stderr.contains("or use a lazy shadow"),
+            "{mode}: suggests lazy\n{}",
+            o.stderr
+        );
+    }
+}
+
 #[test]
 fn userfaultfd_denied_by_seccomp() {
     if !seccomp::supported() {

@@ -40,6 +40,17 @@ fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s)
 }
 
+/// `--workers N`: a whole number, with the accepted range in the error
+/// (the range itself is checked with the rest of the configuration).
+fn workers_arg(s: &str) -> Result<usize, String> {
+    s.trim().parse::<usize>().map_err(|_| {
+        format!(
+            "expected a whole number of worker threads from 1 to {}, e.g. --workers 4",
+            shadowfd::config::MAX_WORKERS
+        )
+    })
+}
+
 /// Options shared by every command that opens a shadow. Flags win over the
 /// `SHADOWFD_*` environment variables, which win over the defaults.
 #[derive(Args, Debug, Clone, Default)]
@@ -58,14 +69,14 @@ pub struct Common {
 #[derive(Args, Debug, Clone, Default)]
 pub struct Tuning {
     /// Memory bound for the eager cap and lazy resident bytes
-    /// [env: SHADOWFD_MEMORY_BUDGET] [default: half of MemAvailable]
+    /// [env: SHADOWFD_MEMORY_BUDGET] [default: 1/4 of MemAvailable or the memory cgroup's headroom, whichever is smaller]
     #[arg(long, value_name = "SIZE", value_parser = size_arg, allow_negative_numbers = true)]
     pub memory_budget: Option<u64>,
     /// Lazy fill unit, a multiple of the page size  [env: SHADOWFD_CHUNK] [default: 4K]
     #[arg(long, value_name = "SIZE", value_parser = size_arg, allow_negative_numbers = true)]
     pub chunk: Option<u64>,
     /// Fault-service worker threads  [env: SHADOWFD_WORKERS] [default: CPUs]
-    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", value_parser = workers_arg, allow_negative_numbers = true)]
     pub workers: Option<usize>,
     /// Largest sequential readahead window, 0 for none  [env: SHADOWFD_READAHEAD] [default: 8M]
     #[arg(long, value_name = "SIZE", value_parser = size_arg, allow_negative_numbers = true)]
@@ -78,7 +89,24 @@ pub struct Tuning {
 impl Tuning {
     /// Defaults, then the environment, then these flags (not yet validated).
     pub fn config(&self) -> shadowfd::Result<Config> {
-        let mut c = Config::from_env()?;
+        self.config_except(Vec::new())
+    }
+
+    /// Like [`Tuning::config`], leaving `skip` and the variables of the flags
+    /// given unread: a flag wins, so its variable is not even parsed.
+    fn config_except(&self, mut skip: Vec<&'static str>) -> shadowfd::Result<Config> {
+        for (given, var) in [
+            (self.memory_budget.is_some(), "SHADOWFD_MEMORY_BUDGET"),
+            (self.chunk.is_some(), "SHADOWFD_CHUNK"),
+            (self.workers.is_some(), "SHADOWFD_WORKERS"),
+            (self.readahead.is_some(), "SHADOWFD_READAHEAD"),
+            (self.stale.is_some(), "SHADOWFD_STALE"),
+        ] {
+            if given {
+                skip.push(var);
+            }
+        }
+        let mut c = Config::from_env_except(&skip)?;
         if let Some(b) = self.memory_budget {
             c.memory_budget = b;
             if std::env::var_os("SHADOWFD_MAX_SIZE").is_none() {
@@ -104,7 +132,14 @@ impl Tuning {
 impl Common {
     /// The configuration: defaults, then environment, then flags.
     pub fn config(&self) -> shadowfd::Result<Config> {
-        let mut c = self.tuning.config()?;
+        let mut skip = Vec::new();
+        if self.mode.is_some() {
+            skip.push("SHADOWFD_MODE");
+        }
+        if self.max_size.is_some() {
+            skip.push("SHADOWFD_MAX_SIZE");
+        }
+        let mut c = self.tuning.config_except(skip)?;
         if let Some(m) = self.mode {
             c.mode = m;
         }
@@ -181,8 +216,33 @@ impl Target {
 /// A failure to report: message to stderr, exit code 1.
 pub type CliResult = Result<(), Box<dyn std::error::Error>>;
 
+/// Prints `{"error": MESSAGE}` on stdout: how a command run with `--json`
+/// fails (besides the usual line on stderr and the exit status).
+fn print_json_error(msg: &str) {
+    println!("{}", serde_json::json!({ "error": msg.trim_end() }));
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind as K;
+            // A usage error under --json still answers in JSON.
+            let wants_json = std::env::args().skip(1).any(|a| a == "--json");
+            if wants_json && !matches!(e.kind(), K::DisplayHelp | K::DisplayVersion) {
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or_default();
+                print_json_error(first.strip_prefix("error: ").unwrap_or(first));
+            }
+            e.exit()
+        }
+    };
+    let json = match &cli.cmd {
+        Cmd::Map(a) => a.json(),
+        Cmd::Probe(a) => a.json(),
+        Cmd::Bench(a) => a.json(),
+        Cmd::Cat(_) => false,
+    };
     let r = match cli.cmd {
         Cmd::Probe(a) => probe::run(a),
         Cmd::Cat(a) => cat::run(a),
@@ -193,6 +253,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("shadowfd: error: {e}");
+            if json && e.downcast_ref::<map::ReportedInJson>().is_none() {
+                print_json_error(&e.to_string());
+            }
             ExitCode::FAILURE
         }
     }

@@ -36,6 +36,13 @@ pub struct MapArgs {
     seed: u64,
 }
 
+impl MapArgs {
+    /// Whether `--json` was given: failures are then reported in JSON too.
+    pub fn json(&self) -> bool {
+        self.json
+    }
+}
+
 #[derive(Serialize)]
 struct Report {
     path: String,
@@ -61,9 +68,14 @@ struct Report {
 }
 
 /// Compares the touched pages of `map` with `src`; the first differing offset.
-fn verify(map: &[u8], pages: &[u64], page: u64, src: &dyn Source) -> std::io::Result<Option<u64>> {
+fn verify(
+    map: &[u8],
+    pages: impl IntoIterator<Item = u64>,
+    page: u64,
+    src: &dyn Source,
+) -> std::io::Result<Option<u64>> {
     let mut buf = vec![0u8; page as usize];
-    for &p in pages {
+    for p in pages {
         let off = p * page;
         let n = (map.len() as u64 - off).min(page) as usize;
         let mut done = 0;
@@ -81,6 +93,18 @@ fn verify(map: &[u8], pages: &[u64], page: u64, src: &dyn Source) -> std::io::Re
     Ok(None)
 }
 
+/// A failure whose JSON report is already on stdout.
+#[derive(Debug)]
+pub struct ReportedInJson(pub String);
+
+impl std::fmt::Display for ReportedInJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ReportedInJson {}
+
 pub fn run(a: MapArgs) -> CliResult {
     let engine = a.common.engine()?;
     let shadow = a.target.open(&engine)?;
@@ -90,16 +114,26 @@ pub fn run(a: MapArgs) -> CliResult {
     };
     let map = shadow.map(share)?;
     sigbus::watch(&map);
+    if a.json {
+        sigbus::report_in_json();
+    }
     let page = shadowfd::page_size() as u64;
-    let pages = a.access.pages(map.len() as u64, page, a.seed);
+    // The pattern streams: no list of pages is built, so a pattern over a
+    // huge mapping costs memory only for the pages it touches.
+    let pages = || a.access.pages(map.len() as u64, page, a.seed);
+    let mut pages_touched = 0u64;
     let t = Instant::now();
-    std::hint::black_box(access::touch(&map, &pages, page));
+    std::hint::black_box(access::touch(
+        &map,
+        pages().inspect(|_| pages_touched += 1),
+        page,
+    ));
     let access_us = t.elapsed().as_secs_f64() * 1e6;
     let stats = shadow.stats();
     let resident_bytes = shadow.resident_bytes()?;
     let (verified, mismatch_offset) = if a.verify {
         let src = a.target.source()?;
-        let m = verify(&map, &pages, page, &*src)?;
+        let m = verify(&map, pages(), page, &*src)?;
         (Some(m.is_none()), m)
     } else {
         (None, None)
@@ -110,7 +144,7 @@ pub fn run(a: MapArgs) -> CliResult {
         size: shadow.size(),
         access: a.access.to_string(),
         share: share.as_str(),
-        pages_touched: pages.len() as u64,
+        pages_touched,
         open_us: shadow.open_time().as_secs_f64() * 1e6,
         access_us,
         faults: stats.faults,
@@ -132,11 +166,17 @@ pub fn run(a: MapArgs) -> CliResult {
         print_human(&r);
     }
     if verified == Some(false) {
-        return Err(format!(
+        let msg = format!(
             "verification failed: the mapping differs from the source at offset {}",
             mismatch_offset.unwrap_or(0)
-        )
-        .into());
+        );
+        // With --json the report above already says so (`verified: false`,
+        // `mismatch_offset`): no second JSON object.
+        return Err(if a.json {
+            Box::new(ReportedInJson(msg))
+        } else {
+            msg.into()
+        });
     }
     Ok(())
 }

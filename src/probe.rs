@@ -10,6 +10,13 @@ pub struct ProbeArgs {
     json: bool,
 }
 
+impl ProbeArgs {
+    /// Whether `--json` was given: failures are then reported in JSON too.
+    pub fn json(&self) -> bool {
+        self.json
+    }
+}
+
 pub fn run(a: ProbeArgs) -> CliResult {
     let p = shadowfd::probe();
     let auto = if p.lazy_usable { "lazy" } else { "eager" };

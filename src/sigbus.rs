@@ -1,18 +1,33 @@
 //! Turns a SIGBUS inside a shadow mapping into a clear message and exit 1:
 //! a lazy page that could not be read from its source is poisoned, and the
 //! CLI is the consumer that touches it.
+//!
+//! `cat` also registers how far its output has got ([`set_written`]): the
+//! handler first writes the bytes of the mapping between that point and the
+//! faulting page (all filled, since `cat` touches pages in order), so that
+//! stdout ends exactly at the offset the message names.
+//!
+//! A SIGBUS anywhere else (outside the watched mapping, or sent with
+//! `kill`) gets the default action: the process dies by SIGBUS, as it would
+//! without the handler.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 static BASE: AtomicUsize = AtomicUsize::new(0);
 static LEN: AtomicUsize = AtomicUsize::new(0);
+/// Bytes of the mapping already written to stdout, plus one; 0 when the
+/// command does not stream the mapping to stdout.
+static WRITTEN: AtomicUsize = AtomicUsize::new(0);
+/// Whether the message also goes to stdout as `{"error": ...}` (`--json`).
+static JSON: AtomicBool = AtomicBool::new(false);
 
 /// Marks `map` as the mapping whose SIGBUS is explained.
 pub fn watch(map: &[u8]) {
     BASE.store(map.as_ptr() as usize, Ordering::SeqCst);
     LEN.store(map.len(), Ordering::SeqCst);
     // SAFETY: installs a handler that only calls async-signal-safe functions
-    // (write, _exit) and reads atomics; sa_mask/flags are initialised.
+    // (write, sigaction, raise, _exit) and reads atomics; sa_mask/flags are
+    // initialised.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = handler as *const () as usize;
@@ -20,6 +35,19 @@ pub fn watch(map: &[u8]) {
         libc::sigemptyset(&mut sa.sa_mask);
         libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
     }
+}
+
+/// Says that the first `n` bytes of the watched mapping are on stdout (and
+/// nothing of it is buffered): on a SIGBUS, the bytes from `n` up to the
+/// faulting page are written before the message. Only for a caller that
+/// touches the mapping's pages in order, so that they are all filled.
+pub fn set_written(n: usize) {
+    WRITTEN.store(n + 1, Ordering::SeqCst);
+}
+
+/// Also reports a SIGBUS on stdout as one JSON object with an `error` field.
+pub fn report_in_json() {
+    JSON.store(true, Ordering::SeqCst);
 }
 
 fn fmt_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
@@ -34,29 +62,79 @@ fn fmt_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     }
 }
 
-extern "C" fn handler(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+/// `write(2)` all of `p` to `fd`, retrying short writes and EINTR; gives up
+/// on any other error (a closed pipe, ...). Async-signal-safe.
+fn write_all_raw(fd: libc::c_int, mut p: &[u8]) {
+    while !p.is_empty() {
+        // SAFETY: write(2) is async-signal-safe; `p` is a live byte slice.
+        let n = unsafe { libc::write(fd, p.as_ptr().cast(), p.len()) };
+        if n > 0 {
+            p = &p[n as usize..];
+        } else if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        } else {
+            return;
+        }
+    }
+}
+
+extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
-    let addr = unsafe { (*info).si_addr() } as usize;
+    let (addr, code) = unsafe { ((*info).si_addr() as usize, (*info).si_code) };
     let base = BASE.load(Ordering::SeqCst);
     let len = LEN.load(Ordering::SeqCst);
-    let mut parts: [&[u8]; 3] = [
-        b"shadowfd: error: SIGBUS outside the shadow mapping\n",
-        b"",
-        b"",
-    ];
-    let mut num = [0u8; 20];
-    if base != 0 && addr >= base && addr < base + len {
-        parts = [
-            b"shadowfd: error: the shadow could not be filled at offset ",
-            fmt_u64((addr - base) as u64, &mut num),
-            b" (the source failed to read there, changed under a strict policy, or the memory budget ran out); the page raises SIGBUS for every consumer\n",
-        ];
-    }
-    for p in parts {
-        // SAFETY: write(2) is async-signal-safe; `p` is a live byte slice.
+    // A fault raised by the kernel (si_code > 0) inside our mapping.
+    let ours = code > 0 && base != 0 && addr >= base && addr < base + len;
+    if !ours {
+        // Not ours to explain: the default action, as if no handler were
+        // installed. The signal is blocked while this handler runs, so the
+        // raised one is delivered on return (and a fault, re-executed,
+        // raises it again under the default action).
+        // SAFETY: sigaction and raise are async-signal-safe; `sa` is
+        // initialised.
         unsafe {
-            libc::write(2, p.as_ptr().cast(), p.len());
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = libc::SIG_DFL;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+            libc::raise(sig);
         }
+        return;
+    }
+    // SAFETY: sysconf is async-signal-safe in practice (it reads a value the
+    // kernel passed at exec); a page size is never negative.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+    // The poisoned unit is the page: name its start.
+    let off = (addr - base) / page * page;
+    let written = WRITTEN.load(Ordering::SeqCst);
+    if written > 0 && written - 1 < off {
+        // SAFETY: bytes [written-1, off) of the watched mapping lie before
+        // the faulting page and were touched in order before it, so they are
+        // filled and readable; the mapping lives until the process exits.
+        let pending = unsafe {
+            std::slice::from_raw_parts((base + written - 1) as *const u8, off - (written - 1))
+        };
+        write_all_raw(1, pending);
+    }
+    let mut num = [0u8; 20];
+    let num = fmt_u64(off as u64, &mut num);
+    // The message holds no character that JSON would need escaped.
+    let msg: [&[u8]; 3] = [
+        b"the shadow could not be filled at offset ",
+        num,
+        b" (the source failed to read there, changed under a strict policy, or the memory budget ran out; raise it with --memory-budget); the page raises SIGBUS for every consumer",
+    ];
+    write_all_raw(2, b"shadowfd: error: ");
+    for p in msg {
+        write_all_raw(2, p);
+    }
+    write_all_raw(2, b"\n");
+    if JSON.load(Ordering::SeqCst) {
+        write_all_raw(1, b"{\"error\":\"");
+        for p in msg {
+            write_all_raw(1, p);
+        }
+        write_all_raw(1, b"\"}\n");
     }
     // SAFETY: _exit is async-signal-safe and never returns.
     unsafe { libc::_exit(1) }

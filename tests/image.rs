@@ -657,7 +657,14 @@ fn cli_fails(args: &[&str], img: &Path) -> String {
         "{args:?} --image {img:?} should fail"
     );
     assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-    assert!(out.stdout.is_empty(), "{args:?}: wrote to stdout");
+    if args.contains(&"--json") {
+        // With --json, the failure is on stdout too, as one JSON object.
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: stdout is not JSON ({e})"));
+        assert!(v["error"].is_string(), "{args:?}: {v}");
+    } else {
+        assert!(out.stdout.is_empty(), "{args:?}: wrote to stdout");
+    }
     assert!(!err.contains("panicked"), "{err}");
     assert!(err.starts_with("shadowfd: error: "), "{err}");
     err
@@ -1148,4 +1155,458 @@ fn staleness_says_gone_when_the_image_stops_parsing() {
     // The snapshot keeps its bytes.
     let map = shadow.map(shadowfd::Share::Private).unwrap();
     assert!(map[..] == data[..]);
+}
+
+/// Writes `bytes` into the image at byte `at`.
+fn poke(img: &Path, at: u64, bytes: &[u8]) {
+    File::options()
+        .write(true)
+        .open(img)
+        .unwrap()
+        .write_all_at(bytes, at)
+        .unwrap();
+}
+
+/// Reads `n` bytes of the image at byte `at`.
+fn peek(img: &Path, at: u64, n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    File::open(img).unwrap().read_exact_at(&mut b, at).unwrap();
+    b
+}
+
+/// Whether `e2fsck -fn` finds the image clean (exit 0).
+fn e2fsck_clean(img: &Path) -> bool {
+    Command::new("e2fsck")
+        .arg("-fn")
+        .arg(img)
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// A tree holding `/frag`, 9 islands of data 256 KiB apart (an extent tree
+/// with a leaf block), and `/two`, two islands (both extents in the inode).
+fn extent_tree() -> (TempDir, PathBuf, Vec<u8>, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("t");
+    fs::create_dir(&tree).unwrap();
+    let islands: Vec<(u64, usize)> = (0..9).map(|i| (i * 256 * 1024, 20_000)).collect();
+    sparse(&tree.join("frag"), 9 * 256 * 1024, &islands);
+    sparse(&tree.join("two"), 40_960, &[(0, 8192), (16_384, 8192)]);
+    let frag = fs::read(tree.join("frag")).unwrap();
+    let two = fs::read(tree.join("two")).unwrap();
+    (dir, tree, frag, two)
+}
+
+/// An extent leaf block (not in the inode) whose checksum no longer matches
+/// under `metadata_csum` used to be read anyway: a flipped length bit that
+/// made an extent unwritten gave exit 0 with zeros where the file has data.
+/// e2fsck flags it; so does shadowfd now, naming the inode and the block.
+#[test]
+fn extent_blocks_failing_their_checksum_are_refused() {
+    let (dir, tree, frag, _) = extent_tree();
+    let img = dir.path().join("csum.img");
+    mkfs(&["mkfs.ext4", "-b", "4096"], &[], &tree, &img, "16M");
+    let stat = debugfs(&img, false, "stat /frag");
+    assert!(stat.contains("(ETB0):"), "no extent block:\n{stat}");
+    let etb: u64 = stat
+        .split("(ETB0):")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    let ino = inode_number(&img, "/frag");
+    let out = shadowfd(&["cat", "/frag"], &img);
+    assert!(out.status.success() && out.stdout == frag, "intact image");
+
+    // The first leaf entry's ee_len (bytes 16..18 of the block) gets the
+    // unwritten bit: the extent now reads as zeros unless the block's
+    // checksum is checked.
+    let len_at = etb * 4096 + 12 + 4;
+    let len = u16::from_le_bytes(peek(&img, len_at, 2).try_into().unwrap());
+    poke(&img, len_at, &(len | 0x8000).to_le_bytes());
+    assert!(!e2fsck_clean(&img), "e2fsck should flag the extent block");
+    for mode in ["eager", "lazy"] {
+        let err = cli_fails(&["cat", "--mode", mode, "/frag"], &img);
+        assert_has(
+            &err,
+            &[
+                &format!("inode {ino}"),
+                &format!("extent block {etb}"),
+                "checksum",
+                "Run e2fsck",
+            ],
+        );
+    }
+    let e = ImageSource::open(&img, "/frag").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidData, "{e}");
+
+    // The checksum covers the inode's generation: a changed generation
+    // fails it too, and once e2fsck has rewritten the checksum the file
+    // reads exactly again.
+    poke(&img, len_at, &len.to_le_bytes());
+    assert!(e2fsck_clean(&img));
+    debugfs(&img, true, "sif /frag generation 0x5eed1234");
+    let err = cli_fails(&["cat", "/frag"], &img);
+    assert_has(&err, &[&format!("extent block {etb}"), "checksum"]);
+    let _ = Command::new("e2fsck")
+        .arg("-fy")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(e2fsck_clean(&img), "e2fsck -fy should have repaired it");
+    let out = shadowfd(&["cat", "/frag"], &img);
+    assert!(
+        out.status.success() && out.stdout == frag,
+        "after repair: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An unwritten extent that overlaps the next one used to be skipped as a
+/// hole: the blocks the next extent maps came out as zeros, exit 0. Extents
+/// that overlap, written or not, are refused now.
+#[test]
+fn overlapping_extents_are_refused_written_or_not() {
+    let (dir, tree, _, two) = extent_tree();
+    for unwritten in [true, false] {
+        // No metadata_csum: the inode can be edited without its checksum.
+        let img = dir.path().join(format!("overlap-{unwritten}.img"));
+        mkfs(
+            &["mkfs.ext4", "-b", "4096"],
+            &["-O", "^metadata_csum"],
+            &tree,
+            &img,
+            "16M",
+        );
+        let out = shadowfd(&["cat", "/two"], &img);
+        assert!(out.status.success() && out.stdout == two, "intact image");
+        let imap = debugfs(&img, false, "imap /two");
+        let num = |after: &str| -> u64 {
+            let s = imap.split(after).nth(1).unwrap().trim_start();
+            let s = s
+                .split(|c: char| c.is_whitespace() || c == ',')
+                .next()
+                .unwrap();
+            match s.strip_prefix("0x") {
+                Some(h) => u64::from_str_radix(h, 16).unwrap(),
+                None => s.parse().unwrap(),
+            }
+        };
+        let inode_at = num("located at block") * 4096 + num("offset");
+        // i_block at 0x28: a 12-byte header, then extents of 12 bytes:
+        // (0, 2 blocks) and (4, 2 blocks). The first now covers 0..5.
+        let first_len = inode_at + 0x28 + 12 + 4;
+        assert_eq!(peek(&img, first_len, 2), 2u16.to_le_bytes(), "{imap}");
+        let len: u16 = if unwritten { 0x8000 + 5 } else { 5 };
+        poke(&img, first_len, &len.to_le_bytes());
+        assert!(!e2fsck_clean(&img), "e2fsck should flag the overlap");
+        let ino = inode_number(&img, "/two");
+        let err = cli_fails(&["cat", "/two"], &img);
+        assert_has(
+            &err,
+            &[
+                &format!("inode {ino}"),
+                "overlaps",
+                "logical block 4",
+                "Run e2fsck",
+            ],
+        );
+        if unwritten {
+            assert_has(&err, &["unwritten extent"]);
+        }
+    }
+}
+
+/// A symlink to a path with a 300-byte component is valid (the kernel
+/// resolves it to ENAMETOOLONG); it used to be reported as a corrupt
+/// filesystem. Now the path is blamed, and the image called fine.
+#[test]
+fn a_symlink_with_an_overlong_component_is_not_corruption() {
+    let (dir, tree, data) = one_file_tree(79, 5000);
+    let long = "a".repeat(300);
+    symlink(format!("/{long}"), tree.join("inline-ish")).unwrap();
+    symlink(format!("{long}/f"), tree.join("rel")).unwrap();
+    symlink("f", tree.join("ok")).unwrap();
+    let img = dir.path().join("sym.img");
+    mkfs(&["mkfs.ext4"], &[], &tree, &img, "8M");
+    assert!(e2fsck_clean(&img));
+    for link in ["/inline-ish", "/rel"] {
+        let err = cli_fails(&["cat", link], &img);
+        assert_has(
+            &err,
+            &[
+                &format!("{}:{link}", img.display()),
+                "300 bytes",
+                "255",
+                "File name too long",
+                "The image is fine",
+            ],
+        );
+        assert!(!err.contains("corrupt"), "{err}");
+        let e = ImageSource::open(&img, link).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    }
+    let out = shadowfd(&["cat", "/ok"], &img);
+    assert!(out.status.success() && out.stdout == data);
+}
+
+/// One image the fuzz test mutates: its pristine bytes, the files in it
+/// and their contents, and the blocks worth mutating.
+struct FuzzBase {
+    name: &'static str,
+    bytes: Vec<u8>,
+    block: usize,
+    /// Non-zero blocks that hold no file data: superblock, descriptors,
+    /// bitmaps, inodes, directories, extent blocks, the journal's header...
+    meta_blocks: Vec<usize>,
+}
+
+/// `(path, contents)` of the files the fuzz test reads.
+fn fuzz_files(tree: &Path) -> Vec<(&'static str, Vec<u8>)> {
+    ["/small.txt", "/frag", "/d/nested.bin", "/link"]
+        .into_iter()
+        .map(|p| (p, fs::read(tree.join(&p[1..])).unwrap()))
+        .collect()
+}
+
+fn fuzz_base(name: &'static str, mkfs_args: &[&str], tree: &Path, dir: &Path) -> FuzzBase {
+    let img = dir.join(format!("{name}.img"));
+    mkfs(&["mkfs.ext4"], mkfs_args, tree, &img, "8M");
+    let bytes = fs::read(&img).unwrap();
+    let block: usize = if mkfs_args.contains(&"1024") {
+        1024
+    } else {
+        4096
+    };
+    let mut data = std::collections::HashSet::new();
+    for p in ["/small.txt", "/frag", "/d/nested.bin"] {
+        let stat = debugfs(&img, false, &format!("stat {p}"));
+        let etbs: Vec<usize> = stat
+            .split("(ETB")
+            .skip(1)
+            .filter_map(|s| {
+                s.split_once("):")?
+                    .1
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()
+            })
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        for b in debugfs(&img, false, &format!("blocks {p}")).split_whitespace() {
+            let b: usize = b.parse().unwrap();
+            if !etbs.contains(&b) {
+                data.insert(b);
+            }
+        }
+    }
+    let meta_blocks = (0..bytes.len() / block)
+        .filter(|b| !data.contains(b))
+        .filter(|&b| bytes[b * block..(b + 1) * block].iter().any(|&x| x != 0))
+        .collect();
+    FuzzBase {
+        name,
+        bytes,
+        block,
+        meta_blocks,
+    }
+}
+
+/// What reading `path` from the image gave.
+enum Got {
+    Bytes(Vec<u8>),
+    Error(String),
+    Panic(String),
+}
+
+/// Opens `path` in `img` and reads it whole (at most `cap` bytes) through
+/// the library, in-process; a panic is caught and reported.
+fn fuzz_read(img: &Path, path: &str, cap: u64) -> Got {
+    let r = std::panic::catch_unwind(|| -> Result<Vec<u8>, String> {
+        let src = ImageSource::open(img, path).map_err(|e| e.to_string())?;
+        let size = src.metadata().map_err(|e| e.to_string())?.size;
+        let mut out = vec![0u8; size.min(cap) as usize];
+        let mut off = 0;
+        while off < out.len() {
+            let end = (off + 65_536).min(out.len());
+            match src.read_at(&mut out[off..end], off as u64) {
+                Ok(0) => return Err(format!("read_at: end of data at {off} of {size}")),
+                Ok(n) => off += n,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(out)
+    });
+    match r {
+        Ok(Ok(b)) => Got::Bytes(b),
+        Ok(Err(e)) => Got::Error(e),
+        Err(p) => Got::Panic(
+            p.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default(),
+        ),
+    }
+}
+
+/// What `debugfs -R 'cat PATH'` prints, at most `cap` bytes.
+fn debugfs_cat(img: &Path, path: &str, cap: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut child = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {path}"))
+        .arg(img)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = Vec::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .take(cap as u64)
+        .read_to_end(&mut out)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    out
+}
+
+/// Seeded mutations of real images (bytes flipped or overwritten in their
+/// metadata blocks), each read back through the library. Every case must
+/// end in one of: the original bytes; a clean error (a message, no panic);
+/// or, when e2fsck -fn finds nothing wrong with the mutated image, exactly
+/// what debugfs reads. `FUZZ_SEED` picks another sequence, `FUZZ_CASES`
+/// another count (default 400).
+#[test]
+fn fuzzed_images_give_exact_bytes_a_clean_error_or_what_debugfs_reads() {
+    let seed: u64 = std::env::var("FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x12_2024);
+    let cases: usize = std::env::var("FUZZ_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(400);
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("t");
+    fs::create_dir_all(tree.join("d")).unwrap();
+    fs::write(
+        tree.join("small.txt"),
+        b"a small file inside a fuzzed image\n",
+    )
+    .unwrap();
+    let islands: Vec<(u64, usize)> = (0..9).map(|i| (i * 64 * 1024 + 100, 5000)).collect();
+    sparse(&tree.join("frag"), 9 * 64 * 1024, &islands);
+    fs::write(tree.join("d/nested.bin"), pattern(9, 70_000)).unwrap();
+    symlink("d/nested.bin", tree.join("link")).unwrap();
+    let files = fuzz_files(&tree);
+    let bases = [
+        fuzz_base("ext4-4k", &["-b", "4096"], &tree, dir.path()),
+        fuzz_base("ext4-1k", &["-b", "1024"], &tree, dir.path()),
+    ];
+    const CAP: u64 = 64 << 20;
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let work = dir.path().to_path_buf();
+    std::thread::spawn(move || {
+        let mut rng = seed;
+        let mut next = move || {
+            rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = rng;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        let mut tally = [0usize; 3]; // exact, clean error, agrees with debugfs
+        let mut failures = Vec::new();
+        let started = std::time::Instant::now();
+        for case in 0..cases {
+            let base = &bases[case % bases.len()];
+            let mut bytes = base.bytes.clone();
+            let mut what = Vec::new();
+            for _ in 0..1 + next() % 3 {
+                let b = base.meta_blocks[(next() % base.meta_blocks.len() as u64) as usize];
+                // Headers and early entries matter most: half the hits land
+                // in a block's first 256 bytes.
+                let span = if next() % 2 == 0 { 256 } else { base.block };
+                let at = b * base.block + (next() % span as u64) as usize;
+                let old = bytes[at];
+                bytes[at] = if next() % 2 == 0 {
+                    old ^ (1 << (next() % 8))
+                } else {
+                    next() as u8
+                };
+                what.push(format!(
+                    "byte {at} (block {b}) {old:#04x}->{:#04x}",
+                    bytes[at]
+                ));
+            }
+            let img = work.join(format!("case-{}.img", base.name));
+            fs::write(&img, &bytes).unwrap();
+            let mut fsck: Option<bool> = None;
+            for (path, want) in &files {
+                let verdict = match fuzz_read(&img, path, CAP) {
+                    Got::Bytes(b) if b == *want => {
+                        tally[0] += 1;
+                        continue;
+                    }
+                    Got::Error(e) if !e.trim().is_empty() => {
+                        tally[1] += 1;
+                        continue;
+                    }
+                    Got::Error(_) => "an empty error message".to_string(),
+                    Got::Panic(p) => format!("a panic: {p}"),
+                    Got::Bytes(b) => {
+                        let clean = *fsck.get_or_insert_with(|| e2fsck_clean(&img));
+                        if clean && debugfs_cat(&img, path, CAP as usize) == b {
+                            tally[2] += 1;
+                            continue;
+                        }
+                        let at = b.iter().zip(want).position(|(x, y)| x != y);
+                        format!(
+                            "{} bytes differing from the file at {at:?} (file {} bytes); \
+                             e2fsck -fn {}",
+                            b.len(),
+                            want.len(),
+                            if clean {
+                                "finds nothing, but debugfs reads otherwise"
+                            } else {
+                                "finds errors"
+                            }
+                        )
+                    }
+                };
+                let keep = work.join(format!("failed-{case}.img"));
+                let _ = fs::copy(&img, &keep);
+                failures.push(format!(
+                    "case {case} ({}; {}): {path}: {verdict}",
+                    base.name,
+                    what.join(", ")
+                ));
+            }
+        }
+        eprintln!(
+            "fuzz seed {seed:#x}: {cases} cases ({} reads) in {:.1} s: {} exact, {} clean \
+             errors, {} equal to debugfs on an image e2fsck finds clean, {} failures",
+            cases * files.len(),
+            started.elapsed().as_secs_f64(),
+            tally[0],
+            tally[1],
+            tally[2],
+            failures.len()
+        );
+        let _ = tx.send(failures);
+    });
+    let failures = rx
+        .recv_timeout(std::time::Duration::from_secs(300))
+        .expect("the fuzz loop hung (no result after 300 s)");
+    assert!(
+        failures.is_empty(),
+        "seed {seed:#x}: {} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -23,7 +23,8 @@ pub enum Error {
         "{what} is {size} bytes ({size_h}), over the eager size cap of {cap} bytes ({cap_h}). \
          Raise the cap with `--max-size SIZE` or the SHADOWFD_MAX_SIZE environment variable \
          (e.g. --max-size {suggest}; the cap may not exceed the memory budget, which \
-         `--memory-budget` sets), or use a lazy shadow (`--mode lazy`)"
+         `--memory-budget` sets){}",
+        lazy_hint()
     )]
     TooLarge {
         what: String,
@@ -136,6 +137,18 @@ pub enum Cause {
     /// The memfd's pages could not be allocated.
     #[error("allocating the shadow's memory failed: {message}")]
     Allocate { errno: Option<i32>, message: String },
+}
+
+/// The end of the over-cap message: suggest a lazy shadow only where one
+/// can be made (the userfaultfd probe, run once per process).
+fn lazy_hint() -> &'static str {
+    static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *USABLE.get_or_init(|| crate::sys::probe().lazy_usable) {
+        ", or use a lazy shadow (`--mode lazy`)"
+    } else {
+        ". A lazy shadow (`--mode lazy`) is not possible here: userfaultfd is unavailable \
+         (`shadowfd probe` says why)"
+    }
 }
 
 impl Error {

@@ -5,6 +5,7 @@ mod memory;
 mod size;
 
 pub(crate) use memory::mem_available;
+pub use memory::{DEFAULT_BUDGET_DIVISOR, default_budget, headroom};
 pub use size::Size;
 pub(crate) use size::{format_size, parse_size, suggest_size};
 
@@ -98,7 +99,9 @@ pub struct Config {
     pub mode: Mode,
     /// Eager size cap in bytes (`SHADOWFD_MAX_SIZE`; default 256 MiB).
     pub max_size: u64,
-    /// Memory bound (`SHADOWFD_MEMORY_BUDGET`; default half of `MemAvailable`):
+    /// Memory bound (`SHADOWFD_MEMORY_BUDGET`; default a quarter of the
+    /// tighter of `MemAvailable` and the memory cgroup's headroom, see
+    /// [`default_budget`]):
     /// the eager cap may not exceed it, and lazy shadows of one engine may not
     /// hold more resident bytes than it.
     pub memory_budget: u64,
@@ -121,10 +124,11 @@ fn default_workers() -> usize {
 }
 
 impl Default for Config {
-    /// Defaults, with no environment applied. The memory budget is half of
-    /// `MemAvailable` at the time of the call.
+    /// Defaults, with no environment applied. The memory budget is a quarter
+    /// of the tighter of `MemAvailable` and the memory cgroup's [`headroom`]
+    /// at the time of the call.
     fn default() -> Self {
-        let memory_budget = mem_available().unwrap_or(1 << 30) / 2;
+        let memory_budget = default_budget();
         Config {
             mode: Mode::Auto,
             max_size: DEFAULT_MAX_SIZE.min(memory_budget),
@@ -165,6 +169,19 @@ impl Config {
     /// Defaults overridden by the `SHADOWFD_*` environment variables. Not yet
     /// validated: call [`Config::validate`] after applying your own overrides.
     pub fn from_env() -> Result<Self> {
+        Config::from_env_except(&[])
+    }
+
+    /// Like [`Config::from_env`], but leaves the variables named in `skip`
+    /// unread: a caller whose own setting wins (a command-line flag) does
+    /// not fail on a malformed variable it would override anyway.
+    pub fn from_env_except(skip: &[&str]) -> Result<Self> {
+        let env_var = |name: &'static str| -> Result<Option<String>> {
+            if skip.contains(&name) {
+                return Ok(None);
+            }
+            env_var(name)
+        };
         let mut c = Config::default();
         let mut max_size_set = false;
         if let Some(v) = env_var("SHADOWFD_MEMORY_BUDGET")? {
@@ -210,7 +227,7 @@ impl Config {
         if let Some(avail) = mem_available() {
             if self.memory_budget > avail {
                 return Err(err(
-                    "memory budget",
+                    "memory budget (--memory-budget / SHADOWFD_MEMORY_BUDGET)",
                     self.memory_budget,
                     format!(
                         "{} is more than this machine's MemAvailable of {} bytes ({}); \
@@ -224,9 +241,12 @@ impl Config {
         }
         if self.memory_budget < page {
             return Err(err(
-                "memory budget",
+                "memory budget (--memory-budget / SHADOWFD_MEMORY_BUDGET)",
                 self.memory_budget,
-                format!("must be at least one page ({page} bytes)"),
+                format!(
+                    "must be at least one page ({page} bytes); set --memory-budget / \
+                     SHADOWFD_MEMORY_BUDGET higher"
+                ),
             ));
         }
         if self.max_size > self.memory_budget {
@@ -234,9 +254,10 @@ impl Config {
                 "size cap (--max-size / SHADOWFD_MAX_SIZE)",
                 self.max_size,
                 format!(
-                    "{} is over the memory bound of {} bytes ({}), which is half of \
-                     MemAvailable unless --memory-budget / SHADOWFD_MEMORY_BUDGET sets it; \
-                     choose a cap at or below the bound",
+                    "{} is over the memory bound of {} bytes ({}), which is a quarter of \
+                     MemAvailable or of the memory cgroup's headroom, whichever is smaller, \
+                     unless --memory-budget / SHADOWFD_MEMORY_BUDGET sets it; choose a cap at \
+                     or below the bound, or raise the budget",
                     format_size(self.max_size),
                     self.memory_budget,
                     format_size(self.memory_budget)

@@ -42,13 +42,53 @@ impl FileSource {
     /// shadows refuse non-regular ones with a clear error. The open is
     /// non-blocking, so a FIFO or device is refused instead of waited on
     /// (regular files ignore the flag).
+    ///
+    /// Files whose size says nothing about their contents are refused here
+    /// with [`io::ErrorKind::Unsupported`]: those on procfs, sysfs and the
+    /// other pseudo filesystems the kernel generates on read (`/proc/meminfo`
+    /// reports 0 bytes, a sysfs attribute 4096), recognised by `fstatfs`.
+    /// A shadow copies exactly the size a file reports, so it would be empty
+    /// or fail; see "Files whose size lies" in `docs/shadows.md`. A socket
+    /// (which `open(2)` refuses with `ENXIO`) is named as such.
     pub fn open(path: impl AsRef<Path>) -> io::Result<FileSource> {
         use std::os::unix::fs::OpenOptionsExt;
         let path = path.as_ref().to_path_buf();
-        let file = std::fs::OpenOptions::new()
+        let file = match std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NONBLOCK)
-            .open(&path)?;
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                use std::os::unix::fs::FileTypeExt;
+                let socket = std::fs::metadata(&path).is_ok_and(|m| m.file_type().is_socket());
+                let what = if socket {
+                    "a socket"
+                } else {
+                    "a device or special file with nothing behind it"
+                };
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "not a regular file ({what}); only regular files can be shadowed \
+                         (open: {e})"
+                    ),
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(fs) = pseudo_filesystem(&file) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "the file is on {fs}, a pseudo filesystem whose files are generated when \
+                     read: the size they report (often 0 or 4096 bytes) says nothing about \
+                     their contents, and a shadow copies exactly the size a file reports. Copy the contents to a regular \
+                     file first (e.g. `cat {p} > FILE`) and shadow FILE",
+                    p = path.display()
+                ),
+            ));
+        }
         Ok(FileSource { file, path })
     }
 
@@ -56,6 +96,43 @@ impl FileSource {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// `f_type` of the pseudo filesystems whose files report a size unrelated
+/// to their contents (`linux/magic.h`).
+const PSEUDO_FILESYSTEMS: &[(i64, &str)] = &[
+    (0x9fa0, "procfs"),
+    (0x6265_6572, "sysfs"),
+    (0x6462_6720, "debugfs"),
+    (0x7472_6163, "tracefs"),
+    (0x7366_6373, "securityfs"),
+    (0x0027_e0eb, "cgroupfs"),
+    (0x6367_7270, "cgroup2fs"),
+    (0x6265_6570, "configfs"),
+    (0xcafe_4a11, "bpffs"),
+    (0x6165_676c, "pstore"),
+    (0xde5e_81e4, "efivarfs"),
+    (0xf97c_ff8c, "selinuxfs"),
+    (0x4249_4e4d, "binfmt_misc"),
+    (0x6e73_6673, "nsfs"),
+    (0x6573_5543, "fusectl"),
+];
+
+/// The name of the pseudo filesystem `file` is on, if it is on one.
+fn pseudo_filesystem(file: &std::fs::File) -> Option<&'static str> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: statfs is plain data that fstatfs fills in.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a descriptor we own and a valid out-pointer.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return None;
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+    let magic = st.f_type as i64 & 0xffff_ffff;
+    PSEUDO_FILESYSTEMS
+        .iter()
+        .find(|(m, _)| *m == magic)
+        .map(|(_, name)| *name)
 }
 
 impl Source for FileSource {

@@ -5,9 +5,10 @@
 //!
 //! Written from the published format description (the kernel's
 //! `Documentation/filesystems/ext4/`); all fields are little-endian.
-//! Checksums are not verified here: `ext4-view` verifies the superblock,
-//! group descriptors and every inode and directory block on the path when
-//! the image is opened.
+//! `ext4-view` verifies the superblock, group descriptors and every inode and
+//! directory block on the path when the image is opened; the extent blocks
+//! of the file itself are read only here, so their `metadata_csum` checksums
+//! are verified here, as `e2fsck` and the kernel do.
 
 use super::Timestamp;
 use crate::source::FileKind;
@@ -25,6 +26,10 @@ pub(super) const MAGIC_AT: u64 = SUPERBLOCK_AT + 0x38;
 /// `s_feature_incompat` bits this module reads or checks.
 pub(super) const INCOMPAT_RECOVER: u32 = 0x4;
 const INCOMPAT_64BIT: u32 = 0x80;
+/// `s_checksum_seed` holds the checksum seed (`metadata_csum_seed`).
+const INCOMPAT_CSUM_SEED: u32 = 0x2000;
+/// `s_feature_ro_compat`: metadata blocks carry CRC-32C checksums.
+const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
 
 /// The incompatible features shadowfd cannot read, with their `mke2fs -O`
 /// names. `ext4-view` refuses the same set (and any bit it does not know).
@@ -127,6 +132,9 @@ pub(super) struct Geometry {
     gdt_at: u64,
     desc_size: u64,
     pub incompat: u32,
+    /// Under `metadata_csum`: the filesystem's checksum seed (CRC-32C of
+    /// the UUID, or `s_checksum_seed`).
+    csum_seed: Option<u32>,
 }
 
 impl Geometry {
@@ -199,6 +207,13 @@ impl Geometry {
         // otherwise, whatever s_first_data_block says (it is 0 with bigalloc
         // even for 1 KiB blocks). Descriptors are read when an inode needs one.
         let gdt_at = (SUPERBLOCK_AT / block_size + 1) * block_size;
+        let csum_seed = (u32_at(&sb, 0x64) & RO_COMPAT_METADATA_CSUM != 0).then(|| {
+            if incompat & INCOMPAT_CSUM_SEED != 0 {
+                u32_at(&sb, 0x270)
+            } else {
+                super::crc32c::crc32c(!0, &sb[0x68..0x78])
+            }
+        });
         Ok(Geometry {
             block_size,
             blocks_count,
@@ -209,6 +224,7 @@ impl Geometry {
             gdt_at,
             desc_size,
             incompat,
+            csum_seed,
         })
     }
 
@@ -277,55 +293,110 @@ impl Geometry {
         let mut out = Runs {
             runs: Vec::new(),
             nblocks,
+            extents_end: 0,
+            last_unwritten: false,
             mapped: 0,
             limit: self.blocks_count,
             visited: std::collections::HashSet::new(),
         };
         if inode.flags & FLAG_EXTENTS != 0 {
-            self.walk_extents(f, inode.ino, &inode.block, None, &mut out)?;
+            self.walk_extents(f, inode, &inode.block, None, &mut out)?;
         } else {
             self.walk_block_map(f, inode, &mut out)?;
         }
         Ok(out.runs)
     }
 
-    /// One extent tree node (the root lives in `i_block`).
+    /// One extent tree node: the root lives in `i_block` (`at` is `None`),
+    /// the others in the blocks `at` names.
     fn walk_extents(
         &self,
         f: &File,
-        ino: u32,
+        inode: &Inode,
         node: &[u8],
-        want_depth: Option<u16>,
+        at: Option<(u64, u16)>,
         out: &mut Runs,
     ) -> LResult<()> {
+        let ino = inode.ino;
+        let place = match at {
+            Some((block, _)) => format!("extent block {block}"),
+            None => "the extent root in the inode".to_string(),
+        };
         if node.len() < 12 || u16_at(node, 0) != EXTENT_MAGIC {
-            return corrupt(format!("inode {ino}: bad extent header"));
+            return corrupt(format!("inode {ino}: bad extent header in {place}"));
         }
         let entries = usize::from(u16_at(node, 2));
+        let max = usize::from(u16_at(node, 4));
         let depth = u16_at(node, 6);
-        if depth > MAX_EXTENT_DEPTH || want_depth.is_some_and(|w| w != depth) {
-            return corrupt(format!("inode {ino}: bad extent tree depth {depth}"));
+        if depth > MAX_EXTENT_DEPTH || at.is_some_and(|(_, w)| w != depth) {
+            return corrupt(format!(
+                "inode {ino}: bad extent tree depth {depth} in {place}"
+            ));
         }
-        if 12 + entries * 12 > node.len() {
-            return corrupt(format!("inode {ino}: extent node holds too many entries"));
+        if entries > max || 12 + max * 12 > node.len() {
+            return corrupt(format!(
+                "inode {ino}: {place} claims {entries} entries of at most {max}, more than it \
+                 can hold"
+            ));
+        }
+        if let (Some((block, _)), Some(seed)) = (at, self.csum_seed) {
+            // The tail after the node's `eh_max` slots: CRC-32C over the
+            // filesystem seed, the inode number and generation, and the node.
+            let tail = 12 + max * 12;
+            if tail + 4 > node.len() {
+                return corrupt(format!(
+                    "inode {ino}: extent block {block} has no room for its checksum"
+                ));
+            }
+            let seed = super::crc32c::crc32c(seed, &ino.to_le_bytes());
+            let seed = super::crc32c::crc32c(seed, &inode.generation.to_le_bytes());
+            let computed = super::crc32c::crc32c(seed, &node[..tail]);
+            let stored = u32_at(node, tail);
+            if computed != stored {
+                return corrupt(format!(
+                    "inode {ino}: extent block {block} fails its metadata_csum checksum \
+                     (stored {stored:#010x}, computed {computed:#010x})"
+                ));
+            }
         }
         let mut prev: Option<u64> = None;
         for e in node[12..12 + entries * 12].chunks_exact(12) {
             let logical = u64::from(u32_at(e, 0));
             if prev.is_some_and(|p| logical <= p) {
-                return corrupt(format!("inode {ino}: extent entries out of order"));
+                return corrupt(format!(
+                    "inode {ino}: extent entries out of order in {place}"
+                ));
             }
             prev = Some(logical);
             if depth == 0 {
                 let raw_len = u16_at(e, 4);
                 if raw_len == 0 {
-                    return corrupt(format!("inode {ino}: zero-length extent"));
+                    return corrupt(format!("inode {ino}: zero-length extent in {place}"));
                 }
-                if raw_len > EXTENT_INIT_MAX {
-                    // Unwritten: allocated but reads as zeros, i.e. a hole.
+                let unwritten = raw_len > EXTENT_INIT_MAX;
+                let len = u64::from(if unwritten {
+                    raw_len - EXTENT_INIT_MAX
+                } else {
+                    raw_len
+                });
+                // Extents, written or not, may not overlap: which one would
+                // hold the bytes is undefined (e2fsck repairs it).
+                if logical < out.extents_end {
+                    let kind = |u: bool| if u { "unwritten " } else { "" };
+                    return corrupt(format!(
+                        "inode {ino}: the {}extent at logical block {logical} in {place} \
+                         overlaps the {}extent before it, which ends at logical block {}",
+                        kind(unwritten),
+                        kind(out.last_unwritten),
+                        out.extents_end
+                    ));
+                }
+                out.extents_end = logical + len;
+                out.last_unwritten = unwritten;
+                if unwritten {
+                    // Allocated but reads as zeros, i.e. a hole.
                     continue;
                 }
-                let len = u64::from(raw_len);
                 let start = u64::from(u16_at(e, 6)) << 32 | u64::from(u32_at(e, 8));
                 self.check_block("extent", ino, start, len)?;
                 out.push(ino, logical, start, len)?;
@@ -337,7 +408,7 @@ impl Geometry {
                 }
                 out.visit(ino, child)?;
                 let block = self.read_block(f, child)?;
-                self.walk_extents(f, ino, &block, Some(depth - 1), out)?;
+                self.walk_extents(f, inode, &block, Some((child, depth - 1)), out)?;
             }
         }
         Ok(())
@@ -400,6 +471,27 @@ impl Geometry {
             }
         }
         Ok(())
+    }
+
+    /// The target a symlink inode stores: inline in `i_block` up to 59
+    /// bytes (a "fast" symlink), in its data blocks beyond.
+    pub fn symlink_target(&self, f: &File, inode: &Inode) -> LResult<Vec<u8>> {
+        if inode.kind() != FileKind::Symlink || inode.size == 0 || inode.size > 4096 {
+            return corrupt(format!("inode {}: not a readable symlink", inode.ino));
+        }
+        let len = inode.size as usize;
+        if len <= 59 {
+            return Ok(inode.block[..len].to_vec());
+        }
+        let mut out = vec![0u8; len];
+        for r in self.runs(f, inode)? {
+            let from = (r.logical * self.block_size) as usize;
+            let to = (from + (r.len * self.block_size) as usize).min(len);
+            if from < to {
+                read_exact(f, &mut out[from..to], r.physical * self.block_size)?;
+            }
+        }
+        Ok(out)
     }
 
     /// Finds `name` in directory `dir` by a linear scan of its entries (an
@@ -467,6 +559,7 @@ pub(super) struct Inode {
     pub links: u16,
     pub dtime: u32,
     flags: u32,
+    generation: u32,
     block: [u8; 60],
 }
 
@@ -505,6 +598,7 @@ impl Inode {
             dtime: u32_at(raw, 0x14),
             links: u16_at(raw, 0x1A),
             flags: u32_at(raw, 0x20),
+            generation: u32_at(raw, 0x64),
             block: raw[0x28..0x28 + 60].try_into().expect("60 bytes"),
         }
     }
@@ -539,6 +633,10 @@ pub(super) struct Run {
 struct Runs {
     runs: Vec<Run>,
     nblocks: u64,
+    /// The logical end of the last extent seen, written or unwritten.
+    extents_end: u64,
+    /// Whether that extent is unwritten.
+    last_unwritten: bool,
     /// Blocks mapped so far, and the most a sound map can have (the
     /// filesystem's block count): a crafted map cannot make us allocate or
     /// walk more than the image holds.
@@ -625,6 +723,8 @@ mod tests {
         let mut r = Runs {
             runs: Vec::new(),
             nblocks: 10,
+            extents_end: 0,
+            last_unwritten: false,
             mapped: 0,
             limit: 1000,
             visited: Default::default(),
@@ -655,6 +755,8 @@ mod tests {
         let mut r = Runs {
             runs: Vec::new(),
             nblocks: u64::MAX,
+            extents_end: 0,
+            last_unwritten: false,
             mapped: 0,
             limit: 8,
             visited: Default::default(),

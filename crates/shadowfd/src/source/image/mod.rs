@@ -14,6 +14,7 @@
 //! on every [`Source::metadata`] call; the image file's own mtime counts as
 //! a change too (see [`ImageSource`]).
 
+mod crc32c;
 mod layout;
 mod threaded;
 
@@ -243,20 +244,63 @@ impl ImageSource {
             kind,
             reason,
         };
-        let image = File::open(&image_path)
-            .map_err(|e| at_image(e.kind(), format!("cannot open the image file: {e}")))?;
+        // Non-blocking, so that a FIFO (or a terminal, a socket's path...)
+        // is refused by its type below instead of waited on: opening a FIFO
+        // for reading blocks until a writer comes, and reading it blocks too.
+        let image = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&image_path)
+                .map_err(|e| {
+                    let reason = if e.raw_os_error() == Some(libc::ENXIO) {
+                        "it is a socket or a device with nothing behind it, not a filesystem \
+                         image; pass the image file with --image and the path inside it as PATH"
+                            .to_string()
+                    } else {
+                        format!("cannot open the image file: {e}")
+                    };
+                    at_image(e.kind(), reason)
+                })?
+        };
         let st = image
             .metadata()
             .map_err(|e| at_image(e.kind(), format!("cannot stat the image file: {e}")))?;
         let ft = st.file_type();
         use std::os::unix::fs::FileTypeExt;
         if !ft.is_file() && !ft.is_block_device() {
+            let kind = if ft.is_fifo() {
+                "a FIFO"
+            } else if ft.is_dir() {
+                "a directory"
+            } else if ft.is_char_device() {
+                "a character device"
+            } else if ft.is_socket() {
+                "a socket"
+            } else {
+                "a special file"
+            };
             return Err(at_image(
                 io::ErrorKind::InvalidInput,
-                "not a regular file or block device, so not a filesystem image; pass \
-                 the image file with --image and the path inside it as PATH"
-                    .into(),
+                format!(
+                    "not a regular file or block device ({kind}), so not a filesystem \
+                     image; pass the image file with --image and the path inside it as PATH"
+                ),
             ));
+        }
+        // Regular files and block devices ignore O_NONBLOCK; clear it anyway
+        // so the descriptor reads as an ordinary one.
+        {
+            use std::os::fd::AsRawFd;
+            let fd = image.as_raw_fd();
+            // SAFETY: fcntl on a descriptor we own; F_GETFL/F_SETFL take and
+            // return plain integers.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+            if flags >= 0 {
+                // SAFETY: as above.
+                unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) };
+            }
         }
         let found = resolve(&image, &img, &inner).map_err(|f| match f {
             Fail::Image(kind, reason) => at_image(kind, reason),
@@ -461,7 +505,10 @@ fn image_fail(e: LayoutError, img: &str) -> (io::ErrorKind, String) {
         LayoutError::Io(e) => (e.kind(), format!("reading the image failed: {e}")),
         LayoutError::Corrupt(why) => (
             io::ErrorKind::InvalidData,
-            format!("the filesystem is corrupt: {why}. Check it with `e2fsck -fn {img}`"),
+            format!(
+                "the filesystem is corrupt: {why}. Run e2fsck to check it: `e2fsck -fn {img}` \
+                 (read-only; repair a copy with `e2fsck -fy`)"
+            ),
         ),
         LayoutError::Unsupported(why) => (io::ErrorKind::Unsupported, why),
         LayoutError::NotFound => (io::ErrorKind::NotFound, "not found".into()),
@@ -548,7 +595,7 @@ fn resolve(image: &File, img: &str, inner: &[u8]) -> Result<Found, Fail> {
     let fs = ext4_view::Ext4::load(Box::new(Pread(clone))).map_err(|e| ext4_fail(e, img, inner))?;
     let canonical = fs
         .canonicalize(inner)
-        .map_err(|e| ext4_fail(e, img, inner))?;
+        .map_err(|e| long_symlink(image, &geo, &e).unwrap_or_else(|| ext4_fail(e, img, inner)))?;
     let names = canonical.components().filter_map(|c| match c {
         ext4_view::Component::Normal(n) => Some(n),
         _ => None,
@@ -597,6 +644,43 @@ fn resolve(image: &File, img: &str, inner: &[u8]) -> Result<Found, Fail> {
     })
 }
 
+/// `ext4-view` calls a symlink whose target has a component over 255 bytes
+/// corrupt. It is not: such a link is valid and resolves to nothing, as on
+/// a mounted filesystem (`ENAMETOOLONG`). The path is at fault, not the image.
+/// `None` when `e` is something else, or the target is really malformed.
+fn long_symlink(image: &File, geo: &Geometry, e: &ext4_view::Ext4Error) -> Option<Fail> {
+    let ext4_view::Ext4Error::Corrupt(c) = e else {
+        return None;
+    };
+    // The message is "inode N has an invalid symlink path".
+    let text = c.to_string();
+    let ino: u32 = text
+        .strip_prefix("inode ")?
+        .strip_suffix(" has an invalid symlink path")?
+        .parse()
+        .ok()?;
+    let inode = geo.inode(image, ino).ok()?;
+    let target = geo.symlink_target(image, &inode).ok()?;
+    if target.contains(&0) {
+        return None;
+    }
+    let longest = target.split(|&b| b == b'/').map(<[u8]>::len).max()?;
+    if longest <= 255 {
+        return None;
+    }
+    let shown: String = show(&target).chars().take(48).collect();
+    Some(Fail::Path(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "the path runs through a symbolic link (inode {ino}) to \"{shown}...\" ({} bytes), \
+             which has a component of {longest} bytes: longer than the 255 bytes a name may \
+             have, so the link leads nowhere (File name too long), as it would on a mounted \
+             filesystem. The image is fine; name the file by a path without that link",
+            target.len()
+        ),
+    ))
+}
+
 /// Maps an `ext4-view` error to a failure with a message and a fix.
 fn ext4_fail(e: ext4_view::Ext4Error, img: &str, inner: &[u8]) -> Fail {
     use ext4_view::Ext4Error as E;
@@ -624,7 +708,9 @@ fn ext4_fail(e: ext4_view::Ext4Error, img: &str, inner: &[u8]) -> Fail {
         ),
         E::MalformedPath | E::NotAbsolute => path(
             io::ErrorKind::InvalidInput,
-            "not a valid path inside an ext filesystem (empty component or NUL byte?)".into(),
+            "not a valid path inside an ext filesystem (a NUL byte, or a component over \
+             the 255 bytes a name may have?)"
+                .into(),
         ),
         E::Encrypted => path(
             io::ErrorKind::Unsupported,
@@ -646,7 +732,10 @@ fn ext4_fail(e: ext4_view::Ext4Error, img: &str, inner: &[u8]) -> Fail {
         ),
         E::Corrupt(c) => Fail::Image(
             io::ErrorKind::InvalidData,
-            format!("the filesystem is corrupt: {c}. Check it with `e2fsck -fn {img}`"),
+            format!(
+                "the filesystem is corrupt: {c}. Run e2fsck to check it: `e2fsck -fn {img}` \
+                 (read-only; repair a copy with `e2fsck -fy`)"
+            ),
         ),
         other => Fail::Image(
             io::ErrorKind::Other,
