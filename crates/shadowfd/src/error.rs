@@ -134,6 +134,14 @@ pub enum Cause {
         resident: u64,
         needed: u64,
     },
+    /// The machine (`MemAvailable`, or the memory cgroup's limit) had only
+    /// `room` bytes left, under the `margin` fills keep free.
+    #[error(
+        "the machine is low on memory: {room} bytes left (MemAvailable or the memory \
+         cgroup's limit), under the {margin}-byte margin shadowfd keeps free; free memory \
+         or lower `--memory-budget`"
+    )]
+    LowMemory { room: u64, margin: u64 },
     /// The memfd's pages could not be allocated.
     #[error("allocating the shadow's memory failed: {message}")]
     Allocate { errno: Option<i32>, message: String },

@@ -71,6 +71,7 @@ pub(crate) struct Counters {
     pub errors: AtomicU64,
     pub unknown_faults: AtomicU64,
     pub healed_pages: AtomicU64,
+    pub budget_refusals: AtomicU64,
     pub fill_latency: Latency,
 }
 
@@ -86,6 +87,7 @@ impl Counters {
             errors: self.errors.load(Relaxed),
             unknown_faults: self.unknown_faults.load(Relaxed),
             healed_pages: self.healed_pages.load(Relaxed),
+            budget_refusals: self.budget_refusals.load(Relaxed),
             fill_p50_us: us(0.5),
             fill_p99_us: us(0.99),
             resident_bytes,
@@ -120,6 +122,10 @@ pub struct Stats {
     /// another process's `fallocate` or unregistered touch) and overwritten
     /// with the source's bytes before any consumer mapped them.
     pub healed_pages: u64,
+    /// Demand fills refused because the memory budget was used up: the
+    /// faulting threads got SIGBUS (or `populate` an error), and the chunks
+    /// stay unfilled, to be filled normally once memory is given back.
+    pub budget_refusals: u64,
     /// Median time of one fill (one chunk for a random fault; a run of up
     /// to 1 MiB for sequential access, readahead and populate), in µs.
     pub fill_p50_us: Option<f64>,

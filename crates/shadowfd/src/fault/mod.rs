@@ -69,4 +69,7 @@ pub(crate) trait FaultTarget: Send + Sync {
     fn on_fault(&self, core: &Core, hit: Hit<'_>) -> Option<Work>;
     /// Runs `work` (from [`FaultTarget::on_fault`] or queued readahead).
     fn run(&self, core: &Core, work: Work);
+    /// Memory of the budget was given back: fills refused for lack of it may
+    /// be retried (called on targets that refused one since the last call).
+    fn memory_freed(&self, core: &Core);
 }

@@ -10,7 +10,7 @@
 
 use super::{FaultTarget, Hit, Work};
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{Cause, Error, Result};
 use crate::stats::Counters;
 use crate::sys::event::{Epoll, eventfd, eventfd_drain, eventfd_signal};
 use crate::sys::uffd_abi::uffd_msg;
@@ -25,6 +25,19 @@ use std::thread::JoinHandle;
 
 /// Fault messages read at once.
 const BATCH: usize = 32;
+
+/// Bytes reserved between two reads of the machine's free memory.
+pub const ROOM_EVERY: u64 = 4 << 20;
+/// Free memory (MemAvailable, cgroup headroom) fills may not go below.
+pub const ROOM_MARGIN: u64 = 64 << 20;
+
+/// The tighter of `MemAvailable` and the memory cgroup's headroom
+/// (`u64::MAX` if neither is known).
+fn read_room() -> u64 {
+    let a = crate::config::mem_available().unwrap_or(u64::MAX);
+    let h = crate::config::headroom().unwrap_or(u64::MAX);
+    a.min(h)
+}
 
 /// A registered address range and what it shows.
 struct Region {
@@ -61,8 +74,14 @@ pub(crate) struct Core {
     stop: OwnedFd,
     stopping: AtomicBool,
     pub counters: Counters,
+    /// Targets that refused a demand fill for lack of budget since memory
+    /// was last given back.
+    refused: Mutex<Vec<Weak<dyn FaultTarget>>>,
     /// Bytes resident in all lazy shadows of this engine.
     pub resident: AtomicU64,
+    /// The machine's free memory as last read, and bytes reserved since.
+    room: AtomicU64,
+    since_room: AtomicU64,
     pub budget: u64,
     pub page: u64,
 }
@@ -72,21 +91,63 @@ impl Core {
     /// Speculative fills (readahead, and the part of a sequential fault's run
     /// beyond the faulting chunk) may only use the first half of the budget,
     /// so that they can never take the bytes a demand fault needs.
-    pub fn reserve(&self, n: u64, speculative: bool) -> bool {
+    ///
+    /// The machine is consulted too, since a budget fixed at start cannot
+    /// hold when many processes start at once: every [`ROOM_EVERY`] bytes
+    /// reserved, the tighter of `MemAvailable` and the memory cgroup's
+    /// headroom is read again, and a fill that would leave less than
+    /// [`ROOM_MARGIN`] of it is refused too.
+    pub fn reserve(&self, n: u64, speculative: bool) -> Result<(), Cause> {
         let limit = if speculative {
             self.budget / 2
         } else {
             self.budget
         };
+        let room = self.machine_room(n);
+        if room < n.saturating_add(ROOM_MARGIN) {
+            return Err(Cause::LowMemory {
+                room,
+                margin: ROOM_MARGIN,
+            });
+        }
         self.resident
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
                 r.checked_add(n).filter(|&t| t <= limit)
             })
-            .is_ok()
+            .map(|_| ())
+            .map_err(|resident| Cause::Budget {
+                budget: self.budget,
+                resident,
+                needed: n,
+            })
     }
 
+    /// What the machine has left, as last read, less what was reserved since.
+    fn machine_room(&self, n: u64) -> u64 {
+        let since = self.since_room.fetch_add(n, Ordering::Relaxed) + n;
+        if since >= ROOM_EVERY {
+            self.since_room.store(0, Ordering::Relaxed);
+            self.room.store(read_room(), Ordering::Relaxed);
+            return self.room.load(Ordering::Relaxed);
+        }
+        self.room.load(Ordering::Relaxed).saturating_sub(since)
+    }
+
+    /// Gives `n` bytes of the budget back; targets that refused fills for
+    /// lack of it are told they may retry.
     pub fn release(&self, n: u64) {
         self.resident.fetch_sub(n, Ordering::AcqRel);
+        if n > 0 {
+            let refused = std::mem::take(&mut *self.refused.lock());
+            for t in refused.iter().filter_map(Weak::upgrade) {
+                t.memory_freed(self);
+            }
+        }
+    }
+
+    /// Remembers that `target` refused a demand fill for lack of budget.
+    pub fn note_refusal(&self, target: Weak<dyn FaultTarget>) {
+        self.refused.lock().push(target);
     }
 
     /// Records that `start..start+len`, registered with the engine's
@@ -188,7 +249,10 @@ impl Service {
             stop: eventfd().map_err(|e| Error::sys("eventfd", e))?,
             stopping: AtomicBool::new(false),
             counters: Counters::default(),
+            refused: Mutex::new(Vec::new()),
             resident: AtomicU64::new(0),
+            room: AtomicU64::new(read_room()),
+            since_room: AtomicU64::new(0),
             budget: cfg.memory_budget,
             page: crate::page_size() as u64,
         });

@@ -64,6 +64,11 @@ pub(crate) struct LazyShadow {
     /// Consumer ranges to map and poison into, local and remote.
     consumers: RwLock<Vec<Consumer>>,
     next_id: AtomicU64,
+    /// Poison markers left by budget refusals in this process's consumer
+    /// ranges: (consumer id, address, length), dropped once memory is free.
+    refused: Mutex<Vec<(u64, u64, u64)>>,
+    /// Why the last demand fill was refused, for `populate`.
+    refused_cause: Mutex<Option<Cause>>,
     done_lock: Mutex<()>,
     done_cv: Condvar,
     readahead: Mutex<Readahead>,
@@ -182,6 +187,8 @@ impl LazyShadow {
             bad: Mutex::new(BTreeMap::new()),
             consumers: RwLock::new(Vec::new()),
             next_id: AtomicU64::new(1),
+            refused: Mutex::new(Vec::new()),
+            refused_cause: Mutex::new(None),
             done_lock: Mutex::new(()),
             done_cv: Condvar::new(),
             readahead: Mutex::new(Readahead::new(
@@ -333,7 +340,7 @@ impl LazyShadow {
         let mut reserved = 0u64;
         if strict && self.check_changed() {
             bad.push((off, end, STALE_BEFORE));
-        } else if !core.reserve(span, speculative) {
+        } else if let Err(cause) = core.reserve(span, speculative) {
             if !prefetch && run.end - run.start > 1 {
                 // Give back all but the faulting chunk and try with that alone.
                 let rest = run.start + 1..run.end;
@@ -343,13 +350,7 @@ impl LazyShadow {
             if prefetch {
                 return self.give_back(core, run);
             }
-            let resident = core.resident.load(Ordering::Relaxed);
-            let cause = Cause::Budget {
-                budget: core.budget,
-                resident,
-                needed: span,
-            };
-            bad.push((off, end, cause));
+            return self.refuse_for_now(core, run, cause);
         } else {
             reserved = span;
             self.count_planted(core, off, span);
@@ -412,6 +413,37 @@ impl LazyShadow {
         // Filled and is answered by whoever reads it.
         self.chunks.publish(run);
         self.answer_all(core, off, off + span, &bad_pages);
+    }
+
+    /// A demand fill the memory budget has no room for: the faulting threads
+    /// get SIGBUS now, but nothing is recorded as bad. The chunk goes back to
+    /// Empty, so a later fault or `populate` fills it normally once memory is
+    /// free; the poison markers left in this process's consumer ranges are
+    /// dropped when the engine's memory is given back
+    /// ([`FaultTarget::memory_freed`]). A consumer range in another process
+    /// keeps its marker until some fill of the chunk maps it there.
+    fn refuse_for_now(&self, core: &Core, run: Range<u64>, cause: Cause) {
+        let (off, end) = self.run_range(&run);
+        let end = round_up(end, core.page);
+        self.record_error(&core.counters, format!("{}: {cause}", self.name));
+        for ctr in [&self.counters, &core.counters] {
+            ctr.budget_refusals.fetch_add(1, Ordering::Relaxed);
+        }
+        *self.refused_cause.lock() = Some(cause);
+        self.chunks.release(run);
+        {
+            let mut refused = self.refused.lock();
+            for m in self.consumers.read().iter() {
+                if let Some((addr, len)) = m.overlap(off, end) {
+                    let _ = m.uffd(core).poison(addr, len);
+                    if m.remote.is_none() {
+                        refused.push((m.id, addr, len));
+                    }
+                }
+            }
+        }
+        core.note_refusal(self.target());
+        self.notify();
     }
 
     /// Returns claimed chunks to Empty and wakes whoever waits on them: they
@@ -583,11 +615,24 @@ impl LazyShadow {
         let core = &self.service.core;
         let (first, last) = (offset / self.chunk, (offset + len - 1) / self.chunk);
         let run = run_chunks(self.chunk).min(last - first + 1);
-        self.fill_empty(core, first..last + 1, run, Why::Populate);
+        // Fill what is empty in runs, then wait for what others are filling.
+        let mut c = first;
+        while c <= last {
+            match self.chunks.claim_run(c, (last + 1).min(c + run)) {
+                Some(r) => {
+                    let next = r.end;
+                    self.fill(core, r, Why::Populate);
+                    self.check_refused(c, offset)?;
+                    c = next;
+                }
+                None => c += 1,
+            }
+        }
         for c in first..=last {
             loop {
-                if let Some(run) = self.chunks.claim_run(c, c + 1) {
-                    self.fill(core, run, Why::Populate);
+                if let Some(r) = self.chunks.claim_run(c, c + 1) {
+                    self.fill(core, r, Why::Populate);
+                    self.check_refused(c, offset)?;
                 }
                 match self.chunks.get(c) {
                     ChunkState::Filled => break,
@@ -621,6 +666,26 @@ impl LazyShadow {
             c = e;
         }
         self.populate(0, self.size)
+    }
+
+    /// After this thread's fill of chunk `c`: an error if the budget
+    /// refused it (the chunk is Empty again; nothing was recorded as bad).
+    fn check_refused(&self, c: u64, offset: u64) -> Result<()> {
+        if self.chunks.get(c) != ChunkState::Empty {
+            return Ok(());
+        }
+        let core = &self.service.core;
+        let cause = self.refused_cause.lock().clone().unwrap_or(Cause::Budget {
+            budget: core.budget,
+            resident: core.resident.load(Ordering::Relaxed),
+            needed: self.chunk,
+        });
+        Err(Error::Unfillable {
+            what: self.name.clone(),
+            offset: (c * self.chunk).max(offset) / core.page * core.page,
+            end: ((c + 1) * self.chunk).min(self.size),
+            cause,
+        })
     }
 
     fn check_bad(&self, from: u64, to: u64) -> Result<()> {
@@ -694,6 +759,20 @@ impl FaultTarget for LazyShadow {
             chunks,
             why: Why::Fault,
         })
+    }
+
+    fn memory_freed(&self, _core: &Core) {
+        let refused = std::mem::take(&mut *self.refused.lock());
+        // The read lock keeps every listed range mapped: a consumer range is
+        // removed from the list (write lock) before it is unmapped.
+        let consumers = self.consumers.read();
+        for (id, addr, len) in refused {
+            if consumers.iter().any(|m| m.id == id) {
+                // Drops the poison markers only: these pages were never mapped.
+                let _ =
+                    crate::sys::mmap::madvise(addr as *mut u8, len as usize, libc::MADV_DONTNEED);
+            }
+        }
     }
 
     fn run(&self, core: &Core, work: Work) {
