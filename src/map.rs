@@ -107,13 +107,13 @@ impl std::error::Error for ReportedInJson {}
 
 pub fn run(a: MapArgs) -> CliResult {
     let engine = a.common.engine()?;
-    let shadow = a.target.open(&engine)?;
+    let shadow = std::sync::Arc::new(a.target.open(&engine)?);
     let share = match a.share {
         ShareArg::Shared => Share::Shared,
         ShareArg::Private => Share::Private,
     };
     let map = shadow.map(share)?;
-    sigbus::watch(&map);
+    sigbus::watch(&map, shadow.clone());
     if a.json {
         sigbus::report_in_json();
     }

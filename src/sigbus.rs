@@ -10,8 +10,15 @@
 //! A SIGBUS anywhere else (outside the watched mapping, or sent with
 //! `kill`) gets the default action: the process dies by SIGBUS, as it would
 //! without the handler.
+//!
+//! Why the page could not be filled is known to the library, which a signal
+//! handler may not call (it takes locks). So the handler passes the offset
+//! through a pipe to a thread started by [`watch`], which asks the library
+//! ([`shadowfd::Shadow::unfillable_cause`]), reports the cause and exits;
+//! the faulting thread waits in the handler meanwhile.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 
 static BASE: AtomicUsize = AtomicUsize::new(0);
 static LEN: AtomicUsize = AtomicUsize::new(0);
@@ -20,9 +27,55 @@ static LEN: AtomicUsize = AtomicUsize::new(0);
 static WRITTEN: AtomicUsize = AtomicUsize::new(0);
 /// Whether the message also goes to stdout as `{"error": ...}` (`--json`).
 static JSON: AtomicBool = AtomicBool::new(false);
+/// Write end of the pipe to the explaining thread, or -1.
+static EXPLAIN: AtomicI32 = AtomicI32::new(-1);
 
-/// Marks `map` as the mapping whose SIGBUS is explained.
-pub fn watch(map: &[u8]) {
+/// The message for a page that could not be filled at `off`.
+fn message(off: u64, cause: Option<String>) -> String {
+    match cause {
+        Some(c) => {
+            format!("the shadow could not be filled at offset {off}: {c}; the page raises SIGBUS")
+        }
+        None => format!("the shadow could not be filled at offset {off}; the page raises SIGBUS"),
+    }
+}
+
+/// Reports `msg` on stderr (and as JSON on stdout with `--json`).
+fn report(msg: &str) {
+    write_all_raw(2, format!("shadowfd: error: {msg}\n").as_bytes());
+    if JSON.load(Ordering::SeqCst) {
+        let v = serde_json::json!({ "error": msg });
+        write_all_raw(1, format!("{v}\n").as_bytes());
+    }
+}
+
+/// Marks `map`, a mapping of `shadow` from offset 0, as the mapping whose
+/// SIGBUS is explained.
+pub fn watch(map: &[u8], shadow: Arc<shadowfd::Shadow>) {
+    let mut fds = [-1; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == 0 {
+        let rd = fds[0];
+        let spawned = std::thread::Builder::new()
+            .name("shadowfd-sigbus".into())
+            .spawn(move || {
+                let mut b = [0u8; 8];
+                // SAFETY: reads 8 bytes into a live buffer from our pipe.
+                let n = unsafe { libc::read(rd, b.as_mut_ptr().cast(), 8) };
+                if n != 8 {
+                    return;
+                }
+                let off = u64::from_le_bytes(b);
+                let cause = shadow.unfillable_cause(off).map(|c| c.to_string());
+                report(&message(off, cause));
+                // SAFETY: ends the process; the faulting thread waits in the
+                // handler and nothing else needs to run.
+                unsafe { libc::_exit(1) }
+            });
+        if spawned.is_ok() {
+            EXPLAIN.store(fds[1], Ordering::SeqCst);
+        }
+    }
     BASE.store(map.as_ptr() as usize, Ordering::SeqCst);
     LEN.store(map.len(), Ordering::SeqCst);
     // SAFETY: installs a handler that only calls async-signal-safe functions
@@ -116,13 +169,25 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut l
         };
         write_all_raw(1, pending);
     }
+    let pipe = EXPLAIN.load(Ordering::SeqCst);
+    if pipe >= 0 {
+        let b = (off as u64).to_le_bytes();
+        // SAFETY: write(2) of 8 live bytes to our pipe is async-signal-safe.
+        if unsafe { libc::write(pipe, b.as_ptr().cast(), 8) } == 8 {
+            // The explaining thread reports and exits the process.
+            loop {
+                // SAFETY: pause(2) is async-signal-safe.
+                unsafe { libc::pause() };
+            }
+        }
+    }
     let mut num = [0u8; 20];
     let num = fmt_u64(off as u64, &mut num);
     // The message holds no character that JSON would need escaped.
     let msg: [&[u8]; 3] = [
         b"the shadow could not be filled at offset ",
         num,
-        b" (the source failed to read there, changed under a strict policy, or the memory budget ran out; raise it with --memory-budget); the page raises SIGBUS for every consumer",
+        b"; the page raises SIGBUS",
     ];
     write_all_raw(2, b"shadowfd: error: ");
     for p in msg {

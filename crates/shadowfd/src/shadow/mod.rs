@@ -324,6 +324,17 @@ impl Shadow {
         }
     }
 
+    /// Why the page holding `offset` cannot be read now, if it cannot: the
+    /// cause recorded for a poisoned page, or the budget refusal that left it
+    /// unfilled (retryable). `None` for a readable or not yet touched page.
+    /// For a consumer that got `SIGBUS` there and wants to say why.
+    pub fn unfillable_cause(&self, offset: u64) -> Option<crate::Cause> {
+        match &self.kind {
+            Kind::Eager(_) => None,
+            Kind::Lazy(l) => l.unfillable_cause(offset),
+        }
+    }
+
     /// Offsets of pages that could not be filled, with the reason (lazy only).
     pub fn poisoned_pages(&self) -> Vec<(u64, crate::Cause)> {
         match &self.kind {

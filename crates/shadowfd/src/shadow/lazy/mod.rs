@@ -246,6 +246,19 @@ impl LazyShadow {
         self.bad.lock().clone()
     }
 
+    /// See [`crate::Shadow::unfillable_cause`].
+    pub fn unfillable_cause(&self, offset: u64) -> Option<Cause> {
+        let page = self.service.core.page;
+        if let Some(c) = self.bad.lock().get(&(offset / page * page)) {
+            return Some(c.clone());
+        }
+        let chunk = offset / self.chunk;
+        if chunk < self.chunks.len() && self.chunks.get(chunk) == ChunkState::Empty {
+            return self.refused_cause.lock().clone();
+        }
+        None
+    }
+
     /// Whether every chunk is filled and no page is poisoned.
     pub fn fully_filled(&self) -> bool {
         self.chunks.all_filled() && self.bad.lock().is_empty()
