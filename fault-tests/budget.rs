@@ -299,5 +299,9 @@ fn cli_explains_a_sigbus_from_the_budget() {
     ] {
         assert!(o.stderr.contains(want), "{want:?}\n{}", o.describe());
     }
-    assert!(!o.stderr.contains("failed to read there"), "{}", o.describe());
+    assert!(
+        !o.stderr.contains("failed to read there"),
+        "{}",
+        o.describe()
+    );
 }

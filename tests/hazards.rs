@@ -122,17 +122,22 @@ fn random_touches_after_a_scan_fill_only_their_chunks() {
         }
         touch(&m, 0);
         touch(&m, 4096);
-        std::thread::sleep(Duration::from_millis(300)); // queued readahead finishes
-        let before = s.stats().bytes_filled;
+        // Chunks filled on demand (by a fault's run), not by readahead: a
+        // readahead fill that completes meanwhile adds to both counters, so
+        // no wait for queued readahead is needed.
+        let demand = || {
+            let st = s.stats();
+            st.chunks_filled - st.readahead_chunks
+        };
+        let before = demand();
         for mib in (4..32).step_by(2) {
             touch(&m, mib << 20);
         }
-        std::thread::sleep(Duration::from_millis(300));
-        s.stats().bytes_filled - before
+        demand() - before
     };
     let control = run(false);
     let after_scan = run(true);
-    assert_eq!(control, 14 * engine.config().chunk_size);
+    assert_eq!(control, 14, "one chunk per random touch");
     assert_eq!(after_scan, control, "14 random touches after a scan");
 }
 
@@ -241,28 +246,41 @@ fn proc_self_mem_reads_of_engine_mappings_leave_no_zero_pages() {
         .map(|l| u64::from_str_radix(l.split('-').next().unwrap(), 16).unwrap())
         .collect();
     assert!(addrs.len() >= 2, "fill and template mappings: {addrs:?}");
-    for (i, addr) in addrs.iter().enumerate() {
+    let read = |at: u64| {
         let (tx, rx) = std::sync::mpsc::channel();
-        let at = addr + (i as u64 + 1) * 8192;
         std::thread::spawn(move || {
             use std::os::unix::fs::FileExt;
             let mem = std::fs::File::open("/proc/self/mem").unwrap();
             let mut b = [0u8; 8];
             let r = mem.read_at(&mut b, at).map(|_| b);
-            let _ = tx.send(r.map_err(|e| e.to_string()));
+            let _ = tx.send(r.map_err(|e| e.raw_os_error()));
         });
-        let got = rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("read blocked");
-        let off = (i + 1) * 8192;
-        if let Ok(b) = got {
-            assert_eq!(
-                &b[..],
-                &data[off..off + 8],
-                "bytes read through /proc/self/mem"
-            );
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("a /proc/self/mem read blocked")
+    };
+    // Documented (docs/shadows.md): the kernel does not wait on a
+    // userfaultfd for such reads, so an unfilled page fails with EIO, and a
+    // filled one reads the source. Never zeros, never a spin.
+    for (i, addr) in addrs.iter().enumerate() {
+        let off = (i as u64 + 1) * 8192;
+        assert_eq!(read(addr + off), Err(Some(libc::EIO)), "an unfilled page");
+    }
+    s.populate(0, data.len() as u64).unwrap();
+    let mut served = 0;
+    for (i, addr) in addrs.iter().enumerate() {
+        let off = (i as u64 + 1) * 8192;
+        let o = off as usize;
+        // The fill alias has the page mapped: it reads the source. A range
+        // registered for MINOR faults that has not mapped it yet fails.
+        match read(addr + off) {
+            Ok(b) => {
+                assert_eq!(b[..], data[o..o + 8], "a filled page");
+                served += 1;
+            }
+            Err(e) => assert_eq!(e, Some(libc::EIO), "a filled page"),
         }
     }
+    assert!(served >= 1, "the alias reads filled pages");
     let m = s.map(Share::Private).unwrap();
     assert_eq!(
         first_diff(&m, &data),
@@ -300,11 +318,6 @@ fn opening_a_huge_sparse_source_costs_no_memory() {
     assert!(
         grew_mib < 16,
         "opening a 1 TiB sparse file grew RSS by {grew_mib} MiB"
-    );
-    assert!(
-        s.open_time() < Duration::from_millis(100),
-        "{:?}",
-        s.open_time()
     );
     assert_eq!(s.resident_bytes().unwrap(), 0);
 }
