@@ -179,13 +179,21 @@ impl Target {
 /// A failure to report: message to stderr, exit code 1.
 pub type CliResult = Result<(), Box<dyn std::error::Error>>;
 
+/// Before a command opens files: no other process of this uid may reach into
+/// this one through /proc (and so write into an eager shadow's memfd while it
+/// is copied). See `shadowfd::harden_process`.
+fn harden() -> CliResult {
+    shadowfd::harden_process()?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Probe(a) => probe::run(a),
-        Cmd::Cat(a) => cat::run(a),
-        Cmd::Map(a) => map::run(a),
-        Cmd::Bench(a) => bench::run(a),
+        Cmd::Cat(a) => harden().and_then(|()| cat::run(a)),
+        Cmd::Map(a) => harden().and_then(|()| map::run(a)),
+        Cmd::Bench(a) => harden().and_then(|()| bench::run(a)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
