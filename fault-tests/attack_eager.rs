@@ -449,7 +449,7 @@ fn a_reader_mapping_the_memfd_is_not_taken_for_a_writer() {
         let dir = tempdir();
         let path = big_file(dir.path());
         let mut early = 0;
-        for i in 0..2 {
+        for i in 0..RUNS {
             let a = attack(
                 &test,
                 "map-readonly",
@@ -508,6 +508,29 @@ fn unprivileged_child() {
     child::report("alive-after", alive());
 }
 
+/// A path to `exe` inside `dir` (0755), so another uid can run it: a hard
+/// link, or a copy where `dir` is on another filesystem. A fresh copy can
+/// fail to run with ETXTBSY while a child forked by another test thread still
+/// holds the descriptor it was written through; runs `exe probe` until that
+/// is over (the count of writers can only go down), so later runs cannot.
+fn runnable_by_all(exe: &Path, dir: &Path, probe: &str) -> PathBuf {
+    let to = dir.join(exe.file_name().unwrap());
+    if std::fs::hard_link(exe, &to).is_err() {
+        std::fs::copy(exe, &to).expect("copy an executable");
+    }
+    chmod(&to, 0o755);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Command::new(&to).arg(probe).output() {
+            Ok(_) => return to,
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("running {}: {e}", to.display()),
+        }
+    }
+}
+
 /// Sets the mode of a root-owned path (made readable by `nobody`).
 fn chmod(p: &Path, mode: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -524,6 +547,14 @@ fn a_same_uid_attacker_cannot_open_the_memfd_of_the_hardened_cli() {
         chmod(dir.path(), 0o755);
         let path = write_file(dir.path(), "src", ID + 1, 64 << 20);
         chmod(&path, 0o644);
+        // Copies of the CLI and of this test binary that nobody may run (the
+        // build directory may be under a home only root can enter).
+        let cli_exe = runnable_by_all(
+            env!("CARGO_BIN_EXE_shadowfd").as_ref(),
+            dir.path(),
+            "--version",
+        );
+        let test_exe = runnable_by_all(&std::env::current_exe().unwrap(), dir.path(), "--list");
 
         // A dumpable process of the same uid: the control, which the
         // attacker must be able to get into.
@@ -537,7 +568,14 @@ fn a_same_uid_attacker_cannot_open_the_memfd_of_the_hardened_cli() {
 
         // The target: `cat` as nobody, its stdout a pipe nobody reads yet,
         // so it stays alive (blocked in write) holding its sealed memfd.
-        let mut target = cli(&["cat", "--mode", "eager", path.to_str().unwrap()])
+        let mut target = Command::new(&cli_exe);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("SHADOWFD_") {
+                target.env_remove(k);
+            }
+        }
+        let mut target = target
+            .args(["cat", "--mode", "eager", path.to_str().unwrap()])
             .uid(NOBODY)
             .gid(NOBODY)
             .stdin(Stdio::null())
@@ -563,7 +601,8 @@ fn a_same_uid_attacker_cannot_open_the_memfd_of_the_hardened_cli() {
         let owner = std::fs::metadata(format!("/proc/{pid}/fd")).unwrap().uid();
         assert_eq!(owner, 0, "/proc/{pid}/fd of the hardened cat is not root's");
 
-        let mut cmd = child::command(
+        let mut cmd = child::command_at(
+            &test_exe,
             &test,
             "unprivileged",
             &[

@@ -168,6 +168,17 @@ pub fn run(mut cmd: Command, timeout: Duration) -> Outcome {
 /// child in `role`, with `params` (read back with [`param`]).
 pub fn command(test: &str, role: &str, params: &[(&str, String)]) -> Command {
     let exe = std::env::current_exe().expect("current_exe");
+    command_at(&exe, test, role, params)
+}
+
+/// [`command`] running `exe`, a copy of this test binary (e.g. one placed
+/// where a child of another uid can execute it).
+pub fn command_at(
+    exe: &std::path::Path,
+    test: &str,
+    role: &str,
+    params: &[(&str, String)],
+) -> Command {
     let mut cmd = Command::new(exe);
     cmd.args([
         test,
