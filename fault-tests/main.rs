@@ -5,6 +5,7 @@
 
 mod support;
 
+mod attack_eager;
 mod attack_lazy;
 mod bad_config;
 mod budget;

@@ -222,6 +222,14 @@ fn print_json_error(msg: &str) {
     println!("{}", serde_json::json!({ "error": msg.trim_end() }));
 }
 
+/// Before a command opens files: no other process of this uid may reach into
+/// this one through /proc (and so write into an eager shadow's memfd while it
+/// is copied). See `shadowfd::harden_process`.
+fn harden() -> CliResult {
+    shadowfd::harden_process()?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -245,9 +253,9 @@ fn main() -> ExitCode {
     };
     let r = match cli.cmd {
         Cmd::Probe(a) => probe::run(a),
-        Cmd::Cat(a) => cat::run(a),
-        Cmd::Map(a) => map::run(a),
-        Cmd::Bench(a) => bench::run(a),
+        Cmd::Cat(a) => harden().and_then(|()| cat::run(a)),
+        Cmd::Map(a) => harden().and_then(|()| map::run(a)),
+        Cmd::Bench(a) => harden().and_then(|()| bench::run(a)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

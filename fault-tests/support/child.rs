@@ -164,10 +164,21 @@ pub fn run(mut cmd: Command, timeout: Duration) -> Outcome {
     }
 }
 
-/// Re-executes this test binary to run test `test` as a child in `role`,
-/// with `params` (read back with [`param`]).
-pub fn spawn(test: &str, role: &str, params: &[(&str, String)]) -> Outcome {
+/// The command that re-executes this test binary to run test `test` as a
+/// child in `role`, with `params` (read back with [`param`]).
+pub fn command(test: &str, role: &str, params: &[(&str, String)]) -> Command {
     let exe = std::env::current_exe().expect("current_exe");
+    command_at(&exe, test, role, params)
+}
+
+/// [`command`] running `exe`, a copy of this test binary (e.g. one placed
+/// where a child of another uid can execute it).
+pub fn command_at(
+    exe: &std::path::Path,
+    test: &str,
+    role: &str,
+    params: &[(&str, String)],
+) -> Command {
     let mut cmd = Command::new(exe);
     cmd.args([
         test,
@@ -180,6 +191,17 @@ pub fn spawn(test: &str, role: &str, params: &[(&str, String)]) -> Outcome {
     for (k, v) in params {
         cmd.env(format!("{PARAM_PREFIX}{k}"), v);
     }
+    cmd
+}
+
+/// Re-executes this test binary to run test `test` as a child in `role`,
+/// with `params` (read back with [`param`]).
+pub fn spawn(test: &str, role: &str, params: &[(&str, String)]) -> Outcome {
+    spawn_cmd(command(test, role, params), test, role)
+}
+
+/// Runs a [`command`] (perhaps changed, e.g. to another uid) like [`spawn`].
+pub fn spawn_cmd(cmd: Command, test: &str, role: &str) -> Outcome {
     let o = run(cmd, Duration::from_secs(60));
     assert!(
         !o.timed_out,

@@ -74,6 +74,19 @@ pub enum Error {
          retry when it is no longer being written"
     )]
     SourceChanged { what: String, attempts: u32 },
+    #[error(
+        "the shadow memfd of {what} was tampered with by another process while it was being \
+         copied ({how}); the copy is refused. Make this process non-dumpable \
+         (shadowfd::harden_process) or run it as a separate uid, so that other processes \
+         cannot open it through /proc/PID/fd"
+    )]
+    Tampered {
+        what: String,
+        how: String,
+        /// Where the first difference was found (the start of the differing
+        /// block, or where the memfd ended), when there is one.
+        offset: Option<u64>,
+    },
     #[error("range {offset}+{len} is outside the shadow of {size} bytes")]
     Range { offset: u64, len: u64, size: u64 },
     #[error(
