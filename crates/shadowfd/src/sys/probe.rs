@@ -150,7 +150,7 @@ pub fn probe() -> Probe {
     let missing = REQUIRED_FEATURES & !features;
     let reason = (missing != 0).then(|| {
         format!(
-            "the kernel's userfaultfd lacks {} (MISSING_SHMEM needs Linux 4.11+, POISON Linux 6.6+; \
+            "the kernel's userfaultfd lacks {} (MISSING_SHMEM needs Linux 4.11+, MINOR_SHMEM 5.14+, POISON 6.6+; \
              without POISON a source read error could not be reported as SIGBUS); eager shadows still work",
             feature_names(missing).join(", ")
         )
