@@ -31,8 +31,9 @@
 //!   CPU (a quarter at least, [`SHARE`], smoothed over a few [`CHECK_MS`]
 //!   periods). Messages carry the thread id (`UFFD_FEATURE_THREAD_ID`); the
 //!   thread's CPU is read from `/proc/self/task/TID/stat` (about 7 µs, so
-//!   cached per thread for [`REFRESH`], or [`REFRESH_WOKEN`] when the reader
-//!   was woken by the fault, which a remote reader always is). Otherwise,
+//!   cached per thread: for [`REFRESH`] while the reader of that CPU keeps
+//!   finding the thread's faults without sleeping, else [`REFRESH_WOKEN`]).
+//!   Otherwise,
 //!   if another worker is armed, it disarms: its epoll entry for the
 //!   userfaultfd is set to no events, so a fault no longer wakes it (no IPI
 //!   on the faulting thread's path). A fault from a CPU whose reader is
@@ -79,18 +80,22 @@ const MS: u64 = 1_000_000;
 /// CPU is idle, about 8 µs) less than its own faults gain (a remote answer
 /// costs 20-60 µs more).
 const SHARE: u64 = 4;
+/// A period with this many faults and none from a reader's CPU disarms it
+/// at once (its threads have moved away).
+const LEFT: u64 = 8;
 /// A worker armed because faults starved stays armed this long.
 const LINGER: u64 = 50 * MS;
 /// While faults come, a worker looks at its arming this often.
 const CHECK_MS: i32 = 3;
 /// With no fault for this long, workers park.
 const IDLE: u64 = 100 * MS;
-/// How long a thread's CPU, once read, is trusted by a reader that found
-/// the thread's fault without sleeping (it was runnable on that CPU when the
-/// thread faulted: likely the thread's own CPU).
+/// How long a thread's CPU, once read, is trusted by the reader of that CPU
+/// when it found the thread's fault without sleeping (runnable there when
+/// the thread faulted: the thread is most likely still there).
 const REFRESH: u64 = 20 * MS;
-/// The same for a reader that was woken from sleep by the fault: what a
-/// remote reader always is, so a thread that moved is noticed soon.
+/// The same otherwise: a reader woken by the fault (what a remote reader
+/// always is), or one the cache says is not the thread's, so that a thread
+/// that moved is noticed within this.
 const REFRESH_WOKEN: u64 = 2 * MS;
 /// Threads whose stat files are kept open, at most (all are closed beyond).
 const TIDS_MAX: usize = 64;
@@ -308,7 +313,7 @@ impl Core {
         }
         // Bookkeeping after the answers: the faulting threads run meanwhile.
         if self.local {
-            self.attribute(faults, if woken { REFRESH_WOKEN } else { REFRESH });
+            self.attribute(me, faults, woken);
             self.kick_parked(me);
         }
     }
@@ -333,18 +338,19 @@ impl Core {
         }
     }
 
-    /// Notes the CPU of each faulting thread (read again if older than
-    /// `refresh`), and kicks the reader of a CPU that faults while it is
-    /// disarmed.
-    fn attribute(&self, faults: &[Fault], refresh: u64) {
+    /// Notes the CPU of each fault's thread, as read by worker `me`
+    /// (`woken`: it slept before reading them), and kicks the reader of a
+    /// CPU that faults while it is disarmed.
+    fn attribute(&self, me: usize, faults: &[Fault], woken: bool) {
         let now = self.now();
+        let mine = self.slots[me].cpu;
         let mut last = None;
         for f in faults {
             // One look-up per thread and batch.
             let cpu = match last {
                 Some((tid, cpu)) if tid == f.tid => cpu,
                 _ => {
-                    let cpu = self.cpu_of(f.tid, now, refresh);
+                    let cpu = self.cpu_of(f.tid, now, mine, woken);
                     last = Some((f.tid, cpu));
                     cpu
                 }
@@ -364,13 +370,20 @@ impl Core {
         }
     }
 
-    /// The CPU thread `tid` last ran on, as cached if read within `refresh`.
-    fn cpu_of(&self, tid: u32, now: u64, refresh: u64) -> Option<usize> {
+    /// The CPU thread `tid` last ran on, as cached if read lately enough:
+    /// within [`REFRESH`] if the reader (on CPU `mine`) found the fault
+    /// without sleeping and the cache names its CPU, else [`REFRESH_WOKEN`].
+    fn cpu_of(&self, tid: u32, now: u64, mine: Option<usize>, woken: bool) -> Option<usize> {
         if tid == 0 {
             return None;
         }
         let mut tids = self.tids.lock();
         if let Some(s) = tids.get_mut(&tid) {
+            let refresh = if woken || s.cpu != mine {
+                REFRESH_WOKEN
+            } else {
+                REFRESH
+            };
             if now.saturating_sub(s.at) >= refresh {
                 // A thread gone (or a tid reused) reads as None: reopen.
                 s.cpu = s.stat.as_ref().and_then(ThreadStat::cpu);
@@ -595,6 +608,8 @@ struct Share {
     /// halving the sum before.
     local: u64,
     all: u64,
+    /// Whether the last period had faults, none of them from this CPU.
+    left: bool,
 }
 
 impl Share {
@@ -613,18 +628,21 @@ impl Share {
         if now.saturating_sub(self.at) < CHECK_MS as u64 * MS {
             return;
         }
-        self.local = self.local / 2 + (local - self.local_then);
-        self.all = self.all / 2 + (all - self.all_then);
+        let (l, a) = (local - self.local_then, all - self.all_then);
+        self.local = self.local / 2 + l;
+        self.all = self.all / 2 + a;
+        self.left = l == 0 && a >= LEFT;
         (self.at, self.local_then, self.all_then) = (now, local, all);
     }
 
     /// Whether this CPU's share of the faults is worth a reader that every
-    /// fault wakes: a quarter at least. With no faults lately, no change.
+    /// fault wakes: a quarter at least, and some in the last period if it
+    /// had a few. With no faults lately, no change.
     fn worth(&self, armed: bool) -> bool {
         if self.all == 0 {
             return armed;
         }
-        self.local * SHARE >= self.all
+        !self.left && self.local * SHARE >= self.all
     }
 }
 
