@@ -15,6 +15,16 @@
 //! Every measured touch hits a page never touched before; the pages are
 //! visited in a seeded random order. When a region runs out of fresh pages,
 //! it is recycled outside the timed section.
+//!
+//! The raw handlers are unpinned, so the scheduler decides whether they run
+//! on the faulting thread's CPU (about 3-7 µs a fault on a 2-vCPU VM) or on
+//! another one (28-71 µs), and keeps that choice for a while: the
+//! interleaved report gives the share of their faults answered on the
+//! faulting thread's CPU. The library pins one reader per CPU and normally
+//! answers there (crates/shadowfd/src/fault/service.rs).
+//!
+//! `fault_scaling` then reports random faults per second with 1, 2, 4 and 8
+//! consumer threads, on one shared shadow and on a shadow each.
 
 mod common;
 
@@ -26,7 +36,8 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -79,6 +90,32 @@ struct UffdMsg {
     flags: u64,
     address: u64,
     _feat: u64,
+}
+
+/// The CPU the measuring thread was on when it last touched a page, for the
+/// raw handlers to compare theirs with.
+static CONSUMER_CPU: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+fn this_cpu() -> usize {
+    // SAFETY: sched_getcpu has no preconditions.
+    unsafe { libc::sched_getcpu() as usize }
+}
+
+/// Faults a raw handler answered, and how many of them on the CPU of the
+/// thread that faulted.
+#[derive(Default)]
+struct Placement {
+    total: AtomicU64,
+    local: AtomicU64,
+}
+
+impl Placement {
+    fn record(&self) {
+        self.total.fetch_add(1, Ordering::Relaxed);
+        if this_cpu() == CONSUMER_CPU.load(Ordering::Relaxed) {
+            self.local.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 fn check(r: libc::c_long, what: &str) -> io::Result<libc::c_long> {
@@ -144,6 +181,7 @@ struct RawRegion {
     addr: u64,
     len: u64,
     threads: Vec<JoinHandle<()>>,
+    placed: Arc<Placement>,
 }
 
 impl RawRegion {
@@ -209,6 +247,8 @@ impl RawRegion {
         let file = Arc::new(File::open(source)?);
         let raw_uffd = uffd.as_raw_fd();
         let mut threads = Vec::new();
+        let placed = Arc::new(Placement::default());
+        let p = placed.clone();
         match kind {
             Raw::Copy | Raw::PreadCopy => {
                 threads.push(std::thread::spawn(move || {
@@ -220,6 +260,7 @@ impl RawRegion {
                             file.read_exact_at(&mut page, off).expect("pread");
                         }
                         copy_page(raw_uffd, a, &page);
+                        p.record();
                         if a == stop_page {
                             return;
                         }
@@ -246,6 +287,7 @@ impl RawRegion {
                             file.read_exact_at(&mut page, off).expect("pread");
                         }
                         copy_page(raw_uffd, a, &page);
+                        p.record();
                     }
                 }));
             }
@@ -256,6 +298,7 @@ impl RawRegion {
             addr,
             len,
             threads,
+            placed,
         })
     }
 
@@ -324,6 +367,11 @@ trait Faulting {
     fn touch(&self, page: u64) -> u8;
     /// Makes every page fault again (untimed).
     fn recycle(&mut self);
+    /// Faults answered so far, and how many on the faulting thread's CPU,
+    /// where the bench can see it.
+    fn placement(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 impl Faulting for RawRegion {
@@ -332,6 +380,13 @@ impl Faulting for RawRegion {
     }
     fn recycle(&mut self) {
         RawRegion::recycle(self)
+    }
+    fn placement(&self) -> Option<(u64, u64)> {
+        let p = &self.placed;
+        Some((
+            p.total.load(Ordering::Relaxed),
+            p.local.load(Ordering::Relaxed),
+        ))
     }
 }
 
@@ -362,6 +417,7 @@ impl Cursor<'_> {
             }
             let p = self.order[self.next];
             self.next += 1;
+            CONSUMER_CPU.store(this_cpu(), Ordering::Relaxed);
             let t = Instant::now();
             std::hint::black_box(r.touch(p));
             total += t.elapsed();
@@ -446,21 +502,40 @@ fn fault_ratio(_c: &mut Criterion) {
     let n = regions.len();
     let mut medians = vec![Vec::new(); n];
     let mut all = vec![Vec::new(); n];
+    // Per raw contender: rounds in which most faults were answered on the
+    // faulting thread's CPU.
+    let mut local_rounds = vec![0usize; n];
     for round in 0..ROUNDS {
         for k in 0..n {
             let i = (k + round) % n;
+            let before = regions[i].placement();
             let mut lat = cursors[i].each(&mut *regions[i], BATCH);
+            if let (Some((t0, l0)), Some((t1, l1))) = (before, regions[i].placement()) {
+                if (l1 - l0) * 2 > t1 - t0 {
+                    local_rounds[i] += 1;
+                }
+            }
             medians[i].push(median(&mut lat));
             all[i].extend(lat);
         }
     }
     println!("fault_4k interleaved: {ROUNDS} rounds x {BATCH} faults per contender");
+    let mut p90 = vec![0.0; n];
     for i in 0..n {
         let a = &mut all[i];
         a.sort_by(f64::total_cmp);
         let q = |f: f64| a[((a.len() - 1) as f64 * f) as usize];
+        p90[i] = q(0.9);
+        let placed = match regions[i].placement() {
+            Some((total, local)) => format!(
+                "  on the faulting CPU: {:3.0}% of faults, mostly in {}/{ROUNDS} rounds",
+                100.0 * local as f64 / total.max(1) as f64,
+                local_rounds[i]
+            ),
+            None => String::new(),
+        };
         println!(
-            "  {:<18} p50 {:6.2} us  p90 {:6.2} us  p99 {:7.2} us",
+            "  {:<18} p50 {:6.2} us  p90 {:6.2} us  p99 {:7.2} us{placed}",
             names[i],
             q(0.5),
             q(0.9),
@@ -478,12 +553,96 @@ fn fault_ratio(_c: &mut Criterion) {
             r.iter().copied().fold(0.0, f64::max),
         );
         println!(
-            "  lazy_shadow / {:<18} {:.2}x  (median of per-round median ratios; rounds {:.2}..{:.2})",
+            "  lazy_shadow / {:<18} {:.2}x  (median of per-round median ratios; rounds {:.2}..{:.2}); \
+             p90 {:.2}x",
             names[i],
             median(&mut r),
             lo,
-            hi
+            hi,
+            p90[0] / p90[i]
         );
+    }
+}
+
+/// Random 4 KiB faults per second with 1, 2, 4 and 8 consumer threads (all
+/// released at once), on one shadow they share (each thread its own pages)
+/// and on a shadow each. Every round runs every configuration, in a rotated
+/// order; the median and range over the rounds are reported.
+fn fault_scaling(_c: &mut Criterion) {
+    const ROUNDS: usize = 5;
+    const PER_THREAD: usize = 2048;
+    const THREADS: [usize; 4] = [1, 2, 4, 8];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = data_file(dir.path(), "scale", SIZE);
+    let order = shuffled(SIZE / PAGE, 13);
+    assert!(order.len() >= PER_THREAD * 8);
+    let engine = engine(Mode::Lazy, PAGE, 0, 0);
+    let configs: Vec<(usize, bool)> = THREADS
+        .iter()
+        .flat_map(|&n| [(n, false), (n, true)])
+        .collect();
+    let mut rates = vec![Vec::new(); configs.len()];
+    for round in 0..ROUNDS {
+        for k in 0..configs.len() {
+            let c = (k + round) % configs.len();
+            let (n, separate) = configs[c];
+            let shadows: Vec<Shadow> = (0..if separate { n } else { 1 })
+                .map(|_| engine.open(&path).expect("lazy open"))
+                .collect();
+            let maps: Vec<Mapping> = shadows
+                .iter()
+                .map(|s| s.map(Share::Shared).expect("map"))
+                .collect();
+            // Each thread times itself: the main thread may be kept off the
+            // CPU after the barrier until they are done.
+            let start = Barrier::new(n);
+            let spans: Vec<(Instant, Instant)> = std::thread::scope(|sc| {
+                let threads: Vec<_> = (0..n)
+                    .map(|t| {
+                        let (m, pages) = if separate {
+                            (&maps[t], &order[..PER_THREAD])
+                        } else {
+                            (&maps[0], &order[t * PER_THREAD..(t + 1) * PER_THREAD])
+                        };
+                        let start = &start;
+                        sc.spawn(move || {
+                            start.wait();
+                            let t0 = Instant::now();
+                            for &p in pages {
+                                std::hint::black_box(m[(p * PAGE) as usize]);
+                            }
+                            (t0, Instant::now())
+                        })
+                    })
+                    .collect();
+                threads.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            let t0 = spans.iter().map(|s| s.0).min().unwrap();
+            let t1 = spans.iter().map(|s| s.1).max().unwrap();
+            let secs = (t1 - t0).as_secs_f64();
+            rates[c].push((n * PER_THREAD) as f64 / secs);
+        }
+    }
+    println!(
+        "fault_scaling: random 4 KiB faults per second (chunk 4 KiB, no readahead, {} workers, \
+         {PER_THREAD} faults per thread); median of {ROUNDS} rounds (min..max)",
+        engine.config().workers
+    );
+    println!(
+        "  {:>7}  {:<28} {:<28}",
+        "threads", "one shadow", "a shadow each"
+    );
+    let k = |r: f64| format!("{:.1}k", r / 1e3);
+    for (ti, &n) in THREADS.iter().enumerate() {
+        let mut cells = Vec::new();
+        for r in &mut rates[2 * ti..2 * ti + 2] {
+            let (lo, hi) = (
+                r.iter().copied().fold(f64::MAX, f64::min),
+                r.iter().copied().fold(0.0, f64::max),
+            );
+            cells.push(format!("{} ({}..{})", k(median(r)), k(lo), k(hi)));
+        }
+        println!("  {n:>7}  {:<28} {:<28}", cells[0], cells[1]);
     }
 }
 
@@ -495,6 +654,6 @@ fn median(v: &mut [f64]) -> f64 {
 criterion_group! {
     name = benches;
     config = quick().measurement_time(Duration::from_secs(4));
-    targets = fault_latency, fault_ratio
+    targets = fault_latency, fault_ratio, fault_scaling
 }
 criterion_main!(benches);

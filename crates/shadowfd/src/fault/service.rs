@@ -1,27 +1,75 @@
 //! The fault-service thread pool, the region table and the memory budget.
 //!
-//! Every worker is also a reader: idle workers all sleep in epoll on the
-//! userfaultfd (added `EPOLLEXCLUSIVE`, so one fault wakes one worker, not
-//! the pool), and the one that reads a fault message serves it itself. This
-//! saves a thread hand-off on every fault (the faulting thread, one worker,
-//! done). Further claimed faults from the same batch, and readahead, go
-//! through crossbeam channels to whichever worker is free; an eventfd tells
-//! sleeping workers that a channel has work.
+//! Every worker is also a reader: idle workers sleep in epoll on the
+//! userfaultfd, and the one that reads a fault message serves it itself
+//! (the faulting thread, one worker, done: no hand-off). Further claimed
+//! faults of the same batch, and readahead, go through crossbeam channels to
+//! whichever worker is free; an eventfd (added `EPOLLEXCLUSIVE`: one worker
+//! per signal, and a worker that takes a job while more wait signals again)
+//! tells sleeping workers that a channel has work.
+//!
+//! # Where a fault is served
+//!
+//! What a fault costs depends above all on the CPU that serves it. On a
+//! 2-vCPU VM a 4 KiB fault answered on the faulting thread's own CPU takes
+//! 3-7 µs; answered from the other vCPU, 28-71 µs: the wake-up and the answer
+//! each cost an IPI, a VM exit and the host waking a halted vCPU. Merely
+//! waking a thread that sleeps on the other, idle vCPU costs the waker about
+//! 8 µs. Whether the worker waits in `read`, `poll` or `epoll` makes no
+//! difference. (Measured with a C probe and `perf sched`; the numbers for
+//! this crate are in benches/fault.rs.) Hence, with at least as many
+//! workers as CPUs (*local mode*):
+//!
+//! - Worker *i* is pinned to the *i*-th CPU the process may use: that CPU's
+//!   *local reader*. Workers beyond one per CPU stay unpinned (*overflow*).
+//! - The userfaultfd is in a reader's epoll set without `EPOLLEXCLUSIVE`,
+//!   but only while the reader is *armed*. A thread that faults wakes the
+//!   armed readers and blocks; its CPU, now free, runs the local reader next
+//!   (woken on that CPU: no IPI), which reads the message and answers, and
+//!   the answer wakes the thread on the same CPU. The others find nothing.
+//! - A reader is armed while enough of the faults come from threads on its
+//!   CPU (a quarter at least, [`SHARE`], smoothed over a few [`CHECK_MS`]
+//!   periods). Messages carry the thread id (`UFFD_FEATURE_THREAD_ID`); the
+//!   thread's CPU is read from `/proc/self/task/TID/stat` (about 7 µs, so
+//!   cached per thread: for [`REFRESH`] while the reader of that CPU keeps
+//!   finding the thread's faults without sleeping, else [`REFRESH_WOKEN`]).
+//!   Otherwise,
+//!   if another worker is armed, it disarms: its epoll entry for the
+//!   userfaultfd is set to no events, so a fault no longer wakes it (no IPI
+//!   on the faulting thread's path). A fault from a CPU whose reader is
+//!   disarmed is served by an armed one, remotely, which then kicks that
+//!   CPU's reader (an eventfd) to arm.
+//! - Disarmed workers, overflow ones included, look every [`CHECK_MS`] (while
+//!   faults come) whether a message has been waiting since their last look
+//!   with nothing read meanwhile: all armed workers stuck in slow fills or
+//!   kept off their CPU. Then they arm, for [`LINGER`] at least. So a slow
+//!   source never leaves faults unread while a worker idles.
+//! - After [`IDLE`] without a fault, every worker arms and sleeps with no
+//!   timeout (*parks*): an idle engine costs no CPU. Whoever reads the next
+//!   fault kicks the parked workers so that they resume their checks.
+//!
+//! With fewer workers than CPUs, one CPU, or no thread ids (no
+//! `THREAD_ID`, or no `/proc` to read a thread's CPU from), nothing is
+//! pinned and every worker shares the userfaultfd with `EPOLLEXCLUSIVE`
+//! (one fault wakes one worker), sleeping with no timeout.
 
 use super::{FaultTarget, Hit, Work};
 use crate::config::Config;
 use crate::error::{Cause, Error, Result};
 use crate::stats::Counters;
-use crate::sys::event::{Epoll, eventfd, eventfd_drain, eventfd_signal};
+use crate::sys::event::{
+    Epoll, ThreadStat, allowed_cpus, eventfd, eventfd_drain, eventfd_signal, pin_to,
+};
 use crate::sys::uffd_abi::uffd_msg;
 use crate::sys::{Fault, Uffd};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Mutex, RwLock};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 /// Fault messages read at once.
 const BATCH: usize = 32;
@@ -38,6 +86,32 @@ fn read_room() -> u64 {
     let h = crate::config::headroom().unwrap_or(u64::MAX);
     a.min(h)
 }
+
+const MS: u64 = 1_000_000;
+/// A reader stays armed while at least 1/SHARE of the recent faults come
+/// from its CPU: the others then pay for its wake-ups (an IPI each when its
+/// CPU is idle, about 8 µs) less than its own faults gain (a remote answer
+/// costs 20-60 µs more).
+const SHARE: u64 = 4;
+/// A period with this many faults and none from a reader's CPU disarms it
+/// at once (its threads have moved away).
+const LEFT: u64 = 8;
+/// A worker armed because faults starved stays armed this long.
+const LINGER: u64 = 50 * MS;
+/// While faults come, a worker looks at its arming this often.
+const CHECK_MS: i32 = 3;
+/// With no fault for this long, workers park.
+const IDLE: u64 = 100 * MS;
+/// How long a thread's CPU, once read, is trusted by the reader of that CPU
+/// when it found the thread's fault without sleeping (runnable there when
+/// the thread faulted: the thread is most likely still there).
+const REFRESH: u64 = 20 * MS;
+/// The same otherwise: a reader woken by the fault (what a remote reader
+/// always is), or one the cache says is not the thread's, so that a thread
+/// that moved is noticed within this.
+const REFRESH_WOKEN: u64 = 2 * MS;
+/// Threads whose stat files are kept open, at most (all are closed beyond).
+const TIDS_MAX: usize = 64;
 
 /// A registered address range and what it shows.
 struct Region {
@@ -58,6 +132,31 @@ struct Job {
 enum Held {
     Strong(Arc<dyn FaultTarget>),
     Weak(Weak<dyn FaultTarget>),
+}
+
+/// A worker as the others see it.
+struct Slot {
+    /// The CPU it is pinned to (local mode).
+    cpu: Option<usize>,
+    /// The userfaultfd is in its epoll set: a fault wakes it.
+    armed: AtomicBool,
+    /// Faults that came from threads on `cpu`.
+    local_faults: AtomicU64,
+    /// A fault came from `cpu` while it was disarmed: it should arm.
+    called: AtomicBool,
+    /// It sleeps with no timeout until a fault's reader kicks it.
+    parked: AtomicBool,
+    /// A kick is pending: no need to signal again.
+    kicked: AtomicBool,
+    /// Wakes it to look at its arming again.
+    kick: OwnedFd,
+}
+
+/// A faulting thread's CPU as last read, and when.
+struct Seen {
+    stat: Option<ThreadStat>,
+    cpu: Option<usize>,
+    at: u64,
 }
 
 /// State shared by the service threads and the shadows.
@@ -84,6 +183,27 @@ pub(crate) struct Core {
     since_room: AtomicU64,
     pub budget: u64,
     pub page: u64,
+    /// One per worker, in spawn order.
+    slots: Vec<Slot>,
+    /// The slot of the reader pinned to each CPU.
+    by_cpu: Vec<Option<usize>>,
+    /// Local mode: readers pinned per CPU, armed by where faults come from.
+    local: bool,
+    epoch: Instant,
+    /// Fault messages read so far.
+    reads: AtomicU64,
+    /// Workers parked.
+    parked: AtomicUsize,
+    /// Faulting threads' CPUs.
+    tids: Mutex<HashMap<u32, Seen>>,
+    /// Held to disarm, so that two workers never both leave at once.
+    disarming: Mutex<()>,
+}
+
+/// Whether `then` (a [`Core::now`] time; 0: never) lies within `span`
+/// before `now`.
+fn within(now: u64, then: u64, span: u64) -> bool {
+    then != 0 && now.saturating_sub(then) < span
 }
 
 impl Core {
@@ -226,6 +346,152 @@ impl Core {
         let work = target.on_fault(self, hit)?;
         Some((target, work))
     }
+
+    /// Nanoseconds since the service started, plus one (0 means never).
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64 + 1
+    }
+
+    /// Serves the fault messages worker `me` read (`woken`: after sleeping):
+    /// runs the first claimed work itself and queues the rest; then notes
+    /// where they came from.
+    fn serve(&self, me: usize, faults: &[Fault], woken: bool) {
+        self.reads.fetch_add(faults.len() as u64, Ordering::SeqCst);
+        let mut mine = None;
+        for f in faults {
+            if let Some((target, work)) = self.on_fault(*f) {
+                if mine.is_none() {
+                    mine = Some((target, work));
+                } else {
+                    let target = Held::Strong(target);
+                    let _ = self.fault_tx.send(Job { target, work });
+                    eventfd_signal(self.work.as_fd());
+                }
+            }
+        }
+        if let Some((target, work)) = mine {
+            target.run(self, work);
+        }
+        // Bookkeeping after the answers: the faulting threads run meanwhile.
+        if self.local {
+            self.attribute(me, faults, woken);
+            self.kick_parked(me);
+        }
+    }
+
+    /// The next job of `rx`; signals the work eventfd if more wait, so
+    /// that another sleeping worker takes them.
+    fn next_job(&self, rx: &Receiver<Job>) -> Option<Job> {
+        let job = rx.try_recv().ok()?;
+        if !self.fault_rx.is_empty() || !self.prefetch_rx.is_empty() {
+            eventfd_signal(self.work.as_fd());
+        }
+        Some(job)
+    }
+
+    fn run_job(&self, job: Job) {
+        let target = match job.target {
+            Held::Strong(t) => Some(t),
+            Held::Weak(w) => w.upgrade(),
+        };
+        if let Some(t) = target {
+            t.run(self, job.work);
+        }
+    }
+
+    /// Notes the CPU of each fault's thread, as read by worker `me`
+    /// (`woken`: it slept before reading them), and kicks the reader of a
+    /// CPU that faults while it is disarmed.
+    fn attribute(&self, me: usize, faults: &[Fault], woken: bool) {
+        let now = self.now();
+        let mine = self.slots[me].cpu;
+        let mut last = None;
+        for f in faults {
+            // One look-up per thread and batch.
+            let cpu = match last {
+                Some((tid, cpu)) if tid == f.tid => cpu,
+                _ => {
+                    let cpu = self.cpu_of(f.tid, now, mine, woken);
+                    last = Some((f.tid, cpu));
+                    cpu
+                }
+            };
+            // Not found: a thread that is gone, or of another process
+            // (`/proc/PID/mem` on an internal mapping). A CPU with no
+            // reader: the affinity mask grew since the start.
+            let Some(&Some(i)) = cpu.and_then(|c| self.by_cpu.get(c)) else {
+                continue;
+            };
+            let s = &self.slots[i];
+            s.local_faults.fetch_add(1, Ordering::SeqCst);
+            if !s.armed.load(Ordering::SeqCst) {
+                s.called.store(true, Ordering::SeqCst);
+                self.kick(i);
+            }
+        }
+    }
+
+    /// The CPU thread `tid` last ran on, as cached if read lately enough:
+    /// within [`REFRESH`] if the reader (on CPU `mine`) found the fault
+    /// without sleeping and the cache names its CPU, else [`REFRESH_WOKEN`].
+    fn cpu_of(&self, tid: u32, now: u64, mine: Option<usize>, woken: bool) -> Option<usize> {
+        if tid == 0 {
+            return None;
+        }
+        let mut tids = self.tids.lock();
+        if let Some(s) = tids.get_mut(&tid) {
+            let refresh = if woken || s.cpu != mine {
+                REFRESH_WOKEN
+            } else {
+                REFRESH
+            };
+            if now.saturating_sub(s.at) >= refresh {
+                // A thread gone (or a tid reused) reads as None: reopen.
+                s.cpu = s.stat.as_ref().and_then(ThreadStat::cpu);
+                if s.cpu.is_none() {
+                    s.stat = ThreadStat::open(tid);
+                    s.cpu = s.stat.as_ref().and_then(ThreadStat::cpu);
+                }
+                s.at = now;
+            }
+            return s.cpu;
+        }
+        if tids.len() >= TIDS_MAX {
+            tids.clear();
+        }
+        // Failures are cached too: a thread gone, or of another process.
+        let stat = ThreadStat::open(tid);
+        let cpu = stat.as_ref().and_then(ThreadStat::cpu);
+        tids.insert(tid, Seen { stat, cpu, at: now });
+        cpu
+    }
+
+    fn kick(&self, i: usize) {
+        let s = &self.slots[i];
+        if !s.kicked.swap(true, Ordering::SeqCst) {
+            eventfd_signal(s.kick.as_fd());
+        }
+    }
+
+    /// Kicks every parked worker but `me`.
+    fn kick_parked(&self, me: usize) {
+        if self.parked.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        for (i, s) in self.slots.iter().enumerate() {
+            if i != me && s.parked.load(Ordering::SeqCst) {
+                self.kick(i);
+            }
+        }
+    }
+
+    /// Whether a worker other than `me` is armed.
+    fn covered_without(&self, me: usize) -> bool {
+        self.slots
+            .iter()
+            .enumerate()
+            .any(|(j, o)| j != me && o.armed.load(Ordering::SeqCst))
+    }
 }
 
 /// The running service: owns the threads; stops them when dropped.
@@ -238,6 +504,31 @@ impl Service {
     pub fn start(uffd: Uffd, cfg: &Config) -> Result<Arc<Service>> {
         let (fault_tx, fault_rx) = crossbeam_channel::unbounded();
         let (prefetch_tx, prefetch_rx) = crossbeam_channel::unbounded();
+        let cpus = allowed_cpus();
+        // Local mode needs a reader per CPU and a way to see threads' CPUs.
+        let local = cpus.len() >= 2
+            && cfg.workers >= cpus.len()
+            && uffd.has_thread_id()
+            && ThreadStat::open(nix::unistd::gettid().as_raw() as u32)
+                .and_then(|s| s.cpu())
+                .is_some();
+        let mut by_cpu = vec![None; cpus.iter().max().map_or(0, |m| m + 1)];
+        let mut slots = Vec::with_capacity(cfg.workers);
+        for i in 0..cfg.workers {
+            let cpu = cpus.get(i).copied().filter(|_| local);
+            if let Some(c) = cpu {
+                by_cpu[c] = Some(i);
+            }
+            slots.push(Slot {
+                cpu,
+                armed: AtomicBool::new(true),
+                local_faults: AtomicU64::new(0),
+                called: AtomicBool::new(false),
+                parked: AtomicBool::new(false),
+                kicked: AtomicBool::new(false),
+                kick: eventfd().map_err(|e| Error::sys("eventfd", e))?,
+            });
+        }
         let core = Arc::new(Core {
             uffd,
             regions: RwLock::new(BTreeMap::new()),
@@ -255,6 +546,14 @@ impl Service {
             since_room: AtomicU64::new(0),
             budget: cfg.memory_budget,
             page: crate::page_size() as u64,
+            slots,
+            by_cpu,
+            local,
+            epoch: Instant::now(),
+            reads: AtomicU64::new(0),
+            parked: AtomicUsize::new(0),
+            tids: Mutex::new(HashMap::new()),
+            disarming: Mutex::new(()),
         });
         let service = Arc::new(Service {
             core: core.clone(),
@@ -262,10 +561,10 @@ impl Service {
         });
         for i in 0..cfg.workers {
             let c = core.clone();
-            let sleep = Sleep::new(&core)?;
+            let sleep = Sleep::new(&core, i)?;
             let t = std::thread::Builder::new()
                 .name(format!("shadowfd-fault{i}"))
-                .spawn(move || worker(c, sleep))
+                .spawn(move || worker(c, i, sleep))
                 .map_err(|e| Error::sys("spawn a fault-service thread", e))?;
             service.threads.lock().push(t);
         }
@@ -293,87 +592,227 @@ impl Drop for Service {
 const EV_UFFD: u64 = 0;
 const EV_WORK: u64 = 1;
 const EV_STOP: u64 = 2;
+const EV_KICK: u64 = 3;
 
-/// Where an idle worker sleeps: an epoll set over the userfaultfd (added
-/// `EPOLLEXCLUSIVE`, so that a fault wakes one sleeping worker, not all of
-/// them), the work eventfd and the stop eventfd.
+/// Where an idle worker sleeps: an epoll set over the userfaultfd (see the
+/// module documentation for how it is added and armed), the work eventfd
+/// (`EPOLLEXCLUSIVE`), the stop eventfd and the worker's own kick eventfd.
 struct Sleep {
     ep: Epoll,
+    me: usize,
 }
 
 impl Sleep {
-    fn new(core: &Core) -> Result<Sleep> {
+    fn new(core: &Core, me: usize) -> Result<Sleep> {
         let e = |e| Error::sys("epoll set-up for a fault-service thread", e);
         let ep = Epoll::new().map_err(e)?;
-        let exclusive = (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32;
-        ep.add(core.uffd.as_fd(), exclusive, EV_UFFD).map_err(e)?;
-        ep.add(core.work.as_fd(), libc::EPOLLIN as u32, EV_WORK)
+        let (inp, excl) = (libc::EPOLLIN as u32, libc::EPOLLEXCLUSIVE as u32);
+        let uffd = if core.local { inp } else { inp | excl };
+        ep.add(core.uffd.as_fd(), uffd, EV_UFFD).map_err(e)?;
+        ep.add(core.work.as_fd(), inp | excl, EV_WORK).map_err(e)?;
+        ep.add(core.stop.as_fd(), inp, EV_STOP).map_err(e)?;
+        ep.add(core.slots[me].kick.as_fd(), inp, EV_KICK)
             .map_err(e)?;
-        ep.add(core.stop.as_fd(), libc::EPOLLIN as u32, EV_STOP)
-            .map_err(e)?;
-        Ok(Sleep { ep })
+        Ok(Sleep { ep, me })
     }
 
-    /// Blocks until a fault, queued work or the stop signal.
-    fn wait(&self, core: &Core) {
-        let mut tags = [0u64; 3];
-        let n = self.ep.wait(&mut tags, -1);
-        if tags[..n].contains(&EV_WORK) {
-            eventfd_drain(core.work.as_fd());
+    /// Blocks until a fault (if armed), queued work, a kick, the stop
+    /// signal or `timeout_ms` (< 0: none).
+    fn wait(&self, core: &Core, timeout_ms: i32) {
+        let mut tags = [0u64; 4];
+        let n = self.ep.wait(&mut tags, timeout_ms);
+        for t in &tags[..n] {
+            match *t {
+                EV_WORK => eventfd_drain(core.work.as_fd()),
+                EV_KICK => {
+                    // Cleared first: a kick after this signals again.
+                    let s = &core.slots[self.me];
+                    s.kicked.store(false, Ordering::SeqCst);
+                    eventfd_drain(s.kick.as_fd());
+                }
+                _ => {}
+            }
         }
+    }
+
+    /// Arms (`on`) or disarms this worker (local mode); returns whether it
+    /// is armed now. It stays armed if no other worker is.
+    fn set_armed(&self, core: &Core, on: bool) -> bool {
+        let slot = &core.slots[self.me];
+        let uffd = core.uffd.as_fd();
+        if on {
+            if self.ep.modify(uffd, libc::EPOLLIN as u32, EV_UFFD).is_err() {
+                return slot.armed.load(Ordering::SeqCst);
+            }
+            slot.armed.store(true, Ordering::SeqCst);
+            return true;
+        }
+        let _g = core.disarming.lock();
+        if !core.covered_without(self.me) {
+            return true;
+        }
+        slot.armed.store(false, Ordering::SeqCst);
+        if self.ep.modify(uffd, 0, EV_UFFD).is_err() {
+            slot.armed.store(true, Ordering::SeqCst);
+            return true;
+        }
+        false
+    }
+}
+
+/// Where the faults a worker's CPU has seen lately stand among all faults
+/// (local mode): counts smoothed over a few [`CHECK_MS`] periods.
+#[derive(Default)]
+struct Share {
+    /// When last updated, and the two counters then.
+    at: u64,
+    local_then: u64,
+    all_then: u64,
+    /// Faults from this CPU, and all faults, each period adding its own and
+    /// halving the sum before.
+    local: u64,
+    all: u64,
+    /// Whether the last period had faults, none of them from this CPU.
+    left: bool,
+}
+
+impl Share {
+    /// Starts afresh from the counters `local` and `all`.
+    fn reset(&mut self, now: u64, local: u64, all: u64) {
+        *self = Share {
+            at: now,
+            local_then: local,
+            all_then: all,
+            ..Share::default()
+        };
+    }
+
+    /// Takes in the counters, at most once per period.
+    fn update(&mut self, now: u64, local: u64, all: u64) {
+        if now.saturating_sub(self.at) < CHECK_MS as u64 * MS {
+            return;
+        }
+        let (l, a) = (local - self.local_then, all - self.all_then);
+        self.local = self.local / 2 + l;
+        self.all = self.all / 2 + a;
+        self.left = l == 0 && a >= LEFT;
+        (self.at, self.local_then, self.all_then) = (now, local, all);
+    }
+
+    /// Whether this CPU's share of the faults is worth a reader that every
+    /// fault wakes: a quarter at least, and some in the last period if it
+    /// had a few. With no faults lately, no change.
+    fn worth(&self, armed: bool) -> bool {
+        if self.all == 0 {
+            return armed;
+        }
+        !self.left && self.local * SHARE >= self.all
     }
 }
 
 /// One fault-service thread: serves the faults it reads itself, runs queued
 /// jobs when no fault is pending, and sleeps in epoll otherwise.
-fn worker(core: Arc<Core>, sleep: Sleep) {
+fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
+    let slot = &core.slots[me];
+    if let Some(cpu) = slot.cpu {
+        // Unpinned, it still serves; only less often on the faulting CPU.
+        let _ = pin_to(cpu);
+    }
     let mut raw = vec![uffd_msg::default(); BATCH];
     let mut faults = Vec::with_capacity(BATCH);
+    let mut armed = true;
+    // Fault messages read as of the last look, and since when none were.
+    let (mut seen, mut quiet_since) = (0u64, 0u64);
+    // `reads` when a message was last seen waiting while disarmed, and when
+    // faults were last found starving.
+    let (mut waiting_at, mut starved_at) = (None, 0u64);
+    let mut share = Share::default();
+    // Slept since the last fault was read.
+    let mut woken = false;
     while !core.stopping.load(Ordering::Relaxed) {
         // Claimed faults first: a thread is waiting on each.
-        if let Ok(job) = core.fault_rx.try_recv() {
-            run_job(&core, job);
+        if let Some(job) = core.next_job(&core.fault_rx) {
+            core.run_job(job);
             continue;
         }
-        faults.clear();
-        match core.uffd.read_faults(&mut raw, &mut faults) {
-            Ok(()) if !faults.is_empty() => {
-                let mut mine = None;
-                for f in &faults {
-                    if let Some((target, work)) = core.on_fault(*f) {
-                        if mine.is_none() {
-                            mine = Some((target, work));
-                        } else {
-                            let target = Held::Strong(target);
-                            let _ = core.fault_tx.send(Job { target, work });
-                            eventfd_signal(core.work.as_fd());
-                        }
-                    }
+        if armed {
+            faults.clear();
+            match core.uffd.read_faults(&mut raw, &mut faults) {
+                Ok(()) if !faults.is_empty() => {
+                    core.serve(me, &faults, woken);
+                    woken = false;
+                    continue;
                 }
-                if let Some((target, work)) = mine {
-                    target.run(&core, work);
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(_) => {
+                    slot.armed.store(false, Ordering::SeqCst);
+                    return;
                 }
+            }
+        }
+        if let Some(job) = core.next_job(&core.prefetch_rx) {
+            core.run_job(job);
+            continue;
+        }
+        if !core.local {
+            sleep.wait(&core, -1);
+            woken = true;
+            continue;
+        }
+        let now = core.now();
+        let reads = core.reads.load(Ordering::SeqCst);
+        if reads != seen {
+            (seen, quiet_since) = (reads, now);
+        }
+        if !armed {
+            // A message waiting at two looks in a row, nothing read between:
+            // the armed workers cannot read.
+            if !core.uffd.has_pending() {
+                waiting_at = None;
+            } else if waiting_at == Some(reads) {
+                starved_at = now;
+            } else {
+                waiting_at = Some(reads);
+            }
+        }
+        let local = slot.local_faults.load(Ordering::SeqCst);
+        let called = slot.called.swap(false, Ordering::SeqCst);
+        if called {
+            share.reset(now, local, reads);
+        } else {
+            share.update(now, local, reads);
+        }
+        let idle = !within(now, quiet_since, IDLE);
+        let want = idle
+            || called
+            || (slot.cpu.is_some() && share.worth(armed))
+            || within(now, starved_at, LINGER)
+            || !core.covered_without(me);
+        if want != armed {
+            let was = armed;
+            armed = sleep.set_armed(&core, want);
+            if armed && !was {
+                waiting_at = None;
                 continue;
             }
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            Err(_) => return,
         }
-        if let Ok(job) = core.prefetch_rx.try_recv() {
-            run_job(&core, job);
+        if !idle {
+            sleep.wait(&core, CHECK_MS);
+            woken = true;
             continue;
         }
-        sleep.wait(&core);
-    }
-}
-
-fn run_job(core: &Core, job: Job) {
-    let target = match job.target {
-        Held::Strong(t) => Some(t),
-        Held::Weak(w) => w.upgrade(),
-    };
-    if let Some(t) = target {
-        t.run(core, job.work);
+        // Park (armed) until a fault, its reader's kick, work or the stop.
+        slot.parked.store(true, Ordering::SeqCst);
+        core.parked.fetch_add(1, Ordering::SeqCst);
+        if core.reads.load(Ordering::SeqCst) == seen {
+            sleep.wait(&core, -1);
+            woken = true;
+        }
+        slot.parked.store(false, Ordering::SeqCst);
+        core.parked.fetch_sub(1, Ordering::SeqCst);
+        let now = core.now();
+        share.reset(now, slot.local_faults.load(Ordering::SeqCst), seen);
     }
 }

@@ -6,11 +6,14 @@ use super::uffd_abi as sys;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
-/// Features the engine asks for when the kernel has them.
+/// Features the engine asks for when the kernel has them. THREAD_ID lets
+/// the fault service see which thread faulted, and so on which CPU it
+/// waits (see `fault::service`).
 pub(crate) const WANTED_FEATURES: u64 = sys::UFFD_FEATURE_MISSING_SHMEM
     | sys::UFFD_FEATURE_MINOR_SHMEM
     | sys::UFFD_FEATURE_EXACT_ADDRESS
-    | sys::UFFD_FEATURE_POISON;
+    | sys::UFFD_FEATURE_POISON
+    | sys::UFFD_FEATURE_THREAD_ID;
 /// Features without which lazy shadows cannot work.
 /// - POISON, so that a source read error reaches the consumer as SIGBUS;
 ///   without it the only alternatives are zeros or a hung thread.
@@ -31,6 +34,9 @@ pub(crate) const CONSUMER_MODE: u64 =
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Fault {
     pub address: u64,
+    /// The faulting thread's id, or 0 where `UFFD_FEATURE_THREAD_ID` was
+    /// not negotiated.
+    pub tid: u32,
 }
 
 /// An open, API-negotiated userfaultfd.
@@ -70,6 +76,11 @@ impl Uffd {
     /// `features` (as it says) and registered its own ranges.
     pub(crate) fn from_fd(fd: OwnedFd, features: u64) -> Uffd {
         Uffd { fd, features }
+    }
+
+    /// Whether fault messages carry the faulting thread's id.
+    pub(crate) fn has_thread_id(&self) -> bool {
+        self.features & sys::UFFD_FEATURE_THREAD_ID != 0
     }
 
     /// Negotiated features (`UFFD_FEATURE_*` bits).
@@ -171,6 +182,13 @@ impl Uffd {
         Ok(())
     }
 
+    /// Whether a message is waiting to be read (a `poll` with no timeout).
+    pub(crate) fn has_pending(&self) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+    }
+
     /// Reads up to `out.len()` page faults without blocking. Events other than
     /// page faults are not requested and are skipped if they ever appear.
     pub(crate) fn read_faults(
@@ -189,7 +207,14 @@ impl Uffd {
             raw[..count]
                 .iter()
                 .filter(|m| m.event == sys::UFFD_EVENT_PAGEFAULT)
-                .map(|m| Fault { address: m.arg1 }),
+                .map(|m| Fault {
+                    address: m.arg1,
+                    // `feat.ptid`: the first four bytes of the third word.
+                    tid: {
+                        let b = m.arg2.to_ne_bytes();
+                        u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
+                    },
+                }),
         );
         Ok(())
     }
