@@ -20,6 +20,7 @@
 //! - The userfaultfd outlives every registered range: shadows and mappings
 //!   hold the service alive, so no page can fall through to zeros.
 
+pub(crate) mod buffer;
 pub(crate) mod chunks;
 mod service;
 

@@ -806,6 +806,7 @@ fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
         // Park (armed) until a fault, its reader's kick, work or the stop.
         slot.parked.store(true, Ordering::SeqCst);
         core.parked.fetch_add(1, Ordering::SeqCst);
+        super::buffer::release();
         if core.reads.load(Ordering::SeqCst) == seen {
             sleep.wait(&core, -1);
             woken = true;

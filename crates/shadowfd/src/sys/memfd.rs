@@ -69,25 +69,6 @@ impl Memfd {
         seals_of(self.file.as_fd())
     }
 
-    /// `fallocate(fd, 0, offset, len)`: makes every page of the range
-    /// present (zero-filled where it was a hole). Works after
-    /// `F_SEAL_FUTURE_WRITE` on this (writable) descriptor.
-    pub fn allocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        // SAFETY: fallocate on our own open descriptor; no memory is passed.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                0,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
     /// `pwrite` all of `buf` at `offset`.
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         self.file.write_all_at(buf, offset)

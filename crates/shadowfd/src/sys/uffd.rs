@@ -157,6 +157,42 @@ impl Uffd {
         sys::wake(self.fd.as_fd(), start, len)
     }
 
+    /// Installs `src` at `dst` with `UFFDIO_COPY` (without waking anyone),
+    /// resuming after partial copies and retrying `EAGAIN`. On failure,
+    /// returns the error and the bytes installed before it; `EEXIST` means
+    /// the page at `dst + done` was present already.
+    ///
+    /// # Safety
+    /// `dst..dst+src.len()` must lie in a range registered with this uffd by
+    /// this crate, and `src` must not be registered memory (the copy would
+    /// fault into ourselves).
+    pub(crate) unsafe fn copy(&self, dst: u64, src: &[u8]) -> Result<(), (io::Error, u64)> {
+        let mut done = 0u64;
+        let len = src.len() as u64;
+        while done < len {
+            // SAFETY: forwarded from the caller; `src[done..]` is in bounds.
+            let r = unsafe {
+                sys::copy(
+                    self.fd.as_fd(),
+                    dst + done,
+                    src.as_ptr().add(done as usize),
+                    len - done,
+                    sys::UFFDIO_COPY_MODE_DONTWAKE,
+                )
+            };
+            match r {
+                Ok(n) => done += n,
+                Err((e, n)) => {
+                    done += n;
+                    if e.raw_os_error() != Some(libc::EAGAIN) {
+                        return Err((e, done));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Poisons `len` bytes at `start` and wakes waiters there. A page whose
     /// marker is present already (poisoned by an earlier answer) is woken
     /// instead: a thread may have started waiting on it after that answer's

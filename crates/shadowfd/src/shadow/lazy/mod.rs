@@ -25,7 +25,7 @@ mod readahead;
 use crate::config::{Config, StalePolicy};
 use crate::error::{Cause, Error, Result};
 use crate::fault::chunks::{ChunkState, ChunkTable};
-use crate::fault::{Core, FaultTarget, Hit, Service, Why, Work};
+use crate::fault::{Core, FaultTarget, Hit, Service, Why, Work, buffer};
 use crate::source::{Source, SourceMeta};
 use crate::stats::Counters;
 use crate::sys::memfd::{LAZY_SEALS, Memfd};
@@ -310,27 +310,80 @@ impl LazyShadow {
         changed
     }
 
-    /// Counts the pages of `off..off+span` already in the memfd although
-    /// their chunks were never filled: planted by someone else. They are
-    /// overwritten by the fill like any page.
-    fn count_planted(&self, core: &Core, off: u64, span: u64) {
-        let Some(alias) = &self.alias else { return };
-        let pages = (span / core.page) as usize;
-        let mut vec = vec![0u8; pages];
-        // SAFETY: the range lies inside the alias mapping (off + span is
-        // within its page-rounded length); `vec` has one byte per page.
-        let r = unsafe {
-            libc::mincore(
-                alias.as_ptr().add(off as usize).cast(),
-                span as usize,
-                vec.as_mut_ptr(),
-            )
-        };
-        if r == 0 {
-            let n = vec.iter().filter(|v| **v & 1 != 0).count() as u64;
-            if n > 0 {
-                self.counters.healed_pages.fetch_add(n, Ordering::Relaxed);
-                core.counters.healed_pages.fetch_add(n, Ordering::Relaxed);
+    /// Reads `off..end` of the source piece by piece into this thread's
+    /// bounded buffer and installs it in the memfd with `UFFDIO_COPY` into
+    /// the alias. A page that is present already was planted by someone else
+    /// (the chunk was never filled): it is overwritten through the alias and
+    /// counted. Returns the bytes read from the source.
+    fn read_and_install(&self, core: &Core, off: u64, end: u64, bad: &mut Vec<BadRange>) -> u64 {
+        let page = core.page;
+        let alias = self
+            .alias
+            .as_ref()
+            .expect("a non-empty shadow has an alias");
+        let mut good_bytes = 0;
+        let mut at = off;
+        while at < end {
+            let piece_end = end.min(at + buffer::PIECE as u64);
+            let span = round_up(piece_end - at, page);
+            good_bytes += buffer::with(span as usize, |data| {
+                let good =
+                    fill::read_chunk(&*self.source, data, at, piece_end, page, self.size, bad);
+                for &(a, b) in &good {
+                    self.install(
+                        core,
+                        alias,
+                        &data[(a - at) as usize..(b - at) as usize],
+                        a,
+                        bad,
+                    );
+                }
+                good.iter().map(|(a, b)| b - a).sum::<u64>()
+            });
+            at = piece_end;
+        }
+        good_bytes
+    }
+
+    /// Installs `data` at shadow offset `off` (page-aligned).
+    fn install(&self, core: &Core, alias: &RawMap, data: &[u8], off: u64, bad: &mut Vec<BadRange>) {
+        let page = core.page as usize;
+        let mut done = 0usize;
+        while done < data.len() {
+            let dst = alias.addr() + off + done as u64;
+            // SAFETY: the destination lies in the alias, registered with the
+            // engine's userfaultfd; `data` is this thread's heap buffer.
+            match unsafe { core.uffd.copy(dst, &data[done..]) } {
+                Ok(()) => return,
+                Err((e, n)) => {
+                    done += n as usize;
+                    let p = off + done as u64;
+                    let piece = &data[done..(done + page).min(data.len())];
+                    if e.raw_os_error() == Some(libc::EEXIST) {
+                        // SAFETY: the page at `p` is present in the memfd
+                        // (EEXIST), so writing it through the alias maps it
+                        // without a userfault (the alias is registered for
+                        // MISSING faults only); the chunk is claimed by this
+                        // thread and no consumer range has been given it.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                piece.as_ptr(),
+                                alias.as_ptr().add(p as usize),
+                                piece.len(),
+                            );
+                        }
+                        for ctr in [&self.counters, &core.counters] {
+                            ctr.healed_pages.fetch_add(1, Ordering::Relaxed);
+                        }
+                    } else {
+                        let cause = Cause::Allocate {
+                            errno: e.raw_os_error(),
+                            message: format!("UFFDIO_COPY into the memfd: {e}"),
+                        };
+                        bad.push((p, p + page as u64, cause));
+                    }
+                    done += piece.len();
+                }
             }
         }
     }
@@ -366,32 +419,7 @@ impl LazyShadow {
             return self.refuse_for_now(core, run, cause);
         } else {
             reserved = span;
-            self.count_planted(core, off, span);
-            // Present pages: the alias is registered for MISSING faults, and
-            // its writes must not fault into the service itself.
-            if let Err(e) = self.memfd.allocate(off, end - off) {
-                let cause = Cause::Allocate {
-                    errno: e.raw_os_error(),
-                    message: e.to_string(),
-                };
-                bad.push((off, end, cause));
-            }
-        }
-        if reserved > 0 && bad.is_empty() {
-            let alias = self
-                .alias
-                .as_ref()
-                .expect("a non-empty shadow has an alias");
-            // SAFETY: `off..off+span` lies in the alias (page-rounded to the
-            // memfd's size). The chunks are claimed by this thread, so no
-            // other thread writes these bytes, and no Rust reference to them
-            // exists: consumer ranges read the memfd's pages only through
-            // other mappings, and are given them only after `publish`.
-            let data = unsafe {
-                std::slice::from_raw_parts_mut(alias.as_ptr().add(off as usize), span as usize)
-            };
-            let good = fill::read_chunk(&*self.source, data, off, end, page, self.size, &mut bad);
-            good_bytes = good.iter().map(|(a, b)| b - a).sum();
+            good_bytes = self.read_and_install(core, off, end, &mut bad);
             if strict && self.check_changed() {
                 bad = vec![(off, end, STALE_DURING)];
                 good_bytes = 0;
@@ -615,6 +643,14 @@ impl LazyShadow {
     /// where possible, and waits for chunks other threads are filling.
     /// Errors if any page in the range could not be filled.
     pub fn populate(&self, offset: u64, len: u64) -> Result<()> {
+        let r = self.populate_here(offset, len);
+        // A caller's thread keeps no fill buffer (workers free theirs when
+        // they park).
+        buffer::release();
+        r
+    }
+
+    fn populate_here(&self, offset: u64, len: u64) -> Result<()> {
         if offset.checked_add(len).is_none_or(|e| e > self.size) {
             return Err(Error::Range {
                 offset,
