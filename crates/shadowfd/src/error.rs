@@ -155,6 +155,9 @@ pub enum Cause {
          or lower `--memory-budget`"
     )]
     LowMemory { room: u64, margin: u64 },
+    /// The fill itself panicked (a bug in shadowfd, reported and contained).
+    #[error("the fill panicked (a bug in shadowfd; the engine goes on)")]
+    FillPanicked,
     /// The memfd's pages could not be allocated.
     #[error("allocating the shadow's memory failed: {message}")]
     Allocate { errno: Option<i32>, message: String },

@@ -72,6 +72,8 @@ pub(crate) struct Counters {
     pub unknown_faults: AtomicU64,
     pub healed_pages: AtomicU64,
     pub budget_refusals: AtomicU64,
+    pub worker_panics: AtomicU64,
+    pub uffd_errors: AtomicU64,
     pub fill_latency: Latency,
 }
 
@@ -88,6 +90,8 @@ impl Counters {
             unknown_faults: self.unknown_faults.load(Relaxed),
             healed_pages: self.healed_pages.load(Relaxed),
             budget_refusals: self.budget_refusals.load(Relaxed),
+            worker_panics: self.worker_panics.load(Relaxed),
+            uffd_errors: self.uffd_errors.load(Relaxed),
             fill_p50_us: us(0.5),
             fill_p99_us: us(0.99),
             resident_bytes,
@@ -126,6 +130,13 @@ pub struct Stats {
     /// faulting threads got SIGBUS (or `populate` an error), and the chunks
     /// stay unfilled, to be filled normally once memory is given back.
     pub budget_refusals: u64,
+    /// Panics inside the fault service (bugs), each contained: the run it
+    /// was filling is poisoned and its waiters answered, and the worker goes
+    /// on.
+    pub worker_panics: u64,
+    /// Unexpected errors reading the userfaultfd; the worker logs the first,
+    /// backs off briefly and goes on.
+    pub uffd_errors: u64,
     /// Median time of one fill (one chunk for a random fault; a run of up
     /// to 1 MiB for sequential access, readahead and populate), in µs.
     pub fill_p50_us: Option<f64>,

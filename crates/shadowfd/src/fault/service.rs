@@ -370,7 +370,7 @@ impl Core {
             }
         }
         if let Some((target, work)) = mine {
-            target.run(self, work);
+            self.run_guarded(&*target, work);
         }
         // Bookkeeping after the answers: the faulting threads run meanwhile.
         if self.local {
@@ -395,7 +395,16 @@ impl Core {
             Held::Weak(w) => w.upgrade(),
         };
         if let Some(t) = target {
-            t.run(self, job.work);
+            self.run_guarded(&*t, job.work);
+        }
+    }
+
+    /// Runs `work`; a panic that escapes the target (whose fills contain
+    /// their own) is counted and the worker goes on.
+    fn run_guarded(&self, target: &dyn FaultTarget, work: Work) {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| target.run(self, work)));
+        if r.is_err() {
+            self.counters.worker_panics.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -746,9 +755,14 @@ fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(_) => {
-                    slot.armed.store(false, Ordering::SeqCst);
-                    return;
+                Err(e) => {
+                    // Not expected: say so once, count it, back off and go
+                    // on, so that the pool never shrinks in silence.
+                    if core.counters.uffd_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                        eprintln!("shadowfd: fault service: reading the userfaultfd failed: {e}");
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    continue;
                 }
             }
         }

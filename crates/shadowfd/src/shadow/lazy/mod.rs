@@ -393,6 +393,42 @@ impl LazyShadow {
     /// mapped (`UFFDIO_CONTINUE`), bad ones poisoned. For prefetch, a full
     /// budget gives the chunks back (Empty) instead of poisoning them.
     fn fill(&self, core: &Core, run: Range<u64>, why: Why) {
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            self.fill_claimed(core, run.clone(), why)
+        }));
+        if r.is_err() {
+            // A bug, not a source error (those are caught where the source
+            // is called): the run's chunks are still claimed by this thread.
+            // Resolve them as bad so that nobody waits on them for ever.
+            for ctr in [&self.counters, &core.counters] {
+                ctr.worker_panics.fetch_add(1, Ordering::Relaxed);
+            }
+            let still: Vec<u64> = run
+                .clone()
+                .filter(|&c| self.chunks.get(c) == ChunkState::Filling)
+                .collect();
+            if let (Some(&a), Some(&b)) = (still.first(), still.last()) {
+                let (off, end) = self.run_range(&(a..b + 1));
+                let bad = fill::bad_pages(&[(off, end, Cause::FillPanicked)], core.page);
+                self.record_error(
+                    &core.counters,
+                    format!("{}: {}", self.name, Cause::FillPanicked),
+                );
+                {
+                    let mut m = self.bad.lock();
+                    for (p, c) in &bad {
+                        m.insert(*p, c.clone());
+                    }
+                }
+                for c in still {
+                    self.chunks.publish(c..c + 1);
+                }
+                self.answer_all(core, off, round_up(end, core.page), &bad);
+            }
+        }
+    }
+
+    fn fill_claimed(&self, core: &Core, run: Range<u64>, why: Why) {
         let prefetch = why == Why::Prefetch;
         // A fault needs its first chunk; the rest of its run is a guess.
         let speculative = prefetch || (why == Why::Fault && run.end - run.start > 1);
