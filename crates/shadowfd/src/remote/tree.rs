@@ -70,7 +70,14 @@ pub(crate) fn open_beneath(dir: BorrowedFd<'_>, rel: &[u8], flags: i32) -> io::R
     let c = CString::new(rel).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: open_how is plain data; all-zero is a valid value.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (flags | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    // openat2 refuses O_PATH with any flag but O_CLOEXEC, O_DIRECTORY and
+    // O_NOFOLLOW.
+    let extra = if flags & libc::O_PATH != 0 {
+        libc::O_CLOEXEC
+    } else {
+        libc::O_CLOEXEC | libc::O_NOCTTY
+    };
+    how.flags = (flags | extra) as u64;
     how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
     for _ in 0..8 {
         // SAFETY: a live directory descriptor, a NUL-terminated path and an
@@ -296,7 +303,12 @@ mod tests {
         std::os::unix::fs::symlink("../secret", d.path().join("in/up")).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", d.path().join("in/abs")).unwrap();
         let root = open_root(&d.path().join("in")).unwrap();
-        assert!(RootFile::open(&root, b"ok").is_ok());
+        let (ok, _) = RootFile::open(&root, b"ok").unwrap();
+        assert_eq!(
+            ok.metadata().unwrap().size,
+            1,
+            "the identity check reopens it"
+        );
         for bad in [&b"../secret"[..], b"up", b"abs", b"x/../../secret"] {
             let code = RootFile::open(&root, bad).err().map(|r| r.0);
             assert!(
