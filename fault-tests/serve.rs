@@ -635,3 +635,189 @@ fn sigterm_stops_the_server_and_removes_its_socket() {
     assert!(!sock.exists(), "the socket is left behind");
     assert!(o.stderr.contains("stopping on SIGTERM"), "{}", o.describe());
 }
+
+/// `--image`: paths are inside the image; the bytes are the file's, a
+/// missing path is E_NOT_FOUND.
+#[test]
+fn an_image_is_served_by_paths_inside_it() {
+    let dir = tempdir();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    let path = write_file(&tree.join("etc"), "data.bin", 0x13_08, (3 << 20) + 5);
+    let img = dir.path().join("fs.img");
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&img)
+        .arg("16M")
+        .output()
+        .expect("run mkfs.ext4 (e2fsprogs is needed by this suite)");
+    assert!(out.status.success(), "mkfs.ext4: {out:?}");
+    let sock = dir.path().join("s.sock");
+    let mut p = Proc::spawn(
+        "shadowfd serve --image",
+        cli(&[
+            "serve",
+            "--socket",
+            sock.to_str().unwrap(),
+            "--image",
+            img.to_str().unwrap(),
+        ]),
+        false,
+    );
+    wait_socket(&sock, &mut p);
+    let s = sock.to_str().unwrap();
+    for name in ["/etc/data.bin", "etc/data.bin"] {
+        let raw = cli(&["client", "--socket", s, "cat", name])
+            .output()
+            .expect("client cat");
+        assert!(raw.status.success(), "{name}: {raw:?}");
+        assert!(
+            raw.stdout == std::fs::read(&path).unwrap(),
+            "{name}: bytes differ"
+        );
+    }
+    let o = crate::support::run(cli(&["client", "--socket", s, "cat", "/etc/nope"]));
+    assert!(
+        !o.status.success() && o.stderr.contains("E_NOT_FOUND"),
+        "{}",
+        o.describe()
+    );
+    let v = status(&sock);
+    assert_eq!(v["tree"], "image", "{v}");
+    assert_eq!(
+        v["shadows"].as_array().unwrap().len(),
+        1,
+        "one shadow for both names: {v}"
+    );
+    drop(p.finish(Duration::ZERO));
+}
+
+/// A source changed after its shadow was made gets a new shadow on the next
+/// OPEN (with the new bytes), while a client still holding the old one keeps
+/// its mapping.
+#[test]
+fn a_changed_source_gets_a_new_shadow() {
+    if let Some(r) = child::role() {
+        return play(&r);
+    }
+    if !lazy_available("serve: changed source") {
+        return;
+    }
+    let test = test_name!(a_changed_source_gets_a_new_shadow);
+    let dir = tempdir();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let path = write_file(&root, "f.bin", 0x13_09, 16 * page());
+    let sock = dir.path().join("s.sock");
+    let mut server = cli_server(&sock, &root, &["--mode", "lazy"]);
+    let go = dir.path().join("go");
+    // The old client: reads 16 pages, holds its mapping until GO, then
+    // rereads page 0 (still the old bytes: it was filled before the change).
+    let mut old = Proc::spawn(
+        "old client",
+        role_cmd(
+            &test,
+            "toucher",
+            &[
+                ("SOCK", sock.display().to_string()),
+                ("FILE", "f.bin".into()),
+                ("ID", 0x13_09u64.to_string()),
+                ("FIRST", "16".into()),
+                ("GO", go.display().to_string()),
+            ],
+        ),
+        false,
+    );
+    assert!(
+        old.wait_report("ready", BOUND).is_some(),
+        "the old client never got ready"
+    );
+    // A whole new file under the same name (new inode, new mtime).
+    let tmp = write_file(dir.path(), "new.bin", 0x13_0A, 16 * page());
+    std::fs::rename(&tmp, &path).unwrap();
+    let o = crate::support::run(cli(&[
+        "client",
+        "--socket",
+        sock.to_str().unwrap(),
+        "map",
+        "f.bin",
+        "--verify",
+        "--json",
+    ]));
+    assert!(o.status.success(), "{}", o.describe());
+    let v: serde_json::Value = serde_json::from_str(o.stdout.trim()).unwrap();
+    assert_eq!(v["shadow_id"], 2, "a new shadow for the changed file: {v}");
+    let raw = cli(&["client", "--socket", sock.to_str().unwrap(), "cat", "f.bin"])
+        .output()
+        .unwrap();
+    assert!(raw.stdout == std::fs::read(&path).unwrap(), "the new bytes");
+    std::fs::write(&go, b"").unwrap();
+    let oo = old.finish(BOUND);
+    assert!(
+        oo.status.success(),
+        "the old client's mapping was disturbed\n{}",
+        oo.describe()
+    );
+    assert!(oo.values("bad").is_empty(), "{}", oo.describe());
+    assert_eq!(oo.values("all-read").len(), 1, "{}", oo.describe());
+    drop(server.finish(Duration::ZERO));
+}
+
+/// Shadows no client holds are evicted least recently used first once the
+/// shadows' resident bytes pass 3/4 of the memory budget.
+#[test]
+fn idle_shadows_are_evicted_lru_under_the_budget() {
+    if !lazy_available("serve: eviction") {
+        return;
+    }
+    let dir = tempdir();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        write_file(&root, name, 0x13_10 + i as u64, 20 << 20);
+    }
+    let sock = dir.path().join("s.sock");
+    let mut server = cli_server(
+        &sock,
+        &root,
+        &[
+            "--mode",
+            "lazy",
+            "--memory-budget",
+            "64M",
+            "--max-size",
+            "32M",
+        ],
+    );
+    let s = sock.to_str().unwrap();
+    for name in ["a", "b", "c"] {
+        let raw = cli(&["client", "--socket", s, "cat", name])
+            .output()
+            .unwrap();
+        assert!(raw.status.success(), "{name}: {raw:?}");
+        assert!(
+            raw.stdout == std::fs::read(root.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    let v = status(&sock);
+    let names: Vec<&str> = v["shadows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["/b", "/c"],
+        "a (least recently used) is evicted: {v}"
+    );
+    assert!(v["resident_bytes"].as_u64().unwrap() <= 48 << 20, "{v}");
+    let o = server.finish(Duration::ZERO);
+    assert!(
+        o.stderr.contains("shadow 1: evicted /a"),
+        "{}",
+        o.describe()
+    );
+}
