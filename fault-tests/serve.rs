@@ -108,6 +108,7 @@ fn play(role: &str) {
         "slow-server" => slow_server(),
         "reader" => reader(),
         "toucher" => toucher(),
+        "interleaved" => interleaved(),
         other => panic!("unknown role {other}"),
     }
 }
@@ -184,6 +185,32 @@ fn toucher() {
     child::report("all-read", "");
 }
 
+/// Maps FILE, touches every other page (a mapping full of holes between
+/// filled pages, the slowest to poison), reports `ready`, waits for GO and
+/// touches the last page, which is unfilled.
+fn interleaved() {
+    let c = Client::connect(param("SOCK")).expect("connect");
+    let f = c.open(&param("FILE")).expect("open");
+    let map = f.map().expect("map");
+    assert!(map.is_lazy(), "needs a lazy mapping");
+    child::watch_sigbus(&map);
+    let pages = (map.len() as u64).div_ceil(page());
+    let mut sum = 0u64;
+    for p in (0..pages).step_by(2) {
+        sum = sum.wrapping_add(u64::from(map[(p * page()) as usize]));
+    }
+    std::hint::black_box(sum);
+    child::report("ready", pages / 2);
+    let go = PathBuf::from(param("GO"));
+    let t = Instant::now();
+    while !go.exists() {
+        assert!(t.elapsed() < BOUND, "GO never came");
+        std::thread::yield_now();
+    }
+    child::touch_page(&map, param_u64("ID"), pages - 1);
+    child::report("all-read", "");
+}
+
 fn role_cmd(test: &str, role: &str, params: &[(&str, String)]) -> std::process::Command {
     role_command(test, role, params)
 }
@@ -253,6 +280,22 @@ fn many_clients_share_one_shadow_and_read_the_source_once() {
     assert_eq!(s["bytes_filled"], size, "each byte read once: {s}");
     assert_eq!(s["chunks_filled"], size / chunk, "each chunk once: {s}");
     assert_eq!(s["errors"], 0, "{s}");
+    // The same through the CLI.
+    let o = crate::support::run(cli(&[
+        "status",
+        "--socket",
+        sock.to_str().unwrap(),
+        "--json",
+    ]));
+    assert!(o.status.success(), "{}", o.describe());
+    let cli_v: serde_json::Value = serde_json::from_str(o.stdout.trim()).expect("status --json");
+    assert_eq!(cli_v["shadows"][0]["bytes_filled"], size, "{cli_v}");
+    let o = crate::support::run(cli(&["status", "--socket", sock.to_str().unwrap()]));
+    assert!(
+        o.status.success() && o.stdout.contains("/big.bin (lazy, 33554432 bytes)"),
+        "{}",
+        o.describe()
+    );
     eprintln!(
         "serve: 4 clients x {} MiB: {} chunks filled for {} chunks in the file, {} faults, fill p50 {} µs p99 {} µs",
         size >> 20,
@@ -819,5 +862,63 @@ fn idle_shadows_are_evicted_lru_under_the_budget() {
         o.stderr.contains("shadow 1: evicted /a"),
         "{}",
         o.describe()
+    );
+}
+
+/// The server-death bound at its worst: a 64 MiB lazy mapping with every
+/// other page filled (8192 holes, each a separate poison run), the server
+/// SIGKILLed, then the last (unfilled) page touched: SIGBUS. The time from
+/// the kill to the client's exit is printed (not asserted).
+#[test]
+fn server_death_bound_on_an_interleaved_64m_mapping() {
+    if let Some(r) = child::role() {
+        return play(&r);
+    }
+    if !lazy_available("serve: server death bound") {
+        return;
+    }
+    let test = test_name!(server_death_bound_on_an_interleaved_64m_mapping);
+    let dir = tempdir();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let id = 0x13_11;
+    write_file(&root, "f.bin", id, 64 << 20);
+    let sock = dir.path().join("s.sock");
+    let mut server = cli_server(&sock, &root, &["--mode", "lazy", "--readahead", "0"]);
+    let go = dir.path().join("go");
+    let mut c = Proc::spawn(
+        "interleaved client",
+        role_cmd(
+            &test,
+            "interleaved",
+            &[
+                ("SOCK", sock.display().to_string()),
+                ("FILE", "f.bin".into()),
+                ("ID", id.to_string()),
+                ("GO", go.display().to_string()),
+            ],
+        ),
+        false,
+    );
+    assert!(
+        c.wait_report("ready", Duration::from_secs(60)).is_some(),
+        "never ready"
+    );
+    let killed = Instant::now();
+    drop(server.finish(Duration::ZERO)); // SIGKILL
+    std::fs::write(&go, b"").unwrap();
+    let o = c.finish(BOUND);
+    let took = killed.elapsed();
+    assert!(!o.timed_out, "the client hung\n{}", o.describe());
+    assert_eq!(o.signal(), Some(libc::SIGBUS), "{}", o.describe());
+    let at: u64 = o.last("sigbus").expect("SIGBUS offset").parse().unwrap();
+    assert_eq!(at / page(), (64 << 20) / page() - 1, "{}", o.describe());
+    assert!(
+        o.values("good").is_empty() && o.values("bad").is_empty(),
+        "{}",
+        o.describe()
+    );
+    eprintln!(
+        "serve: server SIGKILLed -> SIGBUS on a 64 MiB mapping with 8192 holes: {took:?} (process exit included)"
     );
 }
