@@ -123,7 +123,7 @@ fn slow_server() {
     let opts = ServerOptions {
         peer_timeout: Duration::from_secs(5),
         source_hook: Some(Arc::new(move |s| Arc::new(Slow { inner: s, delay }))),
-        log: Some(Arc::new(|l: &str| eprintln!("server: {l}"))),
+        log: Some(Arc::new(|l: &str| child::report("log", l))),
         ..ServerOptions::default()
     };
     let server = Server::new(engine, Tree::Root(param("ROOT").into()), opts).expect("server");
@@ -558,8 +558,9 @@ fn a_client_killed_mid_fault_is_forgotten() {
     );
     let so = server.finish(Duration::ZERO);
     assert!(
-        so.stderr
-            .contains("disconnected; released 1 handle(s) and 1 lazy mapping(s)"),
+        so.values("log")
+            .iter()
+            .any(|l| l.contains("disconnected; released 1 handle(s) and 1 lazy mapping(s)")),
         "{}",
         so.describe()
     );
@@ -920,5 +921,78 @@ fn server_death_bound_on_an_interleaved_64m_mapping() {
     );
     eprintln!(
         "serve: server SIGKILLed -> SIGBUS on a 64 MiB mapping with 8192 holes: {took:?} (process exit included)"
+    );
+}
+
+/// `shadowfd client cat` of a server SIGKILLed mid-file: a message naming
+/// the SIGBUS offset, exit status 1, and stdout an exact prefix of the file
+/// (whole pieces up to the failure; never a zero byte that is not the
+/// file's).
+#[test]
+fn client_cat_of_a_killed_server_stops_with_an_error_not_zeros() {
+    if let Some(r) = child::role() {
+        return play(&r);
+    }
+    if !lazy_available("serve: client cat, server death") {
+        return;
+    }
+    let test = test_name!(client_cat_of_a_killed_server_stops_with_an_error_not_zeros);
+    let dir = tempdir();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let path = write_file(&root, "f.bin", 0x13_12, 512 * page());
+    let sock = dir.path().join("s.sock");
+    let mut server = Proc::spawn(
+        "slow server",
+        role_cmd(
+            &test,
+            "slow-server",
+            &[
+                ("ROOT", root.display().to_string()),
+                ("SOCK", sock.display().to_string()),
+                ("DELAY_MS", "100".into()),
+            ],
+        ),
+        false,
+    );
+    wait_socket(&sock, &mut server);
+    let out = dir.path().join("out");
+    let bin = cli(&[]).get_program().to_owned();
+    let mut sh = std::process::Command::new("sh");
+    sh.arg("-c")
+        .arg("exec \"$0\" client --socket \"$1\" cat f.bin > \"$2\"")
+        .arg(&bin)
+        .arg(&sock)
+        .arg(&out);
+    let mut cat = Proc::spawn("client cat", sh, false);
+    let t = Instant::now();
+    loop {
+        if server.values("log").iter().any(|l| l.contains("lazily at")) {
+            break;
+        }
+        assert!(t.elapsed() < BOUND, "the client never mapped the file");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(250)); // a few slow fills in
+    drop(server.finish(Duration::ZERO)); // SIGKILL
+    let o = cat.finish(BOUND);
+    assert!(!o.timed_out, "client cat hung\n{}", o.describe());
+    assert_eq!(o.status.code(), Some(1), "{}", o.describe());
+    assert!(
+        o.stderr.contains("SIGBUS at offset") && o.stderr.contains("has gone away"),
+        "{}",
+        o.describe()
+    );
+    let want = std::fs::read(&path).unwrap();
+    let got = std::fs::read(&out).unwrap();
+    let got = got.as_slice();
+    assert!(
+        got.len() < want.len(),
+        "the whole file came through a dead server"
+    );
+    assert!(
+        want.starts_with(got),
+        "stdout is not a prefix of the file ({} bytes)",
+        got.len()
     );
 }
