@@ -686,7 +686,6 @@ impl Inner {
                 return refuse(f.kind, code, msg);
             }
         };
-        entry.users.fetch_add(1, Ordering::Relaxed);
         *entry.last_used.lock() = Instant::now();
         let h = conn.next_handle;
         conn.next_handle += 1;
@@ -727,12 +726,16 @@ impl Inner {
     }
 
     /// The shared entry for a client's path, opening a shadow if none
-    /// matches the source's identity now.
+    /// matches the source's identity now; counted as used (under the table
+    /// lock, so that eviction never takes an entry being handed out).
     fn lookup(self: &Arc<Self>, path: &[u8]) -> std::result::Result<Arc<Entry>, Refusal> {
         let rel = tree::relative(path)?;
         let (source, meta, container): (Arc<dyn Source>, SourceMeta, (u64, u64)) = match &self.tree
         {
-            TreeImpl::Single(e) => return Ok(e.clone()),
+            TreeImpl::Single(e) => {
+                e.users.fetch_add(1, Ordering::Relaxed);
+                return Ok(e.clone());
+            }
             TreeImpl::Root(dir) => {
                 let (f, meta) = RootFile::open(dir, rel)?;
                 (Arc::new(f), meta.clone(), (0, meta.device))
@@ -751,12 +754,16 @@ impl Inner {
             meta.mtime.sec,
             meta.mtime.nsec,
         );
+        let take = |e: &Arc<Entry>| {
+            e.users.fetch_add(1, Ordering::Relaxed);
+            e.clone()
+        };
         if let Some(e) = self.state.lock().entries.get(&key) {
-            return Ok(e.clone());
+            return Ok(take(e));
         }
         let _one = self.open_lock.lock();
         if let Some(e) = self.state.lock().entries.get(&key) {
-            return Ok(e.clone());
+            return Ok(take(e));
         }
         let engine = self.engine.as_ref().expect("a tree server has an engine");
         let source = match &self.opts.source_hook {
@@ -776,7 +783,7 @@ impl Inner {
             id: self.next_entry.fetch_add(1, Ordering::Relaxed),
             key,
             held: Held::Shadow(shadow),
-            users: AtomicUsize::new(0),
+            users: AtomicUsize::new(1),
             last_used: Mutex::new(Instant::now()),
         });
         self.state.lock().entries.insert(key, entry.clone());
