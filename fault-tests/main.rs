@@ -17,6 +17,7 @@ mod lifetime;
 mod panic_source;
 mod remote;
 mod restricted;
+mod serve;
 mod short;
 mod slow;
 mod stale;

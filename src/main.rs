@@ -3,9 +3,12 @@
 mod access;
 mod bench;
 mod cat;
+mod client;
 mod map;
 mod probe;
+mod serve;
 mod sigbus;
+mod status;
 mod units;
 
 use clap::{Args, Parser, Subcommand};
@@ -34,6 +37,12 @@ enum Cmd {
     Map(map::MapArgs),
     /// Eager vs lazy side by side, with the page cache and FUSE as references.
     Bench(bench::BenchArgs),
+    /// Serve shadows of the files beneath a directory (or in an image) to many client processes.
+    Serve(serve::ServeArgs),
+    /// Cat or map a file served by `shadowfd serve`.
+    Client(client::ClientArgs),
+    /// What a running `shadowfd serve` is doing: clients, shadows, memory, fill times.
+    Status(status::StatusArgs),
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -249,13 +258,18 @@ fn main() -> ExitCode {
         Cmd::Map(a) => a.json(),
         Cmd::Probe(a) => a.json(),
         Cmd::Bench(a) => a.json(),
-        Cmd::Cat(_) => false,
+        Cmd::Cat(_) | Cmd::Serve(_) => false,
+        Cmd::Client(a) => a.json(),
+        Cmd::Status(a) => a.json(),
     };
     let r = match cli.cmd {
         Cmd::Probe(a) => probe::run(a),
         Cmd::Cat(a) => harden().and_then(|()| cat::run(a)),
         Cmd::Map(a) => harden().and_then(|()| map::run(a)),
         Cmd::Bench(a) => harden().and_then(|()| bench::run(a)),
+        Cmd::Serve(a) => harden().and_then(|()| serve::run(a)),
+        Cmd::Client(a) => harden().and_then(|()| client::run(a)),
+        Cmd::Status(a) => status::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,125 +1,546 @@
-//! The consumer side: map a shadow served by an engine in another process.
+//! The client side: a connection to a shadowfd server, files opened
+//! through it, and mappings of them.
 
-use super::wire::{self, ATTACH, ERROR, Frame, HELLO, OFFER, READY, VERSION};
+use super::wire::{self, Frame, RecvError};
 use crate::error::{Error, Result};
 use crate::sys::mmap::RawMap;
+use crate::sys::uffd_abi::uffd_msg;
 use crate::sys::{Advice, Uffd};
-use std::os::fd::AsFd;
+use parking_lot::Mutex;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
-/// A read-only mapping of a shadow held by another process
-/// (`Deref<Target = [u8]>`).
-///
-/// For a lazy shadow the mapping is registered with a userfaultfd made here
-/// and served by the engine's process; keep the connection open while the
-/// mapping lives (this handle owns it). Touching a page the source could not
-/// provide raises `SIGBUS`. If the serving process goes away, unfilled pages
-/// block: they never read as zeros.
-pub struct RemoteMapping {
-    // Drop order: unmap, then close the userfaultfd, then the connection.
-    map: Option<RawMap>,
-    len: usize,
-    _uffd: Option<Uffd>,
-    _stream: UnixStream,
+/// How a [`Client`] connects.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Make a userfaultfd and send it, for lazy mappings (true by default).
+    /// Without one, or if it cannot be made here, every mapping is a sealed
+    /// descriptor (the server's eager fallback, within its size cap).
+    pub userfaultfd: bool,
+    /// The bound on each reply (and on sending each request).
+    pub timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            userfaultfd: true,
+            timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 fn protocol(what: impl Into<String>) -> Error {
     Error::Protocol { what: what.into() }
 }
 
-fn expect(
-    stream: &UnixStream,
-    kind: u64,
-    what: &str,
-) -> Result<(Frame, Option<std::os::fd::OwnedFd>)> {
-    let (f, fd) = wire::recv(stream)?;
-    if f.kind == ERROR {
-        return Err(protocol(format!(
-            "the engine refused the consumer (code {}) while {what}",
-            f.a
-        )));
-    }
-    if f.kind != kind {
-        return Err(protocol(format!(
-            "unexpected frame kind {} while {what}",
-            f.kind
-        )));
-    }
-    Ok((f, fd))
+/// Lazy ranges registered with this client's userfaultfd: (start, len).
+type Ranges = Arc<Mutex<Vec<(u64, u64)>>>;
+
+struct Inner {
+    stream: UnixStream,
+    /// One request and its reply at a time.
+    io: Mutex<()>,
+    uffd: Option<Arc<Uffd>>,
+    ranges: Ranges,
+    server_gone: Arc<AtomicBool>,
+    stop: Option<OwnedFd>,
+    watcher: Option<JoinHandle<()>>,
+    server_pid: u64,
+    eager_cap: u64,
 }
 
-impl RemoteMapping {
-    /// Receives a shadow from [`super::serve`] on the other end of `stream`,
-    /// maps it read-only (`MAP_PRIVATE`) and, if it is lazy, registers the
-    /// mapping with a userfaultfd made here, which the engine serves.
-    /// Returns once faults are served.
-    pub fn receive(stream: UnixStream) -> Result<RemoteMapping> {
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(s) = &self.stop {
+            crate::sys::event::eventfd_signal(s.as_fd());
+        }
+        if let Some(t) = self.watcher.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A connection to a shadowfd server (`shadowfd serve`, or
+/// [`super::Server`] in another process), speaking protocol version 3
+/// (docs/protocol.md).
+///
+/// If the server hangs up or dies, a thread of this client answers every
+/// pending and later fault on the unfilled pages of its lazy mappings with
+/// `SIGBUS` (`UFFDIO_POISON`), within milliseconds: a consumer never hangs
+/// and never reads zeros. Pages already filled stay readable.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl Client {
+    /// Connects to the server's socket at `path` with default options.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Client> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path).map_err(|e| Error::Open {
+            path: path.into(),
+            source: std::io::Error::new(
+                e.kind(),
+                format!(
+                    "{e} (is `shadowfd serve --socket {}` running?)",
+                    path.display()
+                ),
+            ),
+        })?;
+        Client::from_stream(stream, ClientOptions::default())
+    }
+
+    /// Speaks to a server on a connected stream: sends HELLO (with a
+    /// userfaultfd if asked and possible) and checks the reply.
+    pub fn from_stream(stream: UnixStream, opts: ClientOptions) -> Result<Client> {
         stream
-            .set_read_timeout(Some(super::PEER_TIMEOUT))
-            .map_err(|e| Error::sys("set the engine socket timeout", e))?;
-        let uffd = Uffd::open().ok().map(|(u, _)| u);
-        let hello = Frame {
-            kind: HELLO,
-            a: VERSION,
-            b: 0,
-            c: uffd.as_ref().map_or(0, Uffd::features),
+            .set_read_timeout(Some(opts.timeout))
+            .and_then(|()| stream.set_write_timeout(Some(opts.timeout)))
+            .map_err(|e| Error::sys("set the server socket timeouts", e))?;
+        let uffd = if opts.userfaultfd {
+            Uffd::open()
+                .ok()
+                .map(|(u, _)| u)
+                .filter(|u| u.has_lazy_features())
+                .map(Arc::new)
+        } else {
+            None
         };
+        let hello = Frame::new(
+            wire::HELLO,
+            wire::VERSION,
+            if uffd.is_some() {
+                wire::HELLO_HAS_UFFD
+            } else {
+                0
+            },
+            uffd.as_ref().map_or(0, |u| u.features()),
+            0,
+        );
         wire::send(&stream, &hello, uffd.as_ref().map(|u| u.as_fd()))?;
-        let (offer, fd) = expect(&stream, OFFER, "waiting for the shadow")?;
-        let memfd = fd.ok_or_else(|| protocol("the offer carried no descriptor"))?;
-        let len = usize::try_from(offer.a).map_err(|_| protocol("size does not fit"))?;
-        let lazy = offer.b == 1;
+        let (r, _) = reply(&stream, wire::HELLO, "HELLO")?;
+        if r.a != wire::VERSION {
+            return Err(protocol(format!(
+                "the server chose protocol version {}; this client speaks {}",
+                r.a,
+                wire::VERSION
+            )));
+        }
+        let ranges: Ranges = Arc::new(Mutex::new(Vec::new()));
+        let server_gone = Arc::new(AtomicBool::new(false));
+        let (stop, watcher) = match &uffd {
+            Some(u) => {
+                let stop = crate::sys::event::eventfd()
+                    .map_err(|e| Error::sys("eventfd for the server watcher", e))?;
+                let (u, rg, gone) = (u.clone(), ranges.clone(), server_gone.clone());
+                let sock = stream
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| Error::sys("duplicate the server socket", e))?;
+                let stop2 = stop
+                    .try_clone()
+                    .map_err(|e| Error::sys("duplicate an eventfd", e))?;
+                let t = std::thread::Builder::new()
+                    .name("shadowfd-watch".into())
+                    .spawn(move || watch(sock, stop2, u, rg, gone))
+                    .map_err(|e| Error::sys("spawn the server watcher", e))?;
+                (Some(stop), Some(t))
+            }
+            None => (None, None),
+        };
+        Ok(Client {
+            inner: Arc::new(Inner {
+                stream,
+                io: Mutex::new(()),
+                uffd,
+                ranges,
+                server_gone,
+                stop,
+                watcher,
+                server_pid: r.b,
+                eager_cap: r.c,
+            }),
+        })
+    }
+
+    /// Whether this client sent a userfaultfd (its mappings are lazy).
+    pub fn has_userfaultfd(&self) -> bool {
+        self.inner.uffd.is_some()
+    }
+
+    /// The server's process id, as it said.
+    pub fn server_pid(&self) -> u64 {
+        self.inner.server_pid
+    }
+
+    /// The server's eager cap: the largest file it hands out as a sealed
+    /// descriptor to a client without a userfaultfd.
+    pub fn eager_cap(&self) -> u64 {
+        self.inner.eager_cap
+    }
+
+    /// Whether the server has hung up or died (known to clients with a
+    /// userfaultfd; others find out at their next request).
+    pub fn server_gone(&self) -> bool {
+        self.inner.server_gone.load(Ordering::SeqCst)
+    }
+
+    fn call(&self, f: &Frame, name: &str, fd_expected: bool) -> Result<(Frame, Option<OwnedFd>)> {
+        let _one = self.inner.io.lock();
+        wire::send(&self.inner.stream, f, None)?;
+        let (r, fd) = reply(&self.inner.stream, f.kind, name)?;
+        if fd_expected && fd.is_none() && r.b > 0 {
+            return Err(protocol(format!("the {name} reply carried no descriptor")));
+        }
+        Ok((r, fd))
+    }
+
+    /// Opens `path` (inside the served tree; `big.bin` and `/big.bin` are
+    /// the same file).
+    pub fn open(&self, path: &str) -> Result<RemoteFile> {
+        let f = Frame::new(wire::OPEN, 0, 0, 0, 0).with_payload(path.as_bytes().to_vec());
+        let (r, _) = self.call(&f, &format!("OPEN {path:?}"), false)?;
+        let p = &r.payload;
+        let word = |i: usize| -> u64 {
+            p.get(i * 8..i * 8 + 8)
+                .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        };
+        Ok(RemoteFile {
+            inner: Arc::new(FileInner {
+                client: self.clone(),
+                handle: r.a,
+                path: path.to_string(),
+                size: r.b,
+                device: r.c,
+                inode: r.d,
+                mtime: (word(0) as i64, word(1) as i64),
+                shadow_id: word(2),
+                lazy: word(3) & 1 == 1,
+            }),
+        })
+    }
+
+    /// The server's status as JSON (docs/protocol.md, STATS).
+    pub fn status_json(&self) -> Result<String> {
+        let (r, _) = self.call(&Frame::new(wire::STATS, 0, 0, 0, 0), "STATS", false)?;
+        String::from_utf8(r.payload).map_err(|_| protocol("STATS reply is not UTF-8"))
+    }
+}
+
+/// Receives the reply to `kind`: an ERROR becomes an error naming the code
+/// and the server's message.
+fn reply(stream: &UnixStream, kind: u32, name: &str) -> Result<(Frame, Option<OwnedFd>)> {
+    let (r, fd) = wire::recv(stream).map_err(|e| match e {
+        RecvError::Closed => protocol(format!(
+            "the server closed the connection instead of answering {name}"
+        )),
+        RecvError::TimedOut => protocol(format!(
+            "the server did not answer {name} within the client timeout"
+        )),
+        RecvError::Legacy { .. } => protocol(format!(
+            "the server speaks protocol version 2 or older and refused {name}; this client speaks version {}",
+            wire::VERSION
+        )),
+        e => protocol(format!("reading the reply to {name}: {e}")),
+    })?;
+    if r.kind == wire::ERROR {
+        return Err(protocol(format!(
+            "the server refused {name}: {} ({}): {}",
+            wire::code_name(r.a),
+            r.a,
+            String::from_utf8_lossy(&r.payload)
+        )));
+    }
+    if r.kind != kind | wire::REPLY {
+        return Err(protocol(format!(
+            "expected the reply to {name} (kind {:#x}), got kind {:#x}",
+            kind | wire::REPLY,
+            r.kind
+        )));
+    }
+    Ok((r, fd))
+}
+
+/// Watches the connection; once the server is gone, poisons what is
+/// unfilled in every lazy range and answers every later fault the same way.
+fn watch(sock: OwnedFd, stop: OwnedFd, uffd: Arc<Uffd>, ranges: Ranges, gone: Arc<AtomicBool>) {
+    let wait = |fd: i32, events: i16| -> bool {
+        // Returns true when `fd` is ready, false when told to stop.
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd,
+                    events,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: stop.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is a live array of two pollfd structs.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if r < 0 {
+                continue;
+            }
+            if fds[1].revents != 0 {
+                return false;
+            }
+            if fds[0].revents != 0 {
+                return true;
+            }
+        }
+    };
+    if !wait(sock.as_raw_fd(), libc::POLLRDHUP) {
+        return;
+    }
+    gone.store(true, Ordering::SeqCst);
+    {
+        let r = ranges.lock();
+        for &(start, len) in r.iter() {
+            // Pages mapped already are skipped (EEXIST); every other page
+            // gets a poison marker and its waiters are woken.
+            let _ = uffd.poison(start, len);
+        }
+    }
+    let page = crate::page_size() as u64;
+    let mut raw = vec![uffd_msg::default(); 32];
+    let mut faults = Vec::new();
+    while wait(uffd.as_fd().as_raw_fd(), libc::POLLIN) {
+        faults.clear();
+        if uffd.read_faults(&mut raw, &mut faults).is_err() {
+            continue;
+        }
+        let _r = ranges.lock();
+        for f in &faults {
+            let addr = f.address & !(page - 1);
+            if uffd.poison(addr, page).is_err() {
+                let _ = uffd.wake(addr, page);
+            }
+        }
+    }
+}
+
+struct FileInner {
+    client: Client,
+    handle: u64,
+    path: String,
+    size: u64,
+    device: u64,
+    inode: u64,
+    mtime: (i64, i64),
+    shadow_id: u64,
+    lazy: bool,
+}
+
+impl Drop for FileInner {
+    fn drop(&mut self) {
+        if !self.client.server_gone() {
+            let f = Frame::new(wire::CLOSE, self.handle, 0, 0, 0);
+            let _ = self.client.call(&f, "CLOSE", false);
+        }
+    }
+}
+
+/// A file opened on a server (a handle); closed when the last clone and
+/// the last mapping of it are dropped.
+#[derive(Clone)]
+pub struct RemoteFile {
+    inner: Arc<FileInner>,
+}
+
+impl RemoteFile {
+    /// Size in bytes (the source's size when the shadow was made).
+    pub fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    /// The path it was opened by.
+    pub fn path(&self) -> &str {
+        &self.inner.path
+    }
+
+    /// The handle number on the connection.
+    pub fn handle(&self) -> u64 {
+        self.inner.handle
+    }
+
+    /// The source's identity: (device, inode, mtime seconds, mtime ns).
+    pub fn identity(&self) -> (u64, u64, i64, i64) {
+        let i = &self.inner;
+        (i.device, i.inode, i.mtime.0, i.mtime.1)
+    }
+
+    /// The server's id of the shared shadow: clients that get the same id
+    /// share one shadow (and one read of the source per chunk).
+    pub fn shadow_id(&self) -> u64 {
+        self.inner.shadow_id
+    }
+
+    /// Whether the server's shadow is lazy.
+    pub fn is_lazy_shadow(&self) -> bool {
+        self.inner.lazy
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset` through FILL (no mapping):
+    /// the server fills the range and sends the bytes, 1 MiB per request.
+    /// Short only at the end of the file.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            if at >= self.inner.size {
+                break;
+            }
+            let want = ((buf.len() - done) as u64).min(wire::MAX_FILL);
+            let f = Frame::new(wire::FILL, self.inner.handle, at, want, 0);
+            let (r, _) = self
+                .inner
+                .client
+                .call(&f, &format!("FILL at {at}"), false)?;
+            let n = r.payload.len().min(buf.len() - done);
+            if n == 0 {
+                break;
+            }
+            buf[done..done + n].copy_from_slice(&r.payload[..n]);
+            done += n;
+        }
+        Ok(done)
+    }
+
+    /// This shadow's counters as JSON (docs/protocol.md, STATS).
+    pub fn stats_json(&self) -> Result<String> {
+        let f = Frame::new(wire::STATS, self.inner.handle, 0, 0, 0);
+        let (r, _) = self.inner.client.call(&f, "STATS", false)?;
+        String::from_utf8(r.payload).map_err(|_| protocol("STATS reply is not UTF-8"))
+    }
+
+    /// Maps the whole file read-only (`MAP_PRIVATE`): lazily through this
+    /// client's userfaultfd if it has one, else as a sealed descriptor.
+    pub fn map(&self) -> Result<RemoteMapping> {
+        let client = &self.inner.client;
+        let ci = &client.inner;
+        let mode = if ci.uffd.is_some() {
+            wire::MAP_LAZY
+        } else {
+            wire::MAP_SEALED
+        };
+        let _one = ci.io.lock();
+        let name = format!("MAP of {:?}", self.inner.path);
+        wire::send(
+            &ci.stream,
+            &Frame::new(wire::MAP, self.inner.handle, mode, 0, 0),
+            None,
+        )?;
+        let (r, fd) = reply(&ci.stream, wire::MAP, &name)?;
+        let len = usize::try_from(r.b).map_err(|_| protocol("size does not fit"))?;
         if len == 0 {
             return Ok(RemoteMapping {
                 map: None,
                 len: 0,
-                _uffd: None,
-                _stream: stream,
+                lazy: false,
+                file: self.clone(),
             });
         }
-        let prot = if lazy {
-            libc::PROT_NONE
-        } else {
-            libc::PROT_READ
-        };
-        let map = RawMap::new(memfd.as_fd(), 0, len, prot, libc::MAP_PRIVATE)
-            .map_err(|e| Error::sys("mmap the received shadow", e))?;
-        drop(memfd);
+        let memfd =
+            fd.ok_or_else(|| protocol(format!("the {name} reply carried no descriptor")))?;
+        let lazy = r.c == wire::MAP_LAZY;
         if !lazy {
+            let map = RawMap::new(memfd.as_fd(), 0, len, libc::PROT_READ, libc::MAP_PRIVATE)
+                .map_err(|e| Error::sys("mmap the received shadow", e))?;
             return Ok(RemoteMapping {
                 map: Some(map),
                 len,
-                _uffd: None,
-                _stream: stream,
+                lazy: false,
+                file: self.clone(),
             });
         }
-        let uffd = uffd.ok_or_else(|| {
-            protocol("the engine sent a lazy shadow to a consumer without a userfaultfd")
+        let uffd = ci.uffd.as_ref().ok_or_else(|| {
+            protocol("the server sent a lazy mapping to a client without a userfaultfd")
         })?;
+        let map = RawMap::new(memfd.as_fd(), 0, len, libc::PROT_NONE, libc::MAP_PRIVATE)
+            .map_err(|e| Error::sys("mmap the received shadow", e))?;
+        drop(memfd);
         let page = crate::page_size() as u64;
         let reg_len = (len as u64).div_ceil(page) * page;
         map.advise(Advice::DontFork)
             .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
         uffd.register(map.addr(), reg_len)
             .map_err(|e| Error::sys("UFFDIO_REGISTER of the remote mapping", e))?;
-        let attach = Frame {
-            kind: ATTACH,
-            a: map.addr(),
-            b: reg_len,
-            c: 0,
-        };
-        wire::send(&stream, &attach, None)?;
-        expect(&stream, READY, "attaching")?;
+        ci.ranges.lock().push((map.addr(), reg_len));
+        let attached = wire::send(
+            &ci.stream,
+            &Frame::new(wire::ATTACH, self.inner.handle, map.addr(), reg_len, 0),
+            None,
+        )
+        .and_then(|()| reply(&ci.stream, wire::ATTACH, "ATTACH"));
+        if let Err(e) = attached {
+            let mut rg = ci.ranges.lock();
+            rg.retain(|r| r.0 != map.addr());
+            drop(map);
+            return Err(e);
+        }
         // SAFETY: nothing refers into the mapping yet; every fault on it is
-        // now served.
+        // now served (or poisoned if the server goes away).
         unsafe { map.protect(libc::PROT_READ) }
             .map_err(|e| Error::sys("mprotect the remote mapping readable", e))?;
         Ok(RemoteMapping {
             map: Some(map),
             len,
-            _uffd: Some(uffd),
-            _stream: stream,
+            lazy: true,
+            file: self.clone(),
         })
+    }
+}
+
+/// A read-only mapping of a file served by another process
+/// (`Deref<Target = [u8]>`).
+///
+/// A lazy one is registered with the client's userfaultfd and filled by the
+/// server on first touch. Touching a page the source could not provide
+/// raises `SIGBUS`; so does touching an unfilled page once the server has
+/// gone away (never zeros, never a hang).
+pub struct RemoteMapping {
+    map: Option<RawMap>,
+    len: usize,
+    lazy: bool,
+    file: RemoteFile,
+}
+
+impl Drop for RemoteMapping {
+    fn drop(&mut self) {
+        let Some(map) = self.map.take() else { return };
+        if !self.lazy {
+            return;
+        }
+        let client = &self.file.inner.client;
+        let addr = map.addr();
+        if !client.server_gone() {
+            // The server stops serving the range (poisoning what is
+            // unfilled) before it is unmapped: the address may be reused.
+            let f = Frame::new(wire::UNMAP, self.file.inner.handle, addr, 0, 0);
+            let _ = client.call(&f, "UNMAP", false);
+        }
+        let mut rg = client.inner.ranges.lock();
+        rg.retain(|r| r.0 != addr);
+        drop(map);
+    }
+}
+
+impl RemoteMapping {
+    /// Receives the one shadow [`super::serve`] serves on the other end of
+    /// `stream`, and maps it: lazily through a userfaultfd made here, or as
+    /// a sealed descriptor for an eager or materialized shadow.
+    pub fn receive(stream: UnixStream) -> Result<RemoteMapping> {
+        let client = Client::from_stream(stream, ClientOptions::default())?;
+        client.open("")?.map()
     }
 
     pub fn len(&self) -> usize {
@@ -130,9 +551,14 @@ impl RemoteMapping {
         self.len == 0
     }
 
-    /// Whether the shadow is served lazily (faults go to the engine).
+    /// Whether the mapping is served lazily (faults go to the server).
     pub fn is_lazy(&self) -> bool {
-        self._uffd.is_some()
+        self.lazy
+    }
+
+    /// The file mapped.
+    pub fn file(&self) -> &RemoteFile {
+        &self.file
     }
 }
 
@@ -142,7 +568,7 @@ impl std::ops::Deref for RemoteMapping {
         match &self.map {
             // SAFETY: `len` bytes are mapped PROT_READ for the life of
             // `self`; the memfd is sealed against writes and lazy pages are
-            // mapped only once filled.
+            // mapped only once filled (or poisoned: SIGBUS, never a read).
             Some(m) => unsafe { std::slice::from_raw_parts(m.as_ptr(), self.len) },
             None => &[],
         }

@@ -1,21 +1,1151 @@
-//! The engine side: hand a shadow to a consumer in another process, and
-//! serve its faults through the userfaultfd it sent.
+//! The server side: sessions with client processes (protocol version 3,
+//! docs/protocol.md), the table of shared shadows, and the one-shadow
+//! [`serve`] kept for embedders.
 
-use super::wire::{self, ATTACH, ERROR, Frame, HELLO, OFFER, READY, VERSION};
+use super::tree::{self, Refusal, RootFile};
+use super::wire::{self, Frame, RecvError};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::fault::{FaultTarget, Hit};
 use crate::shadow::lazy::LazyShadow;
 use crate::shadow::{Kind, Shadow};
+use crate::source::{Source, SourceMeta};
+use crate::stats::Stats;
 use crate::sys::Uffd;
 use crate::sys::uffd_abi::uffd_msg;
-use std::os::fd::{AsFd, AsRawFd};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// How long a peer may take to say each thing it must say.
+/// The default bound on each thing a peer must say (HELLO after connecting,
+/// the rest of a frame once begun, ATTACH after a lazy MAP, reading a
+/// reply): `--peer-timeout` of `shadowfd serve`.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A hook that wraps every source the server opens (for throttling or fault
+/// injection by embedders and tests).
+pub type SourceHook = Arc<dyn Fn(Arc<dyn Source>) -> Arc<dyn Source> + Send + Sync>;
+/// Where a server's event lines go.
+pub type EventLog = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// How a [`Server`] behaves.
+#[derive(Clone)]
+pub struct ServerOptions {
+    /// The bound on each thing a peer must say ([`PEER_TIMEOUT`]).
+    pub peer_timeout: Duration,
+    /// At most this many clients at once; more are refused with `E_LIMIT`.
+    pub max_clients: usize,
+    /// At most this many open handles per client.
+    pub max_handles: usize,
+    /// Wraps every source opened (none by default).
+    pub source_hook: Option<SourceHook>,
+    /// One line per client event (none by default).
+    pub log: Option<EventLog>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            peer_timeout: PEER_TIMEOUT,
+            max_clients: 256,
+            max_handles: 4096,
+            source_hook: None,
+            log: None,
+        }
+    }
+}
+
+/// What a server serves.
+#[derive(Debug, Clone)]
+pub enum Tree {
+    /// Regular files beneath this host directory.
+    Root(PathBuf),
+    /// Regular files inside this ext2/3/4 image.
+    Image(PathBuf),
+}
+
+enum TreeImpl {
+    Root(Arc<OwnedFd>),
+    Image(PathBuf),
+    Single(Arc<Entry>),
+}
+
+/// What a shadow entry holds.
+enum Held {
+    Shadow(Shadow),
+    /// A sealed read-only descriptor (the one-shadow [`serve`] of an eager
+    /// or materialized shadow).
+    Sealed {
+        fd: OwnedFd,
+        meta: SourceMeta,
+        name: String,
+    },
+}
+
+/// Identity of a source: container (device, or image identity), inode,
+/// size, mtime.
+type Key = (u64, u64, u64, u64, i64, i64);
+
+struct Entry {
+    id: u64,
+    key: Key,
+    held: Held,
+    /// Open handles on it, over all clients.
+    users: AtomicUsize,
+    last_used: Mutex<Instant>,
+}
+
+impl Entry {
+    fn meta(&self) -> &SourceMeta {
+        match &self.held {
+            Held::Shadow(s) => s.meta(),
+            Held::Sealed { meta, .. } => meta,
+        }
+    }
+    fn name(&self) -> &str {
+        match &self.held {
+            Held::Shadow(s) => s.name(),
+            Held::Sealed { name, .. } => name,
+        }
+    }
+    fn size(&self) -> u64 {
+        self.meta().size
+    }
+    fn lazy(&self) -> Option<&Arc<LazyShadow>> {
+        match &self.held {
+            Held::Shadow(Shadow {
+                kind: Kind::Lazy(l),
+                ..
+            }) => Some(l),
+            _ => None,
+        }
+    }
+    fn resident(&self) -> u64 {
+        match &self.held {
+            Held::Shadow(s) => s.resident_bytes().unwrap_or(0),
+            Held::Sealed { meta, .. } => meta.size,
+        }
+    }
+    fn stats(&self) -> Stats {
+        match &self.held {
+            Held::Shadow(s) => s.stats(),
+            Held::Sealed { meta, .. } => Stats {
+                bytes_filled: meta.size,
+                resident_bytes: meta.size,
+                ..Stats::default()
+            },
+        }
+    }
+    fn mode(&self) -> &'static str {
+        match &self.held {
+            Held::Shadow(s) if s.mode() == crate::Mode::Lazy => "lazy",
+            _ => "eager",
+        }
+    }
+    fn sealed_fd(&self) -> Result<OwnedFd> {
+        match &self.held {
+            Held::Shadow(s) => s.reopen_readonly(),
+            Held::Sealed { fd, .. } => fd
+                .try_clone()
+                .map_err(|e| Error::sys("duplicate the shadow descriptor", e)),
+        }
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        match &self.held {
+            Held::Shadow(s) => s.read_at(buf, offset),
+            Held::Sealed { fd, meta, .. } => {
+                let n = (buf.len() as u64).min(meta.size.saturating_sub(offset)) as usize;
+                let f = std::fs::File::from(
+                    fd.try_clone()
+                        .map_err(|e| Error::sys("duplicate the shadow descriptor", e))?,
+                );
+                f.read_exact_at(&mut buf[..n], offset)
+                    .map_err(|e| Error::sys("read the shadow", e))?;
+                Ok(n)
+            }
+        }
+    }
+}
+
+struct ClientInfo {
+    pid: i32,
+    uid: u32,
+    since: Instant,
+    uffd: bool,
+    handles: usize,
+    mappings: usize,
+}
+
+#[derive(Default)]
+struct State {
+    clients: BTreeMap<u64, ClientInfo>,
+    entries: HashMap<Key, Arc<Entry>>,
+}
+
+struct Inner {
+    engine: Option<Engine>,
+    tree: TreeImpl,
+    opts: ServerOptions,
+    state: Mutex<State>,
+    open_lock: Mutex<()>,
+    next_client: AtomicU64,
+    next_entry: AtomicU64,
+    started: Instant,
+}
+
+/// A shadowfd server: one engine, many client processes, one shadow per
+/// source shared by every client of it. Hand it each accepted connection
+/// with [`Server::handle`].
+#[derive(Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+/// A connected client's credentials (`SO_PEERCRED`).
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    id: u64,
+    pid: i32,
+    uid: u32,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "client {} (pid {} uid {})", self.id, self.pid, self.uid)
+    }
+}
+
+fn peer_of(stream: &UnixStream, id: u64) -> Peer {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    match getsockopt(stream, PeerCredentials) {
+        Ok(c) => Peer {
+            id,
+            pid: c.pid(),
+            uid: c.uid(),
+        },
+        Err(_) => Peer {
+            id,
+            pid: -1,
+            uid: u32::MAX,
+        },
+    }
+}
+
+impl Server {
+    /// A server of `tree` with `engine`'s configuration and budget.
+    pub fn new(engine: Engine, tree: Tree, opts: ServerOptions) -> Result<Server> {
+        let tree = match tree {
+            Tree::Root(p) => TreeImpl::Root(tree::open_root(&p)?),
+            Tree::Image(p) => {
+                std::fs::metadata(&p).map_err(|e| Error::Open {
+                    path: p.clone(),
+                    source: e,
+                })?;
+                TreeImpl::Image(p)
+            }
+        };
+        Ok(Server::build(Some(engine), tree, opts))
+    }
+
+    fn build(engine: Option<Engine>, tree: TreeImpl, opts: ServerOptions) -> Server {
+        Server {
+            inner: Arc::new(Inner {
+                engine,
+                tree,
+                opts,
+                state: Mutex::new(State::default()),
+                open_lock: Mutex::new(()),
+                next_client: AtomicU64::new(1),
+                next_entry: AtomicU64::new(1),
+                started: Instant::now(),
+            }),
+        }
+    }
+
+    /// Serves one connected client on a thread of its own, until it hangs
+    /// up, dies or breaks the protocol. Never blocks the caller.
+    pub fn handle(&self, stream: UnixStream) -> Result<()> {
+        let inner = self.inner.clone();
+        let id = inner.next_client.fetch_add(1, Ordering::Relaxed);
+        let peer = peer_of(&stream, id);
+        std::thread::Builder::new()
+            .name(format!("shadowfd-client-{id}"))
+            .spawn(move || {
+                if let Some(conn) = inner.handshake(stream, peer) {
+                    inner.run(conn);
+                }
+            })
+            .map_err(|e| Error::sys("spawn a client thread", e))?;
+        Ok(())
+    }
+
+    /// The server's state as a JSON object (what STATS with handle 0
+    /// answers; docs/protocol.md lists the fields).
+    pub fn status_json(&self) -> String {
+        self.inner.status_json()
+    }
+
+    /// Clients connected now.
+    pub fn clients(&self) -> usize {
+        self.inner.state.lock().clients.len()
+    }
+}
+
+/// One handle a client holds.
+struct Handle {
+    entry: Arc<Entry>,
+    /// Lazy ranges attached: (start, len, key in the shadow's consumers).
+    ranges: Vec<(u64, u64, u64)>,
+}
+
+struct Conn {
+    peer: Peer,
+    stream: UnixStream,
+    uffd: Option<Arc<Uffd>>,
+    handles: BTreeMap<u64, Handle>,
+    next_handle: u64,
+}
+
+fn refuse(kind: u32, code: u64, msg: impl Into<String>) -> (Frame, Option<OwnedFd>) {
+    let msg: String = msg.into();
+    (
+        Frame::new(wire::ERROR, code, u64::from(kind), 0, 0).with_payload(msg.into_bytes()),
+        None,
+    )
+}
+
+fn json_str(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for ch in s.chars() {
+        match ch {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+fn json_opt(v: Option<f64>) -> String {
+    v.map_or("null".into(), |x| format!("{x:.1}"))
+}
+
+/// What happened to a session, for the log line.
+enum End {
+    Hangup,
+    Error(String),
+}
+
+impl Inner {
+    fn log(&self, line: &str) {
+        if let Some(l) = &self.opts.log {
+            l(line);
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        self.opts.peer_timeout
+    }
+
+    /// HELLO and its reply. `None` if the peer was dropped (logged).
+    fn handshake(self: &Arc<Self>, stream: UnixStream, peer: Peer) -> Option<Conn> {
+        match self.try_handshake(&stream, peer) {
+            Ok(uffd) => {
+                let mut st = self.state.lock();
+                st.clients.insert(
+                    peer.id,
+                    ClientInfo {
+                        pid: peer.pid,
+                        uid: peer.uid,
+                        since: Instant::now(),
+                        uffd: uffd.is_some(),
+                        handles: 0,
+                        mappings: 0,
+                    },
+                );
+                drop(st);
+                self.log(&format!(
+                    "{peer}: connected ({})",
+                    if uffd.is_some() {
+                        "with a userfaultfd: lazy mappings"
+                    } else {
+                        "no userfaultfd: sealed descriptors only"
+                    }
+                ));
+                Some(Conn {
+                    peer,
+                    stream,
+                    uffd,
+                    handles: BTreeMap::new(),
+                    next_handle: 1,
+                })
+            }
+            Err(e) => {
+                self.log(&format!("{peer}: dropped: {e}"));
+                None
+            }
+        }
+    }
+
+    fn try_handshake(&self, stream: &UnixStream, peer: Peer) -> Result<Option<Arc<Uffd>>> {
+        let t = self.timeout();
+        let set = stream
+            .set_read_timeout(Some(t))
+            .and_then(|()| stream.set_write_timeout(Some(t)));
+        set.map_err(|e| Error::sys("set the client socket timeouts", e))?;
+        let protocol = |what: String| Error::Protocol { what };
+        let full = self.state.lock().clients.len() >= self.opts.max_clients;
+        let (hello, fd) = match wire::recv(stream) {
+            Ok(x) => x,
+            Err(RecvError::TimedOut) => {
+                return Err(protocol(format!(
+                    "{peer} sent nothing within the peer timeout of {t:?}; expected HELLO \
+                     (protocol version {}). Raise --peer-timeout if clients are that slow",
+                    wire::VERSION
+                )));
+            }
+            Err(RecvError::Legacy { kind, a }) => {
+                wire::send_legacy_error(stream, wire::E_VERSION);
+                return Err(protocol(format!(
+                    "{peer} speaks protocol version {} (frame kind {kind}); this server speaks \
+                     version {}: refused with ERROR E_VERSION",
+                    if kind == 4 { a } else { 1 },
+                    wire::VERSION
+                )));
+            }
+            Err(e) => return Err(protocol(format!("{peer}: expected HELLO: {e}"))),
+        };
+        let send_err = |kind, code, msg: String| {
+            let (f, _) = refuse(kind, code, msg.clone());
+            let _ = wire::send(stream, &f, None);
+            protocol(msg)
+        };
+        if hello.kind != wire::HELLO {
+            return Err(send_err(
+                hello.kind,
+                wire::E_PROTOCOL,
+                format!(
+                    "the first frame was kind {:#x}; expected HELLO ({:#x})",
+                    hello.kind,
+                    wire::HELLO
+                ),
+            ));
+        }
+        if hello.a < wire::VERSION {
+            return Err(send_err(
+                hello.kind,
+                wire::E_VERSION,
+                format!(
+                    "the client speaks protocol versions up to {}; this server speaks version {} only",
+                    hello.a,
+                    wire::VERSION
+                ),
+            ));
+        }
+        if full {
+            return Err(send_err(
+                hello.kind,
+                wire::E_LIMIT,
+                format!(
+                    "the server has its maximum of {} clients; try again later",
+                    self.opts.max_clients
+                ),
+            ));
+        }
+        let has = hello.b & wire::HELLO_HAS_UFFD != 0;
+        let uffd = match (has, fd) {
+            (true, Some(fd)) => {
+                let u = Uffd::from_fd(fd, hello.c);
+                if !u.has_lazy_features() {
+                    return Err(send_err(
+                        hello.kind,
+                        wire::E_NO_UFFD,
+                        format!(
+                            "the client's userfaultfd negotiated features {:#x}, without \
+                             MINOR_SHMEM and POISON; send HELLO without it to get sealed descriptors",
+                            hello.c
+                        ),
+                    ));
+                }
+                Some(Arc::new(u))
+            }
+            (true, None) => {
+                return Err(send_err(
+                    hello.kind,
+                    wire::E_PROTOCOL,
+                    "HELLO says a userfaultfd comes with it, and none came".into(),
+                ));
+            }
+            (false, _) => None,
+        };
+        let cap = self.engine.as_ref().map_or(0, |e| e.config().max_size);
+        let reply = Frame::new(
+            wire::HELLO | wire::REPLY,
+            wire::VERSION,
+            u64::from(std::process::id()),
+            cap,
+            crate::page_size() as u64,
+        );
+        wire::send(stream, &reply, None)?;
+        Ok(uffd)
+    }
+
+    /// The session loop: requests on the socket, faults on the client's
+    /// userfaultfd, until the client hangs up or breaks the protocol.
+    fn run(self: &Arc<Self>, mut conn: Conn) {
+        let end = self.session(&mut conn);
+        let peer = conn.peer;
+        let (mut nh, mut nm) = (0, 0);
+        for (_, h) in std::mem::take(&mut conn.handles) {
+            nh += 1;
+            nm += h.ranges.len();
+            self.release(h, None);
+        }
+        self.state.lock().clients.remove(&peer.id);
+        let why = match end {
+            End::Hangup => "disconnected".to_string(),
+            End::Error(e) => format!("dropped: {e}"),
+        };
+        self.log(&format!(
+            "{peer}: {why}; released {nh} handle(s) and {nm} lazy mapping(s)"
+        ));
+        self.evict();
+    }
+
+    fn session(self: &Arc<Self>, conn: &mut Conn) -> End {
+        let mut raw = vec![uffd_msg::default(); 32];
+        let mut faults = Vec::with_capacity(32);
+        loop {
+            let sfd = conn.stream.as_fd().as_raw_fd();
+            let ufd = conn.uffd.as_ref().map_or(-1, |u| u.as_fd().as_raw_fd());
+            let mut fds = [sfd, ufd].map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            let n = if ufd >= 0 { 2 } else { 1 };
+            // Idle clients may stay connected as long as they like: a client
+            // holding mappings may say nothing for hours.
+            // SAFETY: `fds` is a live array of at least `n` pollfd structs.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), n, -1) };
+            if r < 0 {
+                if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return End::Error(format!("poll: {}", std::io::Error::last_os_error()));
+            }
+            if n == 2 && fds[1].revents != 0 {
+                if fds[1].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+                    return End::Error("the client's userfaultfd reported an error".into());
+                }
+                faults.clear();
+                let u = conn.uffd.clone().expect("polled");
+                match u.read_faults(&mut raw, &mut faults) {
+                    Ok(()) => {}
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {}
+                    Err(e) => return End::Error(format!("reading its userfaultfd: {e}")),
+                }
+                for f in &faults {
+                    if !self.fault(conn, &u, f.address) {
+                        return End::Error(
+                            "its userfaultfd cannot poison a stray fault; dropped".into(),
+                        );
+                    }
+                }
+            }
+            if fds[0].revents != 0 {
+                let (frame, fd) = match wire::recv(&conn.stream) {
+                    Ok(x) => x,
+                    Err(RecvError::Closed) => return End::Hangup,
+                    Err(RecvError::TimedOut) => {
+                        return End::Error(format!(
+                            "began a frame and did not finish it within the peer timeout of {:?}",
+                            self.timeout()
+                        ));
+                    }
+                    Err(e) => return End::Error(format!("expected a request frame: {e}")),
+                };
+                drop(fd);
+                match self.request(conn, frame) {
+                    Ok(()) => {}
+                    Err(e) => return End::Error(e),
+                }
+            }
+        }
+    }
+
+    /// Serves one fault of the client. False if the client must be dropped.
+    fn fault(&self, conn: &Conn, uffd: &Uffd, address: u64) -> bool {
+        let page = crate::page_size() as u64;
+        let addr = address & !(page - 1);
+        for h in conn.handles.values() {
+            for &(start, len, _) in &h.ranges {
+                if addr >= start && addr < start + len {
+                    let shadow = h.entry.lazy().expect("lazy ranges are of lazy shadows");
+                    let core = &shadow.service.core;
+                    let hit = Hit {
+                        uffd,
+                        addr,
+                        offset: addr - start,
+                        limit: start + len - addr,
+                        internal: false,
+                    };
+                    if let Some(work) = shadow.on_fault(core, hit) {
+                        shadow.run(core, work);
+                    }
+                    return true;
+                }
+            }
+        }
+        // A fault outside every range it attached: SIGBUS in the client.
+        if uffd.poison(addr, page).is_err() {
+            let _ = uffd.wake(addr, page);
+            return false;
+        }
+        true
+    }
+
+    fn send(
+        &self,
+        conn: &Conn,
+        f: &Frame,
+        fd: Option<&OwnedFd>,
+    ) -> std::result::Result<(), String> {
+        wire::send(&conn.stream, f, fd.map(|f| f.as_fd()))
+            .map_err(|e| format!("sending a reply: {e}"))
+    }
+
+    /// Answers one request. Err ends the session.
+    fn request(self: &Arc<Self>, conn: &mut Conn, f: Frame) -> std::result::Result<(), String> {
+        let (reply, fd) = match f.kind {
+            wire::OPEN => self.open(conn, &f),
+            wire::MAP => return self.map(conn, &f),
+            wire::FILL => self.fill(conn, &f),
+            wire::STATS => self.stats(conn, &f),
+            wire::UNMAP => self.unmap(conn, &f),
+            wire::CLOSE => self.close(conn, &f),
+            wire::ATTACH => refuse(
+                f.kind,
+                wire::E_PROTOCOL,
+                "ATTACH without a MAP just before it",
+            ),
+            k => {
+                let (r, _) = refuse(k, wire::E_PROTOCOL, format!("unknown request kind {k:#x}"));
+                let _ = self.send(conn, &r, None);
+                return Err(format!("sent an unknown request kind {k:#x}"));
+            }
+        };
+        self.send(conn, &reply, fd.as_ref())
+    }
+
+    fn handle_of<'a>(
+        &self,
+        conn: &'a Conn,
+        kind: u32,
+        h: u64,
+    ) -> std::result::Result<&'a Handle, (Frame, Option<OwnedFd>)> {
+        conn.handles.get(&h).ok_or_else(|| {
+            refuse(
+                kind,
+                wire::E_BAD_HANDLE,
+                format!("handle {h} is not open on this connection; OPEN returns handles"),
+            )
+        })
+    }
+
+    fn open(self: &Arc<Self>, conn: &mut Conn, f: &Frame) -> (Frame, Option<OwnedFd>) {
+        let path = String::from_utf8_lossy(&f.payload).into_owned();
+        if conn.handles.len() >= self.opts.max_handles {
+            return refuse(
+                f.kind,
+                wire::E_LIMIT,
+                format!(
+                    "this connection has its maximum of {} open handles; CLOSE some",
+                    self.opts.max_handles
+                ),
+            );
+        }
+        let entry = match self.lookup(&f.payload) {
+            Ok(e) => e,
+            Err((code, msg)) => {
+                self.log(&format!(
+                    "{}: OPEN {path:?} refused: {} {msg}",
+                    conn.peer,
+                    wire::code_name(code)
+                ));
+                return refuse(f.kind, code, msg);
+            }
+        };
+        *entry.last_used.lock() = Instant::now();
+        let h = conn.next_handle;
+        conn.next_handle += 1;
+        let meta = entry.meta().clone();
+        let mut payload = Vec::with_capacity(32);
+        payload.extend_from_slice(&meta.mtime.sec.to_le_bytes());
+        payload.extend_from_slice(&(meta.mtime.nsec as u64).to_le_bytes());
+        payload.extend_from_slice(&entry.id.to_le_bytes());
+        payload.extend_from_slice(&u64::from(entry.lazy().is_some()).to_le_bytes());
+        self.log(&format!(
+            "{}: OPEN {path:?} -> handle {h}, shadow {} ({} bytes, {})",
+            conn.peer,
+            entry.id,
+            meta.size,
+            entry.mode()
+        ));
+        conn.handles.insert(
+            h,
+            Handle {
+                entry,
+                ranges: Vec::new(),
+            },
+        );
+        if let Some(c) = self.state.lock().clients.get_mut(&conn.peer.id) {
+            c.handles += 1;
+        }
+        (
+            Frame::new(
+                wire::OPEN | wire::REPLY,
+                h,
+                meta.size,
+                meta.device,
+                meta.inode,
+            )
+            .with_payload(payload),
+            None,
+        )
+    }
+
+    /// The shared entry for a client's path, opening a shadow if none
+    /// matches the source's identity now; counted as used (under the table
+    /// lock, so that eviction never takes an entry being handed out).
+    fn lookup(self: &Arc<Self>, path: &[u8]) -> std::result::Result<Arc<Entry>, Refusal> {
+        let rel = tree::relative(path)?;
+        let (source, meta, container): (Arc<dyn Source>, SourceMeta, (u64, u64)) = match &self.tree
+        {
+            TreeImpl::Single(e) => {
+                e.users.fetch_add(1, Ordering::Relaxed);
+                return Ok(e.clone());
+            }
+            TreeImpl::Root(dir) => {
+                let (f, meta) = RootFile::open(dir, rel)?;
+                (Arc::new(f), meta.clone(), (0, meta.device))
+            }
+            TreeImpl::Image(img) => {
+                let (src, meta, (d, i, ino)) = tree::open_in_image(img, rel)?;
+                let _ = ino;
+                (src, meta, (d, i))
+            }
+        };
+        let key: Key = (
+            container.0,
+            container.1,
+            meta.inode,
+            meta.size,
+            meta.mtime.sec,
+            meta.mtime.nsec,
+        );
+        let take = |e: &Arc<Entry>| {
+            e.users.fetch_add(1, Ordering::Relaxed);
+            e.clone()
+        };
+        if let Some(e) = self.state.lock().entries.get(&key) {
+            return Ok(take(e));
+        }
+        let _one = self.open_lock.lock();
+        if let Some(e) = self.state.lock().entries.get(&key) {
+            return Ok(take(e));
+        }
+        let engine = self.engine.as_ref().expect("a tree server has an engine");
+        let source = match &self.opts.source_hook {
+            Some(h) => h(source),
+            None => source,
+        };
+        self.evict();
+        let shadow = engine.open(source).map_err(|e| {
+            let code = match &e {
+                Error::TooLarge { .. } => wire::E_TOO_LARGE,
+                Error::NotRegular { .. } => wire::E_NOT_REGULAR,
+                _ => wire::E_IO,
+            };
+            (code, e.to_string())
+        })?;
+        let entry = Arc::new(Entry {
+            id: self.next_entry.fetch_add(1, Ordering::Relaxed),
+            key,
+            held: Held::Shadow(shadow),
+            users: AtomicUsize::new(1),
+            last_used: Mutex::new(Instant::now()),
+        });
+        self.state.lock().entries.insert(key, entry.clone());
+        self.log(&format!(
+            "shadow {}: opened {} ({} bytes, {}, dev {} inode {})",
+            entry.id,
+            entry.name(),
+            meta.size,
+            entry.mode(),
+            meta.device,
+            meta.inode
+        ));
+        Ok(entry)
+    }
+
+    fn map(self: &Arc<Self>, conn: &mut Conn, f: &Frame) -> std::result::Result<(), String> {
+        let entry = match self.handle_of(conn, f.kind, f.a) {
+            Ok(h) => h.entry.clone(),
+            Err((r, _)) => return self.send(conn, &r, None),
+        };
+        let size = entry.size();
+        let page = crate::page_size() as u64;
+        let want_lazy = f.b == wire::MAP_LAZY;
+        if size == 0 {
+            let r = Frame::new(wire::MAP | wire::REPLY, f.a, 0, wire::MAP_SEALED, 0);
+            return self.send(conn, &r, None);
+        }
+        let lazy_shadow = entry.lazy().filter(|l| !l.fully_filled()).cloned();
+        match (lazy_shadow, &conn.uffd) {
+            (Some(l), Some(uffd)) if want_lazy => {
+                let ro = match l.memfd.reopen_readonly() {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        let (r, _) = refuse(f.kind, wire::E_IO, e.to_string());
+                        return self.send(conn, &r, None);
+                    }
+                };
+                let r = Frame::new(wire::MAP | wire::REPLY, f.a, size, wire::MAP_LAZY, 0);
+                self.send(conn, &r, Some(&ro))?;
+                drop(ro);
+                // The client maps it PROT_NONE, registers it and says where.
+                let (att, _) = wire::recv(&conn.stream).map_err(|e| {
+                    format!(
+                        "expected ATTACH within the peer timeout of {:?} after a lazy MAP: {e}",
+                        self.timeout()
+                    )
+                })?;
+                let want_len = size.div_ceil(page) * page;
+                if att.kind != wire::ATTACH
+                    || att.a != f.a
+                    || att.c != want_len
+                    || att.b % page != 0
+                    || att.b == 0
+                {
+                    let msg = format!(
+                        "expected ATTACH of handle {} with a page-aligned address and length \
+                         {want_len}; got kind {:#x} handle {} address {:#x} length {}",
+                        f.a, att.kind, att.a, att.b, att.c
+                    );
+                    let (r, _) = refuse(att.kind, wire::E_PROTOCOL, msg.clone());
+                    let _ = self.send(conn, &r, None);
+                    return Err(msg);
+                }
+                let key = l.add_remote(uffd.clone(), att.b, want_len);
+                if let Some(h) = conn.handles.get_mut(&f.a) {
+                    h.ranges.push((att.b, want_len, key));
+                }
+                if let Some(c) = self.state.lock().clients.get_mut(&conn.peer.id) {
+                    c.mappings += 1;
+                }
+                self.log(&format!(
+                    "{}: MAP handle {} lazily at {:#x} ({want_len} bytes)",
+                    conn.peer, f.a, att.b
+                ));
+                let r = Frame::new(wire::ATTACH | wire::REPLY, f.a, att.b, want_len, 0);
+                self.send(conn, &r, None)
+            }
+            (lazy, uffd) => {
+                if lazy.is_some() {
+                    // The eager fallback: fill the shared shadow whole, then
+                    // hand out a sealed descriptor, within the eager cap.
+                    let cap = self.engine.as_ref().map_or(0, |e| e.config().max_size);
+                    if size > cap {
+                        let why = if uffd.is_none() {
+                            "the client has no userfaultfd"
+                        } else {
+                            "the client asked for a sealed descriptor"
+                        };
+                        let msg = format!(
+                            "{why}, and the file is {size} bytes, over the server's eager cap of \
+                             {cap} bytes; start the server with --max-size {size} or more, or \
+                             map it lazily from a client with a userfaultfd"
+                        );
+                        let (r, _) = refuse(
+                            f.kind,
+                            if cap == 0 {
+                                wire::E_NO_UFFD
+                            } else {
+                                wire::E_TOO_LARGE
+                            },
+                            msg,
+                        );
+                        return self.send(conn, &r, None);
+                    }
+                    if let Err(e) = entry_materialize(&entry) {
+                        let (r, _) = refuse(f.kind, wire::E_IO, e.to_string());
+                        return self.send(conn, &r, None);
+                    }
+                }
+                let fd = match entry.sealed_fd() {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        let (r, _) = refuse(f.kind, wire::E_IO, e.to_string());
+                        return self.send(conn, &r, None);
+                    }
+                };
+                self.log(&format!(
+                    "{}: MAP handle {} as a sealed descriptor ({size} bytes)",
+                    conn.peer, f.a
+                ));
+                let r = Frame::new(wire::MAP | wire::REPLY, f.a, size, wire::MAP_SEALED, 0);
+                self.send(conn, &r, Some(&fd))
+            }
+        }
+    }
+
+    fn fill(&self, conn: &Conn, f: &Frame) -> (Frame, Option<OwnedFd>) {
+        let h = match self.handle_of(conn, f.kind, f.a) {
+            Ok(h) => h,
+            Err(r) => return r,
+        };
+        let size = h.entry.size();
+        if f.c > wire::MAX_FILL || f.b > size {
+            return refuse(
+                f.kind,
+                wire::E_RANGE,
+                format!(
+                    "FILL of {} bytes at {}: the offset must be at most the size ({size}) and \
+                     the length at most {} bytes",
+                    f.c,
+                    f.b,
+                    wire::MAX_FILL
+                ),
+            );
+        }
+        let n = f.c.min(size - f.b) as usize;
+        let mut buf = vec![0u8; n];
+        match h.entry.read_at(&mut buf, f.b) {
+            Ok(got) => {
+                buf.truncate(got);
+                (
+                    Frame::new(wire::FILL | wire::REPLY, f.a, f.b, got as u64, 0).with_payload(buf),
+                    None,
+                )
+            }
+            Err(e) => refuse(f.kind, wire::E_IO, e.to_string()),
+        }
+    }
+
+    fn stats(&self, conn: &Conn, f: &Frame) -> (Frame, Option<OwnedFd>) {
+        let json = if f.a == 0 {
+            self.status_json()
+        } else {
+            match self.handle_of(conn, f.kind, f.a) {
+                Ok(h) => entry_json(&h.entry),
+                Err(r) => return r,
+            }
+        };
+        (
+            Frame::new(wire::STATS | wire::REPLY, f.a, 0, 0, 0).with_payload(json.into_bytes()),
+            None,
+        )
+    }
+
+    fn unmap(&self, conn: &mut Conn, f: &Frame) -> (Frame, Option<OwnedFd>) {
+        let uffd = conn.uffd.clone();
+        let Some(h) = conn.handles.get_mut(&f.a) else {
+            return refuse(
+                f.kind,
+                wire::E_BAD_HANDLE,
+                format!("handle {} is not open on this connection", f.a),
+            );
+        };
+        let Some(i) = h.ranges.iter().position(|r| r.0 == f.b) else {
+            return refuse(
+                f.kind,
+                wire::E_RANGE,
+                format!("handle {} has no lazy mapping at {:#x}", f.a, f.b),
+            );
+        };
+        let (start, len, key) = h.ranges.remove(i);
+        if let (Some(u), Some(l)) = (&uffd, h.entry.lazy()) {
+            // Nobody serves the range from now on: what is unfilled faults
+            // with SIGBUS, never blocks.
+            let _ = u.poison(start, len);
+            l.remove_remote(key);
+        }
+        if let Some(c) = self.state.lock().clients.get_mut(&conn.peer.id) {
+            c.mappings = c.mappings.saturating_sub(1);
+        }
+        (Frame::new(wire::UNMAP | wire::REPLY, f.a, f.b, 0, 0), None)
+    }
+
+    fn close(&self, conn: &mut Conn, f: &Frame) -> (Frame, Option<OwnedFd>) {
+        let Some(h) = conn.handles.remove(&f.a) else {
+            return refuse(
+                f.kind,
+                wire::E_BAD_HANDLE,
+                format!("handle {} is not open on this connection", f.a),
+            );
+        };
+        let nm = h.ranges.len();
+        self.release(h, conn.uffd.as_deref());
+        if let Some(c) = self.state.lock().clients.get_mut(&conn.peer.id) {
+            c.handles = c.handles.saturating_sub(1);
+            c.mappings = c.mappings.saturating_sub(nm);
+        }
+        self.evict();
+        (Frame::new(wire::CLOSE | wire::REPLY, f.a, 0, 0, 0), None)
+    }
+
+    /// Forgets a handle: its lazy ranges (poisoned first through `uffd` if
+    /// the client lives on), and its use of the entry.
+    fn release(&self, h: Handle, uffd: Option<&Uffd>) {
+        if let Some(l) = h.entry.lazy() {
+            for (start, len, key) in h.ranges {
+                if let Some(u) = uffd {
+                    let _ = u.poison(start, len);
+                }
+                l.remove_remote(key);
+            }
+        }
+        h.entry.users.fetch_sub(1, Ordering::Relaxed);
+        *h.entry.last_used.lock() = Instant::now();
+    }
+
+    /// Drops shadows no client holds, least recently used first, while the
+    /// shadows' resident bytes are over 3/4 of the memory budget (so that
+    /// fills for live clients find room), and beyond 1024 idle entries.
+    fn evict(&self) {
+        let Some(engine) = &self.engine else { return };
+        let budget = engine.config().memory_budget;
+        let high = budget / 4 * 3;
+        let mut gone = Vec::new();
+        {
+            let mut st = self.state.lock();
+            let mut idle: Vec<(Instant, Key, u64)> = st
+                .entries
+                .values()
+                .filter(|e| e.users.load(Ordering::Relaxed) == 0)
+                .map(|e| (*e.last_used.lock(), e.key, e.resident()))
+                .collect();
+            idle.sort_by_key(|x| x.0);
+            let mut resident: u64 = st.entries.values().map(|e| e.resident()).sum();
+            let mut n_idle = idle.len();
+            for (_, key, r) in idle {
+                if resident <= high && n_idle <= 1024 {
+                    break;
+                }
+                if let Some(e) = st.entries.remove(&key) {
+                    gone.push(e);
+                }
+                resident = resident.saturating_sub(r);
+                n_idle -= 1;
+            }
+        }
+        for e in gone {
+            self.log(&format!(
+                "shadow {}: evicted {} (no client; {} bytes resident given back)",
+                e.id,
+                e.name(),
+                e.resident()
+            ));
+        }
+    }
+
+    fn status_json(&self) -> String {
+        let st = self.state.lock();
+        let now = Instant::now();
+        let clients: Vec<String> = st
+            .clients
+            .iter()
+            .map(|(id, c)| {
+                format!(
+                    "{{\"id\":{id},\"pid\":{},\"uid\":{},\"userfaultfd\":{},\"handles\":{},\"lazy_mappings\":{},\"connected_s\":{:.1}}}",
+                    c.pid,
+                    c.uid,
+                    c.uffd,
+                    c.handles,
+                    c.mappings,
+                    now.duration_since(c.since).as_secs_f64()
+                )
+            })
+            .collect();
+        let mut entries: Vec<&Arc<Entry>> = st.entries.values().collect();
+        if let TreeImpl::Single(e) = &self.tree {
+            entries.push(e);
+        }
+        entries.sort_by_key(|e| e.id);
+        let shadows: Vec<String> = entries.iter().map(|e| entry_json(e)).collect();
+        let resident: u64 = entries.iter().map(|e| e.resident()).sum();
+        let (budget, max_size, mode) = match &self.engine {
+            Some(e) => (
+                e.config().memory_budget,
+                e.config().max_size,
+                if e.mode() == crate::Mode::Lazy {
+                    "lazy"
+                } else {
+                    "eager"
+                },
+            ),
+            None => (0, 0, "single"),
+        };
+        let tree = match &self.tree {
+            TreeImpl::Root(_) => "root",
+            TreeImpl::Image(_) => "image",
+            TreeImpl::Single(_) => "single",
+        };
+        format!(
+            "{{\"version\":{},\"pid\":{},\"uptime_s\":{:.1},\"tree\":{},\"mode\":{},\"memory_budget\":{budget},\"max_size\":{max_size},\"resident_bytes\":{resident},\"peer_timeout_ms\":{},\"clients\":[{}],\"shadows\":[{}]}}",
+            wire::VERSION,
+            std::process::id(),
+            self.started.elapsed().as_secs_f64(),
+            json_str(tree),
+            json_str(mode),
+            self.opts.peer_timeout.as_millis(),
+            clients.join(","),
+            shadows.join(",")
+        )
+    }
+}
+
+fn entry_materialize(e: &Entry) -> Result<()> {
+    match &e.held {
+        Held::Shadow(s) => s.materialize(),
+        Held::Sealed { .. } => Ok(()),
+    }
+}
+
+fn entry_json(e: &Entry) -> String {
+    let s = e.stats();
+    let remote = e.lazy().map_or(0, |l| l.remote_consumers());
+    format!(
+        "{{\"id\":{},\"name\":{},\"size\":{},\"mode\":{},\"handles\":{},\"lazy_mappings\":{remote},\"resident_bytes\":{},\"faults\":{},\"chunks_filled\":{},\"bytes_filled\":{},\"readahead_chunks\":{},\"errors\":{},\"poisoned_pages\":{},\"budget_refusals\":{},\"fill_p50_us\":{},\"fill_p99_us\":{},\"source_changed\":{}}}",
+        e.id,
+        json_str(e.name()),
+        e.size(),
+        json_str(e.mode()),
+        e.users.load(Ordering::Relaxed),
+        e.resident(),
+        s.faults,
+        s.chunks_filled,
+        s.bytes_filled,
+        s.readahead_chunks,
+        s.errors,
+        s.poisoned_pages,
+        s.budget_refusals,
+        json_opt(s.fill_p50_us),
+        json_opt(s.fill_p99_us),
+        s.source_changed
+    )
+}
 
 /// A consumer being served by [`serve`].
 #[derive(Debug)]
@@ -24,209 +1154,75 @@ pub struct Served {
 }
 
 impl Served {
-    /// Waits until the consumer has disconnected and its range is forgotten.
-    /// Returns at once for eager or materialized shadows.
+    /// Waits until the consumer has disconnected and its ranges are
+    /// forgotten.
     pub fn wait(self) {
         if let Some(t) = self.thread {
             let _ = t.join();
         }
     }
 
-    /// Whether the consumer is still attached.
+    /// Whether the consumer is still connected.
     pub fn is_active(&self) -> bool {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 }
 
-fn refused(peer_msg: &str) -> Error {
-    Error::Protocol {
-        what: peer_msg.to_string(),
-    }
-}
-
-/// Refuses the peer: an ERROR frame with `code`, then the error.
-fn refuse(stream: &UnixStream, code: u64, why: &str) -> Error {
-    let f = Frame {
-        kind: ERROR,
-        a: code,
-        b: 0,
-        c: 0,
-    };
-    let _ = wire::send(stream, &f, None);
-    refused(why)
-}
-
-/// Hands `shadow` to a consumer process on the other end of `stream`, which
-/// calls [`super::RemoteMapping::receive`] (docs/remote.md has the
-/// protocol). The consumer speaks first (HELLO: protocol version, and its
-/// userfaultfd if it has one); nothing of the shadow is sent before that. An
-/// eager or materialized shadow is then sent as a read-only descriptor and
-/// needs nothing more. A lazy one is sent only to a consumer whose
-/// userfaultfd can register MISSING and MINOR faults and poison; the
-/// consumer maps it `PROT_NONE`, registers the mapping and says where (ATTACH);
-/// a thread then serves its faults, filling the same page cache as local
-/// mappings, until the consumer closes the connection or dies, and then
-/// forgets it. Every wait on the peer is bounded by [`PEER_TIMEOUT`].
+/// Serves `shadow` alone to one client on the other end of `stream`, which
+/// calls [`super::RemoteMapping::receive`] (or speaks protocol version 3
+/// itself: every path it OPENs names this shadow). The client's HELLO is
+/// taken here (bounded by [`PEER_TIMEOUT`]); the rest of the session runs on
+/// a thread until the client hangs up. A lazy shadow is mapped lazily by a
+/// client with a userfaultfd; an eager or materialized one is sent as a
+/// sealed descriptor; a lazy one to a client without a userfaultfd is
+/// refused (`E_NO_UFFD`: materialize it first).
 pub fn serve(shadow: &Shadow, stream: UnixStream) -> Result<Served> {
-    stream
-        .set_read_timeout(Some(PEER_TIMEOUT))
-        .map_err(|e| Error::sys("set the consumer socket timeout", e))?;
-    let (hello, uffd) = wire::recv(&stream)?;
-    if hello.kind != HELLO {
-        return Err(refuse(
-            &stream,
-            wire::E_PROTOCOL,
-            "the consumer did not start with HELLO",
-        ));
-    }
-    if hello.a != VERSION {
-        return Err(refuse(
-            &stream,
-            wire::E_VERSION,
-            &format!(
-                "the consumer speaks protocol version {}, this engine {VERSION}",
-                hello.a
-            ),
-        ));
-    }
-    let lazy = !shadow.is_materialized();
-    let uffd = match (lazy, uffd) {
-        (false, _) => None,
-        (true, Some(fd)) => {
-            let u = Uffd::from_fd(fd, hello.c);
-            if !u.has_lazy_features() {
-                return Err(refuse(
-                    &stream,
-                    wire::E_NO_UFFD,
-                    "the consumer's userfaultfd lacks MINOR_SHMEM or POISON",
-                ));
-            }
-            Some(u)
-        }
-        (true, None) => {
-            return Err(refuse(
-                &stream,
-                wire::E_NO_UFFD,
-                "the shadow is lazy and the consumer sent no userfaultfd; materialize it first",
-            ));
-        }
+    let held = match &shadow.kind {
+        Kind::Lazy(l) if !shadow.is_materialized() => Held::Shadow(Shadow {
+            kind: Kind::Lazy(l.clone()),
+            open_time: shadow.open_time,
+        }),
+        _ => Held::Sealed {
+            fd: shadow.reopen_readonly()?,
+            meta: shadow.meta().clone(),
+            name: shadow.name().to_string(),
+        },
     };
-    let ro = shadow.memfd().reopen_readonly()?;
-    let offer = Frame {
-        kind: OFFER,
-        a: shadow.size(),
-        b: u64::from(lazy),
-        c: VERSION,
+    let m = shadow.meta();
+    let entry = Arc::new(Entry {
+        id: 1,
+        key: (0, m.device, m.inode, m.size, m.mtime.sec, m.mtime.nsec),
+        held,
+        users: AtomicUsize::new(0),
+        last_used: Mutex::new(Instant::now()),
+    });
+    let server = Server::build(None, TreeImpl::Single(entry), ServerOptions::default());
+    let inner = server.inner;
+    let peer = peer_of(&stream, 1);
+    let uffd = inner.try_handshake(&stream, peer)?;
+    inner.state.lock().clients.insert(
+        peer.id,
+        ClientInfo {
+            pid: peer.pid,
+            uid: peer.uid,
+            since: Instant::now(),
+            uffd: uffd.is_some(),
+            handles: 0,
+            mappings: 0,
+        },
+    );
+    let conn = Conn {
+        peer,
+        stream,
+        uffd,
+        handles: BTreeMap::new(),
+        next_handle: 1,
     };
-    wire::send(&stream, &offer, Some(ro.as_fd()))?;
-    drop(ro);
-    let thread = match (&shadow.kind, uffd) {
-        (Kind::Lazy(l), Some(u)) if shadow.size() > 0 => {
-            Some(attach(l.clone(), Arc::new(u), stream)?)
-        }
-        _ => None,
-    };
-    Ok(Served { thread })
-}
-
-/// Takes the consumer's ATTACH, registers its range with the shadow, answers
-/// READY, and starts the thread that serves its faults until it disconnects.
-fn attach(shadow: Arc<LazyShadow>, uffd: Arc<Uffd>, stream: UnixStream) -> Result<JoinHandle<()>> {
-    let (f, _) = wire::recv(&stream)?;
-    let page = shadow.service.core.page;
-    let want_len = shadow.size.div_ceil(page) * page;
-    if f.kind != ATTACH || f.b != want_len || f.a % page != 0 || f.a == 0 {
-        return Err(refuse(&stream, wire::E_PROTOCOL, "malformed ATTACH"));
-    }
-    let (start, len) = (f.a, f.b);
-    let key = shadow.add_remote(uffd.clone(), start, len);
-    // Start serving before saying READY: a consumer told READY must never be
-    // left with nobody reading its faults. The thread holds its own handles.
-    let (tshadow, tstream) = (shadow.clone(), stream.try_clone());
-    let spawned = tstream
-        .map_err(|e| Error::sys("clone the consumer socket", e))
-        .and_then(|tstream| {
-            std::thread::Builder::new()
-                .name("shadowfd-remote".into())
-                .spawn(move || {
-                    serve_faults(&tshadow, &uffd, &tstream, start, len);
-                    tshadow.remove_remote(key);
-                })
-                .map_err(|e| Error::sys("spawn a remote-consumer thread", e))
-        });
-    let thread = match spawned {
-        Ok(t) => t,
-        Err(e) => {
-            shadow.remove_remote(key);
-            return Err(e);
-        }
-    };
-    let ready = Frame {
-        kind: READY,
-        a: 0,
-        b: 0,
-        c: 0,
-    };
-    // If READY cannot be sent the consumer is gone; the thread sees the
-    // hang-up and forgets it.
-    wire::send(&stream, &ready, None)?;
-    Ok(thread)
-}
-
-/// Serves faults from one consumer until its connection closes or its
-/// userfaultfd reports an error. A fault outside the range it attached is
-/// refused (SIGBUS in the consumer), never woken into a retry loop.
-fn serve_faults(shadow: &LazyShadow, uffd: &Uffd, stream: &UnixStream, start: u64, len: u64) {
-    let core = &shadow.service.core;
-    let mut raw = vec![uffd_msg::default(); 32];
-    let mut faults = Vec::with_capacity(32);
-    loop {
-        let mut fds = [uffd.as_fd(), stream.as_fd()].map(|fd| libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        });
-        // SAFETY: `fds` is a live array of two pollfd structs.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return;
-        }
-        if fds[1].revents != 0 {
-            // The consumer only ever closes its end: EOF, hang-up or error.
-            return;
-        }
-        if fds[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
-            return;
-        }
-        faults.clear();
-        match uffd.read_faults(&mut raw, &mut faults) {
-            Ok(()) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => continue,
-            Err(_) => return,
-        }
-        for f in &faults {
-            let addr = f.address & !(core.page - 1);
-            if addr < start || addr >= start + len {
-                // A consumer whose userfaultfd cannot even poison its own
-                // stray range is dropped rather than woken for ever.
-                if !core.refuse(uffd, addr) {
-                    return;
-                }
-                continue;
-            }
-            let hit = Hit {
-                uffd,
-                addr,
-                offset: addr - start,
-                limit: start + len - addr,
-                internal: false,
-            };
-            if let Some(work) = shadow.on_fault(core, hit) {
-                shadow.run(core, work);
-            }
-        }
-    }
+    let thread = std::thread::Builder::new()
+        .name("shadowfd-remote".into())
+        .spawn(move || inner.run(conn))
+        .map_err(|e| Error::sys("spawn a remote-consumer thread", e))?;
+    Ok(Served {
+        thread: Some(thread),
+    })
 }

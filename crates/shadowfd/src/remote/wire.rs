@@ -1,7 +1,17 @@
-//! The small framed protocol between an engine and a remote consumer: fixed
-//! 40-byte frames (five little-endian u64: magic, kind, a, b, c), each
-//! optionally carrying one descriptor (`SCM_RIGHTS`). docs/remote.md has the
-//! exchange.
+//! The framed protocol between a shadowfd server and its clients, version 3
+//! (docs/protocol.md is the specification).
+//!
+//! A frame is a 48-byte header, then `len` bytes of payload:
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 0..8 | magic `SHADOWFD` |
+//! | 8..12 | kind, u32 little-endian |
+//! | 12..16 | payload length, u32 little-endian |
+//! | 16..48 | `a`, `b`, `c`, `d`: u64 little-endian |
+//!
+//! A frame carries at most one descriptor (`SCM_RIGHTS`), sent with its
+//! first byte.
 
 use crate::error::{Error, Result};
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
@@ -9,121 +19,321 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-const MAGIC: u64 = u64::from_le_bytes(*b"SHADOWFD");
-pub const FRAME: usize = 40;
+pub const MAGIC: [u8; 8] = *b"SHADOWFD";
+pub const HEADER: usize = 48;
+/// The largest payload either side accepts (a FILL reply of [`MAX_FILL`]).
+pub const MAX_PAYLOAD: usize = MAX_FILL as usize + 4096;
+/// The largest range one FILL may ask for.
+pub const MAX_FILL: u64 = 1 << 20;
+/// The longest path OPEN accepts, in bytes.
+pub const MAX_PATH: usize = 4096;
 
-/// The protocol version this crate speaks. Version 1 (unversioned, the
-/// server spoke first and sent the memfd before anything else) is refused.
-pub const VERSION: u64 = 2;
+/// The protocol version this crate speaks. Versions 1 and 2 (fixed 40-byte
+/// frames, one shadow per connection) are answered with a version-2 ERROR
+/// frame, code [`E_VERSION`].
+pub const VERSION: u64 = 3;
 
-/// Consumer to server, first: `a` = protocol version, `c` = the features its
-/// userfaultfd negotiated; carries that userfaultfd if it could make one.
-pub const HELLO: u64 = 4;
-/// Server to consumer: the read-only memfd (`a` = size, `b` = 1 if lazy,
-/// `c` = protocol version).
-pub const OFFER: u64 = 1;
-/// Consumer to server: where it mapped and registered the shadow
-/// (`a` = address, `b` = length).
-pub const ATTACH: u64 = 2;
-/// Server to consumer: faults are now served.
-pub const READY: u64 = 3;
-/// Either way, before closing: `a` = one of the `E_*` codes.
-pub const ERROR: u64 = 5;
+/// Set in a reply's kind: `OPEN | REPLY` answers `OPEN`.
+pub const REPLY: u32 = 0x8000;
+pub const HELLO: u32 = 0x301;
+pub const OPEN: u32 = 0x302;
+pub const MAP: u32 = 0x303;
+pub const ATTACH: u32 = 0x304;
+pub const FILL: u32 = 0x305;
+pub const STATS: u32 = 0x306;
+pub const UNMAP: u32 = 0x307;
+pub const CLOSE: u32 = 0x308;
+/// Server to client, instead of a reply: `a` = code, `b` = the kind refused;
+/// the payload is a message for people (UTF-8).
+pub const ERROR: u32 = 0x3ff;
+
+/// HELLO flag: a userfaultfd travels with the frame.
+pub const HELLO_HAS_UFFD: u64 = 1;
+/// MAP modes (`b`).
+pub const MAP_LAZY: u64 = 0;
+pub const MAP_SEALED: u64 = 1;
 
 /// Malformed or unexpected frame.
 pub const E_PROTOCOL: u64 = 1;
 /// Unsupported protocol version.
 pub const E_VERSION: u64 = 2;
-/// A lazy shadow needs a userfaultfd with MINOR_SHMEM and POISON.
+/// A lazy mapping needs a userfaultfd with MINOR_SHMEM and POISON.
 pub const E_NO_UFFD: u64 = 3;
+/// No such file.
+pub const E_NOT_FOUND: u64 = 4;
+/// The path leaves the served tree (`..`, an absolute symlink, a symlink
+/// out of it, a magic link).
+pub const E_ESCAPE: u64 = 5;
+/// Not a regular file.
+pub const E_NOT_REGULAR: u64 = 6;
+/// The eager fallback is over the server's size cap.
+pub const E_TOO_LARGE: u64 = 7;
+/// Unknown handle.
+pub const E_BAD_HANDLE: u64 = 8;
+/// Offset or length out of range.
+pub const E_RANGE: u64 = 9;
+/// The source could not be read (the message says why).
+pub const E_IO: u64 = 10;
+/// A server limit (clients, handles, memory budget) was reached.
+pub const E_LIMIT: u64 = 11;
+/// Permission denied opening the file.
+pub const E_ACCESS: u64 = 12;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A short name for an error code, for messages.
+pub fn code_name(code: u64) -> &'static str {
+    match code {
+        E_PROTOCOL => "E_PROTOCOL",
+        E_VERSION => "E_VERSION",
+        E_NO_UFFD => "E_NO_UFFD",
+        E_NOT_FOUND => "E_NOT_FOUND",
+        E_ESCAPE => "E_ESCAPE",
+        E_NOT_REGULAR => "E_NOT_REGULAR",
+        E_TOO_LARGE => "E_TOO_LARGE",
+        E_BAD_HANDLE => "E_BAD_HANDLE",
+        E_RANGE => "E_RANGE",
+        E_IO => "E_IO",
+        E_LIMIT => "E_LIMIT",
+        E_ACCESS => "E_ACCESS",
+        _ => "unknown code",
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Frame {
-    pub kind: u64,
+    pub kind: u32,
     pub a: u64,
     pub b: u64,
     pub c: u64,
+    pub d: u64,
+    pub payload: Vec<u8>,
 }
 
-fn encode(f: &Frame) -> [u8; FRAME] {
-    let mut out = [0u8; FRAME];
-    for (i, v) in [MAGIC, f.kind, f.a, f.b, f.c].iter().enumerate() {
-        out[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+impl Frame {
+    pub fn new(kind: u32, a: u64, b: u64, c: u64, d: u64) -> Frame {
+        Frame {
+            kind,
+            a,
+            b,
+            c,
+            d,
+            payload: Vec::new(),
+        }
     }
+
+    pub fn with_payload(mut self, p: Vec<u8>) -> Frame {
+        self.payload = p;
+        self
+    }
+}
+
+/// How receiving failed.
+#[derive(Debug)]
+pub enum RecvError {
+    /// The peer closed the connection before a whole frame.
+    Closed,
+    /// Nothing (or not a whole frame) within the socket's receive timeout.
+    TimedOut,
+    /// A version 1/2 peer: its 40-byte frame, kind and `a`.
+    Legacy {
+        kind: u64,
+        a: u64,
+    },
+    /// Not a shadowfd frame, or too large.
+    Malformed(String),
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for RecvError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecvError::Closed => write!(f, "the peer closed the connection"),
+            RecvError::TimedOut => write!(f, "timed out"),
+            RecvError::Legacy { kind, a } => write!(
+                f,
+                "the peer speaks the version 1/2 protocol (frame kind {kind}, a={a}); this side speaks version {VERSION}"
+            ),
+            RecvError::Malformed(m) => write!(f, "malformed frame: {m}"),
+            RecvError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+fn encode(f: &Frame) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + f.payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&f.kind.to_le_bytes());
+    out.extend_from_slice(&(f.payload.len() as u32).to_le_bytes());
+    for v in [f.a, f.b, f.c, f.d] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(&f.payload);
     out
 }
 
-fn word(b: &[u8; FRAME], i: usize) -> u64 {
-    u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(w)
 }
 
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut w = [0u8; 4];
+    w.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(w)
+}
+
+/// Sends one frame (and `fd` with it). Blocks at most the socket's send
+/// timeout.
 pub fn send(sock: &UnixStream, f: &Frame, fd: Option<BorrowedFd<'_>>) -> Result<()> {
-    let bytes = encode(f);
-    let iov = [IoSlice::new(&bytes)];
+    send_bytes(sock, &encode(f), fd)
+}
+
+fn send_bytes(sock: &UnixStream, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> Result<()> {
     let fds: Vec<RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
-    let cmsg = [ControlMessage::ScmRights(&fds)];
-    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsg };
-    let n = sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)
-        .map_err(|e| Error::sys("send to the remote consumer socket", e))?;
-    if n != FRAME {
-        return Err(Error::sys(
-            "send to the remote consumer socket",
-            std::io::Error::new(std::io::ErrorKind::WriteZero, "short send"),
-        ));
+    let mut done = 0;
+    while done < bytes.len() {
+        let iov = [IoSlice::new(&bytes[done..])];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() || done > 0 {
+            &[]
+        } else {
+            &cmsg
+        };
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(n) => done += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                let what = if e == nix::errno::Errno::EAGAIN {
+                    "send a frame to the peer (it read nothing within the timeout)"
+                } else {
+                    "send a frame to the peer"
+                };
+                return Err(Error::sys(what, e));
+            }
+        }
     }
     Ok(())
 }
 
-/// Receives one frame, and the descriptor that came with it.
-pub fn recv(sock: &UnixStream) -> Result<(Frame, Option<OwnedFd>)> {
-    let mut buf = [0u8; FRAME];
+/// Sends a version-2 ERROR frame (40 bytes) to a legacy peer.
+pub fn send_legacy_error(sock: &UnixStream, code: u64) {
+    let mut b = Vec::with_capacity(40);
+    b.extend_from_slice(&MAGIC);
+    for v in [5u64, code, 0, 0] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    let _ = send_bytes(sock, &b, None);
+}
+
+/// Reads exactly `buf.len()` bytes, keeping the first descriptor that comes.
+fn fill(
+    sock: &UnixStream,
+    buf: &mut [u8],
+    fd: &mut Option<OwnedFd>,
+) -> std::result::Result<(), RecvError> {
     let mut got = 0;
-    let mut fd = None;
-    while got < FRAME {
-        let mut space = nix::cmsg_space!([RawFd; 1]);
+    while got < buf.len() {
+        let mut space = nix::cmsg_space!([RawFd; 4]);
         let mut iov = [IoSliceMut::new(&mut buf[got..])];
-        let msg = recvmsg::<()>(
+        let msg = match recvmsg::<()>(
             sock.as_raw_fd(),
             &mut iov,
             Some(&mut space),
             MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .map_err(|e| Error::sys("receive from the shadowfd socket", e))?;
-        if msg.bytes == 0 {
-            return Err(Error::sys(
-                "receive from the shadowfd socket",
-                std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the peer closed the connection",
-                ),
-            ));
-        }
-        for c in msg
-            .cmsgs()
-            .map_err(|e| Error::sys("read control message", e))?
-        {
-            if let ControlMessageOwned::ScmRights(fds) = c {
-                for raw in fds {
-                    // SAFETY: SCM_RIGHTS installed this descriptor in our
-                    // table for us; nothing else owns it.
-                    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-                    fd.get_or_insert(owned);
+        ) {
+            Ok(m) => m,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN) => return Err(RecvError::TimedOut),
+            Err(e) => return Err(RecvError::Io(e.into())),
+        };
+        let n = msg.bytes;
+        if let Ok(cm) = msg.cmsgs() {
+            for c in cm {
+                if let ControlMessageOwned::ScmRights(fds) = c {
+                    for raw in fds {
+                        // SAFETY: SCM_RIGHTS installed this descriptor in our
+                        // table for us; nothing else owns it. Extra ones are
+                        // closed when dropped here.
+                        let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                        if fd.is_none() {
+                            *fd = Some(owned);
+                        }
+                    }
                 }
             }
         }
-        got += msg.bytes;
+        if n == 0 {
+            return Err(RecvError::Closed);
+        }
+        got += n;
     }
-    if word(&buf, 0) != MAGIC {
-        return Err(Error::sys(
-            "receive from the shadowfd socket",
-            std::io::Error::new(std::io::ErrorKind::InvalidData, "not a shadowfd peer"),
+    Ok(())
+}
+
+/// Receives one frame and the descriptor that came with it. Blocks at most
+/// the socket's receive timeout per read.
+pub fn recv(sock: &UnixStream) -> std::result::Result<(Frame, Option<OwnedFd>), RecvError> {
+    let mut head = [0u8; HEADER];
+    let mut fd = None;
+    fill(sock, &mut head[..40], &mut fd)?;
+    if head[..8] != MAGIC {
+        return Err(RecvError::Malformed(
+            "not a shadowfd peer (bad magic)".into(),
         ));
     }
-    let f = Frame {
-        kind: word(&buf, 1),
-        a: word(&buf, 2),
-        b: word(&buf, 3),
-        c: word(&buf, 4),
-    };
-    Ok((f, fd))
+    let kind = u32_at(&head, 8);
+    let len = u32_at(&head, 12) as usize;
+    if kind < 0x100 && len == 0 {
+        // A version 1/2 frame: magic, then kind as a u64 (small), a, b, c.
+        return Err(RecvError::Legacy {
+            kind: u64::from(kind),
+            a: u64_at(&head, 16),
+        });
+    }
+    fill(sock, &mut head[40..], &mut fd)?;
+    if len > MAX_PAYLOAD {
+        return Err(RecvError::Malformed(format!(
+            "payload of {len} bytes; the limit is {MAX_PAYLOAD}"
+        )));
+    }
+    let mut payload = vec![0u8; len];
+    fill(sock, &mut payload, &mut fd)?;
+    Ok((
+        Frame {
+            kind,
+            a: u64_at(&head, 16),
+            b: u64_at(&head, 24),
+            c: u64_at(&head, 32),
+            d: u64_at(&head, 40),
+            payload,
+        },
+        fd,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_with_payload() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let f = Frame::new(OPEN, 1, 2, 3, u64::MAX).with_payload(b"big.bin".to_vec());
+        send(&a, &f, None).unwrap();
+        let (g, fd) = recv(&b).unwrap();
+        assert_eq!(f, g);
+        assert!(fd.is_none());
+        assert_eq!(encode(&f).len(), HEADER + 7);
+    }
+
+    #[test]
+    fn a_version_2_frame_is_recognised() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut v2 = MAGIC.to_vec();
+        for v in [4u64, 2, 0, 0] {
+            v2.extend_from_slice(&v.to_le_bytes());
+        }
+        send_bytes(&a, &v2, None).unwrap();
+        assert!(matches!(recv(&b), Err(RecvError::Legacy { kind: 4, a: 2 })));
+    }
 }

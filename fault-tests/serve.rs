@@ -1,0 +1,998 @@
+//! `shadowfd serve` and its clients, as real processes (issue 13).
+//!
+//! Servers are the `shadowfd` binary (`serve`), or this test binary in the
+//! `slow-server` role: a `remote::Server` whose sources sleep in every
+//! read, so that faults stay in flight. Clients are the `shadowfd` binary
+//! (`client`, `status`) or this test binary in a client role.
+//!
+//! Promises: N clients of one file share one shadow, read byte-exact data,
+//! and the source is read once per chunk; a client that cannot make a
+//! userfaultfd gets a sealed descriptor with the same bytes; when the
+//! server is SIGKILLed, every client's pending and later faults on unfilled
+//! pages end in SIGBUS, never zeros, never a hang, and filled pages stay
+//! readable; a client killed mid-fault is forgotten and the others go on; a
+//! peer that never speaks is dropped after --peer-timeout, and a version 2
+//! peer gets ERROR E_VERSION; paths out of --root are refused; SIGTERM stops
+//! the server and removes its socket.
+
+use crate::support::attack::{Proc, role_command};
+use crate::support::child::{self, param, param_u64};
+use crate::support::content::{first_mismatch, write_file};
+use crate::support::{cli, lazy_available, lazy_config, page, seccomp, tempdir};
+use crate::test_name;
+use shadowfd::remote::{Client, ClientOptions, Server, ServerOptions, Tree};
+use shadowfd::{Engine, Source, SourceMeta};
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const BOUND: Duration = Duration::from_secs(30);
+
+/// Waits (bounded) until `sock` accepts connections.
+fn wait_socket(sock: &Path, server: &mut Proc) {
+    let t = Instant::now();
+    while UnixStream::connect(sock).is_err() {
+        assert!(
+            server.is_running(),
+            "the server exited before listening: {}",
+            server.finish(BOUND).describe()
+        );
+        assert!(
+            t.elapsed() < BOUND,
+            "the server did not listen on {} within {BOUND:?}",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `shadowfd serve --socket SOCK --root ROOT EXTRA...`, listening.
+fn cli_server(sock: &Path, root: &Path, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "serve",
+        "--socket",
+        sock.to_str().unwrap(),
+        "--root",
+        root.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let mut p = Proc::spawn("shadowfd serve", cli(&args), false);
+    wait_socket(sock, &mut p);
+    p
+}
+
+/// The server's status, asked over the protocol (no userfaultfd).
+fn status(sock: &Path) -> serde_json::Value {
+    let s = UnixStream::connect(sock).expect("connect for status");
+    let c = Client::from_stream(
+        s,
+        ClientOptions {
+            userfaultfd: false,
+            timeout: BOUND,
+        },
+    )
+    .expect("status client");
+    serde_json::from_str(&c.status_json().expect("STATS")).expect("STATS is JSON")
+}
+
+/// A source that sleeps `delay` in every read.
+struct Slow {
+    inner: Arc<dyn Source>,
+    delay: Duration,
+}
+
+impl Source for Slow {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        std::thread::sleep(self.delay);
+        self.inner.read_at(buf, offset)
+    }
+    fn metadata(&self) -> std::io::Result<SourceMeta> {
+        self.inner.metadata()
+    }
+    fn fill_metadata(&self) -> std::io::Result<SourceMeta> {
+        self.inner.fill_metadata()
+    }
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+}
+
+// ---- child roles ----
+
+fn play(role: &str) {
+    child::begin();
+    match role {
+        "slow-server" => slow_server(),
+        "reader" => reader(),
+        "toucher" => toucher(),
+        "interleaved" => interleaved(),
+        other => panic!("unknown role {other}"),
+    }
+}
+
+/// A library server over ROOT whose reads sleep DELAY_MS, with no readahead
+/// and 4 KiB chunks: each page is one slow fill.
+fn slow_server() {
+    let delay = Duration::from_millis(param_u64("DELAY_MS"));
+    let mut cfg = lazy_config();
+    cfg.readahead = 0;
+    let engine = Engine::new(cfg).expect("lazy engine");
+    let opts = ServerOptions {
+        peer_timeout: Duration::from_secs(5),
+        source_hook: Some(Arc::new(move |s| Arc::new(Slow { inner: s, delay }))),
+        log: Some(Arc::new(|l: &str| child::report("log", l))),
+        ..ServerOptions::default()
+    };
+    let server = Server::new(engine, Tree::Root(param("ROOT").into()), opts).expect("server");
+    let l = UnixListener::bind(param("SOCK")).expect("bind");
+    child::report("listening", "");
+    for s in l.incoming() {
+        server.handle(s.expect("accept")).expect("handle");
+    }
+}
+
+/// Maps FILE and checks every byte against content ID; reports whether the
+/// mapping is lazy and the shadow id.
+fn reader() {
+    let c = Client::connect(param("SOCK")).expect("connect");
+    let f = c.open(&param("FILE")).expect("open");
+    let map = f.map().expect("map");
+    child::report("lazy", map.is_lazy());
+    child::report("shadow", f.shadow_id());
+    child::watch_sigbus(&map);
+    let id = param_u64("ID");
+    for (i, piece) in map.chunks(1 << 20).enumerate() {
+        let off = (i << 20) as u64;
+        if let Some(at) = first_mismatch(id, off, piece) {
+            child::report("bad", at);
+            return;
+        }
+    }
+    child::report("exact", map.len());
+}
+
+/// Maps FILE, touches FIRST pages in order (each checked), reports `ready`,
+/// then waits (bounded) for the file GO to exist, then touches page 0 again
+/// and then pages from FIRST on, reporting each: the test kills the server
+/// in between or while these are in flight.
+fn toucher() {
+    let c = Client::connect(param("SOCK")).expect("connect");
+    let f = c.open(&param("FILE")).expect("open");
+    let map = f.map().expect("map");
+    assert!(map.is_lazy(), "the toucher needs a lazy mapping");
+    child::watch_sigbus(&map);
+    let id = param_u64("ID");
+    let first = param_u64("FIRST");
+    for p in 0..first {
+        child::touch_page(&map, id, p);
+    }
+    child::report("ready", "");
+    let go = PathBuf::from(param("GO"));
+    let t = Instant::now();
+    while !go.exists() {
+        assert!(t.elapsed() < BOUND, "GO never came");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child::report("again", "");
+    child::touch_page(&map, id, 0);
+    let pages = (map.len() as u64).div_ceil(page());
+    for p in first..pages {
+        child::touch_page(&map, id, p);
+    }
+    child::report("all-read", "");
+}
+
+/// Maps FILE, touches every other page (a mapping full of holes between
+/// filled pages, the slowest to poison), reports `ready`, waits for GO and
+/// touches the last page, which is unfilled.
+fn interleaved() {
+    let c = Client::connect(param("SOCK")).expect("connect");
+    let f = c.open(&param("FILE")).expect("open");
+    let map = f.map().expect("map");
+    assert!(map.is_lazy(), "needs a lazy mapping");
+    child::watch_sigbus(&map);
+    let pages = (map.len() as u64).div_ceil(page());
+    let mut sum = 0u64;
+    for p in (0..pages).step_by(2) {
+        sum = sum.wrapping_add(u64::from(map[(p * page()) as usize]));
+    }
+    std::hint::black_box(sum);
+    child::report("ready", pages / 2);
+    let go = PathBuf::from(param("GO"));
+    let t = Instant::now();
+    while !go.exists() {
+        assert!(t.elapsed() < BOUND, "GO never came");
+        std::thread::yield_now();
+    }
+    child::touch_page(&map, param_u64("ID"), pages - 1);
+    child::report("all-read", "");
+}
+
+fn role_cmd(test: &str, role: &str, params: &[(&str, String)]) -> std::process::Command {
+    role_command(test, role, params)
+}
+
+// ---- tests ----
+
+/// Several client processes map one 32 MiB file lazily at once (by
+/// `big.bin` and `/big.bin`): byte-exact, one shared shadow, and every byte
+/// installed from the source exactly once.
+#[test]
+fn many_clients_share_one_shadow_and_read_the_source_once() {
+    if let Some(r) = child::role() {
+        return play(&r);
+    }
+    if !lazy_available("serve: shared lazy shadows") {
+        return;
+    }
+    let test = test_name!(many_clients_share_one_shadow_and_read_the_source_once);
+    let dir = tempdir();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let (id, size) = (0x13_01, 32u64 << 20);
+    write_file(&root, "big.bin", id, size);
+    let sock = dir.path().join("s.sock");
+    let mut server = cli_server(&sock, &root, &["--mode", "lazy", "--chunk", "64K"]);
+    let mut readers: Vec<Proc> = (0..4)
+        .map(|i| {
+            let file = if i % 2 == 0 { "big.bin" } else { "/big.bin" };
+            let cmd = role_cmd(
+                &test,
+                "reader",
+                &[
+                    ("SOCK", sock.display().to_string()),
+                    ("FILE", file.to_string()),
+                    ("ID", id.to_string()),
+                ],
+            );
+            Proc::spawn("reader", cmd, false)
+        })
+        .collect();
+    let mut shadows = Vec::new();
+    for r in &mut readers {
+        let o = r.finish(Duration::from_secs(60));
+        assert!(
+            o.status.success() && !o.timed_out,
+            "reader failed\n{}",
+            o.describe()
+        );
+        assert_eq!(o.last("lazy").as_deref(), Some("true"), "{}", o.describe());
+        assert_eq!(
+            o.last("exact").as_deref(),
+            Some(size.to_string().as_str()),
+            "{}",
+            o.describe()
+        );
+        shadows.push(o.last("shadow").unwrap());
+    }
+    assert!(
+        shadows.iter().all(|s| *s == shadows[0]),
+        "one shadow for all: {shadows:?}"
+    );
+    let v = status(&sock);
+    let list = v["shadows"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{v}");
+    let s = &list[0];
+    let chunk = 64u64 << 10;
+    assert_eq!(s["bytes_filled"], size, "each byte read once: {s}");
+    assert_eq!(s["chunks_filled"], size / chunk, "each chunk once: {s}");
+    assert_eq!(s["errors"], 0, "{s}");
+    // The same through the CLI.
+    let o = crate::support::run(cli(&[
+        "status",
+        "--socket",
+        sock.to_str().unwrap(),
+        "--json",
+    ]));
+    assert!(o.status.success(), "{}", o.describe());
+    let cli_v: serde_json::Value = serde_json::from_str(o.stdout.trim()).expect("status --json");
+    assert_eq!(cli_v["shadows"][0]["bytes_filled"], size, "{cli_v}");
+    let o = crate::support::run(cli(&["status", "--socket", sock.to_str().unwrap()]));
+    assert!(
+        o.status.success() && o.stdout.contains("/big.bin (lazy, 33554432 bytes)"),
+        "{}",
+        o.describe()
+    );
+    eprintln!(
+        "serve: 4 clients x {} MiB: {} chunks filled for {} chunks in the file, {} faults, fill p50 {} µs p99 {} µs",
+        size >> 20,
+        s["chunks_filled"],
+        size / chunk,
+        s["faults"],
+        s["fill_p50_us"],
+        s["fill_p99_us"]
+    );
+    drop(server.finish(Duration::ZERO));
+}
+
+/// A client under a seccomp filter that denies userfaultfd gets the eager
+/// fallback: a sealed descriptor with the same bytes (cat and map --verify).
+#[test]
+fn a_client_without_userfaultfd_gets_a_sealed_descriptor() {
+    if !seccomp::supported() {
+        panic!("seccomp filters are unsupported here; this suite needs them");
+    }
+    let dir = tempdir();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let path = write_file(&root, "f.bin", 0x13_02, (8 << 20) + 77);
+    let sock = dir.path().join("s.sock");
+    let mut server = cli_server(&sock, &root, &[]);
+    let s = sock.to_str().unwrap();
+    let mut c = cli(&["client", "--socket", s, "cat", "f.bin"]);
+    seccomp::deny_userfaultfd(&mut c, libc::EPERM);
+    let out = c.output().expect("run client cat");
+    assert!(out.status.success(), "client cat: {out:?}");
+    assert!(
+        out.stdout == std::fs::read(&path).unwrap(),
+        "client cat bytes differ"
+    );
+    let mut c = cli(&[
+        "client", "--socket", s, "map", "f.bin", "--access", "seq", "--verify", "--json",
+    ]);
+    seccomp::deny_userfaultfd(&mut c, libc::ENOSYS);
+    let o = crate::support::run(c);
+    assert!(o.status.success(), "{}", o.describe());
+    let v: serde_json::Value = serde_json::from_str(o.stdout.trim()).expect("JSON");
+    assert_eq!(v["lazy"], false, "{v}");
+    assert_eq!(v["verified"], true, "{v}");
+    let o = server.finish(Duration::ZERO);
+    assert!(
+        o.stderr.contains("no userfaultfd: sealed descriptors only")
+            && o.stderr.contains("as a sealed descriptor"),
+        "{}",
+        o.describe()
+    );
+}
+
+/// The server is SIGKILLed while one client waits in a fault and another
+/// has unfilled pages it touches later: both end by SIGBUS on an unfilled
+/// page, never zeros, never a hang; pages they had stay readable.
+#[test]
+fn clients_of_a_killed_server_get_sigbus_not_a_hang() {
+    if let Some(r) = child::role() {
+        return play(&r);
+    }
+    if !lazy_available("serve: server death") {
+        return;
+    }
+    let test = test_name!(clients_of_a_killed_server_get_sigbus_not_a_hang);
+    let dir = tempdir();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let (id, npages) = (0x13_03, 64u64);
+    write_file(&root, "f.bin", id, npages * page());
+    let sock = dir.path().join("s.sock");
+    let mut server = Proc::spawn(
+        "slow server",
+        role_cmd(
+            &test,
+            "slow-server",
+            &[
+                ("ROOT", root.display().to_string()),
+                ("SOCK", sock.display().to_string()),
+                ("DELAY_MS", "300".into()),
+            ],
+        ),
+        false,
+    );
+    wait_socket(&sock, &mut server);
+    let go_a = dir.path().join("go-a");
+    let go_b = dir.path().join("go-b");
+    let toucher = |go: &Path| {
+        Proc::spawn(
+            "toucher",
+            role_cmd(
+                &test,
+                "toucher",
+                &[
+                    ("SOCK", sock.display().to_string()),
+                    ("FILE", "f.bin".into()),
+                    ("ID", id.to_string()),
+                    ("FIRST", "2".into()),
+                    ("GO", go.display().to_string()),
+                ],
+            ),
+            false,
+        )
+    };
+    // A: goes on touching, so a fault of it is in flight at the kill.
+    // B: holds two filled pages and touches the rest only after the kill.
+    let (mut a, mut b) = (toucher(&go_a), toucher(&go_b));
+    for p in [&mut a, &mut b] {
+        assert!(
+            p.wait_report("ready", BOUND).is_some(),
+            "a toucher never got ready"
+        );
+    }
+    std::fs::write(&go_a, b"").unwrap();
+    let t = Instant::now();
+    while a.values("touch").len() < 4 {
+        assert!(t.elapsed() < BOUND, "A made no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let killed = Instant::now();
+    let so = server.finish(Duration::ZERO); // SIGKILL
+    let mut bounds = Vec::new();
+    let oa = a.finish(BOUND);
+    bounds.push(("in-flight fault", killed.elapsed()));
+    let go_at = Instant::now();
+    std::fs::write(&go_b, b"").unwrap();
+    let ob = b.finish(BOUND);
+    bounds.push(("later fault", go_at.elapsed()));
+    for (name, o) in [("A", &oa), ("B", &ob)] {
+        assert!(
+            !o.timed_out,
+            "{name} hung\n{}\nserver:\n{}",
+            o.describe(),
+            so.describe()
+        );
+        assert_eq!(
+            o.signal(),
+            Some(libc::SIGBUS),
+            "{name} did not end by SIGBUS\n{}",
+            o.describe()
+        );
+        assert!(
+            o.values("bad").is_empty(),
+            "{name} read wrong bytes\n{}",
+            o.describe()
+        );
+        let at: u64 = o
+            .last("sigbus")
+            .expect("the SIGBUS offset")
+            .parse()
+            .unwrap();
+        let good: Vec<u64> = o.numbers("good");
+        assert!(
+            !good.contains(&(at / page())),
+            "{name}: SIGBUS on a page it had read\n{}",
+            o.describe()
+        );
+        assert!(o.values("all-read").is_empty(), "{name}: {}", o.describe());
+    }
+    // B read page 0 again after the kill: filled pages stay readable.
+    let after: Vec<String> = ob.values("good");
+    assert!(
+        ob.values("again").len() == 1 && after.iter().filter(|p| *p == "0").count() == 2,
+        "B could not reread its filled page 0\n{}",
+        ob.describe()
+    );
+    for (what, d) in bounds {
+        eprintln!(
+            "serve: server SIGKILLed -> client SIGBUS ({what}): {d:?} (process exit included)"
+        );
+    }
+}
+
+/// A client SIGKILLed while its fault is in flight is forgotten; another
+/// reads the whole file byte-exact afterwards.
+#[test]
+fn a_client_killed_mid_fault_is_forgotten() {
+    if let Some(r) = child::role() {
+        return play(&r);
+    }
+    if !lazy_available("serve: client death") {
+        return;
+    }
+    let test = test_name!(a_client_killed_mid_fault_is_forgotten);
+    let dir = tempdir();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let (id, npages) = (0x13_04, 64u64);
+    write_file(&root, "f.bin", id, npages * page() - 100);
+    let sock = dir.path().join("s.sock");
+    let mut server = Proc::spawn(
+        "slow server",
+        role_cmd(
+            &test,
+            "slow-server",
+            &[
+                ("ROOT", root.display().to_string()),
+                ("SOCK", sock.display().to_string()),
+                ("DELAY_MS", "20".into()),
+            ],
+        ),
+        false,
+    );
+    wait_socket(&sock, &mut server);
+    let go = dir.path().join("go");
+    std::fs::write(&go, b"").unwrap();
+    let mut victim = Proc::spawn(
+        "victim",
+        role_cmd(
+            &test,
+            "toucher",
+            &[
+                ("SOCK", sock.display().to_string()),
+                ("FILE", "f.bin".into()),
+                ("ID", id.to_string()),
+                ("FIRST", "1".into()),
+                ("GO", go.display().to_string()),
+            ],
+        ),
+        false,
+    );
+    let t = Instant::now();
+    while victim.values("touch").len() < 5 {
+        assert!(t.elapsed() < BOUND, "the victim made no progress");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let o = victim.finish(Duration::ZERO); // SIGKILL, mid-fault
+    assert_eq!(o.signal(), Some(libc::SIGKILL), "{}", o.describe());
+    let t = Instant::now();
+    loop {
+        // Only the status query itself is left.
+        let v = status(&sock);
+        if v["clients"].as_array().unwrap().len() == 1 {
+            assert_eq!(v["shadows"][0]["lazy_mappings"], 0, "{v}");
+            break;
+        }
+        assert!(
+            t.elapsed() < BOUND,
+            "the dead client is never forgotten: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = Proc::spawn(
+        "reader",
+        role_cmd(
+            &test,
+            "reader",
+            &[
+                ("SOCK", sock.display().to_string()),
+                ("FILE", "/f.bin".into()),
+                ("ID", id.to_string()),
+            ],
+        ),
+        false,
+    )
+    .finish(Duration::from_secs(60));
+    assert!(r.status.success(), "{}", r.describe());
+    assert_eq!(
+        r.last("exact").as_deref(),
+        Some((npages * page() - 100).to_string().as_str())
+    );
+    let so = server.finish(Duration::ZERO);
+    assert!(
+        so.values("log")
+            .iter()
+            .any(|l| l.contains("disconnected; released 1 handle(s) and 1 lazy mapping(s)")),
+        "{}",
+        so.describe()
+    );
+}
+
+/// A peer that connects and says nothing is dropped after --peer-timeout,
+/// with a line naming it and what was expected; a version 2 peer gets a
+/// version 2 ERROR frame with E_VERSION.
+#[test]
+fn a_silent_peer_is_dropped_and_an_old_one_refused() {
+    let dir = tempdir();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let sock = dir.path().join("s.sock");
+    let mut server = cli_server(&sock, &root, &["--peer-timeout", "500ms"]);
+    let mut silent = UnixStream::connect(&sock).unwrap();
+    silent.set_read_timeout(Some(BOUND)).unwrap();
+    let mut b = [0u8; 1];
+    let n = silent
+        .read(&mut b)
+        .expect("the server closes, within the bound");
+    assert_eq!(n, 0, "the server sent something to a silent peer");
+
+    let mut old = UnixStream::connect(&sock).unwrap();
+    old.set_read_timeout(Some(BOUND)).unwrap();
+    let mut hello = b"SHADOWFD".to_vec();
+    for v in [4u64, 2, 0, 0] {
+        hello.extend_from_slice(&v.to_le_bytes());
+    }
+    old.write_all(&hello).unwrap();
+    let mut reply = [0u8; 40];
+    old.read_exact(&mut reply).expect("a version 2 ERROR frame");
+    let word = |i: usize| u64::from_le_bytes(reply[i * 8..i * 8 + 8].try_into().unwrap());
+    assert_eq!(&reply[..8], b"SHADOWFD");
+    assert_eq!((word(1), word(2)), (5, 2), "ERROR (5) with E_VERSION (2)");
+    // The server logs a refusal before it closes the connection.
+    assert_eq!(old.read(&mut b).expect("EOF within the bound"), 0);
+
+    let o = server.finish(Duration::ZERO);
+    assert!(
+        o.stderr
+            .contains("sent nothing within the peer timeout of 500ms; expected HELLO"),
+        "{}",
+        o.describe()
+    );
+    assert!(
+        o.stderr.contains("speaks protocol version 2"),
+        "{}",
+        o.describe()
+    );
+}
+
+/// `..`, symlinks out of --root and absolute symlinks are refused with
+/// E_ESCAPE; nothing of the outside file is sent.
+#[test]
+fn paths_out_of_the_root_are_refused() {
+    let dir = tempdir();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("sub")).unwrap();
+    std::fs::write(dir.path().join("secret"), b"outside").unwrap();
+    std::fs::write(root.join("sub/in"), b"inside").unwrap();
+    std::os::unix::fs::symlink("../../secret", root.join("sub/up")).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("secret"), root.join("abs")).unwrap();
+    std::os::unix::fs::symlink("in", root.join("sub/ok")).unwrap();
+    let sock = dir.path().join("s.sock");
+    let mut server = cli_server(&sock, &root, &[]);
+    let s = sock.to_str().unwrap();
+    for bad in [
+        "../secret",
+        "/../secret",
+        "sub/../../secret",
+        "sub/up",
+        "abs",
+    ] {
+        let o = crate::support::run(cli(&["client", "--socket", s, "cat", bad]));
+        assert!(!o.status.success(), "{bad}: {}", o.describe());
+        assert!(
+            o.stdout.is_empty(),
+            "{bad}: bytes were sent: {}",
+            o.describe()
+        );
+        assert!(
+            o.stderr.contains("E_ESCAPE") && o.stderr.contains("leaves the served tree"),
+            "{bad}: {}",
+            o.describe()
+        );
+    }
+    for good in ["sub/in", "/sub/ok", "sub/../sub/in"] {
+        let o = crate::support::run(cli(&["client", "--socket", s, "cat", good]));
+        assert!(o.status.success(), "{good}: {}", o.describe());
+        assert_eq!(o.stdout, "inside", "{good}");
+    }
+    drop(server.finish(Duration::ZERO));
+}
+
+/// SIGTERM stops the server cleanly and removes its socket, which was mode
+/// 0600.
+#[test]
+fn sigterm_stops_the_server_and_removes_its_socket() {
+    let dir = tempdir();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let sock = dir.path().join("s.sock");
+    let mut server = cli_server(&sock, &root, &[]);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+    // SAFETY: kill(2) of our own child by its pid.
+    assert_eq!(unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) }, 0);
+    let t = Instant::now();
+    while server.is_running() {
+        assert!(t.elapsed() < BOUND, "SIGTERM did not stop the server");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let o = server.finish(BOUND);
+    assert!(o.status.success(), "{}", o.describe());
+    assert!(!sock.exists(), "the socket is left behind");
+    assert!(o.stderr.contains("stopping on SIGTERM"), "{}", o.describe());
+}
+
+/// `--image`: paths are inside the image; the bytes are the file's, a
+/// missing path is E_NOT_FOUND.
+#[test]
+fn an_image_is_served_by_paths_inside_it() {
+    let dir = tempdir();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    let path = write_file(&tree.join("etc"), "data.bin", 0x13_08, (3 << 20) + 5);
+    let img = dir.path().join("fs.img");
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&img)
+        .arg("16M")
+        .output()
+        .expect("run mkfs.ext4 (e2fsprogs is needed by this suite)");
+    assert!(out.status.success(), "mkfs.ext4: {out:?}");
+    let sock = dir.path().join("s.sock");
+    let mut p = Proc::spawn(
+        "shadowfd serve --image",
+        cli(&[
+            "serve",
+            "--socket",
+            sock.to_str().unwrap(),
+            "--image",
+            img.to_str().unwrap(),
+        ]),
+        false,
+    );
+    wait_socket(&sock, &mut p);
+    let s = sock.to_str().unwrap();
+    for name in ["/etc/data.bin", "etc/data.bin"] {
+        let raw = cli(&["client", "--socket", s, "cat", name])
+            .output()
+            .expect("client cat");
+        assert!(raw.status.success(), "{name}: {raw:?}");
+        assert!(
+            raw.stdout == std::fs::read(&path).unwrap(),
+            "{name}: bytes differ"
+        );
+    }
+    let o = crate::support::run(cli(&["client", "--socket", s, "cat", "/etc/nope"]));
+    assert!(
+        !o.status.success() && o.stderr.contains("E_NOT_FOUND"),
+        "{}",
+        o.describe()
+    );
+    let v = status(&sock);
+    assert_eq!(v["tree"], "image", "{v}");
+    assert_eq!(
+        v["shadows"].as_array().unwrap().len(),
+        1,
+        "one shadow for both names: {v}"
+    );
+    drop(p.finish(Duration::ZERO));
+}
+
+/// A source changed after its shadow was made gets a new shadow on the next
+/// OPEN (with the new bytes), while a client still holding the old one keeps
+/// its mapping.
+#[test]
+fn a_changed_source_gets_a_new_shadow() {
+    if let Some(r) = child::role() {
+        return play(&r);
+    }
+    if !lazy_available("serve: changed source") {
+        return;
+    }
+    let test = test_name!(a_changed_source_gets_a_new_shadow);
+    let dir = tempdir();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let path = write_file(&root, "f.bin", 0x13_09, 16 * page());
+    let sock = dir.path().join("s.sock");
+    let mut server = cli_server(&sock, &root, &["--mode", "lazy"]);
+    let go = dir.path().join("go");
+    // The old client: reads 16 pages, holds its mapping until GO, then
+    // rereads page 0 (still the old bytes: it was filled before the change).
+    let mut old = Proc::spawn(
+        "old client",
+        role_cmd(
+            &test,
+            "toucher",
+            &[
+                ("SOCK", sock.display().to_string()),
+                ("FILE", "f.bin".into()),
+                ("ID", 0x13_09u64.to_string()),
+                ("FIRST", "16".into()),
+                ("GO", go.display().to_string()),
+            ],
+        ),
+        false,
+    );
+    assert!(
+        old.wait_report("ready", BOUND).is_some(),
+        "the old client never got ready"
+    );
+    // A whole new file under the same name (new inode, new mtime).
+    let tmp = write_file(dir.path(), "new.bin", 0x13_0A, 16 * page());
+    std::fs::rename(&tmp, &path).unwrap();
+    let o = crate::support::run(cli(&[
+        "client",
+        "--socket",
+        sock.to_str().unwrap(),
+        "map",
+        "f.bin",
+        "--verify",
+        "--json",
+    ]));
+    assert!(o.status.success(), "{}", o.describe());
+    let v: serde_json::Value = serde_json::from_str(o.stdout.trim()).unwrap();
+    assert_eq!(v["shadow_id"], 2, "a new shadow for the changed file: {v}");
+    let raw = cli(&["client", "--socket", sock.to_str().unwrap(), "cat", "f.bin"])
+        .output()
+        .unwrap();
+    assert!(raw.stdout == std::fs::read(&path).unwrap(), "the new bytes");
+    std::fs::write(&go, b"").unwrap();
+    let oo = old.finish(BOUND);
+    assert!(
+        oo.status.success(),
+        "the old client's mapping was disturbed\n{}",
+        oo.describe()
+    );
+    assert!(oo.values("bad").is_empty(), "{}", oo.describe());
+    assert_eq!(oo.values("all-read").len(), 1, "{}", oo.describe());
+    drop(server.finish(Duration::ZERO));
+}
+
+/// Shadows no client holds are evicted least recently used first once the
+/// shadows' resident bytes pass 3/4 of the memory budget.
+#[test]
+fn idle_shadows_are_evicted_lru_under_the_budget() {
+    if !lazy_available("serve: eviction") {
+        return;
+    }
+    let dir = tempdir();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        write_file(&root, name, 0x13_10 + i as u64, 20 << 20);
+    }
+    let sock = dir.path().join("s.sock");
+    let mut server = cli_server(
+        &sock,
+        &root,
+        &[
+            "--mode",
+            "lazy",
+            "--memory-budget",
+            "64M",
+            "--max-size",
+            "32M",
+        ],
+    );
+    let s = sock.to_str().unwrap();
+    for name in ["a", "b", "c"] {
+        let raw = cli(&["client", "--socket", s, "cat", name])
+            .output()
+            .unwrap();
+        assert!(raw.status.success(), "{name}: {raw:?}");
+        assert!(
+            raw.stdout == std::fs::read(root.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    let v = status(&sock);
+    let names: Vec<&str> = v["shadows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["/b", "/c"],
+        "a (least recently used) is evicted: {v}"
+    );
+    assert!(v["resident_bytes"].as_u64().unwrap() <= 48 << 20, "{v}");
+    let o = server.finish(Duration::ZERO);
+    assert!(
+        o.stderr.contains("shadow 1: evicted /a"),
+        "{}",
+        o.describe()
+    );
+}
+
+/// The server-death bound at its worst: a 64 MiB lazy mapping with every
+/// other page filled (8192 holes, each a separate poison run), the server
+/// SIGKILLed, then the last (unfilled) page touched: SIGBUS. The time from
+/// the kill to the client's exit is printed (not asserted).
+#[test]
+fn server_death_bound_on_an_interleaved_64m_mapping() {
+    if let Some(r) = child::role() {
+        return play(&r);
+    }
+    if !lazy_available("serve: server death bound") {
+        return;
+    }
+    let test = test_name!(server_death_bound_on_an_interleaved_64m_mapping);
+    let dir = tempdir();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let id = 0x13_11;
+    write_file(&root, "f.bin", id, 64 << 20);
+    let sock = dir.path().join("s.sock");
+    let mut server = cli_server(&sock, &root, &["--mode", "lazy", "--readahead", "0"]);
+    let go = dir.path().join("go");
+    let mut c = Proc::spawn(
+        "interleaved client",
+        role_cmd(
+            &test,
+            "interleaved",
+            &[
+                ("SOCK", sock.display().to_string()),
+                ("FILE", "f.bin".into()),
+                ("ID", id.to_string()),
+                ("GO", go.display().to_string()),
+            ],
+        ),
+        false,
+    );
+    assert!(
+        c.wait_report("ready", Duration::from_secs(60)).is_some(),
+        "never ready"
+    );
+    let killed = Instant::now();
+    drop(server.finish(Duration::ZERO)); // SIGKILL
+    std::fs::write(&go, b"").unwrap();
+    let o = c.finish(BOUND);
+    let took = killed.elapsed();
+    assert!(!o.timed_out, "the client hung\n{}", o.describe());
+    assert_eq!(o.signal(), Some(libc::SIGBUS), "{}", o.describe());
+    let at: u64 = o.last("sigbus").expect("SIGBUS offset").parse().unwrap();
+    assert_eq!(at / page(), (64 << 20) / page() - 1, "{}", o.describe());
+    assert!(
+        o.values("good").is_empty() && o.values("bad").is_empty(),
+        "{}",
+        o.describe()
+    );
+    eprintln!(
+        "serve: server SIGKILLed -> SIGBUS on a 64 MiB mapping with 8192 holes: {took:?} (process exit included)"
+    );
+}
+
+/// `shadowfd client cat` of a server SIGKILLed mid-file: a message naming
+/// the SIGBUS offset, exit status 1, and stdout an exact prefix of the file
+/// (whole pieces up to the failure; never a zero byte that is not the
+/// file's).
+#[test]
+fn client_cat_of_a_killed_server_stops_with_an_error_not_zeros() {
+    if let Some(r) = child::role() {
+        return play(&r);
+    }
+    if !lazy_available("serve: client cat, server death") {
+        return;
+    }
+    let test = test_name!(client_cat_of_a_killed_server_stops_with_an_error_not_zeros);
+    let dir = tempdir();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let path = write_file(&root, "f.bin", 0x13_12, 512 * page());
+    let sock = dir.path().join("s.sock");
+    let mut server = Proc::spawn(
+        "slow server",
+        role_cmd(
+            &test,
+            "slow-server",
+            &[
+                ("ROOT", root.display().to_string()),
+                ("SOCK", sock.display().to_string()),
+                ("DELAY_MS", "100".into()),
+            ],
+        ),
+        false,
+    );
+    wait_socket(&sock, &mut server);
+    let out = dir.path().join("out");
+    let bin = cli(&[]).get_program().to_owned();
+    let mut sh = std::process::Command::new("sh");
+    sh.arg("-c")
+        .arg("exec \"$0\" client --socket \"$1\" cat f.bin > \"$2\"")
+        .arg(&bin)
+        .arg(&sock)
+        .arg(&out);
+    let mut cat = Proc::spawn("client cat", sh, false);
+    let t = Instant::now();
+    loop {
+        if server.values("log").iter().any(|l| l.contains("lazily at")) {
+            break;
+        }
+        assert!(t.elapsed() < BOUND, "the client never mapped the file");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(250)); // a few slow fills in
+    drop(server.finish(Duration::ZERO)); // SIGKILL
+    let o = cat.finish(BOUND);
+    assert!(!o.timed_out, "client cat hung\n{}", o.describe());
+    assert_eq!(o.status.code(), Some(1), "{}", o.describe());
+    assert!(
+        o.stderr.contains("SIGBUS at offset") && o.stderr.contains("has gone away"),
+        "{}",
+        o.describe()
+    );
+    let want = std::fs::read(&path).unwrap();
+    let got = std::fs::read(&out).unwrap();
+    let got = got.as_slice();
+    assert!(
+        got.len() < want.len(),
+        "the whole file came through a dead server"
+    );
+    assert!(
+        want.starts_with(got),
+        "stdout is not a prefix of the file ({} bytes)",
+        got.len()
+    );
+}

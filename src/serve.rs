@@ -1,0 +1,226 @@
+//! `shadowfd serve`: one engine for many client processes, over a Unix
+//! socket (docs/protocol.md, docs/remote.md).
+
+use crate::{CliResult, Common};
+use clap::Args;
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use shadowfd::remote::{Server, ServerOptions, Tree};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// The socket to listen on  [default: $XDG_RUNTIME_DIR/shadowfd.sock, else /run/shadowfd.sock]
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Serve the regular files beneath this directory (`..` and symlinks out of it are refused).
+    #[arg(long, value_name = "DIR", conflicts_with = "image")]
+    root: Option<PathBuf>,
+    /// Serve the files inside this ext2/ext3/ext4 image.
+    #[arg(long, value_name = "IMG")]
+    image: Option<PathBuf>,
+    /// How long a peer may take to say each thing it must (HELLO after
+    /// connecting, the rest of a frame, ATTACH after a lazy MAP), e.g. 500ms, 5s, 2m
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration_arg)]
+    peer_timeout: Duration,
+    /// At most this many clients at once (1 to 65536).
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    max_clients: u32,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// `500ms`, `5s`, `2m`, or a number of seconds.
+pub fn duration_arg(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let bad = || {
+        format!(
+            "{s:?} is not a duration; expected a number with ms, s or m (from 1ms to 1h), e.g. 500ms, 5s or 2m"
+        )
+    };
+    let (num, mul) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num.trim().parse().map_err(|_| bad())?;
+    let secs = v * mul;
+    if !(0.001..=3600.0).contains(&secs) {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `$XDG_RUNTIME_DIR/shadowfd.sock`, else `/run/shadowfd.sock`.
+pub fn default_socket() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => Path::new(&d).join("shadowfd.sock"),
+        _ => PathBuf::from("/run/shadowfd.sock"),
+    }
+}
+
+/// Binds `path` with mode 0600. A stale socket (nobody listening) is
+/// replaced; a live one, or another kind of file, is an error.
+fn bind(path: &Path) -> Result<UnixListener, String> {
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            return Err(format!(
+                "{} exists and is not a socket; remove it or choose another --socket",
+                path.display()
+            ));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(format!(
+                "a server is already listening on {}; stop it or choose another --socket",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| format!("removing the stale socket {}: {e}", path.display()))?;
+    }
+    // SAFETY: umask has no preconditions; the old mask is restored below.
+    let old = unsafe { libc::umask(0o177) };
+    let l = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let l = l.map_err(|e| {
+        format!(
+            "binding {}: {e} (is its directory there and writable? choose another --socket)",
+            path.display()
+        )
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("chmod 0600 {}: {e}", path.display()))?;
+    Ok(l)
+}
+
+pub fn run(a: ServeArgs) -> CliResult {
+    // SIGTERM and SIGINT are taken through a signalfd: blocked in every
+    // thread, which is why this comes before the engine starts its threads.
+    let mut sigs = SigSet::empty();
+    sigs.add(Signal::SIGTERM);
+    sigs.add(Signal::SIGINT);
+    sigs.thread_block()
+        .map_err(|e| format!("blocking SIGTERM and SIGINT: {e}"))?;
+    let sfd =
+        SignalFd::with_flags(&sigs, SfdFlags::SFD_CLOEXEC).map_err(|e| format!("signalfd: {e}"))?;
+    let tree = match (&a.root, &a.image) {
+        (Some(r), None) => Tree::Root(r.clone()),
+        (None, Some(i)) => Tree::Image(i.clone()),
+        _ => {
+            return Err(
+                "say what to serve: --root DIR (the regular files beneath a directory) \
+                        or --image IMG (the files inside an ext2/3/4 image)"
+                    .into(),
+            );
+        }
+    };
+    let socket = a.socket.clone().unwrap_or_else(default_socket);
+    let engine = a.common.engine()?;
+    let started = Instant::now();
+    let log: shadowfd::remote::EventLog = Arc::new(move |line: &str| {
+        eprintln!(
+            "shadowfd serve [{:9.3}] {line}",
+            started.elapsed().as_secs_f64()
+        );
+    });
+    let opts = ServerOptions {
+        peer_timeout: a.peer_timeout,
+        max_clients: a.max_clients as usize,
+        log: Some(log.clone()),
+        ..ServerOptions::default()
+    };
+    let cfg = engine.config().clone();
+    let mode = engine.mode();
+    let server = Server::new(engine, tree.clone(), opts)?;
+    let listener = bind(&socket)?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("non-blocking listener: {e}"))?;
+    log(&format!(
+        "listening on {} (mode 0600), serving {}, {mode} shadows, memory budget {} bytes, \
+         eager cap {} bytes, peer timeout {:?}",
+        socket.display(),
+        match &tree {
+            Tree::Root(r) => format!("--root {}", r.display()),
+            Tree::Image(i) => format!("--image {}", i.display()),
+        },
+        cfg.memory_budget,
+        cfg.max_size,
+        a.peer_timeout
+    ));
+    let stop = loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sfd.as_fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a live array of two pollfd structs.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            continue;
+        }
+        if fds[1].revents != 0 {
+            let name = match sfd.read_signal() {
+                Ok(Some(s)) if s.ssi_signo == libc::SIGINT as u32 => "SIGINT",
+                _ => "SIGTERM",
+            };
+            break name;
+        }
+        if fds[0].revents != 0 {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    if let Err(e) = s.set_nonblocking(false) {
+                        log(&format!("dropped a new connection: {e}"));
+                        continue;
+                    }
+                    if let Err(e) = server.handle(s) {
+                        log(&format!("dropped a new connection: {e}"));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => log(&format!("accept: {e}")),
+            }
+        }
+    };
+    let _ = std::fs::remove_file(&socket);
+    log(&format!(
+        "stopping on {stop}: removed {}; {} client(s) were connected (their unfilled pages \
+         now raise SIGBUS)",
+        socket.display(),
+        server.clients()
+    ));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration_arg("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(duration_arg("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(duration_arg("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(duration_arg("3").unwrap(), Duration::from_secs(3));
+        assert!(duration_arg("0").is_err());
+        assert!(duration_arg("x").is_err());
+        assert!(duration_arg("2h").is_err());
+    }
+}

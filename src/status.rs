@@ -1,0 +1,113 @@
+//! `shadowfd status`: what a running `shadowfd serve` is doing.
+
+use crate::CliResult;
+use crate::serve::{default_socket, duration_arg};
+use clap::Args;
+use shadowfd::remote::{Client, ClientOptions};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// The server's socket  [default: $XDG_RUNTIME_DIR/shadowfd.sock, else /run/shadowfd.sock]
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Print the server's JSON object (docs/protocol.md, STATS).
+    #[arg(long)]
+    json: bool,
+    /// How long to wait for the answer, e.g. 500ms, 5s.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration_arg)]
+    timeout: Duration,
+}
+
+impl StatusArgs {
+    pub fn json(&self) -> bool {
+        self.json
+    }
+}
+
+fn num(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+fn us(v: &serde_json::Value) -> String {
+    v.as_f64().map_or("-".into(), |x| format!("{x:.0} µs"))
+}
+
+pub fn run(a: StatusArgs) -> CliResult {
+    let path = a.socket.clone().unwrap_or_else(default_socket);
+    let stream = UnixStream::connect(&path).map_err(|e| {
+        format!(
+            "connecting to {}: {e} (is `shadowfd serve --socket {}` running?)",
+            path.display(),
+            path.display()
+        )
+    })?;
+    // A status query needs no userfaultfd: it maps nothing.
+    let client = Client::from_stream(
+        stream,
+        ClientOptions {
+            userfaultfd: false,
+            timeout: a.timeout,
+        },
+    )?;
+    let text = client.status_json()?;
+    if a.json {
+        println!("{text}");
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("the server's STATS answer is not JSON ({e}): {text}"))?;
+    use crate::units::format_size as h;
+    println!(
+        "server pid {}, protocol {}, up {:.0} s, serving {} ({} shadows)",
+        v["pid"],
+        v["version"],
+        v["uptime_s"].as_f64().unwrap_or(0.0),
+        v["tree"].as_str().unwrap_or("?"),
+        v["mode"].as_str().unwrap_or("?")
+    );
+    println!(
+        "memory      {} resident of a {} budget (eager cap {})",
+        h(num(&v["resident_bytes"])),
+        h(num(&v["memory_budget"])),
+        h(num(&v["max_size"]))
+    );
+    let clients = v["clients"].as_array().cloned().unwrap_or_default();
+    println!("clients     {}", clients.len());
+    for c in &clients {
+        println!(
+            "  #{:<4} pid {:<8} uid {:<6} {} handle(s), {} lazy mapping(s){}",
+            c["id"],
+            c["pid"],
+            c["uid"],
+            c["handles"],
+            c["lazy_mappings"],
+            if c["userfaultfd"] == true {
+                ""
+            } else {
+                ", no userfaultfd"
+            }
+        );
+    }
+    let shadows = v["shadows"].as_array().cloned().unwrap_or_default();
+    println!("shadows     {}", shadows.len());
+    for s in &shadows {
+        println!(
+            "  #{:<4} {} ({}, {} bytes): {} handle(s), {} resident, {} faults, {} chunks filled, {} errors, fill p50 {} p99 {}",
+            s["id"],
+            s["name"].as_str().unwrap_or("?"),
+            s["mode"].as_str().unwrap_or("?"),
+            s["size"],
+            s["handles"],
+            h(num(&s["resident_bytes"])),
+            s["faults"],
+            s["chunks_filled"],
+            s["errors"],
+            us(&s["fill_p50_us"]),
+            us(&s["fill_p99_us"])
+        );
+    }
+    Ok(())
+}
