@@ -18,7 +18,7 @@ pub fn run(a: CatArgs) -> CliResult {
     let engine = a.common.engine()?;
     let shadow = std::sync::Arc::new(a.target.open(&engine)?);
     let map = shadow.map(Share::Private)?;
-    sigbus::watch(&map, shadow.clone());
+    sigbus::watch(&map, sigbus::local_cause(shadow.clone()));
     // Unbuffered: each piece goes to fd 1 with write(2), so that when a page
     // raises SIGBUS nothing already copied is stuck in a buffer; the handler
     // writes the rest of the piece up to the bad page, and stdout ends

@@ -11,68 +11,20 @@ use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-static BASE: AtomicUsize = AtomicUsize::new(0);
-static LEN: AtomicUsize = AtomicUsize::new(0);
-
-fn dec(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
+/// Why the served file's page at an offset raised SIGBUS: the server's last
+/// error for the file (its STATS), or that the server has gone away.
+fn served_cause(f: shadowfd::remote::RemoteFile, client: Client) -> crate::sigbus::Explain {
+    Box::new(move |_off| {
+        if client.server_gone() {
+            return Some("the server has gone away; unfilled pages are not served".into());
         }
-    }
-}
-
-extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
-    let addr = unsafe { (*info).si_addr() } as usize;
-    let (base, len) = (BASE.load(Ordering::SeqCst), LEN.load(Ordering::SeqCst));
-    if addr < base || addr >= base + len {
-        // Not ours: the default action (death by SIGBUS) on return.
-        // SAFETY: sigaction is async-signal-safe; the struct is initialised.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = libc::SIG_DFL;
-            libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
-        }
-        return;
-    }
-    let mut num = [0u8; 20];
-    let parts: [&[u8]; 3] = [
-        b"shadowfd: error: SIGBUS at offset ",
-        dec((addr - base) as u64, &mut num),
-        b" of the served file: the server could not fill this page (the source failed there) \
-          or has gone away; nothing of the page was read (never zeros)\n",
-    ];
-    for p in parts {
-        // SAFETY: write(2) and _exit(2) are async-signal-safe; `p` is live.
-        unsafe {
-            libc::write(2, p.as_ptr().cast(), p.len());
-        }
-    }
-    // SAFETY: as above; stdout holds only whole pieces already written.
-    unsafe { libc::_exit(1) }
-}
-
-/// A SIGBUS inside `map` ends the process with a message and exit status 1.
-fn watch_sigbus(map: &[u8]) {
-    BASE.store(map.as_ptr() as usize, Ordering::SeqCst);
-    LEN.store(map.len(), Ordering::SeqCst);
-    // SAFETY: installs a handler that only makes async-signal-safe calls;
-    // the struct is fully initialised.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_sigbus as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
-    }
+        let stats = f.stats_json().ok()?;
+        let v: serde_json::Value = serde_json::from_str(&stats).ok()?;
+        let last = v["last_error"].as_str()?;
+        Some(format!("the server could not fill it: {last}"))
+    })
 }
 
 #[derive(Args)]
@@ -205,8 +157,9 @@ fn cat(client: &Client, file: &str, fill: bool) -> CliResult {
     }
     let map = f.map()?;
     // A page the server cannot provide, or an unfilled page once the
-    // server is gone, raises SIGBUS: a message and exit 1, never zeros.
-    watch_sigbus(&map);
+    // server is gone, raises SIGBUS: a message naming why and exit 1, never
+    // zeros.
+    crate::sigbus::watch(&map, served_cause(f.clone(), client.clone()));
     for piece in map.chunks(buf.len()) {
         buf[..piece.len()].copy_from_slice(piece);
         if !write(&mut out, &buf[..piece.len()])? {
@@ -223,7 +176,10 @@ fn map(client: &Client, file: &str, acc: Access, verify: bool, json: bool, seed:
     let t = Instant::now();
     let map = f.map()?;
     let map_us = t.elapsed().as_secs_f64() * 1e6;
-    watch_sigbus(&map);
+    crate::sigbus::watch(&map, served_cause(f.clone(), client.clone()));
+    if json {
+        crate::sigbus::report_in_json();
+    }
     let page = shadowfd::page_size() as u64;
     let pages = || acc.pages(map.len() as u64, page, seed);
     let mut pages_touched = 0u64;

@@ -113,7 +113,7 @@ pub fn run(a: MapArgs) -> CliResult {
         ShareArg::Private => Share::Private,
     };
     let map = shadow.map(share)?;
-    sigbus::watch(&map, shadow.clone());
+    sigbus::watch(&map, sigbus::local_cause(shadow.clone()));
     if a.json {
         sigbus::report_in_json();
     }

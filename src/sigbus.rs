@@ -49,9 +49,17 @@ fn report(msg: &str) {
     }
 }
 
-/// Marks `map`, a mapping of `shadow` from offset 0, as the mapping whose
-/// SIGBUS is explained.
-pub fn watch(map: &[u8], shadow: Arc<shadowfd::Shadow>) {
+/// Why a local shadow's page at an offset could not be filled.
+pub fn local_cause(shadow: Arc<shadowfd::Shadow>) -> Explain {
+    Box::new(move |off| shadow.unfillable_cause(off).map(|c| c.to_string()))
+}
+
+/// Says why the page at an offset of the watched mapping raised SIGBUS.
+pub type Explain = Box<dyn Fn(u64) -> Option<String> + Send>;
+
+/// Marks `map`, a mapping of a file from offset 0, as the mapping whose
+/// SIGBUS is explained, by `explain`.
+pub fn watch(map: &[u8], explain: Explain) {
     let mut fds = [-1; 2];
     // SAFETY: pipe2 writes two descriptors into `fds`.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == 0 {
@@ -66,8 +74,7 @@ pub fn watch(map: &[u8], shadow: Arc<shadowfd::Shadow>) {
                     return;
                 }
                 let off = u64::from_le_bytes(b);
-                let cause = shadow.unfillable_cause(off).map(|c| c.to_string());
-                report(&message(off, cause));
+                report(&message(off, explain(off)));
                 // SAFETY: ends the process; the faulting thread waits in the
                 // handler and nothing else needs to run.
                 unsafe { libc::_exit(1) }

@@ -1127,7 +1127,7 @@ fn entry_json(e: &Entry) -> String {
     let s = e.stats();
     let remote = e.lazy().map_or(0, |l| l.remote_consumers());
     format!(
-        "{{\"id\":{},\"name\":{},\"size\":{},\"mode\":{},\"handles\":{},\"lazy_mappings\":{remote},\"resident_bytes\":{},\"faults\":{},\"chunks_filled\":{},\"bytes_filled\":{},\"readahead_chunks\":{},\"errors\":{},\"poisoned_pages\":{},\"budget_refusals\":{},\"fill_p50_us\":{},\"fill_p99_us\":{},\"source_changed\":{}}}",
+        "{{\"id\":{},\"name\":{},\"size\":{},\"mode\":{},\"handles\":{},\"lazy_mappings\":{remote},\"resident_bytes\":{},\"faults\":{},\"chunks_filled\":{},\"bytes_filled\":{},\"readahead_chunks\":{},\"errors\":{},\"poisoned_pages\":{},\"budget_refusals\":{},\"fill_p50_us\":{},\"fill_p99_us\":{},\"source_changed\":{},\"last_error\":{}}}",
         e.id,
         json_str(e.name()),
         e.size(),
@@ -1143,7 +1143,8 @@ fn entry_json(e: &Entry) -> String {
         s.budget_refusals,
         json_opt(s.fill_p50_us),
         json_opt(s.fill_p99_us),
-        s.source_changed
+        s.source_changed,
+        s.last_error.as_deref().map_or("null".to_string(), json_str),
     )
 }
 
