@@ -997,3 +997,140 @@ fn client_cat_of_a_killed_server_stops_with_an_error_not_zeros() {
         got.len()
     );
 }
+
+/// A v1 memory cgroup of its own, removed on drop.
+struct MemCgroup {
+    dir: PathBuf,
+}
+
+impl MemCgroup {
+    fn new(limit: u64) -> MemCgroup {
+        let dir = PathBuf::from(format!(
+            "/sys/fs/cgroup/memory/shadowfd-test-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| {
+            panic!(
+                "this test needs the cgroup v1 memory controller at /sys/fs/cgroup/memory \
+                 (as root) to create {}: {e}",
+                dir.display()
+            )
+        });
+        std::fs::write(dir.join("memory.limit_in_bytes"), limit.to_string()).unwrap();
+        MemCgroup { dir }
+    }
+
+    /// `cmd` run inside the cgroup: a shell joins it, then execs `cmd` (or,
+    /// with `stdout_to`, runs it into that pipeline: the shell stays, and
+    /// the pipeline's status is `cmd`'s unless the pipe fails).
+    fn wrap(&self, cmd: &std::process::Command, stdout_to: &str) -> std::process::Command {
+        let mut words = vec![cmd.get_program().to_string_lossy().into_owned()];
+        words.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
+        let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+        let run = if stdout_to.is_empty() { "exec" } else { "" };
+        let script = format!(
+            "set -o pipefail; echo $$ > '{}/cgroup.procs' && {run} {} {stdout_to}",
+            self.dir.display(),
+            quoted.join(" ")
+        );
+        let mut c = std::process::Command::new("bash");
+        c.arg("-c").arg(script);
+        c
+    }
+
+    fn oom_kills(&self) -> u64 {
+        let t = std::fs::read_to_string(self.dir.join("memory.oom_control")).unwrap();
+        t.lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for MemCgroup {
+    fn drop(&mut self) {
+        // Every process has left by now; the kernel refuses otherwise.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Issue 12/13: twenty clients each streaming a different 1 GiB file from one
+/// server, all inside a 3 GiB memory cgroup. One server holds one budget (a
+/// quarter of the cgroup's headroom by default), so nobody is OOM-killed:
+/// each client ends with the whole file or with the budget named.
+#[test]
+fn twenty_clients_in_a_3g_cgroup_are_never_oom_killed() {
+    if !lazy_available("serve cgroup") {
+        return;
+    }
+    let dir = tempdir();
+    for i in 0..20 {
+        let f = std::fs::File::create(dir.path().join(format!("f{i}.bin"))).unwrap();
+        f.set_len(1 << 30).unwrap();
+    }
+    let cg = MemCgroup::new(3 << 30);
+    let sock = dir.path().join("s.sock");
+    let serve = cli(&[
+        "serve",
+        "--socket",
+        sock.to_str().unwrap(),
+        "--root",
+        dir.path().to_str().unwrap(),
+    ]);
+    let mut server = Proc::spawn("shadowfd serve in the cgroup", cg.wrap(&serve, ""), false);
+    wait_socket(&sock, &mut server);
+    let clients: Vec<Proc> = (0..20)
+        .map(|i| {
+            let file = format!("f{i}.bin");
+            let cat = cli(&["client", "--socket", sock.to_str().unwrap(), "cat", &file]);
+            Proc::spawn("shadowfd client cat", cg.wrap(&cat, "| wc -c"), false)
+        })
+        .collect();
+    let mut whole = 0;
+    for mut c in clients {
+        let o = c.finish(Duration::from_secs(120));
+        assert!(!o.timed_out, "a client hung\n{}", o.describe());
+        match o.status.code() {
+            Some(0) => {
+                assert_eq!(
+                    o.stdout.trim(),
+                    (1u64 << 30).to_string(),
+                    "{}",
+                    o.describe()
+                );
+                whole += 1;
+            }
+            Some(1) => assert!(
+                o.stderr.contains("memory budget") || o.stderr.contains("low on memory"),
+                "a client failed without naming the memory limit\n{}",
+                o.describe()
+            ),
+            _ => panic!("a client ended otherwise (killed?)\n{}", o.describe()),
+        }
+    }
+    assert!(
+        server.is_running(),
+        "the server died: {}",
+        server.finish(BOUND).describe()
+    );
+    let st = status(&sock);
+    let (resident, budget) = (
+        st["resident_bytes"].as_u64().unwrap(),
+        st["memory_budget"].as_u64().unwrap(),
+    );
+    assert!(
+        resident <= budget,
+        "resident {resident} over budget {budget}"
+    );
+    drop(server.finish(Duration::ZERO));
+    assert_eq!(
+        cg.oom_kills(),
+        0,
+        "OOM kills in the cgroup ({whole} clients got the whole file)"
+    );
+}
