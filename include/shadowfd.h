@@ -214,8 +214,10 @@ struct shadowfd_shadow *shadowfd_open_image(struct shadowfd_engine *engine,
 //
 // Ownership: `*ops` is copied (and `ops->name` with it). `ctx` is handed
 // over in every case: `release(ctx)` (if not NULL) is called exactly once,
-// before this returns NULL on failure, or once the shadow and every
-// mapping of it are gone. Returns NULL on error. Thread-safety: as
+// before this returns NULL on failure, or once the library no longer needs
+// the source: for an eager shadow when it is freed, for a lazy one when it
+// and every mapping of it are gone (mappings outlive the shadow, and keep
+// filling from the source). Returns NULL on error. Thread-safety: as
 // `shadowfd_open_path`.
 //
 // # Safety

@@ -86,7 +86,7 @@ pub(crate) fn errno_of(e: &Error) -> c_int {
 }
 
 /// Records `msg` as this thread's last error.
-pub(crate) fn set_error(msg: &str) {
+fn set_error(msg: &str) {
     // A NUL inside the message (from a path, say) would cut it short.
     let c = CString::new(msg.replace('\0', "\\0")).unwrap_or_default();
     LAST_ERROR.with(|l| *l.borrow_mut() = Some(c));
@@ -137,6 +137,7 @@ pub(crate) fn guard<T: FailValue>(f: impl FnOnce() -> Result<T, Failure>) -> T {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
             set_error(&e.msg);
+            set_errno(e.errno);
             T::fail(e.errno)
         }
         Err(panic) => {
@@ -148,9 +149,17 @@ pub(crate) fn guard<T: FailValue>(f: impl FnOnce() -> Result<T, Failure>) -> T {
             set_error(&format!(
                 "internal error in libshadowfd (a bug; please report it): {what}"
             ));
+            set_errno(libc::EIO);
             T::fail(libc::EIO)
         }
     }
+}
+
+/// Sets C's `errno` too, so that a function returning NULL says why.
+fn set_errno(e: c_int) {
+    // SAFETY: __errno_location returns this thread's errno slot, always
+    // valid for writes.
+    unsafe { *libc::__errno_location() = e };
 }
 
 /// Marks the current thread as inside a source callback while it lives.

@@ -11,7 +11,7 @@ mod errors;
 mod registry;
 mod source;
 
-use errors::{Failure, guard, in_callback_refusal, set_error};
+use errors::{Failure, guard, in_callback_refusal};
 use libc::{c_char, c_int, c_void};
 use sfd::{Config, Engine, Mode, Shadow, Share};
 use std::ffi::{CStr, CString};
@@ -281,8 +281,10 @@ pub unsafe extern "C" fn shadowfd_open_image(
 ///
 /// Ownership: `*ops` is copied (and `ops->name` with it). `ctx` is handed
 /// over in every case: `release(ctx)` (if not NULL) is called exactly once,
-/// before this returns NULL on failure, or once the shadow and every
-/// mapping of it are gone. Returns NULL on error. Thread-safety: as
+/// before this returns NULL on failure, or once the library no longer needs
+/// the source: for an eager shadow when it is freed, for a lazy one when it
+/// and every mapping of it are gone (mappings outlive the shadow, and keep
+/// filling from the source). Returns NULL on error. Thread-safety: as
 /// `shadowfd_open_path`.
 ///
 /// # Safety
@@ -297,14 +299,9 @@ pub unsafe extern "C" fn shadowfd_open_source(
     const F: &str = "shadowfd_open_source";
     // SAFETY: the caller vouches for `ops` and `ctx`; from here on the
     // source owns ctx, and releases it when dropped (on any failure below).
-    let src = match unsafe { source::CSource::new(F, ops, ctx) } {
-        Ok(s) => s,
-        Err(f) => {
-            set_error(&f.msg);
-            return std::ptr::null_mut();
-        }
-    };
+    let src = unsafe { source::CSource::new(F, ops, ctx) };
     guard(move || {
+        let src = src?;
         in_callback_refusal(F)?;
         // SAFETY: the caller vouches for the pointer.
         let e = unsafe { handle(F, "engine", engine) }?;
