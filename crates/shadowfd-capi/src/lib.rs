@@ -54,6 +54,16 @@ pub struct shadowfd_shadow {
     inner: Shadow,
 }
 
+// The header promises that engines and shadows may be used from several
+// threads at once, and mappings unmapped from any thread.
+const _: () = {
+    const fn shared_across_threads<T: Send + Sync>() {}
+    shared_across_threads::<Engine>();
+    shared_across_threads::<Shadow>();
+    shared_across_threads::<sfd::Mapping>();
+    shared_across_threads::<sfd::Registration>();
+};
+
 /// A C string argument, or a failure naming it.
 ///
 /// # Safety
