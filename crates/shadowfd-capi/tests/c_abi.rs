@@ -80,6 +80,11 @@ fn serialized_callback_is_never_entered_twice_at_once() {
 }
 
 #[test]
+fn maps_from_several_threads_with_their_own_last_error() {
+    each_mode("threads");
+}
+
+#[test]
 fn offset_len_and_fixed_maps() {
     each_mode("maps");
 }

@@ -367,6 +367,62 @@ static int case_serialized(const char *path) {
     return 0;
 }
 
+struct mapper {
+    shadowfd_shadow *sh;
+    int id;
+    int failed;
+};
+
+static void *mapper_main(void *arg) {
+    struct mapper *m = arg;
+    size_t n_pages = want_len / page;
+    for (int round = 0; round < 40; round++) {
+        uint64_t pg = (uint64_t)(m->id * 7 + round) % (n_pages - 2);
+        void *p = NULL;
+        if (shadowfd_map(m->sh, pg * page, 2 * page, round % 2, NULL, &p) < 0 ||
+            memcmp(p, want + pg * page, 2 * page) != 0 || shadowfd_unmap(p, 2 * page) < 0) {
+            m->failed = 1;
+            return NULL;
+        }
+        /* A failure here leaves this thread's own message, naming its
+         * own unaligned offset. */
+        if (shadowfd_map(m->sh, (uint64_t)m->id + 1, page, 0, NULL, &p) != -EINVAL) {
+            m->failed = 2;
+            return NULL;
+        }
+        const char *msg = shadowfd_last_error();
+        char hex[32];
+        snprintf(hex, sizeof hex, "%#x", m->id + 1);
+        if (!msg || !strstr(msg, hex)) {
+            m->failed = 3;
+            return NULL;
+        }
+    }
+    return NULL;
+}
+
+/* Maps and unmaps from four threads at once on one shadow; each thread's
+ * last error is its own. */
+static int case_threads(const char *path) {
+    shadowfd_engine *e = engine_with(NULL);
+    shadowfd_shadow *sh = shadowfd_open_path(e, path);
+    CHECK(sh);
+    pthread_t t[4];
+    struct mapper m[4];
+    for (int i = 0; i < 4; i++) {
+        m[i] = (struct mapper){sh, i, 0};
+        CHECK(pthread_create(&t[i], NULL, mapper_main, &m[i]) == 0);
+    }
+    for (int i = 0; i < 4; i++) {
+        CHECK(pthread_join(t[i], NULL) == 0);
+        if (m[i].failed)
+            FAIL("thread %d failed at step %d", i, m[i].failed);
+    }
+    shadowfd_shadow_free(sh);
+    shadowfd_engine_free(e);
+    return 0;
+}
+
 /* Offset/len maps, shared and private; MAP_FIXED into a reservation. */
 static int case_maps(const char *path) {
     shadowfd_engine *e = engine_with(NULL);
@@ -657,6 +713,8 @@ int main(int argc, char **argv) {
         return case_eio_eager(argv[2], 5);
     if (!strcmp(c, "serialized"))
         return case_serialized(argv[2]);
+    if (!strcmp(c, "threads"))
+        return case_threads(argv[2]);
     if (!strcmp(c, "maps"))
         return case_maps(argv[2]);
     if (!strcmp(c, "register"))
