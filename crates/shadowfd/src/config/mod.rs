@@ -216,6 +216,83 @@ impl Config {
         Ok(c)
     }
 
+    /// Sets one value from text, by the name of its command-line flag:
+    /// `mode`, `max-size`, `memory-budget`, `chunk`, `workers`, `readahead`
+    /// or `stale` (a leading `--` is accepted). Values are parsed as the CLI
+    /// parses them (`512M`, `2G`, `lazy`, ...); ranges are checked by
+    /// [`Config::validate`]. As with the CLI, setting `memory-budget` while
+    /// `max-size` still has its default lowers the size cap to the new budget
+    /// where it is smaller.
+    ///
+    /// ```
+    /// let mut c = shadowfd::Config::default();
+    /// c.set("max-size", "1G")?;
+    /// c.set("mode", "eager")?;
+    /// assert_eq!(c.max_size, 1 << 30);
+    /// assert!(c.set("chunk", "12 parsecs").is_err());
+    /// # Ok::<(), shadowfd::Error>(())
+    /// ```
+    pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        let workers = |s: &str| {
+            s.trim().parse::<usize>().map_err(|_| {
+                format!("expected a whole number of worker threads from 1 to {MAX_WORKERS}, e.g. 4")
+            })
+        };
+        match key.trim().trim_start_matches("--") {
+            "mode" => self.mode = parse_with("mode (--mode / SHADOWFD_MODE)", value, str::parse)?,
+            "max-size" => {
+                self.max_size = parse_with(
+                    "size cap (--max-size / SHADOWFD_MAX_SIZE)",
+                    value,
+                    parse_size,
+                )?
+            }
+            "memory-budget" => {
+                let budget = parse_with(
+                    "memory budget (--memory-budget / SHADOWFD_MEMORY_BUDGET)",
+                    value,
+                    parse_size,
+                )?;
+                if self.max_size == DEFAULT_MAX_SIZE.min(self.memory_budget) {
+                    self.max_size = DEFAULT_MAX_SIZE.min(budget);
+                }
+                self.memory_budget = budget;
+            }
+            "chunk" => {
+                self.chunk_size =
+                    parse_with("chunk size (--chunk / SHADOWFD_CHUNK)", value, parse_size)?
+            }
+            "workers" => {
+                self.workers = parse_with(
+                    "worker count (--workers / SHADOWFD_WORKERS)",
+                    value,
+                    workers,
+                )?
+            }
+            "readahead" => {
+                self.readahead = parse_with(
+                    "readahead (--readahead / SHADOWFD_READAHEAD)",
+                    value,
+                    parse_size,
+                )?
+            }
+            "stale" => {
+                self.stale =
+                    parse_with("stale policy (--stale / SHADOWFD_STALE)", value, str::parse)?
+            }
+            _ => {
+                return Err(Error::Config {
+                    what: "configuration key",
+                    value: key.to_string(),
+                    why: "expected one of mode, max-size, memory-budget, chunk, workers, \
+                          readahead, stale (the command-line flags' names)"
+                        .into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Checks every value; the error names the value, the limit and the fix.
     pub fn validate(&self) -> Result<()> {
         let page = crate::page_size() as u64;
@@ -305,5 +382,54 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_parses_like_the_cli() {
+        let mut c = Config::default();
+        c.set("mode", "Lazy").unwrap();
+        assert_eq!(c.mode, Mode::Lazy);
+        c.set("--max-size", "1M").unwrap();
+        assert_eq!(c.max_size, 1 << 20);
+        c.set("chunk", "64K").unwrap();
+        assert_eq!(c.chunk_size, 64 << 10);
+        c.set("workers", "3").unwrap();
+        assert_eq!(c.workers, 3);
+        c.set("readahead", "0").unwrap();
+        assert_eq!(c.readahead, 0);
+        c.set("stale", "strict").unwrap();
+        assert_eq!(c.stale, StalePolicy::Strict);
+        // An explicit cap stays when the budget changes.
+        c.set("memory-budget", "512M").unwrap();
+        assert_eq!((c.memory_budget, c.max_size), (512 << 20, 1 << 20));
+    }
+
+    #[test]
+    fn set_budget_lowers_a_default_cap() {
+        let mut c = Config {
+            memory_budget: 1 << 30,
+            max_size: DEFAULT_MAX_SIZE,
+            ..Config::default()
+        };
+        c.set("memory-budget", "64M").unwrap();
+        assert_eq!(c.max_size, 64 << 20);
+    }
+
+    #[test]
+    fn set_errors_name_the_flag_and_the_fix() {
+        let mut c = Config::default();
+        let e = c.set("chunk", "12 parsecs").unwrap_err().to_string();
+        assert!(e.contains("--chunk") && e.contains("unknown unit"), "{e}");
+        let e = c.set("workers", "-1").unwrap_err().to_string();
+        assert!(e.contains("--workers") && e.contains("whole number"), "{e}");
+        let e = c.set("mode", "fast").unwrap_err().to_string();
+        assert!(e.contains("auto, lazy or eager"), "{e}");
+        let e = c.set("colour", "red").unwrap_err().to_string();
+        assert!(e.contains("\"colour\"") && e.contains("max-size"), "{e}");
     }
 }

@@ -1,0 +1,151 @@
+//! Helpers for the C ABI tests: the built library, a C compiler, files.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// The directory holding libshadowfd.so and libshadowfd.a for the profile
+/// these tests were built with, built now if needed.
+///
+/// `cargo test` does not build a cdylib-only package's library for its
+/// integration tests, so this runs `cargo build -p shadowfd-capi` with the
+/// same profile and target directory (found from this test's own path,
+/// `<target>/<profile>/deps/<test>`): a no-op when it is up to date, as it
+/// is after `cargo build`, and a build of this one crate on a fresh clone.
+pub fn lib_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test executable under <target>/<profile>/deps")
+            .to_path_buf();
+        let target = profile_dir.parent().unwrap().to_path_buf();
+        let profile = match profile_dir.file_name().unwrap().to_str().unwrap() {
+            "debug" => "dev".to_string(),
+            other => other.to_string(),
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = Command::new(&cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "shadowfd-capi",
+                "--profile",
+                &profile,
+            ])
+            .arg("--manifest-path")
+            .arg(root().join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target)
+            .output()
+            .unwrap_or_else(|e| panic!("running {cargo:?} build: {e}"));
+        assert!(
+            out.status.success(),
+            "cargo build -p shadowfd-capi failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for lib in ["libshadowfd.so", "libshadowfd.a"] {
+            assert!(
+                profile_dir.join(lib).is_file(),
+                "{lib} missing in {}",
+                profile_dir.display()
+            );
+        }
+        profile_dir
+    })
+}
+
+/// The C compiler: `$CC` or `cc`.
+pub fn cc() -> String {
+    std::env::var("CC").unwrap_or_else(|_| "cc".into())
+}
+
+/// Compiles C `sources` into `out` against include/shadowfd.h and the
+/// shared library (rpath set), with warnings as errors.
+pub fn compile_c(sources: &[PathBuf], out: &Path, extra: &[&str]) {
+    let lib = lib_dir();
+    let mut cmd = Command::new(cc());
+    cmd.args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-O1", "-pthread"])
+        .arg("-I")
+        .arg(root().join("include"))
+        .args(sources)
+        .arg("-o")
+        .arg(out)
+        .args(extra)
+        .arg("-L")
+        .arg(lib)
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .arg("-lshadowfd");
+    let o = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", cc()));
+    assert!(
+        o.status.success(),
+        "compiling {sources:?} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Runs `exe` with `args`; panics with its output unless it exits 0.
+pub fn run_ok(exe: &Path, args: &[&str]) -> Output {
+    let o = Command::new(exe)
+        .args(args)
+        .env_remove("SHADOWFD_MODE")
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", exe.display()));
+    let text = format!(
+        "{} {args:?}: {}\nstdout:\n{}\nstderr:\n{}",
+        exe.display(),
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{text}");
+    eprintln!("{text}");
+    o
+}
+
+/// Deterministic bytes with no zero byte, so a page read as zeros never
+/// passes for data.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % 255) as u8 + 1
+        })
+        .collect()
+}
+
+/// The modes to test: lazy where this kernel has it (CI requires it with
+/// SHADOWFD_REQUIRE_LAZY=1), and eager.
+pub fn modes() -> Vec<&'static str> {
+    let p = sfd::probe();
+    if p.lazy_usable {
+        return vec!["lazy", "eager"];
+    }
+    assert!(
+        std::env::var_os("SHADOWFD_REQUIRE_LAZY").is_none_or(|v| v != "1"),
+        "SHADOWFD_REQUIRE_LAZY=1 and lazy shadows are unavailable: {:?}",
+        p.reason
+    );
+    eprintln!(
+        "NOTE: lazy shadows unavailable here ({}); testing eager only",
+        p.reason.as_deref().unwrap_or_default()
+    );
+    vec!["eager"]
+}
