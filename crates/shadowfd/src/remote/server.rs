@@ -357,23 +357,24 @@ impl Inner {
         self.opts.peer_timeout
     }
 
+    /// Lists a client that completed HELLO.
+    fn add_client(&self, peer: Peer, uffd: bool) {
+        let info = ClientInfo {
+            pid: peer.pid,
+            uid: peer.uid,
+            since: Instant::now(),
+            uffd,
+            handles: 0,
+            mappings: 0,
+        };
+        self.state.lock().clients.insert(peer.id, info);
+    }
+
     /// HELLO and its reply. `None` if the peer was dropped (logged).
     fn handshake(self: &Arc<Self>, stream: UnixStream, peer: Peer) -> Option<Conn> {
         match self.try_handshake(&stream, peer) {
             Ok(uffd) => {
-                let mut st = self.state.lock();
-                st.clients.insert(
-                    peer.id,
-                    ClientInfo {
-                        pid: peer.pid,
-                        uid: peer.uid,
-                        since: Instant::now(),
-                        uffd: uffd.is_some(),
-                        handles: 0,
-                        mappings: 0,
-                    },
-                );
-                drop(st);
+                self.add_client(peer, uffd.is_some());
                 self.log(&format!(
                     "{peer}: connected ({})",
                     if uffd.is_some() {
@@ -1201,17 +1202,7 @@ pub fn serve(shadow: &Shadow, stream: UnixStream) -> Result<Served> {
     let inner = server.inner;
     let peer = peer_of(&stream, 1);
     let uffd = inner.try_handshake(&stream, peer)?;
-    inner.state.lock().clients.insert(
-        peer.id,
-        ClientInfo {
-            pid: peer.pid,
-            uid: peer.uid,
-            since: Instant::now(),
-            uffd: uffd.is_some(),
-            handles: 0,
-            mappings: 0,
-        },
-    );
+    inner.add_client(peer, uffd.is_some());
     let conn = Conn {
         peer,
         stream,

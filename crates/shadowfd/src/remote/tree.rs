@@ -3,7 +3,7 @@
 //! ext2/3/4 image.
 
 use super::wire;
-use crate::source::{FileKind, Source, SourceMeta, Timestamp};
+use crate::source::{FileKind, Source, SourceMeta, meta_of};
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
@@ -41,27 +41,6 @@ pub(crate) fn relative(path: &[u8]) -> std::result::Result<&[u8], Refusal> {
         p = rest;
     }
     Ok(p)
-}
-
-fn meta_of(m: &std::fs::Metadata) -> SourceMeta {
-    let ft = m.file_type();
-    let kind = if ft.is_file() {
-        FileKind::Regular
-    } else if ft.is_dir() {
-        FileKind::Directory
-    } else if ft.is_symlink() {
-        FileKind::Symlink
-    } else {
-        FileKind::Other
-    };
-    SourceMeta {
-        size: m.size(),
-        mtime: Timestamp::mtime_of(m),
-        ctime: Timestamp::ctime_of(m),
-        device: m.dev(),
-        inode: m.ino(),
-        kind,
-    }
 }
 
 /// `openat2(dir, rel, flags, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`.

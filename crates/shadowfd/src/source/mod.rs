@@ -9,6 +9,7 @@ mod file;
 pub mod image;
 
 pub use file::FileSource;
+pub(crate) use file::meta_of;
 #[cfg(feature = "image")]
 pub use image::{ImageAccess, ImageError, ImageSource};
 
