@@ -43,27 +43,30 @@ pub enum Mode {
     Eager,
 }
 
-impl FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "auto" => Ok(Mode::Auto),
-            "lazy" => Ok(Mode::Lazy),
-            "eager" => Ok(Mode::Eager),
-            _ => Err("expected auto, lazy or eager".into()),
+/// `FromStr` and `Display` for an enum spelled by lowercase names.
+macro_rules! named_enum {
+    ($t:ident { $($v:ident => $name:literal),+ $(,)? }, $expect:literal) => {
+        impl FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s.trim().to_ascii_lowercase().as_str() {
+                    $($name => Ok($t::$v),)+
+                    _ => Err($expect.into()),
+                }
+            }
         }
-    }
+
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(match self {
+                    $($t::$v => $name,)+
+                })
+            }
+        }
+    };
 }
 
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Mode::Auto => "auto",
-            Mode::Lazy => "lazy",
-            Mode::Eager => "eager",
-        })
-    }
-}
+named_enum!(Mode { Auto => "auto", Lazy => "lazy", Eager => "eager" }, "expected auto, lazy or eager");
 
 /// What a lazy shadow does when its source changes after open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,16 +80,7 @@ pub enum StalePolicy {
     Strict,
 }
 
-impl FromStr for StalePolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "detect" => Ok(StalePolicy::Detect),
-            "strict" => Ok(StalePolicy::Strict),
-            _ => Err("expected detect or strict".into()),
-        }
-    }
-}
+named_enum!(StalePolicy { Detect => "detect", Strict => "strict" }, "expected detect or strict");
 
 /// Everything a [`crate::Engine`] needs to know. Build it with
 /// [`Config::from_env`] (defaults plus `SHADOWFD_*`), adjust fields, and the

@@ -3,13 +3,13 @@
 //! ext2/3/4 image.
 
 use super::wire;
-use crate::source::{FileKind, Source, SourceMeta, meta_of};
+use crate::source::{FileKind, Source, SourceMeta, meta_if_named, meta_of};
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -157,23 +157,9 @@ impl Source for RootFile {
     }
 
     fn metadata(&self) -> io::Result<SourceMeta> {
-        let m = self.file.metadata()?;
-        let gone = || io::Error::new(io::ErrorKind::NotFound, "the source file is gone");
-        if m.nlink() == 0 {
-            return Err(gone());
-        }
-        match open_beneath(self.dir.as_fd(), &self.rel, libc::O_PATH) {
-            Ok(fd) => {
-                let p = File::from(fd).metadata()?;
-                if p.dev() == m.dev() && p.ino() == m.ino() {
-                    Ok(meta_of(&m))
-                } else {
-                    Err(gone())
-                }
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Err(gone()),
-            Err(e) => Err(e),
-        }
+        meta_if_named(&self.file, || {
+            File::from(open_beneath(self.dir.as_fd(), &self.rel, libc::O_PATH)?).metadata()
+        })
     }
 
     fn fill_metadata(&self) -> io::Result<SourceMeta> {

@@ -16,6 +16,26 @@ pub struct FileSource {
     path: PathBuf,
 }
 
+/// The metadata of the open `file` if its name, looked up again by
+/// `lookup`, still leads to it; else a `NotFound` error saying it is gone
+/// (unlinked, or replaced by a rename).
+pub(crate) fn meta_if_named(
+    file: &File,
+    lookup: impl FnOnce() -> io::Result<std::fs::Metadata>,
+) -> io::Result<SourceMeta> {
+    let m = file.metadata()?;
+    let gone = || io::Error::new(io::ErrorKind::NotFound, "the source file is gone");
+    if m.nlink() == 0 {
+        return Err(gone());
+    }
+    match lookup() {
+        Ok(p) if p.dev() == m.dev() && p.ino() == m.ino() => Ok(meta_of(&m)),
+        Ok(_) => Err(gone()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(gone()),
+        Err(e) => Err(e),
+    }
+}
+
 pub(crate) fn meta_of(m: &std::fs::Metadata) -> SourceMeta {
     let ft = m.file_type();
     let kind = if ft.is_file() {
@@ -141,17 +161,7 @@ impl Source for FileSource {
     }
 
     fn metadata(&self) -> io::Result<SourceMeta> {
-        let m = self.file.metadata()?;
-        let gone = || io::Error::new(io::ErrorKind::NotFound, "the source file is gone");
-        if m.nlink() == 0 {
-            return Err(gone());
-        }
-        match std::fs::metadata(&self.path) {
-            Ok(p) if p.dev() == m.dev() && p.ino() == m.ino() => Ok(meta_of(&m)),
-            Ok(_) => Err(gone()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(gone()),
-            Err(e) => Err(e),
-        }
+        meta_if_named(&self.file, || std::fs::metadata(&self.path))
     }
 
     fn fill_metadata(&self) -> io::Result<SourceMeta> {

@@ -9,7 +9,7 @@ mod file;
 pub mod image;
 
 pub use file::FileSource;
-pub(crate) use file::meta_of;
+pub(crate) use file::{meta_if_named, meta_of};
 #[cfg(feature = "image")]
 pub use image::{ImageAccess, ImageError, ImageSource};
 

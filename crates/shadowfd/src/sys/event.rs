@@ -52,35 +52,25 @@ impl Epoll {
 
     /// `EPOLL_CTL_ADD` of `target` for `events`, reported with `tag`.
     pub(crate) fn add(&self, target: BorrowedFd<'_>, events: u32, tag: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events, u64: tag };
-        // SAFETY: `ev` is a live epoll_event; both descriptors are open.
-        let r = unsafe {
-            libc::epoll_ctl(
-                self.ep.as_raw_fd(),
-                libc::EPOLL_CTL_ADD,
-                target.as_raw_fd(),
-                &mut ev,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        self.ctl(libc::EPOLL_CTL_ADD, target, events, tag)
     }
 
     /// `EPOLL_CTL_MOD` of `target` to `events` (0: registered but never
     /// reported, and its wake-ups no longer wake this set's waiters).
     pub(crate) fn modify(&self, target: BorrowedFd<'_>, events: u32, tag: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, target, events, tag)
+    }
+
+    fn ctl(
+        &self,
+        op: libc::c_int,
+        target: BorrowedFd<'_>,
+        events: u32,
+        tag: u64,
+    ) -> io::Result<()> {
         let mut ev = libc::epoll_event { events, u64: tag };
         // SAFETY: `ev` is a live epoll_event; both descriptors are open.
-        let r = unsafe {
-            libc::epoll_ctl(
-                self.ep.as_raw_fd(),
-                libc::EPOLL_CTL_MOD,
-                target.as_raw_fd(),
-                &mut ev,
-            )
-        };
+        let r = unsafe { libc::epoll_ctl(self.ep.as_raw_fd(), op, target.as_raw_fd(), &mut ev) };
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
