@@ -232,11 +232,11 @@ fn many_clients_share_one_shadow_and_read_the_source_once() {
     let dir = tempdir();
     let root = dir.path().join("root");
     std::fs::create_dir(&root).unwrap();
-    let (id, size) = (0x13_01, 32u64 << 20);
+    let (id, size) = (0x13_01, 1u64 << 30);
     write_file(&root, "big.bin", id, size);
     let sock = dir.path().join("s.sock");
     let mut server = cli_server(&sock, &root, &["--mode", "lazy", "--chunk", "64K"]);
-    let mut readers: Vec<Proc> = (0..4)
+    let mut readers: Vec<Proc> = (0..8)
         .map(|i| {
             let file = if i % 2 == 0 { "big.bin" } else { "/big.bin" };
             let cmd = role_cmd(
@@ -292,12 +292,12 @@ fn many_clients_share_one_shadow_and_read_the_source_once() {
     assert_eq!(cli_v["shadows"][0]["bytes_filled"], size, "{cli_v}");
     let o = crate::support::run(cli(&["status", "--socket", sock.to_str().unwrap()]));
     assert!(
-        o.status.success() && o.stdout.contains("/big.bin (lazy, 33554432 bytes)"),
+        o.status.success() && o.stdout.contains(&format!("/big.bin (lazy, {size} bytes)")),
         "{}",
         o.describe()
     );
     eprintln!(
-        "serve: 4 clients x {} MiB: {} chunks filled for {} chunks in the file, {} faults, fill p50 {} µs p99 {} µs",
+        "serve: 8 clients x {} MiB: {} chunks filled for {} chunks in the file, {} faults, fill p50 {} µs p99 {} µs",
         size >> 20,
         s["chunks_filled"],
         size / chunk,
@@ -1004,9 +1004,9 @@ struct MemCgroup {
 }
 
 impl MemCgroup {
-    fn new(limit: u64) -> MemCgroup {
+    fn new(tag: &str, limit: u64) -> MemCgroup {
         let dir = PathBuf::from(format!(
-            "/sys/fs/cgroup/memory/shadowfd-test-{}",
+            "/sys/fs/cgroup/memory/shadowfd-test-{}-{tag}",
             std::process::id()
         ));
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| {
@@ -1073,7 +1073,7 @@ fn twenty_clients_in_a_3g_cgroup_are_never_oom_killed() {
         let f = std::fs::File::create(dir.path().join(format!("f{i}.bin"))).unwrap();
         f.set_len(1 << 30).unwrap();
     }
-    let cg = MemCgroup::new(3 << 30);
+    let cg = MemCgroup::new("clients", 3 << 30);
     let sock = dir.path().join("s.sock");
     let serve = cli(&[
         "serve",
@@ -1132,5 +1132,58 @@ fn twenty_clients_in_a_3g_cgroup_are_never_oom_killed() {
         cg.oom_kills(),
         0,
         "OOM kills in the cgroup ({whole} clients got the whole file)"
+    );
+}
+
+/// Issue 12: twenty separate lazy `shadowfd cat`s of different 1 GiB files
+/// inside a 3 GiB memory cgroup. Each process has a budget of its own (a
+/// quarter of the cgroup's headroom at its start, more than they can have
+/// together), but fills also consult the cgroup's headroom as they go and
+/// keep a margin, so none is OOM-killed: each ends with the whole file or
+/// with the memory limit named.
+#[test]
+fn twenty_lazy_cats_in_a_3g_cgroup_are_never_oom_killed() {
+    if !lazy_available("cats in a cgroup") {
+        return;
+    }
+    let dir = tempdir();
+    for i in 0..20 {
+        let f = std::fs::File::create(dir.path().join(format!("f{i}.bin"))).unwrap();
+        f.set_len(1 << 30).unwrap();
+    }
+    let cg = MemCgroup::new("cats", 3 << 30);
+    let cats: Vec<Proc> = (0..20)
+        .map(|i| {
+            let file = dir.path().join(format!("f{i}.bin"));
+            let cat = cli(&["cat", "--mode", "lazy", file.to_str().unwrap()]);
+            Proc::spawn("shadowfd cat", cg.wrap(&cat, "| wc -c"), false)
+        })
+        .collect();
+    let mut whole = 0;
+    for mut c in cats {
+        let o = c.finish(Duration::from_secs(120));
+        assert!(!o.timed_out, "a cat hung\n{}", o.describe());
+        match o.status.code() {
+            Some(0) => {
+                assert_eq!(
+                    o.stdout.trim(),
+                    (1u64 << 30).to_string(),
+                    "{}",
+                    o.describe()
+                );
+                whole += 1;
+            }
+            Some(1) => assert!(
+                o.stderr.contains("memory budget") || o.stderr.contains("low on memory"),
+                "a cat failed without naming the memory limit\n{}",
+                o.describe()
+            ),
+            _ => panic!("a cat ended otherwise (killed?)\n{}", o.describe()),
+        }
+    }
+    assert_eq!(
+        cg.oom_kills(),
+        0,
+        "OOM kills in the cgroup ({whole} cats got the whole file)"
     );
 }
