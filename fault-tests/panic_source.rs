@@ -234,3 +234,65 @@ fn failing_metadata_does_not_stop_detect_fills() {
         );
     });
 }
+
+/// A panic in the fill itself, not in the source (a bug in shadowfd,
+/// injected with the test-only `failpoints` feature): before wave 2 it
+/// ended the worker in silence and left its chunks claimed, so whoever
+/// touched them waited for ever. Now it is contained and counted: the chunk
+/// is poisoned (SIGBUS for the faulting consumer, an error for populate),
+/// and the one worker goes on serving every other page.
+fn fill_panic_child() {
+    child::begin();
+    // SAFETY: set before any other thread of this child reads the
+    // environment (the engine starts below).
+    unsafe {
+        std::env::set_var(
+            "SHADOWFD_FAILPOINT_FILL_PANIC",
+            (BAD_PAGE * page()).to_string(),
+        )
+    };
+    let engine = Engine::new(one_worker()).unwrap();
+    let s = engine.open(param("PATH")).unwrap();
+    let map = s.map(Share::Shared).unwrap();
+    child::watch_sigbus(&map);
+    let e = s.populate(BAD_PAGE * page(), 1).unwrap_err();
+    child::report("populate", &e);
+    child::report("worker_panics", s.stats().worker_panics);
+    for p in [0, BAD_PAGE + 10, 40, BAD_PAGE] {
+        child::touch_page(&map, ID, p);
+    }
+    child::report("end", "no SIGBUS");
+}
+
+#[test]
+fn a_panicking_fill_is_contained_and_counted() {
+    if child::role().is_some() {
+        return fill_panic_child();
+    }
+    if !lazy_available("panicking fill") {
+        return;
+    }
+    let dir = tempdir();
+    let path = write_file(dir.path(), "src", ID, size());
+    let o = child::spawn(
+        &test_name!(a_panicking_fill_is_contained_and_counted),
+        "fill-panic",
+        &[("PATH", path.display().to_string())],
+    );
+    assert_eq!(o.signal(), Some(libc::SIGBUS), "{}", o.describe());
+    let populate = o.last("populate").unwrap_or_default();
+    assert!(populate.contains("the fill panicked"), "{}", o.describe());
+    assert_eq!(o.numbers("worker_panics"), vec![1], "{}", o.describe());
+    // Pages in other chunks were served by the same (only) worker after the
+    // panic; the chunk of the bad page raises SIGBUS.
+    assert_eq!(
+        o.numbers("good"),
+        vec![0, BAD_PAGE + 10, 40],
+        "{}",
+        o.describe()
+    );
+    assert_eq!(
+        o.numbers("sigbus")[0] / page() * page() / (32 << 10),
+        BAD_PAGE * page() / (32 << 10)
+    );
+}

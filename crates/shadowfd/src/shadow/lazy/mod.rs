@@ -429,6 +429,17 @@ impl LazyShadow {
     }
 
     fn fill_claimed(&self, core: &Core, run: Range<u64>, why: Why) {
+        #[cfg(feature = "failpoints")]
+        if let Some(at) = std::env::var("SHADOWFD_FAILPOINT_FILL_PANIC")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            let (off, end) = self.run_range(&run);
+            assert!(
+                !(off..end).contains(&at),
+                "failpoint: a fill over offset {at}"
+            );
+        }
         let prefetch = why == Why::Prefetch;
         // A fault needs its first chunk; the rest of its run is a guess.
         let speculative = prefetch || (why == Why::Fault && run.end - run.start > 1);
