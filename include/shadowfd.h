@@ -265,9 +265,19 @@ void shadowfd_shadow_free(struct shadowfd_shadow *shadow);
 // raises SIGBUS, as an I/O error under a file mapping does. Lazy mappings
 // are not inherited by `fork` children (`MADV_DONTFORK`).
 //
+// A client shadow (`shadowfd_client_open`) is mapped whole: `offset` 0 and
+// `len` 0 or its size (another range inside it is -EOPNOTSUPP), with
+// `fixed_addr_or_null` NULL (else -EOPNOTSUPP). Both flags give the same
+// read-only view (a private mapping of the server's sealed memfd). It is
+// lazy where the client has a userfaultfd and the server's shadow is lazy,
+// filled by the server on first touch, else a sealed copy; a page the
+// server cannot provide, and every unfilled page once the server is gone,
+// raises SIGBUS (never zeros, never a hang).
+//
 // Ownership: the library keeps the mapping (keyed by its address) until
 // `shadowfd_unmap(*out, len)`. Never `munmap` it yourself. It stays valid
-// after `shadowfd_shadow_free` and `shadowfd_engine_free`. Returns 0 or a
+// after `shadowfd_shadow_free` and `shadowfd_engine_free` (or
+// `shadowfd_client_free`). Returns 0 or a
 // negative errno. Thread-safety: any thread. Refused (-EDEADLK) inside a
 // source callback.
 //
@@ -348,7 +358,10 @@ int shadowfd_mapping_fd(const struct shadowfd_shadow *shadow);
 // page in the range cannot be filled (-EIO or the errno the source gave;
 // -ENOMEM when the memory budget has no room, which may succeed later) or
 // the range is outside the shadow (-ERANGE). A no-op for eager shadows.
-// Thread-safety: any thread. Refused (-EDEADLK) inside a source callback.
+// For a client shadow the server fills the range (the bytes come back
+// over the socket, 1 MiB per request, and are dropped); its errors are
+// the server's (-EIO, ...). Thread-safety: any thread. Refused (-EDEADLK)
+// inside a source callback.
 //
 // # Safety
 // `shadow` is NULL or live.
@@ -356,8 +369,9 @@ int shadowfd_fill(struct shadowfd_shadow *shadow, uint64_t offset, uint64_t len)
 
 // Reads up to `len` bytes at `offset` into `buf`, filling lazily first.
 // Returns the count read (short only at the end of the shadow, 0 at or past
-// it), or a negative errno as `shadowfd_fill`. Thread-safety: any thread.
-// Refused (-EDEADLK) inside a source callback.
+// it), or a negative errno as `shadowfd_fill`. A client shadow is read
+// through the server (FILL, 1 MiB per request), no mapping needed.
+// Thread-safety: any thread. Refused (-EDEADLK) inside a source callback.
 //
 // # Safety
 // `shadow` is NULL or live; `buf` is writable for `len` bytes (it may be
@@ -386,7 +400,9 @@ int shadowfd_fd(struct shadowfd_shadow *shadow);
 
 // The shadow's counters as a JSON object (the fields of the Rust
 // `shadowfd::Stats`: bytes and chunks filled, faults, resident bytes,
-// latency percentiles, `last_error`, ...). NULL on error. Ownership: the
+// latency percentiles, `last_error`, ...); for a client shadow, the
+// server's counters of its shadow (docs/protocol.md, STATS: `mode`,
+// `bytes_filled`, `lazy_mappings`, ...). NULL on error. Ownership: the
 // caller frees the string with `shadowfd_string_free`. Thread-safety: any
 // thread.
 //
