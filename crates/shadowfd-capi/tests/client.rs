@@ -193,3 +193,25 @@ fn client_falls_back_to_sealed_descriptors_where_userfaultfd_is_denied() {
         run("denied", &tree, &server, &[]);
     }
 }
+
+#[test]
+fn threads_share_one_client() {
+    for mode in modes() {
+        let tree = Tree::new(29 * PAGE + 77);
+        let server = Server::start(&tree, &["--mode", mode]);
+        run("threads", &tree, &server, &[]);
+    }
+}
+
+#[test]
+fn without_userfaultfd_a_file_over_the_eager_cap_is_efbig() {
+    if !cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
+        return;
+    }
+    for mode in modes() {
+        let tree = Tree::new(3 * PAGE);
+        std::fs::write(tree.root().join("big.bin"), pattern(512 << 10, 3)).unwrap();
+        let server = Server::start(&tree, &["--mode", mode, "--max-size", "256K"]);
+        run("too-large", &tree, &server, &["big.bin"]);
+    }
+}

@@ -13,6 +13,7 @@
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -356,6 +357,74 @@ static int case_denied(const char *sock, const char *name, pid_t server) {
     return 0;
 }
 
+/* Without a userfaultfd a file over the server's eager cap is refused:
+ * EFBIG at open (an eager server) or at map (a lazy one). */
+static int case_too_large(const char *sock, const char *big) {
+    deny_userfaultfd();
+    shadowfd_client *c = connect_to(sock);
+    CHECK(shadowfd_client_mode(c) == SHADOWFD_MODE_EAGER);
+    errno = 0;
+    shadowfd_shadow *sh = shadowfd_client_open(c, big);
+    if (!sh) {
+        CHECK(errno == EFBIG);
+        check_message("shadowfd_client_open of a file over the eager cap", "E_TOO_LARGE");
+    } else {
+        void *p = NULL;
+        CHECK_ERR(shadowfd_map(sh, 0, 0, 0, NULL, &p), EFBIG, "E_TOO_LARGE");
+        /* Reading needs no sealed copy. */
+        unsigned char b[10];
+        CHECK(shadowfd_read(sh, b, sizeof b, 0) == (int64_t)sizeof b);
+        shadowfd_shadow_free(sh);
+    }
+    shadowfd_client_free(c);
+    return 0;
+}
+
+/* Four threads map, check, read and unmap through one client at once,
+ * each with its own shadowfd_last_error. */
+struct worker {
+    shadowfd_client *c;
+    const char *name;
+    int id;
+};
+
+static void *work(void *arg) {
+    struct worker *w = arg;
+    for (int i = 0; i < 20; i++) {
+        shadowfd_shadow *sh = open_on(w->c, w->name);
+        void *p = NULL;
+        CHECK_OK(shadowfd_map(sh, 0, 0, SHADOWFD_MAP_PRIVATE, NULL, &p));
+        size_t off = ((size_t)(w->id * 7 + i) * page) % want_len;
+        size_t n = want_len - off < page ? want_len - off : page;
+        same((const unsigned char *)p + off, off, n, "threaded mapping");
+        unsigned char b[256];
+        size_t at = (off + 100) % want_len;
+        int64_t r = shadowfd_read(sh, b, sizeof b, at);
+        CHECK(r == (int64_t)(want_len - at < sizeof b ? want_len - at : sizeof b));
+        same(b, at, (size_t)r, "threaded read");
+        CHECK_ERR(shadowfd_fd(sh), EOPNOTSUPP, "client shadow");
+        CHECK_OK(shadowfd_unmap(p, want_len));
+        shadowfd_shadow_free(sh);
+        CHECK(shadowfd_client_open(w->c, "missing") == NULL && errno == ENOENT);
+        CHECK(strstr(shadowfd_last_error(), "missing") != NULL);
+    }
+    return NULL;
+}
+
+static int case_threads(const char *sock, const char *name) {
+    shadowfd_client *c = connect_to(sock);
+    pthread_t t[4];
+    struct worker w[4];
+    for (int i = 0; i < 4; i++) {
+        w[i] = (struct worker){c, name, i};
+        CHECK(pthread_create(&t[i], NULL, work, &w[i]) == 0);
+    }
+    for (int i = 0; i < 4; i++)
+        CHECK(pthread_join(t[i], NULL) == 0);
+    shadowfd_client_free(c);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 6) {
         fprintf(stderr, "usage: %s CASE SOCK HOSTFILE NAME SERVER_PID [MODE]\n", argv[0]);
@@ -372,6 +441,10 @@ int main(int argc, char **argv) {
         return case_killed(sock, name, server);
     if (!strcmp(c, "denied"))
         return case_denied(sock, name, server);
+    if (!strcmp(c, "too-large"))
+        return case_too_large(sock, argc > 6 ? argv[6] : "big.bin");
+    if (!strcmp(c, "threads"))
+        return case_threads(sock, name);
     fprintf(stderr, "unknown case %s\n", c);
     return 2;
 }
