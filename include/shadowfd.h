@@ -51,6 +51,10 @@
 // this source at once (it holds a mutex around each call).
 #define SHADOWFD_SOURCE_SERIALIZED 1
 
+// A connection to a shadowfd server (`shadowfd serve --socket PATH`).
+// Opaque.
+typedef struct shadowfd_client shadowfd_client;
+
 // Configuration for an engine: defaults, then the `SHADOWFD_*` environment,
 // then `shadowfd_config_set`. Opaque.
 typedef struct shadowfd_config shadowfd_config;
@@ -59,7 +63,8 @@ typedef struct shadowfd_config shadowfd_config;
 // fault-service threads every lazy shadow of the engine shares. Opaque.
 typedef struct shadowfd_engine shadowfd_engine;
 
-// A shadow of one source. Opaque.
+// A shadow of one source: made by an engine (`shadowfd_open_*`), or a file
+// opened on a server through a client (`shadowfd_client_open`). Opaque.
 typedef struct shadowfd_shadow shadowfd_shadow;
 
 // What a callback source's `stat` fills in: the source's size and
@@ -227,7 +232,8 @@ struct shadowfd_shadow *shadowfd_open_source(struct shadowfd_engine *engine,
                                              const struct shadowfd_source_ops *ops,
                                              void *ctx);
 
-// The shadow's size in bytes (the source's size at open); 0 for NULL.
+// The shadow's size in bytes (the source's size at open; for a client
+// shadow, the size the server gave at `shadowfd_client_open`); 0 for NULL.
 // Thread-safety: any thread.
 //
 // # Safety
@@ -259,9 +265,19 @@ void shadowfd_shadow_free(struct shadowfd_shadow *shadow);
 // raises SIGBUS, as an I/O error under a file mapping does. Lazy mappings
 // are not inherited by `fork` children (`MADV_DONTFORK`).
 //
+// A client shadow (`shadowfd_client_open`) is mapped whole: `offset` 0 and
+// `len` 0 or its size (another range inside it is -EOPNOTSUPP), with
+// `fixed_addr_or_null` NULL (else -EOPNOTSUPP). Both flags give the same
+// read-only view (a private mapping of the server's sealed memfd). It is
+// lazy where the client has a userfaultfd and the server's shadow is lazy,
+// filled by the server on first touch, else a sealed copy; a page the
+// server cannot provide, and every unfilled page once the server is gone,
+// raises SIGBUS (never zeros, never a hang).
+//
 // Ownership: the library keeps the mapping (keyed by its address) until
 // `shadowfd_unmap(*out, len)`. Never `munmap` it yourself. It stays valid
-// after `shadowfd_shadow_free` and `shadowfd_engine_free`. Returns 0 or a
+// after `shadowfd_shadow_free` and `shadowfd_engine_free` (or
+// `shadowfd_client_free`). Returns 0 or a
 // negative errno. Thread-safety: any thread. Refused (-EDEADLK) inside a
 // source callback.
 //
@@ -342,7 +358,10 @@ int shadowfd_mapping_fd(const struct shadowfd_shadow *shadow);
 // page in the range cannot be filled (-EIO or the errno the source gave;
 // -ENOMEM when the memory budget has no room, which may succeed later) or
 // the range is outside the shadow (-ERANGE). A no-op for eager shadows.
-// Thread-safety: any thread. Refused (-EDEADLK) inside a source callback.
+// For a client shadow the server fills the range (the bytes come back
+// over the socket, 1 MiB per request, and are dropped); its errors are
+// the server's (-EIO, ...). Thread-safety: any thread. Refused (-EDEADLK)
+// inside a source callback.
 //
 // # Safety
 // `shadow` is NULL or live.
@@ -350,8 +369,9 @@ int shadowfd_fill(struct shadowfd_shadow *shadow, uint64_t offset, uint64_t len)
 
 // Reads up to `len` bytes at `offset` into `buf`, filling lazily first.
 // Returns the count read (short only at the end of the shadow, 0 at or past
-// it), or a negative errno as `shadowfd_fill`. Thread-safety: any thread.
-// Refused (-EDEADLK) inside a source callback.
+// it), or a negative errno as `shadowfd_fill`. A client shadow is read
+// through the server (FILL, 1 MiB per request), no mapping needed.
+// Thread-safety: any thread. Refused (-EDEADLK) inside a source callback.
 //
 // # Safety
 // `shadow` is NULL or live; `buf` is writable for `len` bytes (it may be
@@ -380,7 +400,9 @@ int shadowfd_fd(struct shadowfd_shadow *shadow);
 
 // The shadow's counters as a JSON object (the fields of the Rust
 // `shadowfd::Stats`: bytes and chunks filled, faults, resident bytes,
-// latency percentiles, `last_error`, ...). NULL on error. Ownership: the
+// latency percentiles, `last_error`, ...); for a client shadow, the
+// server's counters of its shadow (docs/protocol.md, STATS: `mode`,
+// `bytes_filled`, `lazy_mappings`, ...). NULL on error. Ownership: the
 // caller frees the string with `shadowfd_string_free`. Thread-safety: any
 // thread.
 //
@@ -413,6 +435,76 @@ int shadowfd_harden_process(void);
 // wrong and how to fix it, as the CLI would say), or NULL if none failed.
 // Ownership: borrowed; valid until the next shadowfd call on this thread.
 const char *shadowfd_last_error(void);
+
+// Connects to the shadowfd server listening on the Unix socket
+// `socket_path` (`shadowfd serve --socket PATH`), speaking protocol
+// version 3 (docs/protocol.md). If this process can make a usable
+// userfaultfd, it is sent along and mappings of lazy server shadows are
+// lazy (filled by the server on first touch); where userfaultfd is denied
+// (seccomp, sysctl, an old kernel), the client falls back to sealed
+// descriptors: each mapping is a complete copy, within the server's eager
+// cap. `shadowfd_client_mode` says which.
+//
+// If the server dies or hangs up, a thread of the client answers every
+// fault on an unfilled page of its lazy mappings with SIGBUS: a consumer
+// never hangs and never reads zeros. Filled pages stay readable.
+//
+// Returns NULL on error, with errno (the socket's: ENOENT, ECONNREFUSED,
+// ...; EPROTO or EPROTONOSUPPORT if the peer does not speak the protocol)
+// and a message for `shadowfd_last_error`.
+//
+// Ownership: `socket_path` is borrowed; the caller owns the client and
+// frees it with `shadowfd_client_free`. Thread-safety: any thread; the
+// client may then be used from several threads at once (requests on one
+// connection are answered one at a time).
+//
+// # Safety
+// `socket_path` is NULL or a NUL-terminated string.
+struct shadowfd_client *shadowfd_client_connect(const char *socket_path);
+
+// `SHADOWFD_MODE_LAZY` if the client sent the server a userfaultfd (its
+// mappings of lazy server shadows are lazy), `SHADOWFD_MODE_EAGER` if it
+// could not make one (every mapping is a sealed copy); -EINVAL for NULL.
+// Thread-safety: any thread.
+//
+// # Safety
+// `client` is NULL or live.
+int shadowfd_client_mode(const struct shadowfd_client *client);
+
+// Opens `path` on the server (inside the tree it serves: `big.bin` and
+// `/big.bin` are the same file; `..` or symlinks out of the tree are
+// refused). Returns a client shadow, or NULL with errno: ENOENT (no such
+// file), EACCES (the path leaves the served tree, or the server may not
+// open it), EINVAL (not a regular file, or not UTF-8), EMFILE (too many
+// handles), EPIPE/ECONNRESET (the server is gone), EPROTO; the message is
+// the server's.
+//
+// A client shadow works with `shadowfd_shadow_size`, `shadowfd_map` (the
+// whole file only, at an address the kernel picks), `shadowfd_unmap`,
+// `shadowfd_read`, `shadowfd_fill` (asks the server to fill the range),
+// `shadowfd_stats_json` (the server's counters of its shadow) and
+// `shadowfd_shadow_free`. `shadowfd_register`, `shadowfd_mapping_fd`,
+// `shadowfd_materialize` and `shadowfd_fd` fail with -EOPNOTSUPP: the
+// memory is the server's.
+//
+// Ownership: `path` is borrowed; the caller owns the shadow and frees it
+// with `shadowfd_shadow_free`. The shadow and its mappings keep the
+// connection open: they stay valid after `shadowfd_client_free`.
+// Thread-safety: any thread, concurrently on one client.
+//
+// # Safety
+// `client` is NULL or live; `path` is NULL or a NUL-terminated string.
+struct shadowfd_shadow *shadowfd_client_open(struct shadowfd_client *client, const char *path);
+
+// Frees a client. NULL is ignored. Shadows opened through it and their
+// mappings stay valid: the connection (and the thread that turns faults
+// into SIGBUS once the server is gone) lasts until the last of them is
+// freed or unmapped. Thread-safety: not while another thread uses
+// `client`.
+//
+// # Safety
+// `client` is NULL or from `shadowfd_client_connect` and not yet freed.
+void shadowfd_client_free(struct shadowfd_client *client);
 
 #ifdef __cplusplus
 }  // extern "C"

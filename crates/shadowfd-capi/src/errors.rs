@@ -51,6 +51,10 @@ fn io_errno(e: &io::Error) -> c_int {
         K::OutOfMemory => libc::ENOMEM,
         K::WouldBlock => libc::EAGAIN,
         K::Interrupted => libc::EINTR,
+        K::ConnectionRefused => libc::ECONNREFUSED,
+        K::ConnectionReset => libc::ECONNRESET,
+        K::BrokenPipe => libc::EPIPE,
+        K::TimedOut => libc::ETIMEDOUT,
         _ => libc::EIO,
     }
 }

@@ -7,6 +7,7 @@
 //! message for `shadowfd_last_error` in a thread-local.
 #![allow(non_camel_case_types)]
 
+mod client;
 mod errors;
 mod registry;
 mod source;
@@ -19,6 +20,7 @@ use std::os::fd::{AsRawFd, IntoRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::ptr::NonNull;
 
+pub use client::shadowfd_client;
 pub use source::{shadowfd_meta, shadowfd_source_ops};
 
 /// `shadowfd_engine_mode`: shadows of this engine are filled lazily
@@ -49,9 +51,43 @@ pub struct shadowfd_engine {
     inner: Engine,
 }
 
-/// A shadow of one source. Opaque.
+/// A shadow of one source: made by an engine (`shadowfd_open_*`), or a file
+/// opened on a server through a client (`shadowfd_client_open`). Opaque.
 pub struct shadowfd_shadow {
-    inner: Shadow,
+    inner: ShadowKind,
+}
+
+/// What a `shadowfd_shadow` holds.
+enum ShadowKind {
+    /// An engine's shadow, in this process.
+    Local(Shadow),
+    /// A file opened on a `shadowfd serve` server.
+    Remote(sfd::remote::RemoteFile),
+}
+
+impl shadowfd_shadow {
+    /// The engine's shadow, or a failure saying `func` does not apply to a
+    /// client shadow.
+    fn local(&self, func: &str) -> Result<&Shadow, Failure> {
+        match &self.inner {
+            ShadowKind::Local(s) => Ok(s),
+            ShadowKind::Remote(f) => Err(client::unsupported(func, f)),
+        }
+    }
+
+    fn size(&self) -> u64 {
+        match &self.inner {
+            ShadowKind::Local(s) => s.size(),
+            ShadowKind::Remote(f) => f.size(),
+        }
+    }
+
+    fn name(&self) -> String {
+        match &self.inner {
+            ShadowKind::Local(s) => s.name().to_string(),
+            ShadowKind::Remote(f) => format!("{:?} (served)", f.path()),
+        }
+    }
 }
 
 // The header promises that engines and shadows may be used from several
@@ -62,6 +98,9 @@ const _: () = {
     shared_across_threads::<Shadow>();
     shared_across_threads::<sfd::Mapping>();
     shared_across_threads::<sfd::Registration>();
+    shared_across_threads::<sfd::remote::Client>();
+    shared_across_threads::<sfd::remote::RemoteFile>();
+    shared_across_threads::<sfd::remote::RemoteMapping>();
 };
 
 /// A C string argument, or a failure naming it.
@@ -221,7 +260,9 @@ pub unsafe extern "C" fn shadowfd_engine_free(engine: *mut shadowfd_engine) {
 }
 
 fn new_shadow(inner: Shadow) -> *mut shadowfd_shadow {
-    Box::into_raw(Box::new(shadowfd_shadow { inner }))
+    Box::into_raw(Box::new(shadowfd_shadow {
+        inner: ShadowKind::Local(inner),
+    }))
 }
 
 /// Shadows the host file at `path` (symlinks followed; only regular files).
@@ -319,7 +360,8 @@ pub unsafe extern "C" fn shadowfd_open_source(
     })
 }
 
-/// The shadow's size in bytes (the source's size at open); 0 for NULL.
+/// The shadow's size in bytes (the source's size at open; for a client
+/// shadow, the size the server gave at `shadowfd_client_open`); 0 for NULL.
 /// Thread-safety: any thread.
 ///
 /// # Safety
@@ -327,7 +369,7 @@ pub unsafe extern "C" fn shadowfd_open_source(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn shadowfd_shadow_size(shadow: *const shadowfd_shadow) -> u64 {
     // SAFETY: the caller vouches for the pointer.
-    guard(|| Ok(unsafe { shadow.as_ref() }.map_or(0, |s| s.inner.size())))
+    guard(|| Ok(unsafe { shadow.as_ref() }.map_or(0, |s| s.size())))
 }
 
 /// Frees a shadow. NULL is ignored. Mappings and registrations of it stay
@@ -365,9 +407,19 @@ pub unsafe extern "C" fn shadowfd_shadow_free(shadow: *mut shadowfd_shadow) {
 /// raises SIGBUS, as an I/O error under a file mapping does. Lazy mappings
 /// are not inherited by `fork` children (`MADV_DONTFORK`).
 ///
+/// A client shadow (`shadowfd_client_open`) is mapped whole: `offset` 0 and
+/// `len` 0 or its size (another range inside it is -EOPNOTSUPP), with
+/// `fixed_addr_or_null` NULL (else -EOPNOTSUPP). Both flags give the same
+/// read-only view (a private mapping of the server's sealed memfd). It is
+/// lazy where the client has a userfaultfd and the server's shadow is lazy,
+/// filled by the server on first touch, else a sealed copy; a page the
+/// server cannot provide, and every unfilled page once the server is gone,
+/// raises SIGBUS (never zeros, never a hang).
+///
 /// Ownership: the library keeps the mapping (keyed by its address) until
 /// `shadowfd_unmap(*out, len)`. Never `munmap` it yourself. It stays valid
-/// after `shadowfd_shadow_free` and `shadowfd_engine_free`. Returns 0 or a
+/// after `shadowfd_shadow_free` and `shadowfd_engine_free` (or
+/// `shadowfd_client_free`). Returns 0 or a
 /// negative errno. Thread-safety: any thread. Refused (-EDEADLK) inside a
 /// source callback.
 ///
@@ -402,7 +454,7 @@ pub unsafe extern "C" fn shadowfd_map(
                 )));
             }
         };
-        let size = s.inner.size();
+        let size = s.size();
         let len = if len == 0 {
             size.saturating_sub(offset)
         } else {
@@ -412,10 +464,22 @@ pub unsafe extern "C" fn shadowfd_map(
             return Err(Failure::einval(format!(
                 "{F}: nothing to map: the shadow of {} is {size} bytes and the range from \
                  offset {offset} is empty",
-                s.inner.name()
+                s.name()
             )));
         }
-        let opts = s.inner.map_options().offset(offset).len(len).share(share);
+        let local = match &s.inner {
+            ShadowKind::Local(l) => l,
+            ShadowKind::Remote(f) => {
+                let m = client::map(F, f, offset, len, fixed_addr_or_null)?;
+                let addr = m.as_ptr() as *mut c_void;
+                registry::insert_remote(m);
+                // SAFETY: checked non-null above; the caller vouches it is
+                // writable.
+                unsafe { out.write(addr) };
+                return Ok(0);
+            }
+        };
+        let opts = local.map_options().offset(offset).len(len).share(share);
         let mapping = match NonNull::new(fixed_addr_or_null.cast::<u8>()) {
             None => opts.map()?,
             Some(at) => {
@@ -489,7 +553,7 @@ pub unsafe extern "C" fn shadowfd_register(
     guard(|| {
         in_callback_refusal(F)?;
         // SAFETY: the caller vouches for the pointer.
-        let s = unsafe { handle(F, "shadow", shadow) }?;
+        let s = unsafe { handle(F, "shadow", shadow) }?.local(F)?;
         let at = NonNull::new(addr.cast::<u8>())
             .ok_or_else(|| Failure::einval(format!("{F}: addr is NULL")))?;
         if len == 0 {
@@ -498,7 +562,7 @@ pub unsafe extern "C" fn shadowfd_register(
         let rounded = registry::round_up(len as u64)?;
         registry::check_free(F, at.as_ptr() as usize, rounded)?;
         // SAFETY: the caller vouches for the range (see # Safety above).
-        let reg = unsafe { s.inner.register(at, len as u64, offset) }?;
+        let reg = unsafe { s.register(at, len as u64, offset) }?;
         registry::insert_registration(at.as_ptr() as usize, rounded, reg);
         Ok(0)
     })
@@ -540,7 +604,7 @@ pub unsafe extern "C" fn shadowfd_mapping_fd(shadow: *const shadowfd_shadow) -> 
     guard(|| {
         // SAFETY: the caller vouches for the pointer.
         let s = unsafe { handle("shadowfd_mapping_fd", "shadow", shadow) }?;
-        Ok(s.inner.mapping_fd().as_raw_fd())
+        Ok(s.local("shadowfd_mapping_fd")?.mapping_fd().as_raw_fd())
     })
 }
 
@@ -549,7 +613,10 @@ pub unsafe extern "C" fn shadowfd_mapping_fd(shadow: *const shadowfd_shadow) -> 
 /// page in the range cannot be filled (-EIO or the errno the source gave;
 /// -ENOMEM when the memory budget has no room, which may succeed later) or
 /// the range is outside the shadow (-ERANGE). A no-op for eager shadows.
-/// Thread-safety: any thread. Refused (-EDEADLK) inside a source callback.
+/// For a client shadow the server fills the range (the bytes come back
+/// over the socket, 1 MiB per request, and are dropped); its errors are
+/// the server's (-EIO, ...). Thread-safety: any thread. Refused (-EDEADLK)
+/// inside a source callback.
 ///
 /// # Safety
 /// `shadow` is NULL or live.
@@ -564,15 +631,19 @@ pub unsafe extern "C" fn shadowfd_fill(
         in_callback_refusal(F)?;
         // SAFETY: the caller vouches for the pointer.
         let s = unsafe { handle(F, "shadow", shadow) }?;
-        s.inner.populate(offset, len)?;
+        match &s.inner {
+            ShadowKind::Local(l) => l.populate(offset, len)?,
+            ShadowKind::Remote(f) => client::fill(F, f, offset, len)?,
+        }
         Ok(0)
     })
 }
 
 /// Reads up to `len` bytes at `offset` into `buf`, filling lazily first.
 /// Returns the count read (short only at the end of the shadow, 0 at or past
-/// it), or a negative errno as `shadowfd_fill`. Thread-safety: any thread.
-/// Refused (-EDEADLK) inside a source callback.
+/// it), or a negative errno as `shadowfd_fill`. A client shadow is read
+/// through the server (FILL, 1 MiB per request), no mapping needed.
+/// Thread-safety: any thread. Refused (-EDEADLK) inside a source callback.
 ///
 /// # Safety
 /// `shadow` is NULL or live; `buf` is writable for `len` bytes (it may be
@@ -599,7 +670,11 @@ pub unsafe extern "C" fn shadowfd_read(
         // SAFETY: the caller vouches `buf` is writable for `len` bytes and
         // not otherwise borrowed during the call.
         let b = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len) };
-        Ok(s.inner.read_at(b, offset)? as i64)
+        let n = match &s.inner {
+            ShadowKind::Local(l) => l.read_at(b, offset)?,
+            ShadowKind::Remote(f) => f.read_at(b, offset).map_err(client::failure)?,
+        };
+        Ok(n as i64)
     })
 }
 
@@ -617,7 +692,7 @@ pub unsafe extern "C" fn shadowfd_materialize(shadow: *mut shadowfd_shadow) -> c
         in_callback_refusal(F)?;
         // SAFETY: the caller vouches for the pointer.
         let s = unsafe { handle(F, "shadow", shadow) }?;
-        s.inner.materialize()?;
+        s.local(F)?.materialize()?;
         Ok(0)
     })
 }
@@ -636,7 +711,7 @@ pub unsafe extern "C" fn shadowfd_fd(shadow: *mut shadowfd_shadow) -> c_int {
     guard(|| {
         // SAFETY: the caller vouches for the pointer.
         let s = unsafe { handle("shadowfd_fd", "shadow", shadow) }?;
-        Ok(s.inner.reopen_readonly()?.into_raw_fd())
+        Ok(s.local("shadowfd_fd")?.reopen_readonly()?.into_raw_fd())
     })
 }
 
@@ -651,7 +726,9 @@ fn json_string(v: &impl serde::Serialize) -> Result<*mut c_char, Failure> {
 
 /// The shadow's counters as a JSON object (the fields of the Rust
 /// `shadowfd::Stats`: bytes and chunks filled, faults, resident bytes,
-/// latency percentiles, `last_error`, ...). NULL on error. Ownership: the
+/// latency percentiles, `last_error`, ...); for a client shadow, the
+/// server's counters of its shadow (docs/protocol.md, STATS: `mode`,
+/// `bytes_filled`, `lazy_mappings`, ...). NULL on error. Ownership: the
 /// caller frees the string with `shadowfd_string_free`. Thread-safety: any
 /// thread.
 ///
@@ -662,7 +739,10 @@ pub unsafe extern "C" fn shadowfd_stats_json(shadow: *const shadowfd_shadow) -> 
     guard(|| {
         // SAFETY: the caller vouches for the pointer.
         let s = unsafe { handle("shadowfd_stats_json", "shadow", shadow) }?;
-        json_string(&s.inner.stats())
+        match &s.inner {
+            ShadowKind::Local(l) => json_string(&l.stats()),
+            ShadowKind::Remote(f) => client::stats_json(f),
+        }
     })
 }
 

@@ -2,6 +2,7 @@
 //! that `shadowfd_unmap` drops the right one.
 
 use crate::errors::Failure;
+use sfd::remote::RemoteMapping;
 use sfd::{Mapping, Registration};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -11,6 +12,9 @@ enum Entry {
     Map(Mapping),
     /// From `shadowfd_register`: the caller's mapping.
     Reg(Registration),
+    /// From `shadowfd_map` of a client shadow: dropping it asks the server
+    /// to stop serving the range (UNMAP), then unmaps.
+    Remote(RemoteMapping),
 }
 
 struct Tracked {
@@ -69,6 +73,19 @@ pub(crate) fn insert_mapping(m: Mapping) {
     std::mem::forget(stale);
 }
 
+pub(crate) fn insert_remote(m: RemoteMapping) {
+    let len = m.len().next_multiple_of(sfd::page_size());
+    let stale = table().insert(
+        m.as_ptr() as usize,
+        Tracked {
+            len,
+            entry: Entry::Remote(m),
+        },
+    );
+    // As in insert_mapping: only a range unmapped behind the library's back.
+    std::mem::forget(stale);
+}
+
 pub(crate) fn insert_registration(addr: usize, len: usize, r: Registration) {
     let stale = table().insert(
         addr,
@@ -109,7 +126,7 @@ pub(crate) fn remove(func: &str, addr: usize, len: usize, undo: Undo) -> Result<
                 tr.len
             )));
         }
-        if undo == Undo::Unregister && matches!(tr.entry, Entry::Map(_)) {
+        if undo == Undo::Unregister && matches!(tr.entry, Entry::Map(_) | Entry::Remote(_)) {
             return Err(Failure::einval(format!(
                 "{func}: the range at {addr:#x} was made by shadowfd_map; release it with \
                  shadowfd_unmap"
@@ -121,6 +138,7 @@ pub(crate) fn remove(func: &str, addr: usize, len: usize, undo: Undo) -> Result<
     // Dropped outside the lock: unregistering may wait for faults in flight.
     match tracked.entry {
         Entry::Map(m) => drop(m),
+        Entry::Remote(m) => drop(m),
         Entry::Reg(r) => {
             drop(r);
             if undo == Undo::Unmap {

@@ -24,38 +24,8 @@ pub fn root() -> PathBuf {
 pub fn lib_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test executable under <target>/<profile>/deps")
-            .to_path_buf();
-        let target = profile_dir.parent().unwrap().to_path_buf();
-        let profile = match profile_dir.file_name().unwrap().to_str().unwrap() {
-            "debug" => "dev".to_string(),
-            other => other.to_string(),
-        };
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = Command::new(&cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "shadowfd-capi",
-                "--profile",
-                &profile,
-            ])
-            .arg("--manifest-path")
-            .arg(root().join("Cargo.toml"))
-            .arg("--target-dir")
-            .arg(&target)
-            .output()
-            .unwrap_or_else(|e| panic!("running {cargo:?} build: {e}"));
-        assert!(
-            out.status.success(),
-            "cargo build -p shadowfd-capi failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let profile_dir = profile_dir();
+        cargo_build(&["-p", "shadowfd-capi"]);
         for lib in ["libshadowfd.so", "libshadowfd.a"] {
             assert!(
                 profile_dir.join(lib).is_file(),
@@ -65,6 +35,57 @@ pub fn lib_dir() -> &'static Path {
         }
         profile_dir
     })
+}
+
+/// The `shadowfd` command-line tool (for `shadowfd serve`) of the same
+/// profile and target directory, built now by `cargo build -p
+/// shadowfd-cli --bin shadowfd` if it is missing.
+pub fn cli_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let bin = profile_dir().join("shadowfd");
+        if !bin.is_file() {
+            cargo_build(&["-p", "shadowfd-cli", "--bin", "shadowfd"]);
+        }
+        assert!(bin.is_file(), "{} missing after the build", bin.display());
+        bin
+    })
+}
+
+/// `<target>/<profile>`, found from this test's own path
+/// (`<target>/<profile>/deps/<test>`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test executable under <target>/<profile>/deps")
+        .to_path_buf()
+}
+
+/// `cargo build ARGS` with this test's profile and target directory.
+fn cargo_build(args: &[&str]) {
+    let profile_dir = profile_dir();
+    let target = profile_dir.parent().unwrap().to_path_buf();
+    let profile = match profile_dir.file_name().unwrap().to_str().unwrap() {
+        "debug" => "dev".to_string(),
+        other => other.to_string(),
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(&cargo)
+        .args(["build", "--quiet"])
+        .args(args)
+        .args(["--profile", &profile])
+        .arg("--manifest-path")
+        .arg(root().join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cargo:?} build: {e}"));
+    assert!(
+        out.status.success(),
+        "cargo build {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The C compiler: `$CC` or `cc`.
