@@ -484,4 +484,31 @@ mod tests {
         let c = CopyRegion::fill(&data, 4096).unwrap();
         assert_eq!(&c[..], &data[..]);
     }
+
+    #[test]
+    fn a_failing_handler_wakes_the_toucher_and_reports() {
+        if let Some(why) = unavailable() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, vec![7u8; 4 * 4096]).unwrap();
+        let r = RawRegion::open(&p, 4 * 4096, 4096, 4096).unwrap();
+        assert_eq!(r[0], 7);
+        // The source shrinks: the next pread comes up short, the handler
+        // fails and unregisters; the touch completes (a zero page).
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        assert_eq!(r[2 * 4096], 0);
+        let e = r.close().unwrap_err();
+        assert!(
+            e.to_string().contains("fill") || e.kind() == io::ErrorKind::UnexpectedEof,
+            "{e}"
+        );
+    }
 }
