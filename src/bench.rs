@@ -7,6 +7,7 @@ mod filemap;
 mod fuse;
 mod interrupt;
 mod plot;
+mod raw;
 pub(super) mod report;
 
 use crate::access::{self, Access};
@@ -38,6 +39,12 @@ pub enum BenchMode {
     EagerImage,
     /// Lazy shadow of the same file inside the ext4 image, read in user space.
     LazyImage,
+    /// Floor of the lazy mechanism: a minimal userfaultfd handler (one thread
+    /// blocked in read(2), one pread and one UFFDIO_COPY per fault).
+    Raw,
+    /// Floor of the copy: a fresh memfd mapping filled by one memcpy from a
+    /// copy of the file already in memory.
+    Memcpy,
 }
 
 impl BenchMode {
@@ -49,6 +56,8 @@ impl BenchMode {
             BenchMode::Fuse => "fuse",
             BenchMode::EagerImage => "eager-image",
             BenchMode::LazyImage => "lazy-image",
+            BenchMode::Raw => "raw",
+            BenchMode::Memcpy => "memcpy",
         }
     }
 
@@ -58,6 +67,11 @@ impl BenchMode {
 
     fn is_lazy(self) -> bool {
         matches!(self, BenchMode::Lazy | BenchMode::LazyImage)
+    }
+
+    /// Whether a run holds a memfd of the whole file's size (when filled).
+    fn holds_copy(self) -> bool {
+        self.is_eager() || self.is_lazy() || matches!(self, BenchMode::Raw | BenchMode::Memcpy)
     }
 
     fn needs_image(self) -> bool {
@@ -90,7 +104,7 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "eager,lazy,native,fuse",
+        default_value = "eager,lazy,raw,memcpy,native,fuse",
         value_name = "MODES"
     )]
     modes: Vec<BenchMode>,
@@ -158,6 +172,11 @@ struct Ctx {
     fuse_file: Option<PathBuf>,
     eager: Option<Engine>,
     lazy: Option<Engine>,
+    /// The file's bytes, read before the runs: the memcpy mode's source.
+    in_memory: Option<Vec<u8>>,
+    /// The chunk the raw handler fills per fault (the lazy engine's).
+    chunk: u64,
+    size: u64,
     page: u64,
 }
 
@@ -237,6 +256,59 @@ fn run_mmap(path: &Path, pages: &[u64], page: u64) -> Result<Sample, String> {
     })
 }
 
+/// The `raw` floor: open = open(2) of the file + memfd + userfaultfd + mmap
+/// + UFFDIO_REGISTER + handler thread; access = touching.
+fn run_raw(ctx: &Ctx, pages: &[u64]) -> Result<Sample, String> {
+    let err = |e: std::io::Error| format!("raw handler: {e}");
+    let f0 = thread_faults();
+    let t0 = Instant::now();
+    let region =
+        raw::RawRegion::open(&ctx.host_file, ctx.size, ctx.chunk, ctx.page).map_err(err)?;
+    let open_us = us(t0);
+    let t1 = Instant::now();
+    std::hint::black_box(access::touch(&region, pages.iter().copied(), ctx.page));
+    let access_us = us(t1);
+    let page_faults = thread_faults() - f0;
+    let faults = region.faults();
+    let resident_bytes = region.resident_bytes().map_err(err)?;
+    let t2 = Instant::now();
+    region.close().map_err(err)?;
+    Ok(Sample {
+        open_us,
+        access_us,
+        close_us: us(t2),
+        resident_bytes,
+        faults,
+        page_faults,
+    })
+}
+
+/// The `memcpy` floor: open = memfd + mmap + memcpy of the whole file from
+/// memory; access = touching.
+fn run_memcpy(ctx: &Ctx, pages: &[u64]) -> Result<Sample, String> {
+    let err = |e: std::io::Error| format!("memcpy floor: {e}");
+    let src = ctx.in_memory.as_deref().expect("file read into memory");
+    let f0 = thread_faults();
+    let t0 = Instant::now();
+    let region = raw::CopyRegion::fill(src, ctx.page).map_err(err)?;
+    let open_us = us(t0);
+    let t1 = Instant::now();
+    std::hint::black_box(access::touch(&region, pages.iter().copied(), ctx.page));
+    let access_us = us(t1);
+    let page_faults = thread_faults() - f0;
+    let resident_bytes = region.resident_bytes().map_err(err)?;
+    let t2 = Instant::now();
+    drop(region);
+    Ok(Sample {
+        open_us,
+        access_us,
+        close_us: us(t2),
+        resident_bytes,
+        faults: page_faults,
+        page_faults,
+    })
+}
+
 fn run_one(ctx: &Ctx, mode: BenchMode, pages: &[u64]) -> Result<Sample, String> {
     let p = ctx.page;
     match mode {
@@ -257,6 +329,8 @@ fn run_one(ctx: &Ctx, mode: BenchMode, pages: &[u64]) -> Result<Sample, String> 
             run_shadow(engine.as_ref().expect("engine"), data, pages, p)
         }
         BenchMode::Native => run_mmap(&ctx.host_file, pages, p),
+        BenchMode::Raw => run_raw(ctx, pages),
+        BenchMode::Memcpy => run_memcpy(ctx, pages),
         BenchMode::Fuse => {
             let f = ctx.fuse_file.as_ref().expect("fuse mount");
             drop_cache(f)?;
@@ -393,10 +467,11 @@ pub fn run(mut a: BenchArgs) -> CliResult {
     let base = base_config(&a)?;
     // Eager copies the whole file, and a full lazy scan fills all of it: both
     // must fit in the memory budget, or the run would end in SIGBUS.
-    if a.modes.iter().any(|m| m.is_eager() || m.is_lazy()) && a.size > base.memory_budget {
+    if a.modes.iter().any(|m| m.holds_copy()) && a.size > base.memory_budget {
         return Err(format!(
-            "--size {} is more than the memory budget of {}: eager and lazy shadows of the \
-             whole file must fit; choose a smaller --size or raise --memory-budget",
+            "--size {} is more than the memory budget of {}: eager and lazy shadows (and the \
+             raw and memcpy floors) of the whole file must fit; choose a smaller --size or \
+             raise --memory-budget",
             format_size(a.size),
             format_size(base.memory_budget)
         )
@@ -429,6 +504,15 @@ pub fn run(mut a: BenchArgs) -> CliResult {
     } else {
         None
     };
+
+    if a.modes.contains(&BenchMode::Raw) {
+        if let Some(reason) = raw::unavailable() {
+            skipped.push(Skip {
+                mode: "raw",
+                reason,
+            });
+        }
+    }
 
     let work = data::Workdir::create(&root)?;
     let data_dir = work.path().join("data");
@@ -477,6 +561,15 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         data::warm(&image)?;
     }
     interrupt::check()?;
+    let in_memory = if a.modes.contains(&BenchMode::Memcpy) {
+        pb.set_message("reading the file into memory for the memcpy floor");
+        Some(
+            std::fs::read(&host_file)
+                .map_err(|e| format!("reading {}: {e}", host_file.display()))?,
+        )
+    } else {
+        None
+    };
 
     let ctx = Ctx {
         data: DataSource::HostFile(Target {
@@ -493,6 +586,9 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         fuse_file: mount.as_ref().map(|m| m.mountpoint().join("bench.bin")),
         eager,
         lazy,
+        in_memory,
+        chunk: base.chunk_size,
+        size: a.size,
         page,
     };
     let data_desc = ctx.data.describe();
@@ -575,7 +671,7 @@ pub fn run(mut a: BenchArgs) -> CliResult {
     use BenchMode::*;
     // (name, numerator, denominator): each ratio is num/den per repetition.
     type Term = (BenchMode, fn(&Sample) -> f64);
-    let wanted: [(&'static str, Term, Term); 5] = [
+    let wanted: [(&'static str, Term, Term); 7] = [
         ("open_speedup_lazy_vs_eager", (Eager, open), (Lazy, open)),
         ("total_lazy_over_eager", (Lazy, total), (Eager, total)),
         ("total_speedup_lazy_vs_fuse", (Fuse, total), (Lazy, total)),
@@ -585,6 +681,8 @@ pub fn run(mut a: BenchArgs) -> CliResult {
             (Lazy, total),
         ),
         ("total_lazy_over_native", (Lazy, total), (Native, total)),
+        ("total_lazy_over_raw", (Lazy, total), (Raw, total)),
+        ("total_lazy_over_memcpy", (Lazy, total), (Memcpy, total)),
     ];
     for pi in 0..a.patterns.len() {
         for (name, (nm, nf), (dm, df)) in wanted {
@@ -749,11 +847,11 @@ fn standing_notes(a: &BenchArgs, fuse_used: bool) -> Vec<String> {
          touching one byte per selected page; total = open + access; close (unmap + drop) is \
          reported separately in the JSON"
             .to_string(),
-        "faults: userfaultfd faults served (lazy; 0 for eager) or, for native and fuse, the \
-         touching thread's page faults; pgfaults: the touching thread's minor+major page faults \
+        "faults: userfaultfd faults served (lazy, raw; 0 for eager) or, for native, fuse and \
+         memcpy, the touching thread's page faults; pgfaults: the touching thread's minor+major page faults \
          (getrusage RUSAGE_THREAD) in every mode"
             .to_string(),
-        "resident: the shadow memfd's allocated bytes (eager, lazy), or the file's pages present \
+        "resident: the shadow memfd's allocated bytes (eager, lazy, raw, memcpy), or the file's pages present \
          in the page cache by mincore (native: the whole file, shared with every reader; fuse: the \
          FUSE inode's cache)"
             .to_string(),
@@ -763,6 +861,23 @@ fn standing_notes(a: &BenchArgs, fuse_used: bool) -> Vec<String> {
             a.seed
         ),
     ];
+    if a.modes.contains(&BenchMode::Raw) {
+        n.push(
+            "raw (floor of the lazy mechanism): open = open(2) of the file + a memfd of its size \
+             + userfaultfd + mmap + UFFDIO_REGISTER (MISSING) + one handler thread; each fault is \
+             answered by that thread, blocked in read(2), with one pread of the chunk (the lazy \
+             chunk size, no readahead) and one UFFDIO_COPY"
+                .into(),
+        );
+    }
+    if a.modes.contains(&BenchMode::Memcpy) {
+        n.push(
+            "memcpy (floor of the copy): open = memfd_create + ftruncate + mmap + one memcpy of \
+             the whole file from a copy already in memory (read before the runs, untimed); access \
+             = touching the same mapping; every pattern copies the whole file"
+                .into(),
+        );
+    }
     if fuse_used {
         n.push(
             "fuse: fuse2fs -o ro serves an ext4 image (built with mkfs.ext4 -d, warm in the host \

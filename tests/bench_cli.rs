@@ -61,6 +61,8 @@ fn json_report_covers_every_pattern_and_mode_and_cleans_up() {
             "fuse",
             "eager-image",
             "lazy-image",
+            "raw",
+            "memcpy",
         ] {
             let found = rows.iter().any(|r| r["pattern"] == p && r["mode"] == m);
             assert!(
@@ -134,6 +136,80 @@ fn json_report_covers_every_pattern_and_mode_and_cleans_up() {
         .filter(|n| n != "chart.svg")
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn the_floors_have_rows_and_ratios_for_every_pattern() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bench(
+        dir.path(),
+        &[
+            "--size",
+            "8M",
+            "--reps",
+            "1",
+            "--json",
+            "--modes",
+            "eager,lazy,raw,memcpy",
+            "--patterns",
+            "seq,random:0.01,first",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let rows = v["rows"].as_array().unwrap();
+    let skipped: Vec<&str> = v["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["mode"].as_str().unwrap())
+        .collect();
+    let ratios = v["ratios"].as_array().unwrap();
+    let modes: Vec<&str> = v["config"]["modes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["eager", "lazy", "raw", "memcpy"]);
+    for p in ["seq", "random:0.01", "first"] {
+        let row = |m: &str| rows.iter().find(|r| r["pattern"] == p && r["mode"] == m);
+        // The copy floor needs no userfaultfd: it always runs, and always
+        // copies the whole file.
+        let memcpy = row("memcpy").unwrap_or_else(|| panic!("no memcpy row for {p}"));
+        assert_eq!(memcpy["resident_bytes"], 8 << 20, "{memcpy}");
+        assert!(memcpy["total_us"].as_f64().unwrap() > 0.0);
+        if skipped.contains(&"raw") {
+            continue;
+        }
+        let raw = row("raw").unwrap_or_else(|| panic!("no raw row for {p}"));
+        assert!(raw["total_us"].as_f64().unwrap() > 0.0);
+        // One fault per chunk touched, and only the touched chunks resident.
+        let chunk = v["config"]["chunk_size"].as_u64().unwrap();
+        let touched = raw["pages_touched"].as_u64().unwrap();
+        if chunk == 4096 {
+            assert_eq!(raw["faults"].as_u64().unwrap(), touched, "{raw}");
+            assert_eq!(raw["resident_bytes"].as_u64().unwrap(), touched * 4096);
+        }
+        if p == "seq" {
+            assert_eq!(raw["resident_bytes"], 8 << 20, "{raw}");
+        }
+        if !skipped.contains(&"lazy") {
+            for name in ["total_lazy_over_raw", "total_lazy_over_memcpy"] {
+                let r = ratios
+                    .iter()
+                    .find(|r| r["pattern"] == p && r["name"] == name)
+                    .unwrap_or_else(|| panic!("no ratio {name} for {p}"));
+                assert!(r["value"].as_f64().unwrap() > 0.0, "{r}");
+            }
+        }
+    }
+    for s in v["skipped"].as_array().unwrap() {
+        assert_ne!(s["mode"], "memcpy");
+        assert!(!s["reason"].as_str().unwrap().is_empty());
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
 #[test]

@@ -40,6 +40,8 @@ fn color(mode: &str) -> RGBColor {
         "fuse" => RGBColor(142, 68, 173),
         "eager-image" => RGBColor(243, 180, 120),
         "lazy-image" => RGBColor(133, 193, 233),
+        "raw" => RGBColor(22, 160, 133),
+        "memcpy" => RGBColor(192, 57, 43),
         _ => RGBColor(39, 174, 96),
     }
 }

@@ -11,8 +11,9 @@ pub struct Sample {
     pub access_us: f64,
     pub close_us: f64,
     pub resident_bytes: u64,
-    /// Userfaultfd faults served (eager/lazy, from `Shadow::stats`), or the
-    /// page faults of the touching thread (native/fuse).
+    /// Userfaultfd faults served (eager/lazy from `Shadow::stats`, raw by its
+    /// handler), or the page faults of the touching thread (native, fuse,
+    /// memcpy).
     pub faults: u64,
     /// Minor + major page faults of the touching thread (`getrusage`).
     pub page_faults: u64,
@@ -63,7 +64,9 @@ pub struct Ratio {
     pub pattern: String,
     /// `open_speedup_lazy_vs_eager` (eager open / lazy open),
     /// `total_lazy_over_eager`, `total_speedup_lazy_vs_fuse` (fuse total /
-    /// lazy total), `total_lazy_image_over_lazy` or `total_lazy_over_native`.
+    /// lazy total), `total_lazy_image_over_lazy`, `total_lazy_over_native`,
+    /// `total_lazy_over_raw` (the minimal userfaultfd handler) or
+    /// `total_lazy_over_memcpy` (the copy floor).
     pub name: &'static str,
     /// Median of the per-repetition ratios.
     pub value: f64,
@@ -305,6 +308,8 @@ pub fn print_human(r: &Report) {
                 "total_speedup_lazy_vs_fuse" => "total, fuse/lazy (lazy speedup)",
                 "total_lazy_over_native" => "total, lazy/native",
                 "total_lazy_image_over_lazy" => "total, lazy-image/lazy",
+                "total_lazy_over_raw" => "total, lazy/raw (uffd floor)",
+                "total_lazy_over_memcpy" => "total, lazy/memcpy (copy floor)",
                 n => n,
             };
             println!(
