@@ -1059,6 +1059,31 @@ impl Drop for MemCgroup {
     }
 }
 
+/// Waits for each of `procs` (a `… | wc -c` of a 1 GiB file): each must end
+/// with the whole file or with the memory limit named, never killed or hung.
+/// Returns how many got the whole file.
+fn whole_or_named_limit(procs: Vec<Proc>, what: &str) -> usize {
+    let mut whole = 0;
+    for mut p in procs {
+        let o = p.finish(Duration::from_secs(120));
+        assert!(!o.timed_out, "a {what} hung\n{}", o.describe());
+        match o.status.code() {
+            Some(0) => {
+                let want = (1u64 << 30).to_string();
+                assert_eq!(o.stdout.trim(), want, "{}", o.describe());
+                whole += 1;
+            }
+            Some(1) => assert!(
+                o.stderr.contains("memory budget") || o.stderr.contains("low on memory"),
+                "a {what} failed without naming the memory limit\n{}",
+                o.describe()
+            ),
+            _ => panic!("a {what} ended otherwise (killed?)\n{}", o.describe()),
+        }
+    }
+    whole
+}
+
 /// Issue 12/13: twenty clients each streaming a different 1 GiB file from one
 /// server, all inside a 3 GiB memory cgroup. One server holds one budget (a
 /// quarter of the cgroup's headroom by default), so nobody is OOM-killed:
@@ -1091,28 +1116,7 @@ fn twenty_clients_in_a_3g_cgroup_are_never_oom_killed() {
             Proc::spawn("shadowfd client cat", cg.wrap(&cat, "| wc -c"), false)
         })
         .collect();
-    let mut whole = 0;
-    for mut c in clients {
-        let o = c.finish(Duration::from_secs(120));
-        assert!(!o.timed_out, "a client hung\n{}", o.describe());
-        match o.status.code() {
-            Some(0) => {
-                assert_eq!(
-                    o.stdout.trim(),
-                    (1u64 << 30).to_string(),
-                    "{}",
-                    o.describe()
-                );
-                whole += 1;
-            }
-            Some(1) => assert!(
-                o.stderr.contains("memory budget") || o.stderr.contains("low on memory"),
-                "a client failed without naming the memory limit\n{}",
-                o.describe()
-            ),
-            _ => panic!("a client ended otherwise (killed?)\n{}", o.describe()),
-        }
-    }
+    let whole = whole_or_named_limit(clients, "client");
     assert!(
         server.is_running(),
         "the server died: {}",
@@ -1159,28 +1163,7 @@ fn twenty_lazy_cats_in_a_3g_cgroup_are_never_oom_killed() {
             Proc::spawn("shadowfd cat", cg.wrap(&cat, "| wc -c"), false)
         })
         .collect();
-    let mut whole = 0;
-    for mut c in cats {
-        let o = c.finish(Duration::from_secs(120));
-        assert!(!o.timed_out, "a cat hung\n{}", o.describe());
-        match o.status.code() {
-            Some(0) => {
-                assert_eq!(
-                    o.stdout.trim(),
-                    (1u64 << 30).to_string(),
-                    "{}",
-                    o.describe()
-                );
-                whole += 1;
-            }
-            Some(1) => assert!(
-                o.stderr.contains("memory budget") || o.stderr.contains("low on memory"),
-                "a cat failed without naming the memory limit\n{}",
-                o.describe()
-            ),
-            _ => panic!("a cat ended otherwise (killed?)\n{}", o.describe()),
-        }
-    }
+    let whole = whole_or_named_limit(cats, "cat");
     assert_eq!(
         cg.oom_kills(),
         0,
