@@ -29,33 +29,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define FAIL(...)                                                              \
-    do {                                                                       \
-        fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                   \
-        fprintf(stderr, __VA_ARGS__);                                          \
-        const char *le_ = shadowfd_last_error();                               \
-        fprintf(stderr, "\n  last error: %s\n", le_ ? le_ : "(none)");         \
-        exit(2);                                                               \
-    } while (0)
-#define CHECK(c)                                                               \
-    do {                                                                       \
-        if (!(c))                                                              \
-            FAIL("%s", #c);                                                    \
-    } while (0)
-#define CHECK_OK(e)                                                            \
-    do {                                                                       \
-        long long r_ = (long long)(e);                                         \
-        if (r_ < 0)                                                            \
-            FAIL("%s = %lld (%s)", #e, r_, strerror((int)-r_));                \
-    } while (0)
-/* A call that must fail with -err and leave a message containing `word`. */
-#define CHECK_ERR(e, err, word)                                                \
-    do {                                                                       \
-        long long r_ = (long long)(e);                                         \
-        if (r_ != -(long long)(err))                                           \
-            FAIL("%s = %lld, expected -%s", #e, r_, #err);                     \
-        check_message(#e, word);                                               \
-    } while (0)
+#include "check.h"
 /* A call that must return NULL with errno `err` and a message with `word`. */
 #define CHECK_NULL(e, err, word)                                               \
     do {                                                                       \
