@@ -1,0 +1,475 @@
+//! `shadowfd run`: real programs (coreutils, python, C) reading served
+//! files under a mount prefix through the LD_PRELOAD shim, byte-exact
+//! against the host files (docs/run.md).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+const BIN: &str = env!("CARGO_BIN_EXE_shadowfd");
+const MOUNT: &str = "/shadowfd-run-test";
+const BIG: usize = 64 << 20;
+
+/// Builds libshadowfd_preload.so next to the binary (same profile and
+/// target directory): `cargo test` builds the binary but not a cdylib of
+/// another package. A no-op when it is up to date.
+fn preload() -> &'static Path {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let bin_dir = Path::new(BIN).parent().unwrap().to_path_buf();
+        let target = bin_dir.parent().unwrap().to_path_buf();
+        let profile = match bin_dir.file_name().unwrap().to_str().unwrap() {
+            "debug" => "dev".to_string(),
+            other => other.to_string(),
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = Command::new(&cargo)
+            .args(["build", "--quiet", "-p", "shadowfd-preload", "--profile"])
+            .arg(&profile)
+            .arg("--manifest-path")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target)
+            .output()
+            .unwrap_or_else(|e| panic!("running {cargo:?} build: {e}"));
+        assert!(
+            out.status.success(),
+            "cargo build -p shadowfd-preload failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lib = bin_dir.join("libshadowfd_preload.so");
+        assert!(lib.is_file(), "{} missing", lib.display());
+        lib
+    })
+}
+
+/// Bytes with no zero byte, so a page read as zeros never passes for data.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % 255) as u8 + 1
+        })
+        .collect()
+}
+
+/// A served tree: big.bin (64 MiB), small.txt, sub/odd.bin (not page-sized).
+struct Tree {
+    dir: tempfile::TempDir,
+    big: Vec<u8>,
+}
+
+fn tree() -> &'static Tree {
+    static T: OnceLock<Tree> = OnceLock::new();
+    T.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let big = pattern(BIG, 7);
+        std::fs::write(dir.path().join("big.bin"), &big).unwrap();
+        std::fs::write(dir.path().join("small.txt"), b"hello, shadow\n").unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/odd.bin"), pattern(10_001, 3)).unwrap();
+        Tree { dir, big }
+    })
+}
+
+fn host(rel: &str) -> PathBuf {
+    tree().dir.path().join(rel)
+}
+
+fn shadow(rel: &str) -> String {
+    format!("{MOUNT}/{rel}")
+}
+
+/// `shadowfd run --root TREE --mount MOUNT -- args...`
+fn run(args: &[&str]) -> Output {
+    run_with(&["--root", tree().dir.path().to_str().unwrap()], args)
+}
+
+fn run_with(serve: &[&str], args: &[&str]) -> Output {
+    let lib = preload();
+    let o = Command::new(BIN)
+        .arg("run")
+        .args(serve)
+        .args(["--mount", MOUNT, "--"])
+        .args(args)
+        .env("SHADOWFD_PRELOAD", lib)
+        .env_remove("SHADOWFD_MODE")
+        .output()
+        .unwrap();
+    eprintln!(
+        "run {args:?}: {}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+fn ok(o: Output) -> Vec<u8> {
+    assert!(
+        o.status.success(),
+        "failed: {}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o.stdout
+}
+
+#[test]
+fn cat_is_byte_exact() {
+    let out = ok(run(&["cat", &shadow("big.bin")]));
+    assert!(
+        out == tree().big,
+        "cat of big.bin differs from the host file"
+    );
+    let out = ok(run(&["cat", &shadow("small.txt"), &shadow("sub/odd.bin")]));
+    let mut want = std::fs::read(host("small.txt")).unwrap();
+    want.extend(std::fs::read(host("sub/odd.bin")).unwrap());
+    assert_eq!(out, want);
+}
+
+#[test]
+fn sha256sum_matches_the_host() {
+    let sh = |args: &[&str]| -> String {
+        let o = Command::new("sha256sum").args(args).output().unwrap();
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let want = sh(&[host("big.bin").to_str().unwrap()]);
+    let got = String::from_utf8(ok(run(&["sha256sum", &shadow("big.bin")]))).unwrap();
+    assert_eq!(
+        got.split_whitespace().next(),
+        want.split_whitespace().next()
+    );
+    assert!(got.contains(&shadow("big.bin")));
+}
+
+#[test]
+fn head_c_reads_a_prefix() {
+    let out = ok(run(&["head", "-c", "1000001", &shadow("big.bin")]));
+    assert!(out == tree().big[..1_000_001]);
+}
+
+#[test]
+fn cp_to_the_host_then_cmp() {
+    let dst = tempfile::tempdir().unwrap();
+    let to = dst.path().join("copy.bin");
+    ok(run(&["cp", &shadow("big.bin"), to.to_str().unwrap()]));
+    let o = Command::new("cmp")
+        .arg(&to)
+        .arg(host("big.bin"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "cmp: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}
+
+#[test]
+fn dd_with_1m_blocks() {
+    let out = ok(run(&[
+        "dd",
+        &format!("if={}", shadow("big.bin")),
+        "bs=1M",
+        "status=none",
+    ]));
+    assert!(out == tree().big);
+    let out = ok(run(&[
+        "dd",
+        &format!("if={}", shadow("big.bin")),
+        "bs=1M",
+        "skip=3",
+        "count=2",
+        "status=none",
+    ]));
+    assert!(out == tree().big[3 << 20..5 << 20]);
+}
+
+/// A python3 that has numpy: `python3` on PATH, else /usr/bin/python3.
+fn python_with_numpy() -> &'static str {
+    for p in ["python3", "/usr/bin/python3"] {
+        let ok = Command::new(p)
+            .args(["-c", "import numpy"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            return p;
+        }
+    }
+    panic!(
+        "neither python3 on PATH nor /usr/bin/python3 can import numpy; \
+         install it (apt-get install python3-numpy) to run the numpy.memmap test"
+    );
+}
+
+#[test]
+fn python_read_mmap_and_numpy_memmap() {
+    let py = python_with_numpy();
+    let script = format!(
+        r#"
+import hashlib, mmap, numpy, sys
+p = "{big}"
+d = open(p, "rb").read()
+print("read", len(d), hashlib.sha256(d).hexdigest())
+with open(p, "rb") as f:
+    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    print("mmap", len(m), hashlib.sha256(m[:]).hexdigest())
+    m.close()
+    m = mmap.mmap(f.fileno(), 3 * 4096, access=mmap.ACCESS_READ, offset=5 * 4096)
+    print("mmap-off", m[:] == d[5 * 4096 : 8 * 4096])
+    m.close()
+a = numpy.memmap(p, dtype=numpy.uint8, mode="r", offset=1234567, shape=(100000,))
+print("memmap", bytes(a) == d[1234567 : 1234567 + 100000], int(a[0]) == d[1234567])
+del a
+"#,
+        big = shadow("big.bin")
+    );
+    let out = String::from_utf8(ok(run(&[py, "-c", &script]))).unwrap();
+    let want = {
+        let o = Command::new("sha256sum")
+            .arg(host("big.bin"))
+            .output()
+            .unwrap();
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let want = want.split_whitespace().next().unwrap();
+    assert!(out.contains(&format!("read {BIG} {want}")), "{out}");
+    assert!(out.contains(&format!("mmap {BIG} {want}")), "{out}");
+    assert!(out.contains("mmap-off True"), "{out}");
+    assert!(out.contains("memmap True True"), "{out}");
+}
+
+/// Compiles a C program into a temp dir.
+fn compile(src: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("p.c");
+    let exe = dir.path().join("p");
+    std::fs::write(&c, src).unwrap();
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let o = Command::new(&cc)
+        .args(["-O1", "-Wall", "-Werror", "-o"])
+        .arg(&exe)
+        .arg(&c)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cc}: {e}"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (dir, exe)
+}
+
+#[test]
+fn a_raw_read_syscall_fails_never_zeros() {
+    let (_d, exe) = compile(
+        r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int fd = open(argv[1], O_RDONLY);
+    if (fd < 0) { perror("open"); return 2; }
+    unsigned char b[4096];
+    memset(b, 0xAA, sizeof b);
+    /* Through libc (the shim): the file's bytes. */
+    if (read(fd, b, 16) != 16 || b[0] == 0) { printf("libc read failed\n"); return 3; }
+    memset(b, 0xAA, sizeof b);
+    long r = syscall(SYS_read, fd, b, sizeof b);
+    int e = errno;
+    printf("raw read %ld errno %d untouched %d\n", r, r < 0 ? e : 0, b[0] == 0xAA);
+    r = syscall(SYS_pread64, fd, b, sizeof b, 0);
+    e = errno;
+    printf("raw pread %ld errno %d\n", r, r < 0 ? e : 0);
+    long m = syscall(SYS_mmap, 0, 4096, PROT_READ, MAP_PRIVATE, fd, 0);
+    printf("raw mmap %s\n", m < 0 && m > -4096 ? "failed" : "mapped");
+    return 0;
+}
+"#,
+    );
+    let out = String::from_utf8(ok(run(&[exe.to_str().unwrap(), &shadow("big.bin")]))).unwrap();
+    assert!(
+        out.contains(&format!("raw read -1 errno {} untouched 1", libc_ebadf())),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("raw pread -1 errno {}", libc_ebadf())),
+        "{out}"
+    );
+    assert!(out.contains("raw mmap failed"), "{out}");
+}
+
+fn libc_ebadf() -> i32 {
+    9
+}
+
+#[test]
+fn writing_under_the_prefix_is_erofs() {
+    let (_d, exe) = compile(
+        r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int a = open(argv[1], O_WRONLY); int ea = errno;
+    int b = open(argv[1], O_RDWR); int eb = errno;
+    int c = openat(AT_FDCWD, argv[2], O_CREAT | O_WRONLY, 0644); int ec = errno;
+    FILE *f = fopen(argv[1], "w"); int ef = errno;
+    printf("%d %d %d %d %d %d %d %d\n", a, ea == EROFS, b, eb == EROFS, c, ec == EROFS,
+           f == NULL, ef == EROFS);
+    return 0;
+}
+"#,
+    );
+    let out = String::from_utf8(ok(run(&[
+        exe.to_str().unwrap(),
+        &shadow("small.txt"),
+        &shadow("new.txt"),
+    ])))
+    .unwrap();
+    assert_eq!(out.trim(), "-1 1 -1 1 -1 1 1 1");
+    assert!(!host("new.txt").exists());
+    // And through the shell: a redirection onto the prefix.
+    let o = run(&["sh", "-c", &format!("echo x > {}", shadow("small.txt"))]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Read-only file system"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        std::fs::read(host("small.txt")).unwrap(),
+        b"hello, shadow\n"
+    );
+}
+
+#[test]
+fn missing_files_and_stat() {
+    let o = run(&["cat", &shadow("nope")]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("No such file"));
+    let out = ok(run(&["stat", "-c", "%s %F", &shadow("sub/odd.bin")]));
+    assert_eq!(String::from_utf8(out).unwrap().trim(), "10001 regular file");
+}
+
+#[test]
+fn exit_status_is_the_commands() {
+    assert_eq!(run(&["sh", "-c", "exit 7"]).status.code(), Some(7));
+    assert_eq!(
+        run(&["sh", "-c", "kill -9 $$"]).status.code(),
+        Some(128 + 9)
+    );
+}
+
+#[test]
+fn refuses_static_and_setuid_commands_before_running_them() {
+    // A statically linked program: compiled here if static libc is
+    // installed, else the system's static ldconfig.
+    let d = tempfile::tempdir().unwrap();
+    let marker = d.path().join("ran");
+    let c = d.path().join("s.c");
+    let exe = d.path().join("s");
+    std::fs::write(
+        &c,
+        format!(
+            "#include <stdio.h>\nint main(void){{FILE*f=fopen(\"{}\",\"w\");return f?0:1;}}\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    let built = Command::new("cc")
+        .args(["-static", "-o"])
+        .arg(&exe)
+        .arg(&c)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let stat = if built {
+        exe.clone()
+    } else {
+        PathBuf::from("/usr/sbin/ldconfig")
+    };
+    let o = run(&[stat.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("statically linked"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!marker.exists(), "the static command ran");
+
+    let su = d.path().join("su-true");
+    std::fs::copy("/bin/true", &su).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&su, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let o = run(&[su.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("set-user-ID"));
+}
+
+#[test]
+fn setup_errors_never_run_the_command() {
+    let d = tempfile::tempdir().unwrap();
+    let marker = d.path().join("ran");
+    let touch = format!("touch {}", marker.display());
+    let o = run_with(
+        &["--root", "/nonexistent-shadowfd-root"],
+        &["sh", "-c", &touch],
+    );
+    assert!(!o.status.success());
+    assert!(!marker.exists());
+    let o = Command::new(BIN)
+        .args([
+            "run", "--root", "/tmp", "--mount", "relative", "--", "sh", "-c", &touch,
+        ])
+        .env("SHADOWFD_PRELOAD", preload())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--mount"));
+    let o = Command::new(BIN)
+        .args([
+            "run",
+            "--socket",
+            "/nonexistent/sock",
+            "--mount",
+            MOUNT,
+            "--",
+            "sh",
+            "-c",
+            &touch,
+        ])
+        .env("SHADOWFD_PRELOAD", preload())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(!marker.exists());
+}
+
+#[test]
+fn cat_from_an_ext4_image() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let data = pattern(3 << 20, 11);
+    std::fs::write(src.join("in-image.bin"), &data).unwrap();
+    let img = d.path().join("fs.img");
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&src)
+        .arg(&img)
+        .arg("16M")
+        .output()
+        .expect("mkfs.ext4 (e2fsprogs) is needed for the --image test");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = ok(run_with(
+        &["--image", img.to_str().unwrap()],
+        &["cat", &shadow("in-image.bin")],
+    ));
+    assert!(out == data);
+}
