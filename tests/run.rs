@@ -224,6 +224,22 @@ with open(p, "rb") as f:
 a = numpy.memmap(p, dtype=numpy.uint8, mode="r", offset=1234567, shape=(100000,))
 print("memmap", bytes(a) == d[1234567 : 1234567 + 100000], int(a[0]) == d[1234567])
 del a
+import os
+fd = os.open(p, os.O_RDONLY)
+b1, b2 = bytearray(100), bytearray(5000)
+print("readv", os.readv(fd, [b1, b2]) == 5100 and bytes(b1 + b2) == d[:5100])
+print("preadv", os.preadv(fd, [b1, b2], 77777) == 5100 and bytes(b1 + b2) == d[77777:82877])
+print("access", os.access(p, os.R_OK), os.access(p, os.W_OK), os.access(p + ".no", os.F_OK))
+print("stat", os.stat(p).st_size, os.path.isfile(p))
+os.lseek(fd, 9000, os.SEEK_SET)
+pid = os.fork()
+if pid == 0:
+    # The child reads the descriptor it inherited (at the inherited offset).
+    ok = os.read(fd, 4096) == d[9000:13096] and os.pread(fd, 10, 12345678) == d[12345678:12345688]
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+print("fork-child", os.waitstatus_to_exitcode(status))
+print("parent-after-fork", os.read(fd, 10) == d[9000:9010])
 "#,
         big = shadow("big.bin")
     );
@@ -240,6 +256,12 @@ del a
     assert!(out.contains(&format!("mmap {BIG} {want}")), "{out}");
     assert!(out.contains("mmap-off True"), "{out}");
     assert!(out.contains("memmap True True"), "{out}");
+    assert!(out.contains("readv True"), "{out}");
+    assert!(out.contains("preadv True"), "{out}");
+    assert!(out.contains("access True False False"), "{out}");
+    assert!(out.contains(&format!("stat {BIG} True")), "{out}");
+    assert!(out.contains("fork-child 0"), "{out}");
+    assert!(out.contains("parent-after-fork True"), "{out}");
 }
 
 /// Compiles a C program into a temp dir.
@@ -287,6 +309,12 @@ int main(int argc, char **argv) {
     printf("raw pread %ld errno %d\n", r, r < 0 ? e : 0);
     long m = syscall(SYS_mmap, 0, 4096, PROT_READ, MAP_PRIVATE, fd, 0);
     printf("raw mmap %s\n", m < 0 && m > -4096 ? "failed" : "mapped");
+    /* A stream on a dup of it reads through the shim. */
+    unsigned char first[16], again[16];
+    /* (at offset 16: a dup shares the offset, which the read above moved) */
+    if (pread(fd, first, 16, 16) != 16) { printf("pread failed\n"); return 4; }
+    FILE *f = fdopen(dup(fd), "r");
+    printf("fdopen %d\n", f != NULL && fread(again, 1, 16, f) == 16 && memcmp(first, again, 16) == 0);
     return 0;
 }
 "#,
@@ -301,6 +329,7 @@ int main(int argc, char **argv) {
         "{out}"
     );
     assert!(out.contains("raw mmap failed"), "{out}");
+    assert!(out.contains("fdopen 1"), "{out}");
 }
 
 fn libc_ebadf() -> i32 {

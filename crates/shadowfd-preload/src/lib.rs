@@ -164,8 +164,25 @@ unsafe fn ours(path: *const c_char) -> Option<String> {
 
 /// A file open through the shim; `dup`s share one (and its offset).
 struct Entry {
-    file: RemoteFile,
+    /// The path inside the served tree (a forked child opens it again).
+    path: String,
+    /// The open file; `None` in a forked child until its first use.
+    file: Mutex<Option<RemoteFile>>,
     pos: AtomicU64,
+}
+
+impl Entry {
+    /// The open file, opened again on this process's connection first if
+    /// this is a forked child's copy.
+    fn file(&self) -> Result<RemoteFile, c_int> {
+        let mut f = self.file.lock();
+        if let Some(f) = f.as_ref() {
+            return Ok(f.clone());
+        }
+        let n = client()?.open(&self.path).map_err(|e| errno_of(&e))?;
+        *f = Some(n.clone());
+        Ok(n)
+    }
 }
 
 /// A mapping handed to the program: `[addr, addr + len)` inside the whole
@@ -297,7 +314,8 @@ fn do_open(rel: &str, flags: c_int) -> c_int {
         insert(
             fd,
             Arc::new(Entry {
-                file,
+                path: rel.to_string(),
+                file: Mutex::new(Some(file)),
                 pos: AtomicU64::new(0),
             }),
         );
@@ -325,10 +343,14 @@ fn read_entry(e: &Entry, buf: *mut c_void, n: SizeT, at: Option<u64>) -> SsizeT 
         return -1;
     }
     let n = n.min(isize::MAX as usize);
+    let file = match e.file() {
+        Ok(f) => f,
+        Err(err) => return fail(err) as SsizeT,
+    };
     let off = at.unwrap_or_else(|| e.pos.load(Ordering::SeqCst));
     // SAFETY: read(2)'s contract: `buf` is writable for `n` bytes.
     let slice = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), n) };
-    match e.file.read_at(slice, off) {
+    match file.read_at(slice, off) {
         Ok(got) => {
             if at.is_none() {
                 e.pos.store(off + got as u64, Ordering::SeqCst);
@@ -343,7 +365,10 @@ fn read_entry(e: &Entry, buf: *mut c_void, n: SizeT, at: Option<u64>) -> SsizeT 
 }
 
 fn seek_entry(e: &Entry, off: i64, whence: c_int) -> i64 {
-    let size = e.file.size() as i64;
+    let size = match e.file() {
+        Ok(f) => f.size() as i64,
+        Err(err) => return fail(err) as i64,
+    };
     let base = match whence {
         libc::SEEK_SET => 0,
         libc::SEEK_CUR => e.pos.load(Ordering::SeqCst) as i64,
@@ -784,6 +809,12 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: libc::c_long) -> c_
 /// # Safety
 /// libc's `fcntl`.
 unsafe fn fcntl_common(fd: c_int, cmd: c_int, arg: libc::c_long, sym: u8) -> c_int {
+    if cmd == libc::F_GETFL {
+        if let Some((_b, _e)) = tracked(fd) {
+            // What the program opened: read-only (the placeholder says O_PATH).
+            return libc::O_RDONLY | libc::O_LARGEFILE;
+        }
+    }
     let b = Busy::enter();
     // SAFETY: forwarding.
     let r = unsafe {
@@ -796,6 +827,216 @@ unsafe fn fcntl_common(fd: c_int, cmd: c_int, arg: libc::c_long, sym: u8) -> c_i
         after_dup(&entry(fd), r);
     }
     r
+}
+
+/// Reads into each buffer of `iov` in turn (at `at`, or the offset).
+///
+/// # Safety
+/// `iov` points to `cnt` iovecs whose buffers are writable (readv's
+/// contract).
+unsafe fn readv_entry(e: &Entry, iov: *const libc::iovec, cnt: c_int, at: Option<u64>) -> SsizeT {
+    if !(0..=libc::UIO_MAXIOV).contains(&cnt) {
+        return fail(libc::EINVAL) as SsizeT;
+    }
+    if cnt > 0 && iov.is_null() {
+        return fail(libc::EFAULT) as SsizeT;
+    }
+    let mut done: usize = 0;
+    for i in 0..cnt as usize {
+        // SAFETY: the caller's promise.
+        let v = unsafe { *iov.add(i) };
+        if v.iov_len == 0 {
+            continue;
+        }
+        let off = at.map(|a| a + done as u64);
+        let got = read_entry(e, v.iov_base, v.iov_len, off);
+        if got < 0 {
+            return if done > 0 { done as SsizeT } else { -1 };
+        }
+        done += got as usize;
+        if (got as usize) < v.iov_len {
+            break;
+        }
+    }
+    done as SsizeT
+}
+
+/// # Safety
+/// libc's `readv`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn readv(fd: c_int, iov: *const libc::iovec, cnt: c_int) -> SsizeT {
+    if let Some((_b, e)) = tracked(fd) {
+        // SAFETY: the caller's promise.
+        return unsafe { readv_entry(&e, iov, cnt, None) };
+    }
+    // SAFETY: forwarding.
+    unsafe {
+        real!(
+            "readv",
+            unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> SsizeT
+        )(fd, iov, cnt)
+    }
+}
+
+type PreadvFn = unsafe extern "C" fn(c_int, *const libc::iovec, c_int, OffT) -> SsizeT;
+
+/// # Safety
+/// libc's `preadv` contract.
+unsafe fn preadv_common(
+    fd: c_int,
+    iov: *const libc::iovec,
+    cnt: c_int,
+    off: OffT,
+    real: PreadvFn,
+) -> SsizeT {
+    if let Some((_b, e)) = tracked(fd) {
+        if off < 0 {
+            return fail(libc::EINVAL) as SsizeT;
+        }
+        // SAFETY: the caller's promise.
+        return unsafe { readv_entry(&e, iov, cnt, Some(off as u64)) };
+    }
+    // SAFETY: forwarding.
+    unsafe { real(fd, iov, cnt, off) }
+}
+
+/// # Safety
+/// libc's `preadv`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn preadv(
+    fd: c_int,
+    iov: *const libc::iovec,
+    cnt: c_int,
+    off: OffT,
+) -> SsizeT {
+    // SAFETY: forwarding.
+    unsafe { preadv_common(fd, iov, cnt, off, real!("preadv", PreadvFn)) }
+}
+
+/// # Safety
+/// libc's `preadv64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn preadv64(
+    fd: c_int,
+    iov: *const libc::iovec,
+    cnt: c_int,
+    off: OffT,
+) -> SsizeT {
+    // SAFETY: forwarding.
+    unsafe { preadv_common(fd, iov, cnt, off, real!("preadv64", PreadvFn)) }
+}
+
+type Preadv2Fn = unsafe extern "C" fn(c_int, *const libc::iovec, c_int, OffT, c_int) -> SsizeT;
+
+/// # Safety
+/// libc's `preadv2` contract.
+unsafe fn preadv2_common(
+    fd: c_int,
+    iov: *const libc::iovec,
+    cnt: c_int,
+    off: OffT,
+    flags: c_int,
+    real: Preadv2Fn,
+) -> SsizeT {
+    if let Some((_b, e)) = tracked(fd) {
+        // Hints only (RWF_HIPRI); anything else is not supported here.
+        if flags & !libc::RWF_HIPRI != 0 {
+            return fail(libc::EOPNOTSUPP) as SsizeT;
+        }
+        let at = match off {
+            -1 => None,
+            o if o < 0 => return fail(libc::EINVAL) as SsizeT,
+            o => Some(o as u64),
+        };
+        // SAFETY: the caller's promise.
+        return unsafe { readv_entry(&e, iov, cnt, at) };
+    }
+    // SAFETY: forwarding.
+    unsafe { real(fd, iov, cnt, off, flags) }
+}
+
+/// # Safety
+/// libc's `preadv2`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn preadv2(
+    fd: c_int,
+    iov: *const libc::iovec,
+    cnt: c_int,
+    off: OffT,
+    flags: c_int,
+) -> SsizeT {
+    // SAFETY: forwarding.
+    unsafe { preadv2_common(fd, iov, cnt, off, flags, real!("preadv2", Preadv2Fn)) }
+}
+
+/// # Safety
+/// libc's `preadv64v2`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn preadv64v2(
+    fd: c_int,
+    iov: *const libc::iovec,
+    cnt: c_int,
+    off: OffT,
+    flags: c_int,
+) -> SsizeT {
+    // SAFETY: forwarding.
+    unsafe { preadv2_common(fd, iov, cnt, off, flags, real!("preadv64v2", Preadv2Fn)) }
+}
+
+// ---- access --------------------------------------------------------------
+
+/// What `access` answers for a served path: read and "exists" are granted,
+/// write and execute are not.
+fn access_served(rel: &str, mode: c_int) -> c_int {
+    match stat_path(rel) {
+        Ok(_) if mode & libc::W_OK != 0 => fail(libc::EROFS),
+        Ok(_) if mode & libc::X_OK != 0 => fail(libc::EACCES),
+        Ok(_) => 0,
+        Err(e) => fail(e),
+    }
+}
+
+/// # Safety
+/// libc's `access`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn access(path: *const c_char, mode: c_int) -> c_int {
+    if let Some(_b) = Busy::enter() {
+        // SAFETY: the caller's promise.
+        if let Some(rel) = unsafe { ours(path) } {
+            return access_served(&rel, mode);
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe {
+        real!(
+            "access",
+            unsafe extern "C" fn(*const c_char, c_int) -> c_int
+        )(path, mode)
+    }
+}
+
+/// # Safety
+/// libc's `faccessat`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn faccessat(
+    dirfd: c_int,
+    path: *const c_char,
+    mode: c_int,
+    flags: c_int,
+) -> c_int {
+    if let Some(_b) = Busy::enter() {
+        // SAFETY: the caller's promise.
+        if let Some(rel) = unsafe { ours(path) } {
+            return access_served(&rel, mode);
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe {
+        real!(
+            "faccessat",
+            unsafe extern "C" fn(c_int, *const c_char, c_int, c_int) -> c_int
+        )(dirfd, path, mode, flags)
+    }
 }
 
 // ---- copy_file_range, sendfile -------------------------------------------
@@ -968,7 +1209,10 @@ type FstatFn = unsafe extern "C" fn(c_int, *mut libc::stat64) -> c_int;
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fstat(fd: c_int, st: *mut libc::stat64) -> c_int {
     if let Some((_b, e)) = tracked(fd) {
-        return fill_stat(&e.file, st);
+        return match e.file() {
+            Ok(f) => fill_stat(&f, st),
+            Err(err) => fail(err),
+        };
     }
     // SAFETY: forwarding.
     unsafe { real!("fstat", FstatFn)(fd, st) }
@@ -979,7 +1223,10 @@ pub unsafe extern "C" fn fstat(fd: c_int, st: *mut libc::stat64) -> c_int {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fstat64(fd: c_int, st: *mut libc::stat64) -> c_int {
     if let Some((_b, e)) = tracked(fd) {
-        return fill_stat(&e.file, st);
+        return match e.file() {
+            Ok(f) => fill_stat(&f, st),
+            Err(err) => fail(err),
+        };
     }
     // SAFETY: forwarding.
     unsafe { real!("fstat64", FstatFn)(fd, st) }
@@ -1001,7 +1248,10 @@ unsafe fn fstatat_common(
         let empty = !path.is_null() && unsafe { *path } == 0;
         if empty && flags & libc::AT_EMPTY_PATH != 0 {
             if let Some(e) = entry(dirfd) {
-                return fill_stat(&e.file, st);
+                return match e.file() {
+                    Ok(f) => fill_stat(&f, st),
+                    Err(err) => fail(err),
+                };
             }
         // SAFETY: the caller's promise.
         } else if let Some(rel) = unsafe { ours(path) } {
@@ -1056,7 +1306,10 @@ pub unsafe extern "C" fn statx(
         let empty = !path.is_null() && unsafe { *path } == 0;
         if empty && flags & libc::AT_EMPTY_PATH != 0 {
             if let Some(e) = entry(dirfd) {
-                return fill_statx(&e.file, st);
+                return match e.file() {
+                    Ok(f) => fill_statx(&f, st),
+                    Err(err) => fail(err),
+                };
             }
         // SAFETY: the caller's promise.
         } else if let Some(rel) = unsafe { ours(path) } {
@@ -1098,13 +1351,14 @@ fn do_mmap(e: &Entry, len: SizeT, prot: c_int, flags: c_int, off: OffT) -> Resul
     if prot & !libc::PROT_READ != 0 {
         return Err(libc::EACCES);
     }
-    let whole = (e.file.size() as usize).div_ceil(pg) * pg;
+    let file = e.file()?;
+    let whole = (file.size() as usize).div_ceil(pg) * pg;
     let len = len.div_ceil(pg) * pg;
     let off = off as usize;
     if off.checked_add(len).is_none_or(|end| end > whole) {
         return Err(libc::ENXIO);
     }
-    let mapping = e.file.map().map_err(|err| io_err(&err))?;
+    let mapping = file.map().map_err(|err| io_err(&err))?;
     let addr = mapping.as_ptr() as usize + off;
     let mut st = STATE.lock();
     ANY_MAP.store(true, Ordering::Release);
@@ -1342,6 +1596,17 @@ unsafe fn fopen_common(path: *const c_char, mode: *const c_char, real: FopenFn) 
     if fd < 0 {
         return std::ptr::null_mut();
     }
+    let f = cookie_stream(fd);
+    if f.is_null() {
+        // SAFETY: our own descriptor.
+        unsafe { close(fd) };
+    }
+    f
+}
+
+/// A read-only stream whose reads, seeks and close come back through the
+/// shim for `fd` (its `fileno` is -1).
+fn cookie_stream(fd: c_int) -> *mut libc::FILE {
     let io = CookieIo {
         read: Some(cookie_read),
         write: None,
@@ -1350,12 +1615,33 @@ unsafe fn fopen_common(path: *const c_char, mode: *const c_char, real: FopenFn) 
     };
     // SAFETY: the cookie is the descriptor, passed back to the functions
     // above; "r" is a valid mode.
-    let f = unsafe { fopencookie(fd as usize as *mut c_void, c"r".as_ptr(), io) };
-    if f.is_null() {
-        // SAFETY: our own descriptor.
-        unsafe { close(fd) };
+    unsafe { fopencookie(fd as usize as *mut c_void, c"r".as_ptr(), io) }
+}
+
+/// # Safety
+/// libc's `fdopen`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fdopen(fd: c_int, mode: *const c_char) -> *mut libc::FILE {
+    if let Some((_b, _e)) = tracked(fd) {
+        if mode.is_null() {
+            set_errno(libc::EINVAL);
+            return std::ptr::null_mut();
+        }
+        // SAFETY: a NUL-terminated mode string (fdopen's contract).
+        let m = unsafe { CStr::from_ptr(mode) }.to_bytes();
+        if m.first() != Some(&b'r') || m.contains(&b'+') {
+            set_errno(libc::EINVAL);
+            return std::ptr::null_mut();
+        }
+        return cookie_stream(fd);
     }
-    f
+    // SAFETY: forwarding.
+    unsafe {
+        real!(
+            "fdopen",
+            unsafe extern "C" fn(c_int, *const c_char) -> *mut libc::FILE
+        )(fd, mode)
+    }
 }
 
 /// # Safety
@@ -1400,16 +1686,38 @@ extern "C" fn after_fork_parent() {
 
 /// In the child: the connection is the parent's (its requests would mix
 /// with the parent's), and lazy mappings are not inherited
-/// (`MADV_DONTFORK`). Everything is forgotten, never dropped (dropping would
-/// speak on the parent's connection or join threads the child does not
-/// have); the next open connects anew, and the child's copies of the
-/// parent's descriptors of served files fail with EBADF (docs/run.md).
+/// (`MADV_DONTFORK`). The connection, the open files and the mappings are
+/// forgotten, never dropped (dropping would speak on the parent's
+/// connection or join threads the child does not have). The child's copies
+/// of descriptors of served files keep working: each opens its path again
+/// on the child's own connection (made on first use), at the offset it had
+/// at the fork (from then on the parent's and the child's offsets are
+/// separate, unlike a shared open file description).
 extern "C" fn after_fork_child() {
     let _ = HELD.try_with(|h| {
         if let Some((mut c, mut st)) = h.borrow_mut().take() {
             std::mem::forget(c.take());
-            std::mem::forget(std::mem::take(&mut st.fds));
             std::mem::forget(std::mem::take(&mut st.maps));
+            let old = std::mem::take(&mut st.fds);
+            // Descriptors that shared an entry (dups) share the new one.
+            let mut fresh: Vec<(*const Entry, Arc<Entry>)> = Vec::new();
+            for (fd, e) in old.iter() {
+                let key = Arc::as_ptr(e);
+                let n = match fresh.iter().find(|(k, _)| *k == key) {
+                    Some((_, n)) => n.clone(),
+                    None => {
+                        let n = Arc::new(Entry {
+                            path: e.path.clone(),
+                            file: Mutex::new(None),
+                            pos: AtomicU64::new(e.pos.load(Ordering::SeqCst)),
+                        });
+                        fresh.push((key, n.clone()));
+                        n
+                    }
+                };
+                st.fds.insert(*fd, n);
+            }
+            std::mem::forget(old);
         }
     });
 }
