@@ -502,3 +502,47 @@ fn cat_from_an_ext4_image() {
     ));
     assert!(out == data);
 }
+
+#[test]
+fn a_running_server_by_socket_and_lazy_maps() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("s.sock");
+    let log = std::fs::File::create(d.path().join("log")).unwrap();
+    let mut server = Command::new(BIN)
+        .args(["serve", "--socket", sock.to_str().unwrap(), "--root"])
+        .arg(tree().dir.path())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !sock.exists() && t.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let script = format!(
+        r#"
+import mmap
+f = open("{big}", "rb")
+m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+print("page", m[100 * 4096 : 100 * 4096 + 8].hex())
+"#,
+        big = shadow("big.bin")
+    );
+    let o = run_with(
+        &["--socket", sock.to_str().unwrap()],
+        &["python3", "-c", &script],
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    let out = String::from_utf8(ok(o)).unwrap();
+    let want: String = tree().big[100 * 4096..100 * 4096 + 8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(out.contains(&format!("page {want}")), "{out}");
+    let log = std::fs::read_to_string(d.path().join("log")).unwrap();
+    if log.contains("with a userfaultfd") {
+        assert!(log.contains("lazily at"), "the map was not lazy:\n{log}");
+    } else {
+        eprintln!("NOTE: no userfaultfd here; the map was the sealed eager fallback:\n{log}");
+    }
+}
