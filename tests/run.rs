@@ -503,6 +503,60 @@ fn cat_from_an_ext4_image() {
     assert!(out == data);
 }
 
+/// `sqlite3` (which needs a read lock, falls back to read-only on EROFS and
+/// maps the database with `PRAGMA mmap_size`) on a database inside an ext4
+/// image, with the same answers as on the host file.
+#[test]
+fn sqlite3_with_mmap_in_an_ext4_image() {
+    let have = Command::new("sqlite3")
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        have,
+        "the sqlite3 command-line tool is needed for this test: apt-get install sqlite3"
+    );
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let db = src.join("t.db");
+    let make = "create table t(x integer, y text); \
+        with recursive c(i) as (select 1 union all select i + 1 from c where i < 200000) \
+        insert into t select i, hex(randomblob(24)) from c; \
+        create index ty on t(y);";
+    let o = Command::new("sqlite3").arg(&db).arg(make).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let query = "select count(*), sum(x), min(y), max(y) from t; \
+                 select x from t where y = (select y from t where x = 123456);";
+    let host = Command::new("sqlite3")
+        .arg(&db)
+        .arg(query)
+        .output()
+        .unwrap();
+    assert!(host.status.success());
+    let img = d.path().join("fs.img");
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&src)
+        .arg(&img)
+        .arg("64M")
+        .output()
+        .expect("mkfs.ext4 (e2fsprogs) is needed for the --image test");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = ok(run_with(
+        &["--image", img.to_str().unwrap()],
+        &[
+            "sqlite3",
+            &shadow("t.db"),
+            &format!("PRAGMA mmap_size=1073741824; {query}"),
+        ],
+    ));
+    let out = String::from_utf8(out).unwrap();
+    let want = String::from_utf8(host.stdout).unwrap();
+    assert_eq!(out, format!("1073741824\n{want}"));
+    assert!(want.contains("123456"), "{want}");
+}
+
 #[test]
 fn a_running_server_by_socket_and_lazy_maps() {
     let d = tempfile::tempdir().unwrap();

@@ -790,6 +790,26 @@ pub unsafe extern "C" fn dup3(fd: c_int, new: c_int, flags: c_int) -> c_int {
     r
 }
 
+/// Record locks on a served file: nobody can write it, so a read lock is
+/// always granted (and an unlock always succeeds); a write lock fails with
+/// `EBADF`, as on a descriptor opened read-only; a query answers "unlocked".
+fn lock(cmd: c_int, fl: *mut libc::flock) -> c_int {
+    if fl.is_null() {
+        return fail(libc::EFAULT);
+    }
+    // SAFETY: fcntl's contract for the lock commands: a struct flock.
+    let f = unsafe { &mut *fl };
+    if cmd == libc::F_GETLK || cmd == libc::F_OFD_GETLK {
+        f.l_type = libc::F_UNLCK as i16;
+        return 0;
+    }
+    match f.l_type as c_int {
+        libc::F_RDLCK | libc::F_UNLCK => 0,
+        libc::F_WRLCK => fail(libc::EBADF),
+        _ => fail(libc::EINVAL),
+    }
+}
+
 /// # Safety
 /// libc's `fcntl` (the third argument read as a long, as glibc does).
 #[unsafe(no_mangle)]
@@ -809,10 +829,22 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: libc::c_long) -> c_
 /// # Safety
 /// libc's `fcntl`.
 unsafe fn fcntl_common(fd: c_int, cmd: c_int, arg: libc::c_long, sym: u8) -> c_int {
-    if cmd == libc::F_GETFL {
+    let lock_cmd = matches!(
+        cmd,
+        libc::F_GETLK
+            | libc::F_SETLK
+            | libc::F_SETLKW
+            | libc::F_OFD_GETLK
+            | libc::F_OFD_SETLK
+            | libc::F_OFD_SETLKW
+    );
+    if cmd == libc::F_GETFL || lock_cmd {
         if let Some((_b, _e)) = tracked(fd) {
-            // What the program opened: read-only (the placeholder says O_PATH).
-            return libc::O_RDONLY | libc::O_LARGEFILE;
+            if cmd == libc::F_GETFL {
+                // What the program opened: read-only (the placeholder says O_PATH).
+                return libc::O_RDONLY | libc::O_LARGEFILE;
+            }
+            return lock(cmd, arg as *mut libc::flock);
         }
     }
     let b = Busy::enter();
