@@ -71,8 +71,39 @@ fn tree() -> &'static Tree {
         std::fs::write(dir.path().join("small.txt"), b"hello, shadow\n").unwrap();
         std::fs::create_dir(dir.path().join("sub")).unwrap();
         std::fs::write(dir.path().join("sub/odd.bin"), pattern(10_001, 3)).unwrap();
+        std::fs::write(dir.path().join("arr.npy"), npy(&npy_values())).unwrap();
         Tree { dir, big }
     })
+}
+
+/// 4 Mi little-endian u32 values (16 MiB of data).
+fn npy_values() -> Vec<u32> {
+    pattern(16 << 20, 5)
+        .chunks(4)
+        .zip(0u32..)
+        .map(|(c, i)| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) ^ i)
+        .collect()
+}
+
+/// A version 1.0 `.npy` file of a 1-D `<u4` array (the header padded so
+/// the data starts at a multiple of 64 bytes, as numpy writes it).
+fn npy(values: &[u32]) -> Vec<u8> {
+    let dict = format!(
+        "{{'descr': '<u4', 'fortran_order': False, 'shape': ({},), }}",
+        values.len()
+    );
+    let mut header = dict.into_bytes();
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(b' ');
+    }
+    header.push(b'\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header);
+    for v in values {
+        out.extend(v.to_le_bytes());
+    }
+    out
 }
 
 fn host(rel: &str) -> PathBuf {
@@ -224,6 +255,9 @@ with open(p, "rb") as f:
 a = numpy.memmap(p, dtype=numpy.uint8, mode="r", offset=1234567, shape=(100000,))
 print("memmap", bytes(a) == d[1234567 : 1234567 + 100000], int(a[0]) == d[1234567])
 del a
+n = numpy.load("{npy}", mmap_mode="r")
+print("npy", type(n).__name__, n.shape[0], int(n.sum(dtype=numpy.uint64)), int(n[1234567]))
+del n
 import os
 fd = os.open(p, os.O_RDONLY)
 b1, b2 = bytearray(100), bytearray(5000)
@@ -241,9 +275,16 @@ _, status = os.waitpid(pid, 0)
 print("fork-child", os.waitstatus_to_exitcode(status))
 print("parent-after-fork", os.read(fd, 10) == d[9000:9010])
 "#,
-        big = shadow("big.bin")
+        big = shadow("big.bin"),
+        npy = shadow("arr.npy")
     );
     let out = String::from_utf8(ok(run(&[py, "-c", &script]))).unwrap();
+    let v = npy_values();
+    let sum: u64 = v.iter().map(|&x| x as u64).sum();
+    assert!(
+        out.contains(&format!("npy memmap {} {sum} {}", v.len(), v[1234567])),
+        "{out}"
+    );
     let want = {
         let o = Command::new("sha256sum")
             .arg(host("big.bin"))
