@@ -641,3 +641,55 @@ print("page", m[100 * 4096 : 100 * 4096 + 8].hex())
         eprintln!("NOTE: no userfaultfd here; the map was the sealed eager fallback:\n{log}");
     }
 }
+
+/// Without a userfaultfd (as where a process may not create one) every map
+/// is the server's sealed eager fallback: still byte-exact.
+#[test]
+fn without_a_userfaultfd_maps_are_the_eager_fallback() {
+    let script = format!(
+        r#"
+import mmap
+d = open("{big}", "rb").read()
+with open("{big}", "rb") as f:
+    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    print("whole", m[:] == d)
+    m.close()
+    m = mmap.mmap(f.fileno(), 2 * 4096, access=mmap.ACCESS_READ, offset=1000 * 4096)
+    print("offset", m[:] == d[1000 * 4096 : 1002 * 4096])
+    m.close()
+print("done")
+"#,
+        big = shadow("big.bin")
+    );
+    let o = Command::new(BIN)
+        .args(["run", "--root"])
+        .arg(tree().dir.path())
+        .args(["--mount", MOUNT, "--memory-budget", "1G", "--"])
+        .args(["python3", "-c", &script])
+        .env("SHADOWFD_PRELOAD", preload())
+        .env("SHADOWFD_RUN_NO_USERFAULTFD", "1")
+        .env_remove("SHADOWFD_MODE")
+        .output()
+        .unwrap();
+    let out = String::from_utf8(ok(o)).unwrap();
+    assert!(out.contains("whole True"), "{out}");
+    assert!(out.contains("offset True"), "{out}");
+}
+
+/// A descriptor carried across exec is unknown to the new image's shim: a
+/// read of it fails loudly (EBADF), never zeros.
+#[test]
+fn descriptors_across_exec_fail_loudly() {
+    let o = run(&[
+        "sh",
+        "-c",
+        &format!("exec 3<{}; cat <&3", shadow("small.txt")),
+    ]);
+    assert!(!o.status.success());
+    assert!(o.stdout.is_empty(), "{:?}", o.stdout);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Bad file descriptor"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

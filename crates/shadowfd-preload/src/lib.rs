@@ -18,7 +18,7 @@
 //! shim is at work straight to the real function.
 
 use parking_lot::Mutex;
-use shadowfd::remote::{Client, RemoteFile, RemoteMapping};
+use shadowfd::remote::{Client, ClientOptions, RemoteFile, RemoteMapping};
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::ffi::{CStr, c_char, c_int, c_void};
@@ -109,6 +109,10 @@ fn page() -> usize {
 struct Env {
     prefix: Vec<String>,
     socket: String,
+    /// `SHADOWFD_RUN_NO_USERFAULTFD=1`: connect without a userfaultfd, so
+    /// every mapping is the server's sealed eager fallback (what a process
+    /// that may not create one gets anyway).
+    no_uffd: bool,
 }
 
 fn env() -> Option<&'static Env> {
@@ -120,7 +124,12 @@ fn env() -> Option<&'static Env> {
         if prefix.is_empty() {
             return None;
         }
-        Some(Env { prefix, socket })
+        let no_uffd = std::env::var_os("SHADOWFD_RUN_NO_USERFAULTFD").is_some_and(|v| v == "1");
+        Some(Env {
+            prefix,
+            socket,
+            no_uffd,
+        })
     })
     .as_ref()
 }
@@ -217,7 +226,23 @@ fn client() -> Result<Client, c_int> {
         return Ok(c.clone());
     }
     let env = env().ok_or(libc::EIO)?;
-    match Client::connect(&env.socket) {
+    let connect = || -> shadowfd::Result<Client> {
+        if !env.no_uffd {
+            return Client::connect(&env.socket);
+        }
+        let s = std::os::unix::net::UnixStream::connect(&env.socket).map_err(|e| {
+            shadowfd::Error::Open {
+                path: env.socket.clone().into(),
+                source: e,
+            }
+        })?;
+        let opts = ClientOptions {
+            userfaultfd: false,
+            ..ClientOptions::default()
+        };
+        Client::from_stream(s, opts)
+    };
+    match connect() {
         Ok(n) => {
             *c = Some(n.clone());
             Ok(n)
