@@ -693,3 +693,83 @@ fn descriptors_across_exec_fail_loudly() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// The server going away under a running command: reads and opens fail
+/// with EIO, and an untouched page of a lazy mapping raises SIGBUS (the
+/// command's status is 128 + SIGBUS): never zeros.
+#[test]
+fn server_death_is_an_error_never_zeros() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("s.sock");
+    let (ready, go) = (d.path().join("ready"), d.path().join("go"));
+    let mut server = Command::new(BIN)
+        .args(["serve", "--socket", sock.to_str().unwrap(), "--root"])
+        .arg(tree().dir.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !sock.exists() && t.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let script = format!(
+        r#"
+import mmap, os, time
+f = open("{big}", "rb", buffering=0)
+m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+assert f.read(4) != b"\0\0\0\0"
+open("{ready}", "w").close()
+while not os.path.exists("{go}"):
+    time.sleep(0.02)
+try:
+    print("read", f.read(10), flush=True)
+except OSError as e:
+    print("read errno", e.errno, flush=True)
+try:
+    print("open", open("{small}", "rb").read(), flush=True)
+except OSError as e:
+    print("open errno", e.errno, flush=True)
+print("page", m[50 << 20], flush=True)
+"#,
+        big = shadow("big.bin"),
+        small = shadow("small.txt"),
+        ready = ready.display(),
+        go = go.display(),
+    );
+    let child = Command::new(BIN)
+        .args([
+            "run",
+            "--socket",
+            sock.to_str().unwrap(),
+            "--mount",
+            MOUNT,
+            "--",
+        ])
+        .args(["python3", "-c", &script])
+        .env("SHADOWFD_PRELOAD", preload())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !ready.exists() && t.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(ready.exists(), "the command never got ready");
+    server.kill().unwrap();
+    server.wait().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    std::fs::write(&go, b"").unwrap();
+    let o = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    eprintln!("{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("read errno 5"), "{out}");
+    assert!(out.contains("open errno 5"), "{out}");
+    assert!(!out.contains("page"), "an unfilled page was read: {out}");
+    assert_eq!(
+        o.status.code(),
+        Some(128 + 7),
+        "expected SIGBUS: {}",
+        o.status
+    );
+}
