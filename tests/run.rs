@@ -265,6 +265,14 @@ print("readv", os.readv(fd, [b1, b2]) == 5100 and bytes(b1 + b2) == d[:5100])
 print("preadv", os.preadv(fd, [b1, b2], 77777) == 5100 and bytes(b1 + b2) == d[77777:82877])
 print("access", os.access(p, os.R_OK), os.access(p, os.W_OK), os.access(p + ".no", os.F_OK))
 print("stat", os.stat(p).st_size, os.path.isfile(p))
+try:
+    os.readlink(p)
+except OSError as e:
+    print("readlink errno", e.errno)
+try:
+    os.readlink(p + ".no")
+except OSError as e:
+    print("readlink-missing errno", e.errno)
 os.lseek(fd, 9000, os.SEEK_SET)
 pid = os.fork()
 if pid == 0:
@@ -302,6 +310,8 @@ print("parent-after-fork", os.read(fd, 10) == d[9000:9010])
     assert!(out.contains("access True False False"), "{out}");
     assert!(out.contains(&format!("stat {BIG} True")), "{out}");
     assert!(out.contains("fork-child 0"), "{out}");
+    assert!(out.contains("readlink errno 22"), "{out}");
+    assert!(out.contains("readlink-missing errno 2"), "{out}");
     assert!(out.contains("parent-after-fork True"), "{out}");
 }
 

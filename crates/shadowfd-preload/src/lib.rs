@@ -1096,6 +1096,58 @@ pub unsafe extern "C" fn faccessat(
     }
 }
 
+/// `readlink` of a served path: served files are never symbolic links
+/// (`EINVAL`), or the open's error (`ENOENT`, ...).
+fn readlink_served(rel: &str) -> SsizeT {
+    match stat_path(rel) {
+        Ok(_) => fail(libc::EINVAL) as SsizeT,
+        Err(e) => fail(e) as SsizeT,
+    }
+}
+
+/// # Safety
+/// libc's `readlink`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn readlink(path: *const c_char, buf: *mut c_char, n: SizeT) -> SsizeT {
+    if let Some(_b) = Busy::enter() {
+        // SAFETY: the caller's promise.
+        if let Some(rel) = unsafe { ours(path) } {
+            return readlink_served(&rel);
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe {
+        real!(
+            "readlink",
+            unsafe extern "C" fn(*const c_char, *mut c_char, SizeT) -> SsizeT
+        )(path, buf, n)
+    }
+}
+
+/// # Safety
+/// libc's `readlinkat`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn readlinkat(
+    dirfd: c_int,
+    path: *const c_char,
+    buf: *mut c_char,
+    n: SizeT,
+) -> SsizeT {
+    if let Some(_b) = Busy::enter() {
+        // SAFETY: the caller's promise.
+        if let Some(rel) = unsafe { ours(path) } {
+            return readlink_served(&rel);
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe {
+        real!(
+            "readlinkat",
+            unsafe extern "C" fn(c_int, *const c_char, *mut c_char, SizeT) -> SsizeT
+        )(dirfd, path, buf, n)
+    }
+}
+
 // ---- copy_file_range, sendfile -------------------------------------------
 
 /// Copies up to `len` bytes of `e` (at `*off` or its offset) to `out`.
