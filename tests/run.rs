@@ -783,3 +783,72 @@ print("page", m[50 << 20], flush=True)
         o.status
     );
 }
+
+#[test]
+fn c_program_maps_ranges_seeks_and_copies() {
+    let (_d, exe) = compile(
+        r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/sendfile.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#define PG 4096
+int main(int argc, char **argv) {
+    const char *p = argv[1], *out = argv[2];
+    int fd = open(p, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) { perror("open"); return 2; }
+    struct stat st;
+    int lr = lstat(p, &st);
+    printf("lstat %d %lld %d\n", lr, (long long)st.st_size, S_ISREG(st.st_mode));
+    long long sd = lseek(fd, 4096, SEEK_DATA), sh = lseek(fd, 0, SEEK_HOLE);
+    printf("seek-data %lld hole %lld\n", sd, sh);
+    unsigned char *want = malloc(16 * PG);
+    if (pread(fd, want, 16 * PG, 4 * PG) != 16 * PG) { printf("pread failed\n"); return 3; }
+    unsigned char *m = mmap(NULL, 16 * PG, PROT_READ, MAP_SHARED, fd, 4 * PG);
+    if (m == MAP_FAILED) { perror("mmap"); return 4; }
+    int same = memcmp(m, want, 16 * PG) == 0;
+    /* A hole in the middle, then the rest: the first page stays readable. */
+    int u1 = munmap(m + 4 * PG, 4 * PG);
+    int still = memcmp(m, want, 4 * PG) == 0 && memcmp(m + 8 * PG, want + 8 * PG, 8 * PG) == 0;
+    int u2 = munmap(m, 4 * PG);
+    int u3 = munmap(m + 8 * PG, 8 * PG);
+    printf("map %d %d unmap %d %d %d\n", same, still, u1, u2, u3);
+    void *w = mmap(NULL, PG, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    int ew = errno;
+    void *fx = mmap(want, PG, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, 0);
+    int ef = errno;
+    printf("refused %d %d %d %d\n", w == MAP_FAILED, ew == EACCES, fx == MAP_FAILED, ef == EINVAL);
+    int c = creat(p, 0644);
+    printf("creat %d %d\n", c, errno == EROFS);
+    int o = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    off_t off = 12345;
+    ssize_t total = 0, n;
+    while (total < 300000 && (n = sendfile(o, fd, &off, 300000 - total)) > 0) total += n;
+    close(o);
+    printf("sendfile %zd %lld\n", total, (long long)off);
+    return 0;
+}
+"#,
+    );
+    let d = tempfile::tempdir().unwrap();
+    let out_file = d.path().join("sent.bin");
+    let out = String::from_utf8(ok(run(&[
+        exe.to_str().unwrap(),
+        &shadow("big.bin"),
+        out_file.to_str().unwrap(),
+    ])))
+    .unwrap();
+    assert!(out.contains(&format!("lstat 0 {BIG} 1")), "{out}");
+    assert!(out.contains(&format!("seek-data 4096 hole {BIG}")), "{out}");
+    assert!(out.contains("map 1 1 unmap 0 0 0"), "{out}");
+    assert!(out.contains("refused 1 1 1 1"), "{out}");
+    assert!(out.contains("creat -1 1"), "{out}");
+    assert!(out.contains("sendfile 300000 312345"), "{out}");
+    assert!(std::fs::read(&out_file).unwrap() == tree().big[12345..312345]);
+}
