@@ -6,6 +6,7 @@ mod cat;
 mod client;
 mod map;
 mod probe;
+mod run;
 mod serve;
 mod sigbus;
 mod status;
@@ -43,6 +44,8 @@ enum Cmd {
     Client(client::ClientArgs),
     /// What a running `shadowfd serve` is doing: clients, shadows, memory, fill times.
     Status(status::StatusArgs),
+    /// Run a command that sees the served files under a path prefix (LD_PRELOAD shim; docs/run.md).
+    Run(run::RunArgs),
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -258,7 +261,7 @@ fn main() -> ExitCode {
         Cmd::Map(a) => a.json(),
         Cmd::Probe(a) => a.json(),
         Cmd::Bench(a) => a.json(),
-        Cmd::Cat(_) | Cmd::Serve(_) => false,
+        Cmd::Cat(_) | Cmd::Serve(_) | Cmd::Run(_) => false,
         Cmd::Client(a) => a.json(),
         Cmd::Status(a) => a.json(),
     };
@@ -270,6 +273,11 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => harden().and_then(|()| serve::run(a)),
         Cmd::Client(a) => harden().and_then(|()| client::run(a)),
         Cmd::Status(a) => status::run(a),
+        // The command's own exit status, once it ran.
+        Cmd::Run(a) => match harden().and_then(|()| run::run(a)) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,1847 @@
+//! `libshadowfd_preload.so`: the `LD_PRELOAD` shim `shadowfd run` loads
+//! into the command it starts (docs/run.md).
+//!
+//! For absolute paths under the mount prefix (`SHADOWFD_RUN_MOUNT`), the
+//! libc entry points below open, read, stat and map files through a
+//! shadowfd server (`SHADOWFD_RUN_SOCKET`) instead of the host's file
+//! system. Everything else goes to the real functions (`dlsym(RTLD_NEXT)`).
+//!
+//! What the program holds for such a file is an `O_PATH` descriptor of
+//! `/dev/null` that this shim tracks: a read, write or map of it that does
+//! not come through the shim (a raw system call, a `dup` in a child after
+//! `exec`) fails with `EBADF`; it never reads zeros. Reads go to the server
+//! with FILL; maps are the server's lazy mappings (this process's own
+//! userfaultfd), filled on first touch.
+//!
+//! Re-entrancy: the client calls libc itself (sockets, `mmap`, `read` of
+//! its userfaultfd); a thread-local flag sends every call made while the
+//! shim is at work straight to the real function.
+
+use parking_lot::Mutex;
+use shadowfd::remote::{Client, ClientOptions, RemoteFile, RemoteMapping};
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::ffi::{CStr, c_char, c_int, c_void};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+type SizeT = libc::size_t;
+type SsizeT = libc::ssize_t;
+type OffT = libc::off_t;
+
+/// Resolves the next definition of a libc function once, as a typed
+/// function pointer.
+macro_rules! real {
+    ($name:literal, $ty:ty) => {{
+        static P: AtomicUsize = AtomicUsize::new(0);
+        let p = resolve(&P, concat!($name, "\0"));
+        #[allow(unused_unsafe)]
+        // SAFETY: `p` is glibc's definition of this symbol, whose C type is
+        // `$ty`.
+        let f = unsafe { std::mem::transmute::<usize, $ty>(p) };
+        f
+    }};
+}
+
+/// The next definition of `name` (NUL-terminated), cached in `slot`.
+fn resolve(slot: &AtomicUsize, name: &'static str) -> usize {
+    let p = slot.load(Ordering::Relaxed);
+    if p != 0 {
+        return p;
+    }
+    // SAFETY: a NUL-terminated symbol name; dlsym has no other precondition.
+    let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr().cast()) } as usize;
+    if p == 0 {
+        // Nothing to fall back on: say so and stop.
+        let msg = format!(
+            "shadowfd-preload: no next definition of {}\n",
+            name.trim_end_matches('\0')
+        );
+        // SAFETY: writes a live buffer to stderr.
+        unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+        std::process::abort();
+    }
+    slot.store(p, Ordering::Relaxed);
+    p
+}
+
+thread_local! {
+    static BUSY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks this thread as inside the shim until dropped.
+struct Busy;
+
+impl Busy {
+    /// `None` when this thread is already inside the shim (or its
+    /// thread-locals are gone): the caller must use the real function.
+    fn enter() -> Option<Busy> {
+        BUSY.try_with(|b| {
+            if b.get() {
+                None
+            } else {
+                b.set(true);
+                Some(Busy)
+            }
+        })
+        .ok()
+        .flatten()
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let _ = BUSY.try_with(|b| b.set(false));
+    }
+}
+
+fn set_errno(e: c_int) {
+    // SAFETY: __errno_location returns this thread's errno.
+    unsafe { *libc::__errno_location() = e };
+}
+
+fn page() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}
+
+/// The prefix, as path components, and the socket: from the environment.
+struct Env {
+    prefix: Vec<String>,
+    socket: String,
+    /// `SHADOWFD_RUN_NO_USERFAULTFD=1`: connect without a userfaultfd, so
+    /// every mapping is the server's sealed eager fallback (what a process
+    /// that may not create one gets anyway).
+    no_uffd: bool,
+}
+
+fn env() -> Option<&'static Env> {
+    static ENV: OnceLock<Option<Env>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let prefix = std::env::var("SHADOWFD_RUN_MOUNT").ok()?;
+        let socket = std::env::var("SHADOWFD_RUN_SOCKET").ok()?;
+        let prefix = normalize(&prefix)?;
+        if prefix.is_empty() {
+            return None;
+        }
+        let no_uffd = std::env::var_os("SHADOWFD_RUN_NO_USERFAULTFD").is_some_and(|v| v == "1");
+        Some(Env {
+            prefix,
+            socket,
+            no_uffd,
+        })
+    })
+    .as_ref()
+}
+
+/// The components of an absolute path, `.` and `..` resolved lexically.
+fn normalize(p: &str) -> Option<Vec<String>> {
+    if !p.starts_with('/') {
+        return None;
+    }
+    let mut out: Vec<String> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            c => out.push(c.to_string()),
+        }
+    }
+    Some(out)
+}
+
+/// The path inside the served tree when `path` is an absolute path
+/// strictly beneath the prefix.
+///
+/// # Safety
+/// `path` is null or a NUL-terminated string.
+unsafe fn ours(path: *const c_char) -> Option<String> {
+    let env = env()?;
+    if path.is_null() {
+        return None;
+    }
+    // SAFETY: the caller's promise.
+    let s = unsafe { CStr::from_ptr(path) }.to_str().ok()?;
+    let comps = normalize(s)?;
+    if comps.len() <= env.prefix.len() || comps[..env.prefix.len()] != env.prefix[..] {
+        return None;
+    }
+    Some(comps[env.prefix.len()..].join("/"))
+}
+
+/// A file open through the shim; `dup`s share one (and its offset).
+struct Entry {
+    /// The path inside the served tree (a forked child opens it again).
+    path: String,
+    /// The open file; `None` in a forked child until its first use.
+    file: Mutex<Option<RemoteFile>>,
+    pos: AtomicU64,
+}
+
+impl Entry {
+    /// The open file, opened again on this process's connection first if
+    /// this is a forked child's copy.
+    fn file(&self) -> Result<RemoteFile, c_int> {
+        let mut f = self.file.lock();
+        if let Some(f) = f.as_ref() {
+            return Ok(f.clone());
+        }
+        let n = client()?.open(&self.path).map_err(|e| errno_of(&e))?;
+        *f = Some(n.clone());
+        Ok(n)
+    }
+}
+
+/// A mapping handed to the program: `[addr, addr + len)` inside the whole
+/// file's mapping, with the pages still mapped.
+struct Map {
+    addr: usize,
+    len: usize,
+    live: Vec<bool>,
+    /// Held only to be dropped: unmaps the whole file's mapping.
+    _mapping: RemoteMapping,
+}
+
+struct State {
+    fds: BTreeMap<c_int, Arc<Entry>>,
+    maps: Vec<Map>,
+}
+
+static STATE: Mutex<State> = Mutex::new(State {
+    fds: BTreeMap::new(),
+    maps: Vec::new(),
+});
+static CLIENT: Mutex<Option<Client>> = Mutex::new(None);
+/// Whether `STATE.fds` / `STATE.maps` may be non-empty: the fast path for
+/// every other descriptor and mapping.
+static ANY_FD: AtomicBool = AtomicBool::new(false);
+static ANY_MAP: AtomicBool = AtomicBool::new(false);
+static SAID: AtomicBool = AtomicBool::new(false);
+
+fn client() -> Result<Client, c_int> {
+    let mut c = CLIENT.lock();
+    if let Some(c) = c.as_ref() {
+        return Ok(c.clone());
+    }
+    let env = env().ok_or(libc::EIO)?;
+    let connect = || -> shadowfd::Result<Client> {
+        if !env.no_uffd {
+            return Client::connect(&env.socket);
+        }
+        let s = std::os::unix::net::UnixStream::connect(&env.socket).map_err(|e| {
+            shadowfd::Error::Open {
+                path: env.socket.clone().into(),
+                source: e,
+            }
+        })?;
+        let opts = ClientOptions {
+            userfaultfd: false,
+            ..ClientOptions::default()
+        };
+        Client::from_stream(s, opts)
+    };
+    match connect() {
+        Ok(n) => {
+            *c = Some(n.clone());
+            Ok(n)
+        }
+        Err(e) => {
+            if !SAID.swap(true, Ordering::SeqCst) {
+                eprintln!(
+                    "shadowfd-preload: cannot reach the shadowfd server at {}: {e}",
+                    env.socket
+                );
+            }
+            Err(libc::EIO)
+        }
+    }
+}
+
+fn errno_of(e: &shadowfd::Error) -> c_int {
+    let s = e.to_string();
+    if s.contains("E_NOT_FOUND") || s.contains("E_ESCAPE") {
+        libc::ENOENT
+    } else if s.contains("E_NOT_REGULAR") {
+        libc::EISDIR
+    } else if s.contains("E_ACCESS") {
+        libc::EACCES
+    } else if s.contains("E_LIMIT") {
+        libc::EMFILE
+    } else if s.contains("E_TOO_LARGE") {
+        libc::EFBIG
+    } else {
+        libc::EIO
+    }
+}
+
+fn entry(fd: c_int) -> Option<Arc<Entry>> {
+    if !ANY_FD.load(Ordering::Acquire) {
+        return None;
+    }
+    STATE.lock().fds.get(&fd).cloned()
+}
+
+/// This thread marked busy and `fd`'s entry, when `fd` is ours and the
+/// thread was not already inside the shim.
+fn tracked(fd: c_int) -> Option<(Busy, Arc<Entry>)> {
+    if !ANY_FD.load(Ordering::Acquire) {
+        return None;
+    }
+    let b = Busy::enter()?;
+    let e = entry(fd)?;
+    Some((b, e))
+}
+
+fn insert(fd: c_int, e: Arc<Entry>) -> Option<Arc<Entry>> {
+    let mut st = STATE.lock();
+    ANY_FD.store(true, Ordering::Release);
+    st.fds.insert(fd, e)
+}
+
+fn remove(fd: c_int) -> Option<Arc<Entry>> {
+    if !ANY_FD.load(Ordering::Acquire) {
+        return None;
+    }
+    STATE.lock().fds.remove(&fd)
+}
+
+/// Opens `rel` on the server; returns the placeholder descriptor or -1.
+fn do_open(rel: &str, flags: c_int) -> c_int {
+    let r = (|| -> Result<c_int, c_int> {
+        let acc = flags & libc::O_ACCMODE;
+        if acc != libc::O_RDONLY || flags & (libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) != 0 {
+            return Err(libc::EROFS);
+        }
+        if flags & libc::O_TMPFILE == libc::O_TMPFILE {
+            return Err(libc::EROFS);
+        }
+        if flags & libc::O_DIRECTORY != 0 {
+            return Err(libc::ENOTDIR);
+        }
+        let file = client()?.open(rel).map_err(|e| errno_of(&e))?;
+        let open = real!(
+            "open",
+            unsafe extern "C" fn(*const c_char, c_int, ...) -> c_int
+        );
+        // SAFETY: a NUL-terminated path and valid flags.
+        let fd = unsafe {
+            open(
+                c"/dev/null".as_ptr(),
+                libc::O_PATH | (flags & libc::O_CLOEXEC),
+            )
+        };
+        if fd < 0 {
+            // SAFETY: reads this thread's errno.
+            return Err(unsafe { *libc::__errno_location() });
+        }
+        insert(
+            fd,
+            Arc::new(Entry {
+                path: rel.to_string(),
+                file: Mutex::new(Some(file)),
+                pos: AtomicU64::new(0),
+            }),
+        );
+        Ok(fd)
+    })();
+    r.unwrap_or_else(|e| {
+        set_errno(e);
+        -1
+    })
+}
+
+fn io_err(e: &shadowfd::Error) -> c_int {
+    if !SAID.swap(true, Ordering::SeqCst) {
+        eprintln!("shadowfd-preload: {e}");
+    }
+    libc::EIO
+}
+
+fn read_entry(e: &Entry, buf: *mut c_void, n: SizeT, at: Option<u64>) -> SsizeT {
+    if n == 0 {
+        return 0;
+    }
+    if buf.is_null() {
+        set_errno(libc::EFAULT);
+        return -1;
+    }
+    let n = n.min(isize::MAX as usize);
+    let file = match e.file() {
+        Ok(f) => f,
+        Err(err) => return fail(err) as SsizeT,
+    };
+    let off = at.unwrap_or_else(|| e.pos.load(Ordering::SeqCst));
+    // SAFETY: read(2)'s contract: `buf` is writable for `n` bytes.
+    let slice = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), n) };
+    match file.read_at(slice, off) {
+        Ok(got) => {
+            if at.is_none() {
+                e.pos.store(off + got as u64, Ordering::SeqCst);
+            }
+            got as SsizeT
+        }
+        Err(err) => {
+            set_errno(io_err(&err));
+            -1
+        }
+    }
+}
+
+fn seek_entry(e: &Entry, off: i64, whence: c_int) -> i64 {
+    let size = match e.file() {
+        Ok(f) => f.size() as i64,
+        Err(err) => return fail(err) as i64,
+    };
+    let base = match whence {
+        libc::SEEK_SET => 0,
+        libc::SEEK_CUR => e.pos.load(Ordering::SeqCst) as i64,
+        libc::SEEK_END => size,
+        libc::SEEK_DATA => {
+            if off < 0 || off >= size {
+                set_errno(libc::ENXIO);
+                return -1;
+            }
+            e.pos.store(off as u64, Ordering::SeqCst);
+            return off;
+        }
+        libc::SEEK_HOLE => {
+            if off < 0 || off > size {
+                set_errno(libc::ENXIO);
+                return -1;
+            }
+            e.pos.store(size as u64, Ordering::SeqCst);
+            return size;
+        }
+        _ => {
+            set_errno(libc::EINVAL);
+            return -1;
+        }
+    };
+    match base.checked_add(off) {
+        Some(p) if p >= 0 => {
+            e.pos.store(p as u64, Ordering::SeqCst);
+            p
+        }
+        _ => {
+            set_errno(libc::EINVAL);
+            -1
+        }
+    }
+}
+
+fn fill_stat(f: &RemoteFile, st: *mut libc::stat64) -> c_int {
+    if st.is_null() {
+        set_errno(libc::EFAULT);
+        return -1;
+    }
+    let (dev, ino, ms, mns) = f.identity();
+    // SAFETY: an all-zero stat64 is valid.
+    let mut s: libc::stat64 = unsafe { std::mem::zeroed() };
+    s.st_dev = dev;
+    s.st_ino = ino;
+    s.st_nlink = 1;
+    s.st_mode = libc::S_IFREG | 0o444;
+    // SAFETY: getuid and getgid have no preconditions.
+    s.st_uid = unsafe { libc::getuid() };
+    // SAFETY: as above.
+    s.st_gid = unsafe { libc::getgid() };
+    s.st_size = f.size() as i64;
+    s.st_blksize = 1 << 20;
+    s.st_blocks = f.size().div_ceil(512) as i64;
+    s.st_mtime = ms;
+    s.st_mtime_nsec = mns;
+    s.st_atime = ms;
+    s.st_atime_nsec = mns;
+    s.st_ctime = ms;
+    s.st_ctime_nsec = mns;
+    // SAFETY: the caller's buffer, for a struct stat (== stat64 here).
+    unsafe { st.write(s) };
+    0
+}
+
+fn fill_statx(f: &RemoteFile, st: *mut libc::statx) -> c_int {
+    if st.is_null() {
+        set_errno(libc::EFAULT);
+        return -1;
+    }
+    let (dev, ino, ms, mns) = f.identity();
+    // SAFETY: an all-zero statx is valid.
+    let mut s: libc::statx = unsafe { std::mem::zeroed() };
+    s.stx_mask = libc::STATX_BASIC_STATS;
+    s.stx_blksize = 1 << 20;
+    s.stx_nlink = 1;
+    // SAFETY: getuid and getgid have no preconditions.
+    s.stx_uid = unsafe { libc::getuid() };
+    // SAFETY: as above.
+    s.stx_gid = unsafe { libc::getgid() };
+    s.stx_mode = (libc::S_IFREG | 0o444) as u16;
+    s.stx_ino = ino;
+    s.stx_size = f.size();
+    s.stx_blocks = f.size().div_ceil(512);
+    for t in [&mut s.stx_atime, &mut s.stx_mtime, &mut s.stx_ctime] {
+        t.tv_sec = ms;
+        t.tv_nsec = mns as u32;
+    }
+    s.stx_dev_major = libc::major(dev);
+    s.stx_dev_minor = libc::minor(dev);
+    // SAFETY: the caller's buffer for a struct statx.
+    unsafe { st.write(s) };
+    0
+}
+
+/// Opens `rel` for a stat, returning the server's answer.
+fn stat_path(rel: &str) -> Result<RemoteFile, c_int> {
+    client()?.open(rel).map_err(|e| errno_of(&e))
+}
+
+fn fail(e: c_int) -> c_int {
+    set_errno(e);
+    -1
+}
+
+// ---- open ----------------------------------------------------------------
+
+/// # Safety
+/// `path` is null or a NUL-terminated string.
+unsafe fn open_common(path: *const c_char, flags: c_int, mode: libc::mode_t, sym: u8) -> c_int {
+    if let Some(_b) = Busy::enter() {
+        // SAFETY: the caller's promise.
+        if let Some(rel) = unsafe { ours(path) } {
+            return do_open(&rel, flags);
+        }
+    }
+    // SAFETY: forwarding the caller's arguments.
+    unsafe {
+        match sym {
+            0 => real!(
+                "open",
+                unsafe extern "C" fn(*const c_char, c_int, ...) -> c_int
+            )(path, flags, mode),
+            _ => real!(
+                "open64",
+                unsafe extern "C" fn(*const c_char, c_int, ...) -> c_int
+            )(path, flags, mode),
+        }
+    }
+}
+
+/// # Safety
+/// `path` is null or a NUL-terminated string.
+unsafe fn openat_common(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    mode: libc::mode_t,
+    sym: u8,
+) -> c_int {
+    if let Some(_b) = Busy::enter() {
+        // SAFETY: the caller's promise.
+        if let Some(rel) = unsafe { ours(path) } {
+            return do_open(&rel, flags);
+        }
+    }
+    // SAFETY: forwarding the caller's arguments.
+    unsafe {
+        match sym {
+            0 => real!(
+                "openat",
+                unsafe extern "C" fn(c_int, *const c_char, c_int, ...) -> c_int
+            )(dirfd, path, flags, mode),
+            _ => real!(
+                "openat64",
+                unsafe extern "C" fn(c_int, *const c_char, c_int, ...) -> c_int
+            )(dirfd, path, flags, mode),
+        }
+    }
+}
+
+// The C functions are variadic (the mode); on x86-64 and aarch64 the third
+// argument is read from its register, which holds the mode when the caller
+// passed one and is ignored otherwise (it matters only with O_CREAT or
+// O_TMPFILE, which the shim refuses under the prefix).
+
+/// # Safety
+/// libc's `open`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn open(path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int {
+    // SAFETY: libc's contract.
+    unsafe { open_common(path, flags, mode, 0) }
+}
+
+/// # Safety
+/// libc's `open64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn open64(path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int {
+    // SAFETY: libc's contract.
+    unsafe { open_common(path, flags, mode, 1) }
+}
+
+/// # Safety
+/// glibc's fortified `open`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __open_2(path: *const c_char, flags: c_int) -> c_int {
+    // SAFETY: libc's contract.
+    unsafe { open_common(path, flags, 0, 0) }
+}
+
+/// # Safety
+/// glibc's fortified `open64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __open64_2(path: *const c_char, flags: c_int) -> c_int {
+    // SAFETY: libc's contract.
+    unsafe { open_common(path, flags, 0, 1) }
+}
+
+/// # Safety
+/// libc's `openat`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn openat(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    mode: libc::mode_t,
+) -> c_int {
+    // SAFETY: libc's contract.
+    unsafe { openat_common(dirfd, path, flags, mode, 0) }
+}
+
+/// # Safety
+/// libc's `openat64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn openat64(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    mode: libc::mode_t,
+) -> c_int {
+    // SAFETY: libc's contract.
+    unsafe { openat_common(dirfd, path, flags, mode, 1) }
+}
+
+/// # Safety
+/// glibc's fortified `openat`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __openat_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
+    // SAFETY: libc's contract.
+    unsafe { openat_common(dirfd, path, flags, 0, 0) }
+}
+
+/// # Safety
+/// glibc's fortified `openat64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __openat64_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
+    // SAFETY: libc's contract.
+    unsafe { openat_common(dirfd, path, flags, 0, 1) }
+}
+
+/// # Safety
+/// libc's `creat`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn creat(path: *const c_char, mode: libc::mode_t) -> c_int {
+    // SAFETY: libc's contract.
+    unsafe {
+        open_common(
+            path,
+            libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC,
+            mode,
+            0,
+        )
+    }
+}
+
+/// # Safety
+/// libc's `creat64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn creat64(path: *const c_char, mode: libc::mode_t) -> c_int {
+    // SAFETY: libc's contract.
+    unsafe {
+        open_common(
+            path,
+            libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC,
+            mode,
+            1,
+        )
+    }
+}
+
+// ---- read, seek, close, dup ----------------------------------------------
+
+/// # Safety
+/// libc's `read`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: SizeT) -> SsizeT {
+    if let Some((_b, e)) = tracked(fd) {
+        return read_entry(&e, buf, n, None);
+    }
+    // SAFETY: forwarding.
+    unsafe {
+        real!(
+            "read",
+            unsafe extern "C" fn(c_int, *mut c_void, SizeT) -> SsizeT
+        )(fd, buf, n)
+    }
+}
+
+/// # Safety
+/// libc's `pread`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pread(fd: c_int, buf: *mut c_void, n: SizeT, off: OffT) -> SsizeT {
+    if let Some((_b, e)) = tracked(fd) {
+        if off < 0 {
+            return fail(libc::EINVAL) as SsizeT;
+        }
+        return read_entry(&e, buf, n, Some(off as u64));
+    }
+    // SAFETY: forwarding.
+    unsafe {
+        real!(
+            "pread",
+            unsafe extern "C" fn(c_int, *mut c_void, SizeT, OffT) -> SsizeT
+        )(fd, buf, n, off)
+    }
+}
+
+/// # Safety
+/// libc's `pread64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pread64(fd: c_int, buf: *mut c_void, n: SizeT, off: OffT) -> SsizeT {
+    if let Some((_b, e)) = tracked(fd) {
+        if off < 0 {
+            return fail(libc::EINVAL) as SsizeT;
+        }
+        return read_entry(&e, buf, n, Some(off as u64));
+    }
+    // SAFETY: forwarding.
+    unsafe {
+        real!(
+            "pread64",
+            unsafe extern "C" fn(c_int, *mut c_void, SizeT, OffT) -> SsizeT
+        )(fd, buf, n, off)
+    }
+}
+
+/// # Safety
+/// libc's `lseek`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lseek(fd: c_int, off: OffT, whence: c_int) -> OffT {
+    if let Some((_b, e)) = tracked(fd) {
+        return seek_entry(&e, off, whence);
+    }
+    // SAFETY: forwarding.
+    unsafe { real!("lseek", unsafe extern "C" fn(c_int, OffT, c_int) -> OffT)(fd, off, whence) }
+}
+
+/// # Safety
+/// libc's `lseek64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lseek64(fd: c_int, off: OffT, whence: c_int) -> OffT {
+    if let Some((_b, e)) = tracked(fd) {
+        return seek_entry(&e, off, whence);
+    }
+    // SAFETY: forwarding.
+    unsafe { real!("lseek64", unsafe extern "C" fn(c_int, OffT, c_int) -> OffT)(fd, off, whence) }
+}
+
+/// # Safety
+/// libc's `close`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    let b = Busy::enter();
+    let gone = if b.is_some() { remove(fd) } else { None };
+    // SAFETY: forwarding.
+    let r = unsafe { real!("close", unsafe extern "C" fn(c_int) -> c_int)(fd) };
+    // SAFETY: reads this thread's errno.
+    let saved = unsafe { *libc::__errno_location() };
+    // The last reference sends CLOSE, with this thread marked busy.
+    drop(gone);
+    drop(b);
+    set_errno(saved);
+    r
+}
+
+/// Records `new` as another descriptor of `old`'s entry (after a
+/// successful dup), or forgets `new` if `old` is not ours.
+fn after_dup(old: &Option<Arc<Entry>>, new: c_int) {
+    if new < 0 {
+        return;
+    }
+    let prev = match old {
+        Some(e) => insert(new, e.clone()),
+        None => remove(new),
+    };
+    drop(prev);
+}
+
+/// # Safety
+/// libc's `dup`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
+    let b = Busy::enter();
+    // SAFETY: forwarding.
+    let r = unsafe { real!("dup", unsafe extern "C" fn(c_int) -> c_int)(fd) };
+    if b.is_some() {
+        after_dup(&entry(fd), r);
+    }
+    r
+}
+
+/// # Safety
+/// libc's `dup2`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup2(fd: c_int, new: c_int) -> c_int {
+    let b = Busy::enter();
+    // SAFETY: forwarding.
+    let r = unsafe { real!("dup2", unsafe extern "C" fn(c_int, c_int) -> c_int)(fd, new) };
+    if b.is_some() && fd != new {
+        after_dup(&entry(fd), r);
+    }
+    r
+}
+
+/// # Safety
+/// libc's `dup3`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup3(fd: c_int, new: c_int, flags: c_int) -> c_int {
+    let b = Busy::enter();
+    // SAFETY: forwarding.
+    let r = unsafe {
+        real!("dup3", unsafe extern "C" fn(c_int, c_int, c_int) -> c_int)(fd, new, flags)
+    };
+    if b.is_some() {
+        after_dup(&entry(fd), r);
+    }
+    r
+}
+
+/// Record locks on a served file: nobody can write it, so a read lock is
+/// always granted (and an unlock always succeeds); a write lock fails with
+/// `EBADF`, as on a descriptor opened read-only; a query answers "unlocked".
+fn lock(cmd: c_int, fl: *mut libc::flock) -> c_int {
+    if fl.is_null() {
+        return fail(libc::EFAULT);
+    }
+    // SAFETY: fcntl's contract for the lock commands: a struct flock.
+    let f = unsafe { &mut *fl };
+    if cmd == libc::F_GETLK || cmd == libc::F_OFD_GETLK {
+        f.l_type = libc::F_UNLCK as i16;
+        return 0;
+    }
+    match f.l_type as c_int {
+        libc::F_RDLCK | libc::F_UNLCK => 0,
+        libc::F_WRLCK => fail(libc::EBADF),
+        _ => fail(libc::EINVAL),
+    }
+}
+
+/// # Safety
+/// libc's `fcntl` (the third argument read as a long, as glibc does).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: libc::c_long) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { fcntl_common(fd, cmd, arg, 0) }
+}
+
+/// # Safety
+/// libc's `fcntl64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: libc::c_long) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { fcntl_common(fd, cmd, arg, 1) }
+}
+
+/// # Safety
+/// libc's `fcntl`.
+unsafe fn fcntl_common(fd: c_int, cmd: c_int, arg: libc::c_long, sym: u8) -> c_int {
+    let lock_cmd = matches!(
+        cmd,
+        libc::F_GETLK
+            | libc::F_SETLK
+            | libc::F_SETLKW
+            | libc::F_OFD_GETLK
+            | libc::F_OFD_SETLK
+            | libc::F_OFD_SETLKW
+    );
+    if cmd == libc::F_GETFL || lock_cmd {
+        if let Some((_b, _e)) = tracked(fd) {
+            if cmd == libc::F_GETFL {
+                // What the program opened: read-only (the placeholder says O_PATH).
+                return libc::O_RDONLY | libc::O_LARGEFILE;
+            }
+            return lock(cmd, arg as *mut libc::flock);
+        }
+    }
+    let b = Busy::enter();
+    // SAFETY: forwarding.
+    let r = unsafe {
+        match sym {
+            0 => real!("fcntl", unsafe extern "C" fn(c_int, c_int, ...) -> c_int)(fd, cmd, arg),
+            _ => real!("fcntl64", unsafe extern "C" fn(c_int, c_int, ...) -> c_int)(fd, cmd, arg),
+        }
+    };
+    if b.is_some() && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) {
+        after_dup(&entry(fd), r);
+    }
+    r
+}
+
+/// Reads into each buffer of `iov` in turn (at `at`, or the offset).
+///
+/// # Safety
+/// `iov` points to `cnt` iovecs whose buffers are writable (readv's
+/// contract).
+unsafe fn readv_entry(e: &Entry, iov: *const libc::iovec, cnt: c_int, at: Option<u64>) -> SsizeT {
+    if !(0..=libc::UIO_MAXIOV).contains(&cnt) {
+        return fail(libc::EINVAL) as SsizeT;
+    }
+    if cnt > 0 && iov.is_null() {
+        return fail(libc::EFAULT) as SsizeT;
+    }
+    let mut done: usize = 0;
+    for i in 0..cnt as usize {
+        // SAFETY: the caller's promise.
+        let v = unsafe { *iov.add(i) };
+        if v.iov_len == 0 {
+            continue;
+        }
+        let off = at.map(|a| a + done as u64);
+        let got = read_entry(e, v.iov_base, v.iov_len, off);
+        if got < 0 {
+            return if done > 0 { done as SsizeT } else { -1 };
+        }
+        done += got as usize;
+        if (got as usize) < v.iov_len {
+            break;
+        }
+    }
+    done as SsizeT
+}
+
+/// # Safety
+/// libc's `readv`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn readv(fd: c_int, iov: *const libc::iovec, cnt: c_int) -> SsizeT {
+    if let Some((_b, e)) = tracked(fd) {
+        // SAFETY: the caller's promise.
+        return unsafe { readv_entry(&e, iov, cnt, None) };
+    }
+    // SAFETY: forwarding.
+    unsafe {
+        real!(
+            "readv",
+            unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> SsizeT
+        )(fd, iov, cnt)
+    }
+}
+
+type PreadvFn = unsafe extern "C" fn(c_int, *const libc::iovec, c_int, OffT) -> SsizeT;
+
+/// # Safety
+/// libc's `preadv` contract.
+unsafe fn preadv_common(
+    fd: c_int,
+    iov: *const libc::iovec,
+    cnt: c_int,
+    off: OffT,
+    real: PreadvFn,
+) -> SsizeT {
+    if let Some((_b, e)) = tracked(fd) {
+        if off < 0 {
+            return fail(libc::EINVAL) as SsizeT;
+        }
+        // SAFETY: the caller's promise.
+        return unsafe { readv_entry(&e, iov, cnt, Some(off as u64)) };
+    }
+    // SAFETY: forwarding.
+    unsafe { real(fd, iov, cnt, off) }
+}
+
+/// # Safety
+/// libc's `preadv`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn preadv(
+    fd: c_int,
+    iov: *const libc::iovec,
+    cnt: c_int,
+    off: OffT,
+) -> SsizeT {
+    // SAFETY: forwarding.
+    unsafe { preadv_common(fd, iov, cnt, off, real!("preadv", PreadvFn)) }
+}
+
+/// # Safety
+/// libc's `preadv64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn preadv64(
+    fd: c_int,
+    iov: *const libc::iovec,
+    cnt: c_int,
+    off: OffT,
+) -> SsizeT {
+    // SAFETY: forwarding.
+    unsafe { preadv_common(fd, iov, cnt, off, real!("preadv64", PreadvFn)) }
+}
+
+type Preadv2Fn = unsafe extern "C" fn(c_int, *const libc::iovec, c_int, OffT, c_int) -> SsizeT;
+
+/// # Safety
+/// libc's `preadv2` contract.
+unsafe fn preadv2_common(
+    fd: c_int,
+    iov: *const libc::iovec,
+    cnt: c_int,
+    off: OffT,
+    flags: c_int,
+    real: Preadv2Fn,
+) -> SsizeT {
+    if let Some((_b, e)) = tracked(fd) {
+        // Hints only (RWF_HIPRI); anything else is not supported here.
+        if flags & !libc::RWF_HIPRI != 0 {
+            return fail(libc::EOPNOTSUPP) as SsizeT;
+        }
+        let at = match off {
+            -1 => None,
+            o if o < 0 => return fail(libc::EINVAL) as SsizeT,
+            o => Some(o as u64),
+        };
+        // SAFETY: the caller's promise.
+        return unsafe { readv_entry(&e, iov, cnt, at) };
+    }
+    // SAFETY: forwarding.
+    unsafe { real(fd, iov, cnt, off, flags) }
+}
+
+/// # Safety
+/// libc's `preadv2`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn preadv2(
+    fd: c_int,
+    iov: *const libc::iovec,
+    cnt: c_int,
+    off: OffT,
+    flags: c_int,
+) -> SsizeT {
+    // SAFETY: forwarding.
+    unsafe { preadv2_common(fd, iov, cnt, off, flags, real!("preadv2", Preadv2Fn)) }
+}
+
+/// # Safety
+/// libc's `preadv64v2`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn preadv64v2(
+    fd: c_int,
+    iov: *const libc::iovec,
+    cnt: c_int,
+    off: OffT,
+    flags: c_int,
+) -> SsizeT {
+    // SAFETY: forwarding.
+    unsafe { preadv2_common(fd, iov, cnt, off, flags, real!("preadv64v2", Preadv2Fn)) }
+}
+
+// ---- access --------------------------------------------------------------
+
+/// What `access` answers for a served path: read and "exists" are granted,
+/// write and execute are not.
+fn access_served(rel: &str, mode: c_int) -> c_int {
+    match stat_path(rel) {
+        Ok(_) if mode & libc::W_OK != 0 => fail(libc::EROFS),
+        Ok(_) if mode & libc::X_OK != 0 => fail(libc::EACCES),
+        Ok(_) => 0,
+        Err(e) => fail(e),
+    }
+}
+
+/// # Safety
+/// libc's `access`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn access(path: *const c_char, mode: c_int) -> c_int {
+    if let Some(_b) = Busy::enter() {
+        // SAFETY: the caller's promise.
+        if let Some(rel) = unsafe { ours(path) } {
+            return access_served(&rel, mode);
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe {
+        real!(
+            "access",
+            unsafe extern "C" fn(*const c_char, c_int) -> c_int
+        )(path, mode)
+    }
+}
+
+/// # Safety
+/// libc's `faccessat`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn faccessat(
+    dirfd: c_int,
+    path: *const c_char,
+    mode: c_int,
+    flags: c_int,
+) -> c_int {
+    if let Some(_b) = Busy::enter() {
+        // SAFETY: the caller's promise.
+        if let Some(rel) = unsafe { ours(path) } {
+            return access_served(&rel, mode);
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe {
+        real!(
+            "faccessat",
+            unsafe extern "C" fn(c_int, *const c_char, c_int, c_int) -> c_int
+        )(dirfd, path, mode, flags)
+    }
+}
+
+/// `readlink` of a served path: served files are never symbolic links
+/// (`EINVAL`), or the open's error (`ENOENT`, ...).
+fn readlink_served(rel: &str) -> SsizeT {
+    match stat_path(rel) {
+        Ok(_) => fail(libc::EINVAL) as SsizeT,
+        Err(e) => fail(e) as SsizeT,
+    }
+}
+
+/// # Safety
+/// libc's `readlink`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn readlink(path: *const c_char, buf: *mut c_char, n: SizeT) -> SsizeT {
+    if let Some(_b) = Busy::enter() {
+        // SAFETY: the caller's promise.
+        if let Some(rel) = unsafe { ours(path) } {
+            return readlink_served(&rel);
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe {
+        real!(
+            "readlink",
+            unsafe extern "C" fn(*const c_char, *mut c_char, SizeT) -> SsizeT
+        )(path, buf, n)
+    }
+}
+
+/// # Safety
+/// libc's `readlinkat`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn readlinkat(
+    dirfd: c_int,
+    path: *const c_char,
+    buf: *mut c_char,
+    n: SizeT,
+) -> SsizeT {
+    if let Some(_b) = Busy::enter() {
+        // SAFETY: the caller's promise.
+        if let Some(rel) = unsafe { ours(path) } {
+            return readlink_served(&rel);
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe {
+        real!(
+            "readlinkat",
+            unsafe extern "C" fn(c_int, *const c_char, *mut c_char, SizeT) -> SsizeT
+        )(dirfd, path, buf, n)
+    }
+}
+
+// ---- copy_file_range, sendfile -------------------------------------------
+
+/// Copies up to `len` bytes of `e` (at `*off` or its offset) to `out`.
+///
+/// # Safety
+/// `off` is null or points to a readable and writable offset; `out_off`
+/// likewise.
+unsafe fn copy_out(e: &Entry, off: *mut i64, out: c_int, out_off: *mut i64, len: usize) -> SsizeT {
+    let n = len.min(1 << 20);
+    let mut buf = vec![0u8; n];
+    // SAFETY: the caller's promise.
+    let at = (!off.is_null()).then(|| unsafe { *off });
+    if at.is_some_and(|a| a < 0) {
+        return fail(libc::EINVAL) as SsizeT;
+    }
+    let got = read_entry(e, buf.as_mut_ptr().cast(), n, at.map(|a| a as u64));
+    if got <= 0 {
+        return got;
+    }
+    let got = got as usize;
+    // SAFETY: `buf` holds `got` bytes; `out_off`: the caller's promise.
+    let w = unsafe {
+        if out_off.is_null() {
+            libc::write(out, buf.as_ptr().cast(), got)
+        } else {
+            let w = libc::pwrite(out, buf.as_ptr().cast(), got, *out_off);
+            if w > 0 {
+                *out_off += w as i64;
+            }
+            w
+        }
+    };
+    if w < 0 {
+        // Give back what was not written.
+        if at.is_none() {
+            e.pos.fetch_sub(got as u64, Ordering::SeqCst);
+        }
+        return -1;
+    }
+    if let Some(a) = at {
+        // SAFETY: the caller's promise.
+        unsafe { *off = a + w as i64 };
+    } else if (w as usize) < got {
+        e.pos.fetch_sub((got - w as usize) as u64, Ordering::SeqCst);
+    }
+    w
+}
+
+/// # Safety
+/// libc's `copy_file_range`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn copy_file_range(
+    fd_in: c_int,
+    off_in: *mut i64,
+    fd_out: c_int,
+    off_out: *mut i64,
+    len: SizeT,
+    flags: libc::c_uint,
+) -> SsizeT {
+    if let Some(_b) = Busy::enter() {
+        if entry(fd_out).is_some() {
+            return fail(libc::EBADF) as SsizeT;
+        }
+        if let Some(e) = entry(fd_in) {
+            // SAFETY: the caller's pointers.
+            return unsafe { copy_out(&e, off_in, fd_out, off_out, len) };
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe {
+        real!(
+            "copy_file_range",
+            unsafe extern "C" fn(c_int, *mut i64, c_int, *mut i64, SizeT, libc::c_uint) -> SsizeT
+        )(fd_in, off_in, fd_out, off_out, len, flags)
+    }
+}
+
+/// # Safety
+/// libc's `sendfile`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendfile(out: c_int, fd: c_int, off: *mut OffT, n: SizeT) -> SsizeT {
+    if let Some((_b, e)) = tracked(fd) {
+        // SAFETY: the caller's pointer.
+        return unsafe { copy_out(&e, off, out, std::ptr::null_mut(), n) };
+    }
+    // SAFETY: forwarding.
+    unsafe {
+        real!(
+            "sendfile",
+            unsafe extern "C" fn(c_int, c_int, *mut OffT, SizeT) -> SsizeT
+        )(out, fd, off, n)
+    }
+}
+
+/// # Safety
+/// libc's `sendfile64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendfile64(out: c_int, fd: c_int, off: *mut OffT, n: SizeT) -> SsizeT {
+    if let Some((_b, e)) = tracked(fd) {
+        // SAFETY: the caller's pointer.
+        return unsafe { copy_out(&e, off, out, std::ptr::null_mut(), n) };
+    }
+    // SAFETY: forwarding.
+    unsafe {
+        real!(
+            "sendfile64",
+            unsafe extern "C" fn(c_int, c_int, *mut OffT, SizeT) -> SsizeT
+        )(out, fd, off, n)
+    }
+}
+
+// ---- stat ----------------------------------------------------------------
+
+type StatFn = unsafe extern "C" fn(*const c_char, *mut libc::stat64) -> c_int;
+
+/// # Safety
+/// libc's `stat`/`lstat` contract.
+unsafe fn stat_common(path: *const c_char, st: *mut libc::stat64, real: StatFn) -> c_int {
+    if let Some(_b) = Busy::enter() {
+        // SAFETY: the caller's promise.
+        if let Some(rel) = unsafe { ours(path) } {
+            return match stat_path(&rel) {
+                Ok(f) => fill_stat(&f, st),
+                Err(e) => fail(e),
+            };
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe { real(path, st) }
+}
+
+/// # Safety
+/// libc's `stat`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn stat(path: *const c_char, st: *mut libc::stat64) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { stat_common(path, st, real!("stat", StatFn)) }
+}
+
+/// # Safety
+/// libc's `stat64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn stat64(path: *const c_char, st: *mut libc::stat64) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { stat_common(path, st, real!("stat64", StatFn)) }
+}
+
+/// # Safety
+/// libc's `lstat`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lstat(path: *const c_char, st: *mut libc::stat64) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { stat_common(path, st, real!("lstat", StatFn)) }
+}
+
+/// # Safety
+/// libc's `lstat64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lstat64(path: *const c_char, st: *mut libc::stat64) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { stat_common(path, st, real!("lstat64", StatFn)) }
+}
+
+type FstatFn = unsafe extern "C" fn(c_int, *mut libc::stat64) -> c_int;
+
+/// # Safety
+/// libc's `fstat`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fstat(fd: c_int, st: *mut libc::stat64) -> c_int {
+    if let Some((_b, e)) = tracked(fd) {
+        return match e.file() {
+            Ok(f) => fill_stat(&f, st),
+            Err(err) => fail(err),
+        };
+    }
+    // SAFETY: forwarding.
+    unsafe { real!("fstat", FstatFn)(fd, st) }
+}
+
+/// # Safety
+/// libc's `fstat64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fstat64(fd: c_int, st: *mut libc::stat64) -> c_int {
+    if let Some((_b, e)) = tracked(fd) {
+        return match e.file() {
+            Ok(f) => fill_stat(&f, st),
+            Err(err) => fail(err),
+        };
+    }
+    // SAFETY: forwarding.
+    unsafe { real!("fstat64", FstatFn)(fd, st) }
+}
+
+type FstatatFn = unsafe extern "C" fn(c_int, *const c_char, *mut libc::stat64, c_int) -> c_int;
+
+/// # Safety
+/// libc's `fstatat` contract.
+unsafe fn fstatat_common(
+    dirfd: c_int,
+    path: *const c_char,
+    st: *mut libc::stat64,
+    flags: c_int,
+    real: FstatatFn,
+) -> c_int {
+    if let Some(_b) = Busy::enter() {
+        // SAFETY: the caller's promise.
+        let empty = !path.is_null() && unsafe { *path } == 0;
+        if empty && flags & libc::AT_EMPTY_PATH != 0 {
+            if let Some(e) = entry(dirfd) {
+                return match e.file() {
+                    Ok(f) => fill_stat(&f, st),
+                    Err(err) => fail(err),
+                };
+            }
+        // SAFETY: the caller's promise.
+        } else if let Some(rel) = unsafe { ours(path) } {
+            return match stat_path(&rel) {
+                Ok(f) => fill_stat(&f, st),
+                Err(e) => fail(e),
+            };
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe { real(dirfd, path, st, flags) }
+}
+
+/// # Safety
+/// libc's `fstatat`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fstatat(
+    dirfd: c_int,
+    path: *const c_char,
+    st: *mut libc::stat64,
+    flags: c_int,
+) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { fstatat_common(dirfd, path, st, flags, real!("fstatat", FstatatFn)) }
+}
+
+/// # Safety
+/// libc's `fstatat64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fstatat64(
+    dirfd: c_int,
+    path: *const c_char,
+    st: *mut libc::stat64,
+    flags: c_int,
+) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { fstatat_common(dirfd, path, st, flags, real!("fstatat64", FstatatFn)) }
+}
+
+/// # Safety
+/// libc's `statx`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn statx(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    mask: libc::c_uint,
+    st: *mut libc::statx,
+) -> c_int {
+    if let Some(_b) = Busy::enter() {
+        // SAFETY: the caller's promise.
+        let empty = !path.is_null() && unsafe { *path } == 0;
+        if empty && flags & libc::AT_EMPTY_PATH != 0 {
+            if let Some(e) = entry(dirfd) {
+                return match e.file() {
+                    Ok(f) => fill_statx(&f, st),
+                    Err(err) => fail(err),
+                };
+            }
+        // SAFETY: the caller's promise.
+        } else if let Some(rel) = unsafe { ours(path) } {
+            return match stat_path(&rel) {
+                Ok(f) => fill_statx(&f, st),
+                Err(e) => fail(e),
+            };
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe {
+        real!(
+            "statx",
+            unsafe extern "C" fn(
+                c_int,
+                *const c_char,
+                c_int,
+                libc::c_uint,
+                *mut libc::statx,
+            ) -> c_int
+        )(dirfd, path, flags, mask, st)
+    }
+}
+
+// ---- mmap, munmap --------------------------------------------------------
+
+fn do_mmap(e: &Entry, len: SizeT, prot: c_int, flags: c_int, off: OffT) -> Result<usize, c_int> {
+    let pg = page();
+    if len == 0 || off < 0 || off as usize % pg != 0 {
+        return Err(libc::EINVAL);
+    }
+    if flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0 {
+        return Err(libc::EINVAL);
+    }
+    let kind = flags & (libc::MAP_SHARED | libc::MAP_PRIVATE | libc::MAP_SHARED_VALIDATE);
+    if kind != libc::MAP_SHARED && kind != libc::MAP_PRIVATE && kind != libc::MAP_SHARED_VALIDATE {
+        return Err(libc::EINVAL);
+    }
+    if prot & !libc::PROT_READ != 0 {
+        return Err(libc::EACCES);
+    }
+    let file = e.file()?;
+    let whole = (file.size() as usize).div_ceil(pg) * pg;
+    let len = len.div_ceil(pg) * pg;
+    let off = off as usize;
+    if off.checked_add(len).is_none_or(|end| end > whole) {
+        return Err(libc::ENXIO);
+    }
+    let mapping = file.map().map_err(|err| io_err(&err))?;
+    let addr = mapping.as_ptr() as usize + off;
+    let mut st = STATE.lock();
+    ANY_MAP.store(true, Ordering::Release);
+    st.maps.push(Map {
+        addr,
+        len,
+        live: vec![true; len / pg],
+        _mapping: mapping,
+    });
+    Ok(addr)
+}
+
+/// # Safety
+/// libc's `mmap`.
+unsafe fn mmap_common(
+    addr: *mut c_void,
+    len: SizeT,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: OffT,
+    sym: u8,
+) -> *mut c_void {
+    let t = if flags & libc::MAP_ANONYMOUS == 0 {
+        tracked(fd)
+    } else {
+        None
+    };
+    if let Some((_b, e)) = t {
+        return match do_mmap(&e, len, prot, flags, off) {
+            Ok(a) => a as *mut c_void,
+            Err(err) => {
+                set_errno(err);
+                libc::MAP_FAILED
+            }
+        };
+    }
+    type MmapFn =
+        unsafe extern "C" fn(*mut c_void, SizeT, c_int, c_int, c_int, OffT) -> *mut c_void;
+    // SAFETY: forwarding.
+    unsafe {
+        match sym {
+            0 => real!("mmap", MmapFn)(addr, len, prot, flags, fd, off),
+            _ => real!("mmap64", MmapFn)(addr, len, prot, flags, fd, off),
+        }
+    }
+}
+
+/// # Safety
+/// libc's `mmap`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmap(
+    addr: *mut c_void,
+    len: SizeT,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: OffT,
+) -> *mut c_void {
+    // SAFETY: forwarding.
+    unsafe { mmap_common(addr, len, prot, flags, fd, off, 0) }
+}
+
+/// # Safety
+/// libc's `mmap64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmap64(
+    addr: *mut c_void,
+    len: SizeT,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: OffT,
+) -> *mut c_void {
+    // SAFETY: forwarding.
+    unsafe { mmap_common(addr, len, prot, flags, fd, off, 1) }
+}
+
+/// # Safety
+/// libc's `munmap`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn munmap(addr: *mut c_void, len: SizeT) -> c_int {
+    let real_munmap = real!("munmap", unsafe extern "C" fn(*mut c_void, SizeT) -> c_int);
+    let b = if ANY_MAP.load(Ordering::Acquire) {
+        Busy::enter()
+    } else {
+        None
+    };
+    if b.is_none() {
+        // SAFETY: forwarding.
+        return unsafe { real_munmap(addr, len) };
+    }
+    let pg = page();
+    let start = addr as usize;
+    if start % pg != 0 || len == 0 {
+        return fail(libc::EINVAL);
+    }
+    let end = start.saturating_add(len.div_ceil(pg) * pg);
+    let mut released = Vec::new();
+    let mut st = STATE.lock();
+    // The parts of [start, end) that are ours, in address order.
+    let mut mine: Vec<(usize, usize, usize)> = st
+        .maps
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| {
+            let (a, z) = (m.addr.max(start), (m.addr + m.len).min(end));
+            (a < z).then_some((a, z, i))
+        })
+        .collect();
+    mine.sort();
+    let mut cursor = start;
+    let mut rc = 0;
+    for &(a, z, i) in &mine {
+        if cursor < a {
+            // SAFETY: a range of the caller's that is not ours.
+            rc |= unsafe { real_munmap(cursor as *mut c_void, a - cursor) };
+        }
+        // Keep the pages reserved (the whole file's mapping is unmapped as
+        // one when its last page handed out is): an inaccessible anonymous
+        // mapping in their place.
+        // SAFETY: [a, z) is inside a mapping this shim made and owns.
+        unsafe {
+            libc::syscall(
+                libc::SYS_mmap,
+                a,
+                z - a,
+                libc::PROT_NONE,
+                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        let m = &mut st.maps[i];
+        for p in (a - m.addr) / pg..(z - m.addr) / pg {
+            m.live[p] = false;
+        }
+        cursor = z;
+    }
+    if cursor < end {
+        // SAFETY: a range of the caller's that is not ours.
+        rc |= unsafe { real_munmap(cursor as *mut c_void, end - cursor) };
+    }
+    let mut i = 0;
+    while i < st.maps.len() {
+        if st.maps[i].live.iter().all(|l| !l) {
+            released.push(st.maps.swap_remove(i));
+        } else {
+            i += 1;
+        }
+    }
+    drop(st);
+    // Unmapped (and UNMAPped on the server) with this thread marked busy.
+    drop(released);
+    drop(b);
+    if rc != 0 { -1 } else { 0 }
+}
+
+// ---- fopen ---------------------------------------------------------------
+
+#[repr(C)]
+struct CookieIo {
+    read: Option<unsafe extern "C" fn(*mut c_void, *mut c_char, SizeT) -> SsizeT>,
+    write: Option<unsafe extern "C" fn(*mut c_void, *const c_char, SizeT) -> SsizeT>,
+    seek: Option<unsafe extern "C" fn(*mut c_void, *mut i64, c_int) -> c_int>,
+    close: Option<unsafe extern "C" fn(*mut c_void) -> c_int>,
+}
+
+unsafe extern "C" {
+    fn fopencookie(cookie: *mut c_void, mode: *const c_char, io: CookieIo) -> *mut libc::FILE;
+}
+
+/// # Safety
+/// `cookie` is a descriptor this shim made.
+unsafe extern "C" fn cookie_read(cookie: *mut c_void, buf: *mut c_char, n: SizeT) -> SsizeT {
+    let fd = cookie as usize as c_int;
+    // SAFETY: read(2)'s contract, passed on from the stream's buffer.
+    unsafe { read(fd, buf.cast(), n) }
+}
+
+/// # Safety
+/// `cookie` is a descriptor this shim made; `off` is valid.
+unsafe extern "C" fn cookie_seek(cookie: *mut c_void, off: *mut i64, whence: c_int) -> c_int {
+    let fd = cookie as usize as c_int;
+    // SAFETY: glibc passes a valid pointer.
+    let r = unsafe { lseek(fd, *off, whence) };
+    if r < 0 {
+        return -1;
+    }
+    // SAFETY: as above.
+    unsafe { *off = r };
+    0
+}
+
+/// # Safety
+/// `cookie` is a descriptor this shim made.
+unsafe extern "C" fn cookie_close(cookie: *mut c_void) -> c_int {
+    // SAFETY: closes the stream's own descriptor.
+    unsafe { close(cookie as usize as c_int) }
+}
+
+type FopenFn = unsafe extern "C" fn(*const c_char, *const c_char) -> *mut libc::FILE;
+
+/// # Safety
+/// libc's `fopen` contract.
+unsafe fn fopen_common(path: *const c_char, mode: *const c_char, real: FopenFn) -> *mut libc::FILE {
+    let rel = match Busy::enter() {
+        // SAFETY: the caller's promise.
+        Some(_b) => unsafe { ours(path) },
+        None => None,
+    };
+    let Some(rel) = rel else {
+        // SAFETY: forwarding.
+        return unsafe { real(path, mode) };
+    };
+    if mode.is_null() {
+        set_errno(libc::EINVAL);
+        return std::ptr::null_mut();
+    }
+    // SAFETY: a NUL-terminated mode string (fopen's contract).
+    let m = unsafe { CStr::from_ptr(mode) }.to_bytes();
+    if m.first() != Some(&b'r') || m.contains(&b'+') {
+        set_errno(libc::EROFS);
+        return std::ptr::null_mut();
+    }
+    let cloexec = if m.contains(&b'e') {
+        libc::O_CLOEXEC
+    } else {
+        0
+    };
+    let fd = {
+        let _b = Busy::enter();
+        do_open(&rel, libc::O_RDONLY | cloexec)
+    };
+    if fd < 0 {
+        return std::ptr::null_mut();
+    }
+    let f = cookie_stream(fd);
+    if f.is_null() {
+        // SAFETY: our own descriptor.
+        unsafe { close(fd) };
+    }
+    f
+}
+
+/// A read-only stream whose reads, seeks and close come back through the
+/// shim for `fd` (its `fileno` is -1).
+fn cookie_stream(fd: c_int) -> *mut libc::FILE {
+    let io = CookieIo {
+        read: Some(cookie_read),
+        write: None,
+        seek: Some(cookie_seek),
+        close: Some(cookie_close),
+    };
+    // SAFETY: the cookie is the descriptor, passed back to the functions
+    // above; "r" is a valid mode.
+    unsafe { fopencookie(fd as usize as *mut c_void, c"r".as_ptr(), io) }
+}
+
+/// # Safety
+/// libc's `fdopen`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fdopen(fd: c_int, mode: *const c_char) -> *mut libc::FILE {
+    if let Some((_b, _e)) = tracked(fd) {
+        if mode.is_null() {
+            set_errno(libc::EINVAL);
+            return std::ptr::null_mut();
+        }
+        // SAFETY: a NUL-terminated mode string (fdopen's contract).
+        let m = unsafe { CStr::from_ptr(mode) }.to_bytes();
+        if m.first() != Some(&b'r') || m.contains(&b'+') {
+            set_errno(libc::EINVAL);
+            return std::ptr::null_mut();
+        }
+        return cookie_stream(fd);
+    }
+    // SAFETY: forwarding.
+    unsafe {
+        real!(
+            "fdopen",
+            unsafe extern "C" fn(c_int, *const c_char) -> *mut libc::FILE
+        )(fd, mode)
+    }
+}
+
+/// # Safety
+/// libc's `fopen`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fopen(path: *const c_char, mode: *const c_char) -> *mut libc::FILE {
+    // SAFETY: forwarding.
+    unsafe { fopen_common(path, mode, real!("fopen", FopenFn)) }
+}
+
+/// # Safety
+/// libc's `fopen64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fopen64(path: *const c_char, mode: *const c_char) -> *mut libc::FILE {
+    // SAFETY: forwarding.
+    unsafe { fopen_common(path, mode, real!("fopen64", FopenFn)) }
+}
+
+// ---- fork ----------------------------------------------------------------
+
+type Held = (
+    parking_lot::MutexGuard<'static, Option<Client>>,
+    parking_lot::MutexGuard<'static, State>,
+);
+
+thread_local! {
+    /// The locks the forking thread holds across fork.
+    static HELD: std::cell::RefCell<Option<Held>> = const { std::cell::RefCell::new(None) };
+}
+
+extern "C" fn before_fork() {
+    // Held across fork so the child's copies are consistent; released in
+    // both processes below (fork returns in the same thread).
+    let held = (CLIENT.lock(), STATE.lock());
+    let _ = HELD.try_with(|h| *h.borrow_mut() = Some(held));
+}
+
+extern "C" fn after_fork_parent() {
+    // Dropping the guards releases the locks.
+    let _ = HELD.try_with(|h| drop(h.borrow_mut().take()));
+}
+
+/// In the child: the connection is the parent's (its requests would mix
+/// with the parent's), and lazy mappings are not inherited
+/// (`MADV_DONTFORK`). The connection, the open files and the mappings are
+/// forgotten, never dropped (dropping would speak on the parent's
+/// connection or join threads the child does not have). The child's copies
+/// of descriptors of served files keep working: each opens its path again
+/// on the child's own connection (made on first use), at the offset it had
+/// at the fork (from then on the parent's and the child's offsets are
+/// separate, unlike a shared open file description).
+extern "C" fn after_fork_child() {
+    let _ = HELD.try_with(|h| {
+        if let Some((mut c, mut st)) = h.borrow_mut().take() {
+            std::mem::forget(c.take());
+            std::mem::forget(std::mem::take(&mut st.maps));
+            let old = std::mem::take(&mut st.fds);
+            // Descriptors that shared an entry (dups) share the new one.
+            let mut fresh: Vec<(*const Entry, Arc<Entry>)> = Vec::new();
+            for (fd, e) in old.iter() {
+                let key = Arc::as_ptr(e);
+                let n = match fresh.iter().find(|(k, _)| *k == key) {
+                    Some((_, n)) => n.clone(),
+                    None => {
+                        let n = Arc::new(Entry {
+                            path: e.path.clone(),
+                            file: Mutex::new(None),
+                            pos: AtomicU64::new(e.pos.load(Ordering::SeqCst)),
+                        });
+                        fresh.push((key, n.clone()));
+                        n
+                    }
+                };
+                st.fds.insert(*fd, n);
+            }
+            std::mem::forget(old);
+        }
+    });
+}
+
+extern "C" fn init() {
+    // SAFETY: three valid handlers with no preconditions.
+    unsafe {
+        libc::pthread_atfork(
+            Some(before_fork),
+            Some(after_fork_parent),
+            Some(after_fork_child),
+        )
+    };
+}
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static INIT: extern "C" fn() = init;
