@@ -144,7 +144,7 @@ impl<'a> MapOptions<'a> {
             },
             (_, _, Some(a)) => {
                 // SAFETY: the caller owns the fixed range (map_fixed's contract).
-                unsafe { RawMap::map(Some(a), fd, self.offset, maplen as usize, prot, flags) }
+                unsafe { RawMap::map(Some(a), fd, (self.offset, maplen as usize), prot, flags) }
                     .map_err(e)?
             }
             (_, _, None) => {

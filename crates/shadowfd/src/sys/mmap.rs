@@ -101,7 +101,7 @@ fn mapped(p: *mut libc::c_void, len: usize, fixed: bool) -> io::Result<RawMap> {
 
 impl RawMap {
     /// Maps `len` (> 0) bytes of `fd` from `offset` (page-aligned) at an
-    /// address the kernel picks.
+    /// address the kernel picks: [`RawMap::map`] without a fixed address.
     pub(crate) fn new(
         fd: BorrowedFd<'_>,
         offset: u64,
@@ -112,7 +112,7 @@ impl RawMap {
         assert!(len > 0, "RawMap::new of zero length");
         // SAFETY: no fixed address: a fresh mapping chosen by the kernel
         // cannot alias any Rust object.
-        unsafe { Self::map(None, fd, offset, len, prot, flags) }
+        unsafe { Self::map(None, fd, (offset, len), prot, flags) }
     }
 
     /// Maps `len` bytes of `fd` from `offset`: at exactly `at`, replacing
@@ -127,8 +127,7 @@ impl RawMap {
     pub(crate) unsafe fn map(
         at: Option<*mut u8>,
         fd: BorrowedFd<'_>,
-        offset: u64,
-        len: usize,
+        (offset, len): (u64, usize),
         prot: i32,
         flags: i32,
     ) -> io::Result<RawMap> {

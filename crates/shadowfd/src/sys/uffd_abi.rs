@@ -154,29 +154,20 @@ const _: () = assert!(std::mem::size_of::<uffdio_register>() == 32);
 const _: () = assert!(std::mem::size_of::<uffdio_poison>() == 32);
 const _: () = assert!(std::mem::size_of::<uffdio_continue>() == 32);
 
-const UFFDIO_API: libc::c_ulong =
-    nix::request_code_readwrite!(UFFDIO, _UFFDIO_API, std::mem::size_of::<uffdio_api>()) as _;
-const UFFDIO_REGISTER: libc::c_ulong = nix::request_code_readwrite!(
-    UFFDIO,
-    _UFFDIO_REGISTER,
-    std::mem::size_of::<uffdio_register>()
-) as _;
-const UFFDIO_UNREGISTER: libc::c_ulong = nix::request_code_read!(
-    UFFDIO,
-    _UFFDIO_UNREGISTER,
-    std::mem::size_of::<uffdio_range>()
-) as _;
-const UFFDIO_WAKE: libc::c_ulong =
-    nix::request_code_read!(UFFDIO, _UFFDIO_WAKE, std::mem::size_of::<uffdio_range>()) as _;
-const UFFDIO_COPY: libc::c_ulong =
-    nix::request_code_readwrite!(UFFDIO, _UFFDIO_COPY, std::mem::size_of::<uffdio_copy>()) as _;
-const UFFDIO_CONTINUE: libc::c_ulong = nix::request_code_readwrite!(
-    UFFDIO,
-    _UFFDIO_CONTINUE,
-    std::mem::size_of::<uffdio_continue>()
-) as _;
-const UFFDIO_POISON: libc::c_ulong =
-    nix::request_code_readwrite!(UFFDIO, _UFFDIO_POISON, std::mem::size_of::<uffdio_poison>()) as _;
+/// `_IOWR(UFFDIO, nr, T)` / `_IOR(UFFDIO, nr, T)` as a `c_ulong`.
+macro_rules! uffd_ioctl {
+    ($name:ident = $dir:ident($nr:expr, $t:ty)) => {
+        const $name: libc::c_ulong = nix::$dir!(UFFDIO, $nr, std::mem::size_of::<$t>()) as _;
+    };
+}
+
+uffd_ioctl!(UFFDIO_API = request_code_readwrite(_UFFDIO_API, uffdio_api));
+uffd_ioctl!(UFFDIO_REGISTER = request_code_readwrite(_UFFDIO_REGISTER, uffdio_register));
+uffd_ioctl!(UFFDIO_UNREGISTER = request_code_read(_UFFDIO_UNREGISTER, uffdio_range));
+uffd_ioctl!(UFFDIO_WAKE = request_code_read(_UFFDIO_WAKE, uffdio_range));
+uffd_ioctl!(UFFDIO_COPY = request_code_readwrite(_UFFDIO_COPY, uffdio_copy));
+uffd_ioctl!(UFFDIO_CONTINUE = request_code_readwrite(_UFFDIO_CONTINUE, uffdio_continue));
+uffd_ioctl!(UFFDIO_POISON = request_code_readwrite(_UFFDIO_POISON, uffdio_poison));
 /// `USERFAULTFD_IOC_NEW` on `/dev/userfaultfd`: `_IO(0xAA, 0x00)`.
 const USERFAULTFD_IOC_NEW: libc::c_ulong = nix::request_code_none!(UFFDIO, 0x00) as _;
 
