@@ -66,7 +66,14 @@ fn clock_ticks_per_second() -> u64 {
 
 /// Measures the service threads over `span` and asserts under 1% of a CPU;
 /// returns their context switches meanwhile.
-fn assert_idle(what: &str, span: Duration, workers: usize) -> u64 {
+///
+/// utime+stime are sampled at the clock tick (10 ms here): a thread that
+/// runs for microseconds is charged a whole tick when the tick lands on it.
+/// So the tick count is held to under 1% only where the threads never ran
+/// (`ticks_exact`); after a burst of faults, when workers make a few short
+/// checks before parking, the exact figure is schedstat's (ns), and at most
+/// one sampled tick is allowed.
+fn assert_idle(what: &str, span: Duration, workers: usize, ticks_exact: bool) -> u64 {
     let hz = clock_ticks_per_second();
     let a = usage();
     let t0 = Instant::now();
@@ -85,11 +92,19 @@ fn assert_idle(what: &str, span: Duration, workers: usize) -> u64 {
         cpu * 100.0,
         run * 100.0,
     );
-    assert!(
-        cpu < 0.01,
-        "{what}: the idle fault service used {:.2}% of a CPU (utime+stime {ticks} ticks)",
-        cpu * 100.0
-    );
+    if ticks_exact {
+        assert!(
+            cpu < 0.01,
+            "{what}: the idle fault service used {:.2}% of a CPU (utime+stime {ticks} ticks)",
+            cpu * 100.0
+        );
+    } else {
+        assert!(
+            ticks <= 1,
+            "{what}: the idle fault service was charged {ticks} ticks ({:.2}% of a CPU)",
+            cpu * 100.0
+        );
+    }
     assert!(
         run < 0.01,
         "{what}: the idle fault service ran {:.3}% of the time (schedstat)",
@@ -125,7 +140,7 @@ fn an_idle_engine_with_open_lazy_shadows_uses_no_cpu() {
     while usage().threads != workers && t0.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(5));
     }
-    let switches = assert_idle("after start", Duration::from_secs(2), workers);
+    let switches = assert_idle("after start", Duration::from_secs(2), workers, true);
     // Parked: no timer runs (a wake-up or two from the start at most).
     assert!(switches <= 5, "{switches} wake-ups of parked workers");
 
@@ -148,8 +163,8 @@ fn an_idle_engine_with_open_lazy_shadows_uses_no_cpu() {
     });
     assert_eq!(&maps[0][..], &data[..], "sequential read");
     assert!(engine.stats().faults > 0);
-    assert_idle("after faults", Duration::from_secs(2), workers);
+    assert_idle("after faults", Duration::from_secs(2), workers, false);
     // By now they have parked again.
-    let switches = assert_idle("parked again", Duration::from_secs(1), workers);
+    let switches = assert_idle("parked again", Duration::from_secs(1), workers, false);
     assert!(switches <= 5, "{switches} wake-ups of parked workers");
 }
