@@ -222,7 +222,9 @@ struct shadowfd_shadow *shadowfd_open_image(struct shadowfd_engine *engine,
 // before this returns NULL on failure, or once the library no longer needs
 // the source: for an eager shadow when it is freed, for a lazy one when it
 // and every mapping of it are gone (mappings outlive the shadow, and keep
-// filling from the source). Returns NULL on error. Thread-safety: as
+// filling from the source) and no fill of it is in flight (such a fill
+// ends first, so `release` may run on a fault-service thread just after
+// the last free returns). Returns NULL on error. Thread-safety: as
 // `shadowfd_open_path`.
 //
 // # Safety
