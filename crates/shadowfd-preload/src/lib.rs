@@ -684,10 +684,14 @@ pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: SizeT) -> SsizeT {
     }
 }
 
+type PreadFn = unsafe extern "C" fn(c_int, *mut c_void, SizeT, OffT) -> SsizeT;
+
+/// `pread`/`pread64`: a served descriptor is read through the server;
+/// any other goes to `real`.
+///
 /// # Safety
-/// libc's `pread`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn pread(fd: c_int, buf: *mut c_void, n: SizeT, off: OffT) -> SsizeT {
+/// libc's `pread`, with `real` its next definition.
+unsafe fn pread_common(fd: c_int, buf: *mut c_void, n: SizeT, off: OffT, real: PreadFn) -> SsizeT {
     if let Some((_b, e)) = tracked(fd) {
         if off < 0 {
             return fail(libc::EINVAL) as SsizeT;
@@ -695,31 +699,23 @@ pub unsafe extern "C" fn pread(fd: c_int, buf: *mut c_void, n: SizeT, off: OffT)
         return read_entry(&e, buf, n, Some(off as u64));
     }
     // SAFETY: forwarding.
-    unsafe {
-        real!(
-            "pread",
-            unsafe extern "C" fn(c_int, *mut c_void, SizeT, OffT) -> SsizeT
-        )(fd, buf, n, off)
-    }
+    unsafe { real(fd, buf, n, off) }
+}
+
+/// # Safety
+/// libc's `pread`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pread(fd: c_int, buf: *mut c_void, n: SizeT, off: OffT) -> SsizeT {
+    // SAFETY: forwarding.
+    unsafe { pread_common(fd, buf, n, off, real!("pread", PreadFn)) }
 }
 
 /// # Safety
 /// libc's `pread64`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn pread64(fd: c_int, buf: *mut c_void, n: SizeT, off: OffT) -> SsizeT {
-    if let Some((_b, e)) = tracked(fd) {
-        if off < 0 {
-            return fail(libc::EINVAL) as SsizeT;
-        }
-        return read_entry(&e, buf, n, Some(off as u64));
-    }
     // SAFETY: forwarding.
-    unsafe {
-        real!(
-            "pread64",
-            unsafe extern "C" fn(c_int, *mut c_void, SizeT, OffT) -> SsizeT
-        )(fd, buf, n, off)
-    }
+    unsafe { pread_common(fd, buf, n, off, real!("pread64", PreadFn)) }
 }
 
 /// # Safety
@@ -1225,38 +1221,42 @@ pub unsafe extern "C" fn copy_file_range(
     }
 }
 
+type SendfileFn = unsafe extern "C" fn(c_int, c_int, *mut OffT, SizeT) -> SsizeT;
+
+/// `sendfile`/`sendfile64` from a served descriptor: emulated (read, then
+/// write); any other goes to `real`.
+///
 /// # Safety
-/// libc's `sendfile`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn sendfile(out: c_int, fd: c_int, off: *mut OffT, n: SizeT) -> SsizeT {
+/// libc's `sendfile`, with `real` its next definition.
+unsafe fn sendfile_common(
+    out: c_int,
+    fd: c_int,
+    off: *mut OffT,
+    n: SizeT,
+    real: SendfileFn,
+) -> SsizeT {
     if let Some((_b, e)) = tracked(fd) {
         // SAFETY: the caller's pointer.
         return unsafe { copy_out(&e, off, out, std::ptr::null_mut(), n) };
     }
     // SAFETY: forwarding.
-    unsafe {
-        real!(
-            "sendfile",
-            unsafe extern "C" fn(c_int, c_int, *mut OffT, SizeT) -> SsizeT
-        )(out, fd, off, n)
-    }
+    unsafe { real(out, fd, off, n) }
+}
+
+/// # Safety
+/// libc's `sendfile`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendfile(out: c_int, fd: c_int, off: *mut OffT, n: SizeT) -> SsizeT {
+    // SAFETY: forwarding.
+    unsafe { sendfile_common(out, fd, off, n, real!("sendfile", SendfileFn)) }
 }
 
 /// # Safety
 /// libc's `sendfile64`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sendfile64(out: c_int, fd: c_int, off: *mut OffT, n: SizeT) -> SsizeT {
-    if let Some((_b, e)) = tracked(fd) {
-        // SAFETY: the caller's pointer.
-        return unsafe { copy_out(&e, off, out, std::ptr::null_mut(), n) };
-    }
     // SAFETY: forwarding.
-    unsafe {
-        real!(
-            "sendfile64",
-            unsafe extern "C" fn(c_int, c_int, *mut OffT, SizeT) -> SsizeT
-        )(out, fd, off, n)
-    }
+    unsafe { sendfile_common(out, fd, off, n, real!("sendfile64", SendfileFn)) }
 }
 
 // ---- stat ----------------------------------------------------------------
@@ -1313,10 +1313,12 @@ pub unsafe extern "C" fn lstat64(path: *const c_char, st: *mut libc::stat64) -> 
 
 type FstatFn = unsafe extern "C" fn(c_int, *mut libc::stat64) -> c_int;
 
+/// `fstat`/`fstat64`: a served descriptor reports the served file; any
+/// other goes to `real`.
+///
 /// # Safety
-/// libc's `fstat`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fstat(fd: c_int, st: *mut libc::stat64) -> c_int {
+/// libc's `fstat`, with `real` its next definition.
+unsafe fn fstat_common(fd: c_int, st: *mut libc::stat64, real: FstatFn) -> c_int {
     if let Some((_b, e)) = tracked(fd) {
         return match e.file() {
             Ok(f) => fill_stat(&f, st),
@@ -1324,21 +1326,23 @@ pub unsafe extern "C" fn fstat(fd: c_int, st: *mut libc::stat64) -> c_int {
         };
     }
     // SAFETY: forwarding.
-    unsafe { real!("fstat", FstatFn)(fd, st) }
+    unsafe { real(fd, st) }
+}
+
+/// # Safety
+/// libc's `fstat`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fstat(fd: c_int, st: *mut libc::stat64) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { fstat_common(fd, st, real!("fstat", FstatFn)) }
 }
 
 /// # Safety
 /// libc's `fstat64`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fstat64(fd: c_int, st: *mut libc::stat64) -> c_int {
-    if let Some((_b, e)) = tracked(fd) {
-        return match e.file() {
-            Ok(f) => fill_stat(&f, st),
-            Err(err) => fail(err),
-        };
-    }
     // SAFETY: forwarding.
-    unsafe { real!("fstat64", FstatFn)(fd, st) }
+    unsafe { fstat_common(fd, st, real!("fstat64", FstatFn)) }
 }
 
 type FstatatFn = unsafe extern "C" fn(c_int, *const c_char, *mut libc::stat64, c_int) -> c_int;
