@@ -2,6 +2,9 @@
 //! files under a mount prefix through the LD_PRELOAD shim, byte-exact
 //! against the host files (docs/run.md).
 
+mod common;
+
+use common::pattern;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -41,19 +44,6 @@ fn preload() -> &'static Path {
         assert!(lib.is_file(), "{} missing", lib.display());
         lib
     })
-}
-
-/// Bytes with no zero byte, so a page read as zeros never passes for data.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % 255) as u8 + 1
-        })
-        .collect()
 }
 
 /// A served tree: big.bin (64 MiB), small.txt, sub/odd.bin (not page-sized).
