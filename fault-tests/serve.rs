@@ -49,6 +49,14 @@ fn wait_socket(sock: &Path, server: &mut Proc) {
     }
 }
 
+/// A temporary directory and, inside it, an empty `root` to serve.
+fn served_root() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempdir();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    (dir, root)
+}
+
 /// `shadowfd serve --socket SOCK --root ROOT EXTRA...`, listening.
 fn cli_server(sock: &Path, root: &Path, extra: &[&str]) -> Proc {
     let mut args = vec![
@@ -229,9 +237,7 @@ fn many_clients_share_one_shadow_and_read_the_source_once() {
         return;
     }
     let test = test_name!(many_clients_share_one_shadow_and_read_the_source_once);
-    let dir = tempdir();
-    let root = dir.path().join("root");
-    std::fs::create_dir(&root).unwrap();
+    let (dir, root) = served_root();
     let (id, size) = (0x13_01, 1u64 << 30);
     write_file(&root, "big.bin", id, size);
     let sock = dir.path().join("s.sock");
@@ -315,9 +321,7 @@ fn a_client_without_userfaultfd_gets_a_sealed_descriptor() {
     if !seccomp::supported() {
         panic!("seccomp filters are unsupported here; this suite needs them");
     }
-    let dir = tempdir();
-    let root = dir.path().join("root");
-    std::fs::create_dir(&root).unwrap();
+    let (dir, root) = served_root();
     let path = write_file(&root, "f.bin", 0x13_02, (8 << 20) + 77);
     let sock = dir.path().join("s.sock");
     let mut server = cli_server(&sock, &root, &[]);
@@ -360,9 +364,7 @@ fn clients_of_a_killed_server_get_sigbus_not_a_hang() {
         return;
     }
     let test = test_name!(clients_of_a_killed_server_get_sigbus_not_a_hang);
-    let dir = tempdir();
-    let root = dir.path().join("root");
-    std::fs::create_dir(&root).unwrap();
+    let (dir, root) = served_root();
     let (id, npages) = (0x13_03, 64u64);
     write_file(&root, "f.bin", id, npages * page());
     let sock = dir.path().join("s.sock");
@@ -479,9 +481,7 @@ fn a_client_killed_mid_fault_is_forgotten() {
         return;
     }
     let test = test_name!(a_client_killed_mid_fault_is_forgotten);
-    let dir = tempdir();
-    let root = dir.path().join("root");
-    std::fs::create_dir(&root).unwrap();
+    let (dir, root) = served_root();
     let (id, npages) = (0x13_04, 64u64);
     write_file(&root, "f.bin", id, npages * page() - 100);
     let sock = dir.path().join("s.sock");
@@ -571,9 +571,7 @@ fn a_client_killed_mid_fault_is_forgotten() {
 /// version 2 ERROR frame with E_VERSION.
 #[test]
 fn a_silent_peer_is_dropped_and_an_old_one_refused() {
-    let dir = tempdir();
-    let root = dir.path().join("root");
-    std::fs::create_dir(&root).unwrap();
+    let (dir, root) = served_root();
     let sock = dir.path().join("s.sock");
     let mut server = cli_server(&sock, &root, &["--peer-timeout", "500ms"]);
     let mut silent = UnixStream::connect(&sock).unwrap();
@@ -660,9 +658,7 @@ fn paths_out_of_the_root_are_refused() {
 /// 0600.
 #[test]
 fn sigterm_stops_the_server_and_removes_its_socket() {
-    let dir = tempdir();
-    let root = dir.path().join("root");
-    std::fs::create_dir(&root).unwrap();
+    let (dir, root) = served_root();
     let sock = dir.path().join("s.sock");
     let mut server = cli_server(&sock, &root, &[]);
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
@@ -749,9 +745,7 @@ fn a_changed_source_gets_a_new_shadow() {
         return;
     }
     let test = test_name!(a_changed_source_gets_a_new_shadow);
-    let dir = tempdir();
-    let root = dir.path().join("root");
-    std::fs::create_dir(&root).unwrap();
+    let (dir, root) = served_root();
     let path = write_file(&root, "f.bin", 0x13_09, 16 * page());
     let sock = dir.path().join("s.sock");
     let mut server = cli_server(&sock, &root, &["--mode", "lazy"]);
@@ -815,9 +809,7 @@ fn idle_shadows_are_evicted_lru_under_the_budget() {
     if !lazy_available("serve: eviction") {
         return;
     }
-    let dir = tempdir();
-    let root = dir.path().join("root");
-    std::fs::create_dir(&root).unwrap();
+    let (dir, root) = served_root();
     for (i, name) in ["a", "b", "c"].iter().enumerate() {
         write_file(&root, name, 0x13_10 + i as u64, 20 << 20);
     }
@@ -879,9 +871,7 @@ fn server_death_bound_on_an_interleaved_64m_mapping() {
         return;
     }
     let test = test_name!(server_death_bound_on_an_interleaved_64m_mapping);
-    let dir = tempdir();
-    let root = dir.path().join("root");
-    std::fs::create_dir(&root).unwrap();
+    let (dir, root) = served_root();
     let id = 0x13_11;
     write_file(&root, "f.bin", id, 64 << 20);
     let sock = dir.path().join("s.sock");
@@ -937,9 +927,7 @@ fn client_cat_of_a_killed_server_stops_with_an_error_not_zeros() {
         return;
     }
     let test = test_name!(client_cat_of_a_killed_server_stops_with_an_error_not_zeros);
-    let dir = tempdir();
-    let root = dir.path().join("root");
-    std::fs::create_dir(&root).unwrap();
+    let (dir, root) = served_root();
     let path = write_file(&root, "f.bin", 0x13_12, 512 * page());
     let sock = dir.path().join("s.sock");
     let mut server = Proc::spawn(
