@@ -44,35 +44,6 @@
         check_message(#e, word);                                               \
     } while (0)
 
-static size_t page;
-static unsigned char *want; /* the file's bytes */
-static size_t want_len;
-
-static void check_message(const char *what, const char *word) {
-    const char *m = shadowfd_last_error();
-    if (!m || !*m)
-        FAIL("%s: no message", what);
-    if (word && !strstr(m, word))
-        FAIL("%s: message lacks \"%s\": %s", what, word, m);
-    printf("ok: %s -> %s\n", what, m);
-}
-
-static void load(const char *path) {
-    int fd = open(path, O_RDONLY);
-    CHECK(fd >= 0);
-    struct stat st;
-    CHECK(fstat(fd, &st) == 0);
-    want_len = (size_t)st.st_size;
-    want = malloc(want_len + 1);
-    CHECK(want);
-    size_t done = 0;
-    while (done < want_len) {
-        ssize_t n = pread(fd, want + done, want_len - done, (off_t)done);
-        CHECK(n > 0);
-        done += (size_t)n;
-    }
-    close(fd);
-}
 
 static void same(const void *got, size_t off, size_t len, const char *what) {
     if (off + len > want_len || memcmp(got, want + off, len) != 0) {
