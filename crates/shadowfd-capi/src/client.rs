@@ -162,7 +162,7 @@ pub(crate) fn stats_json(f: &RemoteFile) -> Result<*mut c_char, Failure> {
 
 /// Connects to the shadowfd server listening on the Unix socket
 /// `socket_path` (`shadowfd serve --socket PATH`), speaking protocol
-/// version 3 (docs/protocol.md). If this process can make a usable
+/// version 4 (docs/protocol.md). If this process can make a usable
 /// userfaultfd, it is sent along and mappings of lazy server shadows are
 /// lazy (filled by the server on first touch); where userfaultfd is denied
 /// (seccomp, sysctl, an old kernel), the client falls back to sealed

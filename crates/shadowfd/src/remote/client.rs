@@ -67,7 +67,7 @@ impl Drop for Inner {
 }
 
 /// A connection to a shadowfd server (`shadowfd serve`, or
-/// [`super::Server`] in another process), speaking protocol version 3
+/// [`super::Server`] in another process), speaking protocol version 4
 /// (docs/protocol.md).
 ///
 /// If the server hangs up or dies, a thread of this client answers every

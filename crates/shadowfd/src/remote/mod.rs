@@ -3,7 +3,7 @@
 //!
 //! A sandbox usually maps shadows in a *guest* process, not in the process
 //! that holds the engine. The client connects over a Unix socket and says
-//! first which protocol it speaks (version 3, docs/protocol.md), sending its
+//! first which protocol it speaks (version 4, docs/protocol.md), sending its
 //! own userfaultfd if it has one. It OPENs files by path and MAPs them: a
 //! lazy mapping is the shadow's memfd mapped `PROT_NONE`, registered with
 //! the client's userfaultfd for MISSING and MINOR faults and ATTACHed; the

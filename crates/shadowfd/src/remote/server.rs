@@ -1,4 +1,4 @@
-//! The server side: sessions with client processes (protocol version 3,
+//! The server side: sessions with client processes (protocol version 4,
 //! docs/protocol.md), the table of shared shadows, and the one-shadow
 //! [`serve`] kept for embedders.
 
@@ -442,13 +442,14 @@ impl Inner {
                 ),
             ));
         }
-        if hello.a < wire::VERSION {
+        if hello.a < wire::MIN_VERSION {
             return Err(send_err(
                 hello.kind,
                 wire::E_VERSION,
                 format!(
-                    "the client speaks protocol versions up to {}; this server speaks version {} only",
+                    "the client speaks protocol versions up to {}; this server speaks versions {} to {}",
                     hello.a,
+                    wire::MIN_VERSION,
                     wire::VERSION
                 ),
             ));
@@ -492,7 +493,7 @@ impl Inner {
         let cap = self.engine.as_ref().map_or(0, |e| e.config().max_size);
         let reply = Frame::new(
             wire::HELLO | wire::REPLY,
-            wire::VERSION,
+            hello.a.min(wire::VERSION),
             u64::from(std::process::id()),
             cap,
             crate::page_size() as u64,
@@ -1171,7 +1172,7 @@ impl Served {
 }
 
 /// Serves `shadow` alone to one client on the other end of `stream`, which
-/// calls [`super::RemoteMapping::receive`] (or speaks protocol version 3
+/// calls [`super::RemoteMapping::receive`] (or speaks protocol version 4
 /// itself: every path it OPENs names this shadow). The client's HELLO is
 /// taken here (bounded by [`PEER_TIMEOUT`]); the rest of the session runs on
 /// a thread until the client hangs up. A lazy shadow is mapped lazily by a

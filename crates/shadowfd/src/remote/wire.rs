@@ -1,4 +1,4 @@
-//! The framed protocol between a shadowfd server and its clients, version 3
+//! The framed protocol between a shadowfd server and its clients, version 4
 //! (docs/protocol.md is the specification).
 //!
 //! A frame is a 48-byte header, then `len` bytes of payload:
@@ -31,7 +31,12 @@ pub const MAX_PATH: usize = 4096;
 /// The protocol version this crate speaks. Versions 1 and 2 (fixed 40-byte
 /// frames, one shadow per connection) are answered with a version-2 ERROR
 /// frame, code [`E_VERSION`].
-pub const VERSION: u64 = 3;
+pub const VERSION: u64 = 4;
+
+/// The oldest protocol version this server still answers. A version 3
+/// client never sends the requests or arguments version 4 added, so the
+/// server treats its session as version 4 with those unused.
+pub const MIN_VERSION: u64 = 3;
 
 /// Set in a reply's kind: `OPEN | REPLY` answers `OPEN`.
 pub const REPLY: u32 = 0x8000;
