@@ -226,11 +226,97 @@ impl Client {
         })
     }
 
+    /// What `path` is in the served tree (protocol version 4, STAT): a file,
+    /// a directory or something else, with its size, identity and mtime.
+    /// Symbolic links are followed inside the tree, as [`Client::open`]
+    /// follows them; nothing is opened or shadowed.
+    pub fn stat(&self, path: &str) -> Result<PathInfo> {
+        let f = Frame::new(wire::STAT, 0, 0, 0, 0).with_payload(path.as_bytes().to_vec());
+        let (r, _) = self.call(&f, &format!("STAT {path:?}"), false)?;
+        let p = &r.payload;
+        let word = |i: usize| -> u64 {
+            p.get(i * 8..i * 8 + 8)
+                .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        };
+        Ok(PathInfo {
+            kind: match r.a {
+                wire::KIND_FILE => PathKind::File,
+                wire::KIND_DIR => PathKind::Dir,
+                _ => PathKind::Other,
+            },
+            size: r.b,
+            device: r.c,
+            inode: r.d,
+            mtime: (word(0) as i64, word(1) as i64),
+            nlink: word(2),
+        })
+    }
+
+    /// One page of the directory `path` (protocol version 4, LIST), from
+    /// `cursor` (0 for the first page): the entries, the cursor of the next
+    /// page, and whether this page is the last.
+    pub fn list_page(&self, path: &str, cursor: u64) -> Result<(Vec<wire::DirEntry>, u64, bool)> {
+        let f = Frame::new(wire::LIST, cursor, 0, 0, 0).with_payload(path.as_bytes().to_vec());
+        let (r, _) = self.call(&f, &format!("LIST {path:?}"), false)?;
+        let entries = wire::parse_entries(&r.payload, r.a)
+            .map_err(|e| protocol(format!("the LIST reply for {path:?} is malformed: {e}")))?;
+        Ok((entries, r.b, r.c == 1))
+    }
+
+    /// Every entry of the directory `path` in the served tree (protocol
+    /// version 4, LIST, page after page), without `.` and `..`. Entries are
+    /// regular files and directories; a symbolic link is listed as what it
+    /// leads to inside the tree and left out if it leads nowhere or out of
+    /// it, and sockets, FIFOs and devices are left out.
+    pub fn list(&self, path: &str) -> Result<Vec<wire::DirEntry>> {
+        let mut out = Vec::new();
+        let mut cursor = 0;
+        // A server that never says "last page" cannot keep us here forever.
+        for _ in 0..(1u32 << 20) {
+            let (mut e, next, end) = self.list_page(path, cursor)?;
+            out.append(&mut e);
+            if end {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+        Err(protocol(format!(
+            "LIST {path:?}: the server sent over a million pages without a last one"
+        )))
+    }
+
     /// The server's status as JSON (docs/protocol.md, STATS).
     pub fn status_json(&self) -> Result<String> {
         let (r, _) = self.call(&Frame::new(wire::STATS, 0, 0, 0, 0), "STATS", false)?;
         String::from_utf8(r.payload).map_err(|_| protocol("STATS reply is not UTF-8"))
     }
+}
+
+/// What a path in the served tree is ([`Client::stat`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    File,
+    Dir,
+    /// A socket, FIFO or device: nothing that can be opened or listed.
+    Other,
+}
+
+/// What [`Client::stat`] answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathInfo {
+    pub kind: PathKind,
+    /// Size in bytes (of a directory: its size in the source, as `stat`
+    /// reports it there).
+    pub size: u64,
+    /// Device of the source (for an image: the image's identity), as the
+    /// OPEN reply reports it.
+    pub device: u64,
+    /// Inode of the source (inside the image, for an image).
+    pub inode: u64,
+    /// Modification time: seconds and nanoseconds.
+    pub mtime: (i64, i64),
+    /// Link count in the source.
+    pub nlink: u64,
 }
 
 /// Receives the reply to `kind`: an ERROR becomes an error naming the code

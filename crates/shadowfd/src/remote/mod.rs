@@ -28,5 +28,6 @@ mod server;
 mod tree;
 pub mod wire;
 
-pub use client::{Client, ClientOptions, RemoteFile, RemoteMapping};
+pub use client::{Client, ClientOptions, PathInfo, PathKind, RemoteFile, RemoteMapping};
+pub use wire::DirEntry;
 pub use server::{EventLog, PEER_TIMEOUT, Served, Server, ServerOptions, SourceHook, Tree, serve};

@@ -636,6 +636,8 @@ impl Inner {
             wire::STATS => self.stats(conn, &f),
             wire::UNMAP => self.unmap(conn, &f),
             wire::CLOSE => self.close(conn, &f),
+            wire::STAT => self.stat_path(&f),
+            wire::LIST => self.list(&f),
             wire::ATTACH => refuse(
                 f.kind,
                 wire::E_PROTOCOL,
@@ -725,6 +727,71 @@ impl Inner {
             .with_payload(payload),
             None,
         )
+    }
+
+    /// STAT (since version 4): what a path is, without opening a shadow.
+    fn stat_path(&self, f: &Frame) -> (Frame, Option<OwnedFd>) {
+        let r = tree::relative(&f.payload).and_then(|rel| match &self.tree {
+            TreeImpl::Root(dir) => tree::stat_root(dir, rel),
+            TreeImpl::Image(img) => tree::stat_in_image(img, rel),
+            TreeImpl::Single(e) => {
+                let m = e.meta();
+                Ok(tree::PathStat {
+                    kind: wire::KIND_FILE,
+                    size: m.size,
+                    device: m.device,
+                    inode: m.inode,
+                    mtime: m.mtime,
+                    nlink: 1,
+                })
+            }
+        });
+        match r {
+            Ok(s) => {
+                let mut p = Vec::with_capacity(24);
+                p.extend_from_slice(&s.mtime.sec.to_le_bytes());
+                p.extend_from_slice(&(s.mtime.nsec as u64).to_le_bytes());
+                p.extend_from_slice(&s.nlink.to_le_bytes());
+                (
+                    Frame::new(wire::STAT | wire::REPLY, s.kind, s.size, s.device, s.inode)
+                        .with_payload(p),
+                    None,
+                )
+            }
+            Err((code, msg)) => refuse(f.kind, code, msg),
+        }
+    }
+
+    /// LIST (since version 4): one page of a directory, from cursor `a`.
+    fn list(&self, f: &Frame) -> (Frame, Option<OwnedFd>) {
+        let r = tree::relative(&f.payload).and_then(|rel| match &self.tree {
+            TreeImpl::Root(dir) => tree::list_root(dir, rel, f.a),
+            TreeImpl::Image(img) => tree::list_in_image(img, rel, f.a),
+            TreeImpl::Single(_) => Err((
+                wire::E_NOT_DIR,
+                "this server serves one file and has no directories to LIST".into(),
+            )),
+        });
+        match r {
+            Ok(page) => {
+                let mut p = Vec::new();
+                for e in &page.entries {
+                    wire::put_entry(&mut p, e);
+                }
+                (
+                    Frame::new(
+                        wire::LIST | wire::REPLY,
+                        page.entries.len() as u64,
+                        page.next,
+                        u64::from(page.end),
+                        0,
+                    )
+                    .with_payload(p),
+                    None,
+                )
+            }
+            Err((code, msg)) => refuse(f.kind, code, msg),
+        }
     }
 
     /// The shared entry for a client's path, opening a shadow if none

@@ -247,6 +247,296 @@ pub(crate) fn open_in_image(
     }
 }
 
+/// What STAT answers for a path (since protocol version 4).
+#[derive(Debug, Clone)]
+pub(crate) struct PathStat {
+    /// [`wire::KIND_FILE`], [`wire::KIND_DIR`] or [`wire::KIND_OTHER`].
+    pub kind: u64,
+    pub size: u64,
+    pub device: u64,
+    pub inode: u64,
+    pub mtime: crate::source::Timestamp,
+    pub nlink: u64,
+}
+
+/// One page of LIST (since protocol version 4).
+#[derive(Debug, Clone)]
+pub(crate) struct ListPage {
+    pub entries: Vec<wire::DirEntry>,
+    /// The cursor of the next page.
+    pub next: u64,
+    /// Whether this is the last page.
+    pub end: bool,
+}
+
+fn kind_of_mode(mode: u32) -> u64 {
+    match mode & libc::S_IFMT {
+        libc::S_IFREG => wire::KIND_FILE,
+        libc::S_IFDIR => wire::KIND_DIR,
+        _ => wire::KIND_OTHER,
+    }
+}
+
+fn shown(rel: &[u8]) -> String {
+    format!("/{}", String::from_utf8_lossy(rel))
+}
+
+/// STAT of `rel` beneath the root: confined like OPEN (symlinks followed
+/// inside the tree only).
+pub(crate) fn stat_root(dir: &Arc<OwnedFd>, rel: &[u8]) -> std::result::Result<PathStat, Refusal> {
+    use std::os::unix::fs::MetadataExt;
+    let name = shown(rel);
+    let fd = open_beneath(dir.as_fd(), rel, libc::O_PATH).map_err(|e| refusal_of(&name, &e))?;
+    let m = File::from(fd).metadata().map_err(|e| refusal_of(&name, &e))?;
+    Ok(PathStat {
+        kind: kind_of_mode(m.mode()),
+        size: m.size(),
+        device: m.dev(),
+        inode: m.ino(),
+        mtime: crate::source::Timestamp::mtime_of(&m),
+        nlink: m.nlink(),
+    })
+}
+
+fn fstatat_nofollow(dir: BorrowedFd<'_>, name: &[u8]) -> Option<libc::stat64> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: stat64 is plain data; all-zero is a valid value.
+    let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
+    // SAFETY: a live directory descriptor, a NUL-terminated single name
+    // and a stat64 to fill.
+    let r = unsafe {
+        libc::fstatat64(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    (r == 0).then_some(st)
+}
+
+/// LIST of the directory `rel` beneath the root, from `cursor` (0 for the
+/// first page; then the `next` of the page before). Entries are the
+/// regular files and directories in it; a symlink is listed as what it
+/// leads to inside the tree, and left out if it leads nowhere or out of the
+/// tree (as OPEN refuses it); sockets, FIFOs and devices are left out.
+pub(crate) fn list_root(
+    dir: &Arc<OwnedFd>,
+    rel: &[u8],
+    cursor: u64,
+) -> std::result::Result<ListPage, Refusal> {
+    let name = shown(rel);
+    let pfd = open_beneath(dir.as_fd(), rel, libc::O_PATH).map_err(|e| refusal_of(&name, &e))?;
+    let pfile = File::from(pfd);
+    let m = pfile.metadata().map_err(|e| refusal_of(&name, &e))?;
+    if !m.is_dir() {
+        return Err((
+            wire::E_NOT_DIR,
+            format!("{name:?} is not a directory; LIST takes a directory"),
+        ));
+    }
+    // SAFETY: a live O_PATH directory descriptor and a NUL-terminated name.
+    let raw = unsafe {
+        libc::openat(
+            pfile.as_raw_fd(),
+            c".".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NONBLOCK,
+        )
+    };
+    if raw < 0 {
+        return Err(refusal_of(&name, &io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let dfd = unsafe { OwnedFd::from_raw_fd(raw) };
+    if cursor != 0 {
+        if cursor > i64::MAX as u64 {
+            return Err((
+                wire::E_RANGE,
+                format!("LIST cursor {cursor} is not one a LIST reply gave; start with 0"),
+            ));
+        }
+        // SAFETY: a live directory descriptor; a directory offset.
+        if unsafe { libc::lseek64(dfd.as_raw_fd(), cursor as i64, libc::SEEK_SET) } < 0 {
+            return Err((
+                wire::E_RANGE,
+                format!(
+                    "LIST cursor {cursor} of {name:?}: {}; start with 0",
+                    io::Error::last_os_error()
+                ),
+            ));
+        }
+    }
+    let mut page = ListPage {
+        entries: Vec::new(),
+        next: cursor,
+        end: false,
+    };
+    let mut bytes = 0usize;
+    let mut scanned = 0usize;
+    let mut buf = vec![0u8; 32 << 10];
+    loop {
+        // SAFETY: a live directory descriptor and a writable buffer of the
+        // length passed.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                dfd.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(refusal_of(&name, &io::Error::last_os_error()));
+        }
+        if n == 0 {
+            page.end = true;
+            return Ok(page);
+        }
+        let mut at = 0usize;
+        while at < n as usize {
+            let d_off = u64::from_le_bytes(buf[at + 8..at + 16].try_into().expect("8 bytes"));
+            let reclen = usize::from(u16::from_le_bytes([buf[at + 16], buf[at + 17]]));
+            let nm = &buf[at + 19..at + reclen];
+            let nm = &nm[..nm.iter().position(|&b| b == 0).unwrap_or(nm.len())];
+            if nm != b"." && nm != b".." {
+                if page.entries.len() >= wire::LIST_MAX_ENTRIES
+                    || bytes >= wire::LIST_PAGE_BYTES
+                    || scanned >= 4 * wire::LIST_MAX_ENTRIES
+                {
+                    return Ok(page);
+                }
+                scanned += 1;
+                if let Some(e) = root_entry(dir, rel, dfd.as_fd(), nm) {
+                    bytes += wire::LIST_ENTRY_HEAD + nm.len();
+                    page.entries.push(e);
+                }
+            }
+            page.next = d_off;
+            at += reclen;
+        }
+    }
+}
+
+/// One entry of a root listing, or `None` if it is left out.
+fn root_entry(
+    root: &Arc<OwnedFd>,
+    rel: &[u8],
+    dfd: BorrowedFd<'_>,
+    nm: &[u8],
+) -> Option<wire::DirEntry> {
+    let st = fstatat_nofollow(dfd, nm)?;
+    let (kind, inode) = match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG => (wire::KIND_FILE, st.st_ino),
+        libc::S_IFDIR => (wire::KIND_DIR, st.st_ino),
+        libc::S_IFLNK => {
+            use std::os::unix::fs::MetadataExt;
+            let mut p = rel.to_vec();
+            if !p.is_empty() {
+                p.push(b'/');
+            }
+            p.extend_from_slice(nm);
+            let fd = open_beneath(root.as_fd(), &p, libc::O_PATH).ok()?;
+            let m = File::from(fd).metadata().ok()?;
+            match kind_of_mode(m.mode()) {
+                wire::KIND_OTHER => return None,
+                k => (k, m.ino()),
+            }
+        }
+        _ => return None,
+    };
+    Some(wire::DirEntry {
+        name: nm.to_vec(),
+        kind,
+        inode,
+    })
+}
+
+#[cfg(feature = "image")]
+fn image_refusal(e: crate::source::ImageError, list: bool) -> Refusal {
+    let code = match e.kind() {
+        io::ErrorKind::NotFound => wire::E_NOT_FOUND,
+        io::ErrorKind::PermissionDenied => wire::E_ACCESS,
+        io::ErrorKind::NotADirectory if list => wire::E_NOT_DIR,
+        io::ErrorKind::NotADirectory => wire::E_NOT_FOUND,
+        _ => wire::E_IO,
+    };
+    (code, format!("{}: {}", e.location(), e.reason()))
+}
+
+/// STAT of a path inside an image.
+pub(crate) fn stat_in_image(image: &Path, rel: &[u8]) -> std::result::Result<PathStat, Refusal> {
+    #[cfg(feature = "image")]
+    {
+        let s = crate::source::image::dir::stat(image, rel).map_err(|e| image_refusal(e, false))?;
+        Ok(PathStat {
+            kind: match s.kind {
+                FileKind::Regular => wire::KIND_FILE,
+                FileKind::Directory => wire::KIND_DIR,
+                _ => wire::KIND_OTHER,
+            },
+            size: s.size,
+            device: s.device,
+            inode: s.inode,
+            mtime: s.mtime,
+            nlink: s.nlink,
+        })
+    }
+    #[cfg(not(feature = "image"))]
+    {
+        let _ = (image, rel);
+        Err((
+            wire::E_IO,
+            "this build has no image support (feature `image`)".into(),
+        ))
+    }
+}
+
+/// LIST of a directory inside an image (the cursor is a byte position in
+/// the directory's data).
+pub(crate) fn list_in_image(
+    image: &Path,
+    rel: &[u8],
+    cursor: u64,
+) -> std::result::Result<ListPage, Refusal> {
+    #[cfg(feature = "image")]
+    {
+        let p = crate::source::image::dir::list(
+            image,
+            rel,
+            cursor,
+            wire::LIST_MAX_ENTRIES,
+            wire::LIST_PAGE_BYTES,
+        )
+        .map_err(|e| image_refusal(e, true))?;
+        let entries = p
+            .entries
+            .into_iter()
+            .map(|e| wire::DirEntry {
+                name: e.name,
+                kind: if e.kind == FileKind::Directory {
+                    wire::KIND_DIR
+                } else {
+                    wire::KIND_FILE
+                },
+                inode: e.inode,
+            })
+            .collect();
+        Ok(ListPage {
+            entries,
+            next: p.next,
+            end: p.end,
+        })
+    }
+    #[cfg(not(feature = "image"))]
+    {
+        let _ = (image, rel, cursor);
+        Err((
+            wire::E_IO,
+            "this build has no image support (feature `image`)".into(),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,6 +48,11 @@ pub const FILL: u32 = 0x305;
 pub const STATS: u32 = 0x306;
 pub const UNMAP: u32 = 0x307;
 pub const CLOSE: u32 = 0x308;
+/// Since version 4: what a path is (kind, size, identity, mtime) without
+/// opening a shadow.
+pub const STAT: u32 = 0x309;
+/// Since version 4: one page of a directory's entries.
+pub const LIST: u32 = 0x30a;
 /// Server to client, instead of a reply: `a` = code, `b` = the kind refused;
 /// the payload is a message for people (UTF-8).
 pub const ERROR: u32 = 0x3ff;
@@ -83,6 +88,74 @@ pub const E_IO: u64 = 10;
 pub const E_LIMIT: u64 = 11;
 /// Permission denied opening the file.
 pub const E_ACCESS: u64 = 12;
+/// Since version 4: LIST of something that is not a directory.
+pub const E_NOT_DIR: u64 = 13;
+
+/// Since version 4: the kinds STAT and LIST report.
+pub const KIND_FILE: u64 = 1;
+pub const KIND_DIR: u64 = 2;
+/// A socket, FIFO or device (STAT only; LIST leaves them out).
+pub const KIND_OTHER: u64 = 3;
+
+/// At most this many entries in one LIST reply.
+pub const LIST_MAX_ENTRIES: usize = 1024;
+/// A LIST reply's payload stops growing once it is this large (each entry
+/// is at most 12 + 255 bytes, so a page stays far below [`MAX_PAYLOAD`]).
+pub const LIST_PAGE_BYTES: usize = 64 << 10;
+/// Bytes before an entry's name in a LIST reply: u64 inode, u16 name
+/// length, u8 kind, u8 zero.
+pub const LIST_ENTRY_HEAD: usize = 12;
+
+/// One directory entry of a LIST reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    /// The name, without any `/`.
+    pub name: Vec<u8>,
+    /// [`KIND_FILE`] or [`KIND_DIR`].
+    pub kind: u64,
+    /// The inode STAT reports for it.
+    pub inode: u64,
+}
+
+/// Appends `e` to a LIST reply payload.
+pub fn put_entry(out: &mut Vec<u8>, e: &DirEntry) {
+    out.extend_from_slice(&e.inode.to_le_bytes());
+    out.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
+    out.push(e.kind as u8);
+    out.push(0);
+    out.extend_from_slice(&e.name);
+}
+
+/// Decodes a LIST reply payload of `count` entries.
+pub fn parse_entries(p: &[u8], count: u64) -> std::result::Result<Vec<DirEntry>, String> {
+    let mut out = Vec::with_capacity(count.min(LIST_MAX_ENTRIES as u64) as usize);
+    let mut at = 0;
+    for i in 0..count {
+        if at + LIST_ENTRY_HEAD > p.len() {
+            return Err(format!("entry {i} of {count} runs past the payload"));
+        }
+        let inode = u64_at(p, at);
+        let n = usize::from(u16::from_le_bytes([p[at + 8], p[at + 9]]));
+        let kind = u64::from(p[at + 10]);
+        let start = at + LIST_ENTRY_HEAD;
+        if start + n > p.len() || n == 0 || n > 255 {
+            return Err(format!("entry {i} of {count} has a bad name length {n}"));
+        }
+        let name = p[start..start + n].to_vec();
+        if name.contains(&b'/') || name.contains(&0) {
+            return Err(format!("entry {i} of {count} has a name with '/' or NUL"));
+        }
+        out.push(DirEntry { name, kind, inode });
+        at = start + n;
+    }
+    if at != p.len() {
+        return Err(format!(
+            "{} bytes left over after {count} entries",
+            p.len() - at
+        ));
+    }
+    Ok(out)
+}
 
 /// A short name for an error code, for messages.
 pub fn code_name(code: u64) -> &'static str {
@@ -99,6 +172,7 @@ pub fn code_name(code: u64) -> &'static str {
         E_IO => "E_IO",
         E_LIMIT => "E_LIMIT",
         E_ACCESS => "E_ACCESS",
+        E_NOT_DIR => "E_NOT_DIR",
         _ => "unknown code",
     }
 }

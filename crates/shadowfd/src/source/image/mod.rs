@@ -15,6 +15,7 @@
 //! a change too (see [`ImageSource`]).
 
 mod crc32c;
+pub(crate) mod dir;
 mod layout;
 mod threaded;
 

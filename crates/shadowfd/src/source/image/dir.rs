@@ -1,0 +1,277 @@
+//! Directories inside an ext2/3/4 image, for the server's STAT and LIST
+//! requests: what a path is, and one page of a directory's entries.
+//!
+//! Paths are resolved the way [`super::ImageSource::open`] resolves them
+//! (symlinks inside the image followed, within the image). A listing reads
+//! the directory's blocks linearly (an htree directory keeps every entry in
+//! that layout too); its cursor is the byte position of the next entry in
+//! the directory's data, so a page can start where the last one ended.
+
+use super::layout::{self, Geometry, Inode, LayoutError};
+use super::{Fail, ImageError, Timestamp, image_fail, mix, resolve, show};
+use crate::source::FileKind;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// What a path inside an image is (symlinks followed).
+#[derive(Debug, Clone)]
+pub(crate) struct ImageStat {
+    pub kind: FileKind,
+    pub size: u64,
+    /// The image's identity, as [`super::ImageSource`] reports it.
+    pub device: u64,
+    pub inode: u64,
+    pub mtime: Timestamp,
+    pub nlink: u64,
+}
+
+/// One entry of a directory inside an image.
+#[derive(Debug, Clone)]
+pub(crate) struct ImageEntry {
+    pub name: Vec<u8>,
+    /// Regular or directory (symlinks resolved; others left out).
+    pub kind: FileKind,
+    pub inode: u64,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone)]
+pub(crate) struct ImagePage {
+    pub entries: Vec<ImageEntry>,
+    /// Where the next page starts.
+    pub next: u64,
+    /// Whether this page is the directory's last.
+    pub end: bool,
+}
+
+/// `s_feature_incompat`: directory entries carry a file type byte.
+const INCOMPAT_FILETYPE: u32 = 0x2;
+/// Directory blocks read by one [`list`] call at most.
+const MAX_BLOCKS_PER_PAGE: u64 = 256;
+
+struct Opened {
+    image: File,
+    img: String,
+    identity: u64,
+}
+
+fn open_image(image_path: &Path) -> Result<Opened, ImageError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let img = image_path.display().to_string();
+    let at_image = |kind, reason: String| ImageError {
+        location: img.clone(),
+        kind,
+        reason,
+    };
+    let image = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(image_path)
+        .map_err(|e| at_image(e.kind(), format!("cannot open the image file: {e}")))?;
+    let st = image
+        .metadata()
+        .map_err(|e| at_image(e.kind(), format!("cannot stat the image file: {e}")))?;
+    let ft = st.file_type();
+    if !ft.is_file() && !ft.is_block_device() {
+        return Err(at_image(
+            io::ErrorKind::InvalidInput,
+            "not a regular file or block device, so not a filesystem image".into(),
+        ));
+    }
+    Ok(Opened {
+        image,
+        img,
+        identity: mix(st.dev(), st.ino()),
+    })
+}
+
+fn absolute(inner: &[u8]) -> Vec<u8> {
+    let mut p = inner.to_vec();
+    if p.first() != Some(&b'/') {
+        p.insert(0, b'/');
+    }
+    p
+}
+
+fn found(o: &Opened, inner: &[u8]) -> Result<(Geometry, Inode), ImageError> {
+    let name = format!("{}:{}", o.img, show(inner));
+    resolve(&o.image, &o.img, inner)
+        .map(|f| (f.geo, f.inode))
+        .map_err(|f| match f {
+            Fail::Image(kind, reason) => ImageError {
+                location: o.img.clone(),
+                kind,
+                reason,
+            },
+            Fail::Path(kind, reason) => ImageError {
+                location: name,
+                kind,
+                reason,
+            },
+        })
+}
+
+fn layout_err(o: &Opened, e: LayoutError) -> ImageError {
+    let (kind, reason) = image_fail(e, &o.img);
+    ImageError {
+        location: o.img.clone(),
+        kind,
+        reason,
+    }
+}
+
+/// What `path_in_image` names in the image at `image_path`.
+pub(crate) fn stat(image_path: &Path, path_in_image: &[u8]) -> Result<ImageStat, ImageError> {
+    let o = open_image(image_path)?;
+    let inner = absolute(path_in_image);
+    let (_, inode) = found(&o, &inner)?;
+    Ok(ImageStat {
+        kind: inode.kind(),
+        size: inode.size,
+        device: o.identity,
+        inode: u64::from(inode.ino),
+        mtime: inode.mtime,
+        nlink: u64::from(inode.links),
+    })
+}
+
+fn u16_at(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes([b[off], b[off + 1]])
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+}
+
+/// One page of the directory `path_in_image`, from byte `cursor` of its
+/// data: at most `max_entries` entries, stopping once their names total
+/// `max_bytes`. `.` and `..` are left out; symbolic links are listed as
+/// what they lead to within the image (and left out if they lead nowhere),
+/// as are sockets, FIFOs and devices.
+pub(crate) fn list(
+    image_path: &Path,
+    path_in_image: &[u8],
+    cursor: u64,
+    max_entries: usize,
+    max_bytes: usize,
+) -> Result<ImagePage, ImageError> {
+    let o = open_image(image_path)?;
+    let inner = absolute(path_in_image);
+    let (geo, dir) = found(&o, &inner)?;
+    if dir.kind() != FileKind::Directory {
+        return Err(ImageError {
+            location: format!("{}:{}", o.img, show(&inner)),
+            kind: io::ErrorKind::NotADirectory,
+            reason: format!("not a directory (a {})", dir.kind().as_str()),
+        });
+    }
+    let bs = geo.block_size;
+    let runs = geo.runs(&o.image, &dir).map_err(|e| layout_err(&o, e))?;
+    let size = dir.size;
+    let mut page = ImagePage {
+        entries: Vec::new(),
+        next: cursor,
+        end: false,
+    };
+    let mut bytes = 0usize;
+    let mut blocks_read = 0u64;
+    let mut buf = vec![0u8; bs as usize];
+    let mut pos = cursor;
+    let typed = geo.incompat & INCOMPAT_FILETYPE != 0;
+    while pos < size {
+        let lblock = pos / bs;
+        let in_block = (pos % bs) as usize;
+        if blocks_read >= MAX_BLOCKS_PER_PAGE {
+            page.next = pos;
+            return Ok(page);
+        }
+        blocks_read += 1;
+        let Some(r) = runs
+            .iter()
+            .find(|r| r.logical <= lblock && lblock < r.logical + r.len)
+        else {
+            // A hole in a directory holds no entries.
+            pos = (lblock + 1) * bs;
+            continue;
+        };
+        let phys = r.physical + (lblock - r.logical);
+        layout::read_exact(&o.image, &mut buf, phys * bs).map_err(|e| layout_err(&o, e))?;
+        let mut at = in_block;
+        while at + 8 <= buf.len() {
+            let ino = u32_at(&buf, at);
+            let mut rec_len = usize::from(u16_at(&buf, at + 4));
+            if buf.len() == 65536 && (rec_len == 0 || rec_len == 65535) {
+                rec_len = buf.len();
+            }
+            let name_len = if typed {
+                usize::from(buf[at + 6])
+            } else {
+                usize::from(u16_at(&buf, at + 6))
+            };
+            if rec_len < 8 || at + rec_len > buf.len() || 8 + name_len > rec_len {
+                return Err(layout_err(
+                    &o,
+                    LayoutError::Corrupt(format!("directory inode {}: bad entry", dir.ino)),
+                ));
+            }
+            let name = &buf[at + 8..at + 8 + name_len];
+            let here = lblock * bs + at as u64;
+            if ino != 0 && name != b"." && name != b".." && !name.is_empty() {
+                if page.entries.len() >= max_entries || bytes >= max_bytes {
+                    page.next = here;
+                    return Ok(page);
+                }
+                let ftype = if typed { buf[at + 7] } else { 0 };
+                let kind = match ftype {
+                    1 => Some((FileKind::Regular, u64::from(ino))),
+                    2 => Some((FileKind::Directory, u64::from(ino))),
+                    // A symlink, or no type recorded: look.
+                    0 | 7 => entry_kind(&o, &geo, &inner, name, ino),
+                    _ => None,
+                };
+                if let Some((kind, inode)) = kind {
+                    bytes += name.len() + 12;
+                    page.entries.push(ImageEntry {
+                        name: name.to_vec(),
+                        kind,
+                        inode,
+                    });
+                }
+            }
+            at += rec_len;
+        }
+        pos = (lblock + 1) * bs;
+    }
+    page.next = size.max(cursor);
+    page.end = true;
+    Ok(page)
+}
+
+/// The kind and inode an entry leads to (symlinks followed within the
+/// image); `None` for a dangling link and anything but files and
+/// directories.
+fn entry_kind(
+    o: &Opened,
+    geo: &Geometry,
+    dir: &[u8],
+    name: &[u8],
+    ino: u32,
+) -> Option<(FileKind, u64)> {
+    let inode = geo.inode(&o.image, ino).ok()?;
+    let inode = if inode.kind() == FileKind::Symlink {
+        let mut p = dir.to_vec();
+        if p.last() != Some(&b'/') {
+            p.push(b'/');
+        }
+        p.extend_from_slice(name);
+        found(o, &p).ok()?.1
+    } else {
+        inode
+    };
+    match inode.kind() {
+        k @ (FileKind::Regular | FileKind::Directory) => Some((k, u64::from(inode.ino))),
+        _ => None,
+    }
+}
