@@ -65,6 +65,9 @@ fn resolve(slot: &AtomicUsize, name: &'static str) -> usize {
     p
 }
 
+mod dir;
+use dir::Route;
+
 thread_local! {
     static BUSY: Cell<bool> = const { Cell::new(false) };
 }
@@ -150,25 +153,6 @@ fn normalize(p: &str) -> Option<Vec<String>> {
         }
     }
     Some(out)
-}
-
-/// The path inside the served tree when `path` is an absolute path
-/// strictly beneath the prefix.
-///
-/// # Safety
-/// `path` is null or a NUL-terminated string.
-unsafe fn ours(path: *const c_char) -> Option<String> {
-    let env = env()?;
-    if path.is_null() {
-        return None;
-    }
-    // SAFETY: the caller's promise.
-    let s = unsafe { CStr::from_ptr(path) }.to_str().ok()?;
-    let comps = normalize(s)?;
-    if comps.len() <= env.prefix.len() || comps[..env.prefix.len()] != env.prefix[..] {
-        return None;
-    }
-    Some(comps[env.prefix.len()..].join("/"))
 }
 
 /// A file open through the shim; `dup`s share one (and its offset).
@@ -318,9 +302,16 @@ fn do_open(rel: &str, flags: c_int) -> c_int {
             return Err(libc::EROFS);
         }
         if flags & libc::O_DIRECTORY != 0 {
-            return Err(libc::ENOTDIR);
+            return dir::open_dir(rel, flags);
         }
-        let file = client()?.open(rel).map_err(|e| errno_of(&e))?;
+        let file = match client()?.open(rel) {
+            Ok(f) => f,
+            // A directory opens as one (any other kind keeps the error).
+            Err(e) if errno_of(&e) == libc::EISDIR => {
+                return dir::open_dir(rel, flags).map_err(|_| libc::EISDIR);
+            }
+            Err(e) => return Err(errno_of(&e)),
+        };
         let open = real!(
             "open",
             unsafe extern "C" fn(*const c_char, c_int, ...) -> c_int
@@ -336,6 +327,7 @@ fn do_open(rel: &str, flags: c_int) -> c_int {
             // SAFETY: reads this thread's errno.
             return Err(unsafe { *libc::__errno_location() });
         }
+        dir::forget(fd);
         insert(
             fd,
             Arc::new(Entry {
@@ -491,11 +483,6 @@ fn fill_statx(f: &RemoteFile, st: *mut libc::statx) -> c_int {
     0
 }
 
-/// Opens `rel` for a stat, returning the server's answer.
-fn stat_path(rel: &str) -> Result<RemoteFile, c_int> {
-    client()?.open(rel).map_err(|e| errno_of(&e))
-}
-
 fn fail(e: c_int) -> c_int {
     set_errno(e);
     -1
@@ -506,12 +493,15 @@ fn fail(e: c_int) -> c_int {
 /// # Safety
 /// `path` is null or a NUL-terminated string.
 unsafe fn open_common(path: *const c_char, flags: c_int, mode: libc::mode_t, sym: u8) -> c_int {
+    let mut host = None;
     if let Some(_b) = Busy::enter() {
         // SAFETY: the caller's promise.
-        if let Some(rel) = unsafe { ours(path) } {
-            return do_open(&rel, flags);
+        match unsafe { dir::route(libc::AT_FDCWD, path) } {
+            Route::Served(rel) => return do_open(&rel, flags),
+            Route::Host(p) => host = p,
         }
     }
+    let path = Route::host_path(&host, path);
     // SAFETY: forwarding the caller's arguments.
     unsafe {
         match sym {
@@ -536,12 +526,15 @@ unsafe fn openat_common(
     mode: libc::mode_t,
     sym: u8,
 ) -> c_int {
+    let mut host = None;
     if let Some(_b) = Busy::enter() {
         // SAFETY: the caller's promise.
-        if let Some(rel) = unsafe { ours(path) } {
-            return do_open(&rel, flags);
+        match unsafe { dir::route(dirfd, path) } {
+            Route::Served(rel) => return do_open(&rel, flags),
+            Route::Host(p) => host = p,
         }
     }
+    let path = Route::host_path(&host, path);
     // SAFETY: forwarding the caller's arguments.
     unsafe {
         match sym {
@@ -746,6 +739,9 @@ pub unsafe extern "C" fn lseek64(fd: c_int, off: OffT, whence: c_int) -> OffT {
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     let b = Busy::enter();
     let gone = if b.is_some() { remove(fd) } else { None };
+    if b.is_some() {
+        dir::forget(fd);
+    }
     // SAFETY: forwarding.
     let r = unsafe { real!("close", unsafe extern "C" fn(c_int) -> c_int)(fd) };
     // SAFETY: reads this thread's errno.
@@ -779,6 +775,7 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
     let r = unsafe { real!("dup", unsafe extern "C" fn(c_int) -> c_int)(fd) };
     if b.is_some() {
         after_dup(&entry(fd), r);
+        dir::after_dup(fd, r);
     }
     r
 }
@@ -792,6 +789,7 @@ pub unsafe extern "C" fn dup2(fd: c_int, new: c_int) -> c_int {
     let r = unsafe { real!("dup2", unsafe extern "C" fn(c_int, c_int) -> c_int)(fd, new) };
     if b.is_some() && fd != new {
         after_dup(&entry(fd), r);
+        dir::after_dup(fd, r);
     }
     r
 }
@@ -807,6 +805,7 @@ pub unsafe extern "C" fn dup3(fd: c_int, new: c_int, flags: c_int) -> c_int {
     };
     if b.is_some() {
         after_dup(&entry(fd), r);
+        dir::after_dup(fd, r);
     }
     r
 }
@@ -878,6 +877,7 @@ unsafe fn fcntl_common(fd: c_int, cmd: c_int, arg: libc::c_long, sym: u8) -> c_i
     };
     if b.is_some() && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) {
         after_dup(&entry(fd), r);
+        dir::after_dup(fd, r);
     }
     r
 }
@@ -1038,25 +1038,16 @@ pub unsafe extern "C" fn preadv64v2(
 
 // ---- access --------------------------------------------------------------
 
-/// What `access` answers for a served path: read and "exists" are granted,
-/// write and execute are not.
-fn access_served(rel: &str, mode: c_int) -> c_int {
-    match stat_path(rel) {
-        Ok(_) if mode & libc::W_OK != 0 => fail(libc::EROFS),
-        Ok(_) if mode & libc::X_OK != 0 => fail(libc::EACCES),
-        Ok(_) => 0,
-        Err(e) => fail(e),
-    }
-}
-
 /// # Safety
 /// libc's `access`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn access(path: *const c_char, mode: c_int) -> c_int {
+    let mut host = None;
     if let Some(_b) = Busy::enter() {
         // SAFETY: the caller's promise.
-        if let Some(rel) = unsafe { ours(path) } {
-            return access_served(&rel, mode);
+        match unsafe { dir::route(libc::AT_FDCWD, path) } {
+            Route::Served(rel) => return dir::access_rel(&rel, mode),
+            Route::Host(p) => host = p,
         }
     }
     // SAFETY: forwarding.
@@ -1064,7 +1055,7 @@ pub unsafe extern "C" fn access(path: *const c_char, mode: c_int) -> c_int {
         real!(
             "access",
             unsafe extern "C" fn(*const c_char, c_int) -> c_int
-        )(path, mode)
+        )(Route::host_path(&host, path), mode)
     }
 }
 
@@ -1077,10 +1068,12 @@ pub unsafe extern "C" fn faccessat(
     mode: c_int,
     flags: c_int,
 ) -> c_int {
+    let mut host = None;
     if let Some(_b) = Busy::enter() {
         // SAFETY: the caller's promise.
-        if let Some(rel) = unsafe { ours(path) } {
-            return access_served(&rel, mode);
+        match unsafe { dir::route(dirfd, path) } {
+            Route::Served(rel) => return dir::access_rel(&rel, mode),
+            Route::Host(p) => host = p,
         }
     }
     // SAFETY: forwarding.
@@ -1088,16 +1081,7 @@ pub unsafe extern "C" fn faccessat(
         real!(
             "faccessat",
             unsafe extern "C" fn(c_int, *const c_char, c_int, c_int) -> c_int
-        )(dirfd, path, mode, flags)
-    }
-}
-
-/// `readlink` of a served path: served files are never symbolic links
-/// (`EINVAL`), or the open's error (`ENOENT`, ...).
-fn readlink_served(rel: &str) -> SsizeT {
-    match stat_path(rel) {
-        Ok(_) => fail(libc::EINVAL) as SsizeT,
-        Err(e) => fail(e) as SsizeT,
+        )(dirfd, Route::host_path(&host, path), mode, flags)
     }
 }
 
@@ -1105,10 +1089,12 @@ fn readlink_served(rel: &str) -> SsizeT {
 /// libc's `readlink`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn readlink(path: *const c_char, buf: *mut c_char, n: SizeT) -> SsizeT {
+    let mut host = None;
     if let Some(_b) = Busy::enter() {
         // SAFETY: the caller's promise.
-        if let Some(rel) = unsafe { ours(path) } {
-            return readlink_served(&rel);
+        match unsafe { dir::route(libc::AT_FDCWD, path) } {
+            Route::Served(rel) => return dir::readlink_rel(&rel),
+            Route::Host(p) => host = p,
         }
     }
     // SAFETY: forwarding.
@@ -1116,7 +1102,7 @@ pub unsafe extern "C" fn readlink(path: *const c_char, buf: *mut c_char, n: Size
         real!(
             "readlink",
             unsafe extern "C" fn(*const c_char, *mut c_char, SizeT) -> SsizeT
-        )(path, buf, n)
+        )(Route::host_path(&host, path), buf, n)
     }
 }
 
@@ -1129,10 +1115,12 @@ pub unsafe extern "C" fn readlinkat(
     buf: *mut c_char,
     n: SizeT,
 ) -> SsizeT {
+    let mut host = None;
     if let Some(_b) = Busy::enter() {
         // SAFETY: the caller's promise.
-        if let Some(rel) = unsafe { ours(path) } {
-            return readlink_served(&rel);
+        match unsafe { dir::route(dirfd, path) } {
+            Route::Served(rel) => return dir::readlink_rel(&rel),
+            Route::Host(p) => host = p,
         }
     }
     // SAFETY: forwarding.
@@ -1140,7 +1128,7 @@ pub unsafe extern "C" fn readlinkat(
         real!(
             "readlinkat",
             unsafe extern "C" fn(c_int, *const c_char, *mut c_char, SizeT) -> SsizeT
-        )(dirfd, path, buf, n)
+        )(dirfd, Route::host_path(&host, path), buf, n)
     }
 }
 
@@ -1266,17 +1254,16 @@ type StatFn = unsafe extern "C" fn(*const c_char, *mut libc::stat64) -> c_int;
 /// # Safety
 /// libc's `stat`/`lstat` contract.
 unsafe fn stat_common(path: *const c_char, st: *mut libc::stat64, real: StatFn) -> c_int {
+    let mut host = None;
     if let Some(_b) = Busy::enter() {
         // SAFETY: the caller's promise.
-        if let Some(rel) = unsafe { ours(path) } {
-            return match stat_path(&rel) {
-                Ok(f) => fill_stat(&f, st),
-                Err(e) => fail(e),
-            };
+        match unsafe { dir::route(libc::AT_FDCWD, path) } {
+            Route::Served(rel) => return dir::stat_rel(&rel, st),
+            Route::Host(p) => host = p,
         }
     }
     // SAFETY: forwarding.
-    unsafe { real(path, st) }
+    unsafe { real(Route::host_path(&host, path), st) }
 }
 
 /// # Safety
@@ -1325,6 +1312,11 @@ unsafe fn fstat_common(fd: c_int, st: *mut libc::stat64, real: FstatFn) -> c_int
             Err(err) => fail(err),
         };
     }
+    if let Some(_b) = Busy::enter() {
+        if let Some(r) = dir::fstat_dirfd(fd, st) {
+            return r;
+        }
+    }
     // SAFETY: forwarding.
     unsafe { real(fd, st) }
 }
@@ -1356,6 +1348,7 @@ unsafe fn fstatat_common(
     flags: c_int,
     real: FstatatFn,
 ) -> c_int {
+    let mut host = None;
     if let Some(_b) = Busy::enter() {
         // SAFETY: the caller's promise.
         let empty = !path.is_null() && unsafe { *path } == 0;
@@ -1366,16 +1359,19 @@ unsafe fn fstatat_common(
                     Err(err) => fail(err),
                 };
             }
-        // SAFETY: the caller's promise.
-        } else if let Some(rel) = unsafe { ours(path) } {
-            return match stat_path(&rel) {
-                Ok(f) => fill_stat(&f, st),
-                Err(e) => fail(e),
-            };
+            if let Some(r) = dir::fstat_dirfd(dirfd, st) {
+                return r;
+            }
+        } else {
+            // SAFETY: the caller's promise.
+            match unsafe { dir::route(dirfd, path) } {
+                Route::Served(rel) => return dir::stat_rel(&rel, st),
+                Route::Host(p) => host = p,
+            }
         }
     }
     // SAFETY: forwarding.
-    unsafe { real(dirfd, path, st, flags) }
+    unsafe { real(dirfd, Route::host_path(&host, path), st, flags) }
 }
 
 /// # Safety
@@ -1414,6 +1410,7 @@ pub unsafe extern "C" fn statx(
     mask: libc::c_uint,
     st: *mut libc::statx,
 ) -> c_int {
+    let mut host = None;
     if let Some(_b) = Busy::enter() {
         // SAFETY: the caller's promise.
         let empty = !path.is_null() && unsafe { *path } == 0;
@@ -1424,14 +1421,18 @@ pub unsafe extern "C" fn statx(
                     Err(err) => fail(err),
                 };
             }
-        // SAFETY: the caller's promise.
-        } else if let Some(rel) = unsafe { ours(path) } {
-            return match stat_path(&rel) {
-                Ok(f) => fill_statx(&f, st),
-                Err(e) => fail(e),
-            };
+            if let Some(r) = dir::statx_dirfd(dirfd, st) {
+                return r;
+            }
+        } else {
+            // SAFETY: the caller's promise.
+            match unsafe { dir::route(dirfd, path) } {
+                Route::Served(rel) => return dir::statx_rel(&rel, st),
+                Route::Host(p) => host = p,
+            }
         }
     }
+    let path = Route::host_path(&host, path);
     // SAFETY: forwarding.
     unsafe {
         real!(
@@ -1678,14 +1679,17 @@ type FopenFn = unsafe extern "C" fn(*const c_char, *const c_char) -> *mut libc::
 /// # Safety
 /// libc's `fopen` contract.
 unsafe fn fopen_common(path: *const c_char, mode: *const c_char, real: FopenFn) -> *mut libc::FILE {
-    let rel = match Busy::enter() {
+    let route = match Busy::enter() {
         // SAFETY: the caller's promise.
-        Some(_b) => unsafe { ours(path) },
-        None => None,
+        Some(_b) => unsafe { dir::route(libc::AT_FDCWD, path) },
+        None => Route::Host(None),
     };
-    let Some(rel) = rel else {
-        // SAFETY: forwarding.
-        return unsafe { real(path, mode) };
+    let rel = match route {
+        Route::Served(rel) => rel,
+        Route::Host(p) => {
+            // SAFETY: forwarding.
+            return unsafe { real(Route::host_path(&p, path), mode) };
+        }
     };
     if mode.is_null() {
         set_errno(libc::EINVAL);

@@ -1,0 +1,860 @@
+//! Directories and relative paths under the prefix (docs/run.md).
+//!
+//! - [`route`] decides where a path goes: served (a path inside the tree,
+//!   the prefix itself included) or the host. Relative paths resolve
+//!   against a tracked directory descriptor or the virtual working
+//!   directory, lexically; a result that leaves the prefix through `..` is
+//!   handed to the host as the absolute path it names.
+//! - A served directory opened with `open`/`openat` is an `O_PATH`
+//!   descriptor of `/dev/null` tracked here with its path (like a served
+//!   file's placeholder): `fstat`, `fdopendir`, `fchdir` and `*at` calls
+//!   with it as `dirfd` come through the shim; anything else on it fails
+//!   (`ENOTDIR`, `EBADF`) and never lists the host's `/dev`.
+//! - `opendir`/`fdopendir` of a served directory return a pointer to a
+//!   [`Stream`] of this shim, kept in a table so that `readdir`,
+//!   `closedir`, ... tell it from glibc's own `DIR`: host directories go to
+//!   the real functions untouched. The listing is read whole from the
+//!   server (LIST, page after page) when the stream is opened.
+//! - `chdir`/`fchdir` into the prefix set a virtual working directory
+//!   (`getcwd` reports it); it travels to exec'd children in
+//!   `SHADOWFD_RUN_CWD`. A `chdir` elsewhere clears it.
+
+use crate::{Busy, client, env, errno_of, fail, normalize, resolve, set_errno};
+use parking_lot::Mutex;
+use shadowfd::remote::{PathInfo, PathKind};
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::{CStr, CString, c_char, c_int, c_long, c_void};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+/// Where a path goes.
+pub(crate) enum Route {
+    /// Inside the served tree: the path below the prefix ("" = the prefix).
+    Served(String),
+    /// To the host: unchanged (`None`), or as this absolute path (a
+    /// relative path from a served directory that left the prefix).
+    Host(Option<CString>),
+}
+
+impl Route {
+    /// The pointer to hand the real function.
+    pub(crate) fn host_path(p: &Option<CString>, orig: *const c_char) -> *const c_char {
+        p.as_ref().map_or(orig, |c| c.as_ptr())
+    }
+}
+
+/// A served directory descriptor.
+struct DirFd {
+    path: String,
+}
+
+static DIRFDS: Mutex<BTreeMap<c_int, Arc<DirFd>>> = Mutex::new(BTreeMap::new());
+static ANY_DIRFD: AtomicBool = AtomicBool::new(false);
+
+/// The virtual working directory (a path below the prefix), once read from
+/// `SHADOWFD_RUN_CWD`.
+static VCWD: Mutex<Option<Option<String>>> = Mutex::new(None);
+const CWD_VAR: &str = "SHADOWFD_RUN_CWD";
+
+fn prefix_str() -> Option<String> {
+    env().map(|e| format!("/{}", e.prefix.join("/")))
+}
+
+fn full(rel: &str) -> String {
+    let p = prefix_str().unwrap_or_default();
+    if rel.is_empty() { p } else { format!("{p}/{rel}") }
+}
+
+/// The virtual working directory, if there is one.
+fn vcwd() -> Option<String> {
+    let mut v = VCWD.lock();
+    if v.is_none() {
+        let from_env = std::env::var(CWD_VAR).ok().and_then(|s| {
+            let env = env()?;
+            let comps = normalize(&s)?;
+            (comps.len() >= env.prefix.len() && comps[..env.prefix.len()] == env.prefix[..])
+                .then(|| comps[env.prefix.len()..].join("/"))
+        });
+        *v = Some(from_env);
+    }
+    v.as_ref().and_then(|x| x.clone())
+}
+
+fn set_vcwd(rel: Option<String>) {
+    let changed = {
+        let mut v = VCWD.lock();
+        let old = v.clone().flatten();
+        *v = Some(rel.clone());
+        old != rel || std::env::var_os(CWD_VAR).is_some() != rel.is_some()
+    };
+    if changed {
+        // SAFETY: NUL-terminated strings; the environment is only changed
+        // here, on a chdir.
+        unsafe {
+            let name = CString::new(CWD_VAR).expect("no NUL");
+            match &rel {
+                Some(r) => {
+                    let v = CString::new(full(r)).unwrap_or_default();
+                    libc::setenv(name.as_ptr(), v.as_ptr(), 1);
+                }
+                None => {
+                    libc::unsetenv(name.as_ptr());
+                }
+            }
+        }
+    }
+}
+
+fn dirfd_entry(fd: c_int) -> Option<Arc<DirFd>> {
+    if !ANY_DIRFD.load(Ordering::Acquire) {
+        return None;
+    }
+    DIRFDS.lock().get(&fd).cloned()
+}
+
+/// Forgets `fd` (it was closed, or reused for something else).
+pub(crate) fn forget(fd: c_int) {
+    if ANY_DIRFD.load(Ordering::Acquire) {
+        DIRFDS.lock().remove(&fd);
+    }
+}
+
+/// After a successful `dup` of `old` into `new`.
+pub(crate) fn after_dup(old: c_int, new: c_int) {
+    if new < 0 || !ANY_DIRFD.load(Ordering::Acquire) {
+        return;
+    }
+    let mut t = DIRFDS.lock();
+    match t.get(&old).cloned() {
+        Some(d) => {
+            t.insert(new, d);
+        }
+        None => {
+            t.remove(&new);
+        }
+    }
+}
+
+/// Where `path` (relative to `dirfd`) goes.
+///
+/// # Safety
+/// `path` is null or a NUL-terminated string.
+pub(crate) unsafe fn route(dirfd: c_int, path: *const c_char) -> Route {
+    let Some(env) = env() else {
+        return Route::Host(None);
+    };
+    if path.is_null() {
+        return Route::Host(None);
+    }
+    // SAFETY: the caller's promise.
+    let Ok(s) = unsafe { CStr::from_ptr(path) }.to_str() else {
+        return Route::Host(None);
+    };
+    if s.is_empty() {
+        return Route::Host(None);
+    }
+    let relative = !s.starts_with('/');
+    let abs = if relative {
+        let base = if dirfd == libc::AT_FDCWD {
+            vcwd()
+        } else {
+            dirfd_entry(dirfd).map(|d| d.path.clone())
+        };
+        match base {
+            Some(b) => format!("{}/{s}", full(&b)),
+            None => return Route::Host(None),
+        }
+    } else {
+        s.to_string()
+    };
+    let Some(comps) = normalize(&abs) else {
+        return Route::Host(None);
+    };
+    if comps.len() >= env.prefix.len() && comps[..env.prefix.len()] == env.prefix[..] {
+        return Route::Served(comps[env.prefix.len()..].join("/"));
+    }
+    if relative {
+        let host = format!("/{}", comps.join("/"));
+        return Route::Host(Some(CString::new(host).unwrap_or_default()));
+    }
+    Route::Host(None)
+}
+
+/// STAT of a served path.
+pub(crate) fn stat_info(rel: &str) -> Result<PathInfo, c_int> {
+    client()?.stat(rel).map_err(|e| errno_of(&e))
+}
+
+/// A placeholder descriptor for the served directory `rel` (checked to be
+/// one), tracked here.
+pub(crate) fn open_dir(rel: &str, flags: c_int) -> Result<c_int, c_int> {
+    let info = stat_info(rel)?;
+    if info.kind != PathKind::Dir {
+        return Err(libc::ENOTDIR);
+    }
+    if flags & libc::O_ACCMODE != libc::O_RDONLY {
+        return Err(libc::EISDIR);
+    }
+    let open = real!(
+        "open",
+        unsafe extern "C" fn(*const c_char, c_int, ...) -> c_int
+    );
+    // SAFETY: a NUL-terminated path and valid flags.
+    let fd = unsafe {
+        open(
+            c"/dev/null".as_ptr(),
+            libc::O_PATH | (flags & libc::O_CLOEXEC),
+        )
+    };
+    if fd < 0 {
+        // SAFETY: reads this thread's errno.
+        return Err(unsafe { *libc::__errno_location() });
+    }
+    drop(crate::remove(fd));
+    let mut t = DIRFDS.lock();
+    ANY_DIRFD.store(true, Ordering::Release);
+    t.insert(
+        fd,
+        Arc::new(DirFd {
+            path: rel.to_string(),
+        }),
+    );
+    Ok(fd)
+}
+
+fn ids() -> (u32, u32) {
+    // SAFETY: getuid and getgid have no preconditions.
+    unsafe { (libc::getuid(), libc::getgid()) }
+}
+
+fn mode_of(info: &PathInfo) -> Result<u32, c_int> {
+    match info.kind {
+        PathKind::Dir => Ok(libc::S_IFDIR | 0o555),
+        PathKind::File => Ok(libc::S_IFREG | 0o444),
+        // Served trees hold files and directories only.
+        PathKind::Other => Err(libc::ENOENT),
+    }
+}
+
+/// Fills `st` from a STAT answer: a directory (mode 0555) or a file (0444).
+pub(crate) fn fill_stat(info: &PathInfo, st: *mut libc::stat64) -> c_int {
+    if st.is_null() {
+        return fail(libc::EFAULT);
+    }
+    let mode = match mode_of(info) {
+        Ok(m) => m,
+        Err(e) => return fail(e),
+    };
+    // SAFETY: an all-zero stat64 is valid.
+    let mut s: libc::stat64 = unsafe { std::mem::zeroed() };
+    s.st_dev = info.device;
+    s.st_ino = info.inode;
+    s.st_nlink = if info.kind == PathKind::Dir {
+        info.nlink.max(2)
+    } else {
+        1
+    };
+    s.st_mode = mode;
+    (s.st_uid, s.st_gid) = ids();
+    s.st_size = info.size as i64;
+    s.st_blksize = 1 << 20;
+    s.st_blocks = info.size.div_ceil(512) as i64;
+    let (ms, mns) = info.mtime;
+    s.st_mtime = ms;
+    s.st_mtime_nsec = mns;
+    s.st_atime = ms;
+    s.st_atime_nsec = mns;
+    s.st_ctime = ms;
+    s.st_ctime_nsec = mns;
+    // SAFETY: the caller's buffer, for a struct stat (== stat64 here).
+    unsafe { st.write(s) };
+    0
+}
+
+/// Fills a `statx` from a STAT answer.
+pub(crate) fn fill_statx(info: &PathInfo, st: *mut libc::statx) -> c_int {
+    if st.is_null() {
+        return fail(libc::EFAULT);
+    }
+    let mode = match mode_of(info) {
+        Ok(m) => m,
+        Err(e) => return fail(e),
+    };
+    // SAFETY: an all-zero statx is valid.
+    let mut s: libc::statx = unsafe { std::mem::zeroed() };
+    s.stx_mask = libc::STATX_BASIC_STATS;
+    s.stx_blksize = 1 << 20;
+    s.stx_nlink = if info.kind == PathKind::Dir {
+        info.nlink.max(2) as u32
+    } else {
+        1
+    };
+    (s.stx_uid, s.stx_gid) = ids();
+    s.stx_mode = mode as u16;
+    s.stx_ino = info.inode;
+    s.stx_size = info.size;
+    s.stx_blocks = info.size.div_ceil(512);
+    let (ms, mns) = info.mtime;
+    for t in [&mut s.stx_atime, &mut s.stx_mtime, &mut s.stx_ctime] {
+        t.tv_sec = ms;
+        t.tv_nsec = mns as u32;
+    }
+    s.stx_dev_major = libc::major(info.device);
+    s.stx_dev_minor = libc::minor(info.device);
+    // SAFETY: the caller's buffer for a struct statx.
+    unsafe { st.write(s) };
+    0
+}
+
+/// `stat` of a served path.
+pub(crate) fn stat_rel(rel: &str, st: *mut libc::stat64) -> c_int {
+    match stat_info(rel) {
+        Ok(i) => fill_stat(&i, st),
+        Err(e) => fail(e),
+    }
+}
+
+/// `statx` of a served path.
+pub(crate) fn statx_rel(rel: &str, st: *mut libc::statx) -> c_int {
+    match stat_info(rel) {
+        Ok(i) => fill_statx(&i, st),
+        Err(e) => fail(e),
+    }
+}
+
+/// `fstat` of a served directory descriptor; `None` if `fd` is not one.
+pub(crate) fn fstat_dirfd(fd: c_int, st: *mut libc::stat64) -> Option<c_int> {
+    let d = dirfd_entry(fd)?;
+    Some(stat_rel(&d.path, st))
+}
+
+/// `statx(fd, "", AT_EMPTY_PATH)` of a served directory descriptor.
+pub(crate) fn statx_dirfd(fd: c_int, st: *mut libc::statx) -> Option<c_int> {
+    let d = dirfd_entry(fd)?;
+    Some(statx_rel(&d.path, st))
+}
+
+/// What `access` answers for a served path: reading (and searching a
+/// directory) is granted, writing is `EROFS`, executing a file `EACCES`.
+pub(crate) fn access_rel(rel: &str, mode: c_int) -> c_int {
+    match stat_info(rel) {
+        Ok(i) if i.kind == PathKind::Other => fail(libc::ENOENT),
+        Ok(_) if mode & libc::W_OK != 0 => fail(libc::EROFS),
+        Ok(i) if mode & libc::X_OK != 0 && i.kind != PathKind::Dir => fail(libc::EACCES),
+        Ok(_) => 0,
+        Err(e) => fail(e),
+    }
+}
+
+/// `readlink` of a served path: nothing served is a symbolic link.
+pub(crate) fn readlink_rel(rel: &str) -> libc::ssize_t {
+    match stat_info(rel) {
+        Ok(_) => fail(libc::EINVAL) as libc::ssize_t,
+        Err(e) => fail(e) as libc::ssize_t,
+    }
+}
+
+// ---- directory streams ---------------------------------------------------
+
+/// One entry of a stream: name, inode, `d_type`.
+struct Ent {
+    name: Vec<u8>,
+    ino: u64,
+    dtype: u8,
+}
+
+/// What `opendir` of a served directory returns (as a `DIR *`).
+struct Stream {
+    fd: c_int,
+    entries: Vec<Ent>,
+    pos: usize,
+    /// Where `readdir` writes the entry it returns.
+    ent: Box<libc::dirent64>,
+}
+
+/// Addresses of live [`Stream`]s.
+static STREAMS: Mutex<BTreeSet<usize>> = Mutex::new(BTreeSet::new());
+static ANY_STREAM: AtomicBool = AtomicBool::new(false);
+
+fn is_stream(p: *mut libc::DIR) -> bool {
+    ANY_STREAM.load(Ordering::Acquire) && STREAMS.lock().contains(&(p as usize))
+}
+
+/// A stream over the served directory of `fd` (which it then owns).
+fn new_stream(fd: c_int, rel: &str) -> Result<*mut libc::DIR, c_int> {
+    let c = client()?;
+    let list = c.list(rel).map_err(|e| errno_of(&e))?;
+    let here = c.stat(rel).map_err(|e| errno_of(&e))?;
+    let up = if rel.is_empty() {
+        here.inode
+    } else {
+        let parent = rel.rsplit_once('/').map_or("", |(p, _)| p);
+        c.stat(parent).map(|i| i.inode).unwrap_or(here.inode)
+    };
+    let mut entries = vec![
+        Ent {
+            name: b".".to_vec(),
+            ino: here.inode,
+            dtype: libc::DT_DIR,
+        },
+        Ent {
+            name: b"..".to_vec(),
+            ino: up,
+            dtype: libc::DT_DIR,
+        },
+    ];
+    entries.extend(list.into_iter().map(|e| Ent {
+        name: e.name,
+        ino: e.inode.max(1),
+        dtype: if e.kind == shadowfd::remote::wire::KIND_DIR {
+            libc::DT_DIR
+        } else {
+            libc::DT_REG
+        },
+    }));
+    let s = Box::new(Stream {
+        fd,
+        entries,
+        pos: 0,
+        // SAFETY: an all-zero dirent64 is valid.
+        ent: Box::new(unsafe { std::mem::zeroed() }),
+    });
+    let p = Box::into_raw(s);
+    let mut t = STREAMS.lock();
+    ANY_STREAM.store(true, Ordering::Release);
+    t.insert(p as usize);
+    Ok(p.cast())
+}
+
+/// Runs `f` on the stream behind `p` (checked to be ours).
+fn with_stream<R>(p: *mut libc::DIR, f: impl FnOnce(&mut Stream) -> R) -> R {
+    // SAFETY: `p` is in STREAMS: a live Box<Stream> this shim made. glibc's
+    // contract: one thread uses a DIR at a time.
+    let s = unsafe { &mut *p.cast::<Stream>() };
+    f(s)
+}
+
+/// Fills `out` with the next entry; false at the end.
+fn next_into(s: &mut Stream, out: &mut libc::dirent64) -> bool {
+    let Some(e) = s.entries.get(s.pos) else {
+        return false;
+    };
+    s.pos += 1;
+    out.d_ino = e.ino;
+    out.d_off = s.pos as i64;
+    out.d_type = e.dtype;
+    let n = e.name.len().min(out.d_name.len() - 1);
+    for (d, &b) in out.d_name.iter_mut().zip(&e.name[..n]) {
+        *d = b as c_char;
+    }
+    out.d_name[n] = 0;
+    out.d_reclen = (std::mem::offset_of!(libc::dirent64, d_name) + n + 1).next_multiple_of(8) as u16;
+    true
+}
+
+type OpendirFn = unsafe extern "C" fn(*const c_char) -> *mut libc::DIR;
+
+/// # Safety
+/// libc's `opendir`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn opendir(path: *const c_char) -> *mut libc::DIR {
+    let mut host = None;
+    if let Some(_b) = Busy::enter() {
+        // SAFETY: the caller's promise.
+        match unsafe { route(libc::AT_FDCWD, path) } {
+            Route::Served(rel) => {
+                let r = open_dir(&rel, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC)
+                    .and_then(|fd| {
+                        new_stream(fd, &rel).inspect_err(|_| {
+                            // SAFETY: our own placeholder.
+                            unsafe { crate::close(fd) };
+                        })
+                    });
+                return r.unwrap_or_else(|e| {
+                    set_errno(e);
+                    std::ptr::null_mut()
+                });
+            }
+            Route::Host(p) => host = p,
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe { real!("opendir", OpendirFn)(Route::host_path(&host, path)) }
+}
+
+/// # Safety
+/// libc's `fdopendir`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fdopendir(fd: c_int) -> *mut libc::DIR {
+    if let Some(_b) = Busy::enter() {
+        if let Some(d) = dirfd_entry(fd) {
+            return new_stream(fd, &d.path).unwrap_or_else(|e| {
+                set_errno(e);
+                std::ptr::null_mut()
+            });
+        }
+        if crate::entry(fd).is_some() {
+            set_errno(libc::ENOTDIR);
+            return std::ptr::null_mut();
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe { real!("fdopendir", unsafe extern "C" fn(c_int) -> *mut libc::DIR)(fd) }
+}
+
+type ReaddirFn = unsafe extern "C" fn(*mut libc::DIR) -> *mut libc::dirent64;
+
+/// # Safety
+/// libc's `readdir` contract.
+unsafe fn readdir_common(d: *mut libc::DIR, real: ReaddirFn) -> *mut libc::dirent64 {
+    if is_stream(d) {
+        return with_stream(d, |s| {
+            let mut ent = std::mem::replace(
+                &mut s.ent,
+                // SAFETY: an all-zero dirent64 is valid.
+                Box::new(unsafe { std::mem::zeroed() }),
+            );
+            let more = next_into(s, &mut ent);
+            s.ent = ent;
+            if more {
+                &mut *s.ent as *mut libc::dirent64
+            } else {
+                std::ptr::null_mut()
+            }
+        });
+    }
+    // SAFETY: forwarding.
+    unsafe { real(d) }
+}
+
+/// # Safety
+/// libc's `readdir`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn readdir(d: *mut libc::DIR) -> *mut libc::dirent64 {
+    // SAFETY: forwarding.
+    unsafe { readdir_common(d, real!("readdir", ReaddirFn)) }
+}
+
+/// # Safety
+/// libc's `readdir64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn readdir64(d: *mut libc::DIR) -> *mut libc::dirent64 {
+    // SAFETY: forwarding.
+    unsafe { readdir_common(d, real!("readdir64", ReaddirFn)) }
+}
+
+type ReaddirRFn =
+    unsafe extern "C" fn(*mut libc::DIR, *mut libc::dirent64, *mut *mut libc::dirent64) -> c_int;
+
+/// # Safety
+/// libc's `readdir_r` contract.
+unsafe fn readdir_r_common(
+    d: *mut libc::DIR,
+    ent: *mut libc::dirent64,
+    res: *mut *mut libc::dirent64,
+    real: ReaddirRFn,
+) -> c_int {
+    if is_stream(d) {
+        if ent.is_null() || res.is_null() {
+            return libc::EFAULT;
+        }
+        // SAFETY: the caller's buffers (readdir_r's contract).
+        let (e, r) = unsafe { (&mut *ent, &mut *res) };
+        *r = if with_stream(d, |s| next_into(s, e)) {
+            ent
+        } else {
+            std::ptr::null_mut()
+        };
+        return 0;
+    }
+    // SAFETY: forwarding.
+    unsafe { real(d, ent, res) }
+}
+
+/// # Safety
+/// libc's `readdir_r`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn readdir_r(
+    d: *mut libc::DIR,
+    ent: *mut libc::dirent64,
+    res: *mut *mut libc::dirent64,
+) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { readdir_r_common(d, ent, res, real!("readdir_r", ReaddirRFn)) }
+}
+
+/// # Safety
+/// libc's `readdir64_r`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn readdir64_r(
+    d: *mut libc::DIR,
+    ent: *mut libc::dirent64,
+    res: *mut *mut libc::dirent64,
+) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { readdir_r_common(d, ent, res, real!("readdir64_r", ReaddirRFn)) }
+}
+
+/// # Safety
+/// libc's `closedir`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn closedir(d: *mut libc::DIR) -> c_int {
+    if is_stream(d) {
+        STREAMS.lock().remove(&(d as usize));
+        // SAFETY: `d` was a live Box<Stream> of ours, now out of the table.
+        let s = unsafe { Box::from_raw(d.cast::<Stream>()) };
+        // SAFETY: the stream's own placeholder descriptor.
+        return unsafe { crate::close(s.fd) };
+    }
+    // SAFETY: forwarding.
+    unsafe { real!("closedir", unsafe extern "C" fn(*mut libc::DIR) -> c_int)(d) }
+}
+
+/// # Safety
+/// libc's `dirfd`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dirfd(d: *mut libc::DIR) -> c_int {
+    if is_stream(d) {
+        return with_stream(d, |s| s.fd);
+    }
+    // SAFETY: forwarding.
+    unsafe { real!("dirfd", unsafe extern "C" fn(*mut libc::DIR) -> c_int)(d) }
+}
+
+/// # Safety
+/// libc's `rewinddir`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rewinddir(d: *mut libc::DIR) {
+    if is_stream(d) {
+        return with_stream(d, |s| s.pos = 0);
+    }
+    // SAFETY: forwarding.
+    unsafe { real!("rewinddir", unsafe extern "C" fn(*mut libc::DIR))(d) }
+}
+
+/// # Safety
+/// libc's `telldir`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn telldir(d: *mut libc::DIR) -> c_long {
+    if is_stream(d) {
+        return with_stream(d, |s| s.pos as c_long);
+    }
+    // SAFETY: forwarding.
+    unsafe { real!("telldir", unsafe extern "C" fn(*mut libc::DIR) -> c_long)(d) }
+}
+
+/// # Safety
+/// libc's `seekdir`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn seekdir(d: *mut libc::DIR, pos: c_long) {
+    if is_stream(d) {
+        return with_stream(d, |s| s.pos = (pos.max(0) as usize).min(s.entries.len()));
+    }
+    // SAFETY: forwarding.
+    unsafe { real!("seekdir", unsafe extern "C" fn(*mut libc::DIR, c_long))(d, pos) }
+}
+
+// ---- working directory ---------------------------------------------------
+
+/// # Safety
+/// libc's `chdir`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn chdir(path: *const c_char) -> c_int {
+    let real_chdir = real!("chdir", unsafe extern "C" fn(*const c_char) -> c_int);
+    let Some(_b) = Busy::enter() else {
+        // SAFETY: forwarding.
+        return unsafe { real_chdir(path) };
+    };
+    // SAFETY: the caller's promise.
+    match unsafe { route(libc::AT_FDCWD, path) } {
+        Route::Served(rel) => match stat_info(&rel) {
+            Ok(i) if i.kind == PathKind::Dir => {
+                set_vcwd(Some(rel));
+                0
+            }
+            Ok(_) => fail(libc::ENOTDIR),
+            Err(e) => fail(e),
+        },
+        Route::Host(p) => {
+            // SAFETY: forwarding.
+            let r = unsafe { real_chdir(Route::host_path(&p, path)) };
+            if r == 0 {
+                set_vcwd(None);
+            }
+            r
+        }
+    }
+}
+
+/// # Safety
+/// libc's `fchdir`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fchdir(fd: c_int) -> c_int {
+    let real_fchdir = real!("fchdir", unsafe extern "C" fn(c_int) -> c_int);
+    let Some(_b) = Busy::enter() else {
+        // SAFETY: forwarding.
+        return unsafe { real_fchdir(fd) };
+    };
+    if let Some(d) = dirfd_entry(fd) {
+        set_vcwd(Some(d.path.clone()));
+        return 0;
+    }
+    // SAFETY: forwarding.
+    let r = unsafe { real_fchdir(fd) };
+    if r == 0 {
+        set_vcwd(None);
+    }
+    r
+}
+
+/// # Safety
+/// libc's `getcwd`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getcwd(buf: *mut c_char, size: libc::size_t) -> *mut c_char {
+    let v = match Busy::enter() {
+        Some(_b) => vcwd(),
+        None => None,
+    };
+    let Some(rel) = v else {
+        // SAFETY: forwarding.
+        return unsafe {
+            real!(
+                "getcwd",
+                unsafe extern "C" fn(*mut c_char, libc::size_t) -> *mut c_char
+            )(buf, size)
+        };
+    };
+    let s = full(&rel);
+    let need = s.len() + 1;
+    let out = if buf.is_null() {
+        // glibc's extension: allocate (at least `size` bytes if given).
+        // SAFETY: malloc has no preconditions; the caller frees it.
+        let p = unsafe { libc::malloc(need.max(size)) }.cast::<c_char>();
+        if p.is_null() {
+            set_errno(libc::ENOMEM);
+            return p;
+        }
+        p
+    } else {
+        if size == 0 {
+            set_errno(libc::EINVAL);
+            return std::ptr::null_mut();
+        }
+        if size < need {
+            set_errno(libc::ERANGE);
+            return std::ptr::null_mut();
+        }
+        buf
+    };
+    // SAFETY: `out` holds at least `need` bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(s.as_ptr().cast::<c_char>(), out, s.len());
+        *out.add(s.len()) = 0;
+    }
+    out
+}
+
+/// # Safety
+/// libc's `execve`. With a virtual working directory, the new image gets
+/// it in `SHADOWFD_RUN_CWD` (shells pass an environment of their own, not
+/// `environ`); without one, a stale value is dropped.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execve(
+    path: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    type ExecveFn =
+        unsafe extern "C" fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int;
+    let real_execve = real!("execve", ExecveFn);
+    let cwd = match Busy::enter() {
+        Some(_b) if env().is_some() && !envp.is_null() => Some(vcwd()),
+        _ => None,
+    };
+    let Some(cwd) = cwd else {
+        // SAFETY: forwarding.
+        return unsafe { real_execve(path, argv, envp) };
+    };
+    let mut keep: Vec<*const c_char> = Vec::new();
+    let prefix = format!("{CWD_VAR}=");
+    let mut i = 0;
+    loop {
+        // SAFETY: execve's contract: a NULL-terminated array of strings.
+        let p = unsafe { *envp.add(i) };
+        if p.is_null() {
+            break;
+        }
+        // SAFETY: as above.
+        if !unsafe { CStr::from_ptr(p) }
+            .to_bytes()
+            .starts_with(prefix.as_bytes())
+        {
+            keep.push(p);
+        }
+        i += 1;
+    }
+    let ours = cwd.map(|r| CString::new(format!("{prefix}{}", full(&r))).unwrap_or_default());
+    if let Some(c) = &ours {
+        keep.push(c.as_ptr());
+    }
+    keep.push(std::ptr::null());
+    // SAFETY: forwarding, with a NULL-terminated environment that lives
+    // until the call returns (only on failure).
+    unsafe { real_execve(path, argv, keep.as_ptr()) }
+}
+
+// ---- extended attributes -------------------------------------------------
+
+/// `getxattr`/`lgetxattr` of a served path: none (`ENODATA`), or the
+/// path's error.
+///
+/// # Safety
+/// `path` is null or a NUL-terminated string.
+unsafe fn getxattr_common(path: *const c_char) -> Option<libc::ssize_t> {
+    let _b = Busy::enter()?;
+    // SAFETY: the caller's promise.
+    match unsafe { route(libc::AT_FDCWD, path) } {
+        Route::Served(rel) => Some(match stat_info(&rel) {
+            Ok(_) => fail(libc::ENODATA) as libc::ssize_t,
+            Err(e) => fail(e) as libc::ssize_t,
+        }),
+        Route::Host(_) => None,
+    }
+}
+
+type GetxattrFn =
+    unsafe extern "C" fn(*const c_char, *const c_char, *mut c_void, libc::size_t) -> libc::ssize_t;
+
+/// # Safety
+/// libc's `getxattr`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getxattr(
+    path: *const c_char,
+    name: *const c_char,
+    v: *mut c_void,
+    n: libc::size_t,
+) -> libc::ssize_t {
+    // SAFETY: the caller's promise.
+    if let Some(r) = unsafe { getxattr_common(path) } {
+        return r;
+    }
+    // SAFETY: forwarding.
+    unsafe { real!("getxattr", GetxattrFn)(path, name, v, n) }
+}
+
+/// # Safety
+/// libc's `lgetxattr`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lgetxattr(
+    path: *const c_char,
+    name: *const c_char,
+    v: *mut c_void,
+    n: libc::size_t,
+) -> libc::ssize_t {
+    // SAFETY: the caller's promise.
+    if let Some(r) = unsafe { getxattr_common(path) } {
+        return r;
+    }
+    // SAFETY: forwarding.
+    unsafe { real!("lgetxattr", GetxattrFn)(path, name, v, n) }
+}
