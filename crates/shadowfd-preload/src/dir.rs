@@ -173,11 +173,30 @@ pub(crate) unsafe fn route(dirfd: c_int, path: *const c_char) -> Route {
     if comps.len() >= env.prefix.len() && comps[..env.prefix.len()] == env.prefix[..] {
         return Route::Served(comps[env.prefix.len()..].join("/"));
     }
-    if relative {
+    if relative || passes_through(&abs, &env.prefix) {
         let host = format!("/{}", comps.join("/"));
         return Route::Host(Some(CString::new(host).unwrap_or_default()));
     }
     Route::Host(None)
+}
+
+/// Whether the absolute path `abs`, walked lexically, is inside `prefix`
+/// at some point (`/prefix/..` is `/`, as it is across a mount point).
+fn passes_through(abs: &str, prefix: &[String]) -> bool {
+    let mut at: Vec<&str> = Vec::new();
+    for c in abs.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                at.pop();
+            }
+            c => at.push(c),
+        }
+        if at.len() >= prefix.len() && at[..prefix.len()] == prefix[..] {
+            return true;
+        }
+    }
+    false
 }
 
 /// STAT of a served path.
@@ -806,19 +825,21 @@ pub unsafe extern "C" fn execve(
 // ---- extended attributes -------------------------------------------------
 
 /// `getxattr`/`lgetxattr` of a served path: none (`ENODATA`), or the
-/// path's error.
+/// path's error; `Err` with the path to hand the real function otherwise.
 ///
 /// # Safety
 /// `path` is null or a NUL-terminated string.
-unsafe fn getxattr_common(path: *const c_char) -> Option<libc::ssize_t> {
-    let _b = Busy::enter()?;
+unsafe fn getxattr_common(path: *const c_char) -> Result<libc::ssize_t, Option<CString>> {
+    let Some(_b) = Busy::enter() else {
+        return Err(None);
+    };
     // SAFETY: the caller's promise.
     match unsafe { route(libc::AT_FDCWD, path) } {
-        Route::Served(rel) => Some(match stat_info(&rel) {
+        Route::Served(rel) => Ok(match stat_info(&rel) {
             Ok(_) => fail(libc::ENODATA) as libc::ssize_t,
             Err(e) => fail(e) as libc::ssize_t,
         }),
-        Route::Host(_) => None,
+        Route::Host(p) => Err(p),
     }
 }
 
@@ -835,11 +856,13 @@ pub unsafe extern "C" fn getxattr(
     n: libc::size_t,
 ) -> libc::ssize_t {
     // SAFETY: the caller's promise.
-    if let Some(r) = unsafe { getxattr_common(path) } {
-        return r;
+    match unsafe { getxattr_common(path) } {
+        Ok(r) => r,
+        // SAFETY: forwarding.
+        Err(p) => unsafe {
+            real!("getxattr", GetxattrFn)(Route::host_path(&p, path), name, v, n)
+        },
     }
-    // SAFETY: forwarding.
-    unsafe { real!("getxattr", GetxattrFn)(path, name, v, n) }
 }
 
 /// # Safety
@@ -852,9 +875,11 @@ pub unsafe extern "C" fn lgetxattr(
     n: libc::size_t,
 ) -> libc::ssize_t {
     // SAFETY: the caller's promise.
-    if let Some(r) = unsafe { getxattr_common(path) } {
-        return r;
+    match unsafe { getxattr_common(path) } {
+        Ok(r) => r,
+        // SAFETY: forwarding.
+        Err(p) => unsafe {
+            real!("lgetxattr", GetxattrFn)(Route::host_path(&p, path), name, v, n)
+        },
     }
-    // SAFETY: forwarding.
-    unsafe { real!("lgetxattr", GetxattrFn)(path, name, v, n) }
 }
