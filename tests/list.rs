@@ -23,7 +23,11 @@ fn make_tree(base: &Path) -> std::path::PathBuf {
     std::fs::create_dir_all(root.join("empty")).unwrap();
     std::fs::write(base.join("secret"), b"outside").unwrap();
     for i in 0..2500 {
-        std::fs::write(root.join(format!("big/file-{i:05}-{}", "x".repeat(40))), b"").unwrap();
+        std::fs::write(
+            root.join(format!("big/file-{i:05}-{}", "x".repeat(40))),
+            b"",
+        )
+        .unwrap();
     }
     std::fs::write(root.join("a/b/c/deep.txt"), b"deep").unwrap();
     std::fs::write(root.join("a/één en twee.txt"), b"utf8").unwrap();
@@ -36,8 +40,12 @@ fn make_tree(base: &Path) -> std::path::PathBuf {
 }
 
 fn connect(tree: Tree) -> Client {
-    let server = Server::new(common::engine(shadowfd::Mode::Lazy), tree, ServerOptions::default())
-        .expect("server");
+    let server = Server::new(
+        common::engine(shadowfd::Mode::Lazy),
+        tree,
+        ServerOptions::default(),
+    )
+    .expect("server");
     let (a, b) = UnixStream::pair().unwrap();
     server.handle(a).unwrap();
     let opts = ClientOptions {
@@ -93,7 +101,10 @@ fn check_common(c: &Client, symlinks_in_tree: bool) {
         want_a.push(("to-deep".into(), PathKind::File));
     }
     let want_a: BTreeMap<_, _> = want_a.into_iter().collect();
-    assert_eq!(a, want_a, "symlinks out of the tree and dangling ones are left out");
+    assert_eq!(
+        a, want_a,
+        "symlinks out of the tree and dangling ones are left out"
+    );
     assert_eq!(names(c, "/a/b/c").len(), 1);
     assert_eq!(names(c, "a/./b/../b/c").len(), 1);
 
@@ -178,4 +189,3 @@ fn list_and_stat_an_ext4_image() {
     assert_eq!(names(&c, "..").len(), names(&c, "/").len());
     refused(c.stat("a/out"), "E_NOT_FOUND");
 }
-

@@ -842,3 +842,308 @@ int main(int argc, char **argv) {
     assert!(out.contains("sendfile 300000 312345"), "{out}");
     assert!(std::fs::read(&out_file).unwrap() == tree().big[12345..312345]);
 }
+
+/// A tree for the directory tests, and an ext4 image of it made with
+/// `mkfs.ext4 -d`: nested directories, an empty one, a 3 MiB file with no
+/// zero byte, and names with spaces and UTF-8.
+struct DirTree {
+    _dir: tempfile::TempDir,
+    src: PathBuf,
+    img: PathBuf,
+}
+
+fn dir_tree() -> &'static DirTree {
+    static T: OnceLock<DirTree> = OnceLock::new();
+    T.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        for d in ["sub/deeper/deepest", "empty", "naïve dir"] {
+            std::fs::create_dir_all(src.join(d)).unwrap();
+        }
+        std::fs::write(src.join("top.txt"), b"top level\n").unwrap();
+        std::fs::write(src.join("sub/big.bin"), pattern(3 << 20, 21)).unwrap();
+        std::fs::write(src.join("sub/file"), b"in sub\n").unwrap();
+        std::fs::write(src.join("sub/deeper/deepest/leaf.txt"), b"leaf\n").unwrap();
+        std::fs::write(src.join("naïve dir/with space é.txt"), pattern(5000, 22)).unwrap();
+        let img = dir.path().join("tree.ext4");
+        let o = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&src)
+            .arg(&img)
+            .arg("32M")
+            .output()
+            .expect("mkfs.ext4 (e2fsprogs) is needed for the directory tests");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        DirTree {
+            _dir: dir,
+            src,
+            img,
+        }
+    })
+}
+
+/// The two ways to serve the directory tree: `--image` and `--root`.
+fn dir_serves() -> [Vec<String>; 2] {
+    let t = dir_tree();
+    [
+        vec!["--image".into(), t.img.display().to_string()],
+        vec!["--root".into(), t.src.display().to_string()],
+    ]
+}
+
+fn run_dirs(serve: &[String], args: &[&str]) -> Output {
+    let serve: Vec<&str> = serve.iter().map(String::as_str).collect();
+    run_with(&serve, args)
+}
+
+/// Walks a tree with `os.walk`, `os.scandir`, `os.listdir` and `os.stat`
+/// (and hashes every file) and prints it all as JSON, with paths relative
+/// to the root (`lost+found`, which `mkfs.ext4` adds, left out).
+const PY_WALK: &str = r#"
+import hashlib, json, os, stat, sys
+root = sys.argv[1]
+out = []
+for r, d, f in os.walk(root):
+    d[:] = sorted(x for x in d if x != 'lost+found')
+    rel = os.path.relpath(r, root)
+    out.append(['walk', rel, d, sorted(f)])
+    for e in sorted(os.scandir(r), key=lambda e: e.name):
+        if e.name != 'lost+found':
+            out.append(['scandir', rel, e.name, e.is_dir(), e.is_file(), e.is_symlink()])
+    st = os.stat(r)
+    out.append(['statdir', rel, stat.S_ISDIR(st.st_mode), oct(st.st_mode & 0o222)])
+    for x in sorted(f):
+        p = os.path.join(r, x)
+        st = os.stat(p)
+        with open(p, 'rb') as fh:
+            h = hashlib.sha256(fh.read()).hexdigest()
+        out.append(['file', rel, x, stat.S_ISREG(st.st_mode), st.st_size, h])
+out.append(['listdir', sorted(x for x in os.listdir(root) if x != 'lost+found')])
+out.append(['listdir-empty', os.listdir(os.path.join(root, 'empty'))])
+print(json.dumps(out, ensure_ascii=False))
+"#;
+
+#[test]
+fn python_lists_walks_and_stats_directories_like_the_host() {
+    let t = dir_tree();
+    let host = ok(Command::new("python3")
+        .args(["-c", PY_WALK])
+        .arg(&t.src)
+        .output()
+        .unwrap());
+    // On the host the directories are writable; served ones are not.
+    let host = String::from_utf8(host)
+        .unwrap()
+        .replace("\"0o200\"", "\"0o0\"");
+    assert!(host.contains("with space é.txt"), "{host}");
+    for serve in dir_serves() {
+        let got = ok(run_dirs(&serve, &["python3", "-c", PY_WALK, MOUNT]));
+        assert_eq!(String::from_utf8(got).unwrap(), host, "{serve:?}");
+        // Errors, never an empty listing: a file, a missing path.
+        let errs = ok(run_dirs(
+            &serve,
+            &[
+                "python3",
+                "-c",
+                r#"
+import os, sys
+for p in [sys.argv[1] + '/top.txt', sys.argv[1] + '/missing']:
+    try:
+        os.listdir(p)
+        print('listed', p)
+    except OSError as e:
+        print(type(e).__name__)
+fd = os.open(sys.argv[1] + '/sub', os.O_RDONLY | os.O_DIRECTORY)
+print(sorted(os.listdir(fd)), os.stat('file', dir_fd=fd).st_size)
+"#,
+                MOUNT,
+            ],
+        ));
+        assert_eq!(
+            String::from_utf8(errs).unwrap(),
+            "NotADirectoryError\nFileNotFoundError\n['big.bin', 'deeper', 'file'] 7\n",
+            "{serve:?}"
+        );
+    }
+}
+
+/// Lines of `out` with `from` replaced by `to`, sorted.
+fn sorted_lines(out: &[u8], from: &str, to: &str) -> Vec<String> {
+    let mut v: Vec<String> = String::from_utf8_lossy(out)
+        .lines()
+        .map(|l| l.replace(from, to))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn ls_and_find_list_served_directories() {
+    let t = dir_tree();
+    let src = t.src.to_str().unwrap();
+    let host_ls = ok(Command::new("ls")
+        .args(["-a1", &format!("{src}/sub")])
+        .output()
+        .unwrap());
+    let host_find = ok(Command::new("find")
+        .args([src, "-type", "f"])
+        .output()
+        .unwrap());
+    let host_find = sorted_lines(&host_find, src, MOUNT);
+    assert_eq!(host_find.len(), 5);
+    for serve in dir_serves() {
+        // `ls` exits non-zero on any entry it cannot stat.
+        let long = ok(run_dirs(&serve, &["ls", "-la", &format!("{MOUNT}/sub")]));
+        let long = String::from_utf8(long).unwrap();
+        for l in long.lines().skip(1) {
+            let (mode, name) = (
+                l.split_whitespace().next().unwrap(),
+                l.rsplit(' ').next().unwrap(),
+            );
+            let want = if name == "big.bin" || name == "file" {
+                "-r--r--r--"
+            } else {
+                "dr-xr-xr-x"
+            };
+            assert_eq!(mode, want, "{l}");
+        }
+        assert!(long.contains(&format!(" {} ", 3 << 20)), "{long}");
+        let names = ok(run_dirs(&serve, &["ls", "-a1", &format!("{MOUNT}/sub")]));
+        assert_eq!(names, host_ls, "{serve:?}");
+        let find = ok(run_dirs(&serve, &["find", MOUNT, "-type", "f"]));
+        assert_eq!(sorted_lines(&find, "", ""), host_find, "{serve:?}");
+    }
+}
+
+#[test]
+fn tar_of_the_prefix_lists_and_extracts_byte_exact() {
+    let t = dir_tree();
+    let mut want: Vec<String> = vec!["./".into()];
+    for e in walk(&t.src) {
+        let rel = e
+            .strip_prefix(&t.src)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        want.push(if e.is_dir() {
+            format!("./{rel}/")
+        } else {
+            format!("./{rel}")
+        });
+    }
+    want.sort();
+    for serve in dir_serves() {
+        let image = serve[0] == "--image";
+        let out = tempfile::tempdir().unwrap();
+        let archive = out.path().join("a.tar");
+        let o = run_dirs(
+            &serve,
+            &[
+                "sh",
+                "-c",
+                &format!("tar -C {MOUNT} -cf - . > {}", archive.display()),
+            ],
+        );
+        ok(o);
+        let list = ok(Command::new("tar")
+            .arg("-tf")
+            .arg(&archive)
+            .output()
+            .unwrap());
+        let mut got = sorted_lines(&list, "", "");
+        if image {
+            got.retain(|l| !l.starts_with("./lost+found"));
+        }
+        assert_eq!(got, want, "{serve:?}");
+        let x = out.path().join("x");
+        std::fs::create_dir(&x).unwrap();
+        ok(Command::new("tar")
+            .arg("-C")
+            .arg(&x)
+            .arg("-xf")
+            .arg(&archive)
+            .output()
+            .unwrap());
+        let diff = Command::new("diff")
+            .args(["-r", "-x", "lost+found"])
+            .arg(&t.src)
+            .arg(&x)
+            .output()
+            .unwrap();
+        assert!(
+            diff.status.success(),
+            "{serve:?}: {}",
+            String::from_utf8_lossy(&diff.stdout)
+        );
+        // Extracted files are read-only (0444, as served): let the temp
+        // directory go.
+        ok(Command::new("chmod")
+            .args(["-R", "u+w"])
+            .arg(&x)
+            .output()
+            .unwrap());
+    }
+}
+
+/// Every path below `dir`, depth first.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        out.push(p.clone());
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+    }
+    out
+}
+
+#[test]
+fn cd_into_the_prefix_then_relative_paths() {
+    let t = dir_tree();
+    let want = std::fs::read(t.src.join("sub/file")).unwrap();
+    let leaf = std::fs::read(t.src.join("sub/deeper/deepest/leaf.txt")).unwrap();
+    for serve in dir_serves() {
+        // The shell's `cd` is a chdir in the shell; `cat` is a child that
+        // gets the working directory in its environment.
+        let o = ok(run_dirs(
+            &serve,
+            &["sh", "-c", &format!("cd {MOUNT}/sub && cat file")],
+        ));
+        assert_eq!(o, want, "{serve:?}");
+        let o = ok(run_dirs(
+            &serve,
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "cd {MOUNT}/sub/deeper && cat deepest/leaf.txt ../file && pwd && \
+                     python3 -c 'import os; print(os.getcwd(), sorted(os.listdir(\"..\")))'"
+                ),
+            ],
+        ));
+        let mut w = leaf.clone();
+        w.extend_from_slice(&want);
+        w.extend_from_slice(
+            format!("{MOUNT}/sub/deeper\n{MOUNT}/sub/deeper ['big.bin', 'deeper', 'file']\n")
+                .as_bytes(),
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&o),
+            String::from_utf8_lossy(&w),
+            "{serve:?}"
+        );
+        // Out of the prefix again: relative paths are the host's.
+        let o = run_dirs(
+            &serve,
+            &[
+                "sh",
+                "-c",
+                &format!("cd {MOUNT}/sub && cd / && ls -d etc && cat file"),
+            ],
+        );
+        assert!(!o.status.success(), "{serve:?}: /file is not on the host");
+        assert_eq!(o.stdout, b"etc\n", "{serve:?}");
+    }
+}

@@ -62,7 +62,11 @@ fn prefix_str() -> Option<String> {
 
 fn full(rel: &str) -> String {
     let p = prefix_str().unwrap_or_default();
-    if rel.is_empty() { p } else { format!("{p}/{rel}") }
+    if rel.is_empty() {
+        p
+    } else {
+        format!("{p}/{rel}")
+    }
 }
 
 /// The virtual working directory, if there is one.
@@ -467,7 +471,8 @@ fn next_into(s: &mut Stream, out: &mut libc::dirent64) -> bool {
         *d = b as c_char;
     }
     out.d_name[n] = 0;
-    out.d_reclen = (std::mem::offset_of!(libc::dirent64, d_name) + n + 1).next_multiple_of(8) as u16;
+    out.d_reclen =
+        (std::mem::offset_of!(libc::dirent64, d_name) + n + 1).next_multiple_of(8) as u16;
     true
 }
 
@@ -859,9 +864,7 @@ pub unsafe extern "C" fn getxattr(
     match unsafe { getxattr_common(path) } {
         Ok(r) => r,
         // SAFETY: forwarding.
-        Err(p) => unsafe {
-            real!("getxattr", GetxattrFn)(Route::host_path(&p, path), name, v, n)
-        },
+        Err(p) => unsafe { real!("getxattr", GetxattrFn)(Route::host_path(&p, path), name, v, n) },
     }
 }
 
@@ -878,8 +881,6 @@ pub unsafe extern "C" fn lgetxattr(
     match unsafe { getxattr_common(path) } {
         Ok(r) => r,
         // SAFETY: forwarding.
-        Err(p) => unsafe {
-            real!("lgetxattr", GetxattrFn)(Route::host_path(&p, path), name, v, n)
-        },
+        Err(p) => unsafe { real!("lgetxattr", GetxattrFn)(Route::host_path(&p, path), name, v, n) },
     }
 }

@@ -29,5 +29,5 @@ mod tree;
 pub mod wire;
 
 pub use client::{Client, ClientOptions, PathInfo, PathKind, RemoteFile, RemoteMapping};
-pub use wire::DirEntry;
 pub use server::{EventLog, PEER_TIMEOUT, Served, Server, ServerOptions, SourceHook, Tree, serve};
+pub use wire::DirEntry;

@@ -287,7 +287,9 @@ pub(crate) fn stat_root(dir: &Arc<OwnedFd>, rel: &[u8]) -> std::result::Result<P
     use std::os::unix::fs::MetadataExt;
     let name = shown(rel);
     let fd = open_beneath(dir.as_fd(), rel, libc::O_PATH).map_err(|e| refusal_of(&name, &e))?;
-    let m = File::from(fd).metadata().map_err(|e| refusal_of(&name, &e))?;
+    let m = File::from(fd)
+        .metadata()
+        .map_err(|e| refusal_of(&name, &e))?;
     Ok(PathStat {
         kind: kind_of_mode(m.mode()),
         size: m.size(),
