@@ -1147,3 +1147,116 @@ fn cd_into_the_prefix_then_relative_paths() {
         assert_eq!(o.stdout, b"etc\n", "{serve:?}");
     }
 }
+
+/// A C program on served directories: streams (`readdir`, `readdir_r`,
+/// `telldir`/`seekdir`, `rewinddir`, `dirfd`, `fdopendir`, `scandir`) next
+/// to a host stream, a directory descriptor as `dirfd` for the `*at`
+/// calls, `fchdir`/`getcwd`, refusals with `ENOTDIR`, and a raw
+/// `getdents64` on the descriptor failing instead of listing anything.
+#[test]
+fn c_program_uses_directory_streams_and_descriptors() {
+    let (_d, exe) = compile(
+        r#"
+#define _GNU_SOURCE
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static int by_name(const struct dirent **a, const struct dirent **b) {
+    return strcmp((*a)->d_name, (*b)->d_name);
+}
+int main(int argc, char **argv) {
+    char sub[4096], file[4096], buf[64];
+    snprintf(sub, sizeof sub, "%s/sub", argv[1]);
+    snprintf(file, sizeof file, "%s/sub/file", argv[1]);
+    DIR *host = opendir("/");
+    DIR *d = opendir(sub);
+    if (!d || !host) { perror("opendir"); return 2; }
+    struct dirent *e;
+    int n = 0, etc = 0;
+    long mark = -1;
+    char at_mark[256] = "";
+    while ((e = readdir(d))) {
+        if (n == 2) strcpy(at_mark, e->d_name);
+        n++;
+        if (n == 2) mark = telldir(d);
+        struct dirent *h = readdir(host);
+        (void)h;
+    }
+    seekdir(d, mark);
+    e = readdir(d);
+    printf("entries %d seek %d\n", n, e && strcmp(e->d_name, at_mark) == 0);
+    rewinddir(d);
+    struct dirent ent, *res;
+    const char *first = readdir(d)->d_name;
+    printf("rewind %s", first);
+    printf(" r %d\n", readdir_r(d, &ent, &res) == 0 && res == &ent);
+    rewinddir(host);
+    while ((e = readdir(host))) etc |= strcmp(e->d_name, "etc") == 0;
+    printf("host etc %d\n", etc);
+    int fd = dirfd(d);
+    struct stat st;
+    fstat(fd, &st);
+    printf("dirfd dir %d %o\n", S_ISDIR(st.st_mode), st.st_mode & 0777);
+    int f = openat(fd, "file", O_RDONLY);
+    ssize_t r = read(f, buf, sizeof buf - 1);
+    buf[r > 0 ? r : 0] = 0;
+    printf("openat %s", buf);
+    printf("fstatat %d\n", fstatat(fd, "deeper", &st, 0) == 0 && S_ISDIR(st.st_mode));
+    struct statx sx;
+    printf("statx %d\n", statx(fd, "deeper/deepest", 0, STATX_BASIC_STATS, &sx) == 0 && S_ISDIR(sx.stx_mode));
+    printf("faccessat %d", faccessat(fd, "file", R_OK, 0));
+    int w = faccessat(fd, "file", W_OK, 0);
+    printf(" %d %d\n", w, errno == EROFS);
+    ssize_t rl = readlinkat(fd, "file", buf, sizeof buf);
+    printf("readlinkat %zd %d\n", rl, errno == EINVAL);
+    errno = 0;
+    long raw = syscall(SYS_getdents64, fd, buf, sizeof buf);
+    printf("raw getdents %ld %d\n", raw, errno == EBADF);
+    int bad = fdopendir(f) == NULL;
+    printf("fdopendir file %d %d\n", bad, errno == ENOTDIR);
+    bad = opendir(file) == NULL;
+    printf("opendir file %d %d\n", bad, errno == ENOTDIR);
+    bad = open(file, O_RDONLY | O_DIRECTORY);
+    printf("O_DIRECTORY file %d %d\n", bad, errno == ENOTDIR);
+    int dfd = open(sub, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    DIR *d2 = fdopendir(dfd);
+    n = 0;
+    while (readdir(d2)) n++;
+    printf("fdopendir %d\n", n);
+    if (fchdir(dirfd(d2)) != 0) { perror("fchdir"); return 3; }
+    char cwd[4096];
+    printf("cwd %s\n", getcwd(cwd, sizeof cwd));
+    printf("relative %d\n", access("deeper/deepest", R_OK | X_OK));
+    closedir(d2);
+    closedir(d);
+    closedir(host);
+    printf("chdir %d ", chdir("/"));
+    printf("cwd %s\n", getcwd(cwd, sizeof cwd));
+    struct dirent **list;
+    n = scandir(sub, &list, NULL, by_name);
+    printf("scandir %d:", n);
+    for (int i = 0; i < n; i++) { printf(" %s", list[i]->d_name); free(list[i]); }
+    free(list);
+    printf("\n");
+    return 0;
+}
+"#,
+    );
+    for serve in dir_serves() {
+        let out = ok(run_dirs(&serve, &[exe.to_str().unwrap(), MOUNT]));
+        let want = format!(
+            "entries 5 seek 1\nrewind . r 1\nhost etc 1\ndirfd dir 1 555\nopenat in sub\n\
+             fstatat 1\nstatx 1\nfaccessat 0 -1 1\nreadlinkat -1 1\nraw getdents -1 1\n\
+             fdopendir file 1 1\nopendir file 1 1\nO_DIRECTORY file -1 1\nfdopendir 5\n\
+             cwd {MOUNT}/sub\nrelative 0\nchdir 0 cwd /\nscandir 5: . .. big.bin deeper file\n"
+        );
+        assert_eq!(String::from_utf8_lossy(&out), want, "{serve:?}");
+    }
+}

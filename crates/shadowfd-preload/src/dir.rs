@@ -884,3 +884,134 @@ pub unsafe extern "C" fn lgetxattr(
         Err(p) => unsafe { real!("lgetxattr", GetxattrFn)(Route::host_path(&p, path), name, v, n) },
     }
 }
+
+// ---- scandir -------------------------------------------------------------
+
+type Filter = Option<unsafe extern "C" fn(*const libc::dirent64) -> c_int>;
+type Compar =
+    Option<unsafe extern "C" fn(*mut *const libc::dirent64, *mut *const libc::dirent64) -> c_int>;
+type ScandirFn =
+    unsafe extern "C" fn(*const c_char, *mut *mut *mut libc::dirent64, Filter, Compar) -> c_int;
+
+/// `scandir` of a served directory, through [`opendir`] and [`readdir`]:
+/// glibc's own opens the directory with internal calls no preload sees.
+///
+/// # Safety
+/// libc's `scandir` contract.
+unsafe fn scandir_common(
+    path: *const c_char,
+    list: *mut *mut *mut libc::dirent64,
+    filter: Filter,
+    compar: Compar,
+    real: ScandirFn,
+) -> c_int {
+    let served = match Busy::enter() {
+        // SAFETY: the caller's promise.
+        Some(_b) => matches!(unsafe { route(libc::AT_FDCWD, path) }, Route::Served(_)),
+        None => false,
+    };
+    if !served {
+        // SAFETY: forwarding (a relative path leaving the prefix is the
+        // host's as given: glibc resolves it).
+        return unsafe { real(path, list, filter, compar) };
+    }
+    if list.is_null() {
+        return fail(libc::EFAULT);
+    }
+    // SAFETY: the caller's path.
+    let d = unsafe { opendir(path) };
+    if d.is_null() {
+        return -1;
+    }
+    let mut got: Vec<*mut libc::dirent64> = Vec::new();
+    let mut oom = false;
+    loop {
+        // SAFETY: our own stream.
+        let e = unsafe { readdir(d) };
+        if e.is_null() {
+            break;
+        }
+        if let Some(f) = filter {
+            // SAFETY: `e` is the stream's entry; the filter is the caller's.
+            if unsafe { f(e) } == 0 {
+                continue;
+            }
+        }
+        let n = std::mem::size_of::<libc::dirent64>();
+        // SAFETY: malloc has no preconditions; the caller frees each entry.
+        let copy = unsafe { libc::malloc(n) }.cast::<libc::dirent64>();
+        if copy.is_null() {
+            oom = true;
+            break;
+        }
+        // SAFETY: both hold a whole dirent64.
+        unsafe { std::ptr::copy_nonoverlapping(e, copy, 1) };
+        got.push(copy);
+    }
+    // SAFETY: our own stream.
+    unsafe { closedir(d) };
+    let bytes = got.len().max(1) * std::mem::size_of::<*mut libc::dirent64>();
+    let arr = if oom {
+        std::ptr::null_mut()
+    } else {
+        // SAFETY: malloc has no preconditions; the caller frees the array.
+        unsafe { libc::malloc(bytes) }.cast::<*mut libc::dirent64>()
+    };
+    if arr.is_null() {
+        for p in got {
+            // SAFETY: each came from malloc above.
+            unsafe { libc::free(p.cast()) };
+        }
+        return fail(libc::ENOMEM);
+    }
+    // SAFETY: `arr` holds got.len() pointers.
+    unsafe { std::ptr::copy_nonoverlapping(got.as_ptr(), arr, got.len()) };
+    if let Some(c) = compar {
+        type QsortCmp = unsafe extern "C" fn(*const c_void, *const c_void) -> c_int;
+        // SAFETY: qsort calls the comparator with pointers to two elements
+        // (pointers to entries), which is what scandir's comparators take.
+        unsafe {
+            libc::qsort(
+                arr.cast(),
+                got.len(),
+                std::mem::size_of::<*mut libc::dirent64>(),
+                Some(std::mem::transmute::<
+                    unsafe extern "C" fn(
+                        *mut *const libc::dirent64,
+                        *mut *const libc::dirent64,
+                    ) -> c_int,
+                    QsortCmp,
+                >(c)),
+            )
+        };
+    }
+    // SAFETY: the caller's out-pointer.
+    unsafe { *list = arr };
+    got.len() as c_int
+}
+
+/// # Safety
+/// libc's `scandir`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn scandir(
+    path: *const c_char,
+    list: *mut *mut *mut libc::dirent64,
+    filter: Filter,
+    compar: Compar,
+) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { scandir_common(path, list, filter, compar, real!("scandir", ScandirFn)) }
+}
+
+/// # Safety
+/// libc's `scandir64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn scandir64(
+    path: *const c_char,
+    list: *mut *mut *mut libc::dirent64,
+    filter: Filter,
+    compar: Compar,
+) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { scandir_common(path, list, filter, compar, real!("scandir64", ScandirFn)) }
+}
