@@ -188,4 +188,12 @@ fn list_and_stat_an_ext4_image() {
     // link out of the tree leads nowhere there and is left out.
     assert_eq!(names(&c, "..").len(), names(&c, "/").len());
     refused(c.stat("a/out"), "E_NOT_FOUND");
+    // A cursor no reply gave is refused, not trusted: past the end, or
+    // inside an entry.
+    refused(c.list_page("a", u64::MAX), "E_RANGE");
+    refused(c.list_page("a", 5), "E_RANGE");
+    let (_, next, end) = c.list_page("big", 0).unwrap();
+    assert!(!end);
+    refused(c.list_page("big", next + 3), "E_RANGE");
+    assert!(!c.list_page("big", next).unwrap().0.is_empty());
 }

@@ -509,7 +509,10 @@ pub(crate) fn list_in_image(
             wire::LIST_MAX_ENTRIES,
             wire::LIST_PAGE_BYTES,
         )
-        .map_err(|e| image_refusal(e, true))?;
+        .map_err(|e| match e {
+            crate::source::image::dir::ListError::Image(e) => image_refusal(e, true),
+            crate::source::image::dir::ListError::BadCursor(m) => (wire::E_RANGE, m),
+        })?;
         let entries = p
             .entries
             .into_iter()

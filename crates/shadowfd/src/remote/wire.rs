@@ -406,6 +406,40 @@ mod tests {
     }
 
     #[test]
+    fn list_entries_round_trip_and_bad_ones_are_refused() {
+        let es = vec![
+            DirEntry {
+                name: b"a b".to_vec(),
+                kind: KIND_FILE,
+                inode: 7,
+            },
+            DirEntry {
+                name: "é".as_bytes().to_vec(),
+                kind: KIND_DIR,
+                inode: u64::MAX,
+            },
+        ];
+        let mut p = Vec::new();
+        for e in &es {
+            put_entry(&mut p, e);
+        }
+        assert_eq!(p.len(), 2 * LIST_ENTRY_HEAD + 3 + 2);
+        assert_eq!(parse_entries(&p, 2).unwrap(), es);
+        assert!(parse_entries(&p, 3).is_err(), "past the payload");
+        assert!(parse_entries(&p, 1).is_err(), "bytes left over");
+        let mut slash = Vec::new();
+        put_entry(
+            &mut slash,
+            &DirEntry {
+                name: b"../x".to_vec(),
+                kind: KIND_FILE,
+                inode: 1,
+            },
+        );
+        assert!(parse_entries(&slash, 1).is_err(), "a name with '/'");
+    }
+
+    #[test]
     fn a_version_2_frame_is_recognised() {
         let (a, b) = UnixStream::pair().unwrap();
         let mut v2 = MAGIC.to_vec();

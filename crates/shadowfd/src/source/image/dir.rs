@@ -50,6 +50,23 @@ pub(crate) struct ImagePage {
 const INCOMPAT_FILETYPE: u32 = 0x2;
 /// Directory blocks read by one [`list`] call at most.
 const MAX_BLOCKS_PER_PAGE: u64 = 256;
+/// Symbolic links resolved by one [`list`] call at most (each resolves a
+/// path from the image's root).
+const MAX_LINKS_PER_PAGE: usize = 64;
+
+/// Why [`list`] failed.
+#[derive(Debug)]
+pub(crate) enum ListError {
+    Image(ImageError),
+    /// The cursor is not one a page gave: the message says why.
+    BadCursor(String),
+}
+
+impl From<ImageError> for ListError {
+    fn from(e: ImageError) -> Self {
+        ListError::Image(e)
+    }
+}
 
 struct Opened {
     image: File,
@@ -156,19 +173,21 @@ pub(crate) fn list(
     cursor: u64,
     max_entries: usize,
     max_bytes: usize,
-) -> Result<ImagePage, ImageError> {
+) -> Result<ImagePage, ListError> {
     let o = open_image(image_path)?;
     let inner = absolute(path_in_image);
     let (geo, dir) = found(&o, &inner)?;
     if dir.kind() != FileKind::Directory {
-        return Err(ImageError {
+        return Err(ListError::Image(ImageError {
             location: format!("{}:{}", o.img, show(&inner)),
             kind: io::ErrorKind::NotADirectory,
             reason: format!("not a directory (a {})", dir.kind().as_str()),
-        });
+        }));
     }
     let bs = geo.block_size;
-    let runs = geo.runs(&o.image, &dir).map_err(|e| layout_err(&o, e))?;
+    let runs = geo
+        .runs(&o.image, &dir)
+        .map_err(|e| ListError::Image(layout_err(&o, e)))?;
     let size = dir.size;
     let mut page = ImagePage {
         entries: Vec::new(),
@@ -179,7 +198,19 @@ pub(crate) fn list(
     let mut blocks_read = 0u64;
     let mut buf = vec![0u8; bs as usize];
     let mut pos = cursor;
+    let mut links = 0usize;
     let typed = geo.incompat & INCOMPAT_FILETYPE != 0;
+    let bad_cursor = |why: &str| {
+        ListError::BadCursor(format!(
+            "LIST cursor {cursor} of {}:{}: {why}; start with 0 and pass on the cursor each \
+             reply gives",
+            o.img,
+            show(&inner)
+        ))
+    };
+    if cursor > size {
+        return Err(bad_cursor(&format!("past the directory's {size} bytes")));
+    }
     while pos < size {
         let lblock = pos / bs;
         let in_block = (pos % bs) as usize;
@@ -197,8 +228,20 @@ pub(crate) fn list(
             continue;
         };
         let phys = r.physical + (lblock - r.logical);
-        layout::read_exact(&o.image, &mut buf, phys * bs).map_err(|e| layout_err(&o, e))?;
-        let mut at = in_block;
+        layout::read_exact(&o.image, &mut buf, phys * bs)
+            .map_err(|e| ListError::Image(layout_err(&o, e)))?;
+        // A cursor inside a block must be where an entry starts.
+        let mut at = 0;
+        while at < in_block && at + 8 <= buf.len() {
+            let rec_len = usize::from(u16_at(&buf, at + 4));
+            if rec_len < 8 {
+                break;
+            }
+            at += rec_len;
+        }
+        if at != in_block {
+            return Err(bad_cursor("not where an entry starts"));
+        }
         while at + 8 <= buf.len() {
             let ino = u32_at(&buf, at);
             let mut rec_len = usize::from(u16_at(&buf, at + 4));
@@ -211,10 +254,10 @@ pub(crate) fn list(
                 usize::from(u16_at(&buf, at + 6))
             };
             if rec_len < 8 || at + rec_len > buf.len() || 8 + name_len > rec_len {
-                return Err(layout_err(
+                return Err(ListError::Image(layout_err(
                     &o,
                     LayoutError::Corrupt(format!("directory inode {}: bad entry", dir.ino)),
-                ));
+                )));
             }
             let name = &buf[at + 8..at + 8 + name_len];
             let here = lblock * bs + at as u64;
@@ -224,6 +267,13 @@ pub(crate) fn list(
                     return Ok(page);
                 }
                 let ftype = if typed { buf[at + 7] } else { 0 };
+                if matches!(ftype, 0 | 7) {
+                    if links >= MAX_LINKS_PER_PAGE {
+                        page.next = here;
+                        return Ok(page);
+                    }
+                    links += 1;
+                }
                 let kind = match ftype {
                     1 => Some((FileKind::Regular, u64::from(ino))),
                     2 => Some((FileKind::Directory, u64::from(ino))),
