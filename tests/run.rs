@@ -955,13 +955,24 @@ for p in [sys.argv[1] + '/top.txt', sys.argv[1] + '/missing']:
         print(type(e).__name__)
 fd = os.open(sys.argv[1] + '/sub', os.O_RDONLY | os.O_DIRECTORY)
 print(sorted(os.listdir(fd)), os.stat('file', dir_fd=fd).st_size)
+os.chdir(sys.argv[1] + '/sub/deeper')
+pid = os.fork()
+if pid == 0:
+    # A forked child keeps the directory descriptor and the working
+    # directory, on a connection of its own.
+    print('child', sorted(os.listdir(fd)), os.getcwd(), os.listdir('.'), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
 "#,
                 MOUNT,
             ],
         ));
         assert_eq!(
             String::from_utf8(errs).unwrap(),
-            "NotADirectoryError\nFileNotFoundError\n['big.bin', 'deeper', 'file'] 7\n",
+            format!(
+                "NotADirectoryError\nFileNotFoundError\n['big.bin', 'deeper', 'file'] 7\n\
+                 child ['big.bin', 'deeper', 'file'] {MOUNT}/sub/deeper ['deepest']\n"
+            ),
             "{serve:?}"
         );
     }

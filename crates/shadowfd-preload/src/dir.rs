@@ -1015,3 +1015,45 @@ pub unsafe extern "C" fn scandir64(
     // SAFETY: forwarding.
     unsafe { scandir_common(path, list, filter, compar, real!("scandir64", ScandirFn)) }
 }
+
+// ---- fork ----------------------------------------------------------------
+
+type HeldDir = (
+    parking_lot::MutexGuard<'static, Option<Option<String>>>,
+    parking_lot::MutexGuard<'static, BTreeMap<c_int, Arc<DirFd>>>,
+    parking_lot::MutexGuard<'static, BTreeSet<usize>>,
+);
+
+thread_local! {
+    /// This module's locks, held by the forking thread across fork so that
+    /// the child never inherits one held by a thread it does not have.
+    static HELD_DIR: std::cell::RefCell<Option<HeldDir>> = const { std::cell::RefCell::new(None) };
+}
+
+extern "C" fn dir_before_fork() {
+    // Never more than one of these is held at a time elsewhere, so taking
+    // all three in this order cannot deadlock.
+    let held = (VCWD.lock(), DIRFDS.lock(), STREAMS.lock());
+    let _ = HELD_DIR.try_with(|h| *h.borrow_mut() = Some(held));
+}
+
+extern "C" fn dir_after_fork() {
+    // In both processes: the tables stay as they were (the child's
+    // directory descriptors and streams are copies that keep working).
+    let _ = HELD_DIR.try_with(|h| drop(h.borrow_mut().take()));
+}
+
+extern "C" fn dir_init() {
+    // SAFETY: valid handlers with no preconditions.
+    unsafe {
+        libc::pthread_atfork(
+            Some(dir_before_fork),
+            Some(dir_after_fork),
+            Some(dir_after_fork),
+        )
+    };
+}
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static DIR_INIT: extern "C" fn() = dir_init;

@@ -8,7 +8,10 @@
 //! the directory's data, so a page can start where the last one ended.
 
 use super::layout::{self, Geometry, Inode, LayoutError};
-use super::{Fail, ImageError, Timestamp, image_fail, mix, resolve, show};
+use super::{
+    Fail, ImageError, Pread, Stamp, Timestamp, ext4_fail, image_fail, long_symlink, mix, resolve,
+    show,
+};
 use crate::source::FileKind;
 use std::fs::File;
 use std::io;
@@ -72,6 +75,22 @@ struct Opened {
     image: File,
     img: String,
     identity: u64,
+    /// What identifies the image as it is now, for the cache.
+    key: (std::path::PathBuf, u64, u64, Stamp),
+}
+
+/// The image loaded by `ext4-view` (validated as [`super::ImageSource::open`]
+/// validates it) and its geometry, kept per thread (a server serves each
+/// client on a thread of its own) while the image file is unchanged: a
+/// listing with a STAT per entry then costs a lookup each, not a load.
+struct Loaded {
+    key: (std::path::PathBuf, u64, u64, Stamp),
+    fs: ext4_view::Ext4,
+    geo: Geometry,
+}
+
+thread_local! {
+    static LOADED: std::cell::RefCell<Option<Loaded>> = const { std::cell::RefCell::new(None) };
 }
 
 fn open_image(image_path: &Path) -> Result<Opened, ImageError> {
@@ -101,6 +120,7 @@ fn open_image(image_path: &Path) -> Result<Opened, ImageError> {
         image,
         img,
         identity: mix(st.dev(), st.ino()),
+        key: (image_path.to_path_buf(), st.dev(), st.ino(), Stamp::of(&st)),
     })
 }
 
@@ -114,20 +134,67 @@ fn absolute(inner: &[u8]) -> Vec<u8> {
 
 fn found(o: &Opened, inner: &[u8]) -> Result<(Geometry, Inode), ImageError> {
     let name = format!("{}:{}", o.img, show(inner));
-    resolve(&o.image, &o.img, inner)
-        .map(|f| (f.geo, f.inode))
-        .map_err(|f| match f {
-            Fail::Image(kind, reason) => ImageError {
+    let located = |f: Fail| match f {
+        Fail::Image(kind, reason) => ImageError {
+            location: o.img.clone(),
+            kind,
+            reason,
+        },
+        Fail::Path(kind, reason) => ImageError {
+            location: name.clone(),
+            kind,
+            reason,
+        },
+    };
+    LOADED.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.as_ref().is_none_or(|l| l.key != o.key) {
+            *cell = None;
+            // The same checks as opening a file in the image (superblock,
+            // features, journal), then a handle to keep.
+            let root = resolve(&o.image, &o.img, b"/").map_err(located)?;
+            let clone = o.image.try_clone().map_err(|e| ImageError {
                 location: o.img.clone(),
-                kind,
-                reason,
-            },
-            Fail::Path(kind, reason) => ImageError {
-                location: name,
-                kind,
-                reason,
-            },
-        })
+                kind: e.kind(),
+                reason: format!("cannot reopen the image: {e}"),
+            })?;
+            let fs = ext4_view::Ext4::load(Box::new(Pread(clone)))
+                .map_err(|e| located(ext4_fail(e, &o.img, b"/")))?;
+            *cell = Some(Loaded {
+                key: o.key.clone(),
+                fs,
+                geo: root.geo,
+            });
+        }
+        let l = cell.as_ref().expect("loaded above");
+        let canonical = l.fs.canonicalize(inner).map_err(|e| {
+            located(
+                long_symlink(&o.image, &l.geo, &e).unwrap_or_else(|| ext4_fail(e, &o.img, inner)),
+            )
+        })?;
+        let names: Vec<Vec<u8>> = canonical
+            .components()
+            .filter_map(|c| match c {
+                ext4_view::Component::Normal(n) => Some(n.as_ref().to_vec()),
+                _ => None,
+            })
+            .collect();
+        let inode = l
+            .geo
+            .resolve(&o.image, names.iter().map(Vec::as_slice))
+            .map_err(|e| match e {
+                LayoutError::NotFound => {
+                    located(ext4_fail(ext4_view::Ext4Error::NotFound, &o.img, inner))
+                }
+                LayoutError::NotADirectory => located(ext4_fail(
+                    ext4_view::Ext4Error::NotADirectory,
+                    &o.img,
+                    inner,
+                )),
+                other => layout_err(o, other),
+            })?;
+        Ok((l.geo.clone(), inode))
+    })
 }
 
 fn layout_err(o: &Opened, e: LayoutError) -> ImageError {
