@@ -1173,6 +1173,7 @@ fn c_program_uses_directory_streams_and_descriptors() {
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <glob.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1256,6 +1257,11 @@ int main(int argc, char **argv) {
     for (int i = 0; i < n; i++) { printf(" %s", list[i]->d_name); free(list[i]); }
     free(list);
     printf("\n");
+    char pat[4096];
+    snprintf(pat, sizeof pat, "%s/sub/*", argv[1]);
+    glob_t g;
+    int gr = glob(pat, 0, NULL, &g);
+    printf("glob %d %zu %s\n", gr, g.gl_pathc, gr == 0 ? strrchr(g.gl_pathv[0], '/') : "-");
     return 0;
 }
 "#,
@@ -1266,7 +1272,8 @@ int main(int argc, char **argv) {
             "entries 5 seek 1\nrewind . r 1\nhost etc 1\ndirfd dir 1 555\nopenat in sub\n\
              fstatat 1\nstatx 1\nfaccessat 0 -1 1\nreadlinkat -1 1\nraw getdents -1 1\n\
              fdopendir file 1 1\nopendir file 1 1\nO_DIRECTORY file -1 1\nfdopendir 5\n\
-             cwd {MOUNT}/sub\nrelative 0\nchdir 0 cwd /\nscandir 5: . .. big.bin deeper file\n"
+             cwd {MOUNT}/sub\nrelative 0\nchdir 0 cwd /\nscandir 5: . .. big.bin deeper file\n\
+             glob 0 3 /big.bin\n"
         );
         assert_eq!(String::from_utf8_lossy(&out), want, "{serve:?}");
     }
