@@ -182,7 +182,7 @@ fn list_and_stat_an_ext4_image() {
         .output()
         .expect("mkfs.ext4 (e2fsprogs) is needed for the --image test");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let c = connect(Tree::Image(img));
+    let c = connect(Tree::Image(img.clone()));
     check_common(&c, true);
     // Inside an image `..` stops at its root and symlinks stay in it: the
     // link out of the tree leads nowhere there and is left out.
@@ -196,4 +196,18 @@ fn list_and_stat_an_ext4_image() {
     assert!(!end);
     refused(c.list_page("big", next + 3), "E_RANGE");
     assert!(!c.list_page("big", next).unwrap().0.is_empty());
+
+    // What a listing taught the server is forgotten once the image changes.
+    assert_eq!(c.list("a/b/c").unwrap().len(), 1);
+    assert_eq!(c.stat("a/b/c/deep.txt").unwrap().size, 4);
+    std::fs::write(root.join("a/b/c/deep.txt"), b"deeper now").unwrap();
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&root)
+        .arg(&img)
+        .arg("64M")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(c.stat("a/b/c/deep.txt").unwrap().size, 10);
 }

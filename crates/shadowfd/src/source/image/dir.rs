@@ -87,7 +87,15 @@ struct Loaded {
     key: (std::path::PathBuf, u64, u64, Stamp),
     fs: ext4_view::Ext4,
     geo: Geometry,
+    /// Inodes of the entries listed so far, by the path they were listed
+    /// under (the listed directory's path as given, `/`, the name): the
+    /// STAT of each entry that usually follows a listing then needs no
+    /// walk (a lookup in a large directory reads all its blocks).
+    names: std::collections::HashMap<Vec<u8>, u32>,
 }
+
+/// Listed entries remembered per thread at most; then forgotten at once.
+const MAX_NAMES: usize = 1 << 16;
 
 thread_local! {
     static LOADED: std::cell::RefCell<Option<Loaded>> = const { std::cell::RefCell::new(None) };
@@ -164,6 +172,7 @@ fn found(o: &Opened, inner: &[u8]) -> Result<(Geometry, Inode), ImageError> {
                 key: o.key.clone(),
                 fs,
                 geo: root.geo,
+                names: std::collections::HashMap::new(),
             });
         }
         let l = cell.as_ref().expect("loaded above");
@@ -210,7 +219,10 @@ fn layout_err(o: &Opened, e: LayoutError) -> ImageError {
 pub(crate) fn stat(image_path: &Path, path_in_image: &[u8]) -> Result<ImageStat, ImageError> {
     let o = open_image(image_path)?;
     let inner = absolute(path_in_image);
-    let (_, inode) = found(&o, &inner)?;
+    let inode = match listed(&o, &inner) {
+        Some(i) => i,
+        None => found(&o, &inner)?.1,
+    };
     Ok(ImageStat {
         kind: inode.kind(),
         size: inode.size,
@@ -219,6 +231,39 @@ pub(crate) fn stat(image_path: &Path, path_in_image: &[u8]) -> Result<ImageStat,
         mtime: inode.mtime,
         nlink: u64::from(inode.links),
     })
+}
+
+/// The inode of `inner` if a listing of its directory in this image, as
+/// it is now, named it.
+fn listed(o: &Opened, inner: &[u8]) -> Option<Inode> {
+    let (geo, ino) = LOADED.with(|cell| {
+        let cell = cell.borrow();
+        let l = cell.as_ref().filter(|l| l.key == o.key)?;
+        Some((l.geo.clone(), *l.names.get(inner)?))
+    })?;
+    let inode = geo.inode(&o.image, ino).ok()?;
+    inode.in_use().then_some(inode)
+}
+
+/// Remembers the entries of a page listed under `dir`.
+fn remember(o: &Opened, dir: &[u8], entries: &[ImageEntry]) {
+    LOADED.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let Some(l) = cell.as_mut().filter(|l| l.key == o.key) else {
+            return;
+        };
+        if l.names.len() + entries.len() > MAX_NAMES {
+            l.names.clear();
+        }
+        for e in entries {
+            let mut p = dir.to_vec();
+            if p.last() != Some(&b'/') {
+                p.push(b'/');
+            }
+            p.extend_from_slice(&e.name);
+            l.names.insert(p, e.inode as u32);
+        }
+    });
 }
 
 fn u16_at(b: &[u8], off: usize) -> u16 {
@@ -243,7 +288,20 @@ pub(crate) fn list(
 ) -> Result<ImagePage, ListError> {
     let o = open_image(image_path)?;
     let inner = absolute(path_in_image);
-    let (geo, dir) = found(&o, &inner)?;
+    let page = list_in(&o, &inner, cursor, max_entries, max_bytes)?;
+    remember(&o, &inner, &page.entries);
+    Ok(page)
+}
+
+fn list_in(
+    o: &Opened,
+    inner: &[u8],
+    cursor: u64,
+    max_entries: usize,
+    max_bytes: usize,
+) -> Result<ImagePage, ListError> {
+    let inner = inner.to_vec();
+    let (geo, dir) = found(o, &inner)?;
     if dir.kind() != FileKind::Directory {
         return Err(ListError::Image(ImageError {
             location: format!("{}:{}", o.img, show(&inner)),
@@ -254,7 +312,7 @@ pub(crate) fn list(
     let bs = geo.block_size;
     let runs = geo
         .runs(&o.image, &dir)
-        .map_err(|e| ListError::Image(layout_err(&o, e)))?;
+        .map_err(|e| ListError::Image(layout_err(o, e)))?;
     let size = dir.size;
     let mut page = ImagePage {
         entries: Vec::new(),
@@ -296,7 +354,7 @@ pub(crate) fn list(
         };
         let phys = r.physical + (lblock - r.logical);
         layout::read_exact(&o.image, &mut buf, phys * bs)
-            .map_err(|e| ListError::Image(layout_err(&o, e)))?;
+            .map_err(|e| ListError::Image(layout_err(o, e)))?;
         // A cursor inside a block must be where an entry starts.
         let mut at = 0;
         while at < in_block && at + 8 <= buf.len() {
@@ -322,7 +380,7 @@ pub(crate) fn list(
             };
             if rec_len < 8 || at + rec_len > buf.len() || 8 + name_len > rec_len {
                 return Err(ListError::Image(layout_err(
-                    &o,
+                    o,
                     LayoutError::Corrupt(format!("directory inode {}: bad entry", dir.ino)),
                 )));
             }
@@ -345,7 +403,7 @@ pub(crate) fn list(
                     1 => Some((FileKind::Regular, u64::from(ino))),
                     2 => Some((FileKind::Directory, u64::from(ino))),
                     // A symlink, or no type recorded: look.
-                    0 | 7 => entry_kind(&o, &geo, &inner, name, ino),
+                    0 | 7 => entry_kind(o, &geo, &inner, name, ino),
                     _ => None,
                 };
                 if let Some((kind, inode)) = kind {
