@@ -1,10 +1,11 @@
 //! `libshadowfd_preload.so`: the `LD_PRELOAD` shim `shadowfd run` loads
 //! into the command it starts (docs/run.md).
 //!
-//! For absolute paths under the mount prefix (`SHADOWFD_RUN_MOUNT`), the
-//! libc entry points below open, read, stat and map files through a
-//! shadowfd server (`SHADOWFD_RUN_SOCKET`) instead of the host's file
-//! system. Everything else goes to the real functions (`dlsym(RTLD_NEXT)`).
+//! For paths under the mount prefix (`SHADOWFD_RUN_MOUNT`), the libc entry
+//! points below open, read, stat and map files through a shadowfd server
+//! (`SHADOWFD_RUN_SOCKET`) instead of the host's file system; the module
+//! `dir` adds directories, relative paths and the working directory.
+//! Everything else goes to the real functions (`dlsym(RTLD_NEXT)`).
 //!
 //! What the program holds for such a file is an `O_PATH` descriptor of
 //! `/dev/null` that this shim tracks: a read, write or map of it that does
