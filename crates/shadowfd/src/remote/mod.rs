@@ -28,5 +28,5 @@ mod server;
 mod tree;
 pub mod wire;
 
-pub use client::{Client, ClientOptions, RemoteFile, RemoteMapping};
+pub use client::{Client, ClientOptions, RemoteFile, RemoteMapOptions, RemoteMapping};
 pub use server::{EventLog, PEER_TIMEOUT, Served, Server, ServerOptions, SourceHook, Tree, serve};
