@@ -890,7 +890,9 @@ static int child(void) {
     int ok = same(big + 300 * PG, 12 * 1048576L + 300 * PG, 2 * PG)   /* untouched */
         && same(R + 4 * PG, 100 * PG, 2 * PG)                          /* left piece */
         && same(R + 6 * PG, 300 * PG, 2 * PG)                          /* MAP_FIXED over it */
-        && same(R + 8 * PG, 104 * PG, 4 * PG)                          /* right piece */
+        && same(R + 8 * PG, 104 * PG, 2 * PG)                          /* right piece */
+        && same(R + 10 * PG, 500 * PG, PG)                             /* over it */
+        && same(R + 11 * PG, 107 * PG, PG)
         && same(R + 20 * PG, 7 * PG, 4 * PG);                          /* NOREPLACE */
     return ok ? 10 + in_child(grandchild) : 1;
 }
@@ -912,6 +914,14 @@ int main(int argc, char **argv) {
     printf("fixed %d %d\n", m1 == R + 4 * PG, m2 == R + 6 * PG);
     printf("pieces %d %d %d\n", same(R + 4 * PG, 100 * PG, 2 * PG), same(R + 6 * PG, 300 * PG, 2 * PG),
            same(R + 8 * PG, 104 * PG, 4 * PG));
+    /* An anonymous MAP_FIXED over one of its pages, then a served one over
+       that again (refused by the server if the shim had not cut the page out
+       of the first mapping): the pages around stay served. */
+    unsigned char *a = mmap(R + 10 * PG, PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    a[0] = 1;
+    unsigned char *b = mmap(R + 10 * PG, PG, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, 500 * PG);
+    printf("over %d %d %d %d %d\n", a == R + 10 * PG, b == R + 10 * PG, same(b, 500 * PG, PG),
+           same(R + 8 * PG, 104 * PG, 2 * PG), same(R + 11 * PG, 107 * PG, PG));
     /* NOREPLACE: refused over the reservation, then in a hole. */
     void *n1 = mmap(R + 20 * PG, 4 * PG, PROT_READ, MAP_PRIVATE | MAP_FIXED_NOREPLACE, fd, 7 * PG);
     int e1 = errno;
@@ -942,6 +952,7 @@ int main(int argc, char **argv) {
     eprintln!("{out}");
     assert!(out.contains("fixed 1 1"), "{out}");
     assert!(out.contains("pieces 1 1 1"), "{out}");
+    assert!(out.contains("over 1 1 1 1 1"), "{out}");
     assert!(out.contains("noreplace 1 1 1 1"), "{out}");
     assert!(out.contains(&format!("tail 1 -{}", libc_sigbus())), "{out}");
     assert!(
