@@ -1003,7 +1003,8 @@ def work(i):
     a, b = SL[i]
     return os.getpid(), int(m[a:b].sum(dtype=numpy.uint64))
 with mp.get_context("fork").Pool(3) as pool:
-    got = pool.map(work, range(len(SL)), chunksize=1)
+    # Bounded: a worker killed by a signal would leave map() waiting.
+    got = pool.map_async(work, range(len(SL)), chunksize=1).get(timeout=120)
 print("workers", len(set(p for p, _ in got)), "parent", os.getpid() not in set(p for p, _ in got))
 print("sums", ",".join(str(s) for _, s in got))
 print("touched", touched)
