@@ -963,6 +963,33 @@ int main(int argc, char **argv) {
     assert!(out.contains("parent-after 1"), "{out}");
     assert!(out.contains("unmap 0 0 0"), "{out}");
     assert_eq!(out.matches("fork-us").count(), 2, "{out}");
+    // The same without a userfaultfd: sealed mappings, inherited as they are.
+    let o = Command::new(BIN)
+        .args(["run", "--root"])
+        .arg(tree().dir.path())
+        .args(["--mount", MOUNT, "--memory-budget", "1G", "--"])
+        .args([exe.to_str().unwrap(), &shadow("big.bin")])
+        .env("SHADOWFD_PRELOAD", preload())
+        .env("SHADOWFD_RUN_NO_USERFAULTFD", "1")
+        .env_remove("SHADOWFD_MODE")
+        .output()
+        .unwrap();
+    let out = String::from_utf8(ok(o)).unwrap();
+    for want in [
+        "fixed 1 1",
+        "pieces 1 1 1",
+        "over 1 1 1 1 1",
+        "noreplace 1 1 1 1",
+        "child 10",
+        "parent-after 1",
+        "unmap 0 0 0",
+    ] {
+        assert!(out.contains(want), "eager: {want}: {out}");
+    }
+    assert!(
+        out.contains(&format!("tail 1 -{}", libc_sigbus())),
+        "eager: {out}"
+    );
 }
 
 fn libc_sigbus() -> i32 {
