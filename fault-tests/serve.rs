@@ -1189,8 +1189,8 @@ fn raw_userfaultfd() -> (std::os::fd::OwnedFd, u64) {
 /// (ATTACH with `d`), also at its own address over a reservation, and cuts
 /// pages out of a lazy mapping (UNMAP with a length) while the rest stays
 /// served; ATTACHes with a misaligned, out-of-range or overflowing offset
-/// or length are refused with E_RANGE and a message naming the value, and
-/// the session goes on.
+/// or length, or a range overlapping one attached, are refused with E_RANGE
+/// and a message naming the value, and the session goes on.
 #[test]
 fn attach_at_a_file_offset_and_bad_offsets_refused() {
     use shadowfd::remote::wire;
@@ -1325,6 +1325,28 @@ fn attach_at_a_file_offset_and_bad_offsets_refused() {
             msg.contains(&named) && msg.contains("offset"),
             "the message names {named}: {msg}"
         );
+    }
+    // A good one, then one overlapping it.
+    let at = 0x7f00_0000_0000u64;
+    for (addr, want) in [(at, wire::ATTACH | wire::REPLY), (at + pg, wire::ERROR)] {
+        wire::send(
+            &s,
+            &wire::Frame::new(wire::MAP, h, wire::MAP_LAZY, 0, 0),
+            None,
+        )
+        .unwrap();
+        let (r, _) = wire::recv(&s).unwrap();
+        assert_eq!(r.kind, wire::MAP | wire::REPLY);
+        let att = wire::Frame::new(wire::ATTACH, h, addr, 2 * pg, 3 * pg);
+        wire::send(&s, &att, None).unwrap();
+        let (r, _) = wire::recv(&s).unwrap();
+        let msg = String::from_utf8_lossy(&r.payload).into_owned();
+        assert_eq!(r.kind, want, "ATTACH at {addr:#x}: {msg}");
+        if want == wire::ERROR {
+            assert!(msg.contains("overlaps"), "{msg}");
+        } else {
+            assert_eq!((r.b, r.c, r.d), (at, 2 * pg, 3 * pg));
+        }
     }
     // The session goes on.
     wire::send(&s, &wire::Frame::new(wire::STATS, h, 0, 0, 0), None).unwrap();

@@ -257,9 +257,10 @@ pub(crate) fn do_mmap(
     Ok(base)
 }
 
-/// A `MAP_FIXED` `mmap` of anything else: the served pages it replaces
-/// are cut out of their mappings first. Returns false when the caller must
-/// forward the call unchanged (nothing served there, or inside the shim).
+/// Before a `MAP_FIXED` `mmap` of anything else: the served pages it
+/// replaces are cut out of their mappings first. Returns this thread marked
+/// busy, to hold while the call is forwarded, or `None` when there was
+/// nothing to do (no `MAP_FIXED`, nothing served, or inside the shim).
 pub(crate) fn before_fixed(addr: *mut c_void, len: SizeT, flags: c_int) -> Option<Busy> {
     if flags & libc::MAP_FIXED == 0
         || flags & libc::MAP_FIXED_NOREPLACE != 0
@@ -339,7 +340,13 @@ pub(crate) fn remap_in_child(parent: Vec<Map>) {
                 0,
             )
         };
-        if p == libc::MAP_FAILED || p as usize != at {
+        if p == libc::MAP_FAILED {
+            continue;
+        }
+        if p as usize != at {
+            // A kernel that ignores MAP_FIXED_NOREPLACE put it elsewhere.
+            // SAFETY: the reservation just made, unused.
+            unsafe { real_munmap()(p, maplen) };
             continue;
         }
         let again = (|| -> Result<RemoteMapping, String> {
