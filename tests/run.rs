@@ -1148,3 +1148,45 @@ for name, pid in (("early", early), ("late", late)):
     );
     assert!(o.status.success(), "{}", o.status);
 }
+
+/// The file changes on the host after the parent mapped it: a forked child
+/// does not map the new file's shadow at the parent's addresses (its
+/// inherited pages raise SIGBUS, with a line saying why); the parent keeps
+/// its mapping (its later fills follow `--stale`, docs/staleness.md).
+#[test]
+fn a_forked_child_never_maps_a_changed_file_in_place() {
+    let d = tempfile::tempdir().unwrap();
+    let old = pattern(1 << 20, 11);
+    let host = d.path().join("f.bin");
+    std::fs::write(&host, &old).unwrap();
+    let script = format!(
+        r#"
+import mmap, os
+f = open("{MOUNT}/f.bin", "rb")
+m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+first = m[0]
+with open("{host}", "r+b") as h:
+    h.write(b"\x01" * 8192)
+os.utime("{host}", (1, 1))
+pid = os.fork()
+if pid == 0:
+    print("child page", m[200 * 4096], flush=True)
+    os._exit(0)
+_, st = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(st))
+print("parent", m[0] == first == {b0})
+"#,
+        host = host.display(),
+        b0 = old[0],
+    );
+    let o = run_with(
+        &["--root", d.path().to_str().unwrap()],
+        &["python3", "-c", &script],
+    );
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let out = String::from_utf8(ok(o)).unwrap();
+    assert!(!out.contains("child page"), "the child read a page: {out}");
+    assert!(out.contains("child -7"), "{out}");
+    assert!(out.contains("parent True"), "{out}");
+    assert!(err.contains("the file changed on the server"), "{err}");
+}

@@ -320,6 +320,7 @@ pub(crate) fn remap_in_child(parent: Vec<Map>) {
     for Map { path, m } in parent {
         let lazy = m.is_lazy();
         let (at, maplen, off, len) = (m.as_ptr() as usize, m.mapped_len(), m.offset(), m.len());
+        let shadow = m.file().shadow_id();
         std::mem::forget(m);
         if !lazy || maplen == 0 {
             continue;
@@ -359,6 +360,17 @@ pub(crate) fn remap_in_child(parent: Vec<Map>) {
                     f
                 }
             };
+            if file.shadow_id() != shadow {
+                // The source changed since the parent mapped it: the server
+                // has a new shadow for the path. The child must not see
+                // other bytes than the parent at the same addresses.
+                return Err(format!(
+                    "the file changed on the server since the parent mapped it (shadow {} \
+                     then, {} now)",
+                    shadow,
+                    file.shadow_id()
+                ));
+            }
             let a = NonNull::new(at as *mut u8).expect("not null");
             // SAFETY: `at..at+maplen` is the reservation just made.
             unsafe { file.map_options().offset(off).len(len as u64).map_fixed(a) }
