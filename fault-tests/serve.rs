@@ -1158,3 +1158,201 @@ fn twenty_lazy_cats_in_a_3g_cgroup_are_never_oom_killed() {
         "OOM kills in the cgroup ({whole} cats got the whole file)"
     );
 }
+
+/// A userfaultfd with the features a lazy HELLO needs, made by hand (what
+/// a C or Python client does), and those features.
+fn raw_userfaultfd() -> (std::os::fd::OwnedFd, u64) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the userfaultfd system call takes flags only.
+    let fd =
+        unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) } as i32;
+    assert!(fd >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
+    // SAFETY: a new descriptor that nothing else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // MISSING_SHMEM | MINOR_SHMEM | POISON (linux/userfaultfd.h).
+    let features: u64 = 0x20 | 0x400 | 0x4000;
+    let mut api = [0xAAu64, features, 0];
+    // SAFETY: UFFDIO_API (_IOWR(0xAA, 0x3F, struct uffdio_api)) with a live
+    // 24-byte struct.
+    let r = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            0xc018_aa3f,
+            api.as_mut_ptr(),
+        )
+    };
+    assert_eq!(r, 0, "UFFDIO_API: {}", std::io::Error::last_os_error());
+    (fd, features)
+}
+
+/// Protocol version 4: a client maps a range of a file at a file offset
+/// (ATTACH with `d`), also at its own address over a reservation, and cuts
+/// pages out of a lazy mapping (UNMAP with a length) while the rest stays
+/// served; ATTACHes with a misaligned, out-of-range or overflowing offset
+/// or length, or a range overlapping one attached, are refused with E_RANGE
+/// and a message naming the value, and the session goes on.
+#[test]
+fn attach_at_a_file_offset_and_bad_offsets_refused() {
+    use shadowfd::remote::wire;
+    if !lazy_available(&test_name!(attach_at_a_file_offset_and_bad_offsets_refused)) {
+        return;
+    }
+    let (dir, root) = served_root();
+    let size: u64 = (4 << 20) + 123;
+    let id = 0x15_04;
+    write_file(&root, "f.bin", id, size);
+    let sock = dir.path().join("s.sock");
+    let mut server = cli_server(&sock, &root, &[]);
+    let pg = page();
+    let sock2 = sock.clone();
+    crate::support::bounded("mapping ranges at file offsets", move || {
+        let sock = sock2;
+        let c = Client::connect(&sock).expect("connect");
+        let f = c.open("f.bin").expect("open");
+
+        // A range in the middle, and the tail that ends mid-page.
+        let (off, len) = (3 * pg + (1 << 20), 5 * pg + 7);
+        let m = f
+            .map_options()
+            .offset(off)
+            .len(len)
+            .map()
+            .expect("map a range");
+        assert!(m.is_lazy());
+        assert_eq!((m.offset(), m.len()), (off, len as usize));
+        assert_eq!(first_mismatch(id, off, &m), None, "range at {off}");
+        let tail_off = size / pg * pg;
+        let t = f
+            .map_options()
+            .offset(tail_off)
+            .map()
+            .expect("map the tail");
+        assert_eq!(t.len() as u64, size - tail_off);
+        assert_eq!(first_mismatch(id, tail_off, &t), None, "tail");
+
+        // At our own address, over a reservation.
+        let n = 16 * pg as usize;
+        // SAFETY: a fresh anonymous reservation that nothing else uses.
+        let res = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                n,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(res, libc::MAP_FAILED);
+        let at = std::ptr::NonNull::new(res.cast::<u8>()).unwrap();
+        let fixed_off = 40 * pg;
+        // SAFETY: `at..at+n` is our reservation and nothing borrows it.
+        let fx = unsafe {
+            f.map_options()
+                .offset(fixed_off)
+                .len(n as u64)
+                .map_fixed(at)
+        }
+        .expect("map_fixed");
+        assert_eq!(fx.as_ptr(), at.as_ptr().cast_const());
+        // Cut pages 4..8 out before touching anything: both sides stay served.
+        // SAFETY: nothing borrows the mapping's pages 4..8.
+        let (l, r) = unsafe { fx.punch(4 * pg as usize, 4 * pg as usize) }.expect("punch");
+        let (l, r) = (l.expect("left"), r.expect("right"));
+        assert_eq!((l.offset(), l.len()), (fixed_off, 4 * pg as usize));
+        assert_eq!(r.offset(), fixed_off + 8 * pg);
+        assert_eq!(r.as_ptr() as usize, res as usize + 8 * pg as usize);
+        assert_eq!(first_mismatch(id, r.offset(), &r), None, "right of the cut");
+        assert_eq!(first_mismatch(id, l.offset(), &l), None, "left of the cut");
+        drop((l, r));
+        // SAFETY: our reservation, no longer used.
+        unsafe { libc::munmap(res, n) };
+        let st = status(&sock);
+        let mine = st["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["userfaultfd"] == true)
+            .cloned()
+            .unwrap();
+        assert_eq!(mine["lazy_mappings"], 2, "{st}"); // m and t
+        drop((m, t, f, c));
+    });
+    // Bad ATTACHes from a hand-written client.
+    let s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(BOUND)).unwrap();
+    let (u, features) = raw_userfaultfd();
+    let hello = wire::Frame::new(wire::HELLO, 4, wire::HELLO_HAS_UFFD, features, 0);
+    wire::send(&s, &hello, Some(std::os::fd::AsFd::as_fd(&u))).unwrap();
+    let (r, _) = wire::recv(&s).unwrap();
+    assert_eq!((r.kind, r.a), (wire::HELLO | wire::REPLY, 4));
+    let open = wire::Frame::new(wire::OPEN, 0, 0, 0, 0).with_payload(b"f.bin".to_vec());
+    wire::send(&s, &open, None).unwrap();
+    let (r, _) = wire::recv(&s).unwrap();
+    let h = r.a;
+    let whole = size.div_ceil(pg) * pg;
+    // (length, offset, the value the message must name): a misaligned
+    // offset, a misaligned length, past the end, longer than the file, and
+    // an offset whose end overflows.
+    let bad = [
+        (pg, 100, 100),
+        (pg + 1, 0, pg + 1),
+        (2 * pg, whole - pg, whole - pg),
+        (whole + pg, 0, whole + pg),
+        (pg, u64::MAX - pg + 1, u64::MAX - pg + 1),
+    ];
+    for (len, offset, named) in bad {
+        let named = named.to_string();
+        wire::send(
+            &s,
+            &wire::Frame::new(wire::MAP, h, wire::MAP_LAZY, 0, 0),
+            None,
+        )
+        .unwrap();
+        let (r, fd) = wire::recv(&s).unwrap();
+        assert_eq!(r.kind, wire::MAP | wire::REPLY);
+        assert!(fd.is_some());
+        let att = wire::Frame::new(wire::ATTACH, h, 0x7f00_0000_0000, len, offset);
+        wire::send(&s, &att, None).unwrap();
+        let (r, _) = wire::recv(&s).unwrap();
+        let msg = String::from_utf8_lossy(&r.payload).into_owned();
+        assert_eq!(
+            (r.kind, r.a),
+            (wire::ERROR, wire::E_RANGE),
+            "ATTACH len {len} offset {offset}: {msg}"
+        );
+        assert!(
+            msg.contains(&named) && msg.contains("offset"),
+            "the message names {named}: {msg}"
+        );
+    }
+    // A good one, then one overlapping it.
+    let at = 0x7f00_0000_0000u64;
+    for (addr, want) in [(at, wire::ATTACH | wire::REPLY), (at + pg, wire::ERROR)] {
+        wire::send(
+            &s,
+            &wire::Frame::new(wire::MAP, h, wire::MAP_LAZY, 0, 0),
+            None,
+        )
+        .unwrap();
+        let (r, _) = wire::recv(&s).unwrap();
+        assert_eq!(r.kind, wire::MAP | wire::REPLY);
+        let att = wire::Frame::new(wire::ATTACH, h, addr, 2 * pg, 3 * pg);
+        wire::send(&s, &att, None).unwrap();
+        let (r, _) = wire::recv(&s).unwrap();
+        let msg = String::from_utf8_lossy(&r.payload).into_owned();
+        assert_eq!(r.kind, want, "ATTACH at {addr:#x}: {msg}");
+        if want == wire::ERROR {
+            assert!(msg.contains("overlaps"), "{msg}");
+        } else {
+            assert_eq!((r.b, r.c, r.d), (at, 2 * pg, 3 * pg));
+        }
+    }
+    // The session goes on.
+    wire::send(&s, &wire::Frame::new(wire::STATS, h, 0, 0, 0), None).unwrap();
+    let (r, _) = wire::recv(&s).unwrap();
+    assert_eq!(r.kind, wire::STATS | wire::REPLY);
+    drop(s);
+    let o = server.finish(Duration::ZERO);
+    assert!(o.stderr.contains("ATTACH refused"), "{}", o.describe());
+}

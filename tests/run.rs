@@ -1262,6 +1262,107 @@ int main(int argc, char **argv) {
     glob_t g;
     int gr = glob(pat, 0, NULL, &g);
     printf("glob %d %zu %s\n", gr, g.gl_pathc, gr == 0 ? strrchr(g.gl_pathv[0], '/') : "-");
+/// `mmap` of served files at an address: `MAP_FIXED` over a reservation at
+/// a file offset, a `MAP_FIXED` over part of an existing served mapping
+/// (whose other pages stay served), `MAP_FIXED_NOREPLACE` (`EEXIST` when
+/// occupied), pages past the end of the file (`SIGBUS`), and forked
+/// children, and a child of a child, reading inherited pages nobody touched
+/// before the fork.
+#[test]
+fn c_program_maps_fixed_and_forks() {
+    let (_d, exe) = compile(
+        r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#define PG 4096L
+static int fd;
+/* 1 if the n bytes at p are the file's bytes at off. */
+static int same(const unsigned char *p, long off, long n) {
+    unsigned char *w = malloc(n);
+    int ok = pread(fd, w, n, off) == n && memcmp(p, w, n) == 0;
+    free(w);
+    return ok;
+}
+/* How a child that runs f ended: its exit status, or -signal. */
+static int in_child(int (*f)(void)) {
+    fflush(stdout);
+    pid_t c = fork();
+    if (c == 0) { int r = f(); fflush(stdout); _exit(r); }
+    int st;
+    waitpid(c, &st, 0);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -WTERMSIG(st);
+}
+static unsigned char *R, *big, *tail;
+static long size;
+static int touch_past_eof(void) { printf("past-eof byte %d\n", tail[PG]); return 9; }
+static int grandchild(void) { return same(big + 700 * PG, 12 * 1048576L + 700 * PG, PG) ? 0 : 1; }
+static int child(void) {
+    int ok = same(big + 300 * PG, 12 * 1048576L + 300 * PG, 2 * PG)   /* untouched */
+        && same(R + 4 * PG, 100 * PG, 2 * PG)                          /* left piece */
+        && same(R + 6 * PG, 300 * PG, 2 * PG)                          /* MAP_FIXED over it */
+        && same(R + 8 * PG, 104 * PG, 2 * PG)                          /* right piece */
+        && same(R + 10 * PG, 500 * PG, PG)                             /* over it */
+        && same(R + 11 * PG, 107 * PG, PG)
+        && same(R + 20 * PG, 7 * PG, 4 * PG);                          /* NOREPLACE */
+    return ok ? 10 + in_child(grandchild) : 1;
+}
+static double now(void) {
+    struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+static double t0;
+static int timed(void) { printf("fork-us %.0f\n", (now() - t0) * 1e6); return 0; }
+int main(int argc, char **argv) {
+    fd = open(argv[1], O_RDONLY);
+    if (fd < 0) { perror("open"); return 2; }
+    size = lseek(fd, 0, SEEK_END);
+    R = mmap(NULL, 32 * PG, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    /* MAP_FIXED over the reservation, at a file offset. */
+    unsigned char *m1 = mmap(R + 4 * PG, 8 * PG, PROT_READ, MAP_SHARED | MAP_FIXED, fd, 100 * PG);
+    /* MAP_FIXED over the middle of it, before its pages were touched. */
+    unsigned char *m2 = mmap(R + 6 * PG, 2 * PG, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, 300 * PG);
+    printf("fixed %d %d\n", m1 == R + 4 * PG, m2 == R + 6 * PG);
+    printf("pieces %d %d %d\n", same(R + 4 * PG, 100 * PG, 2 * PG), same(R + 6 * PG, 300 * PG, 2 * PG),
+           same(R + 8 * PG, 104 * PG, 4 * PG));
+    /* An anonymous MAP_FIXED over one of its pages, then a served one over
+       that again (refused by the server if the shim had not cut the page out
+       of the first mapping): the pages around stay served. */
+    unsigned char *a = mmap(R + 10 * PG, PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    a[0] = 1;
+    unsigned char *b = mmap(R + 10 * PG, PG, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, 500 * PG);
+    printf("over %d %d %d %d %d\n", a == R + 10 * PG, b == R + 10 * PG, same(b, 500 * PG, PG),
+           same(R + 8 * PG, 104 * PG, 2 * PG), same(R + 11 * PG, 107 * PG, PG));
+    /* NOREPLACE: refused over the reservation, then in a hole. */
+    void *n1 = mmap(R + 20 * PG, 4 * PG, PROT_READ, MAP_PRIVATE | MAP_FIXED_NOREPLACE, fd, 7 * PG);
+    int e1 = errno;
+    munmap(R + 20 * PG, 4 * PG);
+    unsigned char *n2 = mmap(R + 20 * PG, 4 * PG, PROT_READ, MAP_PRIVATE | MAP_FIXED_NOREPLACE, fd, 7 * PG);
+    printf("noreplace %d %d %d %d\n", n1 == MAP_FAILED, e1 == EEXIST, n2 == R + 20 * PG, same(n2, 7 * PG, 4 * PG));
+    /* Past the end of the file: the mapping succeeds, the page raises SIGBUS. */
+    tail = mmap(NULL, 2 * PG, PROT_READ, MAP_PRIVATE, fd, size - PG);
+    printf("tail %d %d\n", same(tail, size - PG, PG), in_child(touch_past_eof));
+    /* Inherited lazy pages nobody touched, in a child and a grandchild. */
+    big = mmap(NULL, 4 * 1048576L, PROT_READ, MAP_SHARED, fd, 12 * 1048576L);
+    printf("child %d\n", in_child(child));
+    printf("parent-after %d\n", same(big + 900 * PG, 12 * 1048576L + 900 * PG, PG));
+    printf("unmap %d %d %d\n", munmap(R, 32 * PG), munmap(big, 4 * 1048576L), munmap(tail, 2 * PG));
+    /* What a fork costs with N lazy mappings (the child maps them again). */
+    unsigned char *many[16];
+    for (int n = 0; n < 16; n++) many[n] = mmap(NULL, 64 * PG, PROT_READ, MAP_PRIVATE, fd, n * 64 * PG);
+    t0 = now();
+    in_child(timed);
+    for (int n = 0; n < 16; n++) munmap(many[n], 64 * PG);
+    t0 = now();
+    in_child(timed);
     return 0;
 }
 "#,
@@ -1277,4 +1378,245 @@ int main(int argc, char **argv) {
         );
         assert_eq!(String::from_utf8_lossy(&out), want, "{serve:?}");
     }
+    let out = String::from_utf8(ok(run(&[exe.to_str().unwrap(), &shadow("big.bin")]))).unwrap();
+    eprintln!("{out}");
+    assert!(out.contains("fixed 1 1"), "{out}");
+    assert!(out.contains("pieces 1 1 1"), "{out}");
+    assert!(out.contains("over 1 1 1 1 1"), "{out}");
+    assert!(out.contains("noreplace 1 1 1 1"), "{out}");
+    assert!(out.contains(&format!("tail 1 -{}", libc_sigbus())), "{out}");
+    assert!(
+        !out.contains("past-eof byte"),
+        "a page past the end was read: {out}"
+    );
+    assert!(out.contains("child 10"), "child and grandchild: {out}");
+    assert!(out.contains("parent-after 1"), "{out}");
+    assert!(out.contains("unmap 0 0 0"), "{out}");
+    assert_eq!(out.matches("fork-us").count(), 2, "{out}");
+    // The same without a userfaultfd: sealed mappings, inherited as they are.
+    let o = Command::new(BIN)
+        .args(["run", "--root"])
+        .arg(tree().dir.path())
+        .args(["--mount", MOUNT, "--memory-budget", "1G", "--"])
+        .args([exe.to_str().unwrap(), &shadow("big.bin")])
+        .env("SHADOWFD_PRELOAD", preload())
+        .env("SHADOWFD_RUN_NO_USERFAULTFD", "1")
+        .env_remove("SHADOWFD_MODE")
+        .output()
+        .unwrap();
+    let out = String::from_utf8(ok(o)).unwrap();
+    for want in [
+        "fixed 1 1",
+        "pieces 1 1 1",
+        "over 1 1 1 1 1",
+        "noreplace 1 1 1 1",
+        "child 10",
+        "parent-after 1",
+        "unmap 0 0 0",
+    ] {
+        assert!(out.contains(want), "eager: {want}: {out}");
+    }
+    assert!(
+        out.contains(&format!("tail 1 -{}", libc_sigbus())),
+        "eager: {out}"
+    );
+}
+
+fn libc_sigbus() -> i32 {
+    7
+}
+
+/// A python `multiprocessing` pool with the `fork` start method whose
+/// workers sum disjoint slices of a `numpy.memmap` they inherited: slices
+/// the parent never touched, and one it did. Sums are checked against the
+/// host file.
+#[test]
+fn python_fork_pool_sums_an_inherited_memmap() {
+    let py = python_with_numpy();
+    // Ten disjoint slices of 6 MiB (+ an odd tail) from 1 MiB on; the
+    // parent touches only the first MiB, which the last slice covers.
+    let mut slices: Vec<(usize, usize)> = (0..10)
+        .map(|i| {
+            (
+                (1 << 20) + i * (6 << 20) + 4096 + i * 7,
+                (6 << 20) - 8191 + i,
+            )
+        })
+        .map(|(a, n)| (a, a + n))
+        .collect();
+    slices.push((4096 * 3 + 5, (1 << 20) - 3));
+    let want: Vec<u64> = slices
+        .iter()
+        .map(|&(a, b)| tree().big[a..b].iter().map(|&x| u64::from(x)).sum())
+        .collect();
+    let list: Vec<String> = slices.iter().map(|(a, b)| format!("({a},{b})")).collect();
+    let script = format!(
+        r#"
+import multiprocessing as mp, numpy, os
+SL = [{list}]
+m = numpy.memmap("{big}", dtype=numpy.uint8, mode="r")
+touched = int(m[: 1 << 20].sum(dtype=numpy.uint64))
+def work(i):
+    a, b = SL[i]
+    return os.getpid(), int(m[a:b].sum(dtype=numpy.uint64))
+with mp.get_context("fork").Pool(3) as pool:
+    # Bounded: a worker killed by a signal would leave map() waiting.
+    got = pool.map_async(work, range(len(SL)), chunksize=1).get(timeout=120)
+print("workers", len(set(p for p, _ in got)), "parent", os.getpid() not in set(p for p, _ in got))
+print("sums", ",".join(str(s) for _, s in got))
+print("touched", touched)
+"#,
+        list = list.join(","),
+        big = shadow("big.bin"),
+    );
+    let out = String::from_utf8(ok(run(&[py, "-c", &script]))).unwrap();
+    eprintln!("{out}");
+    let sums: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    assert!(
+        out.contains(&format!("sums {}", sums.join(","))),
+        "want sums {}: {out}",
+        sums.join(",")
+    );
+    let first: u64 = tree().big[..1 << 20].iter().map(|&x| u64::from(x)).sum();
+    assert!(out.contains(&format!("touched {first}")), "{out}");
+    assert!(out.contains("parent True"), "{out}");
+    assert!(
+        !out.contains("workers 1 "),
+        "one worker did everything: {out}"
+    );
+}
+
+/// The server is killed under a command holding a lazy mapping: a child
+/// forked before (which mapped it again and read a page) touches an
+/// unfilled inherited page afterwards, and a child forked after it touches
+/// one: both die of SIGBUS, never read zeros.
+#[test]
+fn forked_children_of_a_dead_server_get_sigbus() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("s.sock");
+    let (ready, go) = (d.path().join("ready"), d.path().join("go"));
+    let mut server = Command::new(BIN)
+        .args(["serve", "--socket", sock.to_str().unwrap(), "--root"])
+        .arg(tree().dir.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !sock.exists() && t.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let script = format!(
+        r#"
+import mmap, os, sys, time
+f = open("{big}", "rb", buffering=0)
+m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+first = m[0]
+def wait_go():
+    t = time.time()
+    while not os.path.exists("{go}") and time.time() - t < 60:
+        time.sleep(0.02)
+early = os.fork()
+if early == 0:
+    print("early-read", m[4096] == {b4096}, flush=True)
+    open("{ready}.early", "w").close()
+    wait_go()
+    time.sleep(0.3)
+    print("early page", m[40 << 20], flush=True)
+    os._exit(0)
+t = time.time()
+while not os.path.exists("{ready}.early") and time.time() - t < 30:
+    time.sleep(0.02)
+open("{ready}", "w").close()
+wait_go()
+time.sleep(0.3)
+late = os.fork()
+if late == 0:
+    print("late page", m[50 << 20], flush=True)
+    os._exit(0)
+for name, pid in (("early", early), ("late", late)):
+    _, st = os.waitpid(pid, 0)
+    print(name, os.waitstatus_to_exitcode(st), flush=True)
+"#,
+        big = shadow("big.bin"),
+        b4096 = tree().big[4096],
+        ready = ready.display(),
+        go = go.display(),
+    );
+    let child = Command::new(BIN)
+        .args([
+            "run",
+            "--socket",
+            sock.to_str().unwrap(),
+            "--mount",
+            MOUNT,
+            "--",
+        ])
+        .args(["python3", "-c", &script])
+        .env("SHADOWFD_PRELOAD", preload())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !ready.exists() && t.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(ready.exists(), "the command never got ready");
+    server.kill().unwrap();
+    server.wait().unwrap();
+    std::fs::write(&go, b"").unwrap();
+    let o = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    eprintln!("{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!out.contains("page"), "an unfilled page was read: {out}");
+    assert!(out.contains("early-read True"), "{out}");
+    assert!(out.contains("early -7"), "{out}");
+    assert!(out.contains("late -7"), "{out}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("could not map \"big.bin\" again"),
+        "the late child says why"
+    );
+    assert!(o.status.success(), "{}", o.status);
+}
+
+/// The file changes on the host after the parent mapped it: a forked child
+/// does not map the new file's shadow at the parent's addresses (its
+/// inherited pages raise SIGBUS, with a line saying why); the parent keeps
+/// its mapping (its later fills follow `--stale`, docs/staleness.md).
+#[test]
+fn a_forked_child_never_maps_a_changed_file_in_place() {
+    let d = tempfile::tempdir().unwrap();
+    let old = pattern(1 << 20, 11);
+    let host = d.path().join("f.bin");
+    std::fs::write(&host, &old).unwrap();
+    let script = format!(
+        r#"
+import mmap, os
+f = open("{MOUNT}/f.bin", "rb")
+m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+first = m[0]
+with open("{host}", "r+b") as h:
+    h.write(b"\x01" * 8192)
+os.utime("{host}", (1, 1))
+pid = os.fork()
+if pid == 0:
+    print("child page", m[200 * 4096], flush=True)
+    os._exit(0)
+_, st = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(st))
+print("parent", m[0] == first == {b0})
+"#,
+        host = host.display(),
+        b0 = old[0],
+    );
+    let o = run_with(
+        &["--root", d.path().to_str().unwrap()],
+        &["python3", "-c", &script],
+    );
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let out = String::from_utf8(ok(o)).unwrap();
+    assert!(!out.contains("child page"), "the child read a page: {out}");
+    assert!(out.contains("child -7"), "{out}");
+    assert!(out.contains("parent True"), "{out}");
+    assert!(err.contains("the file changed on the server"), "{err}");
 }

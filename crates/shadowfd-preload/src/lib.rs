@@ -19,7 +19,7 @@
 //! shim is at work straight to the real function.
 
 use parking_lot::Mutex;
-use shadowfd::remote::{Client, ClientOptions, RemoteFile, RemoteMapping};
+use shadowfd::remote::{Client, ClientOptions, RemoteFile};
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::ffi::{CStr, c_char, c_int, c_void};
@@ -98,6 +98,8 @@ impl Drop for Busy {
         let _ = BUSY.try_with(|b| b.set(false));
     }
 }
+
+mod map;
 
 fn set_errno(e: c_int) {
     // SAFETY: __errno_location returns this thread's errno.
@@ -179,30 +181,17 @@ impl Entry {
     }
 }
 
-/// A mapping handed to the program: `[addr, addr + len)` inside the whole
-/// file's mapping, with the pages still mapped.
-struct Map {
-    addr: usize,
-    len: usize,
-    live: Vec<bool>,
-    /// Held only to be dropped: unmaps the whole file's mapping.
-    _mapping: RemoteMapping,
-}
-
 struct State {
     fds: BTreeMap<c_int, Arc<Entry>>,
-    maps: Vec<Map>,
 }
 
 static STATE: Mutex<State> = Mutex::new(State {
     fds: BTreeMap::new(),
-    maps: Vec::new(),
 });
 static CLIENT: Mutex<Option<Client>> = Mutex::new(None);
-/// Whether `STATE.fds` / `STATE.maps` may be non-empty: the fast path for
-/// every other descriptor and mapping.
+/// Whether `STATE.fds` may be non-empty: the fast path for every other
+/// descriptor.
 static ANY_FD: AtomicBool = AtomicBool::new(false);
-static ANY_MAP: AtomicBool = AtomicBool::new(false);
 static SAID: AtomicBool = AtomicBool::new(false);
 
 fn client() -> Result<Client, c_int> {
@@ -1451,41 +1440,6 @@ pub unsafe extern "C" fn statx(
 
 // ---- mmap, munmap --------------------------------------------------------
 
-fn do_mmap(e: &Entry, len: SizeT, prot: c_int, flags: c_int, off: OffT) -> Result<usize, c_int> {
-    let pg = page();
-    if len == 0 || off < 0 || off as usize % pg != 0 {
-        return Err(libc::EINVAL);
-    }
-    if flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0 {
-        return Err(libc::EINVAL);
-    }
-    let kind = flags & (libc::MAP_SHARED | libc::MAP_PRIVATE | libc::MAP_SHARED_VALIDATE);
-    if kind != libc::MAP_SHARED && kind != libc::MAP_PRIVATE && kind != libc::MAP_SHARED_VALIDATE {
-        return Err(libc::EINVAL);
-    }
-    if prot & !libc::PROT_READ != 0 {
-        return Err(libc::EACCES);
-    }
-    let file = e.file()?;
-    let whole = (file.size() as usize).div_ceil(pg) * pg;
-    let len = len.div_ceil(pg) * pg;
-    let off = off as usize;
-    if off.checked_add(len).is_none_or(|end| end > whole) {
-        return Err(libc::ENXIO);
-    }
-    let mapping = file.map().map_err(|err| io_err(&err))?;
-    let addr = mapping.as_ptr() as usize + off;
-    let mut st = STATE.lock();
-    ANY_MAP.store(true, Ordering::Release);
-    st.maps.push(Map {
-        addr,
-        len,
-        live: vec![true; len / pg],
-        _mapping: mapping,
-    });
-    Ok(addr)
-}
-
 /// # Safety
 /// libc's `mmap`.
 unsafe fn mmap_common(
@@ -1503,7 +1457,10 @@ unsafe fn mmap_common(
         None
     };
     if let Some((_b, e)) = t {
-        return match do_mmap(&e, len, prot, flags, off) {
+        let r = e
+            .file()
+            .and_then(|f| map::do_mmap(&f, &e.path, addr, len, prot, flags, off));
+        return match r {
             Ok(a) => a as *mut c_void,
             Err(err) => {
                 set_errno(err);
@@ -1511,13 +1468,14 @@ unsafe fn mmap_common(
             }
         };
     }
-    type MmapFn =
-        unsafe extern "C" fn(*mut c_void, SizeT, c_int, c_int, c_int, OffT) -> *mut c_void;
+    // A MAP_FIXED of anything else over served pages: they stop being
+    // served first.
+    let _b = map::before_fixed(addr, len, flags);
     // SAFETY: forwarding.
     unsafe {
         match sym {
-            0 => real!("mmap", MmapFn)(addr, len, prot, flags, fd, off),
-            _ => real!("mmap64", MmapFn)(addr, len, prot, flags, fd, off),
+            0 => real!("mmap", map::MmapFn)(addr, len, prot, flags, fd, off),
+            _ => real!("mmap64", map::MmapFn)(addr, len, prot, flags, fd, off),
         }
     }
 }
@@ -1556,80 +1514,8 @@ pub unsafe extern "C" fn mmap64(
 /// libc's `munmap`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn munmap(addr: *mut c_void, len: SizeT) -> c_int {
-    let real_munmap = real!("munmap", unsafe extern "C" fn(*mut c_void, SizeT) -> c_int);
-    let b = if ANY_MAP.load(Ordering::Acquire) {
-        Busy::enter()
-    } else {
-        None
-    };
-    if b.is_none() {
-        // SAFETY: forwarding.
-        return unsafe { real_munmap(addr, len) };
-    }
-    let pg = page();
-    let start = addr as usize;
-    if start % pg != 0 || len == 0 {
-        return fail(libc::EINVAL);
-    }
-    let end = start.saturating_add(len.div_ceil(pg) * pg);
-    let mut released = Vec::new();
-    let mut st = STATE.lock();
-    // The parts of [start, end) that are ours, in address order.
-    let mut mine: Vec<(usize, usize, usize)> = st
-        .maps
-        .iter()
-        .enumerate()
-        .filter_map(|(i, m)| {
-            let (a, z) = (m.addr.max(start), (m.addr + m.len).min(end));
-            (a < z).then_some((a, z, i))
-        })
-        .collect();
-    mine.sort();
-    let mut cursor = start;
-    let mut rc = 0;
-    for &(a, z, i) in &mine {
-        if cursor < a {
-            // SAFETY: a range of the caller's that is not ours.
-            rc |= unsafe { real_munmap(cursor as *mut c_void, a - cursor) };
-        }
-        // Keep the pages reserved (the whole file's mapping is unmapped as
-        // one when its last page handed out is): an inaccessible anonymous
-        // mapping in their place.
-        // SAFETY: [a, z) is inside a mapping this shim made and owns.
-        unsafe {
-            libc::syscall(
-                libc::SYS_mmap,
-                a,
-                z - a,
-                libc::PROT_NONE,
-                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        let m = &mut st.maps[i];
-        for p in (a - m.addr) / pg..(z - m.addr) / pg {
-            m.live[p] = false;
-        }
-        cursor = z;
-    }
-    if cursor < end {
-        // SAFETY: a range of the caller's that is not ours.
-        rc |= unsafe { real_munmap(cursor as *mut c_void, end - cursor) };
-    }
-    let mut i = 0;
-    while i < st.maps.len() {
-        if st.maps[i].live.iter().all(|l| !l) {
-            released.push(st.maps.swap_remove(i));
-        } else {
-            i += 1;
-        }
-    }
-    drop(st);
-    // Unmapped (and UNMAPped on the server) with this thread marked busy.
-    drop(released);
-    drop(b);
-    if rc != 0 { -1 } else { 0 }
+    // SAFETY: forwarding.
+    unsafe { map::munmap(addr, len) }
 }
 
 // ---- fopen ---------------------------------------------------------------
@@ -1783,6 +1669,7 @@ pub unsafe extern "C" fn fopen64(path: *const c_char, mode: *const c_char) -> *m
 type Held = (
     parking_lot::MutexGuard<'static, Option<Client>>,
     parking_lot::MutexGuard<'static, State>,
+    parking_lot::MutexGuard<'static, Vec<map::Map>>,
 );
 
 thread_local! {
@@ -1793,7 +1680,7 @@ thread_local! {
 extern "C" fn before_fork() {
     // Held across fork so the child's copies are consistent; released in
     // both processes below (fork returns in the same thread).
-    let held = (CLIENT.lock(), STATE.lock());
+    let held = (CLIENT.lock(), STATE.lock(), map::MAPS.lock());
     let _ = HELD.try_with(|h| *h.borrow_mut() = Some(held));
 }
 
@@ -1803,19 +1690,21 @@ extern "C" fn after_fork_parent() {
 }
 
 /// In the child: the connection is the parent's (its requests would mix
-/// with the parent's), and lazy mappings are not inherited
-/// (`MADV_DONTFORK`). The connection, the open files and the mappings are
-/// forgotten, never dropped (dropping would speak on the parent's
-/// connection or join threads the child does not have). The child's copies
-/// of descriptors of served files keep working: each opens its path again
-/// on the child's own connection (made on first use), at the offset it had
-/// at the fork (from then on the parent's and the child's offsets are
-/// separate, unlike a shared open file description).
+/// with the parent's). The connection and the open files are forgotten,
+/// never dropped (dropping would speak on the parent's connection or join
+/// threads the child does not have). The child's copies of descriptors of
+/// served files keep working: each opens its path again on the child's own
+/// connection (made on first use), at the offset it had at the fork (from
+/// then on the parent's and the child's offsets are separate, unlike a
+/// shared open file description). Lazy mappings are not inherited
+/// (`MADV_DONTFORK`): each is mapped again at its address on the child's
+/// own connection before `fork` returns ([`map::remap_in_child`]).
 extern "C" fn after_fork_child() {
+    let mut parent_maps = Vec::new();
     let _ = HELD.try_with(|h| {
-        if let Some((mut c, mut st)) = h.borrow_mut().take() {
+        if let Some((mut c, mut st, mut maps)) = h.borrow_mut().take() {
             std::mem::forget(c.take());
-            std::mem::forget(std::mem::take(&mut st.maps));
+            parent_maps = std::mem::take(&mut *maps);
             let old = std::mem::take(&mut st.fds);
             // Descriptors that shared an entry (dups) share the new one.
             let mut fresh: Vec<(*const Entry, Arc<Entry>)> = Vec::new();
@@ -1838,6 +1727,14 @@ extern "C" fn after_fork_child() {
             std::mem::forget(old);
         }
     });
+    if parent_maps.is_empty() {
+        return;
+    }
+    match Busy::enter() {
+        Some(_b) => map::remap_in_child(parent_maps),
+        // Forked from inside the shim: nothing can be mapped again here.
+        None => std::mem::forget(parent_maps),
+    }
 }
 
 extern "C" fn init() {

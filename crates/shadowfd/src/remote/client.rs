@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -511,7 +512,107 @@ impl RemoteFile {
     /// Maps the whole file read-only (`MAP_PRIVATE`): lazily through this
     /// client's userfaultfd if it has one, else as a sealed descriptor.
     pub fn map(&self) -> Result<RemoteMapping> {
-        let client = &self.inner.client;
+        self.map_options().map()
+    }
+
+    /// Options for mapping part of the file:
+    /// `file.map_options().offset(o).len(n).map()`, or at an address the
+    /// caller reserved with [`RemoteMapOptions::map_fixed`]. A part is
+    /// attached with its file offset (protocol version 4).
+    pub fn map_options(&self) -> RemoteMapOptions<'_> {
+        RemoteMapOptions {
+            file: self,
+            offset: 0,
+            len: None,
+        }
+    }
+}
+
+/// Options for mapping (part of) a [`RemoteFile`], in the manner of
+/// [`crate::MapOptions`]: `offset` must be a multiple of the page size, and
+/// `offset + len` at most the file's size (`len` defaults to the rest of
+/// the file). The mapping covers `len` rounded up to a page.
+#[derive(Clone)]
+#[must_use]
+pub struct RemoteMapOptions<'a> {
+    file: &'a RemoteFile,
+    offset: u64,
+    len: Option<u64>,
+}
+
+impl RemoteMapOptions<'_> {
+    /// Offset in the file of the mapping's first byte (page-aligned).
+    pub fn offset(mut self, offset: u64) -> Self {
+        self.offset = offset;
+        self
+    }
+
+    /// Length in bytes (default: from `offset` to the end of the file).
+    pub fn len(mut self, len: u64) -> Self {
+        self.len = Some(len);
+        self
+    }
+
+    /// Maps at an address the kernel picks.
+    pub fn map(self) -> Result<RemoteMapping> {
+        // SAFETY: no fixed address: the kernel picks a fresh range.
+        unsafe { self.map_at(None) }
+    }
+
+    /// Maps at exactly `addr` (`MAP_FIXED` semantics), replacing the
+    /// caller's reservation there. When the [`RemoteMapping`] is dropped
+    /// (and on an error) the range is an inaccessible `PROT_NONE` anonymous
+    /// reservation again; releasing it stays the caller's job.
+    ///
+    /// # Safety
+    /// `addr` must be page-aligned, and `addr..addr+len` (page-rounded) must
+    /// be address space the caller owns (reserved, e.g. with
+    /// `mmap(PROT_NONE)`), that no Rust reference points into and that no
+    /// other thread touches until this returns.
+    pub unsafe fn map_fixed(self, addr: NonNull<u8>) -> Result<RemoteMapping> {
+        let page = crate::page_size() as u64;
+        if addr.as_ptr() as u64 % page != 0 {
+            return Err(Error::Align {
+                what: "fixed mapping address",
+                value: addr.as_ptr() as u64,
+                page,
+            });
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.map_at(Some(addr.as_ptr())) }
+    }
+
+    /// # Safety
+    /// As [`RemoteMapOptions::map_fixed`] when `at` is given.
+    unsafe fn map_at(self, at: Option<*mut u8>) -> Result<RemoteMapping> {
+        let this = self.file;
+        let size = this.inner.size;
+        let offset = self.offset;
+        let len = self.len.unwrap_or(size.saturating_sub(offset));
+        let page = crate::page_size() as u64;
+        if offset % page != 0 {
+            return Err(Error::Align {
+                what: "mapping offset",
+                value: offset,
+                page,
+            });
+        }
+        if offset.checked_add(len).is_none_or(|e| e > size) {
+            return Err(Error::Range { offset, len, size });
+        }
+        let empty = || RemoteMapping {
+            map: None,
+            len: 0,
+            offset,
+            lazy: false,
+            file: this.clone(),
+        };
+        if len == 0 {
+            return Ok(empty());
+        }
+        let maplen = usize::try_from(len.div_ceil(page) * page)
+            .map_err(|_| protocol("the mapping length does not fit"))?;
+        let client = &this.inner.client;
         let ci = &client.inner;
         let mode = if ci.uffd.is_some() {
             wire::MAP_LAZY
@@ -519,43 +620,57 @@ impl RemoteFile {
             wire::MAP_SEALED
         };
         let _one = ci.io.lock();
-        let name = format!("MAP of {:?}", self.inner.path);
+        let name = format!("MAP of {:?}", this.inner.path);
         wire::send(
             &ci.stream,
-            &Frame::new(wire::MAP, self.inner.handle, mode, 0, 0),
+            &Frame::new(wire::MAP, this.inner.handle, mode, 0, 0),
             None,
         )?;
         let (r, fd) = reply(&ci.stream, wire::MAP, &name)?;
-        let len = usize::try_from(r.b).map_err(|_| protocol("size does not fit"))?;
-        if len == 0 {
-            return Ok(RemoteMapping {
-                map: None,
-                len: 0,
-                lazy: false,
-                file: self.clone(),
-            });
+        if r.b == 0 {
+            return Ok(empty());
         }
         let memfd =
             fd.ok_or_else(|| protocol(format!("the {name} reply carried no descriptor")))?;
         let lazy = r.c == wire::MAP_LAZY;
+        let e = |e| Error::sys("mmap the received shadow", e);
+        let prot = if lazy {
+            libc::PROT_NONE
+        } else {
+            libc::PROT_READ
+        };
+        let map = match at {
+            // SAFETY: the caller owns the fixed range (map_fixed's contract).
+            Some(a) => unsafe {
+                RawMap::map(
+                    Some(a),
+                    memfd.as_fd(),
+                    (offset, maplen),
+                    prot,
+                    libc::MAP_PRIVATE,
+                )
+            }
+            .map_err(e)?,
+            None => {
+                RawMap::new(memfd.as_fd(), offset, maplen, prot, libc::MAP_PRIVATE).map_err(e)?
+            }
+        };
+        drop(memfd);
+        let mapping = RemoteMapping {
+            map: Some(map),
+            len: len as usize,
+            offset,
+            lazy,
+            file: this.clone(),
+        };
         if !lazy {
-            let map = RawMap::new(memfd.as_fd(), 0, len, libc::PROT_READ, libc::MAP_PRIVATE)
-                .map_err(|e| Error::sys("mmap the received shadow", e))?;
-            return Ok(RemoteMapping {
-                map: Some(map),
-                len,
-                lazy: false,
-                file: self.clone(),
-            });
+            return Ok(mapping);
         }
+        let map = mapping.map.as_ref().expect("mapped");
         let uffd = ci.uffd.as_ref().ok_or_else(|| {
             protocol("the server sent a lazy mapping to a client without a userfaultfd")
         })?;
-        let map = RawMap::new(memfd.as_fd(), 0, len, libc::PROT_NONE, libc::MAP_PRIVATE)
-            .map_err(|e| Error::sys("mmap the received shadow", e))?;
-        drop(memfd);
-        let page = crate::page_size() as u64;
-        let reg_len = (len as u64).div_ceil(page) * page;
+        let reg_len = maplen as u64;
         map.advise(Advice::DontFork)
             .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
         uffd.register(map.addr(), reg_len)
@@ -563,26 +678,24 @@ impl RemoteFile {
         ci.ranges.lock().push((map.addr(), reg_len));
         let attached = wire::send(
             &ci.stream,
-            &Frame::new(wire::ATTACH, self.inner.handle, map.addr(), reg_len, 0),
+            &Frame::new(wire::ATTACH, this.inner.handle, map.addr(), reg_len, offset),
             None,
         )
         .and_then(|()| reply(&ci.stream, wire::ATTACH, "ATTACH"));
         if let Err(e) = attached {
-            let mut rg = ci.ranges.lock();
-            rg.retain(|r| r.0 != map.addr());
-            drop(map);
+            let addr = map.addr();
+            ci.ranges.lock().retain(|r| r.0 != addr);
+            // Not attached: dropped without UNMAP.
+            let mut mapping = mapping;
+            mapping.lazy = false;
+            drop(mapping);
             return Err(e);
         }
         // SAFETY: nothing refers into the mapping yet; every fault on it is
         // now served (or poisoned if the server goes away).
         unsafe { map.protect(libc::PROT_READ) }
             .map_err(|e| Error::sys("mprotect the remote mapping readable", e))?;
-        Ok(RemoteMapping {
-            map: Some(map),
-            len,
-            lazy: true,
-            file: self.clone(),
-        })
+        Ok(mapping)
     }
 }
 
@@ -595,7 +708,10 @@ impl RemoteFile {
 /// gone away (never zeros, never a hang).
 pub struct RemoteMapping {
     map: Option<RawMap>,
+    /// Bytes shown (the mapping covers them rounded up to a page).
     len: usize,
+    /// Offset in the file of the first byte.
+    offset: u64,
     lazy: bool,
     file: RemoteFile,
 }
@@ -640,6 +756,102 @@ impl RemoteMapping {
     /// Whether the mapping is served lazily (faults go to the server).
     pub fn is_lazy(&self) -> bool {
         self.lazy
+    }
+
+    /// Offset in the file of the mapping's first byte.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Address of the first byte (null for an empty mapping).
+    pub fn as_ptr(&self) -> *const u8 {
+        self.map
+            .as_ref()
+            .map_or(std::ptr::null(), |m| m.as_ptr().cast_const())
+    }
+
+    /// Bytes of address space the mapping covers: its length rounded up to
+    /// a page.
+    pub fn mapped_len(&self) -> usize {
+        self.map.as_ref().map_or(0, |m| m.len())
+    }
+
+    /// Takes the pages `at..at+len` out of the mapping (offsets in it, page
+    /// multiples; `len` is rounded up to a page and cut at the mapping's
+    /// end): the server stops serving them (protocol version 4, UNMAP with
+    /// a length) and they become an inaccessible `PROT_NONE` anonymous
+    /// reservation that the **caller** owns from then on (to unmap, or to
+    /// map over). Returns what is left on either side, each a mapping of
+    /// its own (`None` where nothing is left).
+    ///
+    /// # Safety
+    /// No Rust reference points into `at..at+len`, and no other thread
+    /// reads it while this runs.
+    pub unsafe fn punch(
+        mut self,
+        at: usize,
+        len: usize,
+    ) -> Result<(Option<RemoteMapping>, Option<RemoteMapping>)> {
+        let page = crate::page_size();
+        let total = self.mapped_len();
+        if at % page != 0 || len == 0 || at >= total {
+            return Err(Error::Range {
+                offset: at as u64,
+                len: len as u64,
+                size: total as u64,
+            });
+        }
+        let z = at
+            .saturating_add(len)
+            .div_ceil(page)
+            .saturating_mul(page)
+            .min(total);
+        let map = self.map.take().expect("a non-empty mapping");
+        let base = map.addr();
+        let client = self.file.inner.client.clone();
+        if self.lazy && !client.server_gone() {
+            let f = Frame::new(
+                wire::UNMAP,
+                self.file.inner.handle,
+                base + at as u64,
+                (z - at) as u64,
+                0,
+            );
+            if let Err(e) = client.call(&f, "UNMAP of a part", false) {
+                self.map = Some(map);
+                return Err(e);
+            }
+        }
+        // SAFETY: inside our own mapping; the caller vouches that nothing
+        // borrows it.
+        unsafe { crate::sys::mmap::reserve_fixed((base as usize + at) as *mut u8, z - at) }
+            .map_err(|e| Error::sys("reserve the punched pages", e))?;
+        let (left, right) = map.split(at, z);
+        if self.lazy {
+            let mut rg = client.inner.ranges.lock();
+            rg.retain(|r| r.0 != base);
+            for m in left.iter().chain(right.iter()) {
+                rg.push((m.addr(), m.len() as u64));
+            }
+        }
+        let piece = |m: RawMap, from: usize| {
+            let len = if from + m.len() >= total {
+                self.len - from
+            } else {
+                m.len()
+            };
+            RemoteMapping {
+                map: Some(m),
+                len,
+                offset: self.offset + from as u64,
+                lazy: self.lazy,
+                file: self.file.clone(),
+            }
+        };
+        let l = left.map(|m| piece(m, 0));
+        let r = right.map(|m| piece(m, z));
+        // `self` holds no mapping any more: its drop does nothing.
+        Ok((l, r))
     }
 
     /// The file mapped.

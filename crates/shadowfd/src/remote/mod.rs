@@ -28,6 +28,8 @@ mod server;
 mod tree;
 pub mod wire;
 
-pub use client::{Client, ClientOptions, PathInfo, PathKind, RemoteFile, RemoteMapping};
+pub use client::{
+    Client, ClientOptions, PathInfo, PathKind, RemoteFile, RemoteMapOptions, RemoteMapping,
+};
 pub use server::{EventLog, PEER_TIMEOUT, Served, Server, ServerOptions, SourceHook, Tree, serve};
 pub use wire::DirEntry;

@@ -301,8 +301,19 @@ impl Server {
 /// One handle a client holds.
 struct Handle {
     entry: Arc<Entry>,
-    /// Lazy ranges attached: (start, len, key in the shadow's consumers).
-    ranges: Vec<(u64, u64, u64)>,
+    /// Lazy ranges attached, none overlapping another.
+    ranges: Vec<Attached>,
+}
+
+/// A lazy range a client attached: `len` bytes at `start` in the client
+/// show the shadow from `offset`; `key` names it among the shadow's
+/// consumers.
+#[derive(Debug, Clone, Copy)]
+struct Attached {
+    start: u64,
+    len: u64,
+    offset: u64,
+    key: u64,
 }
 
 struct Conn {
@@ -591,15 +602,15 @@ impl Inner {
         let page = crate::page_size() as u64;
         let addr = address & !(page - 1);
         for h in conn.handles.values() {
-            for &(start, len, _) in &h.ranges {
-                if addr >= start && addr < start + len {
+            for r in &h.ranges {
+                if addr >= r.start && addr < r.start + r.len {
                     let shadow = h.entry.lazy().expect("lazy ranges are of lazy shadows");
                     let core = &shadow.service.core;
                     let hit = Hit {
                         uffd,
                         addr,
-                        offset: addr - start,
-                        limit: start + len - addr,
+                        offset: r.offset + (addr - r.start),
+                        limit: r.start + r.len - addr,
                         internal: false,
                     };
                     if let Some(work) = shadow.on_fault(core, hit) {
@@ -900,34 +911,41 @@ impl Inner {
                         self.timeout()
                     )
                 })?;
-                let want_len = size.div_ceil(page) * page;
-                if att.kind != wire::ATTACH
-                    || att.a != f.a
-                    || att.c != want_len
-                    || att.b % page != 0
-                    || att.b == 0
-                {
+                let whole = size.div_ceil(page) * page;
+                if att.kind != wire::ATTACH || att.a != f.a || att.b % page != 0 || att.b == 0 {
                     let msg = format!(
-                        "expected ATTACH of handle {} with a page-aligned address and length \
-                         {want_len}; got kind {:#x} handle {} address {:#x} length {}",
-                        f.a, att.kind, att.a, att.b, att.c
+                        "expected ATTACH of handle {} with a non-zero page-aligned address; got \
+                         kind {:#x} handle {} address {:#x}",
+                        f.a, att.kind, att.a, att.b
                     );
                     let (r, _) = refuse(att.kind, wire::E_PROTOCOL, msg.clone());
                     let _ = self.send(conn, &r, None);
                     return Err(msg);
                 }
-                let key = l.add_remote(uffd.clone(), att.b, want_len);
+                let (start, len, offset) = (att.b, att.c, att.d);
+                if let Err(msg) = attach_span(conn, start, len, offset, whole, page) {
+                    // The client unmaps its range; the session goes on.
+                    self.log(&format!("{}: ATTACH refused: {msg}", conn.peer));
+                    let (r, _) = refuse(att.kind, wire::E_RANGE, msg);
+                    return self.send(conn, &r, None);
+                }
+                let key = l.add_remote(uffd.clone(), start, len, offset);
                 if let Some(h) = conn.handles.get_mut(&f.a) {
-                    h.ranges.push((att.b, want_len, key));
+                    h.ranges.push(Attached {
+                        start,
+                        len,
+                        offset,
+                        key,
+                    });
                 }
                 if let Some(c) = self.state.lock().clients.get_mut(&conn.peer.id) {
                     c.mappings += 1;
                 }
                 self.log(&format!(
-                    "{}: MAP handle {} lazily at {:#x} ({want_len} bytes)",
-                    conn.peer, f.a, att.b
+                    "{}: MAP handle {} lazily at {start:#x} ({len} bytes from offset {offset})",
+                    conn.peer, f.a
                 ));
-                let r = Frame::new(wire::ATTACH | wire::REPLY, f.a, att.b, want_len, 0);
+                let r = Frame::new(wire::ATTACH | wire::REPLY, f.a, start, len, offset);
                 self.send(conn, &r, None)
             }
             (lazy, uffd) => {
@@ -1036,24 +1054,96 @@ impl Inner {
                 format!("handle {} is not open on this connection", f.a),
             );
         };
-        let Some(i) = h.ranges.iter().position(|r| r.0 == f.b) else {
+        let page = crate::page_size() as u64;
+        // c = 0: the whole range that starts at b (version 3). Since version
+        // 4, c > 0: the part of [b, b+c) inside the handle's ranges.
+        let (lo, hi) = if f.c == 0 {
+            match h.ranges.iter().find(|r| r.start == f.b) {
+                Some(r) => (r.start, r.start + r.len),
+                None => {
+                    return refuse(
+                        f.kind,
+                        wire::E_RANGE,
+                        format!("handle {} has no lazy mapping at {:#x}", f.a, f.b),
+                    );
+                }
+            }
+        } else {
+            match f.b.checked_add(f.c) {
+                Some(hi) if f.b % page == 0 && f.c % page == 0 => (f.b, hi),
+                _ => {
+                    return refuse(
+                        f.kind,
+                        wire::E_RANGE,
+                        format!(
+                            "UNMAP of {} bytes at {:#x}: address and length must be multiples of \
+                             the page size ({page}) and the range must not overflow",
+                            f.c, f.b
+                        ),
+                    );
+                }
+            }
+        };
+        let lazy = h.entry.lazy().cloned();
+        let mut kept = Vec::with_capacity(h.ranges.len() + 1);
+        let mut cut = 0usize;
+        let mut added = 0usize;
+        for r in std::mem::take(&mut h.ranges) {
+            let end = r.start + r.len;
+            if end <= lo || hi <= r.start {
+                kept.push(r);
+                continue;
+            }
+            cut += 1;
+            // What stays on either side keeps its file offsets; it is added
+            // before the old range goes, so a fill completing meanwhile
+            // still answers every waiting page.
+            let mut piece = |start: u64, stop: u64| {
+                let offset = r.offset + (start - r.start);
+                let key = match (&uffd, &lazy) {
+                    (Some(u), Some(l)) => l.add_remote(u.clone(), start, stop - start, offset),
+                    _ => 0,
+                };
+                added += 1;
+                kept.push(Attached {
+                    start,
+                    len: stop - start,
+                    offset,
+                    key,
+                });
+            };
+            if r.start < lo {
+                piece(r.start, lo);
+            }
+            if hi < end {
+                piece(hi, end);
+            }
+            if let (Some(u), Some(l)) = (&uffd, &lazy) {
+                // Nobody serves the cut part from now on: what is unfilled
+                // faults with SIGBUS, never blocks.
+                let (a, z) = (r.start.max(lo), end.min(hi));
+                let _ = u.poison(a, z - a);
+                l.remove_remote(r.key);
+            }
+        }
+        h.ranges = kept;
+        if cut == 0 {
             return refuse(
                 f.kind,
                 wire::E_RANGE,
-                format!("handle {} has no lazy mapping at {:#x}", f.a, f.b),
+                format!(
+                    "handle {} has no lazy mapping overlapping {:#x}..{:#x}",
+                    f.a, lo, hi
+                ),
             );
-        };
-        let (start, len, key) = h.ranges.remove(i);
-        if let (Some(u), Some(l)) = (&uffd, h.entry.lazy()) {
-            // Nobody serves the range from now on: what is unfilled faults
-            // with SIGBUS, never blocks.
-            let _ = u.poison(start, len);
-            l.remove_remote(key);
         }
         if let Some(c) = self.state.lock().clients.get_mut(&conn.peer.id) {
-            c.mappings = c.mappings.saturating_sub(1);
+            c.mappings = (c.mappings + added).saturating_sub(cut);
         }
-        (Frame::new(wire::UNMAP | wire::REPLY, f.a, f.b, 0, 0), None)
+        (
+            Frame::new(wire::UNMAP | wire::REPLY, f.a, f.b, f.c, 0),
+            None,
+        )
     }
 
     fn close(&self, conn: &mut Conn, f: &Frame) -> (Frame, Option<OwnedFd>) {
@@ -1078,11 +1168,11 @@ impl Inner {
     /// the client lives on), and its use of the entry.
     fn release(&self, h: Handle, uffd: Option<&Uffd>) {
         if let Some(l) = h.entry.lazy() {
-            for (start, len, key) in h.ranges {
+            for r in h.ranges {
                 if let Some(u) = uffd {
-                    let _ = u.poison(start, len);
+                    let _ = u.poison(r.start, r.len);
                 }
-                l.remove_remote(key);
+                l.remove_remote(r.key);
             }
         }
         h.entry.users.fetch_sub(1, Ordering::Relaxed);
@@ -1183,6 +1273,51 @@ impl Inner {
             shadows.join(",")
         )
     }
+}
+
+/// Checks an ATTACH of `len` bytes at `start` showing the shadow from
+/// `offset` (since version 4; a version 3 client sends offset 0 and the
+/// whole file): page-aligned, inside the file's pages (`whole` bytes),
+/// clear of every range the connection has attached.
+fn attach_span(
+    conn: &Conn,
+    start: u64,
+    len: u64,
+    offset: u64,
+    whole: u64,
+    page: u64,
+) -> std::result::Result<(), String> {
+    if len == 0 || len % page != 0 || offset % page != 0 {
+        return Err(format!(
+            "ATTACH of {len} bytes from file offset {offset}: the length must be a non-zero \
+             multiple of the page size ({page}) and the offset a multiple of it; round the \
+             offset down and the length up to a page"
+        ));
+    }
+    if offset.checked_add(len).is_none_or(|e| e > whole) {
+        return Err(format!(
+            "ATTACH of {len} bytes from file offset {offset}: the range must end within the \
+             file's pages ({whole} bytes, its size rounded up to a page); map the part past \
+             the end some other way (it raises SIGBUS natively)"
+        ));
+    }
+    let Some(end) = start.checked_add(len) else {
+        return Err(format!(
+            "ATTACH at {start:#x} of {len} bytes: the range overflows the address space"
+        ));
+    };
+    for (h, other) in &conn.handles {
+        for r in &other.ranges {
+            if start < r.start + r.len && r.start < end {
+                return Err(format!(
+                    "ATTACH at {start:#x} of {len} bytes overlaps the range attached at {:#x} \
+                     ({} bytes) of handle {h}; UNMAP that part first",
+                    r.start, r.len
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn entry_materialize(e: &Entry) -> Result<()> {

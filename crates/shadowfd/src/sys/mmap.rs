@@ -195,6 +195,31 @@ impl RawMap {
         self.ptr.as_ptr()
     }
 
+    /// Bytes of address space the range covers.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Splits the range into the part before offset `a` and the part from
+    /// offset `z` on (`a <= z`, both page-aligned): each owned as `self` was
+    /// (same drop behaviour). Pages `a..z` are owned by neither any more.
+    pub(crate) fn split(self, a: usize, z: usize) -> (Option<RawMap>, Option<RawMap>) {
+        assert!(a <= z && z <= self.len, "RawMap::split out of range");
+        let me = std::mem::ManuallyDrop::new(self);
+        let left = (a > 0).then_some(RawMap {
+            ptr: me.ptr,
+            len: a,
+            fixed: me.fixed,
+        });
+        let right = (z < me.len).then(|| RawMap {
+            // SAFETY: `z < len`: inside the same mapping, so not null.
+            ptr: unsafe { NonNull::new_unchecked(me.ptr.as_ptr().add(z)) },
+            len: me.len - z,
+            fixed: me.fixed,
+        });
+        (left, right)
+    }
+
     /// `mprotect(prot)` over the whole range.
     ///
     /// # Safety

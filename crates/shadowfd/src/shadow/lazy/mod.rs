@@ -667,10 +667,11 @@ impl LazyShadow {
         self.consumers.write().retain(|m| m.id != id);
     }
 
-    /// Adds a consumer range registered with another process's userfaultfd;
-    /// returns a key for [`LazyShadow::remove_remote`].
-    pub fn add_remote(&self, uffd: Arc<Uffd>, start: u64, len: u64) -> u64 {
-        self.add_consumer(Some(uffd), start, len, 0)
+    /// Adds a consumer range registered with another process's userfaultfd,
+    /// showing the shadow from `offset`; returns a key for
+    /// [`LazyShadow::remove_remote`].
+    pub fn add_remote(&self, uffd: Arc<Uffd>, start: u64, len: u64, offset: u64) -> u64 {
+        self.add_consumer(Some(uffd), start, len, offset)
     }
 
     pub fn remove_remote(&self, key: u64) {
