@@ -1262,6 +1262,23 @@ int main(int argc, char **argv) {
     glob_t g;
     int gr = glob(pat, 0, NULL, &g);
     printf("glob %d %zu %s\n", gr, g.gl_pathc, gr == 0 ? strrchr(g.gl_pathv[0], '/') : "-");
+    return 0;
+}
+"#,
+    );
+    for serve in dir_serves() {
+        let out = ok(run_dirs(&serve, &[exe.to_str().unwrap(), MOUNT]));
+        let want = format!(
+            "entries 5 seek 1\nrewind . r 1\nhost etc 1\ndirfd dir 1 555\nopenat in sub\n\
+             fstatat 1\nstatx 1\nfaccessat 0 -1 1\nreadlinkat -1 1\nraw getdents -1 1\n\
+             fdopendir file 1 1\nopendir file 1 1\nO_DIRECTORY file -1 1\nfdopendir 5\n\
+             cwd {MOUNT}/sub\nrelative 0\nchdir 0 cwd /\nscandir 5: . .. big.bin deeper file\n\
+             glob 0 3 /big.bin\n"
+        );
+        assert_eq!(String::from_utf8_lossy(&out), want, "{serve:?}");
+    }
+}
+
 /// `mmap` of served files at an address: `MAP_FIXED` over a reservation at
 /// a file offset, a `MAP_FIXED` over part of an existing served mapping
 /// (whose other pages stay served), `MAP_FIXED_NOREPLACE` (`EEXIST` when
@@ -1367,17 +1384,6 @@ int main(int argc, char **argv) {
 }
 "#,
     );
-    for serve in dir_serves() {
-        let out = ok(run_dirs(&serve, &[exe.to_str().unwrap(), MOUNT]));
-        let want = format!(
-            "entries 5 seek 1\nrewind . r 1\nhost etc 1\ndirfd dir 1 555\nopenat in sub\n\
-             fstatat 1\nstatx 1\nfaccessat 0 -1 1\nreadlinkat -1 1\nraw getdents -1 1\n\
-             fdopendir file 1 1\nopendir file 1 1\nO_DIRECTORY file -1 1\nfdopendir 5\n\
-             cwd {MOUNT}/sub\nrelative 0\nchdir 0 cwd /\nscandir 5: . .. big.bin deeper file\n\
-             glob 0 3 /big.bin\n"
-        );
-        assert_eq!(String::from_utf8_lossy(&out), want, "{serve:?}");
-    }
     let out = String::from_utf8(ok(run(&[exe.to_str().unwrap(), &shadow("big.bin")]))).unwrap();
     eprintln!("{out}");
     assert!(out.contains("fixed 1 1"), "{out}");
