@@ -8,6 +8,7 @@ mod fuse;
 mod interrupt;
 mod plot;
 mod raw;
+pub(super) mod reader;
 pub(super) mod report;
 
 use crate::access::{self, Access};
@@ -45,6 +46,10 @@ pub enum BenchMode {
     /// Floor of the copy: a fresh memfd mapping filled by one memcpy from a
     /// copy of the file already in memory.
     Memcpy,
+    /// mmap of the same file inside the ext4 image by an unmodified program
+    /// under `shadowfd run --image` (the LD_PRELOAD shim); the same reader
+    /// program as the fuse mode.
+    Run,
 }
 
 impl BenchMode {
@@ -58,6 +63,7 @@ impl BenchMode {
             BenchMode::LazyImage => "lazy-image",
             BenchMode::Raw => "raw",
             BenchMode::Memcpy => "memcpy",
+            BenchMode::Run => "run",
         }
     }
 
@@ -71,14 +77,22 @@ impl BenchMode {
 
     /// Whether a run holds a memfd of the whole file's size (when filled).
     fn holds_copy(self) -> bool {
-        self.is_eager() || self.is_lazy() || matches!(self, BenchMode::Raw | BenchMode::Memcpy)
+        self.is_eager()
+            || self.is_lazy()
+            || matches!(self, BenchMode::Raw | BenchMode::Memcpy | BenchMode::Run)
     }
 
     fn needs_image(self) -> bool {
         matches!(
             self,
-            BenchMode::Fuse | BenchMode::EagerImage | BenchMode::LazyImage
+            BenchMode::Fuse | BenchMode::EagerImage | BenchMode::LazyImage | BenchMode::Run
         )
+    }
+
+    /// Whether the mode needs a lazy engine here (run: its embedded server's
+    /// engine is a lazy one tuned like the bench's).
+    fn needs_lazy(self) -> bool {
+        self.is_lazy() || self == BenchMode::Run
     }
 }
 
@@ -104,7 +118,7 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "eager,lazy,raw,memcpy,native,fuse",
+        default_value = "eager,lazy,raw,memcpy,native,fuse,run",
         value_name = "MODES"
     )]
     modes: Vec<BenchMode>,
@@ -178,6 +192,76 @@ struct Ctx {
     chunk: u64,
     size: u64,
     page: u64,
+    /// How the reader program is started (fuse and run modes).
+    reader: ReaderCmd,
+}
+
+/// What the external reader modes need: this executable (which is the
+/// reader, `shadowfd bench-reader`), and for `run` the image, the preload
+/// library and the lazy engine's tuning as `shadowfd run` flags.
+struct ReaderCmd {
+    exe: PathBuf,
+    image: PathBuf,
+    /// `libshadowfd_preload.so`, when found.
+    preload: Option<PathBuf>,
+    /// The path prefix the reader sees the image under in `run`.
+    prefix: PathBuf,
+    tuning: Vec<String>,
+    data_seed: u64,
+}
+
+impl ReaderCmd {
+    /// `shadowfd bench-reader` for `path`, touching `pat` with `seed`.
+    fn reader_args(
+        &self,
+        path: &Path,
+        size: u64,
+        pat: &Access,
+        seed: u64,
+    ) -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> = vec![
+            self.exe.clone().into(),
+            "bench-reader".into(),
+            "--path".into(),
+            path.into(),
+        ];
+        for (k, x) in [
+            ("--size", size.to_string()),
+            ("--pattern", pat.to_string()),
+            ("--pattern-seed", seed.to_string()),
+            ("--data-seed", self.data_seed.to_string()),
+        ] {
+            v.push(k.into());
+            v.push(x.into());
+        }
+        v
+    }
+
+    /// The fuse mode's command: the reader on the mount, no shim.
+    fn fuse(&self, file: &Path, size: u64, pat: &Access, seed: u64) -> std::process::Command {
+        let args = self.reader_args(file, size, pat, seed);
+        let mut c = std::process::Command::new(&args[0]);
+        c.args(&args[1..]);
+        c
+    }
+
+    /// The run mode's command: `shadowfd run --image IMAGE --mount PREFIX
+    /// [tuning] -- shadowfd bench-reader --path PREFIX/bench.bin ...`.
+    fn run(&self, size: u64, pat: &Access, seed: u64) -> std::process::Command {
+        let mut c = std::process::Command::new(&self.exe);
+        c.arg("run")
+            .arg("--image")
+            .arg(&self.image)
+            .arg("--mount")
+            .arg(&self.prefix)
+            .args(&self.tuning)
+            .arg("--")
+            .args(self.reader_args(&self.prefix.join("bench.bin"), size, pat, seed));
+        if let Some(p) = &self.preload {
+            c.env("SHADOWFD_PRELOAD", p);
+        }
+        c
+    }
 }
 
 /// Minor + major page faults of the calling thread so far.
@@ -226,6 +310,7 @@ fn run_shadow(
         resident_bytes,
         faults,
         page_faults,
+        process_us: None,
     })
 }
 
@@ -253,6 +338,7 @@ fn run_mmap(path: &Path, pages: &[u64], page: u64) -> Result<Sample, String> {
         resident_bytes,
         faults: page_faults,
         page_faults,
+        process_us: None,
     })
 }
 
@@ -280,6 +366,7 @@ fn run_raw(ctx: &Ctx, pages: &[u64]) -> Result<Sample, String> {
         resident_bytes,
         faults,
         page_faults,
+        process_us: None,
     })
 }
 
@@ -306,10 +393,76 @@ fn run_memcpy(ctx: &Ctx, pages: &[u64]) -> Result<Sample, String> {
         resident_bytes,
         faults: page_faults,
         page_faults,
+        process_us: None,
     })
 }
 
-fn run_one(ctx: &Ctx, mode: BenchMode, pages: &[u64]) -> Result<Sample, String> {
+/// Runs the reader program (`cmd`), which times itself, and checks what it
+/// says: its mapping must be backed by `want_backing` (a shadow memfd under
+/// the shim, the file itself on the mount), and it checked every touched
+/// page against the data.
+fn run_reader(
+    mut cmd: std::process::Command,
+    want_backing: &str,
+    pages: &[u64],
+) -> Result<Sample, String> {
+    cmd.env_remove("LD_PRELOAD")
+        .env_remove("SHADOWFD_RUN_SOCKET")
+        .env_remove("SHADOWFD_RUN_MOUNT")
+        .stdin(std::process::Stdio::null());
+    let t0 = Instant::now();
+    let out = cmd
+        .output()
+        .map_err(|e| format!("starting the reader {:?}: {e}", cmd.get_program()))?;
+    let process_us = us(t0);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(format!(
+            "the reader failed ({}): {}",
+            out.status,
+            stderr.trim()
+        ));
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    let m: reader::Measured = serde_json::from_str(line.trim()).map_err(|e| {
+        format!(
+            "the reader's output is not its JSON line ({e}): {:?}; stderr: {}",
+            line.trim(),
+            stderr.trim()
+        )
+    })?;
+    if !m.backing.starts_with(want_backing) {
+        return Err(format!(
+            "the reader's mapping is backed by {:?}, not {want_backing}...: it did not read \
+             the file the way this mode means",
+            m.backing
+        ));
+    }
+    if m.pages_checked != pages.len() as u64 {
+        return Err(format!(
+            "the reader checked {} pages, the pattern has {}",
+            m.pages_checked,
+            pages.len()
+        ));
+    }
+    Ok(Sample {
+        open_us: m.open_us,
+        access_us: m.access_us,
+        close_us: m.close_us,
+        resident_bytes: m.resident_bytes,
+        faults: m.page_faults,
+        page_faults: m.page_faults,
+        process_us: Some(process_us),
+    })
+}
+
+fn run_one(
+    ctx: &Ctx,
+    mode: BenchMode,
+    pat: &Access,
+    seed: u64,
+    pages: &[u64],
+) -> Result<Sample, String> {
     let p = ctx.page;
     match mode {
         BenchMode::Eager => run_shadow(
@@ -334,7 +487,12 @@ fn run_one(ctx: &Ctx, mode: BenchMode, pages: &[u64]) -> Result<Sample, String> 
         BenchMode::Fuse => {
             let f = ctx.fuse_file.as_ref().expect("fuse mount");
             drop_cache(f)?;
-            run_mmap(f, pages, p)
+            let cmd = ctx.reader.fuse(f, ctx.size, pat, seed);
+            run_reader(cmd, &f.to_string_lossy(), pages)
+        }
+        BenchMode::Run => {
+            let cmd = ctx.reader.run(ctx.size, pat, seed);
+            run_reader(cmd, "/memfd:", pages)
         }
     }
 }
@@ -485,13 +643,13 @@ pub fn run(mut a: BenchArgs) -> CliResult {
     } else {
         None
     };
-    let lazy = if a.modes.iter().any(|m| m.is_lazy()) {
+    let lazy = if a.modes.iter().any(|m| m.needs_lazy()) {
         let mut c = base.clone();
         c.mode = Mode::Lazy;
         match Engine::new(c) {
             Ok(e) => Some(e),
             Err(e @ shadowfd::Error::LazyUnavailable(_)) => {
-                for m in a.modes.iter().filter(|m| m.is_lazy()) {
+                for m in a.modes.iter().filter(|m| m.needs_lazy()) {
                     skipped.push(Skip {
                         mode: m.name(),
                         reason: e.to_string(),
@@ -514,6 +672,23 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         }
     }
 
+    let preload = if a.modes.contains(&BenchMode::Run) {
+        match crate::run::preload_lib() {
+            Ok(p) => Some(p),
+            Err(reason) => {
+                if !skipped.iter().any(|s| s.mode == "run") {
+                    skipped.push(Skip {
+                        mode: "run",
+                        reason: format!("no preload library: {reason}"),
+                    });
+                }
+                None
+            }
+        }
+    } else {
+        None
+    };
+
     let work = data::Workdir::create(&root)?;
     let data_dir = work.path().join("data");
     std::fs::create_dir(&data_dir)?;
@@ -533,6 +708,9 @@ pub fn run(mut a: BenchArgs) -> CliResult {
                 interrupt::check()?;
                 notes.push(format!("image modes skipped: {reason}"));
                 for m in a.modes.iter().filter(|m| m.needs_image()) {
+                    if skipped.iter().any(|s| s.mode == m.name()) {
+                        continue;
+                    }
                     skipped.push(Skip {
                         mode: m.name(),
                         reason: reason.clone(),
@@ -590,6 +768,26 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         chunk: base.chunk_size,
         size: a.size,
         page,
+        reader: ReaderCmd {
+            exe: std::env::current_exe()
+                .map_err(|e| format!("finding this executable (the reader): {e}"))?,
+            image: image.clone(),
+            preload,
+            prefix: PathBuf::from(format!("/shadowfd-bench-run-{}", std::process::id())),
+            tuning: vec![
+                "--mode".into(),
+                "lazy".into(),
+                "--chunk".into(),
+                base.chunk_size.to_string(),
+                "--readahead".into(),
+                base.readahead.to_string(),
+                "--workers".into(),
+                base.workers.to_string(),
+                "--memory-budget".into(),
+                base.memory_budget.to_string(),
+            ],
+            data_seed: a.seed,
+        },
     };
     let data_desc = ctx.data.describe();
     let runnable = |m: BenchMode| !skipped.iter().any(|s| s.mode == m.name());
@@ -613,7 +811,8 @@ pub fn run(mut a: BenchArgs) -> CliResult {
                 pb.set_message(format!("rep {}/{} {pat} {}", rep + 1, a.reps, mode.name()));
                 if runnable(mode) {
                     interrupt::check()?;
-                    let s = run_one(&ctx, mode, &pages)
+                    let seed = a.seed.wrapping_add(rep as u64);
+                    let s = run_one(&ctx, mode, pat, seed, &pages)
                         .map_err(|e| format!("{pat} under {}: {e}", mode.name()))?;
                     samples[pi][mi].push(s);
                 }
@@ -671,7 +870,7 @@ pub fn run(mut a: BenchArgs) -> CliResult {
     use BenchMode::*;
     // (name, numerator, denominator): each ratio is num/den per repetition.
     type Term = (BenchMode, fn(&Sample) -> f64);
-    let wanted: [(&'static str, Term, Term); 7] = [
+    let wanted: [(&'static str, Term, Term); 9] = [
         ("open_speedup_lazy_vs_eager", (Eager, open), (Lazy, open)),
         ("total_lazy_over_eager", (Lazy, total), (Eager, total)),
         ("total_speedup_lazy_vs_fuse", (Fuse, total), (Lazy, total)),
@@ -683,6 +882,12 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         ("total_lazy_over_native", (Lazy, total), (Native, total)),
         ("total_lazy_over_raw", (Lazy, total), (Raw, total)),
         ("total_lazy_over_memcpy", (Lazy, total), (Memcpy, total)),
+        ("total_speedup_run_vs_fuse", (Fuse, total), (Run, total)),
+        (
+            "total_run_over_lazy_image",
+            (Run, total),
+            (LazyImage, total),
+        ),
     ];
     for pi in 0..a.patterns.len() {
         for (name, (nm, nf), (dm, df)) in wanted {
@@ -820,6 +1025,20 @@ fn targets(a: &BenchArgs, ratios: &[Ratio], pooled_open: Option<f64>) -> Vec<rep
         None,
         find(&Access::Seq, "total_speedup_lazy_vs_fuse"),
     ));
+    out.push(t(
+        "seq total: run >= 3x faster than fuse2fs (same reader)",
+        ">=",
+        3.0,
+        None,
+        find(&Access::Seq, "total_speedup_run_vs_fuse"),
+    ));
+    out.push(t(
+        "random:0.01 total: run no slower than fuse2fs",
+        ">=",
+        1.0,
+        None,
+        find(&Access::Random(0.01), "total_speedup_run_vs_fuse"),
+    ));
     let mut fault = t(
         "lazy 4 KiB fault latency <= 1.5x raw UFFDIO_COPY round trip",
         "<=",
@@ -884,6 +1103,21 @@ fn standing_notes(a: &BenchArgs, fuse_used: bool) -> Vec<String> {
              page cache); the kernel keeps a FUSE file's pages across opens, so the bench drops them \
              (posix_fadvise DONTNEED, untimed) before every fuse run: each run reads through the \
              daemon, as a fresh shadow reads its source"
+                .into(),
+        );
+    }
+    if a.modes.contains(&BenchMode::Fuse) || a.modes.contains(&BenchMode::Run) {
+        n.push(
+            "fuse and run are timed by one external reader program (`shadowfd bench-reader`, an \
+             ordinary dynamically linked program using libc open/fstat/mmap), started afresh for \
+             every run: fuse runs it on the fuse2fs mount (mounted once, before the runs), run \
+             under `shadowfd run --image IMAGE --mount PREFIX` (a fresh embedded server per run, \
+             its lazy engine tuned as the lazy mode's). open/access/total are the reader's own \
+             clock, from before open(2) to its last touch: process start-up, the shim's load, the \
+             embedded server's start and the mount are excluded from both; process_us in the \
+             JSON is the reader process's wall time including them. After the clock stops the \
+             reader checks every byte of every touched page against the data, and the bench \
+             checks that its mapping was the mount's file (fuse) or a shadow memfd (run)"
                 .into(),
         );
     }
