@@ -956,3 +956,102 @@ del a
     ));
     assert_eq!(String::from_utf8(got).unwrap(), want);
 }
+
+/// The read path's read-ahead (a sequential reader of small blocks gets
+/// its next blocks from one larger request): small, odd-sized and
+/// interleaved reads of more files than a thread keeps read-ahead for,
+/// random `pread`s between them, two threads, the end of a file that is
+/// not page-sized, and a forked child reading on from its parent's offset,
+/// all byte-exact against the host files.
+#[test]
+fn small_sequential_and_interleaved_reads_are_byte_exact() {
+    let script = format!(
+        r#"
+import hashlib, os, sys, threading
+m = "{mount}"
+big = open(m + "/big.bin", "rb", buffering=0)
+h = hashlib.sha256()
+while True:
+    b = big.read(3000)
+    if not b:
+        break
+    h.update(b)
+print("big3000", h.hexdigest())
+# Five files read round-robin in small pieces (a thread keeps four).
+names = ["big.bin", "small.txt", "sub/odd.bin", "arr.npy", "big.bin"]
+fds = [os.open(m + "/" + n, os.O_RDONLY) for n in names]
+got = [bytearray() for _ in names]
+for step in range(600):
+    for k, fd in enumerate(fds):
+        got[k] += os.read(fd, 1000 + 37 * k)
+    # Random preads in between do not disturb the sequential reads.
+    assert len(os.pread(fds[0], 5000, 33333333 + step * 4096)) == 5000
+for k, n in enumerate(names):
+    print("rr", n, len(got[k]), hashlib.sha256(bytes(got[k])).hexdigest())
+for fd in fds:
+    os.close(fd)
+# Two threads, each preading its own half sequentially in 4 KiB blocks.
+fd = os.open(m + "/big.bin", os.O_RDONLY)
+half = {half}
+out = [None, None]
+def part(i):
+    hh = hashlib.sha256()
+    for off in range(i * half, (i + 1) * half, 4096):
+        hh.update(os.pread(fd, 4096, off))
+    out[i] = hh.hexdigest()
+ts = [threading.Thread(target=part, args=(i,)) for i in range(2)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print("threads", out[0], out[1])
+# A child forked mid-way reads on from the offset it inherited.
+os.lseek(fd, 0, os.SEEK_SET)
+first = b"".join(os.read(fd, 4096) for _ in range(10))
+pid = os.fork()
+if pid == 0:
+    rest = b"".join(iter(lambda: os.read(fd, 8192), b""))
+    print("child", hashlib.sha256(first + rest).hexdigest(), flush=True)
+    sys.exit(0)
+_, status = os.waitpid(pid, 0)
+print("child-exit", os.waitstatus_to_exitcode(status))
+print("parent-next", hashlib.sha256(os.read(fd, 4096)).hexdigest())
+"#,
+        mount = MOUNT,
+        half = BIG / 2
+    );
+    let out = String::from_utf8(ok(run(&[python_with_numpy(), "-c", &script]))).unwrap();
+    let sha = |b: &[u8]| -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x");
+        std::fs::write(&p, b).unwrap();
+        let o = Command::new("sha256sum").arg(&p).output().unwrap();
+        String::from_utf8(o.stdout)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let big = &tree().big;
+    let big_sha = sha(big);
+    assert!(out.contains(&format!("big3000 {big_sha}\n")), "{out}");
+    for (k, name) in ["big.bin", "small.txt", "sub/odd.bin", "arr.npy", "big.bin"]
+        .iter()
+        .enumerate()
+    {
+        let host_bytes = std::fs::read(host(name)).unwrap();
+        let n = (600 * (1000 + 37 * k)).min(host_bytes.len());
+        let want = format!("rr {name} {n} {}\n", sha(&host_bytes[..n]));
+        assert!(out.contains(&want), "want {want:?} in {out}");
+    }
+    let (a, b) = big.split_at(BIG / 2);
+    assert!(
+        out.contains(&format!("threads {} {}\n", sha(a), sha(b))),
+        "{out}"
+    );
+    assert!(out.contains(&format!("child {big_sha}\n")), "{out}");
+    assert!(out.contains("child-exit 0\n"), "{out}");
+    assert!(
+        out.contains(&format!("parent-next {}\n", sha(&big[40960..45056]))),
+        "{out}"
+    );
+}
