@@ -50,6 +50,12 @@ pub enum BenchMode {
     /// under `shadowfd run --image` (the LD_PRELOAD shim); the same reader
     /// program as the fuse mode.
     Run,
+    /// The fuse mode's reader with pread(2) of each touched page (4 KiB)
+    /// instead of mmap.
+    FuseRead,
+    /// The run mode's reader with pread(2) of each touched page (the shim's
+    /// read path) instead of mmap.
+    RunRead,
 }
 
 impl BenchMode {
@@ -64,6 +70,8 @@ impl BenchMode {
             BenchMode::Raw => "raw",
             BenchMode::Memcpy => "memcpy",
             BenchMode::Run => "run",
+            BenchMode::FuseRead => "fuse-read",
+            BenchMode::RunRead => "run-read",
         }
     }
 
@@ -79,20 +87,38 @@ impl BenchMode {
     fn holds_copy(self) -> bool {
         self.is_eager()
             || self.is_lazy()
-            || matches!(self, BenchMode::Raw | BenchMode::Memcpy | BenchMode::Run)
+            || matches!(
+                self,
+                BenchMode::Raw | BenchMode::Memcpy | BenchMode::Run | BenchMode::RunRead
+            )
     }
 
     fn needs_image(self) -> bool {
         matches!(
             self,
-            BenchMode::Fuse | BenchMode::EagerImage | BenchMode::LazyImage | BenchMode::Run
+            BenchMode::Fuse
+                | BenchMode::EagerImage
+                | BenchMode::LazyImage
+                | BenchMode::Run
+                | BenchMode::FuseRead
+                | BenchMode::RunRead
         )
+    }
+
+    /// Modes that read through the fuse2fs mount.
+    fn needs_mount(self) -> bool {
+        matches!(self, BenchMode::Fuse | BenchMode::FuseRead)
+    }
+
+    /// Modes that run the reader under `shadowfd run`.
+    fn is_run(self) -> bool {
+        matches!(self, BenchMode::Run | BenchMode::RunRead)
     }
 
     /// Whether the mode needs a lazy engine here (run: its embedded server's
     /// engine is a lazy one tuned like the bench's).
     fn needs_lazy(self) -> bool {
-        self.is_lazy() || self == BenchMode::Run
+        self.is_lazy() || self.is_run()
     }
 }
 
@@ -210,15 +236,17 @@ struct ReaderCmd {
     data_seed: u64,
 }
 
+/// One run of the reader: the pattern, its seed, and mmap or pread.
+struct ReadJob<'a> {
+    size: u64,
+    pat: &'a Access,
+    seed: u64,
+    io: reader::Io,
+}
+
 impl ReaderCmd {
-    /// `shadowfd bench-reader` for `path`, touching `pat` with `seed`.
-    fn reader_args(
-        &self,
-        path: &Path,
-        size: u64,
-        pat: &Access,
-        seed: u64,
-    ) -> Vec<std::ffi::OsString> {
+    /// `shadowfd bench-reader` for `path`.
+    fn reader_args(&self, path: &Path, j: &ReadJob) -> Vec<std::ffi::OsString> {
         let mut v: Vec<std::ffi::OsString> = vec![
             self.exe.clone().into(),
             "bench-reader".into(),
@@ -226,10 +254,11 @@ impl ReaderCmd {
             path.into(),
         ];
         for (k, x) in [
-            ("--size", size.to_string()),
-            ("--pattern", pat.to_string()),
-            ("--pattern-seed", seed.to_string()),
+            ("--size", j.size.to_string()),
+            ("--pattern", j.pat.to_string()),
+            ("--pattern-seed", j.seed.to_string()),
             ("--data-seed", self.data_seed.to_string()),
+            ("--io", j.io.name().to_string()),
         ] {
             v.push(k.into());
             v.push(x.into());
@@ -237,17 +266,17 @@ impl ReaderCmd {
         v
     }
 
-    /// The fuse mode's command: the reader on the mount, no shim.
-    fn fuse(&self, file: &Path, size: u64, pat: &Access, seed: u64) -> std::process::Command {
-        let args = self.reader_args(file, size, pat, seed);
+    /// The fuse modes' command: the reader on the mount, no shim.
+    fn fuse(&self, file: &Path, j: &ReadJob) -> std::process::Command {
+        let args = self.reader_args(file, j);
         let mut c = std::process::Command::new(&args[0]);
         c.args(&args[1..]);
         c
     }
 
-    /// The run mode's command: `shadowfd run --image IMAGE --mount PREFIX
+    /// The run modes' command: `shadowfd run --image IMAGE --mount PREFIX
     /// [tuning] -- shadowfd bench-reader --path PREFIX/bench.bin ...`.
-    fn run(&self, size: u64, pat: &Access, seed: u64) -> std::process::Command {
+    fn run(&self, j: &ReadJob) -> std::process::Command {
         let mut c = std::process::Command::new(&self.exe);
         c.arg("run")
             .arg("--image")
@@ -256,7 +285,7 @@ impl ReaderCmd {
             .arg(&self.prefix)
             .args(&self.tuning)
             .arg("--")
-            .args(self.reader_args(&self.prefix.join("bench.bin"), size, pat, seed));
+            .args(self.reader_args(&self.prefix.join("bench.bin"), j));
         if let Some(p) = &self.preload {
             c.env("SHADOWFD_PRELOAD", p);
         }
@@ -403,7 +432,7 @@ fn run_memcpy(ctx: &Ctx, pages: &[u64]) -> Result<Sample, String> {
 /// page against the data.
 fn run_reader(
     mut cmd: std::process::Command,
-    want_backing: &str,
+    want_backing: Option<&str>,
     pages: &[u64],
 ) -> Result<Sample, String> {
     cmd.env_remove("LD_PRELOAD")
@@ -431,7 +460,7 @@ fn run_reader(
             stderr.trim()
         )
     })?;
-    if !m.backing.starts_with(want_backing) {
+    if let Some(want_backing) = want_backing.filter(|w| !m.backing.starts_with(w)) {
         return Err(format!(
             "the reader's mapping is backed by {:?}, not {want_backing}...: it did not read \
              the file the way this mode means",
@@ -484,15 +513,28 @@ fn run_one(
         BenchMode::Native => run_mmap(&ctx.host_file, pages, p),
         BenchMode::Raw => run_raw(ctx, pages),
         BenchMode::Memcpy => run_memcpy(ctx, pages),
-        BenchMode::Fuse => {
-            let f = ctx.fuse_file.as_ref().expect("fuse mount");
-            drop_cache(f)?;
-            let cmd = ctx.reader.fuse(f, ctx.size, pat, seed);
-            run_reader(cmd, &f.to_string_lossy(), pages)
-        }
-        BenchMode::Run => {
-            let cmd = ctx.reader.run(ctx.size, pat, seed);
-            run_reader(cmd, "/memfd:", pages)
+        BenchMode::Fuse | BenchMode::FuseRead | BenchMode::Run | BenchMode::RunRead => {
+            let io = if matches!(mode, BenchMode::Fuse | BenchMode::Run) {
+                reader::Io::Mmap
+            } else {
+                reader::Io::Read
+            };
+            let job = ReadJob {
+                size: ctx.size,
+                pat,
+                seed,
+                io,
+            };
+            // What must back the reader's mapping (read: no mapping).
+            let (cmd, backing) = if mode.needs_mount() {
+                let f = ctx.fuse_file.as_ref().expect("fuse mount");
+                drop_cache(f)?;
+                (ctx.reader.fuse(f, &job), f.to_string_lossy().into_owned())
+            } else {
+                (ctx.reader.run(&job), "/memfd:".to_string())
+            };
+            let backing = (io == reader::Io::Mmap).then_some(backing.as_str());
+            run_reader(cmd, backing, pages)
         }
     }
 }
@@ -672,15 +714,27 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         }
     }
 
-    let preload = if a.modes.contains(&BenchMode::Run) {
-        match crate::run::preload_lib() {
+    let prefix = PathBuf::from(format!("/shadowfd-bench-run-{}", std::process::id()));
+    let preload = if a.modes.iter().any(|m| m.is_run()) {
+        let why = match crate::run::preload_lib() {
+            Ok(p) if !prefix.exists() => Ok(p),
+            Ok(_) => Err(format!(
+                "{} exists on the host: the run modes read there through the shim and need a \
+                 path that nothing else serves",
+                prefix.display()
+            )),
+            Err(reason) => Err(format!("no preload library: {reason}")),
+        };
+        match why {
             Ok(p) => Some(p),
             Err(reason) => {
-                if !skipped.iter().any(|s| s.mode == "run") {
-                    skipped.push(Skip {
-                        mode: "run",
-                        reason: format!("no preload library: {reason}"),
-                    });
+                for m in a.modes.iter().filter(|m| m.is_run()) {
+                    if !skipped.iter().any(|s| s.mode == m.name()) {
+                        skipped.push(Skip {
+                            mode: m.name(),
+                            reason: reason.clone(),
+                        });
+                    }
                 }
                 None
             }
@@ -720,17 +774,19 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         }
     }
     let mut mount = None;
-    if a.modes.contains(&BenchMode::Fuse) && image_built {
+    if a.modes.iter().any(|m| m.needs_mount()) && image_built {
         pb.set_message("mounting the ext4 image with fuse2fs");
         match fuse_setup(work.path(), &image, a.size) {
             Ok(m) => mount = Some(m),
             Err(reason) => {
                 interrupt::check()?;
                 notes.push(format!("fuse skipped: {reason}"));
-                skipped.push(Skip {
-                    mode: "fuse",
-                    reason,
-                });
+                for m in a.modes.iter().filter(|m| m.needs_mount()) {
+                    skipped.push(Skip {
+                        mode: m.name(),
+                        reason: reason.clone(),
+                    });
+                }
             }
         }
     }
@@ -773,7 +829,7 @@ pub fn run(mut a: BenchArgs) -> CliResult {
                 .map_err(|e| format!("finding this executable (the reader): {e}"))?,
             image: image.clone(),
             preload,
-            prefix: PathBuf::from(format!("/shadowfd-bench-run-{}", std::process::id())),
+            prefix,
             tuning: vec![
                 "--mode".into(),
                 "lazy".into(),
@@ -870,7 +926,7 @@ pub fn run(mut a: BenchArgs) -> CliResult {
     use BenchMode::*;
     // (name, numerator, denominator): each ratio is num/den per repetition.
     type Term = (BenchMode, fn(&Sample) -> f64);
-    let wanted: [(&'static str, Term, Term); 9] = [
+    let wanted: [(&'static str, Term, Term); 10] = [
         ("open_speedup_lazy_vs_eager", (Eager, open), (Lazy, open)),
         ("total_lazy_over_eager", (Lazy, total), (Eager, total)),
         ("total_speedup_lazy_vs_fuse", (Fuse, total), (Lazy, total)),
@@ -887,6 +943,11 @@ pub fn run(mut a: BenchArgs) -> CliResult {
             "total_run_over_lazy_image",
             (Run, total),
             (LazyImage, total),
+        ),
+        (
+            "total_speedup_run_read_vs_fuse_read",
+            (FuseRead, total),
+            (RunRead, total),
         ),
     ];
     for pi in 0..a.patterns.len() {
@@ -944,7 +1005,9 @@ pub fn run(mut a: BenchArgs) -> CliResult {
 }
 
 fn mount_was_used(skipped: &[Skip], modes: &[BenchMode]) -> bool {
-    modes.contains(&BenchMode::Fuse) && !skipped.iter().any(|s| s.mode == "fuse")
+    modes
+        .iter()
+        .any(|m| m.needs_mount() && !skipped.iter().any(|s| s.mode == m.name()))
 }
 
 /// Makes the mount point and mounts the image there.
@@ -1106,7 +1169,7 @@ fn standing_notes(a: &BenchArgs, fuse_used: bool) -> Vec<String> {
                 .into(),
         );
     }
-    if a.modes.contains(&BenchMode::Fuse) || a.modes.contains(&BenchMode::Run) {
+    if a.modes.iter().any(|m| m.needs_mount() || m.is_run()) {
         n.push(
             "fuse and run are timed by one external reader program (`shadowfd bench-reader`, an \
              ordinary dynamically linked program using libc open/fstat/mmap), started afresh for \

@@ -302,7 +302,7 @@ fn run_mode_reads_through_the_shim_beside_fuse_with_the_same_reader() {
             "2",
             "--json",
             "--modes",
-            "fuse,run,lazy-image",
+            "fuse,run,fuse-read,run-read,lazy-image",
             "--patterns",
             "seq,random:0.01",
         ])
@@ -316,12 +316,12 @@ fn run_mode_reads_through_the_shim_beside_fuse_with_the_same_reader() {
     // run needs mkfs.ext4, the preload library (built above) and a
     // userfaultfd (checked above): here it must run.
     assert!(
-        !skipped.iter().any(|(m, _)| m == "run"),
+        !skipped.iter().any(|(m, _)| m.starts_with("run")),
         "run skipped: {skipped:?}"
     );
     // fuse may only be skipped where fuse2fs or /dev/fuse is missing, and
     // then says so; a mount that fails is a failure.
-    let fuse_ran = match skipped.iter().find(|(m, _)| m == "fuse") {
+    let fuse_ran = match skipped.iter().find(|(m, _)| m.starts_with("fuse")) {
         None => true,
         Some((_, why)) => {
             assert!(
@@ -339,21 +339,30 @@ fn run_mode_reads_through_the_shim_beside_fuse_with_the_same_reader() {
             .unwrap_or_else(|| panic!("no row {p}/{m}"))
     };
     for p in ["seq", "random:0.01"] {
-        let r = row(p, "run");
-        assert_eq!(r["reps"], 2);
-        let t = r["total_us"].as_f64().unwrap();
-        assert!(t > 0.0, "{r}");
-        // The reader's own clock: start-up is outside the total.
-        assert!(r["process_us"].as_f64().unwrap() > t, "{r}");
-        if fuse_ran {
-            assert!(row(p, "fuse")["process_us"].as_f64().unwrap() > 0.0);
-            let ratio = v["ratios"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|x| x["pattern"] == p && x["name"] == "total_speedup_run_vs_fuse")
-                .unwrap_or_else(|| panic!("no fuse/run ratio for {p}"));
-            assert!(ratio["value"].as_f64().unwrap() > 0.0, "{ratio}");
+        for (run, fuse, ratio) in [
+            ("run", "fuse", "total_speedup_run_vs_fuse"),
+            (
+                "run-read",
+                "fuse-read",
+                "total_speedup_run_read_vs_fuse_read",
+            ),
+        ] {
+            let r = row(p, run);
+            assert_eq!(r["reps"], 2);
+            let t = r["total_us"].as_f64().unwrap();
+            assert!(t > 0.0, "{r}");
+            // The reader's own clock: start-up is outside the total.
+            assert!(r["process_us"].as_f64().unwrap() > t, "{r}");
+            if fuse_ran {
+                assert!(row(p, fuse)["process_us"].as_f64().unwrap() > 0.0);
+                let x = v["ratios"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|x| x["pattern"] == p && x["name"] == ratio)
+                    .unwrap_or_else(|| panic!("no {ratio} for {p}"));
+                assert!(x["value"].as_f64().unwrap() > 0.0, "{x}");
+            }
         }
     }
     // The run reader's lazy mapping holds what it touched: the whole file
@@ -414,4 +423,48 @@ fn run_mode_without_the_preload_library_is_skipped_with_the_reason() {
     let rows = v["rows"].as_array().unwrap();
     assert!(rows.iter().any(|r| r["mode"] == "native"));
     assert!(!rows.iter().any(|r| r["mode"] == "run"));
+}
+
+/// The reader the fuse and run modes time checks what it read: a file of
+/// zeros, or the right data at the wrong place, fails it by name.
+#[test]
+fn the_reader_refuses_bytes_that_are_not_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let zeros = dir.path().join("zeros.bin");
+    std::fs::write(&zeros, vec![0u8; 64 << 10]).unwrap();
+    for io in ["mmap", "read"] {
+        let out = Command::new(BIN)
+            .arg("bench-reader")
+            .arg("--path")
+            .arg(&zeros)
+            .args([
+                "--size",
+                "65536",
+                "--pattern",
+                "seq",
+                "--pattern-seed",
+                "1",
+                "--data-seed",
+                "1",
+                "--io",
+                io,
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{io}: zeros accepted");
+        assert!(err.contains("zeros.bin: byte 0"), "{io}: {err}");
+        assert!(out.stdout.is_empty());
+    }
+    // The wrong size is refused before anything is timed.
+    let out = Command::new(BIN)
+        .arg("bench-reader")
+        .arg("--path")
+        .arg(&zeros)
+        .args(["--size", "4096", "--pattern", "first"])
+        .args(["--pattern-seed", "1", "--data-seed", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has 65536 bytes, expected 4096"), "{err}");
 }

@@ -75,8 +75,9 @@ pub struct Ratio {
     /// lazy total), `total_lazy_image_over_lazy`, `total_lazy_over_native`,
     /// `total_lazy_over_raw` (the minimal userfaultfd handler),
     /// `total_lazy_over_memcpy` (the copy floor), `total_speedup_run_vs_fuse`
-    /// (fuse total / run total, the same reader program) or
-    /// `total_run_over_lazy_image`.
+    /// (fuse total / run total, the same reader program),
+    /// `total_run_over_lazy_image` or `total_speedup_run_read_vs_fuse_read`
+    /// (the same with `pread` instead of `mmap`).
     pub name: &'static str,
     /// Median of the per-repetition ratios.
     pub value: f64,
@@ -341,6 +342,7 @@ pub fn print_human(r: &Report) {
                 "total_lazy_over_memcpy" => "total, lazy/memcpy (copy floor)",
                 "total_speedup_run_vs_fuse" => "total, fuse/run (run speedup)",
                 "total_run_over_lazy_image" => "total, run/lazy-image",
+                "total_speedup_run_read_vs_fuse_read" => "total, fuse-read/run-read",
                 n => n,
             };
             println!(
