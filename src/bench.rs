@@ -34,7 +34,8 @@ pub enum BenchMode {
     Lazy,
     /// mmap of the host file itself (page cache; warm).
     Native,
-    /// mmap of the file through a read-only fuse2fs mount of an ext4 image.
+    /// mmap of the file through a read-only fuse2fs mount of an ext4 image,
+    /// by the reader program the run mode runs.
     Fuse,
     /// Eager shadow of the same file inside the ext4 image, read in user space.
     EagerImage,
