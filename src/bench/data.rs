@@ -101,6 +101,28 @@ pub fn expected_byte(seed: u64, offset: u64) -> u8 {
 /// The offset of the first byte of `got` (which starts at `offset` of the
 /// file) that differs from the data written with `seed`.
 pub fn first_mismatch(got: &[u8], offset: u64, seed: u64) -> Option<u64> {
+    // The bytes before the first 8-byte offset of the file, byte-wise; then
+    // whole words, compared as words; then the tail, byte-wise.
+    let lead = (((8 - offset % 8) % 8) as usize).min(got.len());
+    if let Some(m) = first_mismatch_bytes(&got[..lead], offset, seed) {
+        return Some(m);
+    }
+    let body = &got[lead..];
+    let first = (offset + lead as u64) / 8;
+    let whole = body.len() / 8 * 8;
+    for (k, w) in body[..whole].chunks_exact(8).enumerate() {
+        let v = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+        if v != expected_word(seed, first + k as u64) {
+            let at = lead + k * 8;
+            return first_mismatch_bytes(&got[at..at + 8], offset + at as u64, seed);
+        }
+    }
+    let at = lead + whole;
+    first_mismatch_bytes(&got[at..], offset + at as u64, seed)
+}
+
+/// [`first_mismatch`] one byte at a time.
+fn first_mismatch_bytes(got: &[u8], offset: u64, seed: u64) -> Option<u64> {
     let mut i = 0usize;
     while i < got.len() {
         let at = offset + i as u64;
@@ -167,6 +189,19 @@ mod tests {
             first_mismatch(&[0u8; 4096], 8192, 5).is_some(),
             "zeros are caught"
         );
+        // Unaligned starts and ends: the first wrong byte is named, in the
+        // head, the words or the tail.
+        for (from, to, wrong) in [(1001, 9000, 1003), (1001, 9000, 4444), (1001, 9003, 9001)] {
+            let mut bad = got[from..to].to_vec();
+            bad[wrong - from] ^= 0x80;
+            bad[to - from - 1] ^= 0x01;
+            assert_eq!(
+                first_mismatch(&bad, from as u64, 5),
+                Some(wrong as u64),
+                "{from}..{to}"
+            );
+        }
+        assert_eq!(first_mismatch(&got[3..5], 3, 5), None);
     }
 
     #[test]
