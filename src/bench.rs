@@ -8,6 +8,7 @@ mod fuse;
 mod interrupt;
 mod plot;
 mod raw;
+pub(super) mod reader;
 pub(super) mod report;
 
 use crate::access::{self, Access};
@@ -33,7 +34,8 @@ pub enum BenchMode {
     Lazy,
     /// mmap of the host file itself (page cache; warm).
     Native,
-    /// mmap of the file through a read-only fuse2fs mount of an ext4 image.
+    /// mmap of the file through a read-only fuse2fs mount of an ext4 image,
+    /// by the reader program the run mode runs.
     Fuse,
     /// Eager shadow of the same file inside the ext4 image, read in user space.
     EagerImage,
@@ -45,6 +47,16 @@ pub enum BenchMode {
     /// Floor of the copy: a fresh memfd mapping filled by one memcpy from a
     /// copy of the file already in memory.
     Memcpy,
+    /// mmap of the same file inside the ext4 image by an unmodified program
+    /// under `shadowfd run --image` (the LD_PRELOAD shim); the same reader
+    /// program as the fuse mode.
+    Run,
+    /// The fuse mode's reader with pread(2) of each touched page (4 KiB)
+    /// instead of mmap.
+    FuseRead,
+    /// The run mode's reader with pread(2) of each touched page (the shim's
+    /// read path) instead of mmap.
+    RunRead,
 }
 
 impl BenchMode {
@@ -58,6 +70,9 @@ impl BenchMode {
             BenchMode::LazyImage => "lazy-image",
             BenchMode::Raw => "raw",
             BenchMode::Memcpy => "memcpy",
+            BenchMode::Run => "run",
+            BenchMode::FuseRead => "fuse-read",
+            BenchMode::RunRead => "run-read",
         }
     }
 
@@ -71,14 +86,40 @@ impl BenchMode {
 
     /// Whether a run holds a memfd of the whole file's size (when filled).
     fn holds_copy(self) -> bool {
-        self.is_eager() || self.is_lazy() || matches!(self, BenchMode::Raw | BenchMode::Memcpy)
+        self.is_eager()
+            || self.is_lazy()
+            || matches!(
+                self,
+                BenchMode::Raw | BenchMode::Memcpy | BenchMode::Run | BenchMode::RunRead
+            )
     }
 
     fn needs_image(self) -> bool {
         matches!(
             self,
-            BenchMode::Fuse | BenchMode::EagerImage | BenchMode::LazyImage
+            BenchMode::Fuse
+                | BenchMode::EagerImage
+                | BenchMode::LazyImage
+                | BenchMode::Run
+                | BenchMode::FuseRead
+                | BenchMode::RunRead
         )
+    }
+
+    /// Modes that read through the fuse2fs mount.
+    fn needs_mount(self) -> bool {
+        matches!(self, BenchMode::Fuse | BenchMode::FuseRead)
+    }
+
+    /// Modes that run the reader under `shadowfd run`.
+    fn is_run(self) -> bool {
+        matches!(self, BenchMode::Run | BenchMode::RunRead)
+    }
+
+    /// Whether the mode needs a lazy engine here (run: its embedded server's
+    /// engine is a lazy one tuned like the bench's).
+    fn needs_lazy(self) -> bool {
+        self.is_lazy() || self.is_run()
     }
 }
 
@@ -104,7 +145,7 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "eager,lazy,raw,memcpy,native,fuse",
+        default_value = "eager,lazy,raw,memcpy,native,fuse,run",
         value_name = "MODES"
     )]
     modes: Vec<BenchMode>,
@@ -178,6 +219,79 @@ struct Ctx {
     chunk: u64,
     size: u64,
     page: u64,
+    /// How the reader program is started (fuse and run modes).
+    reader: ReaderCmd,
+}
+
+/// What the external reader modes need: this executable (which is the
+/// reader, `shadowfd bench-reader`), and for `run` the image, the preload
+/// library and the lazy engine's tuning as `shadowfd run` flags.
+struct ReaderCmd {
+    exe: PathBuf,
+    image: PathBuf,
+    /// `libshadowfd_preload.so`, when found.
+    preload: Option<PathBuf>,
+    /// The path prefix the reader sees the image under in `run`.
+    prefix: PathBuf,
+    tuning: Vec<String>,
+    data_seed: u64,
+}
+
+/// One run of the reader: the pattern, its seed, and mmap or pread.
+struct ReadJob<'a> {
+    size: u64,
+    pat: &'a Access,
+    seed: u64,
+    io: reader::Io,
+}
+
+impl ReaderCmd {
+    /// `shadowfd bench-reader` for `path`.
+    fn reader_args(&self, path: &Path, j: &ReadJob) -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> = vec![
+            self.exe.clone().into(),
+            "bench-reader".into(),
+            "--path".into(),
+            path.into(),
+        ];
+        for (k, x) in [
+            ("--size", j.size.to_string()),
+            ("--pattern", j.pat.to_string()),
+            ("--pattern-seed", j.seed.to_string()),
+            ("--data-seed", self.data_seed.to_string()),
+            ("--io", j.io.name().to_string()),
+        ] {
+            v.push(k.into());
+            v.push(x.into());
+        }
+        v
+    }
+
+    /// The fuse modes' command: the reader on the mount, no shim.
+    fn fuse(&self, file: &Path, j: &ReadJob) -> std::process::Command {
+        let args = self.reader_args(file, j);
+        let mut c = std::process::Command::new(&args[0]);
+        c.args(&args[1..]);
+        c
+    }
+
+    /// The run modes' command: `shadowfd run --image IMAGE --mount PREFIX
+    /// [tuning] -- shadowfd bench-reader --path PREFIX/bench.bin ...`.
+    fn run(&self, j: &ReadJob) -> std::process::Command {
+        let mut c = std::process::Command::new(&self.exe);
+        c.arg("run")
+            .arg("--image")
+            .arg(&self.image)
+            .arg("--mount")
+            .arg(&self.prefix)
+            .args(&self.tuning)
+            .arg("--")
+            .args(self.reader_args(&self.prefix.join("bench.bin"), j));
+        if let Some(p) = &self.preload {
+            c.env("SHADOWFD_PRELOAD", p);
+        }
+        c
+    }
 }
 
 /// Minor + major page faults of the calling thread so far.
@@ -226,6 +340,7 @@ fn run_shadow(
         resident_bytes,
         faults,
         page_faults,
+        process_us: None,
     })
 }
 
@@ -253,6 +368,7 @@ fn run_mmap(path: &Path, pages: &[u64], page: u64) -> Result<Sample, String> {
         resident_bytes,
         faults: page_faults,
         page_faults,
+        process_us: None,
     })
 }
 
@@ -280,6 +396,7 @@ fn run_raw(ctx: &Ctx, pages: &[u64]) -> Result<Sample, String> {
         resident_bytes,
         faults,
         page_faults,
+        process_us: None,
     })
 }
 
@@ -306,10 +423,76 @@ fn run_memcpy(ctx: &Ctx, pages: &[u64]) -> Result<Sample, String> {
         resident_bytes,
         faults: page_faults,
         page_faults,
+        process_us: None,
     })
 }
 
-fn run_one(ctx: &Ctx, mode: BenchMode, pages: &[u64]) -> Result<Sample, String> {
+/// Runs the reader program (`cmd`), which times itself, and checks what it
+/// says: its mapping must be backed by `want_backing` (a shadow memfd under
+/// the shim, the file itself on the mount), and it checked every touched
+/// page against the data.
+fn run_reader(
+    mut cmd: std::process::Command,
+    want_backing: Option<&str>,
+    pages: &[u64],
+) -> Result<Sample, String> {
+    cmd.env_remove("LD_PRELOAD")
+        .env_remove("SHADOWFD_RUN_SOCKET")
+        .env_remove("SHADOWFD_RUN_MOUNT")
+        .stdin(std::process::Stdio::null());
+    let t0 = Instant::now();
+    let out = cmd
+        .output()
+        .map_err(|e| format!("starting the reader {:?}: {e}", cmd.get_program()))?;
+    let process_us = us(t0);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(format!(
+            "the reader failed ({}): {}",
+            out.status,
+            stderr.trim()
+        ));
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    let m: reader::Measured = serde_json::from_str(line.trim()).map_err(|e| {
+        format!(
+            "the reader's output is not its JSON line ({e}): {:?}; stderr: {}",
+            line.trim(),
+            stderr.trim()
+        )
+    })?;
+    if let Some(want_backing) = want_backing.filter(|w| !m.backing.starts_with(w)) {
+        return Err(format!(
+            "the reader's mapping is backed by {:?}, not {want_backing}...: it did not read \
+             the file the way this mode means",
+            m.backing
+        ));
+    }
+    if m.pages_checked != pages.len() as u64 {
+        return Err(format!(
+            "the reader checked {} pages, the pattern has {}",
+            m.pages_checked,
+            pages.len()
+        ));
+    }
+    Ok(Sample {
+        open_us: m.open_us,
+        access_us: m.access_us,
+        close_us: m.close_us,
+        resident_bytes: m.resident_bytes,
+        faults: m.page_faults,
+        page_faults: m.page_faults,
+        process_us: Some(process_us),
+    })
+}
+
+fn run_one(
+    ctx: &Ctx,
+    mode: BenchMode,
+    pat: &Access,
+    seed: u64,
+    pages: &[u64],
+) -> Result<Sample, String> {
     let p = ctx.page;
     match mode {
         BenchMode::Eager => run_shadow(
@@ -331,10 +514,28 @@ fn run_one(ctx: &Ctx, mode: BenchMode, pages: &[u64]) -> Result<Sample, String> 
         BenchMode::Native => run_mmap(&ctx.host_file, pages, p),
         BenchMode::Raw => run_raw(ctx, pages),
         BenchMode::Memcpy => run_memcpy(ctx, pages),
-        BenchMode::Fuse => {
-            let f = ctx.fuse_file.as_ref().expect("fuse mount");
-            drop_cache(f)?;
-            run_mmap(f, pages, p)
+        BenchMode::Fuse | BenchMode::FuseRead | BenchMode::Run | BenchMode::RunRead => {
+            let io = if matches!(mode, BenchMode::Fuse | BenchMode::Run) {
+                reader::Io::Mmap
+            } else {
+                reader::Io::Read
+            };
+            let job = ReadJob {
+                size: ctx.size,
+                pat,
+                seed,
+                io,
+            };
+            // What must back the reader's mapping (read: no mapping).
+            let (cmd, backing) = if mode.needs_mount() {
+                let f = ctx.fuse_file.as_ref().expect("fuse mount");
+                drop_cache(f)?;
+                (ctx.reader.fuse(f, &job), f.to_string_lossy().into_owned())
+            } else {
+                (ctx.reader.run(&job), "/memfd:".to_string())
+            };
+            let backing = (io == reader::Io::Mmap).then_some(backing.as_str());
+            run_reader(cmd, backing, pages)
         }
     }
 }
@@ -485,13 +686,13 @@ pub fn run(mut a: BenchArgs) -> CliResult {
     } else {
         None
     };
-    let lazy = if a.modes.iter().any(|m| m.is_lazy()) {
+    let lazy = if a.modes.iter().any(|m| m.needs_lazy()) {
         let mut c = base.clone();
         c.mode = Mode::Lazy;
         match Engine::new(c) {
             Ok(e) => Some(e),
             Err(e @ shadowfd::Error::LazyUnavailable(_)) => {
-                for m in a.modes.iter().filter(|m| m.is_lazy()) {
+                for m in a.modes.iter().filter(|m| m.needs_lazy()) {
                     skipped.push(Skip {
                         mode: m.name(),
                         reason: e.to_string(),
@@ -514,6 +715,35 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         }
     }
 
+    let prefix = PathBuf::from(format!("/shadowfd-bench-run-{}", std::process::id()));
+    let preload = if a.modes.iter().any(|m| m.is_run()) {
+        let why = match crate::run::preload_lib() {
+            Ok(p) if !prefix.exists() => Ok(p),
+            Ok(_) => Err(format!(
+                "{} exists on the host: the run modes read there through the shim and need a \
+                 path that nothing else serves",
+                prefix.display()
+            )),
+            Err(reason) => Err(format!("no preload library: {reason}")),
+        };
+        match why {
+            Ok(p) => Some(p),
+            Err(reason) => {
+                for m in a.modes.iter().filter(|m| m.is_run()) {
+                    if !skipped.iter().any(|s| s.mode == m.name()) {
+                        skipped.push(Skip {
+                            mode: m.name(),
+                            reason: reason.clone(),
+                        });
+                    }
+                }
+                None
+            }
+        }
+    } else {
+        None
+    };
+
     let work = data::Workdir::create(&root)?;
     let data_dir = work.path().join("data");
     std::fs::create_dir(&data_dir)?;
@@ -533,6 +763,9 @@ pub fn run(mut a: BenchArgs) -> CliResult {
                 interrupt::check()?;
                 notes.push(format!("image modes skipped: {reason}"));
                 for m in a.modes.iter().filter(|m| m.needs_image()) {
+                    if skipped.iter().any(|s| s.mode == m.name()) {
+                        continue;
+                    }
                     skipped.push(Skip {
                         mode: m.name(),
                         reason: reason.clone(),
@@ -542,17 +775,19 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         }
     }
     let mut mount = None;
-    if a.modes.contains(&BenchMode::Fuse) && image_built {
+    if a.modes.iter().any(|m| m.needs_mount()) && image_built {
         pb.set_message("mounting the ext4 image with fuse2fs");
         match fuse_setup(work.path(), &image, a.size) {
             Ok(m) => mount = Some(m),
             Err(reason) => {
                 interrupt::check()?;
                 notes.push(format!("fuse skipped: {reason}"));
-                skipped.push(Skip {
-                    mode: "fuse",
-                    reason,
-                });
+                for m in a.modes.iter().filter(|m| m.needs_mount()) {
+                    skipped.push(Skip {
+                        mode: m.name(),
+                        reason: reason.clone(),
+                    });
+                }
             }
         }
     }
@@ -590,6 +825,26 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         chunk: base.chunk_size,
         size: a.size,
         page,
+        reader: ReaderCmd {
+            exe: std::env::current_exe()
+                .map_err(|e| format!("finding this executable (the reader): {e}"))?,
+            image: image.clone(),
+            preload,
+            prefix,
+            tuning: vec![
+                "--mode".into(),
+                "lazy".into(),
+                "--chunk".into(),
+                base.chunk_size.to_string(),
+                "--readahead".into(),
+                base.readahead.to_string(),
+                "--workers".into(),
+                base.workers.to_string(),
+                "--memory-budget".into(),
+                base.memory_budget.to_string(),
+            ],
+            data_seed: a.seed,
+        },
     };
     let data_desc = ctx.data.describe();
     let runnable = |m: BenchMode| !skipped.iter().any(|s| s.mode == m.name());
@@ -613,7 +868,8 @@ pub fn run(mut a: BenchArgs) -> CliResult {
                 pb.set_message(format!("rep {}/{} {pat} {}", rep + 1, a.reps, mode.name()));
                 if runnable(mode) {
                     interrupt::check()?;
-                    let s = run_one(&ctx, mode, &pages)
+                    let seed = a.seed.wrapping_add(rep as u64);
+                    let s = run_one(&ctx, mode, pat, seed, &pages)
                         .map_err(|e| format!("{pat} under {}: {e}", mode.name()))?;
                     samples[pi][mi].push(s);
                 }
@@ -671,7 +927,7 @@ pub fn run(mut a: BenchArgs) -> CliResult {
     use BenchMode::*;
     // (name, numerator, denominator): each ratio is num/den per repetition.
     type Term = (BenchMode, fn(&Sample) -> f64);
-    let wanted: [(&'static str, Term, Term); 7] = [
+    let wanted: [(&'static str, Term, Term); 10] = [
         ("open_speedup_lazy_vs_eager", (Eager, open), (Lazy, open)),
         ("total_lazy_over_eager", (Lazy, total), (Eager, total)),
         ("total_speedup_lazy_vs_fuse", (Fuse, total), (Lazy, total)),
@@ -683,6 +939,17 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         ("total_lazy_over_native", (Lazy, total), (Native, total)),
         ("total_lazy_over_raw", (Lazy, total), (Raw, total)),
         ("total_lazy_over_memcpy", (Lazy, total), (Memcpy, total)),
+        ("total_speedup_run_vs_fuse", (Fuse, total), (Run, total)),
+        (
+            "total_run_over_lazy_image",
+            (Run, total),
+            (LazyImage, total),
+        ),
+        (
+            "total_speedup_run_read_vs_fuse_read",
+            (FuseRead, total),
+            (RunRead, total),
+        ),
     ];
     for pi in 0..a.patterns.len() {
         for (name, (nm, nf), (dm, df)) in wanted {
@@ -739,7 +1006,9 @@ pub fn run(mut a: BenchArgs) -> CliResult {
 }
 
 fn mount_was_used(skipped: &[Skip], modes: &[BenchMode]) -> bool {
-    modes.contains(&BenchMode::Fuse) && !skipped.iter().any(|s| s.mode == "fuse")
+    modes
+        .iter()
+        .any(|m| m.needs_mount() && !skipped.iter().any(|s| s.mode == m.name()))
 }
 
 /// Makes the mount point and mounts the image there.
@@ -820,6 +1089,20 @@ fn targets(a: &BenchArgs, ratios: &[Ratio], pooled_open: Option<f64>) -> Vec<rep
         None,
         find(&Access::Seq, "total_speedup_lazy_vs_fuse"),
     ));
+    out.push(t(
+        "seq total: run >= 3x faster than fuse2fs (same reader)",
+        ">=",
+        3.0,
+        None,
+        find(&Access::Seq, "total_speedup_run_vs_fuse"),
+    ));
+    out.push(t(
+        "random:0.01 total: run no slower than fuse2fs",
+        ">=",
+        1.0,
+        None,
+        find(&Access::Random(0.01), "total_speedup_run_vs_fuse"),
+    ));
     let mut fault = t(
         "lazy 4 KiB fault latency <= 1.5x raw UFFDIO_COPY round trip",
         "<=",
@@ -884,6 +1167,21 @@ fn standing_notes(a: &BenchArgs, fuse_used: bool) -> Vec<String> {
              page cache); the kernel keeps a FUSE file's pages across opens, so the bench drops them \
              (posix_fadvise DONTNEED, untimed) before every fuse run: each run reads through the \
              daemon, as a fresh shadow reads its source"
+                .into(),
+        );
+    }
+    if a.modes.iter().any(|m| m.needs_mount() || m.is_run()) {
+        n.push(
+            "fuse and run are timed by one external reader program (`shadowfd bench-reader`, an \
+             ordinary dynamically linked program using libc open/fstat/mmap), started afresh for \
+             every run: fuse runs it on the fuse2fs mount (mounted once, before the runs), run \
+             under `shadowfd run --image IMAGE --mount PREFIX` (a fresh embedded server per run, \
+             its lazy engine tuned as the lazy mode's). open/access/total are the reader's own \
+             clock, from before open(2) to its last touch: process start-up, the shim's load, the \
+             embedded server's start and the mount are excluded from both; process_us in the \
+             JSON is the reader process's wall time including them. After the clock stops the \
+             reader checks every byte of every touched page against the data, and the bench \
+             checks that its mapping was the mount's file (fuse) or a shadow memfd (run)"
                 .into(),
         );
     }

@@ -46,6 +46,9 @@ enum Cmd {
     Status(status::StatusArgs),
     /// Run a command that sees the served files under a path prefix (LD_PRELOAD shim; docs/run.md).
     Run(run::RunArgs),
+    /// The program `bench` times in its fuse and run modes (internal).
+    #[command(hide = true)]
+    BenchReader(bench::reader::ReaderArgs),
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -261,7 +264,7 @@ fn main() -> ExitCode {
         Cmd::Map(a) => a.json(),
         Cmd::Probe(a) => a.json(),
         Cmd::Bench(a) => a.json(),
-        Cmd::Cat(_) | Cmd::Serve(_) | Cmd::Run(_) => false,
+        Cmd::Cat(_) | Cmd::Serve(_) | Cmd::Run(_) | Cmd::BenchReader(_) => false,
         Cmd::Client(a) => a.json(),
         Cmd::Status(a) => a.json(),
     };
@@ -273,6 +276,8 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => harden().and_then(|()| serve::run(a)),
         Cmd::Client(a) => harden().and_then(|()| client::run(a)),
         Cmd::Status(a) => status::run(a),
+        // An ordinary program: no hardening, nothing shadowfd-specific.
+        Cmd::BenchReader(a) => bench::reader::run(a),
         // The command's own exit status, once it ran.
         Cmd::Run(a) => match harden().and_then(|()| run::run(a)) {
             Ok(code) => return code,

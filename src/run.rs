@@ -38,7 +38,7 @@ pub struct RunArgs {
 
 /// The preload library: `$SHADOWFD_PRELOAD`, else `libshadowfd_preload.so`
 /// next to this executable, else in `../lib` or `../lib/shadowfd` of it.
-fn preload_lib() -> Result<PathBuf, String> {
+pub(crate) fn preload_lib() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("SHADOWFD_PRELOAD") {
         let p = PathBuf::from(p);
         return if p.is_file() {

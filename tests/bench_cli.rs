@@ -2,11 +2,49 @@
 //! chart file, the cleanup of the work directory and FUSE mount, and errors
 //! for bad input. Small sizes: this checks behaviour, not speed.
 
-use std::path::Path;
+mod common;
+
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
+
+const BIN: &str = env!("CARGO_BIN_EXE_shadowfd");
+
+/// Builds libshadowfd_preload.so next to the binary (same profile and
+/// target directory), for the run mode: `cargo test` builds the binary
+/// but not the cdylib of another package. A no-op when it is up to date.
+fn preload() -> &'static Path {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let bin_dir = Path::new(BIN).parent().unwrap().to_path_buf();
+        let target = bin_dir.parent().unwrap().to_path_buf();
+        let profile = match bin_dir.file_name().unwrap().to_str().unwrap() {
+            "debug" => "dev".to_string(),
+            other => other.to_string(),
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = Command::new(&cargo)
+            .args(["build", "--quiet", "-p", "shadowfd-preload", "--profile"])
+            .arg(&profile)
+            .arg("--manifest-path")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target)
+            .output()
+            .unwrap_or_else(|e| panic!("running {cargo:?} build: {e}"));
+        assert!(
+            out.status.success(),
+            "cargo build -p shadowfd-preload failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lib = bin_dir.join("libshadowfd_preload.so");
+        assert!(lib.is_file(), "{} missing", lib.display());
+        lib
+    })
+}
 
 fn bench(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_shadowfd"))
+    Command::new(BIN)
         .arg("bench")
         .arg("--dir")
         .arg(dir)
@@ -63,6 +101,7 @@ fn json_report_covers_every_pattern_and_mode_and_cleans_up() {
             "lazy-image",
             "raw",
             "memcpy",
+            "run",
         ] {
             let found = rows.iter().any(|r| r["pattern"] == p && r["mode"] == m);
             assert!(
@@ -230,4 +269,202 @@ fn bad_input_is_refused_with_the_fix() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+fn skipped_of(v: &serde_json::Value) -> Vec<(String, String)> {
+    v["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["mode"].as_str().unwrap().to_string(),
+                s["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn run_mode_reads_through_the_shim_beside_fuse_with_the_same_reader() {
+    if !common::lazy_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .arg("bench")
+        .arg("--dir")
+        .arg(dir.path())
+        .args([
+            "--size",
+            "3M",
+            "--reps",
+            "2",
+            "--json",
+            "--modes",
+            "fuse,run,fuse-read,run-read,lazy-image",
+            "--patterns",
+            "seq,random:0.01",
+        ])
+        .env("SHADOWFD_PRELOAD", preload())
+        .output()
+        .expect("run shadowfd bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let skipped = skipped_of(&v);
+    // run needs mkfs.ext4, the preload library (built above) and a
+    // userfaultfd (checked above): here it must run.
+    assert!(
+        !skipped.iter().any(|(m, _)| m.starts_with("run")),
+        "run skipped: {skipped:?}"
+    );
+    // fuse may only be skipped where fuse2fs or /dev/fuse is missing, and
+    // then says so; a mount that fails is a failure.
+    let fuse_ran = match skipped.iter().find(|(m, _)| m.starts_with("fuse")) {
+        None => true,
+        Some((_, why)) => {
+            assert!(
+                why.contains("not installed") || why.contains("/dev/fuse"),
+                "fuse skipped: {why}"
+            );
+            eprintln!("SKIP (fuse half only): {why}");
+            false
+        }
+    };
+    let rows = v["rows"].as_array().unwrap();
+    let row = |p: &str, m: &str| {
+        rows.iter()
+            .find(|r| r["pattern"] == p && r["mode"] == m)
+            .unwrap_or_else(|| panic!("no row {p}/{m}"))
+    };
+    for p in ["seq", "random:0.01"] {
+        for (run, fuse, ratio) in [
+            ("run", "fuse", "total_speedup_run_vs_fuse"),
+            (
+                "run-read",
+                "fuse-read",
+                "total_speedup_run_read_vs_fuse_read",
+            ),
+        ] {
+            let r = row(p, run);
+            assert_eq!(r["reps"], 2);
+            let t = r["total_us"].as_f64().unwrap();
+            assert!(t > 0.0, "{r}");
+            // The reader's own clock: start-up is outside the total.
+            assert!(r["process_us"].as_f64().unwrap() > t, "{r}");
+            if fuse_ran {
+                assert!(row(p, fuse)["process_us"].as_f64().unwrap() > 0.0);
+                let x = v["ratios"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|x| x["pattern"] == p && x["name"] == ratio)
+                    .unwrap_or_else(|| panic!("no {ratio} for {p}"));
+                assert!(x["value"].as_f64().unwrap() > 0.0, "{x}");
+            }
+        }
+    }
+    // The run reader's lazy mapping holds what it touched: the whole file
+    // after seq, a fraction after random:0.01 (a mapping of the file on
+    // the host would show all of it, warm in the page cache).
+    assert_eq!(row("seq", "run")["resident_bytes"], 3 << 20);
+    let sparse = row("random:0.01", "run")["resident_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        sparse > 0 && sparse < 3 << 20,
+        "random:0.01 resident {sparse}"
+    );
+    assert!(v["targets"].as_array().unwrap().iter().any(|t| {
+        t["name"]
+            .as_str()
+            .unwrap()
+            .contains("run >= 3x faster than fuse2fs")
+    }));
+    assert!(fuse_mounts_under(dir.path()).is_empty());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn run_mode_without_the_preload_library_is_skipped_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-libshadowfd_preload.so");
+    let out = Command::new(BIN)
+        .arg("bench")
+        .arg("--dir")
+        .arg(dir.path())
+        .args([
+            "--size",
+            "1M",
+            "--reps",
+            "1",
+            "--json",
+            "--modes",
+            "run,native",
+            "--patterns",
+            "first",
+        ])
+        .env("SHADOWFD_PRELOAD", &missing)
+        .output()
+        .expect("run shadowfd bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let skipped = skipped_of(&v);
+    let (_, why) = skipped
+        .iter()
+        .find(|(m, _)| m == "run")
+        .unwrap_or_else(|| panic!("run not skipped: {skipped:?}"));
+    assert!(
+        why.contains("preload") && why.contains(missing.to_str().unwrap()),
+        "{why}"
+    );
+    let rows = v["rows"].as_array().unwrap();
+    assert!(rows.iter().any(|r| r["mode"] == "native"));
+    assert!(!rows.iter().any(|r| r["mode"] == "run"));
+}
+
+/// The reader the fuse and run modes time checks what it read: a file of
+/// zeros, or the right data at the wrong place, fails it by name.
+#[test]
+fn the_reader_refuses_bytes_that_are_not_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let zeros = dir.path().join("zeros.bin");
+    std::fs::write(&zeros, vec![0u8; 64 << 10]).unwrap();
+    for io in ["mmap", "read"] {
+        let out = Command::new(BIN)
+            .arg("bench-reader")
+            .arg("--path")
+            .arg(&zeros)
+            .args([
+                "--size",
+                "65536",
+                "--pattern",
+                "seq",
+                "--pattern-seed",
+                "1",
+                "--data-seed",
+                "1",
+                "--io",
+                io,
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{io}: zeros accepted");
+        assert!(err.contains("zeros.bin: byte 0"), "{io}: {err}");
+        assert!(out.stdout.is_empty());
+    }
+    // The wrong size is refused before anything is timed.
+    let out = Command::new(BIN)
+        .arg("bench-reader")
+        .arg("--path")
+        .arg(&zeros)
+        .args(["--size", "4096", "--pattern", "first"])
+        .args(["--pattern-seed", "1", "--data-seed", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has 65536 bytes, expected 4096"), "{err}");
 }

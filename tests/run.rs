@@ -1626,3 +1626,216 @@ print("parent", m[0] == first == {b0})
     assert!(out.contains("parent True"), "{out}");
     assert!(err.contains("the file changed on the server"), "{err}");
 }
+
+/// The checks of `python_numpy_and_mmap_in_an_ext4_image`, run once on the
+/// host directory (plain python3) and once under `shadowfd run --image`
+/// (the same files inside the image): every line must be the same.
+const IMAGE_PY_CHECKS: &str = r#"
+import hashlib, mmap, sys
+import numpy as np
+base = sys.argv[1]
+n = np.load(base + "/big.npy", mmap_mode="r")
+print("npy", type(n).__name__, n.dtype.str, n.shape, int(n.sum(dtype=np.uint64)), int(n[0]), int(n[-1]))
+del n
+p = base + "/data.bin"
+d = open(p, "rb").read()
+print("read", len(d), hashlib.sha256(d).hexdigest())
+with open(p, "rb") as f:
+    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    print("mmap", len(m), hashlib.sha256(m[:]).hexdigest())
+    m.close()
+    m = mmap.mmap(f.fileno(), 7 * 4096, access=mmap.ACCESS_READ, offset=16 * 4096)
+    print("mmap-off", hashlib.sha256(m[:]).hexdigest(), m[:] == d[16 * 4096 : 23 * 4096])
+    m.close()
+a = np.memmap(p, dtype=np.uint32, mode="r", offset=3 * 4096 + 8, shape=(200000,))
+print("memmap", int(a.sum(dtype=np.uint64)), int(a[0]), bytes(a) == d[3 * 4096 + 8 : 3 * 4096 + 8 + 800000])
+del a
+"#;
+
+/// python3 with numpy against an ext4 image made with `mkfs.ext4 -d`:
+/// `numpy.load(mmap_mode='r')` of a 512 MiB `.npy` summed, `open().read()`,
+/// `mmap.mmap` (whole and at an offset) and `numpy.memmap` at an offset,
+/// all the same as on the host files.
+#[test]
+fn python_numpy_and_mmap_in_an_ext4_image() {
+    let py = python_with_numpy();
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let data = pattern((5 << 20) + 123, 13);
+    std::fs::write(src.join("data.bin"), &data).unwrap();
+    // 128 Mi uint32 (512 MiB) written by numpy itself, from a multiplicative
+    // hash of the index: no page repeats another and none is all zeros.
+    let make = r#"
+import sys
+import numpy as np
+n = 128 << 20
+a = np.lib.format.open_memmap(sys.argv[1], mode="w+", dtype="<u4", shape=(n,))
+step = 16 << 20
+for i in range(0, n, step):
+    x = np.arange(i, i + step, dtype=np.uint64)
+    a[i : i + step] = (x * 2654435761 + 12345) & 0xFFFFFFFF
+a.flush()
+del a
+"#;
+    let npy = src.join("big.npy");
+    let o = Command::new(py)
+        .args(["-c", make])
+        .arg(&npy)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::metadata(&npy).unwrap().len() > 512 << 20);
+    let img = d.path().join("fs.img");
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O", "^has_journal", "-d"])
+        .arg(&src)
+        .arg(&img)
+        .arg("600M")
+        .output()
+        .expect("mkfs.ext4 (e2fsprogs) is needed for the --image test");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let on_host = Command::new(py)
+        .args(["-c", IMAGE_PY_CHECKS])
+        .arg(&src)
+        .output()
+        .unwrap();
+    let want = String::from_utf8(ok(on_host)).unwrap();
+    // The host's answers are right in themselves: numpy's sum is the sum
+    // of the values written, and the hash is that of the bytes written.
+    let n: u64 = 128 << 20;
+    let sum: u64 = (0..n)
+        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(12345)) & 0xFFFF_FFFF)
+        .sum();
+    assert!(
+        want.contains(&format!(
+            "npy memmap <u4 ({n},) {sum} 12345 {}",
+            ((n - 1).wrapping_mul(2654435761).wrapping_add(12345)) & 0xFFFF_FFFF
+        )),
+        "{want}"
+    );
+    let sha = {
+        let o = Command::new("sha256sum")
+            .arg(src.join("data.bin"))
+            .output()
+            .unwrap();
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let sha = sha.split_whitespace().next().unwrap();
+    assert!(
+        want.contains(&format!("read {} {sha}", data.len())),
+        "{want}"
+    );
+    assert!(
+        want.contains(&format!("mmap {} {sha}", data.len())),
+        "{want}"
+    );
+    assert!(
+        want.contains("True\nmemmap") && want.ends_with("True\n"),
+        "{want}"
+    );
+    let got = ok(run_with(
+        &["--image", img.to_str().unwrap()],
+        &[py, "-c", IMAGE_PY_CHECKS, MOUNT],
+    ));
+    assert_eq!(String::from_utf8(got).unwrap(), want);
+}
+
+/// The read path's read-ahead (a sequential reader of small blocks gets
+/// its next blocks from one larger request): small, odd-sized and
+/// interleaved reads of more files than a thread keeps read-ahead for,
+/// random `pread`s between them, two threads, the end of a file that is
+/// not page-sized, and a forked child reading on from its parent's offset,
+/// all byte-exact against the host files.
+#[test]
+fn small_sequential_and_interleaved_reads_are_byte_exact() {
+    let script = format!(
+        r#"
+import hashlib, os, sys, threading
+m = "{mount}"
+big = open(m + "/big.bin", "rb", buffering=0)
+h = hashlib.sha256()
+while True:
+    b = big.read(3000)
+    if not b:
+        break
+    h.update(b)
+print("big3000", h.hexdigest())
+# Five files read round-robin in small pieces (a thread keeps four).
+names = ["big.bin", "small.txt", "sub/odd.bin", "arr.npy", "big.bin"]
+fds = [os.open(m + "/" + n, os.O_RDONLY) for n in names]
+got = [bytearray() for _ in names]
+for step in range(600):
+    for k, fd in enumerate(fds):
+        got[k] += os.read(fd, 1000 + 37 * k)
+    # Random preads in between do not disturb the sequential reads.
+    assert len(os.pread(fds[0], 5000, 33333333 + step * 4096)) == 5000
+for k, n in enumerate(names):
+    print("rr", n, len(got[k]), hashlib.sha256(bytes(got[k])).hexdigest())
+for fd in fds:
+    os.close(fd)
+# Two threads, each preading its own half sequentially in 4 KiB blocks.
+fd = os.open(m + "/big.bin", os.O_RDONLY)
+half = {half}
+out = [None, None]
+def part(i):
+    hh = hashlib.sha256()
+    for off in range(i * half, (i + 1) * half, 4096):
+        hh.update(os.pread(fd, 4096, off))
+    out[i] = hh.hexdigest()
+ts = [threading.Thread(target=part, args=(i,)) for i in range(2)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print("threads", out[0], out[1])
+# A child forked mid-way reads on from the offset it inherited.
+os.lseek(fd, 0, os.SEEK_SET)
+first = b"".join(os.read(fd, 4096) for _ in range(10))
+pid = os.fork()
+if pid == 0:
+    rest = b"".join(iter(lambda: os.read(fd, 8192), b""))
+    print("child", hashlib.sha256(first + rest).hexdigest(), flush=True)
+    sys.exit(0)
+_, status = os.waitpid(pid, 0)
+print("child-exit", os.waitstatus_to_exitcode(status))
+print("parent-next", hashlib.sha256(os.read(fd, 4096)).hexdigest())
+"#,
+        mount = MOUNT,
+        half = BIG / 2
+    );
+    let out = String::from_utf8(ok(run(&[python_with_numpy(), "-c", &script]))).unwrap();
+    let sha = |b: &[u8]| -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x");
+        std::fs::write(&p, b).unwrap();
+        let o = Command::new("sha256sum").arg(&p).output().unwrap();
+        String::from_utf8(o.stdout)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let big = &tree().big;
+    let big_sha = sha(big);
+    assert!(out.contains(&format!("big3000 {big_sha}\n")), "{out}");
+    for (k, name) in ["big.bin", "small.txt", "sub/odd.bin", "arr.npy", "big.bin"]
+        .iter()
+        .enumerate()
+    {
+        let host_bytes = std::fs::read(host(name)).unwrap();
+        let n = (600 * (1000 + 37 * k)).min(host_bytes.len());
+        let want = format!("rr {name} {n} {}\n", sha(&host_bytes[..n]));
+        assert!(out.contains(&want), "want {want:?} in {out}");
+    }
+    let (a, b) = big.split_at(BIG / 2);
+    assert!(
+        out.contains(&format!("threads {} {}\n", sha(a), sha(b))),
+        "{out}"
+    );
+    assert!(out.contains(&format!("child {big_sha}\n")), "{out}");
+    assert!(out.contains("child-exit 0\n"), "{out}");
+    assert!(
+        out.contains(&format!("parent-next {}\n", sha(&big[40960..45056]))),
+        "{out}"
+    );
+}

@@ -87,6 +87,57 @@ pub fn write_random(path: &Path, size: u64, seed: u64) -> io::Result<()> {
     f.sync_all()
 }
 
+/// The `k`-th 8-byte word [`write_random`] writes with `seed` (the
+/// splitmix64 stream is a counter, so any word is computed directly).
+pub fn expected_word(seed: u64, k: u64) -> u64 {
+    Rng::new(seed.wrapping_add(k.wrapping_mul(0x9E37_79B9_7F4A_7C15))).next()
+}
+
+/// The byte at `offset` of the data [`write_random`] writes with `seed`.
+pub fn expected_byte(seed: u64, offset: u64) -> u8 {
+    expected_word(seed, offset / 8).to_le_bytes()[(offset % 8) as usize]
+}
+
+/// The offset of the first byte of `got` (which starts at `offset` of the
+/// file) that differs from the data written with `seed`.
+pub fn first_mismatch(got: &[u8], offset: u64, seed: u64) -> Option<u64> {
+    // The bytes before the first 8-byte offset of the file, byte-wise; then
+    // whole words, compared as words; then the tail, byte-wise.
+    let lead = (((8 - offset % 8) % 8) as usize).min(got.len());
+    if let Some(m) = first_mismatch_bytes(&got[..lead], offset, seed) {
+        return Some(m);
+    }
+    let body = &got[lead..];
+    let first = (offset + lead as u64) / 8;
+    let whole = body.len() / 8 * 8;
+    for (k, w) in body[..whole].chunks_exact(8).enumerate() {
+        let v = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+        if v != expected_word(seed, first + k as u64) {
+            let at = lead + k * 8;
+            return first_mismatch_bytes(&got[at..at + 8], offset + at as u64, seed);
+        }
+    }
+    let at = lead + whole;
+    first_mismatch_bytes(&got[at..], offset + at as u64, seed)
+}
+
+/// [`first_mismatch`] one byte at a time.
+fn first_mismatch_bytes(got: &[u8], offset: u64, seed: u64) -> Option<u64> {
+    let mut i = 0usize;
+    while i < got.len() {
+        let at = offset + i as u64;
+        let word = expected_word(seed, at / 8).to_le_bytes();
+        let skip = (at % 8) as usize;
+        let n = (8 - skip).min(got.len() - i);
+        if got[i..i + n] != word[skip..skip + n] {
+            let j = (0..n).find(|&j| got[i + j] != word[skip + j]).unwrap_or(0);
+            return Some(at + j as u64);
+        }
+        i += n;
+    }
+    None
+}
+
 /// Reads `path` to the end, so that its pages are in the page cache.
 pub fn warm(path: &Path) -> io::Result<()> {
     let mut f = File::open(path)?;
@@ -119,6 +170,38 @@ mod tests {
         assert_eq!(owner_pid(&name), Some(std::process::id()));
         drop(w);
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn expected_bytes_are_the_written_ones() {
+        let w = Workdir::create(&std::env::temp_dir()).unwrap();
+        let p = w.path().join("a");
+        write_random(&p, (1 << 20) + 13, 5).unwrap();
+        let got = std::fs::read(&p).unwrap();
+        assert_eq!(first_mismatch(&got, 0, 5), None);
+        assert_eq!(first_mismatch(&got[1001..(1 << 20) + 7], 1001, 5), None);
+        assert_eq!(expected_byte(5, 1 << 20), got[1 << 20]);
+        assert_eq!(first_mismatch(&got, 0, 6), Some(0));
+        let mut bad = got[4096..8192].to_vec();
+        bad[77] ^= 1;
+        assert_eq!(first_mismatch(&bad, 4096, 5), Some(4096 + 77));
+        assert!(
+            first_mismatch(&[0u8; 4096], 8192, 5).is_some(),
+            "zeros are caught"
+        );
+        // Unaligned starts and ends: the first wrong byte is named, in the
+        // head, the words or the tail.
+        for (from, to, wrong) in [(1001, 9000, 1003), (1001, 9000, 4444), (1001, 9003, 9001)] {
+            let mut bad = got[from..to].to_vec();
+            bad[wrong - from] ^= 0x80;
+            bad[to - from - 1] ^= 0x01;
+            assert_eq!(
+                first_mismatch(&bad, from as u64, 5),
+                Some(wrong as u64),
+                "{from}..{to}"
+            );
+        }
+        assert_eq!(first_mismatch(&got[3..5], 3, 5), None);
     }
 
     #[test]

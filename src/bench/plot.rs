@@ -42,6 +42,9 @@ fn color(mode: &str) -> RGBColor {
         "lazy-image" => RGBColor(133, 193, 233),
         "raw" => RGBColor(22, 160, 133),
         "memcpy" => RGBColor(192, 57, 43),
+        "run" => RGBColor(241, 196, 15),
+        "fuse-read" => RGBColor(187, 143, 206),
+        "run-read" => RGBColor(247, 220, 111),
         _ => RGBColor(39, 174, 96),
     }
 }

@@ -17,6 +17,9 @@ pub struct Sample {
     pub faults: u64,
     /// Minor + major page faults of the touching thread (`getrusage`).
     pub page_faults: u64,
+    /// For the external reader (fuse, run): the reader process's wall time
+    /// from spawn to exit, start-up included; not in the total.
+    pub process_us: Option<f64>,
 }
 
 impl Sample {
@@ -57,6 +60,11 @@ pub struct Row {
     /// `touched_bytes / total_us`, in MB/s (10^6 bytes per second).
     pub throughput_mb_s: f64,
     pub spread: Spread,
+    /// External reader modes (fuse, run): median wall time of the reader
+    /// process, from spawn to exit (start-up, and for run the embedded
+    /// server, included); not part of `total_us`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process_us: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -65,8 +73,11 @@ pub struct Ratio {
     /// `open_speedup_lazy_vs_eager` (eager open / lazy open),
     /// `total_lazy_over_eager`, `total_speedup_lazy_vs_fuse` (fuse total /
     /// lazy total), `total_lazy_image_over_lazy`, `total_lazy_over_native`,
-    /// `total_lazy_over_raw` (the minimal userfaultfd handler) or
-    /// `total_lazy_over_memcpy` (the copy floor).
+    /// `total_lazy_over_raw` (the minimal userfaultfd handler),
+    /// `total_lazy_over_memcpy` (the copy floor), `total_speedup_run_vs_fuse`
+    /// (fuse total / run total, the same reader program),
+    /// `total_run_over_lazy_image` or `total_speedup_run_read_vs_fuse_read`
+    /// (the same with `pread` instead of `mmap`).
     pub name: &'static str,
     /// Median of the per-repetition ratios.
     pub value: f64,
@@ -194,6 +205,10 @@ pub fn row(c: &Cell) -> Option<Row> {
             access_us: minmax(&access),
             total_us: minmax(&total),
         },
+        process_us: {
+            let p: Vec<f64> = c.samples.iter().filter_map(|s| s.process_us).collect();
+            (!p.is_empty()).then(|| median(&p))
+        },
     })
 }
 
@@ -298,6 +313,21 @@ pub fn print_human(r: &Report) {
     for s in &r.skipped {
         println!("{:<14} {:<6} skipped: {}", "(all)", s.mode, s.reason);
     }
+    let procs: Vec<String> = r
+        .rows
+        .iter()
+        .filter_map(|row| {
+            row.process_us
+                .map(|p| format!("{} {} {}", row.pattern, row.mode, fmt_us(p)))
+        })
+        .collect();
+    if !procs.is_empty() {
+        println!();
+        println!(
+            "reader process wall time, start-up included (not in total): {}",
+            procs.join(", ")
+        );
+    }
     if !r.ratios.is_empty() {
         println!();
         println!("ratios (median of the per-rep ratios, min..max):");
@@ -310,6 +340,9 @@ pub fn print_human(r: &Report) {
                 "total_lazy_image_over_lazy" => "total, lazy-image/lazy",
                 "total_lazy_over_raw" => "total, lazy/raw (uffd floor)",
                 "total_lazy_over_memcpy" => "total, lazy/memcpy (copy floor)",
+                "total_speedup_run_vs_fuse" => "total, fuse/run (run speedup)",
+                "total_run_over_lazy_image" => "total, run/lazy-image",
+                "total_speedup_run_read_vs_fuse_read" => "total, fuse-read/run-read",
                 n => n,
             };
             println!(
@@ -369,6 +402,7 @@ mod tests {
             resident_bytes: 4096,
             faults: 3,
             page_faults: 5,
+            process_us: None,
         }
     }
 
