@@ -104,8 +104,33 @@ fn shadow(rel: &str) -> String {
     format!("{MOUNT}/{rel}")
 }
 
-/// `shadowfd run --root TREE --mount MOUNT -- args...`
+/// An ext4 image of [`tree`], made with `mkfs.ext4 -d` (issue 15: the
+/// programs read files inside an image).
+fn tree_image() -> &'static Path {
+    static I: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &I.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("tree.ext4");
+        let st = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+            .arg(tree().dir.path())
+            .arg(&img)
+            .arg("160M")
+            .status()
+            .expect("mkfs.ext4 (e2fsprogs) is needed: .ci/run installs it");
+        assert!(st.success(), "mkfs.ext4 -d of the test tree failed: {st}");
+        (dir, img)
+    })
+    .1
+}
+
+/// `shadowfd run --image IMAGE-OF-TREE --mount MOUNT -- args...`
 fn run(args: &[&str]) -> Output {
+    run_with(&["--image", tree_image().to_str().unwrap()], args)
+}
+
+/// `shadowfd run --root TREE --mount MOUNT -- args...`
+fn run_root(args: &[&str]) -> Output {
     run_with(&["--root", tree().dir.path().to_str().unwrap()], args)
 }
 
@@ -140,15 +165,18 @@ fn ok(o: Output) -> Vec<u8> {
 
 #[test]
 fn cat_is_byte_exact() {
-    let out = ok(run(&["cat", &shadow("big.bin")]));
-    assert!(
-        out == tree().big,
-        "cat of big.bin differs from the host file"
-    );
-    let out = ok(run(&["cat", &shadow("small.txt"), &shadow("sub/odd.bin")]));
-    let mut want = std::fs::read(host("small.txt")).unwrap();
-    want.extend(std::fs::read(host("sub/odd.bin")).unwrap());
-    assert_eq!(out, want);
+    // From the image (as every test through `run`), then from the directory.
+    for run in [run, run_root] {
+        let out = ok(run(&["cat", &shadow("big.bin")]));
+        assert!(
+            out == tree().big,
+            "cat of big.bin differs from the host file"
+        );
+        let out = ok(run(&["cat", &shadow("small.txt"), &shadow("sub/odd.bin")]));
+        let mut want = std::fs::read(host("small.txt")).unwrap();
+        want.extend(std::fs::read(host("sub/odd.bin")).unwrap());
+        assert_eq!(out, want);
+    }
 }
 
 #[test]
