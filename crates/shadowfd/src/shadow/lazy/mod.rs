@@ -132,6 +132,10 @@ const STALE_DURING: Cause = Cause::SourceChanged { during_fill: true };
 /// and mapped at once into a consumer range that faults on filled chunks.
 pub(crate) const RUN_BYTES: u64 = 1 << 20;
 
+/// Runs copied from a source's mapping above this size have its pages
+/// mapped first ([`LazyShadow::copy_mapped`]).
+const POPULATE_OVER: u64 = 64 << 10;
+
 /// How many chunks make one run.
 pub(crate) fn run_chunks(chunk: u64) -> u64 {
     (RUN_BYTES / chunk).max(1)
@@ -348,6 +352,19 @@ impl LazyShadow {
         let stop = end.min(full);
         if stop <= at {
             return at;
+        }
+        if stop - at > POPULATE_OVER {
+            // Maps the run's pages of the file in one call. Without it the
+            // copy finds them unmapped every 16 pages (the kernel's
+            // fault-around), drops its locks, faults them in and starts
+            // again, which made 1 MiB fills slower than pread and copy. A
+            // page past the file's end is an error here, not a signal; the
+            // copy then stops there.
+            let _ = crate::sys::mmap::madvise(
+                (m.addr() + at) as *mut u8,
+                (stop - at) as usize,
+                libc::MADV_POPULATE_READ,
+            );
         }
         // SAFETY: `dst..dst + (stop - at)` lies in a range registered with
         // the engine's userfaultfd (the caller's), and the source is only
