@@ -505,15 +505,17 @@ fn fault_ratio(_c: &mut Criterion) {
     // Per raw contender: rounds in which most faults were answered on the
     // faulting thread's CPU.
     let mut local_rounds = vec![0usize; n];
+    // Per contender and round: whether that round was mostly local.
+    let mut local_in = vec![Vec::new(); n];
     for round in 0..ROUNDS {
         for k in 0..n {
             let i = (k + round) % n;
             let before = regions[i].placement();
             let mut lat = cursors[i].each(&mut *regions[i], BATCH);
             if let (Some((t0, l0)), Some((t1, l1))) = (before, regions[i].placement()) {
-                if (l1 - l0) * 2 > t1 - t0 {
-                    local_rounds[i] += 1;
-                }
+                let local = (l1 - l0) * 2 > t1 - t0;
+                local_rounds[i] += usize::from(local);
+                local_in[i].push(local);
             }
             medians[i].push(median(&mut lat));
             all[i].extend(lat);
@@ -561,6 +563,23 @@ fn fault_ratio(_c: &mut Criterion) {
             hi,
             p90[0] / p90[i]
         );
+        // The raw handlers are unpinned: the same ratio over the rounds in
+        // which this one answered on the faulting thread's CPU, the floor.
+        let mut local: Vec<f64> = medians[0]
+            .iter()
+            .zip(&medians[i])
+            .zip(&local_in[i])
+            .filter(|(_, l)| **l)
+            .map(|((l, x), _)| l / x)
+            .collect();
+        if !local.is_empty() {
+            let k = local.len();
+            println!(
+                "    in the {k} rounds where {} answered on the faulting CPU: {:.2}x",
+                names[i],
+                median(&mut local)
+            );
+        }
     }
 }
 

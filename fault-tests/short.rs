@@ -266,3 +266,109 @@ fn truncated_source_raises_sigbus_not_zeros() {
         vec![20]
     );
 }
+
+/// A host file opened by path is offered to fills as a read-only mapping
+/// (`Source::mapped`), which `UFFDIO_COPY` reads in the kernel. Truncated
+/// under that mapping, the copy fails (`EFAULT`) where the engine itself
+/// would take a `SIGBUS`: the fill falls back to `read_at`, and exactly the
+/// pages past the cut are poisoned, the partial page at the cut included.
+#[test]
+fn mapped_source_truncated_mid_run_poisons_from_the_cut() {
+    bounded(
+        "mapped_source_truncated_mid_run_poisons_from_the_cut",
+        || {
+            let Some(engine) = lazy_engine("mapped truncated", lazy_config()) else {
+                return;
+            };
+            let dir = tempdir();
+            let path = write_file(dir.path(), "src", ID, size());
+            let src = shadowfd::FileSource::open(&path).unwrap();
+            assert!(
+                shadowfd::Source::mapped(&src).is_some_and(|m| m.len() == size()),
+                "a host file is offered mapped"
+            );
+            let s = engine.open(src).unwrap();
+            s.populate(0, 4 * page()).unwrap();
+            let cut = 20 * page() + 10;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(cut)
+                .unwrap();
+            // One run over the whole file, copied from the mapping until the cut.
+            let err = s.populate(0, size()).unwrap_err();
+            assert!(
+                matches!(err, Error::Unfillable { offset, .. } if offset == 20 * page()),
+                "{err:?}"
+            );
+            let bad: Vec<u64> = s.poisoned_pages().iter().map(|(p, _)| p / page()).collect();
+            assert_eq!(bad, (20..NPAGES).collect::<Vec<_>>());
+            let mut head = vec![0u8; (20 * page()) as usize];
+            assert_eq!(s.read_at(&mut head, 0).unwrap(), head.len());
+            assert_bytes(
+                &head,
+                ID,
+                0,
+                "pages before the cut, copied from the mapping",
+            );
+            let st = s.stats();
+            assert!(st.errors >= 1 && st.source_changed, "{st:?}");
+            assert_eq!(st.bytes_filled, 20 * page(), "{st:?}");
+        },
+    );
+}
+
+fn mapped_truncated_child() {
+    child::begin();
+    let mut cfg = lazy_config();
+    cfg.chunk_size = 16 * page();
+    cfg.readahead = 0;
+    let engine = Engine::new(cfg).unwrap();
+    let path = param("PATH");
+    let s = engine.open(&path).unwrap();
+    // Private: faults are filled through the alias, from the file's mapping.
+    let map = s.map(Share::Private).unwrap();
+    child::watch_sigbus(&map);
+    child::touch_page(&map, ID, 0); // chunk 0, before the cut
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(param_u64("CUT"))
+        .unwrap();
+    // Chunk 1 (pages 16..32) is cut at page 20: 16..20 are good.
+    for p in [19, 20] {
+        child::touch_page(&map, ID, p);
+    }
+    child::report("end", "no SIGBUS");
+}
+
+#[test]
+fn mapped_source_truncated_mid_chunk_raises_sigbus_at_the_cut() {
+    if child::role().is_some() {
+        return mapped_truncated_child();
+    }
+    if !lazy_available("mapped truncated sigbus") {
+        return;
+    }
+    let dir = tempdir();
+    let path = write_file(dir.path(), "src", ID, size());
+    let o = child::spawn(
+        &test_name!(mapped_source_truncated_mid_chunk_raises_sigbus_at_the_cut),
+        "mapped-truncated",
+        &[
+            ("PATH", path.display().to_string()),
+            ("CUT", (20 * page() + 10).to_string()),
+        ],
+    );
+    assert_eq!(o.signal(), Some(libc::SIGBUS), "{}", o.describe());
+    assert_eq!(o.numbers("good"), vec![0, 19], "{}", o.describe());
+    assert_eq!(
+        o.numbers("sigbus")
+            .iter()
+            .map(|a| a / page())
+            .collect::<Vec<_>>(),
+        vec![20]
+    );
+}

@@ -281,3 +281,36 @@ fn engine_stats_add_up_over_shadows() {
     drop(sa);
     assert_eq!(engine.stats().resident_bytes, engine.config().chunk_size);
 }
+
+/// Zero pages planted in a lazy memfd (`fallocate`, which its seals allow)
+/// are overwritten by the fill before any consumer sees them: a fault filled
+/// straight into a shared range, or through the alias for a private one
+/// (from the file's mapping), finds the page present and heals it.
+#[test]
+fn planted_pages_are_healed_by_fills_in_both_sharing_kinds() {
+    if !lazy_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let page = shadowfd::page_size();
+    let n = 64 * page;
+    let data = pattern(n, 31);
+    let path = file_with(dir.path(), "planted", &data);
+    let engine = lazy_engine(|c| c.readahead = 0);
+    for share in [Share::Shared, Share::Private] {
+        let shadow = engine.open(&path).unwrap();
+        // SAFETY: fallocate on the shadow's own memfd, as another process
+        // holding it could; it allocates zero pages and writes nothing.
+        let r = unsafe { libc::fallocate(shadow.mapping_fd().as_raw_fd(), 0, 0, (n / 2) as i64) };
+        assert_eq!(r, 0, "fallocate: {}", std::io::Error::last_os_error());
+        let map = shadow.map(share).unwrap();
+        // Single faults first (every third page, backwards), then the rest.
+        for p in (0..64).rev().step_by(3) {
+            assert_eq!(map[p * page], data[p * page], "page {p} {share:?}");
+        }
+        assert_eq!(first_diff(&map, &data), None, "{share:?}");
+        let st = shadow.stats();
+        assert_eq!(st.healed_pages, 32, "{share:?} {st:?}");
+        assert_eq!((st.errors, st.poisoned_pages), (0, 0), "{share:?} {st:?}");
+    }
+}

@@ -50,7 +50,7 @@ pub use error::{Cause, Error, Result};
 pub use harden::harden_process;
 pub use remote::RemoteMapping;
 pub use shadow::{MapOptions, Mapping, Registration, Shadow, Share, Staleness};
-pub use source::{FileSource, Source, SourceMeta};
+pub use source::{FileSource, Mapped, Source, SourceMeta};
 pub use stats::Stats;
 pub use sys::{Access, Advice, Attempt, Probe, UncheckedAdvice, feature_names, probe};
 

@@ -46,6 +46,18 @@ pub(crate) enum Why {
 pub(crate) struct Work {
     pub chunks: Range<u64>,
     pub why: Why,
+    /// Where the target may install the chunks straight away, as the target
+    /// chose when it claimed them (a faulting consumer range); `None`: the
+    /// usual way.
+    pub direct: Option<Direct>,
+}
+
+/// A place a target named for a fill to go straight into: its own key for
+/// a consumer range, and the address there of the run's first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Direct {
+    pub consumer: u64,
+    pub addr: u64,
 }
 
 /// A fault as the service hands it to its target.

@@ -29,7 +29,8 @@
 //!   the answer wakes the thread on the same CPU. The others find nothing.
 //! - A reader is armed while enough of the faults come from threads on its
 //!   CPU (a quarter at least, [`SHARE`], smoothed over a few [`CHECK_MS`]
-//!   periods). Messages carry the thread id (`UFFD_FEATURE_THREAD_ID`); the
+//!   periods, or at once after [`BURST`] faults in a row from elsewhere).
+//!   Messages carry the thread id (`UFFD_FEATURE_THREAD_ID`); the
 //!   thread's CPU is read from `/proc/self/task/TID/stat` (about 7 µs, so
 //!   cached per thread: for [`REFRESH`] while the reader of that CPU keeps
 //!   finding the thread's faults without sleeping, else [`REFRESH_WOKEN`]).
@@ -96,6 +97,11 @@ const SHARE: u64 = 4;
 /// A period with this many faults and none from a reader's CPU disarms it
 /// at once (its threads have moved away).
 const LEFT: u64 = 8;
+/// This many faults in a row, none from a reader's CPU, end its period
+/// early (and so disarm it): after an idle spell every reader is armed, and
+/// until the remote ones disarm each fault pays for waking them (an IPI
+/// each), which over a whole period is most of a short burst of faults.
+const BURST: u64 = 2 * LEFT;
 /// A worker armed because faults starved stays armed this long.
 const LINGER: u64 = 50 * MS;
 /// While faults come, a worker looks at its arming this often.
@@ -696,9 +702,11 @@ impl Share {
         };
     }
 
-    /// Takes in the counters, at most once per period.
+    /// Takes in the counters, at most once per period, or sooner after
+    /// [`BURST`] faults none of which came from this CPU.
     fn update(&mut self, now: u64, local: u64, all: u64) {
-        if now.saturating_sub(self.at) < CHECK_MS as u64 * MS {
+        let burst = local == self.local_then && all - self.all_then >= BURST;
+        if !burst && now.saturating_sub(self.at) < CHECK_MS as u64 * MS {
             return;
         }
         let (l, a) = (local - self.local_then, all - self.all_then);

@@ -156,7 +156,11 @@ impl<'a> MapOptions<'a> {
             Some(l) => {
                 map.advise(Advice::DontFork)
                     .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
-                let reg = l.register(map.addr(), maplen, self.offset)?;
+                let reg = match self.share {
+                    // A duplicate of the template: fills may go straight in.
+                    Share::Shared => l.register_shared(map.addr(), maplen, self.offset)?,
+                    Share::Private => l.register(map.addr(), maplen, self.offset)?,
+                };
                 // SAFETY: nothing refers into the new mapping yet; it becomes
                 // readable only now that every fault on it is served.
                 unsafe { map.protect(libc::PROT_READ) }

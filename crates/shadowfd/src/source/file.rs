@@ -1,6 +1,6 @@
 //! A host file read with `pread64`.
 
-use super::{FileKind, Source, SourceMeta, Timestamp};
+use super::{FileKind, Mapped, Source, SourceMeta, Timestamp};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -14,6 +14,60 @@ use std::path::{Path, PathBuf};
 pub struct FileSource {
     file: File,
     path: PathBuf,
+    /// The file mapped read-only and shared at its size at open, offered to
+    /// fills ([`Source::mapped`]); `None` if it is empty or cannot be mapped.
+    map: Option<FileMap>,
+}
+
+/// A read-only `MAP_SHARED` mapping of a whole file; unmapped on drop. Only
+/// its address is ever used (by the kernel, inside `UFFDIO_COPY`): a read
+/// of a page past the file's current end would raise `SIGBUS` here.
+#[derive(Debug)]
+struct FileMap {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is only an address range owned by this value; it is
+// never read through in user space, and munmap is safe from any thread.
+unsafe impl Send for FileMap {}
+// SAFETY: as above: shared references only hand out the address.
+unsafe impl Sync for FileMap {}
+
+impl FileMap {
+    /// Maps the first `len` bytes of `file`, or `None` (a file system that
+    /// cannot map, an empty file).
+    fn new(file: &File, len: u64) -> Option<FileMap> {
+        use std::os::fd::AsRawFd;
+        let len = usize::try_from(len).ok().filter(|&l| l > 0)?;
+        // SAFETY: a new read-only shared mapping at an address the kernel
+        // picks; it aliases nothing, and nothing dereferences it.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return None;
+        }
+        Some(FileMap { addr, len })
+    }
+}
+
+impl Drop for FileMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping this value made; only its address was
+        // handed out, to fills of the source that owns it, which are over
+        // (they hold the source).
+        unsafe {
+            libc::munmap(self.addr, self.len);
+        }
+    }
 }
 
 /// The metadata of the open `file` if its name, looked up again by
@@ -53,6 +107,31 @@ pub(crate) fn meta_of(m: &std::fs::Metadata) -> SourceMeta {
         ctime: Timestamp::ctime_of(m),
         device: m.dev(),
         inode: m.ino(),
+        kind,
+    }
+}
+
+/// [`meta_of`] for what `fstat(2)` returned.
+fn meta_of_stat(st: &libc::stat) -> SourceMeta {
+    let kind = match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG => FileKind::Regular,
+        libc::S_IFDIR => FileKind::Directory,
+        libc::S_IFLNK => FileKind::Symlink,
+        _ => FileKind::Other,
+    };
+    #[allow(clippy::unnecessary_cast)] // the field types differ between targets
+    SourceMeta {
+        size: st.st_size as u64,
+        mtime: Timestamp {
+            sec: st.st_mtime as i64,
+            nsec: st.st_mtime_nsec as i64,
+        },
+        ctime: Timestamp {
+            sec: st.st_ctime as i64,
+            nsec: st.st_ctime_nsec as i64,
+        },
+        device: st.st_dev as u64,
+        inode: st.st_ino as u64,
         kind,
     }
 }
@@ -109,7 +188,12 @@ impl FileSource {
                 ),
             ));
         }
-        Ok(FileSource { file, path })
+        let map = file
+            .metadata()
+            .ok()
+            .filter(|m| m.file_type().is_file())
+            .and_then(|m| FileMap::new(&file, m.size()));
+        Ok(FileSource { file, path, map })
     }
 
     /// The path this source was opened from.
@@ -167,11 +251,44 @@ impl Source for FileSource {
     fn fill_metadata(&self) -> io::Result<SourceMeta> {
         // The open descriptor's inode is what fills read: its size and times
         // tell whether the bytes changed. Whether the path still names it
-        // does not matter to the bytes.
-        Ok(meta_of(&self.file.metadata()?))
+        // does not matter to the bytes. Plain fstat(2): the same fields as
+        // the statx(2) behind `File::metadata`, about 30% cheaper (once per
+        // fill).
+        use std::os::fd::AsRawFd;
+        // SAFETY: stat is plain data that fstat fills in.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: a descriptor we own and a valid out-pointer.
+        if unsafe { libc::fstat(self.file.as_raw_fd(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(meta_of_stat(&st))
     }
 
     fn name(&self) -> String {
         self.path.display().to_string()
+    }
+
+    fn mapped(&self) -> Option<Mapped> {
+        let m = self.map.as_ref()?;
+        // SAFETY: a read-only shared mapping of this file from offset 0,
+        // made here, never registered, unmapped only when this source drops.
+        Some(unsafe { Mapped::new(m.addr.cast(), m.len) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_metadata_matches_metadata() {
+        let dir = std::env::temp_dir().join(format!("shadowfd-meta-{}", std::process::id()));
+        std::fs::write(&dir, b"twelve bytes").unwrap();
+        let s = FileSource::open(&dir).unwrap();
+        let a = s.metadata().unwrap();
+        let b = s.fill_metadata().unwrap();
+        std::fs::remove_file(&dir).unwrap();
+        assert_eq!(a, b);
+        assert_eq!((b.size, b.kind), (12, FileKind::Regular));
     }
 }

@@ -106,6 +106,58 @@ pub trait Source: Send + Sync {
 
     /// A short human name for messages, such as the path.
     fn name(&self) -> String;
+
+    /// The source's bytes in this process's memory, if it can offer them:
+    /// a read-only shared mapping of its file, for example. Fills then copy
+    /// from there with one `UFFDIO_COPY`, straight into the shadow, instead
+    /// of reading into a buffer first. The engine never reads the range
+    /// itself: only the kernel does, inside `UFFDIO_COPY`, where a page
+    /// that cannot be read (the file shrank under the mapping) is an error
+    /// (`EFAULT`), not a `SIGBUS` of the engine; the fill then reads that
+    /// part with [`Source::read_at`], which says where the source ends.
+    /// Defaults to `None`: every fill uses `read_at`.
+    fn mapped(&self) -> Option<Mapped> {
+        None
+    }
+}
+
+/// A source's bytes mapped in memory ([`Source::mapped`]): byte `i` of the
+/// source is at `addr + i` for `i < len`. Only an address; nothing in this
+/// crate dereferences it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapped {
+    addr: u64,
+    len: u64,
+}
+
+impl Mapped {
+    /// # Safety
+    /// `addr..addr + len` must be a mapping in this process that holds the
+    /// source's bytes from offset 0 (pages past the source's current end
+    /// may fault), that nothing registers with a userfaultfd, and that stays
+    /// mapped for as long as the source that returns it lives. The engine
+    /// copies from it into shadows that consumers read.
+    pub unsafe fn new(addr: *const u8, len: usize) -> Mapped {
+        Mapped {
+            addr: addr as u64,
+            len: len as u64,
+        }
+    }
+
+    /// The address of the source's first byte.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// How many bytes are mapped.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// A pointer to a source is a source (`Arc<dyn Source>`, `Box<dyn Source>`).
@@ -123,6 +175,9 @@ macro_rules! forward_source {
             }
             fn name(&self) -> String {
                 (**self).name()
+            }
+            fn mapped(&self) -> Option<Mapped> {
+                (**self).mapped()
             }
         }
     };

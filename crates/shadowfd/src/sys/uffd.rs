@@ -167,17 +167,70 @@ impl Uffd {
     /// this crate, and `src` must not be registered memory (the copy would
     /// fault into ourselves).
     pub(crate) unsafe fn copy(&self, dst: u64, src: &[u8]) -> Result<(), (io::Error, u64)> {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            self.copy_mode(
+                dst,
+                src.as_ptr(),
+                src.len() as u64,
+                sys::UFFDIO_COPY_MODE_DONTWAKE,
+            )
+        }
+    }
+
+    /// Like [`Uffd::copy`], but each installed part wakes the threads
+    /// waiting on it: a fill straight into the range a thread faulted in.
+    ///
+    /// # Safety
+    /// As for [`Uffd::copy`].
+    pub(crate) unsafe fn copy_waking(&self, dst: u64, src: &[u8]) -> Result<(), (io::Error, u64)> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.copy_mode(dst, src.as_ptr(), src.len() as u64, 0) }
+    }
+
+    /// Like [`Uffd::copy`] (`wake`: [`Uffd::copy_waking`]) from the `len`
+    /// bytes at address `src`, which the kernel reads and this process never
+    /// does: a page there that cannot be read (a file mapping past the
+    /// file's end) fails the copy with `EFAULT` instead of raising a signal.
+    ///
+    /// # Safety
+    /// As for [`Uffd::copy`]; `src..src+len` must be a mapping that stays
+    /// mapped during the call, whose bytes may be shown to consumers.
+    pub(crate) unsafe fn copy_from(
+        &self,
+        dst: u64,
+        src: u64,
+        len: u64,
+        wake: bool,
+    ) -> Result<(), (io::Error, u64)> {
+        let mode = if wake {
+            0
+        } else {
+            sys::UFFDIO_COPY_MODE_DONTWAKE
+        };
+        // SAFETY: forwarded from the caller.
+        unsafe { self.copy_mode(dst, src as *const u8, len, mode) }
+    }
+
+    /// # Safety
+    /// As for [`Uffd::copy`], with `src..src+len` in place of `src`.
+    unsafe fn copy_mode(
+        &self,
+        dst: u64,
+        src: *const u8,
+        len: u64,
+        mode: u64,
+    ) -> Result<(), (io::Error, u64)> {
         let mut done = 0u64;
-        let len = src.len() as u64;
         while done < len {
-            // SAFETY: forwarded from the caller; `src[done..]` is in bounds.
+            // SAFETY: forwarded from the caller; `src + done` is within `src..src+len`.
             let r = unsafe {
                 sys::copy(
                     self.fd.as_fd(),
                     dst + done,
-                    src.as_ptr().add(done as usize),
+                    src.wrapping_add(done as usize),
                     len - done,
-                    sys::UFFDIO_COPY_MODE_DONTWAKE,
+                    mode,
                 )
             };
             match r {

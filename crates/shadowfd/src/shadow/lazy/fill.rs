@@ -84,7 +84,9 @@ pub(crate) fn read_chunk(
     good
 }
 
-/// Expands bad ranges to their pages (page offsets within the shadow).
+/// Expands bad ranges to their pages (page offsets within the shadow), in
+/// ascending order (a recheck after a copy from the source's mapping may add
+/// a page below those found first), each once.
 pub(crate) fn bad_pages(bad: &[BadRange], page: u64) -> Vec<(u64, Cause)> {
     let mut out = Vec::new();
     for (a, b, reason) in bad {
@@ -94,5 +96,7 @@ pub(crate) fn bad_pages(bad: &[BadRange], page: u64) -> Vec<(u64, Cause)> {
             p += page;
         }
     }
+    out.sort_by_key(|(p, _)| *p);
+    out.dedup_by_key(|(p, _)| *p);
     out
 }

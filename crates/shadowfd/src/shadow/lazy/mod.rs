@@ -25,7 +25,7 @@ mod readahead;
 use crate::config::{Config, StalePolicy};
 use crate::error::{Cause, Error, Result};
 use crate::fault::chunks::{ChunkState, ChunkTable};
-use crate::fault::{Core, FaultTarget, Hit, Service, Why, Work, buffer};
+use crate::fault::{Core, Direct, FaultTarget, Hit, Service, Why, Work, buffer};
 use crate::source::{Source, SourceMeta};
 use crate::stats::Counters;
 use crate::sys::memfd::{LAZY_SEALS, Memfd};
@@ -90,6 +90,9 @@ struct Consumer {
     offset: u64,
     /// `None`: the engine's own userfaultfd.
     remote: Option<Arc<Uffd>>,
+    /// A `MAP_SHARED` mapping of the memfd: a fill may install its pages
+    /// straight into it (they land in the memfd, and only there).
+    shared: bool,
 }
 
 impl Consumer {
@@ -128,6 +131,10 @@ const STALE_DURING: Cause = Cause::SourceChanged { during_fill: true };
 /// Bytes read and installed at once by prefetch, populate and materialize,
 /// and mapped at once into a consumer range that faults on filled chunks.
 pub(crate) const RUN_BYTES: u64 = 1 << 20;
+
+/// Runs copied from a source's mapping above this size have its pages
+/// mapped first ([`LazyShadow::copy_mapped`]).
+const POPULATE_OVER: u64 = 64 << 10;
 
 /// How many chunks make one run.
 pub(crate) fn run_chunks(chunk: u64) -> u64 {
@@ -295,54 +302,268 @@ impl LazyShadow {
 
     /// Compares the source with its recorded metadata; true if it changed.
     fn check_changed(&self) -> bool {
+        self.check_source().0
+    }
+
+    /// [`LazyShadow::check_changed`], with the source's size as just read
+    /// (`None` if it was not read: a change was seen before, or the read
+    /// failed).
+    fn check_source(&self) -> (bool, Option<u64>) {
         if self.changed.load(Ordering::Relaxed) {
-            return true;
+            return (true, None);
         }
-        // A panicking backend must not take a fault-service thread down.
-        let now = catch_unwind(AssertUnwindSafe(|| self.source.fill_metadata()));
-        let changed = match now {
-            Ok(Ok(now)) => now != self.meta,
-            Ok(Err(_)) | Err(_) => true,
+        let (changed, size) = match self.source_meta() {
+            Some(now) => (now != self.meta, Some(now.size)),
+            None => (true, None),
         };
         if changed {
             self.changed.store(true, Ordering::Relaxed);
         }
-        changed
+        (changed, size)
+    }
+
+    /// The source's fill metadata; `None` on an error or a panic (a
+    /// panicking backend must not take a fault-service thread down).
+    fn source_meta(&self) -> Option<SourceMeta> {
+        catch_unwind(AssertUnwindSafe(|| self.source.fill_metadata()))
+            .ok()?
+            .ok()
+    }
+
+    /// The source's mapping ([`Source::mapped`]) and the end of the whole
+    /// pages of the shadow it holds: a partial last page is read with
+    /// `read_at`, so that its tail stays zero whatever the file holds there
+    /// now.
+    fn mapped_source(&self, page: u64) -> Option<(crate::source::Mapped, u64)> {
+        let m = self.source.mapped()?;
+        Some((m, self.size.min(m.len()) / page * page))
+    }
+
+    /// Installs what it can of `at..end` (page-aligned `at`) with one
+    /// `UFFDIO_COPY` from the source's mapping into `dst` (`wake`: waking
+    /// the threads waiting there). Returns where it stopped: `end` rounded
+    /// down to a page or the mapping's end, or the first page the copy
+    /// failed on (present already, or past the file's end now); the rest is
+    /// for `read_at`.
+    fn copy_mapped(&self, core: &Core, dst: u64, at: u64, end: u64, wake: bool) -> u64 {
+        let Some((m, full)) = self.mapped_source(core.page) else {
+            return at;
+        };
+        let stop = end.min(full);
+        if stop <= at {
+            return at;
+        }
+        if stop - at > POPULATE_OVER {
+            // Maps the run's pages of the file in one call. Without it the
+            // copy finds them unmapped every 16 pages (the kernel's
+            // fault-around), drops its locks, faults them in and starts
+            // again, which made 1 MiB fills slower than pread and copy. A
+            // page past the file's end is an error here, not a signal; the
+            // copy then stops there.
+            let _ = crate::sys::mmap::madvise(
+                (m.addr() + at) as *mut u8,
+                (stop - at) as usize,
+                libc::MADV_POPULATE_READ,
+            );
+        }
+        // SAFETY: `dst..dst + (stop - at)` lies in a range registered with
+        // the engine's userfaultfd (the caller's), and the source is only
+        // read by the kernel: the mapping stays mapped while `self.source`
+        // lives, and `at..stop` lies within it.
+        match unsafe { core.uffd.copy_from(dst, m.addr() + at, stop - at, wake) } {
+            Ok(()) => stop,
+            Err((_, n)) => at + n,
+        }
     }
 
     /// Reads `off..end` of the source piece by piece into this thread's
     /// bounded buffer and installs it in the memfd with `UFFDIO_COPY` into
     /// the alias. A page that is present already was planted by someone else
     /// (the chunk was never filled): it is overwritten through the alias and
-    /// counted. Returns the bytes read from the source.
-    fn read_and_install(&self, core: &Core, off: u64, end: u64, bad: &mut Vec<BadRange>) -> u64 {
+    /// counted. A source that offers its bytes in memory is copied from
+    /// there in one step instead, the buffer kept for what that copy cannot
+    /// place. Returns the bytes read from the source, and the end of what
+    /// was copied from its mapping (`off` if nothing was): the caller must
+    /// check the source's size against it before anyone sees those pages
+    /// ([`LazyShadow::recheck_mapped`]).
+    fn read_and_install(
+        &self,
+        core: &Core,
+        off: u64,
+        end: u64,
+        bad: &mut Vec<BadRange>,
+    ) -> (u64, u64) {
+        let alias = self
+            .alias
+            .as_ref()
+            .expect("a non-empty shadow has an alias");
+        let (mut good_bytes, mut mapped_end) = (0, off);
+        let mut at = off;
+        while at < end {
+            let piece_end = end.min(at + buffer::PIECE as u64);
+            let copied = self.copy_mapped(core, alias.addr() + at, at, piece_end, false);
+            if copied > at {
+                good_bytes += copied - at;
+                mapped_end = copied;
+            }
+            if copied < piece_end {
+                good_bytes += self.bounce(core, alias, copied, piece_end, bad);
+            }
+            at = piece_end;
+        }
+        (good_bytes, mapped_end)
+    }
+
+    /// Reads `at..end` (at most one buffer) into this thread's buffer and
+    /// installs it through the alias; returns the bytes read.
+    fn bounce(
+        &self,
+        core: &Core,
+        alias: &RawMap,
+        at: u64,
+        end: u64,
+        bad: &mut Vec<BadRange>,
+    ) -> u64 {
+        let page = core.page;
+        let span = round_up(end - at, page);
+        buffer::with(span as usize, |data| {
+            let good = fill::read_chunk(&*self.source, data, at, end, page, self.size, bad);
+            for &(a, b) in &good {
+                let piece = &data[(a - at) as usize..(b - at) as usize];
+                self.install(core, alias, piece, a, bad);
+            }
+            good.iter().map(|(a, b)| b - a).sum::<u64>()
+        })
+    }
+
+    /// After pages `off..mapped_end` were copied from the source's mapping:
+    /// if the source is now shorter (`size`, as just read; `None`: read it),
+    /// the pages from its end on may have been copied after the cut, as
+    /// zeros the source never held. They are read again with `read_at`,
+    /// which finds the end of the data and poisons what is missing, exactly
+    /// as a fill that started after the cut. Returns the bytes to take off
+    /// the fill's count.
+    fn recheck_mapped(
+        &self,
+        core: &Core,
+        off: u64,
+        mapped_end: u64,
+        size: Option<u64>,
+        bad: &mut Vec<BadRange>,
+    ) -> u64 {
+        if mapped_end <= off {
+            return 0;
+        }
+        let size = size
+            .or_else(|| self.source_meta().map(|m| m.size))
+            .unwrap_or(0);
+        if size >= mapped_end {
+            return 0;
+        }
+        let alias = self
+            .alias
+            .as_ref()
+            .expect("a non-empty shadow has an alias");
+        let page = core.page;
+        let mut at = (size / page * page).max(off);
+        let mut lost = 0;
+        while at < mapped_end {
+            let e = mapped_end.min(at + buffer::PIECE as u64);
+            lost += (e - at) - self.bounce(core, alias, at, e, bad);
+            at = e;
+        }
+        lost
+    }
+
+    /// Where a fault's fill of `chunks` may go straight into the faulting
+    /// range: a `MAP_SHARED` consumer range of this process that shows the
+    /// whole run, for a run that fits in one fill buffer. `UFFDIO_COPY` into
+    /// it puts the pages into the memfd and maps them there in one call, and
+    /// wakes the faulting thread; the alias and `UFFDIO_CONTINUE` are then
+    /// needed only for the other consumer ranges.
+    fn direct_for(&self, core: &Core, hit: &Hit<'_>, chunks: &Range<u64>) -> Option<Direct> {
+        if hit.internal || !std::ptr::eq(hit.uffd, &core.uffd) {
+            return None;
+        }
+        let (off, end) = self.run_range(chunks);
+        let end = round_up(end, core.page);
+        if end - off > buffer::PIECE as u64 {
+            return None;
+        }
+        let consumers = self.consumers.read();
+        let m = consumers.iter().find(|m| {
+            m.remote.is_none() && m.shared && hit.addr >= m.start && hit.addr < m.start + m.len
+        })?;
+        (off >= m.offset && end <= m.offset + m.len).then(|| Direct {
+            consumer: m.id,
+            addr: m.start + off - m.offset,
+        })
+    }
+
+    /// Reads `off..end` (at most one fill buffer) and installs it straight
+    /// into the consumer range `d` with `UFFDIO_COPY`, which wakes the
+    /// threads waiting there. The source's metadata is checked between the
+    /// read and the copy, so that a strict shadow installs nothing a change
+    /// may have torn, and a change is recorded before the faulting thread
+    /// runs again. A page the copy cannot place there (present in the memfd
+    /// already, or the range going away) goes through the alias with the
+    /// rest of the run, for [`LazyShadow::answer_all`] to map. A run the
+    /// source could not wholly give goes through the alias. `count` is
+    /// called with the bytes read before the copy wakes anyone, so that a
+    /// woken thread sees the fill in the statistics. Returns the bytes read,
+    /// and `d`'s consumer if it holds every good page now.
+    fn read_and_install_direct(
+        &self,
+        core: &Core,
+        off: u64,
+        end: u64,
+        d: Direct,
+        bad: &mut Vec<BadRange>,
+        count: impl FnOnce(u64),
+    ) -> (u64, Option<u64>) {
         let page = core.page;
         let alias = self
             .alias
             .as_ref()
             .expect("a non-empty shadow has an alias");
-        let mut good_bytes = 0;
-        let mut at = off;
-        while at < end {
-            let piece_end = end.min(at + buffer::PIECE as u64);
-            let span = round_up(piece_end - at, page);
-            good_bytes += buffer::with(span as usize, |data| {
-                let good =
-                    fill::read_chunk(&*self.source, data, at, piece_end, page, self.size, bad);
+        let span = round_up(end - off, page);
+        let strict = self.stale == StalePolicy::Strict;
+        buffer::with(span as usize, |data| {
+            let good = fill::read_chunk(&*self.source, data, off, end, page, self.size, bad);
+            let changed = self.check_changed();
+            if strict && changed {
+                *bad = vec![(off, end, STALE_DURING)];
+                return (0, None);
+            }
+            let good_bytes = good.iter().map(|(a, b)| b - a).sum::<u64>();
+            let slice = |a: u64, b: u64| &data[(a - off) as usize..(b - off) as usize];
+            // The read lock keeps the range mapped (it is removed from the
+            // list before it is unmapped).
+            let consumers = self.consumers.read();
+            let m = consumers.iter().find(|m| m.id == d.consumer);
+            let Some(m) = m.filter(|_| bad.is_empty()) else {
+                drop(consumers);
                 for &(a, b) in &good {
-                    self.install(
-                        core,
-                        alias,
-                        &data[(a - at) as usize..(b - at) as usize],
-                        a,
-                        bad,
-                    );
+                    self.install(core, alias, slice(a, b), a, bad);
                 }
-                good.iter().map(|(a, b)| b - a).sum::<u64>()
-            });
-            at = piece_end;
-        }
-        good_bytes
+                return (good_bytes, None);
+            };
+            count(good_bytes);
+            let mut all = true;
+            for &(a, b) in &good {
+                let piece = slice(a, b);
+                // SAFETY: `d.addr + (a - off)..+piece.len()` lies in the
+                // consumer range `m` (direct_for checked that it shows the
+                // whole run), a shared mapping of the memfd registered with
+                // the engine's userfaultfd and kept mapped by the read lock;
+                // `piece` is this thread's heap buffer.
+                if let Err((_, n)) = unsafe { core.uffd.copy_waking(d.addr + (a - off), piece) } {
+                    all = false;
+                    self.install(core, alias, &piece[n as usize..], a + n, bad);
+                }
+            }
+            (good_bytes, all.then_some(m.id))
+        })
     }
 
     /// Installs `data` at shadow offset `off` (page-aligned).
@@ -393,8 +614,14 @@ impl LazyShadow {
     /// mapped (`UFFDIO_CONTINUE`), bad ones poisoned. For prefetch, a full
     /// budget gives the chunks back (Empty) instead of poisoning them.
     fn fill(&self, core: &Core, run: Range<u64>, why: Why) {
+        self.fill_into(core, run, why, None)
+    }
+
+    /// [`LazyShadow::fill`], straight into the faulting consumer range
+    /// `direct` where it can ([`LazyShadow::direct_for`]).
+    fn fill_into(&self, core: &Core, run: Range<u64>, why: Why, direct: Option<Direct>) {
         let r = catch_unwind(AssertUnwindSafe(|| {
-            self.fill_claimed(core, run.clone(), why)
+            self.fill_claimed(core, run.clone(), why, direct)
         }));
         if r.is_err() {
             // A bug, not a source error (those are caught where the source
@@ -423,12 +650,12 @@ impl LazyShadow {
                 for c in still {
                     self.chunks.publish(c..c + 1);
                 }
-                self.answer_all(core, off, round_up(end, core.page), &bad);
+                self.answer_all(core, off, round_up(end, core.page), &bad, None);
             }
         }
     }
 
-    fn fill_claimed(&self, core: &Core, run: Range<u64>, why: Why) {
+    fn fill_claimed(&self, core: &Core, run: Range<u64>, why: Why, direct: Option<Direct>) {
         #[cfg(feature = "failpoints")]
         if let Some(at) = std::env::var("SHADOWFD_FAILPOINT_FILL_PANIC")
             .ok()
@@ -451,6 +678,9 @@ impl LazyShadow {
         let mut bad: Vec<BadRange> = Vec::new();
         let mut good_bytes = 0u64;
         let mut reserved = 0u64;
+        // The consumer range every good page was installed in directly, and
+        // whether the fill was counted already (before that woke anyone).
+        let (mut mapped, mut accounted) = (None, false);
         if strict && self.check_changed() {
             bad.push((off, end, STALE_BEFORE));
         } else if let Err(cause) = core.reserve(span, speculative) {
@@ -458,7 +688,8 @@ impl LazyShadow {
                 // Give back all but the faulting chunk and try with that alone.
                 let rest = run.start + 1..run.end;
                 self.give_back(core, rest);
-                return self.fill(core, run.start..run.start + 1, why);
+                let direct = direct.filter(|_| self.chunk <= buffer::PIECE as u64);
+                return self.fill_into(core, run.start..run.start + 1, why, direct);
             }
             if prefetch {
                 return self.give_back(core, run);
@@ -466,12 +697,26 @@ impl LazyShadow {
             return self.refuse_for_now(core, run, cause);
         } else {
             reserved = span;
-            good_bytes = self.read_and_install(core, off, end, &mut bad);
-            if strict && self.check_changed() {
-                bad = vec![(off, end, STALE_DURING)];
-                good_bytes = 0;
-            } else if !strict {
-                self.check_changed();
+            match direct.filter(|_| span <= buffer::PIECE as u64) {
+                Some(d) => {
+                    let count = |good| {
+                        self.account(core, &run, prefetch, good, span, t0);
+                        accounted = true;
+                    };
+                    (good_bytes, mapped) =
+                        self.read_and_install_direct(core, off, end, d, &mut bad, count);
+                }
+                None => {
+                    let mapped_end;
+                    (good_bytes, mapped_end) = self.read_and_install(core, off, end, &mut bad);
+                    let (changed, size) = self.check_source();
+                    if strict && changed {
+                        bad = vec![(off, end, STALE_DURING)];
+                        good_bytes = 0;
+                    } else {
+                        good_bytes -= self.recheck_mapped(core, off, mapped_end, size, &mut bad);
+                    }
+                }
             }
         }
         let bad_pages = fill::bad_pages(&bad, page);
@@ -486,21 +731,36 @@ impl LazyShadow {
                 b.insert(*p, r.clone());
             }
         }
+        if !accounted {
+            self.account(core, &run, prefetch, good_bytes, reserved, t0);
+        }
+        // Publish before answering: a fault message read after this sees
+        // Filled and is answered by whoever reads it.
+        self.chunks.publish(run);
+        self.answer_all(core, off, off + span, &bad_pages, mapped);
+    }
+
+    /// Counts a fill of `run` (`good` bytes read, `reserved` resident).
+    fn account(
+        &self,
+        core: &Core,
+        run: &Range<u64>,
+        prefetch: bool,
+        good: u64,
+        reserved: u64,
+        t0: std::time::Instant,
+    ) {
         self.resident.fetch_add(reserved, Ordering::Relaxed);
         let ns = t0.elapsed().as_nanos() as u64;
         let nchunks = run.end - run.start;
         for ctr in [&self.counters, &core.counters] {
             ctr.chunks_filled.fetch_add(nchunks, Ordering::Relaxed);
-            ctr.bytes_filled.fetch_add(good_bytes, Ordering::Relaxed);
+            ctr.bytes_filled.fetch_add(good, Ordering::Relaxed);
             if prefetch {
                 ctr.readahead_chunks.fetch_add(nchunks, Ordering::Relaxed);
             }
             ctr.fill_latency.record(ns);
         }
-        // Publish before answering: a fault message read after this sees
-        // Filled and is answered by whoever reads it.
-        self.chunks.publish(run);
-        self.answer_all(core, off, off + span, &bad_pages);
     }
 
     /// A demand fill the memory budget has no room for: the faulting threads
@@ -554,14 +814,24 @@ impl LazyShadow {
     }
 
     /// Maps filled bytes `a..b` into every consumer range that shows them
-    /// (waking its waiting threads) and poisons the bad pages there.
-    fn answer_all(&self, core: &Core, a: u64, b: u64, bad: &[(u64, Cause)]) {
+    /// (waking its waiting threads) and poisons the bad pages there. The
+    /// consumer range `mapped` has every good page of `a..b` already (a
+    /// direct fill): only its bad pages are poisoned.
+    fn answer_all(&self, core: &Core, a: u64, b: u64, bad: &[(u64, Cause)], mapped: Option<u64>) {
         let page = core.page;
         for m in self.consumers.read().iter() {
             let Some((addr, len)) = m.overlap(a, b) else {
                 continue;
             };
             let uffd = m.uffd(core);
+            if mapped == Some(m.id) {
+                for (p, _) in bad {
+                    if (m.offset..m.offset + m.len).contains(p) {
+                        let _ = uffd.poison(m.start + p - m.offset, page);
+                    }
+                }
+                continue;
+            }
             // Runs of good pages between the bad ones.
             let mut at = addr;
             let end = addr + len;
@@ -614,8 +884,29 @@ impl LazyShadow {
     /// from `offset`, with the engine's userfaultfd. The caller made it
     /// `PROT_NONE`, or vouches that nobody touches it until this returns.
     pub fn register(self: &Arc<Self>, start: u64, len: u64, offset: u64) -> Result<Registration> {
+        self.register_as(start, len, offset, false)
+    }
+
+    /// [`LazyShadow::register`] of a `MAP_SHARED` mapping of the memfd
+    /// (a duplicate of the template), which fills may install straight into.
+    pub fn register_shared(
+        self: &Arc<Self>,
+        start: u64,
+        len: u64,
+        offset: u64,
+    ) -> Result<Registration> {
+        self.register_as(start, len, offset, true)
+    }
+
+    fn register_as(
+        self: &Arc<Self>,
+        start: u64,
+        len: u64,
+        offset: u64,
+        shared: bool,
+    ) -> Result<Registration> {
         let core = &self.service.core;
-        let id = self.add_consumer(None, start, len, offset);
+        let id = self.add_consumer(None, start, len, offset, shared);
         core.add_region(start, len, offset, false, self.target());
         let reg = Registration {
             shadow: self.clone(),
@@ -651,7 +942,14 @@ impl LazyShadow {
             .map_err(|e| Error::sys("mremap a shared consumer mapping", e))
     }
 
-    fn add_consumer(&self, remote: Option<Arc<Uffd>>, start: u64, len: u64, offset: u64) -> u64 {
+    fn add_consumer(
+        &self,
+        remote: Option<Arc<Uffd>>,
+        start: u64,
+        len: u64,
+        offset: u64,
+        shared: bool,
+    ) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.consumers.write().push(Consumer {
             id,
@@ -659,6 +957,7 @@ impl LazyShadow {
             len,
             offset,
             remote,
+            shared,
         });
         id
     }
@@ -669,9 +968,11 @@ impl LazyShadow {
 
     /// Adds a consumer range registered with another process's userfaultfd,
     /// showing the shadow from `offset`; returns a key for
-    /// [`LazyShadow::remove_remote`].
+    /// [`LazyShadow::remove_remote`]. Its faults are answered with
+    /// `UFFDIO_CONTINUE` after the fill (never a direct copy: the server
+    /// cannot see whether the client's mapping is shared).
     pub fn add_remote(&self, uffd: Arc<Uffd>, start: u64, len: u64, offset: u64) -> u64 {
-        self.add_consumer(Some(uffd), start, len, offset)
+        self.add_consumer(Some(uffd), start, len, offset, false)
     }
 
     pub fn remove_remote(&self, key: u64) {
@@ -758,6 +1059,7 @@ impl LazyShadow {
             let work = Work {
                 chunks: c..e,
                 why: Why::Prefetch,
+                direct: None,
             };
             core.prefetch(self.target(), work);
             c = e;
@@ -849,12 +1151,17 @@ impl FaultTarget for LazyShadow {
             let work = Work {
                 chunks: a,
                 why: Why::Prefetch,
+                direct: None,
             };
             core.prefetch(self.target(), work);
         }
-        mine.map(|chunks| Work {
-            chunks,
-            why: Why::Fault,
+        mine.map(|chunks| {
+            let direct = self.direct_for(core, &hit, &chunks);
+            Work {
+                chunks,
+                why: Why::Fault,
+                direct,
+            }
         })
     }
 
@@ -877,7 +1184,7 @@ impl FaultTarget for LazyShadow {
             Why::Prefetch => {
                 self.fill_empty(core, work.chunks, run_chunks(self.chunk), Why::Prefetch)
             }
-            why => self.fill(core, work.chunks, why),
+            why => self.fill_into(core, work.chunks, why, work.direct),
         }
     }
 }
