@@ -642,6 +642,51 @@ print("page", m[100 * 4096 : 100 * 4096 + 8].hex())
     }
 }
 
+/// Runs `args` under `shadowfd run --socket` of a `shadowfd serve` of the
+/// tree started for it; the output and the server's event log.
+fn run_logged(args: &[&str]) -> (Output, String) {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("s.sock");
+    let log = std::fs::File::create(d.path().join("log")).unwrap();
+    let mut server = Command::new(BIN)
+        .args(["serve", "--socket", sock.to_str().unwrap(), "--root"])
+        .arg(tree().dir.path())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "the server did not listen within 10 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let o = run_with(&["--socket", sock.to_str().unwrap()], args);
+    let _ = server.kill();
+    let _ = server.wait();
+    (o, std::fs::read_to_string(d.path().join("log")).unwrap())
+}
+
+/// The pids of the clients that mapped lazily in a server log, and the
+/// number of partial UNMAPs (pages cut out of a lazy mapping).
+fn lazy_activity(log: &str) -> (std::collections::BTreeSet<u32>, usize) {
+    let pid = |line: &str| -> Option<u32> {
+        let at = line.find("(pid ")? + 5;
+        line[at..].split(' ').next()?.parse().ok()
+    };
+    let pids = log
+        .lines()
+        .filter(|l| l.contains(" lazily at "))
+        .filter_map(pid)
+        .collect();
+    let cuts = log
+        .lines()
+        .filter(|l| l.contains(": UNMAP handle "))
+        .count();
+    (pids, cuts)
+}
+
 /// Without a userfaultfd (as where a process may not create one) every map
 /// is the server's sealed eager fallback: still byte-exact.
 #[test]
@@ -1384,8 +1429,17 @@ int main(int argc, char **argv) {
 }
 "#,
     );
-    let out = String::from_utf8(ok(run(&[exe.to_str().unwrap(), &shadow("big.bin")]))).unwrap();
+    let (o, log) = run_logged(&[exe.to_str().unwrap(), &shadow("big.bin")]);
+    let out = String::from_utf8(ok(o)).unwrap();
     eprintln!("{out}");
+    if common::lazy_available() {
+        // Lazy all the way: the parent, a child and a grandchild (the fork
+        // remap) mapped lazily, and pages were cut out of a lazy mapping
+        // (partial UNMAP), not a fallback to sealed descriptors.
+        let (pids, cuts) = lazy_activity(&log);
+        assert!(pids.len() >= 3, "lazy maps from {pids:?} only:\n{log}");
+        assert!(cuts >= 2, "{cuts} partial UNMAP(s):\n{log}");
+    }
     assert!(out.contains("fixed 1 1"), "{out}");
     assert!(out.contains("pieces 1 1 1"), "{out}");
     assert!(out.contains("over 1 1 1 1 1"), "{out}");
@@ -1475,8 +1529,15 @@ print("touched", touched)
         list = list.join(","),
         big = shadow("big.bin"),
     );
-    let out = String::from_utf8(ok(run(&[py, "-c", &script]))).unwrap();
+    let (o, log) = run_logged(&[py, "-c", &script]);
+    let out = String::from_utf8(ok(o)).unwrap();
     eprintln!("{out}");
+    if common::lazy_available() {
+        // The parent and at least two workers (each mapping the memmap
+        // again in its fork handler) mapped lazily.
+        let (pids, _) = lazy_activity(&log);
+        assert!(pids.len() >= 3, "lazy maps from {pids:?} only:\n{log}");
+    }
     let sums: Vec<String> = want.iter().map(|s| s.to_string()).collect();
     assert!(
         out.contains(&format!("sums {}", sums.join(","))),

@@ -1207,6 +1207,7 @@ impl Inner {
                 ),
             );
         }
+        let n = hit.len();
         for r in hit {
             let end = r.end();
             // What stays on either side keeps its file offsets; it is added
@@ -1242,6 +1243,12 @@ impl Inner {
             }
         }
         self.note_mappings(conn);
+        if f.c > 0 {
+            self.log(&format!(
+                "{}: UNMAP handle {} cut {lo:#x}..{hi:#x} out of {n} lazy range(s)",
+                conn.peer, f.a
+            ));
+        }
         (
             Frame::new(wire::UNMAP | wire::REPLY, f.a, f.b, f.c, 0),
             None,
