@@ -1724,6 +1724,11 @@ static void *churn(void *arg) {
         if (m == MAP_FAILED) { perror("mmap"); exit(3); }
         if (!same(m + 3 * PG, off + 3 * PG, 64)) { fprintf(stderr, "thread %ld: wrong bytes\n", t); exit(4); }
         munmap(m, 8 * PG);
+        /* munmap of anything takes the shim's map lock: contend for it. */
+        for (int k = 0; k < 50; k++) {
+            void *a = mmap(NULL, PG, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            munmap(a, PG);
+        }
         loops[t]++;
     }
     return NULL;
