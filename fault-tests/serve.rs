@@ -1356,3 +1356,137 @@ fn attach_at_a_file_offset_and_bad_offsets_refused() {
     let o = server.finish(Duration::ZERO);
     assert!(o.stderr.contains("ATTACH refused"), "{}", o.describe());
 }
+
+/// A hostile client attaches one-page ranges at made-up addresses until the
+/// server's cap ([`shadowfd::remote::MAX_RANGES`] per connection): the next
+/// ATTACH, and an UNMAP that would split a range, are refused with E_LIMIT
+/// naming the cap and the count, not fatally; the session goes on (STATS,
+/// a whole UNMAP, then an ATTACH again); another client of the same file
+/// reads it byte-exact meanwhile. The read's time with and without the
+/// hostile ranges is printed, not asserted.
+#[test]
+fn attached_ranges_per_connection_are_capped() {
+    use shadowfd::remote::{MAX_RANGES, wire};
+    if !lazy_available(&test_name!(attached_ranges_per_connection_are_capped)) {
+        return;
+    }
+    let (dir, root) = served_root();
+    let size: u64 = 32 << 20;
+    write_file(&root, "a.bin", 0x15_a0, size);
+    write_file(&root, "b.bin", 0x15_b0, size);
+    let sock = dir.path().join("s.sock");
+    let mut server = cli_server(&sock, &root, &[]);
+    let pg = page();
+    let read = |name: &'static str, id: u64| {
+        let sock = sock.clone();
+        let t = Instant::now();
+        crate::support::bounded("a reader beside the hostile client", move || {
+            let c = Client::connect(&sock).expect("connect");
+            let m = c.open(name).expect("open").map().expect("map");
+            assert!(m.is_lazy());
+            assert_eq!(first_mismatch(id, 0, &m), None, "{name}");
+        });
+        t.elapsed()
+    };
+    let alone = read("a.bin", 0x15_a0);
+
+    let s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(BOUND)).unwrap();
+    let (u, features) = raw_userfaultfd();
+    let hello = wire::Frame::new(wire::HELLO, 4, wire::HELLO_HAS_UFFD, features, 0);
+    wire::send(&s, &hello, Some(std::os::fd::AsFd::as_fd(&u))).unwrap();
+    let (r, _) = wire::recv(&s).unwrap();
+    assert_eq!(r.kind, wire::HELLO | wire::REPLY);
+    let open = wire::Frame::new(wire::OPEN, 0, 0, 0, 0).with_payload(b"b.bin".to_vec());
+    wire::send(&s, &open, None).unwrap();
+    let (r, _) = wire::recv(&s).unwrap();
+    let h = r.a;
+    let base = 0x7e00_0000_0000u64;
+    let pages = size / pg;
+    // MAP and ATTACH of range i: the first range is three pages (to be
+    // split below), the others one page, 4 pages apart.
+    let frames = |i: u64| {
+        let len = if i == 0 { 3 * pg } else { pg };
+        [
+            wire::Frame::new(wire::MAP, h, wire::MAP_LAZY, 0, 0),
+            wire::Frame::new(wire::ATTACH, h, base + 4 * i * pg, len, (i % pages) * pg),
+        ]
+    };
+    // Sends batches of requests before reading their replies; the ATTACH
+    // replies' kind, code and message.
+    let attach_many = |range: std::ops::Range<u64>| {
+        let mut out = Vec::new();
+        let ids: Vec<u64> = range.collect();
+        for batch in ids.chunks(64) {
+            for &i in batch {
+                for f in frames(i) {
+                    wire::send(&s, &f, None).unwrap();
+                }
+            }
+            for _ in batch {
+                let (r, fd) = wire::recv(&s).unwrap();
+                assert_eq!(r.kind, wire::MAP | wire::REPLY);
+                assert!(fd.is_some());
+                let (r, _) = wire::recv(&s).unwrap();
+                out.push((
+                    r.kind,
+                    r.a,
+                    String::from_utf8_lossy(&r.payload).into_owned(),
+                ));
+            }
+        }
+        out
+    };
+    let attach = |i: u64| attach_many(i..i + 1).pop().unwrap();
+    let t = Instant::now();
+    for (i, (kind, _, msg)) in attach_many(0..MAX_RANGES as u64).into_iter().enumerate() {
+        assert_eq!(kind, wire::ATTACH | wire::REPLY, "ATTACH {i}: {msg}");
+    }
+    let filling = t.elapsed();
+    let (kind, code, msg) = attach(MAX_RANGES as u64);
+    assert_eq!((kind, code), (wire::ERROR, wire::E_LIMIT), "{msg}");
+    assert!(
+        msg.contains(&MAX_RANGES.to_string()),
+        "names the cap: {msg}"
+    );
+    // A split would add one: refused; the range stays.
+    let unmap = |addr: u64, len: u64| {
+        wire::send(&s, &wire::Frame::new(wire::UNMAP, h, addr, len, 0), None).unwrap();
+        let (r, _) = wire::recv(&s).unwrap();
+        (
+            r.kind,
+            r.a,
+            String::from_utf8_lossy(&r.payload).into_owned(),
+        )
+    };
+    let (kind, code, msg) = unmap(base + pg, pg);
+    assert_eq!((kind, code), (wire::ERROR, wire::E_LIMIT), "{msg}");
+    assert!(
+        msg.contains(&MAX_RANGES.to_string()),
+        "names the cap: {msg}"
+    );
+    let st = status(&sock);
+    let hostile = st["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["userfaultfd"] == true)
+        .cloned()
+        .unwrap();
+    assert_eq!(hostile["lazy_mappings"], MAX_RANGES, "{st}");
+
+    // The session goes on: a whole UNMAP makes room for one ATTACH.
+    let (kind, _, msg) = unmap(base, 0);
+    assert_eq!(kind, wire::UNMAP | wire::REPLY, "{msg}");
+    let (kind, _, msg) = attach(MAX_RANGES as u64);
+    assert_eq!(kind, wire::ATTACH | wire::REPLY, "{msg}");
+
+    let crowded = read("b.bin", 0x15_b0);
+    eprintln!(
+        "{MAX_RANGES} hostile ranges attached in {filling:?}; reading 32 MiB took {alone:?} \
+         beside none and {crowded:?} beside them"
+    );
+    drop(s);
+    let o = server.finish(Duration::ZERO);
+    assert!(o.stderr.contains("ATTACH refused"), "{}", o.describe());
+}

@@ -670,6 +670,51 @@ print("page", m[100 * 4096 : 100 * 4096 + 8].hex())
     }
 }
 
+/// Runs `args` under `shadowfd run --socket` of a `shadowfd serve` of the
+/// tree started for it; the output and the server's event log.
+fn run_logged(args: &[&str]) -> (Output, String) {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("s.sock");
+    let log = std::fs::File::create(d.path().join("log")).unwrap();
+    let mut server = Command::new(BIN)
+        .args(["serve", "--socket", sock.to_str().unwrap(), "--root"])
+        .arg(tree().dir.path())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "the server did not listen within 10 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let o = run_with(&["--socket", sock.to_str().unwrap()], args);
+    let _ = server.kill();
+    let _ = server.wait();
+    (o, std::fs::read_to_string(d.path().join("log")).unwrap())
+}
+
+/// The pids of the clients that mapped lazily in a server log, and the
+/// number of partial UNMAPs (pages cut out of a lazy mapping).
+fn lazy_activity(log: &str) -> (std::collections::BTreeSet<u32>, usize) {
+    let pid = |line: &str| -> Option<u32> {
+        let at = line.find("(pid ")? + 5;
+        line[at..].split(' ').next()?.parse().ok()
+    };
+    let pids = log
+        .lines()
+        .filter(|l| l.contains(" lazily at "))
+        .filter_map(pid)
+        .collect();
+    let cuts = log
+        .lines()
+        .filter(|l| l.contains(": UNMAP handle "))
+        .count();
+    (pids, cuts)
+}
+
 /// Without a userfaultfd (as where a process may not create one) every map
 /// is the server's sealed eager fallback: still byte-exact.
 #[test]
@@ -1412,8 +1457,17 @@ int main(int argc, char **argv) {
 }
 "#,
     );
-    let out = String::from_utf8(ok(run(&[exe.to_str().unwrap(), &shadow("big.bin")]))).unwrap();
+    let (o, log) = run_logged(&[exe.to_str().unwrap(), &shadow("big.bin")]);
+    let out = String::from_utf8(ok(o)).unwrap();
     eprintln!("{out}");
+    if common::lazy_available() {
+        // Lazy all the way: the parent, a child and a grandchild (the fork
+        // remap) mapped lazily, and pages were cut out of a lazy mapping
+        // (partial UNMAP), not a fallback to sealed descriptors.
+        let (pids, cuts) = lazy_activity(&log);
+        assert!(pids.len() >= 3, "lazy maps from {pids:?} only:\n{log}");
+        assert!(cuts >= 2, "{cuts} partial UNMAP(s):\n{log}");
+    }
     assert!(out.contains("fixed 1 1"), "{out}");
     assert!(out.contains("pieces 1 1 1"), "{out}");
     assert!(out.contains("over 1 1 1 1 1"), "{out}");
@@ -1503,8 +1557,15 @@ print("touched", touched)
         list = list.join(","),
         big = shadow("big.bin"),
     );
-    let out = String::from_utf8(ok(run(&[py, "-c", &script]))).unwrap();
+    let (o, log) = run_logged(&[py, "-c", &script]);
+    let out = String::from_utf8(ok(o)).unwrap();
     eprintln!("{out}");
+    if common::lazy_available() {
+        // The parent and at least two workers (each mapping the memmap
+        // again in its fork handler) mapped lazily.
+        let (pids, _) = lazy_activity(&log);
+        assert!(pids.len() >= 3, "lazy maps from {pids:?} only:\n{log}");
+    }
     let sums: Vec<String> = want.iter().map(|s| s.to_string()).collect();
     assert!(
         out.contains(&format!("sums {}", sums.join(","))),
@@ -1866,4 +1927,100 @@ print("parent-next", hashlib.sha256(os.read(fd, 4096)).hexdigest())
         out.contains(&format!("parent-next {}\n", sha(&big[40960..45056]))),
         "{out}"
     );
+}
+
+/// Threads map, read and unmap served ranges in a loop while the main
+/// thread forks: each child (its `pthread_atfork` handler remaps the lazy
+/// mappings while the shim's locks were contended at the fork) reads a page
+/// of an inherited mapping nobody touched, byte-exact, and exits; none
+/// hangs (a child still running after 10 s is killed and counted).
+#[test]
+fn forks_while_threads_map_and_unmap() {
+    let (_d, exe) = compile(
+        r#"
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#define PG 4096L
+static int fd;
+static volatile int stop;
+static long loops[4];
+static int same(const unsigned char *p, long off, long n) {
+    unsigned char w[PG];
+    return n <= PG && pread(fd, w, n, off) == n && memcmp(p, w, n) == 0;
+}
+static void *churn(void *arg) {
+    long t = (long)arg;
+    for (long i = 0; !stop; i++) {
+        long off = ((i * 4 + t) * 8 % 16000) * PG;
+        unsigned char *m = mmap(NULL, 8 * PG, PROT_READ, MAP_PRIVATE, fd, off);
+        if (m == MAP_FAILED) { perror("mmap"); exit(3); }
+        if (!same(m + 3 * PG, off + 3 * PG, 64)) { fprintf(stderr, "thread %ld: wrong bytes\n", t); exit(4); }
+        munmap(m, 8 * PG);
+        /* munmap of anything takes the shim's map lock: contend for it. */
+        for (int k = 0; k < 50; k++) {
+            void *a = mmap(NULL, PG, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            munmap(a, PG);
+        }
+        loops[t]++;
+    }
+    return NULL;
+}
+static double now(void) {
+    struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+int main(int argc, char **argv) {
+    fd = open(argv[1], O_RDONLY);
+    if (fd < 0) { perror("open"); return 2; }
+    unsigned char *big = mmap(NULL, 64 * 1048576L, PROT_READ, MAP_SHARED, fd, 0);
+    pthread_t th[4];
+    for (long t = 0; t < 4; t++) pthread_create(&th[t], NULL, churn, (void *)t);
+    int forks = 0, good = 0, hung = 0, bad = 0;
+    double t0 = now();
+    while (now() - t0 < 2.0 && forks < 200) {
+        long page = (forks * 37L + 11) % 16384;
+        fflush(stdout);
+        pid_t c = fork();
+        if (c == 0) _exit(same(big + page * PG, page * PG, PG) ? 0 : 1);
+        forks++;
+        double w0 = now();
+        int st = 0;
+        while (waitpid(c, &st, WNOHANG) == 0) {
+            if (now() - w0 > 10.0) { kill(c, SIGKILL); waitpid(c, &st, 0); hung++; st = -1; break; }
+            usleep(1000);
+        }
+        if (st == -1) continue;
+        if (WIFEXITED(st) && WEXITSTATUS(st) == 0) good++; else bad++;
+    }
+    stop = 1;
+    for (int t = 0; t < 4; t++) pthread_join(th[t], NULL);
+    printf("forks %d good %d hung %d bad %d loops %ld\n", forks, good, hung, bad,
+           loops[0] + loops[1] + loops[2] + loops[3]);
+    return 0;
+}
+"#,
+    );
+    let out = String::from_utf8(ok(run(&[exe.to_str().unwrap(), &shadow("big.bin")]))).unwrap();
+    eprintln!("{out}");
+    let n = |key: &str| -> u64 {
+        let w: Vec<&str> = out.split_whitespace().collect();
+        let i = w
+            .iter()
+            .position(|x| *x == key)
+            .unwrap_or_else(|| panic!("{key}: {out}"));
+        w[i + 1].parse().unwrap()
+    };
+    assert_eq!((n("hung"), n("bad")), (0, 0), "{out}");
+    assert!(n("forks") >= 20, "too few forks to mean anything: {out}");
+    assert_eq!(n("good"), n("forks"), "{out}");
+    assert!(n("loops") >= 100, "the threads hardly ran: {out}");
 }

@@ -18,6 +18,7 @@
 //! its userfaultfd); a thread-local flag sends every call made while the
 //! shim is at work straight to the real function.
 
+use forklock::{ForkGuard, ForkMutex};
 use parking_lot::Mutex;
 use shadowfd::remote::{Client, ClientOptions, RemoteFile};
 use std::cell::Cell;
@@ -99,6 +100,7 @@ impl Drop for Busy {
     }
 }
 
+mod forklock;
 mod map;
 
 fn set_errno(e: c_int) {
@@ -185,10 +187,11 @@ struct State {
     fds: BTreeMap<c_int, Arc<Entry>>,
 }
 
-static STATE: Mutex<State> = Mutex::new(State {
+// Held across fork and released in the child: fork-safe locks (forklock).
+static STATE: ForkMutex<State> = ForkMutex::new(State {
     fds: BTreeMap::new(),
 });
-static CLIENT: Mutex<Option<Client>> = Mutex::new(None);
+static CLIENT: ForkMutex<Option<Client>> = ForkMutex::new(None);
 /// Whether `STATE.fds` may be non-empty: the fast path for every other
 /// descriptor.
 static ANY_FD: AtomicBool = AtomicBool::new(false);
@@ -223,10 +226,11 @@ fn client() -> Result<Client, c_int> {
         }
         Err(e) => {
             if !SAID.swap(true, Ordering::SeqCst) {
-                eprintln!(
+                // Also reached in a forked child (forklock::say).
+                forklock::say(&format!(
                     "shadowfd-preload: cannot reach the shadowfd server at {}: {e}",
                     env.socket
-                );
+                ));
             }
             Err(libc::EIO)
         }
@@ -1823,9 +1827,9 @@ pub unsafe extern "C" fn fopen64(path: *const c_char, mode: *const c_char) -> *m
 // ---- fork ----------------------------------------------------------------
 
 type Held = (
-    parking_lot::MutexGuard<'static, Option<Client>>,
-    parking_lot::MutexGuard<'static, State>,
-    parking_lot::MutexGuard<'static, Vec<map::Map>>,
+    ForkGuard<'static, Option<Client>>,
+    ForkGuard<'static, State>,
+    ForkGuard<'static, Vec<map::Map>>,
 );
 
 thread_local! {
@@ -1834,6 +1838,9 @@ thread_local! {
 }
 
 extern "C" fn before_fork() {
+    // Made here, not first in the child: a child would wait forever on a
+    // OnceLock another parent thread was initialising at the fork.
+    let _ = map::past_eof_fd();
     // Held across fork so the child's copies are consistent; released in
     // both processes below (fork returns in the same thread).
     let held = (CLIENT.lock(), STATE.lock(), map::MAPS.lock());

@@ -20,8 +20,8 @@
 //! `pthread_atfork` child handler maps each one again at the same address
 //! on the child's own connection and userfaultfd before `fork` returns.
 
+use crate::forklock::ForkMutex;
 use crate::{Busy, client, fail, io_err, page, resolve, set_errno};
-use parking_lot::Mutex;
 use shadowfd::remote::{RemoteFile, RemoteMapping};
 use std::ffi::{c_int, c_void};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -50,7 +50,8 @@ impl Map {
     }
 }
 
-pub(crate) static MAPS: Mutex<Vec<Map>> = Mutex::new(Vec::new());
+/// Held across fork and released in the child: a fork-safe lock.
+pub(crate) static MAPS: ForkMutex<Vec<Map>> = ForkMutex::new(Vec::new());
 /// Whether `MAPS` may be non-empty: the fast path for every other mapping.
 pub(crate) static ANY_MAP: AtomicBool = AtomicBool::new(false);
 
@@ -70,7 +71,7 @@ fn errno() -> c_int {
 /// An empty memfd, sealed against growing: every page of a mapping of it
 /// raises `SIGBUS`. What pages past a file's end show, and what a forked
 /// child sees where it could not map a lazy mapping again.
-fn past_eof_fd() -> Option<c_int> {
+pub(crate) fn past_eof_fd() -> Option<c_int> {
     static FD: OnceLock<Option<OwnedFd>> = OnceLock::new();
     FD.get_or_init(|| {
         // SAFETY: a NUL-terminated name and valid flags.
@@ -381,10 +382,12 @@ pub(crate) fn remap_in_child(parent: Vec<Map>) {
             Err(e) => {
                 if !said {
                     said = true;
-                    eprintln!(
+                    // Not eprintln: another parent thread may have held
+                    // Rust's stderr lock at the fork.
+                    crate::forklock::say(&format!(
                         "shadowfd-preload: a forked child could not map {path:?} again ({e}); \
                          its inherited pages raise SIGBUS"
-                    );
+                    ));
                 }
                 // SAFETY: our reservation.
                 let _ = unsafe { sigbus_pages(at, maplen) };

@@ -31,5 +31,7 @@ pub mod wire;
 pub use client::{
     Client, ClientOptions, PathInfo, PathKind, RemoteFile, RemoteMapOptions, RemoteMapping,
 };
-pub use server::{EventLog, PEER_TIMEOUT, Served, Server, ServerOptions, SourceHook, Tree, serve};
+pub use server::{
+    EventLog, MAX_RANGES, PEER_TIMEOUT, Served, Server, ServerOptions, SourceHook, Tree, serve,
+};
 pub use wire::DirEntry;

@@ -14,7 +14,7 @@ use crate::stats::Stats;
 use crate::sys::Uffd;
 use crate::sys::uffd_abi::uffd_msg;
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
@@ -28,6 +28,13 @@ use std::time::{Duration, Instant};
 /// the rest of a frame once begun, ATTACH after a lazy MAP, reading a
 /// reply): `--peer-timeout` of `shadowfd serve`.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The default bound on the lazy ranges one client may have attached at
+/// once: above Linux's default `vm.max_map_count` (65,530 mappings per
+/// process), so a real program (one range per mapping) never reaches it,
+/// while a hostile client cannot grow the lists every fill and fault scans
+/// without bound.
+pub const MAX_RANGES: usize = 65_536;
 
 /// A hook that wraps every source the server opens (for throttling or fault
 /// injection by embedders and tests).
@@ -44,6 +51,9 @@ pub struct ServerOptions {
     pub max_clients: usize,
     /// At most this many open handles per client.
     pub max_handles: usize,
+    /// At most this many lazy ranges attached per client ([`MAX_RANGES`]);
+    /// an ATTACH or a splitting UNMAP beyond it is refused with `E_LIMIT`.
+    pub max_ranges: usize,
     /// Wraps every source opened (none by default).
     pub source_hook: Option<SourceHook>,
     /// One line per client event (none by default).
@@ -56,6 +66,7 @@ impl Default for ServerOptions {
             peer_timeout: PEER_TIMEOUT,
             max_clients: 256,
             max_handles: 4096,
+            max_ranges: MAX_RANGES,
             source_hook: None,
             log: None,
         }
@@ -301,19 +312,26 @@ impl Server {
 /// One handle a client holds.
 struct Handle {
     entry: Arc<Entry>,
-    /// Lazy ranges attached, none overlapping another.
-    ranges: Vec<Attached>,
+    /// Where its lazy ranges start (each a key of [`Conn::ranges`]).
+    starts: BTreeSet<u64>,
 }
 
 /// A lazy range a client attached: `len` bytes at `start` in the client
-/// show the shadow from `offset`; `key` names it among the shadow's
-/// consumers.
+/// show the shadow from `offset` through `handle`; `key` names it among the
+/// shadow's consumers.
 #[derive(Debug, Clone, Copy)]
 struct Attached {
+    handle: u64,
     start: u64,
     len: u64,
     offset: u64,
     key: u64,
+}
+
+impl Attached {
+    fn end(&self) -> u64 {
+        self.start + self.len
+    }
 }
 
 struct Conn {
@@ -321,7 +339,71 @@ struct Conn {
     stream: UnixStream,
     uffd: Option<Arc<Uffd>>,
     handles: BTreeMap<u64, Handle>,
+    /// Every lazy range of the connection by start address, none
+    /// overlapping another: overlap checks and fault lookups are O(log n).
+    ranges: BTreeMap<u64, Attached>,
     next_handle: u64,
+}
+
+impl Conn {
+    fn new(peer: Peer, stream: UnixStream, uffd: Option<Arc<Uffd>>) -> Conn {
+        Conn {
+            peer,
+            stream,
+            uffd,
+            handles: BTreeMap::new(),
+            ranges: BTreeMap::new(),
+            next_handle: 1,
+        }
+    }
+
+    /// The range holding address `addr`.
+    fn range_at(&self, addr: u64) -> Option<&Attached> {
+        self.ranges
+            .range(..=addr)
+            .next_back()
+            .map(|(_, r)| r)
+            .filter(|r| addr < r.end())
+    }
+
+    /// The starts of the ranges overlapping `lo..hi`, in address order.
+    fn overlapping(&self, lo: u64, hi: u64) -> Vec<u64> {
+        let before = self
+            .ranges
+            .range(..lo)
+            .next_back()
+            .filter(|(_, r)| r.end() > lo)
+            .map(|(s, _)| *s);
+        before
+            .into_iter()
+            .chain(self.ranges.range(lo..hi).map(|(s, _)| *s))
+            .collect()
+    }
+
+    fn insert_range(&mut self, r: Attached) {
+        if let Some(h) = self.handles.get_mut(&r.handle) {
+            h.starts.insert(r.start);
+        }
+        self.ranges.insert(r.start, r);
+    }
+
+    fn remove_range(&mut self, start: u64) -> Option<Attached> {
+        let r = self.ranges.remove(&start)?;
+        if let Some(h) = self.handles.get_mut(&r.handle) {
+            h.starts.remove(&start);
+        }
+        Some(r)
+    }
+
+    /// Takes handle `h` out with its ranges.
+    fn take_handle(&mut self, h: u64) -> Option<(Handle, Vec<Attached>)> {
+        let mut handle = self.handles.remove(&h)?;
+        let ranges = std::mem::take(&mut handle.starts)
+            .into_iter()
+            .filter_map(|s| self.ranges.remove(&s))
+            .collect();
+        Some((handle, ranges))
+    }
 }
 
 fn refuse(kind: u32, code: u64, msg: impl Into<String>) -> (Frame, Option<OwnedFd>) {
@@ -394,13 +476,7 @@ impl Inner {
                         "no userfaultfd: sealed descriptors only"
                     }
                 ));
-                Some(Conn {
-                    peer,
-                    stream,
-                    uffd,
-                    handles: BTreeMap::new(),
-                    next_handle: 1,
-                })
+                Some(Conn::new(peer, stream, uffd))
             }
             Err(e) => {
                 self.log(&format!("{peer}: dropped: {e}"));
@@ -519,10 +595,13 @@ impl Inner {
         let end = self.session(&mut conn);
         let peer = conn.peer;
         let (mut nh, mut nm) = (0, 0);
-        for (_, h) in std::mem::take(&mut conn.handles) {
-            nh += 1;
-            nm += h.ranges.len();
-            self.release(h, None);
+        let ids: Vec<u64> = conn.handles.keys().copied().collect();
+        for id in ids {
+            if let Some((h, ranges)) = conn.take_handle(id) {
+                nh += 1;
+                nm += ranges.len();
+                self.release(h, &ranges, None);
+            }
         }
         self.state.lock().clients.remove(&peer.id);
         let why = match end {
@@ -601,24 +680,23 @@ impl Inner {
     fn fault(&self, conn: &Conn, uffd: &Uffd, address: u64) -> bool {
         let page = crate::page_size() as u64;
         let addr = address & !(page - 1);
-        for h in conn.handles.values() {
-            for r in &h.ranges {
-                if addr >= r.start && addr < r.start + r.len {
-                    let shadow = h.entry.lazy().expect("lazy ranges are of lazy shadows");
-                    let core = &shadow.service.core;
-                    let hit = Hit {
-                        uffd,
-                        addr,
-                        offset: r.offset + (addr - r.start),
-                        limit: r.start + r.len - addr,
-                        internal: false,
-                    };
-                    if let Some(work) = shadow.on_fault(core, hit) {
-                        shadow.run(core, work);
-                    }
-                    return true;
-                }
+        let found = conn
+            .range_at(addr)
+            .and_then(|r| Some((r, conn.handles.get(&r.handle)?)));
+        if let Some((r, h)) = found {
+            let shadow = h.entry.lazy().expect("lazy ranges are of lazy shadows");
+            let core = &shadow.service.core;
+            let hit = Hit {
+                uffd,
+                addr,
+                offset: r.offset + (addr - r.start),
+                limit: r.end() - addr,
+                internal: false,
+            };
+            if let Some(work) = shadow.on_fault(core, hit) {
+                shadow.run(core, work);
             }
+            return true;
         }
         // A fault outside every range it attached: SIGBUS in the client.
         if uffd.poison(addr, page).is_err() {
@@ -721,7 +799,7 @@ impl Inner {
             h,
             Handle {
                 entry,
-                ranges: Vec::new(),
+                starts: BTreeSet::new(),
             },
         );
         if let Some(c) = self.state.lock().clients.get_mut(&conn.peer.id) {
@@ -923,6 +1001,18 @@ impl Inner {
                     return Err(msg);
                 }
                 let (start, len, offset) = (att.b, att.c, att.d);
+                if conn.ranges.len() >= self.opts.max_ranges {
+                    // The client unmaps its range; the session goes on.
+                    let msg = format!(
+                        "ATTACH at {start:#x}: this connection has {} lazy ranges attached, its \
+                         maximum of {}; UNMAP some first, or open another connection",
+                        conn.ranges.len(),
+                        self.opts.max_ranges
+                    );
+                    self.log(&format!("{}: ATTACH refused: {msg}", conn.peer));
+                    let (r, _) = refuse(att.kind, wire::E_LIMIT, msg);
+                    return self.send(conn, &r, None);
+                }
                 if let Err(msg) = attach_span(conn, start, len, offset, whole, page) {
                     // The client unmaps its range; the session goes on.
                     self.log(&format!("{}: ATTACH refused: {msg}", conn.peer));
@@ -930,17 +1020,14 @@ impl Inner {
                     return self.send(conn, &r, None);
                 }
                 let key = l.add_remote(uffd.clone(), start, len, offset);
-                if let Some(h) = conn.handles.get_mut(&f.a) {
-                    h.ranges.push(Attached {
-                        start,
-                        len,
-                        offset,
-                        key,
-                    });
-                }
-                if let Some(c) = self.state.lock().clients.get_mut(&conn.peer.id) {
-                    c.mappings += 1;
-                }
+                conn.insert_range(Attached {
+                    handle: f.a,
+                    start,
+                    len,
+                    offset,
+                    key,
+                });
+                self.note_mappings(conn);
                 self.log(&format!(
                     "{}: MAP handle {} lazily at {start:#x} ({len} bytes from offset {offset})",
                     conn.peer, f.a
@@ -1047,19 +1134,20 @@ impl Inner {
 
     fn unmap(&self, conn: &mut Conn, f: &Frame) -> (Frame, Option<OwnedFd>) {
         let uffd = conn.uffd.clone();
-        let Some(h) = conn.handles.get_mut(&f.a) else {
+        let Some(h) = conn.handles.get(&f.a) else {
             return refuse(
                 f.kind,
                 wire::E_BAD_HANDLE,
                 format!("handle {} is not open on this connection", f.a),
             );
         };
+        let lazy = h.entry.lazy().cloned();
         let page = crate::page_size() as u64;
         // c = 0: the whole range that starts at b (version 3). Since version
         // 4, c > 0: the part of [b, b+c) inside the handle's ranges.
         let (lo, hi) = if f.c == 0 {
-            match h.ranges.iter().find(|r| r.start == f.b) {
-                Some(r) => (r.start, r.start + r.len),
+            match conn.ranges.get(&f.b).filter(|r| r.handle == f.a) {
+                Some(r) => (r.start, r.end()),
                 None => {
                     return refuse(
                         f.kind,
@@ -1084,50 +1172,13 @@ impl Inner {
                 }
             }
         };
-        let lazy = h.entry.lazy().cloned();
-        let mut kept = Vec::with_capacity(h.ranges.len() + 1);
-        let mut cut = 0usize;
-        let mut added = 0usize;
-        for r in std::mem::take(&mut h.ranges) {
-            let end = r.start + r.len;
-            if end <= lo || hi <= r.start {
-                kept.push(r);
-                continue;
-            }
-            cut += 1;
-            // What stays on either side keeps its file offsets; it is added
-            // before the old range goes, so a fill completing meanwhile
-            // still answers every waiting page.
-            let mut piece = |start: u64, stop: u64| {
-                let offset = r.offset + (start - r.start);
-                let key = match (&uffd, &lazy) {
-                    (Some(u), Some(l)) => l.add_remote(u.clone(), start, stop - start, offset),
-                    _ => 0,
-                };
-                added += 1;
-                kept.push(Attached {
-                    start,
-                    len: stop - start,
-                    offset,
-                    key,
-                });
-            };
-            if r.start < lo {
-                piece(r.start, lo);
-            }
-            if hi < end {
-                piece(hi, end);
-            }
-            if let (Some(u), Some(l)) = (&uffd, &lazy) {
-                // Nobody serves the cut part from now on: what is unfilled
-                // faults with SIGBUS, never blocks.
-                let (a, z) = (r.start.max(lo), end.min(hi));
-                let _ = u.poison(a, z - a);
-                l.remove_remote(r.key);
-            }
-        }
-        h.ranges = kept;
-        if cut == 0 {
+        let hit: Vec<Attached> = conn
+            .overlapping(lo, hi)
+            .into_iter()
+            .filter_map(|s| conn.ranges.get(&s).copied())
+            .filter(|r| r.handle == f.a)
+            .collect();
+        if hit.is_empty() {
             return refuse(
                 f.kind,
                 wire::E_RANGE,
@@ -1137,8 +1188,66 @@ impl Inner {
                 ),
             );
         }
-        if let Some(c) = self.state.lock().clients.get_mut(&conn.peer.id) {
-            c.mappings = (c.mappings + added).saturating_sub(cut);
+        // Only a range reaching past both ends of the cut is split in two
+        // (one more range): refused at the cap, before anything changes.
+        if hit.iter().any(|r| r.start < lo && hi < r.end())
+            && conn.ranges.len() >= self.opts.max_ranges
+        {
+            return refuse(
+                f.kind,
+                wire::E_LIMIT,
+                format!(
+                    "UNMAP of {:#x}..{:#x} would split a range in two, and this connection has \
+                     {} lazy ranges attached, its maximum of {}; UNMAP the whole range \
+                     (length 0) instead",
+                    lo,
+                    hi,
+                    conn.ranges.len(),
+                    self.opts.max_ranges
+                ),
+            );
+        }
+        let n = hit.len();
+        for r in hit {
+            let end = r.end();
+            // What stays on either side keeps its file offsets; it is added
+            // before the old range goes, so a fill completing meanwhile
+            // still answers every waiting page.
+            let mut pieces = Vec::with_capacity(2);
+            for (start, stop) in [(r.start, lo), (hi, end)] {
+                if start < stop && r.start <= start && stop <= end {
+                    let offset = r.offset + (start - r.start);
+                    let key = match (&uffd, &lazy) {
+                        (Some(u), Some(l)) => l.add_remote(u.clone(), start, stop - start, offset),
+                        _ => 0,
+                    };
+                    pieces.push(Attached {
+                        handle: f.a,
+                        start,
+                        len: stop - start,
+                        offset,
+                        key,
+                    });
+                }
+            }
+            if let (Some(u), Some(l)) = (&uffd, &lazy) {
+                // Nobody serves the cut part from now on: what is unfilled
+                // faults with SIGBUS, never blocks.
+                let (a, z) = (r.start.max(lo), end.min(hi));
+                let _ = u.poison(a, z - a);
+                l.remove_remote(r.key);
+            }
+            conn.remove_range(r.start);
+            for p in pieces {
+                conn.insert_range(p);
+            }
+        }
+        self.note_mappings(conn);
+        if f.c > 0 {
+            self.log(&format!(
+                "{}: UNMAP handle {} cut {lo:#x}..{hi:#x} out of {n} lazy range(s)",
+                conn.peer, f.a
+            ));
         }
         (
             Frame::new(wire::UNMAP | wire::REPLY, f.a, f.b, f.c, 0),
@@ -1146,19 +1255,25 @@ impl Inner {
         )
     }
 
+    /// Publishes the connection's count of lazy ranges (STATS).
+    fn note_mappings(&self, conn: &Conn) {
+        if let Some(c) = self.state.lock().clients.get_mut(&conn.peer.id) {
+            c.mappings = conn.ranges.len();
+        }
+    }
+
     fn close(&self, conn: &mut Conn, f: &Frame) -> (Frame, Option<OwnedFd>) {
-        let Some(h) = conn.handles.remove(&f.a) else {
+        let Some((h, ranges)) = conn.take_handle(f.a) else {
             return refuse(
                 f.kind,
                 wire::E_BAD_HANDLE,
                 format!("handle {} is not open on this connection", f.a),
             );
         };
-        let nm = h.ranges.len();
-        self.release(h, conn.uffd.as_deref());
+        self.release(h, &ranges, conn.uffd.as_deref());
         if let Some(c) = self.state.lock().clients.get_mut(&conn.peer.id) {
             c.handles = c.handles.saturating_sub(1);
-            c.mappings = c.mappings.saturating_sub(nm);
+            c.mappings = conn.ranges.len();
         }
         self.evict();
         (Frame::new(wire::CLOSE | wire::REPLY, f.a, 0, 0, 0), None)
@@ -1166,9 +1281,9 @@ impl Inner {
 
     /// Forgets a handle: its lazy ranges (poisoned first through `uffd` if
     /// the client lives on), and its use of the entry.
-    fn release(&self, h: Handle, uffd: Option<&Uffd>) {
+    fn release(&self, h: Handle, ranges: &[Attached], uffd: Option<&Uffd>) {
         if let Some(l) = h.entry.lazy() {
-            for r in h.ranges {
+            for r in ranges {
                 if let Some(u) = uffd {
                     let _ = u.poison(r.start, r.len);
                 }
@@ -1306,16 +1421,16 @@ fn attach_span(
             "ATTACH at {start:#x} of {len} bytes: the range overflows the address space"
         ));
     };
-    for (h, other) in &conn.handles {
-        for r in &other.ranges {
-            if start < r.start + r.len && r.start < end {
-                return Err(format!(
-                    "ATTACH at {start:#x} of {len} bytes overlaps the range attached at {:#x} \
-                     ({} bytes) of handle {h}; UNMAP that part first",
-                    r.start, r.len
-                ));
-            }
-        }
+    if let Some(r) = conn
+        .overlapping(start, end)
+        .first()
+        .map(|s| &conn.ranges[s])
+    {
+        return Err(format!(
+            "ATTACH at {start:#x} of {len} bytes overlaps the range attached at {:#x} \
+             ({} bytes) of handle {}; UNMAP that part first",
+            r.start, r.len, r.handle
+        ));
     }
     Ok(())
 }
@@ -1406,13 +1521,7 @@ pub fn serve(shadow: &Shadow, stream: UnixStream) -> Result<Served> {
     let peer = peer_of(&stream, 1);
     let uffd = inner.try_handshake(&stream, peer)?;
     inner.add_client(peer, uffd.is_some());
-    let conn = Conn {
-        peer,
-        stream,
-        uffd,
-        handles: BTreeMap::new(),
-        next_handle: 1,
-    };
+    let conn = Conn::new(peer, stream, uffd);
     let thread = std::thread::Builder::new()
         .name("shadowfd-remote".into())
         .spawn(move || inner.run(conn))
