@@ -71,6 +71,13 @@ pub(crate) struct LazyShadow {
     refused_cause: Mutex<Option<Cause>>,
     done_lock: Mutex<()>,
     done_cv: Condvar,
+    /// Faults in consumer ranges of other processes that wait on a chunk
+    /// being filled: chunk → (the range's userfaultfd, faulting address).
+    /// Only these remote ranges are answered when a fill ends; a remote
+    /// range nobody waits in gets its pages on its own MINOR faults. So a
+    /// client that attaches many ranges of one file costs fills nothing
+    /// until it faults in them (its own threads, one message each).
+    waiters: Mutex<BTreeMap<u64, Vec<Waiter>>>,
     readahead: Mutex<Readahead>,
     pub counters: Counters,
     resident: AtomicU64,
@@ -95,9 +102,33 @@ struct Consumer {
     shared: bool,
 }
 
+/// A fault in a remote consumer range waiting on a chunk: the identity of
+/// the range's userfaultfd (its address) and the faulting address.
+type Waiter = (usize, u64);
+
+/// The identity of a userfaultfd, as [`Waiter`] keeps it.
+fn uffd_key(u: &Uffd) -> usize {
+    std::ptr::from_ref(u) as usize
+}
+
 impl Consumer {
     fn uffd<'a>(&'a self, core: &'a Core) -> &'a Uffd {
         self.remote.as_deref().unwrap_or(&core.uffd)
+    }
+
+    /// Whether a fill of these chunks must answer this range: always for
+    /// the engine's own ranges; a remote one only if a fault waits in it.
+    fn answers(&self, waiting: &[Waiter]) -> bool {
+        match &self.remote {
+            None => true,
+            Some(u) => {
+                let key = uffd_key(u);
+                let (lo, hi) = (self.start, self.start + self.len);
+                waiting
+                    .iter()
+                    .any(|&(k, a)| k == key && (lo..hi).contains(&a))
+            }
+        }
     }
 
     /// The part of shadow bytes `a..b` this range shows, as (address, len).
@@ -198,6 +229,7 @@ impl LazyShadow {
             refused_cause: Mutex::new(None),
             done_lock: Mutex::new(()),
             done_cv: Condvar::new(),
+            waiters: Mutex::new(BTreeMap::new()),
             readahead: Mutex::new(Readahead::new(
                 cfg.readahead / chunk,
                 run_chunks(chunk),
@@ -779,10 +811,13 @@ impl LazyShadow {
         }
         *self.refused_cause.lock() = Some(cause);
         self.chunks.release(run);
+        let waiting = self.take_waiters(off, end);
         {
             let mut refused = self.refused.lock();
             for m in self.consumers.read().iter() {
-                if let Some((addr, len)) = m.overlap(off, end) {
+                if let Some((addr, len)) = m.overlap(off, end)
+                    && m.answers(&waiting)
+                {
                     let _ = m.uffd(core).poison(addr, len);
                     if m.remote.is_none() {
                         refused.push((m.id, addr, len));
@@ -800,12 +835,44 @@ impl LazyShadow {
         let (off, end) = self.run_range(&run);
         self.chunks.release(run);
         let end = round_up(end, core.page);
+        let waiting = self.take_waiters(off, end);
         for m in self.consumers.read().iter() {
-            if let Some((addr, len)) = m.overlap(off, end) {
+            if let Some((addr, len)) = m.overlap(off, end)
+                && m.answers(&waiting)
+            {
                 let _ = m.uffd(core).wake(addr, len);
             }
         }
         self.notify();
+    }
+
+    /// Takes the remote faults waiting on the chunks of bytes `a..b`. Called
+    /// after those chunks left Filling, so that a fault that saw Filling
+    /// under the lock ([`LazyShadow::wait_remote`]) is always taken.
+    fn take_waiters(&self, a: u64, b: u64) -> Vec<Waiter> {
+        let (first, last) = (a / self.chunk, b.saturating_sub(1) / self.chunk);
+        let mut w = self.waiters.lock();
+        if w.is_empty() || b <= a {
+            return Vec::new();
+        }
+        let keys: Vec<u64> = w.range(first..=last).map(|(&c, _)| c).collect();
+        keys.into_iter()
+            .filter_map(|c| w.remove(&c))
+            .flatten()
+            .collect()
+    }
+
+    /// Records a remote fault as waiting on `chunk` if it is still being
+    /// filled; false if it is not (the caller looks at the chunk again).
+    fn wait_remote(&self, chunk: u64, hit: &Hit<'_>) -> bool {
+        let mut w = self.waiters.lock();
+        if self.chunks.get(chunk) != ChunkState::Filling {
+            return false;
+        }
+        w.entry(chunk)
+            .or_default()
+            .push((uffd_key(hit.uffd), hit.addr));
+        true
     }
 
     fn notify(&self) {
@@ -819,10 +886,14 @@ impl LazyShadow {
     /// direct fill): only its bad pages are poisoned.
     fn answer_all(&self, core: &Core, a: u64, b: u64, bad: &[(u64, Cause)], mapped: Option<u64>) {
         let page = core.page;
+        let waiting = self.take_waiters(a, b);
         for m in self.consumers.read().iter() {
             let Some((addr, len)) = m.overlap(a, b) else {
                 continue;
             };
+            if !m.answers(&waiting) {
+                continue;
+            }
             let uffd = m.uffd(core);
             if mapped == Some(m.id) {
                 for (p, _) in bad {
@@ -1130,17 +1201,29 @@ impl FaultTarget for LazyShadow {
         }
         let chunk = hit.offset / self.chunk;
         let plan = self.readahead.lock().on_fault(chunk);
+        let remote = !std::ptr::eq(hit.uffd, &core.uffd);
         let mut mine = None;
         loop {
             match self.chunks.get(chunk) {
                 ChunkState::Empty => {
                     if let Some(r) = self.chunks.claim_run(chunk, plan.now.end) {
+                        if remote {
+                            // Ours to fill: nobody else can take it, so
+                            // it is still Filling here.
+                            let ok = self.wait_remote(chunk, &hit);
+                            debug_assert!(ok, "a claimed chunk is Filling");
+                        }
                         mine = Some(r);
                         break;
                     }
                 }
-                // The filler answers every consumer range once it is done.
-                ChunkState::Filling => break,
+                // The filler answers every range of this process, and every
+                // remote range with a fault waiting, once it is done.
+                ChunkState::Filling => {
+                    if !remote || self.wait_remote(chunk, &hit) {
+                        break;
+                    }
+                }
                 ChunkState::Filled => {
                     self.answer_filled(core, &hit);
                     break;
