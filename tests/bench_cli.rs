@@ -10,14 +10,22 @@ use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_shadowfd");
 
+/// `shadowfd bench --dir DIR ARGS`, not yet run.
+fn bench_cmd(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("bench").arg("--dir").arg(dir).args(args);
+    cmd
+}
+
 fn bench(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .arg("bench")
-        .arg("--dir")
-        .arg(dir)
-        .args(args)
-        .output()
-        .expect("run shadowfd bench")
+    bench_cmd(dir, args).output().expect("run shadowfd bench")
+}
+
+/// The JSON report on stdout of a bench run, which must have succeeded.
+fn report(out: &std::process::Output) -> serde_json::Value {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {stderr}");
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
 }
 
 fn fuse_mounts_under(dir: &Path) -> Vec<String> {
@@ -47,9 +55,7 @@ fn json_report_covers_every_pattern_and_mode_and_cleans_up() {
             svg.to_str().unwrap(),
         ],
     );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench failed: {stderr}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let v = report(&out);
     let rows = v["rows"].as_array().unwrap();
     let skipped: Vec<&str> = v["skipped"]
         .as_array()
@@ -161,9 +167,7 @@ fn the_floors_have_rows_and_ratios_for_every_pattern() {
             "seq,random:0.01,first",
         ],
     );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench failed: {stderr}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let v = report(&out);
     let rows = v["rows"].as_array().unwrap();
     let skipped: Vec<&str> = v["skipped"]
         .as_array()
@@ -258,11 +262,9 @@ fn run_mode_reads_through_the_shim_beside_fuse_with_the_same_reader() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .arg("bench")
-        .arg("--dir")
-        .arg(dir.path())
-        .args([
+    let out = bench_cmd(
+        dir.path(),
+        &[
             "--size",
             "3M",
             "--reps",
@@ -272,13 +274,12 @@ fn run_mode_reads_through_the_shim_beside_fuse_with_the_same_reader() {
             "fuse,run,fuse-read,run-read,lazy-image",
             "--patterns",
             "seq,random:0.01",
-        ])
-        .env("SHADOWFD_PRELOAD", preload())
-        .output()
-        .expect("run shadowfd bench");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench failed: {stderr}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+        ],
+    )
+    .env("SHADOWFD_PRELOAD", preload())
+    .output()
+    .expect("run shadowfd bench");
+    let v = report(&out);
     let skipped = skipped_of(&v);
     // run needs mkfs.ext4, the preload library (built above) and a
     // userfaultfd (checked above): here it must run.
@@ -357,11 +358,9 @@ fn run_mode_reads_through_the_shim_beside_fuse_with_the_same_reader() {
 fn run_mode_without_the_preload_library_is_skipped_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-libshadowfd_preload.so");
-    let out = Command::new(BIN)
-        .arg("bench")
-        .arg("--dir")
-        .arg(dir.path())
-        .args([
+    let out = bench_cmd(
+        dir.path(),
+        &[
             "--size",
             "1M",
             "--reps",
@@ -371,13 +370,12 @@ fn run_mode_without_the_preload_library_is_skipped_with_the_reason() {
             "run,native",
             "--patterns",
             "first",
-        ])
-        .env("SHADOWFD_PRELOAD", &missing)
-        .output()
-        .expect("run shadowfd bench");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench failed: {stderr}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+        ],
+    )
+    .env("SHADOWFD_PRELOAD", &missing)
+    .output()
+    .expect("run shadowfd bench");
+    let v = report(&out);
     let skipped = skipped_of(&v);
     let (_, why) = skipped
         .iter()
