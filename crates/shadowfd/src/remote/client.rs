@@ -3,6 +3,7 @@
 
 use super::wire::{self, Frame, RecvError};
 use crate::error::{Error, Result};
+use crate::shadow::{check_page_aligned, check_span};
 use crate::sys::mmap::RawMap;
 use crate::sys::uffd_abi::uffd_msg;
 use crate::sys::{Advice, Uffd};
@@ -570,14 +571,7 @@ impl RemoteMapOptions<'_> {
     /// `mmap(PROT_NONE)`), that no Rust reference points into and that no
     /// other thread touches until this returns.
     pub unsafe fn map_fixed(self, addr: NonNull<u8>) -> Result<RemoteMapping> {
-        let page = crate::page_size() as u64;
-        if addr.as_ptr() as u64 % page != 0 {
-            return Err(Error::Align {
-                what: "fixed mapping address",
-                value: addr.as_ptr() as u64,
-                page,
-            });
-        }
+        check_page_aligned("fixed mapping address", addr.as_ptr() as u64)?;
         // SAFETY: forwarded from the caller.
         unsafe { self.map_at(Some(addr.as_ptr())) }
     }
@@ -589,17 +583,8 @@ impl RemoteMapOptions<'_> {
         let size = this.inner.size;
         let offset = self.offset;
         let len = self.len.unwrap_or(size.saturating_sub(offset));
+        check_span(size, offset, len)?;
         let page = crate::page_size() as u64;
-        if offset % page != 0 {
-            return Err(Error::Align {
-                what: "mapping offset",
-                value: offset,
-                page,
-            });
-        }
-        if offset.checked_add(len).is_none_or(|e| e > size) {
-            return Err(Error::Range { offset, len, size });
-        }
         let empty = || RemoteMapping {
             map: None,
             len: 0,
