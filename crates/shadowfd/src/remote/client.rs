@@ -41,6 +41,13 @@ fn protocol(what: impl Into<String>) -> Error {
     Error::Protocol { what: what.into() }
 }
 
+/// The `i`th little-endian `u64` of a reply payload, 0 where the payload
+/// is too short to hold it.
+fn payload_word(p: &[u8], i: usize) -> u64 {
+    p.get(i * 8..i * 8 + 8)
+        .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+}
+
 /// Lazy ranges registered with this client's userfaultfd: (start, len).
 type Ranges = Arc<Mutex<Vec<(u64, u64)>>>;
 
@@ -208,11 +215,7 @@ impl Client {
     pub fn open(&self, path: &str) -> Result<RemoteFile> {
         let f = Frame::new(wire::OPEN, 0, 0, 0, 0).with_payload(path.as_bytes().to_vec());
         let (r, _) = self.call(&f, &format!("OPEN {path:?}"), false)?;
-        let p = &r.payload;
-        let word = |i: usize| -> u64 {
-            p.get(i * 8..i * 8 + 8)
-                .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-        };
+        let word = |i| payload_word(&r.payload, i);
         Ok(RemoteFile {
             inner: Arc::new(FileInner {
                 client: self.clone(),
@@ -235,11 +238,7 @@ impl Client {
     pub fn stat(&self, path: &str) -> Result<PathInfo> {
         let f = Frame::new(wire::STAT, 0, 0, 0, 0).with_payload(path.as_bytes().to_vec());
         let (r, _) = self.call(&f, &format!("STAT {path:?}"), false)?;
-        let p = &r.payload;
-        let word = |i: usize| -> u64 {
-            p.get(i * 8..i * 8 + 8)
-                .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-        };
+        let word = |i| payload_word(&r.payload, i);
         Ok(PathInfo {
             kind: match r.a {
                 wire::KIND_FILE => PathKind::File,
