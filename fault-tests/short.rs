@@ -10,13 +10,73 @@ use crate::support::child::{self, param, param_u64};
 use crate::support::*;
 use crate::test_name;
 use shadowfd::source::FileKind;
-use shadowfd::{Engine, Error, Share, Staleness};
+use shadowfd::{Engine, Error, Shadow, Share, Staleness, Stats};
+use std::path::Path;
 
 const ID: u64 = 0x5407;
 const NPAGES: u64 = 64;
 
 fn size() -> u64 {
     NPAGES * page()
+}
+
+/// Where the truncation tests cut the source: 10 bytes into page 20.
+fn cut_at() -> u64 {
+    20 * page() + 10
+}
+
+/// Truncates (or extends) the file at `path` to `len` bytes.
+fn set_len(path: &Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap()
+}
+
+/// After the source of `s` was cut at [`cut_at`]: populating the whole
+/// file fails at page 20, exactly pages 20.. are poisoned, the pages
+/// before read back intact (`what` names them) and the error is recorded.
+/// Returns the stats for further checks.
+fn assert_poisoned_from_the_cut(s: &Shadow, what: &str) -> Stats {
+    let err = s.populate(0, size()).unwrap_err();
+    assert!(
+        matches!(err, Error::Unfillable { offset, .. } if offset == 20 * page()),
+        "{err:?}"
+    );
+    let bad: Vec<u64> = s.poisoned_pages().iter().map(|(p, _)| p / page()).collect();
+    assert_eq!(bad, (20..NPAGES).collect::<Vec<_>>());
+    let mut head = vec![0u8; (20 * page()) as usize];
+    assert_eq!(s.read_at(&mut head, 0).unwrap(), head.len());
+    assert_bytes(&head, ID, 0, what);
+    let st = s.stats();
+    assert!(st.errors >= 1 && st.source_changed, "{st:?}");
+    st
+}
+
+/// Runs `test` as a child in `role` on a fresh source that the child cuts
+/// at [`cut_at`]: it reads pages 0 and 19 and dies of SIGBUS at page 20.
+fn assert_child_sigbus_at_the_cut(test: &str, role: &str) {
+    let dir = tempdir();
+    let path = write_file(dir.path(), "src", ID, size());
+    let o = child::spawn(
+        test,
+        role,
+        &[
+            ("PATH", path.display().to_string()),
+            ("CUT", cut_at().to_string()),
+        ],
+    );
+    assert_eq!(o.signal(), Some(libc::SIGBUS), "{}", o.describe());
+    assert_eq!(o.numbers("good"), vec![0, 19], "{}", o.describe());
+    assert_eq!(
+        o.numbers("sigbus")
+            .iter()
+            .map(|a| a / page())
+            .collect::<Vec<_>>(),
+        vec![20]
+    );
 }
 
 #[test]
@@ -160,17 +220,7 @@ fn eager_open_fails_when_truncated_during_the_copy() {
     let cut = (1 << 20) + 12345;
     let plan = Plan {
         // Before the second 1 MiB copy read, the file is cut.
-        hook: Some((
-            1 << 20,
-            std::sync::Arc::new(move || {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&p2)
-                    .unwrap()
-                    .set_len(cut)
-                    .unwrap()
-            }),
-        )),
+        hook: Some((1 << 20, std::sync::Arc::new(move || set_len(&p2, cut)))),
         ..Plan::default()
     };
     let engine = Engine::new(eager_config()).unwrap();
@@ -192,29 +242,12 @@ fn lazy_file_truncated_after_open() {
         let src = Injected::clean(&path);
         let s = engine.open(src).unwrap();
         s.populate(0, 4 * page()).unwrap(); // chunk 0 is in before the cut
-        let cut = 20 * page() + 10;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(cut)
-            .unwrap();
+        set_len(&path, cut_at());
         match s.staleness().unwrap() {
             Staleness::Changed(f) => assert!(f.contains(&shadowfd::shadow::Field::Size), "{f:?}"),
             other => panic!("staleness after truncation: {other:?}"),
         }
-        let err = s.populate(0, size()).unwrap_err();
-        assert!(
-            matches!(err, Error::Unfillable { offset, .. } if offset == 20 * page()),
-            "{err:?}"
-        );
-        let bad: Vec<u64> = s.poisoned_pages().iter().map(|(p, _)| p / page()).collect();
-        assert_eq!(bad, (20..NPAGES).collect::<Vec<_>>());
-        let mut head = vec![0u8; (20 * page()) as usize];
-        assert_eq!(s.read_at(&mut head, 0).unwrap(), head.len());
-        assert_bytes(&head, ID, 0, "pages before the cut");
-        let st = s.stats();
-        assert!(st.errors >= 1 && st.source_changed, "{st:?}");
+        assert_poisoned_from_the_cut(&s, "pages before the cut");
         assert_eq!(s.meta().kind, FileKind::Regular);
     });
 }
@@ -226,12 +259,7 @@ fn truncated_child() {
     let s = engine.open(Injected::clean(path.as_ref())).unwrap();
     let map = s.map(Share::Shared).unwrap();
     child::watch_sigbus(&map);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(param_u64("CUT"))
-        .unwrap();
+    set_len(Path::new(&path), param_u64("CUT"));
     for p in [0, 19, 20] {
         child::touch_page(&map, ID, p);
     }
@@ -246,24 +274,9 @@ fn truncated_source_raises_sigbus_not_zeros() {
     if !lazy_available("truncated sigbus") {
         return;
     }
-    let dir = tempdir();
-    let path = write_file(dir.path(), "src", ID, size());
-    let o = child::spawn(
+    assert_child_sigbus_at_the_cut(
         &test_name!(truncated_source_raises_sigbus_not_zeros),
         "truncated",
-        &[
-            ("PATH", path.display().to_string()),
-            ("CUT", (20 * page() + 10).to_string()),
-        ],
-    );
-    assert_eq!(o.signal(), Some(libc::SIGBUS), "{}", o.describe());
-    assert_eq!(o.numbers("good"), vec![0, 19], "{}", o.describe());
-    assert_eq!(
-        o.numbers("sigbus")
-            .iter()
-            .map(|a| a / page())
-            .collect::<Vec<_>>(),
-        vec![20]
     );
 }
 
@@ -289,31 +302,10 @@ fn mapped_source_truncated_mid_run_poisons_from_the_cut() {
             );
             let s = engine.open(src).unwrap();
             s.populate(0, 4 * page()).unwrap();
-            let cut = 20 * page() + 10;
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .unwrap()
-                .set_len(cut)
-                .unwrap();
+            set_len(&path, cut_at());
             // One run over the whole file, copied from the mapping until the cut.
-            let err = s.populate(0, size()).unwrap_err();
-            assert!(
-                matches!(err, Error::Unfillable { offset, .. } if offset == 20 * page()),
-                "{err:?}"
-            );
-            let bad: Vec<u64> = s.poisoned_pages().iter().map(|(p, _)| p / page()).collect();
-            assert_eq!(bad, (20..NPAGES).collect::<Vec<_>>());
-            let mut head = vec![0u8; (20 * page()) as usize];
-            assert_eq!(s.read_at(&mut head, 0).unwrap(), head.len());
-            assert_bytes(
-                &head,
-                ID,
-                0,
-                "pages before the cut, copied from the mapping",
-            );
-            let st = s.stats();
-            assert!(st.errors >= 1 && st.source_changed, "{st:?}");
+            let st =
+                assert_poisoned_from_the_cut(&s, "pages before the cut, copied from the mapping");
             assert_eq!(st.bytes_filled, 20 * page(), "{st:?}");
         },
     );
@@ -331,12 +323,7 @@ fn mapped_truncated_child() {
     let map = s.map(Share::Private).unwrap();
     child::watch_sigbus(&map);
     child::touch_page(&map, ID, 0); // chunk 0, before the cut
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(param_u64("CUT"))
-        .unwrap();
+    set_len(Path::new(&path), param_u64("CUT"));
     // Chunk 1 (pages 16..32) is cut at page 20: 16..20 are good.
     for p in [19, 20] {
         child::touch_page(&map, ID, p);
@@ -352,23 +339,8 @@ fn mapped_source_truncated_mid_chunk_raises_sigbus_at_the_cut() {
     if !lazy_available("mapped truncated sigbus") {
         return;
     }
-    let dir = tempdir();
-    let path = write_file(dir.path(), "src", ID, size());
-    let o = child::spawn(
+    assert_child_sigbus_at_the_cut(
         &test_name!(mapped_source_truncated_mid_chunk_raises_sigbus_at_the_cut),
         "mapped-truncated",
-        &[
-            ("PATH", path.display().to_string()),
-            ("CUT", (20 * page() + 10).to_string()),
-        ],
-    );
-    assert_eq!(o.signal(), Some(libc::SIGBUS), "{}", o.describe());
-    assert_eq!(o.numbers("good"), vec![0, 19], "{}", o.describe());
-    assert_eq!(
-        o.numbers("sigbus")
-            .iter()
-            .map(|a| a / page())
-            .collect::<Vec<_>>(),
-        vec![20]
     );
 }

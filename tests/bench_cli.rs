@@ -4,53 +4,28 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::preload;
+use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 
 const BIN: &str = env!("CARGO_BIN_EXE_shadowfd");
 
-/// Builds libshadowfd_preload.so next to the binary (same profile and
-/// target directory), for the run mode: `cargo test` builds the binary
-/// but not the cdylib of another package. A no-op when it is up to date.
-fn preload() -> &'static Path {
-    static LIB: OnceLock<PathBuf> = OnceLock::new();
-    LIB.get_or_init(|| {
-        let bin_dir = Path::new(BIN).parent().unwrap().to_path_buf();
-        let target = bin_dir.parent().unwrap().to_path_buf();
-        let profile = match bin_dir.file_name().unwrap().to_str().unwrap() {
-            "debug" => "dev".to_string(),
-            other => other.to_string(),
-        };
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = Command::new(&cargo)
-            .args(["build", "--quiet", "-p", "shadowfd-preload", "--profile"])
-            .arg(&profile)
-            .arg("--manifest-path")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-            .arg("--target-dir")
-            .arg(&target)
-            .output()
-            .unwrap_or_else(|e| panic!("running {cargo:?} build: {e}"));
-        assert!(
-            out.status.success(),
-            "cargo build -p shadowfd-preload failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let lib = bin_dir.join("libshadowfd_preload.so");
-        assert!(lib.is_file(), "{} missing", lib.display());
-        lib
-    })
+/// `shadowfd bench --dir DIR ARGS`, not yet run.
+fn bench_cmd(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("bench").arg("--dir").arg(dir).args(args);
+    cmd
 }
 
 fn bench(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .arg("bench")
-        .arg("--dir")
-        .arg(dir)
-        .args(args)
-        .output()
-        .expect("run shadowfd bench")
+    bench_cmd(dir, args).output().expect("run shadowfd bench")
+}
+
+/// The JSON report on stdout of a bench run, which must have succeeded.
+fn report(out: &std::process::Output) -> serde_json::Value {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {stderr}");
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
 }
 
 fn fuse_mounts_under(dir: &Path) -> Vec<String> {
@@ -80,9 +55,7 @@ fn json_report_covers_every_pattern_and_mode_and_cleans_up() {
             svg.to_str().unwrap(),
         ],
     );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench failed: {stderr}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let v = report(&out);
     let rows = v["rows"].as_array().unwrap();
     let skipped: Vec<&str> = v["skipped"]
         .as_array()
@@ -194,9 +167,7 @@ fn the_floors_have_rows_and_ratios_for_every_pattern() {
             "seq,random:0.01,first",
         ],
     );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench failed: {stderr}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let v = report(&out);
     let rows = v["rows"].as_array().unwrap();
     let skipped: Vec<&str> = v["skipped"]
         .as_array()
@@ -291,11 +262,9 @@ fn run_mode_reads_through_the_shim_beside_fuse_with_the_same_reader() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .arg("bench")
-        .arg("--dir")
-        .arg(dir.path())
-        .args([
+    let out = bench_cmd(
+        dir.path(),
+        &[
             "--size",
             "3M",
             "--reps",
@@ -305,13 +274,12 @@ fn run_mode_reads_through_the_shim_beside_fuse_with_the_same_reader() {
             "fuse,run,fuse-read,run-read,lazy-image",
             "--patterns",
             "seq,random:0.01",
-        ])
-        .env("SHADOWFD_PRELOAD", preload())
-        .output()
-        .expect("run shadowfd bench");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench failed: {stderr}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+        ],
+    )
+    .env("SHADOWFD_PRELOAD", preload())
+    .output()
+    .expect("run shadowfd bench");
+    let v = report(&out);
     let skipped = skipped_of(&v);
     // run needs mkfs.ext4, the preload library (built above) and a
     // userfaultfd (checked above): here it must run.
@@ -390,11 +358,9 @@ fn run_mode_reads_through_the_shim_beside_fuse_with_the_same_reader() {
 fn run_mode_without_the_preload_library_is_skipped_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-libshadowfd_preload.so");
-    let out = Command::new(BIN)
-        .arg("bench")
-        .arg("--dir")
-        .arg(dir.path())
-        .args([
+    let out = bench_cmd(
+        dir.path(),
+        &[
             "--size",
             "1M",
             "--reps",
@@ -404,13 +370,12 @@ fn run_mode_without_the_preload_library_is_skipped_with_the_reason() {
             "run,native",
             "--patterns",
             "first",
-        ])
-        .env("SHADOWFD_PRELOAD", &missing)
-        .output()
-        .expect("run shadowfd bench");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench failed: {stderr}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+        ],
+    )
+    .env("SHADOWFD_PRELOAD", &missing)
+    .output()
+    .expect("run shadowfd bench");
+    let v = report(&out);
     let skipped = skipped_of(&v);
     let (_, why) = skipped
         .iter()

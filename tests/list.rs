@@ -169,19 +169,24 @@ fn list_and_stat_a_root_tree_confined() {
     refused(c.list_page("a", u64::MAX), "E_RANGE");
 }
 
+/// (Re)makes the 64 MiB ext4 image `img` holding the tree at `root`.
+fn mkfs_ext4(root: &Path, img: &Path) {
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(root)
+        .arg(img)
+        .arg("64M")
+        .output()
+        .expect("mkfs.ext4 (e2fsprogs) is needed for the --image test");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 #[test]
 fn list_and_stat_an_ext4_image() {
     let base = tempfile::tempdir().unwrap();
     let root = make_tree(base.path());
     let img = base.path().join("tree.ext4");
-    let o = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&root)
-        .arg(&img)
-        .arg("64M")
-        .output()
-        .expect("mkfs.ext4 (e2fsprogs) is needed for the --image test");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    mkfs_ext4(&root, &img);
     let c = connect(Tree::Image(img.clone()));
     check_common(&c, true);
     // Inside an image `..` stops at its root and symlinks stay in it: the
@@ -201,13 +206,6 @@ fn list_and_stat_an_ext4_image() {
     assert_eq!(c.list("a/b/c").unwrap().len(), 1);
     assert_eq!(c.stat("a/b/c/deep.txt").unwrap().size, 4);
     std::fs::write(root.join("a/b/c/deep.txt"), b"deeper now").unwrap();
-    let o = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&root)
-        .arg(&img)
-        .arg("64M")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    mkfs_ext4(&root, &img);
     assert_eq!(c.stat("a/b/c/deep.txt").unwrap().size, 10);
 }

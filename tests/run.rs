@@ -13,38 +13,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_shadowfd");
 const MOUNT: &str = "/shadowfd-run-test";
 const BIG: usize = 64 << 20;
 
-/// Builds libshadowfd_preload.so next to the binary (same profile and
-/// target directory): `cargo test` builds the binary but not a cdylib of
-/// another package. A no-op when it is up to date.
-fn preload() -> &'static Path {
-    static LIB: OnceLock<PathBuf> = OnceLock::new();
-    LIB.get_or_init(|| {
-        let bin_dir = Path::new(BIN).parent().unwrap().to_path_buf();
-        let target = bin_dir.parent().unwrap().to_path_buf();
-        let profile = match bin_dir.file_name().unwrap().to_str().unwrap() {
-            "debug" => "dev".to_string(),
-            other => other.to_string(),
-        };
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = Command::new(&cargo)
-            .args(["build", "--quiet", "-p", "shadowfd-preload", "--profile"])
-            .arg(&profile)
-            .arg("--manifest-path")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-            .arg("--target-dir")
-            .arg(&target)
-            .output()
-            .unwrap_or_else(|e| panic!("running {cargo:?} build: {e}"));
-        assert!(
-            out.status.success(),
-            "cargo build -p shadowfd-preload failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let lib = bin_dir.join("libshadowfd_preload.so");
-        assert!(lib.is_file(), "{} missing", lib.display());
-        lib
-    })
-}
+use common::preload;
 
 /// A served tree: big.bin (64 MiB), small.txt, sub/odd.bin (not page-sized).
 struct Tree {

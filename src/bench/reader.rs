@@ -107,6 +107,21 @@ fn backing_of(addr: usize) -> String {
     String::new()
 }
 
+/// The timed open of both readers: `open` and `fstat` of the path, then
+/// (after the clock stops) its size checked against `--size`. Returns the
+/// file, its length and the microseconds the open and `fstat` took.
+fn open_sized(a: &ReaderArgs) -> Result<(File, u64, f64), Box<dyn std::error::Error>> {
+    let err = |what: &str, e: std::io::Error| format!("{what} {}: {e}", a.path.display());
+    let t0 = Instant::now();
+    let file = File::open(&a.path).map_err(|e| err("open", e))?;
+    let len = file.metadata().map_err(|e| err("fstat", e))?.len();
+    let open_us = us(t0);
+    if len != a.size {
+        return Err(format!("{} has {len} bytes, expected {}", a.path.display(), a.size).into());
+    }
+    Ok((file, len, open_us))
+}
+
 pub fn run(a: ReaderArgs) -> crate::CliResult {
     if a.io == Io::Read {
         return run_read(a);
@@ -116,13 +131,7 @@ pub fn run(a: ReaderArgs) -> crate::CliResult {
     // Listed before the clock starts, as in the bench itself.
     let pages: Vec<u64> = a.pattern.pages(a.size, page, a.pattern_seed).collect();
     let f0 = super::thread_faults();
-    let t0 = Instant::now();
-    let file = File::open(&a.path).map_err(|e| err("open", e))?;
-    let len = file.metadata().map_err(|e| err("fstat", e))?.len();
-    let open_us = us(t0);
-    if len != a.size {
-        return Err(format!("{} has {len} bytes, expected {}", a.path.display(), a.size).into());
-    }
+    let (file, len, open_us) = open_sized(&a)?;
     let t1 = Instant::now();
     let map = FileMap::new(&file, len as usize).map_err(|e| err("mmap", e))?;
     std::hint::black_box(access::touch(&map, pages.iter().copied(), page));
@@ -174,13 +183,7 @@ fn run_read(a: ReaderArgs) -> crate::CliResult {
     // buffer is timed.
     let mut buf = vec![1u8; pages.len() * page as usize];
     let f0 = super::thread_faults();
-    let t0 = Instant::now();
-    let file = File::open(&a.path).map_err(|e| err("open", e))?;
-    let len = file.metadata().map_err(|e| err("fstat", e))?.len();
-    let open_us = us(t0);
-    if len != a.size {
-        return Err(format!("{} has {len} bytes, expected {}", a.path.display(), a.size).into());
-    }
+    let (file, len, open_us) = open_sized(&a)?;
     let t1 = Instant::now();
     let mut lens = Vec::with_capacity(pages.len());
     for (i, &p) in pages.iter().enumerate() {

@@ -4,6 +4,8 @@
 use shadowfd::{Config, Engine, Mode};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
 
 /// Deterministic bytes with no zero byte, so a page read as zeros never
 /// passes for data.
@@ -67,4 +69,41 @@ pub fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
         return Some(a.len().min(b.len()));
     }
     a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+/// Builds libshadowfd_preload.so next to the shadowfd binary (same profile
+/// and target directory) and returns its path: `cargo test` builds the
+/// binary but not the cdylib of another package. Built once per test
+/// process; a no-op when it is up to date.
+pub fn preload() -> &'static Path {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let bin_dir = Path::new(env!("CARGO_BIN_EXE_shadowfd"))
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let target = bin_dir.parent().unwrap().to_path_buf();
+        let profile = match bin_dir.file_name().unwrap().to_str().unwrap() {
+            "debug" => "dev".to_string(),
+            other => other.to_string(),
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = Command::new(&cargo)
+            .args(["build", "--quiet", "-p", "shadowfd-preload", "--profile"])
+            .arg(&profile)
+            .arg("--manifest-path")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target)
+            .output()
+            .unwrap_or_else(|e| panic!("running {cargo:?} build: {e}"));
+        assert!(
+            out.status.success(),
+            "cargo build -p shadowfd-preload failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lib = bin_dir.join("libshadowfd_preload.so");
+        assert!(lib.is_file(), "{} missing", lib.display());
+        lib
+    })
 }

@@ -3,6 +3,7 @@
 
 use super::wire::{self, Frame, RecvError};
 use crate::error::{Error, Result};
+use crate::shadow::{check_page_aligned, check_span};
 use crate::sys::mmap::RawMap;
 use crate::sys::uffd_abi::uffd_msg;
 use crate::sys::{Advice, Uffd};
@@ -38,6 +39,13 @@ impl Default for ClientOptions {
 
 fn protocol(what: impl Into<String>) -> Error {
     Error::Protocol { what: what.into() }
+}
+
+/// The `i`th little-endian `u64` of a reply payload, 0 where the payload
+/// is too short to hold it.
+fn payload_word(p: &[u8], i: usize) -> u64 {
+    p.get(i * 8..i * 8 + 8)
+        .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
 }
 
 /// Lazy ranges registered with this client's userfaultfd: (start, len).
@@ -207,11 +215,7 @@ impl Client {
     pub fn open(&self, path: &str) -> Result<RemoteFile> {
         let f = Frame::new(wire::OPEN, 0, 0, 0, 0).with_payload(path.as_bytes().to_vec());
         let (r, _) = self.call(&f, &format!("OPEN {path:?}"), false)?;
-        let p = &r.payload;
-        let word = |i: usize| -> u64 {
-            p.get(i * 8..i * 8 + 8)
-                .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-        };
+        let word = |i| payload_word(&r.payload, i);
         Ok(RemoteFile {
             inner: Arc::new(FileInner {
                 client: self.clone(),
@@ -234,11 +238,7 @@ impl Client {
     pub fn stat(&self, path: &str) -> Result<PathInfo> {
         let f = Frame::new(wire::STAT, 0, 0, 0, 0).with_payload(path.as_bytes().to_vec());
         let (r, _) = self.call(&f, &format!("STAT {path:?}"), false)?;
-        let p = &r.payload;
-        let word = |i: usize| -> u64 {
-            p.get(i * 8..i * 8 + 8)
-                .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-        };
+        let word = |i| payload_word(&r.payload, i);
         Ok(PathInfo {
             kind: match r.a {
                 wire::KIND_FILE => PathKind::File,
@@ -570,14 +570,7 @@ impl RemoteMapOptions<'_> {
     /// `mmap(PROT_NONE)`), that no Rust reference points into and that no
     /// other thread touches until this returns.
     pub unsafe fn map_fixed(self, addr: NonNull<u8>) -> Result<RemoteMapping> {
-        let page = crate::page_size() as u64;
-        if addr.as_ptr() as u64 % page != 0 {
-            return Err(Error::Align {
-                what: "fixed mapping address",
-                value: addr.as_ptr() as u64,
-                page,
-            });
-        }
+        check_page_aligned("fixed mapping address", addr.as_ptr() as u64)?;
         // SAFETY: forwarded from the caller.
         unsafe { self.map_at(Some(addr.as_ptr())) }
     }
@@ -589,17 +582,8 @@ impl RemoteMapOptions<'_> {
         let size = this.inner.size;
         let offset = self.offset;
         let len = self.len.unwrap_or(size.saturating_sub(offset));
+        check_span(size, offset, len)?;
         let page = crate::page_size() as u64;
-        if offset % page != 0 {
-            return Err(Error::Align {
-                what: "mapping offset",
-                value: offset,
-                page,
-            });
-        }
-        if offset.checked_add(len).is_none_or(|e| e > size) {
-            return Err(Error::Range { offset, len, size });
-        }
         let empty = || RemoteMapping {
             map: None,
             len: 0,

@@ -101,13 +101,7 @@ impl<'a> MapOptions<'a> {
     /// that no Rust reference points into and that no other thread touches
     /// until this returns.
     pub unsafe fn map_fixed(self, addr: NonNull<u8>) -> Result<Mapping> {
-        if addr.as_ptr() as usize % crate::page_size() != 0 {
-            return Err(Error::Align {
-                what: "fixed mapping address",
-                value: addr.as_ptr() as u64,
-                page: crate::page_size() as u64,
-            });
-        }
+        check_page_aligned("fixed mapping address", addr.as_ptr() as u64)?;
         // SAFETY: forwarded from the caller.
         unsafe { self.map_at(Some(addr.as_ptr())) }
     }
@@ -183,16 +177,20 @@ fn lazy_of(shadow: &Shadow) -> Option<&std::sync::Arc<lazy::LazyShadow>> {
     }
 }
 
-/// Checks `offset..offset+len` against a shadow of `size` bytes.
-pub(crate) fn check_span(size: u64, offset: u64, len: u64) -> Result<()> {
+/// Checks that `value` (`what` names it in the error) is a multiple of
+/// the page size.
+pub(crate) fn check_page_aligned(what: &'static str, value: u64) -> Result<()> {
     let page = crate::page_size() as u64;
-    if offset % page != 0 {
-        return Err(Error::Align {
-            what: "mapping offset",
-            value: offset,
-            page,
-        });
+    if value % page != 0 {
+        return Err(Error::Align { what, value, page });
     }
+    Ok(())
+}
+
+/// Checks `offset..offset+len` against a shadow (or remote file) of `size`
+/// bytes: a page-aligned offset and a span that ends within the file.
+pub(crate) fn check_span(size: u64, offset: u64, len: u64) -> Result<()> {
+    check_page_aligned("mapping offset", offset)?;
     if offset.checked_add(len).is_none_or(|e| e > size) {
         return Err(Error::Range { offset, len, size });
     }

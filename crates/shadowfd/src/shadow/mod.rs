@@ -6,6 +6,7 @@ mod mapping;
 mod stale;
 
 pub use mapping::{MapOptions, Mapping, Registration, Share};
+pub(crate) use mapping::{check_page_aligned, check_span};
 pub use stale::{Field, Staleness};
 
 use crate::config::Mode;
@@ -139,15 +140,9 @@ impl Shadow {
         len: u64,
         offset: u64,
     ) -> Result<Registration> {
-        mapping::check_span(self.size(), offset, len)?;
+        check_span(self.size(), offset, len)?;
+        check_page_aligned("registered address", addr.as_ptr() as u64)?;
         let page = crate::page_size() as u64;
-        if addr.as_ptr() as u64 % page != 0 {
-            return Err(Error::Align {
-                what: "registered address",
-                value: addr.as_ptr() as u64,
-                page,
-            });
-        }
         let Kind::Lazy(l) = &self.kind else {
             return Ok(Registration::none());
         };
