@@ -778,33 +778,8 @@ print("page", m[50 << 20], flush=True)
         ready = ready.display(),
         go = go.display(),
     );
-    let child = Command::new(BIN)
-        .args([
-            "run",
-            "--socket",
-            sock.to_str().unwrap(),
-            "--mount",
-            MOUNT,
-            "--",
-        ])
-        .args(["python3", "-c", &script])
-        .env("SHADOWFD_PRELOAD", preload())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while !ready.exists() && t.elapsed() < std::time::Duration::from_secs(30) {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert!(ready.exists(), "the command never got ready");
-    server.kill().unwrap();
-    server.wait().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    std::fs::write(&go, b"").unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = python_until_the_server_dies(&mut server, &sock, &script, &ready, &go, 200);
     let out = String::from_utf8_lossy(&o.stdout);
-    eprintln!("{out}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("read errno 5"), "{out}");
     assert!(out.contains("open errno 5"), "{out}");
     assert!(!out.contains("page"), "an unfilled page was read: {out}");
@@ -1606,32 +1581,8 @@ for name, pid in (("early", early), ("late", late)):
         ready = ready.display(),
         go = go.display(),
     );
-    let child = Command::new(BIN)
-        .args([
-            "run",
-            "--socket",
-            sock.to_str().unwrap(),
-            "--mount",
-            MOUNT,
-            "--",
-        ])
-        .args(["python3", "-c", &script])
-        .env("SHADOWFD_PRELOAD", preload())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while !ready.exists() && t.elapsed() < std::time::Duration::from_secs(30) {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert!(ready.exists(), "the command never got ready");
-    server.kill().unwrap();
-    server.wait().unwrap();
-    std::fs::write(&go, b"").unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = python_until_the_server_dies(&mut server, &sock, &script, &ready, &go, 0);
     let out = String::from_utf8_lossy(&o.stdout);
-    eprintln!("{out}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(!out.contains("page"), "an unfilled page was read: {out}");
     assert!(out.contains("early-read True"), "{out}");
     assert!(out.contains("early -7"), "{out}");
@@ -1992,4 +1943,48 @@ int main(int argc, char **argv) {
     assert!(n("forks") >= 20, "too few forks to mean anything: {out}");
     assert_eq!(n("good"), n("forks"), "{out}");
     assert!(n("loops") >= 100, "the threads hardly ran: {out}");
+}
+
+/// Runs `script` in python3 under `shadowfd run --socket SOCK`; once it has
+/// made the file `ready`, kills the server, waits `settle_ms`, makes the
+/// file `go` for the script to go on, and returns its output.
+fn python_until_the_server_dies(
+    server: &mut std::process::Child,
+    sock: &Path,
+    script: &str,
+    ready: &Path,
+    go: &Path,
+    settle_ms: u64,
+) -> Output {
+    let child = Command::new(BIN)
+        .args([
+            "run",
+            "--socket",
+            sock.to_str().unwrap(),
+            "--mount",
+            MOUNT,
+            "--",
+        ])
+        .args(["python3", "-c", script])
+        .env("SHADOWFD_PRELOAD", preload())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !ready.exists() && t.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(ready.exists(), "the command never got ready");
+    server.kill().unwrap();
+    server.wait().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(settle_ms));
+    std::fs::write(go, b"").unwrap();
+    let o = child.wait_with_output().unwrap();
+    eprintln!(
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
 }
