@@ -599,17 +599,7 @@ fn sqlite3_with_mmap_in_an_ext4_image() {
 fn a_running_server_by_socket_and_lazy_maps() {
     let d = tempfile::tempdir().unwrap();
     let sock = d.path().join("s.sock");
-    let log = std::fs::File::create(d.path().join("log")).unwrap();
-    let mut server = Command::new(BIN)
-        .args(["serve", "--socket", sock.to_str().unwrap(), "--root"])
-        .arg(tree().dir.path())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while !sock.exists() && t.elapsed() < std::time::Duration::from_secs(10) {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut server = serve_tree(&sock, Some(&d.path().join("log")));
     let script = format!(
         r#"
 import mmap
@@ -644,21 +634,7 @@ print("page", m[100 * 4096 : 100 * 4096 + 8].hex())
 fn run_logged(args: &[&str]) -> (Output, String) {
     let d = tempfile::tempdir().unwrap();
     let sock = d.path().join("s.sock");
-    let log = std::fs::File::create(d.path().join("log")).unwrap();
-    let mut server = Command::new(BIN)
-        .args(["serve", "--socket", sock.to_str().unwrap(), "--root"])
-        .arg(tree().dir.path())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(
-            t.elapsed() < std::time::Duration::from_secs(10),
-            "the server did not listen within 10 s"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut server = serve_tree(&sock, Some(&d.path().join("log")));
     let o = run_with(&["--socket", sock.to_str().unwrap()], args);
     let _ = server.kill();
     let _ = server.wait();
@@ -744,16 +720,7 @@ fn server_death_is_an_error_never_zeros() {
     let d = tempfile::tempdir().unwrap();
     let sock = d.path().join("s.sock");
     let (ready, go) = (d.path().join("ready"), d.path().join("go"));
-    let mut server = Command::new(BIN)
-        .args(["serve", "--socket", sock.to_str().unwrap(), "--root"])
-        .arg(tree().dir.path())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while !sock.exists() && t.elapsed() < std::time::Duration::from_secs(10) {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut server = serve_tree(&sock, None);
     let script = format!(
         r#"
 import mmap, os, time
@@ -1534,16 +1501,7 @@ fn forked_children_of_a_dead_server_get_sigbus() {
     let d = tempfile::tempdir().unwrap();
     let sock = d.path().join("s.sock");
     let (ready, go) = (d.path().join("ready"), d.path().join("go"));
-    let mut server = Command::new(BIN)
-        .args(["serve", "--socket", sock.to_str().unwrap(), "--root"])
-        .arg(tree().dir.path())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while !sock.exists() && t.elapsed() < std::time::Duration::from_secs(10) {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut server = serve_tree(&sock, None);
     let script = format!(
         r#"
 import mmap, os, sys, time
@@ -1987,4 +1945,28 @@ fn python_until_the_server_dies(
         String::from_utf8_lossy(&o.stderr)
     );
     o
+}
+
+/// `shadowfd serve --socket SOCK --root TREE`, its log to `log` (or
+/// nowhere), once it accepts connections (within 10 s).
+fn serve_tree(sock: &Path, log: Option<&Path>) -> std::process::Child {
+    let stderr = match log {
+        Some(p) => std::process::Stdio::from(std::fs::File::create(p).unwrap()),
+        None => std::process::Stdio::null(),
+    };
+    let server = Command::new(BIN)
+        .args(["serve", "--socket", sock.to_str().unwrap(), "--root"])
+        .arg(tree().dir.path())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "the server did not listen within 10 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    server
 }
