@@ -1626,3 +1626,133 @@ print("parent", m[0] == first == {b0})
     assert!(out.contains("parent True"), "{out}");
     assert!(err.contains("the file changed on the server"), "{err}");
 }
+
+/// An ext4 image (4 KiB blocks) of `d/` with three files and `sub/file`,
+/// whose directory `d` has its first entry corrupted (`rec_len` 0): STAT of
+/// `d` works (its blocks are not read), LIST of it fails (`EIO`).
+fn corrupt_dir_image(base: &Path) -> PathBuf {
+    let src = base.join("src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    for i in 0..3 {
+        std::fs::write(src.join(format!("d/f{i}")), b"in d\n").unwrap();
+    }
+    std::fs::write(src.join("sub/file"), b"in sub\n").unwrap();
+    let img = base.join("bad.ext4");
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-d"])
+        .arg(&src)
+        .arg(&img)
+        .arg("16M")
+        .output()
+        .expect("mkfs.ext4 (e2fsprogs) is needed for the --image test");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new("debugfs")
+        .args(["-R", "blocks /d"])
+        .arg(&img)
+        .output()
+        .expect("debugfs (e2fsprogs) is needed to corrupt the test image");
+    let blocks = String::from_utf8(o.stdout).unwrap();
+    let block: u64 = blocks
+        .split_whitespace()
+        .next()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or_else(|| panic!("debugfs gave no block for /d: {blocks:?}"));
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    // Bytes 4-5 of the first entry: its record length.
+    f.write_all_at(&[0, 0], block * 4096 + 4).unwrap();
+    img
+}
+
+/// A descriptor number the shim once tracked as a served directory or
+/// file, closed where the shim's `close` kept no books, is never taken for
+/// the host descriptor the kernel hands out next under that number: after
+/// an `opendir` whose LIST failed (the placeholder closed inside the
+/// shim), after `fclose` of an `fdopen`ed directory descriptor (glibc's
+/// internal close), and after `close_range` (followed by raw `openat`
+/// system calls the shim does not see).
+#[test]
+fn closed_placeholders_never_shadow_host_descriptors() {
+    let d = tempfile::tempdir().unwrap();
+    let img = corrupt_dir_image(d.path());
+    let (_d, exe) = compile(
+        r#"
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static char *m;
+/* Whether `fd` is the host's /etc: fstat, openat, fchdir + getcwd. */
+static void host_etc(const char *what, int fd) {
+    struct stat a, b;
+    char cwd[4096] = "";
+    stat("/etc", &b);
+    int same = fstat(fd, &a) == 0 && a.st_ino == b.st_ino && a.st_dev == b.st_dev;
+    int f = openat(fd, "passwd", O_RDONLY);
+    int rel = f >= 0;
+    if (f >= 0) close(f);
+    int ch = fchdir(fd) == 0 && getcwd(cwd, sizeof cwd) && strcmp(cwd, "/etc") == 0;
+    if (chdir("/") != 0) perror("chdir");
+    printf("%s fstat %d openat %d cwd %d (%s)\n", what, same, rel, ch, cwd);
+}
+int main(int argc, char **argv) {
+    m = argv[1];
+    char p[4096];
+    snprintf(p, sizeof p, "%s/d", m);
+    struct stat st;
+    /* Connects to the server first, so the next free number is the probe's. */
+    printf("stat d %d\n", stat(p, &st) == 0 && S_ISDIR(st.st_mode));
+    int probe = open("/dev/null", O_RDONLY);
+    close(probe);
+    errno = 0;
+    DIR *bad = opendir(p);
+    printf("opendir %d %d\n", bad == NULL, errno == EIO);
+    int fd = open("/etc", O_RDONLY | O_DIRECTORY);
+    printf("reuse %d\n", fd == probe);
+    host_etc("after-opendir", fd);
+    close(fd);
+
+    snprintf(p, sizeof p, "%s/sub", m);
+    int dfd = open(p, O_RDONLY | O_DIRECTORY);
+    FILE *f = fdopen(dfd, "r");
+    printf("fdopen %d\n", f != NULL);
+    if (f) fclose(f);
+    fd = open("/etc", O_RDONLY | O_DIRECTORY);
+    printf("reuse %d\n", fd == dfd);
+    host_etc("after-fclose", fd);
+    close(fd);
+
+    dfd = open(p, O_RDONLY | O_DIRECTORY);
+    snprintf(p, sizeof p, "%s/sub/file", m);
+    int ffd = open(p, O_RDONLY);
+    int lo = dfd < ffd ? dfd : ffd, hi = dfd < ffd ? ffd : dfd;
+    printf("close_range %d\n", close_range(lo, hi, 0));
+    /* Raw system calls: the shim does not see these opens. */
+    int a = syscall(SYS_openat, AT_FDCWD, lo == dfd ? "/etc" : "/etc/passwd", O_RDONLY);
+    int b = syscall(SYS_openat, AT_FDCWD, lo == dfd ? "/etc/passwd" : "/etc", O_RDONLY);
+    printf("reuse %d\n", a == lo && b == hi);
+    int dir = lo == dfd ? a : b, file = lo == dfd ? b : a;
+    host_etc("after-close_range", dir);
+    char buf[5] = "";
+    ssize_t r = read(file, buf, 4);
+    printf("read %zd %d\n", r, r == 4 && memcmp(buf, "root", 4) == 0);
+    return 0;
+}
+"#,
+    );
+    let o = ok(run_with(
+        &["--image", img.to_str().unwrap()],
+        &[exe.to_str().unwrap(), MOUNT],
+    ));
+    let want = "stat d 1\nopendir 1 1\nreuse 1\nafter-opendir fstat 1 openat 1 cwd 1 (/etc)\n\
+                fdopen 1\nreuse 1\nafter-fclose fstat 1 openat 1 cwd 1 (/etc)\n\
+                close_range 0\nreuse 1\nafter-close_range fstat 1 openat 1 cwd 1 (/etc)\n\
+                read 4 1\n";
+    assert_eq!(String::from_utf8_lossy(&o), want);
+}

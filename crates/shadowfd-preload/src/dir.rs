@@ -116,6 +116,22 @@ fn dirfd_entry(fd: c_int) -> Option<Arc<DirFd>> {
     DIRFDS.lock().get(&fd).cloned()
 }
 
+/// Whether any served directory descriptor may be tracked.
+pub(crate) fn any() -> bool {
+    ANY_DIRFD.load(Ordering::Acquire)
+}
+
+/// Forgets the descriptors `first..=last` (closed together).
+pub(crate) fn forget_range(first: c_int, last: c_int) {
+    if ANY_DIRFD.load(Ordering::Acquire) && first <= last {
+        let mut t = DIRFDS.lock();
+        let fds: Vec<c_int> = t.range(first..=last).map(|(k, _)| *k).collect();
+        for k in fds {
+            t.remove(&k);
+        }
+    }
+}
+
 /// Forgets `fd` (it was closed, or reused for something else).
 pub(crate) fn forget(fd: c_int) {
     if ANY_DIRFD.load(Ordering::Acquire) {
@@ -490,8 +506,9 @@ pub unsafe extern "C" fn opendir(path: *const c_char) -> *mut libc::DIR {
                 let r = open_dir(&rel, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC)
                     .and_then(|fd| {
                         new_stream(fd, &rel).inspect_err(|_| {
-                            // SAFETY: our own placeholder.
-                            unsafe { crate::close(fd) };
+                            // Forgotten here too: this thread is inside
+                            // the shim, where `close` keeps no books.
+                            crate::close_own(fd);
                         })
                     });
                 return r.unwrap_or_else(|e| {
@@ -503,7 +520,13 @@ pub unsafe extern "C" fn opendir(path: *const c_char) -> *mut libc::DIR {
         }
     }
     // SAFETY: forwarding.
-    unsafe { real!("opendir", OpendirFn)(Route::host_path(&host, path)) }
+    let d = unsafe { real!("opendir", OpendirFn)(Route::host_path(&host, path)) };
+    if !d.is_null() {
+        // glibc opened it with an internal call: its descriptor is new.
+        // SAFETY: a live host stream.
+        crate::fresh(unsafe { real!("dirfd", unsafe extern "C" fn(*mut libc::DIR) -> c_int)(d) });
+    }
+    d
 }
 
 /// # Safety
@@ -627,8 +650,8 @@ pub unsafe extern "C" fn closedir(d: *mut libc::DIR) -> c_int {
         STREAMS.lock().remove(&(d as usize));
         // SAFETY: `d` was a live Box<Stream> of ours, now out of the table.
         let s = unsafe { Box::from_raw(d.cast::<Stream>()) };
-        // SAFETY: the stream's own placeholder descriptor.
-        return unsafe { crate::close(s.fd) };
+        // The stream's own placeholder descriptor.
+        return crate::close_own(s.fd);
     }
     // SAFETY: forwarding.
     unsafe { real!("closedir", unsafe extern "C" fn(*mut libc::DIR) -> c_int)(d) }
