@@ -1627,15 +1627,16 @@ print("parent", m[0] == first == {b0})
     assert!(err.contains("the file changed on the server"), "{err}");
 }
 
-/// An ext4 image (4 KiB blocks) of `d/` with three files and `sub/file`,
-/// whose directory `d` has its first entry corrupted (`rec_len` 0): STAT of
-/// `d` works (its blocks are not read), LIST of it fails (`EIO`).
-fn corrupt_dir_image(base: &Path) -> PathBuf {
+/// An ext4 image (4 KiB blocks) of `DIR/` with three files and
+/// `sub/file`, whose directory `DIR` has its first entry corrupted
+/// (`rec_len` 0): STAT of `DIR` works (its blocks are not read), LIST of
+/// it fails (`EIO`).
+fn corrupt_dir_image(base: &Path, dir: &str) -> PathBuf {
     let src = base.join("src");
-    std::fs::create_dir_all(src.join("d")).unwrap();
+    std::fs::create_dir_all(src.join(dir)).unwrap();
     std::fs::create_dir_all(src.join("sub")).unwrap();
     for i in 0..3 {
-        std::fs::write(src.join(format!("d/f{i}")), b"in d\n").unwrap();
+        std::fs::write(src.join(format!("{dir}/f{i}")), b"in d\n").unwrap();
     }
     std::fs::write(src.join("sub/file"), b"in sub\n").unwrap();
     let img = base.join("bad.ext4");
@@ -1648,7 +1649,7 @@ fn corrupt_dir_image(base: &Path) -> PathBuf {
         .expect("mkfs.ext4 (e2fsprogs) is needed for the --image test");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = Command::new("debugfs")
-        .args(["-R", "blocks /d"])
+        .args(["-R", &format!("blocks /{dir}")])
         .arg(&img)
         .output()
         .expect("debugfs (e2fsprogs) is needed to corrupt the test image");
@@ -1657,7 +1658,7 @@ fn corrupt_dir_image(base: &Path) -> PathBuf {
         .split_whitespace()
         .next()
         .and_then(|b| b.parse().ok())
-        .unwrap_or_else(|| panic!("debugfs gave no block for /d: {blocks:?}"));
+        .unwrap_or_else(|| panic!("debugfs gave no block for /{dir}: {blocks:?}"));
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
     // Bytes 4-5 of the first entry: its record length.
@@ -1675,7 +1676,7 @@ fn corrupt_dir_image(base: &Path) -> PathBuf {
 #[test]
 fn closed_placeholders_never_shadow_host_descriptors() {
     let d = tempfile::tempdir().unwrap();
-    let img = corrupt_dir_image(d.path());
+    let img = corrupt_dir_image(d.path(), "d");
     let (_d, exe) = compile(
         r#"
 #define _GNU_SOURCE
@@ -1755,4 +1756,72 @@ int main(int argc, char **argv) {
                 close_range 0\nreuse 1\nafter-close_range fstat 1 openat 1 cwd 1 (/etc)\n\
                 read 4 1\n";
     assert_eq!(String::from_utf8_lossy(&o), want);
+}
+
+/// Server refusals become errnos by their protocol code, never by the
+/// message (which names the path): `opendir` of a directory named
+/// `E_NOT_FOUND` whose listing fails with E_IO (its first entry corrupted
+/// in an ext4 image) fails with `EIO`, not `ENOENT`; `fdopendir` of a
+/// served directory descriptor whose directory became a file on the host
+/// (`--root`; LIST answers E_NOT_DIR) fails with `ENOTDIR`, not `EIO`.
+#[test]
+fn server_refusals_map_to_errno_by_code() {
+    let (_d, exe) = compile(
+        r#"
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char p[4096];
+    snprintf(p, sizeof p, "%s/%s", argv[1], argv[2]);
+    if (strcmp(argv[3], "opendir") == 0) {
+        errno = 0;
+        DIR *d = opendir(p);
+        printf("opendir %d %s\n", d == NULL, strerror(errno));
+        return 0;
+    }
+    int fd = open(p, O_RDONLY | O_DIRECTORY);
+    printf("open %d\n", fd >= 0);
+    /* The served directory becomes a file on the host. */
+    if (rmdir(argv[3]) != 0) { perror("rmdir"); return 2; }
+    int h = open(argv[3], O_WRONLY | O_CREAT | O_EXCL, 0644);
+    if (h < 0) { perror("create"); return 2; }
+    close(h);
+    errno = 0;
+    DIR *d = fdopendir(fd);
+    printf("fdopendir %d %s\n", d == NULL, strerror(errno));
+    return 0;
+}
+"#,
+    );
+    let d = tempfile::tempdir().unwrap();
+    let img = corrupt_dir_image(d.path(), "E_NOT_FOUND");
+    let o = ok(run_with(
+        &["--image", img.to_str().unwrap()],
+        &[exe.to_str().unwrap(), MOUNT, "E_NOT_FOUND", "opendir"],
+    ));
+    assert_eq!(
+        String::from_utf8_lossy(&o),
+        "opendir 1 Input/output error\n"
+    );
+
+    let root = d.path().join("root");
+    std::fs::create_dir_all(root.join("gone")).unwrap();
+    let host_dir = root.join("gone");
+    let o = ok(run_with(
+        &["--root", root.to_str().unwrap()],
+        &[
+            exe.to_str().unwrap(),
+            MOUNT,
+            "gone",
+            host_dir.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(
+        String::from_utf8_lossy(&o),
+        "open 1\nfdopendir 1 Not a directory\n"
+    );
 }

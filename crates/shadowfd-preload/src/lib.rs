@@ -233,20 +233,19 @@ fn client() -> Result<Client, c_int> {
     }
 }
 
+/// The errno for a client error: by the server's protocol code
+/// ([`shadowfd::Error::refusal_code`]), never by the message, which names
+/// the path. Anything else (the connection gone, ...) is `EIO`.
 fn errno_of(e: &shadowfd::Error) -> c_int {
-    let s = e.to_string();
-    if s.contains("E_NOT_FOUND") || s.contains("E_ESCAPE") {
-        libc::ENOENT
-    } else if s.contains("E_NOT_REGULAR") {
-        libc::EISDIR
-    } else if s.contains("E_ACCESS") {
-        libc::EACCES
-    } else if s.contains("E_LIMIT") {
-        libc::EMFILE
-    } else if s.contains("E_TOO_LARGE") {
-        libc::EFBIG
-    } else {
-        libc::EIO
+    use shadowfd::remote::wire;
+    match e.refusal_code() {
+        Some(wire::E_NOT_FOUND | wire::E_ESCAPE) => libc::ENOENT,
+        Some(wire::E_NOT_REGULAR) => libc::EISDIR,
+        Some(wire::E_NOT_DIR) => libc::ENOTDIR,
+        Some(wire::E_ACCESS) => libc::EACCES,
+        Some(wire::E_LIMIT) => libc::EMFILE,
+        Some(wire::E_TOO_LARGE) => libc::EFBIG,
+        _ => libc::EIO,
     }
 }
 
