@@ -1825,3 +1825,48 @@ int main(int argc, char **argv) {
         "open 1\nfdopendir 1 Not a directory\n"
     );
 }
+
+/// `chdir` into and out of the prefix never reallocates `environ` (which
+/// other threads' `getenv` may be reading): `SHADOWFD_RUN_CWD` is added
+/// at load and only its value changes. The virtual working directory
+/// still reaches a program exec'd with `execv` (glibc's internal
+/// `execve`, through `environ`).
+#[test]
+fn chdir_never_reallocates_environ() {
+    let (_d, exe) = compile(
+        r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+extern char **environ;
+int main(int argc, char **argv) {
+    char p[4096];
+    char **before = environ;
+    const char *v = getenv("SHADOWFD_RUN_CWD");
+    printf("at start [%s]\n", v ? v : "(unset)");
+    snprintf(p, sizeof p, "%s/sub", argv[1]);
+    int a = chdir(p);
+    printf("in %d [%s] same %d\n", a, getenv("SHADOWFD_RUN_CWD"), environ == before);
+    int b = chdir("deeper");
+    printf("deeper %d [%s] same %d\n", b, getenv("SHADOWFD_RUN_CWD"), environ == before);
+    int c = chdir("/");
+    printf("out %d [%s] same %d\n", c, getenv("SHADOWFD_RUN_CWD"), environ == before);
+    if (chdir(p) != 0) return 2;
+    fflush(stdout);
+    char *args[] = {"cat", "file", NULL};
+    execv("/bin/cat", args);
+    perror("execv");
+    return 3;
+}
+"#,
+    );
+    for serve in dir_serves() {
+        let out = ok(run_dirs(&serve, &[exe.to_str().unwrap(), MOUNT]));
+        let want = format!(
+            "at start []\nin 0 [{MOUNT}/sub] same 1\ndeeper 0 [{MOUNT}/sub/deeper] same 1\n\
+             out 0 [] same 1\nin sub\n"
+        );
+        assert_eq!(String::from_utf8_lossy(&out), want, "{serve:?}");
+    }
+}

@@ -89,24 +89,35 @@ fn set_vcwd(rel: Option<String>) {
         let mut v = VCWD.lock();
         let old = v.clone().flatten();
         *v = Some(rel.clone());
-        old != rel || std::env::var_os(CWD_VAR).is_some() != rel.is_some()
+        let in_env = std::env::var_os(CWD_VAR).is_some_and(|v| !v.is_empty());
+        old != rel || in_env != rel.is_some()
     };
     if changed {
+        // environ is kept up to date (not only the execve wrapper's
+        // environment) because glibc's execv*, execl*, posix_spawn and
+        // system exec with internal calls no preload sees. The variable
+        // was added at load ([`cwd_var_init`]), so this only replaces its
+        // value (empty: no virtual working directory): glibc then stores
+        // one pointer in `environ` and never reallocates the array that
+        // other threads' `getenv` may be reading (docs/run.md).
+        let v = rel.as_ref().map(|r| full(r)).unwrap_or_default();
+        let v = CString::new(v).unwrap_or_default();
         // SAFETY: NUL-terminated strings; the environment is only changed
-        // here, on a chdir.
-        unsafe {
-            let name = CString::new(CWD_VAR).expect("no NUL");
-            match &rel {
-                Some(r) => {
-                    let v = CString::new(full(r)).unwrap_or_default();
-                    libc::setenv(name.as_ptr(), v.as_ptr(), 1);
-                }
-                None => {
-                    libc::unsetenv(name.as_ptr());
-                }
-            }
-        }
+        // here, on a chdir, and at load.
+        unsafe { libc::setenv(c"SHADOWFD_RUN_CWD".as_ptr(), v.as_ptr(), 1) };
     }
+}
+
+/// At load, under `shadowfd run`: adds `SHADOWFD_RUN_CWD` (empty when it
+/// is not set) to `environ`, while the process has one thread, so that a
+/// later `chdir` only replaces its value ([`set_vcwd`]).
+fn cwd_var_init() {
+    if env().is_none() {
+        return;
+    }
+    // SAFETY: NUL-terminated strings; no other thread runs yet (library
+    // constructors run before main), and overwrite = 0 keeps a value.
+    unsafe { libc::setenv(c"SHADOWFD_RUN_CWD".as_ptr(), c"".as_ptr(), 0) };
 }
 
 fn dirfd_entry(fd: c_int) -> Option<Arc<DirFd>> {
@@ -1067,6 +1078,7 @@ extern "C" fn dir_after_fork() {
 }
 
 extern "C" fn dir_init() {
+    cwd_var_init();
     // SAFETY: valid handlers with no preconditions.
     unsafe {
         libc::pthread_atfork(
