@@ -209,3 +209,90 @@ fn list_and_stat_an_ext4_image() {
     mkfs_ext4(&root, &img);
     assert_eq!(c.stat("a/b/c/deep.txt").unwrap().size, 10);
 }
+
+/// The server's resident memory (`VmRSS`) in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// A client that LISTs one directory of 1024 entries under 150 spellings
+/// padded with `./` (0.9 to 1.2 KB each) cannot grow a `shadowfd serve
+/// --image` by more than a few MiB: what the server remembers of a
+/// listing is keyed by the canonical path and capped in bytes. (Keyed by
+/// the spelling, 63 such LISTs grew it from 7.9 MB to 173 MB.) A path over
+/// 4096 bytes is refused with E_RANGE.
+#[test]
+fn padded_list_paths_cannot_grow_an_image_server() {
+    let base = tempfile::tempdir().unwrap();
+    let src = base.path().join("src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    for i in 0..1024 {
+        std::fs::write(src.join(format!("d/entry-{i:04}")), b"").unwrap();
+    }
+    let img = base.path().join("d.ext4");
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&src)
+        .arg(&img)
+        .arg("16M")
+        .output()
+        .expect("mkfs.ext4 (e2fsprogs) is needed for the --image test");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let sock = base.path().join("s.sock");
+    /// Kills the server however the test ends.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let server = Kill(
+        Command::new(env!("CARGO_BIN_EXE_shadowfd"))
+            .args(["serve", "--socket", sock.to_str().unwrap(), "--image"])
+            .arg(&img)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = server.0.id();
+    let t = std::time::Instant::now();
+    while !sock.exists() && t.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let opts = ClientOptions {
+        userfaultfd: false,
+        ..ClientOptions::default()
+    };
+    let c = Client::from_stream(UnixStream::connect(&sock).unwrap(), opts).unwrap();
+    // Warm up: the image loaded, one listing remembered.
+    assert_eq!(c.list("d").unwrap().len(), 1024);
+    assert_eq!(c.stat("d/entry-0007").unwrap().kind, PathKind::File);
+    let before = rss_kib(pid);
+    for k in 0..150 {
+        let path = format!("/{}d", "./".repeat(450 + k));
+        assert_eq!(c.list(&path).unwrap().len(), 1024, "{}", path.len());
+    }
+    // What was learned still serves a STAT by its plain spelling.
+    assert_eq!(c.stat("/./d/entry-1023").unwrap().kind, PathKind::File);
+    let after = rss_kib(pid);
+    let long = format!("/{}d", "./".repeat(2100));
+    let refusal = c.list(&long).map(|_| ());
+    drop(server);
+    let grown = after.saturating_sub(before);
+    eprintln!("server VmRSS {before} KiB -> {after} KiB");
+    assert!(
+        grown < 16 << 10,
+        "the server grew by {grown} KiB ({before} -> {after} KiB)"
+    );
+    let e = refusal.expect_err("a path over 4096 bytes").to_string();
+    assert!(
+        e.contains("E_RANGE") && e.contains("the limit is 4096 bytes"),
+        "{e}"
+    );
+}

@@ -13,7 +13,12 @@ const BIN: &str = env!("CARGO_BIN_EXE_shadowfd");
 const MOUNT: &str = "/shadowfd-run-test";
 const BIG: usize = 64 << 20;
 
+use common::OutputWithin;
 use common::preload;
+
+/// How long any one program of these tests may run before it is killed
+/// and its test fails (a hang must never hang the suite).
+const LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// A served tree: big.bin (64 MiB), small.txt, sub/odd.bin (not page-sized).
 struct Tree {
@@ -112,8 +117,7 @@ fn run_with(serve: &[&str], args: &[&str]) -> Output {
         .args(args)
         .env("SHADOWFD_PRELOAD", lib)
         .env_remove("SHADOWFD_MODE")
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     eprintln!(
         "run {args:?}: {}\nstderr:\n{}",
         o.status,
@@ -151,7 +155,7 @@ fn cat_is_byte_exact() {
 #[test]
 fn sha256sum_matches_the_host() {
     let sh = |args: &[&str]| -> String {
-        let o = Command::new("sha256sum").args(args).output().unwrap();
+        let o = Command::new("sha256sum").args(args).output_within(LIMIT);
         String::from_utf8(o.stdout).unwrap()
     };
     let want = sh(&[host("big.bin").to_str().unwrap()]);
@@ -177,8 +181,7 @@ fn cp_to_the_host_then_cmp() {
     let o = Command::new("cmp")
         .arg(&to)
         .arg(host("big.bin"))
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     assert!(
         o.status.success(),
         "cmp: {}",
@@ -283,8 +286,7 @@ print("parent-after-fork", os.read(fd, 10) == d[9000:9010])
     let want = {
         let o = Command::new("sha256sum")
             .arg(host("big.bin"))
-            .output()
-            .unwrap();
+            .output_within(LIMIT);
         String::from_utf8(o.stdout).unwrap()
     };
     let want = want.split_whitespace().next().unwrap();
@@ -495,8 +497,7 @@ fn setup_errors_never_run_the_command() {
             "run", "--root", "/tmp", "--mount", "relative", "--", "sh", "-c", &touch,
         ])
         .env("SHADOWFD_PRELOAD", preload())
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--mount"));
     let o = Command::new(BIN)
@@ -512,8 +513,7 @@ fn setup_errors_never_run_the_command() {
             &touch,
         ])
         .env("SHADOWFD_PRELOAD", preload())
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     assert!(!o.status.success());
     assert!(!marker.exists());
 }
@@ -531,8 +531,7 @@ fn cat_from_an_ext4_image() {
         .arg(&src)
         .arg(&img)
         .arg("16M")
-        .output()
-        .expect("mkfs.ext4 (e2fsprogs) is needed for the --image test");
+        .output_within(LIMIT);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = ok(run_with(
         &["--image", img.to_str().unwrap()],
@@ -562,15 +561,17 @@ fn sqlite3_with_mmap_in_an_ext4_image() {
         with recursive c(i) as (select 1 union all select i + 1 from c where i < 200000) \
         insert into t select i, hex(randomblob(24)) from c; \
         create index ty on t(y);";
-    let o = Command::new("sqlite3").arg(&db).arg(make).output().unwrap();
+    let o = Command::new("sqlite3")
+        .arg(&db)
+        .arg(make)
+        .output_within(LIMIT);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let query = "select count(*), sum(x), min(y), max(y) from t; \
                  select x from t where y = (select y from t where x = 123456);";
     let host = Command::new("sqlite3")
         .arg(&db)
         .arg(query)
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     assert!(host.status.success());
     let img = d.path().join("fs.img");
     let o = Command::new("mkfs.ext4")
@@ -578,8 +579,7 @@ fn sqlite3_with_mmap_in_an_ext4_image() {
         .arg(&src)
         .arg(&img)
         .arg("64M")
-        .output()
-        .expect("mkfs.ext4 (e2fsprogs) is needed for the --image test");
+        .output_within(LIMIT);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = ok(run_with(
         &["--image", img.to_str().unwrap()],
@@ -687,8 +687,7 @@ print("done")
         .env("SHADOWFD_PRELOAD", preload())
         .env("SHADOWFD_RUN_NO_USERFAULTFD", "1")
         .env_remove("SHADOWFD_MODE")
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     let out = String::from_utf8(ok(o)).unwrap();
     assert!(out.contains("whole True"), "{out}");
     assert!(out.contains("offset True"), "{out}");
@@ -855,8 +854,7 @@ fn dir_tree() -> &'static DirTree {
             .arg(&src)
             .arg(&img)
             .arg("32M")
-            .output()
-            .expect("mkfs.ext4 (e2fsprogs) is needed for the directory tests");
+            .output_within(LIMIT);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         DirTree {
             _dir: dir,
@@ -913,8 +911,7 @@ fn python_lists_walks_and_stats_directories_like_the_host() {
     let host = ok(Command::new("python3")
         .args(["-c", PY_WALK])
         .arg(&t.src)
-        .output()
-        .unwrap());
+        .output_within(LIMIT));
     // On the host the directories are writable; served ones are not.
     let host = String::from_utf8(host)
         .unwrap()
@@ -978,12 +975,10 @@ fn ls_and_find_list_served_directories() {
     let src = t.src.to_str().unwrap();
     let host_ls = ok(Command::new("ls")
         .args(["-a1", &format!("{src}/sub")])
-        .output()
-        .unwrap());
+        .output_within(LIMIT));
     let host_find = ok(Command::new("find")
         .args([src, "-type", "f"])
-        .output()
-        .unwrap());
+        .output_within(LIMIT));
     let host_find = sorted_lines(&host_find, src, MOUNT);
     assert_eq!(host_find.len(), 5);
     for serve in dir_serves() {
@@ -1044,8 +1039,7 @@ fn tar_of_the_prefix_lists_and_extracts_byte_exact() {
         let list = ok(Command::new("tar")
             .arg("-tf")
             .arg(&archive)
-            .output()
-            .unwrap());
+            .output_within(LIMIT));
         let mut got = sorted_lines(&list, "", "");
         if image {
             got.retain(|l| !l.starts_with("./lost+found"));
@@ -1058,14 +1052,12 @@ fn tar_of_the_prefix_lists_and_extracts_byte_exact() {
             .arg(&x)
             .arg("-xf")
             .arg(&archive)
-            .output()
-            .unwrap());
+            .output_within(LIMIT));
         let diff = Command::new("diff")
             .args(["-r", "-x", "lost+found"])
             .arg(&t.src)
             .arg(&x)
-            .output()
-            .unwrap();
+            .output_within(LIMIT);
         assert!(
             diff.status.success(),
             "{serve:?}: {}",
@@ -1076,8 +1068,7 @@ fn tar_of_the_prefix_lists_and_extracts_byte_exact() {
         ok(Command::new("chmod")
             .args(["-R", "u+w"])
             .arg(&x)
-            .output()
-            .unwrap());
+            .output_within(LIMIT));
     }
 }
 
@@ -1401,8 +1392,7 @@ int main(int argc, char **argv) {
         .env("SHADOWFD_PRELOAD", preload())
         .env("SHADOWFD_RUN_NO_USERFAULTFD", "1")
         .env_remove("SHADOWFD_MODE")
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     let out = String::from_utf8(ok(o)).unwrap();
     for want in [
         "fixed 1 1",
@@ -1649,8 +1639,7 @@ del a
     let o = Command::new(py)
         .args(["-c", make])
         .arg(&npy)
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(std::fs::metadata(&npy).unwrap().len() > 512 << 20);
     let img = d.path().join("fs.img");
@@ -1659,14 +1648,12 @@ del a
         .arg(&src)
         .arg(&img)
         .arg("600M")
-        .output()
-        .expect("mkfs.ext4 (e2fsprogs) is needed for the --image test");
+        .output_within(LIMIT);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let on_host = Command::new(py)
         .args(["-c", IMAGE_PY_CHECKS])
         .arg(&src)
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     let want = String::from_utf8(ok(on_host)).unwrap();
     // The host's answers are right in themselves: numpy's sum is the sum
     // of the values written, and the hash is that of the bytes written.
@@ -1684,8 +1671,7 @@ del a
     let sha = {
         let o = Command::new("sha256sum")
             .arg(src.join("data.bin"))
-            .output()
-            .unwrap();
+            .output_within(LIMIT);
         String::from_utf8(o.stdout).unwrap()
     };
     let sha = sha.split_whitespace().next().unwrap();
@@ -1774,7 +1760,7 @@ print("parent-next", hashlib.sha256(os.read(fd, 4096)).hexdigest())
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x");
         std::fs::write(&p, b).unwrap();
-        let o = Command::new("sha256sum").arg(&p).output().unwrap();
+        let o = Command::new("sha256sum").arg(&p).output_within(LIMIT);
         String::from_utf8(o.stdout)
             .unwrap()
             .split_whitespace()
@@ -1969,4 +1955,246 @@ fn serve_tree(sock: &Path, log: Option<&Path>) -> std::process::Child {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     server
+}
+
+/// An ext4 image (4 KiB blocks) of `DIR/` with three files and
+/// `sub/file`, whose directory `DIR` has its first entry corrupted
+/// (`rec_len` 0): STAT of `DIR` works (its blocks are not read), LIST of
+/// it fails (`EIO`).
+fn corrupt_dir_image(base: &Path, dir: &str) -> PathBuf {
+    let src = base.join("src");
+    std::fs::create_dir_all(src.join(dir)).unwrap();
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    for i in 0..3 {
+        std::fs::write(src.join(format!("{dir}/f{i}")), b"in d\n").unwrap();
+    }
+    std::fs::write(src.join("sub/file"), b"in sub\n").unwrap();
+    let img = base.join("bad.ext4");
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-d"])
+        .arg(&src)
+        .arg(&img)
+        .arg("16M")
+        .output_within(LIMIT);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new("debugfs")
+        .args(["-R", &format!("blocks /{dir}")])
+        .arg(&img)
+        .output_within(LIMIT);
+    let blocks = String::from_utf8(o.stdout).unwrap();
+    let block: u64 = blocks
+        .split_whitespace()
+        .next()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or_else(|| panic!("debugfs gave no block for /{dir}: {blocks:?}"));
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    // Bytes 4-5 of the first entry: its record length.
+    f.write_all_at(&[0, 0], block * 4096 + 4).unwrap();
+    img
+}
+
+/// A descriptor number the shim once tracked as a served directory or
+/// file, closed where the shim's `close` kept no books, is never taken for
+/// the host descriptor the kernel hands out next under that number: after
+/// an `opendir` whose LIST failed (the placeholder closed inside the
+/// shim), after `fclose` of an `fdopen`ed directory descriptor (glibc's
+/// internal close), and after `close_range` (followed by raw `openat`
+/// system calls the shim does not see).
+#[test]
+fn closed_placeholders_never_shadow_host_descriptors() {
+    let d = tempfile::tempdir().unwrap();
+    let img = corrupt_dir_image(d.path(), "d");
+    let (_d, exe) = compile(
+        r#"
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static char *m;
+/* Whether `fd` is the host's /etc: fstat, openat, fchdir + getcwd. */
+static void host_etc(const char *what, int fd) {
+    struct stat a, b;
+    char cwd[4096] = "";
+    stat("/etc", &b);
+    int same = fstat(fd, &a) == 0 && a.st_ino == b.st_ino && a.st_dev == b.st_dev;
+    int f = openat(fd, "passwd", O_RDONLY);
+    int rel = f >= 0;
+    if (f >= 0) close(f);
+    int ch = fchdir(fd) == 0 && getcwd(cwd, sizeof cwd) && strcmp(cwd, "/etc") == 0;
+    if (chdir("/") != 0) perror("chdir");
+    printf("%s fstat %d openat %d cwd %d (%s)\n", what, same, rel, ch, cwd);
+}
+int main(int argc, char **argv) {
+    m = argv[1];
+    char p[4096];
+    snprintf(p, sizeof p, "%s/d", m);
+    struct stat st;
+    /* Connects to the server first, so the next free number is the probe's. */
+    printf("stat d %d\n", stat(p, &st) == 0 && S_ISDIR(st.st_mode));
+    int probe = open("/dev/null", O_RDONLY);
+    close(probe);
+    errno = 0;
+    DIR *bad = opendir(p);
+    printf("opendir %d %d\n", bad == NULL, errno == EIO);
+    int fd = open("/etc", O_RDONLY | O_DIRECTORY);
+    printf("reuse %d\n", fd == probe);
+    host_etc("after-opendir", fd);
+    close(fd);
+
+    snprintf(p, sizeof p, "%s/sub", m);
+    int dfd = open(p, O_RDONLY | O_DIRECTORY);
+    FILE *f = fdopen(dfd, "r");
+    printf("fdopen %d\n", f != NULL);
+    if (f) fclose(f);
+    fd = open("/etc", O_RDONLY | O_DIRECTORY);
+    printf("reuse %d\n", fd == dfd);
+    host_etc("after-fclose", fd);
+    close(fd);
+
+    dfd = open(p, O_RDONLY | O_DIRECTORY);
+    snprintf(p, sizeof p, "%s/sub/file", m);
+    int ffd = open(p, O_RDONLY);
+    int lo = dfd < ffd ? dfd : ffd, hi = dfd < ffd ? ffd : dfd;
+    printf("close_range %d\n", close_range(lo, hi, 0));
+    /* Raw system calls: the shim does not see these opens. */
+    int a = syscall(SYS_openat, AT_FDCWD, lo == dfd ? "/etc" : "/etc/passwd", O_RDONLY);
+    int b = syscall(SYS_openat, AT_FDCWD, lo == dfd ? "/etc/passwd" : "/etc", O_RDONLY);
+    printf("reuse %d\n", a == lo && b == hi);
+    int dir = lo == dfd ? a : b, file = lo == dfd ? b : a;
+    host_etc("after-close_range", dir);
+    char buf[5] = "";
+    ssize_t r = read(file, buf, 4);
+    printf("read %zd %d\n", r, r == 4 && memcmp(buf, "root", 4) == 0);
+    return 0;
+}
+"#,
+    );
+    let o = ok(run_with(
+        &["--image", img.to_str().unwrap()],
+        &[exe.to_str().unwrap(), MOUNT],
+    ));
+    let want = "stat d 1\nopendir 1 1\nreuse 1\nafter-opendir fstat 1 openat 1 cwd 1 (/etc)\n\
+                fdopen 1\nreuse 1\nafter-fclose fstat 1 openat 1 cwd 1 (/etc)\n\
+                close_range 0\nreuse 1\nafter-close_range fstat 1 openat 1 cwd 1 (/etc)\n\
+                read 4 1\n";
+    assert_eq!(String::from_utf8_lossy(&o), want);
+}
+
+/// Server refusals become errnos by their protocol code, never by the
+/// message (which names the path): `opendir` of a directory named
+/// `E_NOT_FOUND` whose listing fails with E_IO (its first entry corrupted
+/// in an ext4 image) fails with `EIO`, not `ENOENT`; `fdopendir` of a
+/// served directory descriptor whose directory became a file on the host
+/// (`--root`; LIST answers E_NOT_DIR) fails with `ENOTDIR`, not `EIO`.
+#[test]
+fn server_refusals_map_to_errno_by_code() {
+    let (_d, exe) = compile(
+        r#"
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char p[4096];
+    snprintf(p, sizeof p, "%s/%s", argv[1], argv[2]);
+    if (strcmp(argv[3], "opendir") == 0) {
+        errno = 0;
+        DIR *d = opendir(p);
+        printf("opendir %d %s\n", d == NULL, strerror(errno));
+        return 0;
+    }
+    int fd = open(p, O_RDONLY | O_DIRECTORY);
+    printf("open %d\n", fd >= 0);
+    /* The served directory becomes a file on the host. */
+    if (rmdir(argv[3]) != 0) { perror("rmdir"); return 2; }
+    int h = open(argv[3], O_WRONLY | O_CREAT | O_EXCL, 0644);
+    if (h < 0) { perror("create"); return 2; }
+    close(h);
+    errno = 0;
+    DIR *d = fdopendir(fd);
+    printf("fdopendir %d %s\n", d == NULL, strerror(errno));
+    return 0;
+}
+"#,
+    );
+    let d = tempfile::tempdir().unwrap();
+    let img = corrupt_dir_image(d.path(), "E_NOT_FOUND");
+    let o = ok(run_with(
+        &["--image", img.to_str().unwrap()],
+        &[exe.to_str().unwrap(), MOUNT, "E_NOT_FOUND", "opendir"],
+    ));
+    assert_eq!(
+        String::from_utf8_lossy(&o),
+        "opendir 1 Input/output error\n"
+    );
+
+    let root = d.path().join("root");
+    std::fs::create_dir_all(root.join("gone")).unwrap();
+    let host_dir = root.join("gone");
+    let o = ok(run_with(
+        &["--root", root.to_str().unwrap()],
+        &[
+            exe.to_str().unwrap(),
+            MOUNT,
+            "gone",
+            host_dir.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(
+        String::from_utf8_lossy(&o),
+        "open 1\nfdopendir 1 Not a directory\n"
+    );
+}
+
+/// `chdir` into and out of the prefix never reallocates `environ` (which
+/// other threads' `getenv` may be reading): `SHADOWFD_RUN_CWD` is added
+/// at load and only its value changes. The virtual working directory
+/// still reaches a program exec'd with `execv` (glibc's internal
+/// `execve`, through `environ`).
+#[test]
+fn chdir_never_reallocates_environ() {
+    let (_d, exe) = compile(
+        r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+extern char **environ;
+int main(int argc, char **argv) {
+    char p[4096];
+    char **before = environ;
+    const char *v = getenv("SHADOWFD_RUN_CWD");
+    printf("at start [%s]\n", v ? v : "(unset)");
+    snprintf(p, sizeof p, "%s/sub", argv[1]);
+    int a = chdir(p);
+    printf("in %d [%s] same %d\n", a, getenv("SHADOWFD_RUN_CWD"), environ == before);
+    int b = chdir("deeper");
+    printf("deeper %d [%s] same %d\n", b, getenv("SHADOWFD_RUN_CWD"), environ == before);
+    int c = chdir("/");
+    printf("out %d [%s] same %d\n", c, getenv("SHADOWFD_RUN_CWD"), environ == before);
+    if (chdir(p) != 0) return 2;
+    fflush(stdout);
+    char *args[] = {"cat", "file", NULL};
+    execv("/bin/cat", args);
+    perror("execv");
+    return 3;
+}
+"#,
+    );
+    for serve in dir_serves() {
+        let out = ok(run_dirs(&serve, &[exe.to_str().unwrap(), MOUNT]));
+        let want = format!(
+            "at start []\nin 0 [{MOUNT}/sub] same 1\ndeeper 0 [{MOUNT}/sub/deeper] same 1\n\
+             out 0 [] same 1\nin sub\n"
+        );
+        assert_eq!(String::from_utf8_lossy(&out), want, "{serve:?}");
+    }
 }

@@ -107,3 +107,62 @@ pub fn preload() -> &'static Path {
         lib
     })
 }
+
+/// [`Command::output`] with a deadline, so that a hung program fails its
+/// test instead of hanging the suite.
+pub trait OutputWithin {
+    /// Runs the command in a process group of its own (stdin from
+    /// `/dev/null`, stdout and stderr captured); past `limit`, kills the
+    /// whole group and panics naming the command.
+    fn output_within(&mut self, limit: std::time::Duration) -> std::process::Output;
+}
+
+impl OutputWithin for Command {
+    fn output_within(&mut self, limit: std::time::Duration) -> std::process::Output {
+        use std::io::Read;
+        use std::os::unix::process::CommandExt;
+        use std::process::Stdio;
+        let mut child = self
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {self:?}: {e}"));
+        let drain = |mut r: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                let _ = r.read_to_end(&mut v);
+                v
+            })
+        };
+        let out = drain(Box::new(child.stdout.take().unwrap()));
+        let err = drain(Box::new(child.stderr.take().unwrap()));
+        let t = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if t.elapsed() > limit {
+                let pid = child.id() as libc::pid_t;
+                // SAFETY: signals the process group this command leads.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+                let _ = child.wait();
+                let stderr = err.join().unwrap_or_default();
+                panic!(
+                    "{self:?} did not finish within {limit:?}; killed. stderr:\n{}",
+                    String::from_utf8_lossy(&stderr)
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        // Whatever the group left running holds the pipes: end it too.
+        // SAFETY: signals the (now empty or orphaned) process group.
+        unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+        std::process::Output {
+            status,
+            stdout: out.join().unwrap_or_default(),
+            stderr: err.join().unwrap_or_default(),
+        }
+    }
+}

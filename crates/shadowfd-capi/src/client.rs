@@ -35,32 +35,24 @@ fn code_errno(code: u64) -> c_int {
     }
 }
 
-/// A failure from the Rust client. The client reports a server's refusal
-/// as a protocol error whose text names the code ("the server refused
-/// OPEN \"x\": E_NOT_FOUND (4): ..."); the code becomes the errno, so a C
-/// caller can tell a missing file from a path out of the served tree.
+/// A failure from the Rust client. A server's refusal carries its
+/// protocol code ([`sfd::Error::refusal_code`]); the code becomes the
+/// errno, so a C caller can tell a missing file from a path out of the
+/// served tree.
 pub(crate) fn failure(e: sfd::Error) -> Failure {
     let msg = e.to_string();
-    let errno = match &e {
-        sfd::Error::Protocol { what } => {
-            let refused = what.find("the server refused ").map(|i| &what[i..]);
-            let code = refused.and_then(|r| {
-                (1..=64u64)
-                    .filter_map(|c| {
-                        r.find(&format!(": {} ({c}): ", wire::code_name(c)))
-                            .map(|at| (at, c))
-                    })
-                    .min()
-                    .map(|(_, c)| c)
-            });
-            match code {
-                Some(c) => code_errno(c),
-                None if what.contains("closed the connection") => libc::ECONNRESET,
-                None if what.contains("within the client timeout") => libc::ETIMEDOUT,
-                None => libc::EPROTO,
+    let errno = match (&e, e.refusal_code()) {
+        (_, Some(c)) => code_errno(c),
+        (sfd::Error::Protocol { what }, None) => {
+            if what.contains("closed the connection") {
+                libc::ECONNRESET
+            } else if what.contains("within the client timeout") {
+                libc::ETIMEDOUT
+            } else {
+                libc::EPROTO
             }
         }
-        other => errno_of(other),
+        (other, None) => errno_of(other),
     };
     Failure::new(errno, msg)
 }

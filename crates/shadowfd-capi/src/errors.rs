@@ -84,7 +84,7 @@ pub(crate) fn errno_of(e: &Error) -> c_int {
         Error::NotMaterialized { .. } => libc::EBUSY,
         Error::SourceChanged { .. } => libc::ESTALE,
         Error::Range { .. } => libc::ERANGE,
-        Error::Protocol { .. } => libc::EPROTO,
+        Error::Protocol { .. } | Error::Refused { .. } => libc::EPROTO,
         _ => libc::EIO,
     }
 }

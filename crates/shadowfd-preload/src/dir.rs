@@ -89,24 +89,35 @@ fn set_vcwd(rel: Option<String>) {
         let mut v = VCWD.lock();
         let old = v.clone().flatten();
         *v = Some(rel.clone());
-        old != rel || std::env::var_os(CWD_VAR).is_some() != rel.is_some()
+        let in_env = std::env::var_os(CWD_VAR).is_some_and(|v| !v.is_empty());
+        old != rel || in_env != rel.is_some()
     };
     if changed {
+        // environ is kept up to date (not only the execve wrapper's
+        // environment) because glibc's execv*, execl*, posix_spawn and
+        // system exec with internal calls no preload sees. The variable
+        // was added at load ([`cwd_var_init`]), so this only replaces its
+        // value (empty: no virtual working directory): glibc then stores
+        // one pointer in `environ` and never reallocates the array that
+        // other threads' `getenv` may be reading (docs/run.md).
+        let v = rel.as_ref().map(|r| full(r)).unwrap_or_default();
+        let v = CString::new(v).unwrap_or_default();
         // SAFETY: NUL-terminated strings; the environment is only changed
-        // here, on a chdir.
-        unsafe {
-            let name = CString::new(CWD_VAR).expect("no NUL");
-            match &rel {
-                Some(r) => {
-                    let v = CString::new(full(r)).unwrap_or_default();
-                    libc::setenv(name.as_ptr(), v.as_ptr(), 1);
-                }
-                None => {
-                    libc::unsetenv(name.as_ptr());
-                }
-            }
-        }
+        // here, on a chdir, and at load.
+        unsafe { libc::setenv(c"SHADOWFD_RUN_CWD".as_ptr(), v.as_ptr(), 1) };
     }
+}
+
+/// At load, under `shadowfd run`: adds `SHADOWFD_RUN_CWD` (empty when it
+/// is not set) to `environ`, while the process has one thread, so that a
+/// later `chdir` only replaces its value ([`set_vcwd`]).
+fn cwd_var_init() {
+    if env().is_none() {
+        return;
+    }
+    // SAFETY: NUL-terminated strings; no other thread runs yet (library
+    // constructors run before main), and overwrite = 0 keeps a value.
+    unsafe { libc::setenv(c"SHADOWFD_RUN_CWD".as_ptr(), c"".as_ptr(), 0) };
 }
 
 fn dirfd_entry(fd: c_int) -> Option<Arc<DirFd>> {
@@ -114,6 +125,22 @@ fn dirfd_entry(fd: c_int) -> Option<Arc<DirFd>> {
         return None;
     }
     DIRFDS.lock().get(&fd).cloned()
+}
+
+/// Whether any served directory descriptor may be tracked.
+pub(crate) fn any() -> bool {
+    ANY_DIRFD.load(Ordering::Acquire)
+}
+
+/// Forgets the descriptors `first..=last` (closed together).
+pub(crate) fn forget_range(first: c_int, last: c_int) {
+    if ANY_DIRFD.load(Ordering::Acquire) && first <= last {
+        let mut t = DIRFDS.lock();
+        let fds: Vec<c_int> = t.range(first..=last).map(|(k, _)| *k).collect();
+        for k in fds {
+            t.remove(&k);
+        }
+    }
 }
 
 /// Forgets `fd` (it was closed, or reused for something else).
@@ -490,8 +517,9 @@ pub unsafe extern "C" fn opendir(path: *const c_char) -> *mut libc::DIR {
                 let r = open_dir(&rel, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC)
                     .and_then(|fd| {
                         new_stream(fd, &rel).inspect_err(|_| {
-                            // SAFETY: our own placeholder.
-                            unsafe { crate::close(fd) };
+                            // Forgotten here too: this thread is inside
+                            // the shim, where `close` keeps no books.
+                            crate::close_own(fd);
                         })
                     });
                 return r.unwrap_or_else(|e| {
@@ -503,7 +531,13 @@ pub unsafe extern "C" fn opendir(path: *const c_char) -> *mut libc::DIR {
         }
     }
     // SAFETY: forwarding.
-    unsafe { real!("opendir", OpendirFn)(Route::host_path(&host, path)) }
+    let d = unsafe { real!("opendir", OpendirFn)(Route::host_path(&host, path)) };
+    if !d.is_null() {
+        // glibc opened it with an internal call: its descriptor is new.
+        // SAFETY: a live host stream.
+        crate::fresh(unsafe { real!("dirfd", unsafe extern "C" fn(*mut libc::DIR) -> c_int)(d) });
+    }
+    d
 }
 
 /// # Safety
@@ -627,8 +661,8 @@ pub unsafe extern "C" fn closedir(d: *mut libc::DIR) -> c_int {
         STREAMS.lock().remove(&(d as usize));
         // SAFETY: `d` was a live Box<Stream> of ours, now out of the table.
         let s = unsafe { Box::from_raw(d.cast::<Stream>()) };
-        // SAFETY: the stream's own placeholder descriptor.
-        return unsafe { crate::close(s.fd) };
+        // The stream's own placeholder descriptor.
+        return crate::close_own(s.fd);
     }
     // SAFETY: forwarding.
     unsafe { real!("closedir", unsafe extern "C" fn(*mut libc::DIR) -> c_int)(d) }
@@ -1044,6 +1078,7 @@ extern "C" fn dir_after_fork() {
 }
 
 extern "C" fn dir_init() {
+    cwd_var_init();
     // SAFETY: valid handlers with no preconditions.
     unsafe {
         libc::pthread_atfork(

@@ -237,20 +237,19 @@ fn client() -> Result<Client, c_int> {
     }
 }
 
+/// The errno for a client error: by the server's protocol code
+/// ([`shadowfd::Error::refusal_code`]), never by the message, which names
+/// the path. Anything else (the connection gone, ...) is `EIO`.
 fn errno_of(e: &shadowfd::Error) -> c_int {
-    let s = e.to_string();
-    if s.contains("E_NOT_FOUND") || s.contains("E_ESCAPE") {
-        libc::ENOENT
-    } else if s.contains("E_NOT_REGULAR") {
-        libc::EISDIR
-    } else if s.contains("E_ACCESS") {
-        libc::EACCES
-    } else if s.contains("E_LIMIT") {
-        libc::EMFILE
-    } else if s.contains("E_TOO_LARGE") {
-        libc::EFBIG
-    } else {
-        libc::EIO
+    use shadowfd::remote::wire;
+    match e.refusal_code() {
+        Some(wire::E_NOT_FOUND | wire::E_ESCAPE) => libc::ENOENT,
+        Some(wire::E_NOT_REGULAR) => libc::EISDIR,
+        Some(wire::E_NOT_DIR) => libc::ENOTDIR,
+        Some(wire::E_ACCESS) => libc::EACCES,
+        Some(wire::E_LIMIT) => libc::EMFILE,
+        Some(wire::E_TOO_LARGE) => libc::EFBIG,
+        _ => libc::EIO,
     }
 }
 
@@ -283,6 +282,53 @@ fn remove(fd: c_int) -> Option<Arc<Entry>> {
         return None;
     }
     STATE.lock().fds.remove(&fd)
+}
+
+/// Forgets whatever this shim tracked under the descriptor number `fd`
+/// (a served file's entry and a served directory's). For a number the
+/// kernel has just handed out (a host `open`, `socket`, `dup`, ...): it
+/// can never be a descriptor of ours, so an entry left there by a close
+/// the shim did not see (`close_range`, glibc's internal closes, `fclose`
+/// of an `fdopen`ed placeholder) must not make the host descriptor look
+/// served. Dropping a file's last reference sends CLOSE, with the thread
+/// marked busy. Calls made inside the shim (the client's own sockets) are
+/// left alone: the shim forgets its placeholders' numbers itself.
+fn forget_fd(fd: c_int) {
+    let Some(_b) = Busy::enter() else {
+        return;
+    };
+    let gone = remove(fd);
+    dir::forget(fd);
+    drop(gone);
+}
+
+/// After a call that returned a new descriptor `fd` made by the host
+/// (see [`forget_fd`]); returns `fd`.
+fn fresh(fd: c_int) -> c_int {
+    if fd >= 0 && (ANY_FD.load(Ordering::Acquire) || dir::any()) {
+        // SAFETY: reads this thread's errno.
+        let saved = unsafe { *libc::__errno_location() };
+        forget_fd(fd);
+        set_errno(saved);
+    }
+    fd
+}
+
+/// Closes a placeholder descriptor of this shim's own and forgets it in
+/// both tables, whether or not this thread is already inside the shim
+/// (the `close` interposer skips its bookkeeping there).
+fn close_own(fd: c_int) -> c_int {
+    let b = Busy::enter();
+    let gone = remove(fd);
+    dir::forget(fd);
+    // SAFETY: closes the caller's descriptor.
+    let r = unsafe { real!("close", unsafe extern "C" fn(c_int) -> c_int)(fd) };
+    // SAFETY: reads this thread's errno.
+    let saved = unsafe { *libc::__errno_location() };
+    drop(gone);
+    drop(b);
+    set_errno(saved);
+    r
 }
 
 /// Opens `rel` on the server; returns the placeholder descriptor or -1.
@@ -653,7 +699,7 @@ unsafe fn open_common(path: *const c_char, flags: c_int, mode: libc::mode_t, sym
     }
     let path = Route::host_path(&host, path);
     // SAFETY: forwarding the caller's arguments.
-    unsafe {
+    fresh(unsafe {
         match sym {
             0 => real!(
                 "open",
@@ -664,7 +710,7 @@ unsafe fn open_common(path: *const c_char, flags: c_int, mode: libc::mode_t, sym
                 unsafe extern "C" fn(*const c_char, c_int, ...) -> c_int
             )(path, flags, mode),
         }
-    }
+    })
 }
 
 /// # Safety
@@ -686,7 +732,7 @@ unsafe fn openat_common(
     }
     let path = Route::host_path(&host, path);
     // SAFETY: forwarding the caller's arguments.
-    unsafe {
+    fresh(unsafe {
         match sym {
             0 => real!(
                 "openat",
@@ -697,7 +743,7 @@ unsafe fn openat_common(
                 unsafe extern "C" fn(c_int, *const c_char, c_int, ...) -> c_int
             )(dirfd, path, flags, mode),
         }
-    }
+    })
 }
 
 // The C functions are variadic (the mode); on x86-64 and aarch64 the third
@@ -958,6 +1004,187 @@ pub unsafe extern "C" fn dup3(fd: c_int, new: c_int, flags: c_int) -> c_int {
         dir::after_dup(fd, r);
     }
     r
+}
+
+/// Forgets the entries of the descriptors `first..=last` (after they
+/// were closed by a call the `close` interposer does not see).
+fn forget_range(first: c_int, last: c_int) {
+    let Some(_b) = Busy::enter() else {
+        return;
+    };
+    let gone: Vec<Arc<Entry>> = if ANY_FD.load(Ordering::Acquire) {
+        let mut st = STATE.lock();
+        let fds: Vec<c_int> = st.fds.range(first..=last).map(|(k, _)| *k).collect();
+        fds.iter().filter_map(|k| st.fds.remove(k)).collect()
+    } else {
+        Vec::new()
+    };
+    dir::forget_range(first, last);
+    // The last references send CLOSE, outside the table's lock.
+    drop(gone);
+}
+
+/// # Safety
+/// libc's `close_range`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn close_range(
+    first: libc::c_uint,
+    last: libc::c_uint,
+    flags: c_int,
+) -> c_int {
+    // SAFETY: forwarding.
+    let r = unsafe {
+        real!(
+            "close_range",
+            unsafe extern "C" fn(libc::c_uint, libc::c_uint, c_int) -> c_int
+        )(first, last, flags)
+    };
+    // With CLOSE_RANGE_CLOEXEC the descriptors stay open.
+    if r == 0 && flags & (libc::CLOSE_RANGE_CLOEXEC as c_int) == 0 && first <= last {
+        // SAFETY: reads this thread's errno.
+        let saved = unsafe { *libc::__errno_location() };
+        let hi = last.min(c_int::MAX as libc::c_uint) as c_int;
+        if first <= c_int::MAX as libc::c_uint {
+            forget_range(first as c_int, hi);
+        }
+        set_errno(saved);
+    }
+    r
+}
+
+/// # Safety
+/// libc's `closefrom` (glibc 2.34 and later).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn closefrom(low: c_int) {
+    // SAFETY: forwarding.
+    unsafe { real!("closefrom", unsafe extern "C" fn(c_int))(low) };
+    forget_range(low.max(0), c_int::MAX);
+}
+
+/// # Safety
+/// libc's `socket`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, proto: c_int) -> c_int {
+    // SAFETY: forwarding.
+    fresh(unsafe {
+        real!("socket", unsafe extern "C" fn(c_int, c_int, c_int) -> c_int)(domain, ty, proto)
+    })
+}
+
+/// # Safety
+/// libc's `accept`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn accept(
+    fd: c_int,
+    addr: *mut libc::sockaddr,
+    len: *mut libc::socklen_t,
+) -> c_int {
+    // SAFETY: forwarding.
+    fresh(unsafe {
+        real!(
+            "accept",
+            unsafe extern "C" fn(c_int, *mut libc::sockaddr, *mut libc::socklen_t) -> c_int
+        )(fd, addr, len)
+    })
+}
+
+/// # Safety
+/// libc's `accept4`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn accept4(
+    fd: c_int,
+    addr: *mut libc::sockaddr,
+    len: *mut libc::socklen_t,
+    flags: c_int,
+) -> c_int {
+    // SAFETY: forwarding.
+    fresh(unsafe {
+        real!(
+            "accept4",
+            unsafe extern "C" fn(c_int, *mut libc::sockaddr, *mut libc::socklen_t, c_int) -> c_int
+        )(fd, addr, len, flags)
+    })
+}
+
+/// Forgets both descriptors of a pair the host just made (`pipe`,
+/// `socketpair`) when the call succeeded; returns `r`.
+///
+/// # Safety
+/// `fds` points to two descriptors when `r` is 0.
+unsafe fn fresh_pair(r: c_int, fds: *const c_int) -> c_int {
+    if r == 0 && !fds.is_null() {
+        // SAFETY: the call filled both on success.
+        let (a, b) = unsafe { (*fds, *fds.add(1)) };
+        fresh(a);
+        fresh(b);
+    }
+    r
+}
+
+/// # Safety
+/// libc's `pipe`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pipe(fds: *mut c_int) -> c_int {
+    // SAFETY: forwarding.
+    let r = unsafe { real!("pipe", unsafe extern "C" fn(*mut c_int) -> c_int)(fds) };
+    // SAFETY: pipe's contract.
+    unsafe { fresh_pair(r, fds) }
+}
+
+/// # Safety
+/// libc's `pipe2`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pipe2(fds: *mut c_int, flags: c_int) -> c_int {
+    // SAFETY: forwarding.
+    let r = unsafe { real!("pipe2", unsafe extern "C" fn(*mut c_int, c_int) -> c_int)(fds, flags) };
+    // SAFETY: pipe2's contract.
+    unsafe { fresh_pair(r, fds) }
+}
+
+/// # Safety
+/// libc's `socketpair`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn socketpair(
+    domain: c_int,
+    ty: c_int,
+    proto: c_int,
+    fds: *mut c_int,
+) -> c_int {
+    // SAFETY: forwarding.
+    let r = unsafe {
+        real!(
+            "socketpair",
+            unsafe extern "C" fn(c_int, c_int, c_int, *mut c_int) -> c_int
+        )(domain, ty, proto, fds)
+    };
+    // SAFETY: socketpair's contract.
+    unsafe { fresh_pair(r, fds) }
+}
+
+/// # Safety
+/// libc's `memfd_create`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memfd_create(name: *const c_char, flags: libc::c_uint) -> c_int {
+    // SAFETY: forwarding.
+    fresh(unsafe {
+        real!(
+            "memfd_create",
+            unsafe extern "C" fn(*const c_char, libc::c_uint) -> c_int
+        )(name, flags)
+    })
+}
+
+/// # Safety
+/// libc's `eventfd`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn eventfd(init: libc::c_uint, flags: c_int) -> c_int {
+    // SAFETY: forwarding.
+    fresh(unsafe {
+        real!(
+            "eventfd",
+            unsafe extern "C" fn(libc::c_uint, c_int) -> c_int
+        )(init, flags)
+    })
 }
 
 /// Record locks on a served file: nobody can write it, so a read lock is
@@ -1735,7 +1962,13 @@ unsafe fn fopen_common(path: *const c_char, mode: *const c_char, real: FopenFn) 
         Route::Served(rel) => rel,
         Route::Host(p) => {
             // SAFETY: forwarding.
-            return unsafe { real(Route::host_path(&p, path), mode) };
+            let f = unsafe { real(Route::host_path(&p, path), mode) };
+            if !f.is_null() {
+                // glibc opened it with an internal call: a new descriptor.
+                // SAFETY: a live stream.
+                fresh(unsafe { libc::fileno(f) });
+            }
+            return f;
         }
     };
     if mode.is_null() {

@@ -74,13 +74,17 @@ fn errno() -> c_int {
 pub(crate) fn past_eof_fd() -> Option<c_int> {
     static FD: OnceLock<Option<OwnedFd>> = OnceLock::new();
     FD.get_or_init(|| {
+        // The system call itself, not libc's `memfd_create`: that symbol is
+        // the shim's own interposer, which takes the descriptor tables'
+        // locks, and this runs in the fork handler that holds them.
         // SAFETY: a NUL-terminated name and valid flags.
         let fd = unsafe {
-            libc::memfd_create(
+            libc::syscall(
+                libc::SYS_memfd_create,
                 c"shadowfd-past-eof".as_ptr(),
                 libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
             )
-        };
+        } as c_int;
         if fd < 0 {
             return None;
         }

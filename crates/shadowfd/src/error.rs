@@ -100,6 +100,20 @@ pub enum Error {
     },
     #[error("shadowfd remote protocol: {what}")]
     Protocol { what: String },
+    /// A server answered a request with ERROR. `code` is the protocol's
+    /// error code (`shadowfd::remote::wire::E_*`, docs/protocol.md);
+    /// [`Error::refusal_code`] gives it for any error.
+    #[error(
+        "shadowfd remote protocol: the server refused {request}: {} ({code}): {message}",
+        crate::remote::wire::code_name(*code)
+    )]
+    Refused {
+        /// The request, as the client names it (`OPEN "a/b"`).
+        request: String,
+        code: u64,
+        /// The server's message.
+        message: String,
+    },
     #[error("{context}: {source}")]
     Sys {
         context: String,
@@ -176,6 +190,16 @@ fn lazy_hint() -> &'static str {
 }
 
 impl Error {
+    /// The protocol error code a server answered with ([`Error::Refused`]),
+    /// or `None` for any other error. Map this, never the message text
+    /// (which holds the path, and so any code's name).
+    pub fn refusal_code(&self) -> Option<u64> {
+        match self {
+            Error::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
     pub(crate) fn sys(context: impl Into<String>, source: impl Into<io::Error>) -> Self {
         Error::Sys {
             context: context.into(),

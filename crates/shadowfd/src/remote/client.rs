@@ -337,12 +337,11 @@ fn reply(stream: &UnixStream, kind: u32, name: &str) -> Result<(Frame, Option<Ow
         e => protocol(format!("reading the reply to {name}: {e}")),
     })?;
     if r.kind == wire::ERROR {
-        return Err(protocol(format!(
-            "the server refused {name}: {} ({}): {}",
-            wire::code_name(r.a),
-            r.a,
-            String::from_utf8_lossy(&r.payload)
-        )));
+        return Err(Error::Refused {
+            request: name.to_string(),
+            code: r.a,
+            message: String::from_utf8_lossy(&r.payload).into_owned(),
+        });
     }
     if r.kind != kind | wire::REPLY {
         return Err(protocol(format!(

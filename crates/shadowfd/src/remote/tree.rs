@@ -24,7 +24,8 @@ pub(crate) fn relative(path: &[u8]) -> std::result::Result<&[u8], Refusal> {
         return Err((
             wire::E_RANGE,
             format!(
-                "a path of {} bytes; the limit is {} bytes",
+                "a path of {} bytes; the limit is {} bytes (PATH_MAX): send it shorter, \
+                 without `.` components or repeated slashes",
                 path.len(),
                 wire::MAX_PATH
             ),

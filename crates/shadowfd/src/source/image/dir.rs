@@ -87,15 +87,26 @@ struct Loaded {
     key: (std::path::PathBuf, u64, u64, Stamp),
     fs: ext4_view::Ext4,
     geo: Geometry,
-    /// Inodes of the entries listed so far, by the path they were listed
-    /// under (the listed directory's path as given, `/`, the name): the
-    /// STAT of each entry that usually follows a listing then needs no
+    /// Inodes of the entries listed so far, by their canonical path in the
+    /// image (the listed directory's path with symlinks, `.` and `..`
+    /// resolved, `/`, the name), however the client spelled the directory:
+    /// the STAT of each entry that usually follows a listing then needs no
     /// walk (a lookup in a large directory reads all its blocks).
     names: std::collections::HashMap<Vec<u8>, u32>,
+    /// What `names` holds, in bytes ([`NAME_COST`] per entry plus its key).
+    name_bytes: usize,
 }
 
 /// Listed entries remembered per thread at most; then forgotten at once.
 const MAX_NAMES: usize = 1 << 16;
+/// Bytes of remembered entries per thread (each a key of its canonical
+/// path plus [`NAME_COST`]) at most; then forgotten at once. With one
+/// thread per client, a server holds at most this much per client.
+const MAX_NAME_BYTES: usize = 4 << 20;
+/// What one remembered entry costs besides its key's bytes: the table's
+/// slot (a `Vec` and a `u32`, with the control byte and spare capacity)
+/// and the key's allocation.
+const NAME_COST: usize = 64;
 
 thread_local! {
     static LOADED: std::cell::RefCell<Option<Loaded>> = const { std::cell::RefCell::new(None) };
@@ -140,7 +151,30 @@ fn absolute(inner: &[u8]) -> Vec<u8> {
     p
 }
 
-fn found(o: &Opened, inner: &[u8]) -> Result<(Geometry, Inode), ImageError> {
+/// `inner` (an absolute path) with empty and `.` components dropped, or
+/// `None` if it has a `..` (which only a walk can resolve: a symlink may
+/// come before it).
+fn lexical(inner: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(inner.len());
+    for c in inner.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => return None,
+            c => {
+                out.push(b'/');
+                out.extend_from_slice(c);
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push(b'/');
+    }
+    Some(out)
+}
+
+/// The geometry, the inode `inner` leads to, and its canonical path
+/// (`/`-separated, symlinks, `.` and `..` resolved; `/` for the root).
+fn found(o: &Opened, inner: &[u8]) -> Result<(Geometry, Inode, Vec<u8>), ImageError> {
     let name = format!("{}:{}", o.img, show(inner));
     let located = |f: Fail| match f {
         Fail::Image(kind, reason) => ImageError {
@@ -173,6 +207,7 @@ fn found(o: &Opened, inner: &[u8]) -> Result<(Geometry, Inode), ImageError> {
                 fs,
                 geo: root.geo,
                 names: std::collections::HashMap::new(),
+                name_bytes: 0,
             });
         }
         let l = cell.as_ref().expect("loaded above");
@@ -202,7 +237,15 @@ fn found(o: &Opened, inner: &[u8]) -> Result<(Geometry, Inode), ImageError> {
                 )),
                 other => layout_err(o, other),
             })?;
-        Ok((l.geo.clone(), inode))
+        let mut path = Vec::new();
+        for n in &names {
+            path.push(b'/');
+            path.extend_from_slice(n);
+        }
+        if path.is_empty() {
+            path.push(b'/');
+        }
+        Ok((l.geo.clone(), inode, path))
     })
 }
 
@@ -234,26 +277,36 @@ pub(crate) fn stat(image_path: &Path, path_in_image: &[u8]) -> Result<ImageStat,
 }
 
 /// The inode of `inner` if a listing of its directory in this image, as
-/// it is now, named it.
+/// it is now, named it (looked up by `inner` with `.` and empty
+/// components dropped; a path with `..` or a symlink before its last
+/// component is walked instead).
 fn listed(o: &Opened, inner: &[u8]) -> Option<Inode> {
+    let key = lexical(inner)?;
     let (geo, ino) = LOADED.with(|cell| {
         let cell = cell.borrow();
         let l = cell.as_ref().filter(|l| l.key == o.key)?;
-        Some((l.geo.clone(), *l.names.get(inner)?))
+        Some((l.geo.clone(), *l.names.get(&key)?))
     })?;
     let inode = geo.inode(&o.image, ino).ok()?;
     inode.in_use().then_some(inode)
 }
 
-/// Remembers the entries of a page listed under `dir`.
+/// Remembers the entries of a page listed in the directory whose
+/// canonical path is `dir`.
 fn remember(o: &Opened, dir: &[u8], entries: &[ImageEntry]) {
     LOADED.with(|cell| {
         let mut cell = cell.borrow_mut();
         let Some(l) = cell.as_mut().filter(|l| l.key == o.key) else {
             return;
         };
-        if l.names.len() + entries.len() > MAX_NAMES {
-            l.names.clear();
+        let cost: usize = entries
+            .iter()
+            .map(|e| dir.len() + 1 + e.name.len() + NAME_COST)
+            .sum();
+        if l.names.len() + entries.len() > MAX_NAMES || l.name_bytes + cost > MAX_NAME_BYTES {
+            // A new table: `clear` would keep the old one's capacity.
+            l.names = std::collections::HashMap::new();
+            l.name_bytes = 0;
         }
         for e in entries {
             let mut p = dir.to_vec();
@@ -261,7 +314,10 @@ fn remember(o: &Opened, dir: &[u8], entries: &[ImageEntry]) {
                 p.push(b'/');
             }
             p.extend_from_slice(&e.name);
-            l.names.insert(p, e.inode as u32);
+            let n = p.len() + NAME_COST;
+            if l.names.insert(p, e.inode as u32).is_none() {
+                l.name_bytes += n;
+            }
         }
     });
 }
@@ -288,8 +344,8 @@ pub(crate) fn list(
 ) -> Result<ImagePage, ListError> {
     let o = open_image(image_path)?;
     let inner = absolute(path_in_image);
-    let page = list_in(&o, &inner, cursor, max_entries, max_bytes)?;
-    remember(&o, &inner, &page.entries);
+    let (page, canonical) = list_in(&o, &inner, cursor, max_entries, max_bytes)?;
+    remember(&o, &canonical, &page.entries);
     Ok(page)
 }
 
@@ -299,9 +355,9 @@ fn list_in(
     cursor: u64,
     max_entries: usize,
     max_bytes: usize,
-) -> Result<ImagePage, ListError> {
+) -> Result<(ImagePage, Vec<u8>), ListError> {
     let inner = inner.to_vec();
-    let (geo, dir) = found(o, &inner)?;
+    let (geo, dir, canonical) = found(o, &inner)?;
     if dir.kind() != FileKind::Directory {
         return Err(ListError::Image(ImageError {
             location: format!("{}:{}", o.img, show(&inner)),
@@ -341,7 +397,7 @@ fn list_in(
         let in_block = (pos % bs) as usize;
         if blocks_read >= MAX_BLOCKS_PER_PAGE {
             page.next = pos;
-            return Ok(page);
+            return Ok((page, canonical));
         }
         blocks_read += 1;
         let Some(r) = runs
@@ -389,13 +445,13 @@ fn list_in(
             if ino != 0 && name != b"." && name != b".." && !name.is_empty() {
                 if page.entries.len() >= max_entries || bytes >= max_bytes {
                     page.next = here;
-                    return Ok(page);
+                    return Ok((page, canonical));
                 }
                 let ftype = if typed { buf[at + 7] } else { 0 };
                 if matches!(ftype, 0 | 7) {
                     if links >= MAX_LINKS_PER_PAGE {
                         page.next = here;
-                        return Ok(page);
+                        return Ok((page, canonical));
                     }
                     links += 1;
                 }
@@ -421,7 +477,7 @@ fn list_in(
     }
     page.next = size.max(cursor);
     page.end = true;
-    Ok(page)
+    Ok((page, canonical))
 }
 
 /// The kind and inode an entry leads to (symlinks followed within the
