@@ -1933,16 +1933,16 @@ fn python_until_the_server_dies(
     o
 }
 
-/// `shadowfd serve --socket SOCK --root TREE`, its log to `log` (or
-/// nowhere), once it accepts connections (within 10 s).
+/// `shadowfd serve --socket SOCK --image IMAGE-OF-TREE`, its log to `log`
+/// (or nowhere), once it accepts connections (within 10 s).
 fn serve_tree(sock: &Path, log: Option<&Path>) -> std::process::Child {
     let stderr = match log {
         Some(p) => std::process::Stdio::from(std::fs::File::create(p).unwrap()),
         None => std::process::Stdio::null(),
     };
     let server = Command::new(BIN)
-        .args(["serve", "--socket", sock.to_str().unwrap(), "--root"])
-        .arg(tree().dir.path())
+        .args(["serve", "--socket", sock.to_str().unwrap(), "--image"])
+        .arg(tree_image())
         .stderr(stderr)
         .spawn()
         .unwrap();
