@@ -245,21 +245,7 @@ pub(crate) fn open_dir(rel: &str, flags: c_int) -> Result<c_int, c_int> {
     if flags & libc::O_ACCMODE != libc::O_RDONLY {
         return Err(libc::EISDIR);
     }
-    let open = real!(
-        "open",
-        unsafe extern "C" fn(*const c_char, c_int, ...) -> c_int
-    );
-    // SAFETY: a NUL-terminated path and valid flags.
-    let fd = unsafe {
-        open(
-            c"/dev/null".as_ptr(),
-            libc::O_PATH | (flags & libc::O_CLOEXEC),
-        )
-    };
-    if fd < 0 {
-        // SAFETY: reads this thread's errno.
-        return Err(unsafe { *libc::__errno_location() });
-    }
+    let fd = crate::placeholder(flags)?;
     drop(crate::remove(fd));
     let mut t = DIRFDS.lock();
     ANY_DIRFD.store(true, Ordering::Release);

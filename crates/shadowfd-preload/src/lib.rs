@@ -302,6 +302,29 @@ fn forget_fd(fd: c_int) {
     drop(gone);
 }
 
+/// A new `O_PATH` descriptor of `/dev/null` (close-on-exec as `flags`
+/// asks): what a program holds for a served file or directory, so that a
+/// call the shim misses fails instead of reading anything. Made with the
+/// real `open`, so it is not taken for a host descriptor; `Err(errno)`.
+pub(crate) fn placeholder(flags: c_int) -> Result<c_int, c_int> {
+    let open = real!(
+        "open",
+        unsafe extern "C" fn(*const c_char, c_int, ...) -> c_int
+    );
+    // SAFETY: a NUL-terminated path and valid flags.
+    let fd = unsafe {
+        open(
+            c"/dev/null".as_ptr(),
+            libc::O_PATH | (flags & libc::O_CLOEXEC),
+        )
+    };
+    if fd < 0 {
+        // SAFETY: reads this thread's errno.
+        return Err(unsafe { *libc::__errno_location() });
+    }
+    Ok(fd)
+}
+
 /// After a call that returned a new descriptor `fd` made by the host
 /// (see [`forget_fd`]); returns `fd`.
 fn fresh(fd: c_int) -> c_int {
@@ -352,21 +375,7 @@ fn do_open(rel: &str, flags: c_int) -> c_int {
             }
             Err(e) => return Err(errno_of(&e)),
         };
-        let open = real!(
-            "open",
-            unsafe extern "C" fn(*const c_char, c_int, ...) -> c_int
-        );
-        // SAFETY: a NUL-terminated path and valid flags.
-        let fd = unsafe {
-            open(
-                c"/dev/null".as_ptr(),
-                libc::O_PATH | (flags & libc::O_CLOEXEC),
-            )
-        };
-        if fd < 0 {
-            // SAFETY: reads this thread's errno.
-            return Err(unsafe { *libc::__errno_location() });
-        }
+        let fd = placeholder(flags)?;
         dir::forget(fd);
         insert(
             fd,
