@@ -281,21 +281,42 @@ pub(crate) fn fill_stat(info: &PathInfo, st: *mut libc::stat64) -> c_int {
         Ok(m) => m,
         Err(e) => return fail(e),
     };
-    // SAFETY: an all-zero stat64 is valid.
-    let mut s: libc::stat64 = unsafe { std::mem::zeroed() };
-    s.st_dev = info.device;
-    s.st_ino = info.inode;
-    s.st_nlink = if info.kind == PathKind::Dir {
+    let nlink = if info.kind == PathKind::Dir {
         info.nlink.max(2)
     } else {
         1
     };
+    write_stat(
+        st,
+        (info.device, info.inode),
+        nlink,
+        mode,
+        info.size,
+        info.mtime,
+    )
+}
+
+/// Writes a served file's or directory's `struct stat` to `st` (not null):
+/// owned by the caller's uid and gid, with 1 MiB blocks, and its mtime as
+/// every time stamp. Returns 0.
+pub(crate) fn write_stat(
+    st: *mut libc::stat64,
+    (dev, ino): (u64, u64),
+    nlink: u64,
+    mode: u32,
+    size: u64,
+    (ms, mns): (i64, i64),
+) -> c_int {
+    // SAFETY: an all-zero stat64 is valid.
+    let mut s: libc::stat64 = unsafe { std::mem::zeroed() };
+    s.st_dev = dev;
+    s.st_ino = ino;
+    s.st_nlink = nlink;
     s.st_mode = mode;
     (s.st_uid, s.st_gid) = ids();
-    s.st_size = info.size as i64;
+    s.st_size = size as i64;
     s.st_blksize = 1 << 20;
-    s.st_blocks = info.size.div_ceil(512) as i64;
-    let (ms, mns) = info.mtime;
+    s.st_blocks = size.div_ceil(512) as i64;
     s.st_mtime = ms;
     s.st_mtime_nsec = mns;
     s.st_atime = ms;

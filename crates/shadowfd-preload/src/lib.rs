@@ -341,13 +341,23 @@ fn fresh(fd: c_int) -> c_int {
 /// both tables, whether or not this thread is already inside the shim
 /// (the `close` interposer skips its bookkeeping there).
 fn close_own(fd: c_int) -> c_int {
+    close_forgetting(fd, true)
+}
+
+/// Closes `fd` and forgets it in both tables: always (`own`), or only when
+/// this thread is not inside the shim already (a program's `close`).
+fn close_forgetting(fd: c_int, own: bool) -> c_int {
     let b = Busy::enter();
-    let gone = remove(fd);
-    dir::forget(fd);
+    let forget = own || b.is_some();
+    let gone = if forget { remove(fd) } else { None };
+    if forget {
+        dir::forget(fd);
+    }
     // SAFETY: closes the caller's descriptor.
     let r = unsafe { real!("close", unsafe extern "C" fn(c_int) -> c_int)(fd) };
     // SAFETY: reads this thread's errno.
     let saved = unsafe { *libc::__errno_location() };
+    // The last reference sends CLOSE, with this thread marked busy.
     drop(gone);
     drop(b);
     set_errno(saved);
@@ -634,28 +644,14 @@ fn fill_stat(f: &RemoteFile, st: *mut libc::stat64) -> c_int {
         return -1;
     }
     let (dev, ino, ms, mns) = f.identity();
-    // SAFETY: an all-zero stat64 is valid.
-    let mut s: libc::stat64 = unsafe { std::mem::zeroed() };
-    s.st_dev = dev;
-    s.st_ino = ino;
-    s.st_nlink = 1;
-    s.st_mode = libc::S_IFREG | 0o444;
-    // SAFETY: getuid and getgid have no preconditions.
-    s.st_uid = unsafe { libc::getuid() };
-    // SAFETY: as above.
-    s.st_gid = unsafe { libc::getgid() };
-    s.st_size = f.size() as i64;
-    s.st_blksize = 1 << 20;
-    s.st_blocks = f.size().div_ceil(512) as i64;
-    s.st_mtime = ms;
-    s.st_mtime_nsec = mns;
-    s.st_atime = ms;
-    s.st_atime_nsec = mns;
-    s.st_ctime = ms;
-    s.st_ctime_nsec = mns;
-    // SAFETY: the caller's buffer, for a struct stat (== stat64 here).
-    unsafe { st.write(s) };
-    0
+    dir::write_stat(
+        st,
+        (dev, ino),
+        1,
+        libc::S_IFREG | 0o444,
+        f.size(),
+        (ms, mns),
+    )
 }
 
 fn fill_statx(f: &RemoteFile, st: *mut libc::statx) -> c_int {
@@ -942,20 +938,7 @@ pub unsafe extern "C" fn lseek64(fd: c_int, off: OffT, whence: c_int) -> OffT {
 /// libc's `close`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
-    let b = Busy::enter();
-    let gone = if b.is_some() { remove(fd) } else { None };
-    if b.is_some() {
-        dir::forget(fd);
-    }
-    // SAFETY: forwarding.
-    let r = unsafe { real!("close", unsafe extern "C" fn(c_int) -> c_int)(fd) };
-    // SAFETY: reads this thread's errno.
-    let saved = unsafe { *libc::__errno_location() };
-    // The last reference sends CLOSE, with this thread marked busy.
-    drop(gone);
-    drop(b);
-    set_errno(saved);
-    r
+    close_forgetting(fd, false)
 }
 
 /// Records `new` as another descriptor of `old`'s entry (after a
