@@ -195,6 +195,9 @@ pub(crate) struct Core {
     by_cpu: Vec<Option<usize>>,
     /// Local mode: readers pinned per CPU, armed by where faults come from.
     local: bool,
+    /// Local mode, and pinned readers may go `SCHED_IDLE` for their wakes
+    /// (`sys::sched`).
+    idle_wake: bool,
     epoch: Instant,
     /// Fault messages read so far.
     reads: AtomicU64,
@@ -564,6 +567,7 @@ impl Service {
             slots,
             by_cpu,
             local,
+            idle_wake: local && crate::sys::sched::idle_wake_allowed(),
             epoch: Instant::now(),
             reads: AtomicU64::new(0),
             parked: AtomicUsize::new(0),
@@ -733,7 +737,9 @@ fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
     let slot = &core.slots[me];
     if let Some(cpu) = slot.cpu {
         // Unpinned, it still serves; only less often on the faulting CPU.
-        let _ = pin_to(cpu);
+        if pin_to(cpu).is_ok() && core.idle_wake {
+            crate::sys::sched::enable_idle_wake();
+        }
     }
     let mut raw = vec![uffd_msg::default(); BATCH];
     let mut faults = Vec::with_capacity(BATCH);
@@ -747,6 +753,7 @@ fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
     // Slept since the last fault was read.
     let mut woken = false;
     while !core.stopping.load(Ordering::Relaxed) {
+        crate::sys::sched::settle(false);
         // Claimed faults first: a thread is waiting on each.
         if let Some(job) = core.next_job(&core.fault_rx) {
             core.run_job(job);
@@ -778,6 +785,7 @@ fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
             core.run_job(job);
             continue;
         }
+        crate::sys::sched::settle(true);
         if !core.local {
             sleep.wait(&core, -1);
             woken = true;
