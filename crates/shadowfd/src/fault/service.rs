@@ -198,6 +198,13 @@ pub(crate) struct Core {
     /// Local mode, and pinned readers may go `SCHED_IDLE` for their wakes
     /// (`sys::sched`).
     idle_wake: bool,
+    /// More threads faulted lately than there are readers pinned: the
+    /// `SCHED_IDLE` wakes are then left off (a reader would wait behind
+    /// runnable consumers on its CPU; measured 8% fewer faults per second
+    /// with 4 and 8 threads on 2 CPUs).
+    crowded: AtomicBool,
+    /// Readers pinned, one per CPU.
+    pinned: usize,
     epoch: Instant,
     /// Fault messages read so far.
     reads: AtomicU64,
@@ -447,6 +454,12 @@ impl Core {
                 self.kick(i);
             }
         }
+        if self.idle_wake {
+            let tids = self.tids.lock();
+            let active = tids.values().filter(|s| within(now, s.at, 2 * REFRESH));
+            let crowded = active.count() > self.pinned;
+            self.crowded.store(crowded, Ordering::Relaxed);
+        }
     }
 
     /// The CPU thread `tid` last ran on, as cached if read lately enough:
@@ -568,6 +581,8 @@ impl Service {
             by_cpu,
             local,
             idle_wake: local && crate::sys::sched::idle_wake_allowed(),
+            crowded: AtomicBool::new(false),
+            pinned: if local { cpus.len() } else { 0 },
             epoch: Instant::now(),
             reads: AtomicU64::new(0),
             parked: AtomicUsize::new(0),
@@ -754,6 +769,9 @@ fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
     let mut woken = false;
     while !core.stopping.load(Ordering::Relaxed) {
         crate::sys::sched::settle(false);
+        if core.idle_wake {
+            crate::sys::sched::allow(!core.crowded.load(Ordering::Relaxed));
+        }
         // Claimed faults first: a thread is waiting on each.
         if let Some(job) = core.next_job(&core.fault_rx) {
             core.run_job(job);

@@ -32,6 +32,8 @@ const BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Clone, Copy)]
 struct State {
     on: bool,
+    /// Not held off by the caller ([`allow`]).
+    allowed: bool,
     /// `SCHED_IDLE` since a wake at this time.
     idle_since: Option<Instant>,
     off_until: Option<Instant>,
@@ -39,7 +41,7 @@ struct State {
 
 thread_local! {
     static STATE: Cell<State> = const {
-        Cell::new(State { on: false, idle_since: None, off_until: None })
+        Cell::new(State { on: false, allowed: true, idle_since: None, off_until: None })
     };
 }
 
@@ -69,6 +71,7 @@ pub(crate) fn idle_wake_allowed() -> bool {
 pub(crate) fn enable_idle_wake() {
     let on = State {
         on: true,
+        allowed: true,
         idle_since: None,
         off_until: None,
     };
@@ -79,7 +82,7 @@ pub(crate) fn enable_idle_wake() {
 /// documentation says.
 pub(crate) fn waking<R>(wake: impl FnOnce() -> R) -> R {
     let mut st = STATE.with(Cell::get);
-    if !st.on {
+    if !st.on || !st.allowed {
         return wake();
     }
     if st.idle_since.is_none() {
@@ -114,4 +117,13 @@ pub(crate) fn settle(sleeping: bool) {
     // Could not turn back (RLIMIT_NICE lowered since): stop for good.
     st.on = set_policy(libc::SCHED_OTHER);
     STATE.with(|s| s.set(st));
+}
+
+/// Lets the calling thread's wakes go `SCHED_IDLE` (`on`) or holds them off.
+pub(crate) fn allow(on: bool) {
+    STATE.with(|s| {
+        let mut st = s.get();
+        st.allowed = on;
+        s.set(st);
+    });
 }
