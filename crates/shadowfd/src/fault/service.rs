@@ -45,6 +45,13 @@
 //!   with nothing read meanwhile: all armed workers stuck in slow fills or
 //!   kept off their CPU. Then they arm, for [`LINGER`] at least. So a slow
 //!   source never leaves faults unread while a worker idles.
+//! - A pinned reader wakes the faulting thread as `SCHED_IDLE`
+//!   (`sys::sched`), so that the kernel keeps the thread on the reader's
+//!   CPU. Otherwise, since the reader still runs there, the wake moves the
+//!   thread to the idle CPU (`select_idle_sibling`), whose reader is
+//!   disarmed: its next faults are answered remotely until arming catches
+//!   up. Held off while more threads fault than readers are pinned
+//!   ([`Core::crowded`]).
 //! - After [`IDLE`] without a fault, every worker arms and sleeps with no
 //!   timeout (*parks*): an idle engine costs no CPU. Whoever reads the next
 //!   fault kicks the parked workers so that they resume their checks.
