@@ -45,6 +45,13 @@
 //!   with nothing read meanwhile: all armed workers stuck in slow fills or
 //!   kept off their CPU. Then they arm, for [`LINGER`] at least. So a slow
 //!   source never leaves faults unread while a worker idles.
+//! - A pinned reader wakes the faulting thread as `SCHED_IDLE`
+//!   (`sys::sched`), so that the kernel keeps the thread on the reader's
+//!   CPU. Otherwise, since the reader still runs there, the wake moves the
+//!   thread to the idle CPU (`select_idle_sibling`), whose reader is
+//!   disarmed: its next faults are answered remotely until arming catches
+//!   up. Held off while more threads fault than readers are pinned
+//!   ([`Core::crowded`]).
 //! - After [`IDLE`] without a fault, every worker arms and sleeps with no
 //!   timeout (*parks*): an idle engine costs no CPU. Whoever reads the next
 //!   fault kicks the parked workers so that they resume their checks.
@@ -195,6 +202,16 @@ pub(crate) struct Core {
     by_cpu: Vec<Option<usize>>,
     /// Local mode: readers pinned per CPU, armed by where faults come from.
     local: bool,
+    /// Local mode, and pinned readers may go `SCHED_IDLE` for their wakes
+    /// (`sys::sched`).
+    idle_wake: bool,
+    /// More threads faulted lately than there are readers pinned: the
+    /// `SCHED_IDLE` wakes are then left off (a reader would wait behind
+    /// runnable consumers on its CPU; measured 8% fewer faults per second
+    /// with 4 and 8 threads on 2 CPUs).
+    crowded: AtomicBool,
+    /// Readers pinned, one per CPU.
+    pinned: usize,
     epoch: Instant,
     /// Fault messages read so far.
     reads: AtomicU64,
@@ -444,6 +461,12 @@ impl Core {
                 self.kick(i);
             }
         }
+        if self.idle_wake {
+            let tids = self.tids.lock();
+            let active = tids.values().filter(|s| within(now, s.at, 2 * REFRESH));
+            let crowded = active.count() > self.pinned;
+            self.crowded.store(crowded, Ordering::Relaxed);
+        }
     }
 
     /// The CPU thread `tid` last ran on, as cached if read lately enough:
@@ -564,6 +587,9 @@ impl Service {
             slots,
             by_cpu,
             local,
+            idle_wake: local && crate::sys::sched::idle_wake_allowed(),
+            crowded: AtomicBool::new(false),
+            pinned: if local { cpus.len() } else { 0 },
             epoch: Instant::now(),
             reads: AtomicU64::new(0),
             parked: AtomicUsize::new(0),
@@ -733,7 +759,9 @@ fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
     let slot = &core.slots[me];
     if let Some(cpu) = slot.cpu {
         // Unpinned, it still serves; only less often on the faulting CPU.
-        let _ = pin_to(cpu);
+        if pin_to(cpu).is_ok() && core.idle_wake {
+            crate::sys::sched::enable_idle_wake();
+        }
     }
     let mut raw = vec![uffd_msg::default(); BATCH];
     let mut faults = Vec::with_capacity(BATCH);
@@ -747,6 +775,10 @@ fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
     // Slept since the last fault was read.
     let mut woken = false;
     while !core.stopping.load(Ordering::Relaxed) {
+        crate::sys::sched::settle(false);
+        if core.idle_wake {
+            crate::sys::sched::allow(!core.crowded.load(Ordering::Relaxed));
+        }
         // Claimed faults first: a thread is waiting on each.
         if let Some(job) = core.next_job(&core.fault_rx) {
             core.run_job(job);
@@ -778,6 +810,7 @@ fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
             core.run_job(job);
             continue;
         }
+        crate::sys::sched::settle(true);
         if !core.local {
             sleep.wait(&core, -1);
             woken = true;

@@ -6,12 +6,14 @@
 //! - [`uffd`]: an API-negotiated userfaultfd handle ([`Uffd`]) and its typed
 //!   operations; [`probe`]: what this kernel and process allow;
 //! - [`memfd`]: a sealable memfd; [`mmap`]: owned mappings and typed advice;
-//! - [`event`]: eventfd and epoll, for the fault service's sleeping workers.
+//! - [`event`]: eventfd and epoll, for the fault service's sleeping workers;
+//!   [`sched`]: where a woken faulting thread runs.
 
 pub(crate) mod event;
 pub(crate) mod memfd;
 pub(crate) mod mmap;
 pub(crate) mod probe;
+pub(crate) mod sched;
 pub(crate) mod uffd;
 pub(crate) mod uffd_abi;
 

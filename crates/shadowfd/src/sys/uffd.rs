@@ -128,7 +128,8 @@ impl Uffd {
         let end = start + len;
         let mut at = start;
         while at < end {
-            match sys::continue_range(self.fd.as_fd(), at, end - at, 0) {
+            let r = super::sched::waking(|| sys::continue_range(self.fd.as_fd(), at, end - at, 0));
+            match r {
                 Ok(_) => return Ok(()),
                 Err((e, n)) => {
                     at += n;
@@ -154,7 +155,7 @@ impl Uffd {
     }
 
     pub(crate) fn wake(&self, start: u64, len: u64) -> io::Result<()> {
-        sys::wake(self.fd.as_fd(), start, len)
+        super::sched::waking(|| sys::wake(self.fd.as_fd(), start, len))
     }
 
     /// Installs `src` at `dst` with `UFFDIO_COPY` (without waking anyone),
@@ -223,15 +224,22 @@ impl Uffd {
     ) -> Result<(), (io::Error, u64)> {
         let mut done = 0u64;
         while done < len {
-            // SAFETY: forwarded from the caller; `src + done` is within `src..src+len`.
-            let r = unsafe {
-                sys::copy(
-                    self.fd.as_fd(),
-                    dst + done,
-                    src.wrapping_add(done as usize),
-                    len - done,
-                    mode,
-                )
+            let copy = || {
+                // SAFETY: forwarded from the caller; `src + done` is within `src..src+len`.
+                unsafe {
+                    sys::copy(
+                        self.fd.as_fd(),
+                        dst + done,
+                        src.wrapping_add(done as usize),
+                        len - done,
+                        mode,
+                    )
+                }
+            };
+            let r = if mode & sys::UFFDIO_COPY_MODE_DONTWAKE == 0 {
+                super::sched::waking(copy)
+            } else {
+                copy()
             };
             match r {
                 Ok(n) => done += n,

@@ -1,0 +1,129 @@
+//! Keeping a woken faulting thread on the CPU that answered it.
+//!
+//! A fault-service worker answers a fault with an ioctl that wakes the
+//! faulting thread. The kernel places the woken thread while the worker
+//! still runs: its CPU is busy, so `select_idle_sibling` moves the thread
+//! to any idle CPU. On a VM that is an IPI and a host wake-up of a halted
+//! vCPU (tens of µs), paid on every fault, and the thread's next fault then
+//! comes from the CPU it was moved to, whose reader moves it back. A CPU
+//! whose only runnable tasks are `SCHED_IDLE` counts as idle to that search
+//! (`sched_idle_cpu`), so a pinned reader of the thread's own CPU makes
+//! itself `SCHED_IDLE` for the waking ioctl: the thread stays and preempts
+//! the reader at once. The reader stays `SCHED_IDLE` while it serves a
+//! stream of faults (two `sched_setscheduler` calls per fault cost about
+//! 3 µs here) and turns back to `SCHED_OTHER` before it sleeps ([`settle`]).
+//!
+//! Turning back needs `CAP_SYS_NICE` or an `RLIMIT_NICE` that allows nice 0
+//! (the kernel treats `SCHED_IDLE` as nice 20), which [`idle_wake_allowed`]
+//! checks in a throwaway thread; without it, wakes stay as they are. A
+//! reader that finds that more than [`STALL`] passed since its last such
+//! wake (other busy tasks on its CPU kept it off, or the thread ran long
+//! before it blocked) turns back and stops doing this for [`BACKOFF`], so
+//! that busy neighbours can starve it for a short while at most.
+
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+/// Off the CPU this long after a wake: stop for a while.
+const STALL: Duration = Duration::from_millis(2);
+/// How long to stop for.
+const BACKOFF: Duration = Duration::from_millis(100);
+
+#[derive(Clone, Copy)]
+struct State {
+    on: bool,
+    /// Not held off by the caller ([`allow`]).
+    allowed: bool,
+    /// `SCHED_IDLE` since a wake at this time.
+    idle_since: Option<Instant>,
+    off_until: Option<Instant>,
+}
+
+thread_local! {
+    static STATE: Cell<State> = const {
+        Cell::new(State { on: false, allowed: true, idle_since: None, off_until: None })
+    };
+}
+
+fn set_policy(policy: libc::c_int) -> bool {
+    let p = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `p` is a valid `sched_param`; pid 0 is the calling thread.
+    unsafe { libc::sched_setscheduler(0, policy, &p) == 0 }
+}
+
+/// Whether this thread runs `SCHED_OTHER` and a thread of this process can
+/// go `SCHED_IDLE` and back (tried in a throwaway thread).
+pub(crate) fn idle_wake_allowed() -> bool {
+    // SAFETY: no arguments; pid 0 is the calling thread.
+    if unsafe { libc::sched_getscheduler(0) } != libc::SCHED_OTHER {
+        return false;
+    }
+    std::thread::Builder::new()
+        .name("shadowfd-probe".into())
+        .spawn(|| set_policy(libc::SCHED_IDLE) && set_policy(libc::SCHED_OTHER))
+        .ok()
+        .and_then(|t| t.join().ok())
+        .unwrap_or(false)
+}
+
+/// Makes the calling thread (a reader pinned to its CPU) go `SCHED_IDLE`
+/// for the wakes it issues; see the module documentation.
+pub(crate) fn enable_idle_wake() {
+    let on = State {
+        on: true,
+        allowed: true,
+        idle_since: None,
+        off_until: None,
+    };
+    STATE.with(|s| s.set(on));
+}
+
+/// Runs `wake`, an ioctl that may wake a faulting thread, as the module
+/// documentation says.
+pub(crate) fn waking<R>(wake: impl FnOnce() -> R) -> R {
+    let mut st = STATE.with(Cell::get);
+    if !st.on || !st.allowed {
+        return wake();
+    }
+    if st.idle_since.is_none() {
+        let now = Instant::now();
+        if st.off_until.is_some_and(|t| now < t) || !set_policy(libc::SCHED_IDLE) {
+            return wake();
+        }
+    }
+    let r = wake();
+    st.idle_since = Some(Instant::now());
+    STATE.with(|s| s.set(st));
+    r
+}
+
+/// Turns the calling thread back to `SCHED_OTHER` if a wake left it
+/// `SCHED_IDLE` and it is about to sleep (`sleeping`) or [`STALL`] has
+/// passed since; in the latter case stops the `SCHED_IDLE` wakes for
+/// [`BACKOFF`]. Cheap when there is nothing to do.
+pub(crate) fn settle(sleeping: bool) {
+    let mut st = STATE.with(Cell::get);
+    let Some(since) = st.idle_since else {
+        return;
+    };
+    let stalled = since.elapsed() > STALL;
+    if !sleeping && !stalled {
+        return;
+    }
+    st.idle_since = None;
+    if stalled {
+        st.off_until = Some(Instant::now() + BACKOFF);
+    }
+    // Could not turn back (RLIMIT_NICE lowered since): stop for good.
+    st.on = set_policy(libc::SCHED_OTHER);
+    STATE.with(|s| s.set(st));
+}
+
+/// Lets the calling thread's wakes go `SCHED_IDLE` (`on`) or holds them off.
+pub(crate) fn allow(on: bool) {
+    STATE.with(|s| {
+        let mut st = s.get();
+        st.allowed = on;
+        s.set(st);
+    });
+}
