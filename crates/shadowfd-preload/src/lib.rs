@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use shadowfd::remote::{Client, ClientOptions, RemoteFile};
 use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::ffi::{CStr, c_char, c_int, c_void};
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -1717,30 +1717,61 @@ unsafe fn fstatat_common(
     flags: c_int,
     real: FstatatFn,
 ) -> c_int {
-    let mut host = None;
-    if let Some(_b) = Busy::enter() {
-        // SAFETY: the caller's promise.
-        let empty = !path.is_null() && unsafe { *path } == 0;
-        if empty && flags & libc::AT_EMPTY_PATH != 0 {
-            if let Some(e) = entry(dirfd) {
-                return match e.file() {
-                    Ok(f) => fill_stat(&f, st),
-                    Err(err) => fail(err),
-                };
-            }
-            if let Some(r) = dir::fstat_dirfd(dirfd, st) {
-                return r;
-            }
-        } else {
-            // SAFETY: the caller's promise.
-            match unsafe { dir::route(dirfd, path) } {
-                Route::Served(rel) => return dir::stat_rel(&rel, st),
-                Route::Host(p) => host = p,
-            }
-        }
-    }
+    let fills = StatFills {
+        file: fill_stat,
+        dirfd: dir::fstat_dirfd,
+        rel: dir::stat_rel,
+    };
+    // SAFETY: the caller's promise.
+    let host = match unsafe { stat_served(dirfd, path, flags, st, fills) } {
+        Ok(r) => return r,
+        Err(host) => host,
+    };
     // SAFETY: forwarding.
     unsafe { real(dirfd, Route::host_path(&host, path), st, flags) }
+}
+
+/// How a stat-like call fills its buffer `S` for a served file descriptor,
+/// a served directory descriptor (`None`: not one) and a served path.
+struct StatFills<S> {
+    file: fn(&RemoteFile, *mut S) -> c_int,
+    dirfd: fn(c_int, *mut S) -> Option<c_int>,
+    rel: fn(&str, *mut S) -> c_int,
+}
+
+/// The served part of `fstatat`/`statx` on (`dirfd`, `path`, `flags`):
+/// `AT_EMPTY_PATH` on a tracked descriptor, or a path that routes into the
+/// served tree, is answered here (`Ok`); anything else goes to the host,
+/// as the path [`dir::route`] says (`Err`).
+///
+/// # Safety
+/// `path` is null or NUL-terminated, as `fstatat` requires.
+unsafe fn stat_served<S>(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    st: *mut S,
+    fills: StatFills<S>,
+) -> Result<c_int, Option<CString>> {
+    let Some(_b) = Busy::enter() else {
+        return Err(None);
+    };
+    // SAFETY: the caller's promise.
+    let empty = !path.is_null() && unsafe { *path } == 0;
+    if empty && flags & libc::AT_EMPTY_PATH != 0 {
+        if let Some(e) = entry(dirfd) {
+            return Ok(match e.file() {
+                Ok(f) => (fills.file)(&f, st),
+                Err(err) => fail(err),
+            });
+        }
+        return (fills.dirfd)(dirfd, st).ok_or(None);
+    }
+    // SAFETY: the caller's promise.
+    match unsafe { dir::route(dirfd, path) } {
+        Route::Served(rel) => Ok((fills.rel)(&rel, st)),
+        Route::Host(p) => Err(p),
+    }
 }
 
 /// # Safety
@@ -1779,28 +1810,16 @@ pub unsafe extern "C" fn statx(
     mask: libc::c_uint,
     st: *mut libc::statx,
 ) -> c_int {
-    let mut host = None;
-    if let Some(_b) = Busy::enter() {
-        // SAFETY: the caller's promise.
-        let empty = !path.is_null() && unsafe { *path } == 0;
-        if empty && flags & libc::AT_EMPTY_PATH != 0 {
-            if let Some(e) = entry(dirfd) {
-                return match e.file() {
-                    Ok(f) => fill_statx(&f, st),
-                    Err(err) => fail(err),
-                };
-            }
-            if let Some(r) = dir::statx_dirfd(dirfd, st) {
-                return r;
-            }
-        } else {
-            // SAFETY: the caller's promise.
-            match unsafe { dir::route(dirfd, path) } {
-                Route::Served(rel) => return dir::statx_rel(&rel, st),
-                Route::Host(p) => host = p,
-            }
-        }
-    }
+    let fills = StatFills {
+        file: fill_statx,
+        dirfd: dir::statx_dirfd,
+        rel: dir::statx_rel,
+    };
+    // SAFETY: the caller's promise.
+    let host = match unsafe { stat_served(dirfd, path, flags, st, fills) } {
+        Ok(r) => return r,
+        Err(host) => host,
+    };
     let path = Route::host_path(&host, path);
     // SAFETY: forwarding.
     unsafe {
