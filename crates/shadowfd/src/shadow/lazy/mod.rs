@@ -801,7 +801,9 @@ impl LazyShadow {
     /// free; the poison markers left in this process's consumer ranges are
     /// dropped when the engine's memory is given back
     /// ([`FaultTarget::memory_freed`]). A consumer range in another process
-    /// keeps its marker until some fill of the chunk maps it there.
+    /// keeps its marker until some fill of the chunk maps it there: its
+    /// fault stays recorded as waiting on the run's chunks (a marked page
+    /// raises `SIGBUS` without a fault, so nothing else would record it).
     fn refuse_for_now(&self, core: &Core, run: Range<u64>, cause: Cause) {
         let (off, end) = self.run_range(&run);
         let end = round_up(end, core.page);
@@ -810,7 +812,7 @@ impl LazyShadow {
             ctr.budget_refusals.fetch_add(1, Ordering::Relaxed);
         }
         *self.refused_cause.lock() = Some(cause);
-        self.chunks.release(run);
+        self.chunks.release(run.clone());
         let waiting = self.take_waiters(off, end);
         {
             let mut refused = self.refused.lock();
@@ -823,6 +825,12 @@ impl LazyShadow {
                         refused.push((m.id, addr, len));
                     }
                 }
+            }
+        }
+        if !waiting.is_empty() {
+            let mut w = self.waiters.lock();
+            for c in run {
+                w.entry(c).or_default().extend_from_slice(&waiting);
             }
         }
         core.note_refusal(self.target());
