@@ -642,8 +642,9 @@ impl LazyShadow {
     }
 
     /// Fills the chunks `run`, which the caller has claimed (Filling), then
-    /// publishes them and answers every consumer range: filled pages are
-    /// mapped (`UFFDIO_CONTINUE`), bad ones poisoned. For prefetch, a full
+    /// publishes them and answers the consumer ranges
+    /// ([`LazyShadow::answer_all`]): filled pages are mapped
+    /// (`UFFDIO_CONTINUE`), bad ones poisoned. For prefetch, a full
     /// budget gives the chunks back (Empty) instead of poisoning them.
     fn fill(&self, core: &Core, run: Range<u64>, why: Why) {
         self.fill_into(core, run, why, None)
@@ -888,8 +889,9 @@ impl LazyShadow {
         self.done_cv.notify_all();
     }
 
-    /// Maps filled bytes `a..b` into every consumer range that shows them
-    /// (waking its waiting threads) and poisons the bad pages there. The
+    /// Maps filled bytes `a..b` into every consumer range of this process
+    /// that shows them, and every remote one where a fault waits on them
+    /// (waking its waiting threads), and poisons the bad pages there. The
     /// consumer range `mapped` has every good page of `a..b` already (a
     /// direct fill): only its bad pages are poisoned.
     fn answer_all(&self, core: &Core, a: u64, b: u64, bad: &[(u64, Cause)], mapped: Option<u64>) {
