@@ -222,10 +222,12 @@ struct shadowfd_shadow *shadowfd_open_image(struct shadowfd_engine *engine,
 // before this returns NULL on failure, or once the library no longer needs
 // the source: for an eager shadow when it is freed, for a lazy one when it
 // and every mapping of it are gone (mappings outlive the shadow, and keep
-// filling from the source) and no fill of it is in flight (such a fill
-// ends first, so `release` may run on a fault-service thread just after
-// the last free returns). Returns NULL on error. Thread-safety: as
-// `shadowfd_open_path`.
+// filling from the source). The last free (`shadowfd_shadow_free`,
+// `shadowfd_unmap`, `shadowfd_unregister`) waits for a fill of it still in
+// flight, so `release` has run when it returns; only a fill that takes
+// over 2 s lets it return first, and `release` then runs on a
+// fault-service thread when that fill ends. Returns NULL on error.
+// Thread-safety: as `shadowfd_open_path`.
 //
 // # Safety
 // `engine` is NULL or live; `ops` is NULL or points to a valid

@@ -422,3 +422,85 @@ fn concurrent_touches_of_a_poisoned_page_all_get_sigbus() {
     );
     assert!(st.success(), "{st:?}");
 }
+
+/// A file source whose reads from `slow_from` on take `delay`; counts the
+/// slow reads started and records when it is dropped.
+struct SlowTail {
+    inner: FileSource,
+    slow_from: u64,
+    delay: Duration,
+    slow_reads: Arc<AtomicU64>,
+    dropped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Source for SlowTail {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if offset >= self.slow_from {
+            self.slow_reads.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(self.delay);
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn metadata(&self) -> io::Result<SourceMeta> {
+        self.inner.metadata()
+    }
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+}
+
+impl Drop for SlowTail {
+    fn drop(&mut self) {
+        self.dropped.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The C ABI's `release` once ran after the program's last free returned
+/// (or never, if it exited first): a readahead in flight held the shadow.
+/// The last holder now waits for that fill, so the source is gone when the
+/// last drop returns.
+#[test]
+fn the_source_is_dropped_when_the_last_mapping_is_even_with_a_fill_in_flight() {
+    if !lazy_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let len = 32 << 20;
+    let data = pattern(len, 7);
+    let path = file_with(dir.path(), "f", &data);
+    let engine = lazy_engine(|c| c.readahead = 16 << 20);
+    let slow_reads = Arc::new(AtomicU64::new(0));
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shadow = engine
+        .open(SlowTail {
+            inner: FileSource::open(&path).unwrap(),
+            slow_from: 4 << 20,
+            delay: Duration::from_millis(400),
+            slow_reads: slow_reads.clone(),
+            dropped: dropped.clone(),
+        })
+        .unwrap();
+    let map = shadow.map(Share::Private).unwrap();
+    // A sequential scan of the fast head starts readahead into the slow tail.
+    for off in (0..4 << 20).step_by(4096) {
+        assert_eq!(touch(&map, off), data[off]);
+    }
+    let started = std::time::Instant::now();
+    while slow_reads.load(Ordering::SeqCst) == 0 && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        slow_reads.load(Ordering::SeqCst) > 0,
+        "no readahead reached the slow part: the test did not set up a fill in flight"
+    );
+    drop(shadow);
+    assert!(
+        !dropped.load(Ordering::SeqCst),
+        "the mapping still holds it"
+    );
+    drop(map);
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the last drop returned while a fill still held the source"
+    );
+}

@@ -5,7 +5,7 @@ use crate::config::{Config, Mode};
 use crate::config::{format_size, suggest_size};
 use crate::error::{Error, Result};
 use crate::fault::Service;
-use crate::shadow::lazy::LazyShadow;
+use crate::shadow::lazy::{LazyShadow, User};
 use crate::shadow::{EagerShadow, Kind, Shadow};
 use crate::source::{FileKind, FileSource, Source, SourceMeta};
 use crate::stats::Stats;
@@ -97,12 +97,12 @@ impl Engine {
             });
         }
         let kind = match &self.service {
-            Some(service) => Kind::Lazy(LazyShadow::open(
+            Some(service) => Kind::Lazy(User::new(LazyShadow::open(
                 service.clone(),
                 source,
                 meta,
                 &self.config,
-            )?),
+            )?)),
             None => {
                 let cap = self.config.max_size;
                 let check = |m: &SourceMeta| {

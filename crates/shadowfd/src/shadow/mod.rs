@@ -14,7 +14,6 @@ use crate::error::{Error, Result};
 use crate::source::{Source, SourceMeta};
 use crate::stats::Stats;
 use crate::sys::memfd::Memfd;
-use lazy::LazyShadow;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -29,7 +28,7 @@ pub(crate) struct EagerShadow {
 
 pub(crate) enum Kind {
     Eager(EagerShadow),
-    Lazy(Arc<LazyShadow>),
+    Lazy(lazy::User),
 }
 
 /// A shadow of one source. Create it with [`crate::Engine::open`].
@@ -42,6 +41,11 @@ pub(crate) enum Kind {
 ///   descriptor is withheld until [`Shadow::materialize`] has filled it:
 ///   any unregistered access to an unfilled page would read zeros and leave a
 ///   zero page in the page cache for every later reader.
+///
+/// Mappings outlive the shadow and keep filling from its source. The source
+/// is dropped once the shadow and all its mappings are: the last of those
+/// drops waits for a fill still in flight (at most 2 s), so the source has
+/// been dropped when it returns.
 pub struct Shadow {
     pub(crate) kind: Kind,
     pub(crate) open_time: Duration,

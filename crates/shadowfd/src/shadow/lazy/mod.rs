@@ -21,6 +21,9 @@
 
 mod fill;
 mod readahead;
+mod user;
+
+pub(crate) use user::User;
 
 use crate::config::{Config, StalePolicy};
 use crate::error::{Cause, Error, Result};
@@ -85,6 +88,10 @@ pub(crate) struct LazyShadow {
     pub last_error: Mutex<Option<String>>,
     pub service: Arc<Service>,
     me: Weak<LazyShadow>,
+    /// Owners and mappings holding it ([`User`]).
+    users: user::Users,
+    /// Must stay the last field: set once every other one has dropped.
+    gone: user::Gone,
 }
 
 /// A registered consumer range: in this process (through the engine's
@@ -141,7 +148,7 @@ impl Consumer {
 /// A consumer range's registration with the engine's userfaultfd;
 /// unregisters on drop.
 pub(crate) struct Registration {
-    shadow: Arc<LazyShadow>,
+    shadow: User,
     start: u64,
     len: u64,
     id: u64,
@@ -241,6 +248,8 @@ impl LazyShadow {
             last_error: Mutex::new(None),
             service: service.clone(),
             me: me.clone(),
+            users: user::Users::default(),
+            gone: user::Gone::new(),
         });
         if let (Some(alias), Some(template)) = (&shadow.alias, &shadow.template) {
             // Both are registered, and in the region table, so that an
@@ -990,7 +999,7 @@ impl LazyShadow {
         let id = self.add_consumer(None, start, len, offset, shared);
         core.add_region(start, len, offset, false, self.target());
         let reg = Registration {
-            shadow: self.clone(),
+            shadow: User::new(self.clone()),
             start,
             len,
             id,
@@ -1273,6 +1282,9 @@ impl FaultTarget for LazyShadow {
     }
 
     fn run(&self, core: &Core, work: Work) {
+        if work.why == Why::Prefetch && self.users.none() {
+            return; // nobody left to read what it would fill
+        }
         match work.why {
             Why::Prefetch => {
                 self.fill_empty(core, work.chunks, run_chunks(self.chunk), Why::Prefetch)
