@@ -314,3 +314,76 @@ fn planted_pages_are_healed_by_fills_in_both_sharing_kinds() {
         assert_eq!((st.errors, st.poisoned_pages), (0, 0), "{share:?} {st:?}");
     }
 }
+
+/// A host file that counts the metadata reads fills make.
+struct CountingMeta {
+    inner: shadowfd::source::FileSource,
+    fill_checks: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl shadowfd::source::Source for CountingMeta {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.inner.read_at(buf, offset)
+    }
+    fn metadata(&self) -> std::io::Result<shadowfd::source::SourceMeta> {
+        self.inner.metadata()
+    }
+    fn fill_metadata(&self) -> std::io::Result<shadowfd::source::SourceMeta> {
+        self.fill_checks
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.fill_metadata()
+    }
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+}
+
+/// `detect` checks the source at most once a millisecond on a stream of
+/// 4 KiB faults (one `fstat` per fault was a twentieth of a fault's cost);
+/// `strict` still checks every fill. Both fill every page right.
+#[test]
+fn detect_checks_the_source_at_most_once_a_millisecond_and_strict_on_every_fill() {
+    if !lazy_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let n = 16 << 20;
+    let data = pattern(n, 12);
+    let path = file_with(dir.path(), "f", &data);
+    for stale in [StalePolicy::Detect, StalePolicy::Strict] {
+        let engine = lazy_engine(|c| {
+            c.readahead = 0;
+            c.chunk_size = 4096;
+            c.stale = stale;
+        });
+        let checks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let shadow = engine
+            .open(CountingMeta {
+                inner: shadowfd::source::FileSource::open(&path).unwrap(),
+                fill_checks: checks.clone(),
+            })
+            .unwrap();
+        let map = shadow.map(Share::Shared).unwrap();
+        let started = std::time::Instant::now();
+        let pages = n / 4096;
+        for i in 0..pages {
+            // Every third page: no two touches share a run.
+            let p = (i * 3) % pages;
+            assert_eq!(map[p * 4096], data[p * 4096], "{stale:?} page {p}");
+        }
+        let ms = started.elapsed().as_millis() as u64;
+        let fills = shadow.stats().chunks_filled;
+        let checks = checks.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(fills, pages as u64, "{stale:?}: one fill per page");
+        match stale {
+            StalePolicy::Strict => {
+                assert!(checks >= fills, "strict: {checks} checks, {fills} fills")
+            }
+            _ => assert!(
+                // Two workers may both take one millisecond's check.
+                checks <= 2 * ms + 4 && checks < fills,
+                "detect: {checks} checks for {fills} fills in {ms} ms"
+            ),
+        }
+    }
+}

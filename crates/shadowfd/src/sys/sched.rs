@@ -17,15 +17,19 @@
 //! (the kernel treats `SCHED_IDLE` as nice 20), which [`idle_wake_allowed`]
 //! checks in a throwaway thread; without it, wakes stay as they are. A
 //! reader that finds that more than [`STALL`] passed since its last such
-//! wake (other busy tasks on its CPU kept it off, or the thread ran long
-//! before it blocked) turns back and stops doing this for [`BACKOFF`], so
-//! that busy neighbours can starve it for a short while at most.
+//! wake turns back. One such spell is what a thread that stops faulting
+//! for a while looks like (it ran; nobody waited on the reader); after
+//! [`STALLS`] in a row (other busy tasks on its CPU keep it off) it stops
+//! doing this for [`BACKOFF`], so that busy neighbours can starve it for a
+//! short while at most.
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 /// Off the CPU this long after a wake: stop for a while.
 const STALL: Duration = Duration::from_millis(2);
+/// Stalls in a row that stop it.
+const STALLS: u8 = 2;
 /// How long to stop for.
 const BACKOFF: Duration = Duration::from_millis(100);
 
@@ -37,11 +41,14 @@ struct State {
     /// `SCHED_IDLE` since a wake at this time.
     idle_since: Option<Instant>,
     off_until: Option<Instant>,
+    /// Stalls in a row: wakes after which the reader was off the CPU for
+    /// over [`STALL`].
+    stalls: u8,
 }
 
 thread_local! {
     static STATE: Cell<State> = const {
-        Cell::new(State { on: false, allowed: true, idle_since: None, off_until: None })
+        Cell::new(State { on: false, allowed: true, idle_since: None, off_until: None, stalls: 0 })
     };
 }
 
@@ -74,6 +81,7 @@ pub(crate) fn enable_idle_wake() {
         allowed: true,
         idle_since: None,
         off_until: None,
+        stalls: 0,
     };
     STATE.with(|s| s.set(on));
 }
@@ -108,11 +116,22 @@ pub(crate) fn settle(sleeping: bool) {
     };
     let stalled = since.elapsed() > STALL;
     if !sleeping && !stalled {
+        if st.stalls > 0 {
+            st.stalls = 0;
+            STATE.with(|s| s.set(st));
+        }
         return;
     }
     st.idle_since = None;
     if stalled {
-        st.off_until = Some(Instant::now() + BACKOFF);
+        // One long spell off the CPU is what a thread that stops faulting
+        // for a while looks like (it ran; nobody waited). Busy neighbours
+        // keep the reader off after every wake: two in a row.
+        st.stalls = st.stalls.saturating_add(1);
+        if st.stalls >= STALLS {
+            st.stalls = 0;
+            st.off_until = Some(Instant::now() + BACKOFF);
+        }
     }
     // Could not turn back (RLIMIT_NICE lowered since): stop for good.
     st.on = set_policy(libc::SCHED_OTHER);
@@ -126,4 +145,74 @@ pub(crate) fn allow(on: bool) {
         st.allowed = on;
         s.set(st);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> libc::c_int {
+        // SAFETY: no arguments; pid 0 is the calling thread.
+        unsafe { libc::sched_getscheduler(0) }
+    }
+
+    /// Runs `f` in a fresh thread (the state and the policy are per thread).
+    fn in_thread(f: impl FnOnce() + Send + 'static) {
+        std::thread::spawn(f).join().unwrap();
+    }
+
+    fn allowed() -> bool {
+        // SAFETY: no arguments.
+        let root = unsafe { libc::geteuid() } == 0;
+        let ok = idle_wake_allowed();
+        assert!(ok || !root, "root may always go SCHED_IDLE and back");
+        ok
+    }
+
+    #[test]
+    fn a_wake_goes_idle_and_sleeping_turns_back() {
+        if !allowed() {
+            return;
+        }
+        in_thread(|| {
+            enable_idle_wake();
+            waking(|| assert_eq!(policy(), libc::SCHED_IDLE));
+            assert_eq!(policy(), libc::SCHED_IDLE, "stays idle while serving");
+            settle(false);
+            assert_eq!(policy(), libc::SCHED_IDLE);
+            settle(true);
+            assert_eq!(policy(), libc::SCHED_OTHER, "back before it sleeps");
+        });
+    }
+
+    #[test]
+    fn one_stall_turns_back_and_two_in_a_row_stop_the_idle_wakes() {
+        if !allowed() {
+            return;
+        }
+        in_thread(|| {
+            enable_idle_wake();
+            let stall = || std::thread::sleep(STALL + Duration::from_millis(1));
+            // One long spell: back to SCHED_OTHER, and the next wake is
+            // idle again.
+            waking(|| ());
+            stall();
+            settle(false);
+            assert_eq!(policy(), libc::SCHED_OTHER);
+            waking(|| assert_eq!(policy(), libc::SCHED_IDLE, "one stall stops nothing"));
+            // A wake answered in time clears the count.
+            settle(false);
+            stall();
+            settle(false);
+            waking(|| assert_eq!(policy(), libc::SCHED_IDLE));
+            // Two in a row: the wakes stay plain for BACKOFF.
+            stall();
+            settle(false);
+            waking(|| ());
+            stall();
+            settle(false);
+            waking(|| assert_eq!(policy(), libc::SCHED_OTHER, "stopped after two stalls"));
+            settle(true);
+        });
+    }
 }

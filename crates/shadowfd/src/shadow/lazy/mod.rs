@@ -85,6 +85,11 @@ pub(crate) struct LazyShadow {
     pub counters: Counters,
     resident: AtomicU64,
     changed: AtomicBool,
+    /// When [`LazyShadow::check_changed_lately`] last read the metadata
+    /// ([`since_start`]; 0: never).
+    checked_at: AtomicU64,
+    /// A fill skipped the check since the last one.
+    unchecked: AtomicBool,
     pub last_error: Mutex<Option<String>>,
     pub service: Arc<Service>,
     me: Weak<LazyShadow>,
@@ -174,6 +179,19 @@ pub(crate) const RUN_BYTES: u64 = 1 << 20;
 /// mapped first ([`LazyShadow::copy_mapped`]).
 const POPULATE_OVER: u64 = 64 << 10;
 
+/// How often, at most, a `detect` shadow's fills read the source's
+/// metadata when nothing depends on the answer (ns).
+const DETECT_EVERY: u64 = 1_000_000;
+
+/// Nanoseconds since the first call in this process.
+fn since_start() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
+}
+
 /// How many chunks make one run.
 pub(crate) fn run_chunks(chunk: u64) -> u64 {
     (RUN_BYTES / chunk).max(1)
@@ -245,6 +263,8 @@ impl LazyShadow {
             counters: Counters::default(),
             resident: AtomicU64::new(0),
             changed: AtomicBool::new(false),
+            checked_at: AtomicU64::new(0),
+            unchecked: AtomicBool::new(false),
             last_error: Mutex::new(None),
             service: service.clone(),
             me: me.clone(),
@@ -286,7 +306,13 @@ impl LazyShadow {
         self.resident.load(Ordering::Relaxed)
     }
 
+    /// Whether a fill has seen the source changed. Fills that skipped the
+    /// check ([`LazyShadow::check_changed_lately`]) are checked for now, so
+    /// the answer covers every fill made before the call.
     pub fn source_changed(&self) -> bool {
+        if self.unchecked.swap(false, Ordering::AcqRel) {
+            self.check_changed();
+        }
         self.changed.load(Ordering::Relaxed)
     }
 
@@ -344,6 +370,28 @@ impl LazyShadow {
     /// Compares the source with its recorded metadata; true if it changed.
     fn check_changed(&self) -> bool {
         self.check_source().0
+    }
+
+    /// [`LazyShadow::check_changed`] for a fill whose result does not
+    /// depend on it (`detect`, and bytes read with `read_at`, whose short
+    /// reads say where the source ends): the metadata is read at most once
+    /// per [`DETECT_EVERY`] per shadow, so a stream of faults pays one
+    /// `fstat` per millisecond, not one per fault. A change is seen by the
+    /// first fill a millisecond after it, or by the next
+    /// [`LazyShadow::source_changed`], whichever comes first.
+    fn check_changed_lately(&self) -> bool {
+        if self.changed.load(Ordering::Relaxed) {
+            return true;
+        }
+        let now = since_start();
+        let last = self.checked_at.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < DETECT_EVERY {
+            self.unchecked.store(true, Ordering::Release);
+            return false;
+        }
+        self.checked_at.store(now.max(1), Ordering::Relaxed);
+        self.unchecked.store(false, Ordering::Release);
+        self.check_changed()
     }
 
     /// [`LazyShadow::check_changed`], with the source's size as just read
@@ -571,7 +619,11 @@ impl LazyShadow {
         let strict = self.stale == StalePolicy::Strict;
         buffer::with(span as usize, |data| {
             let good = fill::read_chunk(&*self.source, data, off, end, page, self.size, bad);
-            let changed = self.check_changed();
+            let changed = if strict {
+                self.check_changed()
+            } else {
+                self.check_changed_lately()
+            };
             if strict && changed {
                 *bad = vec![(off, end, STALE_DURING)];
                 return (0, None);
