@@ -167,7 +167,19 @@ fn reader() {
 /// and then pages from FIRST on, reporting each: the test kills the server
 /// in between or while these are in flight.
 fn toucher() {
-    let c = Client::connect(param("SOCK")).expect("connect");
+    // TIMEOUT_MS (optional): the client's reply bound, which also bounds
+    // how long a stuck server may leave a fault unread.
+    let c = match child::param_opt("TIMEOUT_MS") {
+        Some(ms) => {
+            let opts = ClientOptions {
+                timeout: Duration::from_millis(ms.parse().expect("TIMEOUT_MS")),
+                ..ClientOptions::default()
+            };
+            Client::from_stream(UnixStream::connect(param("SOCK")).expect("connect"), opts)
+                .expect("hello")
+        }
+        None => Client::connect(param("SOCK")).expect("connect"),
+    };
     let f = c.open(&param("FILE")).expect("open");
     let map = f.map().expect("map");
     assert!(map.is_lazy(), "the toucher needs a lazy mapping");
@@ -350,6 +362,110 @@ fn a_client_without_userfaultfd_gets_a_sealed_descriptor() {
         "{}",
         o.describe()
     );
+}
+
+/// The server is stopped (SIGSTOP: alive, holding the connection, reading
+/// nothing) while a client touches an unfilled page. The client's watcher
+/// sees the fault unread, asks the server for its STATS, gets no answer
+/// within the client's timeout (1.5 s here), hangs up and poisons: the
+/// toucher ends by SIGBUS on that page, not in a hang, and its filled pages
+/// stayed readable. The server, continued, sees the hang-up and goes on.
+#[test]
+fn a_stopped_server_gives_sigbus_within_the_client_timeout() {
+    if let Some(r) = child::role() {
+        return play(&r);
+    }
+    if !lazy_available("serve: stopped server") {
+        return;
+    }
+    let test = test_name!(a_stopped_server_gives_sigbus_within_the_client_timeout);
+    let (dir, root) = served_root();
+    let (id, npages) = (0x13_07, 16u64);
+    write_file(&root, "f.bin", id, npages * page());
+    let sock = dir.path().join("s.sock");
+    let mut server = Proc::spawn(
+        "server",
+        role_cmd(
+            &test,
+            "slow-server",
+            &[
+                ("ROOT", root.display().to_string()),
+                ("SOCK", sock.display().to_string()),
+                ("DELAY_MS", "0".into()),
+            ],
+        ),
+        false,
+    );
+    wait_socket(&sock, &mut server);
+    let go = dir.path().join("go");
+    let mut t = Proc::spawn(
+        "toucher",
+        role_cmd(
+            &test,
+            "toucher",
+            &[
+                ("SOCK", sock.display().to_string()),
+                ("FILE", "f.bin".into()),
+                ("ID", id.to_string()),
+                ("FIRST", "2".into()),
+                ("GO", go.display().to_string()),
+                ("TIMEOUT_MS", "1500".into()),
+            ],
+        ),
+        false,
+    );
+    assert!(
+        t.wait_report("ready", BOUND).is_some(),
+        "the toucher never got ready"
+    );
+    let spid = server.pid() as libc::pid_t;
+    // SAFETY: kill(2) of the server child we spawned.
+    assert_eq!(unsafe { libc::kill(spid, libc::SIGSTOP) }, 0);
+    let stopped = Instant::now();
+    std::fs::write(&go, b"").unwrap();
+    let o = t.finish(BOUND);
+    let took = stopped.elapsed();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(spid, libc::SIGCONT) }, 0);
+    assert!(!o.timed_out, "the toucher hung\n{}", o.describe());
+    assert_eq!(
+        o.signal(),
+        Some(libc::SIGBUS),
+        "the toucher did not end by SIGBUS\n{}",
+        o.describe()
+    );
+    assert!(o.values("bad").is_empty(), "wrong bytes\n{}", o.describe());
+    let at: u64 = o
+        .last("sigbus")
+        .expect("the SIGBUS offset")
+        .parse()
+        .unwrap();
+    assert_eq!(
+        at / page(),
+        2,
+        "SIGBUS on the first unfilled page\n{}",
+        o.describe()
+    );
+    assert_eq!(
+        o.values("good").iter().filter(|p| *p == "0").count(),
+        2,
+        "page 0, filled before the stop, stayed readable\n{}",
+        o.describe()
+    );
+    // The watcher waited for the timeout before it gave up on the server.
+    assert!(
+        took >= Duration::from_millis(1500),
+        "gave up after {took:?}, before the timeout"
+    );
+    eprintln!("serve: server SIGSTOPped -> client SIGBUS: {took:?} (timeout 1.5 s)");
+    // The continued server saw the hang-up and still serves others.
+    let c = Client::connect(&sock).expect("the server still accepts");
+    let f = c.open("f.bin").expect("open after the stuck client left");
+    let m = f.map().expect("map");
+    assert_eq!(first_mismatch(id, 0, &m), None);
+    drop((m, f, c));
+    let so = server.finish(Duration::ZERO);
+    assert!(so.values("panic").is_empty(), "{}", so.describe());
 }
 
 /// The server is SIGKILLed while one client waits in a fault and another

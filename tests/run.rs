@@ -1999,8 +1999,9 @@ fn corrupt_dir_image(base: &Path, dir: &str) -> PathBuf {
 /// the host descriptor the kernel hands out next under that number: after
 /// an `opendir` whose LIST failed (the placeholder closed inside the
 /// shim), after `fclose` of an `fdopen`ed directory descriptor (glibc's
-/// internal close), and after `close_range` (followed by raw `openat`
-/// system calls the shim does not see).
+/// internal close), and after `close_range` (followed by raw `dup2`
+/// system calls the shim does not see, onto the same numbers; numbers the
+/// test picks, so that no other descriptor of the process lies between).
 #[test]
 fn closed_placeholders_never_shadow_host_descriptors() {
     let d = tempfile::tempdir().unwrap();
@@ -2060,13 +2061,18 @@ int main(int argc, char **argv) {
     dfd = open(p, O_RDONLY | O_DIRECTORY);
     snprintf(p, sizeof p, "%s/sub/file", m);
     int ffd = open(p, O_RDONLY);
-    int lo = dfd < ffd ? dfd : ffd, hi = dfd < ffd ? ffd : dfd;
-    printf("close_range %d\n", close_range(lo, hi, 0));
-    /* Raw system calls: the shim does not see these opens. */
-    int a = syscall(SYS_openat, AT_FDCWD, lo == dfd ? "/etc" : "/etc/passwd", O_RDONLY);
-    int b = syscall(SYS_openat, AT_FDCWD, lo == dfd ? "/etc/passwd" : "/etc", O_RDONLY);
-    printf("reuse %d\n", a == lo && b == hi);
-    int dir = lo == dfd ? a : b, file = lo == dfd ? b : a;
+    /* Two adjacent numbers whatever else this process holds: the served
+     * directory at 200, the served file at 201. */
+    int lo = 200, hi = 201;
+    int moved = dup2(dfd, lo) == lo && dup2(ffd, hi) == hi;
+    close(dfd);
+    close(ffd);
+    printf("close_range %d\n", moved ? close_range(lo, hi, 0) : -2);
+    /* Raw system calls: the shim does not see these opens and dups. */
+    int a = syscall(SYS_openat, AT_FDCWD, "/etc", O_RDONLY);
+    int b = syscall(SYS_openat, AT_FDCWD, "/etc/passwd", O_RDONLY);
+    int dir = syscall(SYS_dup2, a, lo), file = syscall(SYS_dup2, b, hi);
+    printf("reuse %d\n", dir == lo && file == hi);
     host_etc("after-close_range", dir);
     char buf[5] = "";
     ssize_t r = read(file, buf, 4);

@@ -48,6 +48,11 @@ pub fn param(name: &str) -> String {
         .unwrap_or_else(|_| panic!("child parameter {name} missing"))
 }
 
+/// A parameter the parent may have passed.
+pub fn param_opt(name: &str) -> Option<String> {
+    std::env::var(format!("{PARAM_PREFIX}{name}")).ok()
+}
+
 pub fn param_u64(name: &str) -> u64 {
     param(name)
         .parse()

@@ -24,9 +24,20 @@ pub struct ClientOptions {
     /// Without one, or if it cannot be made here, every mapping is a sealed
     /// descriptor (the server's eager fallback, within its size cap).
     pub userfaultfd: bool,
-    /// The bound on each reply (and on sending each request).
+    /// The bound on each reply (and on sending each request). It also
+    /// bounds a fault the server leaves unread: once a fault has waited in
+    /// this client's userfaultfd, unread, for [`STUCK_AFTER`] (or this
+    /// timeout, if shorter), the watcher asks the server for its STATS; a
+    /// server that does not answer within this timeout is treated as gone
+    /// (see [`Client`]).
     pub timeout: Duration,
 }
+
+/// How long faults may stay unread in a client's userfaultfd, at every
+/// look, before its watcher asks whether the server is still there.
+pub const STUCK_AFTER: Duration = Duration::from_secs(10);
+/// How often the watcher looks while the client has lazy ranges.
+const LOOK_EVERY: Duration = Duration::from_millis(100);
 
 impl Default for ClientOptions {
     fn default() -> Self {
@@ -51,14 +62,28 @@ fn payload_word(p: &[u8], i: usize) -> u64 {
 /// Lazy ranges registered with this client's userfaultfd: (start, len).
 type Ranges = Arc<Mutex<Vec<(u64, u64)>>>;
 
-struct Inner {
+/// The connection, shared by the client's calls and its watcher.
+struct Conn {
     stream: UnixStream,
     /// One request and its reply at a time.
     io: Mutex<()>,
+}
+
+impl std::ops::Deref for Inner {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        &self.conn
+    }
+}
+
+struct Inner {
+    conn: Arc<Conn>,
     uffd: Option<Arc<Uffd>>,
     ranges: Ranges,
     server_gone: Arc<AtomicBool>,
     stop: Option<OwnedFd>,
+    /// Tells the watcher a lazy range was added.
+    kick: Option<OwnedFd>,
     watcher: Option<JoinHandle<()>>,
     server_pid: u64,
     eager_cap: u64,
@@ -82,7 +107,11 @@ impl Drop for Inner {
 /// If the server hangs up or dies, a thread of this client answers every
 /// pending and later fault on the unfilled pages of its lazy mappings with
 /// `SIGBUS` (`UFFDIO_POISON`), within milliseconds: a consumer never hangs
-/// and never reads zeros. Pages already filled stay readable.
+/// and never reads zeros. Pages already filled stay readable. A server that
+/// is alive but stuck (stopped, or deadlocked) is treated the same way once
+/// a fault has waited unread for [`STUCK_AFTER`] and the server has not
+/// answered a STATS request within [`ClientOptions::timeout`]: the client
+/// then hangs up itself.
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
@@ -143,34 +172,48 @@ impl Client {
         }
         let ranges: Ranges = Arc::new(Mutex::new(Vec::new()));
         let server_gone = Arc::new(AtomicBool::new(false));
-        let (stop, watcher) = match &uffd {
+        let conn = Arc::new(Conn {
+            stream,
+            io: Mutex::new(()),
+        });
+        let (stop, kick, watcher) = match &uffd {
             Some(u) => {
                 let stop = crate::sys::event::eventfd()
                     .map_err(|e| Error::sys("eventfd for the server watcher", e))?;
+                let kick = crate::sys::event::eventfd()
+                    .map_err(|e| Error::sys("eventfd for the server watcher", e))?;
+                let kick2 = kick
+                    .try_clone()
+                    .map_err(|e| Error::sys("duplicate an eventfd", e))?;
                 let (u, rg, gone) = (u.clone(), ranges.clone(), server_gone.clone());
-                let sock = stream
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .map_err(|e| Error::sys("duplicate the server socket", e))?;
                 let stop2 = stop
                     .try_clone()
                     .map_err(|e| Error::sys("duplicate an eventfd", e))?;
+                let w = Watch {
+                    conn: conn.clone(),
+                    stop: stop2,
+                    kick: kick2,
+                    uffd: u,
+                    ranges: rg,
+                    gone,
+                    timeout: opts.timeout,
+                };
                 let t = std::thread::Builder::new()
                     .name("shadowfd-watch".into())
-                    .spawn(move || watch(sock, stop2, u, rg, gone))
+                    .spawn(move || w.run())
                     .map_err(|e| Error::sys("spawn the server watcher", e))?;
-                (Some(stop), Some(t))
+                (Some(stop), Some(kick), Some(t))
             }
-            None => (None, None),
+            None => (None, None, None),
         };
         Ok(Client {
             inner: Arc::new(Inner {
-                stream,
-                io: Mutex::new(()),
+                conn,
                 uffd,
                 ranges,
                 server_gone,
                 stop,
+                kick,
                 watcher,
                 server_pid: r.b,
                 eager_cap: r.c,
@@ -353,62 +396,123 @@ fn reply(stream: &UnixStream, kind: u32, name: &str) -> Result<(Frame, Option<Ow
     Ok((r, fd))
 }
 
-/// Watches the connection; once the server is gone, poisons what is
-/// unfilled in every lazy range and answers every later fault the same way.
-fn watch(sock: OwnedFd, stop: OwnedFd, uffd: Arc<Uffd>, ranges: Ranges, gone: Arc<AtomicBool>) {
-    let wait = |fd: i32, events: i16| -> bool {
-        // Returns true when `fd` is ready, false when told to stop.
+/// What the watcher thread holds.
+struct Watch {
+    conn: Arc<Conn>,
+    stop: OwnedFd,
+    /// Signalled when a lazy range is added: start looking.
+    kick: OwnedFd,
+    uffd: Arc<Uffd>,
+    ranges: Ranges,
+    gone: Arc<AtomicBool>,
+    timeout: Duration,
+}
+
+/// Why [`Watch::wait`] returned.
+enum Woke {
+    Ready,
+    Stop,
+    Tick,
+}
+
+impl Watch {
+    /// Waits for `fd` to show `events`, for the stop signal, or for `tick`
+    /// or a kick.
+    fn wait(&self, fd: i32, events: i16, tick: Option<Duration>) -> Woke {
+        let ms = tick.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
         loop {
-            let mut fds = [
-                libc::pollfd {
+            let mut fds =
+                [fd, self.stop.as_raw_fd(), self.kick.as_raw_fd()].map(|fd| libc::pollfd {
                     fd,
-                    events,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: stop.as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
-                },
-            ];
-            // SAFETY: `fds` is a live array of two pollfd structs.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                });
+            fds[0].events = events;
+            // SAFETY: `fds` is a live array of three pollfd structs.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 3, ms) };
             if r < 0 {
                 continue;
             }
             if fds[1].revents != 0 {
-                return false;
+                return Woke::Stop;
             }
             if fds[0].revents != 0 {
-                return true;
+                return Woke::Ready;
+            }
+            if fds[2].revents != 0 {
+                crate::sys::event::eventfd_drain(self.kick.as_fd());
+            }
+            return Woke::Tick;
+        }
+    }
+
+    /// Whether the server answers a STATS request within the timeout.
+    fn server_answers(&self) -> bool {
+        let Some(_one) = self.conn.io.try_lock_for(self.timeout) else {
+            // Another request has been waiting on the server all along.
+            return false;
+        };
+        let f = Frame::new(wire::STATS, 0, 0, 0, 0);
+        wire::send(&self.conn.stream, &f, None).is_ok()
+            && reply(&self.conn.stream, wire::STATS, "STATS").is_ok()
+    }
+
+    /// Watches the connection; once the server is gone (or stuck, see
+    /// [`Client`]), poisons what is unfilled in every lazy range and
+    /// answers every later fault the same way.
+    fn run(self) {
+        let sock = self.conn.stream.as_raw_fd();
+        let suspect = STUCK_AFTER.min(self.timeout);
+        // Since when faults have been waiting unread at every look.
+        let mut unread_since: Option<std::time::Instant> = None;
+        loop {
+            let tick = (!self.ranges.lock().is_empty()).then_some(LOOK_EVERY);
+            match self.wait(sock, libc::POLLRDHUP, tick) {
+                Woke::Stop => return,
+                Woke::Ready => break,
+                Woke::Tick => {}
+            }
+            if !self.uffd.has_pending() {
+                unread_since = None;
+                continue;
+            }
+            let since = *unread_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() < suspect {
+                continue;
+            }
+            if self.server_answers() {
+                unread_since = None;
+                continue;
+            }
+            // Stuck: hang up, so that the server forgets this client if it
+            // ever runs again, and every later call fails at once.
+            let _ = self.conn.stream.shutdown(std::net::Shutdown::Both);
+            break;
+        }
+        self.gone.store(true, Ordering::SeqCst);
+        {
+            let r = self.ranges.lock();
+            for &(start, len) in r.iter() {
+                // Pages mapped already are skipped (EEXIST); every other page
+                // gets a poison marker and its waiters are woken.
+                let _ = self.uffd.poison(start, len);
             }
         }
-    };
-    if !wait(sock.as_raw_fd(), libc::POLLRDHUP) {
-        return;
-    }
-    gone.store(true, Ordering::SeqCst);
-    {
-        let r = ranges.lock();
-        for &(start, len) in r.iter() {
-            // Pages mapped already are skipped (EEXIST); every other page
-            // gets a poison marker and its waiters are woken.
-            let _ = uffd.poison(start, len);
-        }
-    }
-    let page = crate::page_size() as u64;
-    let mut raw = vec![uffd_msg::default(); 32];
-    let mut faults = Vec::new();
-    while wait(uffd.as_fd().as_raw_fd(), libc::POLLIN) {
-        faults.clear();
-        if uffd.read_faults(&mut raw, &mut faults).is_err() {
-            continue;
-        }
-        let _r = ranges.lock();
-        for f in &faults {
-            let addr = f.address & !(page - 1);
-            if uffd.poison(addr, page).is_err() {
-                let _ = uffd.wake(addr, page);
+        let page = crate::page_size() as u64;
+        let mut raw = vec![uffd_msg::default(); 32];
+        let mut faults = Vec::new();
+        let ufd = self.uffd.as_fd().as_raw_fd();
+        while let Woke::Ready = self.wait(ufd, libc::POLLIN, None) {
+            faults.clear();
+            if self.uffd.read_faults(&mut raw, &mut faults).is_err() {
+                continue;
+            }
+            let _r = self.ranges.lock();
+            for f in &faults {
+                let addr = f.address & !(page - 1);
+                if self.uffd.poison(addr, page).is_err() {
+                    let _ = self.uffd.wake(addr, page);
+                }
             }
         }
     }
@@ -659,6 +763,9 @@ impl RemoteMapOptions<'_> {
         uffd.register(map.addr(), reg_len)
             .map_err(|e| Error::sys("UFFDIO_REGISTER of the remote mapping", e))?;
         ci.ranges.lock().push((map.addr(), reg_len));
+        if let Some(k) = &ci.kick {
+            crate::sys::event::eventfd_signal(k.as_fd());
+        }
         let attached = wire::send(
             &ci.stream,
             &Frame::new(wire::ATTACH, this.inner.handle, map.addr(), reg_len, offset),
