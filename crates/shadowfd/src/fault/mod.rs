@@ -24,7 +24,7 @@ pub(crate) mod buffer;
 pub(crate) mod chunks;
 mod service;
 
-pub(crate) use service::{Core, Service};
+pub(crate) use service::{Core, Service, in_service};
 
 use crate::sys::Uffd;
 use std::ops::Range;

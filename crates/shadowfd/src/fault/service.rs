@@ -794,6 +794,11 @@ thread_local! {
     static IN_SERVICE: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Whether the calling thread is a fault-service worker.
+pub(crate) fn in_service() -> bool {
+    IN_SERVICE.with(Cell::get)
+}
+
 /// One fault-service thread: serves the faults it reads itself, runs queued
 /// jobs when no fault is pending, and sleeps in epoll otherwise.
 fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {

@@ -364,15 +364,21 @@ pub struct PathInfo {
 }
 
 /// Receives the reply to `kind`: an ERROR becomes an error naming the code
-/// and the server's message.
+/// and the server's message. A reply that does not come within the client
+/// timeout shuts the connection down: a late one would be taken for the
+/// answer to the next request. The watcher then treats the server as gone.
 fn reply(stream: &UnixStream, kind: u32, name: &str) -> Result<(Frame, Option<OwnedFd>)> {
     let (r, fd) = wire::recv(stream).map_err(|e| match e {
         RecvError::Closed => protocol(format!(
             "the server closed the connection instead of answering {name}"
         )),
-        RecvError::TimedOut => protocol(format!(
-            "the server did not answer {name} within the client timeout"
-        )),
+        RecvError::TimedOut => {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            protocol(format!(
+                "the server did not answer {name} within the client timeout; \
+                 the connection is closed"
+            ))
+        }
         RecvError::Legacy { .. } => protocol(format!(
             "the server speaks protocol version 2 or older and refused {name}; this client speaks version {}",
             wire::VERSION
@@ -446,15 +452,20 @@ impl Watch {
         }
     }
 
-    /// Whether the server answers a STATS request within the timeout.
-    fn server_answers(&self) -> bool {
-        let Some(_one) = self.conn.io.try_lock_for(self.timeout) else {
-            // Another request has been waiting on the server all along.
-            return false;
-        };
+    /// Whether the server answers a STATS request within the timeout;
+    /// `None` while another request holds the connection (each of its
+    /// replies is bounded by the timeout: look again later). Without an
+    /// answer the connection is shut down before the lock is let go, so no
+    /// later request can take the late reply for its own.
+    fn server_answers(&self) -> Option<bool> {
+        let _one = self.conn.io.try_lock_for(LOOK_EVERY)?;
         let f = Frame::new(wire::STATS, 0, 0, 0, 0);
-        wire::send(&self.conn.stream, &f, None).is_ok()
-            && reply(&self.conn.stream, wire::STATS, "STATS").is_ok()
+        let ok = wire::send(&self.conn.stream, &f, None).is_ok()
+            && reply(&self.conn.stream, wire::STATS, "STATS").is_ok();
+        if !ok {
+            let _ = self.conn.stream.shutdown(std::net::Shutdown::Both);
+        }
+        Some(ok)
     }
 
     /// Watches the connection; once the server is gone (or stuck, see
@@ -480,14 +491,14 @@ impl Watch {
             if since.elapsed() < suspect {
                 continue;
             }
-            if self.server_answers() {
-                unread_since = None;
-                continue;
+            match self.server_answers() {
+                None => {}
+                Some(true) => unread_since = None,
+                // Stuck: the connection is shut down, so that the server
+                // forgets this client if it ever runs again, and every
+                // later call fails at once.
+                Some(false) => break,
             }
-            // Stuck: hang up, so that the server forgets this client if it
-            // ever runs again, and every later call fails at once.
-            let _ = self.conn.stream.shutdown(std::net::Shutdown::Both);
-            break;
         }
         self.gone.store(true, Ordering::SeqCst);
         {
@@ -502,7 +513,12 @@ impl Watch {
         let mut raw = vec![uffd_msg::default(); 32];
         let mut faults = Vec::new();
         let ufd = self.uffd.as_fd().as_raw_fd();
-        while let Woke::Ready = self.wait(ufd, libc::POLLIN, None) {
+        loop {
+            match self.wait(ufd, libc::POLLIN, None) {
+                Woke::Stop => return,
+                Woke::Tick => continue,
+                Woke::Ready => {}
+            }
             faults.clear();
             if self.uffd.read_faults(&mut raw, &mut faults).is_err() {
                 continue;
@@ -960,5 +976,81 @@ impl std::ops::Deref for RemoteMapping {
             Some(m) => unsafe { std::slice::from_raw_parts(m.as_ptr(), self.len) },
             None => &[],
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A watcher over one end of a socket pair, with no lazy range.
+    fn watcher() -> Option<(UnixStream, OwnedFd, OwnedFd, JoinHandle<()>)> {
+        let (uffd, _) = Uffd::open().ok()?;
+        let (ours, peer) = UnixStream::pair().unwrap();
+        let stop = crate::sys::event::eventfd().unwrap();
+        let kick = crate::sys::event::eventfd().unwrap();
+        let w = Watch {
+            conn: Arc::new(Conn {
+                stream: ours,
+                io: Mutex::new(()),
+            }),
+            stop: stop.try_clone().unwrap(),
+            kick: kick.try_clone().unwrap(),
+            uffd: Arc::new(uffd),
+            ranges: Arc::new(Mutex::new(Vec::new())),
+            gone: Arc::new(AtomicBool::new(false)),
+            timeout: Duration::from_secs(5),
+        };
+        Some((peer, stop, kick, std::thread::spawn(move || w.run())))
+    }
+
+    /// A server that answers too late: the request fails with the timeout,
+    /// and the connection is closed, so the next request fails too instead
+    /// of taking the late reply for its own answer.
+    #[test]
+    fn a_reply_that_times_out_closes_the_connection() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            let (hello, _) = wire::recv(&theirs).expect("HELLO");
+            assert_eq!(hello.kind, wire::HELLO);
+            let r = Frame::new(wire::HELLO | wire::REPLY, wire::VERSION, 1, 0, 0);
+            wire::send(&theirs, &r, None).unwrap();
+            let (f, _) = wire::recv(&theirs).expect("STATS");
+            assert_eq!(f.kind, wire::STATS);
+            std::thread::sleep(Duration::from_millis(400));
+            let mut late = Frame::new(wire::STATS | wire::REPLY, 0, 0, 0, 0);
+            late.payload = b"{}".to_vec();
+            let _ = wire::send(&theirs, &late, None);
+            theirs
+        });
+        let opts = ClientOptions {
+            userfaultfd: false,
+            timeout: Duration::from_millis(200),
+        };
+        let c = Client::from_stream(ours, opts).expect("HELLO answered");
+        let e = c.status_json().unwrap_err().to_string();
+        assert!(e.contains("within the client timeout"), "{e}");
+        let _theirs = server.join().unwrap();
+        // The late reply has been sent by now.
+        let again = c.status_json();
+        assert!(again.is_err(), "took the late reply: {again:?}");
+    }
+
+    /// A kick left unread when the server hangs up must not end the
+    /// watcher: it has to answer every later fault with SIGBUS.
+    #[test]
+    fn a_pending_kick_at_the_hang_up_does_not_end_the_watcher() {
+        let Some((peer, stop, kick, t)) = watcher() else {
+            // SAFETY: no arguments.
+            let euid = unsafe { libc::geteuid() };
+            assert_ne!(euid, 0, "root can always open a userfaultfd");
+            return;
+        };
+        crate::sys::event::eventfd_signal(kick.as_fd());
+        drop(peer);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!t.is_finished(), "the watcher exited without being stopped");
+        crate::sys::event::eventfd_signal(stop.as_fd());
+        t.join().unwrap();
     }
 }

@@ -919,6 +919,9 @@ impl Inner {
         if let Some(e) = self.state.lock().entries.get(&key) {
             return Ok(take(e));
         }
+        // Evicted shadows are dropped here, not under `open_lock`: the last
+        // drop of a lazy shadow waits for a fill of it still in flight.
+        self.evict();
         let _one = self.open_lock.lock();
         if let Some(e) = self.state.lock().entries.get(&key) {
             return Ok(take(e));
@@ -928,7 +931,6 @@ impl Inner {
             Some(h) => h(source),
             None => source,
         };
-        self.evict();
         let shadow = engine.open(source).map_err(|e| {
             let code = match &e {
                 Error::TooLarge { .. } => wire::E_TOO_LARGE,

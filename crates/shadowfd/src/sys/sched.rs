@@ -115,11 +115,11 @@ pub(crate) fn settle(sleeping: bool) {
         return;
     };
     let stalled = since.elapsed() > STALL;
+    if !stalled {
+        st.stalls = 0;
+    }
     if !sleeping && !stalled {
-        if st.stalls > 0 {
-            st.stalls = 0;
-            STATE.with(|s| s.set(st));
-        }
+        STATE.with(|s| s.set(st));
         return;
     }
     st.idle_since = None;

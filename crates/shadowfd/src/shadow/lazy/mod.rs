@@ -88,8 +88,6 @@ pub(crate) struct LazyShadow {
     /// When [`LazyShadow::check_changed_lately`] last read the metadata
     /// ([`since_start`]; 0: never).
     checked_at: AtomicU64,
-    /// A fill skipped the check since the last one.
-    unchecked: AtomicBool,
     pub last_error: Mutex<Option<String>>,
     pub service: Arc<Service>,
     me: Weak<LazyShadow>,
@@ -264,7 +262,6 @@ impl LazyShadow {
             resident: AtomicU64::new(0),
             changed: AtomicBool::new(false),
             checked_at: AtomicU64::new(0),
-            unchecked: AtomicBool::new(false),
             last_error: Mutex::new(None),
             service: service.clone(),
             me: me.clone(),
@@ -306,14 +303,12 @@ impl LazyShadow {
         self.resident.load(Ordering::Relaxed)
     }
 
-    /// Whether a fill has seen the source changed. Fills that skipped the
-    /// check ([`LazyShadow::check_changed_lately`]) are checked for now, so
-    /// the answer covers every fill made before the call.
+    /// Whether a fill has seen the source changed, or the source differs
+    /// now: fills may have skipped their check
+    /// ([`LazyShadow::check_changed_lately`]), so the source is read again
+    /// here, and the answer covers every fill made before the call.
     pub fn source_changed(&self) -> bool {
-        if self.unchecked.swap(false, Ordering::AcqRel) {
-            self.check_changed();
-        }
-        self.changed.load(Ordering::Relaxed)
+        self.check_changed()
     }
 
     pub fn bad_pages(&self) -> BTreeMap<u64, Cause> {
@@ -378,7 +373,8 @@ impl LazyShadow {
     /// per [`DETECT_EVERY`] per shadow, so a stream of faults pays one
     /// `fstat` per millisecond, not one per fault. A change is seen by the
     /// first fill a millisecond after it, or by the next
-    /// [`LazyShadow::source_changed`], whichever comes first.
+    /// [`LazyShadow::source_changed`], whichever comes first; one undone
+    /// within the millisecond may go unseen.
     fn check_changed_lately(&self) -> bool {
         if self.changed.load(Ordering::Relaxed) {
             return true;
@@ -386,11 +382,9 @@ impl LazyShadow {
         let now = since_start();
         let last = self.checked_at.load(Ordering::Relaxed);
         if last != 0 && now.saturating_sub(last) < DETECT_EVERY {
-            self.unchecked.store(true, Ordering::Release);
             return false;
         }
         self.checked_at.store(now.max(1), Ordering::Relaxed);
-        self.unchecked.store(false, Ordering::Release);
         self.check_changed()
     }
 

@@ -9,7 +9,8 @@
 //! moment later, so a source's clean-up (the C ABI's `release`) could run
 //! after the program's last free returned, or not at all if it exits then.
 //! So the last [`User`] to go waits, for at most [`LAST_FILL_WAIT`], until
-//! the shadow has been dropped by whoever held it last.
+//! the shadow has been dropped by whoever held it last (unless it is a
+//! fault-service thread itself: a source callback that drops a mapping).
 
 use super::LazyShadow;
 use parking_lot::{Condvar, Mutex};
@@ -91,7 +92,9 @@ impl Drop for User {
         let last = shadow.users.0.fetch_sub(1, Ordering::AcqRel) == 1;
         let gone = Arc::clone(&shadow.gone.0);
         drop(shadow);
-        if last {
+        // A fault-service thread never waits: the fill it would wait for
+        // may be its own, or queued behind it.
+        if last && !crate::fault::in_service() {
             let mut g = gone.gone.lock();
             if !*g {
                 let _ = gone.cv.wait_while_for(&mut g, |g| !*g, LAST_FILL_WAIT);
