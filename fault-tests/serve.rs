@@ -364,6 +364,49 @@ fn a_client_without_userfaultfd_gets_a_sealed_descriptor() {
     );
 }
 
+/// Starts the `slow-server` role over `root` on `sock` (each fill sleeps
+/// `delay_ms`) and waits for its socket.
+fn start_slow_server(test: &str, root: &Path, sock: &Path, delay_ms: u64) -> Proc {
+    let mut server = Proc::spawn(
+        "slow server",
+        role_cmd(
+            test,
+            "slow-server",
+            &[
+                ("ROOT", root.display().to_string()),
+                ("SOCK", sock.display().to_string()),
+                ("DELAY_MS", delay_ms.to_string()),
+            ],
+        ),
+        false,
+    );
+    wait_socket(sock, &mut server);
+    server
+}
+
+/// Starts the `toucher` role (`what` names it in messages) on `f.bin` of
+/// content `id` behind `sock`: it touches `first` pages, reports `ready`
+/// and waits for the file `go`; `timeout_ms` is its client timeout.
+fn start_toucher(
+    test: &str,
+    what: &str,
+    sock: &Path,
+    id: u64,
+    first: u64,
+    go: &Path,
+    timeout_ms: Option<u64>,
+) -> Proc {
+    let mut params = vec![
+        ("SOCK", sock.display().to_string()),
+        ("FILE", "f.bin".into()),
+        ("ID", id.to_string()),
+        ("FIRST", first.to_string()),
+        ("GO", go.display().to_string()),
+    ];
+    params.extend(timeout_ms.map(|ms| ("TIMEOUT_MS", ms.to_string())));
+    Proc::spawn(what, role_cmd(test, "toucher", &params), false)
+}
+
 /// The server is stopped (SIGSTOP: alive, holding the connection, reading
 /// nothing) while a client touches an unfilled page. The client's watcher
 /// sees the fault unread, asks the server for its STATS, gets no answer
@@ -383,37 +426,9 @@ fn a_stopped_server_gives_sigbus_within_the_client_timeout() {
     let (id, npages) = (0x13_07, 16u64);
     write_file(&root, "f.bin", id, npages * page());
     let sock = dir.path().join("s.sock");
-    let mut server = Proc::spawn(
-        "server",
-        role_cmd(
-            &test,
-            "slow-server",
-            &[
-                ("ROOT", root.display().to_string()),
-                ("SOCK", sock.display().to_string()),
-                ("DELAY_MS", "0".into()),
-            ],
-        ),
-        false,
-    );
-    wait_socket(&sock, &mut server);
+    let mut server = start_slow_server(&test, &root, &sock, 0);
     let go = dir.path().join("go");
-    let mut t = Proc::spawn(
-        "toucher",
-        role_cmd(
-            &test,
-            "toucher",
-            &[
-                ("SOCK", sock.display().to_string()),
-                ("FILE", "f.bin".into()),
-                ("ID", id.to_string()),
-                ("FIRST", "2".into()),
-                ("GO", go.display().to_string()),
-                ("TIMEOUT_MS", "1500".into()),
-            ],
-        ),
-        false,
-    );
+    let mut t = start_toucher(&test, "toucher", &sock, id, 2, &go, Some(1500));
     assert!(
         t.wait_report("ready", BOUND).is_some(),
         "the toucher never got ready"
@@ -484,39 +499,10 @@ fn clients_of_a_killed_server_get_sigbus_not_a_hang() {
     let (id, npages) = (0x13_03, 64u64);
     write_file(&root, "f.bin", id, npages * page());
     let sock = dir.path().join("s.sock");
-    let mut server = Proc::spawn(
-        "slow server",
-        role_cmd(
-            &test,
-            "slow-server",
-            &[
-                ("ROOT", root.display().to_string()),
-                ("SOCK", sock.display().to_string()),
-                ("DELAY_MS", "300".into()),
-            ],
-        ),
-        false,
-    );
-    wait_socket(&sock, &mut server);
+    let mut server = start_slow_server(&test, &root, &sock, 300);
     let go_a = dir.path().join("go-a");
     let go_b = dir.path().join("go-b");
-    let toucher = |go: &Path| {
-        Proc::spawn(
-            "toucher",
-            role_cmd(
-                &test,
-                "toucher",
-                &[
-                    ("SOCK", sock.display().to_string()),
-                    ("FILE", "f.bin".into()),
-                    ("ID", id.to_string()),
-                    ("FIRST", "2".into()),
-                    ("GO", go.display().to_string()),
-                ],
-            ),
-            false,
-        )
-    };
+    let toucher = |go: &Path| start_toucher(&test, "toucher", &sock, id, 2, go, None);
     // A: goes on touching, so a fault of it is in flight at the kill.
     // B: holds two filled pages and touches the rest only after the kill.
     let (mut a, mut b) = (toucher(&go_a), toucher(&go_b));
@@ -601,37 +587,10 @@ fn a_client_killed_mid_fault_is_forgotten() {
     let (id, npages) = (0x13_04, 64u64);
     write_file(&root, "f.bin", id, npages * page() - 100);
     let sock = dir.path().join("s.sock");
-    let mut server = Proc::spawn(
-        "slow server",
-        role_cmd(
-            &test,
-            "slow-server",
-            &[
-                ("ROOT", root.display().to_string()),
-                ("SOCK", sock.display().to_string()),
-                ("DELAY_MS", "20".into()),
-            ],
-        ),
-        false,
-    );
-    wait_socket(&sock, &mut server);
+    let mut server = start_slow_server(&test, &root, &sock, 20);
     let go = dir.path().join("go");
     std::fs::write(&go, b"").unwrap();
-    let mut victim = Proc::spawn(
-        "victim",
-        role_cmd(
-            &test,
-            "toucher",
-            &[
-                ("SOCK", sock.display().to_string()),
-                ("FILE", "f.bin".into()),
-                ("ID", id.to_string()),
-                ("FIRST", "1".into()),
-                ("GO", go.display().to_string()),
-            ],
-        ),
-        false,
-    );
+    let mut victim = start_toucher(&test, "victim", &sock, id, 1, &go, None);
     let t = Instant::now();
     while victim.values("touch").len() < 5 {
         assert!(t.elapsed() < BOUND, "the victim made no progress");
@@ -868,21 +827,7 @@ fn a_changed_source_gets_a_new_shadow() {
     let go = dir.path().join("go");
     // The old client: reads 16 pages, holds its mapping until GO, then
     // rereads page 0 (still the old bytes: it was filled before the change).
-    let mut old = Proc::spawn(
-        "old client",
-        role_cmd(
-            &test,
-            "toucher",
-            &[
-                ("SOCK", sock.display().to_string()),
-                ("FILE", "f.bin".into()),
-                ("ID", 0x13_09u64.to_string()),
-                ("FIRST", "16".into()),
-                ("GO", go.display().to_string()),
-            ],
-        ),
-        false,
-    );
+    let mut old = start_toucher(&test, "old client", &sock, 0x13_09u64, 16, &go, None);
     assert!(
         old.wait_report("ready", BOUND).is_some(),
         "the old client never got ready"
@@ -1046,20 +991,7 @@ fn client_cat_of_a_killed_server_stops_with_an_error_not_zeros() {
     let (dir, root) = served_root();
     let path = write_file(&root, "f.bin", 0x13_12, 512 * page());
     let sock = dir.path().join("s.sock");
-    let mut server = Proc::spawn(
-        "slow server",
-        role_cmd(
-            &test,
-            "slow-server",
-            &[
-                ("ROOT", root.display().to_string()),
-                ("SOCK", sock.display().to_string()),
-                ("DELAY_MS", "100".into()),
-            ],
-        ),
-        false,
-    );
-    wait_socket(&sock, &mut server);
+    let mut server = start_slow_server(&test, &root, &sock, 100);
     let out = dir.path().join("out");
     let bin = cli(&[]).get_program().to_owned();
     let mut sh = std::process::Command::new("sh");
