@@ -42,7 +42,8 @@ pub enum BenchMode {
     /// Lazy shadow of the same file inside the ext4 image, read in user space.
     LazyImage,
     /// Floor of the lazy mechanism: a minimal userfaultfd handler (one thread
-    /// blocked in read(2), one pread and one UFFDIO_COPY per fault).
+    /// blocked in read(2) on the toucher's CPU, one pread and one UFFDIO_COPY
+    /// per fault).
     Raw,
     /// Floor of the copy: a fresh memfd mapping filled by one memcpy from a
     /// copy of the file already in memory.
@@ -376,6 +377,7 @@ fn run_mmap(path: &Path, pages: &[u64], page: u64) -> Result<Sample, String> {
 /// + UFFDIO_REGISTER + handler thread; access = touching.
 fn run_raw(ctx: &Ctx, pages: &[u64]) -> Result<Sample, String> {
     let err = |e: std::io::Error| format!("raw handler: {e}");
+    let _pin = raw::PinHere::new();
     let f0 = thread_faults();
     let t0 = Instant::now();
     let region =
@@ -1149,7 +1151,9 @@ fn standing_notes(a: &BenchArgs, fuse_used: bool) -> Vec<String> {
             "raw (floor of the lazy mechanism): open = open(2) of the file + a memfd of its size \
              + userfaultfd + mmap + UFFDIO_REGISTER (MISSING) + one handler thread; each fault is \
              answered by that thread, blocked in read(2), with one pread of the chunk (the lazy \
-             chunk size, no readahead) and one UFFDIO_COPY"
+             chunk size, no readahead) and one UFFDIO_COPY; the thread and the touching thread \
+             are pinned to one CPU for the run and the handler runs SCHED_IDLE (the placement the \
+             engine's readers give; since 2026-11-30)"
                 .into(),
         );
     }

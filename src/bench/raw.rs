@@ -4,7 +4,12 @@
 //!   of the file's size. One thread blocks in `read(2)` on the userfaultfd
 //!   and answers each fault with one `pread` of the faulting chunk from the
 //!   file into a buffer and one `UFFDIO_COPY`. No readahead, no workers, no
-//!   bookkeeping: the cost of the mechanism itself.
+//!   bookkeeping: the cost of the mechanism itself. The thread runs on the
+//!   CPU the opening (touching) thread was on, `SCHED_IDLE`, so that its
+//!   wakes leave the touching thread there, and the bench keeps the touching
+//!   thread on that CPU for the run ([`PinHere`]): the placement the
+//!   engine's readers get (docs/design.md). Unpinned, a fault's round trip
+//!   on a VM is mostly two cross-CPU wakes.
 //! - [`CopyRegion`] (mode `memcpy`): a fresh memfd, mapped, filled with one
 //!   `memcpy` from a copy of the file already in memory: the cost of putting
 //!   the bytes into a shadow-like mapping at all.
@@ -313,6 +318,68 @@ impl Handler {
     }
 }
 
+/// Keeps the calling thread on the CPU it runs on until dropped, then
+/// gives it back the CPUs it was allowed before. The `raw` floor has one
+/// handler thread, on that CPU: a touching thread that moved away would be
+/// answered across CPUs from then on (the engine has a reader on every
+/// CPU; the floor does not).
+pub struct PinHere {
+    old: Option<libc::cpu_set_t>,
+}
+
+impl PinHere {
+    pub fn new() -> PinHere {
+        // SAFETY: a zeroed cpu_set_t is a valid (empty) set, filled by
+        // sched_getaffinity for the calling thread (pid 0).
+        let old = unsafe {
+            let mut old: libc::cpu_set_t = std::mem::zeroed();
+            (libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut old) == 0).then_some(old)
+        };
+        // SAFETY: no arguments.
+        let cpu = unsafe { libc::sched_getcpu() };
+        if cpu >= 0 && (cpu as usize) < libc::CPU_SETSIZE as usize {
+            // SAFETY: CPU_SET writes inside the zeroed set (cpu checked
+            // above); pid 0 is the calling thread.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu as usize, &mut set);
+                libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+            }
+        }
+        PinHere { old }
+    }
+}
+
+impl Drop for PinHere {
+    fn drop(&mut self) {
+        if let Some(old) = &self.old {
+            // SAFETY: `old` is the set sched_getaffinity gave; pid 0 is the
+            // calling thread (the guard stays on the thread that made it).
+            unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), old) };
+        }
+    }
+}
+
+/// Pins the calling thread to `cpu` and makes it `SCHED_IDLE` (which any
+/// thread may do to itself), so that the threads it wakes stay on `cpu`.
+/// Best effort: the floor still works without either.
+fn place_on(cpu: libc::c_int) {
+    if cpu >= 0 {
+        // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside
+        // it (cpu < CPU_SETSIZE is checked by the kernel's answer below).
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            if (cpu as usize) < libc::CPU_SETSIZE as usize {
+                libc::CPU_SET(cpu as usize, &mut set);
+                libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+            }
+        }
+    }
+    let p = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `p` is a valid sched_param; pid 0 is the calling thread.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &p) };
+}
+
 /// The `raw` mode: a memfd of the file's size (plus one stop page), mapped
 /// shared and read-only, registered MISSING with a userfaultfd made here,
 /// and one handler thread. Dropping it stops the thread (it touches the stop
@@ -361,9 +428,14 @@ impl RawRegion {
             page,
             faults: faults.clone(),
         };
+        // SAFETY: no arguments.
+        let cpu = unsafe { libc::sched_getcpu() };
         let thread = std::thread::Builder::new()
             .name("bench-raw-uffd".into())
-            .spawn(move || handler.run())?;
+            .spawn(move || {
+                place_on(cpu);
+                handler.run()
+            })?;
         Ok(RawRegion {
             map,
             _uffd: uffd,
