@@ -205,8 +205,6 @@ pub(crate) struct Core {
     /// The machine's free memory as last read, and bytes reserved since.
     room: AtomicU64,
     since_room: AtomicU64,
-    /// A room reading is due after the current answer.
-    room_due: AtomicBool,
     pub budget: u64,
     pub page: u64,
     /// One per worker, in spawn order.
@@ -279,35 +277,14 @@ impl Core {
     }
 
     /// What the machine has left, as last read, less what was reserved since.
-    /// A fault-service thread that finds the reading due leaves it for after
-    /// its answer ([`Core::refresh_room_if_due`]: reading `/proc/meminfo`
-    /// and the cgroup files takes 30–70 µs here, several faults' worth); a
-    /// reading a second window overdue, or due on any other thread, is
-    /// taken at once.
     fn machine_room(&self, n: u64) -> u64 {
         let since = self.since_room.fetch_add(n, Ordering::Relaxed) + n;
         if since >= ROOM_EVERY {
-            if since < 2 * ROOM_EVERY && IN_SERVICE.with(Cell::get) {
-                self.room_due.store(true, Ordering::Relaxed);
-            } else {
-                self.refresh_room();
-                return self.room.load(Ordering::Relaxed);
-            }
+            self.since_room.store(0, Ordering::Relaxed);
+            self.room.store(read_room(), Ordering::Relaxed);
+            return self.room.load(Ordering::Relaxed);
         }
         self.room.load(Ordering::Relaxed).saturating_sub(since)
-    }
-
-    fn refresh_room(&self) {
-        self.room_due.store(false, Ordering::Relaxed);
-        self.since_room.store(0, Ordering::Relaxed);
-        self.room.store(read_room(), Ordering::Relaxed);
-    }
-
-    /// Takes the machine's room reading [`Core::machine_room`] left due.
-    fn refresh_room_if_due(&self) {
-        if self.room_due.load(Ordering::Relaxed) {
-            self.refresh_room();
-        }
     }
 
     /// Gives `n` bytes of the budget back; targets that refused fills for
@@ -455,7 +432,6 @@ impl Core {
             self.run_guarded(&*target, work);
         }
         // Bookkeeping after the answers: the faulting threads run meanwhile.
-        self.refresh_room_if_due();
         if self.local {
             self.attribute(me, faults, woken);
             self.kick_parked(me);
@@ -642,7 +618,6 @@ impl Service {
             resident: AtomicU64::new(0),
             room: AtomicU64::new(read_room()),
             since_room: AtomicU64::new(0),
-            room_due: AtomicBool::new(false),
             budget: cfg.memory_budget,
             page: crate::page_size() as u64,
             slots,
