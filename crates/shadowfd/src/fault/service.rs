@@ -83,10 +83,24 @@ use std::time::Instant;
 /// Fault messages read at once.
 const BATCH: usize = 32;
 
-/// Bytes reserved between two reads of the machine's free memory.
+/// Bytes reserved between two reads of the machine's free memory, at
+/// most.
 pub const ROOM_EVERY: u64 = 4 << 20;
+/// ... and at least: near the margin the reads come more often, so that
+/// many processes filling at once in one cgroup (each sees only its own
+/// reservations between reads) cannot together run past the margin: the
+/// window is a [`ROOM_SHARE`]th of the room left above the margin.
+pub const ROOM_EVERY_MIN: u64 = 256 << 10;
+/// See [`ROOM_EVERY_MIN`].
+pub const ROOM_SHARE: u64 = 32;
 /// Free memory (MemAvailable, cgroup headroom) fills may not go below.
 pub const ROOM_MARGIN: u64 = 64 << 20;
+
+/// Bytes a process may reserve between two reads of the machine's room,
+/// given the room last read (see [`ROOM_EVERY_MIN`]).
+fn room_window(room: u64) -> u64 {
+    (room.saturating_sub(ROOM_MARGIN) / ROOM_SHARE).clamp(ROOM_EVERY_MIN, ROOM_EVERY)
+}
 
 /// The tighter of `MemAvailable` and the memory cgroup's headroom
 /// (`u64::MAX` if neither is known).
@@ -248,7 +262,8 @@ impl Core {
     ///
     /// The machine is consulted too, since a budget fixed at start cannot
     /// hold when many processes start at once: every [`ROOM_EVERY`] bytes
-    /// reserved, the tighter of `MemAvailable` and the memory cgroup's
+    /// reserved (fewer near the margin, [`ROOM_EVERY_MIN`]), the tighter of
+    /// `MemAvailable` and the memory cgroup's
     /// headroom is read again, and a fill that would leave less than
     /// [`ROOM_MARGIN`] of it is refused too.
     pub fn reserve(&self, n: u64, speculative: bool) -> Result<(), Cause> {
@@ -279,7 +294,7 @@ impl Core {
     /// What the machine has left, as last read, less what was reserved since.
     fn machine_room(&self, n: u64) -> u64 {
         let since = self.since_room.fetch_add(n, Ordering::Relaxed) + n;
-        if since >= ROOM_EVERY {
+        if since >= room_window(self.room.load(Ordering::Relaxed)) {
             self.since_room.store(0, Ordering::Relaxed);
             self.room.store(read_room(), Ordering::Relaxed);
             return self.room.load(Ordering::Relaxed);
@@ -917,5 +932,25 @@ fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
         core.parked.fetch_sub(1, Ordering::SeqCst);
         let now = core.now();
         share.reset(now, slot.local_faults.load(Ordering::SeqCst), seen);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_room_is_read_more_often_near_the_margin() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(room_window(u64::MAX), ROOM_EVERY);
+        assert_eq!(room_window(ROOM_MARGIN + 32 * ROOM_EVERY), ROOM_EVERY);
+        assert_eq!(room_window(ROOM_MARGIN + 64 * MIB), 2 * MIB);
+        assert_eq!(room_window(ROOM_MARGIN + MIB), ROOM_EVERY_MIN);
+        assert_eq!(room_window(0), ROOM_EVERY_MIN);
+        // 32 processes each at a full window stay within the room above
+        // the margin, wherever the window is not at its floor.
+        for above in [8 * MIB, 64 * MIB, 100 * MIB, 128 * MIB] {
+            assert!(ROOM_SHARE * room_window(ROOM_MARGIN + above) <= above);
+        }
     }
 }
