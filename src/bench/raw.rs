@@ -336,16 +336,7 @@ impl PinHere {
             (libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut old) == 0).then_some(old)
         };
         // SAFETY: no arguments.
-        let cpu = unsafe { libc::sched_getcpu() };
-        if cpu >= 0 && (cpu as usize) < libc::CPU_SETSIZE as usize {
-            // SAFETY: CPU_SET writes inside the zeroed set (cpu checked
-            // above); pid 0 is the calling thread.
-            unsafe {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(cpu as usize, &mut set);
-                libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-            }
-        }
+        pin_to(unsafe { libc::sched_getcpu() });
         PinHere { old }
     }
 }
@@ -360,21 +351,29 @@ impl Drop for PinHere {
     }
 }
 
+/// Pins the calling thread to `cpu` (best effort: nothing for a CPU number
+/// outside the set's range, or a refusal).
+fn pin_to(cpu: libc::c_int) {
+    let Ok(cpu) = usize::try_from(cpu) else {
+        return;
+    };
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return;
+    }
+    // SAFETY: a zeroed cpu_set_t is a valid (empty) set; CPU_SET writes
+    // inside it (cpu checked above); pid 0 is the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 /// Pins the calling thread to `cpu` and makes it `SCHED_IDLE` (which any
 /// thread may do to itself), so that the threads it wakes stay on `cpu`.
 /// Best effort: the floor still works without either.
 fn place_on(cpu: libc::c_int) {
-    if cpu >= 0 {
-        // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside
-        // it (cpu < CPU_SETSIZE is checked by the kernel's answer below).
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            if (cpu as usize) < libc::CPU_SETSIZE as usize {
-                libc::CPU_SET(cpu as usize, &mut set);
-                libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-            }
-        }
-    }
+    pin_to(cpu);
     let p = libc::sched_param { sched_priority: 0 };
     // SAFETY: `p` is a valid sched_param; pid 0 is the calling thread.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &p) };

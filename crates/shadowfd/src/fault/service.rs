@@ -422,7 +422,7 @@ impl Core {
     }
 
     /// Nanoseconds since the service started, plus one (0 means never).
-    fn now(&self) -> u64 {
+    pub(crate) fn now(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64 + 1
     }
 

@@ -69,13 +69,6 @@ struct Conn {
     io: Mutex<()>,
 }
 
-impl std::ops::Deref for Inner {
-    type Target = Conn;
-    fn deref(&self) -> &Conn {
-        &self.conn
-    }
-}
-
 struct Inner {
     conn: Arc<Conn>,
     uffd: Option<Arc<Uffd>>,
@@ -244,9 +237,9 @@ impl Client {
     }
 
     fn call(&self, f: &Frame, name: &str, fd_expected: bool) -> Result<(Frame, Option<OwnedFd>)> {
-        let _one = self.inner.io.lock();
-        wire::send(&self.inner.stream, f, None)?;
-        let (r, fd) = reply(&self.inner.stream, f.kind, name)?;
+        let _one = self.inner.conn.io.lock();
+        wire::send(&self.inner.conn.stream, f, None)?;
+        let (r, fd) = reply(&self.inner.conn.stream, f.kind, name)?;
         if fd_expected && fd.is_none() && r.b > 0 {
             return Err(protocol(format!("the {name} reply carried no descriptor")));
         }
@@ -722,14 +715,14 @@ impl RemoteMapOptions<'_> {
         } else {
             wire::MAP_SEALED
         };
-        let _one = ci.io.lock();
+        let _one = ci.conn.io.lock();
         let name = format!("MAP of {:?}", this.inner.path);
         wire::send(
-            &ci.stream,
+            &ci.conn.stream,
             &Frame::new(wire::MAP, this.inner.handle, mode, 0, 0),
             None,
         )?;
-        let (r, fd) = reply(&ci.stream, wire::MAP, &name)?;
+        let (r, fd) = reply(&ci.conn.stream, wire::MAP, &name)?;
         if r.b == 0 {
             return Ok(empty());
         }
@@ -783,11 +776,11 @@ impl RemoteMapOptions<'_> {
             crate::sys::event::eventfd_signal(k.as_fd());
         }
         let attached = wire::send(
-            &ci.stream,
+            &ci.conn.stream,
             &Frame::new(wire::ATTACH, this.inner.handle, map.addr(), reg_len, offset),
             None,
         )
-        .and_then(|()| reply(&ci.stream, wire::ATTACH, "ATTACH"));
+        .and_then(|()| reply(&ci.conn.stream, wire::ATTACH, "ATTACH"));
         if let Err(e) = attached {
             let addr = map.addr();
             ci.ranges.lock().retain(|r| r.0 != addr);

@@ -1,6 +1,7 @@
 //! A host file read with `pread64`.
 
 use super::{FileKind, Mapped, Source, SourceMeta, Timestamp};
+use crate::sys::mmap::RawMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -16,58 +17,17 @@ pub struct FileSource {
     path: PathBuf,
     /// The file mapped read-only and shared at its size at open, offered to
     /// fills ([`Source::mapped`]); `None` if it is empty or cannot be mapped.
-    map: Option<FileMap>,
+    map: Option<RawMap>,
 }
 
-/// A read-only `MAP_SHARED` mapping of a whole file; unmapped on drop. Only
-/// its address is ever used (by the kernel, inside `UFFDIO_COPY`): a read
-/// of a page past the file's current end would raise `SIGBUS` here.
-#[derive(Debug)]
-struct FileMap {
-    addr: *mut libc::c_void,
-    len: usize,
-}
-
-// SAFETY: the mapping is only an address range owned by this value; it is
-// never read through in user space, and munmap is safe from any thread.
-unsafe impl Send for FileMap {}
-// SAFETY: as above: shared references only hand out the address.
-unsafe impl Sync for FileMap {}
-
-impl FileMap {
-    /// Maps the first `len` bytes of `file`, or `None` (a file system that
-    /// cannot map, an empty file).
-    fn new(file: &File, len: u64) -> Option<FileMap> {
-        use std::os::fd::AsRawFd;
-        let len = usize::try_from(len).ok().filter(|&l| l > 0)?;
-        // SAFETY: a new read-only shared mapping at an address the kernel
-        // picks; it aliases nothing, and nothing dereferences it.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return None;
-        }
-        Some(FileMap { addr, len })
-    }
-}
-
-impl Drop for FileMap {
-    fn drop(&mut self) {
-        // SAFETY: unmaps the mapping this value made; only its address was
-        // handed out, to fills of the source that owns it, which are over
-        // (they hold the source).
-        unsafe {
-            libc::munmap(self.addr, self.len);
-        }
-    }
+/// A read-only `MAP_SHARED` mapping of the first `len` bytes of `file`, or
+/// `None` (a file system that cannot map, an empty file). Only its address
+/// is ever used (by the kernel, inside `UFFDIO_COPY`): a read of a page past
+/// the file's current end would raise `SIGBUS` here.
+fn map_whole(file: &File, len: u64) -> Option<RawMap> {
+    use std::os::fd::AsFd;
+    let len = usize::try_from(len).ok().filter(|&l| l > 0)?;
+    RawMap::new(file.as_fd(), 0, len, libc::PROT_READ, libc::MAP_SHARED).ok()
 }
 
 /// The metadata of the open `file` if its name, looked up again by
@@ -192,7 +152,7 @@ impl FileSource {
             .metadata()
             .ok()
             .filter(|m| m.file_type().is_file())
-            .and_then(|m| FileMap::new(&file, m.size()));
+            .and_then(|m| map_whole(&file, m.size()));
         Ok(FileSource { file, path, map })
     }
 
@@ -272,7 +232,7 @@ impl Source for FileSource {
         let m = self.map.as_ref()?;
         // SAFETY: a read-only shared mapping of this file from offset 0,
         // made here, never registered, unmapped only when this source drops.
-        Some(unsafe { Mapped::new(m.addr.cast(), m.len) })
+        Some(unsafe { Mapped::new(m.as_ptr(), m.len()) })
     }
 }
 

@@ -86,7 +86,7 @@ pub(crate) struct LazyShadow {
     resident: AtomicU64,
     changed: AtomicBool,
     /// When [`LazyShadow::check_changed_lately`] last read the metadata
-    /// ([`since_start`]; 0: never).
+    /// ([`Core::now`]; 0: never).
     checked_at: AtomicU64,
     pub last_error: Mutex<Option<String>>,
     pub service: Arc<Service>,
@@ -180,15 +180,6 @@ const POPULATE_OVER: u64 = 64 << 10;
 /// How often, at most, a `detect` shadow's fills read the source's
 /// metadata when nothing depends on the answer (ns).
 const DETECT_EVERY: u64 = 1_000_000;
-
-/// Nanoseconds since the first call in this process.
-fn since_start() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_nanos() as u64
-}
 
 /// How many chunks make one run.
 pub(crate) fn run_chunks(chunk: u64) -> u64 {
@@ -375,16 +366,16 @@ impl LazyShadow {
     /// first fill a millisecond after it, or by the next
     /// [`LazyShadow::source_changed`], whichever comes first; one undone
     /// within the millisecond may go unseen.
-    fn check_changed_lately(&self) -> bool {
+    fn check_changed_lately(&self, core: &Core) -> bool {
         if self.changed.load(Ordering::Relaxed) {
             return true;
         }
-        let now = since_start();
+        let now = core.now();
         let last = self.checked_at.load(Ordering::Relaxed);
         if last != 0 && now.saturating_sub(last) < DETECT_EVERY {
             return false;
         }
-        self.checked_at.store(now.max(1), Ordering::Relaxed);
+        self.checked_at.store(now, Ordering::Relaxed);
         self.check_changed()
     }
 
@@ -616,7 +607,7 @@ impl LazyShadow {
             let changed = if strict {
                 self.check_changed()
             } else {
-                self.check_changed_lately()
+                self.check_changed_lately(core)
             };
             if strict && changed {
                 *bad = vec![(off, end, STALE_DURING)];
