@@ -5,15 +5,11 @@
 
 mod common;
 
-use common::{cli_bin, compile_c, modes, pattern, root, run_ok};
-use std::os::unix::net::UnixStream;
+use common::{Server, compile_c, modes, pattern, root, run_ok};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 const PAGE: usize = 4096;
-const BOUND: Duration = Duration::from_secs(30);
 
 /// The compiled C program.
 fn exe() -> &'static Path {
@@ -54,78 +50,6 @@ impl Tree {
     }
 }
 
-/// `shadowfd serve`, SIGKILLed (and reaped, bounded) when dropped.
-struct Server {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Server {
-    fn start(tree: &Tree, extra: &[&str]) -> Server {
-        let log = tree.dir.path().join("serve.log");
-        let child = Command::new(cli_bin())
-            .arg("serve")
-            .arg("--socket")
-            .arg(tree.sock())
-            .arg("--root")
-            .arg(tree.root())
-            .args(extra)
-            .env_remove("SHADOWFD_MODE")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(tree.dir.path().join("serve.err")).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("running {}: {e}", cli_bin().display()));
-        let mut s = Server { child, log };
-        let t = Instant::now();
-        while UnixStream::connect(tree.sock()).is_err() {
-            if let Some(st) = s.child.try_wait().unwrap() {
-                panic!(
-                    "shadowfd serve exited before listening: {st}\n{}",
-                    s.output()
-                );
-            }
-            assert!(
-                t.elapsed() < BOUND,
-                "shadowfd serve did not listen within {BOUND:?}\n{}",
-                s.output()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        s
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
-    fn output(&self) -> String {
-        let err = self.log.with_file_name("serve.err");
-        format!(
-            "server stdout:\n{}\nserver stderr:\n{}",
-            std::fs::read_to_string(&self.log).unwrap_or_default(),
-            std::fs::read_to_string(err).unwrap_or_default()
-        )
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let t = Instant::now();
-        while t.elapsed() < BOUND {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        eprintln!(
-            "shadowfd serve {} did not exit within {BOUND:?}",
-            self.child.id()
-        );
-    }
-}
-
 /// Runs the C case against `server`, printing the server's output too on
 /// failure.
 fn run(case: &str, tree: &Tree, server: &Server, more: &[&str]) {
@@ -162,7 +86,7 @@ fn client_maps_reads_fills_and_names_refusals() {
     // Lazy and eager servers; the file ends mid-page.
     for mode in modes() {
         let tree = Tree::new(37 * PAGE + 123);
-        let server = Server::start(&tree, &["--mode", mode]);
+        let server = Server::start(&tree.root(), &tree.sock(), &["--mode", mode]);
         run("basic", &tree, &server, &[client_mode()]);
     }
 }
@@ -176,7 +100,8 @@ fn server_sigkill_gives_sigbus_not_a_hang() {
     // touch of page 0.
     let tree = Tree::new(4 << 20);
     let server = Server::start(
-        &tree,
+        &tree.root(),
+        &tree.sock(),
         &["--mode", "lazy", "--readahead", "0", "--chunk", "64K"],
     );
     run("killed", &tree, &server, &[]);
@@ -189,7 +114,7 @@ fn client_falls_back_to_sealed_descriptors_where_userfaultfd_is_denied() {
     }
     for mode in modes() {
         let tree = Tree::new(21 * PAGE + 5);
-        let server = Server::start(&tree, &["--mode", mode]);
+        let server = Server::start(&tree.root(), &tree.sock(), &["--mode", mode]);
         run("denied", &tree, &server, &[]);
     }
 }
@@ -198,7 +123,7 @@ fn client_falls_back_to_sealed_descriptors_where_userfaultfd_is_denied() {
 fn threads_share_one_client() {
     for mode in modes() {
         let tree = Tree::new(29 * PAGE + 77);
-        let server = Server::start(&tree, &["--mode", mode]);
+        let server = Server::start(&tree.root(), &tree.sock(), &["--mode", mode]);
         run("threads", &tree, &server, &[]);
     }
 }
@@ -211,7 +136,11 @@ fn without_userfaultfd_a_file_over_the_eager_cap_is_efbig() {
     for mode in modes() {
         let tree = Tree::new(3 * PAGE);
         std::fs::write(tree.root().join("big.bin"), pattern(512 << 10, 3)).unwrap();
-        let server = Server::start(&tree, &["--mode", mode, "--max-size", "256K"]);
+        let server = Server::start(
+            &tree.root(),
+            &tree.sock(),
+            &["--mode", mode, "--max-size", "256K"],
+        );
         run("too-large", &tree, &server, &["big.bin"]);
     }
 }

@@ -74,6 +74,8 @@ pub(crate) struct Counters {
     pub budget_refusals: AtomicU64,
     pub worker_panics: AtomicU64,
     pub uffd_errors: AtomicU64,
+    pub forks_followed: AtomicU64,
+    pub adopted_ranges: AtomicU64,
     pub fill_latency: Latency,
 }
 
@@ -92,6 +94,8 @@ impl Counters {
             budget_refusals: self.budget_refusals.load(Relaxed),
             worker_panics: self.worker_panics.load(Relaxed),
             uffd_errors: self.uffd_errors.load(Relaxed),
+            forks_followed: self.forks_followed.load(Relaxed),
+            adopted_ranges: self.adopted_ranges.load(Relaxed),
             fill_p50_us: us(0.5),
             fill_p99_us: us(0.99),
             resident_bytes,
@@ -137,6 +141,12 @@ pub struct Stats {
     /// Unexpected errors reading the userfaultfd; the worker logs the first,
     /// backs off briefly and goes on.
     pub uffd_errors: u64,
+    /// Forks of a process with lazy mappings whose child's copies the
+    /// service took on (`UFFD_EVENT_FORK`).
+    pub forks_followed: u64,
+    /// Consumer ranges the kernel grew in place (`mremap`), found at their
+    /// first fault and served from then on.
+    pub adopted_ranges: u64,
     /// Median time of one fill (one chunk for a random fault; a run of up
     /// to 1 MiB for sequential access, readahead and populate), in µs.
     pub fill_p50_us: Option<f64>,

@@ -1,9 +1,11 @@
 //! Helpers for the C ABI tests: the built library, a C compiler, files.
 #![allow(dead_code)]
 
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// The repository root.
 pub fn root() -> PathBuf {
@@ -169,4 +171,81 @@ pub fn modes() -> Vec<&'static str> {
         p.reason.as_deref().unwrap_or_default()
     );
     vec!["eager"]
+}
+
+/// How long a server may take to listen, or to exit when killed.
+const BOUND: Duration = Duration::from_secs(30);
+
+/// `shadowfd serve`, SIGKILLed (and reaped, bounded) when dropped.
+pub struct Server {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Server {
+    /// `shadowfd serve --socket SOCK --root ROOT EXTRA…`, its output in
+    /// files next to the socket; returns once it listens.
+    pub fn start(root: &Path, sock: &Path, extra: &[&str]) -> Server {
+        let log = sock.with_extension("log");
+        let child = Command::new(cli_bin())
+            .arg("serve")
+            .arg("--socket")
+            .arg(sock)
+            .arg("--root")
+            .arg(root)
+            .args(extra)
+            .env_remove("SHADOWFD_MODE")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(sock.with_extension("err")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("running {}: {e}", cli_bin().display()));
+        let mut s = Server { child, log };
+        let t = Instant::now();
+        while UnixStream::connect(sock).is_err() {
+            if let Some(st) = s.child.try_wait().unwrap() {
+                panic!(
+                    "shadowfd serve exited before listening: {st}\n{}",
+                    s.output()
+                );
+            }
+            assert!(
+                t.elapsed() < BOUND,
+                "shadowfd serve did not listen within {BOUND:?}\n{}",
+                s.output()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        s
+    }
+
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    pub fn output(&self) -> String {
+        let err = self.log.with_extension("err");
+        format!(
+            "server stdout:\n{}\nserver stderr:\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default(),
+            std::fs::read_to_string(err).unwrap_or_default()
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let t = Instant::now();
+        while t.elapsed() < BOUND {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!(
+            "shadowfd serve {} did not exit within {BOUND:?}",
+            self.child.id()
+        );
+    }
 }

@@ -23,11 +23,17 @@
 pub(crate) mod buffer;
 pub(crate) mod chunks;
 mod service;
+pub(crate) mod spans;
 
 pub(crate) use service::{Core, Service, in_service};
 
 use crate::sys::Uffd;
 use std::ops::Range;
+use std::sync::Arc;
+
+/// An address space the service serves, by the userfaultfd its ranges are
+/// registered with: `None` for the engine's own, else a forked child's.
+pub(crate) type Space<'a> = Option<&'a Arc<Uffd>>;
 
 /// Why chunks are being filled: decides what the memory budget allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,4 +91,30 @@ pub(crate) trait FaultTarget: Send + Sync {
     /// Memory of the budget was given back: fills refused for lack of it may
     /// be retried (called on targets that refused one since the last call).
     fn memory_freed(&self, core: &Core);
+
+    // The kernel's mapping events, for the target's own list of consumer
+    // ranges (those it answers when a fill completes). `uffd` is the one the
+    // ranges are registered with: the engine's, or a forked child's.
+
+    /// `lo..hi` of `uffd`'s address space was unmapped.
+    fn on_unmap(&self, _core: &Core, _uffd: Space<'_>, _lo: u64, _hi: u64) {}
+    /// `from..from+len` of `uffd`'s address space moved to `to` (the old
+    /// place goes with an [`FaultTarget::on_unmap`] unless it was kept).
+    fn on_remap(&self, _core: &Core, _uffd: Space<'_>, _from: u64, _to: u64, _len: u64) {}
+    /// The address space of `parent` forked: the child's copies of the
+    /// consumer ranges of `parent` are registered with `child`, which
+    /// lives as long as the target is told nothing else.
+    fn on_fork(&self, _core: &Core, _parent: Space<'_>, _child: &Arc<Uffd>) {}
+    /// The kernel grew a consumer range: `start..start+len` shows the
+    /// target from `offset` too.
+    fn on_adopt(
+        &self,
+        _core: &Core,
+        _uffd: Space<'_>,
+        _start: u64,
+        _len: u64,
+        _offset: u64,
+        _shared: bool,
+    ) {
+    }
 }

@@ -61,7 +61,8 @@
 //! pinned and every worker shares the userfaultfd with `EPOLLEXCLUSIVE`
 //! (one fault wakes one worker), sleeping with no timeout.
 
-use super::{FaultTarget, Hit, Work};
+use super::spans::{Span, Spans};
+use super::{FaultTarget, Hit, Space, Work};
 use crate::config::Config;
 use crate::error::{Cause, Error, Result};
 use crate::stats::Counters;
@@ -69,11 +70,11 @@ use crate::sys::event::{
     Epoll, ThreadStat, allowed_cpus, eventfd, eventfd_drain, eventfd_signal, pin_to,
 };
 use crate::sys::uffd_abi::uffd_msg;
-use crate::sys::{Fault, Uffd};
+use crate::sys::{Event, Fault, Uffd};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Mutex, RwLock};
 use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -151,13 +152,65 @@ const REFRESH_WOKEN_HERE: u64 = 100 * US;
 /// Threads whose stat files are kept open, at most (all are closed beyond).
 const TIDS_MAX: usize = 64;
 
-/// A registered address range and what it shows.
+/// What a registered address range shows (its place, length and offset are
+/// the [`Span`]'s).
+#[derive(Clone)]
 struct Region {
-    len: u64,
-    /// Offset in the target of the range's first byte.
-    offset: u64,
     internal: bool,
-    target: Weak<dyn FaultTarget>,
+    /// The [`Core::add_region`] call that made it (its `owner`), or 0 for a
+    /// range the engine adopted from the kernel's mapping events (moved,
+    /// grown or inherited by a child): no owner will remove it, so it holds
+    /// its target until the kernel says the range is gone.
+    owner: u64,
+    /// A `MAP_SHARED` mapping of the target's memfd.
+    shared: bool,
+    target: Held,
+}
+
+impl Region {
+    fn target(&self) -> Option<Arc<dyn FaultTarget>> {
+        match &self.target {
+            Held::Strong(t) => Some(t.clone()),
+            Held::Weak(w) => w.upgrade(),
+        }
+    }
+
+    /// The same view for a range the kernel made from this one.
+    fn adopted(&self) -> Region {
+        Region {
+            internal: false,
+            owner: 0,
+            shared: self.shared,
+            target: match self.target() {
+                Some(t) => Held::Strong(t),
+                None => Held::Weak(Weak::<Orphan>::new()),
+            },
+        }
+    }
+}
+
+/// A target that is gone: what an adopted range of a dropped shadow shows.
+struct Orphan;
+
+impl FaultTarget for Orphan {
+    fn on_fault(&self, _: &Core, _: Hit<'_>) -> Option<Work> {
+        None
+    }
+    fn run(&self, _: &Core, _: Work) {}
+    fn memory_freed(&self, _: &Core) {}
+}
+
+/// The address space of a forked child of this process (or of another
+/// child): its copies of the consumer ranges, registered with the
+/// userfaultfd the `FORK` event handed over. Served like the engine's own
+/// ranges, through the same workers, until the child exits or execs.
+struct Child {
+    uffd: Arc<Uffd>,
+    regions: RwLock<Spans<Region>>,
+    /// Held while reading its messages and applying its events, so that
+    /// events apply in the kernel's order.
+    read: Mutex<()>,
+    tag: u64,
 }
 
 /// Work queued for any free worker. Claimed faults hold their target (a
@@ -167,6 +220,7 @@ struct Job {
     work: Work,
 }
 
+#[derive(Clone)]
 enum Held {
     Strong(Arc<dyn FaultTarget>),
     Weak(Weak<dyn FaultTarget>),
@@ -200,7 +254,28 @@ struct Seen {
 /// State shared by the service threads and the shadows.
 pub(crate) struct Core {
     pub uffd: Uffd,
-    regions: RwLock<BTreeMap<u64, Region>>,
+    regions: RwLock<Spans<Region>>,
+    /// Held while reading the engine's userfaultfd and applying the events
+    /// read, so that events apply in the kernel's order.
+    read: Mutex<()>,
+    /// Faults read by a filler that drained events ([`Core::await_events`]),
+    /// for the workers to serve.
+    pending: Mutex<Vec<Fault>>,
+    /// Forked children's address spaces, and an epoll set over their
+    /// userfaultfds that every worker sleeps on.
+    children: Mutex<Vec<Arc<Child>>>,
+    child_ep: Epoll,
+    next_child: AtomicU64,
+    /// When the children were last checked for being alive ([`Core::now`]).
+    swept_at: AtomicU64,
+    /// Shadows by the inode of their memfd, for faults in ranges the kernel
+    /// grew in place (`mremap` sends no event for that).
+    inodes: RwLock<HashMap<u64, Weak<dyn FaultTarget>>>,
+    /// `/proc/self/maps`, asked with `PROCMAP_QUERY` about such ranges.
+    maps: Option<crate::sys::maps::Maps>,
+    /// When an answer was first deferred for a pending event ([`Core::now`];
+    /// 0: none waits).
+    deferred_at: AtomicU64,
     fault_tx: Sender<Job>,
     fault_rx: Receiver<Job>,
     prefetch_tx: Sender<Job>,
@@ -246,6 +321,24 @@ pub(crate) struct Core {
     tids: Mutex<HashMap<u32, Seen>>,
     /// Held to disarm, so that two workers never both leave at once.
     disarming: Mutex<()>,
+}
+
+/// Whether `a` and `b` are the same target.
+fn same(a: &Arc<dyn FaultTarget>, b: &Arc<dyn FaultTarget>) -> bool {
+    std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
+}
+
+/// The targets of `spans`, each once.
+fn distinct_targets(spans: &[(u64, Span<Region>)]) -> Vec<Arc<dyn FaultTarget>> {
+    let mut out: Vec<Arc<dyn FaultTarget>> = Vec::new();
+    for (_, s) in spans {
+        if let Some(t) = s.value.target() {
+            if !out.iter().any(|x| same(x, &t)) {
+                out.push(t);
+            }
+        }
+    }
+    out
 }
 
 /// Whether `then` (a [`Core::now`] time; 0: never) lies within `span`
@@ -321,27 +414,62 @@ impl Core {
 
     /// Records that `start..start+len`, registered with the engine's
     /// userfaultfd, shows `target` from `offset`. Call before registering.
-    /// `internal`: see [`Hit::internal`].
+    /// `internal`: see [`Hit::internal`]; `shared`: a `MAP_SHARED` mapping
+    /// of the target's memfd. Returns the owner key for
+    /// [`Core::release_owned`].
     pub fn add_region(
         &self,
         start: u64,
         len: u64,
         offset: u64,
         internal: bool,
+        shared: bool,
         target: Weak<dyn FaultTarget>,
-    ) {
+    ) -> u64 {
+        static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
+        let owner = NEXT_OWNER.fetch_add(1, Ordering::Relaxed);
         let r = Region {
-            len,
-            offset,
             internal,
-            target,
+            owner,
+            shared,
+            target: Held::Weak(target),
         };
-        self.regions.write().insert(start, r);
+        let gone = self.regions.write().insert(start, len, offset, r);
+        drop(gone);
+        owner
+    }
+
+    /// Forgets what is left of the range `owner` added at `start..start+len`
+    /// and returns those parts, for the caller to unregister and unmap. A
+    /// part the consumer moved away or unmapped (the kernel's events said
+    /// so) is not returned: what lies there now is not the owner's.
+    pub fn release_owned(&self, owner: u64, start: u64, len: u64) -> Vec<(u64, u64)> {
+        let mut regions = self.regions.write();
+        let mine: Vec<(u64, u64)> = regions
+            .iter()
+            .filter(|(s, r)| *s >= start && *s < start + len && r.value.owner == owner)
+            .map(|(s, r)| (s, r.len))
+            .collect();
+        for &(s, _) in &mine {
+            regions.remove(s);
+        }
+        mine
     }
 
     /// Forgets a range. Call after unregistering it.
     pub fn remove_region(&self, start: u64) {
-        self.regions.write().remove(&start);
+        let gone = self.regions.write().remove(start);
+        drop(gone);
+    }
+
+    /// Makes faults in ranges of the memfd with inode `ino` that the kernel
+    /// grew in place reach `target` ([`Core::adopt_grown`]).
+    pub fn add_inode(&self, ino: u64, target: Weak<dyn FaultTarget>) {
+        self.inodes.write().insert(ino, target);
+    }
+
+    pub fn remove_inode(&self, ino: u64) {
+        self.inodes.write().remove(&ino);
     }
 
     /// Queues `work` (readahead) for any free worker.
@@ -351,26 +479,24 @@ impl Core {
         eventfd_signal(self.work.as_fd());
     }
 
-    /// The target at `addr` in `regions`, the offset it shows there and the
-    /// bytes left in the range.
-    fn lookup(
+    /// The target at `addr` in `regions` (of userfaultfd `uffd`), the
+    /// offset it shows there and the bytes left in the range.
+    fn lookup<'u>(
         &self,
-        regions: &BTreeMap<u64, Region>,
+        uffd: &'u Uffd,
+        regions: &Spans<Region>,
         addr: u64,
-    ) -> Option<(Arc<dyn FaultTarget>, Hit<'_>)> {
-        let (start, r) = regions.range(..=addr).next_back()?;
-        if addr >= start + r.len {
-            return None;
-        }
+    ) -> Option<(Arc<dyn FaultTarget>, Hit<'u>)> {
+        let (start, r) = regions.find(addr)?;
         let into = addr - start;
         let hit = Hit {
-            uffd: &self.uffd,
+            uffd,
             addr,
             offset: r.offset + into,
             limit: r.len - into,
-            internal: r.internal,
+            internal: r.value.internal,
         };
-        Some((r.target.upgrade()?, hit))
+        Some((r.value.target()?, hit))
     }
 
     /// Ends a fault that no registered region explains: SIGBUS for the
@@ -404,8 +530,13 @@ impl Core {
     /// holds, and their faults may fill in place: the lock is let go first.
     fn on_fault(&self, f: Fault) -> Option<(Arc<dyn FaultTarget>, Work)> {
         let addr = f.address & !(self.page - 1);
-        let regions = self.regions.read();
-        let Some((target, hit)) = self.lookup(&regions, addr) else {
+        let mut regions = self.regions.read();
+        if regions.find(addr).is_none() {
+            drop(regions);
+            self.adopt_grown(addr);
+            regions = self.regions.read();
+        }
+        let Some((target, hit)) = self.lookup(&self.uffd, &regions, addr) else {
             let _ = self.refuse(&self.uffd, addr);
             return None;
         };
@@ -419,6 +550,298 @@ impl Core {
             work
         };
         Some((target, work?))
+    }
+
+    /// A fault at `addr`, which no region covers, may be in a range the
+    /// consumer grew with `mremap` (in place the kernel sends no event; a
+    /// range grown as it moved reports its old length): the kernel still
+    /// registers the grown part, with our userfaultfd, so the fault came
+    /// to us. `/proc/self/maps` (`PROCMAP_QUERY`) names the mapping there:
+    /// if it is of a shadow's memfd, the part around `addr` that no region
+    /// covers is adopted as a consumer range of that shadow, at the offset
+    /// the kernel shows there. Otherwise nothing changes (the fault is
+    /// refused: SIGBUS, or a wake if the range is gone).
+    fn adopt_grown(&self, addr: u64) {
+        let Some(vma) = self.maps.as_ref().and_then(|m| m.query(addr)) else {
+            return;
+        };
+        let Some(target) = self.inodes.read().get(&vma.inode).and_then(Weak::upgrade) else {
+            return;
+        };
+        let mut regions = self.regions.write();
+        if regions.find(addr).is_some() {
+            return;
+        }
+        let lo = regions
+            .iter()
+            .filter(|(s, r)| s + r.len <= addr && s + r.len > vma.start)
+            .map(|(s, r)| s + r.len)
+            .max()
+            .unwrap_or(vma.start);
+        let hi = regions.next_after(addr).unwrap_or(vma.end).min(vma.end);
+        let offset = vma.offset + (lo - vma.start);
+        let r = Region {
+            internal: false,
+            owner: 0,
+            shared: vma.shared,
+            target: Held::Strong(target.clone()),
+        };
+        regions.insert(lo, hi - lo, offset, r);
+        drop(regions);
+        target.on_adopt(self, None, lo, hi - lo, offset, vma.shared);
+        self.counters.adopted_ranges.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Applies mapping events read from the userfaultfd of `regions`
+    /// (`uffd`: the engine's, or a child's) in order: the table follows
+    /// the consumer's `munmap` and `mremap`, and a `fork` adds the child's
+    /// address space. Targets hear of the changes to their ranges.
+    fn apply_events(
+        &self,
+        space: Space<'_>,
+        regions: &RwLock<Spans<Region>>,
+        events: &mut Vec<Event>,
+    ) {
+        for ev in events.drain(..) {
+            match ev {
+                Event::Unmap { start, end } => {
+                    let gone = regions.write().cut(start, end);
+                    for t in distinct_targets(&gone) {
+                        t.on_unmap(self, space, start, end);
+                    }
+                    // Dropped here, outside the lock: an adopted range may
+                    // hold the last reference to its shadow.
+                    drop(gone);
+                }
+                Event::Remap { from, to, len } => {
+                    let moved = regions.read().moved(from, to, len, Region::adopted);
+                    let gone = regions.write().copy(from, to, len, Region::adopted);
+                    for t in distinct_targets(&gone) {
+                        t.on_unmap(self, space, to, to + len);
+                    }
+                    for t in distinct_targets(&moved) {
+                        t.on_remap(self, space, from, to, len);
+                    }
+                    drop((gone, moved));
+                }
+                Event::Remove => {
+                    // The range stays registered: the next touch faults.
+                }
+                Event::Fork(fd) => self.add_child(space, regions, fd),
+            }
+        }
+    }
+
+    /// A `fork` of an address space we serve: the child's copies of the
+    /// consumer ranges are registered with `fd`. They are served from now
+    /// on like the parent's, through the workers, until the child is gone.
+    fn add_child(&self, parent: Space<'_>, regions: &RwLock<Spans<Region>>, fd: OwnedFd) {
+        let features = parent.map_or(&self.uffd, |u| &**u).features();
+        let child = Arc::new(Uffd::from_fd(fd, features));
+        let mut table = Spans::default();
+        let mut targets = Vec::new();
+        for (s, r) in regions.read().iter() {
+            // The alias and the template are MADV_DONTFORK: not in the child.
+            if r.value.internal {
+                continue;
+            }
+            let a = r.value.adopted();
+            if let Held::Strong(t) = &a.target {
+                if !targets.iter().any(|x: &Arc<dyn FaultTarget>| same(x, t)) {
+                    targets.push(t.clone());
+                }
+            }
+            table.insert(s, r.len, r.offset, a);
+        }
+        let tag = self.next_child.fetch_add(1, Ordering::Relaxed);
+        let child = Arc::new(Child {
+            uffd: child,
+            regions: RwLock::new(table),
+            read: Mutex::new(()),
+            tag,
+        });
+        for t in &targets {
+            t.on_fork(self, parent, &child.uffd);
+        }
+        if self
+            .child_ep
+            .add(child.uffd.as_fd(), libc::EPOLLIN as u32, tag)
+            .is_err()
+        {
+            // Not served: nothing may fault there unanswered.
+            self.abandon(&child);
+            return;
+        }
+        self.children.lock().push(child);
+        self.counters.forks_followed.fetch_add(1, Ordering::Relaxed);
+        self.kick_all();
+    }
+
+    /// Gives up a child: its targets forget its ranges; whatever still
+    /// waits there is poisoned.
+    fn abandon(&self, child: &Child) {
+        let gone = child.regions.write().cut(0, u64::MAX);
+        for (s, r) in &gone {
+            let _ = child.uffd.poison(*s, r.len);
+        }
+        for t in distinct_targets(&gone) {
+            t.on_unmap(self, Some(&child.uffd), 0, u64::MAX);
+        }
+    }
+
+    /// Serves the children whose userfaultfds have messages.
+    fn serve_children(&self) {
+        let mut tags = [0u64; 16];
+        let n = self.child_ep.wait(&mut tags, 0);
+        if n == 0 {
+            return;
+        }
+        let ready: Vec<Arc<Child>> = {
+            let c = self.children.lock();
+            c.iter()
+                .filter(|c| tags[..n].contains(&c.tag))
+                .cloned()
+                .collect()
+        };
+        let mut raw = vec![uffd_msg::default(); BATCH];
+        let (mut faults, mut events) = (Vec::new(), Vec::new());
+        for child in ready {
+            {
+                let Some(_g) = child.read.try_lock() else {
+                    continue;
+                };
+                if child
+                    .uffd
+                    .read_msgs(&mut raw, &mut faults, &mut events)
+                    .is_err()
+                {
+                    continue;
+                }
+                self.apply_events(Some(&child.uffd), &child.regions, &mut events);
+            }
+            for f in faults.drain(..) {
+                let addr = f.address & !(self.page - 1);
+                let regions = child.regions.read();
+                let Some((target, hit)) = self.lookup(&child.uffd, &regions, addr) else {
+                    let _ = self.refuse(&child.uffd, addr);
+                    continue;
+                };
+                let work = target.on_fault(self, hit);
+                drop(regions);
+                if let Some(w) = work {
+                    self.run_guarded(&*target, w);
+                }
+            }
+        }
+    }
+
+    /// Drops the children that exited or exec'd (at most once a second).
+    fn sweep_children(&self, now: u64) {
+        let then = self.swept_at.load(Ordering::Relaxed);
+        if now.saturating_sub(then) < 1000 * MS
+            || self
+                .swept_at
+                .compare_exchange(then, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let dead: Vec<Arc<Child>> = {
+            let mut c = self.children.lock();
+            let (dead, live) = c.drain(..).partition(|c| !c.uffd.alive());
+            *c = live;
+            dead
+        };
+        for child in dead {
+            let _ = self.child_ep.delete(child.uffd.as_fd());
+            let gone = child.regions.write().cut(0, u64::MAX);
+            for t in distinct_targets(&gone) {
+                t.on_unmap(self, Some(&child.uffd), 0, u64::MAX);
+            }
+            drop(gone);
+        }
+    }
+
+    /// Whether children are being served (workers then look at them
+    /// every second while parked).
+    fn has_children(&self) -> bool {
+        !self.children.lock().is_empty()
+    }
+
+    /// Reads the engine's userfaultfd: events applied under [`Core::read`],
+    /// in order; the faults are returned.
+    fn read_own(&self, raw: &mut [uffd_msg], faults: &mut Vec<Fault>) -> std::io::Result<()> {
+        let mut events = Vec::new();
+        let _g = self.read.lock();
+        self.uffd.read_msgs(raw, faults, &mut events)?;
+        if !events.is_empty() {
+            self.apply_events(None, &self.regions, &mut events);
+        }
+        Ok(())
+    }
+
+    /// For a filler whose `UFFDIO_COPY` met a pending event (`EAGAIN`):
+    /// reads the engine's userfaultfd (unless a worker is at it), applies
+    /// the events and leaves the faults for the workers, then waits a
+    /// little for the event's sender to go on. False once `tries` waits
+    /// (about 2 s in all) did not help.
+    pub fn await_events(&self, tries: &mut u32) -> bool {
+        if let Some(_g) = self.read.try_lock() {
+            let mut raw = vec![uffd_msg::default(); BATCH];
+            let (mut faults, mut events) = (Vec::new(), Vec::new());
+            if self
+                .uffd
+                .read_msgs(&mut raw, &mut faults, &mut events)
+                .is_ok()
+            {
+                self.apply_events(None, &self.regions, &mut events);
+            }
+            if !faults.is_empty() {
+                self.pending.lock().extend(faults);
+                eventfd_signal(self.work.as_fd());
+            }
+        }
+        *tries += 1;
+        let wait = 20u64 << (*tries).min(7);
+        std::thread::sleep(std::time::Duration::from_micros(wait));
+        *tries < 1000
+    }
+
+    /// Notes that an answer was deferred; see [`Core::flush_deferred`].
+    fn note_deferred(&self, now: u64) {
+        let _ = self
+            .deferred_at
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Wakes the threads whose answers waited for a pending event
+    /// ([`Uffd::flush_deferred`]), once the event had 200 µs to settle.
+    /// Returns whether some still wait (the caller sleeps at most 1 ms).
+    fn flush_deferred(&self, now: u64) -> bool {
+        let children: Vec<Arc<Child>> = self.children.lock().clone();
+        let any = self.uffd.has_deferred() || children.iter().any(|c| c.uffd.has_deferred());
+        if !any {
+            self.deferred_at.store(0, Ordering::Relaxed);
+            return false;
+        }
+        self.note_deferred(now);
+        let at = self.deferred_at.load(Ordering::Relaxed);
+        if now.saturating_sub(at) < 200 * US {
+            return true;
+        }
+        self.deferred_at.store(0, Ordering::Relaxed);
+        self.uffd.flush_deferred();
+        for c in &children {
+            c.uffd.flush_deferred();
+        }
+        false
+    }
+
+    /// Kicks every worker (a new child to watch).
+    fn kick_all(&self) {
+        for i in 0..self.slots.len() {
+            self.kick(i);
+        }
     }
 
     /// Nanoseconds since the service started, plus one (0 means never).
@@ -620,7 +1043,17 @@ impl Service {
         }
         let core = Arc::new(Core {
             uffd,
-            regions: RwLock::new(BTreeMap::new()),
+            regions: RwLock::new(Spans::default()),
+            read: Mutex::new(()),
+            pending: Mutex::new(Vec::new()),
+            children: Mutex::new(Vec::new()),
+            child_ep: Epoll::new()
+                .map_err(|e| Error::sys("epoll_create for forked children", e))?,
+            next_child: AtomicU64::new(EV_CHILD_FIRST),
+            swept_at: AtomicU64::new(0),
+            inodes: RwLock::new(HashMap::new()),
+            maps: crate::sys::maps::Maps::open_self(),
+            deferred_at: AtomicU64::new(0),
             fault_tx,
             fault_rx,
             prefetch_tx,
@@ -685,6 +1118,9 @@ const EV_UFFD: u64 = 0;
 const EV_WORK: u64 = 1;
 const EV_STOP: u64 = 2;
 const EV_KICK: u64 = 3;
+const EV_CHILD: u64 = 4;
+/// Tags of children in [`Core::child_ep`] start here.
+const EV_CHILD_FIRST: u64 = 16;
 
 /// Where an idle worker sleeps: an epoll set over the userfaultfd (see the
 /// module documentation for how it is added and armed), the work eventfd
@@ -705,13 +1141,15 @@ impl Sleep {
         ep.add(core.stop.as_fd(), inp, EV_STOP).map_err(e)?;
         ep.add(core.slots[me].kick.as_fd(), inp, EV_KICK)
             .map_err(e)?;
+        // Not EPOLLEXCLUSIVE: the kernel refuses it for a nested epoll set.
+        ep.add(core.child_ep.as_fd(), inp, EV_CHILD).map_err(e)?;
         Ok(Sleep { ep, me })
     }
 
     /// Blocks until a fault (if armed), queued work, a kick, the stop
     /// signal or `timeout_ms` (< 0: none).
     fn wait(&self, core: &Core, timeout_ms: i32) {
-        let mut tags = [0u64; 4];
+        let mut tags = [0u64; 5];
         let n = self.ep.wait(&mut tags, timeout_ms);
         for t in &tags[..n] {
             match *t {
@@ -722,6 +1160,7 @@ impl Sleep {
                     s.kicked.store(false, Ordering::SeqCst);
                     eventfd_drain(s.kick.as_fd());
                 }
+                EV_CHILD => core.serve_children(),
                 _ => {}
             }
         }
@@ -846,9 +1285,16 @@ fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
             core.run_job(job);
             continue;
         }
+        // Faults a filler read while it waited for an event.
+        let left = std::mem::take(&mut *core.pending.lock());
+        if !left.is_empty() {
+            core.serve(me, &left, false);
+            continue;
+        }
+        let deferred = core.flush_deferred(core.now());
         if armed {
             faults.clear();
-            match core.uffd.read_faults(&mut raw, &mut faults) {
+            match core.read_own(&mut raw, &mut faults) {
                 Ok(()) if !faults.is_empty() => {
                     core.serve(me, &faults, woken);
                     woken = false;
@@ -873,8 +1319,18 @@ fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
             continue;
         }
         crate::sys::sched::settle(true);
+        // Children are looked at once a second, whatever else happens.
+        let children = core.has_children();
+        if children {
+            core.sweep_children(core.now());
+        }
+        if deferred {
+            sleep.wait(&core, 1);
+            woken = true;
+            continue;
+        }
         if !core.local {
-            sleep.wait(&core, -1);
+            sleep.wait(&core, if children { 1000 } else { -1 });
             woken = true;
             continue;
         }
@@ -925,7 +1381,7 @@ fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
         core.parked.fetch_add(1, Ordering::SeqCst);
         super::buffer::release();
         if core.reads.load(Ordering::SeqCst) == seen {
-            sleep.wait(&core, -1);
+            sleep.wait(&core, if children { 1000 } else { -1 });
             woken = true;
         }
         slot.parked.store(false, Ordering::SeqCst);

@@ -513,10 +513,25 @@ impl Watch {
                 Woke::Ready => {}
             }
             faults.clear();
-            if self.uffd.read_faults(&mut raw, &mut faults).is_err() {
+            let mut events = Vec::new();
+            if self
+                .uffd
+                .read_msgs(&mut raw, &mut faults, &mut events)
+                .is_err()
+            {
                 continue;
             }
             let _r = self.ranges.lock();
+            for ev in events {
+                if let crate::sys::Event::Fork(fd) = ev {
+                    // A child forked after the server went: its copies get
+                    // the same poison before its userfaultfd goes.
+                    let child = Uffd::from_fd(fd, self.uffd.features());
+                    for &(start, len) in _r.iter() {
+                        let _ = child.poison(start, len);
+                    }
+                }
+            }
             for f in &faults {
                 let addr = f.address & !(page - 1);
                 if self.uffd.poison(addr, page).is_err() {
@@ -767,8 +782,13 @@ impl RemoteMapOptions<'_> {
             protocol("the server sent a lazy mapping to a client without a userfaultfd")
         })?;
         let reg_len = maplen as u64;
-        map.advise(Advice::DontFork)
-            .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
+        // With fork events the server serves a forked child's copy through
+        // the child's userfaultfd; without them the copy would be
+        // unregistered (zeros), so it is kept out of children.
+        if !uffd.follows_fork() {
+            map.advise(Advice::DontFork)
+                .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
+        }
         uffd.register(map.addr(), reg_len)
             .map_err(|e| Error::sys("UFFDIO_REGISTER of the remote mapping", e))?;
         ci.ranges.lock().push((map.addr(), reg_len));

@@ -6,13 +6,14 @@ use super::tree::{self, Refusal, RootFile};
 use super::wire::{self, Frame, RecvError};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::fault::spans::Spans;
 use crate::fault::{FaultTarget, Hit};
 use crate::shadow::lazy::LazyShadow;
 use crate::shadow::{Kind, Shadow};
 use crate::source::{Source, SourceMeta};
 use crate::stats::Stats;
-use crate::sys::Uffd;
 use crate::sys::uffd_abi::uffd_msg;
+use crate::sys::{Event, Uffd};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -343,10 +344,19 @@ struct Conn {
     /// overlapping another: overlap checks and fault lookups are O(log n).
     ranges: BTreeMap<u64, Attached>,
     next_handle: u64,
+    /// The client's forked children that inherited lazy ranges
+    /// (`UFFD_EVENT_FORK` on its userfaultfd), served by this thread.
+    children: Vec<ChildSpace>,
+    /// The client's `/proc/PID/maps`, for faults in ranges it grew.
+    maps: Option<crate::sys::maps::Maps>,
 }
 
 impl Conn {
     fn new(peer: Peer, stream: UnixStream, uffd: Option<Arc<Uffd>>) -> Conn {
+        let maps = uffd
+            .as_ref()
+            .filter(|u| u.has_events())
+            .and_then(|_| crate::sys::maps::Maps::open_pid(peer.pid as u32).ok());
         Conn {
             peer,
             stream,
@@ -354,6 +364,8 @@ impl Conn {
             handles: BTreeMap::new(),
             ranges: BTreeMap::new(),
             next_handle: 1,
+            children: Vec::new(),
+            maps,
         }
     }
 
@@ -593,6 +605,9 @@ impl Inner {
     /// userfaultfd, until the client hangs up or breaks the protocol.
     fn run(self: &Arc<Self>, mut conn: Conn) {
         let end = self.session(&mut conn);
+        // The client is gone or dropped, but children it forked may still
+        // map its files: they are served until they exit.
+        self.serve_orphans(&mut conn);
         let peer = conn.peer;
         let (mut nh, mut nm) = (0, 0);
         let ids: Vec<u64> = conn.handles.keys().copied().collect();
@@ -627,9 +642,11 @@ impl Inner {
             });
             let n = if ufd >= 0 { 2 } else { 1 };
             // Idle clients may stay connected as long as they like: a client
-            // holding mappings may say nothing for hours.
+            // holding mappings may say nothing for hours. Forked children,
+            // and answers deferred for a pending event, are looked at.
+            let timeout = self.serve_spaces(conn);
             // SAFETY: `fds` is a live array of at least `n` pollfd structs.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), n, -1) };
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), n, timeout) };
             if r < 0 {
                 if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
                     continue;
@@ -642,11 +659,13 @@ impl Inner {
                 }
                 faults.clear();
                 let u = conn.uffd.clone().expect("polled");
-                match u.read_faults(&mut raw, &mut faults) {
+                let mut events = Vec::new();
+                match u.read_msgs(&mut raw, &mut faults, &mut events) {
                     Ok(()) => {}
                     Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {}
                     Err(e) => return End::Error(format!("reading its userfaultfd: {e}")),
                 }
+                self.client_events(conn, events);
                 for f in &faults {
                     if !self.fault(conn, &u, f.address) {
                         return End::Error(
@@ -677,7 +696,7 @@ impl Inner {
     }
 
     /// Serves one fault of the client. False if the client must be dropped.
-    fn fault(&self, conn: &Conn, uffd: &Uffd, address: u64) -> bool {
+    fn fault(&self, conn: &mut Conn, uffd: &Uffd, address: u64) -> bool {
         let page = crate::page_size() as u64;
         let addr = address & !(page - 1);
         let found = conn
@@ -697,6 +716,9 @@ impl Inner {
                 shadow.run(core, work);
             }
             return true;
+        }
+        if self.adopt_grown(conn, addr) {
+            return self.fault(conn, uffd, address);
         }
         // A fault outside every range it attached: SIGBUS in the client.
         if uffd.poison(addr, page).is_err() {
@@ -1531,4 +1553,339 @@ pub fn serve(shadow: &Shadow, stream: UnixStream) -> Result<Served> {
     Ok(Served {
         thread: Some(thread),
     })
+}
+
+/// Forked children a client may leave the server to serve at once; past
+/// it, a new child's inherited ranges are poisoned (SIGBUS where unfilled)
+/// and its userfaultfd closed.
+pub const MAX_CHILDREN: usize = 64;
+
+/// How often forked children are checked for being alive, in ms.
+const CHILD_CHECK_MS: i32 = 1000;
+
+/// A range a forked child of a client inherited: it holds its shadow's
+/// entry (not a handle: the parent may close that).
+struct ChildRange {
+    entry: Arc<Entry>,
+    offset: u64,
+    key: u64,
+}
+
+/// The address space of a client's forked child (or of a child's child):
+/// its copies of the lazy ranges, registered with the userfaultfd that the
+/// `FORK` event handed over.
+struct ChildSpace {
+    uffd: Arc<Uffd>,
+    ranges: Spans<ChildRange>,
+}
+
+impl Clone for ChildRange {
+    fn clone(&self) -> Self {
+        self.entry.users.fetch_add(1, Ordering::Relaxed);
+        ChildRange {
+            entry: self.entry.clone(),
+            offset: self.offset,
+            key: 0,
+        }
+    }
+}
+
+impl Drop for ChildRange {
+    fn drop(&mut self) {
+        if let Some(l) = self.entry.lazy() {
+            l.remove_remote(self.key);
+        }
+        self.entry.users.fetch_sub(1, Ordering::Relaxed);
+        *self.entry.last_used.lock() = Instant::now();
+    }
+}
+
+impl ChildSpace {
+    /// Registers the new pieces (key 0) of its table with their shadows.
+    fn attach_new(&mut self) {
+        let fresh: Vec<(u64, u64, u64)> = self
+            .ranges
+            .iter()
+            .filter(|(_, s)| s.value.key == 0)
+            .map(|(a, s)| (a, s.len, s.offset))
+            .collect();
+        for (a, len, offset) in fresh {
+            self.ranges.insert_with(a, |r| {
+                if let Some(l) = r.entry.lazy() {
+                    r.key = l.add_remote(self.uffd.clone(), a, len, offset);
+                }
+            });
+        }
+    }
+
+    /// Applies mapping events of its userfaultfd; returns forked children.
+    fn apply(&mut self, events: Vec<Event>) -> Vec<OwnedFd> {
+        let mut forks = Vec::new();
+        for ev in events {
+            match ev {
+                Event::Unmap { start, end } => {
+                    drop(self.ranges.cut(start, end));
+                    self.attach_new();
+                }
+                Event::Remap { from, to, len } => {
+                    drop(self.ranges.copy(from, to, len, Clone::clone));
+                    self.attach_new();
+                }
+                Event::Remove => {}
+                Event::Fork(fd) => forks.push(fd),
+            }
+        }
+        forks
+    }
+
+    /// Serves one fault.
+    fn fault(&self, address: u64) {
+        let page = crate::page_size() as u64;
+        let addr = address & !(page - 1);
+        let found = self.ranges.find(addr).and_then(|(s, r)| {
+            let l = r.value.entry.lazy()?;
+            Some((l, r.offset + (addr - s), s + r.len - addr))
+        });
+        let Some((shadow, offset, limit)) = found else {
+            if self.uffd.poison(addr, page).is_err() {
+                let _ = self.uffd.wake(addr, page);
+            }
+            return;
+        };
+        let core = &shadow.service.core;
+        let hit = Hit {
+            uffd: &self.uffd,
+            addr,
+            offset,
+            limit,
+            internal: false,
+        };
+        if let Some(work) = shadow.on_fault(core, hit) {
+            shadow.run(core, work);
+        }
+    }
+}
+
+impl Inner {
+    /// A piece `lo..hi` of `r` as a new attached range of `conn` (a new
+    /// consumer of its shadow through `uffd`).
+    fn attach_piece(conn: &Conn, r: &Attached, lo: u64, hi: u64, at: u64) -> Attached {
+        let offset = r.offset + (lo - r.start);
+        let key = match (
+            &conn.uffd,
+            conn.handles.get(&r.handle).and_then(|h| h.entry.lazy()),
+        ) {
+            (Some(u), Some(l)) => l.add_remote(u.clone(), at, hi - lo, offset),
+            _ => 0,
+        };
+        Attached {
+            handle: r.handle,
+            start: at,
+            len: hi - lo,
+            offset,
+            key,
+        }
+    }
+
+    /// Forgets `lo..hi` of the client's ranges (the kernel unmapped it):
+    /// what sticks out stays attached.
+    fn cut_client(conn: &mut Conn, lo: u64, hi: u64) {
+        let hit: Vec<Attached> = conn
+            .overlapping(lo, hi)
+            .into_iter()
+            .filter_map(|s| conn.ranges.get(&s).copied())
+            .collect();
+        for r in hit {
+            let mut pieces = Vec::with_capacity(2);
+            for (a, b) in [(r.start, lo.max(r.start)), (hi.min(r.end()), r.end())] {
+                if a < b {
+                    pieces.push(Self::attach_piece(conn, &r, a, b, a));
+                }
+            }
+            if let Some(l) = conn.handles.get(&r.handle).and_then(|h| h.entry.lazy()) {
+                l.remove_remote(r.key);
+            }
+            conn.remove_range(r.start);
+            for p in pieces {
+                conn.insert_range(p);
+            }
+        }
+    }
+
+    /// Applies mapping events read from the client's own userfaultfd.
+    fn client_events(&self, conn: &mut Conn, events: Vec<Event>) {
+        for ev in events {
+            match ev {
+                Event::Unmap { start, end } => Self::cut_client(conn, start, end),
+                Event::Remap { from, to, len } => {
+                    let end = from.saturating_add(len);
+                    let moved: Vec<Attached> = conn
+                        .overlapping(from, end)
+                        .into_iter()
+                        .filter_map(|s| conn.ranges.get(&s).copied())
+                        .map(|r| {
+                            let (a, b) = (r.start.max(from), r.end().min(end));
+                            Self::attach_piece(conn, &r, a, b, to + (a - from))
+                        })
+                        .collect();
+                    Self::cut_client(conn, to, to.saturating_add(len));
+                    for p in moved {
+                        conn.insert_range(p);
+                    }
+                }
+                Event::Remove => {}
+                Event::Fork(fd) => {
+                    let mut ranges = Spans::default();
+                    for r in conn.ranges.values() {
+                        if let Some(h) = conn.handles.get(&r.handle) {
+                            h.entry.users.fetch_add(1, Ordering::Relaxed);
+                            let c = ChildRange {
+                                entry: h.entry.clone(),
+                                offset: 0,
+                                key: 0,
+                            };
+                            ranges.insert(r.start, r.len, r.offset, c);
+                        }
+                    }
+                    let features = conn.uffd.as_ref().map_or(0, |u| u.features());
+                    self.add_child(conn, fd, features, ranges);
+                }
+            }
+        }
+        self.note_mappings(conn);
+    }
+
+    /// Takes on a forked child's userfaultfd with its inherited ranges, or,
+    /// past [`MAX_CHILDREN`], poisons those ranges and lets it go.
+    fn add_child(&self, conn: &mut Conn, fd: OwnedFd, features: u64, ranges: Spans<ChildRange>) {
+        let mut child = ChildSpace {
+            uffd: Arc::new(Uffd::from_fd(fd, features)),
+            ranges,
+        };
+        if conn.children.len() >= MAX_CHILDREN {
+            for (s, r) in child.ranges.iter() {
+                let _ = child.uffd.poison(s, r.len);
+            }
+            self.log(&format!(
+                "{}: a forked child past the limit of {MAX_CHILDREN} served children; its \
+                 inherited lazy ranges are poisoned (SIGBUS where not yet filled)",
+                conn.peer
+            ));
+            return;
+        }
+        child.attach_new();
+        conn.children.push(child);
+    }
+
+    /// Serves forked children with messages waiting, drops those that are
+    /// gone, and wakes threads whose answers waited for an event. Returns
+    /// the poll timeout for the session loop (ms; -1: none).
+    fn serve_spaces(&self, conn: &mut Conn) -> i32 {
+        let mut raw = vec![uffd_msg::default(); 32];
+        let mut i = 0;
+        while i < conn.children.len() {
+            let (mut faults, mut events) = (Vec::new(), Vec::new());
+            let c = &conn.children[i];
+            if c.uffd.has_pending() && c.uffd.read_msgs(&mut raw, &mut faults, &mut events).is_ok()
+            {
+                let forks = conn.children[i].apply(events);
+                for fd in forks {
+                    let ranges = {
+                        let mut t = Spans::default();
+                        for (s, r) in conn.children[i].ranges.iter() {
+                            t.insert(s, r.len, r.offset, r.value.clone());
+                        }
+                        t
+                    };
+                    let features = conn.children[i].uffd.features();
+                    self.add_child(conn, fd, features, ranges);
+                }
+                for f in &faults {
+                    conn.children[i].fault(f.address);
+                }
+            }
+            i += 1;
+        }
+        conn.children
+            .retain(|c| c.uffd.alive() && !c.ranges.is_empty());
+        let mut deferred = false;
+        for u in conn
+            .uffd
+            .iter()
+            .chain(conn.children.iter().map(|c| &c.uffd))
+        {
+            if u.has_deferred() {
+                // Woken now, the threads fault again once the event's sender
+                // went on; a pending event makes their answer wait 1 ms more.
+                u.flush_deferred();
+                deferred = true;
+            }
+        }
+        if deferred {
+            1
+        } else if conn.children.is_empty() {
+            -1
+        } else {
+            CHILD_CHECK_MS.min(50)
+        }
+    }
+
+    /// After the client went away: serves its forked children until the
+    /// last one exits.
+    fn serve_orphans(&self, conn: &mut Conn) {
+        while !conn.children.is_empty() {
+            let timeout = self.serve_spaces(conn);
+            let mut fds: Vec<libc::pollfd> = conn
+                .children
+                .iter()
+                .map(|c| libc::pollfd {
+                    fd: c.uffd.as_fd().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            // SAFETY: `fds` is a live array of `fds.len()` pollfd structs.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout.max(1)) };
+        }
+    }
+
+    /// A fault at `addr` outside the client's ranges may be in a range it
+    /// grew with `mremap` (in place the kernel sends no event): if its
+    /// `/proc/PID/maps` shows a shadow's memfd there, that part is attached
+    /// at the offset the kernel shows. Returns whether it was.
+    fn adopt_grown(&self, conn: &mut Conn, addr: u64) -> bool {
+        let Some(vma) = conn.maps.as_ref().and_then(|m| m.query(addr)) else {
+            return false;
+        };
+        let Some((&handle, _)) = conn.handles.iter().find(|(_, h)| {
+            h.entry
+                .lazy()
+                .is_some_and(|l| l.memfd.inode().ok() == Some(vma.inode))
+        }) else {
+            return false;
+        };
+        let lo = conn
+            .ranges
+            .range(..addr)
+            .next_back()
+            .map_or(vma.start, |(_, r)| r.end().max(vma.start));
+        let hi = conn
+            .ranges
+            .range(addr..)
+            .next()
+            .map_or(vma.end, |(&s, _)| s.min(vma.end));
+        if !(lo <= addr && addr < hi) {
+            return false;
+        }
+        let seed = Attached {
+            handle,
+            start: lo,
+            len: hi - lo,
+            offset: vma.offset + (lo - vma.start),
+            key: 0,
+        };
+        let r = Self::attach_piece(conn, &seed, lo, hi, lo);
+        conn.insert_range(r);
+        true
+    }
 }

@@ -31,7 +31,7 @@ pub const MAX_PATH: usize = 4096;
 /// The protocol version this crate speaks. Versions 1 and 2 (fixed 40-byte
 /// frames, one shadow per connection) are answered with a version-2 ERROR
 /// frame, code [`E_VERSION`].
-pub const VERSION: u64 = 4;
+pub const VERSION: u64 = 5;
 
 /// The oldest protocol version this server still answers. A version 3
 /// client never sends the requests or arguments version 4 added, so the

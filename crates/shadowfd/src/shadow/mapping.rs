@@ -148,8 +148,13 @@ impl<'a> MapOptions<'a> {
         let registration = match l {
             None => None,
             Some(l) => {
-                map.advise(Advice::DontFork)
-                    .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
+                // A forked child inherits the mapping, registered with its
+                // own userfaultfd and served like this one; without fork
+                // events it would be unregistered there, so it stays out.
+                if !l.follows_fork() {
+                    map.advise(Advice::DontFork)
+                        .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
+                }
                 let reg = match self.share {
                     // A duplicate of the template: fills may go straight in.
                     Share::Shared => l.register_shared(map.addr(), maplen, self.offset)?,
@@ -215,6 +220,12 @@ impl Registration {
         Registration { inner: Some(r) }
     }
 
+    /// Unregisters now; returns the parts of a lazy range that were still
+    /// the registration's (`None` for an eager shadow: all of it).
+    fn release(mut self) -> Option<Vec<(u64, u64)>> {
+        self.inner.take().map(lazy::Registration::release)
+    }
+
     /// Whether a range is registered (false for eager shadows).
     pub fn is_registered(&self) -> bool {
         self.inner.is_some()
@@ -234,8 +245,12 @@ impl std::fmt::Debug for Registration {
 /// For a lazy shadow the mapping is registered with the engine's
 /// userfaultfd while it lives, so first touches are filled from the source
 /// (and a page that could not be read raises `SIGBUS`, as an I/O error under
-/// any file mapping does). It is excluded from `fork(2)` children
-/// (`MADV_DONTFORK`): a child would see the pages unregistered.
+/// any file mapping does). A `fork(2)` child inherits it like a file
+/// mapping, served through its own userfaultfd (`UFFD_FEATURE_EVENT_FORK`,
+/// which needs `CAP_SYS_PTRACE`; without it the mapping is `MADV_DONTFORK`,
+/// absent from children). The kernel's mapping events keep it served where
+/// code that owns the memory moves or cuts it (`mremap`, `munmap`): the
+/// C ABI and `shadowfd run` hand such memory to programs that do.
 ///
 /// The bytes never change while mapped: the memfd is sealed against writes,
 /// and a lazy page is filled once before any access to it completes.
@@ -291,6 +306,22 @@ impl Mapping {
             // SAFETY: forwarded from the caller.
             Some(m) => unsafe { m.advise_unchecked(advice) }.map_err(|e| Error::sys("madvise", e)),
             None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // Unregister first, then unmap only what is still this mapping's:
+        // a part its user moved away or unmapped may hold something else now.
+        let parts = self.registration.take().and_then(Registration::release);
+        if let Some(map) = self.map.take() {
+            match parts {
+                Some(p) if !(p.len() == 1 && p[0] == (map.addr(), map.len() as u64)) => {
+                    map.drop_parts(&p)
+                }
+                _ => drop(map),
+            }
         }
     }
 }

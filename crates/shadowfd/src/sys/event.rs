@@ -2,7 +2,7 @@
 //! the CPU affinity calls that place them.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// A non-blocking, close-on-exec eventfd.
 pub(crate) fn eventfd() -> io::Result<OwnedFd> {
@@ -61,6 +61,11 @@ impl Epoll {
         self.ctl(libc::EPOLL_CTL_MOD, target, events, tag)
     }
 
+    /// `EPOLL_CTL_DEL` of `target`.
+    pub(crate) fn delete(&self, target: BorrowedFd<'_>) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_DEL, target, 0, 0)
+    }
+
     fn ctl(
         &self,
         op: libc::c_int,
@@ -88,6 +93,12 @@ impl Epoll {
             *o = e.u64;
         }
         n
+    }
+}
+
+impl AsFd for Epoll {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.ep.as_fd()
     }
 }
 

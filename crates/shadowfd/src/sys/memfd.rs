@@ -51,6 +51,16 @@ impl Memfd {
         Ok(m.blocks() * 512)
     }
 
+    /// The memfd's inode number (what `/proc/PID/maps` names it by).
+    pub fn inode(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self
+            .file
+            .metadata()
+            .map_err(|e| Error::sys("fstat memfd", e))?;
+        Ok(m.ino())
+    }
+
     /// Adds `F_SEAL_*` flags.
     pub fn add_seals(&self, seals: libc::c_int) -> Result<()> {
         // SAFETY: F_ADD_SEALS takes an int argument; the fd is ours and open.

@@ -284,19 +284,45 @@ pub(crate) unsafe fn reserve_fixed(addr: *mut u8, len: usize) -> io::Result<()> 
     Ok(())
 }
 
-impl Drop for RawMap {
-    fn drop(&mut self) {
-        if self.fixed {
-            // SAFETY: we own this range since `map`; nothing borrows it
-            // once its handle is dropped. The caller's reservation is kept.
-            if unsafe { reserve_fixed(self.ptr.as_ptr(), self.len) }.is_ok() {
-                return;
+impl RawMap {
+    /// Lets go of the range, but unmaps (or, for a fixed mapping, turns
+    /// back into a reservation) only `parts` (address, length) of it: the
+    /// rest is no longer this handle's (its consumer moved or unmapped it,
+    /// and something else may live there now).
+    pub(crate) fn drop_parts(self, parts: &[(u64, u64)]) {
+        let me = std::mem::ManuallyDrop::new(self);
+        let (lo, hi) = (me.addr(), me.addr() + me.len as u64);
+        for &(a, l) in parts {
+            let (a, b) = (a.max(lo), (a + l).min(hi));
+            if a < b {
+                // SAFETY: `a..b` lies in the range this handle owned, and the
+                // caller says it still holds our mapping.
+                unsafe { release(a as *mut u8, (b - a) as usize, me.fixed) };
             }
         }
-        // SAFETY: we own this range since `new`; nothing borrows it once the
-        // owning handle is being dropped.
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.len);
-        }
+    }
+}
+
+/// Unmaps `len` bytes at `addr`, or makes them a reservation again.
+///
+/// # Safety
+/// The range must be owned by the caller and not borrowed.
+unsafe fn release(addr: *mut u8, len: usize, fixed: bool) {
+    // SAFETY: forwarded from the caller.
+    if fixed && unsafe { reserve_fixed(addr, len) }.is_ok() {
+        return;
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        libc::munmap(addr.cast(), len);
+    }
+}
+
+impl Drop for RawMap {
+    fn drop(&mut self) {
+        // SAFETY: we own this range since it was mapped; nothing borrows it
+        // once the owning handle is being dropped. A fixed mapping's
+        // reservation is kept.
+        unsafe { release(self.ptr.as_ptr(), self.len, self.fixed) };
     }
 }

@@ -10,6 +10,7 @@
 //!   [`sched`]: where a woken faulting thread runs.
 
 pub(crate) mod event;
+pub(crate) mod maps;
 pub(crate) mod memfd;
 pub(crate) mod mmap;
 pub(crate) mod probe;
@@ -20,4 +21,4 @@ pub(crate) mod uffd_abi;
 pub use mmap::{Advice, UncheckedAdvice};
 pub use probe::{Access, Attempt, Probe, probe};
 pub use uffd::feature_names;
-pub(crate) use uffd::{Fault, Uffd};
+pub(crate) use uffd::{Event, Fault, Uffd};

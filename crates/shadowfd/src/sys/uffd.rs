@@ -3,8 +3,10 @@
 
 use super::probe::{self, Probe, probe};
 use super::uffd_abi as sys;
+use parking_lot::Mutex;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Features the engine asks for when the kernel has them. THREAD_ID lets
 /// the fault service see which thread faulted, and so on which CPU it
@@ -13,7 +15,20 @@ pub(crate) const WANTED_FEATURES: u64 = sys::UFFD_FEATURE_MISSING_SHMEM
     | sys::UFFD_FEATURE_MINOR_SHMEM
     | sys::UFFD_FEATURE_EXACT_ADDRESS
     | sys::UFFD_FEATURE_POISON
-    | sys::UFFD_FEATURE_THREAD_ID;
+    | sys::UFFD_FEATURE_THREAD_ID
+    | EVENT_FEATURES;
+/// The mapping events the engine, its clients and `shadowfd run` negotiate
+/// so that a consumer range stays registered, and the engine's table of
+/// ranges exact, whatever the consumer does with its mapping: `mremap`
+/// (REMAP: the moved range stays registered), `fork` (FORK: the child's
+/// copy is registered with a new userfaultfd that the reader receives) and
+/// `munmap` (UNMAP). Without REMAP and FORK the kernel drops the
+/// registration of a moved or inherited range, whose holes then read as
+/// zeros. `EVENT_REMOVE` is not asked for: `MADV_DONTNEED` leaves a range
+/// registered (a later touch faults again and is served), so the event
+/// would tell nothing and make every such call wait for the service.
+pub(crate) const EVENT_FEATURES: u64 =
+    sys::UFFD_FEATURE_EVENT_FORK | sys::UFFD_FEATURE_EVENT_REMAP | sys::UFFD_FEATURE_EVENT_UNMAP;
 /// Features without which lazy shadows cannot work.
 /// - POISON, so that a source read error reaches the consumer as SIGBUS;
 ///   without it the only alternatives are zeros or a hung thread.
@@ -39,11 +54,55 @@ pub(crate) struct Fault {
     pub tid: u32,
 }
 
+/// Creates a userfaultfd by `access` and negotiates `wanted`. The kernel
+/// gives `EVENT_FORK` only to a process with `CAP_SYS_PTRACE` (`EPERM`
+/// otherwise): then it is negotiated without it, and lazy mappings are kept
+/// out of forked children (`MADV_DONTFORK`) instead of followed into them.
+pub(crate) fn open_with(access: probe::Access, wanted: u64) -> io::Result<(OwnedFd, u64)> {
+    let fd = probe::create(access)?;
+    match sys::api(fd.as_fd(), wanted) {
+        Ok(_) => Ok((fd, wanted)),
+        Err(e)
+            if e.raw_os_error() == Some(libc::EPERM)
+                && wanted & sys::UFFD_FEATURE_EVENT_FORK != 0 =>
+        {
+            let fd = probe::create(access)?;
+            let features = wanted & !sys::UFFD_FEATURE_EVENT_FORK;
+            sys::api(fd.as_fd(), features)?;
+            Ok((fd, features))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A mapping event read from a userfaultfd (`UFFD_EVENT_*` but page
+/// faults), in the order the kernel queued it.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// The address space forked: the child's copies of the registered
+    /// ranges are registered with this new userfaultfd (same features).
+    Fork(OwnedFd),
+    /// `from..from+len` moved to `to` (`mremap`). The old range follows as
+    /// an [`Event::Unmap`] unless `MREMAP_DONTUNMAP` kept it. A range grown
+    /// as it moved reports its old length; the grown part is registered too.
+    Remap { from: u64, to: u64, len: u64 },
+    /// `MADV_DONTNEED`/`MADV_REMOVE` of a range (only if negotiated: a
+    /// client may have): the range stays registered.
+    Remove,
+    /// `start..end` was unmapped.
+    Unmap { start: u64, end: u64 },
+}
+
 /// An open, API-negotiated userfaultfd.
 #[derive(Debug)]
 pub(crate) struct Uffd {
     fd: OwnedFd,
     features: u64,
+    /// Ranges whose waiting threads could not be answered because an event
+    /// was pending (`EAGAIN`): they are woken by [`Uffd::flush_deferred`]
+    /// once the events are read, fault again and are answered afresh.
+    deferred: Mutex<Vec<(u64, u64)>>,
+    has_deferred: AtomicBool,
 }
 
 impl Uffd {
@@ -57,13 +116,10 @@ impl Uffd {
             Some(a) if p.lazy_usable => a,
             _ => return Err(p),
         };
-        let features = p.features & WANTED_FEATURES;
-        let opened = probe::create(access).and_then(|fd| {
-            sys::api(fd.as_fd(), features)?;
-            Ok(fd)
-        });
+        let wanted = p.features & WANTED_FEATURES;
+        let opened = open_with(access, wanted);
         match opened {
-            Ok(fd) => Ok((Uffd { fd, features }, p)),
+            Ok((fd, features)) => Ok((Uffd::from_fd(fd, features), p)),
             Err(e) => {
                 p.lazy_usable = false;
                 p.reason = Some(format!("opening the engine's userfaultfd failed: {e}"));
@@ -75,7 +131,62 @@ impl Uffd {
     /// Wraps a userfaultfd received from another process, which negotiated
     /// `features` (as it says) and registered its own ranges.
     pub(crate) fn from_fd(fd: OwnedFd, features: u64) -> Uffd {
-        Uffd { fd, features }
+        Uffd {
+            fd,
+            features,
+            deferred: Mutex::new(Vec::new()),
+            has_deferred: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the mapping events ([`EVENT_FEATURES`]) were negotiated.
+    pub(crate) fn has_events(&self) -> bool {
+        self.features & EVENT_FEATURES == EVENT_FEATURES
+    }
+
+    /// Whether a forked child's copy of a registered range stays registered
+    /// (`EVENT_FORK`): if not, lazy mappings must be `MADV_DONTFORK`, or the
+    /// child would read their holes as zeros.
+    pub(crate) fn follows_fork(&self) -> bool {
+        self.features & sys::UFFD_FEATURE_EVENT_FORK != 0
+    }
+
+    /// Whether the address space this userfaultfd serves still exists: a
+    /// `UFFDIO_WRITEPROTECT` that changes nothing (no range of the crate's
+    /// is registered for write-protection) fails with `ESRCH` once the
+    /// process exited or exec'd. The only way to learn that a forked
+    /// child's userfaultfd serves nobody any more.
+    pub(crate) fn alive(&self) -> bool {
+        let page = crate::page_size() as u64;
+        // Any valid range will do: the call finds no write-protected range.
+        let r = sys::writeprotect(self.fd.as_fd(), 1 << 20, page, 0);
+        !matches!(r, Err(e) if e.raw_os_error() == Some(libc::ESRCH))
+    }
+
+    /// Notes that the threads waiting in `start..start+len` could not be
+    /// answered for a pending event: [`Uffd::flush_deferred`] wakes them.
+    fn defer(&self, start: u64, len: u64) {
+        self.deferred.lock().push((start, len));
+        self.has_deferred.store(true, Ordering::Release);
+    }
+
+    /// Whether answers wait for [`Uffd::flush_deferred`].
+    pub(crate) fn has_deferred(&self) -> bool {
+        self.has_deferred.load(Ordering::Acquire)
+    }
+
+    /// Wakes the threads whose answers were deferred for a pending event:
+    /// each faults again and is answered afresh (from the table as the
+    /// events left it). Call after reading the events; a wake is never
+    /// refused for a pending event.
+    pub(crate) fn flush_deferred(&self) {
+        if !self.has_deferred.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let ranges = std::mem::take(&mut *self.deferred.lock());
+        for (start, len) in ranges {
+            let _ = self.wake(start, len);
+        }
     }
 
     /// Whether fault messages carry the faulting thread's id.
@@ -121,8 +232,9 @@ impl Uffd {
 
     /// Maps the memfd's pages of `start..start+len` (all present in its page
     /// cache) into the registered range and wakes the threads waiting there.
-    /// A page already mapped (`EEXIST`) is skipped and woken. Returns the
-    /// first other error.
+    /// A page already mapped (`EEXIST`) is skipped and woken. With an event
+    /// pending (`EAGAIN`) the rest is deferred ([`Uffd::flush_deferred`]).
+    /// Returns the first other error.
     pub(crate) fn continue_range(&self, start: u64, len: u64) -> io::Result<()> {
         let page = crate::page_size() as u64;
         let end = start + len;
@@ -134,7 +246,12 @@ impl Uffd {
                 Err((e, n)) => {
                     at += n;
                     match e.raw_os_error() {
-                        Some(libc::EAGAIN) => {}
+                        // An event is pending: never spin (the reader of
+                        // the event may be this very thread's caller).
+                        Some(libc::EAGAIN) => {
+                            self.defer(at, end - at);
+                            return Ok(());
+                        }
                         Some(libc::EEXIST) => {
                             let _ = self.wake(at, page);
                             at += page;
@@ -159,9 +276,10 @@ impl Uffd {
     }
 
     /// Installs `src` at `dst` with `UFFDIO_COPY` (without waking anyone),
-    /// resuming after partial copies and retrying `EAGAIN`. On failure,
-    /// returns the error and the bytes installed before it; `EEXIST` means
-    /// the page at `dst + done` was present already.
+    /// resuming after partial copies. On failure, returns the error and the
+    /// bytes installed before it; `EEXIST` means the page at `dst + done`
+    /// was present already, `EAGAIN` that an event is pending on this
+    /// userfaultfd (read the events, then copy the rest).
     ///
     /// # Safety
     /// `dst..dst+src.len()` must lie in a range registered with this uffd by
@@ -245,9 +363,7 @@ impl Uffd {
                 Ok(n) => done += n,
                 Err((e, n)) => {
                     done += n;
-                    if e.raw_os_error() != Some(libc::EAGAIN) {
-                        return Err((e, done));
-                    }
+                    return Err((e, done));
                 }
             }
         }
@@ -257,15 +373,19 @@ impl Uffd {
     /// Poisons `len` bytes at `start` and wakes waiters there. A page whose
     /// marker is present already (poisoned by an earlier answer) is woken
     /// instead: a thread may have started waiting on it after that answer's
-    /// wake. Any other failure also ends in a wake, so no thread is left
-    /// waiting; it faults again and is answered again.
+    /// wake. With an event pending (`EAGAIN`) the wake is deferred
+    /// ([`Uffd::flush_deferred`]). Any other failure also ends in a wake, so
+    /// no thread is left waiting; it faults again and is answered again.
     pub(crate) fn poison(&self, start: u64, len: u64) -> io::Result<()> {
         let page = crate::page_size() as u64;
         let mut at = start;
         while at < start + len {
             match sys::poison(self.fd.as_fd(), at, start + len - at, 0) {
                 Ok(_) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    self.defer(at, start + len - at);
+                    return Ok(());
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                     let _ = self.wake(at, page);
                     at += page;
@@ -286,12 +406,15 @@ impl Uffd {
         matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
     }
 
-    /// Reads up to `out.len()` page faults without blocking. Events other than
-    /// page faults are not requested and are skipped if they ever appear.
-    pub(crate) fn read_faults(
+    /// Reads up to `raw.len()` messages without blocking: page faults into
+    /// `faults`, mapping events into `events` (in the kernel's order; the
+    /// kernel hands out waiting faults before events). A forked child's
+    /// userfaultfd arrives here as a new descriptor, owned at once.
+    pub(crate) fn read_msgs(
         &self,
         raw: &mut [sys::uffd_msg],
-        out: &mut Vec<Fault>,
+        faults: &mut Vec<Fault>,
+        events: &mut Vec<Event>,
     ) -> io::Result<()> {
         let bytes = std::mem::size_of_val(raw);
         // SAFETY: `raw` is a writable buffer of `bytes` bytes of plain-old-data structs.
@@ -300,11 +423,9 @@ impl Uffd {
             return Err(io::Error::last_os_error());
         }
         let count = n as usize / std::mem::size_of::<sys::uffd_msg>();
-        out.extend(
-            raw[..count]
-                .iter()
-                .filter(|m| m.event == sys::UFFD_EVENT_PAGEFAULT)
-                .map(|m| Fault {
+        for m in &raw[..count] {
+            match m.event {
+                sys::UFFD_EVENT_PAGEFAULT => faults.push(Fault {
                     address: m.arg1,
                     // `feat.ptid`: the first four bytes of the third word.
                     tid: {
@@ -312,7 +433,31 @@ impl Uffd {
                         u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
                     },
                 }),
-        );
+                sys::UFFD_EVENT_FORK => {
+                    // `fork.ufd`: the first four bytes of the first word.
+                    let fd = {
+                        let b = m.arg0.to_ne_bytes();
+                        i32::from_ne_bytes([b[0], b[1], b[2], b[3]])
+                    };
+                    if fd >= 0 {
+                        // SAFETY: the kernel installed this descriptor in our
+                        // table as it handed us the message; nobody else owns it.
+                        events.push(Event::Fork(unsafe { OwnedFd::from_raw_fd(fd) }));
+                    }
+                }
+                sys::UFFD_EVENT_REMAP => events.push(Event::Remap {
+                    from: m.arg0,
+                    to: m.arg1,
+                    len: m.arg2,
+                }),
+                sys::UFFD_EVENT_REMOVE => events.push(Event::Remove),
+                sys::UFFD_EVENT_UNMAP => events.push(Event::Unmap {
+                    start: m.arg0,
+                    end: m.arg1,
+                }),
+                _ => {}
+            }
+        }
         Ok(())
     }
 }

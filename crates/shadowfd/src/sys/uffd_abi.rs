@@ -75,6 +75,7 @@ const _UFFDIO_WAKE: u8 = 0x02;
 const _UFFDIO_COPY: u8 = 0x03;
 const _UFFDIO_CONTINUE: u8 = 0x07;
 const _UFFDIO_POISON: u8 = 0x08;
+const _UFFDIO_WRITEPROTECT: u8 = 0x06;
 const _UFFDIO_API: u8 = 0x3F;
 /// Bit of `uffdio_register.ioctls` that says UFFDIO_POISON works on the range.
 pub const UFFDIO_POISON_BIT: u64 = 1 << _UFFDIO_POISON;
@@ -131,8 +132,16 @@ pub struct uffdio_poison {
     pub updated: i64,
 }
 
-/// `struct uffd_msg`: 32 bytes, the event byte first, then a union. Only the
-/// page-fault arm is decoded; the other events are recognised by `event`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct uffdio_writeprotect {
+    pub range: uffdio_range,
+    pub mode: u64,
+}
+
+/// `struct uffd_msg`: 32 bytes, the event byte first, then a union of three
+/// words: `pagefault {flags, address, ptid}`, `fork {ufd}`,
+/// `remap {from, to, len}`, `remove`/`unmap {start, end}`.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
 pub struct uffd_msg {
@@ -153,6 +162,7 @@ const _: () = assert!(std::mem::size_of::<uffdio_copy>() == 40);
 const _: () = assert!(std::mem::size_of::<uffdio_register>() == 32);
 const _: () = assert!(std::mem::size_of::<uffdio_poison>() == 32);
 const _: () = assert!(std::mem::size_of::<uffdio_continue>() == 32);
+const _: () = assert!(std::mem::size_of::<uffdio_writeprotect>() == 24);
 
 /// `_IOWR(UFFDIO, nr, T)` / `_IOR(UFFDIO, nr, T)` as a `c_ulong`.
 macro_rules! uffd_ioctl {
@@ -168,6 +178,9 @@ uffd_ioctl!(UFFDIO_WAKE = request_code_read(_UFFDIO_WAKE, uffdio_range));
 uffd_ioctl!(UFFDIO_COPY = request_code_readwrite(_UFFDIO_COPY, uffdio_copy));
 uffd_ioctl!(UFFDIO_CONTINUE = request_code_readwrite(_UFFDIO_CONTINUE, uffdio_continue));
 uffd_ioctl!(UFFDIO_POISON = request_code_readwrite(_UFFDIO_POISON, uffdio_poison));
+uffd_ioctl!(
+    UFFDIO_WRITEPROTECT = request_code_readwrite(_UFFDIO_WRITEPROTECT, uffdio_writeprotect)
+);
 /// `USERFAULTFD_IOC_NEW` on `/dev/userfaultfd`: `_IO(0xAA, 0x00)`.
 const USERFAULTFD_IOC_NEW: libc::c_ulong = nix::request_code_none!(UFFDIO, 0x00) as _;
 
@@ -294,6 +307,20 @@ pub fn continue_range(
     Ok(arg.mapped.max(0) as u64)
 }
 
+/// `UFFDIO_WRITEPROTECT` with `mode`; the engine never registers a range
+/// for write-protection, so with `mode` 0 this changes nothing and only says
+/// whether the userfaultfd's address space is still alive (`ESRCH` once it
+/// is gone).
+pub fn writeprotect(fd: BorrowedFd<'_>, start: u64, len: u64, mode: u64) -> io::Result<()> {
+    let mut arg = uffdio_writeprotect {
+        range: uffdio_range { start, len },
+        mode,
+    };
+    // SAFETY: `arg` is a live uffdio_writeprotect; the kernel validates the range.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut arg) })?;
+    Ok(())
+}
+
 /// `UFFDIO_POISON`: the next access to the range raises SIGBUS.
 pub fn poison(fd: BorrowedFd<'_>, start: u64, len: u64, mode: u64) -> io::Result<u64> {
     let mut arg = uffdio_poison {
@@ -322,6 +349,7 @@ mod tests {
         assert_eq!(UFFDIO_COPY, 0xc028_aa03);
         assert_eq!(UFFDIO_CONTINUE, 0xc020_aa07);
         assert_eq!(UFFDIO_POISON, 0xc020_aa08);
+        assert_eq!(UFFDIO_WRITEPROTECT, 0xc018_aa06);
         assert_eq!(USERFAULTFD_IOC_NEW, 0xaa00);
     }
 
@@ -335,6 +363,14 @@ mod tests {
         assert_eq!(UFFDIO_REGISTER_MODE_MISSING, 1);
         assert_eq!(UFFDIO_REGISTER_MODE_MINOR, 4);
         assert_eq!(UFFD_EVENT_PAGEFAULT, 0x12);
+        assert_eq!(UFFD_EVENT_FORK, 0x13);
+        assert_eq!(UFFD_EVENT_REMAP, 0x14);
+        assert_eq!(UFFD_EVENT_REMOVE, 0x15);
+        assert_eq!(UFFD_EVENT_UNMAP, 0x16);
+        assert_eq!(UFFD_FEATURE_EVENT_FORK, 0x2);
+        assert_eq!(UFFD_FEATURE_EVENT_REMAP, 0x4);
+        assert_eq!(UFFD_FEATURE_EVENT_REMOVE, 0x8);
+        assert_eq!(UFFD_FEATURE_EVENT_UNMAP, 0x40);
         assert_eq!(UFFD_PAGEFAULT_FLAG_MINOR, 4);
     }
 }

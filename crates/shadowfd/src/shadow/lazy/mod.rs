@@ -28,12 +28,12 @@ pub(crate) use user::User;
 use crate::config::{Config, StalePolicy};
 use crate::error::{Cause, Error, Result};
 use crate::fault::chunks::{ChunkState, ChunkTable};
-use crate::fault::{Core, Direct, FaultTarget, Hit, Service, Why, Work, buffer};
+use crate::fault::{Core, Direct, FaultTarget, Hit, Service, Space, Why, Work, buffer};
 use crate::source::{Source, SourceMeta};
 use crate::stats::Counters;
 use crate::sys::memfd::{LAZY_SEALS, Memfd};
 use crate::sys::mmap::RawMap;
-use crate::sys::{Advice, Uffd};
+use crate::sys::{Advice, Uffd, UncheckedAdvice};
 use fill::BadRange;
 use parking_lot::{Condvar, Mutex, RwLock};
 use readahead::Readahead;
@@ -121,9 +121,20 @@ fn uffd_key(u: &Uffd) -> usize {
     std::ptr::from_ref(u) as usize
 }
 
+/// [`Consumer::key`] of the ranges of `space`: 0 for the engine's own.
+fn space_key(space: Space<'_>) -> usize {
+    space.map_or(0, |u| uffd_key(u))
+}
+
 impl Consumer {
     fn uffd<'a>(&'a self, core: &'a Core) -> &'a Uffd {
         self.remote.as_deref().unwrap_or(&core.uffd)
+    }
+
+    /// The identity of its userfaultfd ([`uffd_key`]); 0 for the engine's
+    /// own (see [`space_key`]).
+    fn key(&self) -> usize {
+        self.remote.as_deref().map_or(0, uffd_key)
     }
 
     /// Whether a fill of these chunks must answer this range: always for
@@ -149,20 +160,47 @@ impl Consumer {
 }
 
 /// A consumer range's registration with the engine's userfaultfd;
-/// unregisters on drop.
+/// unregisters on drop what is still its own (see [`Registration::release`]).
 pub(crate) struct Registration {
     shadow: User,
     start: u64,
     len: u64,
-    id: u64,
+    /// Key of its region ([`Core::add_region`]).
+    owner: u64,
+    /// The process that registered it: a forked child's copy of this
+    /// handle must not touch the parent's registration (userfaultfd
+    /// ioctls act on the address space that made the userfaultfd).
+    pid: u32,
+    released: bool,
+}
+
+impl Registration {
+    /// Unregisters and forgets the parts of the range that are still this
+    /// registration's, and returns them. A part the consumer moved away or
+    /// unmapped itself (the kernel's events said so) is not returned: what
+    /// lies at that address now is not ours to unmap. In a forked child,
+    /// nothing is done and nothing returned.
+    pub fn release(mut self) -> Vec<(u64, u64)> {
+        self.release_now()
+    }
+
+    fn release_now(&mut self) -> Vec<(u64, u64)> {
+        if std::mem::replace(&mut self.released, true) || std::process::id() != self.pid {
+            return Vec::new();
+        }
+        let core = &self.shadow.service.core;
+        let parts = core.release_owned(self.owner, self.start, self.len);
+        for &(a, l) in &parts {
+            let _ = core.uffd.unregister(a, l);
+            self.shadow.cut_consumers(0, a, a + l);
+        }
+        parts
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let core = &self.shadow.service.core;
-        let _ = core.uffd.unregister(self.start, self.len);
-        core.remove_region(self.start);
-        self.shadow.remove_consumer(self.id);
+        self.release_now();
     }
 }
 
@@ -268,8 +306,8 @@ impl LazyShadow {
             // them, so its own writes never fault.
             let len = round_up(size, core.page);
             let (a, t) = (alias.addr(), template.addr());
-            core.add_region(a, len, 0, true, shadow.target());
-            core.add_region(t, len, 0, true, shadow.target());
+            core.add_region(a, len, 0, true, true, shadow.target());
+            core.add_region(t, len, 0, true, true, shadow.target());
             core.uffd
                 .register_missing(a, len)
                 .map_err(|e| Error::sys("UFFDIO_REGISTER of the fill alias", e))?;
@@ -283,6 +321,9 @@ impl LazyShadow {
         // Sealed only now: F_SEAL_FUTURE_WRITE stops write(2) and new
         // writable mappings; the alias made before it keeps writing.
         shadow.memfd.add_seals(LAZY_SEALS)?;
+        if let Ok(ino) = shadow.memfd.inode() {
+            core.add_inode(ino, shadow.target());
+        }
         Ok(shadow)
     }
 
@@ -627,7 +668,8 @@ impl LazyShadow {
                 return (good_bytes, None);
             };
             count(good_bytes);
-            let mut all = true;
+            let id = m.id;
+            let mut left = Vec::new();
             for &(a, b) in &good {
                 let piece = slice(a, b);
                 // SAFETY: `d.addr + (a - off)..+piece.len()` lies in the
@@ -636,11 +678,17 @@ impl LazyShadow {
                 // the engine's userfaultfd and kept mapped by the read lock;
                 // `piece` is this thread's heap buffer.
                 if let Err((_, n)) = unsafe { core.uffd.copy_waking(d.addr + (a - off), piece) } {
-                    all = false;
-                    self.install(core, alias, &piece[n as usize..], a + n, bad);
+                    left.push((a + n, b));
                 }
             }
-            (good_bytes, all.then_some(m.id))
+            // Through the alias what the copy could not place, without the
+            // lock: installing may wait for the kernel's mapping events,
+            // whose handling takes it.
+            drop(consumers);
+            for &(a, b) in &left {
+                self.install(core, alias, slice(a, b), a, bad);
+            }
+            (good_bytes, left.is_empty().then_some(id))
         })
     }
 
@@ -648,12 +696,22 @@ impl LazyShadow {
     fn install(&self, core: &Core, alias: &RawMap, data: &[u8], off: u64, bad: &mut Vec<BadRange>) {
         let page = core.page as usize;
         let mut done = 0usize;
+        let mut tries = 0u32;
         while done < data.len() {
             let dst = alias.addr() + off + done as u64;
             // SAFETY: the destination lies in the alias, registered with the
             // engine's userfaultfd; `data` is this thread's heap buffer.
             match unsafe { core.uffd.copy(dst, &data[done..]) } {
                 Ok(()) => return,
+                Err((e, n)) if e.raw_os_error() == Some(libc::EAGAIN) && tries < u32::MAX => {
+                    // An event is pending on the engine's userfaultfd: read
+                    // it (unless a worker does), give its sender time to go
+                    // on, and copy the rest. Never a spin.
+                    done += n as usize;
+                    if !core.await_events(&mut tries) {
+                        tries = u32::MAX;
+                    }
+                }
                 Err((e, n)) => {
                     done += n as usize;
                     let p = off + done as u64;
@@ -1033,18 +1091,28 @@ impl LazyShadow {
         shared: bool,
     ) -> Result<Registration> {
         let core = &self.service.core;
-        let id = self.add_consumer(None, start, len, offset, shared);
-        core.add_region(start, len, offset, false, self.target());
+        self.add_consumer(None, start, len, offset, shared);
+        let owner = core.add_region(start, len, offset, false, shared, self.target());
         let reg = Registration {
             shadow: User::new(self.clone()),
             start,
             len,
-            id,
+            owner,
+            pid: std::process::id(),
+            released: false,
         };
         core.uffd
             .register(start, len)
             .map_err(|e| Error::sys("UFFDIO_REGISTER of a consumer mapping", e))?;
         Ok(reg)
+    }
+
+    /// Whether lazy mappings follow a `fork` into the child (the engine
+    /// negotiated `UFFD_FEATURE_EVENT_FORK`); if not, they are kept out of
+    /// children with `MADV_DONTFORK`, since a child's copy would be
+    /// unregistered and read its holes as zeros.
+    pub fn follows_fork(&self) -> bool {
+        self.service.core.uffd.follows_fork()
     }
 
     /// A new `MAP_SHARED` consumer mapping of `len` bytes from `offset`,
@@ -1065,8 +1133,17 @@ impl LazyShadow {
             size: 0,
         })?;
         // SAFETY: forwarded from the caller.
-        unsafe { t.duplicate_shared(offset as usize, len, at) }
-            .map_err(|e| Error::sys("mremap a shared consumer mapping", e))
+        let m = unsafe { t.duplicate_shared(offset as usize, len, at) }
+            .map_err(|e| Error::sys("mremap a shared consumer mapping", e))?;
+        if self.follows_fork() {
+            // The duplicate inherits the template's MADV_DONTFORK; a
+            // consumer range goes to children like a file mapping.
+            // SAFETY: fork events are negotiated, so a child's copy stays
+            // registered (with the child's userfaultfd) and is served.
+            unsafe { m.advise_unchecked(UncheckedAdvice::DoFork) }
+                .map_err(|e| Error::sys("madvise(MADV_DOFORK)", e))?;
+        }
+        Ok(m)
     }
 
     fn add_consumer(
@@ -1091,6 +1168,67 @@ impl LazyShadow {
 
     fn remove_consumer(&self, id: u64) {
         self.consumers.write().retain(|m| m.id != id);
+    }
+
+    /// Removes `lo..hi` of the address space of the userfaultfd `key` from
+    /// the consumer ranges; what sticks out on either side stays.
+    fn cut_consumers(&self, key: usize, lo: u64, hi: u64) {
+        let mut cs = self.consumers.write();
+        let mut kept = Vec::with_capacity(cs.len());
+        for m in cs.drain(..) {
+            let (s, e) = (m.start, m.start + m.len);
+            if m.key() != key || e <= lo || s >= hi {
+                kept.push(m);
+                continue;
+            }
+            if s < lo {
+                kept.push(Consumer {
+                    len: lo - s,
+                    remote: m.remote.clone(),
+                    ..m
+                });
+            }
+            if hi < e {
+                kept.push(Consumer {
+                    id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                    start: hi,
+                    len: e - hi,
+                    offset: m.offset + (hi - s),
+                    remote: m.remote.clone(),
+                    shared: m.shared,
+                });
+            }
+        }
+        *cs = kept;
+    }
+
+    /// The consumer ranges of userfaultfd `key` within `from..from+len`, as
+    /// they stand moved to `to` (with `uffd` as their userfaultfd).
+    fn moved_consumers(
+        &self,
+        key: usize,
+        from: u64,
+        to: u64,
+        len: u64,
+        uffd: Option<Arc<Uffd>>,
+    ) -> Vec<Consumer> {
+        let end = from.saturating_add(len);
+        self.consumers
+            .read()
+            .iter()
+            .filter(|m| m.key() == key && m.start < end && m.start + m.len > from)
+            .map(|m| {
+                let (a, b) = (m.start.max(from), (m.start + m.len).min(end));
+                Consumer {
+                    id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                    start: to + (a - from),
+                    len: b - a,
+                    offset: m.offset + (a - m.start),
+                    remote: uffd.clone(),
+                    shared: m.shared,
+                }
+            })
+            .collect()
     }
 
     /// Adds a consumer range registered with another process's userfaultfd,
@@ -1318,6 +1456,35 @@ impl FaultTarget for LazyShadow {
         }
     }
 
+    fn on_unmap(&self, _core: &Core, space: Space<'_>, lo: u64, hi: u64) {
+        self.cut_consumers(space_key(space), lo, hi);
+    }
+
+    fn on_remap(&self, _core: &Core, space: Space<'_>, from: u64, to: u64, len: u64) {
+        let key = space_key(space);
+        let moved = self.moved_consumers(key, from, to, len, space.cloned());
+        let mut cs = self.consumers.write();
+        cs.retain(|m| m.key() != key || m.start >= to + len || m.start + m.len <= to);
+        cs.extend(moved);
+    }
+
+    fn on_fork(&self, _core: &Core, parent: Space<'_>, child: &Arc<Uffd>) {
+        let copies = self.moved_consumers(space_key(parent), 0, 0, u64::MAX, Some(child.clone()));
+        self.consumers.write().extend(copies);
+    }
+
+    fn on_adopt(
+        &self,
+        _core: &Core,
+        space: Space<'_>,
+        start: u64,
+        len: u64,
+        offset: u64,
+        shared: bool,
+    ) {
+        self.add_consumer(space.cloned(), start, len, offset, shared);
+    }
+
     fn run(&self, core: &Core, work: Work) {
         if work.why == Why::Prefetch && self.users.none() {
             return; // nobody left to read what it would fill
@@ -1334,6 +1501,9 @@ impl FaultTarget for LazyShadow {
 impl Drop for LazyShadow {
     fn drop(&mut self) {
         let core = &self.service.core;
+        if let Ok(ino) = self.memfd.inode() {
+            core.remove_inode(ino);
+        }
         for m in [&self.alias, &self.template].into_iter().flatten() {
             let _ = core
                 .uffd

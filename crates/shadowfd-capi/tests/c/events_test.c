@@ -1,0 +1,347 @@
+/* What a program does with a lazy mapping after it has one: move it, grow
+ * it, fork, discard pages, cut it up. Every page must read as the source's
+ * bytes (never zeros), and a page past the end of the file raises SIGBUS as
+ * under a file mapping.
+ *
+ *   events_test KIND SHARE SCENARIO TARGET REF
+ *
+ * KIND: capi (shadowfd_map on a local engine), client (shadowfd_client_*
+ * through `shadowfd serve`; TARGET is SOCKET:PATH) or plain (open + mmap of
+ * TARGET: a path `shadowfd run` serves). SHARE: shared or private. REF: the
+ * same bytes as a host file, read with read(2). Exits 0 if every check held.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "shadowfd.h"
+
+#ifndef MREMAP_DONTUNMAP
+#define MREMAP_DONTUNMAP 4
+#endif
+
+static size_t page;
+static unsigned char *ref;
+static size_t size;
+static int failures;
+
+#define FAIL(...)                                                                \
+    do {                                                                         \
+        fprintf(stderr, "FAIL: " __VA_ARGS__);                                   \
+        fputc('\n', stderr);                                                     \
+        failures++;                                                              \
+    } while (0)
+
+static sigjmp_buf jump;
+static volatile sig_atomic_t bus;
+
+static void on_bus(int sig) {
+    (void)sig;
+    bus = 1;
+    siglongjmp(jump, 1);
+}
+
+/* Reads byte `i` of `p`; returns -1 on SIGBUS. */
+static int peek(const volatile unsigned char *p, size_t i) {
+    bus = 0;
+    if (sigsetjmp(jump, 1))
+        return -1;
+    return p[i];
+}
+
+/* Checks that `p` shows the file from `off` for `len` bytes, page by page;
+ * `what` names the view. Returns the number of bad pages. */
+static int check(const unsigned char *p, size_t off, size_t len, const char *what) {
+    int bad = 0;
+    for (size_t at = 0; at < len; at += page) {
+        size_t n = len - at < page ? len - at : page;
+        int first = peek(p, at);
+        if (first < 0) {
+            if (bad++ < 3)
+                FAIL("%s: SIGBUS at byte %zu (file offset %zu)", what, at, off + at);
+            continue;
+        }
+        if (memcmp(p + at, ref + off + at, n) != 0) {
+            size_t z = 0;
+            while (z < n && p[at + z] == 0)
+                z++;
+            if (bad++ < 3)
+                FAIL("%s: wrong bytes in the page at %zu (file offset %zu)%s", what, at,
+                     off + at, z == n ? ": all zeros" : "");
+        }
+    }
+    return bad;
+}
+
+static int shared_flag;
+static const char *kind;
+static struct shadowfd_engine *engine;
+static struct shadowfd_client *client;
+static const char *target;
+
+/* A fresh mapping of `len` bytes from offset 0. */
+static unsigned char *map_len(size_t len) {
+    if (!strcmp(kind, "plain")) {
+        int fd = open(target, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            perror(target);
+            exit(2);
+        }
+        void *p = mmap(NULL, len, PROT_READ, shared_flag ? MAP_SHARED : MAP_PRIVATE, fd, 0);
+        close(fd);
+        if (p == MAP_FAILED) {
+            perror("mmap");
+            exit(2);
+        }
+        return p;
+    }
+    struct shadowfd_shadow *s;
+    if (!strcmp(kind, "capi")) {
+        s = shadowfd_open_path(engine, target);
+    } else {
+        const char *colon = strchr(target, ':');
+        s = shadowfd_client_open(client, colon + 1);
+    }
+    if (!s) {
+        fprintf(stderr, "open %s: %s\n", target, shadowfd_last_error());
+        exit(2);
+    }
+    void *p = NULL;
+    int flags = shared_flag ? SHADOWFD_MAP_SHARED : SHADOWFD_MAP_PRIVATE;
+    /* A client shadow is mapped whole (length 0). */
+    int r = shadowfd_map(s, 0, client ? 0 : len, flags, NULL, &p);
+    if (r != 0) {
+        fprintf(stderr, "shadowfd_map: %d %s\n", r, shadowfd_last_error());
+        exit(2);
+    }
+    shadowfd_shadow_free(s);
+    return p;
+}
+
+static size_t round_page(size_t n) { return (n + page - 1) / page * page; }
+
+/* A mapping of the first `first` bytes: a client maps whole files, so its
+ * mapping is shrunk to that (the kernel cuts the tail: an UNMAP event). */
+static unsigned char *map_first(size_t first, size_t whole) {
+    if (!client)
+        return map_len(first);
+    unsigned char *p = map_len(whole);
+    unsigned char *q = mremap(p, whole, first, 0);
+    if (q == MAP_FAILED) {
+        perror("mremap shrink");
+        exit(2);
+    }
+    return q;
+}
+
+/* Runs `f` in a child made by `how` ("fork" or "raw"); its exit status is
+ * the number of bad pages it saw (0: all good). */
+static int in_child(const char *how, int (*f)(void *), void *arg) {
+    fflush(NULL);
+    pid_t pid = !strcmp(how, "raw") ? (pid_t)syscall(SYS_fork) : fork();
+    if (pid < 0) {
+        perror("fork");
+        exit(2);
+    }
+    if (pid == 0)
+        _exit(f(arg) ? 1 : 0);
+    int st = 0;
+    while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {
+    }
+    if (!WIFEXITED(st)) {
+        FAIL("%s child ended by signal %d", how, WIFSIGNALED(st) ? WTERMSIG(st) : -1);
+        return 1;
+    }
+    return WEXITSTATUS(st);
+}
+
+static unsigned char *child_view;
+
+static int child_checks(void *arg) {
+    (void)arg;
+    return check(child_view, 0, size, "child");
+}
+
+static int grandchild_checks(void *arg) {
+    (void)arg;
+    /* The child touches a few pages itself first, then forks again. */
+    for (size_t at = 0; at < size; at += 7 * page)
+        (void)peek(child_view, at);
+    return in_child("fork", child_checks, NULL);
+}
+
+int main(int argc, char **argv) {
+    if (argc != 6) {
+        fprintf(stderr, "usage: events_test KIND SHARE SCENARIO TARGET REF\n");
+        return 2;
+    }
+    page = (size_t)sysconf(_SC_PAGESIZE);
+    kind = argv[1];
+    shared_flag = !strcmp(argv[2], "shared");
+    const char *scenario = argv[3];
+    target = argv[4];
+    int rfd = open(argv[5], O_RDONLY);
+    struct stat st;
+    if (rfd < 0 || fstat(rfd, &st) != 0) {
+        perror(argv[5]);
+        return 2;
+    }
+    size = (size_t)st.st_size;
+    ref = malloc(size + 1);
+    for (size_t got = 0; got < size;) {
+        ssize_t n = read(rfd, ref + got, size - got);
+        if (n <= 0) {
+            perror("read ref");
+            return 2;
+        }
+        got += (size_t)n;
+    }
+    close(rfd);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_bus;
+    sa.sa_flags = SA_NODEFER;
+    sigaction(SIGBUS, &sa, NULL);
+
+    if (!strcmp(kind, "capi")) {
+        struct shadowfd_config *c = shadowfd_config_new();
+        shadowfd_config_set(c, "mode", getenv("EVENTS_MODE") ? getenv("EVENTS_MODE") : "lazy");
+        engine = shadowfd_engine_new(c);
+        shadowfd_config_free(c);
+        if (!engine) {
+            fprintf(stderr, "engine: %s\n", shadowfd_last_error());
+            return 2;
+        }
+    } else if (!strcmp(kind, "client")) {
+        char sock[4096];
+        const char *colon = strchr(target, ':');
+        snprintf(sock, sizeof sock, "%.*s", (int)(colon - target), target);
+        client = shadowfd_client_connect(sock);
+        if (!client) {
+            fprintf(stderr, "connect: %s\n", shadowfd_last_error());
+            return 2;
+        }
+    }
+    size_t whole = round_page(size);
+
+    if (!strcmp(scenario, "move")) {
+        unsigned char *p = map_len(size);
+        void *dst = mmap(NULL, whole, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        unsigned char *q = mremap(p, whole, whole, MREMAP_MAYMOVE | MREMAP_FIXED, dst);
+        if (q == MAP_FAILED)
+            FAIL("mremap move: %s", strerror(errno));
+        else
+            check(q, 0, size, "moved");
+    } else if (!strcmp(scenario, "grow")) {
+        size_t first = round_page(size / 2);
+        unsigned char *p = map_first(first, whole);
+        /* Something right after it, so that the grow must move. */
+        void *block = mmap(p + first, page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+        unsigned char *q = mremap(p, first, whole, MREMAP_MAYMOVE);
+        if (q == MAP_FAILED)
+            FAIL("mremap grow: %s", strerror(errno));
+        else
+            check(q, 0, size, "grown and moved");
+        if (block != MAP_FAILED)
+            munmap(block, page);
+    } else if (!strcmp(scenario, "grow-in-place")) {
+        size_t first = round_page(size / 2);
+        unsigned char *p = map_first(first, whole);
+        unsigned char *q = mremap(p, first, whole, 0);
+        if (q == MAP_FAILED) {
+            /* The kernel put the mapping elsewhere: grow with a move. */
+            q = mremap(p, first, whole, MREMAP_MAYMOVE);
+        }
+        if (q == MAP_FAILED)
+            FAIL("mremap grow: %s", strerror(errno));
+        else
+            check(q, 0, size, "grown");
+    } else if (!strcmp(scenario, "grow-past-eof")) {
+        unsigned char *p = map_len(size);
+        unsigned char *q = mremap(p, whole, whole + 2 * page, MREMAP_MAYMOVE);
+        if (q == MAP_FAILED) {
+            FAIL("mremap grow past the end: %s", strerror(errno));
+        } else {
+            check(q, 0, size, "grown past the end");
+            if (peek(q, whole) != -1 || peek(q, whole + page) != -1)
+                FAIL("a page past the end of the file did not raise SIGBUS");
+        }
+    } else if (!strcmp(scenario, "dontunmap")) {
+        unsigned char *p = map_len(size);
+        unsigned char *q = mremap(p, whole, whole, MREMAP_MAYMOVE | MREMAP_DONTUNMAP);
+        if (q == MAP_FAILED) {
+            if (errno == EINVAL) {
+                printf("SKIP: MREMAP_DONTUNMAP refused here (EINVAL)\n");
+                return 0;
+            }
+            FAIL("mremap DONTUNMAP: %s", strerror(errno));
+        } else {
+            check(q, 0, size, "moved (DONTUNMAP)");
+            check(p, 0, size, "kept (DONTUNMAP)");
+        }
+    } else if (!strcmp(scenario, "fork") || !strcmp(scenario, "rawfork")) {
+        unsigned char *p = map_len(size);
+        madvise(p, whole, MADV_DOFORK);
+        /* A few pages filled before, most not. */
+        for (size_t at = 0; at < size; at += 5 * page)
+            (void)peek(p, at);
+        child_view = p;
+        if (in_child(!strcmp(scenario, "rawfork") ? "raw" : "fork", child_checks, NULL))
+            FAIL("the forked child saw wrong bytes");
+        check(p, 0, size, "parent after the fork");
+    } else if (!strcmp(scenario, "fork-again")) {
+        unsigned char *p = map_len(size);
+        child_view = p;
+        if (in_child("fork", grandchild_checks, NULL))
+            FAIL("a child's child saw wrong bytes");
+        check(p, 0, size, "parent after the forks");
+    } else if (!strcmp(scenario, "vfork")) {
+        unsigned char *p = map_len(size);
+        for (size_t at = 0; at < size; at += 3 * page)
+            (void)peek(p, at);
+        pid_t pid = vfork();
+        if (pid == 0) {
+            execl("/bin/true", "true", (char *)NULL);
+            _exit(127);
+        }
+        int s = 0;
+        waitpid(pid, &s, 0);
+        if (!WIFEXITED(s) || WEXITSTATUS(s) != 0)
+            FAIL("vfork + exec of /bin/true failed");
+        check(p, 0, size, "parent after vfork + exec");
+    } else if (!strcmp(scenario, "dontneed")) {
+        unsigned char *p = map_len(size);
+        check(p, 0, size / 2, "first half");
+        if (madvise(p, whole, MADV_DONTNEED) != 0)
+            FAIL("madvise(MADV_DONTNEED): %s", strerror(errno));
+        check(p, 0, size, "after MADV_DONTNEED");
+    } else if (!strcmp(scenario, "munmap")) {
+        unsigned char *p = map_len(size);
+        size_t third = round_page(size / 3);
+        munmap(p + third, third);
+        check(p, 0, third, "head after cutting the middle");
+        check(p + 2 * third, 2 * third, size - 2 * third, "tail after cutting the middle");
+        munmap(p, third);
+        check(p + 2 * third, 2 * third, size - 2 * third, "tail after cutting the head");
+    } else {
+        fprintf(stderr, "unknown scenario %s\n", scenario);
+        return 2;
+    }
+    if (failures) {
+        fprintf(stderr, "%s %s %s: %d failure(s)\n", kind, argv[2], scenario, failures);
+        return 1;
+    }
+    printf("ok %s %s %s\n", kind, argv[2], scenario);
+    return 0;
+}

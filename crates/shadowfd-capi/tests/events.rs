@@ -1,0 +1,102 @@
+//! A lazy mapping stays byte-exact whatever the program does with it
+//! (issue: never zeros after `mremap`, `fork` or `MADV_*`):
+//! tests/c/events_test.c, one real process per scenario, moves, grows,
+//! forks (`fork`, raw `SYS_fork`, a child's child, `vfork` + exec), discards
+//! and cuts its mapping and compares every page with the source. Through
+//! the C ABI's own engine (`shadowfd_map`) and through a client of a real
+//! `shadowfd serve`, shared and private, each scenario on a file of its own
+//! so that every page it checks starts unfilled.
+
+mod common;
+
+use common::{Server, compile_c, pattern, root, run_ok};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// A file that ends mid-page, 300 pages and a bit.
+const SIZE: usize = 300 * 4096 + 1234;
+
+const SCENARIOS: &[&str] = &[
+    "move",
+    "grow",
+    "grow-in-place",
+    "grow-past-eof",
+    "dontunmap",
+    "fork",
+    "rawfork",
+    "fork-again",
+    "vfork",
+    "dontneed",
+    "munmap",
+];
+
+fn exe() -> &'static Path {
+    static EXE: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &EXE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("events_test");
+        let src = root().join("crates/shadowfd-capi/tests/c/events_test.c");
+        compile_c(&[src], &exe, &[]);
+        (dir, exe)
+    })
+    .1
+}
+
+fn lazy_required() {
+    let p = sfd::probe();
+    assert!(
+        p.lazy_usable,
+        "lazy shadows are unavailable here ({:?}): these tests are about them",
+        p.reason
+    );
+}
+
+#[test]
+fn c_abi_mappings_stay_exact_through_mremap_fork_and_madvise() {
+    lazy_required();
+    let dir = tempfile::tempdir().unwrap();
+    for (i, sc) in SCENARIOS.iter().enumerate() {
+        for share in ["shared", "private"] {
+            let f = dir.path().join(format!("{sc}-{share}.bin"));
+            std::fs::write(&f, pattern(SIZE, i as u64 + 1)).unwrap();
+            let f = f.to_str().unwrap();
+            run_ok(exe(), &["capi", share, sc, f, f]);
+        }
+    }
+}
+
+#[test]
+fn client_mappings_stay_exact_through_mremap_fork_and_madvise() {
+    lazy_required();
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("root");
+    std::fs::create_dir(&tree).unwrap();
+    for (i, sc) in SCENARIOS.iter().enumerate() {
+        for share in ["shared", "private"] {
+            std::fs::write(
+                tree.join(format!("{sc}-{share}.bin")),
+                pattern(SIZE, i as u64 + 1),
+            )
+            .unwrap();
+        }
+    }
+    let sock = dir.path().join("s.sock");
+    let server = Server::start(&tree, &sock, &["--mode", "lazy", "--readahead", "0"]);
+    for sc in SCENARIOS {
+        for share in ["shared", "private"] {
+            let name = format!("{sc}-{share}.bin");
+            let target = format!("{}:/{name}", sock.display());
+            let reference = tree.join(&name);
+            let r = std::panic::catch_unwind(|| {
+                run_ok(
+                    exe(),
+                    &["client", share, sc, &target, reference.to_str().unwrap()],
+                )
+            });
+            if let Err(e) = r {
+                eprintln!("{}", server.output());
+                std::panic::resume_unwind(e);
+            }
+        }
+    }
+}
