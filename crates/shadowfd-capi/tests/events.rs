@@ -3,13 +3,14 @@
 //! tests/c/events_test.c, one real process per scenario, moves, grows,
 //! forks (`fork`, raw `SYS_fork`, a child's child, `vfork` + exec), discards
 //! and cuts its mapping and compares every page with the source. Through
-//! the C ABI's own engine (`shadowfd_map`) and through a client of a real
-//! `shadowfd serve`, shared and private, each scenario on a file of its own
-//! so that every page it checks starts unfilled.
+//! the C ABI's own engine (`shadowfd_map`), through a client of a real
+//! `shadowfd serve`, and as a plain `open` + `mmap` under `shadowfd run`,
+//! shared and private, each scenario on a file of its own so that every page
+//! it checks starts unfilled.
 
 mod common;
 
-use common::{Server, compile_c, pattern, root, run_ok};
+use common::{Server, cli_bin, compile_c, pattern, preload_lib, root, run_ok};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -97,6 +98,52 @@ fn client_mappings_stay_exact_through_mremap_fork_and_madvise() {
                 eprintln!("{}", server.output());
                 std::panic::resume_unwind(e);
             }
+        }
+    }
+}
+
+#[test]
+fn run_mappings_stay_exact_through_mremap_fork_and_madvise() {
+    lazy_required();
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("root");
+    std::fs::create_dir(&tree).unwrap();
+    for (i, sc) in SCENARIOS.iter().enumerate() {
+        for share in ["shared", "private"] {
+            std::fs::write(
+                tree.join(format!("{sc}-{share}.bin")),
+                pattern(SIZE, i as u64 + 1),
+            )
+            .unwrap();
+        }
+    }
+    for sc in SCENARIOS {
+        for share in ["shared", "private"] {
+            let name = format!("{sc}-{share}.bin");
+            let reference = tree.join(&name);
+            let o = std::process::Command::new(cli_bin())
+                .args([
+                    "run",
+                    "--root",
+                    tree.to_str().unwrap(),
+                    "--mount",
+                    "/evt",
+                    "--",
+                ])
+                .arg(exe())
+                .args(["plain", share, sc, &format!("/evt/{name}")])
+                .arg(&reference)
+                .env("SHADOWFD_PRELOAD", preload_lib())
+                .env_remove("SHADOWFD_MODE")
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "run {sc} {share}: {}\nstdout:\n{}\nstderr:\n{}",
+                o.status,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
     }
 }

@@ -54,6 +54,18 @@ pub fn cli_bin() -> &'static Path {
     })
 }
 
+/// The `shadowfd run` shim (`libshadowfd_preload.so`) of the same profile,
+/// built now if needed.
+pub fn preload_lib() -> &'static Path {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        cargo_build(&["-p", "shadowfd-preload"]);
+        let lib = profile_dir().join("libshadowfd_preload.so");
+        assert!(lib.is_file(), "{} missing after the build", lib.display());
+        lib
+    })
+}
+
 /// `<target>/<profile>`, found from this test's own path
 /// (`<target>/<profile>/deps/<test>`).
 fn profile_dir() -> PathBuf {
