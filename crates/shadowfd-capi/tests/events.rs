@@ -147,3 +147,29 @@ fn run_mappings_stay_exact_through_mremap_fork_and_madvise() {
         }
     }
 }
+
+/// Eight threads move, fork, discard and cut fresh mappings of fresh
+/// shadows (each first touch a fill) for `SHADOWFD_STRESS_SECS` (30 by
+/// default): not one wrong byte, and no descriptor left behind (forked
+/// children's userfaultfds are let go once they exit).
+#[test]
+#[ignore = "finds faults left unanswered under concurrent MADV_DONTNEED and mremap (issue 19 stays open)"]
+fn eight_threads_remapping_forking_and_unmapping_stay_exact() {
+    lazy_required();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("stress.bin");
+    std::fs::write(&f, pattern(64 * 4096 + 99, 42)).unwrap();
+    let f = f.to_str().unwrap();
+    let secs = std::env::var("SHADOWFD_STRESS_SECS").unwrap_or_else(|_| "30".into());
+    run_ok(exe(), &["capi", "shared", &format!("stress{secs}"), f, f]);
+    run_ok(
+        exe(),
+        &[
+            "capi",
+            "private",
+            &format!("stress{}", secs.parse::<u32>().unwrap_or(30) / 3),
+            f,
+            f,
+        ],
+    );
+}

@@ -43,8 +43,9 @@ static int failures;
         failures++;                                                              \
     } while (0)
 
-static sigjmp_buf jump;
-static volatile sig_atomic_t bus;
+/* Per thread: SIGBUS is delivered to the thread that touched the page. */
+static __thread sigjmp_buf jump;
+static __thread volatile sig_atomic_t bus;
 
 static void on_bus(int sig) {
     (void)sig;
@@ -181,6 +182,142 @@ static int grandchild_checks(void *arg) {
     return in_child("fork", child_checks, NULL);
 }
 
+/* ---- stress: threads moving, forking and cutting fresh mappings ---- */
+
+#include <pthread.h>
+#include <dirent.h>
+#include <time.h>
+
+static volatile int stop_stress;
+static int stress_bad;
+static long stress_ops[8];
+static pthread_mutex_t stress_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int count_fds(void) {
+    int n = 0;
+    DIR *d = opendir("/proc/self/fd");
+    if (!d)
+        return -1;
+    while (readdir(d))
+        n++;
+    closedir(d);
+    return n;
+}
+
+static __thread const char *stress_op;
+
+/* Like check() but quiet and per thread: 1 if any page is wrong or raises
+ * SIGBUS (named on stderr with the operation). */
+static int quiet_check(const unsigned char *p, size_t off, size_t len) {
+    for (size_t at = 0; at < len; at += page) {
+        size_t n = len - at < page ? len - at : page;
+        if (peek(p, at) < 0) {
+            fprintf(stderr, "stress: SIGBUS at file offset %zu after %s\n", off + at, stress_op);
+            return 1;
+        }
+        if (memcmp(p + at, ref + off + at, n) != 0) {
+            fprintf(stderr, "stress: wrong bytes at file offset %zu after %s\n", off + at, stress_op);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static void *stress_thread(void *arg) {
+    long me = (long)arg;
+    unsigned seed = (unsigned)me * 7919u + 1;
+    size_t whole = round_page(size);
+    while (!stop_stress) {
+        unsigned char *p = map_len(size);
+        unsigned char *orig = p;
+        int bad = 0;
+        static int mask = -1;
+        if (mask < 0)
+            mask = getenv("STRESS_OPS") ? atoi(getenv("STRESS_OPS")) : 31;
+        int op;
+        do
+            op = rand_r(&seed) % 5;
+        while (!(mask & (1 << op)));
+        static const char *names[] = {"a move", "a fork", "MADV_DONTNEED", "a cut", "a read"};
+        stress_op = names[op];
+        switch (op) {
+        case 0: /* move */ {
+            unsigned char *q = mremap(p, whole, whole, MREMAP_MAYMOVE | MREMAP_FIXED,
+                                      mmap(NULL, whole, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+            bad = q == MAP_FAILED || quiet_check(q, 0, size);
+            p = q == MAP_FAILED ? p : q;
+            break;
+        }
+        case 1: /* fork, the child checks */ {
+            pid_t pid = fork();
+            if (pid == 0)
+                _exit(quiet_check(p, 0, size));
+            int st = 0;
+            waitpid(pid, &st, 0);
+            bad = !WIFEXITED(st) || WEXITSTATUS(st) != 0;
+            break;
+        }
+        case 2: /* discard, then read again */
+            bad = quiet_check(p, 0, size / 2);
+            madvise(p, whole, MADV_DONTNEED);
+            bad |= quiet_check(p, 0, size);
+            break;
+        case 3: /* cut the middle out */ {
+            size_t third = round_page(size / 3);
+            munmap(p + third, third);
+            bad = quiet_check(p, 0, third) || quiet_check(p + 2 * third, 2 * third, size - 2 * third);
+            p = NULL;
+            break;
+        }
+        default: /* just read */
+            bad = quiet_check(p, 0, size);
+        }
+        /* Whatever is left where it was moved to goes with munmap; the
+         * mapping itself is handed back to the library, which unmaps only
+         * what is still its own. */
+        if (p && p != orig)
+            munmap(p, whole);
+        if (!strcmp(kind, "plain"))
+            munmap(orig, whole);
+        else
+            shadowfd_unmap(orig, whole);
+        pthread_mutex_lock(&stress_lock);
+        stress_bad += bad;
+        stress_ops[me]++;
+        pthread_mutex_unlock(&stress_lock);
+    }
+    return NULL;
+}
+
+static int stress(int seconds) {
+    int fds0 = count_fds();
+    pthread_t t[8];
+    for (long i = 0; i < 8; i++)
+        pthread_create(&t[i], NULL, stress_thread, (void *)i);
+    sleep((unsigned)seconds);
+    stop_stress = 1;
+    long ops = 0;
+    for (int i = 0; i < 8; i++) {
+        pthread_join(t[i], NULL);
+        ops += stress_ops[i];
+    }
+    /* Children's userfaultfds are let go within a second of their exit. */
+    int fds1 = count_fds();
+    for (int i = 0; i < 40 && fds1 > fds0; i++) {
+        usleep(100000);
+        fds1 = count_fds();
+    }
+    printf("stress: %ld operations by 8 threads in %d s, %d wrong, descriptors %d -> %d\n", ops,
+           seconds, stress_bad, fds0, fds1);
+    if (stress_bad)
+        FAIL("%d operations saw wrong bytes", stress_bad);
+    if (fds1 > fds0)
+        FAIL("descriptors leaked: %d before, %d after", fds0, fds1);
+    if (ops < 8)
+        FAIL("only %ld operations ran", ops);
+    return failures;
+}
+
 int main(int argc, char **argv) {
     if (argc != 6) {
         fprintf(stderr, "usage: events_test KIND SHARE SCENARIO TARGET REF\n");
@@ -235,6 +372,10 @@ int main(int argc, char **argv) {
     }
     size_t whole = round_page(size);
 
+    if (!strncmp(scenario, "stress", 6)) {
+        int secs = atoi(scenario + 6);
+        return stress(secs > 0 ? secs : 30) ? 1 : 0;
+    }
     if (!strcmp(scenario, "move")) {
         unsigned char *p = map_len(size);
         void *dst = mmap(NULL, whole, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

@@ -22,6 +22,7 @@
 
 pub(crate) mod buffer;
 pub(crate) mod chunks;
+mod forkwatch;
 mod service;
 pub(crate) mod spans;
 

@@ -69,6 +69,7 @@ use crate::stats::Counters;
 use crate::sys::event::{
     Epoll, ThreadStat, allowed_cpus, eventfd, eventfd_drain, eventfd_signal, pin_to,
 };
+use crate::sys::uffd::decode;
 use crate::sys::uffd_abi::uffd_msg;
 use crate::sys::{Event, Fault, Uffd};
 use crossbeam_channel::{Receiver, Sender};
@@ -76,7 +77,7 @@ use parking_lot::{Mutex, RwLock};
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -257,7 +258,7 @@ pub(crate) struct Core {
     regions: RwLock<Spans<Region>>,
     /// Held while reading the engine's userfaultfd and applying the events
     /// read, so that events apply in the kernel's order.
-    read: Mutex<()>,
+    pub(super) read: Mutex<()>,
     /// Faults read by a filler that drained events ([`Core::await_events`]),
     /// for the workers to serve.
     pending: Mutex<Vec<Fault>>,
@@ -276,15 +277,22 @@ pub(crate) struct Core {
     /// When an answer was first deferred for a pending event ([`Core::now`];
     /// 0: none waits).
     deferred_at: AtomicU64,
+    /// Forks of this process under way (`fault::forkwatch`): workers leave
+    /// the userfaultfd to the watcher meanwhile.
+    pub(super) forking: AtomicU32,
+    /// Messages the fork watcher read, not yet applied.
+    pub(super) ring: super::forkwatch::Ring,
+    /// Wakes the watcher.
+    pub(super) fork_kick: OwnedFd,
     fault_tx: Sender<Job>,
     fault_rx: Receiver<Job>,
     prefetch_tx: Sender<Job>,
     prefetch_rx: Receiver<Job>,
     /// Signalled whenever a job is queued.
-    work: OwnedFd,
+    pub(super) work: OwnedFd,
     /// Readable once the service stops; never drained.
-    stop: OwnedFd,
-    stopping: AtomicBool,
+    pub(super) stop: OwnedFd,
+    pub(super) stopping: AtomicBool,
     pub counters: Counters,
     /// Targets that refused a demand fill for lack of budget since memory
     /// was last given back.
@@ -437,6 +445,38 @@ impl Core {
         let gone = self.regions.write().insert(start, len, offset, r);
         drop(gone);
         owner
+    }
+
+    /// Reads and applies every event the kernel has queued, or is about to
+    /// queue, on the engine's userfaultfd: call before adding a range of a
+    /// mapping just made. The kernel frees an unmapped (or moved) range's
+    /// addresses before it queues the event that names them, so a new
+    /// mapping can land there first; applied later, that event would cut
+    /// the new range out of the table. Waits (at most about 100 ms) while
+    /// events are under way (`Uffd::changing`); faults read meanwhile are
+    /// left to the workers.
+    pub fn sync_events(&self) {
+        let mut raw = [uffd_msg::default(); 8];
+        for round in 0..200u32 {
+            let (mut faults, mut events) = (Vec::new(), Vec::new());
+            let g = self.read.lock();
+            self.take_ring(&mut faults, &mut events);
+            if self.forking.load(Ordering::SeqCst) == 0 {
+                while let Ok(n) = self.uffd.read_raw(&mut raw) {
+                    if n == 0 {
+                        break;
+                    }
+                    decode(&raw[..n], &mut faults, &mut events);
+                    self.apply_events(None, &self.regions, &mut events);
+                }
+            }
+            drop(g);
+            self.leave_faults(faults);
+            if !self.uffd.changing() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(50 << round.min(4)));
+        }
     }
 
     /// Forgets what is left of the range `owner` added at `start..start+len`
@@ -769,15 +809,65 @@ impl Core {
     }
 
     /// Reads the engine's userfaultfd: events applied under [`Core::read`],
-    /// in order; the faults are returned.
-    fn read_own(&self, raw: &mut [uffd_msg], faults: &mut Vec<Fault>) -> std::io::Result<()> {
-        let mut events = Vec::new();
+    /// in order; the faults are returned. Up to the read nothing allocates
+    /// (`events` comes with room for a batch): a `fork` of this process may
+    /// hold the allocator's locks until the read (`fault::forkwatch`).
+    /// Reads nothing while a fork is under way or the watcher holds
+    /// messages (they come first).
+    fn read_own(
+        &self,
+        raw: &mut [uffd_msg],
+        faults: &mut Vec<Fault>,
+        events: &mut Vec<Event>,
+    ) -> std::io::Result<()> {
         let _g = self.read.lock();
-        self.uffd.read_msgs(raw, faults, &mut events)?;
+        if !self.ring.is_empty() {
+            // What the fork watcher read comes first.
+            self.take_ring(faults, events);
+            return Ok(());
+        }
+        if self.forking.load(Ordering::SeqCst) > 0 {
+            return Ok(());
+        }
+        self.uffd.read_msgs(raw, faults, events)?;
         if !events.is_empty() {
-            self.apply_events(None, &self.regions, &mut events);
+            self.apply_events(None, &self.regions, events);
         }
         Ok(())
+    }
+
+    /// A fork of this process is coming (the `pthread_atfork` prepare
+    /// handler, before glibc locks the allocator).
+    pub(super) fn fork_begins(&self) {
+        self.forking.fetch_add(1, Ordering::SeqCst);
+        eventfd_signal(self.fork_kick.as_fd());
+    }
+
+    /// The fork returned in the parent.
+    pub(super) fn fork_ends(&self) {
+        let _ = self
+            .forking
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+    }
+
+    /// Decodes and applies the messages the fork watcher read (call under
+    /// [`Core::read`]); their faults go to `faults`.
+    fn take_ring(&self, faults: &mut Vec<Fault>, events: &mut Vec<Event>) {
+        if self.ring.is_empty() {
+            return;
+        }
+        let mut raw = Vec::new();
+        self.ring.take(&mut raw);
+        decode(&raw, faults, events);
+        self.apply_events(None, &self.regions, events);
+    }
+
+    /// Leaves faults read off a worker's path to the workers.
+    fn leave_faults(&self, faults: Vec<Fault>) {
+        if !faults.is_empty() {
+            self.pending.lock().extend(faults);
+            eventfd_signal(self.work.as_fd());
+        }
     }
 
     /// For a filler whose `UFFDIO_COPY` met a pending event (`EAGAIN`):
@@ -786,20 +876,20 @@ impl Core {
     /// little for the event's sender to go on. False once `tries` waits
     /// (about 2 s in all) did not help.
     pub fn await_events(&self, tries: &mut u32) -> bool {
-        if let Some(_g) = self.read.try_lock() {
+        if let Some(g) = self.read.try_lock() {
             let mut raw = vec![uffd_msg::default(); BATCH];
             let (mut faults, mut events) = (Vec::new(), Vec::new());
-            if self
-                .uffd
-                .read_msgs(&mut raw, &mut faults, &mut events)
-                .is_ok()
+            self.take_ring(&mut faults, &mut events);
+            if self.forking.load(Ordering::SeqCst) == 0
+                && self
+                    .uffd
+                    .read_msgs(&mut raw, &mut faults, &mut events)
+                    .is_ok()
             {
                 self.apply_events(None, &self.regions, &mut events);
             }
-            if !faults.is_empty() {
-                self.pending.lock().extend(faults);
-                eventfd_signal(self.work.as_fd());
-            }
+            drop(g);
+            self.leave_faults(faults);
         }
         *tries += 1;
         let wait = 20u64 << (*tries).min(7);
@@ -818,7 +908,9 @@ impl Core {
     /// ([`Uffd::flush_deferred`]), once the event had 200 µs to settle.
     /// Returns whether some still wait (the caller sleeps at most 1 ms).
     fn flush_deferred(&self, now: u64) -> bool {
-        let children: Vec<Arc<Child>> = self.children.lock().clone();
+        // No allocation here: workers pass through on their way to the
+        // userfaultfd (see `read_own`).
+        let children = self.children.lock();
         let any = self.uffd.has_deferred() || children.iter().any(|c| c.uffd.has_deferred());
         if !any {
             self.deferred_at.store(0, Ordering::Relaxed);
@@ -831,7 +923,7 @@ impl Core {
         }
         self.deferred_at.store(0, Ordering::Relaxed);
         self.uffd.flush_deferred();
-        for c in &children {
+        for c in children.iter() {
             c.uffd.flush_deferred();
         }
         false
@@ -1054,6 +1146,9 @@ impl Service {
             inodes: RwLock::new(HashMap::new()),
             maps: crate::sys::maps::Maps::open_self(),
             deferred_at: AtomicU64::new(0),
+            forking: AtomicU32::new(0),
+            ring: super::forkwatch::Ring::new(),
+            fork_kick: eventfd().map_err(|e| Error::sys("eventfd", e))?,
             fault_tx,
             fault_rx,
             prefetch_tx,
@@ -1084,14 +1179,46 @@ impl Service {
             core: core.clone(),
             threads: Mutex::new(Vec::with_capacity(cfg.workers)),
         });
+        // Each thread reports once it has allocated (glibc then has given
+        // it its malloc arena and cache): a `fork` of this process holds
+        // the arena list lock until the fork event is read, so a thread
+        // still starting up then would wait for the fork that waits for it
+        // (`fault::forkwatch`).
+        let (ready_tx, ready_rx) = crossbeam_channel::unbounded::<()>();
+        let mut started = 0;
+        if core.uffd.follows_fork() {
+            super::forkwatch::watch(&core);
+            let c = core.clone();
+            let ready = ready_tx.clone();
+            let t = std::thread::Builder::new()
+                .name("shadowfd-forkwatch".into())
+                .spawn(move || {
+                    drop(std::hint::black_box(Box::new([0u8; 64])));
+                    let _ = ready.send(());
+                    super::forkwatch::watcher(c)
+                })
+                .map_err(|e| Error::sys("spawn the fork watcher", e))?;
+            service.threads.lock().push(t);
+            started += 1;
+        }
         for i in 0..cfg.workers {
             let c = core.clone();
             let sleep = Sleep::new(&core, i)?;
+            let ready = ready_tx.clone();
             let t = std::thread::Builder::new()
                 .name(format!("shadowfd-fault{i}"))
-                .spawn(move || worker(c, i, sleep))
+                .spawn(move || {
+                    drop(std::hint::black_box(Box::new([0u8; 64])));
+                    let _ = ready.send(());
+                    worker(c, i, sleep)
+                })
                 .map_err(|e| Error::sys("spawn a fault-service thread", e))?;
             service.threads.lock().push(t);
+            started += 1;
+        }
+        for _ in 0..started {
+            // Bounded: a thread that cannot start in 10 s is a broken system.
+            let _ = ready_rx.recv_timeout(std::time::Duration::from_secs(10));
         }
         Ok(service)
     }
@@ -1266,6 +1393,7 @@ fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
     }
     let mut raw = vec![uffd_msg::default(); BATCH];
     let mut faults = Vec::with_capacity(BATCH);
+    let mut events = Vec::with_capacity(BATCH);
     let mut armed = true;
     // Fault messages read as of the last look, and since when none were.
     let (mut seen, mut quiet_since) = (0u64, 0u64);
@@ -1292,12 +1420,23 @@ fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
             continue;
         }
         let deferred = core.flush_deferred(core.now());
-        if armed {
+        // While this process forks, the fork watcher reads the userfaultfd
+        // (`fault::forkwatch`); workers take what it read.
+        let forking = core.forking.load(Ordering::SeqCst) > 0;
+        if armed || forking || !core.ring.is_empty() {
             faults.clear();
-            match core.read_own(&mut raw, &mut faults) {
+            events.clear();
+            match core.read_own(&mut raw, &mut faults, &mut events) {
                 Ok(()) if !faults.is_empty() => {
                     core.serve(me, &faults, woken);
                     woken = false;
+                    continue;
+                }
+                Ok(()) if forking => {
+                    // The watcher reads the userfaultfd (it stays readable);
+                    // forked children are served meanwhile.
+                    core.serve_children();
+                    std::thread::sleep(std::time::Duration::from_micros(100));
                     continue;
                 }
                 Ok(()) => {}

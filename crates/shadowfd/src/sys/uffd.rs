@@ -163,6 +163,16 @@ impl Uffd {
         !matches!(r, Err(e) if e.raw_os_error() == Some(libc::ESRCH))
     }
 
+    /// Whether an event of this address space is under way (`EAGAIN` from
+    /// the same no-op `UFFDIO_WRITEPROTECT` as [`Uffd::alive`]): until the
+    /// reader has read it, the kernel may have let go of addresses that the
+    /// event will name.
+    pub(crate) fn changing(&self) -> bool {
+        let page = crate::page_size() as u64;
+        let r = sys::writeprotect(self.fd.as_fd(), 1 << 20, page, 0);
+        matches!(r, Err(e) if e.raw_os_error() == Some(libc::EAGAIN))
+    }
+
     /// Notes that the threads waiting in `start..start+len` could not be
     /// answered for a pending event: [`Uffd::flush_deferred`] wakes them.
     fn defer(&self, start: u64, len: u64) {
@@ -399,6 +409,17 @@ impl Uffd {
         Ok(())
     }
 
+    /// Waits up to `ms` for a message; allocates nothing.
+    pub(crate) fn wait_readable(&self, ms: i32) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `p` is one live pollfd.
+        unsafe { libc::poll(&mut p, 1, ms) > 0 }
+    }
+
     /// Whether a message is waiting to be read (a `poll` with no timeout).
     pub(crate) fn has_pending(&self) -> bool {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -416,49 +437,65 @@ impl Uffd {
         faults: &mut Vec<Fault>,
         events: &mut Vec<Event>,
     ) -> io::Result<()> {
+        let n = self.read_raw(raw)?;
+        decode(&raw[..n], faults, events);
+        Ok(())
+    }
+
+    /// Reads up to `raw.len()` messages without blocking, undecoded;
+    /// returns how many. Allocates nothing: what the fault service uses
+    /// while a `fork` of its own process holds the allocator's locks. A
+    /// `FORK` message's descriptor is already installed: pass every
+    /// message read to [`decode`].
+    pub(crate) fn read_raw(&self, raw: &mut [sys::uffd_msg]) -> io::Result<usize> {
         let bytes = std::mem::size_of_val(raw);
         // SAFETY: `raw` is a writable buffer of `bytes` bytes of plain-old-data structs.
         let n = unsafe { libc::read(self.fd.as_raw_fd(), raw.as_mut_ptr().cast(), bytes) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        let count = n as usize / std::mem::size_of::<sys::uffd_msg>();
-        for m in &raw[..count] {
-            match m.event {
-                sys::UFFD_EVENT_PAGEFAULT => faults.push(Fault {
-                    address: m.arg1,
-                    // `feat.ptid`: the first four bytes of the third word.
-                    tid: {
-                        let b = m.arg2.to_ne_bytes();
-                        u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
-                    },
-                }),
-                sys::UFFD_EVENT_FORK => {
-                    // `fork.ufd`: the first four bytes of the first word.
-                    let fd = {
-                        let b = m.arg0.to_ne_bytes();
-                        i32::from_ne_bytes([b[0], b[1], b[2], b[3]])
-                    };
-                    if fd >= 0 {
-                        // SAFETY: the kernel installed this descriptor in our
-                        // table as it handed us the message; nobody else owns it.
-                        events.push(Event::Fork(unsafe { OwnedFd::from_raw_fd(fd) }));
-                    }
+        Ok(n as usize / std::mem::size_of::<sys::uffd_msg>())
+    }
+}
+
+/// Decodes messages read by [`Uffd::read_raw`]: page faults into `faults`,
+/// mapping events into `events`, in order. Each `FORK` message's descriptor
+/// is owned from here on.
+pub(crate) fn decode(raw: &[sys::uffd_msg], faults: &mut Vec<Fault>, events: &mut Vec<Event>) {
+    for m in raw {
+        match m.event {
+            sys::UFFD_EVENT_PAGEFAULT => faults.push(Fault {
+                address: m.arg1,
+                // `feat.ptid`: the first four bytes of the third word.
+                tid: {
+                    let b = m.arg2.to_ne_bytes();
+                    u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
+                },
+            }),
+            sys::UFFD_EVENT_FORK => {
+                // `fork.ufd`: the first four bytes of the first word.
+                let fd = {
+                    let b = m.arg0.to_ne_bytes();
+                    i32::from_ne_bytes([b[0], b[1], b[2], b[3]])
+                };
+                if fd >= 0 {
+                    // SAFETY: the kernel installed this descriptor in our
+                    // table as it handed us the message; nobody else owns it.
+                    events.push(Event::Fork(unsafe { OwnedFd::from_raw_fd(fd) }));
                 }
-                sys::UFFD_EVENT_REMAP => events.push(Event::Remap {
-                    from: m.arg0,
-                    to: m.arg1,
-                    len: m.arg2,
-                }),
-                sys::UFFD_EVENT_REMOVE => events.push(Event::Remove),
-                sys::UFFD_EVENT_UNMAP => events.push(Event::Unmap {
-                    start: m.arg0,
-                    end: m.arg1,
-                }),
-                _ => {}
             }
+            sys::UFFD_EVENT_REMAP => events.push(Event::Remap {
+                from: m.arg0,
+                to: m.arg1,
+                len: m.arg2,
+            }),
+            sys::UFFD_EVENT_REMOVE => events.push(Event::Remove),
+            sys::UFFD_EVENT_UNMAP => events.push(Event::Unmap {
+                start: m.arg0,
+                end: m.arg1,
+            }),
+            _ => {}
         }
-        Ok(())
     }
 }
 

@@ -1091,6 +1091,9 @@ impl LazyShadow {
         shared: bool,
     ) -> Result<Registration> {
         let core = &self.service.core;
+        // An event naming these addresses from before they were ours
+        // (another range's munmap or move) must not cut this range out.
+        core.sync_events();
         self.add_consumer(None, start, len, offset, shared);
         let owner = core.add_region(start, len, offset, false, shared, self.target());
         let reg = Registration {
