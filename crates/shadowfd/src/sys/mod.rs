@@ -19,5 +19,5 @@ pub(crate) mod uffd_abi;
 
 pub use mmap::{Advice, UncheckedAdvice};
 pub use probe::{Access, Attempt, Probe, probe};
-pub use uffd::feature_names;
+pub use probe::feature_names;
 pub(crate) use uffd::{Fault, Uffd};
