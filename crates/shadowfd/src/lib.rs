@@ -32,11 +32,13 @@
 //! 4. [`shadow`]: eager and lazy shadows and their mappings;
 //! 5. the [`Engine`]; 6. [`remote`]: consumers in other processes.
 
+mod codes;
 pub mod config;
 mod eager;
 mod engine;
 mod error;
 mod fault;
+mod file_kind;
 mod harden;
 pub mod remote;
 pub mod shadow;
