@@ -336,13 +336,12 @@ fn files_within_a_module_do_not_import_each_other_in_a_cycle() {
                 .rev()
                 .map(|n| p[..n].to_vec())
                 .find(|m| known.contains(m));
-            if let Some(t) = target
-                && t.len() >= 2
+            let Some(t) = target else { continue };
+            let sibling = t.len() >= 2
                 && t.first() == module.first()
-                && &t != module
                 && !module.starts_with(&t)
-                && !t.starts_with(module)
-            {
+                && !t.starts_with(module);
+            if sibling {
                 edges.entry(module.clone()).or_default().insert(t);
             }
         }
