@@ -190,8 +190,32 @@ fn probe_reports_in_json() {
     } else {
         assert!(v["reason"].as_str().unwrap().contains("eager"));
     }
+    // The text leads with the verdict, naming the way it opens userfaultfd.
     let o = shadowfd(&["probe"], &[]);
-    assert!(String::from_utf8_lossy(&o.stdout).contains("auto mode would choose"));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let first = text.lines().next().unwrap_or("");
+    if usable {
+        let way = match v["access"].as_str().unwrap() {
+            "syscall" => "userfaultfd(2)",
+            "devnode" => "/dev/userfaultfd",
+            "syscall_user_mode_only" => "userfaultfd(2) with UFFD_USER_MODE_ONLY",
+            other => panic!("unknown access {other}"),
+        };
+        assert_eq!(
+            first,
+            format!("lazy shadows: usable, through {way}"),
+            "{text}"
+        );
+    } else {
+        assert_eq!(first, "lazy shadows: not usable", "{text}");
+    }
+    assert!(
+        text.contains(&format!(
+            "auto mode would choose: {}",
+            v["auto_mode"].as_str().unwrap()
+        )),
+        "{text}"
+    );
 }
 
 #[test]

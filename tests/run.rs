@@ -91,7 +91,7 @@ fn tree_image() -> &'static Path {
             .arg(&img)
             .arg("160M")
             .status()
-            .expect("mkfs.ext4 (e2fsprogs) is needed: .ci/run installs it");
+            .expect("mkfs.ext4 (e2fsprogs) is needed: scripts/test installs it");
         assert!(st.success(), "mkfs.ext4 -d of the test tree failed: {st}");
         (dir, img)
     })

@@ -66,6 +66,17 @@ impl Engine {
         self.probe.as_ref()
     }
 
+    /// Whether a lazy shadow could be made in this process: this engine's
+    /// probe, or in eager mode one probe per process. For the over-cap
+    /// error, which suggests `--mode lazy` only where it would work.
+    fn lazy_possible(&self) -> bool {
+        static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        match &self.probe {
+            Some(p) => p.lazy_usable,
+            None => *USABLE.get_or_init(|| crate::sys::probe().lazy_usable),
+        }
+    }
+
     /// Shadows `source`: any [`Source`] (an `Arc<dyn Source>` too), or a
     /// host path, opened as a [`FileSource`] (symlinks followed).
     /// Non-regular sources are refused. Eager shadows over the size cap are
@@ -114,6 +125,7 @@ impl Engine {
                             cap,
                             cap_h: format_size(cap),
                             suggest: suggest_size(m.size),
+                            lazy_possible: self.lazy_possible(),
                         });
                     }
                     Ok(())

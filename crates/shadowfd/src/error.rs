@@ -1,5 +1,6 @@
 //! The crate's error type. Every message names the value at fault and, where
-//! there is one, the way to fix it.
+//! there is one, the way to fix it. A leaf: it imports only the leaf modules
+//! `codes` and `file_kind`, and formatting an error does no I/O.
 
 use std::io;
 use std::path::PathBuf;
@@ -17,14 +18,14 @@ pub enum Error {
     #[error("{what} is not a regular file ({}); only regular files can be shadowed", kind.as_str())]
     NotRegular {
         what: String,
-        kind: crate::source::FileKind,
+        kind: crate::file_kind::FileKind,
     },
     #[error(
         "{what} is {size} bytes ({size_h}), over the eager size cap of {cap} bytes ({cap_h}). \
          Raise the cap with `--max-size SIZE` or the SHADOWFD_MAX_SIZE environment variable \
          (e.g. --max-size {suggest}; the cap may not exceed the memory budget, which \
          `--memory-budget` sets){}",
-        lazy_hint()
+        lazy_hint(*lazy_possible)
     )]
     TooLarge {
         what: String,
@@ -33,6 +34,10 @@ pub enum Error {
         cap: u64,
         cap_h: String,
         suggest: String,
+        /// Whether a lazy shadow can be made in this process (the
+        /// userfaultfd probe, run when the error was built): the message
+        /// suggests `--mode lazy` only then.
+        lazy_possible: bool,
     },
     #[error("invalid {what} {value:?}: {why}")]
     Config {
@@ -105,7 +110,7 @@ pub enum Error {
     /// [`Error::refusal_code`] gives it for any error.
     #[error(
         "shadowfd remote protocol: the server refused {request}: {} ({code}): {message}",
-        crate::remote::wire::code_name(*code)
+        crate::codes::code_name(*code)
     )]
     Refused {
         /// The request, as the client names it (`OPEN "a/b"`).
@@ -178,10 +183,9 @@ pub enum Cause {
 }
 
 /// The end of the over-cap message: suggest a lazy shadow only where one
-/// can be made (the userfaultfd probe, run once per process).
-fn lazy_hint() -> &'static str {
-    static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *USABLE.get_or_init(|| crate::sys::probe().lazy_usable) {
+/// can be made (decided when the error was built: formatting does no I/O).
+fn lazy_hint(lazy_possible: bool) -> &'static str {
+    if lazy_possible {
         ", or use a lazy shadow (`--mode lazy`)"
     } else {
         ". A lazy shadow (`--mode lazy`) is not possible here: userfaultfd is unavailable \

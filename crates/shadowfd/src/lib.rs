@@ -22,21 +22,24 @@
 //! # Ok::<(), shadowfd::Error>(())
 //! ```
 //!
-//! Layers, each importing only those above it in this list
-//! (docs/design.md):
-//! 1. `sys`: the raw layer (userfaultfd ABI and handle, memfd, mmap,
+//! Layers, each importing only those below it (docs/design.md; checked by
+//! `tests/layering.rs`):
+//! 1. leaves: the error type, counters, the protocol's error codes;
+//! 2. `sys`: the raw layer (userfaultfd ABI and handle, memfd, mmap,
 //!    eventfd/epoll);
-//! 2. [`config`], [`source`] (where bytes come from) and the error type;
-//! 3. `fault`: the fault service (workers, region table, chunk states),
+//! 3. [`config`] and [`source`] (where bytes come from);
+//! 4. `fault`: the fault service (workers, region table, chunk states),
 //!    which knows shadows only through a narrow trait;
-//! 4. [`shadow`]: eager and lazy shadows and their mappings;
-//! 5. the [`Engine`]; 6. [`remote`]: consumers in other processes.
+//! 5. [`shadow`]: eager and lazy shadows and their mappings;
+//! 6. the [`Engine`]; 7. [`remote`]: consumers in other processes.
 
+mod codes;
 pub mod config;
 mod eager;
 mod engine;
 mod error;
 mod fault;
+mod file_kind;
 mod harden;
 pub mod remote;
 pub mod shadow;

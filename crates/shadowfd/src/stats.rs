@@ -41,7 +41,12 @@ impl Latency {
         self.buckets[bucket_of(ns)].fetch_add(1, Relaxed);
     }
 
-    /// The `q` quantile (0..=1) in nanoseconds: the lower edge of its bucket.
+    /// The `q` quantile (0..=1) in nanoseconds, an estimate: the histogram
+    /// keeps only a count per bucket (a quarter of a power of two wide), so
+    /// the values in the quantile's bucket are taken as spread evenly over
+    /// it, each at the middle of its share, and the one of rank
+    /// `ceil(q * total)` is returned. Never outside its bucket, so never
+    /// more than a bucket's width (12.5-25% of the value) from the truth.
     pub(crate) fn quantile(&self, q: f64) -> Option<u64> {
         let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
         let total: u64 = counts.iter().sum();
@@ -49,12 +54,19 @@ impl Latency {
             return None;
         }
         let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
-        let mut seen = 0;
-        for (i, c) in counts.iter().enumerate() {
-            seen += c;
-            if seen >= rank {
-                return Some(bucket_floor(i));
+        let mut below = 0;
+        for (i, &c) in counts.iter().enumerate() {
+            if below + c >= rank {
+                let lo = bucket_floor(i);
+                let hi = if i + 1 < BUCKETS {
+                    bucket_floor(i + 1)
+                } else {
+                    u64::MAX
+                };
+                let share = ((rank - below) as f64 - 0.5) / c as f64;
+                return Some(lo + ((hi - lo) as f64 * share) as u64);
             }
+            below += c;
         }
         None
     }
@@ -149,8 +161,11 @@ pub struct Stats {
     pub adopted_ranges: u64,
     /// Median time of one fill (one chunk for a random fault; a run of up
     /// to 1 MiB for sequential access, readahead and populate), in µs.
+    /// Estimated from a histogram: interpolated within a bucket a quarter
+    /// of a power of two wide, so within 12.5-25% of the true median.
     pub fill_p50_us: Option<f64>,
-    /// 99th percentile of the fill time, in microseconds.
+    /// 99th percentile of the fill time, in microseconds, estimated as
+    /// `fill_p50_us` is.
     pub fill_p99_us: Option<f64>,
     /// Bytes of the shadow(s) present in memory.
     pub resident_bytes: u64,
@@ -170,14 +185,45 @@ mod tests {
         for v in 1..=1000u64 {
             l.record(v * 1000);
         }
+        // 1..=1000 µs evenly: the true p50 is 500 µs, p99 990 µs. The
+        // bucket's lower edge (what was reported before) was 458.752 and
+        // 917.504 µs, 8% and 7% low; the estimate is within 1% for p50, and
+        // 4.2% for p99, whose bucket the data fill only to 1000 µs of its
+        // 1048.576.
         let p50 = l.quantile(0.5).unwrap();
-        assert!((400_000..=500_000).contains(&p50), "{p50}");
+        assert!((495_000..=505_000).contains(&p50), "{p50}");
         let p99 = l.quantile(0.99).unwrap();
-        assert!((800_000..=990_000).contains(&p99), "{p99}");
+        assert!((990_000..=1_039_500).contains(&p99), "{p99}");
         assert_eq!(bucket_of(u64::MAX), BUCKETS - 1);
         for i in 0..BUCKETS - 1 {
             assert!(bucket_floor(i) < bucket_floor(i + 1));
             assert_eq!(bucket_of(bucket_floor(i)), i);
         }
+    }
+
+    #[test]
+    fn a_quantile_is_not_a_bucket_edge() {
+        // Every fill takes 700 µs: the estimate stays in 700's bucket
+        // [655.36, 786.432) µs, at its middle, not at its edge.
+        let l = Latency::default();
+        for _ in 0..100 {
+            l.record(700_000);
+        }
+        let (lo, hi) = (655_360, 786_432);
+        assert_eq!(bucket_floor(bucket_of(700_000)), lo);
+        assert_eq!(bucket_floor(bucket_of(700_000) + 1), hi);
+        for q in [0.01, 0.5, 0.99, 1.0] {
+            let v = l.quantile(q).unwrap();
+            assert!(lo < v && v < hi, "q {q}: {v}");
+        }
+        // Ranks spread over the bucket: p1 near its bottom, p99 near its top.
+        assert!(l.quantile(0.01).unwrap() < l.quantile(0.5).unwrap());
+        assert!(l.quantile(0.5).unwrap() < l.quantile(0.99).unwrap());
+        assert_eq!(l.quantile(0.5).unwrap(), lo + (hi - lo) * 495 / 1000);
+        // One value alone sits at its bucket's middle.
+        let one = Latency::default();
+        one.record(700_000);
+        assert_eq!(one.quantile(0.5).unwrap(), (lo + hi) / 2);
+        assert_eq!(Latency::default().quantile(0.5), None);
     }
 }

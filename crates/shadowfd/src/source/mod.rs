@@ -15,28 +15,9 @@ pub use image::{ImageAccess, ImageError, ImageSource};
 
 use std::io;
 
-/// What kind of file a source is. Only regular files can be shadowed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize))]
-#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
-#[non_exhaustive]
-pub enum FileKind {
-    Regular,
-    Directory,
-    Symlink,
-    Other,
-}
-
-impl FileKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FileKind::Regular => "regular file",
-            FileKind::Directory => "directory",
-            FileKind::Symlink => "symbolic link",
-            FileKind::Other => "special file",
-        }
-    }
-}
+// In a leaf module, so that the error type can name it without importing
+// this layer.
+pub use crate::file_kind::FileKind;
 
 /// A point in time, as stored in an inode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

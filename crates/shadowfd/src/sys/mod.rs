@@ -19,6 +19,5 @@ pub(crate) mod uffd;
 pub(crate) mod uffd_abi;
 
 pub use mmap::{Advice, UncheckedAdvice};
-pub use probe::{Access, Attempt, Probe, probe};
-pub use uffd::feature_names;
+pub use probe::{Access, Attempt, Probe, feature_names, probe};
 pub(crate) use uffd::{Event, Fault, Uffd};

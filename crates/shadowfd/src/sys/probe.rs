@@ -1,11 +1,20 @@
 //! Can this process use userfaultfd, how, and with which features?
 
-use super::uffd::{REQUIRED_FEATURES, feature_names};
 use super::uffd_abi as sys;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 
 const DEVNODE: &str = "/dev/userfaultfd";
+
+/// Features without which lazy shadows cannot work.
+/// - POISON, so that a source read error reaches the consumer as SIGBUS;
+///   without it the only alternatives are zeros or a hung thread.
+/// - MINOR_SHMEM, so that a page that appears in the memfd without the
+///   engine having filled it (another process's `fallocate`, or its
+///   unregistered touch) still faults in every consumer mapping, and is
+///   checked before it is mapped (docs/security.md).
+pub(crate) const REQUIRED_FEATURES: u64 =
+    sys::UFFD_FEATURE_MISSING_SHMEM | sys::UFFD_FEATURE_MINOR_SHMEM | sys::UFFD_FEATURE_POISON;
 
 /// How a userfaultfd descriptor is obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,4 +172,13 @@ pub fn probe() -> Probe {
         lazy_usable: reason.is_none(),
         reason,
     }
+}
+
+/// Renders `UFFD_FEATURE_*` bits as names.
+pub fn feature_names(bits: u64) -> Vec<&'static str> {
+    sys::FEATURE_NAMES
+        .iter()
+        .filter(|(b, _)| bits & b != 0)
+        .map(|(_, n)| *n)
+        .collect()
 }

@@ -1,7 +1,8 @@
 //! A typed userfaultfd handle above the raw ABI in [`super::uffd_abi`].
-//! With the probe, this is the only module that issues userfaultfd calls.
+//! With the probe, this is the only module that issues userfaultfd calls;
+//! the probe owns the feature constants, and this module imports them.
 
-use super::probe::{self, Probe, probe};
+use super::probe::{self, Probe, REQUIRED_FEATURES, probe};
 use super::uffd_abi as sys;
 use parking_lot::Mutex;
 use std::io;
@@ -29,16 +30,6 @@ pub(crate) const WANTED_FEATURES: u64 = sys::UFFD_FEATURE_MISSING_SHMEM
 /// would tell nothing and make every such call wait for the service.
 pub(crate) const EVENT_FEATURES: u64 =
     sys::UFFD_FEATURE_EVENT_FORK | sys::UFFD_FEATURE_EVENT_REMAP | sys::UFFD_FEATURE_EVENT_UNMAP;
-/// Features without which lazy shadows cannot work.
-/// - POISON, so that a source read error reaches the consumer as SIGBUS;
-///   without it the only alternatives are zeros or a hung thread.
-/// - MINOR_SHMEM, so that a page that appears in the memfd without the
-///   engine having filled it (another process's `fallocate`, or its
-///   unregistered touch) still faults in every consumer mapping, and is
-///   checked before it is mapped (docs/security.md).
-pub(crate) const REQUIRED_FEATURES: u64 =
-    sys::UFFD_FEATURE_MISSING_SHMEM | sys::UFFD_FEATURE_MINOR_SHMEM | sys::UFFD_FEATURE_POISON;
-
 /// Registration mode of every consumer range: a fault for a page absent from
 /// the memfd (MISSING) and for a page present there but not yet mapped in
 /// this range (MINOR).
@@ -503,13 +494,4 @@ impl AsFd for Uffd {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
-}
-
-/// Renders `UFFD_FEATURE_*` bits as names.
-pub fn feature_names(bits: u64) -> Vec<&'static str> {
-    sys::FEATURE_NAMES
-        .iter()
-        .filter(|(b, _)| bits & b != 0)
-        .map(|(_, n)| *n)
-        .collect()
 }
