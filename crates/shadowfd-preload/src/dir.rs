@@ -54,13 +54,13 @@ static ANY_DIRFD: AtomicBool = AtomicBool::new(false);
 /// The virtual working directory (a path below the prefix), once read from
 /// `SHADOWFD_RUN_CWD`.
 static VCWD: Mutex<Option<Option<String>>> = Mutex::new(None);
-const CWD_VAR: &str = "SHADOWFD_RUN_CWD";
+pub(crate) const CWD_VAR: &str = "SHADOWFD_RUN_CWD";
 
 fn prefix_str() -> Option<String> {
     env().map(|e| format!("/{}", e.prefix.join("/")))
 }
 
-fn full(rel: &str) -> String {
+pub(crate) fn full(rel: &str) -> String {
     let p = prefix_str().unwrap_or_default();
     if rel.is_empty() {
         p
@@ -70,7 +70,7 @@ fn full(rel: &str) -> String {
 }
 
 /// The virtual working directory, if there is one.
-fn vcwd() -> Option<String> {
+pub(crate) fn vcwd() -> Option<String> {
     let mut v = VCWD.lock();
     if v.is_none() {
         let from_env = std::env::var(CWD_VAR).ok().and_then(|s| {
@@ -125,6 +125,31 @@ fn dirfd_entry(fd: c_int) -> Option<Arc<DirFd>> {
         return None;
     }
     DIRFDS.lock().get(&fd).cloned()
+}
+
+/// The served directory descriptors and their paths (for an exec).
+pub(crate) fn dirfds() -> Vec<(c_int, String)> {
+    if !ANY_DIRFD.load(Ordering::Acquire) {
+        return Vec::new();
+    }
+    DIRFDS
+        .lock()
+        .iter()
+        .map(|(fd, d)| (*fd, d.path.clone()))
+        .collect()
+}
+
+/// Tracks `fd` (a placeholder inherited across exec) as the served
+/// directory `rel`.
+pub(crate) fn adopt(fd: c_int, rel: &str) {
+    let mut t = DIRFDS.lock();
+    ANY_DIRFD.store(true, Ordering::Release);
+    t.insert(
+        fd,
+        Arc::new(DirFd {
+            path: rel.to_string(),
+        }),
+    );
 }
 
 /// Whether any served directory descriptor may be tracked.
@@ -817,55 +842,6 @@ pub unsafe extern "C" fn getcwd(buf: *mut c_char, size: libc::size_t) -> *mut c_
         *out.add(s.len()) = 0;
     }
     out
-}
-
-/// # Safety
-/// libc's `execve`. With a virtual working directory, the new image gets
-/// it in `SHADOWFD_RUN_CWD` (shells pass an environment of their own, not
-/// `environ`); without one, a stale value is dropped.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn execve(
-    path: *const c_char,
-    argv: *const *const c_char,
-    envp: *const *const c_char,
-) -> c_int {
-    type ExecveFn =
-        unsafe extern "C" fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int;
-    let real_execve = real!("execve", ExecveFn);
-    let cwd = match Busy::enter() {
-        Some(_b) if env().is_some() && !envp.is_null() => Some(vcwd()),
-        _ => None,
-    };
-    let Some(cwd) = cwd else {
-        // SAFETY: forwarding.
-        return unsafe { real_execve(path, argv, envp) };
-    };
-    let mut keep: Vec<*const c_char> = Vec::new();
-    let prefix = format!("{CWD_VAR}=");
-    let mut i = 0;
-    loop {
-        // SAFETY: execve's contract: a NULL-terminated array of strings.
-        let p = unsafe { *envp.add(i) };
-        if p.is_null() {
-            break;
-        }
-        // SAFETY: as above.
-        if !unsafe { CStr::from_ptr(p) }
-            .to_bytes()
-            .starts_with(prefix.as_bytes())
-        {
-            keep.push(p);
-        }
-        i += 1;
-    }
-    let ours = cwd.map(|r| CString::new(format!("{prefix}{}", full(&r))).unwrap_or_default());
-    if let Some(c) = &ours {
-        keep.push(c.as_ptr());
-    }
-    keep.push(std::ptr::null());
-    // SAFETY: forwarding, with a NULL-terminated environment that lives
-    // until the call returns (only on failure).
-    unsafe { real_execve(path, argv, keep.as_ptr()) }
 }
 
 // ---- extended attributes -------------------------------------------------

@@ -68,6 +68,8 @@ fn resolve(slot: &AtomicUsize, name: &'static str) -> usize {
 }
 
 mod dir;
+mod exec;
+mod paths;
 use dir::Route;
 
 thread_local! {
@@ -275,6 +277,33 @@ fn insert(fd: c_int, e: Arc<Entry>) -> Option<Arc<Entry>> {
     let mut st = STATE.lock();
     ANY_FD.store(true, Ordering::Release);
     st.fds.insert(fd, e)
+}
+
+/// The served files' descriptors, paths and offsets (for an exec).
+fn files() -> Vec<(c_int, String, u64)> {
+    if !ANY_FD.load(Ordering::Acquire) {
+        return Vec::new();
+    }
+    STATE
+        .lock()
+        .fds
+        .iter()
+        .map(|(fd, e)| (*fd, e.path.clone(), e.pos.load(Ordering::SeqCst)))
+        .collect()
+}
+
+/// Tracks `fd` (a placeholder inherited across exec) as the served file
+/// `path` at offset `pos`; it opens on this process's connection on first
+/// use, as a forked child's copies do.
+fn adopt_file(fd: c_int, path: String, pos: u64) {
+    drop(insert(
+        fd,
+        Arc::new(Entry {
+            path,
+            file: Mutex::new(None),
+            pos: AtomicU64::new(pos),
+        }),
+    ));
 }
 
 fn remove(fd: c_int) -> Option<Arc<Entry>> {
@@ -2012,9 +2041,22 @@ unsafe fn fopen_common(path: *const c_char, mode: *const c_char, real: FopenFn) 
     f
 }
 
+/// Where glibc keeps a stream's descriptor: `_fileno` of `struct
+/// _IO_FILE` (x86-64 and aarch64: after the `int` flags, padded, and
+/// twelve pointers).
+const FILENO_AT: usize = 112;
+
 /// A read-only stream whose reads, seeks and close come back through the
-/// shim for `fd` (its `fileno` is -1).
-fn cookie_stream(fd: c_int) -> *mut libc::FILE {
+/// shim for `fd`, with `fileno()` answering `fd`.
+///
+/// glibc's `fopencookie` stores -2 as the descriptor (so `fileno` fails
+/// with `EBADF`, and git's `fstat(fileno(fp))` with it). A cookie stream's
+/// I/O goes through its cookie functions only, never through the stored
+/// descriptor: glibc uses the descriptor just for `fileno` and for "is
+/// this stream open" (not -1). So the shim stores `fd` there, after
+/// checking that the word holds the -2 it expects (else it leaves it, and
+/// `fileno` stays -1, rather than write into a layout it does not know).
+pub(crate) fn cookie_stream(fd: c_int) -> *mut libc::FILE {
     let io = CookieIo {
         read: Some(cookie_read),
         write: None,
@@ -2023,7 +2065,18 @@ fn cookie_stream(fd: c_int) -> *mut libc::FILE {
     };
     // SAFETY: the cookie is the descriptor, passed back to the functions
     // above; "r" is a valid mode.
-    unsafe { fopencookie(fd as usize as *mut c_void, c"r".as_ptr(), io) }
+    let f = unsafe { fopencookie(fd as usize as *mut c_void, c"r".as_ptr(), io) };
+    if !f.is_null() {
+        // SAFETY: `f` is a live glibc stream, a `struct _IO_FILE` of more
+        // than FILENO_AT + 4 bytes with `_fileno` (an aligned int) there.
+        unsafe {
+            let at = f.cast::<u8>().add(FILENO_AT).cast::<c_int>();
+            if *at == -2 {
+                *at = fd;
+            }
+        }
+    }
+    f
 }
 
 /// # Safety
@@ -2145,6 +2198,7 @@ extern "C" fn after_fork_child() {
 }
 
 extern "C" fn init() {
+    exec::adopt();
     // SAFETY: three valid handlers with no preconditions.
     unsafe {
         libc::pthread_atfork(

@@ -1,0 +1,438 @@
+//! Path-taking libc functions whose glibc definitions reach the kernel
+//! through internal calls no preload sees: the access checks by effective
+//! ids, `realpath`, file-system statistics, `truncate`,
+//! `name_to_handle_at`, and `freopen` (docs/run.md, "Intercepted").
+
+use crate::dir::{self, Route};
+use crate::{Busy, fail, set_errno};
+use shadowfd::remote::PathKind;
+use crate::resolve;
+use std::ffi::{CStr, c_char, c_int, c_void};
+use std::sync::atomic::AtomicUsize;
+
+/// Runs `served` for a path under the prefix (with this thread marked
+/// busy), or gives back the path to hand the real function.
+///
+/// # Safety
+/// `path` is null or NUL-terminated.
+unsafe fn with_route<R>(
+    dirfd: c_int,
+    path: *const c_char,
+    served: impl FnOnce(&str) -> R,
+) -> Result<R, Option<std::ffi::CString>> {
+    let Some(_b) = Busy::enter() else {
+        return Err(None);
+    };
+    // SAFETY: the caller's promise.
+    match unsafe { dir::route(dirfd, path) } {
+        Route::Served(rel) => Ok(served(&rel)),
+        Route::Host(p) => Err(p),
+    }
+}
+
+type AccessFn = unsafe extern "C" fn(*const c_char, c_int) -> c_int;
+
+/// # Safety
+/// libc's `euidaccess`/`eaccess`, with `real` its next definition.
+unsafe fn eaccess_common(path: *const c_char, mode: c_int, real: AccessFn) -> c_int {
+    // SAFETY: the caller's promise.
+    match unsafe { with_route(libc::AT_FDCWD, path, |rel| dir::access_rel(rel, mode)) } {
+        Ok(r) => r,
+        // SAFETY: forwarding.
+        Err(p) => unsafe { real(Route::host_path(&p, path), mode) },
+    }
+}
+
+/// # Safety
+/// glibc's `euidaccess`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn euidaccess(path: *const c_char, mode: c_int) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { eaccess_common(path, mode, real!("euidaccess", AccessFn)) }
+}
+
+/// # Safety
+/// glibc's `eaccess`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn eaccess(path: *const c_char, mode: c_int) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { eaccess_common(path, mode, real!("eaccess", AccessFn)) }
+}
+
+// ---- realpath ------------------------------------------------------------
+
+/// The canonical name of a served path (`PREFIX/rel`, which exists), in
+/// `out` (at least `cap` bytes) or, if `out` is null, in memory from
+/// `malloc`.
+fn resolved_into(rel: &str, out: *mut c_char, cap: usize) -> *mut c_char {
+    match dir::stat_info(rel) {
+        Ok(i) if i.kind != PathKind::Other => {}
+        Ok(_) => {
+            set_errno(libc::ENOENT);
+            return std::ptr::null_mut();
+        }
+        Err(e) => {
+            set_errno(e);
+            return std::ptr::null_mut();
+        }
+    }
+    let s = dir::full(rel);
+    let need = s.len() + 1;
+    let out = if out.is_null() {
+        // SAFETY: malloc has no preconditions; the caller frees it.
+        let p = unsafe { libc::malloc(need) }.cast::<c_char>();
+        if p.is_null() {
+            set_errno(libc::ENOMEM);
+            return p;
+        }
+        p
+    } else if need > cap {
+        set_errno(libc::ENAMETOOLONG);
+        return std::ptr::null_mut();
+    } else {
+        out
+    };
+    // SAFETY: `out` holds at least `need` bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(s.as_ptr().cast::<c_char>(), out, s.len());
+        *out.add(s.len()) = 0;
+    }
+    out
+}
+
+type RealpathFn = unsafe extern "C" fn(*const c_char, *mut c_char) -> *mut c_char;
+
+/// # Safety
+/// libc's `realpath`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn realpath(path: *const c_char, out: *mut c_char) -> *mut c_char {
+    let cap = libc::PATH_MAX as usize;
+    // SAFETY: the caller's promise.
+    match unsafe { with_route(libc::AT_FDCWD, path, |rel| resolved_into(rel, out, cap)) } {
+        Ok(r) => r,
+        // SAFETY: forwarding.
+        Err(p) => unsafe { real!("realpath", RealpathFn)(Route::host_path(&p, path), out) },
+    }
+}
+
+/// # Safety
+/// glibc's fortified `realpath`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __realpath_chk(
+    path: *const c_char,
+    out: *mut c_char,
+    outlen: libc::size_t,
+) -> *mut c_char {
+    let cap = outlen.min(libc::PATH_MAX as usize);
+    // SAFETY: the caller's promise.
+    match unsafe { with_route(libc::AT_FDCWD, path, |rel| resolved_into(rel, out, cap)) } {
+        Ok(r) => r,
+        // SAFETY: forwarding.
+        Err(p) => unsafe {
+            real!(
+                "__realpath_chk",
+                unsafe extern "C" fn(*const c_char, *mut c_char, libc::size_t) -> *mut c_char
+            )(Route::host_path(&p, path), out, outlen)
+        },
+    }
+}
+
+/// # Safety
+/// glibc's `canonicalize_file_name`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn canonicalize_file_name(path: *const c_char) -> *mut c_char {
+    let served = |rel: &str| resolved_into(rel, std::ptr::null_mut(), 0);
+    // SAFETY: the caller's promise.
+    match unsafe { with_route(libc::AT_FDCWD, path, served) } {
+        Ok(r) => r,
+        // SAFETY: forwarding.
+        Err(p) => unsafe {
+            real!(
+                "canonicalize_file_name",
+                unsafe extern "C" fn(*const c_char) -> *mut c_char
+            )(Route::host_path(&p, path))
+        },
+    }
+}
+
+// ---- truncate, name_to_handle_at ------------------------------------------
+
+type TruncateFn = unsafe extern "C" fn(*const c_char, libc::off_t) -> c_int;
+
+/// A served file cannot be written: `EROFS` (or the path's own error).
+fn erofs(rel: &str) -> c_int {
+    match dir::stat_info(rel) {
+        Ok(_) => fail(libc::EROFS),
+        Err(e) => fail(e),
+    }
+}
+
+/// # Safety
+/// libc's `truncate`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn truncate(path: *const c_char, len: libc::off_t) -> c_int {
+    // SAFETY: the caller's promise.
+    match unsafe { with_route(libc::AT_FDCWD, path, erofs) } {
+        Ok(r) => r,
+        // SAFETY: forwarding.
+        Err(p) => unsafe { real!("truncate", TruncateFn)(Route::host_path(&p, path), len) },
+    }
+}
+
+/// # Safety
+/// libc's `truncate64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn truncate64(path: *const c_char, len: libc::off_t) -> c_int {
+    // SAFETY: the caller's promise.
+    match unsafe { with_route(libc::AT_FDCWD, path, erofs) } {
+        Ok(r) => r,
+        // SAFETY: forwarding.
+        Err(p) => unsafe { real!("truncate64", TruncateFn)(Route::host_path(&p, path), len) },
+    }
+}
+
+/// # Safety
+/// libc's `name_to_handle_at`: a served path has no kernel file handle
+/// (`EOPNOTSUPP`, as on a file system without export support).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn name_to_handle_at(
+    dirfd: c_int,
+    path: *const c_char,
+    handle: *mut c_void,
+    mount_id: *mut c_int,
+    flags: c_int,
+) -> c_int {
+    let served = |rel: &str| match dir::stat_info(rel) {
+        Ok(_) => fail(libc::EOPNOTSUPP),
+        Err(e) => fail(e),
+    };
+    // SAFETY: the caller's promise.
+    match unsafe { with_route(dirfd, path, served) } {
+        Ok(r) => r,
+        // SAFETY: forwarding.
+        Err(p) => unsafe {
+            real!(
+                "name_to_handle_at",
+                unsafe extern "C" fn(c_int, *const c_char, *mut c_void, *mut c_int, c_int) -> c_int
+            )(dirfd, Route::host_path(&p, path), handle, mount_id, flags)
+        },
+    }
+}
+
+// ---- statvfs, statfs -----------------------------------------------------
+
+/// A served tree's file-system statistics: read-only, 4 KiB blocks, names
+/// up to 255 bytes, nothing free; sizes and counts are not known (0).
+fn fill_statvfs(rel: &str, st: *mut libc::statvfs) -> c_int {
+    if let Err(e) = dir::stat_info(rel) {
+        return fail(e);
+    }
+    if st.is_null() {
+        return fail(libc::EFAULT);
+    }
+    // SAFETY: an all-zero statvfs is valid.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    s.f_bsize = 4096;
+    s.f_frsize = 4096;
+    s.f_namemax = 255;
+    s.f_flag = libc::ST_RDONLY | libc::ST_NOSUID | libc::ST_NODEV;
+    // SAFETY: the caller's buffer for a struct statvfs.
+    unsafe { st.write(s) };
+    0
+}
+
+/// As [`fill_statvfs`], for `statfs` (type "SHDF").
+fn fill_statfs(rel: &str, st: *mut libc::statfs) -> c_int {
+    if let Err(e) = dir::stat_info(rel) {
+        return fail(e);
+    }
+    if st.is_null() {
+        return fail(libc::EFAULT);
+    }
+    // SAFETY: an all-zero statfs is valid.
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    s.f_type = 0x5348_4446;
+    s.f_bsize = 4096;
+    s.f_frsize = 4096;
+    s.f_namelen = 255;
+    // SAFETY: the caller's buffer for a struct statfs.
+    unsafe { st.write(s) };
+    0
+}
+
+type StatvfsFn = unsafe extern "C" fn(*const c_char, *mut libc::statvfs) -> c_int;
+type StatfsFn = unsafe extern "C" fn(*const c_char, *mut libc::statfs) -> c_int;
+
+/// # Safety
+/// libc's `statvfs`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn statvfs(path: *const c_char, st: *mut libc::statvfs) -> c_int {
+    // SAFETY: the caller's promise.
+    match unsafe { with_route(libc::AT_FDCWD, path, |r| fill_statvfs(r, st)) } {
+        Ok(r) => r,
+        // SAFETY: forwarding.
+        Err(p) => unsafe { real!("statvfs", StatvfsFn)(Route::host_path(&p, path), st) },
+    }
+}
+
+/// # Safety
+/// libc's `statvfs64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn statvfs64(path: *const c_char, st: *mut libc::statvfs) -> c_int {
+    // SAFETY: the caller's promise.
+    match unsafe { with_route(libc::AT_FDCWD, path, |r| fill_statvfs(r, st)) } {
+        Ok(r) => r,
+        // SAFETY: forwarding.
+        Err(p) => unsafe { real!("statvfs64", StatvfsFn)(Route::host_path(&p, path), st) },
+    }
+}
+
+/// # Safety
+/// libc's `statfs`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn statfs(path: *const c_char, st: *mut libc::statfs) -> c_int {
+    // SAFETY: the caller's promise.
+    match unsafe { with_route(libc::AT_FDCWD, path, |r| fill_statfs(r, st)) } {
+        Ok(r) => r,
+        // SAFETY: forwarding.
+        Err(p) => unsafe { real!("statfs", StatfsFn)(Route::host_path(&p, path), st) },
+    }
+}
+
+/// # Safety
+/// libc's `statfs64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn statfs64(path: *const c_char, st: *mut libc::statfs) -> c_int {
+    // SAFETY: the caller's promise.
+    match unsafe { with_route(libc::AT_FDCWD, path, |r| fill_statfs(r, st)) } {
+        Ok(r) => r,
+        // SAFETY: forwarding.
+        Err(p) => unsafe { real!("statfs64", StatfsFn)(Route::host_path(&p, path), st) },
+    }
+}
+
+// ---- freopen -------------------------------------------------------------
+
+unsafe extern "C" {
+    static mut stdin: *mut libc::FILE;
+}
+
+type FreopenFn =
+    unsafe extern "C" fn(*const c_char, *const c_char, *mut libc::FILE) -> *mut libc::FILE;
+
+/// `freopen` of a served path: the old stream is closed (as glibc's does),
+/// the file opened through the shim under the old stream's descriptor
+/// number, and a new stream returned that reads through the shim, as
+/// `fopen`'s does. glibc's `FILE` of the old stream cannot be turned into
+/// such a stream in place: when it is `stdin`, `stdin` is pointed at the
+/// new one; any other copy of the old pointer reads a closed stream
+/// (docs/run.md).
+///
+/// # Safety
+/// libc's `freopen`, with `real` its next definition.
+unsafe fn freopen_common(
+    path: *const c_char,
+    mode: *const c_char,
+    old: *mut libc::FILE,
+    real: FreopenFn,
+) -> *mut libc::FILE {
+    let rel = if path.is_null() {
+        None
+    } else {
+        // SAFETY: the caller's promise.
+        match unsafe { with_route(libc::AT_FDCWD, path, |r| r.to_string()) } {
+            Ok(r) => Some(r),
+            Err(p) => {
+                // SAFETY: forwarding.
+                let f = unsafe { real(Route::host_path(&p, path), mode, old) };
+                if !f.is_null() {
+                    // SAFETY: a live stream.
+                    crate::fresh(unsafe { libc::fileno(f) });
+                }
+                return f;
+            }
+        }
+    };
+    let Some(rel) = rel else {
+        // SAFETY: forwarding (a mode change of the same file).
+        return unsafe { real(path, mode, old) };
+    };
+    if mode.is_null() || old.is_null() {
+        set_errno(libc::EINVAL);
+        return std::ptr::null_mut();
+    }
+    // SAFETY: a NUL-terminated mode string (freopen's contract).
+    let m = unsafe { CStr::from_ptr(mode) }.to_bytes();
+    if m.first() != Some(&b'r') || m.contains(&b'+') {
+        set_errno(libc::EROFS);
+        return std::ptr::null_mut();
+    }
+    // SAFETY: a live stream.
+    let was = unsafe { libc::fileno(old) };
+    // SAFETY: freopen closes the old stream first, whatever happens next.
+    unsafe { libc::fclose(old) };
+    let cloexec = if m.contains(&b'e') {
+        libc::O_CLOEXEC
+    } else {
+        0
+    };
+    let fd = {
+        let _b = Busy::enter();
+        crate::do_open(&rel, libc::O_RDONLY | cloexec)
+    };
+    if fd < 0 {
+        return std::ptr::null_mut();
+    }
+    let fd = if was >= 0 && fd != was {
+        // SAFETY: descriptors of this process; the shim's dup2 and close
+        // keep the table right.
+        unsafe {
+            if crate::dup2(fd, was) < 0 {
+                crate::close(fd);
+                return std::ptr::null_mut();
+            }
+            crate::close(fd);
+        }
+        was
+    } else {
+        fd
+    };
+    let f = crate::cookie_stream(fd);
+    if f.is_null() {
+        // SAFETY: our own descriptor.
+        unsafe { crate::close(fd) };
+        return f;
+    }
+    // SAFETY: `stdin` is glibc's stream pointer; replacing it is what a
+    // program that reopens standard input expects to read from.
+    unsafe {
+        if stdin == old {
+            stdin = f;
+        }
+    }
+    f
+}
+
+/// # Safety
+/// libc's `freopen`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn freopen(
+    path: *const c_char,
+    mode: *const c_char,
+    old: *mut libc::FILE,
+) -> *mut libc::FILE {
+    // SAFETY: forwarding.
+    unsafe { freopen_common(path, mode, old, real!("freopen", FreopenFn)) }
+}
+
+/// # Safety
+/// libc's `freopen64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn freopen64(
+    path: *const c_char,
+    mode: *const c_char,
+    old: *mut libc::FILE,
+) -> *mut libc::FILE {
+    // SAFETY: forwarding.
+    unsafe { freopen_common(path, mode, old, real!("freopen64", FreopenFn)) }
+}
