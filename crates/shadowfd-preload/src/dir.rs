@@ -1061,6 +1061,9 @@ extern "C" fn dir_after_fork() {
 }
 
 extern "C" fn dir_init() {
+    if crate::audit::in_audit_namespace() {
+        return;
+    }
     cwd_var_init();
     // SAFETY: valid handlers with no preconditions.
     unsafe {

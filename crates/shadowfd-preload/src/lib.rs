@@ -67,6 +67,7 @@ fn resolve(slot: &AtomicUsize, name: &'static str) -> usize {
     p
 }
 
+mod audit;
 mod dir;
 mod exec;
 mod paths;
@@ -116,7 +117,7 @@ fn page() -> usize {
 }
 
 /// The prefix, as path components, and the socket: from the environment.
-struct Env {
+pub(crate) struct Env {
     prefix: Vec<String>,
     socket: String,
     /// `SHADOWFD_RUN_NO_USERFAULTFD=1`: connect without a userfaultfd, so
@@ -2198,6 +2199,9 @@ extern "C" fn after_fork_child() {
 }
 
 extern "C" fn init() {
+    if audit::in_audit_namespace() {
+        return;
+    }
     exec::adopt();
     // SAFETY: three valid handlers with no preconditions.
     unsafe {
