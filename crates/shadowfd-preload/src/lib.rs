@@ -71,6 +71,7 @@ mod audit;
 mod dir;
 mod exec;
 mod paths;
+mod prefault;
 use dir::Route;
 
 thread_local! {

@@ -404,3 +404,17 @@ pub(crate) fn remap_in_child(parent: Vec<Map>) {
         maps.extend(mine);
     }
 }
+
+/// The parts of `addr..addr+len` that lie in served mappings, page-aligned
+/// outward and clipped to each mapping (for [`crate::prefault`]).
+pub(crate) fn served_spans(addr: usize, len: usize) -> Vec<(usize, usize)> {
+    if !ANY_MAP.load(Ordering::Acquire) || len == 0 {
+        return Vec::new();
+    }
+    let end = addr.saturating_add(len);
+    let maps = MAPS.lock();
+    maps.iter()
+        .filter(|m| m.start() < end && addr < m.end())
+        .map(|m| (addr.max(m.start()), end.min(m.end())))
+        .collect()
+}
