@@ -20,7 +20,7 @@
 //!   `SHADOWFD_RUN_CWD`. A `chdir` elsewhere clears it.
 
 use crate::{Busy, client, env, errno_of, fail, normalize, resolve, set_errno};
-use parking_lot::Mutex;
+use crate::forklock::{ForkGuard, ForkMutex as Mutex};
 use shadowfd::remote::{PathInfo, PathKind};
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{CStr, CString, c_char, c_int, c_long, c_void};
@@ -1036,9 +1036,9 @@ pub unsafe extern "C" fn scandir64(
 // ---- fork ----------------------------------------------------------------
 
 type HeldDir = (
-    parking_lot::MutexGuard<'static, Option<Option<String>>>,
-    parking_lot::MutexGuard<'static, BTreeMap<c_int, Arc<DirFd>>>,
-    parking_lot::MutexGuard<'static, BTreeSet<usize>>,
+    ForkGuard<'static, Option<Option<String>>>,
+    ForkGuard<'static, BTreeMap<c_int, Arc<DirFd>>>,
+    ForkGuard<'static, BTreeSet<usize>>,
 );
 
 thread_local! {

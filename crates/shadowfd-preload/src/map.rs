@@ -131,32 +131,45 @@ unsafe fn sigbus_pages(at: usize, len: usize) -> Result<(), c_int> {
 /// them or maps over them); what is left on either side stays served.
 /// Returns the mappings wholly inside, to be dropped (UNMAP, then a
 /// reservation) once no lock is held.
+///
+/// The table's lock is held only to take the touched mappings out and to
+/// put the pieces back: cutting one speaks to the server (UNMAP of the
+/// part), and no request runs under the lock, which every `mmap`,
+/// `munmap`, fork and prefault of the process takes.
 fn carve(start: usize, end: usize) -> Vec<Map> {
     if !ANY_MAP.load(Ordering::Acquire) {
         return Vec::new();
     }
     let mut gone = Vec::new();
-    let mut maps = MAPS.lock();
-    let mut i = 0;
-    while i < maps.len() {
-        let (s, e) = (maps[i].start(), maps[i].end());
-        if e <= start || end <= s {
-            i += 1;
-            continue;
+    let mut cut = Vec::new();
+    {
+        let mut maps = MAPS.lock();
+        let mut i = 0;
+        while i < maps.len() {
+            let (s, e) = (maps[i].start(), maps[i].end());
+            if e <= start || end <= s {
+                i += 1;
+                continue;
+            }
+            let m = maps.swap_remove(i);
+            if start <= s && e <= end {
+                gone.push(m);
+            } else {
+                cut.push(m);
+            }
         }
-        let m = maps.swap_remove(i);
-        if start <= s && e <= end {
-            gone.push(m);
-            continue;
-        }
+    }
+    let mut pieces = Vec::new();
+    for m in cut {
+        let s = m.start();
         let a = start.max(s) - s;
-        let z = end.min(e) - s;
+        let z = end.min(m.end()) - s;
         // SAFETY: the program gives these pages up (munmap, or a MAP_FIXED
         // in their place); the shim holds no reference into them.
         match unsafe { m.m.punch(a, z - a) } {
             Ok((l, r)) => {
                 for piece in [l, r].into_iter().flatten() {
-                    maps.push(Map {
+                    pieces.push(Map {
                         path: m.path.clone(),
                         m: piece,
                     });
@@ -168,6 +181,9 @@ fn carve(start: usize, end: usize) -> Vec<Map> {
                 io_err(&e);
             }
         }
+    }
+    if !pieces.is_empty() {
+        MAPS.lock().extend(pieces);
     }
     gone
 }
