@@ -138,7 +138,10 @@ fn lookup(rel: &str) -> Result<*const c_char, Why> {
         a.libs.remove(rel);
     }
     if a.conn.is_none() {
-        a.conn = Some(connect(&env.socket)?);
+        let low = crate::LowFds::reserve();
+        let c = connect(&env.socket);
+        drop(low);
+        a.conn = Some(c?);
     }
     let s = a.conn.as_ref().expect("connected above");
     let fd = match fetch(s, rel) {
@@ -231,8 +234,11 @@ unsafe extern "C" {
         extra: *mut *mut libc::c_void,
         flags: libc::c_int,
     ) -> libc::c_int;
-    fn dlinfo(handle: *mut libc::c_void, request: libc::c_int, arg: *mut libc::c_void)
-    -> libc::c_int;
+    fn dlinfo(
+        handle: *mut libc::c_void,
+        request: libc::c_int,
+        arg: *mut libc::c_void,
+    ) -> libc::c_int;
 }
 
 /// Whether this copy of the library was loaded in a link namespace other
@@ -282,7 +288,13 @@ fn search_library_path(name: &str, env: &crate::Env) -> Option<Result<*const c_c
             let c = CString::new(cand).ok()?;
             // SAFETY: a NUL-terminated path.
             let there = unsafe {
-                libc::syscall(libc::SYS_faccessat, libc::AT_FDCWD, c.as_ptr(), libc::F_OK, 0)
+                libc::syscall(
+                    libc::SYS_faccessat,
+                    libc::AT_FDCWD,
+                    c.as_ptr(),
+                    libc::F_OK,
+                    0,
+                )
             };
             if there == 0 {
                 return None;

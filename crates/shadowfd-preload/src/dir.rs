@@ -19,8 +19,8 @@
 //!   (`getcwd` reports it); it travels to exec'd children in
 //!   `SHADOWFD_RUN_CWD`. A `chdir` elsewhere clears it.
 
-use crate::{Busy, client, env, errno_of, fail, normalize, resolve, set_errno};
 use crate::forklock::{ForkGuard, ForkMutex as Mutex};
+use crate::{Busy, client, env, errno_of, fail, normalize, resolve, set_errno};
 use shadowfd::remote::{PathInfo, PathKind};
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{CStr, CString, c_char, c_int, c_long, c_void};

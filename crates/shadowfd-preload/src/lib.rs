@@ -201,6 +201,55 @@ static CLIENT: ForkMutex<Option<Client>> = ForkMutex::new(None);
 static ANY_FD: AtomicBool = AtomicBool::new(false);
 static SAID: AtomicBool = AtomicBool::new(false);
 
+/// The shim's own descriptors (the server socket, the userfaultfd, the
+/// watcher's eventfds) are made while every free number below
+/// [`LowFds::FLOOR`] is taken, so they land above it. Programs pick low
+/// numbers themselves (`exec 3< file` in a shell is `dup2(fd, 3)`, and
+/// dash saves descriptors at 10 and up): a `dup2` onto a number the shim
+/// holds would close its connection under it.
+pub(crate) struct LowFds(Vec<c_int>);
+
+impl LowFds {
+    pub(crate) const FLOOR: c_int = 100;
+
+    /// Takes every free descriptor number below [`Self::FLOOR`] (with
+    /// `/dev/null`, raw system calls), until dropped.
+    pub(crate) fn reserve() -> LowFds {
+        let mut held = Vec::new();
+        loop {
+            // SAFETY: opens /dev/null (a NUL-terminated path); the number
+            // is closed on drop.
+            let fd = unsafe {
+                libc::syscall(
+                    libc::SYS_openat,
+                    libc::AT_FDCWD,
+                    c"/dev/null".as_ptr(),
+                    libc::O_PATH | libc::O_CLOEXEC,
+                )
+            } as c_int;
+            if fd < 0 {
+                break;
+            }
+            if fd >= Self::FLOOR {
+                // SAFETY: closes the descriptor just opened.
+                unsafe { libc::syscall(libc::SYS_close, fd) };
+                break;
+            }
+            held.push(fd);
+        }
+        LowFds(held)
+    }
+}
+
+impl Drop for LowFds {
+    fn drop(&mut self) {
+        for &fd in &self.0 {
+            // SAFETY: closes a descriptor this guard opened.
+            unsafe { libc::syscall(libc::SYS_close, fd) };
+        }
+    }
+}
+
 fn client() -> Result<Client, c_int> {
     let mut c = CLIENT.lock();
     if let Some(c) = c.as_ref() {
@@ -223,7 +272,10 @@ fn client() -> Result<Client, c_int> {
         };
         Client::from_stream(s, opts)
     };
-    match connect() {
+    let low = LowFds::reserve();
+    let made = connect();
+    drop(low);
+    match made {
         Ok(n) => {
             *c = Some(n.clone());
             Ok(n)

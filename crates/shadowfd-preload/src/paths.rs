@@ -4,9 +4,9 @@
 //! `name_to_handle_at`, and `freopen` (docs/run.md, "Intercepted").
 
 use crate::dir::{self, Route};
+use crate::resolve;
 use crate::{Busy, fail, set_errno};
 use shadowfd::remote::PathKind;
-use crate::resolve;
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::sync::atomic::AtomicUsize;
 
@@ -435,4 +435,100 @@ pub unsafe extern "C" fn freopen64(
 ) -> *mut libc::FILE {
     // SAFETY: forwarding.
     unsafe { freopen_common(path, mode, old, real!("freopen64", FreopenFn)) }
+}
+
+// ---- the __xstat family ----------------------------------------------------
+
+// glibc before 2.33 had `stat` and friends call these, and programs built
+// then (Debian's make 4.3, among others) still bind to them as compat
+// symbols (`__xstat@GLIBC_2.2.5`). The version argument is the layout of
+// `struct stat`, which on x86-64 and aarch64 is the one `stat` fills: each
+// goes to the shim's own `stat`, `lstat`, `fstat` or `fstatat`.
+
+/// # Safety
+/// glibc's `__xstat`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __xstat(_ver: c_int, path: *const c_char, st: *mut libc::stat64) -> c_int {
+    // SAFETY: as stat.
+    unsafe { crate::stat(path, st) }
+}
+
+/// # Safety
+/// glibc's `__xstat64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __xstat64(
+    _ver: c_int,
+    path: *const c_char,
+    st: *mut libc::stat64,
+) -> c_int {
+    // SAFETY: as stat64.
+    unsafe { crate::stat64(path, st) }
+}
+
+/// # Safety
+/// glibc's `__lxstat`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __lxstat(
+    _ver: c_int,
+    path: *const c_char,
+    st: *mut libc::stat64,
+) -> c_int {
+    // SAFETY: as lstat.
+    unsafe { crate::lstat(path, st) }
+}
+
+/// # Safety
+/// glibc's `__lxstat64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __lxstat64(
+    _ver: c_int,
+    path: *const c_char,
+    st: *mut libc::stat64,
+) -> c_int {
+    // SAFETY: as lstat64.
+    unsafe { crate::lstat64(path, st) }
+}
+
+/// # Safety
+/// glibc's `__fxstat`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __fxstat(_ver: c_int, fd: c_int, st: *mut libc::stat64) -> c_int {
+    // SAFETY: as fstat.
+    unsafe { crate::fstat(fd, st) }
+}
+
+/// # Safety
+/// glibc's `__fxstat64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __fxstat64(_ver: c_int, fd: c_int, st: *mut libc::stat64) -> c_int {
+    // SAFETY: as fstat64.
+    unsafe { crate::fstat64(fd, st) }
+}
+
+/// # Safety
+/// glibc's `__fxstatat`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __fxstatat(
+    _ver: c_int,
+    dirfd: c_int,
+    path: *const c_char,
+    st: *mut libc::stat64,
+    flags: c_int,
+) -> c_int {
+    // SAFETY: as fstatat.
+    unsafe { crate::fstatat(dirfd, path, st, flags) }
+}
+
+/// # Safety
+/// glibc's `__fxstatat64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __fxstatat64(
+    _ver: c_int,
+    dirfd: c_int,
+    path: *const c_char,
+    st: *mut libc::stat64,
+    flags: c_int,
+) -> c_int {
+    // SAFETY: as fstatat64.
+    unsafe { crate::fstatat64(dirfd, path, st, flags) }
 }

@@ -18,9 +18,9 @@
 //! every `mmap`/`munmap` of the process behind one fill.
 
 use crate::map::served_spans;
+use crate::resolve;
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::AtomicUsize;
-use crate::resolve;
 
 type SizeT = libc::size_t;
 type SsizeT = libc::ssize_t;
@@ -64,7 +64,12 @@ unsafe fn prefault_iov(iov: *const libc::iovec, cnt: c_int) {
 pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: SizeT) -> SsizeT {
     prefault(buf, n);
     // SAFETY: forwarding.
-    unsafe { real!("write", unsafe extern "C" fn(c_int, *const c_void, SizeT) -> SsizeT)(fd, buf, n) }
+    unsafe {
+        real!(
+            "write",
+            unsafe extern "C" fn(c_int, *const c_void, SizeT) -> SsizeT
+        )(fd, buf, n)
+    }
 }
 
 type PwriteFn = unsafe extern "C" fn(c_int, *const c_void, SizeT, libc::off_t) -> SsizeT;
@@ -72,7 +77,12 @@ type PwriteFn = unsafe extern "C" fn(c_int, *const c_void, SizeT, libc::off_t) -
 /// # Safety
 /// libc's `pwrite`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn pwrite(fd: c_int, buf: *const c_void, n: SizeT, off: libc::off_t) -> SsizeT {
+pub unsafe extern "C" fn pwrite(
+    fd: c_int,
+    buf: *const c_void,
+    n: SizeT,
+    off: libc::off_t,
+) -> SsizeT {
     prefault(buf, n);
     // SAFETY: forwarding.
     unsafe { real!("pwrite", PwriteFn)(fd, buf, n, off) }
