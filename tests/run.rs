@@ -2298,8 +2298,8 @@ fn prog_tree() -> &'static ProgTree {
         )
         .unwrap();
         // A shared library and a host program that needs it.
-        let (_c, foo) = compile_shared("int foo_answer(int x) { return x * 6; }\n", &[]);
-        std::fs::copy(&foo, src.join("lib/libfoo.so")).unwrap();
+        let (_c, libfoo) = compile_shared("int foo_answer(int x) { return x * 6; }\n", &[]);
+        std::fs::copy(&libfoo, src.join("lib/libfoo.so")).unwrap();
         let main = dir.path().join("usefoo.c");
         std::fs::write(
             &main,

@@ -1310,14 +1310,14 @@ unsafe fn fcntl_common(fd: c_int, cmd: c_int, arg: libc::c_long, sym: u8) -> c_i
             | libc::F_OFD_SETLK
             | libc::F_OFD_SETLKW
     );
-    if cmd == libc::F_GETFL || lock_cmd {
-        if let Some((_b, _e)) = tracked(fd) {
-            if cmd == libc::F_GETFL {
-                // What the program opened: read-only (the placeholder says O_PATH).
-                return libc::O_RDONLY | libc::O_LARGEFILE;
-            }
-            return lock(cmd, arg as *mut libc::flock);
+    if (cmd == libc::F_GETFL || lock_cmd)
+        && let Some((_b, _e)) = tracked(fd)
+    {
+        if cmd == libc::F_GETFL {
+            // What the program opened: read-only (the placeholder says O_PATH).
+            return libc::O_RDONLY | libc::O_LARGEFILE;
         }
+        return lock(cmd, arg as *mut libc::flock);
     }
     let b = Busy::enter();
     // SAFETY: forwarding.
@@ -1764,10 +1764,10 @@ unsafe fn fstat_common(fd: c_int, st: *mut libc::stat64, real: FstatFn) -> c_int
             Err(err) => fail(err),
         };
     }
-    if let Some(_b) = Busy::enter() {
-        if let Some(r) = dir::fstat_dirfd(fd, st) {
-            return r;
-        }
+    if let Some(_b) = Busy::enter()
+        && let Some(r) = dir::fstat_dirfd(fd, st)
+    {
+        return r;
     }
     // SAFETY: forwarding.
     unsafe { real(fd, st) }

@@ -199,7 +199,7 @@ pub(crate) fn do_mmap(
     off: OffT,
 ) -> Result<usize, c_int> {
     let pg = page();
-    if len == 0 || off < 0 || off as usize % pg != 0 {
+    if len == 0 || off < 0 || !(off as usize).is_multiple_of(pg) {
         return Err(libc::EINVAL);
     }
     let kind = flags & (libc::MAP_SHARED | libc::MAP_PRIVATE | libc::MAP_SHARED_VALIDATE);
@@ -210,7 +210,7 @@ pub(crate) fn do_mmap(
         return Err(libc::EACCES);
     }
     let place = flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE);
-    if place != 0 && addr as usize % pg != 0 {
+    if place != 0 && !(addr as usize).is_multiple_of(pg) {
         return Err(libc::EINVAL);
     }
     let maplen = len.checked_next_multiple_of(pg).ok_or(libc::ENOMEM)?;
@@ -291,7 +291,7 @@ pub(crate) fn before_fixed(addr: *mut c_void, len: SizeT, flags: c_int) -> Optio
     }
     let b = Busy::enter()?;
     let start = addr as usize;
-    if start % page() == 0 && len > 0 {
+    if start.is_multiple_of(page()) && len > 0 {
         drop(carve(start, start.saturating_add(len)));
     }
     Some(b)
@@ -312,7 +312,7 @@ pub(crate) unsafe fn munmap(addr: *mut c_void, len: SizeT) -> c_int {
         return unsafe { real_munmap()(addr, len) };
     }
     let start = addr as usize;
-    if start % page() != 0 || len == 0 {
+    if !start.is_multiple_of(page()) || len == 0 {
         return fail(libc::EINVAL);
     }
     // Served pages stop being served (UNMAP) before they are unmapped: the
