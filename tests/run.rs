@@ -2645,3 +2645,213 @@ int main(int argc, char **argv) {
 fn libc_efault() -> i32 {
     14
 }
+
+/// The glibc functions that reach the file system with internal calls,
+/// each on a served path from a C program (docs/run.md, "glibc functions
+/// that take a path"): stdio streams with a descriptor, `freopen` of
+/// `stdin`, the access checks by effective ids, `realpath` (plain and
+/// fortified) and `canonicalize_file_name`, `get_current_dir_name`,
+/// `statvfs`/`statfs`, `truncate`, `name_to_handle_at`, and descriptors
+/// handed over by `execl`, `execlp`, `system`, `popen` and `posix_spawnp`.
+#[test]
+fn c_program_uses_glibc_path_functions() {
+    let (_d, exe) = compile_fortified(
+        r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/statvfs.h>
+#include <sys/wait.h>
+#include <unistd.h>
+extern char **environ;
+int main(int argc, char **argv) {
+    const char *m = argv[1];
+    char p[4096];
+    if (argc > 2) {
+        /* A child: read 5 bytes of the inherited descriptor 3 (after the
+           parent's 2) and descriptor 0. */
+        char b[8] = {0};
+        ssize_t n = read(3, b, 5);
+        char c[8] = {0};
+        fgets(c, 5, stdin);
+        printf("%s child fd3 %zd [%s] stdin [%s]\n", argv[2], n, b, c);
+        return 0;
+    }
+    snprintf(p, sizeof p, "%s/lines.txt", m);
+    FILE *f = fopen(p, "r");
+    struct stat st;
+    int fd = fileno(f);
+    int fr = fstat(fd, &st);
+    printf("fileno %s fstat %d size %lld\n", fd >= 0 ? "ok" : "bad", fr, (long long)st.st_size);
+    char *map = mmap(0, 4096, PROT_READ, MAP_PRIVATE, fileno(f), 0);
+    printf("mmap-fileno %.8s\n", map == MAP_FAILED ? "FAILED" : map);
+    fclose(f);
+    int a1 = euidaccess(p, R_OK), a2 = eaccess(p, R_OK), a3 = faccessat(AT_FDCWD, p, R_OK, AT_EACCESS);
+    int a4 = euidaccess(p, W_OK), e4 = errno;
+    printf("euidaccess %d eaccess %d faccessat %d w %d/%d\n", a1, a2, a3, a4, e4);
+    char rp[PATH_MAX];
+    snprintf(p, sizeof p, "%s/mk/../lines.txt", m);
+    char *r = realpath(p, rp);
+    printf("realpath %s\n", r ? r : strerror(errno));
+    char *c = canonicalize_file_name(p);
+    printf("canonicalize %s\n", c ? c : strerror(errno));
+    free(c);
+    snprintf(p, sizeof p, "%s/none", m);
+    printf("realpath-missing %s\n", realpath(p, rp) ? "found" : strerror(errno));
+    snprintf(p, sizeof p, "%s/mk", m);
+    if (chdir(p)) perror("chdir");
+    char *cwd = get_current_dir_name();
+    printf("cwd %s\n", cwd);
+    free(cwd);
+    struct statvfs sv;
+    struct statfs sf;
+    int v1 = statvfs(p, &sv), v2 = statfs(p, &sf);
+    printf("statvfs %d rdonly %d statfs %d\n", v1, (sv.f_flag & ST_RDONLY) != 0, v2);
+    int t1 = truncate("input.txt", 0);
+    printf("truncate %d %s\n", t1, strerror(errno));
+    struct { unsigned int bytes; int type; unsigned char h[128]; } fh = {128, 0, {0}};
+    int mnt;
+    int h1 = name_to_handle_at(AT_FDCWD, "input.txt", (void *)&fh, &mnt, 0);
+    printf("name_to_handle_at %d %s\n", h1, strerror(errno));
+    /* freopen of stdin: the stream reads the served file. */
+    if (!freopen("other.txt", "r", stdin)) perror("freopen");
+    char line[64] = {0};
+    fgets(line, sizeof line, stdin);
+    printf("freopen-stdin %s", line);
+    /* Descriptors handed over: 3 (offset 2) and 0 (stdin, the other.txt). */
+    snprintf(p, sizeof p, "%s/lines.txt", m);
+    int three = open(p, O_RDONLY);
+    if (three != 3 && dup2(three, 3) != 3) perror("dup2");
+    char skip[20];
+    read(3, skip, 20);
+    lseek(0, 0, SEEK_SET);
+    fflush(stdout);
+    if (fork() == 0) { execl(argv[0], argv[0], m, "execl", (char *)0); _exit(99); }
+    wait(0);
+    lseek(0, 0, SEEK_SET);
+    if (fork() == 0) { execlp(argv[0], argv[0], m, "execlp", (char *)0); _exit(99); }
+    wait(0);
+    lseek(0, 0, SEEK_SET);
+    char cmd[5000];
+    snprintf(cmd, sizeof cmd, "%s %s system", argv[0], m);
+    fflush(stdout);
+    system(cmd);
+    lseek(0, 0, SEEK_SET);
+    snprintf(cmd, sizeof cmd, "%s %s popen", argv[0], m);
+    FILE *pp = popen(cmd, "r");
+    char out[256] = {0};
+    fgets(out, sizeof out, pp);
+    pclose(pp);
+    printf("%s", out);
+    lseek(0, 0, SEEK_SET);
+    pid_t pid;
+    char *args[] = {argv[0], (char *)m, "posix_spawnp", 0};
+    fflush(stdout);
+    if (posix_spawnp(&pid, argv[0], 0, 0, args, environ) == 0) waitpid(pid, 0, 0);
+    return 0;
+}
+"#,
+    );
+    let t = prog_tree();
+    let o = run_prog(&[exe.to_str().unwrap(), MOUNT]);
+    let out = String::from_utf8(ok(o)).unwrap();
+    let lines = std::fs::read(t.src.join("lines.txt")).unwrap();
+    let size = lines.len();
+    let want = [
+        format!("fileno ok fstat 0 size {size}"),
+        format!("mmap-fileno {}", String::from_utf8_lossy(&lines[..8])),
+        "euidaccess 0 eaccess 0 faccessat 0 w -1/30".to_string(),
+        format!("realpath {MOUNT}/lines.txt"),
+        format!("canonicalize {MOUNT}/lines.txt"),
+        "realpath-missing No such file or directory".to_string(),
+        format!("cwd {MOUNT}/mk"),
+        "statvfs 0 rdonly 1 statfs 0".to_string(),
+        "truncate -1 Read-only file system".to_string(),
+        "name_to_handle_at -1 Operation not supported".to_string(),
+        "freopen-stdin other".to_string(),
+    ];
+    for w in &want {
+        assert!(out.contains(w.as_str()), "missing {w:?} in\n{out}");
+    }
+    let five = String::from_utf8_lossy(&lines[20..25]).into_owned();
+    for how in ["execl", "execlp", "system", "popen", "posix_spawnp"] {
+        let w = format!("{how} child fd3 5 [{five}] stdin [othe]");
+        assert!(out.contains(&w), "missing {w:?} in\n{out}");
+    }
+}
+
+/// [`compile`] with `-D_FORTIFY_SOURCE=2` (so `realpath` into a sized
+/// buffer becomes `__realpath_chk`).
+fn compile_fortified(src: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("p.c");
+    let exe = dir.path().join("p");
+    std::fs::write(&c, src).unwrap();
+    let o = Command::new("cc")
+        .args([
+            "-O2",
+            "-D_FORTIFY_SOURCE=2",
+            "-Wall",
+            "-Wno-unused-result",
+            "-o",
+        ])
+        .arg(&exe)
+        .arg(&c)
+        .output_within(LIMIT);
+    ok(o);
+    (dir, exe)
+}
+
+/// docs/run.md's lists of intercepted and not-intercepted functions match
+/// the shim: the `intercepted` block names exactly the library's exported
+/// functions, and nothing in the `not-intercepted` block is exported.
+#[test]
+fn docs_lists_match_the_shims_exported_symbols() {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/run.md")).unwrap();
+    let block = |tag: &str| -> std::collections::BTreeSet<String> {
+        let start = doc
+            .find(&format!("```{tag}\n"))
+            .unwrap_or_else(|| panic!("docs/run.md has no ```{tag} block"));
+        let body = &doc[start + tag.len() + 4..];
+        let end = body.find("```").unwrap();
+        body[..end].split_whitespace().map(str::to_string).collect()
+    };
+    let listed = block("intercepted");
+    let not = block("not-intercepted");
+    let o = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(preload())
+        .output_within(LIMIT);
+    let nm = String::from_utf8(ok(o)).unwrap();
+    let exported: std::collections::BTreeSet<String> = nm
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace().rev();
+            let name = w.next()?;
+            let kind = w.next()?;
+            (kind == "T" || kind == "W").then(|| name.split('@').next().unwrap().to_string())
+        })
+        .collect();
+    let missing: Vec<_> = exported.difference(&listed).collect();
+    let stale: Vec<_> = listed.difference(&exported).collect();
+    assert!(
+        missing.is_empty() && stale.is_empty(),
+        "docs/run.md's intercepted list is out of date: exported but not listed {missing:?}; \
+         listed but not exported {stale:?}"
+    );
+    let both: Vec<_> = not.intersection(&exported).collect();
+    assert!(
+        both.is_empty(),
+        "listed as not intercepted but exported: {both:?}"
+    );
+    assert!(exported.len() > 100, "{nm}");
+}

@@ -532,3 +532,39 @@ pub unsafe extern "C" fn __fxstatat64(
     // SAFETY: as fstatat64.
     unsafe { crate::fstatat64(dirfd, path, st, flags) }
 }
+
+/// # Safety
+/// glibc's `get_current_dir_name`: the virtual working directory when
+/// there is one (glibc's own asks the kernel, which knows only the real
+/// one).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn get_current_dir_name() -> *mut c_char {
+    let v = match Busy::enter() {
+        Some(_b) => dir::vcwd(),
+        None => None,
+    };
+    match v {
+        Some(rel) => {
+            let s = dir::full(&rel);
+            // SAFETY: malloc has no preconditions; the caller frees it.
+            let p = unsafe { libc::malloc(s.len() + 1) }.cast::<c_char>();
+            if p.is_null() {
+                set_errno(libc::ENOMEM);
+                return p;
+            }
+            // SAFETY: `p` holds s.len() + 1 bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(s.as_ptr().cast::<c_char>(), p, s.len());
+                *p.add(s.len()) = 0;
+            }
+            p
+        }
+        // SAFETY: forwarding.
+        None => unsafe {
+            real!(
+                "get_current_dir_name",
+                unsafe extern "C" fn() -> *mut c_char
+            )()
+        },
+    }
+}
