@@ -2855,3 +2855,42 @@ fn docs_lists_match_the_shims_exported_symbols() {
     );
     assert!(exported.len() > 100, "{nm}");
 }
+
+/// Many small files in one directory of an image (looked up through the
+/// image's directory index): every file reads as on the host, a name the
+/// directory lacks is missing, and `ls` lists them all.
+#[test]
+fn many_small_files_in_one_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    for i in 0..3000u64 {
+        let body = pattern(100 + (i as usize * 7) % 900, i + 1);
+        std::fs::write(src.join(format!("d/f{i:05}.bin")), body).unwrap();
+    }
+    let img = d.path().join("small.ext4");
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&src)
+        .arg(&img)
+        .arg("64M")
+        .output_within(LIMIT);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let script = "cd {}/d && ls | wc -l && ls | sort | xargs cat | sha256sum && \
+                  cat f02999.bin f00000.bin | sha256sum && { cat nothere.bin 2>/dev/null || echo missing; }";
+    let host = ok(Command::new("sh")
+        .args(["-c", &script.replace("{}", src.to_str().unwrap())])
+        .output_within(LIMIT));
+    let img_s = img.display().to_string();
+    let got = ok(run_with(
+        &["--image", &img_s],
+        &["sh", "-c", &script.replace("{}", MOUNT)],
+    ));
+    assert!(
+        got == host,
+        "{}\n{}",
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&host)
+    );
+    assert!(String::from_utf8_lossy(&host).contains("3000\n"));
+}
