@@ -2894,3 +2894,24 @@ fn many_small_files_in_one_directory() {
     );
     assert!(String::from_utf8_lossy(&host).contains("3000\n"));
 }
+
+/// python's `subprocess` (a `vfork` child that `dup2`s and closes before
+/// it execs): the child reads the served file it got as standard input,
+/// and the parent's own tables do not change under it (its standard input
+/// stays the host pipe, its served file keeps its offset).
+#[test]
+fn python_subprocess_with_a_served_stdin() {
+    same_as_host(
+        r#"echo HOSTSTDIN | python3 -c '
+import os, subprocess, sys
+f = open(sys.argv[1] + "/lines.txt", "rb")
+print(f.read(9))
+with open(sys.argv[1] + "/odd.bin", "rb") as g:
+    r = subprocess.run(["od", "-A", "d", "-t", "x1", "-N", "16"], stdin=g, capture_output=True)
+    print(r.stdout.decode(), r.returncode)
+subprocess.run(["true"])
+print(f.read(9))
+print("parent stdin", os.read(0, 20))
+' {}"#,
+    );
+}

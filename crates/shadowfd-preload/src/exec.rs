@@ -20,7 +20,7 @@
 //! one pointer stored, the array never moved; see dir.rs for the same with
 //! the working directory).
 
-use crate::{Busy, dir, env, resolve};
+use crate::{Busy, dir, env, resolve, vfork};
 use std::ffi::{CStr, CString, c_char, c_int};
 use std::sync::atomic::AtomicUsize;
 
@@ -71,17 +71,17 @@ fn unhex(s: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-/// The value of `SHADOWFD_RUN_FDS` for an exec now.
+/// The value of `SHADOWFD_RUN_FDS` for an exec now (in a `vfork` child:
+/// its parent's tables with its own changes applied).
 fn handed() -> String {
     let mut parts = Vec::new();
-    for (fd, path, pos) in crate::files() {
-        if survives(fd) {
-            parts.push(format!("{fd}:f:{pos}:{}", hex(&path)));
+    for (fd, h) in vfork::view() {
+        if !survives(fd) {
+            continue;
         }
-    }
-    for (fd, path) in dir::dirfds() {
-        if survives(fd) {
-            parts.push(format!("{fd}:d:0:{}", hex(&path)));
+        match h {
+            vfork::Handed::File(path, pos) => parts.push(format!("{fd}:f:{pos}:{}", hex(&path))),
+            vfork::Handed::Dir(path) => parts.push(format!("{fd}:d:0:{}", hex(&path))),
         }
     }
     parts.join(",")

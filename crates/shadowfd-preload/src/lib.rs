@@ -72,6 +72,7 @@ mod dir;
 mod exec;
 mod paths;
 mod prefault;
+mod vfork;
 use dir::Route;
 
 thread_local! {
@@ -333,17 +334,53 @@ fn insert(fd: c_int, e: Arc<Entry>) -> Option<Arc<Entry>> {
     st.fds.insert(fd, e)
 }
 
-/// The served files' descriptors, paths and offsets (for an exec).
-fn files() -> Vec<(c_int, String, u64)> {
-    if !ANY_FD.load(Ordering::Acquire) {
-        return Vec::new();
+/// Every served descriptor in this process's tables, files (path,
+/// offset) and directories (for an exec).
+fn handed_all() -> Vec<(c_int, vfork::Handed)> {
+    let mut out: Vec<(c_int, vfork::Handed)> = if ANY_FD.load(Ordering::Acquire) {
+        STATE
+            .lock()
+            .fds
+            .iter()
+            .map(|(fd, e)| {
+                let h = vfork::Handed::File(e.path.clone(), e.pos.load(Ordering::SeqCst));
+                (*fd, h)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    out.extend(
+        dir::dirfds()
+            .into_iter()
+            .map(|(fd, p)| (fd, vfork::Handed::Dir(p))),
+    );
+    out
+}
+
+/// What the tables say `fd` is.
+fn handed_fd(fd: c_int) -> Option<vfork::Handed> {
+    if let Some(e) = entry(fd) {
+        return Some(vfork::Handed::File(
+            e.path.clone(),
+            e.pos.load(Ordering::SeqCst),
+        ));
     }
-    STATE
-        .lock()
-        .fds
-        .iter()
-        .map(|(fd, e)| (*fd, e.path.clone(), e.pos.load(Ordering::SeqCst)))
-        .collect()
+    dir::dirfds()
+        .into_iter()
+        .find(|(d, _)| *d == fd)
+        .map(|(_, p)| vfork::Handed::Dir(p))
+}
+
+/// After a `dup*` of `old` returned `new`: the tables follow (or, in a
+/// `vfork` child, its overlay).
+fn dup_done(old: c_int, new: c_int) {
+    if vfork::in_child() {
+        vfork::dup(old, new);
+        return;
+    }
+    after_dup(&entry(old), new);
+    dir::after_dup(old, new);
 }
 
 /// Tracks `fd` (a placeholder inherited across exec) as the served file
@@ -380,6 +417,10 @@ fn forget_fd(fd: c_int) {
     let Some(_b) = Busy::enter() else {
         return;
     };
+    if vfork::in_child() {
+        vfork::gone(fd);
+        return;
+    }
     let gone = remove(fd);
     dir::forget(fd);
     drop(gone);
@@ -431,7 +472,12 @@ fn close_own(fd: c_int) -> c_int {
 /// this thread is not inside the shim already (a program's `close`).
 fn close_forgetting(fd: c_int, own: bool) -> c_int {
     let b = Busy::enter();
-    let forget = own || b.is_some();
+    let mut forget = own || b.is_some();
+    if forget && vfork::in_child() {
+        // The tables are the parent's.
+        vfork::gone(fd);
+        forget = false;
+    }
     let gone = if forget { remove(fd) } else { None };
     if forget {
         dir::forget(fd);
@@ -469,6 +515,13 @@ fn do_open(rel: &str, flags: c_int) -> c_int {
             Err(e) => return Err(errno_of(&e)),
         };
         let fd = placeholder(flags)?;
+        if vfork::in_child() {
+            vfork::opened(fd, vfork::Handed::File(rel.to_string(), 0));
+            // The file stays open on the parent's connection; this child
+            // only execs or exits.
+            std::mem::forget(file);
+            return Ok(fd);
+        }
         dir::forget(fd);
         insert(
             fd,
@@ -1045,8 +1098,7 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
     // SAFETY: forwarding.
     let r = unsafe { real!("dup", unsafe extern "C" fn(c_int) -> c_int)(fd) };
     if b.is_some() {
-        after_dup(&entry(fd), r);
-        dir::after_dup(fd, r);
+        dup_done(fd, r);
     }
     r
 }
@@ -1059,8 +1111,7 @@ pub unsafe extern "C" fn dup2(fd: c_int, new: c_int) -> c_int {
     // SAFETY: forwarding.
     let r = unsafe { real!("dup2", unsafe extern "C" fn(c_int, c_int) -> c_int)(fd, new) };
     if b.is_some() && fd != new {
-        after_dup(&entry(fd), r);
-        dir::after_dup(fd, r);
+        dup_done(fd, r);
     }
     r
 }
@@ -1075,8 +1126,7 @@ pub unsafe extern "C" fn dup3(fd: c_int, new: c_int, flags: c_int) -> c_int {
         real!("dup3", unsafe extern "C" fn(c_int, c_int, c_int) -> c_int)(fd, new, flags)
     };
     if b.is_some() {
-        after_dup(&entry(fd), r);
-        dir::after_dup(fd, r);
+        dup_done(fd, r);
     }
     r
 }
@@ -1087,6 +1137,10 @@ fn forget_range(first: c_int, last: c_int) {
     let Some(_b) = Busy::enter() else {
         return;
     };
+    if vfork::in_child() {
+        vfork::gone_range(first, last);
+        return;
+    }
     let gone: Vec<Arc<Entry>> = if ANY_FD.load(Ordering::Acquire) {
         let mut st = STATE.lock();
         let fds: Vec<c_int> = st.fds.range(first..=last).map(|(k, _)| *k).collect();
@@ -1328,8 +1382,7 @@ unsafe fn fcntl_common(fd: c_int, cmd: c_int, arg: libc::c_long, sym: u8) -> c_i
         }
     };
     if b.is_some() && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) {
-        after_dup(&entry(fd), r);
-        dir::after_dup(fd, r);
+        dup_done(fd, r);
     }
     r
 }
@@ -2214,6 +2267,7 @@ extern "C" fn after_fork_parent() {
 /// (`MADV_DONTFORK`): each is mapped again at its address on the child's
 /// own connection before `fork` returns ([`map::remap_in_child`]).
 extern "C" fn after_fork_child() {
+    vfork::own();
     let mut parent_maps = Vec::new();
     let _ = HELD.try_with(|h| {
         if let Some((mut c, mut st, mut maps)) = h.borrow_mut().take() {
@@ -2255,6 +2309,7 @@ extern "C" fn init() {
     if audit::in_audit_namespace() {
         return;
     }
+    vfork::own();
     exec::adopt();
     // SAFETY: three valid handlers with no preconditions.
     unsafe {
