@@ -290,6 +290,13 @@ pub fn run(a: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .env("LD_AUDIT", audit)
         .env("SHADOWFD_RUN_SOCKET", &socket)
         .env("SHADOWFD_RUN_MOUNT", mount);
+    // The embedded server of an image serves a tree that cannot change
+    // while it runs: the shim may keep STAT answers (docs/run.md, "stat").
+    if a.image.is_some() {
+        cmd.env("SHADOWFD_RUN_IMMUTABLE", "1");
+    } else {
+        cmd.env_remove("SHADOWFD_RUN_IMMUTABLE");
+    }
     // SAFETY: only async-signal-safe calls (signal) between fork and exec.
     unsafe {
         cmd.pre_exec(|| {

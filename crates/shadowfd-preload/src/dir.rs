@@ -255,9 +255,31 @@ fn passes_through(abs: &str, prefix: &[String]) -> bool {
     false
 }
 
-/// STAT of a served path.
+/// STAT answers by path, kept when the served tree cannot change
+/// ([`crate::Env::immutable`]): a found path, and a path that is missing
+/// or not under a directory. At most [`MAX_STATS`] of them; then all are
+/// dropped at once.
+type Stats = std::collections::HashMap<String, Result<PathInfo, c_int>>;
+static STATS: Mutex<Option<Stats>> = Mutex::new(None);
+const MAX_STATS: usize = 1 << 16;
+
+/// STAT of a served path (kept, for an image: see [`STATS`]). The request
+/// runs with no lock held.
 pub(crate) fn stat_info(rel: &str) -> Result<PathInfo, c_int> {
-    client()?.stat(rel).map_err(|e| errno_of(&e))
+    let keep = env().is_some_and(|e| e.immutable);
+    if keep && let Some(r) = STATS.lock().as_ref().and_then(|m| m.get(rel)) {
+        return r.clone();
+    }
+    let r = client()?.stat(rel).map_err(|e| errno_of(&e));
+    if keep && matches!(r, Ok(_) | Err(libc::ENOENT) | Err(libc::ENOTDIR)) {
+        let mut g = STATS.lock();
+        let m = g.get_or_insert_with(Stats::new);
+        if m.len() >= MAX_STATS {
+            *m = Stats::new();
+        }
+        m.insert(rel.to_string(), r.clone());
+    }
+    r
 }
 
 /// A placeholder descriptor for the served directory `rel` (checked to be
@@ -466,12 +488,12 @@ fn is_stream(p: *mut libc::DIR) -> bool {
 fn new_stream(fd: c_int, rel: &str) -> Result<*mut libc::DIR, c_int> {
     let c = client()?;
     let list = c.list(rel).map_err(|e| errno_of(&e))?;
-    let here = c.stat(rel).map_err(|e| errno_of(&e))?;
+    let here = stat_info(rel)?;
     let up = if rel.is_empty() {
         here.inode
     } else {
         let parent = rel.rsplit_once('/').map_or("", |(p, _)| p);
-        c.stat(parent).map(|i| i.inode).unwrap_or(here.inode)
+        stat_info(parent).map(|i| i.inode).unwrap_or(here.inode)
     };
     let mut entries = vec![
         Ent {
@@ -1039,6 +1061,7 @@ type HeldDir = (
     ForkGuard<'static, Option<Option<String>>>,
     ForkGuard<'static, BTreeMap<c_int, Arc<DirFd>>>,
     ForkGuard<'static, BTreeSet<usize>>,
+    ForkGuard<'static, Option<Stats>>,
 );
 
 thread_local! {
@@ -1050,7 +1073,7 @@ thread_local! {
 extern "C" fn dir_before_fork() {
     // Never more than one of these is held at a time elsewhere, so taking
     // all three in this order cannot deadlock.
-    let held = (VCWD.lock(), DIRFDS.lock(), STREAMS.lock());
+    let held = (VCWD.lock(), DIRFDS.lock(), STREAMS.lock(), STATS.lock());
     let _ = HELD_DIR.try_with(|h| *h.borrow_mut() = Some(held));
 }
 

@@ -126,6 +126,9 @@ pub(crate) struct Env {
     /// every mapping is the server's sealed eager fallback (what a process
     /// that may not create one gets anyway).
     no_uffd: bool,
+    /// `SHADOWFD_RUN_IMMUTABLE=1` (set by `run --image`): the served tree
+    /// cannot change while served, so STAT answers may be kept.
+    pub(crate) immutable: bool,
 }
 
 fn env() -> Option<&'static Env> {
@@ -138,10 +141,12 @@ fn env() -> Option<&'static Env> {
             return None;
         }
         let no_uffd = std::env::var_os("SHADOWFD_RUN_NO_USERFAULTFD").is_some_and(|v| v == "1");
+        let immutable = std::env::var_os("SHADOWFD_RUN_IMMUTABLE").is_some_and(|v| v == "1");
         Some(Env {
             prefix,
             socket,
             no_uffd,
+            immutable,
         })
     })
     .as_ref()
