@@ -306,13 +306,19 @@ print("parent-after-fork", os.read(fd, 10) == d[9000:9010])
 
 /// Compiles a C program into a temp dir.
 fn compile(src: &str) -> (tempfile::TempDir, PathBuf) {
+    compile_with(src, &["-O1", "-Wall", "-Werror"])
+}
+
+/// Compiles a C program into a temp dir with these `cc` flags.
+fn compile_with(src: &str, flags: &[&str]) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let c = dir.path().join("p.c");
     let exe = dir.path().join("p");
     std::fs::write(&c, src).unwrap();
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let o = Command::new(&cc)
-        .args(["-O1", "-Wall", "-Werror", "-o"])
+        .args(flags)
+        .arg("-o")
         .arg(&exe)
         .arg(&c)
         .output()
@@ -2655,7 +2661,7 @@ fn libc_efault() -> i32 {
 /// handed over by `execl`, `execlp`, `system`, `popen` and `posix_spawnp`.
 #[test]
 fn c_program_uses_glibc_path_functions() {
-    let (_d, exe) = compile_fortified(
+    let (_d, exe) = compile_with(
         r#"
 #define _GNU_SOURCE
 #include <errno.h>
@@ -2759,6 +2765,8 @@ int main(int argc, char **argv) {
     return 0;
 }
 "#,
+        // So that `realpath` into a sized buffer becomes `__realpath_chk`.
+        &["-O2", "-D_FORTIFY_SOURCE=2", "-Wall", "-Wno-unused-result"],
     );
     let t = prog_tree();
     let o = run_prog(&[exe.to_str().unwrap(), MOUNT]);
@@ -2786,28 +2794,6 @@ int main(int argc, char **argv) {
         let w = format!("{how} child fd3 5 [{five}] stdin [othe]");
         assert!(out.contains(&w), "missing {w:?} in\n{out}");
     }
-}
-
-/// [`compile`] with `-D_FORTIFY_SOURCE=2` (so `realpath` into a sized
-/// buffer becomes `__realpath_chk`).
-fn compile_fortified(src: &str) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let c = dir.path().join("p.c");
-    let exe = dir.path().join("p");
-    std::fs::write(&c, src).unwrap();
-    let o = Command::new("cc")
-        .args([
-            "-O2",
-            "-D_FORTIFY_SOURCE=2",
-            "-Wall",
-            "-Wno-unused-result",
-            "-o",
-        ])
-        .arg(&exe)
-        .arg(&c)
-        .output_within(LIMIT);
-    ok(o);
-    (dir, exe)
 }
 
 /// docs/run.md's lists of intercepted and not-intercepted functions match

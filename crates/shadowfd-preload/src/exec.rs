@@ -278,6 +278,27 @@ type SpawnFn = unsafe extern "C" fn(
     *const *const c_char,
 ) -> c_int;
 
+/// `posix_spawn`/`posix_spawnp` with this shim's variables in `envp`.
+///
+/// # Safety
+/// libc's `posix_spawn`, with `real` its next definition.
+#[allow(clippy::too_many_arguments)]
+unsafe fn spawn_common(
+    pid: *mut libc::pid_t,
+    path: *const c_char,
+    fa: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+    real: SpawnFn,
+) -> c_int {
+    // SAFETY: posix_spawn's contract.
+    let e = unsafe { exec_env(envp) };
+    let envp = e.as_ref().map_or(envp, |e| e.ptrs.as_ptr());
+    // SAFETY: forwarding.
+    unsafe { real(pid, path, fa, attr, argv, envp) }
+}
+
 /// # Safety
 /// libc's `posix_spawn`.
 #[unsafe(no_mangle)]
@@ -289,11 +310,18 @@ pub unsafe extern "C" fn posix_spawn(
     argv: *const *const c_char,
     envp: *const *const c_char,
 ) -> c_int {
-    // SAFETY: posix_spawn's contract.
-    let e = unsafe { exec_env(envp) };
-    let envp = e.as_ref().map_or(envp, |e| e.ptrs.as_ptr());
     // SAFETY: forwarding.
-    unsafe { real!("posix_spawn", SpawnFn)(pid, path, fa, attr, argv, envp) }
+    unsafe {
+        spawn_common(
+            pid,
+            path,
+            fa,
+            attr,
+            argv,
+            envp,
+            real!("posix_spawn", SpawnFn),
+        )
+    }
 }
 
 /// # Safety
@@ -307,11 +335,18 @@ pub unsafe extern "C" fn posix_spawnp(
     argv: *const *const c_char,
     envp: *const *const c_char,
 ) -> c_int {
-    // SAFETY: posix_spawnp's contract.
-    let e = unsafe { exec_env(envp) };
-    let envp = e.as_ref().map_or(envp, |e| e.ptrs.as_ptr());
     // SAFETY: forwarding.
-    unsafe { real!("posix_spawnp", SpawnFn)(pid, file, fa, attr, argv, envp) }
+    unsafe {
+        spawn_common(
+            pid,
+            file,
+            fa,
+            attr,
+            argv,
+            envp,
+            real!("posix_spawnp", SpawnFn),
+        )
+    }
 }
 
 /// # Safety

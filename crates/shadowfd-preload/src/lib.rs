@@ -2123,20 +2123,13 @@ unsafe fn fopen_common(path: *const c_char, mode: *const c_char, real: FopenFn) 
             return f;
         }
     };
-    if mode.is_null() {
-        set_errno(libc::EINVAL);
-        return std::ptr::null_mut();
-    }
-    // SAFETY: a NUL-terminated mode string (fopen's contract).
-    let m = unsafe { CStr::from_ptr(mode) }.to_bytes();
-    if m.first() != Some(&b'r') || m.contains(&b'+') {
-        set_errno(libc::EROFS);
-        return std::ptr::null_mut();
-    }
-    let cloexec = if m.contains(&b'e') {
-        libc::O_CLOEXEC
-    } else {
-        0
+    // SAFETY: the caller's promise.
+    let cloexec = match unsafe { read_mode(mode) } {
+        Ok(c) => c,
+        Err(e) => {
+            set_errno(e);
+            return std::ptr::null_mut();
+        }
     };
     let fd = {
         let _b = Busy::enter();
@@ -2151,6 +2144,27 @@ unsafe fn fopen_common(path: *const c_char, mode: *const c_char, real: FopenFn) 
         unsafe { close(fd) };
     }
     f
+}
+
+/// The `open` flag a stdio mode adds (`O_CLOEXEC` for `e`) when it only
+/// reads; `EROFS` for a mode that writes, `EINVAL` for none.
+///
+/// # Safety
+/// `mode` is null or NUL-terminated.
+unsafe fn read_mode(mode: *const c_char) -> Result<c_int, c_int> {
+    if mode.is_null() {
+        return Err(libc::EINVAL);
+    }
+    // SAFETY: the caller's promise.
+    let m = unsafe { CStr::from_ptr(mode) }.to_bytes();
+    if m.first() != Some(&b'r') || m.contains(&b'+') {
+        return Err(libc::EROFS);
+    }
+    Ok(if m.contains(&b'e') {
+        libc::O_CLOEXEC
+    } else {
+        0
+    })
 }
 
 /// Where glibc keeps a stream's descriptor: `_fileno` of `struct

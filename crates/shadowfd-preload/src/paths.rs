@@ -7,7 +7,7 @@ use crate::dir::{self, Route};
 use crate::resolve;
 use crate::{Busy, fail, set_errno};
 use shadowfd::remote::PathKind;
-use std::ffi::{CStr, c_char, c_int, c_void};
+use std::ffi::{c_char, c_int, c_void};
 use std::sync::atomic::AtomicUsize;
 
 /// Runs `served` for a path under the prefix (with this thread marked
@@ -357,25 +357,22 @@ unsafe fn freopen_common(
         // SAFETY: forwarding (a mode change of the same file).
         return unsafe { real(path, mode, old) };
     };
-    if mode.is_null() || old.is_null() {
+    if old.is_null() {
         set_errno(libc::EINVAL);
         return std::ptr::null_mut();
     }
-    // SAFETY: a NUL-terminated mode string (freopen's contract).
-    let m = unsafe { CStr::from_ptr(mode) }.to_bytes();
-    if m.first() != Some(&b'r') || m.contains(&b'+') {
-        set_errno(libc::EROFS);
-        return std::ptr::null_mut();
-    }
+    // SAFETY: the caller's promise.
+    let cloexec = match unsafe { crate::read_mode(mode) } {
+        Ok(c) => c,
+        Err(e) => {
+            set_errno(e);
+            return std::ptr::null_mut();
+        }
+    };
     // SAFETY: a live stream.
     let was = unsafe { libc::fileno(old) };
     // SAFETY: freopen closes the old stream first, whatever happens next.
     unsafe { libc::fclose(old) };
-    let cloexec = if m.contains(&b'e') {
-        libc::O_CLOEXEC
-    } else {
-        0
-    };
     let fd = {
         let _b = Busy::enter();
         crate::do_open(&rel, libc::O_RDONLY | cloexec)
