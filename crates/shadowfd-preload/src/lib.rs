@@ -218,30 +218,31 @@ pub(crate) struct LowFds(Vec<c_int>);
 impl LowFds {
     pub(crate) const FLOOR: c_int = 100;
 
-    /// Takes every free descriptor number below [`Self::FLOOR`] (with
-    /// `/dev/null`, raw system calls), until dropped.
+    /// Takes every free descriptor number below [`Self::FLOOR`] (copies of
+    /// one `/dev/null` descriptor, raw system calls), until dropped.
     pub(crate) fn reserve() -> LowFds {
         let mut held = Vec::new();
-        loop {
-            // SAFETY: opens /dev/null (a NUL-terminated path); the number
-            // is closed on drop.
-            let fd = unsafe {
-                libc::syscall(
-                    libc::SYS_openat,
-                    libc::AT_FDCWD,
-                    c"/dev/null".as_ptr(),
-                    libc::O_PATH | libc::O_CLOEXEC,
-                )
-            } as c_int;
-            if fd < 0 {
-                break;
-            }
-            if fd >= Self::FLOOR {
-                // SAFETY: closes the descriptor just opened.
-                unsafe { libc::syscall(libc::SYS_close, fd) };
-                break;
-            }
+        // SAFETY: opens /dev/null (a NUL-terminated path); every number
+        // taken is closed on drop.
+        let first = unsafe {
+            libc::syscall(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                c"/dev/null".as_ptr(),
+                libc::O_PATH | libc::O_CLOEXEC,
+            )
+        } as c_int;
+        let mut fd = first;
+        while (0..Self::FLOOR).contains(&fd) {
             held.push(fd);
+            // SAFETY: duplicates a descriptor this guard holds onto the
+            // lowest free number.
+            fd = unsafe { libc::syscall(libc::SYS_fcntl, first, libc::F_DUPFD_CLOEXEC, 0) }
+                as c_int;
+        }
+        if fd >= Self::FLOOR {
+            // SAFETY: closes the copy just made, above the floor.
+            unsafe { libc::syscall(libc::SYS_close, fd) };
         }
         LowFds(held)
     }

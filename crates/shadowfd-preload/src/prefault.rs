@@ -20,16 +20,22 @@
 use crate::map::served_spans;
 use crate::resolve;
 use std::ffi::{c_int, c_void};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 type SizeT = libc::size_t;
 type SsizeT = libc::ssize_t;
 
 /// Makes the served pages of `buf..buf+len` present (see the module).
 pub(crate) fn prefault(buf: *const c_void, len: usize) {
-    if buf.is_null() || len == 0 {
+    if buf.is_null() || len == 0 || !crate::map::ANY_MAP.load(Ordering::Acquire) {
         return;
     }
+    // Not from inside the shim: a signal handler's `write` on a thread
+    // that holds the mapping table's lock must not wait for it (and the
+    // shim's own writes are of its own buffers).
+    let Some(_b) = crate::Busy::enter() else {
+        return;
+    };
     let pg = crate::page();
     for (s, e) in served_spans(buf as usize, len) {
         let mut p = s & !(pg - 1);
