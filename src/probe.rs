@@ -30,6 +30,13 @@ pub fn run(a: ProbeArgs) -> CliResult {
         Some(acc) => println!("userfaultfd: available via {acc:?}"),
         None => println!("userfaultfd: not available"),
     }
+    if p.access == Some(shadowfd::Access::SyscallUserModeOnly) {
+        println!(
+            "  user-mode only: a fault the kernel takes on a lazy mapping (write(2) from it) \
+             is not served and fails with EFAULT; `shadowfd run` makes the pages present \
+             first in the calls it intercepts (docs/run.md)"
+        );
+    }
     for at in &p.attempts {
         match &at.error {
             None => println!("  {:?}: ok", at.method),

@@ -34,6 +34,14 @@ fn time_tar(mut c: Command) -> Result<Timed, String> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start {c:?}: {e}"))?;
+    // Drained on its own thread: a reader that fails on many files fills
+    // the pipe and would block on it while this one waits for stdout.
+    let mut err = child.stderr.take().expect("piped");
+    let errs = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
     let mut out = child.stdout.take().expect("piped");
     let mut buf = vec![0u8; 1 << 20];
     let mut bytes = 0u64;
@@ -45,16 +53,15 @@ fn time_tar(mut c: Command) -> Result<Timed, String> {
             Err(e) => return Err(format!("reading the archive of {c:?}: {e}")),
         }
     }
-    let o = child
-        .wait_with_output()
+    let status = child
+        .wait()
         .map_err(|e| format!("waiting for {c:?}: {e}"))?;
     let secs = t0.elapsed().as_secs_f64();
-    if !o.status.success() {
-        return Err(format!(
-            "{c:?} failed ({}): {}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr)
-        ));
+    let stderr = errs.join().unwrap_or_default();
+    if !status.success() {
+        let text = String::from_utf8_lossy(&stderr);
+        let tail: String = text.lines().rev().take(5).collect::<Vec<_>>().join("\n");
+        return Err(format!("{c:?} failed ({status}); its last lines:\n{tail}"));
     }
     Ok(Timed { secs, bytes })
 }

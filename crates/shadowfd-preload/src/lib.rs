@@ -237,8 +237,8 @@ impl LowFds {
             held.push(fd);
             // SAFETY: duplicates a descriptor this guard holds onto the
             // lowest free number.
-            fd = unsafe { libc::syscall(libc::SYS_fcntl, first, libc::F_DUPFD_CLOEXEC, 0) }
-                as c_int;
+            fd =
+                unsafe { libc::syscall(libc::SYS_fcntl, first, libc::F_DUPFD_CLOEXEC, 0) } as c_int;
         }
         if fd >= Self::FLOOR {
             // SAFETY: closes the copy just made, above the floor.
