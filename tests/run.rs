@@ -2901,3 +2901,49 @@ print("parent stdin", os.read(0, 20))
 ' {}"#,
     );
 }
+
+/// glibc's `nftw` and `ftw` on a served tree (the shim walks it: glibc's
+/// own opens and reads directories with internal calls), compared with the
+/// same walks of the host tree: every path with its kind, level and size,
+/// pre-order and with `FTW_DEPTH`.
+#[test]
+fn nftw_and_ftw_walk_a_served_tree_like_the_host() {
+    let (_d, exe) = compile(
+        r#"
+#define _GNU_SOURCE
+#include <ftw.h>
+#include <stdio.h>
+#include <string.h>
+static size_t root;
+static int show(const char *p, const struct stat *st, int ty, struct FTW *w) {
+    if (strstr(p, "lost+found")) return 0;
+    /* The root's own name is the mount's or the host directory's. */
+    printf("nftw %s %d %d %s %lld\n", p + root, ty, w->level, w->level ? p + w->base : ".",
+           ty == FTW_F ? (long long)st->st_size : -1LL);
+    return 0;
+}
+static int old(const char *p, const struct stat *st, int ty) {
+    if (strstr(p, "lost+found")) return 0;
+    printf("ftw %s %d\n", p + root, ty);
+    return 0;
+}
+static int stop(const char *p, const struct stat *st, int ty, struct FTW *w) {
+    return strstr(p, "Makefile") ? 7 : 0;
+}
+int main(int argc, char **argv) {
+    root = strlen(argv[1]);
+    if (nftw(argv[1], show, 8, FTW_PHYS)) return 1;
+    if (nftw(argv[1], show, 8, FTW_PHYS | FTW_DEPTH)) return 1;
+    if (ftw(argv[1], old, 8)) return 1;
+    printf("stop %d\n", nftw(argv[1], stop, 8, 0));
+    return 0;
+}
+"#,
+    );
+    let exe = exe.display().to_string();
+    let out = same_as_host(&format!("{exe} {{}} | sort"));
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.contains("nftw /mk/input.txt 0 2 input.txt 11"), "{out}");
+    assert!(out.contains("nftw /mk 5 1 mk -1"), "{out}");
+    assert!(out.contains("stop 7"), "{out}");
+}
