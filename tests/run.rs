@@ -2462,6 +2462,15 @@ fn sort_test_od_wc_python_and_xz_like_the_host() {
     // with its offset: `cat` gets the rest of the file after `head -c`'s
     // read in the shell itself (read(1) at a time, so nothing is skipped).
     same_as_host("exec 3< {}/odd.bin; read -r -n 5 x <&3; cat <&3 | sha256sum");
+    // bash defines getenv/setenv of its own: its shim still adopts the
+    // descriptor at load and hands it to what it runs.
+    same_as_host("bash -c 'true; head -c 20; echo' < {}/lines.txt");
+    // `/dev/stdin`, `/dev/fd/N` and `/proc/self/fd/N` of a served
+    // descriptor reopen the served file.
+    same_as_host(
+        "cat /dev/stdin < {}/lines.txt | sha256sum; exec 3< {}/odd.bin; \
+         sha256sum /dev/fd/3 /proc/self/fd/3 | cut -c1-64; wc -l /dev/stdin < {}/lines.txt",
+    );
 }
 
 /// make reads its Makefile (stdio), globs, and runs a shell that reads a

@@ -275,7 +275,7 @@ pub(crate) fn in_audit_namespace() -> bool {
 /// again. So the module searches `LD_LIBRARY_PATH` in order itself: a host
 /// directory that has the name ends the search (`ld.so` finds it there).
 fn search_library_path(name: &str, env: &crate::Env) -> Option<Result<*const c_char, Why>> {
-    let list = std::env::var("LD_LIBRARY_PATH").ok()?;
+    let list = crate::getenv(c"LD_LIBRARY_PATH")?;
     for d in list.split([':', ';']).filter(|d| !d.is_empty()) {
         let cand = format!("{d}/{name}");
         let comps = normalize(&cand)?;

@@ -73,7 +73,7 @@ pub(crate) fn full(rel: &str) -> String {
 pub(crate) fn vcwd() -> Option<String> {
     let mut v = VCWD.lock();
     if v.is_none() {
-        let from_env = std::env::var(CWD_VAR).ok().and_then(|s| {
+        let from_env = crate::getenv(c"SHADOWFD_RUN_CWD").and_then(|s| {
             let env = env()?;
             let comps = normalize(&s)?;
             (comps.len() >= env.prefix.len() && comps[..env.prefix.len()] == env.prefix[..])
@@ -89,7 +89,7 @@ fn set_vcwd(rel: Option<String>) {
         let mut v = VCWD.lock();
         let old = v.clone().flatten();
         *v = Some(rel.clone());
-        let in_env = std::env::var_os(CWD_VAR).is_some_and(|v| !v.is_empty());
+        let in_env = crate::getenv(c"SHADOWFD_RUN_CWD").is_some_and(|v| !v.is_empty());
         old != rel || in_env != rel.is_some()
     };
     if changed {
@@ -102,9 +102,8 @@ fn set_vcwd(rel: Option<String>) {
         // other threads' `getenv` may be reading (docs/run.md).
         let v = rel.as_ref().map(|r| full(r)).unwrap_or_default();
         let v = CString::new(v).unwrap_or_default();
-        // SAFETY: NUL-terminated strings; the environment is only changed
-        // here, on a chdir, and at load.
-        unsafe { libc::setenv(c"SHADOWFD_RUN_CWD".as_ptr(), v.as_ptr(), 1) };
+        // The environment is only changed here, on a chdir, and at load.
+        crate::setenv(c"SHADOWFD_RUN_CWD", &v, true);
     }
 }
 
@@ -115,9 +114,9 @@ fn cwd_var_init() {
     if env().is_none() {
         return;
     }
-    // SAFETY: NUL-terminated strings; no other thread runs yet (library
-    // constructors run before main), and overwrite = 0 keeps a value.
-    unsafe { libc::setenv(c"SHADOWFD_RUN_CWD".as_ptr(), c"".as_ptr(), 0) };
+    // No other thread runs yet (library constructors run before main), and
+    // no overwrite keeps a value.
+    crate::setenv(c"SHADOWFD_RUN_CWD", c"", false);
 }
 
 fn dirfd_entry(fd: c_int) -> Option<Arc<DirFd>> {
@@ -209,6 +208,9 @@ pub(crate) unsafe fn route(dirfd: c_int, path: *const c_char) -> Route {
     if s.is_empty() {
         return Route::Host(None);
     }
+    if let Some(rel) = served_fd_path(s) {
+        return Route::Served(rel);
+    }
     let relative = !s.starts_with('/');
     let abs = if relative {
         let base = if dirfd == libc::AT_FDCWD {
@@ -234,6 +236,39 @@ pub(crate) unsafe fn route(dirfd: c_int, path: *const c_char) -> Route {
         return Route::Host(Some(CString::new(host).unwrap_or_default()));
     }
     Route::Host(None)
+}
+
+/// The served path behind `/dev/stdin`, `/dev/fd/N`, `/proc/self/fd/N`
+/// or `/proc/PID/fd/N` (this process's id) when descriptor N is a served
+/// file or directory: opening one of those names reopens the file it
+/// stands for, as natively (a new open file description: offset 0). The
+/// kernel would find the placeholder (`/dev/null`) there.
+fn served_fd_path(s: &str) -> Option<String> {
+    if !(s.starts_with("/dev/") || s.starts_with("/proc/"))
+        || !(crate::ANY_FD.load(Ordering::Acquire) || any())
+    {
+        return None;
+    }
+    let n = if s == "/dev/stdin" {
+        "0"
+    } else if let Some(n) = s.strip_prefix("/dev/fd/") {
+        n
+    } else if let Some(n) = s.strip_prefix("/proc/self/fd/") {
+        n
+    } else {
+        let rest = s.strip_prefix("/proc/")?;
+        let (pid, n) = rest.split_once("/fd/")?;
+        // SAFETY: getpid has no preconditions.
+        if pid.parse::<i32>().ok()? != unsafe { libc::getpid() } {
+            return None;
+        }
+        n
+    };
+    let fd: c_int = n.parse().ok()?;
+    if let Some(e) = crate::entry(fd) {
+        return Some(e.path.clone());
+    }
+    dirfd_entry(fd).map(|d| d.path.clone())
 }
 
 /// Whether the absolute path `abs`, walked lexically, is inside `prefix`

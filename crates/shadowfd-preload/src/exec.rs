@@ -94,7 +94,7 @@ pub(crate) fn adopt() {
     if env().is_none() {
         return;
     }
-    let v = std::env::var(FDS_VAR).unwrap_or_default();
+    let v = crate::getenv(c"SHADOWFD_RUN_FDS").unwrap_or_default();
     for item in v.split(',').filter(|s| !s.is_empty()) {
         let mut it = item.splitn(4, ':');
         let (Some(fd), Some(kind), Some(pos), Some(path)) =
@@ -129,8 +129,8 @@ pub(crate) fn adopt() {
             _ => {}
         }
     }
-    // SAFETY: NUL-terminated strings; at load, before other threads run.
-    unsafe { libc::setenv(c"SHADOWFD_RUN_FDS".as_ptr(), c"".as_ptr(), 1) };
+    // At load, before other threads run.
+    crate::setenv(c"SHADOWFD_RUN_FDS", c"", true);
 }
 
 /// Brings `SHADOWFD_RUN_FDS` in `environ` up to date, before a call that
@@ -143,13 +143,13 @@ pub(crate) fn sync_environ() {
         return;
     };
     let v = handed();
-    if std::env::var(FDS_VAR).ok().as_deref() == Some(v.as_str()) {
+    if crate::getenv(c"SHADOWFD_RUN_FDS").as_deref() == Some(v.as_str()) {
         return;
     }
     let v = CString::new(v).unwrap_or_default();
-    // SAFETY: NUL-terminated strings. The variable was added at load, so
-    // glibc replaces one pointer and never moves the array.
-    unsafe { libc::setenv(c"SHADOWFD_RUN_FDS".as_ptr(), v.as_ptr(), 1) };
+    // The variable was added at load, so glibc replaces one pointer and
+    // never moves the array.
+    crate::setenv(c"SHADOWFD_RUN_FDS", &v, true);
 }
 
 /// An environment for an exec: the caller's, with this shim's variables

@@ -134,14 +134,14 @@ pub(crate) struct Env {
 fn env() -> Option<&'static Env> {
     static ENV: OnceLock<Option<Env>> = OnceLock::new();
     ENV.get_or_init(|| {
-        let prefix = std::env::var("SHADOWFD_RUN_MOUNT").ok()?;
-        let socket = std::env::var("SHADOWFD_RUN_SOCKET").ok()?;
+        let prefix = getenv(c"SHADOWFD_RUN_MOUNT")?;
+        let socket = getenv(c"SHADOWFD_RUN_SOCKET")?;
         let prefix = normalize(&prefix)?;
         if prefix.is_empty() {
             return None;
         }
-        let no_uffd = std::env::var_os("SHADOWFD_RUN_NO_USERFAULTFD").is_some_and(|v| v == "1");
-        let immutable = std::env::var_os("SHADOWFD_RUN_IMMUTABLE").is_some_and(|v| v == "1");
+        let no_uffd = getenv(c"SHADOWFD_RUN_NO_USERFAULTFD").is_some_and(|v| v == "1");
+        let immutable = getenv(c"SHADOWFD_RUN_IMMUTABLE").is_some_and(|v| v == "1");
         Some(Env {
             prefix,
             socket,
@@ -150,6 +150,37 @@ fn env() -> Option<&'static Env> {
         })
     })
     .as_ref()
+}
+
+/// An environment variable (UTF-8), read with glibc's own `getenv`, the
+/// next definition after this library, never the program's: bash defines
+/// `getenv` and `setenv` of its own, backed by its shell variables, which
+/// are not set up while library constructors run (there its `setenv`
+/// would leave them half made, and its `getenv` then finds nothing).
+pub(crate) fn getenv(name: &CStr) -> Option<String> {
+    let f = real!("getenv", unsafe extern "C" fn(*const c_char) -> *mut c_char);
+    // SAFETY: a NUL-terminated name; glibc returns null or a string in
+    // `environ`.
+    let p = unsafe { f(name.as_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: as above.
+    unsafe { CStr::from_ptr(p) }
+        .to_str()
+        .ok()
+        .map(str::to_string)
+}
+
+/// Sets an environment variable with glibc's own `setenv` (see
+/// [`getenv`]).
+pub(crate) fn setenv(name: &CStr, value: &CStr, overwrite: bool) {
+    let f = real!(
+        "setenv",
+        unsafe extern "C" fn(*const c_char, *const c_char, c_int) -> c_int
+    );
+    // SAFETY: NUL-terminated strings.
+    unsafe { f(name.as_ptr(), value.as_ptr(), c_int::from(overwrite)) };
 }
 
 /// The components of an absolute path, `.` and `..` resolved lexically.
