@@ -2462,6 +2462,18 @@ fn sort_test_od_wc_python_and_xz_like_the_host() {
     // with its offset: `cat` gets the rest of the file after `head -c`'s
     // read in the shell itself (read(1) at a time, so nothing is skipped).
     same_as_host("exec 3< {}/odd.bin; read -r -n 5 x <&3; cat <&3 | sha256sum");
+    // ... and their links name the served path.
+    let link = ok(run_prog(&[
+        "sh",
+        "-c",
+        &format!(
+            "exec 3< {MOUNT}/odd.bin; readlink /proc/self/fd/3; readlink -f /dev/stdin < {MOUNT}/mk/input.txt"
+        ),
+    ]));
+    assert_eq!(
+        String::from_utf8_lossy(&link),
+        format!("{MOUNT}/odd.bin\n{MOUNT}/mk/input.txt\n")
+    );
     // bash defines getenv/setenv of its own: its shim still adopts the
     // descriptor at load and hands it to what it runs.
     same_as_host("bash -c 'true; head -c 20; echo' < {}/lines.txt");

@@ -493,6 +493,34 @@ pub(crate) fn readlink_rel(rel: &str) -> libc::ssize_t {
     }
 }
 
+/// `readlink` of `path` (relative to `dirfd`) when it is a served
+/// descriptor's `/dev/fd/N`-style name: the link names the served path
+/// (`PREFIX/...`), truncated to `n` bytes as `readlink` does. `None` for
+/// any other path.
+///
+/// # Safety
+/// `path` is null or NUL-terminated; `buf` holds `n` bytes.
+pub(crate) unsafe fn readlink_fd(
+    dirfd: c_int,
+    path: *const c_char,
+    buf: *mut c_char,
+    n: libc::size_t,
+) -> Option<libc::ssize_t> {
+    if path.is_null() || (dirfd != libc::AT_FDCWD && dirfd_entry(dirfd).is_none()) {
+        return None;
+    }
+    // SAFETY: the caller's promise.
+    let s = unsafe { CStr::from_ptr(path) }.to_str().ok()?;
+    let target = full(&served_fd_path(s)?);
+    if buf.is_null() {
+        return Some(fail(libc::EFAULT) as libc::ssize_t);
+    }
+    let len = target.len().min(n);
+    // SAFETY: `buf` holds `n` bytes (readlink's contract).
+    unsafe { std::ptr::copy_nonoverlapping(target.as_ptr().cast::<c_char>(), buf, len) };
+    Some(len as libc::ssize_t)
+}
+
 // ---- directory streams ---------------------------------------------------
 
 /// One entry of a stream: name, inode, `d_type`.

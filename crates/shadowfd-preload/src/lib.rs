@@ -1634,6 +1634,10 @@ pub unsafe extern "C" fn readlink(path: *const c_char, buf: *mut c_char, n: Size
     let mut host = None;
     if let Some(_b) = Busy::enter() {
         // SAFETY: the caller's promise.
+        if let Some(r) = unsafe { dir::readlink_fd(libc::AT_FDCWD, path, buf, n) } {
+            return r;
+        }
+        // SAFETY: the caller's promise.
         match unsafe { dir::route(libc::AT_FDCWD, path) } {
             Route::Served(rel) => return dir::readlink_rel(&rel),
             Route::Host(p) => host = p,
@@ -1659,6 +1663,10 @@ pub unsafe extern "C" fn readlinkat(
 ) -> SsizeT {
     let mut host = None;
     if let Some(_b) = Busy::enter() {
+        // SAFETY: the caller's promise.
+        if let Some(r) = unsafe { dir::readlink_fd(dirfd, path, buf, n) } {
+            return r;
+        }
         // SAFETY: the caller's promise.
         match unsafe { dir::route(dirfd, path) } {
             Route::Served(rel) => return dir::readlink_rel(&rel),
