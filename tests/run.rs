@@ -2697,6 +2697,7 @@ fn c_program_uses_glibc_path_functions() {
 #include <sys/statfs.h>
 #include <sys/statvfs.h>
 #include <sys/wait.h>
+#include <dirent.h>
 #include <unistd.h>
 extern char **environ;
 int main(int argc, char **argv) {
@@ -2748,6 +2749,18 @@ int main(int argc, char **argv) {
     int mnt;
     int h1 = name_to_handle_at(AT_FDCWD, "input.txt", (void *)&fh, &mnt, 0);
     printf("name_to_handle_at %d %s\n", h1, strerror(errno));
+    int sfd = open("input.txt", O_RDONLY);
+    struct statvfs fsv;
+    struct statfs fsf;
+    int f1 = fstatvfs(sfd, &fsv), f2 = fstatfs(sfd, &fsf);
+    printf("fstatvfs %d rdonly %d fstatfs %d type %lx\n", f1, (fsv.f_flag & ST_RDONLY) != 0, f2, (long)fsf.f_type);
+    close(sfd);
+    struct dirent **names;
+    int nn = scandirat(AT_FDCWD, ".", &names, 0, alphasort);
+    printf("scandirat %d", nn);
+    for (int i = 0; i < nn; i++) { printf(" %s", names[i]->d_name); free(names[i]); }
+    printf("\n");
+    free(names);
     /* freopen of stdin: the stream reads the served file. */
     if (!freopen("other.txt", "r", stdin)) perror("freopen");
     char line[64] = {0};
@@ -2805,6 +2818,8 @@ int main(int argc, char **argv) {
         "statvfs 0 rdonly 1 statfs 0".to_string(),
         "truncate -1 Read-only file system".to_string(),
         "name_to_handle_at -1 Operation not supported".to_string(),
+        "fstatvfs 0 rdonly 1 fstatfs 0 type 53484446".to_string(),
+        "scandirat 5 . .. Makefile input.txt other.txt".to_string(),
         "freopen-stdin other".to_string(),
     ];
     for w in &want {

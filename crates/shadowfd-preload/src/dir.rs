@@ -151,6 +151,11 @@ pub(crate) fn adopt(fd: c_int, rel: &str) {
     );
 }
 
+/// The served path of directory descriptor `fd`, if it is one.
+pub(crate) fn dirfd_path(fd: c_int) -> Option<String> {
+    dirfd_entry(fd).map(|d| d.path.clone())
+}
+
 /// Whether any served directory descriptor may be tracked.
 pub(crate) fn any() -> bool {
     ANY_DIRFD.load(Ordering::Acquire)
@@ -989,8 +994,8 @@ pub unsafe extern "C" fn lgetxattr(
 
 // ---- scandir -------------------------------------------------------------
 
-type Filter = Option<unsafe extern "C" fn(*const libc::dirent64) -> c_int>;
-type Compar =
+pub(crate) type Filter = Option<unsafe extern "C" fn(*const libc::dirent64) -> c_int>;
+pub(crate) type Compar =
     Option<unsafe extern "C" fn(*mut *const libc::dirent64, *mut *const libc::dirent64) -> c_int>;
 type ScandirFn =
     unsafe extern "C" fn(*const c_char, *mut *mut *mut libc::dirent64, Filter, Compar) -> c_int;

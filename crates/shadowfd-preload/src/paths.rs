@@ -798,3 +798,138 @@ pub unsafe extern "C" fn ftw64(path: *const c_char, f: Option<FtwFn>, fds: c_int
     // SAFETY: forwarding.
     unsafe { ftw_common(path, f, fds, real!("ftw64", FtwReal)) }
 }
+
+// ---- scandirat, fstatfs, fstatvfs ------------------------------------------
+
+type ScandiratFn = unsafe extern "C" fn(
+    c_int,
+    *const c_char,
+    *mut *mut *mut libc::dirent64,
+    dir::Filter,
+    dir::Compar,
+) -> c_int;
+
+/// # Safety
+/// libc's `scandirat`, with `real` its next definition.
+unsafe fn scandirat_common(
+    dirfd: c_int,
+    path: *const c_char,
+    list: *mut *mut *mut libc::dirent64,
+    filter: dir::Filter,
+    compar: dir::Compar,
+    real: ScandiratFn,
+) -> c_int {
+    // SAFETY: the caller's promise.
+    match unsafe { with_route(dirfd, path, |rel| CString::new(dir::full(rel))) } {
+        // SAFETY: the shim's scandir of the served directory's full path.
+        Ok(Ok(full)) => unsafe { dir::scandir(full.as_ptr(), list, filter, compar) },
+        Ok(Err(_)) => fail(libc::EINVAL),
+        // SAFETY: forwarding.
+        Err(p) => unsafe { real(dirfd, Route::host_path(&p, path), list, filter, compar) },
+    }
+}
+
+/// # Safety
+/// libc's `scandirat`: a served directory is listed through the shim
+/// (glibc's opens it with internal calls).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn scandirat(
+    dirfd: c_int,
+    path: *const c_char,
+    list: *mut *mut *mut libc::dirent64,
+    filter: dir::Filter,
+    compar: dir::Compar,
+) -> c_int {
+    // SAFETY: forwarding.
+    unsafe {
+        scandirat_common(
+            dirfd,
+            path,
+            list,
+            filter,
+            compar,
+            real!("scandirat", ScandiratFn),
+        )
+    }
+}
+
+/// # Safety
+/// libc's `scandirat64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn scandirat64(
+    dirfd: c_int,
+    path: *const c_char,
+    list: *mut *mut *mut libc::dirent64,
+    filter: dir::Filter,
+    compar: dir::Compar,
+) -> c_int {
+    // SAFETY: forwarding.
+    unsafe {
+        scandirat_common(
+            dirfd,
+            path,
+            list,
+            filter,
+            compar,
+            real!("scandirat64", ScandiratFn),
+        )
+    }
+}
+
+/// The served path of descriptor `fd` (a file's or a directory's), with
+/// this thread marked busy while the caller answers for it.
+fn served_fd(fd: c_int) -> Option<(Busy, String)> {
+    let b = Busy::enter()?;
+    let rel = match crate::entry(fd) {
+        Some(e) => e.path.clone(),
+        None => dir::dirfd_path(fd)?,
+    };
+    Some((b, rel))
+}
+
+type FstatvfsFn = unsafe extern "C" fn(c_int, *mut libc::statvfs) -> c_int;
+type FstatfsFn = unsafe extern "C" fn(c_int, *mut libc::statfs) -> c_int;
+
+/// # Safety
+/// libc's `fstatvfs`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fstatvfs(fd: c_int, st: *mut libc::statvfs) -> c_int {
+    match served_fd(fd) {
+        Some((_b, rel)) => fill_statvfs(&rel, st),
+        // SAFETY: forwarding.
+        None => unsafe { real!("fstatvfs", FstatvfsFn)(fd, st) },
+    }
+}
+
+/// # Safety
+/// libc's `fstatvfs64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fstatvfs64(fd: c_int, st: *mut libc::statvfs) -> c_int {
+    match served_fd(fd) {
+        Some((_b, rel)) => fill_statvfs(&rel, st),
+        // SAFETY: forwarding.
+        None => unsafe { real!("fstatvfs64", FstatvfsFn)(fd, st) },
+    }
+}
+
+/// # Safety
+/// libc's `fstatfs`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fstatfs(fd: c_int, st: *mut libc::statfs) -> c_int {
+    match served_fd(fd) {
+        Some((_b, rel)) => fill_statfs(&rel, st),
+        // SAFETY: forwarding.
+        None => unsafe { real!("fstatfs", FstatfsFn)(fd, st) },
+    }
+}
+
+/// # Safety
+/// libc's `fstatfs64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fstatfs64(fd: c_int, st: *mut libc::statfs) -> c_int {
+    match served_fd(fd) {
+        Some((_b, rel)) => fill_statfs(&rel, st),
+        // SAFETY: forwarding.
+        None => unsafe { real!("fstatfs64", FstatfsFn)(fd, st) },
+    }
+}
