@@ -10,6 +10,7 @@ mod plot;
 mod raw;
 pub(super) mod reader;
 pub(super) mod report;
+mod small;
 
 use crate::access::{self, Access};
 use crate::units::format_size;
@@ -167,6 +168,12 @@ pub struct BenchArgs {
     /// [default: the temp directory].
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
+    /// Instead of the page patterns: many small files. Archives a directory
+    /// of N small files with `tar -cf - .` natively, through a fuse2fs
+    /// mount of an ext4 image of it, and through `shadowfd run --image`
+    /// (each --reps times).
+    #[arg(long, value_name = "N")]
+    small_files: Option<usize>,
     /// Engine tuning (the memory budget must hold the eager copy).
     #[command(flatten)]
     tuning: Tuning,
@@ -645,6 +652,10 @@ fn progress(quiet: bool, total: u64) -> ProgressBar {
 }
 
 pub fn run(mut a: BenchArgs) -> CliResult {
+    if let Some(n) = a.small_files {
+        let root = a.dir.clone().unwrap_or_else(std::env::temp_dir);
+        return small::run(n, a.reps, &root, None, a.json);
+    }
     if a.image {
         for m in [BenchMode::EagerImage, BenchMode::LazyImage] {
             if !a.modes.contains(&m) {

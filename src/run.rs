@@ -271,6 +271,14 @@ pub fn run(a: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     // Speak to the server once before the command starts: a set-up error
     // is reported here, never by a half-configured command.
     drop(Client::connect(&socket).map_err(|e| format!("checking the server: {e}"))?);
+    // The same library is the dynamic linker's audit module: it sees the
+    // loads (DT_NEEDED, dlopen) that ld.so makes with its own internal
+    // calls, which no preload does (docs/run.md, "Shared libraries").
+    let mut audit = lib.clone().into_os_string();
+    if let Some(old) = std::env::var_os("LD_AUDIT").filter(|o| !o.is_empty()) {
+        audit.push(":");
+        audit.push(old);
+    }
     let mut preload = lib.into_os_string();
     if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|o| !o.is_empty()) {
         preload.push(":");
@@ -279,8 +287,16 @@ pub fn run(a: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut cmd = Command::new(&a.cmd[0]);
     cmd.args(&a.cmd[1..])
         .env("LD_PRELOAD", preload)
+        .env("LD_AUDIT", audit)
         .env("SHADOWFD_RUN_SOCKET", &socket)
         .env("SHADOWFD_RUN_MOUNT", mount);
+    // The embedded server of an image serves a tree that cannot change
+    // while it runs: the shim may keep STAT answers (docs/run.md, "stat").
+    if a.image.is_some() {
+        cmd.env("SHADOWFD_RUN_IMMUTABLE", "1");
+    } else {
+        cmd.env_remove("SHADOWFD_RUN_IMMUTABLE");
+    }
     // SAFETY: only async-signal-safe calls (signal) between fork and exec.
     unsafe {
         cmd.pre_exec(|| {

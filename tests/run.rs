@@ -306,13 +306,19 @@ print("parent-after-fork", os.read(fd, 10) == d[9000:9010])
 
 /// Compiles a C program into a temp dir.
 fn compile(src: &str) -> (tempfile::TempDir, PathBuf) {
+    compile_with(src, &["-O1", "-Wall", "-Werror"])
+}
+
+/// Compiles a C program into a temp dir with these `cc` flags.
+fn compile_with(src: &str, flags: &[&str]) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let c = dir.path().join("p.c");
     let exe = dir.path().join("p");
     std::fs::write(&c, src).unwrap();
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let o = Command::new(&cc)
-        .args(["-O1", "-Wall", "-Werror", "-o"])
+        .args(flags)
+        .arg("-o")
         .arg(&exe)
         .arg(&c)
         .output()
@@ -693,22 +699,30 @@ print("done")
     assert!(out.contains("offset True"), "{out}");
 }
 
-/// A descriptor carried across exec is unknown to the new image's shim: a
-/// read of it fails loudly (EBADF), never zeros.
+/// A descriptor carried across exec is adopted by the new image's shim,
+/// at the offset it had: `cat` reads the rest of the file after the
+/// shell's own read.
 #[test]
-fn descriptors_across_exec_fail_loudly() {
+fn descriptors_survive_exec() {
     let o = run(&[
         "sh",
         "-c",
-        &format!("exec 3<{}; cat <&3", shadow("small.txt")),
+        &format!(
+            "exec 3<{}; read -r x <&3; echo \"[$x]\"; cat <&3",
+            shadow("sub/odd.bin")
+        ),
     ]);
-    assert!(!o.status.success());
-    assert!(o.stdout.is_empty(), "{:?}", o.stdout);
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("Bad file descriptor"),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let host = std::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "exec 3<{}; read -r x <&3; echo \"[$x]\"; cat <&3",
+                host("sub/odd.bin").display()
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(ok(o) == host.stdout);
 }
 
 /// The server going away under a running command: reads and opens fail
@@ -2203,4 +2217,769 @@ int main(int argc, char **argv) {
         );
         assert_eq!(String::from_utf8_lossy(&out), want, "{serve:?}");
     }
+}
+
+// ---- the programs people run (issue 21) -----------------------------------
+
+/// A tree of what people run programs on, and its ext4 image: a packed git
+/// repository, text files, an xz file, a directory with a Makefile, a
+/// shared library and a Python package (a C extension and a pure module).
+struct ProgTree {
+    _dir: tempfile::TempDir,
+    src: PathBuf,
+    img: PathBuf,
+    /// A host program linked against `lib/libfoo.so` (no run path).
+    usefoo: PathBuf,
+    /// The python3 the extension was built for.
+    python: String,
+}
+
+fn git(dir: &Path, args: &[&str]) -> Vec<u8> {
+    let o = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .envs(git_env())
+        .output_within(LIMIT);
+    ok(o)
+}
+
+/// Environment for git on the host and under `run` alike: no user or
+/// system configuration, fixed identities and dates.
+fn git_env() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("GIT_CONFIG_NOSYSTEM", "1"),
+        ("GIT_CONFIG_GLOBAL", "/dev/null"),
+        ("GIT_AUTHOR_NAME", "t"),
+        ("GIT_AUTHOR_EMAIL", "t@example.com"),
+        ("GIT_COMMITTER_NAME", "t"),
+        ("GIT_COMMITTER_EMAIL", "t@example.com"),
+        ("GIT_AUTHOR_DATE", "2026-12-07T08:00:00Z"),
+        ("GIT_COMMITTER_DATE", "2026-12-07T08:00:00Z"),
+        ("GIT_PAGER", "cat"),
+    ]
+}
+
+fn prog_tree() -> &'static ProgTree {
+    static T: OnceLock<ProgTree> = OnceLock::new();
+    T.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        for d in ["repo", "mk", "lib", "py"] {
+            std::fs::create_dir_all(src.join(d)).unwrap();
+        }
+        // Lines in a scrambled order (sort has work to do), no zero byte.
+        let lines: String = (0..20_000u64)
+            .map(|i| format!("{:08x} line {i}\n", i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32))
+            .collect();
+        std::fs::write(src.join("lines.txt"), &lines).unwrap();
+        std::fs::write(src.join("odd.bin"), pattern(70_001, 31)).unwrap();
+        let xz = Command::new("xz")
+            .args(["-c", "-6"])
+            .arg(src.join("lines.txt"))
+            .output_within(LIMIT);
+        std::fs::write(src.join("lines.txt.xz"), ok(xz)).unwrap();
+        // A packed repository: three commits, then gc (packs and packed-refs).
+        let repo = src.join("repo");
+        git(&repo, &["init", "-q", "-b", "main"]);
+        for i in 1..=3 {
+            std::fs::write(repo.join(format!("f{i}.txt")), &lines[..i * 4000]).unwrap();
+            std::fs::create_dir_all(repo.join("d")).unwrap();
+            std::fs::write(repo.join("d/needle.c"), format!("int needle_{i};\n")).unwrap();
+            git(&repo, &["add", "-A"]);
+            git(&repo, &["commit", "-q", "-m", &format!("commit {i}")]);
+        }
+        git(&repo, &["gc", "-q"]);
+        let packs = std::fs::read_dir(repo.join(".git/objects/pack"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "pack"))
+            .count();
+        assert_eq!(packs, 1, "git gc made no pack");
+        // make: reads its Makefile with stdio, globs with its own dir cache.
+        std::fs::write(src.join("mk/input.txt"), b"input line\n").unwrap();
+        std::fs::write(src.join("mk/other.txt"), b"other\n").unwrap();
+        std::fs::write(
+            src.join("mk/Makefile"),
+            "all: input.txt\n\t@cat $<\n\t@echo $(sort $(wildcard *.txt))\n\t@echo $(shell wc -l < input.txt)\n",
+        )
+        .unwrap();
+        // A shared library and a host program that needs it.
+        let (_c, libfoo) = compile_shared("int foo_answer(int x) { return x * 6; }\n", &[]);
+        std::fs::copy(&libfoo, src.join("lib/libfoo.so")).unwrap();
+        let main = dir.path().join("usefoo.c");
+        std::fs::write(
+            &main,
+            "#include <stdio.h>\nint foo_answer(int);\nint main(void) { printf(\"answer %d\\n\", foo_answer(7)); return 0; }\n",
+        )
+        .unwrap();
+        let usefoo = dir.path().join("usefoo");
+        let o = Command::new("cc")
+            .arg("-o")
+            .arg(&usefoo)
+            .arg(&main)
+            .arg("-L")
+            .arg(src.join("lib"))
+            .arg("-lfoo")
+            .output_within(LIMIT);
+        ok(o);
+        // A Python C extension and a pure module.
+        let python = "python3".to_string();
+        let cfg = ok(Command::new(&python)
+            .args([
+                "-c",
+                "import sysconfig; print(sysconfig.get_paths()['include']); print(sysconfig.get_config_var('EXT_SUFFIX'))",
+            ])
+            .output_within(LIMIT));
+        let cfg = String::from_utf8(cfg).unwrap();
+        let mut cfg = cfg.lines();
+        let (inc, suffix) = (cfg.next().unwrap(), cfg.next().unwrap());
+        assert!(
+            Path::new(inc).join("Python.h").exists(),
+            "{inc}/Python.h is missing: install python3-dev (.ci/run does)"
+        );
+        let (_c, ext) = compile_shared(
+            r#"
+#include <Python.h>
+static PyObject *twice(PyObject *s, PyObject *a) { return PyLong_FromLong(2 * PyLong_AsLong(a)); }
+static PyMethodDef M[] = {{"twice", twice, METH_O, ""}, {0}};
+static struct PyModuleDef D = {PyModuleDef_HEAD_INIT, "shext", 0, -1, M};
+PyMODINIT_FUNC PyInit_shext(void) { return PyModule_Create(&D); }
+"#,
+            &[&format!("-I{inc}")],
+        );
+        std::fs::copy(&ext, src.join(format!("py/shext{suffix}"))).unwrap();
+        std::fs::write(
+            src.join("py/shpure.py"),
+            "def hello():\n    return 'pure hello from ' + __file__\n",
+        )
+        .unwrap();
+        let img = dir.path().join("prog.ext4");
+        let o = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&src)
+            .arg(&img)
+            .arg("64M")
+            .output_within(LIMIT);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        ProgTree {
+            _dir: dir,
+            src,
+            img,
+            usefoo,
+            python,
+        }
+    })
+}
+
+/// Compiles C source into a shared library (with extra `cc` flags).
+fn compile_shared(src: &str, flags: &[&str]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("l.c");
+    let so = dir.path().join("l.so");
+    std::fs::write(&c, src).unwrap();
+    let o = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1"])
+        .args(flags)
+        .arg("-o")
+        .arg(&so)
+        .arg(&c)
+        .output_within(LIMIT);
+    ok(o);
+    (dir, so)
+}
+
+/// `shadowfd run --image PROG-IMAGE -- args...`
+fn run_prog(args: &[&str]) -> Output {
+    let img = prog_tree().img.display().to_string();
+    run_with(&["--image", &img], args)
+}
+
+/// Runs `sh -c SCRIPT` on the host with `{}` standing for the host tree,
+/// and under `run` with it standing for the mount; both must succeed and
+/// print the same bytes, which are returned.
+fn same_as_host(script: &str) -> Vec<u8> {
+    let t = prog_tree();
+    let host_script = script.replace("{}", t.src.to_str().unwrap());
+    let o = Command::new("sh")
+        .args(["-c", &host_script])
+        .envs(git_env())
+        .output_within(LIMIT);
+    let want = ok(o);
+    let env: Vec<String> = git_env().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut args: Vec<&str> = vec!["env"];
+    args.extend(env.iter().map(String::as_str));
+    let shadow_script = script.replace("{}", MOUNT);
+    args.extend(["sh", "-c", &shadow_script]);
+    let got = ok(run_prog(&args));
+    assert!(
+        got == want,
+        "{script}: under run\n{}\non the host\n{}",
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&want)
+    );
+    assert!(!want.is_empty(), "{script} printed nothing");
+    want
+}
+
+/// git reads a packed repository through stdio streams whose `fileno()`
+/// it `fstat`s (`.git/config`, packed-refs) and maps its pack and index.
+#[test]
+fn git_log_cat_file_grep_and_show_on_a_packed_repository() {
+    let log = same_as_host("git -C {}/repo log --format='%H %s'");
+    assert_eq!(String::from_utf8_lossy(&log).lines().count(), 3);
+    let cat =
+        same_as_host("git -C {}/repo cat-file -p HEAD && git -C {}/repo cat-file -p HEAD:f2.txt");
+    assert!(String::from_utf8_lossy(&cat).contains("commit 3"));
+    let grep = same_as_host("git -C {}/repo grep -n needle HEAD");
+    assert!(String::from_utf8_lossy(&grep).contains("HEAD:d/needle.c:1:int needle_3;"));
+    let show = same_as_host("git -C {}/repo show --stat HEAD~1");
+    assert!(String::from_utf8_lossy(&show).contains("f2.txt"));
+}
+
+/// Programs that check access with `euidaccess`/`faccessat(AT_EACCESS)`,
+/// skip with a seek on a stdio stream, and read standard input that the
+/// shell redirected from a served file before exec.
+#[test]
+fn sort_test_od_wc_python_and_xz_like_the_host() {
+    let sorted = same_as_host("sort {}/lines.txt");
+    assert_eq!(
+        sorted.len(),
+        std::fs::read(prog_tree().src.join("lines.txt"))
+            .unwrap()
+            .len()
+    );
+    same_as_host(
+        "/usr/bin/test -r {}/lines.txt && echo readable; /usr/bin/test -d {}/mk && echo dir; /usr/bin/test -e {}/none || echo missing",
+    );
+    same_as_host("od -A d -t x1 -j 65537 -N 64 {}/odd.bin");
+    let wc = same_as_host("wc -l < {}/lines.txt");
+    assert_eq!(String::from_utf8_lossy(&wc).trim(), "20000");
+    same_as_host(
+        "python3 -c 'import sys, hashlib; sys.stdin.buffer.read(7); print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())' < {}/odd.bin",
+    );
+    same_as_host("xz -dc {}/lines.txt.xz | sha256sum; xz -dc < {}/lines.txt.xz | tail -n 2");
+    // A descriptor other than 0, opened by the shell and read after exec,
+    // with its offset: `cat` gets the rest of the file after `head -c`'s
+    // read in the shell itself (read(1) at a time, so nothing is skipped).
+    same_as_host("exec 3< {}/odd.bin; read -r -n 5 x <&3; cat <&3 | sha256sum");
+    // ... and their links name the served path.
+    let link = ok(run_prog(&[
+        "sh",
+        "-c",
+        &format!(
+            "exec 3< {MOUNT}/odd.bin; readlink /proc/self/fd/3; readlink -f /dev/stdin < {MOUNT}/mk/input.txt"
+        ),
+    ]));
+    assert_eq!(
+        String::from_utf8_lossy(&link),
+        format!("{MOUNT}/odd.bin\n{MOUNT}/mk/input.txt\n")
+    );
+    // bash defines getenv/setenv of its own: its shim still adopts the
+    // descriptor at load and hands it to what it runs.
+    same_as_host("bash -c 'true; head -c 20; echo' < {}/lines.txt");
+    // `/dev/stdin`, `/dev/fd/N` and `/proc/self/fd/N` of a served
+    // descriptor reopen the served file.
+    same_as_host(
+        "cat /dev/stdin < {}/lines.txt | sha256sum; exec 3< {}/odd.bin; \
+         sha256sum /dev/fd/3 /proc/self/fd/3 | cut -c1-64; wc -l /dev/stdin < {}/lines.txt",
+    );
+}
+
+/// make reads its Makefile (stdio), globs, and runs a shell that reads a
+/// redirected served file.
+#[test]
+fn make_in_a_served_directory() {
+    let out = same_as_host("make -s -C {}/mk --no-print-directory");
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.contains("input line") && out.contains("input.txt other.txt"),
+        "{out}"
+    );
+}
+
+/// `diff -r` of a served tree against the host tree it was made from.
+#[test]
+fn diff_r_against_the_host_tree() {
+    let t = prog_tree();
+    let o = run_prog(&[
+        "diff",
+        "-r",
+        "-x",
+        "lost+found",
+        MOUNT,
+        t.src.to_str().unwrap(),
+    ]);
+    assert!(
+        o.status.success(),
+        "diff -r found differences:\n{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(o.stdout.is_empty());
+}
+
+/// Three more programs: awk, perl and md5sum (through a `cmd 3<` redirect
+/// and `/dev/stdin`-free paths).
+#[test]
+fn awk_perl_and_md5sum_like_the_host() {
+    same_as_host(
+        "awk '{ n[substr($1, 1, 1)]++ } END { for (k in n) print k, n[k] }' {}/lines.txt | sort",
+    );
+    same_as_host("perl -ne 'print if /line 1999[0-9]$/' {}/lines.txt");
+    same_as_host(
+        "perl -e 'open(my $f, \"<\", shift) or die $!; binmode $f; seek($f, 4096, 0); read($f, my $b, 100); print unpack(\"H*\", $b), \"\\n\"' {}/odd.bin",
+    );
+    same_as_host("md5sum {}/odd.bin {}/lines.txt | sed 's|  .*/|  |'");
+}
+
+/// Shared libraries from the served tree, loaded by the dynamic linker
+/// (LD_AUDIT): `ctypes.CDLL`, a Python C extension and a pure module on
+/// `PYTHONPATH`, and a host program whose `DT_NEEDED` is found through
+/// `LD_LIBRARY_PATH` (after a host directory that lacks it).
+#[test]
+fn shared_libraries_and_python_modules_from_the_image() {
+    let t = prog_tree();
+    let py = &t.python;
+    let ctypes = format!(
+        "{py} -c 'import ctypes; print(ctypes.CDLL(\"{{}}/lib/libfoo.so\").foo_answer(7))'"
+    );
+    assert_eq!(same_as_host(&ctypes), b"42\n");
+    let ext = format!(
+        "PYTHONPATH={{}}/py {py} -c 'import shext, shpure; print(shext.twice(21), shext.__file__.rsplit(\"/\", 1)[1]); print(shpure.hello().rsplit(\"/\", 1)[1])'"
+    );
+    let out = same_as_host(&ext);
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("42 shext"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    let usefoo = t.usefoo.display().to_string();
+    let ldpath = format!("LD_LIBRARY_PATH=/nonexistent:/usr/lib:{{}}/lib {usefoo}");
+    assert_eq!(same_as_host(&ldpath), b"answer 42\n");
+    // Without the served directory the program cannot start: proof that
+    // the library came from the image.
+    let o = run_prog(&[&usefoo]);
+    assert!(!o.status.success());
+}
+
+/// A library the server will not hand out whole (over the eager cap):
+/// the load fails with a line that names `shadowfd run` and the reason.
+#[test]
+fn a_library_that_cannot_load_says_why() {
+    let t = prog_tree();
+    let img = t.img.display().to_string();
+    let o = run_with(
+        &["--image", &img, "--max-size", "4096"],
+        &[
+            &t.python,
+            "-c",
+            &format!("import ctypes; ctypes.CDLL('{MOUNT}/lib/libfoo.so')"),
+        ],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("shadowfd run: the dynamic linker cannot load") && err.contains("eager cap"),
+        "{err}"
+    );
+}
+
+/// Unprivileged (uid nobody), a process gets only a user-mode-only
+/// userfaultfd: the kernel's own touches of an unfilled page are not
+/// served. `write(2)` of a served mapping to a pipe still works (the shim
+/// makes the pages present first); the raw system call gets EFAULT, never
+/// zeros.
+#[test]
+fn unprivileged_write_of_a_served_mapping_to_a_pipe() {
+    let t = prog_tree();
+    let (d, exe) = compile(
+        r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int fd = open(argv[1], O_RDONLY);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st)) { perror("open"); return 1; }
+    char *p = mmap(0, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) { perror("mmap"); return 1; }
+    long r = syscall(SYS_write, 2, p + st.st_size - 100, 10);
+    fprintf(stderr, "\nraw write %ld errno %d\n", r, r < 0 ? errno : 0);
+    size_t done = 0;
+    while (done < (size_t)st.st_size) {
+        ssize_t w = write(1, p + done, st.st_size - done);
+        if (w < 0) { perror("write"); return 1; }
+        done += w;
+    }
+    return 0;
+}
+"#,
+    );
+    // nobody must reach the program, the image and the shim.
+    let pub_dir = tempfile::tempdir().unwrap();
+    let img = pub_dir.path().join("prog.ext4");
+    std::fs::copy(&t.img, &img).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for (p, m) in [
+        (pub_dir.path(), 0o755),
+        (img.as_path(), 0o644),
+        (d.path(), 0o755),
+    ] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    }
+    let o = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            BIN,
+            "run",
+            "--image",
+        ])
+        .arg(&img)
+        .args(["--mount", MOUNT, "--"])
+        .arg(&exe)
+        .arg(format!("{MOUNT}/lines.txt"))
+        .env("SHADOWFD_PRELOAD", preload())
+        .env_remove("SHADOWFD_MODE")
+        .current_dir("/")
+        .output_within(LIMIT);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{}\n{err}", o.status);
+    assert!(
+        o.stdout == std::fs::read(t.src.join("lines.txt")).unwrap(),
+        "{err}"
+    );
+    let efault = err.contains(&format!("raw write -1 errno {}", libc_efault()));
+    if !efault {
+        // The kernel gave nobody a full userfaultfd (or none: the eager
+        // fallback): the user-mode-only case is not reachable here.
+        assert!(
+            std::env::var_os("SHADOWFD_REQUIRE_LAZY").is_none(),
+            "expected the raw write to fail with EFAULT (user-mode-only userfaultfd): {err}"
+        );
+        eprintln!(
+            "SKIPPED the EFAULT check: nobody's userfaultfd serves kernel faults here: {err}"
+        );
+    }
+}
+
+fn libc_efault() -> i32 {
+    14
+}
+
+/// The glibc functions that reach the file system with internal calls,
+/// each on a served path from a C program (docs/run.md, "glibc functions
+/// that take a path"): stdio streams with a descriptor, `freopen` of
+/// `stdin`, the access checks by effective ids, `realpath` (plain and
+/// fortified) and `canonicalize_file_name`, `get_current_dir_name`,
+/// `statvfs`/`statfs`, `truncate`, `name_to_handle_at`, and descriptors
+/// handed over by `execl`, `execlp`, `system`, `popen` and `posix_spawnp`.
+#[test]
+fn c_program_uses_glibc_path_functions() {
+    let (_d, exe) = compile_with(
+        r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/statvfs.h>
+#include <sys/wait.h>
+#include <dirent.h>
+#include <unistd.h>
+extern char **environ;
+int main(int argc, char **argv) {
+    const char *m = argv[1];
+    char p[4096];
+    if (argc > 2) {
+        /* A child: read 5 bytes of the inherited descriptor 3 (after the
+           parent's 2) and descriptor 0. */
+        char b[8] = {0};
+        ssize_t n = read(3, b, 5);
+        char c[8] = {0};
+        fgets(c, 5, stdin);
+        printf("%s child fd3 %zd [%s] stdin [%s]\n", argv[2], n, b, c);
+        return 0;
+    }
+    snprintf(p, sizeof p, "%s/lines.txt", m);
+    FILE *f = fopen(p, "r");
+    struct stat st;
+    int fd = fileno(f);
+    int fr = fstat(fd, &st);
+    printf("fileno %s fstat %d size %lld\n", fd >= 0 ? "ok" : "bad", fr, (long long)st.st_size);
+    char *map = mmap(0, 4096, PROT_READ, MAP_PRIVATE, fileno(f), 0);
+    printf("mmap-fileno %.8s\n", map == MAP_FAILED ? "FAILED" : map);
+    fclose(f);
+    int a1 = euidaccess(p, R_OK), a2 = eaccess(p, R_OK), a3 = faccessat(AT_FDCWD, p, R_OK, AT_EACCESS);
+    int a4 = euidaccess(p, W_OK), e4 = errno;
+    printf("euidaccess %d eaccess %d faccessat %d w %d/%d\n", a1, a2, a3, a4, e4);
+    char rp[PATH_MAX];
+    snprintf(p, sizeof p, "%s/mk/../lines.txt", m);
+    char *r = realpath(p, rp);
+    printf("realpath %s\n", r ? r : strerror(errno));
+    char *c = canonicalize_file_name(p);
+    printf("canonicalize %s\n", c ? c : strerror(errno));
+    free(c);
+    snprintf(p, sizeof p, "%s/none", m);
+    printf("realpath-missing %s\n", realpath(p, rp) ? "found" : strerror(errno));
+    snprintf(p, sizeof p, "%s/mk", m);
+    if (chdir(p)) perror("chdir");
+    char *cwd = get_current_dir_name();
+    printf("cwd %s\n", cwd);
+    free(cwd);
+    struct statvfs sv;
+    struct statfs sf;
+    int v1 = statvfs(p, &sv), v2 = statfs(p, &sf);
+    printf("statvfs %d rdonly %d statfs %d\n", v1, (sv.f_flag & ST_RDONLY) != 0, v2);
+    int t1 = truncate("input.txt", 0);
+    printf("truncate %d %s\n", t1, strerror(errno));
+    struct { unsigned int bytes; int type; unsigned char h[128]; } fh = {128, 0, {0}};
+    int mnt;
+    int h1 = name_to_handle_at(AT_FDCWD, "input.txt", (void *)&fh, &mnt, 0);
+    printf("name_to_handle_at %d %s\n", h1, strerror(errno));
+    int sfd = open("input.txt", O_RDONLY);
+    struct statvfs fsv;
+    struct statfs fsf;
+    int f1 = fstatvfs(sfd, &fsv), f2 = fstatfs(sfd, &fsf);
+    printf("fstatvfs %d rdonly %d fstatfs %d type %lx\n", f1, (fsv.f_flag & ST_RDONLY) != 0, f2, (long)fsf.f_type);
+    close(sfd);
+    struct dirent **names;
+    int nn = scandirat(AT_FDCWD, ".", &names, 0, alphasort);
+    printf("scandirat %d", nn);
+    for (int i = 0; i < nn; i++) { printf(" %s", names[i]->d_name); free(names[i]); }
+    printf("\n");
+    free(names);
+    /* freopen of stdin: the stream reads the served file. */
+    if (!freopen("other.txt", "r", stdin)) perror("freopen");
+    char line[64] = {0};
+    fgets(line, sizeof line, stdin);
+    printf("freopen-stdin %s", line);
+    /* Descriptors handed over: 3 (offset 2) and 0 (stdin, the other.txt). */
+    snprintf(p, sizeof p, "%s/lines.txt", m);
+    int three = open(p, O_RDONLY);
+    if (three != 3 && dup2(three, 3) != 3) perror("dup2");
+    char skip[20];
+    read(3, skip, 20);
+    lseek(0, 0, SEEK_SET);
+    fflush(stdout);
+    if (fork() == 0) { execl(argv[0], argv[0], m, "execl", (char *)0); _exit(99); }
+    wait(0);
+    lseek(0, 0, SEEK_SET);
+    if (fork() == 0) { execlp(argv[0], argv[0], m, "execlp", (char *)0); _exit(99); }
+    wait(0);
+    lseek(0, 0, SEEK_SET);
+    char cmd[5000];
+    snprintf(cmd, sizeof cmd, "%s %s system", argv[0], m);
+    fflush(stdout);
+    system(cmd);
+    lseek(0, 0, SEEK_SET);
+    snprintf(cmd, sizeof cmd, "%s %s popen", argv[0], m);
+    FILE *pp = popen(cmd, "r");
+    char out[256] = {0};
+    fgets(out, sizeof out, pp);
+    pclose(pp);
+    printf("%s", out);
+    lseek(0, 0, SEEK_SET);
+    pid_t pid;
+    char *args[] = {argv[0], (char *)m, "posix_spawnp", 0};
+    fflush(stdout);
+    if (posix_spawnp(&pid, argv[0], 0, 0, args, environ) == 0) waitpid(pid, 0, 0);
+    return 0;
+}
+"#,
+        // So that `realpath` into a sized buffer becomes `__realpath_chk`.
+        &["-O2", "-D_FORTIFY_SOURCE=2", "-Wall", "-Wno-unused-result"],
+    );
+    let t = prog_tree();
+    let o = run_prog(&[exe.to_str().unwrap(), MOUNT]);
+    let out = String::from_utf8(ok(o)).unwrap();
+    let lines = std::fs::read(t.src.join("lines.txt")).unwrap();
+    let size = lines.len();
+    let want = [
+        format!("fileno ok fstat 0 size {size}"),
+        format!("mmap-fileno {}", String::from_utf8_lossy(&lines[..8])),
+        "euidaccess 0 eaccess 0 faccessat 0 w -1/30".to_string(),
+        format!("realpath {MOUNT}/lines.txt"),
+        format!("canonicalize {MOUNT}/lines.txt"),
+        "realpath-missing No such file or directory".to_string(),
+        format!("cwd {MOUNT}/mk"),
+        "statvfs 0 rdonly 1 statfs 0".to_string(),
+        "truncate -1 Read-only file system".to_string(),
+        "name_to_handle_at -1 Operation not supported".to_string(),
+        "fstatvfs 0 rdonly 1 fstatfs 0 type 53484446".to_string(),
+        "scandirat 5 . .. Makefile input.txt other.txt".to_string(),
+        "freopen-stdin other".to_string(),
+    ];
+    for w in &want {
+        assert!(out.contains(w.as_str()), "missing {w:?} in\n{out}");
+    }
+    let five = String::from_utf8_lossy(&lines[20..25]).into_owned();
+    for how in ["execl", "execlp", "system", "popen", "posix_spawnp"] {
+        let w = format!("{how} child fd3 5 [{five}] stdin [othe]");
+        assert!(out.contains(&w), "missing {w:?} in\n{out}");
+    }
+}
+
+/// docs/run.md's lists of intercepted and not-intercepted functions match
+/// the shim: the `intercepted` block names exactly the library's exported
+/// functions, and nothing in the `not-intercepted` block is exported.
+#[test]
+fn docs_lists_match_the_shims_exported_symbols() {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/run.md")).unwrap();
+    let block = |tag: &str| -> std::collections::BTreeSet<String> {
+        let start = doc
+            .find(&format!("```{tag}\n"))
+            .unwrap_or_else(|| panic!("docs/run.md has no ```{tag} block"));
+        let body = &doc[start + tag.len() + 4..];
+        let end = body.find("```").unwrap();
+        body[..end].split_whitespace().map(str::to_string).collect()
+    };
+    let listed = block("intercepted");
+    let not = block("not-intercepted");
+    let o = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(preload())
+        .output_within(LIMIT);
+    let nm = String::from_utf8(ok(o)).unwrap();
+    let exported: std::collections::BTreeSet<String> = nm
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace().rev();
+            let name = w.next()?;
+            let kind = w.next()?;
+            (kind == "T" || kind == "W").then(|| name.split('@').next().unwrap().to_string())
+        })
+        .collect();
+    let missing: Vec<_> = exported.difference(&listed).collect();
+    let stale: Vec<_> = listed.difference(&exported).collect();
+    assert!(
+        missing.is_empty() && stale.is_empty(),
+        "docs/run.md's intercepted list is out of date: exported but not listed {missing:?}; \
+         listed but not exported {stale:?}"
+    );
+    let both: Vec<_> = not.intersection(&exported).collect();
+    assert!(
+        both.is_empty(),
+        "listed as not intercepted but exported: {both:?}"
+    );
+    assert!(exported.len() > 100, "{nm}");
+}
+
+/// Many small files in one directory of an image (looked up through the
+/// image's directory index): every file reads as on the host, a name the
+/// directory lacks is missing, and `ls` lists them all.
+#[test]
+fn many_small_files_in_one_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    for i in 0..3000u64 {
+        let body = pattern(100 + (i as usize * 7) % 900, i + 1);
+        std::fs::write(src.join(format!("d/f{i:05}.bin")), body).unwrap();
+    }
+    let img = d.path().join("small.ext4");
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&src)
+        .arg(&img)
+        .arg("64M")
+        .output_within(LIMIT);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let script = "cd {}/d && ls | wc -l && ls | sort | xargs cat | sha256sum && \
+                  cat f02999.bin f00000.bin | sha256sum && { cat nothere.bin 2>/dev/null || echo missing; }";
+    let host = ok(Command::new("sh")
+        .args(["-c", &script.replace("{}", src.to_str().unwrap())])
+        .output_within(LIMIT));
+    let img_s = img.display().to_string();
+    let got = ok(run_with(
+        &["--image", &img_s],
+        &["sh", "-c", &script.replace("{}", MOUNT)],
+    ));
+    assert!(
+        got == host,
+        "{}\n{}",
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&host)
+    );
+    assert!(String::from_utf8_lossy(&host).contains("3000\n"));
+}
+
+/// python's `subprocess` (a `vfork` child that `dup2`s and closes before
+/// it execs): the child reads the served file it got as standard input,
+/// and the parent's own tables do not change under it (its standard input
+/// stays the host pipe, its served file keeps its offset).
+#[test]
+fn python_subprocess_with_a_served_stdin() {
+    same_as_host(
+        r#"echo HOSTSTDIN | python3 -c '
+import os, subprocess, sys
+f = open(sys.argv[1] + "/lines.txt", "rb")
+print(f.read(9))
+with open(sys.argv[1] + "/odd.bin", "rb") as g:
+    r = subprocess.run(["od", "-A", "d", "-t", "x1", "-N", "16"], stdin=g, capture_output=True)
+    print(r.stdout.decode(), r.returncode)
+subprocess.run(["true"])
+print(f.read(9))
+print("parent stdin", os.read(0, 20))
+' {}"#,
+    );
+}
+
+/// glibc's `nftw` and `ftw` on a served tree (the shim walks it: glibc's
+/// own opens and reads directories with internal calls), compared with the
+/// same walks of the host tree: every path with its kind, level and size,
+/// pre-order and with `FTW_DEPTH`.
+#[test]
+fn nftw_and_ftw_walk_a_served_tree_like_the_host() {
+    let (_d, exe) = compile(
+        r#"
+#define _GNU_SOURCE
+#include <ftw.h>
+#include <stdio.h>
+#include <string.h>
+static size_t root;
+static int show(const char *p, const struct stat *st, int ty, struct FTW *w) {
+    if (strstr(p, "lost+found")) return 0;
+    /* The root's own name is the mount's or the host directory's. */
+    printf("nftw %s %d %d %s %lld\n", p + root, ty, w->level, w->level ? p + w->base : ".",
+           ty == FTW_F ? (long long)st->st_size : -1LL);
+    return 0;
+}
+static int old(const char *p, const struct stat *st, int ty) {
+    if (strstr(p, "lost+found")) return 0;
+    printf("ftw %s %d\n", p + root, ty);
+    return 0;
+}
+static int stop(const char *p, const struct stat *st, int ty, struct FTW *w) {
+    return strstr(p, "Makefile") ? 7 : 0;
+}
+int main(int argc, char **argv) {
+    root = strlen(argv[1]);
+    if (nftw(argv[1], show, 8, FTW_PHYS)) return 1;
+    if (nftw(argv[1], show, 8, FTW_PHYS | FTW_DEPTH)) return 1;
+    if (ftw(argv[1], old, 8)) return 1;
+    printf("stop %d\n", nftw(argv[1], stop, 8, 0));
+    return 0;
+}
+"#,
+    );
+    let exe = exe.display().to_string();
+    let out = same_as_host(&format!("{exe} {{}} | sort"));
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.contains("nftw /mk/input.txt 0 2 input.txt 11"), "{out}");
+    assert!(out.contains("nftw /mk 5 1 mk -1"), "{out}");
+    assert!(out.contains("stop 7"), "{out}");
 }

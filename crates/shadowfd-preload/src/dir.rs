@@ -19,8 +19,8 @@
 //!   (`getcwd` reports it); it travels to exec'd children in
 //!   `SHADOWFD_RUN_CWD`. A `chdir` elsewhere clears it.
 
+use crate::forklock::{ForkGuard, ForkMutex as Mutex};
 use crate::{Busy, client, env, errno_of, fail, normalize, resolve, set_errno};
-use parking_lot::Mutex;
 use shadowfd::remote::{PathInfo, PathKind};
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{CStr, CString, c_char, c_int, c_long, c_void};
@@ -54,13 +54,13 @@ static ANY_DIRFD: AtomicBool = AtomicBool::new(false);
 /// The virtual working directory (a path below the prefix), once read from
 /// `SHADOWFD_RUN_CWD`.
 static VCWD: Mutex<Option<Option<String>>> = Mutex::new(None);
-const CWD_VAR: &str = "SHADOWFD_RUN_CWD";
+pub(crate) const CWD_VAR: &str = "SHADOWFD_RUN_CWD";
 
 fn prefix_str() -> Option<String> {
     env().map(|e| format!("/{}", e.prefix.join("/")))
 }
 
-fn full(rel: &str) -> String {
+pub(crate) fn full(rel: &str) -> String {
     let p = prefix_str().unwrap_or_default();
     if rel.is_empty() {
         p
@@ -70,10 +70,10 @@ fn full(rel: &str) -> String {
 }
 
 /// The virtual working directory, if there is one.
-fn vcwd() -> Option<String> {
+pub(crate) fn vcwd() -> Option<String> {
     let mut v = VCWD.lock();
     if v.is_none() {
-        let from_env = std::env::var(CWD_VAR).ok().and_then(|s| {
+        let from_env = crate::getenv(c"SHADOWFD_RUN_CWD").and_then(|s| {
             let env = env()?;
             let comps = normalize(&s)?;
             (comps.len() >= env.prefix.len() && comps[..env.prefix.len()] == env.prefix[..])
@@ -89,7 +89,7 @@ fn set_vcwd(rel: Option<String>) {
         let mut v = VCWD.lock();
         let old = v.clone().flatten();
         *v = Some(rel.clone());
-        let in_env = std::env::var_os(CWD_VAR).is_some_and(|v| !v.is_empty());
+        let in_env = crate::getenv(c"SHADOWFD_RUN_CWD").is_some_and(|v| !v.is_empty());
         old != rel || in_env != rel.is_some()
     };
     if changed {
@@ -102,9 +102,8 @@ fn set_vcwd(rel: Option<String>) {
         // other threads' `getenv` may be reading (docs/run.md).
         let v = rel.as_ref().map(|r| full(r)).unwrap_or_default();
         let v = CString::new(v).unwrap_or_default();
-        // SAFETY: NUL-terminated strings; the environment is only changed
-        // here, on a chdir, and at load.
-        unsafe { libc::setenv(c"SHADOWFD_RUN_CWD".as_ptr(), v.as_ptr(), 1) };
+        // The environment is only changed here, on a chdir, and at load.
+        crate::setenv(c"SHADOWFD_RUN_CWD", &v, true);
     }
 }
 
@@ -115,9 +114,9 @@ fn cwd_var_init() {
     if env().is_none() {
         return;
     }
-    // SAFETY: NUL-terminated strings; no other thread runs yet (library
-    // constructors run before main), and overwrite = 0 keeps a value.
-    unsafe { libc::setenv(c"SHADOWFD_RUN_CWD".as_ptr(), c"".as_ptr(), 0) };
+    // No other thread runs yet (library constructors run before main), and
+    // no overwrite keeps a value.
+    crate::setenv(c"SHADOWFD_RUN_CWD", c"", false);
 }
 
 fn dirfd_entry(fd: c_int) -> Option<Arc<DirFd>> {
@@ -125,6 +124,36 @@ fn dirfd_entry(fd: c_int) -> Option<Arc<DirFd>> {
         return None;
     }
     DIRFDS.lock().get(&fd).cloned()
+}
+
+/// The served directory descriptors and their paths (for an exec).
+pub(crate) fn dirfds() -> Vec<(c_int, String)> {
+    if !ANY_DIRFD.load(Ordering::Acquire) {
+        return Vec::new();
+    }
+    DIRFDS
+        .lock()
+        .iter()
+        .map(|(fd, d)| (*fd, d.path.clone()))
+        .collect()
+}
+
+/// Tracks `fd` (a placeholder inherited across exec) as the served
+/// directory `rel`.
+pub(crate) fn adopt(fd: c_int, rel: &str) {
+    let mut t = DIRFDS.lock();
+    ANY_DIRFD.store(true, Ordering::Release);
+    t.insert(
+        fd,
+        Arc::new(DirFd {
+            path: rel.to_string(),
+        }),
+    );
+}
+
+/// The served path of directory descriptor `fd`, if it is one.
+pub(crate) fn dirfd_path(fd: c_int) -> Option<String> {
+    dirfd_entry(fd).map(|d| d.path.clone())
 }
 
 /// Whether any served directory descriptor may be tracked.
@@ -184,6 +213,9 @@ pub(crate) unsafe fn route(dirfd: c_int, path: *const c_char) -> Route {
     if s.is_empty() {
         return Route::Host(None);
     }
+    if let Some(rel) = served_fd_path(s) {
+        return Route::Served(rel);
+    }
     let relative = !s.starts_with('/');
     let abs = if relative {
         let base = if dirfd == libc::AT_FDCWD {
@@ -211,6 +243,39 @@ pub(crate) unsafe fn route(dirfd: c_int, path: *const c_char) -> Route {
     Route::Host(None)
 }
 
+/// The served path behind `/dev/stdin`, `/dev/fd/N`, `/proc/self/fd/N`
+/// or `/proc/PID/fd/N` (this process's id) when descriptor N is a served
+/// file or directory: opening one of those names reopens the file it
+/// stands for, as natively (a new open file description: offset 0). The
+/// kernel would find the placeholder (`/dev/null`) there.
+fn served_fd_path(s: &str) -> Option<String> {
+    if !(s.starts_with("/dev/") || s.starts_with("/proc/"))
+        || !(crate::ANY_FD.load(Ordering::Acquire) || any())
+    {
+        return None;
+    }
+    let n = if s == "/dev/stdin" {
+        "0"
+    } else if let Some(n) = s.strip_prefix("/dev/fd/") {
+        n
+    } else if let Some(n) = s.strip_prefix("/proc/self/fd/") {
+        n
+    } else {
+        let rest = s.strip_prefix("/proc/")?;
+        let (pid, n) = rest.split_once("/fd/")?;
+        // SAFETY: getpid has no preconditions.
+        if pid.parse::<i32>().ok()? != unsafe { libc::getpid() } {
+            return None;
+        }
+        n
+    };
+    let fd: c_int = n.parse().ok()?;
+    if let Some(e) = crate::entry(fd) {
+        return Some(e.path.clone());
+    }
+    dirfd_entry(fd).map(|d| d.path.clone())
+}
+
 /// Whether the absolute path `abs`, walked lexically, is inside `prefix`
 /// at some point (`/prefix/..` is `/`, as it is across a mount point).
 fn passes_through(abs: &str, prefix: &[String]) -> bool {
@@ -230,9 +295,31 @@ fn passes_through(abs: &str, prefix: &[String]) -> bool {
     false
 }
 
-/// STAT of a served path.
+/// STAT answers by path, kept when the served tree cannot change
+/// ([`crate::Env::immutable`]): a found path, and a path that is missing
+/// or not under a directory. At most [`MAX_STATS`] of them; then all are
+/// dropped at once.
+type Stats = std::collections::HashMap<String, Result<PathInfo, c_int>>;
+static STATS: Mutex<Option<Stats>> = Mutex::new(None);
+const MAX_STATS: usize = 1 << 16;
+
+/// STAT of a served path (kept, for an image: see [`STATS`]). The request
+/// runs with no lock held.
 pub(crate) fn stat_info(rel: &str) -> Result<PathInfo, c_int> {
-    client()?.stat(rel).map_err(|e| errno_of(&e))
+    let keep = env().is_some_and(|e| e.immutable);
+    if keep && let Some(r) = STATS.lock().as_ref().and_then(|m| m.get(rel)) {
+        return r.clone();
+    }
+    let r = client()?.stat(rel).map_err(|e| errno_of(&e));
+    if keep && matches!(r, Ok(_) | Err(libc::ENOENT) | Err(libc::ENOTDIR)) {
+        let mut g = STATS.lock();
+        let m = g.get_or_insert_with(Stats::new);
+        if m.len() >= MAX_STATS {
+            *m = Stats::new();
+        }
+        m.insert(rel.to_string(), r.clone());
+    }
+    r
 }
 
 /// A placeholder descriptor for the served directory `rel` (checked to be
@@ -411,6 +498,34 @@ pub(crate) fn readlink_rel(rel: &str) -> libc::ssize_t {
     }
 }
 
+/// `readlink` of `path` (relative to `dirfd`) when it is a served
+/// descriptor's `/dev/fd/N`-style name: the link names the served path
+/// (`PREFIX/...`), truncated to `n` bytes as `readlink` does. `None` for
+/// any other path.
+///
+/// # Safety
+/// `path` is null or NUL-terminated; `buf` holds `n` bytes.
+pub(crate) unsafe fn readlink_fd(
+    dirfd: c_int,
+    path: *const c_char,
+    buf: *mut c_char,
+    n: libc::size_t,
+) -> Option<libc::ssize_t> {
+    if path.is_null() || (dirfd != libc::AT_FDCWD && dirfd_entry(dirfd).is_none()) {
+        return None;
+    }
+    // SAFETY: the caller's promise.
+    let s = unsafe { CStr::from_ptr(path) }.to_str().ok()?;
+    let target = full(&served_fd_path(s)?);
+    if buf.is_null() {
+        return Some(fail(libc::EFAULT) as libc::ssize_t);
+    }
+    let len = target.len().min(n);
+    // SAFETY: `buf` holds `n` bytes (readlink's contract).
+    unsafe { std::ptr::copy_nonoverlapping(target.as_ptr().cast::<c_char>(), buf, len) };
+    Some(len as libc::ssize_t)
+}
+
 // ---- directory streams ---------------------------------------------------
 
 /// One entry of a stream: name, inode, `d_type`.
@@ -441,12 +556,12 @@ fn is_stream(p: *mut libc::DIR) -> bool {
 fn new_stream(fd: c_int, rel: &str) -> Result<*mut libc::DIR, c_int> {
     let c = client()?;
     let list = c.list(rel).map_err(|e| errno_of(&e))?;
-    let here = c.stat(rel).map_err(|e| errno_of(&e))?;
+    let here = stat_info(rel)?;
     let up = if rel.is_empty() {
         here.inode
     } else {
         let parent = rel.rsplit_once('/').map_or("", |(p, _)| p);
-        c.stat(parent).map(|i| i.inode).unwrap_or(here.inode)
+        stat_info(parent).map(|i| i.inode).unwrap_or(here.inode)
     };
     let mut entries = vec![
         Ent {
@@ -819,55 +934,6 @@ pub unsafe extern "C" fn getcwd(buf: *mut c_char, size: libc::size_t) -> *mut c_
     out
 }
 
-/// # Safety
-/// libc's `execve`. With a virtual working directory, the new image gets
-/// it in `SHADOWFD_RUN_CWD` (shells pass an environment of their own, not
-/// `environ`); without one, a stale value is dropped.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn execve(
-    path: *const c_char,
-    argv: *const *const c_char,
-    envp: *const *const c_char,
-) -> c_int {
-    type ExecveFn =
-        unsafe extern "C" fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int;
-    let real_execve = real!("execve", ExecveFn);
-    let cwd = match Busy::enter() {
-        Some(_b) if env().is_some() && !envp.is_null() => Some(vcwd()),
-        _ => None,
-    };
-    let Some(cwd) = cwd else {
-        // SAFETY: forwarding.
-        return unsafe { real_execve(path, argv, envp) };
-    };
-    let mut keep: Vec<*const c_char> = Vec::new();
-    let prefix = format!("{CWD_VAR}=");
-    let mut i = 0;
-    loop {
-        // SAFETY: execve's contract: a NULL-terminated array of strings.
-        let p = unsafe { *envp.add(i) };
-        if p.is_null() {
-            break;
-        }
-        // SAFETY: as above.
-        if !unsafe { CStr::from_ptr(p) }
-            .to_bytes()
-            .starts_with(prefix.as_bytes())
-        {
-            keep.push(p);
-        }
-        i += 1;
-    }
-    let ours = cwd.map(|r| CString::new(format!("{prefix}{}", full(&r))).unwrap_or_default());
-    if let Some(c) = &ours {
-        keep.push(c.as_ptr());
-    }
-    keep.push(std::ptr::null());
-    // SAFETY: forwarding, with a NULL-terminated environment that lives
-    // until the call returns (only on failure).
-    unsafe { real_execve(path, argv, keep.as_ptr()) }
-}
-
 // ---- extended attributes -------------------------------------------------
 
 /// `getxattr`/`lgetxattr` of a served path: none (`ENODATA`), or the
@@ -928,8 +994,8 @@ pub unsafe extern "C" fn lgetxattr(
 
 // ---- scandir -------------------------------------------------------------
 
-type Filter = Option<unsafe extern "C" fn(*const libc::dirent64) -> c_int>;
-type Compar =
+pub(crate) type Filter = Option<unsafe extern "C" fn(*const libc::dirent64) -> c_int>;
+pub(crate) type Compar =
     Option<unsafe extern "C" fn(*mut *const libc::dirent64, *mut *const libc::dirent64) -> c_int>;
 type ScandirFn =
     unsafe extern "C" fn(*const c_char, *mut *mut *mut libc::dirent64, Filter, Compar) -> c_int;
@@ -1060,9 +1126,10 @@ pub unsafe extern "C" fn scandir64(
 // ---- fork ----------------------------------------------------------------
 
 type HeldDir = (
-    parking_lot::MutexGuard<'static, Option<Option<String>>>,
-    parking_lot::MutexGuard<'static, BTreeMap<c_int, Arc<DirFd>>>,
-    parking_lot::MutexGuard<'static, BTreeSet<usize>>,
+    ForkGuard<'static, Option<Option<String>>>,
+    ForkGuard<'static, BTreeMap<c_int, Arc<DirFd>>>,
+    ForkGuard<'static, BTreeSet<usize>>,
+    ForkGuard<'static, Option<Stats>>,
 );
 
 thread_local! {
@@ -1074,7 +1141,7 @@ thread_local! {
 extern "C" fn dir_before_fork() {
     // Never more than one of these is held at a time elsewhere, so taking
     // all three in this order cannot deadlock.
-    let held = (VCWD.lock(), DIRFDS.lock(), STREAMS.lock());
+    let held = (VCWD.lock(), DIRFDS.lock(), STREAMS.lock(), STATS.lock());
     let _ = HELD_DIR.try_with(|h| *h.borrow_mut() = Some(held));
 }
 
@@ -1085,6 +1152,9 @@ extern "C" fn dir_after_fork() {
 }
 
 extern "C" fn dir_init() {
+    if crate::audit::in_audit_namespace() {
+        return;
+    }
     cwd_var_init();
     // SAFETY: valid handlers with no preconditions.
     unsafe {

@@ -67,7 +67,12 @@ fn resolve(slot: &AtomicUsize, name: &'static str) -> usize {
     p
 }
 
+mod audit;
 mod dir;
+mod exec;
+mod paths;
+mod prefault;
+mod vfork;
 use dir::Route;
 
 thread_local! {
@@ -114,32 +119,68 @@ fn page() -> usize {
 }
 
 /// The prefix, as path components, and the socket: from the environment.
-struct Env {
+pub(crate) struct Env {
     prefix: Vec<String>,
     socket: String,
     /// `SHADOWFD_RUN_NO_USERFAULTFD=1`: connect without a userfaultfd, so
     /// every mapping is the server's sealed eager fallback (what a process
     /// that may not create one gets anyway).
     no_uffd: bool,
+    /// `SHADOWFD_RUN_IMMUTABLE=1` (set by `run --image`): the served tree
+    /// cannot change while served, so STAT answers may be kept.
+    pub(crate) immutable: bool,
 }
 
 fn env() -> Option<&'static Env> {
     static ENV: OnceLock<Option<Env>> = OnceLock::new();
     ENV.get_or_init(|| {
-        let prefix = std::env::var("SHADOWFD_RUN_MOUNT").ok()?;
-        let socket = std::env::var("SHADOWFD_RUN_SOCKET").ok()?;
+        let prefix = getenv(c"SHADOWFD_RUN_MOUNT")?;
+        let socket = getenv(c"SHADOWFD_RUN_SOCKET")?;
         let prefix = normalize(&prefix)?;
         if prefix.is_empty() {
             return None;
         }
-        let no_uffd = std::env::var_os("SHADOWFD_RUN_NO_USERFAULTFD").is_some_and(|v| v == "1");
+        let no_uffd = getenv(c"SHADOWFD_RUN_NO_USERFAULTFD").is_some_and(|v| v == "1");
+        let immutable = getenv(c"SHADOWFD_RUN_IMMUTABLE").is_some_and(|v| v == "1");
         Some(Env {
             prefix,
             socket,
             no_uffd,
+            immutable,
         })
     })
     .as_ref()
+}
+
+/// An environment variable (UTF-8), read with glibc's own `getenv`, the
+/// next definition after this library, never the program's: bash defines
+/// `getenv` and `setenv` of its own, backed by its shell variables, which
+/// are not set up while library constructors run (there its `setenv`
+/// would leave them half made, and its `getenv` then finds nothing).
+pub(crate) fn getenv(name: &CStr) -> Option<String> {
+    let f = real!("getenv", unsafe extern "C" fn(*const c_char) -> *mut c_char);
+    // SAFETY: a NUL-terminated name; glibc returns null or a string in
+    // `environ`.
+    let p = unsafe { f(name.as_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: as above.
+    unsafe { CStr::from_ptr(p) }
+        .to_str()
+        .ok()
+        .map(str::to_string)
+}
+
+/// Sets an environment variable with glibc's own `setenv` (see
+/// [`getenv`]).
+pub(crate) fn setenv(name: &CStr, value: &CStr, overwrite: bool) {
+    let f = real!(
+        "setenv",
+        unsafe extern "C" fn(*const c_char, *const c_char, c_int) -> c_int
+    );
+    // SAFETY: NUL-terminated strings.
+    unsafe { f(name.as_ptr(), value.as_ptr(), c_int::from(overwrite)) };
 }
 
 /// The components of an absolute path, `.` and `..` resolved lexically.
@@ -197,6 +238,56 @@ static CLIENT: ForkMutex<Option<Client>> = ForkMutex::new(None);
 static ANY_FD: AtomicBool = AtomicBool::new(false);
 static SAID: AtomicBool = AtomicBool::new(false);
 
+/// The shim's own descriptors (the server socket, the userfaultfd, the
+/// watcher's eventfds) are made while every free number below
+/// [`LowFds::FLOOR`] is taken, so they land above it. Programs pick low
+/// numbers themselves (`exec 3< file` in a shell is `dup2(fd, 3)`, and
+/// dash saves descriptors at 10 and up): a `dup2` onto a number the shim
+/// holds would close its connection under it.
+pub(crate) struct LowFds(Vec<c_int>);
+
+impl LowFds {
+    pub(crate) const FLOOR: c_int = 100;
+
+    /// Takes every free descriptor number below [`Self::FLOOR`] (copies of
+    /// one `/dev/null` descriptor, raw system calls), until dropped.
+    pub(crate) fn reserve() -> LowFds {
+        let mut held = Vec::new();
+        // SAFETY: opens /dev/null (a NUL-terminated path); every number
+        // taken is closed on drop.
+        let first = unsafe {
+            libc::syscall(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                c"/dev/null".as_ptr(),
+                libc::O_PATH | libc::O_CLOEXEC,
+            )
+        } as c_int;
+        let mut fd = first;
+        while (0..Self::FLOOR).contains(&fd) {
+            held.push(fd);
+            // SAFETY: duplicates a descriptor this guard holds onto the
+            // lowest free number.
+            fd =
+                unsafe { libc::syscall(libc::SYS_fcntl, first, libc::F_DUPFD_CLOEXEC, 0) } as c_int;
+        }
+        if fd >= Self::FLOOR {
+            // SAFETY: closes the copy just made, above the floor.
+            unsafe { libc::syscall(libc::SYS_close, fd) };
+        }
+        LowFds(held)
+    }
+}
+
+impl Drop for LowFds {
+    fn drop(&mut self) {
+        for &fd in &self.0 {
+            // SAFETY: closes a descriptor this guard opened.
+            unsafe { libc::syscall(libc::SYS_close, fd) };
+        }
+    }
+}
+
 fn client() -> Result<Client, c_int> {
     let mut c = CLIENT.lock();
     if let Some(c) = c.as_ref() {
@@ -219,7 +310,10 @@ fn client() -> Result<Client, c_int> {
         };
         Client::from_stream(s, opts)
     };
-    match connect() {
+    let low = LowFds::reserve();
+    let made = connect();
+    drop(low);
+    match made {
         Ok(n) => {
             *c = Some(n.clone());
             Ok(n)
@@ -277,6 +371,69 @@ fn insert(fd: c_int, e: Arc<Entry>) -> Option<Arc<Entry>> {
     st.fds.insert(fd, e)
 }
 
+/// Every served descriptor in this process's tables, files (path,
+/// offset) and directories (for an exec).
+fn handed_all() -> Vec<(c_int, vfork::Handed)> {
+    let mut out: Vec<(c_int, vfork::Handed)> = if ANY_FD.load(Ordering::Acquire) {
+        STATE
+            .lock()
+            .fds
+            .iter()
+            .map(|(fd, e)| {
+                let h = vfork::Handed::File(e.path.clone(), e.pos.load(Ordering::SeqCst));
+                (*fd, h)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    out.extend(
+        dir::dirfds()
+            .into_iter()
+            .map(|(fd, p)| (fd, vfork::Handed::Dir(p))),
+    );
+    out
+}
+
+/// What the tables say `fd` is.
+fn handed_fd(fd: c_int) -> Option<vfork::Handed> {
+    if let Some(e) = entry(fd) {
+        return Some(vfork::Handed::File(
+            e.path.clone(),
+            e.pos.load(Ordering::SeqCst),
+        ));
+    }
+    dir::dirfds()
+        .into_iter()
+        .find(|(d, _)| *d == fd)
+        .map(|(_, p)| vfork::Handed::Dir(p))
+}
+
+/// After a `dup*` of `old` returned `new`: the tables follow (or, in a
+/// `vfork` child, its overlay).
+fn dup_done(old: c_int, new: c_int) {
+    if vfork::in_child() {
+        vfork::dup(old, new);
+        return;
+    }
+    after_dup(&entry(old), new);
+    dir::after_dup(old, new);
+}
+
+/// Tracks `fd` (a placeholder inherited across exec) as the served file
+/// `path` at offset `pos`; it opens on this process's connection on first
+/// use, as a forked child's copies do.
+fn adopt_file(fd: c_int, path: String, pos: u64) {
+    drop(insert(
+        fd,
+        Arc::new(Entry {
+            path,
+            file: Mutex::new(None),
+            pos: AtomicU64::new(pos),
+        }),
+    ));
+}
+
 fn remove(fd: c_int) -> Option<Arc<Entry>> {
     if !ANY_FD.load(Ordering::Acquire) {
         return None;
@@ -297,6 +454,10 @@ fn forget_fd(fd: c_int) {
     let Some(_b) = Busy::enter() else {
         return;
     };
+    if vfork::in_child() {
+        vfork::gone(fd);
+        return;
+    }
     let gone = remove(fd);
     dir::forget(fd);
     drop(gone);
@@ -348,7 +509,12 @@ fn close_own(fd: c_int) -> c_int {
 /// this thread is not inside the shim already (a program's `close`).
 fn close_forgetting(fd: c_int, own: bool) -> c_int {
     let b = Busy::enter();
-    let forget = own || b.is_some();
+    let mut forget = own || b.is_some();
+    if forget && vfork::in_child() {
+        // The tables are the parent's.
+        vfork::gone(fd);
+        forget = false;
+    }
     let gone = if forget { remove(fd) } else { None };
     if forget {
         dir::forget(fd);
@@ -386,6 +552,13 @@ fn do_open(rel: &str, flags: c_int) -> c_int {
             Err(e) => return Err(errno_of(&e)),
         };
         let fd = placeholder(flags)?;
+        if vfork::in_child() {
+            vfork::opened(fd, vfork::Handed::File(rel.to_string(), 0));
+            // The file stays open on the parent's connection; this child
+            // only execs or exits.
+            std::mem::forget(file);
+            return Ok(fd);
+        }
         dir::forget(fd);
         insert(
             fd,
@@ -962,8 +1135,7 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
     // SAFETY: forwarding.
     let r = unsafe { real!("dup", unsafe extern "C" fn(c_int) -> c_int)(fd) };
     if b.is_some() {
-        after_dup(&entry(fd), r);
-        dir::after_dup(fd, r);
+        dup_done(fd, r);
     }
     r
 }
@@ -976,8 +1148,7 @@ pub unsafe extern "C" fn dup2(fd: c_int, new: c_int) -> c_int {
     // SAFETY: forwarding.
     let r = unsafe { real!("dup2", unsafe extern "C" fn(c_int, c_int) -> c_int)(fd, new) };
     if b.is_some() && fd != new {
-        after_dup(&entry(fd), r);
-        dir::after_dup(fd, r);
+        dup_done(fd, r);
     }
     r
 }
@@ -992,8 +1163,7 @@ pub unsafe extern "C" fn dup3(fd: c_int, new: c_int, flags: c_int) -> c_int {
         real!("dup3", unsafe extern "C" fn(c_int, c_int, c_int) -> c_int)(fd, new, flags)
     };
     if b.is_some() {
-        after_dup(&entry(fd), r);
-        dir::after_dup(fd, r);
+        dup_done(fd, r);
     }
     r
 }
@@ -1004,6 +1174,10 @@ fn forget_range(first: c_int, last: c_int) {
     let Some(_b) = Busy::enter() else {
         return;
     };
+    if vfork::in_child() {
+        vfork::gone_range(first, last);
+        return;
+    }
     let gone: Vec<Arc<Entry>> = if ANY_FD.load(Ordering::Acquire) {
         let mut st = STATE.lock();
         let fds: Vec<c_int> = st.fds.range(first..=last).map(|(k, _)| *k).collect();
@@ -1227,14 +1401,14 @@ unsafe fn fcntl_common(fd: c_int, cmd: c_int, arg: libc::c_long, sym: u8) -> c_i
             | libc::F_OFD_SETLK
             | libc::F_OFD_SETLKW
     );
-    if cmd == libc::F_GETFL || lock_cmd {
-        if let Some((_b, _e)) = tracked(fd) {
-            if cmd == libc::F_GETFL {
-                // What the program opened: read-only (the placeholder says O_PATH).
-                return libc::O_RDONLY | libc::O_LARGEFILE;
-            }
-            return lock(cmd, arg as *mut libc::flock);
+    if (cmd == libc::F_GETFL || lock_cmd)
+        && let Some((_b, _e)) = tracked(fd)
+    {
+        if cmd == libc::F_GETFL {
+            // What the program opened: read-only (the placeholder says O_PATH).
+            return libc::O_RDONLY | libc::O_LARGEFILE;
         }
+        return lock(cmd, arg as *mut libc::flock);
     }
     let b = Busy::enter();
     // SAFETY: forwarding.
@@ -1245,8 +1419,7 @@ unsafe fn fcntl_common(fd: c_int, cmd: c_int, arg: libc::c_long, sym: u8) -> c_i
         }
     };
     if b.is_some() && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) {
-        after_dup(&entry(fd), r);
-        dir::after_dup(fd, r);
+        dup_done(fd, r);
     }
     r
 }
@@ -1461,6 +1634,10 @@ pub unsafe extern "C" fn readlink(path: *const c_char, buf: *mut c_char, n: Size
     let mut host = None;
     if let Some(_b) = Busy::enter() {
         // SAFETY: the caller's promise.
+        if let Some(r) = unsafe { dir::readlink_fd(libc::AT_FDCWD, path, buf, n) } {
+            return r;
+        }
+        // SAFETY: the caller's promise.
         match unsafe { dir::route(libc::AT_FDCWD, path) } {
             Route::Served(rel) => return dir::readlink_rel(&rel),
             Route::Host(p) => host = p,
@@ -1486,6 +1663,10 @@ pub unsafe extern "C" fn readlinkat(
 ) -> SsizeT {
     let mut host = None;
     if let Some(_b) = Busy::enter() {
+        // SAFETY: the caller's promise.
+        if let Some(r) = unsafe { dir::readlink_fd(dirfd, path, buf, n) } {
+            return r;
+        }
         // SAFETY: the caller's promise.
         match unsafe { dir::route(dirfd, path) } {
             Route::Served(rel) => return dir::readlink_rel(&rel),
@@ -1681,10 +1862,10 @@ unsafe fn fstat_common(fd: c_int, st: *mut libc::stat64, real: FstatFn) -> c_int
             Err(err) => fail(err),
         };
     }
-    if let Some(_b) = Busy::enter() {
-        if let Some(r) = dir::fstat_dirfd(fd, st) {
-            return r;
-        }
+    if let Some(_b) = Busy::enter()
+        && let Some(r) = dir::fstat_dirfd(fd, st)
+    {
+        return r;
     }
     // SAFETY: forwarding.
     unsafe { real(fd, st) }
@@ -1982,20 +2163,13 @@ unsafe fn fopen_common(path: *const c_char, mode: *const c_char, real: FopenFn) 
             return f;
         }
     };
-    if mode.is_null() {
-        set_errno(libc::EINVAL);
-        return std::ptr::null_mut();
-    }
-    // SAFETY: a NUL-terminated mode string (fopen's contract).
-    let m = unsafe { CStr::from_ptr(mode) }.to_bytes();
-    if m.first() != Some(&b'r') || m.contains(&b'+') {
-        set_errno(libc::EROFS);
-        return std::ptr::null_mut();
-    }
-    let cloexec = if m.contains(&b'e') {
-        libc::O_CLOEXEC
-    } else {
-        0
+    // SAFETY: the caller's promise.
+    let cloexec = match unsafe { read_mode(mode) } {
+        Ok(c) => c,
+        Err(e) => {
+            set_errno(e);
+            return std::ptr::null_mut();
+        }
     };
     let fd = {
         let _b = Busy::enter();
@@ -2012,9 +2186,43 @@ unsafe fn fopen_common(path: *const c_char, mode: *const c_char, real: FopenFn) 
     f
 }
 
+/// The `open` flag a stdio mode adds (`O_CLOEXEC` for `e`) when it only
+/// reads; `EROFS` for a mode that writes, `EINVAL` for none.
+///
+/// # Safety
+/// `mode` is null or NUL-terminated.
+unsafe fn read_mode(mode: *const c_char) -> Result<c_int, c_int> {
+    if mode.is_null() {
+        return Err(libc::EINVAL);
+    }
+    // SAFETY: the caller's promise.
+    let m = unsafe { CStr::from_ptr(mode) }.to_bytes();
+    if m.first() != Some(&b'r') || m.contains(&b'+') {
+        return Err(libc::EROFS);
+    }
+    Ok(if m.contains(&b'e') {
+        libc::O_CLOEXEC
+    } else {
+        0
+    })
+}
+
+/// Where glibc keeps a stream's descriptor: `_fileno` of `struct
+/// _IO_FILE` (x86-64 and aarch64: after the `int` flags, padded, and
+/// twelve pointers).
+const FILENO_AT: usize = 112;
+
 /// A read-only stream whose reads, seeks and close come back through the
-/// shim for `fd` (its `fileno` is -1).
-fn cookie_stream(fd: c_int) -> *mut libc::FILE {
+/// shim for `fd`, with `fileno()` answering `fd`.
+///
+/// glibc's `fopencookie` stores -2 as the descriptor (so `fileno` fails
+/// with `EBADF`, and git's `fstat(fileno(fp))` with it). A cookie stream's
+/// I/O goes through its cookie functions only, never through the stored
+/// descriptor: glibc uses the descriptor just for `fileno` and for "is
+/// this stream open" (not -1). So the shim stores `fd` there, after
+/// checking that the word holds the -2 it expects (else it leaves it, and
+/// `fileno` stays -1, rather than write into a layout it does not know).
+pub(crate) fn cookie_stream(fd: c_int) -> *mut libc::FILE {
     let io = CookieIo {
         read: Some(cookie_read),
         write: None,
@@ -2023,7 +2231,18 @@ fn cookie_stream(fd: c_int) -> *mut libc::FILE {
     };
     // SAFETY: the cookie is the descriptor, passed back to the functions
     // above; "r" is a valid mode.
-    unsafe { fopencookie(fd as usize as *mut c_void, c"r".as_ptr(), io) }
+    let f = unsafe { fopencookie(fd as usize as *mut c_void, c"r".as_ptr(), io) };
+    if !f.is_null() {
+        // SAFETY: `f` is a live glibc stream, a `struct _IO_FILE` of more
+        // than FILENO_AT + 4 bytes with `_fileno` (an aligned int) there.
+        unsafe {
+            let at = f.cast::<u8>().add(FILENO_AT).cast::<c_int>();
+            if *at == -2 {
+                *at = fd;
+            }
+        }
+    }
+    f
 }
 
 /// # Safety
@@ -2107,6 +2326,7 @@ extern "C" fn after_fork_parent() {
 /// (`MADV_DONTFORK`): each is mapped again at its address on the child's
 /// own connection before `fork` returns ([`map::remap_in_child`]).
 extern "C" fn after_fork_child() {
+    vfork::own();
     let mut parent_maps = Vec::new();
     let _ = HELD.try_with(|h| {
         if let Some((mut c, mut st, mut maps)) = h.borrow_mut().take() {
@@ -2145,6 +2365,11 @@ extern "C" fn after_fork_child() {
 }
 
 extern "C" fn init() {
+    if audit::in_audit_namespace() {
+        return;
+    }
+    vfork::own();
+    exec::adopt();
     // SAFETY: three valid handlers with no preconditions.
     unsafe {
         libc::pthread_atfork(

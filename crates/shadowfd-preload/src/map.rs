@@ -131,32 +131,45 @@ unsafe fn sigbus_pages(at: usize, len: usize) -> Result<(), c_int> {
 /// them or maps over them); what is left on either side stays served.
 /// Returns the mappings wholly inside, to be dropped (UNMAP, then a
 /// reservation) once no lock is held.
+///
+/// The table's lock is held only to take the touched mappings out and to
+/// put the pieces back: cutting one speaks to the server (UNMAP of the
+/// part), and no request runs under the lock, which every `mmap`,
+/// `munmap`, fork and prefault of the process takes.
 fn carve(start: usize, end: usize) -> Vec<Map> {
     if !ANY_MAP.load(Ordering::Acquire) {
         return Vec::new();
     }
     let mut gone = Vec::new();
-    let mut maps = MAPS.lock();
-    let mut i = 0;
-    while i < maps.len() {
-        let (s, e) = (maps[i].start(), maps[i].end());
-        if e <= start || end <= s {
-            i += 1;
-            continue;
+    let mut cut = Vec::new();
+    {
+        let mut maps = MAPS.lock();
+        let mut i = 0;
+        while i < maps.len() {
+            let (s, e) = (maps[i].start(), maps[i].end());
+            if e <= start || end <= s {
+                i += 1;
+                continue;
+            }
+            let m = maps.swap_remove(i);
+            if start <= s && e <= end {
+                gone.push(m);
+            } else {
+                cut.push(m);
+            }
         }
-        let m = maps.swap_remove(i);
-        if start <= s && e <= end {
-            gone.push(m);
-            continue;
-        }
+    }
+    let mut pieces = Vec::new();
+    for m in cut {
+        let s = m.start();
         let a = start.max(s) - s;
-        let z = end.min(e) - s;
+        let z = end.min(m.end()) - s;
         // SAFETY: the program gives these pages up (munmap, or a MAP_FIXED
         // in their place); the shim holds no reference into them.
         match unsafe { m.m.punch(a, z - a) } {
             Ok((l, r)) => {
                 for piece in [l, r].into_iter().flatten() {
-                    maps.push(Map {
+                    pieces.push(Map {
                         path: m.path.clone(),
                         m: piece,
                     });
@@ -168,6 +181,9 @@ fn carve(start: usize, end: usize) -> Vec<Map> {
                 io_err(&e);
             }
         }
+    }
+    if !pieces.is_empty() {
+        MAPS.lock().extend(pieces);
     }
     gone
 }
@@ -183,7 +199,7 @@ pub(crate) fn do_mmap(
     off: OffT,
 ) -> Result<usize, c_int> {
     let pg = page();
-    if len == 0 || off < 0 || off as usize % pg != 0 {
+    if len == 0 || off < 0 || !(off as usize).is_multiple_of(pg) {
         return Err(libc::EINVAL);
     }
     let kind = flags & (libc::MAP_SHARED | libc::MAP_PRIVATE | libc::MAP_SHARED_VALIDATE);
@@ -194,7 +210,7 @@ pub(crate) fn do_mmap(
         return Err(libc::EACCES);
     }
     let place = flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE);
-    if place != 0 && addr as usize % pg != 0 {
+    if place != 0 && !(addr as usize).is_multiple_of(pg) {
         return Err(libc::EINVAL);
     }
     let maplen = len.checked_next_multiple_of(pg).ok_or(libc::ENOMEM)?;
@@ -275,7 +291,7 @@ pub(crate) fn before_fixed(addr: *mut c_void, len: SizeT, flags: c_int) -> Optio
     }
     let b = Busy::enter()?;
     let start = addr as usize;
-    if start % page() == 0 && len > 0 {
+    if start.is_multiple_of(page()) && len > 0 {
         drop(carve(start, start.saturating_add(len)));
     }
     Some(b)
@@ -296,7 +312,7 @@ pub(crate) unsafe fn munmap(addr: *mut c_void, len: SizeT) -> c_int {
         return unsafe { real_munmap()(addr, len) };
     }
     let start = addr as usize;
-    if start % page() != 0 || len == 0 {
+    if !start.is_multiple_of(page()) || len == 0 {
         return fail(libc::EINVAL);
     }
     // Served pages stop being served (UNMAP) before they are unmapped: the
@@ -403,4 +419,18 @@ pub(crate) fn remap_in_child(parent: Vec<Map>) {
         ANY_MAP.store(true, Ordering::Release);
         maps.extend(mine);
     }
+}
+
+/// The parts of `addr..addr+len` that lie in served mappings, page-aligned
+/// outward and clipped to each mapping (for [`crate::prefault`]).
+pub(crate) fn served_spans(addr: usize, len: usize) -> Vec<(usize, usize)> {
+    if !ANY_MAP.load(Ordering::Acquire) || len == 0 {
+        return Vec::new();
+    }
+    let end = addr.saturating_add(len);
+    let maps = MAPS.lock();
+    maps.iter()
+        .filter(|m| m.start() < end && addr < m.end())
+        .map(|m| (addr.max(m.start()), end.min(m.end())))
+        .collect()
 }

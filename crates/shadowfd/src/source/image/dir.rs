@@ -211,6 +211,25 @@ fn found(o: &Opened, inner: &[u8]) -> Result<(Geometry, Inode, Vec<u8>), ImageEr
             });
         }
         let l = cell.as_ref().expect("loaded above");
+        // A plain path through the directory indexes (index.rs).
+        match super::index::walk(&o.image, &o.img, &l.geo, inner).map_err(located)? {
+            super::index::Walk::Found(inode, path) => return Ok((l.geo.clone(), inode, path)),
+            super::index::Walk::NotFound => {
+                return Err(located(ext4_fail(
+                    ext4_view::Ext4Error::NotFound,
+                    &o.img,
+                    inner,
+                )));
+            }
+            super::index::Walk::NotADirectory => {
+                return Err(located(ext4_fail(
+                    ext4_view::Ext4Error::NotADirectory,
+                    &o.img,
+                    inner,
+                )));
+            }
+            super::index::Walk::Slow => {}
+        }
         let canonical = l.fs.canonicalize(inner).map_err(|e| {
             located(
                 long_symlink(&o.image, &l.geo, &e).unwrap_or_else(|| ext4_fail(e, &o.img, inner)),

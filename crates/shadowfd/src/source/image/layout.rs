@@ -494,9 +494,15 @@ impl Geometry {
         Ok(out)
     }
 
-    /// Finds `name` in directory `dir` by a linear scan of its entries (an
-    /// htree directory keeps every entry in such a linear layout too).
-    pub fn lookup(&self, f: &File, dir: &Inode, name: &[u8]) -> LResult<u32> {
+    /// Calls `visit(name, inode)` for each entry of directory `dir` in the
+    /// order of its blocks (one linear scan), until it returns `true`;
+    /// whether one did.
+    fn scan(
+        &self,
+        f: &File,
+        dir: &Inode,
+        mut visit: impl FnMut(&[u8], u32) -> bool,
+    ) -> LResult<bool> {
         if dir.kind() != FileKind::Directory {
             return Err(LayoutError::NotADirectory);
         }
@@ -520,13 +526,42 @@ impl Geometry {
                 if rec_len < 8 || at + rec_len > block.len() || 8 + name_len > rec_len {
                     return corrupt(format!("directory inode {}: bad entry", dir.ino));
                 }
-                if ino != 0 && &block[at + 8..at + 8 + name_len] == name {
-                    return Ok(ino);
+                if ino != 0 && visit(&block[at + 8..at + 8 + name_len], ino) {
+                    return Ok(true);
                 }
                 at += rec_len;
             }
         }
-        Err(LayoutError::NotFound)
+        Ok(false)
+    }
+
+    /// Every named entry of directory `dir` (name, inode number) but `.`
+    /// and `..`, in the order of its blocks: for an index of the directory
+    /// (super::index).
+    pub fn entries(&self, f: &File, dir: &Inode) -> LResult<Vec<(Vec<u8>, u32)>> {
+        let mut out = Vec::new();
+        self.scan(f, dir, |name, ino| {
+            if name != b"." && name != b".." {
+                out.push((name.to_vec(), ino));
+            }
+            false
+        })?;
+        Ok(out)
+    }
+
+    /// Finds `name` in directory `dir` by a linear scan of its entries (an
+    /// htree directory keeps every entry in such a linear layout too).
+    pub fn lookup(&self, f: &File, dir: &Inode, name: &[u8]) -> LResult<u32> {
+        let mut found = 0;
+        let hit = self.scan(f, dir, |n, ino| {
+            found = ino;
+            n == name
+        })?;
+        if hit {
+            Ok(found)
+        } else {
+            Err(LayoutError::NotFound)
+        }
     }
 
     /// Walks `components` (plain names, no `.`, `..` or symlinks) from the

@@ -16,6 +16,7 @@
 
 mod crc32c;
 pub(crate) mod dir;
+mod index;
 mod layout;
 mod threaded;
 
@@ -589,6 +590,24 @@ fn resolve(image: &File, img: &str, inner: &[u8]) -> Result<Found, Fail> {
                  journal with `e2fsck -y -E journal_only {img}` (on a copy if it is in use)"
             ),
         ));
+    }
+    // A plain path goes through the directory indexes (index.rs); one
+    // with `..` or a symbolic link on the way is resolved below.
+    match index::walk(image, img, &geo, inner)? {
+        index::Walk::Found(inode, canonical) => {
+            return Ok(Found {
+                geo,
+                inode,
+                canonical,
+            });
+        }
+        index::Walk::NotFound => {
+            return Err(ext4_fail(ext4_view::Ext4Error::NotFound, img, inner));
+        }
+        index::Walk::NotADirectory => {
+            return Err(ext4_fail(ext4_view::Ext4Error::NotADirectory, img, inner));
+        }
+        index::Walk::Slow => {}
     }
     let clone = image
         .try_clone()
