@@ -5,7 +5,7 @@ use crate::{CliResult, Common};
 use clap::Args;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use shadowfd::remote::{Server, ServerOptions, Tree};
+use shadowfd::remote::{LogLimiter, Server, ServerOptions, Tree};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -31,6 +31,16 @@ pub struct ServeArgs {
     /// At most this many clients at once (1 to 65536).
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
     max_clients: u32,
+    /// At most this many connections that have not finished HELLO, plus
+    /// status queries, at once (1 to 65536); the oldest is dropped to admit another.
+    #[arg(long, value_name = "N", default_value_t = shadowfd::remote::MAX_PENDING as u32, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    max_pending: u32,
+    /// At most this many lazy ranges attached per client (1 to 16777216).
+    #[arg(long, value_name = "N", default_value_t = shadowfd::remote::MAX_RANGES as u32, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    max_ranges: u32,
+    /// At most this many lazy ranges attached over all clients (1 to 16777216).
+    #[arg(long, value_name = "N", default_value_t = shadowfd::remote::MAX_RANGES_TOTAL as u32, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    max_ranges_total: u32,
     #[command(flatten)]
     common: Common,
 }
@@ -136,6 +146,9 @@ pub fn run(a: ServeArgs) -> CliResult {
     let opts = ServerOptions {
         peer_timeout: a.peer_timeout,
         max_clients: a.max_clients as usize,
+        max_pending: a.max_pending as usize,
+        max_ranges: a.max_ranges as usize,
+        max_ranges_total: a.max_ranges_total as usize,
         log: Some(log.clone()),
         ..ServerOptions::default()
     };
@@ -158,6 +171,20 @@ pub fn run(a: ServeArgs) -> CliResult {
         cfg.max_size,
         a.peer_timeout
     ));
+    // After an accept error (EMFILE, ENFILE, ENOMEM...) the listener is left
+    // out of the poll set for `backoff` (doubling up to 1 s): never a spin.
+    let mut backoff = Duration::ZERO;
+    let mut resume = Instant::now();
+    let limiter = LogLimiter::default();
+    let limited = |what: &'static str, line: String| {
+        if let Some(n) = limiter.allow(what, Instant::now()) {
+            if n > 0 {
+                log(&format!("{line} ({n} more like it not logged)"));
+            } else {
+                log(&line);
+            }
+        }
+    };
     let stop = loop {
         let mut fds = [
             libc::pollfd {
@@ -171,8 +198,16 @@ pub fn run(a: ServeArgs) -> CliResult {
                 revents: 0,
             },
         ];
+        let now = Instant::now();
+        let wait = if now < resume {
+            // Only the signalfd is watched until the back-off ends.
+            fds[0].fd = -1;
+            (resume - now).as_millis().max(1) as i32
+        } else {
+            -1
+        };
         // SAFETY: `fds` is a live array of two pollfd structs.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, wait) };
         if r < 0 {
             continue;
         }
@@ -186,16 +221,39 @@ pub fn run(a: ServeArgs) -> CliResult {
         if fds[0].revents != 0 {
             match listener.accept() {
                 Ok((s, _)) => {
+                    backoff = Duration::ZERO;
                     if let Err(e) = s.set_nonblocking(false) {
-                        log(&format!("dropped a new connection: {e}"));
+                        limited("new", format!("dropped a new connection: {e}"));
                         continue;
                     }
                     if let Err(e) = server.handle(s) {
-                        log(&format!("dropped a new connection: {e}"));
+                        limited("new", format!("dropped a new connection: {e}"));
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => log(&format!("accept: {e}")),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Out of descriptors: a connection that has not said
+                    // HELLO gives its place first; then wait a while.
+                    let shed = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+                        && server.shed_pending();
+                    if !shed {
+                        backoff =
+                            (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                        resume = Instant::now() + backoff;
+                    }
+                    limited(
+                        "accept",
+                        format!(
+                            "accept: {e}{}",
+                            if shed {
+                                "; dropped the oldest connection still before HELLO".to_string()
+                            } else {
+                                format!("; not accepting for {backoff:?}")
+                            }
+                        ),
+                    );
+                }
             }
         }
     };

@@ -3,8 +3,7 @@
 use crate::CliResult;
 use crate::serve::{default_socket, duration_arg};
 use clap::Args;
-use shadowfd::remote::{Client, ClientOptions};
-use std::os::unix::net::UnixStream;
+use shadowfd::remote::Client;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -37,22 +36,9 @@ fn us(v: &serde_json::Value) -> String {
 
 pub fn run(a: StatusArgs) -> CliResult {
     let path = a.socket.clone().unwrap_or_else(default_socket);
-    let stream = UnixStream::connect(&path).map_err(|e| {
-        format!(
-            "connecting to {}: {e} (is `shadowfd serve --socket {}` running?)",
-            path.display(),
-            path.display()
-        )
-    })?;
-    // A status query needs no userfaultfd: it maps nothing.
-    let client = Client::from_stream(
-        stream,
-        ClientOptions {
-            userfaultfd: false,
-            timeout: a.timeout,
-        },
-    )?;
-    let text = client.status_json()?;
+    // A status connection: answered from a slot of its own, even when the
+    // server is full, and not counted as a client.
+    let text = Client::status_at(&path, a.timeout)?;
     if a.json {
         println!("{text}");
         return Ok(());
