@@ -675,7 +675,7 @@ fn a_silent_peer_is_dropped_and_an_old_one_refused() {
     let o = server.finish(Duration::ZERO);
     assert!(
         o.stderr
-            .contains("sent nothing within the peer timeout of 500ms; expected HELLO"),
+            .contains("did not send a whole HELLO within the peer timeout of 500ms"),
         "{}",
         o.describe()
     );

@@ -235,8 +235,10 @@ pub fn run(a: ServeArgs) -> CliResult {
                 Err(e) => {
                     // Out of descriptors: a connection that has not said
                     // HELLO gives its place first; then wait a while.
-                    let shed = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
-                        && server.shed_pending();
+                    // Four of them, so that the connection accepted next
+                    // has room for what it brings (a userfaultfd) and opens.
+                    let out = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                    let shed = out && (0..4).filter(|_| server.shed_pending()).count() > 0;
                     if !shed {
                         backoff =
                             (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
@@ -247,7 +249,7 @@ pub fn run(a: ServeArgs) -> CliResult {
                         format!(
                             "accept: {e}{}",
                             if shed {
-                                "; dropped the oldest connection still before HELLO".to_string()
+                                "; dropped the oldest connections still before HELLO".to_string()
                             } else {
                                 format!("; not accepting for {backoff:?}")
                             }

@@ -122,6 +122,24 @@ fn payload_word(p: &[u8], i: usize) -> u64 {
         .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
 }
 
+/// Test-only (`failpoints` feature): whether the step `var` names fails
+/// now. `var=N` fails the first N times in the process.
+#[cfg(feature = "failpoints")]
+fn failpoint(var: &str) -> bool {
+    use std::collections::HashMap;
+    static SEEN: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
+    let Some(n) = std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()) else {
+        return false;
+    };
+    let mut seen = SEEN.lock();
+    let c = seen
+        .get_or_insert_with(HashMap::new)
+        .entry(var.to_string())
+        .or_insert(0);
+    *c += 1;
+    *c <= n
+}
+
 /// Lazy ranges registered with this client's userfaultfd: (start, len).
 type Ranges = Arc<Mutex<Vec<(u64, u64)>>>;
 
@@ -913,7 +931,7 @@ impl RemoteMapOptions<'_> {
             map.advise(Advice::DontFork)
                 .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
             #[cfg(feature = "failpoints")]
-            if std::env::var_os("SHADOWFD_FAILPOINT_REMOTE_REGISTER").is_some() {
+            if failpoint("SHADOWFD_FAILPOINT_REMOTE_REGISTER") {
                 return Err(Error::sys(
                     "UFFDIO_REGISTER of the remote mapping (failpoint)",
                     std::io::Error::from_raw_os_error(libc::ENOMEM),
@@ -944,7 +962,7 @@ impl RemoteMapOptions<'_> {
         mapping.lazy = true;
         let map = mapping.map.as_ref().expect("mapped");
         #[cfg(feature = "failpoints")]
-        let protected = if std::env::var_os("SHADOWFD_FAILPOINT_REMOTE_PROTECT").is_some() {
+        let protected = if failpoint("SHADOWFD_FAILPOINT_REMOTE_PROTECT") {
             Err(std::io::Error::from_raw_os_error(libc::ENOMEM))
         } else {
             // SAFETY: nothing refers into the mapping yet; every fault on it

@@ -15,7 +15,7 @@ use crate::sys::Uffd;
 use crate::sys::uffd_abi::uffd_msg;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -41,6 +41,13 @@ pub const MAX_RANGES: usize = 65_536;
 /// the server about 200 bytes (its entry here and among the shadow's
 /// consumers), so the ranges of all clients together stay under ~50 MiB.
 pub const MAX_RANGES_TOTAL: usize = 262_144;
+
+/// Lazy ranges every connection may attach even when the server has
+/// [`ServerOptions::max_ranges_total`] attached over all clients (within
+/// its own `max_ranges`): so a client that fills the global cap cannot keep
+/// another from mapping. The true bound on all ranges is thus
+/// `max_ranges_total + 256 * max_clients`.
+pub const RESERVED_RANGES: usize = 256;
 
 /// The default bound on connections that have not yet been admitted as
 /// clients (`--max-pending`): those that have not finished HELLO, and
@@ -236,9 +243,10 @@ struct ClientInfo {
     mappings: usize,
     /// What the session shares with the table (see [`Activity`]).
     activity: Arc<Activity>,
-    /// A second descriptor of its socket, to drop it from another thread
-    /// (shut down: its session sees the hang-up).
-    stream: Option<UnixStream>,
+    /// Its socket, to drop it from another thread (shut down: its session
+    /// sees the hang-up). Open while the client is in the table: the
+    /// session leaves the table before it closes the socket.
+    fd: RawFd,
 }
 
 /// When a client's session last ended a request, and whether one is in
@@ -253,7 +261,18 @@ struct Activity {
 /// query. Dropped (its socket shut down) when the pending table is full and
 /// it is the oldest.
 struct PendingConn {
-    stream: UnixStream,
+    /// Its socket; open while it is in the table (the connection's thread
+    /// leaves the table before it closes the socket).
+    fd: RawFd,
+}
+
+/// Shuts down the socket `fd` of a connection in the table (both ways):
+/// its thread sees the hang-up and ends the connection.
+fn shut(fd: RawFd) {
+    // SAFETY: the caller holds the state lock and found `fd` in the table,
+    // so the socket is still open (see `PendingConn::fd`, `ClientInfo::fd`);
+    // shutdown touches no memory.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
 }
 
 #[derive(Default)]
@@ -369,7 +388,6 @@ impl Server {
             .name(format!("shadowfd-client-{id}"))
             .spawn(move || {
                 let conn = inner2.handshake(stream, peer, accepted + inner2.timeout());
-                inner2.state.lock().pending.remove(&peer.id);
                 if let Some(conn) = conn {
                     inner2.run(conn);
                 }
@@ -401,10 +419,10 @@ impl Server {
     /// Drops the oldest connection that has not finished HELLO (for when
     /// descriptors run out). False if there is none.
     pub fn shed_pending(&self) -> bool {
-        let gone = self.inner.state.lock().pending.pop_first();
-        match gone {
+        let mut st = self.inner.state.lock();
+        match st.pending.pop_first() {
             Some((_, p)) => {
-                let _ = p.stream.shutdown(std::net::Shutdown::Both);
+                shut(p.fd);
                 true
             }
             None => false,
@@ -607,9 +625,6 @@ impl Inner {
     /// Counts a new connection as pending; if the pending table is full,
     /// the oldest pending connection is dropped to make room.
     fn add_pending(&self, stream: &UnixStream, peer: Peer) {
-        let Ok(dup) = stream.try_clone() else {
-            return;
-        };
         let gone = {
             let mut st = self.state.lock();
             let gone = if st.pending.len() >= self.opts.max_pending.max(1) {
@@ -617,11 +632,18 @@ impl Inner {
             } else {
                 None
             };
-            st.pending.insert(peer.id, PendingConn { stream: dup });
+            if let Some((_, p)) = &gone {
+                shut(p.fd);
+            }
+            st.pending.insert(
+                peer.id,
+                PendingConn {
+                    fd: stream.as_raw_fd(),
+                },
+            );
             gone
         };
-        if let Some((id, p)) = gone {
-            let _ = p.stream.shutdown(std::net::Shutdown::Both);
+        if let Some((id, _)) = gone {
             self.log_limited(
                 "pending",
                 &format!(
@@ -666,7 +688,7 @@ impl Inner {
             handles: 0,
             mappings: 0,
             activity: activity.clone(),
-            stream: stream.try_clone().ok(),
+            fd: stream.as_raw_fd(),
         };
         let victim = {
             let mut st = self.state.lock();
@@ -675,15 +697,14 @@ impl Inner {
                 let pick = st
                     .clients
                     .iter()
-                    .filter(|(_, c)| {
-                        c.mappings == 0
-                            && c.stream.is_some()
-                            && !c.activity.busy.load(Ordering::SeqCst)
-                    })
+                    .filter(|(_, c)| c.mappings == 0 && !c.activity.busy.load(Ordering::SeqCst))
                     .min_by_key(|(_, c)| c.activity.last_ms.load(Ordering::Relaxed))
                     .map(|(id, _)| *id);
                 match pick.and_then(|id| st.clients.remove(&id).map(|c| (id, c))) {
-                    Some(v) => victim = Some(v),
+                    Some(v) => {
+                        shut(v.1.fd);
+                        victim = Some(v);
+                    }
                     None => {
                         return Err(format!(
                             "the server has its maximum of {} clients, and each has a lazy \
@@ -697,9 +718,6 @@ impl Inner {
             victim
         };
         if let Some((id, c)) = victim {
-            if let Some(s) = &c.stream {
-                let _ = s.shutdown(std::net::Shutdown::Both);
-            }
             let idle = self
                 .now_ms()
                 .saturating_sub(c.activity.last_ms.load(Ordering::Relaxed));
@@ -722,13 +740,15 @@ impl Inner {
     /// HELLO and its reply (and the whole of a status query). `None` if
     /// there is no session to run (logged if the peer was dropped).
     fn handshake(self: &Arc<Self>, stream: UnixStream, peer: Peer, by: Instant) -> Option<Conn> {
-        match self.try_handshake(&stream, peer, by) {
-            Ok(Hello::Status) => {
-                if let Err(e) = self.answer_status(&stream, by) {
-                    self.log_limited("status", &format!("{peer}: status query dropped: {e}"));
-                }
-                None
-            }
+        let r = self.try_handshake(&stream, peer, by);
+        let r = match r {
+            Ok(Hello::Status) => self.answer_status(&stream, by).map(|()| Hello::Status),
+            r => r,
+        };
+        // Out of the pending table before the socket can be closed.
+        self.state.lock().pending.remove(&peer.id);
+        match r {
+            Ok(Hello::Status) => None,
             Ok(Hello::Client(uffd, activity)) => {
                 self.log(&format!(
                     "{peer}: connected ({})",
@@ -1613,7 +1633,10 @@ impl Inner {
             ));
         }
         let total = self.ranges_total.load(Ordering::SeqCst);
-        if total >= self.opts.max_ranges_total {
+        // Each connection's first RESERVED_RANGES are not held against the
+        // global cap: clients that filled it cannot keep others from
+        // mapping.
+        if conn.ranges.len() >= RESERVED_RANGES && total >= self.opts.max_ranges_total {
             return Some(format!(
                 "{what}: the server has {total} lazy ranges attached over all clients, its \
                  maximum of {} (--max-ranges-total); try again later",
