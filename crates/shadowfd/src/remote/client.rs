@@ -1213,6 +1213,23 @@ mod tests {
         assert!(again.is_err(), "took the late reply: {again:?}");
     }
 
+    /// A descriptor without the seals of a shadow, or too short, is
+    /// refused before anything maps it; a sealed one of the right size is
+    /// taken.
+    #[test]
+    fn unsealed_descriptors_are_refused() {
+        let m = crate::sys::memfd::Memfd::create("t", 8192).unwrap();
+        let fd = || m.reopen_readonly().unwrap();
+        let e = check_sealed(&fd(), 8192, "MAP").unwrap_err().to_string();
+        assert!(e.contains("not a sealed shadow"), "{e}");
+        m.add_seals(libc::F_SEAL_GROW | libc::F_SEAL_SHRINK)
+            .unwrap();
+        assert!(check_sealed(&fd(), 8192, "MAP").is_err(), "writable");
+        m.add_seals(libc::F_SEAL_FUTURE_WRITE).unwrap();
+        check_sealed(&fd(), 8192, "MAP").unwrap();
+        assert!(check_sealed(&fd(), 8193, "MAP").is_err(), "too short");
+    }
+
     /// A kick left unread when the server hangs up must not end the
     /// watcher: it has to answer every later fault with SIGBUS.
     #[test]

@@ -587,6 +587,85 @@ mod tests {
         assert!(parse_entries(&slash, 1).is_err(), "a name with '/'");
     }
 
+    /// Descriptors in this process's table open on the memfd named `name`
+    /// (other tests running meanwhile open other files).
+    fn open_on(name: &str) -> usize {
+        let want = format!("/memfd:{name} (deleted)");
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|l| l.to_string_lossy() == want)
+            .count()
+    }
+
+    /// Sends `bytes` with `n` descriptors of the memfd `name` attached.
+    fn send_fds(sock: &UnixStream, bytes: &[u8], n: usize, name: &str) {
+        let m = crate::sys::memfd::Memfd::create(name, 0).unwrap();
+        let fds: Vec<OwnedFd> = (0..n).map(|_| m.reopen_readonly().unwrap()).collect();
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let iov = [IoSlice::new(bytes)];
+        let cmsg = [ControlMessage::ScmRights(&raw)];
+        sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None).unwrap();
+    }
+
+    /// More than one descriptor with a frame (up to the kernel's 253 in one
+    /// message, or one with each of its reads) is refused, and every one of
+    /// them closed: none is left in this process's table.
+    #[test]
+    fn extra_descriptors_are_refused_and_closed() {
+        let bytes = encode(&Frame::new(STATS, 0, 0, 0, 0));
+        let name = "shadowfd-wire-extra-fds";
+        for n in [2, 5, SCM_MAX_FD] {
+            let (a, b) = UnixStream::pair().unwrap();
+            send_fds(&a, &bytes, n, name);
+            let e = recv(&b).unwrap_err();
+            assert!(matches!(e, RecvError::Malformed(_)), "{n}: {e}");
+            assert_eq!(open_on(name), 0, "{n} descriptors: some were left open");
+        }
+        // One with the first byte, one more with the rest of the frame.
+        let (a, b) = UnixStream::pair().unwrap();
+        send_fds(&a, &bytes[..1], 1, name);
+        send_fds(&a, &bytes[1..], 1, name);
+        assert!(matches!(recv(&b), Err(RecvError::Malformed(_))));
+        assert_eq!(open_on(name), 0);
+        // One is fine.
+        let (a, b) = UnixStream::pair().unwrap();
+        send_fds(&a, &bytes, 1, name);
+        let (f, fd) = recv(&b).unwrap();
+        assert_eq!(f.kind, STATS);
+        assert!(fd.is_some());
+        assert_eq!(open_on(name), 1, "the check sees the one received");
+        drop(fd);
+        assert_eq!(open_on(name), 0);
+    }
+
+    /// The receive timeout bounds the whole frame: a peer sending a byte
+    /// every 50 ms does not keep a 300 ms receive going for its 48 bytes.
+    #[test]
+    fn a_trickled_frame_times_out_as_a_whole() {
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let bytes = encode(&Frame::new(STATS, 0, 0, 0, 0));
+        let t = std::thread::spawn(move || {
+            for x in bytes {
+                if send_bytes(&a, &[x], None, None).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let t0 = Instant::now();
+        assert!(matches!(recv(&b), Err(RecvError::TimedOut)));
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(290) && took < Duration::from_millis(900),
+            "{took:?}"
+        );
+        drop(b);
+        t.join().unwrap();
+    }
+
     #[test]
     fn a_version_2_frame_is_recognised() {
         let (a, b) = UnixStream::pair().unwrap();
