@@ -788,3 +788,49 @@ fn opens_of_other_files_go_on_while_one_is_slow() {
     let m = f.map().expect("map fast.bin");
     assert_eq!(first_mismatch(ID_B, 0, &m), None);
 }
+
+// ---- errors a client can act on ----
+
+/// A connect refused with "Permission denied" names the socket's owner and
+/// mode (and the caller's uid); a server's refusal reaches `--json` output
+/// as its typed code.
+#[test]
+fn errors_name_their_cause_and_code() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let Some(mut bed) = Bed::new("hostile: errors", &[]) else {
+        return;
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let dir = bed.sock.parent().unwrap().to_path_buf();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut c = cli(&["status", "--socket", bed.sock.to_str().unwrap()]);
+        c.uid(65534).gid(65534);
+        let o = child::run(c, Duration::from_secs(10));
+        assert!(!o.status.success(), "{}", o.describe());
+        assert!(
+            o.stderr.contains("Permission denied")
+                && o.stderr.contains("belongs to uid 0")
+                && o.stderr.contains("mode 0600")
+                && o.stderr.contains("runs as uid 65534"),
+            "{}",
+            o.describe()
+        );
+    }
+    let o = child::run(
+        cli(&[
+            "client",
+            "--socket",
+            bed.sock.to_str().unwrap(),
+            "map",
+            "no-such-file",
+            "--json",
+        ]),
+        Duration::from_secs(10),
+    );
+    assert!(!o.status.success(), "{}", o.describe());
+    let v: serde_json::Value = serde_json::from_str(o.stdout.trim()).expect("JSON error");
+    assert_eq!(v["code"], "E_NOT_FOUND", "{v}");
+    drop(bed.stderr());
+}
