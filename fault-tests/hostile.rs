@@ -16,13 +16,14 @@
 //! different files proceed in parallel while one is slow, and two OPENs of
 //! the slow file share one open.
 
+use crate::serve::Slow;
 use crate::support::attack::{Proc, cpu_time, role_command, write_content};
 use crate::support::child::{self, param, param_u64};
 use crate::support::content::first_mismatch;
 use crate::support::{cli, lazy_available, tempdir};
 use crate::test_name;
 use shadowfd::remote::{Client, ClientOptions, Server, ServerOptions, Tree, wire};
-use shadowfd::{Engine, Source, SourceMeta};
+use shadowfd::{Engine, Source};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -74,27 +75,9 @@ impl Bed {
         write_content(&root, "A.bin", ID_A, SIZE);
         write_content(&root, "B.bin", ID_B, SIZE);
         let sock = dir.path().join("s.sock");
-        let mut args = vec![
-            "serve",
-            "--socket",
-            sock.to_str().unwrap(),
-            "--root",
-            root.to_str().unwrap(),
-            "--mode",
-            "lazy",
-            "--chunk",
-            "64K",
-        ];
+        let mut args = vec!["--mode", "lazy", "--chunk", "64K"];
         args.extend_from_slice(extra);
-        let mut server = Proc::spawn("shadowfd serve", cli(&args), false);
-        let t = Instant::now();
-        while !sock.exists() {
-            assert!(
-                server.is_running() && t.elapsed() < BOUND,
-                "server did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let server = crate::serve::cli_server(&sock, &root, &args);
         let pid = server.pid();
         std::thread::sleep(Duration::from_millis(100));
         let (f0, t0) = (fds_of(pid), threads_of(pid));
@@ -688,28 +671,6 @@ fn failed_maps_are_abandoned_and_the_session_goes_on() {
 
 // ---- parallel OPENs ----
 
-/// A source whose every read of a file named `slow.bin` first waits.
-struct SlowOne {
-    inner: Arc<dyn Source>,
-    delay: Duration,
-}
-
-impl Source for SlowOne {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        std::thread::sleep(self.delay);
-        self.inner.read_at(buf, offset)
-    }
-    fn metadata(&self) -> std::io::Result<SourceMeta> {
-        self.inner.metadata()
-    }
-    fn fill_metadata(&self) -> std::io::Result<SourceMeta> {
-        self.inner.fill_metadata()
-    }
-    fn name(&self) -> String {
-        self.inner.name()
-    }
-}
-
 /// An eager server whose copy of `slow.bin` takes ~2 s: an OPEN of another
 /// file answers meanwhile (no lock across the copy), and a second OPEN of
 /// `slow.bin` shares the first one's open (one shadow, one copy).
@@ -727,7 +688,7 @@ fn opens_of_other_files_go_on_while_one_is_slow() {
         source_hook: Some(Arc::new(move |s: Arc<dyn Source>| {
             if s.name().ends_with("slow.bin") {
                 c2.fetch_add(1, Ordering::SeqCst);
-                Arc::new(SlowOne {
+                Arc::new(Slow {
                     inner: s,
                     delay: Duration::from_millis(1000),
                 }) as Arc<dyn Source>

@@ -58,7 +58,7 @@ fn served_root() -> (tempfile::TempDir, PathBuf) {
 }
 
 /// `shadowfd serve --socket SOCK --root ROOT EXTRA...`, listening.
-fn cli_server(sock: &Path, root: &Path, extra: &[&str]) -> Proc {
+pub(crate) fn cli_server(sock: &Path, root: &Path, extra: &[&str]) -> Proc {
     let mut args = vec![
         "serve",
         "--socket",
@@ -87,9 +87,9 @@ fn status(sock: &Path) -> serde_json::Value {
 }
 
 /// A source that sleeps `delay` in every read.
-struct Slow {
-    inner: Arc<dyn Source>,
-    delay: Duration,
+pub(crate) struct Slow {
+    pub(crate) inner: Arc<dyn Source>,
+    pub(crate) delay: Duration,
 }
 
 impl Source for Slow {

@@ -70,6 +70,23 @@ pub fn duration_arg(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Descriptors a new client needs beyond its socket: its userfaultfd, the
+/// file it opens, a memfd.
+const HEADROOM: usize = 4;
+
+/// Whether `n` more descriptors can be opened now (probed by duplicating
+/// `fd`; the duplicates are closed at once).
+fn room_for(n: usize, fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        match fd.try_clone_to_owned() {
+            Ok(f) => held.push(f),
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
 /// `$XDG_RUNTIME_DIR/shadowfd.sock`, else `/run/shadowfd.sock`.
 pub fn default_socket() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
@@ -222,6 +239,19 @@ pub fn run(a: ServeArgs) -> CliResult {
             match listener.accept() {
                 Ok((s, _)) => {
                     backoff = Duration::ZERO;
+                    // Near a full descriptor table, the oldest connections
+                    // that have not said HELLO make room for what this one
+                    // brings (its userfaultfd) and opens.
+                    if !room_for(HEADROOM, listener.as_fd()) {
+                        let n = (0..4).filter(|_| server.shed_pending()).count();
+                        limited(
+                            "room",
+                            format!(
+                                "fewer than {HEADROOM} descriptors free: dropped {n} connection(s) \
+                                 still before HELLO"
+                            ),
+                        );
+                    }
                     if let Err(e) = s.set_nonblocking(false) {
                         limited("new", format!("dropped a new connection: {e}"));
                         continue;

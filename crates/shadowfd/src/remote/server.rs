@@ -39,7 +39,8 @@ pub const MAX_RANGES: usize = 65_536;
 /// The default bound on the lazy ranges attached over all clients at once
 /// (`--max-ranges-total`): four clients at [`MAX_RANGES`]. Each range costs
 /// the server about 200 bytes (its entry here and among the shadow's
-/// consumers), so the ranges of all clients together stay under ~50 MiB.
+/// consumers), so all ranges together, with each connection's
+/// [`RESERVED_RANGES`], stay under ~65 MiB at the defaults.
 pub const MAX_RANGES_TOTAL: usize = 262_144;
 
 /// Lazy ranges every connection may attach even when the server has
