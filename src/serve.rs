@@ -28,13 +28,16 @@ pub struct ServeArgs {
     /// connecting, the rest of a frame, ATTACH after a lazy MAP), e.g. 500ms, 5s, 2m
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration_arg)]
     peer_timeout: Duration,
-    /// At most this many clients at once (1 to 65536).
+    /// At most this many clients at once (1 to 65536); when full, the client idle longest without a lazy mapping gives way.
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
     max_clients: u32,
     /// At most this many connections that have not finished HELLO, plus
     /// status queries, at once (1 to 65536); the oldest is dropped to admit another.
     #[arg(long, value_name = "N", default_value_t = shadowfd::remote::MAX_PENDING as u32, value_parser = clap::value_parser!(u32).range(1..=65536))]
     max_pending: u32,
+    /// At most this many open handles per client (1 to 1048576).
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    max_handles: u32,
     /// At most this many lazy ranges attached per client (1 to 16777216).
     #[arg(long, value_name = "N", default_value_t = shadowfd::remote::MAX_RANGES as u32, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     max_ranges: u32,
@@ -164,6 +167,7 @@ pub fn run(a: ServeArgs) -> CliResult {
         peer_timeout: a.peer_timeout,
         max_clients: a.max_clients as usize,
         max_pending: a.max_pending as usize,
+        max_handles: a.max_handles as usize,
         max_ranges: a.max_ranges as usize,
         max_ranges_total: a.max_ranges_total as usize,
         log: Some(log.clone()),
