@@ -1768,13 +1768,20 @@ impl Inner {
             TreeImpl::Single(_) => "single",
         };
         format!(
-            "{{\"version\":{},\"pid\":{},\"uptime_s\":{:.1},\"tree\":{},\"mode\":{},\"memory_budget\":{budget},\"max_size\":{max_size},\"resident_bytes\":{resident},\"peer_timeout_ms\":{},\"clients\":[{}],\"shadows\":[{}]}}",
+            "{{\"version\":{},\"pid\":{},\"uptime_s\":{:.1},\"tree\":{},\"mode\":{},\"memory_budget\":{budget},\"max_size\":{max_size},\"resident_bytes\":{resident},\"peer_timeout_ms\":{},\"pending\":{},\"lazy_ranges\":{},\"limits\":{{\"max_clients\":{},\"max_pending\":{},\"max_handles\":{},\"max_ranges\":{},\"max_ranges_total\":{}}},\"clients\":[{}],\"shadows\":[{}]}}",
             wire::VERSION,
             std::process::id(),
             self.started.elapsed().as_secs_f64(),
             json_str(tree),
             json_str(mode),
             self.opts.peer_timeout.as_millis(),
+            st.pending.len(),
+            self.ranges_total.load(Ordering::Relaxed),
+            self.opts.max_clients,
+            self.opts.max_pending,
+            self.opts.max_handles,
+            self.opts.max_ranges,
+            self.opts.max_ranges_total,
             clients.join(","),
             shadows.join(",")
         )
