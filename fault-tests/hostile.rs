@@ -337,6 +337,20 @@ fn frames_with_extra_descriptors_leak_nothing() {
         bed.fds,
         sent.load(Ordering::Relaxed)
     );
+    // A HELLO whose "userfaultfd" is something else is refused.
+    let s = raw(&bed.sock);
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let f = Frame::new(wire::HELLO, wire::VERSION, wire::HELLO_HAS_UFFD, 0, 0);
+    send_with_fds(
+        &s,
+        &frame_bytes(&f),
+        &[null.as_fd().try_clone_to_owned().unwrap()],
+    )
+    .unwrap();
+    let (r, _) = wire::recv(&s).expect("an ERROR");
+    assert_eq!((r.kind, r.a), (wire::ERROR, wire::E_PROTOCOL), "{r:?}");
+    let msg = String::from_utf8_lossy(&r.payload);
+    assert!(msg.contains("/dev/null"), "{msg}");
     bed.check_settled("8 descriptors a frame");
     let err = bed.stderr();
     assert!(

@@ -867,6 +867,20 @@ impl Inner {
         }
         let uffd = match (has, fd) {
             (true, Some(fd)) => {
+                // (Where /proc cannot say, the ioctls will.)
+                let what = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                    .ok()
+                    .map(|l| l.to_string_lossy().into_owned());
+                if let Some(what) = what.filter(|w| w != "anon_inode:[userfaultfd]") {
+                    return Err(send_err(
+                        hello.kind,
+                        wire::E_PROTOCOL,
+                        format!(
+                            "HELLO says a userfaultfd comes with it, and the descriptor that came \
+                             is {what:?}; send the userfaultfd itself, or HELLO without it"
+                        ),
+                    ));
+                }
                 let u = Uffd::from_fd(fd, hello.c);
                 if !u.has_lazy_features() {
                     return Err(send_err(
