@@ -384,21 +384,35 @@ impl Server {
         let id = inner.next_client.fetch_add(1, Ordering::Relaxed);
         let peer = peer_of(&stream, id);
         let accepted = Instant::now();
-        inner.add_pending(&stream, peer);
         let inner2 = inner.clone();
+        let gone = inner.add_pending(&mut inner.state.lock(), &stream, peer);
+        if let Some(g) = gone {
+            inner.log_displaced(g, peer);
+        }
+        // The stream goes to the thread once it runs: if it cannot be
+        // spawned, the entry leaves the table before the socket is closed
+        // (a socket in the table is always open).
+        let (tx, rx) = std::sync::mpsc::sync_channel::<UnixStream>(1);
         let spawned = std::thread::Builder::new()
             .name(format!("shadowfd-client-{id}"))
             .spawn(move || {
+                let Ok(stream) = rx.recv() else { return };
                 let conn = inner2.handshake(stream, peer, accepted + inner2.timeout());
                 if let Some(conn) = conn {
                     inner2.run(conn);
                 }
             });
-        if let Err(e) = spawned {
-            inner.state.lock().pending.remove(&peer.id);
-            return Err(Error::sys("spawn a client thread", e));
+        match spawned {
+            Ok(_) => {
+                let _ = tx.send(stream);
+                Ok(())
+            }
+            Err(e) => {
+                inner.state.lock().pending.remove(&peer.id);
+                drop(stream);
+                Err(Error::sys("spawn a client thread", e))
+            }
         }
-        Ok(())
     }
 
     /// The server's state as a JSON object (what STATS with handle 0
@@ -626,35 +640,35 @@ impl Inner {
 
     /// Counts a new connection as pending; if the pending table is full,
     /// the oldest pending connection is dropped to make room.
-    fn add_pending(&self, stream: &UnixStream, peer: Peer) {
-        let gone = {
-            let mut st = self.state.lock();
-            let gone = if st.pending.len() >= self.opts.max_pending.max(1) {
-                st.pending.pop_first()
-            } else {
-                None
-            };
-            if let Some((_, p)) = &gone {
-                shut(p.fd);
-            }
-            st.pending.insert(
-                peer.id,
-                PendingConn {
-                    fd: stream.as_raw_fd(),
-                },
-            );
-            gone
+    /// Returns the id of the connection dropped, if one was.
+    fn add_pending(&self, st: &mut State, stream: &UnixStream, peer: Peer) -> Option<u64> {
+        let gone = if st.pending.len() >= self.opts.max_pending.max(1) {
+            st.pending.pop_first()
+        } else {
+            None
         };
-        if let Some((id, _)) = gone {
-            self.log_limited(
-                "pending",
-                &format!(
-                    "client {id}: dropped before HELLO to admit client {}: {} connections \
-                     were waiting for HELLO, the maximum (--max-pending)",
-                    peer.id, self.opts.max_pending
-                ),
-            );
+        if let Some((_, p)) = &gone {
+            shut(p.fd);
         }
+        st.pending.insert(
+            peer.id,
+            PendingConn {
+                fd: stream.as_raw_fd(),
+            },
+        );
+        gone.map(|(id, _)| id)
+    }
+
+    /// Logs that pending connection `id` was dropped to admit `peer`.
+    fn log_displaced(&self, id: u64, peer: Peer) {
+        self.log_limited(
+            "pending",
+            &format!(
+                "client {id}: dropped before HELLO to admit client {}: {} connections were \
+                 waiting for HELLO, the maximum (--max-pending)",
+                peer.id, self.opts.max_pending
+            ),
+        );
     }
 
     /// Logs `line`, at most a few lines a second per `what`.
