@@ -552,6 +552,18 @@ fn attached_ranges_stop_at_their_caps() {
         .map(|c| c["lazy_mappings"].as_u64().unwrap())
         .sum();
     assert_eq!(total as usize, maps.len(), "{v}");
+    let b = v["shadows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"].as_str().is_some_and(|n| n.ends_with("B.bin")))
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        b["lazy_mappings"].as_u64().unwrap() as usize,
+        maps.len(),
+        "{b}"
+    );
     drop(maps);
     drop(clients);
     bed.check_settled("ranges at the caps");

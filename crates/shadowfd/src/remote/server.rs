@@ -144,6 +144,9 @@ struct Entry {
     held: Held,
     /// Open handles on it, over all clients.
     users: AtomicUsize,
+    /// Lazy ranges attached to it, over all clients (counted here, so that
+    /// STATS never waits on the shadow's own locks).
+    attached: AtomicUsize,
     last_used: Mutex<Instant>,
 }
 
@@ -1334,6 +1337,7 @@ impl Inner {
             key,
             held: Held::Shadow(shadow),
             users: AtomicUsize::new(1),
+            attached: AtomicUsize::new(0),
             last_used: Mutex::new(Instant::now()),
         }))
     }
@@ -1406,6 +1410,7 @@ impl Inner {
                     return self.send(conn, &r, None);
                 }
                 let key = l.add_remote(uffd.clone(), start, len, offset);
+                entry.attached.fetch_add(1, Ordering::Relaxed);
                 conn.insert_range(Attached {
                     handle: f.a,
                     start,
@@ -1528,6 +1533,7 @@ impl Inner {
             );
         };
         let lazy = h.entry.lazy().cloned();
+        let entry = h.entry.clone();
         let page = crate::page_size() as u64;
         // c = 0: the whole range that starts at b (version 3). Since version
         // 4, c > 0: the part of [b, b+c) inside the handle's ranges.
@@ -1616,6 +1622,8 @@ impl Inner {
                 let _ = u.poison(a, z - a);
                 l.remove_remote(r.key);
             }
+            entry.attached.fetch_add(pieces.len(), Ordering::Relaxed);
+            entry.attached.fetch_sub(1, Ordering::Relaxed);
             conn.remove_range(r.start);
             for p in pieces {
                 conn.insert_range(p);
@@ -1704,6 +1712,7 @@ impl Inner {
                 l.remove_remote(r.key);
             }
         }
+        h.entry.attached.fetch_sub(ranges.len(), Ordering::Relaxed);
         let mut st = self.state.lock();
         let now = Instant::now();
         *h.entry.last_used.lock() = now;
@@ -1871,7 +1880,7 @@ fn entry_materialize(e: &Entry) -> Result<()> {
 
 fn entry_json(e: &Entry) -> String {
     let s = e.stats();
-    let remote = e.lazy().map_or(0, |l| l.remote_consumers());
+    let remote = e.attached.load(Ordering::Relaxed);
     format!(
         "{{\"id\":{},\"name\":{},\"size\":{},\"mode\":{},\"handles\":{},\"lazy_mappings\":{remote},\"resident_bytes\":{},\"faults\":{},\"chunks_filled\":{},\"bytes_filled\":{},\"readahead_chunks\":{},\"errors\":{},\"poisoned_pages\":{},\"budget_refusals\":{},\"fill_p50_us\":{},\"fill_p99_us\":{},\"source_changed\":{},\"last_error\":{}}}",
         e.id,
@@ -1941,6 +1950,7 @@ pub fn serve(shadow: &Shadow, stream: UnixStream) -> Result<Served> {
         key: (0, m.device, m.inode, m.size, m.mtime.sec, m.mtime.nsec),
         held,
         users: AtomicUsize::new(0),
+        attached: AtomicUsize::new(0),
         last_used: Mutex::new(Instant::now()),
     });
     let server = Server::build(None, TreeImpl::Single(entry), ServerOptions::default());
