@@ -11,6 +11,7 @@ mod bad_config;
 mod budget;
 mod consumers;
 mod eio;
+mod hostile;
 mod huge;
 mod inflight;
 mod lifetime;

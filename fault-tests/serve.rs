@@ -58,7 +58,7 @@ fn served_root() -> (tempfile::TempDir, PathBuf) {
 }
 
 /// `shadowfd serve --socket SOCK --root ROOT EXTRA...`, listening.
-fn cli_server(sock: &Path, root: &Path, extra: &[&str]) -> Proc {
+pub(crate) fn cli_server(sock: &Path, root: &Path, extra: &[&str]) -> Proc {
     let mut args = vec![
         "serve",
         "--socket",
@@ -87,9 +87,9 @@ fn status(sock: &Path) -> serde_json::Value {
 }
 
 /// A source that sleeps `delay` in every read.
-struct Slow {
-    inner: Arc<dyn Source>,
-    delay: Duration,
+pub(crate) struct Slow {
+    pub(crate) inner: Arc<dyn Source>,
+    pub(crate) delay: Duration,
 }
 
 impl Source for Slow {
@@ -675,7 +675,7 @@ fn a_silent_peer_is_dropped_and_an_old_one_refused() {
     let o = server.finish(Duration::ZERO);
     assert!(
         o.stderr
-            .contains("sent nothing within the peer timeout of 500ms; expected HELLO"),
+            .contains("did not send a whole HELLO within the peer timeout of 500ms"),
         "{}",
         o.describe()
     );

@@ -9,7 +9,6 @@ use serde::Serialize;
 use shadowfd::remote::{Client, ClientOptions};
 use std::io::Write;
 use std::os::fd::FromRawFd;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -79,18 +78,11 @@ impl ClientArgs {
 
 fn connect(a: &ClientArgs) -> Result<Client, Box<dyn std::error::Error>> {
     let path = a.socket.clone().unwrap_or_else(default_socket);
-    let stream = UnixStream::connect(&path).map_err(|e| {
-        format!(
-            "connecting to {}: {e} (is `shadowfd serve --socket {}` running? --socket names its socket)",
-            path.display(),
-            path.display()
-        )
-    })?;
     let opts = ClientOptions {
         userfaultfd: !a.no_userfaultfd,
         timeout: a.timeout,
     };
-    Ok(Client::from_stream(stream, opts)?)
+    Ok(Client::connect_with(&path, opts)?)
 }
 
 #[derive(Serialize)]

@@ -237,6 +237,19 @@ fn print_json_error(msg: &str) {
     println!("{}", serde_json::json!({ "error": msg.trim_end() }));
 }
 
+/// The typed code of a server's refusal (`E_LIMIT`, ...) or of a broken
+/// connection (`closed`, `timed_out`), for `--json` output.
+fn error_code(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let e = e.downcast_ref::<shadowfd::Error>()?;
+    if let Some(c) = e.refusal_code() {
+        return Some(shadowfd::remote::wire::code_name(c));
+    }
+    match e.connection()? {
+        shadowfd::Connection::TimedOut => Some("timed_out"),
+        _ => Some("closed"),
+    }
+}
+
 /// Before a command opens files: no other process of this uid may reach into
 /// this one through /proc (and so write into an eager shadow's memfd while it
 /// is copied). See `shadowfd::harden_process`.
@@ -289,7 +302,13 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("shadowfd: error: {e}");
             if json && e.downcast_ref::<map::ReportedInJson>().is_none() {
-                print_json_error(&e.to_string());
+                match error_code(e.as_ref()) {
+                    Some(code) => println!(
+                        "{}",
+                        serde_json::json!({ "error": e.to_string().trim_end(), "code": code })
+                    ),
+                    None => print_json_error(&e.to_string()),
+                }
             }
             ExitCode::FAILURE
         }

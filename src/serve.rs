@@ -5,7 +5,7 @@ use crate::{CliResult, Common};
 use clap::Args;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use shadowfd::remote::{Server, ServerOptions, Tree};
+use shadowfd::remote::{LogLimiter, Server, ServerOptions, Tree};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -28,9 +28,22 @@ pub struct ServeArgs {
     /// connecting, the rest of a frame, ATTACH after a lazy MAP), e.g. 500ms, 5s, 2m
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration_arg)]
     peer_timeout: Duration,
-    /// At most this many clients at once (1 to 65536).
+    /// At most this many clients at once (1 to 65536); when full, the client idle longest without a lazy mapping gives way.
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
     max_clients: u32,
+    /// At most this many connections that have not finished HELLO, plus
+    /// status queries, at once (1 to 65536); the oldest is dropped to admit another.
+    #[arg(long, value_name = "N", default_value_t = shadowfd::remote::MAX_PENDING as u32, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    max_pending: u32,
+    /// At most this many open handles per client (1 to 1048576).
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    max_handles: u32,
+    /// At most this many lazy ranges attached per client (1 to 16777216).
+    #[arg(long, value_name = "N", default_value_t = shadowfd::remote::MAX_RANGES as u32, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    max_ranges: u32,
+    /// At most this many lazy ranges attached over all clients (1 to 16777216).
+    #[arg(long, value_name = "N", default_value_t = shadowfd::remote::MAX_RANGES_TOTAL as u32, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    max_ranges_total: u32,
     #[command(flatten)]
     common: Common,
 }
@@ -58,6 +71,23 @@ pub fn duration_arg(s: &str) -> Result<Duration, String> {
         return Err(bad());
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// Descriptors a new client needs beyond its socket: its userfaultfd, the
+/// file it opens, a memfd.
+const HEADROOM: usize = 4;
+
+/// Whether `n` more descriptors can be opened now (probed by duplicating
+/// `fd`; the duplicates are closed at once).
+fn room_for(n: usize, fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        match fd.try_clone_to_owned() {
+            Ok(f) => held.push(f),
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 /// `$XDG_RUNTIME_DIR/shadowfd.sock`, else `/run/shadowfd.sock`.
@@ -136,6 +166,10 @@ pub fn run(a: ServeArgs) -> CliResult {
     let opts = ServerOptions {
         peer_timeout: a.peer_timeout,
         max_clients: a.max_clients as usize,
+        max_pending: a.max_pending as usize,
+        max_handles: a.max_handles as usize,
+        max_ranges: a.max_ranges as usize,
+        max_ranges_total: a.max_ranges_total as usize,
         log: Some(log.clone()),
         ..ServerOptions::default()
     };
@@ -158,6 +192,20 @@ pub fn run(a: ServeArgs) -> CliResult {
         cfg.max_size,
         a.peer_timeout
     ));
+    // After an accept error (EMFILE, ENFILE, ENOMEM...) the listener is left
+    // out of the poll set for `backoff` (doubling up to 1 s): never a spin.
+    let mut backoff = Duration::ZERO;
+    let mut resume = Instant::now();
+    let limiter = LogLimiter::default();
+    let limited = |what: &'static str, line: String| {
+        if let Some(n) = limiter.allow(what, Instant::now()) {
+            if n > 0 {
+                log(&format!("{line} ({n} more like it not logged)"));
+            } else {
+                log(&line);
+            }
+        }
+    };
     let stop = loop {
         let mut fds = [
             libc::pollfd {
@@ -171,8 +219,16 @@ pub fn run(a: ServeArgs) -> CliResult {
                 revents: 0,
             },
         ];
+        let now = Instant::now();
+        let wait = if now < resume {
+            // Only the signalfd is watched until the back-off ends.
+            fds[0].fd = -1;
+            (resume - now).as_millis().max(1) as i32
+        } else {
+            -1
+        };
         // SAFETY: `fds` is a live array of two pollfd structs.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, wait) };
         if r < 0 {
             continue;
         }
@@ -186,16 +242,54 @@ pub fn run(a: ServeArgs) -> CliResult {
         if fds[0].revents != 0 {
             match listener.accept() {
                 Ok((s, _)) => {
+                    backoff = Duration::ZERO;
+                    // Near a full descriptor table, the oldest connections
+                    // that have not said HELLO make room for what this one
+                    // brings (its userfaultfd) and opens.
+                    if !room_for(HEADROOM, listener.as_fd()) {
+                        let n = (0..4).filter(|_| server.shed_pending()).count();
+                        limited(
+                            "room",
+                            format!(
+                                "fewer than {HEADROOM} descriptors free: dropped {n} connection(s) \
+                                 still before HELLO"
+                            ),
+                        );
+                    }
                     if let Err(e) = s.set_nonblocking(false) {
-                        log(&format!("dropped a new connection: {e}"));
+                        limited("new", format!("dropped a new connection: {e}"));
                         continue;
                     }
                     if let Err(e) = server.handle(s) {
-                        log(&format!("dropped a new connection: {e}"));
+                        limited("new", format!("dropped a new connection: {e}"));
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => log(&format!("accept: {e}")),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Out of descriptors: a connection that has not said
+                    // HELLO gives its place first; then wait a while.
+                    // Four of them, so that the connection accepted next
+                    // has room for what it brings (a userfaultfd) and opens.
+                    let out = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                    let shed = out && (0..4).filter(|_| server.shed_pending()).count() > 0;
+                    if !shed {
+                        backoff =
+                            (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                        resume = Instant::now() + backoff;
+                    }
+                    limited(
+                        "accept",
+                        format!(
+                            "accept: {e}{}",
+                            if shed {
+                                "; dropped the oldest connections still before HELLO".to_string()
+                            } else {
+                                format!("; not accepting for {backoff:?}")
+                            }
+                        ),
+                    );
+                }
             }
         }
     };

@@ -3,8 +3,7 @@
 use crate::CliResult;
 use crate::serve::{default_socket, duration_arg};
 use clap::Args;
-use shadowfd::remote::{Client, ClientOptions};
-use std::os::unix::net::UnixStream;
+use shadowfd::remote::Client;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -37,47 +36,54 @@ fn us(v: &serde_json::Value) -> String {
 
 pub fn run(a: StatusArgs) -> CliResult {
     let path = a.socket.clone().unwrap_or_else(default_socket);
-    let stream = UnixStream::connect(&path).map_err(|e| {
-        format!(
-            "connecting to {}: {e} (is `shadowfd serve --socket {}` running?)",
-            path.display(),
-            path.display()
-        )
-    })?;
-    // A status query needs no userfaultfd: it maps nothing.
-    let client = Client::from_stream(
-        stream,
-        ClientOptions {
-            userfaultfd: false,
-            timeout: a.timeout,
-        },
-    )?;
-    let text = client.status_json()?;
+    // A status connection: answered from a slot of its own, even when the
+    // server is full, and not counted as a client.
+    let text = Client::status_at(&path, a.timeout)?;
     if a.json {
-        println!("{text}");
-        return Ok(());
+        return emit(format!("{text}\n"));
     }
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| format!("the server's STATS answer is not JSON ({e}): {text}"))?;
     use crate::units::format_size as h;
-    println!(
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    writeln!(
+        o,
         "server pid {}, protocol {}, up {:.0} s, serving {} ({} shadows)",
         v["pid"],
         v["version"],
         v["uptime_s"].as_f64().unwrap_or(0.0),
         v["tree"].as_str().unwrap_or("?"),
         v["mode"].as_str().unwrap_or("?")
-    );
-    println!(
+    )?;
+    writeln!(
+        o,
         "memory      {} resident of a {} budget (eager cap {})",
         h(num(&v["resident_bytes"])),
         h(num(&v["memory_budget"])),
         h(num(&v["max_size"]))
-    );
+    )?;
     let clients = v["clients"].as_array().cloned().unwrap_or_default();
-    println!("clients     {}", clients.len());
+    let limits = &v["limits"];
+    if limits.is_object() {
+        writeln!(
+            o,
+            "clients     {} of at most {} ({} connection(s) before HELLO or querying status, \
+             at most {}); {} lazy range(s) attached, at most {} ({} a client)",
+            clients.len(),
+            limits["max_clients"],
+            v["pending"],
+            limits["max_pending"],
+            v["lazy_ranges"],
+            limits["max_ranges_total"],
+            limits["max_ranges"]
+        )?;
+    } else {
+        writeln!(o, "clients     {}", clients.len())?;
+    }
     for c in &clients {
-        println!(
+        writeln!(
+            o,
             "  #{:<4} pid {:<8} uid {:<6} {} handle(s), {} lazy mapping(s){}",
             c["id"],
             c["pid"],
@@ -89,12 +95,13 @@ pub fn run(a: StatusArgs) -> CliResult {
             } else {
                 ", no userfaultfd"
             }
-        );
+        )?;
     }
     let shadows = v["shadows"].as_array().cloned().unwrap_or_default();
-    println!("shadows     {}", shadows.len());
+    writeln!(o, "shadows     {}", shadows.len())?;
     for s in &shadows {
-        println!(
+        writeln!(
+            o,
             "  #{:<4} {} ({}, {} bytes): {} handle(s), {} resident, {} faults, {} chunks filled, {} errors, fill p50 {} p99 {}",
             s["id"],
             s["name"].as_str().unwrap_or("?"),
@@ -107,7 +114,17 @@ pub fn run(a: StatusArgs) -> CliResult {
             s["errors"],
             us(&s["fill_p50_us"]),
             us(&s["fill_p99_us"])
-        );
+        )?;
     }
-    Ok(())
+    emit(o)
+}
+
+/// Writes `text` to stdout; a reader that went away (`status | head`) is
+/// not an error.
+fn emit(text: String) -> CliResult {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }

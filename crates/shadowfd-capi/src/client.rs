@@ -41,18 +41,11 @@ fn code_errno(code: u64) -> c_int {
 /// served tree.
 pub(crate) fn failure(e: sfd::Error) -> Failure {
     let msg = e.to_string();
-    let errno = match (&e, e.refusal_code()) {
-        (_, Some(c)) => code_errno(c),
-        (sfd::Error::Protocol { what }, None) => {
-            if what.contains("closed the connection") {
-                libc::ECONNRESET
-            } else if what.contains("within the client timeout") {
-                libc::ETIMEDOUT
-            } else {
-                libc::EPROTO
-            }
-        }
-        (other, None) => errno_of(other),
+    let errno = match (e.refusal_code(), e.connection()) {
+        (Some(c), _) => code_errno(c),
+        (None, Some(sfd::Connection::TimedOut)) => libc::ETIMEDOUT,
+        (None, Some(_)) => libc::ECONNRESET,
+        (None, None) => errno_of(&e),
     };
     Failure::new(errno, msg)
 }

@@ -85,6 +85,10 @@ pub(crate) fn errno_of(e: &Error) -> c_int {
         Error::SourceChanged { .. } => libc::ESTALE,
         Error::Range { .. } => libc::ERANGE,
         Error::Protocol { .. } | Error::Refused { .. } => libc::EPROTO,
+        Error::Connection { why, .. } => match why {
+            sfd::Connection::TimedOut => libc::ETIMEDOUT,
+            _ => libc::ECONNRESET,
+        },
         _ => libc::EIO,
     }
 }

@@ -145,6 +145,15 @@ impl Engine {
         })
     }
 
+    /// Bytes the engine's lazy shadows hold now, all together (0 in eager
+    /// mode): the running count its memory budget is checked against, read
+    /// in O(1).
+    pub fn resident_bytes(&self) -> u64 {
+        self.service
+            .as_ref()
+            .map_or(0, |s| s.core.resident.load(Ordering::Relaxed))
+    }
+
     /// Counters over every lazy shadow of this engine (zeros in eager mode).
     pub fn stats(&self) -> Stats {
         match &self.service {

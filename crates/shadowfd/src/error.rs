@@ -105,6 +105,10 @@ pub enum Error {
     },
     #[error("shadowfd remote protocol: {what}")]
     Protocol { what: String },
+    /// The connection to a server broke: it hung up, or did not answer in
+    /// time ([`Error::connection`] gives which).
+    #[error("shadowfd remote protocol: {what}")]
+    Connection { what: String, why: Connection },
     /// A server answered a request with ERROR. `code` is the protocol's
     /// error code (`shadowfd::remote::wire::E_*`, docs/protocol.md);
     /// [`Error::refusal_code`] gives it for any error.
@@ -125,6 +129,18 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+}
+
+/// How a connection to a server broke ([`Error::Connection`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Connection {
+    /// The server closed the connection (it stopped, or dropped this
+    /// client).
+    Closed,
+    /// The server did not answer within the client's timeout; the client
+    /// closed the connection.
+    TimedOut,
 }
 
 /// Why a page of a lazy shadow could not be filled: the cause in
@@ -194,6 +210,15 @@ fn lazy_hint(lazy_possible: bool) -> &'static str {
 }
 
 impl Error {
+    /// How the connection to a server broke ([`Error::Connection`]), or
+    /// `None` for any other error. Map this, never the message text.
+    pub fn connection(&self) -> Option<Connection> {
+        match self {
+            Error::Connection { why, .. } => Some(*why),
+            _ => None,
+        }
+    }
+
     /// The protocol error code a server answered with ([`Error::Refused`]),
     /// or `None` for any other error. Map this, never the message text
     /// (which holds the path, and so any code's name).

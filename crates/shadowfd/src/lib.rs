@@ -49,7 +49,7 @@ mod sys;
 
 pub use config::{Config, Mode, StalePolicy};
 pub use engine::{Engine, IntoSource, OpenOptions};
-pub use error::{Cause, Error, Result};
+pub use error::{Cause, Connection, Error, Result};
 pub use harden::harden_process;
 pub use remote::RemoteMapping;
 pub use shadow::{MapOptions, Mapping, Registration, Shadow, Share, Staleness};

@@ -2,7 +2,7 @@
 //! through it, and mappings of them.
 
 use super::wire::{self, Frame, RecvError};
-use crate::error::{Error, Result};
+use crate::error::{Connection, Error, Result};
 use crate::shadow::{check_page_aligned, check_span};
 use crate::sys::mmap::RawMap;
 use crate::sys::uffd_abi::uffd_msg;
@@ -52,11 +52,92 @@ fn protocol(what: impl Into<String>) -> Error {
     Error::Protocol { what: what.into() }
 }
 
+fn broken(what: impl Into<String>, why: Connection) -> Error {
+    Error::Connection {
+        what: what.into(),
+        why,
+    }
+}
+
+/// The text of a failed `connect` to `path`. "Permission denied" names
+/// the socket's owner and mode, the likely cause.
+fn connect_error(path: &Path, e: std::io::Error) -> Error {
+    use std::os::unix::fs::MetadataExt;
+    let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+        match std::fs::metadata(path) {
+            Ok(m) => {
+                // SAFETY: geteuid has no preconditions.
+                let me = unsafe { libc::geteuid() };
+                format!(
+                    "the socket belongs to uid {} gid {} with mode {:04o} (`shadowfd serve` \
+                     makes it 0600), and this process runs as uid {me}; run as the server's \
+                     user, or serve on a socket this user may write",
+                    m.uid(),
+                    m.gid(),
+                    m.mode() & 0o7777
+                )
+            }
+            Err(_) => "a directory on the way to the socket may not be searchable by this \
+                       user"
+                .to_string(),
+        }
+    } else {
+        format!("is `shadowfd serve --socket {}` running?", path.display())
+    };
+    Error::Open {
+        path: path.into(),
+        source: std::io::Error::new(e.kind(), format!("{e} ({hint})")),
+    }
+}
+
+/// Whether the seals of `fd`, a descriptor the server sent, make it safe
+/// to map `need` bytes of: its size can neither shrink nor grow, its
+/// contents cannot be written through new descriptors or mappings, and it
+/// holds at least `need` bytes.
+fn check_sealed(fd: &OwnedFd, need: u64, name: &str) -> Result<()> {
+    let seals = crate::sys::memfd::seals_of(fd.as_fd())?;
+    let size = std::fs::File::from(
+        fd.try_clone()
+            .map_err(|e| Error::sys("duplicate the received descriptor", e))?,
+    )
+    .metadata()
+    .map_err(|e| Error::sys("fstat the received descriptor", e))?
+    .len();
+    let frozen = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK;
+    let write = libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE;
+    if seals & frozen != frozen || seals & write == 0 || size < need {
+        return Err(protocol(format!(
+            "the descriptor of the {name} reply is not a sealed shadow: seals {seals:#x} (it \
+             needs F_SEAL_GROW, F_SEAL_SHRINK and F_SEAL_WRITE or F_SEAL_FUTURE_WRITE) and \
+             {size} bytes (at least {need} needed); refused, nothing mapped"
+        )));
+    }
+    Ok(())
+}
+
 /// The `i`th little-endian `u64` of a reply payload, 0 where the payload
 /// is too short to hold it.
 fn payload_word(p: &[u8], i: usize) -> u64 {
     p.get(i * 8..i * 8 + 8)
         .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+}
+
+/// Test-only (`failpoints` feature): whether the step `var` names fails
+/// now. `var=N` fails the first N times in the process.
+#[cfg(feature = "failpoints")]
+fn failpoint(var: &str) -> bool {
+    use std::collections::HashMap;
+    static SEEN: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
+    let Some(n) = std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()) else {
+        return false;
+    };
+    let mut seen = SEEN.lock();
+    let c = seen
+        .get_or_insert_with(HashMap::new)
+        .entry(var.to_string())
+        .or_insert(0);
+    *c += 1;
+    *c <= n
 }
 
 /// Lazy ranges registered with this client's userfaultfd: (start, len).
@@ -80,6 +161,8 @@ struct Inner {
     watcher: Option<JoinHandle<()>>,
     server_pid: u64,
     eager_cap: u64,
+    /// The protocol version the server chose (4 or 5).
+    version: u64,
 }
 
 impl Drop for Inner {
@@ -114,17 +197,36 @@ impl Client {
     /// Connects to the server's socket at `path` with default options.
     pub fn connect(path: impl AsRef<Path>) -> Result<Client> {
         let path = path.as_ref();
-        let stream = UnixStream::connect(path).map_err(|e| Error::Open {
-            path: path.into(),
-            source: std::io::Error::new(
-                e.kind(),
-                format!(
-                    "{e} (is `shadowfd serve --socket {}` running?)",
-                    path.display()
-                ),
-            ),
-        })?;
-        Client::from_stream(stream, ClientOptions::default())
+        Client::connect_with(path, ClientOptions::default())
+    }
+
+    /// Connects to the server's socket at `path` with `opts`. A refused
+    /// connection says why it is likely refused (for "Permission denied",
+    /// the socket's owner and mode).
+    pub fn connect_with(path: impl AsRef<Path>, opts: ClientOptions) -> Result<Client> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path).map_err(|e| connect_error(path, e))?;
+        Client::from_stream(stream, opts)
+    }
+
+    /// Asks the server on `path` for its status (STATS of handle 0, as
+    /// JSON) from a status connection (version 5, `HELLO_STATUS`): the
+    /// server answers it from a slot of its own, even when it has all the
+    /// clients it admits, and does not count it as a client. A version 4
+    /// server answers it as an ordinary client.
+    pub fn status_at(path: impl AsRef<Path>, timeout: Duration) -> Result<String> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path).map_err(|e| connect_error(path, e))?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .and_then(|()| stream.set_write_timeout(Some(timeout)))
+            .map_err(|e| Error::sys("set the server socket timeouts", e))?;
+        let hello = Frame::new(wire::HELLO, wire::VERSION, wire::HELLO_STATUS, 0, 0);
+        wire::send(&stream, &hello, None)?;
+        reply(&stream, wire::HELLO, "HELLO")?;
+        wire::send(&stream, &Frame::new(wire::STATS, 0, 0, 0, 0), None)?;
+        let (r, _) = reply(&stream, wire::STATS, "STATS")?;
+        String::from_utf8(r.payload).map_err(|_| protocol("STATS reply is not UTF-8"))
     }
 
     /// Speaks to a server on a connected stream: sends HELLO (with a
@@ -156,9 +258,9 @@ impl Client {
         );
         wire::send(&stream, &hello, uffd.as_ref().map(|u| u.as_fd()))?;
         let (r, _) = reply(&stream, wire::HELLO, "HELLO")?;
-        if r.a != wire::VERSION {
+        if !(4..=wire::VERSION).contains(&r.a) {
             return Err(protocol(format!(
-                "the server chose protocol version {}; this client speaks {}",
+                "the server chose protocol version {}; this client speaks versions 4 to {}",
                 r.a,
                 wire::VERSION
             )));
@@ -210,6 +312,7 @@ impl Client {
                 watcher,
                 server_pid: r.b,
                 eager_cap: r.c,
+                version: r.a,
             }),
         })
     }
@@ -362,15 +465,19 @@ pub struct PathInfo {
 /// answer to the next request. The watcher then treats the server as gone.
 fn reply(stream: &UnixStream, kind: u32, name: &str) -> Result<(Frame, Option<OwnedFd>)> {
     let (r, fd) = wire::recv(stream).map_err(|e| match e {
-        RecvError::Closed => protocol(format!(
-            "the server closed the connection instead of answering {name}"
-        )),
+        RecvError::Closed => broken(
+            format!("the server closed the connection instead of answering {name}"),
+            Connection::Closed,
+        ),
         RecvError::TimedOut => {
             let _ = stream.shutdown(std::net::Shutdown::Both);
-            protocol(format!(
-                "the server did not answer {name} within the client timeout; \
-                 the connection is closed"
-            ))
+            broken(
+                format!(
+                    "the server did not answer {name} within the client timeout; \
+                     the connection is closed"
+                ),
+                Connection::TimedOut,
+            )
         }
         RecvError::Legacy { .. } => protocol(format!(
             "the server speaks protocol version 2 or older and refused {name}; this client speaks version {}",
@@ -723,6 +830,33 @@ impl RemoteMapOptions<'_> {
         }
         let maplen = usize::try_from(len.div_ceil(page) * page)
             .map_err(|_| protocol("the mapping length does not fit"))?;
+        // A mapping that fails after it was made is dropped only once the
+        // io lock is let go: its drop may send UNMAP through that lock.
+        let mut doomed = None;
+        let r = {
+            let _one = this.inner.client.inner.conn.io.lock();
+            // SAFETY: forwarded from the caller.
+            unsafe { self.map_locked(at, len, maplen, &mut doomed) }
+        };
+        drop(doomed);
+        r
+    }
+
+    /// MAP, mmap, and for a lazy mapping register and ATTACH, with the
+    /// connection's io lock held. A mapping made and then failed is left in
+    /// `doomed` for the caller to drop after the lock.
+    ///
+    /// # Safety
+    /// As [`RemoteMapOptions::map_fixed`] when `at` is given.
+    unsafe fn map_locked(
+        &self,
+        at: Option<*mut u8>,
+        len: u64,
+        maplen: usize,
+        doomed: &mut Option<RemoteMapping>,
+    ) -> Result<RemoteMapping> {
+        let this = self.file;
+        let offset = self.offset;
         let client = &this.inner.client;
         let ci = &client.inner;
         let mode = if ci.uffd.is_some() {
@@ -730,7 +864,6 @@ impl RemoteMapOptions<'_> {
         } else {
             wire::MAP_SEALED
         };
-        let _one = ci.conn.io.lock();
         let name = format!("MAP of {:?}", this.inner.path);
         wire::send(
             &ci.conn.stream,
@@ -739,11 +872,39 @@ impl RemoteMapOptions<'_> {
         )?;
         let (r, fd) = reply(&ci.conn.stream, wire::MAP, &name)?;
         if r.b == 0 {
-            return Ok(empty());
+            return Ok(RemoteMapping {
+                map: None,
+                len: 0,
+                offset,
+                lazy: false,
+                file: this.clone(),
+            });
         }
-        let memfd =
-            fd.ok_or_else(|| protocol(format!("the {name} reply carried no descriptor")))?;
         let lazy = r.c == wire::MAP_LAZY;
+        // Before ATTACH, a lazy MAP that fails here is abandoned (version
+        // 5), so that the session goes on.
+        let abandon = |e: Error| -> Error {
+            if lazy {
+                let f = Frame::new(wire::ATTACH, this.inner.handle, 0, 0, 0);
+                let ok = wire::send(&ci.conn.stream, &f, None)
+                    .and_then(|()| reply(&ci.conn.stream, wire::ATTACH, "ATTACH (abandon)"));
+                if ok.is_err() || ci.version < 5 {
+                    // A version 4 server cannot take it back: the session
+                    // is over either way; say so now.
+                    let _ = ci.conn.stream.shutdown(std::net::Shutdown::Both);
+                }
+            }
+            e
+        };
+        let memfd = match fd {
+            Some(fd) => fd,
+            None => {
+                return Err(abandon(protocol(format!(
+                    "the {name} reply carried no descriptor"
+                ))));
+            }
+        };
+        check_sealed(&memfd, offset + len, &name).map_err(abandon)?;
         let e = |e| Error::sys("mmap the received shadow", e);
         let prot = if lazy {
             libc::PROT_NONE
@@ -760,60 +921,83 @@ impl RemoteMapOptions<'_> {
                     prot,
                     libc::MAP_PRIVATE,
                 )
-            }
-            .map_err(e)?,
-            None => {
-                RawMap::new(memfd.as_fd(), offset, maplen, prot, libc::MAP_PRIVATE).map_err(e)?
-            }
-        };
+            },
+            None => RawMap::new(memfd.as_fd(), offset, maplen, prot, libc::MAP_PRIVATE),
+        }
+        .map_err(|x| abandon(e(x)))?;
         drop(memfd);
-        let mapping = RemoteMapping {
+        // Not attached yet: dropped without UNMAP.
+        let mut mapping = RemoteMapping {
             map: Some(map),
             len: len as usize,
             offset,
-            lazy,
+            lazy: false,
             file: this.clone(),
         };
         if !lazy {
             return Ok(mapping);
         }
         let map = mapping.map.as_ref().expect("mapped");
-        let uffd = ci.uffd.as_ref().ok_or_else(|| {
-            protocol("the server sent a lazy mapping to a client without a userfaultfd")
-        })?;
-        let reg_len = maplen as u64;
-        // With fork events the server serves a forked child's copy through
-        // the child's userfaultfd; without them the copy would be
-        // unregistered (zeros), so it is kept out of children.
-        if !uffd.follows_fork() {
-            map.advise(Advice::DontFork)
-                .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
+        let (addr, reg_len) = (map.addr(), maplen as u64);
+        let registered = (|| {
+            let uffd = ci.uffd.as_ref().ok_or_else(|| {
+                protocol("the server sent a lazy mapping to a client without a userfaultfd")
+            })?;
+            // With fork events the server serves a forked child's copy
+            // through the child's userfaultfd; without them the copy would
+            // be unregistered (zeros), so it is kept out of children.
+            if !uffd.follows_fork() {
+                map.advise(Advice::DontFork)
+                    .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
+            }
+            #[cfg(feature = "failpoints")]
+            if failpoint("SHADOWFD_FAILPOINT_REMOTE_REGISTER") {
+                return Err(Error::sys(
+                    "UFFDIO_REGISTER of the remote mapping (failpoint)",
+                    std::io::Error::from_raw_os_error(libc::ENOMEM),
+                ));
+            }
+            uffd.register(addr, reg_len)
+                .map_err(|e| Error::sys("UFFDIO_REGISTER of the remote mapping", e))
+        })();
+        if let Err(e) = registered {
+            *doomed = Some(mapping);
+            return Err(abandon(e));
         }
-        uffd.register(map.addr(), reg_len)
-            .map_err(|e| Error::sys("UFFDIO_REGISTER of the remote mapping", e))?;
-        ci.ranges.lock().push((map.addr(), reg_len));
+        ci.ranges.lock().push((addr, reg_len));
         if let Some(k) = &ci.kick {
             crate::sys::event::eventfd_signal(k.as_fd());
         }
         let attached = wire::send(
             &ci.conn.stream,
-            &Frame::new(wire::ATTACH, this.inner.handle, map.addr(), reg_len, offset),
+            &Frame::new(wire::ATTACH, this.inner.handle, addr, reg_len, offset),
             None,
         )
         .and_then(|()| reply(&ci.conn.stream, wire::ATTACH, "ATTACH"));
         if let Err(e) = attached {
-            let addr = map.addr();
             ci.ranges.lock().retain(|r| r.0 != addr);
-            // Not attached: dropped without UNMAP.
-            let mut mapping = mapping;
-            mapping.lazy = false;
-            drop(mapping);
+            *doomed = Some(mapping);
             return Err(e);
         }
+        mapping.lazy = true;
+        let map = mapping.map.as_ref().expect("mapped");
+        #[cfg(feature = "failpoints")]
+        let protected = if failpoint("SHADOWFD_FAILPOINT_REMOTE_PROTECT") {
+            Err(std::io::Error::from_raw_os_error(libc::ENOMEM))
+        } else {
+            // SAFETY: nothing refers into the mapping yet; every fault on it
+            // is now served (or poisoned if the server goes away).
+            unsafe { map.protect(libc::PROT_READ) }
+        };
+        #[cfg(not(feature = "failpoints"))]
         // SAFETY: nothing refers into the mapping yet; every fault on it is
         // now served (or poisoned if the server goes away).
-        unsafe { map.protect(libc::PROT_READ) }
-            .map_err(|e| Error::sys("mprotect the remote mapping readable", e))?;
+        let protected = unsafe { map.protect(libc::PROT_READ) };
+        if let Err(e) = protected {
+            // Attached: its drop (after the io lock) sends UNMAP.
+            *doomed = Some(mapping);
+            return Err(Error::sys("mprotect the remote mapping readable", e));
+        }
         Ok(mapping)
     }
 }
@@ -1047,6 +1231,23 @@ mod tests {
         // The late reply has been sent by now.
         let again = c.status_json();
         assert!(again.is_err(), "took the late reply: {again:?}");
+    }
+
+    /// A descriptor without the seals of a shadow, or too short, is
+    /// refused before anything maps it; a sealed one of the right size is
+    /// taken.
+    #[test]
+    fn unsealed_descriptors_are_refused() {
+        let m = crate::sys::memfd::Memfd::create("t", 8192).unwrap();
+        let fd = || m.reopen_readonly().unwrap();
+        let e = check_sealed(&fd(), 8192, "MAP").unwrap_err().to_string();
+        assert!(e.contains("not a sealed shadow"), "{e}");
+        m.add_seals(libc::F_SEAL_GROW | libc::F_SEAL_SHRINK)
+            .unwrap();
+        assert!(check_sealed(&fd(), 8192, "MAP").is_err(), "writable");
+        m.add_seals(libc::F_SEAL_FUTURE_WRITE).unwrap();
+        check_sealed(&fd(), 8192, "MAP").unwrap();
+        assert!(check_sealed(&fd(), 8193, "MAP").is_err(), "too short");
     }
 
     /// A kick left unread when the server hangs up must not end the

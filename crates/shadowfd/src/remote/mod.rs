@@ -32,6 +32,7 @@ pub use client::{
     Client, ClientOptions, PathInfo, PathKind, RemoteFile, RemoteMapOptions, RemoteMapping,
 };
 pub use server::{
-    EventLog, MAX_RANGES, PEER_TIMEOUT, Served, Server, ServerOptions, SourceHook, Tree, serve,
+    EventLog, LogLimiter, MAX_PENDING, MAX_RANGES, MAX_RANGES_TOTAL, PEER_TIMEOUT, RESERVED_RANGES,
+    Served, Server, ServerOptions, SourceHook, Tree, serve,
 };
 pub use wire::DirEntry;

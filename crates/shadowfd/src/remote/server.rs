@@ -16,7 +16,7 @@ use crate::sys::uffd_abi::uffd_msg;
 use crate::sys::{Event, Uffd};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -37,6 +37,28 @@ pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
 /// without bound.
 pub const MAX_RANGES: usize = 65_536;
 
+/// The default bound on the lazy ranges attached over all clients at once
+/// (`--max-ranges-total`): four clients at [`MAX_RANGES`]. Each range costs
+/// the server about 160 bytes (its entry here and among the shadow's
+/// consumers; 41 MB for 262,144 measured), so all ranges together, with
+/// each connection's [`RESERVED_RANGES`], stay under ~55 MB at the
+/// defaults.
+pub const MAX_RANGES_TOTAL: usize = 262_144;
+
+/// Lazy ranges every connection may attach even when the server has
+/// [`ServerOptions::max_ranges_total`] attached over all clients (within
+/// its own `max_ranges`): so a client that fills the global cap cannot keep
+/// another from mapping. The true bound on all ranges is thus
+/// `max_ranges_total + 256 * max_clients`.
+pub const RESERVED_RANGES: usize = 256;
+
+/// The default bound on connections that have not yet been admitted as
+/// clients (`--max-pending`): those that have not finished HELLO, and
+/// `status` queries. When it is reached, the oldest of them is dropped to
+/// make room: a real client says HELLO within microseconds of connecting,
+/// so only a peer that sits silent loses its place.
+pub const MAX_PENDING: usize = 64;
+
 /// A hook that wraps every source the server opens (for throttling or fault
 /// injection by embedders and tests).
 pub type SourceHook = Arc<dyn Fn(Arc<dyn Source>) -> Arc<dyn Source> + Send + Sync>;
@@ -48,13 +70,23 @@ pub type EventLog = Arc<dyn Fn(&str) + Send + Sync>;
 pub struct ServerOptions {
     /// The bound on each thing a peer must say ([`PEER_TIMEOUT`]).
     pub peer_timeout: Duration,
-    /// At most this many clients at once; more are refused with `E_LIMIT`.
+    /// At most this many clients at once. When full, a new client takes
+    /// the place of the client that has been idle longest among those with
+    /// no lazy range attached and no request in progress; if there is none,
+    /// it is refused with `E_LIMIT`. Status queries do not count.
     pub max_clients: usize,
+    /// At most this many connections not yet admitted (before HELLO, and
+    /// status queries) at once ([`MAX_PENDING`]); the oldest is dropped to
+    /// admit another.
+    pub max_pending: usize,
     /// At most this many open handles per client.
     pub max_handles: usize,
     /// At most this many lazy ranges attached per client ([`MAX_RANGES`]);
     /// an ATTACH or a splitting UNMAP beyond it is refused with `E_LIMIT`.
     pub max_ranges: usize,
+    /// At most this many lazy ranges attached over all clients
+    /// ([`MAX_RANGES_TOTAL`]); past it, `E_LIMIT` as for `max_ranges`.
+    pub max_ranges_total: usize,
     /// Wraps every source opened (none by default).
     pub source_hook: Option<SourceHook>,
     /// One line per client event (none by default).
@@ -66,8 +98,10 @@ impl Default for ServerOptions {
         ServerOptions {
             peer_timeout: PEER_TIMEOUT,
             max_clients: 256,
+            max_pending: MAX_PENDING,
             max_handles: 4096,
             max_ranges: MAX_RANGES,
+            max_ranges_total: MAX_RANGES_TOTAL,
             source_hook: None,
             log: None,
         }
@@ -111,7 +145,23 @@ struct Entry {
     held: Held,
     /// Open handles on it, over all clients.
     users: AtomicUsize,
+    /// Lazy ranges attached to it, over all clients (counted here, so that
+    /// STATS never waits on the shadow's own locks).
+    attached: AtomicUsize,
     last_used: Mutex<Instant>,
+}
+
+impl State {
+    /// The entry for `key`, counted as used once more (taken out of the
+    /// idle order if nobody held it).
+    fn take_entry(&mut self, key: &Key) -> Option<Arc<Entry>> {
+        let e = self.entries.get(key)?.clone();
+        if e.users.fetch_add(1, Ordering::SeqCst) == 0 {
+            let at = *e.last_used.lock();
+            self.idle.remove(&(at, e.id));
+        }
+        Some(e)
+    }
 }
 
 impl Entry {
@@ -141,6 +191,10 @@ impl Entry {
     }
     fn resident(&self) -> u64 {
         match &self.held {
+            Held::Shadow(Shadow {
+                kind: Kind::Lazy(l),
+                ..
+            }) => l.resident_bytes(),
             Held::Shadow(s) => s.resident_bytes().unwrap_or(0),
             Held::Sealed { meta, .. } => meta.size,
         }
@@ -193,12 +247,55 @@ struct ClientInfo {
     uffd: bool,
     handles: usize,
     mappings: usize,
+    /// What the session shares with the table (see [`Activity`]).
+    activity: Arc<Activity>,
+    /// Its socket, to drop it from another thread (shut down: its session
+    /// sees the hang-up). Open while the client is in the table: the
+    /// session leaves the table before it closes the socket.
+    fd: RawFd,
+}
+
+/// When a client's session last ended a request, and whether one is in
+/// progress: which idle client may make room for a new one.
+struct Activity {
+    busy: std::sync::atomic::AtomicBool,
+    /// Milliseconds since the server started.
+    last_ms: AtomicU64,
+}
+
+/// A connection not yet admitted as a client: before HELLO, or a status
+/// query. Dropped (its socket shut down) when the pending table is full and
+/// it is the oldest.
+struct PendingConn {
+    /// Its socket; open while it is in the table (the connection's thread
+    /// leaves the table before it closes the socket).
+    fd: RawFd,
+}
+
+/// Shuts down the socket `fd` of a connection in the table (both ways):
+/// its thread sees the hang-up and ends the connection.
+fn shut(fd: RawFd) {
+    // SAFETY: the caller holds the state lock and found `fd` in the table,
+    // so the socket is still open (see `PendingConn::fd`, `ClientInfo::fd`);
+    // shutdown touches no memory.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
 }
 
 #[derive(Default)]
 struct State {
     clients: BTreeMap<u64, ClientInfo>,
     entries: HashMap<Key, Arc<Entry>>,
+    /// Entries no client holds, least recently used first: what eviction
+    /// takes, O(log n) per open and close.
+    idle: BTreeMap<(Instant, u64), Key>,
+    /// Bytes held by entries that are not lazy shadows (their whole size;
+    /// lazy shadows' bytes are the engine's count).
+    sealed_bytes: u64,
+    /// One gate per source being opened: OPENs of one file wait for one
+    /// open; OPENs of different files run in parallel.
+    opening: HashMap<Key, Arc<Mutex<()>>>,
+    /// Connections not yet admitted, oldest (lowest id) first.
+    pending: BTreeMap<u64, PendingConn>,
 }
 
 struct Inner {
@@ -206,7 +303,9 @@ struct Inner {
     tree: TreeImpl,
     opts: ServerOptions,
     state: Mutex<State>,
-    open_lock: Mutex<()>,
+    /// Lazy ranges attached over all connections.
+    ranges_total: AtomicUsize,
+    limiter: LogLimiter,
     next_client: AtomicU64,
     next_entry: AtomicU64,
     started: Instant,
@@ -273,7 +372,8 @@ impl Server {
                 tree,
                 opts,
                 state: Mutex::new(State::default()),
-                open_lock: Mutex::new(()),
+                ranges_total: AtomicUsize::new(0),
+                limiter: LogLimiter::default(),
                 next_client: AtomicU64::new(1),
                 next_entry: AtomicU64::new(1),
                 started: Instant::now(),
@@ -287,15 +387,36 @@ impl Server {
         let inner = self.inner.clone();
         let id = inner.next_client.fetch_add(1, Ordering::Relaxed);
         let peer = peer_of(&stream, id);
-        std::thread::Builder::new()
+        let accepted = Instant::now();
+        let inner2 = inner.clone();
+        let gone = inner.add_pending(&mut inner.state.lock(), &stream, peer);
+        if let Some(g) = gone {
+            inner.log_displaced(g, peer);
+        }
+        // The stream goes to the thread once it runs: if it cannot be
+        // spawned, the entry leaves the table before the socket is closed
+        // (a socket in the table is always open).
+        let (tx, rx) = std::sync::mpsc::sync_channel::<UnixStream>(1);
+        let spawned = std::thread::Builder::new()
             .name(format!("shadowfd-client-{id}"))
             .spawn(move || {
-                if let Some(conn) = inner.handshake(stream, peer) {
-                    inner.run(conn);
+                let Ok(stream) = rx.recv() else { return };
+                let conn = inner2.handshake(stream, peer, accepted + inner2.timeout());
+                if let Some(conn) = conn {
+                    inner2.run(conn);
                 }
-            })
-            .map_err(|e| Error::sys("spawn a client thread", e))?;
-        Ok(())
+            });
+        match spawned {
+            Ok(_) => {
+                let _ = tx.send(stream);
+                Ok(())
+            }
+            Err(e) => {
+                inner.state.lock().pending.remove(&peer.id);
+                drop(stream);
+                Err(Error::sys("spawn a client thread", e))
+            }
+        }
     }
 
     /// The server's state as a JSON object (what STATS with handle 0
@@ -307,6 +428,25 @@ impl Server {
     /// Clients connected now.
     pub fn clients(&self) -> usize {
         self.inner.state.lock().clients.len()
+    }
+
+    /// Connections accepted and not yet admitted (before HELLO, or status
+    /// queries).
+    pub fn pending(&self) -> usize {
+        self.inner.state.lock().pending.len()
+    }
+
+    /// Drops the oldest connection that has not finished HELLO (for when
+    /// descriptors run out). False if there is none.
+    pub fn shed_pending(&self) -> bool {
+        let mut st = self.inner.state.lock();
+        match st.pending.pop_first() {
+            Some((_, p)) => {
+                shut(p.fd);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -337,6 +477,9 @@ impl Attached {
 
 struct Conn {
     peer: Peer,
+    activity: Arc<Activity>,
+    /// Its ranges as counted in [`Inner::ranges_total`].
+    published: usize,
     stream: UnixStream,
     uffd: Option<Arc<Uffd>>,
     handles: BTreeMap<u64, Handle>,
@@ -352,13 +495,20 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(peer: Peer, stream: UnixStream, uffd: Option<Arc<Uffd>>) -> Conn {
+    fn new(
+        peer: Peer,
+        stream: UnixStream,
+        uffd: Option<Arc<Uffd>>,
+        activity: Arc<Activity>,
+    ) -> Conn {
         let maps = uffd
             .as_ref()
             .filter(|u| u.has_events())
             .and_then(|_| crate::sys::maps::Maps::open_pid(peer.pid as u32).ok());
         Conn {
             peer,
+            activity,
+            published: 0,
             stream,
             uffd,
             handles: BTreeMap::new(),
@@ -445,6 +595,43 @@ fn json_opt(v: Option<f64>) -> String {
     v.map_or("null".into(), |x| format!("{x:.1}"))
 }
 
+/// What a HELLO asked for.
+enum Hello {
+    /// A status query: one STATS of handle 0, then the server hangs up.
+    Status,
+    /// A client, with its userfaultfd if it sent one.
+    Client(Option<Arc<Uffd>>, Arc<Activity>),
+}
+
+/// Rate limit for repeated log lines: at most [`LogLimiter::PER_SECOND`]
+/// lines a second of each kind; the next line let through says how many
+/// were left out.
+#[derive(Default)]
+pub struct LogLimiter {
+    kinds: Mutex<HashMap<&'static str, (Instant, u32, u64)>>,
+}
+
+impl LogLimiter {
+    /// Lines of one kind logged per second at most.
+    pub const PER_SECOND: u32 = 5;
+
+    /// Whether a line of kind `what` may be logged at `now`: `Some(n)` with
+    /// the number of lines left out since the last one logged, or `None`.
+    pub fn allow(&self, what: &'static str, now: Instant) -> Option<u64> {
+        let mut k = self.kinds.lock();
+        let e = k.entry(what).or_insert((now, 0, 0));
+        if now.duration_since(e.0) >= Duration::from_secs(1) {
+            *e = (now, 0, e.2);
+        }
+        if e.1 >= Self::PER_SECOND {
+            e.2 += 1;
+            return None;
+        }
+        e.1 += 1;
+        Some(std::mem::take(&mut e.2))
+    }
+}
+
 /// What happened to a session, for the log line.
 enum End {
     Hangup,
@@ -462,8 +649,68 @@ impl Inner {
         self.opts.peer_timeout
     }
 
-    /// Lists a client that completed HELLO.
-    fn add_client(&self, peer: Peer, uffd: bool) {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Counts a new connection as pending; if the pending table is full,
+    /// the oldest pending connection is dropped to make room.
+    /// Returns the id of the connection dropped, if one was.
+    fn add_pending(&self, st: &mut State, stream: &UnixStream, peer: Peer) -> Option<u64> {
+        let gone = if st.pending.len() >= self.opts.max_pending.max(1) {
+            st.pending.pop_first()
+        } else {
+            None
+        };
+        if let Some((_, p)) = &gone {
+            shut(p.fd);
+        }
+        st.pending.insert(
+            peer.id,
+            PendingConn {
+                fd: stream.as_raw_fd(),
+            },
+        );
+        gone.map(|(id, _)| id)
+    }
+
+    /// Logs that pending connection `id` was dropped to admit `peer`.
+    fn log_displaced(&self, id: u64, peer: Peer) {
+        self.log_limited(
+            "pending",
+            &format!(
+                "client {id}: dropped before HELLO to admit client {}: {} connections were \
+                 waiting for HELLO, the maximum (--max-pending)",
+                peer.id, self.opts.max_pending
+            ),
+        );
+    }
+
+    /// Logs `line`, at most a few lines a second per `what`.
+    fn log_limited(&self, what: &'static str, line: &str) {
+        if let Some(n) = self.limiter.allow(what, Instant::now()) {
+            if n > 0 {
+                self.log(&format!("{line} ({n} more like it not logged)"));
+            } else {
+                self.log(line);
+            }
+        }
+    }
+
+    /// Lists a client that completed HELLO, making room if the table is
+    /// full: the client idle longest among those with no lazy range
+    /// attached and no request in progress is dropped. Err (a message for
+    /// the refused client) if there is no such client.
+    fn admit(
+        &self,
+        peer: Peer,
+        uffd: bool,
+        stream: &UnixStream,
+    ) -> std::result::Result<Arc<Activity>, String> {
+        let activity = Arc::new(Activity {
+            busy: std::sync::atomic::AtomicBool::new(false),
+            last_ms: AtomicU64::new(self.now_ms()),
+        });
         let info = ClientInfo {
             pid: peer.pid,
             uid: peer.uid,
@@ -471,15 +718,69 @@ impl Inner {
             uffd,
             handles: 0,
             mappings: 0,
+            activity: activity.clone(),
+            fd: stream.as_raw_fd(),
         };
-        self.state.lock().clients.insert(peer.id, info);
+        let victim = {
+            let mut st = self.state.lock();
+            let mut victim = None;
+            if st.clients.len() >= self.opts.max_clients {
+                let pick = st
+                    .clients
+                    .iter()
+                    .filter(|(_, c)| c.mappings == 0 && !c.activity.busy.load(Ordering::SeqCst))
+                    .min_by_key(|(_, c)| c.activity.last_ms.load(Ordering::Relaxed))
+                    .map(|(id, _)| *id);
+                match pick.and_then(|id| st.clients.remove(&id).map(|c| (id, c))) {
+                    Some(v) => {
+                        shut(v.1.fd);
+                        victim = Some(v);
+                    }
+                    None => {
+                        return Err(format!(
+                            "the server has its maximum of {} clients, and each has a lazy \
+                             mapping attached or a request in progress; try again later",
+                            self.opts.max_clients
+                        ));
+                    }
+                }
+            }
+            st.clients.insert(peer.id, info);
+            victim
+        };
+        if let Some((id, c)) = victim {
+            let idle = self
+                .now_ms()
+                .saturating_sub(c.activity.last_ms.load(Ordering::Relaxed));
+            self.log_limited(
+                "displaced",
+                &format!(
+                    "client {id} (pid {} uid {}): dropped to admit {peer}: the server had its \
+                     maximum of {} clients, and this one had no lazy mapping and had been idle \
+                     longest ({:.1} s)",
+                    c.pid,
+                    c.uid,
+                    self.opts.max_clients,
+                    idle as f64 / 1000.0
+                ),
+            );
+        }
+        Ok(activity)
     }
 
-    /// HELLO and its reply. `None` if the peer was dropped (logged).
-    fn handshake(self: &Arc<Self>, stream: UnixStream, peer: Peer) -> Option<Conn> {
-        match self.try_handshake(&stream, peer) {
-            Ok(uffd) => {
-                self.add_client(peer, uffd.is_some());
+    /// HELLO and its reply (and the whole of a status query). `None` if
+    /// there is no session to run (logged if the peer was dropped).
+    fn handshake(self: &Arc<Self>, stream: UnixStream, peer: Peer, by: Instant) -> Option<Conn> {
+        let r = self.try_handshake(&stream, peer, by);
+        let r = match r {
+            Ok(Hello::Status) => self.answer_status(&stream, by).map(|()| Hello::Status),
+            r => r,
+        };
+        // Out of the pending table before the socket can be closed.
+        self.state.lock().pending.remove(&peer.id);
+        match r {
+            Ok(Hello::Status) => None,
+            Ok(Hello::Client(uffd, activity)) => {
                 self.log(&format!(
                     "{peer}: connected ({})",
                     if uffd.is_some() {
@@ -488,28 +789,49 @@ impl Inner {
                         "no userfaultfd: sealed descriptors only"
                     }
                 ));
-                Some(Conn::new(peer, stream, uffd))
+                Some(Conn::new(peer, stream, uffd, activity))
             }
             Err(e) => {
-                self.log(&format!("{peer}: dropped: {e}"));
+                self.log_limited("dropped", &format!("{peer}: dropped: {e}"));
                 None
             }
         }
     }
 
-    fn try_handshake(&self, stream: &UnixStream, peer: Peer) -> Result<Option<Arc<Uffd>>> {
+    /// A status query's one request: STATS of handle 0, by `by`.
+    fn answer_status(&self, stream: &UnixStream, by: Instant) -> Result<()> {
+        let protocol = |what: String| Error::Protocol { what };
+        let (f, fd) = wire::recv_by(stream, Some(by)).map_err(|e| protocol(e.to_string()))?;
+        if fd.is_some() || f.kind != wire::STATS || f.a != 0 {
+            let (r, _) = refuse(
+                f.kind,
+                wire::E_PROTOCOL,
+                "a status connection (HELLO with HELLO_STATUS) may send one request: STATS of \
+                 handle 0",
+            );
+            let _ = wire::send_by(stream, &r, None, Some(by));
+            return Err(protocol(format!(
+                "sent kind {:#x} on a status connection",
+                f.kind
+            )));
+        }
+        let r = Frame::new(wire::STATS | wire::REPLY, 0, 0, 0, 0)
+            .with_payload(self.status_json().into_bytes());
+        wire::send_by(stream, &r, None, Some(by))
+    }
+
+    fn try_handshake(&self, stream: &UnixStream, peer: Peer, by: Instant) -> Result<Hello> {
         let t = self.timeout();
         let set = stream
             .set_read_timeout(Some(t))
             .and_then(|()| stream.set_write_timeout(Some(t)));
         set.map_err(|e| Error::sys("set the client socket timeouts", e))?;
         let protocol = |what: String| Error::Protocol { what };
-        let full = self.state.lock().clients.len() >= self.opts.max_clients;
-        let (hello, fd) = match wire::recv(stream) {
+        let (hello, fd) = match wire::recv_by(stream, Some(by)) {
             Ok(x) => x,
             Err(RecvError::TimedOut) => {
                 return Err(protocol(format!(
-                    "{peer} sent nothing within the peer timeout of {t:?}; expected HELLO \
+                    "{peer} did not send a whole HELLO within the peer timeout of {t:?} \
                      (protocol version {}). Raise --peer-timeout if clients are that slow",
                     wire::VERSION
                 )));
@@ -527,7 +849,7 @@ impl Inner {
         };
         let send_err = |kind, code, msg: String| {
             let (f, _) = refuse(kind, code, msg.clone());
-            let _ = wire::send(stream, &f, None);
+            let _ = wire::send_by(stream, &f, None, Some(by));
             protocol(msg)
         };
         if hello.kind != wire::HELLO {
@@ -553,19 +875,42 @@ impl Inner {
                 ),
             ));
         }
-        if full {
-            return Err(send_err(
-                hello.kind,
-                wire::E_LIMIT,
-                format!(
-                    "the server has its maximum of {} clients; try again later",
-                    self.opts.max_clients
-                ),
-            ));
-        }
+        let cap = self.engine.as_ref().map_or(0, |e| e.config().max_size);
+        let reply = Frame::new(
+            wire::HELLO | wire::REPLY,
+            hello.a.min(wire::VERSION),
+            u64::from(std::process::id()),
+            cap,
+            crate::page_size() as u64,
+        );
         let has = hello.b & wire::HELLO_HAS_UFFD != 0;
+        if hello.b & wire::HELLO_STATUS != 0 {
+            if fd.is_some() {
+                return Err(send_err(
+                    hello.kind,
+                    wire::E_PROTOCOL,
+                    "a status HELLO carries no descriptor".into(),
+                ));
+            }
+            wire::send_by(stream, &reply, None, Some(by))?;
+            return Ok(Hello::Status);
+        }
         let uffd = match (has, fd) {
             (true, Some(fd)) => {
+                // (Where /proc cannot say, the ioctls will.)
+                let what = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                    .ok()
+                    .map(|l| l.to_string_lossy().into_owned());
+                if let Some(what) = what.filter(|w| w != "anon_inode:[userfaultfd]") {
+                    return Err(send_err(
+                        hello.kind,
+                        wire::E_PROTOCOL,
+                        format!(
+                            "HELLO says a userfaultfd comes with it, and the descriptor that came \
+                             is {what:?}; send the userfaultfd itself, or HELLO without it"
+                        ),
+                    ));
+                }
                 let u = Uffd::from_fd(fd, hello.c);
                 if !u.has_lazy_features() {
                     return Err(send_err(
@@ -587,18 +932,24 @@ impl Inner {
                     "HELLO says a userfaultfd comes with it, and none came".into(),
                 ));
             }
-            (false, _) => None,
+            (false, Some(_)) => {
+                return Err(send_err(
+                    hello.kind,
+                    wire::E_PROTOCOL,
+                    "HELLO carried a descriptor without the HELLO_HAS_UFFD flag".into(),
+                ));
+            }
+            (false, None) => None,
         };
-        let cap = self.engine.as_ref().map_or(0, |e| e.config().max_size);
-        let reply = Frame::new(
-            wire::HELLO | wire::REPLY,
-            hello.a.min(wire::VERSION),
-            u64::from(std::process::id()),
-            cap,
-            crate::page_size() as u64,
-        );
-        wire::send(stream, &reply, None)?;
-        Ok(uffd)
+        let activity = match self.admit(peer, uffd.is_some(), stream) {
+            Ok(a) => a,
+            Err(msg) => return Err(send_err(hello.kind, wire::E_LIMIT, msg)),
+        };
+        if let Err(e) = wire::send_by(stream, &reply, None, Some(by)) {
+            self.state.lock().clients.remove(&peer.id);
+            return Err(e);
+        }
+        Ok(Hello::Client(uffd, activity))
     }
 
     /// The session loop: requests on the socket, faults on the client's
@@ -618,6 +969,7 @@ impl Inner {
                 self.release(h, &ranges, None);
             }
         }
+        self.note_mappings(&mut conn);
         self.state.lock().clients.remove(&peer.id);
         let why = match end {
             End::Hangup => "disconnected".to_string(),
@@ -675,7 +1027,9 @@ impl Inner {
                 }
             }
             if fds[0].revents != 0 {
-                let (frame, fd) = match wire::recv(&conn.stream) {
+                // One deadline for the whole frame, from its first byte.
+                let by = Instant::now() + self.timeout();
+                let (frame, fd) = match wire::recv_by(&conn.stream, Some(by)) {
                     Ok(x) => x,
                     Err(RecvError::Closed) => return End::Hangup,
                     Err(RecvError::TimedOut) => {
@@ -686,10 +1040,20 @@ impl Inner {
                     }
                     Err(e) => return End::Error(format!("expected a request frame: {e}")),
                 };
-                drop(fd);
-                match self.request(conn, frame) {
-                    Ok(()) => {}
-                    Err(e) => return End::Error(e),
+                if fd.is_some() {
+                    return End::Error(format!(
+                        "sent a descriptor with a request of kind {:#x}; only HELLO carries one",
+                        frame.kind
+                    ));
+                }
+                conn.activity.busy.store(true, Ordering::SeqCst);
+                let done = self.request(conn, frame);
+                conn.activity
+                    .last_ms
+                    .store(self.now_ms(), Ordering::Relaxed);
+                conn.activity.busy.store(false, Ordering::SeqCst);
+                if let Err(e) = done {
+                    return End::Error(e);
                 }
             }
         }
@@ -801,7 +1165,6 @@ impl Inner {
                 return refuse(f.kind, code, msg);
             }
         };
-        *entry.last_used.lock() = Instant::now();
         let h = conn.next_handle;
         conn.next_handle += 1;
         let meta = entry.meta().clone();
@@ -934,20 +1297,50 @@ impl Inner {
             meta.mtime.sec,
             meta.mtime.nsec,
         );
-        let take = |e: &Arc<Entry>| {
-            e.users.fetch_add(1, Ordering::Relaxed);
-            e.clone()
+        let gate = {
+            let mut st = self.state.lock();
+            if let Some(e) = st.take_entry(&key) {
+                return Ok(e);
+            }
+            st.opening.entry(key).or_default().clone()
         };
-        if let Some(e) = self.state.lock().entries.get(&key) {
-            return Ok(take(e));
-        }
-        // Evicted shadows are dropped here, not under `open_lock`: the last
-        // drop of a lazy shadow waits for a fill of it still in flight.
+        // Evicted shadows are dropped here, not under a gate: the last drop
+        // of a lazy shadow waits for a fill of it still in flight.
         self.evict();
-        let _one = self.open_lock.lock();
-        if let Some(e) = self.state.lock().entries.get(&key) {
-            return Ok(take(e));
+        // Only OPENs of this same source wait here: they share its open.
+        let _one = gate.lock();
+        if let Some(e) = self.state.lock().take_entry(&key) {
+            return Ok(e);
         }
+        let opened = self.open_entry(source, key);
+        let mut st = self.state.lock();
+        if st.opening.get(&key).is_some_and(|g| Arc::ptr_eq(g, &gate)) {
+            st.opening.remove(&key);
+        }
+        let entry = opened?;
+        if entry.lazy().is_none() {
+            st.sealed_bytes += entry.size();
+        }
+        st.entries.insert(key, entry.clone());
+        drop(st);
+        self.log(&format!(
+            "shadow {}: opened {} ({} bytes, {}, dev {} inode {})",
+            entry.id,
+            entry.name(),
+            meta.size,
+            entry.mode(),
+            meta.device,
+            meta.inode
+        ));
+        Ok(entry)
+    }
+
+    /// A new shadow of `source`, held once.
+    fn open_entry(
+        &self,
+        source: Arc<dyn Source>,
+        key: Key,
+    ) -> std::result::Result<Arc<Entry>, Refusal> {
         let engine = self.engine.as_ref().expect("a tree server has an engine");
         let source = match &self.opts.source_hook {
             Some(h) => h(source),
@@ -961,24 +1354,14 @@ impl Inner {
             };
             (code, e.to_string())
         })?;
-        let entry = Arc::new(Entry {
+        Ok(Arc::new(Entry {
             id: self.next_entry.fetch_add(1, Ordering::Relaxed),
             key,
             held: Held::Shadow(shadow),
             users: AtomicUsize::new(1),
+            attached: AtomicUsize::new(0),
             last_used: Mutex::new(Instant::now()),
-        });
-        self.state.lock().entries.insert(key, entry.clone());
-        self.log(&format!(
-            "shadow {}: opened {} ({} bytes, {}, dev {} inode {})",
-            entry.id,
-            entry.name(),
-            meta.size,
-            entry.mode(),
-            meta.device,
-            meta.inode
-        ));
-        Ok(entry)
+        }))
     }
 
     fn map(self: &Arc<Self>, conn: &mut Conn, f: &Frame) -> std::result::Result<(), String> {
@@ -1007,13 +1390,24 @@ impl Inner {
                 self.send(conn, &r, Some(&ro))?;
                 drop(ro);
                 // The client maps it PROT_NONE, registers it and says where.
-                let (att, _) = wire::recv(&conn.stream).map_err(|e| {
+                let by = Instant::now() + self.timeout();
+                let (att, fd) = wire::recv_by(&conn.stream, Some(by)).map_err(|e| {
                     format!(
                         "expected ATTACH within the peer timeout of {:?} after a lazy MAP: {e}",
                         self.timeout()
                     )
                 })?;
+                if fd.is_some() {
+                    return Err("sent a descriptor with its ATTACH".into());
+                }
                 let whole = size.div_ceil(page) * page;
+                if att.kind == wire::ATTACH && att.a == f.a && att.b == 0 && att.c == 0 {
+                    // Version 5: the client abandons the MAP (it could not
+                    // map or register the descriptor); nothing was attached.
+                    self.log(&format!("{}: MAP of handle {} abandoned", conn.peer, f.a));
+                    let r = Frame::new(wire::ATTACH | wire::REPLY, f.a, 0, 0, 0);
+                    return self.send(conn, &r, None);
+                }
                 if att.kind != wire::ATTACH || att.a != f.a || att.b % page != 0 || att.b == 0 {
                     let msg = format!(
                         "expected ATTACH of handle {} with a non-zero page-aligned address; got \
@@ -1025,15 +1419,9 @@ impl Inner {
                     return Err(msg);
                 }
                 let (start, len, offset) = (att.b, att.c, att.d);
-                if conn.ranges.len() >= self.opts.max_ranges {
+                if let Some(msg) = self.range_cap(conn, &format!("ATTACH at {start:#x}")) {
                     // The client unmaps its range; the session goes on.
-                    let msg = format!(
-                        "ATTACH at {start:#x}: this connection has {} lazy ranges attached, its \
-                         maximum of {}; UNMAP some first, or open another connection",
-                        conn.ranges.len(),
-                        self.opts.max_ranges
-                    );
-                    self.log(&format!("{}: ATTACH refused: {msg}", conn.peer));
+                    self.log_limited("attach", &format!("{}: ATTACH refused: {msg}", conn.peer));
                     let (r, _) = refuse(att.kind, wire::E_LIMIT, msg);
                     return self.send(conn, &r, None);
                 }
@@ -1044,6 +1432,7 @@ impl Inner {
                     return self.send(conn, &r, None);
                 }
                 let key = l.add_remote(uffd.clone(), start, len, offset);
+                entry.attached.fetch_add(1, Ordering::Relaxed);
                 conn.insert_range(Attached {
                     handle: f.a,
                     start,
@@ -1166,6 +1555,7 @@ impl Inner {
             );
         };
         let lazy = h.entry.lazy().cloned();
+        let entry = h.entry.clone();
         let page = crate::page_size() as u64;
         // c = 0: the whole range that starts at b (version 3). Since version
         // 4, c > 0: the part of [b, b+c) inside the handle's ranges.
@@ -1214,22 +1604,15 @@ impl Inner {
         }
         // Only a range reaching past both ends of the cut is split in two
         // (one more range): refused at the cap, before anything changes.
-        if hit.iter().any(|r| r.start < lo && hi < r.end())
-            && conn.ranges.len() >= self.opts.max_ranges
-        {
-            return refuse(
-                f.kind,
-                wire::E_LIMIT,
-                format!(
-                    "UNMAP of {:#x}..{:#x} would split a range in two, and this connection has \
-                     {} lazy ranges attached, its maximum of {}; UNMAP the whole range \
-                     (length 0) instead",
-                    lo,
-                    hi,
-                    conn.ranges.len(),
-                    self.opts.max_ranges
-                ),
-            );
+        if hit.iter().any(|r| r.start < lo && hi < r.end()) {
+            let what = format!("UNMAP of {lo:#x}..{hi:#x} would split a range in two");
+            if let Some(msg) = self.range_cap(conn, &what) {
+                return refuse(
+                    f.kind,
+                    wire::E_LIMIT,
+                    format!("{msg}, or UNMAP the whole range (length 0) instead"),
+                );
+            }
         }
         let n = hit.len();
         for r in hit {
@@ -1261,6 +1644,8 @@ impl Inner {
                 let _ = u.poison(a, z - a);
                 l.remove_remote(r.key);
             }
+            entry.attached.fetch_add(pieces.len(), Ordering::Relaxed);
+            entry.attached.fetch_sub(1, Ordering::Relaxed);
             conn.remove_range(r.start);
             for p in pieces {
                 conn.insert_range(p);
@@ -1279,11 +1664,46 @@ impl Inner {
         )
     }
 
-    /// Publishes the connection's count of lazy ranges (STATS).
-    fn note_mappings(&self, conn: &Conn) {
-        if let Some(c) = self.state.lock().clients.get_mut(&conn.peer.id) {
-            c.mappings = conn.ranges.len();
+    /// Publishes the connection's count of lazy ranges (STATS, the global
+    /// count and which clients may make room for others).
+    fn note_mappings(&self, conn: &mut Conn) {
+        let now = conn.ranges.len();
+        if now >= conn.published {
+            self.ranges_total
+                .fetch_add(now - conn.published, Ordering::SeqCst);
+        } else {
+            self.ranges_total
+                .fetch_sub(conn.published - now, Ordering::SeqCst);
         }
+        conn.published = now;
+        if let Some(c) = self.state.lock().clients.get_mut(&conn.peer.id) {
+            c.mappings = now;
+        }
+    }
+
+    /// A refusal if one more lazy range would pass the connection's cap or
+    /// the server's.
+    fn range_cap(&self, conn: &Conn, what: &str) -> Option<String> {
+        if conn.ranges.len() >= self.opts.max_ranges {
+            return Some(format!(
+                "{what}: this connection has {} lazy ranges attached, its maximum of {} \
+                 (--max-ranges); UNMAP some first",
+                conn.ranges.len(),
+                self.opts.max_ranges
+            ));
+        }
+        let total = self.ranges_total.load(Ordering::SeqCst);
+        // Each connection's first RESERVED_RANGES are not held against the
+        // global cap: clients that filled it cannot keep others from
+        // mapping.
+        if conn.ranges.len() >= RESERVED_RANGES && total >= self.opts.max_ranges_total {
+            return Some(format!(
+                "{what}: the server has {total} lazy ranges attached over all clients, its \
+                 maximum of {} (--max-ranges-total); try again later",
+                self.opts.max_ranges_total
+            ));
+        }
+        None
     }
 
     fn close(&self, conn: &mut Conn, f: &Frame) -> (Frame, Option<OwnedFd>) {
@@ -1297,8 +1717,8 @@ impl Inner {
         self.release(h, &ranges, conn.uffd.as_deref());
         if let Some(c) = self.state.lock().clients.get_mut(&conn.peer.id) {
             c.handles = c.handles.saturating_sub(1);
-            c.mappings = conn.ranges.len();
         }
+        self.note_mappings(conn);
         self.evict();
         (Frame::new(wire::CLOSE | wire::REPLY, f.a, 0, 0, 0), None)
     }
@@ -1314,13 +1734,25 @@ impl Inner {
                 l.remove_remote(r.key);
             }
         }
-        h.entry.users.fetch_sub(1, Ordering::Relaxed);
-        *h.entry.last_used.lock() = Instant::now();
+        h.entry.attached.fetch_sub(ranges.len(), Ordering::Relaxed);
+        let mut st = self.state.lock();
+        let now = Instant::now();
+        *h.entry.last_used.lock() = now;
+        if h.entry.users.fetch_sub(1, Ordering::SeqCst) == 1
+            && st
+                .entries
+                .get(&h.entry.key)
+                .is_some_and(|e| Arc::ptr_eq(e, &h.entry))
+        {
+            st.idle.insert((now, h.entry.id), h.entry.key);
+        }
     }
 
     /// Drops shadows no client holds, least recently used first, while the
     /// shadows' resident bytes are over 3/4 of the memory budget (so that
     /// fills for live clients find room), and beyond 1024 idle entries.
+    /// O(log n) a shadow dropped: the idle entries are kept in order, and
+    /// the resident total is the engine's running count.
     fn evict(&self) {
         let Some(engine) = &self.engine else { return };
         let budget = engine.config().memory_budget;
@@ -1328,24 +1760,19 @@ impl Inner {
         let mut gone = Vec::new();
         {
             let mut st = self.state.lock();
-            let mut idle: Vec<(Instant, Key, u64)> = st
-                .entries
-                .values()
-                .filter(|e| e.users.load(Ordering::Relaxed) == 0)
-                .map(|e| (*e.last_used.lock(), e.key, e.resident()))
-                .collect();
-            idle.sort_by_key(|x| x.0);
-            let mut resident: u64 = st.entries.values().map(|e| e.resident()).sum();
-            let mut n_idle = idle.len();
-            for (_, key, r) in idle {
-                if resident <= high && n_idle <= 1024 {
+            let mut resident = engine.resident_bytes() + st.sealed_bytes;
+            while resident > high || st.idle.len() > 1024 {
+                let Some((_, key)) = st.idle.pop_first() else {
                     break;
-                }
+                };
                 if let Some(e) = st.entries.remove(&key) {
+                    let r = e.resident();
+                    if e.lazy().is_none() {
+                        st.sealed_bytes = st.sealed_bytes.saturating_sub(e.size());
+                    }
+                    resident = resident.saturating_sub(r);
                     gone.push(e);
                 }
-                resident = resident.saturating_sub(r);
-                n_idle -= 1;
             }
         }
         for e in gone {
@@ -1401,13 +1828,20 @@ impl Inner {
             TreeImpl::Single(_) => "single",
         };
         format!(
-            "{{\"version\":{},\"pid\":{},\"uptime_s\":{:.1},\"tree\":{},\"mode\":{},\"memory_budget\":{budget},\"max_size\":{max_size},\"resident_bytes\":{resident},\"peer_timeout_ms\":{},\"clients\":[{}],\"shadows\":[{}]}}",
+            "{{\"version\":{},\"pid\":{},\"uptime_s\":{:.1},\"tree\":{},\"mode\":{},\"memory_budget\":{budget},\"max_size\":{max_size},\"resident_bytes\":{resident},\"peer_timeout_ms\":{},\"pending\":{},\"lazy_ranges\":{},\"limits\":{{\"max_clients\":{},\"max_pending\":{},\"max_handles\":{},\"max_ranges\":{},\"max_ranges_total\":{}}},\"clients\":[{}],\"shadows\":[{}]}}",
             wire::VERSION,
             std::process::id(),
             self.started.elapsed().as_secs_f64(),
             json_str(tree),
             json_str(mode),
             self.opts.peer_timeout.as_millis(),
+            st.pending.len(),
+            self.ranges_total.load(Ordering::Relaxed),
+            self.opts.max_clients,
+            self.opts.max_pending,
+            self.opts.max_handles,
+            self.opts.max_ranges,
+            self.opts.max_ranges_total,
             clients.join(","),
             shadows.join(",")
         )
@@ -1468,7 +1902,7 @@ fn entry_materialize(e: &Entry) -> Result<()> {
 
 fn entry_json(e: &Entry) -> String {
     let s = e.stats();
-    let remote = e.lazy().map_or(0, |l| l.remote_consumers());
+    let remote = e.attached.load(Ordering::Relaxed);
     format!(
         "{{\"id\":{},\"name\":{},\"size\":{},\"mode\":{},\"handles\":{},\"lazy_mappings\":{remote},\"resident_bytes\":{},\"faults\":{},\"chunks_filled\":{},\"bytes_filled\":{},\"readahead_chunks\":{},\"errors\":{},\"poisoned_pages\":{},\"budget_refusals\":{},\"fill_p50_us\":{},\"fill_p99_us\":{},\"source_changed\":{},\"last_error\":{}}}",
         e.id,
@@ -1538,14 +1972,20 @@ pub fn serve(shadow: &Shadow, stream: UnixStream) -> Result<Served> {
         key: (0, m.device, m.inode, m.size, m.mtime.sec, m.mtime.nsec),
         held,
         users: AtomicUsize::new(0),
+        attached: AtomicUsize::new(0),
         last_used: Mutex::new(Instant::now()),
     });
     let server = Server::build(None, TreeImpl::Single(entry), ServerOptions::default());
     let inner = server.inner;
     let peer = peer_of(&stream, 1);
-    let uffd = inner.try_handshake(&stream, peer)?;
-    inner.add_client(peer, uffd.is_some());
-    let conn = Conn::new(peer, stream, uffd);
+    let by = Instant::now() + inner.timeout();
+    let conn = match inner.try_handshake(&stream, peer, by)? {
+        Hello::Client(uffd, activity) => Conn::new(peer, stream, uffd, activity),
+        Hello::Status => {
+            inner.answer_status(&stream, by)?;
+            return Ok(Served { thread: None });
+        }
+    };
     let thread = std::thread::Builder::new()
         .name("shadowfd-remote".into())
         .spawn(move || inner.run(conn))

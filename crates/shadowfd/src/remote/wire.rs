@@ -14,10 +14,11 @@
 //! first byte.
 
 use crate::error::{Error, Result};
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
-use std::io::{IoSlice, IoSliceMut};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+use std::io::IoSlice;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 pub const MAGIC: [u8; 8] = *b"SHADOWFD";
 pub const HEADER: usize = 48;
@@ -59,6 +60,10 @@ pub const ERROR: u32 = 0x3ff;
 
 /// HELLO flag: a userfaultfd travels with the frame.
 pub const HELLO_HAS_UFFD: u64 = 1;
+/// HELLO flag (version 5): a status query. The server answers it from a
+/// slot of its own (it is not counted as a client and is never refused for
+/// lack of room) and takes one request, STATS of handle 0, then hangs up.
+pub const HELLO_STATUS: u64 = 2;
 /// MAP modes (`b`).
 pub const MAP_LAZY: u64 = 0;
 pub const MAP_SEALED: u64 = 1;
@@ -220,16 +225,86 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(w)
 }
 
-/// Sends one frame (and `fd` with it). Blocks at most the socket's send
-/// timeout.
-pub fn send(sock: &UnixStream, f: &Frame, fd: Option<BorrowedFd<'_>>) -> Result<()> {
-    send_bytes(sock, &encode(f), fd)
+/// The most descriptors one `SCM_RIGHTS` message can carry (Linux's
+/// `SCM_MAX_FD`). The receive buffer has room for that many, so a peer
+/// cannot make the kernel truncate the control data; a frame carries at
+/// most one, and a frame that brings more is refused (every one of them
+/// closed).
+pub const SCM_MAX_FD: usize = 253;
+
+/// Room for [`SCM_MAX_FD`] descriptors and a spare header, aligned for
+/// `cmsghdr`.
+#[repr(C, align(8))]
+struct CmsgBuf([u8; 2048]);
+
+/// Whether `deadline` has passed; otherwise waits (at most until it) for
+/// `events` on `sock`. True if the socket is ready.
+fn wait_for(sock: &UnixStream, events: i16, deadline: Option<Instant>) -> bool {
+    let Some(deadline) = deadline else {
+        return true;
+    };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        let mut p = libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events,
+            revents: 0,
+        };
+        // SAFETY: `p` is one live pollfd struct.
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        if r > 0 {
+            return true;
+        }
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            // Let the read or write itself report the error.
+            return true;
+        }
+    }
 }
 
-fn send_bytes(sock: &UnixStream, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> Result<()> {
+/// The deadline a socket timeout sets for a whole frame from now.
+fn deadline_of(t: std::io::Result<Option<Duration>>) -> Option<Instant> {
+    t.ok().flatten().map(|t| Instant::now() + t)
+}
+
+/// Sends one frame (and `fd` with it). The whole frame must go within the
+/// socket's send timeout (one deadline for the frame, not one per write).
+pub fn send(sock: &UnixStream, f: &Frame, fd: Option<BorrowedFd<'_>>) -> Result<()> {
+    send_bytes(sock, &encode(f), fd, deadline_of(sock.write_timeout()))
+}
+
+/// Sends one frame, all of it by `deadline`.
+pub fn send_by(
+    sock: &UnixStream,
+    f: &Frame,
+    fd: Option<BorrowedFd<'_>>,
+    deadline: Option<Instant>,
+) -> Result<()> {
+    send_bytes(sock, &encode(f), fd, deadline)
+}
+
+fn send_bytes(
+    sock: &UnixStream,
+    bytes: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+    deadline: Option<Instant>,
+) -> Result<()> {
     let fds: Vec<RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
+    let late = || {
+        Error::sys(
+            "send a frame to the peer (it read nothing within the timeout)",
+            std::io::Error::from(std::io::ErrorKind::TimedOut),
+        )
+    };
     let mut done = 0;
     while done < bytes.len() {
+        if !wait_for(sock, libc::POLLOUT, deadline) {
+            return Err(late());
+        }
         let iov = [IoSlice::new(&bytes[done..])];
         let cmsg = [ControlMessage::ScmRights(&fds)];
         let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() || done > 0 {
@@ -237,17 +312,19 @@ fn send_bytes(sock: &UnixStream, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> Re
         } else {
             &cmsg
         };
-        match sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+        let flags = if deadline.is_some() {
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT
+        } else {
+            MsgFlags::MSG_NOSIGNAL
+        };
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, flags, None) {
             Ok(n) => done += n,
             Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => {
-                let what = if e == nix::errno::Errno::EAGAIN {
-                    "send a frame to the peer (it read nothing within the timeout)"
-                } else {
-                    "send a frame to the peer"
-                };
-                return Err(Error::sys(what, e));
-            }
+            // Not writable after all (or the socket's own timeout): wait
+            // again, within the frame's deadline.
+            Err(nix::errno::Errno::EAGAIN) if deadline.is_some() => {}
+            Err(nix::errno::Errno::EAGAIN) => return Err(late()),
+            Err(e) => return Err(Error::sys("send a frame to the peer", e)),
         }
     }
     Ok(())
@@ -260,45 +337,105 @@ pub fn send_legacy_error(sock: &UnixStream, code: u64) {
     for v in [5u64, code, 0, 0] {
         b.extend_from_slice(&v.to_le_bytes());
     }
-    let _ = send_bytes(sock, &b, None);
+    let _ = send_bytes(sock, &b, None, deadline_of(sock.write_timeout()));
 }
 
-/// Reads exactly `buf.len()` bytes, keeping the first descriptor that comes.
+/// One `recvmsg` into `buf`: the bytes read, every descriptor that came
+/// (each now owned, so closed if dropped), and whether the control data
+/// was truncated.
+fn recv_once(
+    sock: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    flags: i32,
+) -> std::io::Result<(usize, bool)> {
+    let mut cbuf = CmsgBuf([0; 2048]);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid empty one.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.0.as_mut_ptr().cast();
+    msg.msg_controllen = cbuf.0.len() as _;
+    // SAFETY: `msg` points at `iov` (over `buf`) and `cbuf`, both live and
+    // as long as their lengths say, for the duration of the call.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | flags) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // Every SCM_RIGHTS message is taken, truncated (MSG_CTRUNC) or not: the
+    // kernel installed those descriptors in our table.
+    // SAFETY: `msg` is the header recvmsg just filled in.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !c.is_null() {
+        // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR return a header inside `cbuf`
+        // or null.
+        let h = unsafe { &*c };
+        if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: `c` is a valid header; its data follows it in `cbuf`.
+            let data = unsafe { libc::CMSG_DATA(c) };
+            let head = data as usize - c as usize;
+            let count = (h.cmsg_len as usize).saturating_sub(head) / std::mem::size_of::<RawFd>();
+            for i in 0..count {
+                // SAFETY: `count` descriptors lie at `data`, inside the
+                // `cmsg_len` bytes the kernel wrote (unaligned reads).
+                let raw = unsafe { std::ptr::read_unaligned(data.cast::<RawFd>().add(i)) };
+                if raw >= 0 {
+                    // SAFETY: SCM_RIGHTS installed this descriptor in our
+                    // table for us; nothing else owns it.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+                }
+            }
+        }
+        // SAFETY: as for CMSG_FIRSTHDR; `c` is a header of `msg`.
+        c = unsafe { libc::CMSG_NXTHDR(&msg, c) };
+    }
+    Ok((n as usize, msg.msg_flags & libc::MSG_CTRUNC != 0))
+}
+
+/// Reads exactly `buf.len()` bytes by `deadline`, collecting every
+/// descriptor that comes.
 fn fill(
     sock: &UnixStream,
     buf: &mut [u8],
-    fd: &mut Option<OwnedFd>,
+    fds: &mut Vec<OwnedFd>,
+    deadline: Option<Instant>,
 ) -> std::result::Result<(), RecvError> {
     let mut got = 0;
     while got < buf.len() {
-        let mut space = nix::cmsg_space!([RawFd; 4]);
-        let mut iov = [IoSliceMut::new(&mut buf[got..])];
-        let msg = match recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(m) => m,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(nix::errno::Errno::EAGAIN) => return Err(RecvError::TimedOut),
-            Err(e) => return Err(RecvError::Io(e.into())),
+        if !wait_for(sock, libc::POLLIN, deadline) {
+            return Err(RecvError::TimedOut);
+        }
+        let flags = if deadline.is_some() {
+            libc::MSG_DONTWAIT
+        } else {
+            0
         };
-        let n = msg.bytes;
-        if let Ok(cm) = msg.cmsgs() {
-            for c in cm {
-                if let ControlMessageOwned::ScmRights(fds) = c {
-                    for raw in fds {
-                        // SAFETY: SCM_RIGHTS installed this descriptor in our
-                        // table for us; nothing else owns it. Extra ones are
-                        // closed when dropped here.
-                        let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-                        if fd.is_none() {
-                            *fd = Some(owned);
-                        }
-                    }
+        let (n, truncated) = match recv_once(sock, &mut buf[got..], fds, flags) {
+            Ok(x) => x,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                if deadline.is_some() {
+                    continue;
                 }
+                return Err(RecvError::TimedOut);
             }
+            Err(e) => return Err(RecvError::Io(e)),
+        };
+        if truncated {
+            return Err(RecvError::Malformed(format!(
+                "the peer sent more descriptors with one message than fit ({} arrived and were                  closed); a frame carries at most one",
+                fds.len()
+            )));
+        }
+        if fds.len() > 1 {
+            return Err(RecvError::Malformed(format!(
+                "the peer sent {} descriptors with one frame (all closed); a frame carries at                  most one",
+                fds.len()
+            )));
         }
         if n == 0 {
             return Err(RecvError::Closed);
@@ -308,12 +445,23 @@ fn fill(
     Ok(())
 }
 
-/// Receives one frame and the descriptor that came with it. Blocks at most
-/// the socket's receive timeout per read.
+/// Receives one frame and the descriptor that came with it. The whole
+/// frame must arrive within the socket's receive timeout (one deadline for
+/// the frame, not one per read).
 pub fn recv(sock: &UnixStream) -> std::result::Result<(Frame, Option<OwnedFd>), RecvError> {
+    recv_by(sock, deadline_of(sock.read_timeout()))
+}
+
+/// Receives one frame, all of it by `deadline` (`None`: no bound). A frame
+/// with more than one descriptor is refused, and every descriptor that
+/// arrived is closed, on every path.
+pub fn recv_by(
+    sock: &UnixStream,
+    deadline: Option<Instant>,
+) -> std::result::Result<(Frame, Option<OwnedFd>), RecvError> {
     let mut head = [0u8; HEADER];
-    let mut fd = None;
-    fill(sock, &mut head[..40], &mut fd)?;
+    let mut fds = Vec::new();
+    fill(sock, &mut head[..40], &mut fds, deadline)?;
     if head[..8] != MAGIC {
         return Err(RecvError::Malformed(
             "not a shadowfd peer (bad magic)".into(),
@@ -328,14 +476,14 @@ pub fn recv(sock: &UnixStream) -> std::result::Result<(Frame, Option<OwnedFd>), 
             a: u64_at(&head, 16),
         });
     }
-    fill(sock, &mut head[40..], &mut fd)?;
+    fill(sock, &mut head[40..], &mut fds, deadline)?;
     if len > MAX_PAYLOAD {
         return Err(RecvError::Malformed(format!(
             "payload of {len} bytes; the limit is {MAX_PAYLOAD}"
         )));
     }
     let mut payload = vec![0u8; len];
-    fill(sock, &mut payload, &mut fd)?;
+    fill(sock, &mut payload, &mut fds, deadline)?;
     Ok((
         Frame {
             kind,
@@ -345,7 +493,7 @@ pub fn recv(sock: &UnixStream) -> std::result::Result<(Frame, Option<OwnedFd>), 
             d: u64_at(&head, 40),
             payload,
         },
-        fd,
+        fds.pop(),
     ))
 }
 
@@ -398,6 +546,87 @@ mod tests {
         assert!(parse_entries(&slash, 1).is_err(), "a name with '/'");
     }
 
+    /// Descriptors in this process's table open on the memfd named `name`
+    /// (other tests running meanwhile open other files).
+    fn open_on(name: &str) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|l| {
+                let l = l.to_string_lossy();
+                l.starts_with("/memfd:") && l.contains(name)
+            })
+            .count()
+    }
+
+    /// Sends `bytes` with `n` descriptors of the memfd `name` attached.
+    fn send_fds(sock: &UnixStream, bytes: &[u8], n: usize, name: &str) {
+        let m = crate::sys::memfd::Memfd::create(name, 0).unwrap();
+        let fds: Vec<OwnedFd> = (0..n).map(|_| m.reopen_readonly().unwrap()).collect();
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let iov = [IoSlice::new(bytes)];
+        let cmsg = [ControlMessage::ScmRights(&raw)];
+        sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None).unwrap();
+    }
+
+    /// More than one descriptor with a frame (up to the kernel's 253 in one
+    /// message, or one with each of its reads) is refused, and every one of
+    /// them closed: none is left in this process's table.
+    #[test]
+    fn extra_descriptors_are_refused_and_closed() {
+        let bytes = encode(&Frame::new(STATS, 0, 0, 0, 0));
+        let name = "shadowfd-wire-extra-fds";
+        for n in [2, 5, SCM_MAX_FD] {
+            let (a, b) = UnixStream::pair().unwrap();
+            send_fds(&a, &bytes, n, name);
+            let e = recv(&b).unwrap_err();
+            assert!(matches!(e, RecvError::Malformed(_)), "{n}: {e}");
+            assert_eq!(open_on(name), 0, "{n} descriptors: some were left open");
+        }
+        // One with the first byte, one more with the rest of the frame.
+        let (a, b) = UnixStream::pair().unwrap();
+        send_fds(&a, &bytes[..1], 1, name);
+        send_fds(&a, &bytes[1..], 1, name);
+        assert!(matches!(recv(&b), Err(RecvError::Malformed(_))));
+        assert_eq!(open_on(name), 0);
+        // One is fine.
+        let (a, b) = UnixStream::pair().unwrap();
+        send_fds(&a, &bytes, 1, name);
+        let (f, fd) = recv(&b).unwrap();
+        assert_eq!(f.kind, STATS);
+        assert!(fd.is_some());
+        assert_eq!(open_on(name), 1, "the check sees the one received");
+        drop(fd);
+        assert_eq!(open_on(name), 0);
+    }
+
+    /// The receive timeout bounds the whole frame: a peer sending a byte
+    /// every 50 ms does not keep a 300 ms receive going for its 48 bytes.
+    #[test]
+    fn a_trickled_frame_times_out_as_a_whole() {
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let bytes = encode(&Frame::new(STATS, 0, 0, 0, 0));
+        let t = std::thread::spawn(move || {
+            for x in bytes {
+                if send_bytes(&a, &[x], None, None).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let t0 = Instant::now();
+        assert!(matches!(recv(&b), Err(RecvError::TimedOut)));
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(290) && took < Duration::from_millis(900),
+            "{took:?}"
+        );
+        drop(b);
+        t.join().unwrap();
+    }
+
     #[test]
     fn a_version_2_frame_is_recognised() {
         let (a, b) = UnixStream::pair().unwrap();
@@ -405,7 +634,7 @@ mod tests {
         for v in [4u64, 2, 0, 0] {
             v2.extend_from_slice(&v.to_le_bytes());
         }
-        send_bytes(&a, &v2, None).unwrap();
+        send_bytes(&a, &v2, None, None).unwrap();
         assert!(matches!(recv(&b), Err(RecvError::Legacy { kind: 4, a: 2 })));
     }
 }

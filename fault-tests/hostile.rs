@@ -1,0 +1,823 @@
+//! Hostile clients of `shadowfd serve` (issue 20), as real processes.
+//!
+//! Each attack runs against a real `shadowfd serve` while a well-behaved
+//! client of the same file (`shadowfd client cat` piped into `cmp` against
+//! the source) must be byte-exact and finish within 3x its time alone,
+//! `shadowfd status` must answer within 1 s, and the server must use at
+//! most a third of a CPU. Afterwards the server's descriptor and thread
+//! counts must come back to their baseline.
+//!
+//! Attacks: frames carrying many descriptors; HELLO and requests trickled a
+//! byte at a time; 1,500 connections that never say HELLO; the client table
+//! filled with idle clients; lazy ranges attached up to the caps; the
+//! server's descriptor table exhausted (accept fails with EMFILE). Plus the
+//! client side: a register or mprotect failing in `map_at` (failpoints)
+//! abandons the MAP without a deadlock and the session goes on; OPENs of
+//! different files proceed in parallel while one is slow, and two OPENs of
+//! the slow file share one open.
+
+use crate::serve::Slow;
+use crate::support::attack::{Proc, cpu_time, role_command, write_content};
+use crate::support::child::{self, param, param_u64};
+use crate::support::content::first_mismatch;
+use crate::support::{cli, lazy_available, tempdir};
+use crate::test_name;
+use shadowfd::remote::{Client, ClientOptions, Server, ServerOptions, Tree, wire};
+use shadowfd::{Engine, Source};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const BOUND: Duration = Duration::from_secs(30);
+const SIZE: u64 = 32 << 20;
+const ID_A: u64 = 0x20_0a;
+const ID_B: u64 = 0x20_0b;
+
+fn count_dir(p: String) -> usize {
+    std::fs::read_dir(p).map_or(0, |d| d.count())
+}
+fn fds_of(pid: u32) -> usize {
+    count_dir(format!("/proc/{pid}/fd"))
+}
+fn threads_of(pid: u32) -> usize {
+    count_dir(format!("/proc/{pid}/task"))
+}
+
+/// A served root with two files of the same size (A for the time alone, B
+/// for the time under attack), a `shadowfd serve` of it, and the baseline.
+struct Bed {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    sock: PathBuf,
+    server: Proc,
+    alone: Duration,
+    /// Descriptors and threads after the first client, and what one more
+    /// shadow may add.
+    fds: usize,
+    threads: usize,
+    fd_step: usize,
+    thread_step: usize,
+}
+
+impl Bed {
+    fn new(what: &str, extra: &[&str]) -> Option<Bed> {
+        if !lazy_available(what) {
+            return None;
+        }
+        let dir = tempdir();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        write_content(&root, "A.bin", ID_A, SIZE);
+        write_content(&root, "B.bin", ID_B, SIZE);
+        let sock = dir.path().join("s.sock");
+        let mut args = vec!["--mode", "lazy", "--chunk", "64K"];
+        args.extend_from_slice(extra);
+        let server = crate::serve::cli_server(&sock, &root, &args);
+        let pid = server.pid();
+        std::thread::sleep(Duration::from_millis(100));
+        let (f0, t0) = (fds_of(pid), threads_of(pid));
+        let mut bed = Bed {
+            _dir: dir,
+            root,
+            sock,
+            server,
+            alone: Duration::ZERO,
+            fds: 0,
+            threads: 0,
+            fd_step: 0,
+            thread_step: 0,
+        };
+        bed.alone = bed.victim("A.bin", Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(100));
+        bed.fds = fds_of(pid);
+        bed.threads = threads_of(pid);
+        bed.fd_step = bed.fds.saturating_sub(f0);
+        bed.thread_step = bed.threads.saturating_sub(t0);
+        Some(bed)
+    }
+
+    fn pid(&self) -> u32 {
+        self.server.pid()
+    }
+
+    /// `shadowfd client cat FILE | cmp - ROOT/FILE`: byte-exact, within
+    /// `bound`; its time.
+    fn victim(&self, file: &str, bound: Duration) -> Duration {
+        let script = "\"$0\" client --socket \"$1\" --timeout 20s cat \"$2\" | cmp - \"$3\" \
+                      && echo exact";
+        let mut c = Command::new("sh");
+        c.args([
+            "-c",
+            script,
+            env!("CARGO_BIN_EXE_shadowfd"),
+            self.sock.to_str().unwrap(),
+            file,
+            self.root.join(file).to_str().unwrap(),
+        ]);
+        let t = Instant::now();
+        let o = child::run(c, bound);
+        let took = t.elapsed();
+        assert!(
+            !o.timed_out && o.status.success() && o.stdout.trim() == "exact",
+            "the well-behaved client of {file} failed (or took over {bound:?})\n{}",
+            o.describe()
+        );
+        took
+    }
+
+    /// `shadowfd status --json`: answers within 1 s, as JSON.
+    fn status(&self) -> serde_json::Value {
+        let t = Instant::now();
+        let o = child::run(
+            cli(&[
+                "status",
+                "--socket",
+                self.sock.to_str().unwrap(),
+                "--json",
+                "--timeout",
+                "1s",
+            ]),
+            Duration::from_secs(5),
+        );
+        let took = t.elapsed();
+        assert!(
+            o.status.success() && took < Duration::from_secs(1),
+            "status took {took:?}\n{}",
+            o.describe()
+        );
+        serde_json::from_str(o.stdout.trim()).expect("status --json is JSON")
+    }
+
+    /// While the attack holds or runs: the victim of B within 3x its time
+    /// alone (at least 300 ms, for process start-up noise on a shared
+    /// machine), status within 1 s, the server under a third of a CPU.
+    fn check_under_attack(&self, what: &str) -> serde_json::Value {
+        let pid = self.pid();
+        let (c0, w0) = (cpu_time(pid).unwrap(), Instant::now());
+        let bound = (self.alone * 3).max(Duration::from_millis(300));
+        let took = self.victim("B.bin", Duration::from_secs(20));
+        let v = self.status();
+        // A window of at least a second for the CPU share.
+        if let Some(rest) = Duration::from_secs(1).checked_sub(w0.elapsed()) {
+            std::thread::sleep(rest);
+        }
+        let cpu = cpu_time(pid).unwrap().saturating_sub(c0);
+        let wall = w0.elapsed();
+        eprintln!(
+            "hostile {what}: victim {took:?} under attack, {:?} alone; server CPU {cpu:?} in \
+             {wall:?}; {} fds, {} threads (baseline {} and {})",
+            self.alone,
+            fds_of(pid),
+            threads_of(pid),
+            self.fds,
+            self.threads
+        );
+        assert!(
+            took <= bound,
+            "{what}: the victim took {took:?}, over 3x its {:?} alone",
+            self.alone
+        );
+        assert!(
+            cpu.as_secs_f64() <= wall.as_secs_f64() / 3.0,
+            "{what}: the server used {cpu:?} of CPU in {wall:?}"
+        );
+        v
+    }
+
+    /// After the attack: descriptors and threads back to the baseline (one
+    /// more shadow allowed), within 10 s.
+    fn check_settled(&mut self, what: &str) {
+        let pid = self.pid();
+        let (fd_max, th_max) = (self.fds + self.fd_step, self.threads + self.thread_step);
+        let t = Instant::now();
+        loop {
+            let (f, th) = (fds_of(pid), threads_of(pid));
+            if f <= fd_max && th <= th_max {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{what}: the server kept {f} descriptors and {th} threads after the attack; \
+                 baseline {fd_max} and {th_max}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(self.server.is_running(), "{what}: the server died");
+    }
+
+    fn stderr(&mut self) -> String {
+        self.server.finish(Duration::ZERO).stderr
+    }
+}
+
+/// A raw connection to the server.
+fn raw(sock: &Path) -> UnixStream {
+    let s = UnixStream::connect(sock).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// HELLO without a userfaultfd, answered.
+fn hello(s: &UnixStream) {
+    wire::send(s, &Frame::new(wire::HELLO, wire::VERSION, 0, 0, 0), None).unwrap();
+    let (r, _) = wire::recv(s).expect("HELLO reply");
+    assert_eq!(r.kind, wire::HELLO | wire::REPLY, "{r:?}");
+}
+
+use wire::Frame;
+
+/// The bytes of `f`, as the wire carries them.
+fn frame_bytes(f: &Frame) -> Vec<u8> {
+    let (a, b) = UnixStream::pair().unwrap();
+    wire::send(&a, f, None).unwrap();
+    drop(a);
+    let mut v = Vec::new();
+    (&b).read_to_end(&mut v).unwrap();
+    v
+}
+
+/// Sends `bytes` with `fds` attached (SCM_RIGHTS).
+fn send_with_fds(s: &UnixStream, bytes: &[u8], fds: &[OwnedFd]) -> nix::Result<usize> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let iov = [std::io::IoSlice::new(bytes)];
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    sendmsg::<()>(s.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)
+}
+
+/// Waits (bounded) for the server to close `s`; how long it took.
+fn closed_within(s: &mut UnixStream, bound: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    s.set_read_timeout(Some(bound)).unwrap();
+    let mut b = [0u8; 4096];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return Some(t.elapsed()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Some(t.elapsed());
+            }
+            Err(_) => return None,
+        }
+        if t.elapsed() > bound {
+            return None;
+        }
+    }
+}
+
+fn raise_nofile() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write/read the struct given.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur = r.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+    }
+}
+
+/// Frames carrying 8 descriptors each (HELLO, and requests of a HELLO'd
+/// client), 150 connections' worth while the victim runs: every descriptor
+/// is closed and the connection refused; the server's table never grows by
+/// more than its pending connections, and comes back to its baseline.
+#[test]
+fn frames_with_extra_descriptors_leak_nothing() {
+    let Some(mut bed) = Bed::new("hostile: descriptors", &[]) else {
+        return;
+    };
+    let pid = bed.pid();
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let attacker = {
+        let (sock, stop, peak, sent) = (bed.sock.clone(), stop.clone(), peak.clone(), sent.clone());
+        std::thread::spawn(move || {
+            let devnull = std::fs::File::open("/dev/null").unwrap();
+            let fds: Vec<OwnedFd> = (0..8)
+                .map(|_| devnull.as_fd().try_clone_to_owned().unwrap())
+                .collect();
+            let hello_b = frame_bytes(&Frame::new(wire::HELLO, wire::VERSION, 0, 0, 0));
+            let stats_b = frame_bytes(&Frame::new(wire::STATS, 0, 0, 0, 0));
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) || i < 150 {
+                let mut s = raw(&sock);
+                if i % 2 == 0 {
+                    let _ = send_with_fds(&s, &hello_b, &fds);
+                } else {
+                    hello(&s);
+                    let _ = send_with_fds(&s, &stats_b, &fds);
+                }
+                sent.fetch_add(8, Ordering::Relaxed);
+                assert!(
+                    closed_within(&mut s, Duration::from_secs(5)).is_some(),
+                    "frame {i} with 8 descriptors was not refused"
+                );
+                peak.fetch_max(fds_of(pid), Ordering::Relaxed);
+                i += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    bed.check_under_attack("8 descriptors a frame");
+    stop.store(true, Ordering::Relaxed);
+    attacker.join().expect("attacker");
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(
+        peak <= bed.fds + bed.fd_step + 16,
+        "the server's descriptors peaked at {peak} (baseline {}) after {} were sent to it",
+        bed.fds,
+        sent.load(Ordering::Relaxed)
+    );
+    // A HELLO whose "userfaultfd" is something else is refused.
+    let s = raw(&bed.sock);
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let f = Frame::new(wire::HELLO, wire::VERSION, wire::HELLO_HAS_UFFD, 0, 0);
+    send_with_fds(
+        &s,
+        &frame_bytes(&f),
+        &[null.as_fd().try_clone_to_owned().unwrap()],
+    )
+    .unwrap();
+    let (r, _) = wire::recv(&s).expect("an ERROR");
+    assert_eq!((r.kind, r.a), (wire::ERROR, wire::E_PROTOCOL), "{r:?}");
+    let msg = String::from_utf8_lossy(&r.payload);
+    assert!(msg.contains("/dev/null"), "{msg}");
+    bed.check_settled("8 descriptors a frame");
+    let err = bed.stderr();
+    assert!(
+        err.contains("descriptors with one frame (all closed)")
+            || err.contains("only HELLO carries one"),
+        "{err}"
+    );
+}
+
+/// HELLO and an OPEN trickled a byte every 200 ms are dropped at the
+/// frame's deadline (--peer-timeout 1s), not kept alive byte by byte.
+#[test]
+fn trickled_frames_are_dropped_at_the_frame_deadline() {
+    let Some(mut bed) = Bed::new("hostile: trickle", &["--peer-timeout", "1s"]) else {
+        return;
+    };
+    let open_b = {
+        let f = Frame::new(wire::OPEN, 0, 0, 0, 0).with_payload(b"B.bin".to_vec());
+        frame_bytes(&f)
+    };
+    let hello_b = frame_bytes(&Frame::new(wire::HELLO, wire::VERSION, 0, 0, 0));
+    let trickler = |pre_hello: bool| {
+        let sock = bed.sock.clone();
+        let (hello_b, open_b) = (hello_b.clone(), open_b.clone());
+        std::thread::spawn(move || {
+            let s = raw(&sock);
+            let bytes = if pre_hello {
+                hello_b
+            } else {
+                hello(&s);
+                open_b
+            };
+            let t = Instant::now();
+            for b in bytes {
+                if (&s).write_all(&[b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                if t.elapsed() > Duration::from_secs(6) {
+                    break;
+                }
+            }
+            // Dropped by now: the next read sees the end.
+            let mut s = s;
+            let end = closed_within(&mut s, Duration::from_millis(100));
+            (t.elapsed(), end.is_some())
+        })
+    };
+    let ts: Vec<_> = (0..8).map(|i| trickler(i % 2 == 0)).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    bed.check_under_attack("trickled frames");
+    for t in ts {
+        let (took, closed) = t.join().unwrap();
+        assert!(
+            closed && took < Duration::from_millis(2500),
+            "a trickling peer was kept {took:?} (closed: {closed}); the deadline is 1 s a frame"
+        );
+    }
+    bed.check_settled("trickled frames");
+    let err = bed.stderr();
+    assert!(err.contains("did not send a whole HELLO"), "{err}");
+    assert!(
+        err.contains("did not finish it within the peer timeout"),
+        "{err}"
+    );
+}
+
+/// 1,500 connections that never say HELLO: at most --max-pending (64) of
+/// them are kept (the oldest is dropped for each new one), so the server
+/// keeps a bounded number of threads and descriptors and serves the victim.
+#[test]
+fn connections_that_never_say_hello_are_capped() {
+    let Some(mut bed) = Bed::new("hostile: no HELLO", &[]) else {
+        return;
+    };
+    raise_nofile();
+    let pid = bed.pid();
+    let mut held = Vec::with_capacity(1500);
+    let mut peak_threads = 0;
+    for i in 0..1500 {
+        held.push(UnixStream::connect(&bed.sock).expect("connect"));
+        if i % 100 == 0 {
+            peak_threads = peak_threads.max(threads_of(pid));
+        }
+    }
+    // Threads of dropped connections are still exiting while new ones
+    // come: bounded, not one per connection.
+    assert!(
+        peak_threads <= bed.threads + 3 * 64,
+        "{peak_threads} threads while 1,500 silent connections came (baseline {})",
+        bed.threads
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let settled = threads_of(pid);
+    let v = bed.check_under_attack("1,500 silent connections");
+    assert!(
+        settled <= bed.threads + bed.thread_step + 64 + 2,
+        "{settled} threads held by 1,500 silent connections (baseline {})",
+        bed.threads
+    );
+    assert!(
+        fds_of(pid) <= bed.fds + bed.fd_step + 2 * 64 + 8,
+        "{} descriptors (baseline {})",
+        fds_of(pid),
+        bed.fds
+    );
+    assert_eq!(v["clients"].as_array().unwrap().len(), 0, "{v}");
+    drop(held);
+    bed.check_settled("1,500 silent connections");
+}
+
+/// 256 idle clients (the default --max-clients) from one uid: the victim
+/// takes the place of the one idle longest, `status` answers from its own
+/// slot and is not listed as a client.
+#[test]
+fn idle_clients_give_way_when_the_server_is_full() {
+    let Some(mut bed) = Bed::new("hostile: idle clients", &[]) else {
+        return;
+    };
+    raise_nofile();
+    let held: Vec<UnixStream> = (0..256)
+        .map(|_| {
+            let s = raw(&bed.sock);
+            hello(&s);
+            s
+        })
+        .collect();
+    // The table is full: one more raw client displaces the oldest idle.
+    let v = bed.check_under_attack("256 idle clients");
+    let clients = v["clients"].as_array().unwrap();
+    assert!(clients.len() <= 256, "{v}");
+    let me = std::process::id();
+    assert!(
+        clients.iter().all(|c| c["pid"] == me),
+        "status counted itself (or the victim stayed): {v}"
+    );
+    let dropped = held
+        .iter()
+        .filter(|s| {
+            s.set_nonblocking(true).unwrap();
+            let mut b = [0u8; 1];
+            matches!((&**s).read(&mut b), Ok(0))
+        })
+        .count();
+    assert!(dropped >= 1, "no idle client gave way");
+    drop(held);
+    bed.check_settled("256 idle clients");
+    let err = bed.stderr();
+    assert!(err.contains("had been idle longest"), "{err}");
+}
+
+/// Lazy ranges attached up to the caps (--max-ranges 1024 a connection,
+/// --max-ranges-total 4096, each connection's first 256 outside the global
+/// cap): refused with E_LIMIT past them, and the victim of the same file
+/// maps it meanwhile.
+#[test]
+fn attached_ranges_stop_at_their_caps() {
+    let Some(mut bed) = Bed::new(
+        "hostile: ranges",
+        &["--max-ranges", "1024", "--max-ranges-total", "4096"],
+    ) else {
+        return;
+    };
+    let page = shadowfd::page_size() as u64;
+    let mut clients = Vec::new();
+    let mut maps = Vec::new();
+    let mut limits = 0;
+    for _ in 0..6 {
+        let c = Client::connect(&bed.sock).expect("connect");
+        assert!(c.has_userfaultfd());
+        let f = c.open("B.bin").expect("open");
+        let mut n = 0;
+        loop {
+            let at = (n % (SIZE / page)) * page;
+            match f.map_options().offset(at).len(page).map() {
+                Ok(m) => maps.push(m),
+                Err(e) => {
+                    assert_eq!(e.refusal_code(), Some(wire::E_LIMIT), "{e}");
+                    limits += 1;
+                    break;
+                }
+            }
+            n += 1;
+            assert!(n <= 1024, "the per-connection cap of 1024 was not enforced");
+        }
+        clients.push((c, f));
+    }
+    assert_eq!(
+        maps.len(),
+        4096 + 2 * shadowfd::remote::RESERVED_RANGES,
+        "the global cap of 4096, then each connection's reserve"
+    );
+    assert_eq!(limits, 6);
+    let v = bed.check_under_attack("ranges at the caps");
+    let total: u64 = v["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["lazy_mappings"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total as usize, maps.len(), "{v}");
+    let b = v["shadows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"].as_str().is_some_and(|n| n.ends_with("B.bin")))
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        b["lazy_mappings"].as_u64().unwrap() as usize,
+        maps.len(),
+        "{b}"
+    );
+    drop(maps);
+    drop(clients);
+    bed.check_settled("ranges at the caps");
+}
+
+/// The server's descriptor table is made nearly full (RLIMIT_NOFILE lowered
+/// under it) and 300 silent connections arrive: accept fails with EMFILE,
+/// and the server drops its oldest silent connections and backs off instead
+/// of spinning, logs a few lines a second at most, and serves the victim.
+#[test]
+fn accept_errors_back_off_and_do_not_flood_the_log() {
+    let Some(mut bed) = Bed::new("hostile: EMFILE", &[]) else {
+        return;
+    };
+    raise_nofile();
+    let pid = bed.pid();
+    let limit = (bed.fds + 24) as u64;
+    let r = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: prlimit on a child process of ours; `r` is a valid struct.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &r, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let t0 = Instant::now();
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        match UnixStream::connect(&bed.sock) {
+            Ok(s) => held.push(s),
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    bed.check_under_attack("EMFILE");
+    drop(held);
+    bed.check_settled("EMFILE");
+    let secs = t0.elapsed().as_secs_f64().ceil() as usize;
+    let err = bed.stderr();
+    let accept_lines = err.lines().filter(|l| l.contains("accept:")).count();
+    assert!(
+        accept_lines >= 1,
+        "EMFILE never happened (limit {limit}): the test is vacuous\n{err}"
+    );
+    assert!(
+        accept_lines <= 6 * (secs + 1),
+        "{accept_lines} accept lines in {secs} s"
+    );
+}
+
+// ---- the client side: map_at's error paths and MAP abandon ----
+
+fn play(role: &str) {
+    child::begin();
+    match role {
+        "failing-mapper" => failing_mapper(),
+        other => panic!("unknown role {other}"),
+    }
+}
+
+/// With SHADOWFD_FAILPOINT_REMOTE_REGISTER=1 and ..._PROTECT=1: the first
+/// map fails in register (the MAP is abandoned), the second in mprotect
+/// (attached: UNMAPped after the io lock); the third maps, byte-exact, on
+/// the same connection.
+fn failing_mapper() {
+    let c = Client::connect(param("SOCK")).expect("connect");
+    let f = c.open("B.bin").expect("open");
+    let e = f.map().err().expect("the register failpoint");
+    child::report("first", e.to_string().replace('\n', " "));
+    let e = f.map().err().expect("the mprotect failpoint");
+    child::report("second", e.to_string().replace('\n', " "));
+    let m = f.map().expect("the third map");
+    assert!(m.is_lazy());
+    let id = param_u64("ID");
+    if let Some(at) = first_mismatch(id, 0, &m[..1 << 20]) {
+        child::report("bad", at);
+        return;
+    }
+    let v: serde_json::Value = serde_json::from_str(&c.status_json().expect("STATS")).unwrap();
+    let mine = v["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["pid"] == std::process::id())
+        .cloned()
+        .unwrap();
+    child::report("mappings", &mine["lazy_mappings"]);
+    child::report("exact", "");
+}
+
+/// map_at's error paths: a failed register abandons the MAP (protocol
+/// version 5) and a failed mprotect UNMAPs the attached range, both after
+/// the connection's io lock is let go (before, the drop deadlocked on it),
+/// and the session goes on.
+#[test]
+fn failed_maps_are_abandoned_and_the_session_goes_on() {
+    if let Some(r) = child::role() {
+        return play(&r);
+    }
+    let test = test_name!(failed_maps_are_abandoned_and_the_session_goes_on);
+    let Some(mut bed) = Bed::new("hostile: map abandon", &[]) else {
+        return;
+    };
+    let mut cmd = role_command(
+        &test,
+        "failing-mapper",
+        &[
+            ("SOCK", bed.sock.display().to_string()),
+            ("ID", ID_B.to_string()),
+        ],
+    );
+    cmd.env("SHADOWFD_FAILPOINT_REMOTE_REGISTER", "1")
+        .env("SHADOWFD_FAILPOINT_REMOTE_PROTECT", "1");
+    let o = child::run(cmd, Duration::from_secs(20));
+    assert!(!o.timed_out, "map_at deadlocked\n{}", o.describe());
+    assert!(o.status.success(), "{}", o.describe());
+    assert!(
+        o.last("first").unwrap().contains("UFFDIO_REGISTER"),
+        "{}",
+        o.describe()
+    );
+    assert!(
+        o.last("second").unwrap().contains("mprotect"),
+        "{}",
+        o.describe()
+    );
+    assert_eq!(o.last("mappings").as_deref(), Some("1"), "{}", o.describe());
+    assert!(o.last("exact").is_some(), "{}", o.describe());
+    let err = bed.stderr();
+    assert!(err.contains("abandoned"), "{err}");
+}
+
+// ---- parallel OPENs ----
+
+/// An eager server whose copy of `slow.bin` takes ~2 s: an OPEN of another
+/// file answers meanwhile (no lock across the copy), and a second OPEN of
+/// `slow.bin` shares the first one's open (one shadow, one copy).
+#[test]
+fn opens_of_other_files_go_on_while_one_is_slow() {
+    let dir = tempdir();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    write_content(&root, "slow.bin", ID_A, 2 << 20);
+    write_content(&root, "fast.bin", ID_B, 2 << 20);
+    let engine = Engine::new(crate::support::eager_config()).expect("eager engine");
+    let copies = Arc::new(AtomicUsize::new(0));
+    let c2 = copies.clone();
+    let opts = ServerOptions {
+        source_hook: Some(Arc::new(move |s: Arc<dyn Source>| {
+            if s.name().ends_with("slow.bin") {
+                c2.fetch_add(1, Ordering::SeqCst);
+                Arc::new(Slow {
+                    inner: s,
+                    delay: Duration::from_millis(1000),
+                }) as Arc<dyn Source>
+            } else {
+                s
+            }
+        })),
+        ..ServerOptions::default()
+    };
+    let server = Server::new(engine, Tree::Root(root.clone()), opts).expect("server");
+    let sock = dir.path().join("s.sock");
+    let l = UnixListener::bind(&sock).unwrap();
+    let srv = server.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { return };
+            let _ = srv.handle(s);
+        }
+    });
+    let opts = || ClientOptions {
+        userfaultfd: false,
+        timeout: BOUND,
+    };
+    let slow = |sock: PathBuf| {
+        let o = opts();
+        std::thread::spawn(move || {
+            let c = Client::connect_with(&sock, o).expect("connect");
+            let t = Instant::now();
+            let f = c.open("slow.bin").expect("open slow.bin");
+            (t.elapsed(), f.shadow_id())
+        })
+    };
+    let a = slow(sock.clone());
+    std::thread::sleep(Duration::from_millis(150));
+    let b = slow(sock.clone());
+    std::thread::sleep(Duration::from_millis(50));
+    let c = Client::connect_with(&sock, opts()).expect("connect");
+    let t = Instant::now();
+    let f = c.open("fast.bin").expect("open fast.bin");
+    let fast = t.elapsed();
+    let (ta, ida) = a.join().unwrap();
+    let (tb, idb) = b.join().unwrap();
+    eprintln!("hostile opens: fast.bin {fast:?} while slow.bin took {ta:?} and {tb:?}");
+    assert!(
+        fast < Duration::from_millis(500),
+        "OPEN of fast.bin waited {fast:?} for slow.bin"
+    );
+    assert!(
+        ta >= Duration::from_millis(900),
+        "slow.bin was not slow: {ta:?}"
+    );
+    assert_eq!(ida, idb, "two OPENs of slow.bin, two shadows");
+    assert_eq!(
+        copies.load(Ordering::SeqCst),
+        1,
+        "slow.bin was opened twice"
+    );
+    let m = f.map().expect("map fast.bin");
+    assert_eq!(first_mismatch(ID_B, 0, &m), None);
+}
+
+// ---- errors a client can act on ----
+
+/// A connect refused with "Permission denied" names the socket's owner and
+/// mode (and the caller's uid); a server's refusal reaches `--json` output
+/// as its typed code.
+#[test]
+fn errors_name_their_cause_and_code() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let Some(mut bed) = Bed::new("hostile: errors", &[]) else {
+        return;
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let dir = bed.sock.parent().unwrap().to_path_buf();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut c = cli(&["status", "--socket", bed.sock.to_str().unwrap()]);
+        c.uid(65534).gid(65534);
+        let o = child::run(c, Duration::from_secs(10));
+        assert!(!o.status.success(), "{}", o.describe());
+        assert!(
+            o.stderr.contains("Permission denied")
+                && o.stderr.contains("belongs to uid 0")
+                && o.stderr.contains("mode 0600")
+                && o.stderr.contains("runs as uid 65534"),
+            "{}",
+            o.describe()
+        );
+    }
+    let o = child::run(
+        cli(&[
+            "client",
+            "--socket",
+            bed.sock.to_str().unwrap(),
+            "map",
+            "no-such-file",
+            "--json",
+        ]),
+        Duration::from_secs(10),
+    );
+    assert!(!o.status.success(), "{}", o.describe());
+    let v: serde_json::Value = serde_json::from_str(o.stdout.trim()).expect("JSON error");
+    assert_eq!(v["code"], "E_NOT_FOUND", "{v}");
+    drop(bed.stderr());
+}
