@@ -1,0 +1,330 @@
+//! Blocks of the object in memory: fetched on demand or ahead of a
+//! sequential reader, many GETs at once, adjacent blocks merged into one
+//! request, each block waited on with a bound.
+//!
+//! A block is claimed (Pending) by the first reader that wants it; the
+//! others wait on it. The disk cache is asked first; what it lacks is
+//! fetched by tasks on the source's private runtime, at most
+//! [`ObjectConfig::concurrency`] at once. Ready blocks stay in memory up to
+//! [`ObjectConfig::memory`] bytes, least recently used evicted first; a
+//! failed block is dropped from the table once its readers are told, so a
+//! later read tries again.
+
+use super::cache::{ChunkCache, Miss};
+use super::client::Client;
+use super::error::ObjectError;
+use super::stats::ObjectCounters;
+use parking_lot::{Condvar, Mutex};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+enum State {
+    Pending,
+    Ready(Arc<Vec<u8>>),
+    Failed(ObjectError),
+}
+
+struct Slot {
+    state: Mutex<State>,
+    cv: Condvar,
+    used: AtomicU64,
+}
+
+impl Slot {
+    fn new() -> Arc<Slot> {
+        Arc::new(Slot {
+            state: Mutex::new(State::Pending),
+            cv: Condvar::new(),
+            used: AtomicU64::new(0),
+        })
+    }
+
+    fn set(&self, s: State) {
+        *self.state.lock() = s;
+        self.cv.notify_all();
+    }
+}
+
+/// The shared part the fetch tasks hold.
+pub(super) struct Shared {
+    pub client: Client,
+    pub cache: Option<ChunkCache>,
+    pub etag: String,
+    pub size: u64,
+    table: Mutex<HashMap<u64, Arc<Slot>>>,
+    tick: AtomicU64,
+    limit: tokio::sync::Semaphore,
+}
+
+/// The block table of one source.
+pub(super) struct Blocks {
+    shared: Arc<Shared>,
+    rt: Option<tokio::runtime::Runtime>,
+    /// One past the last block a read asked for: sequential detection.
+    next: AtomicU64,
+}
+
+impl Drop for Blocks {
+    fn drop(&mut self) {
+        // Fetches in flight are abandoned, never waited for.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Blocks {
+    pub fn new(
+        shared: (Client, Option<ChunkCache>, String, u64),
+        rt: tokio::runtime::Runtime,
+    ) -> Blocks {
+        let (client, cache, etag, size) = shared;
+        let permits = client.cfg.concurrency;
+        Blocks {
+            shared: Arc::new(Shared {
+                client,
+                cache,
+                etag,
+                size,
+                table: Mutex::new(HashMap::new()),
+                tick: AtomicU64::new(1),
+                limit: tokio::sync::Semaphore::new(permits),
+            }),
+            rt: Some(rt),
+            next: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// A HEAD of the object now, on the source's runtime.
+    pub fn head(&self) -> Result<super::client::Head, ObjectError> {
+        match &self.rt {
+            Some(rt) => rt.block_on(self.shared.client.head()),
+            None => unreachable!("the runtime lives as long as the blocks"),
+        }
+    }
+
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    fn block(&self) -> u64 {
+        self.shared.client.cfg.block
+    }
+
+    fn nblocks(&self) -> u64 {
+        self.shared.size.div_ceil(self.block())
+    }
+
+    fn block_range(&self, i: u64) -> Range<u64> {
+        let b = self.block();
+        i * b..((i + 1) * b).min(self.shared.size)
+    }
+
+    /// Copies `buf.len()` bytes at `offset` (within the object) from the
+    /// blocks, fetching what is missing. Every wait is bounded.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), ObjectError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let b = self.block();
+        let first = offset / b;
+        let last = (offset + buf.len() as u64 - 1) / b;
+        let slots = self.claim(first..last + 1, false);
+        self.ahead(first, last);
+        let deadline = Instant::now() + self.shared.client.cfg.worst_case();
+        for (i, slot) in (first..=last).zip(slots) {
+            let data = self.wait(&slot, i, deadline)?;
+            let r = self.block_range(i);
+            let from = offset.max(r.start);
+            let to = (offset + buf.len() as u64).min(r.end);
+            buf[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&data[(from - r.start) as usize..(to - r.start) as usize]);
+        }
+        Ok(())
+    }
+
+    /// Sequential reads start fetching the next blocks, up to the readahead.
+    fn ahead(&self, first: u64, last: u64) {
+        let prev = self.next.swap(last + 1, Ordering::Relaxed);
+        let window = self.shared.client.cfg.readahead / self.block();
+        if window == 0 {
+            return;
+        }
+        // Within a window of where the last read ended: the engine's own
+        // readahead runs on several threads, so reads arrive a little out
+        // of order.
+        let seq = prev != u64::MAX && first + window >= prev && first <= prev + 1;
+        if !seq {
+            return;
+        }
+        let end = (last + 1 + window).min(self.nblocks());
+        if last + 1 < end {
+            self.claim(last + 1..end, true);
+        }
+    }
+
+    /// The slots of `range`, claiming and starting what nobody holds.
+    /// `ahead`: a guess; skip when memory is short.
+    fn claim(&self, range: Range<u64>, ahead: bool) -> Vec<Arc<Slot>> {
+        let sh = &self.shared;
+        let tick = sh.tick.fetch_add(1, Ordering::Relaxed);
+        let cap = (sh.client.cfg.memory / self.block()).max(range.end - range.start + 8);
+        let mut out = Vec::with_capacity((range.end - range.start) as usize);
+        let mut mine = Vec::new();
+        {
+            let mut t = sh.table.lock();
+            if ahead && t.len() as u64 >= cap {
+                return out;
+            }
+            for i in range.clone() {
+                let slot = t
+                    .entry(i)
+                    .or_insert_with(|| {
+                        mine.push(i);
+                        Slot::new()
+                    })
+                    .clone();
+                if !mine.last().is_some_and(|&m| m == i) {
+                    ObjectCounters::add(&sh.client.counters.memory_hits, u64::from(!ahead));
+                }
+                slot.used.store(tick, Ordering::Relaxed);
+                out.push(slot);
+            }
+            if t.len() as u64 > cap {
+                evict(&mut t, cap, &range);
+            }
+        }
+        // The disk cache first, on this thread.
+        let mut fetch = Vec::new();
+        for (k, i) in range.clone().enumerate() {
+            if !mine.contains(&i) {
+                continue;
+            }
+            let r = self.block_range(i);
+            match sh
+                .cache
+                .as_ref()
+                .map(|c| c.get(i, (r.end - r.start) as usize))
+            {
+                Some(Ok(data)) => {
+                    ObjectCounters::add(&sh.client.counters.cache_hits, 1);
+                    out[k].set(State::Ready(Arc::new(data)));
+                }
+                other => {
+                    let c = &sh.client.counters;
+                    if let Some(Err(Miss::Refused)) = other {
+                        ObjectCounters::add(&c.cache_rejected, 1);
+                    }
+                    if sh.cache.is_some() {
+                        ObjectCounters::add(&c.cache_misses, 1);
+                    }
+                    fetch.push((i, out[k].clone()));
+                }
+            }
+        }
+        self.start(fetch);
+        out
+    }
+
+    /// Starts GETs for `blocks` (ascending), adjacent ones merged up to
+    /// the largest request.
+    fn start(&self, blocks: Vec<(u64, Arc<Slot>)>) {
+        let per = (self.shared.client.cfg.max_request / self.block()).max(1) as usize;
+        let mut run: Vec<(u64, Arc<Slot>)> = Vec::new();
+        for (i, s) in blocks {
+            if run.last().is_some_and(|l| l.0 + 1 != i) || run.len() == per {
+                self.spawn(std::mem::take(&mut run));
+            }
+            run.push((i, s));
+        }
+        if !run.is_empty() {
+            self.spawn(run);
+        }
+    }
+
+    fn spawn(&self, run: Vec<(u64, Arc<Slot>)>) {
+        let Some(rt) = &self.rt else { return };
+        let sh = self.shared.clone();
+        let start = self.block_range(run[0].0).start;
+        let end = self.block_range(run[run.len() - 1].0).end;
+        let block = self.block();
+        rt.spawn(async move {
+            let got = match sh.limit.acquire().await {
+                Ok(_permit) => sh.client.fetch(start, end, &sh.etag).await,
+                Err(_) => Err(ObjectError::Client {
+                    url: sh.client.url.to_string(),
+                    detail: "the source is closing".into(),
+                }),
+            };
+            match got {
+                Ok(bytes) => {
+                    for (i, slot) in run {
+                        let a = (i * block - start) as usize;
+                        let e = ((i + 1) * block).min(end) - start;
+                        let data = bytes[a..e as usize].to_vec();
+                        if let Some(c) = &sh.cache {
+                            let _ = c.put(i, &data);
+                        }
+                        slot.set(State::Ready(Arc::new(data)));
+                    }
+                }
+                Err(e) => {
+                    let mut t = sh.table.lock();
+                    for (i, slot) in run {
+                        if t.get(&i).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                            t.remove(&i);
+                        }
+                        slot.set(State::Failed(e.clone()));
+                    }
+                }
+            }
+        });
+    }
+
+    /// Waits for `slot` (block `i`) until it is ready or failed, at most
+    /// until `deadline`.
+    fn wait(&self, slot: &Slot, i: u64, deadline: Instant) -> Result<Arc<Vec<u8>>, ObjectError> {
+        let mut s = slot.state.lock();
+        loop {
+            match &*s {
+                State::Ready(d) => return Ok(d.clone()),
+                State::Failed(e) => return Err(e.clone()),
+                State::Pending => {
+                    if slot.cv.wait_until(&mut s, deadline).timed_out() {
+                        let c = &self.shared.client;
+                        let r = self.block_range(i);
+                        let e = ObjectError::Failed {
+                            url: c.url.to_string(),
+                            endpoint: c.endpoint.clone(),
+                            start: r.start,
+                            end: r.end,
+                            attempts: c.cfg.retries + 1,
+                            deadline_ms: c.cfg.deadline.as_millis() as u64,
+                            detail: "no answer within every attempt's deadline".into(),
+                        };
+                        c.counters.failed(e.to_string());
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Drops the least recently used ready blocks outside `keep` until the
+/// table holds `cap`.
+fn evict(t: &mut HashMap<u64, Arc<Slot>>, cap: u64, keep: &Range<u64>) {
+    let mut ready: Vec<(u64, u64)> = t
+        .iter()
+        .filter(|(i, s)| !keep.contains(i) && !matches!(*s.state.lock(), State::Pending))
+        .map(|(i, s)| (s.used.load(Ordering::Relaxed), *i))
+        .collect();
+    ready.sort_unstable();
+    let over = (t.len() as u64).saturating_sub(cap) as usize;
+    for (_, i) in ready.into_iter().take(over) {
+        t.remove(&i);
+    }
+}
