@@ -18,8 +18,12 @@ use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
+
+/// How many blocks before the last read's end a read may start and still
+/// count as sequential.
+const SEQ_SLACK: u64 = 4;
 
 enum State {
     Pending,
@@ -63,8 +67,10 @@ pub(super) struct Shared {
 pub(super) struct Blocks {
     shared: Arc<Shared>,
     rt: Option<tokio::runtime::Runtime>,
-    /// One past the last block a read asked for: sequential detection.
+    /// One past the last block a read asked for, and how many reads in a
+    /// row continued the one before: sequential detection.
     next: AtomicU64,
+    streak: AtomicU32,
 }
 
 impl Drop for Blocks {
@@ -95,6 +101,7 @@ impl Blocks {
             }),
             rt: Some(rt),
             next: AtomicU64::new(u64::MAX),
+            streak: AtomicU32::new(0),
         }
     }
 
@@ -146,20 +153,24 @@ impl Blocks {
         Ok(())
     }
 
-    /// Sequential reads start fetching the next blocks, up to the readahead.
+    /// Sequential reads start fetching the next blocks: from the second
+    /// read in a row that continues the last, a window that doubles with
+    /// each such read, up to the readahead.
     fn ahead(&self, first: u64, last: u64) {
         let prev = self.next.swap(last + 1, Ordering::Relaxed);
-        let window = self.shared.client.cfg.readahead / self.block();
-        if window == 0 {
-            return;
-        }
-        // Within a window of where the last read ended: the engine's own
-        // readahead runs on several threads, so reads arrive a little out
-        // of order.
-        let seq = prev != u64::MAX && first + window >= prev && first <= prev + 1;
+        let max = self.shared.client.cfg.readahead / self.block();
+        // Near where the last read ended: the engine's own readahead runs
+        // on several threads, so reads arrive a little out of order.
+        let seq = prev != u64::MAX && first + SEQ_SLACK >= prev && first <= prev + 1;
         if !seq {
+            self.streak.store(0, Ordering::Relaxed);
             return;
         }
+        let streak = self.streak.fetch_add(1, Ordering::Relaxed) + 1;
+        if max == 0 || streak < 2 {
+            return;
+        }
+        let window = (2u64 << streak.min(20)).min(max);
         let end = (last + 1 + window).min(self.nblocks());
         if last + 1 < end {
             self.claim(last + 1..end, true);

@@ -135,7 +135,9 @@ impl Client {
     /// listing, so the error names which.
     pub async fn head(&self) -> Result<Head, ObjectError> {
         let meta = self
-            .with_retries(|_| 0, || self.store.head(&self.path))
+            .with_retries(None::<fn(&ObjectMeta) -> u64>, || {
+                self.store.head(&self.path)
+            })
             .await;
         let meta: ObjectMeta = match meta {
             Ok(m) => m,
@@ -199,20 +201,17 @@ impl Client {
     /// or an answer from another version, is [`ObjectError::Changed`].
     pub async fn fetch(&self, start: u64, end: u64, etag: &str) -> Result<Vec<u8>, ObjectError> {
         let got = self
-            .with_retries(
-                |(b, _): &(Vec<u8>, _)| b.len() as u64,
-                || async {
-                    let opts = GetOptions {
-                        if_match: Some(etag.to_string()),
-                        range: Some(GetRange::Bounded(start..end)),
-                        ..GetOptions::default()
-                    };
-                    let r = self.store.get_opts(&self.path, opts).await?;
-                    let theirs = r.meta.e_tag.clone();
-                    let body = r.bytes().await?;
-                    Ok((body.to_vec(), theirs))
-                },
-            )
+            .with_retries(Some(|(b, _): &(Vec<u8>, _)| b.len() as u64), || async {
+                let opts = GetOptions {
+                    if_match: Some(etag.to_string()),
+                    range: Some(GetRange::Bounded(start..end)),
+                    ..GetOptions::default()
+                };
+                let r = self.store.get_opts(&self.path, opts).await?;
+                let theirs = r.meta.e_tag.clone();
+                let body = r.bytes().await?;
+                Ok((body.to_vec(), theirs))
+            })
             .await;
         match got {
             Ok((body, theirs)) => {
@@ -290,26 +289,34 @@ impl Client {
     }
 
     /// Runs `op` with the deadline, retrying transient failures with
-    /// backoff; counts requests, retries, bytes (`len` of the answer) and
-    /// latency.
-    async fn with_retries<T, F, Fut>(&self, len: impl Fn(&T) -> u64, op: F) -> Result<T, Fail>
+    /// backoff. A GET (`len` given: its answer's size) counts its requests,
+    /// retries, bytes and latency; a HEAD counts nothing.
+    async fn with_retries<T, L, F, Fut>(&self, len: Option<L>, op: F) -> Result<T, Fail>
     where
+        L: Fn(&T) -> u64,
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = object_store::Result<T>>,
     {
         let c = &self.counters;
+        let get = len.is_some();
         let mut last = Fail::Deadline;
         for attempt in 0..=self.cfg.retries {
             if attempt > 0 {
-                ObjectCounters::add(&c.retries, 1);
+                if get {
+                    ObjectCounters::add(&c.retries, 1);
+                }
                 tokio::time::sleep(self.cfg.backoff_for(attempt)).await;
             }
-            ObjectCounters::add(&c.requests, 1);
+            if get {
+                ObjectCounters::add(&c.requests, 1);
+            }
             let t = Instant::now();
             match tokio::time::timeout(self.cfg.deadline, op()).await {
                 Ok(Ok(v)) => {
-                    ObjectCounters::add(&c.bytes_fetched, len(&v));
-                    c.latency(t.elapsed().as_micros() as u64);
+                    if let Some(len) = &len {
+                        ObjectCounters::add(&c.bytes_fetched, len(&v));
+                        c.latency(t.elapsed().as_micros() as u64);
+                    }
                     return Ok(v);
                 }
                 Ok(Err(e)) if !transient(&e) => return Err(Fail::Store(e)),

@@ -80,7 +80,7 @@ impl ObjectCounters {
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct ObjectStats {
-    /// Ranged GETs sent (retries included).
+    /// Ranged GETs sent, retries included (HEADs are not counted).
     pub requests: u64,
     /// Body bytes received by successful GETs.
     pub bytes_fetched: u64,
