@@ -85,10 +85,17 @@ impl Client {
     /// A client for `url`, configured from the standard AWS variables.
     pub fn new(url: &ObjectUrl, cfg: &ObjectConfig) -> Result<Client, ObjectError> {
         let u = url.to_string();
-        if !credentials_given() {
+        if cfg.credentials.is_none() && !credentials_given() {
             return Err(ObjectError::NoCredentials { url: u });
         }
-        let b = AmazonS3Builder::from_env()
+        let mut b = AmazonS3Builder::from_env();
+        if let Some(e) = &cfg.endpoint {
+            b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
+        }
+        if let Some((id, secret)) = &cfg.credentials {
+            b = b.with_access_key_id(id).with_secret_access_key(secret);
+        }
+        let b = b
             .with_bucket_name(&url.bucket)
             .with_retry(RetryConfig {
                 max_retries: 0,

@@ -131,7 +131,7 @@ fn parse_seconds(what: &'static str, v: &str) -> Result<Duration, ObjectError> {
 }
 
 /// How an [`super::ObjectSource`] reads.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 #[non_exhaustive]
 pub struct ObjectConfig {
     /// The unit fetched and cached (`SHADOWFD_OBJECT_BLOCK`, default
@@ -157,6 +157,30 @@ pub struct ObjectConfig {
     pub backoff: Duration,
     /// The disk chunk cache; `None` (the library's default) for none.
     pub cache: Option<CacheConfig>,
+    /// The store's URL, instead of `AWS_ENDPOINT_URL` (plain `http://`
+    /// is then allowed).
+    pub endpoint: Option<String>,
+    /// An access key ID and secret, instead of the AWS variables.
+    pub credentials: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for ObjectConfig {
+    /// Everything but the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectConfig")
+            .field("block", &self.block)
+            .field("max_request", &self.max_request)
+            .field("concurrency", &self.concurrency)
+            .field("readahead", &self.readahead)
+            .field("memory", &self.memory)
+            .field("deadline", &self.deadline)
+            .field("retries", &self.retries)
+            .field("backoff", &self.backoff)
+            .field("cache", &self.cache)
+            .field("endpoint", &self.endpoint)
+            .field("credentials", &self.credentials.as_ref().map(|c| &c.0))
+            .finish()
+    }
 }
 
 impl Default for ObjectConfig {
@@ -171,6 +195,8 @@ impl Default for ObjectConfig {
             retries: 3,
             backoff: Duration::from_millis(100),
             cache: None,
+            endpoint: None,
+            credentials: None,
         }
     }
 }

@@ -1,0 +1,498 @@
+//! Object sources (`s3://`) against a real SeaweedFS gateway, with a fault
+//! proxy in between where a test needs one. Every check is byte-exact
+//! against the uploaded data. `cargo test --release --test object`.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod proxy;
+mod weed;
+
+use proxy::{Mode, Proxy};
+use serde_json::Value;
+use shadowfd::Source;
+use shadowfd::source::object::{ObjectConfig, ObjectSource};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use weed::{BUCKET, Weed};
+
+/// The object size the scans use: big enough for many blocks, readahead
+/// and concurrency; small enough to keep the suite fast.
+const SIZE: usize = 64 << 20;
+
+/// What the tests need: the shared gateway and lazy shadows. `None`: skip
+/// (only where neither is required).
+fn setup() -> Option<&'static Weed> {
+    if !common::lazy_available() {
+        return None;
+    }
+    weed::shared()
+}
+
+/// A `shadowfd` child reaching the store at `port`, its cache in `cache`.
+fn cli(w: &Weed, port: u16, cache: &std::path::Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_shadowfd"));
+    c.args(args)
+        .env_remove("SHADOWFD_CACHE_SIZE")
+        .env("XDG_CACHE_HOME", cache)
+        .stdin(Stdio::null());
+    for (k, v) in w.env(port) {
+        c.env(k, v);
+    }
+    c
+}
+
+fn run(mut c: Command) -> Output {
+    c.output().expect("shadowfd runs")
+}
+
+fn json_of(o: &Output) -> Value {
+    let text = String::from_utf8_lossy(&o.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {text}\nstderr: {}",
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })
+}
+
+fn obj(v: &Value, k: &str) -> u64 {
+    v["object"][k]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no object.{k} in {v}"))
+}
+
+fn url(key: &str) -> String {
+    format!("s3://{BUCKET}/{key}")
+}
+
+/// Asserts `out` is a prefix of `data` (never bytes of another version).
+fn assert_prefix(out: &[u8], data: &[u8], what: &str) {
+    assert!(
+        out.len() <= data.len(),
+        "{what}: more bytes than the object"
+    );
+    if let Some(i) = common::first_diff(out, &data[..out.len()]) {
+        panic!("{what}: byte {i} differs from the object it was opened as");
+    }
+}
+
+#[test]
+fn cat_is_byte_exact_and_a_second_run_comes_from_the_cache() {
+    let Some(w) = setup() else { return };
+    let data = common::pattern(SIZE, 11);
+    w.put("cat/a.bin", &data);
+    let cache = tempfile::tempdir().unwrap();
+    let o = run(cli(w, w.s3_port, cache.path(), &["cat", &url("cat/a.bin")]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.stdout.len(), data.len());
+    assert!(o.stdout == data, "cat output differs from the object");
+
+    // Every block is cached now: a lazy random map fetches nothing.
+    let o = run(cli(
+        w,
+        w.s3_port,
+        cache.path(),
+        &[
+            "map",
+            &url("cat/a.bin"),
+            "--mode",
+            "lazy",
+            "--access",
+            "random:0.01",
+            "--verify",
+            "--json",
+        ],
+    ));
+    let v = json_of(&o);
+    assert!(o.status.success(), "{v}");
+    assert_eq!(v["verified"], true, "{v}");
+    assert_eq!(obj(&v, "requests"), 0, "a warm cache sends no GET: {v}");
+    assert!(obj(&v, "cache_hits") > 0, "{v}");
+    assert_eq!(obj(&v, "cache_misses"), 0, "{v}");
+}
+
+#[test]
+fn lazy_map_seq_and_random_are_byte_exact() {
+    let Some(w) = setup() else { return };
+    let data = common::pattern(SIZE, 12);
+    w.put("map/b.bin", &data);
+    let cache = tempfile::tempdir().unwrap();
+    for access in ["seq", "random:0.01"] {
+        let o = run(cli(
+            w,
+            w.s3_port,
+            cache.path(),
+            &[
+                "map",
+                &url("map/b.bin"),
+                "--mode",
+                "lazy",
+                "--no-cache",
+                "--access",
+                access,
+                "--verify",
+                "--json",
+            ],
+        ));
+        let v = json_of(&o);
+        assert!(o.status.success(), "{access}: {v}");
+        assert_eq!(v["verified"], true, "{access}: {v}");
+        assert_eq!(v["mode"], "lazy");
+        assert!(obj(&v, "requests") > 0, "{v}");
+        let fetched = obj(&v, "bytes_fetched");
+        if access == "seq" {
+            assert_eq!(fetched, SIZE as u64, "seq fetches each byte once: {v}");
+        } else {
+            assert!(
+                fetched < SIZE as u64 * 3 / 4,
+                "random:0.01 fetches a part of the object, not all of it: {v}"
+            );
+        }
+        assert!(v["object"]["fetch_p50_us"].as_f64().is_some(), "{v}");
+    }
+    // An eager copy (concurrent GETs) is byte-exact too.
+    let o = run(cli(
+        w,
+        w.s3_port,
+        cache.path(),
+        &[
+            "map",
+            &url("map/b.bin"),
+            "--mode",
+            "eager",
+            "--max-size",
+            "1G",
+            "--no-cache",
+            "--verify",
+            "--json",
+        ],
+    ));
+    let v = json_of(&o);
+    assert_eq!(v["verified"], true, "eager: {v}");
+    assert_eq!(obj(&v, "bytes_fetched"), SIZE as u64, "{v}");
+}
+
+#[test]
+fn a_corrupted_cache_chunk_is_refetched_never_served() {
+    let Some(w) = setup() else { return };
+    let data = common::pattern(8 << 20, 13);
+    w.put("corrupt/c.bin", &data);
+    let cache = tempfile::tempdir().unwrap();
+    let args = ["cat", &url("corrupt/c.bin")];
+    let o = run(cli(w, w.s3_port, cache.path(), &args));
+    assert!(o.status.success() && o.stdout == data);
+    // Flip one byte in the middle of every chunk file, truncate one.
+    let mut files: Vec<_> = walk(&cache.path().join("shadowfd"));
+    files.sort();
+    assert!(files.len() >= 8, "chunk files: {files:?}");
+    for f in &files {
+        let mut b = std::fs::read(f).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x40;
+        std::fs::write(f, &b).unwrap();
+    }
+    let t = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&files[0])
+        .unwrap();
+    t.set_len(100).unwrap();
+    let o = run(cli(
+        w,
+        w.s3_port,
+        cache.path(),
+        &[
+            "map",
+            &url("corrupt/c.bin"),
+            "--mode",
+            "lazy",
+            "--access",
+            "seq",
+            "--verify",
+            "--json",
+        ],
+    ));
+    let v = json_of(&o);
+    assert_eq!(v["verified"], true, "{v}");
+    assert_eq!(obj(&v, "cache_hits"), 0, "no tampered chunk is served: {v}");
+    assert_eq!(obj(&v, "cache_rejected"), files.len() as u64, "{v}");
+    assert_eq!(obj(&v, "bytes_fetched"), data.len() as u64, "{v}");
+    // And the refetched chunks are good again.
+    let o = run(cli(w, w.s3_port, cache.path(), &args));
+    assert!(o.status.success() && o.stdout == data);
+}
+
+fn walk(d: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Starts `cat` of `key` through `proxy`, slow enough to be caught mid-scan;
+/// returns the child once it has written `min` bytes... the reader thread
+/// collects stdout.
+struct Scan {
+    child: std::process::Child,
+    out: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Scan {
+    fn start(w: &Weed, port: u16, key: &str, env: &[(&str, &str)]) -> Scan {
+        let cache = std::env::temp_dir();
+        let mut c = cli(
+            w,
+            port,
+            &cache,
+            &[
+                "cat",
+                &url(key),
+                "--mode",
+                "lazy",
+                "--no-cache",
+                "--readahead",
+                "1M",
+            ],
+        );
+        c.env("SHADOWFD_OBJECT_READAHEAD", "1M")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let mut child = c.spawn().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let o2 = out.clone();
+        let reader = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                match stdout.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => o2.lock().unwrap().extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+        Scan {
+            child,
+            out,
+            reader: Some(reader),
+        }
+    }
+
+    /// Waits until at least `n` bytes were written (at most 60 s).
+    fn wait_for(&self, n: usize) {
+        let t0 = Instant::now();
+        while self.out.lock().unwrap().len() < n {
+            assert!(t0.elapsed() < Duration::from_secs(60), "the scan stalled");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for the exit (at most `limit`); the status, stdout, stderr
+    /// and how long it took from now.
+    fn finish(mut self, limit: Duration) -> (std::process::ExitStatus, Vec<u8>, String, Duration) {
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if t0.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!("cat did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let took = t0.elapsed();
+        self.reader.take().unwrap().join().unwrap();
+        let mut err = String::new();
+        use std::io::Read;
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        let out = std::mem::take(&mut *self.out.lock().unwrap());
+        (status, out, err, took)
+    }
+}
+
+#[test]
+fn an_object_overwritten_mid_scan_is_never_mixed() {
+    let Some(w) = setup() else { return };
+    let a = common::pattern(SIZE, 21);
+    let b = common::pattern(SIZE, 22);
+    w.put("over/o.bin", &a);
+    let p = Proxy::start(w.s3_port);
+    p.set_latency(Duration::from_millis(15));
+    let scan = Scan::start(w, p.port, "over/o.bin", &[]);
+    scan.wait_for(2 << 20);
+    w.put("over/o.bin", &b);
+    let (status, out, err, _) = scan.finish(Duration::from_secs(120));
+    assert_prefix(&out, &a, "overwritten mid-scan");
+    if status.success() {
+        assert_eq!(out.len(), a.len(), "success means the whole old version");
+    } else {
+        assert!(
+            err.contains("changed") || err.contains("SIGBUS") || err.contains("412"),
+            "the failure says why: {err}"
+        );
+    }
+    assert!(!status.success() || out == a);
+}
+
+#[test]
+fn a_killed_gateway_gives_sigbus_within_the_bound_and_cat_fails() {
+    if !common::lazy_available() {
+        return;
+    }
+    let w = match Weed::start() {
+        Ok(w) => w,
+        Err(e) if weed::required() => panic!("SeaweedFS is required here (CI) but {e}"),
+        Err(e) => return eprintln!("SKIP: {e}"),
+    };
+    let data = common::pattern(SIZE, 31);
+    w.put("kill/k.bin", &data);
+    let p = Proxy::start(w.s3_port);
+    p.set_latency(Duration::from_millis(15));
+    let scan = Scan::start(
+        &w,
+        p.port,
+        "kill/k.bin",
+        &[
+            ("SHADOWFD_OBJECT_DEADLINE", "1"),
+            ("SHADOWFD_OBJECT_RETRIES", "1"),
+        ],
+    );
+    scan.wait_for(2 << 20);
+    w.kill();
+    // The documented bound: deadline x attempts + backoff + 2 s, plus the
+    // time for cat to report.
+    let (status, out, err, took) = scan.finish(Duration::from_secs(30));
+    assert!(!status.success(), "cat must fail once the gateway is gone");
+    assert!(out.len() < data.len());
+    assert_prefix(&out, &data, "killed gateway");
+    assert!(err.contains("SIGBUS"), "{err}");
+    assert!(err.contains("s3://"), "the cause names the object: {err}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+#[test]
+fn a_stalled_connection_gives_sigbus_within_the_deadline() {
+    let Some(w) = setup() else { return };
+    let data = common::pattern(8 << 20, 41);
+    w.put("stall/s.bin", &data);
+    let p = Proxy::start(w.s3_port);
+    p.set(Mode::StallAfter(100_000));
+    let t0 = Instant::now();
+    let scan = Scan::start(
+        w,
+        p.port,
+        "stall/s.bin",
+        &[
+            ("SHADOWFD_OBJECT_DEADLINE", "1"),
+            ("SHADOWFD_OBJECT_RETRIES", "1"),
+        ],
+    );
+    let (status, out, err, _) = scan.finish(Duration::from_secs(30));
+    let took = t0.elapsed();
+    assert!(!status.success(), "a stalled store fails the read");
+    assert_prefix(&out, &data, "stalled");
+    assert!(err.contains("SIGBUS") && err.contains("deadline"), "{err}");
+    // 2 attempts of 1 s, 100 ms backoff, plus start-up.
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+}
+
+/// The library, through a proxy that answers 503 to the next connections:
+/// retried transparently, counted.
+#[test]
+fn five_xx_then_success_is_retried_transparently() {
+    let Some(w) = setup() else { return };
+    let data = common::pattern(4 << 20, 51);
+    w.put("retry/r.bin", &data);
+    let p = Proxy::start(w.s3_port);
+    let mut cfg = ObjectConfig::default();
+    cfg.endpoint = Some(format!("http://127.0.0.1:{}", p.port));
+    cfg.credentials = Some((weed::KEY_ID.into(), weed::SECRET.into()));
+    cfg.readahead = 0;
+    let src = ObjectSource::open_with(&url("retry/r.bin"), cfg).unwrap();
+    p.fail_next(2);
+    let mut buf = vec![0u8; data.len()];
+    let mut done = 0;
+    while done < buf.len() {
+        done += src.read_at(&mut buf[done..], done as u64).unwrap();
+    }
+    assert!(buf == data);
+    let s = src.stats();
+    assert!(s.retries >= 2, "{s:?}");
+    assert_eq!(s.failures, 0, "{s:?}");
+    assert_eq!(s.bytes_fetched, data.len() as u64, "{s:?}");
+}
+
+#[test]
+fn wrong_credentials_and_missing_bucket_or_key_are_clear_errors() {
+    let Some(w) = setup() else { return };
+    w.put("errs/e.bin", b"hello");
+    let cache = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[(&str, &str)], &[&str]); 4] = [
+        (
+            "s3://shadowfd-test/errs/e.bin",
+            &[("AWS_SECRET_ACCESS_KEY", "wrong")],
+            &[
+                "access denied",
+                "AWS_SECRET_ACCESS_KEY",
+                "s3://shadowfd-test/errs/e.bin",
+            ],
+        ),
+        (
+            "s3://no-such-bucket/errs/e.bin",
+            &[],
+            &[
+                "no bucket",
+                "no-such-bucket",
+                "s3://no-such-bucket/errs/e.bin",
+            ],
+        ),
+        (
+            "s3://shadowfd-test/errs/missing.bin",
+            &[],
+            &["no object", "errs/missing.bin", "Check the key"],
+        ),
+        ("s3://X/errs", &[], &["bucket name", "s3://BUCKET/KEY"]),
+    ];
+    for (u, env, want) in cases {
+        let mut c = cli(w, w.s3_port, cache.path(), &["cat", u]);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let t0 = Instant::now();
+        let o = run(c);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{u}");
+        assert!(o.stdout.is_empty(), "{u}");
+        for s in want {
+            assert!(err.contains(s), "{u}: {s:?} missing from: {err}");
+        }
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(t0.elapsed() < Duration::from_secs(20));
+    }
+    // No credentials at all: refused before any request (never the cloud
+    // metadata service).
+    let mut c = cli(w, w.s3_port, cache.path(), &["cat", &url("errs/e.bin")]);
+    c.env_remove("AWS_ACCESS_KEY_ID");
+    let o = run(c);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("no credentials"),
+        "{err}"
+    );
+}
