@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// How many blocks before the last read's end a read may start and still
 /// count as sequential.
@@ -61,6 +61,24 @@ pub(super) struct Shared {
     table: Mutex<HashMap<u64, Arc<Slot>>>,
     tick: AtomicU64,
     limit: tokio::sync::Semaphore,
+    /// The last failure for good, and when: reads within the cool-down
+    /// after it (and fetches queued before it) fail at once with it, so a
+    /// dead store costs one bound, not one per page the engine retries. A
+    /// changed object stays failed.
+    broken: Mutex<Option<(Instant, ObjectError)>>,
+}
+
+impl Shared {
+    /// The failure a read or fetch started at `since` meets without asking
+    /// the store: a changed object, or a failure after `since` or within
+    /// the cool-down.
+    fn broken(&self, since: Instant) -> Option<ObjectError> {
+        let b = self.broken.lock();
+        let (at, e) = b.as_ref()?;
+        let cool = self.client.cfg.deadline.max(Duration::from_secs(1));
+        (matches!(e, ObjectError::Changed { .. }) || *at > since || at.elapsed() < cool)
+            .then(|| e.clone())
+    }
 }
 
 /// The block table of one source.
@@ -98,6 +116,7 @@ impl Blocks {
                 table: Mutex::new(HashMap::new()),
                 tick: AtomicU64::new(1),
                 limit: tokio::sync::Semaphore::new(permits),
+                broken: Mutex::new(None),
             }),
             rt: Some(rt),
             next: AtomicU64::new(u64::MAX),
@@ -135,6 +154,9 @@ impl Blocks {
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), ObjectError> {
         if buf.is_empty() {
             return Ok(());
+        }
+        if let Some(e) = self.shared.broken(Instant::now()) {
+            return Err(e);
         }
         let b = self.block();
         let first = offset / b;
@@ -262,9 +284,13 @@ impl Blocks {
         let start = self.block_range(run[0].0).start;
         let end = self.block_range(run[run.len() - 1].0).end;
         let block = self.block();
+        let queued = Instant::now();
         rt.spawn(async move {
             let got = match sh.limit.acquire().await {
-                Ok(_permit) => sh.client.fetch(start, end, &sh.etag).await,
+                Ok(_permit) => match sh.broken(queued) {
+                    Some(e) => Err(e),
+                    None => sh.client.fetch(start, end, &sh.etag).await,
+                },
                 Err(_) => Err(ObjectError::Client {
                     url: sh.client.url.to_string(),
                     detail: "the source is closing".into(),
@@ -283,6 +309,14 @@ impl Blocks {
                     }
                 }
                 Err(e) => {
+                    let mut b = sh.broken.lock();
+                    if !b
+                        .as_ref()
+                        .is_some_and(|(_, old)| matches!(old, ObjectError::Changed { .. }))
+                    {
+                        *b = Some((Instant::now(), e.clone()));
+                    }
+                    drop(b);
                     let mut t = sh.table.lock();
                     for (i, slot) in run {
                         if t.get(&i).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
