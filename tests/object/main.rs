@@ -438,12 +438,46 @@ fn five_xx_then_success_is_retried_transparently() {
     assert_eq!(s.bytes_fetched, data.len() as u64, "{s:?}");
 }
 
+/// Answers cut mid-body: retried, then an error once the retries are
+/// spent (never a short block), and reads work again once the store does.
+#[test]
+fn a_body_cut_mid_way_is_retried_then_fails_then_recovers() {
+    let Some(w) = setup() else { return };
+    let data = common::pattern(1 << 20, 52);
+    w.put("cut/c.bin", &data);
+    let p = Proxy::start(w.s3_port);
+    let mut cfg = ObjectConfig::default();
+    cfg.endpoint = Some(format!("http://127.0.0.1:{}", p.port));
+    cfg.credentials = Some((weed::KEY_ID.into(), weed::SECRET.into()));
+    cfg.readahead = 0;
+    cfg.retries = 2;
+    cfg.deadline = Duration::from_secs(1);
+    let src = ObjectSource::open_with(&url("cut/c.bin"), cfg).unwrap();
+    p.set(Mode::CutAfter(100_000));
+    let mut buf = vec![0u8; 256 << 10];
+    let e = src.read_at(&mut buf, 0).unwrap_err().to_string();
+    assert!(e.contains("3 attempts") && e.contains("s3://"), "{e}");
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "nothing of a cut body is served"
+    );
+    let s = src.stats();
+    assert_eq!((s.retries, s.failures), (2, 1), "{s:?}");
+    assert!(s.last_error.is_some_and(|l| l.contains("bytes 0..262144")));
+    // The store is back: after the cool-down (the deadline), reads work.
+    p.set(Mode::Pass);
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(src.read_at(&mut buf, 0).unwrap(), buf.len());
+    assert!(buf[..] == data[..buf.len()]);
+}
+
 #[test]
 fn wrong_credentials_and_missing_bucket_or_key_are_clear_errors() {
     let Some(w) = setup() else { return };
     w.put("errs/e.bin", b"hello");
     let cache = tempfile::tempdir().unwrap();
-    let cases: [(&str, &[(&str, &str)], &[&str]); 4] = [
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: [Case; 4] = [
         (
             "s3://shadowfd-test/errs/e.bin",
             &[("AWS_SECRET_ACCESS_KEY", "wrong")],

@@ -220,7 +220,7 @@ impl Blocks {
                         Slot::new()
                     })
                     .clone();
-                if !mine.last().is_some_and(|&m| m == i) {
+                if mine.last().is_none_or(|&m| m != i) {
                     ObjectCounters::add(&sh.client.counters.memory_hits, u64::from(!ahead));
                 }
                 slot.used.store(tick, Ordering::Relaxed);
