@@ -112,6 +112,45 @@ fn cat_is_byte_exact_and_a_second_run_comes_from_the_cache() {
     assert_eq!(obj(&v, "cache_misses"), 0, "{v}");
 }
 
+/// Several processes fill one cache directory at once: each output is
+/// byte-exact, and a run after them is served from the cache alone.
+#[test]
+fn processes_sharing_the_cache_all_read_the_right_bytes() {
+    let Some(w) = setup() else { return };
+    let data = common::pattern(16 << 20, 14);
+    w.put("shared/s.bin", &data);
+    let cache = tempfile::tempdir().unwrap();
+    let kids: Vec<_> = (0..3)
+        .map(|_| {
+            let mut c = cli(w, w.s3_port, cache.path(), &["cat", &url("shared/s.bin")]);
+            c.stdout(Stdio::piped()).stderr(Stdio::piped());
+            c.spawn().unwrap()
+        })
+        .collect();
+    for k in kids {
+        let o = k.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(o.stdout == data, "a concurrent cat read other bytes");
+    }
+    let o = run(cli(
+        w,
+        w.s3_port,
+        cache.path(),
+        &[
+            "map",
+            &url("shared/s.bin"),
+            "--access",
+            "seq",
+            "--verify",
+            "--json",
+        ],
+    ));
+    let v = json_of(&o);
+    assert_eq!(v["verified"], true, "{v}");
+    assert_eq!(obj(&v, "requests"), 0, "{v}");
+    assert_eq!(obj(&v, "cache_rejected"), 0, "{v}");
+}
+
 #[test]
 fn lazy_map_seq_and_random_are_byte_exact() {
     let Some(w) = setup() else { return };
