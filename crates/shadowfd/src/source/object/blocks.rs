@@ -25,6 +25,9 @@ use std::time::{Duration, Instant};
 /// count as sequential.
 const SEQ_SLACK: u64 = 4;
 
+/// How many claims ago a block counts as used lately.
+const LATELY: u64 = 32;
+
 enum State {
     Pending,
     Ready(Arc<Vec<u8>>),
@@ -181,9 +184,11 @@ impl Blocks {
     fn ahead(&self, first: u64, last: u64) {
         let prev = self.next.swap(last + 1, Ordering::Relaxed);
         let max = self.shared.client.cfg.readahead / self.block();
-        // Near where the last read ended: the engine's own readahead runs
-        // on several threads, so reads arrive a little out of order.
-        let seq = prev != u64::MAX && first + SEQ_SLACK >= prev && first <= prev + 1;
+        // Near where the last read ended, or right after a block used
+        // lately: the engine's own readahead runs on several threads, so a
+        // stream's reads arrive out of order.
+        let seq = (prev != u64::MAX && first + SEQ_SLACK >= prev && first <= prev + 1)
+            || (first > 0 && self.used_lately(first - 1));
         if !seq {
             self.streak.store(0, Ordering::Relaxed);
             return;
@@ -199,6 +204,15 @@ impl Blocks {
         }
     }
 
+    /// Whether block `i` is in memory and was asked for in the last
+    /// [`LATELY`] claims.
+    fn used_lately(&self, i: u64) -> bool {
+        let now = self.shared.tick.load(Ordering::Relaxed);
+        let t = self.shared.table.lock();
+        t.get(&i)
+            .is_some_and(|s| now.saturating_sub(s.used.load(Ordering::Relaxed)) <= LATELY)
+    }
+
     /// The slots of `range`, claiming and starting what nobody holds.
     /// `ahead`: a guess; skip when memory is short.
     fn claim(&self, range: Range<u64>, ahead: bool) -> Vec<Arc<Slot>> {
@@ -209,7 +223,13 @@ impl Blocks {
         let mut mine = Vec::new();
         {
             let mut t = sh.table.lock();
-            if ahead && t.len() as u64 >= cap {
+            // Room first: drop blocks read already (least recently used).
+            // A guess that still finds no room (all in flight) is skipped.
+            let new = range.clone().filter(|i| !t.contains_key(i)).count() as u64;
+            if t.len() as u64 + new > cap {
+                evict(&mut t, cap.saturating_sub(new), &range);
+            }
+            if ahead && t.len() as u64 + new > cap {
                 return out;
             }
             for i in range.clone() {
@@ -225,9 +245,6 @@ impl Blocks {
                 }
                 slot.used.store(tick, Ordering::Relaxed);
                 out.push(slot);
-            }
-            if t.len() as u64 > cap {
-                evict(&mut t, cap, &range);
             }
         }
         // The disk cache first, on this thread.
@@ -359,8 +376,8 @@ impl Blocks {
     }
 }
 
-/// Drops the least recently used ready blocks outside `keep` until the
-/// table holds `cap`.
+/// Drops the least recently used ready (or failed) blocks outside `keep`
+/// until the table holds at most `cap`.
 fn evict(t: &mut HashMap<u64, Arc<Slot>>, cap: u64, keep: &Range<u64>) {
     let mut ready: Vec<(u64, u64)> = t
         .iter()
