@@ -64,6 +64,8 @@ pub(super) struct Shared {
     table: Mutex<HashMap<u64, Arc<Slot>>>,
     tick: AtomicU64,
     limit: tokio::sync::Semaphore,
+    /// Spawns on the source's runtime.
+    handle: tokio::runtime::Handle,
     /// The last failure for good, and when: reads within the cool-down
     /// after it (and fetches queued before it) fail at once with it, so a
     /// dead store costs one bound, not one per page the engine retries. A
@@ -72,6 +74,105 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    fn block_range(&self, i: u64) -> Range<u64> {
+        let b = self.client.cfg.block;
+        i * b..((i + 1) * b).min(self.size)
+    }
+
+    /// Fills the claimed `blocks` (ascending): from the disk cache where it
+    /// holds them, the rest with GETs.
+    fn load(self: &Arc<Self>, blocks: Vec<(u64, Arc<Slot>)>) {
+        let mut fetch = Vec::new();
+        let c = &self.client.counters;
+        for (i, slot) in blocks {
+            let r = self.block_range(i);
+            let Some(cache) = &self.cache else {
+                fetch.push((i, slot));
+                continue;
+            };
+            match cache.get(i, (r.end - r.start) as usize) {
+                Ok(data) => {
+                    ObjectCounters::add(&c.cache_hits, 1);
+                    slot.set(State::Ready(Arc::new(data)));
+                }
+                Err(miss) => {
+                    if miss == Miss::Refused {
+                        ObjectCounters::add(&c.cache_rejected, 1);
+                    }
+                    ObjectCounters::add(&c.cache_misses, 1);
+                    fetch.push((i, slot));
+                }
+            }
+        }
+        self.start(fetch);
+    }
+
+    /// Starts GETs for `blocks` (ascending), adjacent ones merged up to
+    /// the largest request.
+    fn start(self: &Arc<Self>, blocks: Vec<(u64, Arc<Slot>)>) {
+        let per = (self.client.cfg.max_request / self.client.cfg.block).max(1) as usize;
+        let mut run: Vec<(u64, Arc<Slot>)> = Vec::new();
+        for (i, s) in blocks {
+            if run.last().is_some_and(|l| l.0 + 1 != i) || run.len() == per {
+                self.spawn(std::mem::take(&mut run));
+            }
+            run.push((i, s));
+        }
+        if !run.is_empty() {
+            self.spawn(run);
+        }
+    }
+
+    fn spawn(self: &Arc<Self>, run: Vec<(u64, Arc<Slot>)>) {
+        let sh = self.clone();
+        let start = self.block_range(run[0].0).start;
+        let end = self.block_range(run[run.len() - 1].0).end;
+        let block = self.client.cfg.block;
+        let queued = Instant::now();
+        self.handle.spawn(async move {
+            let got = match sh.limit.acquire().await {
+                Ok(_permit) => match sh.broken(queued) {
+                    Some(e) => Err(e),
+                    None => sh.client.fetch(start, end, &sh.etag).await,
+                },
+                Err(_) => Err(ObjectError::Client {
+                    url: sh.client.url.to_string(),
+                    detail: "the source is closing".into(),
+                }),
+            };
+            match got {
+                Ok(bytes) => {
+                    for (i, slot) in run {
+                        let a = (i * block - start) as usize;
+                        let e = ((i + 1) * block).min(end) - start;
+                        let data = Arc::new(bytes[a..e as usize].to_vec());
+                        slot.set(State::Ready(data.clone()));
+                        if let Some(c) = &sh.cache {
+                            let _ = c.put(i, &data);
+                        }
+                    }
+                }
+                Err(e) => {
+                    let mut b = sh.broken.lock();
+                    if !b
+                        .as_ref()
+                        .is_some_and(|(_, old)| matches!(old, ObjectError::Changed { .. }))
+                    {
+                        *b = Some((Instant::now(), e.clone()));
+                    }
+                    drop(b);
+                    let mut t = sh.table.lock();
+                    for (i, slot) in run {
+                        if t.get(&i).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                            t.remove(&i);
+                        }
+                        slot.set(State::Failed(e.clone()));
+                    }
+                }
+            }
+        });
+    }
+
     /// The failure a read or fetch started at `since` meets without asking
     /// the store: a changed object, or a failure after `since` or within
     /// the cool-down.
@@ -119,6 +220,7 @@ impl Blocks {
                 table: Mutex::new(HashMap::new()),
                 tick: AtomicU64::new(1),
                 limit: tokio::sync::Semaphore::new(permits),
+                handle: rt.handle().clone(),
                 broken: Mutex::new(None),
             }),
             rt: Some(rt),
@@ -247,103 +349,23 @@ impl Blocks {
                 out.push(slot);
             }
         }
-        // The disk cache first, on this thread.
-        let mut fetch = Vec::new();
-        for (k, i) in range.clone().enumerate() {
-            if !mine.contains(&i) {
-                continue;
-            }
-            let r = self.block_range(i);
-            match sh
-                .cache
-                .as_ref()
-                .map(|c| c.get(i, (r.end - r.start) as usize))
-            {
-                Some(Ok(data)) => {
-                    ObjectCounters::add(&sh.client.counters.cache_hits, 1);
-                    out[k].set(State::Ready(Arc::new(data)));
-                }
-                other => {
-                    let c = &sh.client.counters;
-                    if let Some(Err(Miss::Refused)) = other {
-                        ObjectCounters::add(&c.cache_rejected, 1);
-                    }
-                    if sh.cache.is_some() {
-                        ObjectCounters::add(&c.cache_misses, 1);
-                    }
-                    fetch.push((i, out[k].clone()));
-                }
-            }
+        let mine: Vec<(u64, Arc<Slot>)> = range
+            .clone()
+            .zip(out.iter())
+            .filter(|(i, _)| mine.contains(i))
+            .map(|(i, s)| (i, s.clone()))
+            .collect();
+        if mine.is_empty() {
+            return out;
         }
-        self.start(fetch);
+        if ahead && sh.cache.is_some() {
+            // A guess reads the disk cache off the reader's thread.
+            let s2 = sh.clone();
+            sh.handle.spawn_blocking(move || s2.load(mine));
+        } else {
+            sh.load(mine);
+        }
         out
-    }
-
-    /// Starts GETs for `blocks` (ascending), adjacent ones merged up to
-    /// the largest request.
-    fn start(&self, blocks: Vec<(u64, Arc<Slot>)>) {
-        let per = (self.shared.client.cfg.max_request / self.block()).max(1) as usize;
-        let mut run: Vec<(u64, Arc<Slot>)> = Vec::new();
-        for (i, s) in blocks {
-            if run.last().is_some_and(|l| l.0 + 1 != i) || run.len() == per {
-                self.spawn(std::mem::take(&mut run));
-            }
-            run.push((i, s));
-        }
-        if !run.is_empty() {
-            self.spawn(run);
-        }
-    }
-
-    fn spawn(&self, run: Vec<(u64, Arc<Slot>)>) {
-        let Some(rt) = &self.rt else { return };
-        let sh = self.shared.clone();
-        let start = self.block_range(run[0].0).start;
-        let end = self.block_range(run[run.len() - 1].0).end;
-        let block = self.block();
-        let queued = Instant::now();
-        rt.spawn(async move {
-            let got = match sh.limit.acquire().await {
-                Ok(_permit) => match sh.broken(queued) {
-                    Some(e) => Err(e),
-                    None => sh.client.fetch(start, end, &sh.etag).await,
-                },
-                Err(_) => Err(ObjectError::Client {
-                    url: sh.client.url.to_string(),
-                    detail: "the source is closing".into(),
-                }),
-            };
-            match got {
-                Ok(bytes) => {
-                    for (i, slot) in run {
-                        let a = (i * block - start) as usize;
-                        let e = ((i + 1) * block).min(end) - start;
-                        let data = bytes[a..e as usize].to_vec();
-                        if let Some(c) = &sh.cache {
-                            let _ = c.put(i, &data);
-                        }
-                        slot.set(State::Ready(Arc::new(data)));
-                    }
-                }
-                Err(e) => {
-                    let mut b = sh.broken.lock();
-                    if !b
-                        .as_ref()
-                        .is_some_and(|(_, old)| matches!(old, ObjectError::Changed { .. }))
-                    {
-                        *b = Some((Instant::now(), e.clone()));
-                    }
-                    drop(b);
-                    let mut t = sh.table.lock();
-                    for (i, slot) in run {
-                        if t.get(&i).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
-                            t.remove(&i);
-                        }
-                        slot.set(State::Failed(e.clone()));
-                    }
-                }
-            }
-        });
     }
 
     /// Waits for `slot` (block `i`) until it is ready or failed, at most
