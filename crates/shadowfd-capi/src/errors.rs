@@ -85,6 +85,7 @@ pub(crate) fn errno_of(e: &Error) -> c_int {
         Error::SourceChanged { .. } => libc::ESTALE,
         Error::Range { .. } => libc::ERANGE,
         Error::Protocol { .. } | Error::Refused { .. } => libc::EPROTO,
+        Error::Object(o) => io_errno(&o.clone().into_io()),
         _ => libc::EIO,
     }
 }
