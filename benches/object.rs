@@ -8,7 +8,6 @@
 //! SHADOWFD_BENCH_OBJECT_SIZE=1G and SHADOWFD_BENCH_LATENCY_MS=N change
 //! them. docs/benchmarks.md has the figures.
 
-#[allow(dead_code)]
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[allow(dead_code)]
