@@ -62,6 +62,19 @@ fn obj(v: &Value, k: &str) -> u64 {
         .unwrap_or_else(|| panic!("no object.{k} in {v}"))
 }
 
+/// `shadowfd map URL --verify --json EXTRA…` against the gateway: the
+/// report, once it says every touched byte equals the object.
+fn map_verified(w: &Weed, cache: &std::path::Path, key: &str, extra: &[&str]) -> Value {
+    let u = url(key);
+    let mut args = vec!["map", u.as_str(), "--verify", "--json"];
+    args.extend_from_slice(extra);
+    let o = run(cli(w, w.s3_port, cache, &args));
+    let v = json_of(&o);
+    assert!(o.status.success(), "{args:?}: {v}");
+    assert_eq!(v["verified"], true, "{args:?}: {v}");
+    v
+}
+
 fn url(key: &str) -> String {
     format!("s3://{BUCKET}/{key}")
 }
@@ -89,24 +102,12 @@ fn cat_is_byte_exact_and_a_second_run_comes_from_the_cache() {
     assert!(o.stdout == data, "cat output differs from the object");
 
     // Every block is cached now: a lazy random map fetches nothing.
-    let o = run(cli(
+    let v = map_verified(
         w,
-        w.s3_port,
         cache.path(),
-        &[
-            "map",
-            &url("cat/a.bin"),
-            "--mode",
-            "lazy",
-            "--access",
-            "random:0.01",
-            "--verify",
-            "--json",
-        ],
-    ));
-    let v = json_of(&o);
-    assert!(o.status.success(), "{v}");
-    assert_eq!(v["verified"], true, "{v}");
+        "cat/a.bin",
+        &["--mode", "lazy", "--access", "random:0.01"],
+    );
     assert_eq!(obj(&v, "requests"), 0, "a warm cache sends no GET: {v}");
     assert!(obj(&v, "cache_hits") > 0, "{v}");
     assert_eq!(obj(&v, "cache_misses"), 0, "{v}");
@@ -132,21 +133,7 @@ fn processes_sharing_the_cache_all_read_the_right_bytes() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(o.stdout == data, "a concurrent cat read other bytes");
     }
-    let o = run(cli(
-        w,
-        w.s3_port,
-        cache.path(),
-        &[
-            "map",
-            &url("shared/s.bin"),
-            "--access",
-            "seq",
-            "--verify",
-            "--json",
-        ],
-    ));
-    let v = json_of(&o);
-    assert_eq!(v["verified"], true, "{v}");
+    let v = map_verified(w, cache.path(), "shared/s.bin", &["--access", "seq"]);
     assert_eq!(obj(&v, "requests"), 0, "{v}");
     assert_eq!(obj(&v, "cache_rejected"), 0, "{v}");
 }
@@ -158,25 +145,12 @@ fn lazy_map_seq_and_random_are_byte_exact() {
     w.put("map/b.bin", &data);
     let cache = tempfile::tempdir().unwrap();
     for access in ["seq", "random:0.01"] {
-        let o = run(cli(
+        let v = map_verified(
             w,
-            w.s3_port,
             cache.path(),
-            &[
-                "map",
-                &url("map/b.bin"),
-                "--mode",
-                "lazy",
-                "--no-cache",
-                "--access",
-                access,
-                "--verify",
-                "--json",
-            ],
-        ));
-        let v = json_of(&o);
-        assert!(o.status.success(), "{access}: {v}");
-        assert_eq!(v["verified"], true, "{access}: {v}");
+            "map/b.bin",
+            &["--mode", "lazy", "--no-cache", "--access", access],
+        );
         assert_eq!(v["mode"], "lazy");
         assert!(obj(&v, "requests") > 0, "{v}");
         let fetched = obj(&v, "bytes_fetched");
@@ -196,24 +170,12 @@ fn lazy_map_seq_and_random_are_byte_exact() {
         assert!(v["object"]["fetch_p50_us"].as_f64().is_some(), "{v}");
     }
     // An eager copy (concurrent GETs) is byte-exact too.
-    let o = run(cli(
+    let v = map_verified(
         w,
-        w.s3_port,
         cache.path(),
-        &[
-            "map",
-            &url("map/b.bin"),
-            "--mode",
-            "eager",
-            "--max-size",
-            "1G",
-            "--no-cache",
-            "--verify",
-            "--json",
-        ],
-    ));
-    let v = json_of(&o);
-    assert_eq!(v["verified"], true, "eager: {v}");
+        "map/b.bin",
+        &["--mode", "eager", "--max-size", "1G", "--no-cache"],
+    );
     assert_eq!(obj(&v, "bytes_fetched"), SIZE as u64, "{v}");
 }
 
@@ -241,23 +203,12 @@ fn a_corrupted_cache_chunk_is_refetched_never_served() {
         .open(&files[0])
         .unwrap();
     t.set_len(100).unwrap();
-    let o = run(cli(
+    let v = map_verified(
         w,
-        w.s3_port,
         cache.path(),
-        &[
-            "map",
-            &url("corrupt/c.bin"),
-            "--mode",
-            "lazy",
-            "--access",
-            "seq",
-            "--verify",
-            "--json",
-        ],
-    ));
-    let v = json_of(&o);
-    assert_eq!(v["verified"], true, "{v}");
+        "corrupt/c.bin",
+        &["--mode", "lazy", "--access", "seq"],
+    );
     assert_eq!(obj(&v, "cache_hits"), 0, "no tampered chunk is served: {v}");
     assert_eq!(obj(&v, "cache_rejected"), files.len() as u64, "{v}");
     assert_eq!(obj(&v, "bytes_fetched"), data.len() as u64, "{v}");

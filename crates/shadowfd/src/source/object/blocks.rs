@@ -64,6 +64,10 @@ pub(super) struct Shared {
     table: Mutex<HashMap<u64, Arc<Slot>>>,
     tick: AtomicU64,
     limit: tokio::sync::Semaphore,
+    /// What guesses (blocks read ahead) take first: one permit fewer than
+    /// `limit`, so a read that waits for its own block waits behind at
+    /// most one round of them.
+    ahead_limit: tokio::sync::Semaphore,
     /// Spawns on the source's runtime.
     handle: tokio::runtime::Handle,
     /// The last failure for good, and when: reads within the cool-down
@@ -81,7 +85,7 @@ impl Shared {
 
     /// Fills the claimed `blocks` (ascending): from the disk cache where it
     /// holds them, the rest with GETs.
-    fn load(self: &Arc<Self>, blocks: Vec<(u64, Arc<Slot>)>) {
+    fn load(self: &Arc<Self>, blocks: Vec<(u64, Arc<Slot>)>, ahead: bool) {
         let mut fetch = Vec::new();
         let c = &self.client.counters;
         for (i, slot) in blocks {
@@ -104,32 +108,36 @@ impl Shared {
                 }
             }
         }
-        self.start(fetch);
+        self.start(fetch, ahead);
     }
 
     /// Starts GETs for `blocks` (ascending), adjacent ones merged up to
     /// the largest request.
-    fn start(self: &Arc<Self>, blocks: Vec<(u64, Arc<Slot>)>) {
+    fn start(self: &Arc<Self>, blocks: Vec<(u64, Arc<Slot>)>, ahead: bool) {
         let per = (self.client.cfg.max_request / self.client.cfg.block).max(1) as usize;
         let mut run: Vec<(u64, Arc<Slot>)> = Vec::new();
         for (i, s) in blocks {
             if run.last().is_some_and(|l| l.0 + 1 != i) || run.len() == per {
-                self.spawn(std::mem::take(&mut run));
+                self.spawn(std::mem::take(&mut run), ahead);
             }
             run.push((i, s));
         }
         if !run.is_empty() {
-            self.spawn(run);
+            self.spawn(run, ahead);
         }
     }
 
-    fn spawn(self: &Arc<Self>, run: Vec<(u64, Arc<Slot>)>) {
+    fn spawn(self: &Arc<Self>, run: Vec<(u64, Arc<Slot>)>, ahead: bool) {
         let sh = self.clone();
         let start = self.block_range(run[0].0).start;
         let end = self.block_range(run[run.len() - 1].0).end;
         let block = self.client.cfg.block;
         let queued = Instant::now();
         self.handle.spawn(async move {
+            let _guess = match ahead {
+                true => sh.ahead_limit.acquire().await.ok(),
+                false => None,
+            };
             let got = match sh.limit.acquire().await {
                 Ok(_permit) => match sh.broken(queued) {
                     Some(e) => Err(e),
@@ -220,6 +228,7 @@ impl Blocks {
                 table: Mutex::new(HashMap::new()),
                 tick: AtomicU64::new(1),
                 limit: tokio::sync::Semaphore::new(permits),
+                ahead_limit: tokio::sync::Semaphore::new(permits.saturating_sub(1).max(1)),
                 handle: rt.handle().clone(),
                 broken: Mutex::new(None),
             }),
@@ -361,9 +370,9 @@ impl Blocks {
         if ahead && sh.cache.is_some() {
             // A guess reads the disk cache off the reader's thread.
             let s2 = sh.clone();
-            sh.handle.spawn_blocking(move || s2.load(mine));
+            sh.handle.spawn_blocking(move || s2.load(mine, true));
         } else {
-            sh.load(mine);
+            sh.load(mine, ahead);
         }
         out
     }

@@ -262,10 +262,11 @@ impl ObjectConfig {
         Ok(())
     }
 
-    /// The longest one block can take before its readers give up: every
-    /// attempt's deadline and backoff, plus a margin.
+    /// The longest one block can take before its readers give up: one
+    /// round of blocks read ahead queued before it, then every attempt's
+    /// deadline and backoff, plus a margin.
     pub fn worst_case(&self) -> Duration {
-        let mut t = self.deadline * (self.retries + 1) + Duration::from_secs(2);
+        let mut t = self.deadline * (self.retries + 2) + Duration::from_secs(2);
         for i in 0..self.retries {
             t += self.backoff_for(i + 1);
         }
@@ -311,6 +312,11 @@ mod tests {
         let c = ObjectConfig::default();
         assert_eq!(c.backoff_for(1), Duration::from_millis(100));
         assert_eq!(c.backoff_for(3), Duration::from_millis(400));
-        assert!(c.worst_case() > c.deadline * 4);
+        // The bounds docs/object-store.md quotes.
+        assert_eq!(c.worst_case(), Duration::from_millis(52_700));
+        let mut c = c;
+        c.deadline = Duration::from_secs(1);
+        c.retries = 1;
+        assert_eq!(c.worst_case(), Duration::from_millis(5_100));
     }
 }
