@@ -9,8 +9,8 @@ mod weed;
 
 use proxy::{Mode, Proxy};
 use serde_json::Value;
-use shadowfd::Source;
 use shadowfd::source::object::{ObjectConfig, ObjectSource};
+use shadowfd::{Source, StalePolicy};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use weed::{BUCKET, Weed};
@@ -464,6 +464,52 @@ fn a_body_cut_mid_way_is_retried_then_fails_then_recovers() {
     std::thread::sleep(Duration::from_millis(1100));
     assert_eq!(src.read_at(&mut buf, 0).unwrap(), buf.len());
     assert!(buf[..] == data[..buf.len()]);
+}
+
+/// The library under `--stale strict` and `detect`: a lazy shadow of an
+/// object overwritten after open keeps the bytes it filled, refuses the
+/// rest (the store answers 412 to the pinned ETag), never serves the new
+/// version, and `staleness` says the identity changed.
+#[test]
+fn an_overwritten_object_is_stale_for_both_policies() {
+    let Some(w) = setup() else { return };
+    for (i, policy) in [StalePolicy::Strict, StalePolicy::Detect]
+        .into_iter()
+        .enumerate()
+    {
+        let key = format!("stale/s{i}.bin");
+        let old = common::pattern(4 << 20, 61 + i as u64);
+        let new = common::pattern(4 << 20, 71 + i as u64);
+        w.put(&key, &old);
+        let mut cfg = ObjectConfig::default();
+        cfg.endpoint = Some(w.endpoint());
+        cfg.credentials = Some((weed::KEY_ID.into(), weed::SECRET.into()));
+        cfg.readahead = 0;
+        let src = ObjectSource::open_with(&url(&key), cfg).unwrap();
+        let mut c = common::config(shadowfd::Mode::Lazy);
+        c.chunk_size = 64 << 10;
+        c.readahead = 0;
+        c.stale = policy;
+        let engine = shadowfd::Engine::new(c).unwrap();
+        let shadow = engine.open(src).unwrap();
+        shadow.populate(0, 256 << 10).unwrap();
+        w.put(&key, &new);
+        let err = shadow.populate(2 << 20, 64 << 10).unwrap_err().to_string();
+        assert!(err.contains("changed"), "{policy:?}: {err}");
+        let mut buf = vec![0u8; 256 << 10];
+        assert_eq!(shadow.read_at(&mut buf, 0).unwrap(), buf.len());
+        assert!(
+            buf[..] == old[..buf.len()],
+            "{policy:?}: the filled part stays the old version"
+        );
+        // Anything not filled before the overwrite is refused, never new.
+        let mut tail = vec![0u8; 64 << 10];
+        assert!(shadow.read_at(&mut tail, 3 << 20).is_err(), "{policy:?}");
+        std::thread::sleep(Duration::from_millis(1100));
+        let st = shadow.staleness().unwrap();
+        assert!(!st.is_unchanged(), "{policy:?}: {st:?}");
+        assert!(shadow.stats().source_changed, "{policy:?}");
+    }
 }
 
 #[test]
