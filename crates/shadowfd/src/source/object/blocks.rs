@@ -213,11 +213,15 @@ impl Drop for Blocks {
 }
 
 impl Blocks {
+    /// The blocks of the version `etag` (of `size` bytes) that `client`
+    /// reads, through `cache`, fetched on `rt`.
     pub fn new(
-        shared: (Client, Option<ChunkCache>, String, u64),
+        client: Client,
+        cache: Option<ChunkCache>,
+        etag: String,
+        size: u64,
         rt: tokio::runtime::Runtime,
     ) -> Blocks {
-        let (client, cache, etag, size) = shared;
         let permits = client.cfg.concurrency;
         Blocks {
             shared: Arc::new(Shared {

@@ -2,11 +2,12 @@
 //! ranged GETs pinned to the version seen at open, through an optional
 //! disk chunk cache.
 //!
-//! - [`url`]: the address and the settings ([`ObjectConfig`]).
-//! - [`client`](self): `object_store`'s S3 client with a deadline per
-//!   request and bounded retries.
-//! - [`cache`](self): the disk chunk cache.
-//! - [`blocks`](self): blocks in memory, fetched concurrently and ahead.
+//! - `url.rs`: the address and the settings ([`ObjectConfig`]).
+//! - `client.rs`: `object_store`'s S3 client with a deadline per request
+//!   and bounded retries.
+//! - `cache.rs`: the disk chunk cache ([`ChunkCache`]).
+//! - `blocks.rs`: blocks in memory, fetched concurrently and ahead.
+//! - `stats.rs`, `error.rs`: what it did, and what went wrong.
 //!
 //! `object_store` is async; each source runs a small private runtime (two
 //! threads) and the [`Source`] methods block on it with bounded waits.
@@ -118,7 +119,7 @@ impl ObjectSource {
             inode: hash64(&[&u.key, &head.etag]),
             kind: FileKind::Regular,
         };
-        let blocks = Blocks::new((client, cache, head.etag.clone(), head.size), rt);
+        let blocks = Blocks::new(client, cache, head.etag.clone(), head.size, rt);
         Ok(ObjectSource {
             blocks,
             name: u.to_string(),
