@@ -75,6 +75,16 @@ fn map_verified(w: &Weed, cache: &std::path::Path, key: &str, extra: &[&str]) ->
     v
 }
 
+/// The library's settings for the store (or a proxy) at `port`, the
+/// credentials in code, no readahead.
+fn library_config(port: u16) -> ObjectConfig {
+    let mut cfg = ObjectConfig::default();
+    cfg.endpoint = Some(format!("http://127.0.0.1:{port}"));
+    cfg.credentials = Some((weed::KEY_ID.into(), weed::SECRET.into()));
+    cfg.readahead = 0;
+    cfg
+}
+
 fn url(key: &str) -> String {
     format!("s3://{BUCKET}/{key}")
 }
@@ -419,10 +429,7 @@ fn five_xx_then_success_is_retried_transparently() {
     let data = common::pattern(4 << 20, 51);
     w.put("retry/r.bin", &data);
     let p = Proxy::start(w.s3_port);
-    let mut cfg = ObjectConfig::default();
-    cfg.endpoint = Some(format!("http://127.0.0.1:{}", p.port));
-    cfg.credentials = Some((weed::KEY_ID.into(), weed::SECRET.into()));
-    cfg.readahead = 0;
+    let cfg = library_config(p.port);
     let src = ObjectSource::open_with(&url("retry/r.bin"), cfg).unwrap();
     p.fail_next(2);
     let mut buf = vec![0u8; data.len()];
@@ -445,10 +452,7 @@ fn a_body_cut_mid_way_is_retried_then_fails_then_recovers() {
     let data = common::pattern(1 << 20, 52);
     w.put("cut/c.bin", &data);
     let p = Proxy::start(w.s3_port);
-    let mut cfg = ObjectConfig::default();
-    cfg.endpoint = Some(format!("http://127.0.0.1:{}", p.port));
-    cfg.credentials = Some((weed::KEY_ID.into(), weed::SECRET.into()));
-    cfg.readahead = 0;
+    let mut cfg = library_config(p.port);
     cfg.retries = 2;
     cfg.deadline = Duration::from_secs(1);
     let src = ObjectSource::open_with(&url("cut/c.bin"), cfg).unwrap();
@@ -485,10 +489,7 @@ fn an_overwritten_object_is_stale_for_both_policies() {
         let old = common::pattern(4 << 20, 61 + i as u64);
         let new = common::pattern(4 << 20, 71 + i as u64);
         w.put(&key, &old);
-        let mut cfg = ObjectConfig::default();
-        cfg.endpoint = Some(w.endpoint());
-        cfg.credentials = Some((weed::KEY_ID.into(), weed::SECRET.into()));
-        cfg.readahead = 0;
+        let cfg = library_config(w.s3_port);
         let src = ObjectSource::open_with(&url(&key), cfg).unwrap();
         let mut c = common::config(shadowfd::Mode::Lazy);
         c.chunk_size = 64 << 10;
