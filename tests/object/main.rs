@@ -123,6 +123,32 @@ fn cat_is_byte_exact_and_a_second_run_comes_from_the_cache() {
     assert_eq!(obj(&v, "cache_misses"), 0, "{v}");
 }
 
+/// Sizes that end mid-block and mid-page, one byte, and an empty object:
+/// byte-exact in both modes, cold and from the cache.
+#[test]
+fn odd_sizes_are_byte_exact() {
+    let Some(w) = setup() else { return };
+    let cache = tempfile::tempdir().unwrap();
+    for (i, size) in [(1 << 20) + 1234, 4097, 1, 0].into_iter().enumerate() {
+        let key = format!("odd/o{i}.bin");
+        let data = common::pattern(size, 80 + i as u64);
+        w.put(&key, &data);
+        for mode in ["lazy", "eager"] {
+            for _ in 0..2 {
+                let o = run(cli(
+                    w,
+                    w.s3_port,
+                    cache.path(),
+                    &["cat", &url(&key), "--mode", mode],
+                ));
+                let err = String::from_utf8_lossy(&o.stderr);
+                assert!(o.status.success(), "{size} {mode}: {err}");
+                assert!(o.stdout == data, "{size} {mode}: other bytes");
+            }
+        }
+    }
+}
+
 /// Several processes fill one cache directory at once: each output is
 /// byte-exact, and a run after them is served from the cache alone.
 #[test]
