@@ -149,6 +149,25 @@ fn odd_sizes_are_byte_exact() {
     }
 }
 
+/// A key with a space, a plus and non-ASCII letters is read as written.
+#[test]
+fn keys_with_spaces_and_unicode_are_read_as_written() {
+    let Some(w) = setup() else { return };
+    let data = common::pattern(300_000, 90);
+    // curl wants the key percent-encoded; the s3:// URL takes it as is.
+    w.put("names/a%20b%2Bc-%C3%A9t%C3%A9.bin", &data);
+    let cache = tempfile::tempdir().unwrap();
+    let o = run(cli(
+        w,
+        w.s3_port,
+        cache.path(),
+        &["cat", &url("names/a b+c-été.bin")],
+    ));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(o.stdout == data);
+}
+
 /// Several processes fill one cache directory at once: each output is
 /// byte-exact, and a run after them is served from the cache alone.
 #[test]
