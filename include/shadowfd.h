@@ -211,6 +211,20 @@ struct shadowfd_shadow *shadowfd_open_image(struct shadowfd_engine *engine,
                                             const char *image,
                                             const char *path_in_image);
 
+// Shadows the object `url` (`s3://BUCKET/KEY`) in an S3-compatible store,
+// configured by the standard AWS variables (`AWS_ENDPOINT_URL`,
+// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+// `AWS_ALLOW_HTTP`) and `SHADOWFD_OBJECT_*`; the disk chunk cache is on
+// when `SHADOWFD_CACHE_SIZE` is set (in `$XDG_CACHE_HOME/shadowfd`).
+// One HEAD pins the object's version; see docs/object-store.md.
+// Otherwise as `shadowfd_open_path`: a bad URL is `-EINVAL`, a missing
+// bucket or key `-ENOENT`, refused credentials `-EACCES`, with the message
+// naming the URL and the fix.
+//
+// # Safety
+// `engine` is NULL or live; `url` is NULL or a NUL-terminated string.
+struct shadowfd_shadow *shadowfd_open_url(struct shadowfd_engine *engine, const char *url);
+
 // Shadows a source whose bytes come from C callbacks (`ops`, see
 // `shadowfd_source_ops` for what each callback must do). `stat` is called
 // once now (the size and identity at open) and again on later fills (to

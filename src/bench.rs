@@ -820,14 +820,11 @@ pub fn run(mut a: BenchArgs) -> CliResult {
     };
 
     let ctx = Ctx {
-        data: DataSource::HostFile(Target {
-            path: host_file.clone(),
-            image: None,
-        }),
+        data: DataSource::HostFile(Target::file(host_file.clone())),
         image_data: image_built.then(|| {
             DataSource::Image(Target {
-                path: PathBuf::from("/bench.bin"),
                 image: Some(image.clone()),
+                ..Target::file(PathBuf::from("/bench.bin"))
             })
         }),
         host_file,

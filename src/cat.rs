@@ -15,7 +15,7 @@ pub struct CatArgs {
 }
 
 pub fn run(a: CatArgs) -> CliResult {
-    let engine = a.common.engine()?;
+    let engine = a.common.engine_for(&a.target)?;
     let shadow = std::sync::Arc::new(a.target.open(&engine)?);
     let map = shadow.map(Share::Private)?;
     sigbus::watch(&map, sigbus::local_cause(shadow.clone()));

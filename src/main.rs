@@ -5,6 +5,7 @@ mod bench;
 mod cat;
 mod client;
 mod map;
+mod object;
 mod probe;
 mod run;
 mod serve;
@@ -14,6 +15,7 @@ mod units;
 
 use clap::{Args, Parser, Subcommand};
 use shadowfd::source::ImageSource;
+use shadowfd::source::object::ObjectUrl;
 use shadowfd::{Config, Engine, FileSource, Mode, Shadow, Source, StalePolicy};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -167,21 +169,66 @@ impl Common {
     pub fn engine(&self) -> shadowfd::Result<Engine> {
         Engine::new(self.config()?)
     }
+
+    /// The engine for `target`: an object source gets a larger fill unit
+    /// and readahead unless a flag or variable sets them.
+    pub fn engine_for(&self, target: &Target) -> shadowfd::Result<Engine> {
+        let mut c = self.config()?;
+        if target.is_object() {
+            if self.tuning.chunk.is_none() && std::env::var_os("SHADOWFD_CHUNK").is_none() {
+                c.chunk_size = object::DEFAULT_CHUNK;
+            }
+            if self.tuning.readahead.is_none() && std::env::var_os("SHADOWFD_READAHEAD").is_none() {
+                c.readahead = object::DEFAULT_READAHEAD;
+            }
+        }
+        Engine::new(c)
+    }
 }
 
-/// Where the bytes come from: a host path, or a path inside an ext2/3/4 image.
+/// Where the bytes come from: a host path, a path inside an ext2/3/4
+/// image, or an object (`s3://BUCKET/KEY`).
 #[derive(Args, Debug, Clone)]
 pub struct Target {
-    /// The file to shadow (with --image: its path inside the image).
+    /// The file to shadow (with --image: its path inside the image), or
+    /// s3://BUCKET/KEY (docs/object-store.md).
     pub path: PathBuf,
     /// Read PATH from inside this ext2/ext3/ext4 image file, in user space.
     #[arg(long, value_name = "IMG")]
     pub image: Option<PathBuf>,
+    #[command(flatten)]
+    pub object: object::ObjectOpts,
 }
 
 impl Target {
+    /// A host path (no image).
+    pub fn file(path: PathBuf) -> Target {
+        Target {
+            path,
+            image: None,
+            object: Default::default(),
+        }
+    }
+
+    /// Whether the target is an object URL.
+    pub fn is_object(&self) -> bool {
+        self.image.is_none() && self.path.to_str().is_some_and(ObjectUrl::is_url)
+    }
+
     /// A fresh source for the target (each call opens it anew).
     pub fn source(&self) -> shadowfd::Result<Arc<dyn Source>> {
+        if self.is_object() {
+            return self.object.open(&self.path.to_string_lossy(), true);
+        }
+        self.source_uncached()
+    }
+
+    /// A fresh source that reads the store itself, never the disk cache
+    /// (what `--verify` compares with).
+    pub fn source_uncached(&self) -> shadowfd::Result<Arc<dyn Source>> {
+        if self.is_object() {
+            return self.object.open(&self.path.to_string_lossy(), false);
+        }
         if let Some(img) = &self.image {
             let src = ImageSource::open(img, &self.path).map_err(|e| shadowfd::Error::Open {
                 path: e.location().into(),

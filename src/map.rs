@@ -65,6 +65,9 @@ struct Report {
     source_changed: bool,
     verified: Option<bool>,
     mismatch_offset: Option<u64>,
+    /// What an s3:// source did: requests, bytes, retries, cache use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    object: Option<shadowfd::source::object::ObjectStats>,
 }
 
 /// Compares the touched pages of `map` with `src`; the first differing offset.
@@ -106,7 +109,7 @@ impl std::fmt::Display for ReportedInJson {
 impl std::error::Error for ReportedInJson {}
 
 pub fn run(a: MapArgs) -> CliResult {
-    let engine = a.common.engine()?;
+    let engine = a.common.engine_for(&a.target)?;
     let shadow = std::sync::Arc::new(a.target.open(&engine)?);
     let share = match a.share {
         ShareArg::Shared => Share::Shared,
@@ -131,8 +134,9 @@ pub fn run(a: MapArgs) -> CliResult {
     let access_us = t.elapsed().as_secs_f64() * 1e6;
     let stats = shadow.stats();
     let resident_bytes = shadow.resident_bytes()?;
+    let object = a.target.object.stats();
     let (verified, mismatch_offset) = if a.verify {
-        let src = a.target.source()?;
+        let src = a.target.source_uncached()?;
         let m = verify(&map, pages(), page, &*src)?;
         (Some(m.is_none()), m)
     } else {
@@ -159,6 +163,7 @@ pub fn run(a: MapArgs) -> CliResult {
         source_changed: stats.source_changed,
         verified,
         mismatch_offset,
+        object,
     };
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -213,6 +218,24 @@ fn print_human(r: &Report) {
             "  errors      {} ({} pages poisoned)",
             r.errors, r.poisoned_pages
         );
+    }
+    if let Some(o) = &r.object {
+        println!(
+            "  fetched     {} in {} requests ({} retries, {} failed); cache {} hits, {} misses, {} refused",
+            h(o.bytes_fetched),
+            o.requests,
+            o.retries,
+            o.failures,
+            o.cache_hits,
+            o.cache_misses,
+            o.cache_rejected
+        );
+        if let (Some(p50), Some(p99)) = (o.fetch_p50_us, o.fetch_p99_us) {
+            println!("  fetch time  p50 {}, p99 {}", fmt_us(p50), fmt_us(p99));
+        }
+        if let Some(e) = &o.last_error {
+            println!("  last error  {e}");
+        }
     }
     if r.source_changed {
         println!("  warning     the source changed after open");

@@ -89,6 +89,7 @@ pub(crate) fn errno_of(e: &Error) -> c_int {
             sfd::Connection::TimedOut => libc::ETIMEDOUT,
             _ => libc::ECONNRESET,
         },
+        Error::Object(o) => io_errno(&o.clone().into_io()),
         _ => libc::EIO,
     }
 }

@@ -324,6 +324,39 @@ pub unsafe extern "C" fn shadowfd_open_image(
     })
 }
 
+/// Shadows the object `url` (`s3://BUCKET/KEY`) in an S3-compatible store,
+/// configured by the standard AWS variables (`AWS_ENDPOINT_URL`,
+/// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+/// `AWS_ALLOW_HTTP`) and `SHADOWFD_OBJECT_*`; the disk chunk cache is on
+/// when `SHADOWFD_CACHE_SIZE` is set (in `$XDG_CACHE_HOME/shadowfd`).
+/// One HEAD pins the object's version; see docs/object-store.md.
+/// Otherwise as `shadowfd_open_path`: a bad URL is `-EINVAL`, a missing
+/// bucket or key `-ENOENT`, refused credentials `-EACCES`, with the message
+/// naming the URL and the fix.
+///
+/// # Safety
+/// `engine` is NULL or live; `url` is NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn shadowfd_open_url(
+    engine: *mut shadowfd_engine,
+    url: *const c_char,
+) -> *mut shadowfd_shadow {
+    const F: &str = "shadowfd_open_url";
+    guard(|| {
+        in_callback_refusal(F)?;
+        // SAFETY: the caller vouches for both pointers.
+        let (e, u) = unsafe { (handle(F, "engine", engine)?, arg_bytes(F, "url", url)?) };
+        let u = std::str::from_utf8(u)
+            .map_err(|_| Failure::einval(format!("{F}: the url is not valid UTF-8")))?;
+        let mut cfg = sfd::source::ObjectConfig::from_env().map_err(sfd::Error::from)?;
+        if std::env::var_os("SHADOWFD_CACHE_SIZE").is_some() {
+            cfg.cache = sfd::source::object::CacheConfig::from_env().map_err(sfd::Error::from)?;
+        }
+        let src = sfd::source::ObjectSource::open_with(u, cfg).map_err(sfd::Error::from)?;
+        Ok(new_shadow(e.inner.open(src)?))
+    })
+}
+
 /// Shadows a source whose bytes come from C callbacks (`ops`, see
 /// `shadowfd_source_ops` for what each callback must do). `stat` is called
 /// once now (the size and identity at open) and again on later fills (to

@@ -123,6 +123,11 @@ pub enum Error {
         /// The server's message.
         message: String,
     },
+    /// An object source could not be opened (`s3://…`): the message names
+    /// the URL and the fix.
+    #[cfg(feature = "object")]
+    #[error(transparent)]
+    Object(#[from] crate::source::object::ObjectError),
     #[error("{context}: {source}")]
     Sys {
         context: String,

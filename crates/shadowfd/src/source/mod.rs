@@ -7,11 +7,15 @@
 mod file;
 #[cfg(feature = "image")]
 pub mod image;
+#[cfg(feature = "object")]
+pub mod object;
 
 pub use file::FileSource;
 pub(crate) use file::{meta_if_named, meta_of};
 #[cfg(feature = "image")]
 pub use image::{ImageAccess, ImageError, ImageSource};
+#[cfg(feature = "object")]
+pub use object::{ObjectConfig, ObjectError, ObjectSource};
 
 use std::io;
 

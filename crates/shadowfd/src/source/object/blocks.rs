@@ -1,0 +1,427 @@
+//! Blocks of the object in memory: fetched on demand or ahead of a
+//! sequential reader, many GETs at once, adjacent blocks merged into one
+//! request, each block waited on with a bound.
+//!
+//! A block is claimed (Pending) by the first reader that wants it; the
+//! others wait on it. The disk cache is asked first; what it lacks is
+//! fetched by tasks on the source's private runtime, at most
+//! [`ObjectConfig::concurrency`] at once. Ready blocks stay in memory up to
+//! [`ObjectConfig::memory`] bytes, least recently used evicted first; a
+//! failed block is dropped from the table once its readers are told, so a
+//! later read tries again.
+
+use super::cache::{ChunkCache, Miss};
+use super::client::Client;
+use super::error::ObjectError;
+use super::stats::ObjectCounters;
+use parking_lot::{Condvar, Mutex};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How many blocks before the last read's end a read may start and still
+/// count as sequential.
+const SEQ_SLACK: u64 = 4;
+
+/// How many claims ago a block counts as used lately.
+const LATELY: u64 = 32;
+
+enum State {
+    Pending,
+    Ready(Arc<Vec<u8>>),
+    Failed(ObjectError),
+}
+
+struct Slot {
+    state: Mutex<State>,
+    cv: Condvar,
+    used: AtomicU64,
+}
+
+impl Slot {
+    fn new() -> Arc<Slot> {
+        Arc::new(Slot {
+            state: Mutex::new(State::Pending),
+            cv: Condvar::new(),
+            used: AtomicU64::new(0),
+        })
+    }
+
+    fn set(&self, s: State) {
+        *self.state.lock() = s;
+        self.cv.notify_all();
+    }
+}
+
+/// The shared part the fetch tasks hold.
+pub(super) struct Shared {
+    pub client: Client,
+    pub cache: Option<ChunkCache>,
+    pub etag: String,
+    pub size: u64,
+    table: Mutex<HashMap<u64, Arc<Slot>>>,
+    tick: AtomicU64,
+    limit: tokio::sync::Semaphore,
+    /// What guesses (blocks read ahead) take first: one permit fewer than
+    /// `limit`, so a read that waits for its own block waits behind at
+    /// most one round of them.
+    ahead_limit: tokio::sync::Semaphore,
+    /// Spawns on the source's runtime.
+    handle: tokio::runtime::Handle,
+    /// The last failure for good, and when: reads within the cool-down
+    /// after it (and fetches queued before it) fail at once with it, so a
+    /// dead store costs one bound, not one per page the engine retries. A
+    /// changed object stays failed.
+    broken: Mutex<Option<(Instant, ObjectError)>>,
+}
+
+impl Shared {
+    fn block_range(&self, i: u64) -> Range<u64> {
+        let b = self.client.cfg.block;
+        i * b..((i + 1) * b).min(self.size)
+    }
+
+    /// Fills the claimed `blocks` (ascending): from the disk cache where it
+    /// holds them, the rest with GETs.
+    fn load(self: &Arc<Self>, blocks: Vec<(u64, Arc<Slot>)>, ahead: bool) {
+        let mut fetch = Vec::new();
+        let c = &self.client.counters;
+        for (i, slot) in blocks {
+            let r = self.block_range(i);
+            let Some(cache) = &self.cache else {
+                fetch.push((i, slot));
+                continue;
+            };
+            match cache.get(i, (r.end - r.start) as usize) {
+                Ok(data) => {
+                    ObjectCounters::add(&c.cache_hits, 1);
+                    slot.set(State::Ready(Arc::new(data)));
+                }
+                Err(miss) => {
+                    if miss == Miss::Refused {
+                        ObjectCounters::add(&c.cache_rejected, 1);
+                    }
+                    ObjectCounters::add(&c.cache_misses, 1);
+                    fetch.push((i, slot));
+                }
+            }
+        }
+        self.start(fetch, ahead);
+    }
+
+    /// Starts GETs for `blocks` (ascending), adjacent ones merged up to
+    /// the largest request.
+    fn start(self: &Arc<Self>, blocks: Vec<(u64, Arc<Slot>)>, ahead: bool) {
+        let per = (self.client.cfg.max_request / self.client.cfg.block).max(1) as usize;
+        let mut run: Vec<(u64, Arc<Slot>)> = Vec::new();
+        for (i, s) in blocks {
+            if run.last().is_some_and(|l| l.0 + 1 != i) || run.len() == per {
+                self.spawn(std::mem::take(&mut run), ahead);
+            }
+            run.push((i, s));
+        }
+        if !run.is_empty() {
+            self.spawn(run, ahead);
+        }
+    }
+
+    fn spawn(self: &Arc<Self>, run: Vec<(u64, Arc<Slot>)>, ahead: bool) {
+        let sh = self.clone();
+        let start = self.block_range(run[0].0).start;
+        let end = self.block_range(run[run.len() - 1].0).end;
+        let block = self.client.cfg.block;
+        let queued = Instant::now();
+        self.handle.spawn(async move {
+            let _guess = match ahead {
+                true => sh.ahead_limit.acquire().await.ok(),
+                false => None,
+            };
+            let got = match sh.limit.acquire().await {
+                Ok(_permit) => match sh.broken(queued) {
+                    Some(e) => Err(e),
+                    None => sh.client.fetch(start, end, &sh.etag).await,
+                },
+                Err(_) => Err(ObjectError::Client {
+                    url: sh.client.url.to_string(),
+                    detail: "the source is closing".into(),
+                }),
+            };
+            match got {
+                Ok(bytes) => {
+                    for (i, slot) in run {
+                        let a = (i * block - start) as usize;
+                        let e = ((i + 1) * block).min(end) - start;
+                        let data = Arc::new(bytes[a..e as usize].to_vec());
+                        slot.set(State::Ready(data.clone()));
+                        if let Some(c) = &sh.cache {
+                            let _ = c.put(i, &data);
+                        }
+                    }
+                }
+                Err(e) => {
+                    let mut b = sh.broken.lock();
+                    if !b
+                        .as_ref()
+                        .is_some_and(|(_, old)| matches!(old, ObjectError::Changed { .. }))
+                    {
+                        *b = Some((Instant::now(), e.clone()));
+                    }
+                    drop(b);
+                    let mut t = sh.table.lock();
+                    for (i, slot) in run {
+                        if t.get(&i).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                            t.remove(&i);
+                        }
+                        slot.set(State::Failed(e.clone()));
+                    }
+                }
+            }
+        });
+    }
+
+    /// The failure a read or fetch started at `since` meets without asking
+    /// the store: a changed object, or a failure after `since` or within
+    /// the cool-down.
+    fn broken(&self, since: Instant) -> Option<ObjectError> {
+        let b = self.broken.lock();
+        let (at, e) = b.as_ref()?;
+        let cool = self.client.cfg.deadline.max(Duration::from_secs(1));
+        (matches!(e, ObjectError::Changed { .. }) || *at > since || at.elapsed() < cool)
+            .then(|| e.clone())
+    }
+}
+
+/// The block table of one source.
+pub(super) struct Blocks {
+    shared: Arc<Shared>,
+    rt: Option<tokio::runtime::Runtime>,
+    /// One past the last block a read asked for, and how many reads in a
+    /// row continued the one before: sequential detection.
+    next: AtomicU64,
+    streak: AtomicU32,
+}
+
+impl Drop for Blocks {
+    fn drop(&mut self) {
+        // Fetches in flight are abandoned, never waited for.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Blocks {
+    /// The blocks of the version `etag` (of `size` bytes) that `client`
+    /// reads, through `cache`, fetched on `rt`.
+    pub fn new(
+        client: Client,
+        cache: Option<ChunkCache>,
+        etag: String,
+        size: u64,
+        rt: tokio::runtime::Runtime,
+    ) -> Blocks {
+        let permits = client.cfg.concurrency;
+        Blocks {
+            shared: Arc::new(Shared {
+                client,
+                cache,
+                etag,
+                size,
+                table: Mutex::new(HashMap::new()),
+                tick: AtomicU64::new(1),
+                limit: tokio::sync::Semaphore::new(permits),
+                ahead_limit: tokio::sync::Semaphore::new(permits.saturating_sub(1).max(1)),
+                handle: rt.handle().clone(),
+                broken: Mutex::new(None),
+            }),
+            rt: Some(rt),
+            next: AtomicU64::new(u64::MAX),
+            streak: AtomicU32::new(0),
+        }
+    }
+
+    /// A HEAD of the object now, on the source's runtime.
+    pub fn head(&self) -> Result<super::client::Head, ObjectError> {
+        match &self.rt {
+            Some(rt) => rt.block_on(self.shared.client.head()),
+            None => unreachable!("the runtime lives as long as the blocks"),
+        }
+    }
+
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    fn block(&self) -> u64 {
+        self.shared.client.cfg.block
+    }
+
+    fn nblocks(&self) -> u64 {
+        self.shared.size.div_ceil(self.block())
+    }
+
+    fn block_range(&self, i: u64) -> Range<u64> {
+        let b = self.block();
+        i * b..((i + 1) * b).min(self.shared.size)
+    }
+
+    /// Copies `buf.len()` bytes at `offset` (within the object) from the
+    /// blocks, fetching what is missing. Every wait is bounded.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), ObjectError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if let Some(e) = self.shared.broken(Instant::now()) {
+            return Err(e);
+        }
+        let b = self.block();
+        let first = offset / b;
+        let last = (offset + buf.len() as u64 - 1) / b;
+        let slots = self.claim(first..last + 1, false);
+        self.ahead(first, last);
+        let deadline = Instant::now() + self.shared.client.cfg.worst_case();
+        for (i, slot) in (first..=last).zip(slots) {
+            let data = self.wait(&slot, i, deadline)?;
+            let r = self.block_range(i);
+            let from = offset.max(r.start);
+            let to = (offset + buf.len() as u64).min(r.end);
+            buf[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&data[(from - r.start) as usize..(to - r.start) as usize]);
+        }
+        Ok(())
+    }
+
+    /// Sequential reads start fetching the next blocks: from the second
+    /// read in a row that continues the last, a window that doubles with
+    /// each such read, up to the readahead.
+    fn ahead(&self, first: u64, last: u64) {
+        let prev = self.next.swap(last + 1, Ordering::Relaxed);
+        let max = self.shared.client.cfg.readahead / self.block();
+        // Near where the last read ended, or right after a block used
+        // lately: the engine's own readahead runs on several threads, so a
+        // stream's reads arrive out of order.
+        let seq = (prev != u64::MAX && first + SEQ_SLACK >= prev && first <= prev + 1)
+            || (first > 0 && self.used_lately(first - 1));
+        if !seq {
+            self.streak.store(0, Ordering::Relaxed);
+            return;
+        }
+        let streak = self.streak.fetch_add(1, Ordering::Relaxed) + 1;
+        if max == 0 || streak < 2 {
+            return;
+        }
+        let window = (2u64 << streak.min(20)).min(max);
+        let end = (last + 1 + window).min(self.nblocks());
+        if last + 1 < end {
+            self.claim(last + 1..end, true);
+        }
+    }
+
+    /// Whether block `i` is in memory and was asked for in the last
+    /// [`LATELY`] claims.
+    fn used_lately(&self, i: u64) -> bool {
+        let now = self.shared.tick.load(Ordering::Relaxed);
+        let t = self.shared.table.lock();
+        t.get(&i)
+            .is_some_and(|s| now.saturating_sub(s.used.load(Ordering::Relaxed)) <= LATELY)
+    }
+
+    /// The slots of `range`, claiming and starting what nobody holds.
+    /// `ahead`: a guess; skip when memory is short.
+    fn claim(&self, range: Range<u64>, ahead: bool) -> Vec<Arc<Slot>> {
+        let sh = &self.shared;
+        let tick = sh.tick.fetch_add(1, Ordering::Relaxed);
+        let cap = (sh.client.cfg.memory / self.block()).max(range.end - range.start + 8);
+        let mut out = Vec::with_capacity((range.end - range.start) as usize);
+        let mut mine = Vec::new();
+        {
+            let mut t = sh.table.lock();
+            // Room first: drop blocks read already (least recently used).
+            // A guess that still finds no room (all in flight) is skipped.
+            let new = range.clone().filter(|i| !t.contains_key(i)).count() as u64;
+            if t.len() as u64 + new > cap {
+                evict(&mut t, cap.saturating_sub(new), &range);
+            }
+            if ahead && t.len() as u64 + new > cap {
+                return out;
+            }
+            for i in range.clone() {
+                let slot = t
+                    .entry(i)
+                    .or_insert_with(|| {
+                        mine.push(i);
+                        Slot::new()
+                    })
+                    .clone();
+                if mine.last().is_none_or(|&m| m != i) {
+                    ObjectCounters::add(&sh.client.counters.memory_hits, u64::from(!ahead));
+                }
+                slot.used.store(tick, Ordering::Relaxed);
+                out.push(slot);
+            }
+        }
+        let mine: Vec<(u64, Arc<Slot>)> = range
+            .clone()
+            .zip(out.iter())
+            .filter(|(i, _)| mine.contains(i))
+            .map(|(i, s)| (i, s.clone()))
+            .collect();
+        if mine.is_empty() {
+            return out;
+        }
+        if ahead && sh.cache.is_some() {
+            // A guess reads the disk cache off the reader's thread.
+            let s2 = sh.clone();
+            sh.handle.spawn_blocking(move || s2.load(mine, true));
+        } else {
+            sh.load(mine, ahead);
+        }
+        out
+    }
+
+    /// Waits for `slot` (block `i`) until it is ready or failed, at most
+    /// until `deadline`.
+    fn wait(&self, slot: &Slot, i: u64, deadline: Instant) -> Result<Arc<Vec<u8>>, ObjectError> {
+        let mut s = slot.state.lock();
+        loop {
+            match &*s {
+                State::Ready(d) => return Ok(d.clone()),
+                State::Failed(e) => return Err(e.clone()),
+                State::Pending => {
+                    if slot.cv.wait_until(&mut s, deadline).timed_out() {
+                        let c = &self.shared.client;
+                        let r = self.block_range(i);
+                        let e = ObjectError::Failed {
+                            url: c.url.to_string(),
+                            endpoint: c.endpoint.clone(),
+                            start: r.start,
+                            end: r.end,
+                            attempts: c.cfg.retries + 1,
+                            deadline_ms: c.cfg.deadline.as_millis() as u64,
+                            detail: "no answer within every attempt's deadline".into(),
+                        };
+                        c.counters.failed(e.to_string());
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Drops the least recently used ready (or failed) blocks outside `keep`
+/// until the table holds at most `cap`.
+fn evict(t: &mut HashMap<u64, Arc<Slot>>, cap: u64, keep: &Range<u64>) {
+    let mut ready: Vec<(u64, u64)> = t
+        .iter()
+        .filter(|(i, s)| !keep.contains(i) && !matches!(*s.state.lock(), State::Pending))
+        .map(|(i, s)| (s.used.load(Ordering::Relaxed), *i))
+        .collect();
+    ready.sort_unstable();
+    let over = (t.len() as u64).saturating_sub(cap) as usize;
+    for (_, i) in ready.into_iter().take(over) {
+        t.remove(&i);
+    }
+}

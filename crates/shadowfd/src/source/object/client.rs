@@ -1,0 +1,348 @@
+//! The S3 client: `object_store`'s Amazon S3 store, with our own deadline
+//! per request and bounded retries with backoff, so that every failure is
+//! counted and no wait is unbounded. `object_store` retries nothing itself.
+
+use super::error::ObjectError;
+use super::stats::ObjectCounters;
+use super::url::{ObjectConfig, ObjectUrl};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::path::Path as ObjPath;
+use object_store::{
+    ClientConfigKey, GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt, RetryConfig,
+};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What the open's HEAD found: the version every read is pinned to.
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub size: u64,
+    pub etag: String,
+    /// Seconds and nanoseconds since the epoch.
+    pub last_modified: (i64, i64),
+}
+
+/// One bucket's store, and the key read. Shared by the tasks that fetch;
+/// holds no runtime (tasks may drop it on a runtime thread).
+pub(super) struct Client {
+    store: AmazonS3,
+    path: ObjPath,
+    pub url: ObjectUrl,
+    pub endpoint: String,
+    pub cfg: ObjectConfig,
+    pub counters: Arc<ObjectCounters>,
+}
+
+/// Whether credentials, or an explicit way to find them, are in the
+/// environment. Without them `object_store` would ask the cloud instance
+/// metadata service, an address outside this machine: refused instead.
+fn credentials_given() -> bool {
+    let set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
+    let truthy = |k: &str| {
+        std::env::var(k).is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true"))
+    };
+    set("AWS_ACCESS_KEY_ID")
+        || truthy("AWS_SKIP_SIGNATURE")
+        || set("AWS_WEB_IDENTITY_TOKEN_FILE")
+        || set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        || set("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+        || set("AWS_METADATA_ENDPOINT")
+}
+
+/// Whether a failure may pass if tried again: anything but an answer that
+/// will not change (missing, refused, precondition failed).
+fn transient(e: &object_store::Error) -> bool {
+    use object_store::Error as E;
+    !matches!(
+        e,
+        E::NotFound { .. }
+            | E::Precondition { .. }
+            | E::NotModified { .. }
+            | E::PermissionDenied { .. }
+            | E::Unauthenticated { .. }
+            | E::InvalidPath { .. }
+            | E::NotSupported { .. }
+            | E::NotImplemented { .. }
+    )
+}
+
+/// The error's text with its sources, on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+impl Client {
+    /// A client for `url`, configured from the standard AWS variables.
+    pub fn new(url: &ObjectUrl, cfg: &ObjectConfig) -> Result<Client, ObjectError> {
+        let u = url.to_string();
+        if cfg.credentials.is_none() && !credentials_given() {
+            return Err(ObjectError::NoCredentials { url: u });
+        }
+        let mut b = AmazonS3Builder::from_env();
+        if let Some(e) = &cfg.endpoint {
+            b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
+        }
+        if let Some((id, secret)) = &cfg.credentials {
+            b = b.with_access_key_id(id).with_secret_access_key(secret);
+        }
+        let b = b
+            .with_bucket_name(&url.bucket)
+            .with_retry(RetryConfig {
+                max_retries: 0,
+                retry_timeout: cfg.deadline,
+                ..RetryConfig::default()
+            })
+            .with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+                format!("{}ms", cfg.deadline.as_millis()),
+            )
+            .with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                format!("{}ms", cfg.deadline.as_millis().min(5000)),
+            );
+        let endpoint = b
+            .get_config_value(&AmazonS3ConfigKey::Endpoint)
+            .unwrap_or_else(|| {
+                let region = b
+                    .get_config_value(&AmazonS3ConfigKey::Region)
+                    .unwrap_or_else(|| "us-east-1".into());
+                format!("https://s3.{region}.amazonaws.com")
+            });
+        let store = b.build().map_err(|e| ObjectError::Client {
+            url: u.clone(),
+            detail: chain(&e),
+        })?;
+        let path = ObjPath::parse(&url.key).unwrap_or_else(|_| ObjPath::from(url.key.as_str()));
+        Ok(Client {
+            store,
+            path,
+            url: url.clone(),
+            endpoint,
+            cfg: cfg.clone(),
+            counters: Arc::new(ObjectCounters::default()),
+        })
+    }
+
+    fn url_s(&self) -> String {
+        self.url.to_string()
+    }
+
+    /// One HEAD (retried on transient failures): size, ETag, last-modified.
+    /// A missing object is told apart from a missing bucket with one
+    /// listing, so the error names which.
+    pub async fn head(&self) -> Result<Head, ObjectError> {
+        let meta = self
+            .with_retries(None::<fn(&ObjectMeta) -> u64>, || {
+                self.store.head(&self.path)
+            })
+            .await;
+        let meta: ObjectMeta = match meta {
+            Ok(m) => m,
+            Err(Fail::Store(object_store::Error::NotFound { .. })) => {
+                return Err(self.why_missing().await);
+            }
+            Err(f) => return Err(self.explain(f, 0, 0)),
+        };
+        let etag = meta
+            .e_tag
+            .clone()
+            .ok_or(ObjectError::NoEtag { url: self.url_s() })?;
+        Ok(Head {
+            size: meta.size,
+            etag,
+            last_modified: (
+                meta.last_modified.timestamp(),
+                meta.last_modified.timestamp_subsec_nanos() as i64,
+            ),
+        })
+    }
+
+    /// After a HEAD found nothing: is it the bucket, the key, or a prefix?
+    async fn why_missing(&self) -> ObjectError {
+        let prefix = ObjPath::from(self.url.key.as_str());
+        let listed = tokio::time::timeout(
+            self.cfg.deadline,
+            self.store.list_with_delimiter(Some(&prefix)),
+        )
+        .await;
+        match listed {
+            Ok(Ok(l)) if !l.objects.is_empty() || !l.common_prefixes.is_empty() => {
+                ObjectError::IsPrefix {
+                    url: self.url_s(),
+                    key: self.url.key.clone(),
+                }
+            }
+            Ok(Ok(_)) => ObjectError::NoKey {
+                url: self.url_s(),
+                bucket: self.url.bucket.clone(),
+                key: self.url.key.clone(),
+                endpoint: self.endpoint.clone(),
+            },
+            Ok(Err(
+                e @ (object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }),
+            )) => ObjectError::Denied {
+                url: self.url_s(),
+                endpoint: self.endpoint.clone(),
+                detail: chain(&e),
+            },
+            _ => ObjectError::NoBucket {
+                url: self.url_s(),
+                bucket: self.url.bucket.clone(),
+                endpoint: self.endpoint.clone(),
+            },
+        }
+    }
+
+    /// Bytes `start..end` of the version `etag`, with `If-Match`. A `412`,
+    /// or an answer from another version, is [`ObjectError::Changed`].
+    pub async fn fetch(&self, start: u64, end: u64, etag: &str) -> Result<Vec<u8>, ObjectError> {
+        let got = self
+            .with_retries(Some(|(b, _): &(Vec<u8>, _)| b.len() as u64), || async {
+                let opts = GetOptions {
+                    if_match: Some(etag.to_string()),
+                    range: Some(GetRange::Bounded(start..end)),
+                    ..GetOptions::default()
+                };
+                let r = self.store.get_opts(&self.path, opts).await?;
+                let theirs = r.meta.e_tag.clone();
+                let body = r.bytes().await?;
+                Ok((body.to_vec(), theirs))
+            })
+            .await;
+        match got {
+            Ok((body, theirs)) => {
+                if theirs.as_deref().is_some_and(|t| t != etag) {
+                    return Err(self.changed(etag, format!("ETag {}", theirs.unwrap_or_default())));
+                }
+                if body.len() as u64 != end - start {
+                    // A 200 with the whole object (the range ignored) or a
+                    // short body: never served as these bytes.
+                    let e = ObjectError::Failed {
+                        url: self.url_s(),
+                        endpoint: self.endpoint.clone(),
+                        start,
+                        end,
+                        attempts: 1,
+                        deadline_ms: self.cfg.deadline.as_millis() as u64,
+                        detail: format!("the store sent {} bytes", body.len()),
+                    };
+                    self.counters.failed(e.to_string());
+                    return Err(e);
+                }
+                Ok(body)
+            }
+            Err(Fail::Store(object_store::Error::Precondition { .. })) => {
+                Err(self.changed(etag, "412 Precondition Failed".into()))
+            }
+            Err(Fail::Store(object_store::Error::NotFound { .. })) => {
+                Err(self.changed(etag, "404: the object is gone".into()))
+            }
+            Err(f) => {
+                let e = self.explain(f, start, end);
+                self.counters.failed(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    fn changed(&self, etag: &str, how: String) -> ObjectError {
+        let e = ObjectError::Changed {
+            url: self.url_s(),
+            etag: etag.to_string(),
+            how,
+        };
+        self.counters.failed(e.to_string());
+        e
+    }
+
+    fn explain(&self, f: Fail, start: u64, end: u64) -> ObjectError {
+        let detail = match f {
+            Fail::Store(
+                e @ (object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }),
+            ) => {
+                return ObjectError::Denied {
+                    url: self.url_s(),
+                    endpoint: self.endpoint.clone(),
+                    detail: chain(&e),
+                };
+            }
+            Fail::Store(e) => chain(&e),
+            Fail::Deadline => format!(
+                "no complete answer within the deadline of {} ms",
+                self.cfg.deadline.as_millis()
+            ),
+        };
+        ObjectError::Failed {
+            url: self.url_s(),
+            endpoint: self.endpoint.clone(),
+            start,
+            end,
+            attempts: self.cfg.retries + 1,
+            deadline_ms: self.cfg.deadline.as_millis() as u64,
+            detail,
+        }
+    }
+
+    /// Runs `op` with the deadline, retrying transient failures with
+    /// backoff. A GET (`len` given: its answer's size) counts its requests,
+    /// retries, bytes and latency; a HEAD counts nothing.
+    async fn with_retries<T, L, F, Fut>(&self, len: Option<L>, op: F) -> Result<T, Fail>
+    where
+        L: Fn(&T) -> u64,
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = object_store::Result<T>>,
+    {
+        let c = &self.counters;
+        let get = len.is_some();
+        let mut last = Fail::Deadline;
+        for attempt in 0..=self.cfg.retries {
+            if attempt > 0 {
+                if get {
+                    ObjectCounters::add(&c.retries, 1);
+                }
+                tokio::time::sleep(self.cfg.backoff_for(attempt)).await;
+            }
+            if get {
+                ObjectCounters::add(&c.requests, 1);
+            }
+            let t = Instant::now();
+            match tokio::time::timeout(self.cfg.deadline, op()).await {
+                Ok(Ok(v)) => {
+                    if let Some(len) = &len {
+                        ObjectCounters::add(&c.bytes_fetched, len(&v));
+                        c.latency(t.elapsed().as_micros() as u64);
+                    }
+                    return Ok(v);
+                }
+                Ok(Err(e)) if !transient(&e) => return Err(Fail::Store(e)),
+                Ok(Err(e)) => last = Fail::Store(e),
+                Err(_) => last = Fail::Deadline,
+            }
+        }
+        Err(last)
+    }
+}
+
+/// Why an attempt (the last one) failed.
+enum Fail {
+    Store(object_store::Error),
+    Deadline,
+}
+
+impl From<object_store::Error> for Fail {
+    fn from(e: object_store::Error) -> Fail {
+        Fail::Store(e)
+    }
+}

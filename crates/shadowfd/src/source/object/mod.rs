@@ -1,0 +1,211 @@
+//! Objects in an S3-compatible object store (`s3://BUCKET/KEY`), read with
+//! ranged GETs pinned to the version seen at open, through an optional
+//! disk chunk cache.
+//!
+//! - `url.rs`: the address and the settings ([`ObjectConfig`]).
+//! - `client.rs`: `object_store`'s S3 client with a deadline per request
+//!   and bounded retries.
+//! - `cache.rs`: the disk chunk cache ([`ChunkCache`]).
+//! - `blocks.rs`: blocks in memory, fetched concurrently and ahead.
+//! - `stats.rs`, `error.rs`: what it did, and what went wrong.
+//!
+//! `object_store` is async; each source runs a small private runtime (two
+//! threads) and the [`Source`] methods block on it with bounded waits.
+//! See docs/object-store.md.
+
+mod blocks;
+mod cache;
+mod client;
+mod error;
+mod stats;
+mod url;
+
+pub use cache::ChunkCache;
+pub use error::ObjectError;
+pub use stats::{ObjectCounters, ObjectStats};
+pub use url::{CacheConfig, DEFAULT_CACHE_SIZE, ObjectConfig, ObjectUrl};
+
+use super::{FileKind, Source, SourceMeta, Timestamp};
+use blocks::Blocks;
+use client::{Client, Head};
+use parking_lot::Mutex;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long the open's HEAD answers [`Source::metadata`] before it asks
+/// again.
+const HEAD_FRESH: Duration = Duration::from_secs(1);
+
+/// An object in an S3-compatible store, as a [`Source`].
+///
+/// Open does one HEAD and pins the object's ETag: every ranged GET carries
+/// `If-Match` with it, so the bytes served all come from that one version.
+/// Once the store says the object changed (`412`, another ETag, or gone),
+/// reads fail and [`Source::fill_metadata`] reports another identity, so a
+/// lazy shadow sees the change through its staleness policy.
+pub struct ObjectSource {
+    blocks: Blocks,
+    name: String,
+    meta: SourceMeta,
+    changed: AtomicBool,
+    /// The last HEAD, and when.
+    last_head: Mutex<(Instant, Head)>,
+}
+
+impl std::fmt::Debug for ObjectSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectSource")
+            .field("name", &self.name)
+            .field("meta", &self.meta)
+            .finish_non_exhaustive()
+    }
+}
+
+fn hash64(parts: &[&str]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(parts.join("\0").as_bytes())
+}
+
+impl ObjectSource {
+    /// Opens `url` (`s3://BUCKET/KEY`) with the settings from
+    /// [`ObjectConfig::from_env`] and no disk cache.
+    pub fn open(url: &str) -> Result<ObjectSource, ObjectError> {
+        ObjectSource::open_with(url, ObjectConfig::from_env()?)
+    }
+
+    /// Opens `url` with `cfg`: one HEAD, naming the URL and the fix if the
+    /// credentials, the bucket or the key are wrong.
+    pub fn open_with(url: &str, cfg: ObjectConfig) -> Result<ObjectSource, ObjectError> {
+        cfg.validate()?;
+        let u = ObjectUrl::parse(url)?;
+        let client = Client::new(&u, &cfg)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("shadowfd-object")
+            .enable_all()
+            .build()
+            .map_err(|e| ObjectError::Client {
+                url: url.to_string(),
+                detail: format!("starting its runtime: {e}"),
+            })?;
+        let head = rt.block_on(client.head())?;
+        let cache = match &cfg.cache {
+            Some(c) => Some(
+                ChunkCache::open(
+                    &c.dir,
+                    c.max_bytes,
+                    [&client.endpoint, &u.bucket, &u.key, &head.etag],
+                )
+                .map_err(|e| ObjectError::Config {
+                    what: "the cache directory",
+                    value: c.dir.display().to_string(),
+                    why: format!(
+                        "{e}; choose a writable directory (XDG_CACHE_HOME) or turn the cache off"
+                    ),
+                })?,
+            ),
+            None => None,
+        };
+        let t = Timestamp {
+            sec: head.last_modified.0,
+            nsec: head.last_modified.1,
+        };
+        let meta = SourceMeta {
+            size: head.size,
+            mtime: t,
+            ctime: t,
+            device: hash64(&[&client.endpoint, &u.bucket]),
+            inode: hash64(&[&u.key, &head.etag]),
+            kind: FileKind::Regular,
+        };
+        let blocks = Blocks::new(client, cache, head.etag.clone(), head.size, rt);
+        Ok(ObjectSource {
+            blocks,
+            name: u.to_string(),
+            meta,
+            changed: AtomicBool::new(false),
+            last_head: Mutex::new((Instant::now(), head)),
+        })
+    }
+
+    /// The ETag every read is pinned to.
+    pub fn etag(&self) -> &str {
+        &self.blocks.shared().etag
+    }
+
+    /// The endpoint requests go to.
+    pub fn endpoint(&self) -> &str {
+        &self.blocks.shared().client.endpoint
+    }
+
+    /// The live counters (share them to report after the source is gone).
+    pub fn counters(&self) -> Arc<ObjectCounters> {
+        self.blocks.shared().client.counters.clone()
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> ObjectStats {
+        self.blocks.shared().client.counters.snapshot()
+    }
+
+    /// The metadata with another identity: what a changed object reports.
+    fn changed_meta(&self) -> SourceMeta {
+        SourceMeta {
+            inode: !self.meta.inode,
+            ..self.meta.clone()
+        }
+    }
+}
+
+impl Source for ObjectSource {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let size = self.meta.size;
+        if offset >= size || buf.is_empty() {
+            return Ok(0);
+        }
+        let n = buf.len().min((size - offset) as usize);
+        match self.blocks.read(&mut buf[..n], offset) {
+            Ok(()) => Ok(n),
+            Err(e) => {
+                if matches!(e, ObjectError::Changed { .. }) {
+                    self.changed.store(true, Ordering::Relaxed);
+                }
+                Err(e.into_io())
+            }
+        }
+    }
+
+    /// A HEAD, unless the last one is under a second old. An object that
+    /// is gone answers `NotFound`; one with another ETag, another identity.
+    fn metadata(&self) -> io::Result<SourceMeta> {
+        if self.changed.load(Ordering::Relaxed) {
+            return Ok(self.changed_meta());
+        }
+        let mut last = self.last_head.lock();
+        if last.0.elapsed() > HEAD_FRESH {
+            let head = self.blocks.head().map_err(ObjectError::into_io)?;
+            *last = (Instant::now(), head);
+        }
+        let head = &last.1;
+        if head.etag != self.etag() || head.size != self.meta.size {
+            self.changed.store(true, Ordering::Relaxed);
+            return Ok(self.changed_meta());
+        }
+        Ok(self.meta.clone())
+    }
+
+    /// No request: the metadata at open, or another identity once a read
+    /// found the object changed.
+    fn fill_metadata(&self) -> io::Result<SourceMeta> {
+        if self.changed.load(Ordering::Relaxed) {
+            Ok(self.changed_meta())
+        } else {
+            Ok(self.meta.clone())
+        }
+    }
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+}

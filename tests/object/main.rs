@@ -1,0 +1,623 @@
+//! Object sources (`s3://`) against a real SeaweedFS gateway, with a fault
+//! proxy in between where a test needs one. Every check is byte-exact
+//! against the uploaded data. `cargo test --release --test object`.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod proxy;
+mod weed;
+
+use proxy::{Mode, Proxy};
+use serde_json::Value;
+use shadowfd::source::object::{ObjectConfig, ObjectSource};
+use shadowfd::{Source, StalePolicy};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use weed::{BUCKET, Weed};
+
+/// The object size the scans use: big enough for many blocks, readahead
+/// and concurrency; small enough to keep the suite fast.
+const SIZE: usize = 64 << 20;
+
+/// What the tests need: the shared gateway and lazy shadows. `None`: skip
+/// (only where neither is required).
+fn setup() -> Option<&'static Weed> {
+    if !common::lazy_available() {
+        return None;
+    }
+    weed::shared()
+}
+
+/// A `shadowfd` child reaching the store at `port`, its cache in `cache`.
+fn cli(w: &Weed, port: u16, cache: &std::path::Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_shadowfd"));
+    c.args(args)
+        .env_remove("SHADOWFD_CACHE_SIZE")
+        .env("XDG_CACHE_HOME", cache)
+        .stdin(Stdio::null());
+    for (k, v) in w.env(port) {
+        c.env(k, v);
+    }
+    c
+}
+
+fn run(mut c: Command) -> Output {
+    c.output().expect("shadowfd runs")
+}
+
+fn json_of(o: &Output) -> Value {
+    let text = String::from_utf8_lossy(&o.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {text}\nstderr: {}",
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })
+}
+
+fn obj(v: &Value, k: &str) -> u64 {
+    v["object"][k]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no object.{k} in {v}"))
+}
+
+/// `shadowfd map URL --verify --json EXTRA…` against the gateway: the
+/// report, once it says every touched byte equals the object.
+fn map_verified(w: &Weed, cache: &std::path::Path, key: &str, extra: &[&str]) -> Value {
+    let u = url(key);
+    let mut args = vec!["map", u.as_str(), "--verify", "--json"];
+    args.extend_from_slice(extra);
+    let o = run(cli(w, w.s3_port, cache, &args));
+    let v = json_of(&o);
+    assert!(o.status.success(), "{args:?}: {v}");
+    assert_eq!(v["verified"], true, "{args:?}: {v}");
+    v
+}
+
+/// The library's settings for the store (or a proxy) at `port`, the
+/// credentials in code, no readahead.
+fn library_config(port: u16) -> ObjectConfig {
+    let mut cfg = ObjectConfig::default();
+    cfg.endpoint = Some(format!("http://127.0.0.1:{port}"));
+    cfg.credentials = Some((weed::KEY_ID.into(), weed::SECRET.into()));
+    cfg.readahead = 0;
+    cfg
+}
+
+fn url(key: &str) -> String {
+    format!("s3://{BUCKET}/{key}")
+}
+
+/// Asserts `out` is a prefix of `data` (never bytes of another version).
+fn assert_prefix(out: &[u8], data: &[u8], what: &str) {
+    assert!(
+        out.len() <= data.len(),
+        "{what}: more bytes than the object"
+    );
+    if let Some(i) = common::first_diff(out, &data[..out.len()]) {
+        panic!("{what}: byte {i} differs from the object it was opened as");
+    }
+}
+
+#[test]
+fn cat_is_byte_exact_and_a_second_run_comes_from_the_cache() {
+    let Some(w) = setup() else { return };
+    let data = common::pattern(SIZE, 11);
+    w.put("cat/a.bin", &data);
+    let cache = tempfile::tempdir().unwrap();
+    let o = run(cli(w, w.s3_port, cache.path(), &["cat", &url("cat/a.bin")]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.stdout.len(), data.len());
+    assert!(o.stdout == data, "cat output differs from the object");
+
+    // Every block is cached now: a lazy random map fetches nothing.
+    let v = map_verified(
+        w,
+        cache.path(),
+        "cat/a.bin",
+        &["--mode", "lazy", "--access", "random:0.01"],
+    );
+    assert_eq!(obj(&v, "requests"), 0, "a warm cache sends no GET: {v}");
+    assert!(obj(&v, "cache_hits") > 0, "{v}");
+    assert_eq!(obj(&v, "cache_misses"), 0, "{v}");
+}
+
+/// Sizes that end mid-block and mid-page, one byte, and an empty object:
+/// byte-exact in both modes, cold and from the cache.
+#[test]
+fn odd_sizes_are_byte_exact() {
+    let Some(w) = setup() else { return };
+    let cache = tempfile::tempdir().unwrap();
+    for (i, size) in [(1 << 20) + 1234, 4097, 1, 0].into_iter().enumerate() {
+        let key = format!("odd/o{i}.bin");
+        let data = common::pattern(size, 80 + i as u64);
+        w.put(&key, &data);
+        for mode in ["lazy", "eager"] {
+            for _ in 0..2 {
+                let o = run(cli(
+                    w,
+                    w.s3_port,
+                    cache.path(),
+                    &["cat", &url(&key), "--mode", mode],
+                ));
+                let err = String::from_utf8_lossy(&o.stderr);
+                assert!(o.status.success(), "{size} {mode}: {err}");
+                assert!(o.stdout == data, "{size} {mode}: other bytes");
+            }
+        }
+    }
+}
+
+/// A key with a space, a plus and non-ASCII letters is read as written.
+#[test]
+fn keys_with_spaces_and_unicode_are_read_as_written() {
+    let Some(w) = setup() else { return };
+    let data = common::pattern(300_000, 90);
+    // curl wants the key percent-encoded; the s3:// URL takes it as is.
+    w.put("names/a%20b%2Bc-%C3%A9t%C3%A9.bin", &data);
+    let cache = tempfile::tempdir().unwrap();
+    let o = run(cli(
+        w,
+        w.s3_port,
+        cache.path(),
+        &["cat", &url("names/a b+c-été.bin")],
+    ));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(o.stdout == data);
+}
+
+/// Several processes fill one cache directory at once: each output is
+/// byte-exact, and a run after them is served from the cache alone.
+#[test]
+fn processes_sharing_the_cache_all_read_the_right_bytes() {
+    let Some(w) = setup() else { return };
+    let data = common::pattern(16 << 20, 14);
+    w.put("shared/s.bin", &data);
+    let cache = tempfile::tempdir().unwrap();
+    let kids: Vec<_> = (0..3)
+        .map(|_| {
+            let mut c = cli(w, w.s3_port, cache.path(), &["cat", &url("shared/s.bin")]);
+            c.stdout(Stdio::piped()).stderr(Stdio::piped());
+            c.spawn().unwrap()
+        })
+        .collect();
+    for k in kids {
+        let o = k.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(o.stdout == data, "a concurrent cat read other bytes");
+    }
+    let v = map_verified(w, cache.path(), "shared/s.bin", &["--access", "seq"]);
+    assert_eq!(obj(&v, "requests"), 0, "{v}");
+    assert_eq!(obj(&v, "cache_rejected"), 0, "{v}");
+}
+
+#[test]
+fn lazy_map_seq_and_random_are_byte_exact() {
+    let Some(w) = setup() else { return };
+    let data = common::pattern(SIZE, 12);
+    w.put("map/b.bin", &data);
+    let cache = tempfile::tempdir().unwrap();
+    for access in ["seq", "random:0.01"] {
+        let v = map_verified(
+            w,
+            cache.path(),
+            "map/b.bin",
+            &["--mode", "lazy", "--no-cache", "--access", access],
+        );
+        assert_eq!(v["mode"], "lazy");
+        assert!(obj(&v, "requests") > 0, "{v}");
+        let fetched = obj(&v, "bytes_fetched");
+        if access == "seq" {
+            // Each byte once, give or take a block read ahead and dropped
+            // from memory before it was used.
+            assert!(
+                (SIZE as u64..=SIZE as u64 * 11 / 10).contains(&fetched),
+                "seq fetches each byte about once: {v}"
+            );
+            // Adjacent blocks (256 KiB) are merged into larger GETs.
+            let blocks = SIZE as u64 / (256 << 10);
+            assert!(obj(&v, "requests") <= blocks / 2, "{v}");
+        } else {
+            assert!(
+                fetched < SIZE as u64 * 3 / 4,
+                "random:0.01 fetches a part of the object, not all of it: {v}"
+            );
+        }
+        assert!(v["object"]["fetch_p50_us"].as_f64().is_some(), "{v}");
+    }
+    // An eager copy (concurrent GETs) is byte-exact too.
+    let v = map_verified(
+        w,
+        cache.path(),
+        "map/b.bin",
+        &["--mode", "eager", "--max-size", "1G", "--no-cache"],
+    );
+    assert_eq!(obj(&v, "bytes_fetched"), SIZE as u64, "{v}");
+    assert!(obj(&v, "requests") <= SIZE as u64 / (256 << 10) / 2, "{v}");
+}
+
+#[test]
+fn a_corrupted_cache_chunk_is_refetched_never_served() {
+    let Some(w) = setup() else { return };
+    let data = common::pattern(8 << 20, 13);
+    w.put("corrupt/c.bin", &data);
+    let cache = tempfile::tempdir().unwrap();
+    let args = ["cat", &url("corrupt/c.bin")];
+    let o = run(cli(w, w.s3_port, cache.path(), &args));
+    assert!(o.status.success() && o.stdout == data);
+    // Flip one byte in the middle of every chunk file, truncate one.
+    let mut files: Vec<_> = walk(&cache.path().join("shadowfd"));
+    files.sort();
+    assert!(files.len() >= 8, "chunk files: {files:?}");
+    for f in &files {
+        let mut b = std::fs::read(f).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x40;
+        std::fs::write(f, &b).unwrap();
+    }
+    let t = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&files[0])
+        .unwrap();
+    t.set_len(100).unwrap();
+    let v = map_verified(
+        w,
+        cache.path(),
+        "corrupt/c.bin",
+        &["--mode", "lazy", "--access", "seq"],
+    );
+    assert_eq!(obj(&v, "cache_hits"), 0, "no tampered chunk is served: {v}");
+    assert_eq!(obj(&v, "cache_rejected"), files.len() as u64, "{v}");
+    assert_eq!(obj(&v, "bytes_fetched"), data.len() as u64, "{v}");
+    // And the refetched chunks are good again.
+    let o = run(cli(w, w.s3_port, cache.path(), &args));
+    assert!(o.status.success() && o.stdout == data);
+}
+
+fn walk(d: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Starts `cat` of `key` through `proxy`, slow enough to be caught mid-scan;
+/// returns the child once it has written `min` bytes... the reader thread
+/// collects stdout.
+struct Scan {
+    child: std::process::Child,
+    out: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Scan {
+    fn start(w: &Weed, port: u16, key: &str, env: &[(&str, &str)]) -> Scan {
+        let cache = std::env::temp_dir();
+        let mut c = cli(
+            w,
+            port,
+            &cache,
+            &[
+                "cat",
+                &url(key),
+                "--mode",
+                "lazy",
+                "--no-cache",
+                "--readahead",
+                "1M",
+            ],
+        );
+        c.env("SHADOWFD_OBJECT_READAHEAD", "1M")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let mut child = c.spawn().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let o2 = out.clone();
+        let reader = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                match stdout.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => o2.lock().unwrap().extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+        Scan {
+            child,
+            out,
+            reader: Some(reader),
+        }
+    }
+
+    /// Waits until at least `n` bytes were written (at most 60 s).
+    fn wait_for(&self, n: usize) {
+        let t0 = Instant::now();
+        while self.out.lock().unwrap().len() < n {
+            assert!(t0.elapsed() < Duration::from_secs(60), "the scan stalled");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for the exit (at most `limit`); the status, stdout, stderr
+    /// and how long it took from now.
+    fn finish(mut self, limit: Duration) -> (std::process::ExitStatus, Vec<u8>, String, Duration) {
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if t0.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!("cat did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let took = t0.elapsed();
+        self.reader.take().unwrap().join().unwrap();
+        let mut err = String::new();
+        use std::io::Read;
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        let out = std::mem::take(&mut *self.out.lock().unwrap());
+        (status, out, err, took)
+    }
+}
+
+#[test]
+fn an_object_overwritten_mid_scan_is_never_mixed() {
+    let Some(w) = setup() else { return };
+    let a = common::pattern(SIZE, 21);
+    let b = common::pattern(SIZE, 22);
+    w.put("over/o.bin", &a);
+    let p = Proxy::start(w.s3_port);
+    p.set_latency(Duration::from_millis(15));
+    let scan = Scan::start(w, p.port, "over/o.bin", &[]);
+    scan.wait_for(2 << 20);
+    w.put("over/o.bin", &b);
+    let (status, out, err, _) = scan.finish(Duration::from_secs(120));
+    assert_prefix(&out, &a, "overwritten mid-scan");
+    if status.success() {
+        assert_eq!(out.len(), a.len(), "success means the whole old version");
+    } else {
+        assert!(
+            err.contains("changed") || err.contains("SIGBUS") || err.contains("412"),
+            "the failure says why: {err}"
+        );
+    }
+    assert!(!status.success() || out == a);
+}
+
+#[test]
+fn a_killed_gateway_gives_sigbus_within_the_bound_and_cat_fails() {
+    if !common::lazy_available() {
+        return;
+    }
+    let w = match Weed::start() {
+        Ok(w) => w,
+        Err(e) if weed::required() => panic!("SeaweedFS is required here (CI) but {e}"),
+        Err(e) => return eprintln!("SKIP: {e}"),
+    };
+    let data = common::pattern(SIZE, 31);
+    w.put("kill/k.bin", &data);
+    let p = Proxy::start(w.s3_port);
+    p.set_latency(Duration::from_millis(15));
+    let scan = Scan::start(
+        &w,
+        p.port,
+        "kill/k.bin",
+        &[
+            ("SHADOWFD_OBJECT_DEADLINE", "1"),
+            ("SHADOWFD_OBJECT_RETRIES", "1"),
+        ],
+    );
+    scan.wait_for(2 << 20);
+    w.kill();
+    // The documented bound: deadline x attempts + backoff + 2 s, plus the
+    // time for cat to report.
+    let (status, out, err, took) = scan.finish(Duration::from_secs(30));
+    assert!(!status.success(), "cat must fail once the gateway is gone");
+    assert!(out.len() < data.len());
+    assert_prefix(&out, &data, "killed gateway");
+    assert!(err.contains("SIGBUS"), "{err}");
+    assert!(err.contains("s3://"), "the cause names the object: {err}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+#[test]
+fn a_stalled_connection_gives_sigbus_within_the_deadline() {
+    let Some(w) = setup() else { return };
+    let data = common::pattern(8 << 20, 41);
+    w.put("stall/s.bin", &data);
+    let p = Proxy::start(w.s3_port);
+    p.set(Mode::StallAfter(100_000));
+    let t0 = Instant::now();
+    let scan = Scan::start(
+        w,
+        p.port,
+        "stall/s.bin",
+        &[
+            ("SHADOWFD_OBJECT_DEADLINE", "1"),
+            ("SHADOWFD_OBJECT_RETRIES", "1"),
+        ],
+    );
+    let (status, out, err, _) = scan.finish(Duration::from_secs(30));
+    let took = t0.elapsed();
+    assert!(!status.success(), "a stalled store fails the read");
+    assert_prefix(&out, &data, "stalled");
+    assert!(err.contains("SIGBUS") && err.contains("deadline"), "{err}");
+    // 2 attempts of 1 s, 100 ms backoff, plus start-up.
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+}
+
+/// The library, through a proxy that answers 503 to the next connections:
+/// retried transparently, counted.
+#[test]
+fn five_xx_then_success_is_retried_transparently() {
+    let Some(w) = setup() else { return };
+    let data = common::pattern(4 << 20, 51);
+    w.put("retry/r.bin", &data);
+    let p = Proxy::start(w.s3_port);
+    let cfg = library_config(p.port);
+    let src = ObjectSource::open_with(&url("retry/r.bin"), cfg).unwrap();
+    p.fail_next(2);
+    let mut buf = vec![0u8; data.len()];
+    let mut done = 0;
+    while done < buf.len() {
+        done += src.read_at(&mut buf[done..], done as u64).unwrap();
+    }
+    assert!(buf == data);
+    let s = src.stats();
+    assert!(s.retries >= 2, "{s:?}");
+    assert_eq!(s.failures, 0, "{s:?}");
+    assert_eq!(s.bytes_fetched, data.len() as u64, "{s:?}");
+}
+
+/// Answers cut mid-body: retried, then an error once the retries are
+/// spent (never a short block), and reads work again once the store does.
+#[test]
+fn a_body_cut_mid_way_is_retried_then_fails_then_recovers() {
+    let Some(w) = setup() else { return };
+    let data = common::pattern(1 << 20, 52);
+    w.put("cut/c.bin", &data);
+    let p = Proxy::start(w.s3_port);
+    let mut cfg = library_config(p.port);
+    cfg.retries = 2;
+    cfg.deadline = Duration::from_secs(1);
+    let src = ObjectSource::open_with(&url("cut/c.bin"), cfg).unwrap();
+    p.set(Mode::CutAfter(100_000));
+    let mut buf = vec![0u8; 256 << 10];
+    let e = src.read_at(&mut buf, 0).unwrap_err().to_string();
+    assert!(e.contains("3 attempts") && e.contains("s3://"), "{e}");
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "nothing of a cut body is served"
+    );
+    let s = src.stats();
+    assert_eq!((s.retries, s.failures), (2, 1), "{s:?}");
+    assert!(s.last_error.is_some_and(|l| l.contains("bytes 0..262144")));
+    // The store is back: after the cool-down (the deadline), reads work.
+    p.set(Mode::Pass);
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(src.read_at(&mut buf, 0).unwrap(), buf.len());
+    assert!(buf[..] == data[..buf.len()]);
+}
+
+/// The library under `--stale strict` and `detect`: a lazy shadow of an
+/// object overwritten after open keeps the bytes it filled, refuses the
+/// rest (the store answers 412 to the pinned ETag), never serves the new
+/// version, and `staleness` says the identity changed.
+#[test]
+fn an_overwritten_object_is_stale_for_both_policies() {
+    let Some(w) = setup() else { return };
+    for (i, policy) in [StalePolicy::Strict, StalePolicy::Detect]
+        .into_iter()
+        .enumerate()
+    {
+        let key = format!("stale/s{i}.bin");
+        let old = common::pattern(4 << 20, 61 + i as u64);
+        let new = common::pattern(4 << 20, 71 + i as u64);
+        w.put(&key, &old);
+        let cfg = library_config(w.s3_port);
+        let src = ObjectSource::open_with(&url(&key), cfg).unwrap();
+        let mut c = common::config(shadowfd::Mode::Lazy);
+        c.chunk_size = 64 << 10;
+        c.readahead = 0;
+        c.stale = policy;
+        let engine = shadowfd::Engine::new(c).unwrap();
+        let shadow = engine.open(src).unwrap();
+        shadow.populate(0, 256 << 10).unwrap();
+        w.put(&key, &new);
+        let err = shadow.populate(2 << 20, 64 << 10).unwrap_err().to_string();
+        assert!(err.contains("changed"), "{policy:?}: {err}");
+        let mut buf = vec![0u8; 256 << 10];
+        assert_eq!(shadow.read_at(&mut buf, 0).unwrap(), buf.len());
+        assert!(
+            buf[..] == old[..buf.len()],
+            "{policy:?}: the filled part stays the old version"
+        );
+        // Anything not filled before the overwrite is refused, never new.
+        let mut tail = vec![0u8; 64 << 10];
+        assert!(shadow.read_at(&mut tail, 3 << 20).is_err(), "{policy:?}");
+        std::thread::sleep(Duration::from_millis(1100));
+        let st = shadow.staleness().unwrap();
+        assert!(!st.is_unchanged(), "{policy:?}: {st:?}");
+        assert!(shadow.stats().source_changed, "{policy:?}");
+    }
+}
+
+#[test]
+fn wrong_credentials_and_missing_bucket_or_key_are_clear_errors() {
+    let Some(w) = setup() else { return };
+    w.put("errs/e.bin", b"hello");
+    let cache = tempfile::tempdir().unwrap();
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: [Case; 4] = [
+        (
+            "s3://shadowfd-test/errs/e.bin",
+            &[("AWS_SECRET_ACCESS_KEY", "wrong")],
+            &[
+                "access denied",
+                "AWS_SECRET_ACCESS_KEY",
+                "s3://shadowfd-test/errs/e.bin",
+            ],
+        ),
+        (
+            "s3://no-such-bucket/errs/e.bin",
+            &[],
+            &[
+                "no bucket",
+                "no-such-bucket",
+                "s3://no-such-bucket/errs/e.bin",
+            ],
+        ),
+        (
+            "s3://shadowfd-test/errs/missing.bin",
+            &[],
+            &["no object", "errs/missing.bin", "Check the key"],
+        ),
+        ("s3://X/errs", &[], &["bucket name", "s3://BUCKET/KEY"]),
+    ];
+    for (u, env, want) in cases {
+        let mut c = cli(w, w.s3_port, cache.path(), &["cat", u]);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let t0 = Instant::now();
+        let o = run(c);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{u}");
+        assert!(o.stdout.is_empty(), "{u}");
+        for s in want {
+            assert!(err.contains(s), "{u}: {s:?} missing from: {err}");
+        }
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(t0.elapsed() < Duration::from_secs(20));
+    }
+    // No credentials at all: refused before any request (never the cloud
+    // metadata service).
+    let mut c = cli(w, w.s3_port, cache.path(), &["cat", &url("errs/e.bin")]);
+    c.env_remove("AWS_ACCESS_KEY_ID");
+    let o = run(c);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("no credentials"),
+        "{err}"
+    );
+}
