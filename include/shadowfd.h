@@ -281,7 +281,9 @@ void shadowfd_shadow_free(struct shadowfd_shadow *shadow);
 // A lazy mapping is registered with the engine before it becomes readable:
 // first touches are filled from the source; a page that cannot be read
 // raises SIGBUS, as an I/O error under a file mapping does. Lazy mappings
-// are not inherited by `fork` children (`MADV_DONTFORK`).
+// follow `mremap`, `munmap` and `fork` like file mappings (a child is served
+// through its own userfaultfd), where the kernel grants fork events
+// (`CAP_SYS_PTRACE`); without them they are `MADV_DONTFORK`.
 //
 // A client shadow (`shadowfd_client_open`) is mapped whole: `offset` 0 and
 // `len` 0 or its size (another range inside it is -EOPNOTSUPP), with

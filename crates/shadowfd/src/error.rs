@@ -127,7 +127,7 @@ pub enum Error {
     /// the URL and the fix.
     #[cfg(feature = "object")]
     #[error(transparent)]
-    Object(#[from] crate::source::object::ObjectError),
+    Object(#[from] crate::object_error::ObjectError),
     #[error("{context}: {source}")]
     Sys {
         context: String,

@@ -41,6 +41,8 @@ mod error;
 mod fault;
 mod file_kind;
 mod harden;
+#[cfg(feature = "object")]
+mod object_error;
 pub mod remote;
 pub mod shadow;
 pub mod source;

@@ -16,10 +16,11 @@ use std::path::{Path, PathBuf};
 /// module of the crate must be listed. The crate root's own items
 /// (`page_size`) may be used from anywhere.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("leaf", &["codes", "file_kind"]),
+    ("leaf", &["codes", "file_kind", "object_error"]),
     ("error", &["error", "stats"]),
     ("raw", &["sys", "harden"]),
-    ("input", &["config", "source"]),
+    ("configuration", &["config"]),
+    ("input", &["source"]),
     ("fault service", &["fault"]),
     ("shadows", &["eager", "shadow"]),
     ("engine", &["engine"]),

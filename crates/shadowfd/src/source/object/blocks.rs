@@ -12,8 +12,8 @@
 
 use super::cache::{ChunkCache, Miss};
 use super::client::Client;
-use super::error::ObjectError;
 use super::stats::ObjectCounters;
+use crate::object_error::ObjectError;
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::ops::Range;

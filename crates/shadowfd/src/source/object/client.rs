@@ -2,9 +2,9 @@
 //! per request and bounded retries with backoff, so that every failure is
 //! counted and no wait is unbounded. `object_store` retries nothing itself.
 
-use super::error::ObjectError;
 use super::stats::ObjectCounters;
 use super::url::{ObjectConfig, ObjectUrl};
+use crate::object_error::ObjectError;
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as ObjPath;
 use object_store::{

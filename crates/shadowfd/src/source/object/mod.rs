@@ -16,12 +16,11 @@
 mod blocks;
 mod cache;
 mod client;
-mod error;
 mod stats;
 mod url;
 
+pub use crate::object_error::ObjectError;
 pub use cache::ChunkCache;
-pub use error::ObjectError;
 pub use stats::{ObjectCounters, ObjectStats};
 pub use url::{CacheConfig, DEFAULT_CACHE_SIZE, ObjectConfig, ObjectUrl};
 

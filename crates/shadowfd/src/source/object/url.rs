@@ -2,8 +2,8 @@
 //! settings its reads follow (block size, concurrency, deadline, retries,
 //! the disk cache).
 
-use super::error::ObjectError;
 use crate::config::Size;
+use crate::object_error::ObjectError;
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -1,5 +1,5 @@
-//! What can go wrong with an object source, each case naming the URL and
-//! the fix.
+//! What can go wrong with an object source (`source::object`), each case
+//! naming the URL and the fix. A leaf, so that `error.rs` can carry it.
 
 use std::io;
 
