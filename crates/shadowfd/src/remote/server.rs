@@ -490,7 +490,8 @@ struct Conn {
     /// The client's forked children that inherited lazy ranges
     /// (`UFFD_EVENT_FORK` on its userfaultfd), served by this thread.
     children: Vec<ChildSpace>,
-    /// The client's `/proc/PID/maps`, for faults in ranges it grew.
+    /// The client's `/proc/PID/maps`, for faults in ranges it grew (opened
+    /// at the first).
     maps: Option<crate::sys::maps::Maps>,
 }
 
@@ -501,10 +502,6 @@ impl Conn {
         uffd: Option<Arc<Uffd>>,
         activity: Arc<Activity>,
     ) -> Conn {
-        let maps = uffd
-            .as_ref()
-            .filter(|u| u.has_events())
-            .and_then(|_| crate::sys::maps::Maps::open_pid(peer.pid as u32).ok());
         Conn {
             peer,
             activity,
@@ -515,7 +512,7 @@ impl Conn {
             ranges: BTreeMap::new(),
             next_handle: 1,
             children: Vec::new(),
-            maps,
+            maps: None,
         }
     }
 
@@ -2294,6 +2291,11 @@ impl Inner {
     /// `/proc/PID/maps` shows a shadow's memfd there, that part is attached
     /// at the offset the kernel shows. Returns whether it was.
     fn adopt_grown(&self, conn: &mut Conn, addr: u64) -> bool {
+        // Opened at the first such fault only: a descriptor per connection
+        // would count against the server's limit for nothing.
+        if conn.maps.is_none() && conn.uffd.as_ref().is_some_and(|u| u.has_events()) {
+            conn.maps = crate::sys::maps::Maps::open_pid(conn.peer.pid as u32).ok();
+        }
         let Some(vma) = conn.maps.as_ref().and_then(|m| m.query(addr)) else {
             return false;
         };

@@ -325,7 +325,8 @@ impl Shadow {
 
     /// Why the page holding `offset` cannot be read now, if it cannot: the
     /// cause recorded for a poisoned page, or the budget refusal that left it
-    /// unfilled (retryable). `None` for a readable or not yet touched page.
+    /// unfilled (retryable; also while it is being filled again). `None` for
+    /// a filled page, and for one never refused.
     /// For a consumer that got `SIGBUS` there and wants to say why.
     pub fn unfillable_cause(&self, offset: u64) -> Option<crate::Cause> {
         match &self.kind {

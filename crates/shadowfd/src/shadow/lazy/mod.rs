@@ -353,8 +353,12 @@ impl LazyShadow {
         if let Some(c) = self.bad.lock().get(&(offset / page * page)) {
             return Some(c.clone());
         }
+        // Not a bad page: the fill was refused for memory. By the time this
+        // is asked (a SIGBUS handler's helper thread) another thread may be
+        // filling the chunk again, once memory was given back; the refusal
+        // is still why the page raised SIGBUS.
         let chunk = offset / self.chunk;
-        if chunk < self.chunks.len() && self.chunks.get(chunk) == ChunkState::Empty {
+        if chunk < self.chunks.len() && self.chunks.get(chunk) != ChunkState::Filled {
             return self.refused_cause.lock().clone();
         }
         None
