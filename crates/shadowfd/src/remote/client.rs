@@ -1033,8 +1033,10 @@ impl Drop for RemoteMapping {
             let f = Frame::new(wire::UNMAP, self.file.inner.handle, addr, 0, 0);
             let _ = client.call(&f, "UNMAP", false);
         }
-        let mut rg = client.inner.ranges.lock();
-        rg.retain(|r| r.0 != addr);
+        client.inner.ranges.lock().retain(|r| r.0 != addr);
+        // Unmapped without any lock held: with UNMAP events the munmap waits
+        // until the server (or, once it is gone, the watcher, which takes
+        // that lock) has read the event.
         drop(map);
     }
 }

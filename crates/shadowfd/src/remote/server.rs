@@ -1374,7 +1374,7 @@ impl Inner {
             return self.send(conn, &r, None);
         }
         let lazy_shadow = entry.lazy().filter(|l| !l.fully_filled()).cloned();
-        match (lazy_shadow, &conn.uffd) {
+        match (lazy_shadow, conn.uffd.clone()) {
             (Some(l), Some(uffd)) if want_lazy => {
                 let ro = match l.memfd.reopen_readonly() {
                     Ok(fd) => fd,
@@ -1387,7 +1387,10 @@ impl Inner {
                 self.send(conn, &r, Some(&ro))?;
                 drop(ro);
                 // The client maps it PROT_NONE, registers it and says where.
+                // Meanwhile its other threads may fault, or munmap (which
+                // waits until its UNMAP event is read): both are served.
                 let by = Instant::now() + self.timeout();
+                self.serve_until_readable(conn, by);
                 let (att, fd) = wire::recv_by(&conn.stream, Some(by)).map_err(|e| {
                     format!(
                         "expected ATTACH within the peer timeout of {:?} after a lazy MAP: {e}",
@@ -2264,6 +2267,48 @@ impl Inner {
             -1
         } else {
             CHILD_CHECK_MS.min(50)
+        }
+    }
+
+    /// Serves the client's userfaultfd (faults and events) until its socket
+    /// has something to read, or `by`.
+    fn serve_until_readable(&self, conn: &mut Conn, by: Instant) {
+        let Some(u) = conn.uffd.clone() else { return };
+        let mut raw = vec![uffd_msg::default(); 32];
+        loop {
+            let left = by.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            let mut fds =
+                [conn.stream.as_fd().as_raw_fd(), u.as_fd().as_raw_fd()].map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            let ms = left.as_millis().clamp(1, 1000) as libc::c_int;
+            // SAFETY: `fds` is a live array of two pollfd structs.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+            if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                return;
+            }
+            if fds[0].revents != 0 {
+                return;
+            }
+            if fds[1].revents & libc::POLLIN != 0 {
+                let (mut faults, mut events) = (Vec::new(), Vec::new());
+                if u.read_msgs(&mut raw, &mut faults, &mut events).is_err() {
+                    continue;
+                }
+                self.client_events(conn, events);
+                for f in &faults {
+                    if !self.fault(conn, &u, f.address) {
+                        return;
+                    }
+                }
+            } else if fds[1].revents != 0 {
+                return;
+            }
         }
     }
 
