@@ -43,6 +43,21 @@ fn exe() -> &'static Path {
     .1
 }
 
+/// A served tree with a file of its own for each scenario and share, in a
+/// temporary directory (returned too, to keep it).
+fn scenario_tree() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("root");
+    std::fs::create_dir(&tree).unwrap();
+    for (i, sc) in SCENARIOS.iter().enumerate() {
+        for share in ["shared", "private"] {
+            let data = pattern(SIZE, i as u64 + 1);
+            std::fs::write(tree.join(format!("{sc}-{share}.bin")), data).unwrap();
+        }
+    }
+    (dir, tree)
+}
+
 fn lazy_required() {
     let p = sfd::probe();
     assert!(
@@ -69,18 +84,7 @@ fn c_abi_mappings_stay_exact_through_mremap_fork_and_madvise() {
 #[test]
 fn client_mappings_stay_exact_through_mremap_fork_and_madvise() {
     lazy_required();
-    let dir = tempfile::tempdir().unwrap();
-    let tree = dir.path().join("root");
-    std::fs::create_dir(&tree).unwrap();
-    for (i, sc) in SCENARIOS.iter().enumerate() {
-        for share in ["shared", "private"] {
-            std::fs::write(
-                tree.join(format!("{sc}-{share}.bin")),
-                pattern(SIZE, i as u64 + 1),
-            )
-            .unwrap();
-        }
-    }
+    let (dir, tree) = scenario_tree();
     let sock = dir.path().join("s.sock");
     let server = Server::start(&tree, &sock, &["--mode", "lazy", "--readahead", "0"]);
     for sc in SCENARIOS {
@@ -105,18 +109,7 @@ fn client_mappings_stay_exact_through_mremap_fork_and_madvise() {
 #[test]
 fn run_mappings_stay_exact_through_mremap_fork_and_madvise() {
     lazy_required();
-    let dir = tempfile::tempdir().unwrap();
-    let tree = dir.path().join("root");
-    std::fs::create_dir(&tree).unwrap();
-    for (i, sc) in SCENARIOS.iter().enumerate() {
-        for share in ["shared", "private"] {
-            std::fs::write(
-                tree.join(format!("{sc}-{share}.bin")),
-                pattern(SIZE, i as u64 + 1),
-            )
-            .unwrap();
-        }
-    }
+    let (_dir, tree) = scenario_tree();
     for sc in SCENARIOS {
         for share in ["shared", "private"] {
             let name = format!("{sc}-{share}.bin");
