@@ -431,6 +431,20 @@ int main(int argc, char **argv) {
             check(q, 0, size, "moved (DONTUNMAP)");
             check(p, 0, size, "kept (DONTUNMAP)");
         }
+    } else if (!strcmp(scenario, "rawfork") && strcmp(kind, "capi") != 0) {
+        /* A remote mapping is MADV_DONTFORK (docs/remote.md): a raw fork's
+         * child has none there (SIGSEGV), never zeros. */
+        unsigned char *p = map_len(size);
+        child_view = p;
+        fflush(NULL);
+        pid_t pid = (pid_t)syscall(SYS_fork);
+        if (pid == 0)
+            _exit(child_checks(NULL) ? 1 : 0);
+        int st = 0;
+        waitpid(pid, &st, 0);
+        if (!WIFSIGNALED(st) || WTERMSIG(st) != SIGSEGV)
+            FAIL("a raw fork's child read a remote mapping (status %d)", st);
+        check(p, 0, size, "parent after the fork");
     } else if (!strcmp(scenario, "fork") || !strcmp(scenario, "rawfork")) {
         unsigned char *p = map_len(size);
         madvise(p, whole, MADV_DOFORK);
@@ -443,6 +457,8 @@ int main(int argc, char **argv) {
         check(p, 0, size, "parent after the fork");
     } else if (!strcmp(scenario, "fork-again")) {
         unsigned char *p = map_len(size);
+        /* A remote mapping goes to children only where its user asks. */
+        madvise(p, whole, MADV_DOFORK);
         child_view = p;
         if (in_child("fork", grandchild_checks, NULL))
             FAIL("a child's child saw wrong bytes");

@@ -943,13 +943,14 @@ impl RemoteMapOptions<'_> {
             let uffd = ci.uffd.as_ref().ok_or_else(|| {
                 protocol("the server sent a lazy mapping to a client without a userfaultfd")
             })?;
-            // With fork events the server serves a forked child's copy
-            // through the child's userfaultfd; without them the copy would
-            // be unregistered (zeros), so it is kept out of children.
-            if !uffd.follows_fork() {
-                map.advise(Advice::DontFork)
-                    .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
-            }
+            // Kept out of fork children: a child's copy would be served by
+            // the server alone (EVENT_FORK), and read zeros if the server
+            // died first. A child maps again on a connection of its own
+            // (`shadowfd run`'s shim does); a range made MADV_DOFORK again
+            // by its user is still served in the child while the server
+            // lives (docs/remote.md).
+            map.advise(Advice::DontFork)
+                .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
             #[cfg(feature = "failpoints")]
             if failpoint("SHADOWFD_FAILPOINT_REMOTE_REGISTER") {
                 return Err(Error::sys(
