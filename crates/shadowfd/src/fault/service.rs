@@ -267,6 +267,8 @@ pub(crate) struct Core {
     children: Mutex<Vec<Arc<Child>>>,
     child_ep: Epoll,
     next_child: AtomicU64,
+    /// How many children are served (read without the lock).
+    child_count: AtomicUsize,
     /// When the children were last checked for being alive ([`Core::now`]).
     swept_at: AtomicU64,
     /// Shadows by the inode of their memfd, for faults in ranges the kernel
@@ -712,7 +714,10 @@ impl Core {
             self.abandon(&child);
             return;
         }
-        self.children.lock().push(child);
+        let mut children = self.children.lock();
+        children.push(child);
+        self.child_count.store(children.len(), Ordering::Relaxed);
+        drop(children);
         self.counters.forks_followed.fetch_add(1, Ordering::Relaxed);
         self.kick_all();
     }
@@ -788,8 +793,9 @@ impl Core {
         }
         let dead: Vec<Arc<Child>> = {
             let mut c = self.children.lock();
-            let (dead, live) = c.drain(..).partition(|c| !c.uffd.alive());
+            let (dead, live): (Vec<_>, Vec<_>) = c.drain(..).partition(|c| !c.uffd.alive());
             *c = live;
+            self.child_count.store(c.len(), Ordering::Relaxed);
             dead
         };
         for child in dead {
@@ -805,7 +811,7 @@ impl Core {
     /// Whether children are being served (workers then look at them
     /// every second while parked).
     fn has_children(&self) -> bool {
-        !self.children.lock().is_empty()
+        self.child_count.load(Ordering::Relaxed) > 0
     }
 
     /// Reads the engine's userfaultfd: events applied under [`Core::read`],
@@ -909,7 +915,13 @@ impl Core {
     /// Returns whether some still wait (the caller sleeps at most 1 ms).
     fn flush_deferred(&self, now: u64) -> bool {
         // No allocation here: workers pass through on their way to the
-        // userfaultfd (see `read_own`).
+        // userfaultfd (see `read_own`); and no lock on the common path.
+        if !self.uffd.has_deferred()
+            && self.deferred_at.load(Ordering::Relaxed) == 0
+            && self.child_count.load(Ordering::Relaxed) == 0
+        {
+            return false;
+        }
         let children = self.children.lock();
         let any = self.uffd.has_deferred() || children.iter().any(|c| c.uffd.has_deferred());
         if !any {
@@ -1142,6 +1154,7 @@ impl Service {
             child_ep: Epoll::new()
                 .map_err(|e| Error::sys("epoll_create for forked children", e))?,
             next_child: AtomicU64::new(EV_CHILD_FIRST),
+            child_count: AtomicUsize::new(0),
             swept_at: AtomicU64::new(0),
             inodes: RwLock::new(HashMap::new()),
             maps: crate::sys::maps::Maps::open_self(),
