@@ -19,7 +19,7 @@ pub(crate) struct Span<V> {
 }
 
 /// Non-overlapping spans by start address.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Spans<V> {
     map: BTreeMap<u64, Span<V>>,
 }

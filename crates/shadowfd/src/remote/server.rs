@@ -2221,6 +2221,12 @@ impl Inner {
     /// gone, and wakes threads whose answers waited for an event. Returns
     /// the poll timeout for the session loop (ms; -1: none).
     fn serve_spaces(&self, conn: &mut Conn) -> i32 {
+        // Called before every poll of the session loop: nothing to do, and
+        // nothing allocated, for a client with no children and no answer
+        // deferred (nearly always).
+        if conn.children.is_empty() && !conn.uffd.as_ref().is_some_and(|u| u.has_deferred()) {
+            return -1;
+        }
         let mut raw = vec![uffd_msg::default(); 32];
         let mut i = 0;
         while i < conn.children.len() {
@@ -2230,13 +2236,8 @@ impl Inner {
             {
                 let forks = conn.children[i].apply(events);
                 for fd in forks {
-                    let ranges = {
-                        let mut t = Spans::default();
-                        for (s, r) in conn.children[i].ranges.iter() {
-                            t.insert(s, r.len, r.offset, r.value.clone());
-                        }
-                        t
-                    };
+                    // Each copy holds its entry, unattached (key 0).
+                    let ranges = conn.children[i].ranges.clone();
                     let features = conn.children[i].uffd.features();
                     self.add_child(conn, fd, features, ranges);
                 }
