@@ -204,6 +204,23 @@ static int count_fds(void) {
     return n;
 }
 
+/* Names every open descriptor on stderr (what a leak left behind). */
+static void show_fds(void) {
+    DIR *d = opendir("/proc/self/fd");
+    struct dirent *e;
+    while (d && (e = readdir(d))) {
+        char path[300], to[300];
+        snprintf(path, sizeof path, "/proc/self/fd/%s", e->d_name);
+        ssize_t n = readlink(path, to, sizeof to - 1);
+        if (n > 0) {
+            to[n] = 0;
+            fprintf(stderr, "  fd %s -> %s\n", e->d_name, to);
+        }
+    }
+    if (d)
+        closedir(d);
+}
+
 static __thread const char *stress_op;
 
 /* Like check() but quiet and per thread: 1 if any page is wrong or raises
@@ -212,11 +229,13 @@ static int quiet_check(const unsigned char *p, size_t off, size_t len) {
     for (size_t at = 0; at < len; at += page) {
         size_t n = len - at < page ? len - at : page;
         if (peek(p, at) < 0) {
-            fprintf(stderr, "stress: SIGBUS at file offset %zu after %s\n", off + at, stress_op);
+            fprintf(stderr, "stress: SIGBUS at file offset %zu (%p) after %s\n", off + at,
+                    (void *)(p + at), stress_op);
             return 1;
         }
         if (memcmp(p + at, ref + off + at, n) != 0) {
-            fprintf(stderr, "stress: wrong bytes at file offset %zu after %s\n", off + at, stress_op);
+            fprintf(stderr, "stress: wrong bytes at file offset %zu (%p) after %s\n", off + at,
+                    (void *)(p + at), stress_op);
             return 1;
         }
     }
@@ -311,8 +330,10 @@ static int stress(int seconds) {
            seconds, stress_bad, fds0, fds1);
     if (stress_bad)
         FAIL("%d operations saw wrong bytes", stress_bad);
-    if (fds1 > fds0)
+    if (fds1 > fds0) {
         FAIL("descriptors leaked: %d before, %d after", fds0, fds1);
+        show_fds();
+    }
     if (ops < 8)
         FAIL("only %ld operations ran", ops);
     return failures;

@@ -227,6 +227,18 @@ enum Held {
     Weak(Weak<dyn FaultTarget>),
 }
 
+impl Held {
+    /// Whether it is `t`, without taking a reference (which, the last one
+    /// dropped under the region lock, would drop a shadow there).
+    fn is(&self, t: &Arc<dyn FaultTarget>) -> bool {
+        let p = match self {
+            Held::Strong(s) => Arc::as_ptr(s),
+            Held::Weak(w) => w.as_ptr(),
+        };
+        std::ptr::addr_eq(p, Arc::as_ptr(t))
+    }
+}
+
 /// A worker as the others see it.
 struct Slot {
     /// The CPU it is pinned to (local mode).
@@ -327,7 +339,8 @@ pub(crate) struct Core {
     reads: AtomicU64,
     /// Workers parked.
     parked: AtomicUsize,
-    /// Faulting threads' CPUs.
+    /// Faulting threads' CPUs (their stat files open); cleared when a
+    /// worker parks, so that threads gone leave no descriptor behind.
     tids: Mutex<HashMap<u32, Seen>>,
     /// Held to disarm, so that two workers never both leave at once.
     disarming: Mutex<()>,
@@ -612,6 +625,21 @@ impl Core {
         };
         let mut regions = self.regions.write();
         if regions.find(addr).is_some() {
+            return;
+        }
+        // Only a mapping that already holds a range of ours, of the same
+        // shadow at the offsets the kernel shows, grew. A message can be
+        // stale (its thread was answered and has since unmapped the range),
+        // and a new mapping of a shadow's memfd may be there now that is
+        // not registered yet (it is added to the table first): not ours.
+        let grew = regions.iter().any(|(s, r)| {
+            s >= vma.start
+                && s + r.len <= vma.end
+                && r.offset == vma.offset + (s - vma.start)
+                && !r.value.internal
+                && r.value.target.is(&target)
+        });
+        if !grew {
             return;
         }
         let lo = regions
@@ -1532,6 +1560,9 @@ fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
         slot.parked.store(true, Ordering::SeqCst);
         core.parked.fetch_add(1, Ordering::SeqCst);
         super::buffer::release();
+        // The faulting threads' stat files go too: the threads may be gone
+        // (a thread seen again is looked up afresh, a few µs once).
+        core.tids.lock().clear();
         if core.reads.load(Ordering::SeqCst) == seen {
             sleep.wait(&core, if children { 1000 } else { -1 });
             woken = true;

@@ -131,11 +131,22 @@ impl<'a> MapOptions<'a> {
         } else {
             libc::PROT_READ
         };
+        // A shared lazy mapping is a duplicate of the template, registered
+        // as it is made (`map_shared`); the others are registered below.
+        let mut claimed = None;
         let map = match (l, self.share, at) {
-            // SAFETY: forwarded from the caller (fixed) or a fresh range.
-            (Some(l), Share::Shared, at) => unsafe {
-                l.shared_mapping(self.offset, maplen as usize, at)?
-            },
+            (Some(l), Share::Shared, at) => {
+                let into = match at {
+                    // SAFETY: the caller owns the fixed range (map_fixed's contract).
+                    Some(a) => unsafe { RawMap::fixed(a, maplen as usize) }.map_err(e)?,
+                    None => RawMap::reserve(maplen as usize).map_err(e)?,
+                };
+                // SAFETY: `into` is the caller's fixed range or our fresh
+                // reservation; nothing refers into either.
+                let (map, reg) = unsafe { l.map_shared(self.offset, into)? };
+                claimed = Some(reg);
+                map
+            }
             (_, _, Some(a)) => {
                 // SAFETY: the caller owns the fixed range (map_fixed's contract).
                 unsafe { RawMap::map(Some(a), fd, (self.offset, maplen as usize), prot, flags) }
@@ -155,10 +166,9 @@ impl<'a> MapOptions<'a> {
                     map.advise(Advice::DontFork)
                         .map_err(|e| Error::sys("madvise(MADV_DONTFORK)", e))?;
                 }
-                let reg = match self.share {
-                    // A duplicate of the template: fills may go straight in.
-                    Share::Shared => l.register_shared(map.addr(), maplen, self.offset)?,
-                    Share::Private => l.register(map.addr(), maplen, self.offset)?,
+                let reg = match claimed {
+                    Some(reg) => reg,
+                    None => l.register(map.addr(), maplen, self.offset)?,
                 };
                 // SAFETY: nothing refers into the new mapping yet; it becomes
                 // readable only now that every fault on it is served.

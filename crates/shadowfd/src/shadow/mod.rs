@@ -166,10 +166,13 @@ impl Shadow {
             }
             Err(Error::Sys { source, .. }) if source.raw_os_error() == Some(libc::EPERM) => {
                 // A shared mapping made after sealing: replace it.
-                // SAFETY: the caller owns the range and nothing borrows it.
-                let dup =
-                    unsafe { l.shared_mapping(offset, maplen as usize, Some(addr.as_ptr()))? };
-                let reg = l.register(start, maplen, offset)?;
+                // SAFETY: the caller owns the range and nothing borrows it
+                // (this function's contract).
+                let (dup, reg) = unsafe {
+                    let into = crate::sys::mmap::RawMap::fixed(addr.as_ptr(), maplen as usize)
+                        .map_err(|e| Error::sys("take the registered range", e))?;
+                    l.map_shared(offset, into)?
+                };
                 // SAFETY: as above; it becomes readable once registered.
                 unsafe { dup.protect(libc::PROT_READ) }
                     .map_err(|e| Error::sys("mprotect a registered mapping readable", e))?;

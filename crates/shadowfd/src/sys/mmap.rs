@@ -150,41 +150,82 @@ impl RawMap {
         mapped(p, len, at.is_some())
     }
 
+    /// A `PROT_NONE` anonymous reservation of `len` (> 0) bytes where the
+    /// kernel picks, unmapped on drop.
+    pub(crate) fn reserve(len: usize) -> io::Result<RawMap> {
+        assert!(len > 0, "RawMap::reserve of zero length");
+        // SAFETY: no fixed address: a fresh mapping chosen by the kernel
+        // cannot alias any Rust object.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        mapped(p, len, false)
+    }
+
     /// A second `MAP_SHARED` mapping of `len` bytes of the same pages from
-    /// `offset`, at `at` (replacing what is there, `MREMAP_FIXED`) or where
-    /// the kernel picks. It keeps the original's `VM_MAYWRITE`, so it can be
-    /// registered with userfaultfd after `F_SEAL_FUTURE_WRITE`, and it comes
-    /// unregistered.
+    /// `offset`, in place of `into` (a range of the same length, which it
+    /// replaces, `MREMAP_FIXED`). It keeps the original's `VM_MAYWRITE`, so
+    /// it can be registered with userfaultfd after `F_SEAL_FUTURE_WRITE`.
+    /// It keeps the original's userfaultfd registration too where
+    /// `UFFD_FEATURE_EVENT_REMAP` was negotiated (the kernel then queues a
+    /// `REMAP` event of length 0), and comes unregistered where it was not.
+    /// On drop it is unmapped, or made a reservation again if `into` was
+    /// fixed.
     ///
     /// # Safety
-    /// With `at`, the same contract as [`RawMap::map`].
+    /// `into` must be the caller's to replace: no reference points into it
+    /// and no other thread uses it until this returns.
     pub(crate) unsafe fn duplicate_shared(
         &self,
         offset: usize,
-        len: usize,
-        at: Option<*mut u8>,
+        into: RawMap,
     ) -> io::Result<RawMap> {
+        let len = into.len;
         if offset.checked_add(len).is_none_or(|e| e > self.len) || len == 0 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         // SAFETY: `self` is a live shared mapping and `offset..offset+len`
         // lies inside it; an old size of 0 creates a new mapping of the same
-        // pages and leaves the original untouched. A fixed target is owned by
-        // the caller (contract above).
+        // pages and leaves the original untouched. The target is `into`,
+        // the caller's to replace (contract above).
         let p = unsafe {
-            let old = self.ptr.as_ptr().add(offset).cast();
-            match at {
-                None => libc::mremap(old, 0, len, libc::MREMAP_MAYMOVE),
-                Some(a) => libc::mremap(
-                    old,
-                    0,
-                    len,
-                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                    a.cast::<libc::c_void>(),
-                ),
-            }
+            libc::mremap(
+                self.ptr.as_ptr().add(offset).cast(),
+                0,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                into.ptr.as_ptr().cast::<libc::c_void>(),
+            )
         };
-        mapped(p, len, at.is_some())
+        let fixed = into.fixed;
+        if p == libc::MAP_FAILED {
+            // `into` is untouched and dropped.
+            return Err(io::Error::last_os_error());
+        }
+        // The range is the duplicate's now.
+        std::mem::forget(into);
+        mapped(p, len, fixed)
+    }
+
+    /// Takes `len` bytes at `at` (page-aligned address space the caller
+    /// owns) as a fixed range: made a reservation again on drop.
+    ///
+    /// # Safety
+    /// The same contract as [`RawMap::map`] with `at`.
+    pub(crate) unsafe fn fixed(at: *mut u8, len: usize) -> io::Result<RawMap> {
+        let ptr = NonNull::new(at).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        Ok(RawMap {
+            ptr,
+            len,
+            fixed: true,
+        })
     }
 
     pub(crate) fn addr(&self) -> u64 {

@@ -381,7 +381,8 @@ impl Uffd {
         let page = crate::page_size() as u64;
         let mut at = start;
         while at < start + len {
-            match sys::poison(self.fd.as_fd(), at, start + len - at, 0) {
+            let r = sys::poison(self.fd.as_fd(), at, start + len - at, 0);
+            match r {
                 Ok(_) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
                     self.defer(at, start + len - at);

@@ -74,17 +74,26 @@ pub(crate) struct LazyShadow {
     refused_cause: Mutex<Option<Cause>>,
     done_lock: Mutex<()>,
     done_cv: Condvar,
-    /// Faults in consumer ranges of other processes that wait on a chunk
-    /// being filled: chunk → (the range's userfaultfd, faulting address).
-    /// Only these remote ranges are answered when a fill ends; a remote
-    /// range nobody waits in gets its pages on its own MINOR faults. So a
-    /// client that attaches many ranges of one file costs fills nothing
-    /// until it faults in them (its own threads, one message each).
+    /// Faults that wait on a chunk being filled: chunk → (the range's
+    /// userfaultfd, [`space_key`], faulting address). Of other processes'
+    /// ranges, only these are answered when a fill ends; a remote range
+    /// nobody waits in gets its pages on its own MINOR faults. So a client
+    /// that attaches many ranges of one file costs fills nothing until it
+    /// faults in them (its own threads, one message each). This process's
+    /// ranges are all answered, but a direct fill's range only where a
+    /// fault waits: the pages the fill put there may be gone again (the
+    /// woken thread discarded them with `MADV_DONTNEED`) before the chunk
+    /// is published.
     waiters: Mutex<BTreeMap<u64, Vec<Waiter>>>,
     readahead: Mutex<Readahead>,
     pub counters: Counters,
     resident: AtomicU64,
     changed: AtomicBool,
+    /// Set once `open` registered the alias and the template. Until then a
+    /// fault message naming them is stale (of the ranges that were at
+    /// those addresses before): it is woken, never filled. A fill then
+    /// would find the alias unregistered and record its pages as bad.
+    ready: AtomicBool,
     /// When [`LazyShadow::check_changed_lately`] last read the metadata
     /// ([`Core::now`]; 0: never).
     checked_at: AtomicU64,
@@ -112,8 +121,8 @@ struct Consumer {
     shared: bool,
 }
 
-/// A fault in a remote consumer range waiting on a chunk: the identity of
-/// the range's userfaultfd (its address) and the faulting address.
+/// A fault waiting on a chunk: the identity of the range's userfaultfd
+/// ([`space_key`]: 0 for the engine's own) and the faulting address.
 type Waiter = (usize, u64);
 
 /// The identity of a userfaultfd, as [`Waiter`] keeps it.
@@ -189,6 +198,11 @@ impl Registration {
             return Vec::new();
         }
         let core = &self.shadow.service.core;
+        // The events of the consumer's own munmap or mremap of the range may
+        // have been read but not applied yet (the kernel lets the caller go
+        // on when they are read): applied first, so that what is returned
+        // is what is still the range's.
+        core.sync_events();
         let parts = core.release_owned(self.owner, self.start, self.len);
         for &(a, l) in &parts {
             let _ = core.uffd.unregister(a, l);
@@ -290,6 +304,7 @@ impl LazyShadow {
             counters: Counters::default(),
             resident: AtomicU64::new(0),
             changed: AtomicBool::new(false),
+            ready: AtomicBool::new(false),
             checked_at: AtomicU64::new(0),
             last_error: Mutex::new(None),
             service: service.clone(),
@@ -306,6 +321,9 @@ impl LazyShadow {
             // them, so its own writes never fault.
             let len = round_up(size, core.page);
             let (a, t) = (alias.addr(), template.addr());
+            // Events from before these addresses were ours must not cut
+            // them out (see `LazyShadow::claim`).
+            core.sync_events();
             core.add_region(a, len, 0, true, true, shadow.target());
             core.add_region(t, len, 0, true, true, shadow.target());
             core.uffd
@@ -324,6 +342,7 @@ impl LazyShadow {
         if let Ok(ino) = shadow.memfd.inode() {
             core.add_inode(ino, shadow.target());
         }
+        shadow.ready.store(true, Ordering::Release);
         Ok(shadow)
     }
 
@@ -936,6 +955,9 @@ impl LazyShadow {
                 }
             }
         }
+        // Remote faults stay recorded (their markers stay, see above); this
+        // process's ranges are all answered when the chunks fill.
+        let waiting: Vec<Waiter> = waiting.into_iter().filter(|w| w.0 != 0).collect();
         if !waiting.is_empty() {
             let mut w = self.waiters.lock();
             for c in run {
@@ -965,7 +987,7 @@ impl LazyShadow {
 
     /// Takes the remote faults waiting on the chunks of bytes `a..b`. Called
     /// after those chunks left Filling, so that a fault that saw Filling
-    /// under the lock ([`LazyShadow::wait_remote`]) is always taken.
+    /// under the lock ([`LazyShadow::wait_on`]) is always taken.
     fn take_waiters(&self, a: u64, b: u64) -> Vec<Waiter> {
         let (first, last) = (a / self.chunk, b.saturating_sub(1) / self.chunk);
         let mut w = self.waiters.lock();
@@ -979,16 +1001,16 @@ impl LazyShadow {
             .collect()
     }
 
-    /// Records a remote fault as waiting on `chunk` if it is still being
-    /// filled; false if it is not (the caller looks at the chunk again).
-    fn wait_remote(&self, chunk: u64, hit: &Hit<'_>) -> bool {
+    /// Records a fault as waiting on `chunk` if it is still being filled;
+    /// false if it is not (the caller looks at the chunk again). `remote`:
+    /// the fault is not on the engine's own userfaultfd.
+    fn wait_on(&self, chunk: u64, hit: &Hit<'_>, remote: bool) -> bool {
         let mut w = self.waiters.lock();
         if self.chunks.get(chunk) != ChunkState::Filling {
             return false;
         }
-        w.entry(chunk)
-            .or_default()
-            .push((uffd_key(hit.uffd), hit.addr));
+        let key = if remote { uffd_key(hit.uffd) } else { 0 };
+        w.entry(chunk).or_default().push((key, hit.addr));
         true
     }
 
@@ -1017,6 +1039,15 @@ impl LazyShadow {
                 for (p, _) in bad {
                     if (m.offset..m.offset + m.len).contains(p) {
                         let _ = uffd.poison(m.start + p - m.offset, page);
+                    }
+                }
+                // A fault that came after the direct copy woke the range:
+                // its page was discarded since (`MADV_DONTNEED`). Mapped
+                // again (a page still there is only woken, `EEXIST`).
+                let key = m.key();
+                for &(k, a) in &waiting {
+                    if k == key && (m.start..m.start + m.len).contains(&a) {
+                        let _ = uffd.continue_range(a, page);
                     }
                 }
                 continue;
@@ -1076,15 +1107,26 @@ impl LazyShadow {
         self.register_as(start, len, offset, false)
     }
 
-    /// [`LazyShadow::register`] of a `MAP_SHARED` mapping of the memfd
-    /// (a duplicate of the template), which fills may install straight into.
-    pub fn register_shared(
-        self: &Arc<Self>,
-        start: u64,
-        len: u64,
-        offset: u64,
-    ) -> Result<Registration> {
-        self.register_as(start, len, offset, true)
+    /// Claims `start..start+len` (a mapping of the memfd from `offset`) as a
+    /// consumer range: in the table before the kernel can send a fault from
+    /// it, so that no answer meant for a range that was there before lands
+    /// in it unseen (an answer to an address no region covers poisons it).
+    /// The caller registers it next; dropping the result forgets it.
+    fn claim(self: &Arc<Self>, start: u64, len: u64, offset: u64, shared: bool) -> Registration {
+        let core = &self.service.core;
+        // An event naming these addresses from before they were ours
+        // (another range's munmap or move) must not cut this range out.
+        core.sync_events();
+        self.add_consumer(None, start, len, offset, shared);
+        let owner = core.add_region(start, len, offset, false, shared, self.target());
+        Registration {
+            shadow: User::new(self.clone()),
+            start,
+            len,
+            owner,
+            pid: std::process::id(),
+            released: false,
+        }
     }
 
     fn register_as(
@@ -1094,21 +1136,10 @@ impl LazyShadow {
         offset: u64,
         shared: bool,
     ) -> Result<Registration> {
-        let core = &self.service.core;
-        // An event naming these addresses from before they were ours
-        // (another range's munmap or move) must not cut this range out.
-        core.sync_events();
-        self.add_consumer(None, start, len, offset, shared);
-        let owner = core.add_region(start, len, offset, false, shared, self.target());
-        let reg = Registration {
-            shadow: User::new(self.clone()),
-            start,
-            len,
-            owner,
-            pid: std::process::id(),
-            released: false,
-        };
-        core.uffd
+        let reg = self.claim(start, len, offset, shared);
+        self.service
+            .core
+            .uffd
             .register(start, len)
             .map_err(|e| Error::sys("UFFDIO_REGISTER of a consumer mapping", e))?;
         Ok(reg)
@@ -1123,25 +1154,36 @@ impl LazyShadow {
     }
 
     /// A new `MAP_SHARED` consumer mapping of `len` bytes from `offset`,
-    /// still `PROT_NONE` and unregistered: a duplicate of the template. At
-    /// `at` (replacing what is there) or where the kernel picks.
+    /// registered but still `PROT_NONE` (the caller makes it readable): a
+    /// duplicate of the template, which fills may install straight into.
+    /// In place of `into` (a reservation of `len` bytes, replaced).
+    ///
+    /// The duplicate comes registered (it keeps the template's registration
+    /// where `EVENT_REMAP` was negotiated), so its range is claimed
+    /// ([`LazyShadow::claim`]) first, on the reservation.
     ///
     /// # Safety
-    /// With `at`, the caller owns that range and nothing borrows it.
-    pub unsafe fn shared_mapping(
-        &self,
+    /// `into` is the caller's to replace: nothing borrows or touches it.
+    pub unsafe fn map_shared(
+        self: &Arc<Self>,
         offset: u64,
-        len: usize,
-        at: Option<*mut u8>,
-    ) -> Result<RawMap> {
+        into: RawMap,
+    ) -> Result<(RawMap, Registration)> {
+        let len = into.len();
         let t = self.template.as_ref().ok_or(Error::Range {
             offset,
             len: len as u64,
             size: 0,
         })?;
+        let reg = self.claim(into.addr(), len as u64, offset, true);
         // SAFETY: forwarded from the caller.
-        let m = unsafe { t.duplicate_shared(offset as usize, len, at) }
+        let m = unsafe { t.duplicate_shared(offset as usize, into) }
             .map_err(|e| Error::sys("mremap a shared consumer mapping", e))?;
+        self.service
+            .core
+            .uffd
+            .register(m.addr(), len as u64)
+            .map_err(|e| Error::sys("UFFDIO_REGISTER of a consumer mapping", e))?;
         if self.follows_fork() {
             // The duplicate inherits the template's MADV_DONTFORK; a
             // consumer range goes to children like a file mapping.
@@ -1150,7 +1192,7 @@ impl LazyShadow {
             unsafe { m.advise_unchecked(UncheckedAdvice::DoFork) }
                 .map_err(|e| Error::sys("madvise(MADV_DOFORK)", e))?;
         }
-        Ok(m)
+        Ok((m, reg))
     }
 
     fn add_consumer(
@@ -1390,6 +1432,10 @@ impl LazyShadow {
 
 impl FaultTarget for LazyShadow {
     fn on_fault(&self, core: &Core, hit: Hit<'_>) -> Option<Work> {
+        if !self.ready.load(Ordering::Acquire) {
+            let _ = hit.uffd.wake(hit.addr, core.page);
+            return None;
+        }
         self.counters.faults.fetch_add(1, Ordering::Relaxed);
         core.counters.faults.fetch_add(1, Ordering::Relaxed);
         if hit.offset >= self.size {
@@ -1411,17 +1457,18 @@ impl FaultTarget for LazyShadow {
                         if remote {
                             // Ours to fill: nobody else can take it, so
                             // it is still Filling here.
-                            let ok = self.wait_remote(chunk, &hit);
+                            let ok = self.wait_on(chunk, &hit, true);
                             debug_assert!(ok, "a claimed chunk is Filling");
                         }
                         mine = Some(r);
                         break;
                     }
                 }
-                // The filler answers every range of this process, and every
-                // remote range with a fault waiting, once it is done.
+                // The filler answers every range where a fault waits, and
+                // every other range of this process but the one it filled
+                // directly, once it is done.
                 ChunkState::Filling => {
-                    if !remote || self.wait_remote(chunk, &hit) {
+                    if self.wait_on(chunk, &hit, remote) {
                         break;
                     }
                 }
