@@ -321,6 +321,13 @@ int shadowfd_map(struct shadowfd_shadow *shadow,
 //   the caller's to release.
 // - A range from `shadowfd_register` is unregistered, then `munmap`ped.
 //
+// A mapping the caller moved or cut (`mremap`, `munmap`) is still undone
+// at the address and length it was made with: only what is still its own
+// is unregistered and unmapped; a part moved elsewhere stays the caller's
+// to `munmap`. Undo it before the old address can be handed out again (in
+// a threaded program, before another thread maps): a new mapping made
+// over it replaces the old one in the library's books.
+//
 // Returns 0, or -EINVAL if no mapping or registration starts at `addr` or
 // `len` does not match it (nothing is changed then). Thread-safety: any
 // thread; no thread may touch the range during or after the call.

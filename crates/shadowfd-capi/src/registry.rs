@@ -60,17 +60,36 @@ pub(crate) fn check_free(func: &str, addr: usize, len: usize) -> Result<(), Fail
 
 pub(crate) fn insert_mapping(m: Mapping) {
     let len = m.len().next_multiple_of(sfd::page_size());
-    let stale = table().insert(
-        m.as_ptr() as usize,
-        Tracked {
-            len,
-            entry: Entry::Map(m),
-        },
-    );
-    // An entry at an address the kernel just handed out again can only be
-    // one the caller unmapped behind the library's back: dropping it would
-    // unmap or unregister the new mapping, so it is leaked instead.
-    std::mem::forget(stale);
+    let addr = m.as_ptr() as usize;
+    let stale = {
+        let mut t = table();
+        // Entries over addresses the kernel just handed out again can only
+        // be ranges the caller moved (`mremap`) or unmapped behind the
+        // library's back.
+        let over: Vec<usize> = t
+            .range(..addr + len)
+            .filter(|(a, tr)| *a + tr.len > addr)
+            .map(|(a, _)| *a)
+            .collect();
+        let stale: Vec<Tracked> = over.iter().filter_map(|a| t.remove(a)).collect();
+        t.insert(
+            addr,
+            Tracked {
+                len,
+                entry: Entry::Map(m),
+            },
+        );
+        stale
+    };
+    // Outside the lock. A local mapping or registration gives up only what
+    // the kernel's events say is still its own (nothing here), so dropping
+    // it leaves the new mapping alone. A remote one cannot tell: leaked.
+    for tr in stale {
+        match tr.entry {
+            Entry::Remote(r) => std::mem::forget(r),
+            other => drop(other),
+        }
+    }
 }
 
 pub(crate) fn insert_remote(m: RemoteMapping) {

@@ -146,7 +146,6 @@ fn run_mappings_stay_exact_through_mremap_fork_and_madvise() {
 /// default): not one wrong byte, and no descriptor left behind (forked
 /// children's userfaultfds are let go once they exit).
 #[test]
-#[ignore = "finds faults left unanswered under concurrent MADV_DONTNEED and mremap (issue 19 stays open)"]
 fn eight_threads_remapping_forking_and_unmapping_stay_exact() {
     lazy_required();
     let dir = tempfile::tempdir().unwrap();

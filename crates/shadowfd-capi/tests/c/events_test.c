@@ -17,6 +17,7 @@
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -91,6 +92,11 @@ static struct shadowfd_engine *engine;
 static struct shadowfd_client *client;
 static const char *target;
 
+/* Held while a library mapping is made, and by a move from its mremap
+ * until the moved mapping is handed back at its old address
+ * (shadowfd_unmap's rule: before the old address can be mapped again). */
+static pthread_mutex_t reuse_lock = PTHREAD_MUTEX_INITIALIZER;
+
 /* A fresh mapping of `len` bytes from offset 0. */
 static unsigned char *map_len(size_t len) {
     if (!strcmp(kind, "plain")) {
@@ -121,7 +127,9 @@ static unsigned char *map_len(size_t len) {
     void *p = NULL;
     int flags = shared_flag ? SHADOWFD_MAP_SHARED : SHADOWFD_MAP_PRIVATE;
     /* A client shadow is mapped whole (length 0). */
+    pthread_mutex_lock(&reuse_lock);
     int r = shadowfd_map(s, 0, client ? 0 : len, flags, NULL, &p);
+    pthread_mutex_unlock(&reuse_lock);
     if (r != 0) {
         fprintf(stderr, "shadowfd_map: %d %s\n", r, shadowfd_last_error());
         exit(2);
@@ -184,7 +192,7 @@ static int grandchild_checks(void *arg) {
 
 /* ---- stress: threads moving, forking and cutting fresh mappings ---- */
 
-#include <pthread.h>
+
 #include <dirent.h>
 #include <time.h>
 
@@ -261,9 +269,19 @@ static void *stress_thread(void *arg) {
         stress_op = names[op];
         switch (op) {
         case 0: /* move */ {
-            unsigned char *q = mremap(p, whole, whole, MREMAP_MAYMOVE | MREMAP_FIXED,
-                                      mmap(NULL, whole, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
-            bad = q == MAP_FAILED || quiet_check(q, 0, size);
+            void *to = mmap(NULL, whole, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            pthread_mutex_lock(&reuse_lock);
+            unsigned char *q = mremap(p, whole, whole, MREMAP_MAYMOVE | MREMAP_FIXED, to);
+            if (q != MAP_FAILED) {
+                /* Handed back at once: what moved stays ours to unmap. */
+                if (strcmp(kind, "plain") && shadowfd_unmap(orig, whole) != 0) {
+                    fprintf(stderr, "stress: shadowfd_unmap after a move: %s\n", shadowfd_last_error());
+                    bad = 1;
+                }
+                orig = NULL;
+            }
+            pthread_mutex_unlock(&reuse_lock);
+            bad |= q == MAP_FAILED || quiet_check(q, 0, size);
             p = q == MAP_FAILED ? p : q;
             break;
         }
@@ -296,10 +314,14 @@ static void *stress_thread(void *arg) {
          * what is still its own. */
         if (p && p != orig)
             munmap(p, whole);
-        if (!strcmp(kind, "plain"))
+        if (!orig)
+            ; /* handed back already */
+        else if (!strcmp(kind, "plain"))
             munmap(orig, whole);
-        else
-            shadowfd_unmap(orig, whole);
+        else if (shadowfd_unmap(orig, whole) != 0) {
+            fprintf(stderr, "stress: shadowfd_unmap after %s: %s\n", stress_op, shadowfd_last_error());
+            bad = 1;
+        }
         pthread_mutex_lock(&stress_lock);
         stress_bad += bad;
         stress_ops[me]++;

@@ -176,9 +176,11 @@ pub(crate) fn watcher(core: Arc<Core>) {
                 }
                 nap(50);
             }
+            core.ring_filling.store(true, Ordering::SeqCst);
             if let Ok(k) = core.uffd.read_raw(&mut raw[..room]) {
                 core.ring.push(&raw[..k]);
             }
+            core.ring_filling.store(false, Ordering::SeqCst);
             drop(guard);
             eventfd_signal(core.work.as_fd());
         }

@@ -118,4 +118,8 @@ pub(crate) trait FaultTarget: Send + Sync {
         _shared: bool,
     ) {
     }
+    /// A range the engine adopted from the kernel's events (`on`: one
+    /// more; else one fewer) holds the target: it lives as long as the
+    /// kernel maps that range, whoever else lets go.
+    fn hold_range(&self, _on: bool) {}
 }

@@ -172,6 +172,7 @@ impl Region {
     fn target(&self) -> Option<Arc<dyn FaultTarget>> {
         match &self.target {
             Held::Strong(t) => Some(t.clone()),
+            Held::Range(r) => Some(r.0.clone()),
             Held::Weak(w) => w.upgrade(),
         }
     }
@@ -183,7 +184,7 @@ impl Region {
             owner: 0,
             shared: self.shared,
             target: match self.target() {
-                Some(t) => Held::Strong(t),
+                Some(t) => Held::Range(RangeHold::new(t)),
                 None => Held::Weak(Weak::<Orphan>::new()),
             },
         }
@@ -224,18 +225,54 @@ struct Job {
 #[derive(Clone)]
 enum Held {
     Strong(Arc<dyn FaultTarget>),
+    /// A range the engine adopted from the kernel's events (moved, grown,
+    /// inherited): it holds its target while the kernel maps it.
+    Range(RangeHold),
     Weak(Weak<dyn FaultTarget>),
+}
+
+/// A range adopted from the kernel's view: its target, start, length,
+/// offset and whether it is a shared mapping.
+type Adopted = (Arc<dyn FaultTarget>, u64, u64, u64, bool);
+
+/// An adopted range's hold on its target ([`FaultTarget::hold_range`]
+/// counts them, each copy too).
+struct RangeHold(Arc<dyn FaultTarget>);
+
+impl RangeHold {
+    fn new(t: Arc<dyn FaultTarget>) -> RangeHold {
+        t.hold_range(true);
+        RangeHold(t)
+    }
+}
+
+impl Clone for RangeHold {
+    fn clone(&self) -> RangeHold {
+        RangeHold::new(self.0.clone())
+    }
+}
+
+impl Drop for RangeHold {
+    fn drop(&mut self) {
+        self.0.hold_range(false);
+    }
 }
 
 impl Held {
     /// Whether it is `t`, without taking a reference (which, the last one
     /// dropped under the region lock, would drop a shadow there).
     fn is(&self, t: &Arc<dyn FaultTarget>) -> bool {
-        let p = match self {
+        self.is_at(Arc::as_ptr(t))
+    }
+
+    /// Whether it is the target at `p`.
+    fn is_at(&self, p: *const dyn FaultTarget) -> bool {
+        let mine = match self {
             Held::Strong(s) => Arc::as_ptr(s),
+            Held::Range(r) => Arc::as_ptr(&r.0),
             Held::Weak(w) => w.as_ptr(),
         };
-        std::ptr::addr_eq(p, Arc::as_ptr(t))
+        std::ptr::addr_eq(mine, p)
     }
 }
 
@@ -296,6 +333,9 @@ pub(crate) struct Core {
     pub(super) forking: AtomicU32,
     /// Messages the fork watcher read, not yet applied.
     pub(super) ring: super::forkwatch::Ring,
+    /// The fork watcher is between reading the userfaultfd and putting
+    /// what it read in the ring: what it read is neither there nor applied.
+    pub(super) ring_filling: AtomicBool,
     /// Wakes the watcher.
     pub(super) fork_kick: OwnedFd,
     fault_tx: Sender<Job>,
@@ -487,7 +527,10 @@ impl Core {
             }
             drop(g);
             self.leave_faults(faults);
-            if !self.uffd.changing() {
+            // Read by the fork watcher and not in the ring yet: the event
+            // that freed these addresses may be among them.
+            let watched = self.ring_filling.load(Ordering::SeqCst) || !self.ring.is_empty();
+            if !watched && !self.uffd.changing() {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_micros(50 << round.min(4)));
@@ -654,7 +697,7 @@ impl Core {
             internal: false,
             owner: 0,
             shared: vma.shared,
-            target: Held::Strong(target.clone()),
+            target: Held::Range(RangeHold::new(target.clone())),
         };
         regions.insert(lo, hi - lo, offset, r);
         drop(regions);
@@ -675,7 +718,21 @@ impl Core {
         for ev in events.drain(..) {
             match ev {
                 Event::Unmap { start, end } => {
-                    let gone = regions.write().cut(start, end);
+                    let mut r = regions.write();
+                    let gone = r.cut(start, end);
+                    // Events of several threads interleave: another thread
+                    // may have mapped these addresses again, and moved a
+                    // range of ours there (its REMAP applied already),
+                    // between this munmap and its event. What the kernel
+                    // shows there now stays.
+                    let (kept, gone): (Vec<_>, Vec<_>) = match space {
+                        None => gone.into_iter().partition(|(s, sp)| self.shown(*s, sp)),
+                        Some(_) => (Vec::new(), gone),
+                    };
+                    for (s, sp) in kept {
+                        r.insert(s, sp.len, sp.offset, sp.value);
+                    }
+                    drop(r);
                     for t in distinct_targets(&gone) {
                         t.on_unmap(self, space, start, end);
                     }
@@ -685,14 +742,23 @@ impl Core {
                 }
                 Event::Remap { from, to, len } => {
                     let moved = regions.read().moved(from, to, len, Region::adopted);
-                    let gone = regions.write().copy(from, to, len, Region::adopted);
+                    let mut r = regions.write();
+                    let mut gone = r.copy(from, to, len, Region::adopted);
+                    let adopted = match space {
+                        None if len > 0 => self.follow_kernel(&mut r, to, len, &mut gone),
+                        _ => Vec::new(),
+                    };
+                    drop(r);
                     for t in distinct_targets(&gone) {
                         t.on_unmap(self, space, to, to + len);
                     }
                     for t in distinct_targets(&moved) {
                         t.on_remap(self, space, from, to, len);
                     }
-                    drop((gone, moved));
+                    for (t, at, l, offset, shared) in &adopted {
+                        t.on_adopt(self, space, *at, *l, *offset, *shared);
+                    }
+                    drop((gone, moved, adopted));
                 }
                 Event::Remove => {
                     // The range stays registered: the next touch faults.
@@ -700,6 +766,79 @@ impl Core {
                 Event::Fork(fd) => self.add_child(space, regions, fd),
             }
         }
+    }
+
+    /// Whether this process's mapping at `start` shows what `span` says:
+    /// the same shadow's memfd at the same offset, all the way.
+    fn shown(&self, start: u64, span: &Span<Region>) -> bool {
+        let Some(vma) = self.maps.as_ref().and_then(|m| m.query(start)) else {
+            return false;
+        };
+        if vma.offset + (start - vma.start) != span.offset || vma.end < start + span.len {
+            return false;
+        }
+        let inodes = self.inodes.read();
+        inodes
+            .get(&vma.inode)
+            .is_some_and(|w| span.value.target.is_at(w.as_ptr()))
+    }
+
+    /// After a REMAP into `to..to+len` of this process: the table there is
+    /// made to agree with what the kernel shows. The table's copy of the
+    /// source is wrong where the source's addresses were reused before the
+    /// event came (another thread's munmap and mmap between them); such
+    /// parts go to `gone`, and each part that maps a shadow's memfd is
+    /// adopted from the kernel's view (a REMAP is only sent for registered
+    /// ranges). Returns the adopted parts (target, start, len, offset,
+    /// shared) for their targets to hear of.
+    fn follow_kernel(
+        &self,
+        r: &mut Spans<Region>,
+        to: u64,
+        len: u64,
+        gone: &mut Vec<(u64, Span<Region>)>,
+    ) -> Vec<Adopted> {
+        let Some(maps) = self.maps.as_ref() else {
+            return Vec::new();
+        };
+        let end = to + len;
+        let wrong: Vec<(u64, u64)> = r
+            .iter()
+            .filter(|(s, sp)| *s < end && s + sp.len > to && !self.shown(*s, sp))
+            .map(|(s, sp)| (s, s + sp.len))
+            .collect();
+        for (a, b) in wrong {
+            gone.extend(r.cut(a.max(to), b.min(end)));
+        }
+        let mut adopted = Vec::new();
+        let mut at = to;
+        while at < end {
+            if let Some((s, sp)) = r.find(at) {
+                at = s + sp.len;
+                continue;
+            }
+            let next = r.next_after(at).unwrap_or(end).min(end);
+            let Some(vma) = maps.query(at) else {
+                at = next;
+                continue;
+            };
+            let hi = vma.end.min(next);
+            let target = self.inodes.read().get(&vma.inode).and_then(Weak::upgrade);
+            if let Some(t) = target {
+                let offset = vma.offset + (at - vma.start);
+                let region = Region {
+                    internal: false,
+                    owner: 0,
+                    shared: vma.shared,
+                    target: Held::Range(RangeHold::new(t.clone())),
+                };
+                gone.extend(r.insert(at, hi - at, offset, region));
+                adopted.push((t, at, hi - at, offset, vma.shared));
+                self.counters.adopted_ranges.fetch_add(1, Ordering::Relaxed);
+            }
+            at = hi;
+        }
+        adopted
     }
 
     /// A `fork` of an address space we serve: the child's copies of the
@@ -716,7 +855,7 @@ impl Core {
                 continue;
             }
             let a = r.value.adopted();
-            if let Held::Strong(t) = &a.target {
+            if let Held::Range(RangeHold(t)) = &a.target {
                 if !targets.iter().any(|x: &Arc<dyn FaultTarget>| same(x, t)) {
                     targets.push(t.clone());
                 }
@@ -1021,6 +1160,7 @@ impl Core {
     fn run_job(&self, job: Job) {
         let target = match job.target {
             Held::Strong(t) => Some(t),
+            Held::Range(r) => Some(r.0.clone()),
             Held::Weak(w) => w.upgrade(),
         };
         if let Some(t) = target {
@@ -1189,6 +1329,7 @@ impl Service {
             deferred_at: AtomicU64::new(0),
             forking: AtomicU32::new(0),
             ring: super::forkwatch::Ring::new(),
+            ring_filling: AtomicBool::new(false),
             fork_kick: eventfd().map_err(|e| Error::sys("eventfd", e))?,
             fault_tx,
             fault_rx,

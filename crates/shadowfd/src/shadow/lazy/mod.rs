@@ -122,8 +122,9 @@ struct Consumer {
 }
 
 /// A fault waiting on a chunk: the identity of the range's userfaultfd
-/// ([`space_key`]: 0 for the engine's own) and the faulting address.
-type Waiter = (usize, u64);
+/// ([`space_key`]: 0 for the engine's own), the faulting address and the
+/// shadow offset it showed.
+type Waiter = (usize, u64, u64);
 
 /// The identity of a userfaultfd, as [`Waiter`] keeps it.
 fn uffd_key(u: &Uffd) -> usize {
@@ -156,7 +157,7 @@ impl Consumer {
                 let (lo, hi) = (self.start, self.start + self.len);
                 waiting
                     .iter()
-                    .any(|&(k, a)| k == key && (lo..hi).contains(&a))
+                    .any(|&(k, a, _)| k == key && (lo..hi).contains(&a))
             }
         }
     }
@@ -1010,7 +1011,9 @@ impl LazyShadow {
             return false;
         }
         let key = if remote { uffd_key(hit.uffd) } else { 0 };
-        w.entry(chunk).or_default().push((key, hit.addr));
+        w.entry(chunk)
+            .or_default()
+            .push((key, hit.addr, hit.offset));
         true
     }
 
@@ -1041,15 +1044,9 @@ impl LazyShadow {
                         let _ = uffd.poison(m.start + p - m.offset, page);
                     }
                 }
-                // A fault that came after the direct copy woke the range:
-                // its page was discarded since (`MADV_DONTNEED`). Mapped
-                // again (a page still there is only woken, `EEXIST`).
-                let key = m.key();
-                for &(k, a) in &waiting {
-                    if k == key && (m.start..m.start + m.len).contains(&a) {
-                        let _ = uffd.continue_range(a, page);
-                    }
-                }
+                // A fault there came after the direct copy woke the range
+                // (its page was discarded since, `MADV_DONTNEED`): it is
+                // answered with the other waiters below.
                 continue;
             }
             // Runs of good pages between the bad ones.
@@ -1069,6 +1066,23 @@ impl LazyShadow {
             }
             if at < end {
                 let _ = uffd.continue_range(at, end - at);
+            }
+        }
+        // Every fault of this process that waits is answered here: one may
+        // wait where no consumer range says (the list lags the kernel when
+        // events of several threads interleave), or in the range a direct
+        // fill skipped above. `UFFDIO_CONTINUE` maps the page the mapping
+        // there shows, and only if it is in the memfd; a page mapped above
+        // already is only woken (`EEXIST`), any other failure wakes it to
+        // fault again.
+        for &(k, a, off) in &waiting {
+            if k != 0 {
+                continue;
+            }
+            if bad.iter().any(|(p, _)| *p == off) {
+                let _ = core.uffd.poison(a, page);
+            } else {
+                let _ = core.uffd.continue_range(a, page);
             }
         }
         self.notify();
@@ -1539,10 +1553,15 @@ impl FaultTarget for LazyShadow {
         self.add_consumer(space.cloned(), start, len, offset, shared);
     }
 
+    fn hold_range(&self, on: bool) {
+        self.gone.hold_range(on);
+    }
+
     fn run(&self, core: &Core, work: Work) {
         if work.why == Why::Prefetch && self.users.none() {
             return; // nobody left to read what it would fill
         }
+        let _busy = self.gone.fill();
         match work.why {
             Why::Prefetch => {
                 self.fill_empty(core, work.chunks, run_chunks(self.chunk), Why::Prefetch)

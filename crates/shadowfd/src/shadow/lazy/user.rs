@@ -11,6 +11,9 @@
 //! So the last [`User`] to go waits, for at most [`LAST_FILL_WAIT`], until
 //! the shadow has been dropped by whoever held it last (unless it is a
 //! fault-service thread itself: a source callback that drops a mapping).
+//! A range the consumer moved (`mremap`) or a child inherited holds the
+//! shadow too, for as long as the kernel maps it: while one does, the
+//! last user waits only for the fills in flight.
 
 use super::LazyShadow;
 use parking_lot::{Condvar, Mutex};
@@ -31,6 +34,10 @@ pub(crate) const LAST_FILL_WAIT: Duration = Duration::from_secs(2);
 struct GoneState {
     gone: Mutex<bool>,
     cv: Condvar,
+    /// Fills in flight ([`Gone::fill`]).
+    fills: AtomicUsize,
+    /// Adopted ranges that hold the shadow ([`Gone::hold_range`]).
+    ranges: AtomicUsize,
 }
 
 /// The last field of [`LazyShadow`]: fields drop in order, so when this
@@ -40,6 +47,33 @@ pub(crate) struct Gone(Arc<GoneState>);
 impl Gone {
     pub fn new() -> Gone {
         Gone(Arc::default())
+    }
+
+    /// Counts an adopted range's hold (`on`) or its end.
+    pub fn hold_range(&self, on: bool) {
+        if on {
+            self.0.ranges.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.0.ranges.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Counts a fill in flight until the result drops.
+    pub fn fill(&self) -> Filling<'_> {
+        self.0.fills.fetch_add(1, Ordering::AcqRel);
+        Filling(&self.0)
+    }
+}
+
+/// A fill in flight ([`Gone::fill`]).
+pub(crate) struct Filling<'a>(&'a GoneState);
+
+impl Drop for Filling<'_> {
+    fn drop(&mut self) {
+        if self.0.fills.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let _g = self.0.gone.lock();
+            self.0.cv.notify_all();
+        }
     }
 }
 
@@ -96,8 +130,14 @@ impl Drop for User {
         // may be its own, or queued behind it.
         if last && !crate::fault::in_service() {
             let mut g = gone.gone.lock();
-            if !*g {
-                let _ = gone.cv.wait_while_for(&mut g, |g| !*g, LAST_FILL_WAIT);
+            // Held by a moved range, the shadow stays: only fills in
+            // flight are waited for then.
+            let busy = |g: &mut bool| {
+                !*g && (gone.fills.load(Ordering::Acquire) > 0
+                    || gone.ranges.load(Ordering::Acquire) == 0)
+            };
+            if busy(&mut g) {
+                let _ = gone.cv.wait_while_for(&mut g, busy, LAST_FILL_WAIT);
             }
         }
     }
