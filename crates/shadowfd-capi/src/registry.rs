@@ -60,49 +60,32 @@ pub(crate) fn check_free(func: &str, addr: usize, len: usize) -> Result<(), Fail
 
 pub(crate) fn insert_mapping(m: Mapping) {
     let len = m.len().next_multiple_of(sfd::page_size());
-    let addr = m.as_ptr() as usize;
-    let stale = {
+    insert_over(m.as_ptr() as usize, len, Entry::Map(m));
+}
+
+pub(crate) fn insert_remote(m: RemoteMapping) {
+    let len = m.len().next_multiple_of(sfd::page_size());
+    insert_over(m.as_ptr() as usize, len, Entry::Remote(m));
+}
+
+/// Tracks `entry` at `addr..addr+len`, addresses the kernel just handed
+/// out: entries over them can only be ranges their caller moved (`mremap`)
+/// or unmapped behind the library's back. They are dropped, outside the
+/// lock: a mapping or registration gives up only what the kernel still
+/// shows as its own (nothing here), so the new mapping is left alone.
+fn insert_over(addr: usize, len: usize, entry: Entry) {
+    let stale: Vec<Tracked> = {
         let mut t = table();
-        // Entries over addresses the kernel just handed out again can only
-        // be ranges the caller moved (`mremap`) or unmapped behind the
-        // library's back.
         let over: Vec<usize> = t
             .range(..addr + len)
             .filter(|(a, tr)| *a + tr.len > addr)
             .map(|(a, _)| *a)
             .collect();
-        let stale: Vec<Tracked> = over.iter().filter_map(|a| t.remove(a)).collect();
-        t.insert(
-            addr,
-            Tracked {
-                len,
-                entry: Entry::Map(m),
-            },
-        );
+        let stale = over.iter().filter_map(|a| t.remove(a)).collect();
+        t.insert(addr, Tracked { len, entry });
         stale
     };
-    // Outside the lock. A local mapping or registration gives up only what
-    // the kernel's events say is still its own (nothing here), so dropping
-    // it leaves the new mapping alone. A remote one cannot tell: leaked.
-    for tr in stale {
-        match tr.entry {
-            Entry::Remote(r) => std::mem::forget(r),
-            other => drop(other),
-        }
-    }
-}
-
-pub(crate) fn insert_remote(m: RemoteMapping) {
-    let len = m.len().next_multiple_of(sfd::page_size());
-    let stale = table().insert(
-        m.as_ptr() as usize,
-        Tracked {
-            len,
-            entry: Entry::Remote(m),
-        },
-    );
-    // As in insert_mapping: only a range unmapped behind the library's back.
-    std::mem::forget(stale);
+    drop(stale);
 }
 
 pub(crate) fn insert_registration(addr: usize, len: usize, r: Registration) {
@@ -159,17 +142,23 @@ pub(crate) fn remove(func: &str, addr: usize, len: usize, undo: Undo) -> Result<
         Entry::Map(m) => drop(m),
         Entry::Remote(m) => drop(m),
         Entry::Reg(r) => {
-            drop(r);
+            // What is still the registration's: a part its caller moved or
+            // unmapped may hold something else now.
+            let parts = r
+                .release()
+                .unwrap_or_else(|| vec![(addr as u64, tracked.len as u64)]);
             if undo == Undo::Unmap {
-                // SAFETY: the caller's own mapping, registered by it with
-                // this length and given up by this call; no longer
-                // registered.
-                if unsafe { libc::munmap(addr as *mut libc::c_void, tracked.len) } != 0 {
-                    let e = std::io::Error::last_os_error();
-                    return Err(Failure::new(
-                        e.raw_os_error().unwrap_or(libc::EINVAL),
-                        format!("{func}: munmap({addr:#x}, {}): {e}", tracked.len),
-                    ));
+                for (a, l) in parts {
+                    // SAFETY: the caller's own mapping, registered by it and
+                    // given up by this call; this part is still it (the
+                    // kernel's events say so) and no longer registered.
+                    if unsafe { libc::munmap(a as *mut libc::c_void, l as usize) } != 0 {
+                        let e = std::io::Error::last_os_error();
+                        return Err(Failure::new(
+                            e.raw_os_error().unwrap_or(libc::EINVAL),
+                            format!("{func}: munmap({a:#x}, {l}): {e}"),
+                        ));
+                    }
                 }
             }
         }

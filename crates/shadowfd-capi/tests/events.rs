@@ -165,3 +165,54 @@ fn eight_threads_remapping_forking_and_unmapping_stay_exact() {
         ],
     );
 }
+
+/// The same stress through a client of a real `shadowfd serve`: 8 threads
+/// over 128 copies of a 32-page file, under a memory budget that keeps the
+/// server evicting idle shadows, so that nearly every map is of a fresh
+/// lazy shadow (a whole one is served sealed). A raw fork's child has no
+/// client mapping (SIGSEGV, docs/remote.md), never wrong bytes.
+#[test]
+fn a_client_of_the_server_stays_exact_under_the_same_stress() {
+    lazy_required();
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("root");
+    std::fs::create_dir(&tree).unwrap();
+    let data = pattern(32 * 4096 + 99, 43);
+    for i in 0..128 {
+        std::fs::write(tree.join(format!("s.bin.{i}")), &data).unwrap();
+    }
+    let reference = dir.path().join("s.bin");
+    std::fs::write(&reference, &data).unwrap();
+    let sock = dir.path().join("s.sock");
+    let server = Server::start(&tree, &sock, &["--mode", "lazy", "--memory-budget", "8M"]);
+    let secs = std::env::var("SHADOWFD_STRESS_SECS")
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .unwrap_or(30)
+        / 3;
+    let target = format!("{}:/s.bin", sock.display());
+    let r = std::panic::catch_unwind(|| {
+        run_ok(
+            exe(),
+            &[
+                "client",
+                "shared",
+                &format!("stress{secs}x128"),
+                &target,
+                reference.to_str().unwrap(),
+            ],
+        )
+    });
+    let log = server.output();
+    if let Err(e) = r {
+        eprintln!("{log}");
+        std::panic::resume_unwind(e);
+    }
+    // Lazy mappings, not only sealed copies of whole shadows.
+    let lazy = log.matches("lazily at").count();
+    let sealed = log.matches("as a sealed descriptor").count();
+    assert!(
+        lazy > 1000 && lazy > sealed,
+        "the stress mapped {lazy} lazy and {sealed} sealed ranges: it is about lazy ones"
+    );
+}

@@ -820,6 +820,7 @@ impl RemoteMapOptions<'_> {
         let page = crate::page_size() as u64;
         let empty = || RemoteMapping {
             map: None,
+            ino: 0,
             len: 0,
             offset,
             lazy: false,
@@ -874,6 +875,7 @@ impl RemoteMapOptions<'_> {
         if r.b == 0 {
             return Ok(RemoteMapping {
                 map: None,
+                ino: 0,
                 len: 0,
                 offset,
                 lazy: false,
@@ -925,10 +927,14 @@ impl RemoteMapOptions<'_> {
             None => RawMap::new(memfd.as_fd(), offset, maplen, prot, libc::MAP_PRIVATE),
         }
         .map_err(|x| abandon(e(x)))?;
-        drop(memfd);
+        let ino = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::File::from(memfd).metadata().map_or(0, |m| m.ino())
+        };
         // Not attached yet: dropped without UNMAP.
         let mut mapping = RemoteMapping {
             map: Some(map),
+            ino,
             len: len as usize,
             offset,
             lazy: false,
@@ -1012,6 +1018,9 @@ impl RemoteMapOptions<'_> {
 /// gone away (never zeros, never a hang).
 pub struct RemoteMapping {
     map: Option<RawMap>,
+    /// Inode of the memfd it maps: on drop, only what the kernel still
+    /// shows of it at the offsets it had is unmapped.
+    ino: u64,
     /// Bytes shown (the mapping covers them rounded up to a page).
     len: usize,
     /// Offset in the file of the first byte.
@@ -1023,22 +1032,31 @@ pub struct RemoteMapping {
 impl Drop for RemoteMapping {
     fn drop(&mut self) {
         let Some(map) = self.map.take() else { return };
-        if !self.lazy {
-            return;
-        }
         let client = &self.file.inner.client;
         let addr = map.addr();
-        if !client.server_gone() {
+        if self.lazy && !client.server_gone() {
             // The server stops serving the range (poisoning what is
             // unfilled) before it is unmapped: the address may be reused.
             let f = Frame::new(wire::UNMAP, self.file.inner.handle, addr, 0, 0);
             let _ = client.call(&f, "UNMAP", false);
         }
-        client.inner.ranges.lock().retain(|r| r.0 != addr);
+        if self.lazy {
+            client.inner.ranges.lock().retain(|r| r.0 != addr);
+        }
         // Unmapped without any lock held: with UNMAP events the munmap waits
         // until the server (or, once it is gone, the watcher, which takes
-        // that lock) has read the event.
-        drop(map);
+        // that lock) has read the event. Only what is still this mapping's:
+        // a part its user moved or unmapped may hold something else now.
+        let parts = crate::sys::maps::Maps::open_self()
+            .filter(crate::sys::maps::Maps::works)
+            .map(|m| {
+                let end = addr + map.len() as u64;
+                m.showing(addr, end, self.ino, self.offset)
+            });
+        match parts {
+            Some(p) if !(p.len() == 1 && p[0] == (addr, map.len() as u64)) => map.drop_parts(&p),
+            _ => drop(map),
+        }
     }
 }
 
@@ -1148,6 +1166,7 @@ impl RemoteMapping {
             };
             RemoteMapping {
                 map: Some(m),
+                ino: self.ino,
                 len,
                 offset: self.offset + from as u64,
                 lazy: self.lazy,

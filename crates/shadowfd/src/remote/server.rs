@@ -455,6 +455,11 @@ struct Handle {
     entry: Arc<Entry>,
     /// Where its lazy ranges start (each a key of [`Conn::ranges`]).
     starts: BTreeSet<u64>,
+    /// Closed by the client while some of its ranges were still mapped
+    /// (moved by `mremap`, say): those stay served, as a file mapping
+    /// outlives its descriptor, and the handle goes with the last of them.
+    /// Requests on it are refused.
+    closed: bool,
 }
 
 /// A lazy range a client attached: `len` bytes at `start` in the client
@@ -1130,7 +1135,7 @@ impl Inner {
         kind: u32,
         h: u64,
     ) -> std::result::Result<&'a Handle, (Frame, Option<OwnedFd>)> {
-        conn.handles.get(&h).ok_or_else(|| {
+        conn.handles.get(&h).filter(|h| !h.closed).ok_or_else(|| {
             refuse(
                 kind,
                 wire::E_BAD_HANDLE,
@@ -1182,6 +1187,7 @@ impl Inner {
             Handle {
                 entry,
                 starts: BTreeSet::new(),
+                closed: false,
             },
         );
         if let Some(c) = self.state.lock().clients.get_mut(&conn.peer.id) {
@@ -1425,6 +1431,14 @@ impl Inner {
                     let (r, _) = refuse(att.kind, wire::E_LIMIT, msg);
                     return self.send(conn, &r, None);
                 }
+                if uffd.has_events() && start.checked_add(len).is_some() {
+                    // The kernel gave these addresses to the client's new
+                    // mapping: a range still attached there was unmapped or
+                    // moved away, its event not applied yet (another
+                    // thread's munmap or mremap, queued after this mmap).
+                    Self::cut_client(conn, start, start + len);
+                    self.reap_closed(conn);
+                }
                 if let Err(msg) = attach_span(conn, start, len, offset, whole, page) {
                     // The client unmaps its range; the session goes on.
                     self.log(&format!("{}: ATTACH refused: {msg}", conn.peer));
@@ -1547,7 +1561,7 @@ impl Inner {
 
     fn unmap(&self, conn: &mut Conn, f: &Frame) -> (Frame, Option<OwnedFd>) {
         let uffd = conn.uffd.clone();
-        let Some(h) = conn.handles.get(&f.a) else {
+        let Some(h) = conn.handles.get(&f.a).filter(|h| !h.closed) else {
             return refuse(
                 f.kind,
                 wire::E_BAD_HANDLE,
@@ -1707,6 +1721,22 @@ impl Inner {
     }
 
     fn close(&self, conn: &mut Conn, f: &Frame) -> (Frame, Option<OwnedFd>) {
+        match conn.handles.get_mut(&f.a) {
+            Some(h) if !h.closed && !h.starts.is_empty() => {
+                // Still mapped: served until the kernel says the ranges are
+                // gone (`Inner::reap_closed`).
+                h.closed = true;
+                return (Frame::new(wire::CLOSE | wire::REPLY, f.a, 0, 0, 0), None);
+            }
+            Some(h) if h.closed => {
+                return refuse(
+                    f.kind,
+                    wire::E_BAD_HANDLE,
+                    format!("handle {} is closed already", f.a),
+                );
+            }
+            _ => {}
+        }
         let Some((h, ranges)) = conn.take_handle(f.a) else {
             return refuse(
                 f.kind,
@@ -2130,9 +2160,15 @@ impl Inner {
     /// Forgets `lo..hi` of the client's ranges (the kernel unmapped it):
     /// what sticks out stays attached.
     fn cut_client(conn: &mut Conn, lo: u64, hi: u64) {
+        Self::cut_client_except(conn, lo, hi, &[]);
+    }
+
+    /// [`Inner::cut_client`], but the ranges starting at `keep` stay whole.
+    fn cut_client_except(conn: &mut Conn, lo: u64, hi: u64, keep: &[u64]) {
         let hit: Vec<Attached> = conn
             .overlapping(lo, hi)
             .into_iter()
+            .filter(|s| !keep.contains(s))
             .filter_map(|s| conn.ranges.get(&s).copied())
             .collect();
         for r in hit {
@@ -2156,7 +2192,23 @@ impl Inner {
     fn client_events(&self, conn: &mut Conn, events: Vec<Event>) {
         for ev in events {
             match ev {
-                Event::Unmap { start, end } => Self::cut_client(conn, start, end),
+                Event::Unmap { start, end } => {
+                    // Events of several client threads interleave: the
+                    // addresses may hold a range moved or attached there
+                    // since (its REMAP or ATTACH came first). What the
+                    // client's maps still show of a range stays.
+                    self.open_maps(conn);
+                    let keep: Vec<u64> = conn
+                        .overlapping(start, end)
+                        .into_iter()
+                        .filter(|s| {
+                            let r = conn.ranges[s];
+                            let (a, b) = (r.start.max(start), r.end().min(end));
+                            Self::still_shown(conn, &r, a, b)
+                        })
+                        .collect();
+                    Self::cut_client_except(conn, start, end, &keep);
+                }
                 Event::Remap { from, to, len } => {
                     let end = from.saturating_add(len);
                     let moved: Vec<Attached> = conn
@@ -2171,6 +2223,9 @@ impl Inner {
                     Self::cut_client(conn, to, to.saturating_add(len));
                     for p in moved {
                         conn.insert_range(p);
+                    }
+                    if len > 0 {
+                        self.follow_client(conn, to, to.saturating_add(len));
                     }
                 }
                 Event::Remove => {}
@@ -2192,7 +2247,27 @@ impl Inner {
                 }
             }
         }
+        self.reap_closed(conn);
         self.note_mappings(conn);
+    }
+
+    /// Lets go of the handles the client closed whose last range the
+    /// kernel has since unmapped.
+    fn reap_closed(&self, conn: &mut Conn) {
+        let done: Vec<u64> = conn
+            .handles
+            .iter()
+            .filter(|(_, h)| h.closed && h.starts.is_empty())
+            .map(|(&k, _)| k)
+            .collect();
+        for k in done {
+            if let Some((h, ranges)) = conn.take_handle(k) {
+                self.release(h, &ranges, conn.uffd.as_deref());
+                if let Some(c) = self.state.lock().clients.get_mut(&conn.peer.id) {
+                    c.handles = c.handles.saturating_sub(1);
+                }
+            }
+        }
     }
 
     /// Takes on a forked child's userfaultfd with its inherited ranges, or,
@@ -2332,6 +2407,74 @@ impl Inner {
         }
     }
 
+    /// Opens the client's `/proc/PID/maps` if it negotiated mapping events
+    /// and it is not open yet.
+    fn open_maps(&self, conn: &mut Conn) {
+        if conn.maps.is_none() && conn.uffd.as_ref().is_some_and(|u| u.has_events()) {
+            conn.maps = crate::sys::maps::Maps::open_pid(conn.peer.pid as u32).ok();
+        }
+    }
+
+    /// Whether the client's maps show `a..b` of range `r` as its shadow's
+    /// memfd at the offsets `r` gives (no maps: no).
+    fn still_shown(conn: &Conn, r: &Attached, a: u64, b: u64) -> bool {
+        let Some(maps) = conn.maps.as_ref() else {
+            return false;
+        };
+        let Some(ino) = conn
+            .handles
+            .get(&r.handle)
+            .and_then(|h| h.entry.lazy())
+            .and_then(|l| l.memfd.inode().ok())
+        else {
+            return false;
+        };
+        maps.showing(a, b, ino, r.offset + (a - r.start)) == [(a, b - a)]
+    }
+
+    /// After a REMAP into `lo..hi`: the client's ranges there are made to
+    /// agree with its maps. A range copied from a source whose addresses
+    /// were reused before the event came (another thread's munmap and mmap
+    /// between them) is dropped, and what maps a shadow's memfd is
+    /// attached from what the kernel shows (a REMAP is only sent for
+    /// registered ranges).
+    fn follow_client(&self, conn: &mut Conn, lo: u64, hi: u64) {
+        self.open_maps(conn);
+        if conn.maps.is_none() {
+            return;
+        }
+        let wrong: Vec<u64> = conn
+            .overlapping(lo, hi)
+            .into_iter()
+            .filter(|s| {
+                let r = conn.ranges[s];
+                !Self::still_shown(conn, &r, r.start.max(lo), r.end().min(hi))
+            })
+            .collect();
+        for s in wrong {
+            if let Some(r) = conn.remove_range(s) {
+                if let Some(l) = conn.handles.get(&r.handle).and_then(|h| h.entry.lazy()) {
+                    l.remove_remote(r.key);
+                }
+            }
+        }
+        let mut at = lo;
+        while at < hi {
+            if let Some(r) = conn.range_at(at) {
+                at = r.end();
+                continue;
+            }
+            let next = conn
+                .ranges
+                .range(at..)
+                .next()
+                .map_or(hi, |(&s, _)| s.min(hi));
+            if !self.adopt_grown(conn, at) {
+                at = next;
+            }
+        }
+    }
+
     /// A fault at `addr` outside the client's ranges may be in a range it
     /// grew with `mremap` (in place the kernel sends no event): if its
     /// `/proc/PID/maps` shows a shadow's memfd there, that part is attached
@@ -2339,9 +2482,7 @@ impl Inner {
     fn adopt_grown(&self, conn: &mut Conn, addr: u64) -> bool {
         // Opened at the first such fault only: a descriptor per connection
         // would count against the server's limit for nothing.
-        if conn.maps.is_none() && conn.uffd.as_ref().is_some_and(|u| u.has_events()) {
-            conn.maps = crate::sys::maps::Maps::open_pid(conn.peer.pid as u32).ok();
-        }
+        self.open_maps(conn);
         let Some(vma) = conn.maps.as_ref().and_then(|m| m.query(addr)) else {
             return false;
         };

@@ -230,9 +230,11 @@ impl Registration {
         Registration { inner: Some(r) }
     }
 
-    /// Unregisters now; returns the parts of a lazy range that were still
-    /// the registration's (`None` for an eager shadow: all of it).
-    fn release(mut self) -> Option<Vec<(u64, u64)>> {
+    /// Unregisters now; returns the parts (address, length) of a lazy
+    /// range that were still the registration's: a part its user moved
+    /// away or unmapped is not, and what lies there now is not the
+    /// caller's to unmap. `None` for an eager shadow: all of it.
+    pub fn release(mut self) -> Option<Vec<(u64, u64)>> {
         self.inner.take().map(lazy::Registration::release)
     }
 

@@ -37,6 +37,8 @@ const PROCMAP_QUERY: libc::c_ulong =
     nix::request_code_readwrite!(b'f', 17, std::mem::size_of::<procmap_query>()) as _;
 /// `vma_flags` bit: a `MAP_SHARED` mapping.
 const PROCMAP_QUERY_VMA_SHARED: u64 = 8;
+/// `query_flags` bit: the mapping that holds the address, or else the next.
+const PROCMAP_QUERY_COVERING_OR_NEXT_VMA: u64 = 0x10;
 
 /// One mapping (VMA).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,15 +73,49 @@ impl Maps {
     /// The mapping that holds `addr`, if any (and if the kernel has
     /// `PROCMAP_QUERY`).
     pub(crate) fn query(&self, addr: u64) -> Option<Vma> {
+        self.ask(addr, 0)
+            .filter(|v| v.start <= addr && addr < v.end)
+    }
+
+    /// Whether the kernel answers `PROCMAP_QUERY` (Linux 6.11+).
+    pub(crate) fn works(&self) -> bool {
+        static HERE: u8 = 0;
+        self.query(std::ptr::from_ref(&HERE) as u64).is_some()
+    }
+
+    /// The parts of `lo..hi` where the process maps file `inode` at the
+    /// offsets a mapping of it from `offset` (at `lo`) would show: what is
+    /// still a mapping's own after its user moved or cut it.
+    pub(crate) fn showing(&self, lo: u64, hi: u64, inode: u64, offset: u64) -> Vec<(u64, u64)> {
+        let mut parts = Vec::new();
+        let mut at = lo;
+        while at < hi {
+            let Some(v) = self.ask(at, PROCMAP_QUERY_COVERING_OR_NEXT_VMA) else {
+                break;
+            };
+            let (a, b) = (v.start.max(at), v.end.min(hi));
+            if a >= b {
+                break;
+            }
+            if v.inode == inode && v.offset + (a - v.start) == offset + (a - lo) {
+                parts.push((a, b - a));
+            }
+            at = b;
+        }
+        parts
+    }
+
+    fn ask(&self, addr: u64, flags: u64) -> Option<Vma> {
         let mut q = procmap_query {
             size: std::mem::size_of::<procmap_query>() as u64,
+            query_flags: flags,
             query_addr: addr,
             ..Default::default()
         };
         // SAFETY: `q` is a live, correctly sized procmap_query with no name
         // or build-id buffers (sizes 0); the kernel fills in the rest.
         let r = unsafe { libc::ioctl(self.file.as_raw_fd(), PROCMAP_QUERY, &mut q) };
-        if r < 0 || addr < q.vma_start || addr >= q.vma_end {
+        if r < 0 {
             return None;
         }
         Some(Vma {
@@ -137,8 +173,47 @@ mod tests {
         );
     }
 
+    #[test]
+    fn what_is_left_of_a_cut_mapping_is_shown_and_nothing_else() {
+        use std::os::unix::fs::MetadataExt;
+        let f = tempfile_in_tmp();
+        let page = crate::page_size();
+        f.set_len(8 * page as u64).unwrap();
+        let ino = f.metadata().unwrap().ino();
+        // SAFETY: a fresh private mapping of our own file, unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4 * page,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                f.as_raw_fd(),
+                page as libc::off_t,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let a = p as u64;
+        let pg = page as u64;
+        // SAFETY: the second page of the mapping made above.
+        let r = unsafe { libc::munmap(p.cast::<u8>().add(page).cast(), page) };
+        assert_eq!(r, 0);
+        let maps = Maps::open_self().expect("/proc/self/maps");
+        let parts = maps.showing(a, a + 4 * pg, ino, pg);
+        assert_eq!(parts, vec![(a, pg), (a + 2 * pg, 2 * pg)]);
+        // Another offset, or another file: none of it.
+        assert!(maps.showing(a, a + 4 * pg, ino, 0).is_empty());
+        assert!(maps.showing(a, a + 4 * pg, ino + 1, pg).is_empty());
+        // SAFETY: the rest of the mapping made above.
+        unsafe {
+            libc::munmap(p, page);
+            libc::munmap(p.cast::<u8>().add(2 * page).cast(), 2 * page);
+        }
+    }
+
     fn tempfile_in_tmp() -> File {
-        let path = std::env::temp_dir().join(format!("shadowfd-maps-{}", std::process::id()));
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("shadowfd-maps-{}-{n}", std::process::id()));
         let f = File::options()
             .read(true)
             .write(true)
