@@ -806,11 +806,22 @@ int main(int argc, char **argv) {
     int u2 = munmap(m, 4 * PG);
     int u3 = munmap(m + 8 * PG, 8 * PG);
     printf("map %d %d unmap %d %d %d\n", same, still, u1, u2, u3);
-    void *w = mmap(NULL, PG, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    void *w = mmap(NULL, PG, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     int ew = errno;
     void *fx = mmap(want, PG, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, 0);
     int ef = errno;
     printf("refused %d %d %d %d\n", w == MAP_FAILED, ew == EACCES, fx == MAP_FAILED, ef == EINVAL);
+    /* A private writable map of the read-only descriptor, as natively:
+     * copy-on-write pages of this process, the file unchanged. */
+    unsigned char *pw = mmap(NULL, PG, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 4 * PG);
+    int cow = pw != MAP_FAILED && memcmp(pw, want, PG) == 0;
+    if (pw != MAP_FAILED) {
+        pw[0] = (unsigned char)(want[0] + 1);
+        unsigned char b0 = 0;
+        cow = cow && pw[0] != want[0] && pread(fd, &b0, 1, 4 * PG) == 1 && b0 == want[0];
+        munmap(pw, PG);
+    }
+    printf("private-write %d\n", cow);
     int c = creat(p, 0644);
     printf("creat %d %d\n", c, errno == EROFS);
     int o = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0644);
@@ -835,6 +846,7 @@ int main(int argc, char **argv) {
     assert!(out.contains(&format!("seek-data 4096 hole {BIG}")), "{out}");
     assert!(out.contains("map 1 1 unmap 0 0 0"), "{out}");
     assert!(out.contains("refused 1 1 1 1"), "{out}");
+    assert!(out.contains("private-write 1"), "{out}");
     assert!(out.contains("creat -1 1"), "{out}");
     assert!(out.contains("sendfile 300000 312345"), "{out}");
     assert!(std::fs::read(&out_file).unwrap() == tree().big[12345..312345]);

@@ -216,3 +216,76 @@ fn a_client_of_the_server_stays_exact_under_the_same_stress() {
         "the stress mapped {lazy} lazy and {sealed} sealed ranges: it is about lazy ones"
     );
 }
+
+/// Python's `mmap.resize` (an `mremap`) where it applies to a served file:
+/// it does not. Python refuses to resize a read-only or copy-on-write map
+/// (`TypeError`), and a served file opens only for reading, so under
+/// `shadowfd run` the map stays as it was: every byte exact, before and
+/// after the refused resize. A copy-on-write map (`ACCESS_COPY`, a private
+/// writable `mmap` of a read-only descriptor) works as natively.
+#[test]
+fn python_mmap_resize_of_a_served_file_is_refused_by_python_and_the_map_stays_exact() {
+    lazy_required();
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("root");
+    std::fs::create_dir(&tree).unwrap();
+    let data = pattern(SIZE, 77);
+    std::fs::write(tree.join("py.bin"), &data).unwrap();
+    let reference = dir.path().join("py.bin");
+    std::fs::write(&reference, &data).unwrap();
+    let script = r#"
+import mmap, sys
+ref = open(sys.argv[2], "rb").read()
+f = open(sys.argv[1], "rb")
+for access in (mmap.ACCESS_READ, mmap.ACCESS_COPY):
+    m = mmap.mmap(f.fileno(), 0, access=access)
+    assert m[:4096] == ref[:4096], "first page"
+    try:
+        m.resize(2 * len(ref))
+        print("resized", access)
+    except TypeError as e:
+        print("refused", access, e)
+    assert len(m) == len(ref), len(m)
+    assert m[:] == ref, "bytes after the resize"
+    if access == mmap.ACCESS_COPY:
+        # Copy-on-write, as natively: this map only.
+        m[0] = (ref[0] + 1) % 256
+        assert m[0] != ref[0]
+        again = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        assert again[:] == ref, "another map after a private write"
+        again.close()
+    m.close()
+# Writable: the served file does not open for writing at all.
+try:
+    open(sys.argv[1], "r+b")
+    print("opened for writing")
+except OSError as e:
+    print("no write open:", e.errno)
+print("exact")
+"#;
+    let o = std::process::Command::new(cli_bin())
+        .args([
+            "run",
+            "--root",
+            tree.to_str().unwrap(),
+            "--mount",
+            "/evt",
+            "--",
+            "python3",
+            "-c",
+            script,
+            "/evt/py.bin",
+        ])
+        .arg(&reference)
+        .env("SHADOWFD_PRELOAD", preload_lib())
+        .env_remove("SHADOWFD_MODE")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{}\n{out}\n{err}", o.status);
+    assert_eq!(out.matches("refused").count(), 2, "{out}\n{err}");
+    assert!(!out.contains("resized"), "{out}");
+    assert!(out.contains("no write open"), "{out}");
+    assert!(out.trim_end().ends_with("exact"), "{out}\n{err}");
+}

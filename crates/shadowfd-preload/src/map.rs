@@ -206,7 +206,12 @@ pub(crate) fn do_mmap(
     if kind != libc::MAP_SHARED && kind != libc::MAP_PRIVATE && kind != libc::MAP_SHARED_VALIDATE {
         return Err(libc::EINVAL);
     }
-    if prot & !libc::PROT_READ != 0 {
+    if prot & !(libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) != 0 {
+        return Err(libc::EINVAL);
+    }
+    // The descriptor is read-only, as natively: a shared writable mapping
+    // is refused, a private one gets copy-on-write pages of this process.
+    if kind != libc::MAP_PRIVATE && prot & libc::PROT_WRITE != 0 {
         return Err(libc::EACCES);
     }
     let place = flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE);
@@ -263,6 +268,16 @@ pub(crate) fn do_mmap(
     if served_pages < maplen {
         // SAFETY: the rest of our reservation.
         if let Err(e) = unsafe { sigbus_pages(base + served_pages, maplen - served_pages) } {
+            drop(mapping);
+            return Err(undo(e));
+        }
+    }
+    if served > 0 && prot != libc::PROT_READ {
+        // The protection asked for (the served part is mapped readable).
+        // SAFETY: the served part of our reservation, mapped just above;
+        // nothing refers into it yet.
+        if unsafe { libc::mprotect(base as *mut c_void, served_pages, prot) } != 0 {
+            let e = errno();
             drop(mapping);
             return Err(undo(e));
         }
