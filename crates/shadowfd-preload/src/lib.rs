@@ -2097,6 +2097,24 @@ pub unsafe extern "C" fn munmap(addr: *mut c_void, len: SizeT) -> c_int {
     unsafe { map::munmap(addr, len) }
 }
 
+/// libc's `mremap` is variadic: the new address comes only with
+/// `MREMAP_FIXED`, and is read only then (on x86-64 and aarch64 a variadic
+/// pointer travels where a fifth fixed argument does, as `open`'s mode).
+///
+/// # Safety
+/// libc's `mremap`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mremap(
+    old: *mut c_void,
+    old_len: SizeT,
+    new_len: SizeT,
+    flags: c_int,
+    new_addr: *mut c_void,
+) -> *mut c_void {
+    // SAFETY: forwarding.
+    unsafe { map::mremap(old, old_len, new_len, flags, new_addr) }
+}
+
 // ---- fopen ---------------------------------------------------------------
 
 #[repr(C)]

@@ -63,6 +63,12 @@ fn real_munmap() -> unsafe extern "C" fn(*mut c_void, SizeT) -> c_int {
     real!("munmap", unsafe extern "C" fn(*mut c_void, SizeT) -> c_int)
 }
 
+type MremapFn = unsafe extern "C" fn(*mut c_void, SizeT, SizeT, c_int, *mut c_void) -> *mut c_void;
+
+fn real_mremap() -> MremapFn {
+    real!("mremap", MremapFn)
+}
+
 fn errno() -> c_int {
     // SAFETY: reads this thread's errno.
     unsafe { *libc::__errno_location() }
@@ -340,6 +346,103 @@ pub(crate) unsafe fn munmap(addr: *mut c_void, len: SizeT) -> c_int {
     drop(b);
     set_errno(saved);
     r
+}
+
+/// libc's `mremap`, followed: a served mapping the program moves or
+/// resizes goes on being served at its new place (the server follows the
+/// move through the userfaultfd's `REMAP` event), and the shim's record of
+/// it follows too, so that a later `munmap` or `MAP_FIXED` there cuts it
+/// as any other served mapping, and nothing at the old place is ever taken
+/// for it. A `MREMAP_FIXED` target's served pages are cut out first, as
+/// for a `MAP_FIXED` `mmap`.
+///
+/// # Safety
+/// libc's `mremap`.
+pub(crate) unsafe fn mremap(
+    old: *mut c_void,
+    old_len: SizeT,
+    new_len: SizeT,
+    flags: c_int,
+    new_addr: *mut c_void,
+) -> *mut c_void {
+    let fixed = flags & libc::MREMAP_FIXED != 0;
+    let b = if ANY_MAP.load(Ordering::Acquire) {
+        Busy::enter()
+    } else {
+        None
+    };
+    if b.is_none() {
+        // SAFETY: forwarding.
+        return unsafe { real_mremap()(old, old_len, new_len, flags, new_addr) };
+    }
+    let start = old as usize;
+    let end = start.saturating_add(old_len.max(1));
+    if fixed && (new_addr as usize).is_multiple_of(page()) && new_len > 0 {
+        let to = new_addr as usize;
+        drop(carve(to, to.saturating_add(new_len)));
+    }
+    // The table stays locked from before the call until the records have
+    // followed: the pages the move frees may be handed to another thread's
+    // `mmap` at once, and its record (made under this lock) must not be
+    // taken for one of the moved ones.
+    let mut maps = MAPS.lock();
+    let touched =
+        start.is_multiple_of(page()) && maps.iter().any(|m| m.start() < end && start < m.end());
+    // SAFETY: forwarding the caller's call.
+    let r = unsafe { real_mremap()(old, old_len, new_len, flags, new_addr) };
+    if r == libc::MAP_FAILED || !touched || flags & libc::MREMAP_DONTUNMAP != 0 {
+        let saved = errno();
+        drop(maps);
+        drop(b);
+        set_errno(saved);
+        return r;
+    }
+    follow(&mut maps, start, old_len, r as usize, new_len);
+    drop(maps);
+    drop(b);
+    r
+}
+
+/// The pages `start..start+old_len` of served mappings were moved (or
+/// resized in place) by the kernel to `to`, `new_len` bytes there: their
+/// records in `maps` follow. An old length of 0 (a second mapping of a
+/// shared one) moves nothing: the new mapping is not served by the shim.
+/// Speaks to nobody (the server follows the move by itself).
+fn follow(maps: &mut Vec<Map>, start: usize, old_len: usize, to: usize, new_len: usize) {
+    if old_len == 0 {
+        return;
+    }
+    let end = start.saturating_add(old_len);
+    let mut taken = Vec::new();
+    let mut i = 0;
+    while i < maps.len() {
+        if maps[i].start() < end && start < maps[i].end() {
+            taken.push(maps.swap_remove(i));
+        } else {
+            i += 1;
+        }
+    }
+    for m in taken {
+        let s = m.start();
+        // The kernel moves one mapping per call: the range lies in it.
+        let at = start.saturating_sub(s);
+        let len = end.min(m.end()) - start.max(s);
+        // SAFETY: a successful mremap moved exactly these pages to `to`
+        // (`new_len` bytes), which the program owns through this record.
+        match unsafe { m.m.moved(at, len, to, new_len) } {
+            Ok((l, r, moved)) => {
+                for piece in [l, r].into_iter().flatten().chain(std::iter::once(moved)) {
+                    maps.push(Map {
+                        path: m.path.clone(),
+                        m: piece,
+                    });
+                }
+            }
+            Err(e) => {
+                io_err(&e);
+            }
+        }
+    }
 }
 
 /// In a forked child (one thread, before `fork` returns): maps every lazy

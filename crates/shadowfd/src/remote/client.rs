@@ -1179,6 +1179,81 @@ impl RemoteMapping {
         Ok((l, r))
     }
 
+    /// Follows its user's `mremap` of the pages `at..at+len` (from the
+    /// mapping's start; all of its pages from `at` when `at + len` reaches
+    /// its end) to `to`, where they are `new_len` bytes now. The kernel has
+    /// moved them already, and the server follows the move through the
+    /// client's userfaultfd (`EVENT_REMAP`): nothing is unmapped or
+    /// UNMAPped here. Returns what stays at the old place, left and right
+    /// of the moved part, and the moved part itself, each a mapping of its
+    /// own (released like any other).
+    ///
+    /// # Safety
+    /// The kernel must have moved exactly those pages to `to..to+new_len`
+    /// (a successful `mremap` returned `to`), and nothing else may own that
+    /// range.
+    #[allow(clippy::type_complexity)]
+    pub unsafe fn moved(
+        mut self,
+        at: usize,
+        len: usize,
+        to: usize,
+        new_len: usize,
+    ) -> Result<(Option<RemoteMapping>, Option<RemoteMapping>, RemoteMapping)> {
+        let page = crate::page_size();
+        let total = self.mapped_len();
+        if at % page != 0 || len == 0 || at >= total || to % page != 0 || new_len == 0 {
+            return Err(Error::Range {
+                offset: at as u64,
+                len: len as u64,
+                size: total as u64,
+            });
+        }
+        let z = at
+            .saturating_add(len)
+            .div_ceil(page)
+            .saturating_mul(page)
+            .min(total);
+        let map = self.map.take().expect("a non-empty mapping");
+        let base = map.addr();
+        let new_len = new_len.div_ceil(page) * page;
+        // SAFETY: the caller vouches that the kernel moved the pages there
+        // and that nothing else owns them.
+        let there = unsafe { RawMap::adopt(to as *mut u8, new_len, &map) }
+            .map_err(|e| Error::sys("take the moved pages", e))?;
+        let (left, right) = map.split(at, z);
+        if self.lazy {
+            let client = &self.file.inner.client;
+            let mut rg = client.inner.ranges.lock();
+            rg.retain(|r| r.0 != base);
+            for m in left
+                .iter()
+                .chain(right.iter())
+                .chain(std::iter::once(&there))
+            {
+                rg.push((m.addr(), m.len() as u64));
+            }
+        }
+        let piece = |m: RawMap, from: usize, shown: usize| RemoteMapping {
+            map: Some(m),
+            ino: self.ino,
+            len: shown,
+            offset: self.offset + from as u64,
+            lazy: self.lazy,
+            file: self.file.clone(),
+        };
+        let shown = |from: usize, upto: usize| upto.min(self.len).saturating_sub(from);
+        let l = left.map(|m| piece(m, 0, shown(0, at)));
+        let r = right.map(|m| piece(m, z, shown(z, total)));
+        // Bytes of the file the moved part shows: as many as it showed,
+        // or, grown, up to the end of the file.
+        let file_end = self.file.inner.size.saturating_sub(self.offset) as usize;
+        let moved_shown = new_len.min(file_end.saturating_sub(at));
+        let moved = piece(there, at, moved_shown);
+        // `self` holds no mapping any more: its drop does nothing.
+        Ok((l, r, moved))
+    }
+
     /// The file mapped.
     pub fn file(&self) -> &RemoteFile {
         &self.file

@@ -1573,8 +1573,18 @@ impl Inner {
         let page = crate::page_size() as u64;
         // c = 0: the whole range that starts at b (version 3). Since version
         // 4, c > 0: the part of [b, b+c) inside the handle's ranges.
+        // A range the server attached from the kernel's view (a move, a
+        // grow) may sit under another handle of the same file: the same
+        // shadow counts.
+        let same = |r: &Attached| {
+            r.handle == f.a
+                || conn
+                    .handles
+                    .get(&r.handle)
+                    .is_some_and(|o| Arc::ptr_eq(&o.entry, &entry))
+        };
         let (lo, hi) = if f.c == 0 {
-            match conn.ranges.get(&f.b).filter(|r| r.handle == f.a) {
+            match conn.ranges.get(&f.b).filter(|r| same(r)) {
                 Some(r) => (r.start, r.end()),
                 None => {
                     return refuse(
@@ -1604,7 +1614,7 @@ impl Inner {
             .overlapping(lo, hi)
             .into_iter()
             .filter_map(|s| conn.ranges.get(&s).copied())
-            .filter(|r| r.handle == f.a)
+            .filter(|r| same(r))
             .collect();
         if hit.is_empty() {
             return refuse(

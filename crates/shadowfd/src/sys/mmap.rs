@@ -214,6 +214,22 @@ impl RawMap {
         mapped(p, len, fixed)
     }
 
+    /// Takes `len` bytes at `at`, a mapping the kernel moved there from
+    /// `like`'s, as a handle that lets go of it as `like` would (unmapped,
+    /// or made a reservation again for a fixed one, whose owner unmaps it).
+    ///
+    /// # Safety
+    /// `at..at+len` must be a page-aligned mapping that nothing else owns or
+    /// unmaps.
+    pub(crate) unsafe fn adopt(at: *mut u8, len: usize, like: &RawMap) -> io::Result<RawMap> {
+        let ptr = NonNull::new(at).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        Ok(RawMap {
+            ptr,
+            len,
+            fixed: like.fixed,
+        })
+    }
+
     /// Takes `len` bytes at `at` (page-aligned address space the caller
     /// owns) as a fixed range: made a reservation again on drop.
     ///
