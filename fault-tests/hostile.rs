@@ -10,7 +10,9 @@
 //! Attacks: frames carrying many descriptors; HELLO and requests trickled a
 //! byte at a time; 1,500 connections that never say HELLO; the client table
 //! filled with idle clients; lazy ranges attached up to the caps; the
-//! server's descriptor table exhausted (accept fails with EMFILE). Plus the
+//! server's descriptor table exhausted (accept fails with EMFILE); a
+//! client keeping userfaultfd REMOVE events pending (MADV_DONTNEED in a
+//! loop with EVENT_REMOVE negotiated), with its own bounds. Plus the
 //! client side: a register or mprotect failing in `map_at` (failpoints)
 //! abandons the MAP without a deadlock and the session goes on; OPENs of
 //! different files proceed in parallel while one is slow, and two OPENs of
@@ -619,6 +621,7 @@ fn play(role: &str) {
     child::begin();
     match role {
         "failing-mapper" => failing_mapper(),
+        "remove-hostile" => remove_hostile(),
         other => panic!("unknown role {other}"),
     }
 }
@@ -693,6 +696,437 @@ fn failed_maps_are_abandoned_and_the_session_goes_on() {
     assert!(o.last("exact").is_some(), "{}", o.describe());
     let err = bed.stderr();
     assert!(err.contains("abandoned"), "{err}");
+}
+
+// ---- a hostile keeping a userfaultfd REMOVE event pending ----
+
+/// Raw userfaultfd ABI for the hostile (the crate keeps its own private):
+/// `UFFD_API`, the `UFFDIO_API` and `UFFDIO_REGISTER` ioctls, and the
+/// feature and mode bits of `<linux/userfaultfd.h>`.
+mod uffd_raw {
+    pub const API: u64 = 0xAA;
+    pub const IOC_API: libc::c_ulong = 0xC018_AA3F;
+    pub const IOC_REGISTER: libc::c_ulong = 0xC020_AA00;
+    pub const EVENT_FORK: u64 = 1 << 1;
+    pub const EVENT_REMAP: u64 = 1 << 2;
+    pub const EVENT_REMOVE: u64 = 1 << 3;
+    pub const MISSING_SHMEM: u64 = 1 << 5;
+    pub const EVENT_UNMAP: u64 = 1 << 6;
+    pub const THREAD_ID: u64 = 1 << 8;
+    pub const MINOR_SHMEM: u64 = 1 << 10;
+    pub const EXACT_ADDRESS: u64 = 1 << 11;
+    pub const POISON: u64 = 1 << 14;
+    /// What the library's client negotiates (sys/uffd.rs WANTED_FEATURES),
+    /// EVENT_FORK aside.
+    pub const CLIENT: u64 = MISSING_SHMEM
+        | MINOR_SHMEM
+        | EXACT_ADDRESS
+        | POISON
+        | THREAD_ID
+        | EVENT_REMAP
+        | EVENT_UNMAP;
+    pub const MODE_MISSING: u64 = 1 << 0;
+    pub const MODE_MINOR: u64 = 1 << 2;
+    pub const CONTINUE_BIT: u64 = 1 << 0x07;
+    pub const EVENT_REMOVE_MSG: u8 = 0x15;
+}
+
+/// A userfaultfd (non-blocking, close-on-exec, like the library's) with
+/// `features` negotiated; the features the kernel says it has.
+fn uffd_with(features: u64) -> std::io::Result<(OwnedFd, u64)> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the userfaultfd syscall takes flags only and returns a new
+    // descriptor (or -1).
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned to us and is owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut api = [uffd_raw::API, features, 0u64];
+    // SAFETY: UFFDIO_API reads and writes a struct uffdio_api, three u64s,
+    // which `api` is, live for the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), uffd_raw::IOC_API, api.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((fd, api[1]))
+}
+
+/// What the library's client negotiates plus EVENT_REMOVE (EVENT_FORK too
+/// when the kernel allows it, as the library does): the descriptor, the
+/// features negotiated and those the kernel offers.
+fn uffd_with_remove() -> (OwnedFd, u64, u64) {
+    let base = uffd_raw::CLIENT | uffd_raw::EVENT_REMOVE;
+    match uffd_with(base | uffd_raw::EVENT_FORK) {
+        Ok((fd, offered)) => (fd, base | uffd_raw::EVENT_FORK, offered),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            let (fd, offered) = uffd_with(base).expect("UFFDIO_API with EVENT_REMOVE");
+            (fd, base, offered)
+        }
+        Err(e) => panic!("UFFDIO_API with EVENT_REMOVE: {e}"),
+    }
+}
+
+fn uffd_register(uffd: &OwnedFd, start: u64, len: u64, mode: u64) -> std::io::Result<u64> {
+    let mut arg = [start, len, mode, 0u64];
+    // SAFETY: UFFDIO_REGISTER reads and writes a struct uffdio_register
+    // (range start and len, mode, ioctls: four u64s), which `arg` is; the
+    // kernel only looks at the range, not its memory.
+    let rc = unsafe { libc::ioctl(uffd.as_raw_fd(), uffd_raw::IOC_REGISTER, arg.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(arg[3])
+}
+
+/// Proof that `features` make MADV_DONTNEED queue a REMOVE event and wait
+/// for it: on a userfaultfd of our own, over an anonymous page, a thread's
+/// madvise waits until we read the event, which is a REMOVE.
+fn remove_event_delivered(features: u64) -> bool {
+    let page = shadowfd::page_size();
+    let (fd, _) = uffd_with(features).expect("a second userfaultfd");
+    // SAFETY: a new anonymous private page at an address the kernel picks.
+    let a = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            page,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(a, libc::MAP_FAILED);
+    uffd_register(&fd, a as u64, page as u64, uffd_raw::MODE_MISSING).expect("register");
+    let addr = a as usize;
+    let t = std::thread::spawn(move || {
+        // SAFETY: madvise of the page mapped above, which nothing refers
+        // into; it is unmapped only after this thread is joined.
+        unsafe { libc::madvise(addr as *mut libc::c_void, page, libc::MADV_DONTNEED) }
+    });
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one live pollfd.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 3000) } == 1;
+    let mut msg = [0u8; 32];
+    // SAFETY: read into a live 32-byte buffer (one struct uffd_msg); the
+    // descriptor is non-blocking.
+    let n = unsafe { libc::read(fd.as_raw_fd(), msg.as_mut_ptr().cast(), msg.len()) };
+    let ok = ready && n == 32 && msg[0] == uffd_raw::EVENT_REMOVE_MSG;
+
+    // The madvise returns once the event is read (or at once if none was
+    // queued).
+    let rc = t.join().unwrap();
+    assert_eq!(rc, 0, "madvise(MADV_DONTNEED) of an anonymous page");
+    // Closed first: with EVENT_UNMAP the munmap would wait for a reader.
+    drop(fd);
+    // SAFETY: the page mapped above; the thread using it was joined.
+    unsafe { libc::munmap(a, page) };
+    ok
+}
+
+/// Connects with a userfaultfd negotiating EVENT_REMOVE, maps FILE lazily
+/// as the library does (MAP, mmap PROT_NONE MAP_PRIVATE, MADV_DONTFORK,
+/// register MISSING|MINOR, ATTACH, mprotect readable), touches 16 pages,
+/// then until stdin closes calls MADV_DONTNEED on the whole range (each
+/// waits in the kernel until the server reads the REMOVE event), checking
+/// one page every 16 calls.
+fn remove_hostile() {
+    let page = shadowfd::page_size();
+    let (uffd, features, offered) = uffd_with_remove();
+    child::report("features", format!("{features:#x}"));
+    child::report("offered", format!("{offered:#x}"));
+    child::report("selftest", remove_event_delivered(features));
+    let s = raw(Path::new(&param("SOCK")));
+    let greeting = Frame::new(
+        wire::HELLO,
+        wire::VERSION,
+        wire::HELLO_HAS_UFFD,
+        features,
+        0,
+    );
+    wire::send(&s, &greeting, Some(uffd.as_fd())).expect("send HELLO");
+    let (r, _) = wire::recv(&s).expect("HELLO reply");
+    assert_eq!(r.kind, wire::HELLO | wire::REPLY, "{r:?}");
+    let file = param("FILE");
+    let open = Frame::new(wire::OPEN, 0, 0, 0, 0).with_payload(file.as_bytes().to_vec());
+    wire::send(&s, &open, None).expect("send OPEN");
+    let (r, _) = wire::recv(&s).expect("OPEN reply");
+    assert_eq!(r.kind, wire::OPEN | wire::REPLY, "{r:?}");
+    let (handle, size) = (r.a, r.b);
+    wire::send(
+        &s,
+        &Frame::new(wire::MAP, handle, wire::MAP_LAZY, 0, 0),
+        None,
+    )
+    .expect("MAP");
+    let (r, memfd) = wire::recv(&s).expect("MAP reply");
+    assert_eq!(
+        (r.kind, r.c),
+        (wire::MAP | wire::REPLY, wire::MAP_LAZY),
+        "{r:?}"
+    );
+    let memfd = memfd.expect("the MAP reply's memfd");
+    let len = size.div_ceil(page as u64) as usize * page;
+    // SAFETY: a new private mapping of the received memfd at an address the
+    // kernel picks; nothing else refers to it.
+    let a = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE,
+            memfd.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(a, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+    // SAFETY: madvise of our own mapping, made above.
+    let rc = unsafe { libc::madvise(a, len, libc::MADV_DONTFORK) };
+    assert_eq!(rc, 0);
+    let mode = uffd_raw::MODE_MISSING | uffd_raw::MODE_MINOR;
+    let ioctls = uffd_register(&uffd, a as u64, len as u64, mode).expect("UFFDIO_REGISTER");
+    assert_ne!(ioctls & uffd_raw::CONTINUE_BIT, 0, "no UFFDIO_CONTINUE");
+    let attach = Frame::new(wire::ATTACH, handle, a as u64, len as u64, 0);
+    wire::send(&s, &attach, None).expect("ATTACH");
+    let (r, _) = wire::recv(&s).expect("ATTACH reply");
+    assert_eq!(r.kind, wire::ATTACH | wire::REPLY, "{r:?}");
+    // SAFETY: our own mapping, registered and attached: every fault on it
+    // is served by the server.
+    let rc = unsafe { libc::mprotect(a, len, libc::PROT_READ) };
+    assert_eq!(rc, 0);
+    // SAFETY: `len` readable bytes mapped above, unmapped only at exit;
+    // MADV_DONTNEED drops its pages, which read the same bytes again (from
+    // the memfd, through the server) when touched.
+    let map: &[u8] = unsafe { std::slice::from_raw_parts(a as *const u8, len) };
+    let id = param_u64("ID");
+    if let Some(at) = first_mismatch(id, 0, &map[..16 * page]) {
+        child::report("bad", at);
+        return;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 64];
+            while std::io::stdin().read(&mut b).is_ok_and(|n| n > 0) {}
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+    child::report("attacking", "");
+    let pages = size as usize / page;
+    let (mut n, mut checked) = (0u64, 0u64);
+    let t = Instant::now();
+    while !stop.load(Ordering::Relaxed) && t.elapsed() < Duration::from_secs(30) {
+        // SAFETY: MADV_DONTNEED on our own private mapping (see `map`).
+        let rc = unsafe { libc::madvise(a, len, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            child::report("madvise-error", std::io::Error::last_os_error());
+            break;
+        }
+        n += 1;
+        if n % 16 == 0 {
+            let p = (n / 16) as usize * 7919 % pages;
+            if let Some(at) = first_mismatch(id, (p * page) as u64, &map[p * page..(p + 1) * page])
+            {
+                child::report("bad", at);
+                break;
+            }
+            checked += 1;
+        }
+    }
+    child::report("iterations", n);
+    child::report("checked", checked);
+    child::report("attack-secs", t.elapsed().as_secs_f64());
+    drop(uffd);
+}
+
+/// Each thread of `pid`: its name and CPU time (utime+stime) in ticks.
+fn thread_ticks(pid: u32) -> Vec<(u64, String, u64)> {
+    let Ok(d) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    d.filter_map(|e| {
+        let e = e.ok()?;
+        let tid = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        let comm = stat[stat.find('(')? + 1..stat.rfind(')')?].to_string();
+        let f: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+        let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        Some((tid, comm, ticks))
+    })
+    .collect()
+}
+
+/// A library client (lazy) reads all of `file` and compares it: its time,
+/// bounded by 20 s.
+fn library_victim(sock: &Path, file: &'static str, id: u64) -> Duration {
+    let sock = sock.to_path_buf();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let t = Instant::now();
+        let c = Client::connect(&sock).expect("connect");
+        assert!(c.has_userfaultfd());
+        let f = c.open(file).expect("open");
+        let m = f.map().expect("map");
+        assert!(m.is_lazy());
+        assert_eq!(m.len() as u64, SIZE);
+        let bad = first_mismatch(id, 0, &m);
+        drop((m, f, c));
+        let _ = tx.send((t.elapsed(), bad));
+    });
+    let (took, bad) = rx
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("the library client of {file} did not finish in 20 s: {e}"));
+    assert_eq!(bad, None, "the library client of {file} read wrong bytes");
+    took
+}
+
+/// A client that keeps a userfaultfd REMOVE event pending (EVENT_REMOVE
+/// negotiated, MADV_DONTNEED in a loop on its lazy range of A: each call
+/// waits in the kernel until the server reads the event, and meanwhile
+/// every UFFDIO_CONTINUE on its userfaultfd fails with EAGAIN) costs the
+/// other clients nothing: library clients of the same file and of another
+/// read exact bytes in about their time alone, `status` answers, the server
+/// does not spin; afterwards its descriptors and threads come back.
+#[test]
+fn a_pending_remove_event_costs_other_clients_nothing() {
+    if let Some(r) = child::role() {
+        return play(&r);
+    }
+    let test = test_name!(a_pending_remove_event_costs_other_clients_nothing);
+    let Some(mut bed) = Bed::new("hostile: pending REMOVE", &[]) else {
+        return;
+    };
+    let pid = bed.pid();
+    // Fresh files (a shadow read whole is handed out sealed): the same
+    // file as the hostile's (A2) and another (B2) under attack; two of the
+    // same size alone, before.
+    let files = [
+        ("A1.bin", 0x20_a1),
+        ("B1.bin", 0x20_b1),
+        ("A2.bin", 0x20_a2),
+        ("B2.bin", 0x20_b2),
+    ];
+    for (name, id) in files {
+        write_content(&bed.root, name, id, SIZE);
+    }
+    let alone_a = library_victim(&bed.sock, files[0].0, files[0].1);
+    let alone_b = library_victim(&bed.sock, files[1].0, files[1].1);
+    let mut h = Proc::spawn(
+        "the REMOVE hostile",
+        role_command(
+            &test,
+            "remove-hostile",
+            &[
+                ("SOCK", bed.sock.display().to_string()),
+                ("FILE", files[2].0.to_string()),
+                ("ID", files[2].1.to_string()),
+            ],
+        ),
+        false,
+    );
+    if h.wait_report("attacking", Duration::from_secs(10))
+        .is_none()
+    {
+        panic!(
+            "the hostile did not start its attack\n{}",
+            h.finish(Duration::ZERO).describe()
+        );
+    }
+    let hpid = h.pid();
+    let (c0, w0, t0) = (cpu_time(pid).unwrap(), Instant::now(), thread_ticks(pid));
+    let under_a = library_victim(&bed.sock, files[2].0, files[2].1);
+    let under_b = library_victim(&bed.sock, files[3].0, files[3].1);
+    let v = bed.status();
+    // A window of at least 2 s for the CPU share.
+    if let Some(rest) = Duration::from_secs(2).checked_sub(w0.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    let cpu = cpu_time(pid).unwrap().saturating_sub(c0);
+    let wall = w0.elapsed();
+    // Each server thread: name, ticks in the window, where it sleeps now.
+    let threads: Vec<String> = thread_ticks(pid)
+        .into_iter()
+        .map(|(tid, comm, ticks)| {
+            let before = t0.iter().find(|t| t.0 == tid).map_or(0, |t| t.2);
+            let wchan = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/wchan"))
+                .unwrap_or_default();
+            format!("{comm} {} ticks, {wchan}", ticks - before)
+        })
+        .collect();
+    let o = h.finish(Duration::from_secs(10));
+    let iterations = o.last("iterations").and_then(|s| s.parse::<u64>().ok());
+    eprintln!(
+        "hostile pending REMOVE: A {under_a:?} under attack, {alone_a:?} alone; B {under_b:?} \
+         under attack, {alone_b:?} alone; server CPU {cpu:?} in {wall:?}; hostile: {:?} \
+         madvise calls in {:?} s, {:?} pages checked, features {:?} (offered {:?}); server \
+         threads: {threads:?}",
+        iterations,
+        o.last("attack-secs"),
+        o.last("checked"),
+        o.last("features"),
+        o.last("offered"),
+    );
+    assert!(!o.timed_out, "the hostile hung\n{}", o.describe());
+    assert!(o.status.success(), "{}", o.describe());
+    assert_eq!(o.last("bad"), None, "{}", o.describe());
+    assert_eq!(o.last("madvise-error"), None, "{}", o.describe());
+    let features = u64::from_str_radix(o.last("features").unwrap().trim_start_matches("0x"), 16)
+        .expect("features in hex");
+    assert_ne!(features & uffd_raw::EVENT_REMOVE, 0, "{}", o.describe());
+    assert_eq!(
+        o.last("selftest").as_deref(),
+        Some("true"),
+        "MADV_DONTNEED queued no REMOVE event with these features: the test is vacuous\n{}",
+        o.describe()
+    );
+    assert!(
+        iterations.is_some_and(|n| n > 0) && o.last("checked").is_some_and(|c| c != "0"),
+        "the hostile made no progress\n{}",
+        o.describe()
+    );
+    // The hostile was a client with its range attached during the attack.
+    let mine = v["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["pid"] == hpid)
+        .cloned();
+    assert!(
+        mine.as_ref()
+            .is_some_and(|c| c["lazy_mappings"].as_u64() == Some(1)),
+        "the hostile was not a client with one lazy mapping: {v}"
+    );
+    for (file, alone, under) in [("A2.bin", alone_a, under_a), ("B2.bin", alone_b, under_b)] {
+        assert!(
+            under <= alone * 10 + Duration::from_secs(2),
+            "the library client of {file} took {under:?} under attack, {alone:?} alone"
+        );
+    }
+    // Each MADV_DONTNEED wakes the server to read one REMOVE event, and
+    // the hostile waits meanwhile: the work it causes is serialized with
+    // its one thread, so at most one CPU (measured: 0.3 to 0.55 of one on
+    // a 2-CPU machine, 35,000 to 180,000 calls a second, with the victims'
+    // faults). A server spinning besides (an EAGAIN retried, a poll that
+    // never sleeps, in another thread) passes 1.2 CPU-seconds a second;
+    // one that stopped reading the events hangs the hostile (checked
+    // above).
+    assert!(
+        cpu.as_secs_f64() <= 1.2 * wall.as_secs_f64(),
+        "the server used {cpu:?} of CPU in {wall:?} while the hostile kept REMOVE events \
+         pending; its threads: {threads:?}"
+    );
+    // The server keeps the four new files' shadows (a descriptor step
+    // each): what the hostile held (its userfaultfd, its connection, its
+    // range) must be gone.
+    bed.fds += files.len() * bed.fd_step;
+    bed.check_settled("pending REMOVE");
+    drop(bed.stderr());
 }
 
 // ---- parallel OPENs ----
