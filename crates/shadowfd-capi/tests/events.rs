@@ -334,3 +334,55 @@ fn run_mappings_stay_exact_under_the_same_stress() {
         );
     }
 }
+
+/// A forked child whose parent (the engine's process) exits while the
+/// child still maps a lazy shadow: the parent's exit handler settles the
+/// child's inherited ranges before their userfaultfd closes with it, so
+/// the child reads the page its parent filled exactly and gets SIGBUS on
+/// the others, never zeros. (A parent killed outright cannot: docs.)
+/// Needs `EVENT_FORK`, which the kernel gives to `CAP_SYS_PTRACE` only.
+#[test]
+fn a_child_outliving_its_engine_reads_exact_bytes_or_sigbus_never_zeros() {
+    lazy_required();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: EVENT_FORK needs CAP_SYS_PTRACE (not root here)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root: EVENT_FORK must be there"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for share in ["shared", "private"] {
+        let f = dir.path().join(format!("orphan-{share}.bin"));
+        std::fs::write(&f, pattern(SIZE, 91)).unwrap();
+        let f = f.to_str().unwrap();
+        run_ok(exe(), &["capi", share, "orphan", f, f]);
+        let out = std::path::PathBuf::from(format!("{f}.orphan"));
+        let t = std::time::Instant::now();
+        let text = loop {
+            match std::fs::read_to_string(&out) {
+                Ok(s) if s.ends_with('\n') => break s,
+                _ => {}
+            }
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(20),
+                "{share}: the orphaned child never reported"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let field = |name: &str| -> u64 {
+            let words: Vec<&str> = text.split_whitespace().collect();
+            let i = words.iter().position(|w| *w == name).unwrap();
+            words[i + 1].parse().unwrap()
+        };
+        assert_eq!(field("parent-gone"), 1, "{share}: {text}");
+        assert_eq!(field("wrong"), 0, "{share}: zeros or wrong bytes: {text}");
+        assert!(field("exact") >= 1, "{share}: {text}");
+        assert!(
+            field("sigbus") >= 1,
+            "{share}: nothing unfilled was left: {text}"
+        );
+    }
+}

@@ -550,6 +550,44 @@ int main(int argc, char **argv) {
         if (in_child("fork", grandchild_checks, NULL))
             FAIL("a child's child saw wrong bytes");
         check(p, 0, size, "parent after the forks");
+    } else if (!strcmp(scenario, "orphan")) {
+        /* The parent fills the first half and exits while its child still
+         * maps the file: every page the child reads afterwards is exact or
+         * raises SIGBUS, never zeros. The child writes what it saw to
+         * REF.orphan (the test waits for it). */
+        unsigned char *p = map_len(size);
+        madvise(p, whole, MADV_DOFORK);
+        check(p, 0, page, "parent's first page");
+        pid_t parent = getpid();
+        fflush(NULL);
+        pid_t pid = fork();
+        if (pid < 0) {
+            perror("fork");
+            return 2;
+        }
+        if (pid > 0)
+            exit(failures ? 1 : 0); /* with its exit handlers */
+        for (int i = 0; i < 1000 && getppid() == parent; i++)
+            usleep(10000);
+        size_t exact = 0, bus = 0, wrong = 0;
+        for (size_t at = 0; at < size; at += page) {
+            size_t n = size - at < page ? size - at : page;
+            if (peek(p, at) < 0)
+                bus++;
+            else if (memcmp(p + at, ref + at, n) == 0)
+                exact++;
+            else
+                wrong++;
+        }
+        char out[4200];
+        snprintf(out, sizeof out, "%s.orphan", argv[5]);
+        FILE *f = fopen(out, "w");
+        if (f) {
+            fprintf(f, "parent-gone %d exact %zu sigbus %zu wrong %zu\n", getppid() != parent,
+                    exact, bus, wrong);
+            fclose(f);
+        }
+        _exit(0);
     } else if (!strcmp(scenario, "vfork")) {
         unsigned char *p = map_len(size);
         for (size_t at = 0; at < size; at += 3 * page)

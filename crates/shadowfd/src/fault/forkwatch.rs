@@ -109,6 +109,8 @@ pub(crate) fn watch(core: &Arc<Core>) {
         // SAFETY: the handlers are plain `extern "C"` functions that live for
         // the whole program.
         unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+        // SAFETY: as above, a plain function that lives for the program.
+        unsafe { libc::atexit(at_exit) };
     });
     let mut cores = CORES.lock().unwrap_or_else(|e| e.into_inner());
     cores.retain(|c| c.strong_count() > 0);
@@ -134,6 +136,20 @@ extern "C" fn parent() {
 
 /// In the child: its copies of the engines have no threads; nothing waits.
 extern "C" fn child() {}
+
+/// When the process exits (`exit`, or returning from `main`): forked
+/// children that still map lazy ranges lose their service with it
+/// ([`Core::orphan_children`]). A process killed outright cannot do this:
+/// docs/kernel.md.
+extern "C" fn at_exit() {
+    let cores = match CORES.try_lock() {
+        Ok(c) => c.iter().filter_map(Weak::upgrade).collect::<Vec<_>>(),
+        Err(_) => return,
+    };
+    for c in cores {
+        c.orphan_children();
+    }
+}
 
 /// The watcher thread of `core`: sleeps until a fork is announced, then,
 /// until the fork has returned, reads the userfaultfd into the ring

@@ -122,4 +122,13 @@ pub(crate) trait FaultTarget: Send + Sync {
     /// more; else one fewer) holds the target: it lives as long as the
     /// kernel maps that range, whoever else lets go.
     fn hold_range(&self, _on: bool) {}
+    /// This process is exiting while a forked child still maps
+    /// `start..start+len` of `uffd` (the child's), showing the target from
+    /// `offset`: the child's userfaultfd closes with this process and the
+    /// kernel unregisters the range, whose holes would then read zeros.
+    /// Pages the target vouches for are mapped there now, the others
+    /// poisoned (`SIGBUS`).
+    fn orphan(&self, _core: &Core, uffd: &Uffd, start: u64, len: u64, _offset: u64) {
+        let _ = uffd.poison(start, len);
+    }
 }

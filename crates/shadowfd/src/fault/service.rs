@@ -1108,6 +1108,35 @@ impl Core {
         false
     }
 
+    /// This process is exiting: each forked child that still maps lazy
+    /// ranges gets them settled ([`FaultTarget::orphan`]): what its targets
+    /// vouch for mapped, the rest poisoned, so that the child reads `SIGBUS`
+    /// and never zeros once its userfaultfd closes with this process. Locks
+    /// are only tried: a worker may hold one as the process exits.
+    pub(super) fn orphan_children(&self) {
+        // A fork just before the exit: its event may be read (the fork
+        // returned) but not applied yet.
+        self.sync_events();
+        let Some(children) = self.children.try_lock() else {
+            return;
+        };
+        for c in children.iter() {
+            if !c.uffd.alive() {
+                continue;
+            }
+            let Some(regions) = c.regions.try_read() else {
+                continue;
+            };
+            for (s, r) in regions.iter() {
+                if let Some(t) = r.value.target() {
+                    t.orphan(self, &c.uffd, s, r.len, r.offset);
+                } else {
+                    let _ = c.uffd.poison(s, r.len);
+                }
+            }
+        }
+    }
+
     /// Kicks every worker (a new child to watch).
     fn kick_all(&self) {
         for i in 0..self.slots.len() {

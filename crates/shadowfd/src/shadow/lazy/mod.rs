@@ -1557,6 +1557,40 @@ impl FaultTarget for LazyShadow {
         self.gone.hold_range(on);
     }
 
+    fn orphan(&self, core: &Core, uffd: &Uffd, start: u64, len: u64, offset: u64) {
+        let page = core.page;
+        // Fills in flight end first (for at most a second): the pages the
+        // parent itself just read are among them.
+        let (c0, c1) = (
+            offset / self.chunk,
+            (offset + len).min(self.size).div_ceil(self.chunk),
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while (c0..c1).any(|c| self.chunks.get(c) == ChunkState::Filling)
+            && std::time::Instant::now() < deadline
+        {
+            let mut g = self.done_lock.lock();
+            let _ = self
+                .done_cv
+                .wait_for(&mut g, std::time::Duration::from_millis(10));
+        }
+        let bad = self.bad.lock().clone();
+        let mut at = 0;
+        while at < len {
+            let off = offset + at;
+            let good = off < self.size
+                && self.chunks.get(off / self.chunk) == ChunkState::Filled
+                && !bad.contains_key(&off);
+            // A page mapped there already is only woken (`EEXIST`).
+            if good {
+                let _ = uffd.continue_range(start + at, page);
+            } else {
+                let _ = uffd.poison(start + at, page);
+            }
+            at += page;
+        }
+    }
+
     fn run(&self, core: &Core, work: Work) {
         if work.why == Why::Prefetch && self.users.none() {
             return; // nobody left to read what it would fill
