@@ -58,6 +58,19 @@ fn scenario_tree() -> (tempfile::TempDir, PathBuf) {
     (dir, tree)
 }
 
+/// `shadowfd run EXTRA… --root TREE --mount /evt --`, the program to come.
+fn under_run(tree: &Path, extra: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(cli_bin());
+    c.arg("run")
+        .args(extra)
+        .arg("--root")
+        .arg(tree)
+        .args(["--mount", "/evt", "--"])
+        .env("SHADOWFD_PRELOAD", preload_lib())
+        .env_remove("SHADOWFD_MODE");
+    c
+}
+
 fn lazy_required() {
     let p = sfd::probe();
     assert!(
@@ -114,20 +127,10 @@ fn run_mappings_stay_exact_through_mremap_fork_and_madvise() {
         for share in ["shared", "private"] {
             let name = format!("{sc}-{share}.bin");
             let reference = tree.join(&name);
-            let o = std::process::Command::new(cli_bin())
-                .args([
-                    "run",
-                    "--root",
-                    tree.to_str().unwrap(),
-                    "--mount",
-                    "/evt",
-                    "--",
-                ])
+            let o = under_run(&tree, &[])
                 .arg(exe())
                 .args(["plain", share, sc, &format!("/evt/{name}")])
                 .arg(&reference)
-                .env("SHADOWFD_PRELOAD", preload_lib())
-                .env_remove("SHADOWFD_MODE")
                 .output()
                 .unwrap();
             assert!(
@@ -263,22 +266,9 @@ except OSError as e:
     print("no write open:", e.errno)
 print("exact")
 "#;
-    let o = std::process::Command::new(cli_bin())
-        .args([
-            "run",
-            "--root",
-            tree.to_str().unwrap(),
-            "--mount",
-            "/evt",
-            "--",
-            "python3",
-            "-c",
-            script,
-            "/evt/py.bin",
-        ])
+    let o = under_run(&tree, &[])
+        .args(["python3", "-c", script, "/evt/py.bin"])
         .arg(&reference)
-        .env("SHADOWFD_PRELOAD", preload_lib())
-        .env_remove("SHADOWFD_MODE")
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
@@ -314,15 +304,10 @@ fn run_mappings_stay_exact_under_the_same_stress() {
         .unwrap_or(30)
         / 6;
     for share in ["shared", "private"] {
-        let o = std::process::Command::new(cli_bin())
-            .args(["run", "--mode", "lazy", "--memory-budget", "8M", "--root"])
-            .arg(&tree)
-            .args(["--mount", "/evt", "--"])
+        let o = under_run(&tree, &["--mode", "lazy", "--memory-budget", "8M"])
             .arg(exe())
             .args(["plain", share, &format!("stress{secs}x128"), "/evt/s.bin"])
             .arg(&reference)
-            .env("SHADOWFD_PRELOAD", preload_lib())
-            .env_remove("SHADOWFD_MODE")
             .output()
             .unwrap();
         assert!(

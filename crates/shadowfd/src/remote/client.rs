@@ -1116,20 +1116,7 @@ impl RemoteMapping {
         at: usize,
         len: usize,
     ) -> Result<(Option<RemoteMapping>, Option<RemoteMapping>)> {
-        let page = crate::page_size();
-        let total = self.mapped_len();
-        if at % page != 0 || len == 0 || at >= total {
-            return Err(Error::Range {
-                offset: at as u64,
-                len: len as u64,
-                size: total as u64,
-            });
-        }
-        let z = at
-            .saturating_add(len)
-            .div_ceil(page)
-            .saturating_mul(page)
-            .min(total);
+        let (total, z) = self.pages_of(at, len)?;
         let map = self.map.take().expect("a non-empty mapping");
         let base = map.addr();
         let client = self.file.inner.client.clone();
@@ -1201,19 +1188,14 @@ impl RemoteMapping {
         new_len: usize,
     ) -> Result<(Option<RemoteMapping>, Option<RemoteMapping>, RemoteMapping)> {
         let page = crate::page_size();
-        let total = self.mapped_len();
-        if at % page != 0 || len == 0 || at >= total || to % page != 0 || new_len == 0 {
+        let (total, z) = self.pages_of(at, len)?;
+        if to % page != 0 || new_len == 0 {
             return Err(Error::Range {
                 offset: at as u64,
-                len: len as u64,
+                len: new_len as u64,
                 size: total as u64,
             });
         }
-        let z = at
-            .saturating_add(len)
-            .div_ceil(page)
-            .saturating_mul(page)
-            .min(total);
         let map = self.map.take().expect("a non-empty mapping");
         let base = map.addr();
         let new_len = new_len.div_ceil(page) * page;
@@ -1252,6 +1234,27 @@ impl RemoteMapping {
         let moved = piece(there, at, moved_shown);
         // `self` holds no mapping any more: its drop does nothing.
         Ok((l, r, moved))
+    }
+
+    /// Checks the pages `at..at+len` (from the mapping's start; `at`
+    /// page-aligned, `len` > 0) against the mapping and returns its length
+    /// and where those pages end (page-rounded, at most its length).
+    fn pages_of(&self, at: usize, len: usize) -> Result<(usize, usize)> {
+        let page = crate::page_size();
+        let total = self.mapped_len();
+        if at % page != 0 || len == 0 || at >= total {
+            return Err(Error::Range {
+                offset: at as u64,
+                len: len as u64,
+                size: total as u64,
+            });
+        }
+        let z = at
+            .saturating_add(len)
+            .div_ceil(page)
+            .saturating_mul(page)
+            .min(total);
+        Ok((total, z))
     }
 
     /// The file mapped.
