@@ -84,12 +84,16 @@ fn lazy_required() {
 fn c_abi_mappings_stay_exact_through_mremap_fork_and_madvise() {
     lazy_required();
     let dir = tempfile::tempdir().unwrap();
-    for (i, sc) in SCENARIOS.iter().enumerate() {
-        for share in ["shared", "private"] {
-            let f = dir.path().join(format!("{sc}-{share}.bin"));
-            std::fs::write(&f, pattern(SIZE, i as u64 + 1)).unwrap();
-            let f = f.to_str().unwrap();
-            run_ok(exe(), &["capi", share, sc, f, f]);
+    // shadowfd_map (Shadow::map), at a fixed address (map_fixed), and the
+    // caller's own mapping registered (Shadow::register).
+    for kind in ["capi", "capi-fixed", "capi-reg"] {
+        for (i, sc) in SCENARIOS.iter().enumerate() {
+            for share in ["shared", "private"] {
+                let f = dir.path().join(format!("{kind}-{sc}-{share}.bin"));
+                std::fs::write(&f, pattern(SIZE, i as u64 + 1)).unwrap();
+                let f = f.to_str().unwrap();
+                run_ok(exe(), &[kind, share, sc, f, f]);
+            }
         }
     }
 }

@@ -5,7 +5,9 @@
  *
  *   events_test KIND SHARE SCENARIO TARGET REF
  *
- * KIND: capi (shadowfd_map on a local engine), client (shadowfd_client_*
+ * KIND: capi (shadowfd_map on a local engine), capi-fixed (the same at a
+ * fixed address), capi-reg (the caller's mmap of shadowfd_mapping_fd, then
+ * shadowfd_register), client (shadowfd_client_*
  * through `shadowfd serve`; TARGET is SOCKET:PATH) or plain (open + mmap of
  * TARGET: a path `shadowfd run` serves). SHARE: shared or private. REF: the
  * same bytes as a host file, read with read(2). Exits 0 if every check held.
@@ -100,6 +102,8 @@ static int stress_files;
  * (shadowfd_unmap's rule: before the old address can be mapped again). */
 static pthread_mutex_t reuse_lock = PTHREAD_MUTEX_INITIALIZER;
 
+static size_t round_page(size_t n) { return (n + page - 1) / page * page; }
+
 /* A fresh mapping of `len` bytes from offset 0. */
 static unsigned char *map_len(size_t len) {
     /* stress_files N: one of N copies of the file, TARGET.0 .. TARGET.N-1,
@@ -130,7 +134,7 @@ static unsigned char *map_len(size_t len) {
         return p;
     }
     struct shadowfd_shadow *s;
-    if (!strcmp(kind, "capi"))
+    if (engine)
         s = shadowfd_open_path(engine, name);
     else
         s = shadowfd_client_open(client, name);
@@ -142,7 +146,19 @@ static unsigned char *map_len(size_t len) {
     int flags = shared_flag ? SHADOWFD_MAP_SHARED : SHADOWFD_MAP_PRIVATE;
     /* A client shadow is mapped whole (length 0). */
     pthread_mutex_lock(&reuse_lock);
-    int r = shadowfd_map(s, 0, client ? 0 : len, flags, NULL, &p);
+    int r;
+    if (!strcmp(kind, "capi-fixed")) {
+        /* At a fixed address: a reservation of ours, mapped over. */
+        void *at = mmap(NULL, round_page(len), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        r = at == MAP_FAILED ? -errno : shadowfd_map(s, 0, len, flags, at, &p);
+    } else if (!strcmp(kind, "capi-reg")) {
+        /* The caller's own mapping of the shadow, registered. */
+        void *at = mmap(NULL, len, PROT_READ, shared_flag ? MAP_SHARED : MAP_PRIVATE, shadowfd_mapping_fd(s), 0);
+        r = at == MAP_FAILED ? -errno : shadowfd_register(s, at, len, 0);
+        p = at;
+    } else {
+        r = shadowfd_map(s, 0, client ? 0 : len, flags, NULL, &p);
+    }
     pthread_mutex_unlock(&reuse_lock);
     if (r != 0) {
         fprintf(stderr, "shadowfd_map: %d %s\n", r, shadowfd_last_error());
@@ -152,7 +168,6 @@ static unsigned char *map_len(size_t len) {
     return p;
 }
 
-static size_t round_page(size_t n) { return (n + page - 1) / page * page; }
 
 /* A mapping of the first `first` bytes: a client maps whole files, so its
  * mapping is shrunk to that (the kernel cuts the tail: an UNMAP event). */
@@ -434,7 +449,7 @@ int main(int argc, char **argv) {
     sa.sa_flags = SA_NODEFER;
     sigaction(SIGBUS, &sa, NULL);
 
-    if (!strcmp(kind, "capi")) {
+    if (!strncmp(kind, "capi", 4)) {
         struct shadowfd_config *c = shadowfd_config_new();
         shadowfd_config_set(c, "mode", getenv("EVENTS_MODE") ? getenv("EVENTS_MODE") : "lazy");
         engine = shadowfd_engine_new(c);
@@ -518,7 +533,7 @@ int main(int argc, char **argv) {
             check(q, 0, size, "moved (DONTUNMAP)");
             check(p, 0, size, "kept (DONTUNMAP)");
         }
-    } else if (!strcmp(scenario, "rawfork") && strcmp(kind, "capi") != 0) {
+    } else if (!strcmp(scenario, "rawfork") && !engine) {
         /* A remote mapping is MADV_DONTFORK (docs/remote.md): a raw fork's
          * child has none there (SIGSEGV), never zeros. */
         unsigned char *p = map_len(size);
