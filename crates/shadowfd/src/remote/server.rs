@@ -498,7 +498,21 @@ struct Conn {
     /// The client's `/proc/PID/maps`, for faults in ranges it grew (opened
     /// at the first).
     maps: Option<crate::sys::maps::Maps>,
+    /// Mapping events read from the client's userfaultfd in the current
+    /// window ([`EVENT_WINDOW`]), and when that window began.
+    events: (u32, Instant),
 }
+
+/// How many mapping events of one client the server applies per
+/// [`EVENT_WINDOW`]: past that, its session thread waits out the window
+/// before reading more. Each event blocks the client call that made it
+/// (`munmap`, `mremap`, `MADV_DONTNEED` with `EVENT_REMOVE`) until it is
+/// read, so a client making them in a loop goes at this rate, and costs
+/// the server a bounded share of a CPU, whatever it negotiated. Far above
+/// what programs do with served ranges.
+const EVENTS_PER_WINDOW: u32 = 250;
+/// See [`EVENTS_PER_WINDOW`].
+const EVENT_WINDOW: Duration = Duration::from_millis(50);
 
 impl Conn {
     fn new(
@@ -518,6 +532,7 @@ impl Conn {
             next_handle: 1,
             children: Vec::new(),
             maps: None,
+            events: (0, Instant::now()),
         }
     }
 
@@ -1019,7 +1034,9 @@ impl Inner {
                     Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {}
                     Err(e) => return End::Error(format!("reading its userfaultfd: {e}")),
                 }
+                let n = events.len() as u32;
                 self.client_events(conn, events);
+                Self::pace_events(conn, n);
                 for f in &faults {
                     if !self.fault(conn, &u, f.address) {
                         return End::Error(
@@ -2259,6 +2276,25 @@ impl Inner {
         }
         self.reap_closed(conn);
         self.note_mappings(conn);
+    }
+
+    /// Counts `n` events of the client read just now; past
+    /// [`EVENTS_PER_WINDOW`] in the current window, waits the window out
+    /// (at most [`EVENT_WINDOW`]).
+    fn pace_events(conn: &mut Conn, n: u32) {
+        if n == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let (count, since) = &mut conn.events;
+        if now.duration_since(*since) >= EVENT_WINDOW {
+            (*count, *since) = (0, now);
+        }
+        *count += n;
+        if *count > EVENTS_PER_WINDOW {
+            std::thread::sleep(EVENT_WINDOW.saturating_sub(now.duration_since(*since)));
+            (*count, *since) = (0, Instant::now());
+        }
     }
 
     /// Lets go of the handles the client closed whose last range the
