@@ -923,13 +923,15 @@ pub fn run(mut a: BenchArgs) -> CliResult {
     let mut ratios = Vec::new();
     let mut push = |pi: usize, name: &'static str, num: Option<Vec<f64>>, den: Option<Vec<f64>>| {
         if let (Some(n), Some(d)) = (num, den) {
-            if let Some((value, min, max)) = report::paired(&n, &d) {
+            if let Some(p) = report::paired(&n, &d) {
                 ratios.push(Ratio {
                     pattern: pattern_names[pi].clone(),
                     name,
-                    value,
-                    min,
-                    max,
+                    value: p.value,
+                    min: p.min,
+                    max: p.max,
+                    reps_disagree: p.disagree(),
+                    per_rep: p.per_rep,
                 });
             }
         }
@@ -975,7 +977,7 @@ pub fn run(mut a: BenchArgs) -> CliResult {
                 d.extend(l);
             }
         }
-        report::paired(&n, &d).map(|x| x.0)
+        report::paired(&n, &d).map(|x| x.value)
     };
     let targets = targets(&a, &ratios, pooled_open);
 

@@ -212,6 +212,16 @@ fn the_floors_have_rows_and_ratios_for_every_pattern() {
                     .find(|r| r["pattern"] == p && r["name"] == name)
                     .unwrap_or_else(|| panic!("no ratio {name} for {p}"));
                 assert!(r["value"].as_f64().unwrap() > 0.0, "{r}");
+                // Every repetition's ratio, and whether they disagree.
+                let reps: Vec<f64> = r["per_rep"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect();
+                assert_eq!(reps.len(), 1, "{r}");
+                assert_eq!(reps[0], r["value"].as_f64().unwrap(), "{r}");
+                assert_eq!(r["reps_disagree"], false, "one repetition: {r}");
             }
         }
     }

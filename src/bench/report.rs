@@ -83,6 +83,11 @@ pub struct Ratio {
     pub value: f64,
     pub min: f64,
     pub max: f64,
+    /// Every repetition's ratio, in order.
+    pub per_rep: Vec<f64>,
+    /// The repetitions disagree by more than [`DISAGREE`] (largest over
+    /// smallest): a noisy machine, not a conclusion.
+    pub reps_disagree: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -213,7 +218,7 @@ pub fn row(c: &Cell) -> Option<Row> {
 }
 
 /// Median, min and max of `num[r] / den[r]` over the repetitions both have.
-pub fn paired(num: &[f64], den: &[f64]) -> Option<(f64, f64, f64)> {
+pub fn paired(num: &[f64], den: &[f64]) -> Option<Paired> {
     let r: Vec<f64> = num
         .iter()
         .zip(den)
@@ -224,7 +229,33 @@ pub fn paired(num: &[f64], den: &[f64]) -> Option<(f64, f64, f64)> {
         return None;
     }
     let mm = minmax(&r);
-    Some((median(&r), mm.min, mm.max))
+    Some(Paired {
+        value: median(&r),
+        min: mm.min,
+        max: mm.max,
+        per_rep: r,
+    })
+}
+
+/// Repetitions whose ratios differ by more than this factor (largest over
+/// smallest) disagree: the report warns that the machine was noisy.
+pub const DISAGREE: f64 = 1.5;
+
+/// A ratio paired per repetition: its median, extremes and every value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Paired {
+    pub value: f64,
+    pub min: f64,
+    pub max: f64,
+    /// In repetition order.
+    pub per_rep: Vec<f64>,
+}
+
+impl Paired {
+    /// Whether the repetitions disagree by more than [`DISAGREE`].
+    pub fn disagree(&self) -> bool {
+        self.min > 0.0 && self.max / self.min > DISAGREE
+    }
 }
 
 /// Microseconds for people: µs below 1 ms, ms below 1 s, else s.
@@ -345,13 +376,32 @@ pub fn print_human(r: &Report) {
                 "total_speedup_run_read_vs_fuse_read" => "total, fuse-read/run-read",
                 n => n,
             };
+            let reps: Vec<String> = x.per_rep.iter().map(|&v| fmt_ratio(v)).collect();
             println!(
-                "  {:<14} {:<33} {:>8}  ({}..{})",
+                "  {:<14} {:<33} {:>8}  ({}..{})  reps {}{}",
                 x.pattern,
                 what,
                 fmt_ratio(x.value),
                 fmt_ratio(x.min),
-                fmt_ratio(x.max)
+                fmt_ratio(x.max),
+                reps.join(" "),
+                if x.reps_disagree { "  !" } else { "" }
+            );
+        }
+        let noisy: Vec<String> = r
+            .ratios
+            .iter()
+            .filter(|x| x.reps_disagree)
+            .map(|x| format!("{} {}", x.pattern, x.name))
+            .collect();
+        if !noisy.is_empty() {
+            println!();
+            println!(
+                "warning: the repetitions disagree by more than {DISAGREE}x (marked !) on {}: \
+                 the machine was noisy (load average at the start: {}); rerun on a quiet machine, \
+                 or with more --reps, before drawing a conclusion from those ratios",
+                noisy.join(", "),
+                r.machine.loadavg_at_start
             );
         }
     }
@@ -430,11 +480,22 @@ mod tests {
     #[test]
     fn ratios_are_paired_per_rep() {
         // Rep 1 is slow for both modes: pairing cancels it out.
-        let (m, lo, hi) = paired(&[100.0, 1000.0, 110.0], &[10.0, 100.0, 10.0]).unwrap();
-        assert_eq!(m, 10.0);
-        assert_eq!(lo, 10.0);
-        assert_eq!(hi, 11.0);
+        let p = paired(&[100.0, 1000.0, 110.0], &[10.0, 100.0, 10.0]).unwrap();
+        assert_eq!(p.value, 10.0);
+        assert_eq!(p.min, 10.0);
+        assert_eq!(p.max, 11.0);
+        assert_eq!(p.per_rep, vec![10.0, 10.0, 11.0]);
+        assert!(!p.disagree());
         assert!(paired(&[1.0], &[0.0]).is_none());
+    }
+
+    #[test]
+    fn repetitions_that_differ_by_more_than_half_disagree() {
+        let p = paired(&[10.0, 16.0], &[10.0, 10.0]).unwrap();
+        assert_eq!(p.per_rep, vec![1.0, 1.6]);
+        assert!(p.disagree());
+        let q = paired(&[10.0, 14.0], &[10.0, 10.0]).unwrap();
+        assert!(!q.disagree());
     }
 
     #[test]
