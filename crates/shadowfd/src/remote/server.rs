@@ -501,6 +501,8 @@ struct Conn {
     /// Mapping events read from the client's userfaultfd in the current
     /// window ([`EVENT_WINDOW`]), and when that window began.
     events: (u32, Instant),
+    /// When the forked children were last asked whether they live.
+    children_checked: Instant,
 }
 
 /// How many mapping events of one client the server applies per
@@ -533,6 +535,7 @@ impl Conn {
             children: Vec::new(),
             maps: None,
             events: (0, Instant::now()),
+            children_checked: Instant::now(),
         }
     }
 
@@ -1004,18 +1007,35 @@ impl Inner {
         loop {
             let sfd = conn.stream.as_fd().as_raw_fd();
             let ufd = conn.uffd.as_ref().map_or(-1, |u| u.as_fd().as_raw_fd());
-            let mut fds = [sfd, ufd].map(|fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            });
-            let n = if ufd >= 0 { 2 } else { 1 };
             // Idle clients may stay connected as long as they like: a client
             // holding mappings may say nothing for hours. Forked children,
             // and answers deferred for a pending event, are looked at.
             let timeout = self.serve_spaces(conn);
-            // SAFETY: `fds` is a live array of at least `n` pollfd structs.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), n, timeout) };
+            let pfd = |fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // The socket, the client's userfaultfd (-1: none, ignored by
+            // poll), and its forked children's: a child's fault wakes the
+            // loop, which serves it (`serve_spaces`) before polling again.
+            let mut fds: Vec<libc::pollfd> = [sfd, ufd].into_iter().map(pfd).collect();
+            fds.extend(
+                conn.children
+                    .iter()
+                    .map(|c| pfd(c.uffd.as_fd().as_raw_fd())),
+            );
+            let n = if ufd >= 0 { 2 } else { 1 };
+            // SAFETY: `fds` is a live array of `fds.len()` pollfd structs.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+            let broken = libc::POLLERR | libc::POLLHUP | libc::POLLNVAL;
+            if fds[2..].iter().any(|p| p.revents & broken != 0) {
+                // Asked at once whether the children live: a broken one
+                // goes, rather than wake the loop for ever.
+                let back = Duration::from_millis(CHILD_CHECK_MS as u64);
+                let now = Instant::now();
+                conn.children_checked = now.checked_sub(back).unwrap_or(now);
+            }
             if r < 0 {
                 if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
                     continue;
@@ -2368,8 +2388,17 @@ impl Inner {
             }
             i += 1;
         }
-        conn.children
-            .retain(|c| c.uffd.alive() && !c.ranges.is_empty());
+        // Whether each child still lives (an ioctl each) is asked once per
+        // CHILD_CHECK_MS, not before every poll of a busy session.
+        let now = Instant::now();
+        if now.duration_since(conn.children_checked) >= Duration::from_millis(CHILD_CHECK_MS as u64)
+        {
+            conn.children_checked = now;
+            conn.children
+                .retain(|c| c.uffd.alive() && !c.ranges.is_empty());
+        } else {
+            conn.children.retain(|c| !c.ranges.is_empty());
+        }
         let mut deferred = false;
         for u in conn
             .uffd
