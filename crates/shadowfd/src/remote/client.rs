@@ -818,16 +818,8 @@ impl RemoteMapOptions<'_> {
         let len = self.len.unwrap_or(size.saturating_sub(offset));
         check_span(size, offset, len)?;
         let page = crate::page_size() as u64;
-        let empty = || RemoteMapping {
-            map: None,
-            ino: 0,
-            len: 0,
-            offset,
-            lazy: false,
-            file: this.clone(),
-        };
         if len == 0 {
-            return Ok(empty());
+            return Ok(RemoteMapping::nothing(this, offset));
         }
         let maplen = usize::try_from(len.div_ceil(page) * page)
             .map_err(|_| protocol("the mapping length does not fit"))?;
@@ -873,14 +865,7 @@ impl RemoteMapOptions<'_> {
         )?;
         let (r, fd) = reply(&ci.conn.stream, wire::MAP, &name)?;
         if r.b == 0 {
-            return Ok(RemoteMapping {
-                map: None,
-                ino: 0,
-                len: 0,
-                offset,
-                lazy: false,
-                file: this.clone(),
-            });
+            return Ok(RemoteMapping::nothing(this, offset));
         }
         let lazy = r.c == wire::MAP_LAZY;
         // Before ATTACH, a lazy MAP that fails here is abandoned (version
@@ -1061,6 +1046,18 @@ impl Drop for RemoteMapping {
 }
 
 impl RemoteMapping {
+    /// A mapping of no bytes of `file` (an empty file or range).
+    fn nothing(file: &RemoteFile, offset: u64) -> RemoteMapping {
+        RemoteMapping {
+            map: None,
+            ino: 0,
+            len: 0,
+            offset,
+            lazy: false,
+            file: file.clone(),
+        }
+    }
+
     /// Receives the one shadow [`super::serve`] serves on the other end of
     /// `stream`, and maps it: lazily through a userfaultfd made here, or as
     /// a sealed descriptor for an eager or materialized shadow.

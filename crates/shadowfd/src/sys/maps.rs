@@ -77,10 +77,12 @@ impl Maps {
             .filter(|v| v.start <= addr && addr < v.end)
     }
 
-    /// Whether the kernel answers `PROCMAP_QUERY` (Linux 6.11+).
+    /// Whether the kernel answers `PROCMAP_QUERY` (Linux 6.11+): asked once
+    /// per process (the kernel does not change under it).
     pub(crate) fn works(&self) -> bool {
         static HERE: u8 = 0;
-        self.query(std::ptr::from_ref(&HERE) as u64).is_some()
+        static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *WORKS.get_or_init(|| self.query(std::ptr::from_ref(&HERE) as u64).is_some())
     }
 
     /// The parts of `lo..hi` where the process maps file `inode` at the

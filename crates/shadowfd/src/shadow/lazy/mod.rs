@@ -956,6 +956,16 @@ impl LazyShadow {
                 }
             }
         }
+        // A fault of this process that waits where no listed range says
+        // (the list lags the kernel, see `answer_all`) is refused too,
+        // rather than left waiting; its marker is not among those
+        // `memory_freed` drops (that page raises SIGBUS until unmapped).
+        // One in a listed range finds its marker there (`EEXIST`, woken).
+        for &(k, a, _) in &waiting {
+            if k == 0 {
+                let _ = core.uffd.poison(a, core.page);
+            }
+        }
         // Remote faults stay recorded (their markers stay, see above); this
         // process's ranges are all answered when the chunks fill.
         let waiting: Vec<Waiter> = waiting.into_iter().filter(|w| w.0 != 0).collect();
@@ -983,10 +993,17 @@ impl LazyShadow {
                 let _ = m.uffd(core).wake(addr, len);
             }
         }
+        // This process's waiting faults, listed range or not (see
+        // `answer_all`).
+        for &(k, a, _) in &waiting {
+            if k == 0 {
+                let _ = core.uffd.wake(a, core.page);
+            }
+        }
         self.notify();
     }
 
-    /// Takes the remote faults waiting on the chunks of bytes `a..b`. Called
+    /// Takes the faults waiting on the chunks of bytes `a..b`. Called
     /// after those chunks left Filling, so that a fault that saw Filling
     /// under the lock ([`LazyShadow::wait_on`]) is always taken.
     fn take_waiters(&self, a: u64, b: u64) -> Vec<Waiter> {
