@@ -19,6 +19,7 @@
 //! alias can change a page, and `PUNCH_HOLE` is refused, so a filled page
 //! stays what the source held.
 
+mod consumers;
 mod fill;
 mod readahead;
 mod user;
@@ -34,6 +35,7 @@ use crate::stats::Counters;
 use crate::sys::memfd::{LAZY_SEALS, Memfd};
 use crate::sys::mmap::RawMap;
 use crate::sys::{Advice, Uffd, UncheckedAdvice};
+use consumers::{Consumer, Consumers, Waiter, space_key, uffd_key};
 use fill::BadRange;
 use parking_lot::{Condvar, Mutex, RwLock};
 use readahead::Readahead;
@@ -65,7 +67,7 @@ pub(crate) struct LazyShadow {
     /// Pages that could not be filled, with the reason.
     bad: Mutex<BTreeMap<u64, Cause>>,
     /// Consumer ranges to map and poison into, local and remote.
-    consumers: RwLock<Vec<Consumer>>,
+    consumers: RwLock<Consumers>,
     next_id: AtomicU64,
     /// Poison markers left by budget refusals in this process's consumer
     /// ranges: (consumer id, address, length), dropped once memory is free.
@@ -104,69 +106,6 @@ pub(crate) struct LazyShadow {
     users: user::Users,
     /// Must stay the last field: set once every other one has dropped.
     gone: user::Gone,
-}
-
-/// A registered consumer range: in this process (through the engine's
-/// userfaultfd) or in another one (through the userfaultfd it sent us).
-struct Consumer {
-    id: u64,
-    start: u64,
-    len: u64,
-    /// Offset in the shadow of the range's first byte.
-    offset: u64,
-    /// `None`: the engine's own userfaultfd.
-    remote: Option<Arc<Uffd>>,
-    /// A `MAP_SHARED` mapping of the memfd: a fill may install its pages
-    /// straight into it (they land in the memfd, and only there).
-    shared: bool,
-}
-
-/// A fault waiting on a chunk: the identity of the range's userfaultfd
-/// ([`space_key`]: 0 for the engine's own), the faulting address and the
-/// shadow offset it showed.
-type Waiter = (usize, u64, u64);
-
-/// The identity of a userfaultfd, as [`Waiter`] keeps it.
-fn uffd_key(u: &Uffd) -> usize {
-    std::ptr::from_ref(u) as usize
-}
-
-/// [`Consumer::key`] of the ranges of `space`: 0 for the engine's own.
-fn space_key(space: Space<'_>) -> usize {
-    space.map_or(0, |u| uffd_key(u))
-}
-
-impl Consumer {
-    fn uffd<'a>(&'a self, core: &'a Core) -> &'a Uffd {
-        self.remote.as_deref().unwrap_or(&core.uffd)
-    }
-
-    /// The identity of its userfaultfd ([`uffd_key`]); 0 for the engine's
-    /// own (see [`space_key`]).
-    fn key(&self) -> usize {
-        self.remote.as_deref().map_or(0, uffd_key)
-    }
-
-    /// Whether a fill of these chunks must answer this range: always for
-    /// the engine's own ranges; a remote one only if a fault waits in it.
-    fn answers(&self, waiting: &[Waiter]) -> bool {
-        match &self.remote {
-            None => true,
-            Some(u) => {
-                let key = uffd_key(u);
-                let (lo, hi) = (self.start, self.start + self.len);
-                waiting
-                    .iter()
-                    .any(|&(k, a, _)| k == key && (lo..hi).contains(&a))
-            }
-        }
-    }
-
-    /// The part of shadow bytes `a..b` this range shows, as (address, len).
-    fn overlap(&self, a: u64, b: u64) -> Option<(u64, u64)> {
-        let (lo, hi) = (a.max(self.offset), b.min(self.offset + self.len));
-        (lo < hi).then(|| (self.start + (lo - self.offset), hi - lo))
-    }
 }
 
 /// A consumer range's registration with the engine's userfaultfd;
@@ -290,7 +229,7 @@ impl LazyShadow {
             template,
             chunks: ChunkTable::new(nchunks),
             bad: Mutex::new(BTreeMap::new()),
-            consumers: RwLock::new(Vec::new()),
+            consumers: RwLock::new(Consumers::default()),
             next_id: AtomicU64::new(1),
             refused: Mutex::new(Vec::new()),
             refused_cause: Mutex::new(None),
@@ -630,9 +569,10 @@ impl LazyShadow {
             return None;
         }
         let consumers = self.consumers.read();
-        let m = consumers.iter().find(|m| {
-            m.remote.is_none() && m.shared && hit.addr >= m.start && hit.addr < m.start + m.len
-        })?;
+        let m = consumers
+            .local()
+            .iter()
+            .find(|m| m.shared && hit.addr >= m.start && hit.addr < m.end())?;
         (off >= m.offset && end <= m.offset + m.len).then(|| Direct {
             consumer: m.id,
             addr: m.start + off - m.offset,
@@ -683,7 +623,7 @@ impl LazyShadow {
             // The read lock keeps the range mapped (it is removed from the
             // list before it is unmapped).
             let consumers = self.consumers.read();
-            let m = consumers.iter().find(|m| m.id == d.consumer);
+            let m = consumers.local().iter().find(|m| m.id == d.consumer);
             let Some(m) = m.filter(|_| bad.is_empty()) else {
                 drop(consumers);
                 for &(a, b) in &good {
@@ -945,11 +885,10 @@ impl LazyShadow {
         let waiting = self.take_waiters(off, end);
         {
             let mut refused = self.refused.lock();
-            for m in self.consumers.read().iter() {
-                if let Some((addr, len)) = m.overlap(off, end)
-                    && m.answers(&waiting)
-                {
-                    let _ = m.uffd(core).poison(addr, len);
+            let consumers = self.consumers.read();
+            for m in consumers.answering(off, end, &waiting).0 {
+                if let Some((addr, len)) = m.overlap(off, end) {
+                    let _ = m.uffd(&core.uffd).poison(addr, len);
                     if m.remote.is_none() {
                         refused.push((m.id, addr, len));
                     }
@@ -961,14 +900,12 @@ impl LazyShadow {
         // rather than left waiting; its marker is not among those
         // `memory_freed` drops (that page raises SIGBUS until unmapped).
         // One in a listed range finds its marker there (`EEXIST`, woken).
-        for &(k, a, _) in &waiting {
-            if k == 0 {
-                let _ = core.uffd.poison(a, core.page);
-            }
+        for w in waiting.iter().filter(|w| w.key == 0) {
+            let _ = core.uffd.poison(w.addr, core.page);
         }
         // Remote faults stay recorded (their markers stay, see above); this
         // process's ranges are all answered when the chunks fill.
-        let waiting: Vec<Waiter> = waiting.into_iter().filter(|w| w.0 != 0).collect();
+        let waiting: Vec<Waiter> = waiting.into_iter().filter(|w| w.key != 0).collect();
         if !waiting.is_empty() {
             let mut w = self.waiters.lock();
             for c in run {
@@ -986,20 +923,25 @@ impl LazyShadow {
         self.chunks.release(run);
         let end = round_up(end, core.page);
         let waiting = self.take_waiters(off, end);
-        for m in self.consumers.read().iter() {
-            if let Some((addr, len)) = m.overlap(off, end)
-                && m.answers(&waiting)
-            {
-                let _ = m.uffd(core).wake(addr, len);
+        let consumers = self.consumers.read();
+        let (ranges, unlisted) = consumers.answering(off, end, &waiting);
+        for m in ranges {
+            if let Some((addr, len)) = m.overlap(off, end) {
+                let _ = m.uffd(&core.uffd).wake(addr, len);
             }
         }
-        // This process's waiting faults, listed range or not (see
-        // `answer_all`).
-        for &(k, a, _) in &waiting {
-            if k == 0 {
-                let _ = core.uffd.wake(a, core.page);
+        // Waiting faults in no listed range (see `answer_all`): this
+        // process's, and other processes' through the userfaultfd they
+        // came on.
+        for w in waiting.iter().filter(|w| w.key == 0) {
+            let _ = core.uffd.wake(w.addr, core.page);
+        }
+        for w in unlisted {
+            if let Some(u) = &w.uffd {
+                let _ = u.wake(w.addr, core.page);
             }
         }
+        drop(consumers);
         self.notify();
     }
 
@@ -1023,14 +965,26 @@ impl LazyShadow {
     /// false if it is not (the caller looks at the chunk again). `remote`:
     /// the fault is not on the engine's own userfaultfd.
     fn wait_on(&self, chunk: u64, hit: &Hit<'_>, remote: bool) -> bool {
+        let (key, uffd) = if remote {
+            let key = uffd_key(hit.uffd);
+            let consumers = self.consumers.read();
+            let uffd = consumers
+                .containing(key, hit.addr)
+                .and_then(|m| m.remote.clone());
+            (key, uffd)
+        } else {
+            (0, None)
+        };
         let mut w = self.waiters.lock();
         if self.chunks.get(chunk) != ChunkState::Filling {
             return false;
         }
-        let key = if remote { uffd_key(hit.uffd) } else { 0 };
-        w.entry(chunk)
-            .or_default()
-            .push((key, hit.addr, hit.offset));
+        w.entry(chunk).or_default().push(Waiter {
+            key,
+            addr: hit.addr,
+            offset: hit.offset,
+            uffd,
+        });
         true
     }
 
@@ -1047,14 +1001,13 @@ impl LazyShadow {
     fn answer_all(&self, core: &Core, a: u64, b: u64, bad: &[(u64, Cause)], mapped: Option<u64>) {
         let page = core.page;
         let waiting = self.take_waiters(a, b);
-        for m in self.consumers.read().iter() {
+        let consumers = self.consumers.read();
+        let (ranges, unlisted) = consumers.answering(a, b, &waiting);
+        for m in ranges {
             let Some((addr, len)) = m.overlap(a, b) else {
                 continue;
             };
-            if !m.answers(&waiting) {
-                continue;
-            }
-            let uffd = m.uffd(core);
+            let uffd = m.uffd(&core.uffd);
             if mapped == Some(m.id) {
                 for (p, _) in bad {
                     if (m.offset..m.offset + m.len).contains(p) {
@@ -1092,16 +1045,26 @@ impl LazyShadow {
         // there shows, and only if it is in the memfd; a page mapped above
         // already is only woken (`EEXIST`), any other failure wakes it to
         // fault again.
-        for &(k, a, off) in &waiting {
-            if k != 0 {
-                continue;
-            }
-            if bad.iter().any(|(p, _)| *p == off) {
-                let _ = core.uffd.poison(a, page);
+        for w in waiting.iter().filter(|w| w.key == 0) {
+            if bad.iter().any(|(p, _)| *p == w.offset) {
+                let _ = core.uffd.poison(w.addr, page);
             } else {
-                let _ = core.uffd.continue_range(a, page);
+                let _ = core.uffd.continue_range(w.addr, page);
             }
         }
+        // Another process's fault in a range no longer listed (detached or
+        // moved since it was recorded): its page is mapped if it is in the
+        // memfd, else woken to fault again (and be refused or served as the
+        // range now stands). Never poisoned: what that address shows now
+        // may be another range.
+        for w in unlisted {
+            if let Some(u) = &w.uffd
+                && (bad.iter().any(|(p, _)| *p == w.offset) || u.continue_range(w.addr, page).is_err())
+            {
+                let _ = u.wake(w.addr, page);
+            }
+        }
+        drop(consumers);
         self.notify();
     }
 
@@ -1235,7 +1198,7 @@ impl LazyShadow {
         shared: bool,
     ) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.consumers.write().push(Consumer {
+        self.consumers.write().insert(Consumer {
             id,
             start,
             len,
@@ -1247,39 +1210,14 @@ impl LazyShadow {
     }
 
     fn remove_consumer(&self, id: u64) {
-        self.consumers.write().retain(|m| m.id != id);
+        self.consumers.write().remove(id);
     }
 
     /// Removes `lo..hi` of the address space of the userfaultfd `key` from
     /// the consumer ranges; what sticks out on either side stays.
     fn cut_consumers(&self, key: usize, lo: u64, hi: u64) {
-        let mut cs = self.consumers.write();
-        let mut kept = Vec::with_capacity(cs.len());
-        for m in cs.drain(..) {
-            let (s, e) = (m.start, m.start + m.len);
-            if m.key() != key || e <= lo || s >= hi {
-                kept.push(m);
-                continue;
-            }
-            if s < lo {
-                kept.push(Consumer {
-                    len: lo - s,
-                    remote: m.remote.clone(),
-                    ..m
-                });
-            }
-            if hi < e {
-                kept.push(Consumer {
-                    id: self.next_id.fetch_add(1, Ordering::Relaxed),
-                    start: hi,
-                    len: e - hi,
-                    offset: m.offset + (hi - s),
-                    remote: m.remote.clone(),
-                    shared: m.shared,
-                });
-            }
-        }
-        *cs = kept;
+        let next = || self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.consumers.write().cut(key, lo, hi, next);
     }
 
     /// The consumer ranges of userfaultfd `key` within `from..from+len`, as
@@ -1292,23 +1230,10 @@ impl LazyShadow {
         len: u64,
         uffd: Option<Arc<Uffd>>,
     ) -> Vec<Consumer> {
-        let end = from.saturating_add(len);
+        let next = || self.next_id.fetch_add(1, Ordering::Relaxed);
         self.consumers
             .read()
-            .iter()
-            .filter(|m| m.key() == key && m.start < end && m.start + m.len > from)
-            .map(|m| {
-                let (a, b) = (m.start.max(from), (m.start + m.len).min(end));
-                Consumer {
-                    id: self.next_id.fetch_add(1, Ordering::Relaxed),
-                    start: to + (a - from),
-                    len: b - a,
-                    offset: m.offset + (a - m.start),
-                    remote: uffd.clone(),
-                    shared: m.shared,
-                }
-            })
-            .collect()
+            .moved(key, from, to, len, uffd, next)
     }
 
     /// Adds a consumer range registered with another process's userfaultfd,
@@ -1326,11 +1251,7 @@ impl LazyShadow {
 
     /// How many consumer ranges in other processes are attached.
     pub fn remote_consumers(&self) -> usize {
-        self.consumers
-            .read()
-            .iter()
-            .filter(|m| m.remote.is_some())
-            .count()
+        self.consumers.read().remote_len()
     }
 
     /// Fills every chunk overlapping `offset..offset+len`, in this thread
@@ -1533,7 +1454,7 @@ impl FaultTarget for LazyShadow {
         // removed from the list (write lock) before it is unmapped.
         let consumers = self.consumers.read();
         for (id, addr, len) in refused {
-            if consumers.iter().any(|m| m.id == id) {
+            if consumers.contains_id(id) {
                 // Drops the poison markers only: these pages were never mapped.
                 let _ =
                     crate::sys::mmap::madvise(addr as *mut u8, len as usize, libc::MADV_DONTNEED);
@@ -1549,13 +1470,18 @@ impl FaultTarget for LazyShadow {
         let key = space_key(space);
         let moved = self.moved_consumers(key, from, to, len, space.cloned());
         let mut cs = self.consumers.write();
-        cs.retain(|m| m.key() != key || m.start >= to + len || m.start + m.len <= to);
-        cs.extend(moved);
+        cs.drop_overlapping(key, to, to + len);
+        for m in moved {
+            cs.insert(m);
+        }
     }
 
     fn on_fork(&self, _core: &Core, parent: Space<'_>, child: &Arc<Uffd>) {
         let copies = self.moved_consumers(space_key(parent), 0, 0, u64::MAX, Some(child.clone()));
-        self.consumers.write().extend(copies);
+        let mut cs = self.consumers.write();
+        for m in copies {
+            cs.insert(m);
+        }
     }
 
     fn on_adopt(
