@@ -145,3 +145,66 @@ fn a_stuck_read_does_not_block_other_chunks() {
     assert!(src.reread_pages().is_empty());
     assert_eq!(gate.arrivals(), 1, "chunk 0 was read more than once");
 }
+
+/// Every worker held in a stuck read of one shadow (two workers, two
+/// chunks held at the gate) does not stop another shadow of the same
+/// engine: a spare worker serves it, byte-exact, while the held chunks
+/// stay held. Before, the other shadow's faults waited for the gate.
+#[test]
+fn reads_stuck_in_one_shadow_do_not_hold_the_others() {
+    let cfg = {
+        let mut c = lazy_config();
+        c.chunk_size = CHUNK;
+        c.readahead = 0;
+        c.workers = 2;
+        c
+    };
+    let Some(engine) = lazy_engine("stuck shadow", cfg) else {
+        return;
+    };
+    let engine = Arc::new(engine);
+    let dir = tempdir();
+    let size = 1 << 20;
+    let gate = Gate::new();
+    let held = Injected::open(
+        &write_file(dir.path(), "held", ID, size),
+        Plan {
+            gate: Some((0..2 * CHUNK, gate.clone())),
+            ..Plan::default()
+        },
+    );
+    let other = write_file(dir.path(), "other", ID + 1, size);
+    let held = Arc::new(engine.open(held).unwrap());
+    let map = Arc::new(held.map(Share::Shared).unwrap());
+    // Two consumers fault the two gated chunks: both workers read there.
+    let stuck: Vec<_> = (0..2u64)
+        .map(|c| {
+            let m = map.clone();
+            std::thread::spawn(move || {
+                let at = (c * CHUNK) as usize;
+                assert_bytes(&m[at..at + CHUNK as usize], ID, c * CHUNK, "a held chunk");
+            })
+        })
+        .collect();
+    assert!(
+        gate.wait_arrivals(2, Duration::from_secs(20)),
+        "the reads of the two held chunks never started"
+    );
+    let e = engine.clone();
+    with_timeout(30, "another shadow while every worker is held", move || {
+        let o = e.open(other).unwrap();
+        let m = o.map(Share::Private).unwrap();
+        assert_bytes(&m[..], ID + 1, 0, "the other shadow");
+    });
+    assert!(
+        stuck.iter().all(|t| !t.is_finished()),
+        "a held chunk was served before its read finished"
+    );
+    assert!(engine.stats().spare_workers >= 1, "{:?}", engine.stats());
+    gate.open();
+    for t in stuck {
+        with_timeout(60, "the held chunks after the gate opened", move || {
+            t.join().unwrap()
+        });
+    }
+}

@@ -88,6 +88,7 @@ pub(crate) struct Counters {
     pub uffd_errors: AtomicU64,
     pub forks_followed: AtomicU64,
     pub adopted_ranges: AtomicU64,
+    pub spare_workers: AtomicU64,
     pub fill_latency: Latency,
 }
 
@@ -108,6 +109,7 @@ impl Counters {
             uffd_errors: self.uffd_errors.load(Relaxed),
             forks_followed: self.forks_followed.load(Relaxed),
             adopted_ranges: self.adopted_ranges.load(Relaxed),
+            spare_workers: self.spare_workers.load(Relaxed),
             fill_p50_us: us(0.5),
             fill_p99_us: us(0.99),
             resident_bytes,
@@ -159,6 +161,10 @@ pub struct Stats {
     /// Consumer ranges the kernel grew in place (`mremap`), found at their
     /// first fault and served from then on.
     pub adopted_ranges: u64,
+    /// Spare fault-service threads started because every worker was held
+    /// in a fill for 100 ms while faults waited (a slow source): the other
+    /// shadows' faults were served by them meanwhile.
+    pub spare_workers: u64,
     /// Median time of one fill (one chunk for a random fault; a run of up
     /// to 1 MiB for sequential access, readahead and populate), in µs.
     /// Estimated from a histogram: interpolated within a bucket a quarter

@@ -24,6 +24,7 @@ pub(crate) mod buffer;
 pub(crate) mod chunks;
 mod forkwatch;
 mod service;
+mod spare;
 pub(crate) mod spans;
 
 pub(crate) use service::{Core, Service, in_service};

@@ -384,6 +384,25 @@ pub(crate) struct Core {
     tids: Mutex<HashMap<u32, Seen>>,
     /// Held to disarm, so that two workers never both leave at once.
     disarming: Mutex<()>,
+    /// Threads inside fills, and spare workers (`fault::spare`).
+    pub(super) spares: super::spare::Spares,
+}
+
+/// A worker's buffers for reading the userfaultfd.
+pub(super) struct ReadBufs {
+    raw: Vec<uffd_msg>,
+    faults: Vec<Fault>,
+    events: Vec<Event>,
+}
+
+impl ReadBufs {
+    pub(super) fn new() -> ReadBufs {
+        ReadBufs {
+            raw: vec![uffd_msg::default(); BATCH],
+            faults: Vec::with_capacity(BATCH),
+            events: Vec::with_capacity(BATCH),
+        }
+    }
 }
 
 /// Whether `a` and `b` are the same target.
@@ -1152,7 +1171,7 @@ impl Core {
     /// Serves the fault messages worker `me` read (`woken`: after sleeping):
     /// runs the first claimed work itself and queues the rest; then notes
     /// where they came from.
-    fn serve(&self, me: usize, faults: &[Fault], woken: bool) {
+    fn serve(&self, me: Option<usize>, faults: &[Fault], woken: bool) {
         self.reads.fetch_add(faults.len() as u64, Ordering::SeqCst);
         let mut mine = None;
         for f in faults {
@@ -1170,10 +1189,46 @@ impl Core {
             self.run_guarded(&*target, work);
         }
         // Bookkeeping after the answers: the faulting threads run meanwhile.
-        if self.local {
+        if self.local
+            && let Some(me) = me
+        {
             self.attribute(me, faults, woken);
             self.kick_parked(me);
         }
+    }
+
+    /// One round of a spare worker's service (`fault::spare`): a claimed
+    /// fault's job, faults a filler read, or faults read now. False if
+    /// there was none.
+    pub(super) fn serve_once(&self, bufs: &mut ReadBufs) -> bool {
+        if let Some(job) = self.next_job(&self.fault_rx) {
+            self.run_job(job);
+            return true;
+        }
+        let left = std::mem::take(&mut *self.pending.lock());
+        if !left.is_empty() {
+            self.serve(None, &left, false);
+            return true;
+        }
+        self.flush_deferred(self.now());
+        if self.has_children() {
+            self.serve_children();
+        }
+        bufs.faults.clear();
+        bufs.events.clear();
+        match self.read_own(&mut bufs.raw, &mut bufs.faults, &mut bufs.events) {
+            Ok(()) if !bufs.faults.is_empty() => {
+                self.serve(None, &bufs.faults, false);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a fault message, a claimed fault's job or faults a filler
+    /// read wait to be served.
+    pub(super) fn work_waits(&self) -> bool {
+        self.uffd.has_pending() || !self.fault_rx.is_empty() || !self.pending.lock().is_empty()
     }
 
     /// The next job of `rx`; signals the work eventfd if more wait, so
@@ -1200,6 +1255,7 @@ impl Core {
     /// Runs `work`; a panic that escapes the target (whose fills contain
     /// their own) is counted and the worker goes on.
     fn run_guarded(&self, target: &dyn FaultTarget, work: Work) {
+        let _filling = self.spares.enter();
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| target.run(self, work)));
         if r.is_err() {
             self.counters.worker_panics.fetch_add(1, Ordering::Relaxed);
@@ -1385,6 +1441,7 @@ impl Service {
             parked: AtomicUsize::new(0),
             tids: Mutex::new(HashMap::new()),
             disarming: Mutex::new(()),
+            spares: super::spare::Spares::new(cfg.workers),
         });
         let service = Arc::new(Service {
             core: core.clone(),
@@ -1411,6 +1468,14 @@ impl Service {
                 .map_err(|e| Error::sys("spawn the fork watcher", e))?;
             service.threads.lock().push(t);
             started += 1;
+        }
+        {
+            let c = core.clone();
+            let t = std::thread::Builder::new()
+                .name("shadowfd-watchdog".into())
+                .spawn(move || super::spare::watchdog(c))
+                .map_err(|e| Error::sys("spawn the fault service's watchdog", e))?;
+            service.threads.lock().push(t);
         }
         for i in 0..cfg.workers {
             let c = core.clone();
@@ -1441,6 +1506,7 @@ impl Drop for Service {
         // registered any more and nothing can be waiting on a fault.
         self.core.stopping.store(true, Ordering::SeqCst);
         eventfd_signal(self.core.stop.as_fd());
+        self.core.spares.stop();
         let me = std::thread::current().id();
         for t in self.threads.get_mut().drain(..) {
             // The last reference may be dropped by a worker itself; it sees
@@ -1586,6 +1652,11 @@ thread_local! {
     static IN_SERVICE: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Marks the calling thread as a fault-service worker.
+pub(super) fn mark_in_service() {
+    IN_SERVICE.with(|c| c.set(true));
+}
+
 /// Whether the calling thread is a fault-service worker.
 pub(crate) fn in_service() -> bool {
     IN_SERVICE.with(Cell::get)
@@ -1627,7 +1698,7 @@ fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
         // Faults a filler read while it waited for an event.
         let left = std::mem::take(&mut *core.pending.lock());
         if !left.is_empty() {
-            core.serve(me, &left, false);
+            core.serve(Some(me), &left, false);
             continue;
         }
         let deferred = core.flush_deferred(core.now());
@@ -1639,7 +1710,7 @@ fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
             events.clear();
             match core.read_own(&mut raw, &mut faults, &mut events) {
                 Ok(()) if !faults.is_empty() => {
-                    core.serve(me, &faults, woken);
+                    core.serve(Some(me), &faults, woken);
                     woken = false;
                     continue;
                 }
