@@ -1059,7 +1059,8 @@ impl LazyShadow {
         // may be another range.
         for w in unlisted {
             if let Some(u) = &w.uffd
-                && (bad.iter().any(|(p, _)| *p == w.offset) || u.continue_range(w.addr, page).is_err())
+                && (bad.iter().any(|(p, _)| *p == w.offset)
+                    || u.continue_range(w.addr, page).is_err())
             {
                 let _ = u.wake(w.addr, page);
             }
@@ -1231,9 +1232,7 @@ impl LazyShadow {
         uffd: Option<Arc<Uffd>>,
     ) -> Vec<Consumer> {
         let next = || self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.consumers
-            .read()
-            .moved(key, from, to, len, uffd, next)
+        self.consumers.read().moved(key, from, to, len, uffd, next)
     }
 
     /// Adds a consumer range registered with another process's userfaultfd,
