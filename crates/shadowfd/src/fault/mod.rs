@@ -24,8 +24,8 @@ pub(crate) mod buffer;
 pub(crate) mod chunks;
 mod forkwatch;
 mod service;
-mod spare;
 pub(crate) mod spans;
+mod spare;
 
 pub(crate) use service::{Core, Service, in_service};
 
