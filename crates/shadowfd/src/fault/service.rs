@@ -86,6 +86,7 @@ mod budget;
 mod children;
 mod events;
 mod placement;
+mod spare;
 mod worker;
 
 use budget::read_room;
@@ -330,8 +331,8 @@ pub(crate) struct Core {
     tids: Mutex<HashMap<u32, Seen>>,
     /// Held to disarm, so that two workers never both leave at once.
     disarming: Mutex<()>,
-    /// Threads inside fills, and spare workers (`fault::spare`).
-    pub(super) spares: super::spare::Spares,
+    /// Threads inside fills, and spare workers (`service::spare`).
+    spares: spare::Spares,
 }
 
 /// A worker's buffers for reading the userfaultfd.
@@ -605,7 +606,7 @@ impl Core {
         }
     }
 
-    /// One round of a spare worker's service (`fault::spare`): a claimed
+    /// One round of a spare worker's service (`service::spare`): a claimed
     /// fault's job, faults a filler read, or faults read now. False if
     /// there was none.
     pub(super) fn serve_once(&self, bufs: &mut ReadBufs) -> bool {
@@ -749,7 +750,7 @@ impl Service {
             parked: AtomicUsize::new(0),
             tids: Mutex::new(HashMap::new()),
             disarming: Mutex::new(()),
-            spares: super::spare::Spares::new(cfg.workers),
+            spares: spare::Spares::new(cfg.workers),
         });
         let service = Arc::new(Service {
             core: core.clone(),
@@ -781,7 +782,7 @@ impl Service {
             let c = core.clone();
             let t = std::thread::Builder::new()
                 .name("shadowfd-watchdog".into())
-                .spawn(move || super::spare::watchdog(c))
+                .spawn(move || spare::watchdog(c))
                 .map_err(|e| Error::sys("spawn the fault service's watchdog", e))?;
             service.threads.lock().push(t);
         }

@@ -23,7 +23,7 @@
 //! Spares take no part in CPU placement (`service`'s local mode): they are
 //! a way out of a stall, not a fast path.
 
-use super::service::Core;
+use super::{Core, ReadBufs, mark_in_service};
 use parking_lot::{Condvar, Mutex};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -156,9 +156,9 @@ pub(crate) fn watchdog(core: Arc<Core>) {
 /// for [`SPARE_IDLE`]. If every thread left is filling when it ends, the
 /// watchdog is told, as when a worker enters a fill.
 fn spare(core: Arc<Core>) {
-    super::service::mark_in_service();
+    mark_in_service();
     let s = &core.spares;
-    let mut bufs = super::service::ReadBufs::new();
+    let mut bufs = ReadBufs::new();
     let mut last = Instant::now();
     while !core.stopping.load(Ordering::SeqCst) {
         if core.serve_once(&mut bufs) {
