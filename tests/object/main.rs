@@ -621,3 +621,79 @@ fn wrong_credentials_and_missing_bucket_or_key_are_clear_errors() {
         "{err}"
     );
 }
+
+/// The objects under a prefix as a tree (what `serve --root s3://…/`
+/// serves): directories from the store's common prefixes, files from its
+/// objects, sizes as uploaded, each file byte-exact through an
+/// `ObjectSource` that shares the tree's client; a missing path is `None`,
+/// a path with `..` is refused, and a missing bucket fails at open.
+#[test]
+fn a_prefix_lists_stats_and_opens_as_a_tree() {
+    use shadowfd::source::object::ObjectTree;
+    let Some(w) = setup() else { return };
+    let top = common::pattern(5_000, 101);
+    let deep = common::pattern(300_000, 102);
+    let odd = common::pattern(4_097, 103);
+    w.put("tree/top.bin", &top);
+    w.put("tree/sub/deep.bin", &deep);
+    w.put("tree/sub/more/x%20y.bin", &odd);
+    w.put("treeish/not-inside.bin", &top);
+    let t = ObjectTree::open(&url("tree/"), library_config(w.s3_port)).expect("open the tree");
+    let names = |rel: &str| -> Vec<(String, bool, u64)> {
+        t.list(rel)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{rel:?} is not a directory"))
+            .into_iter()
+            .map(|e| (e.name, e.dir, e.size))
+            .collect()
+    };
+    assert_eq!(
+        names(""),
+        vec![("sub".into(), true, 0), ("top.bin".into(), false, 5_000)]
+    );
+    assert_eq!(
+        names("sub"),
+        vec![
+            ("deep.bin".into(), false, 300_000),
+            ("more".into(), true, 0)
+        ]
+    );
+    assert_eq!(names("sub/more/"), vec![("x y.bin".into(), false, 4_097)]);
+    assert!(t.list("nothing").unwrap().is_none());
+    let s = t.stat("sub/deep.bin").unwrap().unwrap();
+    assert!(!s.dir && s.size == 300_000 && s.mtime.0 > 0, "{s:?}");
+    assert!(t.stat("sub/more").unwrap().unwrap().dir);
+    assert!(t.stat("").unwrap().unwrap().dir);
+    assert!(t.stat("sub/missing.bin").unwrap().is_none());
+    assert!(t.stat("not-inside.bin").unwrap().is_none());
+    for (rel, data) in [
+        ("top.bin", &top),
+        ("sub/deep.bin", &deep),
+        ("sub/more/x y.bin", &odd),
+    ] {
+        let src = t.open_file(rel).expect(rel);
+        let mut got = vec![0u8; data.len() + 10];
+        let mut at = 0;
+        while at < got.len() {
+            let n = src.read_at(&mut got[at..], at as u64).unwrap();
+            if n == 0 {
+                break;
+            }
+            at += n;
+        }
+        assert_eq!(at, data.len(), "{rel}: size");
+        assert!(&got[..at] == data.as_slice(), "{rel}: bytes differ");
+    }
+    for bad in [
+        "../treeish/not-inside.bin",
+        "sub/../top.bin",
+        "sub//deep.bin",
+    ] {
+        let e = t.stat(bad).expect_err(bad).to_string();
+        assert!(e.contains("component"), "{bad}: {e}");
+    }
+    let e = ObjectTree::open("s3://no-such-bucket-here/x/", library_config(w.s3_port))
+        .expect_err("a missing bucket")
+        .to_string();
+    assert!(e.contains("no-such-bucket-here"), "{e}");
+}

@@ -193,10 +193,19 @@ impl Shared {
     }
 }
 
+/// Drops a reference to a runtime; the last one shuts it down without
+/// waiting for the fetches in flight (which are abandoned).
+pub(super) fn shut_down(rt: Arc<tokio::runtime::Runtime>) {
+    if let Ok(rt) = Arc::try_unwrap(rt) {
+        rt.shutdown_background();
+    }
+}
+
 /// The block table of one source.
 pub(super) struct Blocks {
     shared: Arc<Shared>,
-    rt: Option<tokio::runtime::Runtime>,
+    /// Its runtime: its own, or shared with the sources of one object tree.
+    rt: Option<Arc<tokio::runtime::Runtime>>,
     /// One past the last block a read asked for, and how many reads in a
     /// row continued the one before: sequential detection.
     next: AtomicU64,
@@ -207,7 +216,7 @@ impl Drop for Blocks {
     fn drop(&mut self) {
         // Fetches in flight are abandoned, never waited for.
         if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
+            shut_down(rt);
         }
     }
 }
@@ -220,7 +229,7 @@ impl Blocks {
         cache: Option<ChunkCache>,
         etag: String,
         size: u64,
-        rt: tokio::runtime::Runtime,
+        rt: Arc<tokio::runtime::Runtime>,
     ) -> Blocks {
         let permits = client.cfg.concurrency;
         Blocks {

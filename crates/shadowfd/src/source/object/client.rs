@@ -137,6 +137,49 @@ impl Client {
         self.url.to_string()
     }
 
+    /// A client of the same store for another key of the bucket, with its
+    /// own counters.
+    pub fn for_key(&self, key: &str) -> Client {
+        let url = ObjectUrl {
+            bucket: self.url.bucket.clone(),
+            key: key.to_string(),
+        };
+        Client {
+            store: self.store.clone(),
+            path: ObjPath::parse(key).unwrap_or_else(|_| ObjPath::from(key)),
+            url,
+            endpoint: self.endpoint.clone(),
+            cfg: self.cfg.clone(),
+            counters: Arc::new(ObjectCounters::default()),
+        }
+    }
+
+    /// One listing of the "directory" `prefix` (no trailing slash; empty:
+    /// the bucket's top) with `/` as the delimiter, retried like a HEAD:
+    /// the objects directly in it and the prefixes below it.
+    pub async fn list_dir(&self, prefix: &str) -> Result<object_store::ListResult, ObjectError> {
+        let p = (!prefix.is_empty())
+            .then(|| ObjPath::parse(prefix).unwrap_or_else(|_| ObjPath::from(prefix)));
+        self.with_retries(None::<fn(&object_store::ListResult) -> u64>, || {
+            self.store.list_with_delimiter(p.as_ref())
+        })
+        .await
+        .map_err(|f| self.explain(f, 0, 0))
+    }
+
+    /// A HEAD of `key` of the bucket; `None` if there is no such object.
+    pub async fn head_of(&self, key: &str) -> Result<Option<ObjectMeta>, ObjectError> {
+        let p = ObjPath::parse(key).unwrap_or_else(|_| ObjPath::from(key));
+        match self
+            .with_retries(None::<fn(&ObjectMeta) -> u64>, || self.store.head(&p))
+            .await
+        {
+            Ok(m) => Ok(Some(m)),
+            Err(Fail::Store(object_store::Error::NotFound { .. })) => Ok(None),
+            Err(f) => Err(self.explain(f, 0, 0)),
+        }
+    }
+
     /// One HEAD (retried on transient failures): size, ETag, last-modified.
     /// A missing object is told apart from a missing bucket with one
     /// listing, so the error names which.

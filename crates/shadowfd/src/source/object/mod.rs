@@ -8,6 +8,8 @@
 //! - `cache.rs`: the disk chunk cache ([`ChunkCache`]).
 //! - `blocks.rs`: blocks in memory, fetched concurrently and ahead.
 //! - `stats.rs`, `error.rs`: what it did, and what went wrong.
+//! - `tree.rs`: the objects under a prefix as a read-only tree
+//!   ([`ObjectTree`], for `serve --root s3://BUCKET/PREFIX/`).
 //!
 //! `object_store` is async; each source runs a small private runtime (two
 //! threads) and the [`Source`] methods block on it with bounded waits.
@@ -17,11 +19,13 @@ mod blocks;
 mod cache;
 mod client;
 mod stats;
+mod tree;
 mod url;
 
 pub use crate::object_error::ObjectError;
 pub use cache::ChunkCache;
 pub use stats::{ObjectCounters, ObjectStats};
+pub use tree::{ObjectEntry, ObjectTree};
 pub use url::{CacheConfig, DEFAULT_CACHE_SIZE, ObjectConfig, ObjectUrl};
 
 use super::{FileKind, Source, SourceMeta, Timestamp};
@@ -32,6 +36,20 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+/// A runtime for fetches: two threads.
+fn runtime(url: &str) -> Result<Arc<tokio::runtime::Runtime>, ObjectError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("shadowfd-object")
+        .enable_all()
+        .build()
+        .map(Arc::new)
+        .map_err(|e| ObjectError::Client {
+            url: url.to_string(),
+            detail: format!("starting its runtime: {e}"),
+        })
+}
 
 /// How long the open's HEAD answers [`Source::metadata`] before it asks
 /// again.
@@ -79,15 +97,18 @@ impl ObjectSource {
         cfg.validate()?;
         let u = ObjectUrl::parse(url)?;
         let client = Client::new(&u, &cfg)?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("shadowfd-object")
-            .enable_all()
-            .build()
-            .map_err(|e| ObjectError::Client {
-                url: url.to_string(),
-                detail: format!("starting its runtime: {e}"),
-            })?;
+        let rt = runtime(url)?;
+        ObjectSource::open_on(client, cfg, rt)
+    }
+
+    /// Opens what `client` names, fetching on `rt` (shared with the other
+    /// sources of an [`ObjectTree`], or its own).
+    fn open_on(
+        client: Client,
+        cfg: ObjectConfig,
+        rt: Arc<tokio::runtime::Runtime>,
+    ) -> Result<ObjectSource, ObjectError> {
+        let u = client.url.clone();
         let head = rt.block_on(client.head())?;
         let cache = match &cfg.cache {
             Some(c) => Some(

@@ -1,0 +1,225 @@
+//! The objects under a prefix of a bucket as a read-only tree: what
+//! `serve --root s3://BUCKET/PREFIX/` serves.
+//!
+//! Directories are the prefixes the store lists with `/` as the delimiter
+//! (ListObjectsV2's common prefixes), files the objects; a file is opened
+//! as an [`ObjectSource`], pinned to the ETag its HEAD saw. Every source of
+//! one tree shares its client and its runtime (two threads in all, not two
+//! a file). Nothing is cached here: each listing and each stat asks the
+//! store (one request, with the sources' deadline and retries), so the
+//! tree shows what the bucket holds now, and an open file keeps the
+//! version it opened.
+//!
+//! Paths are confined to the prefix by construction: a key is the prefix
+//! joined with the path, and a path with an empty, `.` or `..` component is
+//! refused (the store would take it literally, but a program would not).
+
+use super::blocks::shut_down;
+use super::client::Client;
+use super::url::{ObjectConfig, ObjectUrl};
+use super::{ObjectError, ObjectSource, runtime};
+use std::sync::Arc;
+
+/// A file or a directory of an [`ObjectTree`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectEntry {
+    /// Its name in its directory.
+    pub name: String,
+    pub dir: bool,
+    /// Bytes (0 for a directory).
+    pub size: u64,
+    /// Last modified, seconds and nanoseconds since the epoch (0 for a
+    /// directory, which the store does not date).
+    pub mtime: (i64, i64),
+}
+
+/// The objects under `s3://BUCKET/PREFIX/` (see the module documentation).
+pub struct ObjectTree {
+    client: Client,
+    /// The prefix without a trailing slash; empty for the whole bucket.
+    prefix: String,
+    cfg: ObjectConfig,
+    rt: Option<Arc<tokio::runtime::Runtime>>,
+    url: String,
+}
+
+impl std::fmt::Debug for ObjectTree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectTree")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for ObjectTree {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            shut_down(rt);
+        }
+    }
+}
+
+impl ObjectTree {
+    /// The tree under `url` (`s3://BUCKET`, `s3://BUCKET/` or
+    /// `s3://BUCKET/PREFIX/`), checked with one listing: a missing bucket
+    /// or refused credentials are an error here, naming the URL and the fix.
+    pub fn open(url: &str, cfg: ObjectConfig) -> Result<ObjectTree, ObjectError> {
+        cfg.validate()?;
+        let whole = if url.starts_with("s3://") && !url["s3://".len()..].contains('/') {
+            format!("{url}/")
+        } else {
+            url.to_string()
+        };
+        let u = ObjectUrl::parse(&whole)?;
+        let prefix = u.key.trim_end_matches('/').to_string();
+        if prefix.split('/').any(|c| c == "." || c == "..") || prefix.contains("//") {
+            return Err(ObjectError::BadUrl {
+                url: url.to_string(),
+                why: "the prefix has a `.` or `..` component or an empty one".into(),
+            });
+        }
+        let client = Client::new(
+            &ObjectUrl {
+                bucket: u.bucket.clone(),
+                key: prefix.clone(),
+            },
+            &cfg,
+        )?;
+        let rt = runtime(url)?;
+        let tree = ObjectTree {
+            client,
+            prefix,
+            cfg,
+            rt: Some(rt),
+            url: whole,
+        };
+        tree.block_on(tree.client.list_dir(&tree.prefix))?;
+        Ok(tree)
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt
+            .as_ref()
+            .expect("the runtime lives as long as the tree")
+            .block_on(f)
+    }
+
+    /// The URL it serves, as `s3://BUCKET/PREFIX/`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The key of `rel` (a path below the tree, without a leading slash;
+    /// empty for the top), or why it is refused.
+    fn key_of(&self, rel: &str) -> Result<String, ObjectError> {
+        let rel = rel.trim_end_matches('/');
+        if rel.is_empty() {
+            return Ok(self.prefix.clone());
+        }
+        if rel
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return Err(ObjectError::BadUrl {
+                url: format!("{}{rel}", self.url),
+                why: "a path below the tree may not have an empty, `.` or `..` component".into(),
+            });
+        }
+        Ok(if self.prefix.is_empty() {
+            rel.to_string()
+        } else {
+            format!("{}/{rel}", self.prefix)
+        })
+    }
+
+    /// The entries of the directory `rel`, sorted by name; `None` if the
+    /// store has nothing under it (and it is not the top).
+    pub fn list(&self, rel: &str) -> Result<Option<Vec<ObjectEntry>>, ObjectError> {
+        let key = self.key_of(rel)?;
+        let l = self.block_on(self.client.list_dir(&key))?;
+        let mut out: Vec<ObjectEntry> = l
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .map(|name| ObjectEntry {
+                name,
+                dir: true,
+                size: 0,
+                mtime: (0, 0),
+            })
+            .collect();
+        out.extend(l.objects.iter().filter_map(|o| {
+            Some(ObjectEntry {
+                name: o.location.filename()?.to_string(),
+                dir: false,
+                size: o.size,
+                mtime: (
+                    o.last_modified.timestamp(),
+                    o.last_modified.timestamp_subsec_nanos() as i64,
+                ),
+            })
+        }));
+        if out.is_empty() && !key_is_top(&key, &self.prefix) {
+            return Ok(None);
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out.dedup_by(|a, b| a.name == b.name);
+        Ok(Some(out))
+    }
+
+    /// What `rel` is: a file (an object with that key), a directory
+    /// (objects under `rel/`), or `None`.
+    pub fn stat(&self, rel: &str) -> Result<Option<ObjectEntry>, ObjectError> {
+        let key = self.key_of(rel)?;
+        let name = rel.rsplit('/').next().unwrap_or("").to_string();
+        if key_is_top(&key, &self.prefix) {
+            return Ok(Some(ObjectEntry {
+                name,
+                dir: true,
+                size: 0,
+                mtime: (0, 0),
+            }));
+        }
+        if let Some(m) = self.block_on(self.client.head_of(&key))? {
+            return Ok(Some(ObjectEntry {
+                name,
+                dir: false,
+                size: m.size,
+                mtime: (
+                    m.last_modified.timestamp(),
+                    m.last_modified.timestamp_subsec_nanos() as i64,
+                ),
+            }));
+        }
+        let l = self.block_on(self.client.list_dir(&key))?;
+        Ok(
+            (!l.objects.is_empty() || !l.common_prefixes.is_empty()).then_some(ObjectEntry {
+                name,
+                dir: true,
+                size: 0,
+                mtime: (0, 0),
+            }),
+        )
+    }
+
+    /// Opens the file `rel` as a source pinned to its current ETag, sharing
+    /// the tree's client and runtime; the tree's settings (cache included).
+    pub fn open_file(&self, rel: &str) -> Result<ObjectSource, ObjectError> {
+        let key = self.key_of(rel)?;
+        if key_is_top(&key, &self.prefix) {
+            return Err(ObjectError::IsPrefix {
+                url: self.url.clone(),
+                key,
+            });
+        }
+        let rt = self
+            .rt
+            .clone()
+            .expect("the runtime lives as long as the tree");
+        ObjectSource::open_on(self.client.for_key(&key), self.cfg.clone(), rt)
+    }
+}
+
+fn key_is_top(key: &str, prefix: &str) -> bool {
+    key == prefix
+}
