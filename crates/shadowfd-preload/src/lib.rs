@@ -72,6 +72,7 @@ mod dir;
 mod exec;
 mod paths;
 mod prefault;
+mod small;
 mod vfork;
 use dir::Route;
 
@@ -543,13 +544,17 @@ fn do_open(rel: &str, flags: c_int) -> c_int {
         if flags & libc::O_DIRECTORY != 0 {
             return dir::open_dir(rel, flags);
         }
-        let file = match client()?.open(rel) {
-            Ok(f) => f,
-            // A directory opens as one (any other kind keeps the error).
-            Err(e) if errno_of(&e) == libc::EISDIR => {
-                return dir::open_dir(rel, flags).map_err(|_| libc::EISDIR);
-            }
-            Err(e) => return Err(errno_of(&e)),
+        let file = match small::open(rel) {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => return Err(e),
+            None => match client()?.open(rel) {
+                Ok(f) => f,
+                // A directory opens as one (any other kind keeps the error).
+                Err(e) if errno_of(&e) == libc::EISDIR => {
+                    return dir::open_dir(rel, flags).map_err(|_| libc::EISDIR);
+                }
+                Err(e) => return Err(errno_of(&e)),
+            },
         };
         let fd = placeholder(flags)?;
         if vfork::in_child() {
@@ -666,7 +671,8 @@ thread_local! {
 /// request per window instead of one each. Other reads, and reads of 1 MiB
 /// or more, fetch exactly what was asked.
 fn read_ahead(file: &RemoteFile, buf: &mut [u8], off: u64) -> shadowfd::Result<usize> {
-    if buf.len() >= AHEAD_MAX {
+    // A file read whole (handle 0) reads from memory.
+    if buf.len() >= AHEAD_MAX || file.inline_bytes().is_some() {
         return file.read_at(buf, off);
     }
     let r = AHEAD.try_with(|a| {

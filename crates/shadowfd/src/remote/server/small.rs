@@ -1,0 +1,143 @@
+//! SMALL (protocol version 6): what several paths are and, for each small
+//! regular file, its bytes, read from the source straight into the reply.
+//! No handle and no shadow is made, and nothing of it stays in the server
+//! once the reply is sent: a consumer that reads many small files whole
+//! (`tar`, `cp -r`, `diff -r`) pays one request for up to
+//! [`wire::SMALL_MAX_PATHS`] of them instead of STAT, OPEN, FILL and CLOSE
+//! each (docs/protocol.md, SMALL).
+
+use super::*;
+
+impl Inner {
+    /// Answers SMALL: `a` = the largest size to send inline (at most
+    /// [`wire::SMALL_MAX_FILE`]), `b` = the number of paths in the payload.
+    pub(super) fn small(&self, conn: &Conn, f: &Frame) -> (Frame, Option<OwnedFd>) {
+        if conn.version < 6 {
+            return refuse(
+                f.kind,
+                wire::E_VERSION,
+                format!(
+                    "SMALL needs protocol version 6 and this session chose version {}; \
+                     send HELLO with a = 6, or use STAT, OPEN and FILL",
+                    conn.version
+                ),
+            );
+        }
+        if f.b == 0 || f.b > wire::SMALL_MAX_PATHS as u64 {
+            return refuse(
+                f.kind,
+                wire::E_RANGE,
+                format!(
+                    "SMALL of {} paths; send 1 to {} per request",
+                    f.b,
+                    wire::SMALL_MAX_PATHS
+                ),
+            );
+        }
+        let paths = match wire::parse_paths(&f.payload, f.b) {
+            Ok(p) => p,
+            Err(e) => {
+                return refuse(
+                    f.kind,
+                    wire::E_PROTOCOL,
+                    format!(
+                        "SMALL's payload is malformed: {e}; each path is a u16 length and its bytes"
+                    ),
+                );
+            }
+        };
+        let cap = f.a.min(wire::SMALL_MAX_FILE);
+        let mut out = Vec::new();
+        let mut count = 0u64;
+        for path in paths {
+            let r = self.small_record(path, cap);
+            let len = wire::SMALL_RECORD_HEAD + r.data.len();
+            if count > 0 && out.len() + len > wire::SMALL_REPLY_BYTES {
+                // The rest waits for another request.
+                break;
+            }
+            wire::put_small(&mut out, &r);
+            count += 1;
+        }
+        (
+            Frame::new(wire::SMALL | wire::REPLY, count, 0, 0, 0).with_payload(out),
+            None,
+        )
+    }
+
+    /// One path's record: its STAT, and its bytes if it is a regular file
+    /// of at most `cap` bytes that reads whole and unchanged.
+    fn small_record(&self, path: &[u8], cap: u64) -> wire::SmallRecord {
+        let s = match self.path_stat(path) {
+            Ok(s) => s,
+            Err((code, msg)) => {
+                return wire::SmallRecord {
+                    code,
+                    kind: 0,
+                    inline: false,
+                    size: 0,
+                    device: 0,
+                    inode: 0,
+                    mtime: (0, 0),
+                    nlink: 0,
+                    data: msg.into_bytes(),
+                };
+            }
+        };
+        let mut r = wire::SmallRecord {
+            code: 0,
+            kind: s.kind,
+            inline: false,
+            size: s.size,
+            device: s.device,
+            inode: s.inode,
+            mtime: (s.mtime.sec, s.mtime.nsec as u64),
+            nlink: s.nlink,
+            data: Vec::new(),
+        };
+        if s.kind == wire::KIND_FILE && s.size <= cap {
+            if let Some(bytes) = self.read_whole(path, &s) {
+                r.data = bytes;
+                r.inline = true;
+            }
+        }
+        r
+    }
+
+    /// The bytes of the file at `path`, if its source is the one `s`
+    /// describes (inode, size, mtime) before and after reading it whole.
+    /// `None` otherwise (changed, unreadable, or a one-file server): the
+    /// client then opens it the ordinary way, which reports any error.
+    fn read_whole(&self, path: &[u8], s: &tree::PathStat) -> Option<Vec<u8>> {
+        let rel = tree::relative(path).ok()?;
+        let source: Arc<dyn Source> = match &self.tree {
+            TreeImpl::Root(dir) => Arc::new(RootFile::open(dir, rel).ok()?.0),
+            TreeImpl::Image(img) => tree::open_in_image(img, rel).ok()?.0,
+            TreeImpl::Single(_) => return None,
+        };
+        let source = match &self.opts.source_hook {
+            Some(h) => h(source),
+            None => source,
+        };
+        let same = |m: &SourceMeta| {
+            m.inode == s.inode && m.size == s.size && m.mtime == s.mtime && m.device == s.device
+        };
+        if !same(&source.metadata().ok()?) {
+            return None;
+        }
+        let mut buf = vec![0u8; s.size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match source.read_at(&mut buf[done..], done as u64) {
+                Ok(0) => return None,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return None,
+            }
+        }
+        if !same(&source.fill_metadata().ok()?) {
+            return None;
+        }
+        Some(buf)
+    }
+}
