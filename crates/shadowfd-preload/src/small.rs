@@ -57,8 +57,10 @@ fn mine(g: &mut Option<Cache>) -> &mut Cache {
     })
 }
 
+/// Whether answers may be kept: the tree cannot change, and this is not
+/// a `vfork` child (which shares the parent's memory, and only execs).
 fn keep() -> bool {
-    env().is_some_and(|e| e.immutable)
+    env().is_some_and(|e| e.immutable) && !crate::vfork::in_child()
 }
 
 /// Remembers the regular files of the directory `dir` as listed (only when
@@ -164,6 +166,9 @@ fn cached(rel: &str) -> Option<RemoteFile> {
 /// answer means, `None` to open it the ordinary way (a large file, a
 /// directory, a server without SMALL).
 pub(crate) fn open(rel: &str) -> Option<Result<RemoteFile, c_int>> {
+    if crate::vfork::in_child() {
+        return None;
+    }
     if keep() {
         if let Some(f) = cached(rel) {
             return Some(Ok(f));

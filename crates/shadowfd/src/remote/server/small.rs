@@ -110,9 +110,16 @@ impl Inner {
     /// client then opens it the ordinary way, which reports any error.
     fn read_whole(&self, path: &[u8], s: &tree::PathStat) -> Option<Vec<u8>> {
         let rel = tree::relative(path).ok()?;
-        let source: Arc<dyn Source> = match &self.tree {
-            TreeImpl::Root(dir) => Arc::new(RootFile::open(dir, rel).ok()?.0),
-            TreeImpl::Image(img) => tree::open_in_image(img, rel).ok()?.0,
+        // Each opener reads the source's metadata as it opens it.
+        let (source, meta): (Arc<dyn Source>, SourceMeta) = match &self.tree {
+            TreeImpl::Root(dir) => {
+                let (f, m) = RootFile::open(dir, rel).ok()?;
+                (Arc::new(f), m)
+            }
+            TreeImpl::Image(img) => {
+                let (src, m, _) = tree::open_in_image(img, rel).ok()?;
+                (src, m)
+            }
             TreeImpl::Single(_) => return None,
         };
         let source = match &self.opts.source_hook {
@@ -122,7 +129,7 @@ impl Inner {
         let same = |m: &SourceMeta| {
             m.inode == s.inode && m.size == s.size && m.mtime == s.mtime && m.device == s.device
         };
-        if !same(&source.metadata().ok()?) {
+        if !same(&meta) {
             return None;
         }
         let mut buf = vec![0u8; s.size as usize];
