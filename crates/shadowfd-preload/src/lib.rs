@@ -817,6 +817,18 @@ fn seek_entry(e: &Entry, off: i64, whence: c_int) -> i64 {
     }
 }
 
+/// The link count of an open file: as SMALL said, else as the kept STAT
+/// answer of its path says (the tree cannot change), else 1 (OPEN's reply
+/// has none).
+fn nlink_of(f: &RemoteFile) -> u64 {
+    f.nlink()
+        .or_else(|| match dir::kept_stat(f.path()) {
+            Some(Ok(i)) if (i.device, i.inode) == (f.identity().0, f.identity().1) => Some(i.nlink),
+            _ => None,
+        })
+        .unwrap_or(1)
+}
+
 fn fill_stat(f: &RemoteFile, st: *mut libc::stat64) -> c_int {
     if st.is_null() {
         set_errno(libc::EFAULT);
@@ -826,7 +838,7 @@ fn fill_stat(f: &RemoteFile, st: *mut libc::stat64) -> c_int {
     dir::write_stat(
         st,
         (dev, ino),
-        1,
+        nlink_of(f),
         libc::S_IFREG | 0o444,
         f.size(),
         (ms, mns),
@@ -843,7 +855,7 @@ fn fill_statx(f: &RemoteFile, st: *mut libc::statx) -> c_int {
     let mut s: libc::statx = unsafe { std::mem::zeroed() };
     s.stx_mask = libc::STATX_BASIC_STATS;
     s.stx_blksize = 1 << 20;
-    s.stx_nlink = 1;
+    s.stx_nlink = nlink_of(f) as u32;
     // SAFETY: getuid and getgid have no preconditions.
     s.stx_uid = unsafe { libc::getuid() };
     // SAFETY: as above.

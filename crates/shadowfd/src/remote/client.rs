@@ -367,6 +367,7 @@ impl Client {
                 shadow_id: word(2),
                 lazy: word(3) & 1 == 1,
                 inline: None,
+                nlink: None,
                 opened: std::sync::OnceLock::new(),
             }),
         })
@@ -453,6 +454,7 @@ impl Client {
                     shadow_id: 0,
                     lazy: false,
                     inline: Some(rec.data),
+                    nlink: Some(rec.nlink),
                     opened: std::sync::OnceLock::new(),
                 }),
             });
@@ -763,6 +765,8 @@ struct FileInner {
     lazy: bool,
     /// A file read whole by SMALL (handle 0, no shadow): its bytes.
     inline: Option<Vec<u8>>,
+    /// The link count, when SMALL said it (OPEN's reply has none).
+    nlink: Option<u64>,
     /// For an inline file: the same path opened the ordinary way, at the
     /// first need of a handle (mapping it, STATS).
     opened: std::sync::OnceLock<RemoteFile>,
@@ -799,6 +803,12 @@ impl RemoteFile {
     /// [`Client::small`], which has none until it is mapped).
     pub fn handle(&self) -> u64 {
         self.inner.handle
+    }
+
+    /// The link count, if the server said it ([`Client::small`] does;
+    /// OPEN does not).
+    pub fn nlink(&self) -> Option<u64> {
+        self.inner.nlink
     }
 
     /// The file's bytes, if [`Client::small`] read it whole.
