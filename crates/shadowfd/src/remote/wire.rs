@@ -117,6 +117,13 @@ pub struct SmallRecord {
 
 /// Appends `r` to a SMALL reply payload.
 pub fn put_small(out: &mut Vec<u8>, r: &SmallRecord) {
+    put_small_head(out, r, r.data.len() as u64);
+    out.extend_from_slice(&r.data);
+}
+
+/// Appends the head of `r` to a SMALL reply payload, saying that `n`
+/// bytes follow (the caller appends them; `r.data` is not used).
+pub fn put_small_head(out: &mut Vec<u8>, r: &SmallRecord, n: u64) {
     out.extend_from_slice(&(r.code as u32).to_le_bytes());
     out.extend_from_slice(&(r.kind as u16).to_le_bytes());
     out.extend_from_slice(&u16::from(r.inline).to_le_bytes());
@@ -127,11 +134,10 @@ pub fn put_small(out: &mut Vec<u8>, r: &SmallRecord) {
         r.mtime.0 as u64,
         r.mtime.1,
         r.nlink,
-        r.data.len() as u64,
+        n,
     ] {
         out.extend_from_slice(&w.to_le_bytes());
     }
-    out.extend_from_slice(&r.data);
 }
 
 /// Decodes a SMALL reply payload of `count` records.

@@ -47,16 +47,18 @@ impl Inner {
             }
         };
         let cap = f.a.min(wire::SMALL_MAX_FILE);
-        let mut out = Vec::new();
+        // Room for the records of every path, with the bytes of as many
+        // files as fit (one allocation per request, not one per file).
+        let most = (paths.len() * wire::SMALL_RECORD_HEAD)
+            .saturating_add(paths.len().saturating_mul(cap as usize))
+            .min(wire::SMALL_REPLY_BYTES);
+        let mut out = Vec::with_capacity(most);
         let mut count = 0u64;
         for path in paths {
-            let r = self.small_record(path, cap);
-            let len = wire::SMALL_RECORD_HEAD + r.data.len();
-            if count > 0 && out.len() + len > wire::SMALL_REPLY_BYTES {
+            if !self.small_record(&mut out, path, cap, count == 0) {
                 // The rest waits for another request.
                 break;
             }
-            wire::put_small(&mut out, &r);
             count += 1;
         }
         (
@@ -65,13 +67,19 @@ impl Inner {
         )
     }
 
-    /// One path's record: its STAT, and its bytes if it is a regular file
-    /// of at most `cap` bytes that reads whole and unchanged.
-    fn small_record(&self, path: &[u8], cap: u64) -> wire::SmallRecord {
+    /// Appends one path's record to `out`: its STAT, and its bytes if it is
+    /// a regular file of at most `cap` bytes that reads whole and
+    /// unchanged. False, with nothing appended, if the record would take
+    /// the payload past [`wire::SMALL_REPLY_BYTES`] (unless it is the
+    /// `first`: every reply answers at least one path).
+    fn small_record(&self, out: &mut Vec<u8>, path: &[u8], cap: u64, first: bool) -> bool {
+        let fits = |out: &Vec<u8>, n: usize| {
+            first || out.len() + wire::SMALL_RECORD_HEAD + n <= wire::SMALL_REPLY_BYTES
+        };
         let s = match self.path_stat(path) {
             Ok(s) => s,
             Err((code, msg)) => {
-                return wire::SmallRecord {
+                let r = wire::SmallRecord {
                     code,
                     kind: 0,
                     inline: false,
@@ -82,6 +90,11 @@ impl Inner {
                     nlink: 0,
                     data: msg.into_bytes(),
                 };
+                if !fits(out, r.data.len()) {
+                    return false;
+                }
+                wire::put_small(out, &r);
+                return true;
             }
         };
         let mut r = wire::SmallRecord {
@@ -95,20 +108,36 @@ impl Inner {
             nlink: s.nlink,
             data: Vec::new(),
         };
-        if s.kind == wire::KIND_FILE && s.size <= cap {
-            if let Some(bytes) = self.read_whole(path, &s) {
-                r.data = bytes;
-                r.inline = true;
-            }
+        let small = s.kind == wire::KIND_FILE && s.size <= cap;
+        if !fits(out, if small { s.size as usize } else { 0 }) {
+            return false;
         }
-        r
+        if small {
+            // Read straight into the payload, after the head.
+            let start = out.len();
+            r.inline = true;
+            wire::put_small_head(out, &r, s.size);
+            let at = out.len();
+            out.resize(at + s.size as usize, 0);
+            if self.read_whole(path, &s, &mut out[at..]) {
+                return true;
+            }
+            out.truncate(start);
+            r.inline = false;
+        }
+        wire::put_small(out, &r);
+        true
     }
 
-    /// The bytes of the file at `path`, if its source is the one `s`
-    /// describes (inode, size, mtime) before and after reading it whole.
-    /// `None` otherwise (changed, unreadable, or a one-file server): the
-    /// client then opens it the ordinary way, which reports any error.
-    fn read_whole(&self, path: &[u8], s: &tree::PathStat) -> Option<Vec<u8>> {
+    /// Reads the file at `path` whole into `buf` (its size), if its source
+    /// is the one `s` describes (inode, size, mtime) before and after. False
+    /// otherwise (changed, unreadable, or a one-file server): the client
+    /// then opens it the ordinary way, which reports any error.
+    fn read_whole(&self, path: &[u8], s: &tree::PathStat, buf: &mut [u8]) -> bool {
+        self.try_read_whole(path, s, buf).is_some()
+    }
+
+    fn try_read_whole(&self, path: &[u8], s: &tree::PathStat, buf: &mut [u8]) -> Option<()> {
         let rel = tree::relative(path).ok()?;
         // Each opener reads the source's metadata as it opens it.
         let (source, meta): (Arc<dyn Source>, SourceMeta) = match &self.tree {
@@ -129,10 +158,9 @@ impl Inner {
         let same = |m: &SourceMeta| {
             m.inode == s.inode && m.size == s.size && m.mtime == s.mtime && m.device == s.device
         };
-        if !same(&meta) {
+        if !same(&meta) || buf.len() as u64 != s.size {
             return None;
         }
-        let mut buf = vec![0u8; s.size as usize];
         let mut done = 0;
         while done < buf.len() {
             match source.read_at(&mut buf[done..], done as u64) {
@@ -142,9 +170,6 @@ impl Inner {
                 Err(_) => return None,
             }
         }
-        if !same(&source.fill_metadata().ok()?) {
-            return None;
-        }
-        Some(buf)
+        same(&source.fill_metadata().ok()?).then_some(())
     }
 }
