@@ -2691,7 +2691,8 @@ fn libc_efault() -> i32 {
 /// `stdin`, the access checks by effective ids, `realpath` (plain and
 /// fortified) and `canonicalize_file_name`, `get_current_dir_name`,
 /// `statvfs`/`statfs`, `truncate`, `name_to_handle_at`, and descriptors
-/// handed over by `execl`, `execlp`, `system`, `popen` and `posix_spawnp`.
+/// handed over by `execl`, `execlp`, `execle` (with its own environment),
+/// `system`, `popen` and `posix_spawnp`.
 #[test]
 fn c_program_uses_glibc_path_functions() {
     let (_d, exe) = compile_with(
@@ -2723,6 +2724,8 @@ int main(int argc, char **argv) {
         char c[8] = {0};
         fgets(c, 5, stdin);
         printf("%s child fd3 %zd [%s] stdin [%s]\n", argv[2], n, b, c);
+        const char *e = getenv("SHADOWFD_TEST_ENV");
+        if (e) printf("%s child env [%s]\n", argv[2], e);
         return 0;
     }
     snprintf(p, sizeof p, "%s/lines.txt", m);
@@ -2792,6 +2795,17 @@ int main(int argc, char **argv) {
     if (fork() == 0) { execlp(argv[0], argv[0], m, "execlp", (char *)0); _exit(99); }
     wait(0);
     lseek(0, 0, SEEK_SET);
+    /* execle: an environment of its own (this one's, and one more). */
+    size_t ne = 0;
+    while (environ[ne]) ne++;
+    char **envs = calloc(ne + 2, sizeof *envs);
+    for (size_t i = 0; i < ne; i++) envs[i] = environ[i];
+    envs[ne] = "SHADOWFD_TEST_ENV=from-execle";
+    fflush(stdout);
+    if (fork() == 0) { execle(argv[0], argv[0], m, "execle", (char *)0, envs); _exit(99); }
+    wait(0);
+    free(envs);
+    lseek(0, 0, SEEK_SET);
     char cmd[5000];
     snprintf(cmd, sizeof cmd, "%s %s system", argv[0], m);
     fflush(stdout);
@@ -2838,10 +2852,19 @@ int main(int argc, char **argv) {
         assert!(out.contains(w.as_str()), "missing {w:?} in\n{out}");
     }
     let five = String::from_utf8_lossy(&lines[20..25]).into_owned();
-    for how in ["execl", "execlp", "system", "popen", "posix_spawnp"] {
+    for how in [
+        "execl",
+        "execlp",
+        "execle",
+        "system",
+        "popen",
+        "posix_spawnp",
+    ] {
         let w = format!("{how} child fd3 5 [{five}] stdin [othe]");
         assert!(out.contains(&w), "missing {w:?} in\n{out}");
     }
+    assert!(out.contains("execle child env [from-execle]"), "{out}");
+    assert!(!out.contains("execl child env"), "{out}");
 }
 
 /// docs/run.md's lists of intercepted and not-intercepted functions match
