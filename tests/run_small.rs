@@ -478,3 +478,63 @@ print('\n'.join(out))
         );
     }
 }
+
+/// Walkers that stat every file and open none (`find -printf` with sizes
+/// and link counts, `ls -l`, `du`): the same names, sizes and link counts
+/// as on the host (their read-ahead asks for STAT answers only after the
+/// first batch of bytes goes unused).
+#[test]
+fn stat_only_walks_of_many_small_files_match_the_host() {
+    let t = small_tree();
+    let find = |root: &str| {
+        format!(
+            "find {root}/many -type f -printf '%P %s %n\\n' | sort; \
+             find {root}/many -type d -printf '%P\\n' | sort"
+        )
+    };
+    let host = ok(Command::new("sh")
+        .args(["-c", &find(t.src.to_str().unwrap())])
+        .output_within(LIMIT));
+    assert!(String::from_utf8_lossy(&host).contains("linked 2920 2"));
+    let names = |o: &[u8]| {
+        let mut v: Vec<String> = String::from_utf8_lossy(o)
+            .lines()
+            .filter(|l| !l.starts_with("total "))
+            .filter_map(|l| l.split_whitespace().last().map(str::to_string))
+            .filter(|n| n != "lost+found")
+            .collect();
+        v.sort();
+        v
+    };
+    let host_ls = ok(Command::new("ls")
+        .args(["-1a"])
+        .arg(t.src.join("many"))
+        .output_within(LIMIT));
+    for serve in serves() {
+        let got = ok(run_with(&sv(&serve), &["sh", "-c", &find(MOUNT)]));
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&host),
+            "{serve:?}"
+        );
+        let got = ok(run_with(
+            &sv(&serve),
+            &["ls", "-la", &format!("{MOUNT}/many")],
+        ));
+        assert_eq!(names(&got), names(&host_ls), "{serve:?}");
+        // And reading after a stat-only walk still reads the host's bytes.
+        let got = ok(run_with(
+            &sv(&serve),
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "ls -l {MOUNT}/many >/dev/null && cat {MOUNT}/many/f0200.txt {MOUNT}/many/f0299.txt"
+                ),
+            ],
+        ));
+        let mut want = std::fs::read(t.src.join("many/f0200.txt")).unwrap();
+        want.extend(std::fs::read(t.src.join("many/f0299.txt")).unwrap());
+        assert!(got == want, "{serve:?}: cat after ls -l differs");
+    }
+}

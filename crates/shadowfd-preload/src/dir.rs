@@ -392,7 +392,7 @@ pub(crate) fn fill_stat(info: &PathInfo, st: *mut libc::stat64) -> c_int {
     let nlink = if info.kind == PathKind::Dir {
         info.nlink.max(2)
     } else {
-        1
+        info.nlink.max(1)
     };
     write_stat(
         st,
@@ -452,7 +452,7 @@ pub(crate) fn fill_statx(info: &PathInfo, st: *mut libc::statx) -> c_int {
     s.stx_nlink = if info.kind == PathKind::Dir {
         info.nlink.max(2) as u32
     } else {
-        1
+        info.nlink.max(1) as u32
     };
     (s.stx_uid, s.stx_gid) = ids();
     s.stx_mode = mode as u16;

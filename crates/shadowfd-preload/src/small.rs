@@ -10,7 +10,9 @@
 //! it, up to [`wire::SMALL_MAX_PATHS`]: a program that walks a directory
 //! (`tar`, `cp -r`, `diff -r`) then makes one request per 64 files. Their
 //! STAT answers go to the kept STAT answers, their bytes here, at most
-//! [`MAX_BYTES`] bytes and [`MAX_FILES`] files (the oldest go first).
+//! [`MAX_BYTES`] bytes and [`MAX_FILES`] files (the oldest go first). When
+//! none of the files a read-ahead brought the bytes of was opened before
+//! the next one (`ls -l`), that one asks for STAT answers only.
 
 use crate::forklock::ForkMutex as Mutex;
 use crate::{client, env, errno_of};
@@ -36,6 +38,11 @@ pub(crate) struct Cache {
     files: HashMap<String, RemoteFile>,
     order: VecDeque<String>,
     bytes: usize,
+    /// Files whose bytes the last read-ahead brought, and how many of them
+    /// were opened since: when none was, the next read-ahead asks for
+    /// STAT answers only (`ls -l` stats every file and opens none).
+    last: std::collections::HashSet<String>,
+    opened: usize,
 }
 
 pub(crate) static SMALL: Mutex<Option<Cache>> = Mutex::new(None);
@@ -96,18 +103,20 @@ pub(crate) fn prefetch(rel: &str) -> bool {
     if !keep() {
         return false;
     }
-    let paths: Vec<String> = {
+    let (paths, cap) = {
         let mut g = SMALL.lock();
         let c = mine(&mut g);
         let Some(&i) = c.index.get(rel) else {
             return false;
         };
-        c.names[i..]
+        let paths: Vec<String> = c.names[i..]
             .iter()
             .filter(|n| *n == rel || !c.files.contains_key(*n))
             .take(wire::SMALL_MAX_PATHS)
             .cloned()
-            .collect()
+            .collect();
+        let unused = !c.last.is_empty() && c.opened == 0;
+        (paths, if unused { 0 } else { wire::SMALL_MAX_FILE })
     };
     let Ok(cl) = client() else {
         return false;
@@ -116,7 +125,7 @@ pub(crate) fn prefetch(rel: &str) -> bool {
         return false;
     }
     let refs: Vec<&str> = paths.iter().map(|s| s.as_str()).collect();
-    let Ok(answers) = cl.small(&refs, wire::SMALL_MAX_FILE) else {
+    let Ok(answers) = cl.small(&refs, cap) else {
         return false;
     };
     let mut files = Vec::new();
@@ -129,6 +138,10 @@ pub(crate) fn prefetch(rel: &str) -> bool {
     }
     let mut g = SMALL.lock();
     let c = mine(&mut g);
+    if cap > 0 {
+        c.last = files.iter().map(|(p, _)| p.clone()).collect();
+        c.opened = 0;
+    }
     for (p, f) in files {
         add(c, p, f);
     }
@@ -156,9 +169,15 @@ fn add(c: &mut Cache, p: String, f: RemoteFile) {
     }
 }
 
+/// The kept bytes of `rel`, for an open (counted for the next read-ahead).
 fn cached(rel: &str) -> Option<RemoteFile> {
     let mut g = SMALL.lock();
-    mine(&mut g).files.get(rel).cloned()
+    let c = mine(&mut g);
+    let f = c.files.get(rel).cloned()?;
+    if c.last.contains(rel) {
+        c.opened += 1;
+    }
+    Some(f)
 }
 
 /// Opens `rel` by reading it whole, if it is a small regular file:
