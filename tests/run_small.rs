@@ -536,5 +536,31 @@ fn stat_only_walks_of_many_small_files_match_the_host() {
         let mut want = std::fs::read(t.src.join("many/f0200.txt")).unwrap();
         want.extend(std::fs::read(t.src.join("many/f0299.txt")).unwrap());
         assert!(got == want, "{serve:?}: cat after ls -l differs");
+        // A program that stats every file, then reads every file.
+        const PY: &str = r#"
+import hashlib, os, sys
+d = sys.argv[1]
+names = sorted(os.listdir(d))
+sizes = [os.stat(os.path.join(d, n)).st_size for n in names]
+for n, z in zip(names, sizes):
+    p = os.path.join(d, n)
+    if os.path.isfile(p):
+        with open(p, 'rb') as f:
+            b = f.read()
+        print(n, z, len(b), hashlib.sha256(b).hexdigest())
+"#;
+        let host = ok(Command::new("python3")
+            .args(["-c", PY])
+            .arg(t.src.join("many"))
+            .output_within(LIMIT));
+        let got = ok(run_with(
+            &sv(&serve),
+            &["python3", "-c", PY, &format!("{MOUNT}/many")],
+        ));
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&host),
+            "{serve:?}"
+        );
     }
 }

@@ -312,7 +312,7 @@ pub(crate) fn stat_info(rel: &str) -> Result<PathInfo, c_int> {
         if let Some(r) = kept_stat(rel) {
             return r;
         }
-        if crate::small::prefetch(rel)
+        if crate::small::prefetch(rel, false)
             && let Some(r) = kept_stat(rel)
         {
             return r;

@@ -98,8 +98,9 @@ pub(crate) fn listed(dir: &str, files: impl Iterator<Item = Vec<u8>>) {
 }
 
 /// Asks SMALL for `rel` and the listed files after it, and keeps the
-/// answers. False if `rel` was not listed or the request failed.
-pub(crate) fn prefetch(rel: &str) -> bool {
+/// answers. An open (`bytes`) always asks for bytes. False if `rel` was
+/// not listed or the request failed.
+pub(crate) fn prefetch(rel: &str, bytes: bool) -> bool {
     if !keep() {
         return false;
     }
@@ -115,7 +116,7 @@ pub(crate) fn prefetch(rel: &str) -> bool {
             .take(wire::SMALL_MAX_PATHS)
             .cloned()
             .collect();
-        let unused = !c.last.is_empty() && c.opened == 0;
+        let unused = !bytes && !c.last.is_empty() && c.opened == 0;
         (paths, if unused { 0 } else { wire::SMALL_MAX_FILE })
     };
     let Ok(cl) = client() else {
@@ -201,7 +202,7 @@ pub(crate) fn open(rel: &str) -> Option<Result<RemoteFile, c_int>> {
                 Ok(_) => {}
             }
         }
-        if prefetch(rel) {
+        if prefetch(rel, true) {
             if let Some(f) = cached(rel) {
                 return Some(Ok(f));
             }
