@@ -12,7 +12,8 @@
 //! STAT answers go to the kept STAT answers, their bytes here, at most
 //! [`MAX_BYTES`] bytes and [`MAX_FILES`] files (the oldest go first). When
 //! none of the files a read-ahead brought the bytes of was opened before
-//! the next one (`ls -l`), that one asks for STAT answers only.
+//! the next one (`ls -l`), that one asks for STAT answers only; one made
+//! for an open always asks for bytes.
 
 use crate::forklock::ForkMutex as Mutex;
 use crate::{client, env, errno_of};
