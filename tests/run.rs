@@ -3018,3 +3018,66 @@ int main(int argc, char **argv) {
     assert!(out.contains("nftw /mk 5 1 mk -1"), "{out}");
     assert!(out.contains("stop 7"), "{out}");
 }
+
+/// glibc's `fts_*` (which opens and reads directories with internal calls)
+/// over a served tree, against the same program on the host tree: the
+/// order (sorted by name), levels, kinds (pre- and post-order
+/// directories, files), file sizes, `fts_children` of the root, `fts_set`
+/// with `FTS_SKIP`; with `FTS_PHYSICAL | FTS_NOCHDIR` and with
+/// `FTS_LOGICAL`; `fts64_*` through `_FILE_OFFSET_BITS=64`.
+#[test]
+fn c_program_walks_with_fts_like_the_host() {
+    const SRC: &str = r#"
+#include <sys/stat.h>
+#include <fts.h>
+#include <stdio.h>
+#include <string.h>
+#include <errno.h>
+static int byname(const FTSENT **a, const FTSENT **b) {
+    return strcmp((*a)->fts_name, (*b)->fts_name);
+}
+int main(int argc, char **argv) {
+    size_t rl = strlen(argv[1]);
+    int opts[2] = {FTS_PHYSICAL | FTS_NOCHDIR, FTS_LOGICAL};
+    for (int k = 0; k < 2; k++) {
+        char *roots[] = {argv[1], 0};
+        FTS *f = fts_open(roots, opts[k], byname);
+        if (!f) { printf("fts_open: %s\n", strerror(errno)); return 1; }
+        FTSENT *e;
+        int first = 1;
+        while ((e = fts_read(f))) {
+            if (!strcmp(e->fts_name, "lost+found") || !strcmp(e->fts_name, "deeper")) {
+                fts_set(f, e, FTS_SKIP);
+                if (!strcmp(e->fts_name, "lost+found")) continue;
+            }
+            /* A root's name is its last component: the mount's or the host's. */
+            printf("%d %d [%s] %s", e->fts_level, e->fts_info, e->fts_path + rl,
+                   e->fts_level ? e->fts_name : "(root)");
+            if (e->fts_info == FTS_F) printf(" %lld", (long long)e->fts_statp->st_size);
+            printf("\n");
+            if (first) {
+                int n = 0;
+                for (FTSENT *c = fts_children(f, 0); c; c = c->fts_link)
+                    if (strcmp(c->fts_name, "lost+found")) n++;
+                printf("children %d\n", n);
+                first = 0;
+            }
+        }
+        printf("end errno %d close %d\n", errno, fts_close(f));
+    }
+    return 0;
+}
+"#;
+    let t = dir_tree();
+    for flags in [&["-O2"][..], &["-O2", "-D_FILE_OFFSET_BITS=64"][..]] {
+        let (_d, exe) = compile_with(SRC, flags);
+        let host = ok(Command::new(&exe).arg(&t.src).output_within(LIMIT));
+        let host = String::from_utf8(host).unwrap();
+        assert!(host.contains("with space é.txt"), "{host}");
+        assert!(host.contains(" 6 [/sub] sub"), "post-order: {host}");
+        for serve in dir_serves() {
+            let got = ok(run_dirs(&serve, &[exe.to_str().unwrap(), MOUNT]));
+            assert_eq!(String::from_utf8(got).unwrap(), host, "{serve:?} {flags:?}");
+        }
+    }
+}

@@ -70,6 +70,7 @@ fn resolve(slot: &AtomicUsize, name: &'static str) -> usize {
 mod audit;
 mod dir;
 mod exec;
+mod fts;
 mod paths;
 mod prefault;
 mod small;
