@@ -29,6 +29,7 @@ const FTS_DP: u16 = 6;
 const FTS_F: u16 = 8;
 const FTS_NS: u16 = 10;
 const FTS_SKIP: c_int = 4;
+const FTS_NOINSTR: u16 = 3;
 
 /// glibc's `FTSENT` (x86-64).
 #[repr(C)]
@@ -126,6 +127,7 @@ impl Walk {
             en.fts_pathlen = path.len().min(u16::MAX as usize) as u16;
             en.fts_namelen = name.len().min(u16::MAX as usize) as u16;
             en.fts_level = level;
+            en.fts_instr = FTS_NOINSTR;
             en.fts_statp = st;
             let dst = std::ptr::addr_of_mut!(en.fts_name).cast::<u8>();
             std::ptr::copy_nonoverlapping(name.as_ptr(), dst, name.len());
