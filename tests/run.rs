@@ -2691,7 +2691,8 @@ fn libc_efault() -> i32 {
 /// `stdin`, the access checks by effective ids, `realpath` (plain and
 /// fortified) and `canonicalize_file_name`, `get_current_dir_name`,
 /// `statvfs`/`statfs`, `truncate`, `name_to_handle_at`, and descriptors
-/// handed over by `execl`, `execlp`, `system`, `popen` and `posix_spawnp`.
+/// handed over by `execl`, `execlp`, `execle` (with its own environment),
+/// `system`, `popen` and `posix_spawnp`.
 #[test]
 fn c_program_uses_glibc_path_functions() {
     let (_d, exe) = compile_with(
@@ -2723,6 +2724,8 @@ int main(int argc, char **argv) {
         char c[8] = {0};
         fgets(c, 5, stdin);
         printf("%s child fd3 %zd [%s] stdin [%s]\n", argv[2], n, b, c);
+        const char *e = getenv("SHADOWFD_TEST_ENV");
+        if (e) printf("%s child env [%s]\n", argv[2], e);
         return 0;
     }
     snprintf(p, sizeof p, "%s/lines.txt", m);
@@ -2792,6 +2795,17 @@ int main(int argc, char **argv) {
     if (fork() == 0) { execlp(argv[0], argv[0], m, "execlp", (char *)0); _exit(99); }
     wait(0);
     lseek(0, 0, SEEK_SET);
+    /* execle: an environment of its own (this one's, and one more). */
+    size_t ne = 0;
+    while (environ[ne]) ne++;
+    char **envs = calloc(ne + 2, sizeof *envs);
+    for (size_t i = 0; i < ne; i++) envs[i] = environ[i];
+    envs[ne] = "SHADOWFD_TEST_ENV=from-execle";
+    fflush(stdout);
+    if (fork() == 0) { execle(argv[0], argv[0], m, "execle", (char *)0, envs); _exit(99); }
+    wait(0);
+    free(envs);
+    lseek(0, 0, SEEK_SET);
     char cmd[5000];
     snprintf(cmd, sizeof cmd, "%s %s system", argv[0], m);
     fflush(stdout);
@@ -2838,10 +2852,19 @@ int main(int argc, char **argv) {
         assert!(out.contains(w.as_str()), "missing {w:?} in\n{out}");
     }
     let five = String::from_utf8_lossy(&lines[20..25]).into_owned();
-    for how in ["execl", "execlp", "system", "popen", "posix_spawnp"] {
+    for how in [
+        "execl",
+        "execlp",
+        "execle",
+        "system",
+        "popen",
+        "posix_spawnp",
+    ] {
         let w = format!("{how} child fd3 5 [{five}] stdin [othe]");
         assert!(out.contains(&w), "missing {w:?} in\n{out}");
     }
+    assert!(out.contains("execle child env [from-execle]"), "{out}");
+    assert!(!out.contains("execl child env"), "{out}");
 }
 
 /// docs/run.md's lists of intercepted and not-intercepted functions match
@@ -2994,4 +3017,67 @@ int main(int argc, char **argv) {
     assert!(out.contains("nftw /mk/input.txt 0 2 input.txt 11"), "{out}");
     assert!(out.contains("nftw /mk 5 1 mk -1"), "{out}");
     assert!(out.contains("stop 7"), "{out}");
+}
+
+/// glibc's `fts_*` (which opens and reads directories with internal calls)
+/// over a served tree, against the same program on the host tree: the
+/// order (sorted by name), levels, kinds (pre- and post-order
+/// directories, files), file sizes, `fts_children` of the root, `fts_set`
+/// with `FTS_SKIP`; with `FTS_PHYSICAL | FTS_NOCHDIR` and with
+/// `FTS_LOGICAL`; `fts64_*` through `_FILE_OFFSET_BITS=64`.
+#[test]
+fn c_program_walks_with_fts_like_the_host() {
+    const SRC: &str = r#"
+#include <sys/stat.h>
+#include <fts.h>
+#include <stdio.h>
+#include <string.h>
+#include <errno.h>
+static int byname(const FTSENT **a, const FTSENT **b) {
+    return strcmp((*a)->fts_name, (*b)->fts_name);
+}
+int main(int argc, char **argv) {
+    size_t rl = strlen(argv[1]);
+    int opts[2] = {FTS_PHYSICAL | FTS_NOCHDIR, FTS_LOGICAL};
+    for (int k = 0; k < 2; k++) {
+        char *roots[] = {argv[1], 0};
+        FTS *f = fts_open(roots, opts[k], byname);
+        if (!f) { printf("fts_open: %s\n", strerror(errno)); return 1; }
+        FTSENT *e;
+        int first = 1;
+        while ((e = fts_read(f))) {
+            if (!strcmp(e->fts_name, "lost+found") || !strcmp(e->fts_name, "deeper")) {
+                fts_set(f, e, FTS_SKIP);
+                if (!strcmp(e->fts_name, "lost+found")) continue;
+            }
+            /* A root's name is its last component: the mount's or the host's. */
+            printf("%d %d [%s] %s", e->fts_level, e->fts_info, e->fts_path + rl,
+                   e->fts_level ? e->fts_name : "(root)");
+            if (e->fts_info == FTS_F) printf(" %lld", (long long)e->fts_statp->st_size);
+            printf("\n");
+            if (first) {
+                int n = 0;
+                for (FTSENT *c = fts_children(f, 0); c; c = c->fts_link)
+                    if (strcmp(c->fts_name, "lost+found")) n++;
+                printf("children %d\n", n);
+                first = 0;
+            }
+        }
+        printf("end errno %d close %d\n", errno, fts_close(f));
+    }
+    return 0;
+}
+"#;
+    let t = dir_tree();
+    for flags in [&["-O2"][..], &["-O2", "-D_FILE_OFFSET_BITS=64"][..]] {
+        let (_d, exe) = compile_with(SRC, flags);
+        let host = ok(Command::new(&exe).arg(&t.src).output_within(LIMIT));
+        let host = String::from_utf8(host).unwrap();
+        assert!(host.contains("with space é.txt"), "{host}");
+        assert!(host.contains(" 6 [/sub] sub"), "post-order: {host}");
+        for serve in dir_serves() {
+            let got = ok(run_dirs(&serve, &[exe.to_str().unwrap(), MOUNT]));
+            assert_eq!(String::from_utf8(got).unwrap(), host, "{serve:?} {flags:?}");
+        }
+    }
 }

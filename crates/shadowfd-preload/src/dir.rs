@@ -304,22 +304,43 @@ static STATS: Mutex<Option<Stats>> = Mutex::new(None);
 const MAX_STATS: usize = 1 << 16;
 
 /// STAT of a served path (kept, for an image: see [`STATS`]). The request
-/// runs with no lock held.
+/// runs with no lock held. A path the process listed last asks for it and
+/// the listed files after it at once ([`crate::small::prefetch`]).
 pub(crate) fn stat_info(rel: &str) -> Result<PathInfo, c_int> {
     let keep = env().is_some_and(|e| e.immutable);
-    if keep && let Some(r) = STATS.lock().as_ref().and_then(|m| m.get(rel)) {
-        return r.clone();
+    if keep {
+        if let Some(r) = kept_stat(rel) {
+            return r;
+        }
+        if crate::small::prefetch(rel, false)
+            && let Some(r) = kept_stat(rel)
+        {
+            return r;
+        }
     }
     let r = client()?.stat(rel).map_err(|e| errno_of(&e));
-    if keep && matches!(r, Ok(_) | Err(libc::ENOENT) | Err(libc::ENOTDIR)) {
+    if keep {
+        keep_stat(rel, r.clone());
+    }
+    r
+}
+
+/// The kept STAT answer for `rel`, if any.
+pub(crate) fn kept_stat(rel: &str) -> Option<Result<PathInfo, c_int>> {
+    STATS.lock().as_ref().and_then(|m| m.get(rel)).cloned()
+}
+
+/// Keeps a STAT answer (a found path, a missing one, one under a file;
+/// not other errors).
+pub(crate) fn keep_stat(rel: &str, r: Result<PathInfo, c_int>) {
+    if matches!(r, Ok(_) | Err(libc::ENOENT) | Err(libc::ENOTDIR)) {
         let mut g = STATS.lock();
         let m = g.get_or_insert_with(Stats::new);
         if m.len() >= MAX_STATS {
             *m = Stats::new();
         }
-        m.insert(rel.to_string(), r.clone());
+        m.insert(rel.to_string(), r);
     }
-    r
 }
 
 /// A placeholder descriptor for the served directory `rel` (checked to be
@@ -371,7 +392,7 @@ pub(crate) fn fill_stat(info: &PathInfo, st: *mut libc::stat64) -> c_int {
     let nlink = if info.kind == PathKind::Dir {
         info.nlink.max(2)
     } else {
-        1
+        info.nlink.max(1)
     };
     write_stat(
         st,
@@ -431,7 +452,7 @@ pub(crate) fn fill_statx(info: &PathInfo, st: *mut libc::statx) -> c_int {
     s.stx_nlink = if info.kind == PathKind::Dir {
         info.nlink.max(2) as u32
     } else {
-        1
+        info.nlink.max(1) as u32
     };
     (s.stx_uid, s.stx_gid) = ids();
     s.stx_mode = mode as u16;
@@ -556,6 +577,12 @@ fn is_stream(p: *mut libc::DIR) -> bool {
 fn new_stream(fd: c_int, rel: &str) -> Result<*mut libc::DIR, c_int> {
     let c = client()?;
     let list = c.list(rel).map_err(|e| errno_of(&e))?;
+    crate::small::listed(
+        rel,
+        list.iter()
+            .filter(|e| e.kind == shadowfd::remote::wire::KIND_FILE)
+            .map(|e| e.name.clone()),
+    );
     let here = stat_info(rel)?;
     let up = if rel.is_empty() {
         here.inode
@@ -1130,6 +1157,7 @@ type HeldDir = (
     ForkGuard<'static, BTreeMap<c_int, Arc<DirFd>>>,
     ForkGuard<'static, BTreeSet<usize>>,
     ForkGuard<'static, Option<Stats>>,
+    ForkGuard<'static, Option<crate::small::Cache>>,
 );
 
 thread_local! {
@@ -1140,8 +1168,14 @@ thread_local! {
 
 extern "C" fn dir_before_fork() {
     // Never more than one of these is held at a time elsewhere, so taking
-    // all three in this order cannot deadlock.
-    let held = (VCWD.lock(), DIRFDS.lock(), STREAMS.lock(), STATS.lock());
+    // them all in this order cannot deadlock.
+    let held = (
+        VCWD.lock(),
+        DIRFDS.lock(),
+        STREAMS.lock(),
+        STATS.lock(),
+        crate::small::SMALL.lock(),
+    );
     let _ = HELD_DIR.try_with(|h| *h.borrow_mut() = Some(held));
 }
 

@@ -430,3 +430,80 @@ macro_rules! environ_trampoline {
 environ_trampoline!(execl, execl_prep, "execl");
 #[cfg(target_arch = "x86_64")]
 environ_trampoline!(execlp, execlp_prep, "execlp");
+
+/// `execle(path, arg0, ..., NULL, envp)`: variadic, with its environment
+/// after the NULL, so it cannot jump to glibc's with `environ` brought up
+/// to date as `execl` does. A naked trampoline saves the five argument
+/// registers after `path` next to each other and calls [`execle_args`]
+/// with where they and the stack arguments are; that one gathers `argv`
+/// and `envp` and calls this shim's [`execve`], which hands the served
+/// descriptors over. It returns only on failure, with `errno` set.
+/// x86-64 only.
+#[cfg(target_arch = "x86_64")]
+#[unsafe(naked)]
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execle() {
+    // At entry rsp is 8 mod 16. rbp, then the five registers and 8 bytes
+    // of padding: 16-aligned for the call. The registers land in memory
+    // in argument order: rsi at [rbp-40] up to r9 at [rbp-8]; the stack
+    // arguments start at [rbp+16], past the return address.
+    core::arch::naked_asm!(
+        "push rbp",
+        "mov rbp, rsp",
+        "push r9",
+        "push r8",
+        "push rcx",
+        "push rdx",
+        "push rsi",
+        "sub rsp, 8",
+        "lea rsi, [rbp-40]",
+        "lea rdx, [rbp+16]",
+        "call {args}",
+        "leave",
+        "ret",
+        args = sym execle_args,
+    )
+}
+
+/// The most arguments [`execle_args`] gathers before it gives up with
+/// `E2BIG` (far above what the kernel accepts: each takes at least a NUL
+/// byte of `ARG_MAX`).
+#[cfg(target_arch = "x86_64")]
+const EXECLE_MAX_ARGS: usize = 1 << 21;
+
+/// # Safety
+/// Called only by [`execle`]: `regs` holds its five register arguments
+/// after `path`, in order, and `stack` its stack arguments; together they
+/// are `arg0, ..., NULL, envp` as `execle`'s contract says.
+#[cfg(target_arch = "x86_64")]
+unsafe extern "C" fn execle_args(
+    path: *const c_char,
+    regs: *const *const c_char,
+    stack: *const *const c_char,
+) -> c_int {
+    // SAFETY: within the arguments the caller passed, by execle's
+    // contract (the list ends with NULL and then envp).
+    let at = |i: usize| unsafe {
+        if i < 5 {
+            *regs.add(i)
+        } else {
+            *stack.add(i - 5)
+        }
+    };
+    let mut argv: Vec<*const c_char> = Vec::new();
+    loop {
+        if argv.len() >= EXECLE_MAX_ARGS {
+            crate::set_errno(libc::E2BIG);
+            return -1;
+        }
+        let a = at(argv.len());
+        argv.push(a);
+        if a.is_null() {
+            break;
+        }
+    }
+    let envp = at(argv.len()) as *const *const c_char;
+    // SAFETY: execve's contract: argv is NULL-terminated, and envp is the
+    // caller's.
+    unsafe { execve(path, argv.as_ptr(), envp) }
+}

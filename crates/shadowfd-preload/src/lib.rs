@@ -70,8 +70,10 @@ fn resolve(slot: &AtomicUsize, name: &'static str) -> usize {
 mod audit;
 mod dir;
 mod exec;
+mod fts;
 mod paths;
 mod prefault;
+mod small;
 mod vfork;
 use dir::Route;
 
@@ -543,13 +545,17 @@ fn do_open(rel: &str, flags: c_int) -> c_int {
         if flags & libc::O_DIRECTORY != 0 {
             return dir::open_dir(rel, flags);
         }
-        let file = match client()?.open(rel) {
-            Ok(f) => f,
-            // A directory opens as one (any other kind keeps the error).
-            Err(e) if errno_of(&e) == libc::EISDIR => {
-                return dir::open_dir(rel, flags).map_err(|_| libc::EISDIR);
-            }
-            Err(e) => return Err(errno_of(&e)),
+        let file = match small::open(rel) {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => return Err(e),
+            None => match client()?.open(rel) {
+                Ok(f) => f,
+                // A directory opens as one (any other kind keeps the error).
+                Err(e) if errno_of(&e) == libc::EISDIR => {
+                    return dir::open_dir(rel, flags).map_err(|_| libc::EISDIR);
+                }
+                Err(e) => return Err(errno_of(&e)),
+            },
         };
         let fd = placeholder(flags)?;
         if vfork::in_child() {
@@ -666,7 +672,8 @@ thread_local! {
 /// request per window instead of one each. Other reads, and reads of 1 MiB
 /// or more, fetch exactly what was asked.
 fn read_ahead(file: &RemoteFile, buf: &mut [u8], off: u64) -> shadowfd::Result<usize> {
-    if buf.len() >= AHEAD_MAX {
+    // A file read whole (handle 0) reads from memory.
+    if buf.len() >= AHEAD_MAX || file.inline_bytes().is_some() {
         return file.read_at(buf, off);
     }
     let r = AHEAD.try_with(|a| {
@@ -811,6 +818,18 @@ fn seek_entry(e: &Entry, off: i64, whence: c_int) -> i64 {
     }
 }
 
+/// The link count of an open file: as SMALL said, else as the kept STAT
+/// answer of its path says (the tree cannot change), else 1 (OPEN's reply
+/// has none).
+fn nlink_of(f: &RemoteFile) -> u64 {
+    f.nlink()
+        .or_else(|| match dir::kept_stat(f.path()) {
+            Some(Ok(i)) if (i.device, i.inode) == (f.identity().0, f.identity().1) => Some(i.nlink),
+            _ => None,
+        })
+        .unwrap_or(1)
+}
+
 fn fill_stat(f: &RemoteFile, st: *mut libc::stat64) -> c_int {
     if st.is_null() {
         set_errno(libc::EFAULT);
@@ -820,7 +839,7 @@ fn fill_stat(f: &RemoteFile, st: *mut libc::stat64) -> c_int {
     dir::write_stat(
         st,
         (dev, ino),
-        1,
+        nlink_of(f),
         libc::S_IFREG | 0o444,
         f.size(),
         (ms, mns),
@@ -837,7 +856,7 @@ fn fill_statx(f: &RemoteFile, st: *mut libc::statx) -> c_int {
     let mut s: libc::statx = unsafe { std::mem::zeroed() };
     s.stx_mask = libc::STATX_BASIC_STATS;
     s.stx_blksize = 1 << 20;
-    s.stx_nlink = 1;
+    s.stx_nlink = nlink_of(f) as u32;
     // SAFETY: getuid and getgid have no preconditions.
     s.stx_uid = unsafe { libc::getuid() };
     // SAFETY: as above.

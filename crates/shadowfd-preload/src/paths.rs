@@ -700,7 +700,7 @@ fn walk(
 ///
 /// # Safety
 /// `path` is null or NUL-terminated.
-unsafe fn served_path(path: *const c_char) -> bool {
+pub(crate) unsafe fn served_path(path: *const c_char) -> bool {
     // SAFETY: the caller's promise.
     unsafe { with_route(libc::AT_FDCWD, path, |_| ()) }.is_ok()
 }

@@ -366,8 +366,104 @@ impl Client {
                 mtime: (word(0) as i64, word(1) as i64),
                 shadow_id: word(2),
                 lazy: word(3) & 1 == 1,
+                inline: None,
+                nlink: None,
+                opened: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Whether the server speaks SMALL (protocol version 6).
+    pub fn has_small(&self) -> bool {
+        self.inner.version >= 6
+    }
+
+    /// What each of `paths` is and, for each regular file of at most `cap`
+    /// bytes (at most [`wire::SMALL_MAX_FILE`]), its bytes, in one request
+    /// (protocol version 6, SMALL). Up to [`wire::SMALL_MAX_PATHS`] paths;
+    /// the answers come in order and may be fewer than the paths (the
+    /// reply is full: ask again for the rest). A file's bytes come as a
+    /// [`RemoteFile`] that needs no handle until it is mapped.
+    pub fn small(&self, paths: &[&str], cap: u64) -> Result<Vec<SmallAnswer>> {
+        if !self.has_small() {
+            return Err(protocol(format!(
+                "the server chose protocol version {}; SMALL needs version 6",
+                self.inner.version
+            )));
+        }
+        if paths.is_empty() || paths.len() > wire::SMALL_MAX_PATHS {
+            return Err(protocol(format!(
+                "SMALL of {} paths; ask for 1 to {}",
+                paths.len(),
+                wire::SMALL_MAX_PATHS
+            )));
+        }
+        if let Some(p) = paths.iter().find(|p| p.len() > wire::MAX_PATH) {
+            return Err(protocol(format!(
+                "a path of {} bytes; the limit is {} bytes",
+                p.len(),
+                wire::MAX_PATH
+            )));
+        }
+        let f = Frame::new(wire::SMALL, cap, paths.len() as u64, 0, 0)
+            .with_payload(wire::put_paths(paths));
+        let (r, _) = self.call(&f, "SMALL", false)?;
+        if r.a > paths.len() as u64 {
+            return Err(protocol(format!(
+                "the SMALL reply has {} records for {} paths",
+                r.a,
+                paths.len()
+            )));
+        }
+        let records = wire::parse_small(&r.payload, r.a)
+            .map_err(|e| protocol(format!("the SMALL reply is malformed: {e}")))?;
+        let mut out = Vec::with_capacity(records.len());
+        for (rec, path) in records.into_iter().zip(paths) {
+            if rec.code != 0 {
+                out.push(SmallAnswer {
+                    info: Err(Error::Refused {
+                        request: format!("SMALL {path:?}"),
+                        code: rec.code,
+                        message: String::from_utf8_lossy(&rec.data).into_owned(),
+                    }),
+                    file: None,
+                });
+                continue;
+            }
+            let info = PathInfo {
+                kind: match rec.kind {
+                    wire::KIND_FILE => PathKind::File,
+                    wire::KIND_DIR => PathKind::Dir,
+                    _ => PathKind::Other,
+                },
+                size: rec.size,
+                device: rec.device,
+                inode: rec.inode,
+                mtime: (rec.mtime.0, rec.mtime.1 as i64),
+                nlink: rec.nlink,
+            };
+            let file = rec.inline.then(|| RemoteFile {
+                inner: Arc::new(FileInner {
+                    client: self.clone(),
+                    handle: 0,
+                    path: path.to_string(),
+                    size: rec.size,
+                    device: rec.device,
+                    inode: rec.inode,
+                    mtime: info.mtime,
+                    shadow_id: 0,
+                    lazy: false,
+                    inline: Some(rec.data),
+                    nlink: Some(rec.nlink),
+                    opened: std::sync::OnceLock::new(),
+                }),
+            });
+            out.push(SmallAnswer {
+                info: Ok(info),
+                file,
+            });
+        }
+        Ok(out)
     }
 
     /// What `path` is in the served tree (protocol version 4, STAT): a file,
@@ -439,6 +535,14 @@ pub enum PathKind {
     Dir,
     /// A socket, FIFO or device: nothing that can be opened or listed.
     Other,
+}
+
+/// One path's answer to [`Client::small`].
+pub struct SmallAnswer {
+    /// What STAT would answer for it, or the server's refusal.
+    pub info: Result<PathInfo>,
+    /// A regular file's bytes, when it is small enough and read whole.
+    pub file: Option<RemoteFile>,
 }
 
 /// What [`Client::stat`] answers.
@@ -659,11 +763,18 @@ struct FileInner {
     mtime: (i64, i64),
     shadow_id: u64,
     lazy: bool,
+    /// A file read whole by SMALL (handle 0, no shadow): its bytes.
+    inline: Option<Vec<u8>>,
+    /// The link count, when SMALL said it (OPEN's reply has none).
+    nlink: Option<u64>,
+    /// For an inline file: the same path opened the ordinary way, at the
+    /// first need of a handle (mapping it, STATS).
+    opened: std::sync::OnceLock<RemoteFile>,
 }
 
 impl Drop for FileInner {
     fn drop(&mut self) {
-        if !self.client.server_gone() {
+        if self.inline.is_none() && !self.client.server_gone() {
             let f = Frame::new(wire::CLOSE, self.handle, 0, 0, 0);
             let _ = self.client.call(&f, "CLOSE", false);
         }
@@ -688,9 +799,36 @@ impl RemoteFile {
         &self.inner.path
     }
 
-    /// The handle number on the connection.
+    /// The handle number on the connection (0 for a file read whole by
+    /// [`Client::small`], which has none until it is mapped).
     pub fn handle(&self) -> u64 {
         self.inner.handle
+    }
+
+    /// The link count, if the server said it ([`Client::small`] does;
+    /// OPEN does not).
+    pub fn nlink(&self) -> Option<u64> {
+        self.inner.nlink
+    }
+
+    /// The file's bytes, if [`Client::small`] read it whole.
+    pub fn inline_bytes(&self) -> Option<&[u8]> {
+        self.inner.inline.as_deref()
+    }
+
+    /// The file with a handle: itself, or for an inline file the same path
+    /// opened the ordinary way (once). That one is what the server serves
+    /// now: if the file changed since SMALL read it (only possible when
+    /// the tree is not immutable), its size and bytes are the new ones.
+    fn with_handle(&self) -> Result<RemoteFile> {
+        if self.inner.inline.is_none() {
+            return Ok(self.clone());
+        }
+        if let Some(f) = self.inner.opened.get() {
+            return Ok(f.clone());
+        }
+        let f = self.inner.client.open(&self.inner.path)?;
+        Ok(self.inner.opened.get_or_init(|| f).clone())
     }
 
     /// The source's identity: (device, inode, mtime seconds, mtime ns).
@@ -714,6 +852,12 @@ impl RemoteFile {
     /// the server fills the range and sends the bytes, 1 MiB per request.
     /// Short only at the end of the file.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        if let Some(b) = &self.inner.inline {
+            let from = offset.min(b.len() as u64) as usize;
+            let n = buf.len().min(b.len() - from);
+            buf[..n].copy_from_slice(&b[from..from + n]);
+            return Ok(n);
+        }
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;
@@ -738,8 +882,9 @@ impl RemoteFile {
 
     /// This shadow's counters as JSON (docs/protocol.md, STATS).
     pub fn stats_json(&self) -> Result<String> {
-        let f = Frame::new(wire::STATS, self.inner.handle, 0, 0, 0);
-        let (r, _) = self.inner.client.call(&f, "STATS", false)?;
+        let this = self.with_handle()?;
+        let f = Frame::new(wire::STATS, this.inner.handle, 0, 0, 0);
+        let (r, _) = this.inner.client.call(&f, "STATS", false)?;
         String::from_utf8(r.payload).map_err(|_| protocol("STATS reply is not UTF-8"))
     }
 
@@ -812,6 +957,16 @@ impl RemoteMapOptions<'_> {
     /// # Safety
     /// As [`RemoteMapOptions::map_fixed`] when `at` is given.
     unsafe fn map_at(self, at: Option<*mut u8>) -> Result<RemoteMapping> {
+        if self.file.inner.inline.is_some() {
+            let real = self.file.with_handle()?;
+            let o = RemoteMapOptions {
+                file: &real,
+                offset: self.offset,
+                len: self.len,
+            };
+            // SAFETY: forwarded from the caller.
+            return unsafe { o.map_at(at) };
+        }
         let this = self.file;
         let size = this.inner.size;
         let offset = self.offset;

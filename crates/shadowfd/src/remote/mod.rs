@@ -30,6 +30,7 @@ pub mod wire;
 
 pub use client::{
     Client, ClientOptions, PathInfo, PathKind, RemoteFile, RemoteMapOptions, RemoteMapping,
+    SmallAnswer,
 };
 pub use server::{
     EventLog, LogLimiter, MAX_PENDING, MAX_RANGES, MAX_RANGES_TOTAL, PEER_TIMEOUT, RESERVED_RANGES,

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+mod small;
 mod spaces;
 use spaces::{CHILD_CHECK_MS, ChildSpace};
 
@@ -485,6 +486,8 @@ impl Attached {
 
 struct Conn {
     peer: Peer,
+    /// The protocol version chosen at HELLO.
+    version: u64,
     activity: Arc<Activity>,
     /// Its ranges as counted in [`Inner::ranges_total`].
     published: usize,
@@ -525,9 +528,11 @@ impl Conn {
         stream: UnixStream,
         uffd: Option<Arc<Uffd>>,
         activity: Arc<Activity>,
+        version: u64,
     ) -> Conn {
         Conn {
             peer,
+            version,
             activity,
             published: 0,
             stream,
@@ -622,8 +627,9 @@ fn json_opt(v: Option<f64>) -> String {
 enum Hello {
     /// A status query: one STATS of handle 0, then the server hangs up.
     Status,
-    /// A client, with its userfaultfd if it sent one.
-    Client(Option<Arc<Uffd>>, Arc<Activity>),
+    /// A client, with its userfaultfd if it sent one, and the protocol
+    /// version chosen.
+    Client(Option<Arc<Uffd>>, Arc<Activity>, u64),
 }
 
 /// Rate limit for repeated log lines: at most [`LogLimiter::PER_SECOND`]
@@ -803,7 +809,7 @@ impl Inner {
         self.state.lock().pending.remove(&peer.id);
         match r {
             Ok(Hello::Status) => None,
-            Ok(Hello::Client(uffd, activity)) => {
+            Ok(Hello::Client(uffd, activity, version)) => {
                 self.log(&format!(
                     "{peer}: connected ({})",
                     if uffd.is_some() {
@@ -812,7 +818,7 @@ impl Inner {
                         "no userfaultfd: sealed descriptors only"
                     }
                 ));
-                Some(Conn::new(peer, stream, uffd, activity))
+                Some(Conn::new(peer, stream, uffd, activity, version))
             }
             Err(e) => {
                 self.log_limited("dropped", &format!("{peer}: dropped: {e}"));
@@ -972,7 +978,7 @@ impl Inner {
             self.state.lock().clients.remove(&peer.id);
             return Err(e);
         }
-        Ok(Hello::Client(uffd, activity))
+        Ok(Hello::Client(uffd, activity, reply.a))
     }
 
     /// The session loop: requests on the socket, faults on the client's
@@ -1155,6 +1161,7 @@ impl Inner {
             wire::CLOSE => self.close(conn, &f),
             wire::STAT => self.stat_path(&f),
             wire::LIST => self.list(&f),
+            wire::SMALL => self.small(conn, &f),
             wire::ATTACH => refuse(
                 f.kind,
                 wire::E_PROTOCOL,
@@ -1248,22 +1255,7 @@ impl Inner {
 
     /// STAT (since version 4): what a path is, without opening a shadow.
     fn stat_path(&self, f: &Frame) -> (Frame, Option<OwnedFd>) {
-        let r = tree::relative(&f.payload).and_then(|rel| match &self.tree {
-            TreeImpl::Root(dir) => tree::stat_root(dir, rel),
-            TreeImpl::Image(img) => tree::stat_in_image(img, rel),
-            TreeImpl::Single(e) => {
-                let m = e.meta();
-                Ok(tree::PathStat {
-                    kind: wire::KIND_FILE,
-                    size: m.size,
-                    device: m.device,
-                    inode: m.inode,
-                    mtime: m.mtime,
-                    nlink: 1,
-                })
-            }
-        });
-        match r {
+        match self.path_stat(&f.payload) {
             Ok(s) => {
                 let mut p = Vec::with_capacity(24);
                 p.extend_from_slice(&s.mtime.sec.to_le_bytes());
@@ -1277,6 +1269,25 @@ impl Inner {
             }
             Err((code, msg)) => refuse(f.kind, code, msg),
         }
+    }
+
+    /// What `path` is (STAT, and each path of SMALL).
+    fn path_stat(&self, path: &[u8]) -> std::result::Result<tree::PathStat, Refusal> {
+        tree::relative(path).and_then(|rel| match &self.tree {
+            TreeImpl::Root(dir) => tree::stat_root(dir, rel),
+            TreeImpl::Image(img) => tree::stat_in_image(img, rel),
+            TreeImpl::Single(e) => {
+                let m = e.meta();
+                Ok(tree::PathStat {
+                    kind: wire::KIND_FILE,
+                    size: m.size,
+                    device: m.device,
+                    inode: m.inode,
+                    mtime: m.mtime,
+                    nlink: 1,
+                })
+            }
+        })
     }
 
     /// LIST (since version 4): one page of a directory, from cursor `a`.
@@ -2060,7 +2071,7 @@ pub fn serve(shadow: &Shadow, stream: UnixStream) -> Result<Served> {
     let peer = peer_of(&stream, 1);
     let by = Instant::now() + inner.timeout();
     let conn = match inner.try_handshake(&stream, peer, by)? {
-        Hello::Client(uffd, activity) => Conn::new(peer, stream, uffd, activity),
+        Hello::Client(uffd, activity, version) => Conn::new(peer, stream, uffd, activity, version),
         Hello::Status => {
             inner.answer_status(&stream, by)?;
             return Ok(Served { thread: None });

@@ -1,4 +1,4 @@
-//! The framed protocol between a shadowfd server and its clients, version 4
+//! The framed protocol between a shadowfd server and its clients, version 6
 //! (docs/protocol.md is the specification).
 //!
 //! A frame is a 48-byte header, then `len` bytes of payload:
@@ -32,7 +32,7 @@ pub const MAX_PATH: usize = 4096;
 /// The protocol version this crate speaks. Versions 1 and 2 (fixed 40-byte
 /// frames, one shadow per connection) are answered with a version-2 ERROR
 /// frame, code [`E_VERSION`].
-pub const VERSION: u64 = 5;
+pub const VERSION: u64 = 6;
 
 /// The oldest protocol version this server still answers. A version 3
 /// client never sends the requests or arguments version 4 added, so the
@@ -54,6 +54,9 @@ pub const CLOSE: u32 = 0x308;
 pub const STAT: u32 = 0x309;
 /// Since version 4: one page of a directory's entries.
 pub const LIST: u32 = 0x30a;
+/// Since version 6: what several paths are and, for small regular files,
+/// their bytes, in one reply (no handle, no shadow).
+pub const SMALL: u32 = 0x30b;
 /// Server to client, instead of a reply: `a` = code, `b` = the kind refused;
 /// the payload is a message for people (UTF-8).
 pub const ERROR: u32 = 0x3ff;
@@ -80,6 +83,145 @@ pub const KIND_FILE: u64 = 1;
 pub const KIND_DIR: u64 = 2;
 /// A socket, FIFO or device (STAT only; LIST leaves them out).
 pub const KIND_OTHER: u64 = 3;
+
+/// SMALL (version 6): at most this many paths in one request.
+pub const SMALL_MAX_PATHS: usize = 64;
+/// SMALL: the largest file whose bytes a reply carries (a request's `a`
+/// above it is taken as this).
+pub const SMALL_MAX_FILE: u64 = 64 << 10;
+/// SMALL: a reply stops taking records once its payload would pass this;
+/// the paths left are not answered (ask again).
+pub const SMALL_REPLY_BYTES: usize = 1 << 20;
+/// SMALL: bytes of a record before its data: u32 code, u16 kind, u16
+/// inline, then u64 size, device, inode, mtime seconds, mtime
+/// nanoseconds, link count, and u64 the length of what follows.
+pub const SMALL_RECORD_HEAD: usize = 64;
+
+/// One record of a SMALL reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmallRecord {
+    /// 0, or the `E_*` code that refused the path (`data` is then the
+    /// message).
+    pub code: u64,
+    /// [`KIND_FILE`], [`KIND_DIR`] or [`KIND_OTHER`] (0 with an error).
+    pub kind: u64,
+    /// Whether `data` is the whole file.
+    pub inline: bool,
+    pub size: u64,
+    pub device: u64,
+    pub inode: u64,
+    pub mtime: (i64, u64),
+    pub nlink: u64,
+    pub data: Vec<u8>,
+}
+
+/// Appends `r` to a SMALL reply payload.
+pub fn put_small(out: &mut Vec<u8>, r: &SmallRecord) {
+    put_small_head(out, r, r.data.len() as u64);
+    out.extend_from_slice(&r.data);
+}
+
+/// Appends the head of `r` to a SMALL reply payload, saying that `n`
+/// bytes follow (the caller appends them; `r.data` is not used).
+pub fn put_small_head(out: &mut Vec<u8>, r: &SmallRecord, n: u64) {
+    out.extend_from_slice(&(r.code as u32).to_le_bytes());
+    out.extend_from_slice(&(r.kind as u16).to_le_bytes());
+    out.extend_from_slice(&u16::from(r.inline).to_le_bytes());
+    for w in [
+        r.size,
+        r.device,
+        r.inode,
+        r.mtime.0 as u64,
+        r.mtime.1,
+        r.nlink,
+        n,
+    ] {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+}
+
+/// Decodes a SMALL reply payload of `count` records.
+pub fn parse_small(p: &[u8], count: u64) -> std::result::Result<Vec<SmallRecord>, String> {
+    let mut out = Vec::with_capacity(count.min(SMALL_MAX_PATHS as u64) as usize);
+    let mut at = 0usize;
+    let word = |p: &[u8], i: usize| u64::from_le_bytes(p[i..i + 8].try_into().expect("8 bytes"));
+    for i in 0..count {
+        if p.len() - at < SMALL_RECORD_HEAD {
+            return Err(format!("record {i} of {count} runs past the payload"));
+        }
+        let h = &p[at..at + SMALL_RECORD_HEAD];
+        let code = u64::from(u32::from_le_bytes(h[0..4].try_into().expect("4 bytes")));
+        let kind = u64::from(u16::from_le_bytes(h[4..6].try_into().expect("2 bytes")));
+        let inline = u16::from_le_bytes(h[6..8].try_into().expect("2 bytes"));
+        let n = word(h, 56);
+        at += SMALL_RECORD_HEAD;
+        if n > (p.len() - at) as u64 {
+            return Err(format!(
+                "record {i} of {count} says {n} bytes follow; fewer do"
+            ));
+        }
+        let size = word(h, 8);
+        if inline > 1 || (inline == 1 && (n != size || code != 0)) {
+            return Err(format!(
+                "record {i} of {count}: inline {inline}, code {code}, size {size}, {n} bytes"
+            ));
+        }
+        out.push(SmallRecord {
+            code,
+            kind,
+            inline: inline == 1,
+            size,
+            device: word(h, 16),
+            inode: word(h, 24),
+            mtime: (word(h, 32) as i64, word(h, 40)),
+            nlink: word(h, 48),
+            data: p[at..at + n as usize].to_vec(),
+        });
+        at += n as usize;
+    }
+    if at != p.len() {
+        return Err(format!(
+            "{} bytes after the last of {count} records",
+            p.len() - at
+        ));
+    }
+    Ok(out)
+}
+
+/// Encodes SMALL's request payload: each path as u16 length and bytes.
+pub fn put_paths(paths: &[&str]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in paths {
+        out.extend_from_slice(&(p.len() as u16).to_le_bytes());
+        out.extend_from_slice(p.as_bytes());
+    }
+    out
+}
+
+/// Decodes SMALL's request payload of `count` paths.
+pub fn parse_paths(p: &[u8], count: u64) -> std::result::Result<Vec<&[u8]>, String> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    for i in 0..count {
+        if p.len() - at < 2 {
+            return Err(format!("path {i} of {count} runs past the payload"));
+        }
+        let n = u16::from_le_bytes([p[at], p[at + 1]]) as usize;
+        at += 2;
+        if n > p.len() - at {
+            return Err(format!("path {i} of {count} runs past the payload"));
+        }
+        out.push(&p[at..at + n]);
+        at += n;
+    }
+    if at != p.len() {
+        return Err(format!(
+            "{} bytes after the last of {count} paths",
+            p.len() - at
+        ));
+    }
+    Ok(out)
+}
 
 /// At most this many entries in one LIST reply.
 pub const LIST_MAX_ENTRIES: usize = 1024;

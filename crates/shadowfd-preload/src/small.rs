@@ -1,0 +1,237 @@
+//! Small files in one request (protocol version 6, SMALL): a served file
+//! of at most [`wire::SMALL_MAX_FILE`] bytes is opened by reading it whole,
+//! with its STAT answer, instead of OPEN, FILL and CLOSE (and a shadow in
+//! the server). Its descriptor then reads from this process's memory, and
+//! a mapping of it opens it the ordinary way first.
+//!
+//! When the served tree cannot change ([`crate::Env::immutable`], `run
+//! --image`), a STAT or open of an entry of the directory this process
+//! listed last asks SMALL for that entry and the regular files listed after
+//! it, up to [`wire::SMALL_MAX_PATHS`]: a program that walks a directory
+//! (`tar`, `cp -r`, `diff -r`) then makes one request per 64 files. Their
+//! STAT answers go to the kept STAT answers, their bytes here, at most
+//! [`MAX_BYTES`] bytes and [`MAX_FILES`] files (the oldest go first). When
+//! none of the files a read-ahead brought the bytes of was opened before
+//! the next one (`ls -l`), that one asks for STAT answers only; one made
+//! for an open always asks for bytes.
+
+use crate::forklock::ForkMutex as Mutex;
+use crate::{client, env, errno_of};
+use shadowfd::remote::{PathKind, RemoteFile, SmallAnswer, wire};
+use std::collections::{HashMap, VecDeque};
+use std::ffi::c_int;
+
+/// The bytes of prefetched small files this process keeps, at most.
+pub(crate) const MAX_BYTES: usize = 8 << 20;
+/// The prefetched small files this process keeps, at most.
+pub(crate) const MAX_FILES: usize = 8192;
+
+#[derive(Default)]
+pub(crate) struct Cache {
+    /// The process these belong to: a forked child forgets its parent's
+    /// (their connection is the parent's) without dropping them.
+    pid: u32,
+    /// The regular files of the directory listed last, in listing order,
+    /// and where each is in it.
+    names: Vec<String>,
+    index: HashMap<String, usize>,
+    /// Files read whole, by path, and the order they came in.
+    files: HashMap<String, RemoteFile>,
+    order: VecDeque<String>,
+    bytes: usize,
+    /// Files whose bytes the last read-ahead brought, and how many of them
+    /// were opened since: when none was, the next read-ahead asks for
+    /// STAT answers only (`ls -l` stats every file and opens none).
+    last: std::collections::HashSet<String>,
+    opened: usize,
+}
+
+pub(crate) static SMALL: Mutex<Option<Cache>> = Mutex::new(None);
+
+fn pid() -> u32 {
+    // SAFETY: getpid has no preconditions.
+    unsafe { libc::getpid() as u32 }
+}
+
+/// The cache of this process (a child's copy of its parent's is forgotten).
+fn mine(g: &mut Option<Cache>) -> &mut Cache {
+    let me = pid();
+    if g.as_ref().is_some_and(|c| c.pid != me) {
+        std::mem::forget(g.take());
+    }
+    g.get_or_insert_with(|| Cache {
+        pid: me,
+        ..Cache::default()
+    })
+}
+
+/// Whether answers may be kept: the tree cannot change, and this is not
+/// a `vfork` child (which shares the parent's memory, and only execs).
+fn keep() -> bool {
+    env().is_some_and(|e| e.immutable) && !crate::vfork::in_child()
+}
+
+/// Remembers the regular files of the directory `dir` as listed (only when
+/// the tree cannot change).
+pub(crate) fn listed(dir: &str, files: impl Iterator<Item = Vec<u8>>) {
+    if !keep() {
+        return;
+    }
+    let names: Vec<String> = files
+        .filter_map(|n| String::from_utf8(n).ok())
+        .map(|n| {
+            if dir.is_empty() {
+                n
+            } else {
+                format!("{dir}/{n}")
+            }
+        })
+        .collect();
+    let index = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.clone(), i))
+        .collect();
+    let mut g = SMALL.lock();
+    let c = mine(&mut g);
+    c.names = names;
+    c.index = index;
+}
+
+/// Asks SMALL for `rel` and the listed files after it, and keeps the
+/// answers. An open (`bytes`) always asks for bytes. False if `rel` was
+/// not listed or the request failed.
+pub(crate) fn prefetch(rel: &str, bytes: bool) -> bool {
+    if !keep() {
+        return false;
+    }
+    let (paths, cap) = {
+        let mut g = SMALL.lock();
+        let c = mine(&mut g);
+        let Some(&i) = c.index.get(rel) else {
+            return false;
+        };
+        let paths: Vec<String> = c.names[i..]
+            .iter()
+            .filter(|n| *n == rel || !c.files.contains_key(*n))
+            .take(wire::SMALL_MAX_PATHS)
+            .cloned()
+            .collect();
+        let unused = !bytes && !c.last.is_empty() && c.opened == 0;
+        (paths, if unused { 0 } else { wire::SMALL_MAX_FILE })
+    };
+    let Ok(cl) = client() else {
+        return false;
+    };
+    if !cl.has_small() {
+        return false;
+    }
+    let refs: Vec<&str> = paths.iter().map(|s| s.as_str()).collect();
+    let Ok(answers) = cl.small(&refs, cap) else {
+        return false;
+    };
+    let mut files = Vec::new();
+    for (a, p) in answers.into_iter().zip(&paths) {
+        let SmallAnswer { info, file } = a;
+        crate::dir::keep_stat(p, info.map_err(|e| errno_of(&e)));
+        if let Some(f) = file {
+            files.push((p.clone(), f));
+        }
+    }
+    let mut g = SMALL.lock();
+    let c = mine(&mut g);
+    if cap > 0 {
+        c.last = files.iter().map(|(p, _)| p.clone()).collect();
+        c.opened = 0;
+    }
+    for (p, f) in files {
+        add(c, p, f);
+    }
+    true
+}
+
+fn add(c: &mut Cache, p: String, f: RemoteFile) {
+    let n = f.size() as usize;
+    if n > MAX_BYTES {
+        return;
+    }
+    if let Some(old) = c.files.insert(p.clone(), f) {
+        c.bytes -= old.size() as usize;
+        c.order.retain(|q| *q != p);
+    }
+    c.bytes += n;
+    c.order.push_back(p);
+    while c.bytes > MAX_BYTES || c.files.len() > MAX_FILES {
+        let Some(q) = c.order.pop_front() else {
+            break;
+        };
+        if let Some(old) = c.files.remove(&q) {
+            c.bytes -= old.size() as usize;
+        }
+    }
+}
+
+/// The kept bytes of `rel`, for an open (counted for the next read-ahead).
+fn cached(rel: &str) -> Option<RemoteFile> {
+    let mut g = SMALL.lock();
+    let c = mine(&mut g);
+    let f = c.files.get(rel).cloned()?;
+    if c.last.contains(rel) {
+        c.opened += 1;
+    }
+    Some(f)
+}
+
+/// Opens `rel` by reading it whole, if it is a small regular file:
+/// `Some(Ok)` with the file, `Some(Err)` with the errno the server's
+/// answer means, `None` to open it the ordinary way (a large file, a
+/// directory, a server without SMALL).
+pub(crate) fn open(rel: &str) -> Option<Result<RemoteFile, c_int>> {
+    if crate::vfork::in_child() {
+        return None;
+    }
+    if keep() {
+        if let Some(f) = cached(rel) {
+            return Some(Ok(f));
+        }
+        if let Some(r) = crate::dir::kept_stat(rel) {
+            match r {
+                Err(e) => return Some(Err(e)),
+                Ok(i) if i.kind != PathKind::File || i.size > wire::SMALL_MAX_FILE => {
+                    return None;
+                }
+                Ok(_) => {}
+            }
+        }
+        if prefetch(rel, true) {
+            if let Some(f) = cached(rel) {
+                return Some(Ok(f));
+            }
+            return match crate::dir::kept_stat(rel) {
+                Some(Err(e)) => Some(Err(e)),
+                _ => None,
+            };
+        }
+    }
+    let cl = client().ok()?;
+    if !cl.has_small() {
+        return None;
+    }
+    let a = cl.small(&[rel], wire::SMALL_MAX_FILE).ok()?.pop()?;
+    let SmallAnswer { info, file } = a;
+    let info = info.map_err(|e| errno_of(&e));
+    if keep() {
+        crate::dir::keep_stat(rel, info.clone());
+    }
+    match (info, file) {
+        (Err(e), _) => Some(Err(e)),
+        (Ok(_), Some(f)) => {
+            if keep() {
+                let mut g = SMALL.lock();
+                add(mine(&mut g), rel.to_string(), f.clone());
+            }
+            Some(Ok(f))
+        }
+        (Ok(_), None) => None,
+    }
+}
