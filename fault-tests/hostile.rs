@@ -605,10 +605,22 @@ fn attach_unmapped(s: &UnixStream, handle: u64, n: u64, base: u64) -> u64 {
         let batch = (n - at).min(256);
         let mut bytes = Vec::new();
         for i in at..at + batch {
-            bytes.extend(frame_bytes(&Frame::new(wire::MAP, handle, wire::MAP_LAZY, 0, 0)));
+            bytes.extend(frame_bytes(&Frame::new(
+                wire::MAP,
+                handle,
+                wire::MAP_LAZY,
+                0,
+                0,
+            )));
             let addr = base + 2 * i * page;
             let off = (i % (SIZE / page)) * page;
-            bytes.extend(frame_bytes(&Frame::new(wire::ATTACH, handle, addr, page, off)));
+            bytes.extend(frame_bytes(&Frame::new(
+                wire::ATTACH,
+                handle,
+                addr,
+                page,
+                off,
+            )));
         }
         (&*s).write_all(&bytes).expect("MAP and ATTACH");
         for _ in 0..batch {
@@ -648,7 +660,10 @@ fn ranges_nobody_faults_in_cost_fills_nothing() {
             std::thread::spawn(move || {
                 let (s, uffd, h) = raw_lazy_session(&sock, "B.bin");
                 let took = attach_unmapped(&s, h, per, 0x1000_0000_0000 + k * 0x100_0000_0000);
-                assert_eq!(took, per, "connection {k} was refused ranges under the caps");
+                assert_eq!(
+                    took, per,
+                    "connection {k} was refused ranges under the caps"
+                );
                 (s, uffd)
             })
         })

@@ -360,10 +360,16 @@ mod tests {
             next
         });
         let a = t.containing(uffd_key(&u), 0x11fff).unwrap();
-        assert_eq!((a.id, a.start, a.len, a.offset), (1, 0x10000, 0x2000, 0x2000));
+        assert_eq!(
+            (a.id, a.start, a.len, a.offset),
+            (1, 0x10000, 0x2000, 0x2000)
+        );
         assert!(t.containing(uffd_key(&u), 0x12000).is_none());
         let b = t.containing(uffd_key(&u), 0x13000).unwrap();
-        assert_eq!((b.id, b.start, b.len, b.offset), (101, 0x13000, 0x5000, 0x5000));
+        assert_eq!(
+            (b.id, b.start, b.len, b.offset),
+            (101, 0x13000, 0x5000, 0x5000)
+        );
         assert_eq!(t.containing(uffd_key(&v), 0x12000).unwrap().id, 2);
         assert_eq!(t.containing(0, 0x12000).unwrap().id, 3);
         // Removing by id finds split parts.
@@ -388,7 +394,14 @@ mod tests {
             next
         };
         // A move of the second half of range 1 to 0x50000.
-        let moved = t.moved(uffd_key(&u), 0x12000, 0x50000, 0x2000, Some(u.clone()), &mut id);
+        let moved = t.moved(
+            uffd_key(&u),
+            0x12000,
+            0x50000,
+            0x2000,
+            Some(u.clone()),
+            &mut id,
+        );
         assert_eq!(moved.len(), 1);
         let m = &moved[0];
         assert_eq!((m.start, m.len, m.offset), (0x50000, 0x2000, 0x3000));
@@ -398,7 +411,10 @@ mod tests {
         for c in copies {
             t.insert(c);
         }
-        assert_eq!(t.containing(uffd_key(&child), 0x20000).unwrap().offset, 0x9000);
+        assert_eq!(
+            t.containing(uffd_key(&child), 0x20000).unwrap().offset,
+            0x9000
+        );
         t.drop_overlapping(uffd_key(&child), 0x13fff, 0x20001);
         assert!(t.containing(uffd_key(&child), 0x10000).is_none());
         assert!(t.containing(uffd_key(&u), 0x10000).is_some());
