@@ -198,7 +198,10 @@ impl Shadow {
                 }
                 Ok(())
             }
-            Kind::Lazy(l) => l.populate(offset, len),
+            Kind::Lazy(l) => {
+                l.need_bytes(offset, len);
+                l.populate(offset, len)
+            }
         }
     }
 
@@ -313,6 +316,7 @@ impl Shadow {
                 let mut s = l.counters.snapshot(l.resident_bytes());
                 s.last_error = l.last_error.lock().clone();
                 s.source_changed = l.source_changed();
+                s.workset_pending = l.workset_pending();
                 s
             }
         }
