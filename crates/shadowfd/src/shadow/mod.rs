@@ -322,6 +322,18 @@ impl Shadow {
         }
     }
 
+    /// Ends this shadow's working-set recording now and stores the record
+    /// (docs/worksets.md), as its drop or the end of the recording window
+    /// would. Returns the record's path, or `None` if nothing was to be
+    /// stored (not recording, nothing new, or stored already). A failure
+    /// to store is also reported on stderr.
+    pub fn save_workset(&self) -> std::io::Result<Option<std::path::PathBuf>> {
+        match &self.kind {
+            Kind::Eager(_) => Ok(None),
+            Kind::Lazy(l) => l.save_workset(),
+        }
+    }
+
     /// How many consumers in other processes this shadow is serving.
     pub fn remote_consumers(&self) -> usize {
         match &self.kind {

@@ -313,8 +313,13 @@ impl LazyShadow {
                 1,
             );
         }
-        if shadow.workset.as_ref().is_some_and(|w| w.has_plan()) {
-            core.prefetch(shadow.target(), replay_work());
+        if let Some(ws) = &shadow.workset {
+            if ws.has_plan() {
+                core.prefetch(shadow.target(), replay_work());
+            }
+            if let Some(d) = ws.deadline() {
+                workset::close_at(d, shadow.me.clone());
+            }
         }
         Ok(shadow)
     }
@@ -340,7 +345,21 @@ impl LazyShadow {
             let dir = ws.dir();
             let _ = std::thread::Builder::new()
                 .name("shadowfd-workset".into())
-                .spawn(move || workset::store_in(&dir, &r));
+                .spawn(move || {
+                    let _ = workset::store_in(&dir, &r);
+                });
+        }
+    }
+
+    /// Ends the working-set recording now and stores the record (see
+    /// [`crate::Shadow::save_workset`]).
+    pub fn save_workset(&self) -> std::io::Result<Option<std::path::PathBuf>> {
+        match &self.workset {
+            Some(ws) => match ws.finish() {
+                Some(r) => ws.store(&r).map(Some),
+                None => Ok(None),
+            },
+            None => Ok(None),
         }
     }
 
@@ -1754,7 +1773,13 @@ impl FaultTarget for LazyShadow {
         let _busy = self.gone.fill();
         match work.why {
             Why::Prefetch => {
-                self.fill_empty(core, work.chunks, run_chunks(self.chunk), Why::Prefetch)
+                let chunks = work.chunks.clone();
+                self.fill_empty(core, work.chunks, run_chunks(self.chunk), Why::Prefetch);
+                // Readahead maps its chunks into this process's consumer
+                // ranges, which then never fault on them: recorded as
+                // needed when filled, or a sequential reader's record
+                // would hold one chunk in a window.
+                self.need(core, chunks.start, chunks.end, false);
             }
             Why::Replay => self.replay_step(core),
             why => self.fill_into(core, work.chunks, why, work.direct),
@@ -1764,11 +1789,7 @@ impl FaultTarget for LazyShadow {
 
 impl Drop for LazyShadow {
     fn drop(&mut self) {
-        if let Some(ws) = &self.workset
-            && let Some(r) = ws.finish()
-        {
-            ws.store(&r);
-        }
+        let _ = self.save_workset();
         let core = &self.service.core;
         if let Ok(ino) = self.memfd.inode() {
             core.remove_inode(ino);

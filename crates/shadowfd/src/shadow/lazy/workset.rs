@@ -286,8 +286,13 @@ impl Workset {
     }
 
     /// Stores `r` in the record directory; a failure is warned about.
-    pub fn store(&self, r: &Record) {
-        store_in(&self.dir, r);
+    pub fn store(&self, r: &Record) -> std::io::Result<PathBuf> {
+        store_in(&self.dir, r)
+    }
+
+    /// When the recording window closes, if this run records.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.records.then(|| self.opened + self.window)
     }
 
     pub fn dir(&self) -> PathBuf {
@@ -295,16 +300,54 @@ impl Workset {
     }
 }
 
+/// Shadows whose recording window is open, by when it closes: one thread
+/// stores their records then, so a shadow that lives on without faults
+/// (a server's) still stores its record when the window closes.
+static CLOSING: Mutex<Vec<(Instant, std::sync::Weak<super::LazyShadow>)>> = Mutex::new(Vec::new());
+static CLOSER: std::sync::Once = std::sync::Once::new();
+
+/// Has `shadow`'s record stored at `deadline` (unless it was before).
+pub(super) fn close_at(deadline: Instant, shadow: std::sync::Weak<super::LazyShadow>) {
+    CLOSING.lock().push((deadline, shadow));
+    CLOSER.call_once(|| {
+        let _ = std::thread::Builder::new()
+            .name("shadowfd-workset-closer".into())
+            .spawn(closer);
+    });
+}
+
+fn closer() {
+    loop {
+        let now = Instant::now();
+        let due: Vec<std::sync::Weak<super::LazyShadow>> = {
+            let mut c = CLOSING.lock();
+            let (due, wait): (Vec<_>, Vec<_>) = c.drain(..).partition(|(d, _)| *d <= now);
+            *c = wait;
+            due.into_iter().map(|(_, w)| w).collect()
+        };
+        for s in due.iter().filter_map(std::sync::Weak::upgrade) {
+            let _ = s.save_workset();
+        }
+        let next = CLOSING.lock().iter().map(|(d, _)| *d).min();
+        // Never longer than a second: a deadline added meanwhile is seen.
+        let nap = next.map_or(Duration::from_secs(1), |d| {
+            d.saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(1))
+        });
+        std::thread::sleep(nap.max(Duration::from_millis(1)));
+    }
+}
+
 /// Stores `r` in `dir`, warning on a failure.
-pub(super) fn store_in(dir: &std::path::Path, r: &Record) {
-    if let Err(e) = r.store(dir) {
+pub(super) fn store_in(dir: &std::path::Path, r: &Record) -> std::io::Result<PathBuf> {
+    r.store(dir).inspect_err(|e| {
         warn(format_args!(
             "storing the record of {} in {} failed: {e}; set SHADOWFD_WORKSET_DIR to a \
              writable directory, or SHADOWFD_WORKSET=off",
             r.key.which,
             dir.display()
-        ));
-    }
+        ))
+    })
 }
 
 /// Adds `n` to the working-set counter `f` of both `counters`.
