@@ -62,7 +62,7 @@ fn replay_settles(shadow: &Arc<Shadow>) {
             "the replay did not settle within 60 s: {:?}",
             shadow.stats()
         );
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(Duration::from_micros(100));
     }
 }
 

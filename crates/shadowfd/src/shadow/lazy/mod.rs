@@ -315,7 +315,11 @@ impl LazyShadow {
         }
         if let Some(ws) = &shadow.workset {
             if ws.has_plan() {
-                core.prefetch(shadow.target(), replay_work());
+                // One chain of steps per worker, up to two: each step takes
+                // the next recorded chunks from a shared cursor.
+                for _ in 0..cfg.workers.clamp(1, 2) {
+                    core.prefetch(shadow.target(), replay_work());
+                }
             }
             if let Some(d) = ws.deadline() {
                 workset::close_at(d, shadow.me.clone());
@@ -368,7 +372,7 @@ impl LazyShadow {
     pub fn workset_pending(&self) -> u64 {
         match &self.workset {
             Some(ws) if ws.replaying() && !self.users.none() => {
-                (ws.plan().len() - ws.cursor.load(Ordering::Acquire).min(ws.plan().len())) as u64
+                (ws.plan().len() - ws.done.load(Ordering::Acquire).min(ws.plan().len())) as u64
             }
             _ => 0,
         }
@@ -385,10 +389,11 @@ impl LazyShadow {
         self.need(&self.service.core, first, last + 1, false);
     }
 
-    /// One step of the working-set replay: fills the next recorded chunks
-    /// (at most [`workset::STEP_CHUNKS`]) in recorded order, consecutive
-    /// ones in runs, as speculative fills (the budget's first half only),
-    /// and queues the next step behind whatever faults wait. Each fill
+    /// One step of the working-set replay: takes the next recorded chunks
+    /// (at most [`workset::STEP_CHUNKS`]) from the shared cursor and fills
+    /// them in recorded order, consecutive ones in runs, as speculative
+    /// fills (the budget's first half only), then queues the next step
+    /// behind whatever faults wait. Each fill
     /// maps its chunks into every consumer range of this process
     /// ([`LazyShadow::answer_all`]), ahead of the touch. Stops for good at
     /// the first fill the budget refuses, or once the run diverged.
@@ -397,7 +402,11 @@ impl LazyShadow {
             return;
         };
         let plan = ws.plan();
-        let mut pos = ws.cursor.load(Ordering::Acquire);
+        let mut pos = ws
+            .cursor
+            .fetch_add(workset::STEP_CHUNKS, Ordering::AcqRel)
+            .min(plan.len());
+        let start = pos;
         let step_end = (pos + workset::STEP_CHUNKS).min(plan.len());
         let run = run_chunks(self.chunk);
         while pos < step_end {
@@ -407,7 +416,7 @@ impl LazyShadow {
             let c = plan[pos];
             let mut e = c + 1;
             pos += 1;
-            while pos < plan.len() && plan[pos] == e && e - c < run {
+            while pos < step_end && plan[pos] == e && e - c < run {
                 e += 1;
                 pos += 1;
             }
@@ -427,8 +436,8 @@ impl LazyShadow {
                 self.note_replayed(core, ws, r);
             }
         }
-        ws.cursor.store(pos, Ordering::Release);
-        if pos < plan.len() && ws.replaying() {
+        ws.done.fetch_add(step_end - start, Ordering::AcqRel);
+        if step_end < plan.len() && ws.replaying() {
             core.prefetch(self.target(), replay_work());
         }
     }

@@ -65,8 +65,10 @@ pub(super) struct Workset {
     in_plan: Bits,
     replayed: Bits,
     used: Bits,
-    /// The next position of `plan` to replay.
+    /// The next position of `plan` a replay step takes.
     pub cursor: AtomicUsize,
+    /// Positions of `plan` whose step has ended.
+    pub done: AtomicUsize,
     stopped: AtomicBool,
     /// The last [`RECENT`] first needs (bit set: outside the record), and
     /// how many have been seen.
@@ -166,6 +168,7 @@ impl Workset {
                 replayed: Bits::new(nchunks),
                 used: Bits::new(nchunks),
                 cursor: AtomicUsize::new(0),
+                done: AtomicUsize::new(0),
                 stopped: AtomicBool::new(false),
                 recent: Mutex::new((0, 0)),
             }),
