@@ -155,7 +155,7 @@ pub fn run(a: MapArgs) -> CliResult {
     let stored = shadow.save_workset()?;
     let stats = shadow.stats();
     let ws_mode = engine.config().workset;
-    let workset = (ws_mode != shadowfd::WorksetMode::Off).then(|| WorksetReport {
+    let workset = (ws_mode != shadowfd::WorksetMode::Off).then_some(WorksetReport {
         mode: ws_mode,
         recorded: stats.workset_recorded,
         replayed: stats.workset_replayed,

@@ -1787,8 +1787,18 @@ impl FaultTarget for LazyShadow {
                 // Readahead maps its chunks into this process's consumer
                 // ranges, which then never fault on them: recorded as
                 // needed when filled, or a sequential reader's record
-                // would hold one chunk in a window.
-                self.need(core, chunks.start, chunks.end, false);
+                // would hold one chunk in a window. Only what was filled:
+                // a full budget gives chunks back.
+                if self.workset.is_some() {
+                    let mut c = chunks.start;
+                    while c < chunks.end {
+                        let e = self.chunks.filled_until(c, chunks.end);
+                        if e > c {
+                            self.need(core, c, e, false);
+                        }
+                        c = e + 1;
+                    }
+                }
             }
             Why::Replay => self.replay_step(core),
             why => self.fill_into(core, work.chunks, why, work.direct),
