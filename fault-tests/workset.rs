@@ -240,3 +240,51 @@ fn a_divergent_run_stops_the_replay() {
     assert_eq!(st.faults, 100, "{st:?}");
     touch(&shadow, &recorded);
 }
+
+/// A consumer in another process (served over a socket, its own
+/// userfaultfd): its faults are recorded in order, and on the next open
+/// the replayed chunks are what its faults then find filled (hits; other
+/// processes' ranges are not mapped ahead).
+#[test]
+fn a_remote_consumers_faults_are_recorded_and_replayed() {
+    let dir = tempdir();
+    let state = tempdir();
+    // The consumer child checks the remote test's content.
+    let id = 0x6e;
+    let path = write_file(dir.path(), "src", id, 4 << 20);
+    let Some(engine) = lazy_engine("workset remote", cfg(state.path(), WorksetMode::Auto)) else {
+        return;
+    };
+    let pages = [5u64, 700, 37, 900, 6];
+    let list = pages.map(|p| p.to_string()).join(",");
+    let serve = |shadow: &Shadow| {
+        let (child, sock) = crate::remote::spawn_consumer(Some(&list));
+        let served = shadowfd::remote::serve(shadow, sock).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success() && text.contains("consumer ok") && text.contains("lazy=true"),
+            "consumer failed: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        served.wait();
+    };
+    {
+        let shadow = engine.open(&path).unwrap();
+        serve(&shadow);
+        assert_eq!(shadow.stats().workset_recorded, pages.len() as u64);
+    }
+    assert_eq!(record_of(state.path()).chunks, pages.to_vec());
+    let shadow = Arc::new(engine.open(&path).unwrap());
+    replay_settles(&shadow);
+    serve(&shadow);
+    let st = shadow.stats();
+    assert_eq!(st.workset_replayed, pages.len() as u64, "{st:?}");
+    assert_eq!(st.workset_hits, pages.len() as u64, "{st:?}");
+    assert_eq!(st.workset_wasted, 0, "{st:?}");
+    assert_eq!(
+        st.chunks_filled,
+        pages.len() as u64,
+        "only the replay filled: {st:?}"
+    );
+}

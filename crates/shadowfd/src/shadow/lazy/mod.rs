@@ -315,9 +315,10 @@ impl LazyShadow {
         }
         if let Some(ws) = &shadow.workset {
             if ws.has_plan() {
-                // One chain of steps per worker, up to two: each step takes
-                // the next recorded chunks from a shared cursor.
-                for _ in 0..cfg.workers.clamp(1, 2) {
+                // Chains of steps sharing one cursor: one per worker but
+                // one (at most two), so that a worker is always free for
+                // faults even while replay reads are slow.
+                for _ in 0..cfg.workers.saturating_sub(1).clamp(1, 2) {
                     core.prefetch(shadow.target(), replay_work());
                 }
             }
@@ -328,19 +329,18 @@ impl LazyShadow {
         Ok(shadow)
     }
 
-    /// Notes that a consumer needed chunks `first..end` (`fault`: by a
-    /// fault on `first`; else by `populate`), for the working set.
-    fn need(&self, core: &Core, first: u64, end: u64, fault: bool) {
+    /// Notes that a consumer needed chunks `first..end` (a fault's answer
+    /// mapped them, `populate` asked for them, or readahead filled them),
+    /// for the working set.
+    fn need(&self, core: &Core, first: u64, end: u64) {
         let Some(ws) = &self.workset else {
             return;
         };
-        let n = ws.need(first, end, fault);
+        let n = ws.need(first, end);
         let both = [&self.counters, &core.counters];
         workset::count(both, |c| &c.workset_recorded, n.recorded);
-        if n.hit {
-            workset::count(both, |c| &c.workset_hits, 1);
-            workset::count(both, |c| &c.workset_used, 1);
-        }
+        workset::count(both, |c| &c.workset_hits, n.hits);
+        workset::count(both, |c| &c.workset_used, n.hits);
         if n.diverged {
             workset::count(both, |c| &c.workset_diverged, 1);
         }
@@ -386,7 +386,7 @@ impl LazyShadow {
         }
         let end = (offset + len).min(self.size);
         let (first, last) = (offset / self.chunk, (end - 1) / self.chunk);
-        self.need(&self.service.core, first, last + 1, false);
+        self.need(&self.service.core, first, last + 1);
     }
 
     /// One step of the working-set replay: takes the next recorded chunks
@@ -1672,9 +1672,9 @@ impl FaultTarget for LazyShadow {
             core.prefetch(self.target(), work);
         }
         match (&mine, filled_to) {
-            (Some(r), _) => self.need(core, r.start, r.end, true),
-            (None, Some(e)) => self.need(core, chunk, e.max(chunk + 1), true),
-            (None, None) => self.need(core, chunk, chunk + 1, true),
+            (Some(r), _) => self.need(core, r.start, r.end),
+            (None, Some(e)) => self.need(core, chunk, e.max(chunk + 1)),
+            (None, None) => self.need(core, chunk, chunk + 1),
         }
         mine.map(|chunks| {
             let direct = self.direct_for(core, &hit, &chunks);
@@ -1794,7 +1794,7 @@ impl FaultTarget for LazyShadow {
                     while c < chunks.end {
                         let e = self.chunks.filled_until(c, chunks.end);
                         if e > c {
-                            self.need(core, c, e, false);
+                            self.need(core, c, e);
                         }
                         c = e + 1;
                     }

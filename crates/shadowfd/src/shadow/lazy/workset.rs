@@ -86,7 +86,8 @@ pub(super) struct Opened {
 #[derive(Default)]
 pub(super) struct Noted {
     pub recorded: u64,
-    pub hit: bool,
+    /// Replayed chunks handed to a consumer for the first time.
+    pub hits: u64,
     pub diverged: bool,
     /// The window closed: this record is to be stored now.
     pub store: Option<Record>,
@@ -206,13 +207,13 @@ impl Workset {
         self.replayed.get(c) && self.used.set(c)
     }
 
-    /// Notes that a consumer needed chunks `first..end`, `first` by its own
-    /// fault (`fault`) or all of them through `populate`.
-    pub fn need(&self, first: u64, end: u64, fault: bool) -> Noted {
+    /// Notes that a consumer needed chunks `first..end`: a fault's answer
+    /// mapped them, `populate` or `read_at` asked for them, or readahead
+    /// filled them.
+    pub fn need(&self, first: u64, end: u64) -> Noted {
         let mut n = Noted::default();
-        if fault && self.used(first) {
-            n.hit = true;
-        }
+        // Handed to a consumer: mapped by a fault's answer, or read.
+        n.hits = (first..end).filter(|&c| self.used(c)).count() as u64;
         let mut fresh = Vec::new();
         for c in first..end {
             if self.needed.set(c) {
