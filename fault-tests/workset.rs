@@ -66,7 +66,15 @@ fn replay_settles(shadow: &Arc<Shadow>) {
     }
 }
 
+/// The one record in `dir`. Waits for it (at most 10 s): a shadow is
+/// stored when it drops, and a test of this binary that spawns a process
+/// forks the ranges mapped at that moment into the child, which hold the
+/// shadow (and defer its drop) until the child's exec lets them go.
 fn record_of(dir: &Path) -> Record {
+    let t0 = std::time::Instant::now();
+    while list(dir).expect("list records").is_empty() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let mut all = list(dir).expect("list records");
     assert_eq!(all.len(), 1, "one record: {all:?}");
     all.pop().unwrap().1.expect("a readable record")
@@ -176,6 +184,7 @@ fn replay_stays_within_the_budget() {
     };
     touch(&recorder.open(&path).unwrap(), &offs);
     drop(recorder);
+    assert_eq!(record_of(state.path()).chunks.len(), offs.len());
     let budget = 4 << 20;
     let mut c = cfg(state.path(), WorksetMode::Replay);
     c.memory_budget = budget;
@@ -214,6 +223,7 @@ fn a_divergent_run_stops_the_replay() {
         let rec = Engine::new(cfg(state.path(), WorksetMode::Record)).unwrap();
         touch(&rec.open(Injected::clean(&path)).unwrap(), &recorded);
     }
+    assert_eq!(record_of(state.path()).chunks.len(), recorded.len());
     let gate = Gate::new();
     let src = Injected::open(
         &path,
