@@ -211,9 +211,11 @@ impl Workset {
     /// mapped them, `populate` or `read_at` asked for them, or readahead
     /// filled them.
     pub fn need(&self, first: u64, end: u64) -> Noted {
-        let mut n = Noted::default();
-        // Handed to a consumer: mapped by a fault's answer, or read.
-        n.hits = (first..end).filter(|&c| self.used(c)).count() as u64;
+        let mut n = Noted {
+            // Handed to a consumer: mapped by a fault's answer, or read.
+            hits: (first..end).filter(|&c| self.used(c)).count() as u64,
+            ..Noted::default()
+        };
         let mut fresh = Vec::new();
         for c in first..end {
             if self.needed.set(c) {
