@@ -23,3 +23,4 @@ mod short;
 mod slow;
 mod stale;
 mod stress;
+mod workset;

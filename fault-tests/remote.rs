@@ -42,7 +42,7 @@ fn consumer_child() {
     println!("consumer ok");
 }
 
-fn spawn_consumer(pages: Option<&str>) -> (Child, UnixStream) {
+pub(crate) fn spawn_consumer(pages: Option<&str>) -> (Child, UnixStream) {
     let (ours, theirs) = UnixStream::pair().unwrap();
     let fd = theirs.into_raw_fd();
     let mut c = Command::new(std::env::current_exe().unwrap());

@@ -33,6 +33,10 @@ pub enum BenchMode {
     Eager,
     /// Lazy shadow: filled through userfaultfd on first touch.
     Lazy,
+    /// Lazy shadow replaying a working set (docs/worksets.md): an untimed
+    /// run of the same pages records it first, then the timed run's open
+    /// starts the replay, which races the access.
+    LazyReplay,
     /// mmap of the host file itself (page cache; warm).
     Native,
     /// mmap of the file through a read-only fuse2fs mount of an ext4 image,
@@ -66,6 +70,7 @@ impl BenchMode {
         match self {
             BenchMode::Eager => "eager",
             BenchMode::Lazy => "lazy",
+            BenchMode::LazyReplay => "lazy-replay",
             BenchMode::Native => "native",
             BenchMode::Fuse => "fuse",
             BenchMode::EagerImage => "eager-image",
@@ -83,7 +88,10 @@ impl BenchMode {
     }
 
     fn is_lazy(self) -> bool {
-        matches!(self, BenchMode::Lazy | BenchMode::LazyImage)
+        matches!(
+            self,
+            BenchMode::Lazy | BenchMode::LazyImage | BenchMode::LazyReplay
+        )
     }
 
     /// Whether a run holds a memfd of the whole file's size (when filled).
@@ -221,6 +229,8 @@ struct Ctx {
     fuse_file: Option<PathBuf>,
     eager: Option<Engine>,
     lazy: Option<Engine>,
+    /// Lazy engines that record and replay working sets (lazy-replay).
+    workset: Option<(Engine, Engine)>,
     /// The file's bytes, read before the runs: the memcpy mode's source.
     in_memory: Option<Vec<u8>>,
     /// The chunk the raw handler fills per fault (the lazy engine's).
@@ -511,6 +521,12 @@ fn run_one(
             p,
         ),
         BenchMode::Lazy => run_shadow(ctx.lazy.as_ref().expect("lazy engine"), &ctx.data, pages, p),
+        BenchMode::LazyReplay => {
+            let (record, replay) = ctx.workset.as_ref().expect("working-set engines");
+            // The first run, untimed: it leaves the record on its drop.
+            run_shadow(record, &ctx.data, pages, p)?;
+            run_shadow(replay, &ctx.data, pages, p)
+        }
         BenchMode::EagerImage | BenchMode::LazyImage => {
             let engine = if mode.is_eager() {
                 &ctx.eager
@@ -702,6 +718,7 @@ pub fn run(mut a: BenchArgs) -> CliResult {
     let lazy = if a.modes.iter().any(|m| m.needs_lazy()) {
         let mut c = base.clone();
         c.mode = Mode::Lazy;
+        c.workset = shadowfd::WorksetMode::Off;
         match Engine::new(c) {
             Ok(e) => Some(e),
             Err(e @ shadowfd::Error::LazyUnavailable(_)) => {
@@ -819,6 +836,23 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         None
     };
 
+    // lazy-replay: its records go to the work directory, never the user's.
+    let workset = match &lazy {
+        Some(_) if a.modes.contains(&BenchMode::LazyReplay) => {
+            let engine = |m| {
+                let mut c = base.clone();
+                c.mode = Mode::Lazy;
+                c.workset = m;
+                c.workset_dir = Some(work.path().join("worksets"));
+                Engine::new(c)
+            };
+            Some((
+                engine(shadowfd::WorksetMode::Record)?,
+                engine(shadowfd::WorksetMode::Replay)?,
+            ))
+        }
+        _ => None,
+    };
     let ctx = Ctx {
         data: DataSource::HostFile(Target::file(host_file.clone())),
         image_data: image_built.then(|| {
@@ -831,6 +865,7 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         fuse_file: mount.as_ref().map(|m| m.mountpoint().join("bench.bin")),
         eager,
         lazy,
+        workset,
         in_memory,
         chunk: base.chunk_size,
         size: a.size,
@@ -939,7 +974,17 @@ pub fn run(mut a: BenchArgs) -> CliResult {
     use BenchMode::*;
     // (name, numerator, denominator): each ratio is num/den per repetition.
     type Term = (BenchMode, fn(&Sample) -> f64);
-    let wanted: [(&'static str, Term, Term); 10] = [
+    let wanted: [(&'static str, Term, Term); 12] = [
+        (
+            "total_lazy_replay_over_native",
+            (LazyReplay, total),
+            (Native, total),
+        ),
+        (
+            "total_speedup_lazy_replay_vs_lazy",
+            (Lazy, total),
+            (LazyReplay, total),
+        ),
         ("open_speedup_lazy_vs_eager", (Eager, open), (Lazy, open)),
         ("total_lazy_over_eager", (Lazy, total), (Eager, total)),
         ("total_speedup_lazy_vs_fuse", (Fuse, total), (Lazy, total)),
@@ -1114,6 +1159,20 @@ fn targets(a: &BenchArgs, ratios: &[Ratio], pooled_open: Option<f64>) -> Vec<rep
         1.0,
         None,
         find(&Access::Random(0.01), "total_speedup_run_vs_fuse"),
+    ));
+    out.push(t(
+        "random:0.01 total: lazy-replay <= 1.5x native (page cache)",
+        "<=",
+        1.5,
+        None,
+        find(&Access::Random(0.01), "total_lazy_replay_over_native"),
+    ));
+    out.push(t(
+        "random:0.01 total: lazy-replay >= 4x faster than cold lazy",
+        ">=",
+        4.0,
+        None,
+        find(&Access::Random(0.01), "total_speedup_lazy_replay_vs_lazy"),
     ));
     let mut fault = t(
         "lazy 4 KiB fault latency <= 1.5x raw UFFDIO_COPY round trip",

@@ -48,5 +48,8 @@ pub fn run(a: CatArgs) -> CliResult {
         }
         done += piece.len();
     }
+    // The SIGBUS watcher keeps the shadow to the end of the process, so
+    // its drop would not store the working-set record.
+    shadow.save_workset()?;
     Ok(())
 }

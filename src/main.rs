@@ -12,11 +12,12 @@ mod serve;
 mod sigbus;
 mod status;
 mod units;
+mod workset;
 
 use clap::{Args, Parser, Subcommand};
 use shadowfd::source::ImageSource;
 use shadowfd::source::object::ObjectUrl;
-use shadowfd::{Config, Engine, FileSource, Mode, Shadow, Source, StalePolicy};
+use shadowfd::{Config, Engine, FileSource, Mode, Shadow, Source, StalePolicy, WorksetMode};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -48,6 +49,8 @@ enum Cmd {
     Status(status::StatusArgs),
     /// Run a command that sees the served files under a path prefix (LD_PRELOAD shim; docs/run.md).
     Run(run::RunArgs),
+    /// The working-set records kept for replay: list, show, rm (docs/worksets.md).
+    Workset(workset::WorksetArgs),
     /// The program `bench` times in its fuse and run modes (internal).
     #[command(hide = true)]
     BenchReader(bench::reader::ReaderArgs),
@@ -101,6 +104,20 @@ pub struct Tuning {
     /// detect | strict: what lazy fills do once the source changed  [env: SHADOWFD_STALE]
     #[arg(long, value_name = "POLICY")]
     pub stale: Option<StalePolicy>,
+    /// off | record | replay | auto: record what a run needs first and
+    /// replay it ahead of the next run (docs/worksets.md)  [env: SHADOWFD_WORKSET] [default: off]
+    #[arg(long, value_name = "MODE")]
+    pub workset: Option<WorksetMode>,
+    /// Where working-set records are kept  [env: SHADOWFD_WORKSET_DIR]
+    /// [default: $XDG_CACHE_HOME/shadowfd/worksets]
+    #[arg(long, value_name = "DIR")]
+    pub workset_dir: Option<PathBuf>,
+    /// How long after open a shadow records, e.g. 30s, 2m  [env: SHADOWFD_WORKSET_WINDOW] [default: 30s]
+    #[arg(long, value_name = "TIME")]
+    pub workset_window: Option<String>,
+    /// The most bytes of chunks one record holds  [env: SHADOWFD_WORKSET_MAX] [default: 256M]
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, allow_negative_numbers = true)]
+    pub workset_max: Option<u64>,
 }
 
 impl Tuning {
@@ -118,6 +135,10 @@ impl Tuning {
             (self.workers.is_some(), "SHADOWFD_WORKERS"),
             (self.readahead.is_some(), "SHADOWFD_READAHEAD"),
             (self.stale.is_some(), "SHADOWFD_STALE"),
+            (self.workset.is_some(), "SHADOWFD_WORKSET"),
+            (self.workset_dir.is_some(), "SHADOWFD_WORKSET_DIR"),
+            (self.workset_window.is_some(), "SHADOWFD_WORKSET_WINDOW"),
+            (self.workset_max.is_some(), "SHADOWFD_WORKSET_MAX"),
         ] {
             if given {
                 skip.push(var);
@@ -141,6 +162,18 @@ impl Tuning {
         }
         if let Some(v) = self.stale {
             c.stale = v;
+        }
+        if let Some(v) = self.workset {
+            c.workset = v;
+        }
+        if let Some(v) = &self.workset_dir {
+            c.workset_dir = Some(v.clone());
+        }
+        if let Some(v) = &self.workset_window {
+            c.set("workset-window", v)?;
+        }
+        if let Some(v) = self.workset_max {
+            c.workset_max = v;
         }
         Ok(c)
     }
@@ -325,6 +358,7 @@ fn main() -> ExitCode {
         Cmd::Probe(a) => a.json(),
         Cmd::Bench(a) => a.json(),
         Cmd::Cat(_) | Cmd::Serve(_) | Cmd::Run(_) | Cmd::BenchReader(_) => false,
+        Cmd::Workset(a) => a.json(),
         Cmd::Client(a) => a.json(),
         Cmd::Status(a) => a.json(),
     };
@@ -336,6 +370,7 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => harden().and_then(|()| serve::run(a)),
         Cmd::Client(a) => harden().and_then(|()| client::run(a)),
         Cmd::Status(a) => status::run(a),
+        Cmd::Workset(a) => workset::run(a),
         // An ordinary program: no hardening, nothing shadowfd-specific.
         Cmd::BenchReader(a) => bench::reader::run(a),
         // The command's own exit status, once it ran.

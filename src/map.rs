@@ -68,6 +68,9 @@ struct Report {
     /// What an s3:// source did: requests, bytes, retries, cache use.
     #[serde(skip_serializing_if = "Option::is_none")]
     object: Option<shadowfd::source::object::ObjectStats>,
+    /// With `--workset` other than off (docs/worksets.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workset: Option<WorksetReport>,
 }
 
 /// Compares the touched pages of `map` with `src`; the first differing offset.
@@ -97,6 +100,21 @@ fn verify(
 }
 
 /// A failure whose JSON report is already on stdout.
+/// What the working set did in this run.
+#[derive(Serialize)]
+struct WorksetReport {
+    mode: shadowfd::WorksetMode,
+    recorded: u64,
+    replayed: u64,
+    mapped_ahead: u64,
+    hits: u64,
+    wasted: u64,
+    diverged: u64,
+    discarded: u64,
+    /// Where the record was stored, if it was.
+    stored: Option<std::path::PathBuf>,
+}
+
 #[derive(Debug)]
 pub struct ReportedInJson(pub String);
 
@@ -132,7 +150,22 @@ pub fn run(a: MapArgs) -> CliResult {
         page,
     ));
     let access_us = t.elapsed().as_secs_f64() * 1e6;
+    // The SIGBUS watcher keeps the shadow to the end of the process, so
+    // its drop would not store the working-set record.
+    let stored = shadow.save_workset()?;
     let stats = shadow.stats();
+    let ws_mode = engine.config().workset;
+    let workset = (ws_mode != shadowfd::WorksetMode::Off).then_some(WorksetReport {
+        mode: ws_mode,
+        recorded: stats.workset_recorded,
+        replayed: stats.workset_replayed,
+        mapped_ahead: stats.workset_mapped_ahead,
+        hits: stats.workset_hits,
+        wasted: stats.workset_wasted,
+        diverged: stats.workset_diverged,
+        discarded: stats.workset_discarded,
+        stored,
+    });
     let resident_bytes = shadow.resident_bytes()?;
     let object = a.target.object.stats();
     let (verified, mismatch_offset) = if a.verify {
@@ -164,6 +197,7 @@ pub fn run(a: MapArgs) -> CliResult {
         verified,
         mismatch_offset,
         object,
+        workset,
     };
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -236,6 +270,23 @@ fn print_human(r: &Report) {
         if let Some(e) = &o.last_error {
             println!("  last error  {e}");
         }
+    }
+    if let Some(w) = &r.workset {
+        println!(
+            "  workset     {}: {} recorded, {} replayed ({} mapped ahead, {} hits, {} wasted){}{}",
+            w.mode,
+            w.recorded,
+            w.replayed,
+            w.mapped_ahead,
+            w.hits,
+            w.wasted,
+            if w.diverged > 0 { ", diverged" } else { "" },
+            if w.discarded > 0 {
+                ", stale record discarded"
+            } else {
+                ""
+            },
+        );
     }
     if r.source_changed {
         println!("  warning     the source changed after open");

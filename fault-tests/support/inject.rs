@@ -273,6 +273,12 @@ impl Source for Injected {
     fn name(&self) -> String {
         format!("{} (injected)", self.path.display())
     }
+
+    /// The file's own identity: a working set recorded through one
+    /// `Injected` of a file is replayed through another.
+    fn identity(&self) -> Option<shadowfd::SourceIdentity> {
+        self.inner.identity()
+    }
 }
 
 /// A gate that holds reads until opened, and counts who arrived.

@@ -55,6 +55,11 @@ fn lazy_only(name: &str) {
 }
 
 #[test]
+fn workset_config_records_then_replays() {
+    each_mode("workset");
+}
+
+#[test]
 fn callback_source_matches_the_file() {
     each_mode("callback");
 }

@@ -48,14 +48,15 @@ pub mod shadow;
 pub mod source;
 mod stats;
 mod sys;
+pub mod workset;
 
-pub use config::{Config, Mode, StalePolicy};
+pub use config::{Config, Mode, StalePolicy, WorksetMode};
 pub use engine::{Engine, IntoSource, OpenOptions};
 pub use error::{Cause, Connection, Error, Result};
 pub use harden::harden_process;
 pub use remote::RemoteMapping;
 pub use shadow::{MapOptions, Mapping, Registration, Shadow, Share, Staleness};
-pub use source::{FileSource, Mapped, Source, SourceMeta};
+pub use source::{FileSource, Mapped, Source, SourceIdentity, SourceMeta};
 pub use stats::Stats;
 pub use sys::{Access, Advice, Attempt, Probe, UncheckedAdvice, feature_names, probe};
 

@@ -89,6 +89,14 @@ pub(crate) struct Counters {
     pub forks_followed: AtomicU64,
     pub adopted_ranges: AtomicU64,
     pub spare_workers: AtomicU64,
+    pub workset_recorded: AtomicU64,
+    pub workset_replayed: AtomicU64,
+    pub workset_hits: AtomicU64,
+    pub workset_mapped_ahead: AtomicU64,
+    /// Replayed chunks counted as hits or mapped ahead (each once).
+    pub workset_used: AtomicU64,
+    pub workset_diverged: AtomicU64,
+    pub workset_discarded: AtomicU64,
     pub fill_latency: Latency,
 }
 
@@ -110,6 +118,17 @@ impl Counters {
             forks_followed: self.forks_followed.load(Relaxed),
             adopted_ranges: self.adopted_ranges.load(Relaxed),
             spare_workers: self.spare_workers.load(Relaxed),
+            workset_recorded: self.workset_recorded.load(Relaxed),
+            workset_replayed: self.workset_replayed.load(Relaxed),
+            workset_hits: self.workset_hits.load(Relaxed),
+            workset_mapped_ahead: self.workset_mapped_ahead.load(Relaxed),
+            workset_wasted: self
+                .workset_replayed
+                .load(Relaxed)
+                .saturating_sub(self.workset_used.load(Relaxed)),
+            workset_diverged: self.workset_diverged.load(Relaxed),
+            workset_discarded: self.workset_discarded.load(Relaxed),
+            workset_pending: 0,
             fill_p50_us: us(0.5),
             fill_p99_us: us(0.99),
             resident_bytes,
@@ -165,6 +184,26 @@ pub struct Stats {
     /// in a fill for 100 ms while faults waited (a slow source): the other
     /// shadows' faults were served by them meanwhile.
     pub spare_workers: u64,
+    /// Chunks recorded into working sets (their first need, docs/worksets.md).
+    pub workset_recorded: u64,
+    /// Chunks filled ahead of the touch by a working-set replay.
+    pub workset_replayed: u64,
+    /// Replayed chunks a consumer then faulted on (in a range that came
+    /// after they were filled, or another process's).
+    pub workset_hits: u64,
+    /// Replayed chunks mapped into a consumer range of this process before
+    /// it touched them (`UFFDIO_CONTINUE` ahead): a touch there takes no
+    /// fault at all, so whether it came is not seen.
+    pub workset_mapped_ahead: u64,
+    /// Replayed chunks no consumer got: neither mapped ahead nor faulted on.
+    pub workset_wasted: u64,
+    /// Replays stopped early because the run diverged from the record.
+    pub workset_diverged: u64,
+    /// Records found for an older version of their source, discarded.
+    pub workset_discarded: u64,
+    /// Recorded chunks a replay under way has still to look at (a shadow's
+    /// own stats only; 0 once the replay ended, stopped, or never began).
+    pub workset_pending: u64,
     /// Median time of one fill (one chunk for a random fault; a run of up
     /// to 1 MiB for sequential access, readahead and populate), in µs.
     /// Estimated from a histogram: interpolated within a bucket a quarter

@@ -20,7 +20,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("error", &["error", "stats"]),
     ("raw", &["sys", "harden"]),
     ("configuration", &["config"]),
-    ("input", &["source"]),
+    ("input", &["source", "workset"]),
     ("fault service", &["fault"]),
     ("shadows", &["eager", "shadow"]),
     ("engine", &["engine"]),

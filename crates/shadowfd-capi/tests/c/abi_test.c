@@ -529,6 +529,44 @@ static int case_materialize(const char *path) {
     return 0;
 }
 
+/* Working sets through the config keys: a run with workset=record leaves
+ * one record in workset-dir; a run with workset=replay reads the same bytes;
+ * bad values are -EINVAL. */
+static int case_workset(const char *path, const char *dir) {
+    char wsdir[4096];
+    snprintf(wsdir, sizeof wsdir, "%s/worksets-%d", dir, (int)getpid());
+    shadowfd_config *c = shadowfd_config_new();
+    CHECK(c);
+    CHECK_ERR(shadowfd_config_set(c, "workset", "sometimes"), EINVAL, "workset");
+    CHECK_ERR(shadowfd_config_set(c, "workset-window", "2 fortnights"), EINVAL,
+              "workset-window");
+    shadowfd_config_free(c);
+    const char *modes[] = {"record", "replay"};
+    for (int round = 0; round < 2; round++) {
+        const char *kv[] = {"workset", modes[round], "workset-dir", wsdir, NULL};
+        shadowfd_engine *e = engine_with(kv);
+        shadowfd_shadow *sh = shadowfd_open_path(e, path);
+        CHECK(sh);
+        void *p = NULL;
+        CHECK_OK(shadowfd_map(sh, 0, 0, 0, NULL, &p));
+        for (size_t off = 0; off < want_len; off += 7 * page) {
+            size_t n = want_len - off < page ? want_len - off : page;
+            same((const char *)p + off, off, n, "a page of the mapping");
+        }
+        CHECK_OK(shadowfd_unmap(p, want_len));
+        shadowfd_shadow_free(sh);
+        shadowfd_engine_free(e);
+    }
+    /* Lazy mode recorded one record; eager records nothing. */
+    char cmd[4300];
+    snprintf(cmd, sizeof cmd, "test \"$(ls %s/*.ws 2>/dev/null | wc -l)\" = %d", wsdir,
+             strcmp(mode, "lazy") == 0 ? 1 : 0);
+    CHECK(system(cmd) == 0);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", wsdir);
+    CHECK(system(cmd) == 0);
+    return 0;
+}
+
 static int64_t null_read(void *ctx, void *buf, size_t len, uint64_t off) {
     (void)ctx;
     (void)buf;
@@ -674,6 +712,8 @@ int main(int argc, char **argv) {
         return case_fill_read(argv[2]);
     if (!strcmp(c, "materialize"))
         return case_materialize(argv[2]);
+    if (!strcmp(c, "workset"))
+        return case_workset(argv[2], argc > 4 ? argv[4] : "/tmp");
     if (!strcmp(c, "errors"))
         return case_errors(argv[2], argc > 4 ? argv[4] : "/");
     fprintf(stderr, "unknown case %s\n", c);

@@ -82,6 +82,87 @@ pub enum StalePolicy {
 
 named_enum!(StalePolicy { Detect => "detect", Strict => "strict" }, "expected detect or strict");
 
+/// What lazy shadows do with working-set records (docs/worksets.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
+#[non_exhaustive]
+pub enum WorksetMode {
+    /// Neither record nor replay.
+    Off,
+    /// Record the chunks each run needs first, replacing the last record.
+    Record,
+    /// Replay an existing record; never write one.
+    Replay,
+    /// Record where no record exists; otherwise replay it, and add to it
+    /// the chunks the run needed outside it.
+    Auto,
+}
+
+named_enum!(WorksetMode { Off => "off", Record => "record", Replay => "replay", Auto => "auto" },
+    "expected off, record, replay or auto");
+
+impl WorksetMode {
+    /// Whether this mode writes records.
+    pub fn records(self) -> bool {
+        matches!(self, WorksetMode::Record | WorksetMode::Auto)
+    }
+
+    /// Whether this mode replays records.
+    pub fn replays(self) -> bool {
+        matches!(self, WorksetMode::Replay | WorksetMode::Auto)
+    }
+}
+
+/// Default recording window: the first 30 s after a shadow is opened.
+pub const DEFAULT_WORKSET_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
+/// Default cap of one record: 256 MiB of chunks.
+pub const DEFAULT_WORKSET_MAX: u64 = 256 << 20;
+/// Longest accepted recording window.
+pub const MAX_WORKSET_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// The default working-set directory: `$XDG_CACHE_HOME/shadowfd/worksets`,
+/// else `$HOME/.cache/shadowfd/worksets`; `None` if neither is an absolute
+/// path.
+pub fn default_workset_dir() -> Option<std::path::PathBuf> {
+    let abs = |v: std::ffi::OsString| {
+        let p = std::path::PathBuf::from(v);
+        p.is_absolute().then_some(p)
+    };
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .and_then(abs)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .and_then(abs)
+                .map(|h| h.join(".cache"))
+        })?;
+    Some(base.join("shadowfd").join("worksets"))
+}
+
+/// Parses a duration: a number with an optional unit `ms`, `s` (default),
+/// `m` or `h`.
+pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| {
+        "expected a whole number with an optional unit ms, s, m or h, e.g. 30s".to_string()
+    })?;
+    let ms = match unit.trim() {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        u => {
+            return Err(format!(
+                "unknown unit {u:?}: expected ms, s, m or h, e.g. 30s"
+            ));
+        }
+    };
+    ms.map(std::time::Duration::from_millis)
+        .ok_or_else(|| "too long".to_string())
+}
+
 /// Everything a [`crate::Engine`] needs to know. Build it with
 /// [`Config::from_env`] (defaults plus `SHADOWFD_*`), adjust fields, and the
 /// engine calls [`Config::validate`].
@@ -108,6 +189,18 @@ pub struct Config {
     pub readahead: u64,
     /// Lazy staleness policy (`SHADOWFD_STALE`; default `detect`).
     pub stale: StalePolicy,
+    /// Working-set records (`SHADOWFD_WORKSET`; default `off`, see
+    /// docs/worksets.md).
+    pub workset: WorksetMode,
+    /// Where records are kept (`SHADOWFD_WORKSET_DIR`; default `None`:
+    /// [`default_workset_dir`]).
+    pub workset_dir: Option<std::path::PathBuf>,
+    /// How long after open a shadow records (`SHADOWFD_WORKSET_WINDOW`;
+    /// default 30 s).
+    pub workset_window: std::time::Duration,
+    /// The most bytes of chunks one record holds (`SHADOWFD_WORKSET_MAX`;
+    /// default 256 MiB).
+    pub workset_max: u64,
 }
 
 fn default_workers() -> usize {
@@ -131,6 +224,10 @@ impl Default for Config {
             workers: default_workers(),
             readahead: DEFAULT_READAHEAD,
             stale: StalePolicy::Detect,
+            workset: WorksetMode::Off,
+            workset_dir: None,
+            workset_window: DEFAULT_WORKSET_WINDOW,
+            workset_max: DEFAULT_WORKSET_MAX,
         }
     }
 }
@@ -204,6 +301,18 @@ impl Config {
         if let Some(v) = env_var("SHADOWFD_STALE")? {
             c.stale = parse_with("SHADOWFD_STALE", &v, str::parse)?;
         }
+        if let Some(v) = env_var("SHADOWFD_WORKSET")? {
+            c.workset = parse_with("SHADOWFD_WORKSET", &v, str::parse)?;
+        }
+        if let Some(v) = env_var("SHADOWFD_WORKSET_DIR")? {
+            c.workset_dir = (!v.is_empty()).then(|| v.into());
+        }
+        if let Some(v) = env_var("SHADOWFD_WORKSET_WINDOW")? {
+            c.workset_window = parse_with("SHADOWFD_WORKSET_WINDOW", &v, parse_duration)?;
+        }
+        if let Some(v) = env_var("SHADOWFD_WORKSET_MAX")? {
+            c.workset_max = parse_with("SHADOWFD_WORKSET_MAX", &v, parse_size)?;
+        }
         if !max_size_set {
             c.max_size = DEFAULT_MAX_SIZE.min(c.memory_budget);
         }
@@ -211,8 +320,9 @@ impl Config {
     }
 
     /// Sets one value from text, by the name of its command-line flag:
-    /// `mode`, `max-size`, `memory-budget`, `chunk`, `workers`, `readahead`
-    /// or `stale` (a leading `--` is accepted). Values are parsed as the CLI
+    /// `mode`, `max-size`, `memory-budget`, `chunk`, `workers`, `readahead`,
+    /// `stale`, `workset`, `workset-dir`, `workset-window` or `workset-max`
+    /// (a leading `--` is accepted). Values are parsed as the CLI
     /// parses them (`512M`, `2G`, `lazy`, ...); ranges are checked by
     /// [`Config::validate`]. As with the CLI, setting `memory-budget` while
     /// `max-size` still has its default lowers the size cap to the new budget
@@ -274,12 +384,35 @@ impl Config {
                 self.stale =
                     parse_with("stale policy (--stale / SHADOWFD_STALE)", value, str::parse)?
             }
+            "workset" => {
+                self.workset = parse_with(
+                    "working-set mode (--workset / SHADOWFD_WORKSET)",
+                    value,
+                    str::parse,
+                )?
+            }
+            "workset-dir" => self.workset_dir = (!value.is_empty()).then(|| value.into()),
+            "workset-window" => {
+                self.workset_window = parse_with(
+                    "working-set window (--workset-window / SHADOWFD_WORKSET_WINDOW)",
+                    value,
+                    parse_duration,
+                )?
+            }
+            "workset-max" => {
+                self.workset_max = parse_with(
+                    "working-set cap (--workset-max / SHADOWFD_WORKSET_MAX)",
+                    value,
+                    parse_size,
+                )?
+            }
             _ => {
                 return Err(Error::Config {
                     what: "configuration key",
                     value: key.to_string(),
                     why: "expected one of mode, max-size, memory-budget, chunk, workers, \
-                          readahead, stale (the command-line flags' names)"
+                          readahead, stale, workset, workset-dir, workset-window, workset-max \
+                          (the command-line flags' names)"
                         .into(),
                 });
             }
@@ -375,7 +508,45 @@ impl Config {
                 ),
             ));
         }
+        if self.workset_window > MAX_WORKSET_WINDOW {
+            return Err(Error::Config {
+                what: "working-set window (--workset-window / SHADOWFD_WORKSET_WINDOW)",
+                value: format!("{} s", self.workset_window.as_secs()),
+                why: format!(
+                    "must be at most {} s (a day); records are meant for start-up, e.g. 30s",
+                    MAX_WORKSET_WINDOW.as_secs()
+                ),
+            });
+        }
+        if self.workset.records() && self.workset_max < self.chunk_size {
+            return Err(err(
+                "working-set cap (--workset-max / SHADOWFD_WORKSET_MAX)",
+                self.workset_max,
+                format!(
+                    "is below one chunk ({} bytes): nothing could be recorded; set it to at \
+                     least the chunk size, e.g. 256M, or --workset off",
+                    self.chunk_size
+                ),
+            ));
+        }
+        if self.workset != WorksetMode::Off
+            && self.workset_dir.is_none()
+            && default_workset_dir().is_none()
+        {
+            return Err(Error::Config {
+                what: "working-set directory (--workset-dir / SHADOWFD_WORKSET_DIR)",
+                value: String::new(),
+                why: "neither XDG_CACHE_HOME nor HOME is an absolute path, so there is no \
+                      default; set SHADOWFD_WORKSET_DIR, or --workset off"
+                    .into(),
+            });
+        }
         Ok(())
+    }
+
+    /// The directory working-set records are kept in.
+    pub fn workset_dir(&self) -> Option<std::path::PathBuf> {
+        self.workset_dir.clone().or_else(default_workset_dir)
     }
 }
 

@@ -25,6 +25,7 @@ pub(crate) mod chunks;
 mod forkwatch;
 mod service;
 pub(crate) mod spans;
+mod spare;
 
 pub(crate) use service::{Core, Service, in_service};
 
@@ -45,6 +46,9 @@ pub(crate) enum Why {
     Prefetch,
     /// `populate`/`materialize`: the caller asked for these bytes.
     Populate,
+    /// A working-set replay step: speculative, as `Prefetch`; the target
+    /// says what `chunks` means.
+    Replay,
 }
 
 /// Chunks of a target to fill. For `Why::Fault` they are claimed already;

@@ -198,7 +198,10 @@ impl Shadow {
                 }
                 Ok(())
             }
-            Kind::Lazy(l) => l.populate(offset, len),
+            Kind::Lazy(l) => {
+                l.need_bytes(offset, len);
+                l.populate(offset, len)
+            }
         }
     }
 
@@ -313,8 +316,21 @@ impl Shadow {
                 let mut s = l.counters.snapshot(l.resident_bytes());
                 s.last_error = l.last_error.lock().clone();
                 s.source_changed = l.source_changed();
+                s.workset_pending = l.workset_pending();
                 s
             }
+        }
+    }
+
+    /// Ends this shadow's working-set recording now and stores the record
+    /// (docs/worksets.md), as its drop or the end of the recording window
+    /// would. Returns the record's path, or `None` if nothing was to be
+    /// stored (not recording, nothing new, or stored already). A failure
+    /// to store is also reported on stderr.
+    pub fn save_workset(&self) -> std::io::Result<Option<std::path::PathBuf>> {
+        match &self.kind {
+            Kind::Eager(_) => Ok(None),
+            Kind::Lazy(l) => l.save_workset(),
         }
     }
 

@@ -234,6 +234,11 @@ impl Source for FileSource {
         // made here, never registered, unmapped only when this source drops.
         Some(unsafe { Mapped::new(m.as_ptr(), m.len()) })
     }
+
+    /// Device and inode; size, mtime and ctime in ns (one `fstat`).
+    fn identity(&self) -> Option<super::SourceIdentity> {
+        Some(super::SourceIdentity::of_file(&self.fill_metadata().ok()?))
+    }
 }
 
 #[cfg(test)]

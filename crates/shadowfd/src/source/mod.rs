@@ -104,6 +104,48 @@ pub trait Source: Send + Sync {
     fn mapped(&self) -> Option<Mapped> {
         None
     }
+
+    /// Who the source is, for working-set records (docs/worksets.md):
+    /// `None` (the default) if it cannot say, and then nothing is recorded
+    /// or replayed for it. A backend that answers must change
+    /// [`SourceIdentity::version`] whenever its bytes may have changed.
+    fn identity(&self) -> Option<SourceIdentity> {
+        None
+    }
+}
+
+/// A source's identity ([`Source::identity`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceIdentity {
+    /// Which source this is, stable while it stays the same file or
+    /// object (a host file: its device and inode numbers). Records are
+    /// found by it.
+    pub which: String,
+    /// The version of its content (a host file: size, mtime and ctime in
+    /// ns). A record of another version is discarded.
+    pub version: String,
+}
+
+impl SourceIdentity {
+    /// A host file's identity from its metadata.
+    pub fn of_file(m: &SourceMeta) -> SourceIdentity {
+        SourceIdentity {
+            which: format!("file dev={} ino={}", m.device, m.inode),
+            version: format!(
+                "size={} mtime={}.{:09} ctime={}.{:09}",
+                m.size, m.mtime.sec, m.mtime.nsec, m.ctime.sec, m.ctime.nsec
+            ),
+        }
+    }
+
+    /// An identity the embedder chose for a callback source: `key` names
+    /// the content, so it is both which source and its version.
+    pub fn embedder(key: &str) -> SourceIdentity {
+        SourceIdentity {
+            which: format!("key {key}"),
+            version: String::new(),
+        }
+    }
 }
 
 /// A source's bytes mapped in memory ([`Source::mapped`]): byte `i` of the
@@ -163,6 +205,9 @@ macro_rules! forward_source {
             }
             fn mapped(&self) -> Option<Mapped> {
                 (**self).mapped()
+            }
+            fn identity(&self) -> Option<SourceIdentity> {
+                (**self).identity()
             }
         }
     };

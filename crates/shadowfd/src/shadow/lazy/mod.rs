@@ -23,6 +23,7 @@ mod consumers;
 mod fill;
 mod readahead;
 mod user;
+mod workset;
 
 pub(crate) use user::User;
 
@@ -101,6 +102,8 @@ pub(crate) struct LazyShadow {
     checked_at: AtomicU64,
     pub last_error: Mutex<Option<String>>,
     pub service: Arc<Service>,
+    /// Its working set: recording and replay (docs/worksets.md).
+    workset: Option<workset::Workset>,
     me: Weak<LazyShadow>,
     /// Owners and mappings holding it ([`User`]).
     users: user::Users,
@@ -173,6 +176,16 @@ const POPULATE_OVER: u64 = 64 << 10;
 /// metadata when nothing depends on the answer (ns).
 const DETECT_EVERY: u64 = 1_000_000;
 
+/// The work item of a working-set replay step ([`LazyShadow::replay_step`]
+/// keeps its place itself).
+fn replay_work() -> Work {
+    Work {
+        chunks: 0..0,
+        why: Why::Replay,
+        direct: None,
+    }
+}
+
 /// How many chunks make one run.
 pub(crate) fn run_chunks(chunk: u64) -> u64 {
     (RUN_BYTES / chunk).max(1)
@@ -204,6 +217,15 @@ impl LazyShadow {
     ) -> Result<Arc<LazyShadow>> {
         let name = source.name();
         let size = meta.size;
+        let ws = if cfg.workset == crate::config::WorksetMode::Off {
+            None
+        } else {
+            let id = catch_unwind(AssertUnwindSafe(|| source.identity()))
+                .ok()
+                .flatten();
+            Some(workset::Workset::open(cfg, id, cfg.chunk_size, size))
+        };
+        let (ws, discarded) = ws.map_or((None, false), |o| (o.workset, o.discarded));
         let memfd = Memfd::create(&name, size)?;
         let core = &service.core;
         let chunk = cfg.chunk_size;
@@ -248,6 +270,7 @@ impl LazyShadow {
             checked_at: AtomicU64::new(0),
             last_error: Mutex::new(None),
             service: service.clone(),
+            workset: ws,
             me: me.clone(),
             users: user::Users::default(),
             gone: user::Gone::new(),
@@ -283,7 +306,209 @@ impl LazyShadow {
             core.add_inode(ino, shadow.target());
         }
         shadow.ready.store(true, Ordering::Release);
+        if discarded {
+            workset::count(
+                [&shadow.counters, &core.counters],
+                |c| &c.workset_discarded,
+                1,
+            );
+        }
+        if let Some(ws) = &shadow.workset {
+            if ws.has_plan() {
+                // Chains of steps sharing one cursor: one per worker but
+                // one (at most two), so that a worker is always free for
+                // faults even while replay reads are slow.
+                for _ in 0..cfg.workers.saturating_sub(1).clamp(1, 2) {
+                    core.prefetch(shadow.target(), replay_work());
+                }
+            }
+            if let Some(d) = ws.deadline() {
+                workset::close_at(d, shadow.me.clone());
+            }
+        }
         Ok(shadow)
+    }
+
+    /// Notes that a consumer needed chunks `first..end` (a fault's answer
+    /// mapped them, `populate` asked for them, or readahead filled them),
+    /// for the working set.
+    fn need(&self, core: &Core, first: u64, end: u64) {
+        let Some(ws) = &self.workset else {
+            return;
+        };
+        let n = ws.need(first, end);
+        let both = [&self.counters, &core.counters];
+        workset::count(both, |c| &c.workset_recorded, n.recorded);
+        workset::count(both, |c| &c.workset_hits, n.hits);
+        workset::count(both, |c| &c.workset_used, n.hits);
+        if n.diverged {
+            workset::count(both, |c| &c.workset_diverged, 1);
+        }
+        if let Some(r) = n.store {
+            // The window closed: stored off the fault path.
+            let dir = ws.dir();
+            let _ = std::thread::Builder::new()
+                .name("shadowfd-workset".into())
+                .spawn(move || {
+                    let _ = workset::store_in(&dir, &r);
+                });
+        }
+    }
+
+    /// Ends the working-set recording now and stores the record (see
+    /// [`crate::Shadow::save_workset`]).
+    pub fn save_workset(&self) -> std::io::Result<Option<std::path::PathBuf>> {
+        match &self.workset {
+            Some(ws) => match ws.finish() {
+                Some(r) => ws.store(&r).map(Some),
+                None => Ok(None),
+            },
+            None => Ok(None),
+        }
+    }
+
+    /// Recorded chunks the replay has still to look at (0 once it ended
+    /// or stopped).
+    pub fn workset_pending(&self) -> u64 {
+        match &self.workset {
+            Some(ws) if ws.replaying() && !self.users.none() => {
+                (ws.plan().len() - ws.done.load(Ordering::Acquire).min(ws.plan().len())) as u64
+            }
+            _ => 0,
+        }
+    }
+
+    /// Notes bytes `offset..offset+len` asked for by `populate` or
+    /// `read_at`, for the working set.
+    pub fn need_bytes(&self, offset: u64, len: u64) {
+        if self.workset.is_none() || len == 0 || offset >= self.size {
+            return;
+        }
+        let end = (offset + len).min(self.size);
+        let (first, last) = (offset / self.chunk, (end - 1) / self.chunk);
+        self.need(&self.service.core, first, last + 1);
+    }
+
+    /// One step of the working-set replay: takes the next recorded chunks
+    /// (at most [`workset::STEP_CHUNKS`]) from the shared cursor and fills
+    /// them in recorded order, consecutive ones in runs, as speculative
+    /// fills (the budget's first half only), then queues the next step
+    /// behind whatever faults wait. Each fill
+    /// maps its chunks into every consumer range of this process
+    /// ([`LazyShadow::answer_all`]), ahead of the touch. Stops for good at
+    /// the first fill the budget refuses, or once the run diverged.
+    fn replay_step(&self, core: &Core) {
+        let Some(ws) = &self.workset else {
+            return;
+        };
+        let plan = ws.plan();
+        let mut pos = ws
+            .cursor
+            .fetch_add(workset::STEP_CHUNKS, Ordering::AcqRel)
+            .min(plan.len());
+        let start = pos;
+        let step_end = (pos + workset::STEP_CHUNKS).min(plan.len());
+        let run = run_chunks(self.chunk);
+        while pos < step_end {
+            if !ws.replaying() {
+                return;
+            }
+            let c = plan[pos];
+            let mut e = c + 1;
+            pos += 1;
+            while pos < step_end && plan[pos] == e && e - c < run {
+                e += 1;
+                pos += 1;
+            }
+            let mut x = c;
+            while x < e {
+                let Some(r) = self.chunks.claim_run(x, e) else {
+                    x += 1;
+                    continue;
+                };
+                x = r.end;
+                self.fill(core, r.clone(), Why::Replay);
+                if self.chunks.get(r.start) != ChunkState::Filled {
+                    // Given back: the budget has no room for more.
+                    ws.stop();
+                    return;
+                }
+                self.note_replayed(core, ws, r);
+            }
+        }
+        ws.done.fetch_add(step_end - start, Ordering::AcqRel);
+        if step_end < plan.len() && ws.replaying() {
+            core.prefetch(self.target(), replay_work());
+        }
+    }
+
+    /// Counts the chunks of `run` the replay filled, and those of them
+    /// its fill mapped into a consumer range of this process.
+    fn note_replayed(&self, core: &Core, ws: &workset::Workset, run: Range<u64>) {
+        let (off, end) = self.run_range(&run);
+        let shown = self
+            .consumers
+            .read()
+            .local()
+            .iter()
+            .any(|m| m.overlap(off, end).is_some());
+        let both = [&self.counters, &core.counters];
+        for c in run {
+            if ws.replayed(c) {
+                workset::count(both, |x| &x.workset_replayed, 1);
+            }
+            if shown && ws.used(c) {
+                workset::count(both, |x| &x.workset_mapped_ahead, 1);
+                workset::count(both, |x| &x.workset_used, 1);
+            }
+        }
+    }
+
+    /// Maps the filled chunks of the new consumer range `start..start+len`
+    /// (this process's, showing the shadow from `offset`) into it now,
+    /// while a working set is replayed: what the replay filled before the
+    /// range was made then costs no fault either. Only Filled chunks, and
+    /// not their bad pages (those fault, and are poisoned then).
+    fn map_ahead(&self, start: u64, len: u64, offset: u64) {
+        let Some(ws) = self.workset.as_ref().filter(|w| w.has_plan()) else {
+            return;
+        };
+        let core = &self.service.core;
+        let page = core.page;
+        let end_off = (offset + len).min(round_up(self.size, page));
+        if end_off <= offset {
+            return;
+        }
+        let bad = self.bad.lock().clone();
+        let both = [&self.counters, &core.counters];
+        let (first, last) = (offset / self.chunk, (end_off - 1) / self.chunk);
+        let mut c = first;
+        while c <= last {
+            if self.chunks.get(c) != ChunkState::Filled {
+                c += 1;
+                continue;
+            }
+            let e = self.chunks.filled_until(c, last + 1);
+            for x in c..e {
+                if ws.used(x) {
+                    workset::count(both, |k| &k.workset_mapped_ahead, 1);
+                    workset::count(both, |k| &k.workset_used, 1);
+                }
+            }
+            let a = (c * self.chunk).max(offset);
+            let b = round_up((e * self.chunk).min(self.size), page).min(end_off);
+            let mut at = a;
+            for (&p, _) in bad.range(a..b) {
+                if p > at {
+                    let _ = core.uffd.continue_range(start + at - offset, p - at);
+                }
+                at = p + page;
+            }
+            if at < b {
+                let _ = core.uffd.continue_range(start + at - offset, b - at);
+            }
+            c = e;
+        }
     }
 
     fn target(&self) -> Weak<dyn FaultTarget> {
@@ -768,7 +993,9 @@ impl LazyShadow {
                 "failpoint: a fill over offset {at}"
             );
         }
-        let prefetch = why == Why::Prefetch;
+        // A replay step is as speculative as readahead.
+        let prefetch = matches!(why, Why::Prefetch | Why::Replay);
+        let readahead = why == Why::Prefetch;
         // A fault needs its first chunk; the rest of its run is a guess.
         let speculative = prefetch || (why == Why::Fault && run.end - run.start > 1);
         let t0 = std::time::Instant::now();
@@ -801,7 +1028,7 @@ impl LazyShadow {
             match direct.filter(|_| span <= buffer::PIECE as u64) {
                 Some(d) => {
                     let count = |good| {
-                        self.account(core, &run, prefetch, good, span, t0);
+                        self.account(core, &run, readahead, good, span, t0);
                         accounted = true;
                     };
                     (good_bytes, mapped) =
@@ -833,7 +1060,7 @@ impl LazyShadow {
             }
         }
         if !accounted {
-            self.account(core, &run, prefetch, good_bytes, reserved, t0);
+            self.account(core, &run, readahead, good_bytes, reserved, t0);
         }
         // Publish before answering: a fault message read after this sees
         // Filled and is answered by whoever reads it.
@@ -841,7 +1068,8 @@ impl LazyShadow {
         self.answer_all(core, off, off + span, &bad_pages, mapped);
     }
 
-    /// Counts a fill of `run` (`good` bytes read, `reserved` resident).
+    /// Counts a fill of `run` (`good` bytes read, `reserved` resident;
+    /// `prefetch`: readahead).
     fn account(
         &self,
         core: &Core,
@@ -1071,14 +1299,15 @@ impl LazyShadow {
 
     /// Answers a fault on a filled chunk: poisons a bad page, or maps the
     /// run of filled chunks from the faulting page (up to [`RUN_BYTES`], the
-    /// end of the range and the next bad page).
-    fn answer_filled(&self, core: &Core, hit: &Hit<'_>) {
+    /// end of the range and the next bad page). Returns the end of the
+    /// chunks it mapped, if it mapped any.
+    fn answer_filled(&self, core: &Core, hit: &Hit<'_>) -> Option<u64> {
         let page = core.page;
         let bad = self.bad.lock();
         if bad.contains_key(&hit.offset) {
             drop(bad);
             let _ = hit.uffd.poison(hit.addr, page);
-            return;
+            return None;
         }
         let c = hit.offset / self.chunk;
         let filled = self.chunks.filled_until(c, c + run_chunks(self.chunk));
@@ -1092,7 +1321,9 @@ impl LazyShadow {
         if hit.uffd.continue_range(hit.addr, len).is_err() {
             // The page is not in the memfd after all: nothing can be vouched for.
             let _ = core.refuse(hit.uffd, hit.addr);
+            return None;
         }
+        Some((hit.offset + len).div_ceil(self.chunk))
     }
 
     /// Registers `start..start+len` of this process, a mapping of the memfd
@@ -1137,6 +1368,7 @@ impl LazyShadow {
             .uffd
             .register(start, len)
             .map_err(|e| Error::sys("UFFDIO_REGISTER of a consumer mapping", e))?;
+        self.map_ahead(start, len, offset);
         Ok(reg)
     }
 
@@ -1187,6 +1419,7 @@ impl LazyShadow {
             unsafe { m.advise_unchecked(UncheckedAdvice::DoFork) }
                 .map_err(|e| Error::sys("madvise(MADV_DOFORK)", e))?;
         }
+        self.map_ahead(m.addr(), len as u64, offset);
         Ok((m, reg))
     }
 
@@ -1401,6 +1634,7 @@ impl FaultTarget for LazyShadow {
         let plan = self.readahead.lock().on_fault(chunk);
         let remote = !std::ptr::eq(hit.uffd, &core.uffd);
         let mut mine = None;
+        let mut filled_to = None;
         loop {
             match self.chunks.get(chunk) {
                 ChunkState::Empty => {
@@ -1424,7 +1658,7 @@ impl FaultTarget for LazyShadow {
                     }
                 }
                 ChunkState::Filled => {
-                    self.answer_filled(core, &hit);
+                    filled_to = self.answer_filled(core, &hit);
                     break;
                 }
             }
@@ -1436,6 +1670,11 @@ impl FaultTarget for LazyShadow {
                 direct: None,
             };
             core.prefetch(self.target(), work);
+        }
+        match (&mine, filled_to) {
+            (Some(r), _) => self.need(core, r.start, r.end),
+            (None, Some(e)) => self.need(core, chunk, e.max(chunk + 1)),
+            (None, None) => self.need(core, chunk, chunk + 1),
         }
         mine.map(|chunks| {
             let direct = self.direct_for(core, &hit, &chunks);
@@ -1534,14 +1773,34 @@ impl FaultTarget for LazyShadow {
     }
 
     fn run(&self, core: &Core, work: Work) {
+        // A replay is queued by `open` before the first user holds the
+        // shadow; once the last one goes, the shadow drops and the queued
+        // step finds nothing (it holds the shadow weakly).
         if work.why == Why::Prefetch && self.users.none() {
             return; // nobody left to read what it would fill
         }
         let _busy = self.gone.fill();
         match work.why {
             Why::Prefetch => {
-                self.fill_empty(core, work.chunks, run_chunks(self.chunk), Why::Prefetch)
+                let chunks = work.chunks.clone();
+                self.fill_empty(core, work.chunks, run_chunks(self.chunk), Why::Prefetch);
+                // Readahead maps its chunks into this process's consumer
+                // ranges, which then never fault on them: recorded as
+                // needed when filled, or a sequential reader's record
+                // would hold one chunk in a window. Only what was filled:
+                // a full budget gives chunks back.
+                if self.workset.is_some() {
+                    let mut c = chunks.start;
+                    while c < chunks.end {
+                        let e = self.chunks.filled_until(c, chunks.end);
+                        if e > c {
+                            self.need(core, c, e);
+                        }
+                        c = e + 1;
+                    }
+                }
             }
+            Why::Replay => self.replay_step(core),
             why => self.fill_into(core, work.chunks, why, work.direct),
         }
     }
@@ -1549,6 +1808,7 @@ impl FaultTarget for LazyShadow {
 
 impl Drop for LazyShadow {
     fn drop(&mut self) {
+        let _ = self.save_workset();
         let core = &self.service.core;
         if let Ok(ino) = self.memfd.inode() {
             core.remove_inode(ino);

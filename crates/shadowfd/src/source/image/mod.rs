@@ -844,6 +844,18 @@ impl Source for ImageSource {
     fn name(&self) -> String {
         self.name.clone()
     }
+
+    /// The image's device and inode plus the file's inode number; the
+    /// version is the file's size, mtime and ctime (which also moves
+    /// whenever the image file is written) in ns.
+    fn identity(&self) -> Option<crate::source::SourceIdentity> {
+        let m = self.metadata().ok()?;
+        let (dev, ino) = self.image_id;
+        Some(crate::source::SourceIdentity {
+            which: format!("image dev={dev} ino={ino} inode={}", self.ino),
+            version: crate::source::SourceIdentity::of_file(&m).version,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -228,4 +228,12 @@ impl Source for ObjectSource {
     fn name(&self) -> String {
         self.name.clone()
     }
+
+    /// Endpoint, bucket and key; the version is the ETag and size.
+    fn identity(&self) -> Option<crate::source::SourceIdentity> {
+        Some(crate::source::SourceIdentity {
+            which: format!("object {} {}", self.endpoint(), self.name),
+            version: format!("etag={} size={}", self.etag(), self.meta.size),
+        })
+    }
 }
