@@ -25,7 +25,6 @@ pub(crate) mod chunks;
 mod forkwatch;
 mod service;
 pub(crate) mod spans;
-mod spare;
 
 pub(crate) use service::{Core, Service, in_service};
 
