@@ -217,6 +217,17 @@ impl Bed {
     }
 }
 
+/// The entry of `status --json` for the shadow whose name ends in `file`.
+fn shadow_named(v: &serde_json::Value, file: &str) -> serde_json::Value {
+    v["shadows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"].as_str().is_some_and(|n| n.ends_with(file)))
+        .cloned()
+        .unwrap_or_else(|| panic!("no shadow of {file} in {v}"))
+}
+
 /// A raw connection to the server.
 fn raw(sock: &Path) -> UnixStream {
     let s = UnixStream::connect(sock).expect("connect");
@@ -554,13 +565,7 @@ fn attached_ranges_stop_at_their_caps() {
         .map(|c| c["lazy_mappings"].as_u64().unwrap())
         .sum();
     assert_eq!(total as usize, maps.len(), "{v}");
-    let b = v["shadows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["name"].as_str().is_some_and(|n| n.ends_with("B.bin")))
-        .cloned()
-        .unwrap();
+    let b = shadow_named(&v, "B.bin");
     assert_eq!(
         b["lazy_mappings"].as_u64().unwrap() as usize,
         maps.len(),
@@ -673,13 +678,7 @@ fn ranges_nobody_faults_in_cost_fills_nothing() {
         .collect();
     eprintln!("attached {} ranges in {:?}", 4 * per, t.elapsed());
     let v = bed.check_under_attack("ranges nobody faults in");
-    let b = v["shadows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["name"].as_str().is_some_and(|n| n.ends_with("B.bin")))
-        .cloned()
-        .unwrap();
+    let b = shadow_named(&v, "B.bin");
     assert!(
         b["lazy_mappings"].as_u64().unwrap() >= 4 * per,
         "the ranges were not attached while the victim ran: {b}"

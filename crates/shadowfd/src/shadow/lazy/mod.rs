@@ -1454,20 +1454,6 @@ impl LazyShadow {
         self.consumers.write().cut(key, lo, hi, next);
     }
 
-    /// The consumer ranges of userfaultfd `key` within `from..from+len`, as
-    /// they stand moved to `to` (with `uffd` as their userfaultfd).
-    fn moved_consumers(
-        &self,
-        key: usize,
-        from: u64,
-        to: u64,
-        len: u64,
-        uffd: Option<Arc<Uffd>>,
-    ) -> Vec<Consumer> {
-        let next = || self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.consumers.read().moved(key, from, to, len, uffd, next)
-    }
-
     /// Adds a consumer range registered with another process's userfaultfd,
     /// showing the shadow from `offset`; returns a key for
     /// [`LazyShadow::remove_remote`]. Its faults are answered with
@@ -1706,7 +1692,8 @@ impl FaultTarget for LazyShadow {
 
     fn on_remap(&self, _core: &Core, space: Space<'_>, from: u64, to: u64, len: u64) {
         let key = space_key(space);
-        let moved = self.moved_consumers(key, from, to, len, space.cloned());
+        let next = || self.next_id.fetch_add(1, Ordering::Relaxed);
+        let moved = (self.consumers.read()).moved(key, from, to, len, space.cloned(), next);
         let mut cs = self.consumers.write();
         cs.drop_overlapping(key, to, to + len);
         for m in moved {
@@ -1715,7 +1702,9 @@ impl FaultTarget for LazyShadow {
     }
 
     fn on_fork(&self, _core: &Core, parent: Space<'_>, child: &Arc<Uffd>) {
-        let copies = self.moved_consumers(space_key(parent), 0, 0, u64::MAX, Some(child.clone()));
+        let next = || self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (key, child) = (space_key(parent), Some(child.clone()));
+        let copies = (self.consumers.read()).moved(key, 0, 0, u64::MAX, child, next);
         let mut cs = self.consumers.write();
         for m in copies {
             cs.insert(m);
