@@ -1317,11 +1317,19 @@ impl LazyShadow {
             end = *p;
         }
         drop(bad);
-        let len = end.max(hit.offset + page) - hit.offset;
+        let mut len = end.max(hit.offset + page) - hit.offset;
+        // The run ends where the table says the range ends, and the table
+        // lags the kernel: if the consumer has since unmapped a part of the
+        // range (its event not applied yet), the run spans a hole and the
+        // kernel refuses all of it (`ENOENT`: one call, one mapping). Then
+        // the faulting page alone; only if that fails too is the page not
+        // in the memfd, and nothing can be vouched for.
         if hit.uffd.continue_range(hit.addr, len).is_err() {
-            // The page is not in the memfd after all: nothing can be vouched for.
-            let _ = core.refuse(hit.uffd, hit.addr);
-            return None;
+            if len == page || hit.uffd.continue_range(hit.addr, page).is_err() {
+                let _ = core.refuse(hit.uffd, hit.addr);
+                return None;
+            }
+            len = page;
         }
         Some((hit.offset + len).div_ceil(self.chunk))
     }
