@@ -91,15 +91,28 @@ fn os_err(what: &str) -> io::Error {
     io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
+/// `UFFD_USER_MODE_ONLY`: a userfaultfd that takes faults of user mode
+/// only, which an unprivileged process may have when
+/// `vm.unprivileged_userfaultfd=0` (the bench's readers touch pages from
+/// user mode).
+const UFFD_USER_MODE_ONLY: libc::c_long = 1;
+
 /// A userfaultfd with the API handshake done and shmem MISSING faults
-/// enabled: `userfaultfd(2)`, or `/dev/userfaultfd` where the syscall is
-/// refused (`vm.unprivileged_userfaultfd=0` without the capability).
+/// enabled: `userfaultfd(2)`; where that is refused
+/// (`vm.unprivileged_userfaultfd=0` without the capability), a user-mode-only
+/// one, or one from `/dev/userfaultfd`.
 pub fn userfaultfd() -> io::Result<OwnedFd> {
-    // SAFETY: userfaultfd(2) takes only flags; it returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
-    let uffd = if fd >= 0 {
-        // SAFETY: the descriptor was just created and is owned only here.
-        unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
+    let make = |flags: libc::c_long| {
+        // SAFETY: userfaultfd(2) takes only flags; it returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+        // SAFETY: a descriptor just created is owned only here.
+        (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    };
+    let cloexec = libc::O_CLOEXEC as libc::c_long;
+    let uffd = if let Some(fd) = make(cloexec) {
+        fd
+    } else if let Some(fd) = make(cloexec | UFFD_USER_MODE_ONLY) {
+        fd
     } else {
         let first = os_err("userfaultfd(2)");
         let dev = File::open("/dev/userfaultfd")
