@@ -109,32 +109,10 @@ fn run_root(args: &[&str]) -> Output {
 }
 
 fn run_with(serve: &[&str], args: &[&str]) -> Output {
-    let lib = preload();
-    let o = Command::new(BIN)
-        .arg("run")
-        .args(serve)
-        .args(["--mount", MOUNT, "--"])
-        .args(args)
-        .env("SHADOWFD_PRELOAD", lib)
-        .env_remove("SHADOWFD_MODE")
-        .output_within(LIMIT);
-    eprintln!(
-        "run {args:?}: {}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
+    common::run_under(MOUNT, serve, args, LIMIT)
 }
 
-fn ok(o: Output) -> Vec<u8> {
-    assert!(
-        o.status.success(),
-        "failed: {}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o.stdout
-}
+use common::stdout_ok as ok;
 
 #[test]
 fn cat_is_byte_exact() {

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{OutputWithin, pattern, preload};
+use common::{OutputWithin, pattern};
 use shadowfd::remote::wire::{self, Frame};
 use shadowfd::remote::{Client, ClientOptions, PathKind, Server, ServerOptions, Tree};
 use std::os::unix::fs::MetadataExt;
@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-const BIN: &str = env!("CARGO_BIN_EXE_shadowfd");
 const MOUNT: &str = "/shadowfd-run-small-test";
 const LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
 
@@ -289,31 +288,10 @@ fn small_is_refused_clearly_below_version_6_and_when_malformed() {
 // ---- real programs under `shadowfd run` ----------------------------------
 
 fn run_with(serve: &[&str], args: &[&str]) -> Output {
-    let o = Command::new(BIN)
-        .arg("run")
-        .args(serve)
-        .args(["--mount", MOUNT, "--"])
-        .args(args)
-        .env("SHADOWFD_PRELOAD", preload())
-        .env_remove("SHADOWFD_MODE")
-        .output_within(LIMIT);
-    eprintln!(
-        "run {args:?}: {}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
+    common::run_under(MOUNT, serve, args, LIMIT)
 }
 
-fn ok(o: Output) -> Vec<u8> {
-    assert!(
-        o.status.success(),
-        "failed: {}\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o.stdout
-}
+use common::stdout_ok as ok;
 
 fn serves() -> [Vec<String>; 2] {
     let t = small_tree();

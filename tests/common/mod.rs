@@ -108,6 +108,41 @@ pub fn preload() -> &'static Path {
     })
 }
 
+/// `shadowfd run SERVE… --mount MOUNT -- ARGS…` with the workspace's shim
+/// (`SHADOWFD_MODE` unset), within `limit`; its status and stderr logged.
+pub fn run_under(
+    mount: &str,
+    serve: &[&str],
+    args: &[&str],
+    limit: std::time::Duration,
+) -> std::process::Output {
+    let o = Command::new(env!("CARGO_BIN_EXE_shadowfd"))
+        .arg("run")
+        .args(serve)
+        .args(["--mount", mount, "--"])
+        .args(args)
+        .env("SHADOWFD_PRELOAD", preload())
+        .env_remove("SHADOWFD_MODE")
+        .output_within(limit);
+    eprintln!(
+        "run {args:?}: {}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// The stdout of a command that must have succeeded.
+pub fn stdout_ok(o: std::process::Output) -> Vec<u8> {
+    assert!(
+        o.status.success(),
+        "failed: {}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o.stdout
+}
+
 /// [`Command::output`] with a deadline, so that a hung program fails its
 /// test instead of hanging the suite.
 pub trait OutputWithin {
