@@ -136,19 +136,6 @@ impl Consumers {
         self.ids.contains_key(&id) || self.local.iter().any(|m| m.id == id)
     }
 
-    /// The ranges of userfaultfd `key` (0: this process's).
-    fn of_key(&self, key: usize) -> Box<dyn Iterator<Item = &Consumer> + '_> {
-        if key == 0 {
-            Box::new(self.local.iter())
-        } else {
-            Box::new(
-                self.remote
-                    .range((key, 0, 0)..=(key, u64::MAX, u64::MAX))
-                    .map(|(_, c)| c),
-            )
-        }
-    }
-
     /// The ranges of userfaultfd `key` that overlap addresses `lo..hi`.
     /// Remote ranges of one userfaultfd do not overlap one another (an
     /// address shows one mapping), so those that start below `lo` are
@@ -257,12 +244,7 @@ impl Consumers {
         mut next_id: impl FnMut() -> u64,
     ) -> Vec<Consumer> {
         let end = from.saturating_add(len);
-        let found = if from == 0 && end == u64::MAX {
-            self.of_key(key).collect()
-        } else {
-            self.overlapping(key, from, end)
-        };
-        found
+        self.overlapping(key, from, end)
             .into_iter()
             .map(|m| {
                 let (a, b) = (m.start.max(from), m.end().min(end));

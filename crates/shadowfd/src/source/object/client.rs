@@ -66,6 +66,12 @@ fn transient(e: &object_store::Error) -> bool {
     )
 }
 
+/// The store's path for `key`: parsed, or taken as it is where it does not
+/// parse (keys with characters the store's paths escape).
+fn obj_path(key: &str) -> ObjPath {
+    ObjPath::parse(key).unwrap_or_else(|_| ObjPath::from(key))
+}
+
 /// The error's text with its sources, on one line.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -122,7 +128,7 @@ impl Client {
             url: u.clone(),
             detail: chain(&e),
         })?;
-        let path = ObjPath::parse(&url.key).unwrap_or_else(|_| ObjPath::from(url.key.as_str()));
+        let path = obj_path(&url.key);
         Ok(Client {
             store,
             path,
@@ -146,7 +152,7 @@ impl Client {
         };
         Client {
             store: self.store.clone(),
-            path: ObjPath::parse(key).unwrap_or_else(|_| ObjPath::from(key)),
+            path: obj_path(key),
             url,
             endpoint: self.endpoint.clone(),
             cfg: self.cfg.clone(),
@@ -158,8 +164,7 @@ impl Client {
     /// the bucket's top) with `/` as the delimiter, retried like a HEAD:
     /// the objects directly in it and the prefixes below it.
     pub async fn list_dir(&self, prefix: &str) -> Result<object_store::ListResult, ObjectError> {
-        let p = (!prefix.is_empty())
-            .then(|| ObjPath::parse(prefix).unwrap_or_else(|_| ObjPath::from(prefix)));
+        let p = (!prefix.is_empty()).then(|| obj_path(prefix));
         self.with_retries(None::<fn(&object_store::ListResult) -> u64>, || {
             self.store.list_with_delimiter(p.as_ref())
         })
@@ -169,9 +174,14 @@ impl Client {
 
     /// A HEAD of `key` of the bucket; `None` if there is no such object.
     pub async fn head_of(&self, key: &str) -> Result<Option<ObjectMeta>, ObjectError> {
-        let p = ObjPath::parse(key).unwrap_or_else(|_| ObjPath::from(key));
+        self.head_at(&obj_path(key)).await
+    }
+
+    /// A HEAD of `p`, retried on transient failures; `None` if there is no
+    /// such object.
+    async fn head_at(&self, p: &ObjPath) -> Result<Option<ObjectMeta>, ObjectError> {
         match self
-            .with_retries(None::<fn(&ObjectMeta) -> u64>, || self.store.head(&p))
+            .with_retries(None::<fn(&ObjectMeta) -> u64>, || self.store.head(p))
             .await
         {
             Ok(m) => Ok(Some(m)),
@@ -184,17 +194,8 @@ impl Client {
     /// A missing object is told apart from a missing bucket with one
     /// listing, so the error names which.
     pub async fn head(&self) -> Result<Head, ObjectError> {
-        let meta = self
-            .with_retries(None::<fn(&ObjectMeta) -> u64>, || {
-                self.store.head(&self.path)
-            })
-            .await;
-        let meta: ObjectMeta = match meta {
-            Ok(m) => m,
-            Err(Fail::Store(object_store::Error::NotFound { .. })) => {
-                return Err(self.why_missing().await);
-            }
-            Err(f) => return Err(self.explain(f, 0, 0)),
+        let Some(meta) = self.head_at(&self.path).await? else {
+            return Err(self.why_missing().await);
         };
         let etag = meta
             .e_tag

@@ -33,6 +33,29 @@ pub struct ObjectEntry {
     pub mtime: (i64, i64),
 }
 
+impl ObjectEntry {
+    fn dir(name: String) -> ObjectEntry {
+        ObjectEntry {
+            name,
+            dir: true,
+            size: 0,
+            mtime: (0, 0),
+        }
+    }
+
+    fn file(name: String, m: &object_store::ObjectMeta) -> ObjectEntry {
+        ObjectEntry {
+            name,
+            dir: false,
+            size: m.size,
+            mtime: (
+                m.last_modified.timestamp(),
+                m.last_modified.timestamp_subsec_nanos() as i64,
+            ),
+        }
+    }
+}
+
 /// The objects under `s3://BUCKET/PREFIX/` (see the module documentation).
 pub struct ObjectTree {
     client: Client,
@@ -140,26 +163,13 @@ impl ObjectTree {
         let mut out: Vec<ObjectEntry> = l
             .common_prefixes
             .iter()
-            .filter_map(|p| p.filename().map(str::to_string))
-            .map(|name| ObjectEntry {
-                name,
-                dir: true,
-                size: 0,
-                mtime: (0, 0),
-            })
+            .filter_map(|p| p.filename().map(|n| ObjectEntry::dir(n.to_string())))
             .collect();
         out.extend(l.objects.iter().filter_map(|o| {
-            Some(ObjectEntry {
-                name: o.location.filename()?.to_string(),
-                dir: false,
-                size: o.size,
-                mtime: (
-                    o.last_modified.timestamp(),
-                    o.last_modified.timestamp_subsec_nanos() as i64,
-                ),
-            })
+            let name = o.location.filename()?.to_string();
+            Some(ObjectEntry::file(name, o))
         }));
-        if out.is_empty() && !key_is_top(&key, &self.prefix) {
+        if out.is_empty() && key != self.prefix {
             return Ok(None);
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -172,41 +182,22 @@ impl ObjectTree {
     pub fn stat(&self, rel: &str) -> Result<Option<ObjectEntry>, ObjectError> {
         let key = self.key_of(rel)?;
         let name = rel.rsplit('/').next().unwrap_or("").to_string();
-        if key_is_top(&key, &self.prefix) {
-            return Ok(Some(ObjectEntry {
-                name,
-                dir: true,
-                size: 0,
-                mtime: (0, 0),
-            }));
+        if key == self.prefix {
+            return Ok(Some(ObjectEntry::dir(name)));
         }
         if let Some(m) = self.block_on(self.client.head_of(&key))? {
-            return Ok(Some(ObjectEntry {
-                name,
-                dir: false,
-                size: m.size,
-                mtime: (
-                    m.last_modified.timestamp(),
-                    m.last_modified.timestamp_subsec_nanos() as i64,
-                ),
-            }));
+            return Ok(Some(ObjectEntry::file(name, &m)));
         }
         let l = self.block_on(self.client.list_dir(&key))?;
-        Ok(
-            (!l.objects.is_empty() || !l.common_prefixes.is_empty()).then_some(ObjectEntry {
-                name,
-                dir: true,
-                size: 0,
-                mtime: (0, 0),
-            }),
-        )
+        let any = !l.objects.is_empty() || !l.common_prefixes.is_empty();
+        Ok(any.then(|| ObjectEntry::dir(name)))
     }
 
     /// Opens the file `rel` as a source pinned to its current ETag, sharing
     /// the tree's client and runtime; the tree's settings (cache included).
     pub fn open_file(&self, rel: &str) -> Result<ObjectSource, ObjectError> {
         let key = self.key_of(rel)?;
-        if key_is_top(&key, &self.prefix) {
+        if key == self.prefix {
             return Err(ObjectError::IsPrefix {
                 url: self.url.clone(),
                 key,
@@ -218,8 +209,4 @@ impl ObjectTree {
             .expect("the runtime lives as long as the tree");
         ObjectSource::open_on(self.client.for_key(&key), self.cfg.clone(), rt)
     }
-}
-
-fn key_is_top(key: &str, prefix: &str) -> bool {
-    key == prefix
 }
