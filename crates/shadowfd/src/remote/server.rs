@@ -2,7 +2,8 @@
 //! docs/protocol.md), the table of shared shadows, and the one-shadow
 //! [`serve`] kept for embedders.
 
-use super::tree::{self, Refusal, RootFile};
+pub use super::tree::Tree;
+use super::tree::{self, Refusal, ServedTree};
 use super::wire::{self, Frame, RecvError};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -19,7 +20,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -112,18 +112,9 @@ impl Default for ServerOptions {
     }
 }
 
-/// What a server serves.
-#[derive(Debug, Clone)]
-pub enum Tree {
-    /// Regular files beneath this host directory.
-    Root(PathBuf),
-    /// Regular files inside this ext2/3/4 image.
-    Image(PathBuf),
-}
-
+/// What a server answers from: a tree, or the one shadow of [`serve`].
 enum TreeImpl {
-    Root(Arc<OwnedFd>),
-    Image(PathBuf),
+    Tree(Arc<dyn ServedTree>),
     Single(Arc<Entry>),
 }
 
@@ -356,16 +347,7 @@ fn peer_of(stream: &UnixStream, id: u64) -> Peer {
 impl Server {
     /// A server of `tree` with `engine`'s configuration and budget.
     pub fn new(engine: Engine, tree: Tree, opts: ServerOptions) -> Result<Server> {
-        let tree = match tree {
-            Tree::Root(p) => TreeImpl::Root(tree::open_root(&p)?),
-            Tree::Image(p) => {
-                std::fs::metadata(&p).map_err(|e| Error::Open {
-                    path: p.clone(),
-                    source: e,
-                })?;
-                TreeImpl::Image(p)
-            }
-        };
+        let tree = TreeImpl::Tree(tree::open(&tree)?);
         Ok(Server::build(Some(engine), tree, opts))
     }
 
@@ -1274,8 +1256,7 @@ impl Inner {
     /// What `path` is (STAT, and each path of SMALL).
     fn path_stat(&self, path: &[u8]) -> std::result::Result<tree::PathStat, Refusal> {
         tree::relative(path).and_then(|rel| match &self.tree {
-            TreeImpl::Root(dir) => tree::stat_root(dir, rel),
-            TreeImpl::Image(img) => tree::stat_in_image(img, rel),
+            TreeImpl::Tree(t) => t.stat(rel),
             TreeImpl::Single(e) => {
                 let m = e.meta();
                 Ok(tree::PathStat {
@@ -1293,8 +1274,7 @@ impl Inner {
     /// LIST (since version 4): one page of a directory, from cursor `a`.
     fn list(&self, f: &Frame) -> (Frame, Option<OwnedFd>) {
         let r = tree::relative(&f.payload).and_then(|rel| match &self.tree {
-            TreeImpl::Root(dir) => tree::list_root(dir, rel, f.a),
-            TreeImpl::Image(img) => tree::list_in_image(img, rel, f.a),
+            TreeImpl::Tree(t) => t.list(rel, f.a),
             TreeImpl::Single(_) => Err((
                 wire::E_NOT_DIR,
                 "this server serves one file and has no directories to LIST".into(),
@@ -1333,14 +1313,9 @@ impl Inner {
                 e.users.fetch_add(1, Ordering::Relaxed);
                 return Ok(e.clone());
             }
-            TreeImpl::Root(dir) => {
-                let (f, meta) = RootFile::open(dir, rel)?;
-                (Arc::new(f), meta.clone(), (0, meta.device))
-            }
-            TreeImpl::Image(img) => {
-                let (src, meta, (d, i, ino)) = tree::open_in_image(img, rel)?;
-                let _ = ino;
-                (src, meta, (d, i))
+            TreeImpl::Tree(t) => {
+                let o = t.open(rel)?;
+                (o.source, o.meta, o.container)
             }
         };
         let key: Key = (
@@ -1914,8 +1889,7 @@ impl Inner {
             None => (0, 0, "single"),
         };
         let tree = match &self.tree {
-            TreeImpl::Root(_) => "root",
-            TreeImpl::Image(_) => "image",
+            TreeImpl::Tree(t) => t.kind(),
             TreeImpl::Single(_) => "single",
         };
         format!(

@@ -141,13 +141,9 @@ impl Inner {
         let rel = tree::relative(path).ok()?;
         // Each opener reads the source's metadata as it opens it.
         let (source, meta): (Arc<dyn Source>, SourceMeta) = match &self.tree {
-            TreeImpl::Root(dir) => {
-                let (f, m) = RootFile::open(dir, rel).ok()?;
-                (Arc::new(f), m)
-            }
-            TreeImpl::Image(img) => {
-                let (src, m, _) = tree::open_in_image(img, rel).ok()?;
-                (src, m)
+            TreeImpl::Tree(t) => {
+                let o = t.open(rel).ok()?;
+                (o.source, o.meta)
             }
             TreeImpl::Single(_) => return None,
         };
