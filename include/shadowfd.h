@@ -269,119 +269,6 @@ uint64_t shadowfd_shadow_size(const struct shadowfd_shadow *shadow);
 // `shadow` is NULL or from a `shadowfd_open_*` and not yet freed.
 void shadowfd_shadow_free(struct shadowfd_shadow *shadow);
 
-// Maps `len` bytes of the shadow from `offset`, read-only, and stores the
-// address in `*out`. `offset` must be a multiple of the page size; `len` 0
-// means "to the end of the shadow"; a range past the end is -ERANGE.
-// `flags` is `SHADOWFD_MAP_SHARED` (0) or `SHADOWFD_MAP_PRIVATE`.
-//
-// `fixed_addr_or_null` NULL lets the kernel pick the address. Otherwise it
-// must be page-aligned and the page-rounded range must be address space the
-// caller reserved (e.g. `mmap(PROT_NONE)`), not in use by another
-// `shadowfd_map` or `shadowfd_register` (-EEXIST): the mapping replaces the
-// reservation there (`MAP_FIXED`).
-//
-// A lazy mapping is registered with the engine before it becomes readable:
-// first touches are filled from the source; a page that cannot be read
-// raises SIGBUS, as an I/O error under a file mapping does. Lazy mappings
-// follow `mremap`, `munmap` and `fork` like file mappings (a child is served
-// through its own userfaultfd), where the kernel grants fork events
-// (`CAP_SYS_PTRACE`); without them they are `MADV_DONTFORK`.
-//
-// A client shadow (`shadowfd_client_open`) is mapped whole: `offset` 0 and
-// `len` 0 or its size (another range inside it is -EOPNOTSUPP), with
-// `fixed_addr_or_null` NULL (else -EOPNOTSUPP). Both flags give the same
-// read-only view (a private mapping of the server's sealed memfd). It is
-// lazy where the client has a userfaultfd and the server's shadow is lazy,
-// filled by the server on first touch, else a sealed copy; a page the
-// server cannot provide, and every unfilled page once the server is gone,
-// raises SIGBUS (never zeros, never a hang).
-//
-// Ownership: the library keeps the mapping (keyed by its address) until
-// `shadowfd_unmap(*out, len)`. Never `munmap` it yourself. It stays valid
-// after `shadowfd_shadow_free` and `shadowfd_engine_free` (or
-// `shadowfd_client_free`). Returns 0 or a
-// negative errno. Thread-safety: any thread. Refused (-EDEADLK) inside a
-// source callback.
-//
-// # Safety
-// `shadow` is NULL or live; `out` is NULL or writable; a non-NULL
-// `fixed_addr_or_null` names a range as described above, which no other
-// thread touches until this returns.
-int shadowfd_map(struct shadowfd_shadow *shadow,
-                 uint64_t offset,
-                 size_t len,
-                 int flags,
-                 void *fixed_addr_or_null,
-                 void **out);
-
-// Undoes `shadowfd_map` or `shadowfd_register`: `addr` is the address they
-// were given or returned and `len` the length they were given (or that
-// length rounded up to a page; for a map with `len` 0, the mapped length).
-//
-// - A mapping from `shadowfd_map` is unregistered and unmapped; one made at
-//   a fixed address turns back into a `PROT_NONE` reservation, which stays
-//   the caller's to release.
-// - A range from `shadowfd_register` is unregistered, then `munmap`ped.
-//
-// A mapping the caller moved or cut (`mremap`, `munmap`) is still undone
-// at the address and length it was made with: only what is still its own
-// is unregistered and unmapped; a part moved elsewhere stays the caller's
-// to `munmap`. Undo it before the old address can be handed out again (in
-// a threaded program, before another thread maps): a new mapping made
-// over it replaces the old one in the library's books.
-//
-// Returns 0, or -EINVAL if no mapping or registration starts at `addr` or
-// `len` does not match it (nothing is changed then). Thread-safety: any
-// thread; no thread may touch the range during or after the call.
-//
-// # Safety
-// Nothing may use the range any more.
-int shadowfd_unmap(void *addr, size_t len);
-
-// Registers a mapping the caller made of `shadowfd_mapping_fd`: `len`
-// bytes at `addr` (page-aligned; `len` may end mid-page) showing the
-// shadow from `offset` (page-aligned), made `PROT_READ`, `MAP_PRIVATE` or
-// `MAP_SHARED`, `MAP_FIXED` or not. From now on faults on it are filled
-// from the source, as for `shadowfd_map`. Pages the range showed before
-// are dropped first (they are faulted and checked again); a `MAP_SHARED`
-// range of a lazy shadow is replaced in place by an equivalent mapping the
-// kernel lets the engine register. For an eager shadow nothing needs
-// registering, but the range is tracked all the same.
-//
-// Ownership: the library keeps the registration until
-// `shadowfd_unregister(addr, len)` (which leaves the mapping to the caller)
-// or `shadowfd_unmap(addr, len)` (which also unmaps it). Returns 0 or a
-// negative errno (-EEXIST if the range overlaps one already tracked).
-// Thread-safety: any thread. Refused (-EDEADLK) inside a source callback.
-//
-// # Safety
-// `shadow` is NULL or live; `addr..addr+len` (page-rounded) is a read-only
-// mapping the caller made of `shadowfd_mapping_fd(shadow)` at `offset`,
-// which no other thread touches until this returns.
-int shadowfd_register(struct shadowfd_shadow *shadow, void *addr, size_t len, uint64_t offset);
-
-// Drops the registration `shadowfd_register` made for `addr` and `len`,
-// and leaves the mapping in place for the caller to `munmap`. Touching an
-// unfilled page of a lazy shadow's range afterwards shows zeros or, for a
-// range that was `MAP_SHARED`, whatever the memfd holds: unmap it first.
-// Returns 0 or -EINVAL (nothing registered there; a `shadowfd_map` mapping,
-// which takes `shadowfd_unmap`). Thread-safety: any thread.
-//
-// # Safety
-// No thread may touch the range during the call.
-int shadowfd_unregister(void *addr, size_t len);
-
-// The descriptor to `mmap` the shadow with before `shadowfd_register`.
-// Borrowed: it belongs to the shadow, stays valid until
-// `shadowfd_shadow_free`, and must not be closed or handed to another
-// process (for a lazy shadow it shows zeros where nothing was filled yet;
-// `shadowfd_fd` is the descriptor to hand out). -EINVAL for NULL.
-// Thread-safety: any thread.
-//
-// # Safety
-// `shadow` is NULL or live.
-int shadowfd_mapping_fd(const struct shadowfd_shadow *shadow);
-
 // Makes `offset..offset+len` present (fills it from the source now), for
 // `read`-style consumers and prefetch. Returns 0, or a negative errno if a
 // page in the range cannot be filled (-EIO or the errno the source gave;
@@ -534,6 +421,119 @@ struct shadowfd_shadow *shadowfd_client_open(struct shadowfd_client *client, con
 // # Safety
 // `client` is NULL or from `shadowfd_client_connect` and not yet freed.
 void shadowfd_client_free(struct shadowfd_client *client);
+
+// Maps `len` bytes of the shadow from `offset`, read-only, and stores the
+// address in `*out`. `offset` must be a multiple of the page size; `len` 0
+// means "to the end of the shadow"; a range past the end is -ERANGE.
+// `flags` is `SHADOWFD_MAP_SHARED` (0) or `SHADOWFD_MAP_PRIVATE`.
+//
+// `fixed_addr_or_null` NULL lets the kernel pick the address. Otherwise it
+// must be page-aligned and the page-rounded range must be address space the
+// caller reserved (e.g. `mmap(PROT_NONE)`), not in use by another
+// `shadowfd_map` or `shadowfd_register` (-EEXIST): the mapping replaces the
+// reservation there (`MAP_FIXED`).
+//
+// A lazy mapping is registered with the engine before it becomes readable:
+// first touches are filled from the source; a page that cannot be read
+// raises SIGBUS, as an I/O error under a file mapping does. Lazy mappings
+// follow `mremap`, `munmap` and `fork` like file mappings (a child is served
+// through its own userfaultfd), where the kernel grants fork events
+// (`CAP_SYS_PTRACE`); without them they are `MADV_DONTFORK`.
+//
+// A client shadow (`shadowfd_client_open`) is mapped whole: `offset` 0 and
+// `len` 0 or its size (another range inside it is -EOPNOTSUPP), with
+// `fixed_addr_or_null` NULL (else -EOPNOTSUPP). Both flags give the same
+// read-only view (a private mapping of the server's sealed memfd). It is
+// lazy where the client has a userfaultfd and the server's shadow is lazy,
+// filled by the server on first touch, else a sealed copy; a page the
+// server cannot provide, and every unfilled page once the server is gone,
+// raises SIGBUS (never zeros, never a hang).
+//
+// Ownership: the library keeps the mapping (keyed by its address) until
+// `shadowfd_unmap(*out, len)`. Never `munmap` it yourself. It stays valid
+// after `shadowfd_shadow_free` and `shadowfd_engine_free` (or
+// `shadowfd_client_free`). Returns 0 or a
+// negative errno. Thread-safety: any thread. Refused (-EDEADLK) inside a
+// source callback.
+//
+// # Safety
+// `shadow` is NULL or live; `out` is NULL or writable; a non-NULL
+// `fixed_addr_or_null` names a range as described above, which no other
+// thread touches until this returns.
+int shadowfd_map(struct shadowfd_shadow *shadow,
+                 uint64_t offset,
+                 size_t len,
+                 int flags,
+                 void *fixed_addr_or_null,
+                 void **out);
+
+// Undoes `shadowfd_map` or `shadowfd_register`: `addr` is the address they
+// were given or returned and `len` the length they were given (or that
+// length rounded up to a page; for a map with `len` 0, the mapped length).
+//
+// - A mapping from `shadowfd_map` is unregistered and unmapped; one made at
+//   a fixed address turns back into a `PROT_NONE` reservation, which stays
+//   the caller's to release.
+// - A range from `shadowfd_register` is unregistered, then `munmap`ped.
+//
+// A mapping the caller moved or cut (`mremap`, `munmap`) is still undone
+// at the address and length it was made with: only what is still its own
+// is unregistered and unmapped; a part moved elsewhere stays the caller's
+// to `munmap`. Undo it before the old address can be handed out again (in
+// a threaded program, before another thread maps): a new mapping made
+// over it replaces the old one in the library's books.
+//
+// Returns 0, or -EINVAL if no mapping or registration starts at `addr` or
+// `len` does not match it (nothing is changed then). Thread-safety: any
+// thread; no thread may touch the range during or after the call.
+//
+// # Safety
+// Nothing may use the range any more.
+int shadowfd_unmap(void *addr, size_t len);
+
+// Registers a mapping the caller made of `shadowfd_mapping_fd`: `len`
+// bytes at `addr` (page-aligned; `len` may end mid-page) showing the
+// shadow from `offset` (page-aligned), made `PROT_READ`, `MAP_PRIVATE` or
+// `MAP_SHARED`, `MAP_FIXED` or not. From now on faults on it are filled
+// from the source, as for `shadowfd_map`. Pages the range showed before
+// are dropped first (they are faulted and checked again); a `MAP_SHARED`
+// range of a lazy shadow is replaced in place by an equivalent mapping the
+// kernel lets the engine register. For an eager shadow nothing needs
+// registering, but the range is tracked all the same.
+//
+// Ownership: the library keeps the registration until
+// `shadowfd_unregister(addr, len)` (which leaves the mapping to the caller)
+// or `shadowfd_unmap(addr, len)` (which also unmaps it). Returns 0 or a
+// negative errno (-EEXIST if the range overlaps one already tracked).
+// Thread-safety: any thread. Refused (-EDEADLK) inside a source callback.
+//
+// # Safety
+// `shadow` is NULL or live; `addr..addr+len` (page-rounded) is a read-only
+// mapping the caller made of `shadowfd_mapping_fd(shadow)` at `offset`,
+// which no other thread touches until this returns.
+int shadowfd_register(struct shadowfd_shadow *shadow, void *addr, size_t len, uint64_t offset);
+
+// Drops the registration `shadowfd_register` made for `addr` and `len`,
+// and leaves the mapping in place for the caller to `munmap`. Touching an
+// unfilled page of a lazy shadow's range afterwards shows zeros or, for a
+// range that was `MAP_SHARED`, whatever the memfd holds: unmap it first.
+// Returns 0 or -EINVAL (nothing registered there; a `shadowfd_map` mapping,
+// which takes `shadowfd_unmap`). Thread-safety: any thread.
+//
+// # Safety
+// No thread may touch the range during the call.
+int shadowfd_unregister(void *addr, size_t len);
+
+// The descriptor to `mmap` the shadow with before `shadowfd_register`.
+// Borrowed: it belongs to the shadow, stays valid until
+// `shadowfd_shadow_free`, and must not be closed or handed to another
+// process (for a lazy shadow it shows zeros where nothing was filled yet;
+// `shadowfd_fd` is the descriptor to hand out). -EINVAL for NULL.
+// Thread-safety: any thread.
+//
+// # Safety
+// `shadow` is NULL or live.
+int shadowfd_mapping_fd(const struct shadowfd_shadow *shadow);
 
 #ifdef __cplusplus
 }  // extern "C"
