@@ -55,7 +55,7 @@ pub use engine::{Engine, IntoSource, OpenOptions};
 pub use error::{Cause, Connection, Error, Result};
 pub use harden::harden_process;
 pub use remote::RemoteMapping;
-pub use shadow::{MapOptions, Mapping, Registration, Shadow, Share, Staleness};
+pub use shadow::{MapOptions, Mappable, Mapping, Registration, Shadow, Share, Staleness};
 pub use source::{FileSource, Mapped, Source, SourceIdentity, SourceMeta};
 pub use stats::Stats;
 pub use sys::{Access, Advice, Attempt, Probe, UncheckedAdvice, feature_names, probe};

@@ -3,7 +3,6 @@
 
 use super::wire::{self, Frame, RecvError};
 use crate::error::{Connection, Error, Result};
-use crate::shadow::{check_page_aligned, check_span};
 use crate::sys::mmap::RawMap;
 use crate::sys::uffd_abi::uffd_msg;
 use crate::sys::{Advice, Uffd};
@@ -11,7 +10,6 @@ use parking_lot::Mutex;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;

@@ -38,32 +38,79 @@ impl Share {
 ///   rest of the shadow and may end mid-page only at the shadow's end.
 /// - Every lazy mapping is registered with the engine before any of its
 ///   bytes can be read, and unregistered when dropped.
-#[derive(Debug, Clone)]
 #[must_use]
-pub struct MapOptions<'a> {
-    shadow: &'a Shadow,
+pub struct MapOptions<'a, T: Mappable + ?Sized = Shadow> {
+    target: &'a T,
     offset: u64,
     len: Option<u64>,
     share: Share,
 }
 
-impl<'a> MapOptions<'a> {
-    pub(crate) fn new(shadow: &'a Shadow) -> Self {
+impl<T: Mappable + ?Sized> Clone for MapOptions<'_, T> {
+    fn clone(&self) -> Self {
+        MapOptions { ..*self }
+    }
+}
+
+impl<T: Mappable + ?Sized> std::fmt::Debug for MapOptions<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapOptions")
+            .field("size", &self.target.size())
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .field("share", &self.share)
+            .finish()
+    }
+}
+
+/// What a [`MapOptions`] maps: a [`Shadow`] of this process, or a file
+/// opened through a server (`remote::RemoteFile`). Sealed: the crate
+/// implements it for those two only.
+pub trait Mappable: sealed::Sealed {
+    /// The mapping made.
+    type Mapping;
+    /// Size in bytes of what is mapped.
+    fn size(&self) -> u64;
+    /// The empty mapping (`len` 0 at `offset`).
+    #[doc(hidden)]
+    fn map_nothing(&self, offset: u64) -> Self::Mapping;
+    /// Maps `len` (> 0) bytes from `offset`, both already checked against
+    /// [`Mappable::size`].
+    ///
+    /// # Safety
+    /// As [`MapOptions::map_fixed`] when `at` is given.
+    #[doc(hidden)]
+    unsafe fn map_span(
+        &self,
+        offset: u64,
+        len: u64,
+        share: Share,
+        at: Option<*mut u8>,
+    ) -> Result<Self::Mapping>;
+}
+
+pub(crate) mod sealed {
+    /// Keeps [`super::Mappable`] to the crate's own types.
+    pub trait Sealed {}
+}
+
+impl<'a, T: Mappable + ?Sized> MapOptions<'a, T> {
+    pub(crate) fn new(target: &'a T) -> Self {
         MapOptions {
-            shadow,
+            target,
             offset: 0,
             len: None,
             share: Share::Shared,
         }
     }
 
-    /// Offset in the shadow of the mapping's first byte (page-aligned).
+    /// Offset of the mapping's first byte (page-aligned).
     pub fn offset(mut self, offset: u64) -> Self {
         self.offset = offset;
         self
     }
 
-    /// Length in bytes (default: from `offset` to the end of the shadow).
+    /// Length in bytes (default: from `offset` to the end).
     pub fn len(mut self, len: u64) -> Self {
         self.len = Some(len);
         self
@@ -75,32 +122,23 @@ impl<'a> MapOptions<'a> {
         self
     }
 
-    /// Validates offset and length; returns (len, page-rounded len).
-    fn span(&self) -> Result<(u64, u64)> {
-        let size = self.shadow.size();
-        let len = self.len.unwrap_or(size.saturating_sub(self.offset));
-        check_span(size, self.offset, len)?;
-        let page = crate::page_size() as u64;
-        Ok((len, len.div_ceil(page) * page))
-    }
-
     /// Maps at an address the kernel picks.
-    pub fn map(self) -> Result<Mapping> {
+    pub fn map(self) -> Result<T::Mapping> {
         // SAFETY: no fixed address: the kernel picks a fresh range.
         unsafe { self.map_at(None) }
     }
 
     /// Maps at exactly `addr` (`MAP_FIXED` semantics), replacing the
-    /// caller's reservation there. When the [`Mapping`] is dropped the range
-    /// is unregistered and becomes a `PROT_NONE` anonymous reservation again;
-    /// releasing the reservation stays the caller's job.
+    /// caller's reservation there. When the mapping is dropped (and on an
+    /// error) the range is an inaccessible `PROT_NONE` anonymous reservation
+    /// again; releasing the reservation stays the caller's job.
     ///
     /// # Safety
     /// `addr` must be page-aligned, and `addr..addr+len` (page-rounded) must
     /// be address space the caller reserved (e.g. with `mmap(PROT_NONE)`),
     /// that no Rust reference points into and that no other thread touches
     /// until this returns.
-    pub unsafe fn map_fixed(self, addr: NonNull<u8>) -> Result<Mapping> {
+    pub unsafe fn map_fixed(self, addr: NonNull<u8>) -> Result<T::Mapping> {
         check_page_aligned("fixed mapping address", addr.as_ptr() as u64)?;
         // SAFETY: forwarded from the caller.
         unsafe { self.map_at(Some(addr.as_ptr())) }
@@ -108,17 +146,46 @@ impl<'a> MapOptions<'a> {
 
     /// # Safety
     /// As [`MapOptions::map_fixed`] when `at` is given.
-    unsafe fn map_at(self, at: Option<*mut u8>) -> Result<Mapping> {
-        let (len, maplen) = self.span()?;
+    unsafe fn map_at(self, at: Option<*mut u8>) -> Result<T::Mapping> {
+        let size = self.target.size();
+        let len = self.len.unwrap_or(size.saturating_sub(self.offset));
+        check_span(size, self.offset, len)?;
         if len == 0 {
-            return Ok(Mapping {
-                registration: None,
-                map: None,
-                len: 0,
-            });
+            return Ok(self.target.map_nothing(self.offset));
         }
-        let shadow = self.shadow;
-        let flags = match self.share {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.target.map_span(self.offset, len, self.share, at) }
+    }
+}
+
+impl sealed::Sealed for Shadow {}
+
+impl Mappable for Shadow {
+    type Mapping = Mapping;
+
+    fn size(&self) -> u64 {
+        Shadow::size(self)
+    }
+
+    fn map_nothing(&self, _offset: u64) -> Mapping {
+        Mapping {
+            registration: None,
+            map: None,
+            len: 0,
+        }
+    }
+
+    unsafe fn map_span(
+        &self,
+        offset: u64,
+        len: u64,
+        share: Share,
+        at: Option<*mut u8>,
+    ) -> Result<Mapping> {
+        let page = crate::page_size() as u64;
+        let maplen = len.div_ceil(page) * page;
+        let shadow = self;
+        let flags = match share {
             Share::Shared => libc::MAP_SHARED,
             Share::Private => libc::MAP_PRIVATE,
         };
@@ -134,7 +201,7 @@ impl<'a> MapOptions<'a> {
         // A shared lazy mapping is a duplicate of the template, registered
         // as it is made (`map_shared`); the others are registered below.
         let mut claimed = None;
-        let map = match (l, self.share, at) {
+        let map = match (l, share, at) {
             (Some(l), Share::Shared, at) => {
                 let into = match at {
                     // SAFETY: the caller owns the fixed range (map_fixed's contract).
@@ -143,18 +210,16 @@ impl<'a> MapOptions<'a> {
                 };
                 // SAFETY: `into` is the caller's fixed range or our fresh
                 // reservation; nothing refers into either.
-                let (map, reg) = unsafe { l.map_shared(self.offset, into)? };
+                let (map, reg) = unsafe { l.map_shared(offset, into)? };
                 claimed = Some(reg);
                 map
             }
             (_, _, Some(a)) => {
                 // SAFETY: the caller owns the fixed range (map_fixed's contract).
-                unsafe { RawMap::map(Some(a), fd, (self.offset, maplen as usize), prot, flags) }
+                unsafe { RawMap::map(Some(a), fd, (offset, maplen as usize), prot, flags) }
                     .map_err(e)?
             }
-            (_, _, None) => {
-                RawMap::new(fd, self.offset, maplen as usize, prot, flags).map_err(e)?
-            }
+            (_, _, None) => RawMap::new(fd, offset, maplen as usize, prot, flags).map_err(e)?,
         };
         let registration = match l {
             None => None,
@@ -168,7 +233,7 @@ impl<'a> MapOptions<'a> {
                 }
                 let reg = match claimed {
                     Some(reg) => reg,
-                    None => l.register(map.addr(), maplen, self.offset)?,
+                    None => l.register(map.addr(), maplen, offset)?,
                 };
                 // SAFETY: nothing refers into the new mapping yet; it becomes
                 // readable only now that every fault on it is served.

@@ -5,7 +5,8 @@ pub(crate) mod lazy;
 mod mapping;
 mod stale;
 
-pub use mapping::{MapOptions, Mapping, Registration, Share};
+pub(crate) use mapping::sealed;
+pub use mapping::{MapOptions, Mappable, Mapping, Registration, Share};
 pub(crate) use mapping::{check_page_aligned, check_span};
 pub use stale::{Field, Staleness};
 

@@ -149,10 +149,6 @@ impl RemoteFile {
     /// caller reserved with [`RemoteMapOptions::map_fixed`]. A part is
     /// attached with its file offset (protocol version 4).
     pub fn map_options(&self) -> RemoteMapOptions<'_> {
-        RemoteMapOptions {
-            file: self,
-            offset: 0,
-            len: None,
-        }
+        RemoteMapOptions::new(self)
     }
 }

@@ -4,104 +4,72 @@
 
 use super::*;
 
-/// Options for mapping (part of) a [`RemoteFile`], in the manner of
-/// [`crate::MapOptions`]: `offset` must be a multiple of the page size, and
-/// `offset + len` at most the file's size (`len` defaults to the rest of
-/// the file). The mapping covers `len` rounded up to a page.
-#[derive(Clone)]
-#[must_use]
-pub struct RemoteMapOptions<'a> {
-    pub(super) file: &'a RemoteFile,
-    pub(super) offset: u64,
-    pub(super) len: Option<u64>,
-}
+/// Options for mapping (part of) a [`RemoteFile`]: the one builder,
+/// [`crate::MapOptions`], over a remote file (`file.map_options()`).
+/// `offset` must be a multiple of the page size, and `offset + len` at most
+/// the file's size (`len` defaults to the rest of the file). The mapping
+/// covers `len` rounded up to a page. Every remote mapping is the same
+/// read-only private view of the server's sealed memfd, so `share` changes
+/// nothing.
+pub type RemoteMapOptions<'a> = crate::MapOptions<'a, RemoteFile>;
 
-impl RemoteMapOptions<'_> {
-    /// Offset in the file of the mapping's first byte (page-aligned).
-    pub fn offset(mut self, offset: u64) -> Self {
-        self.offset = offset;
-        self
+impl crate::shadow::sealed::Sealed for RemoteFile {}
+
+impl crate::shadow::Mappable for RemoteFile {
+    type Mapping = RemoteMapping;
+
+    fn size(&self) -> u64 {
+        self.inner.size
     }
 
-    /// Length in bytes (default: from `offset` to the end of the file).
-    pub fn len(mut self, len: u64) -> Self {
-        self.len = Some(len);
-        self
+    fn map_nothing(&self, offset: u64) -> RemoteMapping {
+        RemoteMapping::nothing(self, offset)
     }
 
-    /// Maps at an address the kernel picks.
-    pub fn map(self) -> Result<RemoteMapping> {
-        // SAFETY: no fixed address: the kernel picks a fresh range.
-        unsafe { self.map_at(None) }
-    }
-
-    /// Maps at exactly `addr` (`MAP_FIXED` semantics), replacing the
-    /// caller's reservation there. When the [`RemoteMapping`] is dropped
-    /// (and on an error) the range is an inaccessible `PROT_NONE` anonymous
-    /// reservation again; releasing it stays the caller's job.
-    ///
-    /// # Safety
-    /// `addr` must be page-aligned, and `addr..addr+len` (page-rounded) must
-    /// be address space the caller owns (reserved, e.g. with
-    /// `mmap(PROT_NONE)`), that no Rust reference points into and that no
-    /// other thread touches until this returns.
-    pub unsafe fn map_fixed(self, addr: NonNull<u8>) -> Result<RemoteMapping> {
-        check_page_aligned("fixed mapping address", addr.as_ptr() as u64)?;
-        // SAFETY: forwarded from the caller.
-        unsafe { self.map_at(Some(addr.as_ptr())) }
-    }
-
-    /// # Safety
-    /// As [`RemoteMapOptions::map_fixed`] when `at` is given.
-    pub(super) unsafe fn map_at(self, at: Option<*mut u8>) -> Result<RemoteMapping> {
-        if self.file.inner.inline.is_some() {
-            let real = self.file.with_handle()?;
-            let o = RemoteMapOptions {
-                file: &real,
-                offset: self.offset,
-                len: self.len,
-            };
+    unsafe fn map_span(
+        &self,
+        offset: u64,
+        len: u64,
+        _share: crate::Share,
+        at: Option<*mut u8>,
+    ) -> Result<RemoteMapping> {
+        if self.inner.inline.is_some() {
+            let real = self.with_handle()?;
             // SAFETY: forwarded from the caller.
-            return unsafe { o.map_at(at) };
+            return unsafe { real.map_span(offset, len, _share, at) };
         }
-        let this = self.file;
-        let size = this.inner.size;
-        let offset = self.offset;
-        let len = self.len.unwrap_or(size.saturating_sub(offset));
-        check_span(size, offset, len)?;
         let page = crate::page_size() as u64;
-        if len == 0 {
-            return Ok(RemoteMapping::nothing(this, offset));
-        }
         let maplen = usize::try_from(len.div_ceil(page) * page)
             .map_err(|_| protocol("the mapping length does not fit"))?;
         // A mapping that fails after it was made is dropped only once the
         // io lock is let go: its drop may send UNMAP through that lock.
         let mut doomed = None;
         let r = {
-            let _one = this.inner.client.inner.conn.io.lock();
+            let _one = self.inner.client.inner.conn.io.lock();
             // SAFETY: forwarded from the caller.
-            unsafe { self.map_locked(at, len, maplen, &mut doomed) }
+            unsafe { self.map_locked(at, offset, len, maplen, &mut doomed) }
         };
         drop(doomed);
         r
     }
+}
 
+impl RemoteFile {
     /// MAP, mmap, and for a lazy mapping register and ATTACH, with the
     /// connection's io lock held. A mapping made and then failed is left in
     /// `doomed` for the caller to drop after the lock.
     ///
     /// # Safety
-    /// As [`RemoteMapOptions::map_fixed`] when `at` is given.
-    pub(super) unsafe fn map_locked(
+    /// As [`crate::MapOptions::map_fixed`] when `at` is given.
+    unsafe fn map_locked(
         &self,
         at: Option<*mut u8>,
+        offset: u64,
         len: u64,
         maplen: usize,
         doomed: &mut Option<RemoteMapping>,
     ) -> Result<RemoteMapping> {
-        let this = self.file;
-        let offset = self.offset;
+        let this = self;
         let client = &this.inner.client;
         let ci = &client.inner;
         let mode = if ci.uffd.is_some() {
