@@ -7,6 +7,8 @@
 #include <shadowfd.h>
 
 #include <fcntl.h>
+#include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,6 +47,29 @@
 static size_t page;
 static unsigned char *want; /* the file's bytes */
 static size_t want_len;
+
+/* Where the mapping watched for SIGBUS starts (watch_sigbus). */
+__attribute__((unused)) static volatile uintptr_t fault_base;
+
+/* Exits 100 + the page of the watched mapping the SIGBUS came at, modulo
+ * 100 (what an exit status holds). */
+__attribute__((unused)) static void on_sigbus(int sig, siginfo_t *si, void *uc) {
+    (void)sig;
+    (void)uc;
+    uintptr_t at = (uintptr_t)si->si_addr;
+    _exit(100 + (int)(((at - fault_base) / page) % 100));
+}
+
+/* In a child about to touch the mapping at `base`: a SIGBUS there ends it
+ * with status 100 + the page (on_sigbus). */
+__attribute__((unused)) static void watch_sigbus(void *base) {
+    fault_base = (uintptr_t)base;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_sigbus;
+    sa.sa_flags = SA_SIGINFO;
+    CHECK(sigaction(SIGBUS, &sa, NULL) == 0);
+}
 
 /* The last call left a message, containing `word` if not NULL. */
 static void check_message(const char *what, const char *word) {

@@ -166,16 +166,6 @@ static int case_basic(const char *sock, const char *name, const char *expect_mod
     return 0;
 }
 
-static volatile uintptr_t fault_base;
-
-static void on_sigbus(int sig, siginfo_t *si, void *uc) {
-    (void)sig;
-    (void)uc;
-    uintptr_t at = (uintptr_t)si->si_addr;
-    /* 100 + the page, modulo what an exit status holds. */
-    _exit(100 + (int)(((at - fault_base) / page) % 100));
-}
-
 /* The server is SIGKILLed after a child mapped (and touched page 0): the
  * child still reads page 0, and touching the last page (never filled)
  * raises SIGBUS there, within a bound. */
@@ -194,13 +184,8 @@ static int case_killed(const char *sock, const char *name, pid_t server) {
         shadowfd_shadow *sh = open_on(c, name);
         void *p = NULL;
         CHECK_OK(shadowfd_map(sh, 0, 0, SHADOWFD_MAP_PRIVATE, NULL, &p));
-        fault_base = (uintptr_t)p;
         same(p, 0, page, "page 0 before the kill");
-        struct sigaction sa;
-        memset(&sa, 0, sizeof sa);
-        sa.sa_sigaction = on_sigbus;
-        sa.sa_flags = SA_SIGINFO;
-        CHECK(sigaction(SIGBUS, &sa, NULL) == 0);
+        watch_sigbus(p);
         char x = 'm';
         CHECK(write(up[1], &x, 1) == 1);
         CHECK(read(down[0], &x, 1) == 1); /* the server is dead now */
