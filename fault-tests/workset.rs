@@ -134,6 +134,69 @@ fn a_record_is_replayed_with_no_fault_on_replayed_pages() {
     assert_eq!(record_of(state.path()).chunks, want);
 }
 
+/// Merging with ageing: a first run touches pages A in the first half of
+/// the file and B in the second; the next runs map and touch only the
+/// first half. B's chunks, replayed but handed to no consumer, grow one run
+/// older with each run and leave the record after [`KEEP_RUNS`] runs; A's
+/// stay, in their order. Every byte read is the source's.
+#[test]
+fn chunks_no_run_touches_age_out_of_the_record() {
+    use shadowfd::workset::KEEP_RUNS;
+    let dir = tempdir();
+    let state = tempdir();
+    let size = 16 << 20;
+    let half = size / 2;
+    let path = write_file(dir.path(), "src", ID, size);
+    let a = pages(11, 40, 0, half);
+    let b = pages(12, 40, half, size);
+    let Some(engine) = lazy_engine("workset ageing", cfg(state.path(), WorksetMode::Auto)) else {
+        return;
+    };
+    {
+        let shadow = engine.open(&path).unwrap();
+        touch(&shadow, &[a.clone(), b.clone()].concat());
+    }
+    let want_a: Vec<u64> = a.iter().map(|o| o / page()).collect();
+    let want_b: Vec<u64> = b.iter().map(|o| o / page()).collect();
+    let r = record_of(state.path());
+    assert_eq!(r.chunks, [want_a.clone(), want_b.clone()].concat());
+    assert!(r.ages.iter().all(|&x| x == 0), "{:?}", r.ages);
+    for run in 1..=KEEP_RUNS {
+        let shadow = Arc::new(engine.open(&path).unwrap());
+        replay_settles(&shadow);
+        {
+            let map = shadow
+                .map_options()
+                .len(half)
+                .map()
+                .expect("map the first half");
+            for &o in &a {
+                let p = page() as usize;
+                assert_bytes(&map[o as usize..o as usize + p], ID, o, "a page of A");
+            }
+        }
+        let st = shadow.stats();
+        assert_eq!(st.workset_diverged, 0, "run {run}: {st:?}");
+        drop(shadow);
+        let r = record_of(state.path());
+        if run < KEEP_RUNS {
+            assert_eq!(
+                r.chunks,
+                [want_a.clone(), want_b.clone()].concat(),
+                "run {run}"
+            );
+            let (aa, ab) = r.ages.split_at(want_a.len());
+            assert!(aa.iter().all(|&x| x == 0), "run {run}: A aged: {aa:?}");
+            assert!(ab.iter().all(|&x| x == run), "run {run}: B's ages {ab:?}");
+        } else {
+            assert_eq!(
+                r.chunks, want_a,
+                "run {run}: B has aged out, A stays in order"
+            );
+        }
+    }
+}
+
 /// A touch (mtime) or a rewrite of the source discards its record: it is
 /// removed, counted, and nothing is replayed.
 #[test]

@@ -148,6 +148,7 @@ pub fn run(a: WorksetArgs) -> CliResult {
                 let mut v = json_of(&p, &Ok(r.clone()));
                 if *chunks {
                     v["order"] = serde_json::json!(r.chunks);
+                    v["ages"] = serde_json::json!(r.ages);
                 }
                 println!("{v}");
                 return Ok(());
@@ -163,9 +164,17 @@ pub fn run(a: WorksetArgs) -> CliResult {
                 format_size(r.size)
             );
             println!("age      {}", age(r.created));
+            let mut by_age = [0usize; shadowfd::workset::KEEP_RUNS as usize];
+            for &x in &r.ages {
+                by_age[usize::from(x).min(by_age.len() - 1)] += 1;
+            }
+            println!(
+                "runs     {} chunks touched by the latest run; untouched for 1, 2, 3 runs: {}, {}, {}",
+                by_age[0], by_age[1], by_age[2], by_age[3]
+            );
             if *chunks {
-                for c in &r.chunks {
-                    println!("{c}");
+                for (c, x) in r.chunks.iter().zip(&r.ages) {
+                    println!("{c} (age {x})");
                 }
             }
         }

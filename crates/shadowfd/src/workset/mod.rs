@@ -9,13 +9,17 @@
 //! ([`RecordKey::version`]), so that a hash collision is never mistaken for
 //! the source and a record of an older version is discarded.
 //!
-//! Format (little endian), version 1:
+//! Format (little endian), version 2:
 //!
 //! ```text
-//! magic "SHFDWSET" | format u32 = 1 | chunk u64 | size u64 | created u64 (Unix s)
+//! magic "SHFDWSET" | format u32 = 2 | chunk u64 | size u64 | created u64 (Unix s)
 //! which_len u32 | which | version_len u32 | version | count u64 | count × chunk u64
+//! count × age u8
 //! xxh3-64 of every byte before it, u64
 //! ```
+//!
+//! A chunk's age is how many runs in a row have not touched it since one
+//! did ([`KEEP_RUNS`]). Version 1 had no ages; it is read with every age 0.
 //!
 //! Records are written to a temporary file in the same directory and
 //! renamed over the old one, so readers see a whole record or none, and two
@@ -25,8 +29,11 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"SHFDWSET";
-/// The record format this build reads and writes.
-pub const FORMAT: u32 = 1;
+/// The record format this build writes (it reads this and format 1).
+pub const FORMAT: u32 = 2;
+/// Runs a merged record remembers: a chunk that this many runs in a row
+/// did not touch is dropped from it (docs/worksets.md, Merging).
+pub const KEEP_RUNS: u8 = 4;
 /// The file name extension of a record.
 pub const EXT: &str = "ws";
 /// Longest identity string a record holds.
@@ -54,6 +61,10 @@ pub struct Record {
     pub created: u64,
     /// Chunk indexes in the order they were first needed, each once.
     pub chunks: Vec<u64>,
+    /// For each of `chunks`, how many runs in a row since the last that
+    /// touched it have not (0: the latest run touched it); below
+    /// [`KEEP_RUNS`].
+    pub ages: Vec<u8>,
 }
 
 /// Why a record file was not read.
@@ -94,6 +105,9 @@ impl Record {
         for c in &self.chunks {
             b.extend_from_slice(&c.to_le_bytes());
         }
+        for i in 0..self.chunks.len() {
+            b.push(self.ages.get(i).copied().unwrap_or(0));
+        }
         let sum = xxhash_rust::xxh3::xxh3_64(&b);
         b.extend_from_slice(&sum.to_le_bytes());
         b
@@ -108,9 +122,9 @@ impl Record {
         let sum = u64::from_le_bytes(sum.try_into().expect("8 bytes"));
         let mut r = Reader { b: body, at: 8 };
         let format = r.u32()?;
-        if format != FORMAT {
+        if format != FORMAT && format != 1 {
             return Err(format!(
-                "record format {format}, this build reads format {FORMAT}"
+                "record format {format}, this build reads formats 1 and {FORMAT}"
             ));
         }
         if xxhash_rust::xxh3::xxh3_64(body) != sum {
@@ -123,7 +137,8 @@ impl Record {
         let which = r.string()?;
         let version = r.string()?;
         let count = r.u64()?;
-        if count > MAX_CHUNKS || count * 8 != (r.b.len() - r.at) as u64 {
+        let per_chunk = if format == 1 { 8 } else { 9 };
+        if count > MAX_CHUNKS || count * per_chunk != (r.b.len() - r.at) as u64 {
             return Err(format!(
                 "chunk count {count} does not match the record's length"
             ));
@@ -132,12 +147,22 @@ impl Record {
         for _ in 0..count {
             chunks.push(r.u64()?);
         }
+        let ages = if format == 1 {
+            vec![0; count as usize]
+        } else {
+            let a = r.take(count as usize)?.to_vec();
+            if let Some(bad) = a.iter().find(|&&x| x >= KEEP_RUNS) {
+                return Err(format!("a chunk of age {bad}; ages stay below {KEEP_RUNS}"));
+            }
+            a
+        };
         Ok(Record {
             key: RecordKey { which, version },
             chunk,
             size,
             created,
             chunks,
+            ages,
         })
     }
 
@@ -289,7 +314,39 @@ mod tests {
             size: 1 << 20,
             created: 7,
             chunks: vec![5, 1, 200],
+            ages: vec![0, 3, 1],
         }
+    }
+
+    /// A record of format 1 (no ages) reads with every age 0; an age at
+    /// or past [`KEEP_RUNS`] is refused.
+    #[test]
+    fn format_1_reads_with_age_0_and_a_bad_age_is_refused() {
+        let r = sample();
+        let mut v1 = Vec::new();
+        v1.extend_from_slice(MAGIC);
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        for v in [r.chunk, r.size, r.created] {
+            v1.extend_from_slice(&v.to_le_bytes());
+        }
+        for s in [&r.key.which, &r.key.version] {
+            v1.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            v1.extend_from_slice(s.as_bytes());
+        }
+        v1.extend_from_slice(&(r.chunks.len() as u64).to_le_bytes());
+        for c in &r.chunks {
+            v1.extend_from_slice(&c.to_le_bytes());
+        }
+        let sum = xxhash_rust::xxh3::xxh3_64(&v1);
+        v1.extend_from_slice(&sum.to_le_bytes());
+        let got = Record::decode(&v1).unwrap();
+        assert_eq!(got.chunks, r.chunks);
+        assert_eq!(got.ages, vec![0; 3]);
+
+        let mut old = r.clone();
+        old.ages[1] = KEEP_RUNS;
+        let e = Record::decode(&old.encode()).unwrap_err();
+        assert!(e.contains("age 4"), "{e}");
     }
 
     #[test]

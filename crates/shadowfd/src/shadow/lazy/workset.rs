@@ -8,7 +8,7 @@
 use crate::config::Config;
 use crate::source::SourceIdentity;
 use crate::stats::Counters;
-use crate::workset::{Loaded, Record, RecordKey};
+use crate::workset::{KEEP_RUNS, Loaded, Record, RecordKey};
 use parking_lot::Mutex;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -62,6 +62,9 @@ pub(super) struct Workset {
     needed: Bits,
     /// The replay, in this shadow's chunks: what to fill, in order.
     plan: Vec<u64>,
+    /// For each of `plan`, its age in the record (runs in a row that did
+    /// not touch it).
+    plan_ages: Vec<u8>,
     in_plan: Bits,
     replayed: Bits,
     used: Bits,
@@ -120,12 +123,13 @@ impl Workset {
         let nchunks = size.div_ceil(chunk);
         let in_plan = Bits::new(nchunks);
         let mut plan = Vec::new();
+        let mut plan_ages = Vec::new();
         let mut discarded = false;
         if mode.replays() {
             match crate::workset::load(&dir, &key) {
                 Loaded::Found(r) => {
                     // In this shadow's chunks, each once, in recorded order.
-                    for &c in &r.chunks {
+                    for (i, &c) in r.chunks.iter().enumerate() {
                         let from = c.saturating_mul(r.chunk);
                         let to = from.saturating_add(r.chunk).min(size);
                         if from >= to {
@@ -134,6 +138,7 @@ impl Workset {
                         for x in from / chunk..to.div_ceil(chunk) {
                             if in_plan.set(x) {
                                 plan.push(x);
+                                plan_ages.push(r.ages.get(i).copied().unwrap_or(0));
                             }
                         }
                     }
@@ -165,6 +170,7 @@ impl Workset {
                 order: Mutex::new(records.then(Vec::new)),
                 needed: Bits::new(nchunks),
                 plan,
+                plan_ages,
                 in_plan,
                 replayed: Bits::new(nchunks),
                 used: Bits::new(nchunks),
@@ -260,26 +266,46 @@ impl Workset {
         self.record(order)
     }
 
-    /// The record of `order`, merged with the replayed record: its chunks
-    /// first, in its order, then this run's new ones. `None` when there is
-    /// nothing new to write.
+    /// The record of `order`, merged with the replayed record (the last
+    /// [`KEEP_RUNS`] runs, ordered by first touch): the replayed record's
+    /// chunks first, in its order, each at age 0 if a consumer of this run
+    /// needed it (a fault, a read), at the age it had if the replay mapped
+    /// it into a consumer range ahead of the touch (whether the touch came
+    /// cannot be seen), and one run older if neither, dropped at
+    /// [`KEEP_RUNS`]; then this run's new ones, at age 0. `None` when
+    /// nothing changed.
     fn record(&self, order: Vec<u64>) -> Option<Record> {
-        let chunks = if self.plan.is_empty() {
-            order
+        let (chunks, ages) = if self.plan.is_empty() {
+            let n = order.len();
+            (order, vec![0; n])
         } else {
-            let new: Vec<u64> = order
-                .into_iter()
-                .filter(|&c| !self.in_plan.get(c))
-                .collect();
-            if new.is_empty() {
+            let mut all = Vec::with_capacity(self.plan.len());
+            let mut ages = Vec::with_capacity(self.plan.len());
+            for (&c, &was) in self.plan.iter().zip(&self.plan_ages) {
+                let age = if self.needed.get(c) {
+                    0
+                } else if self.used.get(c) {
+                    was
+                } else {
+                    was.saturating_add(1)
+                };
+                if age < KEEP_RUNS {
+                    all.push(c);
+                    ages.push(age);
+                }
+            }
+            for c in order.into_iter().filter(|&c| !self.in_plan.get(c)) {
+                all.push(c);
+                ages.push(0);
+            }
+            all.truncate(self.max_chunks as usize);
+            ages.truncate(all.len());
+            if all == self.plan && ages == self.plan_ages {
                 return None;
             }
-            let mut all = self.plan.clone();
-            all.extend(new);
-            all.truncate(self.max_chunks as usize);
-            all
+            (all, ages)
         };
-        if chunks.is_empty() {
+        if chunks.is_empty() && self.plan.is_empty() {
             return None;
         }
         Some(Record {
@@ -288,6 +314,7 @@ impl Workset {
             size: self.size,
             created: crate::workset::unix_now(),
             chunks,
+            ages,
         })
     }
 
