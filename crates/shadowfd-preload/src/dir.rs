@@ -19,13 +19,16 @@
 //!   (`getcwd` reports it); it travels to exec'd children in
 //!   `SHADOWFD_RUN_CWD`. A `chdir` elsewhere clears it.
 
+use crate::conn::client;
+use crate::env::{env, normalize};
+use crate::errno::errno_of;
 use crate::forklock::{ForkGuard, ForkMutex as Mutex};
-use crate::{Busy, client, env, errno_of, fail, normalize, resolve, set_errno};
+use crate::{Busy, fail, set_errno};
 use shadowfd::remote::{PathInfo, PathKind};
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{CStr, CString, c_char, c_int, c_long, c_void};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Where a path goes.
 pub(crate) enum Route {
@@ -73,7 +76,7 @@ pub(crate) fn full(rel: &str) -> String {
 pub(crate) fn vcwd() -> Option<String> {
     let mut v = VCWD.lock();
     if v.is_none() {
-        let from_env = crate::getenv(c"SHADOWFD_RUN_CWD").and_then(|s| {
+        let from_env = crate::env::getenv(c"SHADOWFD_RUN_CWD").and_then(|s| {
             let env = env()?;
             let comps = normalize(&s)?;
             (comps.len() >= env.prefix.len() && comps[..env.prefix.len()] == env.prefix[..])
@@ -89,7 +92,7 @@ fn set_vcwd(rel: Option<String>) {
         let mut v = VCWD.lock();
         let old = v.clone().flatten();
         *v = Some(rel.clone());
-        let in_env = crate::getenv(c"SHADOWFD_RUN_CWD").is_some_and(|v| !v.is_empty());
+        let in_env = crate::env::getenv(c"SHADOWFD_RUN_CWD").is_some_and(|v| !v.is_empty());
         old != rel || in_env != rel.is_some()
     };
     if changed {
@@ -103,7 +106,7 @@ fn set_vcwd(rel: Option<String>) {
         let v = rel.as_ref().map(|r| full(r)).unwrap_or_default();
         let v = CString::new(v).unwrap_or_default();
         // The environment is only changed here, on a chdir, and at load.
-        crate::setenv(c"SHADOWFD_RUN_CWD", &v, true);
+        crate::env::setenv(c"SHADOWFD_RUN_CWD", &v, true);
     }
 }
 
@@ -116,7 +119,7 @@ fn cwd_var_init() {
     }
     // No other thread runs yet (library constructors run before main), and
     // no overwrite keeps a value.
-    crate::setenv(c"SHADOWFD_RUN_CWD", c"", false);
+    crate::env::setenv(c"SHADOWFD_RUN_CWD", c"", false);
 }
 
 fn dirfd_entry(fd: c_int) -> Option<Arc<DirFd>> {
@@ -250,7 +253,7 @@ pub(crate) unsafe fn route(dirfd: c_int, path: *const c_char) -> Route {
 /// kernel would find the placeholder (`/dev/null`) there.
 fn served_fd_path(s: &str) -> Option<String> {
     if !(s.starts_with("/dev/") || s.starts_with("/proc/"))
-        || !(crate::ANY_FD.load(Ordering::Acquire) || any())
+        || !(crate::fdtable::ANY_FD.load(Ordering::Acquire) || any())
     {
         return None;
     }
@@ -270,7 +273,7 @@ fn served_fd_path(s: &str) -> Option<String> {
         n
     };
     let fd: c_int = n.parse().ok()?;
-    if let Some(e) = crate::entry(fd) {
+    if let Some(e) = crate::fdtable::entry(fd) {
         return Some(e.path.clone());
     }
     dirfd_entry(fd).map(|d| d.path.clone())
@@ -296,7 +299,7 @@ fn passes_through(abs: &str, prefix: &[String]) -> bool {
 }
 
 /// STAT answers by path, kept when the served tree cannot change
-/// ([`crate::Env::immutable`]): a found path, and a path that is missing
+/// ([`crate::env::Env::immutable`]): a found path, and a path that is missing
 /// or not under a directory. At most [`MAX_STATS`] of them; then all are
 /// dropped at once.
 type Stats = std::collections::HashMap<String, Result<PathInfo, c_int>>;
@@ -353,8 +356,8 @@ pub(crate) fn open_dir(rel: &str, flags: c_int) -> Result<c_int, c_int> {
     if flags & libc::O_ACCMODE != libc::O_RDONLY {
         return Err(libc::EISDIR);
     }
-    let fd = crate::placeholder(flags)?;
-    drop(crate::remove(fd));
+    let fd = crate::fdtable::placeholder(flags)?;
+    drop(crate::fdtable::remove(fd));
     let mut t = DIRFDS.lock();
     ANY_DIRFD.store(true, Ordering::Release);
     t.insert(
@@ -668,7 +671,7 @@ pub unsafe extern "C" fn opendir(path: *const c_char) -> *mut libc::DIR {
                         new_stream(fd, &rel).inspect_err(|_| {
                             // Forgotten here too: this thread is inside
                             // the shim, where `close` keeps no books.
-                            crate::close_own(fd);
+                            crate::fdtable::close_own(fd);
                         })
                     });
                 return r.unwrap_or_else(|e| {
@@ -684,7 +687,9 @@ pub unsafe extern "C" fn opendir(path: *const c_char) -> *mut libc::DIR {
     if !d.is_null() {
         // glibc opened it with an internal call: its descriptor is new.
         // SAFETY: a live host stream.
-        crate::fresh(unsafe { real!("dirfd", unsafe extern "C" fn(*mut libc::DIR) -> c_int)(d) });
+        crate::fdtable::fresh(unsafe {
+            real!("dirfd", unsafe extern "C" fn(*mut libc::DIR) -> c_int)(d)
+        });
     }
     d
 }
@@ -700,7 +705,7 @@ pub unsafe extern "C" fn fdopendir(fd: c_int) -> *mut libc::DIR {
                 std::ptr::null_mut()
             });
         }
-        if crate::entry(fd).is_some() {
+        if crate::fdtable::entry(fd).is_some() {
             set_errno(libc::ENOTDIR);
             return std::ptr::null_mut();
         }
@@ -811,7 +816,7 @@ pub unsafe extern "C" fn closedir(d: *mut libc::DIR) -> c_int {
         // SAFETY: `d` was a live Box<Stream> of ours, now out of the table.
         let s = unsafe { Box::from_raw(d.cast::<Stream>()) };
         // The stream's own placeholder descriptor.
-        return crate::close_own(s.fd);
+        return crate::fdtable::close_own(s.fd);
     }
     // SAFETY: forwarding.
     unsafe { real!("closedir", unsafe extern "C" fn(*mut libc::DIR) -> c_int)(d) }

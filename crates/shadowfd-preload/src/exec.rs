@@ -20,7 +20,8 @@
 //! one pointer stored, the array never moved; see dir.rs for the same with
 //! the working directory).
 
-use crate::{Busy, dir, env, resolve, vfork};
+use crate::env::env;
+use crate::{Busy, dir, resolve, vfork};
 use std::ffi::{CStr, CString, c_char, c_int};
 use std::sync::atomic::AtomicUsize;
 
@@ -94,7 +95,7 @@ pub(crate) fn adopt() {
     if env().is_none() {
         return;
     }
-    let v = crate::getenv(c"SHADOWFD_RUN_FDS").unwrap_or_default();
+    let v = crate::env::getenv(c"SHADOWFD_RUN_FDS").unwrap_or_default();
     for item in v.split(',').filter(|s| !s.is_empty()) {
         let mut it = item.splitn(4, ':');
         let (Some(fd), Some(kind), Some(pos), Some(path)) =
@@ -113,7 +114,7 @@ pub(crate) fn adopt() {
         }
         match kind {
             "f" => {
-                crate::adopt_file(fd, path, pos);
+                crate::fdtable::adopt_file(fd, path, pos);
                 if fd == 0 {
                     // glibc reads `stdin` with internal calls: make it a
                     // stream that reads through the shim, as `fopen` does.
@@ -130,7 +131,7 @@ pub(crate) fn adopt() {
         }
     }
     // At load, before other threads run.
-    crate::setenv(c"SHADOWFD_RUN_FDS", c"", true);
+    crate::env::setenv(c"SHADOWFD_RUN_FDS", c"", true);
 }
 
 /// Brings `SHADOWFD_RUN_FDS` in `environ` up to date, before a call that
@@ -143,13 +144,13 @@ pub(crate) fn sync_environ() {
         return;
     };
     let v = handed();
-    if crate::getenv(c"SHADOWFD_RUN_FDS").as_deref() == Some(v.as_str()) {
+    if crate::env::getenv(c"SHADOWFD_RUN_FDS").as_deref() == Some(v.as_str()) {
         return;
     }
     let v = CString::new(v).unwrap_or_default();
     // The variable was added at load, so glibc replaces one pointer and
     // never moves the array.
-    crate::setenv(c"SHADOWFD_RUN_FDS", &v, true);
+    crate::env::setenv(c"SHADOWFD_RUN_FDS", &v, true);
 }
 
 /// An environment for an exec: the caller's, with this shim's variables
@@ -373,7 +374,7 @@ pub unsafe extern "C" fn popen(cmd: *const c_char, mode: *const c_char) -> *mut 
     if !f.is_null() {
         // A new host descriptor (made with internal calls).
         // SAFETY: a live stream.
-        crate::fresh(unsafe { libc::fileno(f) });
+        crate::fdtable::fresh(unsafe { libc::fileno(f) });
     }
     f
 }

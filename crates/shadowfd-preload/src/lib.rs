@@ -18,14 +18,18 @@
 //! its userfaultfd); a thread-local flag sends every call made while the
 //! shim is at work straight to the real function.
 
-use forklock::{ForkGuard, ForkMutex};
+use crate::conn::{CLIENT, client};
+use crate::errno::{errno_of, io_err};
+use crate::fdtable::{
+    Entry, STATE, State, close_forgetting, dup_done, entry, fresh, insert, placeholder, tracked,
+};
+use forklock::ForkGuard;
 use parking_lot::Mutex;
-use shadowfd::remote::{Client, ClientOptions, RemoteFile};
+use shadowfd::remote::{Client, RemoteFile};
 use std::cell::Cell;
-use std::collections::BTreeMap;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 type SizeT = libc::size_t;
 type SsizeT = libc::ssize_t;
@@ -35,8 +39,8 @@ type OffT = libc::off_t;
 /// function pointer.
 macro_rules! real {
     ($name:literal, $ty:ty) => {{
-        static P: AtomicUsize = AtomicUsize::new(0);
-        let p = resolve(&P, concat!($name, "\0"));
+        static P: ::std::sync::atomic::AtomicUsize = ::std::sync::atomic::AtomicUsize::new(0);
+        let p = $crate::resolve(&P, concat!($name, "\0"));
         #[allow(unused_unsafe)]
         // SAFETY: `p` is glibc's definition of this symbol, whose C type is
         // `$ty`.
@@ -68,8 +72,12 @@ fn resolve(slot: &AtomicUsize, name: &'static str) -> usize {
 }
 
 mod audit;
+mod conn;
 mod dir;
+mod env;
+mod errno;
 mod exec;
+mod fdtable;
 mod fts;
 mod paths;
 mod prefault;
@@ -120,418 +128,6 @@ fn page() -> usize {
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
 }
 
-/// The prefix, as path components, and the socket: from the environment.
-pub(crate) struct Env {
-    prefix: Vec<String>,
-    socket: String,
-    /// `SHADOWFD_RUN_NO_USERFAULTFD=1`: connect without a userfaultfd, so
-    /// every mapping is the server's sealed eager fallback (what a process
-    /// that may not create one gets anyway).
-    no_uffd: bool,
-    /// `SHADOWFD_RUN_IMMUTABLE=1` (set by `run --image`): the served tree
-    /// cannot change while served, so STAT answers may be kept.
-    pub(crate) immutable: bool,
-}
-
-fn env() -> Option<&'static Env> {
-    static ENV: OnceLock<Option<Env>> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let prefix = getenv(c"SHADOWFD_RUN_MOUNT")?;
-        let socket = getenv(c"SHADOWFD_RUN_SOCKET")?;
-        let prefix = normalize(&prefix)?;
-        if prefix.is_empty() {
-            return None;
-        }
-        let no_uffd = getenv(c"SHADOWFD_RUN_NO_USERFAULTFD").is_some_and(|v| v == "1");
-        let immutable = getenv(c"SHADOWFD_RUN_IMMUTABLE").is_some_and(|v| v == "1");
-        Some(Env {
-            prefix,
-            socket,
-            no_uffd,
-            immutable,
-        })
-    })
-    .as_ref()
-}
-
-/// An environment variable (UTF-8), read with glibc's own `getenv`, the
-/// next definition after this library, never the program's: bash defines
-/// `getenv` and `setenv` of its own, backed by its shell variables, which
-/// are not set up while library constructors run (there its `setenv`
-/// would leave them half made, and its `getenv` then finds nothing).
-pub(crate) fn getenv(name: &CStr) -> Option<String> {
-    let f = real!("getenv", unsafe extern "C" fn(*const c_char) -> *mut c_char);
-    // SAFETY: a NUL-terminated name; glibc returns null or a string in
-    // `environ`.
-    let p = unsafe { f(name.as_ptr()) };
-    if p.is_null() {
-        return None;
-    }
-    // SAFETY: as above.
-    unsafe { CStr::from_ptr(p) }
-        .to_str()
-        .ok()
-        .map(str::to_string)
-}
-
-/// Sets an environment variable with glibc's own `setenv` (see
-/// [`getenv`]).
-pub(crate) fn setenv(name: &CStr, value: &CStr, overwrite: bool) {
-    let f = real!(
-        "setenv",
-        unsafe extern "C" fn(*const c_char, *const c_char, c_int) -> c_int
-    );
-    // SAFETY: NUL-terminated strings.
-    unsafe { f(name.as_ptr(), value.as_ptr(), c_int::from(overwrite)) };
-}
-
-/// The components of an absolute path, `.` and `..` resolved lexically.
-fn normalize(p: &str) -> Option<Vec<String>> {
-    if !p.starts_with('/') {
-        return None;
-    }
-    let mut out: Vec<String> = Vec::new();
-    for c in p.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                out.pop();
-            }
-            c => out.push(c.to_string()),
-        }
-    }
-    Some(out)
-}
-
-/// A file open through the shim; `dup`s share one (and its offset).
-struct Entry {
-    /// The path inside the served tree (a forked child opens it again).
-    path: String,
-    /// The open file; `None` in a forked child until its first use.
-    file: Mutex<Option<RemoteFile>>,
-    pos: AtomicU64,
-}
-
-impl Entry {
-    /// The open file, opened again on this process's connection first if
-    /// this is a forked child's copy.
-    fn file(&self) -> Result<RemoteFile, c_int> {
-        let mut f = self.file.lock();
-        if let Some(f) = f.as_ref() {
-            return Ok(f.clone());
-        }
-        let n = client()?.open(&self.path).map_err(|e| errno_of(&e))?;
-        *f = Some(n.clone());
-        Ok(n)
-    }
-}
-
-struct State {
-    fds: BTreeMap<c_int, Arc<Entry>>,
-}
-
-// Held across fork and released in the child: fork-safe locks (forklock).
-static STATE: ForkMutex<State> = ForkMutex::new(State {
-    fds: BTreeMap::new(),
-});
-static CLIENT: ForkMutex<Option<Client>> = ForkMutex::new(None);
-/// Whether `STATE.fds` may be non-empty: the fast path for every other
-/// descriptor.
-static ANY_FD: AtomicBool = AtomicBool::new(false);
-static SAID: AtomicBool = AtomicBool::new(false);
-
-/// The shim's own descriptors (the server socket, the userfaultfd, the
-/// watcher's eventfds) are made while every free number below
-/// [`LowFds::FLOOR`] is taken, so they land above it. Programs pick low
-/// numbers themselves (`exec 3< file` in a shell is `dup2(fd, 3)`, and
-/// dash saves descriptors at 10 and up): a `dup2` onto a number the shim
-/// holds would close its connection under it.
-pub(crate) struct LowFds(Vec<c_int>);
-
-impl LowFds {
-    pub(crate) const FLOOR: c_int = 100;
-
-    /// Takes every free descriptor number below [`Self::FLOOR`] (copies of
-    /// one `/dev/null` descriptor, raw system calls), until dropped.
-    pub(crate) fn reserve() -> LowFds {
-        let mut held = Vec::new();
-        // SAFETY: opens /dev/null (a NUL-terminated path); every number
-        // taken is closed on drop.
-        let first = unsafe {
-            libc::syscall(
-                libc::SYS_openat,
-                libc::AT_FDCWD,
-                c"/dev/null".as_ptr(),
-                libc::O_PATH | libc::O_CLOEXEC,
-            )
-        } as c_int;
-        let mut fd = first;
-        while (0..Self::FLOOR).contains(&fd) {
-            held.push(fd);
-            // SAFETY: duplicates a descriptor this guard holds onto the
-            // lowest free number.
-            fd =
-                unsafe { libc::syscall(libc::SYS_fcntl, first, libc::F_DUPFD_CLOEXEC, 0) } as c_int;
-        }
-        if fd >= Self::FLOOR {
-            // SAFETY: closes the copy just made, above the floor.
-            unsafe { libc::syscall(libc::SYS_close, fd) };
-        }
-        LowFds(held)
-    }
-}
-
-impl Drop for LowFds {
-    fn drop(&mut self) {
-        for &fd in &self.0 {
-            // SAFETY: closes a descriptor this guard opened.
-            unsafe { libc::syscall(libc::SYS_close, fd) };
-        }
-    }
-}
-
-fn client() -> Result<Client, c_int> {
-    let mut c = CLIENT.lock();
-    if let Some(c) = c.as_ref() {
-        return Ok(c.clone());
-    }
-    let env = env().ok_or(libc::EIO)?;
-    let connect = || -> shadowfd::Result<Client> {
-        if !env.no_uffd {
-            return Client::connect(&env.socket);
-        }
-        let s = std::os::unix::net::UnixStream::connect(&env.socket).map_err(|e| {
-            shadowfd::Error::Open {
-                path: env.socket.clone().into(),
-                source: e,
-            }
-        })?;
-        let opts = ClientOptions {
-            userfaultfd: false,
-            ..ClientOptions::default()
-        };
-        Client::from_stream(s, opts)
-    };
-    let low = LowFds::reserve();
-    let made = connect();
-    drop(low);
-    match made {
-        Ok(n) => {
-            *c = Some(n.clone());
-            Ok(n)
-        }
-        Err(e) => {
-            if !SAID.swap(true, Ordering::SeqCst) {
-                // Also reached in a forked child (forklock::say).
-                forklock::say(&format!(
-                    "shadowfd-preload: cannot reach the shadowfd server at {}: {e}",
-                    env.socket
-                ));
-            }
-            Err(libc::EIO)
-        }
-    }
-}
-
-/// The errno for a client error: by the server's protocol code
-/// ([`shadowfd::Error::refusal_code`]), never by the message, which names
-/// the path. Anything else (the connection gone, ...) is `EIO`.
-fn errno_of(e: &shadowfd::Error) -> c_int {
-    use shadowfd::remote::wire;
-    match e.refusal_code() {
-        Some(wire::E_NOT_FOUND | wire::E_ESCAPE) => libc::ENOENT,
-        Some(wire::E_NOT_REGULAR) => libc::EISDIR,
-        Some(wire::E_NOT_DIR) => libc::ENOTDIR,
-        Some(wire::E_ACCESS) => libc::EACCES,
-        Some(wire::E_LIMIT) => libc::EMFILE,
-        Some(wire::E_TOO_LARGE) => libc::EFBIG,
-        _ => libc::EIO,
-    }
-}
-
-fn entry(fd: c_int) -> Option<Arc<Entry>> {
-    if !ANY_FD.load(Ordering::Acquire) {
-        return None;
-    }
-    STATE.lock().fds.get(&fd).cloned()
-}
-
-/// This thread marked busy and `fd`'s entry, when `fd` is ours and the
-/// thread was not already inside the shim.
-fn tracked(fd: c_int) -> Option<(Busy, Arc<Entry>)> {
-    if !ANY_FD.load(Ordering::Acquire) {
-        return None;
-    }
-    let b = Busy::enter()?;
-    let e = entry(fd)?;
-    Some((b, e))
-}
-
-fn insert(fd: c_int, e: Arc<Entry>) -> Option<Arc<Entry>> {
-    let mut st = STATE.lock();
-    ANY_FD.store(true, Ordering::Release);
-    st.fds.insert(fd, e)
-}
-
-/// Every served descriptor in this process's tables, files (path,
-/// offset) and directories (for an exec).
-fn handed_all() -> Vec<(c_int, vfork::Handed)> {
-    let mut out: Vec<(c_int, vfork::Handed)> = if ANY_FD.load(Ordering::Acquire) {
-        STATE
-            .lock()
-            .fds
-            .iter()
-            .map(|(fd, e)| {
-                let h = vfork::Handed::File(e.path.clone(), e.pos.load(Ordering::SeqCst));
-                (*fd, h)
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
-    out.extend(
-        dir::dirfds()
-            .into_iter()
-            .map(|(fd, p)| (fd, vfork::Handed::Dir(p))),
-    );
-    out
-}
-
-/// What the tables say `fd` is.
-fn handed_fd(fd: c_int) -> Option<vfork::Handed> {
-    if let Some(e) = entry(fd) {
-        return Some(vfork::Handed::File(
-            e.path.clone(),
-            e.pos.load(Ordering::SeqCst),
-        ));
-    }
-    dir::dirfds()
-        .into_iter()
-        .find(|(d, _)| *d == fd)
-        .map(|(_, p)| vfork::Handed::Dir(p))
-}
-
-/// After a `dup*` of `old` returned `new`: the tables follow (or, in a
-/// `vfork` child, its overlay).
-fn dup_done(old: c_int, new: c_int) {
-    if vfork::in_child() {
-        vfork::dup(old, new);
-        return;
-    }
-    after_dup(&entry(old), new);
-    dir::after_dup(old, new);
-}
-
-/// Tracks `fd` (a placeholder inherited across exec) as the served file
-/// `path` at offset `pos`; it opens on this process's connection on first
-/// use, as a forked child's copies do.
-fn adopt_file(fd: c_int, path: String, pos: u64) {
-    drop(insert(
-        fd,
-        Arc::new(Entry {
-            path,
-            file: Mutex::new(None),
-            pos: AtomicU64::new(pos),
-        }),
-    ));
-}
-
-fn remove(fd: c_int) -> Option<Arc<Entry>> {
-    if !ANY_FD.load(Ordering::Acquire) {
-        return None;
-    }
-    STATE.lock().fds.remove(&fd)
-}
-
-/// Forgets whatever this shim tracked under the descriptor number `fd`
-/// (a served file's entry and a served directory's). For a number the
-/// kernel has just handed out (a host `open`, `socket`, `dup`, ...): it
-/// can never be a descriptor of ours, so an entry left there by a close
-/// the shim did not see (`close_range`, glibc's internal closes, `fclose`
-/// of an `fdopen`ed placeholder) must not make the host descriptor look
-/// served. Dropping a file's last reference sends CLOSE, with the thread
-/// marked busy. Calls made inside the shim (the client's own sockets) are
-/// left alone: the shim forgets its placeholders' numbers itself.
-fn forget_fd(fd: c_int) {
-    let Some(_b) = Busy::enter() else {
-        return;
-    };
-    if vfork::in_child() {
-        vfork::gone(fd);
-        return;
-    }
-    let gone = remove(fd);
-    dir::forget(fd);
-    drop(gone);
-}
-
-/// A new `O_PATH` descriptor of `/dev/null` (close-on-exec as `flags`
-/// asks): what a program holds for a served file or directory, so that a
-/// call the shim misses fails instead of reading anything. Made with the
-/// real `open`, so it is not taken for a host descriptor; `Err(errno)`.
-pub(crate) fn placeholder(flags: c_int) -> Result<c_int, c_int> {
-    let open = real!(
-        "open",
-        unsafe extern "C" fn(*const c_char, c_int, ...) -> c_int
-    );
-    // SAFETY: a NUL-terminated path and valid flags.
-    let fd = unsafe {
-        open(
-            c"/dev/null".as_ptr(),
-            libc::O_PATH | (flags & libc::O_CLOEXEC),
-        )
-    };
-    if fd < 0 {
-        // SAFETY: reads this thread's errno.
-        return Err(unsafe { *libc::__errno_location() });
-    }
-    Ok(fd)
-}
-
-/// After a call that returned a new descriptor `fd` made by the host
-/// (see [`forget_fd`]); returns `fd`.
-fn fresh(fd: c_int) -> c_int {
-    if fd >= 0 && (ANY_FD.load(Ordering::Acquire) || dir::any()) {
-        // SAFETY: reads this thread's errno.
-        let saved = unsafe { *libc::__errno_location() };
-        forget_fd(fd);
-        set_errno(saved);
-    }
-    fd
-}
-
-/// Closes a placeholder descriptor of this shim's own and forgets it in
-/// both tables, whether or not this thread is already inside the shim
-/// (the `close` interposer skips its bookkeeping there).
-fn close_own(fd: c_int) -> c_int {
-    close_forgetting(fd, true)
-}
-
-/// Closes `fd` and forgets it in both tables: always (`own`), or only when
-/// this thread is not inside the shim already (a program's `close`).
-fn close_forgetting(fd: c_int, own: bool) -> c_int {
-    let b = Busy::enter();
-    let mut forget = own || b.is_some();
-    if forget && vfork::in_child() {
-        // The tables are the parent's.
-        vfork::gone(fd);
-        forget = false;
-    }
-    let gone = if forget { remove(fd) } else { None };
-    if forget {
-        dir::forget(fd);
-    }
-    // SAFETY: closes the caller's descriptor.
-    let r = unsafe { real!("close", unsafe extern "C" fn(c_int) -> c_int)(fd) };
-    // SAFETY: reads this thread's errno.
-    let saved = unsafe { *libc::__errno_location() };
-    // The last reference sends CLOSE, with this thread marked busy.
-    drop(gone);
-    drop(b);
-    set_errno(saved);
-    r
-}
-
 /// Opens `rel` on the server; returns the placeholder descriptor or -1.
 fn do_open(rel: &str, flags: c_int) -> c_int {
     let r = (|| -> Result<c_int, c_int> {
@@ -580,13 +176,6 @@ fn do_open(rel: &str, flags: c_int) -> c_int {
         set_errno(e);
         -1
     })
-}
-
-fn io_err(e: &shadowfd::Error) -> c_int {
-    if !SAID.swap(true, Ordering::SeqCst) {
-        eprintln!("shadowfd-preload: {e}");
-    }
-    libc::EIO
 }
 
 fn read_entry(e: &Entry, buf: *mut c_void, n: SizeT, at: Option<u64>) -> SsizeT {
@@ -1133,19 +722,6 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     close_forgetting(fd, false)
 }
 
-/// Records `new` as another descriptor of `old`'s entry (after a
-/// successful dup), or forgets `new` if `old` is not ours.
-fn after_dup(old: &Option<Arc<Entry>>, new: c_int) {
-    if new < 0 {
-        return;
-    }
-    let prev = match old {
-        Some(e) => insert(new, e.clone()),
-        None => remove(new),
-    };
-    drop(prev);
-}
-
 /// # Safety
 /// libc's `dup`.
 #[unsafe(no_mangle)]
@@ -1187,28 +763,6 @@ pub unsafe extern "C" fn dup3(fd: c_int, new: c_int, flags: c_int) -> c_int {
     r
 }
 
-/// Forgets the entries of the descriptors `first..=last` (after they
-/// were closed by a call the `close` interposer does not see).
-fn forget_range(first: c_int, last: c_int) {
-    let Some(_b) = Busy::enter() else {
-        return;
-    };
-    if vfork::in_child() {
-        vfork::gone_range(first, last);
-        return;
-    }
-    let gone: Vec<Arc<Entry>> = if ANY_FD.load(Ordering::Acquire) {
-        let mut st = STATE.lock();
-        let fds: Vec<c_int> = st.fds.range(first..=last).map(|(k, _)| *k).collect();
-        fds.iter().filter_map(|k| st.fds.remove(k)).collect()
-    } else {
-        Vec::new()
-    };
-    dir::forget_range(first, last);
-    // The last references send CLOSE, outside the table's lock.
-    drop(gone);
-}
-
 /// # Safety
 /// libc's `close_range`.
 #[unsafe(no_mangle)]
@@ -1230,7 +784,7 @@ pub unsafe extern "C" fn close_range(
         let saved = unsafe { *libc::__errno_location() };
         let hi = last.min(c_int::MAX as libc::c_uint) as c_int;
         if first <= c_int::MAX as libc::c_uint {
-            forget_range(first as c_int, hi);
+            crate::fdtable::forget_range(first as c_int, hi);
         }
         set_errno(saved);
     }
@@ -1243,7 +797,7 @@ pub unsafe extern "C" fn close_range(
 pub unsafe extern "C" fn closefrom(low: c_int) {
     // SAFETY: forwarding.
     unsafe { real!("closefrom", unsafe extern "C" fn(c_int))(low) };
-    forget_range(low.max(0), c_int::MAX);
+    crate::fdtable::forget_range(low.max(0), c_int::MAX);
 }
 
 /// # Safety

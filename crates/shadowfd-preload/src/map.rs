@@ -20,14 +20,16 @@
 //! `pthread_atfork` child handler maps each one again at the same address
 //! on the child's own connection and userfaultfd before `fork` returns.
 
+use crate::conn::client;
+use crate::errno::io_err;
 use crate::forklock::ForkMutex;
-use crate::{Busy, client, fail, io_err, page, resolve, set_errno};
+use crate::{Busy, fail, page, set_errno};
 use shadowfd::remote::{RemoteFile, RemoteMapping};
 use std::ffi::{c_int, c_void};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 type SizeT = libc::size_t;
 type OffT = libc::off_t;

@@ -4,11 +4,9 @@
 //! `name_to_handle_at`, and `freopen` (docs/run.md, "Intercepted").
 
 use crate::dir::{self, Route};
-use crate::resolve;
 use crate::{Busy, fail, set_errno};
 use shadowfd::remote::PathKind;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
-use std::sync::atomic::AtomicUsize;
 
 /// Runs `served` for a path under the prefix (with this thread marked
 /// busy), or gives back the path to hand the real function.
@@ -347,7 +345,7 @@ unsafe fn freopen_common(
                 let f = unsafe { real(Route::host_path(&p, path), mode, old) };
                 if !f.is_null() {
                     // SAFETY: a live stream.
-                    crate::fresh(unsafe { libc::fileno(f) });
+                    crate::fdtable::fresh(unsafe { libc::fileno(f) });
                 }
                 return f;
             }
@@ -880,7 +878,7 @@ pub unsafe extern "C" fn scandirat64(
 /// this thread marked busy while the caller answers for it.
 fn served_fd(fd: c_int) -> Option<(Busy, String)> {
     let b = Busy::enter()?;
-    let rel = match crate::entry(fd) {
+    let rel = match crate::fdtable::entry(fd) {
         Some(e) => e.path.clone(),
         None => dir::dirfd_path(fd)?,
     };

@@ -18,9 +18,8 @@
 //! every `mmap`/`munmap` of the process behind one fill.
 
 use crate::map::served_spans;
-use crate::resolve;
 use std::ffi::{c_int, c_void};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 type SizeT = libc::size_t;
 type SsizeT = libc::ssize_t;

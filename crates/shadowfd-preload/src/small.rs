@@ -4,7 +4,7 @@
 //! the server). Its descriptor then reads from this process's memory, and
 //! a mapping of it opens it the ordinary way first.
 //!
-//! When the served tree cannot change ([`crate::Env::immutable`], `run
+//! When the served tree cannot change ([`crate::env::Env::immutable`], `run
 //! --image`), a STAT or open of an entry of the directory this process
 //! listed last asks SMALL for that entry and the regular files listed after
 //! it, up to [`wire::SMALL_MAX_PATHS`]: a program that walks a directory
@@ -15,8 +15,10 @@
 //! the next one (`ls -l`), that one asks for STAT answers only; one made
 //! for an open always asks for bytes.
 
+use crate::conn::client;
+use crate::env::env;
+use crate::errno::errno_of;
 use crate::forklock::ForkMutex as Mutex;
-use crate::{client, env, errno_of};
 use shadowfd::remote::{PathKind, RemoteFile, SmallAnswer, wire};
 use std::collections::{HashMap, VecDeque};
 use std::ffi::c_int;
