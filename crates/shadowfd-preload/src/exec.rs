@@ -17,11 +17,11 @@
 //! set (glibc execs with internal calls no preload sees, so each is wrapped
 //! here); `execl`, `execlp`, `system` and `popen` exec with `environ`, whose
 //! entry is brought up to date first (replacing its value, added at load:
-//! one pointer stored, the array never moved; see dir.rs for the same with
+//! one pointer stored, the array never moved; see cwd.rs for the same with
 //! the working directory).
 
 use crate::env::env;
-use crate::{Busy, dir, resolve, vfork};
+use crate::{Busy, resolve, vfork};
 use std::ffi::{CStr, CString, c_char, c_int};
 use std::sync::atomic::AtomicUsize;
 
@@ -118,7 +118,7 @@ pub(crate) fn adopt() {
                 if fd == 0 {
                     // glibc reads `stdin` with internal calls: make it a
                     // stream that reads through the shim, as `fopen` does.
-                    let f = crate::cookie_stream(0);
+                    let f = crate::stdio::cookie_stream(0);
                     if !f.is_null() {
                         // SAFETY: at load, one thread; `stdin` is glibc's
                         // (or the program's copy-relocated) stream pointer.
@@ -126,7 +126,7 @@ pub(crate) fn adopt() {
                     }
                 }
             }
-            "d" => dir::adopt(fd, &path),
+            "d" => crate::dirfd::adopt(fd, &path),
             _ => {}
         }
     }
@@ -170,7 +170,7 @@ unsafe fn exec_env(envp: *const *const c_char) -> Option<ExecEnv> {
         return None;
     }
     let _b = Busy::enter()?;
-    let cwd_eq = format!("{}=", dir::CWD_VAR);
+    let cwd_eq = format!("{}=", crate::cwd::CWD_VAR);
     let fds_eq = format!("{FDS_VAR}=");
     let mut ptrs: Vec<*const c_char> = Vec::new();
     let mut i = 0;
@@ -188,8 +188,8 @@ unsafe fn exec_env(envp: *const *const c_char) -> Option<ExecEnv> {
         i += 1;
     }
     let mut own = Vec::new();
-    if let Some(r) = dir::vcwd() {
-        own.push(CString::new(format!("{cwd_eq}{}", dir::full(&r))).unwrap_or_default());
+    if let Some(r) = crate::cwd::vcwd() {
+        own.push(CString::new(format!("{cwd_eq}{}", crate::route::full(&r))).unwrap_or_default());
     }
     let h = handed();
     if !h.is_empty() {

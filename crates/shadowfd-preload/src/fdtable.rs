@@ -6,7 +6,7 @@
 use crate::conn::client;
 use crate::errno::errno_of;
 use crate::forklock::ForkMutex;
-use crate::{Busy, dir, set_errno, vfork};
+use crate::{Busy, set_errno, vfork};
 use std::ffi::c_char;
 
 use parking_lot::Mutex;
@@ -93,7 +93,7 @@ pub(crate) fn handed_all() -> Vec<(c_int, vfork::Handed)> {
         Vec::new()
     };
     out.extend(
-        dir::dirfds()
+        crate::dirfd::dirfds()
             .into_iter()
             .map(|(fd, p)| (fd, vfork::Handed::Dir(p))),
     );
@@ -108,7 +108,7 @@ pub(crate) fn handed_fd(fd: c_int) -> Option<vfork::Handed> {
             e.pos.load(Ordering::SeqCst),
         ));
     }
-    dir::dirfds()
+    crate::dirfd::dirfds()
         .into_iter()
         .find(|(d, _)| *d == fd)
         .map(|(_, p)| vfork::Handed::Dir(p))
@@ -122,7 +122,7 @@ pub(crate) fn dup_done(old: c_int, new: c_int) {
         return;
     }
     after_dup(&entry(old), new);
-    dir::after_dup(old, new);
+    crate::dirfd::after_dup(old, new);
 }
 
 /// Tracks `fd` (a placeholder inherited across exec) as the served file
@@ -164,7 +164,7 @@ pub(crate) fn forget_fd(fd: c_int) {
         return;
     }
     let gone = remove(fd);
-    dir::forget(fd);
+    crate::dirfd::forget(fd);
     drop(gone);
 }
 
@@ -194,7 +194,7 @@ pub(crate) fn placeholder(flags: c_int) -> Result<c_int, c_int> {
 /// After a call that returned a new descriptor `fd` made by the host
 /// (see [`forget_fd`]); returns `fd`.
 pub(crate) fn fresh(fd: c_int) -> c_int {
-    if fd >= 0 && (ANY_FD.load(Ordering::Acquire) || dir::any()) {
+    if fd >= 0 && (ANY_FD.load(Ordering::Acquire) || crate::dirfd::any()) {
         // SAFETY: reads this thread's errno.
         let saved = unsafe { *libc::__errno_location() };
         forget_fd(fd);
@@ -222,7 +222,7 @@ pub(crate) fn close_forgetting(fd: c_int, own: bool) -> c_int {
     }
     let gone = if forget { remove(fd) } else { None };
     if forget {
-        dir::forget(fd);
+        crate::dirfd::forget(fd);
     }
     // SAFETY: closes the caller's descriptor.
     let r = unsafe { real!("close", unsafe extern "C" fn(c_int) -> c_int)(fd) };
@@ -265,7 +265,7 @@ pub(crate) fn forget_range(first: c_int, last: c_int) {
     } else {
         Vec::new()
     };
-    dir::forget_range(first, last);
+    crate::dirfd::forget_range(first, last);
     // The last references send CLOSE, outside the table's lock.
     drop(gone);
 }

@@ -15,7 +15,6 @@
 //! links (they are followed inside it), so `FTS_LOGICAL`, `FTS_PHYSICAL`
 //! and `FTS_COMFOLLOW` walk the same. Every entry lives until `fts_close`.
 
-use crate::dir;
 use crate::forklock::ForkMutex as Mutex;
 use std::collections::BTreeSet;
 use std::ffi::{CStr, CString, c_char, c_int, c_long, c_void};
@@ -135,7 +134,7 @@ impl Walk {
             if name == b"." || name == b".." {
                 en.fts_info = FTS_DOT;
             }
-            if crate::stat64(p, st) != 0 {
+            if crate::stat::stat64(p, st) != 0 {
                 en.fts_info = FTS_NS;
                 en.fts_errno = *libc::__errno_location();
             } else if en.fts_info != FTS_DOT {
@@ -174,7 +173,7 @@ impl Walk {
         };
         let c = CString::new(path.clone()).map_err(|_| libc::EINVAL)?;
         // SAFETY: a C string (the shim's opendir).
-        let s = unsafe { dir::opendir(c.as_ptr()) };
+        let s = unsafe { crate::listing::opendir(c.as_ptr()) };
         if s.is_null() {
             // SAFETY: reads errno.
             return Err(unsafe { *libc::__errno_location() });
@@ -182,7 +181,7 @@ impl Walk {
         let mut names = Vec::new();
         loop {
             // SAFETY: the stream opened above (the shim's readdir64).
-            let e = unsafe { dir::readdir64(s) };
+            let e = unsafe { crate::listing::readdir64(s) };
             if e.is_null() {
                 break;
             }
@@ -193,7 +192,7 @@ impl Walk {
             names.push(n);
         }
         // SAFETY: the stream opened above.
-        unsafe { dir::closedir(s) };
+        unsafe { crate::listing::closedir(s) };
         let seedot = self.options & FTS_SEEDOT != 0;
         let mut kids = Vec::new();
         for n in names {
@@ -307,7 +306,7 @@ unsafe fn served_roots(argv: *const *const c_char) -> Result<Option<Vec<Vec<u8>>
             break;
         }
         // SAFETY: as above.
-        if unsafe { crate::paths::served_path(p) } {
+        if unsafe { crate::ftw::served_path(p) } {
             // SAFETY: as above.
             served.push(unsafe { CStr::from_ptr(p) }.to_bytes().to_vec());
         } else {

@@ -22,8 +22,9 @@
 
 use crate::conn::client;
 use crate::errno::io_err;
+use crate::fdtable::tracked;
 use crate::forklock::ForkMutex;
-use crate::{Busy, fail, page, set_errno};
+use crate::{Busy, fail, map, page, set_errno};
 use shadowfd::remote::{RemoteFile, RemoteMapping};
 use std::ffi::{c_int, c_void};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -324,7 +325,8 @@ pub(crate) fn before_fixed(addr: *mut c_void, len: SizeT, flags: c_int) -> Optio
 ///
 /// # Safety
 /// libc's `munmap`.
-pub(crate) unsafe fn munmap(addr: *mut c_void, len: SizeT) -> c_int {
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn munmap(addr: *mut c_void, len: SizeT) -> c_int {
     let b = if ANY_MAP.load(Ordering::Acquire) {
         Busy::enter()
     } else {
@@ -358,9 +360,14 @@ pub(crate) unsafe fn munmap(addr: *mut c_void, len: SizeT) -> c_int {
 /// for it. A `MREMAP_FIXED` target's served pages are cut out first, as
 /// for a `MAP_FIXED` `mmap`.
 ///
+/// libc's `mremap` is variadic: the new address comes only with
+/// `MREMAP_FIXED`, and is read only then (on x86-64 and aarch64 a variadic
+/// pointer travels where a fifth fixed argument does, as `open`'s mode).
+///
 /// # Safety
 /// libc's `mremap`.
-pub(crate) unsafe fn mremap(
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mremap(
     old: *mut c_void,
     old_len: SizeT,
     new_len: SizeT,
@@ -553,4 +560,74 @@ pub(crate) fn served_spans(addr: usize, len: usize) -> Vec<(usize, usize)> {
         .filter(|m| m.start() < end && addr < m.end())
         .map(|m| (addr.max(m.start()), end.min(m.end())))
         .collect()
+}
+
+/// # Safety
+/// libc's `mmap`.
+pub(crate) unsafe fn mmap_common(
+    addr: *mut c_void,
+    len: SizeT,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: OffT,
+    sym: u8,
+) -> *mut c_void {
+    let t = if flags & libc::MAP_ANONYMOUS == 0 {
+        tracked(fd)
+    } else {
+        None
+    };
+    if let Some((_b, e)) = t {
+        let r = e
+            .file()
+            .and_then(|f| map::do_mmap(&f, &e.path, addr, len, prot, flags, off));
+        return match r {
+            Ok(a) => a as *mut c_void,
+            Err(err) => {
+                set_errno(err);
+                libc::MAP_FAILED
+            }
+        };
+    }
+    // A MAP_FIXED of anything else over served pages: they stop being
+    // served first.
+    let _b = map::before_fixed(addr, len, flags);
+    // SAFETY: forwarding.
+    unsafe {
+        match sym {
+            0 => real!("mmap", map::MmapFn)(addr, len, prot, flags, fd, off),
+            _ => real!("mmap64", map::MmapFn)(addr, len, prot, flags, fd, off),
+        }
+    }
+}
+
+/// # Safety
+/// libc's `mmap`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmap(
+    addr: *mut c_void,
+    len: SizeT,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: OffT,
+) -> *mut c_void {
+    // SAFETY: forwarding.
+    unsafe { mmap_common(addr, len, prot, flags, fd, off, 0) }
+}
+
+/// # Safety
+/// libc's `mmap64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmap64(
+    addr: *mut c_void,
+    len: SizeT,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: OffT,
+) -> *mut c_void {
+    // SAFETY: forwarding.
+    unsafe { mmap_common(addr, len, prot, flags, fd, off, 1) }
 }

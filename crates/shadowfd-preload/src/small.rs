@@ -135,7 +135,7 @@ pub(crate) fn prefetch(rel: &str, bytes: bool) -> bool {
     let mut files = Vec::new();
     for (a, p) in answers.into_iter().zip(&paths) {
         let SmallAnswer { info, file } = a;
-        crate::dir::keep_stat(p, info.map_err(|e| errno_of(&e)));
+        crate::statcache::keep_stat(p, info.map_err(|e| errno_of(&e)));
         if let Some(f) = file {
             files.push((p.clone(), f));
         }
@@ -196,7 +196,7 @@ pub(crate) fn open(rel: &str) -> Option<Result<RemoteFile, c_int>> {
         if let Some(f) = cached(rel) {
             return Some(Ok(f));
         }
-        if let Some(r) = crate::dir::kept_stat(rel) {
+        if let Some(r) = crate::statcache::kept_stat(rel) {
             match r {
                 Err(e) => return Some(Err(e)),
                 Ok(i) if i.kind != PathKind::File || i.size > wire::SMALL_MAX_FILE => {
@@ -209,7 +209,7 @@ pub(crate) fn open(rel: &str) -> Option<Result<RemoteFile, c_int>> {
             if let Some(f) = cached(rel) {
                 return Some(Ok(f));
             }
-            return match crate::dir::kept_stat(rel) {
+            return match crate::statcache::kept_stat(rel) {
                 Some(Err(e)) => Some(Err(e)),
                 _ => None,
             };
@@ -223,7 +223,7 @@ pub(crate) fn open(rel: &str) -> Option<Result<RemoteFile, c_int>> {
     let SmallAnswer { info, file } = a;
     let info = info.map_err(|e| errno_of(&e));
     if keep() {
-        crate::dir::keep_stat(rel, info.clone());
+        crate::statcache::keep_stat(rel, info.clone());
     }
     match (info, file) {
         (Err(e), _) => Some(Err(e)),
