@@ -176,18 +176,10 @@ pub(crate) unsafe fn eaccess_common(path: *const c_char, mode: c_int, real: Acce
     }
 }
 
-/// # Safety
-/// glibc's `euidaccess`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn euidaccess(path: *const c_char, mode: c_int) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { eaccess_common(path, mode, real!("euidaccess", AccessFn)) }
-}
-
-/// # Safety
-/// glibc's `eaccess`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn eaccess(path: *const c_char, mode: c_int) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { eaccess_common(path, mode, real!("eaccess", AccessFn)) }
+twins! {
+    [euidaccess, eaccess] fn(path: *const c_char, mode: c_int) -> c_int,
+    real: AccessFn => {
+        // SAFETY: forwarding.
+        unsafe { eaccess_common(path, mode, real) }
+    }
 }

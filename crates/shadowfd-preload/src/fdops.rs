@@ -238,25 +238,12 @@ pub(crate) fn lock(cmd: c_int, fl: *mut libc::flock) -> c_int {
     }
 }
 
-/// # Safety
-/// libc's `fcntl` (the third argument read as a long, as glibc does).
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: libc::c_long) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { fcntl_common(fd, cmd, arg, 0) }
-}
-
-/// # Safety
-/// libc's `fcntl64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: libc::c_long) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { fcntl_common(fd, cmd, arg, 1) }
-}
-
-/// # Safety
-/// libc's `fcntl`.
-pub(crate) unsafe fn fcntl_common(fd: c_int, cmd: c_int, arg: libc::c_long, sym: u8) -> c_int {
+twins! {
+    /// `fcntl` (the third argument read as a long, as glibc does): on a
+    /// served descriptor, `F_GETFL` and the record locks are answered here;
+    /// an `F_DUPFD` of one is tracked.
+    [fcntl, fcntl64] fn(fd: c_int, cmd: c_int, arg: libc::c_long) -> c_int,
+    real: unsafe extern "C" fn(c_int, c_int, ...) -> c_int => {
     let lock_cmd = matches!(
         cmd,
         libc::F_GETLK
@@ -277,14 +264,10 @@ pub(crate) unsafe fn fcntl_common(fd: c_int, cmd: c_int, arg: libc::c_long, sym:
     }
     let b = Busy::enter();
     // SAFETY: forwarding.
-    let r = unsafe {
-        match sym {
-            0 => real!("fcntl", unsafe extern "C" fn(c_int, c_int, ...) -> c_int)(fd, cmd, arg),
-            _ => real!("fcntl64", unsafe extern "C" fn(c_int, c_int, ...) -> c_int)(fd, cmd, arg),
-        }
-    };
+    let r = unsafe { real(fd, cmd, arg) };
     if b.is_some() && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) {
         dup_done(fd, r);
     }
     r
+}
 }

@@ -387,123 +387,87 @@ fn with<R>(p: *mut c_void, f: impl FnOnce(&mut Walk) -> R) -> R {
     f(unsafe { &mut *p.cast::<Walk>() })
 }
 
-/// glibc's definition of the function named `$name`, as `$ty`.
-macro_rules! next_def {
-    ($name:ident, $ty:ty) => {{
-        static P: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let p = crate::resolve(&P, concat!(stringify!($name), "\0"));
-        #[allow(unused_unsafe)]
-        // SAFETY: `p` is glibc's definition of this symbol, whose C type is
-        // `$ty`.
-        let f = unsafe { std::mem::transmute::<usize, $ty>(p) };
-        f
-    }};
+twins! {
+    [fts_open, fts64_open] fn(argv: *const *const c_char, options: c_int, compar: Option<Compar>) -> *mut c_void,
+    real: OpenFn => {
+        // SAFETY: forwarding.
+        unsafe { open_common(argv, options, compar, real) }
+    }
 }
 
-macro_rules! fts_family {
-    ($open:ident, $read:ident, $children:ident, $set:ident, $close:ident) => {
-        /// # Safety
-        /// libc's function of this name.
-        #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn $open(
-            argv: *const *const c_char,
-            options: c_int,
-            compar: Option<Compar>,
-        ) -> *mut c_void {
-            // SAFETY: forwarding.
-            unsafe { open_common(argv, options, compar, next_def!($open, OpenFn)) }
+twins! {
+    [fts_read, fts64_read] fn(p: *mut c_void) -> *mut FtsEnt,
+    real: unsafe extern "C" fn(*mut c_void) -> *mut FtsEnt => {
+        if ours(p) {
+            return with(p, |w| w.read());
         }
+        // SAFETY: forwarding.
+        unsafe { real(p) }
+    }
+}
 
-        /// # Safety
-        /// libc's function of this name.
-        #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn $read(p: *mut c_void) -> *mut FtsEnt {
-            if ours(p) {
-                return with(p, |w| w.read());
-            }
-            // SAFETY: forwarding.
-            unsafe { next_def!($read, unsafe extern "C" fn(*mut c_void) -> *mut FtsEnt)(p) }
-        }
-
-        /// # Safety
-        /// libc's function of this name.
-        #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn $children(p: *mut c_void, options: c_int) -> *mut FtsEnt {
-            if ours(p) {
-                return with(p, |w| {
-                    let cur = w.cur;
-                    // SAFETY: null or a live entry of this walk.
-                    if cur.is_null() || unsafe { (*cur).fts_info } != FTS_D {
-                        crate::set_errno(0);
-                        return std::ptr::null_mut();
-                    }
-                    match w.children(cur) {
-                        Ok(k) => {
-                            let first = k.first().copied().unwrap_or(std::ptr::null_mut());
-                            w.kids_of_cur = Some(k);
-                            crate::set_errno(0);
-                            first
-                        }
-                        Err(e) => {
-                            crate::set_errno(e);
-                            std::ptr::null_mut()
-                        }
-                    }
-                });
-            }
-            // SAFETY: forwarding.
-            unsafe {
-                next_def!(
-                    $children,
-                    unsafe extern "C" fn(*mut c_void, c_int) -> *mut FtsEnt
-                )(p, options)
-            }
-        }
-
-        /// # Safety
-        /// libc's function of this name.
-        #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn $set(p: *mut c_void, e: *mut FtsEnt, instr: c_int) -> c_int {
-            if ours(p) {
-                if e.is_null() {
-                    crate::set_errno(libc::EINVAL);
-                    return -1;
+twins! {
+    [fts_children, fts64_children] fn(p: *mut c_void, options: c_int) -> *mut FtsEnt,
+    real: unsafe extern "C" fn(*mut c_void, c_int) -> *mut FtsEnt => {
+        if ours(p) {
+            return with(p, |w| {
+                let cur = w.cur;
+                // SAFETY: null or a live entry of this walk.
+                if cur.is_null() || unsafe { (*cur).fts_info } != FTS_D {
+                    crate::set_errno(0);
+                    return std::ptr::null_mut();
                 }
-                // SAFETY: an entry this walk handed out.
-                unsafe { (*e).fts_instr = instr as u16 };
-                return 0;
-            }
-            // SAFETY: forwarding.
-            unsafe {
-                next_def!(
-                    $set,
-                    unsafe extern "C" fn(*mut c_void, *mut FtsEnt, c_int) -> c_int
-                )(p, e, instr)
-            }
+                match w.children(cur) {
+                    Ok(k) => {
+                        let first = k.first().copied().unwrap_or(std::ptr::null_mut());
+                        w.kids_of_cur = Some(k);
+                        crate::set_errno(0);
+                        first
+                    }
+                    Err(e) => {
+                        crate::set_errno(e);
+                        std::ptr::null_mut()
+                    }
+                }
+            });
         }
-
-        /// # Safety
-        /// libc's function of this name.
-        #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn $close(p: *mut c_void) -> c_int {
-            if ours(p) {
-                WALKS.lock().remove(&(p as usize));
-                // SAFETY: made by Box::into_raw in open_common, removed from
-                // WALKS just now: dropped once.
-                drop(unsafe { Box::from_raw(p.cast::<Walk>()) });
-                return 0;
-            }
-            // SAFETY: forwarding.
-            unsafe { next_def!($close, unsafe extern "C" fn(*mut c_void) -> c_int)(p) }
+        // SAFETY: forwarding.
+        unsafe {
+            real(p, options)
         }
-    };
+    }
 }
 
-fts_family!(fts_open, fts_read, fts_children, fts_set, fts_close);
-fts_family!(
-    fts64_open,
-    fts64_read,
-    fts64_children,
-    fts64_set,
-    fts64_close
-);
+twins! {
+    [fts_set, fts64_set] fn(p: *mut c_void, e: *mut FtsEnt, instr: c_int) -> c_int,
+    real: unsafe extern "C" fn(*mut c_void, *mut FtsEnt, c_int) -> c_int => {
+        if ours(p) {
+            if e.is_null() {
+                crate::set_errno(libc::EINVAL);
+                return -1;
+            }
+            // SAFETY: an entry this walk handed out.
+            unsafe { (*e).fts_instr = instr as u16 };
+            return 0;
+        }
+        // SAFETY: forwarding.
+        unsafe {
+            real(p, e, instr)
+        }
+    }
+}
+
+twins! {
+    [fts_close, fts64_close] fn(p: *mut c_void) -> c_int,
+    real: unsafe extern "C" fn(*mut c_void) -> c_int => {
+        if ours(p) {
+            WALKS.lock().remove(&(p as usize));
+            // SAFETY: made by Box::into_raw in open_common, removed from
+            // WALKS just now: dropped once.
+            drop(unsafe { Box::from_raw(p.cast::<Walk>()) });
+            return 0;
+        }
+        // SAFETY: forwarding.
+        unsafe { real(p) }
+    }
+}

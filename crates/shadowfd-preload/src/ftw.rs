@@ -184,31 +184,12 @@ pub(crate) unsafe fn nftw_common(
 pub(crate) type NftwReal =
     unsafe extern "C" fn(*const c_char, Option<NftwFn>, c_int, c_int) -> c_int;
 
-/// # Safety
-/// libc's `nftw`: a served tree is walked through the shim (glibc's opens
-/// and reads directories with internal calls).
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn nftw(
-    path: *const c_char,
-    f: Option<NftwFn>,
-    fds: c_int,
-    flags: c_int,
-) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { nftw_common(path, f, fds, flags, real!("nftw", NftwReal)) }
-}
-
-/// # Safety
-/// libc's `nftw64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn nftw64(
-    path: *const c_char,
-    f: Option<NftwFn>,
-    fds: c_int,
-    flags: c_int,
-) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { nftw_common(path, f, fds, flags, real!("nftw64", NftwReal)) }
+twins! {
+    [nftw, nftw64] fn(path: *const c_char, f: Option<NftwFn>, fds: c_int, flags: c_int) -> c_int,
+    real: NftwReal => {
+        // SAFETY: forwarding.
+        unsafe { nftw_common(path, f, fds, flags, real) }
+    }
 }
 
 pub(crate) type FtwReal = unsafe extern "C" fn(*const c_char, Option<FtwFn>, c_int) -> c_int;
@@ -238,18 +219,10 @@ pub(crate) unsafe fn ftw_common(
     }
 }
 
-/// # Safety
-/// libc's `ftw`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn ftw(path: *const c_char, f: Option<FtwFn>, fds: c_int) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { ftw_common(path, f, fds, real!("ftw", FtwReal)) }
-}
-
-/// # Safety
-/// libc's `ftw64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn ftw64(path: *const c_char, f: Option<FtwFn>, fds: c_int) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { ftw_common(path, f, fds, real!("ftw64", FtwReal)) }
+twins! {
+    [ftw, ftw64] fn(path: *const c_char, f: Option<FtwFn>, fds: c_int) -> c_int,
+    real: FtwReal => {
+        // SAFETY: forwarding.
+        unsafe { ftw_common(path, f, fds, real) }
+    }
 }

@@ -102,28 +102,10 @@ pub(crate) unsafe fn glob_common(
     unsafe { real(pattern, flags, errfunc, g) }
 }
 
-/// # Safety
-/// libc's `glob`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn glob(
-    pattern: *const c_char,
-    flags: c_int,
-    errfunc: GlobErr,
-    g: *mut GlobT,
-) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { glob_common(pattern, flags, errfunc, g, real!("glob", GlobFn)) }
-}
-
-/// # Safety
-/// libc's `glob64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn glob64(
-    pattern: *const c_char,
-    flags: c_int,
-    errfunc: GlobErr,
-    g: *mut GlobT,
-) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { glob_common(pattern, flags, errfunc, g, real!("glob64", GlobFn)) }
+twins! {
+    [glob, glob64] fn(pattern: *const c_char, flags: c_int, errfunc: GlobErr, g: *mut GlobT) -> c_int,
+    real: GlobFn => {
+        // SAFETY: forwarding.
+        unsafe { glob_common(pattern, flags, errfunc, g, real) }
+    }
 }

@@ -205,20 +205,12 @@ pub(crate) unsafe fn readdir_common(d: *mut libc::DIR, real: ReaddirFn) -> *mut 
     unsafe { real(d) }
 }
 
-/// # Safety
-/// libc's `readdir`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn readdir(d: *mut libc::DIR) -> *mut libc::dirent64 {
-    // SAFETY: forwarding.
-    unsafe { readdir_common(d, real!("readdir", ReaddirFn)) }
-}
-
-/// # Safety
-/// libc's `readdir64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn readdir64(d: *mut libc::DIR) -> *mut libc::dirent64 {
-    // SAFETY: forwarding.
-    unsafe { readdir_common(d, real!("readdir64", ReaddirFn)) }
+twins! {
+    [readdir, readdir64] fn(d: *mut libc::DIR) -> *mut libc::dirent64,
+    real: ReaddirFn => {
+        // SAFETY: forwarding.
+        unsafe { readdir_common(d, real) }
+    }
 }
 
 pub(crate) type ReaddirRFn =
@@ -249,28 +241,12 @@ pub(crate) unsafe fn readdir_r_common(
     unsafe { real(d, ent, res) }
 }
 
-/// # Safety
-/// libc's `readdir_r`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn readdir_r(
-    d: *mut libc::DIR,
-    ent: *mut libc::dirent64,
-    res: *mut *mut libc::dirent64,
-) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { readdir_r_common(d, ent, res, real!("readdir_r", ReaddirRFn)) }
-}
-
-/// # Safety
-/// libc's `readdir64_r`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn readdir64_r(
-    d: *mut libc::DIR,
-    ent: *mut libc::dirent64,
-    res: *mut *mut libc::dirent64,
-) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { readdir_r_common(d, ent, res, real!("readdir64_r", ReaddirRFn)) }
+twins! {
+    [readdir_r, readdir64_r] fn(d: *mut libc::DIR, ent: *mut libc::dirent64, res: *mut *mut libc::dirent64) -> c_int,
+    real: ReaddirRFn => {
+        // SAFETY: forwarding.
+        unsafe { readdir_r_common(d, ent, res, real) }
+    }
 }
 
 /// # Safety
@@ -437,30 +413,12 @@ pub(crate) unsafe fn scandir_common(
     got.len() as c_int
 }
 
-/// # Safety
-/// libc's `scandir`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn scandir(
-    path: *const c_char,
-    list: *mut *mut *mut libc::dirent64,
-    filter: Filter,
-    compar: Compar,
-) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { scandir_common(path, list, filter, compar, real!("scandir", ScandirFn)) }
-}
-
-/// # Safety
-/// libc's `scandir64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn scandir64(
-    path: *const c_char,
-    list: *mut *mut *mut libc::dirent64,
-    filter: Filter,
-    compar: Compar,
-) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { scandir_common(path, list, filter, compar, real!("scandir64", ScandirFn)) }
+twins! {
+    [scandir, scandir64] fn(path: *const c_char, list: *mut *mut *mut libc::dirent64, filter: Filter, compar: Compar) -> c_int,
+    real: ScandirFn => {
+        // SAFETY: forwarding.
+        unsafe { scandir_common(path, list, filter, compar, real) }
+    }
 }
 
 pub(crate) type ScandiratFn = unsafe extern "C" fn(
@@ -491,49 +449,19 @@ pub(crate) unsafe fn scandirat_common(
     }
 }
 
-/// # Safety
-/// libc's `scandirat`: a served directory is listed through the shim
-/// (glibc's opens it with internal calls).
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn scandirat(
-    dirfd: c_int,
-    path: *const c_char,
-    list: *mut *mut *mut libc::dirent64,
-    filter: crate::listing::Filter,
-    compar: crate::listing::Compar,
-) -> c_int {
-    // SAFETY: forwarding.
-    unsafe {
-        scandirat_common(
-            dirfd,
-            path,
-            list,
-            filter,
-            compar,
-            real!("scandirat", ScandiratFn),
-        )
-    }
-}
-
-/// # Safety
-/// libc's `scandirat64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn scandirat64(
-    dirfd: c_int,
-    path: *const c_char,
-    list: *mut *mut *mut libc::dirent64,
-    filter: crate::listing::Filter,
-    compar: crate::listing::Compar,
-) -> c_int {
-    // SAFETY: forwarding.
-    unsafe {
-        scandirat_common(
-            dirfd,
-            path,
-            list,
-            filter,
-            compar,
-            real!("scandirat64", ScandiratFn),
-        )
+twins! {
+    [scandirat, scandirat64] fn(dirfd: c_int, path: *const c_char, list: *mut *mut *mut libc::dirent64, filter: crate::listing::Filter, compar: crate::listing::Compar) -> c_int,
+    real: ScandiratFn => {
+        // SAFETY: forwarding.
+        unsafe {
+            scandirat_common(
+                dirfd,
+                path,
+                list,
+                filter,
+                compar,
+                real,
+            )
+        }
     }
 }

@@ -24,7 +24,7 @@ use crate::conn::client;
 use crate::errno::io_err;
 use crate::fdtable::tracked;
 use crate::forklock::ForkMutex;
-use crate::{Busy, fail, map, page, set_errno};
+use crate::{Busy, fail, page, set_errno};
 use shadowfd::remote::{RemoteFile, RemoteMapping};
 use std::ffi::{c_int, c_void};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -562,72 +562,40 @@ pub(crate) fn served_spans(addr: usize, len: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// # Safety
-/// libc's `mmap`.
-pub(crate) unsafe fn mmap_common(
-    addr: *mut c_void,
-    len: SizeT,
-    prot: c_int,
-    flags: c_int,
-    fd: c_int,
-    off: OffT,
-    sym: u8,
-) -> *mut c_void {
-    let t = if flags & libc::MAP_ANONYMOUS == 0 {
-        tracked(fd)
-    } else {
-        None
-    };
-    if let Some((_b, e)) = t {
-        let r = e
-            .file()
-            .and_then(|f| map::do_mmap(&f, &e.path, addr, len, prot, flags, off));
-        return match r {
-            Ok(a) => a as *mut c_void,
-            Err(err) => {
-                set_errno(err);
-                libc::MAP_FAILED
-            }
+twins! {
+    /// `mmap` of a served descriptor maps the server's mapping of the range
+    /// asked for; any other goes to the next definition, after served pages
+    /// a `MAP_FIXED` replaces stop being served.
+    [mmap, mmap64] fn(
+        addr: *mut c_void,
+        len: SizeT,
+        prot: c_int,
+        flags: c_int,
+        fd: c_int,
+        off: OffT,
+    ) -> *mut c_void,
+    real: MmapFn => {
+        let t = if flags & libc::MAP_ANONYMOUS == 0 {
+            tracked(fd)
+        } else {
+            None
         };
-    }
-    // A MAP_FIXED of anything else over served pages: they stop being
-    // served first.
-    let _b = map::before_fixed(addr, len, flags);
-    // SAFETY: forwarding.
-    unsafe {
-        match sym {
-            0 => real!("mmap", map::MmapFn)(addr, len, prot, flags, fd, off),
-            _ => real!("mmap64", map::MmapFn)(addr, len, prot, flags, fd, off),
+        if let Some((_b, e)) = t {
+            let r = e
+                .file()
+                .and_then(|f| do_mmap(&f, &e.path, addr, len, prot, flags, off));
+            return match r {
+                Ok(a) => a as *mut c_void,
+                Err(err) => {
+                    set_errno(err);
+                    libc::MAP_FAILED
+                }
+            };
         }
+        // A MAP_FIXED of anything else over served pages: they stop being
+        // served first.
+        let _b = before_fixed(addr, len, flags);
+        // SAFETY: forwarding.
+        unsafe { real(addr, len, prot, flags, fd, off) }
     }
-}
-
-/// # Safety
-/// libc's `mmap`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn mmap(
-    addr: *mut c_void,
-    len: SizeT,
-    prot: c_int,
-    flags: c_int,
-    fd: c_int,
-    off: OffT,
-) -> *mut c_void {
-    // SAFETY: forwarding.
-    unsafe { mmap_common(addr, len, prot, flags, fd, off, 0) }
-}
-
-/// # Safety
-/// libc's `mmap64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn mmap64(
-    addr: *mut c_void,
-    len: SizeT,
-    prot: c_int,
-    flags: c_int,
-    fd: c_int,
-    off: OffT,
-) -> *mut c_void {
-    // SAFETY: forwarding.
-    unsafe { mmap_common(addr, len, prot, flags, fd, off, 1) }
 }

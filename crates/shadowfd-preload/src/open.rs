@@ -62,69 +62,44 @@ pub(crate) fn do_open(rel: &str, flags: c_int) -> c_int {
     })
 }
 
-/// # Safety
-/// `path` is null or a NUL-terminated string.
-pub(crate) unsafe fn open_common(
-    path: *const c_char,
-    flags: c_int,
-    mode: libc::mode_t,
-    sym: u8,
-) -> c_int {
-    let mut host = None;
-    if let Some(_b) = Busy::enter() {
-        // SAFETY: the caller's promise.
-        match unsafe { crate::route::route(libc::AT_FDCWD, path) } {
-            Route::Served(rel) => return do_open(&rel, flags),
-            Route::Host(p) => host = p,
-        }
-    }
-    let path = Route::host_path(&host, path);
-    // SAFETY: forwarding the caller's arguments.
-    fresh(unsafe {
-        match sym {
-            0 => real!(
-                "open",
-                unsafe extern "C" fn(*const c_char, c_int, ...) -> c_int
-            )(path, flags, mode),
-            _ => real!(
-                "open64",
-                unsafe extern "C" fn(*const c_char, c_int, ...) -> c_int
-            )(path, flags, mode),
-        }
-    })
-}
+/// libc's `open`/`open64`: variadic (the mode).
+type OpenFn = unsafe extern "C" fn(*const c_char, c_int, ...) -> c_int;
+/// libc's `openat`/`openat64`.
+type OpenatFn = unsafe extern "C" fn(c_int, *const c_char, c_int, ...) -> c_int;
 
+/// `openat` of (`dirfd`, `path`): a served path opens on the server; any
+/// other goes to `real` (the `open` family when `dirfd` is `AT_FDCWD`).
+///
 /// # Safety
-/// `path` is null or a NUL-terminated string.
-pub(crate) unsafe fn openat_common(
+/// `path` is null or a NUL-terminated string; `real` is the next
+/// definition of the entry point called.
+unsafe fn open_served_or(
     dirfd: c_int,
     path: *const c_char,
     flags: c_int,
-    mode: libc::mode_t,
-    sym: u8,
+    host: impl FnOnce(*const c_char) -> c_int,
 ) -> c_int {
-    let mut host = None;
+    let mut p = None;
     if let Some(_b) = Busy::enter() {
         // SAFETY: the caller's promise.
         match unsafe { crate::route::route(dirfd, path) } {
             Route::Served(rel) => return do_open(&rel, flags),
-            Route::Host(p) => host = p,
+            Route::Host(h) => p = h,
         }
     }
-    let path = Route::host_path(&host, path);
-    // SAFETY: forwarding the caller's arguments.
-    fresh(unsafe {
-        match sym {
-            0 => real!(
-                "openat",
-                unsafe extern "C" fn(c_int, *const c_char, c_int, ...) -> c_int
-            )(dirfd, path, flags, mode),
-            _ => real!(
-                "openat64",
-                unsafe extern "C" fn(c_int, *const c_char, c_int, ...) -> c_int
-            )(dirfd, path, flags, mode),
-        }
-    })
+    fresh(host(Route::host_path(&p, path)))
+}
+
+/// # Safety
+/// libc's `open`, with `real` the next `open` or `open64`.
+unsafe fn open_common(
+    path: *const c_char,
+    flags: c_int,
+    mode: libc::mode_t,
+    real: OpenFn,
+) -> c_int {
+    // SAFETY: the caller's promise; forwarding the caller's arguments.
+    unsafe { open_served_or(libc::AT_FDCWD, path, flags, |p| real(p, flags, mode)) }
 }
 
 // The C functions are variadic (the mode); on x86-64 and aarch64 the third
@@ -132,20 +107,20 @@ pub(crate) unsafe fn openat_common(
 // passed one and is ignored otherwise (it matters only with O_CREAT or
 // O_TMPFILE, which the shim refuses under the prefix).
 
-/// # Safety
-/// libc's `open`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn open(path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int {
-    // SAFETY: libc's contract.
-    unsafe { open_common(path, flags, mode, 0) }
+twins! {
+    [open, open64] fn(path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int,
+    real: OpenFn => {
+        // SAFETY: libc's contract.
+        unsafe { open_common(path, flags, mode, real) }
+    }
 }
 
-/// # Safety
-/// libc's `open64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn open64(path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int {
-    // SAFETY: libc's contract.
-    unsafe { open_common(path, flags, mode, 1) }
+twins! {
+    [openat, openat64] fn(dirfd: c_int, path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int,
+    real: OpenatFn => {
+        // SAFETY: the caller's promise; forwarding the caller's arguments.
+        unsafe { open_served_or(dirfd, path, flags, |p| real(dirfd, p, flags, mode)) }
+    }
 }
 
 /// # Safety
@@ -153,7 +128,7 @@ pub unsafe extern "C" fn open64(path: *const c_char, flags: c_int, mode: libc::m
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn __open_2(path: *const c_char, flags: c_int) -> c_int {
     // SAFETY: libc's contract.
-    unsafe { open_common(path, flags, 0, 0) }
+    unsafe { open_common(path, flags, 0, real!("open", OpenFn)) }
 }
 
 /// # Safety
@@ -161,64 +136,36 @@ pub unsafe extern "C" fn __open_2(path: *const c_char, flags: c_int) -> c_int {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn __open64_2(path: *const c_char, flags: c_int) -> c_int {
     // SAFETY: libc's contract.
-    unsafe { open_common(path, flags, 0, 1) }
-}
-
-/// # Safety
-/// libc's `openat`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn openat(
-    dirfd: c_int,
-    path: *const c_char,
-    flags: c_int,
-    mode: libc::mode_t,
-) -> c_int {
-    // SAFETY: libc's contract.
-    unsafe { openat_common(dirfd, path, flags, mode, 0) }
-}
-
-/// # Safety
-/// libc's `openat64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn openat64(
-    dirfd: c_int,
-    path: *const c_char,
-    flags: c_int,
-    mode: libc::mode_t,
-) -> c_int {
-    // SAFETY: libc's contract.
-    unsafe { openat_common(dirfd, path, flags, mode, 1) }
+    unsafe { open_common(path, flags, 0, real!("open64", OpenFn)) }
 }
 
 /// # Safety
 /// glibc's fortified `openat`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn __openat_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
-    // SAFETY: libc's contract.
-    unsafe { openat_common(dirfd, path, flags, 0, 0) }
+    let real = real!("openat", OpenatFn);
+    // SAFETY: the caller's promise; forwarding the caller's arguments.
+    unsafe { open_served_or(dirfd, path, flags, |p| real(dirfd, p, flags, 0)) }
 }
 
 /// # Safety
 /// glibc's fortified `openat64`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn __openat64_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
-    // SAFETY: libc's contract.
-    unsafe { openat_common(dirfd, path, flags, 0, 1) }
+    let real = real!("openat64", OpenatFn);
+    // SAFETY: the caller's promise; forwarding the caller's arguments.
+    unsafe { open_served_or(dirfd, path, flags, |p| real(dirfd, p, flags, 0)) }
 }
+
+/// `creat` is `open` with `O_CREAT | O_WRONLY | O_TRUNC`.
+const CREAT: c_int = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
 
 /// # Safety
 /// libc's `creat`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn creat(path: *const c_char, mode: libc::mode_t) -> c_int {
     // SAFETY: libc's contract.
-    unsafe {
-        open_common(
-            path,
-            libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC,
-            mode,
-            0,
-        )
-    }
+    unsafe { open_common(path, CREAT, mode, real!("open", OpenFn)) }
 }
 
 /// # Safety
@@ -226,12 +173,5 @@ pub unsafe extern "C" fn creat(path: *const c_char, mode: libc::mode_t) -> c_int
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn creat64(path: *const c_char, mode: libc::mode_t) -> c_int {
     // SAFETY: libc's contract.
-    unsafe {
-        open_common(
-            path,
-            libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC,
-            mode,
-            1,
-        )
-    }
+    unsafe { open_common(path, CREAT, mode, real!("open64", OpenFn)) }
 }

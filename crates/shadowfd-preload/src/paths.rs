@@ -33,37 +33,15 @@ pub(crate) unsafe fn getxattr_common(
 pub(crate) type GetxattrFn =
     unsafe extern "C" fn(*const c_char, *const c_char, *mut c_void, libc::size_t) -> libc::ssize_t;
 
-/// # Safety
-/// libc's `getxattr`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn getxattr(
-    path: *const c_char,
-    name: *const c_char,
-    v: *mut c_void,
-    n: libc::size_t,
-) -> libc::ssize_t {
-    // SAFETY: the caller's promise.
-    match unsafe { getxattr_common(path) } {
-        Ok(r) => r,
-        // SAFETY: forwarding.
-        Err(p) => unsafe { real!("getxattr", GetxattrFn)(Route::host_path(&p, path), name, v, n) },
-    }
-}
-
-/// # Safety
-/// libc's `lgetxattr`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn lgetxattr(
-    path: *const c_char,
-    name: *const c_char,
-    v: *mut c_void,
-    n: libc::size_t,
-) -> libc::ssize_t {
-    // SAFETY: the caller's promise.
-    match unsafe { getxattr_common(path) } {
-        Ok(r) => r,
-        // SAFETY: forwarding.
-        Err(p) => unsafe { real!("lgetxattr", GetxattrFn)(Route::host_path(&p, path), name, v, n) },
+twins! {
+    [getxattr, lgetxattr] fn(path: *const c_char, name: *const c_char, v: *mut c_void, n: libc::size_t) -> libc::ssize_t,
+    real: GetxattrFn => {
+        // SAFETY: the caller's promise.
+        match unsafe { getxattr_common(path) } {
+            Ok(r) => r,
+            // SAFETY: forwarding.
+            Err(p) => unsafe { real(Route::host_path(&p, path), name, v, n) },
+        }
     }
 }
 /// The canonical name of a served path (`PREFIX/rel`, which exists), in
@@ -170,27 +148,15 @@ fn erofs(rel: &str) -> c_int {
     }
 }
 
-/// # Safety
-/// libc's `truncate`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn truncate(path: *const c_char, len: libc::off_t) -> c_int {
-    // SAFETY: the caller's promise.
-    match unsafe { with_route(libc::AT_FDCWD, path, erofs) } {
-        Ok(r) => r,
-        // SAFETY: forwarding.
-        Err(p) => unsafe { real!("truncate", TruncateFn)(Route::host_path(&p, path), len) },
-    }
-}
-
-/// # Safety
-/// libc's `truncate64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn truncate64(path: *const c_char, len: libc::off_t) -> c_int {
-    // SAFETY: the caller's promise.
-    match unsafe { with_route(libc::AT_FDCWD, path, erofs) } {
-        Ok(r) => r,
-        // SAFETY: forwarding.
-        Err(p) => unsafe { real!("truncate64", TruncateFn)(Route::host_path(&p, path), len) },
+twins! {
+    [truncate, truncate64] fn(path: *const c_char, len: libc::off_t) -> c_int,
+    real: TruncateFn => {
+        // SAFETY: the caller's promise.
+        match unsafe { with_route(libc::AT_FDCWD, path, erofs) } {
+            Ok(r) => r,
+            // SAFETY: forwarding.
+            Err(p) => unsafe { real(Route::host_path(&p, path), len) },
+        }
     }
 }
 

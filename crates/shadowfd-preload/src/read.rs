@@ -121,42 +121,23 @@ pub(crate) unsafe fn pread_common(
     unsafe { real(fd, buf, n, off) }
 }
 
-/// # Safety
-/// libc's `pread`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn pread(fd: c_int, buf: *mut c_void, n: SizeT, off: OffT) -> SsizeT {
-    // SAFETY: forwarding.
-    unsafe { pread_common(fd, buf, n, off, real!("pread", PreadFn)) }
-}
-
-/// # Safety
-/// libc's `pread64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn pread64(fd: c_int, buf: *mut c_void, n: SizeT, off: OffT) -> SsizeT {
-    // SAFETY: forwarding.
-    unsafe { pread_common(fd, buf, n, off, real!("pread64", PreadFn)) }
-}
-
-/// # Safety
-/// libc's `lseek`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn lseek(fd: c_int, off: OffT, whence: c_int) -> OffT {
-    if let Some((_b, e)) = tracked(fd) {
-        return seek_entry(&e, off, whence);
+twins! {
+    [pread, pread64] fn(fd: c_int, buf: *mut c_void, n: SizeT, off: OffT) -> SsizeT,
+    real: PreadFn => {
+        // SAFETY: forwarding.
+        unsafe { pread_common(fd, buf, n, off, real) }
     }
-    // SAFETY: forwarding.
-    unsafe { real!("lseek", unsafe extern "C" fn(c_int, OffT, c_int) -> OffT)(fd, off, whence) }
 }
 
-/// # Safety
-/// libc's `lseek64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn lseek64(fd: c_int, off: OffT, whence: c_int) -> OffT {
-    if let Some((_b, e)) = tracked(fd) {
-        return seek_entry(&e, off, whence);
+twins! {
+    [lseek, lseek64] fn(fd: c_int, off: OffT, whence: c_int) -> OffT,
+    real: unsafe extern "C" fn(c_int, OffT, c_int) -> OffT => {
+        if let Some((_b, e)) = tracked(fd) {
+            return seek_entry(&e, off, whence);
+        }
+        // SAFETY: forwarding.
+        unsafe { real(fd, off, whence) }
     }
-    // SAFETY: forwarding.
-    unsafe { real!("lseek64", unsafe extern "C" fn(c_int, OffT, c_int) -> OffT)(fd, off, whence) }
 }
 
 /// Reads into each buffer of `iov` in turn (at `at`, or the offset).
@@ -235,30 +216,12 @@ pub(crate) unsafe fn preadv_common(
     unsafe { real(fd, iov, cnt, off) }
 }
 
-/// # Safety
-/// libc's `preadv`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn preadv(
-    fd: c_int,
-    iov: *const libc::iovec,
-    cnt: c_int,
-    off: OffT,
-) -> SsizeT {
-    // SAFETY: forwarding.
-    unsafe { preadv_common(fd, iov, cnt, off, real!("preadv", PreadvFn)) }
-}
-
-/// # Safety
-/// libc's `preadv64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn preadv64(
-    fd: c_int,
-    iov: *const libc::iovec,
-    cnt: c_int,
-    off: OffT,
-) -> SsizeT {
-    // SAFETY: forwarding.
-    unsafe { preadv_common(fd, iov, cnt, off, real!("preadv64", PreadvFn)) }
+twins! {
+    [preadv, preadv64] fn(fd: c_int, iov: *const libc::iovec, cnt: c_int, off: OffT) -> SsizeT,
+    real: PreadvFn => {
+        // SAFETY: forwarding.
+        unsafe { preadv_common(fd, iov, cnt, off, real) }
+    }
 }
 
 pub(crate) type Preadv2Fn =
@@ -291,32 +254,12 @@ pub(crate) unsafe fn preadv2_common(
     unsafe { real(fd, iov, cnt, off, flags) }
 }
 
-/// # Safety
-/// libc's `preadv2`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn preadv2(
-    fd: c_int,
-    iov: *const libc::iovec,
-    cnt: c_int,
-    off: OffT,
-    flags: c_int,
-) -> SsizeT {
-    // SAFETY: forwarding.
-    unsafe { preadv2_common(fd, iov, cnt, off, flags, real!("preadv2", Preadv2Fn)) }
-}
-
-/// # Safety
-/// libc's `preadv64v2`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn preadv64v2(
-    fd: c_int,
-    iov: *const libc::iovec,
-    cnt: c_int,
-    off: OffT,
-    flags: c_int,
-) -> SsizeT {
-    // SAFETY: forwarding.
-    unsafe { preadv2_common(fd, iov, cnt, off, flags, real!("preadv64v2", Preadv2Fn)) }
+twins! {
+    [preadv2, preadv64v2] fn(fd: c_int, iov: *const libc::iovec, cnt: c_int, off: OffT, flags: c_int) -> SsizeT,
+    real: Preadv2Fn => {
+        // SAFETY: forwarding.
+        unsafe { preadv2_common(fd, iov, cnt, off, flags, real) }
+    }
 }
 
 /// Copies up to `len` bytes of `e` (at `*off` or its offset) to `out`.
@@ -422,18 +365,10 @@ pub(crate) unsafe fn sendfile_common(
     unsafe { real(out, fd, off, n) }
 }
 
-/// # Safety
-/// libc's `sendfile`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn sendfile(out: c_int, fd: c_int, off: *mut OffT, n: SizeT) -> SsizeT {
-    // SAFETY: forwarding.
-    unsafe { sendfile_common(out, fd, off, n, real!("sendfile", SendfileFn)) }
-}
-
-/// # Safety
-/// libc's `sendfile64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn sendfile64(out: c_int, fd: c_int, off: *mut OffT, n: SizeT) -> SsizeT {
-    // SAFETY: forwarding.
-    unsafe { sendfile_common(out, fd, off, n, real!("sendfile64", SendfileFn)) }
+twins! {
+    [sendfile, sendfile64] fn(out: c_int, fd: c_int, off: *mut OffT, n: SizeT) -> SsizeT,
+    real: SendfileFn => {
+        // SAFETY: forwarding.
+        unsafe { sendfile_common(out, fd, off, n, real) }
+    }
 }

@@ -53,36 +53,12 @@ pub(crate) unsafe fn stat_common(
     unsafe { real(Route::host_path(&host, path), st) }
 }
 
-/// # Safety
-/// libc's `stat`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn stat(path: *const c_char, st: *mut libc::stat64) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { stat_common(path, st, real!("stat", StatFn)) }
-}
-
-/// # Safety
-/// libc's `stat64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn stat64(path: *const c_char, st: *mut libc::stat64) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { stat_common(path, st, real!("stat64", StatFn)) }
-}
-
-/// # Safety
-/// libc's `lstat`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn lstat(path: *const c_char, st: *mut libc::stat64) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { stat_common(path, st, real!("lstat", StatFn)) }
-}
-
-/// # Safety
-/// libc's `lstat64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn lstat64(path: *const c_char, st: *mut libc::stat64) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { stat_common(path, st, real!("lstat64", StatFn)) }
+twins! {
+    [stat, stat64, lstat, lstat64] fn(path: *const c_char, st: *mut libc::stat64) -> c_int,
+    real: StatFn => {
+        // SAFETY: forwarding.
+        unsafe { stat_common(path, st, real) }
+    }
 }
 
 pub(crate) type FstatFn = unsafe extern "C" fn(c_int, *mut libc::stat64) -> c_int;
@@ -108,20 +84,12 @@ pub(crate) unsafe fn fstat_common(fd: c_int, st: *mut libc::stat64, real: FstatF
     unsafe { real(fd, st) }
 }
 
-/// # Safety
-/// libc's `fstat`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fstat(fd: c_int, st: *mut libc::stat64) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { fstat_common(fd, st, real!("fstat", FstatFn)) }
-}
-
-/// # Safety
-/// libc's `fstat64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fstat64(fd: c_int, st: *mut libc::stat64) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { fstat_common(fd, st, real!("fstat64", FstatFn)) }
+twins! {
+    [fstat, fstat64] fn(fd: c_int, st: *mut libc::stat64) -> c_int,
+    real: FstatFn => {
+        // SAFETY: forwarding.
+        unsafe { fstat_common(fd, st, real) }
+    }
 }
 
 pub(crate) type FstatatFn =
@@ -193,30 +161,12 @@ pub(crate) unsafe fn stat_served<S>(
     }
 }
 
-/// # Safety
-/// libc's `fstatat`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fstatat(
-    dirfd: c_int,
-    path: *const c_char,
-    st: *mut libc::stat64,
-    flags: c_int,
-) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { fstatat_common(dirfd, path, st, flags, real!("fstatat", FstatatFn)) }
-}
-
-/// # Safety
-/// libc's `fstatat64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fstatat64(
-    dirfd: c_int,
-    path: *const c_char,
-    st: *mut libc::stat64,
-    flags: c_int,
-) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { fstatat_common(dirfd, path, st, flags, real!("fstatat64", FstatatFn)) }
+twins! {
+    [fstatat, fstatat64] fn(dirfd: c_int, path: *const c_char, st: *mut libc::stat64, flags: c_int) -> c_int,
+    real: FstatatFn => {
+        // SAFETY: forwarding.
+        unsafe { fstatat_common(dirfd, path, st, flags, real) }
+    }
 }
 
 /// # Safety

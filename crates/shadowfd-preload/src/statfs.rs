@@ -49,51 +49,27 @@ pub(crate) type StatvfsFn = unsafe extern "C" fn(*const c_char, *mut libc::statv
 
 pub(crate) type StatfsFn = unsafe extern "C" fn(*const c_char, *mut libc::statfs) -> c_int;
 
-/// # Safety
-/// libc's `statvfs`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn statvfs(path: *const c_char, st: *mut libc::statvfs) -> c_int {
-    // SAFETY: the caller's promise.
-    match unsafe { with_route(libc::AT_FDCWD, path, |r| fill_statvfs(r, st)) } {
-        Ok(r) => r,
-        // SAFETY: forwarding.
-        Err(p) => unsafe { real!("statvfs", StatvfsFn)(Route::host_path(&p, path), st) },
+twins! {
+    [statvfs, statvfs64] fn(path: *const c_char, st: *mut libc::statvfs) -> c_int,
+    real: StatvfsFn => {
+        // SAFETY: the caller's promise.
+        match unsafe { with_route(libc::AT_FDCWD, path, |r| fill_statvfs(r, st)) } {
+            Ok(r) => r,
+            // SAFETY: forwarding.
+            Err(p) => unsafe { real(Route::host_path(&p, path), st) },
+        }
     }
 }
 
-/// # Safety
-/// libc's `statvfs64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn statvfs64(path: *const c_char, st: *mut libc::statvfs) -> c_int {
-    // SAFETY: the caller's promise.
-    match unsafe { with_route(libc::AT_FDCWD, path, |r| fill_statvfs(r, st)) } {
-        Ok(r) => r,
-        // SAFETY: forwarding.
-        Err(p) => unsafe { real!("statvfs64", StatvfsFn)(Route::host_path(&p, path), st) },
-    }
-}
-
-/// # Safety
-/// libc's `statfs`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn statfs(path: *const c_char, st: *mut libc::statfs) -> c_int {
-    // SAFETY: the caller's promise.
-    match unsafe { with_route(libc::AT_FDCWD, path, |r| fill_statfs(r, st)) } {
-        Ok(r) => r,
-        // SAFETY: forwarding.
-        Err(p) => unsafe { real!("statfs", StatfsFn)(Route::host_path(&p, path), st) },
-    }
-}
-
-/// # Safety
-/// libc's `statfs64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn statfs64(path: *const c_char, st: *mut libc::statfs) -> c_int {
-    // SAFETY: the caller's promise.
-    match unsafe { with_route(libc::AT_FDCWD, path, |r| fill_statfs(r, st)) } {
-        Ok(r) => r,
-        // SAFETY: forwarding.
-        Err(p) => unsafe { real!("statfs64", StatfsFn)(Route::host_path(&p, path), st) },
+twins! {
+    [statfs, statfs64] fn(path: *const c_char, st: *mut libc::statfs) -> c_int,
+    real: StatfsFn => {
+        // SAFETY: the caller's promise.
+        match unsafe { with_route(libc::AT_FDCWD, path, |r| fill_statfs(r, st)) } {
+            Ok(r) => r,
+            // SAFETY: forwarding.
+            Err(p) => unsafe { real(Route::host_path(&p, path), st) },
+        }
     }
 }
 
@@ -112,46 +88,24 @@ pub(crate) type FstatvfsFn = unsafe extern "C" fn(c_int, *mut libc::statvfs) -> 
 
 pub(crate) type FstatfsFn = unsafe extern "C" fn(c_int, *mut libc::statfs) -> c_int;
 
-/// # Safety
-/// libc's `fstatvfs`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fstatvfs(fd: c_int, st: *mut libc::statvfs) -> c_int {
-    match served_fd(fd) {
-        Some((_b, rel)) => fill_statvfs(&rel, st),
-        // SAFETY: forwarding.
-        None => unsafe { real!("fstatvfs", FstatvfsFn)(fd, st) },
+twins! {
+    [fstatvfs, fstatvfs64] fn(fd: c_int, st: *mut libc::statvfs) -> c_int,
+    real: FstatvfsFn => {
+        match served_fd(fd) {
+            Some((_b, rel)) => fill_statvfs(&rel, st),
+            // SAFETY: forwarding.
+            None => unsafe { real(fd, st) },
+        }
     }
 }
 
-/// # Safety
-/// libc's `fstatvfs64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fstatvfs64(fd: c_int, st: *mut libc::statvfs) -> c_int {
-    match served_fd(fd) {
-        Some((_b, rel)) => fill_statvfs(&rel, st),
-        // SAFETY: forwarding.
-        None => unsafe { real!("fstatvfs64", FstatvfsFn)(fd, st) },
-    }
-}
-
-/// # Safety
-/// libc's `fstatfs`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fstatfs(fd: c_int, st: *mut libc::statfs) -> c_int {
-    match served_fd(fd) {
-        Some((_b, rel)) => fill_statfs(&rel, st),
-        // SAFETY: forwarding.
-        None => unsafe { real!("fstatfs", FstatfsFn)(fd, st) },
-    }
-}
-
-/// # Safety
-/// libc's `fstatfs64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fstatfs64(fd: c_int, st: *mut libc::statfs) -> c_int {
-    match served_fd(fd) {
-        Some((_b, rel)) => fill_statfs(&rel, st),
-        // SAFETY: forwarding.
-        None => unsafe { real!("fstatfs64", FstatfsFn)(fd, st) },
+twins! {
+    [fstatfs, fstatfs64] fn(fd: c_int, st: *mut libc::statfs) -> c_int,
+    real: FstatfsFn => {
+        match served_fd(fd) {
+            Some((_b, rel)) => fill_statfs(&rel, st),
+            // SAFETY: forwarding.
+            None => unsafe { real(fd, st) },
+        }
     }
 }

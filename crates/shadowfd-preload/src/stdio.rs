@@ -190,20 +190,12 @@ pub unsafe extern "C" fn fdopen(fd: c_int, mode: *const c_char) -> *mut libc::FI
     }
 }
 
-/// # Safety
-/// libc's `fopen`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fopen(path: *const c_char, mode: *const c_char) -> *mut libc::FILE {
-    // SAFETY: forwarding.
-    unsafe { fopen_common(path, mode, real!("fopen", FopenFn)) }
-}
-
-/// # Safety
-/// libc's `fopen64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fopen64(path: *const c_char, mode: *const c_char) -> *mut libc::FILE {
-    // SAFETY: forwarding.
-    unsafe { fopen_common(path, mode, real!("fopen64", FopenFn)) }
+twins! {
+    [fopen, fopen64] fn(path: *const c_char, mode: *const c_char) -> *mut libc::FILE,
+    real: FopenFn => {
+        // SAFETY: forwarding.
+        unsafe { fopen_common(path, mode, real) }
+    }
 }
 
 pub(crate) type FreopenFn =
@@ -299,28 +291,12 @@ pub(crate) unsafe fn freopen_common(
     f
 }
 
-/// # Safety
-/// libc's `freopen`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn freopen(
-    path: *const c_char,
-    mode: *const c_char,
-    old: *mut libc::FILE,
-) -> *mut libc::FILE {
-    // SAFETY: forwarding.
-    unsafe { freopen_common(path, mode, old, real!("freopen", FreopenFn)) }
-}
-
-/// # Safety
-/// libc's `freopen64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn freopen64(
-    path: *const c_char,
-    mode: *const c_char,
-    old: *mut libc::FILE,
-) -> *mut libc::FILE {
-    // SAFETY: forwarding.
-    unsafe { freopen_common(path, mode, old, real!("freopen64", FreopenFn)) }
+twins! {
+    [freopen, freopen64] fn(path: *const c_char, mode: *const c_char, old: *mut libc::FILE) -> *mut libc::FILE,
+    real: FreopenFn => {
+        // SAFETY: forwarding.
+        unsafe { freopen_common(path, mode, old, real) }
+    }
 }
 
 // glibc before 2.33 had `stat` and friends call these, and programs built
