@@ -113,7 +113,7 @@ pub unsafe extern "C" fn readlinkat(
 
 /// What `access` answers for a served path: reading (and searching a
 /// directory) is granted, writing is `EROFS`, executing a file `EACCES`.
-pub(crate) fn access_rel(rel: &str, mode: c_int) -> c_int {
+fn access_rel(rel: &str, mode: c_int) -> c_int {
     match stat_info(rel) {
         Ok(i) if i.kind == PathKind::Other => fail(libc::ENOENT),
         Ok(_) if mode & libc::W_OK != 0 => fail(libc::EROFS),
@@ -124,7 +124,7 @@ pub(crate) fn access_rel(rel: &str, mode: c_int) -> c_int {
 }
 
 /// `readlink` of a served path: nothing served is a symbolic link.
-pub(crate) fn readlink_rel(rel: &str) -> libc::ssize_t {
+fn readlink_rel(rel: &str) -> libc::ssize_t {
     match stat_info(rel) {
         Ok(_) => fail(libc::EINVAL) as libc::ssize_t,
         Err(e) => fail(e) as libc::ssize_t,
@@ -138,7 +138,7 @@ pub(crate) fn readlink_rel(rel: &str) -> libc::ssize_t {
 ///
 /// # Safety
 /// `path` is null or NUL-terminated; `buf` holds `n` bytes.
-pub(crate) unsafe fn readlink_fd(
+unsafe fn readlink_fd(
     dirfd: c_int,
     path: *const c_char,
     buf: *mut c_char,
@@ -159,11 +159,11 @@ pub(crate) unsafe fn readlink_fd(
     Some(len as libc::ssize_t)
 }
 
-pub(crate) type AccessFn = unsafe extern "C" fn(*const c_char, c_int) -> c_int;
+type AccessFn = unsafe extern "C" fn(*const c_char, c_int) -> c_int;
 
 /// # Safety
 /// libc's `euidaccess`/`eaccess`, with `real` its next definition.
-pub(crate) unsafe fn eaccess_common(path: *const c_char, mode: c_int, real: AccessFn) -> c_int {
+unsafe fn eaccess_common(path: *const c_char, mode: c_int, real: AccessFn) -> c_int {
     // SAFETY: the caller's promise.
     match unsafe {
         with_route(libc::AT_FDCWD, path, |rel| {

@@ -10,7 +10,7 @@ use shadowfd::remote::RemoteFile;
 /// Each thread keeps a few of these, with no lock: a forked child (one
 /// thread, a copy of the forking thread's) finds its parent's and forgets
 /// them without using them (the file belongs to the parent's connection).
-pub(crate) struct Ahead {
+struct Ahead {
     pid: u32,
     /// Held so that its handle is not reused on the connection while these
     /// bytes are kept; `None` only while being forgotten.
@@ -27,11 +27,11 @@ pub(crate) struct Ahead {
 }
 
 /// Slots per thread; the first and the largest sequential fetch.
-pub(crate) const AHEAD_SLOTS: usize = 4;
+const AHEAD_SLOTS: usize = 4;
 
-pub(crate) const AHEAD_FIRST: usize = 128 << 10;
+const AHEAD_FIRST: usize = 128 << 10;
 
-pub(crate) const AHEAD_MAX: usize = shadowfd::remote::wire::MAX_FILL as usize;
+const AHEAD_MAX: usize = shadowfd::remote::wire::MAX_FILL as usize;
 
 /// Reads `buf.len()` bytes at `off` (short only at the end of the file):
 /// from this thread's read-ahead when it holds them, else through FILL. A
@@ -58,7 +58,7 @@ pub(crate) fn read_ahead(file: &RemoteFile, buf: &mut [u8], off: u64) -> shadowf
     }
 }
 
-pub(crate) fn read_ahead_in(
+fn read_ahead_in(
     a: &mut (u64, Vec<Ahead>),
     file: &RemoteFile,
     buf: &mut [u8],

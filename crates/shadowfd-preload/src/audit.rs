@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Set when `ld.so` calls [`la_version`]: this copy of the library is the
 /// audit module, not the shim.
-pub(crate) static AUDITING: AtomicBool = AtomicBool::new(false);
+static AUDITING: AtomicBool = AtomicBool::new(false);
 
 /// A library handed to `ld.so`: the sealed descriptor and its identity
 /// (checked before reuse: a program may have closed the number since).

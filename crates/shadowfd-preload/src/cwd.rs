@@ -32,7 +32,7 @@ pub(crate) fn vcwd() -> Option<String> {
     v.as_ref().and_then(|x| x.clone())
 }
 
-pub(crate) fn set_vcwd(rel: Option<String>) {
+fn set_vcwd(rel: Option<String>) {
     let changed = {
         let mut v = VCWD.lock();
         let old = v.clone().flatten();

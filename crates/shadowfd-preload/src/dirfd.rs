@@ -19,7 +19,7 @@ pub(crate) struct DirFd {
 
 pub(crate) static DIRFDS: Mutex<BTreeMap<c_int, Arc<DirFd>>> = Mutex::new(BTreeMap::new());
 
-pub(crate) static ANY_DIRFD: AtomicBool = AtomicBool::new(false);
+static ANY_DIRFD: AtomicBool = AtomicBool::new(false);
 
 pub(crate) fn dirfd_entry(fd: c_int) -> Option<Arc<DirFd>> {
     if !ANY_DIRFD.load(Ordering::Acquire) {
@@ -40,8 +40,8 @@ pub(crate) fn dirfds() -> Vec<(c_int, String)> {
         .collect()
 }
 
-/// Tracks `fd` (a placeholder inherited across exec) as the served
-/// directory `rel`.
+/// Tracks `fd` (a placeholder: new, or inherited across exec) as the
+/// served directory `rel`.
 pub(crate) fn adopt(fd: c_int, rel: &str) {
     let mut t = DIRFDS.lock();
     ANY_DIRFD.store(true, Ordering::Release);
@@ -109,13 +109,6 @@ pub(crate) fn open_dir(rel: &str, flags: c_int) -> Result<c_int, c_int> {
     }
     let fd = crate::fdtable::placeholder(flags)?;
     drop(crate::fdtable::remove(fd));
-    let mut t = DIRFDS.lock();
-    ANY_DIRFD.store(true, Ordering::Release);
-    t.insert(
-        fd,
-        Arc::new(DirFd {
-            path: rel.to_string(),
-        }),
-    );
+    adopt(fd, rel);
     Ok(fd)
 }

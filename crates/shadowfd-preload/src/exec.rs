@@ -25,7 +25,7 @@ use crate::{Busy, resolve, vfork};
 use std::ffi::{CStr, CString, c_char, c_int};
 use std::sync::atomic::AtomicUsize;
 
-pub(crate) const FDS_VAR: &str = "SHADOWFD_RUN_FDS";
+const FDS_VAR: &str = "SHADOWFD_RUN_FDS";
 
 unsafe extern "C" {
     static mut environ: *const *const c_char;
@@ -136,7 +136,7 @@ pub(crate) fn adopt() {
 
 /// Brings `SHADOWFD_RUN_FDS` in `environ` up to date, before a call that
 /// execs with `environ` through glibc's internal calls.
-pub(crate) fn sync_environ() {
+fn sync_environ() {
     if env().is_none() {
         return;
     }
@@ -203,20 +203,22 @@ unsafe fn exec_env(envp: *const *const c_char) -> Option<ExecEnv> {
 type ExecveFn =
     unsafe extern "C" fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int;
 
-/// # Safety
-/// libc's `execve`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn execve(
-    path: *const c_char,
-    argv: *const *const c_char,
-    envp: *const *const c_char,
-) -> c_int {
-    // SAFETY: execve's contract.
-    let e = unsafe { exec_env(envp) };
-    let envp = e.as_ref().map_or(envp, |e| e.ptrs.as_ptr());
-    // SAFETY: forwarding, with an environment that lives until the call
-    // returns (only on failure).
-    unsafe { real!("execve", ExecveFn)(path, argv, envp) }
+twins! {
+    /// With `envp` carrying this shim's variables as they are now (`execvpe`
+    /// takes a file name to look up in `PATH`).
+    [execve, execvpe] fn(
+        path: *const c_char,
+        argv: *const *const c_char,
+        envp: *const *const c_char,
+    ) -> c_int,
+    real: ExecveFn => {
+        // SAFETY: the caller's environment (an exec's contract).
+        let e = unsafe { exec_env(envp) };
+        let envp = e.as_ref().map_or(envp, |e| e.ptrs.as_ptr());
+        // SAFETY: forwarding, with an environment that lives until the call
+        // returns (only on failure).
+        unsafe { real(path, argv, envp) }
+    }
 }
 
 /// # Safety
@@ -225,21 +227,6 @@ pub unsafe extern "C" fn execve(
 pub unsafe extern "C" fn execv(path: *const c_char, argv: *const *const c_char) -> c_int {
     // SAFETY: as execve, with this process's environment.
     unsafe { execve(path, argv, environ) }
-}
-
-/// # Safety
-/// libc's `execvpe`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn execvpe(
-    file: *const c_char,
-    argv: *const *const c_char,
-    envp: *const *const c_char,
-) -> c_int {
-    // SAFETY: execvpe's contract.
-    let e = unsafe { exec_env(envp) };
-    let envp = e.as_ref().map_or(envp, |e| e.ptrs.as_ptr());
-    // SAFETY: forwarding.
-    unsafe { real!("execvpe", ExecveFn)(file, argv, envp) }
 }
 
 /// # Safety
@@ -279,74 +266,23 @@ type SpawnFn = unsafe extern "C" fn(
     *const *const c_char,
 ) -> c_int;
 
-/// `posix_spawn`/`posix_spawnp` with this shim's variables in `envp`.
-///
-/// # Safety
-/// libc's `posix_spawn`, with `real` its next definition.
-#[allow(clippy::too_many_arguments)]
-unsafe fn spawn_common(
-    pid: *mut libc::pid_t,
-    path: *const c_char,
-    fa: *const libc::posix_spawn_file_actions_t,
-    attr: *const libc::posix_spawnattr_t,
-    argv: *const *const c_char,
-    envp: *const *const c_char,
-    real: SpawnFn,
-) -> c_int {
-    // SAFETY: posix_spawn's contract.
-    let e = unsafe { exec_env(envp) };
-    let envp = e.as_ref().map_or(envp, |e| e.ptrs.as_ptr());
-    // SAFETY: forwarding.
-    unsafe { real(pid, path, fa, attr, argv, envp) }
-}
-
-/// # Safety
-/// libc's `posix_spawn`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn posix_spawn(
-    pid: *mut libc::pid_t,
-    path: *const c_char,
-    fa: *const libc::posix_spawn_file_actions_t,
-    attr: *const libc::posix_spawnattr_t,
-    argv: *const *const c_char,
-    envp: *const *const c_char,
-) -> c_int {
-    // SAFETY: forwarding.
-    unsafe {
-        spawn_common(
-            pid,
-            path,
-            fa,
-            attr,
-            argv,
-            envp,
-            real!("posix_spawn", SpawnFn),
-        )
-    }
-}
-
-/// # Safety
-/// libc's `posix_spawnp`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn posix_spawnp(
-    pid: *mut libc::pid_t,
-    file: *const c_char,
-    fa: *const libc::posix_spawn_file_actions_t,
-    attr: *const libc::posix_spawnattr_t,
-    argv: *const *const c_char,
-    envp: *const *const c_char,
-) -> c_int {
-    // SAFETY: forwarding.
-    unsafe {
-        spawn_common(
-            pid,
-            file,
-            fa,
-            attr,
-            argv,
-            envp,
-            real!("posix_spawnp", SpawnFn),
-        )
+twins! {
+    /// With this shim's variables in `envp` (`posix_spawnp` takes a file
+    /// name to look up in `PATH`).
+    [posix_spawn, posix_spawnp] fn(
+        pid: *mut libc::pid_t,
+        path: *const c_char,
+        fa: *const libc::posix_spawn_file_actions_t,
+        attr: *const libc::posix_spawnattr_t,
+        argv: *const *const c_char,
+        envp: *const *const c_char,
+    ) -> c_int,
+    real: SpawnFn => {
+        // SAFETY: the caller's environment (posix_spawn's contract).
+        let e = unsafe { exec_env(envp) };
+        let envp = e.as_ref().map_or(envp, |e| e.ptrs.as_ptr());
+        // SAFETY: forwarding.
+        unsafe { real(pid, path, fa, attr, argv, envp) }
     }
 }
 

@@ -142,7 +142,7 @@ pub unsafe extern "C" fn accept4(
 ///
 /// # Safety
 /// `fds` points to two descriptors when `r` is 0.
-pub(crate) unsafe fn fresh_pair(r: c_int, fds: *const c_int) -> c_int {
+unsafe fn fresh_pair(r: c_int, fds: *const c_int) -> c_int {
     if r == 0 && !fds.is_null() {
         // SAFETY: the call filled both on success.
         let (a, b) = unsafe { (*fds, *fds.add(1)) };

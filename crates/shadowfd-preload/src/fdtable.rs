@@ -155,7 +155,7 @@ pub(crate) fn remove(fd: c_int) -> Option<Arc<Entry>> {
 /// served. Dropping a file's last reference sends CLOSE, with the thread
 /// marked busy. Calls made inside the shim (the client's own sockets) are
 /// left alone: the shim forgets its placeholders' numbers itself.
-pub(crate) fn forget_fd(fd: c_int) {
+fn forget_fd(fd: c_int) {
     let Some(_b) = Busy::enter() else {
         return;
     };

@@ -107,7 +107,7 @@ extern "C" fn init() {
 #[unsafe(link_section = ".init_array")]
 pub(crate) static INIT: extern "C" fn() = init;
 
-pub(crate) type HeldDir = (
+type HeldDir = (
     ForkGuard<'static, Option<Option<String>>>,
     ForkGuard<'static, BTreeMap<c_int, Arc<DirFd>>>,
     ForkGuard<'static, BTreeSet<usize>>,
@@ -151,7 +151,7 @@ extern "C" fn dir_init() {
 
 #[used]
 #[unsafe(link_section = ".init_array")]
-pub(crate) static DIR_INIT: extern "C" fn() = dir_init;
+static DIR_INIT: extern "C" fn() = dir_init;
 
 thread_local! {
     /// The locks the forking thread holds across fork.

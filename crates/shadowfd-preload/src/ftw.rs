@@ -12,35 +12,34 @@ pub struct Ftw {
     level: c_int,
 }
 
-pub(crate) type NftwFn =
-    unsafe extern "C" fn(*const c_char, *const libc::stat64, c_int, *mut Ftw) -> c_int;
+type NftwFn = unsafe extern "C" fn(*const c_char, *const libc::stat64, c_int, *mut Ftw) -> c_int;
 
-pub(crate) type FtwFn = unsafe extern "C" fn(*const c_char, *const libc::stat64, c_int) -> c_int;
+type FtwFn = unsafe extern "C" fn(*const c_char, *const libc::stat64, c_int) -> c_int;
 
-pub(crate) const FTW_F: c_int = 0;
+const FTW_F: c_int = 0;
 
-pub(crate) const FTW_D: c_int = 1;
+const FTW_D: c_int = 1;
 
-pub(crate) const FTW_DNR: c_int = 2;
+const FTW_DNR: c_int = 2;
 
-pub(crate) const FTW_NS: c_int = 3;
+const FTW_NS: c_int = 3;
 
-pub(crate) const FTW_DP: c_int = 5;
+const FTW_DP: c_int = 5;
 
-pub(crate) const FTW_CHDIR: c_int = 4;
+const FTW_CHDIR: c_int = 4;
 
-pub(crate) const FTW_DEPTH: c_int = 8;
+const FTW_DEPTH: c_int = 8;
 
-pub(crate) const FTW_ACTIONRETVAL: c_int = 16;
+const FTW_ACTIONRETVAL: c_int = 16;
 
-pub(crate) const FTW_STOP: c_int = 1;
+const FTW_STOP: c_int = 1;
 
-pub(crate) const FTW_SKIP_SUBTREE: c_int = 2;
+const FTW_SKIP_SUBTREE: c_int = 2;
 
-pub(crate) const FTW_SKIP_SIBLINGS: c_int = 3;
+const FTW_SKIP_SIBLINGS: c_int = 3;
 
 /// What the walk does after a callback.
-pub(crate) enum Next {
+enum Next {
     Go,
     /// Stop the walk, returning this.
     Stop(c_int),
@@ -49,7 +48,7 @@ pub(crate) enum Next {
 }
 
 /// The callback's answer, read as `flags` say.
-pub(crate) fn next(r: c_int, flags: c_int) -> Next {
+fn next(r: c_int, flags: c_int) -> Next {
     if flags & FTW_ACTIONRETVAL == 0 {
         return if r == 0 { Next::Go } else { Next::Stop(r) };
     }
@@ -65,7 +64,7 @@ pub(crate) fn next(r: c_int, flags: c_int) -> Next {
 /// `stat64`, `opendir`, `readdir64` and `closedir`, calling `cb` as glibc's
 /// `nftw` would: each directory before its entries (after them with
 /// `FTW_DEPTH`, as `FTW_DP`), entries in the listing's order.
-pub(crate) fn walk(
+fn walk(
     path: &[u8],
     level: c_int,
     flags: c_int,
@@ -156,7 +155,7 @@ pub(crate) unsafe fn served_path(path: *const c_char) -> bool {
 
 /// # Safety
 /// libc's `nftw`, with `real` its next definition.
-pub(crate) unsafe fn nftw_common(
+unsafe fn nftw_common(
     path: *const c_char,
     f: Option<NftwFn>,
     fds: c_int,
@@ -181,8 +180,7 @@ pub(crate) unsafe fn nftw_common(
     }
 }
 
-pub(crate) type NftwReal =
-    unsafe extern "C" fn(*const c_char, Option<NftwFn>, c_int, c_int) -> c_int;
+type NftwReal = unsafe extern "C" fn(*const c_char, Option<NftwFn>, c_int, c_int) -> c_int;
 
 twins! {
     [nftw, nftw64] fn(path: *const c_char, f: Option<NftwFn>, fds: c_int, flags: c_int) -> c_int,
@@ -192,16 +190,11 @@ twins! {
     }
 }
 
-pub(crate) type FtwReal = unsafe extern "C" fn(*const c_char, Option<FtwFn>, c_int) -> c_int;
+type FtwReal = unsafe extern "C" fn(*const c_char, Option<FtwFn>, c_int) -> c_int;
 
 /// # Safety
 /// libc's `ftw`, with `real` its next definition.
-pub(crate) unsafe fn ftw_common(
-    path: *const c_char,
-    f: Option<FtwFn>,
-    fds: c_int,
-    real: FtwReal,
-) -> c_int {
+unsafe fn ftw_common(path: *const c_char, f: Option<FtwFn>, fds: c_int, real: FtwReal) -> c_int {
     // SAFETY: the caller's promise.
     let (Some(f), true) = (f, unsafe { served_path(path) }) else {
         // SAFETY: forwarding.

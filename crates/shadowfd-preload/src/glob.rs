@@ -22,9 +22,9 @@ pub struct GlobT {
     gl_stat: Option<unsafe extern "C" fn(*const c_char, *mut libc::stat64) -> c_int>,
 }
 
-pub(crate) type GlobErr = Option<unsafe extern "C" fn(*const c_char, c_int) -> c_int>;
+type GlobErr = Option<unsafe extern "C" fn(*const c_char, c_int) -> c_int>;
 
-pub(crate) type GlobFn = unsafe extern "C" fn(*const c_char, c_int, GlobErr, *mut GlobT) -> c_int;
+type GlobFn = unsafe extern "C" fn(*const c_char, c_int, GlobErr, *mut GlobT) -> c_int;
 
 pub(crate) unsafe extern "C" fn glob_closedir(d: *mut c_void) {
     // SAFETY: a stream `glob_opendir` returned.
@@ -56,7 +56,7 @@ pub(crate) unsafe extern "C" fn glob_lstat(p: *const c_char, st: *mut libc::stat
 ///
 /// # Safety
 /// `pattern` is null or a NUL-terminated string.
-pub(crate) unsafe fn glob_served(pattern: *const c_char) -> bool {
+unsafe fn glob_served(pattern: *const c_char) -> bool {
     let Some(prefix) = prefix_str() else {
         return false;
     };
@@ -79,7 +79,7 @@ pub(crate) unsafe fn glob_served(pattern: *const c_char) -> bool {
 ///
 /// # Safety
 /// libc's `glob` contract.
-pub(crate) unsafe fn glob_common(
+unsafe fn glob_common(
     pattern: *const c_char,
     flags: c_int,
     errfunc: GlobErr,

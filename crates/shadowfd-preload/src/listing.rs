@@ -18,14 +18,14 @@ use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 
 /// One entry of a stream: name, inode, `d_type`.
-pub(crate) struct Ent {
+struct Ent {
     name: Vec<u8>,
     ino: u64,
     dtype: u8,
 }
 
 /// What `opendir` of a served directory returns (as a `DIR *`).
-pub(crate) struct Stream {
+struct Stream {
     fd: c_int,
     entries: Vec<Ent>,
     pos: usize,
@@ -36,14 +36,14 @@ pub(crate) struct Stream {
 /// Addresses of live [`Stream`]s.
 pub(crate) static STREAMS: Mutex<BTreeSet<usize>> = Mutex::new(BTreeSet::new());
 
-pub(crate) static ANY_STREAM: AtomicBool = AtomicBool::new(false);
+static ANY_STREAM: AtomicBool = AtomicBool::new(false);
 
-pub(crate) fn is_stream(p: *mut libc::DIR) -> bool {
+fn is_stream(p: *mut libc::DIR) -> bool {
     ANY_STREAM.load(Ordering::Acquire) && STREAMS.lock().contains(&(p as usize))
 }
 
 /// A stream over the served directory of `fd` (which it then owns).
-pub(crate) fn new_stream(fd: c_int, rel: &str) -> Result<*mut libc::DIR, c_int> {
+fn new_stream(fd: c_int, rel: &str) -> Result<*mut libc::DIR, c_int> {
     let c = client()?;
     let list = c.list(rel).map_err(|e| errno_of(&e))?;
     crate::small::listed(
@@ -95,7 +95,7 @@ pub(crate) fn new_stream(fd: c_int, rel: &str) -> Result<*mut libc::DIR, c_int> 
 }
 
 /// Runs `f` on the stream behind `p` (checked to be ours).
-pub(crate) fn with_stream<R>(p: *mut libc::DIR, f: impl FnOnce(&mut Stream) -> R) -> R {
+fn with_stream<R>(p: *mut libc::DIR, f: impl FnOnce(&mut Stream) -> R) -> R {
     // SAFETY: `p` is in STREAMS: a live Box<Stream> this shim made. glibc's
     // contract: one thread uses a DIR at a time.
     let s = unsafe { &mut *p.cast::<Stream>() };
@@ -103,7 +103,7 @@ pub(crate) fn with_stream<R>(p: *mut libc::DIR, f: impl FnOnce(&mut Stream) -> R
 }
 
 /// Fills `out` with the next entry; false at the end.
-pub(crate) fn next_into(s: &mut Stream, out: &mut libc::dirent64) -> bool {
+fn next_into(s: &mut Stream, out: &mut libc::dirent64) -> bool {
     let Some(e) = s.entries.get(s.pos) else {
         return false;
     };
@@ -121,7 +121,7 @@ pub(crate) fn next_into(s: &mut Stream, out: &mut libc::dirent64) -> bool {
     true
 }
 
-pub(crate) type OpendirFn = unsafe extern "C" fn(*const c_char) -> *mut libc::DIR;
+type OpendirFn = unsafe extern "C" fn(*const c_char) -> *mut libc::DIR;
 
 /// # Safety
 /// libc's `opendir`.
@@ -180,11 +180,11 @@ pub unsafe extern "C" fn fdopendir(fd: c_int) -> *mut libc::DIR {
     unsafe { real!("fdopendir", unsafe extern "C" fn(c_int) -> *mut libc::DIR)(fd) }
 }
 
-pub(crate) type ReaddirFn = unsafe extern "C" fn(*mut libc::DIR) -> *mut libc::dirent64;
+type ReaddirFn = unsafe extern "C" fn(*mut libc::DIR) -> *mut libc::dirent64;
 
 /// # Safety
 /// libc's `readdir` contract.
-pub(crate) unsafe fn readdir_common(d: *mut libc::DIR, real: ReaddirFn) -> *mut libc::dirent64 {
+unsafe fn readdir_common(d: *mut libc::DIR, real: ReaddirFn) -> *mut libc::dirent64 {
     if is_stream(d) {
         return with_stream(d, |s| {
             let mut ent = std::mem::replace(
@@ -213,12 +213,12 @@ twins! {
     }
 }
 
-pub(crate) type ReaddirRFn =
+type ReaddirRFn =
     unsafe extern "C" fn(*mut libc::DIR, *mut libc::dirent64, *mut *mut libc::dirent64) -> c_int;
 
 /// # Safety
 /// libc's `readdir_r` contract.
-pub(crate) unsafe fn readdir_r_common(
+unsafe fn readdir_r_common(
     d: *mut libc::DIR,
     ent: *mut libc::dirent64,
     res: *mut *mut libc::dirent64,
@@ -308,12 +308,12 @@ pub unsafe extern "C" fn seekdir(d: *mut libc::DIR, pos: c_long) {
     unsafe { real!("seekdir", unsafe extern "C" fn(*mut libc::DIR, c_long))(d, pos) }
 }
 
-pub(crate) type Filter = Option<unsafe extern "C" fn(*const libc::dirent64) -> c_int>;
+type Filter = Option<unsafe extern "C" fn(*const libc::dirent64) -> c_int>;
 
 pub(crate) type Compar =
     Option<unsafe extern "C" fn(*mut *const libc::dirent64, *mut *const libc::dirent64) -> c_int>;
 
-pub(crate) type ScandirFn =
+type ScandirFn =
     unsafe extern "C" fn(*const c_char, *mut *mut *mut libc::dirent64, Filter, Compar) -> c_int;
 
 /// `scandir` of a served directory, through [`opendir`] and [`readdir`]:
@@ -321,7 +321,7 @@ pub(crate) type ScandirFn =
 ///
 /// # Safety
 /// libc's `scandir` contract.
-pub(crate) unsafe fn scandir_common(
+unsafe fn scandir_common(
     path: *const c_char,
     list: *mut *mut *mut libc::dirent64,
     filter: Filter,
@@ -421,7 +421,7 @@ twins! {
     }
 }
 
-pub(crate) type ScandiratFn = unsafe extern "C" fn(
+type ScandiratFn = unsafe extern "C" fn(
     c_int,
     *const c_char,
     *mut *mut *mut libc::dirent64,
@@ -431,7 +431,7 @@ pub(crate) type ScandiratFn = unsafe extern "C" fn(
 
 /// # Safety
 /// libc's `scandirat`, with `real` its next definition.
-pub(crate) unsafe fn scandirat_common(
+unsafe fn scandirat_common(
     dirfd: c_int,
     path: *const c_char,
     list: *mut *mut *mut libc::dirent64,

@@ -34,8 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 type SizeT = libc::size_t;
 type OffT = libc::off_t;
-pub(crate) type MmapFn =
-    unsafe extern "C" fn(*mut c_void, SizeT, c_int, c_int, c_int, OffT) -> *mut c_void;
+type MmapFn = unsafe extern "C" fn(*mut c_void, SizeT, c_int, c_int, c_int, OffT) -> *mut c_void;
 
 /// A served mapping handed to the program (or what is left of one).
 pub(crate) struct Map {
@@ -198,7 +197,7 @@ fn carve(start: usize, end: usize) -> Vec<Map> {
 }
 
 /// `mmap` of a served descriptor. Returns the address or an errno.
-pub(crate) fn do_mmap(
+fn do_mmap(
     file: &RemoteFile,
     path: &str,
     addr: *mut c_void,
@@ -306,7 +305,7 @@ pub(crate) fn do_mmap(
 /// replaces are cut out of their mappings first. Returns this thread marked
 /// busy, to hold while the call is forwarded, or `None` when there was
 /// nothing to do (no `MAP_FIXED`, nothing served, or inside the shim).
-pub(crate) fn before_fixed(addr: *mut c_void, len: SizeT, flags: c_int) -> Option<Busy> {
+fn before_fixed(addr: *mut c_void, len: SizeT, flags: c_int) -> Option<Busy> {
     if flags & libc::MAP_FIXED == 0
         || flags & libc::MAP_FIXED_NOREPLACE != 0
         || !ANY_MAP.load(Ordering::Acquire)

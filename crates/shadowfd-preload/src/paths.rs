@@ -14,9 +14,7 @@ use std::ffi::{CString, c_char, c_int, c_void};
 ///
 /// # Safety
 /// `path` is null or a NUL-terminated string.
-pub(crate) unsafe fn getxattr_common(
-    path: *const c_char,
-) -> Result<libc::ssize_t, Option<CString>> {
+unsafe fn getxattr_common(path: *const c_char) -> Result<libc::ssize_t, Option<CString>> {
     let Some(_b) = Busy::enter() else {
         return Err(None);
     };
@@ -30,7 +28,7 @@ pub(crate) unsafe fn getxattr_common(
     }
 }
 
-pub(crate) type GetxattrFn =
+type GetxattrFn =
     unsafe extern "C" fn(*const c_char, *const c_char, *mut c_void, libc::size_t) -> libc::ssize_t;
 
 twins! {

@@ -9,7 +9,7 @@ use crate::{Busy, OffT, SizeT, SsizeT, fail, set_errno};
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::Ordering;
 
-pub(crate) fn read_entry(e: &Entry, buf: *mut c_void, n: SizeT, at: Option<u64>) -> SsizeT {
+fn read_entry(e: &Entry, buf: *mut c_void, n: SizeT, at: Option<u64>) -> SsizeT {
     if n == 0 {
         return 0;
     }
@@ -39,7 +39,7 @@ pub(crate) fn read_entry(e: &Entry, buf: *mut c_void, n: SizeT, at: Option<u64>)
     }
 }
 
-pub(crate) fn seek_entry(e: &Entry, off: i64, whence: c_int) -> i64 {
+fn seek_entry(e: &Entry, off: i64, whence: c_int) -> i64 {
     let size = match e.file() {
         Ok(f) => f.size() as i64,
         Err(err) => return fail(err) as i64,
@@ -104,13 +104,7 @@ pub(crate) type PreadFn = unsafe extern "C" fn(c_int, *mut c_void, SizeT, OffT) 
 ///
 /// # Safety
 /// libc's `pread`, with `real` its next definition.
-pub(crate) unsafe fn pread_common(
-    fd: c_int,
-    buf: *mut c_void,
-    n: SizeT,
-    off: OffT,
-    real: PreadFn,
-) -> SsizeT {
+unsafe fn pread_common(fd: c_int, buf: *mut c_void, n: SizeT, off: OffT, real: PreadFn) -> SsizeT {
     if let Some((_b, e)) = tracked(fd) {
         if off < 0 {
             return fail(libc::EINVAL) as SsizeT;
@@ -145,12 +139,7 @@ twins! {
 /// # Safety
 /// `iov` points to `cnt` iovecs whose buffers are writable (readv's
 /// contract).
-pub(crate) unsafe fn readv_entry(
-    e: &Entry,
-    iov: *const libc::iovec,
-    cnt: c_int,
-    at: Option<u64>,
-) -> SsizeT {
+unsafe fn readv_entry(e: &Entry, iov: *const libc::iovec, cnt: c_int, at: Option<u64>) -> SsizeT {
     if !(0..=libc::UIO_MAXIOV).contains(&cnt) {
         return fail(libc::EINVAL) as SsizeT;
     }
@@ -194,11 +183,11 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const libc::iovec, cnt: c_int) -
     }
 }
 
-pub(crate) type PreadvFn = unsafe extern "C" fn(c_int, *const libc::iovec, c_int, OffT) -> SsizeT;
+type PreadvFn = unsafe extern "C" fn(c_int, *const libc::iovec, c_int, OffT) -> SsizeT;
 
 /// # Safety
 /// libc's `preadv` contract.
-pub(crate) unsafe fn preadv_common(
+unsafe fn preadv_common(
     fd: c_int,
     iov: *const libc::iovec,
     cnt: c_int,
@@ -224,12 +213,11 @@ twins! {
     }
 }
 
-pub(crate) type Preadv2Fn =
-    unsafe extern "C" fn(c_int, *const libc::iovec, c_int, OffT, c_int) -> SsizeT;
+type Preadv2Fn = unsafe extern "C" fn(c_int, *const libc::iovec, c_int, OffT, c_int) -> SsizeT;
 
 /// # Safety
 /// libc's `preadv2` contract.
-pub(crate) unsafe fn preadv2_common(
+unsafe fn preadv2_common(
     fd: c_int,
     iov: *const libc::iovec,
     cnt: c_int,
@@ -267,13 +255,7 @@ twins! {
 /// # Safety
 /// `off` is null or points to a readable and writable offset; `out_off`
 /// likewise.
-pub(crate) unsafe fn copy_out(
-    e: &Entry,
-    off: *mut i64,
-    out: c_int,
-    out_off: *mut i64,
-    len: usize,
-) -> SsizeT {
+unsafe fn copy_out(e: &Entry, off: *mut i64, out: c_int, out_off: *mut i64, len: usize) -> SsizeT {
     let n = len.min(1 << 20);
     let mut buf = vec![0u8; n];
     // SAFETY: the caller's promise.
@@ -343,14 +325,14 @@ pub unsafe extern "C" fn copy_file_range(
     }
 }
 
-pub(crate) type SendfileFn = unsafe extern "C" fn(c_int, c_int, *mut OffT, SizeT) -> SsizeT;
+type SendfileFn = unsafe extern "C" fn(c_int, c_int, *mut OffT, SizeT) -> SsizeT;
 
 /// `sendfile`/`sendfile64` from a served descriptor: emulated (read, then
 /// write); any other goes to `real`.
 ///
 /// # Safety
 /// libc's `sendfile`, with `real` its next definition.
-pub(crate) unsafe fn sendfile_common(
+unsafe fn sendfile_common(
     out: c_int,
     fd: c_int,
     off: *mut OffT,

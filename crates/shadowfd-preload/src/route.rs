@@ -122,7 +122,7 @@ pub(crate) fn served_fd_path(s: &str) -> Option<String> {
 
 /// Whether the absolute path `abs`, walked lexically, is inside `prefix`
 /// at some point (`/prefix/..` is `/`, as it is across a mount point).
-pub(crate) fn passes_through(abs: &str, prefix: &[String]) -> bool {
+fn passes_through(abs: &str, prefix: &[String]) -> bool {
     let mut at: Vec<&str> = Vec::new();
     for c in abs.split('/') {
         match c {

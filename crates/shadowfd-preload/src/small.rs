@@ -26,7 +26,7 @@ use std::ffi::c_int;
 /// The bytes of prefetched small files this process keeps, at most.
 pub(crate) const MAX_BYTES: usize = 8 << 20;
 /// The prefetched small files this process keeps, at most.
-pub(crate) const MAX_FILES: usize = 8192;
+const MAX_FILES: usize = 8192;
 
 #[derive(Default)]
 pub(crate) struct Cache {

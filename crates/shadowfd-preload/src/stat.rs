@@ -13,7 +13,7 @@ use std::ffi::{CString, c_char, c_int};
 /// The link count of an open file: as SMALL said, else as the kept STAT
 /// answer of its path says (the tree cannot change), else 1 (OPEN's reply
 /// has none).
-pub(crate) fn nlink_of(f: &RemoteFile) -> u64 {
+fn nlink_of(f: &RemoteFile) -> u64 {
     f.nlink()
         .or_else(|| match crate::statcache::kept_stat(f.path()) {
             Some(Ok(i)) if (i.device, i.inode) == (f.identity().0, f.identity().1) => Some(i.nlink),
@@ -23,24 +23,20 @@ pub(crate) fn nlink_of(f: &RemoteFile) -> u64 {
 }
 
 /// `fstat` of an open served file.
-pub(crate) fn file_stat(f: &RemoteFile, st: *mut libc::stat64) -> c_int {
+fn file_stat(f: &RemoteFile, st: *mut libc::stat64) -> c_int {
     fill_stat(&Attrs::of_file(f), st)
 }
 
 /// `statx` of an open served file.
-pub(crate) fn file_statx(f: &RemoteFile, st: *mut libc::statx) -> c_int {
+fn file_statx(f: &RemoteFile, st: *mut libc::statx) -> c_int {
     fill_statx(&Attrs::of_file(f), st)
 }
 
-pub(crate) type StatFn = unsafe extern "C" fn(*const c_char, *mut libc::stat64) -> c_int;
+type StatFn = unsafe extern "C" fn(*const c_char, *mut libc::stat64) -> c_int;
 
 /// # Safety
 /// libc's `stat`/`lstat` contract.
-pub(crate) unsafe fn stat_common(
-    path: *const c_char,
-    st: *mut libc::stat64,
-    real: StatFn,
-) -> c_int {
+unsafe fn stat_common(path: *const c_char, st: *mut libc::stat64, real: StatFn) -> c_int {
     let mut host = None;
     if let Some(_b) = Busy::enter() {
         // SAFETY: the caller's promise.
@@ -61,14 +57,14 @@ twins! {
     }
 }
 
-pub(crate) type FstatFn = unsafe extern "C" fn(c_int, *mut libc::stat64) -> c_int;
+type FstatFn = unsafe extern "C" fn(c_int, *mut libc::stat64) -> c_int;
 
 /// `fstat`/`fstat64`: a served descriptor reports the served file; any
 /// other goes to `real`.
 ///
 /// # Safety
 /// libc's `fstat`, with `real` its next definition.
-pub(crate) unsafe fn fstat_common(fd: c_int, st: *mut libc::stat64, real: FstatFn) -> c_int {
+unsafe fn fstat_common(fd: c_int, st: *mut libc::stat64, real: FstatFn) -> c_int {
     if let Some((_b, e)) = tracked(fd) {
         return match e.file() {
             Ok(f) => file_stat(&f, st),
@@ -92,12 +88,11 @@ twins! {
     }
 }
 
-pub(crate) type FstatatFn =
-    unsafe extern "C" fn(c_int, *const c_char, *mut libc::stat64, c_int) -> c_int;
+type FstatatFn = unsafe extern "C" fn(c_int, *const c_char, *mut libc::stat64, c_int) -> c_int;
 
 /// # Safety
 /// libc's `fstatat` contract.
-pub(crate) unsafe fn fstatat_common(
+unsafe fn fstatat_common(
     dirfd: c_int,
     path: *const c_char,
     st: *mut libc::stat64,
@@ -120,7 +115,7 @@ pub(crate) unsafe fn fstatat_common(
 
 /// How a stat-like call fills its buffer `S` for a served file descriptor,
 /// a served directory descriptor (`None`: not one) and a served path.
-pub(crate) struct StatFills<S> {
+struct StatFills<S> {
     file: fn(&RemoteFile, *mut S) -> c_int,
     dirfd: fn(c_int, *mut S) -> Option<c_int>,
     rel: fn(&str, *mut S) -> c_int,
@@ -133,7 +128,7 @@ pub(crate) struct StatFills<S> {
 ///
 /// # Safety
 /// `path` is null or NUL-terminated, as `fstatat` requires.
-pub(crate) unsafe fn stat_served<S>(
+unsafe fn stat_served<S>(
     dirfd: c_int,
     path: *const c_char,
     flags: c_int,
@@ -307,7 +302,7 @@ fn fill_statx(a: &Attrs, st: *mut libc::statx) -> c_int {
 }
 
 /// `stat` of a served path.
-pub(crate) fn stat_rel(rel: &str, st: *mut libc::stat64) -> c_int {
+fn stat_rel(rel: &str, st: *mut libc::stat64) -> c_int {
     match stat_info(rel).and_then(|i| Attrs::of_info(&i)) {
         Ok(a) => fill_stat(&a, st),
         Err(e) => fail(e),
@@ -315,7 +310,7 @@ pub(crate) fn stat_rel(rel: &str, st: *mut libc::stat64) -> c_int {
 }
 
 /// `statx` of a served path.
-pub(crate) fn statx_rel(rel: &str, st: *mut libc::statx) -> c_int {
+fn statx_rel(rel: &str, st: *mut libc::statx) -> c_int {
     match stat_info(rel).and_then(|i| Attrs::of_info(&i)) {
         Ok(a) => fill_statx(&a, st),
         Err(e) => fail(e),
@@ -323,101 +318,39 @@ pub(crate) fn statx_rel(rel: &str, st: *mut libc::statx) -> c_int {
 }
 
 /// `fstat` of a served directory descriptor; `None` if `fd` is not one.
-pub(crate) fn fstat_dirfd(fd: c_int, st: *mut libc::stat64) -> Option<c_int> {
+fn fstat_dirfd(fd: c_int, st: *mut libc::stat64) -> Option<c_int> {
     let d = dirfd_entry(fd)?;
     Some(stat_rel(&d.path, st))
 }
 
 /// `statx(fd, "", AT_EMPTY_PATH)` of a served directory descriptor.
-pub(crate) fn statx_dirfd(fd: c_int, st: *mut libc::statx) -> Option<c_int> {
+fn statx_dirfd(fd: c_int, st: *mut libc::statx) -> Option<c_int> {
     let d = dirfd_entry(fd)?;
     Some(statx_rel(&d.path, st))
 }
 
-/// # Safety
-/// glibc's `__xstat`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn __xstat(_ver: c_int, path: *const c_char, st: *mut libc::stat64) -> c_int {
-    // SAFETY: as stat.
-    unsafe { crate::stat::stat(path, st) }
+/// The `__xstat` family (what programs built against glibc before 2.33
+/// call for `stat`): the version argument is ignored, and each is the
+/// shim's function named after `=>`.
+macro_rules! xstat {
+    ($($name:ident => $to:ident($($arg:ident: $ty:ty),*);)+) => {$(
+        /// # Safety
+        #[doc = concat!("glibc's `", stringify!($name), "`: `", stringify!($to), "`.")]
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(_ver: c_int, $($arg: $ty),*) -> c_int {
+            // SAFETY: the contract of the call it stands for.
+            unsafe { $to($($arg),*) }
+        }
+    )+};
 }
 
-/// # Safety
-/// glibc's `__xstat64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn __xstat64(
-    _ver: c_int,
-    path: *const c_char,
-    st: *mut libc::stat64,
-) -> c_int {
-    // SAFETY: as stat64.
-    unsafe { crate::stat::stat64(path, st) }
-}
-
-/// # Safety
-/// glibc's `__lxstat`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn __lxstat(
-    _ver: c_int,
-    path: *const c_char,
-    st: *mut libc::stat64,
-) -> c_int {
-    // SAFETY: as lstat.
-    unsafe { crate::stat::lstat(path, st) }
-}
-
-/// # Safety
-/// glibc's `__lxstat64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn __lxstat64(
-    _ver: c_int,
-    path: *const c_char,
-    st: *mut libc::stat64,
-) -> c_int {
-    // SAFETY: as lstat64.
-    unsafe { crate::stat::lstat64(path, st) }
-}
-
-/// # Safety
-/// glibc's `__fxstat`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn __fxstat(_ver: c_int, fd: c_int, st: *mut libc::stat64) -> c_int {
-    // SAFETY: as fstat.
-    unsafe { crate::stat::fstat(fd, st) }
-}
-
-/// # Safety
-/// glibc's `__fxstat64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn __fxstat64(_ver: c_int, fd: c_int, st: *mut libc::stat64) -> c_int {
-    // SAFETY: as fstat64.
-    unsafe { crate::stat::fstat64(fd, st) }
-}
-
-/// # Safety
-/// glibc's `__fxstatat`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn __fxstatat(
-    _ver: c_int,
-    dirfd: c_int,
-    path: *const c_char,
-    st: *mut libc::stat64,
-    flags: c_int,
-) -> c_int {
-    // SAFETY: as fstatat.
-    unsafe { crate::stat::fstatat(dirfd, path, st, flags) }
-}
-
-/// # Safety
-/// glibc's `__fxstatat64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn __fxstatat64(
-    _ver: c_int,
-    dirfd: c_int,
-    path: *const c_char,
-    st: *mut libc::stat64,
-    flags: c_int,
-) -> c_int {
-    // SAFETY: as fstatat64.
-    unsafe { crate::stat::fstatat64(dirfd, path, st, flags) }
+xstat! {
+    __xstat => stat(path: *const c_char, st: *mut libc::stat64);
+    __xstat64 => stat64(path: *const c_char, st: *mut libc::stat64);
+    __lxstat => lstat(path: *const c_char, st: *mut libc::stat64);
+    __lxstat64 => lstat64(path: *const c_char, st: *mut libc::stat64);
+    __fxstat => fstat(fd: c_int, st: *mut libc::stat64);
+    __fxstat64 => fstat64(fd: c_int, st: *mut libc::stat64);
+    __fxstatat => fstatat(dirfd: c_int, path: *const c_char, st: *mut libc::stat64, flags: c_int);
+    __fxstatat64 => fstatat64(dirfd: c_int, path: *const c_char, st: *mut libc::stat64, flags: c_int);
 }

@@ -19,7 +19,7 @@ use std::collections::{HashMap, VecDeque};
 use std::ffi::c_int;
 
 /// The most answers kept.
-pub(crate) const MAX_ENTRIES: usize = 1 << 18;
+const MAX_ENTRIES: usize = 1 << 18;
 /// The most bytes the kept answers take.
 pub(crate) const MAX_BYTES: usize = 32 << 20;
 

@@ -8,7 +8,7 @@ use std::ffi::{c_char, c_int};
 
 /// A served tree's file-system statistics: read-only, 4 KiB blocks, names
 /// up to 255 bytes, nothing free; sizes and counts are not known (0).
-pub(crate) fn fill_statvfs(rel: &str, st: *mut libc::statvfs) -> c_int {
+fn fill_statvfs(rel: &str, st: *mut libc::statvfs) -> c_int {
     if let Err(e) = crate::statcache::stat_info(rel) {
         return fail(e);
     }
@@ -27,7 +27,7 @@ pub(crate) fn fill_statvfs(rel: &str, st: *mut libc::statvfs) -> c_int {
 }
 
 /// As [`fill_statvfs`], for `statfs` (type "SHDF").
-pub(crate) fn fill_statfs(rel: &str, st: *mut libc::statfs) -> c_int {
+fn fill_statfs(rel: &str, st: *mut libc::statfs) -> c_int {
     if let Err(e) = crate::statcache::stat_info(rel) {
         return fail(e);
     }
@@ -45,9 +45,9 @@ pub(crate) fn fill_statfs(rel: &str, st: *mut libc::statfs) -> c_int {
     0
 }
 
-pub(crate) type StatvfsFn = unsafe extern "C" fn(*const c_char, *mut libc::statvfs) -> c_int;
+type StatvfsFn = unsafe extern "C" fn(*const c_char, *mut libc::statvfs) -> c_int;
 
-pub(crate) type StatfsFn = unsafe extern "C" fn(*const c_char, *mut libc::statfs) -> c_int;
+type StatfsFn = unsafe extern "C" fn(*const c_char, *mut libc::statfs) -> c_int;
 
 twins! {
     [statvfs, statvfs64] fn(path: *const c_char, st: *mut libc::statvfs) -> c_int,
@@ -75,7 +75,7 @@ twins! {
 
 /// The served path of descriptor `fd` (a file's or a directory's), with
 /// this thread marked busy while the caller answers for it.
-pub(crate) fn served_fd(fd: c_int) -> Option<(Busy, String)> {
+fn served_fd(fd: c_int) -> Option<(Busy, String)> {
     let b = Busy::enter()?;
     let rel = match crate::fdtable::entry(fd) {
         Some(e) => e.path.clone(),
@@ -84,9 +84,9 @@ pub(crate) fn served_fd(fd: c_int) -> Option<(Busy, String)> {
     Some((b, rel))
 }
 
-pub(crate) type FstatvfsFn = unsafe extern "C" fn(c_int, *mut libc::statvfs) -> c_int;
+type FstatvfsFn = unsafe extern "C" fn(c_int, *mut libc::statvfs) -> c_int;
 
-pub(crate) type FstatfsFn = unsafe extern "C" fn(c_int, *mut libc::statfs) -> c_int;
+type FstatfsFn = unsafe extern "C" fn(c_int, *mut libc::statfs) -> c_int;
 
 twins! {
     [fstatvfs, fstatvfs64] fn(fd: c_int, st: *mut libc::statvfs) -> c_int,

@@ -11,7 +11,7 @@ use crate::{Busy, SizeT, SsizeT, set_errno};
 use std::ffi::{CStr, c_char, c_int, c_void};
 
 #[repr(C)]
-pub(crate) struct CookieIo {
+struct CookieIo {
     read: Option<unsafe extern "C" fn(*mut c_void, *mut c_char, SizeT) -> SsizeT>,
     write: Option<unsafe extern "C" fn(*mut c_void, *const c_char, SizeT) -> SsizeT>,
     seek: Option<unsafe extern "C" fn(*mut c_void, *mut i64, c_int) -> c_int>,
@@ -55,15 +55,11 @@ pub(crate) unsafe extern "C" fn cookie_close(cookie: *mut c_void) -> c_int {
     unsafe { close(cookie as usize as c_int) }
 }
 
-pub(crate) type FopenFn = unsafe extern "C" fn(*const c_char, *const c_char) -> *mut libc::FILE;
+type FopenFn = unsafe extern "C" fn(*const c_char, *const c_char) -> *mut libc::FILE;
 
 /// # Safety
 /// libc's `fopen` contract.
-pub(crate) unsafe fn fopen_common(
-    path: *const c_char,
-    mode: *const c_char,
-    real: FopenFn,
-) -> *mut libc::FILE {
+unsafe fn fopen_common(path: *const c_char, mode: *const c_char, real: FopenFn) -> *mut libc::FILE {
     let route = match Busy::enter() {
         // SAFETY: the caller's promise.
         Some(_b) => unsafe { crate::route::route(libc::AT_FDCWD, path) },
@@ -110,7 +106,7 @@ pub(crate) unsafe fn fopen_common(
 ///
 /// # Safety
 /// `mode` is null or NUL-terminated.
-pub(crate) unsafe fn read_mode(mode: *const c_char) -> Result<c_int, c_int> {
+unsafe fn read_mode(mode: *const c_char) -> Result<c_int, c_int> {
     if mode.is_null() {
         return Err(libc::EINVAL);
     }
@@ -129,7 +125,7 @@ pub(crate) unsafe fn read_mode(mode: *const c_char) -> Result<c_int, c_int> {
 /// Where glibc keeps a stream's descriptor: `_fileno` of `struct
 /// _IO_FILE` (x86-64 and aarch64: after the `int` flags, padded, and
 /// twelve pointers).
-pub(crate) const FILENO_AT: usize = 112;
+const FILENO_AT: usize = 112;
 
 /// A read-only stream whose reads, seeks and close come back through the
 /// shim for `fd`, with `fileno()` answering `fd`.
@@ -198,7 +194,7 @@ twins! {
     }
 }
 
-pub(crate) type FreopenFn =
+type FreopenFn =
     unsafe extern "C" fn(*const c_char, *const c_char, *mut libc::FILE) -> *mut libc::FILE;
 
 /// `freopen` of a served path: the old stream is closed (as glibc's does),
@@ -211,7 +207,7 @@ pub(crate) type FreopenFn =
 ///
 /// # Safety
 /// libc's `freopen`, with `real` its next definition.
-pub(crate) unsafe fn freopen_common(
+unsafe fn freopen_common(
     path: *const c_char,
     mode: *const c_char,
     old: *mut libc::FILE,
