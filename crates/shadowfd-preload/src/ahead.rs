@@ -1,4 +1,6 @@
-//! Read-ahead of the read path.
+//! Read-ahead of the read path: a sequential reader of a served file gets
+//! a growing window per request (128 KiB doubling to 1 MiB), kept per
+//! thread ([`Ahead`]), instead of one request per small read.
 
 use shadowfd::remote::RemoteFile;
 
@@ -58,6 +60,7 @@ pub(crate) fn read_ahead(file: &RemoteFile, buf: &mut [u8], off: u64) -> shadowf
     }
 }
 
+/// [`read_ahead`] with this thread's slots `a` (a tick and the slots).
 fn read_ahead_in(
     a: &mut (u64, Vec<Ahead>),
     file: &RemoteFile,

@@ -7,8 +7,12 @@ use shadowfd::remote::{Client, ClientOptions};
 use std::ffi::c_int;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// This process's connection, made on first use (a forked child makes its
+/// own: see `fork.rs`).
 pub(crate) static CLIENT: ForkMutex<Option<Client>> = ForkMutex::new(None);
 
+/// Whether this process has already said on stderr why the server failed
+/// it (said once).
 pub(crate) static SAID: AtomicBool = AtomicBool::new(false);
 
 /// The shim's own descriptors (the server socket, the userfaultfd, the
@@ -61,6 +65,8 @@ impl Drop for LowFds {
     }
 }
 
+/// This process's connection (made now if there is none); `EIO` when the
+/// server cannot be reached (said once on stderr).
 pub(crate) fn client() -> Result<Client, c_int> {
     let mut c = CLIENT.lock();
     if let Some(c) = c.as_ref() {

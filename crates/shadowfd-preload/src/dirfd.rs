@@ -21,6 +21,7 @@ pub(crate) static DIRFDS: Mutex<BTreeMap<c_int, Arc<DirFd>>> = Mutex::new(BTreeM
 
 static ANY_DIRFD: AtomicBool = AtomicBool::new(false);
 
+/// The served directory behind descriptor `fd`, if it is one.
 pub(crate) fn dirfd_entry(fd: c_int) -> Option<Arc<DirFd>> {
     if !ANY_DIRFD.load(Ordering::Acquire) {
         return None;

@@ -18,6 +18,7 @@ pub(crate) struct Env {
     pub(crate) immutable: bool,
 }
 
+/// The environment of `shadowfd run`, read once; `None` outside it.
 pub(crate) fn env() -> Option<&'static Env> {
     static ENV: OnceLock<Option<Env>> = OnceLock::new();
     ENV.get_or_init(|| {

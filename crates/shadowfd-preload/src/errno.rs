@@ -21,6 +21,7 @@ pub(crate) fn errno_of(e: &shadowfd::Error) -> c_int {
     }
 }
 
+/// `EIO` for a failed read of a served file, saying why once on stderr.
 pub(crate) fn io_err(e: &shadowfd::Error) -> c_int {
     if !SAID.swap(true, Ordering::SeqCst) {
         eprintln!("shadowfd-preload: {e}");

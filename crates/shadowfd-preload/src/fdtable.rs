@@ -52,6 +52,7 @@ pub(crate) static STATE: ForkMutex<State> = ForkMutex::new(State {
 /// descriptor.
 pub(crate) static ANY_FD: AtomicBool = AtomicBool::new(false);
 
+/// The served file behind descriptor `fd`, if it is one.
 pub(crate) fn entry(fd: c_int) -> Option<Arc<Entry>> {
     if !ANY_FD.load(Ordering::Acquire) {
         return None;
@@ -70,6 +71,7 @@ pub(crate) fn tracked(fd: c_int) -> Option<(Busy, Arc<Entry>)> {
     Some((b, e))
 }
 
+/// Tracks `fd` as `e`; returns what was tracked there before.
 pub(crate) fn insert(fd: c_int, e: Arc<Entry>) -> Option<Arc<Entry>> {
     let mut st = STATE.lock();
     ANY_FD.store(true, Ordering::Release);
@@ -139,6 +141,7 @@ pub(crate) fn adopt_file(fd: c_int, path: String, pos: u64) {
     ));
 }
 
+/// Stops tracking `fd`; returns what was tracked there.
 pub(crate) fn remove(fd: c_int) -> Option<Arc<Entry>> {
     if !ANY_FD.load(Ordering::Acquire) {
         return None;

@@ -189,16 +189,19 @@ impl Drop for Busy {
 mod forklock;
 mod map;
 
+/// Sets this thread's errno.
 fn set_errno(e: c_int) {
     // SAFETY: __errno_location returns this thread's errno.
     unsafe { *libc::__errno_location() = e };
 }
 
+/// The page size.
 fn page() -> usize {
     // SAFETY: sysconf has no preconditions.
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
 }
 
+/// Sets errno to `e` and returns -1, as a failing libc call does.
 fn fail(e: c_int) -> c_int {
     set_errno(e);
     -1

@@ -9,6 +9,8 @@ use crate::{Busy, OffT, SizeT, SsizeT, fail, set_errno};
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::Ordering;
 
+/// Reads up to `n` bytes of `e` into `buf`, at `at` or at (and moving)
+/// its offset; -1 with errno set on failure.
 fn read_entry(e: &Entry, buf: *mut c_void, n: SizeT, at: Option<u64>) -> SsizeT {
     if n == 0 {
         return 0;
@@ -39,6 +41,7 @@ fn read_entry(e: &Entry, buf: *mut c_void, n: SizeT, at: Option<u64>) -> SsizeT 
     }
 }
 
+/// `lseek` of a served file: moves (and returns) its offset.
 fn seek_entry(e: &Entry, off: i64, whence: c_int) -> i64 {
     let size = match e.file() {
         Ok(f) => f.size() as i64,

@@ -26,10 +26,12 @@ impl Route {
     }
 }
 
+/// The prefix as a path (`/mnt/x`).
 pub(crate) fn prefix_str() -> Option<String> {
     env().map(|e| format!("/{}", e.prefix.join("/")))
 }
 
+/// The absolute path the program sees for the served path `rel`.
 pub(crate) fn full(rel: &str) -> String {
     let p = prefix_str().unwrap_or_default();
     if rel.is_empty() {
