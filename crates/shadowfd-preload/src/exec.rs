@@ -21,7 +21,8 @@
 //! the working directory).
 
 use crate::env::env;
-use crate::{Busy, resolve, vfork};
+use crate::twins::resolve;
+use crate::{Busy, vfork};
 use std::ffi::{CStr, CString, c_char, c_int};
 use std::sync::atomic::AtomicUsize;
 

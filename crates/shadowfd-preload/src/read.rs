@@ -2,9 +2,9 @@
 //! `preadv2`, `lseek`, and the copies out of them (`copy_file_range`,
 //! `sendfile`), emulated as a read then a write.
 
-use crate::ahead::read_ahead;
 use crate::errno::io_err;
 use crate::fdtable::{Entry, entry, tracked};
+use crate::readahead::read_ahead;
 use crate::{Busy, OffT, SizeT, SsizeT, fail, set_errno};
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::Ordering;
