@@ -22,7 +22,7 @@
 //! (NULL), as a missing file would be; any other failure is skipped with
 //! one line on stderr naming `shadowfd run` and the reason.
 
-use crate::{env, normalize};
+use crate::env::{env, normalize};
 use shadowfd::remote::wire::{self, Frame};
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, c_char, c_uint};
@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Set when `ld.so` calls [`la_version`]: this copy of the library is the
 /// audit module, not the shim.
-pub(crate) static AUDITING: AtomicBool = AtomicBool::new(false);
+static AUDITING: AtomicBool = AtomicBool::new(false);
 
 /// A library handed to `ld.so`: the sealed descriptor and its identity
 /// (checked before reuse: a program may have closed the number since).
@@ -138,7 +138,7 @@ fn lookup(rel: &str) -> Result<*const c_char, Why> {
         a.libs.remove(rel);
     }
     if a.conn.is_none() {
-        let low = crate::LowFds::reserve();
+        let low = crate::conn::LowFds::reserve();
         let c = connect(&env.socket);
         drop(low);
         a.conn = Some(c?);
@@ -274,8 +274,8 @@ pub(crate) fn in_audit_namespace() -> bool {
 /// `stat` the directory on the host, find nothing, and never look there
 /// again. So the module searches `LD_LIBRARY_PATH` in order itself: a host
 /// directory that has the name ends the search (`ld.so` finds it there).
-fn search_library_path(name: &str, env: &crate::Env) -> Option<Result<*const c_char, Why>> {
-    let list = crate::getenv(c"LD_LIBRARY_PATH")?;
+fn search_library_path(name: &str, env: &crate::env::Env) -> Option<Result<*const c_char, Why>> {
+    let list = crate::env::getenv(c"LD_LIBRARY_PATH")?;
     for d in list.split([':', ';']).filter(|d| !d.is_empty()) {
         let cand = format!("{d}/{name}");
         let comps = normalize(&cand)?;

@@ -17,14 +17,16 @@
 //! set (glibc execs with internal calls no preload sees, so each is wrapped
 //! here); `execl`, `execlp`, `system` and `popen` exec with `environ`, whose
 //! entry is brought up to date first (replacing its value, added at load:
-//! one pointer stored, the array never moved; see dir.rs for the same with
+//! one pointer stored, the array never moved; see cwd.rs for the same with
 //! the working directory).
 
-use crate::{Busy, dir, env, resolve, vfork};
+use crate::env::env;
+use crate::twins::resolve;
+use crate::{Busy, vfork};
 use std::ffi::{CStr, CString, c_char, c_int};
 use std::sync::atomic::AtomicUsize;
 
-pub(crate) const FDS_VAR: &str = "SHADOWFD_RUN_FDS";
+const FDS_VAR: &str = "SHADOWFD_RUN_FDS";
 
 unsafe extern "C" {
     static mut environ: *const *const c_char;
@@ -94,7 +96,7 @@ pub(crate) fn adopt() {
     if env().is_none() {
         return;
     }
-    let v = crate::getenv(c"SHADOWFD_RUN_FDS").unwrap_or_default();
+    let v = crate::env::getenv(c"SHADOWFD_RUN_FDS").unwrap_or_default();
     for item in v.split(',').filter(|s| !s.is_empty()) {
         let mut it = item.splitn(4, ':');
         let (Some(fd), Some(kind), Some(pos), Some(path)) =
@@ -113,11 +115,11 @@ pub(crate) fn adopt() {
         }
         match kind {
             "f" => {
-                crate::adopt_file(fd, path, pos);
+                crate::fdtable::adopt_file(fd, path, pos);
                 if fd == 0 {
                     // glibc reads `stdin` with internal calls: make it a
                     // stream that reads through the shim, as `fopen` does.
-                    let f = crate::cookie_stream(0);
+                    let f = crate::stdio::cookie_stream(0);
                     if !f.is_null() {
                         // SAFETY: at load, one thread; `stdin` is glibc's
                         // (or the program's copy-relocated) stream pointer.
@@ -125,17 +127,17 @@ pub(crate) fn adopt() {
                     }
                 }
             }
-            "d" => dir::adopt(fd, &path),
+            "d" => crate::dirfd::adopt(fd, &path),
             _ => {}
         }
     }
     // At load, before other threads run.
-    crate::setenv(c"SHADOWFD_RUN_FDS", c"", true);
+    crate::env::setenv(c"SHADOWFD_RUN_FDS", c"", true);
 }
 
 /// Brings `SHADOWFD_RUN_FDS` in `environ` up to date, before a call that
 /// execs with `environ` through glibc's internal calls.
-pub(crate) fn sync_environ() {
+fn sync_environ() {
     if env().is_none() {
         return;
     }
@@ -143,13 +145,13 @@ pub(crate) fn sync_environ() {
         return;
     };
     let v = handed();
-    if crate::getenv(c"SHADOWFD_RUN_FDS").as_deref() == Some(v.as_str()) {
+    if crate::env::getenv(c"SHADOWFD_RUN_FDS").as_deref() == Some(v.as_str()) {
         return;
     }
     let v = CString::new(v).unwrap_or_default();
     // The variable was added at load, so glibc replaces one pointer and
     // never moves the array.
-    crate::setenv(c"SHADOWFD_RUN_FDS", &v, true);
+    crate::env::setenv(c"SHADOWFD_RUN_FDS", &v, true);
 }
 
 /// An environment for an exec: the caller's, with this shim's variables
@@ -169,7 +171,7 @@ unsafe fn exec_env(envp: *const *const c_char) -> Option<ExecEnv> {
         return None;
     }
     let _b = Busy::enter()?;
-    let cwd_eq = format!("{}=", dir::CWD_VAR);
+    let cwd_eq = format!("{}=", crate::cwd::CWD_VAR);
     let fds_eq = format!("{FDS_VAR}=");
     let mut ptrs: Vec<*const c_char> = Vec::new();
     let mut i = 0;
@@ -187,8 +189,8 @@ unsafe fn exec_env(envp: *const *const c_char) -> Option<ExecEnv> {
         i += 1;
     }
     let mut own = Vec::new();
-    if let Some(r) = dir::vcwd() {
-        own.push(CString::new(format!("{cwd_eq}{}", dir::full(&r))).unwrap_or_default());
+    if let Some(r) = crate::cwd::vcwd() {
+        own.push(CString::new(format!("{cwd_eq}{}", crate::route::full(&r))).unwrap_or_default());
     }
     let h = handed();
     if !h.is_empty() {
@@ -202,20 +204,22 @@ unsafe fn exec_env(envp: *const *const c_char) -> Option<ExecEnv> {
 type ExecveFn =
     unsafe extern "C" fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int;
 
-/// # Safety
-/// libc's `execve`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn execve(
-    path: *const c_char,
-    argv: *const *const c_char,
-    envp: *const *const c_char,
-) -> c_int {
-    // SAFETY: execve's contract.
-    let e = unsafe { exec_env(envp) };
-    let envp = e.as_ref().map_or(envp, |e| e.ptrs.as_ptr());
-    // SAFETY: forwarding, with an environment that lives until the call
-    // returns (only on failure).
-    unsafe { real!("execve", ExecveFn)(path, argv, envp) }
+twins! {
+    /// With `envp` carrying this shim's variables as they are now (`execvpe`
+    /// takes a file name to look up in `PATH`).
+    [execve, execvpe] fn(
+        path: *const c_char,
+        argv: *const *const c_char,
+        envp: *const *const c_char,
+    ) -> c_int,
+    real: ExecveFn => {
+        // SAFETY: the caller's environment (an exec's contract).
+        let e = unsafe { exec_env(envp) };
+        let envp = e.as_ref().map_or(envp, |e| e.ptrs.as_ptr());
+        // SAFETY: forwarding, with an environment that lives until the call
+        // returns (only on failure).
+        unsafe { real(path, argv, envp) }
+    }
 }
 
 /// # Safety
@@ -224,21 +228,6 @@ pub unsafe extern "C" fn execve(
 pub unsafe extern "C" fn execv(path: *const c_char, argv: *const *const c_char) -> c_int {
     // SAFETY: as execve, with this process's environment.
     unsafe { execve(path, argv, environ) }
-}
-
-/// # Safety
-/// libc's `execvpe`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn execvpe(
-    file: *const c_char,
-    argv: *const *const c_char,
-    envp: *const *const c_char,
-) -> c_int {
-    // SAFETY: execvpe's contract.
-    let e = unsafe { exec_env(envp) };
-    let envp = e.as_ref().map_or(envp, |e| e.ptrs.as_ptr());
-    // SAFETY: forwarding.
-    unsafe { real!("execvpe", ExecveFn)(file, argv, envp) }
 }
 
 /// # Safety
@@ -278,74 +267,23 @@ type SpawnFn = unsafe extern "C" fn(
     *const *const c_char,
 ) -> c_int;
 
-/// `posix_spawn`/`posix_spawnp` with this shim's variables in `envp`.
-///
-/// # Safety
-/// libc's `posix_spawn`, with `real` its next definition.
-#[allow(clippy::too_many_arguments)]
-unsafe fn spawn_common(
-    pid: *mut libc::pid_t,
-    path: *const c_char,
-    fa: *const libc::posix_spawn_file_actions_t,
-    attr: *const libc::posix_spawnattr_t,
-    argv: *const *const c_char,
-    envp: *const *const c_char,
-    real: SpawnFn,
-) -> c_int {
-    // SAFETY: posix_spawn's contract.
-    let e = unsafe { exec_env(envp) };
-    let envp = e.as_ref().map_or(envp, |e| e.ptrs.as_ptr());
-    // SAFETY: forwarding.
-    unsafe { real(pid, path, fa, attr, argv, envp) }
-}
-
-/// # Safety
-/// libc's `posix_spawn`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn posix_spawn(
-    pid: *mut libc::pid_t,
-    path: *const c_char,
-    fa: *const libc::posix_spawn_file_actions_t,
-    attr: *const libc::posix_spawnattr_t,
-    argv: *const *const c_char,
-    envp: *const *const c_char,
-) -> c_int {
-    // SAFETY: forwarding.
-    unsafe {
-        spawn_common(
-            pid,
-            path,
-            fa,
-            attr,
-            argv,
-            envp,
-            real!("posix_spawn", SpawnFn),
-        )
-    }
-}
-
-/// # Safety
-/// libc's `posix_spawnp`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn posix_spawnp(
-    pid: *mut libc::pid_t,
-    file: *const c_char,
-    fa: *const libc::posix_spawn_file_actions_t,
-    attr: *const libc::posix_spawnattr_t,
-    argv: *const *const c_char,
-    envp: *const *const c_char,
-) -> c_int {
-    // SAFETY: forwarding.
-    unsafe {
-        spawn_common(
-            pid,
-            file,
-            fa,
-            attr,
-            argv,
-            envp,
-            real!("posix_spawnp", SpawnFn),
-        )
+twins! {
+    /// With this shim's variables in `envp` (`posix_spawnp` takes a file
+    /// name to look up in `PATH`).
+    [posix_spawn, posix_spawnp] fn(
+        pid: *mut libc::pid_t,
+        path: *const c_char,
+        fa: *const libc::posix_spawn_file_actions_t,
+        attr: *const libc::posix_spawnattr_t,
+        argv: *const *const c_char,
+        envp: *const *const c_char,
+    ) -> c_int,
+    real: SpawnFn => {
+        // SAFETY: the caller's environment (posix_spawn's contract).
+        let e = unsafe { exec_env(envp) };
+        let envp = e.as_ref().map_or(envp, |e| e.ptrs.as_ptr());
+        // SAFETY: forwarding.
+        unsafe { real(pid, path, fa, attr, argv, envp) }
     }
 }
 
@@ -373,7 +311,7 @@ pub unsafe extern "C" fn popen(cmd: *const c_char, mode: *const c_char) -> *mut 
     if !f.is_null() {
         // A new host descriptor (made with internal calls).
         // SAFETY: a live stream.
-        crate::fresh(unsafe { libc::fileno(f) });
+        crate::fdtable::fresh(unsafe { libc::fileno(f) });
     }
     f
 }

@@ -15,7 +15,6 @@
 //! links (they are followed inside it), so `FTS_LOGICAL`, `FTS_PHYSICAL`
 //! and `FTS_COMFOLLOW` walk the same. Every entry lives until `fts_close`.
 
-use crate::dir;
 use crate::forklock::ForkMutex as Mutex;
 use std::collections::BTreeSet;
 use std::ffi::{CStr, CString, c_char, c_int, c_long, c_void};
@@ -135,7 +134,7 @@ impl Walk {
             if name == b"." || name == b".." {
                 en.fts_info = FTS_DOT;
             }
-            if crate::stat64(p, st) != 0 {
+            if crate::stat::stat64(p, st) != 0 {
                 en.fts_info = FTS_NS;
                 en.fts_errno = *libc::__errno_location();
             } else if en.fts_info != FTS_DOT {
@@ -174,7 +173,7 @@ impl Walk {
         };
         let c = CString::new(path.clone()).map_err(|_| libc::EINVAL)?;
         // SAFETY: a C string (the shim's opendir).
-        let s = unsafe { dir::opendir(c.as_ptr()) };
+        let s = unsafe { crate::listing::opendir(c.as_ptr()) };
         if s.is_null() {
             // SAFETY: reads errno.
             return Err(unsafe { *libc::__errno_location() });
@@ -182,7 +181,7 @@ impl Walk {
         let mut names = Vec::new();
         loop {
             // SAFETY: the stream opened above (the shim's readdir64).
-            let e = unsafe { dir::readdir64(s) };
+            let e = unsafe { crate::listing::readdir64(s) };
             if e.is_null() {
                 break;
             }
@@ -193,7 +192,7 @@ impl Walk {
             names.push(n);
         }
         // SAFETY: the stream opened above.
-        unsafe { dir::closedir(s) };
+        unsafe { crate::listing::closedir(s) };
         let seedot = self.options & FTS_SEEDOT != 0;
         let mut kids = Vec::new();
         for n in names {
@@ -307,7 +306,7 @@ unsafe fn served_roots(argv: *const *const c_char) -> Result<Option<Vec<Vec<u8>>
             break;
         }
         // SAFETY: as above.
-        if unsafe { crate::paths::served_path(p) } {
+        if unsafe { crate::ftw::served_path(p) } {
             // SAFETY: as above.
             served.push(unsafe { CStr::from_ptr(p) }.to_bytes().to_vec());
         } else {
@@ -388,123 +387,87 @@ fn with<R>(p: *mut c_void, f: impl FnOnce(&mut Walk) -> R) -> R {
     f(unsafe { &mut *p.cast::<Walk>() })
 }
 
-/// glibc's definition of the function named `$name`, as `$ty`.
-macro_rules! next_def {
-    ($name:ident, $ty:ty) => {{
-        static P: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let p = crate::resolve(&P, concat!(stringify!($name), "\0"));
-        #[allow(unused_unsafe)]
-        // SAFETY: `p` is glibc's definition of this symbol, whose C type is
-        // `$ty`.
-        let f = unsafe { std::mem::transmute::<usize, $ty>(p) };
-        f
-    }};
+twins! {
+    [fts_open, fts64_open] fn(argv: *const *const c_char, options: c_int, compar: Option<Compar>) -> *mut c_void,
+    real: OpenFn => {
+        // SAFETY: forwarding.
+        unsafe { open_common(argv, options, compar, real) }
+    }
 }
 
-macro_rules! fts_family {
-    ($open:ident, $read:ident, $children:ident, $set:ident, $close:ident) => {
-        /// # Safety
-        /// libc's function of this name.
-        #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn $open(
-            argv: *const *const c_char,
-            options: c_int,
-            compar: Option<Compar>,
-        ) -> *mut c_void {
-            // SAFETY: forwarding.
-            unsafe { open_common(argv, options, compar, next_def!($open, OpenFn)) }
+twins! {
+    [fts_read, fts64_read] fn(p: *mut c_void) -> *mut FtsEnt,
+    real: unsafe extern "C" fn(*mut c_void) -> *mut FtsEnt => {
+        if ours(p) {
+            return with(p, |w| w.read());
         }
+        // SAFETY: forwarding.
+        unsafe { real(p) }
+    }
+}
 
-        /// # Safety
-        /// libc's function of this name.
-        #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn $read(p: *mut c_void) -> *mut FtsEnt {
-            if ours(p) {
-                return with(p, |w| w.read());
-            }
-            // SAFETY: forwarding.
-            unsafe { next_def!($read, unsafe extern "C" fn(*mut c_void) -> *mut FtsEnt)(p) }
-        }
-
-        /// # Safety
-        /// libc's function of this name.
-        #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn $children(p: *mut c_void, options: c_int) -> *mut FtsEnt {
-            if ours(p) {
-                return with(p, |w| {
-                    let cur = w.cur;
-                    // SAFETY: null or a live entry of this walk.
-                    if cur.is_null() || unsafe { (*cur).fts_info } != FTS_D {
-                        crate::set_errno(0);
-                        return std::ptr::null_mut();
-                    }
-                    match w.children(cur) {
-                        Ok(k) => {
-                            let first = k.first().copied().unwrap_or(std::ptr::null_mut());
-                            w.kids_of_cur = Some(k);
-                            crate::set_errno(0);
-                            first
-                        }
-                        Err(e) => {
-                            crate::set_errno(e);
-                            std::ptr::null_mut()
-                        }
-                    }
-                });
-            }
-            // SAFETY: forwarding.
-            unsafe {
-                next_def!(
-                    $children,
-                    unsafe extern "C" fn(*mut c_void, c_int) -> *mut FtsEnt
-                )(p, options)
-            }
-        }
-
-        /// # Safety
-        /// libc's function of this name.
-        #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn $set(p: *mut c_void, e: *mut FtsEnt, instr: c_int) -> c_int {
-            if ours(p) {
-                if e.is_null() {
-                    crate::set_errno(libc::EINVAL);
-                    return -1;
+twins! {
+    [fts_children, fts64_children] fn(p: *mut c_void, options: c_int) -> *mut FtsEnt,
+    real: unsafe extern "C" fn(*mut c_void, c_int) -> *mut FtsEnt => {
+        if ours(p) {
+            return with(p, |w| {
+                let cur = w.cur;
+                // SAFETY: null or a live entry of this walk.
+                if cur.is_null() || unsafe { (*cur).fts_info } != FTS_D {
+                    crate::set_errno(0);
+                    return std::ptr::null_mut();
                 }
-                // SAFETY: an entry this walk handed out.
-                unsafe { (*e).fts_instr = instr as u16 };
-                return 0;
-            }
-            // SAFETY: forwarding.
-            unsafe {
-                next_def!(
-                    $set,
-                    unsafe extern "C" fn(*mut c_void, *mut FtsEnt, c_int) -> c_int
-                )(p, e, instr)
-            }
+                match w.children(cur) {
+                    Ok(k) => {
+                        let first = k.first().copied().unwrap_or(std::ptr::null_mut());
+                        w.kids_of_cur = Some(k);
+                        crate::set_errno(0);
+                        first
+                    }
+                    Err(e) => {
+                        crate::set_errno(e);
+                        std::ptr::null_mut()
+                    }
+                }
+            });
         }
-
-        /// # Safety
-        /// libc's function of this name.
-        #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn $close(p: *mut c_void) -> c_int {
-            if ours(p) {
-                WALKS.lock().remove(&(p as usize));
-                // SAFETY: made by Box::into_raw in open_common, removed from
-                // WALKS just now: dropped once.
-                drop(unsafe { Box::from_raw(p.cast::<Walk>()) });
-                return 0;
-            }
-            // SAFETY: forwarding.
-            unsafe { next_def!($close, unsafe extern "C" fn(*mut c_void) -> c_int)(p) }
+        // SAFETY: forwarding.
+        unsafe {
+            real(p, options)
         }
-    };
+    }
 }
 
-fts_family!(fts_open, fts_read, fts_children, fts_set, fts_close);
-fts_family!(
-    fts64_open,
-    fts64_read,
-    fts64_children,
-    fts64_set,
-    fts64_close
-);
+twins! {
+    [fts_set, fts64_set] fn(p: *mut c_void, e: *mut FtsEnt, instr: c_int) -> c_int,
+    real: unsafe extern "C" fn(*mut c_void, *mut FtsEnt, c_int) -> c_int => {
+        if ours(p) {
+            if e.is_null() {
+                crate::set_errno(libc::EINVAL);
+                return -1;
+            }
+            // SAFETY: an entry this walk handed out.
+            unsafe { (*e).fts_instr = instr as u16 };
+            return 0;
+        }
+        // SAFETY: forwarding.
+        unsafe {
+            real(p, e, instr)
+        }
+    }
+}
+
+twins! {
+    [fts_close, fts64_close] fn(p: *mut c_void) -> c_int,
+    real: unsafe extern "C" fn(*mut c_void) -> c_int => {
+        if ours(p) {
+            WALKS.lock().remove(&(p as usize));
+            // SAFETY: made by Box::into_raw in open_common, removed from
+            // WALKS just now: dropped once.
+            drop(unsafe { Box::from_raw(p.cast::<Walk>()) });
+            return 0;
+        }
+        // SAFETY: forwarding.
+        unsafe { real(p) }
+    }
+}

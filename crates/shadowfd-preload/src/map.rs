@@ -20,19 +20,21 @@
 //! `pthread_atfork` child handler maps each one again at the same address
 //! on the child's own connection and userfaultfd before `fork` returns.
 
+use crate::conn::client;
+use crate::errno::io_err;
+use crate::fdtable::tracked;
 use crate::forklock::ForkMutex;
-use crate::{Busy, client, fail, io_err, page, resolve, set_errno};
+use crate::{Busy, fail, page, set_errno};
 use shadowfd::remote::{RemoteFile, RemoteMapping};
 use std::ffi::{c_int, c_void};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 type SizeT = libc::size_t;
 type OffT = libc::off_t;
-pub(crate) type MmapFn =
-    unsafe extern "C" fn(*mut c_void, SizeT, c_int, c_int, c_int, OffT) -> *mut c_void;
+type MmapFn = unsafe extern "C" fn(*mut c_void, SizeT, c_int, c_int, c_int, OffT) -> *mut c_void;
 
 /// A served mapping handed to the program (or what is left of one).
 pub(crate) struct Map {
@@ -195,7 +197,7 @@ fn carve(start: usize, end: usize) -> Vec<Map> {
 }
 
 /// `mmap` of a served descriptor. Returns the address or an errno.
-pub(crate) fn do_mmap(
+fn do_mmap(
     file: &RemoteFile,
     path: &str,
     addr: *mut c_void,
@@ -303,7 +305,7 @@ pub(crate) fn do_mmap(
 /// replaces are cut out of their mappings first. Returns this thread marked
 /// busy, to hold while the call is forwarded, or `None` when there was
 /// nothing to do (no `MAP_FIXED`, nothing served, or inside the shim).
-pub(crate) fn before_fixed(addr: *mut c_void, len: SizeT, flags: c_int) -> Option<Busy> {
+fn before_fixed(addr: *mut c_void, len: SizeT, flags: c_int) -> Option<Busy> {
     if flags & libc::MAP_FIXED == 0
         || flags & libc::MAP_FIXED_NOREPLACE != 0
         || !ANY_MAP.load(Ordering::Acquire)
@@ -322,7 +324,8 @@ pub(crate) fn before_fixed(addr: *mut c_void, len: SizeT, flags: c_int) -> Optio
 ///
 /// # Safety
 /// libc's `munmap`.
-pub(crate) unsafe fn munmap(addr: *mut c_void, len: SizeT) -> c_int {
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn munmap(addr: *mut c_void, len: SizeT) -> c_int {
     let b = if ANY_MAP.load(Ordering::Acquire) {
         Busy::enter()
     } else {
@@ -356,9 +359,14 @@ pub(crate) unsafe fn munmap(addr: *mut c_void, len: SizeT) -> c_int {
 /// for it. A `MREMAP_FIXED` target's served pages are cut out first, as
 /// for a `MAP_FIXED` `mmap`.
 ///
+/// libc's `mremap` is variadic: the new address comes only with
+/// `MREMAP_FIXED`, and is read only then (on x86-64 and aarch64 a variadic
+/// pointer travels where a fifth fixed argument does, as `open`'s mode).
+///
 /// # Safety
 /// libc's `mremap`.
-pub(crate) unsafe fn mremap(
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mremap(
     old: *mut c_void,
     old_len: SizeT,
     new_len: SizeT,
@@ -551,4 +559,42 @@ pub(crate) fn served_spans(addr: usize, len: usize) -> Vec<(usize, usize)> {
         .filter(|m| m.start() < end && addr < m.end())
         .map(|m| (addr.max(m.start()), end.min(m.end())))
         .collect()
+}
+
+twins! {
+    /// `mmap` of a served descriptor maps the server's mapping of the range
+    /// asked for; any other goes to the next definition, after served pages
+    /// a `MAP_FIXED` replaces stop being served.
+    [mmap, mmap64] fn(
+        addr: *mut c_void,
+        len: SizeT,
+        prot: c_int,
+        flags: c_int,
+        fd: c_int,
+        off: OffT,
+    ) -> *mut c_void,
+    real: MmapFn => {
+        let t = if flags & libc::MAP_ANONYMOUS == 0 {
+            tracked(fd)
+        } else {
+            None
+        };
+        if let Some((_b, e)) = t {
+            let r = e
+                .file()
+                .and_then(|f| do_mmap(&f, &e.path, addr, len, prot, flags, off));
+            return match r {
+                Ok(a) => a as *mut c_void,
+                Err(err) => {
+                    set_errno(err);
+                    libc::MAP_FAILED
+                }
+            };
+        }
+        // A MAP_FIXED of anything else over served pages: they stop being
+        // served first.
+        let _b = before_fixed(addr, len, flags);
+        // SAFETY: forwarding.
+        unsafe { real(addr, len, prot, flags, fd, off) }
+    }
 }

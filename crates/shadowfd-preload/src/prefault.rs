@@ -18,9 +18,8 @@
 //! every `mmap`/`munmap` of the process behind one fill.
 
 use crate::map::served_spans;
-use crate::resolve;
 use std::ffi::{c_int, c_void};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 type SizeT = libc::size_t;
 type SsizeT = libc::ssize_t;
@@ -80,32 +79,13 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: SizeT) -> Ssize
 
 type PwriteFn = unsafe extern "C" fn(c_int, *const c_void, SizeT, libc::off_t) -> SsizeT;
 
-/// # Safety
-/// libc's `pwrite`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn pwrite(
-    fd: c_int,
-    buf: *const c_void,
-    n: SizeT,
-    off: libc::off_t,
-) -> SsizeT {
-    prefault(buf, n);
-    // SAFETY: forwarding.
-    unsafe { real!("pwrite", PwriteFn)(fd, buf, n, off) }
-}
-
-/// # Safety
-/// libc's `pwrite64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn pwrite64(
-    fd: c_int,
-    buf: *const c_void,
-    n: SizeT,
-    off: libc::off_t,
-) -> SsizeT {
-    prefault(buf, n);
-    // SAFETY: forwarding.
-    unsafe { real!("pwrite64", PwriteFn)(fd, buf, n, off) }
+twins! {
+    [pwrite, pwrite64] fn(fd: c_int, buf: *const c_void, n: SizeT, off: libc::off_t) -> SsizeT,
+    real: PwriteFn => {
+        prefault(buf, n);
+        // SAFETY: forwarding.
+        unsafe { real(fd, buf, n, off) }
+    }
 }
 
 /// # Safety
@@ -125,34 +105,14 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const libc::iovec, cnt: c_int) 
 
 type PwritevFn = unsafe extern "C" fn(c_int, *const libc::iovec, c_int, libc::off_t) -> SsizeT;
 
-/// # Safety
-/// libc's `pwritev`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn pwritev(
-    fd: c_int,
-    iov: *const libc::iovec,
-    cnt: c_int,
-    off: libc::off_t,
-) -> SsizeT {
-    // SAFETY: pwritev's contract.
-    unsafe { prefault_iov(iov, cnt) };
-    // SAFETY: forwarding.
-    unsafe { real!("pwritev", PwritevFn)(fd, iov, cnt, off) }
-}
-
-/// # Safety
-/// libc's `pwritev64`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn pwritev64(
-    fd: c_int,
-    iov: *const libc::iovec,
-    cnt: c_int,
-    off: libc::off_t,
-) -> SsizeT {
-    // SAFETY: pwritev's contract.
-    unsafe { prefault_iov(iov, cnt) };
-    // SAFETY: forwarding.
-    unsafe { real!("pwritev64", PwritevFn)(fd, iov, cnt, off) }
+twins! {
+    [pwritev, pwritev64] fn(fd: c_int, iov: *const libc::iovec, cnt: c_int, off: libc::off_t) -> SsizeT,
+    real: PwritevFn => {
+        // SAFETY: pwritev's contract.
+        unsafe { prefault_iov(iov, cnt) };
+        // SAFETY: forwarding.
+        unsafe { real(fd, iov, cnt, off) }
+    }
 }
 
 /// # Safety

@@ -4,7 +4,7 @@
 //! the server). Its descriptor then reads from this process's memory, and
 //! a mapping of it opens it the ordinary way first.
 //!
-//! When the served tree cannot change ([`crate::Env::immutable`], `run
+//! When the served tree cannot change ([`crate::env::Env::immutable`], `run
 //! --image`), a STAT or open of an entry of the directory this process
 //! listed last asks SMALL for that entry and the regular files listed after
 //! it, up to [`wire::SMALL_MAX_PATHS`]: a program that walks a directory
@@ -15,8 +15,10 @@
 //! the next one (`ls -l`), that one asks for STAT answers only; one made
 //! for an open always asks for bytes.
 
+use crate::conn::client;
+use crate::env::env;
+use crate::errno::errno_of;
 use crate::forklock::ForkMutex as Mutex;
-use crate::{client, env, errno_of};
 use shadowfd::remote::{PathKind, RemoteFile, SmallAnswer, wire};
 use std::collections::{HashMap, VecDeque};
 use std::ffi::c_int;
@@ -24,7 +26,7 @@ use std::ffi::c_int;
 /// The bytes of prefetched small files this process keeps, at most.
 pub(crate) const MAX_BYTES: usize = 8 << 20;
 /// The prefetched small files this process keeps, at most.
-pub(crate) const MAX_FILES: usize = 8192;
+const MAX_FILES: usize = 8192;
 
 #[derive(Default)]
 pub(crate) struct Cache {
@@ -133,7 +135,7 @@ pub(crate) fn prefetch(rel: &str, bytes: bool) -> bool {
     let mut files = Vec::new();
     for (a, p) in answers.into_iter().zip(&paths) {
         let SmallAnswer { info, file } = a;
-        crate::dir::keep_stat(p, info.map_err(|e| errno_of(&e)));
+        crate::statcache::keep_stat(p, info.map_err(|e| errno_of(&e)));
         if let Some(f) = file {
             files.push((p.clone(), f));
         }
@@ -194,7 +196,7 @@ pub(crate) fn open(rel: &str) -> Option<Result<RemoteFile, c_int>> {
         if let Some(f) = cached(rel) {
             return Some(Ok(f));
         }
-        if let Some(r) = crate::dir::kept_stat(rel) {
+        if let Some(r) = crate::statcache::kept_stat(rel) {
             match r {
                 Err(e) => return Some(Err(e)),
                 Ok(i) if i.kind != PathKind::File || i.size > wire::SMALL_MAX_FILE => {
@@ -207,7 +209,7 @@ pub(crate) fn open(rel: &str) -> Option<Result<RemoteFile, c_int>> {
             if let Some(f) = cached(rel) {
                 return Some(Ok(f));
             }
-            return match crate::dir::kept_stat(rel) {
+            return match crate::statcache::kept_stat(rel) {
                 Some(Err(e)) => Some(Err(e)),
                 _ => None,
             };
@@ -221,7 +223,7 @@ pub(crate) fn open(rel: &str) -> Option<Result<RemoteFile, c_int>> {
     let SmallAnswer { info, file } = a;
     let info = info.map_err(|e| errno_of(&e));
     if keep() {
-        crate::dir::keep_stat(rel, info.clone());
+        crate::statcache::keep_stat(rel, info.clone());
     }
     match (info, file) {
         (Err(e), _) => Some(Err(e)),

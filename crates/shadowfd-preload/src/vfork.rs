@@ -65,7 +65,7 @@ fn current(ov: &BTreeMap<c_int, Option<Handed>>, fd: c_int) -> Option<Handed> {
     if let Some(v) = ov.get(&fd) {
         return v.clone();
     }
-    crate::handed_fd(fd)
+    crate::fdtable::handed_fd(fd)
 }
 
 /// After `dup*(old)` returned `new` in this child.
@@ -88,7 +88,7 @@ pub(crate) fn gone(fd: c_int) {
 
 /// After `first..=last` were closed in this child.
 pub(crate) fn gone_range(first: c_int, last: c_int) {
-    let known: Vec<c_int> = crate::handed_all()
+    let known: Vec<c_int> = crate::fdtable::handed_all()
         .into_iter()
         .map(|(fd, _)| fd)
         .filter(|fd| (first..=last).contains(fd))
@@ -113,7 +113,7 @@ pub(crate) fn opened(fd: c_int, h: Handed) {
 /// The parent's tables as this process sees them now: with this child's
 /// overlay applied when it is a `vfork` child.
 pub(crate) fn view() -> BTreeMap<c_int, Handed> {
-    let mut all: BTreeMap<c_int, Handed> = crate::handed_all().into_iter().collect();
+    let mut all: BTreeMap<c_int, Handed> = crate::fdtable::handed_all().into_iter().collect();
     if in_child() {
         let me = getpid();
         let g = OVERLAY.lock();
