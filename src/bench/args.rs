@@ -1,0 +1,216 @@
+//! `shadowfd bench`'s arguments: the modes, the flags, and their checks.
+
+use crate::access::Access;
+use crate::{Tuning, size_arg};
+use clap::{Args, ValueEnum};
+use shadowfd::Config;
+use std::path::PathBuf;
+
+/// How the file is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchMode {
+    /// Eager shadow: copied whole into a memfd at open.
+    Eager,
+    /// Lazy shadow: filled through userfaultfd on first touch.
+    Lazy,
+    /// Lazy shadow replaying a working set (docs/worksets.md): an untimed
+    /// run of the same pages records it first, then the timed run's open
+    /// starts the replay, which races the access.
+    LazyReplay,
+    /// mmap of the host file itself (page cache; warm).
+    Native,
+    /// mmap of the file through a read-only fuse2fs mount of an ext4 image,
+    /// by the reader program the run mode runs.
+    Fuse,
+    /// Eager shadow of the same file inside the ext4 image, read in user space.
+    EagerImage,
+    /// Lazy shadow of the same file inside the ext4 image, read in user space.
+    LazyImage,
+    /// Floor of the lazy mechanism: a minimal userfaultfd handler (one thread
+    /// blocked in read(2) on the toucher's CPU, one pread and one UFFDIO_COPY
+    /// per fault).
+    Raw,
+    /// Floor of the copy: a fresh memfd mapping filled by one memcpy from a
+    /// copy of the file already in memory.
+    Memcpy,
+    /// mmap of the same file inside the ext4 image by an unmodified program
+    /// under `shadowfd run --image` (the LD_PRELOAD shim); the same reader
+    /// program as the fuse mode.
+    Run,
+    /// The fuse mode's reader with pread(2) of each touched page (4 KiB)
+    /// instead of mmap.
+    FuseRead,
+    /// The run mode's reader with pread(2) of each touched page (the shim's
+    /// read path) instead of mmap.
+    RunRead,
+}
+
+impl BenchMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchMode::Eager => "eager",
+            BenchMode::Lazy => "lazy",
+            BenchMode::LazyReplay => "lazy-replay",
+            BenchMode::Native => "native",
+            BenchMode::Fuse => "fuse",
+            BenchMode::EagerImage => "eager-image",
+            BenchMode::LazyImage => "lazy-image",
+            BenchMode::Raw => "raw",
+            BenchMode::Memcpy => "memcpy",
+            BenchMode::Run => "run",
+            BenchMode::FuseRead => "fuse-read",
+            BenchMode::RunRead => "run-read",
+        }
+    }
+
+    pub(super) fn is_eager(self) -> bool {
+        matches!(self, BenchMode::Eager | BenchMode::EagerImage)
+    }
+
+    pub(super) fn is_lazy(self) -> bool {
+        matches!(
+            self,
+            BenchMode::Lazy | BenchMode::LazyImage | BenchMode::LazyReplay
+        )
+    }
+
+    /// Whether a run holds a memfd of the whole file's size (when filled).
+    pub(super) fn holds_copy(self) -> bool {
+        self.is_eager()
+            || self.is_lazy()
+            || matches!(
+                self,
+                BenchMode::Raw | BenchMode::Memcpy | BenchMode::Run | BenchMode::RunRead
+            )
+    }
+
+    pub(super) fn needs_image(self) -> bool {
+        matches!(
+            self,
+            BenchMode::Fuse
+                | BenchMode::EagerImage
+                | BenchMode::LazyImage
+                | BenchMode::Run
+                | BenchMode::FuseRead
+                | BenchMode::RunRead
+        )
+    }
+
+    /// Modes that read through the fuse2fs mount.
+    pub(super) fn needs_mount(self) -> bool {
+        matches!(self, BenchMode::Fuse | BenchMode::FuseRead)
+    }
+
+    /// Modes that run the reader under `shadowfd run`.
+    pub(super) fn is_run(self) -> bool {
+        matches!(self, BenchMode::Run | BenchMode::RunRead)
+    }
+
+    /// Whether the mode needs a lazy engine here (run: its embedded server's
+    /// engine is a lazy one tuned like the bench's).
+    pub(super) fn needs_lazy(self) -> bool {
+        self.is_lazy() || self.is_run()
+    }
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Size of the generated file, e.g. 64M, 1G.
+    #[arg(long, default_value = "256M", value_parser = size_arg, value_name = "SIZE")]
+    pub(super) size: u64,
+    /// Repetitions of every pattern under every mode.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub(super) reps: usize,
+    /// Access patterns, comma-separated: seq, random:FRACTION, first,
+    /// strided[:STRIDE], none.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "seq,random:0.01,first,strided",
+        value_name = "PATTERNS"
+    )]
+    pub(super) patterns: Vec<Access>,
+    /// Modes, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "eager,lazy,raw,memcpy,native,fuse,run",
+        value_name = "MODES"
+    )]
+    pub(super) modes: Vec<BenchMode>,
+    /// Also shadow the file from inside an ext4 image that the bench builds,
+    /// read in user space (adds the eager-image and lazy-image modes).
+    #[arg(long)]
+    pub(super) image: bool,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub(super) json: bool,
+    /// Also draw the results as an SVG chart into this file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub(super) plot: Option<PathBuf>,
+    /// Seed of the data and of the random pattern (rep r uses SEED + r).
+    #[arg(long, default_value_t = 1)]
+    pub(super) seed: u64,
+    /// Where the work directory (data, image, mount point) goes
+    /// [default: the temp directory].
+    #[arg(long, value_name = "DIR")]
+    pub(super) dir: Option<PathBuf>,
+    /// Instead of the page patterns: many small files. Archives a directory
+    /// of N small files with `tar -cf - .` natively, through a fuse2fs
+    /// mount of an ext4 image of it, and through `shadowfd run --image`
+    /// (each --reps times).
+    #[arg(long, value_name = "N")]
+    pub(super) small_files: Option<usize>,
+    /// Engine tuning (the memory budget must hold the eager copy).
+    #[command(flatten)]
+    pub(super) tuning: Tuning,
+}
+
+impl BenchArgs {
+    /// Whether `--json` was given: failures are then reported in JSON too.
+    pub fn json(&self) -> bool {
+        self.json
+    }
+}
+
+/// The engines' configuration: defaults, `SHADOWFD_*`, then the flags.
+pub(super) fn base_config(a: &BenchArgs) -> Result<Config, String> {
+    a.tuning.config().map_err(|e| e.to_string())
+}
+
+pub(super) fn check_args(a: &BenchArgs) -> Result<(), String> {
+    if a.reps == 0 {
+        return Err("--reps 0: at least one repetition is needed; use --reps 5 or more".into());
+    }
+    if a.size == 0 {
+        return Err("--size 0: the file must hold at least one byte; try --size 256M".into());
+    }
+    if a.patterns.is_empty() || a.modes.is_empty() {
+        return Err("--patterns and --modes need at least one entry each".into());
+    }
+    let mut seen = Vec::new();
+    for m in &a.modes {
+        if seen.contains(m) {
+            return Err(format!("--modes lists {} twice", m.name()));
+        }
+        seen.push(*m);
+    }
+    if let Some(p) = &a.plot {
+        let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
+        if parent.is_some_and(|d| !d.is_dir()) {
+            return Err(format!(
+                "--plot {}: the directory {} does not exist",
+                p.display(),
+                parent.map(|d| d.display().to_string()).unwrap_or_default()
+            ));
+        }
+        if p.extension().and_then(|e| e.to_str()) != Some("svg") {
+            return Err(format!(
+                "--plot {}: the chart is SVG; give a file name ending in .svg",
+                p.display()
+            ));
+        }
+    }
+    Ok(())
+}
