@@ -443,3 +443,129 @@ fn the_reader_refuses_bytes_that_are_not_the_data() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("has 65536 bytes, expected 4096"), "{err}");
 }
+
+/// The spread is reported, not only medians: every row carries each
+/// repetition's times, every ratio each repetition's value, and a warning
+/// names exactly the ratios whose repetitions disagree by more than 1.5x
+/// (in the JSON and in the table). Checks the report's consistency, not
+/// the timings.
+#[test]
+fn every_repetition_is_reported_and_disagreement_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--size",
+        "4M",
+        "--reps",
+        "3",
+        "--modes",
+        "eager,lazy,native,memcpy",
+        "--patterns",
+        "seq,first",
+    ];
+    let mut with_json = args.to_vec();
+    with_json.push("--json");
+    let v = report(&bench(dir.path(), &with_json));
+    let nums = |x: &serde_json::Value| -> Vec<f64> {
+        x.as_array()
+            .unwrap_or_else(|| panic!("not an array: {x}"))
+            .iter()
+            .map(|n| n.as_f64().unwrap())
+            .collect()
+    };
+    for r in v["rows"].as_array().unwrap() {
+        let total = nums(&r["per_rep"]["total_us"]);
+        let (open, access) = (
+            nums(&r["per_rep"]["open_us"]),
+            nums(&r["per_rep"]["access_us"]),
+        );
+        assert_eq!(total.len(), 3, "{r}");
+        for i in 0..3 {
+            assert!((open[i] + access[i] - total[i]).abs() < 1e-6, "{r}");
+        }
+        let s = &r["spread"]["total_us"];
+        let min = total.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = total.iter().copied().fold(0.0, f64::max);
+        assert_eq!(s["min"].as_f64().unwrap(), min, "{r}");
+        assert_eq!(s["max"].as_f64().unwrap(), max, "{r}");
+        let mut sorted = total.clone();
+        sorted.sort_by(f64::total_cmp);
+        assert_eq!(r["total_us"].as_f64().unwrap(), sorted[1], "median: {r}");
+    }
+    let ratios = v["ratios"].as_array().unwrap();
+    assert!(
+        ratios
+            .iter()
+            .any(|r| r["name"] == "total_lazy_over_memcpy" || r["name"] == "total_lazy_over_eager")
+            || skipped_of(&v).iter().any(|(m, _)| m == "lazy"),
+        "no lazy ratio and lazy not skipped"
+    );
+    let mut noisy = Vec::new();
+    for r in ratios {
+        let per = nums(&r["per_rep"]);
+        assert_eq!(per.len(), 3, "{r}");
+        let (min, max) = (
+            per.iter().copied().fold(f64::INFINITY, f64::min),
+            per.iter().copied().fold(0.0, f64::max),
+        );
+        assert_eq!(r["min"].as_f64().unwrap(), min, "{r}");
+        assert_eq!(r["max"].as_f64().unwrap(), max, "{r}");
+        let mut sorted = per.clone();
+        sorted.sort_by(f64::total_cmp);
+        assert_eq!(r["value"].as_f64().unwrap(), sorted[1], "{r}");
+        let disagree = r["reps_disagree"].as_bool().unwrap();
+        assert_eq!(disagree, max / min > 1.5, "{r}");
+        if disagree {
+            noisy.push(format!(
+                "{} {}",
+                r["pattern"].as_str().unwrap(),
+                r["name"].as_str().unwrap()
+            ));
+        }
+    }
+    let warnings: Vec<&str> = v["warnings"]
+        .as_array()
+        .expect("warnings in the JSON")
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    if noisy.is_empty() {
+        assert!(warnings.is_empty(), "{warnings:?}");
+    } else {
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        for n in &noisy {
+            assert!(warnings[0].contains(n.as_str()), "{n} not in {warnings:?}");
+        }
+        assert!(warnings[0].contains("1.5x"), "{warnings:?}");
+    }
+
+    // The table: every ratio line lists the three repetitions, a `!` marks
+    // a disagreeing one, and the warning comes exactly when one is marked.
+    let out = bench(dir.path(), &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| l.starts_with("ratios (median of the per-rep ratios"))
+        .expect("ratio table");
+    let mut marked = 0;
+    for l in lines[start + 1..]
+        .iter()
+        .take_while(|l| l.starts_with("  "))
+    {
+        let reps = l.split("reps ").nth(1).unwrap_or_else(|| panic!("{l}"));
+        let values: Vec<&str> = reps.split_whitespace().filter(|w| *w != "!").collect();
+        assert_eq!(values.len(), 3, "{l}");
+        assert!(values.iter().all(|x| x.ends_with('×')), "{l}");
+        if l.ends_with('!') {
+            marked += 1;
+        }
+    }
+    let warned = lines.iter().filter(|l| l.starts_with("warning: ")).count();
+    assert_eq!(warned, usize::from(marked > 0), "{text}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}

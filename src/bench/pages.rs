@@ -388,12 +388,14 @@ pub fn run(mut a: BenchArgs) -> CliResult {
     let targets = targets(&a, &ratios, pooled_open);
 
     notes.extend(standing_notes(&a, mount_was_used(&skipped, &a.modes)));
+    let machine = machine();
+    let warnings = report::spread_warnings(&ratios, &machine.loadavg_at_start);
     let r = Report {
         rows,
         ratios,
         targets,
         skipped,
-        machine: machine(),
+        machine,
         config: report::RunConfig {
             size: a.size,
             reps: a.reps,
@@ -407,6 +409,7 @@ pub fn run(mut a: BenchArgs) -> CliResult {
             page_size: page,
         },
         notes,
+        warnings,
     };
     if let Some(p) = &a.plot {
         plot::draw(&r, p).map_err(|e| format!("--plot {}: {e}", p.display()))?;

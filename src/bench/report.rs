@@ -34,6 +34,15 @@ pub struct MinMax {
     pub max: f64,
 }
 
+/// Every repetition's figures, in order (a row's medians and spread come
+/// from these).
+#[derive(Debug, Clone, Serialize)]
+pub struct PerRep {
+    pub open_us: Vec<f64>,
+    pub access_us: Vec<f64>,
+    pub total_us: Vec<f64>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Spread {
     pub open_us: MinMax,
@@ -60,6 +69,7 @@ pub struct Row {
     /// `touched_bytes / total_us`, in MB/s (10^6 bytes per second).
     pub throughput_mb_s: f64,
     pub spread: Spread,
+    pub per_rep: PerRep,
     /// External reader modes (fuse, run): median wall time of the reader
     /// process, from spawn to exit (start-up, and for run the embedded
     /// server, included); not part of `total_us`.
@@ -140,6 +150,9 @@ pub struct Report {
     pub machine: Machine,
     pub config: RunConfig,
     pub notes: Vec<String>,
+    /// What a reader must know before drawing a conclusion: the ratios
+    /// whose repetitions disagree (a noisy machine).
+    pub warnings: Vec<String>,
 }
 
 /// Median (mean of the middle two for an even count). `v` must be non-empty.
@@ -210,6 +223,11 @@ pub fn row(c: &Cell) -> Option<Row> {
             access_us: minmax(&access),
             total_us: minmax(&total),
         },
+        per_rep: PerRep {
+            open_us: open,
+            access_us: access,
+            total_us: total,
+        },
         process_us: {
             let p: Vec<f64> = c.samples.iter().filter_map(|s| s.process_us).collect();
             (!p.is_empty()).then(|| median(&p))
@@ -256,6 +274,25 @@ impl Paired {
     pub fn disagree(&self) -> bool {
         self.min > 0.0 && self.max / self.min > DISAGREE
     }
+}
+
+/// The warning for ratios whose repetitions disagree by more than
+/// [`DISAGREE`], if any: the machine was noisy (`loadavg` at the start).
+pub fn spread_warnings(ratios: &[Ratio], loadavg: &str) -> Vec<String> {
+    let noisy: Vec<String> = ratios
+        .iter()
+        .filter(|x| x.reps_disagree)
+        .map(|x| format!("{} {}", x.pattern, x.name))
+        .collect();
+    if noisy.is_empty() {
+        return Vec::new();
+    }
+    vec![format!(
+        "the repetitions disagree by more than {DISAGREE}x (marked !) on {}: the machine was \
+         noisy (load average at the start: {loadavg}); rerun on a quiet machine, or with more \
+         --reps, before drawing a conclusion from those ratios",
+        noisy.join(", ")
+    )]
 }
 
 /// Microseconds for people: µs below 1 ms, ms below 1 s, else s.
@@ -388,22 +425,10 @@ pub fn print_human(r: &Report) {
                 if x.reps_disagree { "  !" } else { "" }
             );
         }
-        let noisy: Vec<String> = r
-            .ratios
-            .iter()
-            .filter(|x| x.reps_disagree)
-            .map(|x| format!("{} {}", x.pattern, x.name))
-            .collect();
-        if !noisy.is_empty() {
-            println!();
-            println!(
-                "warning: the repetitions disagree by more than {DISAGREE}x (marked !) on {}: \
-                 the machine was noisy (load average at the start: {}); rerun on a quiet machine, \
-                 or with more --reps, before drawing a conclusion from those ratios",
-                noisy.join(", "),
-                r.machine.loadavg_at_start
-            );
-        }
+    }
+    for w in &r.warnings {
+        println!();
+        println!("warning: {w}");
     }
     if !r.targets.is_empty() {
         println!();
@@ -475,6 +500,8 @@ mod tests {
         assert_eq!(r.spread.total_us.max, 220.0);
         assert_eq!(r.throughput_mb_s, 10.0);
         assert_eq!(r.reps, 3);
+        assert_eq!(r.per_rep.total_us, vec![100.0, 100.0, 220.0]);
+        assert_eq!(r.per_rep.open_us, vec![10.0, 30.0, 20.0]);
     }
 
     #[test]
@@ -496,6 +523,27 @@ mod tests {
         assert!(p.disagree());
         let q = paired(&[10.0, 14.0], &[10.0, 10.0]).unwrap();
         assert!(!q.disagree());
+        let ratio = |name, p: &Paired| Ratio {
+            pattern: "seq".into(),
+            name,
+            value: p.value,
+            min: p.min,
+            max: p.max,
+            per_rep: p.per_rep.clone(),
+            reps_disagree: p.disagree(),
+        };
+        let calm = [ratio("total_lazy_over_eager", &q)];
+        assert!(spread_warnings(&calm, "0.1").is_empty());
+        let noisy = [calm[0].clone(), ratio("total_lazy_over_raw", &p)];
+        let w = spread_warnings(&noisy, "3.5 2.0 1.0");
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("seq total_lazy_over_raw"), "{}", w[0]);
+        assert!(!w[0].contains("total_lazy_over_eager"), "{}", w[0]);
+        assert!(
+            w[0].contains("1.5x") && w[0].contains("3.5 2.0 1.0"),
+            "{}",
+            w[0]
+        );
     }
 
     #[test]
