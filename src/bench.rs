@@ -18,11 +18,14 @@ mod interrupt;
 mod notes;
 mod pages;
 mod plot;
+mod proxy;
 mod raw;
 pub(super) mod reader;
 pub(super) mod report;
 mod runners;
+mod s3;
 mod small;
+mod weed;
 
 pub use args::BenchArgs;
 pub use pages::run;

@@ -43,7 +43,49 @@ pub enum BenchMode {
     /// The run mode's reader with pread(2) of each touched page (the shim's
     /// read path) instead of mmap.
     RunRead,
+    /// With --source s3: a lazy shadow of the object whose disk chunk cache
+    /// a previous (untimed) pass over the whole object filled.
+    LazyWarm,
+    /// With --source s3: the fuse mode's reader on an s3fs mount of the
+    /// bucket, through the same latency.
+    S3fs,
+    /// With --source s3: one streaming GET of the object to a local file
+    /// (curl), then a native mmap of it: what a user does today.
+    Download,
+    /// With --source s3: a lazy shadow of the local file (the host file
+    /// the object was uploaded from), tuned as the plain lazy mode.
+    LazyLocal,
 }
+
+/// Where the bench file is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SourceKind {
+    /// The host file (and, for the image modes, an ext4 image of it).
+    File,
+    /// An object in a SeaweedFS S3 gateway the bench starts on loopback,
+    /// behind a proxy that adds --latency-ms each way (needs `weed`; the
+    /// s3fs mode needs `s3fs`).
+    S3,
+}
+
+/// The default --modes for each source.
+const FILE_MODES: [BenchMode; 7] = [
+    BenchMode::Eager,
+    BenchMode::Lazy,
+    BenchMode::Raw,
+    BenchMode::Memcpy,
+    BenchMode::Native,
+    BenchMode::Fuse,
+    BenchMode::Run,
+];
+const S3_MODES: [BenchMode; 6] = [
+    BenchMode::Eager,
+    BenchMode::Lazy,
+    BenchMode::LazyWarm,
+    BenchMode::S3fs,
+    BenchMode::Download,
+    BenchMode::LazyLocal,
+];
 
 impl BenchMode {
     pub fn name(self) -> &'static str {
@@ -60,6 +102,10 @@ impl BenchMode {
             BenchMode::Run => "run",
             BenchMode::FuseRead => "fuse-read",
             BenchMode::RunRead => "run-read",
+            BenchMode::LazyWarm => "lazy-warm",
+            BenchMode::S3fs => "s3fs",
+            BenchMode::Download => "download",
+            BenchMode::LazyLocal => "lazy-local",
         }
     }
 
@@ -70,7 +116,11 @@ impl BenchMode {
     pub(super) fn is_lazy(self) -> bool {
         matches!(
             self,
-            BenchMode::Lazy | BenchMode::LazyImage | BenchMode::LazyReplay
+            BenchMode::Lazy
+                | BenchMode::LazyImage
+                | BenchMode::LazyReplay
+                | BenchMode::LazyWarm
+                | BenchMode::LazyLocal
         )
     }
 
@@ -130,15 +180,18 @@ pub struct BenchArgs {
         value_name = "PATTERNS"
     )]
     pub(super) patterns: Vec<Access>,
-    /// Modes, comma-separated.
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "eager,lazy,raw,memcpy,native,fuse,run",
-        value_name = "MODES"
-    )]
+    /// Modes, comma-separated [default: eager,lazy,raw,memcpy,native,fuse,run;
+    /// with --source s3: eager,lazy,lazy-warm,s3fs,download,lazy-local].
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "MODES")]
     pub(super) modes: Vec<BenchMode>,
+    /// Where the bench file is read from: the host file, or an object in an
+    /// S3 gateway the bench starts (docs/benchmarks.md, "Object store").
+    #[arg(long, value_enum, default_value = "file", value_name = "SOURCE")]
+    pub(super) source: SourceKind,
+    /// With --source s3: the delay the proxy adds each way, in milliseconds
+    /// (a round trip is twice this).
+    #[arg(long, default_value_t = 5, value_name = "MS")]
+    pub(super) latency_ms: u64,
     /// Also shadow the file from inside an ext4 image that the bench builds,
     /// read in user space (adds the eager-image and lazy-image modes).
     #[arg(long)]
@@ -179,6 +232,62 @@ pub(super) fn base_config(a: &BenchArgs) -> Result<Config, String> {
     a.tuning.config().map_err(|e| e.to_string())
 }
 
+/// Fills in the default --modes of the source when none were given.
+pub(super) fn default_modes(a: &mut BenchArgs) {
+    if a.modes.is_empty() {
+        a.modes = match a.source {
+            SourceKind::File => FILE_MODES.to_vec(),
+            SourceKind::S3 => S3_MODES.to_vec(),
+        };
+    }
+}
+
+/// Refuses modes the source does not have.
+fn check_source(a: &BenchArgs) -> Result<(), String> {
+    let list = |ms: &[BenchMode]| ms.iter().map(|m| m.name()).collect::<Vec<_>>().join(",");
+    let s3_only = [
+        BenchMode::LazyWarm,
+        BenchMode::S3fs,
+        BenchMode::Download,
+        BenchMode::LazyLocal,
+    ];
+    match a.source {
+        SourceKind::File => {
+            if let Some(m) = a.modes.iter().find(|m| s3_only.contains(m)) {
+                return Err(format!(
+                    "--modes {}: that mode reads an object; add --source s3, or choose from {}",
+                    m.name(),
+                    list(&FILE_MODES)
+                ));
+            }
+        }
+        SourceKind::S3 => {
+            if a.image {
+                return Err(
+                    "--image reads the file from an ext4 image, not an object: drop --image \
+                     with --source s3"
+                        .into(),
+                );
+            }
+            let ok = |m: &BenchMode| S3_MODES.contains(m) || *m == BenchMode::Native;
+            if let Some(m) = a.modes.iter().find(|m| !ok(m)) {
+                return Err(format!(
+                    "--modes {} is not a mode of --source s3; choose from {},native",
+                    m.name(),
+                    list(&S3_MODES)
+                ));
+            }
+            if a.latency_ms > 1000 {
+                return Err(format!(
+                    "--latency-ms {}: the delay each way must be 0 to 1000 ms; try 5",
+                    a.latency_ms
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn check_args(a: &BenchArgs) -> Result<(), String> {
     if a.reps == 0 {
         return Err("--reps 0: at least one repetition is needed; use --reps 5 or more".into());
@@ -196,6 +305,7 @@ pub(super) fn check_args(a: &BenchArgs) -> Result<(), String> {
         }
         seen.push(*m);
     }
+    check_source(a)?;
     if let Some(p) = &a.plot {
         let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
         if parent.is_some_and(|d| !d.is_dir()) {

@@ -2,11 +2,11 @@
 //! engines the modes need), runs every pattern under every mode for every
 //! repetition (the order rotated per rep), and reports.
 
-use super::args::{BenchArgs, BenchMode, base_config, check_args};
+use super::args::{BenchArgs, BenchMode, SourceKind, base_config, check_args, default_modes};
 use super::notes::{machine, standing_notes, targets, touched_bytes};
 use super::report::{self, Cell, Ratio, Report, Sample, Skip};
 use super::runners::{Ctx, DataSource, ReaderCmd, run_one};
-use super::{data, fuse, interrupt, plot, raw, small};
+use super::{data, fuse, interrupt, plot, raw, s3, small};
 use crate::units::format_size;
 use crate::{CliResult, Target};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -33,6 +33,7 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         let root = a.dir.clone().unwrap_or_else(std::env::temp_dir);
         return small::run(n, a.reps, &root, None, a.json);
     }
+    default_modes(&mut a);
     if a.image {
         for m in [BenchMode::EagerImage, BenchMode::LazyImage] {
             if !a.modes.contains(&m) {
@@ -187,6 +188,20 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         data::warm(&image)?;
     }
     interrupt::check()?;
+    // --source s3: the gateway, the proxy, s3fs; stopped when `object`
+    // drops (before the work directory), also on error.
+    let object = match a.source {
+        SourceKind::S3 => Some(s3::S3Bench::start(
+            &a,
+            work.path(),
+            &host_file,
+            &base,
+            &mut skipped,
+            &|m| pb.set_message(m),
+        )?),
+        SourceKind::File => None,
+    };
+    interrupt::check()?;
     let in_memory = if a.modes.contains(&BenchMode::Memcpy) {
         pb.set_message("reading the file into memory for the memcpy floor");
         Some(
@@ -252,7 +267,14 @@ pub fn run(mut a: BenchArgs) -> CliResult {
             data_seed: a.seed,
         },
     };
-    let data_desc = ctx.data.describe();
+    let data_desc = match &object {
+        Some(_) => format!(
+            "{} in a local SeaweedFS gateway, {} ms each way through a proxy",
+            s3::url(),
+            a.latency_ms
+        ),
+        None => ctx.data.describe(),
+    };
     let runnable = |m: BenchMode| !skipped.iter().any(|s| s.mode == m.name());
 
     // samples[pattern][mode][rep]
@@ -275,8 +297,11 @@ pub fn run(mut a: BenchArgs) -> CliResult {
                 if runnable(mode) {
                     interrupt::check()?;
                     let seed = a.seed.wrapping_add(rep as u64);
-                    let s = run_one(&ctx, mode, pat, seed, &pages)
-                        .map_err(|e| format!("{pat} under {}: {e}", mode.name()))?;
+                    let s = match &object {
+                        Some(o) => o.run_one(&ctx, mode, pat, seed, &pages),
+                        None => run_one(&ctx, mode, pat, seed, &pages),
+                    }
+                    .map_err(|e| format!("{pat} under {}: {e}", mode.name()))?;
                     samples[pi][mi].push(s);
                 }
                 pb.inc(1);
@@ -285,6 +310,12 @@ pub fn run(mut a: BenchArgs) -> CliResult {
     }
     pb.set_message("cleaning up");
     drop(ctx);
+    let object_tuning = object
+        .as_ref()
+        .map(|o| (o.object_chunk, o.object_readahead));
+    if let Some(o) = object {
+        notes.extend(o.finish()?);
+    }
     if let Some(mut m) = mount.take() {
         let mp = m.mountpoint().to_path_buf();
         m.unmount()?;
@@ -335,7 +366,28 @@ pub fn run(mut a: BenchArgs) -> CliResult {
     use BenchMode::*;
     // (name, numerator, denominator): each ratio is num/den per repetition.
     type Term = (BenchMode, fn(&Sample) -> f64);
-    let wanted: [(&'static str, Term, Term); 12] = [
+    let wanted: [(&'static str, Term, Term); 17] = [
+        (
+            "total_speedup_lazy_vs_download",
+            (Download, total),
+            (Lazy, total),
+        ),
+        ("total_speedup_lazy_vs_s3fs", (S3fs, total), (Lazy, total)),
+        (
+            "total_speedup_lazy_warm_vs_download",
+            (Download, total),
+            (LazyWarm, total),
+        ),
+        (
+            "total_lazy_warm_over_lazy_local",
+            (LazyWarm, total),
+            (LazyLocal, total),
+        ),
+        (
+            "total_eager_over_download",
+            (Eager, total),
+            (Download, total),
+        ),
         (
             "total_lazy_replay_over_native",
             (LazyReplay, total),
@@ -387,7 +439,10 @@ pub fn run(mut a: BenchArgs) -> CliResult {
     };
     let targets = targets(&a, &ratios, pooled_open);
 
-    notes.extend(standing_notes(&a, mount_was_used(&skipped, &a.modes)));
+    match object_tuning {
+        Some((chunk, readahead)) => notes.extend(s3::notes(&a, chunk, readahead)),
+        None => notes.extend(standing_notes(&a, mount_was_used(&skipped, &a.modes))),
+    }
     let machine = machine();
     let warnings = report::spread_warnings(&ratios, &machine.loadavg_at_start);
     let r = Report {

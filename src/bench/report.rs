@@ -345,7 +345,7 @@ pub fn print_human(r: &Report) {
     );
     println!();
     println!(
-        "{:<14} {:<6} {:>10} {:>10} {:>10} {:>21} {:>10} {:>7} {:>8} {:>9}",
+        "{:<14} {:<11} {:>10} {:>10} {:>10} {:>21} {:>10} {:>7} {:>8} {:>9}",
         "pattern",
         "mode",
         "open",
@@ -365,7 +365,7 @@ pub fn print_human(r: &Report) {
         last = &row.pattern;
         let s = &row.spread.total_us;
         println!(
-            "{:<14} {:<6} {:>10} {:>10} {:>10} {:>21} {:>10} {:>7} {:>8} {:>9.0}",
+            "{:<14} {:<11} {:>10} {:>10} {:>10} {:>21} {:>10} {:>7} {:>8} {:>9.0}",
             row.pattern,
             row.mode,
             fmt_us(row.open_us),
@@ -379,7 +379,7 @@ pub fn print_human(r: &Report) {
         );
     }
     for s in &r.skipped {
-        println!("{:<14} {:<6} skipped: {}", "(all)", s.mode, s.reason);
+        println!("{:<14} {:<11} skipped: {}", "(all)", s.mode, s.reason);
     }
     let procs: Vec<String> = r
         .rows
@@ -411,11 +411,16 @@ pub fn print_human(r: &Report) {
                 "total_speedup_run_vs_fuse" => "total, fuse/run (run speedup)",
                 "total_run_over_lazy_image" => "total, run/lazy-image",
                 "total_speedup_run_read_vs_fuse_read" => "total, fuse-read/run-read",
+                "total_speedup_lazy_vs_download" => "total, download/lazy (lazy speedup)",
+                "total_speedup_lazy_vs_s3fs" => "total, s3fs/lazy (lazy speedup)",
+                "total_speedup_lazy_warm_vs_download" => "total, download/lazy-warm",
+                "total_lazy_warm_over_lazy_local" => "total, lazy-warm/lazy-local",
+                "total_eager_over_download" => "total, eager/download",
                 n => n,
             };
             let reps: Vec<String> = x.per_rep.iter().map(|&v| fmt_ratio(v)).collect();
             println!(
-                "  {:<14} {:<33} {:>8}  ({}..{})  reps {}{}",
+                "  {:<14} {:<37} {:>8}  ({}..{})  reps {}{}",
                 x.pattern,
                 what,
                 fmt_ratio(x.value),

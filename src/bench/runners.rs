@@ -3,7 +3,7 @@
 
 use super::args::BenchMode;
 use super::report::Sample;
-use super::{filemap, raw, reader};
+use super::{data, filemap, raw, reader};
 use crate::Target;
 use crate::access::{self, Access};
 use shadowfd::{Engine, Share, Source};
@@ -153,10 +153,21 @@ pub(super) fn run_shadow(
     pages: &[u64],
     page: u64,
 ) -> Result<Sample, String> {
+    run_shadow_checked(engine, &|| data.source(), pages, page, None)
+}
+
+/// [`run_shadow`] of the source `open` makes; with `check` (the data's
+/// seed), every touched page is then compared (untimed) with the data.
+pub(super) fn run_shadow_checked(
+    engine: &Engine,
+    open: &dyn Fn() -> shadowfd::Result<Arc<dyn Source>>,
+    pages: &[u64],
+    page: u64,
+    check: Option<u64>,
+) -> Result<Sample, String> {
     let f0 = thread_faults();
     let t0 = Instant::now();
-    let shadow = data
-        .source()
+    let shadow = open()
         .and_then(|s| engine.open(s))
         .map_err(|e| e.to_string())?;
     let open_us = us(t0);
@@ -167,6 +178,9 @@ pub(super) fn run_shadow(
     let page_faults = thread_faults() - f0;
     let faults = shadow.stats().faults;
     let resident_bytes = shadow.resident_bytes().map_err(|e| e.to_string())?;
+    if let Some(seed) = check {
+        check_pages(&map, pages, page, seed)?;
+    }
     let t2 = Instant::now();
     drop(map);
     drop(shadow);
@@ -179,6 +193,21 @@ pub(super) fn run_shadow(
         page_faults,
         process_us: None,
     })
+}
+
+/// Compares every byte of every page in `pages` of `map` with the data
+/// written with `seed`.
+fn check_pages(map: &[u8], pages: &[u64], page: u64, seed: u64) -> Result<(), String> {
+    for &p in pages {
+        let start = (p * page) as usize;
+        let end = (start + page as usize).min(map.len());
+        if let Some(at) = data::first_mismatch(&map[start..end], start as u64, seed) {
+            return Err(format!(
+                "byte {at} of the shadow is not the data: the mode read the wrong bytes"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Opens `path`, maps it, touches `pages`: the page cache reference.
@@ -381,6 +410,9 @@ pub(super) fn run_one(
             let backing = (io == reader::Io::Mmap).then_some(backing.as_str());
             run_reader(cmd, backing, pages)
         }
+        BenchMode::LazyWarm | BenchMode::S3fs | BenchMode::Download | BenchMode::LazyLocal => Err(
+            format!("{} reads an object: it needs --source s3", mode.name()),
+        ),
     }
 }
 
