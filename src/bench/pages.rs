@@ -462,6 +462,10 @@ pub fn run(mut a: BenchArgs) -> CliResult {
             readahead: base.readahead,
             workers: base.workers,
             page_size: page,
+            object_lazy: object_tuning.map(|(chunk_size, readahead)| report::ObjectLazy {
+                chunk_size,
+                readahead,
+            }),
         },
         notes,
         warnings,

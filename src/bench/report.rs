@@ -139,6 +139,16 @@ pub struct RunConfig {
     pub readahead: u64,
     pub workers: usize,
     pub page_size: u64,
+    /// With --source s3: the lazy engine of the object modes (lazy,
+    /// lazy-warm): its fill unit and readahead (the rest as above).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub object_lazy: Option<ObjectLazy>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ObjectLazy {
+    pub chunk_size: u64,
+    pub readahead: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -343,6 +353,13 @@ pub fn print_human(r: &Report) {
         fmt_bytes(c.readahead),
         c.workers
     );
+    if let Some(o) = &c.object_lazy {
+        println!(
+            "lazy on the object (lazy, lazy-warm): chunk {}, readahead {}",
+            format_size(o.chunk_size),
+            fmt_bytes(o.readahead)
+        );
+    }
     println!();
     println!(
         "{:<14} {:<11} {:>10} {:>10} {:>10} {:>21} {:>10} {:>7} {:>8} {:>9}",
