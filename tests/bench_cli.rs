@@ -728,11 +728,13 @@ fn s3_source_reports_every_mode_and_cleans_up() {
             .iter()
             .find(|n| n.starts_with("GETs per run"))
             .unwrap_or_else(|| panic!("no GET counts in {notes:?}"));
-        assert!(gets.contains("lazy-warm 0.0"), "{gets}");
-        assert!(
-            !gets.contains("lazy 0.0,"),
-            "a cold run sent no GET: {gets}"
-        );
+        for p in ["seq", "random:0.01"] {
+            assert!(gets.contains(&format!("{p} lazy-warm 0.0")), "{gets}");
+            assert!(
+                !gets.contains(&format!("{p} lazy 0.0")),
+                "a cold run sent no GET: {gets}"
+            );
+        }
     }
     assert!(v["config"]["data"].as_str().unwrap().contains("s3://"));
     // Nothing left behind: no mount, no work directory, no gateway.

@@ -46,8 +46,8 @@ pub(super) struct S3Bench {
     download_dir: PathBuf,
     /// The counters of the object source opened last.
     last: Mutex<Option<Arc<ObjectCounters>>>,
-    /// Per mode: GETs sent and runs.
-    gets: Mutex<BTreeMap<&'static str, (u64, u64)>>,
+    /// Per pattern and mode: GETs sent and runs.
+    gets: Mutex<BTreeMap<(String, &'static str), (u64, u64)>>,
     latency: Duration,
     pub(super) object_chunk: u64,
     pub(super) object_readahead: u64,
@@ -233,12 +233,12 @@ impl S3Bench {
         Ok(Arc::new(s))
     }
 
-    /// Counts the GETs of the last source opened for `mode`.
-    fn tally(&self, mode: BenchMode) {
+    /// Counts the GETs of the last source opened for `pat` under `mode`.
+    fn tally(&self, pat: &Access, mode: BenchMode) {
         let last = self.last.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(c) = last {
             let mut g = self.gets.lock().unwrap_or_else(|e| e.into_inner());
-            let e = g.entry(mode.name()).or_default();
+            let e = g.entry((pat.to_string(), mode.name())).or_default();
             e.0 += c.snapshot().requests;
             e.1 += 1;
         }
@@ -258,7 +258,7 @@ impl S3Bench {
         let object = |cfg: &ObjectConfig, engine: Option<&Engine>| {
             let engine = engine.ok_or("no engine for this mode")?;
             let r = run_shadow_checked(engine, &|| self.open(cfg), pages, p, check);
-            self.tally(mode);
+            self.tally(pat, mode);
             r
         };
         match mode {
@@ -343,7 +343,7 @@ impl S3Bench {
         let gets = self.gets.lock().unwrap_or_else(|e| e.into_inner());
         let per: Vec<String> = gets
             .iter()
-            .map(|(m, (n, runs))| format!("{m} {:.1}", *n as f64 / (*runs).max(1) as f64))
+            .map(|((p, m), (n, runs))| format!("{p} {m} {:.1}", *n as f64 / (*runs).max(1) as f64))
             .collect();
         let mut notes = vec![format!(
             "object store: a SeaweedFS gateway (weed mini) on 127.0.0.1:{}, loopback only, \
