@@ -47,11 +47,14 @@ pub(super) struct S3Bench {
     /// The counters of the object source opened last.
     last: Mutex<Option<Arc<ObjectCounters>>>,
     /// Per pattern and mode: GETs sent and runs.
-    gets: Mutex<BTreeMap<(String, &'static str), (u64, u64)>>,
+    gets: Mutex<GetCounts>,
     latency: Duration,
     pub(super) object_chunk: u64,
     pub(super) object_readahead: u64,
 }
+
+/// (pattern, mode) -> (GETs, runs).
+type GetCounts = BTreeMap<(String, &'static str), (u64, u64)>;
 
 /// The object's URL.
 pub(super) fn url() -> String {
