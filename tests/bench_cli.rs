@@ -247,6 +247,7 @@ fn bad_input_is_refused_with_the_fix() {
         (vec!["--source", "s3", "--latency-ms", "5000"], "0 to 1000"),
         (vec!["--source", "s3", "--image"], "--image"),
         (vec!["--source", "gcs"], "s3"),
+        (vec!["--latency-ms", "5"], "--source s3"),
     ] {
         let out = bench(dir.path(), &args);
         let err = String::from_utf8_lossy(&out.stderr);

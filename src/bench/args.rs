@@ -189,9 +189,9 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "file", value_name = "SOURCE")]
     pub(super) source: SourceKind,
     /// With --source s3: the delay the proxy adds each way, in milliseconds
-    /// (a round trip is twice this).
-    #[arg(long, default_value_t = 5, value_name = "MS")]
-    pub(super) latency_ms: u64,
+    /// (a round trip is twice this) [default: 5].
+    #[arg(long, value_name = "MS")]
+    pub(super) latency_ms: Option<u64>,
     /// Also shadow the file from inside an ext4 image that the bench builds,
     /// read in user space (adds the eager-image and lazy-image modes).
     #[arg(long)]
@@ -220,7 +220,15 @@ pub struct BenchArgs {
     pub(super) tuning: Tuning,
 }
 
+/// The proxy's delay each way unless --latency-ms says otherwise.
+pub(super) const DEFAULT_LATENCY_MS: u64 = 5;
+
 impl BenchArgs {
+    /// The delay each way of the object store's proxy (--source s3).
+    pub(super) fn latency_ms(&self) -> u64 {
+        self.latency_ms.unwrap_or(DEFAULT_LATENCY_MS)
+    }
+
     /// Whether `--json` was given: failures are then reported in JSON too.
     pub fn json(&self) -> bool {
         self.json
@@ -253,6 +261,12 @@ fn check_source(a: &BenchArgs) -> Result<(), String> {
     ];
     match a.source {
         SourceKind::File => {
+            if let Some(ms) = a.latency_ms {
+                return Err(format!(
+                    "--latency-ms {ms}: the delay is that of the object store's proxy; add \
+                     --source s3, or drop --latency-ms"
+                ));
+            }
             if let Some(m) = a.modes.iter().find(|m| s3_only.contains(m)) {
                 return Err(format!(
                     "--modes {}: that mode reads an object; add --source s3, or choose from {}",
@@ -277,10 +291,9 @@ fn check_source(a: &BenchArgs) -> Result<(), String> {
                     list(&S3_MODES)
                 ));
             }
-            if a.latency_ms > 1000 {
+            if let Some(ms) = a.latency_ms.filter(|&ms| ms > 1000) {
                 return Err(format!(
-                    "--latency-ms {}: the delay each way must be 0 to 1000 ms; try 5",
-                    a.latency_ms
+                    "--latency-ms {ms}: the delay each way must be 0 to 1000 ms; try 5"
                 ));
             }
         }

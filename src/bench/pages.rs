@@ -271,7 +271,7 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         Some(_) => format!(
             "{} in a local SeaweedFS gateway, {} ms each way through a proxy",
             s3::url(),
-            a.latency_ms
+            a.latency_ms()
         ),
         None => ctx.data.describe(),
     };

@@ -80,7 +80,7 @@ impl S3Bench {
         say(format!("uploading {} to the gateway", format_size(a.size)));
         gateway.put(KEY, host_file)?;
         interrupt::check()?;
-        let latency = Duration::from_millis(a.latency_ms);
+        let latency = Duration::from_millis(a.latency_ms());
         let proxy = DelayProxy::start(SocketAddr::from(([127, 0, 0, 1], gateway.s3_port)), latency)
             .map_err(|e| format!("starting the latency proxy: {e}"))?;
         let mut cfg = ObjectConfig::from_env().map_err(|e| e.to_string())?;
