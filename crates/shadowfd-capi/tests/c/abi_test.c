@@ -583,22 +583,13 @@ static int case_errors(const char *path, const char *dir) {
     CHECK_OK(shadowfd_config_set(c, "max-size", "4K"));
     shadowfd_engine *small = shadowfd_engine_new(c);
     CHECK(small);
-    errno = 0;
-    CHECK(shadowfd_open_path(small, path) == NULL);
-    CHECK(errno == EFBIG);
-    check_message("eager open over the cap", "--max-size");
+    CHECK_NULL(shadowfd_open_path(small, path), EFBIG, "--max-size");
     shadowfd_engine_free(small);
     shadowfd_config_free(c);
 
     shadowfd_engine *e = engine_with(NULL);
-    errno = 0;
-    CHECK(shadowfd_open_path(e, "/nonexistent/file") == NULL);
-    CHECK(errno == ENOENT);
-    check_message("open of a missing file", "/nonexistent/file");
-    errno = 0;
-    CHECK(shadowfd_open_path(e, dir) == NULL);
-    CHECK(errno == EISDIR);
-    check_message("open of a directory", "not a regular file");
+    CHECK_NULL(shadowfd_open_path(e, "/nonexistent/file"), ENOENT, "/nonexistent/file");
+    CHECK_NULL(shadowfd_open_path(e, dir), EISDIR, "not a regular file");
     CHECK(shadowfd_open_path(e, NULL) == NULL);
     check_message("open_path(NULL)", "path is NULL");
     CHECK(shadowfd_open_path(NULL, path) == NULL);
@@ -673,10 +664,8 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s CASE FILE MODE [ARG]\n", argv[0]);
         return 2;
     }
-    page = (size_t)sysconf(_SC_PAGESIZE);
     mode = argv[3];
-    load(argv[2]);
-    setvbuf(stdout, NULL, _IONBF, 0);
+    setup(argv[2]);
     const char *c = argv[1];
     if (!strcmp(c, "callback"))
         return case_callback(argv[2]);

@@ -6,6 +6,7 @@
 
 #include <shadowfd.h>
 
+#include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdint.h>
@@ -43,6 +44,19 @@
         check_message(#e, word);                                               \
     } while (0)
 
+/* A call that must return NULL with errno `err` and a message with `word`. */
+#define CHECK_NULL(e, err, word)                                               \
+    do {                                                                       \
+        errno = 0;                                                             \
+        const void *p_ = (const void *)(e);                                    \
+        int en_ = errno;                                                       \
+        if (p_ != NULL)                                                        \
+            FAIL("%s succeeded, expected NULL with errno %s", #e, #err);       \
+        if (en_ != (err))                                                      \
+            FAIL("%s: errno %d (%s), expected %s", #e, en_, strerror(en_),     \
+                 #err);                                                        \
+        check_message(#e, word);                                               \
+    } while (0)
 
 static size_t page;
 static unsigned char *want; /* the file's bytes */
@@ -97,6 +111,14 @@ static void load(const char *path) {
         done += (size_t)n;
     }
     close(fd);
+}
+
+/* A test program's start: the page size, unbuffered output (lines stay in
+ * order with a child's), and the expected bytes from `file`. */
+__attribute__((unused)) static void setup(const char *file) {
+    page = (size_t)sysconf(_SC_PAGESIZE);
+    setvbuf(stdout, NULL, _IONBF, 0);
+    load(file);
 }
 
 #endif

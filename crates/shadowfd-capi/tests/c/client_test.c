@@ -30,19 +30,6 @@
 #include <unistd.h>
 
 #include "check.h"
-/* A call that must return NULL with errno `err` and a message with `word`. */
-#define CHECK_NULL(e, err, word)                                               \
-    do {                                                                       \
-        errno = 0;                                                             \
-        const void *p_ = (const void *)(e);                                    \
-        int en_ = errno;                                                       \
-        if (p_ != NULL)                                                        \
-            FAIL("%s succeeded, expected NULL with errno %s", #e, #err);       \
-        if (en_ != (err))                                                      \
-            FAIL("%s: errno %d (%s), expected %s", #e, en_, strerror(en_),     \
-                 #err);                                                        \
-        check_message(#e, word);                                               \
-    } while (0)
 
 
 static void same(const void *got, size_t off, size_t len, const char *what) {
@@ -360,9 +347,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s CASE SOCK HOSTFILE NAME SERVER_PID [MODE]\n", argv[0]);
         return 2;
     }
-    page = (size_t)sysconf(_SC_PAGESIZE);
-    setvbuf(stdout, NULL, _IONBF, 0);
-    load(argv[3]);
+    setup(argv[3]);
     const char *c = argv[1], *sock = argv[2], *name = argv[4];
     pid_t server = (pid_t)atol(argv[5]);
     if (!strcmp(c, "basic"))

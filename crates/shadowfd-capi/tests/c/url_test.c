@@ -10,8 +10,7 @@
 int main(int argc, char **argv) {
     CHECK(argc == 5);
     const char *url = argv[1], *mode = argv[3], *missing = argv[4];
-    load(argv[2]);
-    page = (size_t)sysconf(_SC_PAGESIZE);
+    setup(argv[2]);
     CHECK(want_len % page == 0);
     struct shadowfd_config *c = shadowfd_config_new();
     CHECK(c);
@@ -33,14 +32,8 @@ int main(int argc, char **argv) {
     shadowfd_shadow_free(s);
     printf("ok: %s mapped byte-exact (%s)\n", url, mode);
 
-    errno = 0;
-    CHECK(shadowfd_open_url(e, "http://not-s3/x") == NULL);
-    CHECK(errno == EINVAL);
-    check_message("not an s3 URL", "s3://BUCKET/KEY");
-    errno = 0;
-    CHECK(shadowfd_open_url(e, missing) == NULL);
-    CHECK(errno == ENOENT);
-    check_message("missing key", "no object");
+    CHECK_NULL(shadowfd_open_url(e, "http://not-s3/x"), EINVAL, "s3://BUCKET/KEY");
+    CHECK_NULL(shadowfd_open_url(e, missing), ENOENT, "no object");
     CHECK(shadowfd_open_url(e, NULL) == NULL);
     check_message("NULL url", "url is NULL");
     shadowfd_engine_free(e);

@@ -74,19 +74,23 @@ pub trait Mappable: sealed::Sealed {
     /// The empty mapping (`len` 0 at `offset`).
     #[doc(hidden)]
     fn map_nothing(&self, offset: u64) -> Self::Mapping;
-    /// Maps `len` (> 0) bytes from `offset`, both already checked against
-    /// [`Mappable::size`].
+    /// Maps `span` (its `len` > 0, checked against [`Mappable::size`]).
     ///
     /// # Safety
-    /// As [`MapOptions::map_fixed`] when `at` is given.
+    /// As [`MapOptions::map_fixed`] when `span.at` is given.
     #[doc(hidden)]
-    unsafe fn map_span(
-        &self,
-        offset: u64,
-        len: u64,
-        share: Share,
-        at: Option<*mut u8>,
-    ) -> Result<Self::Mapping>;
+    unsafe fn map_span(&self, span: Span) -> Result<Self::Mapping>;
+}
+
+/// What [`MapOptions`] asks a [`Mappable`] to map, checked.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub struct Span {
+    pub offset: u64,
+    pub len: u64,
+    pub share: Share,
+    /// The caller's reservation (`map_fixed`), or `None`.
+    pub at: Option<*mut u8>,
 }
 
 pub(crate) mod sealed {
@@ -153,8 +157,14 @@ impl<'a, T: Mappable + ?Sized> MapOptions<'a, T> {
         if len == 0 {
             return Ok(self.target.map_nothing(self.offset));
         }
+        let span = Span {
+            offset: self.offset,
+            len,
+            share: self.share,
+            at,
+        };
         // SAFETY: forwarded from the caller.
-        unsafe { self.target.map_span(self.offset, len, self.share, at) }
+        unsafe { self.target.map_span(span) }
     }
 }
 
@@ -175,13 +185,13 @@ impl Mappable for Shadow {
         }
     }
 
-    unsafe fn map_span(
-        &self,
-        offset: u64,
-        len: u64,
-        share: Share,
-        at: Option<*mut u8>,
-    ) -> Result<Mapping> {
+    unsafe fn map_span(&self, span: Span) -> Result<Mapping> {
+        let Span {
+            offset,
+            len,
+            share,
+            at,
+        } = span;
         let page = crate::page_size() as u64;
         let maplen = len.div_ceil(page) * page;
         let shadow = self;

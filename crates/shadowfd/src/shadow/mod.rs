@@ -6,7 +6,7 @@ mod mapping;
 mod stale;
 
 pub(crate) use mapping::sealed;
-pub use mapping::{MapOptions, Mappable, Mapping, Registration, Share};
+pub use mapping::{MapOptions, Mappable, Mapping, Registration, Share, Span};
 pub(crate) use mapping::{check_page_aligned, check_span};
 pub use stale::{Field, Staleness};
 

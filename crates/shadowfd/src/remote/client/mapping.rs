@@ -26,18 +26,13 @@ impl crate::shadow::Mappable for RemoteFile {
         RemoteMapping::nothing(self, offset)
     }
 
-    unsafe fn map_span(
-        &self,
-        offset: u64,
-        len: u64,
-        _share: crate::Share,
-        at: Option<*mut u8>,
-    ) -> Result<RemoteMapping> {
+    unsafe fn map_span(&self, span: crate::shadow::Span) -> Result<RemoteMapping> {
         if self.inner.inline.is_some() {
             let real = self.with_handle()?;
             // SAFETY: forwarded from the caller.
-            return unsafe { real.map_span(offset, len, _share, at) };
+            return unsafe { real.map_span(span) };
         }
+        let (offset, len, at) = (span.offset, span.len, span.at);
         let page = crate::page_size() as u64;
         let maplen = usize::try_from(len.div_ceil(page) * page)
             .map_err(|_| protocol("the mapping length does not fit"))?;
