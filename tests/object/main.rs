@@ -5,6 +5,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod proxy;
+mod serve;
 mod weed;
 
 use proxy::{Mode, Proxy};

@@ -172,6 +172,39 @@ impl Client {
         .map_err(|f| self.explain(f, 0, 0))
     }
 
+    /// One page of the "directory" `prefix` (no trailing slash; empty:
+    /// the bucket's top), `/` as the delimiter, at most `max` items (objects
+    /// and common prefixes) with keys after `after` (ListObjectsV2
+    /// `start-after`), retried like a HEAD. The listing, and whether the
+    /// store has more after it.
+    pub async fn list_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<(object_store::ListResult, bool), ObjectError> {
+        use object_store::list::{PaginatedListOptions, PaginatedListStore};
+        let p = (!prefix.is_empty()).then(|| format!("{prefix}/"));
+        let r = self
+            .with_retries(
+                None::<fn(&object_store::list::PaginatedListResult) -> u64>,
+                || {
+                    self.store.list_paginated(
+                        p.as_deref(),
+                        PaginatedListOptions {
+                            offset: after.map(str::to_string),
+                            delimiter: Some("/".into()),
+                            max_keys: Some(max),
+                            ..PaginatedListOptions::default()
+                        },
+                    )
+                },
+            )
+            .await
+            .map_err(|f| self.explain(f, 0, 0))?;
+        Ok((r.result, r.page_token.is_some()))
+    }
+
     /// A HEAD of `key` of the bucket; `None` if there is no such object.
     pub async fn head_of(&self, key: &str) -> Result<Option<ObjectMeta>, ObjectError> {
         self.head_at(&obj_path(key)).await

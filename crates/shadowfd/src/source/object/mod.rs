@@ -25,7 +25,7 @@ mod url;
 pub use crate::object_error::ObjectError;
 pub use cache::ChunkCache;
 pub use stats::{ObjectCounters, ObjectStats};
-pub use tree::{ObjectEntry, ObjectTree};
+pub use tree::{ObjectEntry, ObjectPage, ObjectTree};
 pub use url::{CacheConfig, DEFAULT_CACHE_SIZE, ObjectConfig, ObjectUrl};
 
 use super::{FileKind, Source, SourceMeta, Timestamp};
@@ -51,6 +51,9 @@ fn runtime(url: &str) -> Result<Arc<tokio::runtime::Runtime>, ObjectError> {
         })
 }
 
+/// The seed of [`ObjectSource::version_id`]'s hash.
+const VERSION_SEED: u64 = 0x7368_6164_6f77_6664;
+
 /// How long the open's HEAD answers [`Source::metadata`] before it asks
 /// again.
 const HEAD_FRESH: Duration = Duration::from_secs(1);
@@ -67,6 +70,9 @@ pub struct ObjectSource {
     name: String,
     meta: SourceMeta,
     changed: AtomicBool,
+    /// A second hash of (endpoint, bucket, key, ETag), independent of the
+    /// identity's device and inode.
+    version_id: u64,
     /// The last HEAD, and when.
     last_head: Mutex<(Instant, Head)>,
 }
@@ -108,6 +114,18 @@ impl ObjectSource {
         cfg: ObjectConfig,
         rt: Arc<tokio::runtime::Runtime>,
     ) -> Result<ObjectSource, ObjectError> {
+        ObjectSource::open_sharing(client, cfg, rt, &|_| None)
+    }
+
+    /// As [`ObjectSource::open_on`]; `share` may give, for the metadata the
+    /// HEAD found, counters to count in instead of the client's own (those
+    /// of the sources of one version, shared).
+    fn open_sharing(
+        mut client: Client,
+        cfg: ObjectConfig,
+        rt: Arc<tokio::runtime::Runtime>,
+        share: &dyn Fn(&SourceMeta) -> Option<Arc<ObjectCounters>>,
+    ) -> Result<ObjectSource, ObjectError> {
         let u = client.url.clone();
         let head = rt.block_on(client.head())?;
         let cache = match &cfg.cache {
@@ -139,12 +157,22 @@ impl ObjectSource {
             inode: hash64(&[&u.key, &head.etag]),
             kind: FileKind::Regular,
         };
+        if let Some(c) = share(&meta) {
+            client.counters = c;
+        }
+        let version_id = xxhash_rust::xxh3::xxh3_64_with_seed(
+            [client.endpoint.as_str(), &u.bucket, &u.key, &head.etag]
+                .join("\0")
+                .as_bytes(),
+            VERSION_SEED,
+        );
         let blocks = Blocks::new(client, cache, head.etag.clone(), head.size, rt);
         Ok(ObjectSource {
             blocks,
             name: u.to_string(),
             meta,
             changed: AtomicBool::new(false),
+            version_id,
             last_head: Mutex::new((Instant::now(), head)),
         })
     }
@@ -152,6 +180,14 @@ impl ObjectSource {
     /// The ETag every read is pinned to.
     pub fn etag(&self) -> &str {
         &self.blocks.shared().etag
+    }
+
+    /// A 64-bit hash of (endpoint, bucket, key, ETag) independent of
+    /// [`SourceMeta::device`] (endpoint, bucket) and [`SourceMeta::inode`]
+    /// (key, ETag): with them, 128 bits that tell versions apart (the
+    /// server's shadow table keys on all three).
+    pub fn version_id(&self) -> u64 {
+        self.version_id
     }
 
     /// The endpoint requests go to.
