@@ -271,7 +271,8 @@ fn counter(s: &Value, k: &str) -> u64 {
 
 /// A second server over the same disk cache serves the same reads with
 /// zero GETs: `status` counts the first run's requests and misses, the
-/// second's hits only. Both byte-exact.
+/// second's hits only; a third, after one chunk file is tampered with,
+/// refuses it and fetches that block alone. All byte-exact.
 #[test]
 fn a_second_server_serves_from_the_cache_with_zero_gets() {
     let Some(w) = setup() else { return };
@@ -328,6 +329,26 @@ fn a_second_server_serves_from_the_cache_with_zero_gets() {
     );
     let text = ok_text(o);
     assert!(text.contains("fetched") && text.contains("cache"), "{text}");
+    drop(s);
+
+    // One chunk file tampered with: refused on reading back and fetched
+    // again (one block), never served.
+    let mut files = super::walk(&cache.path().join("shadowfd"));
+    files.sort();
+    let f = &files[files.len() / 2];
+    let mut b = std::fs::read(f).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x01;
+    std::fs::write(f, &b).unwrap();
+    let s = Server::start(w, cache.path(), "srv-cache/");
+    assert_eq!(sum(&s), want, "third run, one chunk tampered with");
+    let third = &s.object_shadows(w, cache.path())[0];
+    assert_eq!(counter(third, "cache_rejected"), 1, "{third}");
+    assert_eq!(
+        counter(third, "bytes_fetched"),
+        256 << 10,
+        "one block again: {third}"
+    );
 }
 
 /// An object overwritten between two runs of one server is a new shadow:
