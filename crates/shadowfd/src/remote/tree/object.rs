@@ -15,6 +15,9 @@
 //!   must hold that sequence, for the same directory, made less than
 //!   [`CURSOR_LIFE`] ago). Anything else is refused with `E_RANGE`: list
 //!   again from 0.
+//! - **Names.** An object or prefix whose name in its directory is over
+//!   255 bytes (NAME_MAX; keys may be 1024) is left out of listings, as
+//!   no program could name it.
 //! - **Counters.** The sources of one object version share one set of
 //!   counters, found by [`object_json`] for `status`: requests, bytes,
 //!   retries, cache hits and misses, fetch latency.
@@ -187,6 +190,12 @@ impl ServedTree for ObjectServedTree {
         let mut bytes = 0;
         let mut last: Option<&str> = None;
         for (key, e) in &page.entries {
+            // A name no program can pass (over NAME_MAX, or with a NUL) is
+            // left out; the page still goes on after its key.
+            if e.name.is_empty() || e.name.len() > 255 || e.name.contains('\0') {
+                last = Some(key);
+                continue;
+            }
             let b = wire::LIST_ENTRY_HEAD + e.name.len();
             if out.entries.len() >= wire::LIST_MAX_ENTRIES || bytes + b > wire::LIST_PAGE_BYTES {
                 out.end = false;
