@@ -23,7 +23,7 @@ mod tree;
 mod url;
 
 pub use crate::object_error::ObjectError;
-pub use cache::ChunkCache;
+pub use cache::{CacheBudget, ChunkCache};
 pub use stats::{ObjectCounters, ObjectStats};
 pub use tree::{ObjectEntry, ObjectPage, ObjectTree};
 pub use url::{CacheConfig, DEFAULT_CACHE_SIZE, ObjectConfig, ObjectUrl};
@@ -49,6 +49,15 @@ fn runtime(url: &str) -> Result<Arc<tokio::runtime::Runtime>, ObjectError> {
             url: url.to_string(),
             detail: format!("starting its runtime: {e}"),
         })
+}
+
+/// A cache directory that cannot be used, with the fix.
+fn cache_error(c: &CacheConfig, e: io::Error) -> ObjectError {
+    ObjectError::Config {
+        what: "the cache directory",
+        value: c.dir.display().to_string(),
+        why: format!("{e}; choose a writable directory (XDG_CACHE_HOME) or turn the cache off"),
+    }
 }
 
 /// The seed of [`ObjectSource::version_id`]'s hash.
@@ -114,35 +123,37 @@ impl ObjectSource {
         cfg: ObjectConfig,
         rt: Arc<tokio::runtime::Runtime>,
     ) -> Result<ObjectSource, ObjectError> {
-        ObjectSource::open_sharing(client, cfg, rt, &|_| None)
+        ObjectSource::open_sharing(client, cfg, rt, None, &|_| None)
     }
 
-    /// As [`ObjectSource::open_on`]; `share` may give, for the metadata the
-    /// HEAD found, counters to count in instead of the client's own (those
-    /// of the sources of one version, shared).
+    /// As [`ObjectSource::open_on`]; `budget`: the disk cache's budget
+    /// shared with the other sources of a tree (else one of its own, which
+    /// costs a pass over the directory); `share` may give, for the metadata
+    /// the HEAD found, counters to count in instead of the client's own
+    /// (those of the sources of one version, shared).
     fn open_sharing(
         mut client: Client,
         cfg: ObjectConfig,
         rt: Arc<tokio::runtime::Runtime>,
+        budget: Option<&Arc<CacheBudget>>,
         share: &dyn Fn(&SourceMeta) -> Option<Arc<ObjectCounters>>,
     ) -> Result<ObjectSource, ObjectError> {
         let u = client.url.clone();
         let head = rt.block_on(client.head())?;
         let cache = match &cfg.cache {
-            Some(c) => Some(
-                ChunkCache::open(
-                    &c.dir,
-                    c.max_bytes,
-                    [&client.endpoint, &u.bucket, &u.key, &head.etag],
-                )
-                .map_err(|e| ObjectError::Config {
-                    what: "the cache directory",
-                    value: c.dir.display().to_string(),
-                    why: format!(
-                        "{e}; choose a writable directory (XDG_CACHE_HOME) or turn the cache off"
-                    ),
-                })?,
-            ),
+            Some(c) => {
+                let id = [
+                    client.endpoint.as_str(),
+                    u.bucket.as_str(),
+                    u.key.as_str(),
+                    head.etag.as_str(),
+                ];
+                let opened = match budget {
+                    Some(b) => ChunkCache::open_in(b, id),
+                    None => ChunkCache::open(&c.dir, c.max_bytes, id),
+                };
+                Some(opened.map_err(|e| cache_error(c, e))?)
+            }
             None => None,
         };
         let t = Timestamp {

@@ -15,6 +15,7 @@
 //! refused (the store would take it literally, but a program would not).
 
 use super::blocks::shut_down;
+use super::cache::CacheBudget;
 use super::client::Client;
 use super::stats::ObjectCounters;
 use super::url::{ObjectConfig, ObjectUrl};
@@ -80,6 +81,8 @@ pub struct ObjectTree {
     /// The prefix without a trailing slash; empty for the whole bucket.
     prefix: String,
     cfg: ObjectConfig,
+    /// The disk cache's budget, shared by every source the tree opens.
+    budget: Option<Arc<CacheBudget>>,
     rt: Option<Arc<tokio::runtime::Runtime>>,
     url: String,
 }
@@ -127,10 +130,17 @@ impl ObjectTree {
             &cfg,
         )?;
         let rt = runtime(url)?;
+        let budget = match &cfg.cache {
+            Some(c) => {
+                Some(CacheBudget::open(&c.dir, c.max_bytes).map_err(|e| super::cache_error(c, e))?)
+            }
+            None => None,
+        };
         let tree = ObjectTree {
             client,
             prefix,
             cfg,
+            budget,
             rt: Some(rt),
             url: whole,
         };
@@ -290,6 +300,12 @@ impl ObjectTree {
             .rt
             .clone()
             .expect("the runtime lives as long as the tree");
-        ObjectSource::open_sharing(self.client.for_key(&key), self.cfg.clone(), rt, share)
+        ObjectSource::open_sharing(
+            self.client.for_key(&key),
+            self.cfg.clone(),
+            rt,
+            self.budget.as_ref(),
+            share,
+        )
     }
 }
