@@ -1,8 +1,9 @@
 //! Faults met by a served bucket prefix (`run --root s3://…`): wrong
 //! credentials and a missing bucket are clear errors at start, a stalled
 //! store fails the reading program within the deadline with no wrong
-//! byte, 5xx answers are retried unseen, a corrupted cache chunk is
-//! refetched; and a 1 GiB object, cat and lazy map, seq and random:0.01.
+//! byte, an object overwritten mid-read fails the reads after it (never
+//! new bytes), 5xx answers are retried unseen, a corrupted cache chunk is
+//! refetched (serve.rs); and a 1 GiB object, cat and lazy map, seq and random:0.01.
 
 use super::common::{self, OutputWithin};
 use super::proxy::{Mode, Proxy};
@@ -141,6 +142,70 @@ fn a_stalled_store_fails_the_served_reader_within_the_deadline() {
     assert_prefix(&stall.stdout, &data, "stalled, served");
     // 2 attempts of 1 s, 100 ms backoff, a round of reads ahead, start-up.
     assert!(took < Duration::from_secs(20), "took {took:?}");
+}
+
+/// The object overwritten while a served reader is in the middle of it:
+/// the reader gets the whole old version or fails, never bytes of the new
+/// one (every GET carries `If-Match`); the next OPEN reads the new one.
+#[test]
+fn an_object_overwritten_mid_read_is_never_mixed_when_served() {
+    let Some(w) = setup() else { return };
+    let a = common::pattern(48 << 20, 64);
+    let b = common::pattern(48 << 20, 65);
+    w.put("srv-mid/o.bin", &a);
+    let p = Proxy::start(w.s3_port);
+    p.set_latency(Duration::from_millis(20));
+    let cache = tempfile::tempdir().unwrap();
+    let env = [
+        ("SHADOWFD_OBJECT_READAHEAD", "1M"),
+        ("SHADOWFD_READAHEAD", "1M"),
+    ];
+    // 4 MiB read, then a pause in which the object is overwritten, then
+    // the rest from the same descriptor.
+    let script = "import sys, time\n\
+        f = open('/data/o.bin', 'rb', buffering=0)\n\
+        out = sys.stdout.buffer\n\
+        out.write(f.read(4 << 20)); out.flush()\n\
+        time.sleep(4)\n\
+        while True:\n    b = f.read(1 << 20)\n    if not b: break\n    out.write(b)\n";
+    let o = std::thread::scope(|sc| {
+        let h = sc.spawn(|| {
+            run_at(
+                w,
+                p.port,
+                cache.path(),
+                "srv-mid/",
+                &env,
+                &["python3", "-c", script],
+            )
+        });
+        std::thread::sleep(Duration::from_millis(2000));
+        w.put("srv-mid/o.bin", &b);
+        h.join().unwrap()
+    });
+    assert_prefix(&o.stdout, &a, "overwritten mid-read, served");
+    assert!(
+        o.stdout.len() >= 4 << 20,
+        "the first 4 MiB came before the overwrite"
+    );
+    // Only a few MiB were fetched before the overwrite: the rest cannot be
+    // served from the old version, and is never served from the new.
+    assert!(!o.status.success(), "the read after the overwrite fails");
+    assert!(o.stdout.len() < a.len());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("changed since it was opened"), "{err}");
+    let o = run_at(
+        w,
+        w.s3_port,
+        cache.path(),
+        "srv-mid/",
+        &[],
+        &["cat", "/data/o.bin"],
+    );
+    assert!(
+        common::stdout_ok(o) == b,
+        "the next run reads the new version"
+    );
 }
 
 /// Answers of 503 for the first connections, then success: the served
