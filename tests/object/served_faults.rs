@@ -1,7 +1,7 @@
 //! Faults met by a served bucket prefix (`run --root s3://…`): wrong
 //! credentials and a missing bucket are clear errors at start, a stalled
 //! store fails the reading program within the deadline with no wrong
-//! byte, an object overwritten mid-read fails the reads after it (never
+//! byte, so does a killed gateway, an object overwritten mid-read fails the reads after it (never
 //! new bytes), 5xx answers are retried unseen, a corrupted cache chunk is
 //! refetched (serve.rs); and a 1 GiB object, cat and lazy map, seq and random:0.01.
 
@@ -206,6 +206,71 @@ fn an_object_overwritten_mid_read_is_never_mixed_when_served() {
         common::stdout_ok(o) == b,
         "the next run reads the new version"
     );
+}
+
+/// The gateway killed while a served reader holds an object open: the
+/// reads after it fail (EIO) within the documented bound, having given
+/// only bytes of the object.
+#[test]
+fn a_killed_gateway_fails_the_served_reader_within_the_bound() {
+    if !common::lazy_available() {
+        return;
+    }
+    let w = match Weed::start() {
+        Ok(w) => w,
+        Err(e) if super::weed::required() => panic!("SeaweedFS is required here (CI) but {e}"),
+        Err(e) => return eprintln!("SKIP: {e}"),
+    };
+    let data = common::pattern(32 << 20, 66);
+    w.put("srv-kill/k.bin", &data);
+    let cache = tempfile::tempdir().unwrap();
+    let env = [
+        ("SHADOWFD_OBJECT_READAHEAD", "1M"),
+        ("SHADOWFD_READAHEAD", "1M"),
+        ("SHADOWFD_OBJECT_DEADLINE", "1"),
+        ("SHADOWFD_OBJECT_RETRIES", "1"),
+    ];
+    // 4 MiB, a pause in which the gateway dies, then the rest (timed).
+    let script = "import sys, time\n\
+        f = open('/data/k.bin', 'rb', buffering=0)\n\
+        out = sys.stdout.buffer\n\
+        out.write(f.read(4 << 20)); out.flush()\n\
+        time.sleep(4)\n\
+        t = time.monotonic()\n\
+        try:\n    while True:\n        b = f.read(1 << 20)\n        if not b: break\n        out.write(b)\n\
+        finally:\n    sys.stderr.write('failed after %.2f s\\n' % (time.monotonic() - t))\n";
+    let o = std::thread::scope(|sc| {
+        let h = sc.spawn(|| {
+            run_at(
+                &w,
+                w.s3_port,
+                cache.path(),
+                "srv-kill/",
+                &env,
+                &["python3", "-c", script],
+            )
+        });
+        std::thread::sleep(Duration::from_millis(2000));
+        w.kill();
+        h.join().unwrap()
+    });
+    assert!(!o.status.success(), "the reads after the gateway died fail");
+    assert!(o.stdout.len() >= 4 << 20 && o.stdout.len() < data.len());
+    assert_prefix(&o.stdout, &data, "killed gateway, served");
+    let err = String::from_utf8_lossy(&o.stderr);
+    let took: f64 = err
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("failed after ")?
+                .strip_suffix(" s")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no timing in: {err}"));
+    // deadline x (retries + 2) + backoff + 2 s = 5.1 s, with slack for a
+    // loaded machine.
+    assert!(took < 10.0, "the failing read took {took} s: {err}");
+    assert!(err.contains("s3://"), "the cause names the object: {err}");
 }
 
 /// Answers of 503 for the first connections, then success: the served
