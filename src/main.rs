@@ -208,12 +208,7 @@ impl Common {
     pub fn engine_for(&self, target: &Target) -> shadowfd::Result<Engine> {
         let mut c = self.config()?;
         if target.is_object() {
-            if self.tuning.chunk.is_none() && std::env::var_os("SHADOWFD_CHUNK").is_none() {
-                c.chunk_size = object::DEFAULT_CHUNK;
-            }
-            if self.tuning.readahead.is_none() && std::env::var_os("SHADOWFD_READAHEAD").is_none() {
-                c.readahead = object::DEFAULT_READAHEAD;
-            }
+            object::tune(&mut c, self);
         }
         Engine::new(c)
     }

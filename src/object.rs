@@ -1,11 +1,16 @@
-//! `s3://` targets: the disk cache options and the source's counters.
+//! `s3://` targets: the disk cache options, the source's counters, and the
+//! served tree of `serve --root s3://BUCKET/PREFIX/` and `run --root …`.
 
-use crate::size_arg;
+use crate::{Common, size_arg};
 use clap::Args;
 use shadowfd::Source;
+use shadowfd::remote::Tree;
+use shadowfd::source::object::ObjectUrl;
 use shadowfd::source::object::{
     CacheConfig, ObjectConfig, ObjectCounters, ObjectSource, ObjectStats,
 };
+use shadowfd::{Config, Engine};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 /// The engine's fill unit for an object unless `--chunk` or SHADOWFD_CHUNK
@@ -31,8 +36,9 @@ pub struct ObjectOpts {
 }
 
 impl ObjectOpts {
-    /// Opens `url`; `cached`: through the disk cache unless `--no-cache`.
-    pub fn open(&self, url: &str, cached: bool) -> shadowfd::Result<Arc<dyn Source>> {
+    /// The settings from the environment; `cached`: with the disk cache
+    /// unless `--no-cache`, bounded by `--cache-size` if given.
+    pub fn config(&self, cached: bool) -> shadowfd::Result<ObjectConfig> {
         let mut cfg = ObjectConfig::from_env()?;
         if cached && !self.no_cache {
             cfg.cache = CacheConfig::from_env()?;
@@ -40,6 +46,12 @@ impl ObjectOpts {
                 c.max_bytes = n;
             }
         }
+        Ok(cfg)
+    }
+
+    /// Opens `url`; `cached`: through the disk cache unless `--no-cache`.
+    pub fn open(&self, url: &str, cached: bool) -> shadowfd::Result<Arc<dyn Source>> {
+        let cfg = self.config(cached)?;
         let src = ObjectSource::open_with(url, cfg)?;
         if cached {
             *self.counters.lock().unwrap_or_else(|e| e.into_inner()) = Some(src.counters());
@@ -51,5 +63,63 @@ impl ObjectOpts {
     pub fn stats(&self) -> Option<ObjectStats> {
         let c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
         c.as_ref().map(|c| c.snapshot())
+    }
+}
+
+/// What `serve` and `run` serve for `--root ROOT` or `--image IMG`: a
+/// bucket prefix when ROOT is `s3://BUCKET/PREFIX/`, with the disk cache
+/// unless `--no-cache`.
+pub fn served_tree(
+    root: Option<&Path>,
+    image: Option<&Path>,
+    opts: &ObjectOpts,
+) -> Option<shadowfd::Result<Tree>> {
+    Some(match (root, image) {
+        (Some(r), None) => match r.to_str().filter(|s| ObjectUrl::is_url(s)) {
+            Some(url) => opts.config(true).map(|c| Tree::Object(url.to_string(), c)),
+            None => Ok(Tree::Root(r.to_path_buf())),
+        },
+        (None, Some(i)) => Ok(Tree::Image(i.to_path_buf())),
+        _ => return None,
+    })
+}
+
+/// The engine for serving `tree`: objects get [`DEFAULT_CHUNK`] and
+/// [`DEFAULT_READAHEAD`] unless a flag or variable sets them.
+pub fn engine_for_tree(common: &Common, tree: &Tree) -> shadowfd::Result<Engine> {
+    let mut c = common.config()?;
+    if matches!(tree, Tree::Object(..)) {
+        tune(&mut c, common);
+    }
+    Engine::new(c)
+}
+
+/// Raises the fill unit and readahead for objects, where neither a flag
+/// nor a variable sets them.
+pub fn tune(c: &mut Config, common: &Common) {
+    if common.tuning.chunk.is_none() && std::env::var_os("SHADOWFD_CHUNK").is_none() {
+        c.chunk_size = DEFAULT_CHUNK;
+    }
+    if common.tuning.readahead.is_none() && std::env::var_os("SHADOWFD_READAHEAD").is_none() {
+        c.readahead = DEFAULT_READAHEAD;
+    }
+}
+
+/// How `serve` names what it serves.
+pub fn describe(tree: &Tree) -> String {
+    match tree {
+        Tree::Root(r) => format!("--root {}", r.display()),
+        Tree::Image(i) => format!("--image {}", i.display()),
+        Tree::Object(url, cfg) => format!(
+            "--root {url} ({})",
+            match &cfg.cache {
+                Some(c) => format!(
+                    "disk cache {} bounded at {} bytes",
+                    c.dir.display(),
+                    c.max_bytes
+                ),
+                None => "no disk cache".into(),
+            }
+        ),
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::Common;
 use clap::Args;
-use shadowfd::remote::{Client, Server, ServerOptions, Tree};
+use shadowfd::remote::{Client, Server, ServerOptions};
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -16,8 +16,9 @@ use std::process::{Command, ExitCode};
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// Serve the regular files beneath this directory (an embedded server).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["image", "socket"])]
+    /// Serve the regular files beneath this directory, or the objects under
+    /// s3://BUCKET/PREFIX/ (an embedded server).
+    #[arg(long, value_name = "DIR|URL", conflicts_with_all = ["image", "socket"])]
     root: Option<PathBuf>,
     /// Serve the files inside this ext2/ext3/ext4 image (an embedded server).
     #[arg(long, value_name = "IMG", conflicts_with = "socket")]
@@ -29,6 +30,8 @@ pub struct RunArgs {
     /// e.g. /shadow (PREFIX/a/b is the served a/b). Need not exist on the host.
     #[arg(long, value_name = "PREFIX", required = true)]
     mount: PathBuf,
+    #[command(flatten)]
+    object: crate::object::ObjectOpts,
     #[command(flatten)]
     common: Common,
     /// The command and its arguments (after `--`).
@@ -203,18 +206,16 @@ impl Drop for TempDir {
 /// Starts the embedded server on a socket in `dir`; its accept loop runs on
 /// a thread of this process and ends with it.
 fn embedded_server(a: &RunArgs, dir: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
-    let tree = match (&a.root, &a.image) {
-        (Some(r), None) => Tree::Root(r.clone()),
-        (None, Some(i)) => Tree::Image(i.clone()),
-        _ => {
-            return Err(
-                "say what to serve: --root DIR or --image IMG (an embedded server), \
-                        or --socket PATH (a running `shadowfd serve`)"
-                    .into(),
-            );
-        }
+    let Some(tree) = crate::object::served_tree(a.root.as_deref(), a.image.as_deref(), &a.object)
+    else {
+        return Err(
+            "say what to serve: --root DIR, --root s3://BUCKET/PREFIX/ or --image IMG (an \
+             embedded server), or --socket PATH (a running `shadowfd serve`)"
+                .into(),
+        );
     };
-    let engine = a.common.engine()?;
+    let tree = tree?;
+    let engine = crate::object::engine_for_tree(&a.common, &tree)?;
     let server = Server::new(engine, tree, ServerOptions::default())?;
     let sock = dir.join("shadowfd.sock");
     let listener = UnixListener::bind(&sock).map_err(|e| {

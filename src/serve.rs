@@ -5,7 +5,7 @@ use crate::{CliResult, Common};
 use clap::Args;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use shadowfd::remote::{LogLimiter, Server, ServerOptions, Tree};
+use shadowfd::remote::{LogLimiter, Server, ServerOptions};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -18,8 +18,9 @@ pub struct ServeArgs {
     /// The socket to listen on  [default: $XDG_RUNTIME_DIR/shadowfd.sock, else /run/shadowfd.sock]
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// Serve the regular files beneath this directory (`..` and symlinks out of it are refused).
-    #[arg(long, value_name = "DIR", conflicts_with = "image")]
+    /// Serve the regular files beneath this directory (`..` and symlinks out of it are refused),
+    /// or the objects under s3://BUCKET/PREFIX/ (docs/object-store.md).
+    #[arg(long, value_name = "DIR|URL", conflicts_with = "image")]
     root: Option<PathBuf>,
     /// Serve the files inside this ext2/ext3/ext4 image.
     #[arg(long, value_name = "IMG")]
@@ -44,6 +45,8 @@ pub struct ServeArgs {
     /// At most this many lazy ranges attached over all clients (1 to 16777216).
     #[arg(long, value_name = "N", default_value_t = shadowfd::remote::MAX_RANGES_TOTAL as u32, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     max_ranges_total: u32,
+    #[command(flatten)]
+    object: crate::object::ObjectOpts,
     #[command(flatten)]
     common: Common,
 }
@@ -143,19 +146,18 @@ pub fn run(a: ServeArgs) -> CliResult {
         .map_err(|e| format!("blocking SIGTERM and SIGINT: {e}"))?;
     let sfd =
         SignalFd::with_flags(&sigs, SfdFlags::SFD_CLOEXEC).map_err(|e| format!("signalfd: {e}"))?;
-    let tree = match (&a.root, &a.image) {
-        (Some(r), None) => Tree::Root(r.clone()),
-        (None, Some(i)) => Tree::Image(i.clone()),
-        _ => {
-            return Err(
-                "say what to serve: --root DIR (the regular files beneath a directory) \
-                        or --image IMG (the files inside an ext2/3/4 image)"
-                    .into(),
-            );
-        }
+    let Some(tree) = crate::object::served_tree(a.root.as_deref(), a.image.as_deref(), &a.object)
+    else {
+        return Err(
+            "say what to serve: --root DIR (the regular files beneath a directory), \
+             --root s3://BUCKET/PREFIX/ (the objects under a prefix) or --image IMG (the files \
+             inside an ext2/3/4 image)"
+                .into(),
+        );
     };
+    let tree = tree?;
     let socket = a.socket.clone().unwrap_or_else(default_socket);
-    let engine = a.common.engine()?;
+    let engine = crate::object::engine_for_tree(&a.common, &tree)?;
     let started = Instant::now();
     let log: shadowfd::remote::EventLog = Arc::new(move |line: &str| {
         eprintln!(
@@ -184,10 +186,7 @@ pub fn run(a: ServeArgs) -> CliResult {
         "listening on {} (mode 0600), serving {}, {mode} shadows, memory budget {} bytes, \
          eager cap {} bytes, peer timeout {:?}",
         socket.display(),
-        match &tree {
-            Tree::Root(r) => format!("--root {}", r.display()),
-            Tree::Image(i) => format!("--image {}", i.display()),
-        },
+        crate::object::describe(&tree),
         cfg.memory_budget,
         cfg.max_size,
         a.peer_timeout

@@ -115,6 +115,25 @@ pub fn run(a: StatusArgs) -> CliResult {
             us(&s["fill_p50_us"]),
             us(&s["fill_p99_us"])
         )?;
+        let ob = &s["object"];
+        if ob.is_object() {
+            writeln!(
+                o,
+                "        fetched {} in {} request(s) ({} retries, {} failed); cache {} hits, {} misses, {} refused; fetch p50 {} p99 {}",
+                h(num(&ob["bytes_fetched"])),
+                ob["requests"],
+                ob["retries"],
+                ob["failures"],
+                ob["cache_hits"],
+                ob["cache_misses"],
+                ob["cache_rejected"],
+                us(&ob["fetch_p50_us"]),
+                us(&ob["fetch_p99_us"])
+            )?;
+            if let Some(e) = ob["last_error"].as_str() {
+                writeln!(o, "        last error {e}")?;
+            }
+        }
     }
     emit(o)
 }

@@ -5,6 +5,8 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod proxy;
+mod serve;
+mod served_faults;
 mod weed;
 
 use proxy::{Mode, Proxy};

@@ -74,6 +74,18 @@ pub enum ObjectError {
         deadline_ms: u64,
         detail: String,
     },
+    #[error(
+        "{url}: listing it failed after {attempts} attempts (deadline {deadline_ms} ms \
+         each): {detail}. Check that {endpoint} is reachable; raise SHADOWFD_OBJECT_DEADLINE \
+         or SHADOWFD_OBJECT_RETRIES for a slow store"
+    )]
+    ListFailed {
+        url: String,
+        endpoint: String,
+        attempts: u32,
+        deadline_ms: u64,
+        detail: String,
+    },
     #[error("{url}: the object has no ETag, so its version cannot be pinned; it is refused")]
     NoEtag { url: String },
     #[error("{url}: {key:?} is a directory (a prefix), not an object")]

@@ -4,7 +4,9 @@
 //!
 //! - [`root`]: files beneath a host directory, opened with
 //!   `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`;
-//! - [`image`]: files inside an ext2/3/4 image.
+//! - [`image`]: files inside an ext2/3/4 image;
+//! - `object`: the objects under an `s3://BUCKET/PREFIX/` (feature
+//!   `object`).
 
 use super::wire;
 use crate::source::{Source, SourceMeta};
@@ -12,6 +14,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 mod image;
+#[cfg(feature = "object")]
+mod object;
 mod root;
 
 /// A refusal to send a client: protocol error code and message.
@@ -24,6 +28,10 @@ pub enum Tree {
     Root(PathBuf),
     /// Regular files inside this ext2/3/4 image.
     Image(PathBuf),
+    /// The objects under this `s3://BUCKET/PREFIX/`, read with these
+    /// settings (the disk cache included); docs/object-store.md.
+    #[cfg(feature = "object")]
+    Object(String, crate::source::object::ObjectConfig),
 }
 
 /// A regular file opened in a served tree.
@@ -56,7 +64,23 @@ pub(crate) fn open(tree: &Tree) -> crate::Result<Arc<dyn ServedTree>> {
     Ok(match tree {
         Tree::Root(p) => Arc::new(root::RootTree::open(p)?),
         Tree::Image(p) => Arc::new(image::ImageTree::open(p)?),
+        #[cfg(feature = "object")]
+        Tree::Object(url, cfg) => Arc::new(object::ObjectServedTree::open(url, cfg.clone())?),
     })
+}
+
+/// What `status` adds to a shadow's JSON for its source: `,"object":{…}`
+/// for an object served from a bucket prefix, else nothing.
+pub(crate) fn source_json(meta: &SourceMeta) -> String {
+    #[cfg(feature = "object")]
+    {
+        object::object_json(meta)
+    }
+    #[cfg(not(feature = "object"))]
+    {
+        let _ = meta;
+        String::new()
+    }
 }
 
 /// The part of a client's path below the served root: leading slashes

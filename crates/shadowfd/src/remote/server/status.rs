@@ -26,7 +26,7 @@ pub(super) fn entry_json(e: &Entry) -> String {
     let s = e.stats();
     let remote = e.attached.load(Ordering::Relaxed);
     format!(
-        "{{\"id\":{},\"name\":{},\"size\":{},\"mode\":{},\"handles\":{},\"lazy_mappings\":{remote},\"resident_bytes\":{},\"faults\":{},\"chunks_filled\":{},\"bytes_filled\":{},\"readahead_chunks\":{},\"errors\":{},\"poisoned_pages\":{},\"budget_refusals\":{},\"fill_p50_us\":{},\"fill_p99_us\":{},\"source_changed\":{},\"last_error\":{}}}",
+        "{{\"id\":{},\"name\":{},\"size\":{},\"mode\":{},\"handles\":{},\"lazy_mappings\":{remote},\"resident_bytes\":{},\"faults\":{},\"chunks_filled\":{},\"bytes_filled\":{},\"readahead_chunks\":{},\"errors\":{},\"poisoned_pages\":{},\"budget_refusals\":{},\"fill_p50_us\":{},\"fill_p99_us\":{},\"source_changed\":{},\"last_error\":{}{}}}",
         e.id,
         json_str(e.name()),
         e.size(),
@@ -44,6 +44,7 @@ pub(super) fn entry_json(e: &Entry) -> String {
         json_opt(s.fill_p99_us),
         s.source_changed,
         s.last_error.as_deref().map_or("null".to_string(), json_str),
+        tree::source_json(e.meta()),
     )
 }
 

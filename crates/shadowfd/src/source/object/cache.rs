@@ -28,25 +28,107 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_128_with_seed};
 
 const MAGIC: &[u8; 8] = b"SHFDCHK1";
 const HEADER: usize = 8 + 8 + 8 + 16;
 
-/// The chunk files of one object version.
+/// The bound of a cache directory and what this process knows of its
+/// use: shared by the [`ChunkCache`]s of one served tree, so that opening
+/// a version does not list the whole directory again.
 #[derive(Debug)]
-pub struct ChunkCache {
+pub struct CacheBudget {
     /// The cache's top directory (holds every version's directory).
     top: PathBuf,
-    /// This version's directory.
-    dir: PathBuf,
-    /// Seeds each chunk's checksum: the version's identity.
-    seed: u64,
     max_bytes: u64,
     /// Bytes written since the last eviction pass, and the total found then.
     written: AtomicU64,
     found: AtomicU64,
+}
+
+impl CacheBudget {
+    /// The cache under `top` (created mode 0700 if missing), bounded to
+    /// `max_bytes`: one eviction pass now.
+    pub fn open(top: &Path, max_bytes: u64) -> io::Result<Arc<CacheBudget>> {
+        fs::create_dir_all(top.join("v1"))?;
+        let _ = fs::set_permissions(top, fs::Permissions::from_mode(0o700));
+        let b = CacheBudget {
+            top: top.to_path_buf(),
+            max_bytes,
+            written: AtomicU64::new(0),
+            found: AtomicU64::new(0),
+        };
+        b.found.store(b.evict(), Ordering::Relaxed);
+        Ok(Arc::new(b))
+    }
+
+    /// Counts `n` bytes written; a pass if they could have taken the
+    /// directory over the bound.
+    fn wrote(&self, n: u64) {
+        let w = self.written.fetch_add(n, Ordering::Relaxed) + n;
+        if self.found.load(Ordering::Relaxed) + w > self.max_bytes {
+            self.written.store(0, Ordering::Relaxed);
+            self.found.store(self.evict(), Ordering::Relaxed);
+        }
+    }
+
+    /// One eviction pass over every version's files: removes temporary
+    /// files older than a minute, then the least recently used chunk files
+    /// until the total is under 90 % of the bound (if it was over it).
+    /// Returns the bytes left.
+    fn evict(&self) -> u64 {
+        let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = Vec::new();
+        let now = std::time::SystemTime::now();
+        let Ok(versions) = fs::read_dir(self.top.join("v1")) else {
+            return 0;
+        };
+        for v in versions.flatten() {
+            let Ok(entries) = fs::read_dir(v.path()) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let Ok(m) = e.metadata() else { continue };
+                if !m.is_file() {
+                    continue;
+                }
+                let t = m.modified().unwrap_or(now);
+                if e.file_name().to_string_lossy().contains(".tmp.") {
+                    if now.duration_since(t).is_ok_and(|d| d.as_secs() > 60) {
+                        let _ = fs::remove_file(e.path());
+                    }
+                    continue;
+                }
+                files.push((t, m.len(), e.path()));
+            }
+        }
+        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        if total <= self.max_bytes {
+            return total;
+        }
+        files.sort();
+        let target = self.max_bytes / 10 * 9;
+        for (_, len, p) in files {
+            if total <= target {
+                break;
+            }
+            if fs::remove_file(&p).is_ok() {
+                total -= len;
+            }
+        }
+        total
+    }
+}
+
+/// The chunk files of one object version.
+#[derive(Debug)]
+pub struct ChunkCache {
+    budget: Arc<CacheBudget>,
+    /// This version's directory.
+    dir: PathBuf,
+    /// Seeds each chunk's checksum: the version's identity.
+    seed: u64,
 }
 
 /// A unique suffix for temporary files.
@@ -63,21 +145,21 @@ impl ChunkCache {
     /// The cache of the object version (endpoint, bucket, key, etag) under
     /// `top` (created mode 0700 if missing), bounded to `max_bytes`.
     pub fn open(top: &Path, max_bytes: u64, identity: [&str; 4]) -> io::Result<ChunkCache> {
+        ChunkCache::open_in(&CacheBudget::open(top, max_bytes)?, identity)
+    }
+
+    /// The cache of the object version (endpoint, bucket, key, etag) in the
+    /// directory `budget` bounds (no eviction pass until it writes).
+    pub fn open_in(budget: &Arc<CacheBudget>, identity: [&str; 4]) -> io::Result<ChunkCache> {
         let id = identity.join("\0");
         let h = xxhash_rust::xxh3::xxh3_128(id.as_bytes());
-        let dir = top.join("v1").join(format!("{h:032x}"));
+        let dir = budget.top.join("v1").join(format!("{h:032x}"));
         fs::create_dir_all(&dir)?;
-        let _ = fs::set_permissions(top, fs::Permissions::from_mode(0o700));
-        let c = ChunkCache {
-            top: top.to_path_buf(),
+        Ok(ChunkCache {
+            budget: budget.clone(),
             dir,
             seed: xxh3_64(id.as_bytes()),
-            max_bytes,
-            written: AtomicU64::new(0),
-            found: AtomicU64::new(0),
-        };
-        c.found.store(c.evict(), Ordering::Relaxed);
-        Ok(c)
+        })
     }
 
     /// Where block `index` lives.
@@ -166,61 +248,8 @@ impl ChunkCache {
             let _ = fs::remove_file(&tmp);
             return r;
         }
-        let w = self
-            .written
-            .fetch_add((HEADER + data.len()) as u64, Ordering::Relaxed)
-            + (HEADER + data.len()) as u64;
-        if self.found.load(Ordering::Relaxed) + w > self.max_bytes {
-            self.written.store(0, Ordering::Relaxed);
-            self.found.store(self.evict(), Ordering::Relaxed);
-        }
+        self.budget.wrote((HEADER + data.len()) as u64);
         Ok(())
-    }
-
-    /// One eviction pass over every version's files: removes temporary
-    /// files older than a minute, then the least recently used chunk files
-    /// until the total is under 90 % of the bound (if it was over it).
-    /// Returns the bytes left.
-    fn evict(&self) -> u64 {
-        let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = Vec::new();
-        let now = std::time::SystemTime::now();
-        let Ok(versions) = fs::read_dir(self.top.join("v1")) else {
-            return 0;
-        };
-        for v in versions.flatten() {
-            let Ok(entries) = fs::read_dir(v.path()) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                let Ok(m) = e.metadata() else { continue };
-                if !m.is_file() {
-                    continue;
-                }
-                let t = m.modified().unwrap_or(now);
-                if e.file_name().to_string_lossy().contains(".tmp.") {
-                    if now.duration_since(t).is_ok_and(|d| d.as_secs() > 60) {
-                        let _ = fs::remove_file(e.path());
-                    }
-                    continue;
-                }
-                files.push((t, m.len(), e.path()));
-            }
-        }
-        let mut total: u64 = files.iter().map(|f| f.1).sum();
-        if total <= self.max_bytes {
-            return total;
-        }
-        files.sort();
-        let target = self.max_bytes / 10 * 9;
-        for (_, len, p) in files {
-            if total <= target {
-                break;
-            }
-            if fs::remove_file(&p).is_ok() {
-                total -= len;
-            }
-        }
-        total
     }
 }
 
@@ -297,5 +326,41 @@ mod tests {
         assert!(c.get(0, block).is_ok(), "the recently used block stays");
         assert_eq!(c.get(1, block), Err(Miss::Absent), "the oldest is evicted");
         assert!(c.get(4, block).is_ok());
+    }
+
+    /// Versions opened in one budget count their writes together: the
+    /// bound holds over all of them, with one pass at the budget's open.
+    #[test]
+    fn versions_sharing_a_budget_are_bounded_together() {
+        let d = tempfile::tempdir().unwrap();
+        let block = 64 << 10;
+        let b = CacheBudget::open(d.path(), 3 * (block as u64 + HEADER as u64)).unwrap();
+        let data = vec![9u8; block];
+        let vs: Vec<ChunkCache> = (0..4)
+            .map(|i| ChunkCache::open_in(&b, ["http://e", "b", &format!("k{i}"), "\"e\""]).unwrap())
+            .collect();
+        for (i, v) in vs.iter().enumerate() {
+            v.put(0, &data).unwrap();
+            let t = std::time::SystemTime::now() - std::time::Duration::from_secs(100 - i as u64);
+            File::options()
+                .write(true)
+                .open(v.path_of(0))
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+        vs[3].put(1, &data).unwrap();
+        let held = vs
+            .iter()
+            .flat_map(|v| [v.get(0, block).is_ok(), v.get(1, block).is_ok()])
+            .filter(|&h| h)
+            .count();
+        assert!(held <= 3, "{held} blocks held over a bound of 3");
+        assert_eq!(
+            vs[0].get(0, block),
+            Err(Miss::Absent),
+            "the oldest version's block went first"
+        );
+        assert!(vs[3].get(1, block).is_ok(), "the newest stays");
     }
 }

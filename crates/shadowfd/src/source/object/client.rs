@@ -49,10 +49,24 @@ fn credentials_given() -> bool {
         || set("AWS_METADATA_ENDPOINT")
 }
 
+/// The HTTP status a failure carries in its text, where the store's
+/// client gives no typed error for it (listings).
+fn status_of(e: &object_store::Error) -> Option<u16> {
+    let t = chain(e);
+    let at = t.find("status code: ")? + "status code: ".len();
+    t.get(at..at + 3)?.parse().ok()
+}
+
 /// Whether a failure may pass if tried again: anything but an answer that
-/// will not change (missing, refused, precondition failed).
+/// will not change (missing, refused, precondition failed, another 4xx
+/// but a timeout or too many requests).
 fn transient(e: &object_store::Error) -> bool {
     use object_store::Error as E;
+    if let Some(s) = status_of(e) {
+        if (400..500).contains(&s) && s != 408 && s != 429 {
+            return false;
+        }
+    }
     !matches!(
         e,
         E::NotFound { .. }
@@ -169,7 +183,40 @@ impl Client {
             self.store.list_with_delimiter(p.as_ref())
         })
         .await
-        .map_err(|f| self.explain(f, 0, 0))
+        .map_err(|f| self.list_failed(f))
+    }
+
+    /// One page of the "directory" `prefix` (no trailing slash; empty:
+    /// the bucket's top), `/` as the delimiter, at most `max` items (objects
+    /// and common prefixes) with keys after `after` (ListObjectsV2
+    /// `start-after`), retried like a HEAD. The listing, and whether the
+    /// store has more after it.
+    pub async fn list_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<(object_store::ListResult, bool), ObjectError> {
+        use object_store::list::{PaginatedListOptions, PaginatedListStore};
+        let p = (!prefix.is_empty()).then(|| format!("{prefix}/"));
+        let r = self
+            .with_retries(
+                None::<fn(&object_store::list::PaginatedListResult) -> u64>,
+                || {
+                    self.store.list_paginated(
+                        p.as_deref(),
+                        PaginatedListOptions {
+                            offset: after.map(str::to_string),
+                            delimiter: Some("/".into()),
+                            max_keys: Some(max),
+                            ..PaginatedListOptions::default()
+                        },
+                    )
+                },
+            )
+            .await
+            .map_err(|f| self.list_failed(f))?;
+        Ok((r.result, r.page_token.is_some()))
     }
 
     /// A HEAD of `key` of the bucket; `None` if there is no such object.
@@ -308,6 +355,47 @@ impl Client {
         };
         self.counters.failed(e.to_string());
         e
+    }
+
+    /// A listing that failed: refused (401, 403), no bucket (404), or
+    /// failed for good after its retries.
+    fn list_failed(&self, f: Fail) -> ObjectError {
+        if let Fail::Store(e) = &f {
+            match status_of(e) {
+                Some(401 | 403) => {
+                    return ObjectError::Denied {
+                        url: self.url_s(),
+                        endpoint: self.endpoint.clone(),
+                        detail: format!("listing: HTTP {}", status_of(e).unwrap_or(403)),
+                    };
+                }
+                Some(404) => {
+                    return ObjectError::NoBucket {
+                        url: self.url_s(),
+                        bucket: self.url.bucket.clone(),
+                        endpoint: self.endpoint.clone(),
+                    };
+                }
+                _ => {}
+            }
+        }
+        match self.explain(f, 0, 0) {
+            ObjectError::Failed {
+                url,
+                endpoint,
+                attempts,
+                deadline_ms,
+                detail,
+                ..
+            } => ObjectError::ListFailed {
+                url,
+                endpoint,
+                attempts,
+                deadline_ms,
+                detail,
+            },
+            e => e,
+        }
     }
 
     fn explain(&self, f: Fail, start: u64, end: u64) -> ObjectError {

@@ -23,9 +23,9 @@ mod tree;
 mod url;
 
 pub use crate::object_error::ObjectError;
-pub use cache::ChunkCache;
+pub use cache::{CacheBudget, ChunkCache};
 pub use stats::{ObjectCounters, ObjectStats};
-pub use tree::{ObjectEntry, ObjectTree};
+pub use tree::{ObjectEntry, ObjectPage, ObjectTree};
 pub use url::{CacheConfig, DEFAULT_CACHE_SIZE, ObjectConfig, ObjectUrl};
 
 use super::{FileKind, Source, SourceMeta, Timestamp};
@@ -51,6 +51,18 @@ fn runtime(url: &str) -> Result<Arc<tokio::runtime::Runtime>, ObjectError> {
         })
 }
 
+/// A cache directory that cannot be used, with the fix.
+fn cache_error(c: &CacheConfig, e: io::Error) -> ObjectError {
+    ObjectError::Config {
+        what: "the cache directory",
+        value: c.dir.display().to_string(),
+        why: format!("{e}; choose a writable directory (XDG_CACHE_HOME) or turn the cache off"),
+    }
+}
+
+/// The seed of [`ObjectSource::version_id`]'s hash.
+const VERSION_SEED: u64 = 0x7368_6164_6f77_6664;
+
 /// How long the open's HEAD answers [`Source::metadata`] before it asks
 /// again.
 const HEAD_FRESH: Duration = Duration::from_secs(1);
@@ -67,6 +79,9 @@ pub struct ObjectSource {
     name: String,
     meta: SourceMeta,
     changed: AtomicBool,
+    /// A second hash of (endpoint, bucket, key, ETag), independent of the
+    /// identity's device and inode.
+    version_id: u64,
     /// The last HEAD, and when.
     last_head: Mutex<(Instant, Head)>,
 }
@@ -108,23 +123,37 @@ impl ObjectSource {
         cfg: ObjectConfig,
         rt: Arc<tokio::runtime::Runtime>,
     ) -> Result<ObjectSource, ObjectError> {
+        ObjectSource::open_sharing(client, cfg, rt, None, &|_| None)
+    }
+
+    /// As [`ObjectSource::open_on`]; `budget`: the disk cache's budget
+    /// shared with the other sources of a tree (else one of its own, which
+    /// costs a pass over the directory); `share` may give, for the metadata
+    /// the HEAD found, counters to count in instead of the client's own
+    /// (those of the sources of one version, shared).
+    fn open_sharing(
+        mut client: Client,
+        cfg: ObjectConfig,
+        rt: Arc<tokio::runtime::Runtime>,
+        budget: Option<&Arc<CacheBudget>>,
+        share: &dyn Fn(&SourceMeta) -> Option<Arc<ObjectCounters>>,
+    ) -> Result<ObjectSource, ObjectError> {
         let u = client.url.clone();
         let head = rt.block_on(client.head())?;
         let cache = match &cfg.cache {
-            Some(c) => Some(
-                ChunkCache::open(
-                    &c.dir,
-                    c.max_bytes,
-                    [&client.endpoint, &u.bucket, &u.key, &head.etag],
-                )
-                .map_err(|e| ObjectError::Config {
-                    what: "the cache directory",
-                    value: c.dir.display().to_string(),
-                    why: format!(
-                        "{e}; choose a writable directory (XDG_CACHE_HOME) or turn the cache off"
-                    ),
-                })?,
-            ),
+            Some(c) => {
+                let id = [
+                    client.endpoint.as_str(),
+                    u.bucket.as_str(),
+                    u.key.as_str(),
+                    head.etag.as_str(),
+                ];
+                let opened = match budget {
+                    Some(b) => ChunkCache::open_in(b, id),
+                    None => ChunkCache::open(&c.dir, c.max_bytes, id),
+                };
+                Some(opened.map_err(|e| cache_error(c, e))?)
+            }
             None => None,
         };
         let t = Timestamp {
@@ -139,12 +168,22 @@ impl ObjectSource {
             inode: hash64(&[&u.key, &head.etag]),
             kind: FileKind::Regular,
         };
+        if let Some(c) = share(&meta) {
+            client.counters = c;
+        }
+        let version_id = xxhash_rust::xxh3::xxh3_64_with_seed(
+            [client.endpoint.as_str(), &u.bucket, &u.key, &head.etag]
+                .join("\0")
+                .as_bytes(),
+            VERSION_SEED,
+        );
         let blocks = Blocks::new(client, cache, head.etag.clone(), head.size, rt);
         Ok(ObjectSource {
             blocks,
             name: u.to_string(),
             meta,
             changed: AtomicBool::new(false),
+            version_id,
             last_head: Mutex::new((Instant::now(), head)),
         })
     }
@@ -152,6 +191,14 @@ impl ObjectSource {
     /// The ETag every read is pinned to.
     pub fn etag(&self) -> &str {
         &self.blocks.shared().etag
+    }
+
+    /// A 64-bit hash of (endpoint, bucket, key, ETag) independent of
+    /// [`SourceMeta::device`] (endpoint, bucket) and [`SourceMeta::inode`]
+    /// (key, ETag): with them, 128 bits that tell versions apart (the
+    /// server's shadow table keys on all three).
+    pub fn version_id(&self) -> u64 {
+        self.version_id
     }
 
     /// The endpoint requests go to.
