@@ -15,6 +15,7 @@ const BIG: usize = 64 << 20;
 
 use common::OutputWithin;
 use common::preload;
+use common::python_with_numpy;
 
 /// How long any one program of these tests may run before it is killed
 /// and its test fails (a hang must never hang the suite).
@@ -185,23 +186,6 @@ fn dd_with_1m_blocks() {
         "status=none",
     ]));
     assert!(out == tree().big[3 << 20..5 << 20]);
-}
-
-/// A python3 that has numpy: `python3` on PATH, else /usr/bin/python3.
-fn python_with_numpy() -> &'static str {
-    for p in ["python3", "/usr/bin/python3"] {
-        let ok = Command::new(p)
-            .args(["-c", "import numpy"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if ok {
-            return p;
-        }
-    }
-    panic!(
-        "neither python3 on PATH nor /usr/bin/python3 can import numpy; \
-         install it (apt-get install python3-numpy) to run the numpy.memmap test"
-    );
 }
 
 #[test]

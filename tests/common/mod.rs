@@ -201,3 +201,22 @@ impl OutputWithin for Command {
         }
     }
 }
+
+/// A python3 that can import numpy (`python3` on PATH, else
+/// `/usr/bin/python3`). Panics, naming the package, when there is none: the
+/// tests that call it need numpy, and scripts/test installs it.
+pub fn python_with_numpy() -> &'static str {
+    for p in ["python3", "/usr/bin/python3"] {
+        let ok = std::process::Command::new(p)
+            .args(["-c", "import numpy"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            return p;
+        }
+    }
+    panic!(
+        "neither python3 on PATH nor /usr/bin/python3 can import numpy; \
+         install it (apt-get install python3-numpy) to run the numpy tests"
+    );
+}

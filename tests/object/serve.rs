@@ -5,7 +5,7 @@
 //! (counted by `status`); an overwritten object served as a new shadow;
 //! listings of many pages whole and without repeats.
 
-use super::common::{self, OutputWithin};
+use super::common::{self, OutputWithin, python_with_numpy};
 use super::weed::Weed;
 use super::{cli, setup, url};
 use serde_json::Value;
@@ -47,21 +47,6 @@ fn ok_text(o: Output) -> String {
 fn host(cmd: &[&str]) -> String {
     let o = Command::new(cmd[0]).args(&cmd[1..]).output_within(LIMIT);
     ok_text(o)
-}
-
-/// A python3 that has numpy (`/usr/bin/python3` where `python3` on PATH
-/// lacks it).
-fn python_with_numpy() -> &'static str {
-    for p in ["python3", "/usr/bin/python3"] {
-        let ok = Command::new(p)
-            .args(["-c", "import numpy"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if ok {
-            return p;
-        }
-    }
-    panic!("no python3 with numpy (apt-get install python3-numpy): the numpy test needs one");
 }
 
 /// A local directory with a raw file, a `.npy` array and an SQLite

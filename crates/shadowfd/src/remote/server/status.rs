@@ -2,21 +2,7 @@
 //! shared shadow, as JSON.
 
 use super::*;
-
-pub(super) fn json_str(s: &str) -> String {
-    let mut o = String::with_capacity(s.len() + 2);
-    o.push('"');
-    for ch in s.chars() {
-        match ch {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
+use crate::remote::wire::json_str;
 
 pub(super) fn json_opt(v: Option<f64>) -> String {
     v.map_or("null".into(), |x| format!("{x:.1}"))

@@ -327,23 +327,8 @@ fn stats_json(s: &ObjectStats) -> String {
         opt(s.fetch_p99_us),
         s.last_error
             .as_deref()
-            .map_or("null".to_string(), json_text),
+            .map_or("null".to_string(), wire::json_str),
     )
-}
-
-fn json_text(s: &str) -> String {
-    let mut o = String::with_capacity(s.len() + 2);
-    o.push('"');
-    for ch in s.chars() {
-        match ch {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
 }
 
 #[cfg(test)]
@@ -351,8 +336,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn json_text_escapes() {
-        assert_eq!(json_text("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+    fn json_str_escapes() {
+        assert_eq!(wire::json_str("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
     }
 
     #[test]
