@@ -314,3 +314,41 @@ mod tests {
         assert_eq!(Access::Seq.pages(0, 4096, 1).count(), 0);
     }
 }
+
+/// How `map` and `client map` touch a mapping, and what they report.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TouchArgs {
+    /// seq | random:FRACTION | first | strided[:STRIDE] | none
+    #[arg(long, default_value = "seq", value_name = "PATTERN")]
+    pub access: Access,
+    /// Check every touched page against the source (for `client map`, the
+    /// server's FILL of it).
+    #[arg(long)]
+    pub verify: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Seed for random access.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+impl TouchArgs {
+    /// The pages the pattern touches in a mapping of `len` bytes.
+    pub fn pages(&self, len: u64, page: u64) -> Pages {
+        self.access.pages(len, page, self.seed)
+    }
+
+    /// Touches one byte of each page of the pattern in `map`: how many
+    /// pages, and how long it took (µs).
+    pub fn touch(&self, map: &[u8], page: u64) -> (u64, f64) {
+        let mut n = 0u64;
+        let t = std::time::Instant::now();
+        std::hint::black_box(touch(
+            map,
+            self.pages(map.len() as u64, page).inspect(|_| n += 1),
+            page,
+        ));
+        (n, t.elapsed().as_secs_f64() * 1e6)
+    }
+}

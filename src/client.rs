@@ -1,7 +1,7 @@
 //! `shadowfd client`: cat and map files served by `shadowfd serve`.
 
 use crate::CliResult;
-use crate::access::{self, Access};
+use crate::access;
 use crate::map::ReportedInJson;
 use crate::serve::{default_socket, duration_arg};
 use clap::{Args, Subcommand};
@@ -55,24 +55,14 @@ enum ClientCmd {
     Map {
         /// The file, a path inside the served tree.
         file: String,
-        /// seq | random:FRACTION | first | strided[:STRIDE] | none
-        #[arg(long, default_value = "seq", value_name = "PATTERN")]
-        access: Access,
-        /// Check every touched page against the server's FILL of it.
-        #[arg(long)]
-        verify: bool,
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
-        /// Seed for random access.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
+        #[command(flatten)]
+        touch: access::TouchArgs,
     },
 }
 
 impl ClientArgs {
     pub fn json(&self) -> bool {
-        matches!(self.cmd, ClientCmd::Map { json: true, .. })
+        matches!(&self.cmd, ClientCmd::Map { touch, .. } if touch.json)
     }
 }
 
@@ -105,13 +95,7 @@ pub fn run(a: ClientArgs) -> CliResult {
     let client = connect(&a)?;
     match &a.cmd {
         ClientCmd::Cat { file, fill } => cat(&client, file, *fill),
-        ClientCmd::Map {
-            file,
-            access,
-            verify,
-            json,
-            seed,
-        } => map(&client, file, *access, *verify, *json, *seed),
+        ClientCmd::Map { file, touch } => map(&client, file, touch),
     }
 }
 
@@ -161,7 +145,8 @@ fn cat(client: &Client, file: &str, fill: bool) -> CliResult {
     Ok(())
 }
 
-fn map(client: &Client, file: &str, acc: Access, verify: bool, json: bool, seed: u64) -> CliResult {
+fn map(client: &Client, file: &str, touch: &access::TouchArgs) -> CliResult {
+    let (acc, verify, json) = (touch.access, touch.verify, touch.json);
     let t = Instant::now();
     let f = client.open(file)?;
     let open_us = t.elapsed().as_secs_f64() * 1e6;
@@ -173,15 +158,8 @@ fn map(client: &Client, file: &str, acc: Access, verify: bool, json: bool, seed:
         crate::sigbus::report_in_json();
     }
     let page = shadowfd::page_size() as u64;
-    let pages = || acc.pages(map.len() as u64, page, seed);
-    let mut pages_touched = 0u64;
-    let t = Instant::now();
-    std::hint::black_box(access::touch(
-        &map,
-        pages().inspect(|_| pages_touched += 1),
-        page,
-    ));
-    let access_us = t.elapsed().as_secs_f64() * 1e6;
+    let pages = || touch.pages(map.len() as u64, page);
+    let (pages_touched, access_us) = touch.touch(&map, page);
     let (verified, mismatch_offset) = if verify {
         let mut buf = vec![0u8; page as usize];
         let mut bad = None;

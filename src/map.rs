@@ -1,11 +1,10 @@
 //! `shadowfd map`.
 
-use crate::access::{self, Access};
+use crate::access::TouchArgs;
 use crate::{CliResult, Common, Target, sigbus};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use shadowfd::{Share, Source};
-use std::time::Instant;
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
 enum ShareArg {
@@ -19,27 +18,17 @@ pub struct MapArgs {
     target: Target,
     #[command(flatten)]
     common: Common,
-    /// seq | random:FRACTION | first | strided[:STRIDE] | none
-    #[arg(long, default_value = "seq", value_name = "PATTERN")]
-    access: Access,
-    /// Check every touched page against the source.
-    #[arg(long)]
-    verify: bool,
-    /// Print one JSON object.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    touch: TouchArgs,
     /// MAP_SHARED or MAP_PRIVATE.
     #[arg(long, value_enum, default_value = "shared")]
     share: ShareArg,
-    /// Seed for random access.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
 }
 
 impl MapArgs {
     /// Whether `--json` was given: failures are then reported in JSON too.
     pub fn json(&self) -> bool {
-        self.json
+        self.touch.json
     }
 }
 
@@ -135,21 +124,14 @@ pub fn run(a: MapArgs) -> CliResult {
     };
     let map = shadow.map(share)?;
     sigbus::watch(&map, sigbus::local_cause(shadow.clone()));
-    if a.json {
+    if a.touch.json {
         sigbus::report_in_json();
     }
     let page = shadowfd::page_size() as u64;
     // The pattern streams: no list of pages is built, so a pattern over a
     // huge mapping costs memory only for the pages it touches.
-    let pages = || a.access.pages(map.len() as u64, page, a.seed);
-    let mut pages_touched = 0u64;
-    let t = Instant::now();
-    std::hint::black_box(access::touch(
-        &map,
-        pages().inspect(|_| pages_touched += 1),
-        page,
-    ));
-    let access_us = t.elapsed().as_secs_f64() * 1e6;
+    let pages = || a.touch.pages(map.len() as u64, page);
+    let (pages_touched, access_us) = a.touch.touch(&map, page);
     // The SIGBUS watcher keeps the shadow to the end of the process, so
     // its drop would not store the working-set record.
     let stored = shadow.save_workset()?;
@@ -168,7 +150,7 @@ pub fn run(a: MapArgs) -> CliResult {
     });
     let resident_bytes = shadow.resident_bytes()?;
     let object = a.target.object.stats();
-    let (verified, mismatch_offset) = if a.verify {
+    let (verified, mismatch_offset) = if a.touch.verify {
         let src = a.target.source_uncached()?;
         let m = verify(&map, pages(), page, &*src)?;
         (Some(m.is_none()), m)
@@ -179,7 +161,7 @@ pub fn run(a: MapArgs) -> CliResult {
         path: shadow.name().to_string(),
         mode: shadow.mode(),
         size: shadow.size(),
-        access: a.access.to_string(),
+        access: a.touch.access.to_string(),
         share: share.as_str(),
         pages_touched,
         open_us: shadow.open_time().as_secs_f64() * 1e6,
@@ -199,7 +181,7 @@ pub fn run(a: MapArgs) -> CliResult {
         object,
         workset,
     };
-    if a.json {
+    if a.touch.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         print_human(&r);
@@ -211,7 +193,7 @@ pub fn run(a: MapArgs) -> CliResult {
         );
         // With --json the report above already says so (`verified: false`,
         // `mismatch_offset`): no second JSON object.
-        return Err(if a.json {
+        return Err(if a.touch.json {
             Box::new(ReportedInJson(msg))
         } else {
             msg.into()

@@ -23,6 +23,23 @@ pub struct Sample {
 }
 
 impl Sample {
+    /// A run timed in this process: (open, access, close) µs, the bytes
+    /// resident, and (faults as [`Sample::faults`] counts them, page
+    /// faults).
+    pub fn in_process(us: (f64, f64, f64), resident_bytes: u64, faults: (u64, u64)) -> Sample {
+        Sample {
+            open_us: us.0,
+            access_us: us.1,
+            close_us: us.2,
+            resident_bytes,
+            faults: faults.0,
+            page_faults: faults.1,
+            process_us: None,
+        }
+    }
+}
+
+impl Sample {
     pub fn total_us(&self) -> f64 {
         self.open_us + self.access_us
     }

@@ -184,15 +184,11 @@ pub(super) fn run_shadow_checked(
     let t2 = Instant::now();
     drop(map);
     drop(shadow);
-    Ok(Sample {
-        open_us,
-        access_us,
-        close_us: us(t2),
+    Ok(Sample::in_process(
+        (open_us, access_us, us(t2)),
         resident_bytes,
-        faults,
-        page_faults,
-        process_us: None,
-    })
+        (faults, page_faults),
+    ))
 }
 
 /// Compares every byte of every page in `pages` of `map` with the data
@@ -227,15 +223,11 @@ pub(super) fn run_mmap(path: &Path, pages: &[u64], page: u64) -> Result<Sample, 
     let t2 = Instant::now();
     drop(map);
     drop(file);
-    Ok(Sample {
-        open_us,
-        access_us,
-        close_us: us(t2),
+    Ok(Sample::in_process(
+        (open_us, access_us, us(t2)),
         resident_bytes,
-        faults: page_faults,
-        page_faults,
-        process_us: None,
-    })
+        (page_faults, page_faults),
+    ))
 }
 
 /// The `raw` floor: open = open(2) of the file + memfd + userfaultfd + mmap
@@ -256,15 +248,11 @@ pub(super) fn run_raw(ctx: &Ctx, pages: &[u64]) -> Result<Sample, String> {
     let resident_bytes = region.resident_bytes().map_err(err)?;
     let t2 = Instant::now();
     region.close().map_err(err)?;
-    Ok(Sample {
-        open_us,
-        access_us,
-        close_us: us(t2),
+    Ok(Sample::in_process(
+        (open_us, access_us, us(t2)),
         resident_bytes,
-        faults,
-        page_faults,
-        process_us: None,
-    })
+        (faults, page_faults),
+    ))
 }
 
 /// The `memcpy` floor: open = memfd + mmap + memcpy of the whole file from
@@ -283,15 +271,11 @@ pub(super) fn run_memcpy(ctx: &Ctx, pages: &[u64]) -> Result<Sample, String> {
     let resident_bytes = region.resident_bytes().map_err(err)?;
     let t2 = Instant::now();
     drop(region);
-    Ok(Sample {
-        open_us,
-        access_us,
-        close_us: us(t2),
+    Ok(Sample::in_process(
+        (open_us, access_us, us(t2)),
         resident_bytes,
-        faults: page_faults,
-        page_faults,
-        process_us: None,
-    })
+        (page_faults, page_faults),
+    ))
 }
 
 /// Runs the reader program (`cmd`), which times itself, and checks what it
