@@ -18,8 +18,9 @@
 //! Paths with `..` or with a symbolic link on the way are left to the slow
 //! path, which resolves them through `ext4-view`.
 
+use super::Pread;
+use super::fail::{Fail, ext4_fail, image_fail};
 use super::layout::{Geometry, Inode, LayoutError, ROOT_INO};
-use super::{Fail, Pread, ext4_fail, image_fail};
 use crate::source::FileKind;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -29,8 +30,8 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 /// The image file as it is now.
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct ImageKey {
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct ImageKey {
     dev: u64,
     ino: u64,
     size: u64,
@@ -39,15 +40,18 @@ struct ImageKey {
 }
 
 impl ImageKey {
-    fn of(f: &File) -> io::Result<ImageKey> {
-        let m = f.metadata()?;
-        Ok(ImageKey {
+    pub(super) fn of(f: &File) -> io::Result<ImageKey> {
+        Ok(ImageKey::of_meta(&f.metadata()?))
+    }
+
+    pub(super) fn of_meta(m: &std::fs::Metadata) -> ImageKey {
+        ImageKey {
             dev: m.dev(),
             ino: m.ino(),
             size: m.size(),
             mtime: (m.mtime(), m.mtime_nsec()),
             ctime: (m.ctime(), m.ctime_nsec()),
-        })
+        }
     }
 }
 
@@ -75,8 +79,15 @@ pub(super) enum Walk {
 }
 
 /// Walks `inner` (an absolute path in the image) through the directory
-/// indexes.
-pub(super) fn walk(image: &File, img: &str, geo: &Geometry, inner: &[u8]) -> Result<Walk, Fail> {
+/// indexes of the image as `key` describes it (its state when `geo` was
+/// read).
+pub(super) fn walk(
+    image: &File,
+    img: &str,
+    geo: &Geometry,
+    key: &ImageKey,
+    inner: &[u8],
+) -> Result<Walk, Fail> {
     let mut names: Vec<&[u8]> = Vec::new();
     for c in inner.split(|&b| b == b'/') {
         match c {
@@ -85,29 +96,35 @@ pub(super) fn walk(image: &File, img: &str, geo: &Geometry, inner: &[u8]) -> Res
             c => names.push(c),
         }
     }
-    let Ok(key) = ImageKey::of(image) else {
-        return Ok(Walk::Slow);
-    };
     let layout = |e: LayoutError| {
         let (k, r) = image_fail(e, img);
         Fail::Image(k, r)
     };
-    let mut inode = geo.inode(image, ROOT_INO).map_err(layout)?;
+    // A directory's inode is read only when its table is not kept yet: a
+    // table is only ever built for a directory of this same image state.
+    let mut ino = ROOT_INO;
     let mut path = Vec::new();
     for name in names {
-        match inode.kind() {
-            FileKind::Directory => {}
-            FileKind::Symlink => return Ok(Walk::Slow),
-            _ => return Ok(Walk::NotADirectory),
-        }
-        let table = table(image, img, geo, &key, &inode, &path)?;
-        let Some(&ino) = table.get(name) else {
+        let table = match cached(key, ino) {
+            Some(t) => t,
+            None => {
+                let inode = geo.inode(image, ino).map_err(layout)?;
+                match inode.kind() {
+                    FileKind::Directory => {}
+                    FileKind::Symlink => return Ok(Walk::Slow),
+                    _ => return Ok(Walk::NotADirectory),
+                }
+                table(image, img, geo, key, &inode, &path)?
+            }
+        };
+        let Some(&next) = table.get(name) else {
             return Ok(Walk::NotFound);
         };
-        inode = geo.inode(image, ino).map_err(layout)?;
+        ino = next;
         path.push(b'/');
         path.extend_from_slice(name);
     }
+    let inode = geo.inode(image, ino).map_err(layout)?;
     if inode.kind() == FileKind::Symlink {
         return Ok(Walk::Slow);
     }
@@ -115,6 +132,15 @@ pub(super) fn walk(image: &File, img: &str, geo: &Geometry, inner: &[u8]) -> Res
         path.push(b'/');
     }
     Ok(Walk::Found(inode, path))
+}
+
+/// The kept table of directory inode `ino` in the image as `key` describes
+/// it, if there is one.
+fn cached(key: &ImageKey, ino: u32) -> Option<Names> {
+    CACHE
+        .lock()
+        .as_ref()
+        .and_then(|c| c.tables.get(&(key.clone(), ino)).cloned())
 }
 
 /// The name → inode table of directory `dir` (whose canonical path is
@@ -128,8 +154,8 @@ fn table(
     dir_path: &[u8],
 ) -> Result<Names, Fail> {
     let k = (key.clone(), dir.ino);
-    if let Some(t) = CACHE.lock().as_ref().and_then(|c| c.tables.get(&k)) {
-        return Ok(t.clone());
+    if let Some(t) = cached(key, dir.ino) {
+        return Ok(t);
     }
     let entries = geo.entries(image, dir).map_err(|e| {
         let (k, r) = image_fail(e, img);
