@@ -254,14 +254,14 @@ impl Geometry {
         Ok(out)
     }
 
-    /// Calls `visit(name, inode)` for each entry of directory `dir` in the
+    /// Calls `visit(name, inode, type)` for each entry of directory `dir` in the
     /// order of its blocks (one linear scan), until it returns `true`;
     /// whether one did.
     fn scan(
         &self,
         f: &File,
         dir: &Inode,
-        mut visit: impl FnMut(&[u8], u32) -> bool,
+        mut visit: impl FnMut(&[u8], u32, u8) -> bool,
     ) -> LResult<bool> {
         if dir.kind() != FileKind::Directory {
             return Err(LayoutError::NotADirectory);
@@ -286,7 +286,7 @@ impl Geometry {
                 if rec_len < 8 || at + rec_len > block.len() || 8 + name_len > rec_len {
                     return corrupt(format!("directory inode {}: bad entry", dir.ino));
                 }
-                if ino != 0 && visit(&block[at + 8..at + 8 + name_len], ino) {
+                if ino != 0 && visit(&block[at + 8..at + 8 + name_len], ino, block[at + 7]) {
                     return Ok(true);
                 }
                 at += rec_len;
@@ -295,14 +295,15 @@ impl Geometry {
         Ok(false)
     }
 
-    /// Every named entry of directory `dir` (name, inode number) but `.`
-    /// and `..`, in the order of its blocks: for an index of the directory
-    /// (super::index).
-    pub fn entries(&self, f: &File, dir: &Inode) -> LResult<Vec<(Vec<u8>, u32)>> {
+    /// Every named entry of directory `dir` (name, inode number, the
+    /// entry's file type byte: 0 unknown, 1 regular, 2 directory, 7
+    /// symlink, 3 to 6 others) but `.` and `..`, in the order of its
+    /// blocks: for an index of the directory (super::index).
+    pub fn entries(&self, f: &File, dir: &Inode) -> LResult<Vec<(Vec<u8>, u32, u8)>> {
         let mut out = Vec::new();
-        self.scan(f, dir, |name, ino| {
+        self.scan(f, dir, |name, ino, ty| {
             if name != b"." && name != b".." {
-                out.push((name.to_vec(), ino));
+                out.push((name.to_vec(), ino, ty));
             }
             false
         })?;
@@ -313,7 +314,7 @@ impl Geometry {
     /// htree directory keeps every entry in such a linear layout too).
     pub fn lookup(&self, f: &File, dir: &Inode, name: &[u8]) -> LResult<u32> {
         let mut found = 0;
-        let hit = self.scan(f, dir, |n, ino| {
+        let hit = self.scan(f, dir, |n, ino, _| {
             found = ino;
             n == name
         })?;

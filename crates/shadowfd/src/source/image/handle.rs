@@ -164,9 +164,41 @@ struct Slow {
     fs: ext4_view::Ext4,
 }
 
+/// A batch's snapshots, by the address of their [`OpenImage`].
+type Pins = Vec<(usize, Arc<Snapshot>)>;
+
 thread_local! {
     static LAST: RefCell<Option<Last>> = const { RefCell::new(None) };
     static SLOW: RefCell<Option<Slow>> = const { RefCell::new(None) };
+    /// Inside [`batch`]: the snapshot each image (by the address of its
+    /// [`OpenImage`]) was checked as, once, in this batch.
+    static PINNED: RefCell<Option<Pins>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` as one request: every image it asks about is checked against
+/// its path once (the first time), and that snapshot answers the rest of
+/// `f`. For a request about many paths (SMALL): one `stat` of the image
+/// instead of one per path and step, and every answer from one snapshot.
+pub(crate) fn batch<R>(f: impl FnOnce() -> R) -> R {
+    struct Unpin(bool);
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            if self.0 {
+                PINNED.with(|p| *p.borrow_mut() = None);
+            }
+        }
+    }
+    // A batch inside a batch keeps the outer one's pins.
+    let outer = PINNED.with(|p| {
+        let mut p = p.borrow_mut();
+        let outer = p.is_some();
+        if !outer {
+            *p = Some(Vec::new());
+        }
+        outer
+    });
+    let _unpin = Unpin(!outer);
+    f()
 }
 
 impl OpenImage {
@@ -193,8 +225,30 @@ impl OpenImage {
 
     /// The image as it is now: the held snapshot if the file at the path is
     /// still it, unchanged; otherwise a new one (one `stat` when nothing
-    /// changed).
+    /// changed). Inside [`batch`], the snapshot this image was first
+    /// checked as in the batch.
     pub(crate) fn snapshot(&self) -> Result<Arc<Snapshot>, ImageError> {
+        let me = self as *const OpenImage as usize;
+        let pinned = PINNED.with(|p| {
+            p.borrow()
+                .as_ref()
+                .and_then(|v| v.iter().find(|(at, _)| *at == me).map(|(_, s)| s.clone()))
+        });
+        if let Some(s) = pinned {
+            return Ok(s);
+        }
+        let snap = self.check()?;
+        PINNED.with(|p| {
+            if let Some(v) = p.borrow_mut().as_mut() {
+                v.push((me, snap.clone()));
+            }
+        });
+        Ok(snap)
+    }
+
+    /// The held snapshot if the file at the path is still it, unchanged;
+    /// else a new one.
+    fn check(&self) -> Result<Arc<Snapshot>, ImageError> {
         let st = std::fs::metadata(&self.path).map_err(|e| ImageError {
             location: self.img.clone(),
             kind: e.kind(),

@@ -32,7 +32,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 pub use file::ImageSource;
-pub(crate) use handle::OpenImage;
+pub(crate) use handle::{OpenImage, batch};
 
 /// How reads reach the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
