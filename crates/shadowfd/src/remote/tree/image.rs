@@ -26,8 +26,9 @@ impl ImageTree {
         {
             let image =
                 crate::source::image::OpenImage::open(image).map_err(|e| crate::Error::Open {
-                    path: image.into(),
-                    source: e.into(),
+                    // The error names the image (or the path in it) itself.
+                    path: e.location().into(),
+                    source: io::Error::new(e.kind(), e.reason().to_string()),
                 })?;
             Ok(ImageTree { image })
         }
