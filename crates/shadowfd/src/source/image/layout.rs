@@ -155,7 +155,7 @@ thread_local! {
 
 /// Groups whose inode table locations a geometry remembers at most (8 bytes
 /// each); past this, descriptors are read per inode as before.
-const MAX_CACHED_GROUPS: u64 = 1 << 20;
+const MAX_CACHED_GROUPS: u64 = 1 << 16;
 
 impl Geometry {
     /// Reads the superblock (group descriptors are read when needed).
