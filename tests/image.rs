@@ -1610,3 +1610,62 @@ fn fuzzed_images_give_exact_bytes_a_clean_error_or_what_debugfs_reads() {
         failures.join("\n")
     );
 }
+
+/// Under `metadata_csum` shadowfd's own reader verifies every inode it
+/// reads, as ext4-view and the kernel do: an inode whose bytes no longer
+/// match its checksum (here its mtime, which changes no size or block) is
+/// refused naming the inode and the checksum, where e2fsck flags it too;
+/// the files around it still read exactly, and once e2fsck has repaired
+/// it the file reads again.
+#[test]
+fn inodes_failing_their_checksum_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("t");
+    fs::create_dir(&tree).unwrap();
+    let a: Vec<u8> = (0..5000u32).map(|i| (i * 131 % 251) as u8).collect();
+    let b: Vec<u8> = (0..7000u32).map(|i| (i * 17 % 253) as u8).collect();
+    fs::write(tree.join("a"), &a).unwrap();
+    fs::write(tree.join("b"), &b).unwrap();
+    let img = dir.path().join("csum.img");
+    mkfs(&["mkfs.ext4", "-b", "4096"], &[], &tree, &img, "16M");
+    let out = shadowfd(&["cat", "/a"], &img);
+    assert!(out.status.success() && out.stdout == a, "intact image");
+    let imap = debugfs(&img, false, "imap /a");
+    let num = |after: &str| -> u64 {
+        let s = imap.split(after).nth(1).unwrap().trim_start();
+        let s = s
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .next()
+            .unwrap();
+        match s.strip_prefix("0x") {
+            Some(h) => u64::from_str_radix(h, 16).unwrap(),
+            None => s.parse().unwrap(),
+        }
+    };
+    let inode_at = num("located at block") * 4096 + num("offset");
+    let ino = inode_number(&img, "/a");
+    // i_mtime at 0x10: one bit flipped.
+    let mtime = peek(&img, inode_at + 0x10, 1)[0];
+    poke(&img, inode_at + 0x10, &[mtime ^ 0x40]);
+    assert!(!e2fsck_clean(&img), "e2fsck should flag the inode");
+    for mode in ["eager", "lazy"] {
+        let err = cli_fails(&["cat", "--mode", mode, "/a"], &img);
+        assert_has(&err, &[&format!("inode {ino}"), "checksum", "Run e2fsck"]);
+    }
+    let e = ImageSource::open(&img, "/a").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidData, "{e}");
+    let out = shadowfd(&["cat", "/b"], &img);
+    assert!(out.status.success() && out.stdout == b, "the other file");
+    let _ = Command::new("e2fsck")
+        .arg("-fy")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(e2fsck_clean(&img), "e2fsck -fy should have repaired it");
+    let out = shadowfd(&["cat", "/a"], &img);
+    assert!(
+        out.status.success() && out.stdout == a,
+        "after repair: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -542,3 +542,123 @@ for n, z in zip(names, sizes):
         );
     }
 }
+
+// ---- an image replaced or rewritten under a running server --------------
+
+/// A tree of small files made from `seed` (`many/` with 80 files, one
+/// named after the seed) and an ext4 image of it.
+fn seeded_tree(dir: &Path, seed: u64) -> (PathBuf, PathBuf) {
+    let src = dir.join(format!("src-{seed}"));
+    std::fs::create_dir_all(src.join("many")).unwrap();
+    for i in 0..80u64 {
+        let len = 1 + ((i + seed) * 6151 % 3000) as usize;
+        std::fs::write(
+            src.join(format!("many/f{i:04}.txt")),
+            pattern(len, i * 31 + seed),
+        )
+        .unwrap();
+    }
+    std::fs::write(src.join(format!("many/only-{seed}")), pattern(99, seed)).unwrap();
+    let img = dir.join(format!("img-{seed}.ext4"));
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+        .arg(&src)
+        .arg(&img)
+        .arg("16M")
+        .output_within(LIMIT);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (src, img)
+}
+
+/// `tar` of the served `many/` under `run` against the server on `sock`,
+/// extracted and compared with `want` file by file; and `cat` of one file
+/// byte-exact.
+fn serves_exactly(sock: &Path, want: &Path) {
+    let serve = ["--socket", sock.to_str().unwrap()];
+    let tar = ok(run_with(
+        &serve,
+        &["tar", "-C", &format!("{MOUNT}/many"), "-cf", "-", "."],
+    ));
+    let out = tempfile::tempdir().unwrap();
+    let o = Command::new("tar")
+        .arg("-C")
+        .arg(out.path())
+        .arg("-xf")
+        .arg("-")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(&tar)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    same_tree(out.path(), &want.join("many"));
+    let cat = ok(run_with(
+        &serve,
+        &["cat", &format!("{MOUNT}/many/f0003.txt")],
+    ));
+    assert_eq!(cat, std::fs::read(want.join("many/f0003.txt")).unwrap());
+}
+
+/// The server holds the image open for its life, but answers from the
+/// image as it is at each request: an image replaced at its path (a new
+/// file renamed over it) and one rewritten in place are both served as
+/// they now are, byte-exact, never the old image or a mix of both.
+#[test]
+fn an_image_replaced_or_rewritten_under_a_running_server_is_served_as_it_now_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src_a, img_a) = seeded_tree(dir.path(), 1);
+    let (src_b, img_b) = seeded_tree(dir.path(), 2);
+    let served = dir.path().join("served.ext4");
+    std::fs::copy(&img_a, &served).unwrap();
+    let sock = dir.path().join("s.sock");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(
+        Command::new(env!("CARGO_BIN_EXE_shadowfd"))
+            .args(["serve", "--socket", sock.to_str().unwrap(), "--image"])
+            .arg(&served)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let t = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "the server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    serves_exactly(&sock, &src_a);
+
+    // Replaced: another image renamed over the path.
+    let next = dir.path().join("served.ext4.new");
+    std::fs::copy(&img_b, &next).unwrap();
+    std::fs::rename(&next, &served).unwrap();
+    serves_exactly(&sock, &src_b);
+
+    // Rewritten in place: the same file, now holding image A again.
+    let ino = std::fs::metadata(&served).unwrap().ino();
+    std::fs::write(&served, std::fs::read(&img_a).unwrap()).unwrap();
+    assert_eq!(std::fs::metadata(&served).unwrap().ino(), ino);
+    serves_exactly(&sock, &src_a);
+
+    // Gone: the path no longer holds an image; a read fails and says so.
+    std::fs::remove_file(&served).unwrap();
+    let o = run_with(
+        &["--socket", sock.to_str().unwrap()],
+        &["cat", &format!("{MOUNT}/many/f0003.txt")],
+    );
+    assert!(!o.status.success(), "a deleted image was still served");
+}

@@ -8,6 +8,19 @@
 
 use super::*;
 
+/// Runs `f` as one request for the served image's staleness check
+/// ([`crate::source::image::batch`]).
+fn one_look<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(feature = "image")]
+    {
+        crate::source::image::batch(f)
+    }
+    #[cfg(not(feature = "image"))]
+    {
+        f()
+    }
+}
+
 impl Inner {
     /// Answers SMALL: `a` = the largest size to send inline (at most
     /// [`wire::SMALL_MAX_FILE`]), `b` = the number of paths in the payload.
@@ -54,13 +67,17 @@ impl Inner {
             .min(wire::SMALL_REPLY_BYTES);
         let mut out = Vec::with_capacity(most);
         let mut count = 0u64;
-        for path in paths {
-            if !self.small_record(&mut out, path, cap, count == 0) {
-                // The rest waits for another request.
-                break;
+        // One look at whether a served image changed, for the whole
+        // request: every record comes from the image as it was then.
+        one_look(|| {
+            for path in paths {
+                if !self.small_record(&mut out, path, cap, count == 0) {
+                    // The rest waits for another request.
+                    break;
+                }
+                count += 1;
             }
-            count += 1;
-        }
+        });
         (
             Frame::new(wire::SMALL | wire::REPLY, count, 0, 0, 0).with_payload(out),
             None,

@@ -1,107 +1,84 @@
 //! An ext2/3/4 image served: STAT, LIST and OPEN of paths inside it.
+//!
+//! The image is opened once, when serving starts, and held for the
+//! server's life ([`crate::source::image::OpenImage`]): each request costs
+//! one `stat` of the image's path to see that it is still the image held,
+//! unchanged (else it is opened and checked again), then lookups in the
+//! image's directory indexes.
 
 use super::{ListPage, Opened, PathStat, Refusal, ServedTree};
 use crate::remote::wire;
 #[cfg(feature = "image")]
-use crate::source::{FileKind, Source};
+use crate::source::FileKind;
 #[cfg(feature = "image")]
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// The served image, named by its path (opened per request).
+/// The served image.
 pub(crate) struct ImageTree {
-    image: PathBuf,
+    #[cfg(feature = "image")]
+    image: crate::source::image::OpenImage,
 }
 
 impl ImageTree {
     pub fn open(image: &Path) -> crate::Result<ImageTree> {
-        std::fs::metadata(image).map_err(|e| crate::Error::Open {
-            path: image.into(),
-            source: e,
-        })?;
-        Ok(ImageTree {
-            image: image.into(),
-        })
+        #[cfg(feature = "image")]
+        {
+            let image =
+                crate::source::image::OpenImage::open(image).map_err(|e| crate::Error::Open {
+                    // The error names the image (or the path in it) itself.
+                    path: e.location().into(),
+                    source: io::Error::new(e.kind(), e.reason().to_string()),
+                })?;
+            Ok(ImageTree { image })
+        }
+        #[cfg(not(feature = "image"))]
+        {
+            std::fs::metadata(image).map_err(|e| crate::Error::Open {
+                path: image.into(),
+                source: e,
+            })?;
+            Ok(ImageTree {})
+        }
     }
 }
 
+#[cfg(not(feature = "image"))]
+fn no_image() -> Refusal {
+    (
+        wire::E_IO,
+        "this build has no image support (feature `image`)".into(),
+    )
+}
+
+#[cfg(not(feature = "image"))]
 impl ServedTree for ImageTree {
     fn kind(&self) -> &'static str {
         "image"
     }
 
-    fn stat(&self, rel: &[u8]) -> Result<PathStat, Refusal> {
-        stat_in_image(&self.image, rel)
+    fn stat(&self, _rel: &[u8]) -> Result<PathStat, Refusal> {
+        Err(no_image())
     }
 
-    fn list(&self, rel: &[u8], cursor: u64) -> Result<ListPage, Refusal> {
-        list_in_image(&self.image, rel, cursor)
+    fn list(&self, _rel: &[u8], _cursor: u64) -> Result<ListPage, Refusal> {
+        Err(no_image())
     }
 
-    fn open(&self, rel: &[u8]) -> Result<Opened, Refusal> {
-        open_in_image(&self.image, rel)
-    }
-}
-
-/// Opens the regular file `rel` inside the image.
-fn open_in_image(image: &Path, rel: &[u8]) -> Result<Opened, Refusal> {
-    #[cfg(feature = "image")]
-    {
-        use crate::source::ImageSource;
-        let inner = format!("/{}", String::from_utf8_lossy(rel));
-        let src = ImageSource::open(image, &inner).map_err(|e| {
-            let code = match e.kind() {
-                io::ErrorKind::NotFound => wire::E_NOT_FOUND,
-                io::ErrorKind::PermissionDenied => wire::E_ACCESS,
-                _ => wire::E_IO,
-            };
-            (code, format!("{}: {}", e.location(), e.reason()))
-        })?;
-        let meta = src
-            .metadata()
-            .map_err(|e| (wire::E_IO, format!("{inner:?} in the image: {e}")))?;
-        if meta.kind != FileKind::Regular {
-            return Err((
-                wire::E_NOT_REGULAR,
-                format!(
-                    "{inner:?} in the image is a {}; only regular files can be shadowed",
-                    meta.kind.as_str()
-                ),
-            ));
-        }
-        Ok(Opened {
-            container: src.image_identity(),
-            source: std::sync::Arc::new(src),
-            meta,
-        })
-    }
-    #[cfg(not(feature = "image"))]
-    {
-        let _ = (image, rel);
-        Err((
-            wire::E_IO,
-            "this build has no image support (feature `image`)".into(),
-        ))
+    fn open(&self, _rel: &[u8]) -> Result<Opened, Refusal> {
+        Err(no_image())
     }
 }
 
 #[cfg(feature = "image")]
-fn image_refusal(e: crate::source::ImageError, list: bool) -> Refusal {
-    let code = match e.kind() {
-        io::ErrorKind::NotFound => wire::E_NOT_FOUND,
-        io::ErrorKind::PermissionDenied => wire::E_ACCESS,
-        io::ErrorKind::NotADirectory if list => wire::E_NOT_DIR,
-        io::ErrorKind::NotADirectory => wire::E_NOT_FOUND,
-        _ => wire::E_IO,
-    };
-    (code, format!("{}: {}", e.location(), e.reason()))
-}
+impl ServedTree for ImageTree {
+    fn kind(&self) -> &'static str {
+        "image"
+    }
 
-/// STAT of a path inside an image.
-fn stat_in_image(image: &Path, rel: &[u8]) -> Result<PathStat, Refusal> {
-    #[cfg(feature = "image")]
-    {
-        let s = crate::source::image::dir::stat(image, rel).map_err(|e| image_refusal(e, false))?;
+    /// STAT of a path inside the image.
+    fn stat(&self, rel: &[u8]) -> Result<PathStat, Refusal> {
+        let s = self.image.stat(rel).map_err(|e| image_refusal(e, false))?;
         Ok(PathStat {
             kind: match s.kind {
                 FileKind::Regular => wire::KIND_FILE,
@@ -115,32 +92,18 @@ fn stat_in_image(image: &Path, rel: &[u8]) -> Result<PathStat, Refusal> {
             nlink: s.nlink,
         })
     }
-    #[cfg(not(feature = "image"))]
-    {
-        let _ = (image, rel);
-        Err((
-            wire::E_IO,
-            "this build has no image support (feature `image`)".into(),
-        ))
-    }
-}
 
-/// LIST of a directory inside an image (the cursor is a byte position in
-/// the directory's data).
-fn list_in_image(image: &Path, rel: &[u8], cursor: u64) -> Result<ListPage, Refusal> {
-    #[cfg(feature = "image")]
-    {
-        let p = crate::source::image::dir::list(
-            image,
-            rel,
-            cursor,
-            wire::LIST_MAX_ENTRIES,
-            wire::LIST_PAGE_BYTES,
-        )
-        .map_err(|e| match e {
-            crate::source::image::dir::ListError::Image(e) => image_refusal(e, true),
-            crate::source::image::dir::ListError::BadCursor(m) => (wire::E_RANGE, m),
-        })?;
+    /// LIST of a directory inside the image (the cursor is a byte position
+    /// in the directory's data).
+    fn list(&self, rel: &[u8], cursor: u64) -> Result<ListPage, Refusal> {
+        use crate::source::image::dir::ListError;
+        let p = self
+            .image
+            .list(rel, cursor, wire::LIST_MAX_ENTRIES, wire::LIST_PAGE_BYTES)
+            .map_err(|e| match e {
+                ListError::Image(e) => image_refusal(e, true),
+                ListError::BadCursor(m) => (wire::E_RANGE, m),
+            })?;
         let entries = p
             .entries
             .into_iter()
@@ -160,12 +123,44 @@ fn list_in_image(image: &Path, rel: &[u8], cursor: u64) -> Result<ListPage, Refu
             end: p.end,
         })
     }
-    #[cfg(not(feature = "image"))]
-    {
-        let _ = (image, rel, cursor);
-        Err((
-            wire::E_IO,
-            "this build has no image support (feature `image`)".into(),
-        ))
+
+    /// Opens the regular file `rel` inside the image, by the inode its
+    /// path leads to in the image as it is now.
+    fn open(&self, rel: &[u8]) -> Result<Opened, Refusal> {
+        let (src, meta) = self.image.open_file(rel).map_err(|e| {
+            let code = match e.kind() {
+                io::ErrorKind::NotFound => wire::E_NOT_FOUND,
+                io::ErrorKind::PermissionDenied => wire::E_ACCESS,
+                _ => wire::E_IO,
+            };
+            (code, format!("{}: {}", e.location(), e.reason()))
+        })?;
+        if meta.kind != FileKind::Regular {
+            return Err((
+                wire::E_NOT_REGULAR,
+                format!(
+                    "{:?} in the image is a {}; only regular files can be shadowed",
+                    format!("/{}", String::from_utf8_lossy(rel)),
+                    meta.kind.as_str()
+                ),
+            ));
+        }
+        Ok(Opened {
+            container: src.image_identity(),
+            source: std::sync::Arc::new(src),
+            meta,
+        })
     }
+}
+
+#[cfg(feature = "image")]
+fn image_refusal(e: crate::source::ImageError, list: bool) -> Refusal {
+    let code = match e.kind() {
+        io::ErrorKind::NotFound => wire::E_NOT_FOUND,
+        io::ErrorKind::PermissionDenied => wire::E_ACCESS,
+        io::ErrorKind::NotADirectory if list => wire::E_NOT_DIR,
+        io::ErrorKind::NotADirectory => wire::E_NOT_FOUND,
+        _ => wire::E_IO,
+    };
+    (code, format!("{}: {}", e.location(), e.reason()))
 }

@@ -11,15 +11,20 @@
 //! never a stale answer.
 //!
 //! Both readers must agree, as on the slow path ([`super::resolve`]): when a
-//! table is built, `ext4-view` lists the same directory and every entry's
-//! kind and size must match what shadowfd's own reader finds (once per
-//! directory, where the slow path checked once per open).
+//! table is built, `ext4-view` lists the same directory (verifying its
+//! blocks' checksums) and must find the same names with the same file
+//! types. An entry's inode is checked when the entry is used: its kind must
+//! be the type its entry lists, and under `metadata_csum` its checksum must
+//! hold (shadowfd's reader verifies it, as ext4-view does). Reading and
+//! verifying every inode of a directory through ext4-view when it was
+//! first indexed cost more than all the lookups after it for 20,000 files.
 //!
 //! Paths with `..` or with a symbolic link on the way are left to the slow
 //! path, which resolves them through `ext4-view`.
 
+use super::Pread;
+use super::fail::{Fail, ext4_fail, image_fail};
 use super::layout::{Geometry, Inode, LayoutError, ROOT_INO};
-use super::{Fail, Pread, ext4_fail, image_fail};
 use crate::source::FileKind;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -29,8 +34,8 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 /// The image file as it is now.
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct ImageKey {
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct ImageKey {
     dev: u64,
     ino: u64,
     size: u64,
@@ -39,19 +44,23 @@ struct ImageKey {
 }
 
 impl ImageKey {
-    fn of(f: &File) -> io::Result<ImageKey> {
-        let m = f.metadata()?;
-        Ok(ImageKey {
+    pub(super) fn of(f: &File) -> io::Result<ImageKey> {
+        Ok(ImageKey::of_meta(&f.metadata()?))
+    }
+
+    pub(super) fn of_meta(m: &std::fs::Metadata) -> ImageKey {
+        ImageKey {
             dev: m.dev(),
             ino: m.ino(),
             size: m.size(),
             mtime: (m.mtime(), m.mtime_nsec()),
             ctime: (m.ctime(), m.ctime_nsec()),
-        })
+        }
     }
 }
 
-type Names = Arc<HashMap<Vec<u8>, u32>>;
+/// A directory's entries: name → (inode number, the entry's type byte).
+type Names = Arc<HashMap<Vec<u8>, (u32, u8)>>;
 
 /// Indexed entries kept at most (about 64 bytes each with their names);
 /// past this every table is dropped at once and built again on use.
@@ -75,8 +84,15 @@ pub(super) enum Walk {
 }
 
 /// Walks `inner` (an absolute path in the image) through the directory
-/// indexes.
-pub(super) fn walk(image: &File, img: &str, geo: &Geometry, inner: &[u8]) -> Result<Walk, Fail> {
+/// indexes of the image as `key` describes it (its state when `geo` was
+/// read).
+pub(super) fn walk(
+    image: &File,
+    img: &str,
+    geo: &Geometry,
+    key: &ImageKey,
+    inner: &[u8],
+) -> Result<Walk, Fail> {
     let mut names: Vec<&[u8]> = Vec::new();
     for c in inner.split(|&b| b == b'/') {
         match c {
@@ -85,28 +101,51 @@ pub(super) fn walk(image: &File, img: &str, geo: &Geometry, inner: &[u8]) -> Res
             c => names.push(c),
         }
     }
-    let Ok(key) = ImageKey::of(image) else {
-        return Ok(Walk::Slow);
-    };
     let layout = |e: LayoutError| {
         let (k, r) = image_fail(e, img);
         Fail::Image(k, r)
     };
-    let mut inode = geo.inode(image, ROOT_INO).map_err(layout)?;
+    // A directory's inode is read only when its table is not kept yet: a
+    // table is only ever built for a directory of this same image state.
+    let mut ino = ROOT_INO;
+    let mut entry_type = 0u8;
     let mut path = Vec::new();
     for name in names {
-        match inode.kind() {
-            FileKind::Directory => {}
-            FileKind::Symlink => return Ok(Walk::Slow),
-            _ => return Ok(Walk::NotADirectory),
-        }
-        let table = table(image, img, geo, &key, &inode, &path)?;
-        let Some(&ino) = table.get(name) else {
+        let table = match cached(key, ino) {
+            Some(t) => t,
+            None => {
+                let inode = geo.inode(image, ino).map_err(layout)?;
+                match inode.kind() {
+                    FileKind::Directory => {}
+                    FileKind::Symlink => return Ok(Walk::Slow),
+                    _ => return Ok(Walk::NotADirectory),
+                }
+                table(image, img, geo, key, &inode, &path)?
+            }
+        };
+        let Some(&(next, ty)) = table.get(name) else {
             return Ok(Walk::NotFound);
         };
-        inode = geo.inode(image, ino).map_err(layout)?;
+        ino = next;
+        entry_type = ty;
         path.push(b'/');
         path.extend_from_slice(name);
+    }
+    let inode = geo.inode(image, ino).map_err(layout)?;
+    // The entry's type (which ext4-view read the same when the table was
+    // built) must be what the inode says it is.
+    if entry_type != 0 && type_byte(inode.kind()) != Some(entry_type) && !other(&inode, entry_type)
+    {
+        let shown = String::from_utf8_lossy(&path);
+        return Err(Fail::Image(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{shown} is listed in its directory as file type {entry_type} but its inode {} \
+                 is a {}; check the filesystem with `e2fsck -fn {img}`",
+                inode.ino,
+                inode.kind().as_str()
+            ),
+        ));
     }
     if inode.kind() == FileKind::Symlink {
         return Ok(Walk::Slow);
@@ -115,6 +154,31 @@ pub(super) fn walk(image: &File, img: &str, geo: &Geometry, inner: &[u8]) -> Res
         path.push(b'/');
     }
     Ok(Walk::Found(inode, path))
+}
+
+/// The directory entry type byte of a kind (`None` for the kinds 3 to 6
+/// stand for together).
+fn type_byte(kind: FileKind) -> Option<u8> {
+    match kind {
+        FileKind::Regular => Some(1),
+        FileKind::Directory => Some(2),
+        FileKind::Symlink => Some(7),
+        FileKind::Other => None,
+    }
+}
+
+/// Whether `inode` is a device, FIFO or socket listed as one (types 3 to 6).
+fn other(inode: &Inode, ty: u8) -> bool {
+    inode.kind() == FileKind::Other && (3..=6).contains(&ty)
+}
+
+/// The kept table of directory inode `ino` in the image as `key` describes
+/// it, if there is one.
+fn cached(key: &ImageKey, ino: u32) -> Option<Names> {
+    CACHE
+        .lock()
+        .as_ref()
+        .and_then(|c| c.tables.get(&(key.clone(), ino)).cloned())
 }
 
 /// The name → inode table of directory `dir` (whose canonical path is
@@ -128,16 +192,26 @@ fn table(
     dir_path: &[u8],
 ) -> Result<Names, Fail> {
     let k = (key.clone(), dir.ino);
-    if let Some(t) = CACHE.lock().as_ref().and_then(|c| c.tables.get(&k)) {
-        return Ok(t.clone());
+    if let Some(t) = cached(key, dir.ino) {
+        return Ok(t);
     }
     let entries = geo.entries(image, dir).map_err(|e| {
         let (k, r) = image_fail(e, img);
         Fail::Image(k, r)
     })?;
-    agree(image, img, geo, dir_path, &entries)?;
+    let shown = if dir_path.is_empty() { b"/" } else { dir_path };
+    let clone = image
+        .try_clone()
+        .map_err(|e| Fail::Image(e.kind(), format!("cannot reopen the image: {e}")))?;
+    let fs = ext4_view::Ext4::load(Box::new(Pread(clone))).map_err(|e| ext4_fail(e, img, shown))?;
+    agree(img, &fs, dir_path, &entries)?;
     let n = entries.len();
-    let t: Names = Arc::new(entries.into_iter().collect());
+    let t: Names = Arc::new(
+        entries
+            .into_iter()
+            .map(|(name, ino, ty)| (name, (ino, ty)))
+            .collect(),
+    );
     let mut c = CACHE.lock();
     let c = c.get_or_insert_with(|| Cache {
         tables: HashMap::new(),
@@ -154,13 +228,15 @@ fn table(
 }
 
 /// Checks that `ext4-view` lists the directory at `dir_path` with the same
-/// names, and that each is of the same kind and size, as shadowfd's reader.
+/// names, each with the same file type, as shadowfd's reader. (Each
+/// entry's inode is checked when it is used: [`walk`] compares its kind
+/// with the listed type, and under `metadata_csum` shadowfd verifies the
+/// inode's checksum as ext4-view does.)
 fn agree(
-    image: &File,
     img: &str,
-    geo: &Geometry,
+    fs: &ext4_view::Ext4,
     dir_path: &[u8],
-    ours: &[(Vec<u8>, u32)],
+    ours: &[(Vec<u8>, u32, u8)],
 ) -> Result<(), Fail> {
     let shown = if dir_path.is_empty() { b"/" } else { dir_path };
     let differ = |what: String| {
@@ -173,11 +249,7 @@ fn agree(
             ),
         )
     };
-    let clone = image
-        .try_clone()
-        .map_err(|e| Fail::Image(e.kind(), format!("cannot reopen the image: {e}")))?;
-    let fs = ext4_view::Ext4::load(Box::new(Pread(clone))).map_err(|e| ext4_fail(e, img, shown))?;
-    let mut theirs: HashMap<Vec<u8>, (ext4_view::FileType, u64)> = HashMap::new();
+    let mut theirs: HashMap<Vec<u8>, ext4_view::FileType> = HashMap::with_capacity(ours.len());
     for e in fs.read_dir(shown).map_err(|e| ext4_fail(e, img, shown))? {
         let e = e.map_err(|e| ext4_fail(e, img, shown))?;
         let name = e.file_name().as_ref().to_vec();
@@ -185,8 +257,7 @@ fn agree(
             continue;
         }
         let ty = e.file_type().map_err(|e| ext4_fail(e, img, shown))?;
-        let len = e.metadata().map_err(|e| ext4_fail(e, img, shown))?.len();
-        theirs.insert(name, (ty, len));
+        theirs.insert(name, ty);
     }
     if theirs.len() != ours.len() {
         return Err(differ(format!(
@@ -195,29 +266,23 @@ fn agree(
             ours.len()
         )));
     }
-    for (name, ino) in ours {
-        let Some((ty, len)) = theirs.get(name) else {
+    for (name, ino, ty) in ours {
+        let Some(t) = theirs.get(name) else {
             return Err(differ(format!(
                 "only shadowfd finds {}",
                 String::from_utf8_lossy(name)
             )));
         };
-        let inode = geo.inode(image, *ino).map_err(|e| {
-            let (k, r) = image_fail(e, img);
-            Fail::Image(k, r)
-        })?;
-        let same_kind = match inode.kind() {
-            FileKind::Regular => ty.is_regular_file(),
-            FileKind::Directory => ty.is_dir(),
-            FileKind::Symlink => ty.is_symlink(),
-            FileKind::Other => !(ty.is_regular_file() || ty.is_dir() || ty.is_symlink()),
+        let same = match ty {
+            1 => t.is_regular_file(),
+            2 => t.is_dir(),
+            7 => t.is_symlink(),
+            _ => !(t.is_regular_file() || t.is_dir() || t.is_symlink()),
         };
-        if !same_kind || *len != inode.size {
+        if !same {
             return Err(differ(format!(
-                "{}: inode {}, {} bytes against {len}",
-                String::from_utf8_lossy(name),
-                inode.ino,
-                inode.size
+                "{}: inode {ino}, file type {ty} against {t:?}",
+                String::from_utf8_lossy(name)
             )));
         }
     }

@@ -6,15 +6,16 @@
 //! Written from the published format description (the kernel's
 //! `Documentation/filesystems/ext4/`); all fields are little-endian.
 //! `ext4-view` verifies the superblock, group descriptors and every inode and
-//! directory block on the path when the image is opened; the extent blocks
-//! of the file itself are read only here, so their `metadata_csum` checksums
-//! are verified here, as `e2fsck` and the kernel do.
+//! directory block on the path when the image is opened. A file's block map
+//! and what is read through it (directory entries, long symlink targets)
+//! are in [`super::blocks`].
 
 use super::Timestamp;
 use crate::source::FileKind;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// `s_magic`.
 const MAGIC: u16 = 0xEF53;
@@ -59,18 +60,8 @@ pub(super) fn unknown_incompat(incompat: u32) -> Vec<u32> {
         .collect()
 }
 
-/// `i_flags` bits.
+/// `i_flags` bit: the file's data is encrypted (fscrypt).
 const FLAG_ENCRYPT: u32 = 0x800;
-const FLAG_EXTENTS: u32 = 0x8_0000;
-const FLAG_INLINE_DATA: u32 = 0x1000_0000;
-
-/// Extent tree node magic (`eh_magic`).
-const EXTENT_MAGIC: u16 = 0xF30A;
-/// Deepest extent tree the format allows.
-const MAX_EXTENT_DEPTH: u16 = 5;
-/// `ee_len` above this marks an unwritten (preallocated) extent, which reads
-/// as zeros.
-const EXTENT_INIT_MAX: u16 = 32768;
 
 /// What went wrong while reading the format.
 #[derive(Debug)]
@@ -94,15 +85,15 @@ impl From<io::Error> for LayoutError {
 
 pub(super) type LResult<T> = Result<T, LayoutError>;
 
-fn corrupt<T>(msg: impl Into<String>) -> LResult<T> {
+pub(super) fn corrupt<T>(msg: impl Into<String>) -> LResult<T> {
     Err(LayoutError::Corrupt(msg.into()))
 }
 
-fn u16_at(b: &[u8], off: usize) -> u16 {
+pub(super) fn u16_at(b: &[u8], off: usize) -> u16 {
     u16::from_le_bytes([b[off], b[off + 1]])
 }
 
-fn u32_at(b: &[u8], off: usize) -> u32 {
+pub(super) fn u32_at(b: &[u8], off: usize) -> u32 {
     u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
 }
 
@@ -120,7 +111,7 @@ pub(super) fn read_exact(f: &File, buf: &mut [u8], off: u64) -> LResult<()> {
 }
 
 /// The filesystem's shape: enough to find any inode and block.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(super) struct Geometry {
     pub block_size: u64,
     pub blocks_count: u64,
@@ -134,8 +125,37 @@ pub(super) struct Geometry {
     pub incompat: u32,
     /// Under `metadata_csum`: the filesystem's checksum seed (CRC-32C of
     /// the UUID, or `s_checksum_seed`).
-    csum_seed: Option<u32>,
+    pub(super) csum_seed: Option<u32>,
+    /// Each group's inode table block once its descriptor was read (0: not
+    /// yet), shared by the clones of this geometry. A geometry belongs to
+    /// one state of the image (it is read again whenever the image file
+    /// changes), so what it remembers cannot go stale.
+    tables: std::sync::Arc<[AtomicU64]>,
+    /// Which reading of the superblock this is (clones share it): what the
+    /// per-thread inode table [`Chunk`] belongs to.
+    serial: u64,
 }
+
+/// The bytes of an inode table read around the last inode a thread read.
+struct Chunk {
+    serial: u64,
+    /// Where they start in the image.
+    at: u64,
+    bytes: Vec<u8>,
+}
+
+/// Bytes of an inode table read at once (and kept per thread).
+const CHUNK_BYTES: u64 = 4096;
+
+static SERIALS: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    static CHUNK: std::cell::RefCell<Option<Chunk>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Groups whose inode table locations a geometry remembers at most (8 bytes
+/// each); past this, descriptors are read per inode as before.
+const MAX_CACHED_GROUPS: u64 = 1 << 16;
 
 impl Geometry {
     /// Reads the superblock (group descriptors are read when needed).
@@ -225,6 +245,10 @@ impl Geometry {
             desc_size,
             incompat,
             csum_seed,
+            serial: SERIALS.fetch_add(1, Ordering::Relaxed),
+            tables: (0..groups.min(MAX_CACHED_GROUPS))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         })
     }
 
@@ -242,17 +266,58 @@ impl Geometry {
         if table == 0 || table >= self.blocks_count {
             return corrupt(format!("block group {group} has an invalid inode table"));
         }
-        let mut raw = vec![0u8; self.inode_size as usize];
-        read_exact(
-            f,
-            &mut raw,
-            table * self.block_size + index * u64::from(self.inode_size),
-        )?;
+        let raw = self.inode_bytes(f, table * self.block_size, index)?;
+        if let Some(seed) = self.csum_seed {
+            verify_inode(seed, ino, &raw)?;
+        }
         Ok(Inode::parse(ino, &raw))
+    }
+
+    /// The bytes of inode `index` of the inode table at byte `table`. The
+    /// 4 KiB of the table around it are read and kept per thread for this
+    /// geometry (one state of the image): a walk through a directory reads
+    /// its inodes in table order, 16 of 256 bytes per read instead of one.
+    fn inode_bytes(&self, f: &File, table: u64, index: u64) -> LResult<Vec<u8>> {
+        let isz = u64::from(self.inode_size);
+        let off = index * isz;
+        let span = CHUNK_BYTES.max(isz);
+        let start = off - off % span;
+        let len = span.min(u64::from(self.inodes_per_group) * isz - start);
+        let at = (off - start) as usize;
+        let kept = CHUNK.with(|c| {
+            c.borrow()
+                .as_ref()
+                .filter(|k| k.serial == self.serial && k.at == table + start)
+                .map(|k| k.bytes[at..at + isz as usize].to_vec())
+        });
+        if let Some(raw) = kept {
+            return Ok(raw);
+        }
+        let mut bytes = vec![0u8; len as usize];
+        if read_exact(f, &mut bytes, table + start).is_err() {
+            // The table may be cut short around this inode: read it alone,
+            // which reports what is wrong if it is.
+            let mut raw = vec![0u8; isz as usize];
+            read_exact(f, &mut raw, table + off)?;
+            return Ok(raw);
+        }
+        let raw = bytes[at..at + isz as usize].to_vec();
+        CHUNK.with(|c| {
+            *c.borrow_mut() = Some(Chunk {
+                serial: self.serial,
+                at: table + start,
+                bytes,
+            })
+        });
+        Ok(raw)
     }
 
     /// The first block of `group`'s inode table, from its descriptor.
     fn inode_table(&self, f: &File, group: u32) -> LResult<u64> {
+        let known = self.tables.get(group as usize);
+        if let Some(t) = known.map(|t| t.load(Ordering::Relaxed)).filter(|&t| t != 0) {
+            return Ok(t);
+        }
         let mut d = [0u8; 64];
         let d = &mut d[..self.desc_size.min(64) as usize];
         read_exact(f, d, self.gdt_at + u64::from(group) * self.desc_size)?;
@@ -262,322 +327,53 @@ impl Geometry {
         } else {
             0
         };
-        Ok(hi << 32 | lo)
+        let table = hi << 32 | lo;
+        if let Some(t) = known {
+            t.store(table, Ordering::Relaxed);
+        }
+        Ok(table)
     }
+}
 
-    fn check_block(&self, what: &str, ino: u32, start: u64, len: u64) -> LResult<()> {
-        if start == 0 || start.checked_add(len).is_none_or(|e| e > self.blocks_count) {
-            return corrupt(format!(
-                "inode {ino}: {what} {start}+{len} lies outside the filesystem's {} blocks",
-                self.blocks_count
-            ));
-        }
-        Ok(())
+/// Under `metadata_csum`: checks inode `ino`'s checksum, CRC-32C over the
+/// filesystem seed, the inode number and generation, and the inode with
+/// its two checksum fields (`l_i_checksum_lo` at 0x7C, `i_checksum_hi` at
+/// 0x82 when the inode's extra space holds it) read as zeros. An inode of
+/// all zeros (never used) carries no checksum, as e2fsprogs treats it.
+fn verify_inode(seed: u32, ino: u32, raw: &[u8]) -> LResult<()> {
+    const LO: usize = 0x7C;
+    const HI: usize = 0x82;
+    if raw.iter().all(|&b| b == 0) {
+        return Ok(());
     }
-
-    fn read_block(&self, f: &File, block: u64) -> LResult<Vec<u8>> {
-        let mut b = vec![0u8; self.block_size as usize];
-        read_exact(f, &mut b, block * self.block_size)?;
-        Ok(b)
+    let extra = if raw.len() > 128 {
+        usize::from(u16_at(raw, 0x80))
+    } else {
+        0
+    };
+    let has_hi = raw.len() >= HI + 2 && HI + 2 <= 128 + extra;
+    let crc = |c: u32, d: &[u8]| super::crc32c::crc32c(c, d);
+    let mut c = crc(seed, &ino.to_le_bytes());
+    c = crc(c, &raw[0x64..0x68]);
+    c = crc(c, &raw[..LO]);
+    c = crc(c, &[0, 0]);
+    let (stored, computed) = if has_hi {
+        c = crc(c, &raw[LO + 2..HI]);
+        c = crc(c, &[0, 0]);
+        c = crc(c, &raw[HI + 2..]);
+        let stored = u32::from(u16_at(raw, LO)) | u32::from(u16_at(raw, HI)) << 16;
+        (stored, c)
+    } else {
+        c = crc(c, &raw[LO + 2..]);
+        (u32::from(u16_at(raw, LO)), c & 0xFFFF)
+    };
+    if stored != computed {
+        return corrupt(format!(
+            "inode {ino} fails its metadata_csum checksum (stored {stored:#010x}, computed \
+             {computed:#010x})"
+        ));
     }
-
-    /// The block map of `inode`: mapped runs in logical order, clipped to
-    /// the file's size. Everything else is a hole.
-    pub fn runs(&self, f: &File, inode: &Inode) -> LResult<Vec<Run>> {
-        if inode.flags & FLAG_INLINE_DATA != 0 {
-            return Err(LayoutError::Unsupported(
-                "its data is stored inline in the inode (inline_data)".into(),
-            ));
-        }
-        let nblocks = inode.size.div_ceil(self.block_size);
-        let mut out = Runs {
-            runs: Vec::new(),
-            nblocks,
-            extents_end: 0,
-            last_unwritten: false,
-            mapped: 0,
-            limit: self.blocks_count,
-            visited: std::collections::HashSet::new(),
-        };
-        if inode.flags & FLAG_EXTENTS != 0 {
-            self.walk_extents(f, inode, &inode.block, None, &mut out)?;
-        } else {
-            self.walk_block_map(f, inode, &mut out)?;
-        }
-        Ok(out.runs)
-    }
-
-    /// One extent tree node: the root lives in `i_block` (`at` is `None`),
-    /// the others in the blocks `at` names.
-    fn walk_extents(
-        &self,
-        f: &File,
-        inode: &Inode,
-        node: &[u8],
-        at: Option<(u64, u16)>,
-        out: &mut Runs,
-    ) -> LResult<()> {
-        let ino = inode.ino;
-        let place = match at {
-            Some((block, _)) => format!("extent block {block}"),
-            None => "the extent root in the inode".to_string(),
-        };
-        if node.len() < 12 || u16_at(node, 0) != EXTENT_MAGIC {
-            return corrupt(format!("inode {ino}: bad extent header in {place}"));
-        }
-        let entries = usize::from(u16_at(node, 2));
-        let max = usize::from(u16_at(node, 4));
-        let depth = u16_at(node, 6);
-        if depth > MAX_EXTENT_DEPTH || at.is_some_and(|(_, w)| w != depth) {
-            return corrupt(format!(
-                "inode {ino}: bad extent tree depth {depth} in {place}"
-            ));
-        }
-        if entries > max || 12 + max * 12 > node.len() {
-            return corrupt(format!(
-                "inode {ino}: {place} claims {entries} entries of at most {max}, more than it \
-                 can hold"
-            ));
-        }
-        if let (Some((block, _)), Some(seed)) = (at, self.csum_seed) {
-            // The tail after the node's `eh_max` slots: CRC-32C over the
-            // filesystem seed, the inode number and generation, and the node.
-            let tail = 12 + max * 12;
-            if tail + 4 > node.len() {
-                return corrupt(format!(
-                    "inode {ino}: extent block {block} has no room for its checksum"
-                ));
-            }
-            let seed = super::crc32c::crc32c(seed, &ino.to_le_bytes());
-            let seed = super::crc32c::crc32c(seed, &inode.generation.to_le_bytes());
-            let computed = super::crc32c::crc32c(seed, &node[..tail]);
-            let stored = u32_at(node, tail);
-            if computed != stored {
-                return corrupt(format!(
-                    "inode {ino}: extent block {block} fails its metadata_csum checksum \
-                     (stored {stored:#010x}, computed {computed:#010x})"
-                ));
-            }
-        }
-        let mut prev: Option<u64> = None;
-        for e in node[12..12 + entries * 12].chunks_exact(12) {
-            let logical = u64::from(u32_at(e, 0));
-            if prev.is_some_and(|p| logical <= p) {
-                return corrupt(format!(
-                    "inode {ino}: extent entries out of order in {place}"
-                ));
-            }
-            prev = Some(logical);
-            if depth == 0 {
-                let raw_len = u16_at(e, 4);
-                if raw_len == 0 {
-                    return corrupt(format!("inode {ino}: zero-length extent in {place}"));
-                }
-                let unwritten = raw_len > EXTENT_INIT_MAX;
-                let len = u64::from(if unwritten {
-                    raw_len - EXTENT_INIT_MAX
-                } else {
-                    raw_len
-                });
-                // Extents, written or not, may not overlap: which one would
-                // hold the bytes is undefined (e2fsck repairs it).
-                if logical < out.extents_end {
-                    let kind = |u: bool| if u { "unwritten " } else { "" };
-                    return corrupt(format!(
-                        "inode {ino}: the {}extent at logical block {logical} in {place} \
-                         overlaps the {}extent before it, which ends at logical block {}",
-                        kind(unwritten),
-                        kind(out.last_unwritten),
-                        out.extents_end
-                    ));
-                }
-                out.extents_end = logical + len;
-                out.last_unwritten = unwritten;
-                if unwritten {
-                    // Allocated but reads as zeros, i.e. a hole.
-                    continue;
-                }
-                let start = u64::from(u16_at(e, 6)) << 32 | u64::from(u32_at(e, 8));
-                self.check_block("extent", ino, start, len)?;
-                out.push(ino, logical, start, len)?;
-            } else {
-                let child = u64::from(u16_at(e, 8)) << 32 | u64::from(u32_at(e, 4));
-                self.check_block("extent index block", ino, child, 1)?;
-                if logical >= out.nblocks {
-                    break;
-                }
-                out.visit(ino, child)?;
-                let block = self.read_block(f, child)?;
-                self.walk_extents(f, inode, &block, Some((child, depth - 1)), out)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The ext2/ext3 map: 12 direct pointers, then single, double and triple
-    /// indirect blocks of 32-bit pointers. A zero pointer is a hole.
-    fn walk_block_map(&self, f: &File, inode: &Inode, out: &mut Runs) -> LResult<()> {
-        let per = self.block_size / 4;
-        let ptr = |i: usize| u64::from(u32_at(&inode.block, i * 4));
-        for i in 0..12 {
-            if ptr(i) != 0 {
-                self.check_block("block", inode.ino, ptr(i), 1)?;
-                out.push(inode.ino, i as u64, ptr(i), 1)?;
-            }
-        }
-        let mut first = 12u64;
-        let mut span = per;
-        for (level, slot) in [(1u32, 12usize), (2, 13), (3, 14)] {
-            if first >= out.nblocks {
-                break;
-            }
-            if ptr(slot) != 0 {
-                self.walk_indirect(f, inode.ino, ptr(slot), level, first, out)?;
-            }
-            first += span;
-            span = span.saturating_mul(per);
-        }
-        Ok(())
-    }
-
-    fn walk_indirect(
-        &self,
-        f: &File,
-        ino: u32,
-        block: u64,
-        level: u32,
-        first: u64,
-        out: &mut Runs,
-    ) -> LResult<()> {
-        self.check_block("indirect block", ino, block, 1)?;
-        out.visit(ino, block)?;
-        let per = self.block_size / 4;
-        let child_span = per.pow(level - 1);
-        let data = self.read_block(f, block)?;
-        for (i, p) in data.chunks_exact(4).enumerate() {
-            let logical = first + i as u64 * child_span;
-            if logical >= out.nblocks {
-                break;
-            }
-            let p = u64::from(u32_at(p, 0));
-            if p == 0 {
-                continue;
-            }
-            if level == 1 {
-                self.check_block("block", ino, p, 1)?;
-                out.push(ino, logical, p, 1)?;
-            } else {
-                self.walk_indirect(f, ino, p, level - 1, logical, out)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The target a symlink inode stores: inline in `i_block` up to 59
-    /// bytes (a "fast" symlink), in its data blocks beyond.
-    pub fn symlink_target(&self, f: &File, inode: &Inode) -> LResult<Vec<u8>> {
-        if inode.kind() != FileKind::Symlink || inode.size == 0 || inode.size > 4096 {
-            return corrupt(format!("inode {}: not a readable symlink", inode.ino));
-        }
-        let len = inode.size as usize;
-        if len <= 59 {
-            return Ok(inode.block[..len].to_vec());
-        }
-        let mut out = vec![0u8; len];
-        for r in self.runs(f, inode)? {
-            let from = (r.logical * self.block_size) as usize;
-            let to = (from + (r.len * self.block_size) as usize).min(len);
-            if from < to {
-                read_exact(f, &mut out[from..to], r.physical * self.block_size)?;
-            }
-        }
-        Ok(out)
-    }
-
-    /// Calls `visit(name, inode)` for each entry of directory `dir` in the
-    /// order of its blocks (one linear scan), until it returns `true`;
-    /// whether one did.
-    fn scan(
-        &self,
-        f: &File,
-        dir: &Inode,
-        mut visit: impl FnMut(&[u8], u32) -> bool,
-    ) -> LResult<bool> {
-        if dir.kind() != FileKind::Directory {
-            return Err(LayoutError::NotADirectory);
-        }
-        let mut buf = vec![0u8; self.block_size as usize];
-        let blocks = self
-            .runs(f, dir)?
-            .into_iter()
-            .flat_map(|r| r.physical..r.physical + r.len);
-        for b in blocks {
-            read_exact(f, &mut buf, b * self.block_size)?;
-            let block = buf.as_slice();
-            let mut at = 0usize;
-            while at + 8 <= block.len() {
-                let ino = u32_at(block, at);
-                let mut rec_len = usize::from(u16_at(block, at + 4));
-                if block.len() == 65536 && (rec_len == 0 || rec_len == 65535) {
-                    // How a 64 KiB block's single entry spells 65536.
-                    rec_len = block.len();
-                }
-                let name_len = usize::from(block[at + 6]);
-                if rec_len < 8 || at + rec_len > block.len() || 8 + name_len > rec_len {
-                    return corrupt(format!("directory inode {}: bad entry", dir.ino));
-                }
-                if ino != 0 && visit(&block[at + 8..at + 8 + name_len], ino) {
-                    return Ok(true);
-                }
-                at += rec_len;
-            }
-        }
-        Ok(false)
-    }
-
-    /// Every named entry of directory `dir` (name, inode number) but `.`
-    /// and `..`, in the order of its blocks: for an index of the directory
-    /// (super::index).
-    pub fn entries(&self, f: &File, dir: &Inode) -> LResult<Vec<(Vec<u8>, u32)>> {
-        let mut out = Vec::new();
-        self.scan(f, dir, |name, ino| {
-            if name != b"." && name != b".." {
-                out.push((name.to_vec(), ino));
-            }
-            false
-        })?;
-        Ok(out)
-    }
-
-    /// Finds `name` in directory `dir` by a linear scan of its entries (an
-    /// htree directory keeps every entry in such a linear layout too).
-    pub fn lookup(&self, f: &File, dir: &Inode, name: &[u8]) -> LResult<u32> {
-        let mut found = 0;
-        let hit = self.scan(f, dir, |n, ino| {
-            found = ino;
-            n == name
-        })?;
-        if hit {
-            Ok(found)
-        } else {
-            Err(LayoutError::NotFound)
-        }
-    }
-
-    /// Walks `components` (plain names, no `.`, `..` or symlinks) from the
-    /// root directory; returns the final inode.
-    pub fn resolve<'a>(
-        &self,
-        f: &File,
-        components: impl IntoIterator<Item = &'a [u8]>,
-    ) -> LResult<Inode> {
-        let mut inode = self.inode(f, ROOT_INO)?;
-        for name in components {
-            let ino = self.lookup(f, &inode, name)?;
-            inode = self.inode(f, ino)?;
-        }
-        Ok(inode)
-    }
+    Ok(())
 }
 
 /// The root directory's inode number.
@@ -593,9 +389,10 @@ pub(super) struct Inode {
     pub ctime: Timestamp,
     pub links: u16,
     pub dtime: u32,
-    flags: u32,
-    generation: u32,
-    block: [u8; 60],
+    pub(super) flags: u32,
+    /// `i_generation`: a new file in a reused inode number has another.
+    pub generation: u32,
+    pub(super) block: [u8; 60],
 }
 
 /// Decodes a 32-bit seconds field plus its `_extra` word (two epoch bits,
@@ -657,71 +454,6 @@ impl Inode {
     }
 }
 
-/// A contiguous mapped piece of a file, in blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Run {
-    pub logical: u64,
-    pub physical: u64,
-    pub len: u64,
-}
-
-struct Runs {
-    runs: Vec<Run>,
-    nblocks: u64,
-    /// The logical end of the last extent seen, written or unwritten.
-    extents_end: u64,
-    /// Whether that extent is unwritten.
-    last_unwritten: bool,
-    /// Blocks mapped so far, and the most a sound map can have (the
-    /// filesystem's block count): a crafted map cannot make us allocate or
-    /// walk more than the image holds.
-    mapped: u64,
-    limit: u64,
-    /// Index and indirect blocks seen: each may be used once, which keeps a
-    /// crafted map with shared nodes or loops from taking exponential time.
-    visited: std::collections::HashSet<u64>,
-}
-
-impl Runs {
-    fn visit(&mut self, ino: u32, block: u64) -> LResult<()> {
-        if !self.visited.insert(block) {
-            return corrupt(format!("inode {ino}: map block {block} is used twice"));
-        }
-        Ok(())
-    }
-
-    /// Appends a mapped piece, clipped to the file size and merged with the
-    /// previous one when both halves are contiguous.
-    fn push(&mut self, ino: u32, logical: u64, physical: u64, len: u64) -> LResult<()> {
-        if logical >= self.nblocks || len == 0 {
-            return Ok(());
-        }
-        let len = len.min(self.nblocks - logical);
-        self.mapped += len;
-        if self.mapped > self.limit {
-            return corrupt(format!(
-                "inode {ino}: the block map covers more blocks than the filesystem's {}",
-                self.limit
-            ));
-        }
-        if let Some(last) = self.runs.last_mut() {
-            if logical < last.logical + last.len {
-                return corrupt(format!("inode {ino}: overlapping or unsorted block map"));
-            }
-            if last.logical + last.len == logical && last.physical + last.len == physical {
-                last.len += len;
-                return Ok(());
-            }
-        }
-        self.runs.push(Run {
-            logical,
-            physical,
-            len,
-        });
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -751,54 +483,5 @@ mod tests {
             "listed, not unknown"
         );
         assert_eq!(unknown_incompat(0x2 | 0x100_0000), vec![0x100_0000]);
-    }
-
-    #[test]
-    fn runs_merge_clip_and_reject_overlaps() {
-        let mut r = Runs {
-            runs: Vec::new(),
-            nblocks: 10,
-            extents_end: 0,
-            last_unwritten: false,
-            mapped: 0,
-            limit: 1000,
-            visited: Default::default(),
-        };
-        r.push(1, 0, 100, 2).unwrap();
-        r.push(1, 2, 102, 3).unwrap();
-        r.push(1, 6, 200, 9).unwrap();
-        assert_eq!(
-            r.runs,
-            vec![
-                Run {
-                    logical: 0,
-                    physical: 100,
-                    len: 5
-                },
-                Run {
-                    logical: 6,
-                    physical: 200,
-                    len: 4
-                },
-            ]
-        );
-        assert!(matches!(r.push(1, 7, 300, 1), Err(LayoutError::Corrupt(_))));
-    }
-
-    #[test]
-    fn maps_may_not_cover_more_than_the_filesystem_or_reuse_map_blocks() {
-        let mut r = Runs {
-            runs: Vec::new(),
-            nblocks: u64::MAX,
-            extents_end: 0,
-            last_unwritten: false,
-            mapped: 0,
-            limit: 8,
-            visited: Default::default(),
-        };
-        r.push(1, 0, 100, 8).unwrap();
-        assert!(matches!(r.push(1, 8, 300, 1), Err(LayoutError::Corrupt(_))));
-        r.visit(1, 5).unwrap();
-        assert!(matches!(r.visit(1, 5), Err(LayoutError::Corrupt(_))));
     }
 }
