@@ -37,16 +37,6 @@ static shadowfd_engine *engine_with(const char *const *kv) {
     return e;
 }
 
-static void same(const void *got, size_t off, size_t len, const char *what) {
-    if (off + len > want_len || memcmp(got, want + off, len) != 0) {
-        const unsigned char *g = got;
-        size_t i = 0;
-        while (i < len && off + i < want_len && g[i] == want[off + i])
-            i++;
-        FAIL("%s: bytes differ from the file at offset %zu", what, off + i);
-    }
-}
-
 /* ---- a callback source over a file descriptor ---------------------------- */
 
 struct src {
@@ -660,12 +650,8 @@ static int case_errors(const char *path, const char *dir) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 4) {
-        fprintf(stderr, "usage: %s CASE FILE MODE [ARG]\n", argv[0]);
-        return 2;
-    }
+    start(argc, argv, 4, "CASE FILE MODE [ARG]", 2);
     mode = argv[3];
-    setup(argv[2]);
     const char *c = argv[1];
     if (!strcmp(c, "callback"))
         return case_callback(argv[2]);

@@ -113,12 +113,36 @@ static void load(const char *path) {
     close(fd);
 }
 
+/* `len` bytes at `got` are the file's bytes from `off`; else FAIL naming
+ * the first offset that differs. */
+__attribute__((unused)) static void same(const void *got, size_t off, size_t len,
+                                         const char *what) {
+    if (off + len > want_len || memcmp(got, want + off, len) != 0) {
+        const unsigned char *g = got;
+        size_t i = 0;
+        while (i < len && off + i < want_len && g[i] == want[off + i])
+            i++;
+        FAIL("%s: bytes differ from the file at offset %zu", what, off + i);
+    }
+}
+
 /* A test program's start: the page size, unbuffered output (lines stay in
  * order with a child's), and the expected bytes from `file`. */
 __attribute__((unused)) static void setup(const char *file) {
     page = (size_t)sysconf(_SC_PAGESIZE);
     setvbuf(stdout, NULL, _IONBF, 0);
     load(file);
+}
+
+/* main's first step: at least `need` arguments (else the usage line and
+ * exit status 2), then setup() with argv[file_arg]. */
+__attribute__((unused)) static void start(int argc, char **argv, int need, const char *usage,
+                                          int file_arg) {
+    if (argc < need) {
+        fprintf(stderr, "usage: %s %s\n", argv[0], usage);
+        exit(2);
+    }
+    setup(argv[file_arg]);
 }
 
 #endif

@@ -32,16 +32,6 @@
 #include "check.h"
 
 
-static void same(const void *got, size_t off, size_t len, const char *what) {
-    if (off + len > want_len || memcmp(got, want + off, len) != 0) {
-        const unsigned char *g = got;
-        size_t i = 0;
-        while (i < len && off + i < want_len && g[i] == want[off + i])
-            i++;
-        FAIL("%s: bytes differ from the file at offset %zu", what, off + i);
-    }
-}
-
 static shadowfd_client *connect_to(const char *sock) {
     shadowfd_client *c = shadowfd_client_connect(sock);
     if (!c)
@@ -55,6 +45,18 @@ static shadowfd_shadow *open_on(shadowfd_client *c, const char *name) {
         FAIL("shadowfd_client_open(%s): errno %d", name, errno);
     CHECK(shadowfd_shadow_size(sh) == want_len);
     return sh;
+}
+
+/* Connects to `sock` (its mode must be `want_mode`), opens `name` and maps
+ * it whole, private: the address; the client in *c, the shadow in *sh. */
+static void *map_on(const char *sock, const char *name, int want_mode, shadowfd_client **c,
+                    shadowfd_shadow **sh) {
+    *c = connect_to(sock);
+    CHECK(shadowfd_client_mode(*c) == want_mode);
+    *sh = open_on(*c, name);
+    void *p = NULL;
+    CHECK_OK(shadowfd_map(*sh, 0, 0, SHADOWFD_MAP_PRIVATE, NULL, &p));
+    return p;
 }
 
 /* Maps, reads, fills and asks for stats through a client; every refusal
@@ -166,11 +168,9 @@ static int case_killed(const char *sock, const char *name, pid_t server) {
         close(up[0]);
         close(down[1]);
         alarm(60); /* a hang ends in SIGALRM, not SIGBUS */
-        shadowfd_client *c = connect_to(sock);
-        CHECK(shadowfd_client_mode(c) == SHADOWFD_MODE_LAZY);
-        shadowfd_shadow *sh = open_on(c, name);
-        void *p = NULL;
-        CHECK_OK(shadowfd_map(sh, 0, 0, SHADOWFD_MAP_PRIVATE, NULL, &p));
+        shadowfd_client *c;
+        shadowfd_shadow *sh;
+        void *p = map_on(sock, name, SHADOWFD_MODE_LAZY, &c, &sh);
         same(p, 0, page, "page 0 before the kill");
         watch_sigbus(p);
         char x = 'm';
@@ -252,11 +252,9 @@ static void deny_userfaultfd(void) {
  * bytes, and a complete copy that outlives the server. */
 static int case_denied(const char *sock, const char *name, pid_t server) {
     deny_userfaultfd();
-    shadowfd_client *c = connect_to(sock);
-    CHECK(shadowfd_client_mode(c) == SHADOWFD_MODE_EAGER);
-    shadowfd_shadow *sh = open_on(c, name);
-    void *p = NULL;
-    CHECK_OK(shadowfd_map(sh, 0, 0, SHADOWFD_MAP_PRIVATE, NULL, &p));
+    shadowfd_client *c;
+    shadowfd_shadow *sh;
+    void *p = map_on(sock, name, SHADOWFD_MODE_EAGER, &c, &sh);
     same(p, 0, want_len, "sealed client mapping");
     unsigned char b[100];
     CHECK(shadowfd_read(sh, b, sizeof b, 4 * page) == (int64_t)sizeof b);
@@ -343,11 +341,7 @@ static int case_threads(const char *sock, const char *name) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 6) {
-        fprintf(stderr, "usage: %s CASE SOCK HOSTFILE NAME SERVER_PID [MODE]\n", argv[0]);
-        return 2;
-    }
-    setup(argv[3]);
+    start(argc, argv, 6, "CASE SOCK HOSTFILE NAME SERVER_PID [MODE]", 3);
     const char *c = argv[1], *sock = argv[2], *name = argv[4];
     pid_t server = (pid_t)atol(argv[5]);
     if (!strcmp(c, "basic"))
