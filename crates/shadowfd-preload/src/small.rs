@@ -5,9 +5,9 @@
 //! a mapping of it opens it the ordinary way first.
 //!
 //! When the served tree cannot change ([`crate::env::Env::immutable`], `run
-//! --image`), a STAT or open of an entry of the directory this process
-//! listed last asks SMALL for that entry and the regular files listed after
-//! it, up to [`wire::SMALL_MAX_PATHS`]: a program that walks a directory
+//! --image`), a STAT or open of an entry of a directory this process
+//! listed lately (the last [`MAX_DIRS`]) asks SMALL for that entry and the
+//! regular files listed after it, up to [`wire::SMALL_MAX_PATHS`]: a program that walks a directory
 //! (`tar`, `cp -r`, `diff -r`) then makes one request per 64 files. Their
 //! STAT answers go to the kept STAT answers, their bytes here, at most
 //! [`MAX_BYTES`] bytes and [`MAX_FILES`] files (the oldest go first). When
@@ -27,16 +27,23 @@ use std::ffi::c_int;
 pub(crate) const MAX_BYTES: usize = 8 << 20;
 /// The prefetched small files this process keeps, at most.
 const MAX_FILES: usize = 8192;
+/// Listed directories whose files a read-ahead may follow, at most: a
+/// walk that goes down into a subdirectory (`lost+found` first, in an
+/// image's root) and comes back still finds the parent's listing.
+pub(crate) const MAX_DIRS: usize = 16;
+/// Names of listed directories kept, at most (the oldest listing goes).
+const MAX_NAMES: usize = 1 << 18;
 
 #[derive(Default)]
 pub(crate) struct Cache {
     /// The process these belong to: a forked child forgets its parent's
     /// (their connection is the parent's) without dropping them.
     pid: u32,
-    /// The regular files of the directory listed last, in listing order,
-    /// and where each is in it.
-    names: Vec<String>,
-    index: HashMap<String, usize>,
+    /// The regular files of the directories listed lately, each listing
+    /// in its order, oldest first, and where each file is in its listing.
+    listings: VecDeque<(String, std::sync::Arc<Vec<String>>)>,
+    index: HashMap<String, (std::sync::Arc<Vec<String>>, usize)>,
+    names: usize,
     /// Files read whole, by path, and the order they came in.
     files: HashMap<String, RemoteFile>,
     order: VecDeque<String>,
@@ -89,15 +96,37 @@ pub(crate) fn listed(dir: &str, files: impl Iterator<Item = Vec<u8>>) {
             }
         })
         .collect();
-    let index = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.clone(), i))
-        .collect();
+    let names = std::sync::Arc::new(names);
     let mut g = SMALL.lock();
     let c = mine(&mut g);
-    c.names = names;
-    c.index = index;
+    if let Some(at) = c.listings.iter().position(|(d, _)| d == dir) {
+        let (_, old) = c.listings.remove(at).expect("found");
+        forget(c, &old);
+    }
+    for (i, n) in names.iter().enumerate() {
+        c.index.insert(n.clone(), (names.clone(), i));
+    }
+    c.names += names.len();
+    c.listings.push_back((dir.to_string(), names));
+    while c.listings.len() > MAX_DIRS || c.names > MAX_NAMES {
+        let Some((_, old)) = c.listings.pop_front() else {
+            break;
+        };
+        forget(c, &old);
+    }
+}
+
+/// Drops the index entries that point into the listing `old`.
+fn forget(c: &mut Cache, old: &std::sync::Arc<Vec<String>>) {
+    c.names -= old.len();
+    for n in old.iter() {
+        if c.index
+            .get(n)
+            .is_some_and(|(l, _)| std::sync::Arc::ptr_eq(l, old))
+        {
+            c.index.remove(n);
+        }
+    }
 }
 
 /// Asks SMALL for `rel` and the listed files after it, and keeps the
@@ -110,10 +139,10 @@ pub(crate) fn prefetch(rel: &str, bytes: bool) -> bool {
     let (paths, cap) = {
         let mut g = SMALL.lock();
         let c = mine(&mut g);
-        let Some(&i) = c.index.get(rel) else {
+        let Some((list, i)) = c.index.get(rel).cloned() else {
             return false;
         };
-        let paths: Vec<String> = c.names[i..]
+        let paths: Vec<String> = list[i..]
             .iter()
             .filter(|n| *n == rel || !c.files.contains_key(*n))
             .take(wire::SMALL_MAX_PATHS)
