@@ -494,13 +494,7 @@ fn cat_from_an_ext4_image() {
     let data = pattern(3 << 20, 11);
     std::fs::write(src.join("in-image.bin"), &data).unwrap();
     let img = d.path().join("fs.img");
-    let o = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&src)
-        .arg(&img)
-        .arg("16M")
-        .output_within(LIMIT);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::mkfs_d(&src, &img, "16M");
     let out = ok(run_with(
         &["--image", img.to_str().unwrap()],
         &["cat", &shadow("in-image.bin")],
@@ -542,13 +536,7 @@ fn sqlite3_with_mmap_in_an_ext4_image() {
         .output_within(LIMIT);
     assert!(host.status.success());
     let img = d.path().join("fs.img");
-    let o = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&src)
-        .arg(&img)
-        .arg("64M")
-        .output_within(LIMIT);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::mkfs_d(&src, &img, "64M");
     let out = ok(run_with(
         &["--image", img.to_str().unwrap()],
         &[
@@ -837,13 +825,7 @@ fn dir_tree() -> &'static DirTree {
         std::fs::write(src.join("sub/deeper/deepest/leaf.txt"), b"leaf\n").unwrap();
         std::fs::write(src.join("naïve dir/with space é.txt"), pattern(5000, 22)).unwrap();
         let img = dir.path().join("tree.ext4");
-        let o = Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-d"])
-            .arg(&src)
-            .arg(&img)
-            .arg("32M")
-            .output_within(LIMIT);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        common::mkfs_d(&src, &img, "32M");
         DirTree {
             _dir: dir,
             src,
@@ -2333,13 +2315,7 @@ PyMODINIT_FUNC PyInit_shext(void) { return PyModule_Create(&D); }
         )
         .unwrap();
         let img = dir.path().join("prog.ext4");
-        let o = Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-d"])
-            .arg(&src)
-            .arg(&img)
-            .arg("64M")
-            .output_within(LIMIT);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        common::mkfs_d(&src, &img, "64M");
         ProgTree {
             _dir: dir,
             src,
@@ -2893,13 +2869,7 @@ fn many_small_files_in_one_directory() {
         std::fs::write(src.join(format!("d/f{i:05}.bin")), body).unwrap();
     }
     let img = d.path().join("small.ext4");
-    let o = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&src)
-        .arg(&img)
-        .arg("64M")
-        .output_within(LIMIT);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::mkfs_d(&src, &img, "64M");
     let script = "cd {}/d && ls | wc -l && ls | sort | xargs cat | sha256sum && \
                   cat f02999.bin f00000.bin | sha256sum && { cat nothere.bin 2>/dev/null || echo missing; }";
     let host = ok(Command::new("sh")

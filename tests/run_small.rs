@@ -323,6 +323,23 @@ fn same_tree(a: &Path, b: &Path) {
     );
 }
 
+/// Writes the archive `tar` to `dir/a.tar` and extracts it into `dir/x`:
+/// (the archive, the extracted tree).
+fn untar(tar: &[u8], dir: &Path) -> (PathBuf, PathBuf) {
+    let archive = dir.join("a.tar");
+    std::fs::write(&archive, tar).unwrap();
+    let x = dir.join("x");
+    std::fs::create_dir(&x).unwrap();
+    let o = Command::new("tar")
+        .arg("-C")
+        .arg(&x)
+        .arg("-xf")
+        .arg(&archive)
+        .output_within(LIMIT);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (archive, x)
+}
+
 /// `tar -cf - .` of the served tree, extracted on the host, is the host
 /// tree; the hard link is archived as one (a link entry, not a copy).
 #[test]
@@ -334,17 +351,7 @@ fn tar_of_many_small_files_is_the_host_tree() {
             &["tar", "-C", &format!("{MOUNT}/many"), "-cf", "-", "."],
         ));
         let out = tempfile::tempdir().unwrap();
-        let archive = out.path().join("a.tar");
-        std::fs::write(&archive, &tar).unwrap();
-        let x = out.path().join("x");
-        std::fs::create_dir(&x).unwrap();
-        let o = Command::new("tar")
-            .arg("-C")
-            .arg(&x)
-            .arg("-xf")
-            .arg(&archive)
-            .output_within(LIMIT);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (archive, x) = untar(&tar, out.path());
         same_tree(&x, &t.src.join("many"));
         let a = std::fs::metadata(x.join("f0001.txt")).unwrap();
         let b = std::fs::metadata(x.join("linked")).unwrap();
@@ -690,13 +697,7 @@ fn a_walk_back_from_a_subdirectory_still_reads_ahead() {
         .unwrap();
     }
     let img = d.path().join("root.ext4");
-    let o = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&src)
-        .arg(&img)
-        .arg("16M")
-        .output_within(LIMIT);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::mkfs_d(&src, &img, "16M");
     let log = d.path().join("strace.log");
     let o = Command::new("strace")
         .args(["-f", "-qq", "-e", "trace=sendmsg", "-o"])
@@ -709,18 +710,7 @@ fn a_walk_back_from_a_subdirectory_still_reads_ahead() {
         .env("SHADOWFD_PRELOAD", common::preload())
         .env_remove("SHADOWFD_MODE")
         .output_within(LIMIT);
-    let tar = ok(o);
-    let x = d.path().join("x");
-    std::fs::create_dir(&x).unwrap();
-    let archive = d.path().join("a.tar");
-    std::fs::write(&archive, &tar).unwrap();
-    let o = Command::new("tar")
-        .arg("-C")
-        .arg(&x)
-        .arg("-xf")
-        .arg(&archive)
-        .output_within(LIMIT);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_, x) = untar(&ok(o), d.path());
     same_tree(&x, &src);
     let sends = std::fs::read_to_string(&log)
         .unwrap()

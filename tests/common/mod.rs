@@ -220,3 +220,20 @@ pub fn python_with_numpy() -> &'static str {
          install it (apt-get install python3-numpy) to run the numpy tests"
     );
 }
+
+/// `mkfs.ext4 -q -F -d SRC IMG SIZE`: an ext4 image of the host directory
+/// `src`; panics with mkfs's message if it fails.
+pub fn mkfs_d(src: &std::path::Path, img: &std::path::Path, size: &str) {
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(src)
+        .arg(img)
+        .arg(size)
+        .output_within(std::time::Duration::from_secs(120));
+    assert!(
+        o.status.success(),
+        "mkfs.ext4 -d {} failed: {}",
+        src.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
