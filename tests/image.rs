@@ -1282,23 +1282,15 @@ fn overlapping_extents_are_refused_written_or_not() {
         );
         let out = shadowfd(&["cat", "/two"], &img);
         assert!(out.status.success() && out.stdout == two, "intact image");
-        let imap = debugfs(&img, false, "imap /two");
-        let num = |after: &str| -> u64 {
-            let s = imap.split(after).nth(1).unwrap().trim_start();
-            let s = s
-                .split(|c: char| c.is_whitespace() || c == ',')
-                .next()
-                .unwrap();
-            match s.strip_prefix("0x") {
-                Some(h) => u64::from_str_radix(h, 16).unwrap(),
-                None => s.parse().unwrap(),
-            }
-        };
-        let inode_at = num("located at block") * 4096 + num("offset");
+        let inode_at = inode_offset(&img, "/two");
         // i_block at 0x28: a 12-byte header, then extents of 12 bytes:
         // (0, 2 blocks) and (4, 2 blocks). The first now covers 0..5.
         let first_len = inode_at + 0x28 + 12 + 4;
-        assert_eq!(peek(&img, first_len, 2), 2u16.to_le_bytes(), "{imap}");
+        assert_eq!(
+            peek(&img, first_len, 2),
+            2u16.to_le_bytes(),
+            "inode at {inode_at}"
+        );
         let len: u16 = if unwritten { 0x8000 + 5 } else { 5 };
         poke(&img, first_len, &len.to_le_bytes());
         assert!(!e2fsck_clean(&img), "e2fsck should flag the overlap");
@@ -1630,19 +1622,7 @@ fn inodes_failing_their_checksum_are_refused() {
     mkfs(&["mkfs.ext4", "-b", "4096"], &[], &tree, &img, "16M");
     let out = shadowfd(&["cat", "/a"], &img);
     assert!(out.status.success() && out.stdout == a, "intact image");
-    let imap = debugfs(&img, false, "imap /a");
-    let num = |after: &str| -> u64 {
-        let s = imap.split(after).nth(1).unwrap().trim_start();
-        let s = s
-            .split(|c: char| c.is_whitespace() || c == ',')
-            .next()
-            .unwrap();
-        match s.strip_prefix("0x") {
-            Some(h) => u64::from_str_radix(h, 16).unwrap(),
-            None => s.parse().unwrap(),
-        }
-    };
-    let inode_at = num("located at block") * 4096 + num("offset");
+    let inode_at = inode_offset(&img, "/a");
     let ino = inode_number(&img, "/a");
     // i_mtime at 0x10: one bit flipped.
     let mtime = peek(&img, inode_at + 0x10, 1)[0];
@@ -1668,4 +1648,22 @@ fn inodes_failing_their_checksum_are_refused() {
         "after repair: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Where the inode of `path` lies in the image file (4 KiB blocks), as
+/// `debugfs`'s `imap` says.
+fn inode_offset(img: &Path, path: &str) -> u64 {
+    let imap = debugfs(img, false, &format!("imap {path}"));
+    let num = |after: &str| -> u64 {
+        let s = imap.split(after).nth(1).unwrap().trim_start();
+        let s = s
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .next()
+            .unwrap();
+        match s.strip_prefix("0x") {
+            Some(h) => u64::from_str_radix(h, 16).unwrap(),
+            None => s.parse().unwrap(),
+        }
+    };
+    num("located at block") * 4096 + num("offset")
 }
