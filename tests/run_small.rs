@@ -721,3 +721,55 @@ fn a_walk_back_from_a_subdirectory_still_reads_ahead() {
     // server's own replies: 24 on 2026-12-07; 600-odd before.
     assert!(sends <= 60, "{sends} sendmsg calls for 303 small files");
 }
+
+/// A process that opens files it did not list (here `md5sum`, given them
+/// by `xargs`) reads them ahead too: after two opens in a row from one
+/// directory no listing named, the shim lists it itself. Before,
+/// 20,000 files at an image's root took 2.0 s under `run` against 0.17 s
+/// natively (2026-12-07); after, 0.52 s. Byte-exact against the host.
+#[test]
+fn files_opened_without_a_listing_are_read_ahead_too() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..300 {
+        std::fs::write(
+            src.join(format!("g{i:03}")),
+            pattern(50 + i * 7, 500 + i as u64),
+        )
+        .unwrap();
+    }
+    let img = d.path().join("flat.ext4");
+    common::mkfs_d(&src, &img, "16M");
+    let log = d.path().join("strace.log");
+    let script =
+        format!("cd {MOUNT} && find . -type f -name 'g*' -print0 | xargs -0 md5sum | sort");
+    let o = Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=sendmsg", "-o"])
+        .arg(&log)
+        .arg(env!("CARGO_BIN_EXE_shadowfd"))
+        .arg("run")
+        .arg("--image")
+        .arg(&img)
+        .args(["--mount", MOUNT, "--", "sh", "-c", &script])
+        .env("SHADOWFD_PRELOAD", common::preload())
+        .env_remove("SHADOWFD_MODE")
+        .output_within(LIMIT);
+    let got = ok(o);
+    let host = Command::new("sh")
+        .arg("-c")
+        .arg("find . -type f -name 'g*' -print0 | xargs -0 md5sum | sort")
+        .current_dir(&src)
+        .output_within(LIMIT);
+    assert!(host.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&host.stdout)
+    );
+    let sends = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("sendmsg("))
+        .count();
+    assert!(sends <= 60, "{sends} sendmsg calls for 300 small files");
+}

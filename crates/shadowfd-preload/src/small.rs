@@ -53,6 +53,12 @@ pub(crate) struct Cache {
     /// STAT answers only (`ls -l` stats every file and opens none).
     last: std::collections::HashSet<String>,
     opened: usize,
+    /// The directory of the last open of a file no listing named, and how
+    /// many such opens came in a row from it ([`list_on_misses`]).
+    miss_dir: Option<String>,
+    misses: u32,
+    /// Directories listed because of such opens (each listed once).
+    auto_listed: std::collections::HashSet<String>,
 }
 
 pub(crate) static SMALL: Mutex<Option<Cache>> = Mutex::new(None);
@@ -113,6 +119,48 @@ pub(crate) fn listed(dir: &str, files: impl Iterator<Item = Vec<u8>>) {
             break;
         };
         forget(c, &old);
+    }
+}
+
+/// Opens in a row of files of one directory that no listing named, after
+/// which the shim lists the directory itself: a process that opens the
+/// files it was given (`xargs sha256sum`, `cat dir/*` after the shell
+/// expanded the glob) then reads ahead too.
+const LIST_AFTER_MISSES: u32 = 2;
+/// Directories listed that way per process, at most.
+const MAX_AUTO_LISTED: usize = 1024;
+
+/// Counts an open of `rel` that no listing named; at the
+/// [`LIST_AFTER_MISSES`]th in a row from one directory, lists it (once).
+fn list_on_misses(rel: &str) {
+    let parent = rel.rsplit_once('/').map_or("", |(p, _)| p).to_string();
+    {
+        let mut g = SMALL.lock();
+        let c = mine(&mut g);
+        if c.index.contains_key(rel) || c.auto_listed.contains(&parent) {
+            return;
+        }
+        if c.miss_dir.as_deref() == Some(parent.as_str()) {
+            c.misses += 1;
+        } else {
+            c.miss_dir = Some(parent.clone());
+            c.misses = 1;
+        }
+        if c.misses < LIST_AFTER_MISSES || c.auto_listed.len() >= MAX_AUTO_LISTED {
+            return;
+        }
+        c.auto_listed.insert(parent.clone());
+    }
+    let Ok(cl) = client() else {
+        return;
+    };
+    if let Ok(list) = cl.list(&parent) {
+        listed(
+            &parent,
+            list.iter()
+                .filter(|e| e.kind == wire::KIND_FILE)
+                .map(|e| e.name.clone()),
+        );
     }
 }
 
@@ -234,6 +282,7 @@ pub(crate) fn open(rel: &str) -> Option<Result<RemoteFile, c_int>> {
                 Ok(_) => {}
             }
         }
+        list_on_misses(rel);
         if prefetch(rel, true) {
             if let Some(f) = cached(rel) {
                 return Some(Ok(f));
