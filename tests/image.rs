@@ -1185,6 +1185,19 @@ fn e2fsck_clean(img: &Path) -> bool {
         .success()
 }
 
+/// Repairs `img` with `e2fsck -fy`, then `shadowfd cat PATH` must give
+/// `want` again.
+fn repair_then_read(img: &Path, path: &str, want: &[u8]) {
+    let _ = Command::new("e2fsck").arg("-fy").arg(img).output().unwrap();
+    assert!(e2fsck_clean(img), "e2fsck -fy should have repaired it");
+    let out = shadowfd(&["cat", path], img);
+    assert!(
+        out.status.success() && out.stdout == want,
+        "after repair: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A tree holding `/frag`, 9 islands of data 256 KiB apart (an extent tree
 /// with a leaf block), and `/two`, two islands (both extents in the inode).
 fn extent_tree() -> (TempDir, PathBuf, Vec<u8>, Vec<u8>) {
@@ -1250,18 +1263,7 @@ fn extent_blocks_failing_their_checksum_are_refused() {
     debugfs(&img, true, "sif /frag generation 0x5eed1234");
     let err = cli_fails(&["cat", "/frag"], &img);
     assert_has(&err, &[&format!("extent block {etb}"), "checksum"]);
-    let _ = Command::new("e2fsck")
-        .arg("-fy")
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(e2fsck_clean(&img), "e2fsck -fy should have repaired it");
-    let out = shadowfd(&["cat", "/frag"], &img);
-    assert!(
-        out.status.success() && out.stdout == frag,
-        "after repair: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    repair_then_read(&img, "/frag", &frag);
 }
 
 /// An unwritten extent that overlaps the next one used to be skipped as a
@@ -1636,18 +1638,7 @@ fn inodes_failing_their_checksum_are_refused() {
     assert_eq!(e.kind(), ErrorKind::InvalidData, "{e}");
     let out = shadowfd(&["cat", "/b"], &img);
     assert!(out.status.success() && out.stdout == b, "the other file");
-    let _ = Command::new("e2fsck")
-        .arg("-fy")
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(e2fsck_clean(&img), "e2fsck -fy should have repaired it");
-    let out = shadowfd(&["cat", "/a"], &img);
-    assert!(
-        out.status.success() && out.stdout == a,
-        "after repair: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    repair_then_read(&img, "/a", &a);
 }
 
 /// Where the inode of `path` lies in the image file (4 KiB blocks), as

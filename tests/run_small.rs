@@ -670,6 +670,32 @@ fn an_image_replaced_or_rewritten_under_a_running_server_is_served_as_it_now_is(
     assert!(!o.status.success(), "a deleted image was still served");
 }
 
+/// `shadowfd run --image IMG --mount MOUNT -- ARGS` under strace: its
+/// output, and how many `sendmsg` calls its processes made (the shim's
+/// requests and the server's replies).
+fn run_counting_requests(img: &Path, args: &[&str]) -> (Output, usize) {
+    let d = tempfile::tempdir().unwrap();
+    let log = d.path().join("strace.log");
+    let o = Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=sendmsg", "-o"])
+        .arg(&log)
+        .arg(env!("CARGO_BIN_EXE_shadowfd"))
+        .arg("run")
+        .arg("--image")
+        .arg(img)
+        .args(["--mount", MOUNT, "--"])
+        .args(args)
+        .env("SHADOWFD_PRELOAD", common::preload())
+        .env_remove("SHADOWFD_MODE")
+        .output_within(LIMIT);
+    let sends = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("sendmsg("))
+        .count();
+    (o, sends)
+}
+
 /// A walk that goes down into a subdirectory and comes back still reads
 /// the parent's small files ahead, 64 to a request. `tar` of an image's
 /// root descends into `lost+found` (listed first) before the root's files;
@@ -698,25 +724,9 @@ fn a_walk_back_from_a_subdirectory_still_reads_ahead() {
     }
     let img = d.path().join("root.ext4");
     common::mkfs_d(&src, &img, "16M");
-    let log = d.path().join("strace.log");
-    let o = Command::new("strace")
-        .args(["-f", "-qq", "-e", "trace=sendmsg", "-o"])
-        .arg(&log)
-        .arg(env!("CARGO_BIN_EXE_shadowfd"))
-        .arg("run")
-        .arg("--image")
-        .arg(&img)
-        .args(["--mount", MOUNT, "--", "tar", "-C", MOUNT, "-cf", "-", "."])
-        .env("SHADOWFD_PRELOAD", common::preload())
-        .env_remove("SHADOWFD_MODE")
-        .output_within(LIMIT);
+    let (o, sends) = run_counting_requests(&img, &["tar", "-C", MOUNT, "-cf", "-", "."]);
     let (_, x) = untar(&ok(o), d.path());
     same_tree(&x, &src);
-    let sends = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains("sendmsg("))
-        .count();
     // 303 files in batches of 64, two listings, the handshake and the
     // server's own replies: 24 on 2026-12-07; 600-odd before.
     assert!(sends <= 60, "{sends} sendmsg calls for 303 small files");
@@ -741,20 +751,9 @@ fn files_opened_without_a_listing_are_read_ahead_too() {
     }
     let img = d.path().join("flat.ext4");
     common::mkfs_d(&src, &img, "16M");
-    let log = d.path().join("strace.log");
     let script =
         format!("cd {MOUNT} && find . -type f -name 'g*' -print0 | xargs -0 md5sum | sort");
-    let o = Command::new("strace")
-        .args(["-f", "-qq", "-e", "trace=sendmsg", "-o"])
-        .arg(&log)
-        .arg(env!("CARGO_BIN_EXE_shadowfd"))
-        .arg("run")
-        .arg("--image")
-        .arg(&img)
-        .args(["--mount", MOUNT, "--", "sh", "-c", &script])
-        .env("SHADOWFD_PRELOAD", common::preload())
-        .env_remove("SHADOWFD_MODE")
-        .output_within(LIMIT);
+    let (o, sends) = run_counting_requests(&img, &["sh", "-c", &script]);
     let got = ok(o);
     let host = Command::new("sh")
         .arg("-c")
@@ -766,10 +765,5 @@ fn files_opened_without_a_listing_are_read_ahead_too() {
         String::from_utf8_lossy(&got),
         String::from_utf8_lossy(&host.stdout)
     );
-    let sends = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains("sendmsg("))
-        .count();
     assert!(sends <= 60, "{sends} sendmsg calls for 300 small files");
 }

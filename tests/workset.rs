@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn shadowfd() -> Command {
@@ -59,15 +59,25 @@ fn records(dir: &Path) -> Vec<std::path::PathBuf> {
     v
 }
 
-#[test]
-fn a_damaged_record_is_ignored_with_a_warning() {
+/// A source file of `len` patterned bytes (`seed`) in a fresh directory,
+/// its bytes, and the record directory beside it: (directory, bytes,
+/// file, records). `None` where lazy shadows are unavailable.
+fn source(len: usize, seed: u64) -> Option<(tempfile::TempDir, Vec<u8>, PathBuf, PathBuf)> {
     if !common::lazy_available() {
-        return;
+        return None;
     }
     let t = tempfile::tempdir().unwrap();
-    let data = common::pattern(3 << 20, 24);
+    let data = common::pattern(len, seed);
     let file = common::file_with(t.path(), "src", &data);
     let dir = t.path().join("ws");
+    Some((t, data, file, dir))
+}
+
+#[test]
+fn a_damaged_record_is_ignored_with_a_warning() {
+    let Some((_t, data, file, dir)) = source(3 << 20, 24) else {
+        return;
+    };
     let o = ok(cat(&file, &dir, "record"), "record");
     assert!(o.stdout == data, "cat's output differs from the file");
     let rec = records(&dir);
@@ -138,13 +148,9 @@ fn a_damaged_record_is_ignored_with_a_warning() {
 
 #[test]
 fn processes_recording_one_source_at_once_leave_one_whole_record() {
-    if !common::lazy_available() {
+    let Some((_t, _data, file, dir)) = source(8 << 20, 25) else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
-    let data = common::pattern(8 << 20, 25);
-    let file = common::file_with(t.path(), "src", &data);
-    let dir = t.path().join("ws");
+    };
     for round in 0..3 {
         // Four processes at once, each touching another seeded 5% of the
         // pages.
