@@ -26,6 +26,7 @@ mod runners;
 mod s3;
 mod small;
 mod weed;
+mod weed_mini;
 
 pub use args::BenchArgs;
 pub use pages::run;

