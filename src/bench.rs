@@ -8,9 +8,11 @@
 //! - `notes.rs`: the targets, the standing notes and the machine.
 //! - `report.rs`, `plot.rs`: medians, ratios, the table, the JSON, the chart.
 //! - `data.rs`, `filemap.rs`, `fuse.rs`, `raw.rs`, `reader.rs`: the data,
-//!   the references and the floors; `small.rs`: `--small-files`.
+//!   the references and the floors; `small.rs`: `--small-files`;
+//!   `clients.rs`: `--clients`.
 
 mod args;
+mod clients;
 mod data;
 mod filemap;
 mod fuse;

@@ -57,6 +57,10 @@ enum ClientCmd {
         file: String,
         #[command(flatten)]
         touch: access::TouchArgs,
+        /// For `shadowfd bench --clients`: once mapped, say "ready" on
+        /// stderr and wait for a line on stdin before touching.
+        #[arg(long, hide = true)]
+        wait_stdin: bool,
     },
 }
 
@@ -95,7 +99,11 @@ pub fn run(a: ClientArgs) -> CliResult {
     let client = connect(&a)?;
     match &a.cmd {
         ClientCmd::Cat { file, fill } => cat(&client, file, *fill),
-        ClientCmd::Map { file, touch } => map(&client, file, touch),
+        ClientCmd::Map {
+            file,
+            touch,
+            wait_stdin,
+        } => map(&client, file, touch, *wait_stdin),
     }
 }
 
@@ -145,7 +153,7 @@ fn cat(client: &Client, file: &str, fill: bool) -> CliResult {
     Ok(())
 }
 
-fn map(client: &Client, file: &str, touch: &access::TouchArgs) -> CliResult {
+fn map(client: &Client, file: &str, touch: &access::TouchArgs, wait_stdin: bool) -> CliResult {
     let (acc, verify, json) = (touch.access, touch.verify, touch.json);
     let t = Instant::now();
     let f = client.open(file)?;
@@ -159,6 +167,11 @@ fn map(client: &Client, file: &str, touch: &access::TouchArgs) -> CliResult {
     }
     let page = shadowfd::page_size() as u64;
     let pages = || touch.pages(map.len() as u64, page);
+    if wait_stdin {
+        eprintln!("ready");
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+    }
     let (pages_touched, access_us) = touch.touch(&map, page);
     let (verified, mismatch_offset) = if verify {
         let mut buf = vec![0u8; page as usize];

@@ -215,6 +215,12 @@ pub struct BenchArgs {
     /// (each --reps times).
     #[arg(long, value_name = "N")]
     pub(super) small_files: Option<usize>,
+    /// Instead of the page patterns: N client processes of one server
+    /// (`shadowfd client map`) fault the same lazy shadow at the random
+    /// patterns (default random:0.01), against N threads of one process on
+    /// an in-process shadow; reports each side's aggregate pages per second.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub(super) clients: Option<u16>,
     /// Engine tuning (the memory budget must hold the eager copy).
     #[command(flatten)]
     pub(super) tuning: Tuning,

@@ -6,7 +6,7 @@ use super::args::{BenchArgs, BenchMode, SourceKind, base_config, check_args, def
 use super::notes::{machine, standing_notes, targets, touched_bytes};
 use super::report::{self, Cell, Ratio, Report, Sample, Skip};
 use super::runners::{Ctx, DataSource, ReaderCmd, run_one};
-use super::{data, fuse, interrupt, plot, raw, s3, small};
+use super::{clients, data, fuse, interrupt, plot, raw, s3, small};
 use crate::units::format_size;
 use crate::{CliResult, Target};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -32,6 +32,9 @@ pub fn run(mut a: BenchArgs) -> CliResult {
     if let Some(n) = a.small_files {
         let root = a.dir.clone().unwrap_or_else(std::env::temp_dir);
         return small::run(n, a.reps, &root, None, a.json);
+    }
+    if let Some(n) = a.clients {
+        return clients::run(n as usize, &a);
     }
     default_modes(&mut a);
     if a.image {

@@ -61,6 +61,11 @@ impl Engine {
         &self.config
     }
 
+    /// The fault service of its lazy shadows (none in eager mode).
+    pub(crate) fn service(&self) -> Option<&Arc<Service>> {
+        self.service.as_ref()
+    }
+
     /// What the userfaultfd probe found (not run in eager mode).
     pub fn probe(&self) -> Option<&Probe> {
         self.probe.as_ref()

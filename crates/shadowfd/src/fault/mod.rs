@@ -26,7 +26,7 @@ mod forkwatch;
 mod service;
 pub(crate) mod spans;
 
-pub(crate) use service::{Core, Service, in_service};
+pub(crate) use service::{Core, Foreign, Inbox, Service, in_service};
 
 use crate::sys::Uffd;
 use std::ops::Range;

@@ -85,12 +85,15 @@ use std::time::Instant;
 mod budget;
 mod children;
 mod events;
+mod foreign;
 mod placement;
 mod pool;
 mod spare;
 mod worker;
 
 use budget::read_room;
+use foreign::ForeignSpace;
+pub(crate) use foreign::{Foreign, Inbox};
 use placement::*;
 pub(crate) use pool::Service;
 pub(crate) use worker::in_service;
@@ -241,6 +244,12 @@ struct Slot {
     kicked: AtomicBool,
     /// Wakes it to look at its arming again.
     kick: OwnedFd,
+    /// Where it sleeps ([`worker::Sleep`]); other threads add and remove
+    /// foreign spaces' userfaultfds here.
+    ep: Epoll,
+    /// Held while its arming changes, and while a foreign space's entry
+    /// in `ep` is set, so that the entry follows the arming.
+    arm: Mutex<()>,
 }
 
 /// A faulting thread's CPU as last read, and when.
@@ -269,6 +278,13 @@ pub(crate) struct Core {
     child_count: AtomicUsize,
     /// When the children were last checked for being alive ([`Core::now`]).
     swept_at: AtomicU64,
+    /// Other processes' address spaces handed to the service
+    /// (`service::foreign`), by tag; an epoll set over their userfaultfds
+    /// (to see whether one has messages waiting); the next tag; how many.
+    foreign: RwLock<HashMap<u64, Arc<ForeignSpace>>>,
+    foreign_ep: Epoll,
+    next_foreign: AtomicU64,
+    foreign_count: AtomicUsize,
     /// Shadows by the inode of their memfd, for faults in ranges the kernel
     /// grew in place (`mremap` sends no event for that).
     inodes: RwLock<HashMap<u64, Weak<dyn FaultTarget>>>,
@@ -625,6 +641,9 @@ impl Core {
         if self.has_children() {
             self.serve_children();
         }
+        if self.serve_foreign_ready() {
+            return true;
+        }
         bufs.faults.clear();
         bufs.events.clear();
         match self.read_own(&mut bufs.raw, &mut bufs.faults, &mut bufs.events) {
@@ -639,7 +658,10 @@ impl Core {
     /// Whether a fault message, a claimed fault's job or faults a filler
     /// read wait to be served.
     pub(super) fn work_waits(&self) -> bool {
-        self.uffd.has_pending() || !self.fault_rx.is_empty() || !self.pending.lock().is_empty()
+        self.uffd.has_pending()
+            || self.foreign_pending()
+            || !self.fault_rx.is_empty()
+            || !self.pending.lock().is_empty()
     }
 
     /// The next job of `rx`; signals the work eventfd if more wait, so

@@ -8,7 +8,7 @@ use super::wire::{self, Frame, RecvError};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::fault::spans::Spans;
-use crate::fault::{FaultTarget, Hit};
+use crate::fault::{FaultTarget, Foreign, Hit, Inbox, Service};
 use crate::shadow::lazy::LazyShadow;
 use crate::shadow::{Kind, Shadow};
 use crate::source::{Source, SourceMeta};

@@ -132,8 +132,13 @@ pub(crate) struct ThreadStat {
 impl ThreadStat {
     /// Opens thread `tid`'s stat file; `None` if it is gone or there is no
     /// `/proc`.
+    /// A thread of another process (a client of `serve`, whose fault
+    /// messages carry its thread ids) is found as `/proc/TID`, in the same
+    /// PID namespace.
     pub(crate) fn open(tid: u32) -> Option<ThreadStat> {
-        let file = std::fs::File::open(format!("/proc/self/task/{tid}/stat")).ok()?;
+        let file = std::fs::File::open(format!("/proc/self/task/{tid}/stat"))
+            .or_else(|_| std::fs::File::open(format!("/proc/{tid}/stat")))
+            .ok()?;
         Some(ThreadStat { file })
     }
 

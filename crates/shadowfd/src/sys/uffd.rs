@@ -7,7 +7,7 @@ use super::uffd_abi as sys;
 use parking_lot::Mutex;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Features the engine asks for when the kernel has them. THREAD_ID lets
 /// the fault service see which thread faulted, and so on which CPU it
@@ -84,6 +84,15 @@ pub(crate) enum Event {
     Unmap { start: u64, end: u64 },
 }
 
+/// Userfaultfds of this process with answers deferred
+/// ([`Uffd::has_deferred`]): whether any must be looked at, in one load.
+static DEFERRED: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether some userfaultfd has answers deferred for a pending event.
+pub(crate) fn any_deferred() -> bool {
+    DEFERRED.load(Ordering::Acquire) > 0
+}
+
 /// An open, API-negotiated userfaultfd.
 #[derive(Debug)]
 pub(crate) struct Uffd {
@@ -94,6 +103,14 @@ pub(crate) struct Uffd {
     /// once the events are read, fault again and are answered afresh.
     deferred: Mutex<Vec<(u64, u64)>>,
     has_deferred: AtomicBool,
+}
+
+impl Drop for Uffd {
+    fn drop(&mut self) {
+        if *self.has_deferred.get_mut() {
+            DEFERRED.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl Uffd {
@@ -168,7 +185,9 @@ impl Uffd {
     /// answered for a pending event: [`Uffd::flush_deferred`] wakes them.
     fn defer(&self, start: u64, len: u64) {
         self.deferred.lock().push((start, len));
-        self.has_deferred.store(true, Ordering::Release);
+        if !self.has_deferred.swap(true, Ordering::AcqRel) {
+            DEFERRED.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// Whether answers wait for [`Uffd::flush_deferred`].
@@ -184,6 +203,7 @@ impl Uffd {
         if !self.has_deferred.swap(false, Ordering::AcqRel) {
             return;
         }
+        DEFERRED.fetch_sub(1, Ordering::AcqRel);
         let ranges = std::mem::take(&mut *self.deferred.lock());
         for (start, len) in ranges {
             let _ = self.wake(start, len);

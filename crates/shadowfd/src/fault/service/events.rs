@@ -281,11 +281,14 @@ impl Core {
         if !self.uffd.has_deferred()
             && self.deferred_at.load(Ordering::Relaxed) == 0
             && self.child_count.load(Ordering::Relaxed) == 0
+            && !self.foreign_deferred()
         {
             return false;
         }
         let children = self.children.lock();
-        let any = self.uffd.has_deferred() || children.iter().any(|c| c.uffd.has_deferred());
+        let any = self.uffd.has_deferred()
+            || children.iter().any(|c| c.uffd.has_deferred())
+            || self.foreign_deferred();
         if !any {
             self.deferred_at.store(0, Ordering::Relaxed);
             return false;
@@ -300,6 +303,8 @@ impl Core {
         for c in children.iter() {
             c.uffd.flush_deferred();
         }
+        drop(children);
+        self.flush_foreign();
         false
     }
 }

@@ -37,6 +37,9 @@ impl Service {
                 parked: AtomicBool::new(false),
                 kicked: AtomicBool::new(false),
                 kick: eventfd().map_err(|e| Error::sys("eventfd", e))?,
+                ep: Epoll::new()
+                    .map_err(|e| Error::sys("epoll set-up for a fault-service thread", e))?,
+                arm: Mutex::new(()),
             });
         }
         let core = Arc::new(Core {
@@ -50,6 +53,11 @@ impl Service {
             next_child: AtomicU64::new(EV_CHILD_FIRST),
             child_count: AtomicUsize::new(0),
             swept_at: AtomicU64::new(0),
+            foreign: RwLock::new(HashMap::new()),
+            foreign_ep: Epoll::new()
+                .map_err(|e| Error::sys("epoll_create for clients' userfaultfds", e))?,
+            next_foreign: AtomicU64::new(EV_FOREIGN_FIRST),
+            foreign_count: AtomicUsize::new(0),
             inodes: RwLock::new(HashMap::new()),
             maps: crate::sys::maps::Maps::open_self(),
             deferred_at: AtomicU64::new(0),

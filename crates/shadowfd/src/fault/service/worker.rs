@@ -15,18 +15,23 @@ pub(super) const EV_CHILD: u64 = 4;
 /// Tags of children in [`Core::child_ep`] start here.
 pub(super) const EV_CHILD_FIRST: u64 = 16;
 
-/// Where an idle worker sleeps: an epoll set over the userfaultfd (see the
-/// module documentation for how it is added and armed), the work eventfd
-/// (`EPOLLEXCLUSIVE`), the stop eventfd and the worker's own kick eventfd.
+/// Tags of foreign spaces (`service::foreign`) start here, in the workers'
+/// sets and [`Core::foreign_ep`].
+pub(super) const EV_FOREIGN_FIRST: u64 = 1 << 32;
+
+/// Where an idle worker sleeps: its epoll set ([`Slot::ep`]) over the
+/// userfaultfd (see the module documentation for how it is added and
+/// armed) and the foreign spaces' (`service::foreign`, armed with it), the
+/// work eventfd (`EPOLLEXCLUSIVE`), the stop eventfd and the worker's own
+/// kick eventfd.
 pub(super) struct Sleep {
-    ep: Epoll,
     me: usize,
 }
 
 impl Sleep {
     pub(super) fn new(core: &Core, me: usize) -> Result<Sleep> {
         let e = |e| Error::sys("epoll set-up for a fault-service thread", e);
-        let ep = Epoll::new().map_err(e)?;
+        let ep = &core.slots[me].ep;
         let (inp, excl) = (libc::EPOLLIN as u32, libc::EPOLLEXCLUSIVE as u32);
         let uffd = if core.local { inp } else { inp | excl };
         ep.add(core.uffd.as_fd(), uffd, EV_UFFD).map_err(e)?;
@@ -36,16 +41,19 @@ impl Sleep {
             .map_err(e)?;
         // Not EPOLLEXCLUSIVE: the kernel refuses it for a nested epoll set.
         ep.add(core.child_ep.as_fd(), inp, EV_CHILD).map_err(e)?;
-        Ok(Sleep { ep, me })
+        Ok(Sleep { me })
     }
 
     /// Blocks until a fault (if armed), queued work, a kick, the stop
     /// signal or `timeout_ms` (< 0: none).
     fn wait(&self, core: &Core, timeout_ms: i32) {
-        let mut tags = [0u64; 5];
-        let n = self.ep.wait(&mut tags, timeout_ms);
+        let mut tags = [0u64; 8];
+        let n = core.slots[self.me].ep.wait(&mut tags, timeout_ms);
         for t in &tags[..n] {
             match *t {
+                t if t >= EV_FOREIGN_FIRST => {
+                    core.serve_foreign(t, Some(self.me), true);
+                }
                 EV_WORK => eventfd_drain(core.work.as_fd()),
                 EV_KICK => {
                     // Cleared first: a kick after this signals again.
@@ -65,21 +73,25 @@ impl Sleep {
         let slot = &core.slots[self.me];
         let uffd = core.uffd.as_fd();
         if on {
-            if self.ep.modify(uffd, libc::EPOLLIN as u32, EV_UFFD).is_err() {
+            let _a = slot.arm.lock();
+            if slot.ep.modify(uffd, libc::EPOLLIN as u32, EV_UFFD).is_err() {
                 return slot.armed.load(Ordering::SeqCst);
             }
             slot.armed.store(true, Ordering::SeqCst);
+            core.arm_foreign(self.me, true);
             return true;
         }
         let _g = core.disarming.lock();
         if !core.covered_without(self.me) {
             return true;
         }
+        let _a = slot.arm.lock();
         slot.armed.store(false, Ordering::SeqCst);
-        if self.ep.modify(uffd, 0, EV_UFFD).is_err() {
+        if slot.ep.modify(uffd, 0, EV_UFFD).is_err() {
             slot.armed.store(true, Ordering::SeqCst);
             return true;
         }
+        core.arm_foreign(self.me, false);
         false
     }
 }
@@ -200,7 +212,7 @@ pub(super) fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
         if !armed {
             // A message waiting at two looks in a row, nothing read between:
             // the armed workers cannot read.
-            if !core.uffd.has_pending() {
+            if !core.uffd.has_pending() && !core.foreign_pending() {
                 waiting_at = None;
             } else if waiting_at == Some(reads) {
                 starved_at = now;

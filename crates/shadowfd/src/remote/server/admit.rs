@@ -149,7 +149,9 @@ impl Inner {
                         "no userfaultfd: sealed descriptors only"
                     }
                 ));
-                Some(Conn::new(peer, stream, uffd, activity, version))
+                let mut conn = Conn::new(peer, stream, uffd, activity, version);
+                self.hand_over(&mut conn);
+                Some(conn)
             }
             Err(e) => {
                 self.log_limited("dropped", &format!("{peer}: dropped: {e}"));
@@ -315,5 +317,36 @@ impl Inner {
             return Err(e);
         }
         Ok(Hello::Client(uffd, activity, reply.a))
+    }
+}
+
+impl Inner {
+    /// The fault service every lazy shadow of this server shares.
+    fn service(&self) -> Option<&Arc<Service>> {
+        match (&self.engine, &self.tree) {
+            (Some(e), _) => e.service(),
+            (None, TreeImpl::Single(e)) => e.lazy().map(|l| &l.service),
+            (None, TreeImpl::Tree(_)) => None,
+        }
+    }
+
+    /// Hands the client's userfaultfd to the fault service's workers
+    /// (`fault::Foreign`): its faults are answered there, on the faulting
+    /// CPU, never behind this session's requests. If that fails, the
+    /// session reads the userfaultfd itself, as before.
+    fn hand_over(&self, conn: &mut Conn) {
+        let (Some(u), Some(service)) = (&conn.uffd, self.service()) else {
+            return;
+        };
+        match Foreign::watch(service, u.clone()) {
+            Ok(lane) => conn.lane = Some(lane),
+            Err(e) => self.log_limited(
+                "lane",
+                &format!(
+                    "{}: its faults are served by its session thread: {e}",
+                    conn.peer
+                ),
+            ),
+        }
     }
 }

@@ -42,6 +42,12 @@ pub(super) struct Conn {
     pub(super) published: usize,
     pub(super) stream: UnixStream,
     pub(super) uffd: Option<Arc<Uffd>>,
+    /// The fault service's workers read `uffd` and answer the faults in
+    /// the ranges mirrored here (every range of [`Conn::ranges`] of a lazy
+    /// shadow); the rest they leave to the session (`fault::Foreign`).
+    /// `None`: the session reads `uffd` itself (no fault service to hand
+    /// it to).
+    pub(super) lane: Option<Foreign>,
     pub(super) handles: BTreeMap<u64, Handle>,
     /// Every lazy range of the connection by start address, none
     /// overlapping another: overlap checks and fault lookups are O(log n).
@@ -87,6 +93,7 @@ impl Conn {
             published: 0,
             stream,
             uffd,
+            lane: None,
             handles: BTreeMap::new(),
             ranges: BTreeMap::new(),
             next_handle: 1,
@@ -120,15 +127,23 @@ impl Conn {
             .collect()
     }
 
+    /// Adds a range (mirrored to the fault service's workers).
     pub(super) fn insert_range(&mut self, r: Attached) {
         if let Some(h) = self.handles.get_mut(&r.handle) {
             h.starts.insert(r.start);
+            if let (Some(lane), Some(l)) = (&self.lane, h.entry.lazy()) {
+                lane.add(r.start, r.len, r.offset, l.target());
+            }
         }
         self.ranges.insert(r.start, r);
     }
 
+    /// Removes a range (and its mirror).
     pub(super) fn remove_range(&mut self, start: u64) -> Option<Attached> {
         let r = self.ranges.remove(&start)?;
+        if let Some(lane) = &self.lane {
+            lane.remove(r.start, r.len);
+        }
         if let Some(h) = self.handles.get_mut(&r.handle) {
             h.starts.remove(&start);
         }
@@ -138,10 +153,15 @@ impl Conn {
     /// Takes handle `h` out with its ranges.
     pub(super) fn take_handle(&mut self, h: u64) -> Option<(Handle, Vec<Attached>)> {
         let mut handle = self.handles.remove(&h)?;
-        let ranges = std::mem::take(&mut handle.starts)
+        let ranges: Vec<Attached> = std::mem::take(&mut handle.starts)
             .into_iter()
             .filter_map(|s| self.ranges.remove(&s))
             .collect();
+        if let Some(lane) = &self.lane {
+            for r in &ranges {
+                lane.remove(r.start, r.len);
+            }
+        }
         Some((handle, ranges))
     }
 }

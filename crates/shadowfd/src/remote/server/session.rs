@@ -44,7 +44,7 @@ impl Inner {
         let mut faults = Vec::with_capacity(32);
         loop {
             let sfd = conn.stream.as_fd().as_raw_fd();
-            let ufd = conn.uffd.as_ref().map_or(-1, |u| u.as_fd().as_raw_fd());
+            let ufd = Self::uffd_side(conn);
             // Idle clients may stay connected as long as they like: a client
             // holding mappings may say nothing for hours. Forked children,
             // and answers deferred for a pending event, are looked at.
@@ -84,26 +84,19 @@ impl Inner {
                 if fds[1].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
                     return End::Error("the client's userfaultfd reported an error".into());
                 }
-                faults.clear();
-                let u = conn.uffd.clone().expect("polled");
-                let mut events = Vec::new();
-                match u.read_msgs(&mut raw, &mut faults, &mut events) {
-                    Ok(()) => {}
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {}
-                    Err(e) => return End::Error(format!("reading its userfaultfd: {e}")),
-                }
-                let n = events.len() as u32;
-                self.client_events(conn, events);
-                Self::pace_events(conn, n);
-                for f in &faults {
-                    if !self.fault(conn, &u, f.address) {
-                        return End::Error(
-                            "its userfaultfd cannot poison a stray fault; dropped".into(),
-                        );
-                    }
+                if let Err(e) = self.serve_client_uffd(conn, &mut raw, &mut faults) {
+                    return End::Error(e);
                 }
             }
             if fds[0].revents != 0 {
+                // What the workers read from its userfaultfd before this
+                // request (the events its calls so far waited for) is
+                // applied first.
+                if conn.lane.is_some()
+                    && let Err(e) = self.serve_client_uffd(conn, &mut raw, &mut faults)
+                {
+                    return End::Error(e);
+                }
                 // One deadline for the whole frame, from its first byte.
                 let by = Instant::now() + self.timeout();
                 let (frame, fd) = match wire::recv_by(&conn.stream, Some(by)) {
@@ -134,6 +127,57 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// What the session polls for its client's userfaultfd: the fault
+    /// service's signal that it left messages (`Conn::lane`), else the
+    /// userfaultfd itself (-1: none).
+    pub(super) fn uffd_side(conn: &Conn) -> RawFd {
+        match (&conn.lane, &conn.uffd) {
+            (Some(l), _) => l.notify().as_raw_fd(),
+            (None, Some(u)) => u.as_fd().as_raw_fd(),
+            (None, None) => -1,
+        }
+    }
+
+    /// Applies the client's mapping events and serves the faults the
+    /// fault service left to the session (or, with no lane, read from its
+    /// userfaultfd now). Err ends the session.
+    pub(super) fn serve_client_uffd(
+        &self,
+        conn: &mut Conn,
+        raw: &mut [uffd_msg],
+        faults: &mut Vec<crate::sys::Fault>,
+    ) -> std::result::Result<(), String> {
+        let Some(u) = conn.uffd.clone() else {
+            return Ok(());
+        };
+        faults.clear();
+        let mut events = Vec::new();
+        if let Some(lane) = &conn.lane {
+            let mut inbox = Inbox::default();
+            lane.take(&mut inbox);
+            if let Some(e) = inbox.broken {
+                return Err(format!("reading its userfaultfd: {e}"));
+            }
+            events = inbox.events;
+            *faults = inbox.faults;
+        } else {
+            match u.read_msgs(raw, faults, &mut events) {
+                Ok(()) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {}
+                Err(e) => return Err(format!("reading its userfaultfd: {e}")),
+            }
+        }
+        let n = events.len() as u32;
+        self.client_events(conn, events);
+        Self::pace_events(conn, n);
+        for f in faults.iter() {
+            if !self.fault(conn, &u, f.address) {
+                return Err("its userfaultfd cannot poison a stray fault; dropped".into());
+            }
+        }
+        Ok(())
     }
 
     /// Serves one fault of the client. False if the client must be dropped.

@@ -364,15 +364,18 @@ impl Inner {
     /// Serves the client's userfaultfd (faults and events) until its socket
     /// has something to read, or `by`.
     pub(super) fn serve_until_readable(&self, conn: &mut Conn, by: Instant) {
-        let Some(u) = conn.uffd.clone() else { return };
+        if conn.uffd.is_none() {
+            return;
+        }
         let mut raw = vec![uffd_msg::default(); 32];
+        let mut faults = Vec::new();
         loop {
             let left = by.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return;
             }
             let mut fds =
-                [conn.stream.as_fd().as_raw_fd(), u.as_fd().as_raw_fd()].map(|fd| libc::pollfd {
+                [conn.stream.as_fd().as_raw_fd(), Self::uffd_side(conn)].map(|fd| libc::pollfd {
                     fd,
                     events: libc::POLLIN,
                     revents: 0,
@@ -387,15 +390,8 @@ impl Inner {
                 return;
             }
             if fds[1].revents & libc::POLLIN != 0 {
-                let (mut faults, mut events) = (Vec::new(), Vec::new());
-                if u.read_msgs(&mut raw, &mut faults, &mut events).is_err() {
-                    continue;
-                }
-                self.client_events(conn, events);
-                for f in &faults {
-                    if !self.fault(conn, &u, f.address) {
-                        return;
-                    }
+                if self.serve_client_uffd(conn, &mut raw, &mut faults).is_err() {
+                    return;
                 }
             } else if fds[1].revents != 0 {
                 return;

@@ -288,7 +288,8 @@ impl LazyShadow {
         Ok(shadow)
     }
 
-    fn target(&self) -> Weak<dyn FaultTarget> {
+    /// What the fault service holds this shadow by.
+    pub(crate) fn target(&self) -> Weak<dyn FaultTarget> {
         self.me.clone()
     }
 
