@@ -332,6 +332,13 @@ pub(crate) struct Core {
     /// Local mode, and pinned readers may go `SCHED_IDLE` for their wakes
     /// (`sys::sched`).
     idle_wake: bool,
+    /// Local mode where `idle_wake` is not allowed (no `CAP_SYS_NICE`):
+    /// the pinned readers are `SCHED_IDLE` for good instead
+    /// (`sys::sched::idle_for_good`), and one more worker, unpinned and of
+    /// normal priority, is the backstop: disarmed, it looks every
+    /// [`CHECK_MS`] whether faults wait unread (readers kept off busy CPUs)
+    /// and serves them.
+    idle_forever: bool,
     /// More threads faulted lately than there are readers pinned: the
     /// `SCHED_IDLE` wakes are then left off (a reader would wait behind
     /// runnable consumers on its CPU; measured 8% fewer faults per second

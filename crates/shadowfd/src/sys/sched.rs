@@ -73,6 +73,32 @@ pub(crate) fn idle_wake_allowed() -> bool {
         .unwrap_or(false)
 }
 
+/// Whether a thread of this process may make itself `SCHED_IDLE` for good
+/// (anyone may, unless a seccomp profile refuses `sched_setscheduler`):
+/// tried in a throwaway thread.
+pub(crate) fn idle_for_good_allowed() -> bool {
+    // SAFETY: no arguments; pid 0 is the calling thread.
+    if unsafe { libc::sched_getscheduler(0) } != libc::SCHED_OTHER {
+        return false;
+    }
+    std::thread::Builder::new()
+        .name("shadowfd-probe".into())
+        .spawn(|| set_policy(libc::SCHED_IDLE))
+        .ok()
+        .and_then(|t| t.join().ok())
+        .unwrap_or(false)
+}
+
+/// Makes the calling thread (a reader pinned to its CPU, in a process
+/// that could not turn back from `SCHED_IDLE`) `SCHED_IDLE` for good: every
+/// wake it issues then keeps the woken thread on its CPU, at the price of
+/// running only when its CPU has nothing else to run. The fault service
+/// keeps a normal-priority worker as a backstop for that (see
+/// `fault::service`). False if the kernel refused.
+pub(crate) fn idle_for_good() -> bool {
+    set_policy(libc::SCHED_IDLE)
+}
+
 /// Makes the calling thread (a reader pinned to its CPU) go `SCHED_IDLE`
 /// for the wakes it issues; see the module documentation.
 pub(crate) fn enable_idle_wake() {

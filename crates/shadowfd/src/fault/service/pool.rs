@@ -22,9 +22,16 @@ impl Service {
             && ThreadStat::open(nix::unistd::gettid().as_raw() as u32)
                 .and_then(|s| s.cpu())
                 .is_some();
+        let idle_wake = local && crate::sys::sched::idle_wake_allowed();
+        let idle_forever = local
+            && !idle_wake
+            && std::env::var_os("SHADOWFD_IDLE_READERS").is_some_and(|v| v == "1")
+            && crate::sys::sched::idle_for_good_allowed();
+        // The backstop of `idle_forever` readers comes on top.
+        let workers = cfg.workers + usize::from(idle_forever);
         let mut by_cpu = vec![None; cpus.iter().max().map_or(0, |m| m + 1)];
-        let mut slots = Vec::with_capacity(cfg.workers);
-        for i in 0..cfg.workers {
+        let mut slots = Vec::with_capacity(workers);
+        for i in 0..workers {
             let cpu = cpus.get(i).copied().filter(|_| local);
             if let Some(c) = cpu {
                 by_cpu[c] = Some(i);
@@ -82,7 +89,8 @@ impl Service {
             slots,
             by_cpu,
             local,
-            idle_wake: local && crate::sys::sched::idle_wake_allowed(),
+            idle_wake,
+            idle_forever,
             crowded: AtomicBool::new(false),
             pinned: if local { cpus.len() } else { 0 },
             epoch: Instant::now(),
@@ -90,11 +98,11 @@ impl Service {
             parked: AtomicUsize::new(0),
             tids: Mutex::new(HashMap::new()),
             disarming: Mutex::new(()),
-            spares: spare::Spares::new(cfg.workers),
+            spares: spare::Spares::new(workers),
         });
         let service = Arc::new(Service {
             core: core.clone(),
-            threads: Mutex::new(Vec::with_capacity(cfg.workers)),
+            threads: Mutex::new(Vec::with_capacity(workers)),
         });
         // Each thread reports once it has allocated (glibc then has given
         // it its malloc arena and cache): a `fork` of this process holds
@@ -126,7 +134,7 @@ impl Service {
                 .map_err(|e| Error::sys("spawn the fault service's watchdog", e))?;
             service.threads.lock().push(t);
         }
-        for i in 0..cfg.workers {
+        for i in 0..workers {
             let c = core.clone();
             let sleep = Sleep::new(&core, i)?;
             let ready = ready_tx.clone();

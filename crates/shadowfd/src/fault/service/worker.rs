@@ -118,8 +118,12 @@ pub(super) fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
     let slot = &core.slots[me];
     if let Some(cpu) = slot.cpu {
         // Unpinned, it still serves; only less often on the faulting CPU.
-        if pin_to(cpu).is_ok() && core.idle_wake {
-            crate::sys::sched::enable_idle_wake();
+        if pin_to(cpu).is_ok() {
+            if core.idle_wake {
+                crate::sys::sched::enable_idle_wake();
+            } else if core.idle_forever {
+                crate::sys::sched::idle_for_good();
+            }
         }
     }
     let mut raw = vec![uffd_msg::default(); BATCH];

@@ -138,7 +138,10 @@ impl Conn {
         self.ranges.insert(r.start, r);
     }
 
-    /// Removes a range (and its mirror).
+    /// Removes a range (and its mirror). Call before the shadow forgets the
+    /// range (`remove_remote`): while the fault service's workers find it
+    /// in the mirror, the shadow must list it, or a waiter recorded there
+    /// would have nobody to wake it.
     pub(super) fn remove_range(&mut self, start: u64) -> Option<Attached> {
         let r = self.ranges.remove(&start)?;
         if let Some(lane) = &self.lane {

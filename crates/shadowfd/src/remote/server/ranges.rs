@@ -348,6 +348,8 @@ impl Inner {
                     });
                 }
             }
+            // The mirror first (see `Inner::cut_client_except`).
+            conn.remove_range(r.start);
             if let (Some(u), Some(l)) = (&uffd, &lazy) {
                 // Nobody serves the cut part from now on: what is unfilled
                 // faults with SIGBUS, never blocks.
@@ -357,7 +359,6 @@ impl Inner {
             }
             entry.attached.fetch_add(pieces.len(), Ordering::Relaxed);
             entry.attached.fetch_sub(1, Ordering::Relaxed);
-            conn.remove_range(r.start);
             for p in pieces {
                 conn.insert_range(p);
             }

@@ -159,10 +159,14 @@ impl Inner {
                     pieces.push(Self::attach_piece(conn, &r, a, b, a));
                 }
             }
+            // The mirror first: a worker that found the range there (under
+            // its read lock, which the removal waits for) recorded its
+            // waiter while the shadow still listed the range, so the fill
+            // wakes it (`Conn::lane`).
+            conn.remove_range(r.start);
             if let Some(l) = conn.handles.get(&r.handle).and_then(|h| h.entry.lazy()) {
                 l.remove_remote(r.key);
             }
-            conn.remove_range(r.start);
             for p in pieces {
                 conn.insert_range(p);
             }
