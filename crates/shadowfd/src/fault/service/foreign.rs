@@ -64,6 +64,11 @@ pub(super) struct ForeignSpace {
     /// Not read (its epoll entries set to no events) until the owner takes
     /// its inbox.
     paused: AtomicBool,
+    /// Events read and not yet applied by the owner ([`Foreign::applied`]):
+    /// while there are any, the mirror may be stale (a range moved or cut,
+    /// its addresses reused), so faults go to the owner too, who serves
+    /// them after the events.
+    unapplied: AtomicUsize,
 }
 
 /// The owner's handle on a foreign space: keeps the service alive, and
@@ -85,6 +90,7 @@ impl Foreign {
             notify: eventfd().map_err(|e| Error::sys("eventfd for a client's faults", e))?,
             tag: core.next_foreign.fetch_add(1, Ordering::Relaxed),
             paused: AtomicBool::new(false),
+            unapplied: AtomicUsize::new(0),
         });
         core.foreign.write().insert(space.tag, space.clone());
         core.foreign_count.fetch_add(1, Ordering::SeqCst);
@@ -133,7 +139,18 @@ impl Foreign {
         self.space.notify.as_fd()
     }
 
-    /// Moves what the workers left into `into` (appended). Waits for a
+    /// The owner applied `n` events it took (and updated the mirror).
+    pub fn applied(&self, n: usize) {
+        let _ = self
+            .space
+            .unapplied
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                Some(u.saturating_sub(n))
+            });
+    }
+
+    /// Moves what the workers left into `into` (appended). Call
+    /// [`Foreign::applied`] once the events taken are applied. Waits for a
     /// worker reading the userfaultfd to finish: every message the kernel
     /// handed out before this call is then answered or in `into`, so the
     /// owner, applying `into`, knows every event that the client's calls
@@ -306,7 +323,14 @@ impl Core {
         }
         let mut claimed = Vec::new();
         let mut left = Vec::new();
-        {
+        // Events not applied yet (these, or earlier ones): the mirror may
+        // show a range moved or cut since, whose addresses a new range
+        // may hold now; an answer from it would land there. The owner
+        // serves these faults after the events.
+        let stale = !events.is_empty() || space.unapplied.load(Ordering::SeqCst) > 0;
+        if stale {
+            left.extend_from_slice(&faults);
+        } else {
             let regions = space.regions.read();
             for f in &faults {
                 let addr = f.address & !(self.page - 1);
@@ -321,6 +345,7 @@ impl Core {
             }
         }
         if !events.is_empty() || !left.is_empty() {
+            space.unapplied.fetch_add(events.len(), Ordering::SeqCst);
             let mut ib = space.inbox.lock();
             ib.events.append(&mut events);
             ib.faults.append(&mut left);

@@ -171,6 +171,9 @@ impl Inner {
         }
         let n = events.len() as u32;
         self.client_events(conn, events);
+        if let Some(lane) = &conn.lane {
+            lane.applied(n as usize);
+        }
         Self::pace_events(conn, n);
         for f in faults.iter() {
             if !self.fault(conn, &u, f.address) {
