@@ -3018,3 +3018,95 @@ int main(int argc, char **argv) {
         }
     }
 }
+
+/// Random `pread`s of a large served file go through a mapping the shim
+/// keeps (`mapread.rs` in the preload crate), not a FILL request each: 400
+/// reads of 1 byte to 70,000 bytes at random offsets of big.bin, and one
+/// across its end, are byte-exact against the host file, and cost a
+/// handful of requests (the shim's `sendmsg` calls, counted with strace)
+/// where FILL took one each.
+#[test]
+fn random_reads_of_a_large_file_go_through_a_mapping() {
+    let d = tempfile::tempdir().unwrap();
+    let log = d.path().join("strace.log");
+    let script = format!(
+        r#"
+import os, random
+random.seed(5)
+fd = os.open("{big}", os.O_RDONLY)
+h = open("{host}", "rb").read()
+bad = 0
+for i in range(400):
+    n = random.choice([1, 100, 4096, 5000, 70000])
+    off = random.randrange(0, len(h) - n)
+    if os.pread(fd, n, off) != h[off:off + n]:
+        bad += 1
+if os.pread(fd, 10000, len(h) - 100) != h[-100:]:
+    bad += 1
+print("bad", bad, flush=True)
+"#,
+        big = shadow("big.bin"),
+        host = host("big.bin").display(),
+    );
+    let o = Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=sendmsg", "-o"])
+        .arg(&log)
+        .arg(BIN)
+        .arg("run")
+        .arg("--root")
+        .arg(tree().dir.path())
+        .args(["--mount", MOUNT, "--", "python3", "-c", &script])
+        .env("SHADOWFD_PRELOAD", preload())
+        .env_remove("SHADOWFD_MODE")
+        .output_within(LIMIT);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.contains("bad 0"),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let sends = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("sendmsg("))
+        .count();
+    assert!(
+        sends < 60,
+        "{sends} requests for 401 random reads: they did not go through a mapping"
+    );
+}
+
+/// The server going away while a command reads a large file at random
+/// through the shim's mapping: a read of a page never filled fails with
+/// EIO (the kernel's copy meets the poisoned page, and the read falls back
+/// to FILL, which finds the server gone), never SIGBUS or zeros.
+#[test]
+fn random_reads_through_the_mapping_fail_with_eio_when_the_server_dies() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("s.sock");
+    let (ready, go) = (d.path().join("ready"), d.path().join("go"));
+    let mut server = serve_tree(&sock, None);
+    let script = format!(
+        r#"
+import os, time
+fd = os.open("{big}", os.O_RDONLY)
+got = [os.pread(fd, 4096, off) for off in (1 << 20, 9 << 20, 3 << 20, 17 << 20)]
+assert all(len(g) == 4096 and g != bytes(4096) for g in got)
+open("{ready}", "w").close()
+while not os.path.exists("{go}"):
+    time.sleep(0.02)
+try:
+    b = os.pread(fd, 4096, 40 << 20)
+    print("read", len(b), b == bytes(4096), flush=True)
+except OSError as e:
+    print("read errno", e.errno, flush=True)
+"#,
+        big = shadow("big.bin"),
+        ready = ready.display(),
+        go = go.display(),
+    );
+    let o = python_until_the_server_dies(&mut server, &sock, &script, &ready, &go, 200);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}: {out}", o.status);
+    assert!(out.contains("read errno 5"), "{out}");
+}

@@ -23,6 +23,8 @@ pub(crate) struct Entry {
     /// The open file; `None` in a forked child until its first use.
     pub(crate) file: Mutex<Option<RemoteFile>>,
     pub(crate) pos: AtomicU64,
+    /// Random reads through a mapping (`mapread.rs`).
+    pub(crate) mapped: crate::mapread::MapRead,
 }
 
 impl Entry {
@@ -137,6 +139,7 @@ pub(crate) fn adopt_file(fd: c_int, path: String, pos: u64) {
             path,
             file: Mutex::new(None),
             pos: AtomicU64::new(pos),
+            mapped: Default::default(),
         }),
     ));
 }

@@ -67,6 +67,7 @@ extern "C" fn after_fork_child() {
                             path: e.path.clone(),
                             file: Mutex::new(None),
                             pos: AtomicU64::new(e.pos.load(Ordering::SeqCst)),
+                            mapped: Default::default(),
                         });
                         fresh.push((key, n.clone()));
                         n

@@ -66,6 +66,7 @@ mod fts;
 mod ftw;
 mod glob;
 mod listing;
+mod mapread;
 mod open;
 mod paths;
 mod prefault;

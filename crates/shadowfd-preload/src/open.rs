@@ -52,6 +52,7 @@ pub(crate) fn do_open(rel: &str, flags: c_int) -> c_int {
                 path: rel.to_string(),
                 file: Mutex::new(Some(file)),
                 pos: AtomicU64::new(0),
+                mapped: Default::default(),
             }),
         );
         Ok(fd)

@@ -27,7 +27,15 @@ fn read_entry(e: &Entry, buf: *mut c_void, n: SizeT, at: Option<u64>) -> SsizeT 
     let off = at.unwrap_or_else(|| e.pos.load(Ordering::SeqCst));
     // SAFETY: read(2)'s contract: `buf` is writable for `n` bytes.
     let slice = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), n) };
-    match read_ahead(&file, slice, off) {
+    // Random reads of a large file: through the shim's mapping
+    // (`mapread.rs`); what it could not copy, and every other read,
+    // through FILL.
+    let got = match e.mapped.read(&file, slice, off) {
+        Some(k) if k == slice.len() || off + k as u64 >= file.size() => Ok(k),
+        Some(k) => read_ahead(&file, &mut slice[k..], off + k as u64).map(|m| k + m),
+        None => read_ahead(&file, slice, off),
+    };
+    match got {
         Ok(got) => {
             if at.is_none() {
                 e.pos.store(off + got as u64, Ordering::SeqCst);
