@@ -1,6 +1,9 @@
 //! The fault service: where every page fault of a lazy shadow is served.
 //!
-//! One userfaultfd per engine, read by a pool of workers ([`service`]). A
+//! One userfaultfd per engine, read by a pool of workers ([`service`]),
+//! which also read the userfaultfds of other processes handed to them (a
+//! `serve` client's: [`Foreign`], `service/foreign.rs`) and of forked
+//! children. A
 //! worker that reads a fault looks its address up in the region table, which
 //! maps each registered range to the [`FaultTarget`] it shows, and hands the
 //! fault to that target. The target either answers at once (the chunk is

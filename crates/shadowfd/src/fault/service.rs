@@ -55,6 +55,14 @@
 //! - After [`IDLE`] without a fault, every worker arms and sleeps with no
 //!   timeout (*parks*): an idle engine costs no CPU. Whoever reads the next
 //!   fault kicks the parked workers so that they resume their checks.
+//! - Other processes' userfaultfds (`foreign`: a `serve` client's) sit in
+//!   every worker's epoll set too, their entries armed and disarmed with
+//!   the engine's own: a client thread's fault is answered by the reader of
+//!   its CPU (its CPU read from `/proc/TID/stat`) like a local one.
+//! - Without the right to turn back from `SCHED_IDLE` (no `CAP_SYS_NICE`),
+//!   `SHADOWFD_IDLE_READERS=1` makes the pinned readers `SCHED_IDLE` for
+//!   good, with one more worker, unpinned and of normal priority, as the
+//!   backstop for readers kept off busy CPUs (docs/design.md).
 //!
 //! With fewer workers than CPUs, one CPU, or no thread ids (no
 //! `THREAD_ID`, or no `/proc` to read a thread's CPU from), nothing is
@@ -648,7 +656,7 @@ impl Core {
         if self.has_children() {
             self.serve_children();
         }
-        if self.serve_foreign_ready() {
+        if self.serve_foreign_ready(None) {
             return true;
         }
         bufs.faults.clear();

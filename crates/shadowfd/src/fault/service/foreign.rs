@@ -276,9 +276,11 @@ impl Core {
         self.foreign_ep.wait(&mut t, 0) > 0
     }
 
-    /// Serves foreign spaces with messages waiting (spare workers, and
-    /// workers that found faults starving). False if none had any.
-    pub(super) fn serve_foreign_ready(&self) -> bool {
+    /// Serves foreign spaces with messages waiting, as worker `me` (an
+    /// armed one between faults, which thus finds a client's next fault
+    /// without sleeping, as it does the engine's own) or as a spare
+    /// (`None`). False if none had any.
+    pub(super) fn serve_foreign_ready(&self, me: Option<usize>) -> bool {
         if self.foreign_count.load(Ordering::Relaxed) == 0 {
             return false;
         }
@@ -286,7 +288,7 @@ impl Core {
         let n = self.foreign_ep.wait(&mut tags, 0);
         let mut any = false;
         for &t in &tags[..n] {
-            any |= self.serve_foreign(t, None, false);
+            any |= self.serve_foreign(t, me, false);
         }
         any
     }
@@ -343,6 +345,15 @@ impl Core {
                     None => left.push(*f),
                 }
             }
+        }
+        if std::env::var_os("SHADOWFD_DEBUG_FOREIGN").is_some() {
+            eprintln!(
+                "foreign: {} faults, {} events, {} left, stale {stale}, unapplied {}",
+                faults.len(),
+                events.len(),
+                left.len(),
+                space.unapplied.load(Ordering::SeqCst)
+            );
         }
         if !events.is_empty() || !left.is_empty() {
             space.unapplied.fetch_add(events.len(), Ordering::SeqCst);

@@ -174,7 +174,13 @@ pub(super) fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
                     std::thread::sleep(std::time::Duration::from_micros(100));
                     continue;
                 }
-                Ok(()) => {}
+                Ok(()) => {
+                    // A client's next fault, found without sleeping.
+                    if armed && core.serve_foreign_ready(Some(me)) {
+                        woken = false;
+                        continue;
+                    }
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) => {
