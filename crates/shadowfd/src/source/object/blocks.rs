@@ -95,9 +95,10 @@ impl Shared {
                 continue;
             };
             match cache.get(i, (r.end - r.start) as usize) {
-                Ok(data) => {
+                Ok((data, due)) => {
                     ObjectCounters::add(&c.cache_hits, 1);
                     slot.set(State::Ready(Arc::new(data)));
+                    self.touches_due(due);
                 }
                 Err(miss) => {
                     if miss == Miss::Refused {
@@ -109,6 +110,19 @@ impl Shared {
             }
         }
         self.start(fetch, ahead);
+    }
+
+    /// Writes the disk cache's noted hit times on the runtime's blocking
+    /// threads, when a batch is `due`.
+    fn touches_due(self: &Arc<Self>, due: bool) {
+        if due {
+            let sh = self.clone();
+            self.handle.spawn_blocking(move || {
+                if let Some(c) = &sh.cache {
+                    c.flush_touches();
+                }
+            });
+        }
     }
 
     /// Starts GETs for `blocks` (ascending), adjacent ones merged up to
@@ -288,18 +302,72 @@ impl Blocks {
         let b = self.block();
         let first = offset / b;
         let last = (offset + buf.len() as u64 - 1) / b;
-        let slots = self.claim(first..last + 1, false);
-        self.ahead(first, last);
-        let deadline = Instant::now() + self.shared.client.cfg.worst_case();
-        for (i, slot) in (first..=last).zip(slots) {
-            let data = self.wait(&slot, i, deadline)?;
+        // The part of `buf` block `i` fills, and where in the block it starts.
+        let end = offset + buf.len() as u64;
+        let part = |i: u64| {
             let r = self.block_range(i);
             let from = offset.max(r.start);
-            let to = (offset + buf.len() as u64).min(r.end);
-            buf[(from - offset) as usize..(to - offset) as usize]
-                .copy_from_slice(&data[(from - r.start) as usize..(to - r.start) as usize]);
+            let to = end.min(r.end);
+            (
+                (from - offset) as usize..(to - offset) as usize,
+                from - r.start,
+            )
+        };
+        // Blocks not in memory that the disk cache holds are read from it
+        // straight into `buf`; the rest are claimed, a run at a time.
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        for i in first..=last {
+            let (dst, at) = part(i);
+            if self.read_cached(i, &mut buf[dst], at) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some(r) if r.end == i => r.end = i + 1,
+                _ => runs.push(i..i + 1),
+            }
+        }
+        let claimed: Vec<(Range<u64>, Vec<Arc<Slot>>)> = runs
+            .into_iter()
+            .map(|r| (r.clone(), self.claim(r, false)))
+            .collect();
+        self.ahead(first, last);
+        let deadline = Instant::now() + self.shared.client.cfg.worst_case();
+        for (range, slots) in claimed {
+            for (i, slot) in range.zip(slots) {
+                let data = self.wait(&slot, i, deadline)?;
+                let (dst, at) = part(i);
+                let n = dst.len();
+                buf[dst].copy_from_slice(&data[at as usize..at as usize + n]);
+            }
         }
         Ok(())
+    }
+
+    /// Fills `dst` from `at` in block `i` from the disk cache, when the
+    /// block is not in memory (held, or being fetched) and the cache holds
+    /// it whole and right in the pages read. False: claim it.
+    fn read_cached(&self, i: u64, dst: &mut [u8], at: u64) -> bool {
+        let sh = &self.shared;
+        let Some(cache) = &sh.cache else {
+            return false;
+        };
+        if sh.table.lock().contains_key(&i) {
+            return false;
+        }
+        let r = self.block_range(i);
+        let c = &sh.client.counters;
+        match cache.read(i, (r.end - r.start) as usize, at as usize, dst) {
+            Ok(due) => {
+                ObjectCounters::add(&c.cache_hits, 1);
+                sh.touches_due(due);
+                true
+            }
+            Err(Miss::Refused) => {
+                ObjectCounters::add(&c.cache_rejected, 1);
+                false
+            }
+            Err(Miss::Absent) => false,
+        }
     }
 
     /// Sequential reads start fetching the next blocks: from the second

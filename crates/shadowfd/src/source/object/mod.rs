@@ -5,7 +5,8 @@
 //! - `url.rs`: the address and the settings ([`ObjectConfig`]).
 //! - `client.rs`: `object_store`'s S3 client with a deadline per request
 //!   and bounded retries.
-//! - `cache.rs`: the disk chunk cache ([`ChunkCache`]).
+//! - `cache.rs`: the disk chunk cache ([`ChunkCache`]); its tests in
+//!   `cache_tests.rs`.
 //! - `blocks.rs`: blocks in memory, fetched concurrently and ahead.
 //! - `stats.rs`, `error.rs`: what it did, and what went wrong.
 //! - `tree.rs`: the objects under a prefix as a read-only tree

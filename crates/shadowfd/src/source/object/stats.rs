@@ -88,7 +88,9 @@ pub struct ObjectStats {
     pub retries: u64,
     /// Reads that failed for good (retries spent, object changed).
     pub failures: u64,
-    /// Blocks read from the disk cache.
+    /// Reads answered from the disk cache: a whole block loaded into
+    /// memory, or the part of one a read asked for, read straight into
+    /// the reader's buffer (each checked page by page).
     pub cache_hits: u64,
     /// Blocks the disk cache did not hold (fetched instead).
     pub cache_misses: u64,
