@@ -346,15 +346,6 @@ impl Core {
                 }
             }
         }
-        if std::env::var_os("SHADOWFD_DEBUG_FOREIGN").is_some() {
-            eprintln!(
-                "foreign: {} faults, {} events, {} left, stale {stale}, unapplied {}",
-                faults.len(),
-                events.len(),
-                left.len(),
-                space.unapplied.load(Ordering::SeqCst)
-            );
-        }
         if !events.is_empty() || !left.is_empty() {
             space.unapplied.fetch_add(events.len(), Ordering::SeqCst);
             let mut ib = space.inbox.lock();

@@ -48,11 +48,19 @@ impl Sleep {
     /// signal or `timeout_ms` (< 0: none).
     fn wait(&self, core: &Core, timeout_ms: i32) {
         let mut tags = [0u64; 8];
-        let n = core.slots[self.me].ep.wait(&mut tags, timeout_ms);
+        let ep = &core.slots[self.me].ep;
+        // Whether it slept: a client's fault found waiting is served as one
+        // found without sleeping (`Core::cpu_of` trusts its thread's CPU
+        // longer then).
+        let mut n = ep.wait(&mut tags, 0);
+        let slept = n == 0 && timeout_ms != 0;
+        if slept {
+            n = ep.wait(&mut tags, timeout_ms);
+        }
         for t in &tags[..n] {
             match *t {
                 t if t >= EV_FOREIGN_FIRST => {
-                    core.serve_foreign(t, Some(self.me), true);
+                    core.serve_foreign(t, Some(self.me), slept);
                 }
                 EV_WORK => eventfd_drain(core.work.as_fd()),
                 EV_KICK => {
