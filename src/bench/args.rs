@@ -215,6 +215,12 @@ pub struct BenchArgs {
     /// (each --reps times).
     #[arg(long, value_name = "N")]
     pub(super) small_files: Option<usize>,
+    /// Instead of the page patterns: `sqlite3` through `shadowfd run
+    /// --image` over a database of about SIZE bytes (e.g. 1G) in an ext4
+    /// image, the first run (recording a working set) against the second
+    /// (replaying it), --reps times (docs/benchmarks.md, "Working sets").
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, conflicts_with = "small_files")]
+    pub(super) sqlite: Option<u64>,
     /// Engine tuning (the memory budget must hold the eager copy).
     #[command(flatten)]
     pub(super) tuning: Tuning,

@@ -206,7 +206,7 @@ impl FaultTarget for LazyShadow {
                     }
                 }
             }
-            Why::Replay => self.replay_step(core),
+            Why::Replay => self.replay_step(core, work.chunks),
             why => self.fill_into(core, work.chunks, why, work.direct),
         }
     }
