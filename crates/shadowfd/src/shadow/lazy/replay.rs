@@ -175,6 +175,20 @@ impl LazyShadow {
         }
     }
 
+    /// A fault's readahead `plan`, while a working set is replayed: nothing
+    /// ahead. The record holds what the recorded run's readahead filled,
+    /// in order, so the replay fills it already; a readahead window of its
+    /// own (up to 8 MiB) would take the workers from the replay and the
+    /// faults, and its fills, counted as first needs, would look like a
+    /// run gone elsewhere and stop the replay (seen: `sqlite3` over 1 GiB,
+    /// 2026-12-07).
+    pub(super) fn while_replaying(&self, mut plan: readahead::Plan) -> readahead::Plan {
+        if self.workset.as_ref().is_some_and(|w| w.replaying()) {
+            plan.ahead.clear();
+        }
+        plan
+    }
+
     /// Where a replay fill of `run` may go straight into a consumer range:
     /// a `MAP_SHARED` range of this process that shows the whole run, for a
     /// run that fits in one fill buffer. One `UFFDIO_COPY` from the fill
