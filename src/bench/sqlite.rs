@@ -12,7 +12,10 @@
 //! with an empty record directory: its first run records under
 //! `--workset auto`, its second replays that record (and refines it). The
 //! host's `sqlite3` over the host file (page cache warm) is the reference;
-//! every run's output must be byte for byte the host's.
+//! every run's output must be byte for byte the host's. Two ways of
+//! reading, each measured: `PRAGMA mmap_size` over the whole file (the
+//! replay maps its pages ahead into the command's mapping) and sqlite3's
+//! default `pread` (the shim's read path, a request per read).
 
 use super::data::Workdir;
 use super::interrupt;
