@@ -27,8 +27,20 @@ pub(super) mod report;
 mod runners;
 mod s3;
 mod small;
+mod sqlite;
 mod weed;
 mod weed_mini;
 
 pub use args::BenchArgs;
-pub use pages::run;
+
+/// `shadowfd bench`: `--sqlite` ([`sqlite::run`]), else the page patterns
+/// or `--small-files` ([`pages::run`]).
+pub fn run(a: BenchArgs) -> crate::CliResult {
+    match a.sqlite {
+        Some(size) => {
+            let root = a.dir.clone().unwrap_or_else(std::env::temp_dir);
+            sqlite::run(size, a.reps, &root, a.json)
+        }
+        None => pages::run(a),
+    }
+}

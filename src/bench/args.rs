@@ -221,6 +221,12 @@ pub struct BenchArgs {
     /// an in-process shadow; reports each side's aggregate pages per second.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub(super) clients: Option<u16>,
+    /// Instead of the page patterns: `sqlite3` through `shadowfd run
+    /// --image` over a database of about SIZE bytes (e.g. 1G) in an ext4
+    /// image, the first run (recording a working set) against the second
+    /// (replaying it), --reps times (docs/benchmarks.md, "Working sets").
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, conflicts_with = "small_files")]
+    pub(super) sqlite: Option<u64>,
     /// Engine tuning (the memory budget must hold the eager copy).
     #[command(flatten)]
     pub(super) tuning: Tuning,

@@ -127,6 +127,13 @@ impl Consumers {
         &self.local
     }
 
+    /// Other processes' ranges that show shadow bytes `a..b`.
+    pub fn remote_showing(&self, a: u64, b: u64) -> impl Iterator<Item = &Consumer> {
+        self.remote
+            .values()
+            .filter(move |m| m.overlap(a, b).is_some())
+    }
+
     pub fn remote_len(&self) -> usize {
         self.remote.len()
     }

@@ -150,8 +150,12 @@ impl LazyShadow {
     /// [`LazyShadow::remove_remote`]. Its faults are answered with
     /// `UFFDIO_CONTINUE` after the fill (never a direct copy: the server
     /// cannot see whether the client's mapping is shared).
+    /// While a working set is replayed, what is filled already is mapped
+    /// into the range at once ([`LazyShadow::map_ahead_via`]).
     pub fn add_remote(&self, uffd: Arc<Uffd>, start: u64, len: u64, offset: u64) -> u64 {
-        self.add_consumer(Some(uffd), start, len, offset, false)
+        let id = self.add_consumer(Some(uffd.clone()), start, len, offset, false);
+        self.map_ahead_via(&uffd, start, len, offset);
+        id
     }
 
     pub fn remove_remote(&self, key: u64) {

@@ -34,7 +34,7 @@ impl FaultTarget for LazyShadow {
             return None;
         }
         let chunk = hit.offset / self.chunk;
-        let plan = self.readahead.lock().on_fault(chunk);
+        let plan = self.while_replaying(self.readahead.lock().on_fault(chunk));
         let remote = !std::ptr::eq(hit.uffd, &core.uffd);
         let mut mine = None;
         let mut filled_to = None;
@@ -206,7 +206,7 @@ impl FaultTarget for LazyShadow {
                     }
                 }
             }
-            Why::Replay => self.replay_step(core),
+            Why::Replay => self.replay_step(core, work.chunks),
             why => self.fill_into(core, work.chunks, why, work.direct),
         }
     }

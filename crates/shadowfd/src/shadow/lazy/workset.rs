@@ -46,6 +46,13 @@ const DIVERGED_AT: u32 = 48;
 /// Recorded chunks one replay step fills before it goes back to the queue
 /// (where faults come first).
 pub(super) const STEP_CHUNKS: usize = 64;
+/// Runs a replay step fills between two looks for a waiting fault.
+pub(super) const LOOK_EVERY: usize = 4;
+/// A step that took less than this read a fast source: another chain of
+/// steps may start (up to [`Workset::max_chains`]). A source whose reads
+/// stall (a network, a gate in a test) never gets a second chain, which
+/// could hold the last free worker in a read while faults wait.
+pub(super) const FAST_STEP: Duration = Duration::from_millis(4);
 
 pub(super) struct Workset {
     dir: PathBuf,
@@ -72,6 +79,10 @@ pub(super) struct Workset {
     pub cursor: AtomicUsize,
     /// Positions of `plan` whose step has ended.
     pub done: AtomicUsize,
+    /// Chains of replay steps started, and how many there may be
+    /// ([`super::LazyShadow::replay_step`]).
+    pub chains: AtomicUsize,
+    pub max_chains: usize,
     stopped: AtomicBool,
     /// The last [`RECENT`] first needs (bit set: outside the record), and
     /// how many have been seen.
@@ -176,6 +187,10 @@ impl Workset {
                 used: Bits::new(nchunks),
                 cursor: AtomicUsize::new(0),
                 done: AtomicUsize::new(0),
+                // As many as the shadow's open starts (one per worker but
+                // one, one or two); a second may join once steps prove fast.
+                chains: AtomicUsize::new(cfg.workers.saturating_sub(1).clamp(1, 2)),
+                max_chains: cfg.workers.clamp(1, 2),
                 stopped: AtomicBool::new(false),
                 recent: Mutex::new((0, 0)),
             }),
@@ -346,7 +361,61 @@ pub(super) fn close_at(deadline: Instant, shadow: std::sync::Weak<super::LazySha
         let _ = std::thread::Builder::new()
             .name("shadowfd-workset-closer".into())
             .spawn(closer);
+        EXIT_PID.store(std::process::id(), Ordering::Relaxed);
+        // SAFETY: `save_at_exit` is an `extern "C" fn()` that never
+        // unwinds (it catches panics); registering it has no other
+        // precondition.
+        unsafe {
+            libc::atexit(save_at_exit);
+        }
     });
+}
+
+/// The process that registered [`save_at_exit`] (a forked child's `exit`
+/// stores nothing: the record is its parent's).
+static EXIT_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// At `exit`: stores the records of the shadows whose window is still
+/// open. A process that ends without dropping its shadows (`shadowfd run`
+/// returns while its embedded server still holds the command's files)
+/// would otherwise lose the record of a run shorter than the window.
+extern "C" fn save_at_exit() {
+    if EXIT_PID.load(Ordering::Relaxed) != std::process::id() {
+        return;
+    }
+    let _ = std::panic::catch_unwind(|| {
+        let open: Vec<std::sync::Weak<super::LazyShadow>> =
+            CLOSING.lock().iter().map(|(_, w)| w.clone()).collect();
+        let trace = std::env::var_os("SHADOWFD_WORKSET_TRACE").is_some();
+        for s in open.iter().filter_map(std::sync::Weak::upgrade) {
+            if trace {
+                trace_counters(&s);
+            }
+            let _ = s.save_workset();
+        }
+    });
+}
+
+/// With `SHADOWFD_WORKSET_TRACE` set, what [`save_at_exit`] found of
+/// shadow `s`, on standard error (for diagnosing a replay).
+fn trace_counters(s: &super::LazyShadow) {
+    let c = &s.counters;
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let plan = s.workset.as_ref().map_or(0, |w| w.plan.len());
+    eprintln!(
+        "shadowfd: working set of {} at exit: plan {plan} chunks, faults {}, chunks filled {}, \
+         readahead {}, recorded {}, replayed {}, hits {}, mapped ahead {}, used {}, diverged {}",
+        s.name,
+        g(&c.faults),
+        g(&c.chunks_filled),
+        g(&c.readahead_chunks),
+        g(&c.workset_recorded),
+        g(&c.workset_replayed),
+        g(&c.workset_hits),
+        g(&c.workset_mapped_ahead),
+        g(&c.workset_used),
+        g(&c.workset_diverged),
+    );
 }
 
 fn closer() {
