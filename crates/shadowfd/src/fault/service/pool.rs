@@ -22,10 +22,12 @@ impl Service {
             && ThreadStat::open(nix::unistd::gettid().as_raw() as u32)
                 .and_then(|s| s.cpu())
                 .is_some();
-        let idle_wake = local && crate::sys::sched::idle_wake_allowed();
+        let idle_env = std::env::var_os("SHADOWFD_IDLE_READERS");
+        let forced = idle_env.as_ref().is_some_and(|v| v == "force");
+        let idle_wake = local && !forced && crate::sys::sched::idle_wake_allowed();
         let idle_forever = local
             && !idle_wake
-            && std::env::var_os("SHADOWFD_IDLE_READERS").is_some_and(|v| v == "1")
+            && idle_env.is_none_or(|v| v != "0")
             && crate::sys::sched::idle_for_good_allowed();
         // The backstop of `idle_forever` readers comes on top.
         let workers = cfg.workers + usize::from(idle_forever);
