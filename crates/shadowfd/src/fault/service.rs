@@ -615,27 +615,32 @@ impl Core {
     /// where they came from.
     fn serve(&self, me: Option<usize>, faults: &[Fault], woken: bool) {
         self.reads.fetch_add(faults.len() as u64, Ordering::SeqCst);
-        let mut mine = None;
-        for f in faults {
-            if let Some((target, work)) = self.on_fault(*f) {
-                if mine.is_none() {
-                    mine = Some((target, work));
-                } else {
-                    let target = Held::Strong(target);
-                    let _ = self.fault_tx.send(Job { target, work });
-                    eventfd_signal(self.work.as_fd());
-                }
-            }
-        }
-        if let Some((target, work)) = mine {
-            self.run_guarded(&*target, work);
-        }
+        self.run_claimed(faults.iter().filter_map(|f| self.on_fault(*f)));
         // Bookkeeping after the answers: the faulting threads run meanwhile.
         if self.local
             && let Some(me) = me
         {
             self.attribute(me, faults, woken);
             self.kick_parked(me);
+        }
+    }
+
+    /// Runs the first of the `claimed` fills here and queues the others
+    /// for whichever worker is free (a thread waits on each). `claimed` is
+    /// drawn whole before the first runs.
+    fn run_claimed(&self, claimed: impl IntoIterator<Item = (Arc<dyn FaultTarget>, Work)>) {
+        let mut mine = None;
+        for (target, work) in claimed {
+            if mine.is_none() {
+                mine = Some((target, work));
+                continue;
+            }
+            let target = Held::Strong(target);
+            let _ = self.fault_tx.send(Job { target, work });
+            eventfd_signal(self.work.as_fd());
+        }
+        if let Some((target, work)) = mine {
+            self.run_guarded(&*target, work);
         }
     }
 

@@ -360,19 +360,7 @@ impl Core {
         }
         drop(g);
         self.reads.fetch_add(faults.len() as u64, Ordering::SeqCst);
-        let mut mine = None;
-        for (target, work) in claimed {
-            if mine.is_none() {
-                mine = Some((target, work));
-            } else {
-                let target = Held::Strong(target);
-                let _ = self.fault_tx.send(Job { target, work });
-                eventfd_signal(self.work.as_fd());
-            }
-        }
-        if let Some((target, work)) = mine {
-            self.run_guarded(&*target, work);
-        }
+        self.run_claimed(claimed);
         if self.local
             && let Some(me) = me
             && !faults.is_empty()
