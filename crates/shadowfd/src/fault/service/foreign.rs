@@ -216,14 +216,14 @@ impl Core {
         let fd = space.uffd.as_fd();
         let want = on && !space.paused.load(Ordering::SeqCst);
         if !self.local {
+            if !want {
+                let _ = s.ep.delete(fd);
+                return Ok(());
+            }
             let excl = (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32;
-            return match (want, s.ep.add(fd, excl, space.tag)) {
-                (true, Err(e)) if e.raw_os_error() != Some(libc::EEXIST) => Err(e),
-                (true, _) => Ok(()),
-                (false, Ok(())) | (false, Err(_)) => {
-                    let _ = s.ep.delete(fd);
-                    Ok(())
-                }
+            return match s.ep.add(fd, excl, space.tag) {
+                Err(e) if e.raw_os_error() != Some(libc::EEXIST) => Err(e),
+                _ => Ok(()),
             };
         }
         let events = if want && s.armed.load(Ordering::SeqCst) {
