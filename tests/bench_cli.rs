@@ -183,6 +183,8 @@ fn the_floors_have_rows_and_ratios_for_every_pattern() {
         .map(|m| m.as_str().unwrap())
         .collect();
     assert_eq!(modes, ["eager", "lazy", "raw", "memcpy"]);
+    // The touching threads are pinned by default, like the raw floor's.
+    assert_eq!(v["config"]["pinned"], true, "{}", v["config"]);
     for p in ["seq", "random:0.01", "first"] {
         let row = |m: &str| rows.iter().find(|r| r["pattern"] == p && r["mode"] == m);
         // The copy floor needs no userfaultfd: it always runs, and always
@@ -230,6 +232,40 @@ fn the_floors_have_rows_and_ratios_for_every_pattern() {
         assert!(!s["reason"].as_str().unwrap().is_empty());
     }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+/// `--pin off` runs every mode with its touching thread free to move, says
+/// so, and still checks every byte; an unknown value is refused.
+#[test]
+fn pin_off_is_reported_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--size",
+        "8M",
+        "--reps",
+        "1",
+        "--json",
+        "--modes",
+        "eager,lazy,raw,native",
+    ];
+    let mut with_off = args.to_vec();
+    with_off.extend(["--patterns", "random:0.05", "--pin", "off"]);
+    let v = report(&bench(dir.path(), &with_off));
+    assert_eq!(v["config"]["pinned"], false, "{}", v["config"]);
+    let rows = v["rows"].as_array().unwrap();
+    for m in ["eager", "native"] {
+        let row = rows.iter().find(|r| r["mode"] == m);
+        let row = row.unwrap_or_else(|| panic!("no {m} row: {v}"));
+        assert!(row["total_us"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    let notes = v["notes"].to_string();
+    assert!(notes.contains("--pin off"), "{notes}");
+    let mut bad = args.to_vec();
+    bad.extend(["--pin", "maybe"]);
+    let out = bench(dir.path(), &bad);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--pin") && err.contains("off"), "{err}");
 }
 
 #[test]

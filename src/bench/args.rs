@@ -227,9 +227,23 @@ pub struct BenchArgs {
     /// (replaying it), --reps times (docs/benchmarks.md, "Working sets").
     #[arg(long, value_name = "SIZE", value_parser = size_arg, conflicts_with = "small_files")]
     pub(super) sqlite: Option<u64>,
+    /// Keep each timed touching thread (the bench's own in the in-process
+    /// modes, the reader program's in fuse and run) on the CPU it starts
+    /// on, for the run: `on` compares every mode as the raw floor is run
+    /// (docs/benchmarks.md, "Pinning"); `off` leaves them free to move, as
+    /// an ordinary program is.
+    #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
+    pub(super) pin: Pin,
     /// Engine tuning (the memory budget must hold the eager copy).
     #[command(flatten)]
     pub(super) tuning: Tuning,
+}
+
+/// Whether the bench pins its touching threads (`--pin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Pin {
+    On,
+    Off,
 }
 
 /// The proxy's delay each way unless --latency-ms says otherwise.

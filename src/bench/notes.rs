@@ -208,6 +208,16 @@ pub(super) fn standing_notes(a: &BenchArgs, fuse_used: bool) -> Vec<String> {
          in the page cache by mincore (native: the whole file, shared with every reader; fuse: the \
          FUSE inode's cache)"
             .to_string(),
+        if a.pin == super::args::Pin::On {
+            "pinning (--pin on): in every mode the timed touching thread (the bench's own, or the \
+             reader program's) stays on the CPU it starts on for its run, as the raw floor's \
+             always has; --pin off leaves it free to move, as an ordinary program is"
+                .to_string()
+        } else {
+            "no pinning (--pin off): the timed touching threads are free to move, as an ordinary \
+             program's are; the raw floor then answers a thread that moved from its old CPU"
+                .to_string()
+        },
         format!(
             "MB/s = bytes of the touched pages / total time; ratios are medians of per-rep ratios \
              (each rep runs every mode back to back); random pages use seed {} + rep",
@@ -219,9 +229,9 @@ pub(super) fn standing_notes(a: &BenchArgs, fuse_used: bool) -> Vec<String> {
             "raw (floor of the lazy mechanism): open = open(2) of the file + a memfd of its size \
              + userfaultfd + mmap + UFFDIO_REGISTER (MISSING) + one handler thread; each fault is \
              answered by that thread, blocked in read(2), with one pread of the chunk (the lazy \
-             chunk size, no readahead) and one UFFDIO_COPY; the thread and the touching thread \
-             are pinned to one CPU for the run and the handler runs SCHED_IDLE (the placement the \
-             engine's readers give; since 2026-11-30)"
+             chunk size, no readahead) and one UFFDIO_COPY; the handler is pinned to the CPU \
+             the touching thread opens on and runs SCHED_IDLE (the placement the engine's readers \
+             give; since 2026-11-30)"
                 .into(),
         );
     }

@@ -33,6 +33,10 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         let root = a.dir.clone().unwrap_or_else(std::env::temp_dir);
         return small::run(n, a.reps, &root, None, a.json);
     }
+    super::runners::PIN.store(
+        a.pin == super::args::Pin::On,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     if let Some(n) = a.clients {
         return clients::run(n as usize, &a);
     }
@@ -465,6 +469,7 @@ pub fn run(mut a: BenchArgs) -> CliResult {
             readahead: base.readahead,
             workers: base.workers,
             page_size: page,
+            pinned: a.pin == super::args::Pin::On,
             object_lazy: object_tuning.map(|(chunk_size, readahead)| report::ObjectLazy {
                 chunk_size,
                 readahead,

@@ -40,6 +40,9 @@ pub struct ReaderArgs {
     /// page, or `pread` each page (4 KiB) into a buffer.
     #[arg(long, default_value = "mmap")]
     io: Io,
+    /// Keep the touching thread on the CPU it starts on (`bench --pin on`).
+    #[arg(long)]
+    pin: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -130,6 +133,7 @@ pub fn run(a: ReaderArgs) -> crate::CliResult {
     let err = |what: &str, e: std::io::Error| format!("{what} {}: {e}", a.path.display());
     // Listed before the clock starts, as in the bench itself.
     let pages: Vec<u64> = a.pattern.pages(a.size, page, a.pattern_seed).collect();
+    let _pin = a.pin.then(super::raw::PinHere::new);
     let f0 = super::runners::thread_faults();
     let (file, len, open_us) = open_sized(&a)?;
     let t1 = Instant::now();
@@ -182,6 +186,7 @@ fn run_read(a: ReaderArgs) -> crate::CliResult {
     // Every byte written before the clock starts: no page fault of the
     // buffer is timed.
     let mut buf = vec![1u8; pages.len() * page as usize];
+    let _pin = a.pin.then(super::raw::PinHere::new);
     let f0 = super::runners::thread_faults();
     let (file, len, open_us) = open_sized(&a)?;
     let t1 = Instant::now();

@@ -156,6 +156,8 @@ pub struct RunConfig {
     pub readahead: u64,
     pub workers: usize,
     pub page_size: u64,
+    /// `--pin on`: the timed touching threads stayed on their CPU.
+    pub pinned: bool,
     /// With --source s3: the lazy engine of the object modes (lazy,
     /// lazy-warm): its fill unit and readahead (the rest as above).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -365,10 +367,15 @@ pub fn print_human(r: &Report) {
         m.nproc, m.cpu, m.kernel, m.loadavg_at_start
     );
     println!(
-        "lazy: chunk {}, readahead {}, {} workers",
+        "lazy: chunk {}, readahead {}, {} workers; touching threads {}",
         format_size(c.chunk_size),
         fmt_bytes(c.readahead),
-        c.workers
+        c.workers,
+        if c.pinned {
+            "pinned to their CPU (--pin on)"
+        } else {
+            "free to move (--pin off)"
+        }
     );
     if let Some(o) = &c.object_lazy {
         println!(

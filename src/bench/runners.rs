@@ -11,6 +11,16 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// `--pin on`: every timed touching thread is kept on the CPU it starts on
+/// for its run, as the raw floor's always was (set once, before the runs).
+pub(super) static PIN: AtomicBool = AtomicBool::new(true);
+
+/// Pins the calling thread where it is for the guard's life, if `--pin on`.
+pub(super) fn pin_here() -> Option<raw::PinHere> {
+    PIN.load(Ordering::Relaxed).then(raw::PinHere::new)
+}
 use std::time::Instant;
 
 /// Where eager and lazy shadows read their bytes from. [`DataSource::source`]
@@ -101,6 +111,9 @@ impl ReaderCmd {
             v.push(k.into());
             v.push(x.into());
         }
+        if PIN.load(Ordering::Relaxed) {
+            v.push("--pin".into());
+        }
         v
     }
 
@@ -165,6 +178,7 @@ pub(super) fn run_shadow_checked(
     page: u64,
     check: Option<u64>,
 ) -> Result<Sample, String> {
+    let _pin = pin_here();
     let f0 = thread_faults();
     let t0 = Instant::now();
     let shadow = open()
@@ -209,6 +223,7 @@ fn check_pages(map: &[u8], pages: &[u64], page: u64, seed: u64) -> Result<(), St
 /// Opens `path`, maps it, touches `pages`: the page cache reference.
 pub(super) fn run_mmap(path: &Path, pages: &[u64], page: u64) -> Result<Sample, String> {
     let err = |e: std::io::Error| format!("{}: {e}", path.display());
+    let _pin = pin_here();
     let f0 = thread_faults();
     let t0 = Instant::now();
     let file = File::open(path).map_err(err)?;
@@ -234,7 +249,7 @@ pub(super) fn run_mmap(path: &Path, pages: &[u64], page: u64) -> Result<Sample, 
 /// + UFFDIO_REGISTER + handler thread; access = touching.
 pub(super) fn run_raw(ctx: &Ctx, pages: &[u64]) -> Result<Sample, String> {
     let err = |e: std::io::Error| format!("raw handler: {e}");
-    let _pin = raw::PinHere::new();
+    let _pin = pin_here();
     let f0 = thread_faults();
     let t0 = Instant::now();
     let region =
@@ -260,6 +275,7 @@ pub(super) fn run_raw(ctx: &Ctx, pages: &[u64]) -> Result<Sample, String> {
 pub(super) fn run_memcpy(ctx: &Ctx, pages: &[u64]) -> Result<Sample, String> {
     let err = |e: std::io::Error| format!("memcpy floor: {e}");
     let src = ctx.in_memory.as_deref().expect("file read into memory");
+    let _pin = pin_here();
     let f0 = thread_faults();
     let t0 = Instant::now();
     let region = raw::CopyRegion::fill(src, ctx.page).map_err(err)?;
