@@ -373,7 +373,7 @@ pub fn run(mut a: BenchArgs) -> CliResult {
     use BenchMode::*;
     // (name, numerator, denominator): each ratio is num/den per repetition.
     type Term = (BenchMode, fn(&Sample) -> f64);
-    let wanted: [(&'static str, Term, Term); 17] = [
+    let wanted: [(&'static str, Term, Term); 19] = [
         (
             "total_speedup_lazy_vs_download",
             (Download, total),
@@ -417,6 +417,8 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         ("total_lazy_over_raw", (Lazy, total), (Raw, total)),
         ("total_lazy_over_memcpy", (Lazy, total), (Memcpy, total)),
         ("total_speedup_run_vs_fuse", (Fuse, total), (Run, total)),
+        ("total_run_over_lazy", (Run, total), (Lazy, total)),
+        ("total_run_read_over_lazy", (RunRead, total), (Lazy, total)),
         (
             "total_run_over_lazy_image",
             (Run, total),

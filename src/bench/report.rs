@@ -103,6 +103,8 @@ pub struct Ratio {
     /// `total_lazy_over_raw` (the minimal userfaultfd handler),
     /// `total_lazy_over_memcpy` (the copy floor), `total_speedup_run_vs_fuse`
     /// (fuse total / run total, the same reader program),
+    /// `total_run_over_lazy` and `total_run_read_over_lazy` (the reader
+    /// under `run`, mapping or reading, against the in-process lazy shadow),
     /// `total_run_over_lazy_image` or `total_speedup_run_read_vs_fuse_read`
     /// (the same with `pread` instead of `mmap`).
     pub name: &'static str,
@@ -450,6 +452,8 @@ pub fn print_human(r: &Report) {
                 "total_lazy_over_raw" => "total, lazy/raw (uffd floor)",
                 "total_lazy_over_memcpy" => "total, lazy/memcpy (copy floor)",
                 "total_speedup_run_vs_fuse" => "total, fuse/run (run speedup)",
+                "total_run_over_lazy" => "total, run/lazy (shim + server)",
+                "total_run_read_over_lazy" => "total, run-read/lazy",
                 "total_run_over_lazy_image" => "total, run/lazy-image",
                 "total_speedup_run_read_vs_fuse_read" => "total, fuse-read/run-read",
                 "total_speedup_lazy_vs_download" => "total, download/lazy (lazy speedup)",

@@ -185,14 +185,23 @@ pub(super) fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
                     std::thread::sleep(std::time::Duration::from_micros(100));
                     continue;
                 }
+                // Nothing of the engine's own (EAGAIN, or only events): a
+                // client's next fault, found without sleeping. Looked for
+                // here, before `settle(true)`: found only in `Sleep::wait`,
+                // every remote fault cost two `sched_setscheduler` calls
+                // (back to SCHED_OTHER to sleep, SCHED_IDLE for the wake).
                 Ok(()) => {
-                    // A client's next fault, found without sleeping.
                     if armed && core.serve_foreign_ready(Some(me)) {
                         woken = false;
                         continue;
                     }
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    if armed && core.serve_foreign_ready(Some(me)) {
+                        woken = false;
+                        continue;
+                    }
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) => {
                     // Not expected: say so once, count it, back off and go

@@ -145,7 +145,17 @@ impl LazyShadow {
                 None => {
                     let mapped_end;
                     (good_bytes, mapped_end) = self.read_and_install(core, off, end, &mut bad);
-                    let (changed, size) = self.check_source();
+                    // The metadata is read for every fill only where the
+                    // result depends on it: a strict shadow, or pages copied
+                    // from the source's mapping (a cut may have made them
+                    // zeros). Bytes read with `read_at` are as safe as a
+                    // direct fill's, and like it look at most once per
+                    // millisecond (an `fstat` per remote fault before).
+                    let (changed, size) = if strict || mapped_end > off {
+                        self.check_source()
+                    } else {
+                        (self.check_changed_lately(core), None)
+                    };
                     if strict && changed {
                         bad = vec![(off, end, STALE_DURING)];
                         good_bytes = 0;
