@@ -687,6 +687,129 @@ fn ranges_nobody_faults_in_cost_fills_nothing() {
     bed.check_settled("ranges nobody faults in");
 }
 
+/// Reads `len` (at most a pipe's 64 KiB) bytes at `addr` of this process
+/// the way the kernel reaches a mapping: `write(2)` from it into a pipe
+/// (a fault taken inside the kernel, answered through the userfaultfd
+/// like a touch), on a thread of its own; `None` if it did not return
+/// within `bound` (a fault nobody answers).
+fn read_self(addr: u64, len: usize, bound: Duration) -> Option<std::io::Result<Vec<u8>>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 fills the two descriptors of a new pipe.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: write(2) reads `len` bytes at `addr` in this process (a
+        // mapping the caller holds); a fault it cannot serve is EFAULT.
+        let n = unsafe { libc::write(fds[1], addr as *const libc::c_void, len) };
+        let r = if n == len as isize {
+            let mut buf = vec![0u8; len];
+            // SAFETY: reads what was just written into our own buffer.
+            let m = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), len) };
+            assert_eq!(m, len as isize);
+            Ok(buf)
+        } else {
+            Err(std::io::Error::last_os_error())
+        };
+        // SAFETY: the pipe's two descriptors, ours.
+        unsafe { (libc::close(fds[0]), libc::close(fds[1])) };
+        let _ = tx.send(r);
+    });
+    rx.recv_timeout(bound).ok()
+}
+
+/// A client UNMAPs its lazy range while it is still mapped and registered
+/// (the library's client does, just before its `munmap`; a raw client may
+/// leave it mapped). The server stops serving the range: the pages filled
+/// before stay readable with the file's bytes, and a page nothing filled
+/// fails at once (a poison marker), never blocks and never reads zeros.
+/// (The server marks only the unfilled runs and wakes the range once; it
+/// used to poison the whole range, crawling over every mapped page with
+/// two system calls each: half a second at the end of a 1 GiB scan under
+/// `run`.)
+#[test]
+fn an_unmap_under_a_live_mapping_keeps_filled_pages_and_fails_the_rest() {
+    let Some(mut bed) = Bed::new("hostile: UNMAP under a mapping", &[]) else {
+        return;
+    };
+    let page = shadowfd::page_size() as u64;
+    let (s, uffd, h) = raw_lazy_session(&bed.sock, "B.bin");
+    wire::send(&s, &Frame::new(wire::MAP, h, wire::MAP_LAZY, 0, 0), None).expect("send MAP");
+    let (r, memfd) = wire::recv(&s).expect("MAP reply");
+    assert_eq!(r.kind, wire::MAP | wire::REPLY, "{r:?}");
+    let memfd = memfd.expect("the MAP reply carries the memfd");
+    // SAFETY: a new private read-only mapping at an address the kernel
+    // picks; it aliases nothing and is unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            SIZE as usize,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            memfd.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "mmap of the memfd");
+    let addr = p as u64;
+    let mode = uffd_raw::MODE_MISSING | uffd_raw::MODE_MINOR;
+    uffd_register(&uffd, addr, SIZE, mode).expect("UFFDIO_REGISTER");
+    wire::send(&s, &Frame::new(wire::ATTACH, h, addr, SIZE, 0), None).expect("ATTACH");
+    let (r, _) = wire::recv(&s).expect("ATTACH reply");
+    assert_eq!(r.kind, wire::ATTACH | wire::REPLY, "{r:?}");
+    let bound = Duration::from_secs(20);
+    // Served while the handle is open: pages of two chunks (64 KiB).
+    let filled = [0, 37 * page + 512];
+    for &off in &filled {
+        let got = read_self(addr + off, 256, bound)
+            .expect("a served read hung")
+            .unwrap_or_else(|e| panic!("a served read failed: {e}\n{}", bed.stderr()));
+        assert_eq!(first_mismatch(ID_B, off, &got), None, "at {off}");
+    }
+    wire::send(&s, &Frame::new(wire::UNMAP, h, addr, 0, 0), None).expect("send UNMAP");
+    let (r, _) = wire::recv(&s).expect("UNMAP reply");
+    assert_eq!(r.kind, wire::UNMAP | wire::REPLY, "{r:?}");
+    for &off in &filled {
+        let got = read_self(addr + off, 256, bound)
+            .expect("a filled page's read hung after UNMAP")
+            .expect("a filled page's read failed after UNMAP");
+        assert_eq!(
+            first_mismatch(ID_B, off, &got),
+            None,
+            "at {off} after UNMAP"
+        );
+    }
+    // Pages no fault asked for (64 KiB chunks 1 and 6, which readahead may
+    // have filled meanwhile, and the last, which nothing filled): each read
+    // ends at once, with the file's bytes or an error, never zeros.
+    let mut failed = 0;
+    for off in [20 * page, 100 * page, SIZE - page] {
+        let t = Instant::now();
+        let r = read_self(addr + off, 16, bound)
+            .unwrap_or_else(|| panic!("the read at {off} blocked after UNMAP"));
+        match r {
+            Ok(got) => assert_eq!(first_mismatch(ID_B, off, &got), None, "at {off}"),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EFAULT), "at {off}: {e}");
+                failed += 1;
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{:?} at {off}",
+            t.elapsed()
+        );
+    }
+    assert!(
+        failed >= 1,
+        "the last page, which nothing filled, was read after UNMAP\n{}",
+        bed.stderr()
+    );
+    // SAFETY: our own mapping from above; nothing refers into it.
+    unsafe { libc::munmap(p, SIZE as usize) };
+    drop(s);
+    bed.check_settled("UNMAP under a mapping");
+}
+
 /// The server's descriptor table is made nearly full (RLIMIT_NOFILE lowered
 /// under it) and 300 silent connections arrive: accept fails with EMFILE,
 /// and the server drops its oldest silent connections and backs off instead

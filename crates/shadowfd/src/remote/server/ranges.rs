@@ -354,7 +354,7 @@ impl Inner {
                 // Nobody serves the cut part from now on: what is unfilled
                 // faults with SIGBUS, never blocks.
                 let (a, z) = (r.start.max(lo), end.min(hi));
-                let _ = u.poison(a, z - a);
+                l.poison_unfilled_via(u, a, z - a, r.offset + (a - r.start));
                 l.remove_remote(r.key);
             }
             entry.attached.fetch_add(pieces.len(), Ordering::Relaxed);
@@ -457,7 +457,7 @@ impl Inner {
         if let Some(l) = h.entry.lazy() {
             for r in ranges {
                 if let Some(u) = uffd {
-                    let _ = u.poison(r.start, r.len);
+                    l.poison_unfilled_via(u, r.start, r.len, r.offset);
                 }
                 l.remove_remote(r.key);
             }
