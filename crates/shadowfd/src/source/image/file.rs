@@ -8,8 +8,9 @@ use super::handle::OpenImage;
 use super::layout::{Geometry, LayoutError};
 use super::resolve::{Found, open_image_file, resolve};
 use super::threaded::ThreadReader;
+use super::view::ExtentView;
 use super::{ImageAccess, ImageError, Stamp, absolute, gone, later, mix, show};
-use crate::source::{FileKind, Source, SourceMeta};
+use crate::source::{FileKind, Mapped, Source, SourceMeta};
 use parking_lot::Mutex;
 use std::fmt;
 use std::fs::File;
@@ -17,7 +18,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// The result of checking the path against the image as it is now.
 enum Verdict {
@@ -67,6 +68,9 @@ pub struct ImageSource {
     identity: u64,
     image_id: (u64, u64),
     thread: Option<ThreadReader>,
+    /// The file as one mapping (`super::view`), made on the first fill
+    /// that asks; `None` inside where it cannot be made.
+    view: OnceLock<Option<ExtentView>>,
     state: Mutex<State>,
 }
 
@@ -219,6 +223,7 @@ impl ImageSource {
             identity: mix(at.id.0, at.id.1),
             image_id: at.id,
             thread,
+            view: OnceLock::new(),
             state: Mutex::new(State {
                 stamp: at.stamp,
                 verdict: Verdict::Same(geo),
@@ -395,6 +400,23 @@ impl Source for ImageSource {
             Some(t) => t.read_at(buf, offset),
             None => self.read_direct(buf, offset),
         }
+    }
+
+    /// With [`ImageAccess::Direct`], a file of at least 1 MiB whose blocks
+    /// are whole pages, in at most 256 runs: the image file mapped in
+    /// place, run by run (`super::view`).
+    fn mapped(&self) -> Option<Mapped> {
+        if self.thread.is_some() {
+            return None;
+        }
+        let view = self
+            .view
+            .get_or_init(|| ExtentView::build(&self.image, &self.extents(), self.size));
+        let v = view.as_ref()?;
+        // SAFETY: a read-only mapping made here that shows the file's bytes
+        // from offset 0 (its runs in place, holes as zero pages), never
+        // registered, unmapped only when this source drops.
+        Some(unsafe { Mapped::new(v.addr(), v.len()) })
     }
 
     fn metadata(&self) -> io::Result<SourceMeta> {

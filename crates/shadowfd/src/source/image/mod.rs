@@ -24,6 +24,7 @@ mod index;
 mod layout;
 mod resolve;
 mod threaded;
+mod view;
 
 use super::Timestamp;
 use std::fmt;
