@@ -336,6 +336,57 @@ fn block_maps_are_really_exercised() {
     }
 }
 
+/// Where a file's blocks are whole pages (4 KiB and 64 KiB blocks) and it
+/// is at least 1 MiB, the source offers one mapping of it (its runs of the
+/// image mapped in place, holes as zero pages), which fills copy from:
+/// every byte of it is the file's, holes included. 1 KiB blocks, and files
+/// under 1 MiB, offer none (fills read them with `read_at`). A lazy shadow
+/// over such a source reads back the same bytes.
+#[test]
+fn page_sized_blocks_offer_one_mapping_of_the_file() {
+    let fx = fixture();
+    let lazy = engine(Mode::Lazy);
+    for (variant, img) in &fx.images {
+        for (inner, host) in [("/sparse.bin", "sparse.bin"), ("/big.bin", "big.bin")] {
+            let want = fs::read(fx.tree.join(host)).unwrap();
+            let src = ImageSource::open(img, inner).unwrap();
+            let page = shadowfd::page_size() as u64;
+            let whole_pages = !variant.ends_with("-1k");
+            match src.mapped() {
+                Some(m) => {
+                    assert!(
+                        whole_pages,
+                        "{variant}{inner}: a 1 KiB-block file was mapped"
+                    );
+                    assert_eq!(m.len(), (want.len() as u64).div_ceil(page) * page);
+                    // SAFETY: the source's own read-only mapping, alive while
+                    // `src` is; nothing writes it.
+                    let got =
+                        unsafe { std::slice::from_raw_parts(m.addr() as *const u8, want.len()) };
+                    assert!(got == &want[..], "{variant}{inner}: the mapping differs");
+                }
+                None => assert!(
+                    !whole_pages,
+                    "{variant}{inner}: no mapping for a file of whole-page blocks"
+                ),
+            }
+            let shadow = lazy.open(src).unwrap();
+            let map = shadow.map(Share::Shared).unwrap();
+            assert!(
+                &map[..] == &want[..],
+                "{variant}{inner}: the shadow differs"
+            );
+        }
+    }
+    assert!(
+        ImageSource::open(&fx.images[0].1, "/nested/deep/er/file.bin")
+            .unwrap()
+            .mapped()
+            .is_none(),
+        "a file under 1 MiB was mapped"
+    );
+}
+
 #[test]
 fn thread_access_reads_the_same_bytes() {
     let fx = fixture();
