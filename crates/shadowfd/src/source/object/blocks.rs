@@ -28,6 +28,9 @@ const SEQ_SLACK: u64 = 4;
 /// How many claims ago a block counts as used lately.
 const LATELY: u64 = 32;
 
+/// Blocks read ahead from the disk cache by one blocking thread.
+const CACHE_LOAD_GROUP: usize = 4;
+
 /// Blocks fetched that may wait to be written to the disk cache.
 const WRITE_BEHIND: usize = 64;
 
@@ -93,6 +96,13 @@ impl Shared {
     /// Fills the claimed `blocks` (ascending): from the disk cache where it
     /// holds them, the rest with GETs.
     fn load(self: &Arc<Self>, blocks: Vec<(u64, Arc<Slot>)>, ahead: bool) {
+        let fetch = self.from_cache(blocks);
+        self.start(fetch, ahead);
+    }
+
+    /// Fills the claimed `blocks` the disk cache holds (if there is one);
+    /// returns the others.
+    fn from_cache(self: &Arc<Self>, blocks: Vec<(u64, Arc<Slot>)>) -> Vec<(u64, Arc<Slot>)> {
         let mut fetch = Vec::new();
         let c = &self.client.counters;
         for (i, slot) in blocks {
@@ -116,7 +126,7 @@ impl Shared {
                 }
             }
         }
-        self.start(fetch, ahead);
+        fetch
     }
 
     /// Writes the disk cache's noted hit times on the runtime's blocking
@@ -528,9 +538,29 @@ impl Blocks {
             return out;
         }
         if ahead && sh.cache.is_some() {
-            // A guess reads the disk cache off the reader's thread.
-            let s2 = sh.clone();
-            sh.handle.spawn_blocking(move || s2.load(mine, true));
+            // A guess reads the disk cache off the reader's thread, a few
+            // blocks per blocking thread so that a request's worth (16
+            // blocks) loads in parallel; what the cache lacks is gathered
+            // and fetched by the last of them, merged into large GETs.
+            let parts = mine.len().div_ceil(CACHE_LOAD_GROUP);
+            let missing = Arc::new(Mutex::new((parts, Vec::new())));
+            let mut mine = mine.into_iter().peekable();
+            while mine.peek().is_some() {
+                let part: Vec<_> = mine.by_ref().take(CACHE_LOAD_GROUP).collect();
+                let (s2, m) = (sh.clone(), missing.clone());
+                sh.handle.spawn_blocking(move || {
+                    let lacked = s2.from_cache(part);
+                    let mut g = m.lock();
+                    g.0 -= 1;
+                    g.1.extend(lacked);
+                    if g.0 == 0 {
+                        let mut all = std::mem::take(&mut g.1);
+                        drop(g);
+                        all.sort_unstable_by_key(|b| b.0);
+                        s2.start(all, true);
+                    }
+                });
+            }
         } else {
             sh.load(mine, ahead);
         }
