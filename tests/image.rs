@@ -373,7 +373,7 @@ fn page_sized_blocks_offer_one_mapping_of_the_file() {
             let shadow = lazy.open(src).unwrap();
             let map = shadow.map(Share::Shared).unwrap();
             assert!(
-                &map[..] == &want[..],
+                map[..] == want[..],
                 "{variant}{inner}: the shadow differs"
             );
         }
