@@ -151,7 +151,9 @@ struct shadowfd_config *shadowfd_config_new(void);
 // # Safety
 // `config` is NULL or from `shadowfd_config_new` and not freed; `key` and
 // `value` are NULL or NUL-terminated strings.
-int shadowfd_config_set(struct shadowfd_config *config, const char *key, const char *value);
+int shadowfd_config_set(struct shadowfd_config *config,
+                        const char *key,
+                        const char *value);
 
 // Frees a configuration. NULL is ignored. Engines made from it are not
 // affected. Thread-safety: not while another thread uses `config`.

@@ -140,3 +140,15 @@ fn a_first_read_waits_for_the_prefetch_too() {
     assert_eq!(st.workset_replayed, offs.len() as u64, "{st:?}");
     assert_eq!(st.workset_pending, 0, "{st:?}");
 }
+
+#[test]
+fn the_prefetch_bound_is_a_size_or_all_and_anything_else_is_refused() {
+    let mut c = common::config(Mode::Lazy);
+    assert_eq!(c.workset_prefetch, 0, "off by default");
+    c.set("workset-prefetch", "all").unwrap();
+    assert_eq!(c.workset_prefetch, u64::MAX);
+    c.set("--workset-prefetch", "64M").unwrap();
+    assert_eq!(c.workset_prefetch, 64 << 20);
+    let e = c.set("workset-prefetch", "banana").unwrap_err().to_string();
+    assert!(e.contains("banana") && e.contains("all"), "{e}");
+}

@@ -338,8 +338,8 @@ impl Config {
 
     /// Sets one value from text, by the name of its command-line flag:
     /// `mode`, `max-size`, `memory-budget`, `chunk`, `workers`, `readahead`,
-    /// `stale`, `workset`, `workset-dir`, `workset-window` or `workset-max`
-    /// (a leading `--` is accepted). Values are parsed as the CLI
+    /// `stale`, `workset`, `workset-dir`, `workset-window`, `workset-max` or
+    /// `workset-prefetch` (a leading `--` is accepted). Values are parsed as the CLI
     /// parses them (`512M`, `2G`, `lazy`, ...); ranges are checked by
     /// [`Config::validate`]. As with the CLI, setting `memory-budget` while
     /// `max-size` still has its default lowers the size cap to the new budget

@@ -76,8 +76,6 @@ pub(super) struct Workset {
     /// not touch it).
     plan_ages: Vec<u8>,
     in_plan: Bits,
-    /// Each planned chunk's position in `plan`.
-    at: std::collections::HashMap<u64, usize>,
     replayed: Bits,
     used: Bits,
     /// The next position of `plan` a replay step takes.
@@ -142,7 +140,6 @@ impl Workset {
         let in_plan = Bits::new(nchunks);
         let mut plan = Vec::new();
         let mut plan_ages = Vec::new();
-        let mut at = std::collections::HashMap::new();
         let mut discarded = false;
         if mode.replays() {
             match crate::workset::load(&dir, &key) {
@@ -156,7 +153,6 @@ impl Workset {
                         }
                         for x in from / chunk..to.div_ceil(chunk) {
                             if in_plan.set(x) {
-                                at.insert(x, plan.len());
                                 plan.push(x);
                                 plan_ages.push(r.ages.get(i).copied().unwrap_or(0));
                             }
@@ -193,7 +189,6 @@ impl Workset {
                 plan,
                 plan_ages,
                 in_plan,
-                at,
                 replayed: Bits::new(nchunks),
                 used: Bits::new(nchunks),
                 cursor: AtomicUsize::new(0),
@@ -220,8 +215,8 @@ impl Workset {
         !self.plan.is_empty()
     }
 
-    /// How many of the plan's first positions the open fills before it
-    /// returns.
+    /// How many of the plan's first positions the first access waits for
+    /// (0 once the replay stopped).
     pub fn prefetch_positions(&self) -> usize {
         if !self.replaying() {
             return 0;
@@ -268,7 +263,6 @@ impl Workset {
             return n;
         }
         if self.replaying() {
-            self.overtaken(&fresh);
             let mut r = self.recent.lock();
             for &c in &fresh {
                 r.0 = (r.0 << 1) | u64::from(!self.in_plan.get(c));
@@ -294,23 +288,6 @@ impl Workset {
             }
         }
         n
-    }
-
-    /// A consumer needed the planned chunks among `fresh` before the replay
-    /// reached them: it runs ahead of the replay. The cursor jumps past the
-    /// last of them, so that the next steps fill what the consumer needs
-    /// next, in recorded order, instead of chunks behind it, which it
-    /// needed already (faulted on, filled). The positions skipped count as
-    /// done.
-    fn overtaken(&self, fresh: &[u64]) {
-        let Some(q) = fresh.iter().filter_map(|c| self.at.get(c)).max() else {
-            return;
-        };
-        let old = self.cursor.fetch_max(q + 1, Ordering::AcqRel);
-        if old < q + 1 {
-            let skipped = (q + 1).min(self.plan.len()) - old.min(self.plan.len());
-            self.done.fetch_add(skipped, Ordering::AcqRel);
-        }
     }
 
     /// The record to store at the end of the window or of the shadow
