@@ -139,8 +139,8 @@ struct shadowfd_config *shadowfd_config_new(void);
 // eager), `max-size`, `memory-budget`, `chunk`, `readahead` (sizes such as
 // `512M`, `2G`, `1GiB`, `4096`), `workers` (a number), `stale` (detect,
 // strict), `workset` (off, record, replay, auto; docs/worksets.md),
-// `workset-dir` (a directory), `workset-window` (`30s`, `2m`) or
-// `workset-max` (a size). Parsed as the CLI parses its flags; ranges are checked by
+// `workset-dir` (a directory), `workset-window` (`30s`, `2m`),
+// `workset-max` (a size) or `workset-prefetch` (a size, or `all`). Parsed as the CLI parses its flags; ranges are checked by
 // `shadowfd_engine_new`. Setting `memory-budget` while `max-size` still has
 // its default lowers the cap to the budget where that is smaller.
 //
@@ -151,7 +151,9 @@ struct shadowfd_config *shadowfd_config_new(void);
 // # Safety
 // `config` is NULL or from `shadowfd_config_new` and not freed; `key` and
 // `value` are NULL or NUL-terminated strings.
-int shadowfd_config_set(struct shadowfd_config *config, const char *key, const char *value);
+int shadowfd_config_set(struct shadowfd_config *config,
+                        const char *key,
+                        const char *value);
 
 // Frees a configuration. NULL is ignored. Engines made from it are not
 // affected. Thread-safety: not while another thread uses `config`.

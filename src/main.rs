@@ -60,6 +60,11 @@ fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s)
 }
 
+/// `--workset-prefetch SIZE|all`.
+fn prefetch_arg(s: &str) -> Result<u64, String> {
+    shadowfd::config::parse_prefetch(s)
+}
+
 /// `--workers N`: a whole number, with the accepted range in the error
 /// (the range itself is checked with the rest of the configuration).
 fn workers_arg(s: &str) -> Result<usize, String> {
@@ -118,6 +123,10 @@ pub struct Tuning {
     /// The most bytes of chunks one record holds  [env: SHADOWFD_WORKSET_MAX] [default: 256M]
     #[arg(long, value_name = "SIZE", value_parser = size_arg, allow_negative_numbers = true)]
     pub workset_max: Option<u64>,
+    /// Bytes of recorded chunks a replay fills before the first mapping
+    /// returns, or `all`  [env: SHADOWFD_WORKSET_PREFETCH] [default: 0]
+    #[arg(long, value_name = "SIZE|all", value_parser = prefetch_arg)]
+    pub workset_prefetch: Option<u64>,
 }
 
 impl Tuning {
@@ -139,6 +148,7 @@ impl Tuning {
             (self.workset_dir.is_some(), "SHADOWFD_WORKSET_DIR"),
             (self.workset_window.is_some(), "SHADOWFD_WORKSET_WINDOW"),
             (self.workset_max.is_some(), "SHADOWFD_WORKSET_MAX"),
+            (self.workset_prefetch.is_some(), "SHADOWFD_WORKSET_PREFETCH"),
         ] {
             if given {
                 skip.push(var);
@@ -174,6 +184,9 @@ impl Tuning {
         }
         if let Some(v) = self.workset_max {
             c.workset_max = v;
+        }
+        if let Some(v) = self.workset_prefetch {
+            c.workset_prefetch = v;
         }
         Ok(c)
     }

@@ -155,8 +155,8 @@ pub extern "C" fn shadowfd_config_new() -> *mut shadowfd_config {
 /// eager), `max-size`, `memory-budget`, `chunk`, `readahead` (sizes such as
 /// `512M`, `2G`, `1GiB`, `4096`), `workers` (a number), `stale` (detect,
 /// strict), `workset` (off, record, replay, auto; docs/worksets.md),
-/// `workset-dir` (a directory), `workset-window` (`30s`, `2m`) or
-/// `workset-max` (a size). Parsed as the CLI parses its flags; ranges are checked by
+/// `workset-dir` (a directory), `workset-window` (`30s`, `2m`),
+/// `workset-max` (a size) or `workset-prefetch` (a size, or `all`). Parsed as the CLI parses its flags; ranges are checked by
 /// `shadowfd_engine_new`. Setting `memory-budget` while `max-size` still has
 /// its default lowers the cap to the budget where that is smaller.
 ///

@@ -201,6 +201,10 @@ pub struct Config {
     /// The most bytes of chunks one record holds (`SHADOWFD_WORKSET_MAX`;
     /// default 256 MiB).
     pub workset_max: u64,
+    /// Bytes of recorded chunks a replay fills before the shadow's first
+    /// mapping (or `populate`/`read_at`) returns (`SHADOWFD_WORKSET_PREFETCH`,
+    /// a size or `all`; default 0: the replay races the first access).
+    pub workset_prefetch: u64,
 }
 
 fn default_workers() -> usize {
@@ -228,6 +232,7 @@ impl Default for Config {
             workset_dir: None,
             workset_window: DEFAULT_WORKSET_WINDOW,
             workset_max: DEFAULT_WORKSET_MAX,
+            workset_prefetch: 0,
         }
     }
 }
@@ -241,6 +246,15 @@ fn env_var(name: &'static str) -> Result<Option<String>> {
             value: v.to_string_lossy().into_owned(),
             why: "not valid UTF-8".into(),
         }),
+    }
+}
+
+/// A working-set prefetch bound: a size, or `all` (the whole record).
+pub fn parse_prefetch(s: &str) -> Result<u64, String> {
+    if s.trim().eq_ignore_ascii_case("all") {
+        Ok(u64::MAX)
+    } else {
+        parse_size(s).map_err(|e| format!("{e}, or `all` for the whole record"))
     }
 }
 
@@ -313,6 +327,9 @@ impl Config {
         if let Some(v) = env_var("SHADOWFD_WORKSET_MAX")? {
             c.workset_max = parse_with("SHADOWFD_WORKSET_MAX", &v, parse_size)?;
         }
+        if let Some(v) = env_var("SHADOWFD_WORKSET_PREFETCH")? {
+            c.workset_prefetch = parse_with("SHADOWFD_WORKSET_PREFETCH", &v, parse_prefetch)?;
+        }
         if !max_size_set {
             c.max_size = DEFAULT_MAX_SIZE.min(c.memory_budget);
         }
@@ -321,8 +338,8 @@ impl Config {
 
     /// Sets one value from text, by the name of its command-line flag:
     /// `mode`, `max-size`, `memory-budget`, `chunk`, `workers`, `readahead`,
-    /// `stale`, `workset`, `workset-dir`, `workset-window` or `workset-max`
-    /// (a leading `--` is accepted). Values are parsed as the CLI
+    /// `stale`, `workset`, `workset-dir`, `workset-window`, `workset-max` or
+    /// `workset-prefetch` (a leading `--` is accepted). Values are parsed as the CLI
     /// parses them (`512M`, `2G`, `lazy`, ...); ranges are checked by
     /// [`Config::validate`]. As with the CLI, setting `memory-budget` while
     /// `max-size` still has its default lowers the size cap to the new budget
@@ -399,6 +416,13 @@ impl Config {
                     parse_duration,
                 )?
             }
+            "workset-prefetch" => {
+                self.workset_prefetch = parse_with(
+                    "working-set prefetch (--workset-prefetch / SHADOWFD_WORKSET_PREFETCH)",
+                    value,
+                    parse_prefetch,
+                )?
+            }
             "workset-max" => {
                 self.workset_max = parse_with(
                     "working-set cap (--workset-max / SHADOWFD_WORKSET_MAX)",
@@ -411,8 +435,8 @@ impl Config {
                     what: "configuration key",
                     value: key.to_string(),
                     why: "expected one of mode, max-size, memory-budget, chunk, workers, \
-                          readahead, stale, workset, workset-dir, workset-window, workset-max \
-                          (the command-line flags' names)"
+                          readahead, stale, workset, workset-dir, workset-window, workset-max, \
+                          workset-prefetch (the command-line flags' names)"
                         .into(),
                 });
             }

@@ -371,6 +371,7 @@ impl LazyShadow {
                 .map_err(|e| Error::sys("madvise(MADV_DOFORK)", e))?;
         }
         self.map_ahead(m.addr(), len as u64, offset);
+        self.prefetch_replay(&self.service.core);
         Ok((m, reg))
     }
 }

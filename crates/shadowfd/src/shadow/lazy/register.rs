@@ -103,6 +103,7 @@ impl LazyShadow {
             .register(start, len)
             .map_err(|e| Error::sys("UFFDIO_REGISTER of a consumer mapping", e))?;
         self.map_ahead(start, len, offset);
+        self.prefetch_replay(&self.service.core);
         Ok(reg)
     }
 

@@ -77,6 +77,7 @@ impl LazyShadow {
         }
         let end = (offset + len).min(self.size);
         let (first, last) = (offset / self.chunk, (end - 1) / self.chunk);
+        self.prefetch_replay(&self.service.core);
         self.need(&self.service.core, first, last + 1);
     }
 
@@ -96,6 +97,13 @@ impl LazyShadow {
     /// range, this process's and others', ahead of the touch. Stops for
     /// good at the first fill the budget refuses, or once the run diverged.
     pub(super) fn replay_step(&self, core: &Core, resume: Range<u64>) {
+        self.replay_steps(core, resume, true);
+    }
+
+    /// [`LazyShadow::replay_step`]; `chain`: queue the next step (a
+    /// worker's chain), else only fill this one (the opening thread's
+    /// prefetch, [`LazyShadow::prefetch_replay`]).
+    fn replay_steps(&self, core: &Core, resume: Range<u64>, chain: bool) {
         let Some(ws) = &self.workset else {
             return;
         };
@@ -157,8 +165,11 @@ impl LazyShadow {
             }
         }
         ws.done.fetch_add(step_end - start, Ordering::AcqRel);
+        if start < step_end {
+            self.notify();
+        }
         let more = ws.cursor.load(Ordering::Acquire) < plan.len();
-        if more && ws.replaying() {
+        if chain && more && ws.replaying() {
             core.prefetch(self.target(), replay_work());
             // Judged on whole steps only, never a resumed part.
             let fast = resume.is_empty()
@@ -174,6 +185,34 @@ impl LazyShadow {
             {
                 core.prefetch(self.target(), replay_work());
             }
+        }
+    }
+
+    /// Before the first access returns (the first mapping of this
+    /// process, or the first `populate`/`read_at`): fills the first recorded
+    /// chunks of the replay, up to `workset_prefetch` bytes, the calling
+    /// thread taking steps itself while the workers' chains take others,
+    /// then waits for the steps in flight. A mapping registered first takes
+    /// the fills straight (one `UFFDIO_COPY` fills and maps a chunk; filled
+    /// at open, it would cost a `UFFDIO_CONTINUE` more). Only the first
+    /// access waits; it stops early where the replay stops (budget,
+    /// divergence, a change of the source).
+    pub(super) fn prefetch_replay(&self, core: &Core) {
+        let Some(ws) = &self.workset else {
+            return;
+        };
+        let k = ws.prefetch_positions();
+        if k == 0 || ws.prefetched.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        while ws.replaying() && ws.cursor.load(Ordering::Acquire) < k {
+            self.replay_steps(core, 0..0, false);
+        }
+        let mut g = self.done_lock.lock();
+        while ws.replaying() && ws.done.load(Ordering::Acquire) < k {
+            let _ = self
+                .done_cv
+                .wait_for(&mut g, std::time::Duration::from_micros(200));
         }
     }
 

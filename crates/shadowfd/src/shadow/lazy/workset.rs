@@ -63,6 +63,9 @@ pub(super) struct Workset {
     opened: Instant,
     window: Duration,
     max_chunks: u64,
+    /// Bytes of the plan's first chunks filled before the first access
+    /// ([`super::LazyShadow::prefetch_replay`]).
+    prefetch: u64,
     /// First needs of this run, in order, while recording; `None` once the
     /// window closed.
     order: Mutex<Option<Vec<u64>>>,
@@ -84,6 +87,8 @@ pub(super) struct Workset {
     pub chains: AtomicUsize,
     pub max_chains: usize,
     stopped: AtomicBool,
+    /// The prefetch before the first access was made (or is under way).
+    pub prefetched: AtomicBool,
     /// The last [`RECENT`] first needs (bit set: outside the record), and
     /// how many have been seen.
     recent: Mutex<(u64, u32)>,
@@ -178,6 +183,7 @@ impl Workset {
                 opened: Instant::now(),
                 window: cfg.workset_window,
                 max_chunks: (cfg.workset_max / chunk).max(1),
+                prefetch: cfg.workset_prefetch,
                 order: Mutex::new(records.then(Vec::new)),
                 needed: Bits::new(nchunks),
                 plan,
@@ -192,6 +198,7 @@ impl Workset {
                 chains: AtomicUsize::new(cfg.workers.saturating_sub(1).clamp(1, 2)),
                 max_chains: cfg.workers.clamp(1, 2),
                 stopped: AtomicBool::new(false),
+                prefetched: AtomicBool::new(false),
                 recent: Mutex::new((0, 0)),
             }),
             discarded,
@@ -206,6 +213,15 @@ impl Workset {
     /// Whether this shadow replays a record at all.
     pub fn has_plan(&self) -> bool {
         !self.plan.is_empty()
+    }
+
+    /// How many of the plan's first positions the first access waits for
+    /// (0 once the replay stopped).
+    pub fn prefetch_positions(&self) -> usize {
+        if !self.replaying() {
+            return 0;
+        }
+        (self.prefetch.div_ceil(self.chunk) as usize).min(self.plan.len())
     }
 
     pub fn plan(&self) -> &[u64] {
