@@ -372,10 +372,7 @@ fn page_sized_blocks_offer_one_mapping_of_the_file() {
             }
             let shadow = lazy.open(src).unwrap();
             let map = shadow.map(Share::Shared).unwrap();
-            assert!(
-                map[..] == want[..],
-                "{variant}{inner}: the shadow differs"
-            );
+            assert!(map[..] == want[..], "{variant}{inner}: the shadow differs");
         }
     }
     assert!(

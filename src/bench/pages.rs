@@ -33,6 +33,8 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         let root = a.dir.clone().unwrap_or_else(std::env::temp_dir);
         return small::run(n, a.reps, &root, None, a.json);
     }
+    // Read before anything runs: the load the runs start under.
+    let machine = machine();
     super::runners::PIN.store(
         a.pin == super::args::Pin::On,
         std::sync::atomic::Ordering::Relaxed,
@@ -452,7 +454,6 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         Some((chunk, readahead)) => notes.extend(s3::notes(&a, chunk, readahead)),
         None => notes.extend(standing_notes(&a, mount_was_used(&skipped, &a.modes))),
     }
-    let machine = machine();
     let warnings = report::spread_warnings(&ratios, &machine.loadavg_at_start);
     let r = Report {
         rows,
