@@ -375,7 +375,7 @@ pub fn run(mut a: BenchArgs) -> CliResult {
     use BenchMode::*;
     // (name, numerator, denominator): each ratio is num/den per repetition.
     type Term = (BenchMode, fn(&Sample) -> f64);
-    let wanted: [(&'static str, Term, Term); 19] = [
+    let wanted: [(&'static str, Term, Term); 20] = [
         (
             "total_speedup_lazy_vs_download",
             (Download, total),
@@ -409,6 +409,7 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         ),
         ("open_speedup_lazy_vs_eager", (Eager, open), (Lazy, open)),
         ("total_lazy_over_eager", (Lazy, total), (Eager, total)),
+        ("total_speedup_lazy_vs_eager", (Eager, total), (Lazy, total)),
         ("total_speedup_lazy_vs_fuse", (Fuse, total), (Lazy, total)),
         (
             "total_lazy_image_over_lazy",

@@ -98,7 +98,8 @@ pub struct Row {
 pub struct Ratio {
     pub pattern: String,
     /// `open_speedup_lazy_vs_eager` (eager open / lazy open),
-    /// `total_lazy_over_eager`, `total_speedup_lazy_vs_fuse` (fuse total /
+    /// `total_lazy_over_eager`, `total_speedup_lazy_vs_eager` (eager total /
+    /// lazy total), `total_speedup_lazy_vs_fuse` (fuse total /
     /// lazy total), `total_lazy_image_over_lazy`, `total_lazy_over_native`,
     /// `total_lazy_over_raw` (the minimal userfaultfd handler),
     /// `total_lazy_over_memcpy` (the copy floor), `total_speedup_run_vs_fuse`
@@ -446,6 +447,7 @@ pub fn print_human(r: &Report) {
             let what = match x.name {
                 "open_speedup_lazy_vs_eager" => "open, eager/lazy (lazy speedup)",
                 "total_lazy_over_eager" => "total, lazy/eager",
+                "total_speedup_lazy_vs_eager" => "total, eager/lazy (lazy speedup)",
                 "total_speedup_lazy_vs_fuse" => "total, fuse/lazy (lazy speedup)",
                 "total_lazy_over_native" => "total, lazy/native",
                 "total_lazy_image_over_lazy" => "total, lazy-image/lazy",
