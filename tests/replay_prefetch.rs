@@ -11,23 +11,6 @@ use std::path::Path;
 
 const PAGE: u64 = 4096;
 
-/// `count` distinct pages of `n`, in a seeded order.
-fn pages(n: u64, count: usize, seed: u64) -> Vec<u64> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut seen = std::collections::HashSet::new();
-    let mut out = Vec::new();
-    while out.len() < count {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let p = x % n;
-        if seen.insert(p) {
-            out.push(p);
-        }
-    }
-    out
-}
-
 fn engine(dir: &Path, mode: WorksetMode, prefetch: u64) -> Engine {
     let mut c = common::config(Mode::Lazy);
     c.workset = mode;
@@ -43,7 +26,7 @@ fn recorded(dir: &Path) -> (Vec<u8>, std::path::PathBuf, Vec<u64>) {
     let size = 16usize << 20;
     let data = common::pattern(size, 21);
     let file = common::file_with(dir, "src", &data);
-    let offs = pages(size as u64 / PAGE, size / 4096 / 100, 4);
+    let offs = common::pages(size as u64 / PAGE, size / 4096 / 100, 4);
     let e = engine(dir, WorksetMode::Record, 0);
     let s = e.open(&file).unwrap();
     let m = s.map(Share::Shared).unwrap();

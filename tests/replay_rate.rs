@@ -11,22 +11,6 @@ mod common;
 use shadowfd::{Engine, Mode, Share, WorksetMode};
 use std::time::{Duration, Instant};
 
-fn pages(n: u64, count: usize, seed: u64) -> Vec<u64> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut seen = std::collections::HashSet::new();
-    let mut out = Vec::new();
-    while out.len() < count {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let p = x % n;
-        if seen.insert(p) {
-            out.push(p);
-        }
-    }
-    out
-}
-
 fn settle(s: &shadowfd::Shadow) {
     let t0 = Instant::now();
     while s.stats().workset_pending > 0 {
@@ -53,7 +37,7 @@ fn a_replay_alone_fills_and_maps_every_recorded_page() {
     let data = common::pattern(size, 5);
     let file = common::file_with(t.path(), "src", &data);
     let page = 4096u64;
-    let offs = pages(size as u64 / page, size / 4096 / 100, 9);
+    let offs = common::pages(size as u64 / page, size / 4096 / 100, 9);
     let engine = |m| {
         let mut c = common::config(Mode::Lazy);
         c.workset = m;

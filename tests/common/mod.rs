@@ -237,3 +237,20 @@ pub fn mkfs_d(src: &std::path::Path, img: &std::path::Path, size: &str) {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// `count` distinct pages of `n`, in a seeded order.
+pub fn pages(n: u64, count: usize, seed: u64) -> Vec<u64> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    while out.len() < count {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let p = x % n;
+        if seen.insert(p) {
+            out.push(p);
+        }
+    }
+    out
+}
