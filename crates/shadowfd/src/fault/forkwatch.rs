@@ -27,6 +27,40 @@ use std::sync::atomic::Ordering;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, Once, Weak};
 
+/// The lock the fork watcher takes and lets go of while the process forks
+/// ([`Core`]'s `read`): std's mutex, a futex word and nothing else, so that
+/// letting it go with waiters queued is one `futex` wake. parking_lot's
+/// mutex lets go through a process-wide table of queues instead, whose
+/// locks a thread parking for the first time holds while it grows the
+/// table with the allocator: during a fork, glibc holds the allocator's
+/// locks until the `FORK` event is read, so the watcher, letting go of
+/// this lock before the workers read on, waited for the grower, which
+/// waited for the fork, which waited for the watcher (seen in CI,
+/// 2026-12-07: the C ABI stress test of threads that map, fork and unmap).
+#[derive(Default)]
+pub(crate) struct ForkSafeLock(std::sync::Mutex<()>);
+
+impl ForkSafeLock {
+    pub(crate) fn new() -> ForkSafeLock {
+        ForkSafeLock::default()
+    }
+
+    /// Blocks until held. A holder that panicked left nothing to repair
+    /// (the lock guards no data), so its poison is ignored.
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Held now, or `None` if another thread holds it.
+    pub(crate) fn try_lock(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        match self.0.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+}
+
 /// Every engine of the process, for the fork handlers.
 static CORES: Mutex<Vec<Weak<Core>>> = Mutex::new(Vec::new());
 

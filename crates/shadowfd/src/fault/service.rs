@@ -69,6 +69,7 @@
 //! pinned and every worker shares the userfaultfd with `EPOLLEXCLUSIVE`
 //! (one fault wakes one worker), sleeping with no timeout.
 
+use super::forkwatch::ForkSafeLock;
 use super::spans::{Span, Spans};
 use super::{FaultTarget, Hit, Space, Work};
 use crate::config::Config;
@@ -272,8 +273,10 @@ pub(crate) struct Core {
     pub uffd: Uffd,
     regions: RwLock<Spans<Region>>,
     /// Held while reading the engine's userfaultfd and applying the events
-    /// read, so that events apply in the kernel's order.
-    pub(super) read: Mutex<()>,
+    /// read, so that events apply in the kernel's order. The fork watcher
+    /// takes it too, while glibc holds the allocator's locks: see
+    /// [`ForkSafeLock`].
+    pub(super) read: ForkSafeLock,
     /// Faults read by a filler that drained events ([`Core::await_events`]),
     /// for the workers to serve.
     pending: Mutex<Vec<Fault>>,

@@ -54,7 +54,7 @@ impl Service {
         let core = Arc::new(Core {
             uffd,
             regions: RwLock::new(Spans::default()),
-            read: Mutex::new(()),
+            read: ForkSafeLock::new(),
             pending: Mutex::new(Vec::new()),
             children: Mutex::new(Vec::new()),
             child_ep: Epoll::new()
