@@ -72,7 +72,10 @@ fn clock_ticks_per_second() -> u64 {
 /// So the tick count is held to under 1% only where the threads never ran
 /// (`ticks_exact`); after a burst of faults, when workers make a few short
 /// checks before parking, the exact figure is schedstat's (ns), and at most
-/// one sampled tick is allowed.
+/// three sampled ticks are allowed: the checks wake on timer expiries,
+/// which tend to land on the tick, so a check of microseconds is charged a
+/// whole tick far more often than its share (CI, 2026-12-07: 2 ticks for
+/// 0.11% of a CPU by schedstat; locally 0 or 1 tick for 0.16-0.21%).
 fn assert_idle(what: &str, span: Duration, workers: usize, ticks_exact: bool) -> u64 {
     let hz = clock_ticks_per_second();
     let a = usage();
@@ -100,7 +103,7 @@ fn assert_idle(what: &str, span: Duration, workers: usize, ticks_exact: bool) ->
         );
     } else {
         assert!(
-            ticks <= 1,
+            ticks <= 3,
             "{what}: the idle fault service was charged {ticks} ticks ({:.2}% of a CPU)",
             cpu * 100.0
         );
