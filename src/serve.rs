@@ -76,21 +76,25 @@ pub fn duration_arg(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// Descriptors a new client needs beyond its socket: its userfaultfd, the
-/// file it opens, a memfd.
-const HEADROOM: usize = 4;
+/// Descriptors kept free for admitted clients: a request needs up to four at
+/// once (the userfaultfd a client brings, the source it opens, a memfd, its
+/// read-only reopen), and a few clients may ask at the same moment. After
+/// each accept, connections that have not said HELLO are dropped, oldest
+/// first, until this many are free: a silent peer never costs a client its
+/// request (CI 2026-12-07 saw a MAP fail with EMFILE at a reserve of 4).
+const HEADROOM: usize = 16;
 
-/// Whether `n` more descriptors can be opened now (probed by duplicating
-/// `fd`; the duplicates are closed at once).
-fn room_for(n: usize, fd: std::os::fd::BorrowedFd<'_>) -> bool {
+/// How many more descriptors, up to `n`, can be opened now (probed by
+/// duplicating `fd`; the duplicates are closed at once).
+fn free_up_to(n: usize, fd: std::os::fd::BorrowedFd<'_>) -> usize {
     let mut held = Vec::with_capacity(n);
-    for _ in 0..n {
+    while held.len() < n {
         match fd.try_clone_to_owned() {
             Ok(f) => held.push(f),
-            Err(_) => return false,
+            Err(_) => break,
         }
     }
-    true
+    held.len()
 }
 
 /// `$XDG_RUNTIME_DIR/shadowfd.sock`, else `/run/shadowfd.sock`.
@@ -243,10 +247,16 @@ pub fn run(a: ServeArgs) -> CliResult {
                 Ok((s, _)) => {
                     backoff = Duration::ZERO;
                     // Near a full descriptor table, the oldest connections
-                    // that have not said HELLO make room for what this one
-                    // brings (its userfaultfd) and opens.
-                    if !room_for(HEADROOM, listener.as_fd()) {
-                        let n = (0..4).filter(|_| server.shed_pending()).count();
+                    // that have not said HELLO make room ([`HEADROOM`]) for
+                    // what clients bring and open. A dropped connection's
+                    // descriptor is closed by its session thread a moment
+                    // later, so the whole deficit is dropped at once rather
+                    // than probed again after each.
+                    let free = free_up_to(HEADROOM, listener.as_fd());
+                    if free < HEADROOM {
+                        let n = (free..HEADROOM)
+                            .take_while(|_| server.shed_pending())
+                            .count();
                         limited(
                             "room",
                             format!(
