@@ -196,6 +196,25 @@ fn toucher() {
         assert!(t.elapsed() < BOUND, "GO never came");
         std::thread::sleep(Duration::from_millis(5));
     }
+    if child::param_opt("DROP").is_some() {
+        // Drops its mapping, then its file and client: each returns within
+        // the client's timeout even if nobody reads the mapping's events.
+        let t = Instant::now();
+        if param("DROP") == "munmap" {
+            // What a program does on its own: munmap(2), no UNMAP first.
+            // SAFETY: the mapping's own range; it is forgotten after, so
+            // nothing unmaps it twice or reads it again.
+            let rc = unsafe { libc::munmap(map.as_ptr() as *mut libc::c_void, map.len()) };
+            assert_eq!(rc, 0);
+            std::mem::forget(map);
+        } else {
+            drop(map);
+        }
+        child::report("unmapped-ms", t.elapsed().as_millis());
+        drop((f, c));
+        child::report("dropped-ms", t.elapsed().as_millis());
+        return;
+    }
     child::report("again", "");
     child::touch_page(&map, id, 0);
     let pages = (map.len() as u64).div_ceil(page());
@@ -495,6 +514,93 @@ fn a_stopped_server_gives_sigbus_within_the_client_timeout() {
         "gave up after {took:?}, before the timeout"
     );
     eprintln!("serve: server SIGSTOPped -> client SIGBUS: {took:?} (timeout 1.5 s)");
+    // The continued server saw the hang-up and still serves others.
+    let c = Client::connect(&sock).expect("the server still accepts");
+    let f = c.open("f.bin").expect("open after the stuck client left");
+    let m = f.map().expect("map");
+    assert_eq!(first_mismatch(id, 0, &m), None);
+    drop((m, f, c));
+    let so = server.finish(Duration::ZERO);
+    assert!(so.values("panic").is_empty(), "{}", so.describe());
+}
+
+/// The server is stopped (SIGSTOP) while a client holds a lazy mapping of
+/// it with pages filled and unfilled, and the client then unmaps it and
+/// drops its file and connection: once through the mapping's drop (UNMAP,
+/// which gets no answer, then `munmap`), once by a bare `munmap(2)` as any
+/// program would. The kernel's `munmap` of a range with UNMAP events waits
+/// until someone reads the event; the client's watcher gives up on the
+/// server within its timeout and reads it, so both return within about two
+/// timeouts, not when the server is continued.
+#[test]
+fn a_client_dropping_its_mapping_while_the_server_is_stopped_returns() {
+    if let Some(r) = child::role() {
+        return play(&r);
+    }
+    if !lazy_available("serve: drop under a stopped server") {
+        return;
+    }
+    for how in ["drop", "munmap"] {
+        drop_under_a_stopped_server(how);
+    }
+}
+
+fn drop_under_a_stopped_server(how: &str) {
+    let test = test_name!(a_client_dropping_its_mapping_while_the_server_is_stopped_returns);
+    let (dir, root) = served_root();
+    let (id, npages) = (0x13_0d, 256u64);
+    write_file(&root, "f.bin", id, npages * page());
+    let sock = dir.path().join("s.sock");
+    let mut server = start_slow_server(&test, &root, &sock, 0);
+    let go = dir.path().join("go");
+    let mut cmd = role_cmd(
+        &test,
+        "toucher",
+        &[
+            ("SOCK", sock.display().to_string()),
+            ("FILE", "f.bin".into()),
+            ("ID", id.to_string()),
+            ("FIRST", "3".into()),
+            ("GO", go.display().to_string()),
+            ("TIMEOUT_MS", "1000".into()),
+            ("DROP", how.into()),
+        ],
+    );
+    cmd.env("RUST_BACKTRACE", "0");
+    let mut t = Proc::spawn("dropper", cmd, false);
+    assert!(
+        t.wait_report("ready", BOUND).is_some(),
+        "the toucher never got ready"
+    );
+    let spid = server.pid() as libc::pid_t;
+    // SAFETY: kill(2) of the server child we spawned.
+    assert_eq!(unsafe { libc::kill(spid, libc::SIGSTOP) }, 0);
+    std::fs::write(&go, b"").unwrap();
+    // The server stays stopped far longer than the client's timeout.
+    let o = t.finish(Duration::from_secs(8));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(spid, libc::SIGCONT) }, 0);
+    assert!(
+        !o.timed_out,
+        "{how}: unmapping hung while the server was stopped\n{}",
+        o.describe()
+    );
+    assert!(o.status.success(), "{}", o.describe());
+    let ms = |k: &str| -> u64 {
+        o.last(k)
+            .unwrap_or_else(|| panic!("no {k}\n{}", o.describe()))
+            .parse()
+            .unwrap()
+    };
+    let (unmapped, dropped) = (ms("unmapped-ms"), ms("dropped-ms"));
+    eprintln!(
+        "serve: {how} under a stopped server: mapping {unmapped} ms, all {dropped} ms (timeout 1 s)"
+    );
+    assert!(
+        dropped < 4000,
+        "{how}: the drops took {dropped} ms against a client timeout of 1000 ms\n{}",
+        o.describe()
+    );
     // The continued server saw the hang-up and still serves others.
     let c = Client::connect(&sock).expect("the server still accepts");
     let f = c.open("f.bin").expect("open after the stuck client left");
