@@ -158,11 +158,20 @@ impl Bed {
     /// While the attack holds or runs: the victim of B within 3x its time
     /// alone (at least 300 ms, for process start-up noise on a shared
     /// machine), status within 1 s, the server under a third of a CPU.
+    /// A victim over the bound runs again, up to three times in all, while
+    /// the attack still holds: a server that makes clients wait behind an
+    /// attacker is slow every time, a loaded machine seldom three times in
+    /// a row (CI 2026-12-08 saw one run of 1.1 s against 165 ms alone,
+    /// with the machine at a load of 8).
     fn check_under_attack(&self, what: &str) -> serde_json::Value {
         let pid = self.pid();
         let (c0, w0) = (cpu_time(pid).unwrap(), Instant::now());
         let bound = (self.alone * 3).max(Duration::from_millis(300));
-        let took = self.victim("B.bin", Duration::from_secs(20));
+        let mut tries = vec![self.victim("B.bin", Duration::from_secs(20))];
+        while tries.len() < 3 && tries.iter().all(|t| *t > bound) {
+            tries.push(self.victim("B.bin", Duration::from_secs(20)));
+        }
+        let took = *tries.iter().min().unwrap();
         let v = self.status();
         // A window of at least a second for the CPU share.
         if let Some(rest) = Duration::from_secs(1).checked_sub(w0.elapsed()) {
@@ -171,7 +180,7 @@ impl Bed {
         let cpu = cpu_time(pid).unwrap().saturating_sub(c0);
         let wall = w0.elapsed();
         eprintln!(
-            "hostile {what}: victim {took:?} under attack, {:?} alone; server CPU {cpu:?} in \
+            "hostile {what}: victim {tries:?} under attack, {:?} alone; server CPU {cpu:?} in \
              {wall:?}; {} fds, {} threads (baseline {} and {})",
             self.alone,
             fds_of(pid),
@@ -181,7 +190,7 @@ impl Bed {
         );
         assert!(
             took <= bound,
-            "{what}: the victim took {took:?}, over 3x its {:?} alone",
+            "{what}: the victim took {tries:?}, each over 3x its {:?} alone",
             self.alone
         );
         assert!(
@@ -374,10 +383,10 @@ fn frames_with_extra_descriptors_leak_nothing() {
 }
 
 /// HELLO and an OPEN trickled a byte every 200 ms are dropped at the
-/// frame's deadline (--peer-timeout 1s), not kept alive byte by byte.
+/// frame's deadline (--peer-timeout 2s), not kept alive byte by byte.
 #[test]
 fn trickled_frames_are_dropped_at_the_frame_deadline() {
-    let Some(mut bed) = Bed::new("hostile: trickle", &["--peer-timeout", "1s"]) else {
+    let Some(mut bed) = Bed::new("hostile: trickle", &["--peer-timeout", "2s"]) else {
         return;
     };
     let open_b = {
@@ -418,8 +427,8 @@ fn trickled_frames_are_dropped_at_the_frame_deadline() {
     for t in ts {
         let (took, closed) = t.join().unwrap();
         assert!(
-            closed && took < Duration::from_millis(2500),
-            "a trickling peer was kept {took:?} (closed: {closed}); the deadline is 1 s a frame"
+            closed && took < Duration::from_millis(3500),
+            "a trickling peer was kept {took:?} (closed: {closed}); the deadline is 2 s a frame"
         );
     }
     bed.check_settled("trickled frames");

@@ -172,7 +172,12 @@ pub(super) fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
         if armed || forking || !core.ring.is_empty() {
             faults.clear();
             events.clear();
-            match core.read_own(&mut raw, &mut faults, &mut events) {
+            // EAGAIN is "nothing", as an empty read is.
+            let read = match core.read_own(&mut raw, &mut faults, &mut events) {
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(()),
+                r => r,
+            };
+            match read {
                 Ok(()) if !faults.is_empty() => {
                     core.serve(Some(me), &faults, woken);
                     woken = false;
@@ -191,12 +196,6 @@ pub(super) fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
                 // every remote fault cost two `sched_setscheduler` calls
                 // (back to SCHED_OTHER to sleep, SCHED_IDLE for the wake).
                 Ok(()) => {
-                    if armed && core.serve_foreign_ready(Some(me)) {
-                        woken = false;
-                        continue;
-                    }
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
                     if armed && core.serve_foreign_ready(Some(me)) {
                         woken = false;
                         continue;
