@@ -403,6 +403,31 @@ fn start_slow_server(test: &str, root: &Path, sock: &Path, delay_ms: u64) -> Pro
     server
 }
 
+/// Waits (up to 5 s) until every thread of `pid` is stopped: kill(2) with
+/// SIGSTOP returns before the threads have stopped, and a thread busy on
+/// another CPU may still serve a fault meanwhile.
+fn wait_stopped(pid: libc::pid_t) {
+    let t = Instant::now();
+    loop {
+        let all = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("the server's threads")
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
+            .all(|st| {
+                // The state follows the command name's closing parenthesis.
+                let state = st.rsplit_once(')').map(|(_, r)| r.trim_start());
+                matches!(state.and_then(|r| r.chars().next()), Some('T' | 't'))
+            });
+        if all {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the server's threads did not all stop within 5 s of SIGSTOP"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Starts the `toucher` role (`what` names it in messages) on `f.bin` of
 /// content `id` behind `sock`: it touches `first` pages, reports `ready`
 /// and waits for the file `go`; `timeout_ms` is its client timeout.
@@ -442,11 +467,12 @@ fn a_stopped_server_gives_sigbus_within_the_client_timeout() {
     }
     let test = test_name!(a_stopped_server_gives_sigbus_within_the_client_timeout);
     let (dir, root) = served_root();
-    // 4,096 pages (16 MiB): in three CI runs of 2026-12-07 pages past the
-    // two touched were readable while the server was stopped (page 2 twice,
-    // all 16 pages of the 64 KiB file once), which nothing here explains
-    // yet (the session notes); the toucher must still reach a page the
-    // server never filled, and SIGBUS there.
+    // 4,096 pages (16 MiB), so that the toucher reaches a page the server
+    // never filled. In three CI runs of 2026-12-07 pages past the two
+    // touched were read while the server was "stopped" (page 2 twice, all
+    // 16 pages of a 64 KiB file once): kill(2) returns before every thread
+    // of the server has stopped, and a worker still running served them.
+    // The test now waits until every thread of the server shows stopped.
     let (id, npages) = (0x13_07, 4096u64);
     write_file(&root, "f.bin", id, npages * page());
     let sock = dir.path().join("s.sock");
@@ -460,6 +486,7 @@ fn a_stopped_server_gives_sigbus_within_the_client_timeout() {
     let spid = server.pid() as libc::pid_t;
     // SAFETY: kill(2) of the server child we spawned.
     assert_eq!(unsafe { libc::kill(spid, libc::SIGSTOP) }, 0);
+    wait_stopped(spid);
     let stopped = Instant::now();
     std::fs::write(&go, b"").unwrap();
     let o = t.finish(BOUND);
@@ -479,12 +506,10 @@ fn a_stopped_server_gives_sigbus_within_the_client_timeout() {
         .expect("the SIGBUS offset")
         .parse()
         .unwrap();
-    // On the first page the server had not mapped when it stopped: page 2
-    // in nearly every run. In two CI runs of 2026-12-07 (full suite, fresh
-    // build) page 2 read exact and page 3 raised SIGBUS, never reproduced
-    // alone or under CPU load: not explained yet (session notes). Either
-    // way no page read wrong bytes (`bad` above) and the toucher did not
-    // hang.
+    // On the first page the server had not mapped when it stopped: page 2,
+    // now that the test waits for every thread to stop (above; before, CI
+    // twice saw page 2 served by a worker that had not stopped yet).
+    // No page read wrong bytes (`bad` above) and the toucher did not hang.
     assert!(
         at / page() >= 2,
         "SIGBUS before the first page touched after the stop\n{}",
@@ -513,7 +538,10 @@ fn a_stopped_server_gives_sigbus_within_the_client_timeout() {
         took >= Duration::from_millis(1500),
         "gave up after {took:?}, before the timeout"
     );
-    eprintln!("serve: server SIGSTOPped -> client SIGBUS: {took:?} (timeout 1.5 s)");
+    eprintln!(
+        "serve: server SIGSTOPped -> client SIGBUS at page {}: {took:?} (timeout 1.5 s)",
+        at / page()
+    );
     // The continued server saw the hang-up and still serves others.
     let c = Client::connect(&sock).expect("the server still accepts");
     let f = c.open("f.bin").expect("open after the stuck client left");
@@ -575,6 +603,7 @@ fn drop_under_a_stopped_server(how: &str) {
     let spid = server.pid() as libc::pid_t;
     // SAFETY: kill(2) of the server child we spawned.
     assert_eq!(unsafe { libc::kill(spid, libc::SIGSTOP) }, 0);
+    wait_stopped(spid);
     std::fs::write(&go, b"").unwrap();
     // The server stays stopped far longer than the client's timeout.
     let o = t.finish(Duration::from_secs(8));
