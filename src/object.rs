@@ -14,8 +14,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 /// The engine's fill unit for an object unless `--chunk` or SHADOWFD_CHUNK
-/// sets it: fewer faults for bytes that arrive a block at a time.
-pub const DEFAULT_CHUNK: u64 = 64 << 10;
+/// sets it: a page, as for a local file. GETs are sized by the object
+/// source's blocks and readahead, not by it; a larger unit only makes each
+/// fault from the warm disk cache copy more (at 1 GiB random:0.01 a warm
+/// run took 230 ms with 4 KiB against 442 ms with 64 KiB, 2026-12-07;
+/// docs/benchmarks.md, "Object store").
+pub const DEFAULT_CHUNK: u64 = 4 << 10;
 /// The engine's readahead for an object unless `--readahead` or
 /// SHADOWFD_READAHEAD sets it.
 pub const DEFAULT_READAHEAD: u64 = 32 << 20;
@@ -94,8 +98,8 @@ pub fn engine_for_tree(common: &Common, tree: &Tree) -> shadowfd::Result<Engine>
     Engine::new(c)
 }
 
-/// Raises the fill unit and readahead for objects, where neither a flag
-/// nor a variable sets them.
+/// Sets the object fill unit and readahead, where neither a flag nor a
+/// variable sets them.
 pub fn tune(c: &mut Config, common: &Common) {
     if common.tuning.chunk.is_none() && std::env::var_os("SHADOWFD_CHUNK").is_none() {
         c.chunk_size = DEFAULT_CHUNK;

@@ -218,9 +218,13 @@ fn lazy_map_seq_and_random_are_byte_exact() {
                 (SIZE as u64..=SIZE as u64 * 11 / 10).contains(&fetched),
                 "seq fetches each byte about once: {v}"
             );
-            // Adjacent blocks (256 KiB) are merged into larger GETs.
+            // Adjacent blocks (256 KiB) are merged into larger GETs, and a
+            // stream is read ahead a whole request (4 MiB) at a time once
+            // its window is wide enough: 23-26 GETs for these 64 MiB
+            // (2026-12-07), where topping the window up a read (1 MiB) at
+            // a time took 39-41.
             let blocks = SIZE as u64 / (256 << 10);
-            assert!(obj(&v, "requests") <= blocks / 2, "{v}");
+            assert!(obj(&v, "requests") <= blocks / 8, "{v}");
         } else {
             assert!(
                 fetched < SIZE as u64 * 3 / 4,

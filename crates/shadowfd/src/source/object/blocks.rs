@@ -28,6 +28,12 @@ const SEQ_SLACK: u64 = 4;
 /// How many claims ago a block counts as used lately.
 const LATELY: u64 = 32;
 
+/// Blocks read ahead from the disk cache by one blocking thread.
+const CACHE_LOAD_GROUP: usize = 4;
+
+/// Blocks fetched that may wait to be written to the disk cache.
+const WRITE_BEHIND: usize = 64;
+
 enum State {
     Pending,
     Ready(Arc<Vec<u8>>),
@@ -70,6 +76,10 @@ pub(super) struct Shared {
     ahead_limit: tokio::sync::Semaphore,
     /// Spawns on the source's runtime.
     handle: tokio::runtime::Handle,
+    /// Room for blocks waiting to be written to the disk cache, and how
+    /// many batches of them are being written.
+    writes: Arc<tokio::sync::Semaphore>,
+    writing: (Mutex<u64>, Condvar),
     /// The last failure for good, and when: reads within the cool-down
     /// after it (and fetches queued before it) fail at once with it, so a
     /// dead store costs one bound, not one per page the engine retries. A
@@ -86,6 +96,13 @@ impl Shared {
     /// Fills the claimed `blocks` (ascending): from the disk cache where it
     /// holds them, the rest with GETs.
     fn load(self: &Arc<Self>, blocks: Vec<(u64, Arc<Slot>)>, ahead: bool) {
+        let fetch = self.from_cache(blocks);
+        self.start(fetch, ahead);
+    }
+
+    /// Fills the claimed `blocks` the disk cache holds (if there is one);
+    /// returns the others.
+    fn from_cache(self: &Arc<Self>, blocks: Vec<(u64, Arc<Slot>)>) -> Vec<(u64, Arc<Slot>)> {
         let mut fetch = Vec::new();
         let c = &self.client.counters;
         for (i, slot) in blocks {
@@ -109,7 +126,7 @@ impl Shared {
                 }
             }
         }
-        self.start(fetch, ahead);
+        fetch
     }
 
     /// Writes the disk cache's noted hit times on the runtime's blocking
@@ -155,7 +172,7 @@ impl Shared {
             let got = match sh.limit.acquire().await {
                 Ok(_permit) => match sh.broken(queued) {
                     Some(e) => Err(e),
-                    None => sh.client.fetch(start, end, &sh.etag).await,
+                    None => sh.client.fetch(start, end, block, &sh.etag).await,
                 },
                 Err(_) => Err(ObjectError::Client {
                     url: sh.client.url.to_string(),
@@ -163,16 +180,14 @@ impl Shared {
                 }),
             };
             match got {
-                Ok(bytes) => {
-                    for (i, slot) in run {
-                        let a = (i * block - start) as usize;
-                        let e = ((i + 1) * block).min(end) - start;
-                        let data = Arc::new(bytes[a..e as usize].to_vec());
+                Ok(pieces) => {
+                    let mut put = Vec::with_capacity(pieces.len());
+                    for ((i, slot), data) in run.into_iter().zip(pieces) {
+                        let data = Arc::new(data);
                         slot.set(State::Ready(data.clone()));
-                        if let Some(c) = &sh.cache {
-                            let _ = c.put(i, &data);
-                        }
+                        put.push((i, data));
                     }
+                    sh.write_behind(put).await;
                 }
                 Err(e) => {
                     let mut b = sh.broken.lock();
@@ -193,6 +208,46 @@ impl Shared {
                 }
             }
         });
+    }
+
+    /// Writes fetched `blocks` to the disk cache (if any) on the runtime's
+    /// blocking threads, off the async threads that drive the GETs and
+    /// off the reader's. At most [`WRITE_BEHIND`] blocks wait to be
+    /// written: past that the fetch waits (without a thread) for room, so
+    /// a slow disk slows the fetches instead of growing memory.
+    async fn write_behind(self: &Arc<Self>, blocks: Vec<(u64, Arc<Vec<u8>>)>) {
+        if self.cache.is_none() || blocks.is_empty() {
+            return;
+        }
+        let n = blocks.len().min(WRITE_BEHIND) as u32;
+        let Ok(permit) = self.writes.clone().acquire_many_owned(n).await else {
+            return;
+        };
+        *self.writing.0.lock() += 1;
+        let sh = self.clone();
+        self.handle.spawn_blocking(move || {
+            if let Some(c) = &sh.cache {
+                for (i, d) in blocks {
+                    let _ = c.put(i, &d);
+                }
+            }
+            drop(permit);
+            let mut w = sh.writing.0.lock();
+            *w -= 1;
+            sh.writing.1.notify_all();
+        });
+    }
+
+    /// Waits (at most `bound`) until the blocks handed to
+    /// [`Shared::write_behind`] are written.
+    fn wait_written(&self, bound: Duration) {
+        let until = Instant::now() + bound;
+        let mut w = self.writing.0.lock();
+        while *w > 0 {
+            if self.writing.1.wait_until(&mut w, until).timed_out() {
+                return;
+            }
+        }
     }
 
     /// The failure a read or fetch started at `since` meets without asking
@@ -224,10 +279,16 @@ pub(super) struct Blocks {
     /// row continued the one before: sequential detection.
     next: AtomicU64,
     streak: AtomicU32,
+    /// One past the last block read ahead (0: none yet).
+    frontier: AtomicU64,
 }
 
 impl Drop for Blocks {
     fn drop(&mut self) {
+        // Blocks fetched and not yet in the disk cache are written first
+        // (a local disk: bounded by a deadline all the same), so that the
+        // next run finds every block this one fetched.
+        self.shared.wait_written(self.shared.client.cfg.deadline);
         // Fetches in flight are abandoned, never waited for.
         if let Some(rt) = self.rt.take() {
             shut_down(rt);
@@ -257,11 +318,14 @@ impl Blocks {
                 limit: tokio::sync::Semaphore::new(permits),
                 ahead_limit: tokio::sync::Semaphore::new(permits.saturating_sub(1).max(1)),
                 handle: rt.handle().clone(),
+                writes: Arc::new(tokio::sync::Semaphore::new(WRITE_BEHIND)),
+                writing: (Mutex::new(0), Condvar::new()),
                 broken: Mutex::new(None),
             }),
             rt: Some(rt),
             next: AtomicU64::new(u64::MAX),
             streak: AtomicU32::new(0),
+            frontier: AtomicU64::new(0),
         }
     }
 
@@ -390,9 +454,34 @@ impl Blocks {
             return;
         }
         let window = (2u64 << streak.min(20)).min(max);
-        let end = (last + 1 + window).min(self.nblocks());
-        if last + 1 < end {
-            self.claim(last + 1..end, true);
+        let nblocks = self.nblocks();
+        let end = (last + 1 + window).min(nblocks);
+        if last + 1 >= end {
+            return;
+        }
+        // New blocks are read ahead a whole request at a time (up to
+        // `max_request`), not a read's worth at a time: a stream costs the
+        // store a quarter of the GETs of 1 MiB pieces. Until a request's
+        // worth is free, the window is claimed only up to the last block
+        // read ahead, which keeps the blocks waiting there recently used.
+        let per = (self.shared.client.cfg.max_request / self.block()).max(1);
+        // A frontier outside the window is another stream's (or one the
+        // reader left): this one starts from its read.
+        let f = self.frontier.load(Ordering::Relaxed);
+        let front = if f > last + 1 && f <= end {
+            f
+        } else {
+            last + 1
+        };
+        let unit = per.min(window.div_ceil(2));
+        let to = if end >= front + unit || end == nblocks {
+            self.frontier.store(end, Ordering::Relaxed);
+            end
+        } else {
+            front
+        };
+        if last + 1 < to {
+            self.claim(last + 1..to, true);
         }
     }
 
@@ -449,9 +538,29 @@ impl Blocks {
             return out;
         }
         if ahead && sh.cache.is_some() {
-            // A guess reads the disk cache off the reader's thread.
-            let s2 = sh.clone();
-            sh.handle.spawn_blocking(move || s2.load(mine, true));
+            // A guess reads the disk cache off the reader's thread, a few
+            // blocks per blocking thread so that a request's worth (16
+            // blocks) loads in parallel; what the cache lacks is gathered
+            // and fetched by the last of them, merged into large GETs.
+            let parts = mine.len().div_ceil(CACHE_LOAD_GROUP);
+            let missing = Arc::new(Mutex::new((parts, Vec::new())));
+            let mut mine = mine.into_iter().peekable();
+            while mine.peek().is_some() {
+                let part: Vec<_> = mine.by_ref().take(CACHE_LOAD_GROUP).collect();
+                let (s2, m) = (sh.clone(), missing.clone());
+                sh.handle.spawn_blocking(move || {
+                    let lacked = s2.from_cache(part);
+                    let mut g = m.lock();
+                    g.0 -= 1;
+                    g.1.extend(lacked);
+                    if g.0 == 0 {
+                        let mut all = std::mem::take(&mut g.1);
+                        drop(g);
+                        all.sort_unstable_by_key(|b| b.0);
+                        s2.start(all, true);
+                    }
+                });
+            }
         } else {
             sh.load(mine, ahead);
         }
