@@ -5,13 +5,42 @@ use crate::{Common, size_arg};
 use clap::Args;
 use shadowfd::Source;
 use shadowfd::remote::Tree;
-use shadowfd::source::object::ObjectUrl;
+use shadowfd::source::object::{self as object, CACHE_WRITE_BOUND, ObjectUrl};
 use shadowfd::source::object::{
     CacheConfig, ObjectConfig, ObjectCounters, ObjectSource, ObjectStats,
 };
 use shadowfd::{Config, Engine};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+
+/// Waits, when dropped, for the disk cache writes of every object source
+/// of the process (at most [`CACHE_WRITE_BOUND`]), and says on stderr how
+/// many were abandoned. `main` holds one, so that every way out of it (a
+/// result, an error, a panic) writes the blocks fetched first: the
+/// sources themselves are not always dropped (`cat` keeps its shadow for
+/// the SIGBUS handler's explanations to the end of the process).
+pub struct FinishCacheWrites;
+
+impl Drop for FinishCacheWrites {
+    fn drop(&mut self) {
+        finish_cache_writes();
+    }
+}
+
+/// Before the process exits: waits (at most [`CACHE_WRITE_BOUND`]) until
+/// every block an object source fetched and handed to the disk cache is
+/// written; says on stderr how many were not, which the next run fetches
+/// again.
+pub fn finish_cache_writes() {
+    let left = object::finish_cache_writes(CACHE_WRITE_BOUND);
+    if left > 0 {
+        eprintln!(
+            "shadowfd: warning: {left} fetched block(s) not written to the disk cache within \
+             {} s of exit, abandoned: the next run fetches them again",
+            CACHE_WRITE_BOUND.as_secs()
+        );
+    }
+}
 
 /// The engine's fill unit for an object unless `--chunk` or SHADOWFD_CHUNK
 /// sets it: a page, as for a local file. GETs are sized by the object

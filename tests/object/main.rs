@@ -649,10 +649,15 @@ fn dropping_a_source_waits_for_its_cache_writes() {
                 done += src.read_at(&mut buf[done..done + n], done as u64).unwrap();
             }
             assert!(buf == data, "round {round}, cold {cold}");
-            let s = src.stats();
+            let counters = src.counters();
             drop(src);
+            let s = counters.snapshot();
             if cold {
                 assert!(s.requests > 0, "round {round}: {s:?}");
+                // Every block written by the time the drop returned.
+                assert_eq!(s.cache_writes, 64, "round {round}: {s:?}");
+                assert_eq!(s.cache_writes_abandoned, 0, "round {round}: {s:?}");
+                assert_eq!(s.cache_write_errors, 0, "round {round}: {s:?}");
             } else {
                 assert_eq!(
                     s.requests, 0,
