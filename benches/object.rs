@@ -64,7 +64,7 @@ fn engine(mode: Mode) -> Engine {
     let mut c = Config::default();
     c.mode = mode;
     c.max_size = 4 << 30;
-    c.chunk_size = 64 << 10;
+    c.chunk_size = 4 << 10;
     c.readahead = 32 << 20;
     Engine::new(c).expect("engine")
 }

@@ -347,6 +347,9 @@ fn harden() -> CliResult {
 }
 
 fn main() -> ExitCode {
+    // Dropped on every way out of main: first the fetched blocks of
+    // s3:// objects are written to their disk cache (bounded).
+    let _writes = object::FinishCacheWrites;
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -75,6 +75,9 @@ pub fn watch(map: &[u8], explain: Explain) {
                 }
                 let off = u64::from_le_bytes(b);
                 report(&message(off, explain(off)));
+                // The blocks of an s3:// object fetched before this page
+                // go to the disk cache first (bounded).
+                crate::object::finish_cache_writes();
                 // SAFETY: ends the process; the faulting thread waits in the
                 // handler and nothing else needs to run.
                 unsafe { libc::_exit(1) }

@@ -11,7 +11,7 @@ mod weed;
 
 use proxy::{Mode, Proxy};
 use serde_json::Value;
-use shadowfd::source::object::{ObjectConfig, ObjectSource};
+use shadowfd::source::object::{CacheConfig, ObjectConfig, ObjectSource};
 use shadowfd::{Source, StalePolicy};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -125,6 +125,63 @@ fn cat_is_byte_exact_and_a_second_run_comes_from_the_cache() {
     assert_eq!(obj(&v, "cache_misses"), 0, "{v}");
 }
 
+/// `cat` twice back to back, the second started the moment the first
+/// exits, in several fresh cache directories: the second run sends no GET
+/// (counted by a proxy both go through, since the cache is keyed by the
+/// endpoint). Every block the first run fetched was in its cache before
+/// it exited: nothing is left to writers that the exit cuts short. Half
+/// the rounds read nothing ahead, so that the last block arrives just
+/// before the exit (before the fix, such a round lost it almost always).
+#[test]
+fn a_cat_right_after_a_cat_sends_no_get() {
+    let Some(w) = setup() else { return };
+    let data = common::pattern(SIZE, 15);
+    w.put("cat/twice.bin", &data);
+    let p = Proxy::start(w.s3_port);
+    let u = url("cat/twice.bin");
+    for round in 0..6 {
+        let cache = tempfile::tempdir().unwrap();
+        let mut first = cli(w, p.port, cache.path(), &["cat", &u]);
+        if round % 2 == 1 {
+            first
+                .args(["--readahead", "0"])
+                .env("SHADOWFD_OBJECT_READAHEAD", "0");
+        }
+        let o = run(first);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(o.stdout == data, "round {round}: the first cat's bytes");
+        let before = p.gets();
+        assert!(before > 0, "round {round}: the first cat fetched nothing");
+        let o = run(cli(w, p.port, cache.path(), &["cat", &u]));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(o.stdout == data, "round {round}: the second cat's bytes");
+        assert_eq!(
+            p.gets() - before,
+            0,
+            "round {round}: the second cat sent GETs: blocks the first fetched \
+             were missing from the cache ({} chunk files of {})",
+            chunk_files(cache.path()).len(),
+            SIZE / (256 << 10)
+        );
+    }
+}
+
+/// The chunk files under the cache directory `cache` (no temporary
+/// files), sorted; fails on a temporary file, which a finished run never
+/// leaves.
+fn chunk_files(cache: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = walk(&cache.join("shadowfd"));
+    files.sort();
+    for f in &files {
+        let name = f.file_name().unwrap().to_string_lossy();
+        assert!(
+            name.len() == 10 && name.bytes().all(|b| b.is_ascii_digit()),
+            "not a chunk file: {f:?} (a write cut short by the exit?)"
+        );
+    }
+    files
+}
+
 /// Sizes that end mid-block and mid-page, one byte, and an empty object:
 /// byte-exact in both modes, cold and from the cache.
 #[test]
@@ -218,9 +275,13 @@ fn lazy_map_seq_and_random_are_byte_exact() {
                 (SIZE as u64..=SIZE as u64 * 11 / 10).contains(&fetched),
                 "seq fetches each byte about once: {v}"
             );
-            // Adjacent blocks (256 KiB) are merged into larger GETs.
+            // Adjacent blocks (256 KiB) are merged into larger GETs, and a
+            // stream is read ahead a whole request (4 MiB) at a time once
+            // its window is wide enough: 23-26 GETs for these 64 MiB
+            // (2026-12-07), where topping the window up a read (1 MiB) at
+            // a time took 39-41.
             let blocks = SIZE as u64 / (256 << 10);
-            assert!(obj(&v, "requests") <= blocks / 2, "{v}");
+            assert!(obj(&v, "requests") <= blocks / 8, "{v}");
         } else {
             assert!(
                 fetched < SIZE as u64 * 3 / 4,
@@ -242,19 +303,26 @@ fn lazy_map_seq_and_random_are_byte_exact() {
 
 /// Every page of every cached block tampered with (one byte each, counted
 /// from the file's end, where a block's bytes are), one file truncated: a
-/// lazy scan serves none of them and fetches every block again.
+/// lazy scan serves none of them and fetches every block again. Nothing
+/// here depends on timing: the first `cat` has every block (32) in the
+/// cache when it exits, so each is tampered with before the scan.
 #[test]
 fn a_corrupted_cache_chunk_is_refetched_never_served() {
     let Some(w) = setup() else { return };
     let data = common::pattern(8 << 20, 13);
+    let blocks = data.len() / (256 << 10);
     w.put("corrupt/c.bin", &data);
     let cache = tempfile::tempdir().unwrap();
     let args = ["cat", &url("corrupt/c.bin")];
-    let o = run(cli(w, w.s3_port, cache.path(), &args));
+    // Nothing read ahead: the last block arrives just before the exit.
+    let mut first = cli(w, w.s3_port, cache.path(), &args);
+    first
+        .args(["--readahead", "0"])
+        .env("SHADOWFD_OBJECT_READAHEAD", "0");
+    let o = run(first);
     assert!(o.status.success() && o.stdout == data);
-    let mut files: Vec<_> = walk(&cache.path().join("shadowfd"));
-    files.sort();
-    assert!(files.len() >= 8, "chunk files: {files:?}");
+    let files = chunk_files(cache.path());
+    assert_eq!(files.len(), blocks, "every block cached: {files:?}");
     for f in &files {
         let mut b = std::fs::read(f).unwrap();
         let n = b.len();
@@ -275,9 +343,19 @@ fn a_corrupted_cache_chunk_is_refetched_never_served() {
         &["--mode", "lazy", "--access", "seq"],
     );
     assert_eq!(obj(&v, "cache_hits"), 0, "no tampered chunk is served: {v}");
-    assert_eq!(obj(&v, "cache_rejected"), files.len() as u64, "{v}");
+    assert_eq!(obj(&v, "cache_rejected"), blocks as u64, "{v}");
     assert_eq!(obj(&v, "bytes_fetched"), data.len() as u64, "{v}");
-    // And the refetched chunks are good again.
+    // And the refetched chunks are good again, all of them in the cache
+    // when the scan exited: a run after it sends no GET.
+    assert_eq!(chunk_files(cache.path()).len(), blocks);
+    let v = map_verified(
+        w,
+        cache.path(),
+        "corrupt/c.bin",
+        &["--mode", "lazy", "--access", "seq"],
+    );
+    assert_eq!(obj(&v, "requests"), 0, "{v}");
+    assert_eq!(obj(&v, "cache_rejected"), 0, "{v}");
     let o = run(cli(w, w.s3_port, cache.path(), &args));
     assert!(o.status.success() && o.stdout == data);
 }
@@ -295,8 +373,7 @@ fn a_tampered_page_costs_one_block_and_serves_nothing_wrong() {
     let args = ["cat", &url("corrupt/p.bin")];
     let o = run(cli(w, w.s3_port, cache.path(), &args));
     assert!(o.status.success() && o.stdout == data);
-    let mut files: Vec<_> = walk(&cache.path().join("shadowfd"));
-    files.sort();
+    let files = chunk_files(cache.path());
     assert_eq!(files.len(), 32, "chunk files: {files:?}");
     for access in ["seq", "random:1"] {
         let f = &files[5];
@@ -542,6 +619,54 @@ fn five_xx_then_success_is_retried_transparently() {
     assert!(s.retries >= 2, "{s:?}");
     assert_eq!(s.failures, 0, "{s:?}");
     assert_eq!(s.bytes_fetched, data.len() as u64, "{s:?}");
+}
+
+/// A library user's source with a disk cache, dropped the moment its last
+/// read returns, several times: the drop waits for the cache writes, so a
+/// source opened right after reads every block from the cache, no GET.
+#[test]
+fn dropping_a_source_waits_for_its_cache_writes() {
+    let Some(w) = setup() else { return };
+    let data = common::pattern(16 << 20, 53);
+    w.put("drop/d.bin", &data);
+    for round in 0..4 {
+        let cache = tempfile::tempdir().unwrap();
+        let mut cfg = library_config(w.s3_port);
+        // Every other round reads nothing ahead: the last block arrives
+        // just before the drop.
+        cfg.readahead = if round % 2 == 0 { 8 << 20 } else { 0 };
+        cfg.cache = Some(CacheConfig {
+            dir: cache.path().join("shadowfd"),
+            max_bytes: 1 << 30,
+        });
+        let mut buf = vec![0u8; data.len()];
+        for cold in [true, false] {
+            let src = ObjectSource::open_with(&url("drop/d.bin"), cfg.clone()).unwrap();
+            buf.fill(0);
+            let mut done = 0;
+            while done < buf.len() {
+                let n = (buf.len() - done).min(1 << 20);
+                done += src.read_at(&mut buf[done..done + n], done as u64).unwrap();
+            }
+            assert!(buf == data, "round {round}, cold {cold}");
+            let counters = src.counters();
+            drop(src);
+            let s = counters.snapshot();
+            if cold {
+                assert!(s.requests > 0, "round {round}: {s:?}");
+                // Every block written by the time the drop returned.
+                assert_eq!(s.cache_writes, 64, "round {round}: {s:?}");
+                assert_eq!(s.cache_writes_abandoned, 0, "round {round}: {s:?}");
+                assert_eq!(s.cache_write_errors, 0, "round {round}: {s:?}");
+            } else {
+                assert_eq!(
+                    s.requests, 0,
+                    "round {round}: a block was not cached: {s:?}"
+                );
+                assert_eq!(s.cache_misses, 0, "round {round}: {s:?}");
+            }
+        }
+    }
 }
 
 /// Answers cut mid-body: retried, then an error once the retries are

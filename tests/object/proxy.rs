@@ -1,10 +1,11 @@
 //! A TCP proxy on a loopback port in front of the gateway, to inject
 //! faults: latency each way, a stall or a cut after some bytes of an
-//! answer, and `503` answers for the next connections.
+//! answer, and `503` answers for the next connections. It also counts
+//! the GET requests it relays ([`Proxy::gets`]).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +29,8 @@ struct Shared {
     fail_next: AtomicU32,
     conns: Mutex<Vec<TcpStream>>,
     stop: AtomicBool,
+    /// GET requests seen on their way to the gateway.
+    gets: AtomicU64,
 }
 
 /// A running proxy; stops (and closes every connection) when dropped.
@@ -47,6 +50,7 @@ impl Proxy {
             fail_next: AtomicU32::new(0),
             conns: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
+            gets: AtomicU64::new(0),
         });
         let s = sh.clone();
         std::thread::spawn(move || {
@@ -81,6 +85,13 @@ impl Proxy {
     pub fn fail_next(&self, n: u32) {
         self.sh.fail_next.store(n, Ordering::Relaxed);
         self.drop_connections();
+    }
+
+    /// How many GET requests went through to the gateway so far. A request
+    /// is counted when its head is read from the client, before the
+    /// gateway answers it: once a client got its answers, they are all in.
+    pub fn gets(&self) -> u64 {
+        self.sh.gets.load(Ordering::SeqCst)
     }
 
     pub fn drop_connections(&self) {
@@ -133,14 +144,22 @@ fn serve(sh: Arc<Shared>, mut client: TcpStream) {
         c.push(up.try_clone().unwrap());
     }
     let (c2, u2) = (client.try_clone().unwrap(), up.try_clone().unwrap());
-    std::thread::spawn(move || pump(c2, u2, latency, None));
-    pump(up, client, latency, Some(mode));
+    let s2 = sh.clone();
+    std::thread::spawn(move || pump(c2, u2, latency, None, Some(&s2.gets)));
+    pump(up, client, latency, Some(mode), None);
 }
 
 /// Copies `from` to `to`, each piece delivered `latency` after it was read
 /// (a delay line, not a rate limit). `answer`: the mode applied to this
-/// direction (the gateway's answers).
-fn pump(mut from: TcpStream, to: TcpStream, latency: Duration, answer: Option<Mode>) {
+/// direction (the gateway's answers). `gets`: count the GET requests of
+/// this direction (the client's requests) there.
+fn pump(
+    mut from: TcpStream,
+    to: TcpStream,
+    latency: Duration,
+    answer: Option<Mode>,
+    gets: Option<&AtomicU64>,
+) {
     let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
     let mut to_w = to.try_clone().unwrap();
     let writer = std::thread::spawn(move || {
@@ -156,11 +175,20 @@ fn pump(mut from: TcpStream, to: TcpStream, latency: Duration, answer: Option<Mo
     });
     let mut sent = 0u64;
     let mut buf = vec![0u8; 64 << 10];
+    // The client's bytes so far, and the GETs counted in them.
+    let mut requests = Vec::new();
+    let mut counted = 0;
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if let Some(g) = gets {
+            requests.extend_from_slice(&buf[..n]);
+            let now = count_gets(&requests);
+            g.fetch_add((now - counted) as u64, Ordering::SeqCst);
+            counted = now;
+        }
         let limit = match answer {
             Some(Mode::StallAfter(k)) | Some(Mode::CutAfter(k)) => k,
             _ => u64::MAX,
@@ -196,4 +224,18 @@ fn pump(mut from: TcpStream, to: TcpStream, latency: Duration, answer: Option<Mo
     drop(tx);
     let _ = writer.join();
     let _ = to.shutdown(Shutdown::Write);
+}
+
+/// The GET requests in `stream`, a client's bytes on one connection: a
+/// request head starts the stream or follows the blank line that ends the
+/// one before (a GET or HEAD carries no body).
+fn count_gets(stream: &[u8]) -> usize {
+    let starts = std::iter::once(0).chain(
+        stream
+            .windows(4)
+            .enumerate()
+            .filter(|(_, w)| *w == b"\r\n\r\n")
+            .map(|(i, _)| i + 4),
+    );
+    starts.filter(|&i| stream[i..].starts_with(b"GET ")).count()
 }

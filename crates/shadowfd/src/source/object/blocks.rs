@@ -9,6 +9,14 @@
 //! [`ObjectConfig::memory`] bytes, least recently used evicted first; a
 //! failed block is dropped from the table once its readers are told, so a
 //! later read tries again.
+//!
+//! Fetched blocks are written to the disk cache behind the reads, on the
+//! runtime's blocking threads. Each is counted as a pending write (in its
+//! source and in the process, [`WRITES`]) before any reader can see it, and
+//! counted out once written, failed, or abandoned: dropping the source
+//! waits for its count to reach zero, and a program about to exit waits
+//! for the process's ([`finish_cache_writes`]), each for at most
+//! [`CACHE_WRITE_BOUND`].
 
 use super::cache::{ChunkCache, Miss};
 use super::client::Client;
@@ -18,7 +26,7 @@ use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// How many blocks before the last read's end a read may start and still
@@ -27,6 +35,129 @@ const SEQ_SLACK: u64 = 4;
 
 /// How many claims ago a block counts as used lately.
 const LATELY: u64 = 32;
+
+/// Blocks read ahead from the disk cache by one blocking thread.
+const CACHE_LOAD_GROUP: usize = 4;
+
+/// Blocks fetched that may wait to be written to the disk cache.
+const WRITE_BEHIND: usize = 64;
+
+/// How long dropping an object source, and [`finish_cache_writes`], wait
+/// for the fetched blocks still to be written to the disk cache: at most
+/// [`WRITE_BEHIND`] blocks are queued (16 MiB of 256 KiB blocks) plus the
+/// GETs that just finished, which a local disk writes in milliseconds; the
+/// bound only matters for a disk that hangs. Past it, the writes not
+/// started are abandoned ([`super::ObjectStats::cache_writes_abandoned`])
+/// and the next run fetches those blocks again.
+pub const CACHE_WRITE_BOUND: Duration = Duration::from_secs(10);
+
+/// A count of pending cache writes (blocks), with a wait for zero.
+pub(super) struct Pending {
+    n: std::sync::Mutex<u64>,
+    cv: std::sync::Condvar,
+}
+
+impl Pending {
+    const fn new() -> Pending {
+        Pending {
+            n: std::sync::Mutex::new(0),
+            cv: std::sync::Condvar::new(),
+        }
+    }
+
+    fn count(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.n.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add(&self, k: u64) {
+        *self.count() += k;
+    }
+
+    fn sub(&self, k: u64) {
+        let mut n = self.count();
+        *n -= k;
+        if *n == 0 {
+            self.cv.notify_all();
+        }
+    }
+
+    /// Waits (at most `bound`) for the count to reach zero; returns what
+    /// is left.
+    fn wait(&self, bound: Duration) -> u64 {
+        let until = Instant::now() + bound;
+        let mut n = self.count();
+        while *n > 0 {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            n = match self.cv.wait_timeout(n, left) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        *n
+    }
+}
+
+/// The cache writes pending in this process, from every object source.
+static WRITES: Pending = Pending::new();
+
+/// Waits until every fetched block that an object source of this process
+/// handed to its disk cache is written (or failed to be), for at most
+/// `bound`; returns how many were still pending then (0: all done).
+///
+/// For a program about to exit with sources it does not drop (held by a
+/// signal handler's state, or by threads that never end): the process
+/// exit would cut their writes short, and the next run would fetch those
+/// blocks again. Blocks whose GET is still in flight are not waited for.
+/// The writes still pending when it returns go on, and end with the
+/// process if it exits.
+pub fn finish_cache_writes(bound: Duration) -> u64 {
+    WRITES.wait(bound)
+}
+
+/// Fetched blocks counted as pending writes, in their source and in the
+/// process, until counted out: as written, failed, or (dropped without
+/// that, by a runtime shut down or a source past its bound) abandoned.
+struct WriteTicket {
+    sh: Arc<Shared>,
+    left: u64,
+}
+
+impl WriteTicket {
+    fn new(sh: &Arc<Shared>, n: u64) -> WriteTicket {
+        sh.pending.add(n);
+        WRITES.add(n);
+        WriteTicket {
+            sh: sh.clone(),
+            left: n,
+        }
+    }
+
+    /// One block written (`ok`) or failed.
+    fn done(&mut self, ok: bool) {
+        let c = &self.sh.client.counters;
+        match ok {
+            true => ObjectCounters::add(&c.cache_writes, 1),
+            false => ObjectCounters::add(&c.cache_write_errors, 1),
+        }
+        self.left -= 1;
+        WRITES.sub(1);
+        self.sh.pending.sub(1);
+    }
+}
+
+impl Drop for WriteTicket {
+    fn drop(&mut self) {
+        if self.left > 0 {
+            let c = &self.sh.client.counters;
+            ObjectCounters::add(&c.cache_writes_abandoned, self.left);
+            WRITES.sub(self.left);
+            self.sh.pending.sub(self.left);
+        }
+    }
+}
 
 enum State {
     Pending,
@@ -70,6 +201,12 @@ pub(super) struct Shared {
     ahead_limit: tokio::sync::Semaphore,
     /// Spawns on the source's runtime.
     handle: tokio::runtime::Handle,
+    /// Room for blocks waiting to be written to the disk cache, the
+    /// blocks fetched and not yet written, and whether the writes not
+    /// started are given up (the source was dropped and the bound passed).
+    writes: Arc<tokio::sync::Semaphore>,
+    pending: Pending,
+    give_up: AtomicBool,
     /// The last failure for good, and when: reads within the cool-down
     /// after it (and fetches queued before it) fail at once with it, so a
     /// dead store costs one bound, not one per page the engine retries. A
@@ -86,6 +223,13 @@ impl Shared {
     /// Fills the claimed `blocks` (ascending): from the disk cache where it
     /// holds them, the rest with GETs.
     fn load(self: &Arc<Self>, blocks: Vec<(u64, Arc<Slot>)>, ahead: bool) {
+        let fetch = self.from_cache(blocks);
+        self.start(fetch, ahead);
+    }
+
+    /// Fills the claimed `blocks` the disk cache holds (if there is one);
+    /// returns the others.
+    fn from_cache(self: &Arc<Self>, blocks: Vec<(u64, Arc<Slot>)>) -> Vec<(u64, Arc<Slot>)> {
         let mut fetch = Vec::new();
         let c = &self.client.counters;
         for (i, slot) in blocks {
@@ -109,7 +253,7 @@ impl Shared {
                 }
             }
         }
-        self.start(fetch, ahead);
+        fetch
     }
 
     /// Writes the disk cache's noted hit times on the runtime's blocking
@@ -155,7 +299,7 @@ impl Shared {
             let got = match sh.limit.acquire().await {
                 Ok(_permit) => match sh.broken(queued) {
                     Some(e) => Err(e),
-                    None => sh.client.fetch(start, end, &sh.etag).await,
+                    None => sh.client.fetch(start, end, block, &sh.etag).await,
                 },
                 Err(_) => Err(ObjectError::Client {
                     url: sh.client.url.to_string(),
@@ -163,15 +307,22 @@ impl Shared {
                 }),
             };
             match got {
-                Ok(bytes) => {
-                    for (i, slot) in run {
-                        let a = (i * block - start) as usize;
-                        let e = ((i + 1) * block).min(end) - start;
-                        let data = Arc::new(bytes[a..e as usize].to_vec());
+                Ok(pieces) => {
+                    // Counted as pending writes before any reader sees
+                    // them: a program that waits for the writes once its
+                    // reads are done waits for these.
+                    let ticket = sh
+                        .cache
+                        .is_some()
+                        .then(|| WriteTicket::new(&sh, pieces.len() as u64));
+                    let mut put = Vec::with_capacity(pieces.len());
+                    for ((i, slot), data) in run.into_iter().zip(pieces) {
+                        let data = Arc::new(data);
                         slot.set(State::Ready(data.clone()));
-                        if let Some(c) = &sh.cache {
-                            let _ = c.put(i, &data);
-                        }
+                        put.push((i, data));
+                    }
+                    if let Some(t) = ticket {
+                        sh.write_behind(put, t).await;
                     }
                 }
                 Err(e) => {
@@ -192,6 +343,36 @@ impl Shared {
                     }
                 }
             }
+        });
+    }
+
+    /// Writes fetched `blocks` (counted in `ticket`) to the disk cache on
+    /// the runtime's blocking threads, off the async threads that drive
+    /// the GETs and off the reader's. At most [`WRITE_BEHIND`] blocks wait
+    /// to be written: past that the fetch waits (without a thread) for
+    /// room, so a slow disk slows the fetches instead of growing memory.
+    async fn write_behind(
+        self: &Arc<Self>,
+        blocks: Vec<(u64, Arc<Vec<u8>>)>,
+        mut ticket: WriteTicket,
+    ) {
+        let n = blocks.len().min(WRITE_BEHIND) as u32;
+        let Ok(permit) = self.writes.clone().acquire_many_owned(n).await else {
+            return;
+        };
+        let sh = self.clone();
+        self.handle.spawn_blocking(move || {
+            if let Some(c) = &sh.cache {
+                for (i, d) in blocks {
+                    if sh.give_up.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    ticket.done(c.put(i, &d).is_ok());
+                }
+            }
+            drop(permit);
+            // Blocks not written (given up) are counted as abandoned.
+            drop(ticket);
         });
     }
 
@@ -224,11 +405,22 @@ pub(super) struct Blocks {
     /// row continued the one before: sequential detection.
     next: AtomicU64,
     streak: AtomicU32,
+    /// One past the last block read ahead (0: none yet).
+    frontier: AtomicU64,
 }
 
 impl Drop for Blocks {
     fn drop(&mut self) {
-        // Fetches in flight are abandoned, never waited for.
+        // Blocks fetched and not yet in the disk cache are written first
+        // (a local disk: bounded all the same), so that the next run finds
+        // every block this one fetched. Past the bound, the writes not
+        // started are given up and counted.
+        if self.shared.pending.wait(CACHE_WRITE_BOUND) > 0 {
+            self.shared.give_up.store(true, Ordering::Relaxed);
+        }
+        // Fetches in flight are abandoned, never waited for (a block whose
+        // GET ends now is not written either: its ticket is dropped with
+        // the task, counted as abandoned).
         if let Some(rt) = self.rt.take() {
             shut_down(rt);
         }
@@ -257,11 +449,15 @@ impl Blocks {
                 limit: tokio::sync::Semaphore::new(permits),
                 ahead_limit: tokio::sync::Semaphore::new(permits.saturating_sub(1).max(1)),
                 handle: rt.handle().clone(),
+                writes: Arc::new(tokio::sync::Semaphore::new(WRITE_BEHIND)),
+                pending: Pending::new(),
+                give_up: AtomicBool::new(false),
                 broken: Mutex::new(None),
             }),
             rt: Some(rt),
             next: AtomicU64::new(u64::MAX),
             streak: AtomicU32::new(0),
+            frontier: AtomicU64::new(0),
         }
     }
 
@@ -390,9 +586,34 @@ impl Blocks {
             return;
         }
         let window = (2u64 << streak.min(20)).min(max);
-        let end = (last + 1 + window).min(self.nblocks());
-        if last + 1 < end {
-            self.claim(last + 1..end, true);
+        let nblocks = self.nblocks();
+        let end = (last + 1 + window).min(nblocks);
+        if last + 1 >= end {
+            return;
+        }
+        // New blocks are read ahead a whole request at a time (up to
+        // `max_request`), not a read's worth at a time: a stream costs the
+        // store a quarter of the GETs of 1 MiB pieces. Until a request's
+        // worth is free, the window is claimed only up to the last block
+        // read ahead, which keeps the blocks waiting there recently used.
+        let per = (self.shared.client.cfg.max_request / self.block()).max(1);
+        // A frontier outside the window is another stream's (or one the
+        // reader left): this one starts from its read.
+        let f = self.frontier.load(Ordering::Relaxed);
+        let front = if f > last + 1 && f <= end {
+            f
+        } else {
+            last + 1
+        };
+        let unit = per.min(window.div_ceil(2));
+        let to = if end >= front + unit || end == nblocks {
+            self.frontier.store(end, Ordering::Relaxed);
+            end
+        } else {
+            front
+        };
+        if last + 1 < to {
+            self.claim(last + 1..to, true);
         }
     }
 
@@ -449,9 +670,29 @@ impl Blocks {
             return out;
         }
         if ahead && sh.cache.is_some() {
-            // A guess reads the disk cache off the reader's thread.
-            let s2 = sh.clone();
-            sh.handle.spawn_blocking(move || s2.load(mine, true));
+            // A guess reads the disk cache off the reader's thread, a few
+            // blocks per blocking thread so that a request's worth (16
+            // blocks) loads in parallel; what the cache lacks is gathered
+            // and fetched by the last of them, merged into large GETs.
+            let parts = mine.len().div_ceil(CACHE_LOAD_GROUP);
+            let missing = Arc::new(Mutex::new((parts, Vec::new())));
+            let mut mine = mine.into_iter().peekable();
+            while mine.peek().is_some() {
+                let part: Vec<_> = mine.by_ref().take(CACHE_LOAD_GROUP).collect();
+                let (s2, m) = (sh.clone(), missing.clone());
+                sh.handle.spawn_blocking(move || {
+                    let lacked = s2.from_cache(part);
+                    let mut g = m.lock();
+                    g.0 -= 1;
+                    g.1.extend(lacked);
+                    if g.0 == 0 {
+                        let mut all = std::mem::take(&mut g.1);
+                        drop(g);
+                        all.sort_unstable_by_key(|b| b.0);
+                        s2.start(all, true);
+                    }
+                });
+            }
         } else {
             sh.load(mine, ahead);
         }

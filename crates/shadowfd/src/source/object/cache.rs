@@ -11,8 +11,10 @@
 //!   block (each seeded with the version, the block and the page), and the
 //!   bytes. A read checks the header and the table, then only the pages it
 //!   returns: a hit that serves 64 KiB of a 256 KiB block reads and hashes
-//!   64 KiB. A file that is short, long, for another block, or whose table
-//!   or pages read do not match is deleted and the block fetched again.
+//!   64 KiB. A file that is short, for another block, or whose table or
+//!   pages read do not match is deleted and the block fetched again (a
+//!   long one too, when read whole). A read costs `openat` (`O_NOATIME`),
+//!   a `pread` of the header and table, a `pread` of the pages, `close`.
 //! - **Crash-safe and shared.** A block is written to a temporary file in
 //!   the same directory and renamed into place, so a reader (in this or any
 //!   other process) sees either no file or a whole one; a crash leaves at
@@ -239,14 +241,24 @@ impl ChunkCache {
     }
 
     /// Opens block `index`'s file for reading (no symbolic link, no wait
-    /// on a FIFO), relative to the version's directory.
+    /// on a FIFO), relative to the version's directory, without updating
+    /// its access time where the file is ours (`O_NOATIME`): under
+    /// `relatime` the first read after a write or a touch would otherwise
+    /// write the inode, on the reader's thread.
     fn open_block(&self, index: u64) -> Option<File> {
         let mut name = [b'0'; 20];
         let digits = format_index(index, &mut name);
         let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-        nix::fcntl::openat(&self.dirfd, digits, flags, Mode::empty())
-            .ok()
-            .map(File::from)
+        match nix::fcntl::openat(&self.dirfd, digits, flags | OFlag::O_NOATIME, Mode::empty()) {
+            Ok(fd) => Some(File::from(fd)),
+            // Not the file's owner (a directory shared between users).
+            Err(nix::errno::Errno::EPERM) => {
+                nix::fcntl::openat(&self.dirfd, digits, flags, Mode::empty())
+                    .ok()
+                    .map(File::from)
+            }
+            Err(_) => None,
+        }
     }
 
     /// The seed of block `index`'s table checksum.
@@ -268,9 +280,9 @@ impl ChunkCache {
         })
     }
 
-    /// Opens block `index`'s file and checks it is a regular file of
-    /// exactly the right length whose header is this block's and whose
-    /// table matches its checksum. A file that fails is removed.
+    /// Opens block `index`'s file and checks that its header is this
+    /// block's and its table matches its checksum. A file that fails is
+    /// removed.
     fn open_checked(&self, index: u64, len: usize) -> Result<Checked, Miss> {
         let file = self.open_block(index).ok_or(Miss::Absent)?;
         match self.check_header(&file, index, len) {
@@ -282,12 +294,14 @@ impl ChunkCache {
         }
     }
 
+    /// No `fstat`: a file too short for its header and table fails the
+    /// read here, one too short for a page fails that page's read, and
+    /// what is not a regular file fails its first read (a directory, a
+    /// FIFO opened without waiting) or its checksums (a device). Bytes
+    /// past the block's end are never served; a whole-block read
+    /// ([`ChunkCache::get`]) refuses them.
     fn check_header(&self, f: &File, index: u64, len: usize) -> Option<Vec<u64>> {
-        let m = f.metadata().ok()?;
         let off = data_offset(len);
-        if !m.is_file() || m.len() != (off + len) as u64 {
-            return None;
-        }
         let mut hdr = vec![0u8; off];
         f.read_exact_at(&mut hdr, 0).ok()?;
         let word = |i: usize| u64::from_le_bytes(hdr[i..i + 8].try_into().unwrap_or([0; 8]));
@@ -311,14 +325,22 @@ impl ChunkCache {
     }
 
     /// Writes the noted blocks' modification times (now): the eviction
-    /// order. A file gone since is skipped.
+    /// order. One `utimensat` per block, relative to the version's
+    /// directory (no descriptor opened); a file gone since is skipped.
     pub fn flush_touches(&self) {
+        use nix::sys::stat::{UtimensatFlags, utimensat};
+        use nix::sys::time::TimeSpec;
         let due = std::mem::take(&mut self.touched.lock().1);
-        let now = std::time::SystemTime::now();
         for i in due {
-            if let Ok(f) = File::open(self.path_of(i)) {
-                let _ = f.set_modified(now);
-            }
+            let mut name = [b'0'; 20];
+            let digits = format_index(i, &mut name);
+            let _ = utimensat(
+                &self.dirfd,
+                digits,
+                &TimeSpec::UTIME_OMIT,
+                &TimeSpec::UTIME_NOW,
+                UtimensatFlags::NoFollowSymlink,
+            );
         }
     }
 
@@ -332,7 +354,7 @@ impl ChunkCache {
         let read = c
             .file
             .seek(SeekFrom::Start(data_offset(len) as u64))
-            .and_then(|_| (&mut c.file).take(len as u64).read_to_end(&mut data));
+            .and_then(|_| (&mut c.file).take(len as u64 + 1).read_to_end(&mut data));
         if read.is_ok_and(|n| n == len) && self.pages_match(index, 0, &data, &c.table) {
             return Ok((data, self.hit(index)));
         }

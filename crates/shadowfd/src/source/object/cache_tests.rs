@@ -59,6 +59,21 @@ fn round_trip_and_refusals() {
         .unwrap();
     f.set_len((off + 4000) as u64).unwrap();
     assert_eq!(get(&c, 3, 8192), Err(Miss::Refused));
+    // Longer than its block: a partial read serves only checked pages of
+    // the block; a whole-block read refuses the file.
+    c.put(3, &data).unwrap();
+    let f = fs::OpenOptions::new()
+        .append(true)
+        .open(c.path_of(3))
+        .unwrap();
+    (&f).write_all(b"tail").unwrap();
+    assert_eq!(read(&c, 3, 8192, 4096, 4096).unwrap(), data[4096..]);
+    assert_eq!(get(&c, 3, 8192), Err(Miss::Refused));
+    // Not a regular file: refused, never served.
+    fs::remove_file(c.path_of(3)).ok();
+    fs::create_dir(c.path_of(3)).unwrap();
+    assert_eq!(read(&c, 3, 8192, 0, 4096), Err(Miss::Refused));
+    fs::remove_dir(c.path_of(3)).unwrap();
     // Another block's file in this block's place.
     c.put(4, &data).unwrap();
     fs::rename(c.path_of(4), c.path_of(3)).unwrap();

@@ -24,6 +24,7 @@ mod tree;
 mod url;
 
 pub use crate::object_error::ObjectError;
+pub use blocks::{CACHE_WRITE_BOUND, finish_cache_writes};
 pub use cache::{CacheBudget, ChunkCache};
 pub use stats::{ObjectCounters, ObjectStats};
 pub use tree::{ObjectEntry, ObjectPage, ObjectTree};

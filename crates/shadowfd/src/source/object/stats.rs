@@ -20,6 +20,9 @@ pub struct ObjectCounters {
     pub(super) cache_misses: AtomicU64,
     pub(super) cache_rejected: AtomicU64,
     pub(super) memory_hits: AtomicU64,
+    pub(super) cache_writes: AtomicU64,
+    pub(super) cache_write_errors: AtomicU64,
+    pub(super) cache_writes_abandoned: AtomicU64,
     latencies_us: Mutex<Vec<u64>>,
     seen: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -68,6 +71,9 @@ impl ObjectCounters {
             cache_misses: g(&self.cache_misses),
             cache_rejected: g(&self.cache_rejected),
             memory_hits: g(&self.memory_hits),
+            cache_writes: g(&self.cache_writes),
+            cache_write_errors: g(&self.cache_write_errors),
+            cache_writes_abandoned: g(&self.cache_writes_abandoned),
             fetch_p50_us: pct(0.5),
             fetch_p99_us: pct(0.99),
             last_error: self.last_error.lock().clone(),
@@ -99,6 +105,15 @@ pub struct ObjectStats {
     pub cache_rejected: u64,
     /// Block reads answered from the blocks in memory (fetched ahead).
     pub memory_hits: u64,
+    /// Fetched blocks written to the disk cache.
+    pub cache_writes: u64,
+    /// Fetched blocks the disk cache failed to write (a full disk, ...):
+    /// the next run fetches them again.
+    pub cache_write_errors: u64,
+    /// Fetched blocks never written to the disk cache because the source
+    /// was dropped (or its runtime shut down) and the writes were not done
+    /// within [`super::CACHE_WRITE_BOUND`].
+    pub cache_writes_abandoned: u64,
     /// Median latency of a successful GET, body included (µs).
     pub fetch_p50_us: Option<f64>,
     /// 99th percentile of the same (µs).
