@@ -64,13 +64,20 @@ impl RemoteHandler {
     /// Starts `exe bench --raw-remote-handler CPU` and waits (bounded) until
     /// it is on `cpu`, `SCHED_IDLE`, and waiting for its userfaultfd.
     pub fn start(exe: &Path, cpu: libc::c_int) -> io::Result<RemoteHandler> {
-        let (ours, theirs) = UnixStream::pair()?;
-        let parent = std::process::id();
         let mut cmd = Command::new(exe);
         cmd.arg("bench")
             .arg("--raw-remote-handler")
-            .arg(cpu.to_string())
-            .stdin(Stdio::from(OwnedFd::from(theirs)))
+            .arg(cpu.to_string());
+        Self::spawn(cmd)
+    }
+
+    /// Starts `cmd` as the handler (its stdin our socket), bounded as
+    /// [`RemoteHandler::start`] says.
+    fn spawn(mut cmd: Command) -> io::Result<RemoteHandler> {
+        let (ours, theirs) = UnixStream::pair()?;
+        let parent = std::process::id();
+        let exe = cmd.get_program().to_owned();
+        cmd.stdin(Stdio::from(OwnedFd::from(theirs)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .env_remove("LD_PRELOAD")
@@ -97,7 +104,7 @@ impl RemoteHandler {
         }
         let child = cmd
             .spawn()
-            .map_err(|e| io::Error::new(e.kind(), format!("starting {}: {e}", exe.display())))?;
+            .map_err(|e| io::Error::new(e.kind(), format!("starting {exe:?}: {e}")))?;
         // The command holds the child's end of the socket until dropped: it
         // must go, so that the child's exit reads as the end of the stream.
         drop(cmd);
@@ -287,7 +294,8 @@ impl RemoteRegion {
             std::ptr::read_volatile((self.map.addr + self.data_len) as *const u8)
         });
         let line = match h.reply() {
-            Ok(l) => l,
+            Ok(l) if !l.is_empty() => l,
+            Ok(_) => return Err(h.died("did not answer the stop page: its socket closed")),
             Err(e) => return Err(h.died(&format!("did not answer the stop page: {e}"))),
         };
         let st = h.wait()?;
@@ -427,11 +435,127 @@ fn receive_setup(sock: &UnixStream) -> io::Result<([u64; 5], OwnedFd, File)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
 
-    /// The handler process is this crate's binary; unit tests have no path
-    /// to it, so the mode is tested end to end in tests/bench_cli.rs. Here:
-    /// a handler that is not a handler (it exits at once) is reported and
-    /// reaped, within the start bound.
+    const CHILD_ENV: &str = "SHADOWFD_TEST_RAW_REMOTE_HANDLER_CPU";
+
+    /// Not a test of its own: the handler process of the tests below, which
+    /// run this test binary again with only this test and [`CHILD_ENV`]
+    /// set (the real one is `shadowfd bench --raw-remote-handler`, which
+    /// unit tests have no path to; tests/bench_cli.rs runs that one).
+    /// Without the variable it returns at once.
+    #[test]
+    fn handler_child() {
+        if let Ok(cpu) = std::env::var(CHILD_ENV) {
+            handler_main(cpu.parse().unwrap()).unwrap();
+        }
+    }
+
+    fn handler() -> RemoteHandler {
+        // SAFETY: no arguments.
+        let cpu = unsafe { libc::sched_getcpu() };
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", "bench::raw_remote::tests::handler_child"])
+            .args(["--nocapture", "--test-threads", "1"])
+            .env(CHILD_ENV, cpu.to_string());
+        RemoteHandler::spawn(cmd).unwrap()
+    }
+
+    fn data_file(len: usize) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        (dir, p, data)
+    }
+
+    /// The byte at `off` of `r`, read on another thread: `None` if the read
+    /// did not complete within 10 s (a fault left blocked).
+    fn read_bounded(r: &RemoteRegion, off: usize) -> Option<u8> {
+        let addr = r.map.addr as usize + off;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            // SAFETY: `addr` lies in the region's live mapping, which the
+            // caller keeps until this read completed (or fails the test).
+            let b = unsafe { std::ptr::read_volatile(addr as *const u8) };
+            let _ = tx.send(b);
+        });
+        rx.recv_timeout(Duration::from_secs(10)).ok()
+    }
+
+    fn is_gone(pid: u32) -> bool {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    }
+
+    #[test]
+    fn remote_region_serves_the_file_and_stops() {
+        if let Some(why) = raw::unavailable() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let (_dir, p, data) = data_file(3 * 4096 + 100);
+        for chunk in [4096, 8192] {
+            let h = handler();
+            let pid = h.child.as_ref().unwrap().id();
+            let r = RemoteRegion::open(h, &p, data.len() as u64, chunk, 4096).unwrap();
+            assert_eq!(&r[..], &data[..]);
+            assert_eq!(r.close().unwrap(), (data.len() as u64).div_ceil(chunk));
+            assert!(is_gone(pid), "handler {pid} not reaped");
+        }
+        // Dropped without a touch: the handler is killed and reaped.
+        let h = handler();
+        let pid = h.child.as_ref().unwrap().id();
+        drop(RemoteRegion::open(h, &p, data.len() as u64, 4096, 4096).unwrap());
+        assert!(is_gone(pid), "handler {pid} not reaped");
+    }
+
+    /// The bench holds no copy of the userfaultfd: a handler killed in the
+    /// middle of a run releases it, and the next fault completes (a zero
+    /// page) instead of blocking for good; close reports it.
+    #[test]
+    fn a_killed_handler_leaves_no_fault_blocked() {
+        if let Some(why) = raw::unavailable() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let (_dir, p, data) = data_file(8 * 4096);
+        let mut r = RemoteRegion::open(handler(), &p, data.len() as u64, 4096, 4096).unwrap();
+        assert_eq!(read_bounded(&r, 1), Some(data[1]));
+        let child = r.handler.as_mut().unwrap().child.as_mut().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let got = read_bounded(&r, 5 * 4096);
+        assert_eq!(got, Some(0), "a fault after the handler died");
+        let e = r.close().unwrap_err().to_string();
+        assert!(e.contains("did not answer the stop page"), "{e}");
+    }
+
+    /// A handler that fails (the source shrank under it) unregisters the
+    /// range from its side, which wakes the faulting thread (a zero page),
+    /// and reports its error at close.
+    #[test]
+    fn a_failing_handler_wakes_the_toucher_and_reports() {
+        if let Some(why) = raw::unavailable() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let (_dir, p, _) = data_file(4 * 4096);
+        let r = RemoteRegion::open(handler(), &p, 4 * 4096, 4096, 4096).unwrap();
+        assert_eq!(read_bounded(&r, 4096 + 7), Some(((4096 + 7) % 251) as u8));
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        assert_eq!(read_bounded(&r, 2 * 4096), Some(0));
+        let e = r.close().unwrap_err().to_string();
+        assert!(e.contains("the handler process failed"), "{e}");
+        assert!(e.contains("pread"), "{e}");
+    }
+
+    /// A handler that is not one (it exits at once) is reported and reaped,
+    /// within the start bound.
     #[test]
     fn a_handler_that_exits_at_once_is_reported_and_reaped() {
         let t = Instant::now();
