@@ -7,8 +7,8 @@
 //! - `runners.rs`: one timed run of one pattern under one mode.
 //! - `notes.rs`: the targets, the standing notes and the machine.
 //! - `report.rs`, `plot.rs`: medians, ratios, the table, the JSON, the chart.
-//! - `data.rs`, `filemap.rs`, `fuse.rs`, `raw.rs`, `reader.rs`: the data,
-//!   the references and the floors; `small.rs`: `--small-files`;
+//! - `data.rs`, `filemap.rs`, `fuse.rs`, `raw.rs`, `raw_remote.rs`,
+//!   `reader.rs`: the data, the references and the floors; `small.rs`: `--small-files`;
 //!   `clients.rs`: `--clients`.
 
 mod args;
@@ -22,6 +22,7 @@ mod pages;
 mod plot;
 mod proxy;
 mod raw;
+mod raw_remote;
 pub(super) mod reader;
 pub(super) mod report;
 mod runners;

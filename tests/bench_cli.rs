@@ -234,6 +234,122 @@ fn the_floors_have_rows_and_ratios_for_every_pattern() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
+/// Processes of this build's binary that are raw-remote handlers.
+fn raw_remote_handlers() -> Vec<String> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        if args.first() == Some(&BIN.as_bytes())
+            && args.contains(&b"--raw-remote-handler".as_slice())
+        {
+            v.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    v
+}
+
+/// `raw-remote` (raw's handler in another process) runs beside `raw`: one
+/// fault per touched page in both (at a 4 KiB chunk), only those pages
+/// resident, every touched byte checked against the data by the bench (a
+/// wrong byte fails the run), both ratios per pattern, and no handler
+/// process left behind.
+#[test]
+fn raw_remote_serves_the_same_faults_as_raw_from_another_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bench(
+        dir.path(),
+        &[
+            "--size",
+            "8M",
+            "--reps",
+            "2",
+            "--chunk",
+            "4K",
+            "--json",
+            "--modes",
+            "raw,raw-remote",
+            "--patterns",
+            "seq,random:0.01,first,strided",
+        ],
+    );
+    let v = report(&out);
+    let skipped = skipped_of(&v);
+    if !skipped.is_empty() {
+        // Only where no userfaultfd can be made, and then both, for that.
+        let modes: Vec<&str> = skipped.iter().map(|(m, _)| m.as_str()).collect();
+        assert_eq!(modes, ["raw", "raw-remote"], "{skipped:?}");
+        for (_, why) in &skipped {
+            assert!(why.contains("userfaultfd"), "{why}");
+        }
+        eprintln!("raw and raw-remote skipped here: {}", skipped[0].1);
+        return;
+    }
+    let rows = v["rows"].as_array().unwrap();
+    let ratios = v["ratios"].as_array().unwrap();
+    assert_eq!(v["config"]["chunk_size"], 4096);
+    let patterns = v["config"]["patterns"].as_array().unwrap();
+    assert_eq!(patterns.len(), 4, "{patterns:?}");
+    for p in patterns {
+        let p = p.as_str().unwrap();
+        let row = |m: &str| {
+            rows.iter()
+                .find(|r| r["pattern"] == p && r["mode"] == m)
+                .unwrap_or_else(|| panic!("no {m} row for {p}"))
+        };
+        for m in ["raw", "raw-remote"] {
+            let r = row(m);
+            let touched = r["pages_touched"].as_u64().unwrap();
+            assert!(touched > 0, "{r}");
+            assert_eq!(r["reps"], 2, "{r}");
+            assert_eq!(r["faults"].as_u64().unwrap(), touched, "{r}");
+            assert_eq!(r["resident_bytes"].as_u64().unwrap(), touched * 4096, "{r}");
+            assert!(r["access_us"].as_f64().unwrap() > 0.0, "{r}");
+        }
+        assert_eq!(
+            row("raw")["pages_touched"],
+            row("raw-remote")["pages_touched"]
+        );
+        let ratio = ratios
+            .iter()
+            .find(|r| r["pattern"] == p && r["name"] == "total_raw_remote_over_raw")
+            .unwrap_or_else(|| panic!("no total_raw_remote_over_raw for {p}"));
+        assert!(ratio["value"].as_f64().unwrap() > 0.0, "{ratio}");
+        assert_eq!(ratio["per_rep"].as_array().unwrap().len(), 2, "{ratio}");
+        // No run mode in this run: no ratio against it.
+        assert!(
+            !ratios
+                .iter()
+                .any(|r| r["name"] == "total_run_over_raw_remote"),
+            "{ratios:?}"
+        );
+    }
+    let notes = v["notes"].to_string();
+    assert!(
+        notes.contains("raw-remote (floor of a fault answered"),
+        "{notes}"
+    );
+    assert!(
+        raw_remote_handlers().is_empty(),
+        "{:?}",
+        raw_remote_handlers()
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+    // The hidden handler flag refuses to run as anything but the bench's
+    // handler, at once.
+    let out = Command::new(BIN)
+        .args(["bench", "--raw-remote-handler", "0"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("internal to `shadowfd bench`"), "{err}");
+}
+
 /// `--pin off` runs every mode with its touching thread free to move, says
 /// so, and still checks every byte; an unknown value is refused.
 #[test]

@@ -30,6 +30,10 @@ pub enum BenchMode {
     /// blocked in read(2) on the toucher's CPU, one pread and one UFFDIO_COPY
     /// per fault).
     Raw,
+    /// Floor of a fault answered from another process: the raw mode's
+    /// handler (the same code, CPU and SCHED_IDLE) in a separate process
+    /// holding the userfaultfd, as a server answers a client.
+    RawRemote,
     /// Floor of the copy: a fresh memfd mapping filled by one memcpy from a
     /// copy of the file already in memory.
     Memcpy,
@@ -98,6 +102,7 @@ impl BenchMode {
             BenchMode::EagerImage => "eager-image",
             BenchMode::LazyImage => "lazy-image",
             BenchMode::Raw => "raw",
+            BenchMode::RawRemote => "raw-remote",
             BenchMode::Memcpy => "memcpy",
             BenchMode::Run => "run",
             BenchMode::FuseRead => "fuse-read",
@@ -130,7 +135,11 @@ impl BenchMode {
             || self.is_lazy()
             || matches!(
                 self,
-                BenchMode::Raw | BenchMode::Memcpy | BenchMode::Run | BenchMode::RunRead
+                BenchMode::Raw
+                    | BenchMode::RawRemote
+                    | BenchMode::Memcpy
+                    | BenchMode::Run
+                    | BenchMode::RunRead
             )
     }
 
@@ -234,6 +243,10 @@ pub struct BenchArgs {
     /// an ordinary program is.
     #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
     pub(super) pin: Pin,
+    /// Internal: run as the raw-remote mode's handler process on this CPU
+    /// (the bench starts it with its socket as stdin).
+    #[arg(long, hide = true, value_name = "CPU")]
+    pub(super) raw_remote_handler: Option<libc::c_int>,
     /// Engine tuning (the memory budget must hold the eager copy).
     #[command(flatten)]
     pub(super) tuning: Tuning,

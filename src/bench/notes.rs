@@ -200,11 +200,11 @@ pub(super) fn standing_notes(a: &BenchArgs, fuse_used: bool) -> Vec<String> {
          touching one byte per selected page; total = open + access; close (unmap + drop) is \
          reported separately in the JSON"
             .to_string(),
-        "faults: userfaultfd faults served (lazy, raw; 0 for eager) or, for native, fuse and \
+        "faults: userfaultfd faults served (lazy, raw, raw-remote; 0 for eager) or, for native, fuse and \
          memcpy, the touching thread's page faults; pgfaults: the touching thread's minor+major page faults \
          (getrusage RUSAGE_THREAD) in every mode"
             .to_string(),
-        "resident: the shadow memfd's allocated bytes (eager, lazy, raw, memcpy), or the file's pages present \
+        "resident: the shadow memfd's allocated bytes (eager, lazy, raw, raw-remote, memcpy), or the file's pages present \
          in the page cache by mincore (native: the whole file, shared with every reader; fuse: the \
          FUSE inode's cache)"
             .to_string(),
@@ -231,7 +231,20 @@ pub(super) fn standing_notes(a: &BenchArgs, fuse_used: bool) -> Vec<String> {
              answered by that thread, blocked in read(2), with one pread of the chunk (the lazy \
              chunk size, no readahead) and one UFFDIO_COPY; the handler is pinned to the CPU \
              the touching thread opens on and runs SCHED_IDLE (the placement the engine's readers \
-             give; since 2026-11-30)"
+             give; since 2026-11-30); after the clock stops every touched page is compared \
+             with the data"
+                .into(),
+        );
+    }
+    if a.modes.contains(&BenchMode::RawRemote) {
+        n.push(
+            "raw-remote (floor of a fault answered from another process): raw's handler, the \
+             same code and placement (the touching thread's CPU, SCHED_IDLE), in a separate \
+             process (this program again, started and placed before the clock, as run's \
+             embedded server is); open = raw's open, with the userfaultfd and the file sent \
+             to the handler over a Unix socket instead of a thread spawned; its UFFDIO_COPYs \
+             act on the bench's address space from the handler's; every touched page is \
+             compared with the data after the clock stops"
                 .into(),
         );
     }

@@ -6,7 +6,7 @@ use super::args::{BenchArgs, BenchMode, SourceKind, base_config, check_args, def
 use super::notes::{machine, standing_notes, targets, touched_bytes};
 use super::report::{self, Cell, Ratio, Report, Sample, Skip};
 use super::runners::{Ctx, DataSource, ReaderCmd, run_one};
-use super::{clients, data, fuse, interrupt, plot, raw, s3, small};
+use super::{clients, data, fuse, interrupt, plot, raw, raw_remote, s3, small};
 use crate::units::format_size;
 use crate::{CliResult, Target};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -29,6 +29,9 @@ fn progress(quiet: bool, total: u64) -> ProgressBar {
 }
 
 pub fn run(mut a: BenchArgs) -> CliResult {
+    if let Some(cpu) = a.raw_remote_handler {
+        return raw_remote::handler_main(cpu);
+    }
     if let Some(n) = a.small_files {
         let root = a.dir.clone().unwrap_or_else(std::env::temp_dir);
         return small::run(n, a.reps, &root, None, a.json);
@@ -107,12 +110,14 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         None
     };
 
-    if a.modes.contains(&BenchMode::Raw) {
-        if let Some(reason) = raw::unavailable() {
-            skipped.push(Skip {
-                mode: "raw",
-                reason,
-            });
+    for m in [BenchMode::Raw, BenchMode::RawRemote] {
+        if a.modes.contains(&m) {
+            if let Some(reason) = raw::unavailable() {
+                skipped.push(Skip {
+                    mode: m.name(),
+                    reason,
+                });
+            }
         }
     }
 
@@ -375,7 +380,7 @@ pub fn run(mut a: BenchArgs) -> CliResult {
     use BenchMode::*;
     // (name, numerator, denominator): each ratio is num/den per repetition.
     type Term = (BenchMode, fn(&Sample) -> f64);
-    let wanted: [(&'static str, Term, Term); 20] = [
+    let wanted: [(&'static str, Term, Term); 22] = [
         (
             "total_speedup_lazy_vs_download",
             (Download, total),
@@ -418,6 +423,16 @@ pub fn run(mut a: BenchArgs) -> CliResult {
         ),
         ("total_lazy_over_native", (Lazy, total), (Native, total)),
         ("total_lazy_over_raw", (Lazy, total), (Raw, total)),
+        (
+            "total_raw_remote_over_raw",
+            (RawRemote, total),
+            (Raw, total),
+        ),
+        (
+            "total_run_over_raw_remote",
+            (Run, total),
+            (RawRemote, total),
+        ),
         ("total_lazy_over_memcpy", (Lazy, total), (Memcpy, total)),
         ("total_speedup_run_vs_fuse", (Fuse, total), (Run, total)),
         ("total_run_over_lazy", (Run, total), (Lazy, total)),

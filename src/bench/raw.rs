@@ -86,7 +86,7 @@ struct UffdMsg {
     _feat: u64,
 }
 
-fn os_err(what: &str) -> io::Error {
+pub(super) fn os_err(what: &str) -> io::Error {
     let e = io::Error::last_os_error();
     io::Error::new(e.kind(), format!("{what}: {e}"))
 }
@@ -152,7 +152,7 @@ pub fn unavailable() -> Option<String> {
 }
 
 /// A new memfd of `len` bytes.
-fn memfd(name: &std::ffi::CStr, len: u64) -> io::Result<OwnedFd> {
+pub(super) fn memfd(name: &std::ffi::CStr, len: u64) -> io::Result<OwnedFd> {
     // SAFETY: memfd_create with a NUL-terminated name; returns a new fd or -1.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
@@ -168,13 +168,13 @@ fn memfd(name: &std::ffi::CStr, len: u64) -> io::Result<OwnedFd> {
 }
 
 /// A shared mapping of `len` bytes of `fd`; unmapped on drop.
-struct Mapping {
-    addr: u64,
+pub(super) struct Mapping {
+    pub(super) addr: u64,
     len: usize,
 }
 
 impl Mapping {
-    fn new(fd: &OwnedFd, len: usize, prot: libc::c_int) -> io::Result<Mapping> {
+    pub(super) fn new(fd: &OwnedFd, len: usize, prot: libc::c_int) -> io::Result<Mapping> {
         // SAFETY: a new mapping at an address the kernel picks (NULL hint, no
         // MAP_FIXED): it aliases no Rust object; the fd is open.
         let p = unsafe {
@@ -197,6 +197,25 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// `UFFDIO_REGISTER` (MISSING) of the whole mapping with `uffd`.
+    pub(super) fn register_missing(&self, uffd: &OwnedFd) -> io::Result<()> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange {
+                start: self.addr,
+                len: self.len as u64,
+            },
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        // SAFETY: `reg` is a live uffdio_register over our own mapping.
+        if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) } < 0 {
+            return Err(os_err("UFFDIO_REGISTER"));
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the range this handle mapped; no slice
@@ -207,23 +226,25 @@ impl Drop for Mapping {
     }
 }
 
-fn allocated(fd: &OwnedFd) -> io::Result<u64> {
+pub(super) fn allocated(fd: &OwnedFd) -> io::Result<u64> {
     let f = fd.try_clone().map(File::from)?;
     Ok(f.metadata()?.blocks() * 512)
 }
 
-/// The handler thread's view: where the mapping is, how it is cut.
-struct Handler {
-    uffd: RawFd,
-    file: File,
-    addr: u64,
+/// The handler's view: where the mapping is, how it is cut. The `raw`
+/// mode runs it on a thread of the bench; `raw-remote` in another process
+/// (`raw_remote.rs`), where every ioctl acts on the bench's address space.
+pub(super) struct Handler {
+    pub(super) uffd: RawFd,
+    pub(super) file: File,
+    pub(super) addr: u64,
     /// Bytes of data (the file's size).
-    size: u64,
+    pub(super) size: u64,
     /// The data rounded up to pages; the stop page starts here.
-    data_len: u64,
-    chunk: u64,
-    page: u64,
-    faults: Arc<AtomicU64>,
+    pub(super) data_len: u64,
+    pub(super) chunk: u64,
+    pub(super) page: u64,
+    pub(super) faults: Arc<AtomicU64>,
 }
 
 impl Handler {
@@ -231,15 +252,16 @@ impl Handler {
     /// faults. On an error it unregisters the whole range (which wakes the
     /// faulting thread: its retry then sees a plain zero page, never a hang)
     /// and returns the error.
-    fn run(self) -> io::Result<()> {
+    pub(super) fn run(self) -> io::Result<()> {
         let r = self.serve();
         if r.is_err() {
             let mut range = UffdioRange {
                 start: self.addr,
                 len: self.data_len + self.page,
             };
-            // SAFETY: `range` is a live uffdio_range over our own mapping,
-            // which stays mapped until this thread is joined.
+            // SAFETY: `range` is a live uffdio_range over the registered
+            // mapping (ours, or for raw-remote the bench's, which stays
+            // mapped until this handler is reaped); the kernel checks it.
             unsafe { libc::ioctl(self.uffd, UFFDIO_UNREGISTER as _, &mut range) };
         }
         r
@@ -331,6 +353,12 @@ impl Handler {
     }
 }
 
+/// The bytes a handler fills per fault for `--chunk` `chunk`: at least a
+/// page, in whole pages.
+pub(super) fn fill_unit(chunk: u64, page: u64) -> u64 {
+    chunk.max(page).next_multiple_of(page)
+}
+
 /// Keeps the calling thread on the CPU it runs on until dropped, then
 /// gives it back the CPUs it was allowed before. The `raw` floor has one
 /// handler thread, on that CPU: a touching thread that moved away would be
@@ -385,7 +413,7 @@ fn pin_to(cpu: libc::c_int) {
 /// Pins the calling thread to `cpu` and makes it `SCHED_IDLE` (which any
 /// thread may do to itself), so that the threads it wakes stay on `cpu`.
 /// Best effort: the floor still works without either.
-fn place_on(cpu: libc::c_int) {
+pub(super) fn place_on(cpu: libc::c_int) {
     pin_to(cpu);
     let p = libc::sched_param { sched_priority: 0 };
     // SAFETY: `p` is a valid sched_param; pid 0 is the calling thread.
@@ -417,18 +445,7 @@ impl RawRegion {
         let memfd = memfd(c"shadowfd-bench-raw", data_len + page)?;
         let uffd = userfaultfd()?;
         let map = Mapping::new(&memfd, (data_len + page) as usize, libc::PROT_READ)?;
-        let mut reg = UffdioRegister {
-            range: UffdioRange {
-                start: map.addr,
-                len: data_len + page,
-            },
-            mode: UFFDIO_REGISTER_MODE_MISSING,
-            ioctls: 0,
-        };
-        // SAFETY: `reg` is a live uffdio_register over our own mapping.
-        if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) } < 0 {
-            return Err(os_err("UFFDIO_REGISTER"));
-        }
+        map.register_missing(&uffd)?;
         let faults = Arc::new(AtomicU64::new(0));
         let handler = Handler {
             uffd: uffd.as_raw_fd(),
@@ -436,7 +453,7 @@ impl RawRegion {
             addr: map.addr,
             size,
             data_len,
-            chunk: chunk.max(page).next_multiple_of(page),
+            chunk: fill_unit(chunk, page),
             page,
             faults: faults.clone(),
         };

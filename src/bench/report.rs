@@ -102,6 +102,9 @@ pub struct Ratio {
     /// lazy total), `total_speedup_lazy_vs_fuse` (fuse total /
     /// lazy total), `total_lazy_image_over_lazy`, `total_lazy_over_native`,
     /// `total_lazy_over_raw` (the minimal userfaultfd handler),
+    /// `total_raw_remote_over_raw` (that handler in another process against
+    /// in the bench's), `total_run_over_raw_remote` (the reader under `run`
+    /// against the cross-process floor),
     /// `total_lazy_over_memcpy` (the copy floor), `total_speedup_run_vs_fuse`
     /// (fuse total / run total, the same reader program),
     /// `total_run_over_lazy` and `total_run_read_over_lazy` (the reader
@@ -452,6 +455,8 @@ pub fn print_human(r: &Report) {
                 "total_lazy_over_native" => "total, lazy/native",
                 "total_lazy_image_over_lazy" => "total, lazy-image/lazy",
                 "total_lazy_over_raw" => "total, lazy/raw (uffd floor)",
+                "total_raw_remote_over_raw" => "total, raw-remote/raw (cross-process)",
+                "total_run_over_raw_remote" => "total, run/raw-remote (remote floor)",
                 "total_lazy_over_memcpy" => "total, lazy/memcpy (copy floor)",
                 "total_speedup_run_vs_fuse" => "total, fuse/run (run speedup)",
                 "total_run_over_lazy" => "total, run/lazy (shim + server)",

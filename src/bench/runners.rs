@@ -3,7 +3,7 @@
 
 use super::args::BenchMode;
 use super::report::Sample;
-use super::{data, filemap, raw, reader};
+use super::{data, filemap, raw, raw_remote, reader};
 use crate::Target;
 use crate::access::{self, Access};
 use shadowfd::{Engine, Share, Source};
@@ -245,8 +245,9 @@ pub(super) fn run_mmap(path: &Path, pages: &[u64], page: u64) -> Result<Sample, 
     ))
 }
 
-/// The `raw` floor: open = open(2) of the file + memfd + userfaultfd + mmap
-/// + UFFDIO_REGISTER + handler thread; access = touching.
+/// The `raw` floor: open = open(2) of the file, memfd, userfaultfd, mmap,
+/// UFFDIO_REGISTER and the handler thread; access = touching. Then
+/// (untimed) every touched page is compared with the data.
 pub(super) fn run_raw(ctx: &Ctx, pages: &[u64]) -> Result<Sample, String> {
     let err = |e: std::io::Error| format!("raw handler: {e}");
     let _pin = pin_here();
@@ -261,8 +262,43 @@ pub(super) fn run_raw(ctx: &Ctx, pages: &[u64]) -> Result<Sample, String> {
     let page_faults = thread_faults() - f0;
     let faults = region.faults();
     let resident_bytes = region.resident_bytes().map_err(err)?;
+    check_pages(&region, pages, ctx.page, ctx.reader.data_seed)?;
     let t2 = Instant::now();
     region.close().map_err(err)?;
+    Ok(Sample::in_process(
+        (open_us, access_us, us(t2)),
+        resident_bytes,
+        (faults, page_faults),
+    ))
+}
+
+/// The `raw-remote` floor: `raw` with its handler in another process.
+/// Untimed: starting the handler process (placed on this thread's CPU,
+/// `SCHED_IDLE`), as `run`'s embedded server's start is. open = open(2) of
+/// the file + memfd + userfaultfd + mmap + UFFDIO_REGISTER + sending the
+/// userfaultfd and the file to the handler; access = touching. Then
+/// (untimed) every touched page is compared with the data; close stops the
+/// handler, which reports the faults it answered.
+pub(super) fn run_raw_remote(ctx: &Ctx, pages: &[u64]) -> Result<Sample, String> {
+    let err = |e: std::io::Error| format!("raw-remote handler: {e}");
+    let _pin = pin_here();
+    // SAFETY: no arguments.
+    let cpu = unsafe { libc::sched_getcpu() };
+    let handler = raw_remote::RemoteHandler::start(&ctx.reader.exe, cpu).map_err(err)?;
+    let f0 = thread_faults();
+    let t0 = Instant::now();
+    let region =
+        raw_remote::RemoteRegion::open(handler, &ctx.host_file, ctx.size, ctx.chunk, ctx.page)
+            .map_err(err)?;
+    let open_us = us(t0);
+    let t1 = Instant::now();
+    std::hint::black_box(access::touch(&region, pages.iter().copied(), ctx.page));
+    let access_us = us(t1);
+    let page_faults = thread_faults() - f0;
+    let resident_bytes = region.resident_bytes().map_err(err)?;
+    check_pages(&region, pages, ctx.page, ctx.reader.data_seed)?;
+    let t2 = Instant::now();
+    let faults = region.close().map_err(err)?;
     Ok(Sample::in_process(
         (open_us, access_us, us(t2)),
         resident_bytes,
@@ -386,6 +422,7 @@ pub(super) fn run_one(
         }
         BenchMode::Native => run_mmap(&ctx.host_file, pages, p),
         BenchMode::Raw => run_raw(ctx, pages),
+        BenchMode::RawRemote => run_raw_remote(ctx, pages),
         BenchMode::Memcpy => run_memcpy(ctx, pages),
         BenchMode::Fuse | BenchMode::FuseRead | BenchMode::Run | BenchMode::RunRead => {
             let io = if matches!(mode, BenchMode::Fuse | BenchMode::Run) {
