@@ -613,6 +613,14 @@ impl Core {
         self.epoch.elapsed().as_nanos() as u64 + 1
     }
 
+    /// [`Core::now`] as of the calling thread's last clock reading
+    /// ([`crate::sys::clock::recent`]: a worker's takes one a turn): for
+    /// the fault path's rate limits and accounting, not for timeouts.
+    pub(crate) fn now_recent(&self) -> u64 {
+        let t = crate::sys::clock::recent();
+        t.saturating_duration_since(self.epoch).as_nanos() as u64 + 1
+    }
+
     /// Serves the fault messages worker `me` read (`woken`: after sleeping):
     /// runs the first claimed work itself and queues the rest; then notes
     /// where they came from.
@@ -651,6 +659,7 @@ impl Core {
     /// fault's job, faults a filler read, or faults read now. False if
     /// there was none.
     pub(super) fn serve_once(&self, bufs: &mut ReadBufs) -> bool {
+        crate::sys::clock::refresh();
         if let Some(job) = self.next_job(&self.fault_rx) {
             self.run_job(job);
             return true;
@@ -660,7 +669,7 @@ impl Core {
             self.serve(None, &left, false);
             return true;
         }
-        self.flush_deferred(self.now());
+        self.flush_deferred();
         if self.has_children() {
             self.serve_children();
         }

@@ -7,8 +7,10 @@
 //!   operations; [`probe`]: what this kernel and process allow;
 //! - [`memfd`]: a sealable memfd; [`mmap`]: owned mappings and typed advice;
 //! - [`event`]: eventfd and epoll, for the fault service's sleeping workers;
-//!   [`sched`]: where a woken faulting thread runs.
+//!   [`sched`]: where a woken faulting thread runs; [`clock`]: the fault
+//!   path's per-thread clock reading.
 
+pub(crate) mod clock;
 pub(crate) mod event;
 pub(crate) mod maps;
 pub(crate) mod memfd;

@@ -120,13 +120,15 @@ pub(crate) fn waking<R>(wake: impl FnOnce() -> R) -> R {
         return wake();
     }
     if st.idle_since.is_none() {
-        let now = Instant::now();
+        let now = super::clock::recent();
         if st.off_until.is_some_and(|t| now < t) || !set_policy(libc::SCHED_IDLE) {
             return wake();
         }
     }
     let r = wake();
-    st.idle_since = Some(Instant::now());
+    // After the woken thread let this one back on its CPU: the time the
+    // rest of this turn uses too.
+    st.idle_since = Some(super::clock::refresh());
     STATE.with(|s| s.set(st));
     r
 }
@@ -135,12 +137,16 @@ pub(crate) fn waking<R>(wake: impl FnOnce() -> R) -> R {
 /// `SCHED_IDLE` and it is about to sleep (`sleeping`) or [`STALL`] has
 /// passed since; in the latter case stops the `SCHED_IDLE` wakes for
 /// [`BACKOFF`]. Cheap when there is nothing to do.
+///
+/// Reads the clock for the caller's turn ([`super::clock::refresh`]): a
+/// worker calls this where each turn of its loop starts.
 pub(crate) fn settle(sleeping: bool) {
+    let now = super::clock::refresh();
     let mut st = STATE.with(Cell::get);
     let Some(since) = st.idle_since else {
         return;
     };
-    let stalled = since.elapsed() > STALL;
+    let stalled = now.saturating_duration_since(since) > STALL;
     if !stalled {
         st.stalls = 0;
     }
@@ -156,7 +162,7 @@ pub(crate) fn settle(sleeping: bool) {
         st.stalls = st.stalls.saturating_add(1);
         if st.stalls >= STALLS {
             st.stalls = 0;
-            st.off_until = Some(Instant::now() + BACKOFF);
+            st.off_until = Some(now + BACKOFF);
         }
     }
     // Could not turn back (RLIMIT_NICE lowered since): stop for good.

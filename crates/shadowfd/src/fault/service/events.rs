@@ -275,7 +275,7 @@ impl Core {
     /// Wakes the threads whose answers waited for a pending event
     /// ([`Uffd::flush_deferred`]), once the event had 200 µs to settle.
     /// Returns whether some still wait (the caller sleeps at most 1 ms).
-    pub(super) fn flush_deferred(&self, now: u64) -> bool {
+    pub(super) fn flush_deferred(&self) -> bool {
         // No allocation here: workers pass through on their way to the
         // userfaultfd (see `read_own`); and no lock on the common path.
         if !self.uffd.has_deferred()
@@ -293,6 +293,7 @@ impl Core {
             self.deferred_at.store(0, Ordering::Relaxed);
             return false;
         }
+        let now = self.now_recent();
         self.note_deferred(now);
         let at = self.deferred_at.load(Ordering::Relaxed);
         if now.saturating_sub(at) < 200 * US {

@@ -111,7 +111,7 @@ impl Core {
     /// (`woken`: it slept before reading them), and kicks the reader of a
     /// CPU that faults while it is disarmed.
     pub(super) fn attribute(&self, me: usize, faults: &[Fault], woken: bool) {
-        let now = self.now();
+        let now = self.now_recent();
         let mine = self.slots[me].cpu;
         let mut last = None;
         for f in faults {

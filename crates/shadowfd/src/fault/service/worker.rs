@@ -59,6 +59,9 @@ impl Sleep {
         let slept = n == 0 && timeout_ms != 0;
         if slept {
             n = ep.wait(&mut tags, timeout_ms);
+            // What it serves below is timed from now, not from before it
+            // slept.
+            crate::sys::clock::refresh();
         }
         for t in &tags[..n] {
             match *t {
@@ -165,7 +168,7 @@ pub(super) fn worker(core: Arc<Core>, me: usize, sleep: Sleep) {
             core.serve(Some(me), &left, false);
             continue;
         }
-        let deferred = core.flush_deferred(core.now());
+        let deferred = core.flush_deferred();
         // While this process forks, the fork watcher reads the userfaultfd
         // (`fault::forkwatch`); workers take what it read.
         let forking = core.forking.load(Ordering::SeqCst) > 0;

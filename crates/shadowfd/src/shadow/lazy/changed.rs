@@ -27,7 +27,9 @@ impl LazyShadow {
         if self.changed.load(Ordering::Relaxed) {
             return true;
         }
-        let now = core.now();
+        // The worker's reading of this turn (taken after the fill's wake,
+        // or where the turn began): a check may come up to one turn late.
+        let now = core.now_recent();
         let last = self.checked_at.load(Ordering::Relaxed);
         if last != 0 && now.saturating_sub(last) < DETECT_EVERY {
             return false;

@@ -106,7 +106,9 @@ impl LazyShadow {
         let readahead = why == Why::Prefetch;
         // A fault needs its first chunk; the rest of its run is a guess.
         let speculative = prefetch || (why == Why::Fault && run.end - run.start > 1);
-        let t0 = std::time::Instant::now();
+        // Where the worker's turn began (`sys::clock`): the latency counts
+        // the fault's look-up too, a few hundred ns.
+        let t0 = crate::sys::clock::recent();
         let (off, end) = self.run_range(&run);
         let page = core.page;
         let span = round_up(end - off, page);
@@ -198,6 +200,8 @@ impl LazyShadow {
         t0: std::time::Instant,
     ) {
         self.resident.fetch_add(reserved, Ordering::Relaxed);
+        // Not a refresh: a consumer's own thread fills too (populate), and
+        // only the service's threads keep a reading (`sys::clock`).
         let ns = t0.elapsed().as_nanos() as u64;
         let nchunks = run.end - run.start;
         for ctr in [&self.counters, &core.counters] {
