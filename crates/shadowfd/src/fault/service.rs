@@ -355,6 +355,8 @@ pub(crate) struct Core {
     /// runnable consumers on its CPU; measured 8% fewer faults per second
     /// with 4 and 8 threads on 2 CPUs).
     crowded: AtomicBool,
+    /// When [`Core::crowded`] was last worked out ([`Core::now`] units).
+    crowded_at: AtomicU64,
     /// Readers pinned, one per CPU.
     pinned: usize,
     epoch: Instant,

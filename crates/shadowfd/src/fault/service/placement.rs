@@ -137,7 +137,12 @@ impl Core {
                 self.kick(i);
             }
         }
-        if self.idle_wake {
+        // Whether more threads fault than readers are pinned, looked at
+        // once a millisecond, not at every fault (a lock and a walk of
+        // every thread seen).
+        let at = self.crowded_at.load(Ordering::Relaxed);
+        if self.idle_wake && now.saturating_sub(at) >= MS {
+            self.crowded_at.store(now, Ordering::Relaxed);
             let tids = self.tids.lock();
             let active = tids.values().filter(|s| within(now, s.at, 2 * REFRESH));
             let crowded = active.count() > self.pinned;

@@ -94,6 +94,7 @@ impl Service {
             idle_wake,
             idle_forever,
             crowded: AtomicBool::new(false),
+            crowded_at: AtomicU64::new(0),
             pinned: if local { cpus.len() } else { 0 },
             epoch: Instant::now(),
             reads: AtomicU64::new(0),
