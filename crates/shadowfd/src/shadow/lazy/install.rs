@@ -67,7 +67,16 @@ impl LazyShadow {
         let mut at = off;
         while at < end {
             let piece_end = end.min(at + buffer::PIECE as u64);
-            let copied = self.copy_mapped(core, alias.addr() + at, at, piece_end, false);
+            // Small pieces are read: a page of the source's mapping that
+            // the server has not touched yet makes `UFFDIO_COPY` fail,
+            // fault it in with its locks dropped and start again, and the
+            // copy then needs the source's size read (`recheck_mapped`),
+            // which `pread` and a copy from the buffer do not.
+            let copied = if piece_end - at >= MAPPED_FROM {
+                self.copy_mapped(core, alias.addr() + at, at, piece_end, false)
+            } else {
+                at
+            };
             if copied > at {
                 good_bytes += copied - at;
                 mapped_end = copied;
