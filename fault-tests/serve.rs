@@ -403,6 +403,19 @@ fn start_slow_server(test: &str, root: &Path, sock: &Path, delay_ms: u64) -> Pro
     server
 }
 
+/// The server, continued after a stop, saw the stuck client hang up and
+/// still serves `f.bin` (content `id`) to another, byte-exact; it ends
+/// without a panic.
+fn still_serves(mut server: Proc, sock: &Path, id: u64) {
+    let c = Client::connect(sock).expect("the server still accepts");
+    let f = c.open("f.bin").expect("open after the stuck client left");
+    let m = f.map().expect("map");
+    assert_eq!(first_mismatch(id, 0, &m), None);
+    drop((m, f, c));
+    let so = server.finish(Duration::ZERO);
+    assert!(so.values("panic").is_empty(), "{}", so.describe());
+}
+
 /// Waits (up to 5 s) until every thread of `pid` is stopped: kill(2) with
 /// SIGSTOP returns before the threads have stopped, and a thread busy on
 /// another CPU may still serve a fault meanwhile.
@@ -476,7 +489,7 @@ fn a_stopped_server_gives_sigbus_within_the_client_timeout() {
     let (id, npages) = (0x13_07, 4096u64);
     write_file(&root, "f.bin", id, npages * page());
     let sock = dir.path().join("s.sock");
-    let mut server = start_slow_server(&test, &root, &sock, 0);
+    let server = start_slow_server(&test, &root, &sock, 0);
     let go = dir.path().join("go");
     let mut t = start_toucher(&test, "toucher", &sock, id, 2, &go, Some(1500));
     assert!(
@@ -542,14 +555,7 @@ fn a_stopped_server_gives_sigbus_within_the_client_timeout() {
         "serve: server SIGSTOPped -> client SIGBUS at page {}: {took:?} (timeout 1.5 s)",
         at / page()
     );
-    // The continued server saw the hang-up and still serves others.
-    let c = Client::connect(&sock).expect("the server still accepts");
-    let f = c.open("f.bin").expect("open after the stuck client left");
-    let m = f.map().expect("map");
-    assert_eq!(first_mismatch(id, 0, &m), None);
-    drop((m, f, c));
-    let so = server.finish(Duration::ZERO);
-    assert!(so.values("panic").is_empty(), "{}", so.describe());
+    still_serves(server, &sock, id);
 }
 
 /// The server is stopped (SIGSTOP) while a client holds a lazy mapping of
@@ -579,7 +585,7 @@ fn drop_under_a_stopped_server(how: &str) {
     let (id, npages) = (0x13_0d, 256u64);
     write_file(&root, "f.bin", id, npages * page());
     let sock = dir.path().join("s.sock");
-    let mut server = start_slow_server(&test, &root, &sock, 0);
+    let server = start_slow_server(&test, &root, &sock, 0);
     let go = dir.path().join("go");
     let mut cmd = role_cmd(
         &test,
@@ -630,14 +636,7 @@ fn drop_under_a_stopped_server(how: &str) {
         "{how}: the drops took {dropped} ms against a client timeout of 1000 ms\n{}",
         o.describe()
     );
-    // The continued server saw the hang-up and still serves others.
-    let c = Client::connect(&sock).expect("the server still accepts");
-    let f = c.open("f.bin").expect("open after the stuck client left");
-    let m = f.map().expect("map");
-    assert_eq!(first_mismatch(id, 0, &m), None);
-    drop((m, f, c));
-    let so = server.finish(Duration::ZERO);
-    assert!(so.values("panic").is_empty(), "{}", so.describe());
+    still_serves(server, &sock, id);
 }
 
 /// The server is SIGKILLed while one client waits in a fault and another
