@@ -168,7 +168,7 @@ impl Bed {
         let (c0, w0) = (cpu_time(pid).unwrap(), Instant::now());
         let bound = (self.alone * 3).max(Duration::from_millis(300));
         let mut tries = vec![self.victim("B.bin", Duration::from_secs(20))];
-        while tries.len() < 3 && tries.iter().all(|t| *t > bound) {
+        while tries.len() < 3 && tries.last().is_some_and(|t| *t > bound) {
             tries.push(self.victim("B.bin", Duration::from_secs(20)));
         }
         let took = *tries.iter().min().unwrap();

@@ -95,8 +95,20 @@ impl ChunkTable {
 
     /// The end of the run of Filled chunks from `start` (at most `limit`).
     pub(crate) fn filled_until(&self, start: u64, limit: u64) -> u64 {
+        self.run_until(start, limit, true)
+    }
+
+    /// The end of the run of chunks not Filled (Empty or Filling) from
+    /// `start` (at most `limit`).
+    pub(crate) fn unfilled_until(&self, start: u64, limit: u64) -> u64 {
+        self.run_until(start, limit, false)
+    }
+
+    /// The end of the run from `start` (at most `limit`) of chunks that are
+    /// Filled (`filled`) or not.
+    fn run_until(&self, start: u64, limit: u64, filled: bool) -> u64 {
         let mut c = start;
-        while c < limit.min(self.len()) && self.get(c) == ChunkState::Filled {
+        while c < limit.min(self.len()) && (self.get(c) == ChunkState::Filled) == filled {
             c += 1;
         }
         c
@@ -143,6 +155,8 @@ mod tests {
         assert_eq!(t.get(0), ChunkState::Filled);
         assert_eq!(t.get(2), ChunkState::Empty);
         assert_eq!(t.filled_until(0, 4), 2);
+        assert_eq!(t.unfilled_until(2, 4), 4);
+        assert_eq!(t.unfilled_until(0, 4), 0);
         assert!(!t.all_filled());
         assert_eq!(t.claim_run(2, 4), Some(2..4));
         t.publish(2..4);
@@ -155,6 +169,7 @@ mod tests {
         let t = ChunkTable::new(0);
         assert!(t.all_filled());
         assert_eq!(t.filled_until(0, 10), 0);
+        assert_eq!(t.unfilled_until(0, 10), 0);
     }
 
     #[test]

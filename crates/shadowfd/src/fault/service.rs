@@ -612,14 +612,18 @@ impl Core {
 
     /// Nanoseconds since the service started, plus one (0 means never).
     pub(crate) fn now(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64 + 1
+        self.since_epoch(Instant::now())
     }
 
     /// [`Core::now`] as of the calling thread's last clock reading
     /// ([`crate::sys::clock::recent`]: a worker's takes one a turn): for
     /// the fault path's rate limits and accounting, not for timeouts.
     pub(crate) fn now_recent(&self) -> u64 {
-        let t = crate::sys::clock::recent();
+        self.since_epoch(crate::sys::clock::recent())
+    }
+
+    /// `t` in [`Core::now`]'s units (ns since the start, never 0).
+    fn since_epoch(&self, t: Instant) -> u64 {
         t.saturating_duration_since(self.epoch).as_nanos() as u64 + 1
     }
 

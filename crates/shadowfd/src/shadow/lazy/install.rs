@@ -11,7 +11,16 @@ impl LazyShadow {
     /// down to a page or the mapping's end, or the first page the copy
     /// failed on (present already, or past the file's end now); the rest is
     /// for `read_at`.
+    ///
+    /// Under [`MAPPED_FROM`] bytes nothing is copied (returns `at`): a page
+    /// of the source's mapping this process has not touched yet makes
+    /// `UFFDIO_COPY` fail, fault it in with its locks dropped and start
+    /// again, and the copy then needs the source's size read
+    /// (`recheck_mapped`), which `pread` and a copy from the buffer do not.
     pub(super) fn copy_mapped(&self, core: &Core, dst: u64, at: u64, end: u64, wake: bool) -> u64 {
+        if end.saturating_sub(at) < MAPPED_FROM {
+            return at;
+        }
         let Some((m, full)) = self.mapped_source(core.page) else {
             return at;
         };
@@ -67,16 +76,8 @@ impl LazyShadow {
         let mut at = off;
         while at < end {
             let piece_end = end.min(at + buffer::PIECE as u64);
-            // Small pieces are read: a page of the source's mapping that
-            // the server has not touched yet makes `UFFDIO_COPY` fail,
-            // fault it in with its locks dropped and start again, and the
-            // copy then needs the source's size read (`recheck_mapped`),
-            // which `pread` and a copy from the buffer do not.
-            let copied = if piece_end - at >= MAPPED_FROM {
-                self.copy_mapped(core, alias.addr() + at, at, piece_end, false)
-            } else {
-                at
-            };
+            // Small pieces are read (see `copy_mapped`).
+            let copied = self.copy_mapped(core, alias.addr() + at, at, piece_end, false);
             if copied > at {
                 good_bytes += copied - at;
                 mapped_end = copied;

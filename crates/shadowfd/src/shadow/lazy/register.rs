@@ -186,10 +186,7 @@ impl LazyShadow {
                 continue;
             }
             // An unfilled run: up to the next Filled chunk (or the end).
-            let mut z = c + 1;
-            while z < nchunks && self.chunks.get(z) != ChunkState::Filled {
-                z += 1;
-            }
+            let z = self.chunks.unfilled_until(c + 1, nchunks);
             let b = if z >= nchunks {
                 end_off
             } else {
