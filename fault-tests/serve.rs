@@ -1054,15 +1054,25 @@ fn idle_shadows_are_evicted_lru_under_the_budget() {
             "{name}"
         );
     }
-    let v = status(&sock);
-    let names: Vec<&str> = v["shadows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap())
-        .collect();
+    // `cat` exits holding its file (no CLOSE): the server sees the last
+    // client hang up a moment later, and only then is `c` idle and the
+    // budget checked. Looked at until then, for at most 5 s.
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v["shadows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let t = Instant::now();
+    let mut v = status(&sock);
+    while names(&v) != ["/b", "/c"] && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+        v = status(&sock);
+    }
     assert_eq!(
-        names,
+        names(&v),
         ["/b", "/c"],
         "a (least recently used) is evicted: {v}"
     );
